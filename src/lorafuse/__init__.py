@@ -1,0 +1,41 @@
+"""lorafuse: compose LoRA adapters over safetensors files: exact, fast, streaming."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.errors import (
+    DtypeError,
+    FormatError,
+    LorafuseError,
+    LorafuseValueError,
+    MissingModuleError,
+    NonFiniteError,
+    OutputError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+from lorafuse.formats import detect_format, load
+from lorafuse.ops.apply import ApplyReport, apply
+from lorafuse.ops.info import describe
+
+__all__ = [
+    "Adapter",
+    "ApplyReport",
+    "DtypeError",
+    "FormatError",
+    "LoraUpdate",
+    "LorafuseError",
+    "LorafuseValueError",
+    "MissingModuleError",
+    "NonFiniteError",
+    "OutputError",
+    "ShapeMismatchError",
+    "UnsupportedError",
+    "__version__",
+    "apply",
+    "describe",
+    "detect_format",
+    "load",
+]

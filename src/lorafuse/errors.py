@@ -1,0 +1,52 @@
+"""The lorafuse exception hierarchy. The C++ core raises these classes too."""
+
+from __future__ import annotations
+
+
+class LorafuseError(Exception):
+    """Base class of every error lorafuse raises on purpose."""
+
+
+class LorafuseValueError(LorafuseError, ValueError):
+    """A bad argument (weights, thread count, options)."""
+
+
+class FormatError(LorafuseError):
+    """A file is malformed or in a format lorafuse does not read."""
+
+
+class ShapeMismatchError(LorafuseError):
+    """Tensors whose shapes do not fit together (adapter vs base, factors, ...)."""
+
+
+class MissingModuleError(LorafuseError):
+    """An adapter module has no matching weight in the base checkpoint."""
+
+
+class DtypeError(LorafuseError):
+    """An element type that cannot be read or written here."""
+
+
+class NonFiniteError(LorafuseError):
+    """NaN or Inf found in an input or a result."""
+
+
+class UnsupportedError(LorafuseError):
+    """A valid input that this operation cannot honour (it refuses instead of guessing)."""
+
+
+class OutputError(LorafuseError):
+    """The output path is unusable (it is an input, or it cannot be written)."""
+
+
+__all__ = [
+    "LorafuseError",
+    "LorafuseValueError",
+    "FormatError",
+    "ShapeMismatchError",
+    "MissingModuleError",
+    "DtypeError",
+    "NonFiniteError",
+    "UnsupportedError",
+    "OutputError",
+]

@@ -1,0 +1,37 @@
+"""Adapter formats: detection and loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lorafuse.adapter import Adapter
+from lorafuse.errors import FormatError
+from lorafuse.formats.peft import is_peft, load_peft
+from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """'peft' for a PEFT adapter folder; raises FormatError for anything unknown."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or directory")
+    if p.is_file() and p.suffix in PICKLE_SUFFIXES:
+        raise refuse_pickle(p)
+    if is_peft(p):
+        return "peft"
+    raise FormatError(
+        f"{p}: not a recognised adapter: expected a PEFT adapter folder "
+        "(adapter_config.json + adapter_model.safetensors)"
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Adapter:
+    """Load an adapter from disk; its tensors stay memory-mapped until used."""
+    fmt = detect_format(path)
+    if fmt == "peft":
+        return load_peft(path)
+    raise FormatError(f"{path}: unsupported adapter format {fmt!r}")  # pragma: no cover
+
+
+__all__ = ["detect_format", "load"]

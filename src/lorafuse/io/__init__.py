@@ -1,0 +1,1 @@
+"""File I/O: safetensors reading and writing, checkpoints, atomic outputs."""

@@ -1,0 +1,131 @@
+"""Model checkpoints: one safetensors file, or shards listed by `*.safetensors.index.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lorafuse.errors import FormatError
+from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: Path) -> FormatError:
+    return FormatError(
+        f"{path}: pickle checkpoints are not read by lorafuse: loading them can run arbitrary code. "
+        "Convert it to safetensors first (for example `model.save_pretrained(dir, safe_serialization=True)` "
+        "in transformers, or `safetensors.torch.save_file(state_dict, 'model.safetensors')`)."
+    )
+
+
+def _find_index(directory: Path) -> Path | None:
+    preferred = directory / "model.safetensors.index.json"
+    if preferred.is_file():
+        return preferred
+    found = sorted(directory.glob("*.safetensors.index.json"))
+    if len(found) > 1:
+        raise FormatError(f"{directory}: several safetensors index files ({', '.join(p.name for p in found)})")
+    return found[0] if found else None
+
+
+class Checkpoint:
+    """Tensor names, shapes and dtypes of a checkpoint, read from headers only.
+
+    `path` is a .safetensors file, or a folder with model.safetensors (or exactly one
+    *.safetensors) or with a *.safetensors.index.json naming its shards.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FormatError(f"{path}: no such file or directory")
+        self.index_name: str | None = None
+        self.index_metadata: dict[str, object] = {}
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise refuse_pickle(path)
+            self.directory, shard_names = path.parent, [path.name]
+        else:
+            self.directory = path
+            shard_names = self._shards_of_directory(path)
+        self.shards: list[str] = shard_names
+        self.headers: dict[str, dict[str, TensorInfo]] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.shard_of: dict[str, str] = {}
+        for shard in shard_names:
+            tensors, metadata, _ = read_header(self.directory / shard)
+            self.headers[shard], self.metadata[shard] = tensors, metadata
+            for name in tensors:
+                if name in self.shard_of:
+                    raise FormatError(f"{self.directory}: tensor {name!r} is in both {self.shard_of[name]} and {shard}")
+                self.shard_of[name] = shard
+        if self.index_name is not None:
+            self._check_index()
+
+    def _shards_of_directory(self, directory: Path) -> list[str]:
+        index = _find_index(directory)
+        if index is not None:
+            self.index_name = index.name
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FormatError(f"{index}: cannot read the shard index ({e})") from None
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise FormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
+            meta = data.get("metadata", {})
+            self.index_metadata = meta if isinstance(meta, dict) else {}
+            self._weight_map = weight_map
+            shards = list(dict.fromkeys(weight_map.values()))
+            for s in shards:
+                if Path(s).name != s or not (directory / s).is_file():
+                    raise FormatError(f"{index}: shard {s!r} is not a file in {directory}")
+            return shards
+        single = directory / "model.safetensors"
+        if single.is_file():
+            return [single.name]
+        found = sorted(p.name for p in directory.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        if found:
+            raise FormatError(f"{directory}: several .safetensors files and no index.json to say which to use")
+        pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise refuse_pickle(pickles[0])
+        raise FormatError(f"{directory}: no .safetensors checkpoint found")
+
+    def _check_index(self) -> None:
+        for name, shard in self._weight_map.items():
+            if self.shard_of.get(name) != shard:
+                raise FormatError(
+                    f"{self.directory / str(self.index_name)}: tensor {name!r} is listed in {shard} but is not there"
+                )
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_name is not None
+
+    def keys(self) -> list[str]:
+        return list(self.shard_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shard_of
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self.shard_of[name]][name]
+
+    def open(self, shard: str) -> SafetensorsFile:
+        return SafetensorsFile(self.directory / shard)
+
+    def files(self) -> list[Path]:
+        out = [self.directory / s for s in self.shards]
+        if self.index_name:
+            out.append(self.directory / self.index_name)
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for h in self.headers.values() for t in h.values())

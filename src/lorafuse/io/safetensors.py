@@ -1,0 +1,347 @@
+"""safetensors files: a validating, memory-mapped reader and a streaming writer.
+
+Format: 8-byte little-endian header length N, N bytes of UTF-8 JSON
+`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`,
+then the data buffer. The reader checks everything the reference implementation
+checks and hands out zero-copy numpy views of the mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lorafuse.errors import FormatError, LorafuseValueError
+from lorafuse.io.dtypes import DTYPES
+
+MAX_HEADER_BYTES = 100_000_000
+_U64_MAX = 2**64 - 1
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offsets into the data buffer
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FormatError(f"duplicate key {key!r} in header")
+        out[key] = value
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a header (the N JSON bytes) against a data buffer of `data_size` bytes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise FormatError(f"{where}: header does not start with '{{'")
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{where}: header is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in obj.items():
+        tensors[name] = _parse_entry(name, entry, where)
+    # Offsets must tile the data buffer exactly: no overlap, no gap, nothing after.
+    cursor = 0
+    for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != cursor:
+            kind = "overlaps another tensor" if t.begin < cursor else "leaves a gap before it"
+            raise FormatError(f"{where}: tensor {t.name!r} at offsets [{t.begin}, {t.end}] {kind}")
+        cursor = t.end
+    if cursor > data_size:
+        raise FormatError(f"{where}: tensors need {cursor} data bytes but the file holds {data_size} (truncated?)")
+    if cursor < data_size:
+        raise FormatError(f"{where}: {data_size - cursor} trailing bytes after the last tensor")
+    return tensors, dict(metadata)
+
+
+def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and 0 <= o <= _U64_MAX for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    nbytes = DTYPES[dtype].itemsize
+    for d in shape:
+        nbytes *= d
+        if nbytes > _U64_MAX:
+            raise FormatError(f"{where}: tensor {name!r} with shape {shape} overflows 64-bit byte sizes")
+    if nbytes != offsets[1] - offsets[0]:
+        raise FormatError(
+            f"{where}: tensor {name!r} of dtype {dtype} and shape {shape} needs {nbytes} bytes "
+            f"but its data_offsets span {offsets[1] - offsets[0]}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Header of a safetensors file: (tensors, metadata, data start offset). Reads only the header."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise FormatError(f"{where}: file is {size} bytes, too small for a safetensors header")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise FormatError(f"{where}: header length {n} runs past the end of the {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
+    tensors, metadata = parse_header(raw, size - 8 - n, where)
+    return tensors, metadata, 8 + n
+
+
+class SafetensorsFile:
+    """A validated safetensors file, memory-mapped; tensors are zero-copy numpy views.
+
+    Use as a context manager or call close(). `release(name)` drops a tensor's pages
+    from this process's resident set once it has been used (they stay in the page cache).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.tensors, self.metadata, self._data_start = read_header(self.path)
+        self._file = open(self.path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map: mmap.mmap | None = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # views still alive: the mapping goes when they do
+                pass
+            self._map = None
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """Read-only view of a tensor's bytes as its raw numpy type (BF16 as uint16, F8 as uint8)."""
+        t = self.info(name)
+        dt = DTYPES[t.dtype]
+        if t.nbytes == 0 or self._map is None:
+            return np.zeros(t.shape, dtype=dt.raw)
+        arr = np.frombuffer(self._map, dtype=dt.raw, count=t.numel, offset=self._data_start + t.begin)
+        arr = arr.reshape(t.shape)
+        if not arr.flags.aligned:  # a writer that did not align its data: copy once
+            arr = arr.copy()
+        return arr
+
+    def file_offset(self, name: str) -> int:
+        """Absolute offset of a tensor's first byte in the file."""
+        return self._data_start + self.info(name).begin
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def release(self, name: str | None = None) -> None:
+        """Drop mapped pages (one tensor's, or all) from the resident set."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
+            start, end = 0, len(self._map)
+        else:
+            t = self.info(name)
+            start, end = self._data_start + t.begin, self._data_start + t.end
+        start -= start % _PAGE
+        end = min(len(self._map), end)
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (with the 8-byte length prefix, padded so data starts 8-aligned) and each tensor's offset."""
+    header: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise LorafuseValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, int] = {}
+    cursor = 0
+    for s in specs:
+        if s.name in offsets or s.name == "__metadata__":
+            raise LorafuseValueError(f"duplicate or reserved tensor name {s.name!r}")
+        if s.dtype not in DTYPES:
+            raise LorafuseValueError(f"tensor {s.name!r}: unknown dtype {s.dtype!r}")
+        offsets[s.name] = cursor
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [cursor, cursor + s.nbytes]}
+        cursor += s.nbytes
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * ((8 - len(body) % 8) % 8)
+    return struct.pack("<Q", len(body)) + body, offsets
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, in the order of `specs`.
+
+    The header goes first, so the data of each tensor can be streamed in as it is
+    produced: `write(name, array)` or `copy_from(name, src, src_name)` (kernel-side copy).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        self._specs = specs
+        self._next = 0
+        header, _ = encode_header(specs, metadata)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._write_all(memoryview(header))
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            os.close(self._fd)
+
+    def _write_all(self, view: memoryview) -> None:
+        view = view.cast("B")
+        while len(view):
+            n = os.write(self._fd, view[: 1 << 30])
+            view = view[n:]
+
+    def _expect(self, name: str, nbytes: int) -> None:
+        if self._next >= len(self._specs):
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} written after the last one")
+        spec = self._specs[self._next]
+        if spec.name != name or spec.nbytes != nbytes:
+            raise LorafuseValueError(
+                f"{self.path}: expected tensor {spec.name!r} ({spec.nbytes} bytes), got {name!r} ({nbytes} bytes)"
+            )
+        self._next += 1
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        self._expect(name, array.nbytes)
+        if array.nbytes:
+            self._write_all(memoryview(array).cast("B"))
+
+    def copy_from(self, name: str, src: SafetensorsFile, src_name: str) -> None:
+        """Copy a tensor's bytes from another file without passing them through this process."""
+        info = src.info(src_name)
+        self._expect(name, info.nbytes)
+        copy_range(src.fileno(), src.file_offset(src_name), self._fd, info.nbytes)
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            os.close(self._fd)
+            raise LorafuseValueError(f"{self.path}: closed after {self._next} of {len(self._specs)} tensors")
+        os.close(self._fd)
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, nbytes: int) -> None:
+    """Append nbytes of src (from src_offset) to dst's current position, in the kernel when possible."""
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, min(nbytes - done, 1 << 30), src_offset + done)
+            except OSError:
+                use_cfr = False
+        if not use_cfr:
+            chunk = os.pread(src_fd, min(nbytes - done, 1 << 24), src_offset + done)
+            n = os.write(dst_fd, chunk)
+        if n == 0:
+            raise FormatError(f"unexpected end of data while copying {nbytes} bytes at offset {src_offset}")
+        done += n
+
+
+def save_file(tensors: Mapping[str, tuple[str, np.ndarray]], path: str | os.PathLike[str],
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write {name: (dtype, raw array)} to a safetensors file (not atomic: see io.atomic)."""
+    specs = [TensorSpec(n, d, tuple(a.shape)) for n, (d, a) in tensors.items()]
+    for s, (_, a) in zip(specs, tensors.values()):
+        if a.dtype.itemsize != DTYPES[s.dtype].itemsize:
+            raise LorafuseValueError(f"tensor {s.name!r}: array of {a.dtype} cannot hold {s.dtype}")
+    with SafetensorsWriter(path, specs, metadata) as w:
+        for name, (_, a) in tensors.items():
+            w.write(name, a)

@@ -1,0 +1,46 @@
+"""A tensor that stays a view of its file (or an in-memory array) until a kernel needs floats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse.errors import DtypeError
+from lorafuse.io.dtypes import DTYPES, numpy_to_safetensors
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Raw elements of a safetensors dtype: BF16 travels as uint16, F8 as uint8."""
+
+    raw: np.ndarray
+    dtype: str
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> Tensor:
+        """Wrap a numpy array (float16/32/64 or integer) as a tensor of the matching dtype."""
+        return cls(np.ascontiguousarray(array), numpy_to_safetensors(array.dtype))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype].is_float
+
+    def f32(self, threads: int = 0) -> np.ndarray:
+        """A float32 copy (or the array itself when it already is float32)."""
+        if self.dtype == "F32":
+            return np.ascontiguousarray(self.raw, dtype=np.float32)
+        if not self.is_float:
+            raise DtypeError(f"a {self.dtype} tensor cannot be used as floating-point data")
+        return _core.to_float32(np.ascontiguousarray(self.raw), self.dtype, threads)
+
+    def to(self, dtype: str, threads: int = 0) -> Tensor:
+        """This tensor converted to F32/F16/BF16 (rounded to nearest even)."""
+        if dtype == self.dtype:
+            return self
+        return Tensor(_core.from_float32(self.f32(threads), dtype, threads), dtype)

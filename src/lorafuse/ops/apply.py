@@ -1,0 +1,454 @@
+"""apply: merge adapters into base weights, streaming shard by shard.
+
+W' = W + sum_i w_i s_i B_i A_i for every targeted weight (DoRA adapters rescale
+the rows after their delta), computed by the C++ core in float32 tiles and
+rounded once to the output dtype. Untouched tensors are copied byte for byte by
+the kernel (copy_file_range); touched ones are read through mmap and their pages
+dropped once written, so memory stays bounded by one batch of output tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse._progress import Progress
+from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.errors import (
+    LorafuseValueError,
+    MissingModuleError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+from lorafuse.formats import load
+from lorafuse.io.atomic import atomic_dir, atomic_file, check_output_path
+from lorafuse.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
+from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
+from lorafuse.io.tensor import Tensor
+from lorafuse.ops.match import BaseMatcher
+
+BATCH_BYTES = 128 << 20  # output bytes computed per call into the core
+LM_HEAD = "lm_head.weight"
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+@dataclass
+class Contribution:
+    update: LoraUpdate
+    coef: float  # user weight times the update's scale
+    source: str  # adapter label, for messages
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    src_shard: str
+    src_name: str
+    updates: list[Contribution] = field(default_factory=list)
+    bias_updates: list[Contribution] = field(default_factory=list)
+    replacement: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return TensorSpec(self.name, self.dtype, self.shape).nbytes
+
+    def is_copy(self, src_dtype: str) -> bool:
+        return not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
+
+
+@dataclass
+class ApplyReport:
+    out: Path
+    merged: list[str]
+    replaced: list[str]
+    biases: list[str]
+    tensors: int
+    bytes_written: int
+    seconds: float
+    notes: list[str]
+
+
+@dataclass
+class _Plan:
+    shards: list[tuple[str, list[OutTensor]]]
+    metadata: dict[str, dict[str, str]]
+    config_updates: dict[str, object]
+    notes: list[str]
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or float(m.group(1)) <= 0:
+        raise LorafuseValueError(f"shard size {text!r} is not a size such as 5GB, 500MB or 2GiB")
+    unit = m.group(2).rstrip("B") or "B"
+    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(m.group(1)) * powers[unit])
+
+
+def _read_config(directory: Path) -> dict[str, object]:
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
+    if not DTYPES[src_dtype].is_float:
+        return src_dtype
+    if requested is not None and (changed or src_dtype in WRITABLE_FLOATS or src_dtype == "F64"):
+        return requested
+    if not changed or src_dtype in WRITABLE_FLOATS:
+        return src_dtype
+    return "F32" if src_dtype == "F64" else "BF16"  # a merged F64 / F8 weight
+
+
+def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
+               max_shard_size: int | None) -> _Plan:
+    matcher = BaseMatcher(ckpt.keys())
+    config = _read_config(ckpt.directory)
+    notes: list[str] = []
+    config_updates: dict[str, object] = {}
+
+    # Tied embeddings: the checkpoint stores only the input embedding; lm_head reads it.
+    tied = bool(config.get("tie_word_embeddings", False))
+    emb_key = None
+    if tied:
+        found = [k for k in ckpt.keys() if k.endswith(_EMBEDDING_SUFFIXES)]
+        emb_key = found[0] if len(found) == 1 else None
+    virtual_lm_head = tied and LM_HEAD not in ckpt and emb_key is not None
+
+    def base_key(name: str) -> str | None:
+        key = matcher.find(name)
+        if key is None and virtual_lm_head and name == LM_HEAD:
+            return LM_HEAD
+        return key
+
+    def base_shape(key: str) -> tuple[int, ...]:
+        return ckpt.info(emb_key if key == LM_HEAD and virtual_lm_head else key).shape  # type: ignore[arg-type]
+
+    contributions: dict[str, list[Contribution]] = {}
+    bias_contributions: dict[str, list[Contribution]] = {}
+    replacements: dict[str, tuple[Tensor, str]] = {}
+    missing: list[str] = []
+    for adapter, w in zip(adapters, weights):
+        for name, u in adapter.updates.items():
+            key = base_key(name + ".weight")
+            if key is None:
+                missing.append(f"{adapter.label}: module {name!r} (no '{name}.weight' in the base)")
+                continue
+            shape = base_shape(key)
+            if tuple(u.delta_shape) != tuple(shape):
+                raise ShapeMismatchError(
+                    f"{adapter.label}: module {name!r}: the update has shape {tuple(u.delta_shape)} "
+                    f"(A {u.A.shape}, B {u.B.shape}) but base weight {key!r} has shape {tuple(shape)}"
+                )
+            if u.magnitude is not None and w != 1.0:
+                raise UnsupportedError(
+                    f"{adapter.label}: module {name!r} is DoRA; a weight other than 1 has no defined meaning for it"
+                )
+            contributions.setdefault(key, []).append(Contribution(u, w * u.scale, adapter.label))
+            if u.bias is not None:
+                bkey = key[: -len("weight")] + "bias"
+                if bkey not in ckpt:
+                    missing.append(f"{adapter.label}: module {name!r} has a lora_B bias but the base has no {bkey!r}")
+                    continue
+                bias_contributions.setdefault(bkey, []).append(Contribution(u, w * u.scale, adapter.label))
+        for name, t in adapter.full.items():
+            key = base_key(name)
+            if key is None:
+                missing.append(f"{adapter.label}: modules_to_save tensor {name!r} has no match in the base")
+                continue
+            if tuple(t.shape) != tuple(base_shape(key)):
+                raise ShapeMismatchError(
+                    f"{adapter.label}: modules_to_save tensor {name!r} has shape {t.shape} "
+                    f"but base {key!r} has shape {base_shape(key)}"
+                )
+            if key in replacements:
+                raise UnsupportedError(f"{key!r} is replaced by both {replacements[key][1]} and {adapter.label}")
+            replacements[key] = (t, adapter.label)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise MissingModuleError(
+            f"{len(missing)} adapter module(s) found no target in the base {ckpt.directory}: "
+            + "; ".join(missing[:5]) + more
+        )
+    for key in replacements:
+        if key in contributions:
+            raise UnsupportedError(f"{key!r} is both replaced (modules_to_save) and LoRA-updated")
+
+    changed = set(contributions) | set(replacements)
+    add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
+    if tied and (add_lm_head or (LM_HEAD in ckpt and (LM_HEAD in changed or emb_key in changed))):
+        config_updates["tie_word_embeddings"] = False
+        notes.append(f"untied lm_head from {emb_key}: only one of them changes (or each changes differently); "
+                     "config.json now has tie_word_embeddings=false")
+    if dtype is not None:
+        torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+        for k in ("torch_dtype", "dtype"):
+            if k in config:
+                config_updates[k] = torch_name
+
+    def out_tensor(key: str, shard: str, src: str) -> OutTensor:
+        info = ckpt.info(src)
+        ch = key in changed or key in bias_contributions
+        out_dtype = _output_dtype(info.dtype, dtype, ch)
+        if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
+            notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
+        repl = replacements.get(key)
+        return OutTensor(key, out_dtype, info.shape, shard, src, contributions.get(key, []),
+                         bias_contributions.get(key, []), repl[0] if repl else None)
+
+    ordered: list[tuple[str, OutTensor]] = []
+    for shard in ckpt.shards:
+        for info in sorted(ckpt.headers[shard].values(), key=lambda t: t.begin):
+            ordered.append((shard, out_tensor(info.name, shard, info.name)))
+            if add_lm_head and info.name == emb_key:
+                ordered.append((shard, out_tensor(LM_HEAD, shard, emb_key)))
+
+    if max_shard_size is None:
+        groups: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
+        for shard, t in ordered:
+            groups[shard].append(t)
+        shards = list(groups.items())
+        metadata = dict(ckpt.metadata)
+    else:
+        packs: list[list[OutTensor]] = []
+        size = 0
+        for _, t in ordered:
+            if not packs or (size + t.nbytes > max_shard_size and packs[-1]):
+                packs.append([])
+                size = 0
+            packs[-1].append(t)
+            size += t.nbytes
+        n = len(packs)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        shards = list(zip(names, packs))
+        first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
+        metadata = {name: dict(first_meta) for name in names}
+    return _Plan(shards, metadata, config_updates, notes)
+
+
+def _stages(contribs: list[Contribution], threads: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Consecutive plain LoRA updates stack into one GEMM; each DoRA update is a stage of its own."""
+    stages: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+    bs: list[np.ndarray] = []
+    as_: list[np.ndarray] = []
+
+    def flush() -> None:
+        if bs:
+            stages.append((np.ascontiguousarray(np.concatenate(bs, axis=1)),
+                           np.ascontiguousarray(np.concatenate(as_, axis=0)), None))
+            bs.clear()
+            as_.clear()
+
+    for c in contribs:
+        b, a = c.update.factors(threads)
+        b = (b * np.float32(c.coef)).astype(np.float32, copy=False)
+        if c.update.magnitude is not None:
+            flush()
+            stages.append((b, a, c.update.magnitude.f32(threads).reshape(-1)))
+        else:
+            bs.append(b)
+            as_.append(a)
+    flush()
+    return stages
+
+
+class _Executor:
+    def __init__(self, ckpt: Checkpoint, threads: int, progress: Progress, allow_nonfinite: bool) -> None:
+        self.ckpt, self.threads, self.progress, self.allow_nonfinite = ckpt, threads, progress, allow_nonfinite
+        self.files: dict[str, SafetensorsFile] = {}
+        self.merged: list[str] = []
+        self.replaced: list[str] = []
+        self.biases: list[str] = []
+
+    def file(self, shard: str) -> SafetensorsFile:
+        if shard not in self.files:
+            self.files[shard] = self.ckpt.open(shard)
+        return self.files[shard]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
+        with SafetensorsWriter(path, specs, metadata) as writer:
+            batch: list[OutTensor] = []
+            size = 0
+            for t in entries:
+                src = self.file(t.src_shard)
+                if t.is_copy(src.info(t.src_name).dtype):
+                    self._flush(writer, batch)
+                    batch, size = [], 0
+                    writer.copy_from(t.name, src, t.src_name)
+                    self.progress.update(t.nbytes, t.name)
+                    continue
+                batch.append(t)
+                size += t.nbytes
+                if size >= BATCH_BYTES:
+                    self._flush(writer, batch)
+                    batch, size = [], 0
+            self._flush(writer, batch)
+
+    def _flush(self, writer: SafetensorsWriter, batch: list[OutTensor]) -> None:
+        if not batch:
+            return
+        outputs: dict[str, np.ndarray] = {}
+        jobs = []
+        for t in batch:
+            src = self.file(t.src_shard)
+            if t.replacement is not None:
+                outputs[t.name] = t.replacement.to(t.dtype, self.threads).raw.reshape(t.shape)
+                self.replaced.append(t.name)
+            elif t.bias_updates:
+                outputs[t.name] = self._bias(t, src)
+            else:
+                w = src.raw(t.src_name)
+                rows = t.shape[0] if t.shape else 1
+                w2 = w.reshape(rows, -1)
+                out = np.empty(w2.shape, dtype=DTYPES[t.dtype].raw)
+                jobs.append((t.name, w2, src.info(t.src_name).dtype, out, t.dtype, _stages(t.updates, self.threads)))
+                outputs[t.name] = out
+                if t.updates:
+                    self.merged.append(t.name)
+        flags = _core.merge_batch(jobs, self.threads) if jobs else []
+        bad = [job[0] for job, f in zip(jobs, flags) if f]
+        if bad and not self.allow_nonfinite:
+            raise NonFiniteError(
+                f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
+                "pass --allow-nonfinite to write them anyway"
+            )
+        for t in batch:
+            writer.write(t.name, outputs.pop(t.name))
+            self.file(t.src_shard).release(t.src_name)
+            self.progress.update(t.nbytes, t.name)
+
+    def _bias(self, t: OutTensor, src: SafetensorsFile) -> np.ndarray:
+        acc = Tensor(src.raw(t.src_name), src.info(t.src_name).dtype).f32().astype(np.float64)
+        for c in t.bias_updates:
+            acc += c.coef * c.update.bias.f32().astype(np.float64)  # type: ignore[union-attr]
+        if not np.isfinite(acc).all() and not self.allow_nonfinite:
+            raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
+        self.biases.append(t.name)
+        return _core.from_float32(acc.astype(np.float32), t.dtype, self.threads)
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
+                     notes: list[str]) -> None:
+    for p in sorted(src_dir.iterdir()):
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            notes.append(f"folder {p.name}/ was not copied")
+            continue
+        if p.suffix in PICKLE_SUFFIXES or p.name.endswith((".safetensors", ".safetensors.index.json")):
+            notes.append(f"{p.name} holds other weights and was not copied")
+            continue
+        if p.name == "config.json" and config_updates:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+            cfg.update(config_updates)
+            (dst_dir / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            continue
+        shutil.copy2(p, dst_dir / p.name)
+
+
+def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: _Plan) -> None:
+    weight_map = {t.name: shard for shard, ts in plan.shards for t in ts}
+    meta = dict(ckpt.index_metadata)
+    meta["total_size"] = sum(t.nbytes for _, ts in plan.shards for t in ts)
+    if "total_parameters" in meta:
+        meta["total_parameters"] = sum(int(np.prod(t.shape)) for _, ts in plan.shards for t in ts)
+    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    (dst_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def apply(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    weights: Sequence[float] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | None = None,
+    threads: int = 0,
+    max_shard_size: str | int | None = None,
+    progress: bool | None = None,
+    allow_nonfinite: bool = False,
+) -> ApplyReport:
+    """Merge `adapters` (paths or Adapter objects) into the checkpoint at `base`, writing `out`.
+
+    `base` is a folder (single file or sharded with an index) or one .safetensors file
+    (then `out` is a file too). `weights` multiply each adapter's delta (default 1).
+    `dtype` ('bf16', 'fp16', 'fp32') overrides the output dtype of float tensors.
+    """
+    start = time.monotonic()
+    if out is None:
+        raise LorafuseValueError("apply needs an output path")
+    if not adapters:
+        raise LorafuseValueError("apply needs at least one adapter")
+    ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(adapters):
+        raise LorafuseValueError(f"{len(ws)} weights given for {len(adapters)} adapters")
+    if not all(math.isfinite(w) for w in ws):
+        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
+    if threads < 0:
+        raise LorafuseValueError(f"threads must be >= 0 (0 means all cores), got {threads}")
+    out_dtype = parse_output_dtype(dtype) if dtype is not None else None
+    shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
+
+    base_path, out_path = Path(base), Path(out)
+    ckpt = Checkpoint(base_path)
+    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    inputs = ckpt.files() + [a.path for a in loaded if a.path is not None]
+    check_output_path(out_path, inputs)
+    single_file = base_path.is_file()
+    if single_file and shard_limit is not None:
+        raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
+    plan = plan_apply(ckpt, loaded, ws, out_dtype, shard_limit)
+
+    total = sum(t.nbytes for _, ts in plan.shards for t in ts)
+    bar = Progress(total, "apply", progress)
+    ex = _Executor(ckpt, threads, bar, allow_nonfinite)
+    try:
+        if single_file:
+            with atomic_file(out_path, inputs) as tmp:
+                shard, entries = plan.shards[0]
+                ex.write_shard(tmp, entries, plan.metadata.get(shard, {}))
+        else:
+            with atomic_dir(out_path, inputs) as tmp:
+                for shard, entries in plan.shards:
+                    ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
+                if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
+                    _write_index(tmp, ckpt, plan)
+                skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else [])}
+                _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
+                if plan.config_updates and not (ckpt.directory / "config.json").is_file():
+                    plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
+    finally:
+        ex.close()
+        bar.close()
+    return ApplyReport(out_path, ex.merged, ex.replaced, ex.biases, sum(len(ts) for _, ts in plan.shards), total,
+                       time.monotonic() - start, plan.notes)

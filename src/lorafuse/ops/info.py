@@ -1,0 +1,68 @@
+"""info: describe an adapter or a checkpoint (for people, or as JSON)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from lorafuse.adapter import Adapter
+from lorafuse.formats import load
+from lorafuse.formats.peft import is_peft
+from lorafuse.io.checkpoint import Checkpoint
+
+
+def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
+    norms = adapter.norms(threads)
+    modules = []
+    for name, u in adapter.updates.items():
+        modules.append({
+            "name": name,
+            "kind": u.kind,
+            "rank": u.rank,
+            "scale": u.scale,
+            "shape": list(u.delta_shape),
+            "dtype": u.A.dtype if u.A.dtype == u.B.dtype else f"{u.A.dtype}/{u.B.dtype}",
+            "dora": u.magnitude is not None,
+            "bias": u.bias is not None,
+            "delta_norm": norms[name],
+        })
+    cfg = adapter.config
+    return {
+        "type": "adapter",
+        "format": adapter.format,
+        "path": str(adapter.path) if adapter.path else None,
+        "modules": len(adapter.updates),
+        "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
+        "scales": sorted({round(u.scale, 8) for u in adapter.updates.values()}),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "dora": any(u.magnitude is not None for u in adapter.updates.values()),
+        "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in (u.A, u.B))),
+        "parameters": adapter.num_parameters(),
+        "full_tensors": sorted(adapter.full),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "module_details": modules,
+    }
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
+    infos = [t for h in ckpt.headers.values() for t in h.values()]
+    return {
+        "type": "checkpoint",
+        "path": str(ckpt.directory),
+        "shards": ckpt.shards,
+        "sharded": ckpt.sharded,
+        "tensors": len(infos),
+        "parameters": sum(t.numel for t in infos),
+        "bytes": ckpt.total_bytes(),
+        "dtypes": dict(Counter(t.dtype for t in infos)),
+    }
+
+
+def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
+    """An adapter (PEFT folder) or a checkpoint (safetensors file or folder)."""
+    p = Path(path)
+    if is_peft(p):
+        return describe_adapter(load(p), threads)
+    return describe_checkpoint(Checkpoint(p))
