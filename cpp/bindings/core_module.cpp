@@ -105,7 +105,8 @@ py::array from_float32(const py::handle& x_handle, const std::string& dtype, int
   return out;
 }
 
-// jobs: list of (name, w, w_dtype, out, out_dtype, stages); stages: list of (B, A, magnitude|None).
+// jobs: list of (name, w, w_dtype, out, out_dtype, stages);
+// stages: list of (B, A, magnitude|None, column_norm: bool).
 // Returns, per job, whether the output holds a NaN or an Inf.
 std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
   std::vector<lorafuse::MergeJob> jobs;
@@ -134,7 +135,7 @@ std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
     keep_alive.push_back(out);
     for (const py::handle& s : py::cast<py::list>(t[5])) {
       auto st = py::cast<py::tuple>(s);
-      if (st.size() != 3) fail(ErrorKind::Value, job.name + ": a stage must be (B, A, magnitude|None)");
+      if (st.size() != 4) fail(ErrorKind::Value, job.name + ": a stage must be (B, A, magnitude|None, column_norm)");
       lorafuse::MergeStage stage;
       auto B = require_f32(st[0], job.name + ": B");
       auto A = require_f32(st[1], job.name + ": A");
@@ -148,8 +149,9 @@ std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
       keep_alive.push_back(B);
       keep_alive.push_back(A);
       if (!st[2].is_none()) {
+        stage.column_norm = py::cast<bool>(st[3]);
         auto m = require_f32(st[2], job.name + ": DoRA magnitude");
-        if (m.ndim() != 1 || m.shape(0) != job.rows)
+        if (m.ndim() != 1 || m.shape(0) != (stage.column_norm ? job.cols : job.rows))
           fail(ErrorKind::ShapeMismatch, job.name + ": DoRA magnitude " + shape_str(m) + " does not fit the base weight " +
                                              shape_str(w));
         stage.magnitude = m.data();

@@ -37,7 +37,7 @@ class LoraUpdate:
     scale: float
     kind: Kind = "linear"
     transposed: bool = False
-    magnitude: Tensor | None = None  # DoRA magnitude, one value per output row of the base weight
+    magnitude: Tensor | None = None  # DoRA: one value per output feature (a row, or a column if transposed)
     bias: Tensor | None = None  # lora_B bias, added to the base bias times scale
 
     @property
@@ -70,7 +70,7 @@ class Adapter:
     """A set of low-rank updates plus the full tensors that travel with them."""
 
     updates: dict[str, LoraUpdate]
-    full: dict[str, Tensor] = field(default_factory=dict)  # base key -> replacement (PEFT modules_to_save)
+    full: dict[str, Tensor] = field(default_factory=dict)  # base key -> replacement (modules_to_save, base_layer)
     config: dict[str, object] = field(default_factory=dict)
     format: str = "peft"
     path: Path | None = None

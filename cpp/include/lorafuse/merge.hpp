@@ -11,12 +11,16 @@ namespace lorafuse {
 
 // One additive stage: tile += B[rows, rank] @ A[rank, cols] (both row-major float32,
 // with every weight and scale already folded into B). When `magnitude` is set
-// (DoRA), each row is then rescaled to magnitude[row] / ||row||_2.
+// (DoRA), the result is then rescaled so each row (or, with `column_norm`, each
+// column) has the norm magnitude[i]. Column norms need the whole matrix: they are
+// found by an extra pass over the tiles before the pass that writes the output.
 struct MergeStage {
   const float* B = nullptr;
   const float* A = nullptr;
   std::int64_t rank = 0;
   const float* magnitude = nullptr;
+  bool column_norm = false;
+  std::vector<float> column_scale;  // filled by merge_batch for column_norm stages
 };
 
 struct MergeJob {

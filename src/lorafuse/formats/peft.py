@@ -3,7 +3,8 @@
 Keys are `base_model.model.<module>.lora_A.weight` (r x in) and `.lora_B.weight`
 (out x r); embeddings use `lora_embedding_A` (r x num_embeddings) and
 `lora_embedding_B` (dim x r); DoRA adds `lora_magnitude_vector`; `lora_bias` adds
-`lora_B.bias`; any other tensor is a `modules_to_save` copy of a base weight.
+`lora_B.bias`; `<module>.base_layer.weight` (saved with embedding layers) and any
+other tensor is a full copy of a base weight (`modules_to_save`) that replaces it.
 Scale per module is alpha / r (alpha / sqrt(r) with rslora), with `rank_pattern`
 and `alpha_pattern` overriding r and alpha for the modules they match.
 """
@@ -15,6 +16,8 @@ import math
 import os
 import re
 from pathlib import Path
+
+import numpy as np
 
 from lorafuse.adapter import Adapter, Kind, LoraUpdate
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
@@ -118,7 +121,7 @@ def _build(folder: Path, weights: Path, f: SafetensorsFile, cfg: dict[str, objec
         else:
             if ".lora_" in name:
                 raise FormatError(f"{weights}: tensor {key!r} is not a LoRA tensor lorafuse knows")
-            full[name] = Tensor(f.raw(key), f.info(key).dtype)
+            full[name.replace(".base_layer.", ".")] = Tensor(f.raw(key), f.info(key).dtype)
     updates = {m: _update(weights, m, p, cfg) for m, p in parts.items()}
     if cfg.get("use_dora") and not any(u.magnitude is not None for u in updates.values()):
         raise FormatError(f"{weights}: use_dora is set but no lora_magnitude_vector tensors were saved")
@@ -155,13 +158,13 @@ def _update(weights: Path, module: str, p: dict[str, Tensor], cfg: dict[str, obj
     alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))  # type: ignore[arg-type]
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     update = LoraUpdate(module, a, b, scale, kind, transposed, p.get("magnitude"), p.get("bias"))
-    rows = update.delta_shape[0]
     if update.magnitude is not None:
-        if transposed:
-            raise UnsupportedError(f"{where}: DoRA on {'embeddings' if kind == 'embedding' else 'fan_in_fan_out layers'} "
-                                   "is not supported yet")
-        if update.magnitude.shape != (rows,):
-            raise ShapeMismatchError(f"{where}: lora_magnitude_vector {update.magnitude.shape} does not match {rows} outputs")
+        # One magnitude per output feature of the PEFT layer: B's rows. Conv stores it as (1, out, 1, 1).
+        m = update.magnitude
+        features = b.shape[0]
+        if int(np.prod(m.shape)) != features or sorted(m.shape, reverse=True)[1:] != [1] * (len(m.shape) - 1):
+            raise ShapeMismatchError(f"{where}: lora_magnitude_vector {m.shape} does not match {features} output features")
+        update.magnitude = Tensor(m.raw.reshape(features), m.dtype)
     if update.bias is not None and update.bias.shape != (b.shape[0],):
         raise ShapeMismatchError(f"{where}: lora_B.bias {update.bias.shape} does not match {b.shape[0]} outputs")
     return update

@@ -23,6 +23,7 @@ from lorafuse.io.dtypes import DTYPES
 
 MAX_HEADER_BYTES = 100_000_000
 _U64_MAX = 2**64 - 1
+_I64_MAX = 2**63 - 1
 _PAGE = mmap.PAGESIZE
 
 
@@ -72,7 +73,9 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
         raise FormatError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:  # absent or null; [] or "" are not a map and are refused below
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -110,9 +113,11 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
     ):
         raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
     nbytes = DTYPES[dtype].itemsize
+    extent = nbytes  # the byte size with zero dims taken as 1: numpy cannot hold a shape past 2**63 - 1
     for d in shape:
         nbytes *= d
-        if nbytes > _U64_MAX:
+        extent *= max(d, 1)
+        if nbytes > _U64_MAX or extent > _I64_MAX:
             raise FormatError(f"{where}: tensor {name!r} with shape {shape} overflows 64-bit byte sizes")
     if nbytes != offsets[1] - offsets[0]:
         raise FormatError(

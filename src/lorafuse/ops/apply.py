@@ -194,9 +194,6 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
             f"{len(missing)} adapter module(s) found no target in the base {ckpt.directory}: "
             + "; ".join(missing[:5]) + more
         )
-    for key in replacements:
-        if key in contributions:
-            raise UnsupportedError(f"{key!r} is both replaced (modules_to_save) and LoRA-updated")
 
     changed = set(contributions) | set(replacements)
     add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
@@ -250,16 +247,23 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
     return _Plan(shards, metadata, config_updates, notes)
 
 
-def _stages(contribs: list[Contribution], threads: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Consecutive plain LoRA updates stack into one GEMM; each DoRA update is a stage of its own."""
-    stages: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+Stage = tuple[np.ndarray, np.ndarray, "np.ndarray | None", bool]
+
+
+def _stages(contribs: list[Contribution], threads: int) -> list[Stage]:
+    """Consecutive plain LoRA updates stack into one GEMM; each DoRA update is a stage of its own.
+
+    DoRA normalizes per output feature: a row of the stored weight, or a column when
+    the stored weight is transposed relative to PEFT's (embeddings, fan_in_fan_out).
+    """
+    stages: list[Stage] = []
     bs: list[np.ndarray] = []
     as_: list[np.ndarray] = []
 
     def flush() -> None:
         if bs:
             stages.append((np.ascontiguousarray(np.concatenate(bs, axis=1)),
-                           np.ascontiguousarray(np.concatenate(as_, axis=0)), None))
+                           np.ascontiguousarray(np.concatenate(as_, axis=0)), None, False))
             bs.clear()
             as_.clear()
 
@@ -268,7 +272,7 @@ def _stages(contribs: list[Contribution], threads: int) -> list[tuple[np.ndarray
         b = (b * np.float32(c.coef)).astype(np.float32, copy=False)
         if c.update.magnitude is not None:
             flush()
-            stages.append((b, a, c.update.magnitude.f32(threads).reshape(-1)))
+            stages.append((b, a, c.update.magnitude.f32(threads).reshape(-1), c.update.transposed))
         else:
             bs.append(b)
             as_.append(a)
@@ -320,20 +324,21 @@ class _Executor:
         jobs = []
         for t in batch:
             src = self.file(t.src_shard)
-            if t.replacement is not None:
-                outputs[t.name] = t.replacement.to(t.dtype, self.threads).raw.reshape(t.shape)
-                self.replaced.append(t.name)
-            elif t.bias_updates:
+            if t.bias_updates:
                 outputs[t.name] = self._bias(t, src)
+                continue
+            if t.replacement is not None:  # a full tensor from the adapter takes the base's place
+                self.replaced.append(t.name)
+                w, w_dtype = t.replacement.raw, t.replacement.dtype
             else:
-                w = src.raw(t.src_name)
-                rows = t.shape[0] if t.shape else 1
-                w2 = w.reshape(rows, -1)
-                out = np.empty(w2.shape, dtype=DTYPES[t.dtype].raw)
-                jobs.append((t.name, w2, src.info(t.src_name).dtype, out, t.dtype, _stages(t.updates, self.threads)))
-                outputs[t.name] = out
-                if t.updates:
-                    self.merged.append(t.name)
+                w, w_dtype = src.raw(t.src_name), src.info(t.src_name).dtype
+            rows = t.shape[0] if t.shape else 1
+            w2 = w.reshape(rows, -1)
+            out = np.empty(w2.shape, dtype=DTYPES[t.dtype].raw)
+            jobs.append((t.name, w2, w_dtype, out, t.dtype, _stages(t.updates, self.threads)))
+            outputs[t.name] = out
+            if t.updates:
+                self.merged.append(t.name)
         flags = _core.merge_batch(jobs, self.threads) if jobs else []
         bad = [job[0] for job, f in zip(jobs, flags) if f]
         if bad and not self.allow_nonfinite:
