@@ -78,21 +78,30 @@ def build(root: Path) -> None:
 
 
 def check(root: Path) -> None:
-    """Max error of ex/merged against a float64 numpy merge, in bf16 ulps of the result."""
+    """Compare ex/merged with a float64 numpy merge rounded to bf16."""
+    exact = total = 0
+    worst = 0.0
     with SafetensorsFile(root / "base" / "model.safetensors") as b, \
          SafetensorsFile(root / "adapter" / "adapter_model.safetensors") as a, \
          SafetensorsFile(root / "merged" / "model.safetensors") as m:
-        worst = 0.0
         for name in b.keys():
             w = _core.to_float32(b.raw(name), "BF16").astype(np.float64)
+            delta = np.zeros_like(w)
             module = "base_model.model." + name.removesuffix(".weight")
             if module + ".lora_A.weight" in a:
-                w += (ALPHA / RANK) * (a.raw(module + ".lora_B.weight").astype(np.float64)
-                                       @ a.raw(module + ".lora_A.weight").astype(np.float64))
-            got = _core.to_float32(m.raw(name), "BF16").astype(np.float64)
-            ulp = np.spacing(np.abs(w).astype(np.float32)).astype(np.float64) * 65536  # bf16 ulp
-            worst = max(worst, float(np.max(np.abs(got - w) / ulp)))
-    print(f"max error against numpy float64: {worst:.3f} bf16 ulp (<= 0.5 means correctly rounded)")
+                delta = (ALPHA / RANK) * (a.raw(module + ".lora_B.weight").astype(np.float64)
+                                          @ a.raw(module + ".lora_A.weight").astype(np.float64))
+            ref = w + delta
+            got = m.raw(name)
+            exact += int(np.count_nonzero(got == _core.from_float32(ref.astype(np.float32), "BF16")))
+            total += got.size
+            # error in bf16 ulps at the scale of the operands (float32 sums are exact to that scale)
+            scale = np.maximum(np.maximum(np.abs(w), np.abs(delta)), np.abs(ref)).astype(np.float32)
+            ulp = np.spacing(scale).astype(np.float64) * 65536
+            err = np.abs(_core.to_float32(got, "BF16").astype(np.float64) - ref)
+            worst = max(worst, float(np.max(err / ulp)))
+    print(f"{exact / total:.4%} of values equal the float64 merge rounded to bf16; "
+          f"max error {worst:.2f} bf16 ulp of max(|W|, |dW|)")
 
 
 if __name__ == "__main__":

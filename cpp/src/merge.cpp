@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lorafuse/errors.hpp"
+#include "lorafuse/fused_lowrank.hpp"
 #include "lorafuse/parallel.hpp"
 
 namespace lorafuse {
@@ -103,11 +104,28 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
     for (std::int64_t r0 = 0; r0 < job.rows; r0 += step)
       blocks.push_back({j, r0, std::min(step, job.rows - r0)});
   }
+  // Jobs without DoRA take the register-blocked fast path.
+  std::vector<FusedJob> fused(jobs.size());
+  std::vector<unsigned char> use_fused(jobs.size(), 0);
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    const MergeJob& job = jobs[j];
+    bool ok = fused_supported(job.w_type, job.out_type);
+    for (const MergeStage& st : job.stages) ok = ok && st.magnitude == nullptr;
+    if (!ok) continue;
+    use_fused[j] = 1;
+    fused[j] = FusedJob{job.w, job.w_type, job.out, job.out_type, job.cols, {}};
+    for (const MergeStage& st : job.stages)
+      if (st.rank > 0) fused[j].terms.push_back({st.B, st.A, st.rank});
+  }
   const int t = resolve_threads(threads);
   std::vector<std::vector<float>> tiles(static_cast<std::size_t>(t));
   std::vector<unsigned char> nonfinite(blocks.size(), 0);  // one slot per block: no shared writes
   parallel_for(static_cast<std::int64_t>(blocks.size()), t, [&](std::int64_t b, int tid) {
     const Block& blk = blocks[static_cast<std::size_t>(b)];
+    if (use_fused[blk.job]) {
+      nonfinite[static_cast<std::size_t>(b)] = fused_rows(fused[blk.job], blk.r0, blk.nr);
+      return;
+    }
     nonfinite[static_cast<std::size_t>(b)] =
         run_block(jobs[blk.job], blk.r0, blk.nr, jobs[blk.job].stages.size(), tiles[static_cast<std::size_t>(tid)],
                   nullptr);

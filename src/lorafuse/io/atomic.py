@@ -12,6 +12,12 @@ from pathlib import Path
 from lorafuse.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
     """Refuse an output that is an input, or a folder that holds one (replacing it would destroy it)."""
     target = out.resolve()
@@ -34,6 +40,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Iter
         raise OutputError(f"output {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
     try:
         yield tmp
     except BaseException:
@@ -59,6 +66,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Ite
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
     try:
         yield tmp
         os.replace(tmp, out)

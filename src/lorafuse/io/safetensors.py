@@ -207,19 +207,20 @@ class SafetensorsFile:
     def fileno(self) -> int:
         return self._file.fileno()
 
-    def release(self, name: str | None = None) -> None:
-        """Drop mapped pages (one tensor's, or all) from the resident set."""
+    def release(self, name: str | None = None, begin: int = 0, end: int | None = None) -> None:
+        """Drop mapped pages (all, or bytes [begin, end) of one tensor) from the resident set."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         if name is None:
-            start, end = 0, len(self._map)
+            start, stop = 0, len(self._map)
         else:
             t = self.info(name)
-            start, end = self._data_start + t.begin, self._data_start + t.end
+            start = self._data_start + t.begin + begin
+            stop = self._data_start + (t.end if end is None else t.begin + end)
         start -= start % _PAGE
-        end = min(len(self._map), end)
-        if end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        stop = min(len(self._map), stop)
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ class SafetensorsWriter:
         self.path = Path(path)
         self._specs = specs
         self._next = 0
+        self._remaining = 0
         header, _ = encode_header(specs, metadata)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -292,30 +294,44 @@ class SafetensorsWriter:
             n = os.write(self._fd, view[: 1 << 30])
             view = view[n:]
 
-    def _expect(self, name: str, nbytes: int) -> None:
+    def start(self, name: str) -> None:
+        """Begin the next tensor; its bytes follow through append()."""
+        if self._remaining:
+            raise LorafuseValueError(f"{self.path}: tensor {self._specs[self._next - 1].name!r} is incomplete")
         if self._next >= len(self._specs):
             raise LorafuseValueError(f"{self.path}: tensor {name!r} written after the last one")
         spec = self._specs[self._next]
-        if spec.name != name or spec.nbytes != nbytes:
-            raise LorafuseValueError(
-                f"{self.path}: expected tensor {spec.name!r} ({spec.nbytes} bytes), got {name!r} ({nbytes} bytes)"
-            )
+        if spec.name != name:
+            raise LorafuseValueError(f"{self.path}: expected tensor {spec.name!r}, got {name!r}")
         self._next += 1
+        self._remaining = spec.nbytes
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def append(self, array: np.ndarray) -> None:
+        """Bytes of the current tensor, in order (a whole tensor or consecutive parts of it)."""
         array = np.ascontiguousarray(array)
-        self._expect(name, array.nbytes)
+        if array.nbytes > self._remaining:
+            raise LorafuseValueError(f"{self.path}: {array.nbytes} bytes exceed the {self._remaining} left in the tensor")
         if array.nbytes:
             self._write_all(memoryview(array).cast("B"))
+        self._remaining -= array.nbytes
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        self.start(name)
+        self.append(array)
+        if self._remaining:
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} needs {self._remaining} more bytes")
 
     def copy_from(self, name: str, src: SafetensorsFile, src_name: str) -> None:
         """Copy a tensor's bytes from another file without passing them through this process."""
+        self.start(name)
         info = src.info(src_name)
-        self._expect(name, info.nbytes)
+        if info.nbytes != self._remaining:
+            raise LorafuseValueError(f"{self.path}: {src_name!r} has {info.nbytes} bytes, {name!r} needs {self._remaining}")
         copy_range(src.fileno(), src.file_offset(src_name), self._fd, info.nbytes)
+        self._remaining = 0
 
     def close(self) -> None:
-        if self._next != len(self._specs):
+        if self._next != len(self._specs) or self._remaining:
             os.close(self._fd)
             raise LorafuseValueError(f"{self.path}: closed after {self._next} of {len(self._specs)} tensors")
         os.close(self._fd)

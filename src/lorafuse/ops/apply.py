@@ -15,7 +15,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,9 @@ from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSp
 from lorafuse.io.tensor import Tensor
 from lorafuse.ops.match import BaseMatcher
 
-BATCH_BYTES = 128 << 20  # output bytes computed per call into the core
+BATCH_BYTES = 32 << 20  # output bytes computed per call into the core
+CHUNK_BYTES = 16 << 20  # larger tensors are computed and written in row blocks of about this size
+WRITE_DEPTH = 2  # batches handed to the writer thread and not yet written
 LM_HEAD = "lm_head.weight"
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
@@ -280,10 +284,64 @@ def _stages(contribs: list[Contribution], threads: int) -> list[Stage]:
     return stages
 
 
+@dataclass
+class _Piece:
+    """Rows [r0, r1) of an output tensor: the unit of computing, writing and page release."""
+
+    tensor: OutTensor
+    r0: int
+    r1: int
+    rows: int
+    data: np.ndarray | None = None
+
+
+class _Arenas:
+    """Output buffers reused from batch to batch: fresh allocations of this size would be
+    mapped and faulted in page by page each time. One arena per batch in flight."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free = [np.empty(size, dtype=np.uint8) for _ in range(count)]
+        self.size = size
+
+    def take(self) -> np.ndarray:
+        return self._free.pop()
+
+    def give(self, arena: np.ndarray) -> None:
+        self._free.append(arena)
+
+
+class _Writer:
+    """Writes in submission order on one background thread, so disk writes overlap the next
+    batch's arithmetic; at most `depth` batches are in flight, which bounds memory."""
+
+    def __init__(self, depth: int = WRITE_DEPTH) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn))
+
+    def wait_one(self) -> None:
+        self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+
+
 class _Executor:
     def __init__(self, ckpt: Checkpoint, threads: int, progress: Progress, allow_nonfinite: bool) -> None:
         self.ckpt, self.threads, self.progress, self.allow_nonfinite = ckpt, threads, progress, allow_nonfinite
         self.files: dict[str, SafetensorsFile] = {}
+        self.arenas = _Arenas(WRITE_DEPTH + 1, BATCH_BYTES + CHUNK_BYTES)
         self.merged: list[str] = []
         self.replaced: list[str] = []
         self.biases: list[str] = []
@@ -297,70 +355,141 @@ class _Executor:
         for f in self.files.values():
             f.close()
 
+    def _pieces(self, t: OutTensor) -> list[_Piece]:
+        rows = t.shape[0] if t.shape else 1
+        whole = t.bias_updates or any(c.update.magnitude is not None and c.update.transposed for c in t.updates)
+        if whole or t.nbytes <= CHUNK_BYTES:  # column norms need the whole matrix at once
+            return [_Piece(t, 0, rows, rows)]
+        step = max(1, CHUNK_BYTES * rows // t.nbytes)
+        return [_Piece(t, r, min(r + step, rows), rows) for r in range(0, rows, step)]
+
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
-        with SafetensorsWriter(path, specs, metadata) as writer:
-            batch: list[OutTensor] = []
-            size = 0
-            for t in entries:
-                src = self.file(t.src_shard)
-                if t.is_copy(src.info(t.src_name).dtype):
-                    self._flush(writer, batch)
-                    batch, size = [], 0
-                    writer.copy_from(t.name, src, t.src_name)
-                    self.progress.update(t.nbytes, t.name)
-                    continue
-                batch.append(t)
-                size += t.nbytes
-                if size >= BATCH_BYTES:
-                    self._flush(writer, batch)
-                    batch, size = [], 0
-            self._flush(writer, batch)
+        writer = _Writer()
+        try:
+            with SafetensorsWriter(path, specs, metadata) as out:
+                batch: list[_Piece] = []
+                size = 0
+                for t in entries:
+                    src = self.file(t.src_shard)
+                    if t.is_copy(src.info(t.src_name).dtype):
+                        if batch:
+                            self._submit(writer, out, batch)
+                            batch, size = [], 0
+                        writer.submit(self._copy(out, t, src))
+                        continue
+                    for piece in self._pieces(t):
+                        batch.append(piece)
+                        size += piece.tensor.nbytes * (piece.r1 - piece.r0) // piece.rows
+                        if size >= BATCH_BYTES:
+                            self._submit(writer, out, batch)
+                            batch, size = [], 0
+                if batch:
+                    self._submit(writer, out, batch)
+                writer.drain()
+        finally:
+            writer.close()
 
-    def _flush(self, writer: SafetensorsWriter, batch: list[OutTensor]) -> None:
-        if not batch:
-            return
-        outputs: dict[str, np.ndarray] = {}
+    def _submit(self, writer: _Writer, out: SafetensorsWriter, batch: list[_Piece]) -> None:
+        """Compute a batch into a free arena (waiting for the writer to hand one back) and queue its writes."""
+        while True:
+            try:
+                arena = self.arenas.take()
+                break
+            except IndexError:
+                writer.wait_one()
+        try:
+            pieces = self._flush(batch, arena)
+        except BaseException:
+            self.arenas.give(arena)
+            raise
+        write = self._writes(out, pieces)
+
+        def run() -> None:
+            try:
+                write()
+            finally:
+                self.arenas.give(arena)
+
+        writer.submit(run)
+
+    def _copy(self, out: SafetensorsWriter, t: OutTensor, src: SafetensorsFile) -> Callable[[], None]:
+        def run() -> None:
+            out.copy_from(t.name, src, t.src_name)
+            self.progress.update(t.nbytes, t.name)
+
+        return run
+
+    def _writes(self, out: SafetensorsWriter, pieces: list[_Piece]) -> Callable[[], None]:
+        def run() -> None:
+            for p in pieces:
+                if p.r0 == 0:
+                    out.start(p.tensor.name)
+                assert p.data is not None
+                out.append(p.data)
+                self.progress.update(p.data.nbytes, p.tensor.name)
+                p.data = None
+
+        return run
+
+    def _flush(self, batch: list[_Piece], arena: np.ndarray) -> list[_Piece]:
+        """Compute every piece of the batch (one call into the core) and release their input pages.
+
+        Outputs are carved from `arena` (16-byte aligned slices) while they fit."""
         jobs = []
-        for t in batch:
+        computed: list[_Piece] = []
+        used = 0
+        for p in batch:
+            t = p.tensor
             src = self.file(t.src_shard)
             if t.bias_updates:
-                outputs[t.name] = self._bias(t, src)
+                p.data = self._bias(t, src)
                 continue
             if t.replacement is not None:  # a full tensor from the adapter takes the base's place
-                self.replaced.append(t.name)
+                if p.r0 == 0:
+                    self.replaced.append(t.name)
                 w, w_dtype = t.replacement.raw, t.replacement.dtype
             else:
                 w, w_dtype = src.raw(t.src_name), src.info(t.src_name).dtype
-            rows = t.shape[0] if t.shape else 1
-            w2 = w.reshape(rows, -1)
-            out = np.empty(w2.shape, dtype=DTYPES[t.dtype].raw)
-            jobs.append((t.name, w2, w_dtype, out, t.dtype, _stages(t.updates, self.threads)))
-            outputs[t.name] = out
-            if t.updates:
+            w2 = w.reshape(p.rows, -1)[p.r0 : p.r1]
+            raw_dtype = DTYPES[t.dtype].raw
+            nbytes = w2.shape[0] * w2.shape[1] * raw_dtype.itemsize
+            if used + nbytes <= arena.size:
+                p.data = arena[used : used + nbytes].view(raw_dtype).reshape(w2.shape)
+                used += (nbytes + 15) // 16 * 16
+            else:  # a tensor that cannot be split (column-normalized DoRA) and is larger than the arena
+                p.data = np.empty(w2.shape, dtype=raw_dtype)
+            stages = [(b[p.r0 : p.r1], a, m, col) if not col else (b, a, m, col)
+                      for b, a, m, col in _stages(t.updates, self.threads)]
+            jobs.append((t.name, w2, w_dtype, p.data, t.dtype, stages))
+            computed.append(p)
+            if t.updates and p.r0 == 0:
                 self.merged.append(t.name)
         flags = _core.merge_batch(jobs, self.threads) if jobs else []
-        bad = [job[0] for job, f in zip(jobs, flags) if f]
+        bad = sorted({job[0] for job, f in zip(jobs, flags) if f})
         if bad and not self.allow_nonfinite:
             raise NonFiniteError(
                 f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
                 f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
                 "pass --allow-nonfinite to write them anyway"
             )
-        for t in batch:
-            writer.write(t.name, outputs.pop(t.name))
-            self.file(t.src_shard).release(t.src_name)
-            self.progress.update(t.nbytes, t.name)
+        for p in computed:
+            if p.tensor.replacement is None:
+                src = self.file(p.tensor.src_shard)
+                row_bytes = src.info(p.tensor.src_name).nbytes // p.rows
+                src.release(p.tensor.src_name, p.r0 * row_bytes, p.r1 * row_bytes)
+        return batch
 
     def _bias(self, t: OutTensor, src: SafetensorsFile) -> np.ndarray:
+        """base bias + sum of weight * scale * lora_B.bias, in float64, rounded once."""
         acc = Tensor(src.raw(t.src_name), src.info(t.src_name).dtype).f32().astype(np.float64)
         for c in t.bias_updates:
-            acc += c.coef * c.update.bias.f32().astype(np.float64)  # type: ignore[union-attr]
+            assert c.update.bias is not None
+            acc += c.coef * c.update.bias.f32().astype(np.float64)
         if not np.isfinite(acc).all() and not self.allow_nonfinite:
             raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
         self.biases.append(t.name)
         return _core.from_float32(acc.astype(np.float32), t.dtype, self.threads)
-
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
                      notes: list[str]) -> None:
@@ -427,7 +556,10 @@ def apply(
     base_path, out_path = Path(base), Path(out)
     ckpt = Checkpoint(base_path)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
-    inputs = ckpt.files() + [a.path for a in loaded if a.path is not None]
+    adapter_paths = [a.path for a in loaded if a.path is not None]
+    # The files in an adapter folder are inputs too: a single-file output must not replace one of them.
+    inputs = ckpt.files() + adapter_paths + [f for d in adapter_paths if d.is_dir() for f in d.iterdir()
+                                             if f.is_file()]
     check_output_path(out_path, inputs)
     single_file = base_path.is_file()
     if single_file and shard_limit is not None:

@@ -1,0 +1,574 @@
+#!/usr/bin/env python3
+"""Benchmark ``lorafuse apply`` against the I/O floor (``cp -r``) and a PEFT merge.
+
+One run builds a random bf16 Llama checkpoint at TinyLlama-1.1B dimensions plus a PEFT LoRA
+adapter on every linear module, then times three tools, each in its own child process so
+that peak RSS is per tool:
+
+* ``cp -r BASE OUT``                                   -- the floor: reading + writing the bytes
+* ``lorafuse apply BASE ADAPTER -o OUT --threads N``   -- the tool under test
+* PEFT: ``from_pretrained`` -> ``PeftModel.from_pretrained`` -> ``merge_and_unload``
+  -> ``save_pretrained``                               -- what users do today
+
+It prints wall time, CPU time and peak RSS of each, the ratios lorafuse/cp and
+PEFT/lorafuse, a cheap correctness check of a few merged tensors, and PASS/MISS against the
+targets (lorafuse within 1.5x of cp, >= 5x faster than PEFT, peak RSS < 25% of the
+checkpoint). A MISS does not make the exit status non-zero; a failing tool or a wrong
+merge does.
+
+Quick check:  python3 benchmarks/bench_apply.py --layers 2
+Full size:    python3 benchmarks/bench_apply.py            (~2.2 GB checkpoint, ~9 GB of disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    ADAPTER_CONFIG_NAME,
+    LLAMA_LINEAR_MODULES,
+    RunResult,
+    build_llama_checkpoint,
+    build_lora_adapter,
+    checkpoint_specs,
+    fmt_mib,
+    llama_config,
+    load_tensor,
+    machine_info,
+    parse_size,
+    run_measured,
+    tree_bytes,
+    warm_page_cache,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+PEFT_CHILD_COMMAND = "_peft-child"  # hidden first argument: run the PEFT merge in this process
+PEFT_PHASES_PREFIX = "PEFT_PHASES "
+
+TARGET_VS_CP = 1.5  # lorafuse wall / cp wall must be <= this
+TARGET_VS_PEFT = 5.0  # PEFT wall / lorafuse wall must be >= this
+TARGET_RSS_FRACTION = 0.25  # lorafuse peak RSS / checkpoint size must be < this
+MAX_ULPS = 1.0  # merged tensors must be within one bf16 rounding of the exact merge
+
+INPUTS_STAMP = "inputs.json"
+
+
+# --------------------------------------------------------------------------------------
+# PEFT child
+# --------------------------------------------------------------------------------------
+
+
+def peft_child(base_dir: str, adapter_dir: str, out_dir: str, threads: int) -> int:
+    """What users run to merge a LoRA with PEFT; prints per-phase times as one JSON line."""
+    t0 = time.perf_counter()
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    t1 = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)  # `dtype`: transformers >= 4.56
+    t2 = time.perf_counter()
+    peft_model = PeftModel.from_pretrained(model, adapter_dir)
+    t3 = time.perf_counter()
+    # PEFT only warns about adapter keys it could not match; a fresh lora_B is all zeros, so a
+    # zero lora_B means the adapter file was not (fully) loaded.
+    lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name]
+    unloaded = sum(1 for p in lora_b if not bool(p.detach().abs().amax() > 0))
+    if not lora_b or unloaded:
+        print(f"error: {unloaded} of {len(lora_b)} lora_B weights are zero: adapter not loaded", flush=True)
+        return 3
+    merged = peft_model.merge_and_unload()
+    t4 = time.perf_counter()
+    merged.save_pretrained(out_dir)
+    t5 = time.perf_counter()
+    phases = {
+        "import": t1 - t0,
+        "load base": t2 - t1,
+        "load adapter": t3 - t2,
+        "merge": t4 - t3,
+        "save": t5 - t4,
+        "lora modules": len(lora_b),
+    }
+    print(PEFT_PHASES_PREFIX + json.dumps(phases), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    base_dir: Path
+    adapter_dir: Path
+    base_bytes: int  # size of the base .safetensors files: the "checkpoint size"
+    base_files: int
+    base_tensors: int
+    base_params: int
+    adapter_bytes: int
+    adapter_modules: int
+    adapter_params: int
+    build_s: dict[str, float]  # empty when reused
+
+
+def _lora_scale(adapter_dir: Path) -> float:
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    return float(config["lora_alpha"]) / float(config["r"])
+
+
+def prepare_inputs(workdir: Path, args: argparse.Namespace) -> Inputs:
+    base_dir = workdir / "base"
+    adapter_dir = workdir / "adapter"
+    stamp_path = workdir / INPUTS_STAMP
+    wanted = {
+        "version": 1,
+        "layers": args.layers,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "shard_size": args.shard_size,
+        "seed": args.seed,
+    }
+    build_s: dict[str, float] = {}
+    reuse = stamp_path.exists() and json.loads(stamp_path.read_text()) == wanted
+    if reuse:
+        print(f"reusing inputs in {workdir} (same parameters, see {INPUTS_STAMP})")
+    else:
+        for path in (stamp_path, base_dir, adapter_dir):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        config = llama_config(args.layers)
+        max_shard = parse_size(args.shard_size) if args.shard_size else None
+        t0 = time.perf_counter()
+        build_llama_checkpoint(base_dir, config, max_shard_bytes=max_shard, seed=args.seed)
+        t1 = time.perf_counter()
+        build_lora_adapter(
+            adapter_dir,
+            config,
+            rank=args.rank,
+            alpha=args.alpha,
+            target_modules=LLAMA_LINEAR_MODULES,
+            base_model_name_or_path=str(base_dir),
+            seed=args.seed + 1,
+        )
+        t2 = time.perf_counter()
+        build_s = {"base": t1 - t0, "adapter": t2 - t1}
+        stamp_path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+    specs = checkpoint_specs(base_dir)
+    base_files = sorted(base_dir.glob("*.safetensors"))
+    adapter_specs = checkpoint_specs(adapter_dir)
+    return Inputs(
+        base_dir=base_dir,
+        adapter_dir=adapter_dir,
+        base_bytes=sum(p.stat().st_size for p in base_files),
+        base_files=len(base_files),
+        base_tensors=len(specs),
+        base_params=sum(s.numel for s in specs.values()),
+        adapter_bytes=tree_bytes(adapter_dir / "adapter_model.safetensors"),
+        adapter_modules=sum(1 for name in adapter_specs if name.endswith(".lora_A.weight")),
+        adapter_params=sum(s.numel for s in adapter_specs.values()),
+        build_s=build_s,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Tools
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tool:
+    key: str
+    label: str
+    out_dir: Path
+    cmd: list[str] | None  # None: skipped
+    skip_reason: str = ""
+    env: dict[str, str] | None = None
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.ok for r in self.runs)
+
+    @property
+    def wall_s(self) -> float:  # best of the repeats
+        return min(r.wall_s for r in self.runs)
+
+    @property
+    def cpu_s(self) -> float:  # of the fastest run
+        return min(self.runs, key=lambda r: r.wall_s).cpu_s
+
+    @property
+    def peak_rss(self) -> int:  # worst of the repeats
+        return max(r.peak_rss_bytes for r in self.runs)
+
+    @property
+    def peak_anon(self) -> int | None:
+        values = [r.peak_anon_bytes for r in self.runs if r.peak_anon_bytes is not None]
+        return max(values) if values else None
+
+
+def resolve_lorafuse(override: str | None) -> tuple[list[str] | None, str]:
+    """The command that runs the lorafuse CLI, or None and the reason it is unavailable."""
+    candidates: list[list[str]] = []
+    if override:
+        candidates.append(shlex.split(override))
+    else:
+        exe = shutil.which("lorafuse")
+        if exe:
+            candidates.append([exe])
+        candidates.append([sys.executable, "-m", "lorafuse"])
+    failures: list[str] = []
+    for cmd in candidates:
+        try:
+            probe = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            failures.append(f"`{shlex.join(cmd)} --help`: {exc}")
+            continue
+        if probe.returncode == 0:
+            return cmd, ""
+        last = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["no output"]
+        failures.append(f"`{shlex.join(cmd)} --help` exited {probe.returncode}: {last[0]}")
+    return None, "; ".join(failures)
+
+
+def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path) -> list[Tool]:
+    base, adapter = str(inputs.base_dir), str(inputs.adapter_dir)
+    tools: list[Tool] = []
+
+    out_cp = workdir / "out_cp"
+    tools.append(Tool("cp", "cp -r", out_cp, ["cp", "-r", base, str(out_cp)]))
+
+    out_lf = workdir / "out_lorafuse"
+    if args.skip_lorafuse:
+        tools.append(Tool("lorafuse", "lorafuse apply", out_lf, None, "--skip-lorafuse"))
+    else:
+        lf_cmd, reason = resolve_lorafuse(args.lorafuse_cmd)
+        cmd = None if lf_cmd is None else [*lf_cmd, "apply", base, adapter, "-o", str(out_lf), "--threads", str(args.threads)]
+        tools.append(Tool("lorafuse", "lorafuse apply", out_lf, cmd, f"not available: {reason}"))
+
+    out_peft = workdir / "out_peft"
+    if args.skip_peft:
+        tools.append(Tool("peft", "PEFT merge", out_peft, None, "--skip-peft"))
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), PEFT_CHILD_COMMAND, base, adapter, str(out_peft), str(args.threads)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        tools.append(Tool("peft", "PEFT merge", out_peft, cmd, env=env))
+    return tools
+
+
+def run_tool(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path) -> None:
+    assert tool.cmd is not None
+    print(f"\n[{tool.label}] {shlex.join(tool.cmd)}")
+    for i in range(repeat):
+        shutil.rmtree(tool.out_dir, ignore_errors=True)
+        os.sync()  # flush earlier outputs so their writeback does not land in this run (untimed)
+        warm_page_cache(warm_paths)  # untimed
+        result = run_measured(tool.cmd, log_dir / f"{tool.key}-{i + 1}.log", env=tool.env)
+        tool.runs.append(result)
+        print(
+            f"  run {i + 1}/{repeat}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s cpu, "
+            f"peak RSS {fmt_mib(result.peak_rss_bytes)} MiB"
+            + ("" if result.ok else f"  FAILED (exit {result.returncode})")
+        )
+        if not result.ok:
+            print("  --- last lines of its output ---")
+            print("\n".join("  " + line for line in result.log_tail().splitlines()))
+            return
+
+
+def peft_phases(tool: Tool) -> dict[str, float] | None:
+    if not tool.ok:
+        return None
+    best = min(tool.runs, key=lambda r: r.wall_s)
+    for line in best.log_path.read_text(errors="replace").splitlines():
+        if line.startswith(PEFT_PHASES_PREFIX):
+            return json.loads(line[len(PEFT_PHASES_PREFIX) :])
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Correctness
+# --------------------------------------------------------------------------------------
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bf16 numbers at |x| (8 significant bits), as float64."""
+    import torch
+
+    _, exponent = torch.frexp(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny))
+    return torch.pow(2.0, (exponent - 8).to(torch.float64))
+
+
+def check_correctness(inputs: Inputs, outputs: dict[str, Path], layers: int) -> bool:
+    """Cheap checks of the merged checkpoints.
+
+    * every output has the base's tensor names, shapes and dtypes;
+    * a tensor without LoRA (lm_head) is copied bit for bit;
+    * for one q_proj and one down_proj, the error against the exact merge
+      W + alpha/r * B @ A (fp64) is at most one bf16 ulp of the largest of |W|, |dW| and
+      |result|, and so is the difference between the two tools. A single correctly rounded
+      add gives <= 0.5 of that ulp; rounding dW to bf16 first (double rounding) <= 1. The
+      ulp of the result alone would not do: where W and dW nearly cancel it is tiny, and
+      any fp32 error of dW shows up as many of its ulps.
+    """
+    import torch
+
+    print("\ncorrectness")
+    if not outputs:
+        print("  nothing to check (no merge output)")
+        return True
+    ok = True
+    base_specs = checkpoint_specs(inputs.base_dir)
+    untouched = "lm_head.weight"
+    for label, out_dir in outputs.items():
+        out_specs = checkpoint_specs(out_dir)
+        if out_specs == base_specs:
+            line = f"  {label}: {len(out_specs)} tensors, names/shapes/dtypes identical to the base"
+        else:
+            ok = False
+            missing = sorted(set(base_specs) - set(out_specs))
+            extra = sorted(set(out_specs) - set(base_specs))
+            changed = sorted(n for n in set(base_specs) & set(out_specs) if base_specs[n] != out_specs[n])
+            line = f"  {label}: tensors DIFFER from the base: missing {missing[:3]}, extra {extra[:3]}, changed {changed[:3]}"
+        if untouched in out_specs:
+            same = torch.equal(load_tensor(out_dir, untouched), load_tensor(inputs.base_dir, untouched))
+            ok &= same
+            line += f"; {untouched} (no LoRA) {'bit-identical' if same else 'DIFFERS'}"
+        print(line)
+
+    scale = _lora_scale(inputs.adapter_dir)
+    adapter_file = inputs.adapter_dir / "adapter_model.safetensors"
+    modules = ["model.layers.0.self_attn.q_proj", f"model.layers.{layers - 1}.mlp.down_proj"]
+    print(
+        f"  vs exact fp64 merge W + {scale:g} * B @ A; err in bf16 ulps of max(|W|, |dW|, |result|)"
+        f" (limit {MAX_ULPS:g}); 'exact' = share of values equal to bf16(exact merge):"
+    )
+    for module in modules:
+        name = f"{module}.weight"
+        w = load_tensor(inputs.base_dir, name).to(torch.float64)
+        a = load_tensor(adapter_file, f"base_model.model.{module}.lora_A.weight").to(torch.float64)
+        b = load_tensor(adapter_file, f"base_model.model.{module}.lora_B.weight").to(torch.float64)
+        delta = scale * (b @ a)
+        exact = w + delta
+        operand_scale = torch.maximum(torch.maximum(w.abs(), delta.abs()), exact.abs())
+        rounded = exact.to(torch.bfloat16).to(torch.float64)
+        print(f"    {name} {list(exact.shape)}: mean |dW| {float(delta.abs().mean()):.1e}, mean |W| {float(w.abs().mean()):.1e}")
+        merged: dict[str, torch.Tensor] = {}
+        for label, out_dir in outputs.items():
+            x = load_tensor(out_dir, name)
+            if x.dtype != torch.bfloat16 or x.shape != exact.shape:
+                ok = False
+                print(f"      {label:<18} WRONG dtype/shape {x.dtype} {tuple(x.shape)}")
+                continue
+            x64 = x.to(torch.float64)
+            merged[label] = x64
+            err = (x64 - exact).abs()
+            err_ulps = float((err / _bf16_ulp(operand_scale)).max())
+            exact_share = float((x64 == rounded).to(torch.float64).mean())
+            ok &= err_ulps <= MAX_ULPS
+            print(f"      {label:<18} max err {float(err.max()):.2e} = {err_ulps:.2f} ulp, exact {exact_share:.2%}")
+        if len(merged) == 2:
+            (la, xa), (lb, xb) = merged.items()
+            diff = (xa - xb).abs()
+            scale_ab = torch.maximum(operand_scale, torch.maximum(xa.abs(), xb.abs()))
+            diff_ulps = float((diff / _bf16_ulp(scale_ab)).max())
+            identical = float((xa == xb).to(torch.float64).mean())
+            ok &= diff_ulps <= MAX_ULPS
+            print(f"      {la + ' vs ' + lb:<18} max diff {float(diff.max()):.2e} = {diff_ulps:.2f} ulp, identical {identical:.2%}")
+    print(f"  merge: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def print_table(tools: Sequence[Tool], ckpt_bytes: int, repeat: int) -> None:
+    header = f"{'tool':<16}{'wall s':>10}{'cpu s':>10}{'peak RSS MiB':>15}{'RSS/ckpt':>10}{'peak anon MiB':>15}"
+    print(f"\nresults (wall: best of {repeat}; peak RSS: worst of {repeat}; checkpoint {fmt_mib(ckpt_bytes)} MiB)")
+    print(header)
+    print("-" * len(header))
+    for tool in tools:
+        if tool.cmd is None:
+            reason = tool.skip_reason if len(tool.skip_reason) <= 60 else tool.skip_reason[:57] + "..."
+            print(f"{tool.label:<16}  skipped: {reason}")
+        elif not tool.ok:
+            print(f"{tool.label:<16}  FAILED (exit {tool.runs[-1].returncode}, log {tool.runs[-1].log_path})")
+        else:
+            anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
+            print(
+                f"{tool.label:<16}{tool.wall_s:>10.2f}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}"
+                f"{tool.peak_rss / ckpt_bytes:>10.1%}{anon:>15}"
+            )
+    sources = sorted({r.rss_source for t in tools for r in t.runs})
+    print(
+        f"peak RSS = ru_maxrss of the tool's process (via {', '.join(sources) or 'n/a'}); it includes file pages"
+        " the tool has mmap'ed and touched. peak anon = RssAnon sampled every 20 ms (allocated memory only)."
+    )
+
+
+def print_summary(tools: dict[str, Tool], ckpt_bytes: int) -> None:
+    cp, lf, peft = tools["cp"], tools["lorafuse"], tools["peft"]
+
+    def verdict(passed: bool) -> str:
+        return "PASS" if passed else "MISS"
+
+    print()
+    parts: list[str] = []
+    if lf.ok and cp.ok:
+        ratio = lf.wall_s / cp.wall_s
+        print(f"lorafuse / cp   = {ratio:.2f}x")
+        parts.append(f"lorafuse/cp {ratio:.2f}x (<= {TARGET_VS_CP:g}x) {verdict(ratio <= TARGET_VS_CP)}")
+    else:
+        parts.append(f"lorafuse/cp n/a (<= {TARGET_VS_CP:g}x)")
+    if lf.ok and peft.ok:
+        ratio = peft.wall_s / lf.wall_s
+        print(f"PEFT / lorafuse = {ratio:.2f}x")
+        parts.append(f"PEFT/lorafuse {ratio:.2f}x (>= {TARGET_VS_PEFT:g}x) {verdict(ratio >= TARGET_VS_PEFT)}")
+    else:
+        parts.append(f"PEFT/lorafuse n/a (>= {TARGET_VS_PEFT:g}x)")
+    if lf.ok:
+        frac = lf.peak_rss / ckpt_bytes
+        parts.append(f"lorafuse RSS {frac:.1%} of ckpt (< {TARGET_RSS_FRACTION:.0%}) {verdict(frac < TARGET_RSS_FRACTION)}")
+    else:
+        parts.append(f"lorafuse RSS n/a (< {TARGET_RSS_FRACTION:.0%})")
+    print("targets: " + " | ".join(parts))
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=22, help="decoder layers (default %(default)s, as TinyLlama-1.1B)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 * rank)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="--threads for lorafuse and torch threads for PEFT (default: cpu count, %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per tool; the best wall time is reported (default %(default)s)")
+    p.add_argument("--shard-size", default=None, help="write the base sharded like save_pretrained(max_shard_size=...), e.g. 1GB")
+    p.add_argument("--workdir", default=None, help="work directory (default: a fresh temp dir under /tmp); inputs in it are reused when built with the same options")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (default: remove the temp dir, or only the outputs of --workdir)")
+    p.add_argument("--skip-peft", action="store_true", help="do not run the PEFT merge")
+    p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
+    p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default %(default)s)")
+    args = p.parse_args(argv)
+    if args.layers < 1 or args.rank < 1 or args.threads < 1 or args.repeat < 1:
+        p.error("--layers, --rank, --threads and --repeat must be >= 1")
+    if args.alpha is None:
+        args.alpha = 2 * args.rank
+    elif float(args.alpha).is_integer():
+        args.alpha = int(args.alpha)  # PEFT configs carry lora_alpha as an int
+    if args.shard_size:
+        try:
+            parse_size(args.shard_size)
+        except ValueError as exc:
+            p.error(str(exc))
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] == PEFT_CHILD_COMMAND:
+        base, adapter, out, threads = argv[1:5]
+        return peft_child(base, adapter, out, int(threads))
+    args = parse_args(argv)
+
+    print("bench_apply: lorafuse apply vs cp -r vs PEFT merge_and_unload")
+    for label, value in machine_info():
+        print(f"  {label:<13}{value}")
+    print(f"  {'command':<13}{shlex.join([Path(sys.argv[0]).name, *argv])}")
+
+    own_workdir = args.workdir is None
+    if own_workdir:
+        workdir = Path(tempfile.mkdtemp(prefix="lorafuse-bench-", dir="/tmp"))
+    else:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    log_dir = workdir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    print(f"  {'workdir':<13}{workdir}")
+
+    tools: list[Tool] = []
+    status = 0
+    try:
+        print(f"\ninputs: Llama bf16, TinyLlama-1.1B dims, {args.layers} layers; LoRA r={args.rank} alpha={args.alpha} on {','.join(LLAMA_LINEAR_MODULES)}")
+        inputs = prepare_inputs(workdir, args)
+        print(
+            f"  base    {inputs.base_dir}: {fmt_mib(inputs.base_bytes)} MiB in {inputs.base_files} file(s), "
+            f"{inputs.base_tensors} tensors, {inputs.base_params / 1e9:.3f} B params"
+        )
+        print(
+            f"  adapter {inputs.adapter_dir}: {fmt_mib(inputs.adapter_bytes)} MiB, {inputs.adapter_modules} LoRA modules, "
+            f"{inputs.adapter_params / 1e6:.2f} M params (float32)"
+        )
+        if inputs.build_s:
+            build = inputs.build_s
+            print(f"  built in {build['base'] + build['adapter']:.1f} s (base {build['base']:.1f} s, adapter {build['adapter']:.1f} s)")
+        free = shutil.disk_usage(workdir).free
+        if free < 3.2 * inputs.base_bytes:
+            print(f"  warning: only {fmt_mib(free)} MiB free in {workdir}; three outputs need about {fmt_mib(3.1 * inputs.base_bytes)} MiB")
+
+        tools = make_tools(args, inputs, workdir)
+        print(
+            "\nmethod: every timed run is preceded (untimed) by removing its output, `sync`, and reading the base and"
+            " adapter files once, so all tools see a warm page cache (nothing is dropped from caches);"
+            " outputs are written to page cache, no fsync is timed."
+            f" lorafuse --threads {args.threads}; PEFT torch threads {args.threads}."
+        )
+        warm_paths = [inputs.base_dir, inputs.adapter_dir]
+        for tool in tools:
+            if tool.cmd is None:
+                print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
+                continue
+            run_tool(tool, args.repeat, warm_paths, log_dir)
+            if not tool.ok:
+                status = 1
+
+        by_key = {tool.key: tool for tool in tools}
+        phases = peft_phases(by_key["peft"])
+        if phases:
+            shown = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if k != "lora modules")
+            print(f"\nPEFT phases: {shown} ({phases['lora modules']:.0f} LoRA modules loaded)")
+
+        outputs = {t.key: t.out_dir for t in tools if t.key != "cp" and t.ok}
+        if not check_correctness(inputs, outputs, args.layers):
+            status = 1
+        print_table(tools, inputs.base_bytes, args.repeat)
+        print_summary(by_key, inputs.base_bytes)
+    finally:
+        if args.keep:
+            print(f"\nkept {workdir}")
+        elif own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for tool in tools:
+                shutil.rmtree(tool.out_dir, ignore_errors=True)
+            print(f"\nremoved the outputs; inputs kept in {workdir} for reuse")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
