@@ -161,3 +161,29 @@ def test_two_adapters_with_weights_against_numpy(tmp_path: Path) -> None:
                 ref = ref + weight * scale * (ad[module + ".lora_B.weight"].astype(np.float64)
                                               @ ad[module + ".lora_A.weight"].astype(np.float64))
         assert_close_f32(got[key], ref, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_stored_in_half_precision(dtype: torch.dtype, tmp_path: Path) -> None:
+    """Adapters saved in BF16/F16 merge with their exact stored values (checked against numpy float64)."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    case = pf.llama_case(tmp_path)
+    weights = case.adapter_dir / "adapter_model.safetensors"
+    half = {k: v.to(dtype) for k, v in load_torch(str(weights)).items()}
+    save_torch(half, str(weights), metadata={"format": "pt"})
+    adapter = lorafuse.load(case.adapter_dir)
+    assert {u.A.dtype for u in adapter.updates.values()} == {"BF16" if dtype == torch.bfloat16 else "F16"}
+    out = tmp_path / "merged"
+    lorafuse.apply(case.base_dir, [adapter], out=out, progress=False)
+    got, base = read_checkpoint(out), read_checkpoint(case.base_dir)
+    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
+    for key, w in base.items():
+        module = "base_model.model." + key.removesuffix(".weight")
+        ref = w.astype(np.float64)
+        if module + ".lora_A.weight" in half:
+            b = half[module + ".lora_B.weight"].double().numpy()
+            a = half[module + ".lora_A.weight"].double().numpy()
+            ref = ref + cfg["lora_alpha"] / cfg["r"] * (b @ a)
+        assert_close_f32(got[key], ref, key)

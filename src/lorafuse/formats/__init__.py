@@ -20,6 +20,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise refuse_pickle(p)
     if is_peft(p):
         return "peft"
+    if p.is_dir():
+        pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise refuse_pickle(pickles[0])
     raise FormatError(
         f"{p}: not a recognised adapter: expected a PEFT adapter folder "
         "(adapter_config.json + adapter_model.safetensors)"

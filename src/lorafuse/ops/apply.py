@@ -365,9 +365,9 @@ class _Executor:
 
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
-        writer = _Writer()
-        try:
-            with SafetensorsWriter(path, specs, metadata) as out:
+        with SafetensorsWriter(path, specs, metadata) as out:
+            writer = _Writer()
+            try:
                 batch: list[_Piece] = []
                 size = 0
                 for t in entries:
@@ -387,8 +387,10 @@ class _Executor:
                 if batch:
                     self._submit(writer, out, batch)
                 writer.drain()
-        finally:
-            writer.close()
+            finally:
+                # Stop the writer thread before `out` closes its descriptor: on an error, a queued
+                # write must not reach a closed descriptor (or another file that reused its number).
+                writer.close()
 
     def _submit(self, writer: _Writer, out: SafetensorsWriter, batch: list[_Piece]) -> None:
         """Compute a batch into a free arena (waiting for the writer to hand one back) and queue its writes."""
