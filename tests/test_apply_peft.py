@@ -187,3 +187,27 @@ def test_adapter_stored_in_half_precision(dtype: torch.dtype, tmp_path: Path) ->
             a = half[module + ".lora_A.weight"].double().numpy()
             ref = ref + cfg["lora_alpha"] / cfg["r"] * (b @ a)
         assert_close_f32(got[key], ref, key)
+
+
+def test_thread_count_does_not_change_a_bit(tmp_path: Path) -> None:
+    case = pf.llama_case(tmp_path, use_dora=True, target_modules=("q_proj", "v_proj", "embed_tokens", "down_proj"))
+    outs = []
+    for threads in (1, 2, 3):
+        out = tmp_path / f"merged_{threads}"
+        lorafuse.apply(case.base_dir, [case.adapter_dir], out=out, threads=threads, progress=False)
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_progress_bar_reports_bytes(tmp_path: Path) -> None:
+    import io
+
+    from lorafuse._progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(2048, "apply", enabled=True, stream=stream)
+    bar.update(1024, "a")
+    bar.update(1024, "b")
+    bar.close()
+    text = stream.getvalue()
+    assert "100.0%" in text and "2.0 KiB/2.0 KiB" in text and text.endswith("\n")
