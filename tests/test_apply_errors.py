@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from peft_fixtures import Case, gpt2_case, llama_case
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -38,14 +37,6 @@ from lorafuse import (
     UnsupportedError,
 )
 from lorafuse.ops import apply as apply_mod
-
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from peft_fixtures import Case, llama_case
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -26,14 +25,6 @@ from transformers import LlamaForCausalLM
 
 import lorafuse
 from lorafuse.cli import main
-
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-]
 
 PREFIX = "base_model.model."
 ADAPTER_FILE = "adapter_model.safetensors"
