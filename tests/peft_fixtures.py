@@ -325,3 +325,58 @@ def conv_case(
     trained = get_peft_model(load_base(), lora)
     example = torch.randn((2, 3, 6, 6), generator=torch.Generator().manual_seed(seed))
     return _finish(trained, base_dir, adapter_dir, load_base, ConvNet, example_input=example)
+
+
+def extra_adapter(
+    case: Case,
+    tmp: Path,
+    *,
+    seed: int,
+    target_modules: Sequence[str] = LLAMA_TARGETS,
+    r: int = 4,
+    lora_alpha: int = 8,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Another real-PEFT adapter on `case`'s saved base (same model class), saved to `tmp`."""
+    torch.manual_seed(seed)
+    model = case.model_cls.from_pretrained(str(case.base_dir))
+    lora = LoraConfig(
+        task_type="CAUSAL_LM" if case.input_ids is not None else None,
+        target_modules=list(target_modules),
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, lora)
+    _randomize_adapter(peft_model)
+    tmp.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(tmp))
+    return tmp
+
+
+def peft_weighted_deltas(
+    base_dir: Path,
+    model_cls: Any,
+    adapter_dirs: Sequence[Path],
+    weights: Sequence[float],
+    **kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """Run the real `add_weighted_adapter` and return the combined adapter's dense delta per module
+    (float64, in the base weight's layout), keyed by module name."""
+    model = model_cls.from_pretrained(str(base_dir))
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=names[0])
+    for name, d in zip(names[1:], adapter_dirs[1:]):
+        peft_model.load_adapter(str(d), adapter_name=name)
+    peft_model.add_weighted_adapter(names, list(weights), "combined", **kwargs)
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for module_name, module in peft_model.base_model.model.named_modules():
+            if hasattr(module, "get_delta_weight") and "combined" in getattr(module, "scaling", {}):
+                out[module_name] = module.get_delta_weight("combined").double().numpy()
+    return out

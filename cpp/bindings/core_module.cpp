@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -14,6 +15,8 @@
 #include "lorafuse/lowrank.hpp"
 #include "lorafuse/merge.hpp"
 #include "lorafuse/parallel.hpp"
+#include "lorafuse/svd.hpp"
+#include "lorafuse/taskmerge.hpp"
 
 namespace py = pybind11;
 using lorafuse::DType;
@@ -202,6 +205,261 @@ py::array_t<double> factored_frobenius_sq(const py::list& pairs, int threads) {
   return out;
 }
 
+// items: list of (B1, A1, B2, A2) float32; returns <B1 A1, B2 A2>_F for each, in float64.
+py::array_t<double> factored_inner(const py::list& items_in, int threads) {
+  struct Item {
+    const float *B1, *A1, *B2, *A2;
+    std::int64_t r1, r2, out, in;
+  };
+  std::vector<Item> items;
+  std::vector<py::object> keep_alive;
+  for (const py::handle& h : items_in) {
+    auto t = py::cast<py::tuple>(h);
+    if (t.size() != 4) fail(ErrorKind::Value, "factored_inner takes (B1, A1, B2, A2) tuples");
+    auto B1 = require_f32(t[0], "B1");
+    auto A1 = require_f32(t[1], "A1");
+    auto B2 = require_f32(t[2], "B2");
+    auto A2 = require_f32(t[3], "A2");
+    if (B1.ndim() != 2 || A1.ndim() != 2 || B2.ndim() != 2 || A2.ndim() != 2 || B1.shape(1) != A1.shape(0) ||
+        B2.shape(1) != A2.shape(0) || B1.shape(0) != B2.shape(0) || A1.shape(1) != A2.shape(1))
+      fail(ErrorKind::ShapeMismatch, "factors B1 " + shape_str(B1) + ", A1 " + shape_str(A1) + ", B2 " +
+                                         shape_str(B2) + ", A2 " + shape_str(A2) + " do not describe two deltas of one shape");
+    items.push_back({B1.data(), A1.data(), B2.data(), A2.data(), A1.shape(0), A2.shape(0), B1.shape(0), A1.shape(1)});
+    for (auto* a : {&B1, &A1, &B2, &A2}) keep_alive.push_back(*a);
+  }
+  py::array_t<double> out(static_cast<py::ssize_t>(items.size()));
+  double* res = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    lorafuse::parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
+      const Item& p = items[static_cast<std::size_t>(i)];
+      res[i] = lorafuse::factored_inner(p.B1, p.A1, p.r1, p.B2, p.A2, p.r2, p.out, p.in);
+    });
+  }
+  return out;
+}
+
+// ---- combine kernels: factored / dense rank-k SVD and PEFT-style task merging ----
+
+// A tuple or list (not a string), else a LorafuseValueError naming `what`.
+py::sequence require_sequence(const py::handle& h, const std::string& what) {
+  if (!(py::isinstance<py::tuple>(h) || py::isinstance<py::list>(h)))
+    fail(ErrorKind::Value, what + " must be a tuple or list, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
+  return py::reinterpret_borrow<py::sequence>(h);
+}
+
+std::string require_name(const py::handle& h, const std::string& what) {
+  if (!py::isinstance<py::str>(h)) fail(ErrorKind::Value, what + ": the module name must be a str");
+  return py::cast<std::string>(h);
+}
+
+// Any Python integer (int, numpy integer), not bool; else a LorafuseValueError.
+std::int64_t require_int(const py::handle& h, const std::string& what) {
+  if (py::isinstance<py::bool_>(h)) fail(ErrorKind::Value, what + " must be an integer, got a bool");
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (idx == nullptr) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, what + " must be an integer");
+  }
+  const long long v = PyLong_AsLongLong(idx);
+  Py_DECREF(idx);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, what + " is out of range");
+  }
+  return v;
+}
+
+double require_float(const py::handle& h, const std::string& what) {
+  if (py::isinstance<py::bool_>(h)) fail(ErrorKind::Value, what + " must be a number, got a bool");
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, what + " must be a number");
+  }
+  return v;
+}
+
+// A seed in [0, 2^64).
+std::uint64_t require_seed(const py::handle& h, const std::string& fn) {
+  if (py::isinstance<py::bool_>(h)) fail(ErrorKind::Value, fn + ": seed must be a non-negative integer, got a bool");
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (idx == nullptr) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, fn + ": seed must be a non-negative integer");
+  }
+  const unsigned long long v = PyLong_AsUnsignedLongLong(idx);
+  Py_DECREF(idx);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, fn + ": seed must be an integer in [0, 2**64)");
+  }
+  return v;
+}
+
+// ranks: a tuple or list with one entry per item.
+py::sequence require_ranks(const py::handle& ranks_in, std::size_t n_items, const std::string& fn) {
+  auto ranks = require_sequence(ranks_in, fn + ": ranks");
+  if (ranks.size() != n_items)
+    fail(ErrorKind::Value, fn + ": " + std::to_string(ranks.size()) + " ranks for " + std::to_string(n_items) + " items");
+  return ranks;
+}
+
+// The rank k >= 1 asked for the module `name`.
+std::int64_t require_rank(const py::handle& h, const std::string& name) {
+  const std::int64_t k = require_int(h, name + ": rank");
+  if (k < 1) fail(ErrorKind::Value, name + ": rank must be >= 1, got " + std::to_string(k));
+  return k;
+}
+
+// Allocates B2 (out x k), A2 (k x in) and S (s_len) for a job and points the job at them.
+py::tuple allocate_svd_outputs(lorafuse::SvdJob& job) {
+  py::array_t<float> B2({static_cast<py::ssize_t>(job.out), static_cast<py::ssize_t>(job.k)});
+  py::array_t<float> A2({static_cast<py::ssize_t>(job.k), static_cast<py::ssize_t>(job.in)});
+  py::array_t<double> S(static_cast<py::ssize_t>(job.s_len));
+  job.B2 = B2.mutable_data();
+  job.A2 = A2.mutable_data();
+  job.S = S.mutable_data();
+  return py::make_tuple(B2, A2, S);
+}
+
+// items: list of (name, B (out x R), A (R x in)) float32; ranks: one k per item.
+// Returns, per item, (B2 (out x k), A2 (k x in), S (min(R, out, in) float64)).
+py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
+                      int threads) {
+  const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
+  auto items = require_sequence(items_in, "factored_svd: items");
+  const py::sequence ranks = require_ranks(ranks_in, items.size(), "factored_svd");
+  std::vector<lorafuse::SvdJob> jobs(items.size());
+  std::vector<py::object> keep_alive;
+  py::list results;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    auto t = require_sequence(items[i], "factored_svd: item " + std::to_string(i));
+    if (t.size() != 3) fail(ErrorKind::Value, "factored_svd: item " + std::to_string(i) + " must be (name, B, A)");
+    lorafuse::SvdJob& job = jobs[i];
+    job.name = require_name(t[0], "factored_svd: item " + std::to_string(i));
+    auto B = require_f32(t[1], job.name + ": B");
+    auto A = require_f32(t[2], job.name + ": A");
+    if (B.ndim() != 2 || A.ndim() != 2 || B.shape(1) != A.shape(0))
+      fail(ErrorKind::ShapeMismatch, job.name + ": factors B " + shape_str(B) + " and A " + shape_str(A) +
+                                         " cannot be multiplied (need B (out, R) and A (R, in))");
+    job.B = B.data();
+    job.A = A.data();
+    job.out = B.shape(0);
+    job.r = B.shape(1);
+    job.in = A.shape(1);
+    job.k = require_rank(ranks[i], job.name);
+    job.s_len = lorafuse::factored_sv_count(job.out, job.r, job.in);
+    keep_alive.push_back(B);
+    keep_alive.push_back(A);
+    results.append(allocate_svd_outputs(job));
+  }
+  {
+    py::gil_scoped_release release;
+    lorafuse::factored_svd_batch(jobs, split, threads);
+  }
+  return results;
+}
+
+// items: list of (name, D (out x in)) float32; ranks: one k per item.
+// Returns, per item, (B2 (out x k), A2 (k x in), S (min(k, out, in) float64)).
+py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
+                   const py::handle& seed, const py::handle& oversample, const py::handle& power_iters, int threads) {
+  const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
+  lorafuse::RandomizedSvdOptions opt;
+  opt.seed = require_seed(seed, "dense_svd");
+  opt.oversample = require_int(oversample, "dense_svd: oversample");
+  opt.power_iters = require_int(power_iters, "dense_svd: power_iters");
+  if (opt.oversample < 0)
+    fail(ErrorKind::Value, "dense_svd: oversample must be >= 0, got " + std::to_string(opt.oversample));
+  if (opt.power_iters < 0)
+    fail(ErrorKind::Value, "dense_svd: power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  auto items = require_sequence(items_in, "dense_svd: items");
+  const py::sequence ranks = require_ranks(ranks_in, items.size(), "dense_svd");
+  std::vector<lorafuse::SvdJob> jobs(items.size());
+  std::vector<py::object> keep_alive;
+  py::list results;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    auto t = require_sequence(items[i], "dense_svd: item " + std::to_string(i));
+    if (t.size() != 2) fail(ErrorKind::Value, "dense_svd: item " + std::to_string(i) + " must be (name, D)");
+    lorafuse::SvdJob& job = jobs[i];
+    job.name = require_name(t[0], "dense_svd: item " + std::to_string(i));
+    auto D = require_f32(t[1], job.name + ": D");
+    if (D.ndim() != 2) fail(ErrorKind::ShapeMismatch, job.name + ": D " + shape_str(D) + " must be 2-D (out, in)");
+    job.D = D.data();
+    job.out = D.shape(0);
+    job.in = D.shape(1);
+    job.k = require_rank(ranks[i], job.name);
+    job.s_len = lorafuse::dense_sv_count(job.out, job.in, job.k);
+    keep_alive.push_back(D);
+    results.append(allocate_svd_outputs(job));
+  }
+  {
+    py::gil_scoped_release release;
+    lorafuse::dense_svd_batch(jobs, split, opt, threads);
+  }
+  return results;
+}
+
+// items: list of (name, [t_1 .. t_n]) with float32 arrays of one shape;
+// weights: list (per item) of n floats. Returns the merged float32 tensor per item.
+py::list task_merge(const py::handle& items_in, const py::handle& weights_in, const std::string& prune,
+                    const py::handle& density, bool rescale, const std::string& merge, const std::string& majority,
+                    const py::handle& seed, int threads) {
+  lorafuse::TaskMergeOptions opt;
+  opt.prune = lorafuse::prune_method_from_name(prune);
+  opt.merge = lorafuse::merge_method_from_name(merge);
+  opt.majority = lorafuse::majority_sign_from_name(majority);
+  opt.density = require_float(density, "task_merge: density");
+  if (!(opt.density >= 0.0))
+    fail(ErrorKind::Value, "task_merge: density must be >= 0, got " + std::string(py::str(density)));
+  opt.rescale = rescale;
+  opt.seed = require_seed(seed, "task_merge");
+  auto items = require_sequence(items_in, "task_merge: items");
+  auto weights = require_sequence(weights_in, "task_merge: weights");
+  if (weights.size() != items.size())
+    fail(ErrorKind::Value, "task_merge: " + std::to_string(weights.size()) + " weight lists for " +
+                               std::to_string(items.size()) + " items");
+  std::vector<lorafuse::TaskMergeItem> jobs(items.size());
+  std::vector<py::object> keep_alive;
+  py::list results;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    auto t = require_sequence(items[i], "task_merge: item " + std::to_string(i));
+    if (t.size() != 2) fail(ErrorKind::Value, "task_merge: item " + std::to_string(i) + " must be (name, tensors)");
+    lorafuse::TaskMergeItem& job = jobs[i];
+    job.name = require_name(t[0], "task_merge: item " + std::to_string(i));
+    auto tensors = require_sequence(t[1], job.name + ": tensors");
+    auto w = require_sequence(weights[i], job.name + ": weights");
+    if (tensors.size() == 0) fail(ErrorKind::Value, job.name + ": task_merge needs at least one tensor");
+    if (w.size() != tensors.size())
+      fail(ErrorKind::ShapeMismatch, job.name + ": " + std::to_string(w.size()) + " weights for " +
+                                         std::to_string(tensors.size()) + " tensors");
+    py::array_t<float> first;
+    for (std::size_t j = 0; j < tensors.size(); ++j) {
+      auto a = require_f32(tensors[j], job.name + ": task tensor " + std::to_string(j));
+      if (j == 0) {
+        first = a;
+      } else if (a.ndim() != first.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), first.shape())) {
+        fail(ErrorKind::ShapeMismatch, job.name + ": task tensor " + std::to_string(j) + " has shape " + shape_str(a) +
+                                           ", task tensor 0 has " + shape_str(first));
+      }
+      job.tensors.push_back(a.data());
+      job.weights.push_back(require_float(w[j], job.name + ": weight " + std::to_string(j)));
+      keep_alive.push_back(a);
+    }
+    job.numel = first.size();
+    std::vector<py::ssize_t> shape(first.shape(), first.shape() + first.ndim());
+    py::array_t<float> out(shape);
+    job.out = out.mutable_data();
+    results.append(out);
+  }
+  {
+    py::gil_scoped_release release;
+    lorafuse::task_merge_batch(jobs, opt, threads);
+  }
+  return results;
+}
+
 const char* error_class(ErrorKind k) {
   switch (k) {
     case ErrorKind::Format: return "FormatError";
@@ -233,5 +491,21 @@ PYBIND11_MODULE(_core, m) {
         "Fused W' = W + sum B A (+ DoRA) for a batch of modules; returns per-job non-finite flags.");
   m.def("factored_frobenius_sq", &factored_frobenius_sq, py::arg("pairs"), py::arg("threads") = 0,
         "||B A||_F^2 from the factors, for each (B, A) pair.");
+  m.def("factored_inner", &factored_inner, py::arg("items"), py::arg("threads") = 0,
+        "<B1 A1, B2 A2>_F from the factors, for each (B1, A1, B2, A2).");
   m.def("hardware_threads", []() { return lorafuse::resolve_threads(0); });
+  m.def("factored_svd", &factored_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B",
+        py::arg("threads") = 0,
+        "Best rank-k factors of D = B @ A for (name, B, A) items, without forming D when R < min(out, in); "
+        "returns (B2, A2, S) per item, S = all min(R, out, in) singular values (float64).");
+  m.def("dense_svd", &dense_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B", py::arg("seed") = 0,
+        py::arg("oversample") = 10, py::arg("power_iters") = 4, py::arg("threads") = 0,
+        "Best rank-k factors of dense (name, D) items: exact SVD when k + oversample >= min(out, in) / 4, else "
+        "randomized (seeded by seed and name); returns (B2, A2, S) per item, S = the min(k, out, in) computed "
+        "singular values.");
+  m.def("task_merge", &task_merge, py::arg("items"), py::arg("weights"), py::arg("prune") = "none",
+        py::arg("density") = 1.0, py::arg("rescale") = false, py::arg("merge") = "sum", py::arg("majority") = "total",
+        py::arg("seed") = 0, py::arg("threads") = 0,
+        "PEFT merge_utils semantics (prune: none/magnitude/random; merge: sum/ties; majority: total/frequency) "
+        "for (name, [tensors]) items with per-item weight lists; returns the merged float32 tensor per item.");
 }

@@ -18,11 +18,14 @@ from lorafuse.errors import (
 )
 from lorafuse.formats import detect_format, load
 from lorafuse.ops.apply import ApplyReport, apply
+from lorafuse.ops.combine import METHODS, combine
 from lorafuse.ops.info import describe
+from lorafuse.ops.similarity import similarity
 
 __all__ = [
     "Adapter",
     "ApplyReport",
+    "METHODS",
     "DtypeError",
     "FormatError",
     "LoraUpdate",
@@ -35,7 +38,9 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "apply",
+    "combine",
     "describe",
     "detect_format",
     "load",
+    "similarity",
 ]

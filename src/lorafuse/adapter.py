@@ -9,14 +9,17 @@ weight's layout: delta = scale * B_c @ A_c, with B_c (rows x r) and A_c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from lorafuse import _core
+from lorafuse.errors import LorafuseValueError
 from lorafuse.io.tensor import Tensor
 
 Kind = Literal["linear", "conv", "embedding"]
@@ -51,13 +54,31 @@ class LoraUpdate:
             return (self.A.shape[1], self.B.shape[0])
         return (self.B.shape[0], *self.A.shape[1:])
 
-    def factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(B_c, A_c) as C-contiguous float32, unscaled, in the base weight's 2-D layout."""
+    def stored_factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(B, A) as float32, unscaled, in the format's own orientation, flattened to 2-D:
+        B (out x r) and A (r x in, or r x in*kh*kw for conv)."""
         a = self.A.f32(threads).reshape(self.rank, -1)
         b = self.B.f32(threads).reshape(self.B.shape[0], self.rank)
+        return b, a
+
+    def factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(B_c, A_c) as C-contiguous float32, unscaled, in the base weight's 2-D layout."""
+        b, a = self.stored_factors(threads)
         if self.transposed:
             return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
         return np.ascontiguousarray(b), np.ascontiguousarray(a)
+
+    def with_factors(self, b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> LoraUpdate:
+        """A plain update of the same module and layout with new stored factors B (out x k), A (k x ...)."""
+        k = a.shape[0]
+        a_t = Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32).reshape((k, *self.A.shape[1:])))
+        b_t = Tensor.from_array(np.ascontiguousarray(b, dtype=np.float32).reshape(
+            (self.B.shape[0], k, *self.B.shape[2:])))
+        return LoraUpdate(self.name, a_t, b_t, scale, self.kind, self.transposed)
+
+    def is_plain(self) -> bool:
+        """A pure low-rank delta: no DoRA magnitude, no bias (those do not add linearly)."""
+        return self.magnitude is None and self.bias is None
 
     def delta(self) -> np.ndarray:
         """The dense delta in float64 (for small modules, reports and tests)."""
@@ -74,6 +95,7 @@ class Adapter:
     config: dict[str, object] = field(default_factory=dict)
     format: str = "peft"
     path: Path | None = None
+    full_origin: dict[str, str] = field(default_factory=dict)  # full-tensor key -> name it was saved under
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -104,3 +126,108 @@ class Adapter:
         n += sum(int(np.prod(u.magnitude.shape)) for u in self.updates.values() if u.magnitude is not None)
         n += sum(int(np.prod(u.bias.shape)) for u in self.updates.values() if u.bias is not None)
         return n + sum(int(np.prod(t.shape)) for t in self.full.values())
+
+    # ---- files and in-memory state dicts --------------------------------------------------
+
+    def save(self, out: str | os.PathLike[str], format: str = "peft") -> Path:
+        """Write this adapter (atomically) as a PEFT folder."""
+        if format != "peft":
+            raise LorafuseValueError(f"unknown adapter format {format!r} (lorafuse writes 'peft')")
+        from lorafuse.formats.peft import save_peft
+
+        return save_peft(self, out, [self.path] if self.path is not None else [])
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:
+        """An adapter from PEFT-named tensors (numpy arrays, or torch CPU tensors) and a LoRA config
+        (a dict like adapter_config.json, or a peft LoraConfig). Without a config every module's
+        scale is 1."""
+        from lorafuse.formats.peft import build_adapter, check_config
+
+        tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
+        if config is None:
+            ranks = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]: t.shape[0]
+                     for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_embedding_A"))}
+            first = next(iter(ranks.values()), 8)
+            cfg: dict[str, object] = {
+                "peft_type": "LORA", "r": first, "lora_alpha": first,
+                "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
+                "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
+            }
+        else:
+            cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            cfg = {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in cfg.items()}
+        return build_adapter(tensors, check_config(cfg, "<state dict config>"), "<state dict>")
+
+    def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
+        """PEFT-named tensors: float arrays for numpy (BF16 widened to float32), or torch tensors."""
+        from lorafuse.formats.peft import peft_tensors
+
+        tensors = peft_tensors(self)
+        if framework == "numpy":
+            return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.raw.copy())
+                    for k, t in tensors.items()}
+        if framework == "torch":
+            import torch
+
+            out = {}
+            for k, t in tensors.items():
+                x = torch.from_numpy(t.raw.copy())
+                out[k] = x.view(torch.bfloat16) if t.dtype == "BF16" else x
+            return out
+        raise LorafuseValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
+
+    # ---- exact arithmetic (factored: ranks add up until to_rank) ------------------------
+
+    def __add__(self, other: Adapter) -> Adapter:
+        from lorafuse.ops.combine import weighted_cat
+
+        return weighted_cat([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: Adapter) -> Adapter:
+        from lorafuse.ops.combine import weighted_cat
+
+        return weighted_cat([(1.0, self), (-1.0, other)])
+
+    def __neg__(self) -> Adapter:
+        return self * -1.0
+
+    def __mul__(self, c: float) -> Adapter:
+        from lorafuse.ops.combine import scaled
+
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        return scaled(self, float(c))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> Adapter:
+        return self * (1.0 / float(c))
+
+    def to_rank(self, rank: int, split: str = "B", threads: int = 0) -> Adapter:
+        """The best rank-`rank` approximation of every module (Eckart-Young, from the factors)."""
+        from lorafuse.ops.combine import truncate
+
+        return truncate(self, rank, split, threads)
+
+    svd = to_rank
+
+    def norm(self, threads: int = 0) -> float:
+        """Exact Frobenius norm of all deltas together, from the factors."""
+        return float(np.sqrt(sum(n * n for n in self.norms(threads).values())))
+
+
+def _tensor_from_any(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return Tensor.from_array(value)
+    module = type(value).__module__
+    if module.startswith("torch"):
+        import torch
+
+        t = value.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return Tensor(t.view(torch.int16).numpy().view(np.uint16).copy(), "BF16")
+        return Tensor.from_array(t.numpy().copy())
+    raise LorafuseValueError(f"state dict values must be numpy arrays or torch tensors, got {type(value).__name__}")

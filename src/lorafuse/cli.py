@@ -25,6 +25,23 @@ complete; an output path that is an input is refused.
 """
 
 
+_EPILOG_COMBINE = """\
+methods (c_i = w_i * s_i; every output has scale 1):
+  svd (default)        best rank-k of sum_i c_i B_i A_i, exactly, from QR of the stacked factors
+  cat                  exact: B' = [B_1 .. B_n], A' = [c_1 A_1; ..; c_n A_n] (rank = sum of ranks)
+  linear               PEFT: A and B stacks merged separately with sqrt|c_i| weights (approximate)
+  ties, dare_linear, dare_ties, magnitude_prune
+                       PEFT's factor-wise versions (--density; equal ranks)
+  ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+                       PEFT's merge of the dense deltas, then rank k (--density)
+
+examples:
+  lorafuse combine style subject --weights 1,0.5 --rank 32 -o mixed
+  lorafuse combine a b c --method ties_svd --density 0.3 --rank 16 -o merged
+  lorafuse combine a b --method dare_linear --density 0.5 --seed 7 -o dare
+"""
+
+
 def _weights(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -65,6 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
+    c = sub.add_parser("combine", help="combine adapters into one adapter",
+                       description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
+                       "for method; the svd method is exact and needs no dense matrix).",
+                       epilog=_EPILOG_COMBINE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("adapters", nargs="+", help="adapter folders (PEFT)")
+    c.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT format)")
+    c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
+    c.add_argument("--method", default="svd", help="combination method (default svd; see below)")
+    c.add_argument("--rank", type=int, help="output rank of the svd methods (default: the largest input rank)")
+    c.add_argument("--density", type=float, help="fraction of values kept by ties / dare / magnitude_prune")
+    c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
+                   help="ties: majority sign from the sum (total) or the count (frequency) of signs")
+    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
+    c.add_argument("--split", default="B", choices=("B", "sqrt"),
+                   help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
+    c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
+                       description="Exact cosine similarity of the adapters' deltas (all modules together), "
+                       "computed from the factors without forming any dense matrix.")
+    s.add_argument("adapters", nargs="+", help="adapter folders (PEFT)")
+    s.add_argument("--json", action="store_true", help="print JSON for machines")
+    s.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+
     i = sub.add_parser("info", help="describe an adapter or a checkpoint",
                        description="Describe a PEFT adapter (modules, ranks, alphas, scales, dtypes, parameters, "
                        "exact ||delta||_F per module from the factors) or a safetensors checkpoint.")
@@ -89,6 +131,39 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               + (f", updated {len(report.biases)} biases" if report.biases else "")
               + f"; wrote {report.tensors} tensors ({human_bytes(report.bytes_written)}) to {report.out} "
               f"in {report.seconds:.2f} s")
+    return 0
+
+
+def _cmd_combine(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from lorafuse.formats.peft import save_peft
+    from lorafuse.ops.combine import combine
+
+    start = time.monotonic()
+    result = combine(args.adapters, args.weights, method=args.method, rank=args.rank, density=args.density,
+                     majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads)
+    save_peft(result, args.out, [Path(a) for a in args.adapters])
+    if not args.quiet:
+        ranks = sorted({u.rank for u in result.updates.values()})
+        print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
+              f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    from lorafuse.ops.similarity import similarity
+
+    cos = similarity(args.adapters, args.threads)
+    if args.json:
+        print(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist()}, indent=2))
+        return 0
+    labels = [str(a) for a in args.adapters]
+    width = max(len(x) for x in labels)
+    print(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
+    for i, (label, row) in enumerate(zip(labels, cos)):
+        print(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
     return 0
 
 
@@ -137,9 +212,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "apply":
-            return _cmd_apply(args)
-        return _cmd_info(args)
+        commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info}
+        return commands[args.command](args)
     except LorafuseValueError as e:
         print(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
         return 2

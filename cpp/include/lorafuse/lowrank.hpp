@@ -8,4 +8,9 @@ namespace lorafuse {
 double factored_frobenius_sq(const float* B, const float* A, std::int64_t out, std::int64_t r,
                              std::int64_t in);
 
+// <B1 A1, B2 A2>_F = sum((B1^T B2) .* (A1 A2^T)), in float64, for B1 (out x r1), A1 (r1 x in),
+// B2 (out x r2), A2 (r2 x in): O((out + in) r1 r2), no dense matrix.
+double factored_inner(const float* B1, const float* A1, std::int64_t r1, const float* B2, const float* A2,
+                      std::int64_t r2, std::int64_t out, std::int64_t in);
+
 }  // namespace lorafuse

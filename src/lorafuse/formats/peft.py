@@ -15,14 +15,16 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lorafuse.adapter import Adapter, Kind, LoraUpdate
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.io.atomic import atomic_dir
 from lorafuse.io.checkpoint import refuse_pickle
-from lorafuse.io.safetensors import SafetensorsFile
+from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,6 +65,11 @@ def _read_config(folder: Path) -> dict[str, object]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: cannot read adapter config ({e})") from None
+    return check_config(cfg, str(path))
+
+
+def check_config(cfg: object, path: str) -> dict[str, object]:
+    """Validate a PEFT LoRA config (the JSON object of adapter_config.json)."""
     if not isinstance(cfg, dict):
         raise FormatError(f"{path}: adapter config is not a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
@@ -102,36 +109,41 @@ def load_peft(path: str | os.PathLike[str]) -> Adapter:
         if (folder / "adapter_model.bin").is_file():
             raise refuse_pickle(folder / "adapter_model.bin")
         raise FormatError(f"{folder}: {WEIGHTS_NAME} not found")
-    f = SafetensorsFile(weights)
-    try:
-        return _build(folder, weights, f, cfg)
-    finally:
-        f.close()  # views handed out keep the mapping alive
+    with SafetensorsFile(weights) as f:  # views handed out keep the mapping alive
+        tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
+    adapter = build_adapter(tensors, cfg, str(weights))
+    adapter.path = folder
+    return adapter
 
 
-def _build(folder: Path, weights: Path, f: SafetensorsFile, cfg: dict[str, object]) -> Adapter:
+def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:
+    """An Adapter from PEFT-named tensors (with or without the `base_model.model.` prefix)."""
     parts: dict[str, dict[str, Tensor]] = {}
     full: dict[str, Tensor] = {}
-    for key in f.keys():
+    origin: dict[str, str] = {}
+    for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)
         for suffix, role in _ROLES.items():
             if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[role] = Tensor(f.raw(key), f.info(key).dtype)
+                parts.setdefault(name[: -len(suffix)], {})[role] = tensor
                 break
         else:
             if ".lora_" in name:
-                raise FormatError(f"{weights}: tensor {key!r} is not a LoRA tensor lorafuse knows")
-            full[name.replace(".base_layer.", ".")] = Tensor(f.raw(key), f.info(key).dtype)
+                raise FormatError(f"{label}: tensor {key!r} is not a LoRA tensor lorafuse knows")
+            canonical = name.replace(".base_layer.", ".")
+            full[canonical] = tensor
+            origin[canonical] = name
+    weights = label
     updates = {m: _update(weights, m, p, cfg) for m, p in parts.items()}
     if cfg.get("use_dora") and not any(u.magnitude is not None for u in updates.values()):
         raise FormatError(f"{weights}: use_dora is set but no lora_magnitude_vector tensors were saved")
     for m, t in full.items():
         if not t.is_float:
             raise FormatError(f"{weights}: modules_to_save tensor {m!r} has non-float dtype {t.dtype}")
-    return Adapter(updates=updates, full=full, config=cfg, format="peft", path=folder)
+    return Adapter(updates=updates, full=full, config=cfg, format="peft", full_origin=origin)
 
 
-def _update(weights: Path, module: str, p: dict[str, Tensor], cfg: dict[str, object]) -> LoraUpdate:
+def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, object]) -> LoraUpdate:
     where = f"{weights}: module {module!r}"
     kind: Kind
     if "emb_A" in p or "emb_B" in p:
@@ -168,3 +180,73 @@ def _update(weights: Path, module: str, p: dict[str, Tensor], cfg: dict[str, obj
     if update.bias is not None and update.bias.shape != (b.shape[0],):
         raise ShapeMismatchError(f"{where}: lora_B.bias {update.bias.shape} does not match {b.shape[0]} outputs")
     return update
+
+
+def _most_common(values: list[float]) -> float:
+    counts: dict[float, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def peft_config_for(adapter: Adapter) -> dict[str, object]:
+    """adapter_config.json for `adapter`: r and lora_alpha (plus exact-name patterns where modules
+    differ) are derived from the updates themselves, so each module's scale is kept exactly."""
+    cfg: dict[str, object] = {k: v for k, v in adapter.config.items()
+                              if k not in ("rank_pattern", "alpha_pattern", "use_rslora")}
+    updates = list(adapter.updates.values())
+    ranks = [float(u.rank) for u in updates]
+    alphas = [u.scale * u.rank for u in updates]
+    r = int(_most_common(ranks)) if updates else int(cfg.get("r", 8))  # type: ignore[call-overload]
+    alpha = _most_common(alphas) if updates else float(cfg.get("lora_alpha", r))  # type: ignore[arg-type]
+    linear_layouts = {u.transposed for u in updates if u.kind == "linear"}
+    if len(linear_layouts) > 1:
+        raise UnsupportedError(f"{adapter.label}: linear modules mix fan_in_fan_out layouts; PEFT cannot store that")
+    cfg.update({
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "rank_pattern": {re.escape(u.name): u.rank for u in updates if u.rank != r},
+        "alpha_pattern": {re.escape(u.name): a for u, a in zip(updates, alphas) if a != alpha},
+        "use_rslora": False,
+        "use_dora": any(u.magnitude is not None for u in updates),
+        "lora_bias": any(u.bias is not None for u in updates),
+        "fan_in_fan_out": linear_layouts == {True},
+    })
+    cfg.setdefault("target_modules", sorted({u.name.rsplit(".", 1)[-1] for u in updates}))
+    cfg.setdefault("bias", "none")
+    cfg.setdefault("lora_dropout", 0.0)
+    cfg.setdefault("base_model_name_or_path", None)
+    return cfg
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    """The tensors of adapter_model.safetensors, PEFT-named."""
+    out: dict[str, Tensor] = {}
+    for name, u in adapter.updates.items():
+        key = PREFIX + name
+        if u.kind == "embedding":
+            out[key + ".lora_embedding_A"] = u.A
+            out[key + ".lora_embedding_B"] = u.B
+        else:
+            out[key + ".lora_A.weight"] = u.A
+            out[key + ".lora_B.weight"] = u.B
+        if u.magnitude is not None:
+            m = u.magnitude
+            shape = (1, m.shape[0]) + (1,) * (len(u.A.shape) - 2) if u.kind == "conv" else m.shape
+            out[key + ".lora_magnitude_vector"] = Tensor(m.raw.reshape(shape), m.dtype)
+        if u.bias is not None:
+            out[key + ".lora_B.bias"] = u.bias
+    for name, t in adapter.full.items():
+        out[PREFIX + adapter.full_origin.get(name, name)] = t
+    return out
+
+
+def save_peft(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
+    """Write `adapter` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically."""
+    cfg = peft_config_for(adapter)
+    tensors = peft_tensors(adapter)
+    with atomic_dir(out, inputs) as tmp:
+        save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp / WEIGHTS_NAME, {"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return Path(out)

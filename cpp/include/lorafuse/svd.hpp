@@ -1,0 +1,66 @@
+// Best rank-k approximations (Eckart-Young) of low-rank products and dense
+// matrices, returned as factors B2 (out x k) and A2 (k x in) with B2 @ A2 ~ D.
+//
+// factored_svd_batch: D = B A given by its factors (B out x R, A R x in). When
+// R < min(out, in), D is never formed: thin QR of B and of A^T, SVD of the R x R
+// core R_B R_A^T, all in float64, cost O((out + in) R^2 + R^3). Otherwise D is
+// formed in float64 and decomposed densely.
+//
+// dense_svd_batch: D given densely. Exact (float64 dense SVD) when
+// k + oversample >= min(out, in) / 4, else randomized (Halko, Martinsson, Tropp)
+// with a Gaussian sketch from a counter-based stream keyed by (seed, name).
+//
+// Conventions shared by both: singular values descending; the entry of largest
+// magnitude of each left singular vector is positive (first such entry on ties);
+// split B puts S on B2 (B2 = U_k S_k, A2 = V_k^T, like PEFT), split sqrt puts
+// sqrt(S) on both; when fewer than k singular values exist, B2 and A2 are padded
+// with zero columns / rows so they always have exactly k. Every job is computed
+// by one thread with a fixed sequence of operations, so results do not depend on
+// the thread count.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lorafuse {
+
+enum class SvdSplit { B, Sqrt };
+
+SvdSplit svd_split_from_name(const std::string& name);  // "B" or "sqrt"; Error(Value) otherwise
+
+struct SvdJob {
+  std::string name;
+  // Input: factored jobs set B (out x r, row-major) and A (r x in, row-major);
+  // dense jobs set D (out x in, row-major). All float32.
+  const float* B = nullptr;
+  const float* A = nullptr;
+  const float* D = nullptr;
+  std::int64_t out = 0, in = 0, r = 0;
+  std::int64_t k = 1;  // requested rank, >= 1
+  // Outputs, allocated by the caller: B2 out x k and A2 k x in (row-major float32),
+  // S of length s_len = factored_sv_count(...) or dense_sv_count(...).
+  float* B2 = nullptr;
+  float* A2 = nullptr;
+  double* S = nullptr;
+  std::int64_t s_len = 0;
+  bool exact = true;  // dense jobs: set to whether the exact path was taken
+};
+
+struct RandomizedSvdOptions {
+  std::uint64_t seed = 0;
+  std::int64_t oversample = 10;
+  std::int64_t power_iters = 4;
+};
+
+// Number of singular values a factored job returns: min(r, out, in).
+std::int64_t factored_sv_count(std::int64_t out, std::int64_t r, std::int64_t in) noexcept;
+// Number of singular values a dense job returns: min(k, out, in).
+std::int64_t dense_sv_count(std::int64_t out, std::int64_t in, std::int64_t k) noexcept;
+// Whether dense_svd_batch takes the exact path: (k + oversample) * 4 >= min(out, in).
+bool dense_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) noexcept;
+
+// Both raise Error(NonFinite) naming the job when an input holds NaN or Inf.
+void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, int threads);
+void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads);
+
+}  // namespace lorafuse

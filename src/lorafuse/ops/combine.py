@@ -1,0 +1,282 @@
+"""combine: many adapters -> one adapter (PEFT's add_weighted_adapter, method for method).
+
+Notation: adapter i has stored factors B_i (out x r_i), A_i (r_i x in), scale s_i and user
+weight w_i; c_i = w_i * s_i. Modules missing from some adapters combine from the ones
+that have them. Every output has scale 1 (r = lora_alpha per module).
+
+- cat:    B' = [B_1 ... B_n], A' = [c_1 A_1; ...; c_n A_n]  (exact, rank sum r_i)
+- svd:    the best rank-k approximation of D = sum_i c_i B_i A_i, computed from the
+          stacked factors (QR of each stack, SVD of the small core), never forming D
+- linear, ties, dare_linear, dare_ties, magnitude_prune: PEFT's factor-wise merge: the
+          A stack with weights sign(c_i) sqrt|c_i| and the B stack with sqrt|c_i| are
+          merged separately (equal ranks required)
+- *_svd:  PEFT's merge of the dense deltas s_i B_i A_i with weights w_i, then rank k by
+          (randomized) SVD
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats import load
+
+EXACT = ("cat", "svd")
+FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSE_SVD = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+METHODS = EXACT + FACTORWISE + DENSE_SVD
+
+# method -> (prune, rescale, merge) of the element-wise task merge
+_TASK = {
+    "linear": ("none", False, "sum"),
+    "ties": ("magnitude", False, "ties"),
+    "dare_linear": ("random", True, "sum"),
+    "dare_ties": ("random", True, "ties"),
+    "magnitude_prune": ("magnitude", False, "sum"),
+}
+_TASK.update({m + "_svd": _TASK[m] for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune")})
+
+
+@dataclass
+class _Term:
+    weight: float
+    update: LoraUpdate
+
+    @property
+    def coef(self) -> float:
+        return self.weight * self.update.scale
+
+
+def _as_adapters(adapters: Sequence[str | os.PathLike[str] | Adapter]) -> list[Adapter]:
+    return [a if isinstance(a, Adapter) else load(a) for a in adapters]
+
+
+def _check_linear(adapters: Sequence[Adapter], what: str) -> None:
+    """DoRA and lora_bias do not add linearly, and full tensors cannot be combined: refuse them."""
+    for a in adapters:
+        for name, u in a.updates.items():
+            if u.magnitude is not None:
+                raise UnsupportedError(
+                    f"{a.label}: module {name!r} is DoRA; {what} is defined for plain LoRA only "
+                    "(a DoRA update is not a sum of low-rank deltas). Merge it into the base with `apply` instead."
+                )
+            if u.bias is not None:
+                raise UnsupportedError(f"{a.label}: module {name!r} has a lora_B bias, which {what} cannot carry")
+        extra = [k for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
+        if extra:
+            raise UnsupportedError(
+                f"{a.label}: modules_to_save tensors ({', '.join(sorted(extra)[:3])}) cannot be combined; "
+                "merge them with `apply`"
+            )
+
+
+def _terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[_Term]]:
+    """Module -> the (weight, update) of every adapter that has it, checking the layouts agree."""
+    out: dict[str, list[_Term]] = {}
+    for a, w in zip(adapters, weights):
+        for name, u in a.updates.items():
+            terms = out.setdefault(name, [])
+            if terms:
+                first = terms[0].update
+                if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
+                                                                               u.transposed):
+                    raise ShapeMismatchError(
+                        f"module {name!r}: {a.label} has a {u.kind} update of shape {tuple(u.delta_shape)}"
+                        f"{' (transposed)' if u.transposed else ''}, another adapter has a {first.kind} update "
+                        f"of shape {tuple(first.delta_shape)}{' (transposed)' if first.transposed else ''}"
+                    )
+            terms.append(_Term(w, u))
+    return out
+
+
+def _stack(terms: list[_Term], threads: int, coef_on: str = "B") -> tuple[np.ndarray, np.ndarray]:
+    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A')."""
+    bs, as_ = [], []
+    for t in terms:
+        b, a = t.update.stored_factors(threads)
+        c = np.float32(t.coef)
+        bs.append(b * c if coef_on == "B" else b)
+        as_.append(a * c if coef_on == "A" else a)
+    return np.ascontiguousarray(np.concatenate(bs, axis=1)), np.ascontiguousarray(np.concatenate(as_, axis=0))
+
+
+def _result(template: Adapter, updates: dict[str, LoraUpdate], adapters: Sequence[Adapter]) -> Adapter:
+    config = {k: v for k, v in template.config.items()
+              if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")}
+    targets = [a.config.get("target_modules") for a in adapters]
+    if targets and all(isinstance(t, list) for t in targets):
+        config["target_modules"] = sorted({m for t in targets for m in t})  # type: ignore[union-attr]
+    elif targets and all(isinstance(t, str) for t in targets):
+        config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in targets))
+    else:
+        config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in updates})
+    return Adapter(updates=updates, config=config, format=template.format)
+
+
+def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
+    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1."""
+    adapters = [a for _, a in terms]
+    _check_linear(adapters, "adapter arithmetic")
+    by_module = _terms_by_module(adapters, [w for w, _ in terms])
+    updates = {}
+    for name, ts in by_module.items():
+        b, a = _stack(ts, 0, coef_on="A")
+        updates[name] = ts[0].update.with_factors(b, a)
+    return _result(adapters[0], updates, adapters)
+
+
+def scaled(adapter: Adapter, c: float) -> Adapter:
+    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
+    _check_linear([adapter], "adapter arithmetic")
+    updates = {n: LoraUpdate(u.name, u.A, u.B, u.scale * c, u.kind, u.transposed) for n, u in adapter.updates.items()}
+    return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format)
+
+
+def _check_rank(rank: int | None) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise LorafuseValueError(f"rank must be a positive integer, got {rank!r}")
+
+
+def _check_split(split: str) -> None:
+    if split not in ("B", "sqrt"):
+        raise LorafuseValueError(f"split must be 'B' (singular values on B, like PEFT) or 'sqrt', got {split!r}")
+
+
+def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
+    """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core)."""
+    _check_rank(rank)
+    _check_split(split)
+    _check_linear([adapter], "rank truncation")
+    names = list(adapter.updates)
+    items = []
+    for n in names:
+        b, a = _stack([_Term(1.0, adapter.updates[n])], threads)
+        items.append((n, b, a))
+    results = _core.factored_svd(items, [rank] * len(items), split, threads)
+    updates = {n: adapter.updates[n].with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
+    return _result(adapter, updates, [adapter])
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    split: str = "B",
+    threads: int = 0,
+) -> Adapter:
+    """Combine adapters into one (see the module docstring for each method's formula).
+
+    `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT).
+    `density` (0..1) is required by the ties / dare / magnitude_prune methods; DARE's random
+    masks come from `seed` and the module name, so results do not depend on thread count.
+    """
+    if method not in METHODS:
+        raise LorafuseValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not adapters:
+        raise LorafuseValueError("combine needs at least one adapter")
+    loaded = _as_adapters(adapters)
+    ws = [1.0] * len(loaded) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(loaded):
+        raise LorafuseValueError(f"{len(ws)} weights given for {len(loaded)} adapters")
+    if not all(math.isfinite(w) for w in ws):
+        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
+    _check_rank(rank)
+    _check_split(split)
+    if majority_sign not in ("total", "frequency"):
+        raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
+    needs_density = method in _TASK and _TASK[method][0] != "none"
+    if needs_density:
+        if density is None or not (0.0 <= float(density) <= 1.0):
+            raise LorafuseValueError(f"method {method!r} needs a density between 0 and 1, got {density!r}")
+    elif density is not None:
+        raise LorafuseValueError(f"method {method!r} takes no density")
+    if rank is not None and method not in ("svd",) + DENSE_SVD:
+        raise LorafuseValueError(f"method {method!r} takes no rank (it is defined by the inputs)")
+    if not isinstance(seed, int) or seed < 0:
+        raise LorafuseValueError(f"seed must be a non-negative integer, got {seed!r}")
+    _check_linear(loaded, f"combine --method {method}")
+
+    by_module = _terms_by_module(loaded, ws)
+    names = list(by_module)
+    updates: dict[str, LoraUpdate] = {}
+    k = rank if rank is not None else max(u.rank for a in loaded for u in a.updates.values())
+    if method == "cat":
+        for n in names:
+            b, a = _stack(by_module[n], threads, coef_on="A")
+            updates[n] = by_module[n][0].update.with_factors(b, a)
+    elif method == "svd":
+        items = [(n, *_stack(by_module[n], threads)) for n in names]
+        results = _core.factored_svd(items, [k] * len(items), split, threads)
+        updates = {n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
+    elif method in FACTORWISE:
+        updates = _factorwise(method, by_module, density, majority_sign, seed, threads)
+    else:
+        updates = _dense_svd(method, by_module, k, density, majority_sign, seed, split, threads)
+    return _result(loaded[0], updates, loaded)
+
+
+def _task_args(method: str, density: float | None) -> tuple[str, bool, str, float]:
+    prune, rescale, merge = _TASK[method]
+    return prune, rescale, merge, 1.0 if density is None else float(density)
+
+
+def _factorwise(method: str, by_module: dict[str, list[_Term]], density: float | None, majority: str, seed: int,
+                threads: int) -> dict[str, LoraUpdate]:
+    """PEFT's linear / ties / dare / magnitude_prune on the factors: A and B merged separately."""
+    prune, rescale, merge, dens = _task_args(method, density)
+    a_items, b_items, a_weights, b_weights = [], [], [], []
+    for n, ts in by_module.items():
+        ranks = {t.update.rank for t in ts}
+        if len(ranks) != 1:
+            raise ShapeMismatchError(
+                f"module {n!r}: method {method!r} needs equal ranks (as PEFT), got {sorted(ranks)}; "
+                "use svd or cat for adapters of different ranks"
+            )
+        factors = [t.update.stored_factors(threads) for t in ts]
+        a_items.append((n + ".lora_A", [a for _, a in factors]))
+        b_items.append((n + ".lora_B", [b for b, _ in factors]))
+        a_weights.append([math.copysign(math.sqrt(abs(t.coef)), t.coef) if t.coef else 0.0 for t in ts])
+        b_weights.append([math.sqrt(abs(t.coef)) for t in ts])
+    merged_a = _core.task_merge(a_items, a_weights, prune, dens, rescale, merge, majority, seed, threads)
+    merged_b = _core.task_merge(b_items, b_weights, prune, dens, rescale, merge, majority, seed, threads)
+    return {n: ts[0].update.with_factors(b, a)
+            for (n, ts), a, b in zip(by_module.items(), merged_a, merged_b)}
+
+
+def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: float | None, majority: str,
+               seed: int, split: str, threads: int) -> dict[str, LoraUpdate]:
+    """PEFT's *_svd methods: merge the dense deltas s_i B_i A_i with weights w_i, then rank k.
+
+    Modules are processed in groups so only a few dense deltas exist at a time."""
+    prune, rescale, merge, dens = _task_args(method, density)
+    out: dict[str, LoraUpdate] = {}
+    names = list(by_module)
+    group = max(1, 2 * (threads if threads > 0 else (os.cpu_count() or 1)))
+    for start in range(0, len(names), group):
+        chunk = names[start : start + group]
+        items, ws = [], []
+        for n in chunk:
+            deltas = []
+            for t in by_module[n]:
+                b, a = t.update.stored_factors(threads)
+                deltas.append(np.ascontiguousarray((b * np.float32(t.update.scale)) @ a))
+            items.append((n, deltas))
+            ws.append([t.weight for t in by_module[n]])
+        merged = _core.task_merge(items, ws, prune, dens, rescale, merge, majority, seed, threads)
+        results = _core.dense_svd([(n, d) for n, d in zip(chunk, merged)], [k] * len(chunk), split, seed,
+                                  threads=threads)
+        for n, (b2, a2, _) in zip(chunk, results):
+            out[n] = by_module[n][0].update.with_factors(b2, a2)
+    return out
