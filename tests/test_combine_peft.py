@@ -202,3 +202,56 @@ def test_combine_cli_writes_a_peft_adapter(trio: tuple[pf.Case, list[Path]], tmp
     assert main(["combine", str(dirs[0]), "--method", "nope", "-o", str(tmp_path / "x")]) == 2
     assert main(["combine", str(dirs[0]), "--method", "ties", "-o", str(tmp_path / "x")]) == 2  # no density
     assert not (tmp_path / "x").exists()
+
+
+def test_output_config_unites_targets_and_has_scale_one(trio: tuple[pf.Case, list[Path]], mixed_ranks: list[Path],
+                                                         tmp_path: Path) -> None:
+    case, dirs = trio
+    out = lorafuse.combine(mixed_ranks, [1.0, 1.0, 1.0], method="cat").save(tmp_path / "cat")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    targets = set()
+    for d in mixed_ranks:
+        targets |= set(json.loads((d / "adapter_config.json").read_text())["target_modules"])
+    assert set(cfg["target_modules"]) == targets
+    assert cfg["use_rslora"] is False
+    loaded = lorafuse.load(out)
+    assert {u.scale for u in loaded.updates.values()} == {1.0}
+    # q_proj: ranks 4 + 8 (o_proj also has the rank-3 pattern of the third adapter)
+    assert loaded.updates["model.layers.0.self_attn.q_proj"].rank == 12
+    assert loaded.updates["model.layers.0.self_attn.o_proj"].rank == 4 + 8 + 3
+
+
+def test_peft_rslora_first_input_bug_is_not_copied(trio: tuple[pf.Case, list[Path]], mixed_ranks: list[Path]) -> None:
+    """PEFT copies use_rslora from the first input into the output, scaling it by sqrt(k); lorafuse does not."""
+    case, _ = trio
+    order = [mixed_ranks[1], mixed_ranks[0]]  # the rslora adapter first
+    weights = [1.0, 1.0]
+    ref = pf.peft_weighted_deltas(case.base_dir, case.model_cls, order, weights, combination_type="svd", svd_rank=4)
+    ours = lorafuse.combine(order, weights, method="svd", rank=4)
+    name = "model.layers.0.self_attn.q_proj"
+    optimum = np.linalg.svd(dense_inputs(order, weights)[name], compute_uv=False)
+    assert np.linalg.norm(ours.updates[name].delta()) == pytest.approx(np.sqrt(np.sum(optimum[:4] ** 2)), rel=1e-5)
+    assert np.linalg.norm(ref[name]) == pytest.approx(2.0 * np.sqrt(np.sum(optimum[:4] ** 2)), rel=1e-4)  # sqrt(4)
+
+
+def test_combine_refuses_dora(tmp_path: Path) -> None:
+    case = pf.llama_case(tmp_path / "d", use_dora=True)
+    with pytest.raises(lorafuse.UnsupportedError, match="DoRA"):
+        lorafuse.combine([case.adapter_dir, case.adapter_dir], method="svd")
+
+
+def test_similarity_cli(trio: tuple[pf.Case, list[Path]], capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafuse.cli import main
+
+    _, dirs = trio
+    assert main(["similarity", *map(str, dirs), "--json"]) == 0
+    got = np.array(json.loads(capsys.readouterr().out)["cosine"])
+    flat = []
+    for d in dirs:
+        deltas = {n: u.delta() for n, u in lorafuse.load(d).updates.items()}
+        flat.append(np.concatenate([deltas[n].ravel() if n in deltas else np.zeros(lorafuse.load(dirs[0]).updates[n]
+                                    .delta().size) for n in sorted(lorafuse.load(dirs[0]).updates)]))
+    ref = np.array([[x @ y / np.linalg.norm(x) / np.linalg.norm(y) for y in flat] for x in flat])
+    np.testing.assert_allclose(got, ref, atol=1e-7)
+    assert main(["similarity", *map(str, dirs)]) == 0
+    assert "1.0000" in capsys.readouterr().out
