@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from lorafuse import __version__
 from lorafuse._progress import human_bytes
 from lorafuse.errors import LorafuseError, LorafuseValueError
@@ -40,6 +42,55 @@ examples:
   lorafuse combine a b c --method ties_svd --density 0.3 --rank 16 -o merged
   lorafuse combine a b --method dare_linear --density 0.5 --seed 7 -o dare
 """
+
+
+_EPILOG_RANK = """\
+rank rules (exactly one; per module, capped by --max-rank, at least 1):
+  --rank K            K
+  --sv-ratio T        keep singular values S_i > S_1 / T
+  --sv-fro F          smallest k keeping a fraction F of the Frobenius norm: sqrt(sum S_1..k^2) / ||S|| >= F
+  --sv-cumulative C   smallest k with sum S_1..k / sum S >= C
+
+examples:
+  lorafuse resize my-lora --rank 16 -o my-lora-r16
+  lorafuse resize style.safetensors --sv-fro 0.9 --max-rank 64 -o style-small.safetensors
+  lorafuse extract ./base ./finetuned --rank 32 -o ./extracted
+  lorafuse extract ./base ./finetuned --sv-fro 0.5 --max-rank 128 --exclude 'lm_head' -o ./extracted
+"""
+
+
+def _rank_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="fixed output rank")
+    g.add_argument("--sv-ratio", type=float, help="keep singular values above S_1 / T")
+    g.add_argument("--sv-fro", type=float, help="keep this fraction of the Frobenius norm (0..1)")
+    g.add_argument("--sv-cumulative", type=float, help="keep this fraction of the sum of singular values (0..1)")
+    p.add_argument("--max-rank", type=int, help="upper bound on every module's rank")
+    p.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--verbose", action="store_true", help="one line per module")
+    out.add_argument("--json", action="store_true", help="print the per-module report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+def _rule(args: argparse.Namespace) -> object:
+    from lorafuse.ops.rank import RankRule
+
+    return RankRule(rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro, sv_cumulative=args.sv_cumulative,
+                    max_rank=args.max_rank)
+
+
+def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, object]], summary: str, metric: str) -> None:
+    if args.json:
+        print(json.dumps({"summary": summary, "modules": rows}, indent=2))
+        return
+    if args.quiet:
+        return
+    if args.verbose:
+        width = max((len(str(r["name"])) for r in rows), default=6)
+        for r in rows:
+            print(f"{str(r['name']):<{width}}  rank {r['rank']:>4}  {metric} {float(r[metric]):.6f}")  # type: ignore[arg-type]
+    print(summary)
 
 
 def _weights(text: str) -> list[float]:
@@ -107,6 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON for machines")
     s.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
 
+    r = sub.add_parser("resize", help="reduce the rank of an adapter (optimally)",
+                       description="Reduce an adapter's rank: per module the best rank-k approximation of its "
+                       "delta (QR of the factors + SVD of the small core), the rank fixed or chosen from the "
+                       "singular values. Each module keeps its scale; the output has the input's format.",
+                       epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("adapter", help="adapter folder (PEFT) or kohya .safetensors file")
+    r.add_argument("-o", "--out", required=True, help="output adapter (same format as the input)")
+    _rank_options(r)
+    r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
+
+    e = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model and its base",
+                       description="Extract a PEFT LoRA adapter from a fine-tuned checkpoint and its base: a "
+                       "randomized SVD of each weight difference, streamed from both memory-mapped checkpoints.",
+                       epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("base", help="base checkpoint (folder or .safetensors file)")
+    e.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
+    e.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT)")
+    _rank_options(e)
+    e.add_argument("--include", help="only modules whose name matches this regular expression")
+    e.add_argument("--exclude", help="skip modules whose name matches this regular expression")
+    e.add_argument("--embeddings", default="skip", choices=("skip", "lora", "full"),
+                   help="embeddings and lm_head: skip (default), extract as LoRA, or keep whole (modules_to_save)")
+    e.add_argument("--power-iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
+    e.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default 10)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random sketch (default 0)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     i = sub.add_parser("info", help="describe an adapter or a checkpoint",
                        description="Describe a PEFT adapter (modules, ranks, alphas, scales, dtypes, parameters, "
                        "exact ||delta||_F per module from the factors) or a safetensors checkpoint.")
@@ -149,6 +227,56 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         ranks = sorted({u.rank for u in result.updates.values()})
         print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
               f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
+    return 0
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from lorafuse.ops.resize import resize
+
+    start = time.monotonic()
+    result, report = resize(args.adapter, _rule(args), args.split, args.threads)  # type: ignore[arg-type]
+    result.save(args.out)
+    rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
+    kept = [m.fro_kept for m in report]
+    ranks = [m.rank_out for m in report]
+    summary = (f"resized {len(report)} modules of {Path(args.adapter)} ({_rule(args).describe()}): ranks "  # type: ignore[attr-defined]
+               f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {np.mean(ranks) if ranks else 0:.1f}), "
+               f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {np.mean(kept) if kept else 1:.4f}; "
+               f"wrote {args.out} in {time.monotonic() - start:.2f} s")
+    _print_rank_report(args, rows, summary, "fro_kept")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import time
+
+    from lorafuse.formats.peft import save_peft
+    from lorafuse.ops.extract import extract
+
+    start = time.monotonic()
+    res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,  # type: ignore[arg-type]
+                  embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
+                  seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None)
+    from pathlib import Path
+
+    save_peft(res.adapter, args.out, [Path(args.base), Path(args.finetuned)])
+    rows = [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "rel_error": m.rel_error,
+             "singular_values": m.singular_values} for m in res.modules]
+    errs = [m.rel_error for m in res.modules]
+    ranks = [m.rank for m in res.modules]
+    summary = (f"extracted {len(res.modules)} modules ({_rule(args).describe()}): ranks "  # type: ignore[attr-defined]
+               f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
+               f"{np.mean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
+               f"{len(res.adapter.full)} kept whole; wrote {args.out} in {time.monotonic() - start:.2f} s")
+    if res.skipped and not args.quiet and not args.json:
+        for line in res.skipped[:10]:
+            print(f"note: not extracted: {line}", file=sys.stderr)
+        if len(res.skipped) > 10:
+            print(f"note: ... and {len(res.skipped) - 10} more", file=sys.stderr)
+    _print_rank_report(args, rows, summary, "rel_error")
     return 0
 
 
@@ -212,7 +340,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info}
+        commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
+                    "resize": _cmd_resize, "extract": _cmd_extract}
         return commands[args.command](args)
     except LorafuseValueError as e:
         print(f"lorafuse {args.command}: error: {e}", file=sys.stderr)

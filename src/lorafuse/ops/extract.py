@@ -1,0 +1,192 @@
+"""extract: a LoRA adapter from a fine-tuned model and its base (mergekit-extract-lora,
+kohya's extract_lora_from_models.py).
+
+D = W_ft - W_base is dense and usually full rank, so each module gets a randomized SVD
+(Halko, Martinsson, Tropp) computed by the C++ core straight from the two memory-mapped
+checkpoints, row block by row block: D is never formed, and the mapped pages of each
+batch are dropped once it is done. The error of each module is exact:
+||D - B A||_F^2 = ||D||_F^2 - sum(S_k^2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse._progress import Progress
+from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.errors import LorafuseValueError
+from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.io.dtypes import DTYPES
+from lorafuse.io.safetensors import SafetensorsFile
+from lorafuse.io.tensor import Tensor
+from lorafuse.ops.rank import RankRule
+
+BATCH_BYTES = 256 << 20  # input bytes (both checkpoints) mapped per call into the core
+DEFAULT_MAX_RANK = 128  # sketch size for spectrum-based rules when --max-rank is not given
+EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "lm_head", "embed_out")
+
+
+@dataclass
+class ExtractReport:
+    name: str
+    shape: tuple[int, ...]
+    rank: int
+    rel_error: float  # ||D - B A||_F / ||D||_F
+    singular_values: int  # how many singular values were computed to decide the rank
+
+
+@dataclass
+class ExtractResult:
+    adapter: Adapter
+    modules: list[ExtractReport]
+    skipped: list[str] = field(default_factory=list)  # changed tensors not extracted, with the reason
+    unchanged: int = 0
+
+
+def _is_embedding(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+
+
+def extract(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    rule: RankRule,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    embeddings: str = "skip",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool | None = None,
+) -> ExtractResult:
+    """Extract a PEFT LoRA adapter approximating finetuned - base per weight matrix.
+
+    `include` / `exclude` are regular expressions searched in module names. `embeddings`:
+    'skip' (default), 'lora' (extract them like other modules) or 'full' (store the
+    fine-tuned tensor whole, as PEFT's modules_to_save).
+    """
+    if embeddings not in ("skip", "lora", "full"):
+        raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
+    if oversample < 0 or power_iters < 0 or seed < 0:
+        raise LorafuseValueError("oversample, power_iters and seed must be >= 0")
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
+    cb, cf = Checkpoint(base), Checkpoint(finetuned)
+    k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
+
+    result = ExtractResult(Adapter(updates={}), [])
+    work: list[tuple[str, str]] = []  # (module, key)
+    full: dict[str, Tensor] = {}
+    for key in cb.keys():
+        if key not in cf:
+            result.skipped.append(f"{key}: only in the base")
+            continue
+        ib, iff = cb.info(key), cf.info(key)
+        if ib.shape != iff.shape:
+            result.skipped.append(f"{key}: shape {ib.shape} in the base, {iff.shape} in the fine-tuned model")
+            continue
+        module = key.removesuffix(".weight")
+        is_matrix = key.endswith(".weight") and len(ib.shape) in (2, 3, 4) and DTYPES[ib.dtype].is_float
+        if not is_matrix or (inc and not inc.search(module)) or (exc and exc.search(module)):
+            continue
+        if _is_embedding(module) and embeddings == "skip":
+            result.skipped.append(f"{key}: embedding (use --embeddings lora or full)")
+            continue
+        if _is_embedding(module) and embeddings == "full":
+            with cf.open(cf.shard_of[key]) as f:
+                full[module + ".weight"] = Tensor(f.raw(key).copy(), iff.dtype)
+            continue
+        work.append((module, key))
+    for key in cf.keys():
+        if key not in cb:
+            result.skipped.append(f"{key}: only in the fine-tuned model")
+
+    total = sum(cb.info(k).nbytes + cf.info(k).nbytes for _, k in work)
+    bar = Progress(total, "extract", progress)
+    files: dict[tuple[int, str], SafetensorsFile] = {}
+
+    def mapped(which: int, shard: str) -> SafetensorsFile:
+        if (which, shard) not in files:
+            files[(which, shard)] = (cb if which == 0 else cf).open(shard)
+        return files[(which, shard)]
+
+    try:
+        start = 0
+        while start < len(work):
+            batch, size = [], 0
+            while start < len(work) and (not batch or size < BATCH_BYTES):
+                module, key = work[start]
+                batch.append((module, key))
+                size += cb.info(key).nbytes + cf.info(key).nbytes
+                start += 1
+            items = []
+            for module, key in batch:
+                fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+                shape = cb.info(key).shape
+                items.append((module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
+                              ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
+            outs = _core.extract_svd(items, [k_max] * len(items), oversample, power_iters, seed, threads)
+            for (module, key), (b, a, s, frob_sq) in zip(batch, outs):
+                fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+                fb.release(key)
+                ff.release(key)
+                bar.update(cb.info(key).nbytes + cf.info(key).nbytes, module)
+                if frob_sq == 0:
+                    result.unchanged += 1
+                    continue
+                k = min(rule.choose(s, frob_sq), k_max)
+                err = float(np.sqrt(max(frob_sq - float(np.sum(s[:k] ** 2)), 0.0) / frob_sq))
+                shape = cb.info(key).shape
+                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k])
+                result.modules.append(ExtractReport(module, shape, k, err, len(s)))
+    finally:
+        for f in files.values():
+            f.close()
+        bar.close()
+    result.adapter.full = full
+    result.adapter.config = _config(Path(base), result.adapter, sorted({m.rsplit(".", 1)[-1] for m in full}))
+    return result
+
+
+def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray) -> LoraUpdate:
+    k = a.shape[0]
+    if _is_embedding(module) and not module.endswith(("lm_head", "embed_out")):
+        # PEFT's embedding LoRA stores (B A)^T: lora_embedding_A = B^T, lora_embedding_B = A^T
+        return LoraUpdate(module, Tensor.from_array(np.ascontiguousarray(b.T)),
+                          Tensor.from_array(np.ascontiguousarray(a.T)), 1.0, "embedding", True)
+    a_t = Tensor.from_array(np.ascontiguousarray(a).reshape((k, *shape[1:])))
+    b_t = Tensor.from_array(np.ascontiguousarray(b).reshape((shape[0], k, *([1] * (len(shape) - 2)))))
+    return LoraUpdate(module, a_t, b_t, 1.0, "conv" if len(shape) > 2 else "linear", False)
+
+
+def _config(base: Path, adapter: Adapter, modules_to_save: list[str]) -> dict[str, object]:
+    task_type = None
+    cfg_path = (base if base.is_dir() else base.parent) / "config.json"
+    if cfg_path.is_file():
+        try:
+            archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            archs = []
+        if any(str(a).endswith("ForCausalLM") for a in archs):
+            task_type = "CAUSAL_LM"
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": str(base),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.updates}),
+        "modules_to_save": modules_to_save or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }

@@ -1,0 +1,86 @@
+"""Rank rules shared by resize and extract: a fixed rank, or a rank chosen per module from its
+singular values S (descending), always capped by max_rank and at least 1.
+
+- rank k:          k
+- sv_ratio t:      keep S_i > S_1 / t
+- sv_fro f:        the smallest k with sqrt(sum_{i<=k} S_i^2) / ||S|| >= f
+- sv_cumulative c: the smallest k with sum_{i<=k} S_i / sum S >= c
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorafuse.errors import LorafuseValueError
+
+_EPS = 1e-12  # fractions computed in float64 that should reach exactly f still count
+
+
+@dataclass(frozen=True)
+class RankRule:
+    rank: int | None = None
+    sv_ratio: float | None = None
+    sv_fro: float | None = None
+    sv_cumulative: float | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise LorafuseValueError("give exactly one of rank, sv_ratio, sv_fro, sv_cumulative"
+                                     + (f" (got {', '.join(given)})" if given else ""))
+        for n in ("rank", "max_rank"):
+            v = getattr(self, n)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise LorafuseValueError(f"{n} must be a positive integer, got {v!r}")
+        if self.sv_ratio is not None and not self.sv_ratio >= 1:
+            raise LorafuseValueError(f"sv_ratio must be >= 1, got {self.sv_ratio!r}")
+        for n in ("sv_fro", "sv_cumulative"):
+            v = getattr(self, n)
+            if v is not None and not 0 < v <= 1:
+                raise LorafuseValueError(f"{n} must be in (0, 1], got {v!r}")
+
+    @property
+    def from_spectrum(self) -> bool:
+        return self.rank is None
+
+    def describe(self) -> str:
+        for n in ("rank", "sv_ratio", "sv_fro", "sv_cumulative"):
+            if getattr(self, n) is not None:
+                cap = f", max_rank {self.max_rank}" if self.max_rank else ""
+                return f"{n.replace('_', '-')} {getattr(self, n)}{cap}"
+        return "?"  # pragma: no cover
+
+    def choose(self, s: np.ndarray, total_sq: float | None = None) -> int:
+        """The rank for singular values `s` (descending). `total_sq` is ||D||_F^2 when `s` holds only
+        the leading values of a larger spectrum (extract); by default it is sum(s^2)."""
+        s = np.asarray(s, dtype=np.float64)
+        n = int(np.count_nonzero(s > 0))
+        if self.rank is not None:
+            k = self.rank
+        elif n == 0:
+            k = 1
+        elif self.sv_ratio is not None:
+            k = int(np.count_nonzero(s > s[0] / self.sv_ratio))
+        elif self.sv_fro is not None:
+            total = float(np.sum(s**2)) if total_sq is None else float(total_sq)
+            frac = np.sqrt(np.cumsum(s**2) / total) if total > 0 else np.ones(len(s))
+            hit = np.nonzero(frac >= self.sv_fro - _EPS)[0]
+            k = int(hit[0]) + 1 if len(hit) else len(s)
+        else:
+            assert self.sv_cumulative is not None
+            frac = np.cumsum(s) / np.sum(s)
+            hit = np.nonzero(frac >= self.sv_cumulative - _EPS)[0]
+            k = int(hit[0]) + 1 if len(hit) else len(s)
+        if self.max_rank is not None:
+            k = min(k, self.max_rank)
+        return max(1, k)
+
+
+def fro_kept(s: np.ndarray, k: int, total_sq: float | None = None) -> float:
+    """Fraction of the Frobenius norm kept by the leading k singular values."""
+    s = np.asarray(s, dtype=np.float64)
+    total = float(np.sum(s**2)) if total_sq is None else float(total_sq)
+    return float(np.sqrt(np.sum(s[:k] ** 2) / total)) if total > 0 else 1.0
