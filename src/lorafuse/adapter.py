@@ -129,13 +129,20 @@ class Adapter:
 
     # ---- files and in-memory state dicts --------------------------------------------------
 
-    def save(self, out: str | os.PathLike[str], format: str = "peft") -> Path:
-        """Write this adapter (atomically) as a PEFT folder."""
-        if format != "peft":
-            raise LorafuseValueError(f"unknown adapter format {format!r} (lorafuse writes 'peft')")
-        from lorafuse.formats.peft import save_peft
+    def save(self, out: str | os.PathLike[str], format: str | None = None) -> Path:
+        """Write this adapter (atomically): 'peft' (a folder) or 'kohya' (one .safetensors file);
+        the default is the adapter's own format."""
+        fmt = self.format if format is None else format
+        inputs = [self.path] if self.path is not None else []
+        if fmt == "peft":
+            from lorafuse.formats.peft import save_peft
 
-        return save_peft(self, out, [self.path] if self.path is not None else [])
+            return save_peft(self, out, inputs)
+        if fmt == "kohya":
+            from lorafuse.formats.kohya import save_kohya
+
+            return save_kohya(self, out, inputs)
+        raise LorafuseValueError(f"unknown adapter format {fmt!r} (lorafuse writes 'peft' and 'kohya')")
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:

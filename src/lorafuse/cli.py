@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
                        description="Exact cosine similarity of the adapters' deltas (all modules together), "
                        "computed from the factors without forming any dense matrix.")
-    s.add_argument("adapters", nargs="+", help="adapter folders (PEFT)")
+    s.add_argument("adapters", nargs="+", help="adapter folders (PEFT) or kohya .safetensors files")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
+    s.add_argument("--plot", metavar="PNG", help="also draw the matrix as a heat map to this PNG file "
+                   "(needs matplotlib: pip install lorafuse[plot])")
     s.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
 
     r = sub.add_parser("resize", help="reduce the rank of an adapter (optimally)",
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="adapter folder, checkpoint folder or .safetensors file")
     i.add_argument("--json", action="store_true", help="print JSON for machines")
     i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
+    i.add_argument("--spectrum", metavar="PNG", help="adapters: also plot the singular values of every module's "
+                   "delta, per module type, to this PNG file (needs matplotlib: pip install lorafuse[plot])")
     i.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     return p
 
@@ -284,14 +288,21 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     from lorafuse.ops.similarity import similarity
 
     cos = similarity(args.adapters, args.threads)
+    labels = [str(a) for a in args.adapters]
     if args.json:
         print(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist()}, indent=2))
-        return 0
-    labels = [str(a) for a in args.adapters]
-    width = max(len(x) for x in labels)
-    print(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
-    for i, (label, row) in enumerate(zip(labels, cos)):
-        print(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
+    else:
+        width = max(len(x) for x in labels)
+        print(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
+        for i, (label, row) in enumerate(zip(labels, cos)):
+            print(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
+    if args.plot:
+        from pathlib import Path
+
+        from lorafuse.plot import plot_similarity
+
+        out = plot_similarity(cos, labels, args.plot, [Path(a) for a in args.adapters])
+        print(f"wrote the heat map to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -330,10 +341,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from lorafuse.ops.info import describe
 
     d = describe(args.path, args.threads)
+    if args.spectrum and d["type"] != "adapter":
+        raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a checkpoint")
     if args.json:
         print(json.dumps(d, indent=2))
     else:
         _print_info(d, args.modules)
+    if args.spectrum:
+        from lorafuse.formats import load
+        from lorafuse.plot import plot_spectrum
+
+        out = plot_spectrum(load(args.path), args.spectrum, args.threads)
+        print(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

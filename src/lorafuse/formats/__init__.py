@@ -7,17 +7,21 @@ from pathlib import Path
 
 from lorafuse.adapter import Adapter
 from lorafuse.errors import FormatError
+from lorafuse.formats.kohya import is_kohya, load_kohya
 from lorafuse.formats.peft import is_peft, load_peft
 from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """'peft' for a PEFT adapter folder; raises FormatError for anything unknown."""
+    """'peft' for a PEFT adapter folder, 'kohya' for a .safetensors file with `.lora_down.weight` keys;
+    raises FormatError for anything unknown."""
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")
     if p.is_file() and p.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(p)
+    if is_kohya(p):
+        return "kohya"
     if is_peft(p):
         return "peft"
     if p.is_dir():
@@ -26,7 +30,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise refuse_pickle(pickles[0])
     raise FormatError(
         f"{p}: not a recognised adapter: expected a PEFT adapter folder "
-        "(adapter_config.json + adapter_model.safetensors)"
+        "(adapter_config.json + adapter_model.safetensors) or a kohya LoRA .safetensors file"
     )
 
 
@@ -35,6 +39,8 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     fmt = detect_format(path)
     if fmt == "peft":
         return load_peft(path)
+    if fmt == "kohya":
+        return load_kohya(path)
     raise FormatError(f"{path}: unsupported adapter format {fmt!r}")  # pragma: no cover
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lorafuse.adapter import Adapter
 from lorafuse.formats import load
+from lorafuse.formats.kohya import is_kohya
 from lorafuse.formats.peft import is_peft
 from lorafuse.io.checkpoint import Checkpoint
 
@@ -28,6 +29,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
             "delta_norm": norms[name],
         })
     cfg = adapter.config
+    meta: dict[str, str] = cfg.get("metadata") or {}  # type: ignore[assignment]  # kohya: the file's metadata
+    alphas = sorted({round(u.scale * u.rank, 6) for u in adapter.updates.values()})
     return {
         "type": "adapter",
         "format": adapter.format,
@@ -35,13 +38,13 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
         "scales": sorted({round(u.scale, 8) for u in adapter.updates.values()}),
-        "lora_alpha": cfg.get("lora_alpha"),
+        "lora_alpha": ", ".join(f"{a:g}" for a in alphas) if adapter.format == "kohya" else cfg.get("lora_alpha"),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
         "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in (u.A, u.B))),
         "parameters": adapter.num_parameters(),
         "full_tensors": sorted(adapter.full),
-        "base_model": cfg.get("base_model_name_or_path"),
+        "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
         "module_details": modules,
     }
 
@@ -61,8 +64,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
 
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
-    """An adapter (PEFT folder) or a checkpoint (safetensors file or folder)."""
+    """An adapter (PEFT folder, kohya file) or a checkpoint (safetensors file or folder)."""
     p = Path(path)
-    if is_peft(p):
+    if is_kohya(p) or is_peft(p):
         return describe_adapter(load(p), threads)
     return describe_checkpoint(Checkpoint(p))

@@ -1,0 +1,136 @@
+"""Plots (optional: `pip install lorafuse[plot]`): singular value spectra and similarity heat maps.
+
+matplotlib draws off-screen (an Agg canvas bound to each figure; pyplot and its global
+backend are never touched) and every plot is written atomically as a PNG file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse.adapter import Adapter
+from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.io.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    try:
+        import matplotlib  # noqa: F401  (fails first when matplotlib is absent)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UnsupportedError("plotting needs matplotlib: pip install lorafuse[plot]") from None
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path]) -> Path:
+    with atomic_file(path, inputs) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
+
+
+_KOHYA_PREFIX = re.compile(r"^lora_(unet|te\d*|transformer)_")
+
+
+def module_type(name: str) -> str:
+    """The kind of layer a module is: the last name component (`q_proj`); for kohya's flat names, what
+    follows the last block index (`lora_unet_..._attn1_to_q` -> `attn1_to_q`, `..._ff_net_2` -> `net_2`)."""
+    if "." in name:
+        return name.rsplit(".", 1)[-1]
+    tokens = _KOHYA_PREFIX.sub("", name).split("_")
+    numeric = [i for i, t in enumerate(tokens) if t.isdigit()]
+    if not numeric:
+        return "_".join(tokens)
+    last = numeric[-1]
+    return "_".join(tokens[last + 1:] or tokens[max(last - 1, 0):])
+
+
+def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
+    """All singular values (float64, descending) of every module's delta, from its factors."""
+    items = []
+    for name, u in adapter.updates.items():
+        b, a = u.factors(threads)
+        items.append((name, np.ascontiguousarray(b * np.float32(u.scale)), a))
+    result = _core.factored_svd(items, [u.rank for u in adapter.updates.values()], "B", threads)
+    return {name: np.asarray(s, dtype=np.float64) for (name, _, _), (_, _, s) in zip(items, result)}
+
+
+def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int = 0,
+                  title: str | None = None) -> Path:
+    """A PNG of the singular values of each module's delta: per module type the mean spectrum (a line)
+    and its min..max over the modules of that type (a band); log y, x = index from 1."""
+    if not adapter.updates:
+        raise LorafuseValueError(f"{adapter.label}: no modules to plot")
+    groups: dict[str, list[np.ndarray]] = {}
+    for name, s in spectra(adapter, threads).items():
+        groups.setdefault(module_type(name), []).append(s)
+    fig = _figure(9.0, 5.5)
+    ax = fig.add_subplot()
+    for (kind, rows), color in zip(sorted(groups.items()), _palette(len(groups))):
+        width = max(len(s) for s in rows)
+        m = np.full((len(rows), width), np.nan)
+        for i, s in enumerate(rows):
+            m[i, : len(s)] = np.where(s > 0, s, np.nan)  # zeros have no place on a log axis
+        x = np.arange(1, width + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            mean, lo, hi = np.nanmean(m, 0), np.nanmin(m, 0), np.nanmax(m, 0)
+        ax.plot(x, mean, color=color, lw=1.6, marker="." if width <= 64 else None,
+                label=f"{kind} ({len(rows)})")
+        if len(rows) > 1:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value of scale * B @ A")
+    name = adapter.path.name if adapter.path is not None else "in-memory adapter"
+    ax.set_title(title or f"{name}: singular values per module type (mean, band = min..max)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=1 if len(groups) <= 12 else 2, loc="upper right")
+    return _save(fig, path, [adapter.path] if adapter.path is not None else [])
+
+
+def _palette(n: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequence[str],
+                    path: str | os.PathLike[str], inputs: Sequence[Path] = (),
+                    title: str = "cosine similarity of the adapters' deltas") -> Path:
+    """A PNG heat map of a cosine similarity matrix, the values written in the cells."""
+    m = np.asarray(matrix, dtype=np.float64)
+    n = len(labels)
+    if m.shape != (n, n):
+        raise LorafuseValueError(f"a similarity matrix of shape {m.shape} does not fit {n} labels")
+    size = 3.0 + 0.7 * n
+    fig = _figure(size + 1.2, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(m, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    font = max(4.0, min(10.0, 110.0 / max(n, 1)))
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=font,
+                    color="white" if abs(m[i, j]) > 0.6 else "black")
+    ax.set_xticks(range(n), labels=list(labels), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=list(labels))
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
+    return _save(fig, path, inputs)
+
+
+__all__ = ["module_type", "plot_similarity", "plot_spectrum", "spectra"]
