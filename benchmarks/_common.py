@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -546,6 +547,42 @@ def build_llama_checkpoint(
     return CheckpointInfo(out_dir, files, len(state_specs), num_params, data_bytes)
 
 
+def build_derived_checkpoint(
+    src_dir: Path,
+    out_dir: Path,
+    transform: Callable[[TensorSpec, torch.Tensor], torch.Tensor | None],
+) -> CheckpointInfo:
+    """Write a copy of the safetensors checkpoint ``src_dir`` in which each tensor is
+    ``transform(spec, tensor)`` (``None``: copied unchanged), e.g. a "fine-tuned" model made
+    from a base. Same files, tensor names, shapes, dtypes and index; the other regular files
+    (``config.json``, ...) are copied. One tensor is held in memory at a time."""
+    from safetensors import safe_open
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_file: dict[Path, list[TensorSpec]] = {}
+    specs = checkpoint_specs(src_dir)
+    for name, path in checkpoint_weight_map(src_dir).items():
+        by_file.setdefault(path, []).append(specs[name])
+    files: list[Path] = []
+    for path, file_specs in sorted(by_file.items()):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+
+            def make_tensor(spec: TensorSpec) -> torch.Tensor:
+                tensor = f.get_tensor(spec.name)
+                new = transform(spec, tensor)
+                return tensor if new is None else new
+
+            write_safetensors(out_dir / path.name, file_specs, make_tensor, metadata=metadata)
+        files.append(out_dir / path.name)
+    for extra in src_dir.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors":
+            shutil.copy2(extra, out_dir / extra.name)
+    return CheckpointInfo(
+        out_dir, files, len(specs), sum(s.numel for s in specs.values()), sum(s.nbytes for s in specs.values())
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Synthetic PEFT LoRA adapter
 # --------------------------------------------------------------------------------------
@@ -569,7 +606,16 @@ def _peft_adapter_config(
 ) -> tuple[dict[str, object], dict[str, bytes]]:
     """adapter_config.json (and the other small files, i.e. the model card) that
     ``PeftModel.save_pretrained`` writes for a LoRA on a Llama causal LM, taken from a real
-    save of a tiny model with the same module names."""
+    save of a tiny model with the same module names. Cached: writing many adapters with the
+    same settings saves the tiny model once."""
+    config, extras = _peft_adapter_config_cached(rank, alpha, tuple(target_modules), base_model_name_or_path)
+    return json.loads(json.dumps(config)), dict(extras)
+
+
+@lru_cache(maxsize=16)
+def _peft_adapter_config_cached(
+    rank: int, alpha: float, target_modules: tuple[str, ...], base_model_name_or_path: str | None
+) -> tuple[dict[str, object], dict[str, bytes]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -612,13 +658,15 @@ def build_lora_adapter(
     target_modules: Sequence[str] = LLAMA_LINEAR_MODULES,
     base_model_name_or_path: str | None = None,
     b_std: float = 0.01,
+    a_std: float | None = None,
     seed: int = 1,
 ) -> AdapterInfo:
     """Write a PEFT LoRA adapter for ``LlamaForCausalLM(config)`` in the ``save_pretrained`` layout.
 
     Keys are ``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r],
-    float32. A ~ N(0, 1/in) and B ~ N(0, b_std^2), so B is non-zero (unlike a fresh PEFT init)
-    and the merged delta is a visible but modest change of the base weights.
+    float32. A ~ N(0, a_std^2) (default a_std = 1/sqrt(in)) and B ~ N(0, b_std^2), so B is
+    non-zero (unlike a fresh PEFT init) and the merged delta is a visible but modest change
+    of the base weights. The tensors of layer l do not depend on the number of layers.
     """
     import torch
     from torch import nn
@@ -651,8 +699,78 @@ def build_lora_adapter(
 
     def make_tensor(spec: TensorSpec) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seeds[spec.name])
-        std = fan_in[spec.name] ** -0.5 if spec.name in fan_in else b_std
+        if spec.name in fan_in:
+            std = fan_in[spec.name] ** -0.5 if a_std is None else a_std
+        else:
+            std = b_std
         return torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
 
     write_safetensors(out_dir / ADAPTER_WEIGHTS_NAME, specs, make_tensor, metadata={"format": "pt"})
     return AdapterInfo(out_dir, rank, float(alpha), num_modules, sum(s.numel for s in specs))
+
+
+# --------------------------------------------------------------------------------------
+# Reading PEFT LoRA adapters back
+# --------------------------------------------------------------------------------------
+
+
+def _pattern_value(patterns: dict[str, object] | None, module: str) -> object | None:
+    """The value of the first key of PEFT's ``rank_pattern`` / ``alpha_pattern`` (in file order)
+    that matches ``module`` as ``(.*\\.)?(KEY)$``, or None."""
+    import re
+
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({key})", module):
+            return value
+    return None
+
+
+def peft_lora_scale(adapter_config: dict[str, object], module: str) -> tuple[int, float]:
+    """(r, scale) of ``module`` under a PEFT LoRA ``adapter_config.json``: scale = alpha / r,
+    or alpha / sqrt(r) with ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha."""
+    r = _pattern_value(adapter_config.get("rank_pattern"), module)  # type: ignore[arg-type]
+    alpha = _pattern_value(adapter_config.get("alpha_pattern"), module)  # type: ignore[arg-type]
+    r = int(adapter_config["r"] if r is None else r)  # type: ignore[arg-type]
+    alpha = float(adapter_config["lora_alpha"] if alpha is None else alpha)  # type: ignore[arg-type]
+    scale = alpha / (r**0.5) if adapter_config.get("use_rslora") else alpha / r
+    return r, scale
+
+
+def find_peft_adapter_dir(path: Path) -> Path:
+    """``path`` if it holds ``adapter_config.json``, else its only sub-folder that does
+    (``PeftModel.save_pretrained`` writes an adapter not named "default" to ``OUT/<name>/``)."""
+    if (path / ADAPTER_CONFIG_NAME).exists():
+        return path
+    found = sorted(p.parent for p in path.glob(f"*/{ADAPTER_CONFIG_NAME}"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{path}: expected one PEFT adapter folder, found {[str(f) for f in found]}")
+    return found[0]
+
+
+def peft_lora_factors(adapter_dir: Path, module: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B [out, r], A [r, in], scale) of a Linear LoRA ``module`` (e.g.
+    ``model.layers.0.self_attn.q_proj``) of a PEFT adapter folder, as stored (float32 etc.).
+    The key is looked up by suffix, so any ``base_model.model.`` prefix is accepted."""
+    from safetensors import safe_open
+
+    adapter_dir = find_peft_adapter_dir(adapter_dir)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    _, scale = peft_lora_scale(config, module)
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
+        keys = list(f.keys())
+        factors = []
+        for which in ("lora_B", "lora_A"):
+            suffix = f"{module}.{which}.weight"
+            matches = [k for k in keys if k == suffix or k.endswith("." + suffix)]
+            if len(matches) != 1:
+                raise KeyError(f"{adapter_dir}: {len(matches)} tensors named *{suffix}")
+            factors.append(f.get_tensor(matches[0]))
+    return factors[0], factors[1], scale
+
+
+def peft_lora_delta64(adapter_dir: Path, module: str) -> torch.Tensor:
+    """scale * B @ A of a Linear LoRA module of a PEFT adapter folder, in float64."""
+    import torch
+
+    b, a, scale = peft_lora_factors(adapter_dir, module)
+    return scale * (b.to(torch.float64) @ a.to(torch.float64))

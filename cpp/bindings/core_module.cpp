@@ -12,6 +12,7 @@
 
 #include "lorafuse/dtype.hpp"
 #include "lorafuse/errors.hpp"
+#include "lorafuse/extract.hpp"
 #include "lorafuse/lowrank.hpp"
 #include "lorafuse/merge.hpp"
 #include "lorafuse/parallel.hpp"
@@ -460,6 +461,79 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
   return results;
 }
 
+// ---- extract: rank-k factors of W_ft - W_base by a streamed randomized SVD ----
+
+// A numpy array (not converted from anything else), else a LorafuseValueError.
+py::array require_array(const py::handle& h, const std::string& what) {
+  if (!py::isinstance<py::array>(h))
+    fail(ErrorKind::Value, what + " must be a numpy array, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
+  return py::reinterpret_borrow<py::array>(h);
+}
+
+std::string require_str(const py::handle& h, const std::string& what) {
+  if (!py::isinstance<py::str>(h)) fail(ErrorKind::Value, what + " must be a str");
+  return py::cast<std::string>(h);
+}
+
+// items: list of (name, w_base, base_dtype, w_ft, ft_dtype) with raw 2-D buffers of one
+// shape (out, in); ranks: one k per item. Returns, per item, (B (out x k) float32,
+// A (k x in) float32, S (min(k + oversample, out, in)) float64, frob_sq: float).
+py::list extract_svd(const py::handle& items_in, const py::handle& ranks_in, const py::handle& oversample,
+                     const py::handle& power_iters, const py::handle& seed, int threads) {
+  lorafuse::ExtractOptions opt;
+  opt.seed = require_seed(seed, "extract_svd");
+  opt.oversample = require_int(oversample, "extract_svd: oversample");
+  opt.power_iters = require_int(power_iters, "extract_svd: power_iters");
+  if (opt.oversample < 0)
+    fail(ErrorKind::Value, "extract_svd: oversample must be >= 0, got " + std::to_string(opt.oversample));
+  if (opt.power_iters < 0)
+    fail(ErrorKind::Value, "extract_svd: power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  auto items = require_sequence(items_in, "extract_svd: items");
+  const py::sequence ranks = require_ranks(ranks_in, items.size(), "extract_svd");
+  std::vector<lorafuse::ExtractJob> jobs(items.size());
+  std::vector<py::object> keep_alive;
+  std::vector<py::tuple> outputs;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string where = "extract_svd: item " + std::to_string(i);
+    auto t = require_sequence(items[i], where);
+    if (t.size() != 5) fail(ErrorKind::Value, where + " must be (name, w_base, base_dtype, w_ft, ft_dtype)");
+    lorafuse::ExtractJob& job = jobs[i];
+    job.name = require_name(t[0], where);
+    auto wb = require_array(t[1], job.name + ": base weight");
+    auto wf = require_array(t[3], job.name + ": fine-tuned weight");
+    job.base_type = lorafuse::dtype_from_name(require_str(t[2], job.name + ": base dtype"));
+    job.ft_type = lorafuse::dtype_from_name(require_str(t[4], job.name + ": fine-tuned dtype"));
+    if (wb.ndim() != 2 || wf.ndim() != 2 || wb.shape(0) != wf.shape(0) || wb.shape(1) != wf.shape(1))
+      fail(ErrorKind::ShapeMismatch, job.name + ": base weight " + shape_str(wb) + " and fine-tuned weight " +
+                                         shape_str(wf) + " must be equal 2-D shapes (out, in)");
+    require_raw(wb, job.base_type, job.name + ": base weight");
+    require_raw(wf, job.ft_type, job.name + ": fine-tuned weight");
+    job.w_base = wb.data();
+    job.w_ft = wf.data();
+    job.out = wb.shape(0);
+    job.in = wb.shape(1);
+    job.k = require_rank(ranks[i], job.name);
+    job.s_len = lorafuse::extract_sv_count(job.out, job.in, job.k, opt.oversample);
+    keep_alive.push_back(wb);
+    keep_alive.push_back(wf);
+    py::array_t<float> B({static_cast<py::ssize_t>(job.out), static_cast<py::ssize_t>(job.k)});
+    py::array_t<float> A({static_cast<py::ssize_t>(job.k), static_cast<py::ssize_t>(job.in)});
+    py::array_t<double> S(static_cast<py::ssize_t>(job.s_len));
+    job.B = B.mutable_data();
+    job.A = A.mutable_data();
+    job.S = S.mutable_data();
+    outputs.push_back(py::make_tuple(B, A, S));
+  }
+  {
+    py::gil_scoped_release release;
+    lorafuse::extract_svd_batch(jobs, opt, threads);
+  }
+  py::list results;
+  for (std::size_t i = 0; i < jobs.size(); ++i)
+    results.append(py::make_tuple(outputs[i][0], outputs[i][1], outputs[i][2], jobs[i].frob_sq));
+  return results;
+}
+
 const char* error_class(ErrorKind k) {
   switch (k) {
     case ErrorKind::Format: return "FormatError";
@@ -508,4 +582,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("seed") = 0, py::arg("threads") = 0,
         "PEFT merge_utils semantics (prune: none/magnitude/random; merge: sum/ties; majority: total/frequency) "
         "for (name, [tensors]) items with per-item weight lists; returns the merged float32 tensor per item.");
+  m.def("extract_svd", &extract_svd, py::arg("items"), py::arg("ranks"), py::arg("oversample") = 10,
+        py::arg("power_iters") = 2, py::arg("seed") = 0, py::arg("threads") = 0,
+        "Rank-k LoRA factors of D = W_ft - W_base for (name, w_base, base_dtype, w_ft, ft_dtype) items (raw "
+        "2-D buffers of one shape, BF16 as uint16, F8 as uint8), by a randomized SVD (l = min(k + oversample, "
+        "out, in) Gaussian test vectors seeded by (seed, name), power_iters re-orthonormalized power iterations) "
+        "that streams over tiles of both matrices and never forms D. Returns, per item, (B (out, k) float32 = "
+        "U_k S_k, A (k, in) float32 = V_k^T, S (l,) float64 = the computed singular values, descending, "
+        "frob_sq = ||D||_F^2 in float64); B A is the orthogonal projection of D onto span(B), so its error is "
+        "||D - B A||_F = sqrt(max(0, frob_sq - sum(S[:k]**2))). Padded with zeros when k > min(out, in); "
+        "bit-identical for any thread count.");
 }

@@ -1,0 +1,69 @@
+// LoRA extraction: the best rank-k factors of D = W_ft - W_base by a randomized SVD
+// (Halko, Martinsson, Tropp 2011) that never forms D.
+//
+// Every product with D streams over a fixed grid of tiles (kExtractRowBlock rows x
+// kExtractColBlock columns): the tile of both raw matrices is converted to float32
+// (lorafuse::to_f32), subtracted and multiplied in float32. With l = min(k + p, out, in):
+//
+//   Omega (in x l) Gaussian from a counter-based stream keyed by (seed, name);
+//   Y = D Omega                                  (same pass: ||D||_F^2 in float64)
+//   q times: Q = orth(Y); Z = orth(D^T Q); Y = D Z
+//   Q = orth(Y); Z = D^T Q = (Q^T D)^T = Q_z R_z;  SVD R_z^T = U_s S V_s^T  (float64)
+//   B = (Q U_s)_k S_k,  A = ((Q_z V_s)_k)^T
+//
+// orth() is a Householder QR in float64. Y = D X is computed per row block (a sum
+// over column tiles in column order), D^T Y per column block (a sum over row tiles
+// in row order), so every value is a function of the inputs alone: the same bits for
+// any thread count. Conventions are those of factored_svd (svd.hpp): singular values
+// descending, the entry of largest magnitude of each left singular vector positive,
+// S on B; fewer than k singular values -> zero columns of B / rows of A; a zero
+// singular value gets a zero column of B and a zero row of A (so D = 0 gives zeros).
+// B A = P D with P the orthogonal projector onto span(B), so the Frobenius error of
+// the result is ||D - B A||_F = sqrt(frob_sq - sum_{i<k} S_i^2) (up to rounding: when
+// the error is below ~1e-3 ||D||_F the subtraction cancels; clamp at 0).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lorafuse/dtype.hpp"
+
+namespace lorafuse {
+
+constexpr std::int64_t kExtractRowBlock = 128;
+constexpr std::int64_t kExtractColBlock = 512;
+
+struct ExtractJob {
+  std::string name;
+  // Inputs: two row-major out x in matrices of raw elements (zero-copy views).
+  const void* w_base = nullptr;
+  DType base_type = DType::F32;
+  const void* w_ft = nullptr;
+  DType ft_type = DType::F32;
+  std::int64_t out = 0, in = 0;
+  std::int64_t k = 1;  // requested rank, >= 1
+  // Outputs, allocated by the caller: B out x k and A k x in (row-major float32),
+  // S of length s_len = extract_sv_count(out, in, k, oversample).
+  float* B = nullptr;
+  float* A = nullptr;
+  double* S = nullptr;
+  std::int64_t s_len = 0;
+  double frob_sq = 0.0;  // written: ||D||_F^2, accumulated in float64
+};
+
+struct ExtractOptions {
+  std::uint64_t seed = 0;
+  std::int64_t oversample = 10;
+  std::int64_t power_iters = 2;
+};
+
+// l = min(k + oversample, out, in) (>= 0): the number of singular values computed.
+std::int64_t extract_sv_count(std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) noexcept;
+
+// Runs every job: modules in parallel; when there are fewer jobs than threads, the
+// tile products of a module are spread over the spare threads too. Raises
+// Error(Value) for bad options and Error(NonFinite) naming the first job (in job
+// order) whose W_base or W_ft holds NaN or Inf, or whose difference overflows.
+void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads);
+
+}  // namespace lorafuse
