@@ -211,3 +211,14 @@ def test_progress_bar_reports_bytes(tmp_path: Path) -> None:
     bar.close()
     text = stream.getvalue()
     assert "100.0%" in text and "2.0 KiB/2.0 KiB" in text and text.endswith("\n")
+
+
+def test_progress_bar_counts_modules() -> None:
+    import io
+
+    from lorafuse._progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(154, "resize", enabled=True, stream=stream, unit="modules")
+    bar.update(154, "last")
+    assert "154/154 modules" in stream.getvalue()

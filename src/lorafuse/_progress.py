@@ -16,7 +16,9 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, label: str, enabled: bool | None = None, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, label: str, enabled: bool | None = None, stream: TextIO | None = None,
+                 unit: str = "bytes") -> None:
+        self.unit = unit
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.label, self.done = max(total, 1), label, 0
@@ -30,10 +32,11 @@ class Progress:
             frac = min(self.done / self.total, 1.0)
             bar = "#" * int(frac * 30)
             rate = self.done / max(now - self.start, 1e-9)
-            self.stream.write(
-                f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {human_bytes(self.done)}/"
-                f"{human_bytes(self.total)} {human_bytes(rate)}/s {note[:40]:<40}"
-            )
+            if self.unit == "bytes":
+                counts = f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s"
+            else:
+                counts = f"{self.done}/{self.total} {self.unit} {rate:.1f}/s"
+            self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {counts} {note[:40]:<40}")
             self.stream.flush()
 
     def close(self) -> None:

@@ -241,7 +241,8 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     from lorafuse.ops.resize import resize
 
     start = time.monotonic()
-    result, report = resize(args.adapter, _rule(args), args.split, args.threads)  # type: ignore[arg-type]
+    result, report = resize(args.adapter, _rule(args), args.split, args.threads,  # type: ignore[arg-type]
+                            progress=False if args.json or args.quiet else None)
     result.save(args.out)
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]

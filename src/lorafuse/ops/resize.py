@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lorafuse import _core
+from lorafuse._progress import Progress
 from lorafuse.adapter import Adapter, LoraUpdate
 from lorafuse.errors import UnsupportedError
 from lorafuse.formats import load
@@ -25,19 +26,27 @@ class ModuleReport:
     fro_kept: float  # fraction of ||delta||_F kept (1.0 = lossless)
 
 
+GROUP = 64  # modules per call into the core (the progress bar advances per group)
+
+
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
-           threads: int = 0) -> tuple[Adapter, list[ModuleReport]]:
+           threads: int = 0, progress: bool | None = None) -> tuple[Adapter, list[ModuleReport]]:
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     for name, u in a.updates.items():
         if u.magnitude is not None:
             raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
                                    "of the magnitude vector")
     names = list(a.updates)
-    items = []
-    for n in names:
-        b, A = a.updates[n].stored_factors(threads)
-        items.append((n, b, A))
-    full = _core.factored_svd(items, [a.updates[n].rank for n in names], split, threads)
+    full = []
+    bar = Progress(len(names), "resize", progress, unit="modules")
+    try:
+        for start in range(0, len(names), GROUP):
+            group = names[start : start + GROUP]
+            items = [(n, *a.updates[n].stored_factors(threads)) for n in group]
+            full += _core.factored_svd(items, [a.updates[n].rank for n in group], split, threads)
+            bar.update(len(group), group[-1])
+    finally:
+        bar.close()
     updates: dict[str, LoraUpdate] = {}
     report: list[ModuleReport] = []
     for n, (b2, a2, s) in zip(names, full):
