@@ -48,50 +48,9 @@ inline float float_of(std::uint32_t u) noexcept {
 // 1 when x is NaN or Inf (all exponent bits set): integer ops, so loops vectorize.
 inline std::uint32_t nonfinite(float x) noexcept { return (bits_of(x) & 0x7F800000u) == 0x7F800000u; }
 
-// The fixed tile grid of a module: row blocks of kExtractRowBlock, column blocks of
-// kExtractColBlock (the last of each possibly shorter).
-struct Grid {
-  Index m, n, nrb, ncb;
-  Grid(Index m_, Index n_)
-      : m(m_), n(n_), nrb((m_ + kExtractRowBlock - 1) / kExtractRowBlock),
-        ncb((n_ + kExtractColBlock - 1) / kExtractColBlock) {}
-  Index r0(Index b) const { return b * kExtractRowBlock; }
-  Index rows(Index b) const { return std::min<Index>(kExtractRowBlock, m - r0(b)); }
-  Index c0(Index c) const { return c * kExtractColBlock; }
-  Index cols(Index c) const { return std::min<Index>(kExtractColBlock, n - c0(c)); }
-};
-
-// Scratch of one task: the float32 tile of D (row-major) and two converted rows.
-struct Scratch {
-  std::vector<float> tile, row_b, row_f;
-  Scratch()
-      : tile(static_cast<std::size_t>(kExtractRowBlock * kExtractColBlock)), row_b(kExtractColBlock),
-        row_f(kExtractColBlock) {}
-};
-
-// Raw F32 or BF16 elements as float32 (exact), eight at a time with GCC/Clang vector
-// extensions (AVX2 / AVX-512 under -march=native, SSE2 pairs otherwise).
-typedef float v8f __attribute__((vector_size(32)));
-typedef std::uint32_t v8u __attribute__((vector_size(32)));
-typedef std::uint16_t v8h __attribute__((vector_size(16)));
-
+// Raw F32 or BF16 elements as float32 (exact).
 template <DType T>
 using Raw = std::conditional_t<T == DType::F32, float, std::uint16_t>;
-
-template <DType T>
-inline v8f load8(const Raw<T>* p) noexcept {
-  v8f v;
-  if constexpr (T == DType::F32) {
-    std::memcpy(&v, p, 32);
-  } else {
-    static_assert(T == DType::BF16, "load8: F32 or BF16");
-    v8h h;
-    std::memcpy(&h, p, 16);
-    const v8u u = __builtin_convertvector(h, v8u) << 16;
-    std::memcpy(&v, &u, 32);
-  }
-  return v;
-}
 
 template <DType T>
 inline float load1(const Raw<T>* p) noexcept {
@@ -108,11 +67,18 @@ void diff_row(const void* base_v, const void* ft_v, float* out, Index n) noexcep
   const auto* base = static_cast<const Raw<TB>*>(base_v);
   const auto* ft = static_cast<const Raw<TF>*>(ft_v);
   Index j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const v8f d = load8<TF>(ft + j) - load8<TB>(base + j);
-    std::memcpy(out + j, &d, 32);
-  }
-  for (; j < n; ++j) out[j] = load1<TF>(ft + j) - load1<TB>(base + j);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const auto load16 = [](const auto* p) {
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_reference_t<decltype(*p)>>, float>) {
+      return _mm512_loadu_ps(p);
+    } else {
+      const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    }
+  };
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(out + j, _mm512_sub_ps(load16(ft + j), load16(base + j)));
+#endif
+  for (; j < n; ++j) out[j] = load1<TF>(ft + j) - load1<TB>(base + j);  // auto-vectorized elsewhere
 }
 
 // Running state of the first pass over a row block: ||D||^2 in 32 float64 lanes
@@ -132,8 +98,8 @@ struct FirstAcc {
   }
 };
 
-// Adds x[j]^2 (in float64, a multiply and an add, never fused) to lane j % 32 and
-// flags NaN or Inf, for one row segment of a tile.
+// Adds x[j]^2 (in float64) to lane j % 32 and flags NaN or Inf, for one row segment
+// of a chunk.
 void first_stats(const float* x, Index n, FirstAcc& acc) noexcept {
   Index j = 0;
   bool bad = false;
@@ -156,37 +122,9 @@ void first_stats(const float* x, Index n, FirstAcc& acc) noexcept {
   for (; j < n; ++j) {
     const double d = x[j];
     bad |= nonfinite(x[j]) != 0;
-    const double sq = d * d;
-    acc.lane[j % FirstAcc::kLanes] += sq;
+    acc.lane[j % FirstAcc::kLanes] += d * d;
   }
   acc.bad |= bad;
-}
-
-// One row segment of the tile: n elements from element offset `off` of both inputs.
-void diff_row_any(const ExtractJob& job, std::size_t off, float* out, Index n, Scratch& s) {
-  const void* base = static_cast<const unsigned char*>(job.w_base) + off * itemsize(job.base_type);
-  const void* ft = static_cast<const unsigned char*>(job.w_ft) + off * itemsize(job.ft_type);
-  const DType tb = job.base_type, tf = job.ft_type;
-  if (tb == DType::BF16 && tf == DType::BF16) return diff_row<DType::BF16, DType::BF16>(base, ft, out, n);
-  if (tb == DType::F32 && tf == DType::F32) return diff_row<DType::F32, DType::F32>(base, ft, out, n);
-  if (tb == DType::BF16 && tf == DType::F32) return diff_row<DType::BF16, DType::F32>(base, ft, out, n);
-  if (tb == DType::F32 && tf == DType::BF16) return diff_row<DType::F32, DType::BF16>(base, ft, out, n);
-  // Any other pair: through float32 rows (lorafuse::to_f32; F16 uses F16C where built).
-  to_f32(base, tb, s.row_b.data(), static_cast<std::size_t>(n));
-  to_f32(ft, tf, s.row_f.data(), static_cast<std::size_t>(n));
-  diff_row<DType::F32, DType::F32>(s.row_b.data(), s.row_f.data(), out, n);
-}
-
-// Tile (rb x cb, row-major) = W_ft - W_base on rows [r0, r0 + rb), columns [c0, c0 + cb);
-// with acc, also the first-pass statistics of every row segment.
-void load_tile(const ExtractJob& job, Index r0, Index rb, Index c0, Index cb, Scratch& s, FirstAcc* acc) {
-  for (Index i = 0; i < rb; ++i) {
-    const std::size_t off = static_cast<std::size_t>(r0 + i) * static_cast<std::size_t>(job.in) +
-                            static_cast<std::size_t>(c0);
-    float* row = s.tile.data() + i * cb;
-    diff_row_any(job, off, row, cb, s);
-    if (acc != nullptr) first_stats(row, cb, *acc);
-  }
 }
 
 // Which input holds a NaN or Inf, for the error message (kBad* flags; kBadDiff when
@@ -211,50 +149,317 @@ unsigned diagnose(const ExtractJob& job) {
   return flags != 0 ? flags : kBadDiff;
 }
 
-// Per-row-block results of the first pass.
+// ---- Streaming products with D ----
+//
+// D is read in panels of kPanelRows rows; a panel is converted chunk by chunk
+// (kChunkCols columns at a time, into a small float32 buffer that stays in L1) just
+// before the register-blocked FMA loops consume the chunk, so the hardware prefetcher
+// sees a few long sequential streams per input and memory traffic overlaps the
+// arithmetic. Every output value is one chain of fused multiply-adds in a fixed
+// order (Y(r, j) over columns c = 0..n-1, Z(c, j) over rows r = 0..m-1), so it does
+// not depend on how rows or columns are split between threads.
+constexpr Index kPanelRows = 8;
+constexpr Index kChunkCols = 256;
+
+#if defined(__AVX512F__)
+constexpr int kVW = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(64)));
+constexpr int kRowsA = 8, kVecA = 3;  // Y = D X: 8 rows x 3 vectors of Y in registers
+constexpr int kColsB = 6, kVecB = 4;  // Z = D^T Y: 6 columns of Z x 4 vectors of rows
+#elif defined(__AVX__)
+constexpr int kVW = 8;
+typedef float vf __attribute__((vector_size(32)));
+constexpr int kRowsA = 4, kVecA = 3;
+constexpr int kColsB = 3, kVecB = 3;
+#else
+constexpr int kVW = 4;
+typedef float vf __attribute__((vector_size(16)));
+constexpr int kRowsA = 4, kVecA = 3;
+constexpr int kColsB = 3, kVecB = 3;
+#endif
+// Chunks start at multiples of kChunkCols, so a column's place in a vector (and in the
+// lanes of ||D||^2) is the same for any split of the work.
+static_assert(kChunkCols % kVW == 0 && kChunkCols % FirstAcc::kLanes == 0, "chunk width");
+
+inline vf vload(const float* p) noexcept {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+inline void vstore(float* p, vf v) noexcept { std::memcpy(p, &v, sizeof(vf)); }
+
+// c + a b, lane by lane, with one rounding where the target has FMA; sfma is the
+// same operation on one float, so vector and scalar tails agree bit for bit.
+inline vf vfma(float a, vf b, vf c) noexcept {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(_mm512_set1_ps(a), b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c);
+#else
+  return b * a + c;
+#endif
+}
+inline float sfma(float a, float b, float c) noexcept {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Conversion buffers of one task: a panel chunk (kPanelRows x kChunkCols) and two rows
+// for dtype pairs that go through to_f32.
+struct ChunkBuf {
+  std::vector<float> tile, row_b, row_f;
+  ChunkBuf()
+      : tile(static_cast<std::size_t>(kPanelRows * kChunkCols)), row_b(kChunkCols), row_f(kChunkCols) {}
+};
+
+// One row segment: n elements of W_ft - W_base from element offset `off`.
+void diff_row_any(const ExtractJob& job, std::size_t off, float* out, Index n, ChunkBuf& s) {
+  const void* base = static_cast<const unsigned char*>(job.w_base) + off * itemsize(job.base_type);
+  const void* ft = static_cast<const unsigned char*>(job.w_ft) + off * itemsize(job.ft_type);
+  const DType tb = job.base_type, tf = job.ft_type;
+  if (tb == DType::BF16 && tf == DType::BF16) return diff_row<DType::BF16, DType::BF16>(base, ft, out, n);
+  if (tb == DType::F32 && tf == DType::F32) return diff_row<DType::F32, DType::F32>(base, ft, out, n);
+  if (tb == DType::BF16 && tf == DType::F32) return diff_row<DType::BF16, DType::F32>(base, ft, out, n);
+  if (tb == DType::F32 && tf == DType::BF16) return diff_row<DType::F32, DType::BF16>(base, ft, out, n);
+  // Any other pair: through float32 rows (lorafuse::to_f32; F16 uses F16C where built).
+  to_f32(base, tb, s.row_b.data(), static_cast<std::size_t>(n));
+  to_f32(ft, tf, s.row_f.data(), static_cast<std::size_t>(n));
+  diff_row<DType::F32, DType::F32>(s.row_b.data(), s.row_f.data(), out, n);
+}
+
+// s.tile (pr x cw, row stride kChunkCols) = D on rows [r0, r0 + pr), columns
+// [c0, c0 + cw); with acc, also the first-pass statistics of every row segment.
+void load_chunk(const ExtractJob& job, Index r0, Index pr, Index c0, Index cw, ChunkBuf& s, FirstAcc* acc) {
+  for (Index i = 0; i < pr; ++i) {
+    const std::size_t off = static_cast<std::size_t>(r0 + i) * static_cast<std::size_t>(job.in) +
+                            static_cast<std::size_t>(c0);
+    float* row = s.tile.data() + i * kChunkCols;
+    diff_row_any(job, off, row, cw, s);
+    if (acc != nullptr) first_stats(row, cw, *acc);
+  }
+}
+
+// The cache lines of the next chunk to be converted (pr rows of both inputs from
+// element (r0, c0), cw columns each), requested a few at a time between FMA blocks,
+// so they arrive while the current chunk is being multiplied.
+class ChunkPrefetch {
+ public:
+  ChunkPrefetch() = default;
+  ChunkPrefetch(const ExtractJob& job, Index r0, Index pr, Index c0, Index cw) {
+    const std::size_t isz[2] = {itemsize(job.base_type), itemsize(job.ft_type)};
+    const unsigned char* src[2] = {static_cast<const unsigned char*>(job.w_base),
+                                   static_cast<const unsigned char*>(job.w_ft)};
+    for (int w = 0; w < 2; ++w) {
+      const std::size_t bytes = static_cast<std::size_t>(cw) * isz[w];
+      for (Index i = 0; i < pr; ++i) {
+        const std::size_t off = (static_cast<std::size_t>(r0 + i) * static_cast<std::size_t>(job.in) +
+                                 static_cast<std::size_t>(c0)) * isz[w];
+        const auto first = reinterpret_cast<std::uintptr_t>(src[w] + off) & ~std::uintptr_t{63};
+        const auto last = reinterpret_cast<std::uintptr_t>(src[w] + off + bytes - 1) & ~std::uintptr_t{63};
+        streams_[n_streams_++] = Stream{first, static_cast<Index>((last - first) / 64 + 1)};
+      }
+    }
+  }
+  // Requests up to `count` more lines.
+  void issue(Index count) noexcept {
+    while (count-- > 0 && s_ < n_streams_) {
+      __builtin_prefetch(reinterpret_cast<const void*>(streams_[s_].first + static_cast<std::uintptr_t>(line_) * 64), 0, 2);
+      if (++line_ == streams_[s_].lines) {
+        line_ = 0;
+        ++s_;
+      }
+    }
+  }
+  Index total_lines() const noexcept {
+    Index t = 0;
+    for (int i = 0; i < n_streams_; ++i) t += streams_[i].lines;
+    return t;
+  }
+
+ private:
+  struct Stream {
+    std::uintptr_t first;
+    Index lines;
+  };
+  Stream streams_[2 * kPanelRows] = {};
+  int n_streams_ = 0, s_ = 0;
+  Index line_ = 0;
+};
+
+// Y rows (R of them, stride ldy, V vectors each) += T (R x w, stride ldt) X (w rows of
+// stride ldx): the accumulators stay in registers over the chunk.
+template <int R, int V>
+void kernel_dx(const float* T, Index ldt, const float* X, Index ldx, Index w, float* Y, Index ldy,
+               ChunkPrefetch& pf) noexcept {
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = vload(Y + r * ldy + v * kVW);
+  for (Index c = 0; c < w; ++c) {
+    if (c & 1) pf.issue(1);
+    vf x[V];
+    for (int v = 0; v < V; ++v) x[v] = vload(X + c * ldx + v * kVW);
+    for (int r = 0; r < R; ++r) {
+      const float t = T[r * ldt + c];
+      for (int v = 0; v < V; ++v) acc[r][v] = vfma(t, x[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) vstore(Y + r * ldy + v * kVW, acc[r][v]);
+}
+
+template <int R>
+void kernel_dx_v(int v, const float* T, Index ldt, const float* X, Index ldx, Index w, float* Y, Index ldy,
+                 ChunkPrefetch& pf) noexcept {
+  static_assert(kVecA == 3, "kernel_dx_v dispatches 1..3 vectors");
+  switch (v) {
+    case 1: return kernel_dx<R, 1>(T, ldt, X, ldx, w, Y, ldy, pf);
+    case 2: return kernel_dx<R, 2>(T, ldt, X, ldx, w, Y, ldy, pf);
+    default: return kernel_dx<R, 3>(T, ldt, X, ldx, w, Y, ldy, pf);
+  }
+}
+
+void kernel_dx_rv(int r, int v, const float* T, Index ldt, const float* X, Index ldx, Index w, float* Y,
+                  Index ldy, ChunkPrefetch& pf) noexcept {
+  switch (r) {
+    case 1: return kernel_dx_v<1>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+    case 2: return kernel_dx_v<2>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+    case 3: return kernel_dx_v<3>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+#if defined(__AVX512F__)
+    case 4: return kernel_dx_v<4>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+    case 5: return kernel_dx_v<5>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+    case 6: return kernel_dx_v<6>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+    case 7: return kernel_dx_v<7>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+#endif
+    default: return kernel_dx_v<kRowsA>(v, T, ldt, X, ldx, w, Y, ldy, pf);
+  }
+}
+
+// Z^T block (C rows of Z^T = columns of Z, stride ldz; V vectors of D's columns)
+// += Y^T T over the pr rows of the chunk: Z(c, j) = fma(Y(r, j), D(r, c), Z(c, j)).
+template <int C, int V>
+void kernel_dty(const float* T, Index ldt, Index pr, const float* Y, Index ldy, float* Z, Index ldz) noexcept {
+  vf acc[C][V];
+  for (int j = 0; j < C; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = vload(Z + j * ldz + v * kVW);
+  for (Index r = 0; r < pr; ++r) {
+    vf t[V];
+    for (int v = 0; v < V; ++v) t[v] = vload(T + r * ldt + v * kVW);
+    for (int j = 0; j < C; ++j) {
+      const float y = Y[r * ldy + j];
+      for (int v = 0; v < V; ++v) acc[j][v] = vfma(y, t[v], acc[j][v]);
+    }
+  }
+  for (int j = 0; j < C; ++j)
+    for (int v = 0; v < V; ++v) vstore(Z + j * ldz + v * kVW, acc[j][v]);
+}
+
+template <int V>
+void kernel_dty_c(int c, const float* T, Index ldt, Index pr, const float* Y, Index ldy, float* Z, Index ldz) noexcept {
+  switch (c) {
+    case 1: return kernel_dty<1, V>(T, ldt, pr, Y, ldy, Z, ldz);
+    case 2: return kernel_dty<2, V>(T, ldt, pr, Y, ldy, Z, ldz);
+#if defined(__AVX512F__)
+    case 3: return kernel_dty<3, V>(T, ldt, pr, Y, ldy, Z, ldz);
+    case 4: return kernel_dty<4, V>(T, ldt, pr, Y, ldy, Z, ldz);
+    case 5: return kernel_dty<5, V>(T, ldt, pr, Y, ldy, Z, ldz);
+#endif
+    default: return kernel_dty<kColsB, V>(T, ldt, pr, Y, ldy, Z, ldz);
+  }
+}
+
+// Per-panel results of the first pass.
 struct FirstPass {
   std::vector<double> frob;
   std::vector<unsigned char> bad;
 };
 
-// Y (m x l) = D X for X (n x l); row block b is the sum over column tiles in order.
-// With `first`, also the sum of squares and the non-finite check of every row block.
-void pass_dx(const ExtractJob& job, const Grid& g, const MatF& X, MatF& Y, FirstPass* first, int threads) {
-  const Index l = X.cols();
-  parallel_for(g.nrb, threads, [&](std::int64_t b, int) {
-    Scratch s;
-    const Index r0 = g.r0(b), rb = g.rows(b);
-    MatF Yb = MatF::Zero(rb, l);
+// Y (m x l, column-major) = D X for X (n x l, column-major). Tasks are panels of
+// kPanelRows rows; with `first`, also the sum of squares and the non-finite check of
+// every panel (a bad panel stops early: the module is reported, its Y is unused).
+void pass_dx(const ExtractJob& job, const MatF& X, MatF& Y, FirstPass* first, int threads) {
+  const Index m = job.out, n = job.in, l = X.cols();
+  const Index nv = (l + kVW - 1) / kVW, lp = nv * kVW;  // padded row length of X and Y
+  std::vector<float> xr(static_cast<std::size_t>(n * lp), 0.0f), yr(static_cast<std::size_t>(m * lp), 0.0f);
+  for (Index c = 0; c < n; ++c)
+    for (Index j = 0; j < l; ++j) xr[static_cast<std::size_t>(c * lp + j)] = X(c, j);
+  const Index panels = (m + kPanelRows - 1) / kPanelRows;
+  parallel_for(panels, threads, [&](std::int64_t p, int) {
+    ChunkBuf s;
     FirstAcc acc;
-    for (Index c = 0; c < g.ncb; ++c) {
-      const Index c0 = g.c0(c), cb = g.cols(c);
-      load_tile(job, r0, rb, c0, cb, s, first != nullptr ? &acc : nullptr);
-      if (acc.bad) break;  // the module is reported; no product with NaN
-      const Eigen::Map<const RowMatF> T(s.tile.data(), rb, cb);
-      Yb.noalias() += T * X.middleRows(c0, cb);
+    const Index r0 = p * kPanelRows, pr = std::min(kPanelRows, m - r0);
+    for (Index c0 = 0; c0 < n; c0 += kChunkCols) {
+      const Index cw = std::min(kChunkCols, n - c0);
+      load_chunk(job, r0, pr, c0, cw, s, first != nullptr ? &acc : nullptr);
+      if (acc.bad) break;
+      ChunkPrefetch pf;  // the next chunk of this panel, or the first of the next panel
+      if (c0 + kChunkCols < n) {
+        pf = ChunkPrefetch(job, r0, pr, c0 + kChunkCols, std::min(kChunkCols, n - c0 - kChunkCols));
+      } else if (r0 + pr < m) {
+        pf = ChunkPrefetch(job, r0 + pr, std::min(kPanelRows, m - r0 - pr), 0, std::min(kChunkCols, n));
+      }
+      for (Index rb = 0; rb < pr; rb += kRowsA)
+        for (Index v0 = 0; v0 < nv; v0 += kVecA)
+          kernel_dx_rv(static_cast<int>(std::min<Index>(kRowsA, pr - rb)), static_cast<int>(std::min<Index>(kVecA, nv - v0)),
+                       s.tile.data() + rb * kChunkCols, kChunkCols, xr.data() + c0 * lp + v0 * kVW, lp, cw,
+                       yr.data() + (r0 + rb) * lp + v0 * kVW, lp, pf);
     }
-    Y.middleRows(r0, rb) = Yb;
     if (first != nullptr) {
-      first->frob[static_cast<std::size_t>(b)] = acc.sum();
-      first->bad[static_cast<std::size_t>(b)] = acc.bad ? 1 : 0;
+      first->frob[static_cast<std::size_t>(p)] = acc.sum();
+      first->bad[static_cast<std::size_t>(p)] = acc.bad ? 1 : 0;
     }
   });
+  for (Index r = 0; r < m; ++r)
+    for (Index j = 0; j < l; ++j) Y(r, j) = yr[static_cast<std::size_t>(r * lp + j)];
 }
 
-// Z (n x l) = D^T Y for Y (m x l); column block c is the sum over row tiles in order.
-void pass_dty(const ExtractJob& job, const Grid& g, const MatF& Y, MatF& Z, int threads) {
-  const Index l = Y.cols();
-  parallel_for(g.ncb, threads, [&](std::int64_t c, int) {
-    Scratch s;
-    const Index c0 = g.c0(c), cb = g.cols(c);
-    MatF Zc = MatF::Zero(cb, l);
-    for (Index b = 0; b < g.nrb; ++b) {
-      const Index r0 = g.r0(b), rb = g.rows(b);
-      load_tile(job, r0, rb, c0, cb, s, nullptr);
-      const Eigen::Map<const RowMatF> T(s.tile.data(), rb, cb);
-      Zc.noalias() += T.transpose() * Y.middleRows(r0, rb);
+// Z (n x l, column-major) = D^T Y for Y (m x l, column-major). Tasks are column
+// ranges (multiples of kChunkCols), each streaming all panels in row order.
+void pass_dty(const ExtractJob& job, const MatF& Y, MatF& Z, int threads) {
+  const Index m = job.out, n = job.in, l = Y.cols();
+  std::vector<float> yr(static_cast<std::size_t>(m * l));
+  for (Index r = 0; r < m; ++r)
+    for (Index j = 0; j < l; ++j) yr[static_cast<std::size_t>(r * l + j)] = Y(r, j);
+  Z.setZero();
+  float* z = Z.data();  // column j of Z at z + j n: Z^T row-major
+  const Index chunks = (n + kChunkCols - 1) / kChunkCols;
+  const Index tasks = std::max<Index>(1, std::min<Index>(resolve_threads(threads), chunks));
+  parallel_for(tasks, threads, [&](std::int64_t t, int) {
+    ChunkBuf s;
+    const Index cb = chunks * t / tasks * kChunkCols, ce = std::min(n, chunks * (t + 1) / tasks * kChunkCols);
+    for (Index r0 = 0; r0 < m; r0 += kPanelRows) {
+      const Index pr = std::min(kPanelRows, m - r0);
+      for (Index c0 = cb; c0 < ce; c0 += kChunkCols) {
+        const Index cw = std::min(kChunkCols, ce - c0);
+        load_chunk(job, r0, pr, c0, cw, s, nullptr);
+        ChunkPrefetch pf;  // the next chunk of this panel in the range, or the first of the next panel
+        if (c0 + kChunkCols < ce) {
+          pf = ChunkPrefetch(job, r0, pr, c0 + kChunkCols, std::min(kChunkCols, ce - c0 - kChunkCols));
+        } else if (r0 + pr < m) {
+          pf = ChunkPrefetch(job, r0 + pr, std::min(kPanelRows, m - r0 - pr), cb, std::min(kChunkCols, ce - cb));
+        }
+        const Index per_block = (pf.total_lines() + (l + kColsB - 1) / kColsB - 1) / ((l + kColsB - 1) / kColsB);
+        const float* T = s.tile.data();
+        const float* yp = yr.data() + r0 * l;
+        for (Index j0 = 0; j0 < l; j0 += kColsB) {
+          pf.issue(per_block);
+          const int cj = static_cast<int>(std::min<Index>(kColsB, l - j0));
+          float* zj = z + j0 * n + c0;
+          Index c = 0;
+          for (; c + kVecB * kVW <= cw; c += kVecB * kVW)
+            kernel_dty_c<kVecB>(cj, T + c, kChunkCols, pr, yp + j0, l, zj + c, n);
+          for (; c + kVW <= cw; c += kVW) kernel_dty_c<1>(cj, T + c, kChunkCols, pr, yp + j0, l, zj + c, n);
+          for (; c < cw; ++c)
+            for (int j = 0; j < cj; ++j) {
+              float acc = zj[j * n + c];
+              for (Index r = 0; r < pr; ++r) acc = sfma(yp[r * l + j0 + j], T[r * kChunkCols + c], acc);
+              zj[j * n + c] = acc;
+            }
+        }
+      }
     }
-    Z.middleRows(c0, cb) = Zc;
   });
 }
 
@@ -447,23 +652,23 @@ unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& 
     write_zero(job);
     return 0;
   }
-  const Grid g(m, n);
   const std::uint64_t key = derive_key(derive_key(derive_key(0, opt.seed), name_hash(job.name)), kExtractDomain);
   // Omega: the Gaussian at flat position t = j n + i (column-major) comes from
-  // gaussian_pair(key, t / 2), generated by column blocks.
+  // gaussian_pair(key, t / 2), generated in column ranges.
   MatF X(n, l);
-  parallel_for(g.ncb, threads, [&](std::int64_t c, int) {
-    for (Index j = 0; j < l; ++j) {
-      const auto t0 = static_cast<std::uint64_t>(j * n + g.c0(c));
-      fill_gaussian(key, t0, t0 + static_cast<std::uint64_t>(g.cols(c)), X.data());
-    }
+  const Index gblocks = (n + kChunkCols - 1) / kChunkCols;
+  parallel_for(gblocks, threads, [&](std::int64_t c, int) {
+    const Index i0 = c * kChunkCols, i1 = std::min(n, i0 + kChunkCols);
+    for (Index j = 0; j < l; ++j)
+      fill_gaussian(key, static_cast<std::uint64_t>(j * n + i0), static_cast<std::uint64_t>(j * n + i1), X.data());
   });
   MatF Y(m, l);
-  FirstPass fp{std::vector<double>(static_cast<std::size_t>(g.nrb), 0.0),
-               std::vector<unsigned char>(static_cast<std::size_t>(g.nrb), 0)};
-  pass_dx(job, g, X, Y, &fp, threads);
+  const Index panels = (m + kPanelRows - 1) / kPanelRows;
+  FirstPass fp{std::vector<double>(static_cast<std::size_t>(panels), 0.0),
+               std::vector<unsigned char>(static_cast<std::size_t>(panels), 0)};
+  pass_dx(job, X, Y, &fp, threads);
   double frob = 0.0;
-  for (Index b = 0; b < g.nrb; ++b) {
+  for (Index b = 0; b < panels; ++b) {
     if (fp.bad[static_cast<std::size_t>(b)]) return diagnose(job);
     frob += fp.frob[static_cast<std::size_t>(b)];
   }
@@ -476,16 +681,16 @@ unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& 
   for (std::int64_t it = 0; it < opt.power_iters; ++it) {
     if (first_bad.load() < index) return 0;
     const MatF Q = orthonormal_basis_f(Y);
-    pass_dty(job, g, Q, X, threads);
+    pass_dty(job, Q, X, threads);
     X = orthonormal_basis_f(X);
-    pass_dx(job, g, X, Y, nullptr, threads);
+    pass_dx(job, X, Y, nullptr, threads);
   }
   if (first_bad.load() < index) return 0;
   // Q^T D = Z^T with Z = D^T Q = Q_z R_z, so D ~ Q R_z^T Q_z^T; SVD of the l x l R_z^T.
   const PanelQR<double> qy(Y.cast<double>());
   const MatD Q = qy.thin_q();
   MatF Zf(n, l);
-  pass_dty(job, g, Q.cast<float>(), Zf, threads);
+  pass_dty(job, Q.cast<float>(), Zf, threads);
   const PanelQR<double> qz(Zf.cast<double>());
   const MatD Rzt = qz.r().transpose();
   const Eigen::BDCSVD<MatD> svd(Rzt, Eigen::ComputeThinU | Eigen::ComputeThinV);

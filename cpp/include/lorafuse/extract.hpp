@@ -1,9 +1,10 @@
 // LoRA extraction: the best rank-k factors of D = W_ft - W_base by a randomized SVD
 // (Halko, Martinsson, Tropp 2011) that never forms D.
 //
-// Every product with D streams over a fixed grid of tiles (kExtractRowBlock rows x
-// kExtractColBlock columns): the tile of both raw matrices is converted to float32
-// (lorafuse::to_f32), subtracted and multiplied in float32. With l = min(k + p, out, in):
+// Every product with D streams over panels of a few rows: chunks of both raw matrices
+// are converted to float32, subtracted and consumed at once by register-blocked FMA
+// loops, so neither D nor a float32 copy of a weight is ever held. With
+// l = min(k + p, out, in):
 //
 //   Omega (in x l) Gaussian from a counter-based stream keyed by (seed, name);
 //   Y = D Omega                                  (same pass: ||D||_F^2 in float64)
@@ -11,13 +12,15 @@
 //   Q = orth(Y); Z = D^T Q = (Q^T D)^T = Q_z R_z;  SVD R_z^T = U_s S V_s^T  (float64)
 //   B = (Q U_s)_k S_k,  A = ((Q_z V_s)_k)^T
 //
-// orth() is a Householder QR in float64. Y = D X is computed per row block (a sum
-// over column tiles in column order), D^T Y per column block (a sum over row tiles
-// in row order), so every value is a function of the inputs alone: the same bits for
-// any thread count. Conventions are those of factored_svd (svd.hpp): singular values
-// descending, the entry of largest magnitude of each left singular vector positive,
-// S on B; fewer than k singular values -> zero columns of B / rows of A; a zero
-// singular value gets a zero column of B and a zero row of A (so D = 0 gives zeros).
+// orth() is a Householder QR (float32 inside the power iterations, float64 at the
+// end). Every entry of Y = D X is one chain of fused multiply-adds over the columns
+// in order, every entry of D^T Y one chain over the rows in order, and ||D||_F^2 is
+// summed per panel in a fixed order, so the result is a function of the inputs alone:
+// the same bits for any thread count (for one build: the FMA width follows the target).
+// Conventions are those of factored_svd (svd.hpp): singular values descending, the
+// entry of largest magnitude of each left singular vector positive, S on B; fewer
+// than k singular values -> zero columns of B / rows of A; a zero singular value gets
+// a zero column of B and a zero row of A (so D = 0 gives zeros).
 // B A = P D with P the orthogonal projector onto span(B), so the Frobenius error of
 // the result is ||D - B A||_F = sqrt(frob_sq - sum_{i<k} S_i^2) (up to rounding: when
 // the error is below ~1e-3 ||D||_F the subtraction cancels; clamp at 0).
@@ -29,9 +32,6 @@
 #include "lorafuse/dtype.hpp"
 
 namespace lorafuse {
-
-constexpr std::int64_t kExtractRowBlock = 128;
-constexpr std::int64_t kExtractColBlock = 512;
 
 struct ExtractJob {
   std::string name;
