@@ -103,7 +103,22 @@ struct FirstAcc {
 void first_stats(const float* x, Index n, FirstAcc& acc) noexcept {
   Index j = 0;
   bool bad = false;
-#ifdef __AVX__
+#if defined(__AVX512F__)
+  __m512d a[4];
+  for (int t = 0; t < 4; ++t) a[t] = _mm512_loadu_pd(acc.lane + 8 * t);
+  __m512i nf = _mm512_setzero_si512();  // bits of x - x: 0 for finite x, NaN otherwise
+  for (; j + 32 <= n; j += 32)
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + j + 16 * h);
+      nf = _mm512_or_si512(nf, _mm512_castps_si512(_mm512_sub_ps(v, v)));
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      a[2 * h] = _mm512_add_pd(a[2 * h], _mm512_mul_pd(lo, lo));
+      a[2 * h + 1] = _mm512_add_pd(a[2 * h + 1], _mm512_mul_pd(hi, hi));
+    }
+  for (int t = 0; t < 4; ++t) _mm512_storeu_pd(acc.lane + 8 * t, a[t]);
+  bad = _mm512_test_epi32_mask(nf, nf) != 0;
+#elif defined(__AVX__)
   __m256d a[8];
   for (int t = 0; t < 8; ++t) a[t] = _mm256_loadu_pd(acc.lane + 4 * t);
   __m256 nf = _mm256_setzero_ps();  // x - x: +0 for finite x, NaN otherwise
@@ -611,33 +626,34 @@ void write_factors(MatD& L, MatD& R, const VecD& s, const ExtractJob& job) {
   }
 }
 
-// The two standard normals of Box-Muller on the uniforms at counters 2p and 2p + 1 of
-// the stream `key` (those of rng.hpp's normal_at(key, p), whose value is the first).
-inline void gaussian_pair(std::uint64_t key, std::uint64_t p, double& g0, double& g1) noexcept {
-  const double u1 = 1.0 - uniform01(counter_bits(key, 2 * p));  // (0, 1]
-  const double u2 = uniform01(counter_bits(key, 2 * p + 1));
-  const double r = std::sqrt(-2.0 * std::log(u1)), a = 6.283185307179586 * u2;
+// The two standard normals of Box-Muller, in float32, on two 24-bit uniforms taken
+// from the 64 random bits at counter p of the stream `key`.
+inline void gaussian_pair(std::uint64_t key, std::uint64_t p, float& g0, float& g1) noexcept {
+  const std::uint64_t bits = counter_bits(key, p);
+  const float u1 = 1.0f - static_cast<float>(bits >> 40) * 0x1.0p-24f;  // (0, 1]
+  const float u2 = static_cast<float>((bits >> 16) & 0xFFFFFFu) * 0x1.0p-24f;
+  const float r = std::sqrt(-2.0f * std::log(u1)), a = 6.28318530717958648f * u2;
   g0 = r * std::cos(a);
   g1 = r * std::sin(a);
 }
 
 // out[t] = Gaussian number t for t in [t0, t1): element 2p is the first of
-// gaussian_pair(key, p), element 2p + 1 the second (one log and sqrt per two values).
+// gaussian_pair(key, p), element 2p + 1 the second.
 void fill_gaussian(std::uint64_t key, std::uint64_t t0, std::uint64_t t1, float* out) noexcept {
-  double g0, g1;
+  float g0, g1;
   std::uint64_t t = t0;
   if (t < t1 && (t & 1)) {
     gaussian_pair(key, t >> 1, g0, g1);
-    out[t++] = static_cast<float>(g1);
+    out[t++] = g1;
   }
   for (; t + 1 < t1; t += 2) {
     gaussian_pair(key, t >> 1, g0, g1);
-    out[t] = static_cast<float>(g0);
-    out[t + 1] = static_cast<float>(g1);
+    out[t] = g0;
+    out[t + 1] = g1;
   }
   if (t < t1) {
     gaussian_pair(key, t >> 1, g0, g1);
-    out[t] = static_cast<float>(g0);
+    out[t] = g0;
   }
 }
 
