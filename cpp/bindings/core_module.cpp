@@ -324,11 +324,27 @@ py::tuple allocate_svd_outputs(lorafuse::SvdJob& job) {
   return py::make_tuple(B2, A2, S);
 }
 
+lorafuse::RandomizedSvdOptions require_randomized_options(const py::handle& seed, const py::handle& oversample,
+                                                         const py::handle& power_iters, const std::string& fn) {
+  lorafuse::RandomizedSvdOptions opt;
+  opt.seed = require_seed(seed, fn);
+  opt.oversample = require_int(oversample, fn + ": oversample");
+  opt.power_iters = require_int(power_iters, fn + ": power_iters");
+  if (opt.oversample < 0) fail(ErrorKind::Value, fn + ": oversample must be >= 0, got " + std::to_string(opt.oversample));
+  if (opt.power_iters < 0)
+    fail(ErrorKind::Value, fn + ": power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  return opt;
+}
+
 // items: list of (name, B (out x R), A (R x in)) float32; ranks: one k per item.
-// Returns, per item, (B2 (out x k), A2 (k x in), S (min(R, out, in) float64)).
+// Returns, per item, (B2 (out x k), A2 (k x in), S (float64: min(R, out, in) values on
+// the exact path, min(k, R, out, in) on the randomized one)).
 py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
-                      int threads) {
+                      int threads, const std::string& mode_name, const py::handle& seed, const py::handle& oversample,
+                      const py::handle& power_iters) {
   const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
+  const lorafuse::FactoredMode mode = lorafuse::factored_mode_from_name(mode_name);
+  const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "factored_svd");
   auto items = require_sequence(items_in, "factored_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "factored_svd");
   std::vector<lorafuse::SvdJob> jobs(items.size());
@@ -350,14 +366,16 @@ py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, co
     job.r = B.shape(1);
     job.in = A.shape(1);
     job.k = require_rank(ranks[i], job.name);
-    job.s_len = lorafuse::factored_sv_count(job.out, job.r, job.in);
+    job.exact = lorafuse::factored_svd_is_exact(job.out, job.in, job.r, job.k, mode, opt);
+    job.s_len = job.exact ? lorafuse::factored_sv_count(job.out, job.r, job.in)
+                          : lorafuse::dense_sv_count(std::min(job.out, job.r), job.in, job.k);
     keep_alive.push_back(B);
     keep_alive.push_back(A);
     results.append(allocate_svd_outputs(job));
   }
   {
     py::gil_scoped_release release;
-    lorafuse::factored_svd_batch(jobs, split, threads);
+    lorafuse::factored_svd_batch(jobs, split, opt, threads);
   }
   return results;
 }
@@ -367,14 +385,7 @@ py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, co
 py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
                    const py::handle& seed, const py::handle& oversample, const py::handle& power_iters, int threads) {
   const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
-  lorafuse::RandomizedSvdOptions opt;
-  opt.seed = require_seed(seed, "dense_svd");
-  opt.oversample = require_int(oversample, "dense_svd: oversample");
-  opt.power_iters = require_int(power_iters, "dense_svd: power_iters");
-  if (opt.oversample < 0)
-    fail(ErrorKind::Value, "dense_svd: oversample must be >= 0, got " + std::to_string(opt.oversample));
-  if (opt.power_iters < 0)
-    fail(ErrorKind::Value, "dense_svd: power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "dense_svd");
   auto items = require_sequence(items_in, "dense_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "dense_svd");
   std::vector<lorafuse::SvdJob> jobs(items.size());
@@ -569,9 +580,24 @@ PYBIND11_MODULE(_core, m) {
         "<B1 A1, B2 A2>_F from the factors, for each (B1, A1, B2, A2).");
   m.def("hardware_threads", []() { return lorafuse::resolve_threads(0); });
   m.def("factored_svd", &factored_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B",
-        py::arg("threads") = 0,
-        "Best rank-k factors of D = B @ A for (name, B, A) items, without forming D when R < min(out, in); "
-        "returns (B2, A2, S) per item, S = all min(R, out, in) singular values (float64).");
+        py::arg("threads") = 0, py::arg("mode") = "exact", py::arg("seed") = 0, py::arg("oversample") = 10,
+        py::arg("power_iters") = 4,
+        "Best rank-k factors of D = B @ A for (name, B, A) items, without forming D when R < min(out, in). "
+        "mode 'exact': QR of the factors and SVD of the R x R core (dense SVD when R >= min(out, in)); "
+        "mode 'auto': the same unless the cost model finds a randomized SVD through the factors (seeded by seed "
+        "and name) much cheaper (see factored_svd_is_exact). Returns (B2, A2, S) per item; S = all min(R, out, "
+        "in) singular values (float64) on the exact path, the min(k, R, out, in) computed ones otherwise.");
+  m.def(
+      "factored_svd_is_exact",
+      [](std::int64_t out, std::int64_t in, std::int64_t r, std::int64_t k, const std::string& mode,
+         std::int64_t oversample, std::int64_t power_iters) {
+        lorafuse::RandomizedSvdOptions opt;
+        opt.oversample = oversample;
+        opt.power_iters = power_iters;
+        return lorafuse::factored_svd_is_exact(out, in, r, k, lorafuse::factored_mode_from_name(mode), opt);
+      },
+      py::arg("out"), py::arg("in_"), py::arg("r"), py::arg("k"), py::arg("mode") = "auto", py::arg("oversample") = 10,
+      py::arg("power_iters") = 4, "Whether factored_svd takes the exact path for a job of this shape.");
   m.def("dense_svd", &dense_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B", py::arg("seed") = 0,
         py::arg("oversample") = 10, py::arg("power_iters") = 4, py::arg("threads") = 0,
         "Best rank-k factors of dense (name, D) items: exact SVD when k + oversample >= min(out, in) / 4, else "

@@ -19,10 +19,33 @@ from typing import Any, Literal
 import numpy as np
 
 from lorafuse import _core
-from lorafuse.errors import LorafuseValueError
+from lorafuse.errors import FormatError, LorafuseValueError
 from lorafuse.io.tensor import Tensor
 
 Kind = Literal["linear", "conv", "embedding"]
+MAX_NAME_LENGTH = 1024  # real module names are under 200 characters
+
+
+def check_module_name(name: str, where: str, what: str = "module") -> None:
+    """Refuse a module (or tensor) name read from a file that no model can have and that could
+    do harm on its way to messages, terminals or other tools: empty, very long, with control or
+    other non-printable characters (NUL, newlines, escapes, bidi overrides), with a path
+    separator, or with an empty dotted component ('a..b', '.a', 'a.')."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"has {len(name)} characters (at most {MAX_NAME_LENGTH})"
+    elif not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        problem = f"holds the non-printable character U+{ord(bad):04X}"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator ('/' or '\\')"
+    elif "" in name.split("."):
+        problem = "has an empty component (a leading, trailing or doubled '.')"
+    if problem is not None:
+        shown = repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
+        raise FormatError(f"{where}: {what} name {shown} {problem}")
 
 
 @dataclass
@@ -96,6 +119,8 @@ class Adapter:
     format: str = "peft"
     path: Path | None = None
     full_origin: dict[str, str] = field(default_factory=dict)  # full-tensor key -> name it was saved under
+    # Modules whose factors came from a randomized SVD (near-optimal, not the exact optimum).
+    randomized: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -153,7 +178,7 @@ class Adapter:
 
         tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
         if config is None:
-            ranks = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]: t.shape[0]
+            ranks = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]: t.shape[0] if t.shape else 0
                      for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_embedding_A"))}
             first = next(iter(ranks.values()), 8)
             cfg: dict[str, object] = {

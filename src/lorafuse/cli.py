@@ -145,9 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--density", type=float, help="fraction of values kept by ties / dare / magnitude_prune")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total) or the count (frequency) of signs")
-    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
     c.add_argument("--split", default="B", choices=("B", "sqrt"),
                    help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
+    c.add_argument("--exact", action="store_true",
+                   help="svd: exact for every module however many adapters are stacked (default: a module whose "
+                   "stacked rank makes the exact SVD 1.5x dearer than a randomized one takes the randomized one)")
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -225,12 +228,17 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     result = combine(args.adapters, args.weights, method=args.method, rank=args.rank, density=args.density,
-                     majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads)
+                     majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads,
+                     exact=args.exact)
     save_peft(result, args.out, [Path(a) for a in args.adapters])
     if not args.quiet:
         ranks = sorted({u.rank for u in result.updates.values()})
         print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
               f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
+        if result.randomized:
+            hint = " (--exact forces the exact SVD)" if args.method == "svd" else ""
+            print(f"  {len(result.randomized)} of {len(result)} modules took a randomized SVD (near-optimal)"
+                  f"{hint}: {', '.join(result.randomized[:3])}{', ...' if len(result.randomized) > 3 else ''}")
     return 0
 
 

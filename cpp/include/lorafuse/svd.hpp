@@ -1,10 +1,18 @@
 // Best rank-k approximations (Eckart-Young) of low-rank products and dense
 // matrices, returned as factors B2 (out x k) and A2 (k x in) with B2 @ A2 ~ D.
 //
-// factored_svd_batch: D = B A given by its factors (B out x R, A R x in). When
-// R < min(out, in), D is never formed: thin QR of B and of A^T, SVD of the R x R
-// core R_B R_A^T, all in float64, cost O((out + in) R^2 + R^3). Otherwise D is
-// formed in float64 and decomposed densely.
+// factored_svd_batch: D = B A given by its factors (B out x R, A R x in).
+//   exact path: when R < min(out, in), D is never formed: thin QR of B and of A^T,
+//     SVD of the R x R core R_B R_A^T, all in float64, cost O((out + in) R^2 + R^3).
+//     Otherwise D is formed in float64 and decomposed densely.
+//   randomized path: the range finder of dense_svd_batch with every product taken
+//     through the factors (D X = B (A X), D^T Y = A^T (B^T Y)), cost
+//     O((out + in) R l (2 q + 2)): linear in R, so many stacked adapters cost a
+//     constant time each. D is never formed.
+//   FactoredMode::Exact always takes the exact path; Auto takes the randomized one
+//   only where the cost model says the exact one would cost more than
+//   kAutoExactFactor times as much (see factored_svd_is_exact); Randomized takes it
+//   wherever k + oversample < min(r, out, in) (for tests and benchmarks).
 //
 // dense_svd_batch: D given densely. Exact (float64 dense SVD) when
 // k + oversample >= min(out, in) / 4, else randomized (Halko, Martinsson, Tropp)
@@ -43,8 +51,17 @@ struct SvdJob {
   float* A2 = nullptr;
   double* S = nullptr;
   std::int64_t s_len = 0;
-  bool exact = true;  // dense jobs: set to whether the exact path was taken
+  // Dense jobs: set to whether the exact path was taken. Factored jobs: set by the
+  // caller (factored_svd_is_exact) to the path to take.
+  bool exact = true;
 };
+
+enum class FactoredMode { Exact, Auto, Randomized };
+
+FactoredMode factored_mode_from_name(const std::string& name);  // "exact", "auto" or "randomized"; Error(Value) otherwise
+
+// Auto mode keeps the exact path while it costs at most this many times the randomized one.
+constexpr double kAutoExactFactor = 1.5;
 
 struct RandomizedSvdOptions {
   std::uint64_t seed = 0;
@@ -52,7 +69,13 @@ struct RandomizedSvdOptions {
   std::int64_t power_iters = 4;
 };
 
-// Number of singular values a factored job returns: min(r, out, in).
+// Whether a factored job takes the exact path (always in Exact mode; in Auto mode
+// when k + oversample >= min(r, out, in), or when the exact path's modelled cost is
+// at most kAutoExactFactor times the randomized path's).
+bool factored_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t r, std::int64_t k, FactoredMode mode,
+                           const RandomizedSvdOptions& opt) noexcept;
+// Number of singular values a factored job returns: min(r, out, in) on the exact
+// path, min(k, r, out, in) on the randomized one.
 std::int64_t factored_sv_count(std::int64_t out, std::int64_t r, std::int64_t in) noexcept;
 // Number of singular values a dense job returns: min(k, out, in).
 std::int64_t dense_sv_count(std::int64_t out, std::int64_t in, std::int64_t k) noexcept;
@@ -60,7 +83,8 @@ std::int64_t dense_sv_count(std::int64_t out, std::int64_t in, std::int64_t k) n
 bool dense_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) noexcept;
 
 // Both raise Error(NonFinite) naming the job when an input holds NaN or Inf.
-void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, int threads);
+// Factored jobs must have `exact` set from factored_svd_is_exact (the caller sized S by it).
+void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads);
 void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads);
 
 }  // namespace lorafuse

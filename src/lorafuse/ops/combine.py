@@ -6,7 +6,11 @@ that have them. Every output has scale 1 (r = lora_alpha per module).
 
 - cat:    B' = [B_1 ... B_n], A' = [c_1 A_1; ...; c_n A_n]  (exact, rank sum r_i)
 - svd:    the best rank-k approximation of D = sum_i c_i B_i A_i, computed from the
-          stacked factors (QR of each stack, SVD of the small core), never forming D
+          stacked factors (QR of each stack, SVD of the small core), never forming D.
+          With many adapters (stacked rank R in the hundreds) that costs O(R^2) per
+          module, so unless exact=True a module switches to a randomized SVD taken
+          through the factors (O(R), a constant time per adapter) where the cost model
+          finds it 1.5x cheaper; those modules are listed in Adapter.randomized
 - linear, ties, dare_linear, dare_ties, magnitude_prune: PEFT's factor-wise merge: the
           A stack with weights sign(c_i) sqrt|c_i| and the B stack with sqrt|c_i| are
           merged separately (equal ranks required)
@@ -41,6 +45,8 @@ _TASK = {
     "dare_ties": ("random", True, "ties"),
     "magnitude_prune": ("magnitude", False, "sum"),
 }
+_DENSE_OVERSAMPLE = 10  # dense_svd's oversampling: exact when 4 (k + 10) >= min(out, in), else randomized
+
 _TASK.update({m + "_svd": _TASK[m] for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune")})
 
 
@@ -175,10 +181,14 @@ def combine(
     seed: int = 0,
     split: str = "B",
     threads: int = 0,
+    exact: bool = False,
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
     `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT).
+    `exact=True` keeps method svd on the exact path for every module, however many adapters
+    are stacked (by default modules with a large stacked rank use a randomized SVD through
+    the factors; they are listed in the result's `randomized`).
     `density` (0..1) is required by the ties / dare / magnitude_prune methods; DARE's random
     masks come from `seed` and the module name, so results do not depend on thread count.
     """
@@ -211,20 +221,26 @@ def combine(
     by_module = _terms_by_module(loaded, ws)
     names = list(by_module)
     updates: dict[str, LoraUpdate] = {}
+    randomized: list[str] = []
     k = rank if rank is not None else max(u.rank for a in loaded for u in a.updates.values())
     if method == "cat":
         for n in names:
             b, a = _stack(by_module[n], threads, coef_on="A")
             updates[n] = by_module[n][0].update.with_factors(b, a)
     elif method == "svd":
+        mode = "exact" if exact else "auto"
         items = [(n, *_stack(by_module[n], threads)) for n in names]
-        results = _core.factored_svd(items, [k] * len(items), split, threads)
+        results = _core.factored_svd(items, [k] * len(items), split, threads, mode=mode, seed=seed)
         updates = {n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
+        randomized = [n for n, b, a in items
+                      if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], k, mode)]
     elif method in FACTORWISE:
         updates = _factorwise(method, by_module, density, majority_sign, seed, threads)
     else:
-        updates = _dense_svd(method, by_module, k, density, majority_sign, seed, split, threads)
-    return _result(loaded[0], updates, loaded)
+        updates, randomized = _dense_svd(method, by_module, k, density, majority_sign, seed, split, threads)
+    result = _result(loaded[0], updates, loaded)
+    result.randomized = randomized
+    return result
 
 
 def _task_args(method: str, density: float | None) -> tuple[str, bool, str, float]:
@@ -256,12 +272,14 @@ def _factorwise(method: str, by_module: dict[str, list[_Term]], density: float |
 
 
 def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: float | None, majority: str,
-               seed: int, split: str, threads: int) -> dict[str, LoraUpdate]:
+               seed: int, split: str, threads: int) -> tuple[dict[str, LoraUpdate], list[str]]:
     """PEFT's *_svd methods: merge the dense deltas s_i B_i A_i with weights w_i, then rank k.
 
-    Modules are processed in groups so only a few dense deltas exist at a time."""
+    Modules are processed in groups so only a few dense deltas exist at a time. Returns the
+    updates and the modules whose rank-k step was randomized."""
     prune, rescale, merge, dens = _task_args(method, density)
     out: dict[str, LoraUpdate] = {}
+    randomized: list[str] = []
     names = list(by_module)
     group = max(1, 2 * (threads if threads > 0 else (os.cpu_count() or 1)))
     for start in range(0, len(names), group):
@@ -276,7 +294,9 @@ def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: 
             ws.append([t.weight for t in by_module[n]])
         merged = _core.task_merge(items, ws, prune, dens, rescale, merge, majority, seed, threads)
         results = _core.dense_svd([(n, d) for n, d in zip(chunk, merged)], [k] * len(chunk), split, seed,
-                                  threads=threads)
-        for n, (b2, a2, _) in zip(chunk, results):
+                                  oversample=_DENSE_OVERSAMPLE, threads=threads)
+        for n, d, (b2, a2, _) in zip(chunk, merged, results):
             out[n] = by_module[n][0].update.with_factors(b2, a2)
-    return out
+            if 4 * (k + _DENSE_OVERSAMPLE) < min(d.shape):
+                randomized.append(n)
+    return out, randomized
