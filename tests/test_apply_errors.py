@@ -724,7 +724,7 @@ def test_error_while_copying_side_files(llama, tmp_path, good_output, monkeypatc
         return lorafuse.apply(llama.base_dir, [llama.adapter_dir], out=out, progress=False)
 
     monkeypatch.setattr(apply_mod.shutil, "copy2", copy2)
-    check_failure(call, tmp_path / "out", OSError, "No space left", make_prior=_disarming(state, good_output),
+    check_failure(call, tmp_path / "out", OutputError, "No space left", make_prior=_disarming(state, good_output),
                   watched=[llama.base_dir, llama.adapter_dir])
 
 

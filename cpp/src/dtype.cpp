@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "lorafuse/errors.hpp"
 
@@ -199,6 +200,21 @@ void from_f32(const float* src, void* dst, DType dst_type, std::size_t n) {
     default:
       throw Error(ErrorKind::Dtype, std::string("cannot write dtype ") + dtype_name(dst_type) +
                                         " (lorafuse writes F32, F16 and BF16)");
+  }
+}
+
+float overflow_threshold(DType d) noexcept {
+  switch (d) {
+    case DType::F16:
+      return 65520.0f;  // halfway between 65504 and the next binade: rounds to even = Inf
+    case DType::BF16: {
+      const std::uint32_t bits = 0x7F7F8000u;  // halfway above 0x7F7F (odd): rounds up to Inf
+      float f;
+      std::memcpy(&f, &bits, 4);
+      return f;
+    }
+    default:
+      return std::numeric_limits<float>::infinity();
   }
 }
 

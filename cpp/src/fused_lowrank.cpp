@@ -5,6 +5,7 @@
 // it compiles to AVX2/FMA under -march=native and to SSE2 pairs otherwise.
 #include "lorafuse/fused_lowrank.hpp"
 
+#include <cmath>
 #include <cstring>
 
 #if defined(__F16C__) && defined(__AVX__)
@@ -75,15 +76,22 @@ inline void store8(void* base, std::int64_t i, v8f v) {
   }
 }
 
-// NaN or Inf anywhere in v: x - x is NaN exactly for those.
-inline v8i nonfinite_mask(v8f v) {
-  const v8f d = v - v;
-  return d != d;
+// Lanes of v that are NaN or Inf, or finite but stored as Inf in the output type:
+// |v| < limit fails exactly for those (limit = overflow_threshold of the output).
+inline v8i not_storable_mask(v8f v, v8f limit) {
+  v8u u;
+  std::memcpy(&u, &v, 32);
+  u &= 0x7FFFFFFFu;
+  v8f a;
+  std::memcpy(&a, &u, 32);
+  return ~(a < limit);
 }
 
 template <DType TW, DType TO, int M>
 bool rows_kernel(const FusedJob& job, std::int64_t r0) {
   const std::int64_t cols = job.cols;
+  const float lim = overflow_threshold(TO);
+  const v8f limit = {lim, lim, lim, lim, lim, lim, lim, lim};
   v8i bad = {};
   std::int64_t j = 0;
   for (; j + NR <= cols; j += NR) {
@@ -106,7 +114,7 @@ bool rows_kernel(const FusedJob& job, std::int64_t r0) {
       }
     }
     for (int m = 0; m < M; ++m) {
-      bad |= nonfinite_mask(acc[m][0]) | nonfinite_mask(acc[m][1]);
+      bad |= not_storable_mask(acc[m][0], limit) | not_storable_mask(acc[m][1], limit);
       store8<TO>(job.out, (r0 + m) * cols + j, acc[m][0]);
       store8<TO>(job.out, (r0 + m) * cols + j + 8, acc[m][1]);
     }
@@ -122,7 +130,7 @@ bool rows_kernel(const FusedJob& job, std::int64_t r0) {
       to_f32(static_cast<const unsigned char*>(job.w) + idx * wsz, job.w_type, &x, 1);
       for (const FusedTerm& t : job.terms)
         for (std::int64_t k = 0; k < t.rank; ++k) x += t.B[(r0 + m) * t.rank + k] * t.A[k * cols + j];
-      any_bad |= !std::isfinite(x);
+      any_bad |= !(std::fabs(x) < lim);
       from_f32(&x, static_cast<unsigned char*>(job.out) + idx * osz, job.out_type, 1);
     }
   }

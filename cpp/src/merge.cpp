@@ -56,7 +56,8 @@ bool run_block(const MergeJob& job, std::int64_t r0, std::int64_t nr, std::size_
       }
     }
   }
-  const bool finite = T.allFinite();
+  // Not finite, or finite but stored as Inf in the output type (F16 / BF16 overflow).
+  const bool finite = (T.array().abs() < overflow_threshold(job.out_type)).all();
   auto* out = static_cast<unsigned char*>(job.out) + static_cast<std::size_t>(r0 * cols) * itemsize(job.out_type);
   from_f32(tile.data(), out, job.out_type, n);
   return !finite;

@@ -13,6 +13,10 @@ DType dtype_from_name(const std::string& name);  // safetensors names: "F32", "B
 const char* dtype_name(DType d) noexcept;
 std::size_t itemsize(DType d) noexcept;
 bool writable(DType d) noexcept;  // F32, F16, BF16
+// The smallest float32 magnitude that is stored as Inf in `d` (round to nearest even):
+// 65520 for F16, 0x7F7F8000 (about 3.3961e38) for BF16, Inf for F32. A float32 x is
+// written as a finite value exactly when |x| < overflow_threshold(d) (false for NaN).
+float overflow_threshold(DType d) noexcept;
 
 // n elements of type `src_type` at `src` -> n floats at `dst`.
 void to_f32(const void* src, DType src_type, float* dst, std::size_t n);

@@ -253,6 +253,36 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
 
 Stage = tuple[np.ndarray, np.ndarray, "np.ndarray | None", bool]
 
+_INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
+_LARGEST = {"F16": "65504", "BF16": "3.39e38", "F32": "3.40e38"}
+
+
+def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
+    """Inf or NaN among the raw bits of an F16 / BF16 array: two reductions, no temporary array.
+
+    As int16, a positive Inf/NaN is >= the Inf pattern; as uint16, a negative one is >= its pattern."""
+    inf = _INF_BITS.get(dtype)
+    if inf is None or raw is None or raw.size == 0:
+        return False
+    bits = raw.reshape(-1).view(np.uint16)
+    return int(bits.view(np.int16).max()) >= inf or int(bits.max()) >= 0x8000 | inf
+
+
+def _inputs_finite(job: tuple, threads: int) -> bool:
+    """Whether the base rows and every factor of a merge job are finite (only called for flagged jobs)."""
+    _, w, w_dtype, _, _, stages = job
+    if not np.isfinite(_core.to_float32(w, w_dtype, threads)).all():
+        return False
+    return all(np.isfinite(x).all() for b, a, m, _ in stages for x in (b, a, m) if x is not None)
+
+
+def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
+    shown = ", ".join(f"{n} ({dtypes[n]}, largest finite {_LARGEST[dtypes[n]]})" for n in names[:5])
+    return NonFiniteError(
+        f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: values finite in float32 overflow "
+        "when rounded to the output dtype; pass --allow-nonfinite to write them anyway, or choose a wider --dtype"
+    )
+
 
 def _stages(contribs: list[Contribution], threads: int) -> list[Stage]:
     """Consecutive plain LoRA updates stack into one GEMM; each DoRA update is a stage of its own.
@@ -468,13 +498,19 @@ class _Executor:
             if t.updates and p.r0 == 0:
                 self.merged.append(t.name)
         flags = _core.merge_batch(jobs, self.threads) if jobs else []
-        bad = sorted({job[0] for job, f in zip(jobs, flags) if f})
-        if bad and not self.allow_nonfinite:
-            raise NonFiniteError(
-                f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
-                f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
-                "pass --allow-nonfinite to write them anyway"
-            )
+        bad_jobs = [job for job, f in zip(jobs, flags) if f]
+        if bad_jobs and not self.allow_nonfinite:
+            # The core flags results that are not finite in float32 or overflow the output dtype;
+            # a flagged job whose inputs are all finite overflowed when rounded (F16 / BF16).
+            over = sorted({job[0] for job in bad_jobs if _inputs_finite(job, self.threads)})
+            bad = sorted({job[0] for job in bad_jobs} - set(over))
+            if bad:
+                raise NonFiniteError(
+                    f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
+                    f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
+                    "pass --allow-nonfinite to write them anyway"
+                )
+            raise _overflow_error(over, {job[0]: job[4] for job in bad_jobs})
         for p in computed:
             if p.tensor.replacement is None:
                 src = self.file(p.tensor.src_shard)
@@ -490,8 +526,13 @@ class _Executor:
             acc += c.coef * c.update.bias.f32().astype(np.float64)
         if not np.isfinite(acc).all() and not self.allow_nonfinite:
             raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
+        with np.errstate(over="ignore"):
+            acc32 = acc.astype(np.float32)
+        out = _core.from_float32(acc32, t.dtype, self.threads)
+        if not self.allow_nonfinite and (not np.isfinite(acc32).all() or _has_nonfinite(out, t.dtype)):
+            raise _overflow_error([t.name], {t.name: t.dtype})
         self.biases.append(t.name)
-        return _core.from_float32(acc.astype(np.float32), t.dtype, self.threads)
+        return out
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
                      notes: list[str]) -> None:
