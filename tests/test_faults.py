@@ -660,3 +660,27 @@ def test_merged_values_that_overflow_the_output_dtype(tmp_path, dtype, capsys):
         assert mismatch.mean() < 0.01, name
     w = _bits_to_f64(got[f"{module}.weight"], dtype)
     assert w[3, 5] == np.inf and np.isfinite(np.delete(w.reshape(-1), 3 * 64 + 5)).all()
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_sigterm_removes_the_temporary_output_and_keeps_the_previous_one(inputs, tmp_path, layout):
+    """SIGTERM mid-write: the CLI exits 143 with a message, removes its temporary output at once
+    (no leftovers until a later run) and leaves the previous output untouched."""
+    out = out_path(tmp_path, layout)
+    before_inputs = inputs.hashes(layout)
+    assert run_apply(inputs.base[layout], inputs.adapter, "-o", out, "--weights", "0.5").returncode == 0
+    previous, inode = tree_hashes(out), out.stat().st_ino
+    proc = subprocess.Popen(lorafuse_cmd(inputs.base[layout], inputs.adapter, "-o", out),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while temp_bytes(out, proc.pid) < 0.3 * inputs.sizes[layout] and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert proc.poll() is None, "the run ended before the signal could be sent"
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 143, stderr
+    assert stderr == "lorafuse apply: terminated (SIGTERM); no output was written\n"
+    assert tree_hashes(out) == previous and out.stat().st_ino == inode
+    assert leftovers(out) == []
+    assert inputs.hashes(layout) == before_inputs

@@ -365,8 +365,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that temporary outputs are removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
                     "resize": _cmd_resize, "extract": _cmd_extract}
@@ -377,9 +391,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorafuseError as e:
         print(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print(f"lorafuse {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
