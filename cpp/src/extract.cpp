@@ -19,6 +19,7 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
+#include "svd_signs.hpp"
 
 namespace lorafuse {
 namespace {
@@ -583,26 +584,7 @@ class PanelQR {
 // Orthonormal basis (rows x l) of the columns of a float32 matrix, in float32.
 MatF orthonormal_basis_f(const MatF& Y) { return PanelQR<float>(Y).thin_q(); }
 
-// Makes the entry of largest magnitude of each column of L positive (first such
-// entry on ties); the matching column of R follows so L diag(s) R^T is unchanged.
-// (The convention of svd.cpp.)
-void fix_signs(MatD& L, MatD& R) {
-  for (Index j = 0; j < L.cols(); ++j) {
-    Index best = 0;
-    double best_abs = -1.0;
-    for (Index i = 0; i < L.rows(); ++i) {
-      const double a = std::abs(L(i, j));
-      if (a > best_abs) {
-        best_abs = a;
-        best = i;
-      }
-    }
-    if (L(best, j) < 0.0) {
-      L.col(j) *= -1.0;
-      R.col(j) *= -1.0;
-    }
-  }
-}
+using detail::fix_signs;
 
 void write_zero(const ExtractJob& job) {
   Eigen::Map<RowMatF>(job.B, job.out, job.k).setZero();

@@ -11,6 +11,7 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
+#include "svd_signs.hpp"
 
 namespace lorafuse {
 namespace {
@@ -31,25 +32,7 @@ bool all_finite(const float* p, std::int64_t n) {
   return acc == 0.0f;
 }
 
-// Makes the entry of largest magnitude of each column of L positive (first such
-// entry on ties); the matching column of R follows so L diag(s) R^T is unchanged.
-void fix_signs(MatD& L, MatD& R) {
-  for (Index j = 0; j < L.cols(); ++j) {
-    Index best = 0;
-    double best_abs = -1.0;
-    for (Index i = 0; i < L.rows(); ++i) {
-      const double a = std::abs(L(i, j));
-      if (a > best_abs) {
-        best_abs = a;
-        best = i;
-      }
-    }
-    if (L(best, j) < 0.0) {
-      L.col(j) *= -1.0;
-      R.col(j) *= -1.0;
-    }
-  }
-}
+using detail::fix_signs;
 
 // Writes B2 = L diag(f_left) (padded to k columns) and A2 = diag(f_right) R^T
 // (padded to k rows), where L (out x kk) and R (in x kk) hold the leading singular
