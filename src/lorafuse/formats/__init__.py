@@ -10,6 +10,7 @@ from lorafuse.errors import FormatError
 from lorafuse.formats.kohya import is_kohya, load_kohya
 from lorafuse.formats.peft import is_peft, load_peft
 from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
+from lorafuse.io.safetensors import read_header
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -20,12 +21,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise FormatError(f"{p}: no such file or directory")
     if p.is_file() and p.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(p)
+    if p.suffix == ".safetensors" and not p.is_dir():
+        read_header(p)  # a .safetensors file that cannot be read: say why, not "not a recognised adapter"
     if is_kohya(p):
         return "kohya"
     if is_peft(p):
         return "peft"
     if p.is_dir():
-        pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        try:
+            pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        except OSError as e:
+            raise FormatError(f"{p}: cannot read: {e.strerror or e}") from None
         if pickles:
             raise refuse_pickle(pickles[0])
     raise FormatError(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafuse.adapter import Adapter, Kind, LoraUpdate
+from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, read_header, save_file
@@ -41,7 +41,7 @@ def is_kohya(path: str | os.PathLike[str]) -> bool:
         tensors, _, _ = read_header(p)
     except FormatError:
         return False
-    return any(k.endswith(".lora_down.weight") or _LYCORIS.search(k) for k in tensors)
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) or _LYCORIS.search(k) for k in tensors)
 
 
 def load_kohya(path: str | os.PathLike[str]) -> Adapter:
@@ -59,6 +59,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         if suffix is None or not module.startswith("lora_") or "." in module:
             raise FormatError(f"{p}: tensor {key!r} is not a kohya LoRA tensor "
                               "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha)")
+        check_module_name(module, f"{p}: tensor {key!r}")
         parts.setdefault(module, {})[_ROLES[suffix]] = t
     updates = {m: _update(p, m, d) for m, d in parts.items()}
     return Adapter(updates=updates, config={"metadata": metadata}, format="kohya", path=p)
@@ -68,11 +69,16 @@ def _update(path: Path, module: str, p: dict[str, Tensor]) -> LoraUpdate:
     where = f"{path}: module {module!r}"
     down, up, alpha = p.get("down"), p.get("up"), p.get("alpha")
     if down is None or up is None:
-        raise FormatError(f"{where} has no {'lora_down.weight' if down is None else 'lora_up.weight'}")
+        have = ", ".join(f"{n} {t.shape}" for n, t in (("lora_down.weight", down), ("lora_up.weight", up),
+                                                         ("alpha", alpha)) if t is not None)
+        raise FormatError(f"{where} has no {'lora_down.weight' if down is None else 'lora_up.weight'} "
+                          f"(only {have})")
     for t, n in ((down, "lora_down.weight"), (up, "lora_up.weight")):
         if not t.is_float:
             raise FormatError(f"{where}: {n} has non-float dtype {t.dtype}")
     rank = down.shape[0] if down.shape else 0
+    if len(down.shape) in (2, 4) and len(up.shape) == len(down.shape) and rank == 0:
+        raise ShapeMismatchError(f"{where}: lora_down {down.shape} has rank 0 (a zero-rank adapter)")
     ok = (len(down.shape) in (2, 4) and len(up.shape) == len(down.shape) and rank > 0
           and up.shape[1] == rank and all(d == 1 for d in up.shape[2:]))
     if not ok:

@@ -7,9 +7,39 @@ import os
 from pathlib import Path
 
 from lorafuse.errors import FormatError
-from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, read_header
+from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, file_kind, open_regular, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_JSON_BYTES = 64 << 20  # adapter_config.json, *.safetensors.index.json: real ones are far smaller
+
+
+def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> object:
+    """The JSON value of a small side file (a config, a shard index), read with a size limit.
+    Every way it can be wrong (not a file, too big, not UTF-8, not JSON, nested too deep,
+    integers of thousands of digits) is a FormatError that names the file."""
+    fd = open_regular(path, str(path))
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise FormatError(f"{path}: {what} is {size} bytes, more than the {limit}-byte limit")
+        data = bytearray()
+        while len(data) <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - len(data)))  # os.read allocates what it is asked
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FormatError(f"{path}: {what} is more than the {limit}-byte limit")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: cannot read {what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
+        raise FormatError(f"{path}: cannot read {what}: not valid JSON ({e})") from None
 
 
 def refuse_pickle(path: Path) -> FormatError:
@@ -47,9 +77,14 @@ class Checkpoint:
             if path.suffix in PICKLE_SUFFIXES:
                 raise refuse_pickle(path)
             self.directory, shard_names = path.parent, [path.name]
+        elif not path.is_dir():
+            raise FormatError(f"{path}: it is {file_kind(path.stat().st_mode)}, not a checkpoint file or folder")
         else:
             self.directory = path
-            shard_names = self._shards_of_directory(path)
+            try:
+                shard_names = self._shards_of_directory(path)
+            except OSError as e:  # an unreadable folder
+                raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
         self.shards: list[str] = shard_names
         self.headers: dict[str, dict[str, TensorInfo]] = {}
         self.metadata: dict[str, dict[str, str]] = {}
@@ -68,10 +103,7 @@ class Checkpoint:
         index = _find_index(directory)
         if index is not None:
             self.index_name = index.name
-            try:
-                data = json.loads(index.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FormatError(f"{index}: cannot read the shard index ({e})") from None
+            data = read_json(index, "the shard index")
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

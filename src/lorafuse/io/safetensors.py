@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from lorafuse.errors import FormatError, LorafuseValueError
 from lorafuse.io.dtypes import DTYPES
 
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 32  # numpy 1.x holds at most 32 dimensions (2.x: 64); no real tensor has more
 _U64_MAX = 2**64 - 1
 _I64_MAX = 2**63 - 1
+_WIDEST = 8  # bytes per element of the widest type a tensor is converted to (float64)
 _PAGE = mmap.PAGESIZE
 
 
@@ -53,8 +56,50 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+def _reject_constant(name: str) -> object:
+    raise FormatError(f"{name} is not a JSON value")
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string with lone UTF-16 surrogates (JSON escapes such as \\ud800): it is not
+    Unicode text, and it could not be written back to a UTF-8 header."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO', ... for a file that is not a regular file."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str], where: str) -> int:
+    """A read-only descriptor of a regular file. A FIFO, socket or device is refused without
+    blocking on it (opening a FIFO would wait for a writer forever)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise FormatError(f"{where}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FormatError(f"{where}: cannot read: it is {file_kind(mode)}, not a file")
+    return fd
 
 
 def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -66,59 +111,78 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
     if not text.startswith("{"):
         raise FormatError(f"{where}: header does not start with '{{'")
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except FormatError as e:
-        raise FormatError(f"{where}: {e}") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{where}: header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, integers of thousands of digits, deep nesting
         raise FormatError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
     if metadata is None:  # absent or null; [] or "" are not a map and are refused below
         metadata = {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings, got {type(metadata).__name__}")
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise FormatError(f"{where}: __metadata__ must map strings to strings: {k!r} maps to {_short(v)}")
+        if not (_is_unicode(k) and _is_unicode(v)):
+            raise FormatError(f"{where}: __metadata__ entry {k!r} holds a lone UTF-16 surrogate (not Unicode text)")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
         tensors[name] = _parse_entry(name, entry, where)
     # Offsets must tile the data buffer exactly: no overlap, no gap, nothing after.
     cursor = 0
+    last: TensorInfo | None = None
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if t.begin != cursor:
             kind = "overlaps another tensor" if t.begin < cursor else "leaves a gap before it"
-            raise FormatError(f"{where}: tensor {t.name!r} at offsets [{t.begin}, {t.end}] {kind}")
-        cursor = t.end
+            other = f" ({last.name!r} ends at {cursor})" if last is not None else ""
+            raise FormatError(f"{where}: tensor {t.name!r} at offsets [{t.begin}, {t.end}] {kind}{other}")
+        cursor, last = t.end, t
     if cursor > data_size:
-        raise FormatError(f"{where}: tensors need {cursor} data bytes but the file holds {data_size} (truncated?)")
+        assert last is not None
+        raise FormatError(f"{where}: tensors need {cursor} data bytes but the file holds {data_size} (truncated?): "
+                          f"tensor {last.name!r} at offsets [{last.begin}, {last.end}] is past the end")
     if cursor < data_size:
-        raise FormatError(f"{where}: {data_size - cursor} trailing bytes after the last tensor")
+        raise FormatError(f"{where}: {data_size - cursor} trailing bytes after the last tensor "
+                          f"(the tensors end at data offset {cursor}, the data is {data_size} bytes)")
     return tensors, dict(metadata)
 
 
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
+    if not _is_unicode(name):
+        raise FormatError(f"{where}: tensor name {name!r} holds a lone UTF-16 surrogate (not Unicode text)")
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+        raise FormatError(f"{where}: tensor {name!r} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
+        raise FormatError(f"{where}: tensor {name!r} has invalid shape {_short(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}: tensor {name!r} has {len(shape)} dimensions (at most {MAX_DIMS} are supported)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) and 0 <= o <= _U64_MAX for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {_short(offsets)}")
     nbytes = DTYPES[dtype].itemsize
-    extent = nbytes  # the byte size with zero dims taken as 1: numpy cannot hold a shape past 2**63 - 1
+    # The byte size with zero dims taken as 1, at 8 bytes an element: numpy cannot hold a shape past
+    # 2**63 - 1 bytes even with no elements, and the tensor may be converted to float32 / float64.
+    extent = _WIDEST
     for d in shape:
         nbytes *= d
         extent *= max(d, 1)
         if nbytes > _U64_MAX or extent > _I64_MAX:
-            raise FormatError(f"{where}: tensor {name!r} with shape {shape} overflows 64-bit byte sizes")
+            raise FormatError(f"{where}: tensor {name!r} with shape {_short(shape)} overflows 64-bit byte sizes")
     if nbytes != offsets[1] - offsets[0]:
         raise FormatError(
             f"{where}: tensor {name!r} of dtype {dtype} and shape {shape} needs {nbytes} bytes "
@@ -127,24 +191,38 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+def _read_header_fd(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, int]:
+    """(tensors, metadata, data start, file size) of the open regular file `fd`."""
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise FormatError(f"{where}: file is {size} bytes, too small for a safetensors header")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            raise FormatError(f"{where}: header length {n} runs past the end of the {size}-byte file")
+        raw = bytearray()
+        while len(raw) < n:  # pread may return fewer bytes than asked
+            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not chunk:
+                raise FormatError(f"{where}: the file ended inside its {n}-byte header (changed while read?)")
+            raw += chunk
+    except OSError as e:
+        raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
+    tensors, metadata = parse_header(bytes(raw), size - 8 - n, where)
+    return tensors, metadata, 8 + n, size
+
+
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Header of a safetensors file: (tensors, metadata, data start offset). Reads only the header."""
     where = str(path)
+    fd = open_regular(path, where)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise FormatError(f"{where}: file is {size} bytes, too small for a safetensors header")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if 8 + n > size:
-                raise FormatError(f"{where}: header length {n} runs past the end of the {size}-byte file")
-            raw = f.read(n)
-    except OSError as e:
-        raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
-    tensors, metadata = parse_header(raw, size - 8 - n, where)
-    return tensors, metadata, 8 + n
+        tensors, metadata, start, _ = _read_header_fd(fd, where)
+    finally:
+        os.close(fd)
+    return tensors, metadata, start
 
 
 class SafetensorsFile:
@@ -156,10 +234,19 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.tensors, self.metadata, self._data_start = read_header(self.path)
-        self._file = open(self.path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        self._map: mmap.mmap | None = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        where = str(path)
+        # One descriptor for validating and mapping: the mapping covers exactly the bytes validated.
+        fd = open_regular(self.path, where)
+        try:
+            self.tensors, self.metadata, self._data_start, size = _read_header_fd(fd, where)
+            self._map: mmap.mmap | None = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        except OSError as e:
+            os.close(fd)
+            raise FormatError(f"{where}: cannot map: {e.strerror or e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._file = os.fdopen(fd, "rb")
 
     def __enter__(self) -> SafetensorsFile:
         return self
