@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "lorafuse/errors.hpp"
+#include "float_bits.hpp"
 
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
@@ -15,16 +16,8 @@
 namespace lorafuse {
 namespace {
 
-inline std::uint32_t bits_of(float f) noexcept {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float float_of(std::uint32_t u) noexcept {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using detail::bits_of;
+using detail::float_of;
 
 // E4M3 "fn" variant (no infinities; S.1111.111 is NaN) and E5M2 (IEEE-like, the
 // top byte of a binary16). Both decode through a 256-entry table.
@@ -207,12 +200,8 @@ float overflow_threshold(DType d) noexcept {
   switch (d) {
     case DType::F16:
       return 65520.0f;  // halfway between 65504 and the next binade: rounds to even = Inf
-    case DType::BF16: {
-      const std::uint32_t bits = 0x7F7F8000u;  // halfway above 0x7F7F (odd): rounds up to Inf
-      float f;
-      std::memcpy(&f, &bits, 4);
-      return f;
-    }
+    case DType::BF16:
+      return float_of(0x7F7F8000u);  // halfway above 0x7F7F (odd): rounds up to Inf
     default:
       return std::numeric_limits<float>::infinity();
   }

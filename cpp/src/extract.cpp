@@ -20,6 +20,7 @@
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
 #include "svd_signs.hpp"
+#include "float_bits.hpp"
 
 namespace lorafuse {
 namespace {
@@ -36,16 +37,8 @@ constexpr std::uint64_t kExtractDomain = 0x6578747261637401ull;
 // Non-finite flags of a module, found in its first pass.
 constexpr unsigned kBadBase = 1, kBadFt = 2, kBadDiff = 4;
 
-inline std::uint32_t bits_of(float f) noexcept {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float float_of(std::uint32_t u) noexcept {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using detail::bits_of;
+using detail::float_of;
 // 1 when x is NaN or Inf (all exponent bits set): integer ops, so loops vectorize.
 inline std::uint32_t nonfinite(float x) noexcept { return (bits_of(x) & 0x7F800000u) == 0x7F800000u; }
 
