@@ -304,6 +304,29 @@ def run_measured(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None 
     )
 
 
+def print_run_header(title: str, argv: Sequence[str], extra: Sequence[tuple[str, str]] = ()) -> None:
+    """The first lines of a benchmark's output: what it compares, the machine and the command."""
+    import shlex
+
+    print(title)
+    for label, value in [*machine_info(), ("command", shlex.join([Path(sys.argv[0]).name, *argv])), *extra]:
+        print(f"  {label:<13}{value}")
+
+
+def make_workdir(workdir: str | None, prefix: str) -> tuple[Path, Path, bool]:
+    """(work directory, its logs/ folder, whether it was made fresh under /tmp): --workdir or a new temp dir."""
+    own = workdir is None
+    if own:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    else:
+        path = Path(workdir).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+    log_dir = path / "logs"
+    log_dir.mkdir(exist_ok=True)
+    print(f"  {'workdir':<13}{path}")
+    return path, log_dir, own
+
+
 def warm_page_cache(paths: Iterable[Path], chunk_bytes: int = 16 * MiB) -> int:
     """Read every regular file under ``paths`` once (like ``cat files > /dev/null``)."""
     buf = bytearray(chunk_bytes)

@@ -29,7 +29,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import TYPE_CHECKING, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    make_workdir,
+    print_run_header,
     ADAPTER_CONFIG_NAME,
     LLAMA_LINEAR_MODULES,
     RunResult,
@@ -47,7 +48,6 @@ from _common import (  # noqa: E402
     fmt_mib,
     llama_config,
     load_tensor,
-    machine_info,
     parse_size,
     run_measured,
     tree_bytes,
@@ -496,20 +496,8 @@ def main(argv: Sequence[str]) -> int:
         return peft_child(base, adapter, out, int(threads))
     args = parse_args(argv)
 
-    print("bench_apply: lorafuse apply vs cp -r vs PEFT merge_and_unload")
-    for label, value in machine_info():
-        print(f"  {label:<13}{value}")
-    print(f"  {'command':<13}{shlex.join([Path(sys.argv[0]).name, *argv])}")
-
-    own_workdir = args.workdir is None
-    if own_workdir:
-        workdir = Path(tempfile.mkdtemp(prefix="lorafuse-bench-", dir="/tmp"))
-    else:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    log_dir = workdir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    print(f"  {'workdir':<13}{workdir}")
+    print_run_header("bench_apply: lorafuse apply vs cp -r vs PEFT merge_and_unload", argv)
+    workdir, log_dir, own_workdir = make_workdir(args.workdir, "lorafuse-bench-")
 
     tools: list[Tool] = []
     status = 0

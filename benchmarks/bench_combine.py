@@ -67,7 +67,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +75,14 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    make_workdir,
+    print_run_header,
     ADAPTER_WEIGHTS_NAME,
     LLAMA_LINEAR_MODULES,
     build_lora_adapter,
     find_peft_adapter_dir,
     fmt_mib,
     llama_config,
-    machine_info,
     peft_lora_delta64,
     run_measured,
     tree_bytes,
@@ -759,21 +759,8 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations while writing inputs
 
-    print("bench_combine: lorafuse combine --method svd vs PEFT add_weighted_adapter(combination_type='svd')")
-    for label, value in machine_info():
-        print(f"  {label:<13}{value}")
-    print(f"  {'command':<13}{shlex.join([Path(sys.argv[0]).name, *argv])}")
-    print(f"  {'load avg':<13}{_loadavg()}  (other work on the machine skews the timings)")
-
-    own_workdir = args.workdir is None
-    if own_workdir:
-        workdir = Path(tempfile.mkdtemp(prefix="lorafuse-bench-combine-", dir="/tmp"))
-    else:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    log_dir = workdir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    print(f"  {'workdir':<13}{workdir}")
+    print_run_header("bench_combine: lorafuse combine --method svd vs PEFT add_weighted_adapter(combination_type='svd')", argv, [("load avg", f"{_loadavg()}  (other work on the machine skews the timings)")])
+    workdir, log_dir, own_workdir = make_workdir(args.workdir, "lorafuse-bench-combine-")
 
     status = 0
     try:

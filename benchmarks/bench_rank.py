@@ -78,7 +78,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -88,6 +87,8 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    make_workdir,
+    print_run_header,
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     LLAMA_LINEAR_MODULES,
@@ -100,7 +101,6 @@ from _common import (  # noqa: E402
     fmt_mib,
     llama_config,
     load_tensor,
-    machine_info,
     peft_lora_delta64,
     peft_lora_scale,
     tree_bytes,
@@ -852,20 +852,8 @@ def main(argv: Sequence[str]) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations while writing inputs
 
-    print("bench_rank: lorafuse resize / extract vs dense torch.linalg.svd (kohya resize_lora, mergekit extraction)")
-    for label, value in machine_info():
-        print(f"  {label:<13}{value}")
-    print(f"  {'command':<13}{shlex.join([Path(sys.argv[0]).name, *argv])}")
-
-    own_workdir = args.workdir is None
-    if own_workdir:
-        workdir = Path(tempfile.mkdtemp(prefix="lorafuse-bench-rank-", dir="/tmp"))
-    else:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    log_dir = workdir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    print(f"  {'workdir':<13}{workdir}")
+    print_run_header("bench_rank: lorafuse resize / extract vs dense torch.linalg.svd (kohya resize_lora, mergekit extraction)", argv)
+    workdir, log_dir, own_workdir = make_workdir(args.workdir, "lorafuse-bench-rank-")
 
     status = 0
     summaries: list[str] = []
