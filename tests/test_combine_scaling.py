@@ -161,3 +161,13 @@ def test_cli_reports_randomized_modules_and_exact_flag(rng, tmp_path: Path, caps
     Dk, opt = optimum(dense_sum(adapters, weights), 16)
     got = load(tmp_path / "exact").updates["model.layers.0.mlp.up_proj"].delta()
     assert np.linalg.norm(got - Dk) <= 1e-4 * np.linalg.norm(Dk)
+
+
+def test_dense_svd_methods_list_the_modules_whose_rank_k_step_was_randomized(rng):
+    """ties_svd: rank k by an exact SVD when 4 (k + 10) >= min(out, in), else randomized (listed)."""
+    small = random_adapters(rng, 2, 60, 40, 4)  # 4 (4 + 10) = 56 >= 40: exact
+    large = random_adapters(rng, 2, 300, 260, 4)  # 56 < 260: randomized
+    for adapters, expected in ((small, []), (large, ["model.layers.0.mlp.up_proj"])):
+        result = combine(adapters, [1.0, 0.5], method="ties_svd", rank=4, density=0.5)
+        assert result.randomized == expected
+    assert _core.dense_svd_is_exact(60, 40, 4) and not _core.dense_svd_is_exact(300, 260, 4)

@@ -598,6 +598,13 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("out"), py::arg("in_"), py::arg("r"), py::arg("k"), py::arg("mode") = "auto", py::arg("oversample") = 10,
       py::arg("power_iters") = 4, "Whether factored_svd takes the exact path for a job of this shape.");
+  m.def(
+      "dense_svd_is_exact",
+      [](std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) {
+        return lorafuse::dense_svd_is_exact(out, in, k, oversample);
+      },
+      py::arg("out"), py::arg("in_"), py::arg("k"), py::arg("oversample") = 10,
+      "Whether dense_svd takes the exact path: (k + oversample) * 4 >= min(out, in).");
   m.def("dense_svd", &dense_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B", py::arg("seed") = 0,
         py::arg("oversample") = 10, py::arg("power_iters") = 4, py::arg("threads") = 0,
         "Best rank-k factors of dense (name, D) items: exact SVD when k + oversample >= min(out, in) / 4, else "

@@ -45,7 +45,7 @@ _TASK = {
     "dare_ties": ("random", True, "ties"),
     "magnitude_prune": ("magnitude", False, "sum"),
 }
-_DENSE_OVERSAMPLE = 10  # dense_svd's oversampling: exact when 4 (k + 10) >= min(out, in), else randomized
+_DENSE_OVERSAMPLE = 10  # dense_svd's oversampling (its exact/randomized choice: _core.dense_svd_is_exact)
 
 _TASK.update({m + "_svd": _TASK[m] for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune")})
 
@@ -297,6 +297,6 @@ def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: 
                                   oversample=_DENSE_OVERSAMPLE, threads=threads)
         for n, d, (b2, a2, _) in zip(chunk, merged, results):
             out[n] = by_module[n][0].update.with_factors(b2, a2)
-            if 4 * (k + _DENSE_OVERSAMPLE) < min(d.shape):
+            if not _core.dense_svd_is_exact(d.shape[0], d.shape[1], k, _DENSE_OVERSAMPLE):
                 randomized.append(n)
     return out, randomized
