@@ -70,6 +70,24 @@ def test_apply_equals_peft_merge_and_unload(name: str, tmp_path: Path) -> None:
         assert index["metadata"]["total_size"] == sum(v.nbytes for v in got.values())
 
 
+@pytest.mark.parametrize("name", ["dora", "conv_dora"])
+def test_dora_weights_split_into_row_blocks_still_match_peft(name: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights larger than CHUNK_BYTES are merged in row blocks; each block takes its rows' DoRA
+    magnitudes (before, the whole magnitude vector went with every block and the core refused it)."""
+    import lorafuse.ops.apply as apply_mod
+
+    case = CASES[name](tmp_path)
+    monkeypatch.setattr(apply_mod, "CHUNK_BYTES", 512)
+    out = tmp_path / "merged"
+    lorafuse.apply(case.base_dir, [case.adapter_dir], out=out, progress=False)
+    got = read_checkpoint(out)
+    sizes = [v.nbytes for k, v in got.items() if k in case.merged_state]
+    assert max(sizes) > 4 * 512, "the test needs weights that are split into several row blocks"
+    for key, ref in case.merged_state.items():
+        assert_close_f32(got[key], ref, key)
+
+
 def _outputs(model: torch.nn.Module, case: pf.Case) -> torch.Tensor:
     with torch.no_grad():
         if case.input_ids is not None:

@@ -109,9 +109,139 @@ py::array from_float32(const py::handle& x_handle, const std::string& dtype, int
   return out;
 }
 
-// jobs: list of (name, w, w_dtype, out, out_dtype, stages);
-// stages: list of (B, A, magnitude|None, column_norm: bool).
-// Returns, per job, whether the output holds a NaN or an Inf.
+// Defined with the combine kernels below.
+py::sequence require_sequence(const py::handle& h, const std::string& what);
+std::int64_t require_int(const py::handle& h, const std::string& what);
+
+// ---- merge_batch: stage parsing ----
+
+// A float32 C-contiguous 2-D factor, kept alive for the kernels.
+py::array_t<float> require_factor(const py::handle& h, const std::string& what, std::vector<py::object>& keep_alive) {
+  auto a = require_f32(h, what);
+  if (a.ndim() != 2) fail(ErrorKind::ShapeMismatch, what + " " + shape_str(a) + " must be 2-D");
+  keep_alive.push_back(a);
+  return a;
+}
+
+// rows * cols of a Kronecker product, or -1 when it does not fit in 64 bits.
+std::int64_t checked_product(std::int64_t x, std::int64_t y) {
+  std::int64_t r = 0;
+  return __builtin_mul_overflow(x, y, &r) ? -1 : r;
+}
+
+void parse_lowrank(const py::handle& B_in, const py::handle& A_in, const py::array& w, const lorafuse::MergeJob& job,
+                   lorafuse::MergeStage& stage, std::vector<py::object>& keep_alive) {
+  auto B = require_f32(B_in, job.name + ": B");
+  auto A = require_f32(A_in, job.name + ": A");
+  if (B.ndim() != 2 || A.ndim() != 2 || B.shape(0) != job.rows || A.shape(1) != job.cols || B.shape(1) != A.shape(0))
+    fail(ErrorKind::ShapeMismatch, job.name + ": factors B " + shape_str(B) + " and A " + shape_str(A) +
+                                       " do not fit the base weight " + shape_str(w));
+  keep_alive.push_back(B);
+  keep_alive.push_back(A);
+  stage.kind = lorafuse::StageKind::LowRank;
+  stage.B = B.data();
+  stage.A = A.data();
+  stage.rank = A.shape(0);
+}
+
+void parse_hadamard(const py::sequence& f, const py::array& w, const lorafuse::MergeJob& job,
+                    lorafuse::MergeStage& stage, std::vector<py::object>& keep_alive) {
+  if (f.size() != 4)
+    fail(ErrorKind::Value, job.name + ": a hadamard stage takes factors (B1, A1, B2, A2), got " +
+                               std::to_string(f.size()));
+  auto B1 = require_factor(f[0], job.name + ": LoHa B1", keep_alive);
+  auto A1 = require_factor(f[1], job.name + ": LoHa A1", keep_alive);
+  auto B2 = require_factor(f[2], job.name + ": LoHa B2", keep_alive);
+  auto A2 = require_factor(f[3], job.name + ": LoHa A2", keep_alive);
+  if (B1.shape(0) != job.rows || B2.shape(0) != job.rows || A1.shape(1) != job.cols || A2.shape(1) != job.cols ||
+      B1.shape(1) != A1.shape(0) || B2.shape(1) != A2.shape(0))
+    fail(ErrorKind::ShapeMismatch, job.name + ": LoHa factors B1 " + shape_str(B1) + ", A1 " + shape_str(A1) +
+                                       ", B2 " + shape_str(B2) + ", A2 " + shape_str(A2) +
+                                       " do not fit the base weight " + shape_str(w));
+  stage.kind = lorafuse::StageKind::Hadamard;
+  stage.B = B1.data();
+  stage.A = A1.data();
+  stage.rank = A1.shape(0);
+  stage.B2 = B2.data();
+  stage.A2 = A2.data();
+  stage.rank2 = A2.shape(0);
+}
+
+// (W1, W2) or (W1, W2, row_offset): the job's rows are rows [row_offset, row_offset + rows)
+// of kron(W1, W2).
+void parse_kron(const py::sequence& f, const py::array& w, const lorafuse::MergeJob& job, lorafuse::MergeStage& stage,
+                std::vector<py::object>& keep_alive) {
+  if (f.size() != 2 && f.size() != 3)
+    fail(ErrorKind::Value, job.name + ": a kron stage takes factors (W1, W2) or (W1, W2, row_offset), got " +
+                               std::to_string(f.size()));
+  auto W1 = require_factor(f[0], job.name + ": LoKr W1", keep_alive);
+  auto W2 = require_factor(f[1], job.name + ": LoKr W2", keep_alive);
+  const std::int64_t offset = f.size() == 3 ? require_int(f[2], job.name + ": LoKr row_offset") : 0;
+  const std::int64_t krows = checked_product(W1.shape(0), W2.shape(0));
+  const std::int64_t kcols = checked_product(W1.shape(1), W2.shape(1));
+  const bool rows_fit = f.size() == 3 ? offset >= 0 && krows >= 0 && offset <= krows && job.rows <= krows - offset
+                                      : krows == job.rows;
+  if (!rows_fit || kcols != job.cols) {
+    std::string msg = job.name + ": LoKr factors W1 " + shape_str(W1) + " and W2 " + shape_str(W2);
+    if (f.size() == 3) msg += " at row offset " + std::to_string(offset);
+    fail(ErrorKind::ShapeMismatch, msg + " do not fit the base weight " + shape_str(w) +
+                                       " (kron(W1, W2) has W1 rows * W2 rows by W1 cols * W2 cols)");
+  }
+  stage.kind = lorafuse::StageKind::Kron;
+  stage.W1 = W1.data();
+  stage.W2 = W2.data();
+  stage.a = W1.shape(0);
+  stage.b = W1.shape(1);
+  stage.c = W2.shape(0);
+  stage.d = W2.shape(1);
+  stage.row_offset = offset;
+}
+
+// One stage: (B, A, magnitude|None, column_norm) or (kind, factors, magnitude|None, column_norm)
+// with kind "lowrank" (B, A), "hadamard" (B1, A1, B2, A2) or "kron" (W1, W2[, row_offset]).
+lorafuse::MergeStage parse_stage(const py::handle& s, const py::array& w, const lorafuse::MergeJob& job,
+                                 std::vector<py::object>& keep_alive) {
+  const std::string form = "(B, A, magnitude|None, column_norm) or (kind, factors, magnitude|None, column_norm)";
+  if (!py::isinstance<py::tuple>(s) && !py::isinstance<py::list>(s))
+    fail(ErrorKind::Value, job.name + ": a stage must be " + form);
+  auto st = py::reinterpret_borrow<py::sequence>(s);
+  if (st.size() != 4) fail(ErrorKind::Value, job.name + ": a stage must be " + form);
+  lorafuse::MergeStage stage;
+  if (!py::isinstance<py::str>(st[0])) {
+    parse_lowrank(st[0], st[1], w, job, stage, keep_alive);
+  } else {
+    const std::string kind = py::cast<std::string>(st[0]);
+    if (kind != "lowrank" && kind != "hadamard" && kind != "kron")
+      fail(ErrorKind::Value, job.name + ": unknown stage kind '" + kind + "' (expected 'lowrank', 'hadamard' or 'kron')");
+    auto f = require_sequence(st[1], job.name + ": " + kind + " stage factors");
+    if (kind == "lowrank") {
+      if (f.size() != 2)
+        fail(ErrorKind::Value, job.name + ": a lowrank stage takes factors (B, A), got " + std::to_string(f.size()));
+      parse_lowrank(f[0], f[1], w, job, stage, keep_alive);
+    } else if (kind == "hadamard") {
+      parse_hadamard(f, w, job, stage, keep_alive);
+    } else {
+      parse_kron(f, w, job, stage, keep_alive);
+    }
+  }
+  if (!st[2].is_none()) {
+    stage.column_norm = py::cast<bool>(st[3]);
+    auto m = require_f32(st[2], job.name + ": DoRA magnitude");
+    if (m.ndim() != 1 || m.shape(0) != (stage.column_norm ? job.cols : job.rows))
+      fail(ErrorKind::ShapeMismatch, job.name + ": DoRA magnitude " + shape_str(m) + " does not fit the base weight " +
+                                         shape_str(w));
+    stage.magnitude = m.data();
+    keep_alive.push_back(m);
+  }
+  return stage;
+}
+
+// jobs: list of (name, w, w_dtype, out, out_dtype, stages); stages: list of
+//   (B, A, magnitude|None, column_norm)                              low-rank, B A
+//   ("lowrank", (B, A), magnitude|None, column_norm)                 the same
+//   ("hadamard", (B1, A1, B2, A2), magnitude|None, column_norm)      LoHa, (B1 A1) * (B2 A2)
+//   ("kron", (W1, W2[, row_offset]), magnitude|None, column_norm)    LoKr, kron(W1, W2)
+// Returns, per job, whether the output holds a NaN or an Inf (or overflowed its dtype).
 std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
   std::vector<lorafuse::MergeJob> jobs;
   std::vector<py::object> keep_alive;  // the arrays whose buffers the kernels read and write
@@ -137,32 +267,7 @@ std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
     job.out = out.mutable_data();
     keep_alive.push_back(w);
     keep_alive.push_back(out);
-    for (const py::handle& s : py::cast<py::list>(t[5])) {
-      auto st = py::cast<py::tuple>(s);
-      if (st.size() != 4) fail(ErrorKind::Value, job.name + ": a stage must be (B, A, magnitude|None, column_norm)");
-      lorafuse::MergeStage stage;
-      auto B = require_f32(st[0], job.name + ": B");
-      auto A = require_f32(st[1], job.name + ": A");
-      if (B.ndim() != 2 || A.ndim() != 2 || B.shape(0) != job.rows || A.shape(1) != job.cols ||
-          B.shape(1) != A.shape(0))
-        fail(ErrorKind::ShapeMismatch, job.name + ": factors B " + shape_str(B) + " and A " + shape_str(A) +
-                                           " do not fit the base weight " + shape_str(w));
-      stage.B = B.data();
-      stage.A = A.data();
-      stage.rank = A.shape(0);
-      keep_alive.push_back(B);
-      keep_alive.push_back(A);
-      if (!st[2].is_none()) {
-        stage.column_norm = py::cast<bool>(st[3]);
-        auto m = require_f32(st[2], job.name + ": DoRA magnitude");
-        if (m.ndim() != 1 || m.shape(0) != (stage.column_norm ? job.cols : job.rows))
-          fail(ErrorKind::ShapeMismatch, job.name + ": DoRA magnitude " + shape_str(m) + " does not fit the base weight " +
-                                             shape_str(w));
-        stage.magnitude = m.data();
-        keep_alive.push_back(m);
-      }
-      job.stages.push_back(stage);
-    }
+    for (const py::handle& s : py::cast<py::list>(t[5])) job.stages.push_back(parse_stage(s, w, job, keep_alive));
     jobs.push_back(std::move(job));
   }
   {

@@ -20,71 +20,157 @@ std::int64_t tile_rows(std::int64_t cols) {
   return std::clamp<std::int64_t>(target, 4, 256);
 }
 
-// Computes rows [r0, r0 + nr) of the job through stage `upto` (exclusive) into `tile`.
+// Per-thread buffers: the float32 tile and, for Hadamard stages, its two factor products.
+struct Scratch {
+  std::vector<float> tile, p1, p2;
+};
+
+// tile += B[r0:r0+nr] @ A.
+void add_lowrank(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T) {
+  if (st.rank == 0) return;
+  Eigen::Map<const RowMat> B(st.B + r0 * st.rank, T.rows(), st.rank);
+  Eigen::Map<const RowMat> A(st.A, st.rank, T.cols());
+  T.noalias() += B * A;
+}
+
+// buf = B[r0:r0+nr] @ A, a tile-sized product (zero when the rank is zero).
+Eigen::Map<RowMat> tile_product(const float* B, const float* A, std::int64_t rank, std::int64_t r0,
+                                std::int64_t nr, std::int64_t cols, std::vector<float>& buf) {
+  buf.resize(static_cast<std::size_t>(nr * cols));
+  Eigen::Map<RowMat> P(buf.data(), nr, cols);
+  if (rank == 0) {
+    P.setZero();
+  } else {
+    Eigen::Map<const RowMat> Bm(B + r0 * rank, nr, rank);
+    Eigen::Map<const RowMat> Am(A, rank, cols);
+    P.noalias() = Bm * Am;
+  }
+  return P;
+}
+
+// tile += (B1 A1)[r0:r0+nr] * (B2 A2)[r0:r0+nr], elementwise.
+void add_hadamard(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T, Scratch& s) {
+  const std::int64_t nr = T.rows(), cols = T.cols();
+  const Eigen::Map<RowMat> P1 = tile_product(st.B, st.A, st.rank, r0, nr, cols, s.p1);
+  const Eigen::Map<RowMat> P2 = tile_product(st.B2, st.A2, st.rank2, r0, nr, cols, s.p2);
+  T.array() += P1.array() * P2.array();
+}
+
+// One row of a Kronecker product: out[jb * d + k] += w1[jb] * w2[k].
+void kron_row(float* __restrict out, const float* __restrict w1, const float* __restrict w2, std::int64_t b,
+              std::int64_t d) {
+  if (d == 1) {
+    const float s = w2[0];
+    for (std::int64_t j = 0; j < b; ++j) out[j] += w1[j] * s;
+    return;
+  }
+  for (std::int64_t jb = 0; jb < b; ++jb) {
+    const float s = w1[jb];
+    float* __restrict o = out + jb * d;
+    for (std::int64_t k = 0; k < d; ++k) o[k] += s * w2[k];
+  }
+}
+
+// tile row i += kron(W1, W2) row (r0 + row_offset + i).
+void add_kron(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T) {
+  if (T.cols() == 0) return;
+  for (std::int64_t i = 0; i < T.rows(); ++i) {
+    const std::int64_t g = st.row_offset + r0 + i;
+    kron_row(T.data() + i * T.cols(), st.W1 + (g / st.c) * st.b, st.W2 + (g % st.c) * st.d, st.b, st.d);
+  }
+}
+
+void add_stage(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T, Scratch& s) {
+  switch (st.kind) {
+    case StageKind::LowRank: add_lowrank(st, r0, T); break;
+    case StageKind::Hadamard: add_hadamard(st, r0, T, s); break;
+    case StageKind::Kron: add_kron(st, r0, T); break;
+  }
+}
+
+// DoRA: rescale each column by column_scale, or each row to the norm magnitude[row].
+void apply_magnitude(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T) {
+  if (st.column_norm) {
+    Eigen::Map<const Eigen::RowVectorXf> scale(st.column_scale.data(), T.cols());
+    T.array().rowwise() *= scale.array();
+    return;
+  }
+  for (std::int64_t i = 0; i < T.rows(); ++i) {
+    const double norm = T.row(i).cast<double>().norm();
+    T.row(i) *= static_cast<float>(static_cast<double>(st.magnitude[r0 + i]) / norm);
+  }
+}
+
+// Computes rows [r0, r0 + nr) of the job through stage `upto` (exclusive) into the tile.
 // With upto == stages.size() the tile is rounded into the output; otherwise the
 // delta of stage `upto` is added and the squares of each column are accumulated
 // into `colsq` (the first pass of a column-normalized DoRA stage).
-bool run_block(const MergeJob& job, std::int64_t r0, std::int64_t nr, std::size_t upto, std::vector<float>& tile,
-               double* colsq) {
+bool run_block(const MergeJob& job, std::int64_t r0, std::int64_t nr, std::size_t upto, Scratch& s, double* colsq) {
   const std::int64_t cols = job.cols;
   const std::size_t n = static_cast<std::size_t>(nr * cols);
-  tile.resize(n);
+  s.tile.resize(n);
   const auto* w = static_cast<const unsigned char*>(job.w) + static_cast<std::size_t>(r0 * cols) * itemsize(job.w_type);
-  to_f32(w, job.w_type, tile.data(), n);
-  Eigen::Map<RowMat> T(tile.data(), nr, cols);
+  to_f32(w, job.w_type, s.tile.data(), n);
+  Eigen::Map<RowMat> T(s.tile.data(), nr, cols);
   const std::size_t last = std::min(upto + 1, job.stages.size());
-  for (std::size_t s = 0; s < last; ++s) {
-    const MergeStage& st = job.stages[s];
-    if (st.rank > 0) {
-      Eigen::Map<const RowMat> B(st.B + r0 * st.rank, nr, st.rank);
-      Eigen::Map<const RowMat> A(st.A, st.rank, cols);
-      T.noalias() += B * A;
-    }
-    if (s == upto) {  // first pass of a column-normalized stage: sum the squares, write nothing
+  for (std::size_t k = 0; k < last; ++k) {
+    const MergeStage& st = job.stages[k];
+    add_stage(st, r0, T, s);
+    if (k == upto) {  // first pass of a column-normalized stage: sum the squares, write nothing
       for (std::int64_t i = 0; i < nr; ++i)
         for (std::int64_t j = 0; j < cols; ++j) colsq[j] += static_cast<double>(T(i, j)) * T(i, j);
       return false;
     }
-    if (st.magnitude == nullptr) continue;
-    if (st.column_norm) {
-      Eigen::Map<const Eigen::RowVectorXf> scale(st.column_scale.data(), cols);
-      T.array().rowwise() *= scale.array();
-    } else {
-      for (std::int64_t i = 0; i < nr; ++i) {
-        const double norm = T.row(i).cast<double>().norm();
-        T.row(i) *= static_cast<float>(static_cast<double>(st.magnitude[r0 + i]) / norm);
-      }
-    }
+    if (st.magnitude != nullptr) apply_magnitude(st, r0, T);
   }
   // Not finite, or finite but stored as Inf in the output type (F16 / BF16 overflow).
   const bool finite = (T.array().abs() < overflow_threshold(job.out_type)).all();
   auto* out = static_cast<unsigned char*>(job.out) + static_cast<std::size_t>(r0 * cols) * itemsize(job.out_type);
-  from_f32(tile.data(), out, job.out_type, n);
+  from_f32(s.tile.data(), out, job.out_type, n);
   return !finite;
+}
+
+// How many groups of row blocks the column sums are split into: a fixed number
+// (not the thread count), so the sums are added in the same order for any thread
+// count, bounded so the partial sums stay a few tens of MiB.
+std::int64_t column_groups(std::int64_t nblocks, std::int64_t cols) {
+  const std::int64_t by_memory = (std::int64_t{4} << 20) / std::max<std::int64_t>(cols, 1);
+  return std::max<std::int64_t>(1, std::min<std::int64_t>({nblocks, 64, by_memory}));
 }
 
 // Fills column_scale = magnitude / ||column|| for every column-normalized stage of
 // the job, in stage order (a later stage's norms see the earlier stages' scaling).
 void column_norm_passes(MergeJob& job, std::int64_t step, int threads) {
-  for (std::size_t s = 0; s < job.stages.size(); ++s) {
-    MergeStage& st = job.stages[s];
+  const std::int64_t nblocks = (job.rows + step - 1) / step;
+  const std::int64_t groups = column_groups(nblocks, job.cols);
+  const std::size_t cols = static_cast<std::size_t>(job.cols);
+  for (std::size_t k = 0; k < job.stages.size(); ++k) {
+    MergeStage& st = job.stages[k];
     if (st.magnitude == nullptr || !st.column_norm) continue;
-    const std::int64_t nblocks = (job.rows + step - 1) / step;
-    const int t = resolve_threads(threads);
-    std::vector<std::vector<double>> colsq(static_cast<std::size_t>(t), std::vector<double>(job.cols, 0.0));
-    std::vector<std::vector<float>> tiles(static_cast<std::size_t>(t));
-    parallel_for(nblocks, t, [&](std::int64_t b, int tid) {
-      const std::int64_t r0 = b * step;
-      run_block(job, r0, std::min(step, job.rows - r0), s, tiles[static_cast<std::size_t>(tid)],
-                colsq[static_cast<std::size_t>(tid)].data());
+    std::vector<std::vector<double>> colsq(static_cast<std::size_t>(groups), std::vector<double>(cols, 0.0));
+    std::vector<Scratch> scratch(static_cast<std::size_t>(resolve_threads(threads)));
+    parallel_for(groups, threads, [&](std::int64_t g, int tid) {
+      for (std::int64_t b = g * nblocks / groups; b < (g + 1) * nblocks / groups; ++b) {
+        const std::int64_t r0 = b * step;
+        run_block(job, r0, std::min(step, job.rows - r0), k, scratch[static_cast<std::size_t>(tid)],
+                  colsq[static_cast<std::size_t>(g)].data());
+      }
     });
-    st.column_scale.assign(static_cast<std::size_t>(job.cols), 0.0f);
-    for (std::int64_t j = 0; j < job.cols; ++j) {
+    st.column_scale.assign(cols, 0.0f);
+    for (std::size_t j = 0; j < cols; ++j) {
       double sum = 0.0;
-      for (const auto& part : colsq) sum += part[static_cast<std::size_t>(j)];
-      st.column_scale[static_cast<std::size_t>(j)] = static_cast<float>(st.magnitude[j] / std::sqrt(sum));
+      for (const auto& part : colsq) sum += part[j];
+      st.column_scale[j] = static_cast<float>(st.magnitude[j] / std::sqrt(sum));
     }
   }
+}
+
+// The register-blocked path takes jobs of F32 / BF16 / F16 with only plain low-rank stages.
+bool fused_eligible(const MergeJob& job) {
+  if (!fused_supported(job.w_type, job.out_type)) return false;
+  for (const MergeStage& st : job.stages)
+    if (st.kind != StageKind::LowRank || st.magnitude != nullptr) return false;
+  return true;
 }
 
 }  // namespace
@@ -105,21 +191,18 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
     for (std::int64_t r0 = 0; r0 < job.rows; r0 += step)
       blocks.push_back({j, r0, std::min(step, job.rows - r0)});
   }
-  // Jobs without DoRA take the register-blocked fast path.
   std::vector<FusedJob> fused(jobs.size());
   std::vector<unsigned char> use_fused(jobs.size(), 0);
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     const MergeJob& job = jobs[j];
-    bool ok = fused_supported(job.w_type, job.out_type);
-    for (const MergeStage& st : job.stages) ok = ok && st.magnitude == nullptr;
-    if (!ok) continue;
+    if (!fused_eligible(job)) continue;
     use_fused[j] = 1;
     fused[j] = FusedJob{job.w, job.w_type, job.out, job.out_type, job.cols, {}};
     for (const MergeStage& st : job.stages)
       if (st.rank > 0) fused[j].terms.push_back({st.B, st.A, st.rank});
   }
   const int t = resolve_threads(threads);
-  std::vector<std::vector<float>> tiles(static_cast<std::size_t>(t));
+  std::vector<Scratch> scratch(static_cast<std::size_t>(t));
   std::vector<unsigned char> nonfinite(blocks.size(), 0);  // one slot per block: no shared writes
   parallel_for(static_cast<std::int64_t>(blocks.size()), t, [&](std::int64_t b, int tid) {
     const Block& blk = blocks[static_cast<std::size_t>(b)];
@@ -127,9 +210,8 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
       nonfinite[static_cast<std::size_t>(b)] = fused_rows(fused[blk.job], blk.r0, blk.nr);
       return;
     }
-    nonfinite[static_cast<std::size_t>(b)] =
-        run_block(jobs[blk.job], blk.r0, blk.nr, jobs[blk.job].stages.size(), tiles[static_cast<std::size_t>(tid)],
-                  nullptr);
+    nonfinite[static_cast<std::size_t>(b)] = run_block(jobs[blk.job], blk.r0, blk.nr, jobs[blk.job].stages.size(),
+                                                       scratch[static_cast<std::size_t>(tid)], nullptr);
   });
   for (std::size_t b = 0; b < blocks.size(); ++b)
     if (nonfinite[b]) jobs[blocks[b].job].nonfinite = true;

@@ -14,13 +14,16 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
 from lorafuse import _core
 from lorafuse.errors import FormatError, LorafuseValueError
 from lorafuse.io.tensor import Tensor
+
+if TYPE_CHECKING:
+    from lorafuse.formats.lycoris import LycorisUpdate
 
 Kind = Literal["linear", "conv", "embedding"]
 MAX_NAME_LENGTH = 1024  # real module names are under 200 characters
@@ -65,6 +68,9 @@ class LoraUpdate:
     transposed: bool = False
     magnitude: Tensor | None = None  # DoRA: one value per output feature (a row, or a column if transposed)
     bias: Tensor | None = None  # lora_B bias, added to the base bias times scale
+    # DoRA that normalizes the base weight's columns (LyCORIS `wd_on_out=False` on a Linear) although
+    # the update is not transposed: magnitude then has one value per column of the 2-D base weight.
+    magnitude_on_columns: bool = False
 
     @property
     def rank(self) -> int:
@@ -109,11 +115,22 @@ class LoraUpdate:
         return (self.scale * (b.astype(np.float64) @ a.astype(np.float64))).reshape(self.delta_shape)
 
 
+# A module's update: low-rank factors, or a LyCORIS LoHa / LoKr (formats.lycoris) that offers the
+# same interface (scale, delta_shape, rank and stored_factors of an exact factorization, delta()).
+Update = Union[LoraUpdate, "LycorisUpdate"]
+
+
+def stored_tensors(u: Update) -> list[Tensor]:
+    """The tensors an update keeps from its file: factors, LyCORIS pieces, DoRA magnitude, bias."""
+    own = [u.A, u.B] if isinstance(u, LoraUpdate) else list(u.tensors.values())
+    return own + [t for t in (u.magnitude, u.bias) if t is not None]
+
+
 @dataclass
 class Adapter:
     """A set of low-rank updates plus the full tensors that travel with them."""
 
-    updates: dict[str, LoraUpdate]
+    updates: dict[str, Update]
     full: dict[str, Tensor] = field(default_factory=dict)  # base key -> replacement (modules_to_save, base_layer)
     config: dict[str, object] = field(default_factory=dict)
     format: str = "peft"
@@ -128,7 +145,7 @@ class Adapter:
     def __iter__(self) -> Iterator[str]:
         return iter(self.updates)
 
-    def __getitem__(self, name: str) -> LoraUpdate:
+    def __getitem__(self, name: str) -> Update:
         return self.updates[name]
 
     @property
@@ -147,9 +164,7 @@ class Adapter:
         }
 
     def num_parameters(self) -> int:
-        n = sum(int(np.prod(u.A.shape)) + int(np.prod(u.B.shape)) for u in self.updates.values())
-        n += sum(int(np.prod(u.magnitude.shape)) for u in self.updates.values() if u.magnitude is not None)
-        n += sum(int(np.prod(u.bias.shape)) for u in self.updates.values() if u.bias is not None)
+        n = sum(int(np.prod(t.shape)) for u in self.updates.values() for t in stored_tensors(u))
         return n + sum(int(np.prod(t.shape)) for t in self.full.values())
 
     # ---- files and in-memory state dicts --------------------------------------------------

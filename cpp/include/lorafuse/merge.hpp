@@ -1,5 +1,7 @@
-// The fused merge W' = W + sum_i w_i s_i B_i A_i (and DoRA renormalization),
-// computed tile by tile in float32 and rounded once to the output type.
+// The fused merge W' = W + sum_i delta_i (and DoRA renormalization), computed tile
+// by tile in float32 and rounded once to the output type. A delta is low-rank
+// (B A), a LoHa Hadamard product ((B1 A1) * (B2 A2), elementwise) or a LoKr
+// Kronecker product (kron(W1, W2)); none is ever materialized whole.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -9,15 +11,31 @@
 
 namespace lorafuse {
 
-// One additive stage: tile += B[rows, rank] @ A[rank, cols] (both row-major float32,
-// with every weight and scale already folded into B). When `magnitude` is set
-// (DoRA), the result is then rescaled so each row (or, with `column_norm`, each
-// column) has the norm magnitude[i]. Column norms need the whole matrix: they are
-// found by an extra pass over the tiles before the pass that writes the output.
+enum class StageKind { LowRank, Hadamard, Kron };
+
+// One additive stage, all factors row-major float32 with every weight and scale
+// already folded in (into B, B1 or W1):
+//   LowRank:  tile += B[rows, rank] @ A[rank, cols]
+//   Hadamard: tile += (B[rows, rank] @ A[rank, cols]) * (B2[rows, rank2] @ A2[rank2, cols])
+//   Kron:     tile(i, j) += W1[(i + row_offset) / c, j / d] * W2[(i + row_offset) % c, j % d]
+//             with W1 (a x b), W2 (c x d), b * d == cols and row_offset + rows <= a * c
+//             (row_offset lets a caller merge a block of rows of a larger weight).
+// When `magnitude` is set (DoRA), the result is then rescaled so each row (or, with
+// `column_norm`, each column) has the norm magnitude[i]. Column norms need the
+// whole matrix: they are found by an extra pass over the tiles before the pass
+// that writes the output.
 struct MergeStage {
-  const float* B = nullptr;
+  StageKind kind = StageKind::LowRank;
+  const float* B = nullptr;  // LowRank and Hadamard: first factor pair
   const float* A = nullptr;
   std::int64_t rank = 0;
+  const float* B2 = nullptr;  // Hadamard: second factor pair
+  const float* A2 = nullptr;
+  std::int64_t rank2 = 0;
+  const float* W1 = nullptr;  // Kron: W1 (a x b), W2 (c x d)
+  const float* W2 = nullptr;
+  std::int64_t a = 0, b = 0, c = 0, d = 0;
+  std::int64_t row_offset = 0;
   const float* magnitude = nullptr;
   bool column_norm = false;
   std::vector<float> column_scale;  // filled by merge_batch for column_norm stages
@@ -31,10 +49,12 @@ struct MergeJob {
   DType out_type = DType::F32;
   std::int64_t rows = 0, cols = 0;
   std::vector<MergeStage> stages;
-  bool nonfinite = false;   // set when any output value is NaN or Inf
+  bool nonfinite = false;   // set when any output value is NaN or Inf, or overflows out_type
 };
 
-// Runs every job; (job, row block) pairs are spread over `threads` threads.
+// Runs every job; (job, row block) pairs are spread over `threads` threads. Jobs
+// with only low-rank stages and no DoRA take a register-blocked path; the others
+// go through float32 tiles. Results do not depend on the thread count.
 void merge_batch(std::vector<MergeJob>& jobs, int threads);
 
 }  // namespace lorafuse

@@ -50,10 +50,16 @@ def refuse_pickle(path: Path) -> FormatError:
     )
 
 
+# The file names transformers and diffusers write; variants such as `*.fp16.safetensors` beside them
+# are other weights (left alone unless they are the only file).
+PREFERRED = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
 def _find_index(directory: Path) -> Path | None:
-    preferred = directory / "model.safetensors.index.json"
-    if preferred.is_file():
-        return preferred
+    for name in PREFERRED:
+        preferred = directory / (name + ".index.json")
+        if preferred.is_file():
+            return preferred
     found = sorted(directory.glob("*.safetensors.index.json"))
     if len(found) > 1:
         raise FormatError(f"{directory}: several safetensors index files ({', '.join(p.name for p in found)})")
@@ -117,9 +123,9 @@ class Checkpoint:
                 if Path(s).name != s or not (directory / s).is_file():
                     raise FormatError(f"{index}: shard {s!r} is not a file in {directory}")
             return shards
-        single = directory / "model.safetensors"
-        if single.is_file():
-            return [single.name]
+        for name in PREFERRED:
+            if (directory / name).is_file():
+                return [name]
         found = sorted(p.name for p in directory.glob("*.safetensors"))
         if len(found) == 1:
             return found

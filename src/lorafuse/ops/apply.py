@@ -36,23 +36,19 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output_path
 from lorafuse.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.ops.match import BaseMatcher
+from lorafuse.ops.resolve import Contribution, Resolved, missing_error, resolve
+from lorafuse.ops.stages import Stage, build_stages, on_columns, slice_rows
 
 BATCH_BYTES = 32 << 20  # output bytes computed per call into the core
 CHUNK_BYTES = 16 << 20  # larger tensors are computed and written in row blocks of about this size
 WRITE_DEPTH = 2  # batches handed to the writer thread and not yet written
 LM_HEAD = "lm_head.weight"
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-
-
-@dataclass
-class Contribution:
-    update: LoraUpdate
-    coef: float  # user weight times the update's scale
-    source: str  # adapter label, for messages
 
 
 @dataclass
@@ -128,12 +124,17 @@ def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
     return "F32" if src_dtype == "F64" else "BF16"  # a merged F64 / F8 weight
 
 
+@dataclass
+class _Tie:
+    tied: bool  # config.json says tie_word_embeddings
+    emb_key: str | None  # the input embedding's key, when there is exactly one
+    virtual_lm_head: bool  # lm_head is not stored: it reads emb_key
+
+
 def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
-               max_shard_size: int | None) -> _Plan:
+               max_shard_size: int | None, skip_missing: bool = False) -> _Plan:
     matcher = BaseMatcher(ckpt.keys())
     config = _read_config(ckpt.directory)
-    notes: list[str] = []
-    config_updates: dict[str, object] = {}
 
     # Tied embeddings: the checkpoint stores only the input embedding; lm_head reads it.
     tied = bool(config.get("tie_word_embeddings", False))
@@ -149,55 +150,25 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
             return LM_HEAD
         return key
 
-    def base_shape(key: str) -> tuple[int, ...]:
-        return ckpt.info(emb_key if key == LM_HEAD and virtual_lm_head else key).shape  # type: ignore[arg-type]
+    shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
+    if virtual_lm_head:
+        shapes[LM_HEAD] = shapes[emb_key]  # type: ignore[index]
+    resolved = resolve(shapes, adapters, weights, base_key, str(ckpt.directory))
+    notes: list[str] = []
+    if resolved.missing:
+        if not skip_missing:
+            raise missing_error(resolved.missing, str(ckpt.directory))
+        notes += [f"skipped (no target): {m}" for m in resolved.missing]
+    return _plan(ckpt, resolved, config, dtype, max_shard_size, notes, _Tie(tied, emb_key, virtual_lm_head))
 
-    contributions: dict[str, list[Contribution]] = {}
-    bias_contributions: dict[str, list[Contribution]] = {}
-    replacements: dict[str, tuple[Tensor, str]] = {}
-    missing: list[str] = []
-    for adapter, w in zip(adapters, weights):
-        for name, u in adapter.updates.items():
-            key = base_key(name + ".weight")
-            if key is None:
-                missing.append(f"{adapter.label}: module {name!r} (no '{name}.weight' in the base)")
-                continue
-            shape = base_shape(key)
-            if tuple(u.delta_shape) != tuple(shape):
-                raise ShapeMismatchError(
-                    f"{adapter.label}: module {name!r}: the update has shape {tuple(u.delta_shape)} "
-                    f"(A {u.A.shape}, B {u.B.shape}) but base weight {key!r} has shape {tuple(shape)}"
-                )
-            if u.magnitude is not None and w != 1.0:
-                raise UnsupportedError(
-                    f"{adapter.label}: module {name!r} is DoRA; a weight other than 1 has no defined meaning for it"
-                )
-            contributions.setdefault(key, []).append(Contribution(u, w * u.scale, adapter.label))
-            if u.bias is not None:
-                bkey = key[: -len("weight")] + "bias"
-                if bkey not in ckpt:
-                    missing.append(f"{adapter.label}: module {name!r} has a lora_B bias but the base has no {bkey!r}")
-                    continue
-                bias_contributions.setdefault(bkey, []).append(Contribution(u, w * u.scale, adapter.label))
-        for name, t in adapter.full.items():
-            key = base_key(name)
-            if key is None:
-                missing.append(f"{adapter.label}: modules_to_save tensor {name!r} has no match in the base")
-                continue
-            if tuple(t.shape) != tuple(base_shape(key)):
-                raise ShapeMismatchError(
-                    f"{adapter.label}: modules_to_save tensor {name!r} has shape {t.shape} "
-                    f"but base {key!r} has shape {base_shape(key)}"
-                )
-            if key in replacements:
-                raise UnsupportedError(f"{key!r} is replaced by both {replacements[key][1]} and {adapter.label}")
-            replacements[key] = (t, adapter.label)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise MissingModuleError(
-            f"{len(missing)} adapter module(s) found no target in the base {ckpt.directory}: "
-            + "; ".join(missing[:5]) + more
-        )
+
+def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype: str | None,
+          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None) -> _Plan:
+    """The output tensors of one checkpoint, shard by shard, given what changes in it."""
+    tied, emb_key, virtual_lm_head = (tie.tied, tie.emb_key, tie.virtual_lm_head) if tie else (False, None, False)
+    contributions, bias_contributions = resolved.contributions, resolved.bias_contributions
+    replacements = resolved.replacements
+    config_updates: dict[str, object] = {}
 
     changed = set(contributions) | set(replacements)
     add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
@@ -251,8 +222,6 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
     return _Plan(shards, metadata, config_updates, notes)
 
 
-Stage = tuple[np.ndarray, np.ndarray, "np.ndarray | None", bool]
-
 _INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
 _LARGEST = {"F16": "65504", "BF16": "3.39e38", "F32": "3.40e38"}
 
@@ -273,7 +242,7 @@ def _inputs_finite(job: tuple, threads: int) -> bool:
     _, w, w_dtype, _, _, stages = job
     if not np.isfinite(_core.to_float32(w, w_dtype, threads)).all():
         return False
-    return all(np.isfinite(x).all() for b, a, m, _ in stages for x in (b, a, m) if x is not None)
+    return all(np.isfinite(x).all() for _, arrays, m, _ in stages for x in (*arrays, m) if x is not None)
 
 
 def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
@@ -282,36 +251,6 @@ def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
         f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: values finite in float32 overflow "
         "when rounded to the output dtype; pass --allow-nonfinite to write them anyway, or choose a wider --dtype"
     )
-
-
-def _stages(contribs: list[Contribution], threads: int) -> list[Stage]:
-    """Consecutive plain LoRA updates stack into one GEMM; each DoRA update is a stage of its own.
-
-    DoRA normalizes per output feature: a row of the stored weight, or a column when
-    the stored weight is transposed relative to PEFT's (embeddings, fan_in_fan_out).
-    """
-    stages: list[Stage] = []
-    bs: list[np.ndarray] = []
-    as_: list[np.ndarray] = []
-
-    def flush() -> None:
-        if bs:
-            stages.append((np.ascontiguousarray(np.concatenate(bs, axis=1)),
-                           np.ascontiguousarray(np.concatenate(as_, axis=0)), None, False))
-            bs.clear()
-            as_.clear()
-
-    for c in contribs:
-        b, a = c.update.factors(threads)
-        b = (b * np.float32(c.coef)).astype(np.float32, copy=False)
-        if c.update.magnitude is not None:
-            flush()
-            stages.append((b, a, c.update.magnitude.f32(threads).reshape(-1), c.update.transposed))
-        else:
-            bs.append(b)
-            as_.append(a)
-    flush()
-    return stages
 
 
 @dataclass
@@ -375,6 +314,7 @@ class _Executor:
         self.merged: list[str] = []
         self.replaced: list[str] = []
         self.biases: list[str] = []
+        self.stages: dict[str, list[Stage]] = {}
 
     def file(self, shard: str) -> SafetensorsFile:
         if shard not in self.files:
@@ -385,9 +325,15 @@ class _Executor:
         for f in self.files.values():
             f.close()
 
+    def _stages(self, t: OutTensor) -> list[Stage]:
+        """The tensor's merge stages, built once and kept until its last row block is computed."""
+        if t.name not in self.stages:
+            self.stages[t.name] = build_stages(t.updates, t.shape[0] if t.shape else 1, self.threads)
+        return self.stages[t.name]
+
     def _pieces(self, t: OutTensor) -> list[_Piece]:
         rows = t.shape[0] if t.shape else 1
-        whole = t.bias_updates or any(c.update.magnitude is not None and c.update.transposed for c in t.updates)
+        whole = t.bias_updates or any(c.update.magnitude is not None and on_columns(c) for c in t.updates)
         if whole or t.nbytes <= CHUNK_BYTES:  # column norms need the whole matrix at once
             return [_Piece(t, 0, rows, rows)]
         step = max(1, CHUNK_BYTES * rows // t.nbytes)
@@ -491,8 +437,9 @@ class _Executor:
                 used += (nbytes + 15) // 16 * 16
             else:  # a tensor that cannot be split (column-normalized DoRA) and is larger than the arena
                 p.data = np.empty(w2.shape, dtype=raw_dtype)
-            stages = [(b[p.r0 : p.r1], a, m, col) if not col else (b, a, m, col)
-                      for b, a, m, col in _stages(t.updates, self.threads)]
+            stages = [slice_rows(st, p.r0, p.r1) for st in self._stages(t)] if t.updates else []
+            if p.r1 == p.rows:
+                self.stages.pop(t.name, None)
             jobs.append((t.name, w2, w_dtype, p.data, t.dtype, stages))
             computed.append(p)
             if t.updates and p.r0 == 0:
@@ -574,12 +521,18 @@ def apply(
     max_shard_size: str | int | None = None,
     progress: bool | None = None,
     allow_nonfinite: bool = False,
+    skip_missing: bool = False,
 ) -> ApplyReport:
     """Merge `adapters` (paths or Adapter objects) into the checkpoint at `base`, writing `out`.
 
-    `base` is a folder (single file or sharded with an index) or one .safetensors file
-    (then `out` is a file too). `weights` multiply each adapter's delta (default 1).
-    `dtype` ('bf16', 'fp16', 'fp32') overrides the output dtype of float tensors.
+    `base` is a folder (single file or sharded with an index), one .safetensors file (then
+    `out` is a file too: a single-file SD 1.5 / SDXL / Flux checkpoint, say), or a diffusers
+    pipeline folder (model_index.json; the touched components are merged, the rest copied).
+    Diffusion adapters (kohya, LyCORIS, diffusers LoRA files) find their weights through the
+    SD / SDXL / Flux / text-encoder name tables. `weights` multiply each adapter's delta
+    (default 1). `dtype` ('bf16', 'fp16', 'fp32') overrides the output dtype of float tensors.
+    Every module that finds no target is listed in a MissingModuleError, unless `skip_missing`
+    (then they are listed in the report's notes).
     """
     start = time.monotonic()
     if out is None:
@@ -597,17 +550,19 @@ def apply(
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
 
     base_path, out_path = Path(base), Path(out)
-    ckpt = Checkpoint(base_path)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
-    adapter_paths = [a.path for a in loaded if a.path is not None]
-    # The files in an adapter folder are inputs too: a single-file output must not replace one of them.
-    inputs = ckpt.files() + adapter_paths + [f for d in adapter_paths if d.is_dir() for f in d.iterdir()
-                                             if f.is_file()]
+    if is_pipeline(base_path):
+        if max_shard_size is not None:
+            raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a diffusers pipeline")
+        return _apply_pipeline(Pipeline(base_path), loaded, ws, out_path, out_dtype, threads, progress,
+                               allow_nonfinite, skip_missing, start)
+    ckpt = Checkpoint(base_path)
+    inputs = ckpt.files() + _adapter_files(loaded)
     check_output_path(out_path, inputs)
     single_file = base_path.is_file()
     if single_file and shard_limit is not None:
         raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
-    plan = plan_apply(ckpt, loaded, ws, out_dtype, shard_limit)
+    plan = plan_apply(ckpt, loaded, ws, out_dtype, shard_limit, skip_missing)
 
     total = sum(t.nbytes for _, ts in plan.shards for t in ts)
     bar = Progress(total, "apply", progress)
@@ -619,16 +574,82 @@ def apply(
                 ex.write_shard(tmp, entries, plan.metadata.get(shard, {}))
         else:
             with atomic_dir(out_path, inputs) as tmp:
-                for shard, entries in plan.shards:
-                    ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
-                if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
-                    _write_index(tmp, ckpt, plan)
-                skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else [])}
-                _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
-                if plan.config_updates and not (ckpt.directory / "config.json").is_file():
-                    plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
+                _write_folder(ex, ckpt, plan, tmp, shard_limit)
     finally:
         ex.close()
         bar.close()
     return ApplyReport(out_path, ex.merged, ex.replaced, ex.biases, sum(len(ts) for _, ts in plan.shards), total,
                        time.monotonic() - start, plan.notes)
+
+
+def _adapter_files(loaded: Sequence[Adapter]) -> list[Path]:
+    """The adapters' files: a single-file output must not replace one of them (nor a file in an adapter folder)."""
+    paths = [a.path for a in loaded if a.path is not None]
+    return paths + [f for d in paths if d.is_dir() for f in d.iterdir() if f.is_file()]
+
+
+def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: _Plan, tmp: Path, shard_limit: int | None) -> None:
+    for shard, entries in plan.shards:
+        ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
+    if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
+        _write_index(tmp, ckpt, plan)
+    skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else [])}
+    _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
+    if plan.config_updates and not (ckpt.directory / "config.json").is_file():
+        plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
+
+
+def _split_by_component(resolved: Resolved) -> dict[str, Resolved]:
+    """'<component>/<key>' entries of a pipeline-wide match, regrouped per component with bare keys."""
+    parts: dict[str, Resolved] = {}
+    for attr in ("contributions", "bias_contributions", "replacements"):
+        for key, value in getattr(resolved, attr).items():
+            comp, bare = key.split("/", 1)
+            getattr(parts.setdefault(comp, Resolved()), attr)[bare] = value
+    return parts
+
+
+def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_path: Path, dtype: str | None,
+                    threads: int, progress: bool | None, allow_nonfinite: bool, skip_missing: bool,
+                    start: float) -> ApplyReport:
+    """Merge into the components an adapter touches; copy every other file and folder as it is."""
+    inputs = pipe.files() + _adapter_files(loaded)
+    check_output_path(out_path, inputs)
+    resolved = resolve(pipe.shapes(), loaded, ws, lambda name: None, str(pipe.directory))
+    notes: list[str] = []
+    if resolved.missing:
+        if not skip_missing:
+            raise missing_error(resolved.missing, str(pipe.directory))
+        notes += [f"skipped (no target): {m}" for m in resolved.missing]
+    plans = {comp: _plan(pipe.components[comp], part, _read_config(pipe.components[comp].directory), dtype, None,
+                         notes) for comp, part in _split_by_component(resolved).items()}
+    total = sum(t.nbytes for plan in plans.values() for _, ts in plan.shards for t in ts)
+    bar = Progress(total, "apply", progress)
+    merged: list[str] = []
+    replaced: list[str] = []
+    biases: list[str] = []
+    tensors = 0
+    try:
+        with atomic_dir(out_path, inputs) as tmp:
+            for entry in sorted(pipe.directory.iterdir()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.name in plans:
+                    comp, plan = entry.name, plans[entry.name]
+                    (tmp / comp).mkdir()
+                    ex = _Executor(pipe.components[comp], threads, bar, allow_nonfinite)
+                    try:
+                        _write_folder(ex, pipe.components[comp], plan, tmp / comp, None)
+                    finally:
+                        ex.close()
+                    merged += [f"{comp}/{n}" for n in ex.merged]
+                    replaced += [f"{comp}/{n}" for n in ex.replaced]
+                    biases += [f"{comp}/{n}" for n in ex.biases]
+                    tensors += sum(len(ts) for _, ts in plan.shards)
+                elif entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+    finally:
+        bar.close()
+    return ApplyReport(out_path, merged, replaced, biases, tensors, total, time.monotonic() - start, notes)

@@ -20,6 +20,7 @@ that have them. Every output has scale 1 (r = lora_alpha per module).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafuse import _core
-from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats import load
 
@@ -53,7 +54,7 @@ _TASK.update({m + "_svd": _TASK[m] for m in ("ties", "dare_linear", "dare_ties",
 @dataclass
 class _Term:
     weight: float
-    update: LoraUpdate
+    update: Update
 
     @property
     def coef(self) -> float:
@@ -141,7 +142,7 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
 def scaled(adapter: Adapter, c: float) -> Adapter:
     """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
     _check_linear([adapter], "adapter arithmetic")
-    updates = {n: LoraUpdate(u.name, u.A, u.B, u.scale * c, u.kind, u.transposed) for n, u in adapter.updates.items()}
+    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
     return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format)
 
 
@@ -182,10 +183,15 @@ def combine(
     split: str = "B",
     threads: int = 0,
     exact: bool = False,
+    conv_rank: int | None = None,
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
-    `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT).
+    `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT);
+    `conv_rank` that of kxk convolutions with k > 1 (kohya's `--new_conv_rank`; default: `rank`).
+    LoHa / LoKr inputs enter through an exact
+    factorization of their delta (Khatri-Rao / Kronecker factors), so svd gives the best rank-k
+    approximation of the summed deltas; they need `rank` when no plain LoRA sets the default.
     `exact=True` keeps method svd on the exact path for every module, however many adapters
     are stacked (by default modules with a large stacked rank use a randomized SVD through
     the factors; they are listed in the result's `randomized`).
@@ -203,6 +209,7 @@ def combine(
     if not all(math.isfinite(w) for w in ws):
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
     _check_rank(rank)
+    _check_rank(conv_rank)
     _check_split(split)
     if majority_sign not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
@@ -212,8 +219,14 @@ def combine(
             raise LorafuseValueError(f"method {method!r} needs a density between 0 and 1, got {density!r}")
     elif density is not None:
         raise LorafuseValueError(f"method {method!r} takes no density")
-    if rank is not None and method not in ("svd",) + DENSE_SVD:
+    if (rank is not None or conv_rank is not None) and method not in ("svd",) + DENSE_SVD:
         raise LorafuseValueError(f"method {method!r} takes no rank (it is defined by the inputs)")
+    lycoris = [(a.label, n) for a in loaded for n, u in a.updates.items() if not isinstance(u, LoraUpdate)]
+    if lycoris and method not in ("cat", "svd") + DENSE_SVD:
+        label, name = lycoris[0]
+        raise UnsupportedError(f"{label}: module {name!r} is a LoHa / LoKr update; method {method!r} merges LoRA "
+                               "factors element by element, which a LoHa / LoKr does not have (use svd, cat or a "
+                               "*_svd method)")
     if not isinstance(seed, int) or seed < 0:
         raise LorafuseValueError(f"seed must be a non-negative integer, got {seed!r}")
     _check_linear(loaded, f"combine --method {method}")
@@ -222,7 +235,7 @@ def combine(
     names = list(by_module)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
-    k = rank if rank is not None else max(u.rank for a in loaded for u in a.updates.values())
+    ranks = _output_ranks(by_module, rank, conv_rank) if method in ("svd",) + DENSE_SVD else {}
     if method == "cat":
         for n in names:
             b, a = _stack(by_module[n], threads, coef_on="A")
@@ -230,17 +243,38 @@ def combine(
     elif method == "svd":
         mode = "exact" if exact else "auto"
         items = [(n, *_stack(by_module[n], threads)) for n in names]
-        results = _core.factored_svd(items, [k] * len(items), split, threads, mode=mode, seed=seed)
+        results = _core.factored_svd(items, [ranks[n] for n in names], split, threads, mode=mode, seed=seed)
         updates = {n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
         randomized = [n for n, b, a in items
-                      if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], k, mode)]
+                      if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], ranks[n], mode)]
     elif method in FACTORWISE:
         updates = _factorwise(method, by_module, density, majority_sign, seed, threads)
     else:
-        updates, randomized = _dense_svd(method, by_module, k, density, majority_sign, seed, split, threads)
+        updates, randomized = _dense_svd(method, by_module, ranks, density, majority_sign, seed, split, threads)
     result = _result(loaded[0], updates, loaded)
     result.randomized = randomized
     return result
+
+
+def _is_kxk_conv(u: Update) -> bool:
+    shape = tuple(u.delta_shape)
+    return len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+def _output_ranks(by_module: dict[str, list[_Term]], rank: int | None, conv_rank: int | None) -> dict[str, int]:
+    """Each module's output rank: `conv_rank` for kxk convolutions (k > 1), `rank` for the rest. A default
+    is the largest rank among the plain LoRA inputs (PEFT's rule); `conv_rank` defaults to `rank`."""
+    lora_ranks = [t.update.rank for ts in by_module.values() for t in ts if isinstance(t.update, LoraUpdate)]
+    default = rank if rank is not None else max(lora_ranks, default=None)
+    conv_default = conv_rank if conv_rank is not None else default
+    out: dict[str, int] = {}
+    for n, ts in by_module.items():
+        k = conv_default if _is_kxk_conv(ts[0].update) else default
+        if k is None:
+            raise LorafuseValueError(f"module {n!r}: LoHa / LoKr inputs have no LoRA rank to default to; "
+                                     "pass rank (--rank, and --conv-rank for kxk convolutions)")
+        out[n] = k
+    return out
 
 
 def _task_args(method: str, density: float | None) -> tuple[str, bool, str, float]:
@@ -271,7 +305,8 @@ def _factorwise(method: str, by_module: dict[str, list[_Term]], density: float |
             for (n, ts), a, b in zip(by_module.items(), merged_a, merged_b)}
 
 
-def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: float | None, majority: str,
+def _dense_svd(method: str, by_module: dict[str, list[_Term]], ranks: dict[str, int], density: float | None,
+               majority: str,
                seed: int, split: str, threads: int) -> tuple[dict[str, LoraUpdate], list[str]]:
     """PEFT's *_svd methods: merge the dense deltas s_i B_i A_i with weights w_i, then rank k.
 
@@ -293,10 +328,10 @@ def _dense_svd(method: str, by_module: dict[str, list[_Term]], k: int, density: 
             items.append((n, deltas))
             ws.append([t.weight for t in by_module[n]])
         merged = _core.task_merge(items, ws, prune, dens, rescale, merge, majority, seed, threads)
-        results = _core.dense_svd([(n, d) for n, d in zip(chunk, merged)], [k] * len(chunk), split, seed,
+        results = _core.dense_svd([(n, d) for n, d in zip(chunk, merged)], [ranks[n] for n in chunk], split, seed,
                                   oversample=_DENSE_OVERSAMPLE, threads=threads)
         for n, d, (b2, a2, _) in zip(chunk, merged, results):
             out[n] = by_module[n][0].update.with_factors(b2, a2)
-            if not _core.dense_svd_is_exact(d.shape[0], d.shape[1], k, _DENSE_OVERSAMPLE):
+            if not _core.dense_svd_is_exact(d.shape[0], d.shape[1], ranks[n], _DENSE_OVERSAMPLE):
                 randomized.append(n)
     return out, randomized

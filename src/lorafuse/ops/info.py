@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from lorafuse.adapter import Adapter
+from lorafuse.adapter import Adapter, LoraUpdate, stored_tensors
 from lorafuse.formats import load
 from lorafuse.formats.kohya import is_kohya
 from lorafuse.formats.peft import is_peft
@@ -19,11 +19,11 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     for name, u in adapter.updates.items():
         modules.append({
             "name": name,
-            "kind": u.kind,
+            "kind": u.kind if isinstance(u, LoraUpdate) else f"{u.algo} ({u.kind})",
             "rank": u.rank,
             "scale": u.scale,
             "shape": list(u.delta_shape),
-            "dtype": u.A.dtype if u.A.dtype == u.B.dtype else f"{u.A.dtype}/{u.B.dtype}",
+            "dtype": "/".join(dict.fromkeys(t.dtype for t in stored_tensors(u))),
             "dora": u.magnitude is not None,
             "bias": u.bias is not None,
             "delta_norm": norms[name],
@@ -41,7 +41,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "lora_alpha": ", ".join(f"{a:g}" for a in alphas) if adapter.format == "kohya" else cfg.get("lora_alpha"),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
-        "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in (u.A, u.B))),
+        "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
         "parameters": adapter.num_parameters(),
         "full_tensors": sorted(adapter.full),
         "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
