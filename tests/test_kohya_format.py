@@ -137,7 +137,9 @@ def test_alpha_of_any_float_dtype(tmp_path, alpha_dtype):
 
 def test_a_file_without_metadata(tmp_path):
     adapter = lorafuse.load(write(tmp_path / "bare.safetensors", kohya_tensors("F32", modules=MODULES[3:5])))
-    assert adapter.config == {"metadata": {}}
+    assert adapter.config["metadata"] == {}
+    # What the writer needs to write alpha back as it was: its dtype, or None where there was none.
+    assert adapter.config["kohya_alpha_dtypes"] == {MODULES[3][0]: "F32", MODULES[4][0]: None}
     assert adapter[MODULES[4][0]].scale == 1.0  # alpha missing: alpha = r
 
 
@@ -152,17 +154,13 @@ def test_round_trip_is_bit_identical(tmp_path, dtype):
     assert out == tmp_path / "out.safetensors"
     back, meta = read_back(out)
     assert meta == METADATA
-    # Every input tensor is back; a missing alpha is written explicitly as r, so the scale is the same.
-    assert set(back) == set(tensors) | {f"{MODULES[4][0]}.alpha"}
+    # Every input tensor is back bit for bit: .alpha in the dtype it was saved in, and the module that had
+    # no .alpha still has none (its scale is 1). The data buffer is the input's, byte for byte.
+    assert set(back) == set(tensors)
     for key, t in tensors.items():
-        if key.endswith(".alpha"):
-            # .alpha is always F32 (shape []): the same value, widened exactly from F16 / BF16.
-            assert back[key].dtype == torch.float32 and back[key].shape == ()
-            assert float(back[key]) == float(t)
-        else:
-            assert back[key].dtype == t.dtype and back[key].shape == t.shape
-            assert np.array_equal(raw_bits(back[key]), raw_bits(t)), key
-    assert float(back[f"{MODULES[4][0]}.alpha"]) == 8.0
+        assert back[key].dtype == t.dtype and back[key].shape == t.shape
+        assert np.array_equal(raw_bits(back[key]), raw_bits(t)), key
+    assert data_buffer(out.read_bytes()) == data_buffer(src.read_bytes())
     # Writing what was read is a fixed point, and the layout is the one safetensors itself writes.
     again = lorafuse.load(out).save(tmp_path / "again.safetensors")
     assert again.read_bytes() == out.read_bytes()
@@ -183,7 +181,11 @@ def test_scales_survive_and_metadata_follows_a_resize(tmp_path):
     reread = load_kohya(out)
     for name, u in adapter.updates.items():
         assert reread[name].scale == pytest.approx(u.scale, rel=1e-7) and reread[name].rank == 2
-        assert float(back[f"{name}.alpha"]) == pytest.approx(u.scale * 2, rel=1e-7)
+        if name == MODULES[4][0]:  # read without .alpha (scale 1): still none
+            assert f"{name}.alpha" not in back
+        else:  # alpha in the file's F16, which holds these values exactly
+            assert back[f"{name}.alpha"].dtype == torch.float16
+            assert float(back[f"{name}.alpha"]) == pytest.approx(u.scale * 2, rel=1e-7)
     # Metadata keys that are absent stay absent.
     out2 = save_kohya(resize(load_kohya(write(tmp_path / "nometa.safetensors", kohya_tensors("F32"))),
                              RankRule(rank=2))[0], tmp_path / "nometa_r2.safetensors")
@@ -232,24 +234,64 @@ def test_kohya_to_peft_and_back_keeps_the_deltas(tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("suffix", ["hada_w1_a", "hada_w2_b", "lokr_w1", "lokr_w2_a", "lora_mid.weight",
-                                    "dora_scale"])
-def test_lycoris_tensors_are_refused(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", ["hada_w1_a", "hada_w2_b", "lokr_w1", "lokr_w2_a"])
+def test_a_module_mixing_lora_and_lycoris_tensors_is_refused(tmp_path, suffix):
     tensors = kohya_tensors("F32", modules=MODULES[:2])
     module = MODULES[1][0]
     tensors[f"{module}.{suffix}"] = torch.zeros(4, 4)
     path = write(tmp_path / "lyco.safetensors", tensors)
-    with pytest.raises(UnsupportedError, match="LyCORIS") as e:
+    with pytest.raises(UnsupportedError) as e:
         lorafuse.load(path)
-    assert str(path) in str(e.value) and module in str(e.value)
+    assert str(e.value) == (f"{path}: module {module!r} has the LyCORIS tensor '{module}.{suffix}' together with "
+                            "lora_down.weight, lora_up.weight; a module holds the tensors of one algorithm "
+                            "(LoRA, LoHa or LoKr)")
 
 
-def test_a_loha_only_file_is_recognised_and_refused(tmp_path):
+@pytest.mark.parametrize(("suffix", "algo"), [("diff", "full (diff)"), ("w_norm", "norm (w_norm / b_norm)"),
+                                              ("oft_blocks", "OFT / BOFT"), ("on_input", "IA3"),
+                                              ("a1.weight", "GLoRA"), ("bias_indices", "bias (bias_indices / "
+                                                                                       "bias_values)"),
+                                              ("lokr_t1", "LoKr with a Tucker w1 (lokr_t1)")])
+def test_unsupported_lycoris_algorithms_are_refused(tmp_path, suffix, algo):
+    tensors = kohya_tensors("F32", modules=MODULES[:2])
+    module = MODULES[1][0]
+    tensors[f"{module}.{suffix}"] = torch.zeros(4, 4)
+    path = write(tmp_path / "lyco.safetensors", tensors)
+    assert lorafuse.detect_format(path) == "kohya"
+    with pytest.raises(UnsupportedError) as e:
+        lorafuse.load(path)
+    assert str(e.value) == (f"{path}: module {module!r} is a LyCORIS {algo} module ({suffix}); lorafuse reads "
+                            "LoRA / LoCon, LoHa, LoKr, DoRA and DyLoRA modules only")
+
+
+def test_lora_mid_and_dora_scale_that_do_not_fit(tmp_path):
+    module = MODULES[1][0]
+    for part, message in (("lora_mid.weight", "lora_mid (4, 4) does not fit lora_down (8, 320) and lora_up (320, 8) "
+                                              "(a Tucker LoCon has lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), "
+                                              "lora_up (out, r, 1, 1))"),
+                          ("dora_scale", "dora_scale (4, 4) fits neither the output rows ((320, 1) or "
+                                         "(320, 1, 1, 1)) nor the input columns ((1, 320)) of an update of shape "
+                                         "(320, 320)")):
+        tensors = kohya_tensors("F32", modules=MODULES[:2])
+        tensors[f"{module}.{part}"] = torch.zeros(4, 4)
+        path = write(tmp_path / f"{part}.safetensors", tensors)
+        with pytest.raises(ShapeMismatchError) as e:
+            lorafuse.load(path)
+        assert str(e.value) == f"{path}: module {module!r}: {message}"
+
+
+def test_a_loha_only_file_is_recognised_and_read(tmp_path):
     m = MODULES[1][0]
-    path = write(tmp_path / "loha.safetensors", {f"{m}.hada_w1_a": torch.zeros(320, 4),
-                                                 f"{m}.hada_w1_b": torch.zeros(4, 320), f"{m}.alpha": torch.tensor(4.)})
-    with pytest.raises(UnsupportedError, match="LyCORIS"):
-        lorafuse.load(path)
+    g = torch.Generator().manual_seed(7)
+    t = {f"{m}.hada_w1_a": torch.randn(320, 4, generator=g), f"{m}.hada_w1_b": torch.randn(4, 320, generator=g),
+         f"{m}.hada_w2_a": torch.randn(320, 4, generator=g), f"{m}.hada_w2_b": torch.randn(4, 320, generator=g),
+         f"{m}.alpha": torch.tensor(2.)}
+    path = write(tmp_path / "loha.safetensors", t)
+    assert lorafuse.detect_format(path) == "kohya"
+    u = lorafuse.load(path)[m]
+    w = {k.split(".", 1)[1]: v.double().numpy() for k, v in t.items()}
+    ref = 0.5 * (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+    np.testing.assert_allclose(u.delta(), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("drop", ["lora_up.weight", "lora_down.weight"])
@@ -267,7 +309,7 @@ def test_bad_shapes_and_alphas(tmp_path):
     cases: list[tuple[dict[str, torch.Tensor], type, str]] = [
         ({f"{name}.lora_down.weight": torch.zeros(8, 320), f"{name}.lora_up.weight": torch.zeros(320, 4)},
          ShapeMismatchError, "not LoRA factors of one rank"),
-        ({f"{name}.lora_down.weight": torch.zeros(4, 320, 3, 3), f"{name}.lora_up.weight": torch.zeros(320, 4)},
+        ({f"{name}.lora_down.weight": torch.zeros(4, 320, 3, 3), f"{name}.lora_up.weight": torch.zeros(320, 4, 3, 3)},
          ShapeMismatchError, "not LoRA factors"),
         ({f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight": torch.zeros(320, 4),
           f"{name}.alpha": torch.tensor([4.0, 4.0])}, FormatError, "alpha must be a scalar"),

@@ -1,39 +1,63 @@
-"""kohya LoRA / LoCon files (sd-scripts' `networks/lora.py`): one `.safetensors` file.
+"""kohya LoRA / LoCon files (sd-scripts' `networks/lora.py`) and the LyCORIS files that use the same
+naming: one `.safetensors` file.
 
-Keys are `<module>.lora_down.weight` (r x in, or r x in x kh x kw for conv),
-`<module>.lora_up.weight` (out x r [x 1 x 1]) and `<module>.alpha` (a scalar of any
-float dtype; missing means alpha = r), with module names such as
-`lora_unet_down_blocks_0_attentions_0_proj_in` or `lora_te1_text_model_...`; the scale
-is alpha / r. The file's `__metadata__` (`ss_*` training metadata and anything else)
-is kept in `Adapter.config["metadata"]` and written back. LyCORIS tensors are refused.
+Keys are `<module>.<part>` with module names such as `lora_unet_down_blocks_0_attentions_0_proj_in`,
+`lora_te1_text_model_...` or, for LyCORIS on a generic model, `lycoris_<path>`:
+- LoRA / LoCon: `lora_down.weight` (r x in, or r x in x kh x kw), `lora_up.weight` (out x r [x 1 x 1]),
+  `alpha` (a scalar of any float dtype); scale = alpha / r, alpha missing or 0 means alpha = r.
+  LoCon with Tucker: `lora_mid.weight` (r, r, kh, kw) between a 1x1 `lora_down` and `lora_up`; it is
+  contracted into lora_down at load time (the delta is exactly rank r), giving a plain update.
+  DyLoRA files (sd-scripts' `networks/dylora.py`, LyCORIS `dylora`) hold the same tensors and read as
+  LoRA (LyCORIS writes a conv DyLoRA's lora_up as (out, r): it is read as (out, r, 1, 1)).
+- LoHa (`hada_*`) and LoKr (`lokr_*`): `formats.lycoris.LycorisUpdate`.
+- DoRA: `dora_scale`, on any of the above (`formats.lycoris.dora_magnitude`).
+Other LyCORIS algorithms (full diff, norms, OFT / BOFT, IA3, GLoRA, bias, T-LoRA) are refused with
+UnsupportedError. A file may mix LoRA, LoHa and LoKr modules.
+
+The file's `__metadata__` (`ss_*` training metadata and anything else) is kept in
+`Adapter.config["metadata"]` and written back. `Adapter.config["kohya_alpha_dtypes"]` records, per
+module, the dtype of its `.alpha` tensor (None: the module had none), so that save_kohya writes
+alpha back as it was read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
+from lorafuse import _core
+from lorafuse.adapter import Adapter, Kind, LoraUpdate, Update, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.lycoris import (
+    LOHA_PARTS,
+    LOKR_PARTS,
+    UNSUPPORTED_PARTS,
+    dora_magnitude,
+    loha_update,
+    lokr_update,
+    unsupported_algorithm,
+)
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, read_header, save_file
 from lorafuse.io.tensor import Tensor
 
-_ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-# LyCORIS (LoHa, LoKr, Tucker LoCon, DoRA, full / norm diffs, OFT, IA3): a later reader.
-_LYCORIS = re.compile(r"\.(hada_\w+|lokr_\w+|lora_mid\.weight|dora_scale|diff|diff_b|w_norm|b_norm|oft_\w+|"
-                      r"on_input)$")
+PREFIXES = ("lora_", "lycoris_")
+LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+COMMON_PARTS = ("alpha", "dora_scale")
+KNOWN_PARTS = frozenset((*LORA_PARTS, *COMMON_PARTS, *LOHA_PARTS, *LOKR_PARTS, *UNSUPPORTED_PARTS))
+# Parts that make a file a kohya / LyCORIS file when a module name carries one of PREFIXES.
+_SIGNATURE_PARTS = KNOWN_PARTS - {"alpha", "weight"}
+ALPHA_DTYPES_KEY = "kohya_alpha_dtypes"
 # safetensors' own writer orders tensors by dtype (widest first), then name; kohya's hashes assume it.
 _DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2": 5}
 
 
 def is_kohya(path: str | os.PathLike[str]) -> bool:
-    """A `.safetensors` file with kohya (or LyCORIS) LoRA keys. Reads the header only."""
+    """A `.safetensors` file with kohya LoRA or LyCORIS keys. Reads the header only."""
     p = Path(path)
     if not (p.is_file() and p.suffix == ".safetensors"):
         return False
@@ -41,7 +65,14 @@ def is_kohya(path: str | os.PathLike[str]) -> bool:
         tensors, _, _ = read_header(p)
     except FormatError:
         return False
-    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) or _LYCORIS.search(k) for k in tensors)
+    return any(_is_signature(k) for k in tensors)
+
+
+def _is_signature(key: str) -> bool:
+    if key.endswith((".lora_down.weight", ".lora_up.weight")):
+        return True
+    module, _, part = key.partition(".")
+    return module.startswith(PREFIXES) and part in _SIGNATURE_PARTS
 
 
 def load_kohya(path: str | os.PathLike[str]) -> Adapter:
@@ -51,52 +82,107 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         metadata = dict(f.metadata)
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
-        if _LYCORIS.search(key):
-            raise UnsupportedError(f"{p}: module {key.split('.', 1)[0]!r} has the LyCORIS tensor {key!r}; "
-                                   "LyCORIS (LoHa, LoKr, Tucker, DoRA) adapters are not supported yet")
-        suffix = next((s for s in _ROLES if key.endswith(s)), None)
-        module = key[: -len(suffix)] if suffix else ""
-        if suffix is None or not module.startswith("lora_") or "." in module:
+        module, _, part = key.partition(".")
+        if part not in KNOWN_PARTS or not module.startswith(PREFIXES):
             raise FormatError(f"{p}: tensor {key!r} is not a kohya LoRA tensor "
-                              "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha)")
+                              "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one")
         check_module_name(module, f"{p}: tensor {key!r}")
-        parts.setdefault(module, {})[_ROLES[suffix]] = t
-    updates = {m: _update(p, m, d) for m, d in parts.items()}
-    return Adapter(updates=updates, config={"metadata": metadata}, format="kohya", path=p)
+        parts.setdefault(module, {})[part] = t
+    updates: dict[str, Update] = {m: _module_update(p, m, d) for m, d in parts.items()}
+    alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
+    return Adapter(updates=updates, config={"metadata": metadata, ALPHA_DTYPES_KEY: alpha_dtypes},
+                   format="kohya", path=p)
 
 
-def _update(path: Path, module: str, p: dict[str, Tensor]) -> LoraUpdate:
+def _algorithm(where: str, module: str, parts: Mapping[str, Tensor]) -> str:
+    """'lora', 'loha' or 'lokr'; UnsupportedError for other LyCORIS algorithms or a mix of them."""
+    other = unsupported_algorithm(parts)
+    if other is not None:
+        algo, names = other
+        raise UnsupportedError(f"{where} is a LyCORIS {algo} module ({', '.join(names)}); lorafuse reads "
+                               "LoRA / LoCon, LoHa, LoKr, DoRA and DyLoRA modules only")
+    found = {algo: sorted(k for k in parts if k in keys)
+             for algo, keys in (("lora", LORA_PARTS), ("loha", LOHA_PARTS), ("lokr", LOKR_PARTS))}
+    present = [a for a, ks in found.items() if ks]
+    if len(present) > 1:
+        lyco = next(a for a in present if a != "lora")
+        key = f"{module}.{found[lyco][0]}"
+        raise UnsupportedError(f"{where} has the LyCORIS tensor {key!r} together with "
+                               f"{' and '.join(', '.join(found[a]) for a in present if a != lyco)}; "
+                               "a module holds the tensors of one algorithm (LoRA, LoHa or LoKr)")
+    return present[0] if present else "lora"
+
+
+def _alpha(where: str, alpha: Tensor | None) -> float | None:
+    """The alpha value, or None when missing or 0 (both mean alpha = r)."""
+    if alpha is None:
+        return None
+    if int(np.prod(alpha.shape)) != 1 or any(d != 1 for d in alpha.shape):
+        raise FormatError(f"{where}: alpha must be a scalar, got shape {alpha.shape}")
+    if alpha.dtype == "BOOL":
+        raise FormatError(f"{where}: alpha has dtype BOOL")
+    exact = alpha.dtype in ("F64", "F32", "F16") or not alpha.is_float  # numpy holds these as numbers
+    value = float((alpha.raw if exact else alpha.f32()).reshape(-1)[0])
+    if not np.isfinite(value):
+        raise FormatError(f"{where}: alpha is {value}")
+    return None if value == 0.0 else value
+
+
+def _module_update(path: Path, module: str, parts: dict[str, Tensor]) -> Update:
     where = f"{path}: module {module!r}"
-    down, up, alpha = p.get("down"), p.get("up"), p.get("alpha")
+    algo = _algorithm(where, module, parts)
+    alpha = _alpha(where, parts.get("alpha"))
+    if algo == "loha":
+        u: Update = loha_update(where, module, parts, alpha)
+    elif algo == "lokr":
+        u = lokr_update(where, module, parts, alpha)
+    else:
+        u = _lora_update(where, module, parts, alpha)
+    dora = parts.get("dora_scale")
+    if dora is None:
+        return u
+    magnitude, on_columns = dora_magnitude(where, dora, tuple(u.delta_shape))
+    u.magnitude, u.magnitude_on_columns = magnitude, on_columns
+    return u
+
+
+def _lora_update(where: str, module: str, p: dict[str, Tensor], alpha: float | None) -> LoraUpdate:
+    down, up, mid = p.get("lora_down.weight"), p.get("lora_up.weight"), p.get("lora_mid.weight")
     if down is None or up is None:
-        have = ", ".join(f"{n} {t.shape}" for n, t in (("lora_down.weight", down), ("lora_up.weight", up),
-                                                         ("alpha", alpha)) if t is not None)
+        have = ", ".join(f"{n} {p[n].shape}" for n in (*LORA_PARTS, "alpha", "dora_scale") if n in p)
         raise FormatError(f"{where} has no {'lora_down.weight' if down is None else 'lora_up.weight'} "
                           f"(only {have})")
-    for t, n in ((down, "lora_down.weight"), (up, "lora_up.weight")):
-        if not t.is_float:
+    for t, n in ((down, "lora_down.weight"), (up, "lora_up.weight"), (mid, "lora_mid.weight")):
+        if t is not None and not t.is_float:
             raise FormatError(f"{where}: {n} has non-float dtype {t.dtype}")
     rank = down.shape[0] if down.shape else 0
-    if len(down.shape) in (2, 4) and len(up.shape) == len(down.shape) and rank == 0:
+    if len(down.shape) in (2, 4) and len(up.shape) in (2, len(down.shape)) and rank == 0:
         raise ShapeMismatchError(f"{where}: lora_down {down.shape} has rank 0 (a zero-rank adapter)")
+    if len(down.shape) == 4 and len(up.shape) == 2:  # LyCORIS DyLoRA on a conv: lora_up (out, r)
+        up = Tensor(up.raw.reshape(*up.shape, 1, 1), up.dtype)
     ok = (len(down.shape) in (2, 4) and len(up.shape) == len(down.shape) and rank > 0
           and up.shape[1] == rank and all(d == 1 for d in up.shape[2:]))
     if not ok:
         raise ShapeMismatchError(f"{where}: lora_down {down.shape} and lora_up {up.shape} are not LoRA factors "
                                  "of one rank")
-    if alpha is None:
-        value = float(rank)
-    else:
-        if int(np.prod(alpha.shape)) != 1 or any(d != 1 for d in alpha.shape):
-            raise FormatError(f"{where}: alpha must be a scalar, got shape {alpha.shape}")
-        if alpha.dtype == "BOOL":
-            raise FormatError(f"{where}: alpha has dtype BOOL")
-        exact = alpha.dtype in ("F64", "F32", "F16") or not alpha.is_float  # numpy holds these as numbers
-        value = float((alpha.raw if exact else alpha.f32()).reshape(-1)[0])
-        if not np.isfinite(value):
-            raise FormatError(f"{where}: alpha is {value}")
+    scale = 1.0 if alpha is None else alpha / rank
+    if mid is not None:
+        return LoraUpdate(module, _tucker_down(where, down, up, mid), up, scale, "conv")
     kind: Kind = "conv" if len(down.shape) == 4 else "linear"
-    return LoraUpdate(module, down, up, value / rank, kind)
+    return LoraUpdate(module, down, up, scale, kind)
+
+
+def _tucker_down(where: str, down: Tensor, up: Tensor, mid: Tensor) -> Tensor:
+    """LoCon Tucker: lora_mid (r, r, kh, kw) contracted with a 1x1 lora_down (r, in, 1, 1) into a
+    lora_down of shape (r, in, kh, kw), in float64, stored as float32; the delta is unchanged."""
+    r = down.shape[0]
+    if not (len(down.shape) == 4 and down.shape[2:] == (1, 1) and len(mid.shape) == 4
+            and mid.shape[:2] == (r, r) and min(mid.shape) > 0):
+        raise ShapeMismatchError(f"{where}: lora_mid {mid.shape} does not fit lora_down {down.shape} and lora_up "
+                                 f"{up.shape} (a Tucker LoCon has lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), "
+                                 "lora_up (out, r, 1, 1))")
+    a = np.einsum("ijhw,jc->ichw", mid.f32().astype(np.float64), down.f32().reshape(r, -1).astype(np.float64))
+    return Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def _most_common(values: list[float]) -> float:
@@ -134,25 +220,71 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
 
 
 def kohya_tensors(adapter: Adapter) -> dict[str, Tensor]:
-    """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name)."""
+    """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name).
+    `.alpha` is written in the dtype it was read in (config["kohya_alpha_dtypes"]) when that holds
+    scale * rank exactly, else as F32; a module read without `.alpha` gets none while its scale is 1.
+    A DoRA magnitude is written as LyCORIS' `dora_scale`."""
+    recorded: Mapping[str, str | None] = adapter.config.get(ALPHA_DTYPES_KEY) or {}  # type: ignore[assignment]
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
         where = f"{adapter.label}: module {name!r}"
-        if not u.is_plain():
-            raise UnsupportedError(f"{where} has a DoRA magnitude or a bias; the kohya format cannot store them")
+        if not isinstance(u, LoraUpdate):
+            raise UnsupportedError(f"{where} is a LyCORIS {getattr(u, 'algo', type(u).__name__)} update; the kohya "
+                                   "LoRA format stores lora_down / lora_up factors: convert it to LoRA with a rank "
+                                   "first (lorafuse convert IN -o OUT --to kohya --rank K)")
+        if u.bias is not None:
+            raise UnsupportedError(f"{where} has a lora_B bias; the kohya format cannot store it")
         if u.transposed or u.kind == "embedding":
             raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
                                    "lora_down (r x in) and lora_up (out x r) only")
-        if not name.startswith("lora_") or "." in name:
+        if not name.startswith(PREFIXES) or "." in name:
             raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
                                    "the kohya format cannot name it")
         out[name + ".lora_down.weight"] = u.A
         out[name + ".lora_up.weight"] = u.B
-        out[name + ".alpha"] = Tensor(np.array(u.scale * u.rank, dtype=np.float32), "F32")
+        alpha = _alpha_tensor(u, recorded[name] if name in recorded else "F32")
+        if alpha is not None:
+            out[name + ".alpha"] = alpha
+        if u.magnitude is not None:
+            out[name + ".dora_scale"] = _dora_scale(where, u)
     if adapter.full:
         raise UnsupportedError(f"{adapter.label}: full tensors ({', '.join(sorted(adapter.full)[:3])}) "
                                "cannot be stored in a kohya LoRA file")
     return dict(sorted(out.items(), key=lambda kv: (_DTYPE_ORDER.get(kv[1].dtype, 9), kv[0])))
+
+
+def _alpha_tensor(u: LoraUpdate, dtype: str | None) -> Tensor | None:
+    """u's alpha (scale * rank) as a scalar of `dtype` if it holds the value exactly, else F32;
+    None (no tensor) for dtype None and scale 1."""
+    value = u.scale * u.rank
+    if dtype is None and u.scale == 1.0:
+        return None
+    if dtype == "F64":
+        return Tensor(np.array(value, dtype=np.float64), "F64")
+    if dtype in ("F16", "BF16"):
+        with np.errstate(over="ignore"):
+            t = Tensor(_core.from_float32(np.array([value], dtype=np.float32), dtype, 1).reshape(()), dtype)
+        if float(t.f32().reshape(-1)[0]) == value:
+            return t
+    return Tensor(np.array(value, dtype=np.float32), "F32")
+
+
+def _dora_scale(where: str, u: LoraUpdate) -> Tensor:
+    """LyCORIS' dora_scale: (out, 1) / (out, 1, 1, 1) per output row, (1, in) per column."""
+    m = u.magnitude
+    assert m is not None
+    rows, cols = u.delta_shape[0], int(np.prod(u.delta_shape[1:], dtype=np.int64))
+    count = cols if u.magnitude_on_columns else rows
+    if int(np.prod(m.shape, dtype=np.int64)) != count:
+        raise ShapeMismatchError(f"{where}: DoRA magnitude {m.shape} does not have one value per "
+                                 f"{'column' if u.magnitude_on_columns else 'row'} of {tuple(u.delta_shape)}")
+    if u.magnitude_on_columns:
+        if u.kind == "conv":
+            raise UnsupportedError(f"{where}: per-column DoRA of a convolution has no dora_scale layout")
+        shape: tuple[int, ...] = (1, count)
+    else:
+        shape = (count, 1, 1, 1) if u.kind == "conv" else (count, 1)
+    return Tensor(np.ascontiguousarray(m.raw).reshape(shape), m.dtype)
 
 
 def _byte_window(chunks: Iterable[bytes | memoryview], start: int, length: int) -> bytes:
@@ -184,7 +316,8 @@ def kohya_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[
 
 def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
     """Write `adapter` as one kohya `.safetensors` file, atomically. Factors keep their stored dtype;
-    `.alpha` is an F32 scalar equal to scale * rank, so each module's scale is kept. sd-scripts' model
+    `.alpha` equals scale * rank, so each module's scale is kept (see kohya_tensors for its dtype and
+    when it is left out). LoHa / LoKr updates are refused: convert them to LoRA first. sd-scripts' model
     hashes in the metadata, when present, are recomputed for the tensors written."""
     tensors = kohya_tensors(adapter)
     meta = kohya_metadata(adapter)
