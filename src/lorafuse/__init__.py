@@ -19,6 +19,7 @@ from lorafuse.errors import (
 from lorafuse.formats import detect_format, load
 from lorafuse.ops.apply import ApplyReport, apply
 from lorafuse.ops.combine import METHODS, combine
+from lorafuse.ops.convert import convert
 from lorafuse.ops.info import describe
 from lorafuse.ops.similarity import similarity
 

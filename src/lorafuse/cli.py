@@ -59,6 +59,27 @@ examples:
 """
 
 
+_EPILOG_CONVERT = """\
+examples:
+  lorafuse convert style.safetensors --to peft -o out/pytorch_lora_weights.safetensors
+  lorafuse convert pytorch_lora_weights.safetensors --to kohya -o style_kohya.safetensors
+  lorafuse convert loha.safetensors --to kohya --rank 16 --conv-rank 8 -o lora_r16.safetensors
+  lorafuse convert flux_lora.safetensors --to peft --family flux -o flux_diffusers.safetensors
+
+--to peft writes the diffusers LoRA file that pipe.load_lora_weights() reads (keys
+<component>.<module>.lora_A.weight / .lora_B.weight; each module's alpha kept in the
+file's lora_adapter_metadata). --to kohya writes kohya names (lora_unet_..., lora_te1_...).
+Both are lossless: fused kohya modules (Flux img_attn_qkv, linear1) split into the
+diffusers modules they cover (rows of lora_up, lora_down shared) and fuse back exactly,
+and kohya -> peft -> kohya gives back the same bytes (alpha dtypes, metadata included).
+
+LoHa / LoKr modules have no exact LoRA form: --rank K (and --conv-rank K for kxk
+convolutions, k > 1; default --rank) keeps their best rank-K approximation (SVD of the
+delta), reporting the fraction of each delta's Frobenius norm kept. Plain LoRA / LoCon
+modules are copied as they are: --rank does not resize them (use lorafuse resize).
+"""
+
+
 def _rank_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="fixed output rank")
@@ -190,6 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the random sketch (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming",
+                       description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux) between kohya naming "
+                       "(lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file diffusers' "
+                       "save_lora_weights writes), losslessly; LoHa / LoKr modules become LoRA with --rank.",
+                       epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file")
+    v.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    v.add_argument("--to", required=True, choices=("peft", "kohya"),
+                   help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names")
+    v.add_argument("--rank", type=int, help="LoHa / LoKr modules: the rank of their LoRA approximation "
+                   "(plain LoRA modules are not resized; see lorafuse resize)")
+    v.add_argument("--conv-rank", type=int, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
+                   "(default: --rank)")
+    v.add_argument("--family", choices=("sd1", "sdxl", "flux"), help="model family of the names (default: "
+                   "guessed from them; sd1 covers SD 2.x too)")
+    v.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    vo = v.add_mutually_exclusive_group()
+    vo.add_argument("--verbose", action="store_true", help="one line per LoHa / LoKr module converted")
+    vo.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
     i = sub.add_parser("info", help="describe an adapter or a checkpoint",
                        description="Describe a PEFT adapter (modules, ranks, alphas, scales, dtypes, parameters, "
                        "exact ||delta||_F per module from the factors) or a safetensors checkpoint.")
@@ -293,6 +335,35 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from lorafuse.ops.convert import convert
+
+    start = time.monotonic()
+    rep = convert(args.adapter, args.out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
+                  family=args.family, threads=args.threads)
+    rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
+            for m in rep.lycoris]
+    kept = [m.fro_kept for m in rep.lycoris]
+    summary = (f"converted {rep.modules_in} modules of {args.adapter} to {args.to}"
+               + (f" ({rep.family} names)" if rep.family else "") + f": {rep.modules_out} modules"
+               + (f", {len(rep.split)} split" if rep.split else "") + (f", {len(rep.fused)} fused" if rep.fused else "")
+               + (f"; {len(kept)} LoHa / LoKr modules to LoRA, Frobenius norm kept min {min(kept):.4f} / mean "
+                  f"{np.mean(kept):.4f}" if kept else "")
+               + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
+    if args.json:
+        print(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
+                          "modules": rows}, indent=2))
+    elif not args.quiet:
+        if args.verbose:
+            width = max((len(m.name) for m in rep.lycoris), default=6)
+            for m in rep.lycoris:
+                print(f"{m.name:<{width}}  {m.algo:<4}  rank {m.rank:>4}  fro_kept {m.fro_kept:.6f}")
+        print(summary)
+    return 0
+
+
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from lorafuse.ops.similarity import similarity
 
@@ -383,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
-                    "resize": _cmd_resize, "extract": _cmd_extract}
+                    "resize": _cmd_resize, "extract": _cmd_extract, "convert": _cmd_convert}
         return commands[args.command](args)
     except LorafuseValueError as e:
         print(f"lorafuse {args.command}: error: {e}", file=sys.stderr)

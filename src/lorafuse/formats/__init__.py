@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lorafuse.adapter import Adapter
 from lorafuse.errors import FormatError
+from lorafuse.formats.diffusers import is_diffusers_lora, load_diffusers
 from lorafuse.formats.kohya import is_kohya, load_kohya
 from lorafuse.formats.peft import is_peft, load_peft
 from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
@@ -14,8 +15,9 @@ from lorafuse.io.safetensors import read_header
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """'peft' for a PEFT adapter folder, 'kohya' for a .safetensors file with `.lora_down.weight` keys;
-    raises FormatError for anything unknown."""
+    """'peft' for a PEFT adapter folder, 'kohya' for a .safetensors file with `.lora_down.weight` (or
+    LyCORIS) keys, 'diffusers' for a .safetensors file with `<component>.<module>.lora_A.weight` keys
+    (diffusers' save_lora_weights); raises FormatError for anything unknown."""
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")
@@ -25,6 +27,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         read_header(p)  # a .safetensors file that cannot be read: say why, not "not a recognised adapter"
     if is_kohya(p):
         return "kohya"
+    if is_diffusers_lora(p):
+        return "diffusers"
     if is_peft(p):
         return "peft"
     if p.is_dir():
@@ -36,7 +40,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise refuse_pickle(pickles[0])
     raise FormatError(
         f"{p}: not a recognised adapter: expected a PEFT adapter folder "
-        "(adapter_config.json + adapter_model.safetensors) or a kohya LoRA .safetensors file"
+        "(adapter_config.json + adapter_model.safetensors), a kohya LoRA .safetensors file or a diffusers "
+        "LoRA .safetensors file (<component>.<module>.lora_A.weight keys)"
     )
 
 
@@ -47,6 +52,8 @@ def load(path: str | os.PathLike[str]) -> Adapter:
         return load_peft(path)
     if fmt == "kohya":
         return load_kohya(path)
+    if fmt == "diffusers":
+        return load_diffusers(path)
     raise FormatError(f"{path}: unsupported adapter format {fmt!r}")  # pragma: no cover
 
 

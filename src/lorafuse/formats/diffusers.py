@@ -1,0 +1,329 @@
+"""diffusers / PEFT LoRA files for diffusion pipelines: one `.safetensors` file, as diffusers'
+`save_lora_weights` writes it (`pytorch_lora_weights.safetensors`).
+
+Keys are `<component>.<module path>.lora_A.weight` (r x in, or r x in x kh x kw) and
+`.lora_B.weight` (out x r [x 1 x 1]), with the component one of `unet`, `text_encoder`,
+`text_encoder_2`, `text_encoder_3`, `transformer`. The canonical module name is the key
+without the suffix: `unet.down_blocks.0.attentions.0.proj_in`.
+
+Scales: the `lora_adapter_metadata` entry of the file's `__metadata__` holds one PEFT
+`LoraConfig` per component, flattened with the component as prefix (`"unet.r"`,
+`"unet.lora_alpha"`, `"unet.rank_pattern"`, ...); diffusers 0.42 reads it in
+`_fetch_state_dict` and builds each component's `LoraConfig(**config)` from it. A module's
+scale is alpha / r (alpha / sqrt(r) with rslora) after rank_pattern / alpha_pattern, with
+PEFT's matching rule. A file without it loads in diffusers with alpha = r (scale 1).
+
+The writer stores exact-name patterns (`^down_blocks\\.0\\...`) wherever a module's rank or
+alpha differs from the component's most common one, and an alpha that divides back to
+the module's scale exactly. Other metadata (kohya's `ss_*` / `modelspec.*`) is kept as
+is, and `lorafuse_kohya` (JSON) records what converting back to a kohya file needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
+from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.peft import check_config, pattern_value
+from lorafuse.io.atomic import atomic_file
+from lorafuse.io.safetensors import SafetensorsFile, read_header, save_file
+from lorafuse.io.tensor import Tensor
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in a folder
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+KOHYA_RECORD_KEY = "lorafuse_kohya"  # our record of the kohya file a conversion came from
+_OWN_KEYS = ("format", ADAPTER_METADATA_KEY, KOHYA_RECORD_KEY)
+_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_REFUSED = {".lora_B.bias": "a LoRA bias (lora_bias)", ".lora_magnitude_vector": "a DoRA magnitude",
+            ".lora_embedding_A": "an embedding LoRA", ".lora_embedding_B": "an embedding LoRA"}
+# safetensors' own writer orders tensors by dtype (widest first), then name.
+_DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2": 5}
+# Module paths of a CLIP text model that transformers >= 5 flattens (no `text_model.` level):
+# files saved from such a model lack the prefix that kohya names and older files have.
+_CLIP_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")
+_TEXT_MODEL = "text_model."
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(component, module path) of a canonical diffusers name; ('', name) when it has no component."""
+    component, _, path = name.partition(".")
+    if component in COMPONENTS and path:
+        return component, path
+    return "", name
+
+
+def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
+    """A `.safetensors` file whose keys are `<component>.<module>.lora_A.weight` / `.lora_B.weight`.
+    Reads the header only."""
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return False
+    try:
+        tensors, _, _ = read_header(p)
+    except FormatError:
+        return False
+    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in tensors)
+
+
+def _canonical_path(component: str, path: str) -> str:
+    """A flattened CLIP path gets back its `text_model.` level (the name kohya files and the
+    base checkpoints use)."""
+    if component.startswith("text_encoder") and path.startswith(_CLIP_ROOTS):
+        return _TEXT_MODEL + path
+    return path
+
+
+def _component_configs(metadata: dict[str, str], where: str) -> dict[str, dict[str, object]]:
+    """The per-component LoraConfig dicts of `lora_adapter_metadata`, validated."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{where}: __metadata__[{ADAPTER_METADATA_KEY!r}] is not valid JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"{where}: __metadata__[{ADAPTER_METADATA_KEY!r}] is not a JSON object")
+    configs: dict[str, dict[str, object]] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        if component not in COMPONENTS or not field:
+            raise FormatError(f"{where}: {ADAPTER_METADATA_KEY} entry {key!r} is not '<component>.<field>' with a "
+                              f"component in {', '.join(COMPONENTS)}")
+        configs.setdefault(component, {})[field] = value
+    for component, cfg in configs.items():
+        label = f"{where}: {ADAPTER_METADATA_KEY} of {component!r}"
+        for field in ("r", "lora_alpha"):
+            if field not in cfg:
+                raise FormatError(f"{label}: {field!r} is missing (diffusers' LoraConfig needs it for the scale)")
+        check_config(cfg, label)
+        if cfg.get("fan_in_fan_out") or cfg.get("use_dora") or cfg.get("lora_bias"):
+            raise UnsupportedError(f"{label}: fan_in_fan_out, DoRA and lora_bias are not supported in diffusers "
+                                   "LoRA files")
+    return configs
+
+
+def _scale(cfg: dict[str, object] | None, path: str, rank: int, where: str) -> float:
+    """alpha / r of a module from its component's config (PEFT's pattern rule); 1 without a config,
+    as diffusers loads such a file."""
+    if cfg is None:
+        return 1.0
+    rank_pattern: dict[str, object] = cfg.get("rank_pattern") or {}  # type: ignore[assignment]
+    alpha_pattern: dict[str, object] = cfg.get("alpha_pattern") or {}  # type: ignore[assignment]
+    names = [path, path.removeprefix(_TEXT_MODEL)] if path.startswith(_TEXT_MODEL) else [path]
+    r_cfg, alpha = cfg["r"], cfg["lora_alpha"]
+    for n in names:  # the module as saved, then as a flattened text model names it
+        r_hit = pattern_value(rank_pattern, n, None)
+        a_hit = pattern_value(alpha_pattern, n, None)
+        r_cfg = r_hit if r_hit is not None else r_cfg
+        alpha = a_hit if a_hit is not None else alpha
+        if r_hit is not None or a_hit is not None:
+            break
+    if r_cfg != rank:
+        raise ShapeMismatchError(f"{where}: {ADAPTER_METADATA_KEY} gives r={r_cfg} but the tensors have rank {rank}")
+    value = float(alpha)  # type: ignore[arg-type]
+    return value / math.sqrt(rank) if cfg.get("use_rslora") else value / rank
+
+
+def _update(where: str, module: str, p: dict[str, Tensor], scale_of: object) -> LoraUpdate:
+    a, b = p.get("A"), p.get("B")
+    if a is None or b is None:
+        raise FormatError(f"{where} has no {'lora_A.weight' if a is None else 'lora_B.weight'}")
+    for t, n in ((a, "lora_A.weight"), (b, "lora_B.weight")):
+        if not t.is_float:
+            raise FormatError(f"{where}: {n} has non-float dtype {t.dtype}")
+    rank = a.shape[0] if a.shape else 0
+    ok = (len(a.shape) in (2, 4) and len(b.shape) == len(a.shape) and rank > 0 and b.shape[1] == rank
+          and all(d == 1 for d in b.shape[2:]))
+    if not ok:
+        raise ShapeMismatchError(f"{where}: lora_A {a.shape} and lora_B {b.shape} are not LoRA factors of one "
+                                 "rank (two matrices, or conv kernels of the same number of dimensions)")
+    kind: Kind = "conv" if len(a.shape) == 4 else "linear"
+    return LoraUpdate(module, a, b, scale_of(rank), kind)  # type: ignore[operator]
+
+
+def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
+    """A diffusers LoRA file as an Adapter (format 'diffusers') whose module names carry the component
+    prefix. config: 'metadata' (the file's other metadata, e.g. kohya's ss_*), 'components' (each
+    component's LoraConfig dict) and, for a file converted from kohya, 'kohya' (the record)."""
+    p = Path(path)
+    with SafetensorsFile(p) as f:  # views handed out keep the mapping alive
+        tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
+        metadata = dict(f.metadata)
+    configs = _component_configs(metadata, str(p))
+    parts: dict[str, dict[str, Tensor]] = {}
+    origin: dict[str, str] = {}
+    for key, t in tensors.items():
+        refused = next((what for s, what in _REFUSED.items() if key.endswith(s)), None)
+        if refused:
+            raise UnsupportedError(f"{p}: tensor {key!r} is {refused}, which lorafuse does not read from "
+                                   "diffusers LoRA files")
+        suffix = next((s for s in _ROLES if key.endswith(s)), None)
+        component, rest = split_name(key)
+        if suffix is None or not component or rest == suffix[1:]:
+            raise FormatError(f"{p}: tensor {key!r} is not a diffusers LoRA tensor (<component>.<module>"
+                              f".lora_A.weight / .lora_B.weight, component one of {', '.join(COMPONENTS)})")
+        saved = rest[: -len(suffix)]
+        module = f"{component}.{_canonical_path(component, saved)}"
+        check_module_name(module, f"{p}: tensor {key!r}")
+        role = _ROLES[suffix]
+        if role in parts.get(module, {}):
+            raise FormatError(f"{p}: module {module!r} has two {suffix[1:]} tensors ({key!r} and another spelling)")
+        parts.setdefault(module, {})[role] = t
+        origin[module] = saved
+    updates: dict[str, LoraUpdate] = {}
+    for module, d in parts.items():
+        component = split_name(module)[0]
+        where = f"{p}: module {module!r}"
+        cfg = configs.get(component)
+        updates[module] = _update(where, module, d, lambda r, c=cfg, s=origin[module], w=where: _scale(c, s, r, w))
+    record = _kohya_record(metadata, str(p))
+    keys = record.get("metadata_keys") if record else None
+    if isinstance(keys, list) and all(isinstance(k, str) and k in metadata for k in keys):
+        kept = {k: metadata[k] for k in keys}
+    else:
+        kept = {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
+    config: dict[str, object] = {"metadata": kept, "components": configs}
+    if record is not None:
+        config["kohya"] = record
+    return Adapter(updates=updates, config=config, format="diffusers", path=p)
+
+
+def _kohya_record(metadata: dict[str, str], where: str) -> dict[str, object] | None:
+    raw = metadata.get(KOHYA_RECORD_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{where}: __metadata__[{KOHYA_RECORD_KEY!r}] is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise FormatError(f"{where}: __metadata__[{KOHYA_RECORD_KEY!r}] is not a JSON object")
+    return record
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def exact_alpha(scale: float, rank: int) -> float:
+    """An alpha with alpha / rank == scale exactly in double precision (what PEFT computes), as
+    close to scale * rank as possible."""
+    alpha = scale * rank
+    if alpha / rank == scale:
+        return alpha
+    lo = hi = alpha
+    for _ in range(64):
+        lo, hi = math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf)
+        for cand in (lo, hi):
+            if cand / rank == scale:
+                return cand
+    return alpha  # pragma: no cover - some neighbour within a few ulps always divides back
+
+
+def _most_common(values: list[float]) -> float:
+    counts: dict[float, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def _pattern(component: str, path: str) -> str:
+    """A PEFT pattern that matches exactly this module (for text encoders, with or without the
+    `text_model.` level that transformers >= 5 flattens away)."""
+    if component.startswith("text_encoder") and path.startswith(_TEXT_MODEL):
+        return "^(?:text_model\\.)?" + re.escape(path.removeprefix(_TEXT_MODEL))
+    return "^" + re.escape(path)
+
+
+def _target(component: str, path: str) -> str:
+    """A target_modules entry: PEFT takes a module whose name equals it or ends with '.' + it."""
+    return path.removeprefix(_TEXT_MODEL) if component.startswith("text_encoder") else path
+
+
+def component_configs(adapter: Adapter) -> dict[str, dict[str, object]]:
+    """Per component, the LoraConfig dict that diffusers builds the component's adapter from: the most
+    common r and alpha, exact-name patterns for the modules that differ, every module targeted."""
+    groups: dict[str, list[tuple[str, LoraUpdate]]] = {}
+    for name, u in adapter.updates.items():
+        component, path = split_name(name)
+        groups.setdefault(component, []).append((path, u))
+    out: dict[str, dict[str, object]] = {}
+    for component, items in groups.items():
+        ranks = [u.rank for _, u in items]
+        alphas = [exact_alpha(u.scale, u.rank) for _, u in items]
+        r = int(_most_common([float(x) for x in ranks]))
+        alpha = _most_common(alphas)
+        out[component] = {
+            "r": r,
+            "lora_alpha": alpha,
+            "rank_pattern": {_pattern(component, p): k for (p, _), k in zip(items, ranks) if k != r},
+            "alpha_pattern": {_pattern(component, p): a for (p, _), a in zip(items, alphas) if a != alpha},
+            "target_modules": sorted({_target(component, p) for p, _ in items}),
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_bias": False,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "init_lora_weights": True,
+        }
+    return out
+
+
+def diffusers_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name)."""
+    out: dict[str, Tensor] = {}
+    for name, u in adapter.updates.items():
+        where = f"{adapter.label}: module {name!r}"
+        component, _ = split_name(name)
+        if not component:
+            raise UnsupportedError(f"{where}: not a diffusers module name (<component>.<module path>, component "
+                                   f"one of {', '.join(COMPONENTS)}); the diffusers LoRA format cannot name it")
+        if not u.is_plain():
+            raise UnsupportedError(f"{where} has a DoRA magnitude or a bias; lorafuse writes plain LoRA "
+                                   "diffusers files only")
+        if u.transposed or u.kind == "embedding":
+            raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; diffusers LoRA files store "
+                                   "lora_A (r x in) and lora_B (out x r) only")
+        out[name + ".lora_A.weight"] = u.A
+        out[name + ".lora_B.weight"] = u.B
+    if adapter.full:
+        raise UnsupportedError(f"{adapter.label}: full tensors ({', '.join(sorted(adapter.full)[:3])}) cannot be "
+                               "stored in a diffusers LoRA file")
+    return dict(sorted(out.items(), key=lambda kv: (_DTYPE_ORDER.get(kv[1].dtype, 9), kv[0])))
+
+
+def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
+    """`__metadata__`: the adapter's own metadata (kohya's ss_* ...), then diffusers' `format` and
+    `lora_adapter_metadata`, then the kohya record when the adapter has one."""
+    meta = {k: v for k, v in dict(adapter.config.get("metadata") or {}).items()  # type: ignore[call-overload]
+            if k not in _OWN_KEYS}
+    flat = {f"{c}.{k}": v for c, cfg in component_configs(adapter).items() for k, v in cfg.items()}
+    meta["format"] = "pt"
+    meta[ADAPTER_METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
+    record = adapter.config.get("kohya")
+    if isinstance(record, dict):
+        record = {**record, "metadata_keys": [k for k in meta if k not in _OWN_KEYS]}
+        meta[KOHYA_RECORD_KEY] = json.dumps(record, sort_keys=True)
+    return meta
+
+
+def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
+    """Write `adapter` (diffusers-named modules) as one diffusers LoRA `.safetensors` file, atomically.
+    Factors keep their stored dtype; each module's scale is kept exactly through the per-component
+    LoraConfig in `lora_adapter_metadata`, which diffusers' `load_lora_weights` reads."""
+    tensors = diffusers_tensors(adapter)
+    meta = diffusers_metadata(adapter)
+    with atomic_file(out, inputs) as tmp:
+        save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp, meta)
+    return Path(out)
+
+
+__all__ = ["COMPONENTS", "WEIGHT_NAME", "component_configs", "diffusers_metadata", "diffusers_tensors",
+           "exact_alpha", "is_diffusers_lora", "load_diffusers", "save_diffusers", "split_name"]

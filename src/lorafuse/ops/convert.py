@@ -1,0 +1,505 @@
+"""convert: kohya <-> diffusers/PEFT naming of diffusion LoRAs (lossless), and LoHa / LoKr -> LoRA.
+
+kohya -> peft: every kohya module is renamed with `sd_keys.to_diffusers`; a fused kohya module
+(Flux `img_attn_qkv`, `linear1`) becomes several diffusers modules, each taking its rows of B
+and the same A. The output is a diffusers LoRA file (formats.diffusers) that records the kohya
+family, alpha tensors and metadata, so converting it back gives the same file byte for byte.
+
+peft -> kohya: `sd_keys.to_kohya` says which diffusers modules make each kohya module. One
+module is renamed; several are fused exactly: when their A (and scale) are the same, B's rows
+are stacked and the rank stays r; otherwise B is block-diagonal and A stacked (the ranks add).
+
+LoHa / LoKr modules become their best rank-k LoRA (Eckart-Young, `LycorisUpdate.to_lora`), k
+from `rank` (`conv_rank` for kxk convolutions, k > 1); plain LoRA modules are kept as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse.adapter import Adapter, LoraUpdate, Update
+from lorafuse.errors import (
+    FormatError,
+    LorafuseError,
+    LorafuseValueError,
+    MissingModuleError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+from lorafuse.formats import load
+from lorafuse.formats.diffusers import save_diffusers, split_name
+from lorafuse.io.tensor import Tensor
+
+TARGETS = ("peft", "kohya")
+FAMILIES = ("sd1", "sdxl", "flux")
+Rows = tuple[int, int] | None
+
+
+@dataclass
+class LycorisReport:
+    """One LoHa / LoKr module turned into a rank-k LoRA."""
+
+    name: str
+    algo: str  # 'loha' or 'lokr'
+    shape: tuple[int, ...]
+    rank: int
+    fro_kept: float  # ||best rank-k||_F / ||delta||_F, from the singular values
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    to: str
+    family: str | None
+    modules_in: int
+    modules_out: int
+    split: dict[str, list[str]] = field(default_factory=dict)  # input module -> the modules it became
+    fused: dict[str, list[str]] = field(default_factory=dict)  # output module -> the modules it came from
+    lycoris: list[LycorisReport] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def _sd_keys():  # type: ignore[no-untyped-def]
+    from lorafuse.formats import sd_keys
+
+    return sd_keys
+
+
+def _family(adapter: Adapter, family: str | None) -> str:
+    if family is not None:
+        if family not in FAMILIES:
+            raise LorafuseValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        return family
+    record = adapter.config.get("kohya")
+    if isinstance(record, dict) and record.get("family") in FAMILIES:
+        return str(record["family"])
+    return str(_sd_keys().guess_family(list(adapter.updates)))
+
+
+def _unmapped_error(adapter: Adapter, names: list[str], what: str) -> MissingModuleError:
+    shown = ", ".join(f"{n!r} {tuple(adapter.updates[n].delta_shape)}" for n in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return MissingModuleError(f"{adapter.label}: {len(names)} module(s) have no {what} name: {shown}{more}; "
+                              "nothing was written")
+
+
+# ----------------------------------------------------------------------------- LoHa / LoKr -> LoRA
+
+
+def _is_kxk(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+# Kernel sizes of the UNet convolutions of SD 1.x/2.x and SDXL, by the end of the module name (diffusers
+# and LDM paths, '.' or '_'): LyCORIS stores a LoHa / LoKr of a convolution without Tucker cores with its
+# kernel flattened into the columns, so the file alone does not say it was a convolution.
+_UNET_NAME = re.compile(r"^(lora_unet_|unet\.)")
+_KERNELS: tuple[tuple[re.Pattern[str], tuple[int, int]], ...] = (
+    (re.compile(r"(resnets[._]\d+[._]conv[12]|conv_in|conv_out|(down|up)samplers[._]0[._]conv|in_layers[._]2|"
+                r"out_layers[._]3|[._]op|input_blocks[._]0[._]0|[._]out[._]2|output_blocks[._]\d+[._][12][._]conv)$"),
+     (3, 3)),
+    (re.compile(r"(conv_shortcut|skip_connection)$"), (1, 1)),
+)
+
+
+def _conv_shape(u: Update) -> tuple[int, ...]:
+    """The 4-D shape of a flattened LoHa / LoKr convolution of a UNet (from the layer's name), else its own."""
+    shape = tuple(u.delta_shape)
+    if len(shape) != 2 or not _UNET_NAME.match(u.name):
+        return shape
+    for pattern, (kh, kw) in _KERNELS:
+        if pattern.search(u.name) and shape[1] % (kh * kw) == 0:
+            return (shape[0], shape[1] // (kh * kw), kh, kw)
+    return shape
+
+
+def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = None,
+                    threads: int = 0) -> tuple[Adapter, list[LycorisReport]]:
+    """Every LoHa / LoKr module replaced by its best rank-k LoRA (k = rank, or conv_rank for kxk
+    convolutions with k > 1; default rank); LoRA modules are kept. Without rank, LyCORIS input is refused.
+    A LoHa / LoKr of a UNet convolution stored flattened (no Tucker core) gets its kernel back from the
+    layer's name, so the LoRA has conv factors (A: k x in x kh x kw) as kohya and diffusers store them."""
+    for n, v in (("rank", rank), ("conv_rank", conv_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise LorafuseValueError(f"{n} must be a positive integer, got {v!r}")
+    lycoris = [n for n, u in adapter.updates.items() if not isinstance(u, LoraUpdate)]
+    if not lycoris:
+        return adapter, []
+    if rank is None:
+        shown = ", ".join(repr(n) for n in lycoris[:3]) + (", ..." if len(lycoris) > 3 else "")
+        raise UnsupportedError(f"{adapter.label}: {len(lycoris)} module(s) are LoHa / LoKr ({shown}); converting "
+                               "them to LoRA loses information: pass --rank K (and --conv-rank K for kxk "
+                               "convolutions) to keep their best rank-K approximation")
+    conv_k = conv_rank if conv_rank is not None else rank
+    updates: dict[str, Update] = dict(adapter.updates)
+    reports: list[LycorisReport] = []
+    for name in lycoris:
+        u = adapter.updates[name]
+        shape = _conv_shape(u)
+        if shape != tuple(u.delta_shape):
+            u = u.with_shape(shape)  # type: ignore[union-attr]
+        k = conv_k if _is_kxk(shape) else rank
+        lora = u.to_lora(k, threads)  # type: ignore[union-attr]
+        updates[name] = lora
+        reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
+                                     _kept(u, lora, threads)))
+    out = Adapter(updates=updates, full=dict(adapter.full), config=dict(adapter.config), format=adapter.format,
+                  path=adapter.path, full_origin=dict(adapter.full_origin))
+    return out, reports
+
+
+def _kept(u: Update, lora: LoraUpdate, threads: int) -> float:
+    """Fraction of ||delta||_F that the rank-k LoRA keeps: sqrt(S_1^2 + .. + S_k^2) / ||S|| for the
+    singular values S of the delta, since the best rank-k approximation holds exactly the leading k.
+    Both norms come from factors (no dense delta and no second SVD)."""
+    full_b, full_a = u.stored_factors(threads)
+    low_b, low_a = lora.stored_factors(threads)
+    full, low = _core.factored_frobenius_sq([(np.ascontiguousarray(full_b), np.ascontiguousarray(full_a)),
+                                             (np.ascontiguousarray(low_b), np.ascontiguousarray(low_a))], threads)
+    total = float(full) * u.scale * u.scale
+    kept = float(low) * lora.scale * lora.scale
+    return min(1.0, float(np.sqrt(max(kept, 0.0) / total))) if total > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------- kohya -> peft
+
+
+def _take_rows(u: LoraUpdate, rows: list[Rows], name: str) -> LoraUpdate:
+    """A plain update named `name` whose B is the concatenation of B's row ranges `rows` (None: all
+    rows), in order; A and the bytes of B are unchanged."""
+    if rows == [None]:
+        return LoraUpdate(name, u.A, u.B, u.scale, u.kind)
+    n = u.B.shape[0]
+    spans = [(0, n) if r is None else r for r in rows]
+    for start, stop in spans:
+        if not 0 <= start < stop <= n:
+            raise ShapeMismatchError(f"module {u.name!r}: rows [{start}, {stop}) of its delta "
+                                     f"{tuple(u.delta_shape)} for {name!r} are out of range")
+    raw = u.B.raw[spans[0][0]:spans[0][1]] if len(spans) == 1 else np.concatenate([u.B.raw[a:b] for a, b in spans])
+    return LoraUpdate(name, u.A, Tensor(np.ascontiguousarray(raw), u.B.dtype), u.scale, u.kind)
+
+
+def _plain(adapter: Adapter, name: str) -> LoraUpdate:
+    u = adapter.updates[name]
+    if not isinstance(u, LoraUpdate):
+        raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; pass --rank to "
+                               "convert it to LoRA first")
+    if not u.is_plain() or u.transposed or u.kind == "embedding":
+        raise UnsupportedError(f"{adapter.label}: module {name!r} has a DoRA magnitude, a bias or a transposed "
+                               "layout; convert handles plain LoRA / LoCon modules")
+    return u
+
+
+def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter, dict[str, list[str]]]:
+    """A kohya adapter renamed to diffusers module names (fused modules split); the kohya config
+    (metadata, alphas) is kept under config['kohya'] so `peft_to_kohya` can rebuild the file."""
+    sd_keys = _sd_keys()
+    fam = _family(adapter, family)
+    updates: dict[str, Update] = {}
+    source: dict[str, str] = {}
+    split: dict[str, list[str]] = {}
+    unmapped: list[str] = []
+    for name in adapter.updates:
+        u = _plain(adapter, name)
+        try:
+            targets = sd_keys.to_diffusers(name, tuple(u.delta_shape), family=fam)
+        except UnsupportedError:
+            targets = []
+        if not targets:
+            unmapped.append(name)
+            continue
+        rows_of: dict[str, list[Rows]] = {}
+        for target, rows in targets:  # a target listed twice takes both row ranges, in order
+            rows_of.setdefault(target, []).append(rows)
+        parts = _unstacked({target: _take_rows(u, rows_list, target) for target, rows_list in rows_of.items()})
+        for target, part in parts.items():
+            if target in updates:
+                raise FormatError(f"{adapter.label}: modules {source[target]!r} and {name!r} both name the "
+                                  f"diffusers module {target!r}")
+            updates[target] = part
+            source[target] = name
+        if len(rows_of) > 1 or targets[0][1] is not None:
+            split[name] = list(parts)
+    if unmapped:
+        raise _unmapped_error(adapter, unmapped, "diffusers")
+    record = {"family": fam, "config": _json_config(adapter.config)}
+    config: dict[str, object] = {"metadata": dict(adapter.config.get("metadata") or {}),  # type: ignore[call-overload]
+                                 "kohya": record}
+    return Adapter(updates=updates, config=config, format="diffusers"), split
+
+
+def _unstacked(parts: dict[str, LoraUpdate]) -> dict[str, LoraUpdate]:
+    """The parts of a split fused module, each keeping only the rank directions its rows use: when every
+    column of the shared B is nonzero in exactly one part (a block-diagonal B, as `peft_to_kohya` makes
+    from separate q / k / v LoRAs), part i keeps B_i's columns and A's matching rows; a part whose rows
+    are all zero is left out. Exact, and fusing back gives the same B and A. Otherwise the parts are kept
+    whole (A shared)."""
+    if len(parts) < 2:
+        return parts
+    used = {t: np.any(u.B.raw.reshape(u.B.shape[0], u.rank) != 0, axis=0) for t, u in parts.items()}
+    owners = np.sum(np.stack(list(used.values())), axis=0)
+    if not np.all(owners == 1):
+        return parts
+    out: dict[str, LoraUpdate] = {}
+    for t, u in parts.items():
+        cols = np.flatnonzero(used[t])
+        if len(cols) == 0:
+            continue
+        a = Tensor(np.ascontiguousarray(u.A.raw[cols]), u.A.dtype)
+        b = Tensor(np.ascontiguousarray(u.B.raw[:, cols]), u.B.dtype)
+        out[t] = LoraUpdate(t, a, b, u.scale, u.kind)
+    return out
+
+
+def _json_config(config: Mapping[str, object]) -> dict[str, object]:
+    """The kohya reader's config (alpha dtypes, missing alphas, ...) without the metadata, which travels
+    as the file's own metadata."""
+    return {k: v for k, v in config.items() if k != "metadata"}
+
+
+# ----------------------------------------------------------------------------- peft -> kohya
+
+
+def _concat(tensors: list[Tensor], axis: int) -> Tensor:
+    """Raw concatenation when the dtypes agree (bit exact), else in float32."""
+    if len({t.dtype for t in tensors}) == 1:
+        return Tensor(np.ascontiguousarray(np.concatenate([t.raw for t in tensors], axis=axis)), tensors[0].dtype)
+    return Tensor.from_array(np.concatenate([t.f32() for t in tensors], axis=axis))
+
+
+def _same_a(parts: list[LoraUpdate]) -> bool:
+    a0 = parts[0]
+    return all(p.A.dtype == a0.A.dtype and p.A.shape == a0.A.shape and p.scale == a0.scale and p.kind == a0.kind
+               and p.B.dtype == a0.B.dtype and np.array_equal(p.A.raw, a0.A.raw) for p in parts[1:])
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows [src) of a diffusers module's delta that fill rows [dst) of the kohya module's delta."""
+
+    update: LoraUpdate
+    src: tuple[int, int]
+    dst: tuple[int, int]
+
+
+def _pieces(name: str, parts: list[tuple[LoraUpdate, Rows]], label: str) -> tuple[list[_Piece], int]:
+    """Where each part's rows go (a module listed twice gives its rows in order), and the rows reached."""
+    used: dict[str, int] = {}
+    pieces: list[_Piece] = []
+    for u, rows in parts:
+        start = used.get(u.name, 0)
+        dst = rows if rows is not None else (0, u.B.shape[0])
+        stop = start + dst[1] - dst[0]
+        if stop > u.B.shape[0] or dst[0] < 0 or dst[1] <= dst[0]:
+            raise ShapeMismatchError(f"{label}: kohya module {name!r}: {u.name!r} (lora_B {u.B.shape}) cannot fill "
+                                     f"rows [{dst[0]}, {dst[1]}) of it")
+        used[u.name] = stop
+        pieces.append(_Piece(u, (start, stop), dst))
+    short = [(p.update, used[p.update.name]) for p in pieces if used[p.update.name] != p.update.B.shape[0]]
+    if short:
+        u, n = short[0]
+        raise ShapeMismatchError(f"{label}: kohya module {name!r} takes {n} of the {u.B.shape[0]} rows of "
+                                 f"{u.name!r} (lora_B {u.B.shape})")
+    order = sorted(pieces, key=lambda p: p.dst)
+    for before, after in zip(order, order[1:]):
+        if after.dst[0] < before.dst[1]:
+            raise ShapeMismatchError(f"{label}: kohya module {name!r}: {before.update.name!r} and "
+                                     f"{after.update.name!r} both fill rows from {after.dst[0]}")
+    return pieces, max(p.dst[1] for p in pieces)
+
+
+def _fuse(name: str, parts: list[tuple[LoraUpdate, Rows]], total: int | None, label: str) -> LoraUpdate:
+    """One kohya module from diffusers modules that fill its rows (exact); rows no module fills are zero.
+    `total` is the kohya delta's row count (default: the last row filled)."""
+    if len(parts) == 1 and parts[0][1] is None and total in (None, parts[0][0].B.shape[0]):
+        u = parts[0][0]
+        return LoraUpdate(name, u.A, u.B, u.scale, u.kind)
+    pieces, reached = _pieces(name, parts, label)
+    rows = max(reached, total or 0)
+    ups = list({p.update.name: p.update for p in pieces}.values())
+    if len({u.A.shape[1:] for u in ups}) != 1 or len({u.kind for u in ups}) != 1:
+        raise ShapeMismatchError(f"{label}: kohya module {name!r}: its parts have different inputs: "
+                                 + ", ".join(f"{u.name!r} lora_A {u.A.shape}" for u in ups))
+    if _same_a(ups):  # one A: stack B's rows, rank r
+        first = ups[0]
+        b = np.zeros((rows, *first.B.shape[1:]), dtype=first.B.raw.dtype)  # +0.0 in every float format
+        for p in pieces:
+            b[p.dst[0]:p.dst[1]] = p.update.B.raw[p.src[0]:p.src[1]]
+        return LoraUpdate(name, first.A, Tensor(b, first.B.dtype), first.scale, first.kind)
+    return _block_diagonal(name, pieces, ups, rows)
+
+
+def _block_diagonal(name: str, pieces: list[_Piece], ups: list[LoraUpdate], rows: int) -> LoraUpdate:
+    """B = blockdiag(c_i B_i) over the rows each part fills, A = [A_1; ...; A_n]: exact. Parts with one
+    scale and one dtype keep their bytes (c_i = 1); otherwise c_i = s_i / s (s the first nonzero scale)
+    is folded into B in float32."""
+    scale = next((u.scale for u in ups if u.scale != 0), 0.0)
+    keep_bytes = all(u.scale == scale for u in ups) and len({u.B.dtype for u in ups}) == 1
+    col: dict[str, int] = {}
+    for u in ups:
+        col[u.name] = sum(v.rank for v in ups[: ups.index(u)])
+    first = ups[0].B
+    b = np.zeros((rows, sum(u.rank for u in ups), *first.shape[2:]),
+                 dtype=first.raw.dtype if keep_bytes else np.float32)
+    for p in pieces:
+        u, c = p.update, col[p.update.name]
+        if keep_bytes:
+            block = u.B.raw[p.src[0]:p.src[1]]
+        else:
+            factor = u.scale / scale if scale else 0.0
+            block = (u.B.f32()[p.src[0]:p.src[1]].astype(np.float64) * factor).astype(np.float32)
+        b[p.dst[0]:p.dst[1], c:c + u.rank] = block
+    b_t = Tensor(b, first.dtype) if keep_bytes else Tensor.from_array(b)
+    return LoraUpdate(name, _concat([u.A for u in ups], 0), b_t, scale, ups[0].kind)
+
+
+def _kohya_rows(sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, int]:
+    """Rows of each kohya delta where the naming knows them (a fused layer given in part)."""
+    fn = getattr(sd_keys, "to_kohya_shapes", None)
+    if fn is None and family == "flux":
+        from lorafuse.formats import flux_keys
+
+        fn = flux_keys.to_kohya_shapes
+    if fn is None:
+        return {}
+    return {k: int(v[0]) for k, v in fn(shapes, family).items()}
+
+
+def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter, dict[str, list[str]]]:
+    """A diffusers-named adapter as kohya modules (`sd_keys.to_kohya`), fused where kohya fuses."""
+    sd_keys = _sd_keys()
+    fam = _family(adapter, family)
+    plain = {n: _plain(adapter, n) for n in adapter.updates}
+    unnamed = [n for n in plain if not split_name(n)[0]]
+    if unnamed:
+        raise _unmapped_error(adapter, unnamed, "component prefix (unet., text_encoder., transformer. ...) and so "
+                              "no kohya")
+    shapes = {n: tuple(u.delta_shape) for n, u in plain.items()}
+    unknown = [n for n, shape in shapes.items() if not _known(sd_keys, n, shape, fam)]
+    if unknown:
+        raise _unmapped_error(adapter, unknown, f"kohya ({fam})")
+    try:
+        mapping = sd_keys.to_kohya(shapes, fam)
+    except UnsupportedError as e:
+        raise _unnamed(adapter, sd_keys, shapes, fam, e) from None
+    totals = _kohya_rows(sd_keys, shapes, fam)
+    used: dict[str, str] = {}
+    updates: dict[str, Update] = {}
+    fused: dict[str, list[str]] = {}
+    for kname, parts in mapping.items():
+        for d, _ in parts:
+            if d not in plain:
+                raise MissingModuleError(f"{adapter.label}: kohya module {kname!r} needs {d!r}, which the adapter "
+                                         "does not have")
+            if used.get(d, kname) != kname:
+                raise FormatError(f"{adapter.label}: {d!r} lands in two kohya modules, {used[d]!r} and {kname!r}")
+            used[d] = kname
+        updates[kname] = _fuse(kname, [(plain[d], rows) for d, rows in parts], totals.get(kname), adapter.label)
+        if len({d for d, _ in parts}) > 1:
+            fused[kname] = list(dict.fromkeys(d for d, _ in parts))
+    unmapped = [n for n in plain if n not in used]
+    if unmapped:
+        raise _unmapped_error(adapter, unmapped, "kohya")
+    config = _kohya_config(adapter)
+    return Adapter(updates=updates, config=config, format="kohya"), fused
+
+
+def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str,
+             error: UnsupportedError) -> LorafuseError:
+    """Every module that has no kohya name in `family` (each tried alone), or the naming's own error."""
+    bad: list[tuple[str, str]] = []
+    for n, shape in shapes.items():
+        try:
+            sd_keys.to_kohya({n: shape}, family)  # type: ignore[attr-defined]
+        except UnsupportedError as e:
+            bad.append((n, str(e)))
+    if not bad:
+        return error
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return MissingModuleError(f"{adapter.label}: {len(bad)} module(s) have no kohya name for family {family!r}: "
+                              + "; ".join(why for _, why in bad[:5]) + more + "; nothing was written "
+                              "(--family names another family)")
+
+
+def _known(sd_keys: object, name: str, shape: tuple[int, ...], family: str) -> bool:
+    """A diffusers name the naming knows (a layer of the family's models)."""
+    try:
+        return bool(sd_keys.to_diffusers(name, shape, family=family))  # type: ignore[attr-defined]
+    except UnsupportedError:
+        return False
+
+
+def _kohya_config(adapter: Adapter) -> dict[str, object]:
+    """The kohya reader's config back (alpha dtypes, missing alphas, ...) when the adapter came from a
+    kohya file, with the metadata the adapter carries."""
+    record = adapter.config.get("kohya")
+    config: dict[str, object] = {}
+    if isinstance(record, dict) and isinstance(record.get("config"), dict):
+        config.update(record["config"])
+    config["metadata"] = dict(adapter.config.get("metadata") or {})  # type: ignore[call-overload]
+    return config
+
+
+# ----------------------------------------------------------------------------- the operation
+
+
+def _check_out(out: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise LorafuseValueError(f"output {out}: convert writes one .safetensors file; give a name ending in "
+                                 ".safetensors (diffusers' load_lora_weights(folder) looks for "
+                                 "pytorch_lora_weights.safetensors)")
+
+
+def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[str], to: str = "peft",
+            rank: int | None = None, conv_rank: int | None = None, family: str | None = None,
+            threads: int = 0) -> ConvertReport:
+    """Convert a diffusion LoRA between kohya and diffusers/PEFT naming and write it to `out` (one
+    .safetensors file): `to='peft'` writes a diffusers LoRA file (what `save_lora_weights` writes and
+    `load_lora_weights` reads), `to='kohya'` a kohya LoRA file. LoHa / LoKr modules need `rank`
+    (`conv_rank` for kxk convolutions) and become their best rank-k LoRA; LoRA modules are kept.
+    `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names."""
+    if to not in TARGETS:
+        raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
+    out = Path(out)
+    _check_out(out)
+    a = adapter if isinstance(adapter, Adapter) else load(adapter)
+    if a.format not in ("kohya", "diffusers"):
+        raise UnsupportedError(f"{a.label}: a {a.format} adapter; convert handles diffusion LoRAs: kohya / LyCORIS "
+                               ".safetensors files and diffusers LoRA files (<component>.<module>.lora_A.weight)")
+    if a.full:
+        raise UnsupportedError(f"{a.label}: full tensors ({', '.join(sorted(a.full)[:3])}) cannot be converted")
+    n_in = len(a.updates)
+    a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
+    inputs = [a.path] if a.path is not None else []
+    split: dict[str, list[str]] = {}
+    fused: dict[str, list[str]] = {}
+    fam: str | None = None
+    if to == "peft":
+        if a.format == "kohya":
+            fam = _family(a, family)
+            result, split = kohya_to_peft(a, fam)
+        else:
+            result = a
+        save_diffusers(result, out, inputs)
+    else:
+        if a.format == "diffusers":
+            fam = _family(a, family)
+            result, fused = peft_to_kohya(a, fam)
+        else:
+            result = a
+        from lorafuse.formats.kohya import save_kohya
+
+        save_kohya(result, out, inputs)
+    return ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports)
+
+
+__all__ = ["ConvertReport", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora", "peft_to_kohya"]
