@@ -217,7 +217,7 @@ def test_writer_refusals(tmp_path):
     with pytest.raises(UnsupportedError, match="not a kohya module name"):
         peft_named.save(tmp_path / "x.safetensors")
     with pytest.raises(lorafuse.LorafuseValueError, match="unknown adapter format"):
-        adapter.save(tmp_path / "y", format="diffusers")
+        adapter.save(tmp_path / "y", format="comfyui")
     assert not (tmp_path / "x.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]  # no temporary files left
 

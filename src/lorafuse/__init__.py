@@ -26,6 +26,7 @@ from lorafuse.ops.similarity import similarity
 __all__ = [
     "Adapter",
     "ApplyReport",
+    "convert",
     "METHODS",
     "DtypeError",
     "FormatError",

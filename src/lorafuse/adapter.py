@@ -170,8 +170,9 @@ class Adapter:
     # ---- files and in-memory state dicts --------------------------------------------------
 
     def save(self, out: str | os.PathLike[str], format: str | None = None) -> Path:
-        """Write this adapter (atomically): 'peft' (a folder) or 'kohya' (one .safetensors file);
-        the default is the adapter's own format."""
+        """Write this adapter (atomically): 'peft' (a folder), 'kohya' (one .safetensors file) or
+        'diffusers' (one .safetensors file as diffusers' save_lora_weights writes it); the default is the
+        adapter's own format."""
         fmt = self.format if format is None else format
         inputs = [self.path] if self.path is not None else []
         if fmt == "peft":
@@ -182,7 +183,11 @@ class Adapter:
             from lorafuse.formats.kohya import save_kohya
 
             return save_kohya(self, out, inputs)
-        raise LorafuseValueError(f"unknown adapter format {fmt!r} (lorafuse writes 'peft' and 'kohya')")
+        if fmt == "diffusers":
+            from lorafuse.formats.diffusers import save_diffusers
+
+            return save_diffusers(self, out, inputs)
+        raise LorafuseValueError(f"unknown adapter format {fmt!r} (lorafuse writes 'peft', 'kohya' and 'diffusers')")
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:

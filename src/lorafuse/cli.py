@@ -18,12 +18,22 @@ examples:
   lorafuse apply ./Llama-3.2-1B ./my-lora -o ./merged
   lorafuse apply ./base ./style ./subject --weights 1,0.5 --dtype bf16 -o ./merged
   lorafuse apply ./base ./lora --max-shard-size 2GB -o ./merged
+  lorafuse apply sd_xl_base_1.0.safetensors style.safetensors --weights 0.8 -o sdxl_style.safetensors
+  lorafuse apply ./stable-diffusion-v1-5 detail.safetensors loha.safetensors -o ./sd15-merged
+  lorafuse apply flux1-dev.safetensors flux_lora.safetensors --dtype bf16 -o flux1-merged.safetensors
 
 Equals PEFT's merge_and_unload() + save_pretrained(): W' = W + sum_i w_i * s_i * B_i A_i,
 s_i = lora_alpha / r (or / sqrt(r) with rslora), computed in float32 and rounded once.
 DoRA adapters rescale each output row to the learned magnitude. Non-weight files
 (config.json, tokenizer files, ...) are copied. The output appears only when
 complete; an output path that is an input is refused.
+
+Diffusion adapters (kohya LoRA / LoCon, LyCORIS LoHa / LoKr / DoRA, diffusers LoRA
+files) find their weights in single-file SD 1.x / 2.x / SDXL / Flux checkpoints and in
+diffusers pipeline folders (model_index.json: the touched components are merged, the
+others copied) through name tables; fused weights (OpenCLIP in_proj, Flux qkv) take
+their rows. Every module that finds no target is listed and nothing is written,
+unless --skip-missing.
 """
 
 
@@ -41,6 +51,12 @@ examples:
   lorafuse combine style subject --weights 1,0.5 --rank 32 -o mixed
   lorafuse combine a b c --method ties_svd --density 0.3 --rank 16 -o merged
   lorafuse combine a b --method dare_linear --density 0.5 --seed 7 -o dare
+  lorafuse combine style.safetensors detail.safetensors loha.safetensors --rank 32 --conv-rank 8 -o mix.safetensors
+
+Output format (--format): as the first input by default: a PEFT folder for PEFT
+adapters, one kohya .safetensors file for kohya / LyCORIS files (kohya's svd_merge_lora.py),
+a diffusers LoRA file for diffusers LoRA files. LoHa / LoKr inputs enter through an
+exact factorization of their delta, so svd gives the optimal rank-k LoRA of the sum.
 """
 
 
@@ -142,15 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="merge adapters into base weights", description="Merge LoRA adapters into a "
                        "base checkpoint and write a new checkpoint.", epilog=_EPILOG_APPLY,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("base", help="base checkpoint: a folder (model.safetensors or sharded with an index) or one "
-                   ".safetensors file")
-    a.add_argument("adapters", nargs="+", help="adapter folders (PEFT: adapter_config.json + adapter_model.safetensors)")
+    a.add_argument("base", help="base checkpoint: a folder (model.safetensors or sharded with an index), one "
+                   ".safetensors file, or a diffusers pipeline folder")
+    a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
+                   "diffusers LoRA files")
     a.add_argument("-o", "--out", required=True, help="output folder (a file when the base is a file)")
     a.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
     a.add_argument("--dtype", help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB or 2GiB (default: shards as the input)")
     a.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
+    a.add_argument("--skip-missing", action="store_true",
+                   help="merge the modules that find a target and list the others (default: refuse)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -158,11 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
                        "for method; the svd method is exact and needs no dense matrix).",
                        epilog=_EPILOG_COMBINE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("adapters", nargs="+", help="adapter folders (PEFT)")
-    c.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT format)")
+    c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
+    c.add_argument("-o", "--out", required=True, help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
+    c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
+                   help="output format (default: that of the first input)")
     c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
     c.add_argument("--method", default="svd", help="combination method (default svd; see below)")
     c.add_argument("--rank", type=int, help="output rank of the svd methods (default: the largest input rank)")
+    c.add_argument("--conv-rank", type=int, help="output rank of kxk convolutions, k > 1 (default: --rank)")
     c.add_argument("--density", type=float, help="fraction of values kept by ties / dare / magnitude_prune")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total) or the count (frequency) of signs")
@@ -249,7 +271,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
                    max_shard_size=args.max_shard_size, progress=False if args.no_progress else None,
-                   allow_nonfinite=args.allow_nonfinite)
+                   allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing)
     if not args.quiet:
         for note in report.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -265,14 +287,29 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from lorafuse.formats.peft import save_peft
+    from lorafuse.formats import load
     from lorafuse.ops.combine import combine
 
     start = time.monotonic()
-    result = combine(args.adapters, args.weights, method=args.method, rank=args.rank, density=args.density,
+    loaded = [load(a) for a in args.adapters]
+    result = combine(loaded, args.weights, method=args.method, rank=args.rank, density=args.density,
                      majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads,
-                     exact=args.exact)
-    save_peft(result, args.out, [Path(a) for a in args.adapters])
+                     exact=args.exact, conv_rank=args.conv_rank)
+    fmt = args.format or loaded[0].format
+    result.path = None
+    inputs = [Path(a) for a in args.adapters]
+    if fmt == "peft":
+        from lorafuse.formats.peft import save_peft
+
+        save_peft(result, args.out, inputs)
+    elif fmt == "kohya":
+        from lorafuse.formats.kohya import save_kohya
+
+        save_kohya(result, args.out, inputs)
+    else:
+        from lorafuse.formats.diffusers import save_diffusers
+
+        save_diffusers(result, args.out, inputs)
     if not args.quiet:
         ranks = sorted({u.rank for u in result.updates.values()})
         print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "

@@ -23,6 +23,7 @@ alpha back as it was read.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.lycoris import (
     LOHA_PARTS,
     LOKR_PARTS,
+    LycorisUpdate,
     UNSUPPORTED_PARTS,
     dora_magnitude,
     loha_update,
@@ -138,6 +140,12 @@ def _module_update(path: Path, module: str, parts: dict[str, Tensor]) -> Update:
         u = lokr_update(where, module, parts, alpha)
     else:
         u = _lora_update(where, module, parts, alpha)
+    if isinstance(u, LycorisUpdate):  # a UNet convolution stored with its kernel flattened: give it back
+        from lorafuse.formats.sd_keys import flattened_conv_shape
+
+        shape = flattened_conv_shape(module, tuple(u.delta_shape))
+        if shape != tuple(u.delta_shape):
+            u = u.with_shape(shape)
     dora = parts.get("dora_scale")
     if dora is None:
         return u
@@ -216,7 +224,24 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
         if old is None or _same_number(old, _most_common(values)) or (old == "Dynamic" and len(set(values)) > 1):
             continue
         meta[key] = text
+    _lora_network_metadata(meta, updates)
     return meta
+
+
+def _lora_network_metadata(meta: dict[str, str], updates: list[Update]) -> None:
+    """A LyCORIS file whose LoHa / LoKr modules all became LoRA (combine, resize, convert) is now a
+    plain LoRA: ss_network_module says so and ss_network_args loses the LyCORIS algorithm."""
+    if not meta.get("ss_network_module", "").startswith("lycoris") or not all(
+            isinstance(u, LoraUpdate) and u.magnitude is None for u in updates):
+        return
+    meta["ss_network_module"] = "networks.lora"
+    try:
+        args = json.loads(meta.get("ss_network_args", ""))
+    except ValueError:
+        return
+    if isinstance(args, dict) and "algo" in args:
+        args.pop("algo")
+        meta["ss_network_args"] = json.dumps(args)
 
 
 def kohya_tensors(adapter: Adapter) -> dict[str, Tensor]:

@@ -337,12 +337,25 @@ def _most_common(values: list[float]) -> float:
     return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
+def _check_peft_storable(adapter: Adapter, u: object) -> None:
+    """PEFT stores LoRA factors; a LoHa / LoKr, or a DoRA normalized over columns of an untransposed
+    weight (LyCORIS wd_on_out=False), has no PEFT form."""
+    if not isinstance(u, LoraUpdate):
+        raise UnsupportedError(f"{adapter.label}: module {u.name!r} is a LoHa / LoKr update; PEFT stores LoRA "  # type: ignore[attr-defined]
+                               "factors only (convert it first: `lorafuse convert IN -o OUT --to kohya --rank K`)")
+    if u.magnitude_on_columns and not u.transposed:
+        raise UnsupportedError(f"{adapter.label}: module {u.name!r} is DoRA normalized per input column "
+                               "(LyCORIS wd_on_out=False), which PEFT cannot express")
+
+
 def peft_config_for(adapter: Adapter) -> dict[str, object]:
     """adapter_config.json for `adapter`: r and lora_alpha (plus exact-name patterns where modules
     differ) are derived from the updates themselves, so each module's scale is kept exactly."""
     cfg: dict[str, object] = {k: v for k, v in adapter.config.items()
                               if k not in ("rank_pattern", "alpha_pattern", "use_rslora")}
     updates = list(adapter.updates.values())
+    for u in updates:
+        _check_peft_storable(adapter, u)
     ranks = [float(u.rank) for u in updates]
     alphas = [u.scale * u.rank for u in updates]
     r = int(_most_common(ranks)) if updates else int(cfg.get("r", 8))  # type: ignore[call-overload]
@@ -372,6 +385,7 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """The tensors of adapter_model.safetensors, PEFT-named."""
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
+        _check_peft_storable(adapter, u)
         key = PREFIX + name
         if u.kind == "embedding":
             out[key + ".lora_embedding_A"] = u.A

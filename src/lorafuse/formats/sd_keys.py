@@ -648,3 +648,25 @@ def match_modules(modules: Mapping[str, tuple[int, ...]],
 
 __all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "guess_family", "match_modules", "to_diffusers", "to_kohya",
            "unet_diffusers_path", "unet_ldm_path"]
+
+
+# Kernel sizes of the UNet convolutions of SD 1.x/2.x and SDXL, by the end of the module name (diffusers
+# and LDM paths, '.' or '_'): LyCORIS stores a LoHa / LoKr of a convolution without Tucker cores with its
+# kernel flattened into the columns, so the file alone does not say it was a convolution.
+_UNET_NAME = re.compile(r"^(lora_unet_|unet\.)")
+_KERNELS: tuple[tuple[re.Pattern[str], tuple[int, int]], ...] = (
+    (re.compile(r"(resnets[._]\d+[._]conv[12]|conv_in|conv_out|(down|up)samplers[._]0[._]conv|in_layers[._]2|"
+                r"out_layers[._]3|[._]op|input_blocks[._]0[._]0|[._]out[._]2|output_blocks[._]\d+[._][12][._]conv)$"),
+     (3, 3)),
+    (re.compile(r"(conv_shortcut|skip_connection)$"), (1, 1)),
+)
+
+
+def flattened_conv_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(out, in, kh, kw) for a 2-D (out, in*kh*kw) delta of a known UNet convolution, else `shape`."""
+    if len(shape) != 2 or not _UNET_NAME.match(name):
+        return shape
+    for pattern, (kh, kw) in _KERNELS:
+        if pattern.search(name) and shape[1] % (kh * kw) == 0:
+            return (shape[0], shape[1] // (kh * kw), kh, kw)
+    return shape

@@ -32,6 +32,7 @@ from lorafuse import _core
 from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats import load
+from lorafuse.formats.lycoris import LycorisUpdate
 
 EXACT = ("cat", "svd")
 FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -84,6 +85,16 @@ def _check_linear(adapters: Sequence[Adapter], what: str) -> None:
             )
 
 
+def _flattened_as(u: Update, shape: tuple[int, ...]) -> Update | None:
+    """A LoHa / LoKr stored with a conv kernel flattened (out, in*kh*kw), laid onto the 4-D `shape` of the
+    same module in another adapter; None when that is not what differs."""
+    if isinstance(u, LoraUpdate) or len(u.delta_shape) != 2 or len(shape) != 4:
+        return None
+    if u.delta_shape[0] != shape[0] or u.delta_shape[1] != int(np.prod(shape[1:])):
+        return None
+    return u.with_shape(shape)
+
+
 def _terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[_Term]]:
     """Module -> the (weight, update) of every adapter that has it, checking the layouts agree."""
     out: dict[str, list[_Term]] = {}
@@ -92,6 +103,13 @@ def _terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> d
             terms = out.setdefault(name, [])
             if terms:
                 first = terms[0].update
+                if tuple(first.delta_shape) != tuple(u.delta_shape):
+                    u = _flattened_as(u, tuple(first.delta_shape)) or u
+                    if all(isinstance(t.update, LycorisUpdate) for t in terms):  # they were the flattened ones
+                        aligned = [_flattened_as(t.update, tuple(u.delta_shape)) for t in terms]
+                        if all(x is not None for x in aligned):
+                            terms[:] = [_Term(t.weight, x) for t, x in zip(terms, aligned)]  # type: ignore[misc]
+                    first = terms[0].update
                 if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
                                                                                u.transposed):
                     raise ShapeMismatchError(

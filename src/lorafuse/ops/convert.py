@@ -16,7 +16,6 @@ from `rank` (`conv_rank` for kxk convolutions, k > 1); plain LoRA modules are ke
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,27 +98,11 @@ def _is_kxk(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[2] * shape[3] > 1
 
 
-# Kernel sizes of the UNet convolutions of SD 1.x/2.x and SDXL, by the end of the module name (diffusers
-# and LDM paths, '.' or '_'): LyCORIS stores a LoHa / LoKr of a convolution without Tucker cores with its
-# kernel flattened into the columns, so the file alone does not say it was a convolution.
-_UNET_NAME = re.compile(r"^(lora_unet_|unet\.)")
-_KERNELS: tuple[tuple[re.Pattern[str], tuple[int, int]], ...] = (
-    (re.compile(r"(resnets[._]\d+[._]conv[12]|conv_in|conv_out|(down|up)samplers[._]0[._]conv|in_layers[._]2|"
-                r"out_layers[._]3|[._]op|input_blocks[._]0[._]0|[._]out[._]2|output_blocks[._]\d+[._][12][._]conv)$"),
-     (3, 3)),
-    (re.compile(r"(conv_shortcut|skip_connection)$"), (1, 1)),
-)
-
-
 def _conv_shape(u: Update) -> tuple[int, ...]:
     """The 4-D shape of a flattened LoHa / LoKr convolution of a UNet (from the layer's name), else its own."""
-    shape = tuple(u.delta_shape)
-    if len(shape) != 2 or not _UNET_NAME.match(u.name):
-        return shape
-    for pattern, (kh, kw) in _KERNELS:
-        if pattern.search(u.name) and shape[1] % (kh * kw) == 0:
-            return (shape[0], shape[1] // (kh * kw), kh, kw)
-    return shape
+    from lorafuse.formats.sd_keys import flattened_conv_shape
+
+    return flattened_conv_shape(u.name, tuple(u.delta_shape))
 
 
 def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = None,

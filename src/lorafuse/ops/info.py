@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lorafuse.adapter import Adapter, LoraUpdate, stored_tensors
 from lorafuse.formats import load
+from lorafuse.formats.diffusers import is_diffusers_lora
 from lorafuse.formats.kohya import is_kohya
 from lorafuse.formats.peft import is_peft
 from lorafuse.io.checkpoint import Checkpoint
@@ -30,7 +31,9 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         })
     cfg = adapter.config
     meta: dict[str, str] = cfg.get("metadata") or {}  # type: ignore[assignment]  # kohya: the file's metadata
-    alphas = sorted({round(u.scale * u.rank, 6) for u in adapter.updates.values()})
+    # kohya / diffusers files store an alpha per module (alpha = scale * r); a LoHa / LoKr's scale is
+    # alpha over its own dimension, not over the rank of its exact factorization: shown as scales only
+    alphas = sorted({round(u.scale * u.rank, 6) for u in adapter.updates.values() if isinstance(u, LoraUpdate)})
     return {
         "type": "adapter",
         "format": adapter.format,
@@ -38,7 +41,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
         "scales": sorted({round(u.scale, 8) for u in adapter.updates.values()}),
-        "lora_alpha": ", ".join(f"{a:g}" for a in alphas) if adapter.format == "kohya" else cfg.get("lora_alpha"),
+        "lora_alpha": (", ".join(f"{a:g}" for a in alphas) if adapter.format in ("kohya", "diffusers")
+                       else cfg.get("lora_alpha")),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
         "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
@@ -64,8 +68,8 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
 
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
-    """An adapter (PEFT folder, kohya file) or a checkpoint (safetensors file or folder)."""
+    """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file) or a checkpoint."""
     p = Path(path)
-    if is_kohya(p) or is_peft(p):
+    if is_kohya(p) or is_peft(p) or is_diffusers_lora(p):
         return describe_adapter(load(p), threads)
     return describe_checkpoint(Checkpoint(p))

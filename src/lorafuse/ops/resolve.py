@@ -66,12 +66,38 @@ def _check_fit(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[in
         )
 
 
+GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
+
+
+def _generic_underscore_match(found: dict[str, list[Target]], missing: list[str],
+                              shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, list[Target]], list[str]]:
+    """kohya-style names on a model the SD tables do not know (LyCORIS names any torch model's layers
+    `lycoris_<path with _>`): the module is the weight whose dotted path, with '_' for '.', is its name
+    without the prefix. A name two keys spell alike stays unmatched."""
+    if not missing:
+        return found, missing
+    spelled: dict[str, list[str]] = {}
+    for key in shapes:
+        if key.endswith(".weight"):
+            spelled.setdefault(key[: -len(".weight")].replace(".", "_"), []).append(key)
+    still: list[str] = []
+    for name in missing:
+        prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
+        keys = spelled.get(name[len(prefix):], []) if prefix else []
+        if len(keys) == 1:
+            found[name] = [Target(keys[0])]
+        else:
+            still.append(name)
+    return found, still
+
+
 def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], matcher: BaseMatcher,
              base_key) -> tuple[dict[str, list[Target]], list[str]]:  # type: ignore[no-untyped-def]
     if adapter.format in DIFFUSION_FORMATS:
         from lorafuse.formats.sd_keys import match_modules
 
-        return match_modules({n: tuple(u.delta_shape) for n, u in adapter.updates.items()}, shapes)
+        found, missing = match_modules({n: tuple(u.delta_shape) for n, u in adapter.updates.items()}, shapes)
+        return _generic_underscore_match(found, missing, shapes)
     found: dict[str, list[Target]] = {}
     missing: list[str] = []
     for name in adapter.updates:
