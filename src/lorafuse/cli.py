@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "delta (QR of the factors + SVD of the small core), the rank fixed or chosen from the "
                        "singular values. Each module keeps its scale; the output has the input's format.",
                        epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("adapter", help="adapter folder (PEFT) or kohya .safetensors file")
+    r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file")
     r.add_argument("-o", "--out", required=True, help="output adapter (same format as the input)")
     _rank_options(r)
     r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")

@@ -34,6 +34,7 @@ from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.safetensors import SafetensorsFile, read_header, save_file
 from lorafuse.io.tensor import Tensor
+from lorafuse.formats.util import most_common
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in a folder
@@ -227,12 +228,6 @@ def exact_alpha(scale: float, rank: int) -> float:
     return alpha  # pragma: no cover - some neighbour within a few ulps always divides back
 
 
-def _most_common(values: list[float]) -> float:
-    counts: dict[float, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
-
 
 def _pattern(component: str, path: str) -> str:
     """A PEFT pattern that matches exactly this module (for text encoders, with or without the
@@ -258,8 +253,8 @@ def component_configs(adapter: Adapter) -> dict[str, dict[str, object]]:
     for component, items in groups.items():
         ranks = [u.rank for _, u in items]
         alphas = [exact_alpha(u.scale, u.rank) for _, u in items]
-        r = int(_most_common([float(x) for x in ranks]))
-        alpha = _most_common(alphas)
+        r = int(most_common([float(x) for x in ranks]))
+        alpha = most_common(alphas)
         out[component] = {
             "r": r,
             "lora_alpha": alpha,

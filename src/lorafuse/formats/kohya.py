@@ -46,6 +46,7 @@ from lorafuse.formats.lycoris import (
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, read_header, save_file
 from lorafuse.io.tensor import Tensor
+from lorafuse.formats.util import most_common
 
 PREFIXES = ("lora_", "lycoris_")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -193,13 +194,6 @@ def _tucker_down(where: str, down: Tensor, up: Tensor, mid: Tensor) -> Tensor:
     return Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def _most_common(values: list[float]) -> float:
-    """The most frequent value; ties go to the first seen."""
-    counts: dict[float, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
-
 
 def _same_number(text: str, value: float) -> bool:
     try:
@@ -218,10 +212,10 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
         return meta
     ranks = [float(u.rank) for u in updates]
     alphas = [float(np.float32(u.scale * u.rank)) for u in updates]  # as the F32 .alpha tensors will hold them
-    for key, values, text in (("ss_network_dim", ranks, str(int(_most_common(ranks)))),
-                              ("ss_network_alpha", alphas, str(_most_common(alphas)))):
+    for key, values, text in (("ss_network_dim", ranks, str(int(most_common(ranks)))),
+                              ("ss_network_alpha", alphas, str(most_common(alphas)))):
         old = meta.get(key)
-        if old is None or _same_number(old, _most_common(values)) or (old == "Dynamic" and len(set(values)) > 1):
+        if old is None or _same_number(old, most_common(values)) or (old == "Dynamic" and len(set(values)) > 1):
             continue
         meta[key] = text
     _lora_network_metadata(meta, updates)

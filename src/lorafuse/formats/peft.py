@@ -27,6 +27,7 @@ from lorafuse.io.atomic import atomic_dir
 from lorafuse.io.checkpoint import read_json, refuse_pickle
 from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
+from lorafuse.formats.util import most_common
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -330,12 +331,6 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
     return update
 
 
-def _most_common(values: list[float]) -> float:
-    counts: dict[float, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
-
 
 def _check_peft_storable(adapter: Adapter, u: object) -> None:
     """PEFT stores LoRA factors; a LoHa / LoKr, or a DoRA normalized over columns of an untransposed
@@ -358,8 +353,8 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         _check_peft_storable(adapter, u)
     ranks = [float(u.rank) for u in updates]
     alphas = [u.scale * u.rank for u in updates]
-    r = int(_most_common(ranks)) if updates else int(cfg.get("r", 8))  # type: ignore[call-overload]
-    alpha = _most_common(alphas) if updates else float(cfg.get("lora_alpha", r))  # type: ignore[arg-type]
+    r = int(most_common(ranks)) if updates else int(cfg.get("r", 8))  # type: ignore[call-overload]
+    alpha = most_common(alphas) if updates else float(cfg.get("lora_alpha", r))  # type: ignore[arg-type]
     linear_layouts = {u.transposed for u in updates if u.kind == "linear"}
     if len(linear_layouts) > 1:
         raise UnsupportedError(f"{adapter.label}: linear modules mix fan_in_fan_out layouts; PEFT cannot store that")
