@@ -259,12 +259,7 @@ def combine(
             b, a = _stack(by_module[n], threads, coef_on="A")
             updates[n] = by_module[n][0].update.with_factors(b, a)
     elif method == "svd":
-        mode = "exact" if exact else "auto"
-        items = [(n, *_stack(by_module[n], threads)) for n in names]
-        results = _core.factored_svd(items, [ranks[n] for n in names], split, threads, mode=mode, seed=seed)
-        updates = {n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
-        randomized = [n for n, b, a in items
-                      if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], ranks[n], mode)]
+        updates, randomized = _factored_svd(by_module, ranks, split, "exact" if exact else "auto", seed, threads)
     elif method in FACTORWISE:
         updates = _factorwise(method, by_module, density, majority_sign, seed, threads)
     else:
@@ -272,6 +267,25 @@ def combine(
     result = _result(loaded[0], updates, loaded)
     result.randomized = randomized
     return result
+
+
+SVD_GROUP = 64  # modules per call into the core: only one group's stacked factors exist at a time
+
+
+def _factored_svd(by_module: dict[str, list[_Term]], ranks: dict[str, int], split: str, mode: str, seed: int,
+                  threads: int) -> tuple[dict[str, LoraUpdate], list[str]]:
+    """Method svd, a group of modules per call (the modules of a group spread over the threads)."""
+    names = list(by_module)
+    updates: dict[str, LoraUpdate] = {}
+    randomized: list[str] = []
+    for start in range(0, len(names), SVD_GROUP):
+        group = names[start : start + SVD_GROUP]
+        items = [(n, *_stack(by_module[n], threads)) for n in group]
+        results = _core.factored_svd(items, [ranks[n] for n in group], split, threads, mode=mode, seed=seed)
+        updates.update({n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(group, results)})
+        randomized += [n for n, b, a in items
+                       if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], ranks[n], mode)]
+    return updates, randomized
 
 
 def _is_kxk_conv(u: Update) -> bool:
