@@ -184,3 +184,16 @@ def test_cli_apply_skip_missing(tmp_path: Path, capsys: pytest.CaptureFixture[st
         if key in got:
             want = state[key].double().numpy() + lycoris_delta(lora_mod).reshape(got[key].shape)
             np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_info_describes_a_lycoris_file(tmp_path: Path) -> None:
+    _, net = network("lokr", seed=15, linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0)
+    path = save(net, tmp_path / "lokr.safetensors")
+    d = lorafuse.describe(path)
+    adapter = lorafuse.load(path)
+    assert d["format"] == "kohya" and d["modules"] == len(adapter) == 4
+    assert d["lora_alpha"].startswith("- (LoHa / LoKr only")  # type: ignore[union-attr]
+    assert d["parameters"] == sum(p.numel() for lora in net.loras for p in lora.parameters())
+    for m in d["module_details"]:  # type: ignore[union-attr]
+        assert m["kind"].startswith("lokr (")
+        assert m["delta_norm"] == pytest.approx(np.linalg.norm(adapter[m["name"]].delta()), rel=1e-5)

@@ -505,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -41,8 +41,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
         "scales": sorted({round(u.scale, 8) for u in adapter.updates.values()}),
-        "lora_alpha": (", ".join(f"{a:g}" for a in alphas) if adapter.format in ("kohya", "diffusers")
-                       else cfg.get("lora_alpha")),
+        "lora_alpha": ((", ".join(f"{a:g}" for a in alphas) or "- (LoHa / LoKr only: see scales)")
+                       if adapter.format in ("kohya", "diffusers") else cfg.get("lora_alpha")),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
         "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
