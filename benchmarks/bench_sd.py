@@ -810,7 +810,7 @@ def run(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     good, notes = check_outputs(inputs, args.ratios, args.rank, outputs, sample)
     if not good:
         status = 1
-    summary = print_table(inputs, args, lf, api, peer, api_result, peer_phases)
+    print_table(inputs, args, lf, api, peer, api_result, peer_phases)
     for note in notes:
         print(f"note: {note}")
     if not args.keep:

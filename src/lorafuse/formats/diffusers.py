@@ -32,9 +32,9 @@ from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.io.atomic import atomic_file
-from lorafuse.io.safetensors import SafetensorsFile, read_header, save_file
+from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.formats.util import most_common
+from lorafuse.formats.util import most_common, safetensors_keys
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in a folder
@@ -63,14 +63,7 @@ def split_name(name: str) -> tuple[str, str]:
 def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
     """A `.safetensors` file whose keys are `<component>.<module>.lora_A.weight` / `.lora_B.weight`.
     Reads the header only."""
-    p = Path(path)
-    if not (p.is_file() and p.suffix == ".safetensors"):
-        return False
-    try:
-        tensors, _, _ = read_header(p)
-    except FormatError:
-        return False
-    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in tensors)
+    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in safetensors_keys(path))
 
 
 def _canonical_path(component: str, path: str) -> str:

@@ -44,9 +44,9 @@ from lorafuse.formats.lycoris import (
     unsupported_algorithm,
 )
 from lorafuse.io.atomic import atomic_file
-from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, read_header, save_file
+from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, save_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.formats.util import most_common
+from lorafuse.formats.util import most_common, safetensors_keys
 
 PREFIXES = ("lora_", "lycoris_")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -61,14 +61,7 @@ _DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2"
 
 def is_kohya(path: str | os.PathLike[str]) -> bool:
     """A `.safetensors` file with kohya LoRA or LyCORIS keys. Reads the header only."""
-    p = Path(path)
-    if not (p.is_file() and p.suffix == ".safetensors"):
-        return False
-    try:
-        tensors, _, _ = read_header(p)
-    except FormatError:
-        return False
-    return any(_is_signature(k) for k in tensors)
+    return any(_is_signature(k) for k in safetensors_keys(path))
 
 
 def _is_signature(key: str) -> bool:

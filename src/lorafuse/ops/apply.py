@@ -25,13 +25,10 @@ import numpy as np
 
 from lorafuse import _core
 from lorafuse._progress import Progress
-from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.adapter import Adapter
 from lorafuse.errors import (
     LorafuseValueError,
-    MissingModuleError,
     NonFiniteError,
-    ShapeMismatchError,
-    UnsupportedError,
 )
 from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output_path
