@@ -276,3 +276,22 @@ def test_kohya_flux_lora_into_bfl_file_and_diffusers_transformer(tmp_path: Path)
     got = load_np(str(tmp_path / "merged_pipe" / "transformer" / "diffusion_pytorch_model.safetensors"))
     for k, v in _flux_diffusers_of(want).items():
         np.testing.assert_allclose(got[k], v, rtol=2e-6, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_converted_diffusers_lora_merges_exactly_like_its_kohya_file(family: str, models, tmp_path: Path) -> None:
+    """`convert --to peft` keeps every factor and scale, and diffusers-named modules find the same weights:
+    merging the converted file gives the same bytes as merging the kohya file."""
+    lora = _kohya_lora(family, models, seed=4)
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    lorafuse.convert(tmp_path / "lora.safetensors", tmp_path / "diffusers.safetensors", to="peft")
+    assert lorafuse.load(tmp_path / "diffusers.safetensors").format == "diffusers"
+    _save_pipeline(tmp_path / "pipe", family, models)
+    for name in ("lora", "diffusers"):
+        lorafuse.apply(tmp_path / "pipe", [tmp_path / f"{name}.safetensors"], out=tmp_path / f"out_{name}",
+                       progress=False)
+    for comp in ["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else []):
+        weights = "diffusion_pytorch_model.safetensors" if comp == "unet" else "model.safetensors"
+        a = (tmp_path / "out_lora" / comp / weights).read_bytes()
+        assert a == (tmp_path / "out_diffusers" / comp / weights).read_bytes(), comp
+        assert a != (tmp_path / "pipe" / comp / weights).read_bytes()
