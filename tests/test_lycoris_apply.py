@@ -197,3 +197,27 @@ def test_info_describes_a_lycoris_file(tmp_path: Path) -> None:
     for m in d["module_details"]:  # type: ignore[union-attr]
         assert m["kind"].startswith("lokr (")
         assert m["delta_norm"] == pytest.approx(np.linalg.norm(adapter[m["name"]].delta()), rel=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+@pytest.mark.parametrize("wd_on_output", [True, False])
+def test_apply_dora_equals_lycoris_merge_to(algo: str, wd_on_output: bool, tmp_path: Path) -> None:
+    """DoRA (dora_scale) through apply: LyCORIS's merge_to on the model is the reference (alpha = r, where
+    its merge and forward agree; it adds float32 eps to each norm, lorafuse does not)."""
+    model, net = network(algo, seed=16, linear_dim=2, linear_alpha=2.0, conv_dim=2, conv_alpha=2.0,
+                         dora_wd=True, wd_on_output=wd_on_output)
+    if not wd_on_output:  # LyCORIS's per-input-channel conv norms are refused: keep the Linear modules
+        with torch.no_grad():
+            net.loras = [lora for lora in net.loras if lora.module_type == "linear"]
+            for name in ("lycoris_conv", "lycoris_point"):
+                delattr(net, name)
+    lora_path = save(net, tmp_path / "dora.safetensors")
+    base = _base(model, tmp_path / "base.safetensors")
+    with torch.no_grad():
+        net.merge_to(1.0)
+    report = lorafuse.apply(base, [lora_path], out=tmp_path / "out.safetensors", progress=False)
+    assert len(report.merged) == len(net.loras)
+    got = load_np(str(tmp_path / "out.safetensors"))
+    for key, ref in model.state_dict().items():
+        ref = ref.detach().numpy()
+        np.testing.assert_allclose(got[key], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=key)
