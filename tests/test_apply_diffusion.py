@@ -295,3 +295,40 @@ def test_a_converted_diffusers_lora_merges_exactly_like_its_kohya_file(family: s
         a = (tmp_path / "out_lora" / comp / weights).read_bytes()
         assert a == (tmp_path / "out_diffusers" / comp / weights).read_bytes(), comp
         assert a != (tmp_path / "pipe" / comp / weights).read_bytes()
+
+
+def test_a_sharded_component_keeps_its_shards_and_index_name(tmp_path: Path) -> None:
+    """diffusers shards big components (Flux's transformer) as diffusion_pytorch_model-0000i-of-0000n with
+    diffusion_pytorch_model.safetensors.index.json: the merged component keeps those names."""
+    rng = np.random.default_rng(6)
+    base = {k: rng.standard_normal(s).astype(np.float32) for k, s in _flux_bfl_shapes().items()}
+    weights = {k: np.ascontiguousarray(v) for k, v in _flux_diffusers_of(base).items()}
+    names = sorted(weights)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    comp = tmp_path / "pipe" / "transformer"
+    comp.mkdir(parents=True)
+    for shard, keys in shards.items():
+        save_file({k: torch.from_numpy(weights[k]) for k in keys}, str(comp / shard))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (comp / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "X"]}))
+    down = rng.standard_normal((2, FLUX_H)).astype(np.float32)
+    up = rng.standard_normal((3 * FLUX_H, 2)).astype(np.float32)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.from_numpy(down),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.from_numpy(up)},
+              str(tmp_path / "qkv.safetensors"))
+    lorafuse.apply(tmp_path / "pipe", [tmp_path / "qkv.safetensors"], out=tmp_path / "out", progress=False)
+    out = tmp_path / "out" / "transformer"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*shards, "diffusion_pytorch_model.safetensors.index.json"])
+    assert json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"] == \
+        index["weight_map"]
+    got = {k: v for shard in shards for k, v in load_np(str(out / shard)).items()}
+    delta = up.astype(np.float64) @ down.astype(np.float64)
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        key = f"transformer_blocks.0.attn.{part}.weight"
+        want = weights[key] + delta[i * FLUX_H:(i + 1) * FLUX_H]
+        np.testing.assert_allclose(got[key], want, rtol=2e-6, atol=1e-5, err_msg=key)
+    for key in set(weights) - {f"transformer_blocks.0.attn.{p}.weight" for p in ("to_q", "to_k", "to_v")}:
+        assert np.array_equal(got[key], weights[key]), key

@@ -497,14 +497,17 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
         shutil.copy2(p, dst_dir / p.name)
 
 
-def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: _Plan) -> None:
+def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: _Plan, resharded: bool) -> None:
+    """The shard index: under the input's own name (diffusers components use
+    diffusion_pytorch_model.safetensors.index.json) unless the output was re-sharded."""
     weight_map = {t.name: shard for shard, ts in plan.shards for t in ts}
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = sum(t.nbytes for _, ts in plan.shards for t in ts)
     if "total_parameters" in meta:
         meta["total_parameters"] = sum(int(np.prod(t.shape)) for _, ts in plan.shards for t in ts)
     index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-    (dst_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    name = ckpt.index_name if ckpt.index_name and not resharded else "model.safetensors.index.json"
+    (dst_dir / name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def apply(
@@ -589,7 +592,7 @@ def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: _Plan, tmp: Path, shard
     for shard, entries in plan.shards:
         ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
     if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
-        _write_index(tmp, ckpt, plan)
+        _write_index(tmp, ckpt, plan, shard_limit is not None)
     skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else [])}
     _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
