@@ -332,3 +332,20 @@ def test_a_sharded_component_keeps_its_shards_and_index_name(tmp_path: Path) -> 
         np.testing.assert_allclose(got[key], want, rtol=2e-6, atol=1e-5, err_msg=key)
     for key in set(weights) - {f"transformer_blocks.0.attn.{p}.weight" for p in ("to_q", "to_k", "to_v")}:
         assert np.array_equal(got[key], weights[key]), key
+
+
+def test_info_describes_a_pipeline_folder(models, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorafuse.cli import main
+
+    _save_pipeline(tmp_path / "pipe", "sdxl", models)
+    d = lorafuse.describe(tmp_path / "pipe")
+    assert d["type"] == "pipeline"
+    comps = d["components"]
+    assert set(comps) == {"unet", "text_encoder", "text_encoder_2"}  # type: ignore[arg-type]
+    for name, model in (("unet", models["sdxl"]), ("text_encoder", models["clip_l"])):
+        state = model.state_dict()
+        assert comps[name]["tensors"] == len(state)  # type: ignore[index]
+        assert comps[name]["parameters"] == sum(v.numel() for v in state.values())  # type: ignore[index]
+    assert main(["info", str(tmp_path / "pipe")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pipeline") and "unet:" in out and "text_encoder_2:" in out

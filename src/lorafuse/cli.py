@@ -424,6 +424,12 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
 
 def _print_info(d: dict[str, object], modules: bool) -> None:
+    if d["type"] == "pipeline":
+        print(f"pipeline    {d['path']}")
+        for name, comp in d["components"].items():  # type: ignore[union-attr]
+            print(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
+                  f"{human_bytes(comp['bytes'])}, {', '.join(f'{k}: {v}' for k, v in comp['dtypes'].items())}")
+        return
     if d["type"] == "checkpoint":
         print(f"checkpoint  {d['path']}")
         print(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")  # type: ignore[arg-type]
@@ -459,7 +465,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     d = describe(args.path, args.threads)
     if args.spectrum and d["type"] != "adapter":
-        raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a checkpoint")
+        raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
     if args.json:
         print(json.dumps(d, indent=2))
     else:

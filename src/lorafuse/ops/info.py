@@ -12,6 +12,7 @@ from lorafuse.formats.diffusers import is_diffusers_lora
 from lorafuse.formats.kohya import is_kohya
 from lorafuse.formats.peft import is_peft
 from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.io.pipeline import Pipeline, is_pipeline
 
 
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
@@ -67,9 +68,18 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
     }
 
 
+def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
+    """A diffusers pipeline folder: each component with weights, described as a checkpoint."""
+    return {"type": "pipeline", "path": str(pipe.directory),
+            "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()}}
+
+
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
-    """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file) or a checkpoint."""
+    """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file), a checkpoint, or a
+    diffusers pipeline folder."""
     p = Path(path)
+    if is_pipeline(p):
+        return describe_pipeline(Pipeline(p))
     if is_kohya(p) or is_peft(p) or is_diffusers_lora(p):
         return describe_adapter(load(p), threads)
     return describe_checkpoint(Checkpoint(p))
