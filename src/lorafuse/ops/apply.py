@@ -150,7 +150,7 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
     shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
     if virtual_lm_head:
         shapes[LM_HEAD] = shapes[emb_key]  # type: ignore[index]
-    resolved = resolve(shapes, adapters, weights, base_key, str(ckpt.directory))
+    resolved = resolve(shapes, adapters, weights, base_key)
     notes: list[str] = []
     if resolved.missing:
         if not skip_missing:
@@ -615,7 +615,7 @@ def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_
     """Merge into the components an adapter touches; copy every other file and folder as it is."""
     inputs = pipe.files() + _adapter_files(loaded)
     check_output_path(out_path, inputs)
-    resolved = resolve(pipe.shapes(), loaded, ws, lambda name: None, str(pipe.directory))
+    resolved = resolve(pipe.shapes(), loaded, ws, lambda name: None)  # LLM names match nothing in a pipeline
     notes: list[str] = []
     if resolved.missing:
         if not skip_missing:

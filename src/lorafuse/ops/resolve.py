@@ -9,7 +9,7 @@ them `lora_unet_...` or `unet.down_blocks...` and match through the data tables 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,9 +18,8 @@ from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import MissingModuleError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.targets import Target
 from lorafuse.io.tensor import Tensor
-from lorafuse.ops.match import BaseMatcher
-
 DIFFUSION_FORMATS = ("kohya", "diffusers")
+BaseKey = Callable[[str], "str | None"]  # canonical tensor name -> the checkpoint's key (LLM adapters)
 
 
 @dataclass
@@ -91,8 +90,8 @@ def _generic_underscore_match(found: dict[str, list[Target]], missing: list[str]
     return found, still
 
 
-def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], matcher: BaseMatcher,
-             base_key) -> tuple[dict[str, list[Target]], list[str]]:  # type: ignore[no-untyped-def]
+def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
+             base_key: BaseKey) -> tuple[dict[str, list[Target]], list[str]]:
     if adapter.format in DIFFUSION_FORMATS:
         from lorafuse.formats.sd_keys import match_modules
 
@@ -110,14 +109,13 @@ def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], matcher: B
 
 
 def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], weights: Sequence[float],
-            base_key, label: str) -> Resolved:  # type: ignore[no-untyped-def]
+            base_key: BaseKey) -> Resolved:
     """Contributions per base key for every adapter; `base_key(name)` maps a canonical tensor name to a
-    key (LLM adapters); `shapes` holds every base key's shape. Raises MissingModuleError listing every
-    module that found no target (after checking all adapters)."""
-    matcher = BaseMatcher(shapes)
+    key (LLM adapters); `shapes` holds every base key's shape. Modules that found no target are
+    listed in `missing` (the caller refuses them with `missing_error`, or skips them)."""
     out = Resolved()
     for adapter, w in zip(adapters, weights):
-        found, missing = _targets(adapter, shapes, matcher, base_key)
+        found, missing = _targets(adapter, shapes, base_key)
         for name in missing:
             out.missing.append(f"{adapter.label}: module {name!r}")
         for name, targets in found.items():
@@ -129,13 +127,12 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             for t in targets:
                 shape = shapes[t.key]
                 _check_fit(adapter, name, u, t.key, shape, t)
-                if (t.base_rows is not None or t.delta_rows is not None) and (
-                        u.magnitude is not None or u.bias is not None):
+                c = Contribution(u, w * u.scale, adapter.label, t.base_rows, t.delta_rows)
+                if c.mapped and (u.magnitude is not None or u.bias is not None):
                     raise UnsupportedError(
                         f"{adapter.label}: module {name!r} lands on part of a fused weight ({t.key!r}); a DoRA "
                         "magnitude or a bias cannot be applied to part of a weight"
                     )
-                c = Contribution(u, w * u.scale, adapter.label, t.base_rows, t.delta_rows)
                 out.contributions.setdefault(t.key, []).append(c)
                 if isinstance(u, LoraUpdate) and u.bias is not None:
                     bkey = t.key[: -len("weight")] + "bias"

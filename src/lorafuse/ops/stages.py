@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lorafuse.formats.lycoris import LycorisUpdate
 from lorafuse.ops.resolve import Contribution
 
 Stage = tuple[str, tuple[np.ndarray, ...], "np.ndarray | None", bool]
@@ -25,7 +26,7 @@ ROW_FACTORS = {"lowrank": (0,), "hadamard": (0, 2)}  # which arrays hold one row
 
 def on_columns(c: Contribution) -> bool:
     """Whether a DoRA update normalizes columns of the stored base weight (not rows)."""
-    return bool(c.update.transposed or getattr(c.update, "magnitude_on_columns", False))
+    return c.update.transposed or c.update.magnitude_on_columns
 
 
 def _place_rows(x: np.ndarray, c: Contribution, rows: int) -> np.ndarray:
@@ -42,9 +43,8 @@ def _place_rows(x: np.ndarray, c: Contribution, rows: int) -> np.ndarray:
 
 def _stage_of(c: Contribution, rows: int, threads: int) -> tuple[str, tuple[np.ndarray, ...]]:
     u = c.update
-    merge_stage = getattr(u, "merge_stage", None)
-    if merge_stage is not None:
-        kind, arrays = merge_stage(c.coef, threads)
+    if isinstance(u, LycorisUpdate):
+        kind, arrays = u.merge_stage(c.coef, threads)
         if not c.mapped:
             return kind, tuple(arrays)
         if kind in ROW_FACTORS:
