@@ -32,7 +32,6 @@ from lorafuse import _core
 from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats import load
-from lorafuse.formats.lycoris import LycorisUpdate
 
 EXACT = ("cat", "svd")
 FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -96,28 +95,27 @@ def _flattened_as(u: Update, shape: tuple[int, ...]) -> Update | None:
 
 
 def _terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[_Term]]:
-    """Module -> the (weight, update) of every adapter that has it, checking the layouts agree."""
-    out: dict[str, list[_Term]] = {}
+    """Module -> the (weight, update) of every adapter that has it, checking the layouts agree. A LoHa /
+    LoKr stored with its conv kernel flattened takes the 4-D shape another adapter gives the module."""
+    gathered: dict[str, list[tuple[str, _Term]]] = {}
     for a, w in zip(adapters, weights):
         for name, u in a.updates.items():
-            terms = out.setdefault(name, [])
-            if terms:
-                first = terms[0].update
-                if tuple(first.delta_shape) != tuple(u.delta_shape):
-                    u = _flattened_as(u, tuple(first.delta_shape)) or u
-                    if all(isinstance(t.update, LycorisUpdate) for t in terms):  # they were the flattened ones
-                        aligned = [_flattened_as(t.update, tuple(u.delta_shape)) for t in terms]
-                        if all(x is not None for x in aligned):
-                            terms[:] = [_Term(t.weight, x) for t, x in zip(terms, aligned)]  # type: ignore[misc]
-                    first = terms[0].update
-                if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
-                                                                               u.transposed):
-                    raise ShapeMismatchError(
-                        f"module {name!r}: {a.label} has a {u.kind} update of shape {tuple(u.delta_shape)}"
-                        f"{' (transposed)' if u.transposed else ''}, another adapter has a {first.kind} update "
-                        f"of shape {tuple(first.delta_shape)}{' (transposed)' if first.transposed else ''}"
-                    )
-            terms.append(_Term(w, u))
+            gathered.setdefault(name, []).append((a.label, _Term(w, u)))
+    out: dict[str, list[_Term]] = {}
+    for name, items in gathered.items():
+        conv = next((tuple(t.update.delta_shape) for _, t in items if len(t.update.delta_shape) == 4), None)
+        terms = [_Term(t.weight, (_flattened_as(t.update, conv) if conv else None) or t.update) for _, t in items]
+        first = terms[0].update
+        for (label, _), t in zip(items, terms):
+            u = t.update
+            if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
+                                                                           u.transposed):
+                raise ShapeMismatchError(
+                    f"module {name!r}: {label} has a {u.kind} update of shape {tuple(u.delta_shape)}"
+                    f"{' (transposed)' if u.transposed else ''}, another adapter has a {first.kind} update "
+                    f"of shape {tuple(first.delta_shape)}{' (transposed)' if first.transposed else ''}"
+                )
+        out[name] = terms
     return out
 
 
