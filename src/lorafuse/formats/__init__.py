@@ -7,11 +7,29 @@ from pathlib import Path
 
 from lorafuse.adapter import Adapter
 from lorafuse.errors import FormatError
-from lorafuse.formats.diffusers import is_diffusers_lora, load_diffusers
-from lorafuse.formats.kohya import is_kohya, load_kohya
+from lorafuse.formats.diffusers import has_diffusers_keys, load_diffusers
+from lorafuse.formats.kohya import has_kohya_keys, load_kohya
 from lorafuse.formats.peft import is_peft, load_peft
+from lorafuse.formats.util import safetensors_keys
 from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
 from lorafuse.io.safetensors import read_header
+
+
+def _format_of(p: Path, keys: list[str]) -> str | None:
+    """The adapter format of `p`, given the tensor names of its header ([] for a folder)."""
+    if has_kohya_keys(keys):
+        return "kohya"
+    if has_diffusers_keys(keys):
+        return "diffusers"
+    if is_peft(p):
+        return "peft"
+    return None
+
+
+def adapter_format(path: str | os.PathLike[str]) -> str | None:
+    """'peft', 'kohya' or 'diffusers' when `path` is such an adapter, else None (never raises)."""
+    p = Path(path)
+    return _format_of(p, safetensors_keys(p))
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -23,14 +41,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         raise FormatError(f"{p}: no such file or directory")
     if p.is_file() and p.suffix in PICKLE_SUFFIXES:
         raise refuse_pickle(p)
+    keys: list[str] = []
     if p.suffix == ".safetensors" and not p.is_dir():
-        read_header(p)  # a .safetensors file that cannot be read: say why, not "not a recognised adapter"
-    if is_kohya(p):
-        return "kohya"
-    if is_diffusers_lora(p):
-        return "diffusers"
-    if is_peft(p):
-        return "peft"
+        keys = list(read_header(p)[0])  # one that cannot be read: say why, not "not a recognised adapter"
+    fmt = _format_of(p, keys)
+    if fmt is not None:
+        return fmt
     if p.is_dir():
         try:
             pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
@@ -57,4 +73,4 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     raise FormatError(f"{path}: unsupported adapter format {fmt!r}")  # pragma: no cover
 
 
-__all__ = ["detect_format", "load"]
+__all__ = ["adapter_format", "detect_format", "load"]

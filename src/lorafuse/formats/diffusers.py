@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
@@ -63,7 +63,12 @@ def split_name(name: str) -> tuple[str, str]:
 def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
     """A `.safetensors` file whose keys are `<component>.<module>.lora_A.weight` / `.lora_B.weight`.
     Reads the header only."""
-    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in safetensors_keys(path))
+    return has_diffusers_keys(safetensors_keys(path))
+
+
+def has_diffusers_keys(keys: Iterable[str]) -> bool:
+    """Tensor names of a diffusers LoRA file (`<component>.<module>.lora_A.weight` / `.lora_B.weight`)."""
+    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in keys)
 
 
 def _canonical_path(component: str, path: str) -> str:

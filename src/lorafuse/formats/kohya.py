@@ -61,7 +61,12 @@ _DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2"
 
 def is_kohya(path: str | os.PathLike[str]) -> bool:
     """A `.safetensors` file with kohya LoRA or LyCORIS keys. Reads the header only."""
-    return any(_is_signature(k) for k in safetensors_keys(path))
+    return has_kohya_keys(safetensors_keys(path))
+
+
+def has_kohya_keys(keys: Iterable[str]) -> bool:
+    """Tensor names of a kohya LoRA or LyCORIS file."""
+    return any(_is_signature(k) for k in keys)
 
 
 def _is_signature(key: str) -> bool:

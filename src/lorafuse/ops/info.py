@@ -7,10 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorafuse.adapter import Adapter, LoraUpdate, stored_tensors
-from lorafuse.formats import load
-from lorafuse.formats.diffusers import is_diffusers_lora
-from lorafuse.formats.kohya import is_kohya
-from lorafuse.formats.peft import is_peft
+from lorafuse.formats import adapter_format, load
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 
@@ -80,6 +77,6 @@ def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object
     p = Path(path)
     if is_pipeline(p):
         return describe_pipeline(Pipeline(p))
-    if is_kohya(p) or is_peft(p) or is_diffusers_lora(p):
+    if adapter_format(p) is not None:
         return describe_adapter(load(p), threads)
     return describe_checkpoint(Checkpoint(p))
