@@ -304,6 +304,34 @@ def run_measured(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None 
     )
 
 
+UNAVAILABLE_EXIT = 42  # a child's exit status for "lorafuse.combine is not there"
+
+
+def time_lorafuse_combine(paths: Sequence[str], weights: Sequence[float], rank: int, threads: int,
+                          repeat: int) -> tuple[list, object, float, list[float]] | None:
+    """In this process: lorafuse.load of `paths`, one warm-up lorafuse.combine (method svd), then
+    `repeat` timed calls. Returns (adapters, result, load seconds, call seconds), or None after saying
+    why when lorafuse.combine cannot be imported (the child then exits with UNAVAILABLE_EXIT)."""
+    try:
+        import lorafuse
+
+        combine, load = lorafuse.combine, lorafuse.load
+    except (ImportError, AttributeError) as exc:
+        print(f"lorafuse.combine is not available: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    t0 = time.perf_counter()
+    adapters = [load(p) for p in paths]
+    load_s = time.perf_counter() - t0
+    times: list[float] = []
+    result = None
+    for i in range(1 + repeat):
+        t = time.perf_counter()
+        result = combine(adapters, weights=list(weights), method="svd", rank=rank, threads=threads)
+        if i:  # the first call is the warm-up
+            times.append(time.perf_counter() - t)
+    return adapters, result, load_s, times
+
+
 def print_run_header(title: str, argv: Sequence[str], extra: Sequence[tuple[str, str]] = ()) -> None:
     """The first lines of a benchmark's output: what it compares, the machine and the command."""
     import shlex

@@ -75,8 +75,10 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    UNAVAILABLE_EXIT,
     make_workdir,
     print_run_header,
+    time_lorafuse_combine,
     ADAPTER_WEIGHTS_NAME,
     LLAMA_LINEAR_MODULES,
     build_lora_adapter,
@@ -93,7 +95,6 @@ PEFT_CHILD_COMMAND = "_peft-combine-child"  # hidden first argument: run the PEF
 SCALING_CHILD_COMMAND = "_scaling-child"  # hidden first argument: time lorafuse.combine in this process
 PEFT_PHASES_PREFIX = "PEFT_PHASES "
 SCALING_RESULT_PREFIX = "SCALING_RESULT "
-UNAVAILABLE_EXIT = 42  # a child's exit status for "lorafuse.combine is not there"
 
 TARGET_VS_PEFT = 100.0  # PEFT wall / lorafuse wall must be >= this
 TARGET_PER_ADAPTER_GROWTH = 1.5  # per-adapter time at the largest n / smallest per-adapter time
@@ -164,23 +165,10 @@ def peft_child(spec_path: str) -> int:
 def scaling_child(spec_path: str) -> int:
     """Time lorafuse.combine on n adapters in this process: load, one warm-up, best of `repeat`."""
     spec = json.loads(Path(spec_path).read_text())
-    try:
-        import lorafuse
-
-        combine, load = lorafuse.combine, lorafuse.load
-    except (ImportError, AttributeError) as exc:
-        print(f"lorafuse.combine is not available: {type(exc).__name__}: {exc}", flush=True)
+    timed = time_lorafuse_combine(spec["adapters"], spec["weights"], spec["rank"], spec["threads"], spec["repeat"])
+    if timed is None:
         return UNAVAILABLE_EXIT
-    t0 = time.perf_counter()
-    adapters = [load(d) for d in spec["adapters"]]
-    load_s = time.perf_counter() - t0
-    times = []
-    result = None
-    for i in range(1 + spec["repeat"]):
-        t = time.perf_counter()
-        result = combine(adapters, weights=spec["weights"], method="svd", rank=spec["rank"], threads=spec["threads"])
-        if i:  # the first call is the warm-up
-            times.append(time.perf_counter() - t)
+    adapters, result, load_s, times = timed
     ranks = sorted({u.rank for u in result.updates.values()}) if hasattr(result, "updates") else []
     out = {"n": len(adapters), "load_s": load_s, "times": times, "modules": len(result), "ranks": ranks,
            "randomized": list(getattr(result, "randomized", [])), "check": _scaling_check(adapters, spec, result)}

@@ -81,10 +81,12 @@ from typing import TYPE_CHECKING, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    UNAVAILABLE_EXIT,
     fmt_mib,
     make_workdir,
     print_run_header,
     run_measured,
+    time_lorafuse_combine,
     tree_bytes,
     warm_page_cache,
 )
@@ -98,7 +100,6 @@ PEER_CHILD_COMMAND = "_kohya-svd-merge-child"  # hidden first argument: run the 
 API_CHILD_COMMAND = "_lorafuse-api-child"  # hidden first argument: time lorafuse.combine in this process
 PHASES_PREFIX = "PEER_PHASES "
 API_RESULT_PREFIX = "API_RESULT "
-UNAVAILABLE_EXIT = 42  # the API child's exit status for "lorafuse.combine is not there"
 
 TARGET_VS_PEER = 20.0  # peer wall / lorafuse wall must be >= this
 MAX_REL_ERR = 1e-4  # rank-k deltas vs the float64 optimum, relative Frobenius
@@ -435,24 +436,10 @@ def peer_child(spec_path: str) -> int:
 def api_child(spec_path: str) -> int:
     """lorafuse.load of the inputs, one warm-up lorafuse.combine, then the best of `repeat`."""
     spec = json.loads(Path(spec_path).read_text())
-    try:
-        import lorafuse
-
-        combine, load = lorafuse.combine, lorafuse.load
-    except (ImportError, AttributeError) as exc:
-        print(f"lorafuse.combine is not available: {type(exc).__name__}: {exc}", flush=True)
+    timed = time_lorafuse_combine(spec["models"], spec["ratios"], spec["rank"], spec["threads"], spec["repeat"])
+    if timed is None:
         return UNAVAILABLE_EXIT
-    t0 = time.perf_counter()
-    adapters = [load(f) for f in spec["models"]]
-    load_s = time.perf_counter() - t0
-    times: list[float] = []
-    result = None
-    for i in range(1 + spec["repeat"]):
-        t = time.perf_counter()
-        result = combine(adapters, weights=spec["ratios"], method="svd", rank=spec["rank"], threads=spec["threads"])
-        if i:  # the first call is the warm-up
-            times.append(time.perf_counter() - t)
-    assert result is not None
+    _, result, load_s, times = timed
     out = {"load_s": load_s, "times": times, "modules": len(result.updates),
            "randomized": len(getattr(result, "randomized", []))}
     print(API_RESULT_PREFIX + json.dumps(out), flush=True)
