@@ -221,3 +221,28 @@ def test_apply_dora_equals_lycoris_merge_to(algo: str, wd_on_output: bool, tmp_p
     for key, ref in model.state_dict().items():
         ref = ref.detach().numpy()
         np.testing.assert_allclose(got[key], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=key)
+
+
+def test_derived_adapters_never_overwrite_their_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """resize, combine and arithmetic results remember the files they were computed from: saving over
+    one is refused (before, `lorafuse resize X -o X` replaced its own input)."""
+    from lorafuse.cli import main
+    from lorafuse.errors import OutputError
+
+    _, net = network("locon", seed=17, linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0)
+    a = save(net, tmp_path / "a.safetensors")
+    _, net2 = network("loha", seed=18, linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0)
+    b = save(net2, tmp_path / "b.safetensors")
+    before = {p: p.read_bytes() for p in (a, b)}
+    assert main(["resize", str(a), "-o", str(a), "--rank", "1"]) == 1
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert main(["combine", str(a), str(b), "--rank", "2", "-o", str(b)]) == 1
+    assert "would overwrite the input" in capsys.readouterr().err
+    small, _ = resize(a, RankRule(rank=1), progress=False)
+    derived = [small, lorafuse.combine([a, b], rank=2), lorafuse.load(a) * 0.5, small.to_rank(1)]
+    for adapter, target in zip(derived, (a, b, a, a)):
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            adapter.save(target, format="kohya")
+    assert {p: p.read_bytes() for p in (a, b)} == before
+    small.save(tmp_path / "small.safetensors", format="kohya")  # elsewhere is fine
+    assert lorafuse.load(tmp_path / "small.safetensors")["lycoris_fc"].rank == 1

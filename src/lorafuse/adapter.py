@@ -138,6 +138,13 @@ class Adapter:
     full_origin: dict[str, str] = field(default_factory=dict)  # full-tensor key -> name it was saved under
     # Modules whose factors came from a randomized SVD (near-optimal, not the exact optimum).
     randomized: list[str] = field(default_factory=list)
+    # The files an adapter computed from others (combine, resize, arithmetic) was read from: like
+    # `path`, `save` never writes over them.
+    derived_from: list[Path] = field(default_factory=list)
+
+    def sources(self) -> list[Path]:
+        """The files this adapter's tensors come from: its own path and those it was derived from."""
+        return ([self.path] if self.path is not None else []) + list(self.derived_from)
 
     def __len__(self) -> int:
         return len(self.updates)
@@ -172,9 +179,9 @@ class Adapter:
     def save(self, out: str | os.PathLike[str], format: str | None = None) -> Path:
         """Write this adapter (atomically): 'peft' (a folder), 'kohya' (one .safetensors file) or
         'diffusers' (one .safetensors file as diffusers' save_lora_weights writes it); the default is the
-        adapter's own format."""
+        adapter's own format. An output that would replace one of `sources()` is refused."""
         fmt = self.format if format is None else format
-        inputs = [self.path] if self.path is not None else []
+        inputs = self.sources()
         if fmt == "peft":
             from lorafuse.formats.peft import save_peft
 

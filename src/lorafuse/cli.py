@@ -285,7 +285,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_combine(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from lorafuse.formats import load
     from lorafuse.ops.combine import combine
@@ -295,21 +294,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     result = combine(loaded, args.weights, method=args.method, rank=args.rank, density=args.density,
                      majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads,
                      exact=args.exact, conv_rank=args.conv_rank)
-    fmt = args.format or loaded[0].format
-    result.path = None
-    inputs = [Path(a) for a in args.adapters]
-    if fmt == "peft":
-        from lorafuse.formats.peft import save_peft
-
-        save_peft(result, args.out, inputs)
-    elif fmt == "kohya":
-        from lorafuse.formats.kohya import save_kohya
-
-        save_kohya(result, args.out, inputs)
-    else:
-        from lorafuse.formats.diffusers import save_diffusers
-
-        save_diffusers(result, args.out, inputs)
+    result.save(args.out, args.format or loaded[0].format)  # never over an input (result.sources())
     if not args.quiet:
         ranks = sorted({u.rank for u in result.updates.values()})
         print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "

@@ -140,7 +140,8 @@ def _result(template: Adapter, updates: dict[str, LoraUpdate], adapters: Sequenc
         config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in targets))
     else:
         config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in updates})
-    return Adapter(updates=updates, config=config, format=template.format)
+    return Adapter(updates=updates, config=config, format=template.format,
+                   derived_from=list(dict.fromkeys(p for a in adapters for p in a.sources())))
 
 
 def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
@@ -159,7 +160,8 @@ def scaled(adapter: Adapter, c: float) -> Adapter:
     """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
     _check_linear([adapter], "adapter arithmetic")
     updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
-    return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format)
+    return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format,
+                   derived_from=adapter.sources())
 
 
 def _check_rank(rank: int | None) -> None:

@@ -57,5 +57,5 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))
     out = Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
-                  full_origin=dict(a.full_origin))
+                  full_origin=dict(a.full_origin), derived_from=a.sources())
     return out, report
