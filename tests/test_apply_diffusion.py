@@ -349,3 +349,17 @@ def test_info_describes_a_pipeline_folder(models, tmp_path: Path, capsys: pytest
     assert main(["info", str(tmp_path / "pipe")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pipeline") and "unet:" in out and "text_encoder_2:" in out
+
+
+@pytest.mark.parametrize("index, message", [
+    ("[1, 2]", "the pipeline index must be a JSON object"),
+    ("{not json", "cannot read the pipeline index: not valid JSON"),
+])
+def test_a_bad_pipeline_index_is_refused(models, tmp_path: Path, index: str, message: str) -> None:
+    _save_pipeline(tmp_path / "pipe", "sd1", models)
+    save_file(_kohya_lora("sd1", models), str(tmp_path / "lora.safetensors"))
+    (tmp_path / "pipe" / "model_index.json").write_text(index)
+    with pytest.raises(lorafuse.FormatError) as e:
+        lorafuse.apply(tmp_path / "pipe", [tmp_path / "lora.safetensors"], out=tmp_path / "out", progress=False)
+    assert str(tmp_path / "pipe" / "model_index.json") in str(e.value) and message in str(e.value)
+    assert not (tmp_path / "out").exists()
