@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -13,7 +15,9 @@
 #include "lorafuse/dtype.hpp"
 #include "lorafuse/errors.hpp"
 #include "lorafuse/extract.hpp"
+#include "lorafuse/limits.hpp"
 #include "lorafuse/lowrank.hpp"
+#include "lorafuse/mapguard.hpp"
 #include "lorafuse/merge.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/svd.hpp"
@@ -35,6 +39,72 @@ std::string shape_str(const py::array& a) {
 }
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& msg) { throw Error(kind, msg); }
+
+// repr(h), cut to a readable length (an array passed by mistake must not flood the message).
+std::string show(const py::handle& h) {
+  const std::string r = py::repr(h);
+  return r.size() <= 60 ? r : r.substr(0, 57) + "...";
+}
+
+// A Python integer (int, numpy integer; not bool) in [lo, hi], else a LorafuseValueError
+// naming `what`, the value and the range. Nothing is allocated or started from a number
+// that has not passed through here.
+std::int64_t require_int_in(const py::handle& h, const std::string& what, std::int64_t lo, std::int64_t hi,
+                            const std::string& lo_note = "") {
+  const std::string range = "an integer from " + std::to_string(lo) + lo_note + " to " + std::to_string(hi);
+  if (py::isinstance<py::bool_>(h)) fail(ErrorKind::Value, what + " must be " + range + ", got a bool");
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (idx == nullptr) {
+    PyErr_Clear();
+    fail(ErrorKind::Value, what + " must be " + range + ", got " + show(h));
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+  Py_DECREF(idx);
+  if (overflow < 0 || (overflow == 0 && v < lo))
+    fail(ErrorKind::Value, what + " must be >= " + std::to_string(lo) + ", got " + show(h) + " (allowed: " + range + ")");
+  if (overflow > 0 || v > hi)
+    fail(ErrorKind::Value, what + " must be <= " + std::to_string(hi) + ", got " + show(h) + " (allowed: " + range + ")");
+  return v;
+}
+
+// A threads argument: 0 (all hardware threads) .. kMaxThreads.
+int require_threads(const py::handle& h) {
+  return static_cast<int>(require_int_in(h, "threads", 0, lorafuse::kMaxThreads, " (all cores)"));
+}
+
+// Inputs that lie in a memory-mapped file which faulted while it was read (truncated,
+// rewritten, unreadable: see mapguard.hpp) hold zeros instead of data: raise
+// InputChangedError naming the file instead of returning anything computed from them.
+void check_intact(const py::handle& a) {
+  if (lorafuse::mapguard::fault_count() == 0 || !py::isinstance<py::array>(a)) return;
+  auto arr = py::reinterpret_borrow<py::array>(a);
+  const int slot = lorafuse::mapguard::faulted_overlap(arr.data(), static_cast<std::size_t>(arr.nbytes()));
+  if (slot < 0) return;
+  std::string msg = lorafuse::mapguard::problem(slot);
+  if (msg.empty()) msg = "an input file changed or was truncated while lorafuse was reading it; nothing was written";
+  fail(ErrorKind::InputChanged, msg);
+}
+
+void check_intact(const std::vector<py::object>& arrays) {
+  if (lorafuse::mapguard::fault_count() == 0) return;
+  for (const py::object& a : arrays) check_intact(a);
+}
+
+// Runs a kernel without the GIL, then refuses its results if one of its `inputs` lies in a
+// mapped file that faulted meanwhile (before or during the call). A changed input also
+// explains any error the kernel raised, so it is reported instead.
+template <class Fn>
+void run_guarded(const std::vector<py::object>& inputs, Fn fn) {
+  try {
+    py::gil_scoped_release release;
+    fn();
+  } catch (...) {
+    check_intact(inputs);
+    throw;
+  }
+  check_intact(inputs);
+}
 
 void require_c_contiguous(const py::array& a, const std::string& what) {
   if (!(a.flags() & py::array::c_style)) fail(ErrorKind::Value, what + " must be C-contiguous");
@@ -78,7 +148,8 @@ void chunked(std::size_t n, int threads, Fn fn) {
   });
 }
 
-py::array to_float32(const py::array& raw, const std::string& dtype, int threads) {
+py::array to_float32(const py::array& raw, const std::string& dtype, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   const DType dt = lorafuse::dtype_from_name(dtype);
   require_raw(raw, dt, "to_float32 input");
   std::vector<py::ssize_t> shape(raw.shape(), raw.shape() + raw.ndim());
@@ -86,14 +157,14 @@ py::array to_float32(const py::array& raw, const std::string& dtype, int threads
   const auto* src = static_cast<const unsigned char*>(raw.data());
   float* dst = out.mutable_data();
   const std::size_t n = static_cast<std::size_t>(raw.size()), isz = lorafuse::itemsize(dt);
-  {
-    py::gil_scoped_release release;
+  run_guarded({raw}, [&] {
     chunked(n, threads, [&](std::size_t lo, std::size_t len) { lorafuse::to_f32(src + lo * isz, dt, dst + lo, len); });
-  }
+  });
   return out;
 }
 
-py::array from_float32(const py::handle& x_handle, const std::string& dtype, int threads) {
+py::array from_float32(const py::handle& x_handle, const std::string& dtype, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   const DType dt = lorafuse::dtype_from_name(dtype);
   if (!lorafuse::writable(dt)) fail(ErrorKind::Dtype, "cannot write dtype " + dtype + " (lorafuse writes F32, F16 and BF16)");
   auto x = require_f32(x_handle, "from_float32 input");
@@ -102,10 +173,9 @@ py::array from_float32(const py::handle& x_handle, const std::string& dtype, int
   const float* src = x.data();
   auto* dst = static_cast<unsigned char*>(out.mutable_data());
   const std::size_t n = static_cast<std::size_t>(x.size()), isz = lorafuse::itemsize(dt);
-  {
-    py::gil_scoped_release release;
+  run_guarded({x}, [&] {
     chunked(n, threads, [&](std::size_t lo, std::size_t len) { lorafuse::from_f32(src + lo, dst + lo * isz, dt, len); });
-  }
+  });
   return out;
 }
 
@@ -242,7 +312,8 @@ lorafuse::MergeStage parse_stage(const py::handle& s, const py::array& w, const 
 //   ("hadamard", (B1, A1, B2, A2), magnitude|None, column_norm)      LoHa, (B1 A1) * (B2 A2)
 //   ("kron", (W1, W2[, row_offset]), magnitude|None, column_norm)    LoKr, kron(W1, W2)
 // Returns, per job, whether the output holds a NaN or an Inf (or overflowed its dtype).
-std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
+std::vector<bool> merge_batch(const py::list& jobs_in, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   std::vector<lorafuse::MergeJob> jobs;
   std::vector<py::object> keep_alive;  // the arrays whose buffers the kernels read and write
   jobs.reserve(jobs_in.size());
@@ -270,10 +341,9 @@ std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
     for (const py::handle& s : py::cast<py::list>(t[5])) job.stages.push_back(parse_stage(s, w, job, keep_alive));
     jobs.push_back(std::move(job));
   }
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::merge_batch(jobs, threads);
-  }
+  });
   std::vector<bool> nonfinite;
   nonfinite.reserve(jobs.size());
   for (const auto& j : jobs) nonfinite.push_back(j.nonfinite);
@@ -281,7 +351,8 @@ std::vector<bool> merge_batch(const py::list& jobs_in, int threads) {
 }
 
 // pairs: list of (B, A) float32; returns ||B A||_F^2 for each, in float64.
-py::array_t<double> factored_frobenius_sq(const py::list& pairs, int threads) {
+py::array_t<double> factored_frobenius_sq(const py::list& pairs, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   struct Pair {
     const float *B, *A;
     std::int64_t out, r, in;
@@ -301,18 +372,18 @@ py::array_t<double> factored_frobenius_sq(const py::list& pairs, int threads) {
   }
   py::array_t<double> out(static_cast<py::ssize_t>(items.size()));
   double* res = out.mutable_data();
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
       const Pair& p = items[static_cast<std::size_t>(i)];
       res[i] = lorafuse::factored_frobenius_sq(p.B, p.A, p.out, p.r, p.in);
     });
-  }
+  });
   return out;
 }
 
 // items: list of (B1, A1, B2, A2) float32; returns <B1 A1, B2 A2>_F for each, in float64.
-py::array_t<double> factored_inner(const py::list& items_in, int threads) {
+py::array_t<double> factored_inner(const py::list& items_in, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   struct Item {
     const float *B1, *A1, *B2, *A2;
     std::int64_t r1, r2, out, in;
@@ -335,13 +406,12 @@ py::array_t<double> factored_inner(const py::list& items_in, int threads) {
   }
   py::array_t<double> out(static_cast<py::ssize_t>(items.size()));
   double* res = out.mutable_data();
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
       const Item& p = items[static_cast<std::size_t>(i)];
       res[i] = lorafuse::factored_inner(p.B1, p.A1, p.r1, p.B2, p.A2, p.r2, p.out, p.in);
     });
-  }
+  });
   return out;
 }
 
@@ -411,11 +481,9 @@ py::sequence require_ranks(const py::handle& ranks_in, std::size_t n_items, cons
   return ranks;
 }
 
-// The rank k >= 1 asked for the module `name`.
+// The rank k in [1, kMaxRank] asked for the module `name`.
 std::int64_t require_rank(const py::handle& h, const std::string& name) {
-  const std::int64_t k = require_int(h, name + ": rank");
-  if (k < 1) fail(ErrorKind::Value, name + ": rank must be >= 1, got " + std::to_string(k));
-  return k;
+  return require_int_in(h, name + ": rank", 1, lorafuse::kMaxRank);
 }
 
 // Allocates B2 (out x k), A2 (k x in) and S (s_len) for a job and points the job at them.
@@ -433,11 +501,8 @@ lorafuse::RandomizedSvdOptions require_randomized_options(const py::handle& seed
                                                          const py::handle& power_iters, const std::string& fn) {
   lorafuse::RandomizedSvdOptions opt;
   opt.seed = require_seed(seed, fn);
-  opt.oversample = require_int(oversample, fn + ": oversample");
-  opt.power_iters = require_int(power_iters, fn + ": power_iters");
-  if (opt.oversample < 0) fail(ErrorKind::Value, fn + ": oversample must be >= 0, got " + std::to_string(opt.oversample));
-  if (opt.power_iters < 0)
-    fail(ErrorKind::Value, fn + ": power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  opt.oversample = require_int_in(oversample, fn + ": oversample", 0, lorafuse::kMaxOversample);
+  opt.power_iters = require_int_in(power_iters, fn + ": power_iters", 0, lorafuse::kMaxPowerIters);
   return opt;
 }
 
@@ -445,8 +510,9 @@ lorafuse::RandomizedSvdOptions require_randomized_options(const py::handle& seed
 // Returns, per item, (B2 (out x k), A2 (k x in), S (float64: min(R, out, in) values on
 // the exact path, min(k, R, out, in) on the randomized one)).
 py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
-                      int threads, const std::string& mode_name, const py::handle& seed, const py::handle& oversample,
-                      const py::handle& power_iters) {
+                      const py::object& threads_in, const std::string& mode_name, const py::handle& seed,
+                      const py::handle& oversample, const py::handle& power_iters) {
+  const int threads = require_threads(threads_in);
   const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
   const lorafuse::FactoredMode mode = lorafuse::factored_mode_from_name(mode_name);
   const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "factored_svd");
@@ -478,17 +544,18 @@ py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, co
     keep_alive.push_back(A);
     results.append(allocate_svd_outputs(job));
   }
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::factored_svd_batch(jobs, split, opt, threads);
-  }
+  });
   return results;
 }
 
 // items: list of (name, D (out x in)) float32; ranks: one k per item.
 // Returns, per item, (B2 (out x k), A2 (k x in), S (min(k, out, in) float64)).
 py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
-                   const py::handle& seed, const py::handle& oversample, const py::handle& power_iters, int threads) {
+                   const py::handle& seed, const py::handle& oversample, const py::handle& power_iters,
+                   const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
   const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "dense_svd");
   auto items = require_sequence(items_in, "dense_svd: items");
@@ -511,10 +578,9 @@ py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const
     keep_alive.push_back(D);
     results.append(allocate_svd_outputs(job));
   }
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::dense_svd_batch(jobs, split, opt, threads);
-  }
+  });
   return results;
 }
 
@@ -522,14 +588,15 @@ py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const
 // weights: list (per item) of n floats. Returns the merged float32 tensor per item.
 py::list task_merge(const py::handle& items_in, const py::handle& weights_in, const std::string& prune,
                     const py::handle& density, bool rescale, const std::string& merge, const std::string& majority,
-                    const py::handle& seed, int threads) {
+                    const py::handle& seed, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   lorafuse::TaskMergeOptions opt;
   opt.prune = lorafuse::prune_method_from_name(prune);
   opt.merge = lorafuse::merge_method_from_name(merge);
   opt.majority = lorafuse::majority_sign_from_name(majority);
   opt.density = require_float(density, "task_merge: density");
-  if (!(opt.density >= 0.0))
-    fail(ErrorKind::Value, "task_merge: density must be >= 0, got " + std::string(py::str(density)));
+  if (!(opt.density >= 0.0) || !std::isfinite(opt.density))
+    fail(ErrorKind::Value, "task_merge: density must be >= 0 (a finite number), got " + show(density));
   opt.rescale = rescale;
   opt.seed = require_seed(seed, "task_merge");
   auto items = require_sequence(items_in, "task_merge: items");
@@ -561,7 +628,9 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
                                            ", task tensor 0 has " + shape_str(first));
       }
       job.tensors.push_back(a.data());
-      job.weights.push_back(require_float(w[j], job.name + ": weight " + std::to_string(j)));
+      const double wj = require_float(w[j], job.name + ": weight " + std::to_string(j));
+      if (!std::isfinite(wj)) fail(ErrorKind::Value, job.name + ": weight " + std::to_string(j) + " must be finite, got " + show(w[j]));
+      job.weights.push_back(wj);
       keep_alive.push_back(a);
     }
     job.numel = first.size();
@@ -570,10 +639,9 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
     job.out = out.mutable_data();
     results.append(out);
   }
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::task_merge_batch(jobs, opt, threads);
-  }
+  });
   return results;
 }
 
@@ -595,15 +663,12 @@ std::string require_str(const py::handle& h, const std::string& what) {
 // shape (out, in); ranks: one k per item. Returns, per item, (B (out x k) float32,
 // A (k x in) float32, S (min(k + oversample, out, in)) float64, frob_sq: float).
 py::list extract_svd(const py::handle& items_in, const py::handle& ranks_in, const py::handle& oversample,
-                     const py::handle& power_iters, const py::handle& seed, int threads) {
+                     const py::handle& power_iters, const py::handle& seed, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
   lorafuse::ExtractOptions opt;
   opt.seed = require_seed(seed, "extract_svd");
-  opt.oversample = require_int(oversample, "extract_svd: oversample");
-  opt.power_iters = require_int(power_iters, "extract_svd: power_iters");
-  if (opt.oversample < 0)
-    fail(ErrorKind::Value, "extract_svd: oversample must be >= 0, got " + std::to_string(opt.oversample));
-  if (opt.power_iters < 0)
-    fail(ErrorKind::Value, "extract_svd: power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  opt.oversample = require_int_in(oversample, "extract_svd: oversample", 0, lorafuse::kMaxOversample);
+  opt.power_iters = require_int_in(power_iters, "extract_svd: power_iters", 0, lorafuse::kMaxPowerIters);
   auto items = require_sequence(items_in, "extract_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "extract_svd");
   std::vector<lorafuse::ExtractJob> jobs(items.size());
@@ -640,10 +705,9 @@ py::list extract_svd(const py::handle& items_in, const py::handle& ranks_in, con
     job.S = S.mutable_data();
     outputs.push_back(py::make_tuple(B, A, S));
   }
-  {
-    py::gil_scoped_release release;
+  run_guarded(keep_alive, [&] {
     lorafuse::extract_svd_batch(jobs, opt, threads);
-  }
+  });
   py::list results;
   for (std::size_t i = 0; i < jobs.size(); ++i)
     results.append(py::make_tuple(outputs[i][0], outputs[i][1], outputs[i][2], jobs[i].frob_sq));
@@ -656,15 +720,68 @@ const char* error_class(ErrorKind k) {
     case ErrorKind::ShapeMismatch: return "ShapeMismatchError";
     case ErrorKind::Dtype: return "DtypeError";
     case ErrorKind::NonFinite: return "NonFiniteError";
+    case ErrorKind::InputChanged: return "InputChangedError";
     case ErrorKind::Value: break;
   }
   return "LorafuseValueError";
 }
 
+// A memory-mapped file to guard (see mapguard.hpp): `buffer` is the mmap object; `label`
+// names the file in messages (UTF-8 bytes), `path` is its absolute path (file system bytes),
+// and (dev, ino, file_size, mtime_ns) its os.stat when it was validated.
+int register_mapping(const py::buffer& buffer, const py::bytes& label, const py::bytes& path, const py::handle& dev,
+                     const py::handle& ino, const py::handle& file_size, const py::handle& mtime_ns) {
+  constexpr auto i64_max = std::numeric_limits<std::int64_t>::max();
+  const auto d = static_cast<std::uint64_t>(require_int_in(dev, "register_mapping: dev", 0, i64_max));
+  const auto i = static_cast<std::uint64_t>(require_int_in(ino, "register_mapping: ino", 0, i64_max));
+  const auto size = require_int_in(file_size, "register_mapping: file_size", 0, i64_max);
+  const auto mtime = require_int_in(mtime_ns, "register_mapping: mtime_ns", std::numeric_limits<std::int64_t>::min(),
+                                    i64_max);
+  const py::buffer_info info = buffer.request();
+  const auto nbytes = static_cast<std::size_t>(info.size) * static_cast<std::size_t>(info.itemsize);
+  return lorafuse::mapguard::register_range(info.ptr, nbytes, std::string(label), std::string(path), d, i, size,
+                                            mtime);
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_core, m) {
+#ifndef LORAFUSE_MODULE_NAME
+#define LORAFUSE_MODULE_NAME _core_generic
+#define LORAFUSE_ISA_NAME "generic"
+#endif
+#ifndef LORAFUSE_VERSION
+#define LORAFUSE_VERSION "0+unknown"
+#endif
+
+namespace {
+
+// What the running CPU (and OS: AVX state saved) supports; lorafuse/_core.py checks its own choice of
+// variant against it (tests/test_isa.py).
+py::dict cpu_features() {
+  py::dict d;
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  d["avx2"] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  d["f16c"] = static_cast<bool>(__builtin_cpu_supports("f16c"));
+  d["avx512"] = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512vl");
+#else
+  d["avx2"] = false;
+  d["f16c"] = false;
+  d["avx512"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(LORAFUSE_MODULE_NAME, m) {
   m.doc() = "lorafuse compiled core: dtype conversion, fused merge, factored norms";
+  m.attr("isa") = LORAFUSE_ISA_NAME;
+  m.attr("__version__") = LORAFUSE_VERSION;
+  m.def("cpu_features", &cpu_features, "Instruction sets this CPU and OS support: {'avx2', 'f16c', 'avx512'}.");
+  lorafuse::mapguard::install();
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -684,6 +801,24 @@ PYBIND11_MODULE(_core, m) {
   m.def("factored_inner", &factored_inner, py::arg("items"), py::arg("threads") = 0,
         "<B1 A1, B2 A2>_F from the factors, for each (B1, A1, B2, A2).");
   m.def("hardware_threads", []() { return lorafuse::resolve_threads(0); });
+  m.def("resolve_threads", [](const py::object& threads) { return lorafuse::resolve_threads(require_threads(threads)); },
+        py::arg("threads"), "The number of worker threads a `threads` argument runs (0: all hardware threads; at most "
+        "4 per hardware thread).");
+  m.def("thread_start_failures", &lorafuse::thread_start_failures,
+        "How many worker threads could not be started (and were done without) in this process so far.");
+  m.attr("MAX_THREADS") = lorafuse::kMaxThreads;
+  m.attr("MAX_RANK") = lorafuse::kMaxRank;
+  m.attr("MAX_OVERSAMPLE") = lorafuse::kMaxOversample;
+  m.attr("MAX_POWER_ITERS") = lorafuse::kMaxPowerIters;
+  m.def("register_mapping", &register_mapping, py::arg("buffer"), py::arg("label"), py::arg("path"), py::arg("dev"),
+        py::arg("ino"), py::arg("file_size"), py::arg("mtime_ns"),
+        "Guard reads of a memory-mapped file against SIGBUS (truncated or rewritten while read): returns a slot for "
+        "unregister_mapping / mapping_problem, or -1 when the table is full.");
+  m.def("unregister_mapping", &lorafuse::mapguard::unregister, py::arg("slot"));
+  m.def("mapping_problem", &lorafuse::mapguard::problem, py::arg("slot"),
+        "'' while the mapping has not faulted and its file keeps its size and modification time; else why its data "
+        "cannot be trusted, naming the file.");
+  m.def("mapping_faults", &lorafuse::mapguard::fault_count, "Faults caught in guarded mappings so far.");
   m.def("factored_svd", &factored_svd, py::arg("items"), py::arg("ranks"), py::arg("split") = "B",
         py::arg("threads") = 0, py::arg("mode") = "exact", py::arg("seed") = 0, py::arg("oversample") = 10,
         py::arg("power_iters") = 4,
@@ -694,19 +829,24 @@ PYBIND11_MODULE(_core, m) {
         "in) singular values (float64) on the exact path, the min(k, R, out, in) computed ones otherwise.");
   m.def(
       "factored_svd_is_exact",
-      [](std::int64_t out, std::int64_t in, std::int64_t r, std::int64_t k, const std::string& mode,
-         std::int64_t oversample, std::int64_t power_iters) {
-        lorafuse::RandomizedSvdOptions opt;
-        opt.oversample = oversample;
-        opt.power_iters = power_iters;
-        return lorafuse::factored_svd_is_exact(out, in, r, k, lorafuse::factored_mode_from_name(mode), opt);
+      [](const py::handle& out, const py::handle& in, const py::handle& r, const py::handle& k,
+         const std::string& mode, const py::handle& oversample, const py::handle& power_iters) {
+        const auto big = std::numeric_limits<std::int64_t>::max() / 4;
+        lorafuse::RandomizedSvdOptions opt = require_randomized_options(py::int_(0), oversample, power_iters,
+                                                                        "factored_svd_is_exact");
+        return lorafuse::factored_svd_is_exact(require_int_in(out, "out", 0, big), require_int_in(in, "in", 0, big),
+                                               require_int_in(r, "r", 0, big), require_rank(k, "factored_svd_is_exact"),
+                                               lorafuse::factored_mode_from_name(mode), opt);
       },
       py::arg("out"), py::arg("in_"), py::arg("r"), py::arg("k"), py::arg("mode") = "auto", py::arg("oversample") = 10,
       py::arg("power_iters") = 4, "Whether factored_svd takes the exact path for a job of this shape.");
   m.def(
       "dense_svd_is_exact",
-      [](std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) {
-        return lorafuse::dense_svd_is_exact(out, in, k, oversample);
+      [](const py::handle& out, const py::handle& in, const py::handle& k, const py::handle& oversample) {
+        const auto big = std::numeric_limits<std::int64_t>::max() / 4;
+        return lorafuse::dense_svd_is_exact(
+            require_int_in(out, "out", 0, big), require_int_in(in, "in", 0, big), require_rank(k, "dense_svd_is_exact"),
+            require_int_in(oversample, "dense_svd_is_exact: oversample", 0, lorafuse::kMaxOversample));
       },
       py::arg("out"), py::arg("in_"), py::arg("k"), py::arg("oversample") = 10,
       "Whether dense_svd takes the exact path: (k + oversample) * 4 >= min(out, in).");

@@ -17,6 +17,7 @@
 #endif
 
 #include "lorafuse/errors.hpp"
+#include "lorafuse/limits.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
 #include "svd_signs.hpp"
@@ -703,13 +704,18 @@ std::int64_t extract_sv_count(std::int64_t out, std::int64_t in, std::int64_t k,
 }
 
 void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
-  if (opt.oversample < 0) throw Error(ErrorKind::Value, "oversample must be >= 0, got " + std::to_string(opt.oversample));
-  if (opt.power_iters < 0)
-    throw Error(ErrorKind::Value, "power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
+                 "oversample must be from 0 to " + std::to_string(kMaxOversample) + ", got " + std::to_string(opt.oversample));
+  LORAFUSE_CHECK(opt.power_iters >= 0 && opt.power_iters <= kMaxPowerIters, ErrorKind::Value,
+                 "power_iters must be from 0 to " + std::to_string(kMaxPowerIters) + ", got " +
+                     std::to_string(opt.power_iters));
   const auto n_jobs = static_cast<std::int64_t>(jobs.size());
   if (n_jobs == 0) return;
   for (const ExtractJob& j : jobs) {
-    if (j.k < 1) throw Error(ErrorKind::Value, j.name + ": rank must be >= 1, got " + std::to_string(j.k));
+    LORAFUSE_CHECK(j.k >= 1 && j.k <= kMaxRank, ErrorKind::Value,
+                   j.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(j.k));
+    LORAFUSE_CHECK(j.out >= 0 && j.in >= 0 && j.B != nullptr && j.A != nullptr, ErrorKind::Value,
+                   j.name + ": bad shape or missing output buffers");
     if (j.s_len != extract_sv_count(j.out, j.in, j.k, opt.oversample))
       throw Error(ErrorKind::Value, j.name + ": S must hold extract_sv_count(out, in, k, oversample) values");
   }

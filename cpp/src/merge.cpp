@@ -184,6 +184,9 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     MergeJob& job = jobs[j];
     job.nonfinite = false;
+    LORAFUSE_CHECK(job.rows >= 0 && job.cols >= 0 &&
+                       (job.rows * job.cols == 0 || (job.w != nullptr && job.out != nullptr)),
+                   ErrorKind::ShapeMismatch, job.name + ": bad shape or missing buffers");
     if (!writable(job.out_type))
       throw Error(ErrorKind::Dtype, job.name + ": cannot write output dtype " + dtype_name(job.out_type));
     const std::int64_t step = tile_rows(job.cols);

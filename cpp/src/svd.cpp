@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "lorafuse/errors.hpp"
+#include "lorafuse/limits.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
 #include "svd_signs.hpp"
@@ -222,9 +223,21 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
 }
 
 void check_randomized_options(const RandomizedSvdOptions& opt) {
-  if (opt.oversample < 0) throw Error(ErrorKind::Value, "oversample must be >= 0, got " + std::to_string(opt.oversample));
-  if (opt.power_iters < 0)
-    throw Error(ErrorKind::Value, "power_iters must be >= 0, got " + std::to_string(opt.power_iters));
+  LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
+                 "oversample must be from 0 to " + std::to_string(kMaxOversample) + ", got " + std::to_string(opt.oversample));
+  LORAFUSE_CHECK(opt.power_iters >= 0 && opt.power_iters <= kMaxPowerIters, ErrorKind::Value,
+                 "power_iters must be from 0 to " + std::to_string(kMaxPowerIters) + ", got " +
+                     std::to_string(opt.power_iters));
+}
+
+void check_job(const SvdJob& job) {
+  LORAFUSE_CHECK(job.k >= 1 && job.k <= kMaxRank, ErrorKind::Value,
+                 job.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(job.k));
+  LORAFUSE_CHECK(job.out >= 0 && job.in >= 0 && job.r >= 0, ErrorKind::ShapeMismatch,
+                 job.name + ": negative dimensions (" + std::to_string(job.out) + ", " + std::to_string(job.r) + ", " +
+                     std::to_string(job.in) + ")");
+  LORAFUSE_CHECK(job.B2 != nullptr && job.A2 != nullptr && (job.S != nullptr || job.s_len == 0), ErrorKind::Value,
+                 job.name + ": output buffers missing");
 }
 
 // Cost models in seconds of one core, fitted to this code on x86-64 with AVX2 (timed
@@ -287,6 +300,11 @@ bool dense_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t k, std::
 
 void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
+  for (const SvdJob& j : jobs) {
+    check_job(j);
+    LORAFUSE_CHECK(j.s_len == (j.exact ? factored_sv_count(j.out, j.r, j.in) : dense_sv_count(std::min(j.out, j.r), j.in, j.k)),
+                   ErrorKind::Value, j.name + ": S must hold factored_sv_count(...) values");
+  }
   run_jobs(
       jobs, threads,
       [&](const SvdJob& j) {
@@ -302,6 +320,11 @@ void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const Randomi
 
 void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
+  for (const SvdJob& j : jobs) {
+    check_job(j);
+    LORAFUSE_CHECK(j.s_len == dense_sv_count(j.out, j.in, j.k), ErrorKind::Value,
+                   j.name + ": S must hold dense_sv_count(out, in, k) values");
+  }
   run_jobs(
       jobs, threads,
       [&](const SvdJob& j) {

@@ -102,6 +102,8 @@ void task_merge_batch(std::vector<TaskMergeItem>& items, const TaskMergeOptions&
     throw Error(ErrorKind::Value,
                 "task_merge: random pruning with density 0 and rescale divides by zero (PEFT would return NaN)");
   for (const TaskMergeItem& it : items) {
+    LORAFUSE_CHECK(it.numel >= 0 && (it.numel == 0 || it.out != nullptr), ErrorKind::Value,
+                   it.name + ": bad size or missing output buffer");
     if (it.tensors.empty()) throw Error(ErrorKind::Value, it.name + ": task_merge needs at least one tensor");
     if (it.weights.size() != it.tensors.size())
       throw Error(ErrorKind::ShapeMismatch, it.name + ": " + std::to_string(it.weights.size()) + " weights for " +

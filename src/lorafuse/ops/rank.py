@@ -9,10 +9,12 @@ singular values S (descending), always capped by max_rank and at least 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from lorafuse._validate import check_float, check_rank
 from lorafuse.errors import LorafuseValueError
 
 _EPS = 1e-12  # fractions computed in float64 that should reach exactly f still count
@@ -31,16 +33,15 @@ class RankRule:
         if len(given) != 1:
             raise LorafuseValueError("give exactly one of rank, sv_ratio, sv_fro, sv_cumulative"
                                      + (f" (got {', '.join(given)})" if given else ""))
+        # Ranks 1 .. 2^20 (each module is further capped at its own full rank); finite fractions.
         for n in ("rank", "max_rank"):
-            v = getattr(self, n)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise LorafuseValueError(f"{n} must be a positive integer, got {v!r}")
-        if self.sv_ratio is not None and not self.sv_ratio >= 1:
-            raise LorafuseValueError(f"sv_ratio must be >= 1, got {self.sv_ratio!r}")
+            if getattr(self, n) is not None:
+                object.__setattr__(self, n, check_rank(getattr(self, n), n))
+        if self.sv_ratio is not None:
+            object.__setattr__(self, "sv_ratio", check_float(self.sv_ratio, "sv_ratio", 1.0, math.inf))
         for n in ("sv_fro", "sv_cumulative"):
-            v = getattr(self, n)
-            if v is not None and not 0 < v <= 1:
-                raise LorafuseValueError(f"{n} must be in (0, 1], got {v!r}")
+            if getattr(self, n) is not None:
+                object.__setattr__(self, n, check_float(getattr(self, n), n, 0.0, 1.0, lo_open=True))
 
     @property
     def from_spectrum(self) -> bool:

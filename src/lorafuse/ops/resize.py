@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 from lorafuse import _core
 from lorafuse._progress import Progress
+from lorafuse._validate import check_threads
 from lorafuse.adapter import Adapter, LoraUpdate
-from lorafuse.errors import UnsupportedError
+from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats import load
+from lorafuse.formats.lycoris import LycorisUpdate
+from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -31,31 +34,44 @@ GROUP = 64  # modules per call into the core (the progress bar advances per grou
 
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
            threads: int = 0, progress: bool | None = None) -> tuple[Adapter, list[ModuleReport]]:
+    threads = check_threads(threads)
+    if not isinstance(rule, RankRule):
+        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
+                                 f"{type(rule).__name__}")
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     for name, u in a.updates.items():
         if u.magnitude is not None:
             raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
                                    "of the magnitude vector")
     names = list(a.updates)
-    full = []
+    results: dict[str, tuple] = {}
     bar = Progress(len(names), "resize", progress, unit="modules")
     try:
         for start in range(0, len(names), GROUP):
             group = names[start : start + GROUP]
-            items = [(n, *a.updates[n].stored_factors(threads)) for n in group]
-            full += _core.factored_svd(items, [a.updates[n].rank for n in group], split, threads)
+            # a LoKr (or a large LoHa) through its structure: the SVDs of its halves, never its exact
+            # factorization (which a few kilobytes of LoKr can make gigabytes large)
+            structured = [n for n in group if isinstance(a.updates[n], LycorisUpdate)
+                          and a.updates[n].prefers_structure()]  # type: ignore[union-attr]
+            for n in structured:
+                results[n] = a.updates[n].best_factors(rule.choose, split, threads)  # type: ignore[union-attr]
+            items = [(n, *a.updates[n].stored_factors(threads)) for n in group if n not in results]
+            results.update({n: r for (n, _, _), r in zip(items, _core.factored_svd(
+                items, [a.updates[n].rank for n, _, _ in items], split, threads))})
             bar.update(len(group), group[-1])
     finally:
         bar.close()
     updates: dict[str, LoraUpdate] = {}
     report: list[ModuleReport] = []
-    for n, (b2, a2, s) in zip(names, full):
+    for n in names:
+        b2, a2, s = results[n]
         u = a.updates[n]
-        k = min(rule.choose(s), u.rank)
+        k = min(rule.choose(s), u.rank, b2.shape[1])
         new = u.with_factors(b2[:, :k], a2[:k], scale=u.scale)
         new.bias = u.bias
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))
+    raise_if_inputs_changed(a.sources())  # its file shrank or changed while read: refuse the result
     out = Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
                   full_origin=dict(a.full_origin), derived_from=a.sources())
     return out, report

@@ -1,0 +1,115 @@
+"""Range checks of the numbers users pass to the API (the CLI checks the same ranges while parsing).
+
+Every integer and float argument that sizes an allocation, starts threads or reaches the core
+goes through here: bool is not a number, NaN and infinities are refused, and ranges come from
+the core (lorafuse._core.MAX_*), so that the Python and C++ checks cannot disagree.
+
+- threads:      0 (all hardware threads) .. MAX_THREADS (1024); the core runs at most
+                4 workers per hardware thread whatever is asked
+- ranks:        1 .. MAX_RANK (2^20); each module is further capped at its full rank
+                min(out, in) by the operations (kohya's rule), so no output is padded
+- oversample:   0 .. MAX_OVERSAMPLE (2^20); power_iters: 0 .. MAX_POWER_ITERS (100)
+- seed:         0 .. 2^64 - 1
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from lorafuse import _core
+from lorafuse.errors import LorafuseValueError
+
+MAX_THREADS: int = _core.MAX_THREADS
+MAX_RANK: int = _core.MAX_RANK
+MAX_OVERSAMPLE: int = _core.MAX_OVERSAMPLE
+MAX_POWER_ITERS: int = _core.MAX_POWER_ITERS
+MAX_SEED = 2**64 - 1
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_int(value: object, name: str, lo: int, hi: int, note: str = "") -> int:
+    """`value` as an int in [lo, hi] (any integer type but bool), else LorafuseValueError."""
+    what = f"{name} must be an integer from {lo}{note} to {hi}"
+    if isinstance(value, (bool, np.bool_)):
+        raise LorafuseValueError(f"{what}, got a bool ({value!r})")
+    try:
+        n = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise LorafuseValueError(f"{what}, got {_show(value)}") from None
+    allowed = f"(allowed: an integer from {lo}{note} to {hi})"
+    if n < lo:
+        raise LorafuseValueError(f"{name} must be >= {lo}, got {_show(n)} {allowed}")
+    if n > hi:
+        raise LorafuseValueError(f"{name} must be <= {hi}, got {_show(n)} {allowed}")
+    return n
+
+
+def check_float(value: object, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """`value` as a finite float in [lo, hi] (or (lo, hi] with lo_open), else LorafuseValueError."""
+    what = f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}"
+    if hi < math.inf:
+        what += f" and <= {hi:g}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise LorafuseValueError(f"{what}, got {_show(value)}")
+    x = float(value)
+    if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
+        raise LorafuseValueError(f"{what}, got {_show(value)}")
+    return x
+
+
+def check_threads(threads: object) -> int:
+    return check_int(threads, "threads", 0, MAX_THREADS, " (all cores)")
+
+
+def check_rank(rank: object, name: str = "rank") -> int:
+    return check_int(rank, name, 1, MAX_RANK)
+
+
+def check_optional_rank(rank: object, name: str = "rank") -> int | None:
+    return None if rank is None else check_rank(rank, name)
+
+
+def check_seed(seed: object) -> int:
+    return check_int(seed, "seed", 0, MAX_SEED)
+
+
+def check_oversample(oversample: object) -> int:
+    return check_int(oversample, "oversample", 0, MAX_OVERSAMPLE)
+
+
+def check_power_iters(power_iters: object) -> int:
+    return check_int(power_iters, "power_iters", 0, MAX_POWER_ITERS)
+
+
+def check_weights(weights: object, count: int) -> list[float]:
+    """One finite number per adapter (bool refused)."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+        raise LorafuseValueError(f"weights must be a sequence of numbers, one per adapter, got {_show(weights)}")
+    ws: list[float] = []
+    for w in weights:  # type: ignore[attr-defined]
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
+            raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
+        ws.append(float(w))
+    if not all(math.isfinite(w) for w in ws):
+        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
+    if len(ws) != count:
+        raise LorafuseValueError(f"{len(ws)} weights given for {count} adapters")
+    return ws
+
+
+def full_rank(k: int, shape: tuple[int, ...]) -> int:
+    """A rank capped at the full rank of a delta of `shape` (out, in, ...): min(out, in * kh * kw)."""
+    if len(shape) < 2:
+        return k
+    cols = 1
+    for d in shape[1:]:
+        cols *= int(d)
+    return max(1, min(k, int(shape[0]), cols))
