@@ -134,8 +134,12 @@ def test_apply_equals_the_api_and_prints_a_summary(case, api_out, tmp_path, caps
 
     # Byte for byte what the API wrote.
     assert (out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
-    # Non-weight files are copied unchanged; nothing else appears.
-    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", *SIDE_FILES])
+    # Non-weight files are copied unchanged; nothing else appears but lorafuse's manifest, which lists them.
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", *SIDE_FILES,
+                                                            "lorafuse_manifest.json"])
+    manifest = json.loads((out / "lorafuse_manifest.json").read_text())
+    assert manifest["written_by"] == "lorafuse" and sorted(manifest["files"]) == sorted(["model.safetensors",
+                                                                                         *SIDE_FILES])
     for name in SIDE_FILES:
         assert (out / name).read_bytes() == (case.base_dir / name).read_bytes(), name
     # And the values are PEFT's merge_and_unload.

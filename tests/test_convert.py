@@ -405,7 +405,26 @@ def test_kohya_to_peft_to_kohya_is_bit_identical(tmp_path, family, dtype, alpha_
     assert {k: meta[k] for k in META} == META  # kohya's metadata travels in the diffusers file
     back = tmp_path / "back.safetensors"
     assert main(["convert", str(peft), "--to", "kohya", "-o", str(back), "-q"]) == 0
-    assert back.read_bytes() == src.read_bytes()
+    # The same bytes but for lorafuse's mark (a "lorafuse_version" metadata entry, last): the same header
+    # entries in the same order, the same data buffer.
+    (header, data), (src_header, src_data) = _unmarked(back.read_bytes()), _unmarked(src.read_bytes())
+    assert header == src_header and data == src_data
+    assert read(back)[1]["lorafuse_version"] == lorafuse.__version__ and "lorafuse_version" not in read(src)[1]
+
+
+def _unmarked(raw: bytes) -> tuple[list[tuple[str, object]], bytes]:
+    """A safetensors file's header as ordered (key, value) pairs, without lorafuse's metadata mark, and its
+    data buffer."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    pairs = json.loads(raw[8:8 + n], object_pairs_hook=lambda p: p)
+    out = []
+    for key, value in pairs:
+        if key == "__metadata__":
+            marks = [(k, v) for k, v in value if k == "lorafuse_version"]
+            assert marks in ([], [value[-1]])  # at most one, the last entry
+            value = [(k, v) for k, v in value if k != "lorafuse_version"]
+        out.append((key, value))
+    return out, raw[8 + n:]
 
 
 def test_peft_to_kohya_to_peft_keeps_every_delta(tmp_path):

@@ -4,7 +4,9 @@ The guarantees checked here, each with real processes and real file systems:
 
 * SIGKILL at any point of a run leaves the output path as it was before the run
   (absent, or the previous output byte for byte, same inode) or holding the run's whole
-  result; never a part. What a killed run leaves is one `.NAME.tmp-PID-XXXXXXXX` entry
+  result; never a part. The same holds while a run replaces an earlier lorafuse output
+  and while --overwrite replaces what the user kept there; what lorafuse refuses to
+  replace (issue #13) is left byte for byte. What a killed run leaves is one `.NAME.tmp-PID-XXXXXXXX` entry
   named after its pid, which the next run writing NAME removes.
 * A full disk (ENOSPC on a small tmpfs where one can be mounted; EFBIG from
   RLIMIT_FSIZE always) is an OutputError naming the output, through the API and the
@@ -111,7 +113,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
             sizes[layout] = sum(p.stat().st_size for p in files)
             shutil.rmtree(ref.parent)
         assert refs[layout]["1"] != refs[layout]["0.5"]
-    assert len(refs["folder"]["1"]) == 5  # 3 shards, the index, config.json
+    assert len(refs["folder"]["1"]) == 6  # 3 shards, the index, config.json, lorafuse_manifest.json
     assert sizes["file"] > 70 << 20
     return Inputs(base, adapter, refs, sizes, seconds)
 
@@ -270,6 +272,94 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
     assert leftovers(out) == []
 
 
+def _foreign(out: Path, layout: str) -> None:
+    """What the user keeps at `out`: a folder of notes and scripts (folder layout) or a file (file layout)."""
+    if layout == "file":
+        out.write_bytes(b"w\n" * 1000)
+        return
+    (out / "scripts").mkdir(parents=True)
+    (out / "notes.md").write_text("my notes\n")
+    (out / "scripts" / "eval.sh").write_text("#!/bin/sh\n")
+    (out / "model.safetensors").write_bytes(b"w\n")
+
+
+@pytest.mark.parametrize("prior", ["lorafuse", "foreign"])
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_sigkill_while_replacing_leaves_the_previous_output_or_the_new_one(inputs, tmp_path, layout, prior):
+    """SIGKILL while a run replaces an earlier lorafuse output (no flag needed), or what the user kept at the
+    output path (--overwrite): the path holds the previous content byte for byte (same inode) or the
+    complete new output, never a part nor nothing; a rerun cleans up and completes."""
+    out = out_path(tmp_path, layout)
+    refs, total = inputs.refs[layout], inputs.sizes[layout]
+    before_inputs = inputs.hashes(layout)
+    killed: set[int] = set()
+    flag = ["--overwrite"] if prior == "foreign" else []
+    replaced = 0
+    for kind, point in [("bytes", 1e-9), ("bytes", 0.5), ("bytes", 1.0), ("time", 1.0)]:
+        _remove_tree(out)
+        if prior == "foreign":
+            _foreign(out, layout)
+        else:
+            assert run_apply(inputs.base[layout], inputs.adapter, "-o", out, "--weights", "0.5").returncode == 0
+        state, inode = tree_hashes(out), out.stat().st_ino
+        proc = subprocess.Popen(lorafuse_cmd(inputs.base[layout], inputs.adapter, "-o", out, *flag),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seen = kill_when(proc, out, threshold=point * total) if kind == "bytes" else \
+            kill_when(proc, out, seconds=point * inputs.seconds[layout])
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert proc.returncode in (0, -signal.SIGKILL), stderr
+        if proc.returncode:
+            killed.add(proc.pid)
+        after = tree_hashes(out)
+        if after == state:
+            assert out.stat().st_ino == inode, "the previous content was rewritten"
+        else:
+            assert after == refs["1"], f"kill at {point:g} of the {kind} ({seen} bytes): a partial output"
+            replaced += 1
+        for name in leftovers(out):
+            m = temp_pattern(out).match(name)
+            assert m and int(m.group(1)) in killed, f"unexpected entry beside the output: {name}"
+        assert inputs.hashes(layout) == before_inputs
+    assert replaced < 4  # at least one kill struck before the rename
+    # A rerun (the user's content may still be there: --overwrite again) completes and cleans up.
+    proc = run_apply(inputs.base[layout], inputs.adapter, "-o", out, "--weights", "0.5", *flag)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_hashes(out) == refs["0.5"] and leftovers(out) == []
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_a_refused_output_is_left_byte_for_byte(inputs, tmp_path, layout):
+    """What lorafuse must not replace (the user's folder or file, a lorafuse folder the user added notes to)
+    is refused in one line naming it and left as it was: same bytes, same inode, nothing
+    beside it."""
+    out = out_path(tmp_path, layout)
+    before_inputs = inputs.hashes(layout)
+    cases = ["foreign"] + (["notes"] if layout == "folder" else [])
+    for case in cases:
+        _remove_tree(out)
+        if case == "foreign":
+            _foreign(out, layout)
+        else:
+            assert run_apply(inputs.base[layout], inputs.adapter, "-o", out).returncode == 0
+            (out / "notes.md").write_text("mine\n")
+        state, inode = tree_hashes(out), out.stat().st_ino
+        proc = run_apply(inputs.base[layout], inputs.adapter, "-o", out)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.startswith(f"lorafuse apply: error: OutputError: output {out} is ") and \
+            proc.stderr.count("\n") == 1, proc.stderr
+        assert ("notes.md" in proc.stderr) if layout == "folder" else "lorafuse did not write (2000 bytes" in proc.stderr
+        assert "--overwrite" in proc.stderr
+        assert tree_hashes(out) == state and out.stat().st_ino == inode and leftovers(out) == []
+    assert inputs.hashes(layout) == before_inputs
+
+
 # ----------------------------------------------------------------------------- concurrent runs
 
 
@@ -313,8 +403,8 @@ def test_concurrent_commits_never_expose_a_missing_or_mixed_output(tmp_path, kin
                     with atomic.atomic_dir(out) as tmp:
                         for k in range(parts):
                             (tmp / f"part{k}").write_bytes(tag)
-                else:
-                    with atomic.atomic_file(out) as tmp:
+                else:  # not marked as lorafuse's: each replace needs overwrite (and says so in a warning)
+                    with atomic.atomic_file(out, overwrite=True) as tmp:
                         tmp.write_bytes(tag * 1000)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(f"writer {wid}: {type(e).__name__}: {e}")

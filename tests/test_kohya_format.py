@@ -153,7 +153,7 @@ def test_round_trip_is_bit_identical(tmp_path, dtype):
     out = lorafuse.load(src).save(tmp_path / "out.safetensors")  # default: the adapter's own format
     assert out == tmp_path / "out.safetensors"
     back, meta = read_back(out)
-    assert meta == METADATA
+    assert meta == {**METADATA, "lorafuse_version": lorafuse.__version__}  # the input's, and lorafuse's mark
     # Every input tensor is back bit for bit: .alpha in the dtype it was saved in, and the module that had
     # no .alpha still has none (its scale is 1). The data buffer is the input's, byte for byte.
     assert set(back) == set(tensors)
@@ -177,7 +177,8 @@ def test_scales_survive_and_metadata_follows_a_resize(tmp_path):
     # Most modules had r = 8, alpha = 4 (scale 0.5): at rank 2 alpha is 1.0.
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "1.0"
     assert {k: v for k, v in meta.items() if k not in ("ss_network_dim", "ss_network_alpha")} == \
-        {k: v for k, v in METADATA.items() if k not in ("ss_network_dim", "ss_network_alpha")}
+        {**{k: v for k, v in METADATA.items() if k not in ("ss_network_dim", "ss_network_alpha")},
+         "lorafuse_version": lorafuse.__version__}
     reread = load_kohya(out)
     for name, u in adapter.updates.items():
         assert reread[name].scale == pytest.approx(u.scale, rel=1e-7) and reread[name].rank == 2
@@ -186,10 +187,10 @@ def test_scales_survive_and_metadata_follows_a_resize(tmp_path):
         else:  # alpha in the file's F16, which holds these values exactly
             assert back[f"{name}.alpha"].dtype == torch.float16
             assert float(back[f"{name}.alpha"]) == pytest.approx(u.scale * 2, rel=1e-7)
-    # Metadata keys that are absent stay absent.
+    # Metadata keys that are absent stay absent (only lorafuse's mark is added).
     out2 = save_kohya(resize(load_kohya(write(tmp_path / "nometa.safetensors", kohya_tensors("F32"))),
                              RankRule(rank=2))[0], tmp_path / "nometa_r2.safetensors")
-    assert read_back(out2)[1] == {}
+    assert read_back(out2)[1] == {"lorafuse_version": lorafuse.__version__}
 
 
 def test_sd_scripts_hashes_are_recomputed(tmp_path):

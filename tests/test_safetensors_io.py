@@ -568,7 +568,7 @@ def test_atomic_dir_appears_whole_on_success(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "c.txt").write_text("three")
         assert (out / "a.txt").read_text() == "one"  # the old one is intact meanwhile
-    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt", "lorafuse_manifest.json"]  # lorafuse's mark
     assert leftovers(tmp_path, "out") == []
 
 
@@ -587,7 +587,7 @@ def test_atomic_dir_failure_keeps_previous_output(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("previous")
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, overwrite=True) as tmp:  # a folder lorafuse did not write: replaced on request
             (tmp / "old.txt").write_text("half-written")
             (tmp / "new.txt").write_text("new")
             raise KeyboardInterrupt
@@ -627,8 +627,8 @@ def test_atomic_dir_refuses_an_input_as_output(tmp_path):
 
 def test_atomic_file_success_and_failure(tmp_path):
     out = tmp_path / "a.safetensors"
-    with atomic_file(out) as tmp:
-        save_file({"w": ("F32", np.arange(3, dtype=np.float32))}, tmp)
+    with atomic_file(out) as tmp:  # marked as lorafuse's: a later run may replace it
+        save_file({"w": ("F32", np.arange(3, dtype=np.float32))}, tmp, {"lorafuse_version": lorafuse.__version__})
         assert not out.exists()
     with safe_open(str(out), framework="numpy") as f:
         np.testing.assert_array_equal(f.get_tensor("w"), [0, 1, 2])

@@ -18,7 +18,8 @@ import numpy as np
 from lorafuse import _core
 from lorafuse.adapter import Adapter
 from lorafuse.errors import LorafuseValueError, UnsupportedError
-from lorafuse.io.atomic import atomic_file
+from lorafuse.io.atomic import atomic_file, check_output
+from lorafuse.io.manifest import png_metadata
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,9 +37,11 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path]) -> Path:
-    with atomic_file(path, inputs) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], overwrite: bool) -> Path:
+    """The PNG, atomically, with lorafuse's mark (a text chunk) so that a later plot may replace it; an
+    existing file without the mark is refused unless `overwrite` (see io.atomic)."""
+    with atomic_file(path, inputs, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata=png_metadata())
     return Path(path)
 
 
@@ -59,21 +62,36 @@ def module_type(name: str) -> str:
 
 
 def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
-    """All singular values (float64, descending) of every module's delta, from its factors."""
-    items = []
+    """All singular values (float64, descending) of every module's delta, from its factors: stored LoRA
+    factors through the core in batches of bounded work (Ctrl-C and SIGTERM act between them), LoHa /
+    LoKr / Tucker modules through their structure (formats.lycoris.spectrum: at most its
+    MAX_CORE_RANK largest values, a LoKr's being the largest products of its halves')."""
+    from lorafuse.formats.lycoris import batches, is_stored_lora, lora_cost, spectrum
+
+    out: dict[str, np.ndarray] = {}
+    stored = [(n, u) for n, u in adapter.updates.items() if is_stored_lora(u)]
+    for i0, i1 in batches([lora_cost(u, 12.0) for _, u in stored]):  # type: ignore[arg-type]
+        chunk = stored[i0:i1]
+        items = []
+        for name, u in chunk:
+            b, a = u.factors(threads)
+            items.append((name, np.ascontiguousarray(b * np.float32(u.scale)), a))
+        result = _core.factored_svd(items, [u.rank for _, u in chunk], "B", threads)
+        out.update({name: np.asarray(s, dtype=np.float64) for (name, _, _), (_, _, s) in zip(items, result)})
     for name, u in adapter.updates.items():
-        b, a = u.factors(threads)
-        items.append((name, np.ascontiguousarray(b * np.float32(u.scale)), a))
-    result = _core.factored_svd(items, [u.rank for u in adapter.updates.values()], "B", threads)
-    return {name: np.asarray(s, dtype=np.float64) for (name, _, _), (_, _, s) in zip(items, result)}
+        if name not in out:
+            out[name] = spectrum(u)
+    return {name: out[name] for name in adapter.updates}
 
 
 def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int = 0,
-                  title: str | None = None) -> Path:
+                  title: str | None = None, overwrite: bool = False) -> Path:
     """A PNG of the singular values of each module's delta: per module type the mean spectrum (a line)
-    and its min..max over the modules of that type (a band); log y, x = index from 1."""
+    and its min..max over the modules of that type (a band); log y, x = index from 1. `path` may be new,
+    empty or an earlier lorafuse plot; another file is refused unless `overwrite` (checked first)."""
     if not adapter.updates:
         raise LorafuseValueError(f"{adapter.label}: no modules to plot")
+    check_output(path, adapter.sources(), folder=False, overwrite=overwrite)
     groups: dict[str, list[np.ndarray]] = {}
     for name, s in spectra(adapter, threads).items():
         groups.setdefault(module_type(name), []).append(s)
@@ -99,7 +117,7 @@ def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int =
     ax.set_title(title or f"{name}: singular values per module type (mean, band = min..max)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", ncol=1 if len(groups) <= 12 else 2, loc="upper right")
-    return _save(fig, path, [adapter.path] if adapter.path is not None else [])
+    return _save(fig, path, adapter.sources(), overwrite)
 
 
 def _palette(n: int) -> list[tuple[float, float, float, float]]:
@@ -111,7 +129,7 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
 
 def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequence[str],
                     path: str | os.PathLike[str], inputs: Sequence[Path] = (),
-                    title: str = "cosine similarity of the adapters' deltas") -> Path:
+                    title: str = "cosine similarity of the adapters' deltas", overwrite: bool = False) -> Path:
     """A PNG heat map of a cosine similarity matrix, the values written in the cells."""
     m = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
@@ -130,7 +148,7 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
     ax.set_yticks(range(n), labels=list(labels))
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
-    return _save(fig, path, inputs)
+    return _save(fig, path, inputs, overwrite)
 
 
 __all__ = ["module_type", "plot_similarity", "plot_spectrum", "spectra"]

@@ -32,6 +32,8 @@ from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.io.atomic import atomic_file
+from lorafuse.io.checkpoint import loads_json
+from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
 from lorafuse.formats.util import most_common, safetensors_keys
@@ -84,10 +86,7 @@ def _component_configs(metadata: dict[str, str], where: str) -> dict[str, dict[s
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"{where}: __metadata__[{ADAPTER_METADATA_KEY!r}] is not valid JSON ({e})") from None
+    flat = loads_json(raw, f"{where}: __metadata__[{ADAPTER_METADATA_KEY!r}]")
     if not isinstance(flat, dict):
         raise FormatError(f"{where}: __metadata__[{ADAPTER_METADATA_KEY!r}] is not a JSON object")
     configs: dict[str, dict[str, object]] = {}
@@ -199,10 +198,7 @@ def _kohya_record(metadata: dict[str, str], where: str) -> dict[str, object] | N
     raw = metadata.get(KOHYA_RECORD_KEY)
     if raw is None:
         return None
-    try:
-        record = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"{where}: __metadata__[{KOHYA_RECORD_KEY!r}] is not valid JSON ({e})") from None
+    record = loads_json(raw, f"{where}: __metadata__[{KOHYA_RECORD_KEY!r}]")
     if not isinstance(record, dict):
         raise FormatError(f"{where}: __metadata__[{KOHYA_RECORD_KEY!r}] is not a JSON object")
     return record
@@ -307,13 +303,15 @@ def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
     return meta
 
 
-def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
+def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
+                   overwrite: bool = False) -> Path:
     """Write `adapter` (diffusers-named modules) as one diffusers LoRA `.safetensors` file, atomically.
     Factors keep their stored dtype; each module's scale is kept exactly through the per-component
-    LoraConfig in `lora_adapter_metadata`, which diffusers' `load_lora_weights` reads."""
+    LoraConfig in `lora_adapter_metadata`, which diffusers' `load_lora_weights` reads. The metadata gets
+    lorafuse's mark (`lorafuse_version`); an existing file without it is refused unless `overwrite`."""
     tensors = diffusers_tensors(adapter)
-    meta = diffusers_metadata(adapter)
-    with atomic_file(out, inputs) as tmp:
+    meta = mark_metadata(diffusers_metadata(adapter))
+    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
         save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp, meta)
     return Path(out)
 

@@ -1,4 +1,19 @@
-"""Outputs appear whole or not at all, and never on top of an input.
+"""Outputs appear whole or not at all, never on top of an input, and never on top of what the user
+did not ask lorafuse to replace.
+
+What an output path may hold before a run (checked before any work, and again just before the rename):
+
+* nothing, an empty folder (a folder output) or an empty file (a file output): written;
+* an earlier lorafuse output: replaced. lorafuse recognises its outputs (see io.manifest): a folder by
+  `lorafuse_manifest.json` listing exactly what the folder holds, a .safetensors file by the
+  `lorafuse_version` key of its metadata, a PNG by a text chunk;
+* anything else (a folder of the user's, a lorafuse folder the user added files to, a file lorafuse did
+  not write): refused with an OutputError naming the path and what it holds, unless overwrite=True
+  (CLI --overwrite), which replaces it and says so (an OverwriteWarning; the CLI prints a note).
+
+Refused whatever `overwrite` says: an output that is, or holds, the current folder or an input; an
+output inside an input folder; a symbolic link (lorafuse would replace the link, not what it points
+to); a folder where a file goes and the reverse; a FIFO, socket or device.
 
 A run writes `.NAME.tmp-PID-XXXXXXXX` beside the output NAME (holding an advisory
 lock on it while it lives) and renames it over NAME once complete: a file with
@@ -16,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import secrets
@@ -23,11 +39,14 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorafuse.errors import OutputError
+from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning
+from lorafuse.io.manifest import MANIFEST_NAME, MARKER_KEY, FolderState, file_is_ours, inspect_folder, write_manifest
+from lorafuse.io.safetensors import raise_if_inputs_changed
 
 try:
     import fcntl
@@ -45,13 +64,177 @@ def _umask() -> int:
     return mask
 
 
-def check_output_path(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output that is an input, or a folder that holds one (replacing it would destroy it)."""
-    target = out.resolve()
+_OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it"
+
+
+def _location(out: Path) -> Path:
+    """Where `out` is: its folder with links resolved, and its own name (a link named as the output is
+    not followed: it is what would be replaced). '.', '..' and '/' resolve whole."""
+    if out.name in ("", ".", ".."):
+        return out.resolve()
+    return out.parent.resolve() / out.name
+
+
+def _cwd() -> Path | None:
+    try:
+        return Path.cwd().resolve()
+    except OSError:  # the current folder was removed
+        return None
+
+
+def _relation(out: Path, target: Path, inputs: Iterable[Path]) -> str | None:
+    """Why writing `target` (the output `out`, located) would destroy or change the current folder or an
+    input, or None."""
+    cwd = _cwd()
+    named = str(out) if str(out) == str(target) else f"{out} ({target})"
+    if cwd is not None and target == cwd:
+        return (f"output {named} is the current folder; lorafuse replaces an output as a whole, which would "
+                "delete the folder you are in and everything in it: give a new folder name, e.g. ./merged")
+    if cwd is not None and target in cwd.parents:
+        return (f"output {named} holds the current folder {cwd}; replacing it would delete that folder "
+                "and everything beside it: give a new folder name")
     for p in inputs:
         src = Path(p).resolve()
-        if target == src or target in src.parents:
-            raise OutputError(f"output {out} would overwrite the input {p}; choose another output path")
+        if target == src:
+            return f"output {out} would overwrite the input {p}; choose another output path"
+        if target in src.parents:
+            return (f"output {out} would overwrite the input {p}, which is inside it (replacing {out} deletes "
+                    "everything in it); choose another output path")
+        if src in target.parents and src.is_dir():
+            return (f"output {out} is inside the input folder {p}; writing there would change an input: choose a "
+                    "path outside it")
+    return None
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> None:
+    """Refuse (OutputError) an output that is or holds the current folder or an input, or that lies
+    inside an input folder: replacing it would destroy or change them, `overwrite` or not. Symbolic
+    links are resolved (an output that is a link is checked where it points too)."""
+    out = Path(out)
+    inputs = list(inputs)
+    try:
+        targets = [_location(out), out.resolve()]
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL in the path, a loop of links
+        raise LorafuseValueError(f"output {out}: not a usable path: {e}") from None
+    for target in targets:
+        why = _relation(out, target, inputs)
+        if why:
+            raise OutputError(why)
+    if out.name in ("", ".", ".."):
+        raise LorafuseValueError(f"output {out}: give the output a name (a path that ends in a file or folder name)")
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _folder_state(out: Path) -> tuple[FolderState | None, str]:
+    """The folder `out` as inspect_folder sees it: (None, '') when it is gone, (None, reason) when it
+    cannot be read. A verdict on a folder that another run moved away meanwhile (it replaced `out`) is
+    taken again on what `out` holds now."""
+    for _ in range(_RETRIES):
+        try:
+            state = inspect_folder(out)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, ""
+        except OSError as e:
+            return None, e.strerror or str(e)
+        if state.empty or state.ours:
+            return state, ""
+        try:
+            st = os.lstat(out)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, ""
+        except OSError as e:
+            return None, e.strerror or str(e)
+        if (st.st_dev, st.st_ino) == state.ident:
+            return state, ""
+    return state, ""
+
+
+def _judge_folder(out: Path, overwrite: bool) -> str | None:
+    """None when the existing folder `out` may be replaced silently (empty, or lorafuse's own output
+    untouched); the note of what is replaced with `overwrite`; else raises OutputError."""
+    state, unreadable = _folder_state(out)
+    if state is None and not unreadable:  # gone meanwhile (another run is replacing it): nothing to lose
+        return None
+    if state is not None and (state.empty or state.ours):
+        return None
+    if state is None:
+        what = f"a folder lorafuse cannot read ({unreadable}), so it cannot tell what it holds"
+        todo = "Give a new or empty folder"
+    elif state.manifest == "valid":
+        parts = ([f"entries lorafuse did not write: {_listing(state.unlisted)}"] if state.unlisted else []) + \
+                ([f"files changed since lorafuse wrote them: {_listing(state.changed)}"] if state.changed else [])
+        what = f"an earlier lorafuse output that now holds {'; and '.join(parts)}"
+        todo = (f"Move {_listing(state.unlisted)} out of it, give another path" if state.unlisted
+                else "Give another path")
+    else:
+        why = "no " + MANIFEST_NAME if state.manifest == "absent" else f"its {MANIFEST_NAME} is not lorafuse's"
+        what = f"a folder lorafuse did not write ({why}) holding {_listing(state.entries)}"
+        todo = "Give a new or empty folder"
+    if overwrite:
+        return f"--overwrite replaced {out}, {what}; everything that was in it is gone"
+    raise OutputError(f"output {out} is {what}; lorafuse replaces an output folder as a whole, so it would delete "
+                      f"them: nothing was written. {todo}, or {_OVERWRITE_HINT} with everything in it")
+
+
+def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
+    """As _judge_folder, for an existing regular file where a file output goes."""
+    if st.st_size == 0 or file_is_ours(out):
+        return None
+    what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
+            "the metadata of its .safetensors files and PNG plots)")
+    if overwrite:
+        return f"--overwrite replaced {out}, {what}"
+    raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_OVERWRITE_HINT}")
+
+
+def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
+    """What `out` holds now, judged for an output of the kind given (a folder or a file): None when it
+    may be written (missing, empty, lorafuse's own output), the note of what `overwrite` replaces, or
+    an OutputError."""
+    try:
+        st = os.lstat(out)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        raise OutputError(f"cannot look at the output {out}: {getattr(e, 'strerror', None) or e}") from None
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(out)
+        except OSError:
+            target = "?"
+        raise OutputError(f"output {out} is a symbolic link (to {target}); lorafuse does not replace links, even "
+                          "with --overwrite: give the path it points to, or remove the link")
+    if stat.S_ISDIR(mode):
+        if not folder:
+            raise OutputError(f"output {out} is a folder; give a file name (e.g. {out / 'out.safetensors'}): lorafuse "
+                              "does not replace a folder with a file, even with --overwrite")
+        return _judge_folder(out, overwrite)
+    if not stat.S_ISREG(mode):
+        from lorafuse.io.safetensors import file_kind
+
+        raise OutputError(f"output {out} is {file_kind(mode)}; lorafuse writes regular files and folders and never "
+                          "replaces anything else, even with --overwrite: give another path")
+    if folder:
+        raise OutputError(f"output {out} exists and is not a folder (a file of {st.st_size} bytes) and this writes a "
+                          "folder: give a folder path; lorafuse does not replace a file with a folder, even with "
+                          "--overwrite")
+    return _judge_file(out, st, overwrite)
+
+
+def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, folder: bool,
+                 overwrite: bool = False) -> str | None:
+    """Everything atomic_dir (folder=True) / atomic_file (folder=False) checks before a run writes
+    `out`: call it early to refuse before any long work. Returns None when `out` may be written as it
+    is, or (overwrite=True) the note of what will be replaced; raises OutputError (LorafuseValueError
+    for a path that names no output) otherwise."""
+    out = Path(out)
+    check_output_path(out, inputs)
+    return _judge(out, folder, overwrite)
 
 
 def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
@@ -215,22 +398,37 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     raise OutputError(f"cannot replace the output {out}: other processes keep replacing it")
 
 
-@contextmanager
-def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out` by rename.
+def _commit_check(out: Path, folder: bool, overwrite: bool, cleanup: Callable[[], None]) -> str | None:
+    """The check again, just before the rename: what sits at `out` now (another run's output, or a
+    folder the user made meanwhile). Returns the note to give once replaced."""
+    try:
+        return _judge(out, folder, overwrite)
+    except BaseException:
+        cleanup()
+        raise
 
-    On any error (or interruption) the temporary folder is removed and `out` keeps
-    whatever it held before. Write errors (full disk, quota, size limit, read-only file
-    system) are raised as OutputError naming `out`.
+
+def _announce(note: str | None) -> None:
+    if note:
+        warnings.warn(note, OverwriteWarning, stacklevel=4)
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, overwrite: bool = False,
+               kind: str = "output") -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success lorafuse_manifest.json (listing what the body
+    wrote, `kind` saying what it is) is added and the folder replaces `out` by rename.
+
+    `out` must be new, an empty folder or an earlier lorafuse output (see check_output); other folders
+    are refused unless `overwrite`, which replaces them with an OverwriteWarning naming what was there.
+    On any error (or interruption) the temporary folder is removed and `out` keeps whatever it held
+    before. Write errors (full disk, quota, size limit, read-only file system) are raised as OutputError
+    naming `out`.
     """
     out = Path(out)
-    check_output_path(out, inputs)
-    try:
-        existed = stat.S_ISDIR(os.stat(out).st_mode)  # one look: another run may be replacing `out`
-        if not existed:
-            raise OutputError(f"output {out} exists and is not a folder")
-    except (FileNotFoundError, NotADirectoryError):
-        existed = False
+    inputs = list(inputs)  # used twice: here and before the commit
+    note = check_output(out, inputs, folder=True, overwrite=overwrite)
+    existed = os.path.lexists(out)
     _prepare(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -244,24 +442,32 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Iter
     try:
         _lock(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
-        with _cleanup_on_error(out, existed, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        cleanup = functools.partial(shutil.rmtree, tmp, ignore_errors=True)
+        with _cleanup_on_error(out, existed, cleanup):
             yield tmp
-        with _cleanup_on_error(out, existed, lambda: shutil.rmtree(tmp, ignore_errors=True), commit=True):
+            write_manifest(tmp, kind)
+        note = _commit_check(out, True, overwrite, cleanup)
+        with _cleanup_on_error(out, existed, cleanup, commit=True):
+            raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
             _replace_dir(tmp, out)
     finally:
         os.close(fd)
+    _announce(note)
 
 
 @contextmanager
-def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Iterator[Path]:
+def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
+                overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside `out`; on success it replaces `out` by rename.
 
-    Errors as for atomic_dir."""
+    The body writes a file lorafuse recognises later (a .safetensors file whose metadata has
+    `lorafuse_version`, see io.manifest.mark_metadata, or a PNG with that text chunk) so that a later
+    run may replace it. `out` must be new, an empty file or such a file; others are refused unless
+    `overwrite` (see atomic_dir). Errors as for atomic_dir."""
     out = Path(out)
-    check_output_path(out, inputs)
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder; give a file name")
-    existed = out.exists()
+    inputs = list(inputs)  # used twice: here and before the commit
+    note = check_output(out, inputs, folder=False, overwrite=overwrite)
+    existed = os.path.lexists(out)
     _prepare(out)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
@@ -271,9 +477,13 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Ite
     try:
         _lock(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
-        with _cleanup_on_error(out, existed, lambda: tmp.unlink(missing_ok=True)):
+        cleanup = functools.partial(tmp.unlink, missing_ok=True)
+        with _cleanup_on_error(out, existed, cleanup):
             yield tmp
-        with _cleanup_on_error(out, existed, lambda: tmp.unlink(missing_ok=True), commit=True):
+        note = _commit_check(out, False, overwrite, cleanup)
+        with _cleanup_on_error(out, existed, cleanup, commit=True):
+            raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
             os.replace(tmp, out)
     finally:
         os.close(fd)
+    _announce(note)

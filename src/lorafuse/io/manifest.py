@@ -1,0 +1,293 @@
+"""How lorafuse recognises its own outputs, so that it replaces those and nothing else.
+
+* A folder output holds `lorafuse_manifest.json`: who wrote it (lorafuse, its version), what it is
+  (`kind`) and every file and folder written, each file with its size (and the sha256 of files up to
+  1 MiB: configs, tokenizer files, small adapters). The folder is lorafuse's as long as it holds
+  nothing more and nothing changed: an entry the manifest does not list (notes the user put there),
+  or a listed file whose size or hash differs, makes it the user's again. Files that are gone are no
+  loss. Loaders (PEFT, transformers, diffusers, lorafuse) ignore the extra file.
+* A single `.safetensors` file carries `"lorafuse_version"` in its `__metadata__`, in an intact file
+  (the header and the data sizes agree). A file whose header is unreadable is not lorafuse's.
+* A PNG plot carries a `lorafuse_version` text chunk.
+
+Everything here is deterministic (no dates, no process ids): the same run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "lorafuse_manifest.json"
+MARKER_KEY = "lorafuse_version"
+HASH_LIMIT = 1 << 20  # files up to this size are hashed into the manifest
+_MANIFEST_MAX = 64 << 20
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def version() -> str:
+    from lorafuse import __version__
+
+    return __version__
+
+
+def mark_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """`metadata` for a new single-file output: any earlier lorafuse marker (metadata passed through
+    from a lorafuse-written input) is dropped and a fresh one is put last."""
+    out = {k: v for k, v in (metadata or {}).items() if k != MARKER_KEY}
+    out[MARKER_KEY] = version()
+    return out
+
+
+def png_metadata() -> dict[str, str]:
+    """matplotlib's savefig(metadata=...) for a PNG lorafuse writes: its marker as a tEXt chunk."""
+    return {MARKER_KEY: version()}
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def _sha256_at(dir_fd: int, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)
+    try:
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _record(dir_fd: int, name: str, st: os.stat_result) -> dict[str, object]:
+    """What the manifest says of one non-folder entry."""
+    if stat.S_ISREG(st.st_mode):
+        rec: dict[str, object] = {"size": st.st_size}
+        if st.st_size <= HASH_LIMIT:
+            rec["sha256"] = _sha256_at(dir_fd, name)
+        return rec
+    if stat.S_ISLNK(st.st_mode):
+        return {"link": os.readlink(name, dir_fd=dir_fd)}
+    return {"special": stat.S_IFMT(st.st_mode)}
+
+
+def _unreadable(error: OSError) -> None:
+    """fwalk's onerror: a sub-folder that cannot be read is an answer nobody can trust (it could hold
+    anything), so it stops the walk; one that vanished meanwhile holds nothing to lose."""
+    if not isinstance(error, FileNotFoundError):
+        raise error
+
+
+def _walk(dir_fd: int) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """os.fwalk of an open folder (links not followed: they are entries, never descended into), with
+    paths relative to it ('' for the folder itself). Raises OSError for a sub-folder it cannot read."""
+    for root, dirs, files, root_fd in os.fwalk(".", dir_fd=dir_fd, onerror=_unreadable):
+        rel = os.path.normpath(root)
+        yield ("" if rel == "." else rel.replace(os.sep, "/")), dirs, files, root_fd
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}" if root else name
+
+
+def write_manifest(folder: Path, kind: str) -> None:
+    """Write `folder`/lorafuse_manifest.json listing everything in `folder` (a finished output, not yet
+    in place). A manifest already there (copied from an input) is replaced."""
+    files: dict[str, dict[str, object]] = {}
+    folders: list[str] = []
+    fd = os.open(folder, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
+    try:
+        for root, dirs, names, root_fd in _walk(fd):
+            folders += [_join(root, d) for d in dirs]
+            for name in names:
+                if not root and name == MANIFEST_NAME:
+                    continue
+                files[_join(root, name)] = _record(root_fd, name, os.stat(name, dir_fd=root_fd,
+                                                                          follow_symlinks=False))
+    finally:
+        os.close(fd)
+    manifest = {
+        "written_by": "lorafuse",
+        "version": version(),
+        "kind": kind,
+        "about": "lorafuse replaces this folder (a later run writing the same output) only while it holds exactly "
+                 "the files listed here, unchanged; anything added or changed makes lorafuse refuse without "
+                 "--overwrite. Loaders ignore this file.",
+        "folders": sorted(folders),
+        "files": dict(sorted(files.items())),
+    }
+    # ASCII JSON: any file name (one that is not UTF-8 too, as \udcXX escapes) reads back as os.listdir gives it
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="ascii")
+
+
+@dataclass
+class FolderState:
+    """What an existing folder holds, as far as replacing it goes."""
+
+    entries: list[str]  # its top-level names, sorted (folders end with '/')
+    manifest: str = "absent"  # 'absent', 'invalid' or 'valid'
+    unlisted: list[str] = field(default_factory=list)  # entries the manifest does not list
+    changed: list[str] = field(default_factory=list)  # listed files whose size or hash differ
+    ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the folder read
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+    @property
+    def ours(self) -> bool:
+        """A lorafuse output with nothing added and nothing changed."""
+        return self.manifest == "valid" and not self.unlisted and not self.changed
+
+
+def _read_manifest(dir_fd: int) -> dict[str, object] | None:
+    """The folder's manifest when it is a valid one lorafuse wrote (a regular file, JSON, the right
+    fields and types), else None."""
+    try:
+        fd = os.open(MANIFEST_NAME, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_MAX:
+            return None
+        raw = b""
+        while chunk := os.read(fd, 1 << 20):
+            raw += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != "lorafuse":
+        return None
+    files, folders = data.get("files"), data.get("folders", [])
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return None
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        return None
+    return data
+
+
+def _differs(dir_fd: int, name: str, rec: Mapping[str, object]) -> bool:
+    """True when the entry `name` is not what the manifest recorded (a vanished entry does not differ)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if "link" in rec:
+            return not stat.S_ISLNK(st.st_mode) or os.readlink(name, dir_fd=dir_fd) != rec["link"]
+        if "special" in rec:
+            return stat.S_IFMT(st.st_mode) != rec["special"]
+        if not stat.S_ISREG(st.st_mode) or st.st_size != rec["size"]:
+            return True
+        return "sha256" in rec and _sha256_at(dir_fd, name) != rec["sha256"]
+    except FileNotFoundError:
+        return False
+
+
+def inspect_folder(path: Path) -> FolderState:
+    """Read an existing folder once, through one open descriptor (another run replacing `path`
+    meanwhile cannot mix two folders into one answer). Raises OSError when it cannot be read."""
+    fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        top = sorted(os.listdir(fd))
+        entries = sorted(n + "/" if _is_dir_at(fd, n) else n for n in top)
+        if not entries:
+            return FolderState(entries, ident=ident)
+        manifest = _read_manifest(fd)
+        if manifest is None:
+            return FolderState(entries, "invalid" if MANIFEST_NAME in top else "absent", ident=ident)
+        state = FolderState(entries, "valid", ident=ident)
+        files: dict[str, dict[str, object]] = manifest["files"]  # type: ignore[assignment]
+        folders: set[str] = set(manifest.get("folders", []))  # type: ignore[call-overload]
+        for root, dirs, names, root_fd in _walk(fd):
+            kept = []
+            for d in dirs:
+                rel = _join(root, d)
+                if rel in folders:
+                    kept.append(d)
+                else:
+                    state.unlisted.append(rel + "/")
+            dirs[:] = kept  # an unlisted folder is named once, not walked
+            for name in names:
+                rel = _join(root, name)
+                if not root and name == MANIFEST_NAME:
+                    continue
+                rec = files.get(rel)
+                if rec is None:
+                    state.unlisted.append(rel)
+                elif _differs(root_fd, name, rec):
+                    state.changed.append(rel)
+        state.unlisted.sort()
+        state.changed.sort()
+        return state
+    finally:
+        os.close(fd)
+
+
+def _is_dir_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- single files
+
+
+def _png_marked(fd: int) -> bool:
+    """A PNG with lorafuse's marker in one of its tEXt chunks (chunks are skipped, never read whole)."""
+    pos = len(_PNG_SIGNATURE)
+    for _ in range(100_000):
+        head = os.pread(fd, 8, pos)
+        if len(head) < 8:
+            return False
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"IEND":
+            return False
+        if kind == b"tEXt" and length <= (1 << 20):
+            keyword, _, value = os.pread(fd, length, pos + 8).partition(b"\0")
+            if keyword == MARKER_KEY.encode() and value:
+                return True
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
+def file_is_ours(path: Path) -> bool:
+    """True when `path` is an intact lorafuse-written .safetensors file (marker in its metadata) or PNG."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
+            return _png_marked(fd)
+        from lorafuse.errors import LorafuseError
+        from lorafuse.io.safetensors import _read_header_fd
+
+        try:  # validates the header, and that the tensors' data fill the rest of the file exactly
+            metadata = _read_header_fd(fd, str(path))[1]
+        except (LorafuseError, ValueError):
+            return False
+        return isinstance(metadata.get(MARKER_KEY), str)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+__all__ = ["MANIFEST_NAME", "MARKER_KEY", "FolderState", "file_is_ours", "inspect_folder", "mark_metadata",
+           "png_metadata", "write_manifest"]
