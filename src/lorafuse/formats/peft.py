@@ -15,13 +15,14 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
-from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
+from lorafuse.adapter import Adapter, Kind, LoraUpdate, Update, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.io.atomic import atomic_dir
 from lorafuse.io.checkpoint import read_json, refuse_pickle
@@ -53,18 +54,23 @@ def is_peft(path: str | os.PathLike[str]) -> bool:
     return (_folder(Path(path)) / CONFIG_NAME).is_file()
 
 
-def pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
-    """PEFT's rule: the first pattern (dict order) matching `(.*\\.)?(PATTERN)$` wins."""
-    for key, value in patterns.items():
-        if _compiled(key).match(module):
-            return value
-    return default
+# ---- PEFT's regular expressions, matched within a bounded amount of work ---------------------------
+#
+# A config can hold many patterns (rank_pattern / alpha_pattern keys, target_modules and
+# exclude_modules as strings, layers_pattern, modules_to_save) that are matched against every
+# module. The work is bounded by counts, never by a clock (a clock makes loading depend on how busy
+# the machine is): at most MAX_PATTERNS entries in one field and MAX_REGEX_PATTERNS regular
+# expressions in one config (each compiled once), at most MAX_MATCH_TESTS regular-expression tests
+# per adapter, and at most MAX_MATCH_STEPS backtracking steps by an upper estimate of each test's
+# cost. Patterns that are plain (escaped) names, which is what lorafuse writes, are looked up in a
+# dict and cost nothing. Real adapters stay orders of magnitude below every limit.
 
-
-_COMPILED: dict[str, re.Pattern[str]] = {}
 MAX_PATTERN_LENGTH = 1000
 MAX_REPEATS = 2  # quantifiers that can repeat ('*', '+', '{2,5}'; not '?') in one pattern
-MATCH_BUDGET_S = 20.0  # matching every pattern against every module of one adapter: real ones take milliseconds
+MAX_PATTERNS = 200_000  # entries in one pattern field (a LoRA of a 1T-parameter MoE has ~70k modules)
+MAX_REGEX_PATTERNS = 10_000  # patterns in one config that are regular expressions, not plain names
+MAX_MATCH_TESTS = 10_000_000  # regular-expression tests of one adapter's modules (a few seconds at most)
+MAX_MATCH_STEPS = 5_000_000_000  # upper estimate of their backtracking steps (a few seconds, for hostile names)
 
 try:  # the standard library's regular-expression parser (re._parser since Python 3.11)
     from re import _constants as _sre_c  # type: ignore[attr-defined]
@@ -75,33 +81,86 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 _REPEATS = {_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", _sre_c.MAX_REPEAT)}
 _BACKREFS = {_sre_c.GROUPREF, _sre_c.GROUPREF_EXISTS, getattr(_sre_c, "GROUPREF_IGNORE", _sre_c.GROUPREF)}
+_ZERO_WIDTH = {_sre_c.AT, _sre_c.ASSERT, _sre_c.ASSERT_NOT}
+# A pattern that means exactly one string: no metacharacter, or one escaped by a backslash.
+_PLAIN = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^0-9A-Za-z])*")
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+# How PEFT wraps each kind of pattern (peft.utils.other.get_pattern_key, tuners_utils.check_target_module_exists).
+SUFFIX = "(.*\\.)?({})$"  # rank_pattern / alpha_pattern keys, with re.match
+FULL = "{}"  # target_modules / exclude_modules as a string, with re.fullmatch
+LAYERS = "(?:^|.*?\\.){}\\.(?P<idx>\\d+)\\."  # layers_pattern entries, with re.match
+SAVED = "(^|.*\\.){}($|\\..*)"  # modules_to_save entries (never LoRA targets), with re.match
 
 
-def _compiled(pattern: str) -> re.Pattern[str]:
-    rx = _COMPILED.get(pattern)
-    if rx is None:
-        if len(_COMPILED) > 4096:
-            _COMPILED.clear()
-        rx = _COMPILED[pattern] = re.compile(rf"(.*\.)?({pattern})$")
+def is_plain(pattern: str) -> bool:
+    """Whether `pattern` matches exactly one string (its backslash-unescaped self)."""
+    return _PLAIN.fullmatch(pattern) is not None
+
+
+def plain_text(pattern: str) -> str:
+    return _UNESCAPE.sub(r"\1", pattern)
+
+
+@dataclass(frozen=True)
+class Regex:
+    """A user pattern compiled once inside PEFT's wrapper, with what its matching may cost."""
+
+    pattern: str
+    compiled: re.Pattern[str]
+    repeats: int  # quantifiers that can repeat: the estimated cost grows with the name's length to this power
+    width: int | None  # the fixed number of characters the pattern matches (None: it varies or it asserts)
+
+
+_COMPILED: dict[tuple[str, str], Regex] = {}
+
+
+def compile_pattern(pattern: str, wrapper: str, field: str, label: str) -> Regex:
+    """`pattern` checked for catastrophic backtracking and compiled inside `wrapper`, once per process
+    (FormatError naming `field` otherwise)."""
+    key = (wrapper, pattern)
+    rx = _COMPILED.get(key)
+    if rx is not None:
+        return rx
+    try:
+        problem, repeats, width = _analyse(pattern)
+        compiled = re.compile(wrapper.format(pattern))
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise FormatError(f"{label}: {field} pattern {_short(pattern)} is not a regular expression ({e})") from None
+    if problem:
+        raise FormatError(f"{label}: {field} pattern {_short(pattern)} {problem}: it could take very long "
+                          "to match; write it more simply")
+    if len(_COMPILED) >= 4 * MAX_REGEX_PATTERNS:
+        _COMPILED.clear()
+    rx = _COMPILED[key] = Regex(pattern, compiled, repeats, width)
     return rx
 
 
 def _pattern_problem(pattern: str) -> str | None:
-    """Why matching `pattern` could take exponential (or high polynomial) time, or None.
+    """Why matching `pattern` could take exponential (or high polynomial) time, or None."""
+    return _analyse(pattern)[0]
+
+
+def _analyse(pattern: str) -> tuple[str | None, int, int | None]:
+    """(why matching could take exponential or high polynomial time or None, repeating quantifiers,
+    fixed width or None).
 
     Python's `re` backtracks: a quantifier inside a quantifier ('(a+)+'), a quantified
     alternation ('(a|a)*') or a backreference can take ages on a module name of a few dozen
     characters, and every extra quantifier multiplies the work by the name's length. PEFT's own
     patterns are module names or short regexes, far from these limits. What stays allowed can
-    still take a second on a 1000-character name: build_adapter bounds the total time too."""
+    still take a second on a 1000-character name: MatchBudget bounds the total work too."""
     if len(pattern) > MAX_PATTERN_LENGTH:
-        return f"is {len(pattern)} characters long (at most {MAX_PATTERN_LENGTH})"
+        return f"is {len(pattern)} characters long (at most {MAX_PATTERN_LENGTH})", 0, None
     parsed = _sre_parse.parse(pattern)
     repeats = 0
+    zero_width = False
 
     def walk(items: object, in_repeat: bool) -> str | None:
-        nonlocal repeats
+        nonlocal repeats, zero_width
         for op, av in items:  # type: ignore[attr-defined]
+            if op in _ZERO_WIDTH:
+                zero_width = True
             if op in _REPEATS:
                 lo, hi, sub = av
                 if in_repeat:
@@ -130,13 +189,237 @@ def _pattern_problem(pattern: str) -> str | None:
     problem = walk(parsed, False)
     if problem is None and repeats > MAX_REPEATS:
         problem = f"has {repeats} repeating quantifiers (at most {MAX_REPEATS})"
-    return problem
+    lo, hi = parsed.getwidth()
+    return problem, repeats, (lo if lo == hi and not zero_width else None)
+
+
+class MatchBudget:
+    """Counts the regular-expression tests of one adapter and their estimated backtracking steps."""
+
+    def __init__(self, label: str, regexes: int, modules: int | None) -> None:
+        self.label, self.regexes, self.modules = label, regexes, modules
+        self.tests = 0
+        self.steps = 0
+
+    def spend(self, rx: Regex, name: str, start: int = 0) -> None:
+        """Account for one test of `rx` on `name` (from index `start`): a fixed-width pattern tests one
+        place; otherwise each '.' is a place where the wrapper may start the pattern, and each
+        repeating quantifier may try every length."""
+        n = len(name) - start + 1
+        self.tests += 1
+        self.steps += n if rx.width is not None else (name.count(".", start) + 1) * n ** rx.repeats
+        if self.tests > MAX_MATCH_TESTS or self.steps > MAX_MATCH_STEPS:
+            what = (f"{self.tests} tests (at most {MAX_MATCH_TESTS})" if self.tests > MAX_MATCH_TESTS
+                    else f"about {self.steps:.3g} backtracking steps (at most {MAX_MATCH_STEPS:.3g})")
+            raise FormatError(
+                f"{self.label}: matching the {self.regexes} regular expression(s) of adapter_config.json "
+                f"(rank_pattern, alpha_pattern, target_modules, ...) against "
+                f"{'its' if self.modules is None else self.modules} modules needs more "
+                f"than {what}, stopped at module {_short(name)} and pattern {_short(rx.pattern)}; use fewer "
+                "patterns, or plain module names (escaped names are looked up, not matched)"
+            )
+
+
+class PatternTable:
+    """PEFT's rank_pattern / alpha_pattern rule: the first key (in dict order) such that
+    re.match(rf"(.*\\.)?({key})$", module) succeeds. Plain names are looked up by the module's dotted
+    suffixes; only regular expressions are tested, each compiled once."""
+
+    def __init__(self, patterns: dict[str, object], field: str, label: str) -> None:
+        check_pattern_count(len(patterns), field, label)
+        self.values = list(patterns.values())
+        self.plain: dict[str, int] = {}
+        self.regex: list[tuple[int, Regex]] = []
+        for i, key in enumerate(patterns):
+            if is_plain(key):
+                self.plain.setdefault(plain_text(key), i)
+            else:
+                self.regex.append((i, compile_pattern(key, SUFFIX, field, label)))
+
+    def first(self, module: str, budget: MatchBudget) -> int | None:
+        """The index of the first pattern that matches `module`, or None."""
+        best = None
+        if self.plain:
+            hits = [self.plain.get(s) for s in dotted_suffixes(module)]
+            best = min((h for h in hits if h is not None), default=None)
+        for i, rx in self.regex:
+            if best is not None and i > best:
+                break
+            start = len(module) - rx.width if rx.width is not None else 0
+            if start < 0:
+                continue
+            if rx.width is not None and start > 0 and module[start - 1] != ".":
+                continue  # the wrapper's '(.*\.)?' must end just before the pattern
+            budget.spend(rx, module, start)
+            if rx.compiled.match(module, start):
+                return i
+        return best
+
+    def value(self, module: str, default: object, budget: MatchBudget) -> object:
+        i = self.first(module, budget)
+        return default if i is None else self.values[i]
+
+
+def dotted_suffixes(name: str) -> list[str]:
+    """`a.b.c` -> ['a.b.c', 'b.c', 'c']: what a plain pattern P matches as `(.*\\.)?P$` (or list entries
+    of target_modules as `name == P or name.endswith('.' + P)`)."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def check_pattern_count(count: int, field: str, label: str) -> None:
+    if count > MAX_PATTERNS:
+        raise FormatError(f"{label}: {field} has {count} entries (at most {MAX_PATTERNS}: a real adapter has one "
+                          "per module at most); the config is not one lorafuse can match in bounded time")
+
+
+_TABLES: dict[int, tuple[dict[str, object], int, PatternTable, MatchBudget]] = {}
+
+
+def pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
+    """PEFT's rule: the first pattern (dict order) matching `(.*\\.)?(PATTERN)$` wins. The table of
+    a dict is built once (the dict must not change in between)."""
+    if not patterns:
+        return default
+    cached = _TABLES.get(id(patterns))
+    if cached is None or cached[0] is not patterns or cached[1] != len(patterns):
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        table = PatternTable(patterns, "pattern", "adapter config")
+        budget = MatchBudget("adapter config", len(table.regex), None)
+        cached = _TABLES[id(patterns)] = (patterns, len(patterns), table, budget)
+    return cached[2].value(module, default, cached[3])
+
+
+# ---- which modules PEFT targets ---------------------------------------------------------------------
+#
+# PEFT builds LoRA layers from the config (tuners_utils.check_target_module_exists), then loads the
+# file into them and ignores every tensor that has no layer (set_peft_model_state_dict). Tensors of
+# modules the config does not target are therefore never merged by PEFT, and lorafuse drops them too.
+
+ALL_LINEAR = "all-linear"
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")  # PEFT's 'all-linear' leaves out the model's output layer
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants: the layers weight tying concerns
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # PEFT: the first numbered component, no layers_pattern
+
+
+class Targeting:
+    """PEFT's target_modules / exclude_modules / layers_to_transform / layers_pattern / modules_to_save
+    rules of one config, applied to the module names of its file (the model's module names)."""
+
+    def __init__(self, cfg: dict[str, object], label: str) -> None:
+        self.label = label
+        target = cfg.get("target_modules")
+        exclude = cfg.get("exclude_modules")
+        layers = cfg.get("layers_to_transform")
+        pattern = cfg.get("layers_pattern")
+        saved = cast("list[str]", cfg.get("modules_to_save") or [])
+        for field, value in (("target_modules", target), ("exclude_modules", exclude), ("modules_to_save", saved),
+                             ("layers_pattern", pattern)):
+            if isinstance(value, list):
+                check_pattern_count(len(value), field, label)
+        self.all_linear = isinstance(target, str) and target.lower() == ALL_LINEAR
+        self.active = target is not None  # without target_modules every module of the file is taken
+        self.target_rx = compile_pattern(target, FULL, "target_modules", label) if (
+            isinstance(target, str) and not self.all_linear) else None
+        self.target_names = set(target) if isinstance(target, list) else set()
+        self.exclude_rx = compile_pattern(exclude, FULL, "exclude_modules", label) if isinstance(exclude, str) else None
+        self.exclude_names = set(exclude) if isinstance(exclude, list) else set()
+        self.layers: set[int] | None = None
+        if isinstance(layers, int) or (isinstance(layers, list) and layers):
+            self.layers = {layers} if isinstance(layers, int) else set(layers)  # type: ignore[arg-type]
+        # PEFT: an empty layers_pattern (None, '' or []) means the first numbered component is the layer
+        patterns = ([pattern] if pattern else []) if isinstance(pattern, str) else list(pattern or [])  # type: ignore[call-overload]
+        self.layer_rx = [compile_pattern(p, LAYERS, "layers_pattern", label) for p in patterns]
+        # plain modules_to_save entries, by their number of dotted components
+        self.saved_plain: dict[int, set[str]] = {}
+        for m in saved:
+            if is_plain(m):
+                text = plain_text(m)
+                self.saved_plain.setdefault(text.count(".") + 1, set()).add(text)
+        self.saved_rx = [compile_pattern(m, SAVED, "modules_to_save", label)
+                         for m in saved if not is_plain(m)]
+        self.regexes = sum(rx is not None for rx in (self.target_rx, self.exclude_rx)) + len(self.layer_rx) + len(
+            self.saved_rx)
+        # ensure_weight_tying with a tied embedding targeted: PEFT also puts LoRA (tied to the embedding's) on
+        # the layers tied to it, the output embedding, whatever else the config says (target_modules_to_tie).
+        embedding_saved = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in saved)
+        if isinstance(target, str):
+            embedding_targeted = self.target_rx is not None and any(
+                self.target_rx.compiled.fullmatch(n) for n in EMBEDDING_LAYER_NAMES)
+        else:
+            embedding_targeted = any(t.split(".")[-1] in EMBEDDING_LAYER_NAMES for t in self.target_names)
+        self.tied = bool(cfg.get("ensure_weight_tying")) and embedding_targeted and not embedding_saved
+
+    def _test(self, rx: Regex, name: str, budget: MatchBudget, full: bool = False) -> re.Match[str] | None:
+        budget.spend(rx, name)
+        return rx.compiled.fullmatch(name) if full else rx.compiled.match(name)
+
+    def why_not(self, name: str, kind: str, budget: MatchBudget) -> str | None:
+        """None when PEFT targets module `name` (a LoRA module of `kind`), else the reason it does not."""
+        suffixes = dotted_suffixes(name)
+        if self.tied and kind == "linear" and name.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS:
+            return None  # tied to the input embedding's LoRA (ensure_weight_tying)
+        if self.exclude_rx is not None and self._test(self.exclude_rx, name, budget, full=True):
+            return "excluded by exclude_modules"
+        if self.exclude_names.intersection(suffixes):
+            return "excluded by exclude_modules"
+        if self._saved(name) or any(self._test(rx, name, budget) for rx in self.saved_rx):
+            return "listed in modules_to_save (PEFT never puts LoRA on those)"
+        if not self.active:
+            return None
+        if self.all_linear:
+            if kind != "linear" or name in OUTPUT_EMBEDDINGS:
+                return "not a linear layer below the output layer ('all-linear')"
+            return None
+        if self.target_rx is not None:
+            return None if self._test(self.target_rx, name, budget, full=True) else "not matched by target_modules"
+        if name in self.target_names:
+            return None  # named in full: PEFT does not apply layers_to_transform then
+        if not self.target_names.intersection(suffixes[1:]):
+            return "not in target_modules"
+        if self.layers is None:
+            return None
+        index = self._layer_index(name, budget)
+        if index is None:
+            return "has no layer index for layers_to_transform"
+        return None if index in self.layers else f"layer {index} is not in layers_to_transform"
+
+    def _saved(self, name: str) -> bool:
+        """A plain modules_to_save entry M names this module or one that contains it: PEFT's
+        `(^|.*\\.)M($|\\..*)` is M as a run of whole dotted components of the name."""
+        parts = name.split(".")
+        return any(".".join(parts[i:i + n]) in names for n, names in self.saved_plain.items()
+                   for i in range(len(parts) - n + 1))
+
+    def _layer_index(self, name: str, budget: MatchBudget) -> int | None:
+        if not self.layer_rx:
+            m = _LAYER_INDEX.match(name)
+            return int(m.group("idx")) if m else None
+        for rx in self.layer_rx:
+            m = self._test(rx, name, budget)
+            if m is not None:
+                return int(m.group("idx"))
+        return None
+
+
+def _kind_of(parts: dict[str, Tensor]) -> str:
+    if "emb_A" in parts or "emb_B" in parts:
+        return "embedding"
+    a = parts.get("A")
+    return "conv" if a is not None and len(a.shape) > 2 else "linear"
+
+
+def _listed(names: Sequence[str], limit: int = 5, quote: bool = True) -> str:
+    shown = ", ".join(repr(n) if quote else n for n in list(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _read_config(folder: Path) -> dict[str, object]:
     path = folder / CONFIG_NAME
     cfg = read_json(path, "the adapter config")
     if isinstance(cfg, dict):
+        check_peft_type(cfg, str(path))  # before anything else: an IA3 config has no 'r' to miss
         # PEFT itself always writes both; without them the scale alpha / r would be a guess.
         for key in ("r", "lora_alpha"):
             if key not in cfg:
@@ -158,18 +441,101 @@ def _is_positive_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _short(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# PEFT methods that are not LoRA, and what their adapters are (peft.utils.PeftType).
+_PROMPT_LEARNING = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "CPT",
+                    "CARTRIDGE"}
+_NOT_LORA_WHY = {
+    "ADALORA": "AdaLoRA stores an SVD-form update (lora_A, lora_E, lora_B with a rank budget) that lorafuse does "
+               "not read",
+    "LOHA": "PEFT's LoHa stores Hadamard-product factors (hada_w1_a ...) under PEFT names, not LoRA factors",
+    "LOKR": "PEFT's LoKr stores Kronecker factors (lokr_w1 ...) under PEFT names, not LoRA factors",
+}
+
+
+def check_peft_type(cfg: dict[str, object], path: str) -> None:
+    """Refuse a PEFT config of another method (IA3, LoHa, prompt tuning, ...) by name, before any
+    LoRA field is looked at. A config without peft_type is taken as LoRA."""
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type == "LORA":
+        return
+    name = peft_type if isinstance(peft_type, str) and peft_type.isprintable() and len(peft_type) <= 40 else None
+    what = f"this is {'an' if name and name[0] in 'AEIOU' else 'a'} {name} adapter" if name else \
+        "this is not a LoRA adapter"
+    if name in _PROMPT_LEARNING:
+        why = "; prompt learning adds virtual tokens to the input and has no weights to merge into a model"
+    elif name in _NOT_LORA_WHY:
+        why = f"; {_NOT_LORA_WHY[name]} (PEFT's merge_and_unload() merges it, where that method supports merging)"
+    else:
+        why = " (PEFT's merge_and_unload() merges it, where that method supports merging)"
+    raise UnsupportedError(f"{path}: {what} (peft_type {_short(peft_type)} is not a LoRA adapter); lorafuse reads "
+                           f"LoRA adapters (peft_type LORA){why}")
+
+
+# init_lora_weights values that leave the base model as it is (only initial LoRA values differ).
+_KEEPS_BASE = ("gaussian", "eva", "orthogonal", "mica")
+_CHANGES_BASE = {
+    "pissa": "PiSSA subtracts the adapter's initial product from the base weights (an SVD of each weight)",
+    "olora": "OLoRA subtracts the adapter's initial product from the base weights (a QR of each weight)",
+    "corda": "CorDA subtracts the adapter's initial product from the base weights (a data-driven SVD)",
+    "loftq": "LoftQ replaces the base weights with quantized ones",
+    "lora_ga": "LoRA-GA subtracts the adapter's initial product from the base weights (from data gradients)",
+}
+_CONVERTIBLE = ("pissa", "olora", "corda")
+# Config fields with which the merged weights are not W + scale * B @ A over the checkpoint's own layers.
+_CANNOT_MERGE = {
+    "layer_replication": "PEFT stacks repeated copies of base layers, so the adapted model has more layers than the "
+                         "checkpoint (mergekit's passthrough can build that model first)",
+    "use_qalora": "QALoRA's lora_A acts on the input averaged in groups of qalora_group_size (GPTQ models), so its "
+                  "update is not B @ A on the weight",
+    "alora_invocation_tokens": "Activated LoRA acts only on tokens after its invocation sequence, so it cannot be "
+                               "merged into weights (PEFT cannot merge it either)",
+    "kasa_config": "KaSA truncates the base weights' smallest singular values and adds lora_diag between A and B",
+    "arrow_config": "Arrow routes every token between several LoRA experts: there is no single update to merge",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors",
+    "megatron_config": "LoRA on Megatron's parallel layers (sharded weights) is not read",
+    "trainable_token_indices": "trainable tokens replace rows of the embedding (trainable_tokens_delta tensors), "
+                               "which lorafuse does not apply",
+    "target_parameters": "LoRA on parameters ('target_parameters') is not supported",
+}
+
+
+def _refuse_unmergeable(cfg: dict[str, object], path: str) -> None:
+    """Refuse, naming the field, a config whose merge lorafuse cannot reproduce."""
+    init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, bool):
+        key = init.lower() if isinstance(init, str) else None
+        method = next((m for m in _CHANGES_BASE if key is not None and key.startswith(m)), None)
+        if method is not None:
+            how = (" Convert it to a plain LoRA with PEFT first (save_pretrained(..., "
+                   "path_initial_model_for_weight_conversion=...), which writes init_lora_weights=true)."
+                   if method in _CONVERTIBLE else "")
+            raise UnsupportedError(
+                f"{path}: init_lora_weights={_short(init)}: {_CHANGES_BASE[method]} when PEFT loads the adapter, so "
+                f"merging it into the original weights would not give PEFT's model.{how}")
+        if key not in _KEEPS_BASE:
+            raise UnsupportedError(f"{path}: init_lora_weights={_short(init)} is not a LoRA initialization lorafuse "
+                                   "knows (true, false, " + ", ".join(repr(k) for k in _KEEPS_BASE) + "): it may "
+                                   "change the base weights when PEFT loads the adapter")
+    for key, why in _CANNOT_MERGE.items():
+        value = cfg.get(key)
+        if value is not None and value is not False and value != [] and value != {}:
+            raise UnsupportedError(f"{path}: {key}={_short(value)}: {why}; lorafuse cannot merge this adapter")
 
 
 def check_config(cfg: object, path: str) -> dict[str, object]:
     """Validate a PEFT LoRA config (the JSON object of adapter_config.json)."""
     if not isinstance(cfg, dict):
         raise FormatError(f"{path}: adapter config is not a JSON object (it is {type(cfg).__name__})")
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise UnsupportedError(f"{path}: peft_type {_short(peft_type)} is not a LoRA adapter (lorafuse handles LORA)")
+    check_peft_type(cfg, path)
 
     def check(key: str, ok: bool, what: str) -> None:
         if not ok:
@@ -181,20 +547,13 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
     for key in ("rank_pattern", "alpha_pattern"):
         value = cfg.get(key) or {}
         check(key, isinstance(value, dict), "an object")
+        check_pattern_count(len(value), key, path)
         for pat, v in value.items():
             if key == "rank_pattern" and not (_is_positive_int(v) or (_is_number(v) and v > 0 and v == int(v))):
                 raise FormatError(f"{path}: {key}[{pat!r}] must be a positive integer, got {_short(v)}")
             if not _is_number(v):
                 raise FormatError(f"{path}: {key}[{pat!r}] must be a finite number, got {_short(v)}")
-            try:
-                problem = _pattern_problem(pat)
-                _compiled(pat)
-            except (re.error, OverflowError, RecursionError, ValueError) as e:
-                raise FormatError(f"{path}: {key} pattern {_short(pat)} is not a regular expression ({e})") from None
-            if problem:
-                raise FormatError(f"{path}: {key} pattern {_short(pat)} {problem}: it could take very long "
-                                  "to match; write it more simply")
-    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_qalora"):
         check(key, isinstance(cfg.get(key, False), bool), "true or false")
     for key in ("target_modules", "exclude_modules"):  # PEFT: a regex string, a list of names, or null
         value = cfg.get(key)
@@ -203,9 +562,30 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
     value = cfg.get("modules_to_save")
     check("modules_to_save", value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
           "a list of strings or null")
-    if cfg.get("target_parameters"):
-        raise UnsupportedError(f"{path}: LoRA on parameters ('target_parameters') is not supported")
+    value = cfg.get("layers_to_transform")
+    check("layers_to_transform", value is None or _is_int(value) or (
+        isinstance(value, list) and all(_is_int(v) for v in value)), "an integer, a list of integers or null")
+    value = cfg.get("layers_pattern")
+    check("layers_pattern", value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)), "a string, a list of strings or null")
+    _refuse_unmergeable(cfg, path)
+    _compile_all(cfg, path)
     return cfg
+
+
+def _compile_all(cfg: dict[str, object], path: str) -> None:
+    """Check and compile every regular expression of the config (once), within MAX_REGEX_PATTERNS."""
+    patterns: list[str] = []
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns += [p for p in cast("dict[str, object]", cfg.get(key) or {}) if not is_plain(p)]
+    if len(patterns) > MAX_REGEX_PATTERNS:
+        raise FormatError(f"{path}: rank_pattern and alpha_pattern hold {len(patterns)} regular expressions (at most "
+                          f"{MAX_REGEX_PATTERNS}; plain or escaped module names do not count)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for p in cast("dict[str, object]", cfg.get(key) or {}):
+            if not is_plain(p):
+                compile_pattern(p, SUFFIX, key, path)
+    Targeting(cfg, path)
 
 
 def load_peft(path: str | os.PathLike[str]) -> Adapter:
@@ -224,7 +604,26 @@ def load_peft(path: str | os.PathLike[str]) -> Adapter:
 
 
 def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:
-    """An Adapter from PEFT-named tensors (with or without the `base_model.model.` prefix)."""
+    """An Adapter from PEFT-named tensors (with or without the `base_model.model.` prefix), read as
+    PEFT reads them: tensors PEFT would ignore (modules the config does not target, a DoRA magnitude
+    without use_dora, a lora_B bias without lora_bias, replacements of weights that are not in the
+    model) are dropped and listed in `Adapter.notes`."""
+    parts, full, origin = _group(tensors, label)
+    notes: list[str] = []
+    parts = _targeted(parts, cfg, label, notes)
+    _check_extras(parts, cfg, label, notes)
+    full, origin = _loadable_full(full, origin, set(parts), notes)
+    scales = _pattern_values(cfg, list(parts), label)
+    updates: dict[str, Update] = {m: _update(label, m, p, cfg, *scales[m]) for m, p in parts.items()}
+    for m, t in full.items():
+        if not t.is_float:
+            raise FormatError(f"{label}: modules_to_save tensor {m!r} has non-float dtype {t.dtype}")
+    return Adapter(updates=updates, full=full, config=cfg, format="peft", full_origin=origin, notes=notes)
+
+
+def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor],
+                                                             dict[str, str]]:
+    """LoRA tensors by module and role; every other tensor as a full replacement of a base tensor."""
     parts: dict[str, dict[str, Tensor]] = {}
     full: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
@@ -251,33 +650,91 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
                                   f"weight {canonical!r}")
             full[canonical] = tensor
             origin[canonical] = name
-    weights = label
-    scales = _pattern_values(cfg, list(parts), weights)
-    updates = {m: _update(weights, m, p, cfg, *scales[m]) for m, p in parts.items()}
-    if cfg.get("use_dora") and not any(u.magnitude is not None for u in updates.values()):
-        raise FormatError(f"{weights}: use_dora is set but no lora_magnitude_vector tensors were saved")
-    for m, t in full.items():
-        if not t.is_float:
-            raise FormatError(f"{weights}: modules_to_save tensor {m!r} has non-float dtype {t.dtype}")
-    return Adapter(updates=updates, full=full, config=cfg, format="peft", full_origin=origin)
+    return parts, full, origin
+
+
+def _targeted(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], label: str,
+              notes: list[str]) -> dict[str, dict[str, Tensor]]:
+    """The modules PEFT builds LoRA layers for; the others are dropped (PEFT ignores their tensors)."""
+    targeting = Targeting(cfg, label)
+    budget = MatchBudget(label, targeting.regexes, len(parts))
+    kept: dict[str, dict[str, Tensor]] = {}
+    dropped: list[str] = []
+    for module, p in parts.items():
+        why = targeting.why_not(module, _kind_of(p), budget)
+        if why is None:
+            kept[module] = p
+        else:
+            dropped.append(f"{module!r} ({why})")
+    if dropped and not kept:
+        raise FormatError(f"{label}: none of the {len(parts)} LoRA module(s) in the file is targeted by "
+                          f"adapter_config.json (target_modules={_short(cfg.get('target_modules'))}): "
+                          f"{_listed(dropped, quote=False)}; PEFT would merge nothing from it")
+    if dropped:
+        notes.append(f"ignored {len(dropped)} module(s) that adapter_config.json does not target, as PEFT ignores "
+                     f"them: {_listed(dropped, quote=False)}")
+    return kept
+
+
+def _check_extras(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], label: str, notes: list[str]) -> None:
+    """DoRA magnitudes and lora_B biases as PEFT loads them: ignored without use_dora / lora_bias;
+    with them, every module must have its own (PEFT would otherwise keep values from its
+    initialization, not from training)."""
+    for role, flag, tensor in (("magnitude", "use_dora", "lora_magnitude_vector"),
+                               ("bias", "lora_bias", "lora_B.bias")):
+        having = [m for m, p in parts.items() if role in p]
+        if not cfg.get(flag):
+            for m in having:
+                del parts[m][role]
+            if having:
+                notes.append(f"ignored the {tensor} tensors of {len(having)} module(s) because {flag} is false in "
+                             f"adapter_config.json, as PEFT ignores them: {_listed(having)}")
+            continue
+        lacking = [m for m in parts if role not in parts[m]]
+        if lacking:
+            init = ("the row norms of the base weight" if role == "magnitude" else "zeros") + \
+                " with init_lora_weights=true, random values with false"
+            raise FormatError(
+                f"{label}: {flag} is true but {len(lacking)} of {len(parts)} module(s) have no {tensor}: "
+                f"{_listed(lacking)}. PEFT would use the value it creates when it builds the layer ({init}), "
+                "not a trained one: the file is incomplete; save the adapter again with PEFT")
+
+
+def _loadable_full(full: dict[str, Tensor], origin: dict[str, str], lora: set[str],
+                   notes: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Full tensors PEFT loads into the model: `X.base_layer.<p>` only when X has a LoRA layer, `X.<p>`
+    only when it has none (a LoRA layer moves X's own tensors under base_layer)."""
+    kept: dict[str, Tensor] = {}
+    kept_origin: dict[str, str] = {}
+    dropped: list[str] = []
+    for canonical, tensor in full.items():
+        name = origin.get(canonical, canonical)
+        owner, sep, _ = name.partition(".base_layer.")
+        loads = owner in lora if sep else name.rsplit(".", 1)[0] not in lora
+        if loads:
+            kept[canonical] = tensor
+            kept_origin[canonical] = name
+        else:
+            dropped.append(name)
+    if dropped:
+        notes.append(f"ignored {len(dropped)} tensor(s) that PEFT does not load into the model (a '.base_layer.' "
+                     f"tensor of a module without LoRA, or a module's own tensor where it has LoRA): "
+                     f"{_listed(dropped)}")
+    return kept, kept_origin
 
 
 def _pattern_values(cfg: dict[str, object], modules: list[str], label: str) -> dict[str, tuple[object, object]]:
-    """(r, lora_alpha) of every module after rank_pattern / alpha_pattern, within MATCH_BUDGET_S."""
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    """(r, lora_alpha) of every module after rank_pattern / alpha_pattern (PEFT's first-match rule), in
+    a bounded number of regular-expression tests."""
+    rank_pattern: dict[str, object] = cfg.get("rank_pattern") or {}  # type: ignore[assignment]
+    alpha_pattern: dict[str, object] = cfg.get("alpha_pattern") or {}  # type: ignore[assignment]
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     if not rank_pattern and not alpha_pattern:
         return {m: (r, alpha) for m in modules}
-    deadline = time.monotonic() + MATCH_BUDGET_S
-    out = {}
-    for m in modules:
-        out[m] = (pattern_value(rank_pattern, m, r), pattern_value(alpha_pattern, m, alpha))  # type: ignore[arg-type]
-        if time.monotonic() > deadline:
-            raise FormatError(f"{label}: matching rank_pattern / alpha_pattern ({len(rank_pattern)} + "
-                              f"{len(alpha_pattern)} patterns) against {len(modules)} modules takes more than "
-                              f"{MATCH_BUDGET_S:g} s; the patterns are too costly (stopped at module {m!r})")
-    return out
+    ranks = PatternTable(rank_pattern, "rank_pattern", label)
+    alphas = PatternTable(alpha_pattern, "alpha_pattern", label)
+    budget = MatchBudget(label, len(ranks.regex) + len(alphas.regex), len(modules))
+    return {m: (ranks.value(m, r, budget), alphas.value(m, alpha, budget)) for m in modules}
 
 
 def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, object], r_cfg: object,
@@ -369,11 +826,47 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         "lora_bias": any(u.bias is not None for u in updates),
         "fan_in_fan_out": linear_layouts == {True},
     })
+    for attr, flag in (("magnitude", "use_dora"), ("bias", "lora_bias")):
+        having = [u.name for u in updates if getattr(u, attr) is not None]
+        if having and len(having) != len(updates):
+            lacking = [u.name for u in updates if getattr(u, attr) is None]
+            raise UnsupportedError(f"{adapter.label}: {len(having)} module(s) have a {attr} and {len(lacking)} do "
+                                   f"not ({_listed(lacking)}); PEFT's {flag} applies to every module, so it cannot "
+                                   "store that")
     cfg.setdefault("target_modules", sorted({u.name.rsplit(".", 1)[-1] for u in updates}))
     cfg.setdefault("bias", "none")
     cfg.setdefault("lora_dropout", 0.0)
     cfg.setdefault("base_model_name_or_path", None)
+    if cfg.get("init_lora_weights") is False:
+        # What PEFT does with a layer its config targets and the file lacks: with false it merges random
+        # factors, with true it leaves the layer unchanged (what lorafuse's own merge does).
+        cfg["init_lora_weights"] = True
+    _target_every_module(adapter, cfg)
     return cfg
+
+
+def _untargeted(adapter: Adapter, cfg: dict[str, object]) -> list[str]:
+    """The modules of `adapter` that PEFT, reading `cfg`, would not build LoRA layers for."""
+    targeting = Targeting(cfg, adapter.label)
+    budget = MatchBudget(adapter.label, targeting.regexes, len(adapter.updates))
+    return [n for n, u in adapter.updates.items() if targeting.why_not(n, u.kind, budget) is not None]
+
+
+def _target_every_module(adapter: Adapter, cfg: dict[str, object]) -> None:
+    """Make the written config target every written module (a combined adapter starts from its first
+    input's config, whose target_modules, exclude_modules or layers_to_transform may leave out the
+    modules of the others): when it does not, target the modules' names and drop the narrowing fields;
+    init_lora_weights=true keeps any other module those names reach unchanged when PEFT loads it."""
+    if not adapter.updates or not _untargeted(adapter, cfg):
+        return
+    cfg["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in adapter.updates})
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+        cfg[key] = None
+    cfg["init_lora_weights"] = True
+    left = _untargeted(adapter, cfg)
+    if left:
+        raise UnsupportedError(f"{adapter.label}: module(s) {_listed(left)} are also named by modules_to_save "
+                               f"({_short(cfg.get('modules_to_save'))}): PEFT would not load their LoRA tensors")
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
@@ -395,15 +888,31 @@ def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
         if u.bias is not None:
             out[key + ".lora_B.bias"] = u.bias
     for name, t in adapter.full.items():
-        out[PREFIX + adapter.full_origin.get(name, name)] = t
+        out[PREFIX + _full_key(adapter, name)] = t
     return out
 
 
-def save_peft(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
-    """Write `adapter` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically."""
+def _full_key(adapter: Adapter, name: str) -> str:
+    """The key of a full tensor as PEFT loads it: under `X.base_layer.` when module X has a LoRA update
+    in the file, under `X.` when it has none."""
+    saved = adapter.full_origin.get(name, name)
+    owner, sep, rest = saved.partition(".base_layer.")
+    module, _, param = name.rpartition(".")
+    if sep and owner not in adapter.updates:
+        return f"{owner}.{rest}"
+    if not sep and module in adapter.updates:
+        return f"{module}.base_layer.{param}"
+    return saved
+
+
+def save_peft(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
+              overwrite: bool = False) -> Path:
+    """Write `adapter` as a PEFT folder (adapter_config.json + adapter_model.safetensors, and lorafuse's
+    manifest), atomically. An existing folder that lorafuse did not write is refused unless `overwrite`
+    (see io.atomic)."""
     cfg = peft_config_for(adapter)
     tensors = peft_tensors(adapter)
-    with atomic_dir(out, inputs) as tmp:
+    with atomic_dir(out, inputs, overwrite=overwrite, kind="peft-adapter") as tmp:
         save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp / WEIGHTS_NAME, {"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(out)

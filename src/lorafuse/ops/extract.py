@@ -10,7 +10,6 @@ batch are dropped once it is done. The error of each module is exact:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,13 +19,15 @@ import numpy as np
 
 from lorafuse import _core
 from lorafuse._progress import Progress
+from lorafuse._validate import check_oversample, check_power_iters, check_seed, check_threads, full_rank
 from lorafuse.adapter import Adapter, LoraUpdate
-from lorafuse.errors import LorafuseValueError
-from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
-from lorafuse.io.safetensors import SafetensorsFile
+from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
 from lorafuse.ops.rank import RankRule
+from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 
 BATCH_BYTES = 256 << 20  # input bytes (both checkpoints) mapped per call into the core
 DEFAULT_MAX_RANK = 128  # sketch size for spectrum-based rules when --max-rank is not given
@@ -76,18 +77,24 @@ def extract(
     """
     if embeddings not in ("skip", "lora", "full"):
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
-    if oversample < 0 or power_iters < 0 or seed < 0:
-        raise LorafuseValueError("oversample, power_iters and seed must be >= 0")
+    oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
+    seed, threads = check_seed(seed), check_threads(threads)
+    if not isinstance(rule, RankRule):
+        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
+                                 f"{type(rule).__name__}")
     try:
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
     except re.error as e:
         raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
     cb, cf = Checkpoint(base), Checkpoint(finetuned)
+    base_config = read_config(Path(base) if Path(base).is_dir() else Path(base).parent)  # before the long work
+    model = ModelInfo.from_config(base_config)
     k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
 
     result = ExtractResult(Adapter(updates={}), [])
     work: list[tuple[str, str]] = []  # (module, key)
+    conv1d: set[str] = set()  # GPT-2 style Conv1D weights, stored (in x out)
     full: dict[str, Tensor] = {}
     for key in cb.keys():
         if key not in cf:
@@ -107,7 +114,10 @@ def extract(
         if _is_embedding(module) and embeddings == "full":
             with cf.open(cf.shard_of[key]) as f:
                 full[module + ".weight"] = Tensor(f.raw(key).copy(), iff.dtype)
+                f.check_unchanged()  # the copy outlives the mapping: check it was read whole
             continue
+        if len(ib.shape) == 2 and not _is_embedding(module) and _layer_type(model, module, key, Path(base)) == "conv1d":
+            conv1d.add(module)
         work.append((module, key))
     for key in cf.keys():
         if key not in cb:
@@ -137,7 +147,9 @@ def extract(
                 shape = cb.info(key).shape
                 items.append((module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
-            outs = _core.extract_svd(items, [k_max] * len(items), oversample, power_iters, seed, threads)
+            # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
+            outs = _core.extract_svd(items, [full_rank(k_max, it[1].shape) for it in items], oversample, power_iters,
+                                     seed, threads)
             for (module, key), (b, a, s, frob_sq) in zip(batch, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
                 fb.release(key)
@@ -146,22 +158,39 @@ def extract(
                 if frob_sq == 0:
                     result.unchanged += 1
                     continue
-                k = min(rule.choose(s, frob_sq), k_max)
+                k = min(rule.choose(s, frob_sq), b.shape[1])  # b: k_max columns, or the full rank
                 err = float(np.sqrt(max(frob_sq - float(np.sum(s[:k] ** 2)), 0.0) / frob_sq))
                 shape = cb.info(key).shape
-                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k])
+                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
+        raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
     finally:
         for f in files.values():
             f.close()
         bar.close()
     result.adapter.full = full
-    result.adapter.config = _config(Path(base), result.adapter, sorted({m.rsplit(".", 1)[-1] for m in full}))
+    result.adapter.config = _config(Path(base), base_config, result.adapter,
+                                    sorted({m.rsplit(".", 1)[-1] for m in full}))
     return result
 
 
-def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray) -> LoraUpdate:
+def _layer_type(model: ModelInfo, module: str, key: str, base: Path) -> str:
+    """'conv1d' for a transformers Conv1D weight (GPT-2: stored in x out), else 'linear'. PEFT stores
+    a Conv1D's LoRA in the layer's own (out x in) terms with fan_in_fan_out, so extract must know."""
+    kind = model.layer_type(module)
+    if kind is None and module.rsplit(".", 1)[-1] in CONV1D_LAYERS:
+        raise UnsupportedError(f"{base}: cannot tell whether {key} is a torch Linear (out x in) or a transformers "
+                               "Conv1D (in x out, GPT-2) without the base's config.json (model_type); add it "
+                               "beside the checkpoint, or leave the module out with --exclude")
+    return kind or "linear"
+
+
+def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, conv1d: bool = False) -> LoraUpdate:
     k = a.shape[0]
+    if conv1d:
+        # D (in x out) = b a; PEFT's Conv1D LoRA has delta^T = B A with B (out x k), A (k x in): B = a^T, A = b^T
+        return LoraUpdate(module, Tensor.from_array(np.ascontiguousarray(b.T)),
+                          Tensor.from_array(np.ascontiguousarray(a.T)), 1.0, "linear", True)
     if _is_embedding(module) and not module.endswith(("lm_head", "embed_out")):
         # PEFT's embedding LoRA stores (B A)^T: lora_embedding_A = B^T, lora_embedding_B = A^T
         return LoraUpdate(module, Tensor.from_array(np.ascontiguousarray(b.T)),
@@ -171,16 +200,11 @@ def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray) -
     return LoraUpdate(module, a_t, b_t, 1.0, "conv" if len(shape) > 2 else "linear", False)
 
 
-def _config(base: Path, adapter: Adapter, modules_to_save: list[str]) -> dict[str, object]:
+def _config(base: Path, base_config: dict[str, object], adapter: Adapter, modules_to_save: list[str]) -> dict[str, object]:
     task_type = None
-    cfg_path = (base if base.is_dir() else base.parent) / "config.json"
-    if cfg_path.is_file():
-        try:
-            archs = json.loads(cfg_path.read_text(encoding="utf-8")).get("architectures") or []
-        except (OSError, ValueError, AttributeError):
-            archs = []
-        if any(str(a).endswith("ForCausalLM") for a in archs):
-            task_type = "CAUSAL_LM"
+    archs = base_config.get("architectures")
+    if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs):
+        task_type = "CAUSAL_LM"
     return {
         "peft_type": "LORA",
         "task_type": task_type,

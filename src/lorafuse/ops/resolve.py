@@ -9,15 +9,24 @@ them `lora_unet_...` or `unet.down_blocks...` and match through the data tables 
 
 from __future__ import annotations
 
+import dataclasses
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorafuse.adapter import Adapter, LoraUpdate, Update
-from lorafuse.errors import MissingModuleError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import (
+    FormatError,
+    LorafuseError,
+    MissingModuleError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 from lorafuse.formats.targets import Target
 from lorafuse.io.tensor import Tensor
+
 DIFFUSION_FORMATS = ("kohya", "diffusers")
 BaseKey = Callable[[str], "str | None"]  # canonical tensor name -> the checkpoint's key (LLM adapters)
 
@@ -65,6 +74,86 @@ def _check_fit(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[in
         )
 
 
+# transformers models whose layers of these names are `transformers.pytorch_utils.Conv1D` (weight stored
+# in x out); every other layer PEFT puts LoRA on with lora_A / lora_B is a torch Linear (out x in) or a
+# convolution. From grepping transformers 5 for Conv1D(: gpt2, openai, imagegpt, decision_transformer, clvp.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
+CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the base's config.json says about its layers: its model_type and those of its sub-models."""
+
+    model_type: str | None = None
+    nested: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object] | None) -> ModelInfo:
+        if not config:
+            return cls()
+        nested: set[str] = set()
+        todo: list[tuple[object, int]] = [(v, 1) for v in config.values()]
+        while todo:  # sub-configs (text_config, decoder, ...) a few levels deep
+            value, depth = todo.pop()
+            if isinstance(value, dict) and depth <= 3:
+                if isinstance(value.get("model_type"), str):
+                    nested.add(value["model_type"])
+                todo += [(v, depth + 1) for v in value.values()]
+        top = config.get("model_type")
+        return cls(top if isinstance(top, str) else None, frozenset(nested))
+
+    def layer_type(self, module: str) -> str | None:
+        """'linear' or 'conv1d' for a PEFT lora_A / lora_B module, or None when config.json cannot tell."""
+        if self.model_type is None:
+            return None
+        if module.rsplit(".", 1)[-1] not in CONV1D_LAYERS:
+            return "linear"
+        if self.model_type in CONV1D_MODEL_TYPES:
+            return "conv1d"
+        return None if self.nested & CONV1D_MODEL_TYPES else "linear"
+
+
+def _peft_layout(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[int, ...],
+                 model: ModelInfo) -> Update:
+    """A PEFT lora_A / lora_B update in the layout of the base layer it lands on.
+
+    PEFT decides the layout by the layer's type, not by fan_in_fan_out: it resets the flag for a torch
+    Linear (weight out x in) and forces it for a transformers Conv1D (weight in x out) with a warning.
+    The type comes from config.json's model_type, or from the base weight's shape when that is not
+    square; a square weight of an unknown model is taken as Linear only when nothing suggests Conv1D."""
+    if adapter.format != "peft" or not isinstance(u, LoraUpdate) or u.kind != "linear":
+        return u
+    out, inp = int(u.B.shape[0]), int(np.prod(u.A.shape[1:], dtype=np.int64))
+    layer = model.layer_type(name)
+    base = tuple(int(d) for d in shape)
+    if layer is None:
+        if out != inp:
+            layer = {(out, inp): "linear", (inp, out): "conv1d"}.get(base)
+            if layer is None:
+                return u  # fits neither way: _check_fit reports it
+        elif not u.transposed and name.rsplit(".", 1)[-1] not in CONV1D_LAYERS:
+            layer = "linear"
+        else:
+            why = ("the base's config.json names no model_type" if model.model_type is None else
+                   f"config.json holds a Conv1D model ({', '.join(sorted(model.nested & CONV1D_MODEL_TYPES))}) "
+                   f"inside a {model.model_type!r} model")
+            raise UnsupportedError(
+                f"{adapter.label}: module {name!r}: cannot tell whether base weight {key!r} ({out} x {inp}) is a "
+                "torch Linear (stored out x in; PEFT ignores fan_in_fan_out=true for it) or a transformers Conv1D "
+                f"(stored in x out, as in GPT-2): {why}. Put the model's config.json (with its model_type) next to "
+                "the base weights")
+    expected = (out, inp) if layer == "linear" else (inp, out)
+    if model.model_type is not None and base != expected and base == expected[::-1] and out != inp:
+        kind = "a torch Linear, stored out x in" if layer == "linear" else "a transformers Conv1D, stored in x out"
+        raise ShapeMismatchError(
+            f"{adapter.label}: module {name!r}: base weight {key!r} has shape {base}, the transpose of what its "
+            f"update needs {expected}: in a {model.model_type!r} model this layer is {kind} (fan_in_fan_out does "
+            "not change that); the adapter was not made for this model")
+    transposed = layer == "conv1d"
+    return u if transposed == u.transposed else dataclasses.replace(u, transposed=transposed)
+
+
 GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
 
 
@@ -109,15 +198,21 @@ def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
 
 
 def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], weights: Sequence[float],
-            base_key: BaseKey) -> Resolved:
+            base_key: BaseKey, model_config: Mapping[str, object] | None = None) -> Resolved:
     """Contributions per base key for every adapter; `base_key(name)` maps a canonical tensor name to a
-    key (LLM adapters); `shapes` holds every base key's shape. Modules that found no target are
-    listed in `missing` (the caller refuses them with `missing_error`, or skips them)."""
+    key (LLM adapters); `shapes` holds every base key's shape; `model_config` is the base's config.json
+    (it tells a PEFT module's layer type: Linear or Conv1D). Modules that found no target are listed
+    in `missing` (the caller refuses them with `missing_error`, or skips them). Two modules of one
+    adapter that land on the same rows of a base weight are refused (the same module saved twice)."""
     out = Resolved()
+    model = ModelInfo.from_config(model_config)
+    twins = _UnicodeTwins(shapes, base_key)
     for adapter, w in zip(adapters, weights):
         found, missing = _targets(adapter, shapes, base_key)
         for name in missing:
-            out.missing.append(f"{adapter.label}: module {name!r}")
+            out.missing.append(f"{adapter.label}: module {name!r}{twins.hint(name, '.weight')}")
+        _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
+        claimed: dict[str, list[tuple[str, int, int]]] = {}
         for name, targets in found.items():
             u = adapter.updates[name]
             if u.magnitude is not None and w != 1.0:
@@ -126,8 +221,10 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
                 )
             for t in targets:
                 shape = shapes[t.key]
-                _check_fit(adapter, name, u, t.key, shape, t)
-                c = Contribution(u, w * u.scale, adapter.label, t.base_rows, t.delta_rows)
+                u_t = _peft_layout(adapter, name, u, t.key, shape, model)
+                _check_fit(adapter, name, u_t, t.key, shape, t)
+                _claim(claimed, adapter, name, t, shape)
+                c = Contribution(u_t, w * u_t.scale, adapter.label, t.base_rows, t.delta_rows)
                 if c.mapped and (u.magnitude is not None or u.bias is not None):
                     raise UnsupportedError(
                         f"{adapter.label}: module {name!r} lands on part of a fused weight ({t.key!r}); a DoRA "
@@ -141,20 +238,112 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
                                            f"no {bkey!r}")
                         continue
                     out.bias_contributions.setdefault(bkey, []).append(c)
+        replaced_by: dict[str, str] = {}
         for name, tensor in adapter.full.items():
             key = base_key(name)
             if key is None:
-                out.missing.append(f"{adapter.label}: modules_to_save tensor {name!r}")
+                out.missing.append(f"{adapter.label}: modules_to_save tensor {name!r}{twins.hint(name, '')}")
                 continue
             if tuple(tensor.shape) != tuple(shapes[key]):
                 raise ShapeMismatchError(
                     f"{adapter.label}: modules_to_save tensor {name!r} has shape {tensor.shape} "
                     f"but base {key!r} has shape {shapes[key]}"
                 )
+            if key in replaced_by:
+                raise FormatError(f"{adapter.label}: tensors {replaced_by[key]!r} and {name!r} both replace base "
+                                  f"weight {key!r} (the same tensor saved twice, e.g. with and without a 'model.' "
+                                  "prefix); remove one of them")
             if key in out.replacements:
                 raise UnsupportedError(f"{key!r} is replaced by both {out.replacements[key][1]} and {adapter.label}")
+            replaced_by[key] = name
             out.replacements[key] = (tensor, adapter.label)
     return out
+
+
+_EMBEDDING_LEAVES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embed_positions",
+                     "position_embeddings", "token_type_embeddings", "shared")
+
+
+def _refuse_random_targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]], landed: set[str]) -> None:
+    """With init_lora_weights=false PEFT gives every layer its config targets random LoRA factors, and a
+    layer the file has no tensors for keeps them: PEFT's merge then adds random noise there, which
+    lorafuse cannot reproduce. (With the other initializations B @ A starts at zero: such a layer is
+    left unchanged, as lorafuse leaves it.) PEFT-saved files always hold every targeted layer."""
+    if adapter.format != "peft" or adapter.config.get("init_lora_weights", True) is not False:
+        return
+    from lorafuse.formats.peft import OUTPUT_EMBEDDINGS, MatchBudget, Targeting
+
+    if adapter.config.get("target_modules") is None:
+        return  # every module of the file is taken (see formats.peft): the file names the targets
+    targeting = Targeting(adapter.config, adapter.label)
+    candidates = [k for k, shape in shapes.items() if k.endswith(".weight") and len(shape) >= 2 and k not in landed]
+    budget = MatchBudget(adapter.label, targeting.regexes, len(candidates))
+    random: list[str] = []
+    for key in candidates:
+        module = key[: -len(".weight")]
+        leaf = module.rsplit(".", 1)[-1]
+        kind = "conv" if len(shapes[key]) > 2 else "embedding" if leaf in _EMBEDDING_LEAVES else "linear"
+        if targeting.tied and leaf in OUTPUT_EMBEDDINGS:
+            continue  # ensure_weight_tying: its LoRA is the input embedding's, not random
+        if targeting.why_not(module, kind, budget) is None:
+            random.append(module)
+    if random:
+        shown = ", ".join(repr(m) for m in random[:5]) + (f" and {len(random) - 5} more" if len(random) > 5 else "")
+        raise UnsupportedError(
+            f"{adapter.label}: adapter_config.json targets {len(random)} layer(s) of the base that have no tensors "
+            f"in the file ({shown}), and says init_lora_weights=false: PEFT would give them random LoRA factors "
+            "and merge that noise. Save the adapter with PEFT again, or narrow target_modules to the layers in "
+            "the file (or set init_lora_weights to true, which leaves those layers unchanged)"
+        )
+
+
+def _claim(claimed: dict[str, list[tuple[str, int, int]]], adapter: Adapter, name: str, t: Target,
+           shape: tuple[int, ...]) -> None:
+    """Record that module `name` changes rows of `t.key`; a second module of the same adapter on the
+    same rows would add its update twice (PEFT loads one module per model layer)."""
+    lo, hi = t.base_rows or (0, int(shape[0]) if len(shape) else 1)
+    for other, olo, ohi in claimed.get(t.key, []):
+        if lo < ohi and olo < hi:
+            raise FormatError(
+                f"{adapter.label}: modules {other!r} and {name!r} both change base weight {t.key!r}"
+                f"{'' if t.base_rows is None else f' (rows {max(lo, olo)}:{min(hi, ohi)})'}: the adapter holds the "
+                "same module twice under two names (e.g. with and without a 'model.' prefix), and merging both "
+                "would add its update twice; PEFT would load only the one named exactly like the model's layer. "
+                "Remove the other one from the file"
+            )
+    claimed.setdefault(t.key, []).append((name, lo, hi))
+
+
+class _UnicodeTwins:
+    """Base keys that look like an unmatched name but differ from it in Unicode normalization (NFC vs
+    NFD: 'é' as one code point or as 'e' and a combining accent)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], base_key: BaseKey) -> None:
+        self.shapes, self.base_key = shapes, base_key
+        self._by_nfc: dict[str, str] | None = None
+
+    def _find(self, name: str, suffix: str) -> str | None:
+        for form in ("NFC", "NFD"):
+            alt = unicodedata.normalize(form, name)
+            if alt != name:
+                try:
+                    key = self.base_key(alt + suffix)
+                except LorafuseError:
+                    key = None
+                if key is not None:
+                    return key
+        if self._by_nfc is None:
+            self._by_nfc = {unicodedata.normalize("NFC", k): k for k in self.shapes if not k.isascii()}
+        key = self._by_nfc.get(unicodedata.normalize("NFC", name + suffix))
+        return key if key != name + suffix else None
+
+    def hint(self, name: str, suffix: str) -> str:
+        key = self._find(name, suffix)
+        if key is None:
+            return ""
+        return (f" (base key {key!r} differs from it only in Unicode normalization: the names look identical, "
+                "but one writes accented letters as single characters (NFC) and the other as letters plus "
+                "combining marks (NFD); rename one so both use the same form)")
 
 
 def missing_error(missing: list[str], label: str) -> MissingModuleError:
@@ -164,3 +353,8 @@ def missing_error(missing: list[str], label: str) -> MissingModuleError:
         f"{len(missing)} adapter module(s) found no target in the base {label}:\n  {lines}\n"
         "(pass --skip-missing to merge the others and report these)"
     )
+
+
+def adapter_notes(adapters: Sequence[Adapter]) -> list[str]:
+    """What loading each adapter decided for the user (tensors PEFT ignores, ...), labelled."""
+    return [f"{a.label}: {note}" for a in adapters for note in a.notes]
