@@ -590,10 +590,16 @@ def test_huge_or_empty_deltas_are_refused(tmp_path):
     check_error(tmp_path, {f"{M}.lokr_w1": z(300, 300), f"{M}.lokr_w2": z(300, 300)}, ShapeMismatchError,
                 ": a delta of shape (90000, 90000) (8100000000 elements) is larger than any real module "
                 "(at most 4294967296 elements)")
-    # 2^32 elements, but an exact factorization of rank 2^16 would need 2^33 (both halves full and square).
-    check_error(tmp_path, {f"{M}.lokr_w1": z(256, 256, dtype=torch.float16), f"{M}.lokr_w2": z(256, 256)},
-                ShapeMismatchError, ": the exact factorization of a lokr delta of shape (65536, 65536) has rank "
-                                    "65536 (8589934592 elements); at most 4294967296 are supported")
+    # 2^32 elements, whose exact factorization of rank 2^16 would need 2^33: it is read (its norm comes from
+    # the halves: 256 * 256), and what needs the factorization is refused before allocating it.
+    path = tmp_path / "big.safetensors"
+    save_file({f"{M}.lokr_w1": z(256, 256, dtype=torch.float16), f"{M}.lokr_w2": z(256, 256)}, str(path))
+    big = lorafuse.load(path)
+    assert big.norms() == {M: 65536.0}
+    with pytest.raises(UnsupportedError) as e:
+        big[M].stored_factors()
+    assert str(e.value).startswith(f"{path}: module {M!r}: the exact factorization of this lokr (rank 65536) needs "
+                                   "a dense 65536 x 131072 array (8,589,934,592 elements), more than the 268,435,456")
     check_error(tmp_path, {**{f"{M}.{k}": v for k, v in LOHA.items()}, f"{M}.hada_w1_a": z(0, 2),
                            f"{M}.hada_w2_a": z(0, 2)}, ShapeMismatchError,
                 ": the loha delta has shape (0, 10), with an empty dimension")

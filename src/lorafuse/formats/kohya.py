@@ -37,6 +37,7 @@ from lorafuse.formats.lycoris import (
     LOHA_PARTS,
     LOKR_PARTS,
     LycorisUpdate,
+    TuckerFactor,
     UNSUPPORTED_PARTS,
     dora_magnitude,
     loha_update,
@@ -44,6 +45,8 @@ from lorafuse.formats.lycoris import (
     unsupported_algorithm,
 )
 from lorafuse.io.atomic import atomic_file
+from lorafuse.io.checkpoint import loads_json
+from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, save_file
 from lorafuse.io.tensor import Tensor
 from lorafuse.formats.util import most_common, safetensors_keys
@@ -181,15 +184,16 @@ def _lora_update(where: str, module: str, p: dict[str, Tensor], alpha: float | N
 
 def _tucker_down(where: str, down: Tensor, up: Tensor, mid: Tensor) -> Tensor:
     """LoCon Tucker: lora_mid (r, r, kh, kw) contracted with a 1x1 lora_down (r, in, 1, 1) into a
-    lora_down of shape (r, in, kh, kw), in float64, stored as float32; the delta is unchanged."""
+    lora_down of shape (r, in, kh, kw) (float64, stored as float32) whenever it is read; the delta is unchanged."""
     r = down.shape[0]
     if not (len(down.shape) == 4 and down.shape[2:] == (1, 1) and len(mid.shape) == 4
             and mid.shape[:2] == (r, r) and min(mid.shape) > 0):
         raise ShapeMismatchError(f"{where}: lora_mid {mid.shape} does not fit lora_down {down.shape} and lora_up "
                                  f"{up.shape} (a Tucker LoCon has lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), "
                                  "lora_up (out, r, 1, 1))")
-    a = np.einsum("ijhw,jc->ichw", mid.f32().astype(np.float64), down.f32().reshape(r, -1).astype(np.float64))
-    return Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32))
+    # Kept as stored: contracted (in tiles, checked against a size cap) only when its values are read;
+    # norms, spectra and inner products go through the core (formats.lycoris).
+    return TuckerFactor(mid, down, where)
 
 
 
@@ -228,8 +232,8 @@ def _lora_network_metadata(meta: dict[str, str], updates: list[Update]) -> None:
         return
     meta["ss_network_module"] = "networks.lora"
     try:
-        args = json.loads(meta.get("ss_network_args", ""))
-    except ValueError:
+        args = loads_json(meta.get("ss_network_args", ""), "ss_network_args")
+    except FormatError:  # not JSON kohya wrote: left as it is
         return
     if isinstance(args, dict) and "algo" in args:
         args.pop("algo")
@@ -331,15 +335,18 @@ def kohya_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[
     return model.hexdigest(), legacy
 
 
-def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> Path:
+def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
+               overwrite: bool = False) -> Path:
     """Write `adapter` as one kohya `.safetensors` file, atomically. Factors keep their stored dtype;
     `.alpha` equals scale * rank, so each module's scale is kept (see kohya_tensors for its dtype and
     when it is left out). LoHa / LoKr updates are refused: convert them to LoRA first. sd-scripts' model
-    hashes in the metadata, when present, are recomputed for the tensors written."""
+    hashes in the metadata, when present, are recomputed for the tensors written. The metadata gets
+    lorafuse's mark (`lorafuse_version`); an existing file without it is refused unless `overwrite`."""
     tensors = kohya_tensors(adapter)
     meta = kohya_metadata(adapter)
     if "sshs_model_hash" in meta or "sshs_legacy_hash" in meta:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
-    with atomic_file(out, inputs) as tmp:
+    meta = mark_metadata(meta)
+    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
         save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp, meta)
     return Path(out)

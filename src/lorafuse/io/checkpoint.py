@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,18 +11,47 @@ from lorafuse.errors import FormatError
 from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, file_kind, open_regular, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_JSON_BYTES = 64 << 20  # adapter_config.json, *.safetensors.index.json: real ones are far smaller
+SAFETENSORS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+# A JSON side file costs up to a hundred bytes of Python objects per value ("{}," is one dict): the
+# limits bound what parsing one can take. Configs (adapter_config.json, config.json,
+# model_index.json) are kilobytes; the largest real ones (a rank_pattern for every expert of a big
+# mixture-of-experts model) a few megabytes. A sharded checkpoint's index lists every tensor.
+MAX_JSON_BYTES = 16 << 20  # configs
+MAX_JSON_VALUES = 1 << 20
+INDEX_JSON_BYTES = 64 << 20  # *.safetensors.index.json
+INDEX_JSON_VALUES = 1 << 22
 
 
-def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> object:
-    """The JSON value of a small side file (a config, a shard index), read with a size limit.
-    Every way it can be wrong (not a file, too big, not UTF-8, not JSON, nested too deep,
-    integers of thousands of digits) is a FormatError that names the file."""
+def json_values(data: bytes | bytearray) -> int:
+    """An upper bound of the JSON values (and object keys) in `data`, from its commas and brackets."""
+    return 2 * (data.count(b",") + data.count(b"{") + data.count(b"[")) + 1
+
+
+def loads_json(text: str, where: str, values: int = MAX_JSON_VALUES) -> object:
+    """A JSON value held in a string (safetensors metadata entries: diffusers' lora_adapter_metadata,
+    kohya's records), with read_json's limit on the number of values, checked before parsing."""
+    count = json_values(text.encode("utf-8", "surrogatepass"))
+    if count > values:
+        raise FormatError(f"{where} holds about {count:,} JSON values, more than the {values:,} lorafuse reads from "
+                          "it (a corrupt or hostile file?)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
+        raise FormatError(f"{where} is not valid JSON ({e})") from None
+
+
+def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, values: int = MAX_JSON_VALUES) -> object:
+    """The JSON value of a small side file (a config, a shard index), read with a size limit and a
+    limit on its number of values (checked on the bytes, before parsing). Every way it can be
+    wrong (not a file, too big, too many values, not UTF-8, not JSON, nested too deep, integers of
+    thousands of digits) is a FormatError that names the file and the limit."""
     fd = open_regular(path, str(path))
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise FormatError(f"{path}: {what} is {size} bytes, more than the {limit}-byte limit")
+            raise FormatError(f"{path}: {what} is {size:,} bytes, more than the {limit:,}-byte limit for it "
+                              "(real ones are far smaller: a corrupt or hostile file?)")
         data = bytearray()
         while len(data) <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - len(data)))  # os.read allocates what it is asked
@@ -33,13 +63,65 @@ def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> object:
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise FormatError(f"{path}: {what} is more than the {limit}-byte limit")
+        raise FormatError(f"{path}: {what} is more than the {limit:,}-byte limit for it")
+    count = json_values(data)
+    if count > values:
+        raise FormatError(f"{path}: {what} holds about {count:,} JSON values (counted from its commas and brackets), "
+                          f"more than the {values:,} lorafuse reads from it (real ones hold far fewer: a corrupt or "
+                          "hostile file?)")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: cannot read {what}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
         raise FormatError(f"{path}: cannot read {what}: not valid JSON ({e})") from None
+
+
+def is_pickle(path: Path) -> bool:
+    """A pickle checkpoint's name (model.bin, model.PT, ...): file name suffixes are matched in any case."""
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def is_safetensors(path: Path) -> bool:
+    """A .safetensors name, in any case (MODEL.SAFETENSORS, style.Safetensors)."""
+    return path.name.lower().endswith(SAFETENSORS_SUFFIX)
+
+
+def names_ending(directory: Path, suffix: str) -> list[str]:
+    """The sorted names of the folder's entries that end with `suffix` in any case, hidden ones left out."""
+    return sorted(p.name for p in directory.iterdir() if p.name.lower().endswith(suffix) and not p.name.startswith("."))
+
+
+def broken_link(path: Path) -> str | None:
+    """'a symbolic link to T, which does not exist' (or '... that loops') when `path` is such a link, else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+        return None
+    except FileNotFoundError:
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (it leads back to itself)"
+        return f"a symbolic link that cannot be followed ({e.strerror or e})"
+
+
+def read_config(directory: Path, name: str = "config.json") -> dict[str, object]:
+    """A folder's model config (transformers' / diffusers' config.json) as a dict, through `read_json`;
+    {} when the folder has none. One that is there but cannot be read (a broken link, a FIFO, not
+    JSON, not a JSON object) is a FormatError naming it: apply and extract act on what it says
+    (tied embeddings, the dtype, the architecture) and apply writes it to its output."""
+    path = directory / name
+    if not os.path.lexists(path):
+        return {}
+    link = broken_link(path)
+    if link is not None:
+        raise FormatError(f"{path}: cannot read the model config: it is {link}; fix the link or remove it")
+    cfg = read_json(path, "the model config")
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: the model config is not a JSON object (it is {type(cfg).__name__})")
+    return cfg
 
 
 def refuse_pickle(path: Path) -> FormatError:
@@ -60,10 +142,10 @@ def _find_index(directory: Path) -> Path | None:
         preferred = directory / (name + ".index.json")
         if preferred.is_file():
             return preferred
-    found = sorted(directory.glob("*.safetensors.index.json"))
+    found = names_ending(directory, INDEX_SUFFIX)
     if len(found) > 1:
-        raise FormatError(f"{directory}: several safetensors index files ({', '.join(p.name for p in found)})")
-    return found[0] if found else None
+        raise FormatError(f"{directory}: several safetensors index files ({', '.join(found)})")
+    return directory / found[0] if found else None
 
 
 class Checkpoint:
@@ -80,7 +162,7 @@ class Checkpoint:
         self.index_name: str | None = None
         self.index_metadata: dict[str, object] = {}
         if path.is_file():
-            if path.suffix in PICKLE_SUFFIXES:
+            if is_pickle(path):
                 raise refuse_pickle(path)
             self.directory, shard_names = path.parent, [path.name]
         elif not path.is_dir():
@@ -109,7 +191,7 @@ class Checkpoint:
         index = _find_index(directory)
         if index is not None:
             self.index_name = index.name
-            data = read_json(index, "the shard index")
+            data = read_json(index, "the shard index", INDEX_JSON_BYTES, INDEX_JSON_VALUES)
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -126,12 +208,12 @@ class Checkpoint:
         for name in PREFERRED:
             if (directory / name).is_file():
                 return [name]
-        found = sorted(p.name for p in directory.glob("*.safetensors"))
+        found = names_ending(directory, SAFETENSORS_SUFFIX)
         if len(found) == 1:
             return found
         if found:
             raise FormatError(f"{directory}: several .safetensors files and no index.json to say which to use")
-        pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p for p in directory.iterdir() if is_pickle(p))
         if pickles:
             raise refuse_pickle(pickles[0])
         raise FormatError(f"{directory}: no .safetensors checkpoint found")

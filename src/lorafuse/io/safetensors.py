@@ -4,33 +4,53 @@ Format: 8-byte little-endian header length N, N bytes of UTF-8 JSON
 `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`,
 then the data buffer. The reader checks everything the reference implementation
 checks and hands out zero-copy numpy views of the mapped file.
+
+A mapped file that shrinks while it is read (a re-download in place, `cp` over it) would
+kill the process with SIGBUS at the first read past its new end. Every mapping made here
+is registered with the core's guard (lorafuse._core.register_mapping, cpp/src/mapguard.cpp):
+such a read sees zeros instead, the fault is recorded, and `raise_if_inputs_changed` (called
+before an output is committed) and every core call that reads the mapping raise
+InputChangedError naming the file. A file whose size or modification time changes between
+opening and commit is refused the same way, and a kernel-side copy that finds the file
+shorter than it was says so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import re
 import stat
 import struct
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lorafuse.errors import FormatError, LorafuseValueError
+from lorafuse import _core
+from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError
 from lorafuse.io.dtypes import DTYPES
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_DIMS = 32  # numpy 1.x holds at most 32 dimensions (2.x: 64); no real tensor has more
+# A header's JSON costs a few hundred bytes of Python objects per value: a small header can describe
+# more than any real file (a million empty tensors in 59 MB). Real checkpoint shards and adapters
+# list at most tens of thousands of tensors and a few megabytes of metadata (kohya's tag counts,
+# a thumbnail). Both counts are checked on the raw bytes, before anything is parsed.
+MAX_TENSORS = 1 << 18  # tensors in one file
+MAX_HEADER_VALUES = 1 << 22  # JSON values of one header, counted from its commas and brackets (an upper bound)
+MAX_METADATA_BYTES = 16 << 20  # UTF-8 bytes of all __metadata__ keys and values together
 _U64_MAX = 2**64 - 1
 _I64_MAX = 2**63 - 1
 _WIDEST = 8  # bytes per element of the widest type a tensor is converted to (float64)
 _PAGE = mmap.PAGESIZE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a header may list a few hundred thousand of them
 class TensorInfo:
     name: str
     dtype: str
@@ -48,11 +68,13 @@ class TensorInfo:
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise FormatError(f"duplicate key {key!r} in header")
-        out[key] = value
+    out = dict(pairs)  # in C: the per-key loop runs only when there is a duplicate to name
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise FormatError(f"duplicate key {key!r} in header")
+            seen.add(key)
     return out
 
 
@@ -102,14 +124,43 @@ def open_regular(path: str | os.PathLike[str], where: str) -> int:
     return fd
 
 
-def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Validate a header (the N JSON bytes) against a data buffer of `data_size` bytes."""
+def _check_counts(raw: bytes | bytearray, where: str) -> None:
+    """Refuse, before parsing, a header listing more tensors or JSON values than lorafuse reads."""
+    tensors = raw.count(b'"data_offsets"')
+    if tensors > MAX_TENSORS:
+        raise FormatError(f"{where}: the header lists {tensors:,} tensors (entries with data_offsets), more than the "
+                          f"{MAX_TENSORS:,} lorafuse reads from one file; real checkpoint shards and adapters hold "
+                          "far fewer (a corrupt or hostile file?)")
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > MAX_HEADER_VALUES:
+        raise FormatError(f"{where}: the header holds about {values:,} JSON values (counted from its commas and "
+                          f"brackets), more than the {MAX_HEADER_VALUES:,} lorafuse reads from one header; real "
+                          "headers hold far fewer (a corrupt or hostile file?)")
+
+
+def _decode_header(raw: bytes | bytearray, where: str) -> str:
+    _check_counts(raw, where)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{where}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not text.startswith("{"):
         raise FormatError(f"{where}: header does not start with '{{'")
+    return text
+
+
+# A lone UTF-16 surrogate can only come from a JSON escape \uD800-\uDFFF (the text is valid UTF-8): a header
+# without such an escape needs no per-string check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def parse_header(raw: bytes | bytearray, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate a header (the N JSON bytes) against a data buffer of `data_size` bytes."""
+    return _parse_text(_decode_header(raw, where), data_size, where)
+
+
+def _parse_text(text: str, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     try:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except FormatError as e:
@@ -126,11 +177,17 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
     for k, v in metadata.items():
         if not isinstance(v, str):
             raise FormatError(f"{where}: __metadata__ must map strings to strings: {k!r} maps to {_short(v)}")
-        if not (_is_unicode(k) and _is_unicode(v)):
+        if surrogates and not (_is_unicode(k) and _is_unicode(v)):
             raise FormatError(f"{where}: __metadata__ entry {k!r} holds a lone UTF-16 surrogate (not Unicode text)")
+    size = _metadata_bytes(metadata)
+    if size > MAX_METADATA_BYTES:
+        largest = max(metadata, key=lambda k: len(metadata[k]))
+        raise FormatError(f"{where}: __metadata__ holds {size:,} bytes of text, more than the {MAX_METADATA_BYTES:,} "
+                          f"lorafuse reads (its largest entry is {_short(largest)}, {len(metadata[largest]):,} "
+                          "characters); real files hold a few megabytes at most (a corrupt or hostile file?)")
     tensors: dict[str, TensorInfo] = {}
-    for name, entry in obj.items():
-        tensors[name] = _parse_entry(name, entry, where)
+    for name in list(obj):  # each entry's JSON is dropped as soon as it is parsed
+        tensors[name] = _parse_entry(name, obj.pop(name), where, surrogates)
     # Offsets must tile the data buffer exactly: no overlap, no gap, nothing after.
     cursor = 0
     last: TensorInfo | None = None
@@ -150,13 +207,21 @@ def parse_header(raw: bytes, data_size: int, where: str) -> tuple[dict[str, Tens
     return tensors, dict(metadata)
 
 
+def _metadata_bytes(metadata: Mapping[str, str]) -> int:
+    """UTF-8 bytes of all keys and values (counted without encoding while the characters say it is small)."""
+    chars = sum(len(k) + len(v) for k, v in metadata.items())
+    if chars * 4 <= MAX_METADATA_BYTES:  # a character is at most 4 UTF-8 bytes
+        return chars
+    return sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in metadata.items())
+
+
 def _short(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
-    if not _is_unicode(name):
+def _parse_entry(name: str, entry: object, where: str, surrogates: bool = True) -> TensorInfo:
+    if surrogates and not _is_unicode(name):
         raise FormatError(f"{where}: tensor name {name!r} holds a lone UTF-16 surrogate (not Unicode text)")
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: entry for tensor {name!r} is not an object")
@@ -193,8 +258,15 @@ def _parse_entry(name: str, entry: object, where: str) -> TensorInfo:
 
 def _read_header_fd(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, int]:
     """(tensors, metadata, data start, file size) of the open regular file `fd`."""
+    tensors, metadata, start, st = _read_header_stat(fd, where)
+    return tensors, metadata, start, st.st_size
+
+
+def _read_header_stat(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, os.stat_result]:
+    """(tensors, metadata, data start, the stat the header was validated against) of `fd`."""
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         if size < 8:
             raise FormatError(f"{where}: file is {size} bytes, too small for a safetensors header")
         (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
@@ -202,16 +274,32 @@ def _read_header_fd(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[st
             raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
             raise FormatError(f"{where}: header length {n} runs past the end of the {size}-byte file")
-        raw = bytearray()
-        while len(raw) < n:  # pread may return fewer bytes than asked
-            chunk = os.pread(fd, n - len(raw), 8 + len(raw))
-            if not chunk:
-                raise FormatError(f"{where}: the file ended inside its {n}-byte header (changed while read?)")
-            raw += chunk
+        raw = _read_exactly(fd, n, 8, where)
     except OSError as e:
         raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
-    tensors, metadata = parse_header(bytes(raw), size - 8 - n, where)
-    return tensors, metadata, 8 + n, size
+    text = _decode_header(raw, where)
+    del raw  # the header's bytes, its text and its JSON never all exist at once
+    tensors, metadata = _parse_text(text, size - 8 - n, where)
+    return tensors, metadata, 8 + n, st
+
+
+def _read_exactly(fd: int, n: int, offset: int, where: str) -> bytearray:
+    """n bytes at `offset`, read into one buffer (no chunk copies)."""
+    raw = bytearray(n)
+    view = memoryview(raw)
+    done = 0
+    while done < n:  # a read may return fewer bytes than asked
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover  (platforms without preadv)
+            chunk = os.pread(fd, n - done, offset + done)
+            got = len(chunk)
+            view[done:done + got] = chunk
+        if not got:
+            raise FormatError(f"{where}: the file ended inside its {n}-byte header (changed while read?)")
+        done += got
+    view.release()
+    return raw
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -225,21 +313,70 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     return tensors, metadata, start
 
 
+_LIVE: dict[int, Path] = {}  # guard slot -> resolved path, for every mapping not yet unmapped
+
+
+def _resolved(path: str | os.PathLike[str]) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _unguard(slot: int) -> None:
+    """A guarded mapping is gone: free its slot."""
+    _LIVE.pop(slot, None)
+    _core.unregister_mapping(slot)
+
+
+def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[int, weakref.finalize]:
+    """Register the mapping `m` of the file at `path` (validated as `st`) with the core's SIGBUS guard,
+    until `m` is unmapped: by close(), or when the last numpy view of it goes."""
+    label = where.encode("utf-8", "backslashreplace")  # a name that is not UTF-8 comes back escaped
+    slot = _core.register_mapping(m, label, os.fsencode(os.path.abspath(path)), st.st_dev, st.st_ino, st.st_size,
+                                  st.st_mtime_ns)
+    if slot < 0:
+        raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
+                          "checkpoints first")
+    _LIVE[slot] = _resolved(path)
+    return slot, weakref.finalize(m, _unguard, slot)
+
+
+def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = None) -> None:
+    """Raise InputChangedError when a file this process has mapped (one of `paths` or a file inside one of
+    them; every mapped file when `paths` is None) was truncated or rewritten while it was read: a read of it
+    faulted (and saw zeros), or its size or modification time differs from when it was opened.
+
+    Called before an output is committed (io.atomic) so that such data never reaches an output."""
+    roots = None if paths is None else {_resolved(p) for p in paths}
+    for slot, path in list(_LIVE.items()):
+        if roots is not None and path not in roots and not any(r in path.parents for r in roots):
+            continue
+        problem = _core.mapping_problem(slot)
+        if problem:
+            raise InputChangedError(problem)
+
+
 class SafetensorsFile:
     """A validated safetensors file, memory-mapped; tensors are zero-copy numpy views.
 
     Use as a context manager or call close(). `release(name)` drops a tensor's pages
     from this process's resident set once it has been used (they stay in the page cache).
+    The mapping is guarded against the file shrinking while it is read (see the module docstring).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         where = str(path)
+        self._unguard: weakref.finalize | None = None
         # One descriptor for validating and mapping: the mapping covers exactly the bytes validated.
         fd = open_regular(self.path, where)
         try:
-            self.tensors, self.metadata, self._data_start, size = _read_header_fd(fd, where)
-            self._map: mmap.mmap | None = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+            self.tensors, self.metadata, self._data_start, st = _read_header_stat(fd, where)
+            self._size = st.st_size
+            self._map: mmap.mmap | None = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ) if st.st_size else None
+            if self._map is not None:
+                self._slot, self._unguard = _guard(self._map, self.path, where, st)
         except OSError as e:
             os.close(fd)
             raise FormatError(f"{where}: cannot map: {e.strerror or e}") from None
@@ -258,10 +395,20 @@ class SafetensorsFile:
         if self._map is not None:
             try:
                 self._map.close()
-            except BufferError:  # views still alive: the mapping goes when they do
+            except BufferError:  # views still alive: the mapping (and its guard) goes when they do
                 pass
+            else:
+                if self._unguard is not None:
+                    self._unguard()
             self._map = None
         self._file.close()
+
+    def check_unchanged(self) -> None:
+        """InputChangedError when this file was truncated or rewritten since it was opened."""
+        if self._unguard is not None and self._unguard.alive:
+            problem = _core.mapping_problem(self._slot)
+            if problem:
+                raise InputChangedError(problem)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -293,6 +440,11 @@ class SafetensorsFile:
 
     def fileno(self) -> int:
         return self._file.fileno()
+
+    @property
+    def size(self) -> int:
+        """The file's size in bytes when it was opened and validated."""
+        return self._size
 
     def release(self, name: str | None = None, begin: int = 0, end: int | None = None) -> None:
         """Drop mapped pages (all, or bytes [begin, end) of one tensor) from the resident set."""
@@ -399,7 +551,17 @@ class SafetensorsWriter:
         if array.nbytes > self._remaining:
             raise LorafuseValueError(f"{self.path}: {array.nbytes} bytes exceed the {self._remaining} left in the tensor")
         if array.nbytes:
-            self._write_all(memoryview(array).cast("B"))
+            try:
+                self._write_all(memoryview(array).cast("B"))
+            except OSError as e:
+                # EFAULT: the bytes are a view of an input file that shrank under its mapping (the
+                # kernel reports the fault to write(2) instead of raising SIGBUS).
+                if e.errno != errno.EFAULT:
+                    raise
+                raise_if_inputs_changed()
+                raise InputChangedError(f"the data of tensor {self._specs[self._next - 1].name!r} could not be read "
+                                        "from its input file: it changed or was truncated while lorafuse was reading "
+                                        "it; nothing was written") from None
         self._remaining -= array.nbytes
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -414,7 +576,14 @@ class SafetensorsWriter:
         info = src.info(src_name)
         if info.nbytes != self._remaining:
             raise LorafuseValueError(f"{self.path}: {src_name!r} has {info.nbytes} bytes, {name!r} needs {self._remaining}")
-        copy_range(src.fileno(), src.file_offset(src_name), self._fd, info.nbytes)
+        offset = src.file_offset(src_name)
+        try:
+            copy_range(src.fileno(), offset, self._fd, info.nbytes)
+        except _EndOfData as e:
+            src.check_unchanged()  # names the file, with its size then and now
+            raise InputChangedError(f"{src.path} ended at byte {e.at} while lorafuse was copying tensor {src_name!r} "
+                                    f"from it (it had {src.size} bytes when opened): it changed or was truncated while "
+                                    "lorafuse was reading it; nothing was written") from None
         self._remaining = 0
 
     def close(self) -> None:
@@ -424,8 +593,19 @@ class SafetensorsWriter:
         os.close(self._fd)
 
 
+class _EndOfData(FormatError):
+    """The source of a copy ended early (at byte `at`)."""
+
+    def __init__(self, message: str, at: int) -> None:
+        super().__init__(message)
+        self.at = at
+
+
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, nbytes: int) -> None:
-    """Append nbytes of src (from src_offset) to dst's current position, in the kernel when possible."""
+    """Append nbytes of src (from src_offset) to dst's current position, in the kernel when possible.
+
+    A source shorter than src_offset + nbytes (a file truncated after it was validated) raises
+    FormatError (an _EndOfData, which says where it ended)."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < nbytes:
@@ -439,7 +619,8 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, nbytes: int) -> None:
             chunk = os.pread(src_fd, min(nbytes - done, 1 << 24), src_offset + done)
             n = os.write(dst_fd, chunk)
         if n == 0:
-            raise FormatError(f"unexpected end of data while copying {nbytes} bytes at offset {src_offset}")
+            raise _EndOfData(f"unexpected end of data while copying {nbytes} bytes at offset {src_offset}",
+                             src_offset + done)
         done += n
 
 

@@ -29,9 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafuse import _core
+from lorafuse._validate import check_float, check_optional_rank, check_rank, check_seed, check_threads, check_weights, \
+    full_rank
 from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats import load
+from lorafuse.formats.lycoris import batches, check_dense, factor_cost, is_stored_lora, structured_svd
+from lorafuse.io.safetensors import raise_if_inputs_changed
 
 EXACT = ("cat", "svd")
 FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -120,14 +124,23 @@ def _terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> d
 
 
 def _stack(terms: list[_Term], threads: int, coef_on: str = "B") -> tuple[np.ndarray, np.ndarray]:
-    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A')."""
-    bs, as_ = [], []
-    for t in terms:
-        b, a = t.update.stored_factors(threads)
+    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A'). Filled in place one
+    term at a time: besides the result, only one term's factors (a LoKr's or LoHa's exact
+    factorization can be large) exist at a time."""
+    b, a = terms[0].update.stored_factors(threads)
+    widths = [b.shape[1]] + [t.update.rank for t in terms[1:]]
+    out_b = np.empty((b.shape[0], sum(widths)), dtype=np.float32)
+    out_a = np.empty((sum(widths), a.shape[1]), dtype=np.float32)
+    at = 0
+    for i, t in enumerate(terms):
+        if i:
+            b, a = t.update.stored_factors(threads)
         c = np.float32(t.coef)
-        bs.append(b * c if coef_on == "B" else b)
-        as_.append(a * c if coef_on == "A" else a)
-    return np.ascontiguousarray(np.concatenate(bs, axis=1)), np.ascontiguousarray(np.concatenate(as_, axis=0))
+        out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
+        out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
+        at += b.shape[1]
+        del b, a
+    return out_b, out_a
 
 
 def _result(template: Adapter, updates: dict[str, LoraUpdate], adapters: Sequence[Adapter]) -> Adapter:
@@ -164,9 +177,8 @@ def scaled(adapter: Adapter, c: float) -> Adapter:
                    derived_from=adapter.sources())
 
 
-def _check_rank(rank: int | None) -> None:
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise LorafuseValueError(f"rank must be a positive integer, got {rank!r}")
+def _check_rank(rank: int | None, name: str = "rank") -> int | None:
+    return check_optional_rank(rank, name)
 
 
 def _check_split(split: str) -> None:
@@ -176,16 +188,21 @@ def _check_split(split: str) -> None:
 
 def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
     """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core)."""
-    _check_rank(rank)
+    rank = check_rank(rank)
+    threads = check_threads(threads)
     _check_split(split)
     _check_linear([adapter], "rank truncation")
     names = list(adapter.updates)
-    items = []
-    for n in names:
-        b, a = _stack([_Term(1.0, adapter.updates[n])], threads)
-        items.append((n, b, a))
-    results = _core.factored_svd(items, [rank] * len(items), split, threads)
-    updates = {n: adapter.updates[n].with_factors(b2, a2) for n, (b2, a2, _) in zip(names, results)}
+    updates: dict[str, LoraUpdate] = {}
+    # groups of modules bounded by the size of their exact factorizations (a LoKr's or LoHa's can be large)
+    costs = [(0.0, factor_cost(adapter.updates[n])[1]) for n in names]
+    for start, stop in batches(costs, math.inf, SVD_GROUP_ELEMENTS, SVD_GROUP):
+        items = [(n, *_stack([_Term(1.0, adapter.updates[n])], threads)) for n in names[start:stop]]
+        # at most each module's full rank min(out, in): never an output padded to an absurd rank
+        results = _core.factored_svd(items, [min(rank, b.shape[0], a.shape[1]) for _, b, a in items], split,
+                                     threads)
+        updates.update({n: adapter.updates[n].with_factors(b2, a2) for (n, _, _), (b2, a2, _) in zip(items, results)})
+    raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
     return _result(adapter, updates, [adapter])
 
 
@@ -220,20 +237,20 @@ def combine(
         raise LorafuseValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not adapters:
         raise LorafuseValueError("combine needs at least one adapter")
+    threads = check_threads(threads)
+    seed = check_seed(seed)
+    rank = _check_rank(rank)
+    conv_rank = _check_rank(conv_rank, "conv_rank")
+    if density is not None:
+        density = check_float(density, "density", 0.0, 1.0)
     loaded = _as_adapters(adapters)
-    ws = [1.0] * len(loaded) if weights is None else [float(w) for w in weights]
-    if len(ws) != len(loaded):
-        raise LorafuseValueError(f"{len(ws)} weights given for {len(loaded)} adapters")
-    if not all(math.isfinite(w) for w in ws):
-        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
-    _check_rank(rank)
-    _check_rank(conv_rank)
+    ws = [1.0] * len(loaded) if weights is None else check_weights(weights, len(loaded))
     _check_split(split)
     if majority_sign not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {majority_sign!r}")
     needs_density = method in _TASK and _TASK[method][0] != "none"
     if needs_density:
-        if density is None or not (0.0 <= float(density) <= 1.0):
+        if density is None:
             raise LorafuseValueError(f"method {method!r} needs a density between 0 and 1, got {density!r}")
     elif density is not None:
         raise LorafuseValueError(f"method {method!r} takes no density")
@@ -245,8 +262,6 @@ def combine(
         raise UnsupportedError(f"{label}: module {name!r} is a LoHa / LoKr update; method {method!r} merges LoRA "
                                "factors element by element, which a LoHa / LoKr does not have (use svd, cat or a "
                                "*_svd method)")
-    if not isinstance(seed, int) or seed < 0:
-        raise LorafuseValueError(f"seed must be a non-negative integer, got {seed!r}")
     _check_linear(loaded, f"combine --method {method}")
 
     by_module = _terms_by_module(loaded, ws)
@@ -264,28 +279,43 @@ def combine(
         updates = _factorwise(method, by_module, density, majority_sign, seed, threads)
     else:
         updates, randomized = _dense_svd(method, by_module, ranks, density, majority_sign, seed, split, threads)
+    # An input file truncated or rewritten while it was read leaves zeros in what was read: refuse the result.
+    raise_if_inputs_changed([p for a in loaded for p in a.sources()])
     result = _result(loaded[0], updates, loaded)
     result.randomized = randomized
     return result
 
 
 SVD_GROUP = 64  # modules per call into the core: only one group's stacked factors exist at a time
+SVD_GROUP_ELEMENTS = 1 << 25  # and at most this many stacked factor elements (or one module)
+STRUCTURED_ABOVE = 1 << 24  # stacked exact factorizations (elements) above which LyCORIS terms go structured
 
 
 def _factored_svd(by_module: dict[str, list[_Term]], ranks: dict[str, int], split: str, mode: str, seed: int,
                   threads: int) -> tuple[dict[str, LoraUpdate], list[str]]:
     """Method svd, a group of modules per call (the modules of a group spread over the threads)."""
-    names = list(by_module)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
-    for start in range(0, len(names), SVD_GROUP):
-        group = names[start : start + SVD_GROUP]
+    # A module with LoHa / LoKr / Tucker terms whose exact factorizations would be large takes a randomized
+    # SVD whose every product goes through their structure (memory of the order of the result).
+    costs_of = {n: sum(factor_cost(t.update)[1] for t in ts) for n, ts in by_module.items()}
+    for n, ts in by_module.items():
+        if mode != "exact" and costs_of[n] > STRUCTURED_ABOVE and not all(is_stored_lora(t.update) for t in ts):
+            b, a = structured_svd([(t.coef, t.update) for t in ts], ranks[n], split, seed)
+            updates[n] = ts[0].update.with_factors(b, a)
+            randomized.append(n)
+    names = [n for n in by_module if n not in updates]
+    # Groups bounded by the size of their stacked exact factorizations (a LoKr's or LoHa's can be large).
+    costs = [(0.0, costs_of[n]) for n in names]
+    for start, stop in batches(costs, math.inf, SVD_GROUP_ELEMENTS, SVD_GROUP):
+        group = names[start:stop]
         items = [(n, *_stack(by_module[n], threads)) for n in group]
         results = _core.factored_svd(items, [ranks[n] for n in group], split, threads, mode=mode, seed=seed)
         updates.update({n: by_module[n][0].update.with_factors(b2, a2) for n, (b2, a2, _) in zip(group, results)})
         randomized += [n for n, b, a in items
                        if not _core.factored_svd_is_exact(b.shape[0], a.shape[1], b.shape[1], ranks[n], mode)]
-    return updates, randomized
+    order = list(by_module)
+    return {n: updates[n] for n in order}, sorted(randomized, key=order.index)
 
 
 def _is_kxk_conv(u: Update) -> bool:
@@ -305,7 +335,7 @@ def _output_ranks(by_module: dict[str, list[_Term]], rank: int | None, conv_rank
         if k is None:
             raise LorafuseValueError(f"module {n!r}: LoHa / LoKr inputs have no LoRA rank to default to; "
                                      "pass rank (--rank, and --conv-rank for kxk convolutions)")
-        out[n] = k
+        out[n] = full_rank(k, tuple(ts[0].update.delta_shape))  # a rank above min(out, in) adds only zeros
     return out
 
 
@@ -348,13 +378,16 @@ def _dense_svd(method: str, by_module: dict[str, list[_Term]], ranks: dict[str, 
     out: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
     names = list(by_module)
-    group = max(1, 2 * (threads if threads > 0 else (os.cpu_count() or 1)))
+    group = max(1, 2 * _core.resolve_threads(threads))  # the workers that really run: at most 4 per core
     for start in range(0, len(names), group):
         chunk = names[start : start + group]
         items, ws = [], []
         for n in chunk:
             deltas = []
             for t in by_module[n]:
+                shape = t.update.delta_shape
+                check_dense(getattr(t.update, "where", "") or f"module {n!r}", f"method {method!r} (its dense delta)",
+                            (shape[0], int(np.prod(shape[1:], dtype=np.int64))))
                 b, a = t.update.stored_factors(threads)
                 deltas.append(np.ascontiguousarray((b * np.float32(t.update.scale)) @ a))
             items.append((n, deltas))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafuse import _core
+from lorafuse._validate import check_optional_rank, check_threads, full_rank
 from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import (
     FormatError,
@@ -34,6 +34,7 @@ from lorafuse.errors import (
 )
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
+from lorafuse.io.atomic import check_output
 from lorafuse.io.tensor import Tensor
 
 TARGETS = ("peft", "kohya")
@@ -111,9 +112,8 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
     convolutions with k > 1; default rank); LoRA modules are kept. Without rank, LyCORIS input is refused.
     A LoHa / LoKr of a UNet convolution stored flattened (no Tucker core) gets its kernel back from the
     layer's name, so the LoRA has conv factors (A: k x in x kh x kw) as kohya and diffusers store them."""
-    for n, v in (("rank", rank), ("conv_rank", conv_rank)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise LorafuseValueError(f"{n} must be a positive integer, got {v!r}")
+    rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
+    threads = check_threads(threads)
     lycoris = [n for n, u in adapter.updates.items() if not isinstance(u, LoraUpdate)]
     if not lycoris:
         return adapter, []
@@ -130,7 +130,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         shape = _conv_shape(u)
         if shape != tuple(u.delta_shape):
             u = u.with_shape(shape)  # type: ignore[union-attr]
-        k = conv_k if _is_kxk(shape) else rank
+        k = full_rank(conv_k if _is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)
         lora = u.to_lora(k, threads)  # type: ignore[union-attr]
         updates[name] = lora
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
@@ -143,13 +143,10 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
 def _kept(u: Update, lora: LoraUpdate, threads: int) -> float:
     """Fraction of ||delta||_F that the rank-k LoRA keeps: sqrt(S_1^2 + .. + S_k^2) / ||S|| for the
     singular values S of the delta, since the best rank-k approximation holds exactly the leading k.
-    Both norms come from factors (no dense delta and no second SVD)."""
-    full_b, full_a = u.stored_factors(threads)
-    low_b, low_a = lora.stored_factors(threads)
-    full, low = _core.factored_frobenius_sq([(np.ascontiguousarray(full_b), np.ascontiguousarray(full_a)),
-                                             (np.ascontiguousarray(low_b), np.ascontiguousarray(low_a))], threads)
-    total = float(full) * u.scale * u.scale
-    kept = float(low) * lora.scale * lora.scale
+    Both norms come from the structure (no dense delta, no exact factorization and no second SVD)."""
+    from lorafuse.formats.lycoris import frobenius_sq
+
+    total, kept = frobenius_sq(u), frobenius_sq(lora)
     return min(1.0, float(np.sqrt(max(kept, 0.0) / total))) if total > 0 else 1.0
 
 
@@ -436,7 +433,7 @@ def _kohya_config(adapter: Adapter) -> dict[str, object]:
 
 
 def _check_out(out: Path) -> None:
-    if out.suffix != ".safetensors":
+    if out.suffix.lower() != ".safetensors":  # the user's name is kept: STYLE.SAFETENSORS stays so
         raise LorafuseValueError(f"output {out}: convert writes one .safetensors file; give a name ending in "
                                  ".safetensors (diffusers' load_lora_weights(folder) looks for "
                                  "pytorch_lora_weights.safetensors)")
@@ -444,17 +441,21 @@ def _check_out(out: Path) -> None:
 
 def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[str], to: str = "peft",
             rank: int | None = None, conv_rank: int | None = None, family: str | None = None,
-            threads: int = 0) -> ConvertReport:
+            threads: int = 0, overwrite: bool = False) -> ConvertReport:
     """Convert a diffusion LoRA between kohya and diffusers/PEFT naming and write it to `out` (one
     .safetensors file): `to='peft'` writes a diffusers LoRA file (what `save_lora_weights` writes and
     `load_lora_weights` reads), `to='kohya'` a kohya LoRA file. LoHa / LoKr modules need `rank`
     (`conv_rank` for kxk convolutions) and become their best rank-k LoRA; LoRA modules are kept.
-    `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names."""
+    `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names. `out` may be new, empty or
+    a file lorafuse wrote; another file is refused (before any work) unless `overwrite`."""
     if to not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
+    rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
+    threads = check_threads(threads)
     out = Path(out)
-    _check_out(out)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
+    check_output(out, a.sources(), folder=False, overwrite=overwrite)  # the current folder, an input: refused first
+    _check_out(out)
     if a.format not in ("kohya", "diffusers"):
         raise UnsupportedError(f"{a.label}: a {a.format} adapter; convert handles diffusion LoRAs: kohya / LyCORIS "
                                ".safetensors files and diffusers LoRA files (<component>.<module>.lora_A.weight)")
@@ -472,7 +473,7 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
             result, split = kohya_to_peft(a, fam)
         else:
             result = a
-        save_diffusers(result, out, inputs)
+        save_diffusers(result, out, inputs, overwrite=overwrite)
     else:
         if a.format == "diffusers":
             fam = _family(a, family)
@@ -481,7 +482,7 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
             result = a
         from lorafuse.formats.kohya import save_kohya
 
-        save_kohya(result, out, inputs)
+        save_kohya(result, out, inputs, overwrite=overwrite)
     return ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports)
 
 

@@ -2,6 +2,9 @@
 
 <B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)) per module, summed over modules (a module
 missing from one adapter contributes 0 to the inner product and its own norm to the other's).
+Stored LoRA factors go to the core in batches of bounded work, so that Ctrl-C and SIGTERM act
+between them; LoHa, LoKr and Tucker modules go through their structure (formats.lycoris:
+<w1 (x) w2, v1 (x) v2> = <w1, v1> <w2, v2>, ...), never through a dense delta.
 """
 
 from __future__ import annotations
@@ -12,34 +15,89 @@ from collections.abc import Sequence
 import numpy as np
 
 from lorafuse import _core
-from lorafuse.adapter import Adapter
+from lorafuse.adapter import Adapter, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError
 from lorafuse.formats import load
+from lorafuse.formats.lycoris import (
+    CORE_BATCH_ELEMENTS,
+    CORE_BATCH_FLOPS,
+    CORE_BATCH_MODULES,
+    frobenius_sq,
+    inner,
+    is_stored_lora,
+)
+
+
+class _Batch:
+    """Inner products of stored LoRA factors waiting for one call into the core."""
+
+    def __init__(self, n: int, threads: int) -> None:
+        self.g = np.zeros((n, n))
+        self.threads = threads
+        self.items: list[tuple[np.ndarray, ...]] = []
+        self.where: list[tuple[int, int]] = []
+        self.coefs: list[float] = []
+        self.flops = 0.0
+        self.elements = 0
+        self.modules = 0
+
+    def full(self, flops: float, elements: int) -> bool:
+        return bool(self.items) and (self.flops + flops > CORE_BATCH_FLOPS or self.elements + elements >
+                                     CORE_BATCH_ELEMENTS or self.modules >= CORE_BATCH_MODULES)
+
+    def add(self, factors: tuple[np.ndarray, ...], i: int, j: int, coef: float) -> None:
+        b1, a1, b2, a2 = factors
+        self.items.append(factors)
+        self.where.append((i, j))
+        self.coefs.append(coef)  # applied in float64, not folded into the float32 factors
+        self.flops += 2.0 * b1.shape[1] * b2.shape[1] * (b1.shape[0] + a1.shape[1])
+        self.elements += b1.size + a1.size + b2.size + a2.size
+
+    def flush(self) -> None:
+        if self.items:
+            values = _core.factored_inner(self.items, self.threads) * np.asarray(self.coefs)
+            for (i, j), v in zip(self.where, values):
+                self.g[i, j] += v
+        self.items, self.where, self.coefs = [], [], []
+        self.flops, self.elements, self.modules = 0.0, 0, 0
+
+
+def _check_shapes(name: str, holders: list[tuple[int, Update]], loaded: list[Adapter]) -> None:
+    i0, first = holders[0]
+    for j, v in holders[1:]:
+        if (tuple(first.delta_shape), first.transposed) != (tuple(v.delta_shape), v.transposed):
+            raise ShapeMismatchError(f"module {name!r}: {loaded[i0].label} has shape {tuple(first.delta_shape)}, "
+                                     f"{loaded[j].label} has {tuple(v.delta_shape)}")
+
+
+def _module_cost(holders: list[tuple[int, Update]]) -> tuple[float, int]:
+    rows = holders[0][1].delta_shape[0]
+    cols = int(np.prod(holders[0][1].delta_shape[1:], dtype=np.int64))
+    ranks = [u.rank for _, u in holders if is_stored_lora(u)]
+    flops = sum(2.0 * r1 * r2 * (rows + cols) for x, r1 in enumerate(ranks) for r2 in ranks[x:])
+    return flops, sum(ranks) * (rows + cols) * 2
 
 
 def gram(adapters: Sequence[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
     """G[i, j] = <delta_i, delta_j>_F over all modules, in float64."""
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
-    n = len(loaded)
-    factors = [{name: u.stored_factors(threads) for name, u in a.updates.items()} for a in loaded]
-    items, where, coefs = [], [], []
-    for i in range(n):
-        for j in range(i, n):
-            for name, u in loaded[i].updates.items():
-                v = loaded[j].updates.get(name)
-                if v is None:
-                    continue
-                if (tuple(u.delta_shape), u.transposed) != (tuple(v.delta_shape), v.transposed):
-                    raise ShapeMismatchError(f"module {name!r}: {loaded[i].label} has shape {tuple(u.delta_shape)}, "
-                                             f"{loaded[j].label} has {tuple(v.delta_shape)}")
-                (b1, a1), (b2, a2) = factors[i][name], factors[j][name]
-                items.append((b1, a1, b2, a2))
-                where.append((i, j))
-                coefs.append(u.scale * v.scale)  # applied in float64, not folded into the float32 factors
-    values = (_core.factored_inner(items, threads) * np.asarray(coefs)) if items else np.zeros(0)
-    g = np.zeros((n, n))
-    for (i, j), v in zip(where, values):
-        g[i, j] += v
+    batch = _Batch(len(loaded), threads)
+    names = list(dict.fromkeys(name for a in loaded for name in a.updates))
+    for name in names:
+        holders = [(i, a.updates[name]) for i, a in enumerate(loaded) if name in a.updates]
+        _check_shapes(name, holders, loaded)
+        if batch.full(*_module_cost(holders)):
+            batch.flush()
+        factors = {i: u.stored_factors(threads) for i, u in holders if is_stored_lora(u)}
+        batch.modules += 1
+        for x, (i, u) in enumerate(holders):
+            for j, v in holders[x:]:
+                if i in factors and j in factors:
+                    batch.add((*factors[i], *factors[j]), i, j, u.scale * v.scale)
+                else:
+                    batch.g[i, j] += frobenius_sq(u) if i == j else inner(u, v)
+    batch.flush()
+    g = batch.g
     return np.triu(g) + np.triu(g, 1).T
 
 
