@@ -711,7 +711,7 @@ def test_error_while_writing_a_single_file(llama, tmp_path, good_file_output, mo
 
 def test_error_while_copying_side_files(llama, tmp_path, good_output, monkeypatch):
     """A failure after every shard is written (copying config.json) still leaves no output."""
-    real_copy = shutil.copy2
+    real_copy = apply_mod.copy_file
     state = {"armed": 0}
 
     def copy2(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -723,7 +723,7 @@ def test_error_while_copying_side_files(llama, tmp_path, good_output, monkeypatc
         state["armed"] = 1
         return lorafuse.apply(llama.base_dir, [llama.adapter_dir], out=out, progress=False)
 
-    monkeypatch.setattr(apply_mod.shutil, "copy2", copy2)
+    monkeypatch.setattr(apply_mod, "copy_file", copy2)
     check_failure(call, tmp_path / "out", OutputError, "No space left", make_prior=_disarming(state, good_output),
                   watched=[llama.base_dir, llama.adapter_dir])
 

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from lorafuse._terminal import printable
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -36,7 +38,8 @@ class Progress:
                 counts = f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s"
             else:
                 counts = f"{self.done}/{self.total} {self.unit} {rate:.1f}/s"
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {counts} {note[:40]:<40}")
+            shown = printable(note, keep_newlines=False)[:40]  # a tensor name from a file: escaped
+            self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {counts} {shown:<40}")
             self.stream.flush()
 
     def close(self) -> None:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 
-from lorafuse import _core
 from lorafuse.errors import FormatError, LorafuseValueError
 from lorafuse.io.tensor import Tensor
 
@@ -98,12 +97,23 @@ class LoraUpdate:
         return np.ascontiguousarray(b), np.ascontiguousarray(a)
 
     def with_factors(self, b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> LoraUpdate:
-        """A plain update of the same module and layout with new stored factors B (out x k), A (k x ...)."""
+        """The update of the same module and layout with new stored factors B (out x k), A (k x ...) and
+        `scale`. What travels with the factors is kept, never dropped: the DoRA magnitude (and which
+        side it normalizes) as it is, the lora_B bias rescaled so that scale * bias, what a merge adds,
+        stays the same. (Operations that cannot honour them, such as combining, refuse them first.)"""
         k = a.shape[0]
         a_t = Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32).reshape((k, *self.A.shape[1:])))
         b_t = Tensor.from_array(np.ascontiguousarray(b, dtype=np.float32).reshape(
             (self.B.shape[0], k, *self.B.shape[2:])))
-        return LoraUpdate(self.name, a_t, b_t, scale, self.kind, self.transposed)
+        bias = self.bias
+        if bias is not None and scale != self.scale:
+            if scale == 0 or not np.isfinite(scale):
+                raise LorafuseValueError(f"module {self.name!r}: its lora_B bias (added times scale {self.scale}) "
+                                         f"cannot be kept by an update of scale {scale}")
+            rescaled = bias.f32().astype(np.float64) * (self.scale / scale)
+            bias = Tensor.from_array(rescaled.astype(np.float32))
+        return LoraUpdate(self.name, a_t, b_t, scale, self.kind, self.transposed, self.magnitude, bias,
+                          self.magnitude_on_columns)
 
     def is_plain(self) -> bool:
         """A pure low-rank delta: no DoRA magnitude, no bias (those do not add linearly)."""
@@ -141,6 +151,8 @@ class Adapter:
     # The files an adapter computed from others (combine, resize, arithmetic) was read from: like
     # `path`, `save` never writes over them.
     derived_from: list[Path] = field(default_factory=list)
+    # What reading the file left out or decided, for the user (e.g. tensors PEFT ignores): apply reports them.
+    notes: list[str] = field(default_factory=list)
 
     def sources(self) -> list[Path]:
         """The files this adapter's tensors come from: its own path and those it was derived from."""
@@ -160,15 +172,12 @@ class Adapter:
         return str(self.path) if self.path is not None else "<in-memory adapter>"
 
     def norms(self, threads: int = 0) -> dict[str, float]:
-        """Exact ||delta||_F of every module, from the factors alone (no dense matrix)."""
-        pairs = []
-        for u in self.updates.values():
-            b, a = u.factors(threads)
-            pairs.append((b, a))
-        sq = _core.factored_frobenius_sq(pairs, threads)
-        return {
-            name: float(abs(u.scale) * np.sqrt(max(s, 0.0))) for (name, u), s in zip(self.updates.items(), sq)
-        }
+        """Exact ||delta||_F of every module, from the factors alone (no dense matrix): stored LoRA factors
+        through the core in batches (Ctrl-C and SIGTERM act between them), LoHa / LoKr / Tucker modules
+        through their structure (formats.lycoris: ||w1 (x) w2|| = ||w1|| ||w2||, ...)."""
+        from lorafuse.formats.lycoris import frobenius_norms
+
+        return frobenius_norms(self.updates, threads)
 
     def num_parameters(self) -> int:
         n = sum(int(np.prod(t.shape)) for u in self.updates.values() for t in stored_tensors(u))
@@ -176,24 +185,26 @@ class Adapter:
 
     # ---- files and in-memory state dicts --------------------------------------------------
 
-    def save(self, out: str | os.PathLike[str], format: str | None = None) -> Path:
+    def save(self, out: str | os.PathLike[str], format: str | None = None, overwrite: bool = False) -> Path:
         """Write this adapter (atomically): 'peft' (a folder), 'kohya' (one .safetensors file) or
         'diffusers' (one .safetensors file as diffusers' save_lora_weights writes it); the default is the
-        adapter's own format. An output that would replace one of `sources()` is refused."""
+        adapter's own format. An output that would replace one of `sources()` is refused. `out` may be
+        new, an empty folder / file, or an earlier lorafuse output; anything else is refused unless
+        `overwrite=True`, which replaces it with an OverwriteWarning saying what was there."""
         fmt = self.format if format is None else format
         inputs = self.sources()
         if fmt == "peft":
             from lorafuse.formats.peft import save_peft
 
-            return save_peft(self, out, inputs)
+            return save_peft(self, out, inputs, overwrite=overwrite)
         if fmt == "kohya":
             from lorafuse.formats.kohya import save_kohya
 
-            return save_kohya(self, out, inputs)
+            return save_kohya(self, out, inputs, overwrite=overwrite)
         if fmt == "diffusers":
             from lorafuse.formats.diffusers import save_diffusers
 
-            return save_diffusers(self, out, inputs)
+            return save_diffusers(self, out, inputs, overwrite=overwrite)
         raise LorafuseValueError(f"unknown adapter format {fmt!r} (lorafuse writes 'peft', 'kohya' and 'diffusers')")
 
     @classmethod
@@ -219,7 +230,9 @@ class Adapter:
         return build_adapter(tensors, check_config(cfg, "<state dict config>"), "<state dict>")
 
     def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
-        """PEFT-named tensors: float arrays for numpy (BF16 widened to float32), or torch tensors."""
+        """PEFT-named tensors: float arrays for numpy (BF16 and F8 widened to float32: numpy has no such
+        types), or torch tensors of the stored dtype (BF16 as torch.bfloat16, F8_E4M3 / F8_E5M2 as
+        torch.float8_e4m3fn / torch.float8_e5m2), never their raw bytes as integers."""
         from lorafuse.formats.peft import peft_tensors
 
         tensors = peft_tensors(self)
@@ -232,7 +245,8 @@ class Adapter:
             out = {}
             for k, t in tensors.items():
                 x = torch.from_numpy(t.raw.copy())
-                out[k] = x.view(torch.bfloat16) if t.dtype == "BF16" else x
+                view = _TORCH_VIEWS.get(t.dtype)
+                out[k] = x.view(getattr(torch, view)) if view else x
             return out
         raise LorafuseValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
 
@@ -276,6 +290,10 @@ class Adapter:
         return float(np.sqrt(sum(n * n for n in self.norms(threads).values())))
 
 
+# safetensors dtypes numpy holds as raw integers, and the torch dtype that views those bytes.
+_TORCH_VIEWS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def _tensor_from_any(value: Any) -> Tensor:
     if isinstance(value, Tensor):
         return value
@@ -288,5 +306,8 @@ def _tensor_from_any(value: Any) -> Tensor:
         t = value.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
             return Tensor(t.view(torch.int16).numpy().view(np.uint16).copy(), "BF16")
+        f8 = next((k for k, v in _TORCH_VIEWS.items() if k != "BF16" and getattr(torch, v, None) == t.dtype), None)
+        if f8 is not None:  # what state_dict("torch") gives for F8 tensors: their bytes, as stored
+            return Tensor(t.view(torch.uint8).numpy().copy(), f8)
         return Tensor.from_array(t.numpy().copy())
     raise LorafuseValueError(f"state dict values must be numpy arrays or torch tensors, got {type(value).__name__}")

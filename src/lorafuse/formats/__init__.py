@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from lorafuse.adapter import Adapter
-from lorafuse.errors import FormatError
+from lorafuse.errors import AdapterNote, FormatError
 from lorafuse.formats.diffusers import has_diffusers_keys, load_diffusers
 from lorafuse.formats.kohya import has_kohya_keys, load_kohya
 from lorafuse.formats.peft import is_peft, load_peft
 from lorafuse.formats.util import safetensors_keys
-from lorafuse.io.checkpoint import PICKLE_SUFFIXES, refuse_pickle
+from lorafuse.io.checkpoint import is_pickle, is_safetensors, refuse_pickle
 from lorafuse.io.safetensors import read_header
 
 
@@ -39,17 +40,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")
-    if p.is_file() and p.suffix in PICKLE_SUFFIXES:
+    if p.is_file() and is_pickle(p):
         raise refuse_pickle(p)
     keys: list[str] = []
-    if p.suffix == ".safetensors" and not p.is_dir():
+    if is_safetensors(p) and not p.is_dir():  # MODEL.SAFETENSORS too: suffixes in any case
         keys = list(read_header(p)[0])  # one that cannot be read: say why, not "not a recognised adapter"
     fmt = _format_of(p, keys)
     if fmt is not None:
         return fmt
     if p.is_dir():
         try:
-            pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+            pickles = sorted(f for f in p.iterdir() if is_pickle(f))
         except OSError as e:
             raise FormatError(f"{p}: cannot read: {e.strerror or e}") from None
         if pickles:
@@ -62,15 +63,21 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def load(path: str | os.PathLike[str]) -> Adapter:
-    """Load an adapter from disk; its tensors stay memory-mapped until used."""
+    """Load an adapter from disk; its tensors stay memory-mapped until used. What loading decided for
+    the user (tensors PEFT would ignore, left out) is in `Adapter.notes` and given as AdapterNote
+    warnings."""
     fmt = detect_format(path)
     if fmt == "peft":
-        return load_peft(path)
-    if fmt == "kohya":
-        return load_kohya(path)
-    if fmt == "diffusers":
-        return load_diffusers(path)
-    raise FormatError(f"{path}: unsupported adapter format {fmt!r}")  # pragma: no cover
+        adapter = load_peft(path)
+    elif fmt == "kohya":
+        adapter = load_kohya(path)
+    elif fmt == "diffusers":
+        adapter = load_diffusers(path)
+    else:  # pragma: no cover
+        raise FormatError(f"{path}: unsupported adapter format {fmt!r}")
+    for note in adapter.notes:
+        warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
+    return adapter
 
 
 __all__ = ["adapter_format", "detect_format", "load"]

@@ -20,7 +20,7 @@ def most_common(values: list[float]) -> float:
 def safetensors_keys(path: str | os.PathLike[str]) -> list[str]:
     """The tensor names of a readable `.safetensors` file (header only); [] for anything else."""
     p = Path(path)
-    if not (p.is_file() and p.suffix == ".safetensors"):
+    if not (p.is_file() and p.name.lower().endswith(".safetensors")):  # suffixes in any case
         return []
     try:
         tensors, _, _ = read_header(p)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from lorafuse.errors import FormatError
-from lorafuse.io.checkpoint import Checkpoint, read_json
+from lorafuse.io.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, names_ending, read_json
 
 INDEX = "model_index.json"
 
@@ -30,13 +30,36 @@ class Pipeline:
             raise FormatError(f"{self.directory / INDEX}: the pipeline index must be a JSON object")
         self.components: dict[str, Checkpoint] = {}
         for name, value in index.items():
-            folder = self.directory / name
-            if name.startswith("_") or not isinstance(value, list) or not folder.is_dir():
+            if name.startswith("_") or not isinstance(value, list):  # _class_name, _diffusers_version, ...
                 continue
-            if Path(name).name != name:
-                raise FormatError(f"{self.directory / INDEX}: component {name!r} is not a folder name")
-            if any(folder.glob("*.safetensors")):
+            folder = self._component_folder(name)
+            if folder is None:
+                continue
+            try:
+                weights = names_ending(folder, SAFETENSORS_SUFFIX)
+            except OSError as e:
+                raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
+            if weights:
                 self.components[name] = Checkpoint(folder)
+
+    def _component_folder(self, name: str) -> Path | None:
+        """The folder of component `name` (None when the pipeline has no such folder). Only the plain
+        name of a folder inside the pipeline is accepted: not '', '.', '..', a path, a name with
+        control characters, nor a symbolic link that leads out of the pipeline folder."""
+        where = f"{self.directory / INDEX}: component {name!r}"
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or not name.isprintable():
+            raise FormatError(f"{where} is not the plain name of a folder of the pipeline (no '.', '..', path "
+                              "separators or control characters); fix model_index.json")
+        folder = self.directory / name
+        if not folder.is_dir():
+            return None
+        inside, target = self.directory.resolve(), folder.resolve()
+        if target == inside:
+            raise FormatError(f"{where}: its folder is a symbolic link to the pipeline folder itself")
+        if inside not in target.parents:
+            raise FormatError(f"{where}: its folder is a symbolic link to {target}, outside the pipeline folder "
+                              f"{self.directory}; copy that folder into the pipeline instead")
+        return folder
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """'<component>/<key>' -> shape for every tensor of every component."""

@@ -13,32 +13,36 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from lorafuse import _core
 from lorafuse._progress import Progress
+from lorafuse._validate import check_threads
 from lorafuse.adapter import Adapter
 from lorafuse.errors import (
+    FormatError,
     LorafuseValueError,
     NonFiniteError,
 )
 from lorafuse.formats import load
-from lorafuse.io.atomic import atomic_dir, atomic_file, check_output_path
-from lorafuse.io.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
+from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
+from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
+from lorafuse.io.sidefiles import classify, copy_entry, copy_file
 from lorafuse.io.tensor import Tensor
 from lorafuse.ops.match import BaseMatcher
-from lorafuse.ops.resolve import Contribution, Resolved, missing_error, resolve
+from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
 from lorafuse.ops.stages import Stage, build_stages, on_columns, slice_rows
 
 BATCH_BYTES = 32 << 20  # output bytes computed per call into the core
@@ -87,28 +91,56 @@ class _Plan:
     notes: list[str]
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS.update({u[0]: _SIZE_UNITS[u] for u in ("KB", "MB", "GB", "TB")})  # 5G = 5GB
+_SIZE_UNITS.update({u[:2]: _SIZE_UNITS[u] for u in ("KIB", "MIB", "GIB", "TIB")})  # 2Gi = 2GiB
+_SIZE_EXAMPLES = ("give one such as 5GB, 500MB, 1.5GB, 2GiB or 1000000 (bytes); KB, MB, GB are 10^3, 10^6, 10^9 "
+                  "bytes and KiB, MiB, GiB 2^10, 2^20, 2^30")
+MIN_SHARD_SIZE = 64 << 10  # below this a shard holds almost nothing but its header
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, plain integers are bytes."""
+    """A byte count: an integer, or a string '5GB' (10^9), '500MiB' (2^20), '1.5 gb', '100' (bytes).
+
+    Units are case-insensitive. A count without a unit (or in B) must be a whole number; a fraction
+    of a unit rounds down to whole bytes. Anything else is a LorafuseValueError."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
     if isinstance(text, int):
+        if text <= 0:
+            raise LorafuseValueError(f"size {text} is not a positive number of bytes: {_SIZE_EXAMPLES}")
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or float(m.group(1)) <= 0:
-        raise LorafuseValueError(f"shard size {text!r} is not a size such as 5GB, 500MB or 2GiB")
-    unit = m.group(2).rstrip("B") or "B"
-    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(m.group(1)) * powers[unit])
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or (unit or "B") not in _SIZE_UNITS:
+        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
+    number = Decimal(m.group(1))
+    if (unit or "B") == "B" and number != number.to_integral_value():
+        raise LorafuseValueError(f"{text!r} is a fraction of a byte: a size without a unit is a whole number of "
+                                 f"bytes; {_SIZE_EXAMPLES}")
+    size = int(number * _SIZE_UNITS[unit or "B"])  # exact decimal arithmetic, rounded down
+    if size <= 0:
+        raise LorafuseValueError(f"size {text!r} is 0 bytes: {_SIZE_EXAMPLES}")
+    return size
+
+
+def _shard_limit(max_shard_size: str | int) -> int:
+    """--max-shard-size as bytes; absurdly small sizes (every tensor a file, the header repeated in each)
+    are refused."""
+    size = parse_size(max_shard_size)
+    if size < MIN_SHARD_SIZE:
+        raise LorafuseValueError(
+            f"shard size {max_shard_size!r} ({size} bytes) is below the {MIN_SHARD_SIZE // 1024} KiB minimum: each "
+            "shard repeats the checkpoint's metadata and becomes a file of its own; Hugging Face checkpoints use "
+            "shards of 1GB to 10GB (e.g. --max-shard-size 5GB)"
+        )
+    return size
 
 
 def _read_config(directory: Path) -> dict[str, object]:
-    path = directory / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
+    """The base's config.json ({} when there is none); one that cannot be read is a FormatError."""
+    return read_config(directory)
 
 
 def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
@@ -150,8 +182,8 @@ def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[
     shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
     if virtual_lm_head:
         shapes[LM_HEAD] = shapes[emb_key]  # type: ignore[index]
-    resolved = resolve(shapes, adapters, weights, base_key)
-    notes: list[str] = []
+    resolved = resolve(shapes, adapters, weights, base_key, config)
+    notes: list[str] = adapter_notes(adapters)
     if resolved.missing:
         if not skip_missing:
             raise missing_error(resolved.missing, str(ckpt.directory))
@@ -211,12 +243,26 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
                 size = 0
             packs[-1].append(t)
             size += t.nbytes
+        packs = packs or [[]]  # a checkpoint of no tensors still gets its (empty) model file
         n = len(packs)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         shards = list(zip(names, packs))
         first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
+        _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
         metadata = {name: dict(first_meta) for name in names}
     return _Plan(shards, metadata, config_updates, notes)
+
+
+def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
+    """Every re-sharded file repeats the input's metadata: refuse a shard size under 100 times its size
+    (the copies would be more than 1% of the output, and most of it with thousands of tiny shards)."""
+    meta_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8")) if metadata else 0
+    if meta_bytes * 100 > max_shard_size:
+        raise LorafuseValueError(
+            f"{where}: its metadata ({meta_bytes} bytes) is copied into every output shard, and --max-shard-size "
+            f"{max_shard_size} bytes is less than 100 times that: choose at least {meta_bytes * 100} bytes "
+            "(e.g. 5GB), or leave --max-shard-size out to keep the input's shards"
+        )
 
 
 _INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
@@ -278,20 +324,32 @@ class _Arenas:
 
 class _Writer:
     """Writes in submission order on one background thread, so disk writes overlap the next
-    batch's arithmetic; at most `depth` batches are in flight, which bounds memory."""
+    batch's arithmetic; at most `depth` batches are in flight, which bounds memory.
+
+    Where no thread can be started (a process or thread limit), every write runs at once in
+    the calling thread instead: slower, same output."""
 
     def __init__(self, depth: int = WRITE_DEPTH) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-writer")
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-writer")
         self._pending: deque[Future[None]] = deque()
         self._depth = depth
+        try:
+            self._pool.submit(lambda: None).result()  # start the thread now, while nothing depends on it
+        except RuntimeError:  # "can't start new thread"
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def submit(self, fn: Callable[[], None]) -> None:
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()
+        if self._pool is None:
+            fn()
+            return
         self._pending.append(self._pool.submit(fn))
 
     def wait_one(self) -> None:
-        self._pending.popleft().result()
+        if self._pending:
+            self._pending.popleft().result()
 
     def drain(self) -> None:
         while self._pending:
@@ -300,7 +358,8 @@ class _Writer:
     def close(self) -> None:
         for f in self._pending:
             f.cancel()
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class _Executor:
@@ -345,11 +404,12 @@ class _Executor:
                 size = 0
                 for t in entries:
                     src = self.file(t.src_shard)
-                    if t.is_copy(src.info(t.src_name).dtype):
+                    empty = t.nbytes == 0  # a (0, 8) weight, say: nothing to compute, no rows to split
+                    if empty or t.is_copy(src.info(t.src_name).dtype):
                         if batch:
                             self._submit(writer, out, batch)
                             batch, size = [], 0
-                        writer.submit(self._copy(out, t, src))
+                        writer.submit(self._empty(out, t) if empty else self._copy(out, t, src))
                         continue
                     for piece in self._pieces(t):
                         batch.append(piece)
@@ -392,6 +452,18 @@ class _Executor:
         def run() -> None:
             out.copy_from(t.name, src, t.src_name)
             self.progress.update(t.nbytes, t.name)
+
+        return run
+
+    def _empty(self, out: SafetensorsWriter, t: OutTensor) -> Callable[[], None]:
+        """A tensor of no elements: its header entry says it all (whatever is merged into it is empty too)."""
+        for names, changed in ((self.merged, t.updates), (self.replaced, t.replacement is not None),
+                               (self.biases, t.bias_updates)):
+            if changed:
+                names.append(t.name)
+
+        def run() -> None:
+            out.start(t.name)
 
         return run
 
@@ -463,8 +535,15 @@ class _Executor:
         return batch
 
     def _bias(self, t: OutTensor, src: SafetensorsFile) -> np.ndarray:
-        """base bias + sum of weight * scale * lora_B.bias, in float64, rounded once."""
-        acc = Tensor(src.raw(t.src_name), src.info(t.src_name).dtype).f32().astype(np.float64)
+        """base bias + sum of weight * scale * lora_B.bias, in float64, rounded once. A bias that an
+        adapter replaces (modules_to_save) takes the base's place first, as for weights: every adapter's
+        lora_B bias then adds to it, whichever adapter came first."""
+        if t.replacement is not None:
+            base = t.replacement
+            self.replaced.append(t.name)
+        else:
+            base = Tensor(src.raw(t.src_name), src.info(t.src_name).dtype)
+        acc = base.f32().astype(np.float64)
         for c in t.bias_updates:
             assert c.update.bias is not None
             acc += c.coef * c.update.bias.f32().astype(np.float64)
@@ -480,21 +559,29 @@ class _Executor:
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
                      notes: list[str]) -> None:
-    for p in sorted(src_dir.iterdir()):
+    """The checkpoint folder's other files (config, tokenizer, ...): regular files only (see io.sidefiles),
+    config.json with `config_updates` applied. Sub-folders and other weights are left out with a note."""
+    try:
+        entries = sorted(src_dir.iterdir())
+    except OSError as e:
+        raise FormatError(f"{src_dir}: cannot read: {e.strerror or e}") from None
+    for p in entries:
         if p.name in skip or p.name.startswith("."):
             continue
-        if p.is_dir():
-            notes.append(f"folder {p.name}/ was not copied")
-            continue
-        if p.suffix in PICKLE_SUFFIXES or p.name.endswith((".safetensors", ".safetensors.index.json")):
+        if is_pickle(p) or p.name.lower().endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)):
             notes.append(f"{p.name} holds other weights and was not copied")
             continue
-        if p.name == "config.json" and config_updates:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
+        kind, why = classify(p)
+        if kind == "skip":
+            notes.append(f"{p.name} is {why}: not copied")
+        elif kind == "dir":
+            notes.append(f"folder {p.name}/ was not copied")
+        elif p.name == "config.json" and config_updates:
+            cfg = read_config(src_dir)
             cfg.update(config_updates)
             (dst_dir / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-            continue
-        shutil.copy2(p, dst_dir / p.name)
+        else:
+            copy_file(p, dst_dir / p.name)
 
 
 def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: _Plan, resharded: bool) -> None:
@@ -522,6 +609,7 @@ def apply(
     progress: bool | None = None,
     allow_nonfinite: bool = False,
     skip_missing: bool = False,
+    overwrite: bool = False,
 ) -> ApplyReport:
     """Merge `adapters` (paths or Adapter objects) into the checkpoint at `base`, writing `out`.
 
@@ -532,7 +620,8 @@ def apply(
     SD / SDXL / Flux / text-encoder name tables. `weights` multiply each adapter's delta
     (default 1). `dtype` ('bf16', 'fp16', 'fp32') overrides the output dtype of float tensors.
     Every module that finds no target is listed in a MissingModuleError, unless `skip_missing`
-    (then they are listed in the report's notes).
+    (then they are listed in the report's notes). `out` may be new, an empty folder (file) or an
+    earlier lorafuse output; anything else is refused before any work unless `overwrite` (see io.atomic).
     """
     start = time.monotonic()
     if out is None:
@@ -544,10 +633,9 @@ def apply(
         raise LorafuseValueError(f"{len(ws)} weights given for {len(adapters)} adapters")
     if not all(math.isfinite(w) for w in ws):
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
-    if threads < 0:
-        raise LorafuseValueError(f"threads must be >= 0 (0 means all cores), got {threads}")
+    threads = check_threads(threads)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
-    shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    shard_limit = _shard_limit(max_shard_size) if max_shard_size is not None else None
 
     base_path, out_path = Path(base), Path(out)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
@@ -555,11 +643,11 @@ def apply(
         if max_shard_size is not None:
             raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a diffusers pipeline")
         return _apply_pipeline(Pipeline(base_path), loaded, ws, out_path, out_dtype, threads, progress,
-                               allow_nonfinite, skip_missing, start)
+                               allow_nonfinite, skip_missing, start, overwrite)
     ckpt = Checkpoint(base_path)
-    inputs = ckpt.files() + _adapter_files(loaded)
-    check_output_path(out_path, inputs)
+    inputs = [base_path, *ckpt.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
     single_file = base_path.is_file()
+    check_output(out_path, inputs, folder=not single_file, overwrite=overwrite)
     if single_file and shard_limit is not None:
         raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
     plan = plan_apply(ckpt, loaded, ws, out_dtype, shard_limit, skip_missing)
@@ -569,11 +657,11 @@ def apply(
     ex = _Executor(ckpt, threads, bar, allow_nonfinite)
     try:
         if single_file:
-            with atomic_file(out_path, inputs) as tmp:
+            with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
                 shard, entries = plan.shards[0]
-                ex.write_shard(tmp, entries, plan.metadata.get(shard, {}))
+                ex.write_shard(tmp, entries, mark_metadata(plan.metadata.get(shard, {})))
         else:
-            with atomic_dir(out_path, inputs) as tmp:
+            with atomic_dir(out_path, inputs, overwrite=overwrite, kind="checkpoint") as tmp:
                 _write_folder(ex, ckpt, plan, tmp, shard_limit)
     finally:
         ex.close()
@@ -593,7 +681,7 @@ def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: _Plan, tmp: Path, shard
         ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
     if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
         _write_index(tmp, ckpt, plan, shard_limit is not None)
-    skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else [])}
+    skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
     _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
         plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
@@ -611,12 +699,12 @@ def _split_by_component(resolved: Resolved) -> dict[str, Resolved]:
 
 def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_path: Path, dtype: str | None,
                     threads: int, progress: bool | None, allow_nonfinite: bool, skip_missing: bool,
-                    start: float) -> ApplyReport:
+                    start: float, overwrite: bool = False) -> ApplyReport:
     """Merge into the components an adapter touches; copy every other file and folder as it is."""
-    inputs = pipe.files() + _adapter_files(loaded)
-    check_output_path(out_path, inputs)
+    inputs = [pipe.directory, *pipe.files(), *_adapter_files(loaded)]
+    check_output(out_path, inputs, folder=True, overwrite=overwrite)
     resolved = resolve(pipe.shapes(), loaded, ws, lambda name: None)  # LLM names match nothing in a pipeline
-    notes: list[str] = []
+    notes: list[str] = adapter_notes(loaded)
     if resolved.missing:
         if not skip_missing:
             raise missing_error(resolved.missing, str(pipe.directory))
@@ -630,9 +718,9 @@ def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_
     biases: list[str] = []
     tensors = 0
     try:
-        with atomic_dir(out_path, inputs) as tmp:
+        with atomic_dir(out_path, inputs, overwrite=overwrite, kind="diffusers-pipeline") as tmp:
             for entry in sorted(pipe.directory.iterdir()):
-                if entry.name.startswith("."):
+                if entry.name.startswith(".") or entry.name == MANIFEST_NAME:  # a fresh manifest is written
                     continue
                 if entry.name in plans:
                     comp, plan = entry.name, plans[entry.name]
@@ -646,10 +734,8 @@ def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_
                     replaced += [f"{comp}/{n}" for n in ex.replaced]
                     biases += [f"{comp}/{n}" for n in ex.biases]
                     tensors += sum(len(ts) for _, ts in plan.shards)
-                elif entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+                else:  # files through links (a Hugging Face cache), folders whole; no FIFO, device or loop
+                    copy_entry(entry, tmp / entry.name, notes, pipe.directory)
     finally:
         bar.close()
     return ApplyReport(out_path, merged, replaced, biases, tensors, total, time.monotonic() - start, notes)

@@ -1,0 +1,127 @@
+"""The non-weight files of a model folder (configs, tokenizers, schedulers), copied into an output.
+
+Only regular files are copied: through a symbolic link (a Hugging Face cache snapshot links every
+file to a blob outside the folder), exactly the bytes the file held when it was opened. What is
+not a regular file is left out with a note naming it: a broken link, a link loop, a FIFO (opening
+it would wait for a writer forever), a socket, a device (a link to /dev/zero would copy until the
+disk is full). A file that cannot be read, or that changes size while it is copied, is a
+FormatError naming it; a copy never reads past the size the file had when it was opened.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from lorafuse.errors import FormatError
+from lorafuse.io.checkpoint import broken_link
+from lorafuse.io.safetensors import file_kind, open_regular
+
+_CHUNK = 1 << 24
+
+
+def classify(path: Path) -> tuple[str, str]:
+    """('file', ''), ('dir', '') or ('skip', why): what `path` is once links are followed."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        link = broken_link(path)
+        if link is not None:
+            return "skip", link
+        if isinstance(e, FileNotFoundError):
+            return "skip", "gone (removed while the folder was read)"
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        return "dir", ""
+    if stat.S_ISREG(mode):
+        return "file", ""
+    return "skip", file_kind(mode)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy the regular file `src` (followed if it is a link) to the new file `dst`, with its mode and
+    times. Exactly the size it had when opened: a file that shrinks or grows meanwhile is refused."""
+    try:
+        fd = open_regular(src, str(src))  # a FIFO or device is refused without blocking on it
+    except FormatError as e:  # unreadable (permissions), or replaced since it was listed
+        raise FormatError(f"{e}; it belongs in the output: make it readable, or move it out of {src.parent}") from None
+    try:
+        st = os.fstat(fd)
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            _copy_exactly(fd, out, st.st_size, src)
+        finally:
+            os.close(out)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def _copy_exactly(fd: int, out: int, size: int, src: Path) -> None:
+    """`size` bytes of `fd` from its start to `out`: in the kernel (copy_file_range) while it can, else
+    read and written here, which also says which side failed. A read error is a FormatError naming
+    `src`; a write error (a full disk) is left an OSError, which the output's atomic writer reports."""
+    done = 0
+    kernel = hasattr(os, "copy_file_range")
+    while done < size:
+        if kernel:
+            try:
+                n = os.copy_file_range(fd, out, min(size - done, 1 << 30), done)
+            except OSError:  # another filesystem, an old kernel, a full disk: the plain loop says which
+                kernel = False
+                continue
+        else:
+            n = _copy_chunk(fd, out, min(size - done, _CHUNK), done, src)
+        if n == 0:
+            raise FormatError(f"{src}: the file shrank while it was copied ({done} of its {size} bytes read); "
+                              "copy again when nothing writes to it")
+        done += n
+    try:
+        more = os.pread(fd, 1, size)
+    except OSError as e:
+        raise FormatError(f"{src}: cannot read: {e.strerror or e}") from None
+    if more:
+        raise FormatError(f"{src}: the file grew while it was copied (it had {size} bytes when opened); "
+                          "copy again when nothing writes to it")
+
+
+def _copy_chunk(fd: int, out: int, count: int, offset: int, src: Path) -> int:
+    try:
+        chunk = os.pread(fd, count, offset)
+    except OSError as e:
+        raise FormatError(f"{src}: cannot read: {e.strerror or e}") from None
+    view = memoryview(chunk)
+    while len(view):
+        view = view[os.write(out, view):]
+    return len(chunk)
+
+
+def copy_entry(src: Path, dst: Path, notes: list[str], root: Path, ancestors: frozenset[Path] = frozenset()) -> None:
+    """Copy a file or a folder tree `src` (inside the folder `root`) to `dst`. What is not a regular file
+    or a folder is left out with a note; so is a link to a folder outside `root` or to a folder that
+    contains it (a loop)."""
+    shown = src.relative_to(root) if src.is_relative_to(root) else src
+    kind, why = classify(src)
+    if kind == "skip":
+        notes.append(f"{shown} is {why}: not copied")
+        return
+    if kind == "file":
+        copy_file(src, dst)
+        return
+    real = src.resolve()
+    real_root = root.resolve()
+    if real in ancestors or real == real_root or real in real_root.parents:
+        notes.append(f"{shown}/ is a symbolic link to {real}, a folder that contains it (a loop): not copied")
+        return
+    if src.is_symlink() and real_root not in real.parents:
+        notes.append(f"{shown}/ is a symbolic link to the folder {real}, outside {root}: not copied")
+        return
+    try:
+        entries = sorted(src.iterdir())
+    except OSError as e:
+        raise FormatError(f"{src}: cannot read: {e.strerror or e}") from None
+    dst.mkdir()
+    for entry in entries:
+        copy_entry(entry, dst / entry.name, notes, root, ancestors | {real})
