@@ -16,7 +16,8 @@
 # Sanitizer reports are kept in build/sanitize-logs.
 #
 # Environment: PYTHON (default python3) makes the venv; CMAKE_BUILD_PARALLEL_LEVEL
-# (default: all cores) sets the build's parallelism; LORAFUSE_NATIVE is passed on.
+# (default: all cores) sets the build's parallelism; LORAFUSE_NATIVE (default ON here:
+# one core variant, the one this machine runs, instead of the portable set) is passed on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -71,15 +72,16 @@ command -v cmake >/dev/null || "$py" -m pip install -q cmake ninja
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 # Not editable, no build isolation (so the outer packages are used), own build
 # folder; not stripped, so reports name functions and lines.
-LORAFUSE_SANITIZE=ON "$py" -m pip install -q --no-deps --no-build-isolation \
+LORAFUSE_NATIVE=${LORAFUSE_NATIVE:-ON} LORAFUSE_SANITIZE=ON "$py" -m pip install -q --no-deps --no-build-isolation \
   --force-reinstall -C build-dir=build/sanitize -C install.strip=false .
 
 # --- is this really the sanitized build? ----------------------------------------
 # (Located without importing lorafuse, which loads _core: that needs the preload.)
 core=$(cd / && "$py" -c '
 import glob, importlib.util as u
-print(*glob.glob(u.find_spec("lorafuse").submodule_search_locations[0] + "/_core.*so"))')
+print(*glob.glob(u.find_spec("lorafuse").submodule_search_locations[0] + "/_core_*.so"))')
 case $core in
+  *" "*) echo "sanitize.sh: more than one core variant was built ($core); build with LORAFUSE_NATIVE=ON" >&2; exit 1 ;;
   "$venv"/*.so) ;;
   *) echo "sanitize.sh: lorafuse._core resolves to $core, not the build in $venv" >&2; exit 1 ;;
 esac
