@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _version() -> str:
+    """pyproject.toml's version, as installed (the one place it is written)."""
+    try:
+        return version("lorafuse")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        from lorafuse import _core
+
+        return str(_core.__version__)
+
+
+__version__ = _version()
 
 from lorafuse.adapter import Adapter, LoraUpdate
 from lorafuse.errors import (
+    AdapterNote,
     DtypeError,
     FormatError,
+    InputChangedError,
     LorafuseError,
     LorafuseValueError,
     MissingModuleError,
     NonFiniteError,
     OutputError,
+    OverwriteWarning,
     ShapeMismatchError,
     UnsupportedError,
 )
@@ -24,18 +40,21 @@ from lorafuse.ops.info import describe
 from lorafuse.ops.similarity import similarity
 
 __all__ = [
+    "AdapterNote",
     "Adapter",
     "ApplyReport",
     "convert",
     "METHODS",
     "DtypeError",
     "FormatError",
+    "InputChangedError",
     "LoraUpdate",
     "LorafuseError",
     "LorafuseValueError",
     "MissingModuleError",
     "NonFiniteError",
     "OutputError",
+    "OverwriteWarning",
     "ShapeMismatchError",
     "UnsupportedError",
     "__version__",

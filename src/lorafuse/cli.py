@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
 
 import numpy as np
 
 from lorafuse import __version__
 from lorafuse._progress import human_bytes
+from lorafuse._terminal import printable
+from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED, MAX_THREADS
 from lorafuse.errors import LorafuseError, LorafuseValueError
+from lorafuse.io.atomic import check_output
 
 _EPILOG_APPLY = """\
 examples:
@@ -26,7 +32,10 @@ Equals PEFT's merge_and_unload() + save_pretrained(): W' = W + sum_i w_i * s_i *
 s_i = lora_alpha / r (or / sqrt(r) with rslora), computed in float32 and rounded once.
 DoRA adapters rescale each output row to the learned magnitude. Non-weight files
 (config.json, tokenizer files, ...) are copied. The output appears only when
-complete; an output path that is an input is refused.
+complete. The output may be a new path, an empty folder or an earlier lorafuse output
+(a folder holding lorafuse_manifest.json and nothing else); any other folder or file is
+refused (--overwrite replaces it, naming what it held); the current folder, an input, a
+folder holding an input or a path inside an input folder are always refused.
 
 Diffusion adapters (kohya LoRA / LoCon, LyCORIS LoHa / LoKr / DoRA, diffusers LoRA
 files) find their weights in single-file SD 1.x / 2.x / SDXL / Flux checkpoints and in
@@ -96,13 +105,18 @@ modules are copied as they are: --rank does not resize them (use lorafuse resize
 """
 
 
+def _say(text: object = "", file: TextIO | None = None) -> None:
+    """print() for everything the CLI shows: names from files reach the terminal escaped (see _terminal)."""
+    print(printable(text), file=sys.stdout if file is None else file)
+
+
 def _rank_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--rank", type=int, help="fixed output rank")
-    g.add_argument("--sv-ratio", type=float, help="keep singular values above S_1 / T")
-    g.add_argument("--sv-fro", type=float, help="keep this fraction of the Frobenius norm (0..1)")
-    g.add_argument("--sv-cumulative", type=float, help="keep this fraction of the sum of singular values (0..1)")
-    p.add_argument("--max-rank", type=int, help="upper bound on every module's rank")
+    g.add_argument("--rank", type=_rank, help="fixed output rank")
+    g.add_argument("--sv-ratio", type=_sv_ratio, help="keep singular values above S_1 / T")
+    g.add_argument("--sv-fro", type=_fraction, help="keep this fraction of the Frobenius norm (0..1)")
+    g.add_argument("--sv-cumulative", type=_fraction, help="keep this fraction of the sum of singular values (0..1)")
+    p.add_argument("--max-rank", type=_rank, help="upper bound on every module's rank")
     p.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="one line per module")
@@ -119,32 +133,97 @@ def _rule(args: argparse.Namespace) -> object:
 
 def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, object]], summary: str, metric: str) -> None:
     if args.json:
-        print(json.dumps({"summary": summary, "modules": rows}, indent=2))
+        _say(json.dumps({"summary": summary, "modules": rows}, indent=2))
         return
     if args.quiet:
         return
     if args.verbose:
         width = max((len(str(r["name"])) for r in rows), default=6)
         for r in rows:
-            print(f"{str(r['name']):<{width}}  rank {r['rank']:>4}  {metric} {float(r[metric]):.6f}")  # type: ignore[arg-type]
-    print(summary)
+            _say(f"{str(r['name']):<{width}}  rank {r['rank']:>4}  {metric} {float(r[metric]):.6f}")  # type: ignore[arg-type]
+    _say(summary)
 
+
+# Numeric options are checked while parsing: argparse reports "argument --rank: must be ..." naming the
+# option, the value and the allowed range (the API checks the same ranges: lorafuse._validate).
 
 def _weights(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        ws = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(w) for w in ws):
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated finite numbers, got {text!r}")
+    return ws
+
+
+def _bounded_int(text: str, lo: int, hi: int, note: str = "") -> int:
+    try:
+        n = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {text!r}") from None
+    if not lo <= n <= hi:
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {text}")
+    return n
+
+
+def _bounded_float(text: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    allowed = f"a number {'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+    if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+    return x
 
 
 def _threads(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threads must be an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("threads must be >= 0 (0 means all cores)")
-    return n
+    """0 (all cores) .. 1024 (the core runs at most 4 workers per core whatever is asked)."""
+    return _bounded_int(text, 0, MAX_THREADS, " (all cores)")
+
+
+def _rank(text: str) -> int:
+    """--rank, --conv-rank, --max-rank: 1 .. 2^20 (each module is capped at its own full rank)."""
+    return _bounded_int(text, 1, MAX_RANK)
+
+
+def _power_iters(text: str) -> int:
+    return _bounded_int(text, 0, MAX_POWER_ITERS)
+
+
+def _oversample(text: str) -> int:
+    return _bounded_int(text, 0, MAX_OVERSAMPLE)
+
+
+def _seed(text: str) -> int:
+    return _bounded_int(text, 0, MAX_SEED)
+
+
+def _density(text: str) -> float:
+    return _bounded_float(text, 0.0, 1.0)
+
+
+def _sv_ratio(text: str) -> float:
+    return _bounded_float(text, 1.0, math.inf)
+
+
+def _fraction(text: str) -> float:
+    """--sv-fro, --sv-cumulative: (0, 1]."""
+    return _bounded_float(text, 0.0, 1.0, lo_open=True)
+
+
+_OVERWRITE_HELP = (
+    "replace {what} even when lorafuse did not write it (a folder or file of yours, or a lorafuse output you "
+    "added files to or changed); stderr names what was replaced. Without it such an output is refused and "
+    "nothing is written. New paths, empty folders and lorafuse's own outputs (a folder holding "
+    "lorafuse_manifest.json and nothing else, a file with lorafuse_version metadata) need no flag. Never "
+    "replaced, even with it: the current folder or one above it, an input, a folder holding an input, a path "
+    "inside an input folder, a symbolic link")
+
+
+def _overwrite_option(p: argparse.ArgumentParser, what: str = "the output (-o)") -> None:
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.format(what=what))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
                    "diffusers LoRA files")
     a.add_argument("-o", "--out", required=True, help="output folder (a file when the base is a file)")
+    _overwrite_option(a)
     a.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
     a.add_argument("--dtype", help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
-    a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB or 2GiB (default: shards as the input)")
+    a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB (2^30 bytes); at "
+                   "least 64KiB and 100x the checkpoint's metadata, which every shard repeats (default: shards as "
+                   "the input)")
     a.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     a.add_argument("--skip-missing", action="store_true",
                    help="merge the modules that find a target and list the others (default: refuse)")
@@ -179,16 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_COMBINE, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
     c.add_argument("-o", "--out", required=True, help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
+    _overwrite_option(c)
     c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
                    help="output format (default: that of the first input)")
     c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
     c.add_argument("--method", default="svd", help="combination method (default svd; see below)")
-    c.add_argument("--rank", type=int, help="output rank of the svd methods (default: the largest input rank)")
-    c.add_argument("--conv-rank", type=int, help="output rank of kxk convolutions, k > 1 (default: --rank)")
-    c.add_argument("--density", type=float, help="fraction of values kept by ties / dare / magnitude_prune")
+    c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
+    c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
+    c.add_argument("--density", type=_density, help="fraction of values kept by ties / dare / magnitude_prune")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total) or the count (frequency) of signs")
-    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
+    c.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
     c.add_argument("--split", default="B", choices=("B", "sqrt"),
                    help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
     c.add_argument("--exact", action="store_true",
@@ -204,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON for machines")
     s.add_argument("--plot", metavar="PNG", help="also draw the matrix as a heat map to this PNG file "
                    "(needs matplotlib: pip install lorafuse[plot])")
+    _overwrite_option(s, "the --plot file")
     s.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
 
     r = sub.add_parser("resize", help="reduce the rank of an adapter (optimally)",
@@ -213,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file")
     r.add_argument("-o", "--out", required=True, help="output adapter (same format as the input)")
+    _overwrite_option(r)
     _rank_options(r)
     r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
 
@@ -223,14 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("base", help="base checkpoint (folder or .safetensors file)")
     e.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
     e.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT)")
+    _overwrite_option(e)
     _rank_options(e)
     e.add_argument("--include", help="only modules whose name matches this regular expression")
     e.add_argument("--exclude", help="skip modules whose name matches this regular expression")
     e.add_argument("--embeddings", default="skip", choices=("skip", "lora", "full"),
                    help="embeddings and lm_head: skip (default), extract as LoRA, or keep whole (modules_to_save)")
-    e.add_argument("--power-iters", type=int, default=2, help="power iterations of the randomized SVD (default 2)")
-    e.add_argument("--oversample", type=int, default=10, help="extra sketch columns (default 10)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the random sketch (default 0)")
+    e.add_argument("--power-iters", type=_power_iters, default=2,
+                   help="power iterations of the randomized SVD (default 2)")
+    e.add_argument("--oversample", type=_oversample, default=10, help="extra sketch columns (default 10)")
+    e.add_argument("--seed", type=_seed, default=0, help="seed of the random sketch (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming",
@@ -240,11 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file")
     v.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    _overwrite_option(v)
     v.add_argument("--to", required=True, choices=("peft", "kohya"),
                    help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names")
-    v.add_argument("--rank", type=int, help="LoHa / LoKr modules: the rank of their LoRA approximation "
+    v.add_argument("--rank", type=_rank, help="LoHa / LoKr modules: the rank of their LoRA approximation "
                    "(plain LoRA modules are not resized; see lorafuse resize)")
-    v.add_argument("--conv-rank", type=int, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
+    v.add_argument("--conv-rank", type=_rank, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
                    "(default: --rank)")
     v.add_argument("--family", choices=("sd1", "sdxl", "flux"), help="model family of the names (default: "
                    "guessed from them; sd1 covers SD 2.x too)")
@@ -262,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
     i.add_argument("--spectrum", metavar="PNG", help="adapters: also plot the singular values of every module's "
                    "delta, per module type, to this PNG file (needs matplotlib: pip install lorafuse[plot])")
+    _overwrite_option(i, "the --spectrum file")
     i.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     return p
 
@@ -271,11 +360,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
     report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
                    max_shard_size=args.max_shard_size, progress=False if args.no_progress else None,
-                   allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing)
+                   allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing, overwrite=args.overwrite)
     if not args.quiet:
         for note in report.notes:
-            print(f"note: {note}", file=sys.stderr)
-        print(f"merged {len(report.merged)} weights"
+            _say(f"note: {note}", file=sys.stderr)
+        _say(f"merged {len(report.merged)} weights"
               + (f", replaced {len(report.replaced)}" if report.replaced else "")
               + (f", updated {len(report.biases)} biases" if report.biases else "")
               + f"; wrote {report.tensors} tensors ({human_bytes(report.bytes_written)}) to {report.out} "
@@ -291,17 +380,20 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     loaded = [load(a) for a in args.adapters]
+    fmt = args.format or loaded[0].format
+    check_output(args.out, [p for a in loaded for p in a.sources()], folder=fmt == "peft",
+                 overwrite=args.overwrite)  # before the work: refused outputs cost nothing
     result = combine(loaded, args.weights, method=args.method, rank=args.rank, density=args.density,
                      majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads,
                      exact=args.exact, conv_rank=args.conv_rank)
-    result.save(args.out, args.format or loaded[0].format)  # never over an input (result.sources())
+    result.save(args.out, fmt, overwrite=args.overwrite)  # never over an input (result.sources())
     if not args.quiet:
         ranks = sorted({u.rank for u in result.updates.values()})
-        print(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
+        _say(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
               f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
         if result.randomized:
             hint = " (--exact forces the exact SVD)" if args.method == "svd" else ""
-            print(f"  {len(result.randomized)} of {len(result)} modules took a randomized SVD (near-optimal)"
+            _say(f"  {len(result.randomized)} of {len(result)} modules took a randomized SVD (near-optimal)"
                   f"{hint}: {', '.join(result.randomized[:3])}{', ...' if len(result.randomized) > 3 else ''}")
     return 0
 
@@ -310,12 +402,15 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from lorafuse.formats import load
     from lorafuse.ops.resize import resize
 
     start = time.monotonic()
-    result, report = resize(args.adapter, _rule(args), args.split, args.threads,  # type: ignore[arg-type]
+    adapter = load(args.adapter)
+    check_output(args.out, adapter.sources(), folder=adapter.format == "peft", overwrite=args.overwrite)
+    result, report = resize(adapter, _rule(args), args.split, args.threads,  # type: ignore[arg-type]
                             progress=False if args.json or args.quiet else None)
-    result.save(args.out)
+    result.save(args.out, overwrite=args.overwrite)
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]
@@ -330,16 +425,18 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import time
 
+    from pathlib import Path
+
     from lorafuse.formats.peft import save_peft
     from lorafuse.ops.extract import extract
 
     start = time.monotonic()
+    inputs = [Path(args.base), Path(args.finetuned)]
+    check_output(args.out, inputs, folder=True, overwrite=args.overwrite)  # before the work
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,  # type: ignore[arg-type]
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None)
-    from pathlib import Path
-
-    save_peft(res.adapter, args.out, [Path(args.base), Path(args.finetuned)])
+    save_peft(res.adapter, args.out, inputs, overwrite=args.overwrite)
     rows = [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "rel_error": m.rel_error,
              "singular_values": m.singular_values} for m in res.modules]
     errs = [m.rel_error for m in res.modules]
@@ -350,9 +447,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                f"{len(res.adapter.full)} kept whole; wrote {args.out} in {time.monotonic() - start:.2f} s")
     if res.skipped and not args.quiet and not args.json:
         for line in res.skipped[:10]:
-            print(f"note: not extracted: {line}", file=sys.stderr)
+            _say(f"note: not extracted: {line}", file=sys.stderr)
         if len(res.skipped) > 10:
-            print(f"note: ... and {len(res.skipped) - 10} more", file=sys.stderr)
+            _say(f"note: ... and {len(res.skipped) - 10} more", file=sys.stderr)
     _print_rank_report(args, rows, summary, "rel_error")
     return 0
 
@@ -364,7 +461,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     rep = convert(args.adapter, args.out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
-                  family=args.family, threads=args.threads)
+                  family=args.family, threads=args.threads, overwrite=args.overwrite)
     rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
             for m in rep.lycoris]
     kept = [m.fro_kept for m in rep.lycoris]
@@ -375,93 +472,124 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                   f"{np.mean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
     if args.json:
-        print(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
+        _say(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
                           "modules": rows}, indent=2))
     elif not args.quiet:
         if args.verbose:
             width = max((len(m.name) for m in rep.lycoris), default=6)
             for m in rep.lycoris:
-                print(f"{m.name:<{width}}  {m.algo:<4}  rank {m.rank:>4}  fro_kept {m.fro_kept:.6f}")
-        print(summary)
+                _say(f"{m.name:<{width}}  {m.algo:<4}  rank {m.rank:>4}  fro_kept {m.fro_kept:.6f}")
+        _say(summary)
     return 0
 
 
 def _cmd_similarity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from lorafuse.ops.similarity import similarity
 
+    if args.plot:  # before the work: a refused plot path costs nothing
+        check_output(args.plot, [Path(a) for a in args.adapters], folder=False, overwrite=args.overwrite)
     cos = similarity(args.adapters, args.threads)
     labels = [str(a) for a in args.adapters]
     if args.json:
-        print(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist()}, indent=2))
+        _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist()}, indent=2))
     else:
         width = max(len(x) for x in labels)
-        print(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
+        _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
         for i, (label, row) in enumerate(zip(labels, cos)):
-            print(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
+            _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
     if args.plot:
-        from pathlib import Path
-
         from lorafuse.plot import plot_similarity
 
-        out = plot_similarity(cos, labels, args.plot, [Path(a) for a in args.adapters])
-        print(f"wrote the heat map to {out}", file=sys.stderr if args.json else sys.stdout)
+        out = plot_similarity(cos, labels, args.plot, [Path(a) for a in args.adapters], overwrite=args.overwrite)
+        _say(f"wrote the heat map to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
 def _print_info(d: dict[str, object], modules: bool) -> None:
     if d["type"] == "pipeline":
-        print(f"pipeline    {d['path']}")
+        _say(f"pipeline    {d['path']}")
         for name, comp in d["components"].items():  # type: ignore[union-attr]
-            print(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
+            _say(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
                   f"{human_bytes(comp['bytes'])}, {', '.join(f'{k}: {v}' for k, v in comp['dtypes'].items())}")
         return
     if d["type"] == "checkpoint":
-        print(f"checkpoint  {d['path']}")
-        print(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")  # type: ignore[arg-type]
-        print(f"  tensors     {d['tensors']}")
-        print(f"  parameters  {d['parameters']:,}")
-        print(f"  size        {human_bytes(d['bytes'])}")  # type: ignore[arg-type]
-        print(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
+        _say(f"checkpoint  {d['path']}")
+        _say(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")  # type: ignore[arg-type]
+        _say(f"  tensors     {d['tensors']}")
+        _say(f"  parameters  {d['parameters']:,}")
+        _say(f"  size        {human_bytes(d['bytes'])}")  # type: ignore[arg-type]
+        _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
         return
-    print(f"adapter     {d['path']}  ({d['format']})")
-    print(f"  modules     {d['modules']}")
-    print(f"  ranks       {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")  # type: ignore[union-attr]
-    print(f"  lora_alpha  {d['lora_alpha']}{'  (rslora)' if d['use_rslora'] else ''}")
-    print(f"  scales      {', '.join(f'{s:g}' for s in d['scales'])}")  # type: ignore[union-attr]
-    print(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
-    print(f"  parameters  {d['parameters']:,}")
+    _say(f"adapter     {d['path']}  ({d['format']})")
+    _say(f"  modules     {d['modules']}")
+    _say(f"  ranks       {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")  # type: ignore[union-attr]
+    _say(f"  lora_alpha  {d['lora_alpha']}{'  (rslora)' if d['use_rslora'] else ''}")
+    _say(f"  scales      {', '.join(f'{s:g}' for s in d['scales'])}")  # type: ignore[union-attr]
+    _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
+    _say(f"  parameters  {d['parameters']:,}")
     if d["dora"]:
-        print("  DoRA        yes")
+        _say("  DoRA        yes")
     if d["full_tensors"]:
-        print(f"  full tensors (modules_to_save): {', '.join(d['full_tensors'])}")  # type: ignore[arg-type]
+        _say(f"  full tensors (modules_to_save): {', '.join(d['full_tensors'])}")  # type: ignore[arg-type]
     details: list[dict[str, object]] = d["module_details"]  # type: ignore[assignment]
     shown = details if modules else sorted(details, key=lambda m: -float(m["delta_norm"]))[:10]  # type: ignore[arg-type]
-    print("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
+    _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
     width = max((len(str(m["name"])) for m in shown), default=10)
     for m in shown:
-        print(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={m['rank']:<4} scale={m['scale']:<8g} "
+        _say(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={m['rank']:<4} scale={m['scale']:<8g} "
               f"shape={tuple(m['shape'])}  ||delta||_F={m['delta_norm']:.6g}")  # type: ignore[arg-type]
     if not modules and len(details) > len(shown):
-        print(f"    ... {len(details) - len(shown)} more (--modules lists all)")
+        _say(f"    ... {len(details) - len(shown)} more (--modules lists all)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from lorafuse.ops.info import describe
 
+    if args.spectrum:  # before the work: a refused plot path costs nothing
+        from pathlib import Path
+
+        check_output(args.spectrum, [Path(args.path)], folder=False, overwrite=args.overwrite)
     d = describe(args.path, args.threads)
     if args.spectrum and d["type"] != "adapter":
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
     if args.json:
-        print(json.dumps(d, indent=2))
+        _say(json.dumps(d, indent=2))
     else:
         _print_info(d, args.modules)
     if args.spectrum:
         from lorafuse.formats import load
         from lorafuse.plot import plot_spectrum
 
-        out = plot_spectrum(load(args.path), args.spectrum, args.threads)
-        print(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
+        out = plot_spectrum(load(args.path), args.spectrum, args.threads, overwrite=args.overwrite)
+        _say(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+@contextmanager
+def _notes(args: argparse.Namespace) -> Iterator[None]:
+    """The API's warnings as notes on stderr: --overwrite names each replaced output that lorafuse did not
+    write (OverwriteWarning, even with -q); what loading an adapter decided (AdapterNote: tensors PEFT
+    ignores, ...) unless -q (apply lists those in its report). Other warnings go where they went."""
+    import warnings
+
+    from lorafuse.errors import AdapterNote, OverwriteWarning
+
+    adapter_notes = not getattr(args, "quiet", False) and args.command != "apply"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", OverwriteWarning)
+        warnings.simplefilter("always" if adapter_notes else "ignore", AdapterNote)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: object, **kw: object) -> None:
+            if issubclass(category, (OverwriteWarning, AdapterNote)):
+                _say(f"note: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *rest, **kw)  # type: ignore[arg-type]
+
+        warnings.showwarning = show  # type: ignore[assignment]
+        yield
 
 
 class _Terminated(KeyboardInterrupt):
@@ -483,18 +611,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
                     "resize": _cmd_resize, "extract": _cmd_extract, "convert": _cmd_convert}
-        return commands[args.command](args)
+        with _notes(args):
+            return commands[args.command](args)
     except LorafuseValueError as e:
-        print(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
+        _say(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
         return 2
     except LorafuseError as e:
-        print(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except _Terminated:
-        print(f"lorafuse {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        _say(f"lorafuse {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
+        _say(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
         import os

@@ -39,6 +39,20 @@ class OutputError(LorafuseError):
     """The output path is unusable (it is an input, or it cannot be written)."""
 
 
+class OverwriteWarning(UserWarning):
+    """overwrite=True replaced an existing output that lorafuse did not write (the message says what)."""
+
+
+class AdapterNote(UserWarning):
+    """What loading an adapter decided for the user, as PEFT would (tensors PEFT ignores and so lorafuse
+    leaves out, ...): the message names the adapter. `Adapter.notes` holds the same lines."""
+
+
+class InputChangedError(LorafuseError):
+    """An input file changed, was truncated or could not be read while lorafuse was reading it
+    (a re-download in place, say): what was read cannot be trusted, and nothing is written."""
+
+
 __all__ = [
     "LorafuseError",
     "LorafuseValueError",
@@ -49,4 +63,6 @@ __all__ = [
     "NonFiniteError",
     "UnsupportedError",
     "OutputError",
+    "OverwriteWarning",
+    "InputChangedError",
 ]
