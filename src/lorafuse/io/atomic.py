@@ -140,16 +140,9 @@ def _folder_state(out: Path) -> tuple[FolderState | None, str]:
             return None, ""
         except OSError as e:
             return None, e.strerror or str(e)
-        if state.empty or state.ours:
+        if state.empty or state.ours or state.current:
             return state, ""
-        try:
-            st = os.lstat(out)
-        except (FileNotFoundError, NotADirectoryError):
-            return None, ""
-        except OSError as e:
-            return None, e.strerror or str(e)
-        if (st.st_dev, st.st_ino) == state.ident:
-            return state, ""
+        # another run replaced `out` while it was read (and is removing the folder read): look again
     return state, ""
 
 

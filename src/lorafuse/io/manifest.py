@@ -136,6 +136,9 @@ class FolderState:
     unlisted: list[str] = field(default_factory=list)  # entries the manifest does not list
     changed: list[str] = field(default_factory=list)  # listed files whose size or hash differ
     ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the folder read
+    # whether `path` still named the folder read when the reading ended (checked while its descriptor was
+    # open, so that its inode number cannot have been reused meanwhile by a folder another run made)
+    current: bool = True
 
     @property
     def empty(self) -> bool:
@@ -207,7 +210,8 @@ def inspect_folder(path: Path) -> FolderState:
             return FolderState(entries, ident=ident)
         manifest = _read_manifest(fd)
         if manifest is None:
-            return FolderState(entries, "invalid" if MANIFEST_NAME in top else "absent", ident=ident)
+            return FolderState(entries, "invalid" if MANIFEST_NAME in top else "absent", ident=ident,
+                               current=_still_at(path, ident))
         state = FolderState(entries, "valid", ident=ident)
         files: dict[str, dict[str, object]] = manifest["files"]  # type: ignore[assignment]
         folders: set[str] = set(manifest.get("folders", []))  # type: ignore[call-overload]
@@ -231,9 +235,18 @@ def inspect_folder(path: Path) -> FolderState:
                     state.changed.append(rel)
         state.unlisted.sort()
         state.changed.sort()
+        state.current = _still_at(path, ident)
         return state
     finally:
         os.close(fd)
+
+
+def _still_at(path: Path, ident: tuple[int, int]) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident
 
 
 def _is_dir_at(dir_fd: int, name: str) -> bool:
