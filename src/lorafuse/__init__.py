@@ -4,19 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-
-def _version() -> str:
-    """pyproject.toml's version, as installed (the one place it is written)."""
-    try:
-        return version("lorafuse")
-    except PackageNotFoundError:  # a source tree on sys.path without an install
-        from lorafuse import _core
-
-        return str(_core.__version__)
-
-
-__version__ = _version()
-
+from lorafuse import _core
 from lorafuse.adapter import Adapter, LoraUpdate
 from lorafuse.errors import (
     AdapterNote,
@@ -38,6 +26,17 @@ from lorafuse.ops.combine import METHODS, combine
 from lorafuse.ops.convert import convert
 from lorafuse.ops.info import describe
 from lorafuse.ops.similarity import similarity
+
+
+def _version() -> str:
+    """pyproject.toml's version, as installed (the one place it is written)."""
+    try:
+        return version("lorafuse")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return str(_core.__version__)
+
+
+__version__ = _version()
 
 __all__ = [
     "AdapterNote",

@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "for method; the svd method is exact and needs no dense matrix).",
                        epilog=_EPILOG_COMBINE, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
-    c.add_argument("-o", "--out", required=True, help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
+    c.add_argument("-o", "--out", required=True,
+                   help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
     _overwrite_option(c)
     c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
                    help="output format (default: that of the first input)")
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--density", type=_density, help="fraction of values kept by ties / dare / magnitude_prune")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total) or the count (frequency) of signs")
-    c.add_argument("--seed", type=_seed, default=0, help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
+    c.add_argument("--seed", type=_seed, default=0,
+                   help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
     c.add_argument("--split", default="B", choices=("B", "sqrt"),
                    help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
     c.add_argument("--exact", action="store_true",
@@ -424,7 +426,6 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     import time
-
     from pathlib import Path
 
     from lorafuse.formats.peft import save_peft

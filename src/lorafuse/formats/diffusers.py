@@ -31,12 +31,12 @@ from pathlib import Path
 from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.peft import check_config, pattern_value
+from lorafuse.formats.util import most_common, safetensors_keys
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.formats.util import most_common, safetensors_keys
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in a folder

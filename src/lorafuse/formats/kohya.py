@@ -36,20 +36,20 @@ from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.lycoris import (
     LOHA_PARTS,
     LOKR_PARTS,
+    UNSUPPORTED_PARTS,
     LycorisUpdate,
     TuckerFactor,
-    UNSUPPORTED_PARTS,
     dora_magnitude,
     loha_update,
     lokr_update,
     unsupported_algorithm,
 )
+from lorafuse.formats.util import most_common, safetensors_keys
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, save_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.formats.util import most_common, safetensors_keys
 
 PREFIXES = ("lora_", "lycoris_")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")

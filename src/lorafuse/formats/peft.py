@@ -24,11 +24,11 @@ import numpy as np
 
 from lorafuse.adapter import Adapter, Kind, LoraUpdate, Update, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.util import most_common
 from lorafuse.io.atomic import atomic_dir
 from lorafuse.io.checkpoint import read_json, refuse_pickle
 from lorafuse.io.safetensors import SafetensorsFile, save_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.formats.util import most_common
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -764,7 +764,8 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
     if rank == 0:
         raise ShapeMismatchError(f"{where}: {names[0]} {a.shape} has rank 0 (a zero-rank adapter)")
     if b.shape[1] != rank or any(d != 1 for d in b.shape[2:]):
-        raise ShapeMismatchError(f"{where}: {names[0]} {a.shape} and {names[1]} {b.shape} are not LoRA factors of one rank")
+        raise ShapeMismatchError(f"{where}: {names[0]} {a.shape} and {names[1]} {b.shape} are not LoRA factors of "
+                                 "one rank")
     for role, n in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
         extra = p.get(role)
         if extra is not None and not extra.is_float:
@@ -781,7 +782,8 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
         m = update.magnitude
         features = b.shape[0]
         if int(np.prod(m.shape)) != features or sorted(m.shape, reverse=True)[1:] != [1] * (len(m.shape) - 1):
-            raise ShapeMismatchError(f"{where}: lora_magnitude_vector {m.shape} does not match {features} output features")
+            raise ShapeMismatchError(f"{where}: lora_magnitude_vector {m.shape} does not match {features} output "
+                                     "features")
         update.magnitude = Tensor(m.raw.reshape(features), m.dtype)
     if update.bias is not None and update.bias.shape != (b.shape[0],):
         raise ShapeMismatchError(f"{where}: lora_B.bias {update.bias.shape} does not match {b.shape[0]} outputs")

@@ -505,7 +505,8 @@ class SafetensorsWriter:
     produced: `write(name, array)` or `copy_from(name, src, src_name)` (kernel-side copy).
     """
 
-    def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec],
+                 metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
         self._specs = specs
         self._next = 0
@@ -549,7 +550,8 @@ class SafetensorsWriter:
         """Bytes of the current tensor, in order (a whole tensor or consecutive parts of it)."""
         array = np.ascontiguousarray(array)
         if array.nbytes > self._remaining:
-            raise LorafuseValueError(f"{self.path}: {array.nbytes} bytes exceed the {self._remaining} left in the tensor")
+            raise LorafuseValueError(f"{self.path}: {array.nbytes} bytes exceed the {self._remaining} left in the "
+                                     "tensor")
         if array.nbytes:
             try:
                 self._write_all(memoryview(array).cast("B"))
@@ -575,7 +577,8 @@ class SafetensorsWriter:
         self.start(name)
         info = src.info(src_name)
         if info.nbytes != self._remaining:
-            raise LorafuseValueError(f"{self.path}: {src_name!r} has {info.nbytes} bytes, {name!r} needs {self._remaining}")
+            raise LorafuseValueError(f"{self.path}: {src_name!r} has {info.nbytes} bytes, {name!r} needs "
+                                     f"{self._remaining}")
         offset = src.file_offset(src_name)
         try:
             copy_range(src.fileno(), offset, self._fd, info.nbytes)

@@ -34,10 +34,10 @@ from lorafuse.errors import (
 )
 from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
-from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
-from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
+from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
+from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 from lorafuse.io.sidefiles import classify, copy_entry, copy_file
 from lorafuse.io.tensor import Tensor

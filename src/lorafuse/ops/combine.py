@@ -29,8 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafuse import _core
-from lorafuse._validate import check_float, check_optional_rank, check_rank, check_seed, check_threads, check_weights, \
-    full_rank
+from lorafuse._validate import (
+    check_float,
+    check_optional_rank,
+    check_rank,
+    check_seed,
+    check_threads,
+    check_weights,
+    full_rank,
+)
 from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats import load

@@ -200,7 +200,8 @@ def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, c
     return LoraUpdate(module, a_t, b_t, 1.0, "conv" if len(shape) > 2 else "linear", False)
 
 
-def _config(base: Path, base_config: dict[str, object], adapter: Adapter, modules_to_save: list[str]) -> dict[str, object]:
+def _config(base: Path, base_config: dict[str, object], adapter: Adapter,
+            modules_to_save: list[str]) -> dict[str, object]:
     task_type = None
     archs = base_config.get("architectures")
     if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs):
