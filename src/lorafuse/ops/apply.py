@@ -138,11 +138,6 @@ def _shard_limit(max_shard_size: str | int) -> int:
     return size
 
 
-def _read_config(directory: Path) -> dict[str, object]:
-    """The base's config.json ({} when there is none); one that cannot be read is a FormatError."""
-    return read_config(directory)
-
-
 def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
     if not DTYPES[src_dtype].is_float:
         return src_dtype
@@ -163,7 +158,7 @@ class _Tie:
 def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
                max_shard_size: int | None, skip_missing: bool = False) -> _Plan:
     matcher = BaseMatcher(ckpt.keys())
-    config = _read_config(ckpt.directory)
+    config = read_config(ckpt.directory)
 
     # Tied embeddings: the checkpoint stores only the input embedding; lm_head reads it.
     tied = bool(config.get("tie_word_embeddings", False))
@@ -709,7 +704,7 @@ def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_
         if not skip_missing:
             raise missing_error(resolved.missing, str(pipe.directory))
         notes += [f"skipped (no target): {m}" for m in resolved.missing]
-    plans = {comp: _plan(pipe.components[comp], part, _read_config(pipe.components[comp].directory), dtype, None,
+    plans = {comp: _plan(pipe.components[comp], part, read_config(pipe.components[comp].directory), dtype, None,
                          notes) for comp, part in _split_by_component(resolved).items()}
     total = sum(t.nbytes for plan in plans.values() for _, ts in plan.shards for t in ts)
     bar = Progress(total, "apply", progress)

@@ -88,7 +88,7 @@ def extract(
     except re.error as e:
         raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
     cb, cf = Checkpoint(base), Checkpoint(finetuned)
-    base_config = read_config(Path(base) if Path(base).is_dir() else Path(base).parent)  # before the long work
+    base_config = read_config(cb.directory)  # before the long work
     model = ModelInfo.from_config(base_config)
     k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
 
