@@ -1,6 +1,9 @@
-// lorafuse._core: thin pybind11 bindings. Every argument is checked here (types,
-// contiguity, shapes) before any pointer reaches the kernels, and the GIL is
-// released around all numeric work. lorafuse::Error becomes lorafuse.errors.*.
+// lorafuse._core: thin pybind11 bindings. They only convert Python objects: numpy arrays
+// into views (lorafuse/tensor.hpp), numbers and names into C++ values. The library's
+// entry points (make_*_job, the batch functions) check every view, shape, rank and dtype
+// with LORAFUSE_CHECK before a pointer reaches a kernel, so another binding gets the same
+// checks. The GIL is released around all numeric work; lorafuse::Error becomes
+// lorafuse.errors.*.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -22,6 +26,7 @@
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/svd.hpp"
 #include "lorafuse/taskmerge.hpp"
+#include "lorafuse/tensor.hpp"
 
 namespace py = pybind11;
 using lorafuse::DType;
@@ -29,14 +34,6 @@ using lorafuse::Error;
 using lorafuse::ErrorKind;
 
 namespace {
-
-std::string shape_str(const py::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
-  s << (a.ndim() == 1 ? ",)" : ")");
-  return s.str();
-}
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& msg) { throw Error(kind, msg); }
 
@@ -106,25 +103,37 @@ void run_guarded(const std::vector<py::object>& inputs, Fn fn) {
   check_intact(inputs);
 }
 
-void require_c_contiguous(const py::array& a, const std::string& what) {
-  if (!(a.flags() & py::array::c_style)) fail(ErrorKind::Value, what + " must be C-contiguous");
+// ---- conversion of Python objects into the core's views (the core checks them) ----
+
+std::string type_name(const py::handle& h) { return py::str(py::type::of(h).attr("__name__")); }
+
+// The view of a numpy array: where its elements are, their type, its shape and layout.
+lorafuse::TensorView view_of(const py::array& a) {
+  lorafuse::TensorView v;
+  v.data = a.data();
+  v.shape.assign(a.shape(), a.shape() + a.ndim());
+  v.dtype = py::str(a.dtype().attr("name"));
+  v.f32 = py::isinstance<py::array_t<float>>(a);
+  v.itemsize = a.itemsize();
+  v.contiguous = (a.flags() & py::array::c_style) != 0;
+  v.writeable = a.writeable();
+  return v;
 }
 
-// A raw buffer holding elements of `dt`: any numpy dtype with the right item size
-// (BF16 travels as uint16, F8 as uint8).
-void require_raw(const py::array& a, DType dt, const std::string& what) {
-  require_c_contiguous(a, what);
-  if (static_cast<std::size_t>(a.itemsize()) != lorafuse::itemsize(dt))
-    fail(ErrorKind::Dtype, what + ": buffer item size " + std::to_string(a.itemsize()) + " does not match dtype " +
-                               lorafuse::dtype_name(dt));
+// A numpy array meant to hold float32 (anything else is refused here: it has no view), kept alive.
+lorafuse::TensorView f32_view(const py::handle& h, const std::string& what, std::vector<py::object>& keep_alive) {
+  if (!py::isinstance<py::array>(h)) fail(ErrorKind::Dtype, what + " must be a float32 numpy array, got " + type_name(h));
+  auto a = py::reinterpret_borrow<py::array>(h);
+  keep_alive.push_back(a);
+  return view_of(a);
 }
 
-py::array_t<float> require_f32(const py::handle& h, const std::string& what) {
-  if (!py::isinstance<py::array_t<float>>(h))
-    fail(ErrorKind::Dtype, what + " must be a float32 numpy array");
-  auto a = py::reinterpret_borrow<py::array_t<float>>(h);
-  require_c_contiguous(a, what);
-  return a;
+// A numpy array of raw elements (the caller names their safetensors dtype), kept alive.
+lorafuse::TensorView array_view(const py::handle& h, const std::string& what, std::vector<py::object>& keep_alive) {
+  if (!py::isinstance<py::array>(h)) fail(ErrorKind::Value, what + " must be a numpy array, got " + type_name(h));
+  auto a = py::reinterpret_borrow<py::array>(h);
+  keep_alive.push_back(a);
+  return view_of(a);
 }
 
 py::dtype raw_numpy_dtype(DType dt) {
@@ -137,148 +146,50 @@ py::dtype raw_numpy_dtype(DType dt) {
   }
 }
 
-// Splits an elementwise conversion into chunks spread over threads.
-template <class Fn>
-void chunked(std::size_t n, int threads, Fn fn) {
-  constexpr std::size_t chunk = 1 << 18;
-  const auto blocks = static_cast<std::int64_t>((n + chunk - 1) / chunk);
-  lorafuse::parallel_for(blocks, threads, [&](std::int64_t b, int) {
-    const std::size_t lo = static_cast<std::size_t>(b) * chunk;
-    fn(lo, std::min(chunk, n - lo));
-  });
-}
-
-py::array to_float32(const py::array& raw, const std::string& dtype, const py::object& threads_in) {
+py::array to_float32(const py::handle& raw_in, const std::string& dtype, const py::object& threads_in) {
   const int threads = require_threads(threads_in);
   const DType dt = lorafuse::dtype_from_name(dtype);
-  require_raw(raw, dt, "to_float32 input");
-  std::vector<py::ssize_t> shape(raw.shape(), raw.shape() + raw.ndim());
-  py::array_t<float> out(shape);
-  const auto* src = static_cast<const unsigned char*>(raw.data());
+  std::vector<py::object> keep_alive;
+  const lorafuse::TensorView raw = array_view(raw_in, "to_float32 input", keep_alive);
+  py::array_t<float> out(std::vector<py::ssize_t>(raw.shape.begin(), raw.shape.end()));
   float* dst = out.mutable_data();
-  const std::size_t n = static_cast<std::size_t>(raw.size()), isz = lorafuse::itemsize(dt);
-  run_guarded({raw}, [&] {
-    chunked(n, threads, [&](std::size_t lo, std::size_t len) { lorafuse::to_f32(src + lo * isz, dt, dst + lo, len); });
-  });
+  run_guarded(keep_alive, [&] { lorafuse::convert_to_f32(raw, dt, dst, threads, "to_float32 input"); });
   return out;
 }
 
-py::array from_float32(const py::handle& x_handle, const std::string& dtype, const py::object& threads_in) {
+py::array from_float32(const py::handle& x_in, const std::string& dtype, const py::object& threads_in) {
   const int threads = require_threads(threads_in);
   const DType dt = lorafuse::dtype_from_name(dtype);
-  if (!lorafuse::writable(dt)) fail(ErrorKind::Dtype, "cannot write dtype " + dtype + " (lorafuse writes F32, F16 and BF16)");
-  auto x = require_f32(x_handle, "from_float32 input");
-  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
-  py::array out(raw_numpy_dtype(dt), shape);
-  const float* src = x.data();
-  auto* dst = static_cast<unsigned char*>(out.mutable_data());
-  const std::size_t n = static_cast<std::size_t>(x.size()), isz = lorafuse::itemsize(dt);
-  run_guarded({x}, [&] {
-    chunked(n, threads, [&](std::size_t lo, std::size_t len) { lorafuse::from_f32(src + lo, dst + lo * isz, dt, len); });
-  });
+  std::vector<py::object> keep_alive;
+  const lorafuse::TensorView x = f32_view(x_in, "from_float32 input", keep_alive);
+  py::array out(raw_numpy_dtype(dt), std::vector<py::ssize_t>(x.shape.begin(), x.shape.end()));
+  void* dst = out.mutable_data();
+  run_guarded(keep_alive, [&] { lorafuse::convert_from_f32(x, dt, dst, threads, "from_float32 input"); });
   return out;
 }
 
 // Defined with the combine kernels below.
 py::sequence require_sequence(const py::handle& h, const std::string& what);
 std::int64_t require_int(const py::handle& h, const std::string& what);
+double require_float(const py::handle& h, const std::string& what);
 
-// ---- merge_batch: stage parsing ----
-
-// A float32 C-contiguous 2-D factor, kept alive for the kernels.
-py::array_t<float> require_factor(const py::handle& h, const std::string& what, std::vector<py::object>& keep_alive) {
-  auto a = require_f32(h, what);
-  if (a.ndim() != 2) fail(ErrorKind::ShapeMismatch, what + " " + shape_str(a) + " must be 2-D");
-  keep_alive.push_back(a);
-  return a;
-}
-
-// rows * cols of a Kronecker product, or -1 when it does not fit in 64 bits.
-std::int64_t checked_product(std::int64_t x, std::int64_t y) {
-  std::int64_t r = 0;
-  return __builtin_mul_overflow(x, y, &r) ? -1 : r;
-}
-
-void parse_lowrank(const py::handle& B_in, const py::handle& A_in, const py::array& w, const lorafuse::MergeJob& job,
-                   lorafuse::MergeStage& stage, std::vector<py::object>& keep_alive) {
-  auto B = require_f32(B_in, job.name + ": B");
-  auto A = require_f32(A_in, job.name + ": A");
-  if (B.ndim() != 2 || A.ndim() != 2 || B.shape(0) != job.rows || A.shape(1) != job.cols || B.shape(1) != A.shape(0))
-    fail(ErrorKind::ShapeMismatch, job.name + ": factors B " + shape_str(B) + " and A " + shape_str(A) +
-                                       " do not fit the base weight " + shape_str(w));
-  keep_alive.push_back(B);
-  keep_alive.push_back(A);
-  stage.kind = lorafuse::StageKind::LowRank;
-  stage.B = B.data();
-  stage.A = A.data();
-  stage.rank = A.shape(0);
-}
-
-void parse_hadamard(const py::sequence& f, const py::array& w, const lorafuse::MergeJob& job,
-                    lorafuse::MergeStage& stage, std::vector<py::object>& keep_alive) {
-  if (f.size() != 4)
-    fail(ErrorKind::Value, job.name + ": a hadamard stage takes factors (B1, A1, B2, A2), got " +
-                               std::to_string(f.size()));
-  auto B1 = require_factor(f[0], job.name + ": LoHa B1", keep_alive);
-  auto A1 = require_factor(f[1], job.name + ": LoHa A1", keep_alive);
-  auto B2 = require_factor(f[2], job.name + ": LoHa B2", keep_alive);
-  auto A2 = require_factor(f[3], job.name + ": LoHa A2", keep_alive);
-  if (B1.shape(0) != job.rows || B2.shape(0) != job.rows || A1.shape(1) != job.cols || A2.shape(1) != job.cols ||
-      B1.shape(1) != A1.shape(0) || B2.shape(1) != A2.shape(0))
-    fail(ErrorKind::ShapeMismatch, job.name + ": LoHa factors B1 " + shape_str(B1) + ", A1 " + shape_str(A1) +
-                                       ", B2 " + shape_str(B2) + ", A2 " + shape_str(A2) +
-                                       " do not fit the base weight " + shape_str(w));
-  stage.kind = lorafuse::StageKind::Hadamard;
-  stage.B = B1.data();
-  stage.A = A1.data();
-  stage.rank = A1.shape(0);
-  stage.B2 = B2.data();
-  stage.A2 = A2.data();
-  stage.rank2 = A2.shape(0);
-}
-
-// (W1, W2) or (W1, W2, row_offset): the job's rows are rows [row_offset, row_offset + rows)
-// of kron(W1, W2).
-void parse_kron(const py::sequence& f, const py::array& w, const lorafuse::MergeJob& job, lorafuse::MergeStage& stage,
-                std::vector<py::object>& keep_alive) {
-  if (f.size() != 2 && f.size() != 3)
-    fail(ErrorKind::Value, job.name + ": a kron stage takes factors (W1, W2) or (W1, W2, row_offset), got " +
-                               std::to_string(f.size()));
-  auto W1 = require_factor(f[0], job.name + ": LoKr W1", keep_alive);
-  auto W2 = require_factor(f[1], job.name + ": LoKr W2", keep_alive);
-  const std::int64_t offset = f.size() == 3 ? require_int(f[2], job.name + ": LoKr row_offset") : 0;
-  const std::int64_t krows = checked_product(W1.shape(0), W2.shape(0));
-  const std::int64_t kcols = checked_product(W1.shape(1), W2.shape(1));
-  const bool rows_fit = f.size() == 3 ? offset >= 0 && krows >= 0 && offset <= krows && job.rows <= krows - offset
-                                      : krows == job.rows;
-  if (!rows_fit || kcols != job.cols) {
-    std::string msg = job.name + ": LoKr factors W1 " + shape_str(W1) + " and W2 " + shape_str(W2);
-    if (f.size() == 3) msg += " at row offset " + std::to_string(offset);
-    fail(ErrorKind::ShapeMismatch, msg + " do not fit the base weight " + shape_str(w) +
-                                       " (kron(W1, W2) has W1 rows * W2 rows by W1 cols * W2 cols)");
-  }
-  stage.kind = lorafuse::StageKind::Kron;
-  stage.W1 = W1.data();
-  stage.W2 = W2.data();
-  stage.a = W1.shape(0);
-  stage.b = W1.shape(1);
-  stage.c = W2.shape(0);
-  stage.d = W2.shape(1);
-  stage.row_offset = offset;
-}
+// ---- merge_batch: stage parsing (the core checks every array: make_*_stage) ----
 
 // One stage: (B, A, magnitude|None, column_norm) or (kind, factors, magnitude|None, column_norm)
 // with kind "lowrank" (B, A), "hadamard" (B1, A1, B2, A2) or "kron" (W1, W2[, row_offset]).
-lorafuse::MergeStage parse_stage(const py::handle& s, const py::array& w, const lorafuse::MergeJob& job,
+lorafuse::MergeStage parse_stage(const py::handle& s, const lorafuse::MergeJob& job,
                                  std::vector<py::object>& keep_alive) {
   const std::string form = "(B, A, magnitude|None, column_norm) or (kind, factors, magnitude|None, column_norm)";
   if (!py::isinstance<py::tuple>(s) && !py::isinstance<py::list>(s))
     fail(ErrorKind::Value, job.name + ": a stage must be " + form);
   auto st = py::reinterpret_borrow<py::sequence>(s);
   if (st.size() != 4) fail(ErrorKind::Value, job.name + ": a stage must be " + form);
+  const auto view = [&](const py::handle& h, const std::string& what) {
+    return f32_view(h, job.name + ": " + what, keep_alive);
+  };
   lorafuse::MergeStage stage;
   if (!py::isinstance<py::str>(st[0])) {
-    parse_lowrank(st[0], st[1], w, job, stage, keep_alive);
+    stage = lorafuse::make_lowrank_stage(job, view(st[0], "B"), view(st[1], "A"));
   } else {
     const std::string kind = py::cast<std::string>(st[0]);
     if (kind != "lowrank" && kind != "hadamard" && kind != "kron")
@@ -287,22 +198,24 @@ lorafuse::MergeStage parse_stage(const py::handle& s, const py::array& w, const 
     if (kind == "lowrank") {
       if (f.size() != 2)
         fail(ErrorKind::Value, job.name + ": a lowrank stage takes factors (B, A), got " + std::to_string(f.size()));
-      parse_lowrank(f[0], f[1], w, job, stage, keep_alive);
+      stage = lorafuse::make_lowrank_stage(job, view(f[0], "B"), view(f[1], "A"));
     } else if (kind == "hadamard") {
-      parse_hadamard(f, w, job, stage, keep_alive);
+      if (f.size() != 4)
+        fail(ErrorKind::Value, job.name + ": a hadamard stage takes factors (B1, A1, B2, A2), got " +
+                                   std::to_string(f.size()));
+      stage = lorafuse::make_hadamard_stage(job, view(f[0], "LoHa B1"), view(f[1], "LoHa A1"), view(f[2], "LoHa B2"),
+                                            view(f[3], "LoHa A2"));
     } else {
-      parse_kron(f, w, job, stage, keep_alive);
+      if (f.size() != 2 && f.size() != 3)
+        fail(ErrorKind::Value, job.name + ": a kron stage takes factors (W1, W2) or (W1, W2, row_offset), got " +
+                                   std::to_string(f.size()));
+      const auto W1 = view(f[0], "LoKr W1");
+      const auto W2 = view(f[1], "LoKr W2");
+      const std::int64_t offset = f.size() == 3 ? require_int(f[2], job.name + ": LoKr row_offset") : 0;
+      stage = lorafuse::make_kron_stage(job, W1, W2, f.size() == 3, offset);
     }
   }
-  if (!st[2].is_none()) {
-    stage.column_norm = py::cast<bool>(st[3]);
-    auto m = require_f32(st[2], job.name + ": DoRA magnitude");
-    if (m.ndim() != 1 || m.shape(0) != (stage.column_norm ? job.cols : job.rows))
-      fail(ErrorKind::ShapeMismatch, job.name + ": DoRA magnitude " + shape_str(m) + " does not fit the base weight " +
-                                         shape_str(w));
-    stage.magnitude = m.data();
-    keep_alive.push_back(m);
-  }
+  if (!st[2].is_none()) lorafuse::set_magnitude(stage, job, view(st[2], "DoRA magnitude"), py::cast<bool>(st[3]));
   return stage;
 }
 
@@ -320,25 +233,12 @@ std::vector<bool> merge_batch(const py::list& jobs_in, const py::object& threads
   for (const py::handle& item : jobs_in) {
     auto t = py::cast<py::tuple>(item);
     if (t.size() != 6) fail(ErrorKind::Value, "merge job must be (name, w, w_dtype, out, out_dtype, stages)");
-    lorafuse::MergeJob job;
-    job.name = py::cast<std::string>(t[0]);
-    auto w = py::cast<py::array>(t[1]);
-    auto out = py::cast<py::array>(t[3]);
-    job.w_type = lorafuse::dtype_from_name(py::cast<std::string>(t[2]));
-    job.out_type = lorafuse::dtype_from_name(py::cast<std::string>(t[4]));
-    require_raw(w, job.w_type, job.name + ": base weight");
-    require_raw(out, job.out_type, job.name + ": output");
-    if (!out.writeable()) fail(ErrorKind::Value, job.name + ": output buffer is read-only");
-    if (w.ndim() != 2 || out.ndim() != 2 || w.shape(0) != out.shape(0) || w.shape(1) != out.shape(1))
-      fail(ErrorKind::ShapeMismatch, job.name + ": base weight " + shape_str(w) + " and output " + shape_str(out) +
-                                         " must be equal 2-D shapes");
-    job.rows = w.shape(0);
-    job.cols = w.shape(1);
-    job.w = w.data();
-    job.out = out.mutable_data();
-    keep_alive.push_back(w);
-    keep_alive.push_back(out);
-    for (const py::handle& s : py::cast<py::list>(t[5])) job.stages.push_back(parse_stage(s, w, job, keep_alive));
+    const std::string name = py::cast<std::string>(t[0]);
+    const auto w = array_view(t[1], name + ": base weight", keep_alive);
+    const auto out = array_view(t[3], name + ": output", keep_alive);
+    lorafuse::MergeJob job = lorafuse::make_merge_job(name, w, lorafuse::dtype_from_name(py::cast<std::string>(t[2])),
+                                                      out, lorafuse::dtype_from_name(py::cast<std::string>(t[4])));
+    for (const py::handle& s : py::cast<py::list>(t[5])) job.stages.push_back(parse_stage(s, job, keep_alive));
     jobs.push_back(std::move(job));
   }
   run_guarded(keep_alive, [&] {
@@ -353,65 +253,33 @@ std::vector<bool> merge_batch(const py::list& jobs_in, const py::object& threads
 // pairs: list of (B, A) float32; returns ||B A||_F^2 for each, in float64.
 py::array_t<double> factored_frobenius_sq(const py::list& pairs, const py::object& threads_in) {
   const int threads = require_threads(threads_in);
-  struct Pair {
-    const float *B, *A;
-    std::int64_t out, r, in;
-  };
-  std::vector<Pair> items;
+  std::vector<lorafuse::FactorPairView> items;
   std::vector<py::object> keep_alive;
   for (const py::handle& h : pairs) {
     auto t = py::cast<py::tuple>(h);
     if (t.size() != 2) fail(ErrorKind::Value, "factored_frobenius_sq takes (B, A) pairs");
-    auto B = require_f32(t[0], "B");
-    auto A = require_f32(t[1], "A");
-    if (B.ndim() != 2 || A.ndim() != 2 || B.shape(1) != A.shape(0))
-      fail(ErrorKind::ShapeMismatch, "B " + shape_str(B) + " and A " + shape_str(A) + " cannot be multiplied");
-    items.push_back({B.data(), A.data(), B.shape(0), B.shape(1), A.shape(1)});
-    keep_alive.push_back(B);
-    keep_alive.push_back(A);
+    items.push_back({f32_view(t[0], "B", keep_alive), f32_view(t[1], "A", keep_alive)});
   }
   py::array_t<double> out(static_cast<py::ssize_t>(items.size()));
   double* res = out.mutable_data();
-  run_guarded(keep_alive, [&] {
-    lorafuse::parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
-      const Pair& p = items[static_cast<std::size_t>(i)];
-      res[i] = lorafuse::factored_frobenius_sq(p.B, p.A, p.out, p.r, p.in);
-    });
-  });
+  run_guarded(keep_alive, [&] { lorafuse::factored_frobenius_sq_batch(items, res, threads); });
   return out;
 }
 
 // items: list of (B1, A1, B2, A2) float32; returns <B1 A1, B2 A2>_F for each, in float64.
 py::array_t<double> factored_inner(const py::list& items_in, const py::object& threads_in) {
   const int threads = require_threads(threads_in);
-  struct Item {
-    const float *B1, *A1, *B2, *A2;
-    std::int64_t r1, r2, out, in;
-  };
-  std::vector<Item> items;
+  std::vector<lorafuse::FactorInnerView> items;
   std::vector<py::object> keep_alive;
   for (const py::handle& h : items_in) {
     auto t = py::cast<py::tuple>(h);
     if (t.size() != 4) fail(ErrorKind::Value, "factored_inner takes (B1, A1, B2, A2) tuples");
-    auto B1 = require_f32(t[0], "B1");
-    auto A1 = require_f32(t[1], "A1");
-    auto B2 = require_f32(t[2], "B2");
-    auto A2 = require_f32(t[3], "A2");
-    if (B1.ndim() != 2 || A1.ndim() != 2 || B2.ndim() != 2 || A2.ndim() != 2 || B1.shape(1) != A1.shape(0) ||
-        B2.shape(1) != A2.shape(0) || B1.shape(0) != B2.shape(0) || A1.shape(1) != A2.shape(1))
-      fail(ErrorKind::ShapeMismatch, "factors B1 " + shape_str(B1) + ", A1 " + shape_str(A1) + ", B2 " +
-                                         shape_str(B2) + ", A2 " + shape_str(A2) + " do not describe two deltas of one shape");
-    items.push_back({B1.data(), A1.data(), B2.data(), A2.data(), A1.shape(0), A2.shape(0), B1.shape(0), A1.shape(1)});
-    for (auto* a : {&B1, &A1, &B2, &A2}) keep_alive.push_back(*a);
+    items.push_back({f32_view(t[0], "B1", keep_alive), f32_view(t[1], "A1", keep_alive),
+                     f32_view(t[2], "B2", keep_alive), f32_view(t[3], "A2", keep_alive)});
   }
   py::array_t<double> out(static_cast<py::ssize_t>(items.size()));
   double* res = out.mutable_data();
-  run_guarded(keep_alive, [&] {
-    lorafuse::parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
-      const Item& p = items[static_cast<std::size_t>(i)];
-      res[i] = lorafuse::factored_inner(p.B1, p.A1, p.r1, p.B2, p.A2, p.r2, p.out, p.in);
-    });
-  });
+  run_guarded(keep_alive, [&] { lorafuse::factored_inner_batch(items, res, threads); });
   return out;
 }
 
@@ -506,6 +374,31 @@ lorafuse::RandomizedSvdOptions require_randomized_options(const py::handle& seed
   return opt;
 }
 
+// A Python rank as an integer (the core checks its range; one beyond 64 bits has no C++ value,
+// so its message is made here, in the core's words).
+std::int64_t rank_arg(const py::handle& h, const std::string& name) {
+  if (py::isinstance<py::bool_>(h) || !PyIndex_Check(h.ptr())) return require_int(h, name + ": rank");
+  PyObject* idx = PyNumber_Index(h.ptr());
+  if (idx == nullptr) {
+    PyErr_Clear();
+    return require_int(h, name + ": rank");
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+  Py_DECREF(idx);
+  if (overflow != 0) return require_rank(h, name);  // out of range: raises
+  return v;
+}
+
+// Runs a batch of SVD jobs (built and checked by the core) on outputs allocated here.
+template <class Batch>
+py::list run_svd_jobs(std::vector<lorafuse::SvdJob>& jobs, const std::vector<py::object>& keep_alive, Batch batch) {
+  py::list results;
+  for (lorafuse::SvdJob& job : jobs) results.append(allocate_svd_outputs(job));
+  run_guarded(keep_alive, [&] { batch(); });
+  return results;
+}
+
 // items: list of (name, B (out x R), A (R x in)) float32; ranks: one k per item.
 // Returns, per item, (B2 (out x k), A2 (k x in), S (float64: min(R, out, in) values on
 // the exact path, min(k, R, out, in) on the randomized one)).
@@ -518,36 +411,73 @@ py::list factored_svd(const py::handle& items_in, const py::handle& ranks_in, co
   const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "factored_svd");
   auto items = require_sequence(items_in, "factored_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "factored_svd");
-  std::vector<lorafuse::SvdJob> jobs(items.size());
+  std::vector<lorafuse::SvdJob> jobs;
   std::vector<py::object> keep_alive;
-  py::list results;
   for (std::size_t i = 0; i < items.size(); ++i) {
     auto t = require_sequence(items[i], "factored_svd: item " + std::to_string(i));
     if (t.size() != 3) fail(ErrorKind::Value, "factored_svd: item " + std::to_string(i) + " must be (name, B, A)");
-    lorafuse::SvdJob& job = jobs[i];
-    job.name = require_name(t[0], "factored_svd: item " + std::to_string(i));
-    auto B = require_f32(t[1], job.name + ": B");
-    auto A = require_f32(t[2], job.name + ": A");
-    if (B.ndim() != 2 || A.ndim() != 2 || B.shape(1) != A.shape(0))
-      fail(ErrorKind::ShapeMismatch, job.name + ": factors B " + shape_str(B) + " and A " + shape_str(A) +
-                                         " cannot be multiplied (need B (out, R) and A (R, in))");
-    job.B = B.data();
-    job.A = A.data();
-    job.out = B.shape(0);
-    job.r = B.shape(1);
-    job.in = A.shape(1);
-    job.k = require_rank(ranks[i], job.name);
-    job.exact = lorafuse::factored_svd_is_exact(job.out, job.in, job.r, job.k, mode, opt);
-    job.s_len = job.exact ? lorafuse::factored_sv_count(job.out, job.r, job.in)
-                          : lorafuse::dense_sv_count(std::min(job.out, job.r), job.in, job.k);
-    keep_alive.push_back(B);
-    keep_alive.push_back(A);
-    results.append(allocate_svd_outputs(job));
+    const std::string name = require_name(t[0], "factored_svd: item " + std::to_string(i));
+    const auto B = f32_view(t[1], name + ": B", keep_alive);
+    const auto A = f32_view(t[2], name + ": A", keep_alive);
+    jobs.push_back(lorafuse::make_factored_job(name, B, A, rank_arg(ranks[i], name), mode, opt));
   }
-  run_guarded(keep_alive, [&] {
-    lorafuse::factored_svd_batch(jobs, split, opt, threads);
-  });
-  return results;
+  return run_svd_jobs(jobs, keep_alive, [&] { lorafuse::factored_svd_batch(jobs, split, opt, threads); });
+}
+
+// items: list of (name, [(B_1, A_1), ..., (B_n, A_n)], [w_1, ..., w_n]) with float32 factors of
+// one update shape (out, in) and any ranks; ranks: one k per item. The same results as
+// factored_svd on the stacked items (name, [w_1 B_1 | ... | w_n B_n], [A_1; ...; A_n]), without
+// the caller stacking (the exact path stacks in the core's float64 workspace, the randomized
+// one takes every product term by term).
+py::list factored_svd_lists(const py::handle& items_in, const py::handle& ranks_in, const std::string& split_name,
+                            const py::object& threads_in, const std::string& mode_name, const py::handle& seed,
+                            const py::handle& oversample, const py::handle& power_iters,
+                            const py::handle& release_in) {
+  const int threads = require_threads(threads_in);
+  const lorafuse::SvdSplit split = lorafuse::svd_split_from_name(split_name);
+  const lorafuse::FactoredMode mode = lorafuse::factored_mode_from_name(mode_name);
+  const lorafuse::RandomizedSvdOptions opt =
+      require_randomized_options(seed, oversample, power_iters, "factored_svd_lists");
+  std::optional<py::sequence> release_lists;
+  if (!release_in.is_none()) release_lists = require_sequence(release_in, "factored_svd_lists: release");
+  auto items = require_sequence(items_in, "factored_svd_lists: items");
+  const py::sequence ranks = require_ranks(ranks_in, items.size(), "factored_svd_lists");
+  if (release_lists && release_lists->size() != items.size())
+    fail(ErrorKind::Value, "factored_svd_lists: " + std::to_string(release_lists->size()) + " release lists for " +
+                               std::to_string(items.size()) + " items");
+  std::vector<lorafuse::SvdJob> jobs;
+  std::vector<py::object> keep_alive;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string where = "factored_svd_lists: item " + std::to_string(i);
+    auto t = require_sequence(items[i], where);
+    if (t.size() != 3) fail(ErrorKind::Value, where + " must be (name, [(B, A), ...], [weight, ...])");
+    const std::string name = require_name(t[0], where);
+    auto pairs = require_sequence(t[1], name + ": factor pairs");
+    auto weights_in = require_sequence(t[2], name + ": weights");
+    std::vector<lorafuse::TensorView> Bs, As;
+    std::vector<double> weights;
+    for (std::size_t j = 0; j < pairs.size(); ++j) {
+      const std::string pair = name + ": pair " + std::to_string(j);
+      auto p = require_sequence(pairs[j], pair);
+      if (p.size() != 2) fail(ErrorKind::Value, pair + " must be (B, A)");
+      Bs.push_back(f32_view(p[0], pair + " B", keep_alive));
+      As.push_back(f32_view(p[1], pair + " A", keep_alive));
+    }
+    for (std::size_t j = 0; j < weights_in.size(); ++j)
+      weights.push_back(require_float(weights_in[j], name + ": weight " + std::to_string(j)));
+    std::vector<bool> release;
+    if (release_lists && !(*release_lists)[i].is_none()) {
+      auto flags = require_sequence((*release_lists)[i], name + ": release flags");
+      for (std::size_t j = 0; j < flags.size(); ++j) {
+        if (!py::isinstance<py::bool_>(flags[j]))
+          fail(ErrorKind::Value, name + ": release flag " + std::to_string(j) + " must be a bool");
+        release.push_back(flags[j].cast<bool>());
+      }
+    }
+    jobs.push_back(
+        lorafuse::make_factored_list_job(name, Bs, As, weights, rank_arg(ranks[i], name), mode, opt, release));
+  }
+  return run_svd_jobs(jobs, keep_alive, [&] { lorafuse::factored_svd_batch(jobs, split, opt, threads); });
 }
 
 // items: list of (name, D (out x in)) float32; ranks: one k per item.
@@ -560,28 +490,16 @@ py::list dense_svd(const py::handle& items_in, const py::handle& ranks_in, const
   const lorafuse::RandomizedSvdOptions opt = require_randomized_options(seed, oversample, power_iters, "dense_svd");
   auto items = require_sequence(items_in, "dense_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "dense_svd");
-  std::vector<lorafuse::SvdJob> jobs(items.size());
+  std::vector<lorafuse::SvdJob> jobs;
   std::vector<py::object> keep_alive;
-  py::list results;
   for (std::size_t i = 0; i < items.size(); ++i) {
     auto t = require_sequence(items[i], "dense_svd: item " + std::to_string(i));
     if (t.size() != 2) fail(ErrorKind::Value, "dense_svd: item " + std::to_string(i) + " must be (name, D)");
-    lorafuse::SvdJob& job = jobs[i];
-    job.name = require_name(t[0], "dense_svd: item " + std::to_string(i));
-    auto D = require_f32(t[1], job.name + ": D");
-    if (D.ndim() != 2) fail(ErrorKind::ShapeMismatch, job.name + ": D " + shape_str(D) + " must be 2-D (out, in)");
-    job.D = D.data();
-    job.out = D.shape(0);
-    job.in = D.shape(1);
-    job.k = require_rank(ranks[i], job.name);
-    job.s_len = lorafuse::dense_sv_count(job.out, job.in, job.k);
-    keep_alive.push_back(D);
-    results.append(allocate_svd_outputs(job));
+    const std::string name = require_name(t[0], "dense_svd: item " + std::to_string(i));
+    const auto D = f32_view(t[1], name + ": D", keep_alive);
+    jobs.push_back(lorafuse::make_dense_job(name, D, rank_arg(ranks[i], name), opt));
   }
-  run_guarded(keep_alive, [&] {
-    lorafuse::dense_svd_batch(jobs, split, opt, threads);
-  });
-  return results;
+  return run_svd_jobs(jobs, keep_alive, [&] { lorafuse::dense_svd_batch(jobs, split, opt, threads); });
 }
 
 // items: list of (name, [t_1 .. t_n]) with float32 arrays of one shape;
@@ -595,48 +513,31 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
   opt.merge = lorafuse::merge_method_from_name(merge);
   opt.majority = lorafuse::majority_sign_from_name(majority);
   opt.density = require_float(density, "task_merge: density");
-  if (!(opt.density >= 0.0) || !std::isfinite(opt.density))
-    fail(ErrorKind::Value, "task_merge: density must be >= 0 (a finite number), got " + show(density));
   opt.rescale = rescale;
   opt.seed = require_seed(seed, "task_merge");
+  lorafuse::check_task_merge_options(opt);
   auto items = require_sequence(items_in, "task_merge: items");
   auto weights = require_sequence(weights_in, "task_merge: weights");
   if (weights.size() != items.size())
     fail(ErrorKind::Value, "task_merge: " + std::to_string(weights.size()) + " weight lists for " +
                                std::to_string(items.size()) + " items");
-  std::vector<lorafuse::TaskMergeItem> jobs(items.size());
+  std::vector<lorafuse::TaskMergeItem> jobs;
   std::vector<py::object> keep_alive;
   py::list results;
   for (std::size_t i = 0; i < items.size(); ++i) {
     auto t = require_sequence(items[i], "task_merge: item " + std::to_string(i));
     if (t.size() != 2) fail(ErrorKind::Value, "task_merge: item " + std::to_string(i) + " must be (name, tensors)");
-    lorafuse::TaskMergeItem& job = jobs[i];
-    job.name = require_name(t[0], "task_merge: item " + std::to_string(i));
-    auto tensors = require_sequence(t[1], job.name + ": tensors");
-    auto w = require_sequence(weights[i], job.name + ": weights");
-    if (tensors.size() == 0) fail(ErrorKind::Value, job.name + ": task_merge needs at least one tensor");
-    if (w.size() != tensors.size())
-      fail(ErrorKind::ShapeMismatch, job.name + ": " + std::to_string(w.size()) + " weights for " +
-                                         std::to_string(tensors.size()) + " tensors");
-    py::array_t<float> first;
-    for (std::size_t j = 0; j < tensors.size(); ++j) {
-      auto a = require_f32(tensors[j], job.name + ": task tensor " + std::to_string(j));
-      if (j == 0) {
-        first = a;
-      } else if (a.ndim() != first.ndim() || !std::equal(a.shape(), a.shape() + a.ndim(), first.shape())) {
-        fail(ErrorKind::ShapeMismatch, job.name + ": task tensor " + std::to_string(j) + " has shape " + shape_str(a) +
-                                           ", task tensor 0 has " + shape_str(first));
-      }
-      job.tensors.push_back(a.data());
-      const double wj = require_float(w[j], job.name + ": weight " + std::to_string(j));
-      if (!std::isfinite(wj)) fail(ErrorKind::Value, job.name + ": weight " + std::to_string(j) + " must be finite, got " + show(w[j]));
-      job.weights.push_back(wj);
-      keep_alive.push_back(a);
-    }
-    job.numel = first.size();
-    std::vector<py::ssize_t> shape(first.shape(), first.shape() + first.ndim());
-    py::array_t<float> out(shape);
-    job.out = out.mutable_data();
+    const std::string name = require_name(t[0], "task_merge: item " + std::to_string(i));
+    auto tensors_in = require_sequence(t[1], name + ": tensors");
+    auto w = require_sequence(weights[i], name + ": weights");
+    std::vector<lorafuse::TensorView> tensors;
+    std::vector<double> wts;
+    for (std::size_t j = 0; j < tensors_in.size(); ++j)
+      tensors.push_back(f32_view(tensors_in[j], name + ": task tensor " + std::to_string(j), keep_alive));
+    for (std::size_t j = 0; j < w.size(); ++j) wts.push_back(require_float(w[j], name + ": weight " + std::to_string(j)));
+    jobs.push_back(lorafuse::make_task_merge_item(name, tensors, wts));
+    py::array_t<float> out(std::vector<py::ssize_t>(tensors[0].shape.begin(), tensors[0].shape.end()));
+    jobs.back().out = out.mutable_data();
     results.append(out);
   }
   run_guarded(keep_alive, [&] {
@@ -646,13 +547,6 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
 }
 
 // ---- extract: rank-k factors of W_ft - W_base by a streamed randomized SVD ----
-
-// A numpy array (not converted from anything else), else a LorafuseValueError.
-py::array require_array(const py::handle& h, const std::string& what) {
-  if (!py::isinstance<py::array>(h))
-    fail(ErrorKind::Value, what + " must be a numpy array, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
-  return py::reinterpret_borrow<py::array>(h);
-}
 
 std::string require_str(const py::handle& h, const std::string& what) {
   if (!py::isinstance<py::str>(h)) fail(ErrorKind::Value, what + " must be a str");
@@ -671,32 +565,20 @@ py::list extract_svd(const py::handle& items_in, const py::handle& ranks_in, con
   opt.power_iters = require_int_in(power_iters, "extract_svd: power_iters", 0, lorafuse::kMaxPowerIters);
   auto items = require_sequence(items_in, "extract_svd: items");
   const py::sequence ranks = require_ranks(ranks_in, items.size(), "extract_svd");
-  std::vector<lorafuse::ExtractJob> jobs(items.size());
+  std::vector<lorafuse::ExtractJob> jobs;
   std::vector<py::object> keep_alive;
   std::vector<py::tuple> outputs;
   for (std::size_t i = 0; i < items.size(); ++i) {
     const std::string where = "extract_svd: item " + std::to_string(i);
     auto t = require_sequence(items[i], where);
     if (t.size() != 5) fail(ErrorKind::Value, where + " must be (name, w_base, base_dtype, w_ft, ft_dtype)");
-    lorafuse::ExtractJob& job = jobs[i];
-    job.name = require_name(t[0], where);
-    auto wb = require_array(t[1], job.name + ": base weight");
-    auto wf = require_array(t[3], job.name + ": fine-tuned weight");
-    job.base_type = lorafuse::dtype_from_name(require_str(t[2], job.name + ": base dtype"));
-    job.ft_type = lorafuse::dtype_from_name(require_str(t[4], job.name + ": fine-tuned dtype"));
-    if (wb.ndim() != 2 || wf.ndim() != 2 || wb.shape(0) != wf.shape(0) || wb.shape(1) != wf.shape(1))
-      fail(ErrorKind::ShapeMismatch, job.name + ": base weight " + shape_str(wb) + " and fine-tuned weight " +
-                                         shape_str(wf) + " must be equal 2-D shapes (out, in)");
-    require_raw(wb, job.base_type, job.name + ": base weight");
-    require_raw(wf, job.ft_type, job.name + ": fine-tuned weight");
-    job.w_base = wb.data();
-    job.w_ft = wf.data();
-    job.out = wb.shape(0);
-    job.in = wb.shape(1);
-    job.k = require_rank(ranks[i], job.name);
-    job.s_len = lorafuse::extract_sv_count(job.out, job.in, job.k, opt.oversample);
-    keep_alive.push_back(wb);
-    keep_alive.push_back(wf);
+    const std::string name = require_name(t[0], where);
+    const auto wb = array_view(t[1], name + ": base weight", keep_alive);
+    const auto wf = array_view(t[3], name + ": fine-tuned weight", keep_alive);
+    const DType tb = lorafuse::dtype_from_name(require_str(t[2], name + ": base dtype"));
+    const DType tf = lorafuse::dtype_from_name(require_str(t[4], name + ": fine-tuned dtype"));
+    jobs.push_back(lorafuse::make_extract_job(name, wb, tb, wf, tf, rank_arg(ranks[i], name), opt));
+    lorafuse::ExtractJob& job = jobs.back();
     py::array_t<float> B({static_cast<py::ssize_t>(job.out), static_cast<py::ssize_t>(job.k)});
     py::array_t<float> A({static_cast<py::ssize_t>(job.k), static_cast<py::ssize_t>(job.in)});
     py::array_t<double> S(static_cast<py::ssize_t>(job.s_len));
@@ -827,6 +709,15 @@ PYBIND11_MODULE(LORAFUSE_MODULE_NAME, m) {
         "mode 'auto': the same unless the cost model finds a randomized SVD through the factors (seeded by seed "
         "and name) much cheaper (see factored_svd_is_exact). Returns (B2, A2, S) per item; S = all min(R, out, "
         "in) singular values (float64) on the exact path, the min(k, R, out, in) computed ones otherwise.");
+  m.def("factored_svd_lists", &factored_svd_lists, py::arg("items"), py::arg("ranks"), py::arg("split") = "B",
+        py::arg("threads") = 0, py::arg("mode") = "exact", py::arg("seed") = 0, py::arg("oversample") = 10,
+        py::arg("power_iters") = 4, py::arg("release") = py::none(),
+        "factored_svd for (name, [(B_1, A_1), ..., (B_n, A_n)], [w_1, ..., w_n]) items: the best rank-k factors of "
+        "D = sum_i w_i B_i A_i, the same as factored_svd on (name, [w_1 B_1 | ... | w_n B_n], [A_1; ...; A_n]) "
+        "without stacking the factors (one update shape (out, in), any ranks). Returns (B2, A2, S) per item. "
+        "release: None, or per item None or one bool per pair: True where B_i and A_i are views of a read-only "
+        "file mapping, whose pages are then dropped from the resident set after each use (MADV_DONTNEED; they "
+        "come back from the page cache); never True for anonymous or writable memory, which DONTNEED would zero.");
   m.def(
       "factored_svd_is_exact",
       [](const py::handle& out, const py::handle& in, const py::handle& r, const py::handle& k,

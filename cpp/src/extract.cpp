@@ -1,9 +1,6 @@
 #include "lorafuse/extract.hpp"
 
 #include <Eigen/Core>
-#include <Eigen/Householder>
-#include <Eigen/QR>
-#include <Eigen/SVD>
 #include <algorithm>
 #include <cstring>
 #include <atomic>
@@ -19,21 +16,15 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/limits.hpp"
 #include "lorafuse/parallel.hpp"
-#include "lorafuse/rng.hpp"
-#include "svd_signs.hpp"
 #include "float_bits.hpp"
+#include "range_finder.hpp"
 
 namespace lorafuse {
 namespace {
 
 using Eigen::Index;
-using MatD = Eigen::MatrixXd;
 using MatF = Eigen::MatrixXf;
-using VecD = Eigen::VectorXd;
 using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-// Domain word that separates the extraction sketch from other uses of the same seed.
-constexpr std::uint64_t kExtractDomain = 0x6578747261637401ull;
 
 // Non-finite flags of a module, found in its first pass.
 constexpr unsigned kBadBase = 1, kBadFt = 2, kBadDiff = 4;
@@ -473,225 +464,75 @@ void pass_dty(const ExtractJob& job, const MatF& Y, MatF& Z, int threads) {
   });
 }
 
-// Householder QR of a tall matrix (rows >= cols) in panels of kPanel columns: each
-// panel is factored column by column (LAPACK's dgeqr2 conventions: H = I - tau v v^T,
-// v(0) = 1, tau = 0 when the column below the diagonal is already zero), and applied
-// to the columns on its right as one block reflector I - V T V^T (dlarft), so the
-// bulk of the work runs in matrix products. A rank-deficient input still gives an
-// orthonormal Q. Used in float32 for the power iterations and float64 at the end.
-template <class S>
-class PanelQR {
- public:
-  using M = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
-  static constexpr Index kPanel = 8;
-
-  explicit PanelQR(M a) : a_(std::move(a)) {
-    const Index rows = a_.rows(), cols = a_.cols();
-    for (Index p0 = 0; p0 < cols; p0 += kPanel) {
-      const Index pb = std::min(kPanel, cols - p0), r = rows - p0;
-      Panel p{p0, M(r, pb), M::Zero(pb, pb)};
-      std::vector<S> tau(static_cast<std::size_t>(pb));
-      factor_panel(p0, pb, tau.data());
-      p.V = a_.block(p0, p0, r, pb).template triangularView<Eigen::StrictlyLower>();
-      p.V.diagonal().setOnes();
-      const M G = p.V.transpose() * p.V;
-      for (Index i = 0; i < pb; ++i) {
-        p.T(i, i) = tau[static_cast<std::size_t>(i)];
-        if (i > 0) {
-          const Eigen::Matrix<S, Eigen::Dynamic, 1> t =
-              p.T.topLeftCorner(i, i).template triangularView<Eigen::Upper>() * G.col(i).head(i);
-          p.T.col(i).head(i) = -tau[static_cast<std::size_t>(i)] * t;
-        }
-      }
-      const Index tc = cols - p0 - pb;
-      if (tc > 0) {  // trailing columns <- H^T C = C - V T^T V^T C
-        auto C = a_.block(p0, p0 + pb, r, tc);
-        M W = p.V.transpose() * C;
-        W = p.T.transpose().template triangularView<Eigen::Lower>() * W;
-        C.noalias() -= p.V * W;
-      }
-      panels_.push_back(std::move(p));
-    }
-  }
-
-  // The cols x cols upper triangular factor R.
-  M r() const {
-    const Index l = a_.cols();
-    return a_.topRows(l).template triangularView<Eigen::Upper>();
-  }
-
-  // Q [C; 0] (rows x c) for C (cols x c); `identity` says C is the identity, whose
-  // first p0 columns no reflector of a later panel touches.
-  M apply_q(const M& C, bool identity = false) const {
-    const Index rows = a_.rows(), l = a_.cols(), c = C.cols();
-    M X = M::Zero(rows, c);
-    X.topRows(l) = C;
-    for (auto it = panels_.rbegin(); it != panels_.rend(); ++it) {
-      const Index c0 = identity ? std::min(it->p0, c) : 0;
-      auto Xs = X.block(it->p0, c0, rows - it->p0, c - c0);
-      M W = it->V.transpose() * Xs;
-      W = it->T.template triangularView<Eigen::Upper>() * W;
-      Xs.noalias() -= it->V * W;
-    }
-    return X;
-  }
-
-  M thin_q() const { return apply_q(M::Identity(a_.cols(), a_.cols()), true); }
-
- private:
-  struct Panel {
-    Index p0;
-    M V;  // r x pb, unit lower trapezoidal
-    M T;  // pb x pb, upper triangular
-  };
-
-  void factor_panel(Index p0, Index pb, S* tau) {
-    const Index rows = a_.rows();
-    for (Index j = 0; j < pb; ++j) {
-      const Index c = p0 + j, t = rows - c - 1;
-      auto ess = a_.col(c).segment(c + 1, t);
-      const S alpha = a_(c, c), sigma = ess.squaredNorm();
-      if (!(sigma > S(0))) {
-        tau[j] = S(0);
-        continue;
-      }
-      const S beta = -std::copysign(std::sqrt(alpha * alpha + sigma), alpha);
-      tau[j] = (beta - alpha) / beta;
-      ess /= (alpha - beta);
-      a_(c, c) = beta;
-      const Index rest = pb - j - 1;
-      if (rest > 0) {
-        auto top = a_.row(c).segment(c + 1, rest);
-        auto tail = a_.block(c + 1, c + 1, t, rest);
-        Eigen::Matrix<S, 1, Eigen::Dynamic> w = top + ess.transpose() * tail;
-        w *= tau[j];
-        top -= w;
-        tail.noalias() -= ess * w;
-      }
-    }
-  }
-
-  M a_;
-  std::vector<Panel> panels_;
-};
-
-// Orthonormal basis (rows x l) of the columns of a float32 matrix, in float32.
-MatF orthonormal_basis_f(const MatF& Y) { return PanelQR<float>(Y).thin_q(); }
-
-using detail::fix_signs;
-
 void write_zero(const ExtractJob& job) {
-  Eigen::Map<RowMatF>(job.B, job.out, job.k).setZero();
-  Eigen::Map<RowMatF>(job.A, job.k, job.in).setZero();
+  detail::write_zero({job.B, job.A, job.out, job.in, job.k});
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = 0.0;
 }
 
-// B = L diag(s) (padded to k columns), A = R^T (padded to k rows); a zero singular
-// value gives a zero column of B and a zero row of A.
-void write_factors(MatD& L, MatD& R, const VecD& s, const ExtractJob& job) {
-  fix_signs(L, R);
-  const Index kk = L.cols();
-  Eigen::Map<RowMatF> B(job.B, job.out, job.k);
-  Eigen::Map<MatF> At(job.A, job.in, job.k);  // A row-major (k x in) is A^T column-major
-  B.setZero();
-  At.setZero();
-  for (Index j = 0; j < kk; ++j) {
-    if (!(s[j] > 0.0)) continue;
-    B.col(j) = (L.col(j) * s[j]).cast<float>();
-    At.col(j) = R.col(j).cast<float>();
+// D = W_ft - W_base as an operator of the range finder (range_finder.hpp): products
+// streamed over panels on `threads` threads. The first product also sums ||D||_F^2 and
+// checks every value; proceed() then stops on a NaN or Inf (flags: kBad*), on D = 0 (zero),
+// and, at any product, when a job before this one in job order was found bad.
+class ExtractOp {
+ public:
+  ExtractOp(ExtractJob& job, std::int64_t index, int threads, const std::atomic<std::int64_t>& first_bad)
+      : job_(job), index_(index), threads_(threads), first_bad_(first_bad) {}
+  Index rows() const { return job_.out; }
+  Index cols() const { return job_.in; }
+  void apply(const MatF& X, MatF& Y) {
+    if (products_++ > 0) return pass_dx(job_, X, Y, nullptr, threads_);
+    const Index panels = (job_.out + kPanelRows - 1) / kPanelRows;
+    FirstPass fp{std::vector<double>(static_cast<std::size_t>(panels), 0.0),
+                 std::vector<unsigned char>(static_cast<std::size_t>(panels), 0)};
+    pass_dx(job_, X, Y, &fp, threads_);
+    double frob = 0.0;
+    for (Index b = 0; b < panels; ++b) {
+      if (fp.bad[static_cast<std::size_t>(b)]) {
+        flags = diagnose(job_);
+        return;
+      }
+      frob += fp.frob[static_cast<std::size_t>(b)];
+    }
+    job_.frob_sq = frob;
+    zero = frob == 0.0;
   }
-}
+  void apply_t(const MatF& Y, MatF& Z) {
+    ++products_;
+    pass_dty(job_, Y, Z, threads_);
+  }
+  bool proceed() const { return flags == 0 && !zero && first_bad_.load() >= index_; }
 
-// The two standard normals of Box-Muller, in float32, on two 24-bit uniforms taken
-// from the 64 random bits at counter p of the stream `key`.
-inline void gaussian_pair(std::uint64_t key, std::uint64_t p, float& g0, float& g1) noexcept {
-  const std::uint64_t bits = counter_bits(key, p);
-  const float u1 = 1.0f - static_cast<float>(bits >> 40) * 0x1.0p-24f;  // (0, 1]
-  const float u2 = static_cast<float>((bits >> 16) & 0xFFFFFFu) * 0x1.0p-24f;
-  const float r = std::sqrt(-2.0f * std::log(u1)), a = 6.28318530717958648f * u2;
-  g0 = r * std::cos(a);
-  g1 = r * std::sin(a);
-}
+  unsigned flags = 0;  // kBad* flags of the first pass
+  bool zero = false;   // D = 0
 
-// out[t] = Gaussian number t for t in [t0, t1): element 2p is the first of
-// gaussian_pair(key, p), element 2p + 1 the second.
-void fill_gaussian(std::uint64_t key, std::uint64_t t0, std::uint64_t t1, float* out) noexcept {
-  float g0, g1;
-  std::uint64_t t = t0;
-  if (t < t1 && (t & 1)) {
-    gaussian_pair(key, t >> 1, g0, g1);
-    out[t++] = g1;
-  }
-  for (; t + 1 < t1; t += 2) {
-    gaussian_pair(key, t >> 1, g0, g1);
-    out[t] = g0;
-    out[t + 1] = g1;
-  }
-  if (t < t1) {
-    gaussian_pair(key, t >> 1, g0, g1);
-    out[t] = g0;
-  }
-}
+ private:
+  ExtractJob& job_;
+  std::int64_t index_;
+  int threads_;
+  const std::atomic<std::int64_t>& first_bad_;
+  int products_ = 0;
+};
 
 // One module with `threads` threads for its tile products. Returns the kBad* flags
 // (0: done). Gives up early (returning 0, outputs unspecified) when a job before it
 // in job order has been found bad, since that job's error is the one raised.
 unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& opt, int threads,
                      const std::atomic<std::int64_t>& first_bad) {
-  const Index m = job.out, n = job.in, l = job.s_len;
+  const Index l = job.s_len;
   job.frob_sq = 0.0;
   if (l == 0) {  // an empty matrix
     write_zero(job);
     return 0;
   }
-  const std::uint64_t key = derive_key(derive_key(derive_key(0, opt.seed), name_hash(job.name)), kExtractDomain);
-  // Omega: the Gaussian at flat position t = j n + i (column-major) comes from
-  // gaussian_pair(key, t / 2), generated in column ranges.
-  MatF X(n, l);
-  const Index gblocks = (n + kChunkCols - 1) / kChunkCols;
-  parallel_for(gblocks, threads, [&](std::int64_t c, int) {
-    const Index i0 = c * kChunkCols, i1 = std::min(n, i0 + kChunkCols);
-    for (Index j = 0; j < l; ++j)
-      fill_gaussian(key, static_cast<std::uint64_t>(j * n + i0), static_cast<std::uint64_t>(j * n + i1), X.data());
-  });
-  MatF Y(m, l);
-  const Index panels = (m + kPanelRows - 1) / kPanelRows;
-  FirstPass fp{std::vector<double>(static_cast<std::size_t>(panels), 0.0),
-               std::vector<unsigned char>(static_cast<std::size_t>(panels), 0)};
-  pass_dx(job, X, Y, &fp, threads);
-  double frob = 0.0;
-  for (Index b = 0; b < panels; ++b) {
-    if (fp.bad[static_cast<std::size_t>(b)]) return diagnose(job);
-    frob += fp.frob[static_cast<std::size_t>(b)];
-  }
-  job.frob_sq = frob;
-  if (frob == 0.0) {
-    write_zero(job);
-    return 0;
-  }
-  // Range finder: power iterations re-orthonormalized after every product.
-  for (std::int64_t it = 0; it < opt.power_iters; ++it) {
-    if (first_bad.load() < index) return 0;
-    const MatF Q = orthonormal_basis_f(Y);
-    pass_dty(job, Q, X, threads);
-    X = orthonormal_basis_f(X);
-    pass_dx(job, X, Y, nullptr, threads);
-  }
-  if (first_bad.load() < index) return 0;
-  // Q^T D = Z^T with Z = D^T Q = Q_z R_z, so D ~ Q R_z^T Q_z^T; SVD of the l x l R_z^T.
-  const PanelQR<double> qy(Y.cast<double>());
-  const MatD Q = qy.thin_q();
-  MatF Zf(n, l);
-  pass_dty(job, Q.cast<float>(), Zf, threads);
-  const PanelQR<double> qz(Zf.cast<double>());
-  const MatD Rzt = qz.r().transpose();
-  const Eigen::BDCSVD<MatD> svd(Rzt, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const VecD& sv = svd.singularValues();
-  for (Index i = 0; i < l; ++i) job.S[i] = sv[i];
   const Index kk = std::min<Index>(job.k, l);
-  MatD L = Q * svd.matrixU().leftCols(kk);
-  MatD R = qz.apply_q(svd.matrixV().leftCols(kk));
-  write_factors(L, R, sv.head(kk), job);
+  ExtractOp op(job, index, threads, first_bad);
+  detail::TruncatedSvd t;
+  if (!detail::randomized_svd(op, detail::sketch_key(opt.seed, job.name), l, kk, opt.power_iters, threads, t)) {
+    if (op.zero) write_zero(job);
+    return op.flags;
+  }
+  for (Index i = 0; i < l; ++i) job.S[i] = t.s[i];
+  detail::write_factors(t.L, t.R, t.s.head(kk), SvdSplit::B, {job.B, job.A, job.out, job.in, job.k});
   return 0;
 }
 
@@ -703,22 +544,50 @@ std::int64_t extract_sv_count(std::int64_t out, std::int64_t in, std::int64_t k,
   return std::max<std::int64_t>(0, std::min({l, out, in}));
 }
 
-void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
+void check_extract_options(const ExtractOptions& opt) {
   LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
                  "oversample must be from 0 to " + std::to_string(kMaxOversample) + ", got " + std::to_string(opt.oversample));
   LORAFUSE_CHECK(opt.power_iters >= 0 && opt.power_iters <= kMaxPowerIters, ErrorKind::Value,
                  "power_iters must be from 0 to " + std::to_string(kMaxPowerIters) + ", got " +
                      std::to_string(opt.power_iters));
-  const auto n_jobs = static_cast<std::int64_t>(jobs.size());
-  if (n_jobs == 0) return;
+}
+
+ExtractJob make_extract_job(const std::string& name, const TensorView& w_base, DType base_type,
+                            const TensorView& w_ft, DType ft_type, std::int64_t k, const ExtractOptions& opt) {
+  check_extract_options(opt);
+  LORAFUSE_CHECK(w_base.ndim() == 2 && w_ft.ndim() == 2 && w_base.dim(0) == w_ft.dim(0) && w_base.dim(1) == w_ft.dim(1),
+                 ErrorKind::ShapeMismatch, name + ": base weight " + w_base.shape_str() + " and fine-tuned weight " +
+                                               w_ft.shape_str() + " must be equal 2-D shapes (out, in)");
+  check_raw(w_base, base_type, name + ": base weight");
+  check_raw(w_ft, ft_type, name + ": fine-tuned weight");
+  check_rank(k, name);
+  ExtractJob job;
+  job.name = name;
+  job.w_base = w_base.data;
+  job.base_type = base_type;
+  job.w_ft = w_ft.data;
+  job.ft_type = ft_type;
+  job.out = w_base.dim(0);
+  job.in = w_base.dim(1);
+  job.k = k;
+  job.s_len = extract_sv_count(job.out, job.in, job.k, opt.oversample);
+  return job;
+}
+
+void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
+  check_extract_options(opt);
   for (const ExtractJob& j : jobs) {
     LORAFUSE_CHECK(j.k >= 1 && j.k <= kMaxRank, ErrorKind::Value,
                    j.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(j.k));
-    LORAFUSE_CHECK(j.out >= 0 && j.in >= 0 && j.B != nullptr && j.A != nullptr, ErrorKind::Value,
-                   j.name + ": bad shape or missing output buffers");
-    if (j.s_len != extract_sv_count(j.out, j.in, j.k, opt.oversample))
-      throw Error(ErrorKind::Value, j.name + ": S must hold extract_sv_count(out, in, k, oversample) values");
+    LORAFUSE_CHECK(j.out >= 0 && j.in >= 0 && (j.out * j.in == 0 || (j.w_base != nullptr && j.w_ft != nullptr)),
+                   ErrorKind::ShapeMismatch, j.name + ": bad shape " + shape_str(j.out, j.in) + " or missing inputs");
+    LORAFUSE_CHECK(j.B != nullptr && j.A != nullptr && (j.S != nullptr || j.s_len == 0), ErrorKind::Value,
+                   j.name + ": output buffers missing");
+    LORAFUSE_CHECK(j.s_len == extract_sv_count(j.out, j.in, j.k, opt.oversample), ErrorKind::Value,
+                   j.name + ": S must hold extract_sv_count(out, in, k, oversample) values");
   }
+  const auto n_jobs = static_cast<std::int64_t>(jobs.size());
+  if (n_jobs == 0) return;
   // Largest modules first (the order affects no result, only the load balance).
   std::vector<std::size_t> order(jobs.size());
   std::iota(order.begin(), order.end(), std::size_t{0});

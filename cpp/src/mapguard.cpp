@@ -37,8 +37,10 @@ std::atomic<int> g_high{0};  // slots [0, g_high) have been used
 std::atomic<std::uint64_t> g_faults{0};
 std::uintptr_t g_page = 4096;
 
-// What only ordinary code reads. Never destroyed: Python may unregister mappings while
-// the process exits, after static destructors would have run.
+// What only ordinary code reads (the signal handler never touches it). Deliberately leaked,
+// not a function-local static: Python may unregister mappings while the process exits
+// (finalizers, daemon threads), after static destructors would have run, and a destroyed
+// mutex or vector there is undefined behaviour. One allocation per process, never freed.
 struct Meta {
   std::string label, path;
   std::uint64_t dev = 0, ino = 0;

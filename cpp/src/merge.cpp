@@ -187,8 +187,8 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
     LORAFUSE_CHECK(job.rows >= 0 && job.cols >= 0 &&
                        (job.rows * job.cols == 0 || (job.w != nullptr && job.out != nullptr)),
                    ErrorKind::ShapeMismatch, job.name + ": bad shape or missing buffers");
-    if (!writable(job.out_type))
-      throw Error(ErrorKind::Dtype, job.name + ": cannot write output dtype " + dtype_name(job.out_type));
+    LORAFUSE_CHECK(writable(job.out_type), ErrorKind::Dtype,
+                   job.name + ": cannot write output dtype " + dtype_name(job.out_type));
     const std::int64_t step = tile_rows(job.cols);
     column_norm_passes(job, step, threads);
     for (std::int64_t r0 = 0; r0 < job.rows; r0 += step)
@@ -218,6 +218,111 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
   });
   for (std::size_t b = 0; b < blocks.size(); ++b)
     if (nonfinite[b]) jobs[blocks[b].job].nonfinite = true;
+}
+
+namespace {
+
+std::string weight_shape(const MergeJob& job) { return shape_str(job.rows, job.cols); }
+
+// rows * cols of a Kronecker product, or -1 when it does not fit in 64 bits.
+std::int64_t checked_product(std::int64_t x, std::int64_t y) {
+  std::int64_t r = 0;
+  return __builtin_mul_overflow(x, y, &r) ? -1 : r;
+}
+
+}  // namespace
+
+MergeJob make_merge_job(const std::string& name, const TensorView& w, DType w_type, const TensorView& out,
+                        DType out_type) {
+  check_raw(w, w_type, name + ": base weight");
+  check_raw(out, out_type, name + ": output");
+  LORAFUSE_CHECK(out.writeable, ErrorKind::Value, name + ": output buffer is read-only");
+  LORAFUSE_CHECK(w.ndim() == 2 && out.ndim() == 2 && w.dim(0) == out.dim(0) && w.dim(1) == out.dim(1),
+                 ErrorKind::ShapeMismatch,
+                 name + ": base weight " + w.shape_str() + " and output " + out.shape_str() + " must be equal 2-D shapes");
+  LORAFUSE_CHECK(writable(out_type), ErrorKind::Dtype, name + ": cannot write output dtype " + dtype_name(out_type));
+  MergeJob job;
+  job.name = name;
+  job.w = w.data;
+  job.w_type = w_type;
+  job.out = const_cast<void*>(out.data);
+  job.out_type = out_type;
+  job.rows = w.dim(0);
+  job.cols = w.dim(1);
+  return job;
+}
+
+MergeStage make_lowrank_stage(const MergeJob& job, const TensorView& B, const TensorView& A) {
+  check_f32(B, job.name + ": B");
+  check_f32(A, job.name + ": A");
+  LORAFUSE_CHECK(B.ndim() == 2 && A.ndim() == 2 && B.dim(0) == job.rows && A.dim(1) == job.cols && B.dim(1) == A.dim(0),
+                 ErrorKind::ShapeMismatch,
+                 job.name + ": factors B " + B.shape_str() + " and A " + A.shape_str() + " do not fit the base weight " +
+                     weight_shape(job));
+  MergeStage stage;
+  stage.kind = StageKind::LowRank;
+  stage.B = B.f32_data();
+  stage.A = A.f32_data();
+  stage.rank = A.dim(0);
+  return stage;
+}
+
+MergeStage make_hadamard_stage(const MergeJob& job, const TensorView& B1, const TensorView& A1, const TensorView& B2,
+                               const TensorView& A2) {
+  check_f32_matrix(B1, job.name + ": LoHa B1");
+  check_f32_matrix(A1, job.name + ": LoHa A1");
+  check_f32_matrix(B2, job.name + ": LoHa B2");
+  check_f32_matrix(A2, job.name + ": LoHa A2");
+  LORAFUSE_CHECK(B1.dim(0) == job.rows && B2.dim(0) == job.rows && A1.dim(1) == job.cols && A2.dim(1) == job.cols &&
+                     B1.dim(1) == A1.dim(0) && B2.dim(1) == A2.dim(0),
+                 ErrorKind::ShapeMismatch,
+                 job.name + ": LoHa factors B1 " + B1.shape_str() + ", A1 " + A1.shape_str() + ", B2 " + B2.shape_str() +
+                     ", A2 " + A2.shape_str() + " do not fit the base weight " + weight_shape(job));
+  MergeStage stage;
+  stage.kind = StageKind::Hadamard;
+  stage.B = B1.f32_data();
+  stage.A = A1.f32_data();
+  stage.rank = A1.dim(0);
+  stage.B2 = B2.f32_data();
+  stage.A2 = A2.f32_data();
+  stage.rank2 = A2.dim(0);
+  return stage;
+}
+
+MergeStage make_kron_stage(const MergeJob& job, const TensorView& W1, const TensorView& W2, bool has_offset,
+                           std::int64_t row_offset) {
+  check_f32_matrix(W1, job.name + ": LoKr W1");
+  check_f32_matrix(W2, job.name + ": LoKr W2");
+  const std::int64_t offset = has_offset ? row_offset : 0;
+  const std::int64_t krows = checked_product(W1.dim(0), W2.dim(0));
+  const std::int64_t kcols = checked_product(W1.dim(1), W2.dim(1));
+  const bool rows_fit = has_offset ? offset >= 0 && krows >= 0 && offset <= krows && job.rows <= krows - offset
+                                   : krows == job.rows;
+  LORAFUSE_CHECK(rows_fit && kcols == job.cols, ErrorKind::ShapeMismatch,
+                 job.name + ": LoKr factors W1 " + W1.shape_str() + " and W2 " + W2.shape_str() +
+                     (has_offset ? " at row offset " + std::to_string(offset) : std::string()) +
+                     " do not fit the base weight " + weight_shape(job) +
+                     " (kron(W1, W2) has W1 rows * W2 rows by W1 cols * W2 cols)");
+  MergeStage stage;
+  stage.kind = StageKind::Kron;
+  stage.W1 = W1.f32_data();
+  stage.W2 = W2.f32_data();
+  stage.a = W1.dim(0);
+  stage.b = W1.dim(1);
+  stage.c = W2.dim(0);
+  stage.d = W2.dim(1);
+  stage.row_offset = offset;
+  return stage;
+}
+
+void set_magnitude(MergeStage& stage, const MergeJob& job, const TensorView& magnitude, bool column_norm) {
+  check_f32(magnitude, job.name + ": DoRA magnitude");
+  LORAFUSE_CHECK(magnitude.ndim() == 1 && magnitude.dim(0) == (column_norm ? job.cols : job.rows),
+                 ErrorKind::ShapeMismatch,
+                 job.name + ": DoRA magnitude " + magnitude.shape_str() + " does not fit the base weight " +
+                     weight_shape(job));
+  stage.column_norm = column_norm;
+  stage.magnitude = magnitude.f32_data();
 }
 
 }  // namespace lorafuse

@@ -11,8 +11,8 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/limits.hpp"
 #include "lorafuse/parallel.hpp"
-#include "lorafuse/rng.hpp"
-#include "svd_signs.hpp"
+#include "finite.hpp"
+#include "range_finder.hpp"
 
 namespace lorafuse {
 namespace {
@@ -23,46 +23,13 @@ using MatF = Eigen::MatrixXf;
 using VecD = Eigen::VectorXd;
 using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Domain word that separates the sketch stream from other uses of the same seed.
-constexpr std::uint64_t kSketchDomain = 0x736b657463680001ull;
+using detail::all_finite;
+using detail::FactorOutput;
+using detail::write_factors;
 
-bool all_finite(const float* p, std::int64_t n) {
-  // Sum of x - x is 0 for finite x and NaN otherwise; no early exit keeps it vectorized.
-  float acc = 0.0f;
-  for (std::int64_t i = 0; i < n; ++i) acc += p[i] - p[i];
-  return acc == 0.0f;
-}
+FactorOutput output_of(const SvdJob& job) { return {job.B2, job.A2, job.out, job.in, job.k}; }
 
-using detail::fix_signs;
-
-// Writes B2 = L diag(f_left) (padded to k columns) and A2 = diag(f_right) R^T
-// (padded to k rows), where L (out x kk) and R (in x kk) hold the leading singular
-// vectors and s their kk singular values.
-void write_factors(MatD& L, MatD& R, const VecD& s, SvdSplit split, const SvdJob& job) {
-  fix_signs(L, R);
-  const Index kk = L.cols();
-  VecD fl(kk), fr(kk);
-  for (Index j = 0; j < kk; ++j) {
-    if (split == SvdSplit::B) {
-      fl[j] = s[j];
-      fr[j] = 1.0;
-    } else {
-      fl[j] = fr[j] = std::sqrt(s[j]);
-    }
-  }
-  Eigen::Map<RowMatF> B2(job.B2, job.out, job.k);
-  Eigen::Map<MatF> A2t(job.A2, job.in, job.k);  // A2 row-major (k x in) is A2^T column-major
-  B2.setZero();
-  A2t.setZero();
-  if (kk == 0) return;
-  B2.leftCols(kk) = (L * fl.asDiagonal()).cast<float>();
-  A2t.leftCols(kk) = (R * fr.asDiagonal()).cast<float>();
-}
-
-void write_zero(const SvdJob& job) {
-  Eigen::Map<RowMatF>(job.B2, job.out, job.k).setZero();
-  Eigen::Map<RowMatF>(job.A2, job.k, job.in).setZero();
-}
+void write_zero(const SvdJob& job) { detail::write_zero(output_of(job)); }
 
 // Exact SVD of a float64 matrix; writes all min(rows, cols) singular values into
 // job.S (which must hold that many: s_len) or the first s_len of them, and the
@@ -75,7 +42,26 @@ void dense_exact(const MatD& D, SvdSplit split, SvdJob& job) {
   const Index kk = std::min<Index>(job.k, nsv);
   MatD L = svd.matrixU().leftCols(kk);
   MatD R = svd.matrixV().leftCols(kk);
-  write_factors(L, R, sv.head(kk), split, job);
+  write_factors(L, R, sv.head(kk), split, output_of(job));
+}
+
+// The factor pairs of a factored job: its terms, or the one pair (B, A).
+std::vector<FactorTerm> terms_of(const SvdJob& job) {
+  if (!job.terms.empty()) return job.terms;
+  return {FactorTerm{job.B, job.A, job.r, 1.0}};
+}
+
+void stack_factors(const SvdJob& job, MatD& Bd, MatD& Ad) {
+  Bd.resize(job.out, job.r);
+  Ad.resize(job.in, job.r);
+  Index c = 0;
+  for (const FactorTerm& t : terms_of(job)) {
+    if (t.r == 0) continue;
+    Bd.middleCols(c, t.r) = Eigen::Map<const RowMatF>(t.B, job.out, t.r).cast<double>() * t.weight;
+    Ad.middleCols(c, t.r) = Eigen::Map<const MatF>(t.A, job.in, t.r).cast<double>();  // A_i^T
+    detail::release_term(t, job.out, job.in);
+    c += t.r;
+  }
 }
 
 void factored_one(SvdJob& job, SvdSplit split) {
@@ -84,17 +70,16 @@ void factored_one(SvdJob& job, SvdSplit split) {
     write_zero(job);
     return;
   }
-  const Eigen::Map<const RowMatF> B(job.B, out, r);
-  const Eigen::Map<const MatF> At(job.A, in, r);  // A row-major (r x in) is A^T column-major
+  // The stacked factors in float64: Bd = [w_1 B_1, ..., w_n B_n] (out x r), Ad = [A_1; ...; A_n]^T (in x r).
+  MatD Bd, Ad;
+  stack_factors(job, Bd, Ad);
   if (r >= std::min(out, in)) {
     // The factored path would cost as much as the dense one: form D in float64.
-    const MatD D = B.cast<double>() * At.cast<double>().transpose();
+    const MatD D = Bd * Ad.transpose();
     dense_exact(D, split, job);
     return;
   }
-  // B = Q_B R_B, A^T = Q_A R_A (Householder, in place on float64 copies).
-  MatD Bd = B.cast<double>();
-  MatD Ad = At.cast<double>();
+  // B = Q_B R_B, A^T = Q_A R_A (Householder, in place on the float64 copies).
   Eigen::HouseholderQR<Eigen::Ref<MatD>> qb(Bd);
   Eigen::HouseholderQR<Eigen::Ref<MatD>> qa(Ad);
   const MatD Rb = qb.matrixQR().topRows(r).triangularView<Eigen::Upper>();
@@ -112,75 +97,25 @@ void factored_one(SvdJob& job, SvdSplit split) {
   MatD R = MatD::Zero(in, kk);
   R.topRows(r) = svd.matrixV().leftCols(kk);
   R.applyOnTheLeft(qa.householderQ());
-  write_factors(L, R, sv.head(kk), split, job);
+  write_factors(L, R, sv.head(kk), split, output_of(job));
 }
 
-// Orthonormal basis (m x l, float64) of the columns of a float32 m x l matrix.
-MatD orthonormal_basis(const MatF& Y) {
-  MatD Yd = Y.cast<double>();
-  Eigen::HouseholderQR<Eigen::Ref<MatD>> qr(Yd);
-  MatD Q = MatD::Identity(Y.rows(), Y.cols());
-  Q.applyOnTheLeft(qr.householderQ());
-  return Q;
-}
-
-// Randomized SVD (Halko, Martinsson, Tropp) of an m x n operator given by its
-// products: times(X) = D X (X n x l) and times_t(Y) = D^T Y (Y m x l), both float32.
-// The Gaussian sketch comes from the counter stream keyed by (seed, name).
-template <class Times, class TimesT>
-void randomized_core(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt, Index l, Times times,
-                     TimesT times_t) {
-  const Index n = job.in, k = job.k;
-  const std::uint64_t key = derive_key(derive_key(derive_key(0, opt.seed), name_hash(job.name)), kSketchDomain);
-  MatF omega(n, l);
-  for (Index j = 0; j < l; ++j)
-    for (Index i = 0; i < n; ++i)
-      omega(i, j) = static_cast<float>(normal_at(key, static_cast<std::uint64_t>(j * n + i)));
-  // Range finder with power iterations, re-orthonormalized after every product.
-  // The products run in float32 (the inputs are float32); bases and the small SVD in float64.
-  MatD Q = orthonormal_basis(times(omega));
-  for (std::int64_t it = 0; it < opt.power_iters; ++it) {
-    const MatD Qz = orthonormal_basis(times_t(Q.cast<float>()));
-    Q = orthonormal_basis(times(Qz.cast<float>()));
-  }
-  // Q^T D = Z^T with Z = D^T Q = Q_z R_z, so D ~ Q R_z^T Q_z^T; SVD of the l x l R_z^T.
-  const MatF Zf = times_t(Q.cast<float>());
-  MatD Z = Zf.cast<double>();
-  Eigen::HouseholderQR<Eigen::Ref<MatD>> qz(Z);
-  const MatD Rzt = qz.matrixQR().topRows(l).triangularView<Eigen::Upper>().transpose();
-  const Eigen::BDCSVD<MatD> svd(Rzt, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  const VecD& sv = svd.singularValues();
-  for (Index i = 0; i < job.s_len; ++i) job.S[i] = sv[i];
-  const Index kk = std::min<Index>(k, l);
-  MatD L = Q * svd.matrixU().leftCols(kk);
-  MatD R = MatD::Zero(n, kk);
-  R.topRows(l) = svd.matrixV().leftCols(kk);
-  R.applyOnTheLeft(qz.householderQ());
-  write_factors(L, R, sv.head(kk), split, job);
-}
-
-void randomized_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt) {
-  const Eigen::Map<const RowMatF> D(job.D, job.out, job.in);
-  randomized_core(
-      job, split, opt, job.k + opt.oversample,  // < min(m, n) / 4 on this path
-      [&](const MatF& X) -> MatF { return D * X; }, [&](const MatF& Y) -> MatF { return D.transpose() * Y; });
+// The randomized path: the range finder of range_finder.hpp on `op`, a sketch of width l.
+template <class Op>
+void randomized_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt, Index l, Op& op) {
+  const Index kk = std::min<Index>(job.k, l);
+  detail::TruncatedSvd t;
+  detail::randomized_svd(op, detail::sketch_key(opt.seed, job.name), l, kk, opt.power_iters, 1, t);
+  for (Index i = 0; i < job.s_len; ++i) job.S[i] = t.s[i];
+  write_factors(t.L, t.R, t.s.head(kk), split, output_of(job));
 }
 
 // The randomized path of a factored job: every product goes through B (out x r) and A (r x in).
 void factored_randomized_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt) {
-  const Eigen::Map<const RowMatF> B(job.B, job.out, job.r);
-  const Eigen::Map<const RowMatF> A(job.A, job.r, job.in);
   const Index l = std::min<Index>({job.k + opt.oversample, job.r, job.out, job.in});
-  randomized_core(
-      job, split, opt, l,
-      [&](const MatF& X) -> MatF {
-        const MatF T = A * X;
-        return B * T;
-      },
-      [&](const MatF& Y) -> MatF {
-        const MatF T = B.transpose() * Y;
-        return A.transpose() * T;
-      });
+  const std::vector<FactorTerm> terms = terms_of(job);
+  detail::FactorListOp op(terms.data(), terms.size(), job.out, job.in);
+  randomized_one(job, split, opt, l, op);
 }
 
 void dense_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt) {
@@ -192,7 +127,8 @@ void dense_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt) {
   if (job.exact) {
     dense_exact(Eigen::Map<const RowMatF>(job.D, job.out, job.in).cast<double>(), split, job);
   } else {
-    randomized_one(job, split, opt);
+    detail::DenseOp op(job.D, job.out, job.in);
+    randomized_one(job, split, opt, job.k + opt.oversample, op);  // < min(out, in) / 4 on this path
   }
 }
 
@@ -209,8 +145,15 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
   parallel_for(static_cast<std::int64_t>(jobs.size()), threads, [&](std::int64_t t, int) {
     const std::size_t i = order[static_cast<std::size_t>(t)];
     SvdJob& job = jobs[i];
-    const bool finite = job.D != nullptr ? all_finite(job.D, job.out * job.in)
-                                         : all_finite(job.B, job.out * job.r) && all_finite(job.A, job.r * job.in);
+    bool finite = true;
+    if (job.D != nullptr) {
+      finite = all_finite(job.D, job.out * job.in);
+    } else {
+      for (const FactorTerm& t : terms_of(job)) {
+        finite = finite && all_finite(t.B, job.out * t.r) && all_finite(t.A, t.r * job.in);
+        detail::release_term(t, job.out, job.in);  // a read-only mapping's pages leave the resident set
+      }
+    }
     if (!finite) {
       bad[i] = 1;
       write_zero(job);
@@ -222,14 +165,6 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
     if (bad[i]) throw Error(ErrorKind::NonFinite, jobs[i].name + ": input holds NaN or Inf");
 }
 
-void check_randomized_options(const RandomizedSvdOptions& opt) {
-  LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
-                 "oversample must be from 0 to " + std::to_string(kMaxOversample) + ", got " + std::to_string(opt.oversample));
-  LORAFUSE_CHECK(opt.power_iters >= 0 && opt.power_iters <= kMaxPowerIters, ErrorKind::Value,
-                 "power_iters must be from 0 to " + std::to_string(kMaxPowerIters) + ", got " +
-                     std::to_string(opt.power_iters));
-}
-
 void check_job(const SvdJob& job) {
   LORAFUSE_CHECK(job.k >= 1 && job.k <= kMaxRank, ErrorKind::Value,
                  job.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(job.k));
@@ -238,6 +173,16 @@ void check_job(const SvdJob& job) {
                      std::to_string(job.in) + ")");
   LORAFUSE_CHECK(job.B2 != nullptr && job.A2 != nullptr && (job.S != nullptr || job.s_len == 0), ErrorKind::Value,
                  job.name + ": output buffers missing");
+  if (job.D != nullptr) return;
+  std::int64_t r = 0;
+  for (const FactorTerm& t : terms_of(job)) {
+    LORAFUSE_CHECK(t.r >= 0 && (t.r == 0 || (t.B != nullptr && t.A != nullptr)) && std::isfinite(t.weight),
+                   ErrorKind::Value, job.name + ": a factor pair has a negative rank, no data or a weight that is not finite");
+    r += t.r;
+  }
+  LORAFUSE_CHECK(r == job.r, ErrorKind::ShapeMismatch,
+                 job.name + ": the factor pairs have " + std::to_string(r) + " ranks in all, the job says r = " +
+                     std::to_string(job.r));
 }
 
 // Cost models in seconds of one core, fitted to this code on x86-64 with AVX2 (timed
@@ -263,6 +208,14 @@ double randomized_factored_cost(std::int64_t out, std::int64_t in, std::int64_t 
 }
 
 }  // namespace
+
+void check_randomized_options(const RandomizedSvdOptions& opt) {
+  LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
+                 "oversample must be from 0 to " + std::to_string(kMaxOversample) + ", got " + std::to_string(opt.oversample));
+  LORAFUSE_CHECK(opt.power_iters >= 0 && opt.power_iters <= kMaxPowerIters, ErrorKind::Value,
+                 "power_iters must be from 0 to " + std::to_string(kMaxPowerIters) + ", got " +
+                     std::to_string(opt.power_iters));
+}
 
 FactoredMode factored_mode_from_name(const std::string& name) {
   if (name == "exact") return FactoredMode::Exact;
@@ -334,6 +287,88 @@ void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const Randomized
                    : o * i * static_cast<double>(j.k + opt.oversample) * static_cast<double>(2 * opt.power_iters + 2);
       },
       [&](SvdJob& j) { dense_one(j, split, opt); });
+}
+
+namespace {
+
+// Sets k, exact and s_len of a factored job whose out, in and r are set.
+void size_factored_job(SvdJob& job, std::int64_t k, FactoredMode mode, const RandomizedSvdOptions& opt) {
+  check_rank(k, job.name);
+  job.k = k;
+  job.exact = factored_svd_is_exact(job.out, job.in, job.r, job.k, mode, opt);
+  job.s_len = job.exact ? factored_sv_count(job.out, job.r, job.in) : dense_sv_count(std::min(job.out, job.r), job.in, job.k);
+}
+
+}  // namespace
+
+SvdJob make_factored_job(const std::string& name, const TensorView& B, const TensorView& A, std::int64_t k,
+                         FactoredMode mode, const RandomizedSvdOptions& opt) {
+  check_randomized_options(opt);
+  check_f32(B, name + ": B");
+  check_f32(A, name + ": A");
+  LORAFUSE_CHECK(B.ndim() == 2 && A.ndim() == 2 && B.dim(1) == A.dim(0), ErrorKind::ShapeMismatch,
+                 name + ": factors B " + B.shape_str() + " and A " + A.shape_str() +
+                     " cannot be multiplied (need B (out, R) and A (R, in))");
+  SvdJob job;
+  job.name = name;
+  job.B = B.f32_data();
+  job.A = A.f32_data();
+  job.out = B.dim(0);
+  job.r = B.dim(1);
+  job.in = A.dim(1);
+  size_factored_job(job, k, mode, opt);
+  return job;
+}
+
+SvdJob make_factored_list_job(const std::string& name, const std::vector<TensorView>& Bs,
+                              const std::vector<TensorView>& As, const std::vector<double>& weights, std::int64_t k,
+                              FactoredMode mode, const RandomizedSvdOptions& opt,
+                              const std::vector<bool>& release) {
+  check_randomized_options(opt);
+  LORAFUSE_CHECK(!Bs.empty(), ErrorKind::Value, name + ": needs at least one (B, A) pair");
+  LORAFUSE_CHECK(As.size() == Bs.size() && weights.size() == Bs.size(), ErrorKind::ShapeMismatch,
+                 name + ": " + std::to_string(Bs.size()) + " B factors, " + std::to_string(As.size()) + " A factors and " +
+                     std::to_string(weights.size()) + " weights (need one of each per pair)");
+  LORAFUSE_CHECK(release.empty() || release.size() == Bs.size(), ErrorKind::ShapeMismatch,
+                 name + ": " + std::to_string(release.size()) + " release flags for " + std::to_string(Bs.size()) +
+                     " pairs (need none or one per pair)");
+  SvdJob job;
+  job.name = name;
+  for (std::size_t i = 0; i < Bs.size(); ++i) {
+    const std::string pair = name + ": pair " + std::to_string(i);
+    const TensorView &B = Bs[i], &A = As[i];
+    check_f32(B, pair + " B");
+    check_f32(A, pair + " A");
+    LORAFUSE_CHECK(B.ndim() == 2 && A.ndim() == 2 && B.dim(1) == A.dim(0), ErrorKind::ShapeMismatch,
+                   pair + ": factors B " + B.shape_str() + " and A " + A.shape_str() +
+                       " cannot be multiplied (need B (out, R) and A (R, in))");
+    LORAFUSE_CHECK(B.dim(0) == Bs[0].dim(0) && A.dim(1) == As[0].dim(1), ErrorKind::ShapeMismatch,
+                   pair + ": factors B " + B.shape_str() + " and A " + A.shape_str() + " give a " +
+                       shape_str(B.dim(0), A.dim(1)) + " update, pair 0 a " + shape_str(Bs[0].dim(0), As[0].dim(1)) +
+                       " one");
+    LORAFUSE_CHECK(std::isfinite(weights[i]), ErrorKind::Value, pair + ": the weight must be finite");
+    job.terms.push_back(FactorTerm{B.f32_data(), A.f32_data(), B.dim(1), weights[i], !release.empty() && release[i]});
+    job.r += B.dim(1);
+  }
+  job.out = Bs[0].dim(0);
+  job.in = As[0].dim(1);
+  size_factored_job(job, k, mode, opt);
+  return job;
+}
+
+SvdJob make_dense_job(const std::string& name, const TensorView& D, std::int64_t k, const RandomizedSvdOptions& opt) {
+  check_randomized_options(opt);
+  check_f32(D, name + ": D");
+  LORAFUSE_CHECK(D.ndim() == 2, ErrorKind::ShapeMismatch, name + ": D " + D.shape_str() + " must be 2-D (out, in)");
+  check_rank(k, name);
+  SvdJob job;
+  job.name = name;
+  job.D = D.f32_data();
+  job.out = D.dim(0);
+  job.in = D.dim(1);
+  job.k = k;
+  job.s_len = dense_sv_count(job.out, job.in, job.k);
+  return job;
 }
 
 }  // namespace lorafuse

@@ -7,6 +7,7 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
+#include "finite.hpp"
 
 namespace lorafuse {
 namespace {
@@ -53,11 +54,7 @@ MagnitudeKeep magnitude_keep(const float* t, std::int64_t numel, double density,
   return keep;
 }
 
-bool all_finite(const float* p, std::int64_t n) {
-  float acc = 0.0f;
-  for (std::int64_t i = 0; i < n; ++i) acc += p[i] - p[i];  // NaN as soon as one entry is NaN or Inf
-  return acc == 0.0f;
-}
+using detail::all_finite;
 
 std::string fmt_double(double d) {
   std::ostringstream s;
@@ -93,21 +90,48 @@ MajoritySign majority_sign_from_name(const std::string& name) {
   throw Error(ErrorKind::Value, "unknown majority sign method '" + name + "' (expected 'total' or 'frequency')");
 }
 
+void check_task_merge_options(const TaskMergeOptions& opt) {
+  LORAFUSE_CHECK(opt.density >= 0.0 && std::isfinite(opt.density), ErrorKind::Value,
+                 "task_merge: density must be >= 0 (a finite number), got " + fmt_double(opt.density));
+  const bool pruning = opt.prune != PruneMethod::None && opt.density < 1.0;
+  LORAFUSE_CHECK(!(pruning && opt.prune == PruneMethod::Random && opt.rescale && opt.density == 0.0), ErrorKind::Value,
+                 "task_merge: random pruning with density 0 and rescale divides by zero (PEFT would return NaN)");
+}
+
+TaskMergeItem make_task_merge_item(const std::string& name, const std::vector<TensorView>& tensors,
+                                   const std::vector<double>& weights) {
+  LORAFUSE_CHECK(!tensors.empty(), ErrorKind::Value, name + ": task_merge needs at least one tensor");
+  LORAFUSE_CHECK(weights.size() == tensors.size(), ErrorKind::ShapeMismatch,
+                 name + ": " + std::to_string(weights.size()) + " weights for " + std::to_string(tensors.size()) +
+                     " tensors");
+  TaskMergeItem item;
+  item.name = name;
+  for (std::size_t j = 0; j < tensors.size(); ++j) {
+    const TensorView& t = tensors[j];
+    check_f32(t, name + ": task tensor " + std::to_string(j));
+    LORAFUSE_CHECK(t.shape == tensors[0].shape, ErrorKind::ShapeMismatch,
+                   name + ": task tensor " + std::to_string(j) + " has shape " + t.shape_str() + ", task tensor 0 has " +
+                       tensors[0].shape_str());
+    LORAFUSE_CHECK(std::isfinite(weights[j]), ErrorKind::Value,
+                   name + ": weight " + std::to_string(j) + " must be finite, got " + fmt_double(weights[j]));
+    item.tensors.push_back(t.f32_data());
+    item.weights.push_back(weights[j]);
+  }
+  item.numel = tensors[0].numel();
+  return item;
+}
+
 void task_merge_batch(std::vector<TaskMergeItem>& items, const TaskMergeOptions& opt, int threads) {
-  if (!(opt.density >= 0.0))
-    throw Error(ErrorKind::Value, "task_merge: density must be >= 0, got " + fmt_double(opt.density));
+  check_task_merge_options(opt);
   const bool pruning = opt.prune != PruneMethod::None && opt.density < 1.0;
   const bool rescale = pruning && opt.prune == PruneMethod::Random && opt.rescale;
-  if (rescale && opt.density == 0.0)
-    throw Error(ErrorKind::Value,
-                "task_merge: random pruning with density 0 and rescale divides by zero (PEFT would return NaN)");
   for (const TaskMergeItem& it : items) {
     LORAFUSE_CHECK(it.numel >= 0 && (it.numel == 0 || it.out != nullptr), ErrorKind::Value,
                    it.name + ": bad size or missing output buffer");
-    if (it.tensors.empty()) throw Error(ErrorKind::Value, it.name + ": task_merge needs at least one tensor");
-    if (it.weights.size() != it.tensors.size())
-      throw Error(ErrorKind::ShapeMismatch, it.name + ": " + std::to_string(it.weights.size()) + " weights for " +
-                                                std::to_string(it.tensors.size()) + " tensors");
+    LORAFUSE_CHECK(!it.tensors.empty(), ErrorKind::Value, it.name + ": task_merge needs at least one tensor");
+    LORAFUSE_CHECK(it.weights.size() == it.tensors.size(), ErrorKind::ShapeMismatch,
+                   it.name + ": " + std::to_string(it.weights.size()) + " weights for " +
+                       std::to_string(it.tensors.size()) + " tensors");
   }
   const int nthreads = resolve_threads(threads);
   std::vector<Scratch> scratch(static_cast<std::size_t>(nthreads));

@@ -12,8 +12,10 @@
 //   Q = orth(Y); Z = D^T Q = (Q^T D)^T = Q_z R_z;  SVD R_z^T = U_s S V_s^T  (float64)
 //   B = (Q U_s)_k S_k,  A = ((Q_z V_s)_k)^T
 //
-// orth() is a Householder QR (float32 inside the power iterations, float64 at the
-// end). Every entry of Y = D X is one chain of fused multiply-adds over the columns
+// This is the one randomized range finder of the core (cpp/src/range_finder.hpp, shared
+// with factored_svd and dense_svd: the same Gaussian stream, float64 blocked Householder
+// QR for orth(), the same write_factors); extract supplies only the streamed products.
+// Every entry of Y = D X is one chain of fused multiply-adds over the columns
 // in order, every entry of D^T Y one chain over the rows in order, and ||D||_F^2 is
 // summed per panel in a fixed order, so the result is a function of the inputs alone:
 // the same bits for any thread count (for one build: the FMA width follows the target).
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "lorafuse/dtype.hpp"
+#include "lorafuse/tensor.hpp"
 
 namespace lorafuse {
 
@@ -59,6 +62,16 @@ struct ExtractOptions {
 
 // l = min(k + oversample, out, in) (>= 0): the number of singular values computed.
 std::int64_t extract_sv_count(std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) noexcept;
+
+// Error(Value) unless 0 <= oversample <= kMaxOversample and 0 <= power_iters <= kMaxPowerIters.
+void check_extract_options(const ExtractOptions& opt);
+
+// A checked job from the caller's raw buffers (the entry point a binding calls): both 2-D
+// of one shape (ShapeMismatch naming the module and both shapes), C-contiguous, item sizes
+// matching their dtypes (Dtype), and the rank; sets out, in, k and s_len. The caller
+// allocates B (out x k), A (k x in) and S (s_len) and points the job at them.
+ExtractJob make_extract_job(const std::string& name, const TensorView& w_base, DType base_type,
+                            const TensorView& w_ft, DType ft_type, std::int64_t k, const ExtractOptions& opt);
 
 // Runs every job: modules in parallel; when there are fewer jobs than threads, the
 // tile products of a module are spread over the spare threads too. Raises

@@ -1,6 +1,9 @@
 // Exact quantities of low-rank products computed from the factors alone.
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "lorafuse/tensor.hpp"
 
 namespace lorafuse {
 
@@ -12,5 +15,18 @@ double factored_frobenius_sq(const float* B, const float* A, std::int64_t out, s
 // B2 (out x r2), A2 (r2 x in): O((out + in) r1 r2), no dense matrix.
 double factored_inner(const float* B1, const float* A1, std::int64_t r1, const float* B2, const float* A2,
                       std::int64_t r2, std::int64_t out, std::int64_t in);
+
+// Checked batches from the caller's arrays (the entry points a binding calls). Every B and A
+// must be float32, C-contiguous and 2-D with shapes that multiply (and, for an inner product,
+// describe two updates of one shape): else Error naming the operands and their shapes,
+// before anything is computed. Results: one float64 per pair / quadruple, written to `out`.
+struct FactorPairView {
+  TensorView B, A;
+};
+struct FactorInnerView {
+  TensorView B1, A1, B2, A2;
+};
+void factored_frobenius_sq_batch(const std::vector<FactorPairView>& pairs, double* out, int threads);
+void factored_inner_batch(const std::vector<FactorInnerView>& items, double* out, int threads);
 
 }  // namespace lorafuse

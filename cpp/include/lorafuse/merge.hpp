@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "lorafuse/dtype.hpp"
+#include "lorafuse/tensor.hpp"
 
 namespace lorafuse {
 
@@ -51,6 +52,24 @@ struct MergeJob {
   std::vector<MergeStage> stages;
   bool nonfinite = false;   // set when any output value is NaN or Inf, or overflows out_type
 };
+
+// Checked jobs and stages from the caller's arrays (the entry points a binding calls); each
+// raises Error naming the module, the operand and the shapes (ShapeMismatch for shapes that
+// do not fit the base weight, Dtype for element types, Value for layout).
+//   make_merge_job: w and out raw 2-D buffers of one shape (out writeable, out_type writable).
+//   make_lowrank_stage: B (rows x r) and A (r x cols), float32.
+//   make_hadamard_stage: (B1, A1, B2, A2), LoHa.
+//   make_kron_stage: W1 (a x b), W2 (c x d) with b d = cols and a c = rows, or with a row
+//     offset (has_offset): rows [row_offset, row_offset + rows) of kron(W1, W2).
+//   set_magnitude: the DoRA magnitude of a stage, one value per row (per column with column_norm).
+MergeJob make_merge_job(const std::string& name, const TensorView& w, DType w_type, const TensorView& out,
+                        DType out_type);
+MergeStage make_lowrank_stage(const MergeJob& job, const TensorView& B, const TensorView& A);
+MergeStage make_hadamard_stage(const MergeJob& job, const TensorView& B1, const TensorView& A1, const TensorView& B2,
+                               const TensorView& A2);
+MergeStage make_kron_stage(const MergeJob& job, const TensorView& W1, const TensorView& W2, bool has_offset,
+                           std::int64_t row_offset);
+void set_magnitude(MergeStage& stage, const MergeJob& job, const TensorView& magnitude, bool column_norm);
 
 // Runs every job; (job, row block) pairs are spread over `threads` threads. Jobs
 // with only low-rank stages and no DoRA take a register-blocked path; the others

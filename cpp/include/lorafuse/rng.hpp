@@ -39,11 +39,7 @@ inline std::uint64_t counter_bits(std::uint64_t key, std::uint64_t counter) noex
 // Uniform in [0, 1) with 53 random bits.
 inline double uniform01(std::uint64_t bits) noexcept { return static_cast<double>(bits >> 11) * 0x1.0p-53; }
 
-// Standard normal at position `counter` (Box-Muller on the uniforms at 2c and 2c + 1).
-inline double normal_at(std::uint64_t key, std::uint64_t counter) noexcept {
-  const double u1 = 1.0 - uniform01(counter_bits(key, 2 * counter));  // (0, 1]
-  const double u2 = uniform01(counter_bits(key, 2 * counter + 1));
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-}
+// Gaussian numbers: the one sketch stream of the range finder (cpp/src/range_finder.cpp,
+// gaussian_sketch), Box-Muller pairs on these bits.
 
 }  // namespace lorafuse

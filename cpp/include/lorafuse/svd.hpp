@@ -30,19 +30,35 @@
 #include <string>
 #include <vector>
 
+#include "lorafuse/tensor.hpp"
+
 namespace lorafuse {
 
 enum class SvdSplit { B, Sqrt };
 
 SvdSplit svd_split_from_name(const std::string& name);  // "B" or "sqrt"; Error(Value) otherwise
 
+// One term w B A of a factored job given as a list: B (out x r) and A (r x in), row-major float32.
+struct FactorTerm {
+  const float* B = nullptr;
+  const float* A = nullptr;
+  std::int64_t r = 0;
+  double weight = 1.0;
+  // B and A are views of a read-only file mapping (the caller knows; never set it for anonymous or
+  // writable memory): the whole pages inside them are dropped from the resident set (MADV_DONTNEED)
+  // after each use, and come back from the page cache on the next. No effect on any result.
+  bool release = false;
+};
+
 struct SvdJob {
   std::string name;
-  // Input: factored jobs set B (out x r, row-major) and A (r x in, row-major);
+  // Input: factored jobs set B (out x r, row-major) and A (r x in, row-major), or
+  // `terms` (D = sum_i w_i B_i A_i, r = sum_i r_i: never stacked by the caller);
   // dense jobs set D (out x in, row-major). All float32.
   const float* B = nullptr;
   const float* A = nullptr;
   const float* D = nullptr;
+  std::vector<FactorTerm> terms;
   std::int64_t out = 0, in = 0, r = 0;
   std::int64_t k = 1;  // requested rank, >= 1
   // Outputs, allocated by the caller: B2 out x k and A2 k x in (row-major float32),
@@ -81,6 +97,28 @@ std::int64_t factored_sv_count(std::int64_t out, std::int64_t r, std::int64_t in
 std::int64_t dense_sv_count(std::int64_t out, std::int64_t in, std::int64_t k) noexcept;
 // Whether dense_svd_batch takes the exact path: (k + oversample) * 4 >= min(out, in).
 bool dense_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t k, std::int64_t oversample) noexcept;
+
+// Error(Value) unless 0 <= oversample <= kMaxOversample and 0 <= power_iters <= kMaxPowerIters.
+void check_randomized_options(const RandomizedSvdOptions& opt);
+
+// Checked jobs from the caller's arrays (the entry points a binding calls): each checks
+// dtypes, contiguity, shapes and the rank and raises Error naming the module and the
+// shapes (ShapeMismatch for shapes that do not fit), then sets out, in, r, k, exact and
+// s_len; the caller allocates B2 (out x k), A2 (k x in) and S (s_len) and points the job
+// at them.
+//   make_factored_job: D = B A.
+//   make_factored_list_job: D = sum_i weights[i] B_i A_i for pairs (Bs[i], As[i]) of one
+//     (out, in) and any ranks; the result is that of make_factored_job on the stacked
+//     (w_i B_i, A_i), without the stacked copy (the exact path stacks in its float64 workspace).
+//     `release` (empty, or one flag per pair): FactorTerm::release of each pair.
+//   make_dense_job: D given densely.
+SvdJob make_factored_job(const std::string& name, const TensorView& B, const TensorView& A, std::int64_t k,
+                         FactoredMode mode, const RandomizedSvdOptions& opt);
+SvdJob make_factored_list_job(const std::string& name, const std::vector<TensorView>& Bs,
+                              const std::vector<TensorView>& As, const std::vector<double>& weights, std::int64_t k,
+                              FactoredMode mode, const RandomizedSvdOptions& opt,
+                              const std::vector<bool>& release = {});
+SvdJob make_dense_job(const std::string& name, const TensorView& D, std::int64_t k, const RandomizedSvdOptions& opt);
 
 // Both raise Error(NonFinite) naming the job when an input holds NaN or Inf.
 // Factored jobs must have `exact` set from factored_svd_is_exact (the caller sized S by it).

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "lorafuse/tensor.hpp"
+
 namespace lorafuse {
 
 enum class PruneMethod { None, Magnitude, Random };
@@ -48,6 +50,16 @@ struct TaskMergeItem {
   std::int64_t numel = 0;
   float* out = nullptr;               // numel float32, written
 };
+
+// Error(Value) unless density is finite and >= 0 (and, for random pruning with rescale, > 0).
+void check_task_merge_options(const TaskMergeOptions& opt);
+
+// A checked item from the caller's arrays (the entry point a binding calls): n >= 1 float32
+// C-contiguous tensors of one shape and n finite weights, else Error naming the module, the
+// tensor and the shapes. Sets name, tensors, weights and numel; the caller allocates `out`
+// (numel float32, the shape of tensors[0]) and points the item at it.
+TaskMergeItem make_task_merge_item(const std::string& name, const std::vector<TensorView>& tensors,
+                                   const std::vector<double>& weights);
 
 // Raises Error(Value) for bad options, Error(NonFinite) naming the item when an
 // input tensor or a result holds NaN or Inf.

@@ -16,6 +16,7 @@ from lorafuse.backends.jobs import (
     ExtractJob,
     ExtractResult,
     FactorJob,
+    FactorListJob,
     FactorPair,
     FactorStage,
     InnerJob,
@@ -73,6 +74,7 @@ def available_backends() -> list[str]:
 
 
 __all__ = [
-    "Backend", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorPair", "FactorStage", "InnerJob",
+    "Backend", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair", "FactorStage",
+    "InnerJob",
     "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "get_backend",
 ]

@@ -12,6 +12,7 @@ from lorafuse.backends.jobs import (
     ExtractJob,
     ExtractResult,
     FactorJob,
+    FactorListJob,
     FactorPair,
     InnerJob,
     MergeJob,
@@ -52,6 +53,16 @@ class Backend(Protocol):
                      mode: str = "exact", seed: int = 0, oversample: int = 10,
                      power_iters: int = 4) -> list[SvdResult]:
         """Best rank-k factors of D = B A without forming D (see DESIGN.md, combine svd)."""
+        ...
+
+    def factored_svd_lists(self, jobs: Sequence[FactorListJob], ranks: Sequence[int], split: str = "B",
+                           threads: int = 0, mode: str = "exact", seed: int = 0, oversample: int = 10,
+                           power_iters: int = 4,
+                           release: Sequence[Sequence[bool] | None] | None = None) -> list[SvdResult]:
+        """factored_svd of sum_i w_i B_i A_i from per-adapter factors; the path is the one
+        factored_svd_is_exact(out, in, sum r_i, k, mode) names; the randomized path stacks nothing.
+        release: per job None or one flag per pair, True only where B_i and A_i are read-only views of a file
+        mapping (io.pages.releasable): their pages then leave the resident set after each use (results unchanged)."""
         ...
 
     def factored_svd_is_exact(self, out: int, in_: int, r: int, k: int, mode: str = "auto",

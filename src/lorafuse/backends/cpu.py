@@ -11,6 +11,7 @@ from lorafuse.backends.jobs import (
     ExtractJob,
     ExtractResult,
     FactorJob,
+    FactorListJob,
     FactorPair,
     InnerJob,
     MergeJob,
@@ -43,6 +44,15 @@ class CpuBackend:
                      power_iters: int = 4) -> list[SvdResult]:
         out = core.factored_svd(list(jobs), list(ranks), split, threads, mode=mode, seed=seed,
                                 oversample=oversample, power_iters=power_iters)
+        return [SvdResult(*r) for r in out]
+
+    def factored_svd_lists(self, jobs: Sequence[FactorListJob], ranks: Sequence[int], split: str = "B",
+                           threads: int = 0, mode: str = "exact", seed: int = 0, oversample: int = 10,
+                           power_iters: int = 4,
+                           release: Sequence[Sequence[bool] | None] | None = None) -> list[SvdResult]:
+        extra = {} if release is None else {"release": [None if r is None else list(r) for r in release]}
+        out = core.factored_svd_lists(list(jobs), list(ranks), split, threads, mode=mode, seed=seed,
+                                      oversample=oversample, power_iters=power_iters, **extra)
         return [SvdResult(*r) for r in out]
 
     def factored_svd_is_exact(self, out: int, in_: int, r: int, k: int, mode: str = "auto",

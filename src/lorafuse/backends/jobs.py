@@ -6,6 +6,7 @@ compiled backend receives it without a conversion. Factors are float32, C-contig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +18,16 @@ class FactorJob(NamedTuple):
     name: str
     b: np.ndarray
     a: np.ndarray
+
+
+class FactorListJob(NamedTuple):
+    """One module's update sum_i w_i B_i @ A_i from per-adapter factors (B_i (out x r_i), A_i (r_i x in)),
+    for factored_svd_lists: the same result as factored_svd on the stacked (w_i B_i, A_i), without the
+    caller stacking anything."""
+
+    name: str
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]]
+    weights: Sequence[float]
 
 
 class DenseJob(NamedTuple):

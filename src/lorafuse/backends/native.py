@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from lorafuse import _core as _loaded
+from lorafuse import _validate
 
 core: ModuleType = _loaded
 
@@ -15,6 +16,21 @@ MAX_RANK: int = core.MAX_RANK
 MAX_OVERSAMPLE: int = core.MAX_OVERSAMPLE
 MAX_POWER_ITERS: int = core.MAX_POWER_ITERS
 ISA: str = core.isa
+VERSION: str = str(core.__version__)  # the build's pyproject version
+
+
+def _check_limits() -> None:
+    """lorafuse._validate (a leaf, below this layer) states the core's limits (cpp/include/lorafuse/limits.hpp)
+    as constants; a core built with other limits must not load with them."""
+    ours = {"MAX_THREADS": _validate.MAX_THREADS, "MAX_RANK": _validate.MAX_RANK,
+            "MAX_OVERSAMPLE": _validate.MAX_OVERSAMPLE, "MAX_POWER_ITERS": _validate.MAX_POWER_ITERS}
+    theirs = {name: getattr(core, name) for name in ours}
+    if ours != theirs:
+        raise ImportError(f"lorafuse's compiled core ({core.__name__}) has the limits {theirs}, lorafuse._validate "
+                          f"{ours}: rebuild lorafuse")
+
+
+_check_limits()
 
 
 def resolve_threads(threads: int) -> int:

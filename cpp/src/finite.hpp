@@ -1,0 +1,16 @@
+// Internal to the core: the finiteness check of float32 inputs and results, one copy
+// for every kernel (svd, task merge, range finder).
+#pragma once
+#include <cstdint>
+
+namespace lorafuse::detail {
+
+// Whether n floats are all finite. The sum of x - x is 0 for finite x and NaN as soon as
+// one entry is NaN or Inf; no early exit keeps the loop vectorized.
+inline bool all_finite(const float* p, std::int64_t n) noexcept {
+  float acc = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) acc += p[i] - p[i];
+  return acc == 0.0f;
+}
+
+}  // namespace lorafuse::detail
