@@ -2,7 +2,9 @@
 
 Every integer and float argument that sizes an allocation, starts threads or reaches the core
 goes through here: bool is not a number, NaN and infinities are refused, and ranges come from
-the core (lorafuse._core.MAX_*), so that the Python and C++ checks cannot disagree.
+the core's (cpp/include/lorafuse/limits.hpp), stated here as constants because this module is a leaf
+below the backend layer; lorafuse.backends.native refuses to load a core built with other limits, so
+the Python and C++ checks cannot disagree.
 
 - threads:      0 (all hardware threads) .. MAX_THREADS (1024); the core runs at most
                 4 workers per hardware thread whatever is asked
@@ -20,13 +22,13 @@ import operator
 
 import numpy as np
 
-from lorafuse import _core
 from lorafuse.errors import LorafuseValueError
 
-MAX_THREADS: int = _core.MAX_THREADS
-MAX_RANK: int = _core.MAX_RANK
-MAX_OVERSAMPLE: int = _core.MAX_OVERSAMPLE
-MAX_POWER_ITERS: int = _core.MAX_POWER_ITERS
+# cpp/include/lorafuse/limits.hpp: kMaxThreads, kMaxRank, kMaxOversample, kMaxPowerIters
+MAX_THREADS: int = 1024
+MAX_RANK: int = 2**20
+MAX_OVERSAMPLE: int = 2**20
+MAX_POWER_ITERS: int = 100
 MAX_SEED = 2**64 - 1
 
 
@@ -94,7 +96,7 @@ def check_weights(weights: object, count: int) -> list[float]:
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
         raise LorafuseValueError(f"weights must be a sequence of numbers, one per adapter, got {_show(weights)}")
     ws: list[float] = []
-    for w in weights:  # type: ignore[attr-defined]
+    for w in weights:
         if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
             raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
         ws.append(float(w))

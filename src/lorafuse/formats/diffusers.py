@@ -21,6 +21,7 @@ is, and `lorafuse_kohya` (JSON) records what converting back to a kohya file nee
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -28,15 +29,17 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lorafuse.adapter import Adapter, Kind, LoraUpdate, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.peft import check_config, pattern_value
+from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common, safetensors_keys
-from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
-from lorafuse.io.safetensors import SafetensorsFile, save_file
+from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
+from lorafuse.model.names import check_module_name
+from lorafuse.model.state import DiffusersState, as_diffusers
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in a folder
@@ -149,8 +152,8 @@ def _update(where: str, module: str, p: dict[str, Tensor], scale_of: object) -> 
 
 def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
     """A diffusers LoRA file as an Adapter (format 'diffusers') whose module names carry the component
-    prefix. config: 'metadata' (the file's other metadata, e.g. kohya's ss_*), 'components' (each
-    component's LoraConfig dict) and, for a file converted from kohya, 'kohya' (the record)."""
+    prefix. Its state (model.state.DiffusersState): the file's other metadata (e.g. kohya's ss_*), each
+    component's LoraConfig dict and, for a file converted from kohya, the kohya record."""
     p = Path(path)
     with SafetensorsFile(p) as f:  # views handed out keep the mapping alive
         tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
@@ -176,7 +179,7 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
             raise FormatError(f"{p}: module {module!r} has two {suffix[1:]} tensors ({key!r} and another spelling)")
         parts.setdefault(module, {})[role] = t
         origin[module] = saved
-    updates: dict[str, LoraUpdate] = {}
+    updates: dict[str, Update] = {}
     for module, d in parts.items():
         component = split_name(module)[0]
         where = f"{p}: module {module!r}"
@@ -188,10 +191,8 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
         kept = {k: metadata[k] for k in keys}
     else:
         kept = {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
-    config: dict[str, object] = {"metadata": kept, "components": configs}
-    if record is not None:
-        config["kohya"] = record
-    return Adapter(updates=updates, config=config, format="diffusers", path=p)
+    state = DiffusersState(kept, configs, record)
+    return Adapter(updates=updates, format="diffusers", path=p, state=state)
 
 
 def _kohya_record(metadata: dict[str, str], where: str) -> dict[str, object] | None:
@@ -242,6 +243,10 @@ def component_configs(adapter: Adapter) -> dict[str, dict[str, object]]:
     groups: dict[str, list[tuple[str, LoraUpdate]]] = {}
     for name, u in adapter.updates.items():
         component, path = split_name(name)
+        if not isinstance(u, LoraUpdate):
+            raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; diffusers LoRA files "
+                                   "store LoRA factors only (convert it first: `lorafuse convert IN -o OUT --to kohya "
+                                   "--rank K`)")
         groups.setdefault(component, []).append((path, u))
     out: dict[str, dict[str, object]] = {}
     for component, items in groups.items():
@@ -269,35 +274,41 @@ def diffusers_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name)."""
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
-        where = f"{adapter.label}: module {name!r}"
-        component, _ = split_name(name)
-        if not component:
-            raise UnsupportedError(f"{where}: not a diffusers module name (<component>.<module path>, component "
-                                   f"one of {', '.join(COMPONENTS)}); the diffusers LoRA format cannot name it")
-        if not u.is_plain():
-            raise UnsupportedError(f"{where} has a DoRA magnitude or a bias; lorafuse writes plain LoRA "
-                                   "diffusers files only")
-        if u.transposed or u.kind == "embedding":
-            raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; diffusers LoRA files store "
-                                   "lora_A (r x in) and lora_B (out x r) only")
-        out[name + ".lora_A.weight"] = u.A
-        out[name + ".lora_B.weight"] = u.B
+        out.update(diffusers_module_tensors(adapter, name, u))
     if adapter.full:
         raise UnsupportedError(f"{adapter.label}: full tensors ({', '.join(sorted(adapter.full)[:3])}) cannot be "
                                "stored in a diffusers LoRA file")
     return dict(sorted(out.items(), key=lambda kv: (_DTYPE_ORDER.get(kv[1].dtype, 9), kv[0])))
 
 
+def diffusers_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Tensor]:
+    """One module's tensors in the file (see diffusers_tensors)."""
+    where = f"{adapter.label}: module {name!r}"
+    component, _ = split_name(name)
+    if not component:
+        raise UnsupportedError(f"{where}: not a diffusers module name (<component>.<module path>, component "
+                               f"one of {', '.join(COMPONENTS)}); the diffusers LoRA format cannot name it")
+    if not isinstance(u, LoraUpdate):
+        raise UnsupportedError(f"{where} is a LoHa / LoKr update; diffusers LoRA files store LoRA factors only")
+    if not u.is_plain():
+        raise UnsupportedError(f"{where} has a DoRA magnitude or a bias; lorafuse writes plain LoRA "
+                               "diffusers files only")
+    if u.transposed or u.kind == "embedding":
+        raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; diffusers LoRA files store "
+                               "lora_A (r x in) and lora_B (out x r) only")
+    return {name + ".lora_A.weight": u.A, name + ".lora_B.weight": u.B}
+
+
 def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
     """`__metadata__`: the adapter's own metadata (kohya's ss_* ...), then diffusers' `format` and
     `lora_adapter_metadata`, then the kohya record when the adapter has one."""
-    meta = {k: v for k, v in dict(adapter.config.get("metadata") or {}).items()  # type: ignore[call-overload]
-            if k not in _OWN_KEYS}
+    state = as_diffusers(adapter.state)
+    meta = {k: v for k, v in state.metadata.items() if k not in _OWN_KEYS}
     flat = {f"{c}.{k}": v for c, cfg in component_configs(adapter).items() for k, v in cfg.items()}
     meta["format"] = "pt"
     meta[ADAPTER_METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
-    record = adapter.config.get("kohya")
-    if isinstance(record, dict):
+    record = state.kohya
+    if record is not None:
         record = {**record, "metadata_keys": [k for k in meta if k not in _OWN_KEYS]}
         meta[KOHYA_RECORD_KEY] = json.dumps(record, sort_keys=True)
     return meta
@@ -309,12 +320,30 @@ def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequen
     Factors keep their stored dtype; each module's scale is kept exactly through the per-component
     LoraConfig in `lora_adapter_metadata`, which diffusers' `load_lora_weights` reads. The metadata gets
     lorafuse's mark (`lorafuse_version`); an existing file without it is refused unless `overwrite`."""
-    tensors = diffusers_tensors(adapter)
+    return write_adapter(diffusers_plan(adapter), adapter.updates, out, inputs, overwrite)
+
+
+def diffusers_plan(adapter: Adapter) -> WritePlan:
+    """What save_diffusers writes for `adapter` (its updates may be a layout's placeholders:
+    formats.streaming): the header in safetensors' order, the metadata with lorafuse's mark."""
+    specs = specs_of(diffusers_tensors(adapter))
     meta = mark_metadata(diffusers_metadata(adapter))
-    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
-        save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp, meta)
-    return Path(out)
+    return WritePlan(adapter.label, list(adapter.updates), specs, meta,
+                     functools.partial(diffusers_module_tensors, adapter))
 
 
-__all__ = ["COMPONENTS", "WEIGHT_NAME", "component_configs", "diffusers_metadata", "diffusers_tensors",
+def _sniff(path: Path, keys: list[str]) -> bool:
+    return has_diffusers_keys(keys)
+
+
+def _save(adapter: Adapter, out: str | os.PathLike[str], overwrite: bool) -> Path:
+    return save_diffusers(adapter, out, adapter.sources(), overwrite=overwrite)
+
+
+FORMAT = register(FormatSpec("diffusers", _sniff, load_diffusers, _save,
+                             "a diffusers LoRA .safetensors file (<component>.<module>.lora_A.weight keys)",
+                             priority=20, open_stream=stream_with(diffusers_plan)))
+
+__all__ = ["COMPONENTS", "WEIGHT_NAME", "component_configs", "diffusers_metadata", "diffusers_module_tensors",
+           "diffusers_plan", "diffusers_tensors",
            "exact_alpha", "is_diffusers_lora", "load_diffusers", "save_diffusers", "split_name"]

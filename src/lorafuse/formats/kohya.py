@@ -9,47 +9,48 @@ Keys are `<module>.<part>` with module names such as `lora_unet_down_blocks_0_at
   contracted into lora_down at load time (the delta is exactly rank r), giving a plain update.
   DyLoRA files (sd-scripts' `networks/dylora.py`, LyCORIS `dylora`) hold the same tensors and read as
   LoRA (LyCORIS writes a conv DyLoRA's lora_up as (out, r): it is read as (out, r, 1, 1)).
-- LoHa (`hada_*`) and LoKr (`lokr_*`): `formats.lycoris.LycorisUpdate`.
-- DoRA: `dora_scale`, on any of the above (`formats.lycoris.dora_magnitude`).
+- LoHa (`hada_*`) and LoKr (`lokr_*`): `model.lycoris.LohaUpdate` / `LokrUpdate`, read by
+  `formats.lycoris_keys`.
+- DoRA: `dora_scale`, on any of the above (`formats.lycoris_keys.dora_magnitude`).
 Other LyCORIS algorithms (full diff, norms, OFT / BOFT, IA3, GLoRA, bias, T-LoRA) are refused with
 UnsupportedError. A file may mix LoRA, LoHa and LoKr modules.
 
-The file's `__metadata__` (`ss_*` training metadata and anything else) is kept in
-`Adapter.config["metadata"]` and written back. `Adapter.config["kohya_alpha_dtypes"]` records, per
-module, the dtype of its `.alpha` tensor (None: the module had none), so that save_kohya writes
-alpha back as it was read.
+The file's `__metadata__` (`ss_*` training metadata and anything else) and, per module, the dtype of
+its `.alpha` tensor (None: the module had none) are the adapter's `KohyaState` (model.state:
+`Adapter.state`), written back as read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lorafuse import _core
-from lorafuse.adapter import Adapter, Kind, LoraUpdate, Update, check_module_name
+from lorafuse.backends import get_backend
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
-from lorafuse.formats.lycoris import (
+from lorafuse.formats.lycoris_keys import (
     LOHA_PARTS,
     LOKR_PARTS,
     UNSUPPORTED_PARTS,
-    LycorisUpdate,
-    TuckerFactor,
     dora_magnitude,
     loha_update,
     lokr_update,
     unsupported_algorithm,
 )
+from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common, safetensors_keys
-from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
-from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header, save_file
+from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, LycorisUpdate, TuckerFactor, Update, register
+from lorafuse.model.names import check_module_name
+from lorafuse.model.state import KohyaState, as_kohya, metadata_of
 
 PREFIXES = ("lora_", "lycoris_")
 LORA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -57,7 +58,6 @@ COMMON_PARTS = ("alpha", "dora_scale")
 KNOWN_PARTS = frozenset((*LORA_PARTS, *COMMON_PARTS, *LOHA_PARTS, *LOKR_PARTS, *UNSUPPORTED_PARTS))
 # Parts that make a file a kohya / LyCORIS file when a module name carries one of PREFIXES.
 _SIGNATURE_PARTS = KNOWN_PARTS - {"alpha", "weight"}
-ALPHA_DTYPES_KEY = "kohya_alpha_dtypes"
 # safetensors' own writer orders tensors by dtype (widest first), then name; kohya's hashes assume it.
 _DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2": 5}
 
@@ -94,8 +94,8 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         parts.setdefault(module, {})[part] = t
     updates: dict[str, Update] = {m: _module_update(p, m, d) for m, d in parts.items()}
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
-    return Adapter(updates=updates, config={"metadata": metadata, ALPHA_DTYPES_KEY: alpha_dtypes},
-                   format="kohya", path=p)
+    return Adapter(updates=updates, format="kohya", path=p,
+                   state=KohyaState(metadata, alpha_dtypes))
 
 
 def _algorithm(where: str, module: str, parts: Mapping[str, Tensor]) -> str:
@@ -192,9 +192,8 @@ def _tucker_down(where: str, down: Tensor, up: Tensor, mid: Tensor) -> Tensor:
                                  f"{up.shape} (a Tucker LoCon has lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), "
                                  "lora_up (out, r, 1, 1))")
     # Kept as stored: contracted (in tiles, checked against a size cap) only when its values are read;
-    # norms, spectra and inner products go through the core (formats.lycoris).
+    # norms, spectra and inner products go through the core (model.spectral).
     return TuckerFactor(mid, down, where)
-
 
 
 def _same_number(text: str, value: float) -> bool:
@@ -208,7 +207,7 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     """The input's metadata with ss_network_dim / ss_network_alpha (when present) set from the updates:
     the most common rank and alpha, written as kohya's resize_lora.py writes them (str(int), str(float)).
     A value that already says the same number, or "Dynamic" over mixed ranks / alphas, is kept."""
-    meta = dict(adapter.config.get("metadata") or {})  # type: ignore[call-overload]
+    meta = metadata_of(adapter.state)
     updates = list(adapter.updates.values())
     if not updates:
         return meta
@@ -242,36 +241,41 @@ def _lora_network_metadata(meta: dict[str, str], updates: list[Update]) -> None:
 
 def kohya_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name).
-    `.alpha` is written in the dtype it was read in (config["kohya_alpha_dtypes"]) when that holds
+    `.alpha` is written in the dtype it was read in (KohyaState.alpha_dtypes) when that holds
     scale * rank exactly, else as F32; a module read without `.alpha` gets none while its scale is 1.
     A DoRA magnitude is written as LyCORIS' `dora_scale`."""
-    recorded: Mapping[str, str | None] = adapter.config.get(ALPHA_DTYPES_KEY) or {}  # type: ignore[assignment]
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
-        where = f"{adapter.label}: module {name!r}"
-        if not isinstance(u, LoraUpdate):
-            raise UnsupportedError(f"{where} is a LyCORIS {getattr(u, 'algo', type(u).__name__)} update; the kohya "
-                                   "LoRA format stores lora_down / lora_up factors: convert it to LoRA with a rank "
-                                   "first (lorafuse convert IN -o OUT --to kohya --rank K)")
-        if u.bias is not None:
-            raise UnsupportedError(f"{where} has a lora_B bias; the kohya format cannot store it")
-        if u.transposed or u.kind == "embedding":
-            raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
-                                   "lora_down (r x in) and lora_up (out x r) only")
-        if not name.startswith(PREFIXES) or "." in name:
-            raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
-                                   "the kohya format cannot name it")
-        out[name + ".lora_down.weight"] = u.A
-        out[name + ".lora_up.weight"] = u.B
-        alpha = _alpha_tensor(u, recorded[name] if name in recorded else "F32")
-        if alpha is not None:
-            out[name + ".alpha"] = alpha
-        if u.magnitude is not None:
-            out[name + ".dora_scale"] = _dora_scale(where, u)
+        out.update(kohya_module_tensors(adapter, name, u))
     if adapter.full:
         raise UnsupportedError(f"{adapter.label}: full tensors ({', '.join(sorted(adapter.full)[:3])}) "
                                "cannot be stored in a kohya LoRA file")
     return dict(sorted(out.items(), key=lambda kv: (_DTYPE_ORDER.get(kv[1].dtype, 9), kv[0])))
+
+
+def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Tensor]:
+    """One module's tensors in the file (see kohya_tensors); `adapter` gives the label and the alpha dtypes."""
+    where = f"{adapter.label}: module {name!r}"
+    if not isinstance(u, LoraUpdate):
+        raise UnsupportedError(f"{where} is a LyCORIS {getattr(u, 'algo', type(u).__name__)} update; the kohya "
+                               "LoRA format stores lora_down / lora_up factors: convert it to LoRA with a rank "
+                               "first (lorafuse convert IN -o OUT --to kohya --rank K)")
+    if u.bias is not None:
+        raise UnsupportedError(f"{where} has a lora_B bias; the kohya format cannot store it")
+    if u.transposed or u.kind == "embedding":
+        raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
+                               "lora_down (r x in) and lora_up (out x r) only")
+    if not name.startswith(PREFIXES) or "." in name:
+        raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
+                               "the kohya format cannot name it")
+    recorded = as_kohya(adapter.state).alpha_dtypes
+    out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": u.B}
+    alpha = _alpha_tensor(u, recorded[name] if name in recorded else "F32")
+    if alpha is not None:
+        out[name + ".alpha"] = alpha
+    if u.magnitude is not None:
+        out[name + ".dora_scale"] = _dora_scale(where, u)
+    return out
 
 
 def _alpha_tensor(u: LoraUpdate, dtype: str | None) -> Tensor | None:
@@ -284,7 +288,7 @@ def _alpha_tensor(u: LoraUpdate, dtype: str | None) -> Tensor | None:
         return Tensor(np.array(value, dtype=np.float64), "F64")
     if dtype in ("F16", "BF16"):
         with np.errstate(over="ignore"):
-            t = Tensor(_core.from_float32(np.array([value], dtype=np.float32), dtype, 1).reshape(()), dtype)
+            t = Tensor(get_backend().from_float32(np.array([value], dtype=np.float32), dtype, 1).reshape(()), dtype)
         if float(t.f32().reshape(-1)[0]) == value:
             return t
     return Tensor(np.array(value, dtype=np.float32), "F32")
@@ -308,31 +312,52 @@ def _dora_scale(where: str, u: LoraUpdate) -> Tensor:
     return Tensor(np.ascontiguousarray(m.raw).reshape(shape), m.dtype)
 
 
-def _byte_window(chunks: Iterable[bytes | memoryview], start: int, length: int) -> bytes:
-    """Bytes [start, start + length) of the concatenation of chunks (fewer at the end)."""
-    out, pos = bytearray(), 0
-    for c in chunks:
-        n = len(c)
-        lo, hi = max(start - pos, 0), min(start + length - pos, n)
-        if lo < hi:
-            out += bytes(c[lo:hi])
-        pos += n
-        if pos >= start + length:
-            break
-    return bytes(out)
+_LEGACY_START, _LEGACY_LENGTH = 0x100000, 0x10000
+# Placeholders of the hashes' lengths (sha256 hex, its first 8 digits): the header is written before the data
+# it hashes, and rewritten in place once the data is complete (formats.streaming).
+_HASH_PLACEHOLDERS = ("0" * 64, "0" * 8)
 
 
-def kohya_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """sd-scripts' (sshs_model_hash, sshs_legacy_hash): the sha256 of the data buffer, and the first
-    8 hex digits of the sha256 of bytes 0x100000..0x110000 of the file written with only ss_* metadata."""
-    data = [np.ascontiguousarray(t.raw).data.cast("B") for t in tensors.values()]
-    model = hashlib.sha256()
-    for c in data:
-        model.update(c)
-    specs = [TensorSpec(k, t.dtype, t.shape) for k, t in tensors.items()]
+def kohya_hashes(specs: Sequence[TensorSpec], metadata: Mapping[str, str],
+                 data: Iterable[bytes | memoryview]) -> tuple[str, str]:
+    """sd-scripts' (sshs_model_hash, sshs_legacy_hash) of a file with tensors `specs` whose data buffer is
+    the concatenation of `data`: the sha256 of the data buffer, and the first 8 hex digits of the sha256 of
+    bytes 0x100000..0x110000 of the file written with only ss_* metadata. One pass over the data."""
     header, _ = encode_header(specs, {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    legacy = hashlib.sha256(_byte_window([header, *data], 0x100000, 0x10000)).hexdigest()[:8]
-    return model.hexdigest(), legacy
+    model = hashlib.sha256()
+    window = bytearray(_byte_window(header, 0))
+    pos = len(header)
+    for chunk in data:
+        model.update(chunk)
+        window += _byte_window(chunk, pos)
+        pos += len(chunk)
+    return model.hexdigest(), hashlib.sha256(bytes(window)).hexdigest()[:8]
+
+
+def _byte_window(chunk: bytes | memoryview, pos: int) -> bytes:
+    """The bytes of `chunk` (at file offset `pos`) inside the legacy hash's window."""
+    lo, hi = max(_LEGACY_START - pos, 0), min(_LEGACY_START + _LEGACY_LENGTH - pos, len(chunk))
+    return bytes(chunk[lo:hi]) if lo < hi else b""
+
+
+def kohya_plan(adapter: Adapter) -> WritePlan:
+    """What save_kohya writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
+    the header in safetensors' order, the metadata with lorafuse's mark; sd-scripts' hashes, when the
+    metadata has them, computed from the written data when it is complete."""
+    specs = specs_of(kohya_tensors(adapter))
+    meta = kohya_metadata(adapter)
+    hashed = "sshs_model_hash" in meta or "sshs_legacy_hash" in meta
+    if hashed:
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _HASH_PLACEHOLDERS
+    meta = mark_metadata(meta)
+
+    def with_hashes(data: Callable[[], Iterator[memoryview]]) -> dict[str, str]:
+        final = dict(meta)
+        final["sshs_model_hash"], final["sshs_legacy_hash"] = kohya_hashes(specs, meta, data())
+        return final
+
+    return WritePlan(adapter.label, list(adapter.updates), specs, meta,
+                     functools.partial(kohya_module_tensors, adapter), finish=with_hashes if hashed else None)
 
 
 def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
@@ -342,11 +367,16 @@ def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[P
     when it is left out). LoHa / LoKr updates are refused: convert them to LoRA first. sd-scripts' model
     hashes in the metadata, when present, are recomputed for the tensors written. The metadata gets
     lorafuse's mark (`lorafuse_version`); an existing file without it is refused unless `overwrite`."""
-    tensors = kohya_tensors(adapter)
-    meta = kohya_metadata(adapter)
-    if "sshs_model_hash" in meta or "sshs_legacy_hash" in meta:
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
-    meta = mark_metadata(meta)
-    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
-        save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp, meta)
-    return Path(out)
+    return write_adapter(kohya_plan(adapter), adapter.updates, out, inputs, overwrite)
+
+
+def _sniff(path: Path, keys: list[str]) -> bool:
+    return has_kohya_keys(keys)
+
+
+def _save(adapter: Adapter, out: str | os.PathLike[str], overwrite: bool) -> Path:
+    return save_kohya(adapter, out, adapter.sources(), overwrite=overwrite)
+
+
+FORMAT = register(FormatSpec("kohya", _sniff, load_kohya, _save, "a kohya LoRA .safetensors file", priority=10,
+                             open_stream=stream_with(kohya_plan)))

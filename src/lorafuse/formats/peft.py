@@ -11,6 +11,7 @@ and `alpha_pattern` overriding r and alpha for the modules they match.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,17 +19,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 
-from lorafuse.adapter import Adapter, Kind, LoraUpdate, Update, check_module_name
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common
-from lorafuse.io.atomic import atomic_dir
 from lorafuse.io.checkpoint import read_json, refuse_pickle
-from lorafuse.io.safetensors import SafetensorsFile, save_file
+from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
+from lorafuse.model.names import check_module_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -327,7 +329,7 @@ class Targeting:
         self.exclude_names = set(exclude) if isinstance(exclude, list) else set()
         self.layers: set[int] | None = None
         if isinstance(layers, int) or (isinstance(layers, list) and layers):
-            self.layers = {layers} if isinstance(layers, int) else set(layers)  # type: ignore[arg-type]
+            self.layers = {layers} if isinstance(layers, int) else set(layers)
         # PEFT: an empty layers_pattern (None, '' or []) means the first numbered component is the layer
         patterns = ([pattern] if pattern else []) if isinstance(pattern, str) else list(pattern or [])  # type: ignore[call-overload]
         self.layer_rx = [compile_pattern(p, LAYERS, "layers_pattern", label) for p in patterns]
@@ -603,6 +605,24 @@ def load_peft(path: str | os.PathLike[str]) -> Adapter:
     return adapter
 
 
+def from_tensors(tensors: dict[str, Tensor], config: Any = None) -> Adapter:
+    """`Adapter.from_state_dict`: an adapter from PEFT-named tensors and a LoRA config (a dict like
+    adapter_config.json, or a peft LoraConfig). Without a config every module's scale is 1."""
+    if config is None:
+        ranks = {k.removeprefix(PREFIX).rsplit(".lora_", 1)[0]: t.shape[0] if t.shape else 0
+                 for k, t in tensors.items() if k.endswith((".lora_A.weight", ".lora_embedding_A"))}
+        first = next(iter(ranks.values()), 8)
+        cfg: dict[str, object] = {
+            "peft_type": "LORA", "r": first, "lora_alpha": first,
+            "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
+            "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
+        }
+    else:
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        cfg = {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in cfg.items()}
+    return build_adapter(tensors, check_config(cfg, "<state dict config>"), "<state dict>")
+
+
 def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:
     """An Adapter from PEFT-named tensors (with or without the `base_model.model.` prefix), read as
     PEFT reads them: tensors PEFT would ignore (modules the config does not target, a DoRA magnitude
@@ -791,7 +811,7 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
 
 
 
-def _check_peft_storable(adapter: Adapter, u: object) -> None:
+def _check_peft_storable(adapter: Adapter, u: object) -> LoraUpdate:
     """PEFT stores LoRA factors; a LoHa / LoKr, or a DoRA normalized over columns of an untransposed
     weight (LyCORIS wd_on_out=False), has no PEFT form."""
     if not isinstance(u, LoraUpdate):
@@ -800,6 +820,7 @@ def _check_peft_storable(adapter: Adapter, u: object) -> None:
     if u.magnitude_on_columns and not u.transposed:
         raise UnsupportedError(f"{adapter.label}: module {u.name!r} is DoRA normalized per input column "
                                "(LyCORIS wd_on_out=False), which PEFT cannot express")
+    return u
 
 
 def peft_config_for(adapter: Adapter) -> dict[str, object]:
@@ -872,26 +893,37 @@ def _target_every_module(adapter: Adapter, cfg: dict[str, object]) -> None:
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
-    """The tensors of adapter_model.safetensors, PEFT-named."""
+    """The tensors of adapter_model.safetensors, PEFT-named: every module's, then the full tensors."""
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
-        _check_peft_storable(adapter, u)
-        key = PREFIX + name
-        if u.kind == "embedding":
-            out[key + ".lora_embedding_A"] = u.A
-            out[key + ".lora_embedding_B"] = u.B
-        else:
-            out[key + ".lora_A.weight"] = u.A
-            out[key + ".lora_B.weight"] = u.B
-        if u.magnitude is not None:
-            m = u.magnitude
-            shape = (1, m.shape[0]) + (1,) * (len(u.A.shape) - 2) if u.kind == "conv" else m.shape
-            out[key + ".lora_magnitude_vector"] = Tensor(m.raw.reshape(shape), m.dtype)
-        if u.bias is not None:
-            out[key + ".lora_B.bias"] = u.bias
-    for name, t in adapter.full.items():
-        out[PREFIX + _full_key(adapter, name)] = t
+        out.update(peft_module_tensors(adapter, name, u))
+    out.update(peft_full_tensors(adapter))
     return out
+
+
+def peft_module_tensors(adapter: Adapter, name: str, update: Update) -> dict[str, Tensor]:
+    """One module's tensors in adapter_model.safetensors, PEFT-named."""
+    u = _check_peft_storable(adapter, update)
+    out: dict[str, Tensor] = {}
+    key = PREFIX + name
+    if u.kind == "embedding":
+        out[key + ".lora_embedding_A"] = u.A
+        out[key + ".lora_embedding_B"] = u.B
+    else:
+        out[key + ".lora_A.weight"] = u.A
+        out[key + ".lora_B.weight"] = u.B
+    if u.magnitude is not None:
+        m = u.magnitude
+        shape = (1, m.shape[0]) + (1,) * (len(u.A.shape) - 2) if u.kind == "conv" else m.shape
+        out[key + ".lora_magnitude_vector"] = Tensor(m.raw.reshape(shape), m.dtype)
+    if u.bias is not None:
+        out[key + ".lora_B.bias"] = u.bias
+    return out
+
+
+def peft_full_tensors(adapter: Adapter) -> dict[str, Tensor]:
+    """The full tensors (modules_to_save, base_layer) in adapter_model.safetensors, PEFT-named."""
+    return {PREFIX + _full_key(adapter, name): t for name, t in adapter.full.items()}
 
 
 def _full_key(adapter: Adapter, name: str) -> str:
@@ -907,14 +939,36 @@ def _full_key(adapter: Adapter, name: str) -> str:
     return saved
 
 
+def peft_plan(adapter: Adapter) -> WritePlan:
+    """What save_peft writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
+    adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest."""
+    cfg = peft_config_for(adapter)
+    modules = {name: peft_module_tensors(adapter, name, u) for name, u in adapter.updates.items()}
+    full = peft_full_tensors(adapter)
+    tensors = {k: t for ts in modules.values() for k, t in ts.items()}
+    tensors.update(full)
+    return WritePlan(adapter.label, list(modules), specs_of(tensors), {"format": "pt"},
+                     functools.partial(peft_module_tensors, adapter), fixed=full, folder_kind="peft-adapter",
+                     weights_name=WEIGHTS_NAME,
+                     side_files={CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True) + "\n"})
+
+
 def save_peft(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
               overwrite: bool = False) -> Path:
     """Write `adapter` as a PEFT folder (adapter_config.json + adapter_model.safetensors, and lorafuse's
     manifest), atomically. An existing folder that lorafuse did not write is refused unless `overwrite`
     (see io.atomic)."""
-    cfg = peft_config_for(adapter)
-    tensors = peft_tensors(adapter)
-    with atomic_dir(out, inputs, overwrite=overwrite, kind="peft-adapter") as tmp:
-        save_file({k: (t.dtype, t.raw) for k, t in tensors.items()}, tmp / WEIGHTS_NAME, {"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return Path(out)
+    return write_adapter(peft_plan(adapter), adapter.updates, out, inputs, overwrite)
+
+
+def _sniff(path: Path, keys: list[str]) -> bool:
+    return is_peft(path)
+
+
+def _save(adapter: Adapter, out: str | os.PathLike[str], overwrite: bool) -> Path:
+    return save_peft(adapter, out, adapter.sources(), overwrite=overwrite)
+
+
+FORMAT = register(FormatSpec("peft", _sniff, load_peft, _save,
+                             "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)", priority=30,
+                             from_tensors=from_tensors, to_tensors=peft_tensors, open_stream=stream_with(peft_plan)))

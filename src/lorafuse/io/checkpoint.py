@@ -192,7 +192,9 @@ class Checkpoint:
         if index is not None:
             self.index_name = index.name
             data = read_json(index, "the shard index", INDEX_JSON_BYTES, INDEX_JSON_VALUES)
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(data, dict):
+                raise FormatError(f"{index}: the shard index must be a JSON object")
+            weight_map = data.get("weight_map")
             if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
             ):

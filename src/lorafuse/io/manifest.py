@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafuse._version import get_version
+
 MANIFEST_NAME = "lorafuse_manifest.json"
 MARKER_KEY = "lorafuse_version"
 HASH_LIMIT = 1 << 20  # files up to this size are hashed into the manifest
@@ -34,9 +36,7 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def version() -> str:
-    from lorafuse import __version__
-
-    return __version__
+    return get_version()
 
 
 def mark_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:

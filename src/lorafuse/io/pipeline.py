@@ -4,6 +4,9 @@ Components with safetensors weights (unet, transformer, text_encoder, text_encod
 text_encoder_3, vae, ...) are opened as checkpoints; their tensors are named
 '<component>/<key>' when matched against adapter modules. Everything else (scheduler,
 tokenizer, configs) is copied as it is.
+
+A plain checkpoint is a pipeline of one component named '' (`Pipeline.of_checkpoint`): its
+tensors keep their own names, so every operation over a model takes one path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def is_pipeline(path: str | os.PathLike[str]) -> bool:
 
 
 class Pipeline:
+    single = False  # a plain checkpoint seen as a pipeline of one component named ''
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.directory = Path(path)
         index = read_json(self.directory / INDEX, "the pipeline index")
@@ -41,6 +46,18 @@ class Pipeline:
                 raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
             if weights:
                 self.components[name] = Checkpoint(folder)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Checkpoint) -> Pipeline:
+        """A checkpoint (a folder or one file) as a pipeline of one component named ''."""
+        pipe = cls.__new__(cls)
+        pipe.directory, pipe.components, pipe.single = ckpt.directory, {"": ckpt}, True
+        return pipe
+
+    @staticmethod
+    def tensor_name(component: str, key: str) -> str:
+        """How a component's tensor is named across the pipeline: '<component>/<key>' (a checkpoint's: key)."""
+        return f"{component}/{key}" if component else key
 
     def _component_folder(self, name: str) -> Path | None:
         """The folder of component `name` (None when the pipeline has no such folder). Only the plain
@@ -62,11 +79,20 @@ class Pipeline:
         return folder
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """'<component>/<key>' -> shape for every tensor of every component."""
-        return {f"{c}/{k}": tuple(ck.info(k).shape) for c, ck in self.components.items() for k in ck.keys()}
+        """'<component>/<key>' (a checkpoint's: key) -> shape for every tensor of every component."""
+        return {self.tensor_name(c, k): tuple(ck.info(k).shape) for c, ck in self.components.items()
+                for k in ck.keys()}
+
+    def split(self, name: str) -> tuple[str, str]:
+        """(component, key) of a pipeline-wide tensor name."""
+        if self.single:
+            return "", name
+        comp, key = name.split("/", 1)
+        return comp, key
 
     def files(self) -> list[Path]:
-        return [f for ck in self.components.values() for f in ck.files()] + [self.directory / INDEX]
+        own = [] if self.single else [self.directory / INDEX]
+        return [f for ck in self.components.values() for f in ck.files()] + own
 
     def total_bytes(self) -> int:
         return sum(ck.total_bytes() for ck in self.components.values())

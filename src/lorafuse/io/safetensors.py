@@ -7,7 +7,7 @@ checks and hands out zero-copy numpy views of the mapped file.
 
 A mapped file that shrinks while it is read (a re-download in place, `cp` over it) would
 kill the process with SIGBUS at the first read past its new end. Every mapping made here
-is registered with the core's guard (lorafuse._core.register_mapping, cpp/src/mapguard.cpp):
+is registered with the core's guard (lorafuse.backends.native.register_mapping, cpp/src/mapguard.cpp):
 such a read sees zeros instead, the fault is recorded, and `raise_if_inputs_changed` (called
 before an output is committed) and every core call that reads the mapping raise
 InputChangedError naming the file. A file whose size or modification time changes between
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafuse import _core
+from lorafuse.backends import native
 from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError
 from lorafuse.io.dtypes import DTYPES
 
@@ -326,14 +326,14 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
 def _unguard(slot: int) -> None:
     """A guarded mapping is gone: free its slot."""
     _LIVE.pop(slot, None)
-    _core.unregister_mapping(slot)
+    native.unregister_mapping(slot)
 
 
 def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[int, weakref.finalize]:
     """Register the mapping `m` of the file at `path` (validated as `st`) with the core's SIGBUS guard,
     until `m` is unmapped: by close(), or when the last numpy view of it goes."""
     label = where.encode("utf-8", "backslashreplace")  # a name that is not UTF-8 comes back escaped
-    slot = _core.register_mapping(m, label, os.fsencode(os.path.abspath(path)), st.st_dev, st.st_ino, st.st_size,
+    slot = native.register_mapping(m, label, os.fsencode(os.path.abspath(path)), st.st_dev, st.st_ino, st.st_size,
                                   st.st_mtime_ns)
     if slot < 0:
         raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
@@ -350,9 +350,9 @@ def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = Non
     Called before an output is committed (io.atomic) so that such data never reaches an output."""
     roots = None if paths is None else {_resolved(p) for p in paths}
     for slot, path in list(_LIVE.items()):
-        if roots is not None and path not in roots and not any(r in path.parents for r in roots):
+        if roots is not None and path not in roots and roots.isdisjoint(path.parents):
             continue
-        problem = _core.mapping_problem(slot)
+        problem = native.mapping_problem(slot)
         if problem:
             raise InputChangedError(problem)
 
@@ -406,7 +406,7 @@ class SafetensorsFile:
     def check_unchanged(self) -> None:
         """InputChangedError when this file was truncated or rewritten since it was opened."""
         if self._unguard is not None and self._unguard.alive:
-            problem = _core.mapping_problem(self._slot)
+            problem = native.mapping_problem(self._slot)
             if problem:
                 raise InputChangedError(problem)
 
@@ -499,10 +499,13 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, in the order of `specs`.
+    """Writes a safetensors file tensor by tensor.
 
     The header goes first, so the data of each tensor can be streamed in as it is
-    produced: `write(name, array)` or `copy_from(name, src, src_name)` (kernel-side copy).
+    produced, either in the order of `specs` (`write(name, array)`, `start` / `append`, or
+    `copy_from(name, src, src_name)`, a kernel-side copy) or in any order, each tensor whole at its
+    place in the file (`write_at(name, array)`, os.pwrite); one file uses one of the two ways.
+    close() checks that every tensor was written, completely, and names the ones that were not.
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec],
@@ -511,7 +514,10 @@ class SafetensorsWriter:
         self._specs = specs
         self._next = 0
         self._remaining = 0
-        header, _ = encode_header(specs, metadata)
+        header, self._offsets = encode_header(specs, metadata)
+        self._header_bytes = len(header)
+        self._by_name = {s.name: s for s in specs}
+        self._placed: set[str] = set()  # tensors written by write_at
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             self._write_all(memoryview(header))
@@ -525,8 +531,9 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
     def _write_all(self, view: memoryview) -> None:
         view = view.cast("B")
@@ -534,8 +541,16 @@ class SafetensorsWriter:
             n = os.write(self._fd, view[: 1 << 30])
             view = view[n:]
 
+    @property
+    def data_start(self) -> int:
+        """Offset of the data buffer in the file (the header's length, with its 8-byte prefix)."""
+        return self._header_bytes
+
     def start(self, name: str) -> None:
         """Begin the next tensor; its bytes follow through append()."""
+        if self._placed:
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} written in order after tensors written by "
+                                     "write_at (a file is written one way or the other)")
         if self._remaining:
             raise LorafuseValueError(f"{self.path}: tensor {self._specs[self._next - 1].name!r} is incomplete")
         if self._next >= len(self._specs):
@@ -554,7 +569,7 @@ class SafetensorsWriter:
                                      "tensor")
         if array.nbytes:
             try:
-                self._write_all(memoryview(array).cast("B"))
+                self._write_all(array.data.cast("B"))
             except OSError as e:
                 # EFAULT: the bytes are a view of an input file that shrank under its mapping (the
                 # kernel reports the fault to write(2) instead of raising SIGBUS).
@@ -589,11 +604,70 @@ class SafetensorsWriter:
                                     "lorafuse was reading it; nothing was written") from None
         self._remaining = 0
 
+    def write_at(self, name: str, array: np.ndarray) -> None:
+        """Write tensor `name` whole at its place in the file (any order; each tensor once). The array must
+        have the tensor's byte size and element size (its raw numpy type: BF16 as uint16, F8 as uint8)."""
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise LorafuseValueError(f"{self.path}: no tensor named {name!r} in the header being written")
+        if name in self._placed:
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} written twice")
+        if self._next:
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} written by write_at after tensors written in "
+                                     "order (a file is written one way or the other)")
+        array = np.ascontiguousarray(array)
+        itemsize = DTYPES[spec.dtype].itemsize
+        if array.nbytes != spec.nbytes or (array.size and array.dtype.itemsize != itemsize):
+            raise LorafuseValueError(f"{self.path}: tensor {name!r} ({spec.dtype}, shape {spec.shape}) needs "
+                                     f"{spec.nbytes} bytes of {itemsize}-byte elements, got an array of "
+                                     f"{array.dtype} with shape {array.shape} ({array.nbytes} bytes)")
+        view = array.data.cast("B") if array.nbytes else memoryview(b"")
+        at = self._header_bytes + self._offsets[name]
+        try:
+            while len(view):
+                n = os.pwrite(self._fd, view[: 1 << 30], at)
+                view, at = view[n:], at + n
+        except OSError as e:
+            if e.errno != errno.EFAULT:  # as in append(): an input view whose file shrank under its mapping
+                raise
+            raise_if_inputs_changed()
+            raise InputChangedError(f"the data of tensor {name!r} could not be read from its input file: it "
+                                    "changed or was truncated while lorafuse was reading it; nothing was "
+                                    "written") from None
+        self._placed.add(name)
+
+    def missing(self) -> list[str]:
+        """The tensors not (completely) written yet, in header order."""
+        if self._placed or not self._next:
+            return [s.name for s in self._specs if s.name not in self._placed]
+        return [s.name for s in self._specs[self._next - (1 if self._remaining else 0):]]
+
+    def rewrite_metadata(self, metadata: Mapping[str, str] | None) -> None:
+        """Replace the header's metadata with `metadata`, whose header has the same length (values that
+        are only known at the end, such as hashes of the data, written first as placeholders of the
+        same length)."""
+        header, _ = encode_header(self._specs, metadata)
+        if len(header) != self._header_bytes:
+            raise LorafuseValueError(f"{self.path}: the new metadata makes a header of {len(header)} bytes, not "
+                                     f"the {self._header_bytes} already written")
+        if os.pwrite(self._fd, header, 0) != len(header):
+            raise OSError(errno.EIO, "short write of the header", str(self.path))
+
     def close(self) -> None:
-        if self._next != len(self._specs) or self._remaining:
-            os.close(self._fd)
-            raise LorafuseValueError(f"{self.path}: closed after {self._next} of {len(self._specs)} tensors")
+        if self._fd < 0:  # closed already
+            return
+        missing = self.missing()
         os.close(self._fd)
+        self._fd = -1
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
+                                                                else "")
+            if self._placed:
+                raise LorafuseValueError(f"{self.path}: closed with {len(missing)} of {len(self._specs)} tensors "
+                                         f"not written: {shown}")
+            done = len(self._specs) - len(missing)
+            raise LorafuseValueError(f"{self.path}: closed after {done} of {len(self._specs)} tensors "
+                                     f"(missing: {shown})")
 
 
 class _EndOfData(FormatError):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorafuse import _core
+from lorafuse.backends import get_backend
 from lorafuse.errors import DtypeError
 from lorafuse.io.dtypes import DTYPES, numpy_to_safetensors
 
@@ -37,10 +37,10 @@ class Tensor:
             return np.ascontiguousarray(self.raw, dtype=np.float32)
         if not self.is_float:
             raise DtypeError(f"a {self.dtype} tensor cannot be used as floating-point data")
-        return _core.to_float32(np.ascontiguousarray(self.raw), self.dtype, threads)
+        return get_backend().to_float32(np.ascontiguousarray(self.raw), self.dtype, threads)
 
     def to(self, dtype: str, threads: int = 0) -> Tensor:
         """This tensor converted to F32/F16/BF16 (rounded to nearest even)."""
         if dtype == self.dtype:
             return self
-        return Tensor(_core.from_float32(self.f32(threads), dtype, threads), dtype)
+        return Tensor(get_backend().from_float32(self.f32(threads), dtype, threads), dtype)

@@ -1,0 +1,175 @@
+"""The adapter: a mapping from module names to updates, plus the full tensors that travel with them.
+
+A module name is canonical: the base model's weight key without `.weight`
+(`model.layers.0.self_attn.q_proj`). Saving goes through the format registry (model.registry, which
+the format modules fill in), arithmetic through model.arithmetic, norms through model.spectral:
+this module imports no format and no operation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorafuse.errors import LorafuseValueError
+from lorafuse.io.tensor import Tensor
+from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
+from lorafuse.model.registry import FormatSpec, get_format
+from lorafuse.model.spectral import frobenius_norms
+from lorafuse.model.state import FormatState, PeftState
+from lorafuse.model.update import Update
+
+
+@dataclass
+class Adapter:
+    """A set of low-rank updates plus the full tensors that travel with them."""
+
+    updates: dict[str, Update]
+    full: dict[str, Tensor] = field(default_factory=dict)  # base key -> replacement (modules_to_save, base_layer)
+    config: dict[str, object] = field(default_factory=dict)
+    format: str = "peft"
+    path: Path | None = None
+    full_origin: dict[str, str] = field(default_factory=dict)  # full-tensor key -> name it was saved under
+    # Modules whose factors came from a randomized SVD (near-optimal, not the exact optimum).
+    randomized: list[str] = field(default_factory=list)
+    # The files an adapter computed from others (combine, resize, arithmetic) was read from: like
+    # `path`, `save` never writes over them.
+    derived_from: list[Path] = field(default_factory=list)
+    # What reading the file left out or decided, for the user (e.g. tensors PEFT ignores): apply reports them.
+    notes: list[str] = field(default_factory=list)
+    # What the adapter's format keeps beside its config (kohya: metadata and alpha dtypes; diffusers:
+    # metadata, component configs, kohya record), typed (model.state); operations carry it along.
+    state: FormatState = field(default_factory=PeftState)
+
+    def sources(self) -> list[Path]:
+        """The files this adapter's tensors come from: its own path and those it was derived from."""
+        return ([self.path] if self.path is not None else []) + list(self.derived_from)
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.updates)
+
+    def __getitem__(self, name: str) -> Update:
+        return self.updates[name]
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else "<in-memory adapter>"
+
+    def norms(self, threads: int = 0) -> dict[str, float]:
+        """Exact ||delta||_F of every module, from the factors alone (no dense matrix): stored LoRA factors
+        through the core in batches (Ctrl-C and SIGTERM act between them), LoHa / LoKr / Tucker modules
+        through their structure (model.spectral: ||w1 (x) w2|| = ||w1|| ||w2||, ...)."""
+        return frobenius_norms(self.updates, threads)
+
+    def num_parameters(self) -> int:
+        n = sum(int(np.prod(t.shape)) for u in self.updates.values() for t in u.stored_tensors())
+        return n + sum(int(np.prod(t.shape)) for t in self.full.values())
+
+    # ---- files and in-memory state dicts --------------------------------------------------
+
+    def save(self, out: str | os.PathLike[str], format: str | None = None, overwrite: bool = False) -> Path:
+        """Write this adapter (atomically): 'peft' (a folder), 'kohya' (one .safetensors file) or
+        'diffusers' (one .safetensors file as diffusers' save_lora_weights writes it); the default is the
+        adapter's own format. An output that would replace one of `sources()` is refused. `out` may be
+        new, an empty folder / file, or an earlier lorafuse output; anything else is refused unless
+        `overwrite=True`, which replaces it with an OverwriteWarning saying what was there."""
+        spec = get_format(self.format if format is None else format)
+        return spec.save(self, out, overwrite)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:
+        """An adapter from PEFT-named tensors (numpy arrays, or torch CPU tensors) and a LoRA config
+        (a dict like adapter_config.json, or a peft LoraConfig). Without a config every module's
+        scale is 1."""
+        tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
+        return _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
+
+    def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
+        """PEFT-named tensors: float arrays for numpy (BF16 and F8 widened to float32: numpy has no such
+        types), or torch tensors of the stored dtype (BF16 as torch.bfloat16, F8_E4M3 / F8_E5M2 as
+        torch.float8_e4m3fn / torch.float8_e5m2), never their raw bytes as integers."""
+        tensors = _tensor_format("peft").to_tensors(self)  # type: ignore[misc]
+        if framework == "numpy":
+            return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.raw.copy())
+                    for k, t in tensors.items()}
+        if framework == "torch":
+            import torch
+
+            out = {}
+            for k, t in tensors.items():
+                x = torch.from_numpy(t.raw.copy())
+                view = _TORCH_VIEWS.get(t.dtype)
+                out[k] = x.view(getattr(torch, view)) if view else x
+            return out
+        raise LorafuseValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
+
+    # ---- exact arithmetic (factored: ranks add up until to_rank) ------------------------
+
+    def __add__(self, other: Adapter) -> Adapter:
+        return weighted_cat([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: Adapter) -> Adapter:
+        return weighted_cat([(1.0, self), (-1.0, other)])
+
+    def __neg__(self) -> Adapter:
+        return self * -1.0
+
+    def __mul__(self, c: float) -> Adapter:
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        return scaled(self, float(c))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> Adapter:
+        return self * (1.0 / float(c))
+
+    def to_rank(self, rank: int, split: str = "B", threads: int = 0) -> Adapter:
+        """The best rank-`rank` approximation of every module (Eckart-Young, from the factors)."""
+        return truncate(self, rank, split, threads)
+
+    svd = to_rank
+
+    def norm(self, threads: int = 0) -> float:
+        """Exact Frobenius norm of all deltas together, from the factors."""
+        return norm(self, threads)
+
+
+
+
+def _tensor_format(name: str) -> FormatSpec:
+    spec = get_format(name)
+    if spec.from_tensors is None or spec.to_tensors is None:
+        raise LorafuseValueError(f"adapter format {name!r} has no in-memory state dict form")
+    return spec
+
+
+# safetensors dtypes numpy holds as raw integers, and the torch dtype that views those bytes.
+_TORCH_VIEWS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _tensor_from_any(value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return Tensor.from_array(value)
+    module = type(value).__module__
+    if module.startswith("torch"):
+        import torch
+
+        t = value.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            return Tensor(t.view(torch.int16).numpy().view(np.uint16).copy(), "BF16")
+        f8 = next((k for k, v in _TORCH_VIEWS.items() if k != "BF16" and getattr(torch, v, None) == t.dtype), None)
+        if f8 is not None:  # what state_dict("torch") gives for F8 tensors: their bytes, as stored
+            return Tensor(t.view(torch.uint8).numpy().copy(), f8)
+        return Tensor.from_array(t.numpy().copy())
+    raise LorafuseValueError(f"state dict values must be numpy arrays or torch tensors, got {type(value).__name__}")

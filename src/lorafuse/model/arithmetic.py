@@ -1,0 +1,177 @@
+"""Exact adapter arithmetic on the data model: sums and differences (factors concatenated, ranks
+add up), scaling (scales multiplied) and rank truncation (the best rank-k approximation of every
+module, through the backend's factored SVD). Imports no format and no operation: `Adapter`'s
+operators call these.
+
+Notation: update i has stored factors B_i (out x r_i), A_i (r_i x in), scale s_i and weight w_i;
+c_i = w_i * s_i. Modules missing from some adapters add up from the ones that have them. Results
+have scale 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lorafuse._validate import check_rank, check_threads
+from lorafuse.backends import FactorJob, get_backend
+from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.spectral import batches, factor_cost
+from lorafuse.model.update import Update
+
+if TYPE_CHECKING:  # the class of the adapters: new ones are made with type(template)(...)
+    from lorafuse.model.adapter import Adapter
+
+SVD_GROUP = 64  # modules per call into the backend: only one group's factors exist at a time
+SVD_GROUP_ELEMENTS = 1 << 25  # and at most this many factor elements (or one module)
+# adapter_config.json fields that describe the inputs' ranks and scales, not the result's
+_RANK_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+
+
+def check_linear(adapters: Sequence[Adapter], what: str) -> None:
+    """DoRA and lora_bias do not add linearly, and full tensors cannot be combined: refuse them."""
+    for a in adapters:
+        for name, u in a.updates.items():
+            if u.magnitude is not None:
+                raise UnsupportedError(
+                    f"{a.label}: module {name!r} is DoRA; {what} is defined for plain LoRA only "
+                    "(a DoRA update is not a sum of low-rank deltas). Merge it into the base with `apply` instead."
+                )
+            if u.bias is not None:
+                raise UnsupportedError(f"{a.label}: module {name!r} has a lora_B bias, which {what} cannot carry")
+        extra = [k for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
+        if extra:
+            raise UnsupportedError(
+                f"{a.label}: modules_to_save tensors ({', '.join(sorted(extra)[:3])}) cannot be combined; "
+                "merge them with `apply`"
+            )
+
+
+def check_split(split: str) -> None:
+    if split not in ("B", "sqrt"):
+        raise LorafuseValueError(f"split must be 'B' (singular values on B, like PEFT) or 'sqrt', got {split!r}")
+
+
+def _flattened_as(u: Update, shape: tuple[int, ...]) -> Update | None:
+    """A LoHa / LoKr stored with a conv kernel flattened (out, in*kh*kw), laid onto the 4-D `shape` of the
+    same module in another adapter; None when that is not what differs."""
+    if isinstance(u, LoraUpdate) or len(u.delta_shape) != 2 or len(shape) != 4:
+        return None
+    if u.delta_shape[0] != shape[0] or u.delta_shape[1] != int(np.prod(shape[1:])):
+        return None
+    return u.with_shape(shape)
+
+
+def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[float, Update]]]:
+    """Module -> the (weight, update) of every adapter that has it, checking the layouts agree. A LoHa /
+    LoKr stored with its conv kernel flattened takes the 4-D shape another adapter gives the module."""
+    gathered: dict[str, list[tuple[str, float, Update]]] = {}
+    for a, w in zip(adapters, weights):
+        for name, u in a.updates.items():
+            gathered.setdefault(name, []).append((a.label, w, u))
+    out: dict[str, list[tuple[float, Update]]] = {}
+    for name, items in gathered.items():
+        conv = next((tuple(u.delta_shape) for _, _, u in items if len(u.delta_shape) == 4), None)
+        terms = [(w, (_flattened_as(u, conv) if conv else None) or u) for _, w, u in items]
+        first = terms[0][1]
+        for (label, _, _), (_, u) in zip(items, terms):
+            if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
+                                                                           u.transposed):
+                raise ShapeMismatchError(
+                    f"module {name!r}: {label} has a {u.kind} update of shape {tuple(u.delta_shape)}"
+                    f"{' (transposed)' if u.transposed else ''}, another adapter has a {first.kind} update "
+                    f"of shape {tuple(first.delta_shape)}{' (transposed)' if first.transposed else ''}"
+                )
+        out[name] = terms
+    return out
+
+
+def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B") -> tuple[np.ndarray, np.ndarray]:
+    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A'), c_i = w_i * s_i. Filled
+    in place one term at a time: besides the result, only one term's factors exist at a time."""
+    b, a = terms[0][1].stored_factors(threads)
+    widths = [b.shape[1]] + [u.rank for _, u in terms[1:]]
+    out_b = np.empty((b.shape[0], sum(widths)), dtype=np.float32)
+    out_a = np.empty((sum(widths), a.shape[1]), dtype=np.float32)
+    at = 0
+    for i, (w, u) in enumerate(terms):
+        if i:
+            b, a = u.stored_factors(threads)
+        c = np.float32(w * u.scale)
+        out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
+        out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
+        at += b.shape[1]
+        del b, a
+    return out_b, out_a
+
+
+def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[Adapter]) -> Adapter:
+    """The adapter of `updates` (scale 1) computed from `adapters`: the first one's config without its
+    rank and alpha fields, targeting the modules of every input."""
+    config = {k: v for k, v in template.config.items() if k not in _RANK_FIELDS}
+    targets = [a.config.get("target_modules") for a in adapters]
+    if targets and all(isinstance(t, list) for t in targets):
+        config["target_modules"] = sorted({m for t in targets for m in t})  # type: ignore[attr-defined]
+    elif targets and all(isinstance(t, str) for t in targets):
+        config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in targets))
+    else:
+        config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in updates})
+    return type(template)(updates=dict(updates), config=config, format=template.format,
+                          state=copy.deepcopy(template.state),
+                          derived_from=list(dict.fromkeys(p for a in adapters for p in a.sources())))
+
+
+def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
+    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1."""
+    adapters = [a for _, a in terms]
+    check_linear(adapters, "adapter arithmetic")
+    updates = {}
+    for name, ts in terms_by_module(adapters, [w for w, _ in terms]).items():
+        b, a = stack(ts, 0, coef_on="A")
+        updates[name] = ts[0][1].with_factors(b, a)
+    return result(adapters[0], updates, adapters)
+
+
+def scaled(adapter: Adapter, c: float) -> Adapter:
+    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
+    check_linear([adapter], "adapter arithmetic")
+    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
+    return type(adapter)(updates=updates, config=dict(adapter.config), format=adapter.format,
+                         derived_from=adapter.sources(), state=copy.deepcopy(adapter.state))
+
+
+def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
+    """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core,
+    by the backend's factored SVD), in groups of modules bounded by the size of their exact
+    factorizations (a LoKr's or LoHa's can be large)."""
+    rank = check_rank(rank)
+    threads = check_threads(threads)
+    check_split(split)
+    check_linear([adapter], "rank truncation")
+    names = list(adapter.updates)
+    updates: dict[str, LoraUpdate] = {}
+    costs = [(0.0, factor_cost(adapter.updates[n])[1]) for n in names]
+    backend = get_backend()
+    for start, stop in batches(costs, math.inf, SVD_GROUP_ELEMENTS, SVD_GROUP):
+        jobs = [FactorJob(n, *stack([(1.0, adapter.updates[n])], threads)) for n in names[start:stop]]
+        # at most each module's full rank min(out, in): never an output padded to an absurd rank
+        results = backend.factored_svd(jobs, [min(rank, j.b.shape[0], j.a.shape[1]) for j in jobs], split, threads)
+        updates.update({j.name: adapter.updates[j.name].with_factors(r.b, r.a) for j, r in zip(jobs, results)})
+    raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
+    return result(adapter, updates, [adapter])
+
+
+def norm(adapter: Adapter, threads: int = 0) -> float:
+    """Exact Frobenius norm of all deltas together, from the factors."""
+    return float(np.sqrt(sum(n * n for n in adapter.norms(threads).values())))
+
+
+__all__ = ["check_linear", "check_split", "norm", "result", "scaled", "stack", "terms_by_module", "truncate",
+           "weighted_cat"]

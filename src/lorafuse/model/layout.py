@@ -1,0 +1,180 @@
+"""The layout of an adapter that is written while it is computed (a streamed output): for every module
+what its update will be like (kind, delta shape, rank, dtype, scale, layout), known before any of its
+values. A format computes from it everything that depends on all modules (configs, metadata, the
+safetensors header); the updates then arrive one by one (`AdapterWriter.put`), each checked against
+its entry. The writers are the formats' (lorafuse.formats.streaming); the registry's `open_stream`
+entry opens one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import numpy as np
+
+from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.io.dtypes import DTYPES
+from lorafuse.io.tensor import Tensor
+from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.names import Kind
+from lorafuse.model.update import Update
+
+_KINDS = ("linear", "conv", "embedding")
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """What one module's update will be: a LoraUpdate of `rank` whose stored factors have `dtype`, adding to
+    a base weight of `delta_shape` (conv: (out, in, kh, kw)) with `scale`. `transposed` as in LoraUpdate
+    (PEFT embeddings, fan_in_fan_out). No DoRA magnitude and no bias: a streamed output is plain LoRA."""
+
+    name: str
+    kind: Kind
+    delta_shape: tuple[int, ...]
+    rank: int
+    dtype: str = "F32"
+    scale: float = 1.0
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        where = f"layout of module {self.name!r}"
+        if self.kind not in _KINDS:
+            raise LorafuseValueError(f"{where}: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
+        shape = tuple(self.delta_shape)
+        if len(shape) not in (2, 4) or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
+            raise LorafuseValueError(f"{where}: delta shape {shape} is not (out, in) or (out, in, kh, kw) of positive "
+                                     "sizes")
+        if (len(shape) == 4) != (self.kind == "conv") or (self.transposed and len(shape) != 2):
+            raise LorafuseValueError(f"{where}: a {self.kind}{' transposed' if self.transposed else ''} update "
+                                     f"cannot have the delta shape {shape}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int | np.integer) or self.rank < 1:
+            raise LorafuseValueError(f"{where}: rank must be a positive integer, got {self.rank!r}")
+        if self.dtype not in DTYPES or not DTYPES[self.dtype].is_float:
+            raise LorafuseValueError(f"{where}: dtype must be a float dtype (F32, F16, BF16, ...), got {self.dtype!r}")
+        if not np.isfinite(self.scale):
+            raise LorafuseValueError(f"{where}: scale {self.scale} is not finite")
+        object.__setattr__(self, "delta_shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        """Shape of the stored A (lora_A / lora_down / lora_embedding_A)."""
+        if self.transposed:
+            return (self.rank, self.delta_shape[0])
+        return (self.rank, *self.delta_shape[1:])
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        """Shape of the stored B (lora_B / lora_up / lora_embedding_B)."""
+        if self.transposed:
+            return (self.delta_shape[1], self.rank)
+        return (self.delta_shape[0], self.rank, *(1,) * (len(self.delta_shape) - 2))
+
+    @classmethod
+    def of(cls, update: Update) -> ModuleLayout:
+        """The layout of an existing update (a plain LoraUpdate with factors of one dtype)."""
+        u = _plain(update, "its layout")
+        if u.A.dtype != u.B.dtype:
+            raise UnsupportedError(f"module {u.name!r}: A is {u.A.dtype} and B is {u.B.dtype}; a layout has one "
+                                   "dtype for both")
+        return cls(u.name, u.kind, tuple(u.delta_shape), u.rank, u.A.dtype, u.scale, u.transposed)
+
+    @classmethod
+    def like(cls, update: Update, rank: int, scale: float = 1.0, dtype: str = "F32") -> ModuleLayout:
+        """The layout of `update.with_factors(b, a, scale)` with factors of `rank` (float32 by default):
+        what an operation that recomputes a module's factors (combine, resize) will put."""
+        transposed = isinstance(update, LoraUpdate) and update.transposed
+        return cls(update.name, update.kind, tuple(update.delta_shape), rank, dtype, scale, transposed)
+
+    def placeholder(self) -> LoraUpdate:
+        """A LoraUpdate of this layout whose factors are zeros that take no memory (broadcast views): for
+        computing a format's config, metadata and header before any factor exists."""
+        raw = DTYPES[self.dtype].raw
+        a = Tensor(np.broadcast_to(np.zeros((), dtype=raw), self.a_shape), self.dtype)
+        b = Tensor(np.broadcast_to(np.zeros((), dtype=raw), self.b_shape), self.dtype)
+        return LoraUpdate(self.name, a, b, self.scale, self.kind, self.transposed)
+
+    def check(self, update: Update, where: str) -> LoraUpdate:
+        """`update` when it is what this entry says; else ShapeMismatchError (LorafuseValueError for the
+        scale, UnsupportedError for what a streamed output cannot hold) naming the module and both."""
+        u = _plain(update, f"{where}: module {self.name!r}")
+        given = f"rank {u.rank}, A {u.A.shape} {u.A.dtype}, B {u.B.shape} {u.B.dtype}, {u.kind}" + \
+            (" transposed" if u.transposed else "")
+        wanted = f"rank {self.rank}, A {self.a_shape} {self.dtype}, B {self.b_shape} {self.dtype}, {self.kind}" + \
+            (" transposed" if self.transposed else "")
+        if (u.kind, u.transposed, u.A.shape, u.B.shape, u.A.dtype, u.B.dtype) != \
+                (self.kind, self.transposed, self.a_shape, self.b_shape, self.dtype, self.dtype):
+            raise ShapeMismatchError(f"{where}: module {self.name!r}: the update has {given} but the layout says "
+                                     f"{wanted}")
+        if u.scale != self.scale:
+            raise LorafuseValueError(f"{where}: module {self.name!r}: the update has scale {u.scale!r} but the layout "
+                                     f"says {self.scale!r} (the output's configs and metadata hold the layout's)")
+        return u
+
+
+def _plain(update: object, where: str) -> LoraUpdate:
+    if not isinstance(update, LoraUpdate):
+        raise UnsupportedError(f"{where}: {type(update).__name__} is not a LoRA update; a streamed output holds "
+                               "LoRA factors only")
+    if not update.is_plain():
+        raise UnsupportedError(f"{where}: a DoRA magnitude or a bias cannot be streamed; a streamed output holds "
+                               "plain LoRA factors")
+    return update
+
+
+class AdapterLayout(Mapping[str, ModuleLayout]):
+    """The modules of a streamed output, in the order they are written into configs and headers
+    (the order `Adapter.updates` would have)."""
+
+    def __init__(self, modules: Iterable[ModuleLayout]) -> None:
+        self._modules: dict[str, ModuleLayout] = {}
+        for m in modules:
+            if not isinstance(m, ModuleLayout):
+                raise LorafuseValueError(f"a layout holds ModuleLayout entries, got {type(m).__name__}")
+            if m.name in self._modules:
+                raise LorafuseValueError(f"module {m.name!r} is twice in the layout")
+            self._modules[m.name] = m
+
+    @classmethod
+    def of(cls, updates: Mapping[str, Update]) -> AdapterLayout:
+        """The layout of existing updates (plain LoRA), in their order."""
+        return cls(ModuleLayout.of(u) if u.name == n else dataclasses.replace(ModuleLayout.of(u), name=n)
+                   for n, u in updates.items())
+
+    def __getitem__(self, name: str) -> ModuleLayout:
+        return self._modules[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def placeholders(self) -> dict[str, LoraUpdate]:
+        """Every module's placeholder update (ModuleLayout.placeholder), in order."""
+        return {n: m.placeholder() for n, m in self._modules.items()}
+
+
+class AdapterWriter(Protocol):
+    """A streamed output being written: `put` each module's update (any order, each once), then `close`
+    (commits the output atomically) or `abort` (removes what was written). As a context manager it
+    closes on success and aborts on an exception."""
+
+    def put(self, name: str, update: Update) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> AdapterWriter: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+__all__ = ["AdapterLayout", "AdapterWriter", "ModuleLayout"]

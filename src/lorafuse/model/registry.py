@@ -1,0 +1,84 @@
+"""The registry of adapter formats: each format module registers how to recognise, read and write
+its files; detection, loading and `Adapter.save` go through it.
+
+The registry lives in the data model so that `Adapter.save` finds a format without importing
+lorafuse.formats: the format modules fill it in when they are imported (lorafuse/__init__ imports
+lorafuse.formats). A new format is one module under formats/ that calls `register`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafuse.errors import LorafuseValueError
+from lorafuse.io.tensor import Tensor
+
+if TYPE_CHECKING:
+    from lorafuse.model.adapter import Adapter
+    from lorafuse.model.layout import AdapterLayout, AdapterWriter
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One adapter format.
+
+    `sniff(path, keys)` says whether `path` is such an adapter, given the tensor names of its
+    `.safetensors` header ([] for a folder or another file); it reads nothing else than the path's
+    own small files and never raises. `load(path)` reads one; `save(adapter, out, overwrite)` writes
+    one atomically, never over the adapter's own sources. Sniffing goes by `priority`, lowest first.
+    `open_stream(template, layout, out, inputs, overwrite)`, for a format that has it, opens a streamed
+    output (model.layout): the template adapter's config and state, the layout's modules, updates put
+    one by one (lorafuse.formats.streaming.open_stream calls it)."""
+
+    name: str
+    sniff: Callable[[Path, list[str]], bool]
+    load: Callable[[Path], Adapter]
+    save: Callable[[Adapter, str | os.PathLike[str], bool], Path]
+    description: str
+    priority: int = 100
+    # The in-memory form (Adapter.from_state_dict / state_dict), for a format that has one.
+    from_tensors: Callable[[dict[str, Tensor], Any], Adapter] | None = None
+    to_tensors: Callable[[Adapter], dict[str, Tensor]] | None = None
+    open_stream: Callable[[Adapter, AdapterLayout, str | os.PathLike[str], Sequence[Path], bool],
+                          AdapterWriter] | None = None
+
+
+_FORMATS: dict[str, FormatSpec] = {}
+
+
+def register(spec: FormatSpec) -> FormatSpec:
+    """Add (or replace, by name) a format."""
+    _FORMATS[spec.name] = spec
+    return spec
+
+
+def formats() -> list[FormatSpec]:
+    """The registered formats in sniffing order."""
+    return sorted(_FORMATS.values(), key=lambda s: (s.priority, s.name))
+
+
+def names() -> list[str]:
+    return [s.name for s in formats()]
+
+
+def get_format(name: str) -> FormatSpec:
+    """The format called `name`; LorafuseValueError naming the known ones otherwise."""
+    spec = _FORMATS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        known = names()
+        listed = ", ".join(repr(n) for n in known[:-1]) + (f" and {known[-1]!r}" if len(known) > 1 else
+                                                            repr(known[0]) if known else "none")
+        raise LorafuseValueError(f"unknown adapter format {name!r} (lorafuse writes {listed})")
+    return spec
+
+
+def sniff(path: Path, keys: list[str]) -> str | None:
+    """The name of the first format (by priority) that recognises `path`, else None."""
+    return next((s.name for s in formats() if s.sniff(path, keys)), None)
+
+
+__all__ = ["FormatSpec", "formats", "get_format", "names", "register", "sniff"]

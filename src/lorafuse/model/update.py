@@ -1,0 +1,70 @@
+"""The one protocol of every update class, and the union of the classes lorafuse reads."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from lorafuse.io.tensor import Tensor
+from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.lycoris import LycorisUpdate
+from lorafuse.model.names import Kind
+from lorafuse.model.structure import Delta
+
+
+class UpdateProtocol(Protocol):
+    """What every module update offers (LoraUpdate, LohaUpdate, LokrUpdate)."""
+
+    name: str
+    kind: Kind
+    scale: float
+    magnitude: Tensor | None
+    magnitude_on_columns: bool
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this update adds to."""
+        ...
+
+    @property
+    def rank(self) -> int:
+        """Rank of the exact factorization `stored_factors` gives."""
+        ...
+
+    def stored_factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """An exact factorization (B, A) of the unscaled 2-D delta, float32, as stored."""
+        ...
+
+    def factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(B_c, A_c) in the base weight's 2-D layout, float32, unscaled."""
+        ...
+
+    def structure(self) -> Delta:
+        """The unscaled 2-D delta in its structure (norms, spectra, products without a dense delta)."""
+        ...
+
+    def stored_tensors(self) -> list[Tensor]:
+        """The tensors this update keeps from its file."""
+        ...
+
+    def delta(self) -> np.ndarray:
+        """The dense delta in float64, scale included (small modules, reports, tests)."""
+        ...
+
+    def is_plain(self) -> bool:
+        """A pure low-rank delta (no DoRA magnitude, no bias): it adds linearly."""
+        ...
+
+    def with_factors(self, b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> LoraUpdate:
+        """A LoraUpdate of the same module with new stored factors."""
+        ...
+
+
+# A module's update: a LoRA (LoraUpdate, also a Tucker LoCon) or a LyCORIS LoHa / LoKr (LycorisUpdate).
+Update = LoraUpdate | LycorisUpdate
+
+
+def stored_tensors(u: Update) -> list[Tensor]:
+    """The tensors an update keeps from its file: factors, LyCORIS pieces, DoRA magnitude, bias."""
+    return u.stored_tensors()
