@@ -825,3 +825,17 @@ def peft_lora_delta64(adapter_dir: Path, module: str) -> torch.Tensor:
 
     b, a, scale = peft_lora_factors(adapter_dir, module)
     return scale * (b.to(torch.float64) @ a.to(torch.float64))
+
+
+def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of a non-empty sequence."""
+    ordered = sorted(values)
+    n = len(ordered)
+    mid = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return mid, ordered[0], ordered[-1]
+
+
+def fmt_spread(values: Sequence[float], digits: int = 2) -> str:
+    """'median (min..max)' of a sequence of seconds."""
+    mid, lo, hi = median_spread(values)
+    return f"{mid:.{digits}f} ({lo:.{digits}f}..{hi:.{digits}f})"

@@ -2,22 +2,33 @@
 """Benchmark ``lorafuse apply`` against the I/O floor (``cp -r``) and a PEFT merge.
 
 One run builds a random bf16 Llama checkpoint at TinyLlama-1.1B dimensions plus a PEFT LoRA
-adapter on every linear module, then times three tools, each in its own child process so
+adapter on every linear module, then times these tools, each in its own child process so
 that peak RSS is per tool:
 
-* ``cp -r BASE OUT``                                   -- the floor: reading + writing the bytes
+* ``cp -r BASE OUT``                                   -- the copy floor: the kernel copies the pages
+                                                          (copy_file_range), nothing passes through user space
+* ``dd if=/dev/zero of=OUT bs=16M`` (as many bytes)    -- the write floor: what writing that many new
+                                                          bytes with write(2) costs on this machine
 * ``lorafuse apply BASE ADAPTER -o OUT --threads N``   -- the tool under test
 * PEFT: ``from_pretrained`` -> ``PeftModel.from_pretrained`` -> ``merge_and_unload``
   -> ``save_pretrained``                               -- what users do today
 
-It prints wall time, CPU time and peak RSS of each, the ratios lorafuse/cp and
+lorafuse, cp and dd run alternately (lorafuse, cp, dd, lorafuse, cp, dd, ...), at least 5 times
+each; before every timed run (untimed) all outputs are removed, `sync` runs and the inputs are
+read once, so every run starts from the same state. Write costs on small VMs swing 2-6x with what
+ran just before (see the README's Performance section), so the report is the median and the
+spread (min..max) of the runs, never the best one, and the ratios are ratios of medians. PEFT
+runs --peft-repeat times (default 1) after them. lorafuse runs with LORAFUSE_TIMINGS=1: the
+phases of its median run are printed.
+
+It prints wall time, CPU time and peak RSS of each, the ratios lorafuse/cp, lorafuse/dd and
 PEFT/lorafuse, a cheap correctness check of a few merged tensors, and PASS/MISS against the
-targets (lorafuse within 1.5x of cp, >= 5x faster than PEFT, peak RSS < 25% of the
+targets (lorafuse within 1.3x of cp, >= 5x faster than PEFT, peak RSS < 25% of the
 checkpoint). A MISS does not make the exit status non-zero; a failing tool or a wrong
 merge does.
 
-Quick check:  python3 benchmarks/bench_apply.py --layers 2
-Full size:    python3 benchmarks/bench_apply.py            (~2.2 GB checkpoint, ~9 GB of disk)
+Quick check:  python3 benchmarks/bench_apply.py --layers 2 --skip-peft
+Full size:    python3 benchmarks/bench_apply.py            (~2.2 GB checkpoint, ~11 GB of disk)
 """
 
 from __future__ import annotations
@@ -46,6 +57,8 @@ from _common import (  # noqa: E402
     build_lora_adapter,
     checkpoint_specs,
     fmt_mib,
+    fmt_spread,
+    median_spread,
     llama_config,
     load_tensor,
     parse_size,
@@ -60,7 +73,8 @@ if TYPE_CHECKING:
 PEFT_CHILD_COMMAND = "_peft-child"  # hidden first argument: run the PEFT merge in this process
 PEFT_PHASES_PREFIX = "PEFT_PHASES "
 
-TARGET_VS_CP = 1.5  # lorafuse wall / cp wall must be <= this
+TARGET_VS_CP = 1.3  # median lorafuse wall / median cp wall must be <= this
+MIN_RUNS = 5  # timed runs per tool (lorafuse, cp, dd), alternating
 TARGET_VS_PEFT = 5.0  # PEFT wall / lorafuse wall must be >= this
 TARGET_RSS_FRACTION = 0.25  # lorafuse peak RSS / checkpoint size must be < this
 MAX_ULPS = 1.0  # merged tensors must be within one bf16 rounding of the exact merge
@@ -210,12 +224,20 @@ class Tool:
         return bool(self.runs) and all(r.ok for r in self.runs)
 
     @property
-    def wall_s(self) -> float:  # best of the repeats
-        return min(r.wall_s for r in self.runs)
+    def walls(self) -> list[float]:
+        return [r.wall_s for r in self.runs]
 
     @property
-    def cpu_s(self) -> float:  # of the fastest run
-        return min(self.runs, key=lambda r: r.wall_s).cpu_s
+    def wall_s(self) -> float:  # median of the runs
+        return median_spread(self.walls)[0]
+
+    @property
+    def cpu_s(self) -> float:  # median of the runs
+        return median_spread([r.cpu_s for r in self.runs])[0]
+
+    @property
+    def median_run(self) -> RunResult:
+        return sorted(self.runs, key=lambda r: r.wall_s)[(len(self.runs) - 1) // 2]
 
     @property
     def peak_rss(self) -> int:  # worst of the repeats
@@ -257,6 +279,10 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path) -> list[
 
     out_cp = workdir / "out_cp"
     tools.append(Tool("cp", "cp -r", out_cp, ["cp", "-r", base, str(out_cp)]))
+    out_dd = workdir / "out_dd"
+    dd = f"dd if=/dev/zero of={shlex.quote(str(out_dd / 'zeros.bin'))} bs=16M count={inputs.base_bytes} " \
+         "iflag=count_bytes status=none"
+    tools.append(Tool("dd", "dd (write floor)", out_dd, ["sh", "-c", f"mkdir -p {shlex.quote(str(out_dd))} && {dd}"]))
 
     out_lf = workdir / "out_lorafuse"
     if args.skip_lorafuse:
@@ -264,7 +290,8 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path) -> list[
     else:
         lf_cmd, reason = resolve_lorafuse(args.lorafuse_cmd)
         cmd = None if lf_cmd is None else [*lf_cmd, "apply", base, adapter, "-o", str(out_lf), "--threads", str(args.threads)]
-        tools.append(Tool("lorafuse", "lorafuse apply", out_lf, cmd, f"not available: {reason}"))
+        tools.append(Tool("lorafuse", "lorafuse apply", out_lf, cmd, f"not available: {reason}",
+                          env={**os.environ, "LORAFUSE_TIMINGS": "1"}))
 
     out_peft = workdir / "out_peft"
     if args.skip_peft:
@@ -276,31 +303,69 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path) -> list[
     return tools
 
 
-def run_tool(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path) -> None:
+def _prepare(all_outputs: Sequence[Path], warm_paths: Sequence[Path]) -> None:
+    """The same state before every timed run (untimed): no outputs, nothing dirty, inputs read once."""
+    for out in all_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # flush earlier outputs so their writeback does not land in this run
+    warm_page_cache(warm_paths)
+
+
+def _run_once(tool: Tool, i: int, repeat: int, log_dir: Path) -> bool:
+    assert tool.cmd is not None
+    result = run_measured(tool.cmd, log_dir / f"{tool.key}-{i + 1}.log", env=tool.env)
+    tool.runs.append(result)
+    print(
+        f"  {tool.label:<16} run {i + 1}/{repeat}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s cpu, "
+        f"peak RSS {fmt_mib(result.peak_rss_bytes)} MiB"
+        + ("" if result.ok else f"  FAILED (exit {result.returncode})")
+    )
+    if not result.ok:
+        print("  --- last lines of its output ---")
+        print("\n".join("  " + line for line in result.log_tail().splitlines()))
+    return result.ok
+
+
+def run_alternating(tools: Sequence[Tool], repeat: int, warm_paths: Sequence[Path], log_dir: Path,
+                    all_outputs: Sequence[Path]) -> None:
+    """Round i runs every tool once, in order; a tool that fails drops out."""
+    for tool in tools:
+        assert tool.cmd is not None
+        print(f"[{tool.label}] {shlex.join(tool.cmd)}")
+    active = list(tools)
+    for i in range(repeat):
+        for tool in list(active):
+            _prepare(all_outputs, warm_paths)
+            if not _run_once(tool, i, repeat, log_dir):
+                active.remove(tool)
+
+
+def run_tool(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path,
+             all_outputs: Sequence[Path]) -> None:
     assert tool.cmd is not None
     print(f"\n[{tool.label}] {shlex.join(tool.cmd)}")
     for i in range(repeat):
-        shutil.rmtree(tool.out_dir, ignore_errors=True)
-        os.sync()  # flush earlier outputs so their writeback does not land in this run (untimed)
-        warm_page_cache(warm_paths)  # untimed
-        result = run_measured(tool.cmd, log_dir / f"{tool.key}-{i + 1}.log", env=tool.env)
-        tool.runs.append(result)
-        print(
-            f"  run {i + 1}/{repeat}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s cpu, "
-            f"peak RSS {fmt_mib(result.peak_rss_bytes)} MiB"
-            + ("" if result.ok else f"  FAILED (exit {result.returncode})")
-        )
-        if not result.ok:
-            print("  --- last lines of its output ---")
-            print("\n".join("  " + line for line in result.log_tail().splitlines()))
+        _prepare(all_outputs, warm_paths)
+        if not _run_once(tool, i, repeat, log_dir):
             return
+
+
+def lorafuse_phases(tool: Tool) -> str | None:
+    """The LORAFUSE_TIMINGS block of lorafuse's median run."""
+    if not tool.ok:
+        return None
+    lines = tool.median_run.log_path.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("apply timings")), None)
+    if start is None:
+        return None
+    block = [lines[start]] + [line for line in lines[start + 1 :] if line.startswith("  ")]
+    return "\n".join(block)
 
 
 def peft_phases(tool: Tool) -> dict[str, float] | None:
     if not tool.ok:
         return None
-    best = min(tool.runs, key=lambda r: r.wall_s)
-    for line in best.log_path.read_text(errors="replace").splitlines():
+    for line in tool.median_run.log_path.read_text(errors="replace").splitlines():
         if line.startswith(PEFT_PHASES_PREFIX):
             return json.loads(line[len(PEFT_PHASES_PREFIX) :])
     return None
@@ -405,20 +470,23 @@ def check_correctness(inputs: Inputs, outputs: dict[str, Path], layers: int) -> 
 
 
 def print_table(tools: Sequence[Tool], ckpt_bytes: int, repeat: int) -> None:
-    header = f"{'tool':<16}{'wall s':>10}{'cpu s':>10}{'peak RSS MiB':>15}{'RSS/ckpt':>10}{'peak anon MiB':>15}"
-    print(f"\nresults (wall: best of {repeat}; peak RSS: worst of {repeat}; checkpoint {fmt_mib(ckpt_bytes)} MiB)")
+    header = (f"{'tool':<18}{'wall s: median (min..max)':>27}{'cpu s':>8}{'peak RSS MiB':>14}{'RSS/ckpt':>10}"
+              f"{'peak anon MiB':>15}")
+    print(f"\nresults (wall and cpu: median of each tool's runs, spread min..max; peak RSS: worst run; checkpoint "
+          f"{fmt_mib(ckpt_bytes)} MiB)")
     print(header)
     print("-" * len(header))
     for tool in tools:
         if tool.cmd is None:
             reason = tool.skip_reason if len(tool.skip_reason) <= 60 else tool.skip_reason[:57] + "..."
-            print(f"{tool.label:<16}  skipped: {reason}")
+            print(f"{tool.label:<18}  skipped: {reason}")
         elif not tool.ok:
-            print(f"{tool.label:<16}  FAILED (exit {tool.runs[-1].returncode}, log {tool.runs[-1].log_path})")
+            print(f"{tool.label:<18}  FAILED (exit {tool.runs[-1].returncode}, log {tool.runs[-1].log_path})")
         else:
             anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
+            walls = f"{fmt_spread(tool.walls)} x{len(tool.runs)}"
             print(
-                f"{tool.label:<16}{tool.wall_s:>10.2f}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}"
+                f"{tool.label:<18}{walls:>27}{tool.cpu_s:>8.2f}{fmt_mib(tool.peak_rss):>14}"
                 f"{tool.peak_rss / ckpt_bytes:>10.1%}{anon:>15}"
             )
     sources = sorted({r.rss_source for t in tools for r in t.runs})
@@ -429,16 +497,18 @@ def print_table(tools: Sequence[Tool], ckpt_bytes: int, repeat: int) -> None:
 
 
 def print_summary(tools: dict[str, Tool], ckpt_bytes: int) -> None:
-    cp, lf, peft = tools["cp"], tools["lorafuse"], tools["peft"]
+    cp, dd, lf, peft = tools["cp"], tools["dd"], tools["lorafuse"], tools["peft"]
 
     def verdict(passed: bool) -> str:
         return "PASS" if passed else "MISS"
 
     print()
     parts: list[str] = []
+    if lf.ok and dd.ok:
+        print(f"lorafuse / dd   = {lf.wall_s / dd.wall_s:.2f}x (ratio of medians; dd writes as many new bytes)")
     if lf.ok and cp.ok:
         ratio = lf.wall_s / cp.wall_s
-        print(f"lorafuse / cp   = {ratio:.2f}x")
+        print(f"lorafuse / cp   = {ratio:.2f}x (ratio of medians)")
         parts.append(f"lorafuse/cp {ratio:.2f}x (<= {TARGET_VS_CP:g}x) {verdict(ratio <= TARGET_VS_CP)}")
     else:
         parts.append(f"lorafuse/cp n/a (<= {TARGET_VS_CP:g}x)")
@@ -467,7 +537,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 * rank)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="--threads for lorafuse and torch threads for PEFT (default: cpu count, %(default)s)")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per tool; the best wall time is reported (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=MIN_RUNS, help=f"alternating timed runs of lorafuse, cp and dd, at least {MIN_RUNS}; the median and spread are reported (default %(default)s)")
+    p.add_argument("--peft-repeat", type=int, default=1, help="timed runs of the PEFT merge, after the others (default %(default)s)")
     p.add_argument("--shard-size", default=None, help="write the base sharded like save_pretrained(max_shard_size=...), e.g. 1GB")
     p.add_argument("--workdir", default=None, help="work directory (default: a fresh temp dir under /tmp); inputs in it are reused when built with the same options")
     p.add_argument("--keep", action="store_true", help="keep the work directory (default: remove the temp dir, or only the outputs of --workdir)")
@@ -476,8 +547,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default %(default)s)")
     args = p.parse_args(argv)
-    if args.layers < 1 or args.rank < 1 or args.threads < 1 or args.repeat < 1:
-        p.error("--layers, --rank, --threads and --repeat must be >= 1")
+    if args.layers < 1 or args.rank < 1 or args.threads < 1 or args.repeat < 1 or args.peft_repeat < 1:
+        p.error("--layers, --rank, --threads, --repeat and --peft-repeat must be >= 1")
+    if args.repeat < MIN_RUNS:
+        print(f"note: --repeat {args.repeat} raised to {MIN_RUNS}: a median and a spread need at least {MIN_RUNS} runs")
+        args.repeat = MIN_RUNS
     if args.alpha is None:
         args.alpha = 2 * args.rank
     elif float(args.alpha).is_integer():
@@ -516,32 +590,47 @@ def main(argv: Sequence[str]) -> int:
             build = inputs.build_s
             print(f"  built in {build['base'] + build['adapter']:.1f} s (base {build['base']:.1f} s, adapter {build['adapter']:.1f} s)")
         free = shutil.disk_usage(workdir).free
-        if free < 3.2 * inputs.base_bytes:
-            print(f"  warning: only {fmt_mib(free)} MiB free in {workdir}; three outputs need about {fmt_mib(3.1 * inputs.base_bytes)} MiB")
+        if free < 1.2 * inputs.base_bytes:
+            print(f"  warning: only {fmt_mib(free)} MiB free in {workdir}; one output at a time needs about {fmt_mib(1.1 * inputs.base_bytes)} MiB")
 
         tools = make_tools(args, inputs, workdir)
         print(
-            "\nmethod: every timed run is preceded (untimed) by removing its output, `sync`, and reading the base and"
-            " adapter files once, so all tools see a warm page cache (nothing is dropped from caches);"
-            " outputs are written to page cache, no fsync is timed."
-            f" lorafuse --threads {args.threads}; PEFT torch threads {args.threads}."
+            "\nmethod: lorafuse, cp and dd run alternately; every timed run is preceded (untimed) by removing all"
+            " outputs, `sync`, and reading the base and adapter files once, so all tools see a warm page cache and"
+            " no pending writeback (nothing is dropped from caches); outputs are written to page cache, no fsync is"
+            f" timed. lorafuse --threads {args.threads}; PEFT torch threads {args.threads}."
         )
         warm_paths = [inputs.base_dir, inputs.adapter_dir]
+        all_outputs = [t.out_dir for t in tools]
         for tool in tools:
             if tool.cmd is None:
                 print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
-                continue
-            run_tool(tool, args.repeat, warm_paths, log_dir)
-            if not tool.ok:
-                status = 1
-
         by_key = {tool.key: tool for tool in tools}
+        alternating = [by_key[k] for k in ("lorafuse", "cp", "dd") if by_key[k].cmd is not None]
+        print()
+        run_alternating(alternating, args.repeat, warm_paths, log_dir, all_outputs)
+        if by_key["lorafuse"].ok:  # keep its output for the correctness check
+            all_outputs = [p for p in all_outputs if p != by_key["lorafuse"].out_dir]
+            _prepare(all_outputs, warm_paths)
+            lf = by_key["lorafuse"]
+            assert lf.cmd is not None
+            # one more run whose output stays for the correctness check; its time is not counted
+            if not run_measured(lf.cmd, log_dir / "lorafuse-check.log", env=lf.env).ok:
+                status = 1
+        if by_key["peft"].cmd is not None:
+            run_tool(by_key["peft"], args.peft_repeat, warm_paths, log_dir, all_outputs)
+        status |= int(any(t.cmd is not None and not t.ok for t in tools))
+
+        phases = lorafuse_phases(by_key["lorafuse"])
+        if phases:
+            print("\nlorafuse phases of its median run (threads overlap: phases can add up to more than the wall)")
+            print("\n".join("  " + line for line in phases.splitlines()))
         phases = peft_phases(by_key["peft"])
         if phases:
             shown = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if k != "lora modules")
             print(f"\nPEFT phases: {shown} ({phases['lora modules']:.0f} LoRA modules loaded)")
 
-        outputs = {t.key: t.out_dir for t in tools if t.key != "cp" and t.ok}
+        outputs = {t.key: t.out_dir for t in tools if t.key in ("lorafuse", "peft") and t.ok}
         if not check_correctness(inputs, outputs, args.layers):
             status = 1
         print_table(tools, inputs.base_bytes, args.repeat)

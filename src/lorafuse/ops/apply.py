@@ -1,32 +1,38 @@
 """apply: merge adapters into base weights, streaming shard by shard.
 
 W' = W + sum_i w_i s_i B_i A_i for every targeted weight (DoRA adapters rescale
-the rows after their delta), computed by the C++ core in float32 tiles and
-rounded once to the output dtype. Untouched tensors are copied byte for byte by
-the kernel (copy_file_range); touched ones are read through mmap and their pages
+the rows after their delta), computed by the backend (`get_backend().merge_batch`) in
+float32 tiles and rounded once to the output dtype. Untouched tensors are copied byte for
+byte by the kernel (copy_file_range); touched ones are read through mmap and their pages
 dropped once written, so memory stays bounded by one batch of output tensors.
+
+One path for every base: a checkpoint (a folder or one file) is a pipeline of one component
+(see io.pipeline); `apply_plan` matches and plans, `_Executor` computes and writes a
+component's shards, a writer thread overlapping the disk writes with the next batch's
+arithmetic. Progress goes to a callback as `ProgressEvent`s; LORAFUSE_TIMINGS=1 prints the
+time of each phase (compute, writes, kernel copies, waits) to stderr.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
-import re
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lorafuse import _core
-from lorafuse._progress import Progress
+from lorafuse._progress import PhaseTimer, ProgressCallback, ProgressReporter, progress_callback
 from lorafuse._validate import check_threads
-from lorafuse.adapter import Adapter
+from lorafuse.backends import MergeJob, get_backend
 from lorafuse.errors import (
     FormatError,
     LorafuseValueError,
@@ -35,40 +41,65 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
-from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
+from lorafuse.io.dtypes import DTYPES, parse_output_dtype
 from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 from lorafuse.io.sidefiles import classify, copy_entry, copy_file
 from lorafuse.io.tensor import Tensor
-from lorafuse.ops.match import BaseMatcher
-from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
-from lorafuse.ops.stages import Stage, build_stages, on_columns, slice_rows
+from lorafuse.model import Adapter
+from lorafuse.ops.apply_plan import (
+    MIN_SHARD_SIZE,
+    ModelPlan,
+    OutTensor,
+    Plan,
+    parse_size,
+    plan_apply,
+    plan_model,
+    shard_limit,
+)
+from lorafuse.ops.stages import Stage, build_stages, on_columns, slice_rows, stage_arrays
+
+__all__ = ["MIN_SHARD_SIZE", "ApplyReport", "OutTensor", "Plan", "apply", "parse_size", "plan_apply"]
 
 BATCH_BYTES = 32 << 20  # output bytes computed per call into the core
 CHUNK_BYTES = 16 << 20  # larger tensors are computed and written in row blocks of about this size
 WRITE_DEPTH = 2  # batches handed to the writer thread and not yet written
-LM_HEAD = "lm_head.weight"
-_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    src_shard: str
-    src_name: str
-    updates: list[Contribution] = field(default_factory=list)
-    bias_updates: list[Contribution] = field(default_factory=list)
-    replacement: Tensor | None = None
+_FALLOC_FL_KEEP_SIZE = 1
 
-    @property
-    def nbytes(self) -> int:
-        return TensorSpec(self.name, self.dtype, self.shape).nbytes
 
-    def is_copy(self, src_dtype: str) -> bool:
-        return not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux's fallocate(2) (not glibc's posix_fallocate, which writes zeros where a filesystem cannot)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _preallocate(path: Path, size: int) -> None:
+    """Reserve the blocks of an output file about to be written: on ext4 (and xfs) writing into reserved
+    blocks costs the kernel 12-35% less time than growing the file page by page (measured on the
+    2.1 GB benchmark). The file's size does not change (KEEP_SIZE); where the filesystem cannot, or
+    the disk is full, nothing happens here and the writes report what they always reported."""
+    fn = _fallocate()
+    if fn is None or size <= 0:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fn(fd, _FALLOC_FL_KEEP_SIZE, 0, size)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -81,183 +112,6 @@ class ApplyReport:
     bytes_written: int
     seconds: float
     notes: list[str]
-
-
-@dataclass
-class _Plan:
-    shards: list[tuple[str, list[OutTensor]]]
-    metadata: dict[str, dict[str, str]]
-    config_updates: dict[str, object]
-    notes: list[str]
-
-
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE_UNITS.update({u[0]: _SIZE_UNITS[u] for u in ("KB", "MB", "GB", "TB")})  # 5G = 5GB
-_SIZE_UNITS.update({u[:2]: _SIZE_UNITS[u] for u in ("KIB", "MIB", "GIB", "TIB")})  # 2Gi = 2GiB
-_SIZE_EXAMPLES = ("give one such as 5GB, 500MB, 1.5GB, 2GiB or 1000000 (bytes); KB, MB, GB are 10^3, 10^6, 10^9 "
-                  "bytes and KiB, MiB, GiB 2^10, 2^20, 2^30")
-MIN_SHARD_SIZE = 64 << 10  # below this a shard holds almost nothing but its header
-
-
-def parse_size(text: str | int) -> int:
-    """A byte count: an integer, or a string '5GB' (10^9), '500MiB' (2^20), '1.5 gb', '100' (bytes).
-
-    Units are case-insensitive. A count without a unit (or in B) must be a whole number; a fraction
-    of a unit rounds down to whole bytes. Anything else is a LorafuseValueError."""
-    if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
-    if isinstance(text, int):
-        if text <= 0:
-            raise LorafuseValueError(f"size {text} is not a positive number of bytes: {_SIZE_EXAMPLES}")
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).upper() if m else ""
-    if m is None or (unit or "B") not in _SIZE_UNITS:
-        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
-    number = Decimal(m.group(1))
-    if (unit or "B") == "B" and number != number.to_integral_value():
-        raise LorafuseValueError(f"{text!r} is a fraction of a byte: a size without a unit is a whole number of "
-                                 f"bytes; {_SIZE_EXAMPLES}")
-    size = int(number * _SIZE_UNITS[unit or "B"])  # exact decimal arithmetic, rounded down
-    if size <= 0:
-        raise LorafuseValueError(f"size {text!r} is 0 bytes: {_SIZE_EXAMPLES}")
-    return size
-
-
-def _shard_limit(max_shard_size: str | int) -> int:
-    """--max-shard-size as bytes; absurdly small sizes (every tensor a file, the header repeated in each)
-    are refused."""
-    size = parse_size(max_shard_size)
-    if size < MIN_SHARD_SIZE:
-        raise LorafuseValueError(
-            f"shard size {max_shard_size!r} ({size} bytes) is below the {MIN_SHARD_SIZE // 1024} KiB minimum: each "
-            "shard repeats the checkpoint's metadata and becomes a file of its own; Hugging Face checkpoints use "
-            "shards of 1GB to 10GB (e.g. --max-shard-size 5GB)"
-        )
-    return size
-
-
-def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
-    if not DTYPES[src_dtype].is_float:
-        return src_dtype
-    if requested is not None and (changed or src_dtype in WRITABLE_FLOATS or src_dtype == "F64"):
-        return requested
-    if not changed or src_dtype in WRITABLE_FLOATS:
-        return src_dtype
-    return "F32" if src_dtype == "F64" else "BF16"  # a merged F64 / F8 weight
-
-
-@dataclass
-class _Tie:
-    tied: bool  # config.json says tie_word_embeddings
-    emb_key: str | None  # the input embedding's key, when there is exactly one
-    virtual_lm_head: bool  # lm_head is not stored: it reads emb_key
-
-
-def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
-               max_shard_size: int | None, skip_missing: bool = False) -> _Plan:
-    matcher = BaseMatcher(ckpt.keys())
-    config = read_config(ckpt.directory)
-
-    # Tied embeddings: the checkpoint stores only the input embedding; lm_head reads it.
-    tied = bool(config.get("tie_word_embeddings", False))
-    emb_key = None
-    if tied:
-        found = [k for k in ckpt.keys() if k.endswith(_EMBEDDING_SUFFIXES)]
-        emb_key = found[0] if len(found) == 1 else None
-    virtual_lm_head = tied and LM_HEAD not in ckpt and emb_key is not None
-
-    def base_key(name: str) -> str | None:
-        key = matcher.find(name)
-        if key is None and virtual_lm_head and name == LM_HEAD:
-            return LM_HEAD
-        return key
-
-    shapes = {k: tuple(ckpt.info(k).shape) for k in ckpt.keys()}
-    if virtual_lm_head:
-        shapes[LM_HEAD] = shapes[emb_key]  # type: ignore[index]
-    resolved = resolve(shapes, adapters, weights, base_key, config)
-    notes: list[str] = adapter_notes(adapters)
-    if resolved.missing:
-        if not skip_missing:
-            raise missing_error(resolved.missing, str(ckpt.directory))
-        notes += [f"skipped (no target): {m}" for m in resolved.missing]
-    return _plan(ckpt, resolved, config, dtype, max_shard_size, notes, _Tie(tied, emb_key, virtual_lm_head))
-
-
-def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype: str | None,
-          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None) -> _Plan:
-    """The output tensors of one checkpoint, shard by shard, given what changes in it."""
-    tied, emb_key, virtual_lm_head = (tie.tied, tie.emb_key, tie.virtual_lm_head) if tie else (False, None, False)
-    contributions, bias_contributions = resolved.contributions, resolved.bias_contributions
-    replacements = resolved.replacements
-    config_updates: dict[str, object] = {}
-
-    changed = set(contributions) | set(replacements)
-    add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
-    if tied and (add_lm_head or (LM_HEAD in ckpt and (LM_HEAD in changed or emb_key in changed))):
-        config_updates["tie_word_embeddings"] = False
-        notes.append(f"untied lm_head from {emb_key}: only one of them changes (or each changes differently); "
-                     "config.json now has tie_word_embeddings=false")
-    if dtype is not None:
-        torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
-        for k in ("torch_dtype", "dtype"):
-            if k in config:
-                config_updates[k] = torch_name
-
-    def out_tensor(key: str, shard: str, src: str) -> OutTensor:
-        info = ckpt.info(src)
-        ch = key in changed or key in bias_contributions
-        out_dtype = _output_dtype(info.dtype, dtype, ch)
-        if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
-            notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
-        repl = replacements.get(key)
-        return OutTensor(key, out_dtype, info.shape, shard, src, contributions.get(key, []),
-                         bias_contributions.get(key, []), repl[0] if repl else None)
-
-    ordered: list[tuple[str, OutTensor]] = []
-    for shard in ckpt.shards:
-        for info in sorted(ckpt.headers[shard].values(), key=lambda t: t.begin):
-            ordered.append((shard, out_tensor(info.name, shard, info.name)))
-            if add_lm_head and info.name == emb_key:
-                ordered.append((shard, out_tensor(LM_HEAD, shard, emb_key)))
-
-    if max_shard_size is None:
-        groups: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
-        for shard, t in ordered:
-            groups[shard].append(t)
-        shards = list(groups.items())
-        metadata = dict(ckpt.metadata)
-    else:
-        packs: list[list[OutTensor]] = []
-        size = 0
-        for _, t in ordered:
-            if not packs or (size + t.nbytes > max_shard_size and packs[-1]):
-                packs.append([])
-                size = 0
-            packs[-1].append(t)
-            size += t.nbytes
-        packs = packs or [[]]  # a checkpoint of no tensors still gets its (empty) model file
-        n = len(packs)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        shards = list(zip(names, packs))
-        first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
-        _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
-        metadata = {name: dict(first_meta) for name in names}
-    return _Plan(shards, metadata, config_updates, notes)
-
-
-def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
-    """Every re-sharded file repeats the input's metadata: refuse a shard size under 100 times its size
-    (the copies would be more than 1% of the output, and most of it with thousands of tiny shards)."""
-    meta_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8")) if metadata else 0
-    if meta_bytes * 100 > max_shard_size:
-        raise LorafuseValueError(
-            f"{where}: its metadata ({meta_bytes} bytes) is copied into every output shard, and --max-shard-size "
-            f"{max_shard_size} bytes is less than 100 times that: choose at least {meta_bytes * 100} bytes "
-            "(e.g. 5GB), or leave --max-shard-size out to keep the input's shards"
-        )
 
 
 _INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
@@ -275,12 +129,11 @@ def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
     return int(bits.view(np.int16).max()) >= inf or int(bits.max()) >= 0x8000 | inf
 
 
-def _inputs_finite(job: tuple, threads: int) -> bool:
+def _inputs_finite(job: MergeJob, threads: int) -> bool:
     """Whether the base rows and every factor of a merge job are finite (only called for flagged jobs)."""
-    _, w, w_dtype, _, _, stages = job
-    if not np.isfinite(_core.to_float32(w, w_dtype, threads)).all():
+    if not np.isfinite(get_backend().to_float32(job.w, job.w_dtype, threads)).all():
         return False
-    return all(np.isfinite(x).all() for _, arrays, m, _ in stages for x in (*arrays, m) if x is not None)
+    return all(np.isfinite(x).all() for st in job.stages for x in stage_arrays(st))
 
 
 def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
@@ -358,8 +211,10 @@ class _Writer:
 
 
 class _Executor:
-    def __init__(self, ckpt: Checkpoint, threads: int, progress: Progress, allow_nonfinite: bool) -> None:
+    def __init__(self, ckpt: Checkpoint, threads: int, progress: ProgressReporter, allow_nonfinite: bool,
+                 timings: PhaseTimer, label: Callable[[str], str] = str) -> None:
         self.ckpt, self.threads, self.progress, self.allow_nonfinite = ckpt, threads, progress, allow_nonfinite
+        self.timings, self.label = timings, label  # label: a tensor's name in progress events
         self.files: dict[str, SafetensorsFile] = {}
         self.arenas = _Arenas(WRITE_DEPTH + 1, BATCH_BYTES + CHUNK_BYTES)
         self.merged: list[str] = []
@@ -393,6 +248,7 @@ class _Executor:
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
         with SafetensorsWriter(path, specs, metadata) as out:
+            _preallocate(path, os.stat(path).st_size + sum(s.nbytes for s in specs))  # the header is written
             writer = _Writer()
             try:
                 batch: list[_Piece] = []
@@ -414,7 +270,8 @@ class _Executor:
                             batch, size = [], 0
                 if batch:
                     self._submit(writer, out, batch)
-                writer.drain()
+                with self.timings.phase("wait for the writer"):
+                    writer.drain()
             finally:
                 # Stop the writer thread before `out` closes its descriptor: on an error, a queued
                 # write must not reach a closed descriptor (or another file that reused its number).
@@ -422,12 +279,13 @@ class _Executor:
 
     def _submit(self, writer: _Writer, out: SafetensorsWriter, batch: list[_Piece]) -> None:
         """Compute a batch into a free arena (waiting for the writer to hand one back) and queue its writes."""
-        while True:
-            try:
-                arena = self.arenas.take()
-                break
-            except IndexError:
-                writer.wait_one()
+        with self.timings.phase("wait for the writer"):
+            while True:
+                try:
+                    arena = self.arenas.take()
+                    break
+                except IndexError:
+                    writer.wait_one()
         try:
             pieces = self._flush(batch, arena)
         except BaseException:
@@ -445,8 +303,9 @@ class _Executor:
 
     def _copy(self, out: SafetensorsWriter, t: OutTensor, src: SafetensorsFile) -> Callable[[], None]:
         def run() -> None:
-            out.copy_from(t.name, src, t.src_name)
-            self.progress.update(t.nbytes, t.name)
+            with self.timings.phase("copy (copy_file_range)", t.nbytes):
+                out.copy_from(t.name, src, t.src_name)
+            self.progress.advance(self.label(t.name), t.nbytes)
 
         return run
 
@@ -459,6 +318,7 @@ class _Executor:
 
         def run() -> None:
             out.start(t.name)
+            self.progress.advance(self.label(t.name), 0)
 
         return run
 
@@ -468,8 +328,10 @@ class _Executor:
                 if p.r0 == 0:
                     out.start(p.tensor.name)
                 assert p.data is not None
-                out.append(p.data)
-                self.progress.update(p.data.nbytes, p.tensor.name)
+                nbytes = p.data.nbytes
+                with self.timings.phase("write (computed tensors)", nbytes):
+                    out.append(p.data)
+                self.progress.advance(self.label(p.tensor.name), nbytes, p.r1 == p.rows)
                 p.data = None
 
         return run
@@ -504,24 +366,25 @@ class _Executor:
             stages = [slice_rows(st, p.r0, p.r1) for st in self._stages(t)] if t.updates else []
             if p.r1 == p.rows:
                 self.stages.pop(t.name, None)
-            jobs.append((t.name, w2, w_dtype, p.data, t.dtype, stages))
+            jobs.append(MergeJob(t.name, w2, w_dtype, p.data, t.dtype, stages))
             computed.append(p)
             if t.updates and p.r0 == 0:
                 self.merged.append(t.name)
-        flags = _core.merge_batch(jobs, self.threads) if jobs else []
+        with self.timings.phase("compute (merge_batch, mapped reads included)", sum(j.out.nbytes for j in jobs)):
+            flags = get_backend().merge_batch(jobs, self.threads) if jobs else []
         bad_jobs = [job for job, f in zip(jobs, flags) if f]
         if bad_jobs and not self.allow_nonfinite:
             # The core flags results that are not finite in float32 or overflow the output dtype;
             # a flagged job whose inputs are all finite overflowed when rounded (F16 / BF16).
-            over = sorted({job[0] for job in bad_jobs if _inputs_finite(job, self.threads)})
-            bad = sorted({job[0] for job in bad_jobs} - set(over))
+            over = sorted({job.name for job in bad_jobs if _inputs_finite(job, self.threads)})
+            bad = sorted({job.name for job in bad_jobs} - set(over))
             if bad:
                 raise NonFiniteError(
                     f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
                     f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
                     "pass --allow-nonfinite to write them anyway"
                 )
-            raise _overflow_error(over, {job[0]: job[4] for job in bad_jobs})
+            raise _overflow_error(over, {job.name: job.out_dtype for job in bad_jobs})
         for p in computed:
             if p.tensor.replacement is None:
                 src = self.file(p.tensor.src_shard)
@@ -546,7 +409,7 @@ class _Executor:
             raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
         with np.errstate(over="ignore"):
             acc32 = acc.astype(np.float32)
-        out = _core.from_float32(acc32, t.dtype, self.threads)
+        out = get_backend().from_float32(acc32, t.dtype, self.threads)
         if not self.allow_nonfinite and (not np.isfinite(acc32).all() or _has_nonfinite(out, t.dtype)):
             raise _overflow_error([t.name], {t.name: t.dtype})
         self.biases.append(t.name)
@@ -579,7 +442,7 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
             copy_file(p, dst_dir / p.name)
 
 
-def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: _Plan, resharded: bool) -> None:
+def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -> None:
     """The shard index: under the input's own name (diffusers components use
     diffusion_pytorch_model.safetensors.index.json) unless the output was re-sharded."""
     weight_map = {t.name: shard for shard, ts in plan.shards for t in ts}
@@ -601,7 +464,7 @@ def apply(
     dtype: str | None = None,
     threads: int = 0,
     max_shard_size: str | int | None = None,
-    progress: bool | None = None,
+    progress: ProgressCallback | bool | None = None,
     allow_nonfinite: bool = False,
     skip_missing: bool = False,
     overwrite: bool = False,
@@ -617,6 +480,9 @@ def apply(
     Every module that finds no target is listed in a MissingModuleError, unless `skip_missing`
     (then they are listed in the report's notes). `out` may be new, an empty folder (file) or an
     earlier lorafuse output; anything else is refused before any work unless `overwrite` (see io.atomic).
+    `progress`: a callable receives a `ProgressEvent` for every step of the output (each tensor's
+    bytes, exactly once); True draws a bar on stderr, None (default) draws one when stderr is a
+    terminal, False reports nothing.
     """
     start = time.monotonic()
     if out is None:
@@ -630,39 +496,41 @@ def apply(
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
     threads = check_threads(threads)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
-    shard_limit = _shard_limit(max_shard_size) if max_shard_size is not None else None
+    limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
     base_path, out_path = Path(base), Path(out)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
     if is_pipeline(base_path):
         if max_shard_size is not None:
             raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a diffusers pipeline")
-        return _apply_pipeline(Pipeline(base_path), loaded, ws, out_path, out_dtype, threads, progress,
-                               allow_nonfinite, skip_missing, start, overwrite)
-    ckpt = Checkpoint(base_path)
-    inputs = [base_path, *ckpt.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
-    single_file = base_path.is_file()
+        model = Pipeline(base_path)
+    else:
+        model = Pipeline.of_checkpoint(Checkpoint(base_path))
+    inputs = [base_path, *model.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
+    single_file = model.single and base_path.is_file()
     check_output(out_path, inputs, folder=not single_file, overwrite=overwrite)
-    if single_file and shard_limit is not None:
+    if single_file and limit is not None:
         raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
-    plan = plan_apply(ckpt, loaded, ws, out_dtype, shard_limit, skip_missing)
 
-    total = sum(t.nbytes for _, ts in plan.shards for t in ts)
-    bar = Progress(total, "apply", progress)
-    ex = _Executor(ckpt, threads, bar, allow_nonfinite)
+    timings = PhaseTimer("apply")
+    with timings.phase("plan (match, resolve, stages not included)"):
+        mplan = plan_model(model, loaded, ws, out_dtype, limit, skip_missing)
+    callback, close_bar = progress_callback(progress, "apply")
+    reporter = ProgressReporter("apply", mplan.total_bytes, mplan.total_tensors, callback)
+    run = _Run(mplan, threads, reporter, allow_nonfinite, timings)
     try:
         if single_file:
             with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
-                shard, entries = plan.shards[0]
-                ex.write_shard(tmp, entries, mark_metadata(plan.metadata.get(shard, {})))
+                run.write_file(tmp)
         else:
-            with atomic_dir(out_path, inputs, overwrite=overwrite, kind="checkpoint") as tmp:
-                _write_folder(ex, ckpt, plan, tmp, shard_limit)
+            kind = "checkpoint" if model.single else "diffusers-pipeline"
+            with atomic_dir(out_path, inputs, overwrite=overwrite, kind=kind) as tmp:
+                run.write_folder(tmp, limit)
     finally:
-        ex.close()
-        bar.close()
-    return ApplyReport(out_path, ex.merged, ex.replaced, ex.biases, sum(len(ts) for _, ts in plan.shards), total,
-                       time.monotonic() - start, plan.notes)
+        close_bar()
+    timings.report()
+    return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
+                       time.monotonic() - start, mplan.notes)
 
 
 def _adapter_files(loaded: Sequence[Adapter]) -> list[Path]:
@@ -671,66 +539,69 @@ def _adapter_files(loaded: Sequence[Adapter]) -> list[Path]:
     return paths + [f for d in paths if d.is_dir() for f in d.iterdir() if f.is_file()]
 
 
-def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: _Plan, tmp: Path, shard_limit: int | None) -> None:
+class _Run:
+    """Writes the output of a model plan: each planned component through an _Executor, and for a
+    pipeline every other entry of its folder copied as it is."""
+
+    def __init__(self, mplan: ModelPlan, threads: int, progress: ProgressReporter, allow_nonfinite: bool,
+                 timings: PhaseTimer) -> None:
+        self.mplan, self.threads, self.progress = mplan, threads, progress
+        self.allow_nonfinite, self.timings = allow_nonfinite, timings
+        self.merged: list[str] = []
+        self.replaced: list[str] = []
+        self.biases: list[str] = []
+
+    def _executor(self, comp: str) -> _Executor:
+        model = self.mplan.model
+        return _Executor(model.components[comp], self.threads, self.progress, self.allow_nonfinite, self.timings,
+                         lambda name: model.tensor_name(comp, name))
+
+    def _collect(self, comp: str, ex: _Executor) -> None:
+        name = self.mplan.model.tensor_name
+        self.merged += [name(comp, n) for n in ex.merged]
+        self.replaced += [name(comp, n) for n in ex.replaced]
+        self.biases += [name(comp, n) for n in ex.biases]
+
+    def write_file(self, path: Path) -> None:
+        """A single-file checkpoint's one shard."""
+        plan = self.mplan.plans[""]
+        ex = self._executor("")
+        try:
+            shard, entries = plan.shards[0]
+            ex.write_shard(path, entries, mark_metadata(plan.metadata.get(shard, {})))
+        finally:
+            ex.close()
+        self._collect("", ex)
+
+    def _component(self, comp: str, folder: Path, limit: int | None) -> None:
+        ex = self._executor(comp)
+        try:
+            _write_folder(ex, self.mplan.model.components[comp], self.mplan.plans[comp], folder, limit)
+        finally:
+            ex.close()
+        self._collect(comp, ex)
+
+    def write_folder(self, tmp: Path, limit: int | None) -> None:
+        model = self.mplan.model
+        if model.single:
+            self._component("", tmp, limit)
+            return
+        for entry in sorted(model.directory.iterdir()):
+            if entry.name.startswith(".") or entry.name == MANIFEST_NAME:  # a fresh manifest is written
+                continue
+            if entry.name in self.mplan.plans:
+                (tmp / entry.name).mkdir()
+                self._component(entry.name, tmp / entry.name, None)
+            else:  # files through links (a Hugging Face cache), folders whole; no FIFO, device or loop
+                copy_entry(entry, tmp / entry.name, self.mplan.notes, model.directory)
+
+
+def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit: int | None) -> None:
     for shard, entries in plan.shards:
         ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
-    if len(plan.shards) > 1 or (ckpt.sharded and shard_limit is None):
-        _write_index(tmp, ckpt, plan, shard_limit is not None)
+    if len(plan.shards) > 1 or (ckpt.sharded and limit is None):
+        _write_index(tmp, ckpt, plan, limit is not None)
     skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
     _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
         plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
-
-
-def _split_by_component(resolved: Resolved) -> dict[str, Resolved]:
-    """'<component>/<key>' entries of a pipeline-wide match, regrouped per component with bare keys."""
-    parts: dict[str, Resolved] = {}
-    for attr in ("contributions", "bias_contributions", "replacements"):
-        for key, value in getattr(resolved, attr).items():
-            comp, bare = key.split("/", 1)
-            getattr(parts.setdefault(comp, Resolved()), attr)[bare] = value
-    return parts
-
-
-def _apply_pipeline(pipe: Pipeline, loaded: list[Adapter], ws: list[float], out_path: Path, dtype: str | None,
-                    threads: int, progress: bool | None, allow_nonfinite: bool, skip_missing: bool,
-                    start: float, overwrite: bool = False) -> ApplyReport:
-    """Merge into the components an adapter touches; copy every other file and folder as it is."""
-    inputs = [pipe.directory, *pipe.files(), *_adapter_files(loaded)]
-    check_output(out_path, inputs, folder=True, overwrite=overwrite)
-    resolved = resolve(pipe.shapes(), loaded, ws, lambda name: None)  # LLM names match nothing in a pipeline
-    notes: list[str] = adapter_notes(loaded)
-    if resolved.missing:
-        if not skip_missing:
-            raise missing_error(resolved.missing, str(pipe.directory))
-        notes += [f"skipped (no target): {m}" for m in resolved.missing]
-    plans = {comp: _plan(pipe.components[comp], part, read_config(pipe.components[comp].directory), dtype, None,
-                         notes) for comp, part in _split_by_component(resolved).items()}
-    total = sum(t.nbytes for plan in plans.values() for _, ts in plan.shards for t in ts)
-    bar = Progress(total, "apply", progress)
-    merged: list[str] = []
-    replaced: list[str] = []
-    biases: list[str] = []
-    tensors = 0
-    try:
-        with atomic_dir(out_path, inputs, overwrite=overwrite, kind="diffusers-pipeline") as tmp:
-            for entry in sorted(pipe.directory.iterdir()):
-                if entry.name.startswith(".") or entry.name == MANIFEST_NAME:  # a fresh manifest is written
-                    continue
-                if entry.name in plans:
-                    comp, plan = entry.name, plans[entry.name]
-                    (tmp / comp).mkdir()
-                    ex = _Executor(pipe.components[comp], threads, bar, allow_nonfinite)
-                    try:
-                        _write_folder(ex, pipe.components[comp], plan, tmp / comp, None)
-                    finally:
-                        ex.close()
-                    merged += [f"{comp}/{n}" for n in ex.merged]
-                    replaced += [f"{comp}/{n}" for n in ex.replaced]
-                    biases += [f"{comp}/{n}" for n in ex.biases]
-                    tensors += sum(len(ts) for _, ts in plan.shards)
-                else:  # files through links (a Hugging Face cache), folders whole; no FIFO, device or loop
-                    copy_entry(entry, tmp / entry.name, notes, pipe.directory)
-    finally:
-        bar.close()
-    return ApplyReport(out_path, merged, replaced, biases, tensors, total, time.monotonic() - start, notes)

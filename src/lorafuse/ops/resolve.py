@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import (
     FormatError,
     LorafuseError,
@@ -26,8 +25,8 @@ from lorafuse.errors import (
 )
 from lorafuse.formats.targets import Target
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, LoraUpdate, Update
 
-DIFFUSION_FORMATS = ("kohya", "diffusers")
 BaseKey = Callable[[str], "str | None"]  # canonical tensor name -> the checkpoint's key (LLM adapters)
 
 
@@ -129,7 +128,8 @@ def _peft_layout(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[
     base = tuple(int(d) for d in shape)
     if layer is None:
         if out != inp:
-            layer = {(out, inp): "linear", (inp, out): "conv1d"}.get(base)
+            by_shape: dict[tuple[int, ...], str] = {(out, inp): "linear", (inp, out): "conv1d"}
+            layer = by_shape.get(base)
             if layer is None:
                 return u  # fits neither way: _check_fit reports it
         elif not u.transposed and name.rsplit(".", 1)[-1] not in CONV1D_LAYERS:
@@ -154,47 +154,13 @@ def _peft_layout(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[
     return u if transposed == u.transposed else dataclasses.replace(u, transposed=transposed)
 
 
-GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
-
-
-def _generic_underscore_match(found: dict[str, list[Target]], missing: list[str],
-                              shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, list[Target]], list[str]]:
-    """kohya-style names on a model the SD tables do not know (LyCORIS names any torch model's layers
-    `lycoris_<path with _>`): the module is the weight whose dotted path, with '_' for '.', is its name
-    without the prefix. A name two keys spell alike stays unmatched."""
-    if not missing:
-        return found, missing
-    spelled: dict[str, list[str]] = {}
-    for key in shapes:
-        if key.endswith(".weight"):
-            spelled.setdefault(key[: -len(".weight")].replace(".", "_"), []).append(key)
-    still: list[str] = []
-    for name in missing:
-        prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
-        keys = spelled.get(name[len(prefix):], []) if prefix else []
-        if len(keys) == 1:
-            found[name] = [Target(keys[0])]
-        else:
-            still.append(name)
-    return found, still
-
-
 def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
              base_key: BaseKey) -> tuple[dict[str, list[Target]], list[str]]:
-    if adapter.format in DIFFUSION_FORMATS:
-        from lorafuse.formats.sd_keys import match_modules
+    """Where each module of the adapter lands: the matcher chain for its format (see ops.match)."""
+    from lorafuse.ops.match import module_chain
 
-        found, missing = match_modules({n: tuple(u.delta_shape) for n, u in adapter.updates.items()}, shapes)
-        return _generic_underscore_match(found, missing, shapes)
-    found: dict[str, list[Target]] = {}
-    missing: list[str] = []
-    for name in adapter.updates:
-        key = base_key(name + ".weight")
-        if key is None:
-            missing.append(name)
-        else:
-            found[name] = [Target(key)]
-    return found, missing
+    modules = {n: tuple(u.delta_shape) for n, u in adapter.updates.items()}
+    return module_chain(adapter.format, base_key).match(modules, shapes)
 
 
 def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], weights: Sequence[float],

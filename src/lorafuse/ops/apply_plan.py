@@ -1,0 +1,277 @@
+"""apply, planning: which output tensors a merge writes, shard by shard, and what changes in each.
+
+A plain checkpoint is a pipeline of one component (`Pipeline.of_checkpoint`), so one planner
+serves both: adapter modules are matched against the whole model's keys (a checkpoint's LLM
+names through the key chain of `ops.match`, diffusion names through the Flux / SD tables),
+regrouped per component, and each touched component gets a plan of its output shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from lorafuse.errors import LorafuseValueError
+from lorafuse.io.checkpoint import Checkpoint, read_config
+from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS
+from lorafuse.io.pipeline import Pipeline
+from lorafuse.io.safetensors import TensorSpec
+from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter
+from lorafuse.ops.match import checkpoint_keys
+from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
+
+LM_HEAD = "lm_head.weight"
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    src_shard: str
+    src_name: str
+    updates: list[Contribution] = field(default_factory=list)
+    bias_updates: list[Contribution] = field(default_factory=list)
+    replacement: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return TensorSpec(self.name, self.dtype, self.shape).nbytes
+
+    def is_copy(self, src_dtype: str) -> bool:
+        return not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
+
+
+@dataclass
+class Plan:
+    shards: list[tuple[str, list[OutTensor]]]
+    metadata: dict[str, dict[str, str]]
+    config_updates: dict[str, object]
+    notes: list[str]
+
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE_UNITS.update({u[0]: _SIZE_UNITS[u] for u in ("KB", "MB", "GB", "TB")})  # 5G = 5GB
+_SIZE_UNITS.update({u[:2]: _SIZE_UNITS[u] for u in ("KIB", "MIB", "GIB", "TIB")})  # 2Gi = 2GiB
+_SIZE_EXAMPLES = ("give one such as 5GB, 500MB, 1.5GB, 2GiB or 1000000 (bytes); KB, MB, GB are 10^3, 10^6, 10^9 "
+                  "bytes and KiB, MiB, GiB 2^10, 2^20, 2^30")
+MIN_SHARD_SIZE = 64 << 10  # below this a shard holds almost nothing but its header
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count: an integer, or a string '5GB' (10^9), '500MiB' (2^20), '1.5 gb', '100' (bytes).
+
+    Units are case-insensitive. A count without a unit (or in B) must be a whole number; a fraction
+    of a unit rounds down to whole bytes. Anything else is a LorafuseValueError."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
+    if isinstance(text, int):
+        if text <= 0:
+            raise LorafuseValueError(f"size {text} is not a positive number of bytes: {_SIZE_EXAMPLES}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or (unit or "B") not in _SIZE_UNITS:
+        raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
+    number = Decimal(m.group(1))
+    if (unit or "B") == "B" and number != number.to_integral_value():
+        raise LorafuseValueError(f"{text!r} is a fraction of a byte: a size without a unit is a whole number of "
+                                 f"bytes; {_SIZE_EXAMPLES}")
+    size = int(number * _SIZE_UNITS[unit or "B"])  # exact decimal arithmetic, rounded down
+    if size <= 0:
+        raise LorafuseValueError(f"size {text!r} is 0 bytes: {_SIZE_EXAMPLES}")
+    return size
+
+
+def shard_limit(max_shard_size: str | int) -> int:
+    """--max-shard-size as bytes; absurdly small sizes (every tensor a file, the header repeated in each)
+    are refused."""
+    size = parse_size(max_shard_size)
+    if size < MIN_SHARD_SIZE:
+        raise LorafuseValueError(
+            f"shard size {max_shard_size!r} ({size} bytes) is below the {MIN_SHARD_SIZE // 1024} KiB minimum: each "
+            "shard repeats the checkpoint's metadata and becomes a file of its own; Hugging Face checkpoints use "
+            "shards of 1GB to 10GB (e.g. --max-shard-size 5GB)"
+        )
+    return size
+
+
+def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
+    if not DTYPES[src_dtype].is_float:
+        return src_dtype
+    if requested is not None and (changed or src_dtype in WRITABLE_FLOATS or src_dtype == "F64"):
+        return requested
+    if not changed or src_dtype in WRITABLE_FLOATS:
+        return src_dtype
+    return "F32" if src_dtype == "F64" else "BF16"  # a merged F64 / F8 weight
+
+
+
+
+@dataclass
+class _Tie:
+    tied: bool  # config.json says tie_word_embeddings
+    emb_key: str | None  # the input embedding's key, when there is exactly one
+    virtual_lm_head: bool  # lm_head is not stored: it reads emb_key
+
+
+
+
+def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype: str | None,
+          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None) -> Plan:
+    """The output tensors of one checkpoint, shard by shard, given what changes in it."""
+    tied, emb_key, virtual_lm_head = (tie.tied, tie.emb_key, tie.virtual_lm_head) if tie else (False, None, False)
+    contributions, bias_contributions = resolved.contributions, resolved.bias_contributions
+    replacements = resolved.replacements
+    config_updates: dict[str, object] = {}
+
+    changed = set(contributions) | set(replacements)
+    add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
+    if tied and (add_lm_head or (LM_HEAD in ckpt and (LM_HEAD in changed or emb_key in changed))):
+        config_updates["tie_word_embeddings"] = False
+        notes.append(f"untied lm_head from {emb_key}: only one of them changes (or each changes differently); "
+                     "config.json now has tie_word_embeddings=false")
+    if dtype is not None:
+        torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+        for k in ("torch_dtype", "dtype"):
+            if k in config:
+                config_updates[k] = torch_name
+
+    def out_tensor(key: str, shard: str, src: str) -> OutTensor:
+        info = ckpt.info(src)
+        ch = key in changed or key in bias_contributions
+        out_dtype = _output_dtype(info.dtype, dtype, ch)
+        if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
+            notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
+        repl = replacements.get(key)
+        return OutTensor(key, out_dtype, info.shape, shard, src, contributions.get(key, []),
+                         bias_contributions.get(key, []), repl[0] if repl else None)
+
+    ordered: list[tuple[str, OutTensor]] = []
+    for shard in ckpt.shards:
+        for info in sorted(ckpt.headers[shard].values(), key=lambda t: t.begin):
+            ordered.append((shard, out_tensor(info.name, shard, info.name)))
+            if add_lm_head and info.name == emb_key:
+                ordered.append((shard, out_tensor(LM_HEAD, shard, emb_key)))
+
+    if max_shard_size is None:
+        groups: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
+        for shard, t in ordered:
+            groups[shard].append(t)
+        shards = list(groups.items())
+        metadata = dict(ckpt.metadata)
+    else:
+        packs: list[list[OutTensor]] = []
+        size = 0
+        for _, t in ordered:
+            if not packs or (size + t.nbytes > max_shard_size and packs[-1]):
+                packs.append([])
+                size = 0
+            packs[-1].append(t)
+            size += t.nbytes
+        packs = packs or [[]]  # a checkpoint of no tensors still gets its (empty) model file
+        n = len(packs)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        shards = list(zip(names, packs))
+        first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
+        _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
+        metadata = {name: dict(first_meta) for name in names}
+    return Plan(shards, metadata, config_updates, notes)
+
+
+def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
+    """Every re-sharded file repeats the input's metadata: refuse a shard size under 100 times its size
+    (the copies would be more than 1% of the output, and most of it with thousands of tiny shards)."""
+    meta_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8")) if metadata else 0
+    if meta_bytes * 100 > max_shard_size:
+        raise LorafuseValueError(
+            f"{where}: its metadata ({meta_bytes} bytes) is copied into every output shard, and --max-shard-size "
+            f"{max_shard_size} bytes is less than 100 times that: choose at least {meta_bytes * 100} bytes "
+            "(e.g. 5GB), or leave --max-shard-size out to keep the input's shards"
+        )
+
+
+
+def _tie(ckpt: Checkpoint, config: dict[str, object]) -> _Tie:
+    """Tied embeddings: the checkpoint may store only the input embedding, which lm_head reads."""
+    tied = bool(config.get("tie_word_embeddings", False))
+    emb_key = None
+    if tied:
+        found = [k for k in ckpt.keys() if k.endswith(_EMBEDDING_SUFFIXES)]
+        emb_key = found[0] if len(found) == 1 else None
+    return _Tie(tied, emb_key, tied and LM_HEAD not in ckpt and emb_key is not None)
+
+
+@dataclass
+class ModelPlan:
+    """The plans of the components an apply writes (a checkpoint: its one component ''), and the notes."""
+
+    model: Pipeline
+    plans: dict[str, Plan]
+    notes: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for plan in self.plans.values() for _, ts in plan.shards for t in ts)
+
+    @property
+    def total_tensors(self) -> int:
+        return sum(len(ts) for plan in self.plans.values() for _, ts in plan.shards)
+
+
+def split_by_component(model: Pipeline, resolved: Resolved) -> dict[str, Resolved]:
+    """Model-wide matches regrouped per component, with the components' own keys."""
+    if model.single:
+        return {"": resolved}
+    parts: dict[str, Resolved] = {}
+    for attr in ("contributions", "bias_contributions", "replacements"):
+        for key, value in getattr(resolved, attr).items():
+            comp, bare = model.split(key)
+            getattr(parts.setdefault(comp, Resolved()), attr)[bare] = value
+    return parts
+
+
+def _no_key(name: str) -> str | None:
+    return None
+
+
+def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
+               max_shard_size: int | None, skip_missing: bool = False) -> ModelPlan:
+    """Match every adapter module in the model and plan the output of each component it touches (a
+    checkpoint is always written whole). LLM names match a checkpoint's keys only: a pipeline's
+    components are diffusion models, named by the diffusion tables."""
+    shapes = model.shapes()
+    config: dict[str, object] | None = None
+    tie: _Tie | None = None
+    base_key: Callable[[str], str | None] = _no_key
+    if model.single:
+        ckpt = model.components[""]
+        config = read_config(ckpt.directory)
+        tie = _tie(ckpt, config)
+        base_key = checkpoint_keys(ckpt.keys(), [LM_HEAD] if tie.virtual_lm_head else [])
+        if tie.virtual_lm_head and tie.emb_key is not None:
+            shapes[LM_HEAD] = shapes[tie.emb_key]
+    resolved = resolve(shapes, adapters, weights, base_key, config)
+    notes: list[str] = adapter_notes(adapters)
+    if resolved.missing:
+        if not skip_missing:
+            raise missing_error(resolved.missing, str(model.directory))
+        notes += [f"skipped (no target): {m}" for m in resolved.missing]
+    plans = {}
+    for comp, part in split_by_component(model, resolved).items():
+        ckpt = model.components[comp]
+        plans[comp] = _plan(ckpt, part, config if config is not None else read_config(ckpt.directory), dtype,
+                            max_shard_size, notes, tie)
+    return ModelPlan(model, plans, notes)
+
+
+def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
+               max_shard_size: int | None, skip_missing: bool = False) -> Plan:
+    """The plan of one checkpoint (see plan_model)."""
+    return plan_model(Pipeline.of_checkpoint(ckpt), adapters, weights, dtype, max_shard_size, skip_missing).plans[""]
