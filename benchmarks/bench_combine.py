@@ -46,9 +46,18 @@ layer (7 modules). The adapters are written once to disk as n one-layer PEFT fol
 one warm-up call, then the best of ``--repeat`` calls. It prints n, the stacked rank
 R = 16n, which modules took the randomized SVD through the factors (the auto switch: where
 the exact path would cost 1.5x more), the total time, the time per adapter, and for q_proj
-the error against numpy's float64 optimum (untimed); the target is that the time per
-adapter does not grow with n (PASS when the per-adapter time at the largest n is within
-1.5x of the smallest per-adapter time seen).
+the error against numpy's float64 optimum (untimed) and the child's peak RSS; the targets are
+that the time per adapter does not grow with n (PASS when the per-adapter time at the largest
+n is within 1.5x of the smallest per-adapter time seen) and that peak RSS stays flat in n: the
+combine loop runs modules in groups sized by bytes (``--group-bytes``, CombineOptions.group_bytes)
+and drops a group's input pages once it is done; a module whose stacked rank reaches
+min(out, in) and whose stack exceeds the group forms its dense delta a few adapters at a time.
+
+``--compare-group-bytes G --rounds K`` turns Table 2 into an A/B comparison in one session: for every n and
+each of K rounds, one child with lorafuse's default group bytes (or --group-bytes) then one with G (e.g.
+1000000000000: every module's stack in one piece, the behaviour before the streaming loop), alternating so
+that load drifts hit both alike; it prints per n the median (and min-max spread) over the rounds of each
+variant's best-of-repeat time, their ratio, and each variant's largest peak RSS.
 
 A MISS of a target does not make the exit status non-zero; a failing tool or a wrong result
 does. lorafuse not installed or without ``combine`` yet: its parts are skipped with the
@@ -162,10 +171,37 @@ def peft_child(spec_path: str) -> int:
     return 0
 
 
+def _time_streaming_combine(spec: dict) -> tuple[list, object, float, list[float]] | None:
+    """time_lorafuse_combine through combine_with(CombineOptions(..., group_bytes)) (the grouped, streaming
+    loop with its memory budget set); None when this lorafuse has no CombineOptions."""
+    try:
+        import lorafuse
+        from lorafuse.ops.combine import CombineOptions, combine_with
+    except ImportError:
+        return None
+    opts = CombineOptions(method="svd", rank=spec["rank"], threads=spec["threads"])
+    if spec.get("group_bytes"):
+        opts = CombineOptions(method="svd", rank=spec["rank"], threads=spec["threads"], group_bytes=spec["group_bytes"])
+    t0 = time.perf_counter()
+    adapters = [lorafuse.load(p) for p in spec["adapters"]]
+    load_s = time.perf_counter() - t0
+    times: list[float] = []
+    result = None
+    for i in range(1 + spec["repeat"]):
+        t = time.perf_counter()
+        result = combine_with(adapters, list(spec["weights"]), opts)
+        if i:  # the first call is the warm-up
+            times.append(time.perf_counter() - t)
+    return adapters, result, load_s, times
+
+
 def scaling_child(spec_path: str) -> int:
     """Time lorafuse.combine on n adapters in this process: load, one warm-up, best of `repeat`."""
     spec = json.loads(Path(spec_path).read_text())
-    timed = time_lorafuse_combine(spec["adapters"], spec["weights"], spec["rank"], spec["threads"], spec["repeat"])
+    timed = _time_streaming_combine(spec)
+    if timed is None:
+        timed = time_lorafuse_combine(spec["adapters"], spec["weights"], spec["rank"], spec["threads"],
+                                      spec["repeat"])
     if timed is None:
         return UNAVAILABLE_EXIT
     adapters, result, load_s, times = timed
@@ -180,6 +216,11 @@ def _scaling_check(adapters: list, spec: dict, result: object, module_suffix: st
     """Error of the combined q_proj against the float64 optimum: numpy forms D and runs a full SVD."""
     import numpy as np
 
+    try:  # the check reads every adapter's q_proj: drop those pages again, so peak RSS stays combine's
+        from lorafuse.io.pages import release_pages
+    except ImportError:
+        def release_pages(arrays):  # type: ignore[no-redef]
+            return 0
     name = next(n for n in result.updates if n.endswith(module_suffix))
     D = None
     for a, w in zip(adapters, spec["weights"]):
@@ -187,6 +228,7 @@ def _scaling_check(adapters: list, spec: dict, result: object, module_suffix: st
         b, a_ = u.factors()
         term = (w * u.scale * np.asarray(b, dtype=np.float64)) @ np.asarray(a_, dtype=np.float64)
         D = term if D is None else D + term
+        release_pages([u.A.raw, u.B.raw])
     U, s, Vt = np.linalg.svd(D, full_matrices=False)
     k = spec["rank"]
     Dk = (U[:, :k] * s[:k]) @ Vt[:k]
@@ -632,7 +674,7 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     status = 0
     for n in args.ns:
         spec = {"adapters": [str(d) for d in dirs[:n]], "weights": all_weights[:n], "rank": args.rank,
-                "threads": args.threads, "repeat": args.repeat}
+                "threads": args.threads, "repeat": args.repeat, "group_bytes": args.group_bytes}
         spec_path = workdir / f"scaling_{n}.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, str(Path(__file__).resolve()), SCALING_CHILD_COMMAND, str(spec_path)]
@@ -672,7 +714,10 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     print("q err/opt = ||D - X||_F / ||D - D_k||_F for q_proj against numpy's float64 SVD (1 = the optimum); "
           "|X-Dk|/|Dk| = distance to the optimal rank-k matrix, which a randomized SVD does not resolve when "
           "the spectrum is flat (s_k+1/s_k near 1) although its error is near-optimal")
-    print(f"peak RSS includes the mmap'ed input pages (about 2.3 MB per adapter). load average now: {_loadavg()}")
+    print("peak RSS = ru_maxrss of the child (anonymous memory and the mmap'ed input pages it holds; the streaming "
+          "loop drops a group's input pages once the group is done); group bytes: "
+          + (f"{args.group_bytes:,}" if args.group_bytes else "lorafuse's default")
+          + f". load average now: {_loadavg()}")
     per = [best / n for n, _, _, best, _, _ in rows]
     growth = per[-1] / min(per)
     verdict = "PASS" if growth <= TARGET_PER_ADAPTER_GROWTH else "MISS"
@@ -681,6 +726,89 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
         f" target: does not grow with n (<= {TARGET_PER_ADAPTER_GROWTH:g}): {verdict}"
     )
     return status
+
+
+def _scaling_child_run(args: argparse.Namespace, workdir: Path, log_dir: Path, dirs: list[Path],
+                       weights: list[float], n: int, group_bytes: int | None, tag: str) -> tuple[dict, object] | None:
+    """One Table 2 child on the first n adapters with `group_bytes`: (its result, its RunResult); None (and the
+    log tail printed) when it failed."""
+    spec = {"adapters": [str(d) for d in dirs[:n]], "weights": weights[:n], "rank": args.rank,
+            "threads": args.threads, "repeat": args.repeat, "group_bytes": group_bytes}
+    spec_path = workdir / f"scaling_{n}_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), SCALING_CHILD_COMMAND, str(spec_path)]
+    res = run_measured(cmd, log_dir / f"scaling-{n}-{tag}.log")
+    found = None
+    for line in res.log_path.read_text(errors="replace").splitlines():
+        if line.startswith(SCALING_RESULT_PREFIX):
+            found = json.loads(line[len(SCALING_RESULT_PREFIX):])
+    if not res.ok or found is None:
+        print(f"  n={n} {tag}: FAILED (exit {res.returncode}); last lines of {res.log_path}:")
+        print("\n".join("    " + line for line in res.log_tail().splitlines()))
+        return None
+    return found, res
+
+
+def run_table2_compare(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
+    """Table 2 as an A/B comparison: per n, --rounds rounds alternating the default (or --group-bytes) group
+    bytes ("new") and --compare-group-bytes ("old"); median and spread of each variant's best-of-repeat time."""
+    import statistics
+
+    import numpy as np
+
+    available, reason = lorafuse_api_available()
+    if not available:
+        print(f"  skipped: lorafuse.combine not available: {reason}")
+        return 0
+    dirs, build_s = prepare_table2(workdir, args)
+    if build_s is not None:
+        print(f"  built in {build_s:.1f} s, {fmt_mib(sum(tree_bytes(d) for d in dirs))} MiB")
+    rng = np.random.default_rng(args.seed + 12345)
+    weights = [float(w) for w in rng.uniform(-1.0, 1.0, size=max(args.ns)).round(3)]
+    variants = [("new", args.group_bytes), ("old", args.compare_group_bytes)]
+    print(f"\n=== Table 2 A/B: lorafuse.combine(method='svd', rank={args.rank}), one decoder layer; "
+          f"new = group bytes {args.group_bytes or 'default'}, old = group bytes {args.compare_group_bytes:,}; "
+          f"{args.rounds} rounds alternating new/old per n, each child: warm-up + best of {args.repeat}; "
+          f"threads={args.threads} ===")
+    status = 0
+    table = []
+    for n in args.ns:
+        times: dict[str, list[float]] = {"new": [], "old": []}
+        rss: dict[str, list[int]] = {"new": [], "old": []}
+        checks: dict[str, list[float]] = {"new": [], "old": []}
+        for rnd in range(args.rounds):
+            for tag, gb in (variants if rnd % 2 == 0 else variants[::-1]):
+                got = _scaling_child_run(args, workdir, log_dir, dirs, weights, n, gb, f"{tag}{rnd}")
+                if got is None:
+                    status = 1
+                    continue
+                found, res = got
+                times[tag].append(min(found["times"]))
+                rss[tag].append(int(res.peak_rss_bytes or 0))
+                checks[tag].append(float((found.get("check") or {}).get("err_ratio", float("nan"))))
+                print(f"  n={n} round {rnd} {tag}: best {min(found['times']):.3f} s, peak RSS "
+                      f"{fmt_mib(res.peak_rss_bytes)} MiB, q err/opt {checks[tag][-1]:.6f}, load avg {_loadavg()}",
+                      flush=True)
+        if times["new"] and times["old"]:
+            table.append((n, times, rss, checks))
+    if not table:
+        return status
+    print(f"\nTable 2 A/B, rank {args.rank}: median over {args.rounds} rounds (min-max), seconds per combine call")
+    header = (f"{'n':>6}{'new median':>12}{'new spread':>18}{'old median':>12}{'old spread':>18}{'new/old':>9}"
+              f"{'new ms/adapter':>16}{'old ms/adapter':>16}{'new RSS MiB':>13}{'old RSS MiB':>13}"
+              f"{'q err/opt new':>15}")
+    print(header)
+    print("-" * len(header))
+    for n, times, rss, checks in table:
+        mn, mo = statistics.median(times["new"]), statistics.median(times["old"])
+        print(f"{n:>6}{mn:>12.3f}{_spread(times['new']):>18}{mo:>12.3f}{_spread(times['old']):>18}{mn / mo:>9.3f}"
+              f"{1000 * mn / n:>16.2f}{1000 * mo / n:>16.2f}{fmt_mib(max(rss['new'])):>13}"
+              f"{fmt_mib(max(rss['old'])):>13}{max(checks['new']):>15.6f}")
+    return status
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
 
 
 # --------------------------------------------------------------------------------------
@@ -716,6 +844,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
     p.add_argument("--peft-layers", type=int, default=None, help="run PEFT on the first N layers and extrapolate to --layers (default: all)")
     p.add_argument("--peft-base-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of PEFT's base model (default %(default)s)")
+    p.add_argument("--group-bytes", type=int, default=None,
+                   help="Table 2: combine's working memory per group of modules (CombineOptions.group_bytes; default: "
+                   "lorafuse's; a huge value keeps every module's stack in one piece, as before the streaming loop)")
+    p.add_argument("--compare-group-bytes", type=int, default=None,
+                   help="Table 2 as an A/B comparison: alternate children with the default (or --group-bytes) group "
+                   "bytes and with this value (e.g. 1000000000000, the all-stacked behaviour), --rounds rounds per n")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="A/B rounds per n with --compare-group-bytes (default %(default)s)")
     p.add_argument("--ns", type=_int_list, default=[2, 8, 32, 128, 1000], help="Table 2 adapter counts (default 2,8,32,128,1000)")
     p.add_argument("--only", choices=("1", "2"), default=None, help="run Table 1 or Table 2 only")
     p.add_argument("--workdir", default=None, help="work directory (default: a fresh temp dir under /tmp); inputs in it are reused when built with the same options")
@@ -755,7 +891,10 @@ def main(argv: Sequence[str]) -> int:
         if args.only in (None, "1"):
             status |= run_table1(args, workdir, log_dir)
         if args.only in (None, "2"):
-            status |= run_table2(args, workdir, log_dir)
+            if args.compare_group_bytes:
+                status |= run_table2_compare(args, workdir, log_dir)
+            else:
+                status |= run_table2(args, workdir, log_dir)
     finally:
         if args.keep:
             print(f"\nkept {workdir}")

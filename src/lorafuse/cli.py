@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from lorafuse._terminal import printable
 from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED, MAX_THREADS
 from lorafuse.errors import LorafuseError, LorafuseValueError
 from lorafuse.io.atomic import check_output
+
+if TYPE_CHECKING:
+    from lorafuse.ops.rank import RankRule
 
 _EPILOG_APPLY = """\
 examples:
@@ -47,15 +50,6 @@ unless --skip-missing.
 
 
 _EPILOG_COMBINE = """\
-methods (c_i = w_i * s_i; every output has scale 1):
-  svd (default)        best rank-k of sum_i c_i B_i A_i, exactly, from QR of the stacked factors
-  cat                  exact: B' = [B_1 .. B_n], A' = [c_1 A_1; ..; c_n A_n] (rank = sum of ranks)
-  linear               PEFT: A and B stacks merged separately with sqrt|c_i| weights (approximate)
-  ties, dare_linear, dare_ties, magnitude_prune
-                       PEFT's factor-wise versions (--density; equal ranks)
-  ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
-                       PEFT's merge of the dense deltas, then rank k (--density)
-
 examples:
   lorafuse combine style subject --weights 1,0.5 --rank 32 -o mixed
   lorafuse combine a b c --method ties_svd --density 0.3 --rank 16 -o merged
@@ -105,6 +99,20 @@ modules are copied as they are: --rank does not resize them (use lorafuse resize
 """
 
 
+def _combine_methods() -> tuple[str, ...]:
+    from lorafuse.ops.combine import METHODS
+
+    return METHODS
+
+
+def _combine_epilog() -> str:
+    """The combine methods and their help from the method registry, then the examples and notes."""
+    from lorafuse.ops.combine import methods_help
+
+    return ("methods (c_i = w_i * s_i; every output has scale 1; default svd):\n" + methods_help() + "\n\n"
+            + _EPILOG_COMBINE)
+
+
 def _say(text: object = "", file: TextIO | None = None) -> None:
     """print() for everything the CLI shows: names from files reach the terminal escaped (see _terminal)."""
     print(printable(text), file=sys.stdout if file is None else file)
@@ -124,14 +132,14 @@ def _rank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
-def _rule(args: argparse.Namespace) -> object:
+def _rule(args: argparse.Namespace) -> RankRule:
     from lorafuse.ops.rank import RankRule
 
     return RankRule(rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro, sv_cumulative=args.sv_cumulative,
                     max_rank=args.max_rank)
 
 
-def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, object]], summary: str, metric: str) -> None:
+def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str) -> None:
     if args.json:
         _say(json.dumps({"summary": summary, "modules": rows}, indent=2))
         return
@@ -140,7 +148,7 @@ def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, object]], 
     if args.verbose:
         width = max((len(str(r["name"])) for r in rows), default=6)
         for r in rows:
-            _say(f"{str(r['name']):<{width}}  rank {r['rank']:>4}  {metric} {float(r[metric]):.6f}")  # type: ignore[arg-type]
+            _say(f"{str(r['name']):<{width}}  rank {r['rank']:>4}  {metric} {float(r[metric]):.6f}")
     _say(summary)
 
 
@@ -252,13 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     a.add_argument("--skip-missing", action="store_true",
                    help="merge the modules that find a target and list the others (default: refuse)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar = a.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
+                     "terminal)")
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     c = sub.add_parser("combine", help="combine adapters into one adapter",
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
                        "for method; the svd method is exact and needs no dense matrix).",
-                       epilog=_EPILOG_COMBINE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_combine_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
     c.add_argument("-o", "--out", required=True,
                    help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
@@ -266,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
                    help="output format (default: that of the first input)")
     c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
-    c.add_argument("--method", default="svd", help="combination method (default svd; see below)")
+    # the registry's methods, listed as argparse lists choices; checked by combine (exit status 2, like every
+    # refused option value, with the choices named)
+    c.add_argument("--method", default="svd", metavar="{" + ",".join(_combine_methods()) + "}",
+                   help="combination method (default svd; see below)")
     c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
     c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
     c.add_argument("--density", type=_density, help="fraction of values kept by ties / dare / magnitude_prune")
@@ -358,11 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from lorafuse._progress import TqdmBar
     from lorafuse.ops.apply import apply
 
-    report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
-                   max_shard_size=args.max_shard_size, progress=False if args.no_progress else None,
-                   allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing, overwrite=args.overwrite)
+    draw = args.progress or (not args.no_progress and sys.stderr.isatty())
+    bar = TqdmBar("apply", sys.stderr) if draw else None
+    try:
+        report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
+                       max_shard_size=args.max_shard_size, progress=bar if bar is not None else False,
+                       allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing,
+                       overwrite=args.overwrite)
+    finally:
+        if bar is not None:
+            bar.close()
     if not args.quiet:
         for note in report.notes:
             _say(f"note: {note}", file=sys.stderr)
@@ -378,25 +400,26 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     import time
 
     from lorafuse.formats import load
-    from lorafuse.ops.combine import combine
+    from lorafuse.ops.combine import CombineOptions, combine_to
 
     start = time.monotonic()
     loaded = [load(a) for a in args.adapters]
     fmt = args.format or loaded[0].format
     check_output(args.out, [p for a in loaded for p in a.sources()], folder=fmt == "peft",
                  overwrite=args.overwrite)  # before the work: refused outputs cost nothing
-    result = combine(loaded, args.weights, method=args.method, rank=args.rank, density=args.density,
-                     majority_sign=args.majority_sign, seed=args.seed, split=args.split, threads=args.threads,
-                     exact=args.exact, conv_rank=args.conv_rank)
-    result.save(args.out, fmt, overwrite=args.overwrite)  # never over an input (result.sources())
+    options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
+                             majority_sign=args.majority_sign, seed=args.seed, split=args.split,
+                             threads=args.threads, exact=args.exact)
+    # streamed: each group of modules is written as it is computed (never over an input)
+    report = combine_to(loaded, args.weights, options, args.out, fmt, overwrite=args.overwrite)
     if not args.quiet:
-        ranks = sorted({u.rank for u in result.updates.values()})
-        _say(f"combined {len(args.adapters)} adapters with {args.method}: {len(result)} modules, "
+        ranks = sorted(set(report.ranks.values()))
+        _say(f"combined {len(args.adapters)} adapters with {args.method}: {len(report)} modules, "
               f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
-        if result.randomized:
+        if report.randomized:
             hint = " (--exact forces the exact SVD)" if args.method == "svd" else ""
-            _say(f"  {len(result.randomized)} of {len(result)} modules took a randomized SVD (near-optimal)"
-                  f"{hint}: {', '.join(result.randomized[:3])}{', ...' if len(result.randomized) > 3 else ''}")
+            _say(f"  {len(report.randomized)} of {len(report)} modules took a randomized SVD (near-optimal)"
+                  f"{hint}: {', '.join(report.randomized[:3])}{', ...' if len(report.randomized) > 3 else ''}")
     return 0
 
 
@@ -410,13 +433,13 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     start = time.monotonic()
     adapter = load(args.adapter)
     check_output(args.out, adapter.sources(), folder=adapter.format == "peft", overwrite=args.overwrite)
-    result, report = resize(adapter, _rule(args), args.split, args.threads,  # type: ignore[arg-type]
+    result, report = resize(adapter, _rule(args), args.split, args.threads,
                             progress=False if args.json or args.quiet else None)
     result.save(args.out, overwrite=args.overwrite)
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]
-    summary = (f"resized {len(report)} modules of {Path(args.adapter)} ({_rule(args).describe()}): ranks "  # type: ignore[attr-defined]
+    summary = (f"resized {len(report)} modules of {Path(args.adapter)} ({_rule(args).describe()}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {np.mean(ranks) if ranks else 0:.1f}), "
                f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {np.mean(kept) if kept else 1:.4f}; "
                f"wrote {args.out} in {time.monotonic() - start:.2f} s")
@@ -434,7 +457,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     start = time.monotonic()
     inputs = [Path(args.base), Path(args.finetuned)]
     check_output(args.out, inputs, folder=True, overwrite=args.overwrite)  # before the work
-    res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,  # type: ignore[arg-type]
+    res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None)
     save_peft(res.adapter, args.out, inputs, overwrite=args.overwrite)
@@ -442,7 +465,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
              "singular_values": m.singular_values} for m in res.modules]
     errs = [m.rel_error for m in res.modules]
     ranks = [m.rank for m in res.modules]
-    summary = (f"extracted {len(res.modules)} modules ({_rule(args).describe()}): ranks "  # type: ignore[attr-defined]
+    summary = (f"extracted {len(res.modules)} modules ({_rule(args).describe()}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
                f"{np.mean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
                f"{len(res.adapter.full)} kept whole; wrote {args.out} in {time.monotonic() - start:.2f} s")
@@ -508,39 +531,39 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_info(d: dict[str, object], modules: bool) -> None:
+def _print_info(d: dict[str, Any], modules: bool) -> None:
     if d["type"] == "pipeline":
         _say(f"pipeline    {d['path']}")
-        for name, comp in d["components"].items():  # type: ignore[union-attr]
+        for name, comp in d["components"].items():
             _say(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
                   f"{human_bytes(comp['bytes'])}, {', '.join(f'{k}: {v}' for k, v in comp['dtypes'].items())}")
         return
     if d["type"] == "checkpoint":
         _say(f"checkpoint  {d['path']}")
-        _say(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")  # type: ignore[arg-type]
+        _say(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")
         _say(f"  tensors     {d['tensors']}")
         _say(f"  parameters  {d['parameters']:,}")
-        _say(f"  size        {human_bytes(d['bytes'])}")  # type: ignore[arg-type]
-        _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
+        _say(f"  size        {human_bytes(d['bytes'])}")
+        _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")
         return
     _say(f"adapter     {d['path']}  ({d['format']})")
     _say(f"  modules     {d['modules']}")
-    _say(f"  ranks       {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")  # type: ignore[union-attr]
+    _say(f"  ranks       {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")
     _say(f"  lora_alpha  {d['lora_alpha']}{'  (rslora)' if d['use_rslora'] else ''}")
-    _say(f"  scales      {', '.join(f'{s:g}' for s in d['scales'])}")  # type: ignore[union-attr]
-    _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")  # type: ignore[union-attr]
+    _say(f"  scales      {', '.join(f'{s:g}' for s in d['scales'])}")
+    _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")
     _say(f"  parameters  {d['parameters']:,}")
     if d["dora"]:
         _say("  DoRA        yes")
     if d["full_tensors"]:
-        _say(f"  full tensors (modules_to_save): {', '.join(d['full_tensors'])}")  # type: ignore[arg-type]
-    details: list[dict[str, object]] = d["module_details"]  # type: ignore[assignment]
-    shown = details if modules else sorted(details, key=lambda m: -float(m["delta_norm"]))[:10]  # type: ignore[arg-type]
+        _say(f"  full tensors (modules_to_save): {', '.join(d['full_tensors'])}")
+    details: list[dict[str, Any]] = d["module_details"]
+    shown = details if modules else sorted(details, key=lambda m: -float(m["delta_norm"]))[:10]
     _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
     width = max((len(str(m["name"])) for m in shown), default=10)
     for m in shown:
         _say(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={m['rank']:<4} scale={m['scale']:<8g} "
-              f"shape={tuple(m['shape'])}  ||delta||_F={m['delta_norm']:.6g}")  # type: ignore[arg-type]
+              f"shape={tuple(m['shape'])}  ||delta||_F={m['delta_norm']:.6g}")
     if not modules and len(details) > len(shown):
         _say(f"    ... {len(details) - len(shown)} more (--modules lists all)")
 
@@ -583,13 +606,13 @@ def _notes(args: argparse.Namespace) -> Iterator[None]:
         warnings.simplefilter("always" if adapter_notes else "ignore", AdapterNote)
         shown = warnings.showwarning
 
-        def show(message: Warning | str, category: type[Warning], *rest: object, **kw: object) -> None:
+        def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
             if issubclass(category, (OverwriteWarning, AdapterNote)):
                 _say(f"note: {message}", file=sys.stderr)
             else:
-                shown(message, category, *rest, **kw)  # type: ignore[arg-type]
+                shown(message, category, *rest, **kw)
 
-        warnings.showwarning = show  # type: ignore[assignment]
+        warnings.showwarning = show
         yield
 
 

@@ -15,15 +15,14 @@ from `rank` (`conv_rank` for kxk convolutions, k > 1); plain LoRA modules are ke
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lorafuse._validate import check_optional_rank, check_threads, full_rank
-from lorafuse.adapter import Adapter, LoraUpdate, Update
 from lorafuse.errors import (
     FormatError,
     LorafuseError,
@@ -36,6 +35,8 @@ from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
 from lorafuse.io.atomic import check_output
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
 
 TARGETS = ("peft", "kohya")
 FAMILIES = ("sd1", "sdxl", "flux")
@@ -68,7 +69,7 @@ class ConvertReport:
 # ----------------------------------------------------------------------------- naming
 
 
-def _sd_keys():  # type: ignore[no-untyped-def]
+def _sd_keys():
     from lorafuse.formats import sd_keys
 
     return sd_keys
@@ -79,7 +80,7 @@ def _family(adapter: Adapter, family: str | None) -> str:
         if family not in FAMILIES:
             raise LorafuseValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
         return family
-    record = adapter.config.get("kohya")
+    record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     if isinstance(record, dict) and record.get("family") in FAMILIES:
         return str(record["family"])
     return str(_sd_keys().guess_family(list(adapter.updates)))
@@ -136,7 +137,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
                                      _kept(u, lora, threads)))
     out = Adapter(updates=updates, full=dict(adapter.full), config=dict(adapter.config), format=adapter.format,
-                  path=adapter.path, full_origin=dict(adapter.full_origin))
+                  path=adapter.path, full_origin=dict(adapter.full_origin), state=copy.deepcopy(adapter.state))
     return out, reports
 
 
@@ -144,7 +145,7 @@ def _kept(u: Update, lora: LoraUpdate, threads: int) -> float:
     """Fraction of ||delta||_F that the rank-k LoRA keeps: sqrt(S_1^2 + .. + S_k^2) / ||S|| for the
     singular values S of the delta, since the best rank-k approximation holds exactly the leading k.
     Both norms come from the structure (no dense delta, no exact factorization and no second SVD)."""
-    from lorafuse.formats.lycoris import frobenius_sq
+    from lorafuse.model.spectral import frobenius_sq
 
     total, kept = frobenius_sq(u), frobenius_sq(lora)
     return min(1.0, float(np.sqrt(max(kept, 0.0) / total))) if total > 0 else 1.0
@@ -211,10 +212,9 @@ def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
             split[name] = list(parts)
     if unmapped:
         raise _unmapped_error(adapter, unmapped, "diffusers")
-    record = {"family": fam, "config": _json_config(adapter.config)}
-    config: dict[str, object] = {"metadata": dict(adapter.config.get("metadata") or {}),  # type: ignore[call-overload]
-                                 "kohya": record}
-    return Adapter(updates=updates, config=config, format="diffusers"), split
+    record: dict[str, object] = {"family": fam, "config": as_kohya(adapter.state).record_config()}
+    state = DiffusersState(metadata_of(adapter.state), kohya=record)
+    return Adapter(updates=updates, format="diffusers", state=state), split
 
 
 def _unstacked(parts: dict[str, LoraUpdate]) -> dict[str, LoraUpdate]:
@@ -238,12 +238,6 @@ def _unstacked(parts: dict[str, LoraUpdate]) -> dict[str, LoraUpdate]:
         b = Tensor(np.ascontiguousarray(u.B.raw[:, cols]), u.B.dtype)
         out[t] = LoraUpdate(t, a, b, u.scale, u.kind)
     return out
-
-
-def _json_config(config: Mapping[str, object]) -> dict[str, object]:
-    """The kohya reader's config (alpha dtypes, missing alphas, ...) without the metadata, which travels
-    as the file's own metadata."""
-    return {k: v for k, v in config.items() if k != "metadata"}
 
 
 # ----------------------------------------------------------------------------- peft -> kohya
@@ -389,8 +383,7 @@ def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
     unmapped = [n for n in plain if n not in used]
     if unmapped:
         raise _unmapped_error(adapter, unmapped, "kohya")
-    config = _kohya_config(adapter)
-    return Adapter(updates=updates, config=config, format="kohya"), fused
+    return Adapter(updates=updates, format="kohya", state=_kohya_state(adapter)), fused
 
 
 def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str,
@@ -418,15 +411,12 @@ def _known(sd_keys: object, name: str, shape: tuple[int, ...], family: str) -> b
         return False
 
 
-def _kohya_config(adapter: Adapter) -> dict[str, object]:
-    """The kohya reader's config back (alpha dtypes, missing alphas, ...) when the adapter came from a
-    kohya file, with the metadata the adapter carries."""
-    record = adapter.config.get("kohya")
-    config: dict[str, object] = {}
-    if isinstance(record, dict) and isinstance(record.get("config"), dict):
-        config.update(record["config"])
-    config["metadata"] = dict(adapter.config.get("metadata") or {})  # type: ignore[call-overload]
-    return config
+def _kohya_state(adapter: Adapter) -> KohyaState:
+    """The kohya reader's state back (alpha dtypes) when the adapter came from a kohya file, with the
+    metadata the adapter carries."""
+    record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
+    config = record.get("config") if isinstance(record, dict) else None
+    return KohyaState.from_record_config(config, metadata_of(adapter.state))
 
 
 # ----------------------------------------------------------------------------- the operation

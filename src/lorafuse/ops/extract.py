@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafuse import _core
 from lorafuse._progress import Progress
 from lorafuse._validate import check_oversample, check_power_iters, check_seed, check_threads, full_rank
-from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.backends import ExtractJob, get_backend
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
+from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 
@@ -135,7 +135,8 @@ def extract(
     try:
         start = 0
         while start < len(work):
-            batch, size = [], 0
+            batch: list[tuple[str, str]] = []
+            size = 0
             while start < len(work) and (not batch or size < BATCH_BYTES):
                 module, key = work[start]
                 batch.append((module, key))
@@ -145,11 +146,11 @@ def extract(
             for module, key in batch:
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
                 shape = cb.info(key).shape
-                items.append((module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
+                items.append(ExtractJob(module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
             # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
-            outs = _core.extract_svd(items, [full_rank(k_max, it[1].shape) for it in items], oversample, power_iters,
-                                     seed, threads)
+            outs = get_backend().extract_svd(items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
+                                             power_iters, seed, threads)
             for (module, key), (b, a, s, frob_sq) in zip(batch, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
                 fb.release(key)

@@ -6,10 +6,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from lorafuse.adapter import Adapter, LoraUpdate, stored_tensors
 from lorafuse.formats import adapter_format, load
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.pipeline import Pipeline, is_pipeline
+from lorafuse.model import Adapter, LoraUpdate, stored_tensors
+from lorafuse.model.state import metadata_of
 
 
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
@@ -28,7 +29,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
             "delta_norm": norms[name],
         })
     cfg = adapter.config
-    meta: dict[str, str] = cfg.get("metadata") or {}  # type: ignore[assignment]  # kohya: the file's metadata
+    meta = metadata_of(adapter.state)  # kohya / diffusers: the file's metadata
     # kohya / diffusers files store an alpha per module (alpha = scale * r); a LoHa / LoKr's scale is
     # alpha over its own dimension, not over the rank of its exact factorization: shown as scales only
     alphas = sorted({round(u.scale * u.rank, 6) for u in adapter.updates.values() if isinstance(u, LoraUpdate)})

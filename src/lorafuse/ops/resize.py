@@ -7,17 +7,17 @@ Each module keeps its scale: the factors approximate B A and the stored scale is
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
-from lorafuse import _core
 from lorafuse._progress import Progress
 from lorafuse._validate import check_threads
-from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse.backends import FactorJob, get_backend
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats import load
-from lorafuse.formats.lycoris import LycorisUpdate
 from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.model import Adapter, LycorisUpdate, Update
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -55,13 +55,13 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
                           and a.updates[n].prefers_structure()]  # type: ignore[union-attr]
             for n in structured:
                 results[n] = a.updates[n].best_factors(rule.choose, split, threads)  # type: ignore[union-attr]
-            items = [(n, *a.updates[n].stored_factors(threads)) for n in group if n not in results]
-            results.update({n: r for (n, _, _), r in zip(items, _core.factored_svd(
+            items = [FactorJob(n, *a.updates[n].stored_factors(threads)) for n in group if n not in results]
+            results.update({n: r for (n, _, _), r in zip(items, get_backend().factored_svd(
                 items, [a.updates[n].rank for n, _, _ in items], split, threads))})
             bar.update(len(group), group[-1])
     finally:
         bar.close()
-    updates: dict[str, LoraUpdate] = {}
+    updates: dict[str, Update] = {}
     report: list[ModuleReport] = []
     for n in names:
         b2, a2, s = results[n]
@@ -73,5 +73,5 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))
     raise_if_inputs_changed(a.sources())  # its file shrank or changed while read: refuse the result
     out = Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
-                  full_origin=dict(a.full_origin), derived_from=a.sources())
+                  full_origin=dict(a.full_origin), derived_from=a.sources(), state=copy.deepcopy(a.state))
     return out, report

@@ -3,7 +3,7 @@
 <B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T)) per module, summed over modules (a module
 missing from one adapter contributes 0 to the inner product and its own norm to the other's).
 Stored LoRA factors go to the core in batches of bounded work, so that Ctrl-C and SIGTERM act
-between them; LoHa, LoKr and Tucker modules go through their structure (formats.lycoris:
+between them; LoHa, LoKr and Tucker modules go through their structure (model.spectral:
 <w1 (x) w2, v1 (x) v2> = <w1, v1> <w2, v2>, ...), never through a dense delta.
 """
 
@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lorafuse import _core
-from lorafuse.adapter import Adapter, Update
+from lorafuse.backends import InnerJob, get_backend
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError
 from lorafuse.formats import load
-from lorafuse.formats.lycoris import (
+from lorafuse.model import Adapter, Update
+from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
     CORE_BATCH_FLOPS,
     CORE_BATCH_MODULES,
@@ -55,7 +55,7 @@ class _Batch:
 
     def flush(self) -> None:
         if self.items:
-            values = _core.factored_inner(self.items, self.threads) * np.asarray(self.coefs)
+            values = get_backend().inner([InnerJob(*f) for f in self.items], self.threads) * np.asarray(self.coefs)
             for (i, j), v in zip(self.where, values):
                 self.g[i, j] += v
         self.items, self.where, self.coefs = [], [], []

@@ -1,9 +1,10 @@
-"""The stages of one merge job for the C++ kernel (`_core.merge_batch`).
+"""The merge stages of one `MergeJob` for the backend (`get_backend().merge_batch`).
 
-A stage is `(kind, arrays, magnitude | None, column_norm)`:
-- `("lowrank", (B, A), ...)`: adds B @ A (consecutive plain LoRA updates stack into one GEMM);
-- `("hadamard", (B1, A1, B2, A2), ...)`: adds (B1 @ A1) * (B2 @ A2), a LoHa delta;
-- `("kron", (W1, W2[, row_offset]), ...)`: adds rows row_offset.. of kron(W1, W2), a LoKr delta;
+A stage is a `LowRankStage(B, A, magnitude, column_norm)`, which adds B @ A (consecutive
+plain LoRA updates stack into one GEMM), or a `FactorStage(kind, factors, magnitude,
+column_norm)` for the structured updates:
+- `FactorStage("hadamard", (B1, A1, B2, A2))`: adds (B1 @ A1) * (B2 @ A2), a LoHa delta;
+- `FactorStage("kron", (W1, W2[, row_offset]))`: adds rows row_offset.. of kron(W1, W2), a LoKr delta;
 every coefficient folded into the first array. A DoRA stage (magnitude set) rescales rows
 (or columns) of everything before it, so each is a stage of its own, in order.
 
@@ -17,11 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lorafuse.formats.lycoris import LycorisUpdate
+from lorafuse.backends import FactorStage, LowRankStage, Stage
+from lorafuse.model import LycorisUpdate
 from lorafuse.ops.resolve import Contribution
 
-Stage = tuple[str, tuple[np.ndarray, ...], "np.ndarray | None", bool]
 ROW_FACTORS = {"lowrank": (0,), "hadamard": (0, 2)}  # which arrays hold one row per output row
+
+__all__ = ["ROW_FACTORS", "Stage", "build_stages", "on_columns", "slice_rows", "stage_arrays"]
 
 
 def on_columns(c: Contribution) -> bool:
@@ -63,8 +66,8 @@ def build_stages(contribs: Sequence[Contribution], rows: int, threads: int) -> l
 
     def flush() -> None:
         if bs:
-            stages.append(("lowrank", (np.ascontiguousarray(np.concatenate(bs, axis=1)),
-                                       np.ascontiguousarray(np.concatenate(as_, axis=0))), None, False))
+            stages.append(LowRankStage(np.ascontiguousarray(np.concatenate(bs, axis=1)),
+                                       np.ascontiguousarray(np.concatenate(as_, axis=0))))
             bs.clear()
             as_.clear()
 
@@ -76,18 +79,31 @@ def build_stages(contribs: Sequence[Contribution], rows: int, threads: int) -> l
             as_.append(arrays[1])
             continue
         flush()
-        stages.append((kind, arrays, None if m is None else m.f32(threads).reshape(-1), on_columns(c)))
+        magnitude = None if m is None else m.f32(threads).reshape(-1)
+        if kind == "lowrank":
+            stages.append(LowRankStage(arrays[0], arrays[1], magnitude, on_columns(c)))
+        else:
+            stages.append(FactorStage(kind, tuple(arrays), magnitude, on_columns(c)))
     flush()
     return stages
 
 
+def stage_arrays(stage: Stage) -> tuple[np.ndarray, ...]:
+    """Every array a stage reads (factors and magnitude), e.g. to test them for NaN / Inf."""
+    factors = (stage.b, stage.a) if isinstance(stage, LowRankStage) else stage.factors
+    arrays = tuple(x for x in factors if isinstance(x, np.ndarray))
+    return arrays if stage.magnitude is None else (*arrays, stage.magnitude)
+
+
 def slice_rows(stage: Stage, r0: int, r1: int) -> Stage:
     """The stage for rows [r0, r1) of the job."""
-    kind, arrays, m, col = stage
-    if col:  # column norms need the whole matrix: such jobs are never split
+    if stage.column_norm:  # column norms need the whole matrix: such jobs are never split
         return stage
+    m = None if stage.magnitude is None else stage.magnitude[r0:r1]
+    if isinstance(stage, LowRankStage):
+        return LowRankStage(stage.b[r0:r1], stage.a, m, False)
+    kind, arrays = stage.kind, stage.factors
     if kind == "kron":  # the kernel takes the offset of the first row into kron(W1, W2)
-        return kind, (arrays[0], arrays[1], r0), None if m is None else m[r0:r1], col
+        return FactorStage(kind, (arrays[0], arrays[1], r0), m, False)
     rows = ROW_FACTORS[kind]
-    return (kind, tuple(x[r0:r1] if i in rows else x for i, x in enumerate(arrays)),
-            None if m is None else m[r0:r1], col)
+    return FactorStage(kind, tuple(x[r0:r1] if i in rows else x for i, x in enumerate(arrays)), m, False)

@@ -1,0 +1,257 @@
+"""combine: many adapters -> one adapter (PEFT's add_weighted_adapter, method for method).
+
+Notation: adapter i has stored factors B_i (out x r_i), A_i (r_i x in), scale s_i and user
+weight w_i; c_i = w_i * s_i. Modules missing from some adapters combine from the ones
+that have them. Every output has scale 1 (r = lora_alpha per module).
+
+- cat:    B' = [B_1 ... B_n], A' = [c_1 A_1; ...; c_n A_n]  (exact, rank sum r_i)
+- svd:    the best rank-k approximation of D = sum_i c_i B_i A_i, computed from the
+          stacked factors (QR of each stack, SVD of the small core), never forming D.
+          With many adapters (stacked rank R in the hundreds) that costs O(R^2) per
+          module, so unless exact=True a module switches to a randomized SVD taken
+          through the factors (O(R), a constant time per adapter) where the cost model
+          finds it 1.5x cheaper; those modules are listed in Adapter.randomized. A module
+          whose stacked rank reaches min(out, in) and whose stack would exceed a group's
+          memory forms D instead, a few adapters at a time (see svd.py)
+- linear, ties, dare_linear, dare_ties, magnitude_prune: PEFT's factor-wise merge: the
+          A stack with weights sign(c_i) sqrt|c_i| and the B stack with sqrt|c_i| are
+          merged separately (equal ranks required)
+- *_svd:  PEFT's merge of the dense deltas s_i B_i A_i with weights w_i, then rank k by
+          (randomized) SVD
+
+Each method is an entry of `REGISTRY` (registry.py); options travel as one `CombineOptions`.
+Modules flow through the method in groups sized by bytes (groups.py), and the pages of a
+group's inputs leave the resident set once it is done: peak memory is bounded by a group,
+not by the number of adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from lorafuse._validate import (
+    check_float,
+    check_optional_rank,
+    check_rank,
+    check_seed,
+    check_threads,
+    check_weights,
+)
+from lorafuse.backends import FactorJob, get_backend
+from lorafuse.backends.native import resolve_threads
+from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.formats.streaming import open_stream
+from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.layout import AdapterLayout, ModuleLayout
+from lorafuse.model.spectral import factor_cost
+from lorafuse.ops.combine.context import Context, Output
+from lorafuse.ops.combine.groups import by_bytes, stream
+from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
+from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help
+from lorafuse.ops.combine.terms import (
+    Term,
+    Terms,
+    as_adapters,
+    check_linear,
+    check_split,
+    output_ranks,
+    result,
+    stack,
+    terms_by_module,
+)
+
+EXACT = tuple(n for n, m in REGISTRY.items() if m.exact)
+STRUCTURED_ABOVE = 1 << 24  # stacked exact factorizations (elements) above which LyCORIS terms go structured
+
+__all__ = ["CombineOptions", "CombineReport", "EXACT", "GROUP_BYTES", "METHODS", "Method", "REGISTRY", "combine",
+           "combine_to", "combine_with", "check_options", "methods_help", "scaled", "truncate", "weighted_cat"]
+
+
+def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
+    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1."""
+    adapters = [a for _, a in terms]
+    check_linear(adapters, "adapter arithmetic")
+    by_module = terms_by_module(adapters, [w for w, _ in terms])
+    updates = {name: ts[0].update.with_factors(*stack(ts, 0, coef_on="A")) for name, ts in by_module.items()}
+    return result(adapters[0], updates, adapters)
+
+
+def scaled(adapter: Adapter, c: float) -> Adapter:
+    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
+    check_linear([adapter], "adapter arithmetic")
+    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
+    return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format,
+                   derived_from=adapter.sources(), state=copy.deepcopy(adapter.state))
+
+
+def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
+    """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core)."""
+    rank = check_rank(rank)
+    threads = check_threads(threads)
+    check_split(split)
+    check_linear([adapter], "rank truncation")
+    names = list(adapter.updates)
+    updates: dict[str, LoraUpdate] = {}
+    be = get_backend()
+    # groups of modules bounded by the size of their exact factorizations (a LoKr's or LoHa's can be large)
+    sizes = [8 * factor_cost(adapter.updates[n])[1] for n in names]
+    for start, stop in by_bytes(sizes, GROUP_BYTES):
+        jobs = [FactorJob(n, *stack([Term(1.0, adapter.updates[n])], threads)) for n in names[start:stop]]
+        # at most each module's full rank min(out, in): never an output padded to an absurd rank
+        results = be.factored_svd(jobs, [min(rank, j.b.shape[0], j.a.shape[1]) for j in jobs], split, threads)
+        updates.update({j.name: adapter.updates[j.name].with_factors(r.b, r.a) for j, r in zip(jobs, results)})
+    raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
+    return result(adapter, updates, [adapter])
+
+
+def check_options(options: CombineOptions) -> CombineOptions:
+    """The options with checked values, or the error of the first that its method does not take."""
+    method = REGISTRY.get(options.method) if isinstance(options.method, str) else None
+    if method is None:
+        raise LorafuseValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    o = dataclasses.replace(
+        options, threads=check_threads(options.threads), seed=check_seed(options.seed),
+        rank=check_optional_rank(options.rank, "rank"), conv_rank=check_optional_rank(options.conv_rank, "conv_rank"),
+        density=None if options.density is None else check_float(options.density, "density", 0.0, 1.0))
+    check_split(o.split)
+    if o.majority_sign not in ("total", "frequency"):
+        raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}")
+    if method.takes_density and o.density is None:
+        raise LorafuseValueError(f"method {o.method!r} needs a density between 0 and 1, got {o.density!r}")
+    if not method.takes_density and o.density is not None:
+        raise LorafuseValueError(f"method {o.method!r} takes no density")
+    if not method.takes_rank and (o.rank is not None or o.conv_rank is not None):
+        raise LorafuseValueError(f"method {o.method!r} takes no rank (it is defined by the inputs)")
+    if o.exact and o.method != "svd":
+        raise LorafuseValueError(f"method {o.method!r} has no exact switch (exact applies to method 'svd')")
+    if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
+        raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
+    return o
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    split: str = "B",
+    threads: int = 0,
+    exact: bool = False,
+    conv_rank: int | None = None,
+) -> Adapter:
+    """Combine adapters into one (see the module docstring for each method's formula).
+
+    `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT);
+    `conv_rank` that of kxk convolutions with k > 1 (kohya's `--new_conv_rank`; default: `rank`).
+    LoHa / LoKr inputs enter through an exact
+    factorization of their delta (Khatri-Rao / Kronecker factors), so svd gives the best rank-k
+    approximation of the summed deltas; they need `rank` when no plain LoRA sets the default.
+    `exact=True` keeps method svd on the exact path for every module, however many adapters
+    are stacked (by default modules with a large stacked rank use a randomized SVD through
+    the factors; they are listed in the result's `randomized`).
+    `density` (0..1) is required by the ties / dare / magnitude_prune methods; DARE's random
+    masks come from `seed` and the module name, so results do not depend on thread count.
+    """
+    options = CombineOptions(method=method, rank=rank, conv_rank=conv_rank, density=density,
+                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact)
+    return combine_with(adapters, weights, options)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    loaded: list[Adapter]
+    method: Method
+    by_module: Terms
+    ctx: Context
+
+
+def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
+             options: CombineOptions) -> _Prepared:
+    """Everything checked and laid out before any module is computed."""
+    o = check_options(options)
+    method = REGISTRY[o.method]
+    if not adapters:
+        raise LorafuseValueError("combine needs at least one adapter")
+    loaded = as_adapters(adapters)
+    ws = [1.0] * len(loaded) if weights is None else check_weights(weights, len(loaded))
+    if not method.accepts_lycoris:
+        lycoris = [(a.label, n) for a in loaded for n, u in a.updates.items() if not isinstance(u, LoraUpdate)]
+        if lycoris:
+            label, name = lycoris[0]
+            raise UnsupportedError(f"{label}: module {name!r} is a LoHa / LoKr update; method {o.method!r} merges "
+                                   "LoRA factors element by element, which a LoHa / LoKr does not have (use svd, cat "
+                                   "or a *_svd method)")
+    check_linear(loaded, f"combine --method {o.method}")
+    by_module = terms_by_module(loaded, ws)
+    if method.check is not None:
+        method.check(o.method, by_module)
+    ctx = Context(o, get_backend(), output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
+                  structured_above=STRUCTURED_ABOVE)
+    return _Prepared(loaded, method, by_module, ctx)
+
+
+def _outputs(p: _Prepared) -> Iterator[Output]:
+    spread = max(1, p.method.per_thread * resolve_threads(p.ctx.options.threads))
+    return stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread)
+
+
+def combine_with(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
+                 options: CombineOptions) -> Adapter:
+    """combine() with its options as one CombineOptions."""
+    p = _prepare(adapters, weights, options)
+    updates: dict[str, LoraUpdate] = {}
+    randomized: list[str] = []
+    for name, update, was_randomized in _outputs(p):
+        updates[name] = update
+        if was_randomized:
+            randomized.append(name)
+    # An input file truncated or rewritten while it was read leaves zeros in what was read: refuse the result.
+    raise_if_inputs_changed([s for a in p.loaded for s in a.sources()])
+    combined = result(p.loaded[0], updates, p.loaded)
+    combined.randomized = randomized
+    return combined
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineReport:
+    """What combine_to wrote: the output, its modules' ranks (in file order) and the modules that took a
+    randomized SVD."""
+
+    out: Path
+    ranks: dict[str, int]
+    randomized: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+
+def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
+               options: CombineOptions, out: str | os.PathLike[str], format: str | None = None, *,
+               overwrite: bool = False) -> CombineReport:
+    """combine_with(...).save(out, format), streamed: each group of modules is written to the output as
+    soon as it is computed and then dropped, so memory is bounded by a group, not by the output's size.
+    The output is the same file save() would write, committed atomically once every module is in it
+    (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
+    adapter's; `out` may not replace an input (the rules of Adapter.save)."""
+    p = _prepare(adapters, weights, options)
+    layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx)), name=n)
+                           for n, ts in p.by_module.items())
+    template = result(p.loaded[0], layout.placeholders(), p.loaded)
+    randomized: list[str] = []
+    inputs = [s for a in p.loaded for s in a.sources()]
+    with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs) as w:
+        for name, update, was_randomized in _outputs(p):
+            w.put(name, update)
+            if was_randomized:
+                randomized.append(name)
+        raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
+    return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized)

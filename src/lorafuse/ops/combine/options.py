@@ -1,0 +1,29 @@
+"""The options of one combination (instead of many keyword arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP_BYTES = 64 << 20  # working memory of one group of modules (at least one module per group)
+
+
+@dataclass(frozen=True)
+class CombineOptions:
+    """How adapters combine. `rank` / `conv_rank`: output ranks of the methods that take one (default: the
+    largest input rank; `conv_rank` for kxk convolutions, k > 1); `density`: the fraction kept by the
+    pruning methods; `majority_sign`: ties' sign election ('total' or 'frequency'); `seed`: DARE's masks and
+    randomized SVD sketches; `split`: singular values on B ('B', like PEFT) or sqrt on both ('sqrt');
+    `threads`: 0 = all cores; `exact`: svd takes its exact path for every module; `group_bytes`: the
+    working memory of one group of modules (inputs, stacks, dense matrices), which bounds peak memory
+    whatever the number of adapters (a module larger than it forms a group alone)."""
+
+    method: str = "svd"
+    rank: int | None = None
+    conv_rank: int | None = None
+    density: float | None = None
+    majority_sign: str = "total"
+    seed: int = 0
+    split: str = "B"
+    threads: int = 0
+    exact: bool = False
+    group_bytes: int = GROUP_BYTES

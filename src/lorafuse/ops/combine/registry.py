@@ -1,0 +1,102 @@
+"""The combination methods, one registry entry each: what options a method takes and how it runs.
+
+A new method is one `Method(...)` entry in REGISTRY plus its group runner; the CLI's --method
+choices and help and the option checks come from here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lorafuse.model.spectral import factor_cost
+from lorafuse.ops.combine import svd, taskmerge
+from lorafuse.ops.combine.context import Context, Output
+from lorafuse.ops.combine.terms import Term, Terms, stack
+
+Runner = Callable[[list[tuple[str, list[Term]]], Context], list[Output]]
+Sizer = Callable[[str, list[Term], Context], int]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A combination method. takes_rank: has an output rank (--rank, --conv-rank); takes_density: needs a
+    density (the pruning methods); uses_seed: --seed changes its result (random masks or randomized SVD
+    sketches); accepts_lycoris: takes LoHa / LoKr inputs; exact: its result is the exact weighted sum (or
+    its optimal rank-k approximation); help: one line for the CLI; run: the group runner; working_bytes:
+    a module's working memory while its group runs (groups are sized by it); per_thread: the modules a
+    group takes at least per worker thread, however large (the core spreads a call's modules over the
+    threads); check: refusals that need only the shapes, before any work; out_rank: a module's output
+    rank, known before any work (a streamed output's layout is made from it)."""
+
+    name: str
+    takes_rank: bool
+    takes_density: bool
+    uses_seed: bool
+    accepts_lycoris: bool
+    exact: bool
+    help: str
+    run: Runner
+    working_bytes: Sizer
+    per_thread: int = 0
+    check: Callable[[str, Terms], None] | None = None
+    out_rank: Callable[[str, list[Term], Context], int] | None = None
+
+    def rank_of(self, name: str, terms: list[Term], ctx: Context) -> int:
+        """Module `name`'s output rank: out_rank's, or the chosen rank of a method that takes one."""
+        return self.out_rank(name, terms, ctx) if self.out_rank is not None else ctx.ranks[name]
+
+
+def _run_cat(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
+    return [(n, ts[0].update.with_factors(*stack(ts, ctx.options.threads, coef_on="A")), False) for n, ts in group]
+
+
+def _cat_bytes(name: str, terms: list[Term], ctx: Context) -> int:
+    return 2 * 4 * sum(factor_cost(t.update)[1] for t in terms)  # the stack (kept: it is the result) and a term
+
+
+def _rank_sum(name: str, terms: list[Term], ctx: Context) -> int:
+    return sum(t.update.rank for t in terms)
+
+
+def _first_rank(name: str, terms: list[Term], ctx: Context) -> int:
+    return terms[0].update.rank  # the factor-wise methods require equal ranks (checked before any work)
+
+
+def _factorwise(name: str, density: bool, seed: bool, text: str) -> Method:
+    return Method(name, takes_rank=False, takes_density=density, uses_seed=seed, accepts_lycoris=False,
+                  exact=False, help=text, run=taskmerge.run_factorwise, working_bytes=taskmerge.factorwise_bytes,
+                  check=taskmerge.check_equal_ranks, out_rank=_first_rank)
+
+
+def _dense(name: str, seed: bool, text: str) -> Method:
+    return Method(name, takes_rank=True, takes_density=True, uses_seed=seed, accepts_lycoris=True, exact=False,
+                  help=text, run=taskmerge.run_dense_svd, working_bytes=taskmerge.dense_bytes, per_thread=2,
+                  check=taskmerge.check_dense_terms)
+
+
+_METHODS = [
+    Method("svd", takes_rank=True, takes_density=False, uses_seed=True, accepts_lycoris=True, exact=True,
+           help="best rank-k of sum_i c_i B_i A_i, exactly, from QR of the stacked factors",
+           run=svd.run, working_bytes=svd.working_bytes, per_thread=1),
+    Method("cat", takes_rank=False, takes_density=False, uses_seed=False, accepts_lycoris=True, exact=True,
+           help="exact: B' = [B_1 .. B_n], A' = [c_1 A_1; ..; c_n A_n] (rank = sum of ranks)",
+           run=_run_cat, working_bytes=_cat_bytes, out_rank=_rank_sum),
+    _factorwise("linear", False, False, "PEFT: A and B stacks merged separately with sqrt|c_i| weights "
+                "(approximate; equal ranks)"),
+    _factorwise("ties", True, False, "PEFT's TIES on the factors (--density; equal ranks)"),
+    _factorwise("dare_linear", True, True, "PEFT's DARE + sum on the factors (--density, --seed; equal ranks)"),
+    _factorwise("dare_ties", True, True, "PEFT's DARE + TIES on the factors (--density, --seed; equal ranks)"),
+    _factorwise("magnitude_prune", True, False, "PEFT's magnitude pruning on the factors (--density; equal ranks)"),
+    _dense("ties_svd", True, "PEFT: TIES of the dense deltas, then rank k (--density)"),
+    _dense("dare_linear_svd", True, "PEFT: DARE + sum of the dense deltas, then rank k (--density, --seed)"),
+    _dense("dare_ties_svd", True, "PEFT: DARE + TIES of the dense deltas, then rank k (--density, --seed)"),
+    _dense("magnitude_prune_svd", True, "PEFT: magnitude pruning of the dense deltas, then rank k (--density)"),
+]
+
+REGISTRY: dict[str, Method] = {m.name: m for m in _METHODS}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def methods_help(width: int = 21) -> str:
+    """The methods and their help lines, one per method, for the CLI."""
+    return "\n".join(f"  {m.name:<{width}}{m.help}" for m in REGISTRY.values())

@@ -1,0 +1,108 @@
+"""PEFT's element-wise task merges: on the factors (linear, ties, dare_*, magnitude_prune) or on the
+dense deltas followed by a rank-k SVD (the *_svd methods)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lorafuse.backends import DenseJob, TaskMergeJob
+from lorafuse.errors import ShapeMismatchError
+from lorafuse.model.limits import check_dense
+from lorafuse.ops.combine.context import Context, Output
+from lorafuse.ops.combine.terms import Term, Terms, dense_shape
+
+DENSE_OVERSAMPLE = 10  # dense_svd's oversampling (its exact/randomized choice: dense_svd_is_exact)
+
+# method -> (prune, rescale, merge) of the element-wise task merge
+TASK = {
+    "linear": ("none", False, "sum"),
+    "ties": ("magnitude", False, "ties"),
+    "dare_linear": ("random", True, "sum"),
+    "dare_ties": ("random", True, "ties"),
+    "magnitude_prune": ("magnitude", False, "sum"),
+}
+TASK.update({m + "_svd": TASK[m] for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune")})
+
+
+def _task_args(method: str, density: float | None) -> tuple[str, bool, str, float]:
+    prune, rescale, merge = TASK[method]
+    return prune, rescale, merge, 1.0 if density is None else float(density)
+
+
+# ---- on the factors -------------------------------------------------------------------------------------
+
+
+def check_equal_ranks(method: str, by_module: Terms) -> None:
+    """PEFT merges the A and the B stacks element by element: every module needs one rank."""
+    for n, ts in by_module.items():
+        ranks = {t.update.rank for t in ts}
+        if len(ranks) != 1:
+            raise ShapeMismatchError(
+                f"module {n!r}: method {method!r} needs equal ranks (as PEFT), got {sorted(ranks)}; "
+                "use svd or cat for adapters of different ranks"
+            )
+
+
+def factorwise_bytes(name: str, terms: list[Term], ctx: Context) -> int:
+    out, inn = dense_shape(terms[0].update)
+    return 4 * terms[0].update.rank * (out + inn) * (len(terms) + 1)
+
+
+def run_factorwise(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
+    """PEFT's linear / ties / dare / magnitude_prune on the factors: A and B merged separately, with weights
+    sign(c_i) sqrt|c_i| on A and sqrt|c_i| on B."""
+    o = ctx.options
+    prune, rescale, merge, dens = _task_args(o.method, o.density)
+    a_items, b_items, a_weights, b_weights = [], [], [], []
+    for n, ts in group:
+        factors = [t.update.stored_factors(o.threads) for t in ts]
+        a_items.append(TaskMergeJob(n + ".lora_A", [a for _, a in factors]))
+        b_items.append(TaskMergeJob(n + ".lora_B", [b for b, _ in factors]))
+        a_weights.append([math.copysign(math.sqrt(abs(t.coef)), t.coef) if t.coef else 0.0 for t in ts])
+        b_weights.append([math.sqrt(abs(t.coef)) for t in ts])
+    be = ctx.backend
+    merged_a = be.task_merge(a_items, a_weights, prune, dens, rescale, merge, o.majority_sign, o.seed, o.threads)
+    merged_b = be.task_merge(b_items, b_weights, prune, dens, rescale, merge, o.majority_sign, o.seed, o.threads)
+    return [(n, ts[0].update.with_factors(b, a), False) for (n, ts), a, b in zip(group, merged_a, merged_b)]
+
+
+# ---- on the dense deltas ---------------------------------------------------------------------------------
+
+
+def check_dense_terms(method: str, by_module: Terms) -> None:
+    """Refuse, before any work, a module whose dense delta would be too large to form."""
+    for n, ts in by_module.items():
+        for t in ts:
+            shape = t.update.delta_shape
+            check_dense(getattr(t.update, "where", "") or f"module {n!r}", f"method {method!r} (its dense delta)",
+                        (shape[0], int(np.prod(shape[1:], dtype=np.int64))))
+
+
+def dense_bytes(name: str, terms: list[Term], ctx: Context) -> int:
+    out, inn = dense_shape(terms[0].update)
+    return 4 * out * inn * (len(terms) + 1)
+
+
+def run_dense_svd(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
+    """PEFT's *_svd methods: merge the dense deltas s_i B_i A_i with weights w_i, then rank k (exact or
+    randomized by dense_svd's rule)."""
+    o, be = ctx.options, ctx.backend
+    prune, rescale, merge, dens = _task_args(o.method, o.density)
+    items, ws = [], []
+    for n, ts in group:
+        deltas = []
+        for t in ts:
+            b, a = t.update.stored_factors(o.threads)
+            deltas.append(np.ascontiguousarray((b * np.float32(t.update.scale)) @ a))
+        items.append(TaskMergeJob(n, deltas))
+        ws.append([t.weight for t in ts])
+    merged = be.task_merge(items, ws, prune, dens, rescale, merge, o.majority_sign, o.seed, o.threads)
+    del items
+    ranks = [ctx.ranks[n] for n, _ in group]
+    results = be.dense_svd([DenseJob(n, d) for (n, _), d in zip(group, merged)], ranks, o.split, o.seed,
+                           oversample=DENSE_OVERSAMPLE, threads=o.threads)
+    return [(n, ts[0].update.with_factors(res.b, res.a),
+             not be.dense_svd_is_exact(d.shape[0], d.shape[1], k, DENSE_OVERSAMPLE))
+            for (n, ts), d, k, res in zip(group, merged, ranks, results)]
