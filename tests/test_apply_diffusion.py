@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sd_fixtures as sdk
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 import lorafuse
-import test_sd_keys as sdk
 from lorafuse.errors import MissingModuleError, ShapeMismatchError
 
 # family -> (pipeline class, UNet naming in kohya files, text-encoder prefixes)
@@ -33,8 +34,8 @@ FAMILIES = {
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     return {"sd1": sdk._randomized(sdk._unet("sd1"), 0), "sdxl": sdk._randomized(sdk._unet("sdxl"), 1),
-            "clip_l": sdk._randomized(sdk.CLIPTextModel(sdk._clip_config()), 11),
-            "clip_g": sdk._randomized(sdk.CLIPTextModelWithProjection(sdk._clip_config()), 12)}
+            "clip_l": sdk._randomized(CLIPTextModel(sdk._clip_config()), 11),
+            "clip_g": sdk._randomized(CLIPTextModelWithProjection(sdk._clip_config()), 12)}
 
 
 def _kohya_lora(family: str, models, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

@@ -26,11 +26,13 @@ import pytest
 from safetensors.numpy import save_file
 
 import lorafuse
-import lorafuse.formats.lycoris as lyc
+import lorafuse.model.limits as limits
+import lorafuse.model.spectral as spectral
 import lorafuse.ops.combine as combine_mod
 from lorafuse.errors import FormatError, UnsupportedError
 from lorafuse.io.checkpoint import INDEX_JSON_BYTES, INDEX_JSON_VALUES, read_json
 from lorafuse.io.safetensors import read_header
+from lorafuse.model.structure import top_products
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resize import resize
 from lorafuse.ops.similarity import similarity
@@ -125,16 +127,16 @@ def module(tmp_path: Path, kind: str, seed: int = 0) -> tuple[lorafuse.Adapter, 
 @pytest.mark.parametrize("slowdown", [1e-9, 1e9])  # dense tiles, or Gram matrices / terms
 @pytest.mark.parametrize("kind", LINEAR + CONV)
 def test_norms_equal_the_dense_float64_norm(tmp_path, monkeypatch, kind, slowdown):
-    monkeypatch.setattr(lyc, "DENSE_SLOWDOWN", slowdown)
+    monkeypatch.setattr(limits, "DENSE_SLOWDOWN", slowdown)
     adapter, d = module(tmp_path, kind)
     assert adapter.norms()[M] == pytest.approx(np.linalg.norm(d), rel=1e-12)
-    assert lyc.frobenius_sq(adapter[M]) == pytest.approx(np.sum(d * d), rel=1e-12)
+    assert spectral.frobenius_sq(adapter[M]) == pytest.approx(np.sum(d * d), rel=1e-12)
 
 
 @pytest.mark.parametrize("slowdown", [1e-9, 1e9])  # LoHa: Gram of the dense delta, or of the Khatri-Rao factors
 @pytest.mark.parametrize("kind", LINEAR + CONV)
 def test_spectra_equal_the_dense_float64_singular_values(tmp_path, monkeypatch, kind, slowdown):
-    monkeypatch.setattr(lyc, "DENSE_SLOWDOWN", slowdown)
+    monkeypatch.setattr(limits, "DENSE_SLOWDOWN", slowdown)
     adapter, d = module(tmp_path, kind)
     ref = np.linalg.svd(d, compute_uv=False)
     got = spectra(adapter)[M]
@@ -147,11 +149,11 @@ def test_spectra_equal_the_dense_float64_singular_values(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("slowdown", [1e-9, 6.0, 1e9])  # dense blocks, the default choice, terms / Gram
 @pytest.mark.parametrize("kinds", [LINEAR, CONV])
 def test_inner_products_of_every_pair_equal_numpy(tmp_path, monkeypatch, kinds, slowdown):
-    monkeypatch.setattr(lyc, "DENSE_SLOWDOWN", slowdown)
+    monkeypatch.setattr(limits, "DENSE_SLOWDOWN", slowdown)
     mods = [module(tmp_path, k, seed=i) for i, k in enumerate(kinds)]
     for (a, da), ka in zip(mods, kinds):
         for (b, db), kb in zip(mods, kinds):
-            got = lyc.inner(a[M], b[M])
+            got = spectral.inner(a[M], b[M])
             assert got == pytest.approx(np.vdot(da, db), rel=1e-10, abs=1e-12 * np.linalg.norm(da) *
                                         np.linalg.norm(db)), (ka, kb)
 
@@ -183,7 +185,7 @@ def test_top_products_are_the_largest_products():
     for n1, n2, limit in [(7, 5, 10), (1, 9, 4), (30, 40, 1200), (30, 40, 5000), (6, 6, 1)]:
         s1, s2 = np.sort(rng.random(n1))[::-1], np.sort(rng.random(n2))[::-1]
         ref = np.sort(np.outer(s1, s2).ravel())[::-1][:limit]
-        np.testing.assert_array_equal(lyc.top_products(s1, s2, limit), ref)
+        np.testing.assert_array_equal(top_products(s1, s2, limit), ref)
 
 
 def optimum(d: np.ndarray, k: int) -> float:
@@ -194,7 +196,7 @@ def optimum(d: np.ndarray, k: int) -> float:
 def test_rank_k_through_the_structure_is_the_eckart_young_optimum(tmp_path, monkeypatch, kind):
     """LoKr from the SVDs of its halves; LoHa through the Gram matrices of its Khatri-Rao factors (forced
     here on small modules); resize through the same, with its rank rules."""
-    monkeypatch.setattr(lyc, "SMALL_FACTORS", 0)
+    monkeypatch.setattr(limits, "SMALL_FACTORS", 0)
     adapter, d = module(tmp_path, kind)
     u = adapter[M]
     for k in (1, 3):

@@ -178,6 +178,8 @@ def test_sigkill_leaves_the_previous_output_or_the_new_one(inputs, tmp_path, lay
         else:
             seen = kill_when(proc, out, seconds=point * inputs.seconds[layout])
         stderr = proc.stderr.read().decode() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
         assert proc.returncode in (0, -signal.SIGKILL), stderr
         if proc.returncode:
             killed.add(proc.pid)
@@ -307,6 +309,8 @@ def test_sigkill_while_replacing_leaves_the_previous_output_or_the_new_one(input
         seen = kill_when(proc, out, threshold=point * total) if kind == "bytes" else \
             kill_when(proc, out, seconds=point * inputs.seconds[layout])
         stderr = proc.stderr.read().decode() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
         assert proc.returncode in (0, -signal.SIGKILL), stderr
         if proc.returncode:
             killed.add(proc.pid)
@@ -380,6 +384,7 @@ def test_concurrent_runs_leave_one_whole_output(inputs, tmp_path, layout):
     assert inputs.hashes(layout) == before_inputs
 
 
+@pytest.mark.filterwarnings("ignore::lorafuse.errors.OverwriteWarning")  # each replace says so, on purpose
 @pytest.mark.parametrize("kind", ["dir", "file", "dir-without-exchange"])
 def test_concurrent_commits_never_expose_a_missing_or_mixed_output(tmp_path, kind, monkeypatch):
     """Many writers replace one output as fast as they can while a reader checks it: once it

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,7 +76,12 @@ def expect(case: dict[str, object], call: Callable[[], object], path: Path) -> s
     """Run `call`; check the outcome against the case; return the error message (None when valid)."""
     start = time.monotonic()
     if case["error"] is None:
-        call()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        for w in caught:  # what loading left out is told, naming the file
+            assert issubclass(w.category, lorafuse.errors.AdapterNote), f"{w.category.__name__}: {w.message}"
+            assert str(path) in str(w.message), f"the note does not name {path}: {w.message}"
         assert time.monotonic() - start < MAX_SECONDS
         return None
     expected = getattr(lorafuse.errors, str(case["error"]))

@@ -107,7 +107,7 @@ def test_load_gives_the_factors_scales_and_deltas(tmp_path, dtype):
     assert lorafuse.detect_format(path) == "kohya"
     adapter = lorafuse.load(path)
     assert adapter.format == "kohya" and adapter.path == path
-    assert adapter.config["metadata"] == METADATA
+    assert adapter.state.metadata == METADATA
     assert set(adapter.updates) == {m[0] for m in MODULES}
     for name, o, i, k, r, alpha in MODULES:
         u = adapter[name]
@@ -137,9 +137,9 @@ def test_alpha_of_any_float_dtype(tmp_path, alpha_dtype):
 
 def test_a_file_without_metadata(tmp_path):
     adapter = lorafuse.load(write(tmp_path / "bare.safetensors", kohya_tensors("F32", modules=MODULES[3:5])))
-    assert adapter.config["metadata"] == {}
+    assert adapter.state.metadata == {}
     # What the writer needs to write alpha back as it was: its dtype, or None where there was none.
-    assert adapter.config["kohya_alpha_dtypes"] == {MODULES[3][0]: "F32", MODULES[4][0]: None}
+    assert adapter.state.alpha_dtypes == {MODULES[3][0]: "F32", MODULES[4][0]: None}
     assert adapter[MODULES[4][0]].scale == 1.0  # alpha missing: alpha = r
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lycoris_fixtures import CONFIGS, lycoris_delta, modules, network, save
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
 import lorafuse
 import lorafuse.ops.apply as apply_mod
-from lorafuse.formats.lycoris import LycorisUpdate
+from lorafuse.model import LycorisUpdate
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resize import resize
-from test_lycoris_format import CONFIGS, lycoris_delta, modules, network, save
 
 
 def _base(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -112,7 +112,7 @@ def test_combine_writes_a_kohya_lora(tmp_path: Path) -> None:
         ref = 2 * loha[name].delta().reshape(u.delta_shape[0], -1)
         err = np.linalg.norm(u.delta().reshape(ref.shape) - ref)
         assert err == pytest.approx(_optimum(ref, u.rank), rel=1e-4, abs=1e-5 * np.linalg.norm(ref))
-    meta = back.config["metadata"]  # now a plain LoRA file, and its metadata says so
+    meta = back.state.metadata  # now a plain LoRA file, and its metadata says so
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"  # type: ignore[index]
     assert meta["ss_network_args"] == '{"conv_dim": "2"}'  # type: ignore[index]
     out = load_np(str(tmp_path / "out.safetensors"))
@@ -128,7 +128,7 @@ def test_resize_of_a_loha_file_writes_lora_with_updated_metadata(tmp_path: Path)
     small, report = resize(src, RankRule(rank=2), progress=False)
     small.save(tmp_path / "small.safetensors", format="kohya")
     back = lorafuse.load(tmp_path / "small.safetensors")
-    meta = back.config["metadata"]
+    meta = back.state.metadata
     assert meta["ss_training_comment"] == "kept" and meta["ss_network_dim"] == "2"  # type: ignore[index]
     loha = lorafuse.load(src)
     for r in report:

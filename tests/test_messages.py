@@ -36,11 +36,11 @@ from safetensors.torch import save_file as save_torch
 import lorafuse
 from lorafuse import FormatError, LorafuseValueError
 from lorafuse._terminal import printable
-from lorafuse.adapter import Adapter
 from lorafuse.cli import main
 from lorafuse.formats import detect_format
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.pipeline import Pipeline
+from lorafuse.model import Adapter
 from lorafuse.ops.apply import parse_size
 from lorafuse.ops.extract import extract
 from lorafuse.ops.rank import RankRule

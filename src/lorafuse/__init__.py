@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-from lorafuse import _core
-from lorafuse.adapter import Adapter, LoraUpdate
+from lorafuse._progress import ProgressEvent
+from lorafuse._version import get_version
 from lorafuse.errors import (
     AdapterNote,
     DtypeError,
@@ -21,22 +19,14 @@ from lorafuse.errors import (
     UnsupportedError,
 )
 from lorafuse.formats import detect_format, load
+from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.ops.apply import ApplyReport, apply
 from lorafuse.ops.combine import METHODS, combine
 from lorafuse.ops.convert import convert
 from lorafuse.ops.info import describe
 from lorafuse.ops.similarity import similarity
 
-
-def _version() -> str:
-    """pyproject.toml's version, as installed (the one place it is written)."""
-    try:
-        return version("lorafuse")
-    except PackageNotFoundError:  # a source tree on sys.path without an install
-        return str(_core.__version__)
-
-
-__version__ = _version()
+__version__ = get_version()  # pyproject.toml's version (lorafuse._version)
 
 __all__ = [
     "AdapterNote",
@@ -54,6 +44,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "OverwriteWarning",
+    "ProgressEvent",
     "ShapeMismatchError",
     "UnsupportedError",
     "__version__",

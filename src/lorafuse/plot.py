@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lorafuse import _core
-from lorafuse.adapter import Adapter
+from lorafuse.backends import FactorJob, get_backend
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.atomic import atomic_file, check_output
 from lorafuse.io.manifest import png_metadata
+from lorafuse.model import Adapter
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,9 +64,9 @@ def module_type(name: str) -> str:
 def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
     """All singular values (float64, descending) of every module's delta, from its factors: stored LoRA
     factors through the core in batches of bounded work (Ctrl-C and SIGTERM act between them), LoHa /
-    LoKr / Tucker modules through their structure (formats.lycoris.spectrum: at most its
+    LoKr / Tucker modules through their structure (model.spectral.spectrum: at most its
     MAX_CORE_RANK largest values, a LoKr's being the largest products of its halves')."""
-    from lorafuse.formats.lycoris import batches, is_stored_lora, lora_cost, spectrum
+    from lorafuse.model.spectral import batches, is_stored_lora, lora_cost, spectrum
 
     out: dict[str, np.ndarray] = {}
     stored = [(n, u) for n, u in adapter.updates.items() if is_stored_lora(u)]
@@ -75,8 +75,8 @@ def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
         items = []
         for name, u in chunk:
             b, a = u.factors(threads)
-            items.append((name, np.ascontiguousarray(b * np.float32(u.scale)), a))
-        result = _core.factored_svd(items, [u.rank for _, u in chunk], "B", threads)
+            items.append(FactorJob(name, np.ascontiguousarray(b * np.float32(u.scale)), a))
+        result = get_backend().factored_svd(items, [u.rank for _, u in chunk], "B", threads)
         out.update({name: np.asarray(s, dtype=np.float64) for (name, _, _), (_, _, s) in zip(items, result)})
     for name, u in adapter.updates.items():
         if name not in out:
