@@ -23,6 +23,8 @@ from lorafuse.cli import build_parser, main
 from lorafuse.io.pages import releasable, release_pages
 from lorafuse.ops.combine import METHODS, REGISTRY, CombineOptions, check_options, combine_with
 from lorafuse.ops.combine import svd as svd_mod
+from lorafuse.ops.combine.context import Context
+from lorafuse.ops.combine.terms import Term, terms_by_module
 
 PREFIX = "base_model.model.model.layers.0."
 MODULES = {"self_attn.q_proj": (24, 20), "mlp.up_proj": (40, 16)}  # name -> (out, in)
@@ -354,3 +356,21 @@ def test_a_nan_in_a_chunked_module_is_refused_naming_it(tmp_path: Path) -> None:
     for group_bytes in (1 << 30, 1024):  # stacked, then D accumulated in chunks
         with pytest.raises(lorafuse.NonFiniteError, match=r"model\.layers\.0\.self_attn\.q_proj: input holds NaN"):
             combine_with(dirs, None, CombineOptions(rank=2, group_bytes=group_bytes))
+
+
+def test_a_lists_module_keeps_its_first_group_bytes_resident(tmp_path: Path) -> None:
+    """The release flags of the lists route: the terms that end within the group's bytes stay resident (no
+    fault at every product), the terms past them are dropped as they are used; own (anonymous) arrays never."""
+    dirs, _ = _many(tmp_path, 10, 90, 60, 4, seed=4)  # each term: 4 * (90 + 60) * 4 = 2,400 bytes
+    adapters = [lorafuse.load(d) for d in dirs]
+    name = "model.layers.0.self_attn.q_proj"
+    terms = terms_by_module(adapters, [1.0] * len(adapters))[name]
+    ctx = Context(CombineOptions(group_bytes=3 * 2400 + 100), get_backend(), {name: 4})
+    job, flags = svd_mod._list_job(name, terms, ctx)
+    assert len(job.pairs) == 10 and flags == [False] * 3 + [True] * 7
+    assert svd_mod.working_bytes(name, terms, ctx) >= 3 * 2400  # the kept inputs count in the group's bytes
+    _, everything = svd_mod._list_job(name, terms, Context(CombineOptions(), get_backend(), {name: 4}))
+    assert everything == [False] * 10  # the default group holds all 24 KB
+    own = [Term(t.weight, t.update.with_factors(*(x.copy() for x in t.update.stored_factors()), t.update.scale))
+           for t in terms]
+    assert svd_mod._list_job(name, own, ctx)[1] == [False] * 10

@@ -27,7 +27,6 @@ not by the number of adapters.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -36,77 +35,29 @@ from pathlib import Path
 from lorafuse._validate import (
     check_float,
     check_optional_rank,
-    check_rank,
     check_seed,
     check_threads,
     check_weights,
 )
-from lorafuse.backends import FactorJob, get_backend
+from lorafuse.backends import get_backend
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.safetensors import raise_if_inputs_changed
-from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model.arithmetic import check_linear, check_split, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout
-from lorafuse.model.spectral import factor_cost
 from lorafuse.ops.combine.context import Context, Output
-from lorafuse.ops.combine.groups import by_bytes, stream
+from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
 from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help
-from lorafuse.ops.combine.terms import (
-    Term,
-    Terms,
-    as_adapters,
-    check_linear,
-    check_split,
-    output_ranks,
-    result,
-    stack,
-    terms_by_module,
-)
+from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_by_module
 
 EXACT = tuple(n for n, m in REGISTRY.items() if m.exact)
 STRUCTURED_ABOVE = 1 << 24  # stacked exact factorizations (elements) above which LyCORIS terms go structured
 
 __all__ = ["CombineOptions", "CombineReport", "EXACT", "GROUP_BYTES", "METHODS", "Method", "REGISTRY", "combine",
-           "combine_to", "combine_with", "check_options", "methods_help", "scaled", "truncate", "weighted_cat"]
-
-
-def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
-    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1."""
-    adapters = [a for _, a in terms]
-    check_linear(adapters, "adapter arithmetic")
-    by_module = terms_by_module(adapters, [w for w, _ in terms])
-    updates = {name: ts[0].update.with_factors(*stack(ts, 0, coef_on="A")) for name, ts in by_module.items()}
-    return result(adapters[0], updates, adapters)
-
-
-def scaled(adapter: Adapter, c: float) -> Adapter:
-    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
-    check_linear([adapter], "adapter arithmetic")
-    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
-    return Adapter(updates=updates, config=dict(adapter.config), format=adapter.format,
-                   derived_from=adapter.sources(), state=copy.deepcopy(adapter.state))
-
-
-def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
-    """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core)."""
-    rank = check_rank(rank)
-    threads = check_threads(threads)
-    check_split(split)
-    check_linear([adapter], "rank truncation")
-    names = list(adapter.updates)
-    updates: dict[str, LoraUpdate] = {}
-    be = get_backend()
-    # groups of modules bounded by the size of their exact factorizations (a LoKr's or LoHa's can be large)
-    sizes = [8 * factor_cost(adapter.updates[n])[1] for n in names]
-    for start, stop in by_bytes(sizes, GROUP_BYTES):
-        jobs = [FactorJob(n, *stack([Term(1.0, adapter.updates[n])], threads)) for n in names[start:stop]]
-        # at most each module's full rank min(out, in): never an output padded to an absurd rank
-        results = be.factored_svd(jobs, [min(rank, j.b.shape[0], j.a.shape[1]) for j in jobs], split, threads)
-        updates.update({j.name: adapter.updates[j.name].with_factors(r.b, r.a) for j, r in zip(jobs, results)})
-    raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
-    return result(adapter, updates, [adapter])
+           "combine_to", "combine_with", "check_options", "methods_help"]
 
 
 def check_options(options: CombineOptions) -> CombineOptions:

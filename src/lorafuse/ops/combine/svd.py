@@ -5,9 +5,10 @@ Per module one of four routes, all giving the result of the core's factored SVD 
 - lists: a module whose stack (inputs and copy) would take over a quarter of the group's bytes, whose stacked
   call would take the randomized SVD, and whose inputs are float32 LoRA factors: the backend's
   factored_svd_lists on the per-adapter (B_i, A_i) with weights c_i, nothing stacked or formed. Every product
-  of the range finder goes term by term, and the pages of a term mapped from a file leave the resident set
-  right after its part of each product (the `release` flags), so memory stays flat in the number of adapters;
-  such modules are small in the group's budget, so a group holds many and the backend runs them in parallel.
+  of the range finder goes term by term. The terms within the first group's bytes of a module's inputs stay
+  resident while it runs (they count in its working bytes); the pages of the terms past them, mapped from a
+  file, leave the resident set right after their part of each product (the `release` flags), so memory stays
+  flat in the number of adapters while a module that fits is not faulted in again at every product.
   Same sketch as the stacked call; the result differs from it by float32 rounding only (w_i applied to A_i X,
   not stored in B);
 - dense: a module whose stacked rank R reaches min(out, in), whose stack would take over a quarter of the
@@ -32,6 +33,12 @@ from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.terms import Term, dense_shape, input_arrays, stack
 
 OVERSAMPLE = 10  # the core's default oversampling of factored_svd and dense_svd
+
+
+def _keep(ctx: Context) -> int:
+    """Bytes of a lists-route module's inputs kept resident while it runs (the rest is dropped as used); they
+    count in its working bytes, so a group's resident inputs stay within the group's bytes too."""
+    return ctx.options.group_bytes
 
 
 def _mode(ctx: Context) -> str:
@@ -69,9 +76,10 @@ def working_bytes(name: str, terms: list[Term], ctx: Context) -> int:
     out, inn = dense_shape(terms[0].update)
     if r == "dense":
         return 4 * out * inn + ctx.options.group_bytes // 4
-    if r == "lists":  # the range finder's blocks (sketch width k + oversample) and about one resident term
+    if r == "lists":  # the range finder's blocks (sketch width k + oversample), the inputs kept resident, a term
         width = min(ctx.ranks[name] + OVERSAMPLE, out, inn)
-        return 4 * 8 * (out + inn) * width + 4 * max(factor_cost(t.update)[1] for t in terms)
+        inputs = 4 * _stacked_elements(terms)
+        return 4 * 8 * (out + inn) * width + min(inputs, _keep(ctx)) + 4 * max(factor_cost(t.update)[1] for t in terms)
     if r == "structured":
         return 4 * ctx.ranks[name] * (out + inn)
     return 2 * 4 * _stacked_elements(terms)
@@ -164,5 +172,10 @@ def _list_job(name: str, terms: list[Term], ctx: Context) -> tuple[FactorListJob
     """A module of the lists route: its per-adapter factors and weights, nothing stacked, and per pair whether
     its pages may be dropped after each use (read-only views of a file mapping only)."""
     pairs = [t.update.stored_factors(ctx.options.threads) for t in terms]
-    flags = [ctx.release and releasable(b) and releasable(a) for b, a in pairs]
+    # Dropping a term's pages after each product makes the next product fault them in again (a third of the
+    # time at 128 adapters), so the terms within the first _keep bytes stay resident until the group is done
+    # (groups.stream drops them then) and only the terms past them are dropped as they are used.
+    keep = _keep(ctx)
+    ends = np.cumsum([b.nbytes + a.nbytes for b, a in pairs])
+    flags = [bool(end > keep) and ctx.release and releasable(b) and releasable(a) for end, (b, a) in zip(ends, pairs)]
     return FactorListJob(name, pairs, [t.coef for t in terms]), flags
