@@ -146,7 +146,9 @@ def test_the_model_imports_without_formats_or_ops():
     code = ("import sys, lorafuse.model; bad = sorted(m for m in sys.modules if m.startswith(('lorafuse.formats', "
             "'lorafuse.ops', 'lorafuse.cli'))); print(bad)")
     # lorafuse/__init__ imports the formats (to fill the registry): load the model package without it
-    stub = ("import sys, types, pathlib; p = types.ModuleType('lorafuse'); p.__path__ = [str(pathlib.Path("
-            f"{str(SRC)!r}) / 'lorafuse')]; sys.modules['lorafuse'] = p; ")
+    # (the installed package's own folder: in CI the compiled core lives there, not in src/)
+    here = str(Path(lorafuse.__file__).parent)
+    stub = ("import sys, types; p = types.ModuleType('lorafuse'); "
+            f"p.__path__ = [{here!r}]; sys.modules['lorafuse'] = p; ")
     out = subprocess.run([sys.executable, "-c", stub + code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
