@@ -1,7 +1,10 @@
 """Plots (optional: `pip install lorafuse[plot]`): singular value spectra and similarity heat maps.
 
 matplotlib draws off-screen (an Agg canvas bound to each figure; pyplot and its global
-backend are never touched) and every plot is written atomically as a PNG file.
+backend are never touched) and every plot is written atomically. The file's suffix chooses the
+image format (PLOT_FORMATS: .png, .svg, .pdf, .jpg / .jpeg); any other suffix, or none, is refused
+before any work. Each format carries lorafuse's mark so that a later plot may replace it (io.atomic):
+a PNG text chunk, the SVG description, the PDF keywords, a JPEG comment.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lorafuse.backends import FactorJob, get_backend
 from lorafuse.errors import LorafuseValueError, UnsupportedError
-from lorafuse.io.atomic import atomic_file, check_output
-from lorafuse.io.manifest import png_metadata
+from lorafuse.io.atomic import atomic_file, check_output, check_output_path
+from lorafuse.io.manifest import MARKER_KEY, png_metadata
 from lorafuse.model import Adapter
 
 if TYPE_CHECKING:
@@ -37,11 +40,46 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+# suffix -> matplotlib's format: the formats lorafuse marks as its own (io.atomic recognises the marks)
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The image format the name `path` asks for, by its suffix (any case): 'png', 'svg', 'pdf' or 'jpeg';
+    LorafuseValueError naming the supported suffixes for any other suffix, or none."""
+    suffix = Path(os.fspath(path)).suffix.lower()
+    fmt = PLOT_FORMATS.get(suffix)
+    folder = os.fsdecode(os.fspath(path)).endswith(tuple({os.sep, os.altsep or os.sep}))
+    if fmt is None or folder:
+        said = ("it ends in a path separator, which names a folder" if folder else
+                f"its suffix {suffix!r} is not an image format lorafuse writes" if suffix else "it has no suffix")
+        raise LorafuseValueError(f"plot {path}: {said}; the suffix chooses the image format: give a name ending in "
+                                 f"{', '.join(PLOT_FORMATS)} (e.g. {Path(os.fspath(path)).with_suffix('.png').name})")
+    return fmt
+
+
+def check_plot_output(path: str | os.PathLike[str], inputs: Sequence[Path] = (), overwrite: bool = False) -> str:
+    """Everything a plot's output is checked for before the work: where it is (io.atomic.check_output_path),
+    its suffix (plot_format, returned), what it holds now (io.atomic.check_output)."""
+    check_output_path(path, inputs)
+    fmt = plot_format(path)
+    check_output(path, inputs, folder=False, overwrite=overwrite)
+    return fmt
+
+
 def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], overwrite: bool) -> Path:
-    """The PNG, atomically, with lorafuse's mark (a text chunk) so that a later plot may replace it; an
-    existing file without the mark is refused unless `overwrite` (see io.atomic)."""
+    """The plot, atomically, in the format its suffix names, with lorafuse's mark so that a later plot may
+    replace it; an existing file without the mark is refused unless `overwrite` (see io.atomic)."""
+    fmt = plot_format(path)
+    mark = f"{MARKER_KEY} {png_metadata()[MARKER_KEY]}"
+    options: dict[str, dict[str, Any]] = {
+        "png": {"metadata": png_metadata()},
+        "svg": {"metadata": {"Description": mark, "Date": None}},  # no date: the same plot, the same bytes
+        "pdf": {"metadata": {"Keywords": mark, "CreationDate": None}},
+        "jpeg": {"pil_kwargs": {"comment": mark.encode(), "quality": 92}},
+    }
     with atomic_file(path, inputs, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, metadata=png_metadata())
+        fig.savefig(tmp, format=fmt, dpi=120, **options[fmt])
     return Path(path)
 
 
@@ -86,12 +124,13 @@ def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
 
 def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int = 0,
                   title: str | None = None, overwrite: bool = False) -> Path:
-    """A PNG of the singular values of each module's delta: per module type the mean spectrum (a line)
-    and its min..max over the modules of that type (a band); log y, x = index from 1. `path` may be new,
-    empty or an earlier lorafuse plot; another file is refused unless `overwrite` (checked first)."""
+    """A plot of the singular values of each module's delta: per module type the mean spectrum (a line)
+    and its min..max over the modules of that type (a band); log y, x = index from 1. The suffix of `path`
+    chooses the format (PLOT_FORMATS: .png, .svg, .pdf, .jpg, .jpeg; others are refused). `path` may be
+    new, empty or an earlier lorafuse plot; another file is refused unless `overwrite` (checked first)."""
     if not adapter.updates:
         raise LorafuseValueError(f"{adapter.label}: no modules to plot")
-    check_output(path, adapter.sources(), folder=False, overwrite=overwrite)
+    check_plot_output(path, adapter.sources(), overwrite)
     groups: dict[str, list[np.ndarray]] = {}
     for name, s in spectra(adapter, threads).items():
         groups.setdefault(module_type(name), []).append(s)
@@ -130,7 +169,9 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
 def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequence[str],
                     path: str | os.PathLike[str], inputs: Sequence[Path] = (),
                     title: str = "cosine similarity of the adapters' deltas", overwrite: bool = False) -> Path:
-    """A PNG heat map of a cosine similarity matrix, the values written in the cells."""
+    """A heat map of a cosine similarity matrix, the values written in the cells; the suffix of `path`
+    chooses the format, as for plot_spectrum."""
+    check_plot_output(path, inputs, overwrite)
     m = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
     if m.shape != (n, n):
@@ -151,4 +192,5 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
     return _save(fig, path, inputs, overwrite)
 
 
-__all__ = ["module_type", "plot_similarity", "plot_spectrum", "spectra"]
+__all__ = ["PLOT_FORMATS", "check_plot_output", "module_type", "plot_format", "plot_similarity", "plot_spectrum",
+           "spectra"]

@@ -6,14 +6,25 @@ What an output path may hold before a run (checked before any work, and again ju
 * nothing, an empty folder (a folder output) or an empty file (a file output): written;
 * an earlier lorafuse output: replaced. lorafuse recognises its outputs (see io.manifest): a folder by
   `lorafuse_manifest.json` listing exactly what the folder holds, a .safetensors file by the
-  `lorafuse_version` key of its metadata, a PNG by a text chunk;
+  `lorafuse_version` key of its metadata, a PNG by a text chunk; an SVG, PDF or JPEG plot by the
+  `lorafuse_version VERSION` text that lorafuse.plot puts in its description, keywords or comment
+  (plot_is_ours, below);
 * anything else (a folder of the user's, a lorafuse folder the user added files to, a file lorafuse did
   not write): refused with an OutputError naming the path and what it holds, unless overwrite=True
   (CLI --overwrite), which replaces it and says so (an OverwriteWarning; the CLI prints a note).
 
 Refused whatever `overwrite` says: an output that is, or holds, the current folder or an input; an
 output inside an input folder; a symbolic link (lorafuse would replace the link, not what it points
-to); a folder where a file goes and the reverse; a FIFO, socket or device.
+to); a folder where a file goes and the reverse; a FIFO, socket or device. Paths are compared as the
+system sees them, not as they are spelled: `..` and links are resolved, folders are also compared by
+identity (device and inode: a bind mount, another spelling on a case-insensitive file system), and an
+input folder counts with what its links lead to (a Hugging Face snapshot's files are links into
+`blobs/`: an output holding that folder holds the input).
+
+What an output's name means (output_file, names_file): a name that ends in a path separator, or an
+existing folder, names a folder to write a one-file output into (the file gets a default name there);
+the folder must itself be a place an output may be (not the current folder or one above it, not an
+input folder or a folder holding an input).
 
 A run writes `.NAME.tmp-PID-XXXXXXXX` beside the output NAME (holding an advisory
 lock on it while it lives) and renames it over NAME once complete: a file with
@@ -82,46 +93,168 @@ def _cwd() -> Path | None:
         return None
 
 
-def _relation(out: Path, target: Path, inputs: Iterable[Path]) -> str | None:
-    """Why writing `target` (the output `out`, located) would destroy or change the current folder or an
-    input, or None."""
-    cwd = _cwd()
-    named = str(out) if str(out) == str(target) else f"{out} ({target})"
-    if cwd is not None and target == cwd:
-        return (f"output {named} is the current folder; lorafuse replaces an output as a whole, which would "
-                "delete the folder you are in and everything in it: give a new folder name, e.g. ./merged")
-    if cwd is not None and target in cwd.parents:
-        return (f"output {named} holds the current folder {cwd}; replacing it would delete that folder "
-                "and everything beside it: give a new folder name")
+_LINK_WALK_ENTRIES = 20_000  # entries of an input folder looked at for links that lead out of it
+_LINK_WALK_DEPTH = 4  # folder levels below an input folder (a pipeline's component folders are one)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what `path` leads to, or None when it cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _folder_identity(path: Path) -> tuple[int, int] | None:
+    """_identity of a folder; None for anything else."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _above(path: Path) -> set[tuple[int, int]]:
+    """The identities of the existing folders above `path` (not `path` itself)."""
+    return {i for i in map(_identity, path.parents) if i is not None}
+
+
+def _links_out(folder: Path) -> list[tuple[Path, Path]]:
+    """(link, where it leads) for the links inside `folder` (a few levels down, hidden folders skipped)
+    that lead out of it: the files a Hugging Face snapshot reads live in its `blobs/` folder."""
+    found: list[tuple[Path, Path]] = []
+    budget = _LINK_WALK_ENTRIES
+    stack = [(folder, 0)]
+    while stack and budget > 0:
+        here, depth = stack.pop()
+        try:
+            entries = list(os.scandir(here))
+        except OSError:
+            continue
+        for entry in entries[:budget]:
+            budget -= 1
+            try:
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if target != folder and folder not in target.parents:
+                        found.append((Path(entry.path), target))
+                elif entry.is_dir(follow_symlinks=False) and depth + 1 < _LINK_WALK_DEPTH \
+                        and not entry.name.startswith("."):
+                    stack.append((Path(entry.path), depth + 1))
+            except (OSError, RuntimeError):  # a loop of links, a vanished entry
+                continue
+    return found
+
+
+def _input_places(inputs: Iterable[Path]) -> list[tuple[str, Path]]:
+    """(how to name it, where it is) for every input, resolved, and for what the links inside an input
+    folder lead to."""
+    places: list[tuple[str, Path]] = []
     for p in inputs:
         src = Path(p).resolve()
-        if target == src:
+        places.append((str(p), src))
+        if src.is_dir():
+            places += [(f"{link} (a link to {target})", target) for link, target in _links_out(src)]
+    return places
+
+
+def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str | None = None) -> str | None:
+    """Why writing `target` (the output `out`, located) would destroy or change the current folder or an
+    input, or None. `places`: _input_places of the inputs. `into`: `out` is a folder named to write the
+    file `into` in (not replaced: written into), which must not be any of those either."""
+    cwd = _cwd()
+    named = str(out) if str(out) == str(target) else f"{out} ({target})"
+    target_id = _folder_identity(target)
+    target_above = _above(target)
+    why = ("a folder named as the output of a one-file command may not be the current folder or one above it, "
+           "an input folder or a folder holding an input")
+    example = out / (into or "out")
+    collides = any(example.resolve() == src for _, src in places) if into is not None else False
+    todo = "give the output file's full name" + ("" if collides else f", e.g. {example}")
+    if cwd is not None:
+        cwd_id = _identity(cwd)
+        if target == cwd or (target_id is not None and target_id == cwd_id):
+            if into is not None:
+                return f"output {named} is the current folder; {why}: {todo}"
+            return (f"output {named} is the current folder; lorafuse replaces an output as a whole, which would "
+                    "delete the folder you are in and everything in it: give a new folder name, e.g. ./merged")
+        if target in cwd.parents or (target_id is not None and target_id in _above(cwd)):
+            if into is not None:
+                return f"output {named} holds the current folder {cwd}; {why}: {todo}"
+            return (f"output {named} holds the current folder {cwd}; replacing it would delete that folder "
+                    "and everything beside it: give a new folder name")
+    for p, src in places:
+        src_id = _folder_identity(src)
+        if target == src or (target_id is not None and target_id == src_id):
+            if into is not None:
+                return f"output {out} is the input {p}; {why}: {todo}"
             return f"output {out} would overwrite the input {p}; choose another output path"
-        if target in src.parents:
+        if target in src.parents or (target_id is not None and target_id in _above(src)):
+            if into is not None:
+                return f"output {out} holds the input {p}, which is inside it; {why}: {todo}"
             return (f"output {out} would overwrite the input {p}, which is inside it (replacing {out} deletes "
                     "everything in it); choose another output path")
-        if src in target.parents and src.is_dir():
+        if src_id is not None and (src in target.parents or src_id in target_above):
+            if into is not None:
+                return f"output {out} is inside the input folder {p}; {why}: {todo}"
             return (f"output {out} is inside the input folder {p}; writing there would change an input: choose a "
                     "path outside it")
     return None
 
 
+def _located(out: Path) -> list[Path]:
+    try:
+        return [_location(out), out.resolve()]
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL in the path, a loop of links
+        raise LorafuseValueError(f"output {out}: not a usable path: {e}") from None
+
+
 def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> None:
     """Refuse (OutputError) an output that is or holds the current folder or an input, or that lies
     inside an input folder: replacing it would destroy or change them, `overwrite` or not. Symbolic
-    links are resolved (an output that is a link is checked where it points too)."""
+    links are resolved (an output that is a link is checked where it points too), folders are also
+    compared by identity, and the links inside an input folder count as inputs where they lead."""
     out = Path(out)
-    inputs = list(inputs)
-    try:
-        targets = [_location(out), out.resolve()]
-    except (OSError, ValueError, RuntimeError) as e:  # a NUL in the path, a loop of links
-        raise LorafuseValueError(f"output {out}: not a usable path: {e}") from None
-    for target in targets:
-        why = _relation(out, target, inputs)
+    places = _input_places(inputs)
+    for target in _located(out):
+        why = _relation(out, target, places)
         if why:
             raise OutputError(why)
     if out.name in ("", ".", ".."):
         raise LorafuseValueError(f"output {out}: give the output a name (a path that ends in a file or folder name)")
+
+
+def names_folder(out: str | os.PathLike[str]) -> bool:
+    """Whether `out` names a folder: it ends in a path separator (`out/`), or is an existing folder (links
+    followed)."""
+    text = os.fsdecode(os.fspath(out))
+    return text.endswith(tuple({os.sep, os.altsep or os.sep})) or os.path.isdir(text)
+
+
+def names_file(out: str | os.PathLike[str], suffix: str = ".safetensors") -> bool:
+    """Whether `out` names one file of the kind `suffix` says: its name ends in `suffix` (any case) and no
+    path separator follows."""
+    text = os.fsdecode(os.fspath(out))
+    return not text.endswith(tuple({os.sep, os.altsep or os.sep})) and text.lower().endswith(suffix.lower()) \
+        and len(Path(text).name) > len(suffix)
+
+
+def output_file(out: str | os.PathLike[str], name: str, inputs: Iterable[Path] = (),
+                suffix: str = ".safetensors") -> Path:
+    """Where a one-file output named `out` goes: `out` itself, or `out/name` when `out` names a folder
+    (names_folder) and not a `suffix` file (names_file: `x.safetensors` is a file, even where a folder of
+    that name exists, and is refused there by check_output). The folder must be a place an output may be:
+    OutputError when it is or holds the current folder or an input, or is inside an input folder."""
+    if names_file(out, suffix) or not names_folder(out):
+        return Path(out)
+    folder = Path(out)
+    places = _input_places(inputs)
+    for target in _located(folder):
+        why = _relation(folder, target, places, into=name)
+        if why:
+            raise OutputError(why)
+    return folder / name
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -173,12 +306,65 @@ def _judge_folder(out: Path, overwrite: bool) -> str | None:
                       f"them: nothing was written. {todo}, or {_OVERWRITE_HINT} with everything in it")
 
 
+_PLOT_MARK = re.compile(rb"%s [0-9A-Za-z.+_-]{1,64}" % MARKER_KEY.encode())
+_PLOT_HEAD = 64 << 10  # an SVG's metadata comes first
+_PLOT_TAIL = 1 << 20  # a PDF's Info dictionary comes last, before the cross-reference table
+
+
+def _jpeg_marked(fd: int, size: int) -> bool:
+    """A JPEG with lorafuse's mark in a comment (COM) segment before its image data."""
+    pos = 2
+    for _ in range(1000):
+        head = os.pread(fd, 4, pos)
+        if len(head) < 4 or head[0] != 0xFF or head[1] in (0xDA, 0xD9):  # start of scan, end of image
+            return False
+        length = int.from_bytes(head[2:], "big")
+        if length < 2:
+            return False
+        if head[1] == 0xFE and _PLOT_MARK.fullmatch(os.pread(fd, length - 2, pos + 4)):
+            return os.pread(fd, 2, size - 2) == b"\xff\xd9"
+        pos += 2 + length
+    return False
+
+
+def plot_is_ours(path: Path) -> bool:
+    """True when `path` is an intact SVG, PDF or JPEG plot that lorafuse wrote (lorafuse.plot marks them
+    with `lorafuse_version VERSION`: an SVG in its dc:description, a PDF in its Keywords, a JPEG in a
+    comment). PNG plots and .safetensors files: io.manifest.file_is_ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        head = os.pread(fd, _PLOT_HEAD, 0)
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg_marked(fd, st.st_size)
+        if head.startswith((b"<?xml", b"<svg")):
+            tail = os.pread(fd, 64, max(st.st_size - 64, 0))
+            m = re.search(rb"<dc:description>(.{1,200}?)</dc:description>", head, re.DOTALL)
+            return m is not None and _PLOT_MARK.fullmatch(m.group(1)) is not None and \
+                tail.rstrip().endswith(b"</svg>")
+        if head.startswith(b"%PDF-"):
+            tail = os.pread(fd, _PLOT_TAIL, max(st.st_size - _PLOT_TAIL, 0))
+            m = re.search(rb"/Keywords \(([^)]{1,200})\)", tail)
+            return m is not None and _PLOT_MARK.fullmatch(m.group(1)) is not None and \
+                tail.rstrip().endswith(b"%%EOF")
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
     """As _judge_folder, for an existing regular file where a file output goes."""
-    if st.st_size == 0 or file_is_ours(out):
+    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out):
         return None
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
-            "the metadata of its .safetensors files and PNG plots)")
+            "the metadata of its .safetensors files and plots)")
     if overwrite:
         return f"--overwrite replaced {out}, {what}"
     raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_OVERWRITE_HINT}")
@@ -204,7 +390,8 @@ def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
                           "with --overwrite: give the path it points to, or remove the link")
     if stat.S_ISDIR(mode):
         if not folder:
-            raise OutputError(f"output {out} is a folder; give a file name (e.g. {out / 'out.safetensors'}): lorafuse "
+            example = out / ("out" + (out.suffix or ".safetensors"))
+            raise OutputError(f"output {out} is a folder; give a file name (e.g. {example}): lorafuse "
                               "does not replace a folder with a file, even with --overwrite")
         return _judge_folder(out, overwrite)
     if not stat.S_ISREG(mode):

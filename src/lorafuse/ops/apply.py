@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse._progress import PhaseTimer, ProgressCallback, ProgressReporter, progress_callback
+from lorafuse._terminal import plural
 from lorafuse._validate import check_threads
 from lorafuse.backends import MergeJob, get_backend
 from lorafuse.errors import (
@@ -39,7 +40,7 @@ from lorafuse.errors import (
     NonFiniteError,
 )
 from lorafuse.formats import load
-from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
+from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
 from lorafuse.io.dtypes import DTYPES, parse_output_dtype
 from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
@@ -483,6 +484,13 @@ def apply(
     `progress`: a callable receives a `ProgressEvent` for every step of the output (each tensor's
     bytes, exactly once); True draws a bar on stderr, None (default) draws one when stderr is a
     terminal, False reports nothing.
+
+    What `out` names (checked before any work): with a single-file base, the output file, or, when `out`
+    ends in a path separator or is an existing folder, the file of the base's name inside it. With a
+    checkpoint folder base, a folder (config and tokenizer files copied), or one file holding every
+    tensor when `out` ends in `.safetensors`: the folder's other files cannot go into it and a note lists
+    them; refused when the merge changes config.json in a way the weights depend on (an lm_head untied
+    from its embedding), with `max_shard_size`, and for a diffusers pipeline base (a folder of components).
     """
     start = time.monotonic()
     if out is None:
@@ -491,14 +499,14 @@ def apply(
         raise LorafuseValueError("apply needs at least one adapter")
     ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     if len(ws) != len(adapters):
-        raise LorafuseValueError(f"{len(ws)} weights given for {len(adapters)} adapters")
+        raise LorafuseValueError(f"{plural(len(ws), 'weight')} given for {plural(len(adapters), 'adapter')}")
     if not all(math.isfinite(w) for w in ws):
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
     threads = check_threads(threads)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
-    base_path, out_path = Path(base), Path(out)
+    base_path = Path(base)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
     if is_pipeline(base_path):
         if max_shard_size is not None:
@@ -508,18 +516,21 @@ def apply(
         model = Pipeline.of_checkpoint(Checkpoint(base_path))
     inputs = [base_path, *model.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
     single_file = model.single and base_path.is_file()
-    check_output(out_path, inputs, folder=not single_file, overwrite=overwrite)
-    if single_file and limit is not None:
-        raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
+    out_path, one_file = _output_path(out, base_path, model, single_file, limit, inputs)
+    check_output(out_path, inputs, folder=not one_file, overwrite=overwrite)
 
     timings = PhaseTimer("apply")
     with timings.phase("plan (match, resolve, stages not included)"):
-        mplan = plan_model(model, loaded, ws, out_dtype, limit, skip_missing)
+        # a folder into one file: every tensor in one shard (its name is not used)
+        mplan = plan_model(model, loaded, ws, out_dtype, sys.maxsize if one_file and not single_file else limit,
+                           skip_missing)
+    if one_file and not single_file:
+        _one_file_notes(mplan, base_path, out_path)
     callback, close_bar = progress_callback(progress, "apply")
     reporter = ProgressReporter("apply", mplan.total_bytes, mplan.total_tensors, callback)
     run = _Run(mplan, threads, reporter, allow_nonfinite, timings)
     try:
-        if single_file:
+        if one_file:
             with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
                 run.write_file(tmp)
         else:
@@ -531,6 +542,61 @@ def apply(
     timings.report()
     return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
                        time.monotonic() - start, mplan.notes)
+
+
+def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, single_file: bool, limit: int | None,
+                 inputs: Sequence[Path]) -> tuple[Path, bool]:
+    """Where the output goes and whether it is one file (see apply's docstring), refusing before any work
+    a name that the base cannot become."""
+    if single_file:
+        if limit is not None:
+            raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
+        return output_file(out, base.name, inputs, SAFETENSORS_SUFFIX), True
+    if not names_file(out, SAFETENSORS_SUFFIX):
+        return Path(out), False
+    folder = Path(out).with_name(Path(out).name[: -len(SAFETENSORS_SUFFIX)])
+    if not model.single:
+        raise LorafuseValueError(
+            f"output {out} ends in {SAFETENSORS_SUFFIX}, which names one file, but the base {base} is a diffusers "
+            f"pipeline ({', '.join(model.components)} and the files around them), which is written as a folder: "
+            f"give a folder name, e.g. {folder}")
+    if limit is not None:
+        raise LorafuseValueError(
+            f"--max-shard-size splits a checkpoint folder into shards, and the output {out} (ending in "
+            f"{SAFETENSORS_SUFFIX}) names one file: leave --max-shard-size out, or give a folder name, e.g. {folder}")
+    return Path(out), True
+
+
+def _one_file_notes(mplan: ModelPlan, base: Path, out: Path) -> None:
+    """A checkpoint folder written as one .safetensors file: what of the folder is not in it (a note), and
+    a refusal when the weights need a config.json that differs from the base's (an untied lm_head)."""
+    plan = mplan.plans[""]
+    folder = Path(out).with_name(out.name[: -len(SAFETENSORS_SUFFIX)])
+    if "tie_word_embeddings" in plan.config_updates:
+        raise LorafuseValueError(
+            f"output {out} names one .safetensors file, but this merge unties lm_head from the input embedding (only "
+            f"one of them changes), which config.json must then say (tie_word_embeddings=false); a .safetensors "
+            f"file cannot carry config.json, and with {base}/config.json a model would tie them again: give a "
+            f"folder name (e.g. {folder}) to get the checkpoint with its updated config.json")
+    ckpt = mplan.model.components[""]
+    skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}
+    try:
+        left = sorted(p.name + ("/" if p.is_dir() else "") for p in ckpt.directory.iterdir()
+                      if p.name not in skip and not p.name.startswith("."))
+    except OSError:
+        left = []
+    changed = {k: v for k, v in plan.config_updates.items() if k in ("torch_dtype", "dtype")}
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        mplan.notes.append(f"{out} is one .safetensors file, which holds tensors only: {shown} of {base} are not in "
+                           f"it (a loader needs config.json and the tokenizer files beside the weights; give a "
+                           f"folder name, e.g. {folder}, to get them copied)")
+    if changed:
+        config = read_config(ckpt.directory)
+        key, dtype = next(iter(changed.items()))
+        mplan.notes.append(f"the float tensors of {out} are {dtype}, and {base}/config.json says {key}="
+                           f"{config.get(key)}: tell the loader the dtype, or give a folder name to get a "
+                           "config.json that says it")
 
 
 def _adapter_files(loaded: Sequence[Adapter]) -> list[Path]:

@@ -1,0 +1,163 @@
+"""What the name of an adapter output means (issue #18), decided before any work.
+
+* A name ending in `.safetensors` (any case) names one file. When the output's format is a folder
+  format (PEFT: adapter_config.json + adapter_model.safetensors) because the inputs are PEFT folders
+  and no format was asked for, the adapter is written in the first one-file format whose writer can
+  hold its modules (ONE_FILE_FORMATS: diffusers LoRA names `<component>.<module>`, kohya names
+  `lora_unet_...`), with a note saying so; when none can, or the folder format was asked for
+  (`--format peft`), the name is refused, saying why and what to give instead.
+* A name ending in a path separator, or an existing folder, with a one-file format: the file is written
+  inside that folder under a default name (file_name: `pytorch_lora_weights.safetensors` for diffusers,
+  which diffusers' load_lora_weights(folder) looks for; else the first input's file name), never as a
+  file named like the folder. The folder must be a place an output may be (io.atomic.output_file).
+* Any other name is written as it is, in the format chosen.
+
+Whether a writer can hold an adapter is asked of the writer itself: its WritePlan is made from the
+adapter's modules as plain LoRA placeholders (model.layout), which reads no factor values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafuse.errors import LorafuseError, LorafuseValueError
+from lorafuse.formats.diffusers import WEIGHT_NAME, diffusers_plan
+from lorafuse.formats.kohya import kohya_plan
+from lorafuse.formats.peft import peft_plan
+from lorafuse.formats.streaming import WritePlan, write_adapter
+from lorafuse.io.atomic import names_file, output_file
+from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.io.dtypes import DTYPES
+from lorafuse.model import Adapter
+from lorafuse.model.layout import ModuleLayout
+from lorafuse.model.names import Kind
+from lorafuse.model.update import Update
+
+ADAPTER_SUFFIX = ".safetensors"
+FOLDER_FORMATS = {"peft": "a folder holding adapter_config.json and adapter_model.safetensors"}
+ONE_FILE_FORMATS = ("diffusers", "kohya")  # tried in this order for a PEFT adapter given a .safetensors name
+_PLANS: dict[str, Callable[[Adapter], WritePlan]] = {"peft": peft_plan, "kohya": kohya_plan,
+                                                     "diffusers": diffusers_plan}
+
+
+@dataclass(frozen=True)
+class AdapterOutput:
+    """Where an adapter output goes and in which format; `note` says what the name changed, if anything."""
+
+    path: Path
+    format: str
+    note: str | None = None
+
+
+def file_name(fmt: str, adapters: Sequence[Adapter]) -> str:
+    """The name of a one-file output written into a folder: diffusers' own for a diffusers LoRA file, else the
+    first input's file name (a folder input's name with .safetensors)."""
+    if fmt == "diffusers":
+        return WEIGHT_NAME
+    first = next((a.path for a in adapters if a.path is not None), None)
+    if first is None:
+        return "adapter" + ADAPTER_SUFFIX
+    name = first.resolve().name if first.name in ("", ".", "..") else first.name
+    return name if name.lower().endswith(ADAPTER_SUFFIX) and not first.is_dir() else name + ADAPTER_SUFFIX
+
+
+def _placeholder(name: str, u: Update) -> Update:
+    try:
+        return dataclasses.replace(ModuleLayout.like(u, 1), name=name).placeholder()
+    except LorafuseError:  # a kind no layout has: the writer judges the update itself
+        return u
+
+
+def _plain(adapter: Adapter) -> Adapter:
+    """`adapter` with its modules as plain LoRA placeholders: what combine and resize write."""
+    return dataclasses.replace(adapter, updates={n: _placeholder(n, u) for n, u in adapter.updates.items()},
+                               randomized=[], notes=[])
+
+
+def refusal(fmt: str, adapters: Sequence[Adapter]) -> str | None:
+    """None when the writer of `fmt` can hold the modules of every adapter (as plain LoRA: names, kinds,
+    full tensors), else its reason."""
+    plan = _PLANS.get(fmt)
+    if plan is None:
+        return f"lorafuse has no writer called {fmt!r}"
+    for a in adapters:
+        try:
+            plan(_plain(a))
+        except LorafuseError as e:
+            return str(e)
+    return None
+
+
+def _folder_suggestion(out: str | os.PathLike[str]) -> str:
+    p = Path(out)
+    return str(p.with_name(p.name[: -len(ADAPTER_SUFFIX)]))
+
+
+def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
+                   *, asked: str | None = None) -> AdapterOutput:
+    """Where and how an adapter of format `fmt` (the one asked for, or the inputs' own) is written for the
+    output name `out` (see the module's docstring). `asked`: the option that chose `fmt` ('--format peft'),
+    None when it is the default. `adapters`: what the output will hold (its module names and kinds).
+    Raises LorafuseValueError for a name the format cannot have, OutputError for a folder named to write
+    into that may not be written into."""
+    if fmt in FOLDER_FORMATS:
+        if not names_file(out, ADAPTER_SUFFIX):
+            return AdapterOutput(Path(out), fmt)
+        what = FOLDER_FORMATS[fmt]
+        if asked is not None:
+            raise LorafuseValueError(
+                f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but {asked} writes {what}: give a "
+                f"folder name (e.g. {_folder_suggestion(out)}), or a one-file format "
+                f"({', '.join(ONE_FILE_FORMATS)}) for one file")
+        reasons = []
+        for candidate in ONE_FILE_FORMATS:
+            why = refusal(candidate, adapters)
+            if why is None:
+                return AdapterOutput(Path(out), candidate,
+                                     f"{out} ends in {ADAPTER_SUFFIX}: written as one {candidate} LoRA file, not as a "
+                                     f"{fmt} adapter ({what}; give a folder name for that)")
+            reasons.append(f"{candidate}: {why}")
+        raise LorafuseValueError(
+            f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but a {fmt} adapter is {what}, and no "
+            f"one-file format can hold these modules ({'; '.join(reasons)}): give a folder name, e.g. "
+            f"{_folder_suggestion(out)}")
+    return AdapterOutput(output_file(out, file_name(fmt, adapters), inputs, ADAPTER_SUFFIX), fmt)
+
+
+def save_as(adapter: Adapter, fmt: str, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
+            overwrite: bool = False) -> Path:
+    """Write `adapter` in the format `fmt` (its writer's WritePlan), never over `inputs` (see io.atomic)."""
+    return write_adapter(_PLANS[fmt](adapter), adapter.updates, out, inputs, overwrite)
+
+
+def checkpoint_modules(base: str | os.PathLike[str], include: str | None = None,
+                       exclude: str | None = None) -> Adapter:
+    """The modules an extract from `base` may write, as plain LoRA placeholders (names from the weight keys,
+    `include` / `exclude` applied as extract applies them): what adapter_output needs to judge a name
+    before extracting. Reads the checkpoint's headers only."""
+    def search(pattern: str | None, name: str) -> bool | None:
+        try:
+            return None if not pattern else re.search(pattern, name) is not None
+        except re.error:  # extract reports the bad expression
+            return None
+
+    ckpt = Checkpoint(base)
+    updates: dict[str, Update] = {}
+    for key in ckpt.keys():
+        info = ckpt.info(key)
+        module = key.removesuffix(".weight")
+        if not key.endswith(".weight") or len(info.shape) not in (2, 4) or not DTYPES[info.dtype].is_float \
+                or 0 in info.shape or search(include, module) is False or search(exclude, module):
+            continue
+        kind: Kind = "conv" if len(info.shape) == 4 else "linear"
+        updates[module] = ModuleLayout(module, kind, tuple(info.shape), 1).placeholder()
+    return Adapter(updates=updates, path=Path(base))
+
+
+__all__ = ["ADAPTER_SUFFIX", "FOLDER_FORMATS", "ONE_FILE_FORMATS", "AdapterOutput", "adapter_output",
+           "checkpoint_modules", "file_name", "refusal", "save_as"]
