@@ -1,9 +1,10 @@
 """combine_to: a combination written module group by module group to its output (formats.streaming).
 
 The streamed output must be the very file `combine_with(...).save(...)` writes, for every method and
-every format, LoRA and LyCORIS inputs, conv kernels included; its deltas are checked against numpy
-float64 here for the exact methods; and it follows the output rules (nothing at `out`, or the previous
-output intact, after an error or a changed input)."""
+every format, LoRA and LyCORIS inputs, conv kernels included, F32, F16 and BF16 factors (written in the
+inputs' dtype, or the one asked for); its deltas are checked against numpy float64 here for the exact
+methods; and it follows the output rules (nothing at `out`, or the previous output intact, after an error
+or a changed input)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.errors import InputChangedError, UnsupportedError
+from lorafuse.errors import AdapterNote, InputChangedError, UnsupportedError
 from lorafuse.ops import combine as combine_pkg
 from lorafuse.ops.combine import METHODS, REGISTRY, CombineOptions, combine_to, combine_with
 from lycoris_fixtures import network, save
@@ -64,6 +68,25 @@ def _kohya(path: Path, seed: int) -> Path:
     return path
 
 
+def _kohya_bf16(path: Path, seed: int) -> Path:
+    """As _kohya, BF16 factors and alphas (torch: numpy has no bfloat16)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, o, i, k, r, alpha in KOHYA:
+        tensors[f"{name}.lora_down.weight"] = torch.randn((r, i, k, k) if k else (r, i), generator=g).bfloat16()
+        tensors[f"{name}.lora_up.weight"] = torch.randn((o, r, 1, 1) if k else (o, r), generator=g).bfloat16()
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+    save_torch(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": "4"})
+    return path
+
+
+def _factor_dtypes(path: Path) -> set[str]:
+    """The dtypes of a file's tensors other than kohya's .alpha, as the safetensors package reads them."""
+    with safe_open(str(path), "pt") as f:
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys() if not k.endswith(".alpha")}
+
+
 @pytest.fixture(scope="module")
 def peft_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("peft_in")
@@ -74,6 +97,12 @@ def peft_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def kohya_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("kohya_in")
     return [_kohya(tmp / f"k{i}.safetensors", 10 + i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def kohya_bf16_inputs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("kohya_bf16_in")
+    return [_kohya_bf16(tmp / f"b{i}.safetensors", 10 + i) for i in range(3)]
 
 
 def _options(method: str, **kw: object) -> CombineOptions:
@@ -107,6 +136,32 @@ def test_kohya_stream_with_conv_kernels_is_the_saved_file(tmp_path, kohya_inputs
         assert report.ranks["lora_unet_down_blocks_0_attentions_0_proj_in"] == 6
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+@pytest.mark.parametrize("method", ["svd", "cat", "ties", "ties_svd"])
+def test_f16_and_bf16_inputs_stream_in_their_dtype(tmp_path, kohya_inputs, kohya_bf16_inputs, method, dtype):
+    inputs = kohya_inputs if dtype == "F16" else kohya_bf16_inputs
+    options = _options(method, conv_rank=3 if REGISTRY[method].takes_rank else None)
+    saved, streamed, report = _both(inputs, options, tmp_path, None, ".safetensors")
+    assert streamed.read_bytes() == saved.read_bytes()
+    assert report.dtype == dtype and _factor_dtypes(streamed) == {dtype}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_dtype_asked_for_streams_to_the_saved_file(tmp_path, kohya_inputs, dtype):
+    saved, streamed, report = _both(kohya_inputs, _options("svd", dtype=dtype), tmp_path, None, ".safetensors")
+    assert streamed.read_bytes() == saved.read_bytes()
+    want = {"fp32": "F32", "bf16": "BF16"}[dtype]
+    assert report.dtype == want and _factor_dtypes(streamed) == {want}
+
+
+def test_mixed_dtypes_stream_as_f32(tmp_path, kohya_inputs, kohya_bf16_inputs):
+    inputs = [kohya_inputs[0], kohya_bf16_inputs[1], kohya_inputs[2]]
+    with pytest.warns(AdapterNote, match="the inputs' factors are BF16 and F16"):
+        saved, streamed, report = _both(inputs, _options("cat"), tmp_path, None, ".safetensors")
+    assert streamed.read_bytes() == saved.read_bytes()
+    assert report.dtype == "F32" and _factor_dtypes(streamed) == {"F32"}
+
+
 def _reference_delta(paths: list[Path], name: str) -> np.ndarray:
     """sum_i w_i * s_i * B_i A_i in float64, from the files read by the safetensors package."""
     total = None
@@ -121,7 +176,8 @@ def _reference_delta(paths: list[Path], name: str) -> np.ndarray:
 
 
 def test_cat_stream_is_the_exact_sum(tmp_path, kohya_inputs):
-    report = combine_to(kohya_inputs, WEIGHTS, _options("cat"), tmp_path / "cat.safetensors")
+    # float32 factors: the exact sum, not its rounding to the inputs' F16 (test_output_dtype checks that)
+    report = combine_to(kohya_inputs, WEIGHTS, _options("cat", dtype="fp32"), tmp_path / "cat.safetensors")
     out = lorafuse.load(report.out)
     for name, *_ in KOHYA:
         want = _reference_delta(kohya_inputs, name)

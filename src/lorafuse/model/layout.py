@@ -4,24 +4,33 @@ values. A format computes from it everything that depends on all modules (config
 safetensors header); the updates then arrive one by one (`AdapterWriter.put`), each checked against
 its entry. The writers are the formats' (lorafuse.formats.streaming); the registry's `open_stream`
 entry opens one.
+
+Which dtype the factors an operation recomputes get (output_dtype: the one asked for, else the inputs'),
+and their rounding to it (rounded), are here too: a streamed output's layout and the saved adapter
+must agree on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
-from lorafuse.io.dtypes import DTYPES
+from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.names import Kind
+from lorafuse.model.tucker import TuckerFactor
 from lorafuse.model.update import Update
+
+if TYPE_CHECKING:
+    from lorafuse.model.adapter import Adapter
 
 _KINDS = ("linear", "conv", "embedding")
 
@@ -160,6 +169,76 @@ class AdapterLayout(Mapping[str, ModuleLayout]):
         return {n: m.placeholder() for n, m in self._modules.items()}
 
 
+def factor_dtypes(updates: Iterable[Update]) -> list[str]:
+    """The dtypes the updates' factors are stored in (lora_A / lora_B, lora_down / lora_up, lora_mid, the
+    LoHa / LoKr pieces; not a DoRA magnitude or a lora_B bias), sorted."""
+    found: set[str] = set()
+    for u in updates:
+        if isinstance(u, LoraUpdate):
+            found.update(t.dtype for t in ((u.A.mid, u.A.down) if isinstance(u.A, TuckerFactor) else (u.A,)))
+            found.add(u.B.dtype)
+        else:
+            found.update(t.dtype for t in u.tensors.values())
+    return sorted(found)
+
+
+def factors_dtype(dtypes: Iterable[str]) -> str:
+    """The dtype of the factors an operation recomputes from inputs whose factors have `dtypes`
+    (factor_dtypes): their one dtype when it is F32, F16 or BF16, else F32 (mixed dtypes, F64, F8)."""
+    found = set(dtypes)
+    return found.pop() if len(found) == 1 and found <= set(WRITABLE_FLOATS) else "F32"
+
+
+def check_dtype(dtype: object) -> str | None:
+    """None, or the safetensors name ('F32', 'F16', 'BF16') of an output dtype given as 'fp32', 'fp16',
+    'bf16' or an alias io.dtypes accepts ('float', 'half', 'bfloat16', 'torch.float16', ...)."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, str):
+        raise LorafuseValueError(f"dtype must be 'fp32', 'fp16', 'bf16' or None, got {dtype!r}")
+    return parse_output_dtype(dtype)
+
+
+def output_dtype(adapters: Sequence[Adapter], dtype: object, what: str) -> str:
+    """The dtype of the factors `what` (combine, resize) recomputes from `adapters`: `dtype` (check_dtype)
+    when given, else the inputs' factor dtype (factors_dtype); inputs whose factors differ (or are F64 / F8)
+    get F32, said in an AdapterNote that names them."""
+    chosen = check_dtype(dtype)
+    if chosen is not None:
+        return chosen
+    per_input = [(a.label, factor_dtypes(a.updates.values())) for a in adapters]
+    found = sorted({d for _, ds in per_input for d in ds})
+    out = factors_dtype(found)
+    if found and found != [out]:
+        shown = "; ".join(f"{label}: {'/'.join(ds)}" for label, ds in per_input[:4] if ds)
+        more = "; ..." if len(per_input) > 4 else ""
+        warnings.warn(f"{what}: the inputs' factors are {' and '.join(found)} ({shown}{more}), so the result's "
+                      f"are {out} (--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote, stacklevel=3)
+    return out
+
+
+_LARGEST = {"F16": "65504", "BF16": "3.39e38"}
+
+
+def rounded(update: LoraUpdate, dtype: str, threads: int = 0) -> LoraUpdate:
+    """`update` with its factors rounded once, to nearest even, to `dtype` (F32, F16 or BF16); the update
+    itself when they already are. A finite value that the rounding makes infinite (above the dtype's
+    largest finite value) is refused with NonFiniteError naming the module: the float32 factors had it."""
+    if update.A.dtype == dtype and update.B.dtype == dtype:
+        return update
+    if dtype not in WRITABLE_FLOATS:
+        raise LorafuseValueError(f"module {update.name!r}: factors can be written as {', '.join(WRITABLE_FLOATS)}, "
+                                 f"not {dtype!r}")
+    a, b = update.A.to(dtype, threads), update.B.to(dtype, threads)
+    for before, after in ((update.A, a), (update.B, b)):
+        x = before.f32(threads)
+        if not np.isfinite(after.f32(threads)).all() and np.isfinite(x).all():
+            raise NonFiniteError(f"module {update.name!r}: a factor value ({float(np.abs(x).max()):.4g}) is beyond "
+                                 f"the largest finite {dtype} ({_LARGEST.get(dtype, '?')}); write the factors as "
+                                 "float32 (--dtype fp32, dtype='fp32')")
+    return dataclasses.replace(update, A=a, B=b)
+
+
 class AdapterWriter(Protocol):
     """A streamed output being written: `put` each module's update (any order, each once), then `close`
     (commits the output atomically) or `abort` (removes what was written). As a context manager it
@@ -177,4 +256,5 @@ class AdapterWriter(Protocol):
                  tb: TracebackType | None) -> None: ...
 
 
-__all__ = ["AdapterLayout", "AdapterWriter", "ModuleLayout"]
+__all__ = ["AdapterLayout", "AdapterWriter", "ModuleLayout", "check_dtype", "factor_dtypes", "factors_dtype",
+           "output_dtype", "rounded"]

@@ -3,6 +3,9 @@
 Per module: thin QR of B and of A^T, SVD of the r x r core (the C++ factored path), the
 rank from the rule (ops.rank), and the leading k singular directions as the new factors.
 Each module keeps its scale: the factors approximate B A and the stored scale is unchanged.
+The new factors are computed in float32 / float64 and rounded once, to nearest even, to `dtype`: by
+default the input's factor dtype when all its factors share one of F32, F16, BF16 (kohya's resize
+with --save_precision), else F32 (with an AdapterNote). A lora_B bias and kohya `.alpha` keep theirs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats import load
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LycorisUpdate, Update
+from lorafuse.model.layout import output_dtype, rounded
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -33,7 +37,11 @@ GROUP = 64  # modules per call into the core (the progress bar advances per grou
 
 
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
-           threads: int = 0, progress: bool | None = None) -> tuple[Adapter, list[ModuleReport]]:
+           threads: int = 0, progress: bool | None = None,
+           dtype: str | None = None) -> tuple[Adapter, list[ModuleReport]]:
+    """The adapter with every module's rank reduced by `rule`, and a report per module. `dtype` ('fp32',
+    'fp16', 'bf16' or an alias io.dtypes accepts, like kohya's --save_precision 'float') is the dtype of the
+    new factors; None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32."""
     threads = check_threads(threads)
     if not isinstance(rule, RankRule):
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
@@ -43,6 +51,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         if u.magnitude is not None:
             raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
                                    "of the magnitude vector")
+    out_dtype = output_dtype([a], dtype, "resize")
     names = list(a.updates)
     results: dict[str, tuple] = {}
     bar = Progress(len(names), "resize", progress, unit="modules")
@@ -67,7 +76,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         b2, a2, s = results[n]
         u = a.updates[n]
         k = min(rule.choose(s), u.rank, b2.shape[1])
-        new = u.with_factors(b2[:, :k], a2[:k], scale=u.scale)
+        new = rounded(u.with_factors(b2[:, :k], a2[:k], scale=u.scale), out_dtype, threads)
         new.bias = u.bias
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))

@@ -15,7 +15,10 @@ class CombineOptions:
     randomized SVD sketches; `split`: singular values on B ('B', like PEFT) or sqrt on both ('sqrt');
     `threads`: 0 = all cores; `exact`: svd takes its exact path for every module; `group_bytes`: the
     working memory of one group of modules (inputs, stacks, dense matrices), which bounds peak memory
-    whatever the number of adapters (a module larger than it forms a group alone)."""
+    whatever the number of adapters (a module larger than it forms a group alone); `dtype`: the dtype of the
+    written factors, 'fp32' / 'fp16' / 'bf16' or an alias io.dtypes accepts (kohya's 'float', 'torch.bfloat16',
+    ...); None: the inputs' factor dtype when they all share one of F32, F16, BF16, else F32. The math is
+    float32 / float64 either way; only the result's factors are rounded, once, to nearest even."""
 
     method: str = "svd"
     rank: int | None = None
@@ -27,3 +30,4 @@ class CombineOptions:
     threads: int = 0
     exact: bool = False
     group_bytes: int = GROUP_BYTES
+    dtype: str | None = None
