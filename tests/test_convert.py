@@ -636,9 +636,9 @@ def test_diffusers_reader_refuses_what_it_cannot_read(tmp_path):
          "r=4 but the tensors have rank 2"),
         ({"unet.conv_in.lora_A.weight": a, "unet.conv_in.lora_B.weight": b,
           "unet.conv_in.lora_magnitude_vector": torch.ones(8)}, None, UnsupportedError, "DoRA"),
-        ({"unet.conv_in.lora_A.weight": a}, None, lorafuse.FormatError, "no lora_B.weight"),
+        ({"unet.conv_in.lora_A.weight": a}, None, lorafuse.FormatError, "no lora_B half: 'unet.conv_in.lora_B.weight' is not in"),
         ({"unet.conv_in.lora_A.weight": a, "unet.conv_in.lora_B.weight": torch.zeros(8, 3)}, None,
-         lorafuse.ShapeMismatchError, r"lora_A \(2, 8\) and lora_B \(8, 3\)"),
+         lorafuse.ShapeMismatchError, r"lora_A.weight' \(2, 8\) and 'unet.conv_in.lora_B.weight' \(8, 3\) are not LoRA factors of one rank"),
     ]
     for i, (tensors, meta, error, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.safetensors"

@@ -34,7 +34,9 @@ def _expected() -> str:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The registered format that recognises `path` ('kohya' for a .safetensors file with
     `.lora_down.weight` (or LyCORIS) keys, 'diffusers' for one with `<component>.<module>.lora_A.weight`
-    keys, 'peft' for a PEFT adapter folder); raises FormatError for anything unknown."""
+    keys or diffusers' own LoRA-layer / attention-processor names (`.lora.down.weight`,
+    `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`: formats.diffusers), 'peft' for
+    a PEFT adapter folder); raises FormatError for anything unknown."""
     p = Path(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")

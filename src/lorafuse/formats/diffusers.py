@@ -6,6 +6,18 @@ Keys are `<component>.<module path>.lora_A.weight` (r x in, or r x in x kh x kw)
 `text_encoder_2`, `text_encoder_3`, `transformer`. The canonical module name is the key
 without the suffix: `unet.down_blocks.0.attentions.0.proj_in`.
 
+Also read (never written), with the same module names and scales, and mixed freely in one file:
+- diffusers' own LoRA-layer names, what its training scripts save
+  (`convert_state_dict_to_diffusers(get_peft_model_state_dict(model))`, which renames a PEFT state
+  dict's `to_q` / `to_k` / `to_v` / `to_out.0` factors and leaves other modules' `lora_A` / `lora_B`):
+  `<module>.lora.down.weight` / `.lora.up.weight` (A / B) and, in text encoders,
+  `<module>.lora_linear_layer.down.weight` / `.up.weight` (`q_proj` / `k_proj` / `v_proj` / `out_proj`);
+- the attention-processor names of older diffusers files:
+  `<attention>[.processor].to_q_lora.down.weight` / `.up.weight` (also `to_k_lora`, `to_v_lora`,
+  `to_out_lora`), module `<attention>.to_q` ... `<attention>.to_out.0`, in a text encoder
+  `<attention>.q_proj` ... `<attention>.out_proj` (diffusers' `convert_unet_state_dict_to_peft` /
+  `DIFFUSERS_OLD_TO_PEFT`).
+
 Scales: the `lora_adapter_metadata` entry of the file's `__metadata__` holds one PEFT
 `LoraConfig` per component, flattened with the component as prefix (`"unet.r"`,
 `"unet.lora_alpha"`, `"unet.rank_pattern"`, ...); diffusers 0.42 reads it in
@@ -46,9 +58,20 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers looks for in 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 KOHYA_RECORD_KEY = "lorafuse_kohya"  # our record of the kohya file a conversion came from
 _OWN_KEYS = ("format", ADAPTER_METADATA_KEY, KOHYA_RECORD_KEY)
-_ROLES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-_REFUSED = {".lora_B.bias": "a LoRA bias (lora_bias)", ".lora_magnitude_vector": "a DoRA magnitude",
+# The key layouts read, as (A suffix, B suffix): PEFT's names (written), then diffusers' LoRA-layer names.
+_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+# Attention processors: `<attention>[.processor].<projection>_lora.down.weight` / `.up.weight`.
+_PROCESSOR_HALVES = (("_lora.down.weight", "A"), ("_lora.up.weight", "B"))
+_PROCESSOR = ".processor"
+_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_CLIP_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_REFUSED = {".lora_B.bias": "a LoRA bias (lora_bias)", ".lora.up.bias": "a LoRA bias (lora_bias)",
+            ".lora_linear_layer.up.bias": "a LoRA bias (lora_bias)", ".lora_magnitude_vector": "a DoRA magnitude",
             ".lora_embedding_A": "an embedding LoRA", ".lora_embedding_B": "an embedding LoRA"}
+_LAYOUTS = ("<component>.<module>.lora_A.weight / .lora_B.weight, .lora.down.weight / .lora.up.weight, "
+            ".lora_linear_layer.down.weight / .up.weight, or an attention processor's "
+            ".to_q_lora.down.weight / .up.weight (to_k_lora, to_v_lora, to_out_lora)")
 # safetensors' own writer orders tensors by dtype (widest first), then name.
 _DTYPE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3, "F8_E4M3": 4, "F8_E5M2": 5}
 # Module paths of a CLIP text model that transformers >= 5 flattens (no `text_model.` level):
@@ -66,14 +89,41 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
-    """A `.safetensors` file whose keys are `<component>.<module>.lora_A.weight` / `.lora_B.weight`.
-    Reads the header only."""
+    """A `.safetensors` file whose keys are `<component>.<module>.lora_A.weight` / `.lora_B.weight`
+    (or one of the other layouts read: module docstring). Reads the header only."""
     return has_diffusers_keys(safetensors_keys(path))
 
 
 def has_diffusers_keys(keys: Iterable[str]) -> bool:
-    """Tensor names of a diffusers LoRA file (`<component>.<module>.lora_A.weight` / `.lora_B.weight`)."""
-    return any(k.endswith(tuple(_ROLES)) and split_name(k)[0] for k in keys)
+    """Tensor names of a diffusers LoRA file (`<component>.<module>.lora_A.weight` / `.lora_B.weight`,
+    or one of the other layouts read)."""
+    for k in keys:
+        component, rest = split_name(k)
+        if component and parse_key(component, rest) is not None:
+            return True
+    return False
+
+
+def parse_key(component: str, rest: str) -> tuple[str, str, str] | None:
+    """A LoRA factor's key (without its component) in any of the layouts read: (the module path as
+    PEFT names it, 'A' or 'B', the key of the other half); None for anything else."""
+    for a, b in _PAIRS:
+        for suffix, role, other in ((a, "A", b), (b, "B", a)):
+            if rest.endswith(suffix) and len(rest) > len(suffix):
+                return rest[: -len(suffix)], role, rest[: -len(suffix)] + other
+    for suffix, role in _PROCESSOR_HALVES:
+        if not rest.endswith(suffix):
+            continue
+        head = rest[: -len(suffix)]  # <attention>[.processor].to_q
+        attention, _, projection = head.rpartition(".")
+        names = _CLIP_PROJECTIONS if component.startswith("text_encoder") else _PROJECTIONS
+        if projection not in names or not attention:
+            return None
+        if attention.endswith(_PROCESSOR) and len(attention) > len(_PROCESSOR):
+            attention = attention[: -len(_PROCESSOR)]
+        other = next(s for s, r in _PROCESSOR_HALVES if r != role)
+        return f"{attention}.{names[projection]}", role, head + other
+    return None
 
 
 def _canonical_path(component: str, path: str) -> str:
@@ -133,19 +183,25 @@ def _scale(cfg: dict[str, object] | None, path: str, rank: int, where: str) -> f
     return value / math.sqrt(rank) if cfg.get("use_rslora") else value / rank
 
 
-def _update(where: str, module: str, p: dict[str, Tensor], scale_of: object) -> LoraUpdate:
-    a, b = p.get("A"), p.get("B")
-    if a is None or b is None:
-        raise FormatError(f"{where} has no {'lora_A.weight' if a is None else 'lora_B.weight'}")
-    for t, n in ((a, "lora_A.weight"), (b, "lora_B.weight")):
+def _update(where: str, module: str, p: dict[str, tuple[str, Tensor]], missing: dict[str, str],
+            scale_of: object) -> LoraUpdate:
+    """The update of one module from its halves (role -> (key, tensor)); `missing` names, per role, the
+    key the absent half would have."""
+    for role, present in (("A", "B"), ("B", "A")):
+        if role not in p:
+            have, t = p[present]
+            raise FormatError(f"{where} has no {'lora_A' if role == 'A' else 'lora_B'} half: "
+                              f"{missing[role]!r} is not in the file (only {have!r} {t.shape})")
+    (a_key, a), (b_key, b) = p["A"], p["B"]
+    for t, n in ((a, a_key), (b, b_key)):
         if not t.is_float:
-            raise FormatError(f"{where}: {n} has non-float dtype {t.dtype}")
+            raise FormatError(f"{where}: {n!r} has non-float dtype {t.dtype}")
     rank = a.shape[0] if a.shape else 0
     ok = (len(a.shape) in (2, 4) and len(b.shape) == len(a.shape) and rank > 0 and b.shape[1] == rank
           and all(d == 1 for d in b.shape[2:]))
     if not ok:
-        raise ShapeMismatchError(f"{where}: lora_A {a.shape} and lora_B {b.shape} are not LoRA factors of one "
-                                 "rank (two matrices, or conv kernels of the same number of dimensions)")
+        raise ShapeMismatchError(f"{where}: {a_key!r} {a.shape} and {b_key!r} {b.shape} are not LoRA factors of "
+                                 "one rank (two matrices, or conv kernels of the same number of dimensions)")
     kind: Kind = "conv" if len(a.shape) == 4 else "linear"
     return LoraUpdate(module, a, b, scale_of(rank), kind)  # type: ignore[operator]
 
@@ -159,32 +215,35 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
         tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
         metadata = dict(f.metadata)
     configs = _component_configs(metadata, str(p))
-    parts: dict[str, dict[str, Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    missing: dict[str, dict[str, str]] = {}  # module -> role -> the key its absent half would have
     origin: dict[str, str] = {}
     for key, t in tensors.items():
         refused = next((what for s, what in _REFUSED.items() if key.endswith(s)), None)
         if refused:
             raise UnsupportedError(f"{p}: tensor {key!r} is {refused}, which lorafuse does not read from "
                                    "diffusers LoRA files")
-        suffix = next((s for s in _ROLES if key.endswith(s)), None)
         component, rest = split_name(key)
-        if suffix is None or not component or rest == suffix[1:]:
-            raise FormatError(f"{p}: tensor {key!r} is not a diffusers LoRA tensor (<component>.<module>"
-                              f".lora_A.weight / .lora_B.weight, component one of {', '.join(COMPONENTS)})")
-        saved = rest[: -len(suffix)]
+        parsed = parse_key(component, rest) if component else None
+        if parsed is None:
+            raise FormatError(f"{p}: tensor {key!r} is not a diffusers LoRA tensor ({_LAYOUTS}; component one of "
+                              f"{', '.join(COMPONENTS)})")
+        saved, role, other = parsed
         module = f"{component}.{_canonical_path(component, saved)}"
         check_module_name(module, f"{p}: tensor {key!r}")
-        role = _ROLES[suffix]
         if role in parts.get(module, {}):
-            raise FormatError(f"{p}: module {module!r} has two {suffix[1:]} tensors ({key!r} and another spelling)")
-        parts.setdefault(module, {})[role] = t
+            raise FormatError(f"{p}: module {module!r} has two {'lora_A' if role == 'A' else 'lora_B'} tensors "
+                              f"({parts[module][role][0]!r} and {key!r})")
+        parts.setdefault(module, {})[role] = (key, t)
+        missing.setdefault(module, {})["B" if role == "A" else "A"] = f"{component}.{other}"
         origin[module] = saved
     updates: dict[str, Update] = {}
     for module, d in parts.items():
         component = split_name(module)[0]
         where = f"{p}: module {module!r}"
         cfg = configs.get(component)
-        updates[module] = _update(where, module, d, lambda r, c=cfg, s=origin[module], w=where: _scale(c, s, r, w))
+        updates[module] = _update(where, module, d, missing[module],
+                                  lambda r, c=cfg, s=origin[module], w=where: _scale(c, s, r, w))
     record = _kohya_record(metadata, str(p))
     keys = record.get("metadata_keys") if record else None
     if isinstance(keys, list) and all(isinstance(k, str) and k in metadata for k in keys):
@@ -341,9 +400,10 @@ def _save(adapter: Adapter, out: str | os.PathLike[str], overwrite: bool) -> Pat
 
 
 FORMAT = register(FormatSpec("diffusers", _sniff, load_diffusers, _save,
-                             "a diffusers LoRA .safetensors file (<component>.<module>.lora_A.weight keys)",
+                             "a diffusers LoRA .safetensors file (<component>.<module>.lora_A.weight or "
+                             ".lora.down.weight keys)",
                              priority=20, open_stream=stream_with(diffusers_plan)))
 
 __all__ = ["COMPONENTS", "WEIGHT_NAME", "component_configs", "diffusers_metadata", "diffusers_module_tensors",
            "diffusers_plan", "diffusers_tensors",
-           "exact_alpha", "is_diffusers_lora", "load_diffusers", "save_diffusers", "split_name"]
+           "exact_alpha", "is_diffusers_lora", "load_diffusers", "parse_key", "save_diffusers", "split_name"]
