@@ -192,7 +192,7 @@ def test_info_describes_a_lycoris_file(tmp_path: Path) -> None:
     d = lorafuse.describe(path)
     adapter = lorafuse.load(path)
     assert d["format"] == "kohya" and d["modules"] == len(adapter) == 4
-    assert d["lora_alpha"].startswith("- (LoHa / LoKr only")  # type: ignore[union-attr]
+    assert d["lora_alpha"] is None and d["lora_alphas"] == []  # LoHa / LoKr have no LoRA alpha
     assert d["parameters"] == sum(p.numel() for lora in net.loras for p in lora.parameters())
     for m in d["module_details"]:  # type: ignore[union-attr]
         assert m["kind"].startswith("lokr (")

@@ -23,6 +23,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def clock(seconds: float) -> str:
+    """A duration as tqdm writes it: MM:SS, or H:MM:SS from an hour on; '?' when unknown."""
+    if not seconds >= 0 or seconds == float("inf"):  # NaN too
+        return "?"
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+# What a tqdm bar shows (TqdmBar): percentage, bar, counts, then the time it has taken, the time it
+# still needs (ETA, from the rate so far), the rate and the tensor being written.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}]"
+
+
 class Progress:
     def __init__(self, total: int, label: str, enabled: bool | None = None, stream: TextIO | None = None,
                  unit: str = "bytes") -> None:
@@ -44,8 +58,11 @@ class Progress:
                 counts = f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s"
             else:
                 counts = f"{self.done}/{self.total} {self.unit} {rate:.1f}/s"
+            elapsed = now - self.start
+            left = (self.total - min(self.done, self.total)) * elapsed / self.done if self.done > 0 else float("nan")
+            times = f"{clock(elapsed)} elapsed, {clock(left)} left"
             shown = printable(note, keep_newlines=False)[:40]  # a tensor name from a file: escaped
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {counts} {shown:<40}")
+            self.stream.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {counts} {times} {shown:<40}")
             self.stream.flush()
 
     def close(self) -> None:
@@ -114,7 +131,7 @@ class TqdmBar:
 
             self._bar = tqdm(total=event.total_bytes, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024,
                              file=self.stream if self.stream is not None else sys.stderr, dynamic_ncols=True,
-                             mininterval=0.1, leave=True)
+                             mininterval=0.1, leave=True, bar_format=BAR_FORMAT)
         self._bar.set_postfix_str(printable(event.name, keep_newlines=False)[:40], refresh=False)
         self._bar.update(event.nbytes)
 

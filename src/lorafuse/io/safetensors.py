@@ -145,7 +145,10 @@ def _decode_header(raw: bytes | bytearray, where: str) -> str:
     except UnicodeDecodeError as e:
         raise FormatError(f"{where}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not text.startswith("{"):
-        raise FormatError(f"{where}: header does not start with '{{'")
+        if text.lstrip().startswith("{"):  # whitespace first: the reference reads it, lorafuse does not
+            raise FormatError(f"{where}: header does not start with '{{'")
+        raise FormatError(f"{where}: not a safetensors file: its header does not start with '{{' (a safetensors "
+                          f"header is a JSON object; this one starts {_short(text[:16], 24)})")
     return text
 
 
@@ -256,6 +259,47 @@ def _parse_entry(name: str, entry: object, where: str, surrogates: bool = True) 
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+_SNIFF_BYTES = 512  # the first bytes of a file, read once: the header length and what the file looks like
+
+
+def looks_like(head: bytes) -> str | None:
+    """What a file that is not safetensors looks like, from its first bytes: 'a zip archive (...)',
+    'text', ...; None when nothing is obvious."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save writes PyTorch .bin / .pt checkpoints as zip archives)"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (an old-style PyTorch .bin / .pt checkpoint)"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp; magic 'GGUF')"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it points to (`git lfs pull` fetches it)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut by the end of what was read is still text
+        if e.start < len(head) - 3 or e.reason != "unexpected end of data":
+            return None
+        text = head[:e.start].decode("utf-8")
+    if not text or any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None
+    start = text.lstrip().lower()
+    if start.startswith(("<!doctype html", "<html")):
+        return "an HTML page (a download that saved a web page instead of the file?)"
+    if start.startswith(("{", "[")):
+        return "JSON text"
+    return "text"
+
+
+def _not_safetensors(where: str, head: bytes, n: int, size: int) -> str:
+    """The message for a file whose first 8 bytes cannot be a header length (larger than the file or
+    the limit) and are not followed by a JSON object: it names what the file looks like."""
+    kind = looks_like(head)
+    what = f": it looks like {kind}" if kind else ""
+    limit = (f"more than the {MAX_HEADER_BYTES}-byte limit" if n > MAX_HEADER_BYTES else
+             f"past the end of the {size}-byte file")
+    return (f"{where}: not a safetensors file{what} (a safetensors file starts with an 8-byte header length, "
+            f"then a JSON header '{{...}}'; read that way, its first 8 bytes give {n}, {limit})")
+
+
 def _read_header_fd(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str], int, int]:
     """(tensors, metadata, data start, file size) of the open regular file `fd`."""
     tensors, metadata, start, st = _read_header_stat(fd, where)
@@ -269,7 +313,14 @@ def _read_header_stat(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[
         size = st.st_size
         if size < 8:
             raise FormatError(f"{where}: file is {size} bytes, too small for a safetensors header")
-        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        head = os.pread(fd, _SNIFF_BYTES, 0)
+        if len(head) < 8:  # shrunk since fstat
+            raise FormatError(f"{where}: file is {len(head)} bytes, too small for a safetensors header")
+        (n,) = struct.unpack("<Q", head[:8])
+        if (n > MAX_HEADER_BYTES or 8 + n > size) and head[8:].lstrip(b" \t\r\n")[:1] != b"{":
+            # an impossible length and no JSON object after it: not a safetensors file at all (a script, a
+            # zip / pickle checkpoint, ...); with a '{' it is a safetensors file cut short or a hostile one
+            raise FormatError(_not_safetensors(where, head, n, size))
         if n > MAX_HEADER_BYTES:
             raise FormatError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:

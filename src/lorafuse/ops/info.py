@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
 
 from lorafuse.formats import adapter_format, load
-from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
+from lorafuse.formats.util import most_common
+from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
-from lorafuse.model.state import metadata_of
+from lorafuse.model.state import DiffusersState, metadata_of
+
+LYCORIS_ONLY = "- (LoHa / LoKr only: see scales)"  # what the text output shows for an adapter without an alpha
+
+
+def _number(x: float) -> int | float:
+    """A JSON number: an integral value as an int (16, not 16.0), others rounded to 6 decimals."""
+    x = round(float(x), 6)
+    return int(x) if x.is_integer() else x
+
+
+def _alpha(adapter: Adapter, name: str, u: LoraUpdate) -> float:
+    """A LoRA module's alpha: scale * r, or scale * sqrt(r) where its config says use_rslora."""
+    if isinstance(adapter.state, DiffusersState):
+        rslora = bool(adapter.state.components.get(split_name(name)[0], {}).get("use_rslora"))
+    else:
+        rslora = adapter.format == "peft" and bool(adapter.config.get("use_rslora"))
+    return u.scale * (math.sqrt(u.rank) if rslora else u.rank)
 
 
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
@@ -20,32 +40,39 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         modules.append({
             "name": name,
             "kind": u.kind if isinstance(u, LoraUpdate) else f"{u.algo} ({u.kind})",
-            "rank": u.rank,
-            "scale": u.scale,
-            "shape": list(u.delta_shape),
+            "rank": int(u.rank),
+            "scale": float(u.scale),
+            "shape": [int(d) for d in u.delta_shape],
             "dtype": "/".join(dict.fromkeys(t.dtype for t in stored_tensors(u))),
             "dora": u.magnitude is not None,
             "bias": u.bias is not None,
-            "delta_norm": norms[name],
+            "delta_norm": float(norms[name]),
         })
     cfg = adapter.config
     meta = metadata_of(adapter.state)  # kohya / diffusers: the file's metadata
     # kohya / diffusers files store an alpha per module (alpha = scale * r); a LoHa / LoKr's scale is
-    # alpha over its own dimension, not over the rank of its exact factorization: shown as scales only
-    alphas = sorted({round(u.scale * u.rank, 6) for u in adapter.updates.values() if isinstance(u, LoraUpdate)})
+    # alpha over its own dimension, not over the rank of its exact factorization: shown as scales only.
+    # Every number is a JSON number: lora_alpha the config's (PEFT) or the most common module alpha
+    # (kohya / diffusers; None for LoHa / LoKr only), lora_alphas every distinct module alpha.
+    per_module = [_number(_alpha(adapter, n, u)) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)]
+    config_alpha = cfg.get("lora_alpha")
+    if adapter.format == "peft" and isinstance(config_alpha, int | float) and not isinstance(config_alpha, bool):
+        lora_alpha: int | float | None = _number(config_alpha)
+    else:
+        lora_alpha = _number(most_common([float(a) for a in per_module])) if per_module else None
     return {
         "type": "adapter",
         "format": adapter.format,
         "path": str(adapter.path) if adapter.path else None,
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
-        "scales": sorted({round(u.scale, 8) for u in adapter.updates.values()}),
-        "lora_alpha": ((", ".join(f"{a:g}" for a in alphas) or "- (LoHa / LoKr only: see scales)")
-                       if adapter.format in ("kohya", "diffusers") else cfg.get("lora_alpha")),
+        "scales": sorted({round(float(u.scale), 8) for u in adapter.updates.values()}),
+        "lora_alpha": lora_alpha,
+        "lora_alphas": sorted(set(per_module)),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
         "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
-        "parameters": adapter.num_parameters(),
+        "parameters": int(adapter.num_parameters()),
         "full_tensors": sorted(adapter.full),
         "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
         "module_details": modules,
@@ -72,12 +99,60 @@ def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
             "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()}}
 
 
+def adapter_path(path: str | os.PathLike[str]) -> Path | None:
+    """The adapter file or folder that `path` is or holds, else None (never raises).
+
+    `path` itself when it is an adapter (a PEFT folder, a kohya / LyCORIS file, a diffusers LoRA
+    file). A folder that is none of these but holds a diffusers LoRA file named
+    pytorch_lora_weights.safetensors (what diffusers' save_lora_weights writes and its
+    load_lora_weights(folder) reads), or no index and a single .safetensors file that is an adapter,
+    holds that adapter: it is not a checkpoint."""
+    p = Path(path)
+    if adapter_format(p) is not None:
+        return p
+    if not p.is_dir() or is_pipeline(p):
+        return None
+    try:
+        candidates = [p / WEIGHT_NAME]
+        if not names_ending(p, INDEX_SUFFIX):
+            found = names_ending(p, SAFETENSORS_SUFFIX)
+            candidates += [p / found[0]] if len(found) == 1 else []
+    except OSError:
+        return None
+    return next((c for c in candidates if c.is_file() and adapter_format(c) is not None), None)
+
+
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
-    """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file), a checkpoint, or a
-    diffusers pipeline folder."""
+    """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file, or a folder holding one:
+    see adapter_path), a checkpoint, or a diffusers pipeline folder."""
     p = Path(path)
     if is_pipeline(p):
         return describe_pipeline(Pipeline(p))
-    if adapter_format(p) is not None:
-        return describe_adapter(load(p), threads)
+    adapter = adapter_path(p)
+    if adapter is not None:
+        return describe_adapter(load(adapter), threads)
     return describe_checkpoint(Checkpoint(p))
+
+
+def alpha_text(d: dict[str, object]) -> str:
+    """How an adapter description's alphas read for people: a kohya / diffusers file's distinct module
+    alphas ('0.5, 1, 4, 8'), a PEFT config's lora_alpha (with the module alphas its patterns give)."""
+    raw = d.get("lora_alphas")
+    alphas = [float(a) for a in raw] if isinstance(raw, list) else []
+    listed = ", ".join(f"{a:g}" for a in alphas)
+    if d.get("format") != "peft":
+        return listed or LYCORIS_ONLY
+    alpha = d.get("lora_alpha")
+    text = f"{alpha:g}" if isinstance(alpha, int | float) else str(alpha)
+    return text + (f" (modules: {listed})" if len(alphas) > 1 else "")
+
+
+def json_ready(value: object) -> object:
+    """`value` with every non-finite float (a NaN or infinite norm) as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value

@@ -10,7 +10,10 @@ between them; LoHa, LoKr and Tucker modules go through their structure (model.sp
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from lorafuse.backends import InnerJob, get_backend
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
+from lorafuse.model.arithmetic import shared_modules
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
     CORE_BATCH_FLOPS,
@@ -110,3 +114,43 @@ def similarity(adapters: Sequence[str | os.PathLike[str] | Adapter], threads: in
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
+
+
+def unshared_pairs(adapters: Sequence[Adapter]) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of adapters (each with modules) that share no module: their cosine is 0
+    because no module is in both, not because their deltas were measured orthogonal."""
+    return [(i, j) for i, j in combinations(range(len(adapters)), 2)
+            if adapters[i].updates and adapters[j].updates and not shared_modules([adapters[i], adapters[j]])]
+
+
+def _examples(adapter: Adapter) -> str:
+    names = list(adapter.updates)
+    return ", ".join(repr(n) for n in names[:2]) + (", ..." if len(names) > 2 else "")
+
+
+def unshared_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = None, limit: int = 10) -> list[str]:
+    """One line per pair of `adapters` that share no module (unshared_pairs), saying so and what to do:
+    for a kohya file and a diffusers LoRA file (one model named two ways, perhaps) the `lorafuse convert`
+    that gives the kohya one diffusers names. At most `limit` lines, then one counting the others."""
+    names = [str(x) for x in labels] if labels is not None else [a.label for a in adapters]
+    pairs = unshared_pairs(adapters)
+    notes = []
+    for i, j in pairs[:limit]:
+        a, b = adapters[i], adapters[j]
+        line = (f"{names[i]} and {names[j]} share no module ({_examples(a)} vs {_examples(b)}): their similarity of "
+                "0 says only that no module is in both")
+        kinds = {a.format: i, b.format: j}
+        if set(kinds) == {"kohya", "diffusers"}:
+            k = kinds["kohya"]
+            src = Path(names[k])
+            out = src.with_name(f"{src.stem or 'converted'}_diffusers.safetensors")
+            line += (f"; {names[k]} has kohya names and {names[kinds['diffusers']]} diffusers names: if they are "
+                     f"for the same model, `lorafuse convert {shlex.quote(str(src))} --to peft -o "
+                     f"{shlex.quote(str(out))}` gives the kohya one diffusers names to compare")
+        else:
+            line += ("; adapters for different models, or one model named two ways (kohya and diffusers files "
+                     "convert into each other with `lorafuse convert`)")
+        notes.append(line)
+    if len(pairs) > limit:
+        notes.append(f"... and {len(pairs) - limit} more pairs that share no module")
+    return notes
