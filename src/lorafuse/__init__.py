@@ -1,4 +1,9 @@
-"""lorafuse: compose LoRA adapters over safetensors files: exact, fast, streaming."""
+"""lorafuse: compose LoRA adapters over safetensors files: exact, fast, streaming.
+
+The functions here (load, apply, combine, resize, extract, convert, similarity, describe, detect_format)
+document their parameters: help(lorafuse.resize). What an operation that ran returns is a `Report`
+(`out`, `notes`, `seconds`; an `AdapterReport` adds `ranks`): see lorafuse.ops.api and docs/api.md.
+"""
 
 from __future__ import annotations
 
@@ -18,23 +23,36 @@ from lorafuse.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
-from lorafuse.formats import detect_format, load
 from lorafuse.model import Adapter, LoraUpdate
-from lorafuse.ops.apply import ApplyReport, apply
-from lorafuse.ops.combine import METHODS, combine
-from lorafuse.ops.convert import convert
-from lorafuse.ops.info import describe
-from lorafuse.ops.similarity import similarity
+from lorafuse.ops.api import (
+    AdapterReport,
+    ExtractResult,
+    Report,
+    ResizeResult,
+    apply,
+    combine,
+    convert,
+    describe,
+    detect_format,
+    extract,
+    load,
+    resize,
+    similarity,
+)
+from lorafuse.ops.apply import ApplyReport
+from lorafuse.ops.combine import METHODS
 
 __version__ = get_version()  # pyproject.toml's version (lorafuse._version)
 
 __all__ = [
     "AdapterNote",
     "Adapter",
+    "AdapterReport",
     "ApplyReport",
     "convert",
     "METHODS",
     "DtypeError",
+    "ExtractResult",
     "FormatError",
     "InputChangedError",
     "LoraUpdate",
@@ -45,6 +63,8 @@ __all__ = [
     "OutputError",
     "OverwriteWarning",
     "ProgressEvent",
+    "Report",
+    "ResizeResult",
     "ShapeMismatchError",
     "UnsupportedError",
     "__version__",
@@ -52,6 +72,8 @@ __all__ = [
     "combine",
     "describe",
     "detect_format",
+    "extract",
     "load",
+    "resize",
     "similarity",
 ]

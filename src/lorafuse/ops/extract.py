@@ -71,9 +71,14 @@ def extract(
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base per weight matrix.
 
-    `include` / `exclude` are regular expressions searched in module names. `embeddings`:
-    'skip' (default), 'lora' (extract them like other modules) or 'full' (store the
-    fine-tuned tensor whole, as PEFT's modules_to_save).
+    `rule` chooses each module's rank (ops.rank.RankRule; a spectrum rule sees the leading
+    `rule.max_rank` singular values, DEFAULT_MAX_RANK without one). `include` / `exclude` are
+    regular expressions searched in module names. `embeddings`: 'skip' (default), 'lora'
+    (extract them like other modules) or 'full' (store the fine-tuned tensor whole, as PEFT's
+    modules_to_save). `oversample` (extra sketch columns), `power_iters` and `seed` set the
+    randomized SVD; `threads` 0 uses every core; `progress` True / None / False: a bar always /
+    on a terminal / never. `lorafuse.extract` takes the rule as keyword arguments (rank=,
+    sv_ratio=, ...), can write the result, and documents each parameter.
     """
     if embeddings not in ("skip", "lora", "full"):
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")

@@ -22,6 +22,12 @@ _EPS = 1e-12  # fractions computed in float64 that should reach exactly f still 
 
 @dataclass(frozen=True)
 class RankRule:
+    """How resize and extract choose each module's rank: exactly one of `rank` (that rank), `sv_ratio`
+    (keep S_i > S_1 / sv_ratio, sv_ratio >= 1), `sv_fro` (the smallest k keeping that fraction of the
+    Frobenius norm, 0 < sv_fro <= 1) or `sv_cumulative` (the smallest k whose singular values sum to that
+    fraction of their total, 0 < sv_cumulative <= 1); `max_rank` caps every module's rank (1 .. 2^20).
+    Each value is checked when the rule is made, a LorafuseValueError naming the parameter."""
+
     rank: int | None = None
     sv_ratio: float | None = None
     sv_fro: float | None = None
@@ -30,9 +36,14 @@ class RankRule:
 
     def __post_init__(self) -> None:
         given = [n for n in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise LorafuseValueError("give exactly one of rank, sv_ratio, sv_fro, sv_cumulative"
-                                     + (f" (got {', '.join(given)})" if given else ""))
+        if not given:
+            raise LorafuseValueError("give exactly one rank rule: rank (a fixed rank), or sv_ratio, sv_fro or "
+                                     "sv_cumulative (a rank per module from its singular values); got none"
+                                     + (f" (max_rank={self.max_rank!r} only caps the rule's rank)"
+                                        if self.max_rank is not None else ""))
+        if len(given) > 1:
+            raise LorafuseValueError(f"give exactly one rank rule of rank, sv_ratio, sv_fro, sv_cumulative; got "
+                                     f"{len(given)}: {', '.join(f'{n}={getattr(self, n)!r}' for n in given)}")
         # Ranks 1 .. 2^20 (each module is further capped at its own full rank); finite fractions.
         for n in ("rank", "max_rank"):
             if getattr(self, n) is not None:

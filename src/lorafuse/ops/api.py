@@ -1,0 +1,567 @@
+"""The top-level Python API (`lorafuse.apply`, `lorafuse.combine`, ...): each function documents its own
+parameters (numpy style: `name : type, default value`) and forwards to the operation in lorafuse.ops /
+lorafuse.formats, which keeps its own signature and return type.
+
+`resize` and `extract` take the CLI's rank rules as keyword arguments (exactly one of `rank`, `sv_ratio`,
+`sv_fro`, `sv_cumulative`, capped by `max_rank`; ops.rank.RankRule checks them, naming the parameter)
+and may write their output (`out`) with the CLI's rules for output names, checked before any work.
+
+Reports: what an operation that ran returns answers one read-only protocol, `Report` (`out`: the path
+written, None when the result stayed in memory; `notes`: what the run decided for the user; `seconds`:
+its wall time), and an operation whose result is an adapter adds `ranks` (`AdapterReport`: each output
+module's rank, in output order). `ApplyReport` (apply), `ResizeResult` (resize) and `ExtractResult`
+(extract) are Reports; the last two are AdapterReports. `CombineReport` (ops.combine.combine_to) has
+`out` and `ranks` but not yet `notes` and `seconds`; `lorafuse.combine` returns the Adapter itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from lorafuse._progress import ProgressCallback
+from lorafuse.errors import AdapterNote, LorafuseValueError
+from lorafuse.formats import detect_format as _detect_format
+from lorafuse.formats import load as _load
+from lorafuse.io.atomic import check_output, names_file
+from lorafuse.model import Adapter
+from lorafuse.model.registry import get_format
+from lorafuse.ops import apply as _apply
+from lorafuse.ops import combine as _combine
+from lorafuse.ops import convert as _convert
+from lorafuse.ops import extract as _extract
+from lorafuse.ops import info as _info
+from lorafuse.ops import resize as _resize
+from lorafuse.ops import similarity as _similarity
+from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output, checkpoint_modules, save_as
+from lorafuse.ops.rank import RankRule
+
+StrPath = str | os.PathLike[str]  # what typeshed calls StrPath
+
+__all__ = ["AdapterReport", "ExtractResult", "Report", "ResizeResult", "apply", "combine", "convert", "describe",
+           "detect_format", "extract", "load", "resize", "similarity"]
+
+
+# ----------------------------------------------------------------------------- the report protocol
+
+
+@runtime_checkable
+class Report(Protocol):
+    """What every report of an operation that ran answers (read-only)."""
+
+    @property
+    def out(self) -> Path | None:
+        """The file or folder written; None when the result stayed in memory."""
+
+    @property
+    def notes(self) -> Sequence[str]:
+        """What the run decided for the user (inputs left out, a name that changed the output's format, ...)."""
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the run, the output's writing included."""
+
+
+@runtime_checkable
+class AdapterReport(Report, Protocol):
+    """A Report of an operation whose result is an adapter."""
+
+    @property
+    def ranks(self) -> Mapping[str, int]:
+        """Each output module's rank, in output order (the keys are the output's module names)."""
+
+
+@dataclass(frozen=True)
+class ResizeResult:
+    """What `lorafuse.resize` returns (an AdapterReport): the resized adapter and one row per module.
+
+    Attributes
+    ----------
+    adapter : Adapter
+        The resized adapter (in memory; written to `out` too when it was given).
+    modules : list of ops.resize.ModuleReport
+        One row per module, in order: `name`, `rank_in`, `rank_out`, `fro_kept` (the fraction of the
+        module's ||delta||_F the new rank keeps; 1.0 is lossless).
+    out : Path or None
+        The output written, or None.
+    seconds : float
+        Wall time of the run.
+    notes : list of str
+        What the run decided for the user (a `.safetensors` name that wrote another format, ...).
+    """
+
+    adapter: Adapter
+    modules: list[_resize.ModuleReport]
+    out: Path | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Each module's new rank, in order."""
+        return {m.name: m.rank_out for m in self.modules}
+
+
+@dataclass
+class ExtractResult(_extract.ExtractResult):
+    """What `lorafuse.extract` returns (an AdapterReport): an ops.extract.ExtractResult (`adapter`, `modules`:
+    one row per module with `name`, `shape`, `rank`, `rel_error` = ||D - B A||_F / ||D||_F and
+    `singular_values`; `skipped`; `unchanged`) that also says where it was written and how long it took.
+
+    Attributes
+    ----------
+    out : Path or None
+        The output written, or None.
+    seconds : float
+        Wall time of the run.
+    notes : list of str
+        The tensors not extracted, each with the reason (`skipped`), then what the output's name decided.
+    """
+
+    out: Path | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Each extracted module's rank, in order."""
+        return {m.name: m.rank for m in self.modules}
+
+
+# ----------------------------------------------------------------------------- loading and describing
+
+
+def load(path: StrPath) -> Adapter:
+    """Load an adapter from disk; its tensors stay memory-mapped until used.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A PEFT adapter folder, a kohya / LyCORIS `.safetensors` file or a diffusers LoRA `.safetensors` file
+        (the format is detected: `detect_format`).
+
+    Returns
+    -------
+    Adapter
+        The adapter. What loading decided for the user (tensors PEFT would ignore, left out) is in
+        `Adapter.notes` and is also given as AdapterNote warnings.
+    """
+    # formats.load's body, so that the warnings point at the caller's line (a wrapper would add a frame)
+    adapter = get_format(_detect_format(path)).load(Path(path))
+    for note in adapter.notes:
+        warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
+    return adapter
+
+
+def detect_format(path: StrPath) -> str:
+    """The name of the adapter format that recognises `path`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file or folder.
+
+    Returns
+    -------
+    str
+        'kohya' for a `.safetensors` file with `.lora_down.weight` (or LyCORIS) keys, 'diffusers' for one with
+        `<component>.<module>.lora_A.weight` keys or diffusers' own LoRA-layer names, 'peft' for a PEFT
+        adapter folder. Raises FormatError for anything else (a pickle is refused, never read).
+    """
+    return _detect_format(path)
+
+
+def describe(path: StrPath, threads: int = 0) -> dict[str, object]:
+    """What `lorafuse info --json` prints: a description of an adapter, a checkpoint or a pipeline.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file, or a folder holding one), a
+        checkpoint (a folder or one `.safetensors` file) or a diffusers pipeline folder.
+    threads : int, default 0
+        Worker threads for the adapter's norms; 0 uses every core.
+
+    Returns
+    -------
+    dict
+        JSON-ready: `type` ('adapter', 'checkpoint', 'pipeline') and what that kind has (an adapter's
+        modules with rank, scale, shape, dtype and exact ||delta||_F; a checkpoint's tensors, parameters,
+        bytes and dtypes; a pipeline's components).
+    """
+    return _info.describe(path, threads=threads)
+
+
+def similarity(adapters: Sequence[StrPath | Adapter], threads: int = 0) -> np.ndarray:
+    """The exact cosine similarity matrix of the adapters' deltas (all modules together), from the factors.
+
+    Parameters
+    ----------
+    adapters : sequence of str, os.PathLike or Adapter
+        At least one adapter (paths are loaded).
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+
+    Returns
+    -------
+    numpy.ndarray
+        n x n float64 matrix; 0 where an adapter's delta is zero.
+    """
+    return _similarity.similarity(adapters, threads=threads)
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+def apply(
+    base: StrPath,
+    adapters: Sequence[StrPath | Adapter],
+    weights: Sequence[float] | None = None,
+    out: StrPath | None = None,
+    *,
+    dtype: str | None = None,
+    threads: int = 0,
+    max_shard_size: str | int | None = None,
+    progress: ProgressCallback | bool | None = None,
+    allow_nonfinite: bool = False,
+    skip_missing: bool = False,
+    overwrite: bool = False,
+) -> _apply.ApplyReport:
+    """Merge adapters into a base checkpoint: W' = W + sum_i w_i s_i B_i A_i per targeted weight, streamed.
+
+    Parameters
+    ----------
+    base : str or os.PathLike
+        A checkpoint folder (one file, or shards with an index), one `.safetensors` file (a single-file
+        SD 1.5 / SDXL / Flux checkpoint, say) or a diffusers pipeline folder (model_index.json: the touched
+        components are merged, the others copied).
+    adapters : sequence of str, os.PathLike or Adapter
+        At least one adapter; diffusion adapters (kohya, LyCORIS, diffusers LoRA) find their weights
+        through the SD / SDXL / Flux / text-encoder name tables.
+    weights : sequence of float, default None
+        One finite multiplier per adapter's delta; None: 1 for each.
+    out : str or os.PathLike, default None
+        The output (required; checked before any work). With a single-file base, the output file, or the
+        base's file name inside `out` when it ends in a path separator or is an existing folder. With a
+        checkpoint folder, a folder (config and tokenizer files copied), or one file holding every tensor
+        when `out` ends in `.safetensors` (not with `max_shard_size`, nor for a pipeline). It may be new, an
+        empty folder (file) or an earlier lorafuse output; anything else is refused unless `overwrite`.
+    dtype : str, default None
+        'bf16', 'fp16' or 'fp32': the output dtype of float tensors; None keeps each tensor's own.
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+    max_shard_size : str or int, default None
+        Largest output shard ('5GB', '500MB' or bytes); None keeps the base's sharding.
+    progress : callable, bool or None, default None
+        A callable receives a `ProgressEvent` for every step of the output (each tensor's bytes exactly
+        once); True draws a bar on stderr, None draws one when stderr is a terminal, False reports nothing.
+    allow_nonfinite : bool, default False
+        Write Inf / NaN results (values that overflow the output dtype) instead of raising NonFiniteError.
+    skip_missing : bool, default False
+        Adapter modules that find no target weight are listed in the report's notes instead of raising
+        MissingModuleError.
+    overwrite : bool, default False
+        Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
+
+    Returns
+    -------
+    ApplyReport
+        A Report: `out`, `notes`, `seconds`, and `merged` / `replaced` / `biases` (tensor names),
+        `tensors`, `bytes_written`.
+    """
+    return _apply.apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
+                        progress=progress, allow_nonfinite=allow_nonfinite, skip_missing=skip_missing,
+                        overwrite=overwrite)
+
+
+def combine(
+    adapters: Sequence[StrPath | Adapter],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    split: str = "B",
+    threads: int = 0,
+    exact: bool = False,
+    conv_rank: int | None = None,
+    dtype: str | None = None,
+) -> Adapter:
+    """Combine adapters into one adapter (PEFT's add_weighted_adapter, method for method).
+
+    Parameters
+    ----------
+    adapters : sequence of str, os.PathLike or Adapter
+        At least one adapter. LoHa / LoKr inputs enter through an exact factorization of their delta
+        (methods svd, cat and the *_svd ones).
+    weights : sequence of float, default None
+        One finite weight per adapter; None: 1 for each.
+    method : str, default 'svd'
+        One of `lorafuse.METHODS`: 'svd' (the best rank-k approximation of sum_i w_i s_i B_i A_i), 'cat'
+        (exact, ranks add up), 'linear', 'ties', 'dare_linear', 'dare_ties', 'magnitude_prune' (PEFT's
+        factor-wise merges, equal ranks required) or their '*_svd' forms (merged dense deltas, then rank k).
+    rank : int, default None
+        Output rank of the methods that take one; None: the largest input rank (as PEFT).
+    density : float, default None
+        The fraction of entries kept (0..1), required by the ties / dare / magnitude_prune methods and
+        refused by the others.
+    majority_sign : str, default 'total'
+        The ties methods' sign election: 'total' (the sign of the summed values) or 'frequency' (the sign
+        of most values).
+    seed : int, default 0
+        Seed of DARE's random masks and of randomized SVD sketches (with the module name, so results do not
+        depend on the number of threads).
+    split : str, default 'B'
+        Where svd puts the singular values: 'B' (on B, like PEFT) or 'sqrt' (their square roots on both
+        factors).
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+    exact : bool, default False
+        Method svd only: the exact path for every module, however many adapters are stacked (by default a
+        module with a large stacked rank may take a randomized SVD; those are listed in the result's
+        `randomized`).
+    conv_rank : int, default None
+        Output rank of kxk convolutions with k > 1 (kohya's `--new_conv_rank`); None: `rank`.
+    dtype : str, default None
+        'fp32', 'fp16' or 'bf16': the dtype of the result's factors; None: the inputs' factor dtype when
+        they all share one of F32 / F16 / BF16, else F32. The math is float32 / float64 either way.
+
+    Returns
+    -------
+    Adapter
+        The combined adapter, in memory (every module with scale 1); `save(out)` writes it.
+        `lorafuse.ops.combine.combine_to` writes it while computing and returns a CombineReport.
+    """
+    return _combine.combine(adapters, weights, method=method, rank=rank, density=density,
+                            majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
+                            conv_rank=conv_rank, dtype=dtype)
+
+
+def convert(
+    adapter: StrPath | Adapter,
+    out: StrPath,
+    to: str = "peft",
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    family: str | None = None,
+    threads: int = 0,
+    overwrite: bool = False,
+) -> _convert.ConvertReport:
+    """Convert a diffusion LoRA between kohya and diffusers / PEFT naming (lossless), and LoHa / LoKr to LoRA.
+
+    Parameters
+    ----------
+    adapter : str, os.PathLike or Adapter
+        A kohya / LyCORIS `.safetensors` file or a diffusers LoRA file.
+    out : str or os.PathLike
+        The output `.safetensors` file. It may be new, empty or a file lorafuse wrote; another file is
+        refused (before any work) unless `overwrite`.
+    to : str, default 'peft'
+        'peft': a diffusers LoRA file (what diffusers' `save_lora_weights` writes); 'kohya': a kohya file.
+    rank : int, default None
+        The rank of the LoRA each LoHa / LoKr module becomes (its best rank-k approximation); required when
+        the adapter has such modules. Plain LoRA modules are kept as they are.
+    conv_rank : int, default None
+        The same for kxk convolutions with k > 1; None: `rank`.
+    family : str, default None
+        'sd1', 'sdxl' or 'flux': the model family whose names are used; None guesses it from the names.
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+    overwrite : bool, default False
+        Replace an `out` that lorafuse did not write (never an input).
+
+    Returns
+    -------
+    ConvertReport
+        `out`, `to`, `family`, `modules_in`, `modules_out`, `split` / `fused` (which modules became which)
+        and `lycoris` (one row per LoHa / LoKr module turned into a LoRA).
+    """
+    return _convert.convert(adapter, out, to=to, rank=rank, conv_rank=conv_rank, family=family, threads=threads,
+                            overwrite=overwrite)
+
+
+def resize(
+    adapter: StrPath | Adapter,
+    rank: int | None = None,
+    *,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    max_rank: int | None = None,
+    split: str = "B",
+    threads: int = 0,
+    dtype: str | None = None,
+    out: StrPath | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ResizeResult:
+    """Reduce an adapter's rank: per module the best rank-k approximation of its delta (kohya's resize_lora).
+
+    Exactly one rank rule is given (`rank`, `sv_ratio`, `sv_fro` or `sv_cumulative`); each module's rank is
+    then capped by `max_rank` and by its own rank, and is at least 1. Each module keeps its scale.
+
+    Parameters
+    ----------
+    adapter : str, os.PathLike or Adapter
+        The adapter (paths are loaded). DoRA modules are refused.
+    rank : int, default None
+        Rule: this rank for every module.
+    sv_ratio : float, default None
+        Rule: keep the singular values S_i > S_1 / sv_ratio (sv_ratio >= 1).
+    sv_fro : float, default None
+        Rule: the smallest k keeping this fraction (0..1] of the Frobenius norm:
+        sqrt(sum_{i<=k} S_i^2) / ||S|| >= sv_fro.
+    sv_cumulative : float, default None
+        Rule: the smallest k with sum_{i<=k} S_i / sum S >= sv_cumulative (0..1].
+    max_rank : int, default None
+        Upper bound on every module's rank; None: no bound beyond the module's own rank.
+    split : str, default 'B'
+        Where the singular values go: 'B' (on B, like PEFT) or 'sqrt' (their square roots on both factors).
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+    dtype : str, default None
+        'fp32', 'fp16' or 'bf16': the dtype of the new factors; None: the input's factor dtype when all its
+        factors share one of F32 / F16 / BF16, else F32.
+    out : str or os.PathLike, default None
+        Also write the result here, in the input's format, with the CLI's rules (a name ending in
+        `.safetensors` is one file: a PEFT adapter is then written as a diffusers or kohya file if those can
+        name its modules, else refused; a one-file format given a folder writes into it). Checked before any
+        work. None: nothing is written (`result.adapter.save(path)` writes it later).
+    overwrite : bool, default False
+        Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
+    progress : bool or None, default None
+        True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
+
+    Returns
+    -------
+    ResizeResult
+        An AdapterReport: `adapter`, `modules` (`name`, `rank_in`, `rank_out`, `fro_kept` per module),
+        `ranks`, `out`, `notes`, `seconds`.
+    """
+    start = time.monotonic()
+    out = None if out is None else _path(out)
+    rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
+    a = adapter if isinstance(adapter, Adapter) else _load(adapter)
+    notes: list[str] = []
+    target = None
+    if out is not None:
+        target = adapter_output(out, a.format, [a], a.sources())  # what the name means, before the work
+        check_output(target.path, a.sources(), folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+        if target.note:
+            notes.append(target.note)
+    result, rows = _resize.resize(a, rule, split, threads, progress=progress, dtype=dtype)
+    written = result.save(target.path, target.format, overwrite=overwrite) if target is not None else None
+    return ResizeResult(result, rows, written, time.monotonic() - start, notes)
+
+
+def extract(
+    base: StrPath,
+    finetuned: StrPath,
+    out: StrPath | None = None,
+    *,
+    rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    max_rank: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    embeddings: str = "skip",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    threads: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ExtractResult:
+    """Extract a PEFT LoRA adapter approximating finetuned - base, per weight matrix (randomized SVD).
+
+    Exactly one rank rule is given (`rank`, `sv_ratio`, `sv_fro` or `sv_cumulative`, by keyword); each
+    module's rank is then capped by `max_rank` and by its full rank, and is at least 1.
+
+    Parameters
+    ----------
+    base : str or os.PathLike
+        The base checkpoint: a folder (one file or shards with an index) or one `.safetensors` file.
+    finetuned : str or os.PathLike
+        The fine-tuned checkpoint of the same architecture.
+    out : str or os.PathLike, default None
+        Also write the adapter here, with the CLI's rules: a PEFT folder, or, for a name ending in
+        `.safetensors`, one diffusers or kohya file if those can name the base's modules (else refused).
+        Checked before any work, and never inside the base or the fine-tuned checkpoint. None: nothing is
+        written.
+    rank : int, default None
+        Rule: this rank for every module.
+    sv_ratio : float, default None
+        Rule: keep the singular values S_i > S_1 / sv_ratio (sv_ratio >= 1).
+    sv_fro : float, default None
+        Rule: the smallest k keeping this fraction (0..1] of ||D||_F (D = finetuned - base), the whole
+        difference counted.
+    sv_cumulative : float, default None
+        Rule: the smallest k with sum_{i<=k} S_i / sum S >= sv_cumulative (0..1], over the computed values.
+    max_rank : int, default None
+        Upper bound on every module's rank; for the spectrum rules also how many singular values are
+        computed (None: 128).
+    include : str, default None
+        A regular expression searched in module names: only matching modules are extracted.
+    exclude : str, default None
+        A regular expression searched in module names: matching modules are left out.
+    embeddings : str, default 'skip'
+        Embeddings and lm_head: 'skip', 'lora' (extracted like other modules) or 'full' (the fine-tuned
+        tensor stored whole, as PEFT's modules_to_save).
+    oversample : int, default 10
+        Extra sketch columns of the randomized SVD.
+    power_iters : int, default 2
+        Power iterations of the randomized SVD (more: more accurate on flat spectra, slower).
+    seed : int, default 0
+        Seed of the random sketches.
+    threads : int, default 0
+        Worker threads; 0 uses every core.
+    overwrite : bool, default False
+        Replace an `out` that lorafuse did not write (never an input).
+    progress : bool or None, default None
+        True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
+
+    Returns
+    -------
+    ExtractResult
+        An AdapterReport: `adapter`, `modules` (`name`, `shape`, `rank`, `rel_error`, `singular_values`),
+        `ranks`, `skipped`, `unchanged`, `out`, `notes`, `seconds`.
+    """
+    start = time.monotonic()
+    out = None if out is None else _path(out)  # first: a rank given by position lands here
+    rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
+    inputs = [Path(base), Path(finetuned)]
+    notes: list[str] = []
+    target = None
+    if out is not None:
+        # what the name means: a .safetensors name is one file, if a one-file format can name the base's modules
+        modules = [checkpoint_modules(base, include, exclude)] if names_file(out) else []
+        target = adapter_output(out, "peft", modules, inputs)
+        check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+        if target.note:
+            notes.append(target.note)
+    res = _extract.extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
+                           oversample=oversample, power_iters=power_iters, seed=seed, threads=threads,
+                           progress=progress)
+    written = save_as(res.adapter, target.format, target.path, inputs, overwrite=overwrite) if target else None
+    return ExtractResult(res.adapter, res.modules, res.skipped, res.unchanged, out=written,
+                         seconds=time.monotonic() - start,
+                         notes=[f"not extracted: {s}" for s in res.skipped] + notes)
+
+
+def _path(out: object) -> StrPath:
+    """`out` when it is a path; a number there is a rank rule given by position, named as such."""
+    if isinstance(out, str | os.PathLike):
+        return out
+    hint = f"; the rank rule is a keyword argument (rank={out!r})" if isinstance(out, int | float) else ""
+    raise LorafuseValueError(f"out must be a path (str or os.PathLike), got {out!r}{hint}")
