@@ -525,9 +525,9 @@ def test_output_is_an_existing_file_for_a_folder_base(work, tmp_path):
 @pytest.mark.parametrize(
     "adapters, weights, expected",
     [
-        (1, [1.0, 0.5], "2 weights given for 1 adapters"),
-        (2, [1.0], "1 weights given for 2 adapters"),
-        (1, [], "0 weights given for 1 adapters"),
+        (1, [1.0, 0.5], "2 weights given for 1 adapter"),
+        (2, [1.0], "1 weight given for 2 adapters"),
+        (1, [], "0 weights given for 1 adapter"),
         (1, [float("nan")], "finite"),
         (1, [float("inf")], "finite"),
     ],

@@ -438,8 +438,8 @@ def test_nonfinite_through_the_cli(case, tmp_path, capsys):
     "extra, adapters, expected",
     [
         (["--dtype", "int8"], 1, "'int8'"),
-        (["--weights", "1,2"], 1, "2 weights given for 1 adapters"),
-        (["--weights", "1"], 2, "1 weights given for 2 adapters"),
+        (["--weights", "1,2"], 1, "2 weights given for 1 adapter"),
+        (["--weights", "1"], 2, "1 weight given for 2 adapters"),
         (["--max-shard-size", "lots"], 1, "'lots'"),
     ],
     ids=["dtype", "too-many-weights", "too-few-weights", "shard-size"],
@@ -460,10 +460,11 @@ def test_bad_values_exit_2(case, tmp_path, capsys, extra, adapters, expected):
         (["--threads", "-1"], "argument --threads", "lorafuse apply"),
         (["--threads", "two"], "argument --threads", "lorafuse apply"),
         ([], "the following arguments are required: -o/--out", "lorafuse apply"),
-        # argparse reports options no subcommand knows from the main parser
-        (["--bogus"], "unrecognized arguments: --bogus", "lorafuse"),
+        # an option the verb does not know: reported with the verb's usage, and the nearest option named
+        (["--bogus"], "unrecognized arguments: --bogus", "lorafuse apply"),
+        (["--wieghts", "1"], "unrecognized arguments: --wieghts 1; did you mean '--weights'?", "lorafuse apply"),
     ],
-    ids=["weights", "threads-negative", "threads-word", "no-output", "unknown-option"],
+    ids=["weights", "threads-negative", "threads-word", "no-output", "unknown-option", "misspelt-option"],
 )
 def test_argparse_errors_exit_2(case, tmp_path, capsys, argv, expected, prog):
     out_args = [] if not argv else ["-o", str(tmp_path / "out")]

@@ -53,7 +53,7 @@ def peak_rss(args: list[str]) -> int:
     proc.stdout.close()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]
     assert proc.returncode == 0, err
-    assert f"combined {len(args) - 7} adapters with svd: 1 modules, rank 32" in out
+    assert f"combined {len(args) - 7} adapters with svd: 1 module, rank 32" in out
     return usage.ru_maxrss * 1024
 
 

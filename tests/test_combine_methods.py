@@ -122,8 +122,13 @@ def test_cli_choices_and_help_come_from_the_registry() -> None:
 def test_an_unknown_method_is_refused_by_the_cli_and_the_api(adapters, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     dirs, _, _ = adapters
-    assert main(["combine", str(dirs[0]), "--method", "mean", "-o", str(tmp_path / "x")]) == 2
-    assert "error: unknown method 'mean'; choose one of svd, cat, linear, ties" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["combine", str(dirs[0]), "--method", "mean", "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "argument --method: unknown method 'mean' (choose from svd, cat, linear, ties" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["combine", str(dirs[0]), "--method", "dare-ties", "-o", str(tmp_path / "x")])
+    assert "unknown method 'dare-ties'; did you mean 'dare_ties'?" in capsys.readouterr().err
     with pytest.raises(lorafuse.LorafuseValueError, match="unknown method 'mean'; choose one of svd, cat, linear"):
         lorafuse.combine(dirs, method="mean")
     assert not (tmp_path / "x").exists()
@@ -136,7 +141,7 @@ def test_options_are_checked_from_the_registry(adapters, name: str) -> None:
     base = CombineOptions(method=name, density=0.5 if m.takes_density else None)
     assert check_options(base).method == name
     if m.takes_density:
-        with pytest.raises(lorafuse.LorafuseValueError, match=f"method '{name}' needs a density between 0 and 1"):
+        with pytest.raises(lorafuse.LorafuseValueError, match=f"method '{name}' needs a density: the fraction of entries it keeps, between 0 and 1 \\(e.g. --density 0.5"):
             lorafuse.combine(dirs, method=name)
     else:
         with pytest.raises(lorafuse.LorafuseValueError, match=f"method '{name}' takes no density"):

@@ -152,7 +152,7 @@ def test_cli_reports_randomized_modules_and_exact_flag(rng, tmp_path: Path, caps
     code = main(["combine", *map(str, dirs), "--rank", "16", "-o", str(tmp_path / "auto")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "1 of 1 modules took a randomized SVD (near-optimal) (--exact forces the exact SVD): " \
+    assert "1 of 1 module took a randomized SVD (near-optimal) (--exact forces the exact SVD): " \
            "model.layers.0.mlp.up_proj" in out
     code = main(["combine", *map(str, dirs), "--rank", "16", "--exact", "-o", str(tmp_path / "exact")])
     out = capsys.readouterr().out

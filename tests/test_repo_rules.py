@@ -39,3 +39,10 @@ def test_warnings_are_errors_except_named_ones():
     assert filters[0] == "error"
     broad = [f for f in filters[1:] if f.split(":")[0] == "ignore" and f.count(":") < 2]
     assert not broad, f"an ignore must name the message or the module it silences: {broad}"
+
+
+def test_builds_do_not_share_a_fixed_folder():
+    """Two `pip install .` of one checkout at once (two environments, or a test beside an editable
+    install) must not build in one folder: no fixed scikit-build build-dir (issue #18)."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "build-dir" not in cfg["tool"]["scikit-build"]

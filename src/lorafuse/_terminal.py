@@ -36,3 +36,8 @@ def printable(text: object, keep_newlines: bool = True) -> str:
     if not keep_newlines:
         return _printable_line(s)
     return "\n".join(_printable_line(line) for line in s.split("\n"))
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """'1 adapter', '2 adapters' (`many`: the plural when it is not word + 's')."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"

@@ -22,6 +22,7 @@ import operator
 
 import numpy as np
 
+from lorafuse._terminal import plural
 from lorafuse.errors import LorafuseValueError
 
 # cpp/include/lorafuse/limits.hpp: kMaxThreads, kMaxRank, kMaxOversample, kMaxPowerIters
@@ -103,7 +104,7 @@ def check_weights(weights: object, count: int) -> list[float]:
     if not all(math.isfinite(w) for w in ws):
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
     if len(ws) != count:
-        raise LorafuseValueError(f"{len(ws)} weights given for {count} adapters")
+        raise LorafuseValueError(f"{plural(len(ws), 'weight')} given for {plural(count, 'adapter')}")
     return ws
 
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import numpy as np
 
 from lorafuse import __version__
 from lorafuse._progress import human_bytes
-from lorafuse._terminal import printable
+from lorafuse._terminal import plural, printable
 from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED, MAX_THREADS
 from lorafuse.errors import LorafuseError, LorafuseValueError
 from lorafuse.io.atomic import check_output
@@ -63,18 +64,53 @@ exact factorization of their delta, so svd gives the optimal rank-k LoRA of the 
 """
 
 
-_EPILOG_RANK = """\
+_RANK_RULES = """\
 rank rules (exactly one; per module, capped by --max-rank, at least 1):
   --rank K            K
   --sv-ratio T        keep singular values S_i > S_1 / T
   --sv-fro F          smallest k keeping a fraction F of the Frobenius norm: sqrt(sum S_1..k^2) / ||S|| >= F
   --sv-cumulative C   smallest k with sum S_1..k / sum S >= C
+"""
 
+
+_EPILOG_RESIZE = _RANK_RULES + """
 examples:
   lorafuse resize my-lora --rank 16 -o my-lora-r16
   lorafuse resize style.safetensors --sv-fro 0.9 --max-rank 64 -o style-small.safetensors
+  lorafuse resize pytorch_lora_weights.safetensors --sv-ratio 20 -o lora-small.safetensors
+"""
+
+
+_EPILOG_EXTRACT = _RANK_RULES + """
+examples:
   lorafuse extract ./base ./finetuned --rank 32 -o ./extracted
   lorafuse extract ./base ./finetuned --sv-fro 0.5 --max-rank 128 --exclude 'lm_head' -o ./extracted
+"""
+
+
+_EPILOG_SIMILARITY = """\
+examples:
+  lorafuse similarity ./style ./subject ./detail
+  lorafuse similarity style.safetensors loha.safetensors pytorch_lora_weights.safetensors --json
+  lorafuse similarity ./a ./b --plot similarity.png
+
+Adapters that share no module have similarity 0 by construction; lorafuse says so
+(a kohya file and a diffusers LoRA file of one model: `lorafuse convert` one of them).
+"""
+
+
+_EPILOG_INFO = """\
+examples:
+  lorafuse info ./my-lora
+  lorafuse info style.safetensors --modules
+  lorafuse info ./lora-folder --json
+  lorafuse info ./Llama-3.2-1B
+  lorafuse info ./stable-diffusion-v1-5 --json
+  lorafuse info ./my-lora --spectrum spectrum.png
+
+--json prints numbers as JSON numbers: lora_alpha (PEFT: the config's; kohya / diffusers:
+the most common module alpha; null for LoHa / LoKr only) and lora_alphas (every distinct
+module alpha); a non-finite norm is null.
 """
 
 
@@ -234,13 +270,76 @@ def _overwrite_option(p: argparse.ArgumentParser, what: str = "the output (-o)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.format(what=what))
 
 
+def _method(text: str) -> str:
+    methods = _combine_methods()
+    if text in methods:
+        return text
+    near = _close(text, methods)
+    raise argparse.ArgumentTypeError(f"unknown method {text!r}" + (f"; did you mean {near!r}?" if near else "")
+                                     + f" (choose from {', '.join(methods)})")
+
+
+_FACTOR_DTYPE_HELP = ("dtype of the written factors: fp32, fp16 or bf16 (kohya's --save_precision: float, fp16, bf16; "
+                      "float32, half, bfloat16 also work); computed in float32 and rounded once, to nearest even "
+                      "(default: the inputs' factor dtype when they all share one, else fp32, with a note)")
+
+
+def _factor_dtype(text: str) -> str:
+    """combine / resize --dtype: fp32, fp16, bf16 or an alias io.dtypes accepts -> 'F32', 'F16', 'BF16'."""
+    from lorafuse.io.dtypes import parse_output_dtype
+
+    try:
+        return parse_output_dtype(text)
+    except LorafuseValueError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (choose from fp32, fp16, bf16)") from None
+
+
+def _close(word: str, choices: Sequence[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with suggestions: a mistyped verb, choice or option gets `did you mean ...?`, and an
+    unknown option after a verb is reported with that verb's usage."""
+
+    verbs: dict[str, argparse.ArgumentParser]
+
+    def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"[\w.-]+", m.group(2))
+            near = _close(m.group(1), choices)
+            if near is not None:
+                message += f"; did you mean {near!r}?"
+        super().error(message)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verbs = getattr(self, "verbs", {})
+            target = verbs.get(getattr(ns, "command", None) or "", self)
+            message = "unrecognized arguments: " + " ".join(extras)
+            options = [o for action in target._actions for o in action.option_strings]
+            unknown = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+            near = _close(unknown, options) if unknown else None
+            if near is not None:
+                message += f"; did you mean {near!r}?"
+            target.error(message)
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lorafuse",
         description="Compose LoRA adapters over safetensors files: exact, fast, streaming.",
     )
     p.add_argument("--version", action="version", version=f"lorafuse {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.verbs = sub.choices  # type: ignore[assignment]
 
     a = sub.add_parser("apply", help="merge adapters into base weights", description="Merge LoRA adapters into a "
                        "base checkpoint and write a new checkpoint.", epilog=_EPILOG_APPLY,
@@ -249,10 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
                    ".safetensors file, or a diffusers pipeline folder")
     a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
                    "diffusers LoRA files")
-    a.add_argument("-o", "--out", required=True, help="output folder (a file when the base is a file)")
+    a.add_argument("-o", "--out", required=True, help="output. A folder base: a checkpoint folder (config and "
+                   "tokenizer files copied), or, for a name ending in .safetensors, one file holding every tensor "
+                   "(the folder's other files cannot go into it: a note lists them; refused when the merge must "
+                   "change config.json, i.e. an untied lm_head, with --max-shard-size, and for a diffusers pipeline). "
+                   "A single-file base: the output file; a name ending in / or an existing folder gets the base's "
+                   "file name inside it")
     _overwrite_option(a)
-    a.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
-    a.add_argument("--dtype", help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
+    a.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
+    a.add_argument("--dtype", metavar="{bf16,fp16,fp32}",
+                   help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB (2^30 bytes); at "
                    "least 64KiB and 100x the checkpoint's metadata, which every shard repeats (default: shards as "
@@ -272,14 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_combine_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
     c.add_argument("-o", "--out", required=True,
-                   help="output: a PEFT folder, or a .safetensors file (kohya, diffusers)")
+                   help="output: a PEFT folder, or a .safetensors file (kohya, diffusers). A name ending in "
+                   ".safetensors is one file: PEFT inputs without --format are then written as a diffusers or "
+                   "kohya file if those can name their modules, else refused before any work; a one-file format "
+                   "given a name ending in / (or an existing folder) writes into it, as the first input's file "
+                   "name (pytorch_lora_weights.safetensors for diffusers)")
     _overwrite_option(c)
     c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
                    help="output format (default: that of the first input)")
-    c.add_argument("--weights", type=_weights, help="comma-separated weight per adapter (default 1 each)")
+    c.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
     # the registry's methods, listed as argparse lists choices; checked by combine (exit status 2, like every
     # refused option value, with the choices named)
-    c.add_argument("--method", default="svd", metavar="{" + ",".join(_combine_methods()) + "}",
+    c.add_argument("--method", default="svd", type=_method, metavar="{" + ",".join(_combine_methods()) + "}",
                    help="combination method (default svd; see below)")
     c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
     c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
@@ -293,37 +402,54 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exact", action="store_true",
                    help="svd: exact for every module however many adapters are stacked (default: a module whose "
                    "stacked rank makes the exact SVD 1.5x dearer than a randomized one takes the randomized one)")
+    c.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
-                       description="Exact cosine similarity of the adapters' deltas (all modules together), "
-                       "computed from the factors without forming any dense matrix.")
-    s.add_argument("adapters", nargs="+", help="adapter folders (PEFT) or kohya .safetensors files")
+                       description="Exact cosine similarity of the adapters' deltas (all modules together),\n"
+                       "computed from the factors without forming any dense matrix. Reads PEFT adapter\n"
+                       "folders, kohya / LyCORIS .safetensors files (LoRA, LoCon, LoHa, LoKr, DoRA) and\n"
+                       "diffusers LoRA .safetensors files, in any mix.",
+                       epilog=_EPILOG_SIMILARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
+                   "diffusers LoRA .safetensors files")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
-    s.add_argument("--plot", metavar="PNG", help="also draw the matrix as a heat map to this PNG file "
-                   "(needs matplotlib: pip install lorafuse[plot])")
+    s.add_argument("--plot", metavar="IMAGE", help="also draw the matrix as a heat map to this file, in the "
+                   "format its suffix names: .png, .svg, .pdf, .jpg or .jpeg (other suffixes are refused before "
+                   "any work; needs matplotlib: pip install lorafuse[plot])")
     _overwrite_option(s, "the --plot file")
     s.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
 
     r = sub.add_parser("resize", help="reduce the rank of an adapter (optimally)",
-                       description="Reduce an adapter's rank: per module the best rank-k approximation of its "
-                       "delta (QR of the factors + SVD of the small core), the rank fixed or chosen from the "
-                       "singular values. Each module keeps its scale; the output has the input's format.",
-                       epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Reduce an adapter's rank: per module the best rank-k approximation of its\n"
+                       "delta (QR of the factors + SVD of the small core), the rank fixed or chosen from\n"
+                       "the singular values. Each module keeps its scale; the output has the input's\n"
+                       "format. Reads PEFT adapter folders, kohya / LyCORIS .safetensors files and\n"
+                       "diffusers LoRA .safetensors files.",
+                       epilog=_EPILOG_RESIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file")
-    r.add_argument("-o", "--out", required=True, help="output adapter (same format as the input)")
+    r.add_argument("-o", "--out", required=True, help="output adapter, in the input's format (a PEFT folder, or "
+                   "one kohya / diffusers file). A name ending in .safetensors is one file: a PEFT input is then "
+                   "written as a diffusers or kohya file if those can name its modules, else refused before any "
+                   "work; a file format given a name ending in / (or an existing folder) writes into it, as the "
+                   "input's file name (pytorch_lora_weights.safetensors for diffusers)")
     _overwrite_option(r)
     _rank_options(r)
     r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
+    r.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
 
     e = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model and its base",
-                       description="Extract a PEFT LoRA adapter from a fine-tuned checkpoint and its base: a "
-                       "randomized SVD of each weight difference, streamed from both memory-mapped checkpoints.",
-                       epilog=_EPILOG_RANK, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Extract a PEFT LoRA adapter from a fine-tuned checkpoint and its base: a\n"
+                       "randomized SVD of each weight difference, streamed from both memory-mapped\n"
+                       "checkpoints.",
+                       epilog=_EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("base", help="base checkpoint (folder or .safetensors file)")
     e.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
-    e.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT)")
+    e.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT). A name ending in "
+                   ".safetensors is one file: written as a diffusers or kohya file if those can name the base's "
+                   "modules, else refused before any work (checkpoint weight names, e.g. "
+                   "model.layers.0.self_attn.q_proj, are neither)")
     _overwrite_option(e)
     _rank_options(e)
     e.add_argument("--include", help="only modules whose name matches this regular expression")
@@ -342,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "save_lora_weights writes), losslessly; LoHa / LoKr modules become LoRA with --rank.",
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file")
-    v.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    v.add_argument("-o", "--out", required=True, help="output .safetensors file; a name ending in / (or an "
+                   "existing folder) writes into it: pytorch_lora_weights.safetensors (--to peft, what diffusers' "
+                   "load_lora_weights(folder) looks for) or the input's file name (--to kohya)")
     _overwrite_option(v)
     v.add_argument("--to", required=True, choices=("peft", "kohya"),
                    help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names")
@@ -358,14 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    i = sub.add_parser("info", help="describe an adapter or a checkpoint",
-                       description="Describe a PEFT adapter (modules, ranks, alphas, scales, dtypes, parameters, "
-                       "exact ||delta||_F per module from the factors) or a safetensors checkpoint.")
-    i.add_argument("path", help="adapter folder, checkpoint folder or .safetensors file")
+    i = sub.add_parser("info", help="describe an adapter, a checkpoint or a pipeline",
+                       description="Describe an adapter (modules, ranks, alphas, scales, dtypes, parameters,\n"
+                       "exact ||delta||_F per module from the factors): a PEFT adapter folder, a kohya /\n"
+                       "LyCORIS .safetensors file (LoRA, LoCon, LoHa, LoKr, DoRA), a diffusers LoRA\n"
+                       ".safetensors file or a folder holding one (pytorch_lora_weights.safetensors);\n"
+                       "or a safetensors checkpoint (one file, a folder, sharded with an index), or a\n"
+                       "diffusers pipeline folder (model_index.json), per component.",
+                       epilog=_EPILOG_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path", help="an adapter (PEFT folder, kohya / LyCORIS or diffusers LoRA .safetensors file, or a "
+                   "folder holding one), a checkpoint (.safetensors file or folder) or a diffusers pipeline folder")
     i.add_argument("--json", action="store_true", help="print JSON for machines")
     i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
-    i.add_argument("--spectrum", metavar="PNG", help="adapters: also plot the singular values of every module's "
-                   "delta, per module type, to this PNG file (needs matplotlib: pip install lorafuse[plot])")
+    i.add_argument("--spectrum", metavar="IMAGE", help="adapters: also plot the singular values of every module's "
+                   "delta, per module type, to this file, in the format its suffix names: .png, .svg, .pdf, .jpg "
+                   "or .jpeg (other suffixes are refused before any work; needs matplotlib: pip install "
+                   "lorafuse[plot])")
     _overwrite_option(i, "the --spectrum file")
     i.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     return p
@@ -388,10 +524,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if not args.quiet:
         for note in report.notes:
             _say(f"note: {note}", file=sys.stderr)
-        _say(f"merged {len(report.merged)} weights"
+        _say(f"merged {plural(len(report.merged), 'weight')}"
               + (f", replaced {len(report.replaced)}" if report.replaced else "")
-              + (f", updated {len(report.biases)} biases" if report.biases else "")
-              + f"; wrote {report.tensors} tensors ({human_bytes(report.bytes_written)}) to {report.out} "
+              + (f", updated {plural(len(report.biases), 'bias', 'biases')}" if report.biases else "")
+              + f"; wrote {plural(report.tensors, 'tensor')} ({human_bytes(report.bytes_written)}) to {report.out} "
               f"in {report.seconds:.2f} s")
     return 0
 
@@ -401,24 +537,30 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
     from lorafuse.formats import load
     from lorafuse.ops.combine import CombineOptions, combine_to
+    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output
 
     start = time.monotonic()
     loaded = [load(a) for a in args.adapters]
-    fmt = args.format or loaded[0].format
-    check_output(args.out, [p for a in loaded for p in a.sources()], folder=fmt == "peft",
+    inputs = [p for a in loaded for p in a.sources()]
+    # what the name means (a .safetensors name is one file; a folder name for a one-file format: a file in it)
+    target = adapter_output(args.out, args.format or loaded[0].format, loaded, inputs,
+                            asked=f"--format {args.format}" if args.format else None)
+    check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS,
                  overwrite=args.overwrite)  # before the work: refused outputs cost nothing
     options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
                              majority_sign=args.majority_sign, seed=args.seed, split=args.split,
-                             threads=args.threads, exact=args.exact)
+                             threads=args.threads, exact=args.exact, dtype=args.dtype)
     # streamed: each group of modules is written as it is computed (never over an input)
-    report = combine_to(loaded, args.weights, options, args.out, fmt, overwrite=args.overwrite)
+    report = combine_to(loaded, args.weights, options, target.path, target.format, overwrite=args.overwrite)
     if not args.quiet:
+        if target.note:
+            _say(f"note: {target.note}", file=sys.stderr)
         ranks = sorted(set(report.ranks.values()))
-        _say(f"combined {len(args.adapters)} adapters with {args.method}: {len(report)} modules, "
-              f"rank {'/'.join(map(str, ranks))}; wrote {args.out} in {time.monotonic() - start:.2f} s")
+        _say(f"combined {plural(len(args.adapters), 'adapter')} with {args.method}: {plural(len(report), 'module')}, "
+              f"rank {'/'.join(map(str, ranks))}; wrote {report.out} in {time.monotonic() - start:.2f} s")
         if report.randomized:
             hint = " (--exact forces the exact SVD)" if args.method == "svd" else ""
-            _say(f"  {len(report.randomized)} of {len(report)} modules took a randomized SVD (near-optimal)"
+            _say(f"  {len(report.randomized)} of {plural(len(report), 'module')} took a randomized SVD (near-optimal)"
                   f"{hint}: {', '.join(report.randomized[:3])}{', ...' if len(report.randomized) > 3 else ''}")
     return 0
 
@@ -428,21 +570,25 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafuse.formats import load
+    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output
     from lorafuse.ops.resize import resize
 
     start = time.monotonic()
     adapter = load(args.adapter)
-    check_output(args.out, adapter.sources(), folder=adapter.format == "peft", overwrite=args.overwrite)
+    target = adapter_output(args.out, adapter.format, [adapter], adapter.sources())  # what the name means
+    check_output(target.path, adapter.sources(), folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)
     result, report = resize(adapter, _rule(args), args.split, args.threads,
-                            progress=False if args.json or args.quiet else None)
-    result.save(args.out, overwrite=args.overwrite)
+                            progress=False if args.json or args.quiet else None, dtype=args.dtype)
+    result.save(target.path, target.format, overwrite=args.overwrite)
+    if target.note and not args.quiet:
+        _say(f"note: {target.note}", file=sys.stderr)
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]
-    summary = (f"resized {len(report)} modules of {Path(args.adapter)} ({_rule(args).describe()}): ranks "
+    summary = (f"resized {plural(len(report), 'module')} of {Path(args.adapter)} ({_rule(args).describe()}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {np.mean(ranks) if ranks else 0:.1f}), "
                f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {np.mean(kept) if kept else 1:.4f}; "
-               f"wrote {args.out} in {time.monotonic() - start:.2f} s")
+               f"wrote {target.path} in {time.monotonic() - start:.2f} s")
     _print_rank_report(args, rows, summary, "fro_kept")
     return 0
 
@@ -451,24 +597,30 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from lorafuse.formats.peft import save_peft
+    from lorafuse.io.atomic import names_file
     from lorafuse.ops.extract import extract
+    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output, checkpoint_modules, save_as
 
     start = time.monotonic()
     inputs = [Path(args.base), Path(args.finetuned)]
-    check_output(args.out, inputs, folder=True, overwrite=args.overwrite)  # before the work
+    # what the name means: a .safetensors name is one file, if a one-file format can name the base's modules
+    modules = [checkpoint_modules(args.base, args.include, args.exclude)] if names_file(args.out) else []
+    target = adapter_output(args.out, "peft", modules, inputs)
+    check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)  # first
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None)
-    save_peft(res.adapter, args.out, inputs, overwrite=args.overwrite)
+    save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
+    if target.note and not args.quiet:
+        _say(f"note: {target.note}", file=sys.stderr)
     rows = [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "rel_error": m.rel_error,
              "singular_values": m.singular_values} for m in res.modules]
     errs = [m.rel_error for m in res.modules]
     ranks = [m.rank for m in res.modules]
-    summary = (f"extracted {len(res.modules)} modules ({_rule(args).describe()}): ranks "
+    summary = (f"extracted {plural(len(res.modules), 'module')} ({_rule(args).describe()}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
                f"{np.mean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
-               f"{len(res.adapter.full)} kept whole; wrote {args.out} in {time.monotonic() - start:.2f} s")
+               f"{len(res.adapter.full)} kept whole; wrote {target.path} in {time.monotonic() - start:.2f} s")
     if res.skipped and not args.quiet and not args.json:
         for line in res.skipped[:10]:
             _say(f"note: not extracted: {line}", file=sys.stderr)
@@ -481,10 +633,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
+    from lorafuse.formats import load
     from lorafuse.ops.convert import convert
+    from lorafuse.ops.outputs import adapter_output
 
     start = time.monotonic()
-    rep = convert(args.adapter, args.out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
+    adapter = load(args.adapter)
+    # a name ending in / (or an existing folder): the file inside it
+    out = adapter_output(args.out, "diffusers" if args.to == "peft" else "kohya", [adapter], adapter.sources()).path
+    rep = convert(adapter, out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
                   family=args.family, threads=args.threads, overwrite=args.overwrite)
     rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
             for m in rep.lycoris]
@@ -510,19 +667,26 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_similarity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lorafuse.ops.similarity import similarity
+    from lorafuse.formats import load
+    from lorafuse.ops.similarity import similarity, unshared_notes, unshared_pairs
 
-    if args.plot:  # before the work: a refused plot path costs nothing
-        check_output(args.plot, [Path(a) for a in args.adapters], folder=False, overwrite=args.overwrite)
-    cos = similarity(args.adapters, args.threads)
+    if args.plot:  # before the work: a refused plot path (or image format) costs nothing
+        from lorafuse.plot import check_plot_output
+
+        check_plot_output(args.plot, [Path(a) for a in args.adapters], args.overwrite)
+    loaded = [load(a) for a in args.adapters]
+    cos = similarity(loaded, args.threads)
     labels = [str(a) for a in args.adapters]
     if args.json:
-        _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist()}, indent=2))
+        _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist(),
+                         "share_no_module": [list(pair) for pair in unshared_pairs(loaded)]}, indent=2))
     else:
         width = max(len(x) for x in labels)
         _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
         for i, (label, row) in enumerate(zip(labels, cos)):
             _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
+    for note in unshared_notes(loaded, labels):  # a 0 that measures nothing: say so (stderr: --json stays JSON)
+        _say(f"note: {note}", file=sys.stderr)
     if args.plot:
         from lorafuse.plot import plot_similarity
 
@@ -569,24 +733,27 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from lorafuse.ops.info import describe
+    from lorafuse.ops.info import adapter_path, alpha_text, describe, json_ready
 
-    if args.spectrum:  # before the work: a refused plot path costs nothing
+    if args.spectrum:  # before the work: a refused plot path (or image format) costs nothing
         from pathlib import Path
 
-        check_output(args.spectrum, [Path(args.path)], folder=False, overwrite=args.overwrite)
+        from lorafuse.plot import check_plot_output
+
+        check_plot_output(args.spectrum, [Path(args.path)], args.overwrite)
     d = describe(args.path, args.threads)
     if args.spectrum and d["type"] != "adapter":
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
-    if args.json:
-        _say(json.dumps(d, indent=2))
+    if args.json:  # numbers as JSON numbers; a non-finite one (NaN has no JSON form) as null
+        _say(json.dumps(json_ready(d), indent=2, allow_nan=False))
     else:
-        _print_info(d, args.modules)
+        _print_info({**d, "lora_alpha": alpha_text(d)} if d["type"] == "adapter" else d, args.modules)
     if args.spectrum:
         from lorafuse.formats import load
         from lorafuse.plot import plot_spectrum
 
-        out = plot_spectrum(load(args.path), args.spectrum, args.threads, overwrite=args.overwrite)
+        out = plot_spectrum(load(adapter_path(args.path) or args.path), args.spectrum, args.threads,
+                            overwrite=args.overwrite)
         _say(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -624,11 +791,36 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
+WEIGHTS_HELP = "comma-separated weight per adapter, negative ones subtract (default 1 each; e.g. --weights 1,-0.5)"
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NEGATIVE_LIST = re.compile(rf"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:\s*,\s*{_NUMBER})*")
+_LIST_OPTIONS = ("--weights",)  # options whose value is a comma-separated list of numbers
+
+
+def _negative_values(argv: Sequence[str]) -> list[str]:
+    """`--weights -0.5,1` as `--weights=-0.5,1`: argparse takes a value that starts with '-' and holds a
+    comma for an option, so a list of numbers after a list option is joined to it (up to a `--`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        if token in _LIST_OPTIONS and i + 1 < len(argv) and _NEGATIVE_LIST.fullmatch(argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

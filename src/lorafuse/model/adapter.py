@@ -113,10 +113,20 @@ class Adapter:
 
     # ---- exact arithmetic (factored: ranks add up until to_rank) ------------------------
 
-    def __add__(self, other: Adapter) -> Adapter:
+    def __add__(self, other: object) -> Adapter:
+        if not isinstance(other, Adapter):
+            return NotImplemented
         return weighted_cat([(1.0, self), (1.0, other)])
 
-    def __sub__(self, other: Adapter) -> Adapter:
+    def __radd__(self, other: object) -> Adapter:
+        """0 + adapter is the adapter (a copy), so that sum([a, b, c]) works."""
+        if isinstance(other, bool) or not isinstance(other, int | float) or other != 0:
+            return NotImplemented
+        return self * 1.0
+
+    def __sub__(self, other: object) -> Adapter:
+        if not isinstance(other, Adapter):
+            return NotImplemented
         return weighted_cat([(1.0, self), (-1.0, other)])
 
     def __neg__(self) -> Adapter:
@@ -130,7 +140,21 @@ class Adapter:
     __rmul__ = __mul__
 
     def __truediv__(self, c: float) -> Adapter:
+        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        if c == 0:
+            raise LorafuseValueError("adapter / 0: division by zero")
         return self * (1.0 / float(c))
+
+    def __repr__(self) -> str:
+        """One line: format, modules, ranks, factor dtypes and where it comes from (never the arrays)."""
+        ranks = sorted({u.rank for u in self.updates.values()})
+        shown = "/".join(map(str, ranks[:4])) + ("/..." if len(ranks) > 4 else "")
+        dtypes = sorted({t.dtype for u in self.updates.values() for t in u.stored_tensors()})
+        where = repr(str(self.path)) if self.path is not None else "in memory"
+        extra = f", full tensors={len(self.full)}" if self.full else ""
+        return (f"Adapter(format={self.format!r}, modules={len(self.updates)}, rank={shown or '-'}, "
+                f"dtype={'/'.join(dtypes) or '-'}{extra}, source={where})")
 
     def to_rank(self, rank: int, split: str = "B", threads: int = 0) -> Adapter:
         """The best rank-`rank` approximation of every module (Eckart-Young, from the factors)."""

@@ -128,10 +128,54 @@ def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[
                           derived_from=list(dict.fromkeys(p for a in adapters for p in a.sources())))
 
 
+def shared_modules(adapters: Sequence[Adapter]) -> set[str]:
+    """The module names that at least two of `adapters` have."""
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for a in adapters:
+        names = set(a.updates)
+        shared |= seen & names
+        seen |= names
+    return shared
+
+
+def _examples(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:2])
+    return shown + (", ..." if len(names) > 2 else "")
+
+
+def _root(name: str) -> str:
+    """The first part of a module name: 'model' in 'model.layers.0.q_proj', 'lora_unet' in kohya's
+    'lora_unet_down_blocks_0_...' (no dots)."""
+    if "." in name:
+        return name.split(".", 1)[0]
+    return "_".join(name.split("_", 2)[:2])
+
+
+def check_shared(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse adapters that share no module and name their modules from different roots: adapters of
+    different models, or one model named two ways (kohya's 'lora_unet_...' vs diffusers' 'unet....').
+    Disjoint modules under one root (a q_proj adapter and a v_proj adapter of one model) are fine."""
+    nonempty = [a for a in adapters if a.updates]
+    if len(nonempty) < 2 or shared_modules(nonempty):
+        return
+    roots = [{_root(n) for n in a.updates} for a in nonempty]
+    for i in range(1, len(nonempty)):
+        if roots[0].isdisjoint(roots[i]):
+            first, second = nonempty[0], nonempty[i]
+            raise LorafuseValueError(
+                f"{what}: {first.label} and {second.label} share no module ({_examples(list(first.updates))} vs "
+                f"{_examples(list(second.updates))}): adapters for different models, or one model in two "
+                "namings (kohya vs diffusers: `lorafuse convert` one of them first). To put disjoint modules "
+                "together on purpose, use the method 'cat' (lorafuse combine --method cat)")
+
+
 def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
-    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1."""
+    """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1. Adapters of different models are
+    refused (check_shared)."""
     adapters = [a for _, a in terms]
     check_linear(adapters, "adapter arithmetic")
+    check_shared(adapters, "adapter arithmetic")
     updates = {}
     for name, ts in terms_by_module(adapters, [w for w, _ in terms]).items():
         b, a = stack(ts, 0, coef_on="A")
@@ -173,5 +217,5 @@ def norm(adapter: Adapter, threads: int = 0) -> float:
     return float(np.sqrt(sum(n * n for n in adapter.norms(threads).values())))
 
 
-__all__ = ["check_linear", "check_split", "norm", "result", "scaled", "stack", "terms_by_module", "truncate",
-           "weighted_cat"]
+__all__ = ["check_linear", "check_shared", "check_split", "norm", "result", "scaled", "shared_modules", "stack",
+           "terms_by_module", "truncate", "weighted_cat"]

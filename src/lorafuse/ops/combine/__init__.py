@@ -19,6 +19,11 @@ that have them. Every output has scale 1 (r = lora_alpha per module).
 - *_svd:  PEFT's merge of the dense deltas s_i B_i A_i with weights w_i, then rank k by
           (randomized) SVD
 
+The output's factors are rounded once, to nearest even, to `dtype` (CombineOptions.dtype): by default the
+inputs' factor dtype when they all share one of F32, F16, BF16 (an F16 kohya file combines into F16
+factors, as kohya's scripts with --save_precision fp16), else F32, with an AdapterNote saying so. Every
+method computes in float32 / float64 whatever the dtype.
+
 Each method is an entry of `REGISTRY` (registry.py); options travel as one `CombineOptions`.
 Modules flow through the method in groups sized by bytes (groups.py), and the pages of a
 group's inputs leave the resident set once it is done: peak memory is bounded by a group,
@@ -45,8 +50,8 @@ from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
-from lorafuse.model.arithmetic import check_linear, check_split, result
-from lorafuse.model.layout import AdapterLayout, ModuleLayout
+from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
+from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
@@ -73,7 +78,8 @@ def check_options(options: CombineOptions) -> CombineOptions:
     if o.majority_sign not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}")
     if method.takes_density and o.density is None:
-        raise LorafuseValueError(f"method {o.method!r} needs a density between 0 and 1, got {o.density!r}")
+        raise LorafuseValueError(f"method {o.method!r} needs a density: the fraction of entries it keeps, between 0 "
+                                 "and 1 (e.g. --density 0.5 on the command line, density=0.5 in Python)")
     if not method.takes_density and o.density is not None:
         raise LorafuseValueError(f"method {o.method!r} takes no density")
     if not method.takes_rank and (o.rank is not None or o.conv_rank is not None):
@@ -82,7 +88,7 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"method {o.method!r} has no exact switch (exact applies to method 'svd')")
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
-    return o
+    return dataclasses.replace(o, dtype=check_dtype(o.dtype))
 
 
 def combine(
@@ -98,6 +104,7 @@ def combine(
     threads: int = 0,
     exact: bool = False,
     conv_rank: int | None = None,
+    dtype: str | None = None,
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
@@ -111,9 +118,13 @@ def combine(
     the factors; they are listed in the result's `randomized`).
     `density` (0..1) is required by the ties / dare / magnitude_prune methods; DARE's random
     masks come from `seed` and the module name, so results do not depend on thread count.
+    `dtype` ('fp32', 'fp16', 'bf16'; kohya's --save_precision) is the dtype of the result's factors; by
+    default the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32 (with an
+    AdapterNote). The math is float32 / float64 either way: only the result is rounded, once.
     """
     options = CombineOptions(method=method, rank=rank, conv_rank=conv_rank, density=density,
-                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact)
+                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
+                             dtype=dtype)
     return combine_with(adapters, weights, options)
 
 
@@ -123,6 +134,7 @@ class _Prepared:
     method: Method
     by_module: Terms
     ctx: Context
+    dtype: str  # of the output's factors
 
 
 def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
@@ -142,17 +154,21 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
                                    "LoRA factors element by element, which a LoHa / LoKr does not have (use svd, cat "
                                    "or a *_svd method)")
     check_linear(loaded, f"combine --method {o.method}")
+    if o.method != "cat":  # cat keeps disjoint modules side by side on purpose
+        check_shared(loaded, f"combine --method {o.method}")
     by_module = terms_by_module(loaded, ws)
     if method.check is not None:
         method.check(o.method, by_module)
     ctx = Context(o, get_backend(), output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
-    return _Prepared(loaded, method, by_module, ctx)
+    return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"))
 
 
 def _outputs(p: _Prepared) -> Iterator[Output]:
+    """Every module's output, its float32 factors rounded once to the output dtype."""
     spread = max(1, p.method.per_thread * resolve_threads(p.ctx.options.threads))
-    return stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread)
+    for name, update, was_randomized in stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread):
+        yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized
 
 
 def combine_with(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
@@ -174,12 +190,13 @@ def combine_with(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: 
 
 @dataclasses.dataclass(frozen=True)
 class CombineReport:
-    """What combine_to wrote: the output, its modules' ranks (in file order) and the modules that took a
-    randomized SVD."""
+    """What combine_to wrote: the output, its modules' ranks (in file order), the modules that took a
+    randomized SVD and the dtype of its factors ('F32', 'F16' or 'BF16')."""
 
     out: Path
     ranks: dict[str, int]
     randomized: list[str]
+    dtype: str = "F32"
 
     def __len__(self) -> int:
         return len(self.ranks)
@@ -194,7 +211,8 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     p = _prepare(adapters, weights, options)
-    layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx)), name=n)
+    layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
+                                                                 dtype=p.dtype), name=n)
                            for n, ts in p.by_module.items())
     template = result(p.loaded[0], layout.placeholders(), p.loaded)
     randomized: list[str] = []
@@ -205,4 +223,4 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
             if was_randomized:
                 randomized.append(name)
         raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
-    return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized)
+    return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype)
