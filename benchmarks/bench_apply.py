@@ -16,7 +16,7 @@ that peak RSS is per tool:
 lorafuse, cp and dd run alternately (lorafuse, cp, dd, lorafuse, cp, dd, ...), at least 5 times
 each; before every timed run (untimed) all outputs are removed, `sync` runs and the inputs are
 read once, so every run starts from the same state. Write costs on small VMs swing 2-6x with what
-ran just before (see the README's Performance section), so the report is the median and the
+ran just before (see docs/performance.md), so the report is the median and the
 spread (min..max) of the runs, never the best one, and the ratios are ratios of medians. PEFT
 runs --peft-repeat times (default 1) after them. lorafuse runs with LORAFUSE_TIMINGS=1: the
 phases of its median run are printed.
@@ -306,7 +306,10 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path) -> list[
 def _prepare(all_outputs: Sequence[Path], warm_paths: Sequence[Path]) -> None:
     """The same state before every timed run (untimed): no outputs, nothing dirty, inputs read once."""
     for out in all_outputs:
-        shutil.rmtree(out, ignore_errors=True)
+        if out.is_file() or out.is_symlink():
+            out.unlink()
+        else:
+            shutil.rmtree(out, ignore_errors=True)
     os.sync()  # flush earlier outputs so their writeback does not land in this run
     warm_page_cache(warm_paths)
 
@@ -341,11 +344,13 @@ def run_alternating(tools: Sequence[Tool], repeat: int, warm_paths: Sequence[Pat
 
 
 def run_tool(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path,
-             all_outputs: Sequence[Path]) -> None:
+             all_outputs: Sequence[Path] | None = None) -> None:
+    """`repeat` runs of one tool, each after _prepare (by default removing the tool's own output)."""
     assert tool.cmd is not None
     print(f"\n[{tool.label}] {shlex.join(tool.cmd)}")
+    outputs = [tool.out_dir] if all_outputs is None else all_outputs
     for i in range(repeat):
-        _prepare(all_outputs, warm_paths)
+        _prepare(outputs, warm_paths)
         if not _run_once(tool, i, repeat, log_dir):
             return
 
