@@ -186,7 +186,7 @@ def test_every_unmatched_module_is_listed_or_skipped(models, tmp_path: Path) -> 
     with pytest.raises(MissingModuleError) as e:
         lorafuse.apply(tmp_path / "pipe", [tmp_path / "lora.safetensors"], out=tmp_path / "out", progress=False)
     message = str(e.value)
-    assert f"{len(te_modules) + 1} adapter module(s)" in message
+    assert f"{len(te_modules) + 1} adapter modules" in message
     for m in te_modules + ["lora_unet_no_such_block_0_proj"]:
         assert f"'{m}'" in message
     assert not (tmp_path / "out").exists()

@@ -321,7 +321,7 @@ def test_llama_adapter_on_gpt2_base(llama, gpt2, tmp_path, good_output):
     check_failure(
         lambda out: lorafuse.apply(gpt2.base_dir, [llama.adapter_dir], out=out, progress=False),
         tmp_path / "out", MissingModuleError, gpt2.base_dir, llama.adapter_dir,
-        "'model.layers.0.mlp.down_proj'", f"{n} adapter module(s)",
+        "'model.layers.0.mlp.down_proj'", f"{n} adapter module" + ("" if n == 1 else "s"),
         make_prior=good_output, watched=[gpt2.base_dir, llama.adapter_dir],
     )
 
@@ -344,7 +344,7 @@ def test_one_module_missing(work, tmp_path, good_output):
 
     rewrite_adapter(adapter, add_stray)
     check_failure(lambda out: lorafuse.apply(base, [adapter], out=out, progress=False), tmp_path / "out",
-                  MissingModuleError, "1 adapter module(s)", "'model.layers.7.self_attn.q_proj'",
+                  MissingModuleError, "1 adapter module found", "'model.layers.7.self_attn.q_proj'",
                   make_prior=good_output, watched=[base, adapter])
 
 

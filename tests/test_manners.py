@@ -170,3 +170,11 @@ def test_combine_of_kohya_and_diffusers_names_says_they_share_no_module(tmp_path
     err = capsys.readouterr().err
     assert f"{kohya} and {diff} share no module" in err and "lorafuse convert" in err and "--method cat" in err
     assert not out.exists()
+
+
+def test_counted_words_agree_with_their_number():
+    from lorafuse._terminal import plural
+
+    assert [plural(n, "module", verb=("has", "have")) for n in (0, 1, 2, 1000)] == \
+        ["0 modules have", "1 module has", "2 modules have", "1,000 modules have"]
+    assert plural(1, "LoRA module") == "1 LoRA module" and plural(3, "matrix", "matrices") == "3 matrices"

@@ -438,7 +438,7 @@ def test_names_from_files_reach_the_terminal_escaped(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "apply", base_dir, tmp_path / "ad2", "-o", tmp_path / "o2", "--no-progress")
     assert code == 1
     lines = stderr.splitlines()
-    assert len(lines) == 4 and "2 adapter module(s) found no target" in lines[0], stderr
+    assert len(lines) == 4 and "2 adapter modules found no target" in lines[0], stderr
     listed = sorted(line.strip().rsplit(": ", 1)[1] for line in lines[1:3])
     assert listed == ["module 'layer.none'", "module 'layer.nope'"]
     assert lines[3].startswith("(pass --skip-missing")

@@ -255,7 +255,7 @@ def test_untargeted_modules_are_ignored_like_peft(llama, tmp_path, name):
     dropped = len(ALL) - len(EXPECTED[name])
     if dropped:
         note = next(n for n in report.notes if "does not target" in n)
-        assert f"ignored {dropped} module(s) that adapter_config.json does not target, as PEFT ignores them" in note
+        assert f"ignored {dropped} module{'' if dropped == 1 else 's'} that adapter_config.json does not target, as PEFT ignores them" in note
         assert str(adapter) in note
     replaced = {f"model.layers.{i}.self_attn.v_proj.weight" for i in (0, 1)} if extra else set()
     assert sorted(report.merged) == sorted({f"model.{m}.weight" for m in EXPECTED[name]} - replaced)
@@ -279,7 +279,7 @@ def test_targeted_layers_missing_from_the_file_with_random_init_are_refused(tmp_
     adapter = edited(case, tmp_path / "a", {"target_modules": ["q_proj", "v_proj"]})
     ref = peft_merged(case.base_dir, adapter, case.model_cls)
     assert "model.layers.0.self_attn.v_proj.weight" in changed_keys(ref, base_state(case.base_dir))  # noise
-    with pytest.raises(UnsupportedError, match=r"adapter_config\.json targets 2 layer\(s\) of the base that have no "
+    with pytest.raises(UnsupportedError, match=r"adapter_config\.json targets 2 layers of the base that have no "
                                                r"tensors in the file \('model\.layers\.0\.self_attn\.v_proj', "
                                                r"'model\.layers\.1\.self_attn\.v_proj'\), and says "
                                                r"init_lora_weights=false"):
@@ -317,7 +317,7 @@ def test_ensure_weight_tying_keeps_the_tied_lm_head(tmp_path):
 
 def test_nothing_targeted_is_refused(llama, tmp_path):
     adapter = edited(llama, tmp_path / "a", {"target_modules": ["not_a_layer"]})
-    with pytest.raises(FormatError, match=r"none of the 14 LoRA module\(s\) in the file is targeted by "
+    with pytest.raises(FormatError, match=r"none of the 14 LoRA modules in the file is targeted by "
                                           r"adapter_config\.json \(target_modules=\['not_a_layer'\]\).*PEFT would "
                                           "merge nothing"):
         lorafuse.load(adapter)
@@ -374,7 +374,7 @@ def test_full_tensors_load_where_peft_loads_them(llama, tmp_path):
     report, changed = merge_and_compare(llama, adapter, tmp_path / "out")
     assert sorted(report.replaced) == ["model.layers.1.self_attn.k_proj.weight", "model.norm.weight"]
     note = next(n for n in report.notes if "PEFT does not load" in n)
-    assert "ignored 2 tensor(s)" in note and "'model.layers.0.self_attn.q_proj.weight'" in note
+    assert "ignored 2 tensors" in note and "'model.layers.0.self_attn.q_proj.weight'" in note
     assert "'model.layers.1.mlp.gate_proj.base_layer.weight'" in note
     # written back, each full tensor goes where PEFT loads it
     lorafuse.load(adapter).save(tmp_path / "again")
@@ -389,7 +389,7 @@ def test_magnitude_without_use_dora_is_ignored_like_peft(llama_dora, tmp_path):
     adapter = edited(llama_dora, tmp_path / "a", {"use_dora": False})
     report, changed = merge_and_compare(llama_dora, adapter, tmp_path / "out")
     assert len(changed) == 14
-    assert any("ignored the lora_magnitude_vector tensors of 14 module(s) because use_dora is false" in n
+    assert any("ignored the lora_magnitude_vector tensors of 14 modules because use_dora is false" in n
                for n in report.notes)
     # and it is not the DoRA merge
     dora = peft_merged(llama_dora.base_dir, llama_dora.adapter_dir, llama_dora.model_cls)
@@ -405,7 +405,7 @@ def test_use_dora_with_a_missing_magnitude_is_refused(llama_dora, tmp_path):
         del t["base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector"]
 
     adapter = edited(llama_dora, tmp_path / "a", tensors=drop)
-    with pytest.raises(FormatError, match=r"use_dora is true but 1 of 14 module\(s\) have no lora_magnitude_vector: "
+    with pytest.raises(FormatError, match=r"use_dora is true but 1 of 14 modules has no lora_magnitude_vector: "
                                           r"'model\.layers\.1\.mlp\.up_proj'\. PEFT would use the value it creates "
                                           r"when it builds the layer .*the file is incomplete"):
         lorafuse.apply(llama_dora.base_dir, [adapter], out=tmp_path / "out", progress=False)
@@ -422,7 +422,7 @@ def test_lora_bias_flag_decides_like_peft(llama_bias, tmp_path):
         del t["base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias"]
 
     adapter = edited(llama_bias, tmp_path / "b", tensors=drop)
-    with pytest.raises(FormatError, match=r"lora_bias is true but 1 of 14 module\(s\) have no lora_B\.bias: "
+    with pytest.raises(FormatError, match=r"lora_bias is true but 1 of 14 modules has no lora_B\.bias: "
                                           r"'model\.layers\.0\.self_attn\.k_proj'"):
         lorafuse.load(adapter)
 
@@ -592,7 +592,7 @@ def test_regex_tests_are_counted_deterministically(tmp_path, monkeypatch):
     folder = _adapter_with_modules(tmp_path / "a", 100, {"alpha_pattern": patterns})
     messages = set()
     for _ in range(2):
-        with pytest.raises(FormatError, match=r"matching the 20 regular expression\(s\) of adapter_config\.json "
+        with pytest.raises(FormatError, match=r"matching the 20 regular expressions of adapter_config\.json "
                                               r"\(rank_pattern, alpha_pattern, target_modules, \.\.\.\) against 100 "
                                               r"modules needs more than 1001 tests \(at most 1000\), stopped at module "
                                               r"'model\.layers\.54\.proj' and pattern 'nothing0\.\*'") as e:
@@ -731,7 +731,7 @@ def test_extract_without_config_json_refuses_conv1d_names(gpt2, tmp_path):
 def test_every_command_tells_what_loading_left_out(llama, tmp_path, capsys):
     """The notes of loading (tensors PEFT ignores) reach the user of every command and of the API."""
     adapter = edited(llama, tmp_path / "a", {"target_modules": "model\\.layers\\.0\\..*"})
-    expected = "module(s) that adapter_config.json does not target, as PEFT ignores them"
+    expected = "that adapter_config.json does not target, as PEFT ignores them"
     with pytest.warns(lorafuse.AdapterNote, match=re.escape(expected)):
         loaded = lorafuse.load(adapter)
     assert any(expected in n for n in loaded.notes)

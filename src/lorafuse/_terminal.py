@@ -38,6 +38,8 @@ def printable(text: object, keep_newlines: bool = True) -> str:
     return "\n".join(_printable_line(line) for line in s.split("\n"))
 
 
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """'1 adapter', '2 adapters' (`many`: the plural when it is not word + 's')."""
-    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+def plural(n: int, word: str, many: str | None = None, verb: tuple[str, str] | None = None) -> str:
+    """'1 adapter', '2 adapters' (`many`: the plural when it is not word + 's'); with `verb` = ('has', 'have'):
+    '1 module has', '2 modules have'."""
+    counted = f"{n:,} {word if n == 1 else (many or word + 's')}"
+    return counted if verb is None else f"{counted} {verb[0] if n == 1 else verb[1]}"

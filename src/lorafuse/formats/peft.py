@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from lorafuse._terminal import plural
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common
@@ -214,7 +215,7 @@ class MatchBudget:
             what = (f"{self.tests} tests (at most {MAX_MATCH_TESTS})" if self.tests > MAX_MATCH_TESTS
                     else f"about {self.steps:.3g} backtracking steps (at most {MAX_MATCH_STEPS:.3g})")
             raise FormatError(
-                f"{self.label}: matching the {self.regexes} regular expression(s) of adapter_config.json "
+                f"{self.label}: matching the {plural(self.regexes, 'regular expression')} of adapter_config.json "
                 f"(rank_pattern, alpha_pattern, target_modules, ...) against "
                 f"{'its' if self.modules is None else self.modules} modules needs more "
                 f"than {what}, stopped at module {_short(name)} and pattern {_short(rx.pattern)}; use fewer "
@@ -687,12 +688,12 @@ def _targeted(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], label
         else:
             dropped.append(f"{module!r} ({why})")
     if dropped and not kept:
-        raise FormatError(f"{label}: none of the {len(parts)} LoRA module(s) in the file is targeted by "
+        raise FormatError(f"{label}: none of the {plural(len(parts), 'LoRA module')} in the file is targeted by "
                           f"adapter_config.json (target_modules={_short(cfg.get('target_modules'))}): "
                           f"{_listed(dropped, quote=False)}; PEFT would merge nothing from it")
     if dropped:
-        notes.append(f"ignored {len(dropped)} module(s) that adapter_config.json does not target, as PEFT ignores "
-                     f"them: {_listed(dropped, quote=False)}")
+        notes.append(f"ignored {plural(len(dropped), 'module')} that adapter_config.json does not target, as "
+                     f"PEFT ignores them: {_listed(dropped, quote=False)}")
     return kept
 
 
@@ -707,15 +708,16 @@ def _check_extras(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], l
             for m in having:
                 del parts[m][role]
             if having:
-                notes.append(f"ignored the {tensor} tensors of {len(having)} module(s) because {flag} is false in "
-                             f"adapter_config.json, as PEFT ignores them: {_listed(having)}")
+                notes.append(f"ignored the {tensor} tensors of {plural(len(having), 'module')} because {flag} "
+                             f"is false in adapter_config.json, as PEFT ignores them: {_listed(having)}")
             continue
         lacking = [m for m in parts if role not in parts[m]]
         if lacking:
             init = ("the row norms of the base weight" if role == "magnitude" else "zeros") + \
                 " with init_lora_weights=true, random values with false"
             raise FormatError(
-                f"{label}: {flag} is true but {len(lacking)} of {len(parts)} module(s) have no {tensor}: "
+                f"{label}: {flag} is true but {len(lacking)} of {plural(len(parts), 'module')} "
+                f"{'has' if len(lacking) == 1 else 'have'} no {tensor}: "
                 f"{_listed(lacking)}. PEFT would use the value it creates when it builds the layer ({init}), "
                 "not a trained one: the file is incomplete; save the adapter again with PEFT")
 
@@ -737,7 +739,8 @@ def _loadable_full(full: dict[str, Tensor], origin: dict[str, str], lora: set[st
         else:
             dropped.append(name)
     if dropped:
-        notes.append(f"ignored {len(dropped)} tensor(s) that PEFT does not load into the model (a '.base_layer.' "
+        notes.append(f"ignored {plural(len(dropped), 'tensor')} that PEFT does not load into the model (a "
+                     "'.base_layer.' "
                      f"tensor of a module without LoRA, or a module's own tensor where it has LoRA): "
                      f"{_listed(dropped)}")
     return kept, kept_origin
@@ -853,7 +856,8 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         having = [u.name for u in updates if getattr(u, attr) is not None]
         if having and len(having) != len(updates):
             lacking = [u.name for u in updates if getattr(u, attr) is None]
-            raise UnsupportedError(f"{adapter.label}: {len(having)} module(s) have a {attr} and {len(lacking)} do "
+            raise UnsupportedError(f"{adapter.label}: {plural(len(having), 'module', verb=('has', 'have'))} a {attr} "
+                                   f"and {len(lacking)} do "
                                    f"not ({_listed(lacking)}); PEFT's {flag} applies to every module, so it cannot "
                                    "store that")
     cfg.setdefault("target_modules", sorted({u.name.rsplit(".", 1)[-1] for u in updates}))

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lorafuse._terminal import plural
 from lorafuse._validate import check_optional_rank, check_threads, full_rank
 from lorafuse.errors import (
     FormatError,
@@ -64,6 +66,9 @@ class ConvertReport:
     split: dict[str, list[str]] = field(default_factory=dict)  # input module -> the modules it became
     fused: dict[str, list[str]] = field(default_factory=dict)  # output module -> the modules it came from
     lycoris: list[LycorisReport] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)  # each output module's rank, in output order
+    seconds: float = 0.0  # wall time of the run, the writing included
+    notes: list[str] = field(default_factory=list)  # what the run decided for the user (the AdapterReport shape)
 
 
 # ----------------------------------------------------------------------------- naming
@@ -89,7 +94,8 @@ def _family(adapter: Adapter, family: str | None) -> str:
 def _unmapped_error(adapter: Adapter, names: list[str], what: str) -> MissingModuleError:
     shown = ", ".join(f"{n!r} {tuple(adapter.updates[n].delta_shape)}" for n in names[:5])
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return MissingModuleError(f"{adapter.label}: {len(names)} module(s) have no {what} name: {shown}{more}; "
+    return MissingModuleError(f"{adapter.label}: {plural(len(names), 'module', verb=('has', 'have'))} no {what} "
+                              f"name: {shown}{more}; "
                               "nothing was written")
 
 
@@ -120,7 +126,8 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         return adapter, []
     if rank is None:
         shown = ", ".join(repr(n) for n in lycoris[:3]) + (", ..." if len(lycoris) > 3 else "")
-        raise UnsupportedError(f"{adapter.label}: {len(lycoris)} module(s) are LoHa / LoKr ({shown}); converting "
+        raise UnsupportedError(f"{adapter.label}: {plural(len(lycoris), 'module', verb=('is', 'are'))} LoHa / "
+                               f"LoKr ({shown}); converting "
                                "them to LoRA loses information: pass --rank K (and --conv-rank K for kxk "
                                "convolutions) to keep their best rank-K approximation")
     conv_k = conv_rank if conv_rank is not None else rank
@@ -398,7 +405,8 @@ def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...
     if not bad:
         return error
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    return MissingModuleError(f"{adapter.label}: {len(bad)} module(s) have no kohya name for family {family!r}: "
+    return MissingModuleError(f"{adapter.label}: {plural(len(bad), 'module', verb=('has', 'have'))} no kohya "
+                              f"name for family {family!r}: "
                               + "; ".join(why for _, why in bad[:5]) + more + "; nothing was written "
                               "(--family names another family)")
 
@@ -438,6 +446,7 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
     (`conv_rank` for kxk convolutions) and become their best rank-k LoRA; LoRA modules are kept.
     `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names. `out` may be new, empty or
     a file lorafuse wrote; another file is refused (before any work) unless `overwrite`."""
+    start = time.perf_counter()
     if to not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
     rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
@@ -473,7 +482,8 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
         from lorafuse.formats.kohya import save_kohya
 
         save_kohya(result, out, inputs, overwrite=overwrite)
-    return ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports)
+    return ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports,
+                         {n: u.rank for n, u in result.updates.items()}, time.perf_counter() - start)
 
 
 __all__ = ["ConvertReport", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora", "peft_to_kohya"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorafuse._terminal import plural
 from lorafuse.errors import (
     FormatError,
     LorafuseError,
@@ -256,7 +257,8 @@ def _refuse_random_targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...
     if random:
         shown = ", ".join(repr(m) for m in random[:5]) + (f" and {len(random) - 5} more" if len(random) > 5 else "")
         raise UnsupportedError(
-            f"{adapter.label}: adapter_config.json targets {len(random)} layer(s) of the base that have no tensors "
+            f"{adapter.label}: adapter_config.json targets {plural(len(random), 'layer')} of the base that "
+            f"{'has' if len(random) == 1 else 'have'} no tensors "
             f"in the file ({shown}), and says init_lora_weights=false: PEFT would give them random LoRA factors "
             "and merge that noise. Save the adapter with PEFT again, or narrow target_modules to the layers in "
             "the file (or set init_lora_weights to true, which leaves those layers unchanged)"
@@ -316,7 +318,7 @@ def missing_error(missing: list[str], label: str) -> MissingModuleError:
     """Every module that found no target, one per line (users fix their files from this list)."""
     lines = "\n  ".join(missing)
     return MissingModuleError(
-        f"{len(missing)} adapter module(s) found no target in the base {label}:\n  {lines}\n"
+        f"{plural(len(missing), 'adapter module')} found no target in the base {label}:\n  {lines}\n"
         "(pass --skip-missing to merge the others and report these)"
     )
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -190,13 +191,16 @@ def combine_with(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: 
 
 @dataclasses.dataclass(frozen=True)
 class CombineReport:
-    """What combine_to wrote: the output, its modules' ranks (in file order), the modules that took a
-    randomized SVD and the dtype of its factors ('F32', 'F16' or 'BF16')."""
+    """What combine_to wrote (the AdapterReport shape): the output, its modules' ranks (in file order), the
+    modules that took a randomized SVD, the dtype of its factors ('F32', 'F16' or 'BF16'), the wall time
+    and the notes (none yet: combine's notes are warnings)."""
 
     out: Path
     ranks: dict[str, int]
     randomized: list[str]
     dtype: str = "F32"
+    seconds: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ranks)
@@ -210,6 +214,7 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
     The output is the same file save() would write, committed atomically once every module is in it
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
+    start = time.perf_counter()
     p = _prepare(adapters, weights, options)
     layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
                                                                  dtype=p.dtype), name=n)
@@ -223,4 +228,5 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
             if was_randomized:
                 randomized.append(name)
         raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
-    return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype)
+    return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype,
+                         time.perf_counter() - start)
