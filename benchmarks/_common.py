@@ -308,9 +308,9 @@ UNAVAILABLE_EXIT = 42  # a child's exit status for "lorafuse.combine is not ther
 
 
 def time_lorafuse_combine(paths: Sequence[str], weights: Sequence[float], rank: int, threads: int,
-                          repeat: int) -> tuple[list, object, float, list[float]] | None:
-    """In this process: lorafuse.load of `paths`, one warm-up lorafuse.combine (method svd), then
-    `repeat` timed calls. Returns (adapters, result, load seconds, call seconds), or None after saying
+                          repeat: int, dtype: str | None = None) -> tuple[list, object, float, list[float]] | None:
+    """In this process: lorafuse.load of `paths`, one warm-up lorafuse.combine (method svd; `dtype`: the
+    output factors' dtype, None for the inputs'), then `repeat` timed calls. Returns (adapters, result, load seconds, call seconds), or None after saying
     why when lorafuse.combine cannot be imported (the child then exits with UNAVAILABLE_EXIT)."""
     try:
         import lorafuse
@@ -326,7 +326,8 @@ def time_lorafuse_combine(paths: Sequence[str], weights: Sequence[float], rank: 
     result = None
     for i in range(1 + repeat):
         t = time.perf_counter()
-        result = combine(adapters, weights=list(weights), method="svd", rank=rank, threads=threads)
+        kwargs = {} if dtype is None else {"dtype": dtype}
+        result = combine(adapters, weights=list(weights), method="svd", rank=rank, threads=threads, **kwargs)
         if i:  # the first call is the warm-up
             times.append(time.perf_counter() - t)
     return adapters, result, load_s, times
@@ -839,3 +840,11 @@ def fmt_spread(values: Sequence[float], digits: int = 2) -> str:
     """'median (min..max)' of a sequence of seconds."""
     mid, lo, hi = median_spread(values)
     return f"{mid:.{digits}f} ({lo:.{digits}f}..{hi:.{digits}f})"
+
+
+def fmt_runs(values: Sequence[float], digits: int = 2) -> str:
+    """'median (min..max) xN' of a sequence of seconds (one value: 'value x1'), the wall-time cell of the
+    benchmark tables."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} x1"
+    return f"{fmt_spread(values, digits)} x{len(values)}"

@@ -321,25 +321,36 @@ def _run_once(tool: Tool, i: int, repeat: int, log_dir: Path) -> bool:
     print(
         f"  {tool.label:<16} run {i + 1}/{repeat}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s cpu, "
         f"peak RSS {fmt_mib(result.peak_rss_bytes)} MiB"
-        + ("" if result.ok else f"  FAILED (exit {result.returncode})")
+        + ("" if result.ok else f"  FAILED (exit {result.returncode})"),
+        flush=True,
     )
     if not result.ok:
         print("  --- last lines of its output ---")
-        print("\n".join("  " + line for line in result.log_tail().splitlines()))
+        print("\n".join("  " + line for line in result.log_tail().splitlines()), flush=True)
     return result.ok
 
 
 def run_alternating(tools: Sequence[Tool], repeat: int, warm_paths: Sequence[Path], log_dir: Path,
-                    all_outputs: Sequence[Path]) -> None:
-    """Round i runs every tool once, in order; a tool that fails drops out."""
+                    all_outputs: Sequence[Path], repeats: Sequence[int] | None = None) -> None:
+    """Round i runs every tool once, in order; a tool that fails drops out.
+
+    `repeats` (one count per tool) gives the tools different numbers of runs: a tool with fewer runs
+    takes part in the last rounds only, so the tools end together and the last tool's last run is the
+    last one (lorafuse x5 and a peer x1: lorafuse, lorafuse, lorafuse, lorafuse, lorafuse, peer)."""
+    counts = [repeat] * len(tools) if repeats is None else list(repeats)
+    assert len(counts) == len(tools)
     for tool in tools:
         assert tool.cmd is not None
-        print(f"[{tool.label}] {shlex.join(tool.cmd)}")
+        print(f"[{tool.label}] {shlex.join(tool.cmd)}", flush=True)
+    rounds = max(counts, default=0)
     active = list(tools)
-    for i in range(repeat):
-        for tool in list(active):
+    for r in range(rounds):
+        for tool, count in zip(tools, counts):
+            i = r - (rounds - count)  # this tool's run index in round r; < 0: not started yet
+            if tool not in active or i < 0:
+                continue
             _prepare(all_outputs, warm_paths)
-            if not _run_once(tool, i, repeat, log_dir):
+            if not _run_once(tool, i, count, log_dir):
                 active.remove(tool)
 
 
@@ -353,6 +364,62 @@ def run_tool(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path,
         _prepare(outputs, warm_paths)
         if not _run_once(tool, i, repeat, log_dir):
             return
+
+
+def run_with_peer(lf: Tool, peer: Tool, repeat: int, peer_repeat: int, warm_paths: Sequence[Path], log_dir: Path,
+                  extra_outputs: Sequence[Path] = ()) -> bool:
+    """lorafuse's `repeat` and its peer's `peer_repeat` timed runs, alternating (lorafuse, peer, lorafuse,
+    peer, ...; see run_alternating: the tool with more runs starts alone), each preceded (untimed) by
+    removing every output (both tools' and `extra_outputs`), `sync` and reading `warm_paths` once. A tool
+    without a command is reported as skipped. As the peer runs last, lorafuse's output is gone by then:
+    one more lorafuse run, untimed, writes it again for the correctness check (only its own output is
+    removed before it, so the peer's stays). Returns False when that extra run failed."""
+    for tool in (lf, peer):
+        if tool.cmd is None:
+            print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
+    timed = [(t, n) for t, n in ((lf, repeat), (peer, peer_repeat)) if t.cmd is not None]
+    if not timed:
+        return True
+    print()
+    all_outputs = [lf.out_dir, peer.out_dir, *extra_outputs]
+    run_alternating([t for t, _ in timed], 0, warm_paths, log_dir, all_outputs, repeats=[n for _, n in timed])
+    if not lf.ok or lf.out_dir.exists():
+        return True
+    assert lf.cmd is not None
+    _prepare([lf.out_dir], warm_paths)
+    result = run_measured(lf.cmd, log_dir / f"{lf.key}-check.log", env=lf.env)
+    print(f"  {lf.label:<16} one more run for the correctness check (output kept, time not counted):"
+          f" {result.wall_s:.2f} s" + ("" if result.ok else f"  FAILED (exit {result.returncode})"), flush=True)
+    return result.ok
+
+
+PEER_SINGLE_RUN = "the peer's single run is reported; pass --peer-repeat 5 for a median"
+
+
+def describe_runs(repeat: int, peer_repeat: int | None, peer: str = "peer") -> str:
+    """How the timed runs are summarized, for a benchmark's method line."""
+    text = f"lorafuse: median (min..max) of {repeat} timed run{'' if repeat == 1 else 's'}"
+    if repeat < MIN_RUNS:
+        text += f" (WARNING: fewer than {MIN_RUNS}, not enough for a claim)"
+    if peer_repeat is not None:
+        if peer_repeat == 1:
+            text += f"; {peer}: one run, after lorafuse's ({PEER_SINGLE_RUN})"
+        else:
+            text += (f"; {peer}: median (min..max) of {peer_repeat} runs, alternating with lorafuse's"
+                     f" (lorafuse, {peer}, lorafuse, {peer}, ...; the tool with more runs starts alone)")
+            if peer_repeat < MIN_RUNS:
+                text += f" (WARNING: fewer than {MIN_RUNS})"
+    return text + "; peak RSS: the worst run; ratios are ratios of medians"
+
+
+def warn_few_runs(repeat: int, peer_repeat: int | None = None, repeat_option: str = "--repeat") -> None:
+    """The warning for an explicit --repeat (or --peer-repeat above 1) below MIN_RUNS."""
+    if repeat < MIN_RUNS:
+        print(f"warning: {repeat_option} {repeat} is below {MIN_RUNS}: a median of fewer than {MIN_RUNS} runs"
+              " meets no speed claim (host paging makes single timings bimodal); for quick checks only")
+    if peer_repeat is not None and 1 < peer_repeat < MIN_RUNS:
+        print(f"warning: --peer-repeat {peer_repeat} is below {MIN_RUNS}: the peer's median of so few runs is"
+              " for quick checks only")
 
 
 def lorafuse_phases(tool: Tool) -> str | None:

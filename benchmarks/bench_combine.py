@@ -6,7 +6,15 @@ Table 1 (the issue's acceptance test). Four PEFT LoRA adapters on every linear m
 5632, 22 layers, 32 heads, 4 KV heads), ranks 16, 16, 32, 8, lora_alpha = 2r, random
 non-zero float32 factors (A and B ~ N(0, 0.02^2)), weights 1.0, 0.5, -0.3, 0.8, combined
 to one rank-32 adapter. Each tool runs in its own child process, measured with GNU time
-(peak RSS) like bench_apply.py:
+(peak RSS) like bench_apply.py: lorafuse --repeat times (default 5), PEFT --peer-repeat times
+(default 1, since a PEFT run takes minutes at full size: the peer's single run is reported; pass
+--peer-repeat 5 for a median); with more than one PEFT run the two alternate (lorafuse, PEFT,
+lorafuse, PEFT, ...; the tool with more runs starts alone). Every timed run is preceded (untimed)
+by removing the outputs, ``sync`` and reading the input adapters once, as bench_apply.py does.
+Host paging makes single timings bimodal, so the table gives the median of each tool's runs with
+the spread (min..max) and the count, never the best run; the ratio is a ratio of medians; peak
+RSS is the worst run's. PEFT runs last, which removes lorafuse's output: one more lorafuse run,
+untimed, writes it again for the check.
 
 * ``lorafuse combine A B C D --weights=... --method svd --rank 32 -o OUT --threads N``,
   end to end (reading the four adapters, writing the result);
@@ -32,7 +40,8 @@ to one rank-32 adapter. Each tool runs in its own child process, measured with G
   ``--peft-layers N`` it runs on the first N layers only (a model and adapters of N layers;
   the adapters are the first N layers of the same files, byte for byte) and its time is
   extrapolated linearly to ``--layers`` (import as measured, "base" by parameter count, the
-  other phases by layers); the output says so. Its peak RSS is then the N-layer one.
+  other phases by layers; the phases of its median run); the output says so. Its peak RSS is
+  then the N-layer one.
 
 Both tools' rank-32 deltas are checked on a few modules against the float64 optimum
 (numpy SVD of the dense D = sum_i w_i * alpha_i / r_i * B_i @ A_i, truncated to rank 32)
@@ -43,9 +52,10 @@ Python API, on n = 2, 8, 32, 128, 1000 rank-16 adapters with the shapes of ONE d
 layer (7 modules). The adapters are written once to disk as n one-layer PEFT folders
 (about 2.3 MB each; 1000 folders = 2.3 GB, reused with --workdir) and opened with
 ``lorafuse.load`` (memory-mapped) before timing. Each n runs in its own child process:
-one warm-up call, then the best of ``--repeat`` calls. It prints n, the stacked rank
+one warm-up call, then ``--repeat`` timed calls (default 5). It prints n, the stacked rank
 R = 16n, which modules took the randomized SVD through the factors (the auto switch: where
-the exact path would cost 1.5x more), the total time, the time per adapter, and for q_proj
+the exact path would cost 1.5x more), the median time of the calls with their spread (min..max)
+and count, the median time per adapter, and for q_proj
 the error against numpy's float64 optimum (untimed) and the child's peak RSS; the targets are
 that the time per adapter does not grow with n (PASS when the per-adapter time at the largest
 n is within 1.5x of the smallest per-adapter time seen) and that peak RSS stays flat in n: the
@@ -57,7 +67,8 @@ min(out, in) and whose stack exceeds the group forms its dense delta a few adapt
 each of K rounds, one child with lorafuse's default group bytes (or --group-bytes) then one with G (e.g.
 1000000000000: every module's stack in one piece, the behaviour before the streaming loop), alternating so
 that load drifts hit both alike; it prints per n the median (and min-max spread) over the rounds of each
-variant's best-of-repeat time, their ratio, and each variant's largest peak RSS.
+variant's time (a child's time: the median of its --repeat calls), their ratio, and each variant's largest
+peak RSS.
 
 A MISS of a target does not make the exit status non-zero; a failing tool or a wrong result
 does. lorafuse not installed or without ``combine`` yet: its parts are skipped with the
@@ -93,12 +104,21 @@ from _common import (  # noqa: E402
     build_lora_adapter,
     find_peft_adapter_dir,
     fmt_mib,
+    fmt_runs,
     llama_config,
+    median_spread,
     peft_lora_delta64,
     run_measured,
     tree_bytes,
 )
-from bench_apply import Tool, resolve_lorafuse, run_tool  # noqa: E402
+from bench_apply import (  # noqa: E402
+    MIN_RUNS,
+    Tool,
+    describe_runs,
+    resolve_lorafuse,
+    run_with_peer,
+    warn_few_runs,
+)
 
 PEFT_CHILD_COMMAND = "_peft-combine-child"  # hidden first argument: run the PEFT combine in this process
 SCALING_CHILD_COMMAND = "_scaling-child"  # hidden first argument: time lorafuse.combine in this process
@@ -196,7 +216,7 @@ def _time_streaming_combine(spec: dict) -> tuple[list, object, float, list[float
 
 
 def scaling_child(spec_path: str) -> int:
-    """Time lorafuse.combine on n adapters in this process: load, one warm-up, best of `repeat`."""
+    """Time lorafuse.combine on n adapters in this process: load, one warm-up, then `repeat` timed calls."""
     spec = json.loads(Path(spec_path).read_text())
     timed = _time_streaming_combine(spec)
     if timed is None:
@@ -409,9 +429,10 @@ def weights_arg(weights: Sequence[float]) -> str:
 
 
 def peft_phases(tool: Tool) -> dict[str, float] | None:
+    """The phases the PEFT child printed in its median run."""
     if not tool.ok:
         return None
-    for line in tool.runs[-1].log_path.read_text(errors="replace").splitlines():
+    for line in tool.median_run.log_path.read_text(errors="replace").splitlines():
         if line.startswith(PEFT_PHASES_PREFIX):
             return json.loads(line[len(PEFT_PHASES_PREFIX):])
     return None
@@ -565,19 +586,15 @@ def run_table1(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
         peft = Tool("peft", label, out_peft, cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
     print(
-        "\nmethod: each run is preceded (untimed) by removing its output, `sync` and reading the input adapters once"
-        f" (warm page cache). lorafuse: best of {args.repeat}; PEFT: one run."
-        f" lorafuse --threads {args.threads}; PEFT torch threads {args.threads};"
+        "\nmethod: each timed run is preceded (untimed) by removing the outputs, `sync` and reading the input adapters"
+        " once (warm page cache). " + describe_runs(args.repeat, None if args.skip_peft else args.peer_repeat, "PEFT")
+        + f". lorafuse --threads {args.threads}; PEFT torch threads {args.threads};"
         f" PEFT base: {peft_layers}-layer LlamaForCausalLM built from config in {args.peft_base_dtype} (zero weights)."
     )
     warm = list(inputs.dirs)
-    for tool, repeat in ((lf, args.repeat), (peft, 1)):
-        if tool.cmd is None:
-            print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
-            continue
-        run_tool(tool, repeat, warm, log_dir)
-        if not tool.ok:
-            status = 1
+    if not run_with_peer(lf, peft, args.repeat, args.peer_repeat, warm, log_dir):
+        status = 1
+    status |= int(any(t.cmd is not None and not t.ok for t in (lf, peft)))
 
     print(f"\nload average after the runs: {_loadavg()}")
     phases = peft_phases(peft)
@@ -585,10 +602,11 @@ def run_table1(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     extrapolated = None
     if phases:
         shown = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if k != "lora modules")
-        print(f"\nPEFT phases ({peft_layers} layers, {phases['lora modules']:.0f} modules combined): {shown}")
+        which = "" if len(peft.runs) == 1 else f", its median run of {len(peft.runs)}"
+        print(f"\nPEFT phases ({peft_layers} layers, {phases['lora modules']:.0f} modules combined{which}): {shown}")
         if peft_layers != args.layers:
             extrapolated = extrapolate(phases, peft_layers, args.layers)
-            overhead = peft.wall_s - sum(v for k, v in phases.items() if k != "lora modules")
+            overhead = peft.median_run.wall_s - sum(v for k, v in phases.items() if k != "lora modules")
             peft_total = sum(extrapolated.values()) + overhead
             shown = ", ".join(f"{k} {v:.1f} s" for k, v in extrapolated.items())
             print(
@@ -603,7 +621,7 @@ def run_table1(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
 
     print(f"\nTable 1: {len(inputs.dirs)} adapters -> rank {args.rank}, method svd, {args.layers} layers"
           f" ({fmt_mib(inputs.bytes)} MiB of input tensors)")
-    header = f"{'tool':<26}{'wall s':>10}{'cpu s':>10}{'peak RSS MiB':>15}{'peak anon MiB':>15}"
+    header = f"{'tool':<26}{'wall s: median (min..max)':>30}{'cpu s':>10}{'peak RSS MiB':>15}{'peak anon MiB':>15}"
     print(header)
     print("-" * len(header))
     for tool in (lf, peft):
@@ -614,17 +632,20 @@ def run_table1(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
             print(f"{tool.label:<26}  FAILED (exit {tool.runs[-1].returncode}, log {tool.runs[-1].log_path})")
         else:
             anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
-            print(f"{tool.label:<26}{tool.wall_s:>10.2f}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}{anon:>15}")
+            print(f"{tool.label:<26}{fmt_runs(tool.walls):>30}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}{anon:>15}")
     if extrapolated is not None and peft_total is not None:
         label = f"PEFT, extrap. to {args.layers} layers"
-        print(f"{label:<26}{peft_total:>10.1f}{'n/a':>10}{'n/a':>15}{'n/a':>15}   (time extrapolated; RSS is the measured row above)")
+        print(f"{label:<26}{peft_total:>30.1f}{'n/a':>10}{'n/a':>15}{'n/a':>15}"
+              "   (time extrapolated; RSS is the measured row above)")
     print(
-        "peak RSS = ru_maxrss of the tool's process (GNU time %M; includes mmap'ed file pages);"
-        " peak anon = RssAnon sampled every 20 ms."
+        "wall: the median of the tool's runs, the spread (min..max) and the number of runs; cpu: median;"
+        " peak RSS = ru_maxrss of the tool's process, the worst run (GNU time %M; includes mmap'ed file pages);"
+        " peak anon = RssAnon sampled every 20 ms, the worst run."
     )
     if lf.ok and peft_total is not None:
         ratio = peft_total / lf.wall_s
-        note = f" (PEFT extrapolated from {peft_layers} layers)" if extrapolated is not None else ""
+        note = " (ratio of medians" + (f"; PEFT extrapolated from {peft_layers} layers)" if extrapolated is not None
+                                       else ")")
         verdict = "PASS" if ratio >= TARGET_VS_PEFT else "MISS"
         print(f"PEFT / lorafuse = {ratio:.1f}x{note}; target >= {TARGET_VS_PEFT:g}x: {verdict}")
         if phases:
@@ -667,8 +688,8 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     rng = np.random.default_rng(args.seed + 12345)
     all_weights = [float(w) for w in rng.uniform(-1.0, 1.0, size=max(args.ns)).round(3)]
     print(
-        "  each n in its own child: lorafuse.load of the n folders (memory-mapped), one warm-up combine, then the best of"
-        f" {args.repeat}; threads={args.threads}; weights uniform in [-1, 1]"
+        "  each n in its own child: lorafuse.load of the n folders (memory-mapped), one warm-up combine, then"
+        f" {args.repeat} timed calls, their median (min..max); threads={args.threads}; weights uniform in [-1, 1]"
     )
     rows = []
     status = 0
@@ -691,24 +712,28 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
             print("\n".join("    " + l for l in res.log_tail().splitlines()))
             status = 1
             continue
-        best = min(found["times"])
+        median = median_spread(found["times"])[0]
         R = 16 * n
         dense = [m.rsplit(".", 1)[-1] for m in found.get("randomized", [])]
-        rows.append((n, R, dense, best, found, res))
-        print(f"  n={n}: best {best:.3f} s (runs {', '.join(f'{t:.3f}' for t in found['times'])}), load {found['load_s']:.2f} s,"
-              f" {found['modules']} modules, ranks {found['ranks']}, peak RSS {fmt_mib(res.peak_rss_bytes)} MiB", flush=True)
+        rows.append((n, R, dense, median, found, res))
+        calls = ", ".join(f"{t:.3f}" for t in found["times"])
+        print(f"  n={n}: calls {calls} s, median (min..max) {fmt_runs(found['times'], 3)},"
+              f" load {found['load_s']:.2f} s, {found['modules']} modules, ranks {found['ranks']},"
+              f" peak RSS {fmt_mib(res.peak_rss_bytes)} MiB", flush=True)
 
     if not rows:
         return status
-    print(f"\nTable 2: lorafuse svd to rank {args.rank}, one layer; time = best of {args.repeat} after a warm-up")
-    header = (f"{'n':>6}{'R=16n':>8}  {'randomized modules':<20}{'total s':>10}{'per adapter ms':>16}"
-              f"{'peak RSS MiB':>14}{'q err/opt':>11}{'q |X-Dk|/|Dk|':>15}{'s_k+1/s_k':>11}")
+    print(f"\nTable 2: lorafuse svd to rank {args.rank}, one layer; time = median (min..max) of the timed calls"
+          " after a warm-up (xN: their number); per adapter = median / n")
+    header = (f"{'n':>6}{'R=16n':>8}  {'randomized modules':<20}{'total s: median (min..max)':>31}"
+              f"{'per adapter ms':>16}{'peak RSS MiB':>14}{'q err/opt':>11}{'q |X-Dk|/|Dk|':>15}{'s_k+1/s_k':>11}")
     print(header)
     print("-" * len(header))
-    for n, R, dense, best, found, res in rows:
+    for n, R, dense, median, found, res in rows:
         path = "none (all exact)" if not dense else ("all 7" if len(dense) == len(shapes) else ",".join(dense))
         chk = found.get("check") or {}
-        print(f"{n:>6}{R:>8}  {path:<20}{best:>10.3f}{1000 * best / n:>16.2f}{fmt_mib(res.peak_rss_bytes):>14}"
+        print(f"{n:>6}{R:>8}  {path:<20}{fmt_runs(found['times'], 3):>31}{1000 * median / n:>16.2f}"
+              f"{fmt_mib(res.peak_rss_bytes):>14}"
               f"{chk.get('err_ratio', float('nan')):>11.6f}{chk.get('dist_opt', float('nan')):>15.2e}"
               f"{chk.get('gap', float('nan')):>11.4f}")
     print("q err/opt = ||D - X||_F / ||D - D_k||_F for q_proj against numpy's float64 SVD (1 = the optimum); "
@@ -718,11 +743,11 @@ def run_table2(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
           "loop drops a group's input pages once the group is done); group bytes: "
           + (f"{args.group_bytes:,}" if args.group_bytes else "lorafuse's default")
           + f". load average now: {_loadavg()}")
-    per = [best / n for n, _, _, best, _, _ in rows]
+    per = [median / n for n, _, _, median, _, _ in rows]
     growth = per[-1] / min(per)
     verdict = "PASS" if growth <= TARGET_PER_ADAPTER_GROWTH else "MISS"
     print(
-        f"per-adapter time at n={rows[-1][0]} / smallest per-adapter time = {growth:.2f};"
+        f"per-adapter time (median) at n={rows[-1][0]} / smallest per-adapter time = {growth:.2f};"
         f" target: does not grow with n (<= {TARGET_PER_ADAPTER_GROWTH:g}): {verdict}"
     )
     return status
@@ -751,7 +776,8 @@ def _scaling_child_run(args: argparse.Namespace, workdir: Path, log_dir: Path, d
 
 def run_table2_compare(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
     """Table 2 as an A/B comparison: per n, --rounds rounds alternating the default (or --group-bytes) group
-    bytes ("new") and --compare-group-bytes ("old"); median and spread of each variant's best-of-repeat time."""
+    bytes ("new") and --compare-group-bytes ("old"); median and spread over the rounds of each variant's time,
+    a child's time being the median of its --repeat calls after a warm-up."""
     import statistics
 
     import numpy as np
@@ -768,7 +794,7 @@ def run_table2_compare(args: argparse.Namespace, workdir: Path, log_dir: Path) -
     variants = [("new", args.group_bytes), ("old", args.compare_group_bytes)]
     print(f"\n=== Table 2 A/B: lorafuse.combine(method='svd', rank={args.rank}), one decoder layer; "
           f"new = group bytes {args.group_bytes or 'default'}, old = group bytes {args.compare_group_bytes:,}; "
-          f"{args.rounds} rounds alternating new/old per n, each child: warm-up + best of {args.repeat}; "
+          f"{args.rounds} rounds alternating new/old per n, each child: warm-up + median of {args.repeat} calls; "
           f"threads={args.threads} ===")
     status = 0
     table = []
@@ -783,17 +809,18 @@ def run_table2_compare(args: argparse.Namespace, workdir: Path, log_dir: Path) -
                     status = 1
                     continue
                 found, res = got
-                times[tag].append(min(found["times"]))
+                times[tag].append(median_spread(found["times"])[0])
                 rss[tag].append(int(res.peak_rss_bytes or 0))
                 checks[tag].append(float((found.get("check") or {}).get("err_ratio", float("nan"))))
-                print(f"  n={n} round {rnd} {tag}: best {min(found['times']):.3f} s, peak RSS "
+                print(f"  n={n} round {rnd} {tag}: median (min..max) {fmt_runs(found['times'], 3)} s, peak RSS "
                       f"{fmt_mib(res.peak_rss_bytes)} MiB, q err/opt {checks[tag][-1]:.6f}, load avg {_loadavg()}",
                       flush=True)
         if times["new"] and times["old"]:
             table.append((n, times, rss, checks))
     if not table:
         return status
-    print(f"\nTable 2 A/B, rank {args.rank}: median over {args.rounds} rounds (min-max), seconds per combine call")
+    print(f"\nTable 2 A/B, rank {args.rank}: median over {args.rounds} rounds (min-max) of each child's median,"
+          " seconds per combine call")
     header = (f"{'n':>6}{'new median':>12}{'new spread':>18}{'old median':>12}{'old spread':>18}{'new/old':>9}"
               f"{'new ms/adapter':>16}{'old ms/adapter':>16}{'new RSS MiB':>13}{'old RSS MiB':>13}"
               f"{'q err/opt new':>15}")
@@ -839,7 +866,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--weights", type=_float_list, default=[1.0, 0.5, -0.3, 0.8],
                    help="Table 1 weights, one per adapter (default 1.0,0.5,-0.3,0.8; write --weights=-1,... for a leading minus)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="lorafuse threads and PEFT torch threads (default %(default)s)")
-    p.add_argument("--repeat", type=int, default=3, help="timed lorafuse runs (best is reported; PEFT runs once) (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=MIN_RUNS,
+                   help="Table 1: timed lorafuse runs; Table 2: timed calls per child after a warm-up; the median, its"
+                   f" spread (min..max) and the count are reported (default %(default)s; fewer than {MIN_RUNS} only"
+                   " with a warning)")
+    p.add_argument("--peer-repeat", type=int, default=1,
+                   help="Table 1: timed PEFT runs (the peer); with N > 1 they alternate with lorafuse's and their"
+                   " median is reported. Default %(default)s, since a PEFT run takes minutes at full size: the peer's"
+                   " single run is reported; pass --peer-repeat 5 for a median")
     p.add_argument("--skip-peft", action="store_true", help="do not run PEFT")
     p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
     p.add_argument("--peft-layers", type=int, default=None, help="run PEFT on the first N layers and extrapolate to --layers (default: all)")
@@ -859,8 +893,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random factors (default %(default)s)")
     args = p.parse_args(argv)
-    if min(args.layers, args.rank, args.threads, args.repeat) < 1:
-        p.error("--layers, --rank, --threads and --repeat must be >= 1")
+    if min(args.layers, args.rank, args.threads, args.repeat, args.peer_repeat) < 1:
+        p.error("--layers, --rank, --threads, --repeat and --peer-repeat must be >= 1")
     if args.peft_layers is not None and args.peft_layers < 1:
         p.error("--peft-layers must be >= 1")
     if len(args.ranks) < 2 or min(args.ranks) < 1 or len(args.ranks) > len(ADAPTER_NAMES):
@@ -870,6 +904,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not args.ns or min(args.ns) < 1:
         p.error("--ns needs positive counts")
     args.ns = sorted(set(args.ns))
+    warn_few_runs(args.repeat, None if args.skip_peft or args.only == "2" else args.peer_repeat)
     return args
 
 

@@ -3,8 +3,16 @@
 
 Both tables use the linear modules (q, k, v, o, gate, up, down) of a TinyLlama-1.1B-shaped
 Llama (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads). Every tool runs in its
-own child process, measured with GNU time (peak RSS) like bench_apply.py; each run is preceded
-(untimed) by removing its output, ``sync`` and reading its inputs once (warm page cache).
+own child process, measured with GNU time (peak RSS) like bench_apply.py: lorafuse --repeat times
+(default 5) and the dense tool --peer-repeat times (default 1, since a dense run takes minutes at
+full size: the peer's single run is reported; pass --peer-repeat 5 for a median). With more than one
+dense run the two alternate (lorafuse, dense, lorafuse, dense, ...; the tool with more runs starts
+alone), and each timed run is preceded (untimed) by removing the outputs, ``sync`` and reading the
+inputs once (warm page cache), as bench_apply.py does. Host paging makes single timings bimodal, so
+the tables give the median wall and CPU time of each tool's runs with the spread (min..max) and the
+count, never the best run; the ratios are ratios of medians, the peak RSS is the worst run's, and
+lorafuse's ``--json`` report is its median run's. The dense run, which comes last, removes lorafuse's
+output; one more lorafuse run, untimed, writes it again for the checks.
 
 Table 1 -- resize. A rank-64 PEFT LoRA (lora_alpha 128, A and B ~ N(0, 0.02^2), float32, non-zero)
 reduced to rank 16:
@@ -56,8 +64,8 @@ with no floor any method that finds the span is exact. Options: --ft-rank/--ft-r
 The dense paths take minutes at full size (a full SVD of a 2048 x 5632 matrix takes seconds on
 a few cores). ``--dense-layers N`` runs them on the first N layers only (same input files; the
 other modules are not touched) and extrapolates to all layers: import (and, for resize, the
-load of the whole file) as measured, the per-module work and the save x layers/N. The output
-says so; the peak RSS shown is the N-layer run's.
+load of the whole file) as measured, the per-module work and the save x layers/N, from the
+phases of the dense tool's median run. The output says so; the peak RSS shown is the N-layer run's.
 
 If ``lorafuse extract`` cannot run because the C++ kernel ``lorafuse._core.extract_svd`` is not
 built yet, its row says so and the rest (inputs, dense, reference) still runs. A MISS of a
@@ -99,13 +107,21 @@ from _common import (  # noqa: E402
     checkpoint_weight_map,
     find_peft_adapter_dir,
     fmt_mib,
+    fmt_runs,
     llama_config,
     load_tensor,
     peft_lora_delta64,
     peft_lora_scale,
     tree_bytes,
 )
-from bench_apply import Tool, resolve_lorafuse, run_tool  # noqa: E402
+from bench_apply import (  # noqa: E402
+    MIN_RUNS,
+    Tool,
+    describe_runs,
+    resolve_lorafuse,
+    run_with_peer,
+    warn_few_runs,
+)
 
 KOHYA_CHILD_COMMAND = "_kohya-resize-child"  # hidden first argument: run the dense resize in this process
 MERGEKIT_CHILD_COMMAND = "_mergekit-extract-child"  # hidden first argument: run the dense extract here
@@ -375,20 +391,20 @@ def extract_kernel_available() -> tuple[bool, str]:
 
 
 def dense_phases(tool: Tool) -> dict[str, object] | None:
+    """The phases the dense child printed in its median run."""
     if not tool.ok:
         return None
-    for line in tool.runs[-1].log_path.read_text(errors="replace").splitlines():
+    for line in tool.median_run.log_path.read_text(errors="replace").splitlines():
         if line.startswith(PHASES_PREFIX):
             return json.loads(line[len(PHASES_PREFIX):])
     return None
 
 
 def lorafuse_json(tool: Tool) -> dict[str, object] | None:
-    """The JSON report `lorafuse ... --json` printed in its best run (the log mixes in stderr)."""
+    """The JSON report `lorafuse ... --json` printed in its median run (the log mixes in stderr)."""
     if not tool.ok:
         return None
-    best = min(tool.runs, key=lambda r: r.wall_s)
-    text = best.log_path.read_text(errors="replace")
+    text = tool.median_run.log_path.read_text(errors="replace")
     for m in re.finditer(r"^\{", text, flags=re.M):
         try:
             obj, _ = json.JSONDecoder().raw_decode(text[m.start():])
@@ -401,14 +417,15 @@ def lorafuse_json(tool: Tool) -> dict[str, object] | None:
 
 @dataclass
 class DenseTotal:
-    seconds: float | None  # measured or extrapolated wall time for all layers
+    seconds: float | None  # measured (median of the runs) or extrapolated wall time for all layers
     extrapolated: bool
     text: str = ""
 
 
 def dense_total(tool: Tool, layers: int, dense_layers: int, scaled: Sequence[str]) -> DenseTotal:
-    """The dense tool's time for `layers` layers: measured, or extrapolated from `dense_layers`
-    (the phases in `scaled` x layers/dense_layers, the rest and the interpreter start/exit as measured)."""
+    """The dense tool's time for `layers` layers: the median of its runs, or extrapolated from `dense_layers`
+    (the phases of its median run in `scaled` x layers/dense_layers, the rest and the interpreter start/exit as
+    measured in that run)."""
     info = dense_phases(tool)
     if not tool.ok:
         return DenseTotal(None, False)
@@ -416,11 +433,13 @@ def dense_total(tool: Tool, layers: int, dense_layers: int, scaled: Sequence[str
         return DenseTotal(tool.wall_s, False)
     phases: dict[str, float] = info["phases"]  # type: ignore[assignment]
     factor = layers / dense_layers
-    overhead = tool.runs[-1].wall_s - sum(phases.values())
+    overhead = tool.median_run.wall_s - sum(phases.values())
     total = overhead + sum(v * (factor if k in scaled else 1.0) for k, v in phases.items())
     parts = ", ".join(f"{k} {v * (factor if k in scaled else 1.0):.1f} s" for k, v in phases.items())
+    which = "its run" if len(tool.runs) == 1 else f"its median run of {len(tool.runs)}"
     text = (f"dense EXTRAPOLATED from {dense_layers} to {layers} layers ({', '.join(scaled)} x{factor:.2f},"
-            f" the rest as measured): {parts}, + {overhead:.1f} s interpreter start/exit = {total:.1f} s")
+            f" the rest as measured; phases of {which}): {parts}, + {overhead:.1f} s interpreter start/exit"
+            f" = {total:.1f} s")
     return DenseTotal(total, True, text)
 
 
@@ -430,13 +449,15 @@ def print_dense_phases(tool: Tool, dense_layers: int) -> None:
         return
     phases = ", ".join(f"{k} {v:.2f} s" for k, v in info["phases"].items())  # type: ignore[union-attr]
     kinds = ", ".join(f"{k} {v:.1f}" for k, v in info["per_kind"].items())  # type: ignore[union-attr]
-    print(f"\n{tool.label} phases ({_layers(dense_layers)}, {info['modules']} modules): {phases}")
+    which = "" if len(tool.runs) == 1 else f", its median run of {len(tool.runs)}"
+    print(f"\n{tool.label} phases ({_layers(dense_layers)}, {info['modules']} modules{which}): {phases}")
     print(f"  per module kind, s (summed over {_layers(dense_layers)}): {kinds}")
 
 
 def print_results(title: str, tools: Sequence[Tool], total: DenseTotal, layers: int, dense: Tool | None) -> None:
     print(f"\n{title}")
-    header = f"{'tool':<38}{'wall s':>10}{'cpu s':>10}{'peak RSS MiB':>15}{'peak anon MiB':>15}"
+    header = (f"{'tool':<38}{'wall s: median (min..max)':>30}{'cpu s':>10}{'peak RSS MiB':>15}"
+              f"{'peak anon MiB':>15}")
     print(header)
     print("-" * len(header))
     for tool in tools:
@@ -447,23 +468,33 @@ def print_results(title: str, tools: Sequence[Tool], total: DenseTotal, layers: 
             print(f"{tool.label:<38}  FAILED (exit {tool.runs[-1].returncode}, log {tool.runs[-1].log_path})")
         else:
             anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
-            print(f"{tool.label:<38}{tool.wall_s:>10.2f}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}{anon:>15}")
+            print(f"{tool.label:<38}{fmt_runs(tool.walls):>30}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}"
+                  f"{anon:>15}")
     if total.extrapolated and total.seconds is not None and dense is not None:
         label = f"dense, extrap. to {layers} layers"
-        print(f"{label:<38}{total.seconds:>10.1f}{'n/a':>10}{'n/a':>15}{'n/a':>15}   (EXTRAPOLATED time; RSS: measured row above)")
-    print("peak RSS = ru_maxrss of the tool's process (GNU time %M; includes mmap'ed file pages);"
-          " peak anon = RssAnon sampled every 20 ms. lorafuse: best of its runs; dense: one run.")
+        print(f"{label:<38}{total.seconds:>30.1f}{'n/a':>10}{'n/a':>15}{'n/a':>15}"
+              "   (EXTRAPOLATED time; RSS: measured row above)")
+    print("wall and cpu: the median of the tool's runs, wall with the spread (min..max) and the number of runs;"
+          " peak RSS = ru_maxrss of the tool's process, the worst run (GNU time %M; includes mmap'ed file pages);"
+          " peak anon = RssAnon sampled every 20 ms, the worst run.")
 
 
 def print_ratio(name: str, lf: Tool, total: DenseTotal, target: float) -> str:
     if lf.ok and total.seconds is not None:
         ratio = total.seconds / lf.wall_s
-        note = " (dense time EXTRAPOLATED)" if total.extrapolated else ""
+        note = " (ratio of medians; dense time EXTRAPOLATED)" if total.extrapolated else " (ratio of medians)"
         verdict = "PASS" if ratio >= target else "MISS"
         print(f"{name}: dense / lorafuse = {ratio:.1f}x{note}; target >= {target:g}x: {verdict}")
         return f"{name} {ratio:.1f}x (>= {target:g}x) {verdict}"
     print(f"{name}: dense / lorafuse = n/a (target >= {target:g}x)")
     return f"{name} n/a"
+
+
+def print_method(args: argparse.Namespace, dense_layers: int) -> None:
+    part = "" if dense_layers == args.layers else f"; dense runs on the first {dense_layers} layers, then extrapolated"
+    print(f"\nmethod: lorafuse --threads {args.threads}; dense: torch threads {args.threads}{part}. "
+          + describe_runs(args.repeat, None if args.skip_dense else args.peer_repeat, "dense")
+          + ". Before every timed run (untimed): outputs removed, `sync`, the inputs read once.")
 
 
 def adapter_summary(out: Path) -> tuple[int, list[int], dict[str, object]]:
@@ -576,16 +607,9 @@ def run_resize(args: argparse.Namespace, workdir: Path, log_dir: Path) -> tuple[
         dense = Tool("dense", dense_label, out_dense,
                      [sys.executable, str(Path(__file__).resolve()), KOHYA_CHILD_COMMAND, str(spec_path)])
 
-    print(f"\nmethod: lorafuse --threads {args.threads}, best of {args.repeat}; dense: torch threads {args.threads},"
-          f" one run{'' if dense_layers == args.layers else f' on the first {dense_layers} layers, then extrapolated'}.")
-    status = 0
-    for tool, repeat in ((lf, args.repeat), (dense, 1)):
-        if tool.cmd is None:
-            print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
-            continue
-        run_tool(tool, repeat, [adapter], log_dir)
-        if not tool.ok:
-            status = 1
+    print_method(args, dense_layers)
+    status = 0 if run_with_peer(lf, dense, args.repeat, args.peer_repeat, [adapter], log_dir) else 1
+    status |= int(any(t.cmd is not None and not t.ok for t in (lf, dense)))
 
     report = lorafuse_json(lf)
     if report:
@@ -754,20 +778,16 @@ def run_extract(args: argparse.Namespace, workdir: Path, log_dir: Path) -> tuple
         dense = Tool("dense", dense_label, out_dense,
                      [sys.executable, str(Path(__file__).resolve()), MERGEKIT_CHILD_COMMAND, str(spec_path)])
 
-    print(f"\nmethod: lorafuse --threads {args.threads}, best of {args.repeat}; dense: torch threads {args.threads},"
-          f" one run{'' if dense_layers == args.layers else f' on the first {dense_layers} layers, then extrapolated'}.")
-    status = 0
-    for tool, repeat in ((lf, args.repeat), (dense, 1)):
-        if tool.cmd is None:
-            print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
+    print_method(args, dense_layers)
+    status = 0 if run_with_peer(lf, dense, args.repeat, args.peer_repeat, [base, ft], log_dir) else 1
+    for tool in (lf, dense):
+        if tool.cmd is None or tool.ok:
             continue
-        run_tool(tool, repeat, [base, ft], log_dir)
-        if not tool.ok:
-            if tool.key == "lorafuse" and "extract_svd" in tool.runs[-1].log_tail(40):
-                print(f"  -> {EXTRACT_KERNEL_MISSING}")
-                tool.cmd, tool.skip_reason, tool.runs = None, f"not available: {EXTRACT_KERNEL_MISSING}", []
-                continue
-            status = 1
+        if tool.key == "lorafuse" and "extract_svd" in tool.runs[-1].log_tail(40):
+            print(f"  -> {EXTRACT_KERNEL_MISSING}")
+            tool.cmd, tool.skip_reason, tool.runs = None, f"not available: {EXTRACT_KERNEL_MISSING}", []
+            continue
+        status = 1
 
     report = lorafuse_json(lf)
     reported = None
@@ -809,7 +829,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=22, help="decoder layers (default %(default)s, as TinyLlama-1.1B)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="lorafuse threads and torch threads of the dense tools (default %(default)s)")
-    p.add_argument("--repeat", type=int, default=3, help="timed lorafuse runs, the best is reported; dense tools run once (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=MIN_RUNS,
+                   help=f"timed lorafuse runs; the median, its spread (min..max) and the count are reported"
+                   f" (default %(default)s; fewer than {MIN_RUNS} only with a warning)")
+    p.add_argument("--peer-repeat", type=int, default=1,
+                   help="timed runs of the dense tools (the peers); with N > 1 they alternate with lorafuse's and"
+                   " their median is reported. Default %(default)s, since a dense run takes minutes at full size:"
+                   " the peer's single run is reported; pass --peer-repeat 5 for a median")
     p.add_argument("--only", choices=("resize", "extract"), default=None, help="run one table only")
     p.add_argument("--skip-dense", action="store_true", help="do not run the dense tools")
     p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
@@ -828,8 +854,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default %(default)s)")
     args = p.parse_args(argv)
-    if min(args.layers, args.threads, args.repeat, args.rank_in, args.rank_out, args.extract_rank, args.ft_rank) < 1:
-        p.error("--layers, --threads, --repeat and the ranks must be >= 1")
+    if min(args.layers, args.threads, args.repeat, args.peer_repeat, args.rank_in, args.rank_out, args.extract_rank,
+           args.ft_rank) < 1:
+        p.error("--layers, --threads, --repeat, --peer-repeat and the ranks must be >= 1")
     for name in ("dense_layers", "check_layers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -839,6 +866,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--ft-decay must be in (0, 1], --ft-rms > 0, --ft-noise >= 0")
     if args.alpha_in is None:
         args.alpha_in = 2 * args.rank_in
+    warn_few_runs(args.repeat, None if args.skip_dense else args.peer_repeat)
     return args
 
 

@@ -4,7 +4,7 @@
 The issue's acceptance test: merging and SVD-combining three rank-32 kohya LoRAs of an
 SDXL-shaped UNet (real module shapes, random weights) into one rank-32 LoRA; lorafuse
 against the dense full-SVD approach of kohya's ``networks/svd_merge_lora.py`` (torch, same
-inputs, one run): wall time, peak RSS, ratio; target: at least 20x faster.
+inputs): wall time, peak RSS, ratio; target: at least 20x faster.
 
 Inputs. Three kohya LoRA files (``.safetensors``, F16 factors and F16 ``alpha`` as kohya's
 trainer saves them with ``--save_precision fp16``, ``ss_*`` metadata), covering the modules
@@ -25,15 +25,18 @@ name, the adapter and --seed, so --blocks N (transformer blocks per SpatialTrans
 quick try) gives the same tensors for the modules it keeps.
 
 Tools, each in its own child process, measured with GNU time (peak RSS) as in the other
-benchmarks; each run is preceded (untimed) by removing its output, ``sync`` and reading the
-three inputs once (warm page cache):
+benchmarks; each run is preceded (untimed) by removing the outputs, ``sync`` and reading the
+three inputs once (warm page cache), as bench_apply.py does. Host paging makes single timings
+bimodal, so the tables give the median of the runs with the spread (min..max) and the count,
+never the best run; ratios are ratios of medians; peak RSS is the worst run's:
 
-* ``lorafuse combine A B C --weights=1.0,0.7,0.5 --method svd --rank 32 -o OUT.safetensors``
-  (kohya in; the output format is whatever the CLI writes, see below), lorafuse's default
-  threads (all cores), best of --repeat;
-* ``lorafuse.combine(...)`` through the Python API, for information: the three files opened
-  with ``lorafuse.load`` (memory-mapped), one warm-up call, best of --repeat (compute only,
-  no interpreter start-up, no write);
+* ``lorafuse combine A B C --weights=1.0,0.7,0.5 --method svd --rank 32 --dtype fp32 -o OUT.safetensors``
+  (kohya in; float32 factors, as the peer writes them; the output format is whatever the CLI
+  writes, see below), lorafuse's default
+  threads (all cores), --repeat timed runs (default 5);
+* ``lorafuse.combine(...)`` through the Python API, for information: one child, first; the three
+  files opened with ``lorafuse.load`` (memory-mapped), one warm-up call, then --repeat timed calls
+  (compute only, no interpreter start-up, no write), their median;
 * the peer: a re-implementation (written for this benchmark) of what ``svd_merge_lora.py``
   does with its defaults (``--precision float``, no ``--device``): load each whole file with
   ``safetensors.torch.load_file`` and cast every tensor to float32; for each module add
@@ -42,14 +45,18 @@ three inputs once (warm page cache):
   ``down = Vh_k``, both clamped to +-the 0.99 quantile of their concatenated entries (kohya's
   ``CLAMP_QUANTILE``), ``alpha = new_rank`` (an int64 scalar, as kohya writes it); the model
   hashes of kohya's metadata (sha256 of the serialized tensors) and ``save_file``. torch
-  threads = the machine's cores. One run.
+  threads = the machine's cores. --peer-repeat runs (default 1, since a run takes minutes at full
+  size: the peer's single run is reported; pass --peer-repeat 5 for a median); with more than one
+  they alternate with lorafuse's (lorafuse, peer, lorafuse, peer, ...; the tool with more runs
+  starts alone). The peer runs last, which removes lorafuse's output: one more lorafuse run,
+  untimed, writes it again for the check.
 
 Check. On a sample of modules (one of each of the 12 kinds, spread over the UNet), in float64:
 the optimum D_k (numpy SVD of D = sum_i ratio_i * alpha/r * up_i @ down_i from the input files,
 truncated to rank 32), and the relative Frobenius distances ``||X - D_k|| / ||D_k||`` of the
 deltas ``X = alpha/r * up @ down`` of lorafuse's output and of the peer's factors before its
 clamp (kept for the sampled modules only; the seconds spent keeping them are subtracted from
-the peer's time), and between the two (deltas, not factors: the SVD's signs are free). All
+each of the peer's runs), and between the two (deltas, not factors: the SVD's signs are free). All
 must be <= 1e-4 (2e-4 between the two). The peer's output as written, i.e. after its quantile
 clamp, is compared too, for information: the clamp clips the largest ~1% of the factor entries,
 which moves these deltas by several percent. The output of ``lorafuse combine`` is read as a
@@ -82,15 +89,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     UNAVAILABLE_EXIT,
+    RunResult,
     fmt_mib,
+    fmt_runs,
     make_workdir,
+    median_spread,
     print_run_header,
-    run_measured,
     time_lorafuse_combine,
     tree_bytes,
-    warm_page_cache,
 )
-from bench_apply import Tool, resolve_lorafuse  # noqa: E402
+from bench_apply import (  # noqa: E402
+    MIN_RUNS,
+    Tool,
+    describe_runs,
+    resolve_lorafuse,
+    run_tool,
+    run_with_peer,
+    warn_few_runs,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -434,9 +450,10 @@ def peer_child(spec_path: str) -> int:
 
 
 def api_child(spec_path: str) -> int:
-    """lorafuse.load of the inputs, one warm-up lorafuse.combine, then the best of `repeat`."""
+    """lorafuse.load of the inputs, one warm-up lorafuse.combine, then `repeat` timed calls (all printed)."""
     spec = json.loads(Path(spec_path).read_text())
-    timed = time_lorafuse_combine(spec["models"], spec["ratios"], spec["rank"], spec["threads"], spec["repeat"])
+    timed = time_lorafuse_combine(spec["models"], spec["ratios"], spec["rank"], spec["threads"], spec["repeat"],
+                                  dtype="fp32")
     if timed is None:
         return UNAVAILABLE_EXIT
     _, result, load_s, times = timed
@@ -458,34 +475,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def run_repeated(tool: Tool, repeat: int, warm_paths: Sequence[Path], log_dir: Path) -> None:
-    """Run `tool` `repeat` times, each after removing its output (file or folder), sync and a warm page cache."""
-    import shlex
-
-    assert tool.cmd is not None
-    print(f"\n[{tool.label}] {shlex.join(tool.cmd)}", flush=True)
-    for i in range(repeat):
-        _remove(tool.out_dir)
-        os.sync()
-        warm_page_cache(warm_paths)
-        result = run_measured(tool.cmd, log_dir / f"{tool.key}-{i + 1}.log", env=tool.env)
-        tool.runs.append(result)
-        print(f"  run {i + 1}/{repeat}: {result.wall_s:.2f} s wall, {result.cpu_s:.2f} s cpu,"
-              f" peak RSS {fmt_mib(result.peak_rss_bytes)} MiB" + ("" if result.ok else f"  FAILED (exit {result.returncode})"),
-              flush=True)
-        if not result.ok:
-            print("  --- last lines of its output ---")
-            print("\n".join("  " + line for line in result.log_tail().splitlines()))
-            return
-
-
-def _prefixed_json(tool: Tool, prefix: str) -> dict | None:
-    if not tool.runs:
-        return None
-    for line in tool.runs[-1].log_path.read_text(errors="replace").splitlines():
+def _run_json(run: RunResult, prefix: str) -> dict | None:
+    """The JSON line a child printed after `prefix` in one run's log."""
+    for line in run.log_path.read_text(errors="replace").splitlines():
         if line.startswith(prefix):
             return json.loads(line[len(prefix):])
     return None
+
+
+def _prefixed_json(tool: Tool, prefix: str) -> dict | None:
+    """The JSON line of the tool's median run."""
+    return _run_json(tool.median_run, prefix) if tool.runs else None
+
+
+def peer_seconds(peer: Tool) -> list[float]:
+    """Each peer run's wall time less the seconds it spent keeping factors for the check (its "check-only")."""
+    out = []
+    for run in peer.runs:
+        phases = _run_json(run, PHASES_PREFIX) or {}
+        out.append(run.wall_s - float(phases.get("check-only", 0.0)))
+    return out
 
 
 def ratios_arg(ratios: Sequence[float]) -> str:
@@ -654,8 +663,11 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path, sample: 
         api = Tool("api", "lorafuse.combine (API)", workdir / "none", None, "--skip-lorafuse")
     else:
         cmd, reason = resolve_lorafuse(args.lorafuse_cmd)
+        # --dtype fp32: float32 factors, as the peer writes (svd_merge_lora's default --save_precision float);
+        # lorafuse's default keeps the inputs' F16, whose rounding (~5e-4) would hide the math being compared
         full = None if cmd is None else [*cmd, "combine", *models, f"--weights={ratios_arg(args.ratios)}",
-                                         "--method", "svd", "--rank", str(args.rank), "-o", str(out_lf), *lf_threads]
+                                         "--method", "svd", "--rank", str(args.rank), "--dtype", "fp32",
+                                         "-o", str(out_lf), *lf_threads]
         lf = Tool("lorafuse", "lorafuse combine (CLI)", out_lf, full, f"not available: {reason}")
         spec_path = workdir / "api_spec.json"
         spec_path.write_text(json.dumps({"models": models, "ratios": list(args.ratios), "rank": args.rank,
@@ -677,10 +689,10 @@ def make_tools(args: argparse.Namespace, inputs: Inputs, workdir: Path, sample: 
 
 
 def print_table(inputs: Inputs, args: argparse.Namespace, lf: Tool, api: Tool, peer: Tool,
-                api_result: dict | None, peer_phases: dict | None) -> list[str]:
+                api_result: dict | None) -> list[str]:
     print(f"\nResult: {len(inputs.files)} kohya LoRAs (rank {args.input_rank}, {len(inputs.modules)} SDXL UNet modules,"
           f" {fmt_mib(inputs.bytes)} MiB of files) -> one rank-{args.rank} LoRA, SVD merge, ratios {ratios_arg(args.ratios)}")
-    header = f"{'tool':<34}{'wall s':>10}{'cpu s':>10}{'peak RSS MiB':>15}{'peak anon MiB':>15}"
+    header = f"{'tool':<34}{'wall s: median (min..max)':>30}{'cpu s':>10}{'peak RSS MiB':>15}{'peak anon MiB':>15}"
     print(header)
     print("-" * len(header))
     for tool in (lf, api, peer):
@@ -691,25 +703,32 @@ def print_table(inputs: Inputs, args: argparse.Namespace, lf: Tool, api: Tool, p
         elif tool is api:
             if api_result:
                 anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
-                print(f"{'lorafuse.combine (API, compute)':<34}{min(api_result['times']):>10.2f}{'':>10}"
+                print(f"{'lorafuse.combine (API, compute)':<34}{fmt_runs(api_result['times'], 3):>30}{'':>10}"
                       f"{fmt_mib(tool.peak_rss):>15}{anon:>15}")
         else:
             anon = "n/a" if tool.peak_anon is None else fmt_mib(tool.peak_anon)
-            print(f"{tool.label:<34}{tool.wall_s:>10.2f}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}{anon:>15}")
-    print("peak RSS = ru_maxrss of the tool's process (GNU time %M; includes mmap'ed file pages);"
-          " peak anon = RssAnon sampled every 20 ms. CLI: best of"
-          f" {args.repeat} end to end; API: compute only, best of {args.repeat} after a warm-up; peer: one run.")
+            print(f"{tool.label:<34}{fmt_runs(tool.walls):>30}{tool.cpu_s:>10.2f}{fmt_mib(tool.peak_rss):>15}{anon:>15}")
+    print("wall: the median of the runs, the spread (min..max) and the number of runs; cpu: median; peak RSS ="
+          " ru_maxrss of the tool's process, the worst run (GNU time %M; includes mmap'ed file pages); peak anon ="
+          " RssAnon sampled every 20 ms, the worst run. CLI: end to end; API: one child, compute only, the calls"
+          " after a warm-up call.")
     summary: list[str] = []
     if lf.ok and peer.ok:
-        extra = float(peer_phases.get("check-only", 0.0)) if peer_phases else 0.0
-        peer_s = peer.wall_s - extra
+        seconds = peer_seconds(peer)
+        peer_s = median_spread(seconds)[0]
         ratio = peer_s / lf.wall_s
         verdict = "PASS" if ratio >= TARGET_VS_PEER else "MISS"
+        if len(seconds) == 1:
+            kept = peer.runs[0].wall_s - seconds[0]
+            runs = f"its single run less the {kept:.2f} s it spent keeping factors for the check"
+        else:
+            runs = (f"the median (min..max) of its runs {fmt_runs(seconds, 1)}, each less the seconds it spent keeping"
+                    " factors for the check")
         line = (f"kohya svd_merge_lora / lorafuse combine = {peer_s:.1f} s / {lf.wall_s:.2f} s = {ratio:.1f}x"
-                f" (peer time less {extra:.2f} s spent keeping factors for the check);"
+                f" (ratio of medians; peer: {runs}; lorafuse: median of {len(lf.runs)});"
                 f" target >= {TARGET_VS_PEER:g}x: {verdict}")
         print(line)
-        print(f"peak RSS: peer / lorafuse = {peer.peak_rss / max(lf.peak_rss, 1):.1f}x")
+        print(f"peak RSS: peer / lorafuse = {peer.peak_rss / max(lf.peak_rss, 1):.1f}x (worst runs)")
         summary.append(line)
     else:
         print(f"kohya svd_merge_lora / lorafuse combine = n/a (target >= {TARGET_VS_PEER:g}x)")
@@ -728,7 +747,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="one ratio (weight) per input LoRA; their number sets the number of inputs (default 1.0,0.7,0.5)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the peer (default %(default)s)")
     p.add_argument("--lorafuse-threads", type=int, default=None, help="lorafuse --threads (default: lorafuse's own, all cores)")
-    p.add_argument("--repeat", type=int, default=3, help="timed lorafuse runs, the best is reported; the peer runs once (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=MIN_RUNS,
+                   help="timed lorafuse CLI runs and timed API calls (after a warm-up call); the median, its spread"
+                   f" (min..max) and the count are reported (default %(default)s; fewer than {MIN_RUNS} only with a"
+                   " warning)")
+    p.add_argument("--peer-repeat", type=int, default=1,
+                   help="timed runs of the peer; with N > 1 they alternate with lorafuse's and their median is"
+                   " reported. Default %(default)s, since a peer run takes minutes at full size: the peer's single run"
+                   " is reported; pass --peer-repeat 5 for a median")
     p.add_argument("--no-clamp", dest="clamp", action="store_false", help="peer: skip kohya's quantile clamp of the factors")
     p.add_argument("--skip-peer", action="store_true", help="do not run the peer")
     p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
@@ -737,12 +763,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random factors (default %(default)s)")
     args = p.parse_args(argv)
-    if min(args.rank, args.input_rank, args.threads, args.repeat) < 1 or (args.blocks is not None and args.blocks < 1):
-        p.error("--blocks, --rank, --input-rank, --threads and --repeat must be >= 1")
+    if min(args.rank, args.input_rank, args.threads, args.repeat, args.peer_repeat) < 1 or (
+            args.blocks is not None and args.blocks < 1):
+        p.error("--blocks, --rank, --input-rank, --threads, --repeat and --peer-repeat must be >= 1")
     if args.lorafuse_threads is not None and args.lorafuse_threads < 0:
         p.error("--lorafuse-threads must be >= 0")
     if not 1 <= len(args.ratios) <= 26:
         p.error("--ratios needs 1 to 26 values")
+    warn_few_runs(args.repeat, None if args.skip_peer else args.peer_repeat)
     return args
 
 
@@ -762,46 +790,51 @@ def run(args: argparse.Namespace, workdir: Path, log_dir: Path) -> int:
           + (f"; built in {inputs.build_s:.1f} s" if inputs.build_s is not None else ""))
     sample = check_modules(modules)
     lf, api, peer = make_tools(args, inputs, workdir, sample)
-    print(f"\nmethod: each run is preceded (untimed) by removing its output, `sync` and reading the inputs once."
-          f" lorafuse CLI and API: best of {args.repeat}, threads {args.lorafuse_threads or 'default (all cores)'};"
-          f" peer: one run, torch threads {args.threads}. load average now: {_loadavg()}"
+    print("\nmethod: " + describe_runs(args.repeat, None if args.skip_peer else args.peer_repeat)
+          + f" (lorafuse: the CLI, end to end). API: one child, before those runs: a warm-up call, then {args.repeat}"
+          " timed calls, their median (min..max). Each timed run is preceded (untimed) by removing the outputs,"
+          f" `sync` and reading the inputs once. lorafuse threads {args.lorafuse_threads or 'default (all cores)'};"
+          f" peer torch threads {args.threads}. load average now: {_loadavg()}"
           " (other work on the machine skews the timings)")
-    for tool, repeat in ((lf, args.repeat), (api, 1), (peer, 1)):
-        if tool.cmd is None:
-            print(f"\n[{tool.label}] skipped: {tool.skip_reason}")
-            continue
-        run_repeated(tool, repeat, inputs.files, log_dir)
-        if not tool.ok:
-            if tool is api and tool.runs[-1].returncode == UNAVAILABLE_EXIT:
-                tool.cmd, tool.skip_reason, tool.runs = None, tool.runs[-1].log_tail(1), []
-                continue
-            status = 1
+    unclamped = workdir / "peer_unclamped.safetensors"
+    all_outputs = [lf.out_dir, peer.out_dir, unclamped]
+    if api.cmd is None:
+        print(f"\n[{api.label}] skipped: {api.skip_reason}")
+    else:
+        run_tool(api, 1, inputs.files, log_dir, all_outputs)
+        if not api.ok and api.runs[-1].returncode == UNAVAILABLE_EXIT:
+            api.cmd, api.skip_reason, api.runs = None, api.runs[-1].log_tail(1), []
+    if not run_with_peer(lf, peer, args.repeat, args.peer_repeat, inputs.files, log_dir, [unclamped]):
+        status = 1
+    status |= int(any(t.cmd is not None and not t.ok for t in (lf, api, peer)))
     print(f"\nload average after the runs: {_loadavg()}")
     api_result = _prefixed_json(api, API_RESULT_PREFIX) if api.ok else None
     if api_result:
-        print(f"lorafuse.combine (API): load {api_result['load_s']:.3f} s, combine runs "
+        print(f"lorafuse.combine (API): load {api_result['load_s']:.3f} s, timed combine calls after the warm-up "
               + ", ".join(f"{t:.3f}" for t in api_result["times"])
-              + f" s; {api_result['modules']} modules, {api_result['randomized']} took the randomized SVD")
+              + f" s: median {fmt_runs(api_result['times'], 3)}; {api_result['modules']} modules,"
+              f" {api_result['randomized']} took the randomized SVD")
     peer_phases = _prefixed_json(peer, PHASES_PREFIX) if peer.ok else None
     if peer_phases:
         shown = {k: v for k, v in peer_phases.items() if k not in ("modules", "svd_by_shape")}
+        which = "" if len(peer.runs) == 1 else f", its median run of {len(peer.runs)}"
         print("peer phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in shown.items())
-              + f" ({peer_phases['modules']:.0f} modules)")
+              + f" ({peer_phases['modules']:.0f} modules{which})")
         by_shape = sorted(peer_phases.get("svd_by_shape", {}).items(), key=lambda kv: -kv[1])
         print("  torch.linalg.svd seconds by module shape: " + ", ".join(f"{k} {v:.1f}" for k, v in by_shape))
 
     outputs = {"lorafuse": lf.out_dir} if lf.ok else {}
     if peer.ok:
-        outputs["peer-unclamped"] = workdir / "peer_unclamped.safetensors"
+        outputs["peer-unclamped"] = unclamped
         outputs["peer"] = peer.out_dir
     good, notes = check_outputs(inputs, args.ratios, args.rank, outputs, sample)
     if not good:
         status = 1
-    print_table(inputs, args, lf, api, peer, api_result, peer_phases)
+    print_table(inputs, args, lf, api, peer, api_result)
     for note in notes:
         print(f"note: {note}")
     if not args.keep:
-        for path in (lf.out_dir, peer.out_dir, workdir / "peer_unclamped.safetensors"):
+        for path in all_outputs:
             _remove(path)
     return status
 
