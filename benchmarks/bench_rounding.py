@@ -11,9 +11,13 @@ that |scale_k B_k A_k| is about --scale x |W|, i.e. a few to a few dozen BF16 ul
 Each tool's merged weights (the targeted ones) are compared to the reference
 W + sum_k scale_k B_k A_k computed in float64 from the very tensors both tools read, then rounded
 to BF16 once, to nearest even, by hand (numpy: torch's float64 -> bfloat16 cast goes through
-float32 and can round twice). Printed per K and tool: the share of values equal to that correctly
-rounded merge and the largest distance from it in BF16 ulps (units in the last place: adjacent BF16
-values are 1 apart). No timings.
+float32 and can round twice). Printed per K and tool, over every merged (targeted) weight: the
+share of values equal to that correctly rounded merge; the largest distance from it in BF16 ulps
+of the result (adjacent BF16 values are 1 apart: a result near 0 after cancellation, where the
+spacing is tiny, can be thousands of ulps off while off by little in absolute terms); and the
+largest |merged - exact| in units of the BF16 spacing at |W| + sum_k |dW_k|, a bound on every
+partial sum a merge goes through, so the scale its arithmetic works at (one correct rounding: at
+most 0.5). No timings.
 
     python benchmarks/bench_rounding.py [--seed 0] [--layers 2] [--scale 0.1]
 """
@@ -71,8 +75,13 @@ def build_base(directory: Path, layers: int, hidden: int, intermediate: int, hea
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
@@ -120,15 +129,24 @@ def read_adapter(directory: Path) -> dict[str, tuple]:
 
 
 def reference(base: dict, adapters: list[dict]) -> dict:
-    """W + sum_k (alpha/r) B_k A_k in float64 (each product exact, sums to 2^-53), rounded to BF16 once."""
+    """{name: (exact, rounded, magnitude)}: W + sum_k (alpha/r) B_k A_k in float64 (each product exact, the
+    sums to 2^-53 relative), that rounded to BF16 once, and |W| + sum_k |(alpha/r) B_k A_k|, which bounds
+    every partial sum a merge goes through."""
     out = {}
     for name in adapters[0]:
         acc = base[name].double()
+        mag = acc.abs()
         for pairs in adapters:
             a, b = pairs[name]
-            acc = acc + (ALPHA / RANK) * (b.double() @ a.double())
-        out[name] = round_to_bf16(acc.numpy())
+            delta = (ALPHA / RANK) * (b.double() @ a.double())
+            acc, mag = acc + delta, mag + delta.abs()
+        out[name] = (acc.numpy(), round_to_bf16(acc.numpy()), mag.numpy())
     return out
+
+
+def bf16_spacing(x: np.ndarray) -> np.ndarray:
+    """The distance between adjacent BF16 values at |x| (x float64)."""
+    return np.ldexp(1.0, np.maximum(np.frexp(x)[1] - 8, -133))
 
 
 def merge_peft(base_dir: Path, adapter_dirs: list[Path]) -> dict:
@@ -157,17 +175,21 @@ def merge_lorafuse(base_dir: Path, adapter_dirs: list[Path], out: Path) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-def score(merged: dict, ref: dict) -> tuple[int, int, int]:
-    """(values, values equal to the correctly rounded merge, largest distance in ulps)."""
+def score(merged: dict, ref: dict) -> tuple[int, int, int, float]:
+    """(values, values equal to the correctly rounded merge, largest distance from it in ulps of the
+    result, largest |merged - exact| in BF16 ulps at |W| + sum_k |dW_k|: one correct rounding is <= 0.5)."""
     import torch
 
     n = same = worst = 0
-    for name, r in ref.items():
+    worst_w = 0.0
+    for name, (exact, r, magnitude) in ref.items():
         m = merged[name]
         assert m.dtype == torch.bfloat16 and m.shape == r.shape, (name, m.dtype, m.shape)
         d = np.abs(ulp_index(m) - ulp_index(r))
         n, same, worst = n + d.size, same + int((d == 0).sum()), max(worst, int(d.max()))
-    return n, same, worst
+        err = np.abs(m.double().numpy() - exact) / bf16_spacing(magnitude)
+        worst_w = max(worst_w, float(err.max()))
+    return n, same, worst, worst_w
 
 
 def main() -> None:
@@ -177,9 +199,18 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0.1, help="std(delta of one adapter) / std(W), per module")
     args = p.parse_args()
 
+    import warnings
+
+    import peft
     import torch
+    import transformers
     from safetensors.torch import load_file
 
+    import lorafuse
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     torch.set_num_threads(2)
     check_rounding()
     with tempfile.TemporaryDirectory(prefix="bench_rounding_") as tmp:
@@ -190,15 +221,26 @@ def main() -> None:
         base = load_file(str(base_dir / "model.safetensors"))
         adapters = [read_adapter(d) for d in dirs]
         names = list(adapters[0])
-        ratio = np.mean([
-            ((ALPHA / RANK) * (adapters[0][k][1] @ adapters[0][k][0])).abs().mean().item()
-            / base[k].float().abs().mean().item() for k in names
-        ])
-        print(f"seed {args.seed}, {args.layers} layers (hidden 256, intermediate 688), {len(names)} merged weights, "
-              f"rank {RANK}, alpha {ALPHA}; mean|dW|/mean|W| per adapter {ratio:.3f}")
-        print("reference: W + sum_k scale B_k A_k in float64, rounded once to bf16 (nearest even)")
+        ratio = np.mean(
+            [
+                ((ALPHA / RANK) * (adapters[0][k][1] @ adapters[0][k][0])).abs().mean().item()
+                / base[k].float().abs().mean().item()
+                for k in names
+            ]
+        )
+        print(
+            f"seed {args.seed}, {args.layers} layers (hidden 256, intermediate 688), {len(names)} merged weights, "
+            f"rank {RANK}, alpha {ALPHA}; mean|dW|/mean|W| per adapter {ratio:.3f}"
+        )
+        print(
+            "reference: W + sum_k scale B_k A_k in float64, rounded once to bf16 (nearest even); "
+            f"PEFT {peft.__version__} merge_and_unload in bf16, lorafuse {lorafuse.__version__} apply"
+        )
         print()
-        print(f"{'K':>2}  {'tool':<9} {'values':>9}  {'correctly rounded':>17}  {'max error':>9}")
+        row = "{:>2}  {:<9} {:>9}  {:>17}  {:>7}  {:>9}  {:>28}"
+        print(
+            row.format("K", "tool", "values", "correctly rounded", "not", "max error", "max error / ulp(|W|+sum|dW|)")
+        )
         for k in N_ADAPTERS:
             ref = reference(base, adapters[:k])
             results = {
@@ -206,8 +248,8 @@ def main() -> None:
                 "lorafuse": merge_lorafuse(base_dir, dirs[:k], root / f"lorafuse_{k}"),
             }
             for tool, merged in results.items():
-                n, same, worst = score(merged, ref)
-                print(f"{k:>2}  {tool:<9} {n:>9}  {100 * same / n:>16.3f}%  {worst:>5} ulp")
+                n, same, worst, worst_w = score(merged, ref)
+                print(row.format(k, tool, n, f"{100 * same / n:.4f}%", n - same, f"{worst} ulp", f"{worst_w:.3f}"))
 
 
 if __name__ == "__main__":
