@@ -139,7 +139,8 @@ def shared_modules(adapters: Sequence[Adapter]) -> set[str]:
     return shared
 
 
-def _examples(names: Sequence[str]) -> str:
+def module_examples(names: Sequence[str]) -> str:
+    """The first two module names, quoted, and '...' when there are more: how messages show a module set."""
     shown = ", ".join(repr(n) for n in list(names)[:2])
     return shown + (", ..." if len(names) > 2 else "")
 
@@ -164,9 +165,10 @@ def check_shared(adapters: Sequence[Adapter], what: str) -> None:
         if roots[0].isdisjoint(roots[i]):
             first, second = nonempty[0], nonempty[i]
             raise LorafuseValueError(
-                f"{what}: {first.label} and {second.label} share no module ({_examples(list(first.updates))} vs "
-                f"{_examples(list(second.updates))}): adapters for different models, or one model in two "
-                "namings (kohya vs diffusers: `lorafuse convert` one of them first). To put disjoint modules "
+                f"{what}: {first.label} and {second.label} share no module "
+                f"({module_examples(list(first.updates))} vs {module_examples(list(second.updates))}): adapters "
+                "for different models, or one model in two namings (kohya vs diffusers: `lorafuse convert` one "
+                "of them first). To put disjoint modules "
                 "together on purpose, use the method 'cat' (lorafuse combine --method cat)")
 
 
@@ -217,5 +219,5 @@ def norm(adapter: Adapter, threads: int = 0) -> float:
     return float(np.sqrt(sum(n * n for n in adapter.norms(threads).values())))
 
 
-__all__ = ["check_linear", "check_shared", "check_split", "norm", "result", "scaled", "shared_modules", "stack",
-           "terms_by_module", "truncate", "weighted_cat"]
+__all__ = ["check_linear", "check_shared", "check_split", "module_examples", "norm", "result", "scaled",
+           "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]

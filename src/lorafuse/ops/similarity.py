@@ -21,7 +21,7 @@ from lorafuse.backends import InnerJob, get_backend
 from lorafuse.errors import LorafuseValueError, ShapeMismatchError
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
-from lorafuse.model.arithmetic import shared_modules
+from lorafuse.model.arithmetic import module_examples, shared_modules
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
     CORE_BATCH_FLOPS,
@@ -123,11 +123,6 @@ def unshared_pairs(adapters: Sequence[Adapter]) -> list[tuple[int, int]]:
             if adapters[i].updates and adapters[j].updates and not shared_modules([adapters[i], adapters[j]])]
 
 
-def _examples(adapter: Adapter) -> str:
-    names = list(adapter.updates)
-    return ", ".join(repr(n) for n in names[:2]) + (", ..." if len(names) > 2 else "")
-
-
 def unshared_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = None, limit: int = 10) -> list[str]:
     """One line per pair of `adapters` that share no module (unshared_pairs), saying so and what to do:
     for a kohya file and a diffusers LoRA file (one model named two ways, perhaps) the `lorafuse convert`
@@ -137,8 +132,8 @@ def unshared_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = N
     notes = []
     for i, j in pairs[:limit]:
         a, b = adapters[i], adapters[j]
-        line = (f"{names[i]} and {names[j]} share no module ({_examples(a)} vs {_examples(b)}): their similarity of "
-                "0 says only that no module is in both")
+        line = (f"{names[i]} and {names[j]} share no module ({module_examples(list(a.updates))} vs "
+                f"{module_examples(list(b.updates))}): their similarity of 0 says only that no module is in both")
         kinds = {a.format: i, b.format: j}
         if set(kinds) == {"kohya", "diffusers"}:
             k = kinds["kohya"]
