@@ -11,6 +11,7 @@ from lorafuse._progress import ProgressEvent
 from lorafuse._version import get_version
 from lorafuse.errors import (
     AdapterNote,
+    DeviceError,
     DtypeError,
     FormatError,
     InputChangedError,
@@ -60,6 +61,7 @@ __all__ = [
     "LorafuseValueError",
     "MissingModuleError",
     "NonFiniteError",
+    "DeviceError",
     "OutputError",
     "OverwriteWarning",
     "ProgressEvent",

@@ -39,6 +39,11 @@ class OutputError(LorafuseError):
     """The output path is unusable (it is an input, or it cannot be written)."""
 
 
+class DeviceError(LorafuseError, RuntimeError):
+    """The GPU backend cannot run this work: no usable CUDA device or driver, a failed CUDA call, or not
+    enough device memory (the message names the module, the sizes and what to do)."""
+
+
 class OverwriteWarning(UserWarning):
     """overwrite=True replaced an existing output that lorafuse did not write (the message says what)."""
 
@@ -61,6 +66,7 @@ __all__ = [
     "MissingModuleError",
     "DtypeError",
     "NonFiniteError",
+    "DeviceError",
     "UnsupportedError",
     "OutputError",
     "OverwriteWarning",

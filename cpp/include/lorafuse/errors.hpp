@@ -6,7 +6,8 @@
 
 namespace lorafuse {
 
-enum class ErrorKind { Value, Format, ShapeMismatch, Dtype, NonFinite, InputChanged };
+// Device: a GPU (CUDA) call failed or the device lacks memory (lorafuse.errors.DeviceError).
+enum class ErrorKind { Value, Format, ShapeMismatch, Dtype, NonFinite, InputChanged, Device };
 
 class Error : public std::runtime_error {
  public:
