@@ -1,4 +1,5 @@
-# Type stubs of the compiled core (cpp/bindings/core_module.cpp, PYBIND11_MODULE at the end).
+# Type stubs of the compiled core (cpp/bindings/core_module.cpp, PYBIND11_MODULE at the end; the
+# functions it shares with lorafuse._cuda are def_shared in cpp/bindings/convert.hpp).
 #
 # lorafuse/_core.py replaces itself in sys.modules with the variant built for this CPU
 # (_core_generic, _core_avx2, _core_avx512 or _core_native); every variant exports what is
@@ -8,7 +9,7 @@
 # Raw buffers: any numpy array whose item size matches the safetensors dtype (BF16 travels as
 # uint16, F8_E4M3 / F8_E5M2 as uint8). Factors and dense matrices: float32, C-contiguous.
 # Errors are lorafuse.errors classes (LorafuseValueError, ShapeMismatchError, DtypeError,
-# NonFiniteError, InputChangedError); `threads` is 0 (all hardware threads) .. MAX_THREADS.
+# NonFiniteError, InputChangedError, DeviceError); `threads` is 0 (all hardware threads) .. MAX_THREADS.
 
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +66,9 @@ def mapping_problem(slot: int) -> str:
     """'' while the mapping is sound, else why its data cannot be trusted (naming the file)."""
 
 def mapping_faults() -> int: ...
+def check_intact(arrays: Sequence[Any]) -> None:
+    """InputChangedError if one of these arrays overlaps a guarded mapping that faulted (others are ignored)."""
+
 def factored_svd(items: Sequence[tuple[str, _F32, _F32]], ranks: Sequence[int], split: str = "B",
                  threads: int = 0, mode: str = "exact", seed: int = 0, oversample: int = 10,
                  power_iters: int = 4) -> list[tuple[_F32, _F32, np.ndarray]]:
