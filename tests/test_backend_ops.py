@@ -42,7 +42,8 @@ from lorafuse.backends import (
     get_backend,
     native,
 )
-from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchError
+from lorafuse.backends import cuda as cuda_backend
+from lorafuse.errors import DeviceError, LorafuseValueError, NonFiniteError, ShapeMismatchError
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resize import resize
 
@@ -76,7 +77,11 @@ EY_FACTOR = {"decaying": 1.001, "flat": 1.02}
 
 RAW_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F64")
 OUT_DTYPES = ("F32", "F16", "BF16")
-BACKENDS = [b for b in available_backends() if b != "reference"]
+# 'cuda' is always a case: it runs where this build has the CUDA backend and a GPU is present, and
+# skips with the reason (no module, no driver, no device) elsewhere.
+_CUDA_MISSING = "" if "cuda" in available_backends() else cuda_backend.unavailable()
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(_CUDA_MISSING), reason=_CUDA_MISSING))]
+RUNNABLE = [n for n in ("cpu", "cuda") if n in available_backends()]
 REF = get_backend("reference")
 
 
@@ -161,15 +166,22 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def test_there_is_a_backend_to_compare():
-    assert "cpu" in BACKENDS and "reference" in available_backends()
+    assert {"cpu", "reference"} <= set(available_backends())
 
 
-def test_cuda_without_cuda_names_the_build():
+def test_cuda_where_it_cannot_run_says_why_and_what_to_do():
     if "cuda" in available_backends():
         assert get_backend("cuda").name == "cuda"
+        assert cuda_backend.unavailable() == ""
         return
-    with pytest.raises(LorafuseValueError, match=r"cuda.*this build of lorafuse has no CUDA backend"):
+    why = cuda_backend.unavailable()
+    assert why
+    with pytest.raises(DeviceError) as e:
         get_backend("cuda")
+    assert str(e.value) == why
+    # either the build has no CUDA module, or it has one and this machine no GPU / driver
+    assert "no CUDA backend" in why or "device" in why.lower() or "driver" in why.lower()
+    assert "--device cpu" in why
 
 
 @pytest.mark.parametrize("name", ["tpu", "", "CPU2", "reference "])
@@ -454,7 +466,7 @@ def test_factored_svd_lists(backend, shape, mode):
 
 def test_factored_svd_lists_refuses_pairs_that_do_not_fit():
     b, a = np.ones((4, 2), np.float32), np.ones((2, 5), np.float32)
-    for be in [get_backend(n) for n in BACKENDS] + [REF]:
+    for be in [get_backend(n) for n in RUNNABLE] + [REF]:
         with pytest.raises(ShapeMismatchError, match="m.q"):
             be.factored_svd_lists([FactorListJob("m.q", [(b, a), (b, np.ones((2, 6), np.float32))], [1.0, 1.0])], [1])
 

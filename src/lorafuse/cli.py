@@ -154,6 +154,12 @@ def _say(text: object = "", file: TextIO | None = None) -> None:
     print(printable(text), file=sys.stdout if file is None else file)
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the math runs: cpu (default) or cuda, one NVIDIA GPU (needs a lorafuse built with "
+                   "CUDA: docs/building.md); files still stream through host memory")
+
+
 def _rank_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=_rank, help="fixed output rank")
@@ -162,6 +168,7 @@ def _rank_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sv-cumulative", type=_fraction, help="keep this fraction of the sum of singular values (0..1)")
     p.add_argument("--max-rank", type=_rank, help="upper bound on every module's rank")
     p.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    _device_option(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="one line per module")
     out.add_argument("--json", action="store_true", help="print the per-module report as JSON")
@@ -359,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", metavar="{bf16,fp16,fp32}",
                    help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    _device_option(a)
     a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB (2^30 bytes); at "
                    "least 64KiB and 100x the checkpoint's metadata, which every shard repeats (default: shards as "
                    "the input)")
@@ -404,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "stacked rank makes the exact SVD 1.5x dearer than a randomized one takes the randomized one)")
     c.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    _device_option(c)
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
@@ -517,7 +526,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
                        max_shard_size=args.max_shard_size, progress=bar if bar is not None else False,
                        allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, device=args.device)
     finally:
         if bar is not None:
             bar.close()
@@ -549,7 +558,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
                  overwrite=args.overwrite)  # before the work: refused outputs cost nothing
     options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
                              majority_sign=args.majority_sign, seed=args.seed, split=args.split,
-                             threads=args.threads, exact=args.exact, dtype=args.dtype)
+                             threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device)
     # streamed: each group of modules is written as it is computed (never over an input)
     report = combine_to(loaded, args.weights, options, target.path, target.format, overwrite=args.overwrite)
     if not args.quiet:
@@ -578,7 +587,8 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     target = adapter_output(args.out, adapter.format, [adapter], adapter.sources())  # what the name means
     check_output(target.path, adapter.sources(), folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)
     result, report = resize(adapter, _rule(args), args.split, args.threads,
-                            progress=False if args.json or args.quiet else None, dtype=args.dtype)
+                            progress=False if args.json or args.quiet else None, dtype=args.dtype,
+                            device=args.device)
     result.save(target.path, target.format, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _say(f"note: {target.note}", file=sys.stderr)
@@ -609,7 +619,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)  # first
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
-                  seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None)
+                  seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None,
+                  device=args.device)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _say(f"note: {target.note}", file=sys.stderr)

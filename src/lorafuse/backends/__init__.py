@@ -1,8 +1,9 @@
 """Backends: where the math runs, behind one set of operations (`Backend`).
 
-`get_backend("auto" | "cpu" | "reference" | "cuda")`. 'auto' is the CUDA backend when it is
-built and a GPU is present, else 'cpu'; LORAFUSE_BACKEND overrides 'auto'. Only this package
-imports the compiled modules.
+`get_backend("auto" | "cpu" | "reference" | "cuda")`. 'auto' is 'cpu' unless LORAFUSE_BACKEND
+names another; the GPU runs only what is asked to run there (`--device cuda`, `device="cuda"`):
+its float32 products sum in another order, so results may differ from the CPU's in the last bits,
+and a run never changes that silently. Only this package imports the compiled modules.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lorafuse.backends.jobs import (
     SvdResult,
     TaskMergeJob,
 )
-from lorafuse.errors import LorafuseValueError
+from lorafuse.errors import DeviceError, LorafuseValueError
 
 NAMES = ("auto", "cpu", "reference", "cuda")
 ENV = "LORAFUSE_BACKEND"
@@ -43,8 +44,9 @@ def _make(name: str) -> Backend:
 
         return ReferenceBackend()
     if name == "cuda":
-        raise LorafuseValueError("backend 'cuda': this build of lorafuse has no CUDA backend "
-                                 "(build with LORAFUSE_CUDA=ON on a machine with the CUDA toolkit)")
+        from lorafuse.backends.cuda import CudaBackend
+
+        return CudaBackend()
     raise LorafuseValueError(f"unknown backend {name!r}: choose one of {', '.join(NAMES)}")
 
 
@@ -61,13 +63,34 @@ def get_backend(name: str = "auto") -> Backend:
     return _make(name)
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def backend_for_device(device: str | None) -> Backend:
+    """The backend a `device` argument names: 'cpu' or 'cuda' (or None / 'auto': get_backend('auto')).
+    'cpu' is the compiled CPU core, or the float64 reference when LORAFUSE_BACKEND=reference (a host
+    backend too); 'cuda' that cannot run here raises DeviceError saying why and what to do."""
+    if device is None:
+        return get_backend("auto")
+    if not isinstance(device, str):
+        raise LorafuseValueError(f"device must be 'cpu' or 'cuda', got {type(device).__name__}")
+    name = device.strip().lower()
+    if name in ("cuda:0", "gpu"):
+        name = "cuda"
+    if name not in DEVICES + ("auto",):
+        raise LorafuseValueError(f"unknown device {device!r}: choose 'cpu' or 'cuda'")
+    if name == "cpu" and os.environ.get(ENV, "").strip().lower() == "reference":
+        return _make("reference")  # the float64 reference runs on the host too: LORAFUSE_BACKEND still picks it
+    return get_backend(name)
+
+
 def available_backends() -> list[str]:
     """The backends this build and machine can run."""
     found = []
     for name in ("cpu", "reference", "cuda"):
         try:
             _make(name)
-        except (LorafuseValueError, ImportError):
+        except (LorafuseValueError, DeviceError, ImportError):
             continue
         found.append(name)
     return found
@@ -76,5 +99,6 @@ def available_backends() -> list[str]:
 __all__ = [
     "Backend", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair", "FactorStage",
     "InnerJob",
-    "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "get_backend",
+    "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "backend_for_device",
+    "get_backend",
 ]

@@ -233,6 +233,7 @@ def apply(
     allow_nonfinite: bool = False,
     skip_missing: bool = False,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> _apply.ApplyReport:
     """Merge adapters into a base checkpoint: W' = W + sum_i w_i s_i B_i A_i per targeted weight, streamed.
 
@@ -269,6 +270,9 @@ def apply(
         MissingModuleError.
     overwrite : bool, default False
         Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
+    device : str, default 'cpu'
+        Where the merge is computed: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
+        CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
 
     Returns
     -------
@@ -278,7 +282,7 @@ def apply(
     """
     return _apply.apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                         progress=progress, allow_nonfinite=allow_nonfinite, skip_missing=skip_missing,
-                        overwrite=overwrite)
+                        overwrite=overwrite, device=device)
 
 
 def combine(
@@ -295,6 +299,7 @@ def combine(
     exact: bool = False,
     conv_rank: int | None = None,
     dtype: str | None = None,
+    device: str = "cpu",
 ) -> Adapter:
     """Combine adapters into one adapter (PEFT's add_weighted_adapter, method for method).
 
@@ -334,6 +339,9 @@ def combine(
     dtype : str, default None
         'fp32', 'fp16' or 'bf16': the dtype of the result's factors; None: the inputs' factor dtype when
         they all share one of F32 / F16 / BF16, else F32. The math is float32 / float64 either way.
+    device : str, default 'cpu'
+        Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
+        CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
 
     Returns
     -------
@@ -343,7 +351,7 @@ def combine(
     """
     return _combine.combine(adapters, weights, method=method, rank=rank, density=density,
                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                            conv_rank=conv_rank, dtype=dtype)
+                            conv_rank=conv_rank, dtype=dtype, device=device)
 
 
 def convert(
@@ -403,6 +411,7 @@ def resize(
     out: StrPath | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    device: str = "cpu",
 ) -> ResizeResult:
     """Reduce an adapter's rank: per module the best rank-k approximation of its delta (kohya's resize_lora).
 
@@ -440,6 +449,9 @@ def resize(
         Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
     progress : bool or None, default None
         True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
+    device : str, default 'cpu'
+        Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
+        CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
 
     Returns
     -------
@@ -458,7 +470,7 @@ def resize(
         check_output(target.path, a.sources(), folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
         if target.note:
             notes.append(target.note)
-    result, rows = _resize.resize(a, rule, split, threads, progress=progress, dtype=dtype)
+    result, rows = _resize.resize(a, rule, split, threads, progress=progress, dtype=dtype, device=device)
     written = result.save(target.path, target.format, overwrite=overwrite) if target is not None else None
     return ResizeResult(result, rows, written, time.monotonic() - start, notes)
 
@@ -482,6 +494,7 @@ def extract(
     threads: int = 0,
     overwrite: bool = False,
     progress: bool | None = None,
+    device: str = "cpu",
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base, per weight matrix (randomized SVD).
 
@@ -530,6 +543,9 @@ def extract(
         Replace an `out` that lorafuse did not write (never an input).
     progress : bool or None, default None
         True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
+    device : str, default 'cpu'
+        Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
+        CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
 
     Returns
     -------
@@ -552,7 +568,7 @@ def extract(
             notes.append(target.note)
     res = _extract.extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                            oversample=oversample, power_iters=power_iters, seed=seed, threads=threads,
-                           progress=progress)
+                           progress=progress, device=device)
     written = save_as(res.adapter, target.format, target.path, inputs, overwrite=overwrite) if target else None
     return ExtractResult(res.adapter, res.modules, res.skipped, res.unchanged, out=written,
                          seconds=time.monotonic() - start,

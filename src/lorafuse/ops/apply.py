@@ -1,7 +1,8 @@
 """apply: merge adapters into base weights, streaming shard by shard.
 
 W' = W + sum_i w_i s_i B_i A_i for every targeted weight (DoRA adapters rescale
-the rows after their delta), computed by the backend (`get_backend().merge_batch`) in
+the rows after their delta), computed by the backend (`Backend.merge_batch`: the CPU core, or
+the GPU with device='cuda') in
 float32 tiles and rounded once to the output dtype. Untouched tensors are copied byte for
 byte by the kernel (copy_file_range); touched ones are read through mmap and their pages
 dropped once written, so memory stays bounded by one batch of output tensors.
@@ -33,7 +34,7 @@ import numpy as np
 from lorafuse._progress import PhaseTimer, ProgressCallback, ProgressReporter, progress_callback
 from lorafuse._terminal import plural
 from lorafuse._validate import check_threads
-from lorafuse.backends import MergeJob, get_backend
+from lorafuse.backends import Backend, MergeJob, backend_for_device
 from lorafuse.errors import (
     FormatError,
     LorafuseValueError,
@@ -130,9 +131,9 @@ def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
     return int(bits.view(np.int16).max()) >= inf or int(bits.max()) >= 0x8000 | inf
 
 
-def _inputs_finite(job: MergeJob, threads: int) -> bool:
+def _inputs_finite(job: MergeJob, threads: int, backend: Backend) -> bool:
     """Whether the base rows and every factor of a merge job are finite (only called for flagged jobs)."""
-    if not np.isfinite(get_backend().to_float32(job.w, job.w_dtype, threads)).all():
+    if not np.isfinite(backend.to_float32(job.w, job.w_dtype, threads)).all():
         return False
     return all(np.isfinite(x).all() for st in job.stages for x in stage_arrays(st))
 
@@ -213,8 +214,9 @@ class _Writer:
 
 class _Executor:
     def __init__(self, ckpt: Checkpoint, threads: int, progress: ProgressReporter, allow_nonfinite: bool,
-                 timings: PhaseTimer, label: Callable[[str], str] = str) -> None:
+                 timings: PhaseTimer, backend: Backend, label: Callable[[str], str] = str) -> None:
         self.ckpt, self.threads, self.progress, self.allow_nonfinite = ckpt, threads, progress, allow_nonfinite
+        self.backend = backend
         self.timings, self.label = timings, label  # label: a tensor's name in progress events
         self.files: dict[str, SafetensorsFile] = {}
         self.arenas = _Arenas(WRITE_DEPTH + 1, BATCH_BYTES + CHUNK_BYTES)
@@ -372,12 +374,12 @@ class _Executor:
             if t.updates and p.r0 == 0:
                 self.merged.append(t.name)
         with self.timings.phase("compute (merge_batch, mapped reads included)", sum(j.out.nbytes for j in jobs)):
-            flags = get_backend().merge_batch(jobs, self.threads) if jobs else []
+            flags = self.backend.merge_batch(jobs, self.threads) if jobs else []
         bad_jobs = [job for job, f in zip(jobs, flags) if f]
         if bad_jobs and not self.allow_nonfinite:
             # The core flags results that are not finite in float32 or overflow the output dtype;
             # a flagged job whose inputs are all finite overflowed when rounded (F16 / BF16).
-            over = sorted({job.name for job in bad_jobs if _inputs_finite(job, self.threads)})
+            over = sorted({job.name for job in bad_jobs if _inputs_finite(job, self.threads, self.backend)})
             bad = sorted({job.name for job in bad_jobs} - set(over))
             if bad:
                 raise NonFiniteError(
@@ -410,7 +412,7 @@ class _Executor:
             raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
         with np.errstate(over="ignore"):
             acc32 = acc.astype(np.float32)
-        out = get_backend().from_float32(acc32, t.dtype, self.threads)
+        out = self.backend.from_float32(acc32, t.dtype, self.threads)
         if not self.allow_nonfinite and (not np.isfinite(acc32).all() or _has_nonfinite(out, t.dtype)):
             raise _overflow_error([t.name], {t.name: t.dtype})
         self.biases.append(t.name)
@@ -469,6 +471,7 @@ def apply(
     allow_nonfinite: bool = False,
     skip_missing: bool = False,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> ApplyReport:
     """Merge `adapters` (paths or Adapter objects) into the checkpoint at `base`, writing `out`.
 
@@ -483,7 +486,8 @@ def apply(
     earlier lorafuse output; anything else is refused before any work unless `overwrite` (see io.atomic).
     `progress`: a callable receives a `ProgressEvent` for every step of the output (each tensor's
     bytes, exactly once); True draws a bar on stderr, None (default) draws one when stderr is a
-    terminal, False reports nothing.
+    terminal, False reports nothing. `device` 'cuda' computes the merge on the GPU (the files still
+    stream through host memory; DeviceError when this build or machine cannot), 'cpu' on the CPU core.
 
     What `out` names (checked before any work): with a single-file base, the output file, or, when `out`
     ends in a path separator or is an existing folder, the file of the base's name inside it. With a
@@ -503,6 +507,7 @@ def apply(
     if not all(math.isfinite(w) for w in ws):
         raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
     threads = check_threads(threads)
+    backend = backend_for_device(device)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
@@ -528,7 +533,7 @@ def apply(
         _one_file_notes(mplan, base_path, out_path)
     callback, close_bar = progress_callback(progress, "apply")
     reporter = ProgressReporter("apply", mplan.total_bytes, mplan.total_tensors, callback)
-    run = _Run(mplan, threads, reporter, allow_nonfinite, timings)
+    run = _Run(mplan, threads, reporter, allow_nonfinite, timings, backend)
     try:
         if one_file:
             with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
@@ -610,8 +615,8 @@ class _Run:
     pipeline every other entry of its folder copied as it is."""
 
     def __init__(self, mplan: ModelPlan, threads: int, progress: ProgressReporter, allow_nonfinite: bool,
-                 timings: PhaseTimer) -> None:
-        self.mplan, self.threads, self.progress = mplan, threads, progress
+                 timings: PhaseTimer, backend: Backend) -> None:
+        self.mplan, self.threads, self.progress, self.backend = mplan, threads, progress, backend
         self.allow_nonfinite, self.timings = allow_nonfinite, timings
         self.merged: list[str] = []
         self.replaced: list[str] = []
@@ -620,6 +625,7 @@ class _Run:
     def _executor(self, comp: str) -> _Executor:
         model = self.mplan.model
         return _Executor(model.components[comp], self.threads, self.progress, self.allow_nonfinite, self.timings,
+                         self.backend,
                          lambda name: model.tensor_name(comp, name))
 
     def _collect(self, comp: str, ex: _Executor) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lorafuse._progress import Progress
 from lorafuse._validate import check_oversample, check_power_iters, check_seed, check_threads, full_rank
-from lorafuse.backends import ExtractJob, get_backend
+from lorafuse.backends import ExtractJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
@@ -68,6 +68,7 @@ def extract(
     seed: int = 0,
     threads: int = 0,
     progress: bool | None = None,
+    device: str = "cpu",
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base per weight matrix.
 
@@ -78,12 +79,14 @@ def extract(
     modules_to_save). `oversample` (extra sketch columns), `power_iters` and `seed` set the
     randomized SVD; `threads` 0 uses every core; `progress` True / None / False: a bar always /
     on a terminal / never. `lorafuse.extract` takes the rule as keyword arguments (rank=,
-    sv_ratio=, ...), can write the result, and documents each parameter.
+    sv_ratio=, ...), can write the result, and documents each parameter. `device` 'cuda' forms each
+    difference and takes the SVD's products on the GPU (DeviceError when this build or machine cannot).
     """
     if embeddings not in ("skip", "lora", "full"):
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
     oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
     seed, threads = check_seed(seed), check_threads(threads)
+    backend = backend_for_device(device)
     if not isinstance(rule, RankRule):
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
                                  f"{type(rule).__name__}")
@@ -154,8 +157,8 @@ def extract(
                 items.append(ExtractJob(module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
             # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
-            outs = get_backend().extract_svd(items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
-                                             power_iters, seed, threads)
+            outs = backend.extract_svd(items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
+                                       power_iters, seed, threads)
             for (module, key), (b, a, s, frob_sq) in zip(batch, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
                 fb.release(key)

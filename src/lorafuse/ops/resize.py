@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from lorafuse._progress import Progress
 from lorafuse._validate import check_threads
-from lorafuse.backends import FactorJob, get_backend
+from lorafuse.backends import FactorJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats import load
 from lorafuse.io.safetensors import raise_if_inputs_changed
@@ -38,11 +38,13 @@ GROUP = 64  # modules per call into the core (the progress bar advances per grou
 
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
            threads: int = 0, progress: bool | None = None,
-           dtype: str | None = None) -> tuple[Adapter, list[ModuleReport]]:
+           dtype: str | None = None, device: str = "cpu") -> tuple[Adapter, list[ModuleReport]]:
     """The adapter with every module's rank reduced by `rule`, and a report per module. `dtype` ('fp32',
     'fp16', 'bf16' or an alias io.dtypes accepts, like kohya's --save_precision 'float') is the dtype of the
-    new factors; None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32."""
+    new factors; None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32.
+    `device` 'cuda' runs the factored SVDs on the GPU (DeviceError when this build or machine cannot)."""
     threads = check_threads(threads)
+    backend = backend_for_device(device)
     if not isinstance(rule, RankRule):
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
                                  f"{type(rule).__name__}")
@@ -65,7 +67,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
             for n in structured:
                 results[n] = a.updates[n].best_factors(rule.choose, split, threads)  # type: ignore[union-attr]
             items = [FactorJob(n, *a.updates[n].stored_factors(threads)) for n in group if n not in results]
-            results.update({n: r for (n, _, _), r in zip(items, get_backend().factored_svd(
+            results.update({n: r for (n, _, _), r in zip(items, backend.factored_svd(
                 items, [a.updates[n].rank for n, _, _ in items], split, threads))})
             bar.update(len(group), group[-1])
     finally:

@@ -45,7 +45,7 @@ from lorafuse._validate import (
     check_threads,
     check_weights,
 )
-from lorafuse.backends import get_backend
+from lorafuse.backends import backend_for_device
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
@@ -89,6 +89,8 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"method {o.method!r} has no exact switch (exact applies to method 'svd')")
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
+    if o.device not in ("cpu", "cuda"):
+        raise LorafuseValueError(f"unknown device {o.device!r}: choose 'cpu' or 'cuda'")
     return dataclasses.replace(o, dtype=check_dtype(o.dtype))
 
 
@@ -106,6 +108,7 @@ def combine(
     exact: bool = False,
     conv_rank: int | None = None,
     dtype: str | None = None,
+    device: str = "cpu",
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
@@ -122,10 +125,11 @@ def combine(
     `dtype` ('fp32', 'fp16', 'bf16'; kohya's --save_precision) is the dtype of the result's factors; by
     default the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32 (with an
     AdapterNote). The math is float32 / float64 either way: only the result is rounded, once.
+    `device` 'cuda' runs the SVDs' products on the GPU (DeviceError when this build or machine cannot).
     """
     options = CombineOptions(method=method, rank=rank, conv_rank=conv_rank, density=density,
                              majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                             dtype=dtype)
+                             dtype=dtype, device=device)
     return combine_with(adapters, weights, options)
 
 
@@ -145,6 +149,7 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     method = REGISTRY[o.method]
     if not adapters:
         raise LorafuseValueError("combine needs at least one adapter")
+    backend = backend_for_device(o.device)  # before any work: a device that cannot run says so first
     loaded = as_adapters(adapters)
     ws = [1.0] * len(loaded) if weights is None else check_weights(weights, len(loaded))
     if not method.accepts_lycoris:
@@ -160,7 +165,7 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     by_module = terms_by_module(loaded, ws)
     if method.check is not None:
         method.check(o.method, by_module)
-    ctx = Context(o, get_backend(), output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
+    ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
     return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"))
 

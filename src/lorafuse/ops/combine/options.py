@@ -18,7 +18,9 @@ class CombineOptions:
     whatever the number of adapters (a module larger than it forms a group alone); `dtype`: the dtype of the
     written factors, 'fp32' / 'fp16' / 'bf16' or an alias io.dtypes accepts (kohya's 'float', 'torch.bfloat16',
     ...); None: the inputs' factor dtype when they all share one of F32, F16, BF16, else F32. The math is
-    float32 / float64 either way; only the result's factors are rounded, once, to nearest even."""
+    float32 / float64 either way; only the result's factors are rounded, once, to nearest even. `device`:
+    where the SVDs and norms run, 'cpu' (the compiled core) or 'cuda' (the GPU: its products, the CPU's
+    conventions)."""
 
     method: str = "svd"
     rank: int | None = None
@@ -31,3 +33,4 @@ class CombineOptions:
     exact: bool = False
     group_bytes: int = GROUP_BYTES
     dtype: str | None = None
+    device: str = "cpu"
