@@ -237,11 +237,11 @@ class _Executor:
     def _stages(self, t: OutTensor) -> list[Stage]:
         """The tensor's merge stages, built once and kept until its last row block is computed."""
         if t.name not in self.stages:
-            self.stages[t.name] = build_stages(t.updates, t.shape[0] if t.shape else 1, self.threads)
+            self.stages[t.name] = build_stages(t.updates, t.rows, self.threads)
         return self.stages[t.name]
 
     def _pieces(self, t: OutTensor) -> list[_Piece]:
-        rows = t.shape[0] if t.shape else 1
+        rows = t.rows
         whole = t.bias_updates or any(c.update.magnitude is not None and on_columns(c) for c in t.updates)
         if whole or t.nbytes <= CHUNK_BYTES:  # column norms need the whole matrix at once
             return [_Piece(t, 0, rows, rows)]

@@ -38,6 +38,15 @@ class OutTensor:
     updates: list[Contribution] = field(default_factory=list)
     bias_updates: list[Contribution] = field(default_factory=list)
     replacement: Tensor | None = None
+    # The merge sees the weight as a (rows, -1) matrix: rows = shape[0] (a Linear's out, a conv's out
+    # channels) unless a resolver says otherwise (a fused [E, out, in] expert tensor: E * out rows).
+    matrix_rows: int | None = None
+
+    @property
+    def rows(self) -> int:
+        if self.matrix_rows is not None:
+            return self.matrix_rows
+        return self.shape[0] if self.shape else 1
 
     @property
     def nbytes(self) -> int:
