@@ -29,6 +29,12 @@ merge does.
 
 Quick check:  python3 benchmarks/bench_apply.py --layers 2 --skip-peft
 Full size:    python3 benchmarks/bench_apply.py            (~2.2 GB checkpoint, ~11 GB of disk)
+
+--fp8: the same base converted to block-scaled FP8 (benchmarks/_fp8.py: F8_E4M3 weights, F32
+weight_scale_inv per 128x128 block, quantization_config in config.json); lorafuse (keeping FP8)
+against a torch script doing dequantize -> merge -> requantize on the same files, alternating,
+--repeat runs each (median, spread, peak RSS), then both outputs checked against a float64 merge.
+Quick check:  python3 benchmarks/bench_apply.py --fp8 --layers 2
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ from _common import (  # noqa: E402
     tree_bytes,
     warm_page_cache,
 )
+
+import _fp8  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -618,6 +626,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--skip-lorafuse", action="store_true", help="do not run lorafuse")
     p.add_argument("--lorafuse-cmd", default=None, help="command that runs the lorafuse CLI (default: `lorafuse` on PATH, else `python3 -m lorafuse`)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random weights (default %(default)s)")
+    p.add_argument("--fp8", action="store_true", help="the base as block-scaled FP8; lorafuse vs a torch "
+                   "dequantize -> merge -> requantize script (PEFT, cp and dd are not run)")
     args = p.parse_args(argv)
     if args.layers < 1 or args.rank < 1 or args.threads < 1 or args.repeat < 1 or args.peft_repeat < 1:
         p.error("--layers, --rank, --threads, --repeat and --peft-repeat must be >= 1")
@@ -640,7 +650,12 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == PEFT_CHILD_COMMAND:
         base, adapter, out, threads = argv[1:5]
         return peft_child(base, adapter, out, int(threads))
+    if argv and argv[0] == _fp8.TORCH_CHILD_COMMAND:
+        base, adapter, out, threads = argv[1:5]
+        return _fp8.torch_child(base, adapter, out, int(threads))
     args = parse_args(argv)
+    if args.fp8:
+        return main_fp8(args, argv)
 
     print_run_header("bench_apply: lorafuse apply vs cp -r vs PEFT merge_and_unload", argv)
     workdir, log_dir, own_workdir = make_workdir(args.workdir, "lorafuse-bench-")
@@ -716,6 +731,62 @@ def main(argv: Sequence[str]) -> int:
             for tool in tools:
                 shutil.rmtree(tool.out_dir, ignore_errors=True)
             print(f"\nremoved the outputs; inputs kept in {workdir} for reuse")
+    return status
+
+
+def main_fp8(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """--fp8: lorafuse and the torch peer, alternating, on the FP8 conversion of the bench's base."""
+    print_run_header("bench_apply --fp8: lorafuse apply (keep FP8) vs torch dequantize -> merge -> requantize", argv)
+    workdir, log_dir, own_workdir = make_workdir(args.workdir, "lorafuse-bench-fp8-")
+    status = 0
+    tools: list[Tool] = []
+    try:
+        print(f"\ninputs: Llama, TinyLlama-1.1B dims, {args.layers} layers, linear weights block-scaled FP8 "
+              f"(128x128); LoRA r={args.rank} alpha={args.alpha} on {','.join(LLAMA_LINEAR_MODULES)}")
+        inputs = prepare_inputs(workdir, args)
+        fp8_dir = workdir / "base_fp8"
+        stamp = workdir / "fp8.json"
+        wanted = json.loads((workdir / INPUTS_STAMP).read_text())
+        if not (stamp.exists() and json.loads(stamp.read_text()) == wanted and fp8_dir.is_dir()):
+            t0 = time.perf_counter()
+            _fp8.convert_base(inputs.base_dir, fp8_dir)
+            stamp.write_text(json.dumps(wanted))
+            print(f"  converted the base to FP8 in {time.perf_counter() - t0:.1f} s")
+        fp8_bytes = sum(p.stat().st_size for p in fp8_dir.glob("*.safetensors"))
+        print(f"  base    {fp8_dir}: {fmt_mib(fp8_bytes)} MiB (FP8 + scales; bf16 was {fmt_mib(inputs.base_bytes)} MiB)")
+        out_lf, out_torch = workdir / "out_lorafuse", workdir / "out_torch"
+        lf_cmd, reason = (None, "--skip-lorafuse") if args.skip_lorafuse else resolve_lorafuse(args.lorafuse_cmd)
+        lf = Tool("lorafuse", "lorafuse apply", out_lf,
+                  None if lf_cmd is None else [*lf_cmd, "apply", str(fp8_dir), str(inputs.adapter_dir), "-o",
+                                               str(out_lf), "--threads", str(args.threads)],
+                  reason, env={**os.environ, "LORAFUSE_TIMINGS": "1"})
+        peer = Tool("torch", "torch fp8 script", out_torch,
+                    [sys.executable, str(Path(__file__).resolve()), _fp8.TORCH_CHILD_COMMAND, str(fp8_dir),
+                     str(inputs.adapter_dir), str(out_torch), str(args.threads)])
+        tools = [lf, peer]
+        print("\nmethod: " + describe_runs(args.repeat, args.repeat, "torch") + f"; --threads {args.threads}")
+        if not run_with_peer(lf, peer, args.repeat, args.repeat, [fp8_dir, inputs.adapter_dir], log_dir):
+            status = 1
+        status |= int(any(t.cmd is not None and not t.ok for t in tools))
+        phases = lorafuse_phases(lf)
+        if phases:
+            print("\nlorafuse phases of its median run")
+            print("\n".join("  " + line for line in phases.splitlines()))
+        outputs = {t.key: t.out_dir for t in tools if t.ok and t.out_dir.exists()}
+        if outputs and not _fp8.check(fp8_dir, inputs.adapter_dir, outputs, args.layers):
+            status = 1
+        print_table(tools, fp8_bytes, args.repeat)
+        if lf.ok and peer.ok:
+            print(f"\ntorch / lorafuse = {peer.wall_s / lf.wall_s:.2f}x wall (ratio of medians); peak RSS "
+                  f"lorafuse {fmt_mib(lf.peak_rss)} MiB, torch {fmt_mib(peer.peak_rss)} MiB")
+    finally:
+        if args.keep:
+            print(f"\nkept {workdir}")
+        elif own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for tool in tools:
+                shutil.rmtree(tool.out_dir, ignore_errors=True)
     return status
 
 

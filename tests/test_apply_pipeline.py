@@ -206,7 +206,7 @@ def test_key_chain_order() -> None:
 def test_module_chain_order() -> None:
     assert module_chain("kohya", lambda k: None).names == ["flux", "sd", "underscore"]
     assert module_chain("diffusers", lambda k: None).names == ["flux", "sd", "underscore"]
-    assert module_chain("peft", lambda k: None).names == ["keys"]
+    assert module_chain("peft", lambda k: None).names == ["keys", "fused"]  # fused: q/k/v into qkv_proj, experts
 
     seen: list[tuple[str, list[str]]] = []
 
@@ -241,6 +241,6 @@ def test_the_diffusion_chain_finds_what_resolve_finds(unet, linear_layers, tmp_p
         shapes = {prefix + k: tuple(v.shape) for k, v in unet.items()}
         modules = {n: tuple(u.delta_shape) for n, u in adapter.updates.items()}
         found, missing = module_chain(adapter.format, lambda k: None).match(modules, shapes)
-        ref_found, ref_missing = resolve._targets(adapter, shapes, lambda k: None)
+        ref_found, ref_missing = resolve._targets(adapter, adapter.updates, shapes, lambda k: None, None)
         assert found == ref_found and sorted(missing) == sorted(ref_missing) == ["lora_unet_not_a_layer"]
         assert len(found) == len(linear_layers)

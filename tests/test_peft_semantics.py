@@ -504,7 +504,6 @@ UNMERGEABLE = {
     "arrow_config": ({"x": 1}, r"arrow_config=.*Arrow"),
     "use_bdlora": ({"nblocks": 2}, r"use_bdlora=.*BD-LoRA"),
     "megatron_config": ({"x": 1}, r"megatron_config=.*Megatron"),
-    "target_parameters": (["mlp.experts.down_proj"], r"target_parameters=.*LoRA on parameters"),
 }
 
 
@@ -514,6 +513,16 @@ def test_fields_lorafuse_cannot_merge_are_refused_by_name(llama, tmp_path, field
     adapter = edited(llama, tmp_path / "a", {field.strip(): value})
     with pytest.raises(UnsupportedError, match=message):
         lorafuse.load(adapter)
+
+
+def test_target_parameters_elsewhere_leave_the_module_loras_plain(llama, tmp_path):
+    """target_parameters (LoRA on fused MoE expert parameters, merged by apply: tests/test_moe_fused.py)
+    naming parameters of modules this adapter's LoRAs are not on: its modules stay plain LoRAs."""
+    from lorafuse.model.param_lora import ParamLoraUpdate
+
+    adapter = lorafuse.load(edited(llama, tmp_path / "a", {"target_parameters": ["mlp.experts.down_proj"]}))
+    assert len(adapter) == 14
+    assert not any(isinstance(u, ParamLoraUpdate) for u in adapter.updates.values())
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])

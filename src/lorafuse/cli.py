@@ -56,11 +56,17 @@ examples:
   lorafuse combine a b c --method ties_svd --density 0.3 --rank 16 -o merged
   lorafuse combine a b --method dare_linear --density 0.5 --seed 7 -o dare
   lorafuse combine style.safetensors detail.safetensors loha.safetensors --rank 32 --conv-rank 8 -o mix.safetensors
+  lorafuse combine --from-list clients.txt --rank 16 --passes 3 -o pooled
 
 Output format (--format): as the first input by default: a PEFT folder for PEFT
 adapters, one kohya .safetensors file for kohya / LyCORIS files (kohya's svd_merge_lora.py),
 a diffusers LoRA file for diffusers LoRA files. LoHa / LoKr inputs enter through an
 exact factorization of their delta, so svd gives the optimal rank-k LoRA of the sum.
+
+Many adapters (more than 256, --passes or --engine stream; --from-list reads them from a
+file): svd and linear stream, each adapter read once per pass, memory independent of n; --passes 3
+(default) is a randomized SVD with one power iteration (near-optimal), 2 leaves it out (faster,
+up to 1.5x the optimal error), 1 is a single-pass sketch; the summary estimates each module's error.
 """
 
 
@@ -120,6 +126,8 @@ examples:
   lorafuse convert pytorch_lora_weights.safetensors --to kohya -o style_kohya.safetensors
   lorafuse convert loha.safetensors --to kohya --rank 16 --conv-rank 8 -o lora_r16.safetensors
   lorafuse convert flux_lora.safetensors --to peft --family flux -o flux_diffusers.safetensors
+  lorafuse convert ./my-llama-lora --to gguf --base-config ./Llama-3.2-1B/config.json -o my-lora.gguf
+  lorafuse convert ./my-qwen-lora --to gguf --arch qwen2 --gguf-type q8_0 -o my-lora-q8_0.gguf
 
 --to peft writes the diffusers LoRA file that pipe.load_lora_weights() reads (keys
 <component>.<module>.lora_A.weight / .lora_B.weight; each module's alpha kept in the
@@ -132,7 +140,24 @@ LoHa / LoKr modules have no exact LoRA form: --rank K (and --conv-rank K for kxk
 convolutions, k > 1; default --rank) keeps their best rank-K approximation (SVD of the
 delta), reporting the fraction of each delta's Frobenius norm kept. Plain LoRA / LoCon
 modules are copied as they are: --rank does not resize them (use lorafuse resize).
+
+--to gguf writes an LLM LoRA (a PEFT adapter of a Llama, Mistral, Qwen2, Qwen3, Gemma,
+Gemma 2 or Gemma 3 model) as the GGUF LoRA adapter llama.cpp loads (llama-cli -m
+base.gguf --lora my-lora.gguf), with the tensor names, layout and metadata of
+llama.cpp's convert_lora_to_gguf.py (needs: pip install 'lorafuse[gguf]'). The
+architecture comes from --base-config (the base model's config.json, which Llama and
+Mistral q_proj / k_proj LoRAs need for their head counts) or --arch. Per-module scales
+that one adapter.lora.alpha cannot express (rank_pattern, alpha_pattern, rsLoRA) are
+folded into lora_b, exactly. DoRA, lora_B biases, modules_to_save, convolutions,
+modules llama.cpp has no tensor for, and lm_head / embedding LoRAs of a base whose
+output is its token embedding (Gemma, Gemma 2, tie_word_embeddings) are refused by name.
 """
+
+
+def _gguf_archs() -> tuple[str, ...]:
+    from lorafuse.formats.gguf import ARCHS
+
+    return tuple(ARCHS)
 
 
 def _combine_methods() -> tuple[str, ...]:
@@ -237,6 +262,10 @@ def _threads(text: str) -> int:
 def _rank(text: str) -> int:
     """--rank, --conv-rank, --max-rank: 1 .. 2^20 (each module is capped at its own full rank)."""
     return _bounded_int(text, 1, MAX_RANK)
+
+
+def _passes(text: str) -> int:
+    return _bounded_int(text, 1, 21)
 
 
 def _power_iters(text: str) -> int:
@@ -364,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(a)
     a.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
     a.add_argument("--dtype", metavar="{bf16,fp16,fp32}",
-                   help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base)")
+                   help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base); a quantized "
+                   "base's weights are then written dequantized in it")
+    a.add_argument("--requantize", action="store_true", default=None,
+                   help="a quantized base: write its quantized format back (merged weights quantized again, the "
+                   "rest copied). Default: FP8 stays FP8 unless --dtype; bitsandbytes is written dequantized (16-bit)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(a)
     a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB (2^30 bytes); at "
@@ -378,12 +411,29 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
                      "terminal)")
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    a.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
+    a.add_argument("--json", action="store_true", help="print the report as JSON (with the requantization error "
+                   "of each weight of a quantized base)")
 
     c = sub.add_parser("combine", help="combine adapters into one adapter",
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
                        "for method; the svd method is exact and needs no dense matrix).",
                        epilog=_combine_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files")
+    c.add_argument("adapters", nargs="*", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
+                   "(or --from-list)")
+    c.add_argument("--from-list", metavar="LIST",
+                   help="read the adapters from LIST, one per line: PATH [WEIGHT] (a line without a weight gets 1/n; "
+                   "# starts a comment; blank lines are ignored; relative paths are from LIST's folder). Every "
+                   "adapter is checked before any work; errors name the line")
+    c.add_argument("--engine", choices=("auto", "memory", "stream"), default="auto",
+                   help="memory: every adapter mapped at once; stream: each adapter opened, read once per pass and "
+                   "closed, memory independent of their number (svd, linear); auto (default): stream for more than "
+                   "256 adapters, with --passes, or when a module would take a randomized SVD anyway")
+    c.add_argument("--passes", type=_passes, metavar="P",
+                   help="streamed svd: passes over the adapters: 3 (default: range, one power iteration, projection; "
+                   "near-optimal), 2 (range, then projection: 2/3 of the time, up to 1.5x the optimal error), 1 (a "
+                   "single-pass sketch, Tropp et al. 2017, for adapters read only once), more (power iterations); "
+                   "selects --engine stream")
     c.add_argument("-o", "--out", required=True,
                    help="output: a PEFT folder, or a .safetensors file (kohya, diffusers). A name ending in "
                    ".safetensors is one file: PEFT inputs without --format are then written as a diffusers or "
@@ -471,18 +521,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_seed, default=0, help="seed of the random sketch (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming",
+    v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming, or an "
+                       "LLM LoRA to GGUF for llama.cpp",
                        description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux) between kohya naming "
                        "(lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file diffusers' "
-                       "save_lora_weights writes), losslessly; LoHa / LoKr modules become LoRA with --rank.",
+                       "save_lora_weights writes), losslessly; LoHa / LoKr modules become LoRA with --rank. "
+                       "--to gguf writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp.",
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file")
-    v.add_argument("-o", "--out", required=True, help="output .safetensors file; a name ending in / (or an "
-                   "existing folder) writes into it: pytorch_lora_weights.safetensors (--to peft, what diffusers' "
-                   "load_lora_weights(folder) looks for) or the input's file name (--to kohya)")
+    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file; "
+                   "--to gguf: a PEFT adapter folder")
+    v.add_argument("-o", "--out", required=True, help="output .safetensors file (--to gguf: .gguf file); a name "
+                   "ending in / (or an existing folder) writes into it: pytorch_lora_weights.safetensors (--to "
+                   "peft, what diffusers' load_lora_weights(folder) looks for) or the input's file name (--to "
+                   "kohya; --to gguf: with .gguf)")
     _overwrite_option(v)
-    v.add_argument("--to", required=True, choices=("peft", "kohya"),
-                   help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names")
+    v.add_argument("--to", required=True, choices=("peft", "kohya", "gguf"),
+                   help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names; gguf: "
+                   "a llama.cpp GGUF LoRA adapter")
+    v.add_argument("--arch", choices=_gguf_archs(),
+                   help="--to gguf: the base model's architecture (default: from --base-config)")
+    v.add_argument("--base-config", metavar="CONFIG", help="--to gguf: the base model's config.json (or its "
+                   "folder): the architecture, the head counts Llama / Mistral q_proj and k_proj LoRAs need, "
+                   "tie_word_embeddings")
+    v.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="--to gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py; q8_0 "
+                   "tensors whose rows are not a multiple of 32 are written f16, as it does)")
     v.add_argument("--rank", type=_rank, help="LoHa / LoKr modules: the rank of their LoRA approximation "
                    "(plain LoRA modules are not resized; see lorafuse resize)")
     v.add_argument("--conv-rank", type=_rank, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
@@ -526,19 +589,38 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
                        max_shard_size=args.max_shard_size, progress=bar if bar is not None else False,
                        allow_nonfinite=args.allow_nonfinite, skip_missing=args.skip_missing,
-                       overwrite=args.overwrite, device=args.device)
+                       overwrite=args.overwrite, device=args.device, requantize=args.requantize)
     finally:
         if bar is not None:
             bar.close()
     if not args.quiet:
         for note in report.notes:
             _say(f"note: {note}", file=sys.stderr)
+    if not args.quiet and not args.json:
         _say(f"merged {plural(len(report.merged), 'weight')}"
               + (f", replaced {len(report.replaced)}" if report.replaced else "")
               + (f", updated {plural(len(report.biases), 'bias', 'biases')}" if report.biases else "")
               + f"; wrote {plural(report.tensors, 'tensor')} ({human_bytes(report.bytes_written)}) to {report.out} "
               f"in {report.seconds:.2f} s")
+        _say_requantized(report.requantized, args.verbose)
+    if args.json:
+        _say(json.dumps({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
+                         "biases": report.biases, "tensors": report.tensors, "bytes": report.bytes_written,
+                         "seconds": report.seconds, "notes": report.notes, "requantized": report.requantized},
+                        indent=2, allow_nan=False))
     return 0
+
+
+def _say_requantized(errors: dict[str, dict[str, float]], verbose: bool) -> None:
+    """Weights of a quantized base merged and quantized again: the largest error, or (verbose) each one's."""
+    if not errors:
+        return
+    worst = max(errors, key=lambda n: errors[n]["rel_fro_error"])
+    _say(f"quantized {plural(len(errors), 'merged weight')} again; largest relative error (Frobenius, vs the float32 "
+         f"merge) {errors[worst]['rel_fro_error']:.3g} in {worst}" + ("" if verbose else " (--verbose: each)"))
+    if verbose:
+        for name, e in errors.items():
+            _say(f"  {name}: max |error| {e['max_abs_error']:.4g}, relative {e['rel_fro_error']:.4g}")
 
 
 def _cmd_combine(args: argparse.Namespace) -> int:
@@ -549,25 +631,47 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output
 
     start = time.monotonic()
-    loaded = [load(a) for a in args.adapters]
-    inputs = [p for a in loaded for p in a.sources()]
+    options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
+                             majority_sign=args.majority_sign, seed=args.seed, split=args.split,
+                             threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device,
+                             engine=args.engine, passes=args.passes, progress=None if not args.quiet else False)
+    if args.from_list is not None:
+        from lorafuse.ops.combine.many import read_list
+
+        if args.adapters or args.weights is not None:
+            raise LorafuseValueError("--from-list names the adapters and their weights: give no adapters and no "
+                                     "--weights beside it")
+        sources, weights = read_list(args.from_list)
+        inputs = [s.path for s in sources if s.path is not None]
+        loaded = [load(inputs[0])]  # the output's format and name; every adapter is checked before any work
+        count: int = len(sources)
+        items: Sequence[object] = sources
+    else:
+        if not args.adapters:
+            raise LorafuseValueError("give the adapters to combine, or --from-list LIST")
+        loaded = [load(a) for a in args.adapters]
+        inputs = [p for a in loaded for p in a.sources()]
+        count, items, weights = len(loaded), loaded, args.weights
     # what the name means (a .safetensors name is one file; a folder name for a one-file format: a file in it)
     target = adapter_output(args.out, args.format or loaded[0].format, loaded, inputs,
                             asked=f"--format {args.format}" if args.format else None)
     check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS,
                  overwrite=args.overwrite)  # before the work: refused outputs cost nothing
-    options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
-                             majority_sign=args.majority_sign, seed=args.seed, split=args.split,
-                             threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device)
     # streamed: each group of modules is written as it is computed (never over an input)
-    report = combine_to(loaded, args.weights, options, target.path, target.format, overwrite=args.overwrite)
+    report = combine_to(items, weights, options, target.path, target.format,  # type: ignore[arg-type]
+                        overwrite=args.overwrite)
     if not args.quiet:
         if target.note:
             _say(f"note: {target.note}", file=sys.stderr)
         ranks = sorted(set(report.ranks.values()))
-        _say(f"combined {plural(len(args.adapters), 'adapter')} with {args.method}: {plural(len(report), 'module')}, "
+        _say(f"combined {plural(count, 'adapter')} with {args.method}: {plural(len(report), 'module')}, "
               f"rank {'/'.join(map(str, ranks))}; wrote {report.out} in {time.monotonic() - start:.2f} s")
-        if report.randomized:
+        if report.summary is not None:
+            for line in report.summary.lines():
+                _say(line)
+        elif count > 1:
+            _say("  engine: memory (every adapter mapped at once; --engine stream reads them one at a time)")
+        if report.randomized and report.summary is None:
             hint = " (--exact forces the exact SVD)" if args.method == "svd" else ""
             _say(f"  {len(report.randomized)} of {plural(len(report), 'module')} took a randomized SVD (near-optimal)"
                   f"{hint}: {', '.join(report.randomized[:3])}{', ...' if len(report.randomized) > 3 else ''}")
@@ -650,6 +754,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     adapter = load(args.adapter)
+    if args.to == "gguf":
+        return _convert_gguf(args, adapter, start)
+    gguf_only = [o for o, v in (("--arch", args.arch), ("--base-config", args.base_config),
+                                ("--gguf-type", args.gguf_type)) if v is not None]
+    if gguf_only:
+        raise LorafuseValueError(f"{', '.join(gguf_only)}: for --to gguf only")
     # a name ending in / (or an existing folder): the file inside it
     out = adapter_output(args.out, "diffusers" if args.to == "peft" else "kohya", [adapter], adapter.sources()).path
     rep = convert(adapter, out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
@@ -671,6 +781,38 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             width = max((len(m.name) for m in rep.lycoris), default=6)
             for m in rep.lycoris:
                 _say(f"{m.name:<{width}}  {m.algo:<4}  rank {m.rank:>4}  fro_kept {m.fro_kept:.6f}")
+        _say(summary)
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
+    """convert --to gguf: the summary (and notes: folded scales, F16 fallbacks, left-out tensors)."""
+    import time
+
+    from lorafuse.ops.convert import convert, output_path
+
+    out = output_path(args.out, "gguf", adapter)  # a name ending in / (or an existing folder): the file inside it
+    rep = convert(adapter, out, to="gguf", rank=args.rank, conv_rank=args.conv_rank, family=args.family,
+                  threads=args.threads, overwrite=args.overwrite, arch=args.arch, base_config=args.base_config,
+                  gguf_type=args.gguf_type)
+    ranks = sorted(set(rep.ranks.values()))
+    summary = (f"converted {rep.modules_in} modules of {args.adapter} to a {rep.gguf_type} GGUF LoRA for llama.cpp "
+               f"({rep.arch}): {plural(rep.modules_out, 'module')}, rank {'/'.join(map(str, ranks))}, alpha "
+               f"{rep.alpha:g}" + (f", {len(rep.folded)} with the scale folded into lora_b" if rep.folded else "")
+               + (f"; {len(rep.lycoris)} LoHa / LoKr modules to LoRA" if rep.lycoris else "")
+               + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
+    if args.json:
+        rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
+                for m in rep.lycoris]
+        _say(json.dumps({"summary": summary, "out": str(rep.out), "arch": rep.arch, "gguf_type": rep.gguf_type,
+                         "alpha": rep.alpha, "ranks": rep.ranks, "folded": rep.folded, "fallback_f16": rep.fallback,
+                         "notes": rep.notes, "modules": rows}, indent=2))
+    elif not args.quiet:
+        for note in rep.notes:
+            _say(f"note: {note}", file=sys.stderr)
+        if args.verbose:
+            for m in rep.lycoris:
+                _say(f"{m.name}  {m.algo}  rank {m.rank}  fro_kept {m.fro_kept:.6f}")
         _say(summary)
     return 0
 
@@ -712,6 +854,9 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         for name, comp in d["components"].items():
             _say(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
                   f"{human_bytes(comp['bytes'])}, {', '.join(f'{k}: {v}' for k, v in comp['dtypes'].items())}")
+            if comp.get("quantization"):
+                q = comp["quantization"]
+                _say(f"    quantized {q['method']} ({q['scheme'] or 'not supported by lorafuse apply'})")
         return
     if d["type"] == "checkpoint":
         _say(f"checkpoint  {d['path']}")
@@ -720,6 +865,10 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         _say(f"  parameters  {d['parameters']:,}")
         _say(f"  size        {human_bytes(d['bytes'])}")
         _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")
+        q = d.get("quantization")
+        if q:
+            how = q["scheme"] if q["supported"] else f"not supported by lorafuse apply: {q['why']}"
+            _say(f"  quantized   {q['method']} ({how}; from {q['source']})")
         return
     _say(f"adapter     {d['path']}  ({d['format']})")
     _say(f"  modules     {d['modules']}")
@@ -733,12 +882,15 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
     if d["full_tensors"]:
         _say(f"  full tensors (modules_to_save): {', '.join(d['full_tensors'])}")
     details: list[dict[str, Any]] = d["module_details"]
-    shown = details if modules else sorted(details, key=lambda m: -float(m["delta_norm"]))[:10]
+    # a parameter LoRA (fused experts) has no norm without its base: listed after the others
+    shown = details if modules else sorted(
+        details, key=lambda m: -float(m["delta_norm"]) if m["delta_norm"] is not None else math.inf)[:10]
     _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
     width = max((len(str(m["name"])) for m in shown), default=10)
     for m in shown:
         _say(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={m['rank']:<4} scale={m['scale']:<8g} "
-              f"shape={tuple(m['shape'])}  ||delta||_F={m['delta_norm']:.6g}")
+              f"shape={tuple(m['shape'])}  ||delta||_F="
+              f"{'n/a (needs the base)' if m['delta_norm'] is None else format(m['delta_norm'], '.6g')}")
     if not modules and len(details) > len(shown):
         _say(f"    ... {len(details) - len(shown)} more (--modules lists all)")
 

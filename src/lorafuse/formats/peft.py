@@ -32,6 +32,7 @@ from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
 from lorafuse.model.names import check_module_name
+from lorafuse.model.param_lora import ParamLoraUpdate
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -312,6 +313,7 @@ class Targeting:
 
     def __init__(self, cfg: dict[str, object], label: str) -> None:
         self.label = label
+        self.parameters: list[str] = list(cast("list[str]", cfg.get("target_parameters") or []))
         target = cfg.get("target_modules")
         exclude = cfg.get("exclude_modules")
         layers = cfg.get("layers_to_transform")
@@ -360,6 +362,8 @@ class Targeting:
 
     def why_not(self, name: str, kind: str, budget: MatchBudget) -> str | None:
         """None when PEFT targets module `name` (a LoRA module of `kind`), else the reason it does not."""
+        if param_module(name, self.parameters) is not None:
+            return None  # a LoRA on a parameter of the module (target_parameters: PEFT's ParamWrapper)
         suffixes = dotted_suffixes(name)
         if self.tied and kind == "linear" and name.rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS:
             return None  # tied to the input embedding's LoRA (ensure_weight_tying)
@@ -404,6 +408,28 @@ class Targeting:
             if m is not None:
                 return int(m.group("idx"))
         return None
+
+
+BASE_LAYER = ".base_layer"
+
+
+def param_module(name: str, parameters: Sequence[str]) -> tuple[str, int] | None:
+    """(the module, the number of wrappers outside this one) when `name` names a PEFT ParamWrapper of the
+    config's target_parameters, else None. PEFT wraps a module once per targeted parameter, nesting the
+    wrappers (`experts`, `experts.base_layer`, ...), and targets parameter P of module M when
+    `M.P == T` or `M.P` ends with `.T` for an entry T (tuners_utils.BaseTuner._inject_parameters)."""
+    if not parameters:
+        return None
+    module, depth = name, 0
+    while module.endswith(BASE_LAYER):
+        module, depth = module[: -len(BASE_LAYER)], depth + 1
+    if BASE_LAYER + "." in module:
+        return None
+    for t in parameters:
+        owner = t.rpartition(".")[0]
+        if not owner or module == owner or module.endswith("." + owner):
+            return module, depth
+    return None
 
 
 def _kind_of(parts: dict[str, Tensor]) -> str:
@@ -507,7 +533,6 @@ _CANNOT_MERGE = {
     "megatron_config": "LoRA on Megatron's parallel layers (sharded weights) is not read",
     "trainable_token_indices": "trainable tokens replace rows of the embedding (trainable_tokens_delta tensors), "
                                "which lorafuse does not apply",
-    "target_parameters": "LoRA on parameters ('target_parameters') is not supported",
 }
 
 
@@ -571,6 +596,14 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
     value = cfg.get("layers_pattern")
     check("layers_pattern", value is None or isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(v, str) for v in value)), "a string, a list of strings or null")
+    value = cfg.get("target_parameters")
+    check("target_parameters", value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+          "a list of strings or null")
+    if value:  # PEFT's lora.ParamWrapper refuses these (tuners/lora/layer.py, ParamWrapper.__init__)
+        for key in ("use_dora", "lora_bias", "fan_in_fan_out"):
+            if cfg.get(key):
+                raise UnsupportedError(f"{path}: target_parameters with {key}=true: PEFT's ParamWrapper does not "
+                                       "work with it (PEFT cannot load this adapter either)")
     _refuse_unmergeable(cfg, path)
     _compile_all(cfg, path)
     return cfg
@@ -635,7 +668,9 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
     _check_extras(parts, cfg, label, notes)
     full, origin = _loadable_full(full, origin, set(parts), notes)
     scales = _pattern_values(cfg, list(parts), label)
-    updates: dict[str, Update] = {m: _update(label, m, p, cfg, *scales[m]) for m, p in parts.items()}
+    parameters = cast("list[str]", cfg.get("target_parameters") or [])
+    updates: dict[str, Update] = {m: _update(label, m, p, cfg, *scales[m], param_module(m, parameters))
+                                  for m, p in parts.items()}
     for m, t in full.items():
         if not t.is_float:
             raise FormatError(f"{label}: modules_to_save tensor {m!r} has non-float dtype {t.dtype}")
@@ -761,7 +796,7 @@ def _pattern_values(cfg: dict[str, object], modules: list[str], label: str) -> d
 
 
 def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, object], r_cfg: object,
-            alpha_cfg: object) -> LoraUpdate:
+            alpha_cfg: object, param: tuple[str, int] | None = None) -> LoraUpdate:
     where = f"{weights}: module {module!r}"
     kind: Kind
     if ("emb_A" in p or "emb_B" in p) and ("A" in p or "B" in p):
@@ -793,13 +828,20 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
         extra = p.get(role)
         if extra is not None and not extra.is_float:
             raise FormatError(f"{where}: {n} has non-float dtype {extra.dtype}")
-    if r_cfg != rank:
+    if r_cfg != rank and param is None:  # a ParamWrapper's lora_A has r rows per expert (checked in ops.fused)
         raise ShapeMismatchError(f"{where}: adapter_config.json says r={r_cfg} but the tensors have rank {rank}")
     alpha = float(alpha_cfg)  # type: ignore[arg-type]
     if not math.isfinite(alpha):  # a config that was not checked by check_config
         raise FormatError(f"{where}: lora_alpha {alpha} is not finite")
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    r_scale = rank if param is None else cast(int, r_cfg)
+    scale = alpha / math.sqrt(r_scale) if cfg.get("use_rslora") else alpha / r_scale
     update = LoraUpdate(module, a, b, scale, kind, transposed, p.get("magnitude"), p.get("bias"))
+    if param is not None:
+        if kind != "linear" or update.magnitude is not None or update.bias is not None:
+            raise FormatError(f"{where}: a LoRA on a parameter (target_parameters) has two matrices lora_A / "
+                              "lora_B and no magnitude or bias")
+        update = ParamLoraUpdate(module, a, b, scale, kind, module=param[0], depth=param[1], r=r_cfg,
+                                 alpha=alpha_cfg)
     if update.magnitude is not None:
         # One magnitude per output feature of the PEFT layer: B's rows. Conv stores it as (1, out, 1, 1).
         m = update.magnitude

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -234,6 +234,7 @@ def apply(
     skip_missing: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
+    requantize: bool | None = None,
 ) -> _apply.ApplyReport:
     """Merge adapters into a base checkpoint: W' = W + sum_i w_i s_i B_i A_i per targeted weight, streamed.
 
@@ -273,6 +274,11 @@ def apply(
     device : str, default 'cpu'
         Where the merge is computed: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
         CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
+    requantize : bool, default None
+        For a quantized base (docs/formats.md#quantized-bases): True writes every merged weight back in the
+        base's own quantized format (fresh scales per block); False writes the dequantized weights in 16 bits
+        (or `dtype`) without the quantization config; None: the format's default (FP8 stays FP8,
+        bitsandbytes 4-bit / 8-bit becomes the 16-bit model). Ignored for plain bases.
 
     Returns
     -------
@@ -282,12 +288,12 @@ def apply(
     """
     return _apply.apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                         progress=progress, allow_nonfinite=allow_nonfinite, skip_missing=skip_missing,
-                        overwrite=overwrite, device=device)
+                        overwrite=overwrite, device=device, requantize=requantize)
 
 
 def combine(
-    adapters: Sequence[StrPath | Adapter],
-    weights: Sequence[float] | None = None,
+    adapters: Iterable[StrPath | Adapter],
+    weights: Iterable[float] | None = None,
     *,
     method: str = "svd",
     rank: int | None = None,
@@ -300,15 +306,18 @@ def combine(
     conv_rank: int | None = None,
     dtype: str | None = None,
     device: str = "cpu",
+    engine: str = "auto",
+    passes: int | None = None,
+    progress: bool | None = False,
 ) -> Adapter:
     """Combine adapters into one adapter (PEFT's add_weighted_adapter, method for method).
 
     Parameters
     ----------
-    adapters : sequence of str, os.PathLike or Adapter
-        At least one adapter. LoHa / LoKr inputs enter through an exact factorization of their delta
-        (methods svd, cat and the *_svd ones).
-    weights : sequence of float, default None
+    adapters : iterable of str, os.PathLike or Adapter
+        At least one adapter; any iterable, a generator too (read once). LoHa / LoKr inputs enter through
+        an exact factorization of their delta (methods svd, cat and the *_svd ones; in-memory engine).
+    weights : iterable of float, default None
         One finite weight per adapter; None: 1 for each.
     method : str, default 'svd'
         One of `lorafuse.METHODS`: 'svd' (the best rank-k approximation of sum_i w_i s_i B_i A_i), 'cat'
@@ -342,6 +351,17 @@ def combine(
     device : str, default 'cpu'
         Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
         CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
+    engine : str, default 'auto'
+        'memory' (every adapter mapped at once), 'stream' (methods svd and linear: each adapter opened, read
+        once per pass and closed; memory independent of the number of adapters) or 'auto': stream for more
+        than 256 adapters, or when `passes` is given, or when some module would take a randomized SVD anyway.
+    passes : int, default None
+        The streamed svd's passes over the adapters; None: 3 (range, one power iteration, projection:
+        near-optimal), 2 (range, projection: up to 1.5x the optimal error on smoothly decaying spectra),
+        1 (a single-pass sketch, for adapters read only once), more (more power iterations). Giving it
+        selects engine 'stream'.
+    progress : bool, default False
+        Draw a bar over the adapters read (streamed engine); None: when stderr is a terminal.
 
     Returns
     -------
@@ -351,7 +371,8 @@ def combine(
     """
     return _combine.combine(adapters, weights, method=method, rank=rank, density=density,
                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                            conv_rank=conv_rank, dtype=dtype, device=device)
+                            conv_rank=conv_rank, dtype=dtype, device=device, engine=engine, passes=passes,
+                            progress=progress)
 
 
 def convert(
@@ -363,8 +384,13 @@ def convert(
     family: str | None = None,
     threads: int = 0,
     overwrite: bool = False,
+    *,
+    arch: str | None = None,
+    base_config: StrPath | None = None,
+    gguf_type: str | None = None,
 ) -> _convert.ConvertReport:
-    """Convert a diffusion LoRA between kohya and diffusers / PEFT naming (lossless), and LoHa / LoKr to LoRA.
+    """Convert a diffusion LoRA between kohya and diffusers / PEFT naming (lossless), LoHa / LoKr to LoRA,
+    and an LLM LoRA to a llama.cpp GGUF adapter.
 
     Parameters
     ----------
@@ -374,7 +400,9 @@ def convert(
         The output `.safetensors` file. It may be new, empty or a file lorafuse wrote; another file is
         refused (before any work) unless `overwrite`.
     to : str, default 'peft'
-        'peft': a diffusers LoRA file (what diffusers' `save_lora_weights` writes); 'kohya': a kohya file.
+        'peft': a diffusers LoRA file (what diffusers' `save_lora_weights` writes); 'kohya': a kohya file;
+        'gguf': a GGUF LoRA adapter for llama.cpp (`llama-cli --lora X.gguf`), as llama.cpp's
+        `convert_lora_to_gguf.py` writes it.
     rank : int, default None
         The rank of the LoRA each LoHa / LoKr module becomes (its best rank-k approximation); required when
         the adapter has such modules. Plain LoRA modules are kept as they are.
@@ -386,6 +414,14 @@ def convert(
         Worker threads; 0 uses every core.
     overwrite : bool, default False
         Replace an `out` that lorafuse did not write (never an input).
+    arch : str, default None
+        With to='gguf': the llama.cpp architecture ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2',
+        'gemma3'); None takes it from `base_config`.
+    base_config : str or os.PathLike, default None
+        With to='gguf': the base model's config.json (or its folder); Llama / Mistral q_proj / k_proj LoRAs
+        and embedding LoRAs need its head counts and vocabulary.
+    gguf_type : str, default None
+        With to='gguf': 'f32' (None: llama.cpp's converter's default), 'f16', 'bf16' or 'q8_0'.
 
     Returns
     -------
@@ -394,7 +430,7 @@ def convert(
         and `lycoris` (one row per LoHa / LoKr module turned into a LoRA).
     """
     return _convert.convert(adapter, out, to=to, rank=rank, conv_rank=conv_rank, family=family, threads=threads,
-                            overwrite=overwrite)
+                            overwrite=overwrite, arch=arch, base_config=base_config, gguf_type=gguf_type)
 
 
 def resize(

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,8 @@ from lorafuse.ops.apply_plan import (
     plan_model,
     shard_limit,
 )
-from lorafuse.ops.stages import Stage, build_stages, on_columns, slice_rows, stage_arrays
+from lorafuse.ops.apply_quant import QuantError, QuantRef, dequantize_rows, piece_rows, requantize_rows
+from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages, stage_arrays
 
 __all__ = ["MIN_SHARD_SIZE", "ApplyReport", "OutTensor", "Plan", "apply", "parse_size", "plan_apply"]
 
@@ -114,6 +115,9 @@ class ApplyReport:
     bytes_written: int
     seconds: float
     notes: list[str]
+    # weights of a quantized base merged and quantized again: name -> {max_abs_error, rel_fro_error} of the
+    # dequantized output against the float32 merged result
+    requantized: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 _INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
@@ -224,6 +228,10 @@ class _Executor:
         self.replaced: list[str] = []
         self.biases: list[str] = []
         self.stages: dict[str, list[Stage]] = {}
+        self.quant_errors: dict[str, QuantError] = {}
+        self.companion_rows: dict[str, dict[str, list[np.ndarray]]] = {}  # weight -> role -> row blocks computed
+        self.companions_done: dict[str, dict[str, np.ndarray]] = {}  # weight -> role -> companion as written
+        self._quant_of: dict[str, QuantRef] = {}  # requantized weight -> its QuantRef (for its companions)
 
     def file(self, shard: str) -> SafetensorsFile:
         if shard not in self.files:
@@ -243,10 +251,15 @@ class _Executor:
     def _pieces(self, t: OutTensor) -> list[_Piece]:
         rows = t.rows
         whole = t.bias_updates or any(c.update.magnitude is not None and on_columns(c) for c in t.updates)
-        if whole or t.nbytes <= CHUNK_BYTES:  # column norms need the whole matrix at once
+        if t.companion_of is not None:
+            return [_Piece(t, 0, rows, rows)]  # small: a scale per block of its weight
+        if t.quant is not None and not whole:  # row blocks aligned to the scale blocks, sized in float32
+            step = piece_rows(t.quant.scheme, t.quant.shape, rows, CHUNK_BYTES)
+            return [_Piece(t, r, min(r + step, rows), rows) for r in range(0, rows, step)]
+        if whole:  # column norms need the whole matrix at once
             return [_Piece(t, 0, rows, rows)]
-        step = max(1, CHUNK_BYTES * rows // t.nbytes)
-        return [_Piece(t, r, min(r + step, rows), rows) for r in range(0, rows, step)]
+        step = max(1, CHUNK_BYTES * rows // t.nbytes)  # pieces also end where a row block does (ops.stages)
+        return [_Piece(t, r0, r1, rows) for r0, r1 in row_pieces(t.updates, rows, step)]
 
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
@@ -268,6 +281,8 @@ class _Executor:
                     for piece in self._pieces(t):
                         batch.append(piece)
                         size += piece.tensor.nbytes * (piece.r1 - piece.r0) // piece.rows
+                        if piece.tensor.quant is not None:  # float32 rows in and out, not the codes
+                            size += 8 * piece.tensor.quant.cols * (piece.r1 - piece.r0)
                         if size >= BATCH_BYTES:
                             self._submit(writer, out, batch)
                             batch, size = [], 0
@@ -345,9 +360,12 @@ class _Executor:
         Outputs are carved from `arena` (16-byte aligned slices) while they fit."""
         jobs = []
         computed: list[_Piece] = []
+        merged32: dict[int, np.ndarray] = {}  # id(piece) -> float32 merged rows of a weight quantized again
         used = 0
         for p in batch:
             t = p.tensor
+            if t.companion_of is not None:  # computed with its weight, below
+                continue
             src = self.file(t.src_shard)
             if t.bias_updates:
                 p.data = self._bias(t, src)
@@ -356,20 +374,33 @@ class _Executor:
                 if p.r0 == 0:
                     self.replaced.append(t.name)
                 w, w_dtype = t.replacement.raw, t.replacement.dtype
+                w2 = w.reshape(p.rows, -1)[p.r0 : p.r1]
+            elif t.quant is not None:  # dequantized rows of a quantized weight
+                with self.timings.phase("dequantize (quantized base)"):
+                    w2 = dequantize_rows(t.quant, src.raw(t.src_name), p.r0, p.r1, self._raw_of, self.threads)
+                w_dtype = "F32"
             else:
                 w, w_dtype = src.raw(t.src_name), src.info(t.src_name).dtype
-            w2 = w.reshape(p.rows, -1)[p.r0 : p.r1]
+                w2 = w.reshape(p.rows, -1)[p.r0 : p.r1]
             raw_dtype = DTYPES[t.dtype].raw
-            nbytes = w2.shape[0] * w2.shape[1] * raw_dtype.itemsize
+            q = t.quant if t.quant is not None and t.quant.requantize else None  # the piece: stored codes
+            codes = q is not None
+            nbytes = (q.scheme.code_bytes(p.r0, p.r1, q.shape, raw_dtype.itemsize) if q is not None
+                      else w2.shape[0] * w2.shape[1] * raw_dtype.itemsize)
+            out_dtype, out_shape = (np.dtype(np.uint8), (nbytes,)) if codes else (raw_dtype, w2.shape)
             if used + nbytes <= arena.size:
-                p.data = arena[used : used + nbytes].view(raw_dtype).reshape(w2.shape)
+                p.data = arena[used : used + nbytes].view(out_dtype).reshape(out_shape)
                 used += (nbytes + 15) // 16 * 16
             else:  # a tensor that cannot be split (column-normalized DoRA) and is larger than the arena
-                p.data = np.empty(w2.shape, dtype=raw_dtype)
-            stages = [slice_rows(st, p.r0, p.r1) for st in self._stages(t)] if t.updates else []
+                p.data = np.empty(out_shape, dtype=out_dtype)
+            stages = slice_stages(self._stages(t), p.r0, p.r1) if t.updates else []
             if p.r1 == p.rows:
                 self.stages.pop(t.name, None)
-            jobs.append(MergeJob(t.name, w2, w_dtype, p.data, t.dtype, stages))
+            if t.quant is not None and t.quant.requantize:
+                merged32[id(p)] = np.empty(w2.shape, dtype=np.float32)
+                jobs.append(MergeJob(t.name, w2, w_dtype, merged32[id(p)], "F32", stages))
+            else:
+                jobs.append(MergeJob(t.name, w2, w_dtype, p.data, t.dtype, stages))
             computed.append(p)
             if t.updates and p.r0 == 0:
                 self.merged.append(t.name)
@@ -388,12 +419,51 @@ class _Executor:
                     "pass --allow-nonfinite to write them anyway"
                 )
             raise _overflow_error(over, {job.name: job.out_dtype for job in bad_jobs})
+        if merged32 or any(p.tensor.companion_of is not None for p in batch):
+            with self.timings.phase("quantize again (quantized base)"):
+                self._requantize(batch, merged32)
         for p in computed:
             if p.tensor.replacement is None:
                 src = self.file(p.tensor.src_shard)
                 row_bytes = src.info(p.tensor.src_name).nbytes // p.rows
                 src.release(p.tensor.src_name, p.r0 * row_bytes, p.r1 * row_bytes)
         return batch
+
+    def _raw_of(self, shard: str, key: str) -> tuple[np.ndarray, str]:
+        f = self.file(shard)
+        return f.raw(key), f.info(key).dtype
+
+    def _requantize(self, batch: list[_Piece], merged32: dict[int, np.ndarray]) -> None:
+        """In batch order: the merged float32 rows of each weight quantized again into its codes (p.data),
+        their companions (fresh scales) kept until the companion's own piece, which follows its weight."""
+        for p in batch:
+            t = p.tensor
+            if id(p) in merged32:
+                assert t.quant is not None and p.data is not None
+                dtypes = {role: src_dtype for role, (shard, key) in t.quant.companions.items()
+                          for src_dtype in [self.file(shard).info(key).dtype]}
+                err = self.quant_errors.setdefault(t.name, QuantError())
+                self._quant_of[t.name] = t.quant
+                codes, comps = requantize_rows(t.quant, merged32.pop(id(p)), p.r0, t.quant.shape, dtypes,
+                                               self.threads, err)
+                p.data[...] = np.ascontiguousarray(codes).reshape(-1).view(np.uint8)
+                for role, rows in comps.items():
+                    self.companion_rows.setdefault(t.name, {}).setdefault(role, []).append(rows)
+            elif t.companion_of is not None:
+                weight, role = t.companion_of
+                if weight not in self.companions_done:  # its weight's last row block is done: assemble them once
+                    ref = self._quant_of[weight]
+                    base = {r: self._raw_of(shard, key) for r, (shard, key) in ref.companions.items()}
+                    self.companions_done[weight] = ref.scheme.finish(self.companion_rows.pop(weight, {}), base,
+                                                                     ref.shape)
+                done = self.companions_done[weight]
+                data = np.ascontiguousarray(done.pop(role)).reshape(-1).view(np.uint8)
+                if not done:
+                    del self.companions_done[weight]
+                if data.nbytes != t.nbytes:
+                    raise FormatError(f"{t.name}: the requantized companion has {data.nbytes} bytes, but the base's "
+                                      f"{t.dtype} {list(t.shape)} holds {t.nbytes}")
+                p.data = data
 
     def _bias(self, t: OutTensor, src: SafetensorsFile) -> np.ndarray:
         """base bias + sum of weight * scale * lora_B.bias, in float64, rounded once. A bias that an
@@ -419,7 +489,7 @@ class _Executor:
         return out
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
-                     notes: list[str]) -> None:
+                     notes: list[str], config_removals: Sequence[str] = ()) -> None:
     """The checkpoint folder's other files (config, tokenizer, ...): regular files only (see io.sidefiles),
     config.json with `config_updates` applied. Sub-folders and other weights are left out with a note."""
     try:
@@ -437,9 +507,11 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
             notes.append(f"{p.name} is {why}: not copied")
         elif kind == "dir":
             notes.append(f"folder {p.name}/ was not copied")
-        elif p.name == "config.json" and config_updates:
+        elif p.name == "config.json" and (config_updates or config_removals):
             cfg = read_config(src_dir)
             cfg.update(config_updates)
+            for key in config_removals:
+                cfg.pop(key, None)
             (dst_dir / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         else:
             copy_file(p, dst_dir / p.name)
@@ -472,6 +544,7 @@ def apply(
     skip_missing: bool = False,
     overwrite: bool = False,
     device: str = "cpu",
+    requantize: bool | None = None,
 ) -> ApplyReport:
     """Merge `adapters` (paths or Adapter objects) into the checkpoint at `base`, writing `out`.
 
@@ -488,6 +561,11 @@ def apply(
     bytes, exactly once); True draws a bar on stderr, None (default) draws one when stderr is a
     terminal, False reports nothing. `device` 'cuda' computes the merge on the GPU (the files still
     stream through host memory; DeviceError when this build or machine cannot), 'cpu' on the CPU core.
+    `requantize` (a quantized base, docs/formats.md#quantized-bases): True writes the base's quantized
+    format back (merged weights quantized again, the rest copied), False writes every quantized weight
+    dequantized; None (default) does what the quantization does by default: FP8 is kept unless `dtype`
+    is given, bitsandbytes is written dequantized in the dtype its quant state names (or `dtype`).
+    True with `dtype` is refused (`dtype` means a dequantized output).
 
     What `out` names (checked before any work): with a single-file base, the output file, or, when `out`
     ends in a path separator or is an existing folder, the file of the base's name inside it. With a
@@ -509,6 +587,9 @@ def apply(
     threads = check_threads(threads)
     backend = backend_for_device(device)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
+    if requantize and out_dtype is not None:
+        raise LorafuseValueError("requantize keeps the base's quantized format, and dtype asks for a dequantized "
+                                 f"output in {dtype}: give one of them (--requantize or --dtype)")
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
     base_path = Path(base)
@@ -528,7 +609,7 @@ def apply(
     with timings.phase("plan (match, resolve, stages not included)"):
         # a folder into one file: every tensor in one shard (its name is not used)
         mplan = plan_model(model, loaded, ws, out_dtype, sys.maxsize if one_file and not single_file else limit,
-                           skip_missing)
+                           skip_missing, requantize)
     if one_file and not single_file:
         _one_file_notes(mplan, base_path, out_path)
     callback, close_bar = progress_callback(progress, "apply")
@@ -546,7 +627,7 @@ def apply(
         close_bar()
     timings.report()
     return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
-                       time.monotonic() - start, mplan.notes)
+                       time.monotonic() - start, mplan.notes, run.requantized)
 
 
 def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, single_file: bool, limit: int | None,
@@ -590,6 +671,10 @@ def _one_file_notes(mplan: ModelPlan, base: Path, out: Path) -> None:
                       if p.name not in skip and not p.name.startswith("."))
     except OSError:
         left = []
+    if plan.config_removals:
+        mplan.notes.append(f"{out} holds the weights unquantized, and {base}/config.json has a "
+                           f"{' / '.join(plan.config_removals)} that no longer applies: give a folder name to get a "
+                           "config.json without it")
     changed = {k: v for k, v in plan.config_updates.items() if k in ("torch_dtype", "dtype")}
     if left:
         shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
@@ -621,6 +706,7 @@ class _Run:
         self.merged: list[str] = []
         self.replaced: list[str] = []
         self.biases: list[str] = []
+        self.requantized: dict[str, dict[str, float]] = {}
 
     def _executor(self, comp: str) -> _Executor:
         model = self.mplan.model
@@ -633,6 +719,7 @@ class _Run:
         self.merged += [name(comp, n) for n in ex.merged]
         self.replaced += [name(comp, n) for n in ex.replaced]
         self.biases += [name(comp, n) for n in ex.biases]
+        self.requantized.update({name(comp, n): e.as_dict() for n, e in ex.quant_errors.items()})
 
     def write_file(self, path: Path) -> None:
         """A single-file checkpoint's one shard."""
@@ -674,6 +761,6 @@ def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit:
     if len(plan.shards) > 1 or (ckpt.sharded and limit is None):
         _write_index(tmp, ckpt, plan, limit is not None)
     skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
-    _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes)
+    _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes, plan.config_removals)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
         plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))

@@ -21,6 +21,7 @@ from lorafuse.io.pipeline import Pipeline
 from lorafuse.io.safetensors import TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
+from lorafuse.ops.apply_quant import QuantRef, QuantScan, check_scan, plan_quant, scan_quant
 from lorafuse.ops.match import checkpoint_keys
 from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
 
@@ -41,6 +42,10 @@ class OutTensor:
     # The merge sees the weight as a (rows, -1) matrix: rows = shape[0] (a Linear's out, a conv's out
     # channels) unless a resolver says otherwise (a fused [E, out, in] expert tensor: E * out rows).
     matrix_rows: int | None = None
+    # A quantized base weight (io.quant): read through its scheme, written quantized again or as `dtype`.
+    quant: QuantRef | None = None
+    # The companion `role` (a scale) of the requantized weight `weight`, computed with it: (weight, role).
+    companion_of: tuple[str, str] | None = None
 
     @property
     def rows(self) -> int:
@@ -53,7 +58,8 @@ class OutTensor:
         return TensorSpec(self.name, self.dtype, self.shape).nbytes
 
     def is_copy(self, src_dtype: str) -> bool:
-        return not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
+        return (not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
+                and self.quant is None and self.companion_of is None)
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Plan:
     metadata: dict[str, dict[str, str]]
     config_updates: dict[str, object]
     notes: list[str]
+    config_removals: list[str] = field(default_factory=list)  # config.json keys the output drops
+    requantized: list[str] = field(default_factory=list)  # weights quantized again after their merge
 
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -133,7 +141,8 @@ class _Tie:
 
 
 def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype: str | None,
-          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None) -> Plan:
+          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None,
+          requantize: bool | None = None, scan: QuantScan | None = None) -> Plan:
     """The output tensors of one checkpoint, shard by shard, given what changes in it."""
     tied, emb_key, virtual_lm_head = (tie.tied, tie.emb_key, tie.virtual_lm_head) if tie else (False, None, False)
     contributions, bias_contributions = resolved.contributions, resolved.bias_contributions
@@ -152,9 +161,22 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
             if k in config:
                 config_updates[k] = torch_name
 
+    qplan = plan_quant(ckpt, config, changed, dtype, requantize, scan)
+    quant_weights = qplan.weights if qplan is not None else {}
+
     def out_tensor(key: str, shard: str, src: str) -> OutTensor:
         info = ckpt.info(src)
         ch = key in changed or key in bias_contributions
+        ref = quant_weights.get(src)
+        if ref is not None and src == key:
+            repl = replacements.get(key)
+            # requantized: the stored codes' dtype and shape; else the real shape in --dtype, or the dtype it
+            # was quantized from
+            out_dtype = info.dtype if ref.requantize else dtype or ref.dtype or "BF16"
+            out_shape = info.shape if ref.requantize else ref.shape
+            return OutTensor(key, out_dtype, out_shape, shard, src, contributions.get(key, []),
+                             bias_contributions.get(key, []), repl[0] if repl else None, quant=ref,
+                             matrix_rows=ref.shape[0] if ref.shape else 1)
         out_dtype = _output_dtype(info.dtype, dtype, ch)
         if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
             notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
@@ -163,12 +185,26 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
                          bias_contributions.get(key, []), repl[0] if repl else None)
 
     ordered: list[tuple[str, OutTensor]] = []
+    moved = {k for k, w in qplan.companions.items() if w in quant_weights} if qplan is not None else set()
+    left_out = qplan.dropped | moved if qplan is not None else set()
+    requantized: list[str] = []
     for shard in ckpt.shards:
         for info in sorted(ckpt.headers[shard].values(), key=lambda t: t.begin):
+            if info.name in left_out:
+                continue
             ordered.append((shard, out_tensor(info.name, shard, info.name)))
+            ref = quant_weights.get(info.name)
+            if ref is not None and ref.requantize:  # its fresh scales follow it, computed from its row blocks
+                requantized.append(info.name)
+                for role, (cshard, ckey) in ref.companions.items():
+                    cinfo = ckpt.info(ckey)
+                    ordered.append((shard, OutTensor(ckey, cinfo.dtype, cinfo.shape, cshard, ckey,
+                                                     companion_of=(info.name, role))))
             if add_lm_head and info.name == emb_key:
                 ordered.append((shard, out_tensor(LM_HEAD, shard, emb_key)))
 
+    for _, t in ordered:  # a fused expert tensor [E, out, in] is merged as an (E * out, in) matrix (ops.fused)
+        t.matrix_rows = resolved.matrix_rows.get(t.name, t.matrix_rows)
     if max_shard_size is None:
         groups: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
         for shard, t in ordered:
@@ -191,7 +227,17 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
         _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
         metadata = {name: dict(first_meta) for name in names}
-    return Plan(shards, metadata, config_updates, notes)
+    plan = Plan(shards, metadata, config_updates, notes)
+    if qplan is not None:
+        plan.config_removals = qplan.config_removals
+        plan.requantized = requantized
+        if not qplan.requantize and (qplan.config_removals or qplan.dropped):
+            written = dtype or " / ".join(sorted({r.dtype or "BF16" for r in qplan.weights.values()})) or "BF16"
+            notes.append(f"{ckpt.directory}: {len(qplan.weights)} weights quantized with "
+                         f"{qplan.quantization.describe()} written dequantized as {written}; "
+                         f"{len(qplan.dropped)} companion tensors (scales, quant states) and config.json's "
+                         f"{' / '.join(qplan.config_removals) or 'quantization settings'} left out")
+    return plan
 
 
 def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
@@ -239,7 +285,7 @@ def split_by_component(model: Pipeline, resolved: Resolved) -> dict[str, Resolve
     if model.single:
         return {"": resolved}
     parts: dict[str, Resolved] = {}
-    for attr in ("contributions", "bias_contributions", "replacements"):
+    for attr in ("contributions", "bias_contributions", "replacements", "matrix_rows"):
         for key, value in getattr(resolved, attr).items():
             comp, bare = model.split(key)
             getattr(parts.setdefault(comp, Resolved()), attr)[bare] = value
@@ -251,17 +297,26 @@ def _no_key(name: str) -> str | None:
 
 
 def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
-               max_shard_size: int | None, skip_missing: bool = False) -> ModelPlan:
+               max_shard_size: int | None, skip_missing: bool = False,
+               requantize: bool | None = None) -> ModelPlan:
     """Match every adapter module in the model and plan the output of each component it touches (a
     checkpoint is always written whole). LLM names match a checkpoint's keys only: a pipeline's
-    components are diffusion models, named by the diffusion tables."""
+    components are diffusion models, named by the diffusion tables. Quantized weights are matched by
+    their real shape (a packed 4-bit weight's is in its quant state); `requantize`: see plan_quant."""
     shapes = model.shapes()
+    configs = {comp: read_config(ck.directory) for comp, ck in model.components.items()}
+    scans = {comp: scan_quant(ck, configs[comp]) for comp, ck in model.components.items()}
+    for comp, scan in scans.items():
+        if model.single:  # a pipeline's untouched components are copied whatever they hold: refused in _plan
+            check_scan(model.components[comp], scan, dtype, requantize)
+        for key, shape in scan.shapes(model.components[comp]).items():
+            shapes[model.tensor_name(comp, key)] = shape
     config: dict[str, object] | None = None
     tie: _Tie | None = None
     base_key: Callable[[str], str | None] = _no_key
     if model.single:
         ckpt = model.components[""]
-        config = read_config(ckpt.directory)
+        config = configs[""]
         tie = _tie(ckpt, config)
         base_key = checkpoint_keys(ckpt.keys(), [LM_HEAD] if tie.virtual_lm_head else [])
         if tie.virtual_lm_head and tie.emb_key is not None:
@@ -275,12 +330,13 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
     plans = {}
     for comp, part in split_by_component(model, resolved).items():
         ckpt = model.components[comp]
-        plans[comp] = _plan(ckpt, part, config if config is not None else read_config(ckpt.directory), dtype,
-                            max_shard_size, notes, tie)
+        plans[comp] = _plan(ckpt, part, config if config is not None else configs[comp], dtype,
+                            max_shard_size, notes, tie, requantize, scans[comp])
     return ModelPlan(model, plans, notes)
 
 
 def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,
-               max_shard_size: int | None, skip_missing: bool = False) -> Plan:
+               max_shard_size: int | None, skip_missing: bool = False, requantize: bool | None = None) -> Plan:
     """The plan of one checkpoint (see plan_model)."""
-    return plan_model(Pipeline.of_checkpoint(ckpt), adapters, weights, dtype, max_shard_size, skip_missing).plans[""]
+    return plan_model(Pipeline.of_checkpoint(ckpt), adapters, weights, dtype, max_shard_size, skip_missing,
+                      requantize).plans[""]

@@ -11,6 +11,9 @@ are stacked and the rank stays r; otherwise B is block-diagonal and A stacked (t
 
 LoHa / LoKr modules become their best rank-k LoRA (Eckart-Young, `LycorisUpdate.to_lora`), k
 from `rank` (`conv_rank` for kxk convolutions, k > 1); plain LoRA modules are kept as they are.
+
+-> gguf: an LLM LoRA (PEFT) as the GGUF LoRA adapter llama.cpp loads (`llama-cli --lora X.gguf`), with the
+tensor names, orientation, scale and metadata of llama.cpp's convert_lora_to_gguf.py (formats.gguf).
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from lorafuse.errors import (
 )
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
-from lorafuse.io.atomic import check_output
+from lorafuse.io.atomic import check_output, output_file
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
 
-TARGETS = ("peft", "kohya")
+TARGETS = ("peft", "kohya", "gguf")
 FAMILIES = ("sd1", "sdxl", "flux")
 Rows = tuple[int, int] | None
 
@@ -69,6 +72,13 @@ class ConvertReport:
     ranks: dict[str, int] = field(default_factory=dict)  # each output module's rank, in output order
     seconds: float = 0.0  # wall time of the run, the writing included
     notes: list[str] = field(default_factory=list)  # what the run decided for the user (the AdapterReport shape)
+    # --to gguf: the --arch choice, the tensor type, adapter.lora.alpha, the modules whose scale was folded
+    # into lora_b (module -> factor) and the Q8_0 tensors written F16
+    arch: str | None = None
+    gguf_type: str | None = None
+    alpha: float | None = None
+    folded: dict[str, float] = field(default_factory=dict)
+    fallback: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- naming
@@ -430,31 +440,64 @@ def _kohya_state(adapter: Adapter) -> KohyaState:
 # ----------------------------------------------------------------------------- the operation
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, to: str = "peft") -> None:
+    if to == "gguf":
+        from lorafuse.formats.gguf import SUFFIX
+
+        if out.suffix.lower() != SUFFIX:
+            raise LorafuseValueError(f"output {out}: --to gguf writes one .gguf file; give a name ending in .gguf")
+        return
     if out.suffix.lower() != ".safetensors":  # the user's name is kept: STYLE.SAFETENSORS stays so
         raise LorafuseValueError(f"output {out}: convert writes one .safetensors file; give a name ending in "
                                  ".safetensors (diffusers' load_lora_weights(folder) looks for "
                                  "pytorch_lora_weights.safetensors)")
 
 
+def output_path(out: str | os.PathLike[str], to: str, adapter: Adapter) -> Path:
+    """Where `convert` writes for the name `out` with --to gguf: `out` itself, or inside it when it names a
+    folder (a name ending in /, an existing folder), as the input's name with .gguf."""
+    from lorafuse.formats.gguf import SUFFIX
+
+    if to != "gguf":
+        raise LorafuseValueError(f"output_path is for --to gguf, not {to!r} (ops.outputs.adapter_output)")
+    first = adapter.path
+    stem = "adapter" if first is None else (first.resolve().name if first.name in ("", ".", "..") else first.name)
+    stem = stem[: -len(".safetensors")] if stem.lower().endswith(".safetensors") else stem
+    return output_file(out, stem + SUFFIX, adapter.sources(), SUFFIX)
+
+
 def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[str], to: str = "peft",
             rank: int | None = None, conv_rank: int | None = None, family: str | None = None,
-            threads: int = 0, overwrite: bool = False) -> ConvertReport:
+            threads: int = 0, overwrite: bool = False, *, arch: str | None = None,
+            base_config: str | os.PathLike[str] | None = None, gguf_type: str | None = None) -> ConvertReport:
     """Convert a diffusion LoRA between kohya and diffusers/PEFT naming and write it to `out` (one
     .safetensors file): `to='peft'` writes a diffusers LoRA file (what `save_lora_weights` writes and
     `load_lora_weights` reads), `to='kohya'` a kohya LoRA file. LoHa / LoKr modules need `rank`
     (`conv_rank` for kxk convolutions) and become their best rank-k LoRA; LoRA modules are kept.
     `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names. `out` may be new, empty or
-    a file lorafuse wrote; another file is refused (before any work) unless `overwrite`."""
+    a file lorafuse wrote; another file is refused (before any work) unless `overwrite`.
+
+    `to='gguf'` writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp (one .gguf file, see
+    formats.gguf): `arch` ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3'; default from
+    `base_config`, the base model's config.json or its folder, which Llama / Mistral q_proj / k_proj LoRAs
+    need for their head counts) and `gguf_type` ('f32', the default as in llama.cpp's converter, 'f16',
+    'bf16', 'q8_0')."""
     start = time.perf_counter()
     if to not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
     rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
     threads = check_threads(threads)
+    given = [n for n, v in (("arch", arch), ("base_config", base_config), ("gguf_type", gguf_type)) if v is not None]
+    if to != "gguf" and given:
+        raise LorafuseValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --to gguf only")
+    if to == "gguf" and family is not None:
+        raise LorafuseValueError("family applies to diffusion LoRAs (--to peft / kohya), not to --to gguf")
     out = Path(out)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     check_output(out, a.sources(), folder=False, overwrite=overwrite)  # the current folder, an input: refused first
-    _check_out(out)
+    _check_out(out, to)
+    if to == "gguf":
+        return _to_gguf(a, out, rank, conv_rank, threads, overwrite, arch, base_config, gguf_type, start)
     if a.format not in ("kohya", "diffusers"):
         raise UnsupportedError(f"{a.label}: a {a.format} adapter; convert handles diffusion LoRAs: kohya / LyCORIS "
                                ".safetensors files and diffusers LoRA files (<component>.<module>.lora_A.weight)")
@@ -486,4 +529,23 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
                          {n: u.rank for n, u in result.updates.items()}, time.perf_counter() - start)
 
 
-__all__ = ["ConvertReport", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora", "peft_to_kohya"]
+def _to_gguf(a: Adapter, out: Path, rank: int | None, conv_rank: int | None, threads: int, overwrite: bool,
+             arch: str | None, base_config: str | os.PathLike[str] | None, gguf_type: str | None,
+             start: float) -> ConvertReport:
+    """--to gguf: LoHa / LoKr to LoRA first (with rank), every refusal in the plan, then the file."""
+    from lorafuse.formats.gguf import DEFAULT_TYPE, plan_gguf, write_gguf
+
+    n_in = len(a.updates)
+    a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
+    plan = plan_gguf(a, arch, base_config, DEFAULT_TYPE if gguf_type is None else gguf_type)
+    inputs = a.sources() + ([plan.base_config] if plan.base_config is not None else [])
+    write_gguf(a, plan, out, inputs, overwrite=overwrite, threads=threads)
+    ranks = {m.base: a.updates[m.module].rank for m in plan.modules}
+    return ConvertReport(out, "gguf", None, n_in, len(plan.modules), lycoris=reports, ranks=ranks,
+                         seconds=time.perf_counter() - start, notes=list(plan.notes), arch=plan.arch,
+                         gguf_type=plan.gguf_type, alpha=plan.alpha, folded=dict(plan.folded),
+                         fallback=list(plan.fallback))
+
+
+__all__ = ["ConvertReport", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora", "output_path",
+           "peft_to_kohya"]

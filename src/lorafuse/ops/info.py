@@ -10,10 +10,14 @@ from pathlib import Path
 from lorafuse.formats import adapter_format, load
 from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
 from lorafuse.formats.util import most_common
-from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending
+from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending, read_config
 from lorafuse.io.pipeline import Pipeline, is_pipeline
+from lorafuse.io.quant import detect
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
+from lorafuse.model.param_lora import ParamLoraUpdate
+from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import DiffusersState, metadata_of
+from lorafuse.model.update import Update
 
 LYCORIS_ONLY = "- (LoHa / LoKr only: see scales)"  # what the text output shows for an adapter without an alpha
 
@@ -33,20 +37,29 @@ def _alpha(adapter: Adapter, name: str, u: LoraUpdate) -> float:
     return u.scale * (math.sqrt(u.rank) if rslora else u.rank)
 
 
+def _kind(u: Update) -> str:
+    if isinstance(u, ParamLoraUpdate):
+        return f"parameter LoRA on {u.module} (target_parameters: one block per expert)"
+    return u.kind if isinstance(u, LoraUpdate) else f"{u.algo} ({u.kind})"
+
+
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
-    norms = adapter.norms(threads)
+    # A LoRA on a parameter (fused MoE experts) is one low-rank block per expert, known only against the
+    # base: its delta norm is not defined without it (None, as a non-finite norm is in JSON).
+    plain = {n: u for n, u in adapter.updates.items() if not isinstance(u, ParamLoraUpdate)}
+    norms = frobenius_norms(plain, threads)
     modules = []
     for name, u in adapter.updates.items():
         modules.append({
             "name": name,
-            "kind": u.kind if isinstance(u, LoraUpdate) else f"{u.algo} ({u.kind})",
+            "kind": _kind(u),
             "rank": int(u.rank),
             "scale": float(u.scale),
             "shape": [int(d) for d in u.delta_shape],
             "dtype": "/".join(dict.fromkeys(t.dtype for t in stored_tensors(u))),
             "dora": u.magnitude is not None,
             "bias": u.bias is not None,
-            "delta_norm": float(norms[name]),
+            "delta_norm": float(norms[name]) if name in norms else None,
         })
     cfg = adapter.config
     meta = metadata_of(adapter.state)  # kohya / diffusers: the file's metadata
@@ -79,6 +92,16 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     }
 
 
+def describe_quantization(ckpt: Checkpoint) -> dict[str, object] | None:
+    """How the checkpoint is quantized (None: it is not): the method, the scheme lorafuse reads it with
+    (None: lorafuse refuses it, `why` says why), and where that was found."""
+    q = detect(read_config(ckpt.directory), {k: ckpt.info(k).dtype for k in ckpt.keys()})
+    if q is None:
+        return None
+    return {"method": q.method, "scheme": q.scheme.name if q.scheme is not None else None,
+            "supported": q.scheme is not None, "source": q.source, "why": q.why or None}
+
+
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
     infos = [t for h in ckpt.headers.values() for t in h.values()]
     return {
@@ -90,6 +113,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
         "parameters": sum(t.numel for t in infos),
         "bytes": ckpt.total_bytes(),
         "dtypes": dict(Counter(t.dtype for t in infos)),
+        "quantization": describe_quantization(ckpt),
     }
 
 

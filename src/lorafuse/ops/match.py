@@ -6,6 +6,8 @@ Two chains, one per kind of name:
   has a prefix the name lacks, or the name one the checkpoint lacks: `model.` of a
   ...ForCausalLM adapter against a bare model), then the `lm_head` a checkpoint with tied
   embeddings does not store. A unique match wins; several are reported as ambiguous.
+  Names that find no key may land on a row block of a fused weight (`ops.fused.FusedNames`: a
+  q_proj on the first rows of a Phi-3 `qkv_proj`, by the sizes in config.json).
 - module names of diffusion adapters (kohya / LyCORIS / diffusers LoRA files), all at once
   (`ModuleChain`): the Flux tables, the SD / SDXL / text-encoder tables, then LyCORIS's generic
   `lycoris_<path with _>` spelling of any model's layers.
@@ -245,8 +247,12 @@ class ModuleChain:
 DIFFUSION_FORMATS = ("kohya", "diffusers")
 
 
-def module_chain(adapter_format: str, base_key: Callable[[str], str | None]) -> ModuleChain:
-    """The chain for an adapter of this format: diffusion names through the tables, LLM names by key."""
+def module_chain(adapter_format: str, base_key: Callable[[str], str | None],
+                 config: Mapping[str, object] | None = None) -> ModuleChain:
+    """The chain for an adapter of this format: diffusion names through the tables, LLM names by key,
+    then onto the row blocks of a fused qkv_proj / gate_up_proj that config.json describes (ops.fused)."""
     if adapter_format in DIFFUSION_FORMATS:
         return ModuleChain([FluxTables(), SdTables(), UnderscoreNames()])
-    return ModuleChain([KeyNames(base_key)])
+    from lorafuse.ops.fused import FusedNames
+
+    return ModuleChain([KeyNames(base_key), FusedNames(base_key, config)])

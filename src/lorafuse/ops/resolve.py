@@ -27,6 +27,7 @@ from lorafuse.errors import (
 from lorafuse.formats.targets import Target
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.param_lora import ParamLoraUpdate
 
 BaseKey = Callable[[str], "str | None"]  # canonical tensor name -> the checkpoint's key (LLM adapters)
 
@@ -50,6 +51,8 @@ class Resolved:
     bias_contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     replacements: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    # base key -> rows of the matrix the merge sees (a fused [E, d1, d2] expert tensor: E * d1; ops.fused)
+    matrix_rows: dict[str, int] = field(default_factory=dict)
 
 
 def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
@@ -155,13 +158,16 @@ def _peft_layout(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[
     return u if transposed == u.transposed else dataclasses.replace(u, transposed=transposed)
 
 
-def _targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...]],
-             base_key: BaseKey) -> tuple[dict[str, list[Target]], list[str]]:
+def _targets(adapter: Adapter, updates: Mapping[str, Update], shapes: Mapping[str, tuple[int, ...]],
+             base_key: BaseKey, config: Mapping[str, object] | None) -> tuple[dict[str, list[Target]], list[str]]:
     """Where each module of the adapter lands: the matcher chain for its format (see ops.match)."""
     from lorafuse.ops.match import module_chain
 
-    modules = {n: tuple(u.delta_shape) for n, u in adapter.updates.items()}
-    return module_chain(adapter.format, base_key).match(modules, shapes)
+    modules = {n: tuple(u.delta_shape) for n, u in updates.items()}
+    try:
+        return module_chain(adapter.format, base_key, config).match(modules, shapes)
+    except ShapeMismatchError as e:  # a fused layer's sizes in config.json disagree with the weight
+        raise ShapeMismatchError(f"{adapter.label}: {e}") from None
 
 
 def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], weights: Sequence[float],
@@ -171,17 +177,38 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
     (it tells a PEFT module's layer type: Linear or Conv1D). Modules that found no target are listed
     in `missing` (the caller refuses them with `missing_error`, or skips them). Two modules of one
     adapter that land on the same rows of a base weight are refused (the same module saved twice)."""
+    from lorafuse.ops.fused import fused_hint, resolve_parameters
+
     out = Resolved()
     model = ModelInfo.from_config(model_config)
     twins = _UnicodeTwins(shapes, base_key)
     for adapter, w in zip(adapters, weights):
-        found, missing = _targets(adapter, shapes, base_key)
+        params = {n: u for n, u in adapter.updates.items() if isinstance(u, ParamLoraUpdate)}
+        experts = resolve_parameters(adapter, params, shapes, base_key, model_config, w) if params else None
+        updates: dict[str, Update] = {n: u for n, u in adapter.updates.items() if n not in params}
+        if experts is not None:
+            updates.update(experts.plain)
+            out.missing += experts.missing
+        found, missing = _targets(adapter, updates, shapes, base_key, model_config)
         for name in missing:
-            out.missing.append(f"{adapter.label}: module {name!r}{twins.hint(name, '.weight')}")
+            hint = twins.hint(name, ".weight") or fused_hint(name, base_key, model_config)
+            out.missing.append(f"{adapter.label}: module {name!r}{hint}")
         _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
         claimed: dict[str, list[tuple[str, int, int]]] = {}
+        if experts is not None:
+            for pkey, entries in experts.contributions.items():
+                rows = experts.matrix_rows.get(pkey, int(shapes[pkey][0]))
+                if out.matrix_rows.get(pkey, rows) != rows:
+                    raise UnsupportedError(f"{adapter.label}: base parameter {pkey!r} {tuple(shapes[pkey])} is merged "
+                                           f"as {rows} rows here and {out.matrix_rows[pkey]} by another adapter")
+                if pkey in experts.matrix_rows:
+                    out.matrix_rows[pkey] = rows
+                for t, u_e, coef in entries:
+                    _claim(claimed, adapter, u_e.name.split("[", 1)[0], t, (rows,))
+                    out.contributions.setdefault(pkey, []).append(
+                        Contribution(u_e, coef, adapter.label, t.base_rows, t.delta_rows))
         for name, targets in found.items():
-            u = adapter.updates[name]
+            u = updates[name]
             if u.magnitude is not None and w != 1.0:
                 raise UnsupportedError(
                     f"{adapter.label}: module {name!r} is DoRA; a weight other than 1 has no defined meaning for it"

@@ -28,6 +28,11 @@ Each method is an entry of `REGISTRY` (registry.py); options travel as one `Comb
 Modules flow through the method in groups sized by bytes (groups.py), and the pages of a
 group's inputs leave the resident set once it is done: peak memory is bounded by a group,
 not by the number of adapters.
+
+Many adapters (more than many.memory_max_adapters(), an iterable that is not a sequence, a list file's
+Sources, or `passes` / engine='stream' given) go through many.py first: a pass over the headers checks
+every adapter before any work, then svd and linear stream (each adapter read once per pass, memory
+independent of n) unless the case is small enough for the in-memory path above (many.choose_engine).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from lorafuse._validate import (
     check_float,
@@ -53,6 +60,7 @@ from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
+from lorafuse.ops.combine import many
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
@@ -91,12 +99,13 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
     if o.device not in ("cpu", "cuda"):
         raise LorafuseValueError(f"unknown device {o.device!r}: choose 'cpu' or 'cuda'")
+    many.check_stream_options(o)
     return dataclasses.replace(o, dtype=check_dtype(o.dtype))
 
 
 def combine(
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    weights: Sequence[float] | None = None,
+    adapters: Iterable[str | os.PathLike[str] | Adapter],
+    weights: Iterable[float] | None = None,
     *,
     method: str = "svd",
     rank: int | None = None,
@@ -109,6 +118,9 @@ def combine(
     conv_rank: int | None = None,
     dtype: str | None = None,
     device: str = "cpu",
+    engine: str = "auto",
+    passes: int | None = None,
+    progress: bool | None = False,
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
@@ -126,10 +138,14 @@ def combine(
     default the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32 (with an
     AdapterNote). The math is float32 / float64 either way: only the result is rounded, once.
     `device` 'cuda' runs the SVDs' products on the GPU (DeviceError when this build or machine cannot).
+    `adapters` (and `weights`) may be any iterable, a generator too. Many adapters (or `passes`, or
+    engine='stream') take the streamed engine of ops.combine.many: each adapter is read once per pass and
+    memory does not grow with their number; `passes` (default 3: one power iteration; 2: range and projection;
+    1: single-pass sketch) applies to svd; `progress` draws a bar over the adapters read.
     """
     options = CombineOptions(method=method, rank=rank, conv_rank=conv_rank, density=density,
                              majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                             dtype=dtype, device=device)
+                             dtype=dtype, device=device, engine=engine, passes=passes, progress=progress)
     return combine_with(adapters, weights, options)
 
 
@@ -177,9 +193,45 @@ def _outputs(p: _Prepared) -> Iterator[Output]:
         yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized
 
 
-def combine_with(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
-                 options: CombineOptions) -> Adapter:
+AnyAdapters = Iterable[str | os.PathLike[str] | Adapter] | Iterable[many.Source]
+
+
+def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions
+           ) -> tuple[Sequence[str | os.PathLike[str] | Adapter], Sequence[float] | None, many.Plan | None]:
+    """The inputs for the in-memory path (and None), or the header pass's Plan for the streamed engine.
+    A short sequence of adapters with no streaming option goes the in-memory path untouched."""
+    o = check_options(options)
+    if (o.engine == "auto" and o.passes is None and isinstance(adapters, Sequence)
+            and len(adapters) <= many.memory_max_adapters() and not any(isinstance(a, many.Source) for a in adapters)
+            and (weights is None or isinstance(weights, Sequence))):
+        return adapters, weights, None  # (no Source among them)
+    sources, ws = many.gather(adapters, weights)
+    plan = many.check_sources(sources, ws, o.method)
+    if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
+        return [s.item for s in sources], ws, None
+    return [], None, plan
+
+
+def _streamed_update(layout: ModuleLayout, b: np.ndarray, a: np.ndarray, dtype: str, threads: int) -> LoraUpdate:
+    return rounded(layout.placeholder().with_factors(b, a), dtype, threads)
+
+
+def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> Adapter:
     """combine() with its options as one CombineOptions."""
+    adapters, weights, plan = _route(adapters, weights, options)
+    if plan is not None:
+        o = check_options(options)
+        dtype = plan.output_dtype(o.dtype)
+        layouts = {m.name: m for m in many.layout_of(plan, o, dtype)}
+        computed: dict[str, LoraUpdate] = {}
+
+        def put(name: str, b: np.ndarray, a: np.ndarray) -> None:
+            computed[name] = _streamed_update(layouts[name], b, a, dtype, o.threads)
+
+        many.run_stream(plan, o, put)
+        streamed = many.template_of(plan, computed)
+        streamed.randomized = list(computed) if o.method == "svd" else []
+        return streamed
     p = _prepare(adapters, weights, options)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
@@ -206,12 +258,14 @@ class CombineReport:
     dtype: str = "F32"
     seconds: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
+    engine: str = "memory"  # 'memory' (every adapter mapped at once) or 'stream' (ops.combine.many)
+    summary: many.StreamSummary | None = None  # the streamed engine's: adapters, passes, bytes, time, memory
 
     def __len__(self) -> int:
         return len(self.ranks)
 
 
-def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
+def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
                options: CombineOptions, out: str | os.PathLike[str], format: str | None = None, *,
                overwrite: bool = False) -> CombineReport:
     """combine_with(...).save(out, format), streamed: each group of modules is written to the output as
@@ -220,6 +274,9 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     start = time.perf_counter()
+    adapters, weights, plan = _route(adapters, weights, options)
+    if plan is not None:
+        return _stream_to(plan, check_options(options), out, format, overwrite, start)
     p = _prepare(adapters, weights, options)
     layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
                                                                  dtype=p.dtype), name=n)
@@ -235,3 +292,19 @@ def combine_to(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Se
         raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype,
                          time.perf_counter() - start)
+
+
+def _stream_to(plan: many.Plan, o: CombineOptions, out: str | os.PathLike[str], format: str | None,
+               overwrite: bool, start: float) -> CombineReport:
+    """combine_to by the streamed engine: the output is opened (and checked) before the first pass, and each
+    module is put once the passes are done."""
+    dtype = plan.output_dtype(o.dtype)
+    layout = AdapterLayout(many.layout_of(plan, o, dtype))
+    template = many.template_of(plan, layout.placeholders())
+    with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths) as w:
+        summary = many.run_stream(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
+                                                                                     o.threads)))
+        raise_if_inputs_changed(plan.paths)
+    return CombineReport(w.out, {n: m.rank for n, m in layout.items()},
+                         list(layout) if o.method == "svd" else [], dtype, time.perf_counter() - start,
+                         engine="stream", summary=summary)

@@ -20,7 +20,11 @@ class CombineOptions:
     ...); None: the inputs' factor dtype when they all share one of F32, F16, BF16, else F32. The math is
     float32 / float64 either way; only the result's factors are rounded, once, to nearest even. `device`:
     where the SVDs and norms run, 'cpu' (the compiled core) or 'cuda' (the GPU: its products, the CPU's
-    conventions)."""
+    conventions). `engine`: 'auto', 'memory' (every adapter mapped at once, module groups streamed) or
+    'stream' (ops.combine.many: adapters read one at a time, once per pass; svd and linear); `passes`: the
+    streamed svd's passes over the adapters (None: 3, one power iteration; 2: range and projection; 1: a
+    single-pass sketch; given, it selects the streamed engine under 'auto'); `progress`: a bar over adapters
+    read (None: when stderr is a terminal)."""
 
     method: str = "svd"
     rank: int | None = None
@@ -34,3 +38,6 @@ class CombineOptions:
     group_bytes: int = GROUP_BYTES
     dtype: str | None = None
     device: str = "cpu"
+    engine: str = "auto"
+    passes: int | None = None
+    progress: bool | None = False

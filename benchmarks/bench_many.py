@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Benchmark ``lorafuse combine --from-list`` over many adapters (issue #15): the streamed engine.
+
+The adapters: rank-16 PEFT LoRAs on one decoder layer of TinyLlama shapes (q, k, v, o, gate, up, down;
+hidden 2048, intermediate 5632, 4 KV heads of 64), factors stored bf16 (about 1.1 MiB each), made by this
+script once into --dir and reused by later runs (the largest n is made; smaller n take the first ones).
+Adapter j: B_j = U C_j + noise, A_j = C_j^T V^T + noise, with U S V^T a shared part of decaying spectrum
+(0.85^i, i < 32) and C_j a random 32 x 16 mixing: their average is the shared part plus the adapters' own
+noise (the data model of issue #15's acceptance).
+
+For each n (default 10, 100, 1000): a list file (weights 1/n), then ``--repeat`` runs (default 5; 3 at
+n >= 1000) of the combine, each in its own child process (``lorafuse combine --from-list LIST --rank 16
+--passes P -o OUT``, through combine_to, which reports the summary: adapters, passes, bytes read, time,
+peak RSS of the child), alternating with ``cat`` of the same files to /dev/null (the time to read the same
+bytes from the page cache: the I/O floor). Reported: the median wall time (and spread), time per adapter
+(wall / n, and per adapter-pass), peak RSS, the ratio to ``cat``; and, once per n, the relative error
+||D - D_k||_F / ||D||_F of q_proj against the float64 optimum (numpy: D summed in float64 from the stored
+factors, its exact SVD), for --passes 1, 2 and 3, with the engine's own a-posteriori estimate.
+
+Run: ``python benchmarks/bench_many.py`` (n = 10, 100, 1000), ``--n 10 100`` for fewer, ``--n 10000`` for
+the issue's largest case (12 GB of adapters in --dir, and its float64 optimum takes a while).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HIDDEN, INTER, KV = 2048, 5632, 256
+MODULES = {  # name -> (out, in)
+    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN), "self_attn.v_proj": (KV, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTER),
+}
+PREFIX = "base_model.model.model.layers.0."
+RANK, SHARED, DECAY, NOISE = 16, 32, 0.85, 0.5
+
+CHILD = r"""
+import json, sys, time
+from lorafuse.ops.combine import CombineOptions, combine_to
+from lorafuse.ops.combine.many import read_list
+sources, weights = read_list(sys.argv[1])
+t = time.perf_counter()
+report = combine_to(sources, weights, CombineOptions(rank=int(sys.argv[3]), passes=int(sys.argv[4]),
+                    engine="stream", threads=int(sys.argv[5])), sys.argv[2], overwrite=True)
+s = report.summary
+print(json.dumps({"wall": time.perf_counter() - t, "passes": s.passes, "adapters": s.adapters,
+                  "bytes_read": s.bytes_read, "peak_rss": s.peak_rss, "errors": s.errors}))
+"""
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def make_adapters(root: Path, n: int) -> list[Path]:
+    """The first n adapters under root, making the missing ones (deterministic per index)."""
+    from lorafuse.io.safetensors import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    g0 = np.random.default_rng(0)
+    spectrum = np.sqrt(DECAY ** np.arange(SHARED))
+    shared = {m: ((np.linalg.qr(g0.standard_normal((o, SHARED)))[0] * spectrum).astype(np.float32),
+                  (np.linalg.qr(g0.standard_normal((i, SHARED)))[0] * spectrum).T.astype(np.float32))
+              for m, (o, i) in MODULES.items()}
+    paths = []
+    start = time.perf_counter()
+    made = 0
+    for j in range(n):
+        p = root / f"a{j:05d}"
+        paths.append(p)
+        if (p / "adapter_config.json").exists():
+            continue
+        g = np.random.default_rng(1000 + j)
+        p.mkdir(exist_ok=True)
+        tensors = {}
+        for m, (o, i) in MODULES.items():
+            u, v = shared[m]
+            c = (g.standard_normal((SHARED, RANK)) / np.sqrt(RANK)).astype(np.float32)
+            b = u @ c + np.float32(NOISE / np.sqrt(o)) * g.standard_normal((o, RANK), dtype=np.float32)
+            a = c.T @ v + np.float32(NOISE / np.sqrt(i)) * g.standard_normal((RANK, i), dtype=np.float32)
+            tensors[f"{PREFIX}{m}.lora_A.weight"] = ("BF16", _bf16(a))
+            tensors[f"{PREFIX}{m}.lora_B.weight"] = ("BF16", _bf16(b))
+        save_file(tensors, p / "adapter_model.safetensors")
+        (p / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": RANK, "lora_alpha": RANK,
+            "target_modules": sorted({m.split(".")[-1] for m in MODULES})}))
+        made += 1
+    if made:
+        print(f"made {made} adapters in {time.perf_counter() - start:.1f} s under {root}", flush=True)
+    return paths
+
+
+def files_of(paths: list[Path]) -> list[str]:
+    return [str(p / f) for p in paths for f in ("adapter_config.json", "adapter_model.safetensors")]
+
+
+def time_cat(files: list[str]) -> float:
+    """Seconds to read the files with cat (xargs batches them), output to /dev/null."""
+    t = time.perf_counter()
+    subprocess.run(["xargs", "-0", "cat"], input="\0".join(files).encode(), stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+
+
+def run_combine(listing: Path, out: Path, passes: int, threads: int) -> dict[str, object]:
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, str(listing), str(out), str(RANK), str(passes),
+                           str(threads)], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if done.returncode != 0:
+        raise SystemExit(f"combine failed:\n{done.stderr}")
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_wall"] = wall
+    return result
+
+
+def q_proj_errors(paths: list[Path], outs: dict[int, Path], reported: dict[int, float]) -> dict[int, tuple[float, ...]]:
+    """Per passes: (relative error, ratio to the optimum, the engine's estimate) for q_proj."""
+    import lorafuse
+
+    name = "model.layers.0.self_attn.q_proj"
+    d = np.zeros(MODULES["self_attn.q_proj"])
+    w = 1.0 / len(paths)
+    for p in paths:
+        u = lorafuse.load(p).updates[name]
+        b, a = u.stored_factors()
+        d += (w * u.scale) * (b.astype(np.float64) @ a.astype(np.float64))
+    s = np.linalg.svd(d, compute_uv=False)
+    norm = float(np.linalg.norm(d))
+    opt = float(np.sqrt(np.sum(s[RANK:] ** 2))) / norm
+    out: dict[int, tuple[float, ...]] = {0: (opt, 1.0, float("nan"))}
+    for passes, o in outs.items():
+        got = lorafuse.load(o).updates[name].delta()
+        err = float(np.linalg.norm(d - got)) / norm
+        out[passes] = (err, err / opt, reported[passes])
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--dir", default="/tmp/lorafuse-bench-many", help="where the adapters are made and kept")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--passes", type=int, default=2, help="passes of the timed runs (default 2)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-error", action="store_true", help="skip the q_proj error against the float64 optimum")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    paths_all = make_adapters(root / "adapters", max(args.n))
+    rows = []
+    for n in sorted(args.n):
+        paths = paths_all[:n]
+        listing = root / f"list{n}.txt"
+        listing.write_text("".join(f"{p}\n" for p in paths))
+        files = files_of(paths)
+        size = sum(os.path.getsize(f) for f in files)
+        time_cat(files)  # warm the page cache
+        repeat = args.repeat if n < 1000 else min(args.repeat, 3)
+        runs, cats = [], []
+        for _ in range(repeat):  # alternating: combine, cat, combine, cat, ...
+            runs.append(run_combine(listing, root / f"out{n}", args.passes, args.threads))
+            cats.append(time_cat(files))
+        walls = [float(r["process_wall"]) for r in runs]  # type: ignore[arg-type]
+        inner = [float(r["wall"]) for r in runs]  # type: ignore[arg-type]
+        row: dict[str, object] = {
+            "n": n, "bytes": size, "runs": repeat, "passes": args.passes,
+            "wall_median": statistics.median(walls), "wall_min": min(walls), "wall_max": max(walls),
+            "combine_median": statistics.median(inner),
+            "ms_per_adapter": 1e3 * statistics.median(walls) / n,
+            "ms_per_adapter_pass": 1e3 * statistics.median(inner) / (n * args.passes),
+            "peak_rss_mib": max(int(r["peak_rss"]) for r in runs) / 2**20,  # type: ignore[call-overload]
+            "cat_median": statistics.median(cats), "ratio_to_cat": statistics.median(walls) / statistics.median(cats),
+        }
+        if not args.no_error:
+            outs, reported = {}, {}
+            for passes in (1, 2, 3):
+                o = root / f"err{n}_{passes}"
+                r = run_combine(listing, o, passes, args.threads)
+                outs[passes] = o
+                reported[passes] = float(r["errors"]["model.layers.0.self_attn.q_proj"])  # type: ignore[index]
+            row["q_proj"] = {str(k): v for k, v in q_proj_errors(paths, outs, reported).items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"{'n':>6} {'MiB':>8} {'wall s (median, min..max, runs)':>34} {'ms/adapter':>10} {'ms/ad.pass':>10} "
+          f"{'peak RSS MiB':>12} {'cat s':>7} {'x cat':>6}")
+    for r in rows:
+        print(f"{r['n']:>6} {int(r['bytes']) / 2**20:>8.1f} "  # type: ignore[call-overload]
+              f"{r['wall_median']:>10.2f} ({r['wall_min']:.2f}..{r['wall_max']:.2f}) x{r['runs']:<3} "
+              f"{r['ms_per_adapter']:>13.2f} {r['ms_per_adapter_pass']:>10.2f} {r['peak_rss_mib']:>12.0f} "
+              f"{r['cat_median']:>7.3f} {r['ratio_to_cat']:>6.1f}")
+    if not args.no_error:
+        print("\nq_proj relative error ||D - D_16||_F / ||D||_F (ratio to the float64 optimum; engine's estimate):")
+        for r in rows:
+            e = r["q_proj"]  # type: ignore[index]
+            cells = [f"optimum {e['0'][0]:.4f}"] + [  # type: ignore[index]
+                f"{p} pass{'es' if p != '1' else ''} {e[p][0]:.4f} ({e[p][1]:.3f}x; est. {e[p][2]:.4f})"  # type: ignore[index]
+                for p in ("1", "2", "3")]
+            print(f"  n = {r['n']}: " + ", ".join(cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

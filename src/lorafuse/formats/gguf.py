@@ -1,0 +1,570 @@
+"""GGUF LoRA adapters for llama.cpp (`lorafuse convert ADAPTER --to gguf`), written as llama.cpp's own
+`convert_lora_to_gguf.py` writes them, with the `gguf` package (pip install 'lorafuse[gguf]').
+
+What llama.cpp expects (convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llama-graph.cpp):
+
+* metadata: `general.architecture` (must equal the base model's, llama.cpp refuses a mismatch),
+  `general.type = adapter`, `adapter.type = lora`, `general.name` and the other `general.*` keys that
+  gguf's `Metadata.load` finds in the adapter folder (its README model card, its name),
+  `adapter.lora.alpha` (FLOAT32) and `general.quantization_version`; no file type, no hyperparameters.
+  lorafuse adds one key last, `lorafuse_version` (its output mark); otherwise the file is byte for byte
+  what the converter writes (tested against convert_lora_to_gguf.py of llama.cpp as vendored by
+  llama-cpp-python 0.3.36, for Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 in F32 / F16 / BF16 / Q8_0).
+* tensors: per adapted base tensor `<gguf name>.weight.lora_a` and `.lora_b` (names by gguf's
+  TensorNameMap for the architecture: `blk.N.attn_q`, `blk.N.ffn_down`, `token_embd`, `output`), lora_a
+  right before its lora_b. In numpy order lora_a is PEFT's lora_A (r x in) and lora_b PEFT's lora_B
+  (out x r), untransposed (the loader checks a.ne[0] == in, b.ne[1] == out, a.ne[1] == b.ne[0]).
+  `token_embd` is the exception: lora_a is lora_embedding_A transposed (vocab x r), lora_b is
+  lora_embedding_B (dim x r), as llm_build_inp_embd takes rows of lora_a.
+* the scale of a module is alpha / r, r read from lora_b (b->ne[0]), alpha the file's one
+  `adapter.lora.alpha` (0 means a scale of 1). An adapter whose modules need other scales (alpha_pattern,
+  rank_pattern with one alpha, rsLoRA's alpha / sqrt(r)) is written exactly by folding
+  s / (alpha / r) into that module's lora_b; the modules folded are reported.
+* Llama-architecture models (Llama, Mistral): the converter permutes the rows of q_proj and k_proj
+  (LlamaModel.permute: llama.cpp's rotary layout), so lora_b of those modules is permuted the same way,
+  which needs the head counts (num_attention_heads, num_key_value_heads) of the base's config.json.
+* types: F32 (the converter's default --outtype), F16, BF16 or Q8_0, from float32 values with gguf's
+  own quantize; a Q8_0 tensor whose rows are not a multiple of 32 falls back to F16, as the converter
+  does (lora_b's rows have r elements).
+
+Refused, naming the modules: DoRA, lora_B biases, convolutions, LoRA on expert parameters
+(target_parameters), LoHa / LoKr (convert them first: --rank), modules_to_save and other full tensors
+(a GGUF LoRA holds lora_a / lora_b pairs only), names the architecture has no tensor for, lm_head where
+llama.cpp's model has no output tensor of its own (Gemma, Gemma 2, a base with tie_word_embeddings) and
+embedding LoRAs where llama.cpp's output projection is the token embedding (Gemma, Gemma 2, a base with
+tie_word_embeddings: llama.cpp would apply the LoRA there too and abort on the shapes; an embedding LoRA
+therefore needs the base's config) and of Gemma 3 (the converter trims its token_embd to the tokenizer's
+vocabulary).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+from lorafuse._terminal import plural
+from lorafuse.errors import FormatError, LorafuseValueError, MissingModuleError, ShapeMismatchError, UnsupportedError
+from lorafuse.io.atomic import atomic_file
+from lorafuse.io.checkpoint import read_json
+from lorafuse.io.manifest import MARKER_KEY, version
+from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model.param_lora import ParamLoraUpdate
+from lorafuse.model.tucker import TuckerFactor
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+DEFAULT_TYPE = "f32"  # convert_lora_to_gguf.py's --outtype default
+SUFFIX = ".gguf"
+_Q8_BLOCK = 32  # elements per Q8_0 block: a row must be a multiple of it
+
+_GEMMA_LM_HEAD = ("llama.cpp's Gemma models have no output tensor (the output is the tied token embedding) and "
+                  "its converter drops lm_head, so llama.cpp would never apply it (convert_lora_to_gguf.py stops "
+                  "with 'lm_head is present in adapter, but is ignored in base model')")
+_TIED_EMBED = ("llama.cpp's output projection is then the token embedding itself (one tensor named "
+               "'token_embd.weight') and llama.cpp finds a LoRA by its tensor's name, so it would apply token_embd's "
+               "LoRA to the output projection too, where its shapes do not fit: ggml aborts the process "
+               "(GGML_ASSERT(ggml_can_mul_mat(a, b)))")
+_GEMMA3_EMBED = ("llama.cpp's converter trims Gemma 3's token_embd to the tokenizer's vocabulary, so a LoRA on "
+                 "the full embedding does not fit the GGUF base")
+
+
+@dataclass(frozen=True)
+class ArchRule:
+    """How llama.cpp's converter treats an architecture's LoRA (the --arch choices)."""
+
+    gguf: str  # general.architecture
+    permute_qk: bool  # LlamaModel.undo_permute: q_proj / k_proj rows permuted for llama.cpp's rotary layout
+    tied_default: bool  # transformers' default tie_word_embeddings for the config
+    lm_head: str | None = None  # why an lm_head LoRA is refused (None: written as `output`)
+    embeddings: str | None = None  # why an embedding LoRA is refused (None: written as `token_embd`)
+
+
+ARCHS: dict[str, ArchRule] = {
+    "llama": ArchRule("llama", True, False),
+    "mistral": ArchRule("llama", True, False),  # MistralForCausalLM converts as a llama model
+    "qwen2": ArchRule("qwen2", False, False),
+    "qwen3": ArchRule("qwen3", False, False),
+    "gemma": ArchRule("gemma", False, True, lm_head=_GEMMA_LM_HEAD, embeddings="Gemma's GGUF always ties the "
+                      "output to the token embedding: " + _TIED_EMBED),
+    "gemma2": ArchRule("gemma2", False, True, lm_head=_GEMMA_LM_HEAD, embeddings="Gemma 2's GGUF always ties the "
+                       "output to the token embedding: " + _TIED_EMBED),
+    "gemma3": ArchRule("gemma3", False, True, embeddings=_GEMMA3_EMBED),
+}
+# config.json's architectures[0] (the converter's registry) and model_type -> an --arch choice
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                    "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+                    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+               "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# the converter's renaming of language-model parts of multimodal adapters (convert_lora_to_gguf.py)
+_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.", ""))
+
+
+def gguf_module() -> ModuleType:
+    """The `gguf` package, or UnsupportedError saying how to get it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedError("writing GGUF needs the gguf package (llama.cpp's gguf-py): "
+                               "pip install 'lorafuse[gguf]'") from None
+    return gguf
+
+
+# ----------------------------------------------------------------------------- the base model's config
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """What the export needs from the base model's config.json."""
+
+    path: Path
+    arch: str | None  # an ARCHS key, None when the config names no architecture lorafuse maps
+    names: str  # what the config calls its architecture, for messages
+    n_head: int | None
+    n_head_kv: int | None
+    n_layers: int | None
+    tied: bool | None  # tie_word_embeddings as stated (None: not stated)
+
+
+def _int(cfg: Mapping[str, object], key: str, path: Path) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FormatError(f"{path}: {key} is {value!r}, not a positive integer")
+    return value
+
+
+def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
+    """The base model's config.json (a file, or a folder holding one), read as llama.cpp's converter reads
+    it: a text_config (multimodal models) overrides the top level."""
+    p = Path(path)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FormatError(f"{p}: no config.json there (--base-config takes the base model's config.json or its "
+                          "folder)")
+    raw = read_json(file, "the base model's config")
+    if not isinstance(raw, dict):
+        raise FormatError(f"{file}: not a JSON object")
+    cfg: dict[str, Any] = dict(raw)
+    text = cfg.get("text_config")
+    if isinstance(text, dict):
+        cfg = {**cfg, **text}
+    architectures = raw.get("architectures")
+    first = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_type = raw.get("model_type")
+    arch = HF_ARCHITECTURES.get(first) if isinstance(first, str) else None
+    if arch is None and isinstance(model_type, str):
+        arch = MODEL_TYPES.get(model_type)
+    names = f"architectures {architectures!r}, model_type {model_type!r}"
+    n_head = _int(cfg, "num_attention_heads", file)
+    n_head_kv = _int(cfg, "num_key_value_heads", file) or n_head
+    tied = cfg.get("tie_word_embeddings")
+    return BaseConfig(file, arch, names, n_head, n_head_kv, _int(cfg, "num_hidden_layers", file),
+                      tied if isinstance(tied, bool) else None)
+
+
+def choose_arch(arch: str | None, base: BaseConfig | None) -> str:
+    """The --arch choice: `arch` when given (checked against the config's), else the config's."""
+    choices = ", ".join(ARCHS)
+    if arch is not None:
+        if arch not in ARCHS:
+            raise LorafuseValueError(f"arch must be one of {choices}, got {arch!r}")
+        if base is not None and base.arch is not None and ARCHS[base.arch].gguf != ARCHS[arch].gguf:
+            raise LorafuseValueError(f"--arch {arch} does not match {base.path} ({base.names}: {base.arch}); "
+                                     "llama.cpp refuses a LoRA whose architecture is not the model's")
+        return arch
+    if base is None:
+        raise LorafuseValueError(f"GGUF export needs the base model's architecture: pass --arch ({choices}) or "
+                                 "--base-config BASE/config.json (an adapter's base_model_name_or_path is a hub "
+                                 "name, not read offline)")
+    if base.arch is None:
+        raise LorafuseValueError(f"{base.path}: {base.names} is not an architecture lorafuse exports to GGUF; pass "
+                                 f"--arch ({choices}) if the model is one of those")
+    return base.arch
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+QType = Literal["F32", "F16", "BF16", "Q8_0"]
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of the file: its GGUF name, numpy-order shape and type."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QType
+
+
+@dataclass(frozen=True)
+class GgufModule:
+    """One adapter module and how it is written."""
+
+    module: str  # the adapter's module name
+    base: str  # the base tensor's GGUF name (`blk.0.attn_q.weight`)
+    embedding: bool  # token_embd layout (lora_a transposed)
+    fold: float  # multiplies lora_b: the module's scale over llama.cpp's alpha / r
+    heads: int | None  # q / k rows permuted for these many heads (llama architecture)
+    a: GgufTensor
+    b: GgufTensor
+
+
+@dataclass
+class GgufPlan:
+    """Everything about the output that is known before any factor is read."""
+
+    arch: str  # the --arch choice
+    gguf_arch: str  # general.architecture
+    alpha: float  # adapter.lora.alpha
+    gguf_type: str
+    modules: list[GgufModule]
+    folded: dict[str, float] = field(default_factory=dict)  # module -> factor folded into its lora_b
+    fallback: list[str] = field(default_factory=list)  # Q8_0 tensors written F16 (rows not a multiple of 32)
+    notes: list[str] = field(default_factory=list)
+    base_config: Path | None = None  # the config.json read (an input: never written over)
+
+
+def _listed(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _refuse(adapter: Adapter, names: list[str], what: str, why: str) -> UnsupportedError:
+    return UnsupportedError(f"{adapter.label}: {plural(len(names), 'module', verb=('is', 'are'))} {what} "
+                            f"({_listed(names)}): {why}; nothing was written")
+
+
+def _plain_loras(adapter: Adapter) -> dict[str, LoraUpdate]:
+    """The adapter's modules as plain LoRA, or UnsupportedError naming those llama.cpp cannot apply."""
+    kinds: dict[str, list[str]] = {}
+    for name, u in adapter.updates.items():
+        if isinstance(u, ParamLoraUpdate):
+            kind = "param"
+        elif not isinstance(u, LoraUpdate):
+            kind = "lycoris"
+        elif u.magnitude is not None:
+            kind = "dora"
+        elif u.bias is not None:
+            kind = "bias"
+        elif u.kind == "conv" or len(u.A.shape) != 2 or isinstance(u.A, TuckerFactor):
+            kind = "conv"
+        else:
+            continue
+        kinds.setdefault(kind, []).append(name)
+    reasons = {
+        "lycoris": ("LoHa / LoKr", "a GGUF LoRA holds low-rank factors only: pass --rank K to write their best "
+                                   "rank-K LoRA"),
+        "param": ("LoRA on parameters (target_parameters, MoE experts)",
+                  "llama.cpp's converter has no LoRA form for expert tensors"),
+        "dora": ("DoRA (lora_magnitude_vector)", "llama.cpp adds scale * B @ A @ x and has no magnitude; merge the "
+                                                "adapter into the base instead (lorafuse apply)"),
+        "bias": ("LoRA with a lora_B bias (lora_bias)", "llama.cpp's LoRA adapters have no bias"),
+        "conv": ("convolution LoRA", "llama.cpp applies LoRA to matrices only"),
+    }
+    for kind, names in kinds.items():
+        what, why = reasons[kind]
+        raise _refuse(adapter, names, what, why)
+    return {n: u for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)}
+
+
+def _full_tensors(adapter: Adapter, notes: list[str]) -> None:
+    """PEFT's saved copies of a LoRA'd embedding / lm_head base weight (`X.base_layer.weight`) are left out,
+    as llama.cpp's converter leaves them out; any other full tensor (modules_to_save) is refused."""
+    copies = [k for k in adapter.full if ".base_layer." in adapter.full_origin.get(k, "")]
+    others = [k for k in adapter.full if k not in copies]
+    if others:
+        raise UnsupportedError(f"{adapter.label}: full tensors ({_listed(sorted(others))}, modules_to_save) cannot "
+                               "go into a GGUF LoRA, which holds lora_a / lora_b pairs only (llama.cpp's loader "
+                               "refuses other tensors); merge the adapter into the base instead (lorafuse apply); "
+                               "nothing was written")
+    if copies:
+        notes.append(f"left out {plural(len(copies), 'saved base weight')} of LoRA'd layers "
+                     f"({_listed([adapter.full_origin[k] for k in copies])}), as llama.cpp's converter does: they "
+                     "matter only when the vocabulary was resized, and then the GGUF base must be converted from "
+                     "the resized model")
+
+
+def _tensor_map(gguf: ModuleType, gguf_arch: str, n_blocks: int) -> Any:
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(by_name[gguf_arch], n_blocks)
+
+
+def _block_count(names: Sequence[str]) -> int:
+    """One more than the largest layer index in the module names (`...layers.N...`)."""
+    top = -1
+    for n in names:
+        parts = n.split(".")
+        for i, p in enumerate(parts[1:], 1):
+            if p.isdecimal() and parts[i - 1] in ("layers", "h", "blocks", "layer"):
+                top = max(top, int(p))
+    return top + 1
+
+
+def _hf_name(module: str) -> str:
+    for prefix, replace in _LM_PREFIXES:
+        if module.startswith(prefix):
+            return replace + module[len(prefix):]
+    return module
+
+
+def _choose_alpha(adapter: Adapter, loras: Mapping[str, LoraUpdate]) -> float:
+    """The one alpha of the file: the alpha (scale * r) most modules have, preferring the config's
+    lora_alpha on a tie, so that as few modules as possible need a folded factor."""
+    alphas = [u.scale * u.rank for u in loras.values()]
+    groups: list[tuple[float, int]] = []
+    for a in alphas:
+        for i, (g, n) in enumerate(groups):
+            if math.isclose(a, g, rel_tol=1e-9, abs_tol=0.0):
+                groups[i] = (g, n + 1)
+                break
+        else:
+            groups.append((a, 1))
+    best = max(n for _, n in groups)
+    stated = adapter.config.get("lora_alpha")
+    for g, n in groups:
+        if n == best and isinstance(stated, (int, float)) and math.isclose(g, float(stated), rel_tol=1e-9):
+            return float(stated)
+    return next(g for g, n in groups if n == best)
+
+
+def _qtype(gguf_type: str, shape: tuple[int, ...], name: str, fallback: list[str]) -> QType:
+    if gguf_type == "q8_0":
+        if shape[-1] % _Q8_BLOCK == 0:
+            return "Q8_0"
+        fallback.append(name)
+        return "F16"
+    return "F32" if gguf_type == "f32" else "F16" if gguf_type == "f16" else "BF16"
+
+
+def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.PathLike[str] | None = None,
+              gguf_type: str = DEFAULT_TYPE) -> GgufPlan:
+    """What `write_gguf` writes for `adapter`, every refusal made here, before any factor is read."""
+    gguf = gguf_module()
+    if gguf_type not in GGUF_TYPES:
+        raise LorafuseValueError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    base = read_base_config(base_config) if base_config is not None else None
+    choice = choose_arch(arch, base)
+    rule = ARCHS[choice]
+    notes: list[str] = []
+    loras = _plain_loras(adapter)
+    if not loras:
+        raise UnsupportedError(f"{adapter.label}: no LoRA module to write")
+    _full_tensors(adapter, notes)
+    hf = {n: _hf_name(n) for n in loras}
+    heads_dropped = [n for n, h in hf.items() if h == "lm_head"]
+    if heads_dropped and rule.lm_head is not None:  # the architecture has no output tensor to map it to
+        raise _refuse(adapter, heads_dropped, "an lm_head LoRA", rule.lm_head)
+    n_blocks = base.n_layers if base is not None and base.n_layers is not None else _block_count(list(hf.values()))
+    tmap = _tensor_map(gguf, rule.gguf, n_blocks)
+    mapped: dict[str, str] = {}
+    unmapped: list[str] = []
+    for n, h in hf.items():
+        gname = tmap.get_name(h + ".weight", try_suffixes=(".weight",))
+        if gname is None:
+            unmapped.append(n)
+        else:
+            mapped[n] = gname
+    if unmapped:
+        shown = ", ".join(f"{n!r} {tuple(loras[n].delta_shape)}" for n in unmapped[:5])
+        more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
+        layers = f" of {n_blocks} layers ({base.path})" if base is not None and base.n_layers is not None else ""
+        raise MissingModuleError(f"{adapter.label}: {plural(len(unmapped), 'module', verb=('has', 'have'))} no "
+                                 f"tensor in llama.cpp's {rule.gguf!r} architecture{layers}: {shown}{more}; nothing "
+                                 "was written (--arch names another architecture)")
+    seen: dict[str, str] = {}
+    for n, g in mapped.items():
+        if g in seen:
+            raise FormatError(f"{adapter.label}: modules {seen[g]!r} and {n!r} both are llama.cpp's {g!r}")
+        seen[g] = n
+    output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
+    token_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+    heads_out = [n for n, g in mapped.items() if g == output]
+    if heads_out:
+        # as the base's config states it; a config without the key has its class's default
+        tied = None if base is None else base.tied if base.tied is not None else rule.tied_default
+        if tied:
+            raise _refuse(adapter, heads_out, "an lm_head LoRA",
+                          f"{base.path if base else 'the base'} ties lm_head to the token embedding "
+                          "(tie_word_embeddings), so its GGUF has no output tensor and llama.cpp refuses a LoRA on "
+                          "'output.weight' ('does not exist in base model')")
+        if tied is None:
+            notes.append(f"lm_head is written as {output!r}: llama.cpp loads it only with a base GGUF that has its "
+                         "own output tensor (tie_word_embeddings false); give --base-config to have this checked")
+    embeds = [n for n, u in loras.items() if u.kind == "embedding" or mapped[n] == token_embd]
+    if embeds and rule.embeddings is not None:
+        raise _refuse(adapter, embeds, "an embedding LoRA", rule.embeddings)
+    if embeds and base is None:
+        raise LorafuseValueError(f"{adapter.label}: {_listed(embeds)}: an embedding LoRA needs --base-config "
+                                 "BASE/config.json, to know whether the base ties lm_head to the embedding: if it "
+                                 f"does, {_TIED_EMBED}")
+    if embeds and base is not None and (base.tied if base.tied is not None else rule.tied_default):
+        raise _refuse(adapter, embeds, "an embedding LoRA",
+                      f"{base.path} ties lm_head to the token embedding (tie_word_embeddings): {_TIED_EMBED}")
+    odd = [n for n in embeds if not (loras[n].kind == "embedding" and mapped[n] == token_embd)]
+    if odd:
+        raise _refuse(adapter, odd, "an embedding-shaped LoRA on another tensor, or a Linear LoRA on the "
+                      "token embedding", "llama.cpp reads token_embd's LoRA as PEFT's lora_embedding_A / _B")
+    alpha = _choose_alpha(adapter, loras)
+    fallback: list[str] = []
+    modules: list[GgufModule] = []
+    folded: dict[str, float] = {}
+    need_heads: list[str] = []
+    for n, u in loras.items():
+        g = mapped[n]
+        emb = u.kind == "embedding"
+        rows, cols = u.delta_shape[0], int(np.prod(u.delta_shape[1:]))
+        r = u.rank
+        a_shape, b_shape = ((rows, r), (cols, r)) if emb else ((r, cols), (rows, r))
+        gguf_scale = float(np.float32(alpha)) / r if alpha != 0 else 1.0
+        fold = u.scale / gguf_scale
+        if math.isclose(fold, 1.0, rel_tol=1e-7, abs_tol=0.0):
+            fold = 1.0
+        else:
+            folded[n] = fold
+        heads = None
+        if rule.permute_qk and not emb and _is_qk(hf[n]):
+            heads = _qk_heads(hf[n], base)
+            if heads is None:
+                need_heads.append(n)
+            elif rows % (2 * heads):
+                raise ShapeMismatchError(f"{adapter.label}: module {n!r} has {rows} output rows, not a multiple of 2 "
+                                         f"x {heads} heads ({base.path if base is not None else 'config'})")
+        a_name, b_name = g + ".lora_a", g + ".lora_b"
+        modules.append(GgufModule(n, g, emb, fold, heads,
+                                  GgufTensor(a_name, a_shape, _qtype(gguf_type, a_shape, a_name, fallback)),
+                                  GgufTensor(b_name, b_shape, _qtype(gguf_type, b_shape, b_name, fallback))))
+    if need_heads:
+        raise LorafuseValueError(f"{adapter.label}: {_listed(need_heads)}: llama.cpp's converter permutes the rows "
+                                 f"of q_proj / k_proj for {rule.gguf} models, which needs the head counts: pass "
+                                 "--base-config BASE/config.json (num_attention_heads, num_key_value_heads)")
+    if folded:
+        notes.append(f"{plural(len(folded), 'module')} {'has' if len(folded) == 1 else 'have'} a scale other than "
+                     f"alpha / r with the file's one alpha {alpha:g} (rank_pattern / alpha_pattern / rsLoRA): their "
+                     f"scale / (alpha / r) is folded into lora_b, exactly ({_listed(list(folded))})")
+    if fallback:
+        lengths = sorted({t.shape[-1] for m in modules for t in (m.a, m.b) if t.qtype == "F16"})
+        notes.append(f"{plural(len(fallback), 'tensor')} written F16, not Q8_0, as llama.cpp's converter does: "
+                     f"their rows ({', '.join(map(str, lengths))} elements) are not a multiple of {_Q8_BLOCK} "
+                     f"({_listed(fallback, 3)})")
+    return GgufPlan(choice, rule.gguf, alpha, gguf_type, modules, folded, fallback, notes,
+                    base.path if base is not None else None)
+
+
+def _is_qk(hf_name: str) -> bool:
+    return hf_name.rsplit(".", 1)[-1] in ("q_proj", "k_proj")
+
+
+def _qk_heads(hf_name: str, base: BaseConfig | None) -> int | None:
+    """The head count LlamaModel.permute uses for a q_proj / k_proj module (None: unknown)."""
+    if base is None:
+        return None
+    return base.n_head if hf_name.endswith("q_proj") else base.n_head_kv
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _permute_rows(b: np.ndarray, heads: int) -> np.ndarray:
+    """LlamaModel.permute on the rows of lora_b: per head, the two halves of the rotary dimensions interleaved."""
+    rows = b.shape[0]
+    return np.ascontiguousarray(b.reshape(heads, 2, rows // heads // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape))
+
+
+def module_arrays(m: GgufModule, u: LoraUpdate, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """lora_a and lora_b of a module as float32, in the GGUF file's numpy orientation, before rounding."""
+    b_c, a_c = u.factors(threads)  # the base weight's layout: delta = scale * b_c @ a_c
+    if m.embedding:  # base weight (vocab x dim): lora_a = A^T (vocab x r), lora_b = B (dim x r)
+        a, b = b_c, np.ascontiguousarray(a_c.T)
+    else:
+        a, b = a_c, b_c
+    if m.fold != 1.0:
+        b = (b.astype(np.float64) * m.fold).astype(np.float32)
+    if m.heads is not None:
+        b = _permute_rows(b, m.heads)
+    return a, b
+
+
+def _encode(gguf: ModuleType, x: np.ndarray, t: GgufTensor) -> np.ndarray:
+    qtype = getattr(gguf.GGMLQuantizationType, t.qtype)
+    data = gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
+    return np.ascontiguousarray(data)
+
+
+def _info_of(gguf: ModuleType, t: GgufTensor) -> tuple[tuple[int, ...], Any, int]:
+    """(shape as add_tensor_info takes it, numpy dtype, bytes) of a tensor of the plan."""
+    if t.qtype == "F32":
+        return t.shape, np.dtype(np.float32), 4 * int(np.prod(t.shape))
+    if t.qtype == "F16":
+        return t.shape, np.dtype(np.float16), 2 * int(np.prod(t.shape))
+    qtype = getattr(gguf.GGMLQuantizationType, t.qtype)
+    byte_shape = tuple(gguf.quant_shape_to_byte_shape(t.shape, qtype))
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
+               overwrite: bool = False, threads: int = 0) -> Path:
+    """Write the plan's GGUF LoRA to `out` (atomically, io.atomic), one module at a time: the header and
+    tensor table first (every shape is known), then each module's lora_a and lora_b."""
+    gguf = gguf_module()
+    out = Path(out)
+    loras = {m.module: adapter.updates[m.module] for m in plan.modules}
+    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
+        w = gguf.GGUFWriter(tmp, plan.gguf_arch)
+        try:
+            for m in plan.modules:
+                for t in (m.a, m.b):
+                    shape, dtype, nbytes = _info_of(gguf, t)
+                    w.add_tensor_info(t.name, shape, dtype, nbytes,
+                                      raw_dtype=getattr(gguf.GGMLQuantizationType, t.qtype))
+            _metadata(gguf, w, adapter, plan, out)
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for m in plan.modules:
+                u = loras[m.module]
+                assert isinstance(u, LoraUpdate)
+                a, b = module_arrays(m, u, threads)
+                for x, t in ((a, m.a), (b, m.b)):
+                    if x.shape != t.shape:
+                        raise ShapeMismatchError(f"{adapter.label}: module {m.module!r}: {t.name} is {x.shape}, the "
+                                                 f"plan says {t.shape}")
+                    w.write_tensor_data(_encode(gguf, x, t))
+        finally:
+            w.close()
+    return out
+
+
+def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: Path) -> None:
+    """The keys convert_lora_to_gguf.py writes, in its order: general.type, adapter.type, what gguf's
+    Metadata finds in the adapter folder (general.name, model card keys), adapter.lora.alpha,
+    general.quantization_version; then `lorafuse_version` (io.manifest's mark: llama.cpp lists it and
+    ignores it)."""
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    folder = adapter.path if adapter.path is not None and adapter.path.is_dir() else \
+        (adapter.path.parent if adapter.path is not None else None)
+    total = w.get_total_parameter_count()[0]
+    try:
+        meta = gguf.Metadata.load(None, folder, None, total)
+    except Exception as e:  # a model card gguf cannot parse: the converter would stop; say what failed
+        raise FormatError(f"{folder}: gguf could not read the adapter's model card (README.md) for the GGUF "
+                          f"metadata: {type(e).__name__}: {e}") from None
+    if meta.name is None:
+        meta.name = (folder.name if folder is not None else "") or out.stem
+    meta.set_gguf_meta_model(w)
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string(MARKER_KEY, version())  # the one key the converter does not write: lorafuse's output mark
+
+
+__all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan", "GgufTensor",
+           "choose_arch", "module_arrays", "plan_gguf", "read_base_config", "write_gguf"]

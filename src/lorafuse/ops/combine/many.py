@@ -1,0 +1,746 @@
+"""Many adapters: combine reading each adapter once per pass, in memory independent of their number.
+
+combine's in-memory path maps every adapter at once, then streams module groups through the method: for
+thousands of adapters that exhausts file descriptors and memory. This engine turns it around: it makes
+passes over the adapters, and in each pass opens one adapter, reads its factors once, folds them into
+per-module sketches and closes it. Memory is O(modules x (out + in) x sketch width), whatever n is.
+
+svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation of svd.py):
+- passes >= 2: a randomized SVD whose products go through each adapter's factors. Pass 1 takes the range,
+  Y = D Omega = sum_i c_i B_i (A_i Omega); each further pass multiplies by the orthonormalized result of the
+  previous one from the other side (Z = D^T Q, then D Q_z, ...: a power iteration every two passes). The
+  last pass is the projection: D ~ Q Z^T (or Y Q_z^T), whose small SVD gives the rank-k factors.
+- passes == 1: the single-pass sketch of Tropp, Yurtsever, Udell & Cevher (2017), "Practical sketching
+  algorithms for low-rank matrix approximation": Y = D Omega (out x w) and W = Psi D (l x in, l = 2w + 1)
+  in the same pass; Q = orth(Y), X = (Psi Q)^+ W by least squares, D ~ Q X, truncated to rank k.
+- Gaussian test matrices are regenerated from (seed, module name, role), never stored or shipped; every
+  product and sum is float64, so the order of the adapters changes the result by rounding only.
+- Error estimate per module (a posteriori, Tropp et al.'s error sketch): pass 1 also takes P = D Phi for
+  `PROBES` independent Gaussian columns; since Phi is independent of the approximation D^, the mean of
+  ||(D - D^) phi_j||^2 is an unbiased estimate of ||D - D^||_F^2 and ||P||_F^2 / PROBES one of ||D||_F^2.
+  The relative error estimate sqrt of their ratio is reported per module.
+
+linear (PEFT's factor averaging, FedIT / FedAvg style): one pass, A' = sum_i sign(c_i) sqrt|c_i| A_i and
+B' = sum_i sqrt|c_i| B_i, accumulated in float64 (equal ranks per module, as the in-memory method).
+
+Small cases keep combine's in-memory exact path (choose_engine); the other methods always take it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import resource
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorafuse._progress import BAR_FORMAT, human_bytes
+from lorafuse._validate import full_rank
+from lorafuse.backends import Backend
+from lorafuse.errors import (
+    AdapterNote,
+    FormatError,
+    InputChangedError,
+    LorafuseError,
+    LorafuseValueError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
+from lorafuse.formats import load
+from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model.arithmetic import check_linear, result
+from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype
+from lorafuse.model.spectral import is_stored_lora
+from lorafuse.ops.combine.options import CombineOptions
+from lorafuse.ops.combine.terms import dense_shape
+
+# Three passes (one power iteration) by default: two came within only 1.25-1.5x of the optimal error
+# on adapters whose spectrum decays smoothly past k (benchmarks/bench_many.py), three within 1.002x, as
+# the in-memory path's randomized SVD, so a list that crosses MEMORY_MAX_ADAPTERS keeps the same quality.
+DEFAULT_PASSES = 3
+OVERSAMPLE = 10  # sketch width w = k + OVERSAMPLE (capped at min(out, in)), as the core's randomized SVD
+PROBES = 10  # Gaussian columns of the error sketch
+MEMORY_MAX_ADAPTERS = 256  # at most this many adapters (fewer under a low open-file limit): the in-memory path
+STREAMABLE = ("svd", "linear")
+ENGINES = ("auto", "memory", "stream")
+MAX_PASSES = 21
+
+AdapterInput = str | os.PathLike[str] | Adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One adapter of a combination: its path (opened once per pass) or an Adapter already in memory, and
+    where it was named (a list file's line, or its position), for messages."""
+
+    item: Path | Adapter
+    where: str
+
+    @property
+    def path(self) -> Path | None:
+        return self.item if isinstance(self.item, Path) else None
+
+
+# ---- list files ------------------------------------------------------------------------------------------
+
+_COMMENT = re.compile(r"(^|\s)#.*$")
+_NUMBERISH = re.compile(r"^[-+.\d]")
+
+
+def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
+    """The adapters and weights of a list file: one adapter per line, `PATH [WEIGHT]`; `#` starts a comment
+    (at the start of a line or after a space); blank lines are ignored; a relative PATH is taken from the list
+    file's folder; a line without a weight gets 1/n (n: the number of adapters). Errors name the line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(f"{p}: no such adapter list") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{p}: cannot read the adapter list: {getattr(e, 'strerror', None) or e}") from None
+    entries: list[tuple[Path, float | None, str]] = []
+    for no, line in enumerate(text.splitlines(), 1):
+        body = _COMMENT.sub("", line).strip()
+        if not body:
+            continue
+        where = f"{p} line {no}"
+        parts = body.rsplit(maxsplit=1)
+        weight: float | None = None
+        name = body
+        if len(parts) == 2 and _NUMBERISH.match(parts[1]):
+            try:
+                weight = float(parts[1])
+            except ValueError:
+                raise LorafuseValueError(f"{where}: bad weight {parts[1]!r} (expected `PATH [WEIGHT]`, "
+                                         "WEIGHT a number)") from None
+            if not math.isfinite(weight):
+                raise LorafuseValueError(f"{where}: weight {parts[1]!r} is not finite")
+            name = parts[0]
+        target = Path(name).expanduser()
+        entries.append((target if target.is_absolute() else p.parent / target, weight, where))
+    if not entries:
+        raise LorafuseValueError(f"{p}: the adapter list names no adapter")
+    n = len(entries)
+    return ([Source(t, where) for t, _, where in entries],
+            [1.0 / n if w is None else w for _, w, _ in entries])
+
+
+def sources_of(adapters: Iterable[AdapterInput] | Iterable[Source]) -> list[Source]:
+    """Any iterable of paths, Adapters or Sources (a generator too) as Sources, numbered from 1."""
+    if isinstance(adapters, (str, bytes, os.PathLike, Adapter)):
+        raise LorafuseValueError("adapters must be a sequence or iterable of adapters (paths or Adapters), "
+                                 f"not one {type(adapters).__name__}")
+    out: list[Source] = []
+    for i, a in enumerate(adapters, 1):
+        if isinstance(a, Source):
+            out.append(a)
+        elif isinstance(a, Adapter):
+            out.append(Source(a, f"adapter {i} ({a.label})"))
+        elif isinstance(a, (str, os.PathLike)):
+            out.append(Source(Path(a), f"adapter {i} ({os.fspath(a)})"))
+        else:
+            raise LorafuseValueError(f"adapter {i}: expected a path or an Adapter, got {type(a).__name__}")
+    return out
+
+
+# ---- the pass over headers: everything checked before any work ------------------------------------------
+
+
+@dataclasses.dataclass
+class ModuleSpec:
+    """A module as the inputs lay it out: its first update's layout, the 2-D shape of its delta in the
+    stored orientation, the ranks seen and how many adapters have it."""
+
+    name: str
+    layout: ModuleLayout
+    out: int
+    inn: int
+    kind: str
+    delta_shape: tuple[int, ...]
+    transposed: bool
+    first: str  # where it was first seen
+    total_rank: int = 0
+    ranks: set[int] = dataclasses.field(default_factory=set)
+    count: int = 0
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the header pass found: the sources, their weights, the modules, the output's factor dtype and
+    a template adapter (the first input's config and state, no tensors mapped)."""
+
+    sources: list[Source]
+    weights: list[float]
+    modules: dict[str, ModuleSpec]
+    dtypes: set[str]
+    template: Adapter
+    targets: list[object]
+    fingerprints: list[object]
+    nbytes: list[int]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [s.item for s in self.sources if isinstance(s.item, Path)]
+
+    def output_dtype(self, dtype: str | None) -> str:
+        chosen = check_dtype(dtype)
+        if chosen is not None:
+            return chosen
+        found = sorted(self.dtypes)
+        out = factors_dtype(found)
+        if found and found != [out]:
+            warnings.warn(f"combine: the inputs' factors are {' and '.join(found)}, so the result's are {out} "
+                          "(--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote, stacklevel=4)
+        return out
+
+
+def _fingerprint(path: Path) -> object:
+    """Sizes and modification times of a file, or of the files directly in a folder: a file rewritten
+    between two passes changes it."""
+    try:
+        if path.is_dir():
+            return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                                if e.is_file()))
+        st = path.stat()
+        return (st.st_size, st.st_mtime_ns)
+    except OSError as e:
+        return ("unreadable", e.errno)
+
+
+def _reraise(e: LorafuseError, where: str) -> LorafuseError:
+    """The same error class, its message prefixed by where the adapter was named."""
+    try:
+        return type(e)(f"{where}: {e}")
+    except TypeError:  # pragma: no cover - every LorafuseError takes one message
+        return LorafuseValueError(f"{where}: {e}")
+
+
+def _open(src: Source, quiet: bool = False) -> Adapter:
+    if isinstance(src.item, Adapter):
+        return src.item
+    try:
+        if quiet:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AdapterNote)
+                return load(src.item)
+        return load(src.item)
+    except LorafuseError as e:
+        raise _reraise(e, src.where) from None
+    except OSError as e:
+        raise FormatError(f"{src.where}: cannot read: {e.strerror or e}") from None
+
+
+def _stored_nbytes(a: Adapter) -> int:
+    return sum(t.raw.nbytes for u in a.updates.values() if isinstance(u, LoraUpdate) for t in (u.A, u.B))
+
+
+def check_sources(sources: list[Source], weights: list[float], method: str) -> Plan:
+    """Open every adapter in turn (its header: no factor is read), check it and close it: a missing or bad
+    adapter, a DoRA / bias / LoHa module or a module whose layout differs from another adapter's fails here,
+    before any work, naming the list line (or position). The method's own shape rules are checked too."""
+    modules: dict[str, ModuleSpec] = {}
+    dtypes: set[str] = set()
+    targets: list[object] = []
+    fingerprints: list[object] = []
+    nbytes: list[int] = []
+    template: Adapter | None = None
+    for src in sources:
+        a = _open(src)
+        try:
+            check_linear([a], f"combine --method {method}")
+        except LorafuseError as e:
+            raise _reraise(e, src.where) from None
+        for name, u in a.updates.items():
+            if not (isinstance(u, LoraUpdate) and is_stored_lora(u)):
+                raise UnsupportedError(f"{src.where}: module {name!r} is a LoHa / LoKr / Tucker update; combining "
+                                       "many adapters streams plain LoRA factors only (combine them in memory: "
+                                       "fewer adapters, or --engine memory)")
+            out, inn = dense_shape(u)
+            spec = modules.get(name)
+            if spec is None:
+                spec = modules[name] = ModuleSpec(name, ModuleLayout.like(u, 1), out, inn, u.kind,
+                                                  tuple(u.delta_shape), u.transposed, src.where)
+            elif (spec.delta_shape, spec.kind, spec.transposed, spec.out) != (tuple(u.delta_shape), u.kind,
+                                                                             u.transposed, out):
+                raise ShapeMismatchError(
+                    f"{src.where}: module {name!r} is a {u.kind} update of shape {tuple(u.delta_shape)}"
+                    f"{' (transposed)' if u.transposed else ''}, but {spec.first} has a {spec.kind} update of "
+                    f"shape {spec.delta_shape}{' (transposed)' if spec.transposed else ''}")
+            spec.total_rank += u.rank
+            spec.ranks.add(u.rank)
+            spec.count += 1
+            if method == "linear" and len(spec.ranks) > 1:
+                raise ShapeMismatchError(f"{src.where}: module {name!r} has rank {u.rank}, but {spec.first} has "
+                                         f"rank {min(spec.ranks - {u.rank})}: method 'linear' averages factors "
+                                         "and needs equal ranks (use svd for mixed ranks)")
+        dtypes.update(factor_dtypes(a.updates.values()))
+        targets.append(a.config.get("target_modules"))
+        fingerprints.append(_fingerprint(src.item) if isinstance(src.item, Path) else None)
+        nbytes.append(_stored_nbytes(a))
+        if template is None:
+            template = result(a, {}, [a])  # config and state only: no view of the file is kept
+        del a
+    assert template is not None
+    return Plan(sources, weights, modules, dtypes, template, targets, fingerprints, nbytes)
+
+
+def memory_max_adapters() -> int:
+    """The most adapters the in-memory path takes under engine 'auto': MEMORY_MAX_ADAPTERS, fewer when the
+    open-file limit would not leave a descriptor per adapter (each mapped adapter holds one) and room to spare."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MEMORY_MAX_ADAPTERS
+    return max(1, min(MEMORY_MAX_ADAPTERS, (int(soft) - 32) // 2))
+
+
+def choose_engine(plan: Plan, options: CombineOptions, backend: Backend) -> str:
+    """'memory' (combine's in-memory path) or 'stream' (this module's engine). auto: memory for the methods
+    this engine does not run, on cuda, with exact=True, or for at most MEMORY_MAX_ADAPTERS adapters whose every
+    module takes the exact SVD (backend.factored_svd_is_exact, combine's cost model); stream otherwise or
+    when passes is given. (MEMORY_MAX_ADAPTERS: memory_max_adapters().)"""
+    if options.engine != "auto":
+        return options.engine
+    if options.method not in STREAMABLE or options.device != "cpu" or options.exact:
+        return "memory"
+    if options.passes is not None:
+        return "stream"
+    if len(plan.sources) > memory_max_adapters():
+        return "stream"
+    if options.method == "linear":
+        return "memory"
+    ranks = output_ranks(plan, options.rank, options.conv_rank)
+    exact = all(backend.factored_svd_is_exact(s.out, s.inn, s.total_rank, ranks[n], "auto")
+                for n, s in plan.modules.items())
+    return "memory" if exact else "stream"
+
+
+def output_ranks(plan: Plan, rank: int | None, conv_rank: int | None = None) -> dict[str, int]:
+    """Each module's output rank as combine's (terms.output_ranks): `conv_rank` for kxk convolutions (k > 1),
+    `rank` for the rest; `rank` defaults to the largest input rank, `conv_rank` to `rank`; capped at the
+    module's full rank."""
+    default = rank if rank is not None else max((r for s in plan.modules.values() for r in s.ranks), default=1)
+    conv = conv_rank if conv_rank is not None else default
+    out = {}
+    for n, s in plan.modules.items():
+        kxk = len(s.delta_shape) == 4 and s.delta_shape[2] * s.delta_shape[3] > 1
+        out[n] = full_rank(conv if kxk else default, s.delta_shape)
+    return out
+
+
+# ---- the sketches ---------------------------------------------------------------------------------------
+
+
+def gaussian(seed: int, name: str, role: int, shape: tuple[int, int]) -> np.ndarray:
+    """A standard Gaussian float64 matrix determined by (seed, module name, role) alone: any process that
+    knows the seed regenerates it (no test matrix is stored or shipped)."""
+    h = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) & (2**64 - 1), h, role])))
+    return rng.standard_normal(shape)
+
+
+_OMEGA, _PROBE, _PSI = 1, 2, 3
+
+
+def _orth(x: np.ndarray) -> np.ndarray:
+    q, _ = np.linalg.qr(x)
+    return q
+
+
+def _into(dst: np.ndarray, raw: np.ndarray, dtype: str, threads: int) -> None:
+    """Stored elements of safetensors `dtype` written into the float32 view `dst` (same shape): BF16 by a
+    16-bit shift of its bits, F16 / F32 by numpy's cast, anything else through the backend's conversion."""
+    if dtype == "BF16":
+        bits = dst.view(np.uint32)
+        bits[...] = raw
+        bits <<= 16
+    elif dtype in ("F32", "F16"):
+        dst[...] = raw
+    else:
+        from lorafuse.io.tensor import Tensor
+
+        dst[...] = Tensor(raw, dtype).f32(threads)
+
+
+class _Stack:
+    """One module's factors of a chunk of adapters, converted to float32 straight into preallocated stacks:
+    B = [B_1 .. B_m] (out x R), A = [A_1; ..; A_m] (R x in) and each stacked rank's coefficient c_i."""
+
+    def __init__(self, spec: ModuleSpec, capacity: int) -> None:
+        self.b = np.empty((spec.out, capacity), dtype=np.float32)
+        self.a = np.empty((capacity, spec.inn), dtype=np.float32)
+        self.coef = np.empty(capacity, dtype=np.float32)
+        self.filled = 0
+
+    def add(self, c: float, u: LoraUpdate, threads: int) -> None:
+        r, f = u.rank, self.filled
+        _into(self.a[f:f + r], u.A.raw.reshape(r, -1), u.A.dtype, threads)
+        _into(self.b[:, f:f + r], u.B.raw.reshape(u.B.shape[0], r), u.B.dtype, threads)
+        self.coef[f:f + r] = c
+        self.filled = f + r
+
+    def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f = self.filled
+        return self.b[:, :f], self.a[:f], self.coef[:f]
+
+
+class _SvdSketch:
+    """One module's sketches across the passes (see the module docstring)."""
+
+    def __init__(self, spec: ModuleSpec, k: int, passes: int, seed: int) -> None:
+        self.spec, self.k, self.passes, self.seed = spec, k, passes, seed
+        self.w = min(k + OVERSAMPLE, spec.out, spec.inn)
+        self.probes = PROBES
+        self.pass_no = 0
+        self.probe_out: np.ndarray | None = None  # D Phi (out x PROBES)
+        self.acc: np.ndarray = np.zeros(0)
+        self.x: np.ndarray = np.zeros(0)  # the operand of this pass
+        self.basis: np.ndarray | None = None  # the orthonormal operand of this pass (for the projection)
+        self.psi: np.ndarray | None = None
+        self.psi32: np.ndarray | None = None
+        self.w_acc: np.ndarray | None = None
+        self.x32: np.ndarray = np.zeros(0, dtype=np.float32)
+
+    @property
+    def side(self) -> str:
+        """'range' (acc = D X, X in x .) in odd passes, 'corange' (acc = D^T X, X out x .) in even ones."""
+        return "range" if self.pass_no % 2 == 1 else "corange"
+
+    def start(self, pass_no: int) -> None:
+        """Set up pass `pass_no` (1-based): its operand, regenerated or from the previous pass's result."""
+        s, w = self.spec, self.w
+        self.pass_no = pass_no
+        if pass_no == 1:
+            omega = gaussian(self.seed, s.name, _OMEGA, (s.inn, w))
+            phi = gaussian(self.seed, s.name, _PROBE, (s.inn, self.probes))
+            self.x = np.ascontiguousarray(np.hstack([omega, phi]))
+            self.x32 = self.x.astype(np.float32)
+            self.acc = np.zeros((s.out, w + self.probes))
+            if self.passes == 1:
+                self.psi = gaussian(self.seed, s.name, _PSI, (2 * w + 1, s.out))
+                self.psi32 = self.psi.astype(np.float32)
+                self.w_acc = np.zeros((2 * w + 1, s.inn))
+            return
+        prev = self.acc
+        if pass_no == 2:
+            self.probe_out = prev[:, w:].copy()
+            prev = prev[:, :w]
+        self.basis = _orth(prev)
+        self.x = self.basis
+        self.x32 = self.basis.astype(np.float32)
+        self.acc = np.zeros((s.inn if self.side == "corange" else s.out, w))
+
+    def absorb(self, b: np.ndarray, a: np.ndarray, coef: np.ndarray) -> None:
+        """Fold a chunk of adapters' terms sum_i c_i B_i A_i (their float32 factors stacked, stored orientation,
+        coef: c_i per stacked rank) into this pass's sketch: one GEMM of inner size sum r_i per product
+        (float32 products, accumulated in float64)."""
+        if self.side == "range":
+            t = a @ self.x32
+            t *= coef[:, None]
+            self.acc += b @ t
+            if self.psi32 is not None and self.w_acc is not None:
+                u = self.psi32 @ b
+                u *= coef[None, :]
+                self.w_acc += u @ a
+        else:
+            t = b.T @ self.x32
+            t *= coef[:, None]
+            self.acc += a.T @ t
+
+    def finish(self, split: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """(B, A) float32 of rank k in the stored orientation, and the relative error estimate."""
+        k, w = self.k, self.w
+        if self.passes == 1:
+            probe_out = self.acc[:, w:]
+            q = _orth(self.acc[:, :w])
+            assert self.psi is not None and self.w_acc is not None
+            x = np.linalg.lstsq(self.psi @ q, self.w_acc, rcond=None)[0]
+            u, sv, vt = np.linalg.svd(x, full_matrices=False)
+            left, right = q @ u[:, :k], vt[:k]
+        else:
+            assert self.probe_out is not None and self.basis is not None
+            probe_out = self.probe_out
+            u, sv, vt = np.linalg.svd(self.acc, full_matrices=False)
+            if self.side == "range":  # D ~ Y Q^T, Y = U S V^T
+                left, right = u[:, :k], vt[:k] @ self.basis.T
+            else:  # D ~ Q Z^T, Z = U S V^T
+                left, right = self.basis @ vt[:k].T, u[:, :k].T
+        s = sv[:k]
+        if len(s) < k:  # fewer singular values than the rank (a tiny module): zero columns
+            left = np.hstack([left, np.zeros((left.shape[0], k - len(s)))])
+            right = np.vstack([right, np.zeros((k - len(s), right.shape[1]))])
+            s = np.concatenate([s, np.zeros(k - len(s))])
+        if split == "sqrt":
+            r = np.sqrt(s)
+            b_out, a_out = left * r, right * r[:, None]
+        else:
+            b_out, a_out = left * s, right
+        phi = gaussian(self.seed, self.spec.name, _PROBE, (self.spec.inn, self.probes))
+        resid = probe_out - b_out @ (a_out @ phi)
+        total = float(np.sum(probe_out * probe_out))
+        err = math.sqrt(float(np.sum(resid * resid)) / total) if total > 0 else 0.0
+        if not (np.isfinite(b_out).all() and np.isfinite(a_out).all()):
+            raise NonFiniteError(f"module {self.spec.name!r}: the combined factors hold a NaN or Inf (an input "
+                                 "holds one, or the sum overflows)")
+        return b_out.astype(np.float32), a_out.astype(np.float32), err
+
+
+class _LinearSum:
+    """One module's factor average: sum_i sign(c_i) sqrt|c_i| A_i and sum_i sqrt|c_i| B_i (float64)."""
+
+    def __init__(self, spec: ModuleSpec) -> None:
+        r = next(iter(spec.ranks))
+        self.b = np.zeros((spec.out, r))
+        self.a = np.zeros((r, spec.inn))
+
+    def absorb(self, b: np.ndarray, a: np.ndarray, coef: np.ndarray) -> None:
+        r = self.a.shape[0]  # equal ranks: the stack holds one adapter every r rows
+        for j in range(0, a.shape[0], r):
+            c = float(coef[j])
+            root = math.sqrt(abs(c))
+            self.b += root * b[:, j:j + r].astype(np.float64)
+            if c:
+                self.a += math.copysign(root, c) * a[j:j + r].astype(np.float64)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.b.astype(np.float32), self.a.astype(np.float32)
+
+
+# ---- the engine -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSummary:
+    """What a streamed combination did: the engine that ran ('stream'), adapters read, passes made, bytes
+    of factors read (all passes), wall seconds, the process's peak resident memory (bytes), and per module
+    the estimated relative Frobenius error ||D - D^|| / ||D|| (svd; empty for linear)."""
+
+    engine: str
+    adapters: int
+    passes: int
+    bytes_read: int
+    seconds: float
+    peak_rss: int
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def seconds_per_adapter(self) -> float:
+        """Wall seconds per adapter read (per adapter and pass)."""
+        return self.seconds / max(1, self.adapters * self.passes)
+
+    def lines(self) -> list[str]:
+        out = [f"  streamed: {self.adapters} adapters x {self.passes} pass{'es' if self.passes != 1 else ''}, "
+               f"{human_bytes(self.bytes_read)} read, {self.seconds_per_adapter * 1e3:.2f} ms per adapter and "
+               f"pass, peak memory {human_bytes(self.peak_rss)}"]
+        if self.errors:
+            worst = max(self.errors, key=lambda n: self.errors[n])
+            out.append(f"  estimated relative error ||D - D_k|| / ||D||: largest {self.errors[worst]:.3g} in "
+                       f"{worst}, median {float(np.median(list(self.errors.values()))):.3g}")
+        return out
+
+
+def peak_rss() -> int:
+    """The process's peak resident set in bytes: VmHWM (Linux: of this program, not of a parent it was forked
+    from before exec, which ru_maxrss would include), else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+class _Bar:
+    """A tqdm bar over adapters read (all passes), with the ETA; nothing when disabled."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self.bar: Any = None
+        if enabled is None:
+            enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="combine", unit="adapter", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.2, leave=True, bar_format=BAR_FORMAT)
+
+    def step(self, note: str, count: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(note, refresh=False)
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _adapters(plan: Plan, pass_no: int) -> Iterator[tuple[Source, float, Adapter]]:
+    """Each adapter of a pass opened in turn (closed when the caller lets go of it); a file rewritten since
+    the header pass is refused, naming it."""
+    for i, (src, w) in enumerate(zip(plan.sources, plan.weights)):
+        if isinstance(src.item, Path) and _fingerprint(src.item) != plan.fingerprints[i]:
+            raise InputChangedError(f"{src.where}: changed since combine started (pass {pass_no}): the passes "
+                                    "would read different adapters; nothing is written")
+        yield src, w, _open(src, quiet=True)
+
+
+def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], threads: int) -> int:
+    """One adapter's factors converted into the chunk's stacks (copies: nothing keeps its file mapped); the
+    bytes of factors read."""
+    read = 0
+    for name, u in adapter.updates.items():
+        assert isinstance(u, LoraUpdate)
+        stacks[name].add(w * u.scale, u, threads)
+        read += u.A.raw.nbytes + u.B.raw.nbytes
+    if isinstance(src.item, Path):
+        try:
+            raise_if_inputs_changed(adapter.sources())
+        except LorafuseError as e:
+            raise _reraise(e, src.where) from None
+    return read
+
+
+def _chunks(plan: Plan, pass_no: int, chunk: int, threads: int) -> Iterator[tuple[dict[str, _Stack], int, int]]:
+    """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read).
+    The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is read)."""
+    stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in plan.modules.items()}
+    held = read = 0
+    for src, w, adapter in _adapters(plan, pass_no):
+        read += _read(src, w, adapter, stacks, threads)
+        del adapter  # its mapping and descriptor go with it
+        held += 1
+        if held >= chunk:
+            yield stacks, held, read
+            for st in stacks.values():
+                st.filled = 0
+            held = read = 0
+    if held:
+        yield stacks, held, read
+
+
+def chunk_size(plan: Plan, budget: int) -> int:
+    """Adapters folded in per product: as many as `budget` bytes of float32 factors hold (1 to 64)."""
+    per_adapter = max(1, 4 * sum(s.out * max(s.ranks) + max(s.ranks) * s.inn for s in plan.modules.values()))
+    return max(1, min(64, budget // per_adapter))
+
+
+def run_stream(plan: Plan, options: CombineOptions,
+               on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> StreamSummary:
+    """The streamed combination: calls on_module(name, B, A) (float32, stored orientation, scale 1) for
+    every module in the order of the inputs, once all passes are done; returns the summary. Adapters are read
+    one at a time; their float32 factors wait in a chunk (at most options.group_bytes of them) and each chunk
+    goes into the sketches as one product per module."""
+    start = time.perf_counter()
+    method = options.method
+    passes = 1 if method == "linear" else (DEFAULT_PASSES if options.passes is None else options.passes)
+    ranks = output_ranks(plan, options.rank, options.conv_rank)
+    sinks: dict[str, _SvdSketch] | dict[str, _LinearSum]
+    svd: dict[str, _SvdSketch] = {}
+    lin: dict[str, _LinearSum] = {}
+    if method == "svd":
+        sinks = svd = {n: _SvdSketch(s, ranks[n], passes, options.seed) for n, s in plan.modules.items()}
+    else:
+        sinks = lin = {n: _LinearSum(s) for n, s in plan.modules.items()}
+    chunk = chunk_size(plan, options.group_bytes // 4)  # the chunk and its stacks
+    bar = _Bar(len(plan.sources) * passes, options.progress)
+    read = 0
+
+    try:
+        for p in range(1, passes + 1):
+            for sk in svd.values():
+                sk.start(p)
+            # (a reader thread one chunk ahead measured no faster on 2 cores: the BLAS threads take both)
+            for stacks, count, nbytes in _chunks(plan, p, chunk, options.threads):
+                for name, stack in stacks.items():
+                    if stack.filled:
+                        sinks[name].absorb(*stack.view())
+                del stacks
+                read += nbytes
+                bar.step(f"pass {p}/{passes}", count)
+    finally:
+        bar.close()
+    errors: dict[str, float] = {}
+    for name in plan.modules:
+        if svd:
+            b, a, err = svd[name].finish(options.split)
+            errors[name] = err
+        else:
+            b, a = lin[name].finish()
+        on_module(name, b, a)
+    return StreamSummary("stream", len(plan.sources), passes, read, time.perf_counter() - start, peak_rss(), errors)
+
+
+def check_stream_options(options: CombineOptions) -> None:
+    """The refusals of the streamed engine's options, before any work."""
+    if options.engine not in ENGINES:
+        raise LorafuseValueError(f"unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}")
+    p = options.passes
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= MAX_PASSES):
+        raise LorafuseValueError(f"passes must be an integer from 1 to {MAX_PASSES}, got {p!r}")
+    if options.engine == "stream" or p is not None:
+        if options.method not in STREAMABLE:
+            raise UnsupportedError(f"method {options.method!r} does not stream (passes, engine 'stream'): the "
+                                   f"streamed engine runs {' and '.join(STREAMABLE)}")
+        if options.exact:
+            raise LorafuseValueError("exact and a streamed engine (passes, engine 'stream') exclude each other: "
+                                     "the streamed svd is randomized")
+        if options.device != "cpu":
+            raise UnsupportedError("the streamed engine runs on the CPU (device 'cpu')")
+        if options.method == "linear" and p not in (None, 1):
+            raise LorafuseValueError("method 'linear' reads each adapter once: passes must be 1 (or left out)")
+
+
+def layout_of(plan: Plan, options: CombineOptions, dtype: str) -> list[ModuleLayout]:
+    """The output's module layouts (rank, dtype, scale 1) in input order."""
+    ranks = output_ranks(plan, options.rank, options.conv_rank)
+    out = []
+    for n, s in plan.modules.items():
+        k = next(iter(s.ranks)) if options.method == "linear" else ranks[n]
+        out.append(dataclasses.replace(s.layout, rank=k, dtype=dtype, scale=1.0))
+    return out
+
+
+def template_of(plan: Plan, updates: dict[str, LoraUpdate]) -> Adapter:
+    """The result adapter: the first input's config and state, the union of the inputs' target modules,
+    derived from every input path (save never writes over them)."""
+    combined = dataclasses.replace(plan.template, updates=dict(updates))
+    config = dict(combined.config)
+    if plan.targets and all(isinstance(t, list) for t in plan.targets):
+        config["target_modules"] = sorted({m for t in plan.targets if isinstance(t, list) for m in t})
+    elif plan.targets and all(isinstance(t, str) for t in plan.targets):
+        config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in plan.targets))
+    else:
+        config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in plan.modules})
+    combined.config = config
+    combined.derived_from = list(dict.fromkeys(plan.paths))
+    return combined
+
+
+def gather(adapters: Iterable[AdapterInput] | Iterable[Source],
+           weights: Iterable[float] | None) -> tuple[list[Source], list[float]]:
+    """Sources and weights from any iterables (generators are read once, here); weights default to 1 each."""
+    from lorafuse._validate import check_weights
+
+    sources = sources_of(adapters)
+    if not sources:
+        raise LorafuseValueError("combine needs at least one adapter")
+    ws = [1.0] * len(sources) if weights is None else check_weights(list(weights), len(sources))
+    return sources, ws
+
+
+__all__ = ["DEFAULT_PASSES", "ENGINES", "MEMORY_MAX_ADAPTERS", "OVERSAMPLE", "PROBES", "Plan", "STREAMABLE", "Source",
+           "StreamSummary",
+           "check_sources", "check_stream_options", "choose_engine", "chunk_size", "gather", "gaussian", "layout_of",
+           "memory_max_adapters", "read_list", "run_stream", "sources_of", "template_of"]
