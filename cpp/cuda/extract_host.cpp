@@ -69,18 +69,7 @@ std::string nonfinite_message(const ExtractJob& j, unsigned f) {
 }  // namespace
 
 void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
-  // extract.cpp's checks, with its messages.
-  check_extract_options(opt);
-  for (const ExtractJob& j : jobs) {
-    LORAFUSE_CHECK(j.k >= 1 && j.k <= kMaxRank, ErrorKind::Value,
-                   j.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(j.k));
-    LORAFUSE_CHECK(j.out >= 0 && j.in >= 0 && (j.out * j.in == 0 || (j.w_base != nullptr && j.w_ft != nullptr)),
-                   ErrorKind::ShapeMismatch, j.name + ": bad shape " + shape_str(j.out, j.in) + " or missing inputs");
-    LORAFUSE_CHECK(j.B != nullptr && j.A != nullptr && (j.S != nullptr || j.s_len == 0), ErrorKind::Value,
-                   j.name + ": output buffers missing");
-    LORAFUSE_CHECK(j.s_len == extract_sv_count(j.out, j.in, j.k, opt.oversample), ErrorKind::Value,
-                   j.name + ": S must hold extract_sv_count(out, in, k, oversample) values");
-  }
+  check_extract_jobs(jobs, opt);
   if (jobs.empty()) return;
   bool any = false;
   for (const ExtractJob& j : jobs) any = any || j.s_len > 0;

@@ -149,19 +149,7 @@ void factored_frobenius_sq_batch(const std::vector<FactorPairView>& pairs, doubl
 
 void factored_inner_batch(const std::vector<FactorInnerView>& items_in, double* out, int threads) {
   static_cast<void>(threads);
-  for (const FactorInnerView& p : items_in) {
-    check_f32(p.B1, "B1");
-    check_f32(p.A1, "A1");
-    check_f32(p.B2, "B2");
-    check_f32(p.A2, "A2");
-    LORAFUSE_CHECK(p.B1.ndim() == 2 && p.A1.ndim() == 2 && p.B2.ndim() == 2 && p.A2.ndim() == 2 &&
-                       p.B1.dim(1) == p.A1.dim(0) && p.B2.dim(1) == p.A2.dim(0) && p.B1.dim(0) == p.B2.dim(0) &&
-                       p.A1.dim(1) == p.A2.dim(1),
-                   ErrorKind::ShapeMismatch,
-                   "factors B1 " + p.B1.shape_str() + ", A1 " + p.A1.shape_str() + ", B2 " + p.B2.shape_str() + ", A2 " +
-                       p.A2.shape_str() + " do not describe two deltas of one shape");
-  }
-  LORAFUSE_CHECK(out != nullptr || items_in.empty(), ErrorKind::Value, "factored_inner: no output buffer");
+  check_factor_inner_items(items_in, out);
   std::vector<GramItem> items;
   items.reserve(items_in.size());
   for (const FactorInnerView& p : items_in)

@@ -60,26 +60,6 @@ std::int64_t max_term_rank(const std::vector<FactorTerm>& terms) {
   return m;
 }
 
-// svd.cpp's check_job, with its messages.
-void check_job(const SvdJob& job) {
-  LORAFUSE_CHECK(job.k >= 1 && job.k <= kMaxRank, ErrorKind::Value,
-                 job.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(job.k));
-  LORAFUSE_CHECK(job.out >= 0 && job.in >= 0 && job.r >= 0, ErrorKind::ShapeMismatch,
-                 job.name + ": negative dimensions (" + std::to_string(job.out) + ", " + std::to_string(job.r) + ", " +
-                     std::to_string(job.in) + ")");
-  LORAFUSE_CHECK(job.B2 != nullptr && job.A2 != nullptr && (job.S != nullptr || job.s_len == 0), ErrorKind::Value,
-                 job.name + ": output buffers missing");
-  if (job.D != nullptr) return;
-  std::int64_t r = 0;
-  for (const FactorTerm& t : terms_of(job)) {
-    LORAFUSE_CHECK(t.r >= 0 && (t.r == 0 || (t.B != nullptr && t.A != nullptr)) && std::isfinite(t.weight),
-                   ErrorKind::Value, job.name + ": a factor pair has a negative rank, no data or a weight that is not finite");
-    r += t.r;
-  }
-  LORAFUSE_CHECK(r == job.r, ErrorKind::ShapeMismatch,
-                 job.name + ": the factor pairs have " + std::to_string(r) + " ranks in all, the job says r = " +
-                     std::to_string(job.r));
-}
 
 // svd.cpp's finiteness check of a job's inputs, on the host (jobs with nothing to decompose, and
 // finding which job the CPU core refused).
@@ -231,7 +211,7 @@ std::size_t run_on_host(std::vector<SvdJob>& jobs, const std::vector<std::size_t
 void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
   for (const SvdJob& j : jobs) {
-    check_job(j);
+    check_svd_job(j);
     LORAFUSE_CHECK(j.s_len == (j.exact ? factored_sv_count(j.out, j.r, j.in) : dense_sv_count(std::min(j.out, j.r), j.in, j.k)),
                    ErrorKind::Value, j.name + ": S must hold factored_sv_count(...) values");
   }
@@ -277,7 +257,7 @@ void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const Randomi
 void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
   for (const SvdJob& j : jobs) {
-    check_job(j);
+    check_svd_job(j);
     LORAFUSE_CHECK(j.s_len == dense_sv_count(j.out, j.in, j.k), ErrorKind::Value,
                    j.name + ": S must hold dense_sv_count(out, in, k) values");
   }

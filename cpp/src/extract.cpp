@@ -574,7 +574,7 @@ ExtractJob make_extract_job(const std::string& name, const TensorView& w_base, D
   return job;
 }
 
-void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
+void check_extract_jobs(const std::vector<ExtractJob>& jobs, const ExtractOptions& opt) {
   check_extract_options(opt);
   for (const ExtractJob& j : jobs) {
     LORAFUSE_CHECK(j.k >= 1 && j.k <= kMaxRank, ErrorKind::Value,
@@ -586,6 +586,10 @@ void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt,
     LORAFUSE_CHECK(j.s_len == extract_sv_count(j.out, j.in, j.k, opt.oversample), ErrorKind::Value,
                    j.name + ": S must hold extract_sv_count(out, in, k, oversample) values");
   }
+}
+
+void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads) {
+  check_extract_jobs(jobs, opt);
   const auto n_jobs = static_cast<std::int64_t>(jobs.size());
   if (n_jobs == 0) return;
   // Largest modules first (the order affects no result, only the load balance).

@@ -40,7 +40,7 @@ void factored_frobenius_sq_batch(const std::vector<FactorPairView>& pairs, doubl
   });
 }
 
-void factored_inner_batch(const std::vector<FactorInnerView>& items, double* out, int threads) {
+void check_factor_inner_items(const std::vector<FactorInnerView>& items, const double* out) {
   for (const FactorInnerView& p : items) {
     check_f32(p.B1, "B1");
     check_f32(p.A1, "A1");
@@ -54,6 +54,10 @@ void factored_inner_batch(const std::vector<FactorInnerView>& items, double* out
                        p.A2.shape_str() + " do not describe two deltas of one shape");
   }
   LORAFUSE_CHECK(out != nullptr || items.empty(), ErrorKind::Value, "factored_inner: no output buffer");
+}
+
+void factored_inner_batch(const std::vector<FactorInnerView>& items, double* out, int threads) {
+  check_factor_inner_items(items, out);
   parallel_for(static_cast<std::int64_t>(items.size()), threads, [&](std::int64_t i, int) {
     const FactorInnerView& p = items[static_cast<std::size_t>(i)];
     out[i] = factored_inner(p.B1.f32_data(), p.A1.f32_data(), p.A1.dim(0), p.B2.f32_data(), p.A2.f32_data(),

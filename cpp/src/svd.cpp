@@ -165,25 +165,6 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
     if (bad[i]) throw Error(ErrorKind::NonFinite, jobs[i].name + ": input holds NaN or Inf");
 }
 
-void check_job(const SvdJob& job) {
-  LORAFUSE_CHECK(job.k >= 1 && job.k <= kMaxRank, ErrorKind::Value,
-                 job.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(job.k));
-  LORAFUSE_CHECK(job.out >= 0 && job.in >= 0 && job.r >= 0, ErrorKind::ShapeMismatch,
-                 job.name + ": negative dimensions (" + std::to_string(job.out) + ", " + std::to_string(job.r) + ", " +
-                     std::to_string(job.in) + ")");
-  LORAFUSE_CHECK(job.B2 != nullptr && job.A2 != nullptr && (job.S != nullptr || job.s_len == 0), ErrorKind::Value,
-                 job.name + ": output buffers missing");
-  if (job.D != nullptr) return;
-  std::int64_t r = 0;
-  for (const FactorTerm& t : terms_of(job)) {
-    LORAFUSE_CHECK(t.r >= 0 && (t.r == 0 || (t.B != nullptr && t.A != nullptr)) && std::isfinite(t.weight),
-                   ErrorKind::Value, job.name + ": a factor pair has a negative rank, no data or a weight that is not finite");
-    r += t.r;
-  }
-  LORAFUSE_CHECK(r == job.r, ErrorKind::ShapeMismatch,
-                 job.name + ": the factor pairs have " + std::to_string(r) + " ranks in all, the job says r = " +
-                     std::to_string(job.r));
-}
 
 // Cost models in seconds of one core, fitted to this code on x86-64 with AVX2 (timed
 // over R = 64..1024 and shapes 256..5632): float64 Householder QR of the stacks about
@@ -208,6 +189,26 @@ double randomized_factored_cost(std::int64_t out, std::int64_t in, std::int64_t 
 }
 
 }  // namespace
+
+void check_svd_job(const SvdJob& job) {
+  LORAFUSE_CHECK(job.k >= 1 && job.k <= kMaxRank, ErrorKind::Value,
+                 job.name + ": rank must be from 1 to " + std::to_string(kMaxRank) + ", got " + std::to_string(job.k));
+  LORAFUSE_CHECK(job.out >= 0 && job.in >= 0 && job.r >= 0, ErrorKind::ShapeMismatch,
+                 job.name + ": negative dimensions (" + std::to_string(job.out) + ", " + std::to_string(job.r) + ", " +
+                     std::to_string(job.in) + ")");
+  LORAFUSE_CHECK(job.B2 != nullptr && job.A2 != nullptr && (job.S != nullptr || job.s_len == 0), ErrorKind::Value,
+                 job.name + ": output buffers missing");
+  if (job.D != nullptr) return;
+  std::int64_t r = 0;
+  for (const FactorTerm& t : terms_of(job)) {
+    LORAFUSE_CHECK(t.r >= 0 && (t.r == 0 || (t.B != nullptr && t.A != nullptr)) && std::isfinite(t.weight),
+                   ErrorKind::Value, job.name + ": a factor pair has a negative rank, no data or a weight that is not finite");
+    r += t.r;
+  }
+  LORAFUSE_CHECK(r == job.r, ErrorKind::ShapeMismatch,
+                 job.name + ": the factor pairs have " + std::to_string(r) + " ranks in all, the job says r = " +
+                     std::to_string(job.r));
+}
 
 void check_randomized_options(const RandomizedSvdOptions& opt) {
   LORAFUSE_CHECK(opt.oversample >= 0 && opt.oversample <= kMaxOversample, ErrorKind::Value,
@@ -254,7 +255,7 @@ bool dense_svd_is_exact(std::int64_t out, std::int64_t in, std::int64_t k, std::
 void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
   for (const SvdJob& j : jobs) {
-    check_job(j);
+    check_svd_job(j);
     LORAFUSE_CHECK(j.s_len == (j.exact ? factored_sv_count(j.out, j.r, j.in) : dense_sv_count(std::min(j.out, j.r), j.in, j.k)),
                    ErrorKind::Value, j.name + ": S must hold factored_sv_count(...) values");
   }
@@ -274,7 +275,7 @@ void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const Randomi
 void dense_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads) {
   check_randomized_options(opt);
   for (const SvdJob& j : jobs) {
-    check_job(j);
+    check_svd_job(j);
     LORAFUSE_CHECK(j.s_len == dense_sv_count(j.out, j.in, j.k), ErrorKind::Value,
                    j.name + ": S must hold dense_sv_count(out, in, k) values");
   }

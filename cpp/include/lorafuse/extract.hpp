@@ -78,5 +78,8 @@ ExtractJob make_extract_job(const std::string& name, const TensorView& w_base, D
 // Error(Value) for bad options and Error(NonFinite) naming the first job (in job
 // order) whose W_base or W_ft holds NaN or Inf, or whose difference overflows.
 void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt, int threads);
+// extract_svd_batch's checks (every backend's): the options, then each job's rank, shape, inputs and
+// output buffers (S sized by extract_sv_count), Error(Value / ShapeMismatch) naming the job.
+void check_extract_jobs(const std::vector<ExtractJob>& jobs, const ExtractOptions& opt);
 
 }  // namespace lorafuse

@@ -28,5 +28,8 @@ struct FactorInnerView {
 };
 void factored_frobenius_sq_batch(const std::vector<FactorPairView>& pairs, double* out, int threads);
 void factored_inner_batch(const std::vector<FactorInnerView>& items, double* out, int threads);
+// factored_inner_batch's checks (every backend's): float32 2-D factors describing two deltas of one
+// shape (ShapeMismatch naming the four shapes), and an output buffer unless there are no items.
+void check_factor_inner_items(const std::vector<FactorInnerView>& items, const double* out);
 
 }  // namespace lorafuse

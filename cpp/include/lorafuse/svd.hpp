@@ -120,6 +120,11 @@ SvdJob make_factored_list_job(const std::string& name, const std::vector<TensorV
                               const std::vector<bool>& release = {});
 SvdJob make_dense_job(const std::string& name, const TensorView& D, std::int64_t k, const RandomizedSvdOptions& opt);
 
+// The checks every backend's factored_svd_batch / dense_svd_batch runs on each job first: the rank
+// (1..kMaxRank), the dimensions, the output buffers, and (factored jobs) every factor pair's rank, data
+// and weight against the job's r. Error(Value / ShapeMismatch) naming the job.
+void check_svd_job(const SvdJob& job);
+
 // Both raise Error(NonFinite) naming the job when an input holds NaN or Inf.
 // Factored jobs must have `exact` set from factored_svd_is_exact (the caller sized S by it).
 void factored_svd_batch(std::vector<SvdJob>& jobs, SvdSplit split, const RandomizedSvdOptions& opt, int threads);
