@@ -393,6 +393,34 @@ def test_cli(tmp_path, capsys):
     assert report["ranks"]["blk.0.attn_q.weight"] == 8 and report["folded"] == {}
 
 
+def test_an_earlier_gguf_output_is_replaced_and_other_files_are_not(tmp_path, capsys):
+    """Outputs follow the project's rules: an earlier lorafuse GGUF output is replaced without --overwrite;
+    a GGUF file lorafuse did not write (no mark), a damaged one, or another file is refused with exit 1 and
+    left as it was."""
+    made = make(tmp_path, "qwen2", ATTN_MLP)
+    out = tmp_path / "x.gguf"
+    assert _run(capsys, "convert", made.adapter, "--to", "gguf", "--arch", "qwen2", "-o", out)[0] == 0
+    first = out.read_bytes()
+    code, _, err = _run(capsys, "convert", made.adapter, "--to", "gguf", "--arch", "qwen2", "--gguf-type", "f16",
+                        "-o", out)
+    assert code == 0, err
+    assert out.read_bytes() != first and read(out)[0]["general.type"] == "adapter"
+    foreign = tmp_path / "foreign.gguf"  # a GGUF file without lorafuse's mark
+    w = gguf.GGUFWriter(str(foreign), "qwen2")
+    w.add_string("general.type", "adapter")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(first[: len(first) // 2])
+    for victim in (foreign, damaged):
+        before = victim.read_bytes()
+        code, _, err = _run(capsys, "convert", made.adapter, "--to", "gguf", "--arch", "qwen2", "-o", victim)
+        assert code == 1 and "--overwrite" in err, err
+        assert victim.read_bytes() == before
+
+
 @pytest.mark.parametrize(("extra", "code", "message"), [
     (["--arch", "llama"], 2, "head counts"),  # LorafuseValueError: bad arguments
     ([], 2, "needs the base model's architecture"),

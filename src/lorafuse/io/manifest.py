@@ -277,8 +277,34 @@ def _png_marked(fd: int) -> bool:
     return False
 
 
+_GGUF_MAGIC = b"GGUF"
+
+
+def _gguf_marked(path: Path) -> bool:
+    """A GGUF file (convert --to gguf) is ours when gguf's reader parses it whole and it holds the marker
+    key; without the `gguf` package (lorafuse[gguf]) no GGUF file is taken for ours."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return False
+    try:  # GGUF v2 / v3 header: magic, version (u32), tensor count (u64), key-value count (u64), little-endian
+        with open(path, "rb") as f:
+            head = f.read(24)
+        version, tensors, kvs = int.from_bytes(head[4:8], "little"), head[8:16], int.from_bytes(head[16:24], "little")
+        if len(head) < 24 or version not in (2, 3) or kvs > 4096 or int.from_bytes(tensors, "little") > 1 << 24:
+            return False  # not what lorafuse writes: no need to parse it
+    except OSError:
+        return False
+    try:
+        field = GGUFReader(path).get_field(MARKER_KEY)
+    except Exception:  # a damaged or hostile file, whatever gguf's reader raises: not ours  # noqa: BLE001
+        return False
+    return field is not None
+
+
 def file_is_ours(path: Path) -> bool:
-    """True when `path` is an intact lorafuse-written .safetensors file (marker in its metadata) or PNG."""
+    """True when `path` is an intact lorafuse-written .safetensors file (marker in its metadata), PNG or
+    GGUF file."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except OSError:
@@ -288,6 +314,8 @@ def file_is_ours(path: Path) -> bool:
             return False
         if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
             return _png_marked(fd)
+        if os.pread(fd, len(_GGUF_MAGIC), 0) == _GGUF_MAGIC:
+            return _gguf_marked(path)
         from lorafuse.errors import LorafuseError
         from lorafuse.io.safetensors import _read_header_fd
 
