@@ -62,9 +62,11 @@ def _bnb_state_dict(w, quant_type, blocksize, nested, storage="uint8", name="m.w
 
 
 @pytest.fixture(autouse=True)
-def _no_torch_compile(monkeypatch):
+def _no_torch_compile():
     """bitsandbytes wraps its reference kernels in torch.compile; run them eagerly (no compiler, no CPU burst)."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    # torch's own config patch: pytest's monkeypatch on this config module can lose the attribute on undo
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _reference_dequant(packed, qs, dtype=torch.float32):

@@ -45,9 +45,11 @@ HALF_GAP = {q: float(np.max(np.diff(np.sort(Q.code_table(q))))) / 2 for q in Q.Q
 
 
 @pytest.fixture(autouse=True)
-def _no_torch_compile(monkeypatch):
+def _no_torch_compile():
     """bitsandbytes wraps its reference kernels in torch.compile; run them eagerly (no compiler, no CPU burst)."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    # torch's own config patch: pytest's monkeypatch on this config module can lose the attribute on undo
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def _config():
