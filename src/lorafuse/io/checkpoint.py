@@ -231,6 +231,12 @@ class Checkpoint:
     def sharded(self) -> bool:
         return self.index_name is not None
 
+    @property
+    def location(self) -> Path:
+        """What names this checkpoint in messages: its one file when it is a single unsharded file, else its
+        folder."""
+        return self.directory / self.shards[0] if not self.sharded and len(self.shards) == 1 else self.directory
+
     def keys(self) -> list[str]:
         return list(self.shard_of)
 

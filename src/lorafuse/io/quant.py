@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import numpy as np
 from lorafuse.backends import get_backend
 from lorafuse.errors import UnsupportedError
 from lorafuse.io import quant_bnb as Q
+from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.tensor import Tensor
 
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -658,6 +660,12 @@ def detect(config: Mapping[str, object], dtypes: Mapping[str, str]) -> Quantizat
     return _detect_by_names(dtypes)
 
 
+def detect_checkpoint(ckpt: Checkpoint, config: Mapping[str, object] | None = None) -> Quantization | None:
+    """`detect` for a checkpoint: its config.json (`config` when already read) and its tensors' dtypes."""
+    return detect(read_config(ckpt.directory) if config is None else config,
+                  {k: ckpt.info(k).dtype for k in ckpt.keys()})
+
+
 def _detect_by_names(dtypes: Mapping[str, str]) -> Quantization | None:
     for key in dtypes:
         for suffix, method in _COMPANION_HINTS:
@@ -680,7 +688,7 @@ def _detect_by_names(dtypes: Mapping[str, str]) -> Quantization | None:
     return None
 
 
-def refusal(q: Quantization, where: str, verb: str = "apply") -> UnsupportedError:
+def refusal(q: Quantization, where: str | os.PathLike[str], verb: str = "apply") -> UnsupportedError:
     """The error for a checkpoint lorafuse cannot honour: the file, the method, and what to do."""
     return UnsupportedError(f"{where}: the checkpoint is quantized with {q.method} (found in {q.source}), which "
                             f"lorafuse {verb} cannot honour: {q.why}")

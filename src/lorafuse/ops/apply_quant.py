@@ -21,7 +21,7 @@ import numpy as np
 
 from lorafuse.errors import LorafuseError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint
-from lorafuse.io.quant import Quantization, QuantScheme, detect, refusal, relative
+from lorafuse.io.quant import Quantization, QuantScheme, detect_checkpoint, refusal, relative
 from lorafuse.io.safetensors import SafetensorsFile
 
 F8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -86,10 +86,6 @@ class QuantScan:
         return out
 
 
-def _where(ckpt: Checkpoint) -> str:
-    return str(ckpt.directory / ckpt.shards[0]) if not ckpt.sharded and len(ckpt.shards) == 1 else str(ckpt.directory)
-
-
 def _siblings(keys: list[str]) -> dict[str, list[str]]:
     """module prefix -> the last name parts of its tensors ('x.weight' -> 'x': ['weight', ...])."""
     out: dict[str, list[str]] = {}
@@ -116,7 +112,7 @@ def check_unscaled_f8(ckpt: Checkpoint, changed: set[str]) -> None:
         extra = _unknown_siblings(key, siblings, ())
         if extra:
             raise UnsupportedError(
-                f"{_where(ckpt)}: {key} is a {ckpt.info(key).dtype} weight with {', '.join(extra[:4])} beside it, "
+                f"{ckpt.location}: {key} is a {ckpt.info(key).dtype} weight with {', '.join(extra[:4])} beside it, "
                 "which look like quantization scales lorafuse does not know, and there is no quantization_config "
                 "in config.json to say what they mean: lorafuse will not merge into codes whose scale it does not "
                 "know; merge into the 16-bit base instead, or put the checkpoint's config.json beside it")
@@ -125,7 +121,7 @@ def check_unscaled_f8(ckpt: Checkpoint, changed: set[str]) -> None:
 def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
     """The checkpoint's quantization and its quantized weights, each scheme bound to its weight (reading the
     weight's quant state where the scheme keeps one there; an unreadable one raises, naming the file)."""
-    q = detect(config, {k: ckpt.info(k).dtype for k in ckpt.keys()})
+    q = detect_checkpoint(ckpt, config)
     scan = QuantScan(q)
     if q is None or q.scheme is None:
         return scan
@@ -157,7 +153,7 @@ def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
                 try:
                     bound = scheme.bind(key, tuple(info.shape), info.dtype, read)
                 except LorafuseError as e:
-                    raise type(e)(f"{_where(ckpt)}: {e}") from None
+                    raise type(e)(f"{ckpt.location}: {e}") from None
             scan.found[key] = _Found(present, bound, why)
     finally:
         for f in files.values():
@@ -174,13 +170,13 @@ def check_scan(ckpt: Checkpoint, scan: QuantScan, dtype: str | None, requantize:
     if q is None:
         return
     if q.scheme is None:
-        raise refusal(q, _where(ckpt))
+        raise refusal(q, ckpt.location)
     keep = dtype is None and (q.scheme.requantize_by_default if requantize is None else requantize)
     for key, found in scan.found.items():
         if found.why is not None and (not keep or q.scheme.packed):
             info = ckpt.info(key)
             raise UnsupportedError(
-                f"{_where(ckpt)}: {key} ({info.dtype} {list(info.shape)}) is quantized with {q.describe()}, but "
+                f"{ckpt.location}: {key} ({info.dtype} {list(info.shape)}) is quantized with {q.describe()}, but "
                 f"{found.why}: lorafuse will not read codes whose scale it does not know; merge into the 16-bit "
                 "base instead")
 
@@ -195,7 +191,7 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
     (FP8); else every quantized weight is written dequantized in `dtype`, or the dtype it was quantized
     from (bitsandbytes' quant_state; the config's torch_dtype; BF16), and the companions and the
     quantization_config are dropped."""
-    where = _where(ckpt)
+    where = str(ckpt.location)
     scan = scan if scan is not None else scan_quant(ckpt, config)
     q = scan.quantization
     if q is None:

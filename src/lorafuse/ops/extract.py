@@ -23,7 +23,7 @@ from lorafuse.backends import ExtractJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
-from lorafuse.io.quant import detect
+from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate
@@ -99,10 +99,10 @@ def extract(
     cb, cf = Checkpoint(base), Checkpoint(finetuned)
     base_config = read_config(cb.directory)  # before the long work
     for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
-        q = detect(config, {k: ck.info(k).dtype for k in ck.keys()})
+        q = detect_checkpoint(ck, config)
         if q is not None:  # codes are not weights: their difference means nothing
             raise UnsupportedError(
-                f"{ck.directory / ck.shards[0] if len(ck.shards) == 1 else ck.directory}: the {what} is quantized "
+                f"{ck.location}: the {what} is quantized "
                 f"with {q.describe()}; extract reads 16- and 32-bit checkpoints only: extract from the unquantized "
                 "checkpoints (the 16-bit base and fine-tune), or for a float8 checkpoint write it in bf16 first "
                 "(`lorafuse apply` with --dtype bf16)")

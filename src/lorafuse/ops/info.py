@@ -10,9 +10,9 @@ from pathlib import Path
 from lorafuse.formats import adapter_format, load
 from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
 from lorafuse.formats.util import most_common
-from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending, read_config
+from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending
 from lorafuse.io.pipeline import Pipeline, is_pipeline
-from lorafuse.io.quant import detect
+from lorafuse.io.quant import detect_checkpoint
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.spectral import frobenius_norms
@@ -95,7 +95,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
 def describe_quantization(ckpt: Checkpoint) -> dict[str, object] | None:
     """How the checkpoint is quantized (None: it is not): the method, the scheme lorafuse reads it with
     (None: lorafuse refuses it, `why` says why), and where that was found."""
-    q = detect(read_config(ckpt.directory), {k: ckpt.info(k).dtype for k in ckpt.keys()})
+    q = detect_checkpoint(ckpt)
     if q is None:
         return None
     return {"method": q.method, "scheme": q.scheme.name if q.scheme is not None else None,
