@@ -91,6 +91,20 @@ def test_unknown_devices_are_refused(case, second, tmp_path, device):
         lorafuse.extract(case.base_dir, case.base_dir, rank=2, device=device)
 
 
+@without_gpu
+@pytest.mark.parametrize("alias", ["gpu", "cuda:0", " CUDA "])
+def test_every_verb_takes_the_same_device_names(case, second, tmp_path, alias):
+    """One check of device names (backends.check_device) for every verb: the aliases of 'cuda' name the GPU
+    in combine as in apply, resize and extract (here: DeviceError, the GPU cannot run)."""
+    with pytest.raises(DeviceError):
+        lorafuse.apply(case.base_dir, [case.adapter_dir], out=tmp_path / "m", device=alias)
+    with pytest.raises(DeviceError):
+        lorafuse.combine([case.adapter_dir, second], device=alias)
+    with pytest.raises(DeviceError):
+        lorafuse.resize(case.adapter_dir, 2, device=alias)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("verb", ["apply", "combine", "resize", "extract"])
 def test_help_teaches_the_device(capsys, verb):
     with pytest.raises(SystemExit):

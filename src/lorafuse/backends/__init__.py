@@ -66,12 +66,11 @@ def get_backend(name: str = "auto") -> Backend:
 DEVICES = ("cpu", "cuda")
 
 
-def backend_for_device(device: str | None) -> Backend:
-    """The backend a `device` argument names: 'cpu' or 'cuda' (or None / 'auto': get_backend('auto')).
-    'cpu' is the compiled CPU core, or the float64 reference when LORAFUSE_BACKEND=reference (a host
-    backend too); 'cuda' that cannot run here raises DeviceError saying why and what to do."""
+def check_device(device: str | None) -> str:
+    """A `device` argument's name: 'cpu', 'cuda' ('cuda:0' and 'gpu' are aliases) or 'auto' (None); anything
+    else raises LorafuseValueError. Says nothing about whether the device can run here (backend_for_device)."""
     if device is None:
-        return get_backend("auto")
+        return "auto"
     if not isinstance(device, str):
         raise LorafuseValueError(f"device must be 'cpu' or 'cuda', got {type(device).__name__}")
     name = device.strip().lower()
@@ -79,6 +78,14 @@ def backend_for_device(device: str | None) -> Backend:
         name = "cuda"
     if name not in DEVICES + ("auto",):
         raise LorafuseValueError(f"unknown device {device!r}: choose 'cpu' or 'cuda'")
+    return name
+
+
+def backend_for_device(device: str | None) -> Backend:
+    """The backend a `device` argument names: 'cpu' or 'cuda' (or None / 'auto': get_backend('auto')).
+    'cpu' is the compiled CPU core, or the float64 reference when LORAFUSE_BACKEND=reference (a host
+    backend too); 'cuda' that cannot run here raises DeviceError saying why and what to do."""
+    name = check_device(device)
     if name == "cpu" and os.environ.get(ENV, "").strip().lower() == "reference":
         return _make("reference")  # the float64 reference runs on the host too: LORAFUSE_BACKEND still picks it
     return get_backend(name)
@@ -100,5 +107,6 @@ __all__ = [
     "Backend", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair", "FactorStage",
     "InnerJob",
     "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "backend_for_device",
+    "check_device",
     "get_backend",
 ]

@@ -52,7 +52,7 @@ from lorafuse._validate import (
     check_threads,
     check_weights,
 )
-from lorafuse.backends import backend_for_device
+from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
@@ -97,10 +97,8 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"method {o.method!r} has no exact switch (exact applies to method 'svd')")
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
-    if o.device not in ("cpu", "cuda"):
-        raise LorafuseValueError(f"unknown device {o.device!r}: choose 'cpu' or 'cuda'")
     many.check_stream_options(o)
-    return dataclasses.replace(o, dtype=check_dtype(o.dtype))
+    return dataclasses.replace(o, dtype=check_dtype(o.dtype), device=check_device(o.device))
 
 
 def combine(
@@ -159,9 +157,8 @@ class _Prepared:
 
 
 def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
-             options: CombineOptions) -> _Prepared:
-    """Everything checked and laid out before any module is computed."""
-    o = check_options(options)
+             o: CombineOptions) -> _Prepared:
+    """Everything checked and laid out before any module is computed (`o`: options check_options returned)."""
     method = REGISTRY[o.method]
     if not adapters:
         raise LorafuseValueError("combine needs at least one adapter")
@@ -197,19 +194,21 @@ AnyAdapters = Iterable[str | os.PathLike[str] | Adapter] | Iterable[many.Source]
 
 
 def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions
-           ) -> tuple[Sequence[str | os.PathLike[str] | Adapter], Sequence[float] | None, many.Plan | None]:
-    """The inputs for the in-memory path (and None), or the header pass's Plan for the streamed engine.
-    A short sequence of adapters with no streaming option goes the in-memory path untouched."""
+           ) -> tuple[Sequence[str | os.PathLike[str] | Adapter], Sequence[float] | None, many.Plan | None,
+                      CombineOptions]:
+    """The inputs for the in-memory path (and None), or the header pass's Plan for the streamed engine, with
+    the checked options. A short sequence of adapters with no streaming option goes the in-memory path
+    untouched."""
     o = check_options(options)
     if (o.engine == "auto" and o.passes is None and isinstance(adapters, Sequence)
             and len(adapters) <= many.memory_max_adapters() and not any(isinstance(a, many.Source) for a in adapters)
             and (weights is None or isinstance(weights, Sequence))):
-        return adapters, weights, None  # (no Source among them)
+        return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
     plan = many.check_sources(sources, ws, o.method)
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
-        return [s.item for s in sources], ws, None
-    return [], None, plan
+        return [s.item for s in sources], ws, None, o
+    return [], None, plan, o
 
 
 def _streamed_update(layout: ModuleLayout, b: np.ndarray, a: np.ndarray, dtype: str, threads: int) -> LoraUpdate:
@@ -218,9 +217,8 @@ def _streamed_update(layout: ModuleLayout, b: np.ndarray, a: np.ndarray, dtype: 
 
 def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> Adapter:
     """combine() with its options as one CombineOptions."""
-    adapters, weights, plan = _route(adapters, weights, options)
+    adapters, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
-        o = check_options(options)
         dtype = plan.output_dtype(o.dtype)
         layouts = {m.name: m for m in many.layout_of(plan, o, dtype)}
         computed: dict[str, LoraUpdate] = {}
@@ -232,7 +230,7 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
         streamed = many.template_of(plan, computed)
         streamed.randomized = list(computed) if o.method == "svd" else []
         return streamed
-    p = _prepare(adapters, weights, options)
+    p = _prepare(adapters, weights, o)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
     for name, update, was_randomized in _outputs(p):
@@ -274,10 +272,10 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     start = time.perf_counter()
-    adapters, weights, plan = _route(adapters, weights, options)
+    adapters, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
-        return _stream_to(plan, check_options(options), out, format, overwrite, start)
-    p = _prepare(adapters, weights, options)
+        return _stream_to(plan, o, out, format, overwrite, start)
+    p = _prepare(adapters, weights, o)
     layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
                                                                  dtype=p.dtype), name=n)
                            for n, ts in p.by_module.items())

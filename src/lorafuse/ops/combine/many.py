@@ -311,7 +311,7 @@ def choose_engine(plan: Plan, options: CombineOptions, backend: Backend) -> str:
     when passes is given. (MEMORY_MAX_ADAPTERS: memory_max_adapters().)"""
     if options.engine != "auto":
         return options.engine
-    if options.method not in STREAMABLE or options.device != "cpu" or options.exact:
+    if options.method not in STREAMABLE or options.device == "cuda" or options.exact:
         return "memory"
     if options.passes is not None:
         return "stream"
@@ -696,7 +696,7 @@ def check_stream_options(options: CombineOptions) -> None:
         if options.exact:
             raise LorafuseValueError("exact and a streamed engine (passes, engine 'stream') exclude each other: "
                                      "the streamed svd is randomized")
-        if options.device != "cpu":
+        if options.device == "cuda":
             raise UnsupportedError("the streamed engine runs on the CPU (device 'cpu')")
         if options.method == "linear" and p not in (None, 1):
             raise LorafuseValueError("method 'linear' reads each adapter once: passes must be 1 (or left out)")
