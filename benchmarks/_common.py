@@ -356,6 +356,20 @@ def make_workdir(workdir: str | None, prefix: str) -> tuple[Path, Path, bool]:
     return path, log_dir, own
 
 
+def finish_workdir(workdir: Path, keep: bool, own: bool, outputs: Iterable[Path] = ()) -> None:
+    """The end of a run (make_workdir's other half): --keep keeps everything; a temp dir of its own is removed;
+    a --workdir keeps its inputs for reuse, the `outputs` removed."""
+    if keep:
+        print(f"\nkept {workdir}")
+    elif own:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        outputs = list(outputs)
+        for out in outputs:
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"\n{'removed the outputs; ' if outputs else ''}inputs kept in {workdir} for reuse")
+
+
 def warm_page_cache(paths: Iterable[Path], chunk_bytes: int = 16 * MiB) -> int:
     """Read every regular file under ``paths`` once (like ``cat files > /dev/null``)."""
     buf = bytearray(chunk_bytes)

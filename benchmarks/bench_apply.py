@@ -53,27 +53,27 @@ from typing import TYPE_CHECKING, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _fp8  # noqa: E402
 from _common import (  # noqa: E402
-    make_workdir,
-    print_run_header,
     ADAPTER_CONFIG_NAME,
     LLAMA_LINEAR_MODULES,
     RunResult,
     build_llama_checkpoint,
     build_lora_adapter,
     checkpoint_specs,
+    finish_workdir,
     fmt_mib,
     fmt_spread,
-    median_spread,
     llama_config,
     load_tensor,
+    make_workdir,
+    median_spread,
     parse_size,
+    print_run_header,
     run_measured,
     tree_bytes,
     warm_page_cache,
 )
-
-import _fp8  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -723,14 +723,7 @@ def main(argv: Sequence[str]) -> int:
         print_table(tools, inputs.base_bytes, args.repeat)
         print_summary(by_key, inputs.base_bytes)
     finally:
-        if args.keep:
-            print(f"\nkept {workdir}")
-        elif own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            for tool in tools:
-                shutil.rmtree(tool.out_dir, ignore_errors=True)
-            print(f"\nremoved the outputs; inputs kept in {workdir} for reuse")
+        finish_workdir(workdir, args.keep, own_workdir, [tool.out_dir for tool in tools])
     return status
 
 
@@ -780,13 +773,7 @@ def main_fp8(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(f"\ntorch / lorafuse = {peer.wall_s / lf.wall_s:.2f}x wall (ratio of medians); peak RSS "
                   f"lorafuse {fmt_mib(lf.peak_rss)} MiB, torch {fmt_mib(peer.peak_rss)} MiB")
     finally:
-        if args.keep:
-            print(f"\nkept {workdir}")
-        elif own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            for tool in tools:
-                shutil.rmtree(tool.out_dir, ignore_errors=True)
+        finish_workdir(workdir, args.keep, own_workdir, [tool.out_dir for tool in tools])
     return status
 
 

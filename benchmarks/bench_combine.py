@@ -95,20 +95,21 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    UNAVAILABLE_EXIT,
-    make_workdir,
-    print_run_header,
-    time_lorafuse_combine,
     ADAPTER_WEIGHTS_NAME,
     LLAMA_LINEAR_MODULES,
+    UNAVAILABLE_EXIT,
     build_lora_adapter,
     find_peft_adapter_dir,
+    finish_workdir,
     fmt_mib,
     fmt_runs,
     llama_config,
+    make_workdir,
     median_spread,
     peft_lora_delta64,
+    print_run_header,
     run_measured,
+    time_lorafuse_combine,
     tree_bytes,
 )
 from bench_apply import (  # noqa: E402
@@ -931,12 +932,7 @@ def main(argv: Sequence[str]) -> int:
             else:
                 status |= run_table2(args, workdir, log_dir)
     finally:
-        if args.keep:
-            print(f"\nkept {workdir}")
-        elif own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"\ninputs kept in {workdir} for reuse")
+        finish_workdir(workdir, args.keep, own_workdir)
     return status
 
 

@@ -95,8 +95,6 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    make_workdir,
-    print_run_header,
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     LLAMA_LINEAR_MODULES,
@@ -106,12 +104,15 @@ from _common import (  # noqa: E402
     build_lora_adapter,
     checkpoint_weight_map,
     find_peft_adapter_dir,
+    finish_workdir,
     fmt_mib,
     fmt_runs,
     llama_config,
     load_tensor,
+    make_workdir,
     peft_lora_delta64,
     peft_lora_scale,
+    print_run_header,
     tree_bytes,
 )
 from bench_apply import (  # noqa: E402
@@ -896,12 +897,7 @@ def main(argv: Sequence[str]) -> int:
             summaries.extend(more)
         print("\ntargets: " + " | ".join(summaries))
     finally:
-        if args.keep:
-            print(f"\nkept {workdir}")
-        elif own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"\ninputs kept in {workdir} for reuse")
+        finish_workdir(workdir, args.keep, own_workdir)
     return status
 
 

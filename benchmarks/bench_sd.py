@@ -90,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     UNAVAILABLE_EXIT,
     RunResult,
+    finish_workdir,
     fmt_mib,
     fmt_runs,
     make_workdir,
@@ -854,12 +855,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         return run(args, workdir, log_dir)
     finally:
-        if args.keep:
-            print(f"\nkept {workdir}")
-        elif own_workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"\ninputs kept in {workdir} for reuse")
+        finish_workdir(workdir, args.keep, own_workdir)
 
 
 if __name__ == "__main__":
