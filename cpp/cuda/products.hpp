@@ -68,6 +68,9 @@ class DeviceFactorList {
   void apply_t(const float* Y, std::int64_t l, float* Z, const std::string& what);
 
  private:
+  // apply (transposed false) and apply_t (true): the same two products through the stacks, sides swapped.
+  void two_products(const float* in, std::int64_t l, float* out, bool transposed, const std::string& what);
+
   Context& ctx_;
   std::int64_t rows_ = 0, cols_ = 0, r_ = 0, filled_ = 0;
   bool weighted_ = false;

@@ -209,42 +209,37 @@ bool DeviceFactorList::finish(const std::string& what) {
 }
 
 void DeviceFactorList::apply(const float* X, std::int64_t l, float* Y, const std::string& what) {
-  const int m = blas_dim(rows_, what), n = blas_dim(cols_, what), r = blas_dim(r_, what), k = blas_dim(l, what);
-  if (l == 0) return;
-  const std::string blk = what + ": a block of the range finder";
-  x_.reserve(count(cols_, l), blk);
-  y_.reserve(count(rows_, l), blk);
-  t_.reserve(count(r_, l), blk);
-  to_device(x_.data(), X, count(cols_, l) * sizeof(float), ctx_, what);
-  // T (r x l) = A X; the stack a_ is A^T (cols x r, column-major).
-  sgemm(ctx_, CUBLAS_OP_T, CUBLAS_OP_N, r, k, n, a_.data(), n, x_.data(), n, t_.data(), r, what);
-  if (weighted_) {
-    scale_rows_kernel<<<grid_for(r_ * l), kThreads, 0, ctx_.stream()>>>(t_.data(), r_, l, w_.data());
-    launched(what);
-  }
-  // Y (rows x l) = B T; the stack b_ is B (rows x r, column-major).
-  sgemm(ctx_, CUBLAS_OP_N, CUBLAS_OP_N, m, k, r, b_.data(), m, t_.data(), r, y_.data(), m, what);
-  to_host(Y, y_.data(), count(rows_, l) * sizeof(float), ctx_, what);
-  sync(ctx_, what);
+  two_products(X, l, Y, false, what);
 }
 
 void DeviceFactorList::apply_t(const float* Y, std::int64_t l, float* Z, const std::string& what) {
+  two_products(Y, l, Z, true, what);
+}
+
+// apply: T (r x l) = A X through the stack a_ (A^T, cols x r, column-major), then Y (rows x l) = B T through
+// b_ (B, rows x r); apply_t: T = B^T Y through b_, then Z (cols x l) = A^T T through a_. T's rows are weighted
+// in between when the terms carry weights.
+void DeviceFactorList::two_products(const float* in, std::int64_t l, float* out, bool transposed,
+                                    const std::string& what) {
   const int m = blas_dim(rows_, what), n = blas_dim(cols_, what), r = blas_dim(r_, what), k = blas_dim(l, what);
   if (l == 0) return;
   const std::string blk = what + ": a block of the range finder";
   x_.reserve(count(cols_, l), blk);
   y_.reserve(count(rows_, l), blk);
   t_.reserve(count(r_, l), blk);
-  to_device(y_.data(), Y, count(rows_, l) * sizeof(float), ctx_, what);
-  // T (r x l) = B^T Y.
-  sgemm(ctx_, CUBLAS_OP_T, CUBLAS_OP_N, r, k, m, b_.data(), m, y_.data(), m, t_.data(), r, what);
+  const int ni = transposed ? m : n, no = transposed ? n : m;
+  const DeviceBuffer<float>& first = transposed ? b_ : a_;
+  const DeviceBuffer<float>& second = transposed ? a_ : b_;
+  const DeviceBuffer<float>& in_buf = transposed ? y_ : x_;
+  const DeviceBuffer<float>& out_buf = transposed ? x_ : y_;
+  to_device(in_buf.data(), in, count(ni, l) * sizeof(float), ctx_, what);
+  sgemm(ctx_, CUBLAS_OP_T, CUBLAS_OP_N, r, k, ni, first.data(), ni, in_buf.data(), ni, t_.data(), r, what);
   if (weighted_) {
     scale_rows_kernel<<<grid_for(r_ * l), kThreads, 0, ctx_.stream()>>>(t_.data(), r_, l, w_.data());
     launched(what);
   }
-  // Z (cols x l) = A^T T.
-  sgemm(ctx_, CUBLAS_OP_N, CUBLAS_OP_N, n, k, r, a_.data(), n, t_.data(), r, x_.data(), n, what);
-  to_host(Z, x_.data(), count(cols_, l) * sizeof(float), ctx_, what);
+  sgemm(ctx_, CUBLAS_OP_N, CUBLAS_OP_N, no, k, r, second.data(), no, t_.data(), r, out_buf.data(), no, what);
+  to_host(out, out_buf.data(), count(no, l) * sizeof(float), ctx_, what);
   sync(ctx_, what);
 }
 
