@@ -198,10 +198,13 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
                       CombineOptions]:
     """The inputs for the in-memory path (and None), or the header pass's Plan for the streamed engine, with
     the checked options. A short sequence of adapters with no streaming option goes the in-memory path
-    untouched."""
+    untouched, and so does a sequence of Adapters already loaded, however long: they are open already, and
+    the in-memory path drops each group's mapped input pages once it is done (streaming them would keep every
+    page they touch resident)."""
     o = check_options(options)
     if (o.engine == "auto" and o.passes is None and isinstance(adapters, Sequence)
-            and len(adapters) <= many.memory_max_adapters() and not any(isinstance(a, many.Source) for a in adapters)
+            and (len(adapters) <= many.memory_max_adapters() or all(isinstance(a, Adapter) for a in adapters))
+            and not any(isinstance(a, many.Source) for a in adapters)
             and (weights is None or isinstance(weights, Sequence))):
         return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
