@@ -19,6 +19,15 @@ factors, its exact SVD), for --passes 1, 2 and 3, with the engine's own a-poster
 
 Run: ``python benchmarks/bench_many.py`` (n = 10, 100, 1000), ``--n 10 100`` for fewer, ``--n 10000`` for
 the issue's largest case (12 GB of adapters in --dir, and its float64 optimum takes a while).
+
+``--engine ray`` (n = 1000 unless --n says otherwise; needs ``pip install 'lorafuse[ray]'``): the same list
+combined by the local streamed engine and by engine 'ray' on a local Ray of --ray-cpus CPUs (default 2),
+alternating, --repeat times each, with --dtype fp32 outputs so that the comparison sees the engines and not
+the bf16 rounding. Reported: each engine's median time inside combine_to (Ray's start, timed apart, excluded),
+the overhead ratio ray / local of the medians and of the fastest runs (other work on the machine slows the
+local engine's two BLAS threads far more than Ray's one-thread tasks: the load average is recorded), the
+ratio with Ray's start, and the largest relative difference ||D_ray - D_local||_F / ||D_local||_F over the
+layer's modules (issue #15: within 1e-3).
 """
 
 from __future__ import annotations
@@ -47,13 +56,21 @@ CHILD = r"""
 import json, sys, time
 from lorafuse.ops.combine import CombineOptions, combine_to
 from lorafuse.ops.combine.many import read_list
+engine, dtype = sys.argv[6], (None if sys.argv[7] == "-" else sys.argv[7])
+init = 0.0
+if engine == "ray":  # a local Ray of argv[8] CPUs, started (and timed) before the combination
+    import ray
+    t = time.perf_counter()
+    ray.init(num_cpus=int(sys.argv[8]), include_dashboard=False)
+    init = time.perf_counter() - t
 sources, weights = read_list(sys.argv[1])
 t = time.perf_counter()
 report = combine_to(sources, weights, CombineOptions(rank=int(sys.argv[3]), passes=int(sys.argv[4]),
-                    engine="stream", threads=int(sys.argv[5])), sys.argv[2], overwrite=True)
+                    engine=engine, threads=int(sys.argv[5]), dtype=dtype), sys.argv[2], overwrite=True)
 s = report.summary
 print(json.dumps({"wall": time.perf_counter() - t, "passes": s.passes, "adapters": s.adapters,
-                  "bytes_read": s.bytes_read, "peak_rss": s.peak_rss, "errors": s.errors}))
+                  "bytes_read": s.bytes_read, "peak_rss": s.peak_rss, "errors": s.errors, "init": init,
+                  "shards": s.shards, "workers": s.workers}))
 """
 
 
@@ -112,10 +129,12 @@ def time_cat(files: list[str]) -> float:
     return time.perf_counter() - t
 
 
-def run_combine(listing: Path, out: Path, passes: int, threads: int) -> dict[str, object]:
+def run_combine(listing: Path, out: Path, passes: int, threads: int, engine: str = "stream",
+                dtype: str | None = None, ray_cpus: int = 2) -> dict[str, object]:
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, str(listing), str(out), str(RANK), str(passes),
-                           str(threads)], capture_output=True, text=True, check=False)
+                           str(threads), engine, dtype or "-", str(ray_cpus)], capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise SystemExit(f"combine failed:\n{done.stderr}")
@@ -146,18 +165,79 @@ def q_proj_errors(paths: list[Path], outs: dict[int, Path], reported: dict[int, 
     return out
 
 
+def max_relative_difference(a: Path, b: Path) -> float:
+    """max over modules of ||D_a - D_b||_F / ||D_b||_F, D from each output's stored factors in float64."""
+    import lorafuse
+
+    x, y = lorafuse.load(a), lorafuse.load(b)
+    worst = 0.0
+    for name, u in y.updates.items():
+        db = np.asarray(u.delta(), dtype=np.float64)
+        da = np.asarray(x.updates[name].delta(), dtype=np.float64)
+        worst = max(worst, float(np.linalg.norm(da - db) / np.linalg.norm(db)))
+    return worst
+
+
+def compare_ray(args: argparse.Namespace, root: Path, paths_all: list[Path], n: int) -> dict[str, object]:
+    """The local streamed engine and engine 'ray' on the same list, alternating; their outputs compared."""
+    paths = paths_all[:n]
+    listing = root / f"list{n}.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    time_cat(files_of(paths))  # warm the page cache
+    repeat = args.repeat
+    local, on_ray = [], []
+    load_before = os.getloadavg()[0]  # other work on the machine slows the engines unevenly (BLAS threads)
+    for _ in range(repeat):
+        local.append(run_combine(listing, root / f"local{n}", args.passes, args.threads, "stream", "fp32"))
+        on_ray.append(run_combine(listing, root / f"ray{n}", args.passes, args.threads, "ray", "fp32",
+                                  args.ray_cpus))
+    t_local = statistics.median(float(r["wall"]) for r in local)  # type: ignore[arg-type]
+    t_ray = statistics.median(float(r["wall"]) for r in on_ray)  # type: ignore[arg-type]
+    t_init = statistics.median(float(r["init"]) for r in on_ray)  # type: ignore[arg-type]
+    row: dict[str, object] = {
+        "n": n, "passes": args.passes, "runs": repeat, "ray_cpus": args.ray_cpus,
+        "local_s": t_local, "local_runs": [float(r["wall"]) for r in local],  # type: ignore[arg-type]
+        "ray_s": t_ray, "ray_runs": [float(r["wall"]) for r in on_ray],  # type: ignore[arg-type]
+        "ray_init_s": t_init, "overhead": t_ray / t_local, "overhead_with_start": (t_ray + t_init) / t_local,
+        "overhead_of_minima": min(float(r["wall"]) for r in on_ray) / min(float(r["wall"]) for r in local),  # type: ignore[arg-type]
+        "shards": on_ray[0]["shards"], "workers": max(int(r["workers"]) for r in on_ray),  # type: ignore[call-overload]
+        "ray_driver_peak_rss_mib": max(int(r["peak_rss"]) for r in on_ray) / 2**20,  # type: ignore[call-overload]
+        "local_peak_rss_mib": max(int(r["peak_rss"]) for r in local) / 2**20,  # type: ignore[call-overload]
+        "max_relative_difference": max_relative_difference(root / f"ray{n}", root / f"local{n}"),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--n", type=int, nargs="+", help="adapter counts (default 10 100 1000; 1000 with --engine ray)")
     ap.add_argument("--dir", default="/tmp/lorafuse-bench-many", help="where the adapters are made and kept")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--passes", type=int, default=2, help="passes of the timed runs (default 2)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-error", action="store_true", help="skip the q_proj error against the float64 optimum")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--engine", choices=("stream", "ray"), default="stream",
+                    help="ray: compare engine 'ray' (a local Ray of --ray-cpus CPUs) with the local engine")
+    ap.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (--engine ray; default 2)")
     args = ap.parse_args()
+    if args.n is None:
+        args.n = [1000] if args.engine == "ray" else [10, 100, 1000]
     root = Path(args.dir)
     paths_all = make_adapters(root / "adapters", max(args.n))
+    if args.engine == "ray":
+        compared = [compare_ray(args, root, paths_all, n) for n in sorted(args.n)]
+        print(f"\n{'n':>6} {'passes':>6} {'local s':>8} {'ray s':>8} {'ray / local':>11} {'of minima':>9} "
+              f"{'Ray start s':>11} {'with start':>10} {'shards':>6} {'workers':>7} {'max rel. diff':>13}")
+        for r in compared:
+            print(f"{r['n']:>6} {r['passes']:>6} {r['local_s']:>8.2f} {r['ray_s']:>8.2f} {r['overhead']:>11.2f} "
+                  f"{r['overhead_of_minima']:>9.2f} {r['ray_init_s']:>11.2f} {r['overhead_with_start']:>10.2f} "
+                  f"{r['shards']:>6} {r['workers']:>7} {r['max_relative_difference']:>13.2e}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(compared, indent=1))
+        return 0
     rows = []
     for n in sorted(args.n):
         paths = paths_all[:n]

@@ -145,20 +145,47 @@ def write_peft_adapter(folder: Path, specs: Sequence[Spec], targets: Sequence[st
     return factors
 
 
+RECORD_FREE_MARK = b"# lorafuse model card"  # what record_free puts for a model card (README.md) lorafuse wrote
+
+
+def record_free(name: str, data: bytes) -> bytes:
+    """A file of an output without what records how the run was invoked (issue #16: the command line or the
+    Python call differ between runs that write the same weights): a .safetensors file's header without its
+    `lorafuse.*` metadata (the rest of the header and the data as they are), lorafuse's model card (README.md)
+    as a fixed mark, the manifest without the card's entry and the .safetensors files' sizes (their headers'
+    lengths follow the record's). Other files as they are."""
+    base = name.rsplit("/", 1)[-1]
+    try:
+        if base.endswith(".safetensors"):
+            (n,) = struct.unpack("<Q", data[:8])
+            header = json.loads(data[8:8 + n])
+            meta = header.get("__metadata__", {})
+            header["__metadata__"] = {k: v for k, v in meta.items() if not k.startswith("lorafuse.")}
+            return json.dumps(header).encode() + b"\0" + data[8 + n:]
+        if base == "README.md" and b"\n- lorafuse\n" in data:
+            return RECORD_FREE_MARK
+        if base == "lorafuse_manifest.json":
+            manifest = json.loads(data)
+            files = {k: ({f: v for f, v in rec.items() if f != "size"} if k.endswith(".safetensors") else rec)
+                     for k, rec in manifest["files"].items() if k != "README.md"}
+            return json.dumps({**manifest, "files": files}, sort_keys=True).encode()
+    except (ValueError, struct.error, AttributeError, KeyError, TypeError):  # not lorafuse's: as it is
+        pass
+    return data
+
+
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` (or of `root` itself when it is a file); {} when absent."""
+    """sha256 of every file under `root` (or of `root` itself when it is a file), each without the run's record
+    (record_free); {} when absent."""
     if not root.exists():
         return {}
     if root.is_file():
-        return {"": hashlib.sha256(root.read_bytes()).hexdigest()}
+        return {"": hashlib.sha256(record_free(root.name, root.read_bytes())).hexdigest()}
     out = {}
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            out[str(p.relative_to(root))] = h.hexdigest()
+            rel = str(p.relative_to(root))
+            out[rel] = hashlib.sha256(record_free(rel, p.read_bytes())).hexdigest()
     return out
 
 

@@ -128,7 +128,7 @@ def _parameter_entries(doc: str) -> dict[str, tuple[str, list[str]]]:
 
 def test_the_top_level_functions_are_the_documented_ones():
     assert set(_public_functions()) == {"apply", "combine", "convert", "describe", "detect_format", "extract", "load",
-                                        "resize", "similarity"}
+                                        "resize", "run", "similarity"}
 
 
 @pytest.mark.parametrize("name", sorted(_public_functions()))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_tools import tree_hashes
 from peft_fixtures import Case, llama_case
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -133,13 +134,14 @@ def test_apply_equals_the_api_and_prints_a_summary(case, api_out, tmp_path, caps
     assert re.match(summary_pattern(out, n_modules, len(base_tensors)), stdout.strip()), stdout
 
     # Byte for byte what the API wrote.
-    assert (out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
-    # Non-weight files are copied unchanged; nothing else appears but lorafuse's manifest, which lists them.
+    assert tree_hashes(out / "model.safetensors") == tree_hashes(api_out / "model.safetensors")  # but the record
+    # Non-weight files are copied unchanged; nothing else appears but lorafuse's manifest, which lists them, and
+    # its model card README.md (issue #16).
     assert sorted(p.name for p in out.iterdir()) == sorted(["model.safetensors", *SIDE_FILES,
-                                                            "lorafuse_manifest.json"])
+                                                            "lorafuse_manifest.json", "README.md"])
     manifest = json.loads((out / "lorafuse_manifest.json").read_text())
     assert manifest["written_by"] == "lorafuse" and sorted(manifest["files"]) == sorted(["model.safetensors",
-                                                                                         *SIDE_FILES])
+                                                                                         *SIDE_FILES, "README.md"])
     for name in SIDE_FILES:
         assert (out / name).read_bytes() == (case.base_dir / name).read_bytes(), name
     # And the values are PEFT's merge_and_unload.
@@ -154,7 +156,7 @@ def test_apply_quiet_prints_nothing(case, api_out, tmp_path, capsys):
     code, stdout, stderr = run_main(capsys, "apply", case.base_dir, case.adapter_dir, "-o", out, "-q",
                                     "--threads", "1")
     assert (code, stdout, stderr) == (0, "", "")
-    assert (out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
+    assert tree_hashes(out / "model.safetensors") == tree_hashes(api_out / "model.safetensors")  # but the record
 
 
 def test_apply_through_a_subprocess(case, api_out, tmp_path):
@@ -165,7 +167,7 @@ def test_apply_through_a_subprocess(case, api_out, tmp_path):
     assert proc.returncode == 0, proc.stderr
     n_modules = len(adapter_factors(case.adapter_dir)[0])
     assert re.match(summary_pattern(out, n_modules, 21), proc.stdout.strip()), proc.stdout
-    assert (out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
+    assert tree_hashes(out / "model.safetensors") == tree_hashes(api_out / "model.safetensors")  # but the record
     for name in SIDE_FILES:
         assert (out / name).read_bytes() == (case.base_dir / name).read_bytes(), name
 

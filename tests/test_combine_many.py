@@ -196,7 +196,7 @@ def test_engine_choice_and_refusals(forty: tuple[list[Path], list[float], dict[s
     with pytest.raises(LorafuseValueError, match="passes must be"):
         lorafuse.combine(paths, None, passes=0)
     with pytest.raises(LorafuseValueError, match="engine"):
-        lorafuse.combine(paths, None, engine="ray")
+        lorafuse.combine(paths, None, engine="spark")  # (engine 'ray': tests/test_combine_ray.py)
     with pytest.raises(LorafuseValueError, match="reads each adapter once"):
         lorafuse.combine(paths, None, method="linear", passes=2)
     with pytest.raises(ShapeMismatchError, match="adapter 2 .*equal ranks"):

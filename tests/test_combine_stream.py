@@ -22,6 +22,7 @@ from safetensors.torch import save_file as save_torch
 import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import AdapterNote, InputChangedError, UnsupportedError
+from lorafuse.io.provenance import command_text, invoked
 from lorafuse.ops import combine as combine_pkg
 from lorafuse.ops.combine import METHODS, REGISTRY, CombineOptions, combine_to, combine_with
 from lycoris_fixtures import network, save
@@ -261,5 +262,6 @@ def test_cli_combine_writes_the_streamed_file(tmp_path, kohya_inputs, capsys):
             "-o", str(out)]
     assert main(args) == 0
     assert "combined 3 adapters with svd" in capsys.readouterr().out
-    want = combine_with(kohya_inputs, WEIGHTS, CombineOptions(method="svd", rank=5)).save(tmp_path / "api.safetensors")
+    with invoked(command_text(args, str(out)), "command"):  # the record names the command (issue #16)
+        want = combine_with(kohya_inputs, WEIGHTS, CombineOptions(method="svd", rank=5)).save(tmp_path / "api.safetensors")
     assert out.read_bytes() == want.read_bytes()

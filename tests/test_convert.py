@@ -413,8 +413,8 @@ def test_kohya_to_peft_to_kohya_is_bit_identical(tmp_path, family, dtype, alpha_
 
 
 def _unmarked(raw: bytes) -> tuple[list[tuple[str, object]], bytes]:
-    """A safetensors file's header as ordered (key, value) pairs, without lorafuse's metadata mark, and its
-    data buffer."""
+    """A safetensors file's header as ordered (key, value) pairs, without lorafuse's metadata mark and record
+    (the `lorafuse.*` keys, issue #16), and its data buffer."""
     (n,) = struct.unpack("<Q", raw[:8])
     pairs = json.loads(raw[8:8 + n], object_pairs_hook=lambda p: p)
     out = []
@@ -422,7 +422,7 @@ def _unmarked(raw: bytes) -> tuple[list[tuple[str, object]], bytes]:
         if key == "__metadata__":
             marks = [(k, v) for k, v in value if k == "lorafuse_version"]
             assert marks in ([], [value[-1]])  # at most one, the last entry
-            value = [(k, v) for k, v in value if k != "lorafuse_version"]
+            value = [(k, v) for k, v in value if k != "lorafuse_version" and not k.startswith("lorafuse.")]
         out.append((key, value))
     return out, raw[8 + n:]
 

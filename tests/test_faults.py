@@ -113,7 +113,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
             sizes[layout] = sum(p.stat().st_size for p in files)
             shutil.rmtree(ref.parent)
         assert refs[layout]["1"] != refs[layout]["0.5"]
-    assert len(refs["folder"]["1"]) == 6  # 3 shards, the index, config.json, lorafuse_manifest.json
+    # 3 shards, the index, config.json, lorafuse_manifest.json, README.md (the model card, issue #16)
+    assert len(refs["folder"]["1"]) == 7
     assert sizes["file"] > 70 << 20
     return Inputs(base, adapter, refs, sizes, seconds)
 

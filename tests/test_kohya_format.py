@@ -176,7 +176,9 @@ def test_scales_survive_and_metadata_follows_a_resize(tmp_path):
     back, meta = read_back(out)
     # Most modules had r = 8, alpha = 4 (scale 0.5): at rank 2 alpha is 1.0.
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "1.0"
-    assert {k: v for k, v in meta.items() if k not in ("ss_network_dim", "ss_network_alpha")} == \
+    # new beside them (issue #16): the resize's record (lorafuse.*) and sd-scripts' hashes, as resize_lora.py writes
+    new = {k for k in meta if k.startswith(("lorafuse.", "sshs_"))}
+    assert {k: v for k, v in meta.items() if k not in ("ss_network_dim", "ss_network_alpha", *new)} == \
         {**{k: v for k, v in METADATA.items() if k not in ("ss_network_dim", "ss_network_alpha")},
          "lorafuse_version": lorafuse.__version__}
     reread = load_kohya(out)
@@ -187,10 +189,14 @@ def test_scales_survive_and_metadata_follows_a_resize(tmp_path):
         else:  # alpha in the file's F16, which holds these values exactly
             assert back[f"{name}.alpha"].dtype == torch.float16
             assert float(back[f"{name}.alpha"]) == pytest.approx(u.scale * 2, rel=1e-7)
-    # Metadata keys that are absent stay absent (only lorafuse's mark is added).
+    # Without metadata: lorafuse's mark, the resize's record and, as sd-scripts' resize_lora.py writes them,
+    # the network's dim / alpha and the model hashes (issue #16).
     out2 = save_kohya(resize(load_kohya(write(tmp_path / "nometa.safetensors", kohya_tensors("F32"))),
                              RankRule(rank=2))[0], tmp_path / "nometa_r2.safetensors")
-    assert read_back(out2)[1] == {"lorafuse_version": lorafuse.__version__}
+    meta2 = read_back(out2)[1]
+    assert {k: v for k, v in meta2.items() if not k.startswith(("lorafuse.", "sshs_"))} == \
+        {"lorafuse_version": lorafuse.__version__, "ss_network_module": "networks.lora", "ss_network_dim": "2",
+         "ss_network_alpha": "1.0"}
 
 
 def test_sd_scripts_hashes_are_recomputed(tmp_path):

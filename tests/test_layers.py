@@ -27,6 +27,8 @@ PACKAGE = "lorafuse"
 # from a higher layer breaks the contract. Modules of one layer may import each other (no cycles).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("api", ("lorafuse", "lorafuse.__main__", "lorafuse.cli")),
+    # recipes run the CLI's verbs through a dispatch function the CLI (or lorafuse.run) hands them
+    ("front", ("lorafuse.recipes",)),
     ("ops", ("lorafuse.ops", "lorafuse.plot")),
     ("formats", ("lorafuse.formats",)),
     ("model/io", ("lorafuse.model", "lorafuse.adapter", "lorafuse.io")),

@@ -366,7 +366,9 @@ def test_overwrite_replaces_what_the_user_named_and_says_what(verb, inp, tmp_pat
     assert notes[0].startswith(f"note: --overwrite replaced {out}, ")
     if verb.folder:
         assert "a folder lorafuse did not write" in notes[0] and "README.md" in notes[0]
-        assert not (out / "README.md").exists() and not (out / "scripts").exists()
+        # the user's README.md is gone (a README.md there now is lorafuse's model card, issue #16)
+        assert not (out / "notes.md").exists() and not (out / "scripts").exists()
+        assert not (out / "README.md").exists() or (out / "README.md").read_bytes() != FOREIGN["README.md"]
     else:
         assert "a file lorafuse did not write (2 bytes" in notes[0]
     assert_lorafuse_output(out, verb.folder)

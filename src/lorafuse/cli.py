@@ -7,18 +7,17 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import numpy as np
 
-from lorafuse import __version__
 from lorafuse._progress import human_bytes
 from lorafuse._terminal import plural, printable
 from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED, MAX_THREADS
+from lorafuse._version import get_version
 from lorafuse.errors import LorafuseError, LorafuseValueError
-from lorafuse.io.atomic import check_output
 
 if TYPE_CHECKING:
     from lorafuse.ops.rank import RankRule
@@ -102,6 +101,40 @@ examples:
 
 Adapters that share no module have similarity 0 by construction; lorafuse says so
 (a kohya file and a diffusers LoRA file of one model: `lorafuse convert` one of them).
+"""
+
+
+_EPILOG_RUN = """\
+a recipe (merge.yml):
+  merge_method: ties_svd          # a combine method, or apply, resize, extract
+  models:
+    - model: ./lora-a             # a path (from the recipe's folder) or a Hub id
+      parameters: {weight: 0.6}
+    - model: org/lora-b@main
+      parameters: {weight: 0.4}
+  parameters: {rank: 64, density: 0.5, seed: 1234}
+  dtype: bfloat16
+
+two stages (combine three adapters, then bake the result into a base):
+  name: pooled
+  merge_method: svd
+  models: [{model: ./a}, {model: ./b}, {model: ./c}]
+  parameters: {rank: 32}
+  ---
+  name: merged
+  merge_method: apply
+  base_model: ./Llama-3.2-1B
+  models: [{model: pooled}]
+
+examples:
+  lorafuse run merge.yml -o ./merged-lora
+  lorafuse run merge.yml -o ./merged-lora --dry-run
+  lorafuse run --print-schema
+
+Per-model parameters (weight, density) override the stage's. apply takes weight,
+max_shard_size, skip_missing, requantize, allow_nonfinite; resize and extract take one
+of rank, sv_ratio, sv_fro, sv_cumulative (and max_rank); combine takes what its method
+takes (lorafuse combine --help). Output dtype: dtype (bfloat16, float16, float32).
 """
 
 
@@ -306,6 +339,25 @@ def _overwrite_option(p: argparse.ArgumentParser, what: str = "the output (-o)")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP.format(what=what))
 
 
+def _dry_run_option(p: argparse.ArgumentParser, checks: str, extra: str = "") -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help=f"check everything a run checks before it writes ({checks}) and print the plan instead: "
+                   f"per module its input ranks -> output rank and shape; {extra}the output's format, dtypes, "
+                   "tensors and bytes; the bytes of tensor data to read. Refusals and exit status are those of a "
+                   "real run. Nothing is written, created or replaced: not the output, not a temporary file, not a "
+                   "folder. With --json the plan is printed as JSON")
+
+
+def _show_plan(args: argparse.Namespace, plan: Any) -> int:
+    """--dry-run: the plan (ops.plan.Plan) on stdout, as JSON with --json; nothing with -q."""
+    if getattr(args, "json", False):
+        _say(json.dumps(plan.as_json(), indent=2, allow_nan=False))
+    elif not args.quiet:
+        for line in plan.lines():
+            _say(line)
+    return 0
+
+
 def _method(text: str) -> str:
     methods = _combine_methods()
     if text in methods:
@@ -373,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorafuse",
         description="Compose LoRA adapters over safetensors files: exact, fast, streaming.",
     )
-    p.add_argument("--version", action="version", version=f"lorafuse {__version__}")
+    p.add_argument("--version", action="version", version=f"lorafuse {get_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.verbs = sub.choices  # type: ignore[assignment]
 
@@ -414,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
     a.add_argument("--json", action="store_true", help="print the report as JSON (with the requantization error "
                    "of each weight of a quantized base)")
+    _dry_run_option(a, "the options, the inputs, every adapter module matched to its base weight as the merge "
+                    "matches it, the output path", "the weights merged, the tensors copied, the shards; ")
 
     c = sub.add_parser("combine", help="combine adapters into one adapter",
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
@@ -425,10 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the adapters from LIST, one per line: PATH [WEIGHT] (a line without a weight gets 1/n; "
                    "# starts a comment; blank lines are ignored; relative paths are from LIST's folder). Every "
                    "adapter is checked before any work; errors name the line")
-    c.add_argument("--engine", choices=("auto", "memory", "stream"), default="auto",
+    c.add_argument("--engine", choices=("auto", "memory", "stream", "ray"), default="auto",
                    help="memory: every adapter mapped at once; stream: each adapter opened, read once per pass and "
-                   "closed, memory independent of their number (svd, linear); auto (default): stream for more than "
-                   "256 adapters, with --passes, or when a module would take a randomized SVD anyway")
+                   "closed, memory independent of their number (svd, linear); ray: the streamed passes as Ray tasks "
+                   "over shards of adapters, partial sketches summed in a fixed tree (pip install 'lorafuse[ray]'; "
+                   "a local Ray unless --ray-address); auto (default): stream for more than 256 adapters, with "
+                   "--passes, or when a module would take a randomized SVD anyway")
+    c.add_argument("--ray-address", metavar="ADDR",
+                   help="--engine ray: the Ray cluster to join (e.g. auto, ray://head:10001; default: start a local "
+                   "Ray and stop it at the end); adapter paths must be readable from every node")
     c.add_argument("--passes", type=_passes, metavar="P",
                    help="streamed svd: passes over the adapters: 3 (default: range, one power iteration, projection; "
                    "near-optimal), 2 (range, then projection: 2/3 of the time, up to 1.5x the optimal error), 1 (a "
@@ -464,6 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(c)
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("--json", action="store_true", help="print the report as JSON: out, method, adapters, modules "
+                   "with their ranks, randomized, dtype, seconds, engine, notes and the streamed engine's summary "
+                   "(passes, bytes read, peak memory, each module's estimated error; null in memory)")
+    _dry_run_option(c, "the options, the adapters' headers, the method's rules, the output path",
+                    "the engine and the passes; ")
 
     s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
                        description="Exact cosine similarity of the adapters' deltas (all modules together),\n"
@@ -497,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_options(r)
     r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
     r.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
+    _dry_run_option(r, "the options, the adapter, the output path", "no SVD runs, so with --sv-ratio, --sv-fro or "
+                    "--sv-cumulative a module's rank is an upper bound (its rank, capped by --max-rank); ")
 
     e = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model and its base",
                        description="Extract a PEFT LoRA adapter from a fine-tuned checkpoint and its base: a\n"
@@ -520,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--oversample", type=_oversample, default=10, help="extra sketch columns (default 10)")
     e.add_argument("--seed", type=_seed, default=0, help="seed of the random sketch (default 0)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _dry_run_option(e, "the options, both checkpoints' headers, which weights are extracted, kept whole or left "
+                    "out, the output path", "no weight is read, so ranks and bytes are upper bounds (an unchanged "
+                    "weight is left out when run; a rule on singular values chooses at most the planned rank); ")
 
     v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming, or an "
                        "LLM LoRA to GGUF for llama.cpp",
@@ -557,6 +626,28 @@ def build_parser() -> argparse.ArgumentParser:
     vo.add_argument("--verbose", action="store_true", help="one line per LoHa / LoKr module converted")
     vo.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _dry_run_option(v, "the options, the adapter, the names, the output path", "the modules split or fused "
+                    "(LoHa / LoKr modules are converted in memory: what is written depends on their values); ")
+
+    u = sub.add_parser("run", help="run a recipe (YAML): combine, apply, resize, extract in named stages",
+                       description="Run a recipe: a YAML file whose fields follow mergekit's (merge_method, "
+                       "base_model, models[].model, models[].parameters.weight / density, parameters, dtype). Each "
+                       "stage runs as the matching lorafuse command would; several YAML documents (---) are named "
+                       "stages run in order, a later one naming an earlier one's output by its name; the last writes "
+                       "-o. Every stage is checked before the first runs; errors name the line and field. The "
+                       "recipe is recorded verbatim in the output's model card and metadata.",
+                       epilog=_EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("recipe", nargs="?", help="the recipe file (.yml / .yaml); relative model paths are taken from its "
+                   "folder; a model may also be a Hub id, org/name or org/name@revision")
+    u.add_argument("-o", "--out", help="output of the last stage (what its verb's -o takes)")
+    _overwrite_option(u)
+    u.add_argument("--dry-run", action="store_true", help="check the recipe and print each stage's plan (modules, "
+                   "ranks, sizes); write nothing. A stage that reads an earlier stage's output is planned when run")
+    u.add_argument("--intermediate-dir", metavar="DIR", help="write the outputs of the stages before the last into "
+                   "DIR/NAME and keep them (default: a temporary folder beside -o, removed at the end)")
+    u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit")
+    u.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    u.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     i = sub.add_parser("info", help="describe an adapter, a checkpoint or a pipeline",
                        description="Describe an adapter (modules, ranks, alphas, scales, dtypes, parameters,\n"
@@ -583,6 +674,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from lorafuse._progress import TqdmBar
     from lorafuse.ops.apply import apply
 
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_apply
+
+        return _show_plan(args, plan_apply(
+            args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
+            max_shard_size=args.max_shard_size, skip_missing=args.skip_missing, overwrite=args.overwrite,
+            device=args.device, requantize=args.requantize))
     draw = args.progress or (not args.no_progress and sys.stderr.isatty())
     bar = TqdmBar("apply", sys.stderr) if draw else None
     try:
@@ -628,13 +726,14 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
     from lorafuse.formats import load
     from lorafuse.ops.combine import CombineOptions, combine_to
-    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output
+    from lorafuse.ops.outputs import checked_output
 
     start = time.monotonic()
     options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
                              majority_sign=args.majority_sign, seed=args.seed, split=args.split,
                              threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device,
-                             engine=args.engine, passes=args.passes, progress=None if not args.quiet else False)
+                             engine=args.engine, passes=args.passes, progress=None if not args.quiet else False,
+                             ray_address=args.ray_address)
     if args.from_list is not None:
         from lorafuse.ops.combine.many import read_list
 
@@ -653,16 +752,24 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         inputs = [p for a in loaded for p in a.sources()]
         count, items, weights = len(loaded), loaded, args.weights
     # what the name means (a .safetensors name is one file; a folder name for a one-file format: a file in it)
-    target = adapter_output(args.out, args.format or loaded[0].format, loaded, inputs,
-                            asked=f"--format {args.format}" if args.format else None)
-    check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS,
-                 overwrite=args.overwrite)  # before the work: refused outputs cost nothing
+    target = checked_output(args.out, args.format or loaded[0].format, loaded, inputs,  # before the work
+                            asked=f"--format {args.format}" if args.format else None, overwrite=args.overwrite)
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_combine
+
+        plan = plan_combine(items, weights, options, target.path, target.format,  # type: ignore[arg-type]
+                            overwrite=args.overwrite)
+        plan.notes += [target.note] if target.note else []
+        return _show_plan(args, plan)
     # streamed: each group of modules is written as it is computed (never over an input)
     report = combine_to(items, weights, options, target.path, target.format,  # type: ignore[arg-type]
                         overwrite=args.overwrite)
-    if not args.quiet:
-        if target.note:
-            _say(f"note: {target.note}", file=sys.stderr)
+    if target.note and not args.quiet:
+        _say(f"note: {target.note}", file=sys.stderr)
+    if args.json:
+        _say(json.dumps(_combine_json(args, report, count, time.monotonic() - start, target.note), indent=2,
+                        allow_nan=False))
+    elif not args.quiet:
         ranks = sorted(set(report.ranks.values()))
         _say(f"combined {plural(count, 'adapter')} with {args.method}: {plural(len(report), 'module')}, "
               f"rank {'/'.join(map(str, ranks))}; wrote {report.out} in {time.monotonic() - start:.2f} s")
@@ -678,18 +785,39 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _combine_json(args: argparse.Namespace, report: Any, count: int, seconds: float,
+                  note: str | None) -> dict[str, object]:
+    """combine --json: the CombineReport, with the streamed engine's summary (null in memory)."""
+    import dataclasses
+
+    summary = None
+    if report.summary is not None:
+        summary = {**dataclasses.asdict(report.summary), "seconds_per_adapter": report.summary.seconds_per_adapter}
+    return {"out": str(report.out), "method": args.method, "adapters": count,
+            "modules": [{"name": n, "rank": r} for n, r in report.ranks.items()], "randomized": report.randomized,
+            "dtype": report.dtype, "seconds": seconds, "engine": report.engine, "summary": summary,
+            "notes": [*report.notes, *([note] if note else [])]}
+
+
 def _cmd_resize(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
     from lorafuse.formats import load
-    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output
+    from lorafuse.ops.outputs import checked_output
     from lorafuse.ops.resize import resize
 
     start = time.monotonic()
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_resize
+
+        return _show_plan(args, plan_resize(
+            args.adapter, args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro, sv_cumulative=args.sv_cumulative,
+            max_rank=args.max_rank, split=args.split, threads=args.threads, dtype=args.dtype, out=args.out,
+            overwrite=args.overwrite, device=args.device))
     adapter = load(args.adapter)
-    target = adapter_output(args.out, adapter.format, [adapter], adapter.sources())  # what the name means
-    check_output(target.path, adapter.sources(), folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)
+    # what the name means, and what it holds: before the work
+    target = checked_output(args.out, adapter.format, [adapter], adapter.sources(), overwrite=args.overwrite)
     result, report = resize(adapter, _rule(args), args.split, args.threads,
                             progress=False if args.json or args.quiet else None, dtype=args.dtype,
                             device=args.device)
@@ -711,16 +839,22 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from lorafuse.io.atomic import names_file
     from lorafuse.ops.extract import extract
-    from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output, checkpoint_modules, save_as
+    from lorafuse.ops.outputs import extract_output, save_as
 
     start = time.monotonic()
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_extract
+
+        return _show_plan(args, plan_extract(
+            args.base, args.finetuned, args.out, rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro,
+            sv_cumulative=args.sv_cumulative, max_rank=args.max_rank, include=args.include, exclude=args.exclude,
+            embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
+            threads=args.threads, overwrite=args.overwrite, device=args.device))
     inputs = [Path(args.base), Path(args.finetuned)]
-    # what the name means: a .safetensors name is one file, if a one-file format can name the base's modules
-    modules = [checkpoint_modules(args.base, args.include, args.exclude)] if names_file(args.out) else []
-    target = adapter_output(args.out, "peft", modules, inputs)
-    check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=args.overwrite)  # first
+    # what the name means (a .safetensors name is one file, if a one-file format can name the base's modules) and
+    # what it holds: first
+    target = extract_output(args.out, args.base, args.finetuned, args.include, args.exclude, overwrite=args.overwrite)
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None,
@@ -762,6 +896,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise LorafuseValueError(f"{', '.join(gguf_only)}: for --to gguf only")
     # a name ending in / (or an existing folder): the file inside it
     out = adapter_output(args.out, "diffusers" if args.to == "peft" else "kohya", [adapter], adapter.sources()).path
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_convert
+
+        return _show_plan(args, plan_convert(adapter, out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
+                                             family=args.family, threads=args.threads, overwrite=args.overwrite))
     rep = convert(adapter, out, to=args.to, rank=args.rank, conv_rank=args.conv_rank,
                   family=args.family, threads=args.threads, overwrite=args.overwrite)
     rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
@@ -792,6 +931,12 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
     from lorafuse.ops.convert import convert, output_path
 
     out = output_path(args.out, "gguf", adapter)  # a name ending in / (or an existing folder): the file inside it
+    if args.dry_run:
+        from lorafuse.ops.plan import plan_convert
+
+        return _show_plan(args, plan_convert(adapter, out, to="gguf", rank=args.rank, conv_rank=args.conv_rank,
+                                             threads=args.threads, overwrite=args.overwrite, arch=args.arch,
+                                             base_config=args.base_config, gguf_type=args.gguf_type))
     rep = convert(adapter, out, to="gguf", rank=args.rank, conv_rank=args.conv_rank, family=args.family,
                   threads=args.threads, overwrite=args.overwrite, arch=args.arch, base_config=args.base_config,
                   gguf_type=args.gguf_type)
@@ -911,6 +1056,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         _say(json.dumps(json_ready(d), indent=2, allow_nan=False))
     else:
         _print_info({**d, "lora_alpha": alpha_text(d)} if d["type"] == "adapter" else d, args.modules)
+        from lorafuse.io.provenance import describe_lines
+
+        for line in describe_lines(d.get("provenance")):  # how lorafuse made it, when it did
+            _say(line)
     if args.spectrum:
         from lorafuse.formats import load
         from lorafuse.plot import plot_spectrum
@@ -979,19 +1128,50 @@ def _negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.print_schema:
+        from lorafuse.recipes.schema import schema_json
+
+        _say(json.dumps(schema_json(), indent=2))
+        return 0
+    if args.recipe is None or args.out is None:
+        raise LorafuseValueError("give a recipe and -o OUT (lorafuse run RECIPE.yml -o OUT), or --print-schema")
+    from lorafuse.recipes.runner import run
+
+    report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
+                 quiet=args.quiet, intermediate_dir=args.intermediate_dir, dispatch=dispatch)
+    if not args.quiet and not args.dry_run:
+        _say(f"ran {plural(len(report.stages), 'stage')}; wrote {report.out} in {report.seconds:.2f} s")
+    return 0
+
+
+def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
+    return {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
+            "resize": _cmd_resize, "extract": _cmd_extract, "convert": _cmd_convert, "run": _cmd_run}
+
+
+def dispatch(argv: Sequence[str]) -> int:
+    """Run one verb's command line as main() does, but let its LorafuseError propagate (lorafuse run's stages:
+    the recipe names the stage in the message). The command line must parse: a recipe's stage is checked first."""
+    args = build_parser().parse_args(_negative_values(list(argv)))
+    with _notes(args):
+        return _commands()[args.command](args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    from lorafuse.io.provenance import command_text, invoked
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_negative_values(given))
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        commands = {"apply": _cmd_apply, "combine": _cmd_combine, "similarity": _cmd_similarity, "info": _cmd_info,
-                    "resize": _cmd_resize, "extract": _cmd_extract, "convert": _cmd_convert}
-        with _notes(args):
-            return commands[args.command](args)
+    try:  # every output records the command line, verbatim but for the output's path (io.provenance)
+        with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"):
+            return _commands()[args.command](args)
     except LorafuseValueError as e:
         _say(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,10 @@ class LorafuseValueError(LorafuseError, ValueError):
     """A bad argument (weights, thread count, options)."""
 
 
+class RecipeError(LorafuseValueError):
+    """A recipe (lorafuse run) that cannot run as written: the message names the file, the line and the field."""
+
+
 class FormatError(LorafuseError):
     """A file is malformed or in a format lorafuse does not read."""
 
@@ -61,6 +65,7 @@ class InputChangedError(LorafuseError):
 __all__ = [
     "LorafuseError",
     "LorafuseValueError",
+    "RecipeError",
     "FormatError",
     "ShapeMismatchError",
     "MissingModuleError",

@@ -14,6 +14,7 @@ from lorafuse.errors import AdapterNote, FormatError
 from lorafuse.formats import diffusers, kohya, peft  # noqa: F401
 from lorafuse.formats.util import safetensors_keys
 from lorafuse.io.checkpoint import is_pickle, is_safetensors, refuse_pickle
+from lorafuse.io.hub import local_adapter
 from lorafuse.io.safetensors import read_header
 from lorafuse.model import Adapter
 from lorafuse.model.registry import formats, get_format, sniff
@@ -36,8 +37,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     `.lora_down.weight` (or LyCORIS) keys, 'diffusers' for one with `<component>.<module>.lora_A.weight`
     keys or diffusers' own LoRA-layer / attention-processor names (`.lora.down.weight`,
     `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`: formats.diffusers), 'peft' for
-    a PEFT adapter folder); raises FormatError for anything unknown."""
-    p = Path(path)
+    a PEFT adapter folder); raises FormatError for anything unknown. A Hub id is resolved (io.hub)."""
+    p = local_adapter(path)
     if not p.exists():
         raise FormatError(f"{p}: no such file or directory")
     if p.is_file() and is_pickle(p):
@@ -62,7 +63,8 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     """Load an adapter from disk; its tensors stay memory-mapped until used. What loading decided for
     the user (tensors PEFT would ignore, left out) is in `Adapter.notes` and given as AdapterNote
     warnings."""
-    adapter = get_format(detect_format(path)).load(Path(path))
+    p = local_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub)
+    adapter = get_format(detect_format(p)).load(p)
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
     return adapter

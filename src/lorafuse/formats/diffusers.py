@@ -47,6 +47,7 @@ from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_a
 from lorafuse.formats.util import most_common, safetensors_keys
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
+from lorafuse.io.provenance import Provenance, is_provenance_key, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
@@ -251,7 +252,8 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
     else:
         kept = {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
     state = DiffusersState(kept, configs, record)
-    return Adapter(updates=updates, format="diffusers", path=p, state=state)
+    return Adapter(updates=updates, format="diffusers", path=p, state=state,
+                   provenance=Provenance.from_metadata(metadata))
 
 
 def _kohya_record(metadata: dict[str, str], where: str) -> dict[str, object] | None:
@@ -362,7 +364,7 @@ def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
     """`__metadata__`: the adapter's own metadata (kohya's ss_* ...), then diffusers' `format` and
     `lora_adapter_metadata`, then the kohya record when the adapter has one."""
     state = as_diffusers(adapter.state)
-    meta = {k: v for k, v in state.metadata.items() if k not in _OWN_KEYS}
+    meta = {k: v for k, v in state.metadata.items() if k not in _OWN_KEYS and not is_provenance_key(k)}
     flat = {f"{c}.{k}": v for c, cfg in component_configs(adapter).items() for k, v in cfg.items()}
     meta["format"] = "pt"
     meta[ADAPTER_METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
@@ -384,9 +386,10 @@ def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequen
 
 def diffusers_plan(adapter: Adapter) -> WritePlan:
     """What save_diffusers writes for `adapter` (its updates may be a layout's placeholders:
-    formats.streaming): the header in safetensors' order, the metadata with lorafuse's mark."""
+    formats.streaming): the header in safetensors' order, the metadata with lorafuse's mark and the
+    adapter's provenance (io.provenance: `lorafuse.*` keys)."""
     specs = specs_of(diffusers_tensors(adapter))
-    meta = mark_metadata(diffusers_metadata(adapter))
+    meta = mark_metadata(stamp(diffusers_metadata(adapter), adapter.provenance))
     return WritePlan(adapter.label, list(adapter.updates), specs, meta,
                      functools.partial(diffusers_module_tensors, adapter))
 

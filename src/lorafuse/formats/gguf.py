@@ -53,6 +53,7 @@ from lorafuse._terminal import plural
 from lorafuse.errors import FormatError, LorafuseValueError, MissingModuleError, ShapeMismatchError, UnsupportedError
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
+from lorafuse.io.hub import CONFIG_FILES, local_path
 from lorafuse.io.manifest import MARKER_KEY, version
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.param_lora import ParamLoraUpdate
@@ -143,8 +144,8 @@ def _int(cfg: Mapping[str, object], key: str, path: Path) -> int | None:
 
 def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     """The base model's config.json (a file, or a folder holding one), read as llama.cpp's converter reads
-    it: a text_config (multimodal models) overrides the top level."""
-    p = Path(path)
+    it: a text_config (multimodal models) overrides the top level. A Hub id: its config.json (io.hub)."""
+    p = local_path(path, what="--base-config", patterns=CONFIG_FILES)
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
         raise FormatError(f"{p}: no config.json there (--base-config takes the base model's config.json or its "

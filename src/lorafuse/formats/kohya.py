@@ -46,6 +46,7 @@ from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_a
 from lorafuse.formats.util import most_common, safetensors_keys
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.manifest import mark_metadata
+from lorafuse.io.provenance import Provenance, stamp
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, LycorisUpdate, TuckerFactor, Update, register
@@ -95,7 +96,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     updates: dict[str, Update] = {m: _module_update(p, m, d) for m, d in parts.items()}
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
     return Adapter(updates=updates, format="kohya", path=p,
-                   state=KohyaState(metadata, alpha_dtypes))
+                   state=KohyaState(metadata, alpha_dtypes), provenance=Provenance.from_metadata(metadata))
 
 
 def _algorithm(where: str, module: str, parts: Mapping[str, Tensor]) -> str:
@@ -340,16 +341,37 @@ def _byte_window(chunk: bytes | memoryview, pos: int) -> bytes:
     return bytes(chunk[lo:hi]) if lo < hi else b""
 
 
+# Operations whose output is a new network, for which sd-scripts' merge / svd_merge / resize / extract scripts
+# write the minimum network metadata and the model hashes whatever the input had.
+_MAKES_NETWORK = ("combine", "resize", "extract")
+
+
+def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
+    """sd-scripts' minimum network metadata (ss_network_module, ss_network_dim, ss_network_alpha) where the
+    metadata lacks it: the most common rank and alpha of the updates, as kohya_metadata writes them."""
+    updates = list(adapter.updates.values())
+    if not updates:
+        return
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta.setdefault("ss_network_dim", str(int(most_common([float(u.rank) for u in updates]))))
+    meta.setdefault("ss_network_alpha", str(most_common([float(np.float32(u.scale * u.rank)) for u in updates])))
+
+
 def kohya_plan(adapter: Adapter) -> WritePlan:
     """What save_kohya writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
-    the header in safetensors' order, the metadata with lorafuse's mark; sd-scripts' hashes, when the
-    metadata has them, computed from the written data when it is complete."""
+    the header in safetensors' order, the metadata with lorafuse's mark and the adapter's provenance
+    (io.provenance: `lorafuse.*` keys; those the input carried are dropped); sd-scripts' hashes, when the
+    metadata has them or the adapter was made by combine, resize or extract (as sd-scripts' scripts write
+    them, with the minimum network metadata), computed from the written data when it is complete."""
     specs = specs_of(kohya_tensors(adapter))
     meta = kohya_metadata(adapter)
-    hashed = "sshs_model_hash" in meta or "sshs_legacy_hash" in meta
+    made = adapter.provenance is not None and adapter.provenance.operation in _MAKES_NETWORK
+    if made:
+        _minimum_network_metadata(meta, adapter)
+    hashed = made or "sshs_model_hash" in meta or "sshs_legacy_hash" in meta
     if hashed:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _HASH_PLACEHOLDERS
-    meta = mark_metadata(meta)
+    meta = mark_metadata(stamp(meta, adapter.provenance))
 
     def with_hashes(data: Callable[[], Iterator[memoryview]]) -> dict[str, str]:
         final = dict(meta)

@@ -28,6 +28,7 @@ from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common
 from lorafuse.io.checkpoint import read_json, refuse_pickle
+from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
@@ -634,8 +635,10 @@ def load_peft(path: str | os.PathLike[str]) -> Adapter:
         raise FormatError(f"{folder}: {WEIGHTS_NAME} not found")
     with SafetensorsFile(weights) as f:  # views handed out keep the mapping alive
         tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
+        made_by = Provenance.from_metadata(f.metadata)
     adapter = build_adapter(tensors, cfg, str(weights))
     adapter.path = folder
+    adapter.provenance = made_by
     return adapter
 
 
@@ -987,16 +990,23 @@ def _full_key(adapter: Adapter, name: str) -> str:
 
 def peft_plan(adapter: Adapter) -> WritePlan:
     """What save_peft writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
-    adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest."""
+    adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest;
+    with the adapter's provenance (io.provenance), its `lorafuse.*` metadata keys and a model card
+    (README.md: base_model from the config, library_name peft)."""
     cfg = peft_config_for(adapter)
     modules = {name: peft_module_tensors(adapter, name, u) for name, u in adapter.updates.items()}
     full = peft_full_tensors(adapter)
     tensors = {k: t for ts in modules.values() for k, t in ts.items()}
     tensors.update(full)
-    return WritePlan(adapter.label, list(modules), specs_of(tensors), {"format": "pt"},
+    side = {CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True) + "\n"}
+    made_by = adapter.provenance
+    if made_by is not None:
+        base = cfg.get("base_model_name_or_path")
+        side[CARD_NAME] = model_card(made_by, base_model=base if isinstance(base, str) and base else None,
+                                     library_name="peft")
+    return WritePlan(adapter.label, list(modules), specs_of(tensors), stamp({"format": "pt"}, made_by),
                      functools.partial(peft_module_tensors, adapter), fixed=full, folder_kind="peft-adapter",
-                     weights_name=WEIGHTS_NAME,
-                     side_files={CONFIG_NAME: json.dumps(cfg, indent=2, sort_keys=True) + "\n"})
+                     weights_name=WEIGHTS_NAME, side_files=side)
 
 
 def save_peft(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from lorafuse.errors import FormatError
+from lorafuse.io.hub import local_path
 from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, file_kind, open_regular, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -156,7 +157,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
+        path = local_path(path, what="checkpoint")  # a Hub id: its snapshot folder (io.hub)
         if not path.exists():
             raise FormatError(f"{path}: no such file or directory")
         self.index_name: str | None = None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from lorafuse.errors import LorafuseValueError
+from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
 from lorafuse.model.registry import FormatSpec, get_format
@@ -45,6 +46,9 @@ class Adapter:
     # What the adapter's format keeps beside its config (kohya: metadata and alpha dtypes; diffusers:
     # metadata, component configs, kohya record), typed (model.state); operations carry it along.
     state: FormatState = field(default_factory=PeftState)
+    # How this adapter was made (io.provenance: the operation, its inputs' sha256, ...): written into its
+    # files' metadata and a folder's model card. Each operation sets its own; None for arithmetic results.
+    provenance: Provenance | None = None
 
     def sources(self) -> list[Path]:
         """The files this adapter's tensors come from: its own path and those it was derived from."""

@@ -30,7 +30,7 @@ from lorafuse._progress import ProgressCallback
 from lorafuse.errors import AdapterNote, LorafuseValueError
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.io.atomic import check_output, names_file
+from lorafuse.io.hub import local_adapter
 from lorafuse.model import Adapter
 from lorafuse.model.registry import get_format
 from lorafuse.ops import apply as _apply
@@ -40,7 +40,7 @@ from lorafuse.ops import extract as _extract
 from lorafuse.ops import info as _info
 from lorafuse.ops import resize as _resize
 from lorafuse.ops import similarity as _similarity
-from lorafuse.ops.outputs import FOLDER_FORMATS, adapter_output, checkpoint_modules, save_as
+from lorafuse.ops.outputs import checked_output, extract_output, save_as
 from lorafuse.ops.rank import RankRule
 
 StrPath = str | os.PathLike[str]  # what typeshed calls StrPath
@@ -154,7 +154,8 @@ def load(path: StrPath) -> Adapter:
         `Adapter.notes` and is also given as AdapterNote warnings.
     """
     # formats.load's body, so that the warnings point at the caller's line (a wrapper would add a frame)
-    adapter = get_format(_detect_format(path)).load(Path(path))
+    p = local_adapter(path)  # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub)
+    adapter = get_format(_detect_format(p)).load(p)
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
     return adapter
@@ -502,8 +503,7 @@ def resize(
     notes: list[str] = []
     target = None
     if out is not None:
-        target = adapter_output(out, a.format, [a], a.sources())  # what the name means, before the work
-        check_output(target.path, a.sources(), folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+        target = checked_output(out, a.format, [a], a.sources(), overwrite=overwrite)  # before the work
         if target.note:
             notes.append(target.note)
     result, rows = _resize.resize(a, rule, split, threads, progress=progress, dtype=dtype, device=device)
@@ -597,9 +597,7 @@ def extract(
     target = None
     if out is not None:
         # what the name means: a .safetensors name is one file, if a one-file format can name the base's modules
-        modules = [checkpoint_modules(base, include, exclude)] if names_file(out) else []
-        target = adapter_output(out, "peft", modules, inputs)
-        check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+        target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite)
         if target.note:
             notes.append(target.note)
     res = _extract.extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,

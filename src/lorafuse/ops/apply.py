@@ -44,8 +44,22 @@ from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
 from lorafuse.io.dtypes import DTYPES, parse_output_dtype
+from lorafuse.io.hub import local_path
 from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
 from lorafuse.io.pipeline import Pipeline, is_pipeline
+from lorafuse.io.provenance import (
+    CARD_NAME,
+    Provenance,
+    Recording,
+    adapter_input,
+    folder_input,
+    given_name,
+    hub_origin,
+    keep_base_card,
+    model_card,
+    rewrite_metadata,
+    stamp,
+)
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
 from lorafuse.io.sidefiles import classify, copy_entry, copy_file
 from lorafuse.io.tensor import Tensor
@@ -63,7 +77,8 @@ from lorafuse.ops.apply_plan import (
 from lorafuse.ops.apply_quant import QuantError, QuantRef, dequantize_rows, piece_rows, requantize_rows
 from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages, stage_arrays
 
-__all__ = ["MIN_SHARD_SIZE", "ApplyReport", "OutTensor", "Plan", "apply", "parse_size", "plan_apply"]
+__all__ = ["MIN_SHARD_SIZE", "ApplyReport", "ApplySetup", "OutTensor", "Plan", "apply", "parse_size", "plan_apply",
+           "prepare_apply"]
 
 BATCH_BYTES = 32 << 20  # output bytes computed per call into the core
 CHUNK_BYTES = 16 << 20  # larger tensors are computed and written in row blocks of about this size
@@ -232,6 +247,8 @@ class _Executor:
         self.companion_rows: dict[str, dict[str, list[np.ndarray]]] = {}  # weight -> role -> row blocks computed
         self.companions_done: dict[str, dict[str, np.ndarray]] = {}  # weight -> role -> companion as written
         self._quant_of: dict[str, QuantRef] = {}  # requantized weight -> its QuantRef (for its companions)
+        self.provenance: Provenance | None = None  # the record put in each shard's metadata (io.provenance)
+        self.headers: list[tuple[Path, list[TensorSpec], dict[str, str]]] = []  # shards written with it
 
     def file(self, shard: str) -> SafetensorsFile:
         if shard not in self.files:
@@ -263,6 +280,9 @@ class _Executor:
 
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
+        if self.provenance is not None:  # its hashes may be placeholders: _Run.stamp rewrites the header
+            self.headers.append((path, specs, metadata))
+            metadata = stamp(metadata, self.provenance)
         with SafetensorsWriter(path, specs, metadata) as out:
             _preallocate(path, os.stat(path).st_size + sum(s.nbytes for s in specs))  # the header is written
             writer = _Writer()
@@ -575,6 +595,74 @@ def apply(
     from its embedding), with `max_shard_size`, and for a diffusers pipeline base (a folder of components).
     """
     start = time.monotonic()
+    s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
+                      skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
+    mplan, out_path, one_file, inputs, limit = s.mplan, s.out, s.one_file, s.inputs, s.limit
+    callback, close_bar = progress_callback(progress, "apply")
+    reporter = ProgressReporter("apply", mplan.total_bytes, mplan.total_tensors, callback)
+    run = _Run(mplan, s.threads, reporter, allow_nonfinite, s.timings, s.backend)
+    # the record of the run (io.provenance): the inputs' sha256 are computed on a thread while the merge reads
+    # the same files, the headers written with placeholders and rewritten once they are known
+    rec = _recording(base, adapters, weights, s, {"dtype": dtype, "max_shard_size": max_shard_size,
+                                                  "allow_nonfinite": allow_nonfinite, "skip_missing": skip_missing,
+                                                  "device": device, "requantize": requantize})
+    run.provenance = rec.draft()
+    try:
+        if one_file:
+            with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
+                run.write_file(tmp)
+                with s.timings.phase("provenance (wait for the inputs' sha256)"):
+                    run.stamp(rec.result())
+        else:
+            kind = "checkpoint" if mplan.model.single else "diffusers-pipeline"
+            with atomic_dir(out_path, inputs, overwrite=overwrite, kind=kind) as tmp:
+                run.write_folder(tmp, limit)
+                with s.timings.phase("provenance (wait for the inputs' sha256)"):
+                    run.stamp(rec.result(), tmp)
+    finally:
+        rec.close()
+        close_bar()
+    s.timings.report()
+    return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
+                       time.monotonic() - start, mplan.notes, run.requantized)
+
+
+@dataclass
+class ApplySetup:
+    """What apply knows before the first byte is written (prepare_apply): the model's plan (matches, output
+    tensors per shard, notes), where the output goes and whether it is one file, the inputs it must not
+    replace, the shard limit, the checked threads, the backend, the phase timer, and what `overwrite`
+    replaces at the output (io.atomic.check_output's note; None: nothing of the user's)."""
+
+    mplan: ModelPlan
+    out: Path
+    one_file: bool
+    inputs: list[Path]
+    limit: int | None
+    threads: int
+    backend: Backend
+    timings: PhaseTimer
+    replaces: str | None = None
+    adapters: list[Adapter] = field(default_factory=list)  # as loaded (their files, for the provenance)
+
+
+def prepare_apply(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    weights: Sequence[float] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str | None = None,
+    threads: int = 0,
+    max_shard_size: str | int | None = None,
+    skip_missing: bool = False,
+    overwrite: bool = False,
+    device: str = "cpu",
+    requantize: bool | None = None,
+) -> ApplySetup:
+    """Everything apply does before it writes (its arguments' meaning: apply): the options checked, the
+    base and the adapters read (headers; the factors stay mapped), every module matched and the output
+    planned, the output's name checked (io.atomic). Raises what apply raises for them; writes nothing."""
     if out is None:
         raise LorafuseValueError("apply needs an output path")
     if not adapters:
@@ -592,7 +680,7 @@ def apply(
                                  f"output in {dtype}: give one of them (--requantize or --dtype)")
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
-    base_path = Path(base)
+    base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
     if is_pipeline(base_path):
         if max_shard_size is not None:
@@ -603,7 +691,7 @@ def apply(
     inputs = [base_path, *model.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
     single_file = model.single and base_path.is_file()
     out_path, one_file = _output_path(out, base_path, model, single_file, limit, inputs)
-    check_output(out_path, inputs, folder=not one_file, overwrite=overwrite)
+    replaces = check_output(out_path, inputs, folder=not one_file, overwrite=overwrite)
 
     timings = PhaseTimer("apply")
     with timings.phase("plan (match, resolve, stages not included)"):
@@ -612,22 +700,23 @@ def apply(
                            skip_missing, requantize)
     if one_file and not single_file:
         _one_file_notes(mplan, base_path, out_path)
-    callback, close_bar = progress_callback(progress, "apply")
-    reporter = ProgressReporter("apply", mplan.total_bytes, mplan.total_tensors, callback)
-    run = _Run(mplan, threads, reporter, allow_nonfinite, timings, backend)
-    try:
-        if one_file:
-            with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
-                run.write_file(tmp)
-        else:
-            kind = "checkpoint" if model.single else "diffusers-pipeline"
-            with atomic_dir(out_path, inputs, overwrite=overwrite, kind=kind) as tmp:
-                run.write_folder(tmp, limit)
-    finally:
-        close_bar()
-    timings.report()
-    return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
-                       time.monotonic() - start, mplan.notes, run.requantized)
+    return ApplySetup(mplan, out_path, one_file, inputs, limit, threads, backend, timings, replaces, loaded)
+
+
+def _recording(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str] | Adapter],
+               weights: Sequence[float] | None, s: ApplySetup, params: dict[str, object]) -> Recording:
+    """The provenance of this apply, its inputs hashed on a thread from now on: the adapters (small) first,
+    then the base's files in the order the merge reads them (each read once from disk, by whichever comes
+    first; the page cache serves the other). The base (listed first): every weight file, index and
+    config.json it has."""
+    model = s.mplan.model
+    base_path = s.inputs[0]  # prepare_apply's inputs start with the base (a Hub id: its snapshot)
+    files = [*model.files(), *(ck.directory / "config.json" for ck in model.components.values())]
+    ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    specs = [adapter_input(a, w, name=given_name(given)) for given, a, w in zip(adapters, s.adapters, ws)]
+    origin = hub_origin(base_path)
+    return Recording("apply", [folder_input(base, base_path, "base", files), *specs], params,
+                     base_model=origin[0] if origin is not None else os.fspath(base))
 
 
 def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, single_file: bool, limit: int | None,
@@ -707,12 +796,27 @@ class _Run:
         self.replaced: list[str] = []
         self.biases: list[str] = []
         self.requantized: dict[str, dict[str, float]] = {}
+        self.provenance: Provenance | None = None  # what each shard's metadata records (a draft: see stamp)
+        self.headers: list[tuple[Path, list[TensorSpec], dict[str, str]]] = []
 
     def _executor(self, comp: str) -> _Executor:
         model = self.mplan.model
-        return _Executor(model.components[comp], self.threads, self.progress, self.allow_nonfinite, self.timings,
-                         self.backend,
-                         lambda name: model.tensor_name(comp, name))
+        ex = _Executor(model.components[comp], self.threads, self.progress, self.allow_nonfinite, self.timings,
+                       self.backend,
+                       lambda name: model.tensor_name(comp, name))
+        ex.provenance = self.provenance
+        return ex
+
+    def stamp(self, made: Provenance, folder: Path | None = None) -> None:
+        """The final record (every input's sha256 known) into each shard's header, in place; for a folder
+        output, the model card README.md (a README.md copied from the base is kept as BASE_README.md)."""
+        for path, specs, metadata in self.headers:
+            rewrite_metadata(path, specs, stamp(metadata, made))
+        if folder is not None:
+            kept = keep_base_card(folder)
+            library = ("diffusers" if not self.mplan.model.single else
+                       "transformers" if (folder / "config.json").is_file() else None)
+            (folder / CARD_NAME).write_text(model_card(made, library_name=library, base_card=kept), encoding="utf-8")
 
     def _collect(self, comp: str, ex: _Executor) -> None:
         name = self.mplan.model.tensor_name
@@ -720,6 +824,7 @@ class _Run:
         self.replaced += [name(comp, n) for n in ex.replaced]
         self.biases += [name(comp, n) for n in ex.biases]
         self.requantized.update({name(comp, n): e.as_dict() for n, e in ex.quant_errors.items()})
+        self.headers += ex.headers
 
     def write_file(self, path: Path) -> None:
         """A single-file checkpoint's one shard."""

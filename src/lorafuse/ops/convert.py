@@ -19,10 +19,12 @@ tensor names, orientation, scale and metadata of llama.cpp's convert_lora_to_ggu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,9 +41,13 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
 from lorafuse.io.atomic import check_output, output_file
+from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
+
+if TYPE_CHECKING:
+    from lorafuse.formats.gguf import GgufPlan
 
 TARGETS = ("peft", "kohya", "gguf")
 FAMILIES = ("sd1", "sdxl", "flux")
@@ -483,6 +489,51 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
     need for their head counts) and `gguf_type` ('f32', the default as in llama.cpp's converter, 'f16',
     'bf16', 'q8_0')."""
     start = time.perf_counter()
+    s = prepare_convert(adapter, out, to, rank, conv_rank, family, threads, overwrite, arch=arch,
+                        base_config=base_config, gguf_type=gguf_type)
+    if s.gguf is not None:
+        from lorafuse.formats.gguf import write_gguf
+
+        write_gguf(s.result, s.gguf, s.out, s.inputs, overwrite=overwrite, threads=s.threads)
+        return dataclasses.replace(s.report, seconds=time.perf_counter() - start)
+    # the file records how it was made (io.provenance; GGUF keeps llama.cpp's converter's keys and the mark only)
+    made = record("convert", [adapter_input(adapter)], {"to": to, "rank": rank, "conv_rank": conv_rank,
+                                                         "family": family})
+    result = dataclasses.replace(s.result, provenance=made)
+    if s.to == "peft":
+        save_diffusers(result, s.out, s.inputs, overwrite=overwrite)
+    else:
+        from lorafuse.formats.kohya import save_kohya
+
+        save_kohya(result, s.out, s.inputs, overwrite=overwrite)
+    return dataclasses.replace(s.report, seconds=time.perf_counter() - start)
+
+
+@dataclass
+class ConvertSetup:
+    """What convert writes, decided before the first byte (prepare_convert): the output path and target, the
+    converted adapter (LoHa / LoKr modules already LoRA, names already converted), the report to give once
+    written, the files it must not replace, the GGUF plan (--to gguf), the checked threads, and what
+    `overwrite` replaces at the output (io.atomic.check_output's note)."""
+
+    out: Path
+    to: str
+    result: Adapter
+    report: ConvertReport
+    inputs: list[Path]
+    gguf: GgufPlan | None = None
+    threads: int = 0
+    replaces: str | None = None
+
+
+def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[str], to: str = "peft",
+                    rank: int | None = None, conv_rank: int | None = None, family: str | None = None,
+                    threads: int = 0, overwrite: bool = False, *, arch: str | None = None,
+                    base_config: str | os.PathLike[str] | None = None,
+                    gguf_type: str | None = None) -> ConvertSetup:
+    """Everything convert does before it writes (its arguments' meaning: convert): the options and the
+    output checked, the adapter read, LoHa / LoKr modules turned into LoRA and the names converted, in
+    memory (what is written depends on the factors: fused modules share A or not). Writes nothing."""
     if to not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
     rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
@@ -494,10 +545,11 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
         raise LorafuseValueError("family applies to diffusion LoRAs (--to peft / kohya), not to --to gguf")
     out = Path(out)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
-    check_output(out, a.sources(), folder=False, overwrite=overwrite)  # the current folder, an input: refused first
+    # the current folder, an input: refused first
+    replaces = check_output(out, a.sources(), folder=False, overwrite=overwrite)
     _check_out(out, to)
     if to == "gguf":
-        return _to_gguf(a, out, rank, conv_rank, threads, overwrite, arch, base_config, gguf_type, start)
+        return _to_gguf(a, out, rank, conv_rank, threads, arch, base_config, gguf_type, replaces)
     if a.format not in ("kohya", "diffusers"):
         raise UnsupportedError(f"{a.label}: a {a.format} adapter; convert handles diffusion LoRAs: kohya / LyCORIS "
                                ".safetensors files and diffusers LoRA files (<component>.<module>.lora_A.weight)")
@@ -515,37 +567,33 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
             result, split = kohya_to_peft(a, fam)
         else:
             result = a
-        save_diffusers(result, out, inputs, overwrite=overwrite)
     else:
         if a.format == "diffusers":
             fam = _family(a, family)
             result, fused = peft_to_kohya(a, fam)
         else:
             result = a
-        from lorafuse.formats.kohya import save_kohya
-
-        save_kohya(result, out, inputs, overwrite=overwrite)
-    return ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports,
-                         {n: u.rank for n, u in result.updates.items()}, time.perf_counter() - start)
+    report = ConvertReport(out, to, fam, n_in, len(result.updates), split, fused, reports,
+                           {n: u.rank for n, u in result.updates.items()})
+    return ConvertSetup(out, to, result, report, inputs, threads=threads, replaces=replaces)
 
 
-def _to_gguf(a: Adapter, out: Path, rank: int | None, conv_rank: int | None, threads: int, overwrite: bool,
-             arch: str | None, base_config: str | os.PathLike[str] | None, gguf_type: str | None,
-             start: float) -> ConvertReport:
-    """--to gguf: LoHa / LoKr to LoRA first (with rank), every refusal in the plan, then the file."""
-    from lorafuse.formats.gguf import DEFAULT_TYPE, plan_gguf, write_gguf
+def _to_gguf(a: Adapter, out: Path, rank: int | None, conv_rank: int | None, threads: int, arch: str | None,
+             base_config: str | os.PathLike[str] | None, gguf_type: str | None,
+             replaces: str | None) -> ConvertSetup:
+    """--to gguf: LoHa / LoKr to LoRA first (with rank), every refusal in the plan."""
+    from lorafuse.formats.gguf import DEFAULT_TYPE, plan_gguf
 
     n_in = len(a.updates)
     a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
     plan = plan_gguf(a, arch, base_config, DEFAULT_TYPE if gguf_type is None else gguf_type)
     inputs = a.sources() + ([plan.base_config] if plan.base_config is not None else [])
-    write_gguf(a, plan, out, inputs, overwrite=overwrite, threads=threads)
     ranks = {m.base: a.updates[m.module].rank for m in plan.modules}
-    return ConvertReport(out, "gguf", None, n_in, len(plan.modules), lycoris=reports, ranks=ranks,
-                         seconds=time.perf_counter() - start, notes=list(plan.notes), arch=plan.arch,
-                         gguf_type=plan.gguf_type, alpha=plan.alpha, folded=dict(plan.folded),
-                         fallback=list(plan.fallback))
+    report = ConvertReport(out, "gguf", None, n_in, len(plan.modules), lycoris=reports, ranks=ranks,
+                           notes=list(plan.notes), arch=plan.arch, gguf_type=plan.gguf_type, alpha=plan.alpha,
+                           folded=dict(plan.folded), fallback=list(plan.fallback))
+    return ConvertSetup(out, "gguf", a, report, inputs, plan, threads, replaces)
 
 
-__all__ = ["ConvertReport", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora", "output_path",
-           "peft_to_kohya"]
+__all__ = ["ConvertReport", "ConvertSetup", "LycorisReport", "convert", "kohya_to_peft", "lycoris_to_lora",
+           "output_path", "peft_to_kohya", "prepare_convert"]

@@ -10,6 +10,7 @@ batch are dropped once it is done. The error of each module is exact:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,14 +20,16 @@ import numpy as np
 
 from lorafuse._progress import Progress
 from lorafuse._validate import check_oversample, check_power_iters, check_seed, check_threads, full_rank
-from lorafuse.backends import ExtractJob, backend_for_device
+from lorafuse.backends import Backend, ExtractJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
+from lorafuse.io.hub import spec_origin
+from lorafuse.io.provenance import InputSpec, Recording, folder_input
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
-from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 
@@ -83,66 +86,24 @@ def extract(
     sv_ratio=, ...), can write the result, and documents each parameter. `device` 'cuda' forms each
     difference and takes the SVD's products on the GPU (DeviceError when this build or machine cannot).
     """
-    if embeddings not in ("skip", "lora", "full"):
-        raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
-    oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
-    seed, threads = check_seed(seed), check_threads(threads)
-    backend = backend_for_device(device)
-    if not isinstance(rule, RankRule):
-        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
-                                 f"{type(rule).__name__}")
-    try:
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
-    cb, cf = Checkpoint(base), Checkpoint(finetuned)
-    base_config = read_config(cb.directory)  # before the long work
-    for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
-        q = detect_checkpoint(ck, config)
-        if q is not None:  # codes are not weights: their difference means nothing
-            raise UnsupportedError(
-                f"{ck.location}: the {what} is quantized "
-                f"with {q.describe()}; extract reads 16- and 32-bit checkpoints only: extract from the unquantized "
-                "checkpoints (the 16-bit base and fine-tune), or for a float8 checkpoint write it in bf16 first "
-                "(`lorafuse apply` with --dtype bf16)")
-    model = ModelInfo.from_config(base_config)
-    k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
-
-    result = ExtractResult(Adapter(updates={}), [])
-    work: list[tuple[str, str]] = []  # (module, key)
-    conv1d: set[str] = set()  # GPT-2 style Conv1D weights, stored (in x out)
+    x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
+                        oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device)
+    cb, cf, work, conv1d, k_max, backend = x.base, x.finetuned, x.work, x.conv1d, x.k_max, x.backend
+    oversample, power_iters, seed, threads, base_config = x.oversample, x.power_iters, x.seed, x.threads, x.config
+    result = ExtractResult(Adapter(updates={}), [], list(x.skipped))
     full: dict[str, Tensor] = {}
-    for key in cb.keys():
-        if key not in cf:
-            result.skipped.append(f"{key}: only in the base")
-            continue
-        ib, iff = cb.info(key), cf.info(key)
-        if ib.shape != iff.shape:
-            result.skipped.append(f"{key}: shape {ib.shape} in the base, {iff.shape} in the fine-tuned model")
-            continue
-        module = key.removesuffix(".weight")
-        is_matrix = key.endswith(".weight") and len(ib.shape) in (2, 3, 4) and DTYPES[ib.dtype].is_float
-        if not is_matrix or (inc and not inc.search(module)) or (exc and exc.search(module)):
-            continue
-        if _is_embedding(module) and embeddings == "skip":
-            result.skipped.append(f"{key}: embedding (use --embeddings lora or full)")
-            continue
-        if _is_embedding(module) and embeddings == "full":
-            with cf.open(cf.shard_of[key]) as f:
-                full[module + ".weight"] = Tensor(f.raw(key).copy(), iff.dtype)
-                f.check_unchanged()  # the copy outlives the mapping: check it was read whole
-            continue
-        if len(ib.shape) == 2 and not _is_embedding(module) and _layer_type(model, module, key, Path(base)) == "conv1d":
-            conv1d.add(module)
-        work.append((module, key))
-    for key in cf.keys():
-        if key not in cb:
-            result.skipped.append(f"{key}: only in the fine-tuned model")
+    for name, key in x.full:
+        with cf.open(cf.shard_of[key]) as f:
+            full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
+            f.check_unchanged()  # the copy outlives the mapping: check it was read whole
 
     total = sum(cb.info(k).nbytes + cf.info(k).nbytes for _, k in work)
     bar = Progress(total, "extract", progress)
     files: dict[tuple[int, str], SafetensorsFile] = {}
+    rec = Recording("extract", [_checkpoint_input(base, cb, "base"), _checkpoint_input(finetuned, cf, "fine-tuned")],
+                    {**dataclasses.asdict(rule), "include": include, "exclude": exclude, "embeddings": embeddings,
+                     "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device},
+                    base_model=os.fspath(base))  # io.provenance: both checkpoints hashed while they are read
 
     def mapped(which: int, shard: str) -> SafetensorsFile:
         if (which, shard) not in files:
@@ -182,14 +143,128 @@ def extract(
                 result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
         raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
+    except BaseException:
+        rec.close()  # the hashing stops
+        raise
     finally:
         for f in files.values():
             f.close()
         bar.close()
-    result.adapter.full = full
-    result.adapter.config = _config(Path(base), base_config, result.adapter,
-                                    sorted({m.rsplit(".", 1)[-1] for m in full}))
+    result.adapter = extracted(base, base_config, result.adapter.updates, full)
+    result.adapter.provenance = rec.result()
     return result
+
+
+def _checkpoint_input(name: str | os.PathLike[str], ckpt: Checkpoint, role: str) -> InputSpec:
+    """A checkpoint as a provenance input: as given, and what extract reads of it (weights, index, config.json)."""
+    path = Path(name) if Path(name).is_file() else ckpt.directory
+    config = ckpt.directory / "config.json"
+    return folder_input(name, path, role, ckpt.files() + ([config] if config.is_file() else []))
+
+
+def extracted(base: str | os.PathLike[str], base_config: dict[str, object], updates: dict[str, Update],
+              full: dict[str, Tensor]) -> Adapter:
+    """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config."""
+    adapter = Adapter(updates=updates, full=full)
+    adapter.config = _config(Path(base), base_config, adapter, sorted({m.rsplit(".", 1)[-1] for m in full}))
+    return adapter
+
+
+@dataclass
+class ExtractSetup:
+    """What extract knows before it reads a weight (prepare_extract): both checkpoints (headers), the base's
+    config, the modules to extract as (module, key), the GPT-2 Conv1D ones among them, the embeddings kept
+    whole as (tensor name, key), the tensors left out with the reason, the sketch size k_max, and the checked
+    options and backend."""
+
+    base: Checkpoint
+    finetuned: Checkpoint
+    config: dict[str, object]
+    work: list[tuple[str, str]]
+    conv1d: set[str]
+    full: list[tuple[str, str]]
+    skipped: list[str]
+    k_max: int
+    oversample: int
+    power_iters: int
+    seed: int
+    threads: int
+    backend: Backend
+
+
+def prepare_extract(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    rule: RankRule,
+    *,
+    include: str | None = None,
+    exclude: str | None = None,
+    embeddings: str = "skip",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    threads: int = 0,
+    device: str = "cpu",
+) -> ExtractSetup:
+    """Everything extract checks and decides before it reads a weight (its arguments' meaning: extract):
+    the options, both checkpoints' headers and configs (quantized ones refused), which tensors are
+    extracted, kept whole or left out (and why). Reads no tensor data."""
+    if embeddings not in ("skip", "lora", "full"):
+        raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
+    oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
+    seed, threads = check_seed(seed), check_threads(threads)
+    backend = backend_for_device(device)
+    if not isinstance(rule, RankRule):
+        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
+                                 f"{type(rule).__name__}")
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
+    cb, cf = Checkpoint(base), Checkpoint(finetuned)
+    base_config = read_config(cb.directory)  # before the long work
+    for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
+        q = detect_checkpoint(ck, config)
+        if q is not None:  # codes are not weights: their difference means nothing
+            raise UnsupportedError(
+                f"{ck.location}: the {what} is quantized "
+                f"with {q.describe()}; extract reads 16- and 32-bit checkpoints only: extract from the unquantized "
+                "checkpoints (the 16-bit base and fine-tune), or for a float8 checkpoint write it in bf16 first "
+                "(`lorafuse apply` with --dtype bf16)")
+    model = ModelInfo.from_config(base_config)
+    k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
+
+    skipped: list[str] = []
+    work: list[tuple[str, str]] = []  # (module, key)
+    conv1d: set[str] = set()  # GPT-2 style Conv1D weights, stored (in x out)
+    full: list[tuple[str, str]] = []
+    for key in cb.keys():
+        if key not in cf:
+            skipped.append(f"{key}: only in the base")
+            continue
+        ib, iff = cb.info(key), cf.info(key)
+        if ib.shape != iff.shape:
+            skipped.append(f"{key}: shape {ib.shape} in the base, {iff.shape} in the fine-tuned model")
+            continue
+        module = key.removesuffix(".weight")
+        is_matrix = key.endswith(".weight") and len(ib.shape) in (2, 3, 4) and DTYPES[ib.dtype].is_float
+        if not is_matrix or (inc and not inc.search(module)) or (exc and exc.search(module)):
+            continue
+        if _is_embedding(module) and embeddings == "skip":
+            skipped.append(f"{key}: embedding (use --embeddings lora or full)")
+            continue
+        if _is_embedding(module) and embeddings == "full":
+            full.append((module + ".weight", key))
+            continue
+        if len(ib.shape) == 2 and not _is_embedding(module) and _layer_type(model, module, key, Path(base)) == "conv1d":
+            conv1d.add(module)
+        work.append((module, key))
+    for key in cf.keys():
+        if key not in cb:
+            skipped.append(f"{key}: only in the fine-tuned model")
+    return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, k_max, oversample, power_iters, seed,
+                        threads, backend)
 
 
 def _layer_type(model: ModelInfo, module: str, key: str, base: Path) -> str:
@@ -224,10 +299,12 @@ def _config(base: Path, base_config: dict[str, object], adapter: Adapter,
     archs = base_config.get("architectures")
     if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs):
         task_type = "CAUSAL_LM"
+    origin = spec_origin(base)  # a Hub id: PEFT's name for the base is the repo id, its revision the commit
     return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": str(base),
+        "base_model_name_or_path": str(base) if origin is None else origin.repo_id,
+        **({"revision": origin.commit_sha} if origin is not None else {}),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.updates}),
         "modules_to_save": modules_to_save or None,
         "lora_dropout": 0.0,

@@ -11,7 +11,9 @@ from lorafuse.formats import adapter_format, load
 from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
 from lorafuse.formats.util import most_common
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending
+from lorafuse.io.hub import local_path
 from lorafuse.io.pipeline import Pipeline, is_pipeline
+from lorafuse.io.provenance import Provenance
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
 from lorafuse.model.param_lora import ParamLoraUpdate
@@ -88,6 +90,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "parameters": int(adapter.num_parameters()),
         "full_tensors": sorted(adapter.full),
         "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
+        "provenance": adapter.provenance.as_dict() if adapter.provenance is not None else None,
         "module_details": modules,
     }
 
@@ -114,13 +117,21 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
         "bytes": ckpt.total_bytes(),
         "dtypes": dict(Counter(t.dtype for t in infos)),
         "quantization": describe_quantization(ckpt),
+        # how lorafuse made it (io.provenance), from the first shard's metadata (every shard holds it)
+        "provenance": _made_by(ckpt),
     }
+
+
+def _made_by(ckpt: Checkpoint) -> dict[str, object] | None:
+    made = Provenance.from_metadata(ckpt.metadata.get(ckpt.shards[0])) if ckpt.shards else None
+    return made.as_dict() if made is not None else None
 
 
 def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
     """A diffusers pipeline folder: each component with weights, described as a checkpoint."""
     return {"type": "pipeline", "path": str(pipe.directory),
-            "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()}}
+            "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()},
+            "provenance": next((m for m in map(_made_by, pipe.components.values()) if m is not None), None)}
 
 
 def adapter_path(path: str | os.PathLike[str]) -> Path | None:
@@ -148,8 +159,8 @@ def adapter_path(path: str | os.PathLike[str]) -> Path | None:
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
     """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file, or a folder holding one:
-    see adapter_path), a checkpoint, or a diffusers pipeline folder."""
-    p = Path(path)
+    see adapter_path), a checkpoint, or a diffusers pipeline folder; a Hub id is its snapshot folder (io.hub)."""
+    p = local_path(path, what="adapter or checkpoint")
     if is_pipeline(p):
         return describe_pipeline(Pipeline(p))
     adapter = adapter_path(p)

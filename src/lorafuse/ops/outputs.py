@@ -30,7 +30,7 @@ from lorafuse.formats.diffusers import WEIGHT_NAME, diffusers_plan
 from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
 from lorafuse.formats.streaming import WritePlan, write_adapter
-from lorafuse.io.atomic import names_file, output_file
+from lorafuse.io.atomic import check_output, names_file, output_file
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.model import Adapter
@@ -52,6 +52,7 @@ class AdapterOutput:
     path: Path
     format: str
     note: str | None = None
+    replaces: str | None = None  # checked_output: what overwrite=True replaces there (io.atomic.check_output)
 
 
 def file_name(fmt: str, adapters: Sequence[Adapter]) -> str:
@@ -129,6 +130,35 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
     return AdapterOutput(output_file(out, file_name(fmt, adapters), inputs, ADAPTER_SUFFIX), fmt)
 
 
+def checked_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
+                   *, asked: str | None = None, overwrite: bool = False) -> AdapterOutput:
+    """adapter_output, then io.atomic.check_output on the path it names: everything a verb that writes an
+    adapter checks of its output's name before any work (a real run and a dry run alike). The result's
+    `replaces` is the note of what `overwrite` will replace there (None: nothing of the user's)."""
+    target = adapter_output(out, fmt, adapters, inputs, asked=asked)
+    replaces = check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+    return dataclasses.replace(target, replaces=replaces)
+
+
+def extract_output(out: str | os.PathLike[str], base: str | os.PathLike[str], finetuned: str | os.PathLike[str],
+                   include: str | None = None, exclude: str | None = None, *,
+                   overwrite: bool = False) -> AdapterOutput:
+    """checked_output for extract: a PEFT folder, or for a name ending in .safetensors one file if a one-file
+    format can name the base's modules (checkpoint_modules, from the headers)."""
+    modules = [checkpoint_modules(base, include, exclude)] if names_file(out) else []
+    return checked_output(out, "peft", modules, [Path(base), Path(finetuned)], overwrite=overwrite)
+
+
+def write_plan(fmt: str, adapter: Adapter) -> WritePlan:
+    """What saving `adapter` in the format `fmt` writes (Adapter.save, save_as and the streamed outputs go
+    through this plan): its tensors' header entries, metadata and side files. Reads no factor value, so
+    `adapter`'s updates may be placeholders (model.layout)."""
+    plan = _PLANS.get(fmt)
+    if plan is None:
+        raise LorafuseValueError(f"lorafuse has no writer called {fmt!r}")
+    return plan(adapter)
+
+
 def save_as(adapter: Adapter, fmt: str, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
             overwrite: bool = False) -> Path:
     """Write `adapter` in the format `fmt` (its writer's WritePlan), never over `inputs` (see io.atomic)."""
@@ -160,4 +190,4 @@ def checkpoint_modules(base: str | os.PathLike[str], include: str | None = None,
 
 
 __all__ = ["ADAPTER_SUFFIX", "FOLDER_FORMATS", "ONE_FILE_FORMATS", "AdapterOutput", "adapter_output",
-           "checkpoint_modules", "file_name", "refusal", "save_as"]
+           "checked_output", "checkpoint_modules", "extract_output", "file_name", "refusal", "save_as", "write_plan"]

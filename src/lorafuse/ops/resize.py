@@ -11,16 +11,19 @@ with --save_precision), else F32 (with an AdapterNote). A lora_B bias and kohya 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 
 from lorafuse._progress import Progress
 from lorafuse._validate import check_threads
-from lorafuse.backends import FactorJob, backend_for_device
+from lorafuse.backends import Backend, FactorJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats import load
+from lorafuse.io.provenance import adapter_input, given_name, record
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LycorisUpdate, Update
+from lorafuse.model.arithmetic import check_split
 from lorafuse.model.layout import output_dtype, rounded
 from lorafuse.ops.rank import RankRule, fro_kept
 
@@ -43,17 +46,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
     'fp16', 'bf16' or an alias io.dtypes accepts, like kohya's --save_precision 'float') is the dtype of the
     new factors; None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32.
     `device` 'cuda' runs the factored SVDs on the GPU (DeviceError when this build or machine cannot)."""
-    threads = check_threads(threads)
-    backend = backend_for_device(device)
-    if not isinstance(rule, RankRule):
-        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
-                                 f"{type(rule).__name__}")
-    a = adapter if isinstance(adapter, Adapter) else load(adapter)
-    for name, u in a.updates.items():
-        if u.magnitude is not None:
-            raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
-                                   "of the magnitude vector")
-    out_dtype = output_dtype([a], dtype, "resize")
+    a, threads, backend, out_dtype = prepare_resize(adapter, rule, threads, dtype, device, split)
     names = list(a.updates)
     results: dict[str, tuple] = {}
     bar = Progress(len(names), "resize", progress, unit="modules")
@@ -83,6 +76,33 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))
     raise_if_inputs_changed(a.sources())  # its file shrank or changed while read: refuse the result
-    out = Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
-                  full_origin=dict(a.full_origin), derived_from=a.sources(), state=copy.deepcopy(a.state))
+    out = resized(a, updates)
+    out.provenance = record("resize", [adapter_input(a, name=given_name(adapter))],  # io.provenance
+                            {**dataclasses.asdict(rule), "split": split, "dtype": dtype, "device": device})
     return out, report
+
+
+def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, threads: int = 0,
+                   dtype: str | None = None, device: str = "cpu",
+                   split: str = "B") -> tuple[Adapter, int, Backend, str]:
+    """What resize checks and reads before any SVD (its arguments' meaning: resize): the adapter (loaded
+    when a path), the checked threads, the backend, the new factors' dtype. DoRA modules are refused."""
+    threads = check_threads(threads)
+    check_split(split)
+    backend = backend_for_device(device)
+    if not isinstance(rule, RankRule):
+        raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
+                                 f"{type(rule).__name__}")
+    a = adapter if isinstance(adapter, Adapter) else load(adapter)
+    for name, u in a.updates.items():
+        if u.magnitude is not None:
+            raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
+                                   "of the magnitude vector")
+    return a, threads, backend, output_dtype([a], dtype, "resize")
+
+
+def resized(a: Adapter, updates: dict[str, Update]) -> Adapter:
+    """The resized adapter: `a`'s config, state and full tensors with the new `updates` (derived from `a`'s
+    files, which saving it never replaces)."""
+    return Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
+                   full_origin=dict(a.full_origin), derived_from=a.sources(), state=copy.deepcopy(a.state))

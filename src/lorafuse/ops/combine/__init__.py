@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,12 @@ from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
+from lorafuse.io.provenance import Recording, adapter_input
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
-from lorafuse.ops.combine import many
+from lorafuse.ops.combine import many, ray_engine
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
@@ -70,8 +71,8 @@ from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_b
 EXACT = tuple(n for n, m in REGISTRY.items() if m.exact)
 STRUCTURED_ABOVE = 1 << 24  # stacked exact factorizations (elements) above which LyCORIS terms go structured
 
-__all__ = ["CombineOptions", "CombineReport", "EXACT", "GROUP_BYTES", "METHODS", "Method", "REGISTRY", "combine",
-           "combine_to", "combine_with", "check_options", "methods_help"]
+__all__ = ["CombineOptions", "CombineReport", "CombineSetup", "EXACT", "GROUP_BYTES", "METHODS", "Method", "REGISTRY",
+           "combine", "combine_to", "combine_with", "check_options", "methods_help", "prepare_to"]
 
 
 def check_options(options: CombineOptions) -> CombineOptions:
@@ -98,6 +99,8 @@ def check_options(options: CombineOptions) -> CombineOptions:
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
     many.check_stream_options(o)
+    if o.engine == "ray":
+        ray_engine.require_ray()  # before any work: without ray, say how to install it
     return dataclasses.replace(o, dtype=check_dtype(o.dtype), device=check_device(o.device))
 
 
@@ -154,6 +157,7 @@ class _Prepared:
     by_module: Terms
     ctx: Context
     dtype: str  # of the output's factors
+    weights: list[float] = dataclasses.field(default_factory=list)  # one per adapter (the provenance's)
 
 
 def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
@@ -180,7 +184,7 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
         method.check(o.method, by_module)
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
-    return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"))
+    return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"), [float(w) for w in ws])
 
 
 def _outputs(p: _Prepared) -> Iterator[Output]:
@@ -208,18 +212,37 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
             and (weights is None or isinstance(weights, Sequence))):
         return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
+    if o.engine == "ray":
+        ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
     plan = many.check_sources(sources, ws, o.method)
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
         return [s.item for s in sources], ws, None, o
     return [], None, plan, o
 
 
+def _run_streamed(plan: many.Plan, o: CombineOptions,
+                  on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> many.StreamSummary:
+    """The streamed engine the options name: Ray's (engine 'ray') or the local one."""
+    if o.engine == "ray":
+        return ray_engine.run_ray(plan, o, on_module)
+    return many.run_stream(plan, o, on_module)
+
+
 def _streamed_update(layout: ModuleLayout, b: np.ndarray, a: np.ndarray, dtype: str, threads: int) -> LoraUpdate:
     return rounded(layout.placeholder().with_factors(b, a), dtype, threads)
 
 
+def _recording(items: Sequence[Adapter | many.Source], weights: Sequence[float], options: CombineOptions) -> Recording:
+    """The provenance of this combination (io.provenance), its inputs' sha256 computed on background threads
+    meanwhile: each adapter with its weight, the method, the options as given (how the run goes left out)."""
+    specs = [adapter_input(i.item if isinstance(i, many.Source) else i, float(w)) for i, w in zip(items, weights)]
+    return Recording("combine", specs, dataclasses.asdict(options), method=options.method,
+                     workers=resolve_threads(options.threads))
+
+
 def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> Adapter:
-    """combine() with its options as one CombineOptions."""
+    """combine() with its options as one CombineOptions. The result's `provenance` records the inputs (their
+    sha256), the method and the options (io.provenance); its save() writes them."""
     adapters, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
         dtype = plan.output_dtype(o.dtype)
@@ -229,21 +252,25 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
         def put(name: str, b: np.ndarray, a: np.ndarray) -> None:
             computed[name] = _streamed_update(layouts[name], b, a, dtype, o.threads)
 
-        many.run_stream(plan, o, put)
-        streamed = many.template_of(plan, computed)
-        streamed.randomized = list(computed) if o.method == "svd" else []
+        with _recording(plan.sources, plan.weights, options) as rec:
+            _run_streamed(plan, o, put)
+            streamed = many.template_of(plan, computed)
+            streamed.randomized = list(computed) if o.method == "svd" else []
+            streamed.provenance = rec.result()
         return streamed
     p = _prepare(adapters, weights, o)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
-    for name, update, was_randomized in _outputs(p):
-        updates[name] = update
-        if was_randomized:
-            randomized.append(name)
-    # An input file truncated or rewritten while it was read leaves zeros in what was read: refuse the result.
-    raise_if_inputs_changed([s for a in p.loaded for s in a.sources()])
-    combined = result(p.loaded[0], updates, p.loaded)
-    combined.randomized = randomized
+    with _recording(p.loaded, p.weights, options) as rec:
+        for name, update, was_randomized in _outputs(p):
+            updates[name] = update
+            if was_randomized:
+                randomized.append(name)
+        # An input file truncated or rewritten while it was read leaves zeros in what was read: refuse the result.
+        raise_if_inputs_changed([s for a in p.loaded for s in a.sources()])
+        combined = result(p.loaded[0], updates, p.loaded)
+        combined.randomized = randomized
+        combined.provenance = rec.result()
     return combined
 
 
@@ -259,7 +286,7 @@ class CombineReport:
     dtype: str = "F32"
     seconds: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
-    engine: str = "memory"  # 'memory' (every adapter mapped at once) or 'stream' (ops.combine.many)
+    engine: str = "memory"  # 'memory' (every adapter mapped at once), 'stream' (ops.combine.many) or 'ray'
     summary: many.StreamSummary | None = None  # the streamed engine's: adapters, passes, bytes, time, memory
 
     def __len__(self) -> int:
@@ -275,16 +302,17 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     start = time.perf_counter()
-    adapters, weights, plan, o = _route(adapters, weights, options)
-    if plan is not None:
-        return _stream_to(plan, o, out, format, overwrite, start)
-    p = _prepare(adapters, weights, o)
-    layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
-                                                                 dtype=p.dtype), name=n)
-                           for n, ts in p.by_module.items())
-    template = result(p.loaded[0], layout.placeholders(), p.loaded)
+    s = prepare_to(adapters, weights, options)
+    o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
+    items, ws = ((s.stream.sources, s.stream.weights) if s.stream is not None else
+                 (s.prepared.loaded, s.prepared.weights) if s.prepared is not None else ([], []))
+    with _recording(items, ws, options) as rec:
+        template.provenance = rec.result()  # the header, written first, holds the inputs' sha256
+    if s.stream is not None:
+        return _stream_to(s.stream, o, layout, template, s.dtype, out, format, overwrite, start)
+    p = s.prepared
+    assert p is not None
     randomized: list[str] = []
-    inputs = [s for a in p.loaded for s in a.sources()]
     with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs) as w:
         for name, update, was_randomized in _outputs(p):
             w.put(name, update)
@@ -295,17 +323,54 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
                          time.perf_counter() - start)
 
 
-def _stream_to(plan: many.Plan, o: CombineOptions, out: str | os.PathLike[str], format: str | None,
-               overwrite: bool, start: float) -> CombineReport:
+@dataclasses.dataclass
+class CombineSetup:
+    """What combine_to knows before it opens the output (prepare_to): the checked options, the output's
+    layout (every module's rank, shape, dtype) and template adapter (config, state), the dtype of its
+    factors, the input files, and the engine's own state: `prepared` (in memory) or `stream` (the header
+    pass's plan, ops.combine.many)."""
+
+    options: CombineOptions
+    layout: AdapterLayout
+    template: Adapter
+    dtype: str
+    inputs: list[Path]
+    prepared: _Prepared | None = None
+    stream: many.Plan | None = None
+
+    @property
+    def engine(self) -> str:
+        """'memory', 'stream', or 'ray' (the streamed passes as Ray tasks)."""
+        if self.stream is None:
+            return "memory"
+        return "ray" if self.options.engine == "ray" else "stream"
+
+
+def prepare_to(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> CombineSetup:
+    """Everything combine_to does before it opens the output (its arguments' meaning: combine_to): the
+    options checked, the adapters read (headers; the in-memory engine maps them), the engine chosen, every
+    rule of the method checked and each module's output rank decided. Writes nothing."""
+    adapters, weights, plan, o = _route(adapters, weights, options)
+    if plan is not None:
+        dtype = plan.output_dtype(o.dtype)
+        layout = AdapterLayout(many.layout_of(plan, o, dtype))
+        return CombineSetup(o, layout, many.template_of(plan, layout.placeholders()), dtype, plan.paths, stream=plan)
+    p = _prepare(adapters, weights, o)
+    layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
+                                                                 dtype=p.dtype), name=n)
+                           for n, ts in p.by_module.items())
+    template = result(p.loaded[0], layout.placeholders(), p.loaded)
+    return CombineSetup(o, layout, template, p.dtype, [s for a in p.loaded for s in a.sources()], prepared=p)
+
+
+def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, template: Adapter, dtype: str,
+               out: str | os.PathLike[str], format: str | None, overwrite: bool, start: float) -> CombineReport:
     """combine_to by the streamed engine: the output is opened (and checked) before the first pass, and each
     module is put once the passes are done."""
-    dtype = plan.output_dtype(o.dtype)
-    layout = AdapterLayout(many.layout_of(plan, o, dtype))
-    template = many.template_of(plan, layout.placeholders())
     with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths) as w:
-        summary = many.run_stream(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
+        summary = _run_streamed(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
                                                                                      o.threads)))
         raise_if_inputs_changed(plan.paths)
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()},
                          list(layout) if o.method == "svd" else [], dtype, time.perf_counter() - start,
-                         engine="stream", summary=summary)
+                         engine=summary.engine, summary=summary)

@@ -24,11 +24,16 @@ linear (PEFT's factor averaging, FedIT / FedAvg style): one pass, A' = sum_i sig
 B' = sum_i sqrt|c_i| B_i, accumulated in float64 (equal ranks per module, as the in-memory method).
 
 Small cases keep combine's in-memory exact path (choose_engine); the other methods always take it.
+
+The fold of a pass (fold_sources: adapters into fresh float64 accumulators, given the pass's operands) is
+linear in the adapters; engine 'ray' (ray_engine.py) runs it per shard of adapters in Ray tasks and adds the
+partial accumulators, then the driver does what this engine does with them (Sketching).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -37,7 +42,7 @@ import resource
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,7 @@ from lorafuse.errors import (
     UnsupportedError,
 )
 from lorafuse.formats import load
+from lorafuse.io.hub import is_hub_id, local_adapter
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import check_linear, result
@@ -73,7 +79,7 @@ OVERSAMPLE = 10  # sketch width w = k + OVERSAMPLE (capped at min(out, in)), as 
 PROBES = 10  # Gaussian columns of the error sketch
 MEMORY_MAX_ADAPTERS = 256  # at most this many adapters (fewer under a low open-file limit): the in-memory path
 STREAMABLE = ("svd", "linear")
-ENGINES = ("auto", "memory", "stream")
+ENGINES = ("auto", "memory", "stream", "ray")
 MAX_PASSES = 21
 
 AdapterInput = str | os.PathLike[str] | Adapter
@@ -128,12 +134,24 @@ def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
                 raise LorafuseValueError(f"{where}: weight {parts[1]!r} is not finite")
             name = parts[0]
         target = Path(name).expanduser()
-        entries.append((target if target.is_absolute() else p.parent / target, weight, where))
+        local = target if target.is_absolute() else p.parent / target
+        if not os.path.lexists(local) and is_hub_id(name):  # a Hub id, when no file of that name is there
+            local = _located(name, where)
+        entries.append((local, weight, where))
     if not entries:
         raise LorafuseValueError(f"{p}: the adapter list names no adapter")
     n = len(entries)
     return ([Source(t, where) for t, _, where in entries],
             [1.0 / n if w is None else w for _, w, _ in entries])
+
+
+def _located(spec: str | os.PathLike[str], where: str) -> Path:
+    """A path, or the adapter a Hub id names (io.hub), resolved once here so that every pass reads the same
+    commit; an error names where the adapter was named."""
+    try:
+        return local_adapter(spec)
+    except LorafuseError as e:
+        raise _reraise(e, where) from None
 
 
 def sources_of(adapters: Iterable[AdapterInput] | Iterable[Source]) -> list[Source]:
@@ -148,7 +166,8 @@ def sources_of(adapters: Iterable[AdapterInput] | Iterable[Source]) -> list[Sour
         elif isinstance(a, Adapter):
             out.append(Source(a, f"adapter {i} ({a.label})"))
         elif isinstance(a, (str, os.PathLike)):
-            out.append(Source(Path(a), f"adapter {i} ({os.fspath(a)})"))
+            where = f"adapter {i} ({os.fspath(a)})"
+            out.append(Source(_located(a, where), where))
         else:
             raise LorafuseValueError(f"adapter {i}: expected a path or an Adapter, got {type(a).__name__}")
     return out
@@ -305,10 +324,11 @@ def memory_max_adapters() -> int:
 
 
 def choose_engine(plan: Plan, options: CombineOptions, backend: Backend) -> str:
-    """'memory' (combine's in-memory path) or 'stream' (this module's engine). auto: memory for the methods
-    this engine does not run, on cuda, with exact=True, or for at most MEMORY_MAX_ADAPTERS adapters whose every
-    module takes the exact SVD (backend.factored_svd_is_exact, combine's cost model); stream otherwise or
-    when passes is given. (MEMORY_MAX_ADAPTERS: memory_max_adapters().)"""
+    """'memory' (combine's in-memory path), 'stream' (this module's engine) or 'ray' (only when asked for).
+    auto: memory for the methods this engine does not run, on cuda, with exact=True, or for at most
+    MEMORY_MAX_ADAPTERS adapters whose every module takes the exact SVD (backend.factored_svd_is_exact,
+    combine's cost model); stream otherwise or when passes is given. (MEMORY_MAX_ADAPTERS:
+    memory_max_adapters().)"""
     if options.engine != "auto":
         return options.engine
     if options.method not in STREAMABLE or options.device == "cuda" or options.exact:
@@ -394,8 +414,25 @@ class _Stack:
         return self.b[:, :f], self.a[:f], self.coef[:f]
 
 
+Operand = tuple[np.ndarray, np.ndarray | None]  # one module's operand of a pass: X (float32), Psi (float32)
+
+
+def first_operand(spec: ModuleSpec, w: int, seed: int, single_pass: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pass 1's float64 test matrices of a module, regenerated from the seed: X = [Omega Phi] (in x (w +
+    PROBES)) and, for the single-pass sketch, Psi ((2w + 1) x out)."""
+    omega = gaussian(seed, spec.name, _OMEGA, (spec.inn, w))
+    phi = gaussian(seed, spec.name, _PROBE, (spec.inn, PROBES))
+    psi = gaussian(seed, spec.name, _PSI, (2 * w + 1, spec.out)) if single_pass else None
+    return np.ascontiguousarray(np.hstack([omega, phi])), psi
+
+
+def _f32(x: np.ndarray | None) -> np.ndarray | None:
+    return None if x is None else x.astype(np.float32)
+
+
 class _SvdSketch:
-    """One module's sketches across the passes (see the module docstring)."""
+    """One module's sketches across the passes (see the module docstring): the driver's side, which sets up
+    each pass's operand and takes in the pass's summed accumulators (_SvdFold does the folding)."""
 
     def __init__(self, spec: ModuleSpec, k: int, passes: int, seed: int) -> None:
         self.spec, self.k, self.passes, self.seed = spec, k, passes, seed
@@ -403,59 +440,41 @@ class _SvdSketch:
         self.probes = PROBES
         self.pass_no = 0
         self.probe_out: np.ndarray | None = None  # D Phi (out x PROBES)
-        self.acc: np.ndarray = np.zeros(0)
-        self.x: np.ndarray = np.zeros(0)  # the operand of this pass
+        self.acc: np.ndarray = np.zeros(0)  # the last pass's accumulated product
         self.basis: np.ndarray | None = None  # the orthonormal operand of this pass (for the projection)
         self.psi: np.ndarray | None = None
-        self.psi32: np.ndarray | None = None
         self.w_acc: np.ndarray | None = None
-        self.x32: np.ndarray = np.zeros(0, dtype=np.float32)
+        self.x32: np.ndarray = np.zeros(0, dtype=np.float32)  # the operand of this pass
+        self.psi32: np.ndarray | None = None
 
     @property
     def side(self) -> str:
         """'range' (acc = D X, X in x .) in odd passes, 'corange' (acc = D^T X, X out x .) in even ones."""
-        return "range" if self.pass_no % 2 == 1 else "corange"
+        return _side(self.pass_no)
 
     def start(self, pass_no: int) -> None:
         """Set up pass `pass_no` (1-based): its operand, regenerated or from the previous pass's result."""
-        s, w = self.spec, self.w
+        w = self.w
         self.pass_no = pass_no
         if pass_no == 1:
-            omega = gaussian(self.seed, s.name, _OMEGA, (s.inn, w))
-            phi = gaussian(self.seed, s.name, _PROBE, (s.inn, self.probes))
-            self.x = np.ascontiguousarray(np.hstack([omega, phi]))
-            self.x32 = self.x.astype(np.float32)
-            self.acc = np.zeros((s.out, w + self.probes))
-            if self.passes == 1:
-                self.psi = gaussian(self.seed, s.name, _PSI, (2 * w + 1, s.out))
-                self.psi32 = self.psi.astype(np.float32)
-                self.w_acc = np.zeros((2 * w + 1, s.inn))
+            x, self.psi = first_operand(self.spec, w, self.seed, self.passes == 1)
+            self.x32, self.psi32 = x.astype(np.float32), _f32(self.psi)
             return
         prev = self.acc
         if pass_no == 2:
             self.probe_out = prev[:, w:].copy()
             prev = prev[:, :w]
         self.basis = _orth(prev)
-        self.x = self.basis
-        self.x32 = self.basis.astype(np.float32)
-        self.acc = np.zeros((s.inn if self.side == "corange" else s.out, w))
+        self.x32, self.psi32 = self.basis.astype(np.float32), None
+        self.acc = np.zeros(0)
 
-    def absorb(self, b: np.ndarray, a: np.ndarray, coef: np.ndarray) -> None:
-        """Fold a chunk of adapters' terms sum_i c_i B_i A_i (their float32 factors stacked, stored orientation,
-        coef: c_i per stacked rank) into this pass's sketch: one GEMM of inner size sum r_i per product
-        (float32 products, accumulated in float64)."""
-        if self.side == "range":
-            t = a @ self.x32
-            t *= coef[:, None]
-            self.acc += b @ t
-            if self.psi32 is not None and self.w_acc is not None:
-                u = self.psi32 @ b
-                u *= coef[None, :]
-                self.w_acc += u @ a
-        else:
-            t = b.T @ self.x32
-            t *= coef[:, None]
-            self.acc += a.T @ t
+    def operand(self) -> Operand:
+        return self.x32, self.psi32
+
+    def take(self, arrays: list[np.ndarray]) -> None:
+        """This pass's accumulators, summed over every adapter (those of an _SvdFold)."""
+        self.acc = arrays[0]
+        self.w_acc = arrays[1] if len(arrays) > 1 else None
 
     def finish(self, split: str) -> tuple[np.ndarray, np.ndarray, float]:
         """(B, A) float32 of rank k in the stored orientation, and the relative error estimate."""
@@ -495,6 +514,41 @@ class _SvdSketch:
         return b_out.astype(np.float32), a_out.astype(np.float32), err
 
 
+def _side(pass_no: int) -> str:
+    return "range" if pass_no % 2 == 1 else "corange"
+
+
+class _SvdFold:
+    """One module's accumulators of one pass, from zeros: acc = sum_i c_i B_i (A_i X) in the range passes
+    (and W = sum_i c_i (Psi B_i) A_i for the single-pass sketch), acc = sum_i c_i A_i^T (B_i^T X) in the
+    corange passes. Linear in the adapters: the folds of two sets of adapters add up to the fold of both."""
+
+    def __init__(self, spec: ModuleSpec, side: str, x32: np.ndarray, psi32: np.ndarray | None) -> None:
+        self.side, self.x32, self.psi32 = side, x32, psi32
+        self.acc = np.zeros((spec.inn if side == "corange" else spec.out, x32.shape[1]))
+        self.w_acc = None if psi32 is None else np.zeros((psi32.shape[0], spec.inn))
+
+    def absorb(self, b: np.ndarray, a: np.ndarray, coef: np.ndarray) -> None:
+        """Fold a chunk of adapters' terms sum_i c_i B_i A_i (their float32 factors stacked, stored orientation,
+        coef: c_i per stacked rank) into this pass's sketch: one GEMM of inner size sum r_i per product
+        (float32 products, accumulated in float64)."""
+        if self.side == "range":
+            t = a @ self.x32
+            t *= coef[:, None]
+            self.acc += b @ t
+            if self.psi32 is not None and self.w_acc is not None:
+                u = self.psi32 @ b
+                u *= coef[None, :]
+                self.w_acc += u @ a
+        else:
+            t = b.T @ self.x32
+            t *= coef[:, None]
+            self.acc += a.T @ t
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.acc] if self.w_acc is None else [self.acc, self.w_acc]
+
+
 class _LinearSum:
     """One module's factor average: sum_i sign(c_i) sqrt|c_i| A_i and sum_i sqrt|c_i| B_i (float64)."""
 
@@ -512,8 +566,110 @@ class _LinearSum:
             if c:
                 self.a += math.copysign(root, c) * a[j:j + r].astype(np.float64)
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.b.astype(np.float32), self.a.astype(np.float32)
+    def arrays(self) -> list[np.ndarray]:
+        return [self.b, self.a]
+
+    @staticmethod
+    def finish(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        b, a = arrays
+        return b.astype(np.float32), a.astype(np.float32)
+
+
+Partial = dict[str, list[np.ndarray]]  # module -> its accumulators of one pass over some adapters (float64)
+
+
+def add_partials(x: Partial, y: Partial) -> Partial:
+    """The accumulators of two sets of adapters added (new arrays: either may be read-only)."""
+    return {n: [p + q for p, q in zip(x[n], y[n])] for n in x}
+
+
+@dataclasses.dataclass(frozen=True)
+class Folding:
+    """What folding adapters into one pass's accumulators takes besides the adapters and the pass's operands:
+    the modules, the method, the seed and sketch widths that regenerate pass 1's test matrices, the chunk
+    size (adapters per product) and the threads of dtype conversions. Everything a Ray task gets."""
+
+    modules: dict[str, ModuleSpec]
+    method: str
+    seed: int
+    passes: int
+    widths: dict[str, int]
+    chunk: int
+    threads: int
+
+
+def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None, sources: Sequence[Source],
+                 weights: Sequence[float], fingerprints: Sequence[object],
+                 on_chunk: Callable[[int], None] | None = None) -> tuple[Partial, int]:
+    """Fold `sources` (each opened, read once and closed) into fresh accumulators of pass `pass_no` given the
+    pass's operands (svd; None in pass 1: its test matrices are regenerated from the seed here). Returns the
+    accumulators and the bytes of factors read; on_chunk(adapters) is called after each chunk. The one fold
+    of the local engine (all adapters) and of a Ray task (a shard)."""
+    folds: dict[str, _SvdFold] | dict[str, _LinearSum]
+    if job.method == "linear":
+        folds = {n: _LinearSum(s) for n, s in job.modules.items()}
+    else:
+        if operands is None:
+            if pass_no != 1:
+                raise ValueError(f"pass {pass_no} needs the operands of the previous pass")  # pragma: no cover
+            operands = {}
+            for n, s in job.modules.items():
+                x, psi = first_operand(s, job.widths[n], job.seed, job.passes == 1)
+                operands[n] = (x.astype(np.float32), _f32(psi))
+        folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
+    read = 0
+    for stacks, count, nbytes in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
+                                         job.threads):
+        for name, stack in stacks.items():
+            if stack.filled:
+                folds[name].absorb(*stack.view())
+        del stacks
+        read += nbytes
+        if on_chunk is not None:
+            on_chunk(count)
+    return {n: f.arrays() for n, f in folds.items()}, read
+
+
+class Sketching:
+    """The driver's side of a streamed combination, shared by the local engine and the Ray engine: the
+    Folding, each pass's operands, the pass's summed accumulators taken in, and the result."""
+
+    def __init__(self, plan: Plan, options: CombineOptions, threads: int | None = None) -> None:
+        self.plan, self.options = plan, options
+        method = options.method
+        self.passes = 1 if method == "linear" else (DEFAULT_PASSES if options.passes is None else options.passes)
+        ranks = output_ranks(plan, options.rank, options.conv_rank)
+        self.svd: dict[str, _SvdSketch] = {}
+        if method == "svd":
+            self.svd = {n: _SvdSketch(s, ranks[n], self.passes, options.seed) for n, s in plan.modules.items()}
+        self.job = Folding(plan.modules, method, options.seed, self.passes, {n: sk.w for n, sk in self.svd.items()},
+                           chunk_size(plan, options.group_bytes // 4),  # the chunk and its stacks
+                           options.threads if threads is None else threads)
+        self.last: Partial = {}
+
+    def start(self, pass_no: int) -> dict[str, Operand] | None:
+        """Set up pass `pass_no`: every module's operand (None for linear)."""
+        for sk in self.svd.values():
+            sk.start(pass_no)
+        return {n: sk.operand() for n, sk in self.svd.items()} if self.svd else None
+
+    def take(self, partial: Partial) -> None:
+        """The pass's accumulators, summed over every adapter."""
+        self.last = partial
+        for n, sk in self.svd.items():
+            sk.take(partial[n])
+
+    def finish(self, on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> dict[str, float]:
+        """on_module(name, B, A) for every module in input order; the svd's error estimates."""
+        errors: dict[str, float] = {}
+        for name in self.plan.modules:
+            if self.svd:
+                b, a, err = self.svd[name].finish(self.options.split)
+                errors[name] = err
+            else:
+                b, a = _LinearSum.finish(self.last[name])
+            on_module(name, b, a)
+        return errors
 
 
 # ---- the engine -----------------------------------------------------------------------------------------
@@ -521,9 +677,11 @@ class _LinearSum:
 
 @dataclasses.dataclass(frozen=True)
 class StreamSummary:
-    """What a streamed combination did: the engine that ran ('stream'), adapters read, passes made, bytes
-    of factors read (all passes), wall seconds, the process's peak resident memory (bytes), and per module
-    the estimated relative Frobenius error ||D - D^|| / ||D|| (svd; empty for linear)."""
+    """What a streamed combination did: the engine that ran ('stream', or 'ray': ops.combine.ray_engine),
+    adapters read, passes made, bytes of factors read (all passes), wall seconds (with Ray, from when Ray is
+    up), the process's peak resident memory (bytes; with Ray, the driver's), per module the estimated
+    relative Frobenius error ||D - D^|| / ||D|| (svd; empty for linear), and with Ray the shards (tasks per
+    pass) and the worker processes that ran them."""
 
     engine: str
     adapters: int
@@ -532,6 +690,8 @@ class StreamSummary:
     seconds: float
     peak_rss: int
     errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    shards: int = 0
+    workers: int = 0
 
     @property
     def seconds_per_adapter(self) -> float:
@@ -541,7 +701,11 @@ class StreamSummary:
     def lines(self) -> list[str]:
         out = [f"  streamed: {self.adapters} adapters x {self.passes} pass{'es' if self.passes != 1 else ''}, "
                f"{human_bytes(self.bytes_read)} read, {self.seconds_per_adapter * 1e3:.2f} ms per adapter and "
-               f"pass, peak memory {human_bytes(self.peak_rss)}"]
+               f"pass, peak memory {human_bytes(self.peak_rss)}{' (the driver)' if self.engine == 'ray' else ''}"]
+        if self.engine == "ray":
+            out.append(f"  on Ray: {self.shards} shard{'s' if self.shards != 1 else ''} of consecutive adapters, "
+                       f"{self.shards * self.passes} tasks ({self.shards} per pass), run by {self.workers} "
+                       f"worker{'s' if self.workers != 1 else ''}")
         if self.errors:
             worst = max(self.errors, key=lambda n: self.errors[n])
             out.append(f"  estimated relative error ||D - D_k|| / ||D||: largest {self.errors[worst]:.3g} in "
@@ -586,11 +750,12 @@ class _Bar:
             self.bar.close()
 
 
-def _adapters(plan: Plan, pass_no: int) -> Iterator[tuple[Source, float, Adapter]]:
+def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints: Sequence[object],
+              pass_no: int) -> Iterator[tuple[Source, float, Adapter]]:
     """Each adapter of a pass opened in turn (closed when the caller lets go of it); a file rewritten since
-    the header pass is refused, naming it."""
-    for i, (src, w) in enumerate(zip(plan.sources, plan.weights)):
-        if isinstance(src.item, Path) and _fingerprint(src.item) != plan.fingerprints[i]:
+    the header pass (its fingerprint then) is refused, naming it."""
+    for src, w, fingerprint in zip(sources, weights, fingerprints):
+        if isinstance(src.item, Path) and _fingerprint(src.item) != fingerprint:
             raise InputChangedError(f"{src.where}: changed since combine started (pass {pass_no}): the passes "
                                     "would read different adapters; nothing is written")
         yield src, w, _open(src, quiet=True)
@@ -612,12 +777,14 @@ def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], th
     return read
 
 
-def _chunks(plan: Plan, pass_no: int, chunk: int, threads: int) -> Iterator[tuple[dict[str, _Stack], int, int]]:
+def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: Sequence[float],
+            fingerprints: Sequence[object], pass_no: int, chunk: int,
+            threads: int) -> Iterator[tuple[dict[str, _Stack], int, int]]:
     """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read).
     The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is read)."""
-    stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in plan.modules.items()}
+    stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in modules.items()}
     held = read = 0
-    for src, w, adapter in _adapters(plan, pass_no):
+    for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no):
         read += _read(src, w, adapter, stacks, threads)
         del adapter  # its mapping and descriptor go with it
         held += 1
@@ -643,58 +810,44 @@ def run_stream(plan: Plan, options: CombineOptions,
     one at a time; their float32 factors wait in a chunk (at most options.group_bytes of them) and each chunk
     goes into the sketches as one product per module."""
     start = time.perf_counter()
-    method = options.method
-    passes = 1 if method == "linear" else (DEFAULT_PASSES if options.passes is None else options.passes)
-    ranks = output_ranks(plan, options.rank, options.conv_rank)
-    sinks: dict[str, _SvdSketch] | dict[str, _LinearSum]
-    svd: dict[str, _SvdSketch] = {}
-    lin: dict[str, _LinearSum] = {}
-    if method == "svd":
-        sinks = svd = {n: _SvdSketch(s, ranks[n], passes, options.seed) for n, s in plan.modules.items()}
-    else:
-        sinks = lin = {n: _LinearSum(s) for n, s in plan.modules.items()}
-    chunk = chunk_size(plan, options.group_bytes // 4)  # the chunk and its stacks
+    sketching = Sketching(plan, options)
+    passes = sketching.passes
     bar = _Bar(len(plan.sources) * passes, options.progress)
     read = 0
-
     try:
         for p in range(1, passes + 1):
-            for sk in svd.values():
-                sk.start(p)
+            operands = sketching.start(p)
             # (a reader thread one chunk ahead measured no faster on 2 cores: the BLAS threads take both)
-            for stacks, count, nbytes in _chunks(plan, p, chunk, options.threads):
-                for name, stack in stacks.items():
-                    if stack.filled:
-                        sinks[name].absorb(*stack.view())
-                del stacks
-                read += nbytes
-                bar.step(f"pass {p}/{passes}", count)
+            partial, nbytes = fold_sources(sketching.job, p, operands, plan.sources, plan.weights,
+                                           plan.fingerprints, functools.partial(bar.step, f"pass {p}/{passes}"))
+            read += nbytes
+            sketching.take(partial)
     finally:
         bar.close()
-    errors: dict[str, float] = {}
-    for name in plan.modules:
-        if svd:
-            b, a, err = svd[name].finish(options.split)
-            errors[name] = err
-        else:
-            b, a = lin[name].finish()
-        on_module(name, b, a)
+    errors = sketching.finish(on_module)
     return StreamSummary("stream", len(plan.sources), passes, read, time.perf_counter() - start, peak_rss(), errors)
 
 
 def check_stream_options(options: CombineOptions) -> None:
-    """The refusals of the streamed engine's options, before any work."""
+    """The refusals of the streamed engines' options, before any work (engine 'ray' without Ray installed
+    too)."""
     if options.engine not in ENGINES:
         raise LorafuseValueError(f"unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}")
+    address = options.ray_address
+    if address is not None and (not isinstance(address, str) or not address):
+        raise LorafuseValueError(f"ray_address must be a Ray address (a non-empty string), got {address!r}")
+    if address is not None and options.engine != "ray":
+        raise LorafuseValueError(f"ray_address applies to engine 'ray' (the engine is {options.engine!r})")
     p = options.passes
     if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= MAX_PASSES):
         raise LorafuseValueError(f"passes must be an integer from 1 to {MAX_PASSES}, got {p!r}")
-    if options.engine == "stream" or p is not None:
+    if options.engine in ("stream", "ray") or p is not None:
+        engine = "engine 'ray'" if options.engine == "ray" else "passes, engine 'stream'"
         if options.method not in STREAMABLE:
-            raise UnsupportedError(f"method {options.method!r} does not stream (passes, engine 'stream'): the "
+            raise UnsupportedError(f"method {options.method!r} does not stream ({engine}): the "
                                    f"streamed engine runs {' and '.join(STREAMABLE)}")
         if options.exact:
-            raise LorafuseValueError("exact and a streamed engine (passes, engine 'stream') exclude each other: "
+            raise LorafuseValueError(f"exact and a streamed engine ({engine}) exclude each other: "
                                      "the streamed svd is randomized")
         if options.device == "cuda":
             raise UnsupportedError("the streamed engine runs on the CPU (device 'cpu')")
@@ -740,7 +893,8 @@ def gather(adapters: Iterable[AdapterInput] | Iterable[Source],
     return sources, ws
 
 
-__all__ = ["DEFAULT_PASSES", "ENGINES", "MEMORY_MAX_ADAPTERS", "OVERSAMPLE", "PROBES", "Plan", "STREAMABLE", "Source",
-           "StreamSummary",
-           "check_sources", "check_stream_options", "choose_engine", "chunk_size", "gather", "gaussian", "layout_of",
-           "memory_max_adapters", "read_list", "run_stream", "sources_of", "template_of"]
+__all__ = ["DEFAULT_PASSES", "ENGINES", "MEMORY_MAX_ADAPTERS", "OVERSAMPLE", "PROBES", "Folding", "Operand", "Partial",
+           "Plan", "STREAMABLE", "Sketching", "Source", "StreamSummary", "add_partials",
+           "check_sources", "check_stream_options", "choose_engine", "chunk_size", "first_operand", "fold_sources",
+           "gather", "gaussian", "layout_of", "memory_max_adapters", "read_list", "run_stream", "sources_of",
+           "template_of"]

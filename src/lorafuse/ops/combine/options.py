@@ -20,8 +20,10 @@ class CombineOptions:
     ...); None: the inputs' factor dtype when they all share one of F32, F16, BF16, else F32. The math is
     float32 / float64 either way; only the result's factors are rounded, once, to nearest even. `device`:
     where the SVDs and norms run, 'cpu' (the compiled core) or 'cuda' (the GPU: its products, the CPU's
-    conventions). `engine`: 'auto', 'memory' (every adapter mapped at once, module groups streamed) or
-    'stream' (ops.combine.many: adapters read one at a time, once per pass; svd and linear); `passes`: the
+    conventions). `engine`: 'auto', 'memory' (every adapter mapped at once, module groups streamed),
+    'stream' (ops.combine.many: adapters read one at a time, once per pass; svd and linear) or 'ray' (the
+    same passes as Ray tasks over shards of adapters, ops.combine.ray_engine); `ray_address`: the Ray
+    cluster of engine 'ray' (None: the Ray this process has initialized, else a local one); `passes`: the
     streamed svd's passes over the adapters (None: 3, one power iteration; 2: range and projection; 1: a
     single-pass sketch; given, it selects the streamed engine under 'auto'); `progress`: a bar over adapters
     read (None: when stderr is a terminal)."""
@@ -41,3 +43,4 @@ class CombineOptions:
     engine: str = "auto"
     passes: int | None = None
     progress: bool | None = False
+    ray_address: str | None = None

@@ -1,0 +1,291 @@
+"""Hugging Face Hub ids wherever lorafuse takes an input path: `org/name` or `org/name@revision`.
+
+The rule: a spec that exists on disk (a file, a folder, a link) is a path, always, so a local folder
+named `org/name` wins. Otherwise a spec of exactly the shape `NAMESPACE/NAME[@REVISION]` (each part
+letters, digits, `_`, `-` and `.`, starting and ending with a letter, digit or `_`, at most 96
+characters, without `--` or `..`; not ending in `.safetensors` or `.git`) is a model repository on the
+Hub; the revision is a branch, a tag or a commit sha. Anything else is a path, which fails later as any
+missing path does.
+
+A Hub id is resolved with `huggingface_hub.snapshot_download` into the Hugging Face cache, downloading
+only the files lorafuse reads or copies (`HUB_FILES`: safetensors weights and their indexes, JSON
+configs, tokenizer files, the model card). huggingface_hub itself decides where the cache is and
+whether to go online (`HF_HUB_CACHE`, `HF_HOME`, `HF_HUB_OFFLINE`, ...), but it reads those variables
+once, when it is imported: lorafuse reads the same variables at each call and hands huggingface_hub
+what they say, so a variable set after the import counts too.
+
+`hub_origin(path)` tells, for a path that a Hub resolution in this process gave (the snapshot folder or
+anything inside it), which repository, revision and commit it came from (for provenance records).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
+
+from lorafuse.errors import FormatError, UnsupportedError
+
+# What lorafuse reads or copies from a model or adapter repository (huggingface_hub's fnmatch patterns: `*`
+# matches `/` too, so each also finds the files of a diffusers pipeline's component folders).
+HUB_FILES: tuple[str, ...] = (
+    "*.safetensors",  # weights, adapters (*.safetensors.index.json is among the *.json)
+    "*.json",  # config.json, adapter_config.json, model_index.json, shard indexes, tokenizer configs
+    "*.txt",  # merges.txt, vocab.txt
+    "*.model",  # sentencepiece tokenizers (tokenizer.model, spiece.model)
+    "*.tiktoken",
+    "*.jinja",  # chat templates
+    "*.py",  # the code of a trust_remote_code model, which a loader of apply's output needs beside config.json
+    "README.md",
+    "LICENSE*",
+)
+CONFIG_FILES: tuple[str, ...] = ("config.json",)
+PEFT_CONFIG = "adapter_config.json"
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+INSTALL = "pip install 'lorafuse[hub]'"
+LOGIN = "log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) or set HF_TOKEN"
+
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_SPEC = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[A-Za-z0-9_][A-Za-z0-9_./-]*))?")
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class HubOrigin(NamedTuple):
+    """Where a local path came from: the repository, the revision asked for (None: the default branch) and
+    the commit it resolved to."""
+
+    repo_id: str
+    revision: str | None
+    commit_sha: str
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec resolved to a local path; for a Hub id also the repository, the revision asked for (None: the
+    default branch) and the commit sha it resolved to (all None for a local path)."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_sha: str | None = None
+
+    @property
+    def origin(self) -> HubOrigin | None:
+        if self.repo_id is None or self.commit_sha is None:
+            return None
+        return HubOrigin(self.repo_id, self.revision, self.commit_sha)
+
+
+_origins: dict[str, HubOrigin] = {}  # absolute snapshot folder -> where it came from (this process)
+_spec_origins: dict[str, HubOrigin] = {}  # spec text -> where its last resolution led
+_lock = threading.Lock()
+
+
+def parse(spec: str | os.PathLike[str]) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `spec` has the shape of a Hub id, else None. Looks at the text only:
+    `resolve` first asks whether a path of that name exists."""
+    text = os.fsdecode(os.fspath(spec))
+    m = _SPEC.fullmatch(text)
+    if m is None:
+        return None
+    repo, rev = m.group("repo"), m.group("rev")
+    if "--" in repo or ".." in repo or repo.lower().endswith((".safetensors", ".git")):
+        return None
+    if rev is not None and (".." in rev or "//" in rev or rev.endswith(("/", ".lock"))):
+        return None
+    return repo, rev
+
+
+def is_hub_id(spec: str | os.PathLike[str]) -> bool:
+    """Whether `spec` has the shape of a Hub id (`org/name`, `org/name@revision`); the text only, see parse."""
+    return parse(spec) is not None
+
+
+def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Resolved:
+    """`spec` as a local path: itself when it exists on disk or is not shaped like a Hub id, else the
+    snapshot folder of the Hub model repository it names, downloaded (only `patterns`) or found in the
+    cache. `what` names the input in messages ('base model', 'adapter').
+
+    Raises UnsupportedError when huggingface_hub is not installed, and FormatError naming the id, the
+    revision and what to do when the repository or revision does not exist, is gated or private, is not
+    cached while offline, or cannot be reached."""
+    text = os.fsdecode(os.fspath(spec))
+    parsed = None if os.path.lexists(text) else parse(text)
+    if parsed is None:
+        return Resolved(Path(spec))
+    repo, revision = parsed
+    hub = _import_hub(spec, what)
+    cache, offline = _cache_dir(), _offline(hub)
+    try:
+        folder = hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
+                                       local_files_only=offline, allow_patterns=list(patterns),
+                                       endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on as they are
+        error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
+        if error is None:
+            raise
+        raise error from None
+    path = Path(folder)
+    # the cache's layout: <cache>/models--org--name/snapshots/<commit sha>
+    resolved = Resolved(path, repo, revision, path.name if _SHA.fullmatch(path.name) else None)
+    origin = resolved.origin
+    if origin is not None:
+        with _lock:
+            _origins[os.path.abspath(path)] = origin
+            _spec_origins[text] = origin
+    return resolved
+
+
+def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Path:
+    """`resolve(spec).path`: the checkpoint (or pipeline, or any input) folder a Hub id names, else `spec`."""
+    return resolve(spec, what=what, patterns=patterns).path
+
+
+def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
+    """The adapter a spec names, as a local path: `spec` itself when it is not a Hub id; for a Hub id the
+    snapshot folder when it holds adapter_config.json (a PEFT adapter), else the one adapter file in it
+    (pytorch_lora_weights.safetensors, diffusers' name, or the only .safetensors file: a kohya / LyCORIS /
+    diffusers LoRA repository). FormatError when the repository holds no .safetensors file, or several and
+    no adapter_config.json (the id cannot say which)."""
+    r = resolve(spec, what=what)
+    if r.repo_id is None:
+        return r.path
+    folder = r.path
+    if (folder / PEFT_CONFIG).is_file():
+        return folder
+    if (folder / DIFFUSERS_LORA).is_file():
+        return folder / DIFFUSERS_LORA
+    try:
+        found = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(".safetensors")
+                       and not p.name.startswith("."))
+    except OSError as e:
+        raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
+    if len(found) == 1:
+        return folder / found[0]
+    at = _named(r.repo_id, r.revision)
+    if not found:
+        raise FormatError(f"{what} {at} (commit {r.commit_sha}, {folder}): the repository holds no {PEFT_CONFIG} "
+                          "and no .safetensors file at its top level, so no adapter lorafuse reads (pickle .bin "
+                          "adapters are not read)")
+    listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise FormatError(f"{what} {at}: the repository holds several .safetensors files ({listed}) and no {PEFT_CONFIG}, "
+                      f"so the id does not say which is the adapter: give the file's path instead (for example "
+                      f"{folder / found[0]}, or `hf download {r.repo_id} {found[0]}`)")
+
+
+def hub_origin(path: str | os.PathLike[str]) -> HubOrigin | None:
+    """(repo_id, revision, commit_sha) when `path` is a snapshot folder that a Hub resolution in this process
+    returned, or a file or folder inside one (an adapter file, a shard, a pipeline component); else None.
+    `revision` is the one asked for (`org/name@revision`), None for the default branch; `commit_sha` is the
+    40-hex commit it resolved to. Paths are compared as absolute paths, links not followed (the files of a
+    snapshot are links into the cache's blobs: the link's own path is the one to give)."""
+    p = os.path.abspath(os.fspath(path))
+    with _lock:
+        if not _origins:
+            return None
+        while True:
+            origin = _origins.get(p)
+            if origin is not None:
+                return origin
+            parent = os.path.dirname(p)
+            if parent == p:
+                return None
+            p = parent
+
+
+def spec_origin(spec: str | os.PathLike[str]) -> HubOrigin | None:
+    """(repo_id, revision, commit_sha) of the last resolution of `spec` (the text given: `org/name@v1`) in this
+    process when it was a Hub id; None when it was a path or was not resolved (see hub_origin)."""
+    with _lock:
+        return _spec_origins.get(os.fsdecode(os.fspath(spec)))
+
+
+# ----------------------------------------------------------------------------- huggingface_hub and its settings
+
+
+def _import_hub(spec: str | os.PathLike[str], what: str) -> ModuleType:
+    try:
+        import huggingface_hub
+        import huggingface_hub.constants  # noqa: F401 - an attribute of the package only once imported
+    except ImportError:
+        raise UnsupportedError(
+            f"{what} {os.fsdecode(os.fspath(spec))}: no such file or directory here, and reading it as a Hugging "
+            f"Face Hub id needs the huggingface_hub package: {INSTALL}") from None
+    return huggingface_hub
+
+
+def _cache_dir() -> str | None:
+    """The hub cache the environment names now (huggingface_hub's order: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE,
+    HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub); None when it names none (huggingface_hub's default)."""
+    env = os.environ
+    named = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not named:
+        home = env.get("HF_HOME") or (os.path.join(env["XDG_CACHE_HOME"], "huggingface")
+                                      if env.get("XDG_CACHE_HOME") else None)
+        named = os.path.join(home, "hub") if home else None
+    return os.path.expandvars(os.path.expanduser(named)) if named else None
+
+
+def _offline(hub: ModuleType) -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says now, else as huggingface_hub read it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if value:
+        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(getattr(hub.constants, "HF_HUB_OFFLINE", False))
+
+
+_HUB_MODULES = frozenset({"huggingface_hub", "httpx", "httpx2", "requests", "urllib3"})
+
+
+def _named(repo: str, revision: str | None) -> str:
+    return repo if revision is None else f"{repo}@{revision}"
+
+
+def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, cache: str,
+           offline: bool) -> FormatError | None:
+    """A FormatError for what snapshot_download raised; None for anything that is neither an OSError nor from
+    huggingface_hub or its HTTP client (a bug: raised as it is)."""
+    module = type(e).__module__.split(".")[0]
+    ours = module in _HUB_MODULES
+    if not ours and not isinstance(e, OSError):
+        return None
+    kinds = {c.__name__ for c in type(e).__mro__}  # by name: huggingface_hub moved its error classes over time
+    rev = f"revision {revision}" if revision else "default branch main"
+    head = f"{what} {spec}"
+    missing = f"{head}: no such file or directory, and as a Hugging Face Hub id"
+    if "GatedRepoError" in kinds:
+        return FormatError(f"{head}: the Hub repository {repo} is gated: accept its conditions on "
+                           f"https://huggingface.co/{repo}, then {LOGIN}")
+    if "RepositoryNotFoundError" in kinds:
+        return FormatError(f"{missing}: the Hub has no model repository {repo} (or it is private: {LOGIN}); if you "
+                           "meant a local path, check its spelling")
+    if "RevisionNotFoundError" in kinds:
+        return FormatError(f"{head}: the Hub repository {repo} has no {rev} (give a branch, a tag or a commit sha)")
+    if "DisabledRepoError" in kinds:
+        return FormatError(f"{head}: the Hub repository {repo} is disabled")
+    if "IncompleteSnapshotError" in kinds:
+        return FormatError(f"{head}: the cached snapshot of {repo} ({rev}) in {cache} misses files lorafuse reads, and "
+                           f"the Hub {'is not asked (HF_HUB_OFFLINE is set)' if offline else 'cannot be reached'}: "
+                           f"download it again online{' (unset HF_HUB_OFFLINE)' if offline else ''}. ({e})")
+    if "LocalEntryNotFoundError" in kinds and offline:
+        return FormatError(f"{missing}: {repo} ({rev}) is not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE "
+                           "is set: unset HF_HUB_OFFLINE to download it, or point HF_HOME or HF_HUB_CACHE at the cache "
+                           "that holds it")
+    if "LocalEntryNotFoundError" in kinds:
+        return FormatError(f"{missing}: the Hub cannot be reached and {repo} ({rev}) is not in the Hugging Face cache "
+                           f"{cache}: check the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 with HF_HOME or "
+                           "HF_HUB_CACHE naming a cache that holds it")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return FormatError(f"{head}: the Hub refused access to {repo} (HTTP {status}): {LOGIN}")
+    if not ours:  # an OSError of the download itself: a full disk, a cache folder that cannot be written
+        return FormatError(f"{head}: cannot download {repo} ({rev}) into {cache}: {getattr(e, 'strerror', None) or e}")
+    return FormatError(f"{head}: cannot get {repo} ({rev}) from the Hub: {type(e).__name__}: {e}")
+
+__all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "hub_origin", "is_hub_id", "local_adapter",
+           "local_path", "parse", "resolve", "spec_origin"]

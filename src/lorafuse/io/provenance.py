@@ -1,0 +1,808 @@
+"""Provenance: how an output was made, recorded in the output itself (issue #16).
+
+A `Provenance` is a frozen record of one run: lorafuse's version, the operation (apply, combine, resize,
+extract, convert), its method, its parameters (the options that decide the result: never the thread count,
+the time or the output's path), every input (its name as given, its role, its weight, the sha256 of the
+file, or of each file read from a folder, and the Hub repository and commit it came from) and how the run
+was invoked: the command line (`invoked(command_text(argv, out), "command")`, which the CLI's main() sets:
+verbatim but for the output's path, written OUT), the recipe (`invoked(recipe_text, "recipe")`, which
+`lorafuse run` sets around its stages; the inner one wins), or, for a Python call with neither, an
+equivalent `lorafuse.<operation>(...)` call made from the record.
+
+Where it goes (the writers call these): `stamp(metadata, provenance)` puts `Provenance.metadata()` (the
+`lorafuse.*` keys, str -> str, lists and dicts as JSON) into a safetensors file's `__metadata__`, dropping
+any `lorafuse.*` key an input carried; `model_card(...)` is the README.md of a folder output (YAML front
+matter, the recipe or command verbatim, the inputs with their sha256). `from_metadata` reads a record back
+(info, and the adapter readers, so that re-saving an adapter keeps it). Nothing here depends on the time or
+on the output's path: two runs of the same job, invoked the same way, write the same bytes.
+
+Hashing: `Recording` starts computing the inputs' sha256 on background threads when an operation starts
+(hashlib releases the GIL on large buffers), so that reading a many-GB base for its hash overlaps the work
+that reads it anyway; `result()` waits for them. A file in a Hugging Face cache is a link to
+`blobs/<sha256>` (LFS files): that name is its sha256, verified by huggingface_hub when it downloaded it,
+and is taken without reading the file. Files of 64 MiB or more keep their sha256 in a cache between runs
+(`cached_sha256`: one entry per version of a file), so a base merged again is not read for it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from lorafuse.errors import FormatError, LorafuseError, LorafuseValueError
+from lorafuse.io.manifest import version
+
+PREFIX = "lorafuse."  # of every metadata key this module writes (the ownership mark `lorafuse_version` is not one)
+OPERATIONS = ("apply", "combine", "resize", "extract", "convert")
+ROLES = ("base", "adapter", "fine-tuned", "config")
+INVOCATION_KEYS = {"command": PREFIX + "command", "recipe": PREFIX + "recipe", "python": PREFIX + "python"}
+CARD_NAME = "README.md"
+BASE_CARD_NAME = "BASE_README.md"  # a base's own README.md, kept beside lorafuse's card in apply's output
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what lorafuse reads of a PEFT folder
+HASH_CHUNK = 1 << 20
+CARD_MAX_INPUTS = 100  # rows of the model card's table of inputs (the metadata holds every input)
+PYTHON_CALL_MAX_INPUTS = 20  # a recorded Python call names more adapters than this as `adapters`
+PLACEHOLDER = "0" * 64  # a sha256 not computed yet: same length as the hash (headers are rewritten in place)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NOT_PARAMETERS = ("threads", "progress", "group_bytes", "ray_address")  # how a run goes, not what it makes
+
+InvocationKind = Literal["command", "recipe"]
+
+
+# ----------------------------------------------------------------------------- how the run was invoked
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """`kind` 'command' (a lorafuse command line), 'recipe' (the text of a `lorafuse run` recipe) or 'python'
+    (a call made from the record, for a Python call that set neither), and its text, verbatim."""
+
+    kind: str
+    text: str
+
+
+_CURRENT: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar("lorafuse_invocation", default=None)
+
+
+@contextmanager
+def invoked(text: str, kind: InvocationKind) -> Iterator[None]:
+    """Record `text` as how the outputs written inside this block were invoked: `kind` 'command' (the command
+    line, e.g. shlex.join(['lorafuse', *argv])) or 'recipe' (a recipe's text, verbatim). Nested blocks: the
+    inner one wins. A context variable: each thread (and asyncio task) has its own."""
+    if kind not in ("command", "recipe"):
+        raise LorafuseValueError(f"invoked: kind must be 'command' or 'recipe', got {kind!r}")
+    if not isinstance(text, str):
+        raise LorafuseValueError(f"invoked: text must be a str, got {type(text).__name__}")
+    token = _CURRENT.set(Invocation(kind, _text(text)))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+_ALIASES: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("lorafuse_input_names",
+                                                                                  default=None)
+
+
+@contextmanager
+def named_inputs(aliases: Mapping[str, str]) -> Iterator[None]:
+    """Inside this block an input given as one of `aliases`' keys (a path, as given) is recorded under its
+    value: `lorafuse run` records an earlier stage's output, which lies in a temporary folder, by the stage's
+    name, so that nothing recorded depends on where the intermediate outputs were."""
+    token = _ALIASES.set({**(_ALIASES.get() or {}), **aliases})
+    try:
+        yield
+    finally:
+        _ALIASES.reset(token)
+
+
+OUT = "OUT"  # how a recorded command line writes its output's path
+
+
+def command_text(argv: Sequence[str], out: str | None = None) -> str:
+    """The command line `lorafuse ARGV` as recorded: verbatim (shlex.join), but for the output's path `out`
+    (the value of -o / --out, in any of argparse's spellings), written OUT: nothing written depends on where
+    it is written, so a rerun into another folder gives the same bytes."""
+    import shlex
+
+    words = list(argv)
+    if out:
+        for i, w in enumerate(words):
+            if w in ("-o", "--out") or (w.startswith("--o") and "--out".startswith(w)):
+                if i + 1 < len(words) and words[i + 1] == out:
+                    words[i + 1] = OUT
+            elif w == f"--out={out}" or w == f"-o{out}" or w == f"-o={out}":
+                words[i] = w[: len(w) - len(out)] + OUT
+    return shlex.join(["lorafuse", *words])
+
+
+def current_invocation() -> Invocation | None:
+    """The innermost `invoked` block around the caller, or None."""
+    return _CURRENT.get()
+
+
+def _text(s: str) -> str:
+    """`s` as text that UTF-8 can hold: a lone surrogate (an undecodable byte of a file name) as \\xNN."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One input of a run: `name` as given, `role` (base, adapter, fine-tuned, config), `weight` (None where
+    the operation takes none), `sha256` of a file input, `files` ((relative name, sha256) of each file read
+    from a folder input), the Hub `repo_id` / `revision` / `commit` it came from, and `made_by`: the record of
+    an in-memory adapter (no file) made by lorafuse."""
+
+    name: str
+    role: str
+    weight: float | None = None
+    sha256: str | None = None
+    files: tuple[tuple[str, str], ...] = ()
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    made_by: Provenance | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "role": self.role}
+        if self.weight is not None:
+            d["weight"] = self.weight
+        if self.sha256 is not None:
+            d["sha256"] = self.sha256
+        if self.files:
+            d["files"] = dict(self.files)
+        if self.repo_id is not None:
+            d["hub"] = {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
+        if self.made_by is not None:
+            d["made_by"] = self.made_by.as_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputRecord:
+        raw_hub, raw_files = d.get("hub"), d.get("files")
+        hub: Mapping[str, Any] = raw_hub if isinstance(raw_hub, Mapping) else {}
+        files: Mapping[str, Any] = raw_files if isinstance(raw_files, Mapping) else {}
+        weight = d.get("weight")
+        made = d.get("made_by")
+        return cls(str(d["name"]), str(d["role"]),
+                   float(weight) if isinstance(weight, int | float) and not isinstance(weight, bool) else None,
+                   _str_or_none(d.get("sha256")), tuple((str(k), str(v)) for k, v in files.items()),
+                   _str_or_none(hub.get("repo_id")), _str_or_none(hub.get("revision")),
+                   _str_or_none(hub.get("commit")),
+                   Provenance.from_dict(made) if isinstance(made, Mapping) else None)
+
+    def hashes(self) -> list[tuple[str, str]]:
+        """(what, sha256) of what was read: ('', sha) for a file, (relative name, sha) for each file of a folder."""
+        return [("", self.sha256)] if self.sha256 is not None else list(self.files)
+
+
+def _str_or_none(x: object) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How an output was made (see the module docstring). `parameters`: JSON values by name, as the
+    operation's Python function names them (None values left out); `base_model`: the base the output
+    belongs to when known (the Hub id or path of apply's / extract's base; None otherwise)."""
+
+    operation: str
+    inputs: tuple[InputRecord, ...]
+    invocation: Invocation
+    parameters: dict[str, Any] = field(default_factory=dict, hash=False)
+    method: str | None = None
+    base_model: str | None = None
+    version: str = field(default_factory=version)
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version, "operation": self.operation}
+        if self.method is not None:
+            d["method"] = self.method
+        d["parameters"] = dict(self.parameters)
+        d["inputs"] = [i.as_dict() for i in self.inputs]
+        if self.base_model is not None:
+            d["base_model"] = self.base_model
+        d[self.invocation.kind] = self.invocation.text
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
+        kind = next(k for k in INVOCATION_KEYS if isinstance(d.get(k), str))
+        params = d.get("parameters")
+        return cls(str(d["operation"]), tuple(InputRecord.from_dict(i) for i in d["inputs"]),
+                   Invocation(kind, d[kind]), dict(params) if isinstance(params, Mapping) else {},
+                   _str_or_none(d.get("method")), _str_or_none(d.get("base_model")), str(d["version"]))
+
+    def metadata(self) -> dict[str, str]:
+        """The `lorafuse.*` keys of a safetensors `__metadata__`: lorafuse.version, .operation, .method (when
+        there is one), .parameters and .inputs (JSON), .base_model (when known), and .command, .recipe or
+        .python (how it was invoked), in this order."""
+        meta = {PREFIX + "version": self.version, PREFIX + "operation": self.operation}
+        if self.method is not None:
+            meta[PREFIX + "method"] = self.method
+        meta[PREFIX + "parameters"] = _json(self.parameters)
+        meta[PREFIX + "inputs"] = _json([i.as_dict() for i in self.inputs])
+        if self.base_model is not None:
+            meta[PREFIX + "base_model"] = self.base_model
+        meta[INVOCATION_KEYS[self.invocation.kind]] = self.invocation.text
+        return meta
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str] | None) -> Provenance | None:
+        """The record a file's `__metadata__` holds, or None when it holds none (or a malformed one: a file's
+        metadata is whatever its writer put there; this never raises)."""
+        if not metadata or PREFIX + "operation" not in metadata:
+            return None
+        try:
+            d: dict[str, Any] = {"version": metadata[PREFIX + "version"],
+                                 "operation": metadata[PREFIX + "operation"],
+                                 "parameters": json.loads(metadata.get(PREFIX + "parameters", "{}")),
+                                 "inputs": json.loads(metadata[PREFIX + "inputs"])}
+            for key in ("method", "base_model", *INVOCATION_KEYS):
+                if PREFIX + key in metadata:
+                    d[key] = metadata[PREFIX + key]
+            if not isinstance(d["inputs"], list) or not all(isinstance(i, Mapping) for i in d["inputs"]):
+                return None
+            return cls.from_dict(d)
+        except (KeyError, ValueError, TypeError, StopIteration, RecursionError, AttributeError):
+            return None
+
+    def python_call(self) -> str:
+        """An equivalent call of lorafuse's Python API (`out` stands for the output's path)."""
+        return python_call(self.operation, self.inputs, self.parameters, self.method)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def is_provenance_key(key: str) -> bool:
+    return key.startswith(PREFIX)
+
+
+def stamp(metadata: Mapping[str, str], provenance: Provenance | None) -> dict[str, str]:
+    """`metadata` without the `lorafuse.*` keys it carried (an input's record, which describes another file),
+    with `provenance`'s keys after it (none when None)."""
+    out = {k: v for k, v in metadata.items() if not is_provenance_key(k)}
+    if provenance is not None:
+        out.update(provenance.metadata())
+    return out
+
+
+def parameters(options: Mapping[str, Any], drop: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON form of an operation's options: None values, how the run goes (threads, progress, ...) and
+    `drop` left out; tuples as lists. Refuses a value JSON cannot hold."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if v is None or k in _NOT_PARAMETERS or k in drop:
+            continue
+        out[k] = _jsonable(v, k)
+    return out
+
+
+def _jsonable(v: object, where: str) -> Any:
+    if isinstance(v, bool | str) or v is None:
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise LorafuseValueError(f"parameter {where}: {v!r} is not a finite number")
+        return float(v)
+    if isinstance(v, os.PathLike):
+        return _text(os.fspath(v))
+    if isinstance(v, list | tuple):
+        return [_jsonable(x, where) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x, where) for k, x in v.items()}
+    if hasattr(v, "item") and callable(v.item):  # a numpy scalar
+        return _jsonable(v.item(), where)
+    raise LorafuseValueError(f"parameter {where}: {type(v).__name__} values cannot be recorded")
+
+
+# ----------------------------------------------------------------------------- the Python call
+
+
+def python_call(operation: str, inputs: Sequence[InputRecord], params: Mapping[str, Any],
+                method: str | None = None) -> str:
+    """`lorafuse.<operation>(...)` with the inputs' names, the method and the parameters (`out`: the output's
+    path, which no record holds)."""
+    adapters = [i for i in inputs if i.role == "adapter"]
+    bases = [i.name for i in inputs if i.role == "base"]
+    tuned = [i.name for i in inputs if i.role == "fine-tuned"]
+    weights = [1.0 if i.weight is None else i.weight for i in adapters]
+    weighted = any(w != 1.0 for w in weights)
+    args: list[str] = []
+    preface = ""
+    if operation == "combine" and len(adapters) > PYTHON_CALL_MAX_INPUTS:  # named, not spelled out
+        args = ["adapters"] + (["weights"] if weighted else [])
+        preface = (f"# adapters{', weights' if weighted else ''}: the {len(adapters)} inputs (and their weights) "
+                   "listed under Inputs, in order\n")
+    elif operation == "combine":
+        args = [repr([a.name for a in adapters])] + ([repr(weights)] if weighted else [])
+    elif operation == "apply":
+        args = [repr(bases[0] if bases else None), repr([a.name for a in adapters])]
+        args += [f"weights={weights!r}"] if weighted else []
+    elif operation == "extract":
+        args = [repr(bases[0] if bases else None), repr(tuned[0] if tuned else None)]
+    else:  # resize, convert
+        args = [repr(adapters[0].name if adapters else None)]
+    if operation != "combine":
+        args.append("out=out")
+    if method is not None:
+        args.append(f"method={method!r}")
+    args += [f"{k}={v!r}" for k, v in params.items()]
+    return f"import lorafuse\n\n{preface}lorafuse.{operation}({', '.join(args)})"
+
+
+# ----------------------------------------------------------------------------- inputs and their hashes
+
+
+class _AdapterLike(Protocol):
+    """What recording an adapter input needs of it (model.Adapter; io does not import the model)."""
+
+    path: Path | None
+    provenance: Provenance | None
+
+    @property
+    def label(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An input to record before its hash is known: its name as given, role, weight, the path read (a file,
+    or a folder with `files`: the relative names of the files read from it) and an in-memory adapter's
+    own record."""
+
+    name: str
+    role: str
+    weight: float | None = None
+    path: Path | None = None
+    files: tuple[str, ...] = ()
+    made_by: Provenance | None = None
+
+    def __post_init__(self) -> None:
+        aliases = _ALIASES.get()
+        if aliases:  # a recipe's intermediate output, recorded by its stage's name (named_inputs)
+            object.__setattr__(self, "name", aliases.get(self.name, self.name))
+
+    def paths(self) -> list[Path]:
+        if self.path is None:
+            return []
+        return [self.path / f for f in self.files] if self.files else [self.path]
+
+
+def adapter_input(item: str | os.PathLike[str] | _AdapterLike, weight: float | None = None,
+                  role: str = "adapter", name: str | os.PathLike[str] | None = None) -> InputSpec:
+    """An adapter input: a path as given (a file, or a PEFT folder: its config and weights file) or a loaded
+    Adapter (its path; an in-memory one: no file, its own record). `name`: how the user named it, when
+    `item` is the Adapter loaded from that name."""
+    path: Path | None
+    made_by: Provenance | None = None
+    if isinstance(item, str | os.PathLike):
+        name, path = _text(os.fspath(item)), Path(item)
+        if not os.path.lexists(path):  # a Hub id (io.hub): the adapter in its snapshot
+            path = _local_adapter(item)
+    else:
+        name, path, made_by = _text(item.label), item.path, item.provenance
+        origin = hub_origin(path) if path is not None else None
+        if origin is not None:  # loaded from a Hub id: named as the id, not by the cache's path
+            name = origin[0] + (f"@{origin[1]}" if origin[1] else "")
+    if isinstance(name, str | os.PathLike) and os.fspath(name) != "":
+        name = _text(os.fspath(name))
+    if path is None:
+        return InputSpec(name, role, weight, made_by=made_by)
+    if path.is_dir():
+        return InputSpec(name, role, weight, path, tuple(f for f in PEFT_FILES if (path / f).is_file()))
+    return InputSpec(name, role, weight, path)
+
+
+def _local_adapter(spec: str | os.PathLike[str]) -> Path | None:
+    """The local adapter a Hub id names (io.hub, which the adapter's loading used too), else None."""
+    try:
+        hub = importlib.import_module("lorafuse.io.hub")
+        return Path(hub.local_adapter(spec))
+    except (ImportError, AttributeError, LorafuseError, OSError):
+        return None
+
+
+def folder_input(name: str | os.PathLike[str], path: Path, role: str, files: Sequence[Path]) -> InputSpec:
+    """A checkpoint or pipeline input: `name` as given, `path` where it is (a folder, or one file; a Hub id's
+    snapshot) and the files read from it (a file: itself)."""
+    if path.is_file():
+        return InputSpec(_text(os.fspath(name)), role, path=path)
+    rel = sorted(dict.fromkeys(os.path.relpath(f, path).replace(os.sep, "/") for f in files if Path(f).is_file()))
+    return InputSpec(_text(os.fspath(name)), role, path=path, files=tuple(rel))
+
+
+def hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 of a file of a Hugging Face cache snapshot from its blob's name (LFS files are stored as
+    blobs/<sha256>), or None: not such a file (small files are stored under their git sha1, 40 digits)."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return None
+    return real.name if real.parent.name == "blobs" and _HEX64.fullmatch(real.name) else None
+
+
+def hub_origin(path: Path) -> tuple[str, str | None, str] | None:
+    """(repo id, revision asked for, commit) of a path inside a Hugging Face cache snapshot, or None.
+    HOOK: lorafuse.io.hub (Hub ids, issue #16) provides it; until that module exists, None."""
+    try:
+        hub = importlib.import_module("lorafuse.io.hub")
+    except ImportError:
+        return None
+    try:
+        found = hub.hub_origin(path)
+    except (LorafuseError, OSError, ValueError):
+        return None
+    if not found:
+        return None
+    repo, revision, commit = found
+    return str(repo), (None if revision is None else str(revision)), str(commit)
+
+
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
+    """The sha256 of a file's bytes (read in 1 MiB chunks, the GIL released while hashing). FormatError
+    naming the file when it cannot be read; `stop` set: gives up (returns '')."""
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                if stop is not None and stop.is_set():
+                    return ""
+                h.update(view[:n])
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read it to record its sha256: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+CACHE_MIN_BYTES = 64 << 20  # files at least this large have their sha256 kept in the hash cache
+CACHE_ENV = "LORAFUSE_HASH_CACHE"  # a folder for the hash cache; '0' or '' turns it off
+# A file changed less than this before it was hashed is not cached: on a file system with coarse times a
+# rewrite within the same tick could keep its times (git's "racy" files).
+CACHE_SETTLED_NS = 3_000_000_000
+
+
+def hash_cache_dir() -> Path | None:
+    """Where the sha256 of large input files are kept between runs: $LORAFUSE_HASH_CACHE, else
+    $XDG_CACHE_HOME/lorafuse/sha256 (~/.cache/lorafuse/sha256); None when LORAFUSE_HASH_CACHE is '0' or ''."""
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return None if env in ("", "0") else Path(env)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lorafuse" / "sha256"
+
+
+def _cache_key(st: os.stat_result) -> str:
+    """A file's identity and version: device, inode, size, modification and change times (the change time
+    moves on any write, and no user tool can set it back), hashed into an entry name."""
+    import hashlib
+
+    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return hashlib.sha256(ident.encode("ascii")).hexdigest()
+
+
+def cached_sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """sha256_file, through the hash cache for files of CACHE_MIN_BYTES or more (a base applied to again and
+    again is read for its hash once): an entry per file version (hash_cache_dir, _cache_key), written for a
+    file that had not changed for CACHE_SETTLED_NS when it was read. The cache is only an accelerator: an
+    entry that cannot be read or written is ignored."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return sha256_file(path, stop)  # says why it cannot be read
+    folder = hash_cache_dir() if st.st_size >= CACHE_MIN_BYTES else None
+    if folder is None:
+        return sha256_file(path, stop)
+    entry = folder / _cache_key(st)
+    try:
+        value = entry.read_text(encoding="ascii").strip()
+        if _HEX64.fullmatch(value):
+            return value
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = sha256_file(path, stop)
+    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > CACHE_SETTLED_NS
+    try:
+        if value and settled and os.stat(path) == st:  # unchanged while it was read
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{entry.name}.{os.getpid()}.{threading.get_ident()}"
+            tmp.write_text(value + "\n", encoding="ascii")
+            os.replace(tmp, entry)
+    except OSError:
+        pass
+    return value
+
+
+class Recording:
+    """A Provenance being made: the inputs' sha256 are computed on `workers` background threads (the adapters
+    first, then the other inputs in order, each one's files in order) from the moment it is made, while the
+    operation runs;
+    `draft()` is the record with a placeholder for each hash not known yet (the same length, for a header
+    written before the data and rewritten in place), `result()` waits for the hashes. The invocation is
+    the one current when it is made. As a context manager, leaving it stops the hashing (an error: at once)."""
+
+    def __init__(self, operation: str, inputs: Sequence[InputSpec], params: Mapping[str, Any], *,
+                 method: str | None = None, base_model: str | None = None, workers: int = 1) -> None:
+        if operation not in OPERATIONS:
+            raise LorafuseValueError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
+        bad = [i.role for i in inputs if i.role not in ROLES]
+        if bad:
+            raise LorafuseValueError(f"unknown input role {bad[0]!r}; one of {', '.join(ROLES)}")
+        self.operation, self.method, self.base_model = operation, method, base_model
+        self.params = parameters(params, drop=("method",) if method is not None else ())
+        self.specs = list(inputs)
+        self._invocation = current_invocation()
+        self._origins = {i: hub_origin(s.path) if s.path is not None else None for i, s in enumerate(self.specs)}
+        self._known: dict[Path, str] = {}
+        todo: dict[Path, None] = {}  # ordered, and a set: thousands of adapters stay linear
+        for spec in sorted(self.specs, key=lambda i: i.role != "adapter"):  # adapters (small) first
+            for p in spec.paths():
+                if p in self._known or p in todo:
+                    continue
+                blob = hub_blob_sha256(p)
+                if blob is not None:
+                    self._known[p] = blob
+                else:
+                    todo[p] = None
+        self._stop = threading.Event()
+        self._futures: dict[Path, Future[str]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._todo = list(todo)
+        if todo:
+            try:
+                self._pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))),
+                                                thread_name_prefix="lorafuse-sha256")
+                for p in todo:
+                    self._futures[p] = self._pool.submit(cached_sha256, p, self._stop)
+            except RuntimeError:  # no thread can be started (a process or thread limit): hashed in result()
+                self._futures.clear()
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = None
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(cancel=exc is not None)
+
+    def close(self, cancel: bool = True) -> None:
+        """Stop hashing (what is running gives up after its current chunk) and join the threads."""
+        if cancel:
+            self._stop.set()
+            for f in self._futures.values():
+                f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _hash(self, p: Path, wait: bool) -> str:
+        if p in self._known:
+            return self._known[p]
+        if not wait:
+            return PLACEHOLDER
+        f = self._futures.get(p)
+        value = f.result() if f is not None else cached_sha256(p)
+        if not value:
+            raise LorafuseValueError(f"{p}: its sha256 was not computed (the recording was stopped)")
+        self._known[p] = value
+        return value
+
+    def _make(self, wait: bool) -> Provenance:
+        records = []
+        for i, spec in enumerate(self.specs):
+            origin = self._origins[i]
+            repo, revision, commit = origin if origin is not None else (None, None, None)
+            if spec.path is None:
+                records.append(InputRecord(spec.name, spec.role, spec.weight, made_by=spec.made_by))
+            elif spec.files:
+                files = tuple((f, self._hash(spec.path / f, wait)) for f in spec.files)
+                records.append(InputRecord(spec.name, spec.role, spec.weight, files=files, repo_id=repo,
+                                           revision=revision, commit=commit))
+            else:
+                records.append(InputRecord(spec.name, spec.role, spec.weight, self._hash(spec.path, wait),
+                                           repo_id=repo, revision=revision, commit=commit))
+        inputs = tuple(records)
+        invocation = self._invocation or Invocation("python", python_call(self.operation, inputs, self.params,
+                                                                          self.method))
+        return Provenance(self.operation, inputs, invocation, dict(self.params), self.method, self.base_model)
+
+    def draft(self) -> Provenance:
+        """The record now, a placeholder for each hash not computed yet (same length as the final one)."""
+        return self._make(False)
+
+    def result(self) -> Provenance:
+        """The record, every hash computed (waits for the background threads)."""
+        try:
+            return self._make(True)
+        finally:
+            self.close(cancel=False)
+
+
+def record(operation: str, inputs: Sequence[InputSpec], params: Mapping[str, Any], *, method: str | None = None,
+           base_model: str | None = None, workers: int = 1) -> Provenance:
+    """Recording(...).result(): the record, hashing the inputs now (small inputs: adapters)."""
+    with Recording(operation, inputs, params, method=method, base_model=base_model, workers=workers) as rec:
+        return rec.result()
+
+
+def given_name(item: object) -> str | None:
+    """The name an input was given by, when it is a path (a str or os.PathLike), else None."""
+    return _text(os.fspath(item)) if isinstance(item, str | os.PathLike) else None
+
+
+def rewrite_metadata(path: Path, specs: Sequence[Any], metadata: Mapping[str, str]) -> None:
+    """Replace the header of the safetensors file `path` (written with tensors `specs`, in order) by one with
+    `metadata`, which must encode to the same length (placeholders replaced by their values)."""
+    import struct
+
+    from lorafuse.io.safetensors import encode_header
+
+    header, _ = encode_header(specs, metadata)
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8 or 8 + struct.unpack("<Q", head)[0] != len(header):
+            raise LorafuseValueError(f"{path}: the final metadata makes a header of {len(header)} bytes, not the "
+                                     "length already written")
+        if os.pwrite(fd, header, 0) != len(header):
+            raise OSError(5, "short write of the header", str(path))
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the model card
+
+
+_YAML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def _yaml_str(s: str) -> str:
+    """A YAML double-quoted scalar for `s` (JSON's escapes, which YAML reads the same; characters YAML does
+    not allow in a document escaped too)."""
+    return _YAML_BAD.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(s, ensure_ascii=False))
+
+
+def _fence(text: str, lang: str) -> str:
+    """A fenced code block holding `text` verbatim (the fence longer than any run of backticks in it)."""
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, run + 1)
+    return f"{ticks}{lang}\n{text.rstrip(chr(10))}\n{ticks}"
+
+
+def _code(text: str) -> str:
+    """`text` as an inline code span for a table cell (pipes escaped, one line)."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+_WHAT = {"apply": ("model", "merged"), "combine": ("LoRA adapter", "combined"), "resize": ("LoRA adapter", "resized"),
+         "extract": ("LoRA adapter", "extracted"), "convert": ("LoRA adapter", "converted")}
+
+
+def model_card(provenance: Provenance, *, base_model: str | None = None, library_name: str | None = None,
+               base_card: str | None = None) -> str:
+    """README.md of a folder output: YAML front matter (`base_model` when known, `library_name` when given,
+    `tags` lorafuse, lora, merge and the operation), how it was made (the recipe or command verbatim, or the
+    equivalent Python call), the inputs with their sha256 and weights, and the parameters. `base_card`:
+    the name of the base's own card kept beside it (apply), linked."""
+    p = provenance
+    base = base_model if base_model is not None else p.base_model
+    front = ["---"]
+    if base:
+        front.append(f"base_model: {_yaml_str(base)}")
+    if library_name:
+        front.append(f"library_name: {_yaml_str(library_name)}")
+    front += ["tags:"] + [f"- {t}" for t in dict.fromkeys(("lorafuse", "lora", "merge", p.operation))] + ["---"]
+    how = f"`lorafuse {p.operation}`" + (f" (method `{p.method}`)" if p.method else "")
+    noun, done = _WHAT.get(p.operation, ("output", "made"))
+    lines = front + ["", f"# {noun[0].upper()}{noun[1:]} {done} with lorafuse", "",
+                     f"This {noun} was made by {how}, lorafuse {p.version}, from the inputs listed below."]
+    if base:
+        lines += ["", f"Base model: {_code(base)}."]
+    if base_card:
+        lines += ["", f"The base model's own card is kept beside this one: [{base_card}]({base_card})."]
+    lines += ["", "## How it was made", ""]
+    if p.invocation.kind == "recipe":
+        lines += ["The recipe (`lorafuse run`):", "", _fence(p.invocation.text, "yaml")]
+    elif p.invocation.kind == "command":
+        lines += ["The command:", "", _fence(p.invocation.text, "sh")]
+    else:
+        lines += ["The Python call (`out`: the output's path):", "", _fence(p.invocation.text, "python")]
+    lines += ["", "## Inputs", "", "| # | Input | Role | Weight | sha256 |", "|---|---|---|---|---|"]
+    for n, i in enumerate(p.inputs[:CARD_MAX_INPUTS], 1):
+        hashes = i.hashes()
+        if hashes:
+            cell = "<br>".join((f"{_code(what)}: " if what else "") + _code(sha) for what, sha in hashes)
+        elif i.made_by is not None:
+            cell = f"(in memory: made by lorafuse {i.made_by.operation})"
+        else:
+            cell = "(in memory)"
+        name = _code(i.name) + (f" (Hub {_code(i.repo_id)} at {_code(i.commit or '?')})" if i.repo_id else "")
+        weight = "" if i.weight is None else f"{i.weight:g}"
+        lines.append(f"| {n} | {name} | {i.role} | {weight} | {cell} |")
+    if len(p.inputs) > CARD_MAX_INPUTS:
+        lines += ["", f"... and {len(p.inputs) - CARD_MAX_INPUTS} more: all {len(p.inputs)} inputs, with their sha256, "
+                  "are in the metadata (`lorafuse info --json`)."]
+    if p.parameters:
+        lines += ["", "## Parameters", "", "| Parameter | Value |", "|---|---|"]
+        lines += [f"| {k} | {_code(_json(v))} |" for k, v in sorted(p.parameters.items())]
+    lines += ["", "The same facts are in the `__metadata__` of the output's .safetensors files (the `lorafuse.*` "
+              "keys); `lorafuse info` shows them.", ""]
+    return "\n".join(lines)
+
+
+def keep_base_card(folder: Path) -> str | None:
+    """Move a README.md copied from the base into `folder` aside, so that lorafuse's card can take its name:
+    to BASE_README.md, or BASE_README.2.md, ... when the base kept one already. Returns the name it got."""
+    card = folder / CARD_NAME
+    if not card.is_file() or card.is_symlink():
+        return None
+    n = 1
+    while True:
+        name = BASE_CARD_NAME if n == 1 else f"{BASE_CARD_NAME[:-3]}.{n}.md"
+        if not os.path.lexists(folder / name):
+            os.rename(card, folder / name)
+            return name
+        n += 1
+
+
+def describe_lines(d: object) -> list[str]:
+    """How `lorafuse info` shows a record (Provenance.as_dict): a few indented lines; [] for anything else."""
+    if not isinstance(d, Mapping) or not d:
+        return []
+    try:
+        p = Provenance.from_dict(d)
+    except (KeyError, ValueError, TypeError, StopIteration, AttributeError):
+        return []
+    how = f"lorafuse {p.version} {p.operation}" + (f" (method {p.method})" if p.method else "")
+    lines = [f"  made by     {how}"]
+    if p.parameters:
+        lines.append("  parameters  " + ", ".join(f"{k}={_json(v)}" for k, v in sorted(p.parameters.items())))
+    for n, i in enumerate(p.inputs, 1):
+        weight = "" if i.weight is None else f", weight {i.weight:g}"
+        hub = f", Hub {i.repo_id}@{i.commit}" if i.repo_id else ""
+        lines.append(f"  input {n:<5} {i.name} ({i.role}{weight}{hub})")
+        for what, sha in i.hashes():
+            lines.append(f"      sha256 {sha}" + (f"  {what}" if what else ""))
+        if not i.hashes() and i.made_by is not None:
+            lines.append(f"      in memory, made by lorafuse {i.made_by.operation}")
+    label = {"command": "command", "recipe": "recipe", "python": "python"}[p.invocation.kind]
+    text = p.invocation.text.rstrip("\n").split("\n")
+    lines.append(f"  {label:<11} {text[0]}")
+    lines += [f"              {t}".rstrip() for t in text[1:]]
+    return lines
+
+
+__all__ = ["BASE_CARD_NAME", "CACHE_ENV", "CARD_NAME", "OPERATIONS", "OUT", "PLACEHOLDER", "PREFIX", "ROLES",
+           "InputRecord", "InputSpec", "Invocation", "Provenance", "Recording", "adapter_input", "cached_sha256",
+           "command_text", "current_invocation", "describe_lines", "folder_input", "given_name", "hash_cache_dir",
+           "hub_blob_sha256", "hub_origin", "invoked", "is_provenance_key", "keep_base_card", "model_card",
+           "parameters", "python_call", "record", "rewrite_metadata", "sha256_file", "stamp"]

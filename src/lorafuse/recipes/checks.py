@@ -1,0 +1,238 @@
+"""A recipe's documents as checked Stages: pydantic validates each document's fields and types; the rules
+that need more than one field (what a merge_method takes, stage names, references to earlier stages, the
+inputs apply / resize / extract need) are checked here. Every error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import ValidationError
+
+from lorafuse.ops.combine.many import STREAMABLE
+from lorafuse.ops.combine.registry import REGISTRY
+from lorafuse.recipes.schema import MERGE_METHODS, TAKES, Parameters, Stage
+from lorafuse.recipes.source import RecipeError, RecipeText, dotted, suggest
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """One model of a stage as the recipe names it: the text, and the earlier stage it names (or None)."""
+
+    text: str
+    stage: str | None
+    weight: float | None
+    density: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedStage:
+    """A stage ready to run: its number (0-based), name, verb ('combine', 'apply', 'resize', 'extract'), the
+    validated Stage, its inputs (apply: the adapters; extract: the fine-tuned model), its base (apply,
+    extract) and the stages it reads."""
+
+    index: int
+    name: str
+    verb: str
+    stage: Stage
+    inputs: list[Input]
+    base: Input | None
+    needs: list[str]
+
+
+def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        parent = loc[:-1]
+        field = str(loc[-1])
+        known = _fields_at(parent)
+        return loc, f"unknown field{suggest(field, known)}; expected one of {', '.join(known)}"
+    if kind == "missing":
+        return loc, "missing (required)"
+    return loc, str(err.get("msg", "invalid"))
+
+
+def _fields_at(parent: tuple[str | int, ...]) -> list[str]:
+    from lorafuse.recipes.schema import ModelEntry, ModelParameters
+
+    if parent == ():
+        return list(Stage.model_fields)
+    if parent == ("parameters",):
+        return list(Parameters.model_fields)
+    if len(parent) == 2 and parent[0] == "models":
+        return list(ModelEntry.model_fields)
+    if len(parent) == 3 and parent[0] == "models" and parent[2] == "parameters":
+        return list(ModelParameters.model_fields)
+    return []
+
+
+def _validate(recipe: RecipeText, i: int) -> Stage:
+    doc = recipe.documents[i]
+    if not isinstance(doc.data, dict):
+        raise RecipeError(f"{recipe.origin} line {doc.line}: a stage is a mapping (merge_method: ..., models: ...), "
+                          f"not {type(doc.data).__name__}")
+    try:
+        return Stage.model_validate(doc.data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc, msg = _pydantic_message(dict(err))
+            lines.append(f"{recipe.where(i, loc)}: {msg}")
+        raise RecipeError(lines[0] + ("" if len(lines) == 1 else "\n" + "\n".join(lines[1:]))) from None
+
+
+def _verb(method: str) -> str:
+    return method if method in ("apply", "resize", "extract") else "combine"
+
+
+def _taken(stage: Stage) -> set[str]:
+    """The parameters stage's merge_method takes."""
+    verb = _verb(stage.merge_method)
+    taken = set(TAKES[verb])
+    if verb == "combine":
+        m = REGISTRY[stage.merge_method]
+        if not m.takes_rank:
+            taken -= {"rank", "conv_rank"}
+        if not m.takes_density:
+            taken.discard("density")
+        if stage.merge_method != "svd":
+            taken.discard("exact")
+        if stage.merge_method not in STREAMABLE:
+            taken -= {"passes", "engine"}
+        if "ties" not in stage.merge_method:
+            taken.discard("majority_sign")
+        if not m.uses_seed:
+            taken.discard("seed")
+    return taken
+
+
+def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
+    taken = _taken(stage)
+    given = stage.parameters.model_fields_set
+    for name in sorted(given - taken, key=lambda n: recipe.documents[i].line_of(("parameters", n))):
+        if getattr(stage.parameters, name) is None:
+            continue
+        ok = ", ".join(sorted(taken)) or "none"
+        raise RecipeError(f"{recipe.where(i, ('parameters', name))}: merge_method {stage.merge_method!r} takes no "
+                          f"{name} (it takes: {ok})")
+    verb = _verb(stage.merge_method)
+    for j, m in enumerate(stage.models):
+        p = m.parameters
+        if p.density is not None and "density" not in taken:
+            raise RecipeError(f"{recipe.where(i, ('models', j, 'parameters', 'density'))}: merge_method "
+                              f"{stage.merge_method!r} takes no density")
+        if p.weight is not None and verb not in ("combine", "apply"):
+            raise RecipeError(f"{recipe.where(i, ('models', j, 'parameters', 'weight'))}: merge_method "
+                              f"{stage.merge_method!r} takes no weight (it reads one model)")
+    if verb in ("resize", "extract"):
+        rules = [n for n in ("rank", "sv_ratio", "sv_fro", "sv_cumulative") if getattr(stage.parameters, n) is not None]
+        if len(rules) != 1:
+            raise RecipeError(f"{recipe.where(i, ('parameters',))}: merge_method {stage.merge_method!r} needs exactly "
+                              "one of rank, sv_ratio, sv_fro, sv_cumulative"
+                              + (f" (got {', '.join(rules)})" if rules else ""))
+    if verb == "combine" and "density" in taken:
+        densities = {m.parameters.density if m.parameters.density is not None else stage.parameters.density
+                     for m in stage.models}
+        if None in densities:
+            j = next(j for j, m in enumerate(stage.models) if m.parameters.density is None)
+            raise RecipeError(f"{recipe.where(i, ('models', j))}: merge_method {stage.merge_method!r} needs a density "
+                              "(parameters.density for every model, or models[].parameters.density)")
+        if len(densities) > 1:
+            j = next(j for j, m in enumerate(stage.models) if m.parameters.density is not None)
+            listed = ", ".join(str(d) for d in sorted(d for d in densities if d is not None))
+            raise RecipeError(f"{recipe.where(i, ('models', j, 'parameters', 'density'))}: the models' densities "
+                              f"differ ({listed}); lorafuse prunes "
+                              "every model of a combination with one density, as PEFT does: give one (parameters."
+                              "density)")
+    if stage.format is not None and verb != "combine":
+        raise RecipeError(f"{recipe.where(i, ('format',))}: format applies to combine stages (merge_method "
+                          f"{stage.merge_method!r} writes the input's own format)")
+
+
+def _split_plus(text: str, exists: bool) -> tuple[str, str] | None:
+    """'BASE+ADAPTER' (apply's form, as mergekit's) unless the whole text names an existing path."""
+    if exists or "+" not in text:
+        return None
+    base, _, adapter = text.rpartition("+")
+    return (base, adapter) if base and adapter else None
+
+
+def check(recipe: RecipeText) -> list[CheckedStage]:
+    """Every stage validated and checked, in order; later stages may name earlier ones' outputs."""
+    from lorafuse.recipes.paths import exists
+
+    n = len(recipe.documents)
+    stages: list[CheckedStage] = []
+    names: dict[str, int] = {}
+    for i in range(n):
+        stage = _validate(recipe, i)
+        if stage.merge_method not in MERGE_METHODS:
+            raise RecipeError(f"{recipe.where(i, ('merge_method',))}: unknown merge_method "
+                              f"{stage.merge_method!r}{suggest(stage.merge_method, MERGE_METHODS)}; choose one of "
+                              f"{', '.join(MERGE_METHODS)}")
+        if stage.name is None and n > 1:
+            raise RecipeError(f"{recipe.origin} line {recipe.documents[i].line}: a recipe of {n} stages names each "
+                              "one (name: ...), so that later stages can read its output")
+        name = stage.name or "stage"
+        if name in names:
+            raise RecipeError(f"{recipe.where(i, ('name',))}: stage name {name!r} is used twice (also by the stage "
+                              f"on line {recipe.documents[names[name]].line})")
+        _check_parameters(recipe, i, stage)
+        verb = _verb(stage.merge_method)
+
+        def ref(text: str, path: tuple[str | int, ...], *, j: int = i, stage: Stage = stage) -> str | None:
+            if text in names:
+                return text
+            if stage.name is not None and text == stage.name:
+                raise RecipeError(f"{recipe.where(j, path)}: stage {text!r} cannot read its own output")
+            later = [s for s in recipe.documents[j + 1:] if isinstance(s.data, dict) and s.data.get("name") == text]
+            if later:
+                raise RecipeError(f"{recipe.where(j, path)}: {text!r} is a later stage (line {later[0].line}); a stage "
+                                  "reads only earlier stages' outputs")
+            return None
+
+        inputs: list[Input] = []
+        base: Input | None = None
+        for j, m in enumerate(stage.models):
+            where = ("models", j, "model")
+            named = ref(m.model, where)
+            w = m.parameters.weight if m.parameters.weight is not None else stage.parameters.weight
+            d = m.parameters.density if m.parameters.density is not None else stage.parameters.density
+            plus = None if named is not None else _split_plus(m.model, exists(recipe.folder, m.model))
+            if plus is not None:
+                if verb != "apply":
+                    raise RecipeError(f"{recipe.where(i, where)}: {m.model!r} is BASE+ADAPTER, which only "
+                                      "merge_method apply takes (or a path that does not exist)")
+                b_text, a_text = plus
+                if base is not None and base.text != b_text:
+                    raise RecipeError(f"{recipe.where(i, where)}: base {b_text!r} differs from {base.text!r}: one "
+                                      "apply stage merges into one base")
+                base = Input(b_text, ref(b_text, where), None, None)
+                inputs.append(Input(a_text, ref(a_text, where), w, d))
+            else:
+                inputs.append(Input(m.model, named, w, d))
+        if stage.base_model is not None:
+            b = Input(stage.base_model, ref(stage.base_model, ("base_model",)), None, None)
+            if base is not None and base.text != b.text:
+                raise RecipeError(f"{recipe.where(i, ('base_model',))}: base_model {b.text!r} differs from the base "
+                                  f"{base.text!r} of the models' BASE+ADAPTER form")
+            if verb in ("apply", "extract"):
+                base = b
+        if verb in ("apply", "extract") and base is None:
+            what = ("the checkpoint to merge into" if verb == "apply"
+                    else "the base the fine-tuned model is compared with")
+            raise RecipeError(f"{recipe.where(i)}: merge_method {verb} needs base_model ({what})"
+                              + (", or models given as BASE+ADAPTER" if verb == "apply" else ""))
+        if verb in ("resize", "extract") and len(inputs) != 1:
+            what = "the adapter to resize" if verb == "resize" else "the fine-tuned model"
+            raise RecipeError(f"{recipe.where(i, ('models',))}: merge_method {verb} reads one model ({what}), got "
+                              f"{len(inputs)}")
+        needs = list(dict.fromkeys(x.stage for x in [*inputs, *([base] if base else [])] if x.stage is not None))
+        stages.append(CheckedStage(i, name, verb, stage, inputs, base, needs))
+        names[name] = i
+    return stages
+
+
+__all__ = ["CheckedStage", "Input", "check", "dotted"]

@@ -1,0 +1,115 @@
+"""The recipe schema: one YAML document per stage, its fields named as mergekit names them where they mean the
+same thing (merge_method, base_model, models[].model, models[].parameters.weight / density, parameters, dtype).
+
+Validated by pydantic (strict types: a quoted number is a string, `true` is not a rank); unknown fields are
+refused, so a misspelled field fails instead of being ignored. `schema_json()` is what `lorafuse run
+--print-schema` prints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorafuse._validate import MAX_SEED
+from lorafuse.ops.combine.registry import METHODS
+
+VERBS = ("apply", "resize", "extract")  # merge_method values that are not combine methods
+MERGE_METHODS = (*METHODS, *VERBS)
+DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+Weight = Annotated[float, Field(allow_inf_nan=False, description="the model's weight (negative subtracts)")]
+Density = Annotated[float, Field(gt=0.0, le=1.0,
+                                 description="fraction of entries kept (ties / dare / magnitude_prune)")]
+Rank = Annotated[int, Field(ge=1, le=1 << 20)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class ModelParameters(BaseModel):
+    """Per-model parameters; they override the stage's `parameters` of the same name."""
+
+    model_config = _STRICT
+    weight: Weight | None = None
+    density: Density | None = None
+
+
+class ModelEntry(BaseModel):
+    """One input: a path (relative paths are taken from the recipe's folder), a Hub id (`org/name`,
+    `org/name@revision`), the name of an earlier stage, or, for apply, `BASE+ADAPTER`."""
+
+    model_config = _STRICT
+    model: Annotated[str, Field(min_length=1)]
+    parameters: ModelParameters = ModelParameters()
+
+
+class Parameters(BaseModel):
+    """The stage's parameters. Which ones a merge_method takes: see TAKES (others are refused, naming them)."""
+
+    model_config = _STRICT
+    weight: Weight | None = Field(default=None, description="default weight of models that give none (default 1)")
+    density: Density | None = None
+    rank: Rank | None = Field(default=None, description="output rank (combine svd methods, resize, extract)")
+    conv_rank: Rank | None = Field(default=None, description="output rank of kxk convolutions (combine)")
+    majority_sign: Literal["total", "frequency"] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    split: Literal["B", "sqrt"] | None = None
+    exact: bool | None = None
+    passes: Annotated[int, Field(ge=1, le=21)] | None = None
+    engine: Literal["auto", "memory", "stream"] | None = None
+    sv_ratio: Annotated[float, Field(gt=1.0)] | None = None
+    sv_fro: Fraction | None = None
+    sv_cumulative: Fraction | None = None
+    max_rank: Rank | None = None
+    include: str | None = Field(default=None, description="extract: only modules matching this regular expression")
+    exclude: str | None = Field(default=None, description="extract: skip modules matching this regular expression")
+    embeddings: Literal["skip", "lora", "full"] | None = None
+    power_iters: Annotated[int, Field(ge=0, le=64)] | None = None
+    oversample: Annotated[int, Field(ge=0, le=4096)] | None = None
+    max_shard_size: str | None = Field(default=None, description="apply: re-shard the output, e.g. 5GB")
+    skip_missing: bool | None = None
+    requantize: bool | None = None
+    allow_nonfinite: bool | None = None
+
+
+_RANK_RULES = {"rank", "sv_ratio", "sv_fro", "sv_cumulative", "max_rank"}
+_COMBINE = {"weight", "rank", "conv_rank", "seed", "split", "exact", "passes", "engine", "majority_sign", "density"}
+# What each merge_method takes (beyond models' weights); combine methods are narrowed by REGISTRY in checks.py
+TAKES: dict[str, set[str]] = {
+    "combine": _COMBINE,
+    "apply": {"weight", "max_shard_size", "skip_missing", "requantize", "allow_nonfinite"},
+    "resize": _RANK_RULES | {"split"},
+    "extract": _RANK_RULES | {"include", "exclude", "embeddings", "power_iters", "oversample", "seed"},
+}
+
+
+class Stage(BaseModel):
+    """One stage (one YAML document). `name` is required when the recipe has several stages; a later stage
+    names an earlier one's output by it."""
+
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] | None = None
+    merge_method: str = Field(json_schema_extra={"enum": list(MERGE_METHODS)},
+                              description="a combine method, or apply (bake into base_model), resize, extract")
+    base_model: str | None = Field(default=None, description="apply: the base checkpoint; extract: the base the "
+                                   "fine-tuned model (models[0]) is compared with")
+    models: Annotated[list[ModelEntry], Field(min_length=1)]
+    parameters: Parameters = Parameters()
+    dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] | None = Field(
+        default=None, description="output dtype: of the merged weights (apply) or of the adapter's factors")
+    format: Literal["peft", "kohya", "diffusers"] | None = Field(default=None, description="combine: the output format "
+                                                                  "(default: the first model's)")
+
+
+def schema_json() -> dict[str, Any]:
+    """The JSON schema of one stage (a recipe is one or more of them, as YAML documents)."""
+    schema = Stage.model_json_schema()
+    schema["title"] = "lorafuse recipe stage"
+    schema["description"] = ("One YAML document of a lorafuse recipe (`lorafuse run RECIPE.yml -o OUT`). A recipe "
+                             "with several documents runs them in order as named stages; the last writes OUT.")
+    return schema
+
+
+__all__ = ["DTYPES", "MERGE_METHODS", "ModelEntry", "ModelParameters", "Parameters", "Stage", "TAKES", "VERBS",
+           "schema_json"]

@@ -1,0 +1,129 @@
+"""A recipe's text as YAML documents, with the line of every field, so that every error names its line.
+
+PyYAML composes each document into nodes that carry their position; the positions are collected per path
+(('models', 0, 'parameters', 'weight') -> line), then the same nodes are constructed into plain data. A key
+given twice in one mapping is refused (PyYAML would silently keep the last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorafuse.errors import RecipeError
+
+PathKey = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One YAML document: its data, where it starts, and the line of each path inside it."""
+
+    data: Any
+    line: int
+    lines: Mapping[PathKey, int]
+
+    def line_of(self, path: Sequence[str | int]) -> int:
+        """The line of `path`, or of its nearest enclosing field that has one."""
+        p = tuple(path)
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.line
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeText:
+    """A recipe's text, where it came from (for messages and relative paths) and its documents."""
+
+    text: str
+    origin: str  # the file name, or '<recipe>' for text given in Python
+    folder: Path  # relative model paths are taken from here
+    documents: list[Document]
+
+    def where(self, doc: int, path: Sequence[str | int] = ()) -> str:
+        """'recipe.yml line 7, models[0].parameters.weight' (the field part only when there is a path)."""
+        line = self.documents[doc].line_of(path)
+        field = dotted(path)
+        return f"{self.origin} line {line}" + (f", {field}" if field else "")
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
+            line = key.start_mark.line + 1
+            if name in seen:
+                raise RecipeError(f"{origin} line {line}: {dotted((*path, name))} is given twice (first on line "
+                                  f"{seen[name]})")
+            seen[name] = line
+            out[(*path, name)] = line
+            _positions(value, (*path, name), out, origin)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[(*path, i)] = item.start_mark.line + 1
+            _positions(item, (*path, i), out, origin)
+
+
+def parse(text: str, origin: str, folder: Path) -> RecipeText:
+    """The YAML documents of `text` (empty documents are skipped). Raises RecipeError naming the line for
+    text that is not YAML."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    docs: list[Document] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            lines: dict[PathKey, int] = {}
+            _positions(node, (), lines, origin)
+            docs.append(Document(loader.construct_document(node), node.start_mark.line + 1, lines))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(f"{origin}{at}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{origin}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if not docs:
+        raise RecipeError(f"{origin}: the recipe is empty (expected merge_method and models)")
+    return RecipeText(text, origin, folder, docs)
+
+
+def read(path: str | Path) -> RecipeText:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{p}: no such recipe file") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
+    return parse(text, str(p), p.resolve().parent)
+
+
+def suggest(word: str, choices: Sequence[str]) -> str:
+    """' (did you mean 'weight'?)' for a near miss, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+__all__ = ["Document", "RecipeError", "RecipeText", "dotted", "parse", "read", "suggest"]

@@ -1,0 +1,36 @@
+"""A Hugging Face cache laid out as huggingface_hub lays it out, built by tests (no network): shared by
+test_hub.py and test_recipes.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_repo(home: Path, repo: str, files: dict[str, bytes], commit: str, refs: tuple[str, ...] = ("main",),
+               tree: dict[str, int] | None = None) -> Path:
+    """Put one commit of a model repository into the cache under `home` (HF_HOME) as huggingface_hub does;
+    `tree` (file -> size) also writes the commit's tree listing (trees/<commit>.json). The snapshot folder."""
+    root = home / "hub" / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (root / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    if tree is not None:
+        (root / "trees").mkdir(exist_ok=True)
+        (root / "trees" / f"{commit}.json").write_text(json.dumps(
+            {"format_version": 1, "files": {n: {"size": s, "blob_id": "0" * 40} for n, s in tree.items()}}))
+    return snapshot
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

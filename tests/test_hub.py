@@ -1,0 +1,513 @@
+"""Hugging Face Hub ids (`org/name`, `org/name@revision`) wherever lorafuse takes an input path (io.hub).
+
+Every test resolves offline from a Hugging Face cache it builds itself, laid out as huggingface_hub lays it
+out (`hub/models--org--name/blobs/<sha256>`, `snapshots/<commit>/<file>` as relative links to the blobs,
+`refs/<branch or tag>` holding the commit), with HF_HOME naming it and HF_HUB_OFFLINE=1 set for each call:
+no test can reach the network. huggingface_hub itself is already imported (conftest imports transformers)
+with other settings, so every call here also shows that lorafuse reads the environment at call time.
+References: the files themselves (the safetensors package, raw bytes) and numpy float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import numpy as np
+import pytest
+from hub_fixtures import cache_repo, folder_files
+from peft_fixtures import Case, llama_case
+from safetensors.numpy import load_file, save_file
+
+import lorafuse
+from lorafuse.cli import main
+from lorafuse.errors import FormatError, UnsupportedError
+from lorafuse.io import hub
+
+PREFIX = "base_model.model."
+ADAPTER_FILE = "adapter_model.safetensors"
+BASE_COMMIT = "b" * 39 + "1"
+FT_COMMIT = "f" * 39 + "1"
+LORA_V1 = "1" * 40  # org/lora's first commit (tag v1): the second adapter
+LORA_MAIN = "2" * 40  # org/lora's main: the case's adapter
+KOHYA_COMMIT = "c" * 40
+KOHYA_MODULES = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8),
+                 "lora_te_text_model_encoder_layers_0_mlp_fc1": (16, 8)}
+
+
+def second_adapter(case: Case, folder: Path) -> Path:
+    """Another adapter for the case's base: same modules, rank 2, lora_alpha 6 (scale 3), new random factors."""
+    folder.mkdir()
+    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
+    cfg.update(r=2, lora_alpha=6)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(12)
+    tensors = {}
+    for key, t in load_file(str(case.adapter_dir / ADAPTER_FILE)).items():
+        shape = (2, t.shape[1]) if ".lora_A." in key else (t.shape[0], 2)
+        tensors[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def kohya_file(path: Path, seed: int) -> Path:
+    """A kohya LoRA file: rank 2, alpha 1 (scale 0.5) per module."""
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    for name, (out, fan_in) in KOHYA_MODULES.items():
+        tensors[f"{name}.lora_down.weight"] = rng.standard_normal((2, fan_in)).astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = rng.standard_normal((out, 2)).astype(np.float32)
+        tensors[f"{name}.alpha"] = np.array(1.0, dtype=np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The local inputs: a tiny Llama base with a tokenizer file, two PEFT adapters, a fine-tune (the base
+    with the first adapter merged) and a kohya file."""
+    root = tmp_path_factory.mktemp("local")
+    case = llama_case(root / "llama", seed=11)
+    (case.base_dir / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    finetuned = root / "finetuned"
+    lorafuse.apply(case.base_dir, [case.adapter_dir], out=finetuned, progress=False)
+    return SimpleNamespace(case=case, base=case.base_dir, lora=case.adapter_dir,
+                           lora_v1=second_adapter(case, root / "adapter2"), finetuned=finetuned,
+                           kohya=kohya_file(root / "style.safetensors", seed=3))
+
+
+@pytest.fixture(scope="module")
+def home(local: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HF_HOME of a cache holding org/base, org/finetuned, org/lora (main; tag v1: the second adapter),
+    org/kohya (one kohya file and a model card) and org/two-files (two kohya files)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    cache_repo(home, "org/base", folder_files(local.base), BASE_COMMIT)
+    cache_repo(home, "org/finetuned", {k: v for k, v in folder_files(local.finetuned).items()
+                                       if k != "lorafuse_manifest.json"}, FT_COMMIT)
+    cache_repo(home, "org/lora", folder_files(local.lora_v1), LORA_V1, refs=("v1",))
+    cache_repo(home, "org/lora", folder_files(local.lora), LORA_MAIN, refs=("main",))
+    cache_repo(home, "org/kohya", {"style.safetensors": local.kohya.read_bytes(), "README.md": b"# style\n"},
+               KOHYA_COMMIT)
+    cache_repo(home, "org/two-files", {"a.safetensors": local.kohya.read_bytes(),
+                                       "b.safetensors": local.kohya.read_bytes()}, KOHYA_COMMIT)
+    return home
+
+
+@pytest.fixture
+def env(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """HF_HOME = the test's cache, offline; the current folder an empty one (no local org/...). The cache."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return home / "hub"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def factors(adapter: lorafuse.Adapter) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    return {n: (u.A.f32(), u.B.f32(), float(u.scale)) for n, u in adapter.updates.items()}
+
+
+def raw_safetensors(path: Path) -> tuple[dict[str, object], bytes]:
+    """A safetensors file's tensor entries (dtype, shape, offsets; not its __metadata__) and its data bytes."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    return header, data[8 + n:]
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Two outputs hold the same files with the same bytes: every tensor (header entry and data) and every
+    other file. Left out: the safetensors __metadata__, the model card README.md and lorafuse's manifest
+    (which lists the files' sha256), which may name the inputs (provenance): those differ by design."""
+    names_a, names_b = sorted(folder_files(a)) if a.is_dir() else [""], sorted(folder_files(b)) if b.is_dir() else [""]
+    assert names_a == names_b
+    for name in names_a:
+        fa, fb = (a / name, b / name) if name else (a, b)
+        if not name or fa.name.endswith(".safetensors"):  # a one-file output: safetensors whatever its name
+            assert raw_safetensors(fa) == raw_safetensors(fb), name
+        elif fa.name not in ("README.md", "lorafuse_manifest.json"):
+            assert fa.read_bytes() == fb.read_bytes(), name
+
+
+# ----------------------------------------------------------------------------- what is a Hub id
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("org/name", ("org/name", None)),
+    ("org/name@main", ("org/name", "main")),
+    ("Org_1/my.model-v2@v1.0", ("Org_1/my.model-v2", "v1.0")),
+    ("org/name@refs/pr/1", ("org/name", "refs/pr/1")),
+    (f"org/name@{LORA_MAIN}", ("org/name", LORA_MAIN)),
+])
+def test_hub_id_forms(spec, parsed):
+    assert hub.parse(spec) == parsed and hub.is_hub_id(spec)
+
+
+@pytest.mark.parametrize("spec", [
+    "name", "./org/name", "/org/name", "~/name", "org/name/sub", "org/name.safetensors", "org/name.SafeTensors",
+    "org/na--me", "org/na..me", "org/-name", "org/name-", ".org/name", "org/name.git", "org/name@", "org/name@a..b",
+    "org/name@-x", "org/name@x/", "org/name@a b", "C:/name", "org\\name", "or g/name", "o/" + "n" * 97,
+])
+def test_what_is_not_a_hub_id(spec):
+    assert hub.parse(spec) is None and not hub.is_hub_id(spec)
+
+
+def test_paths_never_ask_huggingface_hub(env, local, monkeypatch):
+    """A spec not shaped like an id, or one that exists on disk, is a path: the Hub is never asked."""
+    def no(*a, **kw):
+        raise AssertionError("snapshot_download called")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no)
+    for spec in ("./org/lora", "org/lora.safetensors", "org/lora/sub", str(local.lora)):
+        r = hub.resolve(spec, what="adapter")
+        assert r == hub.Resolved(Path(spec)) and r.origin is None and hub.spec_origin(spec) is None
+    with pytest.raises(FormatError, match=r"org/lora\.safetensors: no such file or directory"):
+        lorafuse.load("org/lora.safetensors")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_peft_adapter_from_the_hub_equals_the_folder(env, local):
+    ours = lorafuse.load("org/lora")
+    snapshot = env / "models--org--lora" / "snapshots" / LORA_MAIN
+    assert ours.path == snapshot and ours.format == "peft"
+    direct = factors(lorafuse.load(local.lora))
+    got = factors(ours)
+    assert got.keys() == direct.keys() and len(got) == 14
+    cfg = json.loads((local.lora / "adapter_config.json").read_text())
+    raw = load_file(str(local.lora / ADAPTER_FILE))  # the reference: the file as the safetensors package reads it
+    for name, (a, b, scale) in got.items():
+        assert np.array_equal(a, direct[name][0]) and np.array_equal(b, direct[name][1])
+        assert np.array_equal(a, raw[f"{PREFIX}{name}.lora_A.weight"])
+        assert np.array_equal(b, raw[f"{PREFIX}{name}.lora_B.weight"])
+        assert scale == cfg["lora_alpha"] / cfg["r"] == direct[name][2]
+    origin = hub.hub_origin(ours.path)
+    assert origin == ("org/lora", None, LORA_MAIN) and hub.hub_origin(ours.path / ADAPTER_FILE) == origin
+    assert hub.spec_origin("org/lora") == origin
+    assert hub.hub_origin(local.lora) is None and hub.hub_origin(env) is None
+
+
+@pytest.mark.parametrize("revision, commit, which", [
+    ("main", LORA_MAIN, "lora"), (LORA_MAIN, LORA_MAIN, "lora"), ("v1", LORA_V1, "lora_v1"),
+    (LORA_V1, LORA_V1, "lora_v1"),
+])
+def test_revisions(env, local, revision, commit, which):
+    ours = lorafuse.load(f"org/lora@{revision}")
+    assert ours.path == env / "models--org--lora" / "snapshots" / commit
+    assert hub.hub_origin(ours.path) == ("org/lora", revision, commit)
+    raw = load_file(str(getattr(local, which) / ADAPTER_FILE))
+    for name, (a, b, _) in factors(ours).items():
+        assert np.array_equal(a, raw[f"{PREFIX}{name}.lora_A.weight"])
+        assert np.array_equal(b, raw[f"{PREFIX}{name}.lora_B.weight"])
+
+
+def test_a_kohya_repository_is_its_one_file(env, local):
+    ours = lorafuse.load("org/kohya")
+    assert ours.format == "kohya" and ours.path == env / "models--org--kohya" / "snapshots" / KOHYA_COMMIT / \
+        "style.safetensors"
+    assert hub.hub_origin(ours.path) == ("org/kohya", None, KOHYA_COMMIT)
+    assert lorafuse.detect_format("org/kohya") == "kohya"
+    raw = load_file(str(local.kohya))
+    for name, u in ours.updates.items():
+        down = raw[f"{name}.lora_down.weight"].astype(np.float64)
+        up = raw[f"{name}.lora_up.weight"].astype(np.float64)
+        expected = raw[f"{name}.alpha"] / 2 * up @ down  # alpha / r * up @ down, in float64
+        got = float(u.scale) * u.B.f32().astype(np.float64) @ u.A.f32().astype(np.float64)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_repository_of_several_files_says_which(env):
+    with pytest.raises(FormatError, match=r"adapter org/two-files: the repository holds several \.safetensors "
+                                          r"files \(a\.safetensors, b\.safetensors\) and no adapter_config\.json"):
+        lorafuse.load("org/two-files")
+
+
+def test_a_local_folder_named_like_an_id_wins(env, local):
+    (Path("org")).mkdir()
+    second = load_file(str(local.lora_v1 / ADAPTER_FILE))
+    os.symlink(local.lora_v1, "org/lora")  # a local org/lora: the second adapter, not the Hub's main
+    ours = lorafuse.load("org/lora")
+    assert ours.path == Path("org/lora") and hub.hub_origin(ours.path) is None
+    for name, (a, _, _) in factors(ours).items():
+        assert np.array_equal(a, second[f"{PREFIX}{name}.lora_A.weight"])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_an_uncached_id_offline_names_the_id_and_what_to_do(env, capsys):
+    with pytest.raises(FormatError) as info:
+        lorafuse.load("org/missing")
+    assert "adapter org/missing: no such file or directory" in str(info.value)
+    assert "HF_HUB_OFFLINE is set" in str(info.value) and str(env) in str(info.value)
+    with pytest.raises(FormatError, match=r"org/lora@v9: .* org/lora \(revision v9\) is not in the Hugging Face "
+                                          r"cache .*HF_HUB_OFFLINE"):
+        lorafuse.load("org/lora@v9")
+    code, out, err = run(capsys, "apply", "org/no-base", "org/lora", "-o", "out")
+    assert code == 1 and out == "" and "base model org/no-base: no such file or directory" in err
+    assert not Path("out").exists()
+
+
+def test_without_huggingface_hub_the_install_message(env, local, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` raises ImportError
+    with pytest.raises(UnsupportedError, match=r"adapter org/lora: .*needs the huggingface_hub package: "
+                                               r"pip install 'lorafuse\[hub\]'"):
+        lorafuse.load("org/lora")
+    assert len(lorafuse.load(local.lora)) == 14  # local paths need no huggingface_hub
+    with pytest.raises(FormatError, match="no such file or directory"):
+        lorafuse.load("./nowhere")
+
+
+def _http_error(cls: type[Exception], status: int) -> Exception:
+    """An error of huggingface_hub's own class, as its HTTP layer raises it (a response with a status)."""
+    response = SimpleNamespace(headers={}, request=None, status_code=status)
+    return cls(f"{status} Client Error", response=response)
+
+
+@pytest.mark.parametrize("error, expected", [
+    (lambda: _http_error(huggingface_hub.errors.GatedRepoError, 403),
+     r"adapter org/gated@v2: the Hub repository org/gated is gated: accept its conditions on "
+     r"https://huggingface.co/org/gated, then log in with `hf auth login`"),
+    (lambda: _http_error(huggingface_hub.errors.RepositoryNotFoundError, 404),
+     r"adapter org/gated@v2: no such file or directory, and as a Hugging Face Hub id: the Hub has no model "
+     r"repository org/gated \(or it is private: log in"),
+    (lambda: _http_error(huggingface_hub.errors.RevisionNotFoundError, 404),
+     r"adapter org/gated@v2: the Hub repository org/gated has no revision v2"),
+    (lambda: _http_error(huggingface_hub.errors.HfHubHTTPError, 401),
+     r"the Hub refused access to org/gated \(HTTP 401\): log in"),
+    (lambda: OSError(28, "No space left on device"),
+     r"cannot download org/gated \(revision v2\) into .*: No space left on device"),
+])
+def test_hub_errors_name_the_id_the_revision_and_what_to_do(env, monkeypatch, error, expected):
+    calls = []
+
+    def fake(repo_id, **kw):
+        calls.append((repo_id, kw))
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with pytest.raises(FormatError, match=expected):
+        lorafuse.load("org/gated@v2")
+    assert calls[0][0] == "org/gated" and calls[0][1]["revision"] == "v2"
+
+
+def test_other_errors_are_not_hidden(env, monkeypatch):
+    def fake(repo_id, **kw):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with pytest.raises(KeyError, match="a bug"):
+        lorafuse.load("org/lora")
+
+
+# ----------------------------------------------------------------------------- huggingface_hub's settings
+
+
+def test_the_environment_is_read_at_each_call(env, home, monkeypatch, tmp_path):
+    """huggingface_hub read HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE when it was imported (before these
+    tests set them); lorafuse hands it what the environment says at the call."""
+    assert huggingface_hub.constants.HF_HUB_CACHE != str(home / "hub")  # the import-time value is stale
+    real = huggingface_hub.snapshot_download
+    calls: list[dict[str, object]] = []
+
+    def spy(repo_id, **kw):
+        calls.append(kw)
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    lorafuse.load("org/lora")
+    assert calls[-1]["cache_dir"] == str(home / "hub") and calls[-1]["local_files_only"] is True
+    assert calls[-1]["repo_type"] == "model" and calls[-1]["revision"] is None
+    patterns = calls[-1]["allow_patterns"]
+    assert isinstance(patterns, list) and {"*.safetensors", "*.json", "README.md"} <= set(patterns)
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))  # HF_HUB_CACHE names the hub folder itself
+    assert lorafuse.load("org/lora").path == home / "hub" / "models--org--lora" / "snapshots" / LORA_MAIN
+    assert calls[-1]["cache_dir"] == str(home / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))  # another cache: not there
+    with pytest.raises(FormatError, match=f"not in the Hugging Face cache {tmp_path / 'empty'}"):
+        lorafuse.load("org/lora")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")  # huggingface_hub's other name for it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home.parent))
+    (home.parent / "huggingface").mkdir(exist_ok=True)
+    if not (home.parent / "huggingface" / "hub").exists():
+        os.symlink(home / "hub", home.parent / "huggingface" / "hub")
+    assert lorafuse.load("org/lora").path.name == LORA_MAIN
+    assert calls[-1]["local_files_only"] is True and calls[-1]["cache_dir"] == str(home.parent / "huggingface" / "hub")
+
+
+def test_offline_snapshots_honour_the_file_patterns(env, home, local):
+    """huggingface_hub (2.x) checks an offline snapshot against its cached tree listing, for the files the
+    patterns ask for only: files lorafuse does not read (pickles, images) may be missing; one it reads may not."""
+    files = folder_files(local.lora)
+    listed = {**{n: len(b) for n, b in files.items()}, "adapter_model.bin": 10, "images/sample.png": 10}
+    commit = "3" * 40
+    cache_repo(home, "org/partial", files, commit, tree=listed)
+    assert lorafuse.load("org/partial").path.name == commit
+    cache_repo(home, "org/broken", files, commit, tree={**listed, "extra/model.safetensors": 10})
+    with pytest.raises(FormatError, match=r"adapter org/broken: the cached snapshot of org/broken \(default branch "
+                                          r"main\) in .* misses files lorafuse reads.*extra/model\.safetensors"):
+        lorafuse.load("org/broken")
+
+
+# ----------------------------------------------------------------------------- every verb
+
+
+def test_apply_with_a_hub_base_and_adapter_writes_the_same_bytes(env, local, capsys, tmp_path):
+    code, out, err = run(capsys, "apply", "org/base", "org/lora", "-o", tmp_path / "hub", "--no-progress")
+    assert code == 0, err
+    code, _, err = run(capsys, "apply", local.base, local.lora, "-o", tmp_path / "local", "--no-progress")
+    assert code == 0, err
+    assert_same_output(tmp_path / "hub", tmp_path / "local")
+    assert (tmp_path / "hub" / "tokenizer.json").read_bytes() == (local.base / "tokenizer.json").read_bytes()
+    merged = load_file(str(tmp_path / "hub" / "model.safetensors"))  # against PEFT's merge_and_unload
+    for key, expected in local.case.merged_state.items():
+        np.testing.assert_allclose(merged[key].astype(np.float32), expected, rtol=1e-5, atol=1e-6)
+    api = lorafuse.apply("org/base@main", ["org/lora@v1"], out=tmp_path / "api", progress=False)
+    lorafuse.apply(local.base, [local.lora_v1], out=tmp_path / "api_local", progress=False)
+    assert api.out == tmp_path / "api"
+    assert_same_output(tmp_path / "api", tmp_path / "api_local")
+
+
+def test_combine_with_hub_ids_and_a_list_file(env, local, capsys, tmp_path):
+    code, _, err = run(capsys, "combine", "org/lora", "org/lora@v1", "--weights", "0.5,-2", "--method", "cat",
+                       "-o", tmp_path / "hub", "-q")
+    assert code == 0, err
+    code, _, err = run(capsys, "combine", local.lora, local.lora_v1, "--weights", "0.5,-2", "--method", "cat",
+                       "-o", tmp_path / "local", "-q")
+    assert code == 0, err
+    assert_same_output(tmp_path / "hub", tmp_path / "local")
+    # the reference: sum_i w_i s_i B_i A_i in float64 from the input files
+    cfg = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 6 and not cfg.get("rank_pattern")
+    out = load_file(str(tmp_path / "hub" / ADAPTER_FILE))
+    inputs = [(0.5, local.lora), (-2.0, local.lora_v1)]
+    for key in (k for k in out if k.endswith(".lora_A.weight")):
+        expected = 0
+        for w, folder in inputs:
+            c = json.loads((folder / "adapter_config.json").read_text())
+            raw = load_file(str(folder / ADAPTER_FILE))
+            b, a = raw[key.replace("lora_A", "lora_B")].astype(np.float64), raw[key].astype(np.float64)
+            expected = expected + w * c["lora_alpha"] / c["r"] * b @ a
+        got = out[key.replace("lora_A", "lora_B")].astype(np.float64) @ out[key].astype(np.float64)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    (tmp_path / "list.txt").write_text("# two adapters from the Hub\norg/lora 0.5\norg/lora@v1 -2\n")
+    code, _, err = run(capsys, "combine", "--from-list", tmp_path / "list.txt", "--method", "cat",
+                       "-o", tmp_path / "listed", "-q")
+    assert code == 0, err
+    assert_same_output(tmp_path / "listed", tmp_path / "local")
+    (tmp_path / "bad.txt").write_text("org/lora\norg/missing 1\n")
+    code, _, err = run(capsys, "combine", "--from-list", tmp_path / "bad.txt", "-o", tmp_path / "no", "-q")
+    assert code == 1 and f"{tmp_path / 'bad.txt'} line 2: adapter org/missing: no such file or directory" in err
+    got = lorafuse.combine(["org/lora", "org/lora@v1"], [0.5, -2], method="svd", engine="stream", rank=6)
+    assert sorted(got.updates) == sorted(lorafuse.load(local.lora).updates)
+
+
+def test_resize_info_similarity_convert_and_extract_with_hub_ids(env, local, capsys, tmp_path):
+    for spec, path in (("org/lora", local.lora), ("org/kohya", local.kohya)):
+        name = spec.split("/")[1]
+        code, _, err = run(capsys, "resize", spec, "--rank", "1", "-o", tmp_path / f"{name}_hub", "-q")
+        assert code == 0, err
+        assert run(capsys, "resize", path, "--rank", "1", "-o", tmp_path / f"{name}_local", "-q")[0] == 0
+        assert_same_output(tmp_path / f"{name}_hub", tmp_path / f"{name}_local")
+    code, out, err = run(capsys, "info", "org/lora", "--json")
+    assert code == 0, err
+    hub_info = json.loads(out)
+    local_info = json.loads(run(capsys, "info", local.lora, "--json")[1])
+    assert hub_info.pop("path") == str(env / "models--org--lora" / "snapshots" / LORA_MAIN)
+    local_info.pop("path")
+    assert hub_info == local_info
+    assert json.loads(run(capsys, "info", "org/base", "--json")[1])["tensors"] == 21
+    code, out, err = run(capsys, "similarity", "org/lora", "org/lora@v1", local.lora, "--json")
+    assert code == 0, err
+    cos = np.array(json.loads(out)["cosine"])
+    assert cos[0, 2] == pytest.approx(1.0, abs=1e-7) and cos[0, 1] == pytest.approx(cos[2, 1], abs=1e-12)
+    code, _, err = run(capsys, "convert", "org/kohya", "--to", "peft", "-o", tmp_path / "conv_hub.safetensors", "-q")
+    assert code == 0, err
+    assert run(capsys, "convert", local.kohya, "--to", "peft", "-o", tmp_path / "conv_local.safetensors", "-q")[0] == 0
+    assert_same_output(tmp_path / "conv_hub.safetensors", tmp_path / "conv_local.safetensors")
+    code, _, err = run(capsys, "extract", "org/base", "org/finetuned@main", "--rank", "4", "-o", tmp_path / "ex_hub",
+                       "-q")
+    assert code == 0, err
+    assert run(capsys, "extract", local.base, local.finetuned, "--rank", "4", "-o", tmp_path / "ex_local", "-q")[0] == 0
+    a, b = raw_safetensors(tmp_path / "ex_hub" / ADAPTER_FILE), raw_safetensors(tmp_path / "ex_local" / ADAPTER_FILE)
+    assert a == b
+    cfg = json.loads((tmp_path / "ex_hub" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "org/base" and cfg["revision"] == BASE_COMMIT  # PEFT's fields
+    cfg_local = json.loads((tmp_path / "ex_local" / "adapter_config.json").read_text())
+    assert cfg_local["base_model_name_or_path"] == str(local.base) and "revision" not in cfg_local
+    api = lorafuse.extract("org/base", "org/finetuned", tmp_path / "ex_api", rank=4, progress=False)
+    assert raw_safetensors(api.out / ADAPTER_FILE) == b
+
+
+def test_the_cli_in_a_subprocess(env, home):
+    """`python -m lorafuse` with HF_HOME and HF_HUB_OFFLINE in its environment."""
+    proc = subprocess.run([sys.executable, "-m", "lorafuse", "info", "org/kohya", "--json"], capture_output=True,
+                          text=True, env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["format"] == "kohya" and d["path"].endswith(f"{KOHYA_COMMIT}/style.safetensors") and d["modules"] == 2
+
+
+def test_offline_as_huggingface_hub_read_it_at_its_import(env, home):
+    """HF_HUB_OFFLINE set when huggingface_hub was imported, gone from the environment at the call: offline still
+    (huggingface_hub's own setting), not an attempt to reach the Hub. And importing lorafuse does not import
+    huggingface_hub (only a Hub id does)."""
+    script = (
+        "import os, sys, lorafuse\n"
+        "assert 'huggingface_hub' not in sys.modules\n"
+        "import huggingface_hub.constants\n"
+        "assert huggingface_hub.constants.HF_HUB_OFFLINE\n"
+        "del os.environ['HF_HUB_OFFLINE']\n"
+        "print(lorafuse.load('org/lora@v1').path)\n"
+        "try:\n"
+        "    lorafuse.load('org/missing')\n"
+        "except lorafuse.FormatError as e:\n"
+        "    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    path, message = proc.stdout.splitlines()
+    assert path == str(home / "hub" / "models--org--lora" / "snapshots" / LORA_V1)
+    assert "adapter org/missing: no such file or directory" in message and "HF_HUB_OFFLINE is set" in message
+
+
+def test_gguf_base_config_from_the_hub(env, local, capsys, tmp_path, monkeypatch):
+    """convert --to gguf --base-config org/base: only config.json is asked for; the same file as with the folder.
+    (The adapter is the local folder: gguf names a GGUF after its adapter's folder, which for a Hub snapshot is
+    the commit sha.)"""
+    real = huggingface_hub.snapshot_download
+    asked: list[object] = []
+
+    def spy(repo_id, **kw):
+        asked.append((repo_id, kw["allow_patterns"]))
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    code, _, err = run(capsys, "convert", local.lora, "--to", "gguf", "--base-config", "org/base", "-o",
+                       tmp_path / "hub.gguf", "-q")
+    assert code == 0, err
+    assert ("org/base", ["config.json"]) in asked
+    code, _, err = run(capsys, "convert", local.lora, "--to", "gguf", "--base-config", local.base, "-o",
+                       tmp_path / "local.gguf", "-q")
+    assert code == 0, err
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
