@@ -184,7 +184,7 @@ def compare_ray(args: argparse.Namespace, root: Path, paths_all: list[Path], n: 
     listing = root / f"list{n}.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     time_cat(files_of(paths))  # warm the page cache
-    repeat = args.repeat
+    repeat = args.repeat if args.repeat is not None else 5
     local, on_ray = [], []
     load_before = os.getloadavg()[0]  # other work on the machine slows the engines unevenly (BLAS threads)
     for _ in range(repeat):
@@ -214,7 +214,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", help="adapter counts (default 10 100 1000; 1000 with --engine ray)")
     ap.add_argument("--dir", default="/tmp/lorafuse-bench-many", help="where the adapters are made and kept")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="timed runs per n (default 5; 3 at n >= 1000 unless given)")
     ap.add_argument("--passes", type=int, default=2, help="passes of the timed runs (default 2)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-error", action="store_true", help="skip the q_proj error against the float64 optimum")
@@ -246,7 +247,7 @@ def main() -> int:
         files = files_of(paths)
         size = sum(os.path.getsize(f) for f in files)
         time_cat(files)  # warm the page cache
-        repeat = args.repeat if n < 1000 else min(args.repeat, 3)
+        repeat = args.repeat if args.repeat is not None else (5 if n < 1000 else 3)
         runs, cats = [], []
         for _ in range(repeat):  # alternating: combine, cat, combine, cat, ...
             runs.append(run_combine(listing, root / f"out{n}", args.passes, args.threads))
