@@ -69,6 +69,25 @@ class ConvNet(nn.Module):
         return model.eval()
 
 
+def another_adapter(case: Case, folder: Path, *, rank: int = 2, alpha: float = 6, seed: int = 12) -> Path:
+    """Another adapter for the case's base at `folder` (created): the same modules and config, new random
+    factors of `rank` (N(0, 0.01)), lora_alpha `alpha`."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    folder.mkdir()
+    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
+    cfg.update(r=rank, lora_alpha=alpha)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for key, t in load_np(str(case.adapter_dir / "adapter_model.safetensors")).items():
+        shape = (rank, t.shape[1]) if ".lora_A." in key else (t.shape[0], rank)
+        tensors[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    save_np(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 def saved_keys(directory: Path) -> set[str]:
     """Tensor names stored in a (possibly sharded) safetensors checkpoint."""
     index = directory / "model.safetensors.index.json"

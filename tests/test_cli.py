@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fault_tools import tree_hashes
-from peft_fixtures import Case, llama_case
+from peft_fixtures import Case, another_adapter, llama_case
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
@@ -91,18 +91,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
 @pytest.fixture(scope="module")
 def second_adapter(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another adapter for the same base: same modules, new random factors of rank 2, lora_alpha 6 (scale 3)."""
-    folder = tmp_path_factory.mktemp("second") / "adapter2"
-    folder.mkdir()
-    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
-    cfg.update(r=2, lora_alpha=6)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    rng = np.random.default_rng(12)
-    tensors = {}
-    for key, t in load_file(str(case.adapter_dir / ADAPTER_FILE)).items():
-        shape = (2, t.shape[1]) if ".lora_A." in key else (t.shape[0], 2)
-        tensors[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-    return folder
+    return another_adapter(case, tmp_path_factory.mktemp("second") / "adapter2", rank=2, alpha=6, seed=12)
 
 
 @pytest.fixture(scope="module")

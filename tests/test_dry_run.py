@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peft_fixtures import LLAMA_TARGETS, Case, llama_case
+from peft_fixtures import LLAMA_TARGETS, Case, another_adapter, llama_case
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseValueError
+from lorafuse.ops.combine import combine_to
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -141,18 +143,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
 @pytest.fixture(scope="module")
 def second_adapter(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another adapter of the base: the same modules, rank 2."""
-    folder = tmp_path_factory.mktemp("second") / "adapter2"
-    folder.mkdir()
-    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
-    cfg.update(r=2, lora_alpha=4)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    rng = np.random.default_rng(5)
-    tensors = {}
-    for key, t in load_file(str(case.adapter_dir / ADAPTER_FILE)).items():
-        shape = (2, t.shape[1]) if ".lora_A." in key else (t.shape[0], 2)
-        tensors[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-    return folder
+    return another_adapter(case, tmp_path_factory.mktemp("second") / "adapter2", rank=2, alpha=4, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -471,3 +462,20 @@ def test_plan_functions_take_the_operations_arguments(case, second_adapter, tmp_
     with pytest.raises(LorafuseValueError, match="rank rule is a keyword argument"):
         plan_extract(case.base_dir, case.base_dir, 3)  # as lorafuse.extract refuses it
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, operation", [
+    ("plan_apply", lorafuse.apply), ("plan_combine", combine_to), ("plan_resize", lorafuse.resize),
+    ("plan_extract", lorafuse.extract), ("plan_convert", lorafuse.convert),
+])
+def test_each_plan_takes_what_its_operation_takes(name: str, operation: object):
+    """A plan_* function mirrors its operation's signature (what a dry run is asked is what the run would be
+    asked): a parameter added to one and not the other fails here."""
+    import inspect
+
+    from lorafuse.ops import plan
+
+    def shape(fn: object) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(getattr(plan, name)) == shape(operation)

@@ -22,7 +22,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 from hub_fixtures import cache_repo, folder_files
-from peft_fixtures import Case, llama_case
+from peft_fixtures import Case, another_adapter, llama_case
 from safetensors.numpy import load_file, save_file
 
 import lorafuse
@@ -43,17 +43,7 @@ KOHYA_MODULES = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn
 
 def second_adapter(case: Case, folder: Path) -> Path:
     """Another adapter for the case's base: same modules, rank 2, lora_alpha 6 (scale 3), new random factors."""
-    folder.mkdir()
-    cfg = json.loads((case.adapter_dir / "adapter_config.json").read_text())
-    cfg.update(r=2, lora_alpha=6)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    rng = np.random.default_rng(12)
-    tensors = {}
-    for key, t in load_file(str(case.adapter_dir / ADAPTER_FILE)).items():
-        shape = (2, t.shape[1]) if ".lora_A." in key else (t.shape[0], 2)
-        tensors[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-    return folder
+    return another_adapter(case, folder, rank=2, alpha=6, seed=12)
 
 
 def kohya_file(path: Path, seed: int) -> Path:
