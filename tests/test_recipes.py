@@ -363,3 +363,19 @@ def test_hub_ids_in_a_recipe(inputs: dict[str, Path], monkeypatch: pytest.Monkey
         assert meta is not None
         hub = next(i for i in meta.inputs if i.repo_id is not None)
         assert (hub.repo_id, hub.commit) == ("org/lora-b", commit)
+
+
+def test_recipe_text_is_never_taken_for_an_option(inputs: dict[str, Path]):
+    """A model named like an option, or an option value starting with '-', stays what the recipe says it is."""
+    root = inputs["root"]
+    (root / "taken").mkdir()
+    (root / "taken" / "mine.txt").write_text("keep")
+    recipe = {"merge_method": "cat", "models": [{"model": str(inputs["a"])}, {"model": "--overwrite"}]}
+    with pytest.raises(lorafuse.FormatError, match="--overwrite"):
+        lorafuse.run(recipe, root / "taken" / "x")
+    assert sorted(p.name for p in (root / "taken").iterdir()) == ["mine.txt"]
+    assert main(["apply", str(inputs["base"]), str(inputs["a"]), "-q", "-o", str(root / "tuned")]) == 0
+    x = {"merge_method": "extract", "base_model": str(inputs["base"]), "models": [{"model": str(root / "tuned")}],
+         "parameters": {"rank": 4, "include": "-q_proj|q_proj"}}
+    lorafuse.run(x, root / "only-q")
+    assert sorted(lorafuse.load(root / "only-q").updates) == ["model.layers.0.self_attn.q_proj"]

@@ -80,42 +80,33 @@ def _place(stage: CheckedStage, x: Input, recipe: RecipeText, outputs: Mapping[s
 
 def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path, outputs: Mapping[str, Path],
             extra: Sequence[str] = ()) -> list[str]:
-    """The command line that runs `stage` writing `out` (`outputs`: earlier stages' outputs by name)."""
+    """The command line that runs `stage` writing `out` (`outputs`: earlier stages' outputs by name). Every
+    option is one word (`--name=value`) and the inputs come after `--`, so that no text of the recipe (a model
+    named `--overwrite`, an include pattern starting with `-`) can be taken for an option."""
     s, p = stage.stage, stage.stage.parameters
     places = [_place(stage, x, recipe, outputs) for x in stage.inputs]
     base = _place(stage, stage.base, recipe, outputs) if stage.base is not None else None
-    argv: list[str] = [stage.verb]
+    opts: list[str] = [f"--out={out}"]
     if stage.verb == "combine":
-        argv += places + ["--method", s.merge_method]
-    elif stage.verb == "apply":
-        assert base is not None
-        argv += [base, *places]
-    elif stage.verb == "resize":
-        argv += places
-    else:  # extract
-        assert base is not None
-        argv += [base, *places]
-    argv += ["-o", str(out)]
+        opts.append(f"--method={s.merge_method}")
     if stage.verb in ("combine", "apply"):
         weights = [1.0 if x.weight is None else x.weight for x in stage.inputs]
         if any(w != 1.0 for w in weights):
-            argv.append("--weights=" + ",".join(_number(w) for w in weights))
+            opts.append("--weights=" + ",".join(_number(w) for w in weights))
     if stage.verb == "combine" and stage.inputs and stage.inputs[0].density is not None:
-        argv += ["--density", _number(stage.inputs[0].density)]
+        opts.append(f"--density={_number(stage.inputs[0].density)}")
     for name in sorted(p.model_fields_set - {"weight", "density"}):
         value = getattr(p, name)
-        if value is None:
+        if value is None or value is False:
             continue
-        if isinstance(value, bool):
-            if value:
-                argv.append(_flag(name))
-            continue
-        argv += [_flag(name), _number(value) if isinstance(value, float) else str(value)]
+        opts.append(_flag(name) if value is True else
+                    f"{_flag(name)}={_number(value) if isinstance(value, float) else value}")
     if s.dtype is not None:
-        argv += ["--dtype", DTYPES[s.dtype]]
+        opts.append(f"--dtype={DTYPES[s.dtype]}")
     if s.format is not None:
-        argv += ["--format", s.format]
-    return argv + list(extra)
+        opts.append(f"--format={s.format}")
+    positional = places if stage.verb in ("combine", "resize") else [str(base), *places]
+    return [stage.verb, *opts, *extra, "--", *positional]
 
 
 def _intermediate(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str, Path], work: Path) -> Path:
