@@ -225,7 +225,9 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
-        kind = next(k for k in INVOCATION_KEYS if isinstance(d.get(k), str))
+        kind = next((k for k in INVOCATION_KEYS if isinstance(d.get(k), str)), None)
+        if kind is None:  # (a StopIteration here would end the generator of an enclosing record's inputs)
+            raise KeyError("no invocation (command, recipe or python)")
         params = d.get("parameters")
         return cls(str(d["operation"]), tuple(InputRecord.from_dict(i) for i in d["inputs"]),
                    Invocation(kind, d[kind]), dict(params) if isinstance(params, Mapping) else {},
@@ -262,7 +264,7 @@ class Provenance:
             if not isinstance(d["inputs"], list) or not all(isinstance(i, Mapping) for i in d["inputs"]):
                 return None
             return cls.from_dict(d)
-        except (KeyError, ValueError, TypeError, StopIteration, RecursionError, AttributeError):
+        except (KeyError, ValueError, TypeError, StopIteration, RecursionError, AttributeError, OverflowError):
             return None
 
     def python_call(self) -> str:
@@ -774,24 +776,31 @@ def keep_base_card(folder: Path) -> str | None:
         n += 1
 
 
+def _one_line(s: str) -> str:
+    """A name read from a file, on one line of `lorafuse info` (a line feed in it would forge a line)."""
+    return s.replace("\n", "\\n")
+
+
 def describe_lines(d: object) -> list[str]:
     """How `lorafuse info` shows a record (Provenance.as_dict): a few indented lines; [] for anything else."""
     if not isinstance(d, Mapping) or not d:
         return []
     try:
         p = Provenance.from_dict(d)
-    except (KeyError, ValueError, TypeError, StopIteration, AttributeError):
+        shown = {k: json.dumps(v, sort_keys=True, ensure_ascii=False) for k, v in sorted(p.parameters.items())}
+    except (KeyError, ValueError, TypeError, StopIteration, RecursionError, AttributeError, OverflowError):
         return []
-    how = f"lorafuse {p.version} {p.operation}" + (f" (method {p.method})" if p.method else "")
+    one = _one_line
+    how = f"lorafuse {one(p.version)} {one(p.operation)}" + (f" (method {one(p.method)})" if p.method else "")
     lines = [f"  made by     {how}"]
     if p.parameters:
-        lines.append("  parameters  " + ", ".join(f"{k}={_json(v)}" for k, v in sorted(p.parameters.items())))
+        lines.append("  parameters  " + ", ".join(f"{one(k)}={one(v)}" for k, v in shown.items()))
     for n, i in enumerate(p.inputs, 1):
         weight = "" if i.weight is None else f", weight {i.weight:g}"
-        hub = f", Hub {i.repo_id}@{i.commit}" if i.repo_id else ""
-        lines.append(f"  input {n:<5} {i.name} ({i.role}{weight}{hub})")
+        hub = f", Hub {one(i.repo_id)}@{one(str(i.commit))}" if i.repo_id else ""
+        lines.append(f"  input {n:<5} {one(i.name)} ({one(i.role)}{weight}{hub})")
         for what, sha in i.hashes():
-            lines.append(f"      sha256 {sha}" + (f"  {what}" if what else ""))
+            lines.append(f"      sha256 {one(sha)}" + (f"  {one(what)}" if what else ""))
         if not i.hashes() and i.made_by is not None:
             lines.append(f"      in memory, made by lorafuse {i.made_by.operation}")
     label = {"command": "command", "recipe": "recipe", "python": "python"}[p.invocation.kind]

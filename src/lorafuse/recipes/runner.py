@@ -57,7 +57,17 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
         import yaml
 
         docs = [recipe] if isinstance(recipe, Mapping) else list(recipe)
-        text = yaml.safe_dump_all([dict(d) for d in docs], sort_keys=False)
+        bad = next((d for d in docs if not isinstance(d, Mapping)), None)
+        if bad is not None or not isinstance(recipe, Mapping | list | tuple):  # bytes are a Sequence too
+            what = type(bad if isinstance(recipe, Mapping | list | tuple) else recipe).__name__
+            raise RecipeError(f"a recipe given as data is a mapping (one stage) or a list of mappings, not {what}")
+        try:
+            text = yaml.safe_dump_all([dict(d) for d in docs], sort_keys=False)
+        except (yaml.YAMLError, RecursionError) as e:  # a Path, a numpy scalar, a list that holds itself
+            held = e.args[1] if isinstance(e, yaml.YAMLError) and len(e.args) > 1 else None
+            which = f"a {type(held).__name__} value" if held is not None else "a value nested too deeply"
+            raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
+                              "mappings of them (a path as str)") from None
         return parse(text, "<recipe>", Path.cwd())
     if isinstance(recipe, str) and "\n" in recipe:
         return parse(recipe, "<recipe>", Path.cwd())
@@ -135,6 +145,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
         check_output(out, (), folder=out.is_dir(), overwrite=overwrite)
 
 
+def _check_intermediate(work: Path, out: Path) -> None:
+    """`intermediate_dir` must be a folder outside the output: the last stage replaces `out`, which would
+    delete the intermediate outputs it reads (and leave a folder at `out` when it is refused)."""
+    w, o = os.path.realpath(work), os.path.realpath(out)
+    if w == o or w.startswith(o.rstrip(os.sep) + os.sep):
+        raise OutputError(f"intermediate folder {work} is the output {out} or inside it (the last stage replaces the "
+                          "output, deleting what the stages before it wrote): choose a folder outside the output")
+    if os.path.lexists(work) and not work.is_dir():
+        raise OutputError(f"intermediate folder {work} exists and is not a folder: choose a folder")
+
+
 def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
         threads: int = 0, device: str | None = None, quiet: bool = True,
         intermediate_dir: str | os.PathLike[str] | None = None,
@@ -160,6 +181,8 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
         extra += ["--device", device]
     if not dry_run:
         _check_out(target, overwrite)
+    if intermediate_dir is not None and len(stages) > 1:
+        _check_intermediate(Path(intermediate_dir), target)
     ran: list[StageRun] = []
     outputs: dict[str, Path] = {}
     keep = intermediate_dir is not None
@@ -184,7 +207,11 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                         if keep:
                             assert intermediate_dir is not None
                             work = Path(intermediate_dir)
-                            work.mkdir(parents=True, exist_ok=True)
+                            try:
+                                work.mkdir(parents=True, exist_ok=True)
+                            except OSError as e:
+                                raise OutputError(f"intermediate folder {work}: cannot make it: "
+                                                  f"{e.strerror or e}") from None
                         else:
                             parent = target.parent if str(target.parent) else Path(".")
                             work = Path(tempfile.mkdtemp(prefix=".lorafuse-run-", dir=parent if parent.exists() else

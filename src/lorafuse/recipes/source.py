@@ -16,6 +16,7 @@ from typing import Any
 from lorafuse.errors import RecipeError
 
 PathKey = tuple[str | int, ...]
+MAX_RECIPE_CHARS = 16 << 20  # a recipe file longer than this is refused (not read whole)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +60,13 @@ def dotted(path: Sequence[str | int]) -> str:
     return out
 
 
-def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str) -> None:
+def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str, walked: set[int]) -> None:
     import yaml
 
+    if isinstance(node, yaml.CollectionNode):  # an alias is the node itself again: walked once (billion laughs)
+        if id(node) in walked:
+            return
+        walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key, value in node.value:
@@ -72,11 +77,11 @@ def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str) -
                                   f"{seen[name]})")
             seen[name] = line
             out[(*path, name)] = line
-            _positions(value, (*path, name), out, origin)
+            _positions(value, (*path, name), out, origin, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[(*path, i)] = item.start_mark.line + 1
-            _positions(item, (*path, i), out, origin)
+            _positions(item, (*path, i), out, origin, walked)
 
 
 def parse(text: str, origin: str, folder: Path) -> RecipeText:
@@ -84,15 +89,16 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
     text that is not YAML."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
     docs: list[Document] = []
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses a character YAML does not allow (NUL, a lone surrogate) here
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
             lines: dict[PathKey, int] = {}
-            _positions(node, (), lines, origin)
+            _positions(node, (), lines, origin, set())
             docs.append(Document(loader.construct_document(node), node.start_mark.line + 1, lines))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -100,8 +106,11 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
         raise RecipeError(f"{origin}{at}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{origin}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{origin}: not a recipe: its YAML is nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not docs:
         raise RecipeError(f"{origin}: the recipe is empty (expected merge_method and models)")
     return RecipeText(text, origin, folder, docs)
@@ -110,13 +119,16 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
 def read(path: str | Path) -> RecipeText:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open(encoding="utf-8") as f:
+            text = f.read(MAX_RECIPE_CHARS + 1)  # bounded: /dev/zero, a huge file given by mistake
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
     except IsADirectoryError:
         raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL in the name
         raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
+    if len(text) > MAX_RECIPE_CHARS:
+        raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
     return parse(text, str(p), p.resolve().parent)
 
 
