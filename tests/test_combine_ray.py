@@ -331,3 +331,21 @@ def test_a_ray_it_started_gives_the_signal_handlers_back(mixed: tuple[list[Path]
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "handlers back" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_cli_sends_adapters_given_by_path_to_ray(mixed: tuple[list[Path], list[float]], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]):
+    """`lorafuse combine A B C --engine ray`: the CLI loads the adapters (the output's format and name) and
+    hands Ray their paths (an Adapter in memory cannot go to a task); the result is the local engine's."""
+    from lorafuse.cli import main
+
+    paths, _ = mixed
+    three = [str(p) for p in paths[:3]]
+    assert main(["combine", *three, "--engine", "ray", "--passes", "3", "--rank", "4", "--dtype", "fp32",
+                 "-o", str(tmp_path / "ray")]) == 0
+    assert "on Ray" in capsys.readouterr().out
+    assert main(["combine", *three, "--engine", "stream", "--passes", "3", "--rank", "4", "--dtype", "fp32", "-q",
+                 "-o", str(tmp_path / "local")]) == 0
+    on_ray, local = lorafuse.load(tmp_path / "ray"), lorafuse.load(tmp_path / "local")
+    for n in NAMES:
+        assert relative(on_ray.updates[n].delta(), local.updates[n].delta()) <= 1e-6

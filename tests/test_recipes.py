@@ -379,3 +379,19 @@ def test_recipe_text_is_never_taken_for_an_option(inputs: dict[str, Path]):
          "parameters": {"rank": 4, "include": "-q_proj|q_proj"}}
     lorafuse.run(x, root / "only-q")
     assert sorted(lorafuse.load(root / "only-q").updates) == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_engine_ray_in_a_recipe(inputs: dict[str, Path]):
+    """parameters.engine: ray (with passes) runs the stage on a local Ray: the same factors as the local streamed
+    engine to float32 rounding, and the output records the engine."""
+    root = inputs["root"]
+    stage = {"merge_method": "svd", "models": [{"model": str(inputs["a"])}, {"model": str(inputs["b"])}],
+             "parameters": {"rank": 4, "passes": 3, "engine": "ray"}, "dtype": "float32"}
+    lorafuse.run(stage, root / "on-ray")
+    local = dict(stage, parameters={"rank": 4, "passes": 3, "engine": "stream"})
+    lorafuse.run(local, root / "local")
+    ray_d, local_d = delta(root / "on-ray"), delta(root / "local")
+    for m in MODULES:
+        assert np.linalg.norm(ray_d[m] - local_d[m]) <= 1e-5 * np.linalg.norm(local_d[m])
+    made = lorafuse.load(root / "on-ray").provenance
+    assert made is not None and made.parameters["engine"] == "ray"

@@ -751,6 +751,11 @@ def _cmd_combine(args: argparse.Namespace) -> int:
         loaded = [load(a) for a in args.adapters]
         inputs = [p for a in loaded for p in a.sources()]
         count, items, weights = len(loaded), loaded, args.weights
+        if args.engine == "ray":  # Ray tasks open each adapter by its path (a Hub id: its local snapshot)
+            from lorafuse.ops.combine.many import Source
+
+            items = [Source(a.path, f"adapter {i} ({name})") if a.path is not None else a
+                     for i, (a, name) in enumerate(zip(loaded, args.adapters), 1)]
     # what the name means (a .safetensors name is one file; a folder name for a one-file format: a file in it)
     target = checked_output(args.out, args.format or loaded[0].format, loaded, inputs,  # before the work
                             asked=f"--format {args.format}" if args.format else None, overwrite=args.overwrite)

@@ -100,7 +100,7 @@ def _taken(stage: Stage) -> set[str]:
         if stage.merge_method != "svd":
             taken.discard("exact")
         if stage.merge_method not in STREAMABLE:
-            taken -= {"passes", "engine"}
+            taken -= {"passes", "engine", "ray_address"}
         if "ties" not in stage.merge_method:
             taken.discard("majority_sign")
         if not m.uses_seed:

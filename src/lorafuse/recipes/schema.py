@@ -57,7 +57,8 @@ class Parameters(BaseModel):
     split: Literal["B", "sqrt"] | None = None
     exact: bool | None = None
     passes: Annotated[int, Field(ge=1, le=21)] | None = None
-    engine: Literal["auto", "memory", "stream"] | None = None
+    engine: Literal["auto", "memory", "stream", "ray"] | None = None
+    ray_address: str | None = Field(default=None, description="engine ray: the Ray cluster to join")
     sv_ratio: Annotated[float, Field(gt=1.0)] | None = None
     sv_fro: Fraction | None = None
     sv_cumulative: Fraction | None = None
@@ -74,7 +75,8 @@ class Parameters(BaseModel):
 
 
 _RANK_RULES = {"rank", "sv_ratio", "sv_fro", "sv_cumulative", "max_rank"}
-_COMBINE = {"weight", "rank", "conv_rank", "seed", "split", "exact", "passes", "engine", "majority_sign", "density"}
+_COMBINE = {"weight", "rank", "conv_rank", "seed", "split", "exact", "passes", "engine", "ray_address", "majority_sign",
+            "density"}
 # What each merge_method takes (beyond models' weights); combine methods are narrowed by REGISTRY in checks.py
 TAKES: dict[str, set[str]] = {
     "combine": _COMBINE,
