@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recipe_fixtures import make_adapter
 from safetensors.numpy import save_file
-from test_recipes import make_adapter
 
 import lorafuse
 from lorafuse.cli import main
