@@ -27,7 +27,6 @@ and is taken without reading the file. Files of 64 MiB or more keep their sha256
 from __future__ import annotations
 
 import contextvars
-import importlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lorafuse.errors import FormatError, LorafuseError, LorafuseValueError
+from lorafuse.io import hub as hub_ids
 from lorafuse.io.manifest import version
 
 PREFIX = "lorafuse."  # of every metadata key this module writes (the ownership mark `lorafuse_version` is not one)
@@ -420,9 +420,8 @@ def adapter_input(item: str | os.PathLike[str] | _AdapterLike, weight: float | N
 def _local_adapter(spec: str | os.PathLike[str]) -> Path | None:
     """The local adapter a Hub id names (io.hub, which the adapter's loading used too), else None."""
     try:
-        hub = importlib.import_module("lorafuse.io.hub")
-        return Path(hub.local_adapter(spec))
-    except (ImportError, AttributeError, LorafuseError, OSError):
+        return Path(hub_ids.local_adapter(spec))
+    except (LorafuseError, OSError):
         return None
 
 
@@ -446,14 +445,10 @@ def hub_blob_sha256(path: Path) -> str | None:
 
 
 def hub_origin(path: Path) -> tuple[str, str | None, str] | None:
-    """(repo id, revision asked for, commit) of a path inside a Hugging Face cache snapshot, or None.
-    HOOK: lorafuse.io.hub (Hub ids, issue #16) provides it; until that module exists, None."""
+    """(repo id, revision asked for, commit) of a path inside a Hugging Face cache snapshot that a Hub id
+    resolved to in this process (io.hub.hub_origin), or None."""
     try:
-        hub = importlib.import_module("lorafuse.io.hub")
-    except ImportError:
-        return None
-    try:
-        found = hub.hub_origin(path)
+        found = hub_ids.hub_origin(path)
     except (LorafuseError, OSError, ValueError):
         return None
     if not found:

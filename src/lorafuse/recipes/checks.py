@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from lorafuse.ops.combine.many import STREAMABLE
 from lorafuse.ops.combine.registry import REGISTRY
-from lorafuse.recipes.schema import MERGE_METHODS, TAKES, Parameters, Stage
+from lorafuse.recipes.schema import MERGE_METHODS, TAKES, VERBS, Parameters, Stage
 from lorafuse.recipes.source import RecipeError, RecipeText, dotted, suggest
 
 
@@ -84,7 +84,7 @@ def _validate(recipe: RecipeText, i: int) -> Stage:
 
 
 def _verb(method: str) -> str:
-    return method if method in ("apply", "resize", "extract") else "combine"
+    return method if method in VERBS else "combine"
 
 
 def _taken(stage: Stage) -> set[str]:

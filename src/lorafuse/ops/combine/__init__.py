@@ -304,14 +304,14 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     start = time.perf_counter()
     s = prepare_to(adapters, weights, options)
     o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
-    items, ws = ((s.stream.sources, s.stream.weights) if s.stream is not None else
-                 (s.prepared.loaded, s.prepared.weights) if s.prepared is not None else ([], []))
-    with _recording(items, ws, options) as rec:
-        template.provenance = rec.result()  # the header, written first, holds the inputs' sha256
     if s.stream is not None:
+        with _recording(s.stream.sources, s.stream.weights, options) as rec:
+            template.provenance = rec.result()  # the header, written first, holds the inputs' sha256
         return _stream_to(s.stream, o, layout, template, s.dtype, out, format, overwrite, start)
     p = s.prepared
     assert p is not None
+    with _recording(p.loaded, p.weights, options) as rec:
+        template.provenance = rec.result()
     randomized: list[str] = []
     with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs) as w:
         for name, update, was_randomized in _outputs(p):
