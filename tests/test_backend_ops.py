@@ -660,3 +660,25 @@ def test_resize_and_similarity_through_the_reference_backend(tmp_path, monkeypat
     for name, u in cpu_out.updates.items():
         assert nmse(u.delta(), ref_out.updates[name].delta()) < TOL[("svd_product", "F32")]
     np.testing.assert_allclose(np.asarray(ref_sim), np.asarray(cpu_sim), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_merge_batch_flags_every_lane(backend, out_dtype):
+    """One value that cannot be stored, in any lane of the register blocks (up to 16 lanes x 2 vectors
+    x 8 rows in the AVX-512 core) or in the column / row tails, flags its job; none flags none."""
+    be = get_backend(backend)
+    rows, cols = 19, 72  # two full 8-row blocks and a tail of 3; two 32-column blocks and a tail of 8
+    rng = np.random.default_rng(11)
+    stages = [LowRankStage((rng.standard_normal((rows, 3)) * 0.1).astype(np.float32),
+                           (rng.standard_normal((3, cols)) * 0.1).astype(np.float32))]
+    out_np = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[out_dtype]
+    positions = [(5, c) for c in range(cols)] + [(r, 13) for r in range(rows)]
+    jobs = []
+    for r, c in positions:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        w[r, c] = np.nan if (r + c) % 2 else np.inf
+        jobs.append(MergeJob(f"m{r}_{c}", w, "F32", np.zeros((rows, cols), out_np), out_dtype, stages))
+    clean = rng.standard_normal((rows, cols)).astype(np.float32)
+    jobs.append(MergeJob("clean", clean, "F32", np.zeros((rows, cols), out_np), out_dtype, stages))
+    assert be.merge_batch(jobs) == [True] * len(positions) + [False]

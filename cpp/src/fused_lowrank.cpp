@@ -1,8 +1,9 @@
 // The fast path of the merge: out = round(W + sum_s B_s A_s) with no intermediate
-// tile. A register block of MR rows x 16 columns is loaded from W (converted to
+// tile. A register block of MR rows x NR columns is loaded from W (converted to
 // float32 in registers), accumulates every rank-1 term of every stage, and is
-// rounded straight into the output. Written with GCC/Clang vector extensions so
-// it compiles to AVX2/FMA under -march=native and to SSE2 pairs otherwise.
+// rounded straight into the output. Written with GCC/Clang vector extensions whose
+// width follows the build's instruction set: 16 lanes (zmm) in the AVX-512 core,
+// 8 lanes (ymm) in the AVX2 core, and SSE2 pairs of 4 in the generic one.
 #include "lorafuse/fused_lowrank.hpp"
 
 #include <cmath>
@@ -16,74 +17,92 @@
 namespace lorafuse {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef std::uint32_t v8u __attribute__((vector_size(32)));
-typedef std::int32_t v8i __attribute__((vector_size(32)));
-typedef std::uint16_t v8h __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+// 32 vector registers: 8 rows x 2 vectors of accumulators, two of A, the broadcasts.
+constexpr int VL = 16;
+constexpr int MR = 8;
+#else
+// 16 vector registers: 4 rows x 2 vectors of accumulators.
+constexpr int VL = 8;
+constexpr int MR = 4;
+#endif
+constexpr int NR = 2 * VL;  // columns per register block (two vectors)
 
-constexpr int MR = 4;   // rows per register block
-constexpr int NR = 16;  // columns per register block (two vectors)
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef std::uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef std::int32_t vi __attribute__((vector_size(4 * VL)));
+typedef std::uint16_t vh __attribute__((vector_size(2 * VL)));
 
 template <DType T>
-inline v8f load8(const void* base, std::int64_t i) {
-  v8f v;
+inline vf loadv(const void* base, std::int64_t i) {
+  vf v;
   if constexpr (T == DType::F32) {
-    std::memcpy(&v, static_cast<const float*>(base) + i, 32);
+    std::memcpy(&v, static_cast<const float*>(base) + i, sizeof(vf));
   } else if constexpr (T == DType::BF16) {
-    v8h h;
-    std::memcpy(&h, static_cast<const std::uint16_t*>(base) + i, 16);
-    const v8u u = __builtin_convertvector(h, v8u) << 16;
-    std::memcpy(&v, &u, 32);
+    vh h;
+    std::memcpy(&h, static_cast<const std::uint16_t*>(base) + i, sizeof(vh));
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(&v, &u, sizeof(vf));
   } else {
-    static_assert(T == DType::F16, "load8: F32, BF16 or F16");
-#ifdef LORAFUSE_HAVE_F16C
+    static_assert(T == DType::F16, "loadv: F32, BF16 or F16");
+#if defined(LORAFUSE_HAVE_F16C) && defined(__AVX512F__)
+    // the masked forms: GCC 12 warns about the unmasked ones' undefined pass-through
+    const __m512 x = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+        static_cast<const std::uint16_t*>(base) + i)));
+    std::memcpy(&v, &x, sizeof(vf));
+#elif defined(LORAFUSE_HAVE_F16C)
     const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
         static_cast<const std::uint16_t*>(base) + i)));
-    std::memcpy(&v, &x, 32);
+    std::memcpy(&v, &x, sizeof(vf));
 #else
-    float tmp[8];
-    to_f32(static_cast<const std::uint16_t*>(base) + i, DType::F16, tmp, 8);
-    std::memcpy(&v, tmp, 32);
+    float tmp[VL];
+    to_f32(static_cast<const std::uint16_t*>(base) + i, DType::F16, tmp, VL);
+    std::memcpy(&v, tmp, sizeof(vf));
 #endif
   }
   return v;
 }
 
 template <DType T>
-inline void store8(void* base, std::int64_t i, v8f v) {
+inline void storev(void* base, std::int64_t i, vf v) {
   if constexpr (T == DType::F32) {
-    std::memcpy(static_cast<float*>(base) + i, &v, 32);
+    std::memcpy(static_cast<float*>(base) + i, &v, sizeof(vf));
   } else if constexpr (T == DType::BF16) {
-    v8u u;
-    std::memcpy(&u, &v, 32);
-    const v8u rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const v8u nan = (u >> 16) | 0x40u;
-    const v8u sel = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? nan : rounded;
-    const v8h h = __builtin_convertvector(sel, v8h);
-    std::memcpy(static_cast<std::uint16_t*>(base) + i, &h, 16);
+    vu u;
+    std::memcpy(&u, &v, sizeof(vf));
+    const vu rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = (u >> 16) | 0x40u;
+    const vu sel = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? nan : rounded;
+    const vh h = __builtin_convertvector(sel, vh);
+    std::memcpy(static_cast<std::uint16_t*>(base) + i, &h, sizeof(vh));
   } else {
-    static_assert(T == DType::F16, "store8: F32, BF16 or F16");
-#ifdef LORAFUSE_HAVE_F16C
+    static_assert(T == DType::F16, "storev: F32, BF16 or F16");
+#if defined(LORAFUSE_HAVE_F16C) && defined(__AVX512F__)
+    __m512 x;
+    std::memcpy(&x, &v, sizeof(vf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<std::uint16_t*>(base) + i),
+                        _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xFFFF, x, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(LORAFUSE_HAVE_F16C)
     __m256 x;
-    std::memcpy(&x, &v, 32);
+    std::memcpy(&x, &v, sizeof(vf));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<std::uint16_t*>(base) + i),
                      _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 #else
-    float tmp[8];
-    std::memcpy(tmp, &v, 32);
-    from_f32(tmp, static_cast<std::uint16_t*>(base) + i, DType::F16, 8);
+    float tmp[VL];
+    std::memcpy(tmp, &v, sizeof(vf));
+    from_f32(tmp, static_cast<std::uint16_t*>(base) + i, DType::F16, VL);
 #endif
   }
 }
 
 // Lanes of v that are NaN or Inf, or finite but stored as Inf in the output type:
 // |v| < limit fails exactly for those (limit = overflow_threshold of the output).
-inline v8i not_storable_mask(v8f v, v8f limit) {
-  v8u u;
-  std::memcpy(&u, &v, 32);
+inline vi not_storable_mask(vf v, vf limit) {
+  vu u;
+  std::memcpy(&u, &v, sizeof(vf));
   u &= 0x7FFFFFFFu;
-  v8f a;
-  std::memcpy(&a, &u, 32);
+  vf a;
+  std::memcpy(&a, &u, sizeof(vf));
   return ~(a < limit);
 }
 
@@ -91,21 +110,21 @@ template <DType TW, DType TO, int M>
 bool rows_kernel(const FusedJob& job, std::int64_t r0) {
   const std::int64_t cols = job.cols;
   const float lim = overflow_threshold(TO);
-  const v8f limit = {lim, lim, lim, lim, lim, lim, lim, lim};
-  v8i bad = {};
+  const vf limit = vf{} + lim;  // every lane
+  vi bad = {};
   std::int64_t j = 0;
   for (; j + NR <= cols; j += NR) {
-    v8f acc[M][2];
+    vf acc[M][2];
     for (int m = 0; m < M; ++m) {
-      acc[m][0] = load8<TW>(job.w, (r0 + m) * cols + j);
-      acc[m][1] = load8<TW>(job.w, (r0 + m) * cols + j + 8);
+      acc[m][0] = loadv<TW>(job.w, (r0 + m) * cols + j);
+      acc[m][1] = loadv<TW>(job.w, (r0 + m) * cols + j + VL);
     }
     for (const FusedTerm& t : job.terms) {
       const float* b = t.B + r0 * t.rank;
       for (std::int64_t k = 0; k < t.rank; ++k) {
-        v8f a0, a1;
-        std::memcpy(&a0, t.A + k * cols + j, 32);
-        std::memcpy(&a1, t.A + k * cols + j + 8, 32);
+        vf a0, a1;
+        std::memcpy(&a0, t.A + k * cols + j, sizeof(vf));
+        std::memcpy(&a1, t.A + k * cols + j + VL, sizeof(vf));
         for (int m = 0; m < M; ++m) {
           const float bk = b[m * t.rank + k];
           acc[m][0] += bk * a0;
@@ -115,12 +134,12 @@ bool rows_kernel(const FusedJob& job, std::int64_t r0) {
     }
     for (int m = 0; m < M; ++m) {
       bad |= not_storable_mask(acc[m][0], limit) | not_storable_mask(acc[m][1], limit);
-      store8<TO>(job.out, (r0 + m) * cols + j, acc[m][0]);
-      store8<TO>(job.out, (r0 + m) * cols + j + 8, acc[m][1]);
+      storev<TO>(job.out, (r0 + m) * cols + j, acc[m][0]);
+      storev<TO>(job.out, (r0 + m) * cols + j + VL, acc[m][1]);
     }
   }
   bool any_bad = false;
-  for (int l = 0; l < 8; ++l) any_bad |= bad[l] != 0;
+  for (int l = 0; l < VL; ++l) any_bad |= bad[l] != 0;
   // Column tail: one element at a time through the scalar conversions.
   const std::size_t wsz = itemsize(job.w_type), osz = itemsize(job.out_type);
   for (; j < cols; ++j) {

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from lorafuse._progress import ProgressEvent
 from lorafuse._version import get_version
+from lorafuse.backends import native as _native  # noqa: F401  (loads the compiled core now: a bad LORAFUSE_ISA fails here)
 from lorafuse.errors import (
     AdapterNote,
     DeviceError,
@@ -28,29 +29,60 @@ from lorafuse.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
-from lorafuse.model import Adapter, LoraUpdate
-from lorafuse.ops.api import (
-    AdapterReport,
-    ExtractResult,
-    Report,
-    ResizeResult,
-    apply,
-    combine,
-    convert,
-    describe,
-    detect_format,
-    extract,
-    load,
-    resize,
-    similarity,
-)
-from lorafuse.ops.apply import ApplyReport
-from lorafuse.ops.combine import METHODS
+
+# The operations and the data model are imported when first used (PEP 562 `__getattr__` below), so
+# `import lorafuse` and every CLI command load only what they run: `lorafuse apply` never imports combine,
+# recipes or the plots, and `lorafuse --help` none of them.
+_LAZY = {
+    "Adapter": "lorafuse.model", "LoraUpdate": "lorafuse.model",
+    "AdapterReport": "lorafuse.ops.api", "ExtractResult": "lorafuse.ops.api", "Report": "lorafuse.ops.api",
+    "ResizeResult": "lorafuse.ops.api", "apply": "lorafuse.ops.api", "combine": "lorafuse.ops.api",
+    "convert": "lorafuse.ops.api", "describe": "lorafuse.ops.api", "detect_format": "lorafuse.ops.api",
+    "extract": "lorafuse.ops.api", "load": "lorafuse.ops.api", "resize": "lorafuse.ops.api",
+    "similarity": "lorafuse.ops.api",
+    "ApplyReport": "lorafuse.ops.apply",
+    "METHODS": "lorafuse.ops.combine",
+}
 
 if TYPE_CHECKING:
+    from lorafuse.model import Adapter, LoraUpdate
+    from lorafuse.ops.api import (
+        AdapterReport,
+        ExtractResult,
+        Report,
+        ResizeResult,
+        apply,
+        combine,
+        convert,
+        describe,
+        detect_format,
+        extract,
+        load,
+        resize,
+        similarity,
+    )
+    from lorafuse.ops.apply import ApplyReport
+    from lorafuse.ops.combine import METHODS
     from lorafuse.recipes.runner import RecipeLike, RunReport
 
-__version__ = get_version()  # pyproject.toml's version (lorafuse._version)
+    __version__: str
+
+
+def __getattr__(name: str) -> object:
+    if name == "__version__":  # pyproject.toml's version (lorafuse._version); importlib.metadata is not free
+        value: object = get_version()
+    elif name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")
+    globals()[name] = value  # the next lookup finds it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
