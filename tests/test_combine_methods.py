@@ -110,9 +110,9 @@ def test_cli_choices_and_help_come_from_the_registry() -> None:
                and "combine" in a.choices)
     combine_parser = sub.choices["combine"]
     method = next(a for a in combine_parser._actions if a.dest == "method")
+    text = combine_parser.format_help()  # the choices and the epilog are filled in when help is shown
     assert method.metavar == "{" + ",".join(REGISTRY) + "}" and METHODS == tuple(REGISTRY)
     assert method.default == "svd" and METHODS[0] == "svd"
-    text = combine_parser.format_help()
     assert "[--method {svd,cat,linear,ties," in text
     for m in REGISTRY.values():
         assert f"  {m.name} " in text and m.help[:40] in " ".join(text.split())

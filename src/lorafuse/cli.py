@@ -389,11 +389,40 @@ def _close(word: str, choices: Sequence[str]) -> str | None:
     return found[0] if found else None
 
 
+class _Version(argparse.Action):
+    """--version, reading the version (importlib.metadata) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002 (argparse's name)
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        _say(f"lorafuse {get_version()}")
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with suggestions: a mistyped verb, choice or option gets `did you mean ...?`, and an
     unknown option after a verb is reported with that verb's usage."""
 
     verbs: dict[str, argparse.ArgumentParser]
+    # fills in what costs imports (the combine methods from their registry) when help or usage is shown,
+    # so a command that runs never imports what only its neighbours' help needs
+    complete: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def _complete_now(self) -> None:
+        if self.complete is not None:
+            fill, self.complete = self.complete, None
+            fill(self)
+
+    def format_usage(self) -> str:
+        self._complete_now()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete_now()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -425,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorafuse",
         description="Compose LoRA adapters over safetensors files: exact, fast, streaming.",
     )
-    p.add_argument("--version", action="version", version=f"lorafuse {get_version()}")
+    p.add_argument("--version", action=_Version, help="show the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p.verbs = sub.choices  # type: ignore[assignment]
 
@@ -472,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("combine", help="combine adapters into one adapter",
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
                        "for method; the svd method is exact and needs no dense matrix).",
-                       epilog=_combine_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="*", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
                    "(or --from-list)")
     c.add_argument("--from-list", metavar="LIST",
@@ -505,8 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
     # the registry's methods, listed as argparse lists choices; checked by combine (exit status 2, like every
     # refused option value, with the choices named)
-    c.add_argument("--method", default="svd", type=_method, metavar="{" + ",".join(_combine_methods()) + "}",
-                   help="combination method (default svd; see below)")
+    method = c.add_argument("--method", default="svd", type=_method, metavar="METHOD",
+                            help="combination method (default svd; see below)")
+
+    def complete_combine(parser: argparse.ArgumentParser) -> None:  # when combine's help or usage is shown
+        parser.epilog = _combine_epilog()
+        method.metavar = "{" + ",".join(_combine_methods()) + "}"
+
+    c.complete = complete_combine
     c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
     c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
     c.add_argument("--density", type=_density, help="fraction of values kept by ties / dare / magnitude_prune")
