@@ -193,14 +193,17 @@ class _Arenas:
 
 class _Writer:
     """Writes in submission order on one background thread, so disk writes overlap the next
-    batch's arithmetic; at most `depth` batches are in flight, which bounds memory.
+    batch's arithmetic. At most `depth` computed batches wait in its queue (they hold arenas, which
+    bound memory); copies and empty tensors hold no memory and never make the caller wait: a
+    norm's copy between two weights must not hold the next batch's arithmetic until the writer is idle.
 
     Where no thread can be started (a process or thread limit), every write runs at once in
     the calling thread instead: slower, same output."""
 
     def __init__(self, depth: int = WRITE_DEPTH) -> None:
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafuse-writer")
-        self._pending: deque[Future[None]] = deque()
+        self._pending: deque[tuple[Future[None], bool]] = deque()  # (future, holds an arena), in order
+        self._held = 0  # pending entries that hold an arena
         self._depth = depth
         try:
             self._pool.submit(lambda: None).result()  # start the thread now, while nothing depends on it
@@ -208,24 +211,29 @@ class _Writer:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
+    def submit(self, fn: Callable[[], None], holds_memory: bool = True) -> None:
+        if holds_memory:
+            while self._held >= self._depth:
+                self.wait_one()
         if self._pool is None:
             fn()
             return
-        self._pending.append(self._pool.submit(fn))
+        self._pending.append((self._pool.submit(fn), holds_memory))
+        self._held += holds_memory
 
     def wait_one(self) -> None:
+        """Wait for the oldest pending entry (they finish in order) and collect its error, if any."""
         if self._pending:
-            self._pending.popleft().result()
+            future, held = self._pending.popleft()
+            self._held -= held
+            future.result()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self.wait_one()
 
     def close(self) -> None:
-        for f in self._pending:
+        for f, _ in self._pending:
             f.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -296,7 +304,7 @@ class _Executor:
                         if batch:
                             self._submit(writer, out, batch)
                             batch, size = [], 0
-                        writer.submit(self._empty(out, t) if empty else self._copy(out, t, src))
+                        writer.submit(self._empty(out, t) if empty else self._copy(out, t, src), holds_memory=False)
                         continue
                     for piece in self._pieces(t):
                         batch.append(piece)
@@ -337,7 +345,8 @@ class _Executor:
             finally:
                 self.arenas.give(arena)
 
-        writer.submit(run)
+        with self.timings.phase("wait for the writer"):  # at most `depth` computed batches queued
+            writer.submit(run)
 
     def _copy(self, out: SafetensorsWriter, t: OutTensor, src: SafetensorsFile) -> Callable[[], None]:
         def run() -> None:
