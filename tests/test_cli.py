@@ -499,12 +499,12 @@ def test_version(capsys):
 
 
 def test_a_command_imports_only_what_it_runs() -> None:
-    """`lorafuse apply` and `lorafuse --version` never import combine, recipes, plots or the Hub client: the
+    """`lorafuse apply` and `lorafuse --version` never import combine, recipes, plots, the GGUF writer or the Hub client: the
     combine methods' help is built from their registry only when combine's help or usage is shown."""
     code = ("import sys\nfrom lorafuse.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith(('lorafuse.ops.combine', 'lorafuse.recipes', "
-            "'lorafuse.plot', 'huggingface_hub', 'matplotlib', 'yaml', 'pydantic'))))")
+            "'lorafuse.plot', 'lorafuse.formats.gguf', 'huggingface_hub', 'matplotlib', 'yaml', 'pydantic'))))")
     for argv in (["--version"], ["apply", "--help"], ["apply", "/nonexistent/base", "/nonexistent/lora", "-o", "x"]):
         res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout, res.stderr)

@@ -193,6 +193,16 @@ def _gguf_archs() -> tuple[str, ...]:
     return tuple(ARCHS)
 
 
+def _arch(text: str) -> str:
+    """--arch, checked against the GGUF writer's table when given (not when the parser is built)."""
+    archs = _gguf_archs()
+    if text in archs:
+        return text
+    near = _close(text, archs)
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r}" + (f"; did you mean {near!r}?" if near else "")
+                                     + f" (choose from {', '.join(archs)})")
+
+
 def _combine_methods() -> tuple[str, ...]:
     from lorafuse.ops.combine import METHODS
 
@@ -642,8 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", required=True, choices=("peft", "kohya", "gguf"),
                    help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names; gguf: "
                    "a llama.cpp GGUF LoRA adapter")
-    v.add_argument("--arch", choices=_gguf_archs(),
-                   help="--to gguf: the base model's architecture (default: from --base-config)")
+    arch = v.add_argument("--arch", type=_arch, metavar="ARCH",
+                          help="--to gguf: the base model's architecture (default: from --base-config)")
+
+    def complete_convert(parser: argparse.ArgumentParser) -> None:  # when convert's help or usage is shown
+        arch.metavar = "{" + ",".join(_gguf_archs()) + "}"
+
+    v.complete = complete_convert
     v.add_argument("--base-config", metavar="CONFIG", help="--to gguf: the base model's config.json (or its "
                    "folder): the architecture, the head counts Llama / Mistral q_proj and k_proj LoRAs need, "
                    "tie_word_embeddings")
