@@ -498,16 +498,19 @@ def test_version(capsys):
     assert stdout.strip() == f"lorafuse {lorafuse.__version__}"
 
 
-def test_a_command_imports_only_what_it_runs() -> None:
+def test_a_command_imports_only_what_it_runs(case: Case, tmp_path: Path) -> None:
     """`lorafuse apply` and `lorafuse --version` never import combine, recipes, plots, the GGUF writer or the Hub client: the
     combine methods' help is built from their registry only when combine's help or usage is shown."""
     code = ("import sys\nfrom lorafuse.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith(('lorafuse.ops.combine', 'lorafuse.recipes', "
             "'lorafuse.plot', 'lorafuse.formats.gguf', 'huggingface_hub', 'matplotlib', 'yaml', 'pydantic'))))")
-    for argv in (["--version"], ["apply", "--help"], ["apply", "/nonexistent/base", "/nonexistent/lora", "-o", "x"]):
+    real = ["apply", str(case.base_dir), str(case.adapter_dir), "-o", str(tmp_path / "merged"), "-q"]
+    for argv in (["--version"], ["apply", "--help"], ["apply", "/nonexistent/base", "/nonexistent/lora", "-o", "x"],
+                 real):
         res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert res.stdout.strip().splitlines()[-1] == "[]", (argv, res.stdout, res.stderr)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()  # the real apply ran
     res = subprocess.run([sys.executable, "-c", code, "combine", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert "magnitude_prune_svd" in res.stdout and "lorafuse.ops.combine.registry" in res.stdout
