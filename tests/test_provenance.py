@@ -444,3 +444,70 @@ def test_a_hub_input_is_named_as_given_with_its_repository_and_commit(llama, tmp
     assert record == {"name": "org/lora", "role": "adapter", "files": peft_files(case.adapter_dir),
                       "hub": {"repo_id": "org/lora", "revision": None, "commit": commit}}
     assert f"(Hub `org/lora` at `{commit}`)" in (res.out / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- hashes while the modules are computed
+
+
+@pytest.mark.parametrize("engine", ["memory", "stream"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_combine_to_hashes_while_it_computes_and_writes_the_hashes_at_the_commit(llama, tmp_path, monkeypatch,
+                                                                                   engine, fmt):
+    """combine_to's header and card are written before any module with placeholders for the inputs' sha256;
+    the hashing runs meanwhile and the commit writes the real values (header in place, card again). Each
+    hash here waits until the first module is written: a combine that waited for the hashes before
+    computing would never write one (the hash then gives up and the combine fails)."""
+    case, other = llama
+    started = threading.Event()
+    real_put = lorafuse.formats.streaming.StreamWriter.put
+
+    def put(self, name, update):
+        started.set()
+        return real_put(self, name, update)
+
+    real_hash = prov.cached_sha256
+
+    def slow_hash(p, stop=None):
+        if not started.wait(timeout=20):
+            raise TimeoutError("no module was written while the inputs were hashed")
+        return real_hash(p, stop)
+
+    monkeypatch.setattr(lorafuse.formats.streaming.StreamWriter, "put", put)
+    monkeypatch.setattr(prov, "cached_sha256", slow_hash)
+    monkeypatch.setenv(prov.CACHE_ENV, str(tmp_path / "no-cache"))
+    if fmt == "peft":
+        adapters, out = [case.adapter_dir, other], tmp_path / "out"
+    else:
+        (tmp_path / "in").mkdir()
+        adapters, out = [kohya_file(tmp_path / "in" / f"k{i}.safetensors", i) for i in (1, 2)], tmp_path / "out.safetensors"
+    combine_to(adapters, [0.6, 0.4], CombineOptions(method="svd", rank=4, engine=engine), out, fmt)
+    weights = out / "adapter_model.safetensors" if fmt == "peft" else out
+    meta = metadata(weights)
+    inputs = json.loads(meta["lorafuse.inputs"])
+    if fmt == "peft":
+        assert [i["files"] for i in inputs] == [peft_files(case.adapter_dir), peft_files(other)]
+    else:
+        assert [i["sha256"] for i in inputs] == [sha(a) for a in adapters]
+    assert PLACEHOLDER not in json.dumps(meta)
+    if fmt == "peft":
+        card = (out / "README.md").read_text(encoding="utf-8")
+        assert PLACEHOLDER not in card
+        for digest in (*peft_files(case.adapter_dir).values(), *peft_files(other).values()):
+            assert digest in card
+    else:  # sd-scripts' hashes cover the data: computed at the commit, after the header's rewrite
+        assert meta["sshs_model_hash"] != "0" * len(meta["sshs_model_hash"])
+
+
+@pytest.mark.parametrize("engine", ["memory", "stream"])
+def test_combine_to_leaves_nothing_when_an_input_cannot_be_hashed(llama, tmp_path, monkeypatch, engine):
+    case, other = llama
+
+    def unreadable(p, stop=None):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(prov, "cached_sha256", unreadable)
+    monkeypatch.setenv(prov.CACHE_ENV, str(tmp_path / "no-cache"))
+    out = tmp_path / "out"
+    with pytest.raises(PermissionError):
+        combine_to([case.adapter_dir, other], None, CombineOptions(method="svd", rank=4, engine=engine), out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

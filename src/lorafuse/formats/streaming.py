@@ -30,6 +30,7 @@ from types import TracebackType
 
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.atomic import atomic_dir, atomic_file
+from lorafuse.io.provenance import Provenance
 from lorafuse.io.safetensors import SafetensorsWriter, TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, Update
@@ -79,18 +80,23 @@ class StreamWriter:
     each update is checked against its entry before anything of it is written."""
 
     def __init__(self, plan: WritePlan, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
-                 overwrite: bool = False, layout: AdapterLayout | None = None) -> None:
+                 overwrite: bool = False, layout: AdapterLayout | None = None,
+                 final: Callable[[], WritePlan] | None = None) -> None:
         self.out = Path(out)
         self._plan = plan
         self._layout = layout
+        # `final`: the plan again once values known only at the end are (the inputs' sha256, computed while the
+        # modules are): its metadata (same-length placeholders replaced) and side files are written at the commit
+        self._final = final
+        self._folder: Path | None = None
         self._pending: dict[str, None] = dict.fromkeys(plan.modules)
         self._closed = False
         self._stack = ExitStack()
         try:
             if plan.folder_kind is not None:
                 tmp = self._stack.enter_context(atomic_dir(out, inputs, overwrite=overwrite, kind=plan.folder_kind))
-                for name, text in plan.side_files.items():
-                    (tmp / name).write_text(text, encoding="utf-8")
+                self._folder = tmp
+                self._write_side_files(plan)
                 self._path = tmp / plan.weights_name
             else:
                 self._path = self._stack.enter_context(atomic_file(out, inputs, overwrite=overwrite))
@@ -151,12 +157,25 @@ class StreamWriter:
                 raise LorafuseValueError(f"output {self.out}: closed before every module was put: {len(missing)} of "
                                          f"{len(self._plan.modules)} missing ({_listed(missing)}); nothing was "
                                          "written")
-            if self._plan.finish is not None:
-                self._file.rewrite_metadata(self._plan.finish(self._data))
+            plan = self._plan
+            if self._final is not None:
+                plan = self._final()
+                if plan.specs != self._plan.specs or plan.folder_kind != self._plan.folder_kind:
+                    raise LorafuseValueError(f"output {self.out}: the final plan changed the output's tensors")
+                self._write_side_files(plan)
+            if plan.finish is not None:
+                self._file.rewrite_metadata(plan.finish(self._data))
+            elif plan is not self._plan:
+                self._file.rewrite_metadata(plan.metadata)
         except BaseException as e:
             self._unwind(e)
             raise
         self._stack.close()  # closes the file (checks every tensor was written), then commits
+
+    def _write_side_files(self, plan: WritePlan) -> None:
+        if self._folder is not None:
+            for name, text in plan.side_files.items():
+                (self._folder / name).write_text(text, encoding="utf-8")
 
     def abort(self) -> None:
         """Give up: the temporary output is removed, `out` keeps what it held."""
@@ -197,30 +216,39 @@ def skeleton(template: Adapter, layout: AdapterLayout) -> Adapter:
 
 
 def stream_with(plan_of: Callable[[Adapter], WritePlan]) -> Callable[
-        [Adapter, AdapterLayout, str | os.PathLike[str], Sequence[Path], bool], StreamWriter]:
+        [Adapter, AdapterLayout, str | os.PathLike[str], Sequence[Path], bool, Callable[[], Provenance] | None],
+        StreamWriter]:
     """A format's registry entry `open_stream`, from its plan function."""
 
     def open_stream(template: Adapter, layout: AdapterLayout, out: str | os.PathLike[str], inputs: Sequence[Path],
-                    overwrite: bool) -> StreamWriter:
-        return StreamWriter(plan_of(skeleton(template, layout)), out, inputs, overwrite, layout)
+                    overwrite: bool, final: Callable[[], Provenance] | None = None) -> StreamWriter:
+        def final_plan() -> WritePlan:
+            assert final is not None
+            return plan_of(skeleton(dataclasses.replace(template, provenance=final()), layout))
+
+        return StreamWriter(plan_of(skeleton(template, layout)), out, inputs, overwrite, layout,
+                            final_plan if final is not None else None)
 
     return open_stream
 
 
 def open_stream(format: str | None, out: str | os.PathLike[str],
                 layout: AdapterLayout | Iterable[ModuleLayout], template: Adapter, *, overwrite: bool = False,
-                inputs: Iterable[str | os.PathLike[str]] | None = None) -> StreamWriter:
+                inputs: Iterable[str | os.PathLike[str]] | None = None,
+                final_provenance: Callable[[], Provenance] | None = None) -> StreamWriter:
     """Open a streamed output `out` of `format` (None: the template's) holding the modules of `layout`,
     with the config and state of `template` (its updates are not used; its full tensors are written).
     `inputs`: the files the output must not replace (default: the template's sources()). Everything the
     format computes from all modules (configs, metadata, header) and the output checks (io.atomic) happen
-    here, before any update is put."""
+    here, before any update is put. `final_provenance`: when given, the template's provenance is a draft
+    (io.provenance.Recording.draft: placeholders for the hashes still being computed) and this returns the
+    finished one at the commit, which rewrites the header in place and the side files (the model card)."""
     spec = get_format(template.format if format is None else format)
     if spec.open_stream is None:
         raise UnsupportedError(f"adapter format {spec.name!r} cannot be written module by module")
     lay = layout if isinstance(layout, AdapterLayout) else AdapterLayout(layout)
     sources = template.sources() if inputs is None else [Path(p) for p in inputs]
-    writer = spec.open_stream(template, lay, out, sources, overwrite)
+    writer = spec.open_stream(template, lay, out, sources, overwrite, final_provenance)
     assert isinstance(writer, StreamWriter)
     return writer
 

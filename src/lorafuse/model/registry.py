@@ -18,6 +18,7 @@ from lorafuse.errors import LorafuseValueError
 from lorafuse.io.tensor import Tensor
 
 if TYPE_CHECKING:
+    from lorafuse.io.provenance import Provenance
     from lorafuse.model.adapter import Adapter
     from lorafuse.model.layout import AdapterLayout, AdapterWriter
 
@@ -30,9 +31,10 @@ class FormatSpec:
     `.safetensors` header ([] for a folder or another file); it reads nothing else than the path's
     own small files and never raises. `load(path)` reads one; `save(adapter, out, overwrite)` writes
     one atomically, never over the adapter's own sources. Sniffing goes by `priority`, lowest first.
-    `open_stream(template, layout, out, inputs, overwrite)`, for a format that has it, opens a streamed
+    `open_stream(template, layout, out, inputs, overwrite, final)`, for a format that has it, opens a streamed
     output (model.layout): the template adapter's config and state, the layout's modules, updates put
-    one by one (lorafuse.formats.streaming.open_stream calls it)."""
+    one by one (lorafuse.formats.streaming.open_stream calls it); `final`, when given, returns the
+    provenance to record at the commit (the template's holds placeholders for hashes not known yet)."""
 
     name: str
     sniff: Callable[[Path, list[str]], bool]
@@ -43,8 +45,8 @@ class FormatSpec:
     # The in-memory form (Adapter.from_state_dict / state_dict), for a format that has one.
     from_tensors: Callable[[dict[str, Tensor], Any], Adapter] | None = None
     to_tensors: Callable[[Adapter], dict[str, Tensor]] | None = None
-    open_stream: Callable[[Adapter, AdapterLayout, str | os.PathLike[str], Sequence[Path], bool],
-                          AdapterWriter] | None = None
+    open_stream: Callable[[Adapter, AdapterLayout, str | os.PathLike[str], Sequence[Path], bool,
+                           Callable[[], Provenance] | None], AdapterWriter] | None = None
 
 
 _FORMATS: dict[str, FormatSpec] = {}

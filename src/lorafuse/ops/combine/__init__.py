@@ -56,7 +56,7 @@ from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
-from lorafuse.io.provenance import Recording, adapter_input
+from lorafuse.io.provenance import Provenance, Recording, adapter_input
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
@@ -304,21 +304,24 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     start = time.perf_counter()
     s = prepare_to(adapters, weights, options)
     o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
+    # The header, written first, holds the inputs' sha256: as placeholders while the background threads hash
+    # them (meanwhile the modules are computed); the commit waits for the hashes and writes them in place.
     if s.stream is not None:
         with _recording(s.stream.sources, s.stream.weights, options) as rec:
-            template.provenance = rec.result()  # the header, written first, holds the inputs' sha256
-        return _stream_to(s.stream, o, layout, template, s.dtype, out, format, overwrite, start)
+            template.provenance = rec.draft()
+            return _stream_to(s.stream, o, layout, template, s.dtype, out, format, overwrite, start, rec.result)
     p = s.prepared
     assert p is not None
-    with _recording(p.loaded, p.weights, options) as rec:
-        template.provenance = rec.result()
     randomized: list[str] = []
-    with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs) as w:
-        for name, update, was_randomized in _outputs(p):
-            w.put(name, update)
-            if was_randomized:
-                randomized.append(name)
-        raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
+    with _recording(p.loaded, p.weights, options) as rec:
+        template.provenance = rec.draft()
+        with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs,
+                         final_provenance=rec.result) as w:
+            for name, update, was_randomized in _outputs(p):
+                w.put(name, update)
+                if was_randomized:
+                    randomized.append(name)
+            raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype,
                          time.perf_counter() - start)
 
@@ -364,10 +367,13 @@ def prepare_to(adapters: AnyAdapters, weights: Iterable[float] | None, options: 
 
 
 def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, template: Adapter, dtype: str,
-               out: str | os.PathLike[str], format: str | None, overwrite: bool, start: float) -> CombineReport:
-    """combine_to by the streamed engine: the output is opened (and checked) before the first pass, and each
-    module is put once the passes are done."""
-    with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths) as w:
+               out: str | os.PathLike[str], format: str | None, overwrite: bool, start: float,
+               final: Callable[[], Provenance]) -> CombineReport:
+    """combine_to by the streamed engine: the output is opened (and checked) before the first pass, each
+    module is put once the passes are done, and the provenance (`final`: the inputs' sha256, hashed during
+    the passes) is written at the commit."""
+    with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths,
+                     final_provenance=final) as w:
         summary = _run_streamed(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
                                                                                      o.threads)))
         raise_if_inputs_changed(plan.paths)
