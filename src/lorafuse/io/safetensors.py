@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import re
@@ -64,7 +65,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)  # Python ints: exact, and () -> 1
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

@@ -389,15 +389,17 @@ def _into(dst: np.ndarray, raw: np.ndarray, dtype: str, threads: int) -> None:
     else:
         from lorafuse.io.tensor import Tensor
 
-        dst[...] = Tensor(raw, dtype).f32(threads)
+        dst[...] = Tensor(np.ascontiguousarray(raw), dtype).f32(threads)
 
 
 class _Stack:
     """One module's factors of a chunk of adapters, converted to float32 straight into preallocated stacks:
-    B = [B_1 .. B_m] (out x R), A = [A_1; ..; A_m] (R x in) and each stacked rank's coefficient c_i."""
+    B = [B_1 .. B_m] (out x R), A = [A_1; ..; A_m] (R x in) and each stacked rank's coefficient c_i.
+    B is kept as its transpose (R x out, each adapter's B_i^T rows contiguous): filling a B_i into a column
+    block of an (out x R) array wrote `out` runs of r floats, 2.4x slower than these r runs of `out`."""
 
     def __init__(self, spec: ModuleSpec, capacity: int) -> None:
-        self.b = np.empty((spec.out, capacity), dtype=np.float32)
+        self.bt = np.empty((capacity, spec.out), dtype=np.float32)
         self.a = np.empty((capacity, spec.inn), dtype=np.float32)
         self.coef = np.empty(capacity, dtype=np.float32)
         self.filled = 0
@@ -405,13 +407,14 @@ class _Stack:
     def add(self, c: float, u: LoraUpdate, threads: int) -> None:
         r, f = u.rank, self.filled
         _into(self.a[f:f + r], u.A.raw.reshape(r, -1), u.A.dtype, threads)
-        _into(self.b[:, f:f + r], u.B.raw.reshape(u.B.shape[0], r), u.B.dtype, threads)
+        _into(self.bt[f:f + r], u.B.raw.reshape(u.B.shape[0], r).T, u.B.dtype, threads)
         self.coef[f:f + r] = c
         self.filled = f + r
 
     def view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B (out x R: a transposed view, which BLAS takes as it is), A (R x in), the coefficients."""
         f = self.filled
-        return self.b[:, :f], self.a[:f], self.coef[:f]
+        return self.bt[:f].T, self.a[:f], self.coef[:f]
 
 
 Operand = tuple[np.ndarray, np.ndarray | None]  # one module's operand of a pass: X (float32), Psi (float32)
