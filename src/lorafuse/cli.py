@@ -193,14 +193,19 @@ def _gguf_archs() -> tuple[str, ...]:
     return tuple(ARCHS)
 
 
-def _arch(text: str) -> str:
-    """--arch, checked against the GGUF writer's table when given (not when the parser is built)."""
-    archs = _gguf_archs()
-    if text in archs:
+def _one_of(text: str, choices: tuple[str, ...], what: str) -> str:
+    """`text` when it is one of `choices` (read when an option is given, not when the parser is built: they
+    cost imports), else argparse's error naming the nearest choice and all of them."""
+    if text in choices:
         return text
-    near = _close(text, archs)
-    raise argparse.ArgumentTypeError(f"invalid choice: {text!r}" + (f"; did you mean {near!r}?" if near else "")
-                                     + f" (choose from {', '.join(archs)})")
+    near = _close(text, choices)
+    raise argparse.ArgumentTypeError(f"{what} {text!r}" + (f"; did you mean {near!r}?" if near else "")
+                                     + f" (choose from {', '.join(choices)})")
+
+
+def _arch(text: str) -> str:
+    """--arch, checked against the GGUF writer's table."""
+    return _one_of(text, _gguf_archs(), "invalid choice:")
 
 
 def _combine_methods() -> tuple[str, ...]:
@@ -369,12 +374,7 @@ def _show_plan(args: argparse.Namespace, plan: Any) -> int:
 
 
 def _method(text: str) -> str:
-    methods = _combine_methods()
-    if text in methods:
-        return text
-    near = _close(text, methods)
-    raise argparse.ArgumentTypeError(f"unknown method {text!r}" + (f"; did you mean {near!r}?" if near else "")
-                                     + f" (choose from {', '.join(methods)})")
+    return _one_of(text, _combine_methods(), "unknown method")
 
 
 _FACTOR_DTYPE_HELP = ("dtype of the written factors: fp32, fp16 or bf16 (kohya's --save_precision: float, fp16, bf16; "
