@@ -10,6 +10,7 @@ References: the files themselves (the safetensors package, raw bytes) and numpy 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import struct
@@ -325,8 +326,10 @@ def test_the_environment_is_read_at_each_call(env, home, monkeypatch, tmp_path):
     lorafuse.load("org/lora")
     assert calls[-1]["cache_dir"] == str(home / "hub") and calls[-1]["local_files_only"] is True
     assert calls[-1]["repo_type"] == "model" and calls[-1]["revision"] is None
-    patterns = calls[-1]["allow_patterns"]
-    assert isinstance(patterns, list) and {"*.safetensors", "*.json", "README.md"} <= set(patterns)
+    # two steps: the small files, then the weights they name (a PEFT adapter: its one weights file)
+    first, weights = calls[-2]["allow_patterns"], calls[-1]["allow_patterns"]
+    assert isinstance(first, list) and {"*.json", "README.md"} <= set(first) and "*.safetensors" not in first
+    assert weights == ["adapter_model.safetensors"] and calls[-2]["cache_dir"] == str(home / "hub")
     monkeypatch.delenv("HF_HOME")
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))  # HF_HUB_CACHE names the hub folder itself
     assert lorafuse.load("org/lora").path == home / "hub" / "models--org--lora" / "snapshots" / LORA_MAIN
@@ -353,9 +356,13 @@ def test_offline_snapshots_honour_the_file_patterns(env, home, local):
     commit = "3" * 40
     cache_repo(home, "org/partial", files, commit, tree=listed)
     assert lorafuse.load("org/partial").path.name == commit
-    cache_repo(home, "org/broken", files, commit, tree={**listed, "extra/model.safetensors": 10})
+    # another weights file the adapter does not name is not read, so it may be missing too
+    cache_repo(home, "org/extra", files, commit, tree={**listed, "extra/model.safetensors": 10})
+    assert lorafuse.load("org/extra").path.name == commit
+    broken = {n: b for n, b in files.items() if n != "adapter_model.safetensors"}
+    cache_repo(home, "org/broken", broken, commit, tree=listed)
     with pytest.raises(FormatError, match=r"adapter org/broken: the cached snapshot of org/broken \(default branch "
-                                          r"main\) in .* misses files lorafuse reads.*extra/model\.safetensors"):
+                                          r"main\) in .* misses files lorafuse reads.*adapter_model\.safetensors"):
         lorafuse.load("org/broken")
 
 
@@ -501,3 +508,110 @@ def test_gguf_base_config_from_the_hub(env, local, capsys, tmp_path, monkeypatch
                        tmp_path / "local.gguf", "-q")
     assert code == 0, err
     assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+# ----------------------------------------------------------------------------- which weights are fetched
+
+SNAP = "5" * 40
+
+
+def _remote(monkeypatch, tmp_path: Path, files: dict[str, bytes]) -> list[str]:
+    """A stand-in for huggingface_hub.snapshot_download over a repository of `files`: it copies the files the
+    patterns match (fnmatch, `*` matching `/` too, as huggingface_hub's) into one snapshot folder and records
+    every file it fetched."""
+    fetched: list[str] = []
+    snapshot = tmp_path / "models--org--repo" / "snapshots" / SNAP
+
+    def fake(repo_id, **kw):
+        for name, data in files.items():
+            if any(fnmatch.fnmatch(name, p) for p in kw["allow_patterns"]) and not (snapshot / name).exists():
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / name).write_bytes(data)
+                fetched.append(name)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fetched
+
+
+def _pipeline_index(**components: list[str | None]) -> bytes:
+    return json.dumps({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+                       **components}).encode()
+
+
+def _weights(fetched: list[str]) -> set[str]:
+    return {f for f in fetched if f.endswith(".safetensors")}
+
+
+def test_a_pipeline_fetches_each_components_weights_not_variants_or_single_files(env, monkeypatch, tmp_path):
+    """SDXL's layout: fp16 variants beside every component's weights and two single-file checkpoints at the
+    top; a pipeline base reads the components' weights only (the rest is 3x the bytes)."""
+    files = {
+        "model_index.json": _pipeline_index(unet=["diffusers", "UNet2DConditionModel"],
+                                            vae=["diffusers", "AutoencoderKL"],
+                                            text_encoder=["transformers", "CLIPTextModel"],
+                                            scheduler=["diffusers", "EulerDiscreteScheduler"],
+                                            tokenizer=["transformers", "CLIPTokenizer"], safety_checker=[None, None]),
+        "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"u",
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"u16",
+        "vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": b"v",
+        "vae/diffusion_pytorch_model.fp16.safetensors": b"v16",
+        "text_encoder/config.json": b"{}", "text_encoder/model.safetensors": b"t",
+        "text_encoder/model.fp16.safetensors": b"t16",
+        "scheduler/scheduler_config.json": b"{}", "tokenizer/vocab.json": b"{}", "tokenizer/merges.txt": b"",
+        "sd_xl_base_1.0.safetensors": b"single", "sd_xl_base_1.0_0.9vae.safetensors": b"single2",
+        "README.md": b"# card\n",
+    }
+    fetched = _remote(monkeypatch, tmp_path, files)
+    folder = hub.local_path("org/repo", what="base model")
+    assert folder.name == SNAP
+    assert _weights(fetched) == {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                                 "text_encoder/model.safetensors"}
+    assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "README.md"} <= set(fetched)
+
+
+def test_a_sharded_model_fetches_its_index_shards_not_other_copies(env, monkeypatch, tmp_path):
+    """Mistral's layout: the shards an index names, and consolidated.safetensors (the same weights again)."""
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors",
+                                            "c": "model-00002-of-00002.safetensors"}}
+    files = {"config.json": b"{}", "model.safetensors.index.json": json.dumps(index).encode(),
+             "model-00001-of-00002.safetensors": b"1", "model-00002-of-00002.safetensors": b"2",
+             "consolidated.safetensors": b"all", "tokenizer.json": b"{}"}
+    fetched = _remote(monkeypatch, tmp_path, files)
+    hub.local_path("org/repo", what="base model")
+    assert _weights(fetched) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+
+
+@pytest.mark.parametrize("layout, want", [
+    # one weights file by its transformers name, another copy beside it
+    ({"config.json": b"{}", "model.safetensors": b"m", "consolidated.safetensors": b"c"}, {"model.safetensors"}),
+    # a config.json and weights named otherwise: every top-level file, as before
+    ({"config.json": b"{}", "weights.safetensors": b"w"}, {"weights.safetensors"}),
+    # a kohya LoRA repository: its file
+    ({"style.safetensors": b"s", "README.md": b"#"}, {"style.safetensors"}),
+    # a PEFT adapter: its weights, not an extra file beside them
+    ({"adapter_config.json": b"{}", "adapter_model.safetensors": b"a", "old/adapter_model.safetensors": b"o"},
+     {"adapter_model.safetensors"}),
+    # a pipeline component with fp16 variants only: those, since there is nothing else
+    ({"model_index.json": _pipeline_index(unet=["diffusers", "UNet2DConditionModel"]), "unet/config.json": b"{}",
+      "unet/diffusion_pytorch_model.fp16.safetensors": b"u16", "single.safetensors": b"s"},
+     {"unet/diffusion_pytorch_model.fp16.safetensors"}),
+    # a sharded pipeline component: its index's shards
+    ({"model_index.json": _pipeline_index(transformer=["diffusers", "FluxTransformer2DModel"]),
+      "transformer/config.json": b"{}",
+      "transformer/diffusion_pytorch_model.safetensors.index.json": json.dumps(
+          {"weight_map": {"x": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                          "y": "diffusion_pytorch_model-00002-of-00002.safetensors"}}).encode(),
+      "transformer/diffusion_pytorch_model-00001-of-00002.safetensors": b"1",
+      "transformer/diffusion_pytorch_model-00002-of-00002.safetensors": b"2",
+      "flux1-dev.safetensors": b"single"},
+     {"transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+      "transformer/diffusion_pytorch_model-00002-of-00002.safetensors"}),
+])
+def test_the_weights_fetched_are_the_ones_read(env, monkeypatch, tmp_path, layout, want):
+    fetched = _remote(monkeypatch, tmp_path, layout)
+    hub.local_path("org/repo", what="input")
+    assert _weights(fetched) == want
+

@@ -20,6 +20,7 @@ anything inside it), which repository, revision and commit it came from (for pro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -33,8 +34,9 @@ from lorafuse.errors import FormatError, UnsupportedError
 
 # What lorafuse reads or copies from a model or adapter repository (huggingface_hub's fnmatch patterns: `*`
 # matches `/` too, so each also finds the files of a diffusers pipeline's component folders).
+WEIGHTS = "*.safetensors"
 HUB_FILES: tuple[str, ...] = (
-    "*.safetensors",  # weights, adapters (*.safetensors.index.json is among the *.json)
+    WEIGHTS,  # weights, adapters (*.safetensors.index.json is among the *.json); only those needed: weights_wanted
     "*.json",  # config.json, adapter_config.json, model_index.json, shard indexes, tokenizer configs
     "*.txt",  # merges.txt, vocab.txt
     "*.model",  # sentencepiece tokenizers (tokenizer.model, spiece.model)
@@ -121,16 +123,29 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     repo, revision = parsed
     hub = _import_hub(spec, what)
     cache, offline = _cache_dir(), _offline(hub)
-    try:
-        folder = hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
-                                       local_files_only=offline, allow_patterns=list(patterns),
-                                       endpoint=os.environ.get("HF_ENDPOINT") or None)
-    except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on as they are
-        error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
-        if error is None:
-            raise
-        raise error from None
-    path = Path(folder)
+
+    def download(allow: Sequence[str]) -> Path:
+        try:
+            return Path(hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
+                                              local_files_only=offline, allow_patterns=list(allow),
+                                              endpoint=os.environ.get("HF_ENDPOINT") or None))
+        except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on
+            error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
+            if error is None:
+                raise
+            raise error from None
+
+    if WEIGHTS in patterns:
+        # Two steps, so that a repository's other copies of its weights are not fetched: the small files first,
+        # then the weights those name (weights_wanted), then any component that got none (variants only).
+        path = download([p for p in patterns if p != WEIGHTS])
+        wanted = weights_wanted(path)
+        path = download(wanted)
+        missing = weights_missing(path) if wanted != [WEIGHTS] else []
+        if missing:
+            path = download(missing)
+    else:
+        path = download(patterns)
     # the cache's layout: <cache>/models--org--name/snapshots/<commit sha>
     resolved = Resolved(path, repo, revision, path.name if _SHA.fullmatch(path.name) else None)
     origin = resolved.origin
@@ -139,6 +154,76 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
             _origins[os.path.abspath(path)] = origin
             _spec_origins[text] = origin
     return resolved
+
+
+_INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def _json(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
+    """The weight files a transformers / diffusers model folder loads: the shards its index lists, else its one
+    weights file by name; None when the folder has neither an index nor a config.json (not such a folder)."""
+    for name in _INDEX_NAMES:
+        weight_map = (_json(folder / name) or {}).get("weight_map")
+        if isinstance(weight_map, dict):
+            shards = sorted({v for v in weight_map.values()
+                             if isinstance(v, str) and "/" not in v and ".." not in v and not v.startswith(".")})
+            if shards:
+                return [prefix + s for s in shards]
+    if (folder / "config.json").is_file():
+        return [prefix + n for n in _WEIGHT_NAMES]
+    return None
+
+
+def _pipeline_components(folder: Path) -> list[str]:
+    """The component folders a diffusers pipeline's model_index.json names (those with a library and class)."""
+    index = _json(folder / "model_index.json") or {}
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                  and v[0] is not None and "/" not in k and ".." not in k and (folder / k).is_dir())
+
+
+def weights_wanted(folder: Path) -> list[str]:
+    """Which .safetensors files of a snapshot (its small files fetched: the configs and shard indexes) lorafuse
+    reads, as download patterns. A diffusers pipeline (model_index.json): each component's weights (its shard
+    index's files, else its diffusion_pytorch_model / model.safetensors), not the fp16 / other variants beside
+    them nor the single-file checkpoints at the top; a transformers model (config.json): its index's shards or
+    model.safetensors, not other copies (consolidated.safetensors); a PEFT adapter: adapter_model.safetensors;
+    anything else (a kohya / LyCORIS / diffusers LoRA file, a single-file checkpoint): every .safetensors file,
+    as before."""
+    if (folder / PEFT_CONFIG).is_file():
+        return ["adapter_model.safetensors"]
+    components = _pipeline_components(folder)
+    if components:
+        wanted: list[str] = []
+        for c in components:
+            wanted += _folder_weights(folder / c, c + "/") or []
+        return wanted or [WEIGHTS]
+    return _folder_weights(folder, "") or [WEIGHTS]
+
+
+def weights_missing(folder: Path) -> list[str]:
+    """What weights_wanted's names did not find, as patterns fetched whole: a pipeline's components that have a
+    config.json and no weights file (a repository of variants only, diffusion_pytorch_model.fp16.safetensors),
+    or, outside a pipeline, every .safetensors file when no top-level one came (weights named otherwise)."""
+    def has_weights(d: Path) -> bool:
+        try:
+            return any(p.name.endswith(".safetensors") for p in d.iterdir())
+        except OSError:
+            return False
+
+    components = _pipeline_components(folder)
+    if components:
+        return [f"{c}/{WEIGHTS}" for c in components if (folder / c / "config.json").is_file()
+                and not has_weights(folder / c)]
+    return [] if has_weights(folder) else [WEIGHTS]
 
 
 def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Path:
