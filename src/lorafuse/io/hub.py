@@ -209,13 +209,20 @@ def weights_wanted(folder: Path) -> list[str]:
     return _folder_weights(folder, "") or [WEIGHTS]
 
 
+def _safetensors_files(folder: Path) -> list[str]:
+    """The names of the .safetensors files directly in `folder`, sorted (hidden ones left out); OSError when it
+    cannot be listed."""
+    return sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(".safetensors")
+                  and not p.name.startswith("."))
+
+
 def weights_missing(folder: Path) -> list[str]:
     """What weights_wanted's names did not find, as patterns fetched whole: a pipeline's components that have a
     config.json and no weights file (a repository of variants only, diffusion_pytorch_model.fp16.safetensors),
     or, outside a pipeline, every .safetensors file when no top-level one came (weights named otherwise)."""
     def has_weights(d: Path) -> bool:
         try:
-            return any(p.name.endswith(".safetensors") for p in d.iterdir())
+            return bool(_safetensors_files(d))
         except OSError:
             return False
 
@@ -246,8 +253,7 @@ def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     if (folder / DIFFUSERS_LORA).is_file():
         return folder / DIFFUSERS_LORA
     try:
-        found = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(".safetensors")
-                       and not p.name.startswith("."))
+        found = _safetensors_files(folder)
     except OSError as e:
         raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
     if len(found) == 1:
