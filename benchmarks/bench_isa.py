@@ -5,7 +5,8 @@ and loads the best (lorafuse/_core.py); LORAFUSE_ISA forces one. Each timed run 
 child process forced onto one variant; variants alternate, and each figure is the median of
 --repeat runs with its spread. Work per run: rounding 256 MB of float32 to BF16, the exact
 factored SVD of 8 stacked rank-256 modules (2048 x 2048) to rank 32, and a randomized
-extract of one 2048 x 2048 difference to rank 32.
+extract of one 2048 x 2048 difference to rank 32, and apply's fused merge (merge_batch) of eight bf16
+5632 x 2048 weights with a rank-16 update, in memory (176 MiB in, 176 MiB out).
 
     python benchmarks/bench_isa.py [--repeat 5] [--threads 2]
 """
@@ -33,11 +34,19 @@ x = rng.standard_normal(64 << 20).astype(np.float32)
 items = [(f"m{i}", rng.standard_normal((2048, 256)).astype(np.float32),
           rng.standard_normal((256, 2048)).astype(np.float32)) for i in range(8)]
 w = rng.standard_normal((2048, 2048)).astype(np.float32)
+from lorafuse.backends.jobs import LowRankStage, MergeJob
+stage = [LowRankStage((rng.standard_normal((5632, 16)) * 0.01).astype(np.float32),
+                      rng.standard_normal((16, 2048)).astype(np.float32))]
+bases = [rng.integers(0x3c00, 0x3f80, size=(5632, 2048), dtype=np.uint16) for _ in range(8)]
+outs = [np.ones_like(b) for b in bases]  # written once: the timed merge does not fault its pages in
+jobs = [MergeJob(f"w{i}", b, "BF16", o, "BF16", stage) for i, (b, o) in enumerate(zip(bases, outs))]
 t = [time.perf_counter()]
 _core.from_float32(x, "BF16", threads); t.append(time.perf_counter())
 _core.factored_svd(items, [32] * 8, "B", threads); t.append(time.perf_counter())
 _core.extract_svd([("e", np.zeros_like(w), "F32", w, "F32")], [32], 10, 2, 0, threads); t.append(time.perf_counter())
-print(json.dumps({"isa": _core.isa, "bf16 256 MB": t[1] - t[0], "factored svd": t[2] - t[1], "extract": t[3] - t[2]}))
+_core.merge_batch(jobs, threads); t.append(time.perf_counter())
+print(json.dumps({"isa": _core.isa, "bf16 256 MB": t[1] - t[0], "factored svd": t[2] - t[1], "extract": t[3] - t[2],
+                  "merge 176 MiB bf16 r16": t[4] - t[3]}))
 """
 
 
