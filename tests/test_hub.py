@@ -594,6 +594,13 @@ def test_a_sharded_model_fetches_its_index_shards_not_other_copies(env, monkeypa
     # a PEFT adapter: its weights, not an extra file beside them
     ({"adapter_config.json": b"{}", "adapter_model.safetensors": b"a", "old/adapter_model.safetensors": b"o"},
      {"adapter_model.safetensors"}),
+    # a shard index that is not JSON: not trusted; the weights are found as if it were not there
+    ({"config.json": b"{}", "model.safetensors.index.json": b"{not json", "model-1.safetensors": b"1",
+      "model-2.safetensors": b"2"}, {"model-1.safetensors", "model-2.safetensors"}),
+    # an index naming files outside the folder: those names are never asked for
+    ({"config.json": b"{}", "model.safetensors.index.json": json.dumps(
+        {"weight_map": {"a": "../evil.safetensors", "b": "sub/x.safetensors", "c": "model-1.safetensors"}}).encode(),
+      "model-1.safetensors": b"1", "sub/x.safetensors": b"x"}, {"model-1.safetensors"}),
     # a pipeline component with fp16 variants only: those, since there is nothing else
     ({"model_index.json": _pipeline_index(unet=["diffusers", "UNet2DConditionModel"]), "unet/config.json": b"{}",
       "unet/diffusion_pytorch_model.fp16.safetensors": b"u16", "single.safetensors": b"s"},
