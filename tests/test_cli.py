@@ -8,6 +8,7 @@ runs `python -m lorafuse` in a subprocess to prove the entry point.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -514,3 +515,27 @@ def test_a_command_imports_only_what_it_runs(case: Case, tmp_path: Path) -> None
     res = subprocess.run([sys.executable, "-c", code, "combine", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert "magnitude_prune_svd" in res.stdout and "lorafuse.ops.combine.registry" in res.stdout
+
+
+def test_numpy_loads_after_the_command_line_is_read(case: Case, tmp_path: Path) -> None:
+    """`import lorafuse` and reading the command line load neither numpy nor the core, so `lorafuse apply` can tell
+    OpenBLAS's idle workers to sleep at once (OPENBLAS_THREAD_TIMEOUT) before they start; combine, whose QR and
+    SVD calls keep them busy, leaves them alone, and a user's own setting is kept. Every run still merges."""
+    code = ("import os, sys\nimport lorafuse, lorafuse.cli\n"
+            "print('numpy' in sys.modules, 'lorafuse._core' in sys.modules)\n"
+            "rc = lorafuse.cli.main(sys.argv[1:])\n"
+            "print(rc, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    runs = {"apply": (["apply", str(case.base_dir), str(case.adapter_dir)], {}, "4"),
+            "apply, user's value": (["apply", str(case.base_dir), str(case.adapter_dir)],
+                                    {"OPENBLAS_THREAD_TIMEOUT": "12"}, "12"),
+            "combine": (["combine", str(case.adapter_dir), str(case.adapter_dir)], {}, "None")}
+    for i, (name, (argv, extra, want)) in enumerate(runs.items()):
+        out = tmp_path / f"out{i}"
+        res = subprocess.run([sys.executable, "-c", code, *argv, "-o", str(out), "-q"], env={**env, **extra},
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, (name, res.stderr)
+        lines = res.stdout.strip().splitlines()
+        assert lines[0] == "False False", (name, res.stdout)
+        assert lines[-1] == f"0 {want}", (name, res.stdout)
+        assert any(out.rglob("*.safetensors")), name

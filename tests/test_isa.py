@@ -171,3 +171,12 @@ def test_the_version_has_one_source() -> None:
     assert lorafuse.__version__ == want
     # the compiled core was built from the same pyproject (a stale build says so here)
     assert _core.__version__ == want, f"the compiled core is {_core.__version__}: rebuild (pip install .)"
+    # an installed lorafuse records the same version in its metadata (a source tree on sys.path has none)
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("lorafuse")
+    except PackageNotFoundError:
+        return
+    if Path(str(dist.locate_file("lorafuse"))).resolve() == Path(lorafuse.__file__).parent.resolve():
+        assert dist.version == want

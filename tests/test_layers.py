@@ -34,10 +34,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model/io", ("lorafuse.model", "lorafuse.adapter", "lorafuse.io")),
     # _version reads the compiled core's version (the build's pyproject version) through backends.native
     ("backends", ("lorafuse.backends", "lorafuse._version")),
-    ("leaf", ("lorafuse.errors", "lorafuse._core", "lorafuse._validate", "lorafuse._terminal",
+    # _variants chooses the core's variant without loading it (the `import lorafuse` check); _core loads it
+    ("leaf", ("lorafuse.errors", "lorafuse._core", "lorafuse._variants", "lorafuse._validate", "lorafuse._terminal",
               "lorafuse._progress")),
 ]
-CORE_IMPORTERS = ("lorafuse.backends", "lorafuse._core")  # who may import the compiled core
+CORE_IMPORTERS = ("lorafuse.backends", "lorafuse._core", "lorafuse._variants")  # who may import the compiled core
 
 
 def module_name(path: Path) -> str:

@@ -11,8 +11,8 @@ import os
 from typing import TYPE_CHECKING
 
 from lorafuse._progress import ProgressEvent
+from lorafuse._variants import forced_variant as _forced_variant
 from lorafuse._version import get_version
-from lorafuse.backends import native as _native  # noqa: F401  (loads the compiled core now: a bad LORAFUSE_ISA fails here)
 from lorafuse.errors import (
     AdapterNote,
     DeviceError,
@@ -29,6 +29,8 @@ from lorafuse.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
+
+_forced_variant()  # a bad LORAFUSE_ISA fails here; the compiled core (and numpy) load when first used
 
 # The operations and the data model are imported when first used (PEP 562 `__getattr__` below), so
 # `import lorafuse` and every CLI command load only what they run: `lorafuse apply` never imports combine,

@@ -19,11 +19,19 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-
-import numpy as np
+import sys
 
 from lorafuse._terminal import plural
 from lorafuse.errors import LorafuseValueError
+
+
+def _is_bool(value: object) -> bool:
+    """A Python or numpy bool (not a number here). numpy is not imported for it: where numpy is not loaded, no
+    value can be a numpy bool (the CLI reads its options before numpy loads: lorafuse.cli._quiet_blas)."""
+    if isinstance(value, bool):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.bool_)
 
 # cpp/include/lorafuse/limits.hpp: kMaxThreads, kMaxRank, kMaxOversample, kMaxPowerIters
 MAX_THREADS: int = 1024
@@ -41,7 +49,7 @@ def _show(value: object) -> str:
 def check_int(value: object, name: str, lo: int, hi: int, note: str = "") -> int:
     """`value` as an int in [lo, hi] (any integer type but bool), else LorafuseValueError."""
     what = f"{name} must be an integer from {lo}{note} to {hi}"
-    if isinstance(value, (bool, np.bool_)):
+    if _is_bool(value):
         raise LorafuseValueError(f"{what}, got a bool ({value!r})")
     try:
         n = operator.index(value)  # type: ignore[arg-type]
@@ -60,7 +68,7 @@ def check_float(value: object, name: str, lo: float, hi: float, *, lo_open: bool
     what = f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}"
     if hi < math.inf:
         what += f" and <= {hi:g}"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise LorafuseValueError(f"{what}, got {_show(value)}")
     x = float(value)
     if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
@@ -98,7 +106,7 @@ def check_weights(weights: object, count: int) -> list[float]:
         raise LorafuseValueError(f"weights must be a sequence of numbers, one per adapter, got {_show(weights)}")
     ws: list[float] = []
     for w in weights:
-        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Real):
+        if _is_bool(w) or not isinstance(w, numbers.Real):
             raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
         ws.append(float(w))
     if not all(math.isfinite(w) for w in ws):

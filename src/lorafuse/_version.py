@@ -1,21 +1,15 @@
-"""lorafuse's version, from one place: pyproject.toml's `version`, as the installed distribution
-records it, or, in a source tree on sys.path without an install, as the build put it into the
-compiled core (SKBUILD_PROJECT_VERSION -> `_core.__version__`, read through backends.native)."""
+"""lorafuse's version, from one place: pyproject.toml's `version`, which scikit-build-core passes to the build
+as SKBUILD_PROJECT_VERSION and the build compiles into the core (`_core.__version__`, read through
+backends.native). The installed distribution's metadata says the same (tests/test_isa.py checks both);
+reading it through importlib.metadata would cost every command ~20 ms of start-up."""
 
 from __future__ import annotations
 
-from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 
-
-@cache
 def get_version() -> str:
-    try:
-        return version("lorafuse")
-    except PackageNotFoundError:
-        from lorafuse.backends import native
+    from lorafuse.backends import native
 
-        return str(native.VERSION)
+    return native.VERSION
 
 
 __all__ = ["get_version"]

@@ -9,9 +9,8 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from statistics import fmean
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
-
-import numpy as np
 
 from lorafuse._progress import human_bytes
 from lorafuse._terminal import plural, printable
@@ -883,8 +882,8 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]
     summary = (f"resized {plural(len(report), 'module')} of {Path(args.adapter)} ({_rule(args).describe()}): ranks "
-               f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {np.mean(ranks) if ranks else 0:.1f}), "
-               f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {np.mean(kept) if kept else 1:.4f}; "
+               f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {fmean(ranks) if ranks else 0:.1f}), "
+               f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {fmean(kept) if kept else 1:.4f}; "
                f"wrote {target.path} in {time.monotonic() - start:.2f} s")
     _print_rank_report(args, rows, summary, "fro_kept")
     return 0
@@ -923,7 +922,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     ranks = [m.rank for m in res.modules]
     summary = (f"extracted {plural(len(res.modules), 'module')} ({_rule(args).describe()}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
-               f"{np.mean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
+               f"{fmean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
                f"{len(res.adapter.full)} kept whole; wrote {target.path} in {time.monotonic() - start:.2f} s")
     if res.skipped and not args.quiet and not args.json:
         for line in res.skipped[:10]:
@@ -965,7 +964,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                + (f" ({rep.family} names)" if rep.family else "") + f": {rep.modules_out} modules"
                + (f", {len(rep.split)} split" if rep.split else "") + (f", {len(rep.fused)} fused" if rep.fused else "")
                + (f"; {len(kept)} LoHa / LoKr modules to LoRA, Frobenius norm kept min {min(kept):.4f} / mean "
-                  f"{np.mean(kept):.4f}" if kept else "")
+                  f"{fmean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
     if args.json:
         _say(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
@@ -1205,6 +1204,21 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
             "resize": _cmd_resize, "extract": _cmd_extract, "convert": _cmd_convert, "run": _cmd_run}
 
 
+# Commands that make few BLAS calls, if any: their arithmetic is in the compiled core.
+_FEW_BLAS = frozenset({"apply", "info"})
+
+
+def _quiet_blas(command: str) -> None:
+    """Before numpy loads: OpenBLAS starts its worker threads with it, and they spin for ~0.1 s waiting for
+    work (0.14 CPU-s of a 2-core `lorafuse apply` under perf). For a command that makes few BLAS calls they
+    sleep at once instead (2**4 cycles, OpenBLAS's least; a call still wakes them), so that core goes to the
+    merge and the writes. A user's own setting is kept."""
+    import os
+
+    if command in _FEW_BLAS and "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
 def dispatch(argv: Sequence[str]) -> int:
     """Run one verb's command line as main() does, but let its LorafuseError propagate (lorafuse run's stages:
     the recipe names the stage in the message). The command line must parse: a recipe's stage is checked first."""
@@ -1217,10 +1231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
-    from lorafuse.io.provenance import command_text, invoked
-
     given = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_negative_values(given))
+    _quiet_blas(args.command)
+
+    from lorafuse.io.provenance import command_text, invoked
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
