@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 import lorafuse
 from lorafuse import _validate
 from lorafuse.backends import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     FactorJob,
@@ -281,6 +282,52 @@ def test_conversion_errors_are_the_same(backend):
             be.from_float32(np.zeros(3, np.float32), "F64")
         with pytest.raises(lorafuse.DtypeError, match="item size"):
             be.to_float32(np.zeros(3, np.float32), "BF16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", RAW_DTYPES)
+def test_convert_into(backend, dtype):
+    """Raw 2-D tensors widened into slices of caller's arrays, as given or transposed (the AVX-512 core moves
+    full 16 x 16 BF16 tiles through registers, the rest element by element): the bits of to_float32 in numpy,
+    and nothing outside each output slice written."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(3)
+    itemsize = {"F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}[dtype]
+    shapes = [(5632, 16), (16, 2048), (37, 53), (16, 16), (1, 40), (40, 1), (48, 33), (0, 7)]
+    raws = [rng.integers(0, 256, (r, c * itemsize), dtype=np.uint8).view(
+        {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.float64}[itemsize]) for r, c in shapes]
+    if dtype == "F64":
+        raws = [rng.standard_normal(r.shape) * 1e3 for r in raws]
+    outs = [np.full((sum(r.shape[1] for r in raws) + 3, 5632), 7.0, np.float32) for _ in range(2)]
+    jobs, want = [], []
+    for i, raw in enumerate(raws):
+        transpose = i % 2 == 0
+        rows, cols = raw.shape[::-1] if transpose else raw.shape
+        start = 1 + sum(r.shape[1] for r in raws[:i])  # a block of rows inside a larger array, as in a stack
+        out = outs[0][start:start + rows, :cols] if cols == 5632 else np.empty((rows, cols), np.float32)
+        jobs.append(ConvertJob(raw, dtype, out, transpose))
+        ref = REF.to_float32(raw, dtype)
+        want.append(np.ascontiguousarray(ref.T) if transpose else ref)
+    be.convert_into(jobs, 2)
+    for job, ref in zip(jobs, want):
+        same_bits(job.out, ref, "F32")
+    assert (outs[0][0] == 7.0).all() and (outs[0][-3:] == 7.0).all()  # rows around the slices are untouched
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_convert_into_checks_every_job_first(backend):
+    be = get_backend(backend)
+    raw = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    good = np.full((4, 3), -1.0, np.float32)
+    for bad, error, match in [
+        (ConvertJob(raw, "BF16", np.empty((3, 4), np.float32), True), lorafuse.ShapeMismatchError, "does not fit"),
+        (ConvertJob(raw, "BF16", np.empty((4, 3), np.float64), True), lorafuse.DtypeError, "float32"),
+        (ConvertJob(raw.reshape(12), "BF16", np.empty(12, np.float32), False), lorafuse.ShapeMismatchError, "2-D"),
+        (ConvertJob(raw, "F32", np.empty((4, 3), np.float32), True), lorafuse.DtypeError, "item size"),
+    ]:
+        with pytest.raises(error, match=match):
+            be.convert_into([ConvertJob(raw, "BF16", good, True), bad], 1)
+        assert (good == -1.0).all()  # the good job before the bad one was not run either
 
 
 # ---------------------------------------------------------------- merge_batch

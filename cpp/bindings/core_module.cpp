@@ -112,6 +112,29 @@ py::list task_merge(const py::handle& items_in, const py::handle& weights_in, co
   return results;
 }
 
+// jobs: list of (raw, dtype, out, transpose): raw a 2-D buffer of safetensors dtype `dtype` (BF16 as
+// uint16, F8 as uint8), out a float32 array of its shape (transposed with `transpose`) that receives it.
+void convert_into(const py::handle& jobs_in, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
+  auto items = require_sequence(jobs_in, "convert_into: jobs");
+  std::vector<lorafuse::WidenJob> jobs;
+  std::vector<py::object> keep_alive;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string what = "convert_into: job " + std::to_string(i);
+    auto t = require_sequence(items[i], what);
+    if (t.size() != 4) fail(ErrorKind::Value, what + " must be (raw, dtype, out, transpose)");
+    lorafuse::WidenJob job;
+    job.what = what;
+    job.raw = array_view(t[0], what, keep_alive);
+    job.type = lorafuse::dtype_from_name(require_str(t[1], what + ": dtype"));
+    job.out = f32_view(t[2], what + ": the output", keep_alive);
+    if (!py::isinstance<py::bool_>(t[3])) fail(ErrorKind::Value, what + ": transpose must be a bool");
+    job.transpose = py::cast<bool>(t[3]);
+    jobs.push_back(std::move(job));
+  }
+  run_guarded<CpuKernels>(keep_alive, [&] { lorafuse::widen_batch(jobs, threads); });
+}
+
 // A memory-mapped file to guard (see mapguard.hpp): `buffer` is the mmap object; `label`
 // names the file in messages (UTF-8 bytes), `path` is its absolute path (file system bytes),
 // and (dev, ino, file_size, mtime_ns) its os.stat when it was validated.
@@ -198,6 +221,9 @@ PYBIND11_MODULE(LORAFUSE_MODULE_NAME, m) {
       "Raise InputChangedError (naming the file) if one of these numpy arrays overlaps a guarded mapping that "
       "faulted (its file was truncated or rewritten while read: the faulted pages read as zeros); other items are "
       "ignored. For results computed elsewhere (the CUDA backend) from arrays that may be such views.");
+  m.def("convert_into", &convert_into, py::arg("jobs"), py::arg("threads") = 0,
+        "For each (raw, dtype, out, transpose): the 2-D raw buffer of safetensors dtype `dtype` widened to float32 "
+        "into `out` (its shape, or transposed); every job is checked before any is converted.");
   m.def("task_merge", &task_merge, py::arg("items"), py::arg("weights"), py::arg("prune") = "none",
         py::arg("density") = 1.0, py::arg("rescale") = false, py::arg("merge") = "sum", py::arg("majority") = "total",
         py::arg("seed") = 0, py::arg("threads") = 0,

@@ -39,6 +39,9 @@ def cpu_features() -> dict[str, bool]:
 def to_float32(raw: _Raw, dtype: str, threads: int = 0) -> _F32:
     """A raw buffer of F32 / F16 / BF16 / F64 / F8_E4M3 / F8_E5M2 as float32 (same shape)."""
 
+def convert_into(jobs: Sequence[tuple[_Raw, str, _F32, bool]], threads: int = 0) -> None:
+    """Each (raw, dtype, out, transpose): the 2-D raw buffer widened to float32 into `out` (transposed)."""
+
 def from_float32(x: _F32, dtype: str, threads: int = 0) -> np.ndarray:
     """float32 rounded to F32 / F16 / BF16 (nearest even): float32, float16 or uint16 (BF16)."""
 

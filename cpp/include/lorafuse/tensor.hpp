@@ -53,4 +53,18 @@ void check_rank(std::int64_t k, const std::string& name);
 void convert_to_f32(const TensorView& raw, DType src_type, float* dst, int threads, const std::string& what);
 void convert_from_f32(const TensorView& x, DType dst_type, void* dst, int threads, const std::string& what);
 
+// One 2-D raw tensor widened to float32 into a caller's array (convert_into): `raw` (rows x cols,
+// elements of `type`, C-contiguous) into `out` (float32, C-contiguous, writable): (rows x cols), or
+// (cols x rows) with `transpose`. Streamed combine fills its factor stacks this way (B_i as B_i^T rows).
+struct WidenJob {
+  TensorView raw;
+  DType type = DType::F32;
+  TensorView out;
+  bool transpose = false;
+  std::string what;  // names the tensor in errors
+};
+// Checks every job (Dtype, Value, ShapeMismatch naming `what` and both shapes) before converting any,
+// then converts them spread over `threads` threads; conversions are exact (F64 rounds to nearest).
+void widen_batch(const std::vector<WidenJob>& jobs, int threads);
+
 }  // namespace lorafuse

@@ -13,6 +13,7 @@ from functools import cache
 
 from lorafuse.backends.base import Backend
 from lorafuse.backends.jobs import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     ExtractResult,
@@ -104,8 +105,8 @@ def available_backends() -> list[str]:
 
 
 __all__ = [
-    "Backend", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair", "FactorStage",
-    "InnerJob",
+    "Backend", "ConvertJob", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair",
+    "FactorStage", "InnerJob",
     "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "backend_for_device",
     "check_device",
     "get_backend",

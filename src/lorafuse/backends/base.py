@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from lorafuse.backends.jobs import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     ExtractResult,
@@ -34,6 +35,11 @@ class Backend(Protocol):
 
     def from_float32(self, x: np.ndarray, dtype: str, threads: int = 0) -> np.ndarray:
         """float32 rounded to F32/F16/BF16 (nearest even); BF16 comes back as uint16."""
+        ...
+
+    def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
+        """Each job's raw 2-D tensor as float32 into its `out` (transposed with `transpose`); every job is checked
+        before any is converted."""
         ...
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:

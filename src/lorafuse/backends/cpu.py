@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lorafuse.backends.jobs import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     ExtractResult,
@@ -29,6 +30,9 @@ class CpuBackend:
 
     def from_float32(self, x: np.ndarray, dtype: str, threads: int = 0) -> np.ndarray:
         return core.from_float32(x, dtype, threads)
+
+    def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
+        core.convert_into(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
         return list(core.merge_batch(list(jobs), threads)) if jobs else []

@@ -26,6 +26,7 @@ import numpy as np
 
 from lorafuse.backends import native
 from lorafuse.backends.jobs import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     ExtractResult,
@@ -141,6 +142,10 @@ class CudaBackend:
 
     def from_float32(self, x: np.ndarray, dtype: str, threads: int = 0) -> np.ndarray:
         return self._run(x, lambda: self._mod.from_float32(x, dtype, threads))
+
+    def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
+        # Host arrays into host arrays (the streamed combine's factor stacks): the CPU core's conversion.
+        native.core.convert_into(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
         if not jobs:

@@ -30,6 +30,16 @@ class FactorListJob(NamedTuple):
     weights: Sequence[float]
 
 
+class ConvertJob(NamedTuple):
+    """A 2-D raw tensor (safetensors dtype `dtype`: BF16 as uint16, F8 as uint8) widened to float32 into `out`
+    (float32, C-contiguous, writable): of raw's shape, or of its transpose with `transpose`, for convert_into."""
+
+    raw: np.ndarray
+    dtype: str
+    out: np.ndarray
+    transpose: bool
+
+
 class DenseJob(NamedTuple):
     """One module's dense matrix D (out x in), for dense_svd."""
 

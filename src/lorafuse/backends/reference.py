@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lorafuse.backends.jobs import (
+    ConvertJob,
     DenseJob,
     ExtractJob,
     ExtractResult,
@@ -80,6 +81,26 @@ class ReferenceBackend:
 
     def from_float32(self, x: np.ndarray, dtype: str, threads: int = 0) -> np.ndarray:
         return from_float32(x, dtype)
+
+    def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
+        checked = []
+        for i, (raw, dtype, out, transpose) in enumerate(jobs):
+            what = f"convert_into: job {i}"
+            if not isinstance(raw, np.ndarray) or not isinstance(out, np.ndarray):
+                raise LorafuseValueError(f"{what}: raw and out must be numpy arrays")
+            if raw.ndim != 2:
+                raise ShapeMismatchError(f"{what} {shape_str(raw)} must be 2-D")
+            if out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise DtypeError(f"{what}: the output must be a C-contiguous float32 numpy array")
+            if not out.flags.writeable:
+                raise LorafuseValueError(f"{what}: the output must be writable")
+            want = raw.shape[::-1] if transpose else raw.shape
+            if out.shape != want:
+                raise ShapeMismatchError(f"{what} {shape_str(raw)} does not fit the output {shape_str(out)}"
+                                         f"{' (transposed)' if transpose else ''}")
+            checked.append((to_float32(raw, dtype), out, transpose))
+        for x, out, transpose in checked:
+            out[...] = x.T if transpose else x
 
     # ---- merge
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from lorafuse._progress import BAR_FORMAT, human_bytes
 from lorafuse._validate import full_rank
-from lorafuse.backends import Backend
+from lorafuse.backends import Backend, ConvertJob, get_backend
 from lorafuse.errors import (
     AdapterNote,
     FormatError,
@@ -377,21 +377,6 @@ def _orth(x: np.ndarray) -> np.ndarray:
     return q
 
 
-def _into(dst: np.ndarray, raw: np.ndarray, dtype: str, threads: int) -> None:
-    """Stored elements of safetensors `dtype` written into the float32 view `dst` (same shape): BF16 by a
-    16-bit shift of its bits, F16 / F32 by numpy's cast, anything else through the backend's conversion."""
-    if dtype == "BF16":
-        bits = dst.view(np.uint32)
-        bits[...] = raw
-        bits <<= 16
-    elif dtype in ("F32", "F16"):
-        dst[...] = raw
-    else:
-        from lorafuse.io.tensor import Tensor
-
-        dst[...] = Tensor(np.ascontiguousarray(raw), dtype).f32(threads)
-
-
 class _Stack:
     """One module's factors of a chunk of adapters, converted to float32 straight into preallocated stacks:
     B = [B_1 .. B_m] (out x R), A = [A_1; ..; A_m] (R x in) and each stacked rank's coefficient c_i.
@@ -404,10 +389,14 @@ class _Stack:
         self.coef = np.empty(capacity, dtype=np.float32)
         self.filled = 0
 
-    def add(self, c: float, u: LoraUpdate, threads: int) -> None:
+    def add(self, c: float, u: LoraUpdate, jobs: list[ConvertJob]) -> None:
+        """Take an adapter's factors into the next rows: their conversions (stored dtype to float32, B_i
+        transposed) are queued in `jobs`, for the caller's one backend call per adapter."""
         r, f = u.rank, self.filled
-        _into(self.a[f:f + r], u.A.raw.reshape(r, -1), u.A.dtype, threads)
-        _into(self.bt[f:f + r], u.B.raw.reshape(u.B.shape[0], r).T, u.B.dtype, threads)
+        a = np.ascontiguousarray(u.A.raw.reshape(r, -1))
+        b = np.ascontiguousarray(u.B.raw.reshape(u.B.shape[0], r))
+        jobs.append(ConvertJob(a, u.A.dtype, self.a[f:f + r], False))
+        jobs.append(ConvertJob(b, u.B.dtype, self.bt[f:f + r], True))
         self.coef[f:f + r] = c
         self.filled = f + r
 
@@ -764,14 +753,19 @@ def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints:
         yield src, w, _open(src, quiet=True)
 
 
-def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], threads: int) -> int:
-    """One adapter's factors converted into the chunk's stacks (copies: nothing keeps its file mapped); the
-    bytes of factors read."""
+def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], backend: Backend, threads: int) -> int:
+    """One adapter's factors converted into the chunk's stacks (copies: nothing keeps its file mapped) by one
+    backend call; the bytes of factors read."""
     read = 0
+    jobs: list[ConvertJob] = []
     for name, u in adapter.updates.items():
         assert isinstance(u, LoraUpdate)
-        stacks[name].add(w * u.scale, u, threads)
+        stacks[name].add(w * u.scale, u, jobs)
         read += u.A.raw.nbytes + u.B.raw.nbytes
+    try:
+        backend.convert_into(jobs, 1)
+    except LorafuseError as e:
+        raise _reraise(e, src.where) from None
     if isinstance(src.item, Path):
         try:
             raise_if_inputs_changed(adapter.sources())
@@ -786,9 +780,10 @@ def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: 
     """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read).
     The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is read)."""
     stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in modules.items()}
+    backend = get_backend()
     held = read = 0
     for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no):
-        read += _read(src, w, adapter, stacks, threads)
+        read += _read(src, w, adapter, stacks, backend, threads)
         del adapter  # its mapping and descriptor go with it
         held += 1
         if held >= chunk:
