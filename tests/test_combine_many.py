@@ -367,6 +367,76 @@ def test_an_adapter_rewritten_between_passes_is_refused(tmp_path: Path, monkeypa
     assert not out.exists()
 
 
+def test_later_passes_read_the_factor_bytes_and_get_the_loaded_result(tmp_path: Path):
+    """The header pass records where each adapter's factors lie in its file (many.Replay): later passes read those
+    bytes directly instead of loading the adapter again. The result is bit for bit the one from loading, for float32
+    and bf16 factors, and where the header pass found no such place (an in-memory adapter) the adapter is used."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    from lorafuse.ops.combine import many
+
+    paths = make_adapters(tmp_path / "f32", 7)
+    bf16 = []
+    for p in paths[:3]:
+        q = tmp_path / "bf16" / p.name
+        q.mkdir(parents=True)
+        a = lorafuse.load(p)
+        save_torch({f"base_model.model.{n}.lora_{x}.weight": torch.from_numpy(t.f32().copy()).to(torch.bfloat16)
+                    for n, u in a.updates.items() for x, t in (("A", u.A), ("B", u.B))},
+                   str(q / "adapter_model.safetensors"))
+        (q / "adapter_config.json").write_text((p / "adapter_config.json").read_text())
+        bf16.append(q)
+    inputs: list[object] = [*paths, *bf16, lorafuse.load(paths[0])]
+    sources, weights = many.gather(inputs, [0.5 + j for j in range(len(inputs))])
+    plan = many.check_sources(sources, weights, "svd")
+    assert [r is not None for r in plan.replays] == [True] * 10 + [False]
+    rp = plan.replays[0]
+    assert rp is not None and rp.path == (paths[0] / "adapter_model.safetensors").resolve()
+    assert rp.length <= (paths[0] / "adapter_model.safetensors").stat().st_size
+    options = CombineOptions(rank=4, passes=3)
+    results = []
+    for replays in (plan.replays, [None] * len(plan.replays)):
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        many.run_stream(dataclasses.replace(plan, replays=replays), options,
+                        lambda n, b, a: out.__setitem__(n, (b.copy(), a.copy())))
+        results.append(out)
+    for n in NAMES:
+        for got, want in zip(results[0][n], results[1][n]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_an_adapter_swapped_for_one_of_the_same_size_and_time_is_refused(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """Another file put in an adapter's place between passes, with the same size and modification time (a copy
+    that keeps times, `cp -p`), passes the folder's fingerprint; reading the recorded bytes checks the file itself
+    (device and inode too) and refuses it, naming the adapter; nothing is written."""
+    from lorafuse.errors import InputChangedError
+    from lorafuse.ops.combine import many
+
+    paths = make_adapters(tmp_path / "ad", 5, ranks=(4,))
+    real = many._SvdSketch.start
+
+    def start(self: many._SvdSketch, pass_no: int) -> None:
+        if pass_no == 2:
+            f, other = paths[2] / "adapter_model.safetensors", paths[3] / "adapter_model.safetensors"
+            st = f.stat()
+            spare = f.with_name("spare")
+            spare.write_bytes(other.read_bytes())  # another adapter's factors, same size
+            os.utime(spare, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(spare, f)
+            assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+        real(self, pass_no)
+
+    monkeypatch.setattr(many._SvdSketch, "start", start)
+    out = tmp_path / "out"
+    with pytest.raises(InputChangedError, match="adapter 3 .*changed since combine started"):
+        combine_to(paths, None, CombineOptions(rank=4, passes=2), out)
+    assert not out.exists()
+
+
 def test_bf16_and_f16_inputs_stream_like_in_memory(tmp_path: Path):
     """Factors stored bf16 / f16 (converted to float32 as they are read) give the in-memory result."""
     import torch

@@ -365,6 +365,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     return tensors, metadata, start
 
 
+_SPANS: dict[int, tuple[Path, int, int, FileIdentity]] = {}  # guard slot -> (path, address, size, identity)
 _LIVE: dict[int, Path] = {}  # guard slot -> resolved path, for every mapping not yet unmapped
 
 
@@ -378,6 +379,7 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
 def _unguard(slot: int) -> None:
     """A guarded mapping is gone: free its slot."""
     _LIVE.pop(slot, None)
+    _SPANS.pop(slot, None)
     native.unregister_mapping(slot)
 
 
@@ -391,6 +393,7 @@ def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[in
         raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
                           "checkpoints first")
     _LIVE[slot] = _resolved(path)
+    _SPANS[slot] = (Path(os.path.abspath(path)), _address(m), st.st_size, identity_of(st))
     return slot, weakref.finalize(m, _unguard, slot)
 
 
@@ -407,6 +410,36 @@ def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = Non
         problem = native.mapping_problem(slot)
         if problem:
             raise InputChangedError(problem)
+
+
+FileIdentity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns of a file as it was read
+
+
+def identity_of(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _address(m: mmap.mmap) -> int:
+    """Where a mapping starts in memory (the temporary view is gone before the mapping may close)."""
+    view = np.frombuffer(m, dtype=np.uint8, count=1)
+    try:
+        return int(view.ctypes.data)
+    finally:
+        del view
+
+
+def locate(array: np.ndarray) -> tuple[Path, int, FileIdentity] | None:
+    """(file, byte offset, identity when mapped) of a C-contiguous array that is a view of a mapped
+    safetensors file (one still mapped: a view keeps its mapping), or None (a copy, a strided view, an array
+    of no file). Its bytes are then exactly the file's from that offset, as they were when it was mapped: a
+    later pass can read them again without loading the file (while the identity holds)."""
+    if not array.flags.c_contiguous or array.nbytes == 0:
+        return None
+    start = int(array.ctypes.data)
+    for path, base, size, ident in list(_SPANS.values()):
+        if base <= start and start + array.nbytes <= base + size:
+            return path, start - base, ident
+    return None
 
 
 class SafetensorsFile:
