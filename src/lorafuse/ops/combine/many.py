@@ -334,6 +334,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str) -> P
     fingerprints: list[object] = []
     nbytes: list[int] = []
     replays: list[Replay | None] = []
+    layouts: dict[tuple[object, ...], tuple[tuple[str, float, int, int, _Span, _Span], ...]] = {}
     template: Adapter | None = None
     for src in sources:
         a = _open(src)
@@ -368,7 +369,10 @@ def check_sources(sources: list[Source], weights: list[float], method: str) -> P
         targets.append(a.config.get("target_modules"))
         fingerprints.append(_fingerprint(src.item) if isinstance(src.item, Path) else None)
         nbytes.append(_stored_nbytes(a))
-        replays.append(replay_of(a) if isinstance(src.item, Path) else None)
+        rp = replay_of(a) if isinstance(src.item, Path) else None
+        if rp is not None:  # adapters of one layout share one description: memory stays O(1) per adapter
+            rp = dataclasses.replace(rp, modules=layouts.setdefault(rp.modules, rp.modules))
+        replays.append(rp)
         if template is None:
             template = result(a, {}, [a])  # config and state only: no view of the file is kept
         del a
