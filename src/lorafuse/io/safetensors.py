@@ -412,11 +412,14 @@ def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = Non
             raise InputChangedError(problem)
 
 
-FileIdentity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns of a file as it was read
+# st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns of a file as it was read. The change time is the kernel's
+# (no one sets it back): a file swapped in with the same size and modification time, even on a reused inode,
+# still differs in it.
+FileIdentity = tuple[int, int, int, int, int]
 
 
 def identity_of(st: os.stat_result) -> FileIdentity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _address(m: mmap.mmap) -> int:

@@ -8,7 +8,8 @@ per-module sketches and closes it. Memory is O(modules x (out + in) x sketch wid
 Reading: the header pass loads each adapter (any format) and records where its factors lie in its file
 (Replay: one safetensors file, the factors' byte ranges, shapes, dtypes and scales). Later passes of the
 local engine read those bytes with one pread into a reused buffer instead of loading the adapter again, and
-check the file is the one the header pass read (device, inode, size, modification time) before and after.
+check the file is the one the header pass read (device, inode, size, modification and change times)
+before and after.
 One backend call per adapter widens its factors into the chunk's float32 stacks (convert_into: B_i lands
 transposed, as B_i^T rows).
 
@@ -251,7 +252,7 @@ class Replay:
     """Where one adapter's factors lie in its one safetensors file, as the header pass found them (the loaded
     factors were views of the file's mapping): a later pass reads those bytes with one pread instead of loading
     the adapter again (format detection, config, header: ~0.6 ms of a 1.1 MiB adapter here). The file must keep
-    its identity (device, inode, size, modification time), checked before and after the read."""
+    its identity (device, inode, size, modification and change times), checked before and after the read."""
 
     path: Path
     identity: FileIdentity

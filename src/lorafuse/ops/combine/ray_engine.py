@@ -16,7 +16,8 @@ Fault tolerance is Ray's: a task whose worker dies is retried (TASK_RETRIES), an
 function of its shard and the pass's operands the result is the same. An error an adapter raises in a task
 (a file changed since the header pass, say) is raised here as the same lorafuse error, naming the adapter.
 Adapters must be readable at the same paths from every worker (a shared filesystem on a cluster), and
-lorafuse must be installed on every node.
+lorafuse must be installed on every node. Tasks on the driver's node read each adapter's factor bytes where
+the header pass found them (many.Replay), as the local engine does; tasks on other nodes load each adapter.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lorafuse.ops.combine.many import (
     Operand,
     Partial,
     Plan,
+    Replay,
     Sketching,
     Source,
     StreamSummary,
@@ -93,10 +95,18 @@ def check_paths(sources: Sequence[Source]) -> None:
 
 
 def shard_task(job: Folding, pass_no: int, operands: dict[str, Operand] | None, sources: Sequence[Source],
-               weights: Sequence[float], fingerprints: Sequence[object]) -> tuple[Partial, ShardInfo]:
+               weights: Sequence[float], fingerprints: Sequence[object],
+               replays: tuple[str, Sequence[Replay | None]] | None = None) -> tuple[Partial, ShardInfo]:
     """One Ray task: the shard's adapters folded into fresh accumulators of pass `pass_no` (operands None:
-    pass 1, regenerated from the seed), with (adapters, bytes read, the worker that ran it)."""
-    partial, nbytes = fold_sources(job, pass_no, operands, sources, weights, fingerprints)
+    pass 1, regenerated from the seed), with (adapters, bytes read, the worker that ran it). `replays`: (the
+    driver's node, the shard's many.Replay records): a task on the driver's node reads the recorded factor bytes
+    (the file identity they carry, device and inode included, holds there); a task on another node loads each
+    adapter by path."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    mine = replays[1] if replays is not None and replays[0] == here else None
+    partial, nbytes = fold_sources(job, pass_no, operands, sources, weights, fingerprints, replays=mine)
     return partial, (len(sources), nbytes, _worker())
 
 
@@ -163,6 +173,7 @@ def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str
     remote = ray.remote(task).options(**{"max_retries": TASK_RETRIES, **task_options, "num_returns": 2})
     add = ray.remote(add_partials).options(max_retries=TASK_RETRIES)
     job = ray.put(sketching.job)
+    node = ray.get_runtime_context().get_node_id()  # tasks here may read the factor bytes the header pass found
     bar = _Bar(n * passes, options.progress)
     read = 0
     workers: set[str] = set()
@@ -171,7 +182,8 @@ def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str
         for p in range(1, passes + 1):
             operands = sketching.start(p)
             shipped = ray.put(None if p == 1 else operands)  # pass 1's are regenerated in the tasks
-            refs = [remote.remote(job, p, shipped, sources[a:b], plan.weights[a:b], plan.fingerprints[a:b])
+            refs = [remote.remote(job, p, shipped, sources[a:b], plan.weights[a:b], plan.fingerprints[a:b],
+                                  (node, plan.replays[a:b]) if plan.replays else None)
                     for a, b in bounds]
             adds: list[Any] = []
             root = tree_sum(_submitter(add, adds), [r[0] for r in refs])
