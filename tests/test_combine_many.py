@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.errors import FormatError, LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.ops.combine import CombineOptions, combine_to, combine_with
 from lorafuse.ops.combine.many import gaussian, read_list
 
@@ -401,38 +401,19 @@ def test_later_passes_read_the_factor_bytes_and_get_the_loaded_result(tmp_path: 
     for replays in (plan.replays, [None] * len(plan.replays)):
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         many.run_stream(dataclasses.replace(plan, replays=replays), options,
-                        lambda n, b, a: out.__setitem__(n, (b.copy(), a.copy())))
+                        lambda n, b, a, out=out: out.__setitem__(n, (b.copy(), a.copy())))
         results.append(out)
     for n in NAMES:
         for got, want in zip(results[0][n], results[1][n]):
             np.testing.assert_array_equal(got, want)
 
 
-def test_an_adapter_swapped_for_one_of_the_same_size_and_time_is_refused(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch):
+def test_an_adapter_swapped_for_one_of_the_same_size_and_time_is_refused(tmp_path: Path, at_pass, swap_in):
     """Another file put in an adapter's place between passes, with the same size and modification time (a copy
     that keeps times, `cp -p`), passes the folder's fingerprint; reading the recorded bytes checks the file itself
-    (device and inode too) and refuses it, naming the adapter; nothing is written."""
-    from lorafuse.errors import InputChangedError
-    from lorafuse.ops.combine import many
-
+    (inode and change time too) and refuses it, naming the adapter; nothing is written."""
     paths = make_adapters(tmp_path / "ad", 5, ranks=(4,))
-    real = many._SvdSketch.start
-    swapped: list[bool] = []
-
-    def start(self: many._SvdSketch, pass_no: int) -> None:
-        if pass_no == 2 and not swapped:  # (start runs once per module)
-            swapped.append(True)
-            f, other = paths[2] / "adapter_model.safetensors", paths[3] / "adapter_model.safetensors"
-            st = f.stat()
-            spare = f.with_name("spare")
-            spare.write_bytes(other.read_bytes())  # another adapter's factors, same size
-            os.utime(spare, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.replace(spare, f)
-            assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
-        real(self, pass_no)
-
-    monkeypatch.setattr(many._SvdSketch, "start", start)
+    at_pass(2, lambda: swap_in(paths[2] / "adapter_model.safetensors", paths[3] / "adapter_model.safetensors"))
     out = tmp_path / "out"
     with pytest.raises(InputChangedError, match="adapter 3 .*changed since combine started"):
         combine_to(paths, None, CombineOptions(rank=4, passes=2), out)

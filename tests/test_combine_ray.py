@@ -247,26 +247,12 @@ def test_an_adapter_changed_between_passes_is_refused_from_the_task(tmp_path: Pa
     assert not out.exists()
 
 
-def test_an_adapter_swapped_for_one_of_the_same_size_and_time_is_refused_from_the_task(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_an_adapter_swapped_for_one_of_the_same_size_and_time_is_refused_from_the_task(tmp_path: Path, at_pass,
+                                                                                      swap_in):
     """Tasks on the driver's node read the factor bytes the header pass located (many.Replay) and check the file
     is the one it read: another adapter put in its place with the same size and modification time is refused."""
     paths = make_adapters(tmp_path / "ad", 6, ranks=(4,))
-    real = many._SvdSketch.start
-    swapped: list[bool] = []
-
-    def start(self: many._SvdSketch, pass_no: int) -> None:
-        if pass_no == 2 and not swapped:  # (start runs once per module)
-            swapped.append(True)
-            f, other = paths[1] / "adapter_model.safetensors", paths[2] / "adapter_model.safetensors"
-            st = f.stat()
-            spare = f.with_name("spare")
-            spare.write_bytes(other.read_bytes())
-            os.utime(spare, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.replace(spare, f)
-        real(self, pass_no)
-
-    monkeypatch.setattr(many._SvdSketch, "start", start)
+    at_pass(2, lambda: swap_in(paths[1] / "adapter_model.safetensors", paths[2] / "adapter_model.safetensors"))
     out = tmp_path / "out"
     with pytest.raises(InputChangedError, match="adapter 2 .*changed since combine started"):
         combine_to(paths, None, CombineOptions(rank=4, passes=2, engine="ray"), out)
