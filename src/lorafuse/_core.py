@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-from lorafuse._variants import built, cpu_features, forced_variant, load
+from lorafuse._variants import ENV, built, cpu_features, forced_variant, load
 
 __all__ = ["cpu_features"]
 
@@ -27,7 +27,7 @@ def _choose() -> ModuleType:
     if forced is not None:
         module = load(forced)
         if module is None:
-            raise ImportError(f"LORAFUSE_ISA={forced}: lorafuse._core_{forced} failed to load")
+            raise ImportError(f"{ENV}={forced}: lorafuse._core_{forced} failed to load")
         return module
     have = built()
     if "native" in have:

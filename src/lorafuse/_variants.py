@@ -58,7 +58,6 @@ def cpu_features() -> dict[str, bool]:
     return {"avx2": bool(found["avx2"] and found["f16c"]), "avx512": bool(found["avx512"] and found["avx2"])}
 
 
-
 def forced_variant() -> str | None:
     """The variant LORAFUSE_ISA forces (None: auto), checked against the build and the CPU."""
     forced = os.environ.get(ENV, "").strip().lower()

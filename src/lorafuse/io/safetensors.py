@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -365,8 +366,27 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
     return tensors, metadata, start
 
 
-_SPANS: dict[int, tuple[Path, int, int, FileIdentity]] = {}  # guard slot -> (path, address, size, identity)
-_LIVE: dict[int, Path] = {}  # guard slot -> resolved path, for every mapping not yet unmapped
+# st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns of a file as it was read. The change time is the kernel's
+# (no one sets it back): a file swapped in with the same size and modification time, even on a reused inode,
+# still differs in it.
+FileIdentity = tuple[int, int, int, int, int]
+
+
+def identity_of(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Mapped(NamedTuple):
+    """A guarded mapping not yet unmapped: its file's resolved path, where it starts in memory, its size and
+    the file's identity when it was validated."""
+
+    path: Path
+    address: int
+    size: int
+    identity: FileIdentity
+
+
+_LIVE: dict[int, _Mapped] = {}  # guard slot -> its mapping, for every mapping not yet unmapped
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
@@ -379,7 +399,6 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
 def _unguard(slot: int) -> None:
     """A guarded mapping is gone: free its slot."""
     _LIVE.pop(slot, None)
-    _SPANS.pop(slot, None)
     native.unregister_mapping(slot)
 
 
@@ -392,8 +411,7 @@ def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[in
     if slot < 0:
         raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
                           "checkpoints first")
-    _LIVE[slot] = _resolved(path)
-    _SPANS[slot] = (Path(os.path.abspath(path)), _address(m), st.st_size, identity_of(st))
+    _LIVE[slot] = _Mapped(_resolved(path), _address(m), st.st_size, identity_of(st))
     return slot, weakref.finalize(m, _unguard, slot)
 
 
@@ -404,22 +422,12 @@ def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = Non
 
     Called before an output is committed (io.atomic) so that such data never reaches an output."""
     roots = None if paths is None else {_resolved(p) for p in paths}
-    for slot, path in list(_LIVE.items()):
+    for slot, (path, *_) in list(_LIVE.items()):
         if roots is not None and path not in roots and roots.isdisjoint(path.parents):
             continue
         problem = native.mapping_problem(slot)
         if problem:
             raise InputChangedError(problem)
-
-
-# st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns of a file as it was read. The change time is the kernel's
-# (no one sets it back): a file swapped in with the same size and modification time, even on a reused inode,
-# still differs in it.
-FileIdentity = tuple[int, int, int, int, int]
-
-
-def identity_of(st: os.stat_result) -> FileIdentity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _address(m: mmap.mmap) -> int:
@@ -439,9 +447,9 @@ def locate(array: np.ndarray) -> tuple[Path, int, FileIdentity] | None:
     if not array.flags.c_contiguous or array.nbytes == 0:
         return None
     start = int(array.ctypes.data)
-    for path, base, size, ident in list(_SPANS.values()):
-        if base <= start and start + array.nbytes <= base + size:
-            return path, start - base, ident
+    for m in list(_LIVE.values()):
+        if m.address <= start and start + array.nbytes <= m.address + m.size:
+            return m.path, start - m.address, m.identity
     return None
 
 

@@ -246,6 +246,11 @@ class _Span:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.raw_dtype.itemsize
 
+    def view(self, data: np.ndarray) -> tuple[np.ndarray, str]:
+        """The factor's raw elements in `data` (the Replay's bytes, just read) and its dtype."""
+        raw = data[self.offset:self.offset + self.nbytes].view(self.raw_dtype).reshape(self.shape)
+        return raw, self.dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class Replay:
@@ -647,8 +652,8 @@ def add_partials(x: Partial, y: Partial) -> Partial:
 @dataclasses.dataclass(frozen=True)
 class Folding:
     """What folding adapters into one pass's accumulators takes besides the adapters and the pass's operands:
-    the modules, the method, the seed and sketch widths that regenerate pass 1's test matrices, the chunk
-    size (adapters per product) and the threads of dtype conversions. Everything a Ray task gets."""
+    the modules, the method, the seed and sketch widths that regenerate pass 1's test matrices, and the chunk
+    size (adapters per product). Everything a Ray task gets."""
 
     modules: dict[str, ModuleSpec]
     method: str
@@ -656,7 +661,6 @@ class Folding:
     passes: int
     widths: dict[str, int]
     chunk: int
-    threads: int
 
 
 def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None, sources: Sequence[Source],
@@ -682,7 +686,7 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
         folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
     read = 0
     for stacks, count, nbytes in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
-                                         job.threads, replays):
+                                         replays):
         for name, stack in stacks.items():
             if stack.filled:
                 folds[name].absorb(*stack.view())
@@ -697,7 +701,7 @@ class Sketching:
     """The driver's side of a streamed combination, shared by the local engine and the Ray engine: the
     Folding, each pass's operands, the pass's summed accumulators taken in, and the result."""
 
-    def __init__(self, plan: Plan, options: CombineOptions, threads: int | None = None) -> None:
+    def __init__(self, plan: Plan, options: CombineOptions) -> None:
         self.plan, self.options = plan, options
         method = options.method
         self.passes = 1 if method == "linear" else (DEFAULT_PASSES if options.passes is None else options.passes)
@@ -706,8 +710,7 @@ class Sketching:
         if method == "svd":
             self.svd = {n: _SvdSketch(s, ranks[n], self.passes, options.seed) for n, s in plan.modules.items()}
         self.job = Folding(plan.modules, method, options.seed, self.passes, {n: sk.w for n, sk in self.svd.items()},
-                           chunk_size(plan, options.group_bytes // 4),  # the chunk and its stacks
-                           options.threads if threads is None else threads)
+                           chunk_size(plan, options.group_bytes // 4))  # the chunk and its stacks
         self.last: Partial = {}
 
     def start(self, pass_no: int) -> dict[str, Operand] | None:
@@ -813,6 +816,11 @@ class _Bar:
             self.bar.close()
 
 
+def _changed(src: Source, pass_no: int) -> str:
+    return (f"{src.where}: changed since combine started (pass {pass_no}): the passes would read different "
+            "adapters; nothing is written")
+
+
 def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints: Sequence[object],
               pass_no: int, replays: Sequence[Replay | None] | None = None
               ) -> Iterator[tuple[Source, float, Adapter | Replay]]:
@@ -820,25 +828,37 @@ def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints:
     header pass found one; a file rewritten since the header pass (its fingerprint then) is refused, naming it."""
     for i, (src, w, fingerprint) in enumerate(zip(sources, weights, fingerprints)):
         if isinstance(src.item, Path) and _fingerprint(src.item) != fingerprint:
-            raise InputChangedError(f"{src.where}: changed since combine started (pass {pass_no}): the passes "
-                                    "would read different adapters; nothing is written")
+            raise InputChangedError(_changed(src, pass_no))
         rp = replays[i] if replays else None
         yield src, w, (rp if rp is not None else _open(src, quiet=True))
 
 
-def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], backend: Backend, threads: int) -> int:
-    """One adapter's factors converted into the chunk's stacks (copies: nothing keeps its file mapped) by one
-    backend call; the bytes of factors read."""
-    read = 0
+Factor = tuple[np.ndarray, str]  # a factor's raw elements and their safetensors dtype
+
+
+def _widen(src: Source, w: float, factors: Iterable[tuple[str, float, int, int, Factor, Factor]],
+           stacks: dict[str, _Stack], backend: Backend) -> int:
+    """One adapter's factors (module, scale, rank, rows of B, A, B) converted into the chunk's stacks by one
+    backend call (copies: nothing keeps its file mapped); the bytes of factors read. The call runs in this
+    thread: one adapter's factors are too little work to split (2 threads measured slower here)."""
     jobs: list[ConvertJob] = []
-    for name, u in adapter.updates.items():
-        assert isinstance(u, LoraUpdate)
-        stacks[name].add(w * u.scale, u.rank, (u.A.raw, u.A.dtype), (u.B.raw, u.B.dtype), u.B.shape[0], jobs)
-        read += u.A.raw.nbytes + u.B.raw.nbytes
+    read = 0
+    for name, scale, r, b_rows, a, b in factors:
+        stacks[name].add(w * scale, r, a, b, b_rows, jobs)
+        read += a[0].nbytes + b[0].nbytes
     try:
         backend.convert_into(jobs, 1)
     except LorafuseError as e:
         raise _reraise(e, src.where) from None
+    return read
+
+
+def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], backend: Backend) -> int:
+    """A loaded adapter's factors into the chunk's stacks (_widen), then a check that its files held still."""
+    updates = [(n, u) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)]
+    assert len(updates) == len(adapter.updates)  # check_sources refused every other kind
+    read = _widen(src, w, ((n, u.scale, u.rank, u.B.shape[0], (u.A.raw, u.A.dtype), (u.B.raw, u.B.dtype))
+                           for n, u in updates), stacks, backend)
     if isinstance(src.item, Path):
         try:
             raise_if_inputs_changed(adapter.sources())
@@ -859,8 +879,7 @@ class _ReplayBuffer:
             skip = -raw.ctypes.data % 64
             self._buf = raw[skip:skip + rp.length + 64]
         view = self._buf[:rp.length]
-        changed = (f"{src.where}: changed since combine started (pass {pass_no}): the passes would read different "
-                   "adapters; nothing is written")
+        changed = _changed(src, pass_no)
         try:
             fd = os.open(rp.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
@@ -885,23 +904,13 @@ class _ReplayBuffer:
 
 def _read_replay(src: Source, w: float, rp: Replay, data: np.ndarray, stacks: dict[str, _Stack],
                  backend: Backend) -> int:
-    """A Replay's bytes (`data`, just read) converted into the chunk's stacks as _read would the loaded adapter."""
-    jobs: list[ConvertJob] = []
-    read = 0
-    for name, scale, r, b_rows, sa, sb in rp.modules:
-        a = data[sa.offset:sa.offset + sa.nbytes].view(sa.raw_dtype).reshape(sa.shape)
-        b = data[sb.offset:sb.offset + sb.nbytes].view(sb.raw_dtype).reshape(sb.shape)
-        stacks[name].add(w * scale, r, (a, sa.dtype), (b, sb.dtype), b_rows, jobs)
-        read += sa.nbytes + sb.nbytes
-    try:
-        backend.convert_into(jobs, 1)
-    except LorafuseError as e:
-        raise _reraise(e, src.where) from None
-    return read
+    """A Replay's bytes (`data`, just read) into the chunk's stacks, as _read does for the loaded adapter."""
+    return _widen(src, w, ((n, scale, r, rows, a.view(data), b.view(data)) for n, scale, r, rows, a, b in rp.modules),
+                  stacks, backend)
 
 
 def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: Sequence[float],
-            fingerprints: Sequence[object], pass_no: int, chunk: int, threads: int,
+            fingerprints: Sequence[object], pass_no: int, chunk: int,
             replays: Sequence[Replay | None] | None = None) -> Iterator[tuple[dict[str, _Stack], int, int]]:
     """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read).
     The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is read)."""
@@ -913,7 +922,7 @@ def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: 
         if isinstance(adapter, Replay):
             read += _read_replay(src, w, adapter, buffer.read(src, adapter, pass_no), stacks, backend)
         else:
-            read += _read(src, w, adapter, stacks, backend, threads)
+            read += _read(src, w, adapter, stacks, backend)
         del adapter  # its mapping and descriptor go with it
         held += 1
         if held >= chunk:

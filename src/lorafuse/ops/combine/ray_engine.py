@@ -165,7 +165,7 @@ def _restore(handlers: Mapping[int, Any]) -> None:
 
 def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str, np.ndarray, np.ndarray], None],
          task: ShardTask, task_options: Mapping[str, Any], start: float) -> StreamSummary:
-    sketching = Sketching(plan, options, threads=1)  # a task holds one CPU
+    sketching = Sketching(plan, options)
     passes, n = sketching.passes, len(plan.sources)
     bounds = shard_bounds(n)
     # absolute paths: a worker's working directory is not the driver's
