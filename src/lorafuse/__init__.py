@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    if name == "__version__":  # pyproject.toml's version (lorafuse._version); importlib.metadata is not free
+    if name == "__version__":  # pyproject.toml's version (lorafuse._version): it loads the core, so only when asked
         value: object = get_version()
     elif name in _LAZY:
         import importlib

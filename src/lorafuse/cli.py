@@ -399,7 +399,7 @@ def _close(word: str, choices: Sequence[str]) -> str | None:
 
 
 class _Version(argparse.Action):
-    """--version, reading the version (importlib.metadata) only when asked."""
+    """--version, reading the version (from the compiled core, which loads numpy) only when asked."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
                  default: str = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002 (argparse's name)
