@@ -155,10 +155,22 @@ def test_every_variant_gives_the_same_results(tmp_path: Path) -> None:
 
 def test_an_unknown_or_missing_variant_is_refused_in_words() -> None:
     env = dict(os.environ, LORAFUSE_ISA="sse9")
-    res = subprocess.run([*_python(), "-c", "import lorafuse"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([*_python(), "-c", "import lorafuse; print('imported'); lorafuse.load"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "imported"  # the core loads on first use, and is refused there
     assert res.returncode != 0
-    assert "LORAFUSE_ISA='sse9'" in res.stderr and "generic" in res.stderr
+    assert "ImportError: LORAFUSE_ISA='sse9'" in res.stderr and "generic" in res.stderr
+
+
+@pytest.mark.parametrize("isa", ["sse9", "avx1024"])
+@pytest.mark.parametrize("command", [["--version"], ["info", "x.safetensors"], ["--help"]])
+def test_the_command_refuses_a_bad_variant_in_one_line(isa: str, command: list[str]) -> None:
+    env = dict(os.environ, LORAFUSE_ISA=isa)
+    res = subprocess.run([*_python(), "-m", "lorafuse.cli", *command], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == f"lorafuse: error: LORAFUSE_ISA={isa!r}: choose one of auto, native, avx512, avx2, generic\n"
+    assert res.stdout == ""
 
 
 def test_the_version_has_one_source() -> None:

@@ -11,7 +11,6 @@ import os
 from typing import TYPE_CHECKING
 
 from lorafuse._progress import ProgressEvent
-from lorafuse._variants import forced_variant as _forced_variant
 from lorafuse._version import get_version
 from lorafuse.errors import (
     AdapterNote,
@@ -29,8 +28,6 @@ from lorafuse.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
-
-_forced_variant()  # a bad LORAFUSE_ISA fails here; the compiled core (and numpy) load when first used
 
 # The operations and the data model are imported when first used (PEP 562 `__getattr__` below), so
 # `import lorafuse` and every CLI command load only what they run: `lorafuse apply` never imports combine,

@@ -1,7 +1,8 @@
 """Which compiled core variant this process loads, decided without loading one (lorafuse._core loads it).
 
-`import lorafuse` calls `forced_variant()`, so a bad LORAFUSE_ISA fails there, while the core itself (and
-numpy with it) loads when first used: the CLI chooses numpy's thread settings before that (lorafuse.cli).
+The core (and numpy with it) loads when first used, so `import lorafuse` stays light and the CLI chooses
+numpy's thread settings before that (lorafuse.cli). A bad LORAFUSE_ISA is refused where the core loads (an
+ImportError naming the choices) and, by the CLI, before it reads its command line (a one-line error).
 """
 
 from __future__ import annotations

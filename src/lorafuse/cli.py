@@ -1231,6 +1231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import signal
     import threading
 
+    from lorafuse._variants import forced_variant
+
+    try:  # a bad LORAFUSE_ISA: said in one line, not as the core's ImportError at first use
+        forced_variant()
+    except ImportError as e:
+        _say(f"lorafuse: error: {e}", file=sys.stderr)
+        return 2
     given = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(_negative_values(given))
     _quiet_blas(args.command)
