@@ -94,6 +94,13 @@ void convert_from_f32(const TensorView& x, DType dst_type, void* dst, int thread
 }
 
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12 warns that the AVX-512 intrinsics' own _mm512_undefined_* operands "may be used uninitialized"
+// once inlined into the tile transpose below (GCC bug 105593, fixed in GCC 13): a false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -162,6 +169,10 @@ void widen_transposed(const unsigned char* src, DType t, std::size_t rows, std::
 }
 
 }  // namespace
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic pop
+#endif
 
 void widen_batch(const std::vector<WidenJob>& jobs, int threads) {
   for (const WidenJob& job : jobs) {
