@@ -271,8 +271,12 @@ def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], sum
 # option, the value and the allowed range (the API checks the same ranges: lorafuse._validate).
 
 def _weights(text: str) -> list[float]:
+    fields = text.split(",")
+    if any(not f.strip() for f in fields):  # "1,,2" or "0.5,": a weight left out would shift the others
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, one per adapter, with none left "
+                                         f"empty, got {text!r}")
     try:
-        ws = [float(x) for x in text.split(",") if x.strip()]
+        ws = [float(x) for x in fields]
     except ValueError:
         raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, got {text!r}") from None
     if not all(math.isfinite(w) for w in ws):
@@ -784,14 +788,19 @@ def _cmd_combine(args: argparse.Namespace) -> int:
                              engine=args.engine, passes=args.passes, progress=None if not args.quiet else False,
                              ray_address=args.ray_address)
     if args.from_list is not None:
+        from pathlib import Path
+
         from lorafuse.ops.combine.many import read_list
 
         if args.adapters or args.weights is not None:
             raise LorafuseValueError("--from-list names the adapters and their weights: give no adapters and no "
                                      "--weights beside it")
         sources, weights = read_list(args.from_list)
-        inputs = [s.path for s in sources if s.path is not None]
-        loaded = [load(inputs[0])]  # the output's format and name; every adapter is checked before any work
+        inputs = [s.path for s in sources if s.path is not None] + [Path(args.from_list)]  # the list is one too
+        try:  # the output's format and name; every adapter is checked before any work
+            loaded = [load(inputs[0])]
+        except LorafuseError as e:
+            raise type(e)(f"{sources[0].where}: {e}") from None
         count: int = len(sources)
         items: Sequence[object] = sources
     else:
@@ -1158,8 +1167,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 WEIGHTS_HELP = "comma-separated weight per adapter, negative ones subtract (default 1 each; e.g. --weights 1,-0.5)"
-_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_NEGATIVE_LIST = re.compile(rf"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:\s*,\s*{_NUMBER})*")
+# a value that starts like a negative number (or -inf, -nan: refused by _weights with the reason), not an option
+_NEGATIVE_LIST = re.compile(r"-(?:\d|\.\d|inf|nan).*", re.IGNORECASE | re.DOTALL)
 _LIST_OPTIONS = ("--weights",)  # options whose value is a comma-separated list of numbers
 
 
@@ -1227,7 +1236,30 @@ def dispatch(argv: Sequence[str]) -> int:
         return _commands()[args.command](args)
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` is, or was raised while handling, a Ctrl-C (an import that Ctrl-C stopped halfway raises
+    ImportError)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, ImportError) as e:  # before the command started (reading the command line)
+        if not _interrupted(e):
+            raise
+        _say("lorafuse: interrupted; no output was written", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import signal
     import threading
 
@@ -1259,7 +1291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         _say(f"lorafuse {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
         return 143
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as e:
+        if not _interrupted(e):
+            raise
         _say(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
@@ -1267,6 +1301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # a file the operation did not expect to fail on: said in one line, not a traceback
+        where = f"{e.filename}: " if e.filename is not None else ""
+        _say(f"lorafuse {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

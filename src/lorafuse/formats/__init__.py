@@ -39,8 +39,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`: formats.diffusers), 'peft' for
     a PEFT adapter folder); raises FormatError for anything unknown. A Hub id is resolved (io.hub)."""
     p = local_adapter(path)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file or directory")
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        raise FormatError(f"{p}: no such file or directory") from None
+    except (OSError, ValueError) as e:  # a name too long, a folder that cannot be searched, a loop of links
+        raise FormatError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if p.is_file() and is_pickle(p):
         raise refuse_pickle(p)
     keys: list[str] = []

@@ -50,7 +50,14 @@ from typing import Any, Literal
 import numpy as np
 
 from lorafuse._terminal import plural
-from lorafuse.errors import FormatError, LorafuseValueError, MissingModuleError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import (
+    FormatError,
+    LorafuseValueError,
+    MissingModuleError,
+    OutputError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
@@ -520,6 +527,7 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
     loras = {m.module: adapter.updates[m.module] for m in plan.modules}
     with atomic_file(out, inputs, overwrite=overwrite) as tmp:
         w = gguf.GGUFWriter(tmp, plan.gguf_arch)
+        done = False
         try:
             for m in plan.modules:
                 for t in (m.a, m.b):
@@ -538,9 +546,23 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
                     if x.shape != t.shape:
                         raise ShapeMismatchError(f"{adapter.label}: module {m.module!r}: {t.name} is {x.shape}, the "
                                                  f"plan says {t.shape}")
-                    w.write_tensor_data(_encode(gguf, x, t))
+                    try:
+                        w.write_tensor_data(_encode(gguf, x, t))
+                    except OSError as e:
+                        if e.errno is not None:  # io.atomic names the output and the reason
+                            raise
+                        # numpy's tofile reports a short write ("N requested and M written") without an errno
+                        raise OutputError(f"cannot write the output {out}: {e} (the disk is full, or a file size "
+                                          "limit was reached); the temporary output was removed and "
+                                          f"{'the output is unchanged' if out.exists() else 'nothing was written'}"
+                                          ) from None
+            done = True
         finally:
-            w.close()
+            try:
+                w.close()
+            except OSError:
+                if done:  # else the error that stopped the writing is the one to report
+                    raise
     return out
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
+import hashlib
 import os
 import re
 import secrets
@@ -152,7 +152,7 @@ def _input_places(inputs: Iterable[Path]) -> list[tuple[str, Path]]:
     folder lead to."""
     places: list[tuple[str, Path]] = []
     for p in inputs:
-        src = Path(p).resolve()
+        src = Path(os.path.realpath(p))  # a loop of links stays as it is (Path.resolve raises RuntimeError)
         places.append((str(p), src))
         if src.is_dir():
             places += [(f"{link} (a link to {target})", target) for link, target in _links_out(src)]
@@ -166,6 +166,7 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
     cwd = _cwd()
     named = str(out) if str(out) == str(target) else f"{out} ({target})"
     target_id = _folder_identity(target)
+    target_same = _identity(target)  # a file too: the same file under another name (a bind mount, a hard link)
     target_above = _above(target)
     why = ("a folder named as the output of a one-file command may not be the current folder or one above it, "
            "an input folder or a folder holding an input")
@@ -186,7 +187,7 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
                     "and everything beside it: give a new folder name")
     for p, src in places:
         src_id = _folder_identity(src)
-        if target == src or (target_id is not None and target_id == src_id):
+        if target == src or (target_same is not None and target_same == _identity(src)):
             if into is not None:
                 return f"output {out} is the input {p}; {why}: {todo}"
             return f"output {out} would overwrite the input {p}; choose another output path"
@@ -477,12 +478,37 @@ def _remove(path: Path) -> None:
         pass
 
 
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+_TMP_ROOM = 40  # what a temporary entry adds to the stem: ".", ".tmp-PID-", 8 random characters
+
+
+def _stem(out: Path) -> str:
+    """The output's name in its temporary and set-aside entries (`.STEM.tmp-PID-xxxxxxxx`): the name itself, or,
+    where that would make an entry's name too long for the file system, its start and a hash of the whole."""
+    raw = os.fsencode(out.name)
+    if len(raw) + _TMP_ROOM <= _NAME_MAX:
+        return out.name
+    digest = hashlib.blake2b(raw, digest_size=4).hexdigest()
+    keep = raw[:_NAME_MAX - _TMP_ROOM - len(digest) - 1]
+    while keep and keep[-1] >= 0x80 and not _whole_utf8(keep):  # not half a character
+        keep = keep[:-1]
+    return os.fsdecode(keep) + "~" + digest
+
+
+def _whole_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def remove_stale(out: Path) -> list[str]:
     """Remove what killed runs left beside `out` (returns the names removed).
 
     A `.old-` entry holds the output that a killed run had moved aside: it is put back
     when `out` is missing."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}\Z")
+    pattern = re.compile(rf"\.{re.escape(_stem(out))}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}\Z")
     removed: list[str] = []
     try:
         entries = sorted(out.parent.iterdir())
@@ -503,12 +529,55 @@ def remove_stale(out: Path) -> list[str]:
     return removed
 
 
-def _prepare(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the folder {out.parent} for the output {out}: {e.strerror or e}") from e
+def _not_a_folder(folder: Path) -> str | None:
+    """Why `folder` (a path above an output) cannot hold it: the first part of it that exists and is not a
+    folder, or None."""
+    for part in (*reversed(folder.parents), folder):
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            if not os.path.exists(part):
+                return f"{part} is a link to {os.readlink(part)}, which does not exist"
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{part} is a file, not a folder"
+    return None
+
+
+def _prepare(out: Path) -> list[Path]:
+    """Make the folders above `out` that are missing (returned, outermost first, for _unmake on failure) and
+    remove what killed runs left beside it."""
+    made: list[Path] = []
+    missing = [d for d in (out.parent, *out.parent.parents) if not os.path.lexists(d)]
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # another run made it meanwhile
+            if folder.is_dir():
+                continue
+            _unmake(made)
+            raise OutputError(f"cannot create the folder {out.parent} for the output {out}: "
+                              f"{_not_a_folder(out.parent) or 'it exists and is not a folder'}") from None
+        except OSError as e:
+            _unmake(made)
+            raise OutputError(f"cannot create the folder {out.parent} for the output {out}: {e.strerror or e}") from e
+        made.append(folder)
+    why = _not_a_folder(out.parent)
+    if why:
+        raise OutputError(f"cannot write the output {out}: {why}")
     remove_stale(out)
+    return made
+
+
+def _unmake(made: list[Path]) -> None:
+    """Remove the folders _prepare made (innermost first), where they are still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _renameat2() -> object | None:
@@ -556,7 +625,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         except FileNotFoundError:  # another run moved `out` meanwhile
             continue
         # No atomic exchange: move the previous output aside, then put ours in place.
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        old = out.parent / f".{_stem(out)}.old-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.rename(out, old)
         except FileNotFoundError:  # another run moved it meanwhile
@@ -588,6 +657,33 @@ def _commit_check(out: Path, folder: bool, overwrite: bool, cleanup: Callable[[]
         raise
 
 
+def _keep_modes(out: Path, tmp: Path, folder: bool) -> None:
+    """Give the new output `tmp` the permissions of the output it replaces: a private file stays private.
+    For a folder, its own mode and that of each file or folder it had under the same name."""
+    try:
+        st = os.lstat(out)
+    except OSError:
+        return
+    if folder != stat.S_ISDIR(st.st_mode) or not (folder or stat.S_ISREG(st.st_mode)):
+        return
+    if folder:
+        for root, dirs, files in os.walk(tmp):
+            rel = Path(root).relative_to(tmp)
+            for name in dirs + files:
+                _copy_mode(out / rel / name, Path(root) / name)
+    _copy_mode(out, tmp)
+
+
+def _copy_mode(src: Path, dst: Path) -> None:
+    try:
+        old, new = os.lstat(src), os.lstat(dst)
+        same_kind = stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode)
+        if same_kind and (stat.S_ISREG(old.st_mode) or stat.S_ISDIR(old.st_mode)):
+            os.chmod(dst, stat.S_IMODE(old.st_mode) & (0o3777 if stat.S_ISDIR(old.st_mode) else 0o777))
+    except OSError:
+        pass
+
+
 def _announce(note: str | None) -> None:
     if note:
         warnings.warn(note, OverwriteWarning, stacklevel=4)
@@ -609,26 +705,33 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
     inputs = list(inputs)  # used twice: here and before the commit
     note = check_output(out, inputs, folder=True, overwrite=overwrite)
     existed = os.path.lexists(out)
-    _prepare(out)
+    made = _prepare(out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
+        _unmake(made)
         raise OutputError(f"cannot create a temporary folder beside the output {out}: {e.strerror or e}") from e
     try:
         fd = os.open(tmp, os.O_RDONLY)
     except OSError as e:
         _remove(tmp)
+        _unmake(made)
         raise OutputError(f"cannot open the temporary folder {tmp}: {e.strerror or e}") from e
+
+    def cleanup() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _unmake(made)
+
     try:
         _lock(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
-        cleanup = functools.partial(shutil.rmtree, tmp, ignore_errors=True)
         with _cleanup_on_error(out, existed, cleanup):
             yield tmp
             write_manifest(tmp, kind)
         note = _commit_check(out, True, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
+            _keep_modes(out, tmp, folder=True)
             _replace_dir(tmp, out)
     finally:
         os.close(fd)
@@ -648,21 +751,27 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
     inputs = list(inputs)  # used twice: here and before the commit
     note = check_output(out, inputs, folder=False, overwrite=overwrite)
     existed = os.path.lexists(out)
-    _prepare(out)
+    made = _prepare(out)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.parent)
     except OSError as e:
+        _unmake(made)
         raise OutputError(f"cannot create a temporary file beside the output {out}: {e.strerror or e}") from e
     tmp = Path(name)
+
+    def cleanup() -> None:
+        tmp.unlink(missing_ok=True)
+        _unmake(made)
+
     try:
         _lock(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
-        cleanup = functools.partial(tmp.unlink, missing_ok=True)
         with _cleanup_on_error(out, existed, cleanup):
             yield tmp
         note = _commit_check(out, False, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
+            _keep_modes(out, tmp, folder=False)
             os.replace(tmp, out)
     finally:
         os.close(fd)

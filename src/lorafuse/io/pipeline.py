@@ -22,7 +22,7 @@ INDEX = "model_index.json"
 
 def is_pipeline(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / INDEX).is_file()
+    return os.path.isdir(p) and os.path.isfile(p / INDEX)  # False for a path that cannot be looked at
 
 
 class Pipeline:

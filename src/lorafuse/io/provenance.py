@@ -30,6 +30,7 @@ import contextvars
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -515,23 +516,53 @@ def cached_sha256(path: Path, stop: threading.Event | None = None) -> str:
     if folder is None:
         return sha256_file(path, stop)
     entry = folder / _cache_key(st)
-    try:
-        value = entry.read_text(encoding="ascii").strip()
-        if _HEX64.fullmatch(value):
-            return value
-    except (OSError, UnicodeDecodeError):
-        pass
+    value = _read_entry(entry)
+    if value is not None:
+        return value
     value = sha256_file(path, stop)
     settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > CACHE_SETTLED_NS
     try:
         if value and settled and os.stat(path) == st:  # unchanged while it was read
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{entry.name}.{os.getpid()}.{threading.get_ident()}"
-            tmp.write_text(value + "\n", encoding="ascii")
-            os.replace(tmp, entry)
+            _write_entry(folder, entry, value)
     except OSError:
         pass
     return value
+
+
+def _read_entry(entry: Path) -> str | None:
+    """A cache entry's hash: a regular file (a link is not followed) holding 64 hex digits, else None."""
+    try:
+        fd = os.open(entry, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        value = os.read(fd, 80).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    return value if _HEX64.fullmatch(value) else None
+
+
+def _write_entry(folder: Path, entry: Path, value: str) -> None:
+    """Write a cache entry through a new temporary file of its own (never a name someone else made: the cache
+    folder may be shared), renamed into place; removed again when anything fails."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{entry.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(value + "\n")
+        os.replace(name, entry)
+    except BaseException:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+        raise
 
 
 class Recording:

@@ -159,10 +159,12 @@ def _inputs_finite(job: MergeJob, threads: int, backend: Backend) -> bool:
 
 def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
     shown = ", ".join(f"{n} ({dtypes[n]}, largest finite {_LARGEST[dtypes[n]]})" for n in names[:5])
-    return NonFiniteError(
-        f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: values finite in float32 overflow "
-        "when rounded to the output dtype; pass --allow-nonfinite to write them anyway, or choose a wider --dtype"
-    )
+    narrow = any(dtypes[n] != "F32" for n in names)
+    why = ("the merged values, finite in float32, overflow when rounded to the output dtype; pass --allow-nonfinite "
+           "to write them anyway, or choose a wider --dtype") if narrow else \
+          ("the inputs are finite but W + scale * B A overflows float32 (a huge scale or weight?); pass "
+           "--allow-nonfinite to write them anyway")
+    return NonFiniteError(f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: {why}")
 
 
 @dataclass

@@ -109,7 +109,7 @@ class Source:
 # ---- list files ------------------------------------------------------------------------------------------
 
 _COMMENT = re.compile(r"(^|\s)#.*$")
-_NUMBERISH = re.compile(r"^[-+.\d]")
+_NUMBERISH = re.compile(r"^[-+]?(?:[.\d]|inf|nan)", re.IGNORECASE)  # a weight, or a bad one said so
 
 
 def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
@@ -117,12 +117,7 @@ def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
     (at the start of a line or after a space); blank lines are ignored; a relative PATH is taken from the list
     file's folder; a line without a weight gets 1/n (n: the number of adapters). Errors name the line."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FormatError(f"{p}: no such adapter list") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{p}: cannot read the adapter list: {getattr(e, 'strerror', None) or e}") from None
+    text = _list_text(p)
     entries: list[tuple[Path, float | None, str]] = []
     for no, line in enumerate(text.splitlines(), 1):
         body = _COMMENT.sub("", line).strip()
@@ -143,14 +138,51 @@ def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
             name = parts[0]
         target = Path(name).expanduser()
         local = target if target.is_absolute() else p.parent / target
-        if not os.path.lexists(local) and is_hub_id(name):  # a Hub id, when no file of that name is there
-            local = _located(name, where)
+        if not os.path.lexists(local):
+            if not is_hub_id(name):
+                relative = "" if target.is_absolute() else " (a relative path is read from the list's folder)"
+                raise FormatError(f"{where}: no such file or folder {local}{relative}")
+            local = _located(name, where)  # a Hub id, when no file of that name is there
         entries.append((local, weight, where))
     if not entries:
         raise LorafuseValueError(f"{p}: the adapter list names no adapter")
     n = len(entries)
     return ([Source(t, where) for t, _, where in entries],
             [1.0 / n if w is None else w for _, w, _ in entries])
+
+
+LIST_MAX_BYTES = 256 << 20  # an adapter list's size limit: a million lines of long paths fit
+
+
+def _list_text(p: Path) -> str:
+    """The text of an adapter list: a regular file (a FIFO or device is refused without waiting on it) of at
+    most LIST_MAX_BYTES, UTF-8, without NUL bytes."""
+    from lorafuse.io.safetensors import open_regular
+
+    if not os.path.lexists(p):
+        raise FormatError(f"{p}: no such adapter list")
+    fd = open_regular(p, f"adapter list {p}")
+    try:
+        size = os.fstat(fd).st_size
+        if size > LIST_MAX_BYTES:
+            raise FormatError(f"adapter list {p}: {size:,} bytes, more than the {LIST_MAX_BYTES >> 20} MiB an adapter "
+                              "list may hold (one `PATH [WEIGHT]` per line)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(LIST_MAX_BYTES + 1)
+    except OSError as e:
+        raise FormatError(f"adapter list {p}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > LIST_MAX_BYTES:
+        raise FormatError(f"adapter list {p}: more than the {LIST_MAX_BYTES >> 20} MiB an adapter list may hold")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start})") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise FormatError(f"adapter list {p} line {line}: holds a NUL byte (a binary file, not a list of paths?)")
+    return text
 
 
 def _located(spec: str | os.PathLike[str], where: str) -> Path:
