@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import lorafuse
 from lorafuse import FormatError, OutputError
 from lorafuse.cli import _interrupted, main
-from lorafuse.io.atomic import atomic_dir, atomic_file
+from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
 
 H, R = 8, 2
 Q = "model.layers.0.self_attn.q_proj"
@@ -287,3 +287,37 @@ def test_ctrl_c_before_the_command_starts_is_said_in_one_line(monkeypatch, capsy
     except ImportError as e:
         assert _interrupted(e)
     assert not _interrupted(ImportError("no module named x"))
+
+
+def test_an_output_edited_in_place_is_the_users(tmp_path):
+    """Every output file is stamped with its size and modification time (an extended attribute, not its bytes):
+    a same-size edit in place of a file too big to hash, or of a marked .safetensors file, makes it the user's;
+    an untouched output, or one with no stamp (copied), is replaced silently as before."""
+    from lorafuse.io.manifest import STAMP_XATTR
+
+    folder, one = tmp_path / "out", tmp_path / "one.safetensors"
+    with atomic_dir(folder) as tmp:
+        (tmp / "big.bin").write_bytes(b"\1" * (3 << 20))  # over the manifest's hash limit: not hashed
+    with atomic_file(one) as tmp:
+        save_file({"w": np.ones(4, np.float32)}, str(tmp), metadata={"lorafuse_version": lorafuse.__version__})
+    try:
+        os.getxattr(one, STAMP_XATTR)
+    except OSError:
+        pytest.skip("this file system keeps no extended attributes")
+    for _ in range(2):  # untouched: replaced silently, and stamped again
+        assert check_output(folder, folder=True) is None and check_output(one, folder=False) is None
+        with atomic_dir(folder) as tmp:
+            (tmp / "big.bin").write_bytes(b"\1" * (3 << 20))
+        with atomic_file(one) as tmp:
+            save_file({"w": np.ones(4, np.float32)}, str(tmp), metadata={"lorafuse_version": lorafuse.__version__})
+    for path in (folder / "big.bin", one):
+        with open(path, "r+b") as f:  # the same size, the header and mark intact
+            f.seek(-4, os.SEEK_END)
+            f.write(b"\0\0\0\0")
+    with pytest.raises(OutputError, match="files changed since lorafuse wrote them: big.bin"):
+        check_output(folder, folder=True)
+    with pytest.raises(OutputError, match="is a file lorafuse did not write"):
+        check_output(one, folder=False)
+    for path in (folder / "big.bin", one):
+        os.removexattr(path, STAMP_XATTR)  # no stamp (a copy): the mark and the manifest decide, as before
+    assert check_output(folder, folder=True) is None and check_output(one, folder=False) is None

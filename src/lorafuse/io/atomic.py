@@ -56,7 +56,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning
-from lorafuse.io.manifest import MANIFEST_NAME, MARKER_KEY, FolderState, file_is_ours, inspect_folder, write_manifest
+from lorafuse.io.manifest import (
+    MANIFEST_NAME,
+    MARKER_KEY,
+    FolderState,
+    file_is_ours,
+    inspect_folder,
+    stamp,
+    stamp_differs_at,
+    stamp_tree,
+    write_manifest,
+)
 from lorafuse.io.safetensors import raise_if_inputs_changed
 
 try:
@@ -362,7 +372,7 @@ def plot_is_ours(path: Path) -> bool:
 
 def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
     """As _judge_folder, for an existing regular file where a file output goes."""
-    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out):
+    if st.st_size == 0 or file_is_ours(out) or (plot_is_ours(out) and not stamp_differs_at(out)):
         return None
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
             "the metadata of its .safetensors files and plots)")
@@ -728,6 +738,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
         with _cleanup_on_error(out, existed, cleanup):
             yield tmp
             write_manifest(tmp, kind)
+            stamp_tree(tmp)
         note = _commit_check(out, True, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
@@ -772,6 +783,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         with _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
             _keep_modes(out, tmp, folder=False)
+            stamp(tmp)
             os.replace(tmp, out)
     finally:
         os.close(fd)

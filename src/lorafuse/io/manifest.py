@@ -9,6 +9,11 @@
 * A single `.safetensors` file carries `"lorafuse_version"` in its `__metadata__`, in an intact file
   (the header and the data sizes agree). A file whose header is unreadable is not lorafuse's.
 * A PNG plot carries a `lorafuse_version` text chunk.
+* Every file of an output is stamped, outside its bytes, with its size and modification time (an
+  extended attribute, `user.lorafuse.written`, where the file system keeps them): a file edited in place
+  since (a tool that keeps lorafuse's metadata, a same-size change to a file too big to hash) no longer
+  matches its stamp and is the user's. A file without a stamp (a copy, a file system without extended
+  attributes) is judged by the mark or the manifest alone.
 
 Everything here is deterministic (no dates, no process ids): the same run writes the same bytes.
 """
@@ -37,6 +42,53 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 def version() -> str:
     return get_version()
+
+
+# ----------------------------------------------------------------------------- stamps
+
+STAMP_XATTR = "user.lorafuse.written"  # "SIZE:MTIME_NS" of a file as lorafuse left it (an extended attribute)
+
+
+def stamp(path: Path) -> None:
+    """Record on a finished output file, outside its bytes (the same run still writes the same bytes), its size
+    and modification time: an edit in place later (same size, or a tool that keeps lorafuse's metadata) moves
+    the time and stamp_differs says so. Where the file system keeps no extended attributes, nothing is
+    recorded and the mark or manifest alone decides."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            os.setxattr(path, STAMP_XATTR, f"{st.st_size}:{st.st_mtime_ns}".encode("ascii"), follow_symlinks=False)
+    except (OSError, AttributeError):  # no xattrs here (or on this system)
+        pass
+
+
+def stamp_differs(fd: int) -> bool:
+    """Whether the open file was changed since lorafuse stamped it (False when it holds no stamp)."""
+    try:
+        value = os.getxattr(fd, STAMP_XATTR)
+        st = os.fstat(fd)
+    except (OSError, AttributeError):
+        return False
+    return value != f"{st.st_size}:{st.st_mtime_ns}".encode("ascii")
+
+
+def stamp_differs_at(path: Path) -> bool:
+    """stamp_differs of a path (a link is not followed; False for anything that cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return stamp_differs(fd)
+    finally:
+        os.close(fd)
+
+
+def stamp_tree(folder: Path) -> None:
+    """stamp every regular file in a finished output folder (links are not followed)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            stamp(Path(root) / name)
 
 
 def mark_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -192,7 +244,13 @@ def _differs(dir_fd: int, name: str, rec: Mapping[str, object]) -> bool:
             return stat.S_IFMT(st.st_mode) != rec["special"]
         if not stat.S_ISREG(st.st_mode) or st.st_size != rec["size"]:
             return True
-        return "sha256" in rec and _sha256_at(dir_fd, name) != rec["sha256"]
+        if "sha256" in rec:
+            return _sha256_at(dir_fd, name) != rec["sha256"]
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)  # too big to hash: its stamp
+        try:
+            return stamp_differs(fd)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return False
 
@@ -312,6 +370,8 @@ def file_is_ours(path: Path) -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
+        if stamp_differs(fd):  # lorafuse's output once, edited in place since
+            return False
         if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
             return _png_marked(fd)
         if os.pread(fd, len(_GGUF_MAGIC), 0) == _GGUF_MAGIC:
@@ -330,5 +390,6 @@ def file_is_ours(path: Path) -> bool:
         os.close(fd)
 
 
-__all__ = ["MANIFEST_NAME", "MARKER_KEY", "FolderState", "file_is_ours", "inspect_folder", "mark_metadata",
-           "png_metadata", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "MARKER_KEY", "STAMP_XATTR", "FolderState", "file_is_ours", "inspect_folder",
+           "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_differs_at", "stamp_tree",
+           "write_manifest"]
