@@ -6,6 +6,7 @@ its fix. Every error must be a LorafuseError naming what was wrong; nothing outs
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -69,15 +70,27 @@ def test_characters_yaml_refuses_are_a_recipe_error(tmp_path: Path, bad: str):
         lorafuse.run(f"merge_method: linear\nmodels: [{{model: a{bad}}}]\n", tmp_path / "out", dry_run=True)
 
 
-def test_an_endless_recipe_file_is_refused_without_reading_it_whole():
+def test_an_endless_recipe_file_is_refused_without_reading_it_whole(tmp_path):
     """/dev/zero was read whole (MemoryError, or the machine's memory) before anything looked at it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (min(8 << 30, hard) if hard > 0 else 8 << 30, hard))
     try:
-        with pytest.raises(RecipeError, match=r"/dev/zero: larger than 16 Mi characters: not a recipe"):
+        with pytest.raises(RecipeError, match=r"/dev/zero: is a character device, not a recipe file"):
             read("/dev/zero")
+        big = tmp_path / "big.yml"  # a regular file too big: read up to the limit, then refused
+        with open(big, "wb") as f:
+            f.truncate(17 << 20)
+        with pytest.raises(RecipeError, match=r"big.yml: larger than 16 Mi characters: not a recipe"):
+            read(big)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_recipe_that_is_a_fifo_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "r.yml"
+    os.mkfifo(fifo)
+    with pytest.raises(RecipeError, match=r"r.yml: is a FIFO, not a recipe file"):
+        read(fifo)
 
 
 def test_a_recipe_path_with_a_nul_is_a_recipe_error(tmp_path: Path):

@@ -694,6 +694,12 @@ def _copy_mode(src: Path, dst: Path) -> None:
         pass
 
 
+# For other writers' temporary entries beside an output (recipes.runner's stage folders): the same rules.
+lock_entry = _lock
+owner_gone = _owner_gone
+remove_entry = _remove
+
+
 def _announce(note: str | None) -> None:
     if note:
         warnings.warn(note, OverwriteWarning, stacklevel=4)

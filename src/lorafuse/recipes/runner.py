@@ -2,16 +2,22 @@
 ...`) and runs through the CLI's own command, so a recipe does exactly what those commands typed by hand do,
 bit for bit, with the same checks and messages.
 
-Stages run in order. Every stage but the last writes into an intermediate folder (a temporary folder beside
-the output, removed at the end, or `intermediate_dir`, kept); the last writes `out`. The output is checked
-before the first stage runs, so a refused output costs no work, and a failing stage leaves `out` as it was.
-The whole run is recorded as the recipe, verbatim, in every output's provenance.
+Stages run in order. Every stage but the last writes into an intermediate folder (a temporary folder
+`.lorafuse-run-PID-XXXXXXXX` beside the output, locked while the run lives and removed at the end, or
+`intermediate_dir`, kept); the last writes `out`. Before the first stage runs, so that a refused run costs no
+work and creates nothing: the output is checked against everything any stage reads (not only the last
+stage's inputs) and the recipe file; and each intermediate output in `intermediate_dir`, which may not be an
+input, hold one or lie inside one, and which replaces only lorafuse's own earlier output (overwrite is for
+`out` only). A failing stage leaves `out` as it was. The temporary folders of runs killed outright are
+removed by the next run writing beside the same output. The whole run is recorded as the recipe, verbatim,
+in every output's provenance.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,7 +27,7 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError, OutputError
 from lorafuse.recipes.checks import CheckedStage, Input, check
-from lorafuse.recipes.paths import locate
+from lorafuse.recipes.paths import is_hub_id, locate
 from lorafuse.recipes.schema import DTYPES
 from lorafuse.recipes.source import RecipeError, RecipeText, parse, read
 
@@ -136,13 +142,78 @@ def _intermediate(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str,
     return work / stage.name if folder else work / f"{stage.name}.safetensors"
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """The output's own refusals (io.atomic's rules: an existing output that lorafuse did not write needs
-    overwrite), before the first stage runs; the last stage checks it again, against its inputs."""
+def _recipe_file(recipe: RecipeLike) -> Path | None:
+    """The recipe's file when it was given as a path (load_recipe reads it), else None."""
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe):
+        return Path(recipe)
+    return None
+
+
+def _externals(stages: Sequence[CheckedStage], recipe: RecipeText, source: RecipeLike) -> list[Path]:
+    """What the recipe reads that no stage of it writes: every stage's models, base and fine-tuned model named
+    by path, where the verbs are given them (`locate`), and the recipe file itself. A Hub id is left out: its
+    verb resolves it in the Hugging Face cache when it runs, and checks its own output against it."""
+    found: dict[str, Path] = {}
+    for s in stages:
+        for x in [*s.inputs, *([s.base] if s.base is not None else [])]:
+            if x.stage is not None:
+                continue
+            place = locate(recipe.folder, x.text)
+            if not os.path.lexists(place) and is_hub_id(x.text):
+                continue
+            found.setdefault(place, Path(place))
+    file = _recipe_file(source)
+    if file is not None:
+        found.setdefault(str(file), file)
+    return list(found.values())
+
+
+def _check_out(out: Path, overwrite: bool, externals: Sequence[Path]) -> None:
+    """The output's own refusals (io.atomic's rules), before the first stage runs: an existing output that
+    lorafuse did not write needs overwrite; and whatever `overwrite` says, the output may not be, hold or lie
+    inside what any stage reads (`externals`: not only the last stage's inputs, which that stage checks again)
+    nor the recipe file."""
     from lorafuse.io.atomic import check_output
 
-    if os.path.lexists(out):
-        check_output(out, (), folder=out.is_dir(), overwrite=overwrite)
+    check_output(out, externals, folder=out.is_dir(), overwrite=overwrite)
+
+
+def _format_of(x: Input, recipe: RecipeText, formats: Mapping[str, str | None]) -> str | None:
+    """The adapter format of the model `x` before anything runs, or None when it cannot be told yet."""
+    from lorafuse.formats import detect_format
+
+    if x.stage is not None:
+        return formats.get(x.stage)
+    place = locate(recipe.folder, x.text)
+    if not os.path.lexists(place):  # a Hub id (not resolved before the stage runs), or missing: the stage says so
+        return None
+    try:
+        return detect_format(place)
+    except (LorafuseError, OSError, ValueError):
+        return None
+
+
+def _planned_folders(stages: Sequence[CheckedStage], recipe: RecipeText) -> dict[str, bool | None]:
+    """Whether each stage writes a folder (True) or one file (False), as _intermediate will decide it once the
+    stages before it have run; None where that cannot be told before they run."""
+    from lorafuse.ops.outputs import FOLDER_FORMATS
+
+    formats: dict[str, str | None] = {}
+    folders: dict[str, bool | None] = {}
+    for s in stages:
+        fmt: str | None = None
+        folder: bool | None
+        if s.verb == "extract":
+            fmt, folder = "peft", True
+        elif s.verb == "apply":
+            assert s.base is not None
+            folder = (folders.get(s.base.stage) if s.base.stage is not None
+                      else not Path(locate(recipe.folder, s.base.text)).is_file())
+        else:
+            fmt = s.stage.format or _format_of(s.inputs[0], recipe, formats)
+            folder = None if fmt is None else fmt in FOLDER_FORMATS
+        formats[s.name], folders[s.name] = fmt, folder
+    return folders
 
 
 def _check_intermediate(work: Path, out: Path) -> None:
@@ -154,6 +225,112 @@ def _check_intermediate(work: Path, out: Path) -> None:
                           "output, deleting what the stages before it wrote): choose a folder outside the output")
     if os.path.lexists(work) and not work.is_dir():
         raise OutputError(f"intermediate folder {work} exists and is not a folder: choose a folder")
+
+
+def _check_intermediate_output(path: Path, folder: bool | None, name: str, work: Path, out: Path,
+                               externals: Sequence[Path]) -> None:
+    """What a stage before the last may write in `intermediate_dir` (`path`, a folder or one file; None: not
+    known yet, so only what does not depend on it is checked): never an input of the recipe, a folder holding
+    one, a path inside an input folder, or the current folder (io.atomic's rules, `overwrite` or not); never
+    the output or a folder holding it; and an existing entry only when it is lorafuse's own earlier output
+    (--overwrite replaces the output only, never an intermediate one)."""
+    from lorafuse.io.atomic import check_output, check_output_path
+
+    where = f"stage {name!r} writes its output to {path} (in --intermediate-dir {work})"
+    try:
+        check_output_path(path, externals)
+    except OutputError as e:
+        raise OutputError(f"{where}, which is refused: {e}; nothing was written: choose another --intermediate-dir "
+                          "(or another name for the stage)") from None
+    p, o = os.path.realpath(path), os.path.realpath(out)
+    if o == p or o.startswith(p.rstrip(os.sep) + os.sep):
+        raise OutputError(f"{where}, which is the output {out} or holds it (the stage would replace it before the "
+                          "last stage writes it): choose another output or another --intermediate-dir")
+    if folder is None or not os.path.lexists(path):
+        return
+    try:
+        check_output(path, externals, folder=folder, overwrite=False)
+    except OutputError as e:
+        what = re.split(r"[:;.]? nothing was written", str(e), maxsplit=1)[0]
+        raise OutputError(f"{where}, which exists and is not lorafuse's own earlier output: {what}. --overwrite "
+                          f"replaces only the output (-o), never what is in the intermediate folder: move {path} "
+                          "away, or choose another --intermediate-dir; nothing was written") from None
+
+
+def _check_intermediates(stages: Sequence[CheckedStage], recipe: RecipeText, work: Path, out: Path,
+                         externals: Sequence[Path]) -> None:
+    """Every stage before the last, where it will write in `intermediate_dir`, checked before anything runs
+    (both of the places a stage may write, a folder NAME and a file NAME.safetensors, when it cannot be told
+    yet which: the stage is checked again, on the place it writes, just before it runs)."""
+    _check_intermediate(work, out)
+    planned = _planned_folders(stages, recipe)
+    for s in stages[:-1]:
+        folder = planned[s.name]
+        for f in [True, False] if folder is None else [folder]:
+            path = work / s.name if f else work / f"{s.name}.safetensors"
+            _check_intermediate_output(path, f if folder is not None else None, s.name, work, out, externals)
+
+
+_RUN_FOLDER = re.compile(r"\.lorafuse-run-(\d+)-[a-z0-9_]{8}\Z")
+
+
+def _remove_dead_runs(folder: Path) -> None:
+    """Remove the temporary folders (`.lorafuse-run-PID-XXXXXXXX`) of runs killed outright in `folder`: those
+    whose process is gone and whose lock nobody holds (io.atomic's rule for its own temporary entries)."""
+    from lorafuse.io.atomic import owner_gone, remove_entry
+
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = _RUN_FOLDER.match(entry.name)
+        if m and owner_gone(entry, int(m.group(1))):
+            remove_entry(entry)
+
+
+def _temporary_folder(out: Path) -> tuple[Path, int]:
+    """A new folder `.lorafuse-run-PID-XXXXXXXX` beside `out` (in the system's temporary folder when the
+    output's folder does not exist yet), and an open descriptor of it holding the lock that tells later runs
+    this run is alive."""
+    from lorafuse.io.atomic import lock_entry
+
+    where = out.parent if os.path.lexists(out.parent) else Path(tempfile.gettempdir())
+    if where != out.parent:  # (beside the output, run() has removed them)
+        _remove_dead_runs(where)
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".lorafuse-run-{os.getpid()}-", dir=where))
+    except OSError as e:
+        raise OutputError(f"cannot create a temporary folder beside the output {out} (in {where}, for the outputs of "
+                          f"the stages before the last): {e.strerror or e}; nothing was written") from e
+    try:
+        fd = os.open(work, os.O_RDONLY)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise OutputError(f"cannot open the temporary folder {work}: {e.strerror or e}; nothing was written") from e
+    lock_entry(fd)
+    return work, fd
+
+
+def _make_folder(work: Path) -> list[Path]:
+    """Make `intermediate_dir`; returns the folders made, deepest first (removed again, if still empty, when
+    the run fails)."""
+    made = [p for p in [work, *work.parents] if not os.path.lexists(p)]
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _unmake(made)
+        raise OutputError(f"intermediate folder {work}: cannot make it: {e.strerror or e}") from None
+    return made
+
+
+def _unmake(made: Sequence[Path]) -> None:
+    """Remove the folders _make_folder made that are still empty."""
+    for p in made:
+        try:
+            os.rmdir(p)
+        except OSError:
+            return
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
@@ -179,14 +356,20 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
     if device is not None:
         extra += ["--device", device]
-    if not dry_run:
-        _check_out(target, overwrite)
-    if intermediate_dir is not None and len(stages) > 1:
-        _check_intermediate(Path(intermediate_dir), target)
+    externals = _externals(stages, text, recipe)
+    _check_out(target, overwrite, externals)
+    keep = intermediate_dir is not None and len(stages) > 1
+    if keep:
+        assert intermediate_dir is not None
+        _check_intermediates(stages, text, Path(intermediate_dir), target, externals)
+    if not dry_run and os.path.isdir(target.parent):
+        _remove_dead_runs(target.parent)
     ran: list[StageRun] = []
     outputs: dict[str, Path] = {}
-    keep = intermediate_dir is not None
     work: Path | None = None
+    lock: int | None = None
+    made: list[Path] = []
+    done = False
     try:
         with invoked(text.text, "recipe"):
             for s in stages:
@@ -200,30 +383,23 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                 if last:
                     stage_out = target
                 elif dry_run:  # planned beside the output, never created
-                    parent = target.parent if str(target.parent) else Path(".")
-                    stage_out = _intermediate(s, text, outputs, parent / f".lorafuse-run-dry-{os.getpid()}")
+                    stage_out = _intermediate(s, text, outputs, target.parent / f".lorafuse-run-dry-{os.getpid()}")
                 else:
                     if work is None:
                         if keep:
                             assert intermediate_dir is not None
                             work = Path(intermediate_dir)
-                            try:
-                                work.mkdir(parents=True, exist_ok=True)
-                            except OSError as e:
-                                raise OutputError(f"intermediate folder {work}: cannot make it: "
-                                                  f"{e.strerror or e}") from None
+                            made = _make_folder(work)
                         else:
-                            parent = target.parent if str(target.parent) else Path(".")
-                            work = Path(tempfile.mkdtemp(prefix=".lorafuse-run-", dir=parent if parent.exists() else
-                                                         None))
+                            work, lock = _temporary_folder(target)
                     stage_out = _intermediate(s, text, outputs, work)
-                    if keep and stage_out.exists() and not overwrite:
-                        raise OutputError(f"{stage_out} (stage {s.name!r}'s output) exists; give --overwrite or "
-                                          "another --intermediate-dir")
+                    if keep:  # checked before the first stage where it could be told; now on the place it writes
+                        _check_intermediate_output(stage_out, stage_out == work / s.name, s.name, work, target,
+                                                   externals)
                 flags = list(extra)
                 if dry_run:
                     flags.append("--dry-run")
-                if overwrite and (last or keep):
+                if overwrite and last:  # --overwrite replaces the output, never an intermediate one
                     flags.append("--overwrite")
                 argv = argv_of(s, text, stage_out, outputs, flags)
                 if not quiet:
@@ -238,9 +414,14 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                 if wrote is not None:
                     outputs[s.name] = wrote
                 ran.append(StageRun(s.name, s.verb, argv, wrote, time.perf_counter() - t0))
+        done = True
     finally:
         if work is not None and not keep:
             shutil.rmtree(work, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+        if not done:
+            _unmake(made)
     if not quiet:
         for note in notes:
             print(f"note: {note}")

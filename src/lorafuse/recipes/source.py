@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,14 +120,25 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
 
 def read(path: str | Path) -> RecipeText:
     p = Path(path)
-    try:
-        with p.open(encoding="utf-8") as f:
-            text = f.read(MAX_RECIPE_CHARS + 1)  # bounded: /dev/zero, a huge file given by mistake
+    try:  # not blocking: a FIFO is refused below instead of waited on for a writer
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise RecipeError(f"{p}: no such recipe file") from None
     except IsADirectoryError:
         raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL in the name
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        with os.fdopen(fd, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)")
+            if not stat.S_ISREG(mode):
+                from lorafuse.io.safetensors import file_kind
+
+                raise RecipeError(f"{p}: is {file_kind(mode)}, not a recipe file (a .yml file)")
+            text = f.read(MAX_RECIPE_CHARS + 1)  # bounded: a huge file given by mistake
+    except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
     if len(text) > MAX_RECIPE_CHARS:
         raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
