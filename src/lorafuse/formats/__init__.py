@@ -5,6 +5,7 @@ and is imported below."""
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -60,7 +61,28 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             raise FormatError(f"{p}: cannot read: {e.strerror or e}") from None
         if pickles:
             raise refuse_pickle(pickles[0])
+        _refuse_odd_adapter_files(p)
     raise FormatError(f"{p}: not a recognised adapter: expected {_expected()}")
+
+
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what makes a folder a PEFT adapter
+
+
+def _refuse_odd_adapter_files(folder: Path) -> None:
+    """A folder holding a PEFT adapter's file names that are not readable regular files (a FIFO, a device, a
+    folder, a loop of links): say which, rather than "not a recognised adapter"."""
+    from lorafuse.io.safetensors import file_kind
+
+    for name in _ADAPTER_FILES:
+        f = folder / name
+        if not os.path.lexists(f):
+            continue
+        try:
+            mode = os.stat(f).st_mode
+        except OSError as e:
+            raise FormatError(f"{f}: cannot read: {e.strerror or e}") from None
+        if not stat.S_ISREG(mode):
+            raise FormatError(f"{f}: is {file_kind(mode)}, not a file: a PEFT adapter's {name} is a regular file")
 
 
 def load(path: str | os.PathLike[str]) -> Adapter:

@@ -19,13 +19,20 @@ What llama.cpp expects (convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llam
 * the scale of a module is alpha / r, r read from lora_b (b->ne[0]), alpha the file's one
   `adapter.lora.alpha` (0 means a scale of 1). An adapter whose modules need other scales (alpha_pattern,
   rank_pattern with one alpha, rsLoRA's alpha / sqrt(r)) is written exactly by folding
-  s / (alpha / r) into that module's lora_b; the modules folded are reported.
+  s / (alpha / r) into that module's lora_b; the modules folded are reported. The alpha is a FLOAT32 and
+  llama.cpp computes alpha / r in float32: an alpha beyond float32's range (or with a subnormal alpha / r) is
+  written as the nearest power of two in range, the rest of every scale folded (with a note).
 * Llama-architecture models (Llama, Mistral): the converter permutes the rows of q_proj and k_proj
   (LlamaModel.permute: llama.cpp's rotary layout), so lora_b of those modules is permuted the same way,
   which needs the head counts (num_attention_heads, num_key_value_heads) of the base's config.json.
 * types: F32 (the converter's default --outtype), F16, BF16 or Q8_0, from float32 values with gguf's
   own quantize; a Q8_0 tensor whose rows are not a multiple of 32 falls back to F16, as the converter
-  does (lora_b's rows have r elements).
+  does (lora_b's rows have r elements). What llama.cpp reads back, (alpha / r) * lora_b @ lora_a, is the
+  adapter's delta within the type's rounding, or nothing is written: a module whose factors (lora_b with its
+  fold) would overflow their type (F16's 65504, BF16's largest, Q8_0's F16 block scale, float32) or fall
+  below its normal range is written with lora_a times 2^k and lora_b over 2^k, exactly (k = 0 where they fit:
+  the converter's values); factors holding NaN / Inf (NonFiniteError), and products that no k brings into the
+  types' range (NonFiniteError above it, LorafuseValueError below it), are refused naming the module and tensor.
 
 Refused, naming the modules: DoRA, lora_B biases, convolutions, LoRA on expert parameters
 (target_parameters), LoHa / LoKr (convert them first: --rank), modules_to_save and other full tensors
@@ -54,6 +61,7 @@ from lorafuse.errors import (
     FormatError,
     LorafuseValueError,
     MissingModuleError,
+    NonFiniteError,
     OutputError,
     ShapeMismatchError,
     UnsupportedError,
@@ -70,6 +78,17 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_TYPE = "f32"  # convert_lora_to_gguf.py's --outtype default
 SUFFIX = ".gguf"
 _Q8_BLOCK = 32  # elements per Q8_0 block: a row must be a multiple of it
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = 2.0 ** -126  # float32's smallest normal value
+# per type, the range of a tensor's largest |value| written without overflow and at the type's full precision:
+# (smallest, largest). F16: its normal range; BF16 and F32: float32's (BF16's largest is 0x7f7f); Q8_0: 127 times
+# the block scale d, an F16 (at most 65504; at least 2^-17 keeps the rounding of d within half a step)
+_RANGES: dict[str, tuple[float, float]] = {
+    "F32": (_F32_TINY, _F32_MAX),
+    "BF16": (_F32_TINY, float.fromhex("0x1.fep+127")),
+    "F16": (2.0 ** -14, 65504.0),
+    "Q8_0": (127 * 2.0 ** -17, 127 * 65504.0),
+}
 
 _GEMMA_LM_HEAD = ("llama.cpp's Gemma models have no output tensor (the output is the tied token embedding) and "
                   "its converter drops lm_head, so llama.cpp would never apply it (convert_lora_to_gguf.py stops "
@@ -344,6 +363,39 @@ def _choose_alpha(adapter: Adapter, loras: Mapping[str, LoraUpdate]) -> float:
     return next(g for g, n in groups if n == best)
 
 
+def _file_alpha(adapter: Adapter, loras: Mapping[str, LoraUpdate], notes: list[str]) -> tuple[float, bool]:
+    """The file's alpha (adapter.lora.alpha, a FLOAT32) and whether it is not the adapter's: _choose_alpha's
+    when it is 0 (llama.cpp's scale 1) or a float32 with which llama.cpp's alpha / r, a float32 too, is a normal
+    value for every rank of the file; else the power of two nearest to it in that range (with a note), the
+    rest of every module's scale folded into its lora_b as rank / alpha patterns are."""
+    odd = [n for n, u in loras.items() if not math.isfinite(u.scale)]
+    if odd:
+        raise LorafuseValueError(f"{adapter.label}: {plural(len(odd), 'module')} {'has' if len(odd) == 1 else 'have'} "
+                                 f"a scale that is not finite ({_listed(odd)}); nothing was written")
+    alpha = _choose_alpha(adapter, loras)
+    smallest = 2.0 ** math.ceil(math.log2(_F32_TINY * max(u.rank for u in loras.values())))
+    if alpha == 0 or smallest <= abs(alpha) <= _F32_MAX:
+        return alpha, False
+    written = math.copysign(smallest if abs(alpha) < smallest else 2.0 ** 127, alpha)  # 2^127: float32's largest
+    notes.append(f"the adapter's alpha {alpha:g} is beyond float32's range (adapter.lora.alpha is a FLOAT32, and "
+                 f"llama.cpp computes alpha / r in float32): the file's alpha is {written:g} "
+                 f"(2^{round(math.log2(abs(written)))}), and the rest of the modules' scales is folded into lora_b")
+    return written, True
+
+
+def _fold(adapter: Adapter, name: str, u: LoraUpdate, alpha: float) -> float:
+    """What multiplies the module's lora_b: its scale over llama.cpp's alpha / r (1.0 within float32's rounding
+    of the alpha, as in the converter)."""
+    gguf_scale = float(np.float32(alpha)) / u.rank if alpha != 0 else 1.0  # _file_alpha: a normal float32
+    fold = u.scale / gguf_scale
+    if not math.isfinite(fold) or (fold == 0) != (u.scale == 0):
+        raise LorafuseValueError(f"{adapter.label}: module {name!r}: its scale {u.scale:g} over llama.cpp's "
+                                 f"alpha / r ({alpha:g} / {u.rank}) is beyond float64's range; nothing was written")
+    if math.isclose(fold, 1.0, rel_tol=1e-7, abs_tol=0.0):
+        return 1.0
+    return fold
+
+
 def _qtype(gguf_type: str, shape: tuple[int, ...], name: str, fallback: list[str]) -> QType:
     if gguf_type == "q8_0":
         if shape[-1] % _Q8_BLOCK == 0:
@@ -421,7 +473,7 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
     if odd:
         raise _refuse(adapter, odd, "an embedding-shaped LoRA on another tensor, or a Linear LoRA on the "
                       "token embedding", "llama.cpp reads token_embd's LoRA as PEFT's lora_embedding_A / _B")
-    alpha = _choose_alpha(adapter, loras)
+    alpha, rechosen = _file_alpha(adapter, loras, notes)
     fallback: list[str] = []
     modules: list[GgufModule] = []
     folded: dict[str, float] = {}
@@ -432,11 +484,8 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
         rows, cols = u.delta_shape[0], int(np.prod(u.delta_shape[1:]))
         r = u.rank
         a_shape, b_shape = ((rows, r), (cols, r)) if emb else ((r, cols), (rows, r))
-        gguf_scale = float(np.float32(alpha)) / r if alpha != 0 else 1.0
-        fold = u.scale / gguf_scale
-        if math.isclose(fold, 1.0, rel_tol=1e-7, abs_tol=0.0):
-            fold = 1.0
-        else:
+        fold = _fold(adapter, n, u, alpha)
+        if fold != 1.0:
             folded[n] = fold
         heads = None
         if rule.permute_qk and not emb and _is_qk(hf[n]):
@@ -456,7 +505,8 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
                                  "--base-config BASE/config.json (num_attention_heads, num_key_value_heads)")
     if folded:
         notes.append(f"{plural(len(folded), 'module')} {'has' if len(folded) == 1 else 'have'} a scale other than "
-                     f"alpha / r with the file's one alpha {alpha:g} (rank_pattern / alpha_pattern / rsLoRA): their "
+                     f"alpha / r with the file's one alpha {alpha:g}"
+                     f"{'' if rechosen else ' (rank_pattern / alpha_pattern / rsLoRA)'}: their "
                      f"scale / (alpha / r) is folded into lora_b, exactly ({_listed(list(folded))})")
     if fallback:
         lengths = sorted({t.shape[-1] for m in modules for t in (m.a, m.b) if t.qtype == "F16"})
@@ -487,24 +537,132 @@ def _permute_rows(b: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(b.reshape(heads, 2, rows // heads // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape))
 
 
-def module_arrays(m: GgufModule, u: LoraUpdate, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """lora_a and lora_b of a module as float32, in the GGUF file's numpy orientation, before rounding."""
+def _stored_names(m: GgufModule, u: LoraUpdate) -> tuple[str, str]:
+    """The adapter's names of the factors written as lora_a and lora_b (for messages)."""
+    if m.embedding:
+        return "lora_embedding_A", "lora_embedding_B"
+    return ("lora_B", "lora_A") if u.transposed else ("lora_A", "lora_B")
+
+
+def module_arrays(m: GgufModule, u: LoraUpdate, threads: int = 0, label: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """lora_a and lora_b of a module as float32, in the GGUF file's numpy orientation, before rounding to
+    their types: the module's fold in lora_b and, where a factor would not fit its type (_balanced), both
+    rescaled by a power of two. NonFiniteError for a factor holding NaN or Inf (`label`: the adapter)."""
     b_c, a_c = u.factors(threads)  # the base weight's layout: delta = scale * b_c @ a_c
     if m.embedding:  # base weight (vocab x dim): lora_a = A^T (vocab x r), lora_b = B (dim x r)
         a, b = b_c, np.ascontiguousarray(a_c.T)
     else:
         a, b = a_c, b_c
-    if m.fold != 1.0:
-        b = (b.astype(np.float64) * m.fold).astype(np.float32)
+    where = f"{label or '<adapter>'}: module {m.module!r}"
+    for x, t, stored in zip((a, b), (m.a, m.b), _stored_names(m, u)):
+        if not np.isfinite(x).all():
+            raise NonFiniteError(f"{where}: its {stored} (GGUF tensor {t.name!r}) holds NaN or Inf; nothing was "
+                                 "written")
+    a, b = _balanced(a, b, m, where)
     if m.heads is not None:
         b = _permute_rows(b, m.heads)
     return a, b
 
 
-def _encode(gguf: ModuleType, x: np.ndarray, t: GgufTensor) -> np.ndarray:
+_NO_LIMIT = 1 << 30  # a bound on k that no factor sets
+
+
+def _shifts(x: float, lo: float, hi: float) -> tuple[int, int] | None:
+    """(k_min, k_max): the integers k with lo <= x * 2^k <= hi (x >= 0 finite; None for x = 0: any k)."""
+    if x == 0:
+        return None
+    k_min, k_max = math.ceil(math.log2(lo / x)), math.floor(math.log2(hi / x))
+    while math.ldexp(x, k_min) < lo:  # log2's rounding; ldexp is exact here (x 2^k near lo or hi)
+        k_min += 1
+    while math.ldexp(x, k_min - 1) >= lo:
+        k_min -= 1
+    while math.ldexp(x, k_max) > hi:
+        k_max -= 1
+    while math.ldexp(x, k_max + 1) <= hi:
+        k_max += 1
+    return k_min, k_max
+
+
+def _magnitude(log2: float) -> str:
+    return f"{2.0 ** log2:.3g}" if abs(log2) < 1000 else f"about 1e{round(log2 * math.log10(2))}"
+
+
+def _balanced(a: np.ndarray, b: np.ndarray, m: GgufModule, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """lora_a (a) and lora_b (b, times the module's fold) as float32 that their GGUF types hold without overflow
+    and at full precision (_RANGES: each tensor's largest |value|), the delta unchanged: a times 2^k and b times
+    fold / 2^k for an integer k, 0 where that fits (the converter's values; float32 kept as it is), else k that
+    leaves both as far inside their ranges. No such k: NonFiniteError (the product is beyond the types' range)
+    or LorafuseValueError (below it: the values would round to zero), naming the module and the tensors."""
+    fold = m.fold
+    if fold == 1.0 and m.a.qtype == m.b.qtype == "F32":
+        return a, b  # float32 in, float32 out: exact
+    if fold == 0.0:
+        return a, np.zeros_like(b)
+    (lo_a, hi_a), (lo_b, hi_b) = _RANGES[m.a.qtype], _RANGES[m.b.qtype]
+    f_m, f_e = math.frexp(fold)  # fold = f_m 2^f_e: b's values are b f_m 2^(f_e - k)
+    b64 = b.astype(np.float64) * f_m
+    ma, mb = float(np.abs(a).max(initial=0.0)), float(np.abs(b64).max(initial=0.0))
+    ka, jb = _shifts(ma, lo_a, hi_a), _shifts(mb, lo_b, hi_b)
+    k_min = max(ka[0] if ka else -_NO_LIMIT, f_e - jb[1] if jb else -_NO_LIMIT)
+    k_max = min(ka[1] if ka else _NO_LIMIT, f_e - jb[0] if jb else _NO_LIMIT)
+    if k_min > k_max:
+        assert ka is not None and jb is not None
+        misfits = [t.name for t, ok in ((m.a, ka[0] <= 0 <= ka[1]), (m.b, jb[0] <= f_e <= jb[1])) if not ok]
+        types = m.a.qtype if m.a.qtype == m.b.qtype else f"{m.a.qtype} / {m.b.qtype}"
+        log2_b = math.log2(mb) + f_e
+        sizes = (f"|lora_a| up to {_magnitude(math.log2(ma))}, |lora_b| up to {_magnitude(log2_b)} with the module's "
+                 f"scale folded in: products up to {_magnitude(math.log2(ma) + log2_b)}")
+        hint = "; --gguf-type f32 or bf16 keep float32's range" if {m.a.qtype, m.b.qtype} & {"F16", "Q8_0"} else ""
+        if ka[1] < f_e - jb[1]:  # no k keeps both at most their largest
+            raise NonFiniteError(f"{where}: {' and '.join(misfits)} would not be finite as {types} ({sizes}, beyond "
+                                 f"what two {types} factors hold even rescaled by a power of two: each at most "
+                                 f"{max(hi_a, hi_b):g}); nothing was written{hint}")
+        raise LorafuseValueError(f"{where}: {' and '.join(misfits)} would round to zero as {types} ({sizes}, below "
+                                 f"what two {types} factors hold at full precision even rescaled by a power of two: "
+                                 f"each at least {min(lo_a, lo_b):g}); nothing was written{hint}")
+    if k_min <= 0 <= k_max:
+        k = 0
+    else:  # as far inside both ranges (in powers of two from their middles) as the product allows
+        mid_a, mid_b = math.log2(lo_a * hi_a) / 2, math.log2(lo_b * hi_b) / 2
+        if ka is None and jb is None:
+            k = 0
+        elif jb is None:
+            k = round(mid_a - math.log2(ma))
+        elif ka is None:
+            k = f_e - round(mid_b - math.log2(mb))
+        else:
+            k = round((math.log2(mb) + f_e - mid_b - math.log2(ma) + mid_a) / 2)
+        k = min(max(k, k_min), k_max)
+    if k == 0 and fold == 1.0:
+        return a, b
+    with np.errstate(under="ignore"):  # values far below the largest: rounded as the type rounds them
+        a_out = a if k == 0 else np.ldexp(a, k).astype(np.float32)
+        b_out = np.ldexp(b64, f_e - k).astype(np.float32)
+    return a_out, b_out
+
+
+def _encode(gguf: ModuleType, x: np.ndarray, t: GgufTensor, where: str) -> np.ndarray:
+    """`x` as the tensor's type (gguf's quantize); NonFiniteError if a value is not finite there (_balanced
+    keeps them within range: a guard)."""
     qtype = getattr(gguf.GGMLQuantizationType, t.qtype)
-    data = gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
-    return np.ascontiguousarray(data)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if t.qtype == "Q8_0":
+        # a block of values so small that its scale d (an F16) is 0 is 0: written so (gguf's 1 / d overflows)
+        blocks = x.reshape(-1, _Q8_BLOCK)
+        tiny = np.abs(blocks).max(axis=1) < 2.0 ** -100
+        if tiny.any():
+            x = np.where(tiny[:, None], np.float32(0), blocks).reshape(x.shape)
+    with np.errstate(under="ignore"):
+        data = np.ascontiguousarray(gguf.quants.quantize(x, qtype))
+    if t.qtype == "F32" or t.qtype == "F16":
+        finite = bool(np.isfinite(data).all())
+    elif t.qtype == "BF16":
+        finite = bool(((data.view(np.uint16) & 0x7F80) != 0x7F80).all())
+    else:  # Q8_0 blocks: d (F16), then 32 int8
+        finite = bool(np.isfinite(data.reshape(-1, 2 + _Q8_BLOCK)[:, :2].copy().view(np.float16)).all())
+    if not finite:
+        raise NonFiniteError(f"{where}: {t.name} is not finite as {t.qtype}; nothing was written")
+    return data
 
 
 def _info_of(gguf: ModuleType, t: GgufTensor) -> tuple[tuple[int, ...], Any, int]:
@@ -541,13 +699,13 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
             for m in plan.modules:
                 u = loras[m.module]
                 assert isinstance(u, LoraUpdate)
-                a, b = module_arrays(m, u, threads)
+                a, b = module_arrays(m, u, threads, adapter.label)
                 for x, t in ((a, m.a), (b, m.b)):
                     if x.shape != t.shape:
                         raise ShapeMismatchError(f"{adapter.label}: module {m.module!r}: {t.name} is {x.shape}, the "
                                                  f"plan says {t.shape}")
                     try:
-                        w.write_tensor_data(_encode(gguf, x, t))
+                        w.write_tensor_data(_encode(gguf, x, t, f"{adapter.label}: module {m.module!r}"))
                     except OSError as e:
                         if e.errno is not None:  # io.atomic names the output and the reason
                             raise
