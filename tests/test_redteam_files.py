@@ -321,3 +321,22 @@ def test_an_output_edited_in_place_is_the_users(tmp_path):
     for path in (folder / "big.bin", one):
         os.removexattr(path, STAMP_XATTR)  # no stamp (a copy): the mark and the manifest decide, as before
     assert check_output(folder, folder=True) is None and check_output(one, folder=False) is None
+
+
+def test_a_peft_folder_whose_files_are_not_files_says_which(tmp_path):
+    a = _adapter(tmp_path / "a")
+    (a / "adapter_config.json").unlink()
+    os.mkfifo(a / "adapter_config.json")
+    with pytest.raises(FormatError, match=r"adapter_config.json: is a FIFO, not a file"):
+        lorafuse.load(a)
+    b = _adapter(tmp_path / "b")
+    (b / "adapter_model.safetensors").unlink()
+    (b / "adapter_model.safetensors").mkdir()
+    with pytest.raises(FormatError, match=r"adapter_model.safetensors: .*a directory, not a file"):
+        lorafuse.load(b)
+
+
+def test_dir_lists_the_public_names_only():
+    names = {n for n in dir(lorafuse) if not n.startswith("_")}
+    assert names == set(lorafuse.__all__) - {"__version__"}
+    assert {"os", "annotations", "TYPE_CHECKING"}.isdisjoint(names) and "__version__" in dir(lorafuse)
