@@ -84,7 +84,7 @@ def test_typos_get_a_suggestion_and_the_verbs_usage(capsys, argv, expected):
 
 def test_usage_lines_list_the_choices():
     usage = " ".join(build_parser().verbs["apply"].format_usage().split())
-    assert "--dtype {bf16,fp16,fp32}" in usage
+    assert "--dtype {fp32,fp16,bf16}" in usage  # the same order as combine, resize and convert
     assert "--method {svd,cat,linear,ties," in " ".join(build_parser().verbs["combine"].format_usage().split())
 
 

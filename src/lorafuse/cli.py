@@ -232,13 +232,13 @@ def _device_option(p: argparse.ArgumentParser) -> None:
                    "CUDA: docs/building.md); files still stream through host memory")
 
 
-def _rank_options(p: argparse.ArgumentParser) -> None:
+def _rank_options(p: argparse.ArgumentParser, max_rank_default: str = "") -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=_rank, help="fixed output rank")
     g.add_argument("--sv-ratio", type=_sv_ratio, help="keep singular values above S_1 / T")
     g.add_argument("--sv-fro", type=_fraction, help="keep this fraction of the Frobenius norm (0..1)")
     g.add_argument("--sv-cumulative", type=_fraction, help="keep this fraction of the sum of singular values (0..1)")
-    p.add_argument("--max-rank", type=_rank, help="upper bound on every module's rank")
+    p.add_argument("--max-rank", type=_rank, help="upper bound on every module's rank" + max_rank_default)
     p.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(p)
     out = p.add_mutually_exclusive_group()
@@ -486,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "file name inside it")
     _overwrite_option(a)
     a.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
-    a.add_argument("--dtype", metavar="{bf16,fp16,fp32}",
-                   help="output dtype of float tensors: bf16, fp16 or fp32 (default: as in the base); a quantized "
+    a.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
+                   help="output dtype of float tensors: fp32, fp16 or bf16 (default: as in the base); a quantized "
                    "base's weights are then written dequantized in it")
     a.add_argument("--requantize", action="store_true", default=None,
                    help="a quantized base: write its quantized format back (merged weights quantized again, the "
@@ -505,9 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
                      "terminal)")
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    a.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
-    a.add_argument("--json", action="store_true", help="print the report as JSON (with the requantization error "
-                   "of each weight of a quantized base)")
+    shown = a.add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
+    shown.add_argument("--json", action="store_true", help="print the report as JSON (with the requantization error "
+                       "of each weight of a quantized base)")
     _dry_run_option(a, "the options, the inputs, every adapter module matched to its base weight as the merge "
                     "matches it, the output path", "the weights merged, the tensors copied, the shards; ")
 
@@ -624,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "modules, else refused before any work (checkpoint weight names, e.g. "
                    "model.layers.0.self_attn.q_proj, are neither)")
     _overwrite_option(e)
-    _rank_options(e)
+    _rank_options(e, " (default with --sv-*: 128, the randomized SVD's sketch size; with --rank: that rank)")
     e.add_argument("--include", help="only modules whose name matches this regular expression")
     e.add_argument("--exclude", help="skip modules whose name matches this regular expression")
     e.add_argument("--embeddings", default="skip", choices=("skip", "lora", "full"),
