@@ -100,20 +100,64 @@ def check_power_iters(power_iters: object) -> int:
     return check_int(power_iters, "power_iters", 0, MAX_POWER_ITERS)
 
 
-def check_weights(weights: object, count: int) -> list[float]:
-    """One finite number per adapter (bool refused)."""
+def _weight_items(weights: object) -> list[object]:
+    """The elements of `weights`: a sequence or any other iterable (a generator: read once here), or a 1-D
+    numpy array / torch tensor (its elements as Python numbers). One number, a str or a 0-d / 2-D array is
+    refused: weights are one number per adapter."""
+    what = "weights must be a sequence of numbers, one per adapter (a list, a tuple, a 1-D array or tensor)"
+    ndim = getattr(weights, "ndim", None)
+    if isinstance(ndim, int) and hasattr(weights, "tolist"):  # numpy array, torch tensor
+        if ndim != 1:
+            raise LorafuseValueError(f"{what}, got a {ndim}-D {type(weights).__name__} ({_show(weights)})")
+        items = weights.tolist()
+        return list(items) if isinstance(items, list) else [items]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
-        raise LorafuseValueError(f"weights must be a sequence of numbers, one per adapter, got {_show(weights)}")
-    ws: list[float] = []
-    for w in weights:
-        if _is_bool(w) or not isinstance(w, numbers.Real):
-            raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
-        ws.append(float(w))
-    if not all(math.isfinite(w) for w in ws):
-        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
+        raise LorafuseValueError(f"{what}, got {_show(weights)}")
+    return list(weights)
+
+
+def _weight_value(w: object) -> float:
+    """One weight as a finite float: a real number (a numpy scalar too, or a 0-d array / tensor), not a bool
+    nor a str."""
+    if getattr(w, "ndim", None) == 0 and hasattr(w, "item"):  # a 0-d array / tensor in a list
+        w = w.item()
+    if _is_bool(w) or not isinstance(w, numbers.Real):
+        raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)} (a {type(w).__name__}, not a "
+                                 "number)")
+    x = float(w)
+    if not math.isfinite(x):
+        raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
+    return x
+
+
+def weight_list(weights: object) -> list[float]:
+    """`weights` as a list of finite floats (see _weight_items, _weight_value), its length not checked:
+    what apply and combine take before they know how many adapters there are."""
+    return [_weight_value(w) for w in _weight_items(weights)]
+
+
+def check_weights(weights: object, count: int) -> list[float]:
+    """One finite real number per adapter: a sequence, an iterable or a 1-D array / tensor (bool and str
+    refused), as floats."""
+    ws = weight_list(weights)
     if len(ws) != count:
         raise LorafuseValueError(f"{plural(len(ws), 'weight')} given for {plural(count, 'adapter')}")
     return ws
+
+
+def check_bool(value: object, name: str) -> bool:
+    """`value` when it is True or False (a numpy bool too), else LorafuseValueError: a string such as 'no' is
+    not a switch."""
+    if not _is_bool(value):
+        raise LorafuseValueError(f"{name} must be True or False, got {_show(value)}")
+    return bool(value)
+
+
+def check_optional_bool(value: object, name: str) -> bool | None:
+    """None, True or False (the switches whose None means 'decide for me'), else LorafuseValueError."""
+    if value is not None and not _is_bool(value):
+        raise LorafuseValueError(f"{name} must be True, False or None, got {_show(value)}")
+    return None if value is None else bool(value)
 
 
 def full_rank(k: int, shape: tuple[int, ...]) -> int:

@@ -45,6 +45,7 @@ from lorafuse.formats.lycoris_keys import (
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import most_common, safetensors_keys
 from lorafuse.io.checkpoint import loads_json
+from lorafuse.io.dtypes import WRITABLE_FLOATS
 from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.provenance import Provenance, stamp
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header
@@ -213,7 +214,7 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     if not updates:
         return meta
     ranks = [float(u.rank) for u in updates]
-    alphas = [float(np.float32(u.scale * u.rank)) for u in updates]  # as the F32 .alpha tensors will hold them
+    alphas = [written_alpha(u) for u in updates]  # as the F32 .alpha tensors will hold them
     for key, values, text in (("ss_network_dim", ranks, str(int(most_common(ranks)))),
                               ("ss_network_alpha", alphas, str(most_common(alphas)))):
         old = meta.get(key)
@@ -244,6 +245,8 @@ def kohya_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """The file's tensors, in the order safetensors' writer uses (dtype widest first, then name).
     `.alpha` is written in the dtype it was read in (KohyaState.alpha_dtypes) when that holds
     scale * rank exactly, else as F32; a module read without `.alpha` gets none while its scale is 1.
+    A scale whose alpha would not read back (0, which kohya reads as alpha = rank, or one that float32
+    makes 0 or inf) goes into lora_up instead, with alpha = rank: the file reads back to the same delta.
     A DoRA magnitude is written as LyCORIS' `dora_scale`."""
     out: dict[str, Tensor] = {}
     for name, u in adapter.updates.items():
@@ -270,8 +273,9 @@ def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Te
         raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
                                "the kohya format cannot name it")
     recorded = as_kohya(adapter.state).alpha_dtypes
-    out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": u.B}
-    alpha = _alpha_tensor(u, recorded[name] if name in recorded else "F32")
+    up, scale = (u.B, u.scale) if _alpha_reads_back(u.scale, u.rank) else (_folded_up(where, u), 1.0)
+    out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": up}
+    alpha = _alpha_tensor(scale, u.rank, recorded[name] if name in recorded else "F32")
     if alpha is not None:
         out[name + ".alpha"] = alpha
     if u.magnitude is not None:
@@ -279,11 +283,44 @@ def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Te
     return out
 
 
-def _alpha_tensor(u: LoraUpdate, dtype: str | None) -> Tensor | None:
-    """u's alpha (scale * rank) as a scalar of `dtype` if it holds the value exactly, else F32;
+def _alpha_reads_back(scale: float, rank: int) -> bool:
+    """Whether an `.alpha` of scale * rank reads back as that scale: kohya's loaders (and lorafuse's) take
+    alpha 0 as alpha = rank, and read alpha as float32, where a tiny value is 0 and a huge one inf."""
+    value = scale * rank
+    with np.errstate(over="ignore", under="ignore"):
+        as_read = np.float32(value)
+    return value != 0 and as_read != 0 and bool(np.isfinite(as_read))
+
+
+def _folded_up(where: str, u: LoraUpdate) -> Tensor:
+    """lora_up times u's scale, in lora_up's dtype (F32 for one lorafuse does not write): for a scale whose
+    alpha would not read back (_alpha_reads_back), the scale goes into the factor and alpha is the rank.
+    Scale 0 gives a zero lora_up (kohya reads alpha 0 as alpha = rank: full strength)."""
+    with np.errstate(over="ignore", under="ignore"):
+        b64 = u.B.f32().astype(np.float64) * u.scale
+        b = b64.astype(np.float32)
+    if not np.isfinite(b).all():
+        raise UnsupportedError(f"{where}: scale {u.scale:.4g} times lora_up is beyond float32's range: the kohya "
+                               "format cannot store this module")
+    if u.B.dtype == "F64":
+        return Tensor.from_array(b64)
+    up = Tensor.from_array(b)
+    return up.to(u.B.dtype) if u.B.dtype in WRITABLE_FLOATS and u.B.dtype != "F32" else up
+
+
+def written_alpha(u: Update) -> float:
+    """The alpha the file holds for `u` as float32 reads it: scale * rank, or the rank when the scale goes
+    into lora_up (_folded_up)."""
+    if not _alpha_reads_back(u.scale, u.rank):
+        return float(u.rank)
+    return float(np.float32(u.scale * u.rank))
+
+
+def _alpha_tensor(scale: float, rank: int, dtype: str | None) -> Tensor | None:
+    """The alpha scale * rank as a scalar of `dtype` if it holds the value exactly, else F32;
     None (no tensor) for dtype None and scale 1."""
-    value = u.scale * u.rank
-    if dtype is None and u.scale == 1.0:
+    value = scale * rank
+    if dtype is None and scale == 1.0:
         return None
     if dtype == "F64":
         return Tensor(np.array(value, dtype=np.float64), "F64")
@@ -354,7 +391,7 @@ def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
         return
     meta.setdefault("ss_network_module", "networks.lora")
     meta.setdefault("ss_network_dim", str(int(most_common([float(u.rank) for u in updates]))))
-    meta.setdefault("ss_network_alpha", str(most_common([float(np.float32(u.scale * u.rank)) for u in updates])))
+    meta.setdefault("ss_network_alpha", str(most_common([written_alpha(u) for u in updates])))
 
 
 def kohya_plan(adapter: Adapter) -> WritePlan:
@@ -385,9 +422,10 @@ def kohya_plan(adapter: Adapter) -> WritePlan:
 def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),
                overwrite: bool = False) -> Path:
     """Write `adapter` as one kohya `.safetensors` file, atomically. Factors keep their stored dtype;
-    `.alpha` equals scale * rank, so each module's scale is kept (see kohya_tensors for its dtype and
-    when it is left out). LoHa / LoKr updates are refused: convert them to LoRA first. sd-scripts' model
-    hashes in the metadata, when present, are recomputed for the tensors written. The metadata gets
+    `.alpha` equals scale * rank, so each module's scale is kept (see kohya_tensors for its dtype, when
+    it is left out, and the scales that go into lora_up instead: 0 among them). LoHa / LoKr updates are
+    refused: convert them to LoRA first. sd-scripts' model hashes in the metadata, when present, are
+    recomputed for the tensors written. The metadata gets
     lorafuse's mark (`lorafuse_version`); an existing file without it is refused unless `overwrite`."""
     return write_adapter(kohya_plan(adapter), adapter.updates, out, inputs, overwrite)
 

@@ -45,12 +45,31 @@ _ALIASES = {
 }
 
 
-def parse_output_dtype(text: str) -> str:
-    """'bf16', 'bfloat16', 'BF16', 'torch.bfloat16' ... -> 'BF16'."""
-    key = text.strip().removeprefix("torch.")
+_SPELLINGS = "'fp32', 'fp16', 'bf16' (or float32, float16, bfloat16, torch.bfloat16, numpy.float16, ...)"
+
+
+def dtype_spelling(value: object) -> str | None:
+    """An output dtype as text: a str as it is, a torch dtype as 'torch.bfloat16', a numpy dtype (or scalar
+    type, np.float16) as its name ('float16'); None stays None. Anything else: LorafuseValueError."""
+    if value is None or isinstance(value, str):
+        return value
+    if type(value).__module__.startswith("torch") and type(value).__name__ == "dtype":
+        return str(value)  # 'torch.bfloat16'
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return np.dtype(value).name
+    raise LorafuseValueError(f"dtype must be one of {_SPELLINGS}, a torch dtype or a numpy dtype, got "
+                             f"{value!r} ({type(value).__name__})")
+
+
+def parse_output_dtype(value: object) -> str:
+    """'bf16', 'bfloat16', 'BF16', 'torch.bfloat16', torch.bfloat16, np.float16 ... -> 'BF16' / 'F16' / 'F32'."""
+    text = dtype_spelling(value)
+    if text is None:
+        raise LorafuseValueError(f"dtype must be one of {_SPELLINGS}, got None")
+    key = text.strip().removeprefix("torch.").removeprefix("numpy.").removeprefix("np.")
     name = _ALIASES.get(key.lower(), key.upper())
     if name not in WRITABLE_FLOATS:
-        raise LorafuseValueError(f"output dtype {text!r} is not one of float32, float16, bfloat16")
+        raise LorafuseValueError(f"output dtype {text!r} is not one of float32, float16, bfloat16 ({_SPELLINGS})")
     return name
 
 

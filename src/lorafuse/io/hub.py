@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
-from lorafuse.errors import FormatError, UnsupportedError
+from lorafuse.errors import FormatError, LorafuseValueError, UnsupportedError
 
 # What lorafuse reads or copies from a model or adapter repository (huggingface_hub's fnmatch patterns: `*`
 # matches `/` too, so each also finds the files of a diffusers pipeline's component folders).
@@ -103,6 +103,18 @@ def parse(spec: str | os.PathLike[str]) -> tuple[str, str | None] | None:
     return repo, rev
 
 
+def check_spec(spec: object, what: str) -> None:
+    """Refuse, naming `what` ('adapter', 'base model', ...) and what is accepted, a value that is not a path
+    (str, bytes or os.PathLike) or a Hub id: None, a number, an Adapter already in memory, ..."""
+    if isinstance(spec, (str, bytes, os.PathLike)):
+        return
+    if type(spec).__name__ == "Adapter":  # (io imports no model: the class is known by name)
+        got = "an Adapter (an adapter in memory has no file to read here: save it first, or pass its path)"
+    else:
+        got = "None" if spec is None else f"{type(spec).__name__} {spec!r}"[:80]
+    raise LorafuseValueError(f"{what}: expected a path (str or os.PathLike) or a Hub id ('org/name'), got {got}")
+
+
 def is_hub_id(spec: str | os.PathLike[str]) -> bool:
     """Whether `spec` has the shape of a Hub id (`org/name`, `org/name@revision`); the text only, see parse."""
     return parse(spec) is not None
@@ -116,6 +128,7 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     Raises UnsupportedError when huggingface_hub is not installed, and FormatError naming the id, the
     revision and what to do when the repository or revision does not exist, is gated or private, is not
     cached while offline, or cannot be reached."""
+    check_spec(spec, what)
     text = os.fsdecode(os.fspath(spec))
     parsed = None if os.path.lexists(text) else parse(text)
     if parsed is None:

@@ -8,6 +8,8 @@ this module imports no format and no operation.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lorafuse.errors import LorafuseValueError
+from lorafuse._validate import check_bool
+from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
@@ -85,7 +88,13 @@ class Adapter:
         adapter's own format. An output that would replace one of `sources()` is refused. `out` may be
         new, an empty folder / file, or an earlier lorafuse output; anything else is refused unless
         `overwrite=True`, which replaces it with an OverwriteWarning saying what was there."""
+        overwrite = check_bool(overwrite, "overwrite")
         spec = get_format(self.format if format is None else format)
+        if not self.updates and not self.full:
+            where = self.label if self.path is not None or not self.derived_from else \
+                f"the adapter computed from {self.derived_from[0]}"
+            raise UnsupportedError(f"{where}: the adapter has no module, and an adapter that targets no module "
+                                   "cannot be loaded (PEFT refuses it): nothing is written")
         return spec.save(self, out, overwrite)
 
     @classmethod
@@ -117,6 +126,9 @@ class Adapter:
 
     # ---- exact arithmetic (factored: ranks add up until to_rank) ------------------------
 
+    # numpy defers to Adapter's operators (np.float64(0.5) * adapter calls __rmul__) instead of broadcasting
+    __array_ufunc__ = None
+
     def __add__(self, other: object) -> Adapter:
         if not isinstance(other, Adapter):
             return NotImplemented
@@ -124,7 +136,8 @@ class Adapter:
 
     def __radd__(self, other: object) -> Adapter:
         """0 + adapter is the adapter (a copy), so that sum([a, b, c]) works."""
-        if isinstance(other, bool) or not isinstance(other, int | float) or other != 0:
+        x = scalar_value(other)
+        if x is None or x != 0:
             return NotImplemented
         return self * 1.0
 
@@ -136,19 +149,27 @@ class Adapter:
     def __neg__(self) -> Adapter:
         return self * -1.0
 
-    def __mul__(self, c: float) -> Adapter:
-        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)):
+    def __mul__(self, c: object) -> Adapter:
+        """adapter * c (and c * adapter): c a real number, a numpy scalar or a 0-d array / tensor; a NaN or
+        infinite c, or a result whose scale float32 cannot hold, is refused (LorafuseValueError)."""
+        x = scalar_value(c)
+        if x is None:
             return NotImplemented
-        return scaled(self, float(c))
+        if not math.isfinite(x):
+            raise LorafuseValueError(f"adapter * {x}: the factor must be a finite number")
+        return scaled(self, x, f"adapter * {x:g}")
 
     __rmul__ = __mul__
 
-    def __truediv__(self, c: float) -> Adapter:
-        if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)):
+    def __truediv__(self, c: object) -> Adapter:
+        x = scalar_value(c)
+        if x is None:
             return NotImplemented
-        if c == 0:
+        if x == 0:
             raise LorafuseValueError("adapter / 0: division by zero")
-        return self * (1.0 / float(c))
+        if not math.isfinite(x):
+            raise LorafuseValueError(f"adapter / {x}: the divisor must be a finite number")
+        return scaled(self, 1.0 / x, f"adapter / {x:g}")
 
     def __repr__(self) -> str:
         """One line: format, modules, ranks, factor dtypes and where it comes from (never the arrays)."""
@@ -171,6 +192,35 @@ class Adapter:
         return norm(self, threads)
 
 
+
+
+def scalar_value(c: object) -> float | None:
+    """`c` as a float when it is a scalar: a real number (not a bool), a numpy scalar, or a 0-d numpy array /
+    torch tensor of a real number; else None (the operator returns NotImplemented)."""
+    if getattr(c, "ndim", None) == 0 and hasattr(c, "item") and not isinstance(c, numbers.Number):
+        c = c.item()
+    if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
+        return None
+    return float(c)
+
+
+def refuse_one(adapters: object, what: str) -> None:
+    """Refuse one path (or one Adapter) where `what` takes several: iterated, a path would be read character
+    by character ('/: not a recognised adapter'), an Adapter module name by module name."""
+    if isinstance(adapters, (str, bytes, os.PathLike, Adapter)):
+        raise LorafuseValueError(
+            f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), not one "
+            f"{type(adapters).__name__}: for one adapter, give a list of one ([adapter])")
+    if not hasattr(adapters, "__iter__"):
+        raise LorafuseValueError(f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), "
+                                 f"got {type(adapters).__name__}")
+
+
+def adapter_list(adapters: object, what: str) -> list[Any]:
+    """The adapters `what` takes as a list: any iterable (a generator is read once, here), never one path or
+    one Adapter (refuse_one)."""
+    refuse_one(adapters, what)
+    return list(adapters)  # type: ignore[call-overload]
 
 
 def _tensor_format(name: str) -> FormatSpec:

@@ -20,7 +20,7 @@ import numpy as np
 
 from lorafuse._validate import check_rank, check_threads
 from lorafuse.backends import FactorJob, get_backend
-from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.spectral import batches, factor_cost
@@ -29,6 +29,7 @@ from lorafuse.model.update import Update
 if TYPE_CHECKING:  # the class of the adapters: new ones are made with type(template)(...)
     from lorafuse.model.adapter import Adapter
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 SVD_GROUP = 64  # modules per call into the backend: only one group's factors exist at a time
 SVD_GROUP_ELEMENTS = 1 << 25  # and at most this many factor elements (or one module)
 # adapter_config.json fields that describe the inputs' ranks and scales, not the result's
@@ -180,15 +181,44 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
     check_shared(adapters, "adapter arithmetic")
     updates = {}
     for name, ts in terms_by_module(adapters, [w for w, _ in terms]).items():
-        b, a = stack(ts, 0, coef_on="A")
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, naming the module
+            b, a = stack(ts, 0, coef_on="A")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise _not_finite(name, ts, adapters)
         updates[name] = ts[0][1].with_factors(b, a)
     return result(adapters[0], updates, adapters)
 
 
-def scaled(adapter: Adapter, c: float) -> Adapter:
-    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged)."""
+def _not_finite(name: str, terms: Sequence[tuple[float, Update]], adapters: Sequence[Adapter]) -> LorafuseError:
+    """The error of a sum whose factors for module `name` are not finite: NonFiniteError naming the adapter
+    whose own factors hold NaN / Inf, else LorafuseValueError (scale times factor beyond float32)."""
+    for a in adapters:
+        u = a.updates.get(name)
+        if u is not None and not all(np.isfinite(f).all() for f in u.stored_factors()):
+            return NonFiniteError(f"adapter arithmetic: {a.label}: module {name!r} holds NaN or Inf in its factors")
+    scales = ", ".join(f"{w * u.scale:.4g}" for w, u in terms)
+    return LorafuseValueError(f"adapter arithmetic: module {name!r}: the factors times their weighted scales "
+                              f"({scales}) overflow float32 (largest {FLOAT32_MAX:.4g})")
+
+
+def _checked_scale(what: str, name: str, u: Update, scale: float) -> float:
+    """`scale` when a file can hold it: finite, and alpha = scale * rank (what kohya and PEFT files store)
+    within float32's range; else LorafuseValueError naming the operation and the module."""
+    if not math.isfinite(scale) or abs(scale) * u.rank > FLOAT32_MAX:
+        raise LorafuseValueError(
+            f"{what}: module {name!r} would get scale {scale:.4g} (alpha = scale x rank {u.rank} = "
+            f"{scale * u.rank:.4g}), beyond float32's largest number {FLOAT32_MAX:.4g}: no adapter format holds it")
+    return scale
+
+
+def scaled(adapter: Adapter, c: float, what: str = "adapter arithmetic") -> Adapter:
+    """c * adapter: the same factors with every scale multiplied by c (exact, rank unchanged). A non-finite
+    c, or a scale float32 cannot hold, is refused (LorafuseValueError naming `what`, the operation)."""
+    if not math.isfinite(c):
+        raise LorafuseValueError(f"{what}: the factor {c} is not a finite number")
     check_linear([adapter], "adapter arithmetic")
-    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=u.scale * c) for n, u in adapter.updates.items()}
+    updates: dict[str, Update] = {n: dataclasses.replace(u, scale=_checked_scale(what, n, u, u.scale * c))
+                                  for n, u in adapter.updates.items()}
     return type(adapter)(updates=updates, config=dict(adapter.config), format=adapter.format,
                          derived_from=adapter.sources(), state=copy.deepcopy(adapter.state))
 

@@ -191,11 +191,10 @@ def factors_dtype(dtypes: Iterable[str]) -> str:
 
 def check_dtype(dtype: object) -> str | None:
     """None, or the safetensors name ('F32', 'F16', 'BF16') of an output dtype given as 'fp32', 'fp16',
-    'bf16' or an alias io.dtypes accepts ('float', 'half', 'bfloat16', 'torch.float16', ...)."""
+    'bf16', an alias io.dtypes accepts ('float', 'half', 'bfloat16', 'torch.float16', ...) or a torch / numpy
+    dtype (torch.bfloat16, np.float16)."""
     if dtype is None:
         return None
-    if not isinstance(dtype, str):
-        raise LorafuseValueError(f"dtype must be 'fp32', 'fp16', 'bf16' or None, got {dtype!r}")
     return parse_output_dtype(dtype)
 
 

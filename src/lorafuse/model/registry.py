@@ -1,5 +1,6 @@
 """The registry of adapter formats: each format module registers how to recognise, read and write
-its files; detection, loading and `Adapter.save` go through it.
+its files; detection, loading and `Adapter.save` go through it. Asked for a format, it imports
+lorafuse.formats first if nothing has (`import lorafuse` is lazy).
 
 The registry lives in the data model so that `Adapter.save` finds a format without importing
 lorafuse.formats: the format modules fill it in when they are imported (lorafuse/__init__ imports
@@ -8,7 +9,9 @@ lorafuse.formats). A new format is one module under formats/ that calls `registe
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +61,18 @@ def register(spec: FormatSpec) -> FormatSpec:
     return spec
 
 
+def _loaded() -> dict[str, FormatSpec]:
+    """The registry, with lorafuse's own formats in it: `import lorafuse` imports lorafuse.formats only when first
+    used (lorafuse/__init__'s lazy names), so `lorafuse.Adapter.from_state_dict(...).save(...)` in a fresh process
+    would find no format. Imported here at call time (the model layer imports no format at import time)."""
+    if "lorafuse.formats" not in sys.modules:
+        importlib.import_module("lorafuse.formats")
+    return _FORMATS
+
+
 def formats() -> list[FormatSpec]:
     """The registered formats in sniffing order."""
-    return sorted(_FORMATS.values(), key=lambda s: (s.priority, s.name))
+    return sorted(_loaded().values(), key=lambda s: (s.priority, s.name))
 
 
 def names() -> list[str]:
@@ -69,7 +81,7 @@ def names() -> list[str]:
 
 def get_format(name: str) -> FormatSpec:
     """The format called `name`; LorafuseValueError naming the known ones otherwise."""
-    spec = _FORMATS.get(name) if isinstance(name, str) else None
+    spec = _loaded().get(name) if isinstance(name, str) else None
     if spec is None:
         known = names()
         listed = ", ".join(repr(n) for n in known[:-1]) + (f" and {known[-1]!r}" if len(known) > 1 else

@@ -19,12 +19,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
-import math
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse._progress import PhaseTimer, ProgressCallback, ProgressReporter, progress_callback
-from lorafuse._terminal import plural
-from lorafuse._validate import check_threads
+from lorafuse._validate import check_bool, check_optional_bool, check_threads, check_weights
 from lorafuse.backends import Backend, MergeJob, backend_for_device
 from lorafuse.errors import (
     FormatError,
@@ -43,7 +41,7 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
-from lorafuse.io.dtypes import DTYPES, parse_output_dtype
+from lorafuse.io.dtypes import DTYPES, dtype_spelling, parse_output_dtype
 from lorafuse.io.hub import local_path
 from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
 from lorafuse.io.pipeline import Pipeline, is_pipeline
@@ -64,6 +62,7 @@ from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSp
 from lorafuse.io.sidefiles import classify, copy_entry, copy_file
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
+from lorafuse.model.adapter import adapter_list
 from lorafuse.ops.apply_plan import (
     MIN_SHARD_SIZE,
     ModelPlan,
@@ -563,11 +562,11 @@ def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -
 
 def apply(
     base: str | os.PathLike[str],
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    weights: Sequence[float] | None = None,
+    adapters: Iterable[str | os.PathLike[str] | Adapter],
+    weights: Iterable[float] | None = None,
     out: str | os.PathLike[str] | None = None,
     *,
-    dtype: str | None = None,
+    dtype: object = None,
     threads: int = 0,
     max_shard_size: str | int | None = None,
     progress: ProgressCallback | bool | None = None,
@@ -583,8 +582,10 @@ def apply(
     `out` is a file too: a single-file SD 1.5 / SDXL / Flux checkpoint, say), or a diffusers
     pipeline folder (model_index.json; the touched components are merged, the rest copied).
     Diffusion adapters (kohya, LyCORIS, diffusers LoRA files) find their weights through the
-    SD / SDXL / Flux / text-encoder name tables. `weights` multiply each adapter's delta
-    (default 1). `dtype` ('bf16', 'fp16', 'fp32') overrides the output dtype of float tensors.
+    SD / SDXL / Flux / text-encoder name tables. `adapters` may be any iterable (a generator is read
+    once), never one path. `weights` multiply each adapter's delta (default 1): finite real numbers,
+    one per adapter, as a sequence, an iterable or a 1-D array / tensor. `dtype` ('bf16', 'fp16',
+    'fp32', an alias, or a torch / numpy dtype) overrides the output dtype of float tensors.
     Every module that finds no target is listed in a MissingModuleError, unless `skip_missing`
     (then they are listed in the report's notes). `out` may be new, an empty folder (file) or an
     earlier lorafuse output; anything else is refused before any work unless `overwrite` (see io.atomic).
@@ -606,6 +607,14 @@ def apply(
     from its embedding), with `max_shard_size`, and for a diffusers pipeline base (a folder of components).
     """
     start = time.monotonic()
+    # read once here (generators), then checked: prepare_apply and the provenance see the same lists
+    adapters = adapter_list(adapters, "apply")
+    weights = None if weights is None else check_weights(weights, len(adapters))
+    allow_nonfinite = check_bool(allow_nonfinite, "allow_nonfinite")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each ProgressEvent), "
+                                 f"got {progress!r}")
+    dtype = dtype_spelling(dtype)  # a torch / numpy dtype as its name: the provenance records it as text
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
     mplan, out_path, one_file, inputs, limit = s.mplan, s.out, s.one_file, s.inputs, s.limit
@@ -659,11 +668,11 @@ class ApplySetup:
 
 def prepare_apply(
     base: str | os.PathLike[str],
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    weights: Sequence[float] | None = None,
+    adapters: Iterable[str | os.PathLike[str] | Adapter],
+    weights: Iterable[float] | None = None,
     out: str | os.PathLike[str] | None = None,
     *,
-    dtype: str | None = None,
+    dtype: object = None,
     threads: int = 0,
     max_shard_size: str | int | None = None,
     skip_missing: bool = False,
@@ -676,13 +685,12 @@ def prepare_apply(
     planned, the output's name checked (io.atomic). Raises what apply raises for them; writes nothing."""
     if out is None:
         raise LorafuseValueError("apply needs an output path")
+    adapters = adapter_list(adapters, "apply")
     if not adapters:
         raise LorafuseValueError("apply needs at least one adapter")
-    ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(ws) != len(adapters):
-        raise LorafuseValueError(f"{plural(len(ws), 'weight')} given for {plural(len(adapters), 'adapter')}")
-    if not all(math.isfinite(w) for w in ws):
-        raise LorafuseValueError(f"weights must be finite numbers, got {ws}")
+    ws = [1.0] * len(adapters) if weights is None else check_weights(weights, len(adapters))
+    skip_missing, overwrite = check_bool(skip_missing, "skip_missing"), check_bool(overwrite, "overwrite")
+    requantize = check_optional_bool(requantize, "requantize")
     threads = check_threads(threads)
     backend = backend_for_device(device)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse._progress import Progress
-from lorafuse._validate import check_oversample, check_power_iters, check_seed, check_threads, full_rank
+from lorafuse._validate import (
+    check_optional_bool,
+    check_oversample,
+    check_power_iters,
+    check_seed,
+    check_threads,
+    full_rank,
+)
 from lorafuse.backends import Backend, ExtractJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
@@ -85,7 +92,10 @@ def extract(
     on a terminal / never. `lorafuse.extract` takes the rule as keyword arguments (rank=,
     sv_ratio=, ...), can write the result, and documents each parameter. `device` 'cuda' forms each
     difference and takes the SVD's products on the GPU (DeviceError when this build or machine cannot).
+    An extraction with nothing in it is refused (UnsupportedError): `include` / `exclude` that leave no
+    weight matrix (before any is read), or no module that differs from the base.
     """
+    progress = check_optional_bool(progress, "progress")
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                         oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device)
     cb, cf, work, conv1d, k_max, backend = x.base, x.finetuned, x.work, x.conv1d, x.k_max, x.backend
@@ -150,9 +160,21 @@ def extract(
         for f in files.values():
             f.close()
         bar.close()
+    if not result.adapter.updates and not full:
+        rec.close()
+        raise _nothing_differs(finetuned, result.unchanged)
     result.adapter = extracted(base, base_config, result.adapter.updates, full)
     result.adapter.provenance = rec.result()
     return result
+
+
+def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int) -> UnsupportedError:
+    """The refusal of an extract in which no module differs from the base: its adapter would target no module,
+    which PEFT refuses to load (NoMatchingPeftModuleError)."""
+    return UnsupportedError(
+        f"{finetuned}: no module of the fine-tuned model differs from the base ({unchanged} weight matrices "
+        "compared, all equal): the adapter would target no module, which PEFT refuses to load; nothing is "
+        "written (is it the same checkpoint as the base?)")
 
 
 def _checkpoint_input(name: str | os.PathLike[str], ckpt: Checkpoint, role: str) -> InputSpec:
@@ -263,8 +285,30 @@ def prepare_extract(
     for key in cf.keys():
         if key not in cb:
             skipped.append(f"{key}: only in the fine-tuned model")
+    if not work and not full:
+        raise _nothing_to_extract(cb, include, exclude, embeddings, skipped)
     return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, k_max, oversample, power_iters, seed,
                         threads, backend)
+
+
+def _nothing_to_extract(cb: Checkpoint, include: str | None, exclude: str | None, embeddings: str,
+                        skipped: list[str]) -> UnsupportedError:
+    """The refusal of an extract that has no weight matrix to extract (before any is read): the include /
+    exclude patterns leave none, or the checkpoint holds none (embeddings alone, skipped or kept whole)."""
+    matrices = [k.removesuffix(".weight") for k in cb.keys()
+                if k.endswith(".weight") and len(cb.info(k).shape) in (2, 3, 4) and not _is_embedding(k[:-7])]
+    shown = ", ".join(repr(m) for m in matrices[:3]) + (", ..." if len(matrices) > 3 else "")
+    if include or exclude:
+        given = " and ".join(f"{n}={v!r}" for n, v in (("include", include), ("exclude", exclude)) if v)
+        why = (f"no module matched {given} (regular expressions searched in module names such as {shown})"
+               if matrices else f"{cb.location} has no weight matrix")
+    elif embeddings == "skip":
+        why = f"{cb.location} has no weight matrix to extract but embeddings, and embeddings='skip'"
+    else:
+        why = f"{cb.location} has no weight matrix to extract"
+    notes = f" ({'; '.join(skipped[:3])})" if skipped else ""
+    return UnsupportedError(f"{why}{notes}: the adapter would target no module, which PEFT refuses to load; "
+                            "nothing is extracted")
 
 
 def _layer_type(model: ModelInfo, module: str, key: str, base: Path) -> str:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
 from lorafuse.backends import InnerJob, get_backend
-from lorafuse.errors import LorafuseValueError, ShapeMismatchError
+from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchError
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
+from lorafuse.model.adapter import adapter_list
 from lorafuse.model.arithmetic import module_examples, shared_modules
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
@@ -82,9 +83,9 @@ def _module_cost(holders: list[tuple[int, Update]]) -> tuple[float, int]:
     return flops, sum(ranks) * (rows + cols) * 2
 
 
-def gram(adapters: Sequence[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
-    """G[i, j] = <delta_i, delta_j>_F over all modules, in float64."""
-    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+def gram(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
+    """G[i, j] = <delta_i, delta_j>_F over all modules, in float64 (any iterable of adapters, not one)."""
+    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapter_list(adapters, "similarity")]
     batch = _Batch(len(loaded), threads)
     names = list(dict.fromkeys(name for a in loaded for name in a.updates))
     for name in names:
@@ -105,15 +106,33 @@ def gram(adapters: Sequence[str | os.PathLike[str] | Adapter], threads: int = 0)
     return np.triu(g) + np.triu(g, 1).T
 
 
-def similarity(adapters: Sequence[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
-    """Cosine similarity matrix of the adapters' deltas (all modules together)."""
-    if len(adapters) < 1:
+def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
+    """Cosine similarity matrix of the adapters' deltas (all modules together). `adapters`: any iterable (a
+    generator too), never one path. An adapter whose delta holds NaN or Inf is refused (NonFiniteError
+    naming it and the module): its similarities would mean nothing."""
+    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapter_list(adapters, "similarity")]
+    if len(loaded) < 1:
         raise LorafuseValueError("similarity needs at least one adapter")
-    g = gram(adapters, threads)
+    g = gram(loaded, threads)
+    if not np.isfinite(g).all():
+        raise _non_finite(loaded, g, threads)
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
+
+
+def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFiniteError:
+    """The error of a Gram matrix holding NaN / Inf: the first adapter (numbered from 1) whose own norm is not
+    finite, and its first such module."""
+    bad = [i for i in range(len(loaded)) if not np.isfinite(g[i, i])] or \
+        [int(i) for i in np.argwhere(~np.isfinite(g))[0]]
+    i = bad[0]
+    norms = loaded[i].norms(threads)
+    module = next((n for n, v in norms.items() if not np.isfinite(v)), None)
+    where = f"module {module!r}" if module is not None else "its modules together"
+    return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where} has a delta holding NaN or Inf "
+                          "(in its factors or its scale): its similarities would be meaningless")
 
 
 def unshared_pairs(adapters: Sequence[Adapter]) -> list[tuple[int, int]]:

@@ -46,26 +46,31 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse._validate import (
+    check_bool,
     check_float,
+    check_optional_bool,
     check_optional_rank,
     check_seed,
     check_threads,
     check_weights,
+    weight_list,
 )
 from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
+from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import Provenance, Recording, adapter_input
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
 from lorafuse.ops.combine import many, ray_engine
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
-from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help
+from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help, methods_with
 from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_by_module
 
 EXACT = tuple(n for n, m in REGISTRY.items() if m.exact)
@@ -76,32 +81,62 @@ __all__ = ["CombineOptions", "CombineReport", "CombineSetup", "EXACT", "GROUP_BY
 
 
 def check_options(options: CombineOptions) -> CombineOptions:
-    """The options with checked values, or the error of the first that its method does not take."""
+    """The options with checked values, or the error of the first that its method does not take (an option
+    at its default value is never refused: see _check_used)."""
     method = REGISTRY.get(options.method) if isinstance(options.method, str) else None
     if method is None:
         raise LorafuseValueError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     o = dataclasses.replace(
         options, threads=check_threads(options.threads), seed=check_seed(options.seed),
         rank=check_optional_rank(options.rank, "rank"), conv_rank=check_optional_rank(options.conv_rank, "conv_rank"),
-        density=None if options.density is None else check_float(options.density, "density", 0.0, 1.0))
+        density=None if options.density is None else check_float(options.density, "density", 0.0, 1.0,
+                                                                  lo_open=True),
+        exact=check_bool(options.exact, "exact"), progress=check_optional_bool(options.progress, "progress"))
     check_split(o.split)
     if o.majority_sign not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}")
     if method.takes_density and o.density is None:
         raise LorafuseValueError(f"method {o.method!r} needs a density: the fraction of entries it keeps, between 0 "
                                  "and 1 (e.g. --density 0.5 on the command line, density=0.5 in Python)")
-    if not method.takes_density and o.density is not None:
-        raise LorafuseValueError(f"method {o.method!r} takes no density")
-    if not method.takes_rank and (o.rank is not None or o.conv_rank is not None):
-        raise LorafuseValueError(f"method {o.method!r} takes no rank (it is defined by the inputs)")
-    if o.exact and o.method != "svd":
-        raise LorafuseValueError(f"method {o.method!r} has no exact switch (exact applies to method 'svd')")
+    _check_used(o, method)
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
     many.check_stream_options(o)
+    if o.engine == "memory" and o.passes is not None:
+        raise LorafuseValueError(f"passes={o.passes} applies to the streamed engine (engine 'stream', or 'auto', "
+                                 "which passes selects), not to engine 'memory', which reads every adapter once: "
+                                 "leave passes out or choose engine 'stream'")
     if o.engine == "ray":
         ray_engine.require_ray()  # before any work: without ray, say how to install it
     return dataclasses.replace(o, dtype=check_dtype(o.dtype), device=check_device(o.device))
+
+
+# What a method that does not use an option says about it: (option, Method flag, why the method has no use for it).
+_UNUSED = (
+    ("rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
+    ("conv_rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
+    ("density", "takes_density", "takes no density"),
+    ("split", "takes_split", "takes no split (it ends in no SVD whose singular values to place)"),
+    ("majority_sign", "uses_majority_sign", "takes no majority_sign (it elects no sign)"),
+    ("seed", "uses_seed", "takes no seed (nothing in it is random)"),
+    ("exact", "takes_exact", "has no exact switch"),
+)
+# The defaults, which lorafuse.combine and the CLI pass whatever the method: never refused.
+_DEFAULTS: dict[str, object] = {"rank": None, "conv_rank": None, "density": None, "split": "B",
+                                "majority_sign": "total", "seed": 0, "exact": False}
+
+
+def _check_used(o: CombineOptions, method: Method) -> None:
+    """Refuse an option given (not at its default) that `method` does not use, naming the option and the methods
+    that take it (the registry's flags): one rule for every option, instead of some refused, some ignored."""
+    for option, flag, why in _UNUSED:
+        if getattr(o, option) == _DEFAULTS[option] or getattr(method, flag):
+            continue
+        takers = methods_with(flag)
+        names = ", ".join(repr(n) for n in takers)
+        head = f"{option}: " if option == "conv_rank" else ""
+        raise LorafuseValueError(f"{head}method {o.method!r} {why}: {option} applies to "
+                                 f"{'method' if len(takers) == 1 else 'methods'} {names}")
 
 
 def combine(
@@ -133,13 +168,16 @@ def combine(
     `exact=True` keeps method svd on the exact path for every module, however many adapters
     are stacked (by default modules with a large stacked rank use a randomized SVD through
     the factors; they are listed in the result's `randomized`).
-    `density` (0..1) is required by the ties / dare / magnitude_prune methods; DARE's random
-    masks come from `seed` and the module name, so results do not depend on thread count.
+    `density` (0 < density <= 1) is required by the ties / dare / magnitude_prune methods; DARE's random
+    masks come from `seed` and the module name, so results do not depend on thread count. An option the
+    method does not use (`split` with linear, `seed` with ties, `passes` with engine='memory', ...) is
+    refused naming the methods that take it; at its default value it is accepted by every method.
     `dtype` ('fp32', 'fp16', 'bf16'; kohya's --save_precision) is the dtype of the result's factors; by
     default the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32 (with an
     AdapterNote). The math is float32 / float64 either way: only the result is rounded, once.
     `device` 'cuda' runs the SVDs' products on the GPU (DeviceError when this build or machine cannot).
-    `adapters` (and `weights`) may be any iterable, a generator too. Many adapters (or `passes`, or
+    `adapters` (and `weights`) may be any iterable, a generator too (not one path: [path]); `weights` also a
+    1-D array or tensor. Many adapters (or `passes`, or
     engine='stream') take the streamed engine of ops.combine.many: each adapter is read once per pass and
     memory does not grow with their number; `passes` (default 3: one power iteration; 2: range and projection;
     1: single-pass sketch) applies to svd; `progress` draws a bar over the adapters read.
@@ -180,11 +218,26 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     if o.method != "cat":  # cat keeps disjoint modules side by side on purpose
         check_shared(loaded, f"combine --method {o.method}")
     by_module = terms_by_module(loaded, ws)
+    if not by_module:
+        raise _no_module([a.label for a in loaded])
     if method.check is not None:
         method.check(o.method, by_module)
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
     return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"), [float(w) for w in ws])
+
+
+def _no_module(labels: Sequence[str]) -> UnsupportedError:
+    """The refusal of a combination whose inputs hold no module at all."""
+    shown = ", ".join(labels[:3]) + (", ..." if len(labels) > 3 else "")
+    return UnsupportedError(f"combine: the adapters ({shown}) hold no module: the result would target no module, "
+                            "which PEFT refuses to load; nothing is combined")
+
+
+def _spelled(options: CombineOptions) -> CombineOptions:
+    """`options` with a torch / numpy dtype given as its name ('torch.float16'): the provenance records the options
+    as text (check_options checks the value)."""
+    return dataclasses.replace(options, dtype=dtype_spelling(options.dtype))
 
 
 def _outputs(p: _Prepared) -> Iterator[Output]:
@@ -205,6 +258,9 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     untouched, and so does a sequence of Adapters already loaded, however long: they are open already, and
     the in-memory path drops each group's mapped input pages once it is done (streaming them would keep every
     page they touch resident)."""
+    refuse_one(adapters, "combine")
+    if weights is not None:  # checked (and a generator read) once here; their count once the adapters are known
+        weights = weight_list(weights)
     o = check_options(options)
     if (o.engine == "auto" and o.passes is None and isinstance(adapters, Sequence)
             and (len(adapters) <= many.memory_max_adapters() or all(isinstance(a, Adapter) for a in adapters))
@@ -215,6 +271,8 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     if o.engine == "ray":
         ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
     plan = many.check_sources(sources, ws, o.method)
+    if not plan.modules:
+        raise _no_module([str(x.path) if x.path is not None else x.where for x in plan.sources])
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
         return [s.item for s in sources], ws, None, o
     return [], None, plan, o
@@ -243,6 +301,7 @@ def _recording(items: Sequence[Adapter | many.Source], weights: Sequence[float],
 def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> Adapter:
     """combine() with its options as one CombineOptions. The result's `provenance` records the inputs (their
     sha256), the method and the options (io.provenance); its save() writes them."""
+    options = _spelled(options)
     adapters, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
         dtype = plan.output_dtype(o.dtype)
@@ -302,6 +361,7 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     start = time.perf_counter()
+    options = _spelled(options)
     s = prepare_to(adapters, weights, options)
     o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
     # The header, written first, holds the inputs' sha256: as placeholders while the background threads hash
@@ -353,7 +413,7 @@ def prepare_to(adapters: AnyAdapters, weights: Iterable[float] | None, options: 
     """Everything combine_to does before it opens the output (its arguments' meaning: combine_to): the
     options checked, the adapters read (headers; the in-memory engine maps them), the engine chosen, every
     rule of the method checked and each module's output rank decided. Writes nothing."""
-    adapters, weights, plan, o = _route(adapters, weights, options)
+    adapters, weights, plan, o = _route(adapters, weights, _spelled(options))
     if plan is not None:
         dtype = plan.output_dtype(o.dtype)
         layout = AdapterLayout(many.layout_of(plan, o, dtype))

@@ -26,7 +26,8 @@ class CombineOptions:
     cluster of engine 'ray' (None: the Ray this process has initialized, else a local one); `passes`: the
     streamed svd's passes over the adapters (None: 3, one power iteration; 2: range and projection; 1: a
     single-pass sketch; given, it selects the streamed engine under 'auto'); `progress`: a bar over adapters
-    read (None: when stderr is a terminal)."""
+    read (None: when stderr is a terminal). An option the method does not use, given at other than its default,
+    is refused by check_options naming the methods that take it (the registry's Method flags)."""
 
     method: str = "svd"
     rank: int | None = None

@@ -22,7 +22,9 @@ class Method:
     """A combination method. takes_rank: has an output rank (--rank, --conv-rank); takes_density: needs a
     density (the pruning methods); uses_seed: --seed changes its result (random masks or randomized SVD
     sketches); accepts_lycoris: takes LoHa / LoKr inputs; exact: its result is the exact weighted sum (or
-    its optimal rank-k approximation); help: one line for the CLI; run: the group runner; working_bytes:
+    its optimal rank-k approximation); takes_split: it ends in an SVD whose singular values --split places;
+    uses_majority_sign: it elects signs as TIES does (--majority-sign); takes_exact: it has an exact switch
+    (--exact); help: one line for the CLI; run: the group runner; working_bytes:
     a module's working memory while its group runs (groups are sized by it); per_thread: the modules a
     group takes at least per worker thread, however large (the core spreads a call's modules over the
     threads); check: refusals that need only the shapes, before any work; out_rank: a module's output
@@ -40,6 +42,9 @@ class Method:
     per_thread: int = 0
     check: Callable[[str, Terms], None] | None = None
     out_rank: Callable[[str, list[Term], Context], int] | None = None
+    takes_split: bool = False
+    uses_majority_sign: bool = False
+    takes_exact: bool = False
 
     def rank_of(self, name: str, terms: list[Term], ctx: Context) -> int:
         """Module `name`'s output rank: out_rank's, or the chosen rank of a method that takes one."""
@@ -65,19 +70,19 @@ def _first_rank(name: str, terms: list[Term], ctx: Context) -> int:
 def _factorwise(name: str, density: bool, seed: bool, text: str) -> Method:
     return Method(name, takes_rank=False, takes_density=density, uses_seed=seed, accepts_lycoris=False,
                   exact=False, help=text, run=taskmerge.run_factorwise, working_bytes=taskmerge.factorwise_bytes,
-                  check=taskmerge.check_equal_ranks, out_rank=_first_rank)
+                  check=taskmerge.check_equal_ranks, out_rank=_first_rank, uses_majority_sign="ties" in name)
 
 
 def _dense(name: str, seed: bool, text: str) -> Method:
     return Method(name, takes_rank=True, takes_density=True, uses_seed=seed, accepts_lycoris=True, exact=False,
                   help=text, run=taskmerge.run_dense_svd, working_bytes=taskmerge.dense_bytes, per_thread=2,
-                  check=taskmerge.check_dense_terms)
+                  check=taskmerge.check_dense_terms, takes_split=True, uses_majority_sign="ties" in name)
 
 
 _METHODS = [
     Method("svd", takes_rank=True, takes_density=False, uses_seed=True, accepts_lycoris=True, exact=True,
            help="best rank-k of sum_i c_i B_i A_i, exactly, from QR of the stacked factors",
-           run=svd.run, working_bytes=svd.working_bytes, per_thread=1),
+           run=svd.run, working_bytes=svd.working_bytes, per_thread=1, takes_split=True, takes_exact=True),
     Method("cat", takes_rank=False, takes_density=False, uses_seed=False, accepts_lycoris=True, exact=True,
            help="exact: B' = [B_1 .. B_n], A' = [c_1 A_1; ..; c_n A_n] (rank = sum of ranks)",
            run=_run_cat, working_bytes=_cat_bytes, out_rank=_rank_sum),
@@ -95,6 +100,11 @@ _METHODS = [
 
 REGISTRY: dict[str, Method] = {m.name: m for m in _METHODS}
 METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def methods_with(flag: str) -> tuple[str, ...]:
+    """The methods whose `flag` (a Method field: 'takes_rank', 'uses_seed', ...) is set, in registry order."""
+    return tuple(m.name for m in REGISTRY.values() if getattr(m, flag))
 
 
 def methods_help(width: int = 21) -> str:
