@@ -332,7 +332,7 @@ def _seed(text: str) -> int:
 
 
 def _density(text: str) -> float:
-    return _bounded_float(text, 0.0, 1.0)
+    return _bounded_float(text, 0.0, 1.0, lo_open=True)
 
 
 def _sv_ratio(text: str) -> float:

@@ -327,6 +327,9 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         if not skip_missing:
             raise missing_error(resolved.missing, str(model.directory))
         notes += [f"skipped (no target): {m}" for m in resolved.missing]
+        if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
+            notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "
+                         "unchanged; is the adapter for another model?")
     plans = {}
     for comp, part in split_by_component(model, resolved).items():
         ckpt = model.components[comp]
