@@ -287,9 +287,11 @@ def test_density_zero_is_refused(llama: pf.Case, second: Path, method: str, tmp_
         with pytest.raises(LorafuseValueError, match=r"density must be a finite number > 0 and <= 1"):
             lorafuse.combine([llama.adapter_dir, second], method=method, density=density)
     out = tmp_path / "o"
-    assert main(["combine", str(llama.adapter_dir), str(second), "--method", method, "--density", "0",
-                 "-o", str(out), "-q"]) == 2
-    assert "density must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused while parsing
+        main(["combine", str(llama.adapter_dir), str(second), "--method", method, "--density", "0", "-o", str(out),
+              "-q"])
+    assert e.value.code == 2
+    assert "argument --density: must be a number > 0 and <= 1" in capsys.readouterr().err
     assert not out.exists()
     full = lorafuse.combine([llama.adapter_dir, second], method=method, density=1.0)
     assert full.norm() > 0

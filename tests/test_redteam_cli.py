@@ -53,3 +53,29 @@ def test_density_zero_is_refused_while_parsing(tmp_path, capsys, density):
     assert e.value.code == 2
     assert "argument --density: must be a number > 0 and <= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_a_non_finite_combine_names_the_input_or_the_weights(tmp_path, capsys, dtype):
+    """The core names the module; the message also says which adapter holds the NaN (in any stored dtype), or,
+    when none does, that the weights overflow float32."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    q = "model.layers.0.self_attn.q_proj"
+    a = _adapter(tmp_path / "a", q)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
+    torch_dtype = torch.bfloat16 if dtype == "BF16" else torch.float32
+    lora_a = torch.ones((R, H), dtype=torch_dtype)
+    lora_a[1, 3] = float("nan")
+    save_torch({f"base_model.model.{q}.lora_A.weight": lora_a,
+                f"base_model.model.{q}.lora_B.weight": torch.ones((H, R), dtype=torch_dtype)},
+               str(bad / "adapter_model.safetensors"))
+    assert main(["combine", str(a), str(bad), "-o", str(tmp_path / "out")]) == 1
+    assert f"adapter 2 ({bad}), module '{q}', holds NaN or Inf" in capsys.readouterr().err
+    b = _adapter(tmp_path / "b", q, 1)
+    assert main(["combine", str(a), str(b), "--weights", "1e300,1e300", "-o", str(tmp_path / "out2")]) == 1
+    assert "every input is finite, so the weighted sum overflows float32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()

@@ -105,7 +105,11 @@ def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B
     for i, (w, u) in enumerate(terms):
         if i:
             b, a = u.stored_factors(threads)
-        c = np.float32(w * u.scale)
+        c64 = w * u.scale
+        if not abs(c64) <= FLOAT32_MAX:  # NaN too
+            raise NonFiniteError(f"term {i + 1}: its coefficient, weight {w:g} times scale {u.scale:g}, is beyond "
+                                 "float32's range")
+        c = np.float32(c64)
         out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
         out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
         at += b.shape[1]

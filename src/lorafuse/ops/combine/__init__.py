@@ -57,7 +57,7 @@ from lorafuse._validate import (
 )
 from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
-from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import Provenance, Recording, adapter_input
@@ -243,8 +243,23 @@ def _spelled(options: CombineOptions) -> CombineOptions:
 def _outputs(p: _Prepared) -> Iterator[Output]:
     """Every module's output, its float32 factors rounded once to the output dtype."""
     spread = max(1, p.method.per_thread * resolve_threads(p.ctx.options.threads))
-    for name, update, was_randomized in stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread):
-        yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized
+    try:
+        for name, update, was_randomized in stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread):
+            yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized
+    except NonFiniteError as e:
+        raise _named_input(p, e) from None
+
+
+def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
+    """The core's NonFiniteError names the module; say which input holds the NaN or Inf, or that none does (the
+    weights or scales overflow float32). Only on the error path: every input's factors are looked at."""
+    for i, a in enumerate(p.loaded, 1):
+        for name, u in a.updates.items():
+            if not all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):  # any stored dtype, widened
+                return NonFiniteError(f"{e}: adapter {i} ({a.label}), module {name!r}, holds NaN or Inf in its "
+                                      "factors")
+    return NonFiniteError(f"{e}: every input is finite, so the weighted sum overflows float32 (weights "
+                          f"{', '.join(f'{w:g}' for w in p.weights)}): use smaller weights")
 
 
 AnyAdapters = Iterable[str | os.PathLike[str] | Adapter] | Iterable[many.Source]
