@@ -76,6 +76,60 @@ def test_a_non_finite_combine_names_the_input_or_the_weights(tmp_path, capsys, d
     assert main(["combine", str(a), str(bad), "-o", str(tmp_path / "out")]) == 1
     assert f"adapter 2 ({bad}), module '{q}', holds NaN or Inf" in capsys.readouterr().err
     b = _adapter(tmp_path / "b", q, 1)
-    assert main(["combine", str(a), str(b), "--weights", "1e300,1e300", "-o", str(tmp_path / "out2")]) == 1
-    assert "every input is finite, so the weighted sum overflows float32" in capsys.readouterr().err
+    assert main(["combine", str(a), str(b), "--weights", "1e300,1e300", "-o", str(tmp_path / "out2")]) == 2
+    assert f"adapter 1 ({a}): module '{q}': weight 1e+300 times its scale 1 is beyond float32's range" in \
+        capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def _nan_adapter(tmp_path: Path, q: str) -> Path:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": R,
+                                                         "target_modules": ["q_proj"]}))
+    lora_b = np.ones((H, R), np.float32)
+    lora_b[2, 1] = np.nan
+    save_file({f"base_model.model.{q}.lora_A.weight": np.ones((R, H), np.float32),
+               f"base_model.model.{q}.lora_B.weight": lora_b}, str(bad / "adapter_model.safetensors"))
+    return bad
+
+
+@pytest.mark.parametrize("extra", [["--passes", "3"], ["--passes", "2"], ["--passes", "1"],
+                                   ["--method", "linear", "--engine", "stream"], ["--method", "cat"]])
+def test_nan_in_a_listed_adapter_is_refused_naming_its_line(tmp_path, capsys, extra):
+    """Every engine and method: the streamed sketches (which met NaN in numpy's SVD: a LinAlgError traceback)
+    and cat and the streamed linear (which wrote NaN factors, exit 0) refuse, naming the list line or adapter."""
+    q = "model.layers.0.self_attn.q_proj"
+    a, b = _adapter(tmp_path / "a", q), _adapter(tmp_path / "b", q, 1)
+    bad = _nan_adapter(tmp_path, q)
+    (tmp_path / "list.txt").write_text(f"\ufeff{a}\r\n{bad}\r\n{b}\r\n")  # Notepad's UTF-8: a BOM, CRLF
+    if "cat" in extra:
+        code = main(["combine", str(a), str(bad), str(b), *extra, "-o", str(tmp_path / "out")])
+        where = f"adapter 2 ({bad}), module '{q}'"
+    else:
+        code = main(["combine", "--from-list", str(tmp_path / "list.txt"), "--rank", "2", *extra, "-o",
+                     str(tmp_path / "out")] if "linear" not in extra else
+                    ["combine", "--from-list", str(tmp_path / "list.txt"), *extra, "-o", str(tmp_path / "out")])
+        where = f"list.txt line 2: module '{q}'"
+    err = capsys.readouterr().err
+    assert code == 1 and where in err and "NaN or Inf" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_overflow_float32_are_refused_in_every_engine(tmp_path, capsys):
+    q = "model.layers.0.self_attn.q_proj"
+    a, b = _adapter(tmp_path / "a", q), _adapter(tmp_path / "b", q, 1)
+    (tmp_path / "list.txt").write_text(f"{a} 1e39\n{b} 1\n")
+    for engine in (["--passes", "2"], []):  # streamed: the line; in memory: the adapter
+        assert main(["combine", "--from-list", str(tmp_path / "list.txt"), "--rank", "2", *engine, "-o",
+                     str(tmp_path / "o")]) == 2
+        assert ("list.txt line 1" if engine else f"adapter 1 ({a})") in capsys.readouterr().err
+    for method in ("cat", "svd"):  # a coefficient that fits float32 but whose products do not
+        assert main(["combine", str(a), str(b), "--method", method, "--weights", "3.4e38,1", "-o",
+                     str(tmp_path / "o")]) == 1
+        assert "every input is finite, so the weighted sum overflows float32" in capsys.readouterr().err
+    (tmp_path / "list2.txt").write_text(f"{a} 1e38\n{b} 1e38\n")
+    assert main(["combine", "--from-list", str(tmp_path / "list2.txt"), "--rank", "2", "--passes", "2", "-o",
+                 str(tmp_path / "o")]) == 1
+    assert "overflows float32 (every input is finite)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

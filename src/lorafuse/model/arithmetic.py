@@ -107,11 +107,12 @@ def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B
             b, a = u.stored_factors(threads)
         c64 = w * u.scale
         if not abs(c64) <= FLOAT32_MAX:  # NaN too
-            raise NonFiniteError(f"term {i + 1}: its coefficient, weight {w:g} times scale {u.scale:g}, is beyond "
-                                 "float32's range")
+            raise LorafuseValueError(f"input {i + 1}: weight {w:g} times its scale {u.scale:g} is beyond float32's "
+                                     "range: use smaller weights")
         c = np.float32(c64)
-        out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
-        out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a message
+            out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
+            out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
         at += b.shape[1]
         del b, a
     return out_b, out_a

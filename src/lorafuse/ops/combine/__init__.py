@@ -64,7 +64,7 @@ from lorafuse.io.provenance import Provenance, Recording, adapter_input
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
-from lorafuse.model.arithmetic import check_linear, check_shared, check_split, result
+from lorafuse.model.arithmetic import FLOAT32_MAX, check_linear, check_shared, check_split, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
 from lorafuse.ops.combine import many, ray_engine
 from lorafuse.ops.combine.context import Context, Output
@@ -220,11 +220,23 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     by_module = terms_by_module(loaded, ws)
     if not by_module:
         raise _no_module([a.label for a in loaded])
+    if o.method != "linear":  # linear takes sqrt(w * scale) in float64; the others multiply factors in float32
+        _check_coefficients(loaded, ws)
     if method.check is not None:
         method.check(o.method, by_module)
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
     return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"), [float(w) for w in ws])
+
+
+def _check_coefficients(loaded: Sequence[Adapter], ws: Sequence[float]) -> None:
+    """Each term's coefficient w_i * s_i must be a float32 (the factors are scaled by it in float32)."""
+    for i, (a, w) in enumerate(zip(loaded, ws), 1):
+        for name, u in a.updates.items():
+            c = float(w) * u.scale
+            if not abs(c) <= FLOAT32_MAX:
+                raise LorafuseValueError(f"adapter {i} ({a.label}): module {name!r}: weight {float(w):g} times its "
+                                         f"scale {u.scale:g} is beyond float32's range: use smaller weights")
 
 
 def _no_module(labels: Sequence[str]) -> UnsupportedError:

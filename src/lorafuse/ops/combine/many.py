@@ -73,7 +73,7 @@ from lorafuse.formats import load
 from lorafuse.io.hub import is_hub_id, local_adapter
 from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
-from lorafuse.model.arithmetic import check_linear, result
+from lorafuse.model.arithmetic import FLOAT32_MAX, check_linear, result
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype
 from lorafuse.model.spectral import is_stored_lora
 from lorafuse.ops.combine.options import CombineOptions
@@ -176,7 +176,7 @@ def _list_text(p: Path) -> str:
     if len(raw) > LIST_MAX_BYTES:
         raise FormatError(f"adapter list {p}: more than the {LIST_MAX_BYTES >> 20} MiB an adapter list may hold")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's UTF-8) is not part of the first path
     except UnicodeDecodeError as e:
         raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start})") from None
     if "\0" in text:
@@ -630,18 +630,19 @@ class _SvdFold:
         """Fold a chunk of adapters' terms sum_i c_i B_i A_i (their float32 factors stacked, stored orientation,
         coef: c_i per stacked rank) into this pass's sketch: one GEMM of inner size sum r_i per product
         (float32 products, accumulated in float64)."""
-        if self.side == "range":
-            t = a @ self.x32
-            t *= coef[:, None]
-            self.acc += b @ t
-            if self.psi32 is not None and self.w_acc is not None:
-                u = self.psi32 @ b
-                u *= coef[None, :]
-                self.w_acc += u @ a
-        else:
-            t = b.T @ self.x32
-            t *= coef[:, None]
-            self.acc += a.T @ t
+        with np.errstate(over="ignore", invalid="ignore"):  # fold_sources checks the sums, with a message
+            if self.side == "range":
+                t = a @ self.x32
+                t *= coef[:, None]
+                self.acc += b @ t
+                if self.psi32 is not None and self.w_acc is not None:
+                    u = self.psi32 @ b
+                    u *= coef[None, :]
+                    self.w_acc += u @ a
+            else:
+                t = b.T @ self.x32
+                t *= coef[:, None]
+                self.acc += a.T @ t
 
     def arrays(self) -> list[np.ndarray]:
         return [self.acc] if self.w_acc is None else [self.acc, self.w_acc]
@@ -717,11 +718,13 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
                 operands[n] = (x.astype(np.float32), _f32(psi))
         folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
     read = 0
-    for stacks, count, nbytes in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
-                                         replays):
+    for stacks, count, nbytes, held in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
+                                               replays):
         for name, stack in stacks.items():
             if stack.filled:
                 folds[name].absorb(*stack.view())
+                if not all(np.isfinite(x).all() for x in folds[name].arrays()):  # small: the sketch, not the data
+                    raise _non_finite(name, held)
         del stacks
         read += nbytes
         if on_chunk is not None:
@@ -876,7 +879,11 @@ def _widen(src: Source, w: float, factors: Iterable[tuple[str, float, int, int, 
     jobs: list[ConvertJob] = []
     read = 0
     for name, scale, r, b_rows, a, b in factors:
-        stacks[name].add(w * scale, r, a, b, b_rows, jobs)
+        c = w * scale
+        if not abs(c) <= FLOAT32_MAX:  # NaN too: the products are float32
+            raise LorafuseValueError(f"{src.where}: module {name!r}: weight {w:g} times its scale {scale:g} is beyond "
+                                     "float32's range: use smaller weights")
+        stacks[name].add(c, r, a, b, b_rows, jobs)
         read += a[0].nbytes + b[0].nbytes
     try:
         backend.convert_into(jobs, 1)
@@ -943,27 +950,41 @@ def _read_replay(src: Source, w: float, rp: Replay, data: np.ndarray, stacks: di
 
 def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: Sequence[float],
             fingerprints: Sequence[object], pass_no: int, chunk: int,
-            replays: Sequence[Replay | None] | None = None) -> Iterator[tuple[dict[str, _Stack], int, int]]:
-    """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read).
-    The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is read)."""
+            replays: Sequence[Replay | None] | None = None
+            ) -> Iterator[tuple[dict[str, _Stack], int, int, list[Source]]]:
+    """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read, their
+    sources). The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is
+    read)."""
     stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in modules.items()}
     backend = get_backend()
     buffer = _ReplayBuffer()
-    held = read = 0
+    held: list[Source] = []
+    read = 0
     for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no, replays):
         if isinstance(adapter, Replay):
             read += _read_replay(src, w, adapter, buffer.read(src, adapter, pass_no), stacks, backend)
         else:
             read += _read(src, w, adapter, stacks, backend)
         del adapter  # its mapping and descriptor go with it
-        held += 1
-        if held >= chunk:
-            yield stacks, held, read
+        held.append(src)
+        if len(held) >= chunk:
+            yield stacks, len(held), read, held
             for st in stacks.values():
                 st.filled = 0
-            held = read = 0
+            held, read = [], 0
     if held:
-        yield stacks, held, read
+        yield stacks, len(held), read, held
+
+
+def _non_finite(name: str, held: Sequence[Source]) -> NonFiniteError:
+    """The error of a chunk whose sum for module `name` is not finite: the adapter of the chunk whose factors hold
+    NaN or Inf (each opened again: the error path only), or, when none does, the sum's overflow."""
+    for src in held:
+        u = _open(src, quiet=True).updates.get(name)
+        if u is not None and not all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):
+            return NonFiniteError(f"{src.where}: module {name!r} holds NaN or Inf in its factors")
+    return NonFiniteError(f"module {name!r}: the weighted sum of {held[0].where} .. {held[-1].where} overflows "
+                          "float32 (every input is finite): use smaller weights")
 
 
 def chunk_size(plan: Plan, budget: int) -> int:

@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from lorafuse.errors import NonFiniteError
 from lorafuse.model.spectral import factor_cost
 from lorafuse.ops.combine import svd, taskmerge
 from lorafuse.ops.combine.context import Context, Output
@@ -52,7 +55,13 @@ class Method:
 
 
 def _run_cat(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
-    return [(n, ts[0].update.with_factors(*stack(ts, ctx.options.threads, coef_on="A")), False) for n, ts in group]
+    out: list[Output] = []
+    for n, ts in group:
+        b, a = stack(ts, ctx.options.threads, coef_on="A")
+        if not (np.isfinite(b).all() and np.isfinite(a).all()):  # the result itself: nothing else checks it
+            raise NonFiniteError(f"{n}: the concatenated factors (B_i, w_i s_i A_i) hold NaN or Inf")
+        out.append((n, ts[0].update.with_factors(b, a), False))
+    return out
 
 
 def _cat_bytes(name: str, terms: list[Term], ctx: Context) -> int:
