@@ -307,7 +307,7 @@ def _with_json(sd, **changes):
     "changes",
     [{"quant_type": "fp4"}, {"quant_type": "int4"}, {"blocksize": 48}, {"blocksize": "64"}, {"dtype": "int8"},
      {"shape": [32, 65]}, {"shape": "32x64"}, {"nested_offset": None}, {"nested_offset": "x"},
-     {"nested_blocksize": 0}],
+     {"nested_blocksize": 0}, {"nested_blocksize": 10**30}, {"nested_blocksize": 2**17}],
 )
 def test_bad_quant_state_json(changes):
     with pytest.raises(FormatError, match=r"m\.weight"):

@@ -1066,6 +1066,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
             if comp.get("quantization"):
                 q = comp["quantization"]
                 _say(f"    quantized {q['method']} ({q['scheme'] or 'not supported by lorafuse apply'})")
+        for name, why in d.get("not_read", {}).items():
+            _say(f"  {name}: not read: {why}")
         return
     if d["type"] == "checkpoint":
         _say(f"checkpoint  {d['path']}")

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from lorafuse.errors import FormatError
-from lorafuse.io.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, names_ending, read_json
+from lorafuse.io.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, is_pickle, names_ending, read_json
 
 INDEX = "model_index.json"
 
@@ -34,6 +34,7 @@ class Pipeline:
         if not isinstance(index, dict):
             raise FormatError(f"{self.directory / INDEX}: the pipeline index must be a JSON object")
         self.components: dict[str, Checkpoint] = {}
+        self.unread: dict[str, str] = {}  # components holding weights lorafuse does not read: why (for messages)
         for name, value in index.items():
             if name.startswith("_") or not isinstance(value, list):  # _class_name, _diffusers_version, ...
                 continue
@@ -46,12 +47,17 @@ class Pipeline:
                 raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
             if weights:
                 self.components[name] = Checkpoint(folder)
+            else:
+                pickles = sorted(f.name for f in folder.iterdir() if is_pickle(f)) if folder.is_dir() else []
+                if pickles:
+                    self.unread[name] = (f"{name}/{pickles[0]} is a pickle checkpoint, which lorafuse does not read "
+                                         "(convert it to .safetensors)")
 
     @classmethod
     def of_checkpoint(cls, ckpt: Checkpoint) -> Pipeline:
         """A checkpoint (a folder or one file) as a pipeline of one component named ''."""
         pipe = cls.__new__(cls)
-        pipe.directory, pipe.components, pipe.single = ckpt.directory, {"": ckpt}, True
+        pipe.directory, pipe.components, pipe.single, pipe.unread = ckpt.directory, {"": ckpt}, True, {}
         return pipe
 
     @staticmethod

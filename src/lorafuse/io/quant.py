@@ -238,7 +238,9 @@ class Fp8Scaled(QuantScheme):
     def blocks(self, shape: tuple[int, ...]) -> tuple[int, int]:
         rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
         bm, bn = self.block
-        return (bm or rows or 1, bn or cols or 1)
+        # A block larger than the weight covers it whole: the same grid, without padding to the block's size
+        # (a config saying 2**31 would otherwise make lorafuse allocate gigabytes for a small weight).
+        return (max(1, min(bm or rows, rows)), max(1, min(bn or cols, cols)))
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
         rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
@@ -257,8 +259,8 @@ class Fp8Scaled(QuantScheme):
         if sdtype not in ("F32", "BF16", "F16"):
             return f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16)"
         grid = self.grid(shape)
-        if int(np.prod(sshape, dtype=np.int64)) != grid[0] * grid[1] or (len(sshape) == 2 and tuple(sshape) != grid):
-            return (f"its scale has shape {list(sshape)}, but a {shape[0]}x{shape[1]} weight in blocks of "
+        if tuple(d for d in sshape if d != 1) != tuple(d for d in grid if d != 1):  # (3, 5); (1, 3, 5); not (15,)
+            return (f"its scale has shape {list(sshape)}; a {shape[0]}x{shape[1]} weight in blocks of "
                     f"{self.blocks(shape)[0]}x{self.blocks(shape)[1]} needs {list(grid)}")
         return None
 
@@ -285,10 +287,11 @@ class Fp8Scaled(QuantScheme):
         x = get_backend().to_float32(np.ascontiguousarray(codes), "F8_E4M3", threads)
         s_cols = np.repeat(s, bn, axis=1)[:, :cols]  # one scale per column, per block row: small
         full = rows // bm * bm
-        if full:
-            x[:full].reshape(-1, bm, cols)[...] *= s_cols[: full // bm, None, :]
-        if full < rows:
-            x[full:] *= s_cols[full // bm]
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge scale: the merge's finiteness check says so
+            if full:
+                x[:full].reshape(-1, bm, cols)[...] *= s_cols[: full // bm, None, :]
+            if full < rows:
+                x[full:] *= s_cols[full // bm]
         return x
 
     def quantize(self, x: np.ndarray, r0: int, shape: tuple[int, ...],

@@ -98,6 +98,9 @@ _FP4 = (np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2,
 _TABLES: dict[str, NDArray[np.float32]] = {"nf4": _NF4, "fp4": _FP4}
 
 
+_MAX_BLOCKSIZE = 1 << 16  # bitsandbytes' blocksizes are 64 .. 4096; far more is a hostile or broken file
+
+
 def code_table(quant_type: str) -> NDArray[np.float32]:
     """The 16 float32 values of nf4 or fp4, indexed by 4-bit code (bitsandbytes' `get_4bit_type`)."""
     if quant_type not in _TABLES:
@@ -319,8 +322,9 @@ def parse_bnb4(tensors: Mapping[str, Any], weight_name: str) -> Bnb4State:
         if f not in obj:
             raise FormatError(f"{qs_key}: no {f}, but {weight_name} has nested (double) quantization")
     nbs = _int_field(obj, "nested_blocksize", qs_key)
-    if nbs <= 0:
-        raise FormatError(f"{qs_key}: nested_blocksize {nbs} is not positive")
+    if not 0 < nbs <= _MAX_BLOCKSIZE:
+        raise FormatError(f"{qs_key}: nested_blocksize {nbs} is not between 1 and {_MAX_BLOCKSIZE} (bitsandbytes "
+                          f"writes {NESTED_BLOCKSIZE})")
     ndt = obj["nested_dtype"]
     if ndt != "float32":
         raise UnsupportedError(f"{qs_key}: nested_dtype {ndt!r}; lorafuse reads bitsandbytes' float32 nested "

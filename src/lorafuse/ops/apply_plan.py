@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from lorafuse.errors import LorafuseValueError
+from lorafuse.errors import DtypeError, LorafuseValueError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS
 from lorafuse.io.pipeline import Pipeline
@@ -177,6 +177,11 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
             return OutTensor(key, out_dtype, out_shape, shard, src, contributions.get(key, []),
                              bias_contributions.get(key, []), repl[0] if repl else None, quant=ref,
                              matrix_rows=ref.shape[0] if ref.shape else 1)
+        if ch and not DTYPES[info.dtype].is_float:  # refused here, so that --dry-run refuses it too
+            by = sorted({c.source for c in contributions.get(key, []) + bias_contributions.get(key, [])})
+            raise DtypeError(f"{ckpt.directory / shard}: {key} is {info.dtype} {list(info.shape)}, and "
+                             f"{', '.join(by) or 'an adapter'} changes it: lorafuse merges into floating-point "
+                             "weights only (F32, F16, BF16, F64, FP8, bitsandbytes)")
         out_dtype = _output_dtype(info.dtype, dtype, ch)
         if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
             notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
@@ -324,9 +329,10 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
     resolved = resolve(shapes, adapters, weights, base_key, config)
     notes: list[str] = adapter_notes(adapters)
     if resolved.missing:
+        unread = list(model.unread.values())
         if not skip_missing:
-            raise missing_error(resolved.missing, str(model.directory))
-        notes += [f"skipped (no target): {m}" for m in resolved.missing]
+            raise missing_error(resolved.missing, str(model.directory), unread)
+        notes += [f"skipped (no target): {m}" for m in resolved.missing] + [f"not read: {why}" for why in unread]
         if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
             notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "
                          "unchanged; is the adapter for another model?")

@@ -131,6 +131,7 @@ def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
     """A diffusers pipeline folder: each component with weights, described as a checkpoint."""
     return {"type": "pipeline", "path": str(pipe.directory),
             "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()},
+            "not_read": dict(pipe.unread),  # components whose weights lorafuse does not read, and why
             "provenance": next((m for m in map(_made_by, pipe.components.values()) if m is not None), None)}
 
 

@@ -182,6 +182,16 @@ class SdTables:
 GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
 
 
+def underscore_candidates(name: str, shapes: Shapes) -> list[str]:
+    """The weights a kohya/LyCORIS-style `name` spells once '.' is read as '_' (UnderscoreNames matches only a
+    name with exactly one; two or more: an ambiguity a message should name)."""
+    prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return []
+    want = name[len(prefix):]
+    return sorted(k for k in shapes if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") == want)
+
+
 class UnderscoreNames:
     """kohya-style names on a model the tables do not know (LyCORIS names any torch model's layers
     `lycoris_<path with _>`): the module is the weight whose dotted path, with '_' for '.', is its name

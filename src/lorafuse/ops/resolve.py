@@ -191,7 +191,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             out.missing += experts.missing
         found, missing = _targets(adapter, updates, shapes, base_key, model_config)
         for name in missing:
-            hint = twins.hint(name, ".weight") or fused_hint(name, base_key, model_config)
+            hint = twins.hint(name, ".weight") or fused_hint(name, base_key, model_config) or _ambiguous(name, shapes)
             out.missing.append(f"{adapter.label}: module {name!r}{hint}")
         _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
         claimed: dict[str, list[tuple[str, int, int]]] = {}
@@ -341,11 +341,24 @@ class _UnicodeTwins:
                 "combining marks (NFD); rename one so both use the same form)")
 
 
-def missing_error(missing: list[str], label: str) -> MissingModuleError:
-    """Every module that found no target, one per line (users fix their files from this list)."""
+def _ambiguous(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """' (ambiguous: ...)' for a module whose underscore name spells two or more base weights, else ''."""
+    from lorafuse.ops.match import underscore_candidates
+
+    keys = underscore_candidates(name, shapes)
+    if len(keys) < 2:
+        return ""
+    shown = ", ".join(map(repr, keys[:4])) + (", ..." if len(keys) > 4 else "")
+    return f" (ambiguous: with '.' read as '_' its name spells {len(keys)} base weights, {shown}; lorafuse won't guess)"
+
+
+def missing_error(missing: list[str], label: str, unread: Sequence[str] = ()) -> MissingModuleError:
+    """Every module that found no target, one per line (users fix their files from this list); `unread`: why
+    parts of the base were not read (a pipeline component holding only a pickle), which may be where they are."""
     lines = "\n  ".join(missing)
+    also = "".join(f"\nnot read: {why}" for why in unread)
     return MissingModuleError(
-        f"{plural(len(missing), 'adapter module')} found no target in the base {label}:\n  {lines}\n"
+        f"{plural(len(missing), 'adapter module')} found no target in the base {label}:\n  {lines}{also}\n"
         "(pass --skip-missing to merge the others and report these)"
     )
 
