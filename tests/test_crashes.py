@@ -498,7 +498,7 @@ RANGE_CASES = [
      f"an integer from 0 to {2**64 - 1}"),
     (["combine", "a"], "--rank", ["0", "99999999999"], "an integer from 1 to 1048576"),
     (["combine", "a"], "--conv-rank", ["0", "99999999999"], "an integer from 1 to 1048576"),
-    (["combine", "a"], "--density", ["-0.1", "1.5", "nan", "inf"], "a number >= 0 and <= 1"),
+    (["combine", "a"], "--density", ["-0.1", "0", "1.5", "nan", "inf"], "a number > 0 and <= 1"),
     (["combine", "a"], "--seed", ["-1", str(2**64)], f"an integer from 0 to {2**64 - 1}"),
     (["combine", "a"], "--weights", ["1,nan", "inf", "1,-inf"], "finite numbers"),
     (["apply", "b", "a"], "--weights", ["nan", "1,inf"], "finite numbers"),

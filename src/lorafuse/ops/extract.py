@@ -148,8 +148,8 @@ def extract(
                     result.unchanged += 1
                     continue
                 k = min(rule.choose(s, frob_sq), b.shape[1])  # b: k_max columns, or the full rank
-                err = float(np.sqrt(max(frob_sq - float(np.sum(s[:k] ** 2)), 0.0) / frob_sq))
                 shape = cb.info(key).shape
+                err = _rel_error(s, k, frob_sq, shape)
                 result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
         raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
@@ -320,6 +320,17 @@ def _layer_type(model: ModelInfo, module: str, key: str, base: Path) -> str:
                                "Conv1D (in x out, GPT-2) without the base's config.json (model_type); add it "
                                "beside the checkpoint, or leave the module out with --exclude")
     return kind or "linear"
+
+
+def _rel_error(s: np.ndarray, k: int, frob_sq: float, shape: tuple[int, ...]) -> float:
+    """||D - B A||_F / ||D||_F from the singular values: sqrt(||D||^2 - sum of the kept S^2) / ||D||, in float64.
+    At the full rank the truncation drops nothing: 0 (the subtraction would leave float32's rounding of the
+    singular values, ~1e-4 of ||D||, for an error that is ~1e-7)."""
+    full = min(int(shape[0]), int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else 1
+    if k >= full:
+        return 0.0
+    kept = float(np.sum(np.square(s[:k], dtype=np.float64)))
+    return float(np.sqrt(max(frob_sq - kept, 0.0) / frob_sq))
 
 
 def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, conv1d: bool = False) -> LoraUpdate:
