@@ -10,6 +10,7 @@ the same result; an adapter changed between passes refused from inside a task, n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -284,7 +285,9 @@ def test_ray_already_running_is_used_and_left_running(mixed: tuple[list[Path], l
 
     monkeypatch.setattr(ray_engine, "require_ray", Fresh)
     combine_with(eight, None, CombineOptions(method="linear", engine="ray", ray_address="ray://head:10001"))
-    assert calls == [("init", {"address": "ray://head:10001"}), "shutdown"]
+    # quiet (no progress): Ray's own start-up lines are kept off stderr too
+    assert calls == [("init", {"address": "ray://head:10001", "logging_level": logging.ERROR, "log_to_driver": False}),
+                     "shutdown"]
 
 
 def test_refusals_before_any_work(mixed: tuple[list[Path], list[float]], monkeypatch: pytest.MonkeyPatch):

@@ -22,6 +22,7 @@ the header pass found them (many.Replay), as the local engine does; tasks on oth
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -131,7 +132,9 @@ def run_ray(plan: Plan, options: CombineOptions, on_module: Callable[[str, np.nd
     handlers = _signal_handlers() if started else {}
     if started:
         try:
-            ray.init(address=options.ray_address)
+            quiet = options.progress is False  # the CLI's -q: Ray's own start-up lines too
+            ray.init(address=options.ray_address, logging_level=logging.ERROR if quiet else logging.INFO,
+                     log_to_driver=not quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             _restore(handlers)
             where = f"at {options.ray_address!r}" if options.ray_address else "(a local one)"
