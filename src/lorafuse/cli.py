@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.complete = complete_combine
     c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
     c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
-    c.add_argument("--density", type=_density, help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
+    c.add_argument("--density", type=_density,
+                   help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total) or the count (frequency) of signs")
     c.add_argument("--seed", type=_seed, default=0,

@@ -42,11 +42,10 @@ def loads_json(text: str, where: str, values: int = MAX_JSON_VALUES) -> object:
         raise FormatError(f"{where} is not valid JSON ({e})") from None
 
 
-def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, values: int = MAX_JSON_VALUES) -> object:
-    """The JSON value of a small side file (a config, a shard index), read with a size limit and a
-    limit on its number of values (checked on the bytes, before parsing). Every way it can be
-    wrong (not a file, too big, too many values, not UTF-8, not JSON, nested too deep, integers of
-    thousands of digits) is a FormatError that names the file and the limit."""
+def read_bounded(path: Path, what: str, limit: int) -> bytearray:
+    """The bytes of a small side file (a config, an index, an adapter list): a regular file (a FIFO or device is
+    refused without waiting on it) of at most `limit` bytes, read in bounded pieces (a file that grows while read
+    cannot make lorafuse allocate more); FormatError naming the file and the limit otherwise."""
     fd = open_regular(path, str(path))
     try:
         size = os.fstat(fd).st_size
@@ -65,6 +64,15 @@ def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, values: int = 
         os.close(fd)
     if len(data) > limit:
         raise FormatError(f"{path}: {what} is more than the {limit:,}-byte limit for it")
+    return data
+
+
+def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, values: int = MAX_JSON_VALUES) -> object:
+    """The JSON value of a small side file (a config, a shard index), read with a size limit and a
+    limit on its number of values (checked on the bytes, before parsing). Every way it can be
+    wrong (not a file, too big, too many values, not UTF-8, not JSON, nested too deep, integers of
+    thousands of digits) is a FormatError that names the file and the limit."""
+    data = read_bounded(path, what, limit)
     count = json_values(data)
     if count > values:
         raise FormatError(f"{path}: {what} holds about {count:,} JSON values (counted from its commas and brackets), "

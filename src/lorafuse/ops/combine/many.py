@@ -157,24 +157,11 @@ LIST_MAX_BYTES = 256 << 20  # an adapter list's size limit: a million lines of l
 def _list_text(p: Path) -> str:
     """The text of an adapter list: a regular file (a FIFO or device is refused without waiting on it) of at
     most LIST_MAX_BYTES, UTF-8, without NUL bytes."""
-    from lorafuse.io.safetensors import open_regular
+    from lorafuse.io.checkpoint import read_bounded
 
     if not os.path.lexists(p):
         raise FormatError(f"{p}: no such adapter list")
-    fd = open_regular(p, f"adapter list {p}")
-    try:
-        size = os.fstat(fd).st_size
-        if size > LIST_MAX_BYTES:
-            raise FormatError(f"adapter list {p}: {size:,} bytes, more than the {LIST_MAX_BYTES >> 20} MiB an adapter "
-                              "list may hold (one `PATH [WEIGHT]` per line)")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(LIST_MAX_BYTES + 1)
-    except OSError as e:
-        raise FormatError(f"adapter list {p}: cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > LIST_MAX_BYTES:
-        raise FormatError(f"adapter list {p}: more than the {LIST_MAX_BYTES >> 20} MiB an adapter list may hold")
+    raw = bytes(read_bounded(p, "the adapter list", LIST_MAX_BYTES))
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's UTF-8) is not part of the first path
     except UnicodeDecodeError as e:
