@@ -34,6 +34,14 @@ def _lora(folder: Path, module: str, rows: int, cols: int, seed: int = 0) -> Pat
     return folder
 
 
+def _kohya(path: Path, module: str) -> Path:
+    """A kohya-style LoRA of one 4 x 4 module (rank R, alpha R)."""
+    save_np({f"{module}.lora_down.weight": np.ones((R, 4), np.float32),
+             f"{module}.lora_up.weight": np.ones((4, R), np.float32), f"{module}.alpha": np.array(R, np.float32)},
+            str(path))
+    return path
+
+
 def _fp8_base(folder: Path, block: list[int], scale_shape: tuple[int, ...] | None = None,
               scale: float | None = None) -> tuple[torch.Tensor, float]:
     folder.mkdir(parents=True)
@@ -100,10 +108,7 @@ def test_a_module_whose_name_spells_two_weights_is_called_ambiguous(tmp_path, ca
     base = tmp_path / "base.safetensors"
     save_np({"model.blk_0.proj.weight": np.ones((4, 4), np.float32),
              "model.blk.0_proj.weight": np.ones((4, 4), np.float32)}, str(base))
-    m = "lycoris_model_blk_0_proj"
-    lora = tmp_path / "l.safetensors"
-    save_np({f"{m}.lora_down.weight": np.ones((R, 4), np.float32), f"{m}.lora_up.weight": np.ones((4, R), np.float32),
-             f"{m}.alpha": np.array(R, np.float32)}, str(lora))
+    lora = _kohya(tmp_path / "l.safetensors", "lycoris_model_blk_0_proj")
     assert main(["apply", str(base), str(lora), "-o", str(tmp_path / "out.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "ambiguous" in err and "'model.blk.0_proj.weight', 'model.blk_0.proj.weight'" in err
@@ -119,10 +124,7 @@ def test_a_pipeline_component_holding_only_a_pickle_is_named(tmp_path, capsys):
     (pipe / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     save_np({"text_model.embeddings.position_ids": np.zeros((1, 4), np.int64)},
             str(pipe / "text_encoder" / "model.safetensors"))
-    m = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    lora = tmp_path / "l.safetensors"
-    save_np({f"{m}.lora_down.weight": np.ones((R, 4), np.float32), f"{m}.lora_up.weight": np.ones((4, R), np.float32),
-             f"{m}.alpha": np.array(R, np.float32)}, str(lora))
+    lora = _kohya(tmp_path / "l.safetensors", "lora_unet_down_blocks_0_attentions_0_proj_in")
     assert main(["apply", str(pipe), str(lora), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "not read: unet/diffusion_pytorch_model.bin is a pickle checkpoint" in err, err
