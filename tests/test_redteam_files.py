@@ -100,6 +100,14 @@ def test_replacing_an_output_keeps_its_permissions(tmp_path):
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(folder / "adapter_model.safetensors").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(folder / "adapter_config.json").st_mode) == 0o666 & ~umask
+    # a read-only output: others' bits kept, the owner's write restored (so that the next run can replace it)
+    os.chmod(folder / "adapter_model.safetensors", 0o440)
+    os.chmod(folder, 0o550)
+    lorafuse.resize(a, rank=1, out=folder)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(folder / "adapter_model.safetensors").st_mode) == 0o640
+    lorafuse.resize(a, rank=1, out=folder)  # and it can: nothing is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "folder", "k.safetensors", "one.safetensors"]
 
 
 def test_a_failed_run_removes_the_folders_it_made(tmp_path, capsys):

@@ -689,7 +689,9 @@ def _copy_mode(src: Path, dst: Path) -> None:
         old, new = os.lstat(src), os.lstat(dst)
         same_kind = stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode)
         if same_kind and (stat.S_ISREG(old.st_mode) or stat.S_ISDIR(old.st_mode)):
-            os.chmod(dst, stat.S_IMODE(old.st_mode) & (0o3777 if stat.S_ISDIR(old.st_mode) else 0o777))
+            # what others may do is kept; the owner keeps read and write (and search): a later run replaces it
+            folder = stat.S_ISDIR(old.st_mode)
+            os.chmod(dst, (stat.S_IMODE(old.st_mode) & (0o3777 if folder else 0o777)) | (0o700 if folder else 0o600))
     except OSError:
         pass
 
