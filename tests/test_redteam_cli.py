@@ -153,3 +153,19 @@ def test_extract_reports_the_error_of_the_rank_it_kept(tmp_path):
         res = lorafuse.extract(tmp_path / "base", tmp_path / "ft", rank=rank)
         (module,) = res.modules
         assert module.rel_error == pytest.approx(want, abs=2e-6), rank
+
+
+def test_similarity_says_why_a_norm_is_not_finite(tmp_path):
+    """A NaN in the factors, or finite factors whose delta's norm overflows float64 (a scale of 1e299): two
+    different reasons, each said."""
+    import lorafuse
+    from lorafuse import NonFiniteError
+
+    q = "model.layers.0.self_attn.q_proj"
+    huge = _adapter(tmp_path / "huge", q)
+    config = json.loads((huge / "adapter_config.json").read_text())
+    (huge / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e299}))
+    with pytest.raises(NonFiniteError, match=r"its factors are finite, but its delta's norm overflows float64"):
+        lorafuse.similarity([huge, huge])
+    with pytest.raises(NonFiniteError, match=r"has a delta holding NaN or Inf"):
+        lorafuse.similarity([_nan_adapter(tmp_path, q), huge])

@@ -131,6 +131,10 @@ def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFi
     norms = loaded[i].norms(threads)
     module = next((n for n, v in norms.items() if not np.isfinite(v)), None)
     where = f"module {module!r}" if module is not None else "its modules together"
+    u = loaded[i].updates.get(module) if module is not None else None
+    if u is not None and all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):
+        return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where}: its factors are finite, but "
+                              f"its delta's norm overflows float64 (scale {u.scale:g}): the cosine is not computed")
     return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where} has a delta holding NaN or Inf "
                           "(in its factors or its scale): its similarities would be meaningless")
 
