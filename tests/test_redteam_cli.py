@@ -169,3 +169,30 @@ def test_similarity_says_why_a_norm_is_not_finite(tmp_path):
         lorafuse.similarity([huge, huge])
     with pytest.raises(NonFiniteError, match=r"has a delta holding NaN or Inf"):
         lorafuse.similarity([_nan_adapter(tmp_path, q), huge])
+
+
+@pytest.mark.parametrize("command", ["combine", "resize", "extract"])
+def test_progress_switches_are_the_same_on_every_long_command(tmp_path, command):
+    """--progress draws a bar even when stderr is not a terminal, --no-progress and -q never, as apply's do."""
+    import subprocess
+    import sys
+
+    q = "model.layers.0.self_attn.q_proj"
+    a = _adapter(tmp_path / "a", q)
+    if command == "extract":
+        for name, w in (("base", np.zeros((H, H), np.float32)), ("ft", np.ones((H, H), np.float32))):
+            (tmp_path / name).mkdir()
+            save_file({f"{q}.weight": w}, str(tmp_path / name / "model.safetensors"))
+        argv = ["extract", str(tmp_path / "base"), str(tmp_path / "ft"), "--rank", "1"]
+    elif command == "combine":
+        (tmp_path / "list.txt").write_text(f"{a}\n{_adapter(tmp_path / 'b', q, 1)}\n")
+        argv = ["combine", "--from-list", str(tmp_path / "list.txt"), "--passes", "2", "--rank", "2"]
+    else:
+        argv = ["resize", str(a), "--rank", "1"]
+    runs = {}
+    for i, flags in enumerate((["--progress"], ["--no-progress"], ["--progress", "-q"], [])):
+        res = subprocess.run([sys.executable, "-m", "lorafuse.cli", *argv, *flags, "-o", str(tmp_path / f"o{i}")],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        runs[" ".join(flags)] = "100" in res.stderr and "%" in res.stderr
+    assert runs == {"--progress": True, "--no-progress": False, "--progress -q": False, "": False}  # "": no tty

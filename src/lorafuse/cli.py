@@ -232,6 +232,21 @@ def _device_option(p: argparse.ArgumentParser) -> None:
                    "CUDA: docs/building.md); files still stream through host memory")
 
 
+def _progress_options(p: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress, as apply has them (default: a bar when stderr is a terminal)."""
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
+                     "terminal)")
+
+
+def _progress_of(args: argparse.Namespace) -> bool | None:
+    """True (draw), False (never: --no-progress, -q, --json) or None (when stderr is a terminal)."""
+    if getattr(args, "quiet", False) or getattr(args, "json", False) or args.no_progress:
+        return False
+    return True if args.progress else None
+
+
 def _rank_options(p: argparse.ArgumentParser, max_rank_default: str = "") -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=_rank, help="fixed output rank")
@@ -572,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(c)
+    _progress_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     c.add_argument("--json", action="store_true", help="print the report as JSON: out, method, adapters, modules "
                    "with their ranks, randomized, dtype, seconds, engine, notes and the streamed engine's summary "
@@ -610,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_option(r)
     _rank_options(r)
     r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
+    _progress_options(r)
     r.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     _dry_run_option(r, "the options, the adapter, the output path", "no SVD runs, so with --sv-ratio, --sv-fro or "
                     "--sv-cumulative a module's rank is an upper bound (its rank, capped by --max-rank); ")
@@ -635,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="power iterations of the randomized SVD (default 2)")
     e.add_argument("--oversample", type=_oversample, default=10, help="extra sketch columns (default 10)")
     e.add_argument("--seed", type=_seed, default=0, help="seed of the random sketch (default 0)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _progress_options(e)
     _dry_run_option(e, "the options, both checkpoints' headers, which weights are extracted, kept whole or left "
                     "out, the output path", "no weight is read, so ranks and bytes are upper bounds (an unchanged "
                     "weight is left out when run; a rule on singular values chooses at most the planned rank); ")
@@ -787,7 +804,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     options = CombineOptions(method=args.method, rank=args.rank, conv_rank=args.conv_rank, density=args.density,
                              majority_sign=args.majority_sign, seed=args.seed, split=args.split,
                              threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device,
-                             engine=args.engine, passes=args.passes, progress=None if not args.quiet else False,
+                             engine=args.engine, passes=args.passes, progress=_progress_of(args),
                              ray_address=args.ray_address)
     if args.from_list is not None:
         from pathlib import Path
@@ -884,7 +901,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     # what the name means, and what it holds: before the work
     target = checked_output(args.out, adapter.format, [adapter], adapter.sources(), overwrite=args.overwrite)
     result, report = resize(adapter, _rule(args), args.split, args.threads,
-                            progress=False if args.json or args.quiet else None, dtype=args.dtype,
+                            progress=_progress_of(args), dtype=args.dtype,
                             device=args.device)
     result.save(target.path, target.format, overwrite=args.overwrite)
     if target.note and not args.quiet:
@@ -922,7 +939,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     target = extract_output(args.out, args.base, args.finetuned, args.include, args.exclude, overwrite=args.overwrite)
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
-                  seed=args.seed, threads=args.threads, progress=False if args.no_progress or args.json else None,
+                  seed=args.seed, threads=args.threads, progress=_progress_of(args),
                   device=args.device)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note and not args.quiet:
