@@ -24,7 +24,7 @@ from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, S
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.spectral import batches, factor_cost
-from lorafuse.model.update import Update
+from lorafuse.model.update import Update, holds_nonfinite
 
 if TYPE_CHECKING:  # the class of the adapters: new ones are made with type(template)(...)
     from lorafuse.model.adapter import Adapter
@@ -105,17 +105,23 @@ def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B
     for i, (w, u) in enumerate(terms):
         if i:
             b, a = u.stored_factors(threads)
-        c64 = w * u.scale
-        if not abs(c64) <= FLOAT32_MAX:  # NaN too
-            raise LorafuseValueError(f"input {i + 1}: weight {w:g} times its scale {u.scale:g} is beyond float32's "
-                                     "range: use smaller weights")
-        c = np.float32(c64)
+        c = np.float32(float32_coefficient(w, u.scale, f"input {i + 1}"))
         with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a message
             out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
             out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
         at += b.shape[1]
         del b, a
     return out_b, out_a
+
+
+def float32_coefficient(w: float, scale: float, where: str) -> float:
+    """A term's coefficient w * scale, which scales its factors in float32: LorafuseValueError naming `where`
+    (the input, the module) when float32 cannot hold it (NaN too)."""
+    c = w * scale
+    if not abs(c) <= FLOAT32_MAX:
+        raise LorafuseValueError(f"{where}: weight {w:g} times its scale {scale:g} is beyond float32's range: use "
+                                 "smaller weights")
+    return c
 
 
 def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[Adapter]) -> Adapter:
@@ -199,7 +205,7 @@ def _not_finite(name: str, terms: Sequence[tuple[float, Update]], adapters: Sequ
     whose own factors hold NaN / Inf, else LorafuseValueError (scale times factor beyond float32)."""
     for a in adapters:
         u = a.updates.get(name)
-        if u is not None and not all(np.isfinite(f).all() for f in u.stored_factors()):
+        if u is not None and holds_nonfinite(u):
             return NonFiniteError(f"adapter arithmetic: {a.label}: module {name!r} holds NaN or Inf in its factors")
     scales = ", ".join(f"{w * u.scale:.4g}" for w, u in terms)
     return LorafuseValueError(f"adapter arithmetic: module {name!r}: the factors times their weighted scales "

@@ -68,3 +68,9 @@ Update = LoraUpdate | LycorisUpdate
 def stored_tensors(u: Update) -> list[Tensor]:
     """The tensors an update keeps from its file: factors, LyCORIS pieces, DoRA magnitude, bias."""
     return u.stored_tensors()
+
+
+def holds_nonfinite(u: Update) -> bool:
+    """Whether a tensor the update keeps from its file holds NaN or Inf (each widened to float32 from whatever
+    dtype it is stored in). For error messages: it reads every stored tensor."""
+    return not all(np.isfinite(t.f32()).all() for t in u.stored_tensors())

@@ -31,6 +31,7 @@ from lorafuse.model.spectral import (
     inner,
     is_stored_lora,
 )
+from lorafuse.model.update import holds_nonfinite
 
 
 class _Batch:
@@ -132,7 +133,7 @@ def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFi
     module = next((n for n, v in norms.items() if not np.isfinite(v)), None)
     where = f"module {module!r}" if module is not None else "its modules together"
     u = loaded[i].updates.get(module) if module is not None else None
-    if u is not None and all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):
+    if u is not None and not holds_nonfinite(u):
         return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where}: its factors are finite, but "
                               f"its delta's norm overflows float64 (scale {u.scale:g}): the cosine is not computed")
     return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where} has a delta holding NaN or Inf "

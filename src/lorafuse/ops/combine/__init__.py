@@ -64,8 +64,9 @@ from lorafuse.io.provenance import Provenance, Recording, adapter_input
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
-from lorafuse.model.arithmetic import FLOAT32_MAX, check_linear, check_shared, check_split, result
+from lorafuse.model.arithmetic import check_linear, check_shared, check_split, float32_coefficient, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
+from lorafuse.model.update import holds_nonfinite
 from lorafuse.ops.combine import many, ray_engine
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
@@ -233,10 +234,7 @@ def _check_coefficients(loaded: Sequence[Adapter], ws: Sequence[float]) -> None:
     """Each term's coefficient w_i * s_i must be a float32 (the factors are scaled by it in float32)."""
     for i, (a, w) in enumerate(zip(loaded, ws), 1):
         for name, u in a.updates.items():
-            c = float(w) * u.scale
-            if not abs(c) <= FLOAT32_MAX:
-                raise LorafuseValueError(f"adapter {i} ({a.label}): module {name!r}: weight {float(w):g} times its "
-                                         f"scale {u.scale:g} is beyond float32's range: use smaller weights")
+            float32_coefficient(float(w), u.scale, f"adapter {i} ({a.label}): module {name!r}")
 
 
 def _no_module(labels: Sequence[str]) -> UnsupportedError:
@@ -267,7 +265,7 @@ def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
     weights or scales overflow float32). Only on the error path: every input's factors are looked at."""
     for i, a in enumerate(p.loaded, 1):
         for name, u in a.updates.items():
-            if not all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):  # any stored dtype, widened
+            if holds_nonfinite(u):
                 return NonFiniteError(f"{e}: adapter {i} ({a.label}), module {name!r}, holds NaN or Inf in its "
                                       "factors")
     return NonFiniteError(f"{e}: every input is finite, so the weighted sum overflows float32 (weights "

@@ -73,9 +73,10 @@ from lorafuse.formats import load
 from lorafuse.io.hub import is_hub_id, local_adapter
 from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
-from lorafuse.model.arithmetic import FLOAT32_MAX, check_linear, result
+from lorafuse.model.arithmetic import check_linear, float32_coefficient, result
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype
 from lorafuse.model.spectral import is_stored_lora
+from lorafuse.model.update import holds_nonfinite
 from lorafuse.ops.combine.options import CombineOptions
 from lorafuse.ops.combine.terms import dense_shape
 
@@ -866,10 +867,7 @@ def _widen(src: Source, w: float, factors: Iterable[tuple[str, float, int, int, 
     jobs: list[ConvertJob] = []
     read = 0
     for name, scale, r, b_rows, a, b in factors:
-        c = w * scale
-        if not abs(c) <= FLOAT32_MAX:  # NaN too: the products are float32
-            raise LorafuseValueError(f"{src.where}: module {name!r}: weight {w:g} times its scale {scale:g} is beyond "
-                                     "float32's range: use smaller weights")
+        c = float32_coefficient(w, scale, f"{src.where}: module {name!r}")  # the products are float32
         stacks[name].add(c, r, a, b, b_rows, jobs)
         read += a[0].nbytes + b[0].nbytes
     try:
@@ -968,7 +966,7 @@ def _non_finite(name: str, held: Sequence[Source]) -> NonFiniteError:
     NaN or Inf (each opened again: the error path only), or, when none does, the sum's overflow."""
     for src in held:
         u = _open(src, quiet=True).updates.get(name)
-        if u is not None and not all(np.isfinite(t.f32()).all() for t in u.stored_tensors()):
+        if u is not None and holds_nonfinite(u):
             return NonFiniteError(f"{src.where}: module {name!r} holds NaN or Inf in its factors")
     return NonFiniteError(f"module {name!r}: the weighted sum of {held[0].where} .. {held[-1].where} overflows "
                           "float32 (every input is finite): use smaller weights")
