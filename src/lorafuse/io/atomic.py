@@ -63,7 +63,7 @@ from lorafuse.io.manifest import (
     file_is_ours,
     inspect_folder,
     stamp,
-    stamp_differs_at,
+    stamp_differs,
     stamp_tree,
     write_manifest,
 )
@@ -348,7 +348,7 @@ def plot_is_ours(path: Path) -> bool:
         return False
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or stamp_differs(fd):  # a plot edited in place since: the user's
             return False
         head = os.pread(fd, _PLOT_HEAD, 0)
         if head.startswith(b"\xff\xd8"):
@@ -372,7 +372,7 @@ def plot_is_ours(path: Path) -> bool:
 
 def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
     """As _judge_folder, for an existing regular file where a file output goes."""
-    if st.st_size == 0 or file_is_ours(out) or (plot_is_ours(out) and not stamp_differs_at(out)):
+    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out):
         return None
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
             "the metadata of its .safetensors files and plots)")
@@ -445,8 +445,9 @@ def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], com
         raise
 
 
-def _lock(fd: int) -> None:
-    """Mark a temporary entry as owned by a live run (released by the kernel when the process dies)."""
+def lock_entry(fd: int) -> None:
+    """Mark a temporary entry as owned by a live run (released by the kernel when the process dies). With
+    owner_gone and remove_entry, also the rules of other writers' temporary entries (recipes.runner's)."""
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -454,7 +455,7 @@ def _lock(fd: int) -> None:
             pass
 
 
-def _owner_gone(path: Path, pid: int) -> bool:
+def owner_gone(path: Path, pid: int) -> bool:
     """True when the run that made `path` has ended: its pid is not alive and nobody holds the lock."""
     if fcntl is None or pid == os.getpid():
         return False
@@ -478,7 +479,7 @@ def _owner_gone(path: Path, pid: int) -> bool:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
             shutil.rmtree(path, ignore_errors=True)
@@ -526,7 +527,7 @@ def remove_stale(out: Path) -> list[str]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if not m or not _owner_gone(entry, int(m.group(2))):
+        if not m or not owner_gone(entry, int(m.group(2))):
             continue
         if m.group(1) == "old" and not os.path.lexists(out):
             try:
@@ -534,7 +535,7 @@ def remove_stale(out: Path) -> list[str]:
                 continue
             except OSError:
                 pass
-        _remove(entry)
+        remove_entry(entry)
         removed.append(entry.name)
     return removed
 
@@ -556,38 +557,48 @@ def _not_a_folder(folder: Path) -> str | None:
     return None
 
 
-def _prepare(out: Path) -> list[Path]:
-    """Make the folders above `out` that are missing (returned, outermost first, for _unmake on failure) and
-    remove what killed runs left beside it."""
+def make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and the missing folders above it, one level at a time (one that another run makes meanwhile
+    is taken as it is); returns those this call made, outermost first, for unmake_folders. On an error, what it
+    made is removed and the OSError raised."""
     made: list[Path] = []
-    missing = [d for d in (out.parent, *out.parent.parents) if not os.path.lexists(d)]
-    for folder in reversed(missing):
+    for d in reversed([d for d in (folder, *folder.parents) if not os.path.lexists(d)]):
         try:
-            folder.mkdir()
-        except FileExistsError:  # another run made it meanwhile
-            if folder.is_dir():
+            d.mkdir()
+        except FileExistsError:
+            if d.is_dir():
                 continue
-            _unmake(made)
-            raise OutputError(f"cannot create the folder {out.parent} for the output {out}: "
-                              f"{_not_a_folder(out.parent) or 'it exists and is not a folder'}") from None
-        except OSError as e:
-            _unmake(made)
-            raise OutputError(f"cannot create the folder {out.parent} for the output {out}: {e.strerror or e}") from e
-        made.append(folder)
-    why = _not_a_folder(out.parent)
-    if why:
-        raise OutputError(f"cannot write the output {out}: {why}")
-    remove_stale(out)
+            unmake_folders(made)
+            raise
+        except OSError:
+            unmake_folders(made)
+            raise
+        made.append(d)
     return made
 
 
-def _unmake(made: list[Path]) -> None:
-    """Remove the folders _prepare made (innermost first), where they are still empty."""
+def unmake_folders(made: list[Path]) -> None:
+    """Remove the folders make_folders made (innermost first), where they are still empty."""
     for folder in reversed(made):
         try:
             folder.rmdir()
         except OSError:
             return
+
+
+def _prepare(out: Path) -> list[Path]:
+    """Make the folders above `out` that are missing (returned for unmake_folders on failure) and remove what
+    killed runs left beside it."""
+    try:
+        made = make_folders(out.parent)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder {out.parent} for the output {out}: "
+                          f"{_not_a_folder(out.parent) or e.strerror or e}") from e
+    if not os.path.isdir(out.parent):
+        raise OutputError(f"cannot write the output {out}: "
+                          f"{_not_a_folder(out.parent) or f'{out.parent} is not a folder'}")
+    remove_stale(out)
+    return made
 
 
 def _renameat2() -> object | None:
@@ -630,7 +641,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
                 raise
         try:
             if _exchange(tmp, out):
-                _remove(tmp)  # the previous output, now at tmp
+                remove_entry(tmp)  # the previous output, now at tmp
                 return
         except FileNotFoundError:  # another run moved `out` meanwhile
             continue
@@ -644,15 +655,15 @@ def _replace_dir(tmp: Path, out: Path) -> None:
             os.rename(tmp, out)
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another run's output got there first: go again
-                _remove(old)
+                remove_entry(old)
                 continue
             try:
                 os.rename(old, out)  # put the previous output back
             except OSError:
                 if os.path.lexists(out):  # another run's output is there now
-                    _remove(old)
+                    remove_entry(old)
             raise
-        _remove(old)
+        remove_entry(old)
         return
     raise OutputError(f"cannot replace the output {out}: other processes keep replacing it")
 
@@ -696,12 +707,6 @@ def _copy_mode(src: Path, dst: Path) -> None:
         pass
 
 
-# For other writers' temporary entries beside an output (recipes.runner's stage folders): the same rules.
-lock_entry = _lock
-owner_gone = _owner_gone
-remove_entry = _remove
-
-
 def _announce(note: str | None) -> None:
     if note:
         warnings.warn(note, OverwriteWarning, stacklevel=4)
@@ -727,21 +732,21 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
-        _unmake(made)
+        unmake_folders(made)
         raise OutputError(f"cannot create a temporary folder beside the output {out}: {e.strerror or e}") from e
     try:
         fd = os.open(tmp, os.O_RDONLY)
     except OSError as e:
-        _remove(tmp)
-        _unmake(made)
+        remove_entry(tmp)
+        unmake_folders(made)
         raise OutputError(f"cannot open the temporary folder {tmp}: {e.strerror or e}") from e
 
     def cleanup() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
-        _unmake(made)
+        unmake_folders(made)
 
     try:
-        _lock(fd)
+        lock_entry(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
         with _cleanup_on_error(out, existed, cleanup):
             yield tmp
@@ -774,16 +779,16 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
     try:
         fd, name = tempfile.mkstemp(prefix=f".{_stem(out)}.tmp-{os.getpid()}-", dir=out.parent)
     except OSError as e:
-        _unmake(made)
+        unmake_folders(made)
         raise OutputError(f"cannot create a temporary file beside the output {out}: {e.strerror or e}") from e
     tmp = Path(name)
 
     def cleanup() -> None:
         tmp.unlink(missing_ok=True)
-        _unmake(made)
+        unmake_folders(made)
 
     try:
-        _lock(fd)
+        lock_entry(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
         with _cleanup_on_error(out, existed, cleanup):
             yield tmp

@@ -72,18 +72,6 @@ def stamp_differs(fd: int) -> bool:
     return value != f"{st.st_size}:{st.st_mtime_ns}".encode("ascii")
 
 
-def stamp_differs_at(path: Path) -> bool:
-    """stamp_differs of a path (a link is not followed; False for anything that cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
-    except OSError:
-        return False
-    try:
-        return stamp_differs(fd)
-    finally:
-        os.close(fd)
-
-
 def stamp_tree(folder: Path) -> None:
     """stamp every regular file in a finished output folder (links are not followed)."""
     for root, _dirs, files in os.walk(folder):
@@ -391,5 +379,5 @@ def file_is_ours(path: Path) -> bool:
 
 
 __all__ = ["MANIFEST_NAME", "MARKER_KEY", "STAMP_XATTR", "FolderState", "file_is_ours", "inspect_folder",
-           "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_differs_at", "stamp_tree",
+           "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_tree",
            "write_manifest"]

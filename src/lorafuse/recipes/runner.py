@@ -313,24 +313,14 @@ def _temporary_folder(out: Path) -> tuple[Path, int]:
 
 
 def _make_folder(work: Path) -> list[Path]:
-    """Make `intermediate_dir`; returns the folders made, deepest first (removed again, if still empty, when
-    the run fails)."""
-    made = [p for p in [work, *work.parents] if not os.path.lexists(p)]
+    """Make `intermediate_dir`; returns the folders made (removed again, if still empty, when the run fails:
+    io.atomic.unmake_folders)."""
+    from lorafuse.io.atomic import make_folders
+
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        return make_folders(work)
     except OSError as e:
-        _unmake(made)
         raise OutputError(f"intermediate folder {work}: cannot make it: {e.strerror or e}") from None
-    return made
-
-
-def _unmake(made: Sequence[Path]) -> None:
-    """Remove the folders _make_folder made that are still empty."""
-    for p in made:
-        try:
-            os.rmdir(p)
-        except OSError:
-            return
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
@@ -421,7 +411,9 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
         if lock is not None:
             os.close(lock)
         if not done:
-            _unmake(made)
+            from lorafuse.io.atomic import unmake_folders
+
+            unmake_folders(made)
     if not quiet:
         for note in notes:
             print(f"note: {note}")
