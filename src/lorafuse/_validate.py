@@ -116,15 +116,23 @@ def _weight_items(weights: object) -> list[object]:
     return list(weights)
 
 
+def real_number(value: object) -> float | None:
+    """`value` as a float when it is one real number: a Python or numpy real (not a bool), or a 0-d numpy array
+    / torch tensor holding one; else None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d array / tensor (a numpy scalar too)
+        value = value.item()
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _weight_value(w: object) -> float:
-    """One weight as a finite float: a real number (a numpy scalar too, or a 0-d array / tensor), not a bool
-    nor a str."""
-    if getattr(w, "ndim", None) == 0 and hasattr(w, "item"):  # a 0-d array / tensor in a list
-        w = w.item()
-    if _is_bool(w) or not isinstance(w, numbers.Real):
-        raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)} (a {type(w).__name__}, not a "
-                                 "number)")
-    x = float(w)
+    """One weight as a finite float: a real number (real_number), not a bool nor a str."""
+    x = real_number(w)
+    if x is None:
+        shown = w.item() if getattr(w, "ndim", None) == 0 and hasattr(w, "item") else w
+        raise LorafuseValueError(f"weights must be finite numbers, got {_show(shown)} (a {type(shown).__name__}, not "
+                                 "a number)")
     if not math.isfinite(x):
         raise LorafuseValueError(f"weights must be finite numbers, got {_show(w)}")
     return x

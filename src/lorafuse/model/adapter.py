@@ -9,7 +9,6 @@ this module imports no format and no operation.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lorafuse._validate import check_bool
+from lorafuse._validate import check_bool, real_number
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
@@ -136,7 +135,7 @@ class Adapter:
 
     def __radd__(self, other: object) -> Adapter:
         """0 + adapter is the adapter (a copy), so that sum([a, b, c]) works."""
-        x = scalar_value(other)
+        x = real_number(other)
         if x is None or x != 0:
             return NotImplemented
         return self * 1.0
@@ -152,7 +151,7 @@ class Adapter:
     def __mul__(self, c: object) -> Adapter:
         """adapter * c (and c * adapter): c a real number, a numpy scalar or a 0-d array / tensor; a NaN or
         infinite c, or a result whose scale float32 cannot hold, is refused (LorafuseValueError)."""
-        x = scalar_value(c)
+        x = real_number(c)
         if x is None:
             return NotImplemented
         if not math.isfinite(x):
@@ -162,7 +161,7 @@ class Adapter:
     __rmul__ = __mul__
 
     def __truediv__(self, c: object) -> Adapter:
-        x = scalar_value(c)
+        x = real_number(c)
         if x is None:
             return NotImplemented
         if x == 0:
@@ -192,16 +191,6 @@ class Adapter:
         return norm(self, threads)
 
 
-
-
-def scalar_value(c: object) -> float | None:
-    """`c` as a float when it is a scalar: a real number (not a bool), a numpy scalar, or a 0-d numpy array /
-    torch tensor of a real number; else None (the operator returns NotImplemented)."""
-    if getattr(c, "ndim", None) == 0 and hasattr(c, "item") and not isinstance(c, numbers.Number):
-        c = c.item()
-    if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
-        return None
-    return float(c)
 
 
 def refuse_one(adapters: object, what: str) -> None:
