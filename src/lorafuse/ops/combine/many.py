@@ -903,24 +903,23 @@ class _ReplayBuffer:
             skip = -raw.ctypes.data % 64
             self._buf = raw[skip:skip + rp.length + 64]
         view = self._buf[:rp.length]
-        changed = _changed(src, pass_no)
         try:
             fd = os.open(rp.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
-            raise InputChangedError(f"{changed} ({rp.path}: {e.strerror or e})") from None
+            raise InputChangedError(f"{_changed(src, pass_no)} ({rp.path}: {e.strerror or e})") from None
         try:
             if identity_of(os.fstat(fd)) != rp.identity:
-                raise InputChangedError(changed)
+                raise InputChangedError(_changed(src, pass_no))
             done = 0
             while done < rp.length:
                 got = os.preadv(fd, [view[done:].data], rp.start + done)
                 if got <= 0:
-                    raise InputChangedError(f"{changed} ({rp.path} is shorter)")
+                    raise InputChangedError(f"{_changed(src, pass_no)} ({rp.path} is shorter)")
                 done += got
             if identity_of(os.fstat(fd)) != rp.identity:  # rewritten while it was read
-                raise InputChangedError(changed)
+                raise InputChangedError(_changed(src, pass_no))
         except OSError as e:
-            raise InputChangedError(f"{changed} ({rp.path}: {e.strerror or e})") from None
+            raise InputChangedError(f"{_changed(src, pass_no)} ({rp.path}: {e.strerror or e})") from None
         finally:
             os.close(fd)
         return view
