@@ -71,6 +71,7 @@ from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
 from lorafuse.io.manifest import MARKER_KEY, version
 from lorafuse.model import Adapter, LoraUpdate
+from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.tucker import TuckerFactor
 
@@ -78,13 +79,12 @@ GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_TYPE = "f32"  # convert_lora_to_gguf.py's --outtype default
 SUFFIX = ".gguf"
 _Q8_BLOCK = 32  # elements per Q8_0 block: a row must be a multiple of it
-_F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = 2.0 ** -126  # float32's smallest normal value
 # per type, the range of a tensor's largest |value| written without overflow and at the type's full precision:
 # (smallest, largest). F16: its normal range; BF16 and F32: float32's (BF16's largest is 0x7f7f); Q8_0: 127 times
 # the block scale d, an F16 (at most 65504; at least 2^-17 keeps the rounding of d within half a step)
 _RANGES: dict[str, tuple[float, float]] = {
-    "F32": (_F32_TINY, _F32_MAX),
+    "F32": (_F32_TINY, FLOAT32_MAX),
     "BF16": (_F32_TINY, float.fromhex("0x1.fep+127")),
     "F16": (2.0 ** -14, 65504.0),
     "Q8_0": (127 * 2.0 ** -17, 127 * 65504.0),
@@ -374,7 +374,7 @@ def _file_alpha(adapter: Adapter, loras: Mapping[str, LoraUpdate], notes: list[s
                                  f"a scale that is not finite ({_listed(odd)}); nothing was written")
     alpha = _choose_alpha(adapter, loras)
     smallest = 2.0 ** math.ceil(math.log2(_F32_TINY * max(u.rank for u in loras.values())))
-    if alpha == 0 or smallest <= abs(alpha) <= _F32_MAX:
+    if alpha == 0 or smallest <= abs(alpha) <= FLOAT32_MAX:
         return alpha, False
     written = math.copysign(smallest if abs(alpha) < smallest else 2.0 ** 127, alpha)  # 2^127: float32's largest
     notes.append(f"the adapter's alpha {alpha:g} is beyond float32's range (adapter.lora.alpha is a FLOAT32, and "
