@@ -239,18 +239,60 @@ def test_peft_inputs_keep_their_dtype(tmp_path):
     assert file_dtypes(saved / "adapter_model.safetensors") == {"F16"}
 
 
-def test_a_value_beyond_the_dtype_is_refused(tmp_path):
-    """cat puts c_i A_i in the output: 1000 * ~100 is beyond F16's 65504: refused, never written as Inf."""
+def _deltas(adapter) -> dict[str, np.ndarray]:
+    """Every module's delta in float64, from its stored factors (numpy)."""
+    out = {}
+    for name, u in adapter.updates.items():
+        b, a = u.B.f32().astype(np.float64), u.A.f32().astype(np.float64)
+        out[name] = u.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+    return out
+
+
+def test_a_factor_beyond_the_dtype_is_balanced_and_a_product_beyond_it_refused(tmp_path):
+    """cat puts c_i A_i in the output: 1000 * ~100 is beyond F16's 65504 in A, while B is ~0.5. B A is what
+    counts: A is divided and B multiplied by one power of two, and the F16 delta is the float32 one to F16's
+    precision. A product no two F16 factors can hold (weights 1e12) is refused, never written as Inf."""
     paths = [write_kohya(tmp_path / f"big{i}.safetensors", "F16", 70 + i, scale=100.0) for i in range(2)]
-    with pytest.raises(NonFiniteError, match=r"module '.*': a factor value .* beyond the largest finite F16"):
-        lorafuse.combine(paths, [1000.0, 1.0], method="cat")
-    assert main(["combine", *map(str, paths), "--weights", "1000,1", "--method", "cat", "-o",
-                 str(tmp_path / "o.safetensors")]) == 1
-    assert not (tmp_path / "o.safetensors").exists()
     wide = lorafuse.combine(paths, [1000.0, 1.0], method="cat", dtype="fp32")
     assert max(float(np.abs(u.A.f32()).max()) for u in wide.updates.values()) > 65504
+    half = lorafuse.combine(paths, [1000.0, 1.0], method="cat")
+    assert {u.A.dtype for u in half.updates.values()} == {"F16"}
+    assert max(float(np.abs(u.A.f32()).max()) for u in half.updates.values()) <= 65504
+    want, got = _deltas(wide), _deltas(half)
+    for name in want:
+        err = np.linalg.norm(got[name] - want[name]) / np.linalg.norm(want[name])
+        assert err < 2e-3, (name, err)  # F16 keeps 11 bits
+    assert main(["combine", *map(str, paths), "--weights", "1000,1", "--method", "cat", "-o",
+                 str(tmp_path / "o.safetensors")]) == 0
+    with pytest.raises(NonFiniteError, match=r"module '.*': a factor value .* beyond the largest finite F16.*"
+                                             r"even balanced between B and A"):
+        lorafuse.combine(paths, [1e12, 1.0], method="cat")
+    assert main(["combine", *map(str, paths), "--weights", "1e12,1", "--method", "cat", "-o",
+                 str(tmp_path / "p.safetensors")]) == 1
+    assert not (tmp_path / "p.safetensors").exists()
     bf = lorafuse.combine(paths, [1000.0, 1.0], method="cat", dtype="bf16")  # BF16 has the range of F32
     assert {u.A.dtype for u in bf.updates.values()} == {"BF16"}
+
+
+def test_factors_below_the_dtype_are_balanced_not_flushed(tmp_path):
+    """resize of F16 factors of ~1e-4 puts the singular values on B (PEFT's split): B = U S has entries far
+    below F16's normal range (6.1e-5) and would become subnormals or zero, losing most of the delta. B is
+    multiplied and A divided by one power of two instead: the delta keeps F16's relative precision."""
+    a = np.random.default_rng(5).standard_normal((8, 64)) * 1e-4
+    b = np.random.default_rng(6).standard_normal((48, 8)) * 1e-4
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    save_file({f"{PREFIX}q.lora_A.weight": torch.from_numpy(a).half(),
+               f"{PREFIX}q.lora_B.weight": torch.from_numpy(b).half()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 8, '
+                                                '"target_modules": ["q"]}')
+    exact = torch.from_numpy(b).half().double().numpy() @ torch.from_numpy(a).half().double().numpy()
+    for result in (lorafuse.resize(folder, rank=8).adapter,
+                   lorafuse.combine([folder, folder], [0.5, 0.5], method="svd", rank=8)):
+        (name, delta), = _deltas(result).items()
+        assert result.updates[name].B.dtype == "F16"
+        err = np.linalg.norm(delta - exact) / np.linalg.norm(exact)
+        assert err < 2e-3, err  # was 0.26 with the singular values flushed to F16 subnormals
 
 
 @pytest.mark.parametrize("alias, want", [("fp32", "F32"), ("float", "F32"), ("float32", "F32"), ("FP32", "F32"),

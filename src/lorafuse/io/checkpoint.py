@@ -168,6 +168,7 @@ class Checkpoint:
         path = local_path(path, what="checkpoint")  # a Hub id: its snapshot folder (io.hub)
         if not path.exists():
             raise FormatError(f"{path}: no such file or directory")
+        self.path = path  # the file or folder given (`directory` is the folder holding the shards)
         self.index_name: str | None = None
         self.index_metadata: dict[str, object] = {}
         if path.is_file():

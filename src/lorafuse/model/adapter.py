@@ -25,7 +25,7 @@ from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
 from lorafuse.model.registry import FormatSpec, get_format
 from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import FormatState, PeftState
-from lorafuse.model.update import Update
+from lorafuse.model.update import Update, refuse_dora
 
 
 @dataclass
@@ -72,7 +72,15 @@ class Adapter:
     def norms(self, threads: int = 0) -> dict[str, float]:
         """Exact ||delta||_F of every module, from the factors alone (no dense matrix): stored LoRA factors
         through the core in batches (Ctrl-C and SIGTERM act between them), LoHa / LoKr / Tucker modules
-        through their structure (model.spectral: ||w1 (x) w2|| = ||w1|| ||w2||, ...)."""
+        through their structure (model.spectral: ||w1 (x) w2|| = ||w1|| ||w2||, ...).
+
+        Parameters
+        ----------
+        threads : int, default 0
+            Worker threads of the core; 0 uses every core.
+
+        A DoRA module is refused (UnsupportedError): its delta depends on the base weight."""
+        refuse_dora(self.label, self.updates, "its delta norm")
         return frobenius_norms(self.updates, threads)
 
     def num_parameters(self) -> int:
@@ -100,14 +108,27 @@ class Adapter:
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:
         """An adapter from PEFT-named tensors (numpy arrays, or torch CPU tensors) and a LoRA config
         (a dict like adapter_config.json, or a peft LoraConfig). Without a config every module's
-        scale is 1."""
+        scale is 1.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array
+            PEFT-named tensors (`base_model.model.<module>.lora_A.weight`, ...): numpy arrays or torch CPU
+            tensors, as `get_peft_model_state_dict` gives them.
+        config : dict or peft.LoraConfig, default None
+            The adapter's LoRA config (r, lora_alpha, use_rslora, rank_pattern, ...)."""
         tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
         return _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
 
     def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
         """PEFT-named tensors: float arrays for numpy (BF16 and F8 widened to float32: numpy has no such
         types), or torch tensors of the stored dtype (BF16 as torch.bfloat16, F8_E4M3 / F8_E5M2 as
-        torch.float8_e4m3fn / torch.float8_e5m2), never their raw bytes as integers."""
+        torch.float8_e4m3fn / torch.float8_e5m2), never their raw bytes as integers.
+
+        Parameters
+        ----------
+        framework : str, default 'numpy'
+            'numpy' (numpy arrays) or 'torch' (torch CPU tensors; needs torch installed)."""
         tensors = _tensor_format("peft").to_tensors(self)  # type: ignore[misc]
         if framework == "numpy":
             return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.raw.copy())
@@ -181,13 +202,29 @@ class Adapter:
                 f"dtype={'/'.join(dtypes) or '-'}{extra}, source={where})")
 
     def to_rank(self, rank: int, split: str = "B", threads: int = 0) -> Adapter:
-        """The best rank-`rank` approximation of every module (Eckart-Young, from the factors)."""
+        """The best rank-`rank` approximation of every module (Eckart-Young, from the factors).
+
+        Parameters
+        ----------
+        rank : int
+            The rank of every module afterwards (at most its delta's rank; modules of lower rank are kept).
+        split : str, default 'B'
+            Where the singular values go: 'B' (on B, as PEFT's svd does) or 'sqrt' (their square roots on both).
+        threads : int, default 0
+            Worker threads of the core; 0 uses every core."""
         return truncate(self, rank, split, threads)
 
     svd = to_rank
 
     def norm(self, threads: int = 0) -> float:
-        """Exact Frobenius norm of all deltas together, from the factors."""
+        """Exact Frobenius norm of all deltas together, from the factors.
+
+        Parameters
+        ----------
+        threads : int, default 0
+            Worker threads of the core; 0 uses every core.
+
+        A DoRA module is refused (UnsupportedError): its delta depends on the base weight."""
         return norm(self, threads)
 
 

@@ -13,6 +13,7 @@ must agree on it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -217,24 +218,54 @@ def output_dtype(adapters: Sequence[Adapter], dtype: object, what: str) -> str:
 
 
 _LARGEST = {"F16": "65504", "BF16": "3.39e38"}
+# Twice the unit roundoff of each writable dtype: a factor whose rounding costs more (relative Frobenius error)
+# has lost values to the dtype's subnormal range.
+_LOSS = {"F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
+
+
+def _relative_loss(before: np.ndarray, after: np.ndarray) -> float:
+    """||after - before||_F / ||before||_F in float64 (inf when `after` is not finite, 0 for a zero factor)."""
+    if not np.isfinite(after).all():
+        return math.inf
+    x = before.astype(np.float64)
+    norm = float(np.linalg.norm(x))
+    return float(np.linalg.norm(after.astype(np.float64) - x)) / norm if norm > 0 else 0.0
+
+
+def _largest_exponent(x: np.ndarray) -> int:
+    m = float(np.max(np.abs(x))) if x.size else 0.0
+    return math.frexp(m)[1] if m > 0 else 0
 
 
 def rounded(update: LoraUpdate, dtype: str, threads: int = 0) -> LoraUpdate:
     """`update` with its factors rounded once, to nearest even, to `dtype` (F32, F16 or BF16); the update
-    itself when they already are. A finite value that the rounding makes infinite (above the dtype's
-    largest finite value) is refused with NonFiniteError naming the module: the float32 factors had it."""
+    itself when they already are. B A is what counts, not how it is split: where rounding either factor would
+    lose it (F16 factors of 1e-5 fall into the subnormals, 1e5 beyond the largest finite value), B is
+    multiplied by 2^-k and A by 2^k (exact), k balancing their largest values, and rounded again. A finite
+    value that is still beyond the dtype's largest finite value is refused with NonFiniteError naming the
+    module: the float32 factors had it."""
     if update.A.dtype == dtype and update.B.dtype == dtype:
         return update
     if dtype not in WRITABLE_FLOATS:
         raise LorafuseValueError(f"module {update.name!r}: factors can be written as {', '.join(WRITABLE_FLOATS)}, "
                                  f"not {dtype!r}")
+    a32, b32 = update.A.f32(threads), update.B.f32(threads)
     a, b = update.A.to(dtype, threads), update.B.to(dtype, threads)
-    for before, after in ((update.A, a), (update.B, b)):
-        x = before.f32(threads)
-        if not np.isfinite(after.f32(threads)).all() and np.isfinite(x).all():
-            raise NonFiniteError(f"module {update.name!r}: a factor value ({float(np.abs(x).max()):.4g}) is beyond "
-                                 f"the largest finite {dtype} ({_LARGEST.get(dtype, '?')}); write the factors as "
-                                 "float32 (--dtype fp32, dtype='fp32')")
+    if max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads))) > _LOSS[dtype] \
+            and np.isfinite(a32).all() and np.isfinite(b32).all():
+        k = (_largest_exponent(b32) - _largest_exponent(a32)) // 2  # max|B 2^-k| ~ max|A 2^k|
+        if k:
+            a2, b2 = np.ldexp(a32, k).astype(np.float32), np.ldexp(b32, -k).astype(np.float32)
+            a_k, b_k = Tensor.from_array(a2).to(dtype, threads), Tensor.from_array(b2).to(dtype, threads)
+            loss = max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads)))
+            if max(_relative_loss(a2, a_k.f32(threads)), _relative_loss(b2, b_k.f32(threads))) < loss:
+                a32, b32, a, b = a2, b2, a_k, b_k
+    for wide, narrow in ((a32, a), (b32, b)):
+        if not np.isfinite(narrow.f32(threads)).all() and np.isfinite(wide).all():
+            raise NonFiniteError(f"module {update.name!r}: a factor value ({float(np.abs(wide).max()):.4g}) is "
+                                 f"beyond the largest finite {dtype} ({_LARGEST.get(dtype, '?')}), even balanced "
+                                 "between B and A by a power of two; write the factors as float32 "
+                                 "(--dtype fp32, dtype='fp32')")
     return dataclasses.replace(update, A=a, B=b)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
 
+from lorafuse.errors import UnsupportedError
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.lycoris import LycorisUpdate
@@ -74,3 +76,13 @@ def holds_nonfinite(u: Update) -> bool:
     """Whether a tensor the update keeps from its file holds NaN or Inf (each widened to float32 from whatever
     dtype it is stored in). For error messages: it reads every stored tensor."""
     return not all(np.isfinite(t.f32()).all() for t in u.stored_tensors())
+
+
+def refuse_dora(label: str, updates: Mapping[str, Update], what: str) -> None:
+    """Refuse (UnsupportedError) a DoRA module where `what` needs the delta itself: a DoRA delta is
+    m (W + s B A) / ||W + s B A|| - W, which the base weight W decides; the adapter alone does not hold it."""
+    for name, u in updates.items():
+        if u.magnitude is not None:
+            raise UnsupportedError(f"{label}: module {name!r} is DoRA: its delta depends on the base weight (the "
+                                   f"magnitude rescales W + s B A), so {what} is not defined by the adapter alone; "
+                                   "merge it into the base with `apply` to compare or measure the merged weights")

@@ -48,7 +48,8 @@ def _kind(u: Update) -> str:
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     # A LoRA on a parameter (fused MoE experts) is one low-rank block per expert, known only against the
     # base: its delta norm is not defined without it (None, as a non-finite norm is in JSON).
-    plain = {n: u for n, u in adapter.updates.items() if not isinstance(u, ParamLoraUpdate)}
+    # The same for a DoRA module: its delta is m (W + s B A) / ||W + s B A|| - W.
+    plain = {n: u for n, u in adapter.updates.items() if not isinstance(u, ParamLoraUpdate) and u.magnitude is None}
     norms = frobenius_norms(plain, threads)
     modules = []
     for name, u in adapter.updates.items():
@@ -109,7 +110,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
     infos = [t for h in ckpt.headers.values() for t in h.values()]
     return {
         "type": "checkpoint",
-        "path": str(ckpt.directory),
+        "path": str(ckpt.path),
         "shards": ckpt.shards,
         "sharded": ckpt.sharded,
         "tensors": len(infos),

@@ -70,7 +70,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
     for n in names:
         b2, a2, s = results[n]
         u = a.updates[n]
-        k = min(rule.choose(s), u.rank, b2.shape[1])
+        k = min(rule.choose(s), u.rank, b2.shape[1], b2.shape[0], a2.shape[1])  # no more than the delta's rank
         new = rounded(u.with_factors(b2[:, :k], a2[:k], scale=u.scale), out_dtype, threads)
         new.bias = u.bias
         updates[n] = new

@@ -31,7 +31,7 @@ from lorafuse.model.spectral import (
     inner,
     is_stored_lora,
 )
-from lorafuse.model.update import holds_nonfinite
+from lorafuse.model.update import holds_nonfinite, refuse_dora
 
 
 class _Batch:
@@ -87,6 +87,8 @@ def _module_cost(holders: list[tuple[int, Update]]) -> tuple[float, int]:
 def gram(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
     """G[i, j] = <delta_i, delta_j>_F over all modules, in float64 (any iterable of adapters, not one)."""
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapter_list(adapters, "similarity")]
+    for a in loaded:
+        refuse_dora(a.label, a.updates, "its similarity to another adapter")
     batch = _Batch(len(loaded), threads)
     names = list(dict.fromkeys(name for a in loaded for name in a.updates))
     for name in names:

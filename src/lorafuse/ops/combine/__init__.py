@@ -253,11 +253,15 @@ def _spelled(options: CombineOptions) -> CombineOptions:
 def _outputs(p: _Prepared) -> Iterator[Output]:
     """Every module's output, its float32 factors rounded once to the output dtype."""
     spread = max(1, p.method.per_thread * resolve_threads(p.ctx.options.threads))
-    try:
-        for name, update, was_randomized in stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread):
-            yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized
-    except NonFiniteError as e:
-        raise _named_input(p, e) from None
+    modules = stream(p.by_module, p.method.run, p.method.working_bytes, p.ctx, spread)
+    while True:
+        try:  # a NaN or Inf in the float32 sums: say which input holds it, or that the weights overflow
+            name, update, was_randomized = next(modules)
+        except StopIteration:
+            return
+        except NonFiniteError as e:
+            raise _named_input(p, e) from None
+        yield name, rounded(update, p.dtype, p.ctx.options.threads), was_randomized  # its own message
 
 
 def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
