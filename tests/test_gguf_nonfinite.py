@@ -21,7 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import lorafuse  # noqa: E402
 from lorafuse.cli import main  # noqa: E402
-from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError  # noqa: E402
+from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, UnsupportedError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
@@ -207,8 +207,8 @@ def test_lora_alpha_below_float32_as_f16_is_refused(tmp_path):
     tensors = {"q_proj": factors(rng, 16, 16, 4, 0.1, 0.1)}
     adapter = peft(tmp_path / "a", tensors, r=4, lora_alpha=1e-50)
     out = tmp_path / "x.gguf"
-    with pytest.raises(LorafuseValueError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*attn_q\.weight\.lora_b.*"
-                                                 r"round to zero as F16"):
+    with pytest.raises(UnsupportedError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*attn_q\.weight\.lora_b.*"
+                                              r"round to zero as F16"):
         lorafuse.convert(adapter, out, to="gguf", arch="qwen2", gguf_type="f16")
     no_output(tmp_path, out)
 
@@ -287,19 +287,19 @@ def test_f32_folded_scale_beyond_float32_is_refused(tmp_path):
 
 def test_f16_product_below_its_range_is_refused(tmp_path, capsys):
     """lora_A and lora_B both ~1e-5 (products ~1e-10, below F16's normal range squared): as F16 the delta would
-    be mostly zeros. Refused (LorafuseValueError), naming the module and the tensors; F32 writes it exactly."""
+    be mostly zeros. Refused (UnsupportedError: the values, not the arguments), naming the module and the tensors; F32 writes it exactly."""
     rng = np.random.default_rng(7)
     tensors = {"q_proj": factors(rng, 16, 16, 2, 1e-5, 1e-5)}
     adapter = peft(tmp_path / "a", tensors, lora_alpha=2)
     out = tmp_path / "x.gguf"
-    with pytest.raises(LorafuseValueError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*attn_q\.weight\.lora_a.*"
-                                                 r"round to zero as F16") as e:
+    with pytest.raises(UnsupportedError, match=r"'model\.layers\.0\.self_attn\.q_proj'.*attn_q\.weight\.lora_a.*"
+                                              r"round to zero as F16") as e:
         lorafuse.convert(adapter, out, to="gguf", arch="qwen2", gguf_type="f16")
     assert isinstance(e.value, LorafuseError) and str(adapter) in str(e.value)
     no_output(tmp_path, out)
     rc, err = cli(["convert", str(adapter), "--to", "gguf", "--arch", "qwen2", "--gguf-type", "f16", "-o", str(out)],
                   capsys)
-    assert rc != 0 and "self_attn.q_proj" in err
+    assert rc == 1 and "UnsupportedError" in err and "self_attn.q_proj" in err  # the values: exit 1, not 2
     no_output(tmp_path, out)
     lorafuse.convert(adapter, out, to="gguf", arch="qwen2")
     check(out, tensors, {"q_proj": 1.0}, "f32")

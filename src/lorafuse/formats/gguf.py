@@ -46,6 +46,7 @@ vocabulary).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -157,6 +158,9 @@ class BaseConfig:
     n_head_kv: int | None
     n_layers: int | None
     tied: bool | None  # tie_word_embeddings as stated (None: not stated)
+    hidden: int | None = None  # hidden_size
+    intermediate: int | None = None  # intermediate_size
+    vocab: int | None = None  # vocab_size
 
 
 def _int(cfg: Mapping[str, object], key: str, path: Path) -> int | None:
@@ -194,7 +198,8 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     n_head_kv = _int(cfg, "num_key_value_heads", file) or n_head
     tied = cfg.get("tie_word_embeddings")
     return BaseConfig(file, arch, names, n_head, n_head_kv, _int(cfg, "num_hidden_layers", file),
-                      tied if isinstance(tied, bool) else None)
+                      tied if isinstance(tied, bool) else None, _int(cfg, "hidden_size", file),
+                      _int(cfg, "intermediate_size", file), _int(cfg, "vocab_size", file))
 
 
 def choose_arch(arch: str | None, base: BaseConfig | None) -> str:
@@ -300,7 +305,42 @@ def _plain_loras(adapter: Adapter) -> dict[str, LoraUpdate]:
     for kind, names in kinds.items():
         what, why = reasons[kind]
         raise _refuse(adapter, names, what, why)
-    return {n: u for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)}
+    return {n: _linear_layout(u) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)}
+
+
+def _linear_layout(u: LoraUpdate) -> LoraUpdate:
+    """The update as PEFT applies it to a torch Linear layer: PEFT ignores fan_in_fan_out=true there (it resets the
+    flag, with a warning), and every architecture llama.cpp's LoRA converter maps is made of Linear layers, none
+    of transformers' Conv1D (GPT-2)."""
+    return dataclasses.replace(u, transposed=False) if u.transposed and u.kind == "linear" else u
+
+
+# The base's sizes (config.json) each module's delta must have, by the module's last name: (rows, columns).
+_SIZES: dict[str, tuple[str | None, str | None]] = {
+    "q_proj": (None, "hidden"), "k_proj": (None, "hidden"), "v_proj": (None, "hidden"), "o_proj": ("hidden", None),
+    "gate_proj": ("intermediate", "hidden"), "up_proj": ("intermediate", "hidden"),
+    "down_proj": ("hidden", "intermediate"), "embed_tokens": ("vocab", "hidden"), "lm_head": ("vocab", "hidden"),
+}
+_SIZE_KEYS = {"hidden": "hidden_size", "intermediate": "intermediate_size", "vocab": "vocab_size"}
+
+
+def _check_sizes(adapter: Adapter, loras: Mapping[str, LoraUpdate], base: BaseConfig) -> None:
+    """Refuse a module whose delta does not have the base's sizes (hidden_size, intermediate_size, vocab_size of
+    its config.json): llama.cpp refuses such a LoRA when it loads it."""
+    for n, u in loras.items():
+        rule = _SIZES.get(n.rsplit(".", 1)[-1])
+        if rule is None:
+            continue
+        shape = (int(u.delta_shape[0]), int(np.prod(u.delta_shape[1:])))  # as the base weight: out x in
+        for side, (size, got) in enumerate(zip(rule, shape)):
+            if size is None:
+                continue
+            want = getattr(base, size)
+            if want is not None and got != want:
+                raise ShapeMismatchError(
+                    f"{adapter.label}: module {n!r} has a delta of shape {shape} ({'rows' if side == 0 else 'columns'}"
+                    f" {got}), but the base's {_SIZE_KEYS[size]} is {want} ({base.path}): the adapter was not made "
+                    "for this base; nothing was written")
 
 
 def _full_tensors(adapter: Adapter, notes: list[str]) -> None:
@@ -419,6 +459,8 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
     if not loras:
         raise UnsupportedError(f"{adapter.label}: no LoRA module to write")
     _full_tensors(adapter, notes)
+    if base is not None:
+        _check_sizes(adapter, loras, base)
     hf = {n: _hf_name(n) for n in loras}
     heads_dropped = [n for n, h in hf.items() if h == "lm_head"]
     if heads_dropped and rule.lm_head is not None:  # the architecture has no output tensor to map it to
@@ -617,7 +659,7 @@ def _balanced(a: np.ndarray, b: np.ndarray, m: GgufModule, where: str) -> tuple[
             raise NonFiniteError(f"{where}: {' and '.join(misfits)} would not be finite as {types} ({sizes}, beyond "
                                  f"what two {types} factors hold even rescaled by a power of two: each at most "
                                  f"{max(hi_a, hi_b):g}); nothing was written{hint}")
-        raise LorafuseValueError(f"{where}: {' and '.join(misfits)} would round to zero as {types} ({sizes}, below "
+        raise UnsupportedError(f"{where}: {' and '.join(misfits)} would round to zero as {types} ({sizes}, below "
                                  f"what two {types} factors hold at full precision even rescaled by a power of two: "
                                  f"each at least {min(lo_a, lo_b):g}); nothing was written{hint}")
     if k_min <= 0 <= k_max:
@@ -682,7 +724,8 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
     tensor table first (every shape is known), then each module's lora_a and lora_b."""
     gguf = gguf_module()
     out = Path(out)
-    loras = {m.module: adapter.updates[m.module] for m in plan.modules}
+    loras = {m.module: _linear_layout(u) if isinstance(u := adapter.updates[m.module], LoraUpdate) else u
+             for m in plan.modules}
     with atomic_file(out, inputs, overwrite=overwrite) as tmp:
         w = gguf.GGUFWriter(tmp, plan.gguf_arch)
         done = False

@@ -35,6 +35,7 @@ from lorafuse.errors import (
     LorafuseError,
     LorafuseValueError,
     MissingModuleError,
+    NonFiniteError,
     ShapeMismatchError,
     UnsupportedError,
 )
@@ -45,6 +46,7 @@ from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
+from lorafuse.model.update import holds_nonfinite
 
 if TYPE_CHECKING:
     from lorafuse.formats.gguf import GgufPlan
@@ -197,9 +199,13 @@ def _plain(adapter: Adapter, name: str) -> LoraUpdate:
     if not isinstance(u, LoraUpdate):
         raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; pass --rank to "
                                "convert it to LoRA first")
-    if not u.is_plain() or u.transposed or u.kind == "embedding":
-        raise UnsupportedError(f"{adapter.label}: module {name!r} has a DoRA magnitude, a bias or a transposed "
-                               "layout; convert handles plain LoRA / LoCon modules")
+    why = ("has a DoRA magnitude (dora_scale)" if u.magnitude is not None else
+           "has a bias (lora_B bias)" if u.bias is not None else
+           "is an embedding LoRA" if u.kind == "embedding" else
+           "is stored transposed (fan_in_fan_out)" if u.transposed else
+           None if u.is_plain() else "is not a plain LoRA")
+    if why is not None:
+        raise UnsupportedError(f"{adapter.label}: module {name!r} {why}; convert handles plain LoRA / LoCon modules")
     return u
 
 
@@ -555,6 +561,9 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
                                ".safetensors files and diffusers LoRA files (<component>.<module>.lora_A.weight)")
     if a.full:
         raise UnsupportedError(f"{a.label}: full tensors ({', '.join(sorted(a.full)[:3])}) cannot be converted")
+    for name, u in a.updates.items():  # a faithful copy of a NaN would be a broken adapter written as new
+        if holds_nonfinite(u):
+            raise NonFiniteError(f"{a.label}: module {name!r} holds NaN or Inf in its factors; nothing was written")
     n_in = len(a.updates)
     a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
     inputs = [a.path] if a.path is not None else []
