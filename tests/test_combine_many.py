@@ -189,7 +189,7 @@ def test_engine_choice_and_refusals(forty: tuple[list[Path], list[float], dict[s
     many = combine_to(paths, weights, CombineOptions(rank=8, engine="auto"), tmp_path / "auto")
     # 40 adapters of ranks 4-8: the cost model keeps the exact path here
     assert many.engine in ("memory", "stream")
-    with pytest.raises(UnsupportedError, match="does not stream"):
+    with pytest.raises(LorafuseValueError, match="does not stream"):
         lorafuse.combine(paths, None, method="ties", density=0.5, passes=2)
     with pytest.raises(LorafuseValueError, match="exclude each other"):
         lorafuse.combine(paths, None, exact=True, passes=2)

@@ -302,7 +302,7 @@ def test_refusals_before_any_work(mixed: tuple[list[Path], list[float]], monkeyp
         lorafuse.combine(loaded, weights, engine="ray")
     with pytest.raises(LorafuseValueError, match="ray_address applies to engine 'ray'"):
         combine_with(paths, weights, CombineOptions(engine="stream", ray_address="auto"))
-    with pytest.raises(UnsupportedError, match="does not stream"):
+    with pytest.raises(LorafuseValueError, match="does not stream"):
         lorafuse.combine(paths, weights, method="ties", density=0.5, engine="ray")
     with pytest.raises(LorafuseValueError, match="exclude each other"):
         lorafuse.combine(paths, weights, exact=True, engine="ray")

@@ -42,6 +42,9 @@ _LAZY = {
     "ApplyReport": "lorafuse.ops.apply",
     "METHODS": "lorafuse.ops.combine",
 }
+# Subpackages, reached as attributes after a plain `import lorafuse` (`lorafuse.backends.get_backend`), also
+# imported only when first used.
+_SUBPACKAGES = frozenset({"backends", "formats", "io", "model", "ops", "recipes"})
 
 if TYPE_CHECKING:
     from lorafuse.model import Adapter, LoraUpdate
@@ -74,6 +77,10 @@ def __getattr__(name: str) -> object:
         import importlib
 
         value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:
+        import importlib
+
+        value = importlib.import_module(f"lorafuse.{name}")
     else:
         raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")
     globals()[name] = value  # the next lookup finds it directly

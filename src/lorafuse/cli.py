@@ -235,7 +235,8 @@ def _device_option(p: argparse.ArgumentParser) -> None:
 def _progress_options(p: argparse.ArgumentParser) -> None:
     """--progress / --no-progress, as apply has them (default: a bar when stderr is a terminal)."""
     bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal")
+    bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal "
+                     "(never with -q or --json)")
     bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
                      "terminal)")
 
@@ -515,10 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-nonfinite", action="store_true", help="write NaN/Inf results instead of failing")
     a.add_argument("--skip-missing", action="store_true",
                    help="merge the modules that find a target and list the others (default: refuse)")
-    bar = a.add_mutually_exclusive_group()
-    bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal")
-    bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
-                     "terminal)")
+    _progress_options(a)
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     shown = a.add_mutually_exclusive_group()
     shown.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
@@ -753,8 +751,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
             max_shard_size=args.max_shard_size, skip_missing=args.skip_missing, overwrite=args.overwrite,
             device=args.device, requantize=args.requantize))
-    draw = args.progress or (not args.no_progress and sys.stderr.isatty())
-    bar = TqdmBar("apply", sys.stderr) if draw else None
+    draw = _progress_of(args)
+    bar = TqdmBar("apply", sys.stderr) if draw or (draw is None and sys.stderr.isatty()) else None
     try:
         report = apply(args.base, args.adapters, args.weights, args.out, dtype=args.dtype, threads=args.threads,
                        max_shard_size=args.max_shard_size, progress=bar if bar is not None else False,

@@ -370,9 +370,24 @@ def plot_is_ours(path: Path) -> bool:
         os.close(fd)
 
 
+def _in_own_folder(out: Path) -> bool:
+    """True when `out` is a file of an intact lorafuse folder output (a shard of a merged checkpoint, say:
+    shards carry no mark of their own; their folder's manifest lists them, with their sizes)."""
+    if out.name == MANIFEST_NAME:
+        return False
+    try:
+        state = inspect_folder(out.parent)
+    except OSError:
+        return False
+    own = tuple(f".{_stem(out)}.{kind}-{os.getpid()}-" for kind in ("tmp", "old"))  # this run's own entries
+    added = [n for n in state.unlisted if not n.rstrip("/").startswith(own)]
+    return state.manifest == "valid" and not added and not state.changed and state.current \
+        and out.name in state.entries
+
+
 def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
     """As _judge_folder, for an existing regular file where a file output goes."""
-    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out):
+    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out) or _in_own_folder(out):
         return None
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
             "the metadata of its .safetensors files and plots)")

@@ -132,11 +132,16 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
 
 def checked_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
                    *, asked: str | None = None, overwrite: bool = False) -> AdapterOutput:
-    """adapter_output, then io.atomic.check_output on the path it names: everything a verb that writes an
+    """adapter_output, then io.atomic.check_output on the path it names, then (`asked`) whether the format asked
+    for can name the modules (LorafuseValueError naming the input): everything a verb that writes an
     adapter checks of its output's name before any work (a real run and a dry run alike). The result's
     `replaces` is the note of what `overwrite` will replace there (None: nothing of the user's)."""
     target = adapter_output(out, fmt, adapters, inputs, asked=asked)
     replaces = check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
+    if asked is not None:  # a format asked for that cannot name the modules: before any work, naming the input
+        why = refusal(fmt, adapters)
+        if why is not None:
+            raise LorafuseValueError(f"{asked} cannot hold these modules: {why}")
     return dataclasses.replace(target, replaces=replaces)
 
 

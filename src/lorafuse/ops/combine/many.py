@@ -1019,13 +1019,13 @@ def check_stream_options(options: CombineOptions) -> None:
     if options.engine in ("stream", "ray") or p is not None:
         engine = "engine 'ray'" if options.engine == "ray" else "passes, engine 'stream'"
         if options.method not in STREAMABLE:
-            raise UnsupportedError(f"method {options.method!r} does not stream ({engine}): the "
+            raise LorafuseValueError(f"method {options.method!r} does not stream ({engine}): the "
                                    f"streamed engine runs {' and '.join(STREAMABLE)}")
         if options.exact:
             raise LorafuseValueError(f"exact and a streamed engine ({engine}) exclude each other: "
                                      "the streamed svd is randomized")
         if options.device == "cuda":
-            raise UnsupportedError("the streamed engine runs on the CPU (device 'cpu')")
+            raise LorafuseValueError("the streamed engine runs on the CPU (device 'cpu')")
         if options.method == "linear" and p not in (None, 1):
             raise LorafuseValueError("method 'linear' reads each adapter once: passes must be 1 (or left out)")
 
