@@ -34,9 +34,9 @@ directions, so those hardly disturb it, and the exact pool keeps nearly all of e
 `--weights mean` (1/N each, what federated averaging does) shrinks each task's update N times: the
 pooled model knows every task a little, and keeps a fraction of each improvement even when the pool is
 exact. The default (`both`) prints the two one above the other. With the defaults (4 tasks, rank 4, 100
-steps, seed 0) the exact sum keeps 94-98% of each task's improvement, the exact mean 71-79%; svd at rank
-2r / r keeps 92-95% / 72-90% with the sum; factor averaging (`linear`) keeps 60-67% with the mean and
-32-50% with the sum, where its cross terms B_i A_j come at full strength. So: averaging is right when the
+steps, seed 0) the exact sum keeps about 94-98% of each task's improvement, the exact mean 71-79%; svd at
+rank 2r / r keeps about 91-95% / 71-90% with the sum; factor averaging (`linear`) keeps 60-67% with the mean
+and 31-50% with the sum (torch's version moves these by a point or so), where its cross terms B_i A_j come at full strength. So: averaging is right when the
 clients learn the same thing (the mean of N estimates of one update), the sum when they learn different
 things; and the sum of N rank-r updates in different directions has rank N*r, so a pool cut to rank r
 keeps roughly the directions of the tasks whose updates are largest.

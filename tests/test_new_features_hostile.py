@@ -79,8 +79,8 @@ def test_an_endless_recipe_file_is_refused_without_reading_it_whole(tmp_path):
             read("/dev/zero")
         big = tmp_path / "big.yml"  # a regular file too big: read up to the limit, then refused
         with open(big, "wb") as f:
-            f.truncate(17 << 20)
-        with pytest.raises(RecipeError, match=r"big.yml: larger than 16 Mi characters: not a recipe"):
+            f.truncate(2 << 20)
+        with pytest.raises(RecipeError, match=r"big.yml: larger than 1 Mi characters: not a recipe"):
             read(big)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
@@ -216,7 +216,7 @@ def test_non_finite_parameters_are_shown(tmp_path: Path, capsys: pytest.CaptureF
     """json.loads reads NaN; showing it with allow_nan=False raised ValueError."""
     p = stamped(tmp_path, parameters='{"rank": NaN, "scale": Infinity}')
     assert main(["info", str(p)]) == 0
-    assert "  parameters  rank=NaN, scale=Infinity" in capsys.readouterr().out.splitlines()
+    assert "  options     rank=NaN, scale=Infinity" in capsys.readouterr().out.splitlines()
 
 
 def test_a_line_feed_in_a_recorded_name_cannot_forge_a_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

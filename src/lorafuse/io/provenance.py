@@ -94,18 +94,44 @@ def invoked(text: str, kind: InvocationKind) -> Iterator[None]:
 
 _ALIASES: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("lorafuse_input_names",
                                                                                   default=None)
+_MADE: contextvars.ContextVar[Mapping[str, Provenance] | None] = contextvars.ContextVar("lorafuse_inputs_made",
+                                                                                      default=None)
 
 
 @contextmanager
-def named_inputs(aliases: Mapping[str, str]) -> Iterator[None]:
+def named_inputs(aliases: Mapping[str, str], made: Mapping[str, Provenance] | None = None) -> Iterator[None]:
     """Inside this block an input given as one of `aliases`' keys (a path, as given) is recorded under its
     value: `lorafuse run` records an earlier stage's output, which lies in a temporary folder, by the stage's
-    name, so that nothing recorded depends on where the intermediate outputs were."""
+    name, so that nothing recorded depends on where the intermediate outputs were. `made`: for an input named
+    by such a name, the record of how it was made (its own inputs and their sha256), kept in its record's
+    `made_by`: the output of a recipe's last stage then names every input of the recipe, however deep."""
     token = _ALIASES.set({**(_ALIASES.get() or {}), **aliases})
+    made_token = _MADE.set({**(_MADE.get() or {}), **(made or {})})
     try:
         yield
     finally:
+        _MADE.reset(made_token)
         _ALIASES.reset(token)
+
+
+def recorded_in(path: Path) -> Provenance | None:
+    """The record a lorafuse output holds (the metadata of its file, or of the first .safetensors file of its
+    folder, in name order), or None."""
+    from lorafuse.io.safetensors import read_header
+
+    try:
+        file = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))), None)
+        return Provenance.from_metadata(read_header(file)[1]) if file is not None else None
+    except (LorafuseError, OSError, ValueError):
+        return None
+
+
+def recorded_name(name: str) -> str:
+    """How an input given as `name` is recorded (its name, its base_model, its model card): `name` itself, or
+    inside named_inputs the name it stands for (a recipe's model as the recipe names it, an intermediate output
+    by its stage's name)."""
+    aliases = _ALIASES.get()
+    return aliases.get(name, name) if aliases else name
 
 
 OUT = "OUT"  # how a recorded command line writes its output's path
@@ -150,7 +176,7 @@ class InputRecord:
     """One input of a run: `name` as given, `role` (base, adapter, fine-tuned, config), `weight` (None where
     the operation takes none), `sha256` of a file input, `files` ((relative name, sha256) of each file read
     from a folder input), the Hub `repo_id` / `revision` / `commit` it came from, and `made_by`: the record of
-    an in-memory adapter (no file) made by lorafuse."""
+    an in-memory adapter (no file) made by lorafuse, or of a recipe's intermediate output (named_inputs)."""
 
     name: str
     role: str
@@ -383,9 +409,11 @@ class InputSpec:
     made_by: Provenance | None = None
 
     def __post_init__(self) -> None:
-        aliases = _ALIASES.get()
-        if aliases:  # a recipe's intermediate output, recorded by its stage's name (named_inputs)
-            object.__setattr__(self, "name", aliases.get(self.name, self.name))
+        given = self.name
+        object.__setattr__(self, "name", recorded_name(given))
+        made = _MADE.get()
+        if self.made_by is None and made and given in made:
+            object.__setattr__(self, "made_by", made[given])
 
     def paths(self) -> list[Path]:
         if self.path is None:
@@ -650,10 +678,10 @@ class Recording:
             elif spec.files:
                 files = tuple((f, self._hash(spec.path / f, wait)) for f in spec.files)
                 records.append(InputRecord(spec.name, spec.role, spec.weight, files=files, repo_id=repo,
-                                           revision=revision, commit=commit))
+                                           revision=revision, commit=commit, made_by=spec.made_by))
             else:
                 records.append(InputRecord(spec.name, spec.role, spec.weight, self._hash(spec.path, wait),
-                                           repo_id=repo, revision=revision, commit=commit))
+                                           repo_id=repo, revision=revision, commit=commit, made_by=spec.made_by))
         inputs = tuple(records)
         invocation = self._invocation or Invocation("python", python_call(self.operation, inputs, self.params,
                                                                           self.method))
@@ -735,6 +763,18 @@ _WHAT = {"apply": ("model", "merged"), "combine": ("LoRA adapter", "combined"), 
          "extract": ("LoRA adapter", "extracted"), "convert": ("LoRA adapter", "converted")}
 
 
+def flat_inputs(inputs: Sequence[InputRecord], prefix: str = "") -> list[tuple[str, InputRecord]]:
+    """The inputs with their numbers ('1', '2', ...), each followed by the inputs it was made from when it is a
+    recipe's intermediate output ('2.1', '2.2', ...), however deep."""
+    rows: list[tuple[str, InputRecord]] = []
+    for n, i in enumerate(inputs, 1):
+        label = f"{prefix}{n}"
+        rows.append((label, i))
+        if i.made_by is not None and i.hashes():  # an output on disk made by an earlier stage
+            rows += flat_inputs(i.made_by.inputs, label + ".")
+    return rows
+
+
 def model_card(provenance: Provenance, *, base_model: str | None = None, library_name: str | None = None,
                base_card: str | None = None) -> str:
     """README.md of a folder output: YAML front matter (`base_model` when known, `library_name` when given,
@@ -765,7 +805,8 @@ def model_card(provenance: Provenance, *, base_model: str | None = None, library
     else:
         lines += ["The Python call (`out`: the output's path):", "", _fence(p.invocation.text, "python")]
     lines += ["", "## Inputs", "", "| # | Input | Role | Weight | sha256 |", "|---|---|---|---|---|"]
-    for n, i in enumerate(p.inputs[:CARD_MAX_INPUTS], 1):
+    rows = flat_inputs(p.inputs)
+    for n, i in rows[:CARD_MAX_INPUTS]:
         hashes = i.hashes()
         if hashes:
             cell = "<br>".join((f"{_code(what)}: " if what else "") + _code(sha) for what, sha in hashes)
@@ -776,9 +817,11 @@ def model_card(provenance: Provenance, *, base_model: str | None = None, library
         name = _code(i.name) + (f" (Hub {_code(i.repo_id)} at {_code(i.commit or '?')})" if i.repo_id else "")
         weight = "" if i.weight is None else f"{i.weight:g}"
         lines.append(f"| {n} | {name} | {i.role} | {weight} | {cell} |")
-    if len(p.inputs) > CARD_MAX_INPUTS:
-        lines += ["", f"... and {len(p.inputs) - CARD_MAX_INPUTS} more: all {len(p.inputs)} inputs, with their sha256, "
+    if len(rows) > CARD_MAX_INPUTS:
+        lines += ["", f"... and {len(rows) - CARD_MAX_INPUTS} more: all {len(rows)} inputs, with their sha256, "
                   "are in the metadata (`lorafuse info --json`)."]
+    if len(rows) > len(p.inputs):
+        lines += ["", "Inputs numbered 2.1, 2.2, ... are those input 2 was made from (an earlier stage of the recipe)."]
     if p.parameters:
         lines += ["", "## Parameters", "", "| Parameter | Value |", "|---|---|"]
         lines += [f"| {k} | {_code(_json(v))} |" for k, v in sorted(p.parameters.items())]
@@ -820,8 +863,8 @@ def describe_lines(d: object) -> list[str]:
     how = f"lorafuse {one(p.version)} {one(p.operation)}" + (f" (method {one(p.method)})" if p.method else "")
     lines = [f"  made by     {how}"]
     if p.parameters:
-        lines.append("  parameters  " + ", ".join(f"{one(k)}={one(v)}" for k, v in shown.items()))
-    for n, i in enumerate(p.inputs, 1):
+        lines.append("  options     " + ", ".join(f"{one(k)}={one(v)}" for k, v in shown.items()))
+    for n, i in flat_inputs(p.inputs):
         weight = "" if i.weight is None else f", weight {i.weight:g}"
         hub = f", Hub {one(i.repo_id)}@{one(str(i.commit))}" if i.repo_id else ""
         lines.append(f"  input {n:<5} {one(i.name)} ({one(i.role)}{weight}{hub})")
@@ -838,6 +881,7 @@ def describe_lines(d: object) -> list[str]:
 
 __all__ = ["BASE_CARD_NAME", "CACHE_ENV", "CARD_NAME", "OPERATIONS", "OUT", "PLACEHOLDER", "PREFIX", "ROLES",
            "InputRecord", "InputSpec", "Invocation", "Provenance", "Recording", "adapter_input", "cached_sha256",
-           "command_text", "current_invocation", "describe_lines", "folder_input", "given_name", "hash_cache_dir",
+           "command_text", "current_invocation", "describe_lines", "flat_inputs", "folder_input", "given_name",
+           "hash_cache_dir",
            "hub_blob_sha256", "hub_origin", "invoked", "is_provenance_key", "keep_base_card", "model_card",
-           "parameters", "python_call", "record", "rewrite_metadata", "sha256_file", "stamp"]
+           "parameters", "python_call", "record", "recorded_name", "rewrite_metadata", "sha256_file", "stamp"]

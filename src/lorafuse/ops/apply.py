@@ -55,6 +55,7 @@ from lorafuse.io.provenance import (
     hub_origin,
     keep_base_card,
     model_card,
+    recorded_name,
     rewrite_metadata,
     stamp,
 )
@@ -735,7 +736,7 @@ def _recording(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLik
     specs = [adapter_input(a, w, name=given_name(given)) for given, a, w in zip(adapters, s.adapters, ws)]
     origin = hub_origin(base_path)
     return Recording("apply", [folder_input(base, base_path, "base", files), *specs], params,
-                     base_model=origin[0] if origin is not None else os.fspath(base))
+                     base_model=origin[0] if origin is not None else recorded_name(os.fspath(base)))
 
 
 def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, single_file: bool, limit: int | None,

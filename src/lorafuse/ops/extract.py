@@ -32,7 +32,7 @@ from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.hub import spec_origin
-from lorafuse.io.provenance import InputSpec, Recording, folder_input
+from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_name
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
@@ -113,7 +113,7 @@ def extract(
     rec = Recording("extract", [_checkpoint_input(base, cb, "base"), _checkpoint_input(finetuned, cf, "fine-tuned")],
                     {**dataclasses.asdict(rule), "include": include, "exclude": exclude, "embeddings": embeddings,
                      "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device},
-                    base_model=os.fspath(base))  # io.provenance: both checkpoints hashed while they are read
+                    base_model=recorded_name(os.fspath(base)))  # io.provenance: both hashed while they are read
 
     def mapped(which: int, shard: str) -> SafetensorsFile:
         if (which, shard) not in files:
@@ -358,7 +358,7 @@ def _config(base: Path, base_config: dict[str, object], adapter: Adapter,
     return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": str(base) if origin is None else origin.repo_id,
+        "base_model_name_or_path": recorded_name(str(base)) if origin is None else origin.repo_id,
         **({"revision": origin.commit_sha} if origin is not None else {}),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.updates}),
         "modules_to_save": modules_to_save or None,

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lorafuse.errors import LorafuseError
 from lorafuse.ops.combine.many import STREAMABLE
 from lorafuse.ops.combine.registry import REGISTRY
 from lorafuse.recipes.schema import MERGE_METHODS, TAKES, VERBS, Parameters, Stage
@@ -68,11 +69,19 @@ def _fields_at(parent: tuple[str | int, ...]) -> list[str]:
     return []
 
 
+_SHOWN_ERRORS = 10  # a stage's errors listed at most (the rest counted)
+
+
 def _validate(recipe: RecipeText, i: int) -> Stage:
     doc = recipe.documents[i]
     if not isinstance(doc.data, dict):
         raise RecipeError(f"{recipe.origin} line {doc.line}: a stage is a mapping (merge_method: ..., models: ...), "
                           f"not {type(doc.data).__name__}")
+    if "merge_method" not in doc.data and "models" not in doc.data:  # config.json, say: nothing of a recipe
+        shown = ", ".join(str(k) for k in list(doc.data)[:5]) + (", ..." if len(doc.data) > 5 else "")
+        raise RecipeError(f"{recipe.origin} line {doc.line}: not a recipe: a stage has merge_method and models "
+                          "(see `lorafuse run --print-schema`); this mapping "
+                          + (f"has {shown}" if shown else "is empty"))
     try:
         return Stage.model_validate(doc.data)
     except ValidationError as e:
@@ -80,6 +89,8 @@ def _validate(recipe: RecipeText, i: int) -> Stage:
         for err in e.errors():
             loc, msg = _pydantic_message(dict(err))
             lines.append(f"{recipe.where(i, loc)}: {msg}")
+        if len(lines) > _SHOWN_ERRORS:
+            lines = [*lines[:_SHOWN_ERRORS], f"... and {len(lines) - _SHOWN_ERRORS} more errors in this stage"]
         raise RecipeError(lines[0] + ("" if len(lines) == 1 else "\n" + "\n".join(lines[1:]))) from None
 
 
@@ -108,6 +119,28 @@ def _taken(stage: Stage) -> set[str]:
     return taken
 
 
+def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
+    """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage."""
+    import re
+
+    from lorafuse.ops.apply_plan import parse_size
+
+    p = stage.parameters
+    if p.max_shard_size is not None:
+        try:
+            parse_size(p.max_shard_size)
+        except LorafuseError as e:
+            raise RecipeError(f"{recipe.where(i, ('parameters', 'max_shard_size'))}: {e}") from None
+    for key in ("include", "exclude"):
+        pattern = getattr(p, key)
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise RecipeError(f"{recipe.where(i, ('parameters', key))}: {pattern!r} is not a regular expression "
+                                  f"({e})") from None
+
+
 def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
     taken = _taken(stage)
     given = stage.parameters.model_fields_set
@@ -118,6 +151,7 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
         raise RecipeError(f"{recipe.where(i, ('parameters', name))}: merge_method {stage.merge_method!r} takes no "
                           f"{name} (it takes: {ok})")
     verb = _verb(stage.merge_method)
+    _check_values(recipe, i, stage)
     for j, m in enumerate(stage.models):
         p = m.parameters
         if p.density is not None and "density" not in taken:
@@ -166,6 +200,11 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
     n = len(recipe.documents)
     stages: list[CheckedStage] = []
     names: dict[str, int] = {}
+    folded: dict[str, str] = {}  # the names in lower case (a file system that ignores case sees one file)
+    declared: dict[str, list[int]] = {}  # every document's name -> the documents that declare it, in order
+    for j, doc in enumerate(recipe.documents):
+        if isinstance(doc.data, dict) and isinstance(doc.data.get("name"), str):
+            declared.setdefault(doc.data["name"], []).append(j)
     for i in range(n):
         stage = _validate(recipe, i)
         if stage.merge_method not in MERGE_METHODS:
@@ -179,6 +218,13 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
         if name in names:
             raise RecipeError(f"{recipe.where(i, ('name',))}: stage name {name!r} is used twice (also by the stage "
                               f"on line {recipe.documents[names[name]].line})")
+        if name.lower().endswith(".safetensors"):
+            raise RecipeError(f"{recipe.where(i, ('name',))}: stage name {name!r} ends in .safetensors; a stage's "
+                              "output is NAME or NAME.safetensors as its format decides: give the name without it")
+        if name.lower() in folded:
+            raise RecipeError(f"{recipe.where(i, ('name',))}: stage names {folded[name.lower()]!r} and {name!r} "
+                              "differ only in case, which some file systems do not tell apart")
+        folded[name.lower()] = name
         _check_parameters(recipe, i, stage)
         verb = _verb(stage.merge_method)
 
@@ -187,10 +233,10 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
                 return text
             if stage.name is not None and text == stage.name:
                 raise RecipeError(f"{recipe.where(j, path)}: stage {text!r} cannot read its own output")
-            later = [s for s in recipe.documents[j + 1:] if isinstance(s.data, dict) and s.data.get("name") == text]
+            later = [k for k in declared.get(text, ()) if k > j]
             if later:
-                raise RecipeError(f"{recipe.where(j, path)}: {text!r} is a later stage (line {later[0].line}); a stage "
-                                  "reads only earlier stages' outputs")
+                raise RecipeError(f"{recipe.where(j, path)}: {text!r} is a later stage (line "
+                                  f"{recipe.documents[later[0]].line}); a stage reads only earlier stages' outputs")
             return None
 
         inputs: list[Input] = []

@@ -94,6 +94,15 @@ def _place(stage: CheckedStage, x: Input, recipe: RecipeText, outputs: Mapping[s
     return str(outputs[x.stage]) if x.stage is not None else locate(recipe.folder, x.text)
 
 
+def _names(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str, Path]) -> dict[str, str]:
+    """How the stage's inputs are recorded in its output's provenance: a model by its name as the recipe gives
+    it (not the path it was found at from the recipe's folder), an earlier stage's output by the stage's name:
+    nothing recorded depends on where the recipe's folder or the intermediate outputs were."""
+    given = [*stage.inputs, *([stage.base] if stage.base is not None else [])]
+    names = {_place(stage, x, recipe, outputs): x.text for x in given if x.stage is None}
+    return {**names, **{str(outputs[n]): n for n in stage.needs}}
+
+
 def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path, outputs: Mapping[str, Path],
             extra: Sequence[str] = ()) -> list[str]:
     """The command line that runs `stage` writing `out` (`outputs`: earlier stages' outputs by name). Every
@@ -147,6 +156,24 @@ def _recipe_file(recipe: RecipeLike) -> Path | None:
     if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe):
         return Path(recipe)
     return None
+
+
+def _check_places(stages: Sequence[CheckedStage], recipe: RecipeText) -> None:
+    """Refuse a model that is not beside the recipe (relative paths are read from the recipe's folder) but
+    that the verb would find elsewhere: a name shaped like a Hub id (`org/name`) is passed on as one, and the
+    verb takes a path of that name in the current folder first, so the recipe would silently read another
+    adapter from each folder it is run in."""
+    for s in stages:
+        for x in [*s.inputs, *([s.base] if s.base is not None else [])]:
+            if x.stage is not None or Path(x.text).expanduser().is_absolute():
+                continue
+            place = locate(recipe.folder, x.text)
+            if place == x.text and os.path.lexists(x.text) and not os.path.lexists(recipe.folder / x.text):
+                raise RecipeError(
+                    f"{recipe.origin}, stage {s.name!r}: model {x.text!r} is not in the recipe's folder "
+                    f"({recipe.folder / x.text} does not exist), but a path of that name is in the current folder: "
+                    "a recipe reads relative paths from its own folder only; write the path from the recipe's "
+                    "folder (or an absolute one)")
 
 
 def _externals(stages: Sequence[CheckedStage], recipe: RecipeText, source: RecipeLike) -> list[Path]:
@@ -335,7 +362,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     if dispatch is None:
         raise RecipeError("run needs the CLI's dispatch (call lorafuse.run, or lorafuse run on the command line)")
 
-    from lorafuse.io.provenance import invoked, named_inputs
+    from lorafuse.io.provenance import Invocation, Provenance, invoked, named_inputs, recorded_in
 
     start = time.perf_counter()
     text = load_recipe(recipe)
@@ -346,6 +373,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
     if device is not None:
         extra += ["--device", device]
+    _check_places(stages, text)
     externals = _externals(stages, text, recipe)
     _check_out(target, overwrite, externals)
     keep = intermediate_dir is not None and len(stages) > 1
@@ -356,6 +384,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
         _remove_dead_runs(target.parent)
     ran: list[StageRun] = []
     outputs: dict[str, Path] = {}
+    records: dict[str, Provenance] = {}  # how each intermediate output was made (io.provenance)
     work: Path | None = None
     lock: int | None = None
     made: list[Path] = []
@@ -396,13 +425,18 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                     print(f"stage {s.name!r}: lorafuse {' '.join(argv)}")
                 t0 = time.perf_counter()
                 try:
-                    with named_inputs({str(outputs[n]): n for n in s.needs}):
+                    with named_inputs(_names(s, text, outputs), {str(outputs[n]): records[n] for n in s.needs
+                                                                 if n in records}):
                         dispatch(argv)
                 except LorafuseError as e:
                     raise type(e)(f"{text.origin}, stage {s.name!r} ({s.verb}): {e}") from None
                 wrote = None if dry_run else stage_out
                 if wrote is not None:
                     outputs[s.name] = wrote
+                    record = None if last else recorded_in(wrote)
+                    if record is not None:  # its inputs, nested in the records of the stages that read it
+                        records[s.name] = dataclasses.replace(record,
+                                                              invocation=Invocation("recipe", f"stage {s.name}"))
                 ran.append(StageRun(s.name, s.verb, argv, wrote, time.perf_counter() - t0))
         done = True
     finally:

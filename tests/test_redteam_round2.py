@@ -1,0 +1,362 @@
+"""Second red-team round (a new user walking the docs, conversions, numerics, recipes): each test is a finding
+that was wrong before, checked against an independent reference (numpy float64, the real gguf reader)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import lorafuse
+from lorafuse.cli import main
+from lorafuse.errors import LorafuseValueError, UnsupportedError
+
+H, R = 16, 2
+PREFIX = "base_model.model."
+
+
+def _peft(folder: Path, shapes: dict[str, tuple[int, int]], seed: int, rank: int = R, alpha: float = R,
+          extra: dict[str, object] | None = None, tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A PEFT adapter folder: module -> (out, in), float32 factors from `seed`."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    data = dict(tensors or {})
+    for module, (o, i) in shapes.items():
+        data[f"{PREFIX}{module}.lora_A.weight"] = rng.standard_normal((rank, i)).astype(np.float32)
+        data[f"{PREFIX}{module}.lora_B.weight"] = rng.standard_normal((o, rank)).astype(np.float32)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes}), **(extra or {})}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(data, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _base(folder: Path, shapes: dict[str, tuple[int, int]]) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(99)
+    save_file({f"{m}.weight": rng.standard_normal(s).astype(np.float32) for m, s in shapes.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+LLM = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H)}
+
+
+# ----------------------------------------------------------------------------- the docs, as a new user reads them
+
+
+def test_subpackages_are_attributes_after_a_plain_import():
+    """docs/api.md writes lorafuse.backends.get_backend(...) after `import lorafuse`: it raised AttributeError
+    unless something else had imported the subpackage first."""
+    code = ("import lorafuse; b = lorafuse.backends.get_backend('cpu'); print(type(b).__name__, "
+            "lorafuse.ops.__name__, lorafuse.formats.__name__, lorafuse.model.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["CpuBackend", "lorafuse.ops", "lorafuse.formats", "lorafuse.model"]
+    with pytest.raises(AttributeError):
+        lorafuse.no_such_subpackage  # noqa: B018
+
+
+@pytest.mark.parametrize("flags", [["--progress", "-q"], ["--progress", "--json"]])
+def test_apply_draws_no_bar_with_quiet_or_json(tmp_path, capsys, flags):
+    """cli.md: a bar 'never with --no-progress, -q or --json'; apply drew one with --progress -q."""
+    base = _base(tmp_path / "base", {m: s for m, s in LLM.items()})
+    lora = _peft(tmp_path / "lora", LLM, 1)
+    assert main(["apply", str(base), str(lora), "-o", str(tmp_path / "out"), *flags]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_format_that_cannot_name_the_modules_is_refused_before_any_work(tmp_path, capsys):
+    """combine --format kohya of LLM PEFT adapters: exit 1 after the work, naming '<in-memory adapter>'; now an
+    argument error (exit 2) before any work, naming the input and the option."""
+    a, b = _peft(tmp_path / "a", LLM, 1), _peft(tmp_path / "b", LLM, 2)
+    for fmt in ("kohya", "diffusers"):
+        assert main(["combine", str(a), str(b), "-o", str(tmp_path / "out"), "--format", fmt]) == 2
+        err = capsys.readouterr().err
+        assert f"--format {fmt} cannot hold these modules" in err and "_proj'" in err and f"not a {fmt}" in err
+        assert "in-memory" not in err
+    assert main(["combine", str(a), str(b), "-o", str(tmp_path / "out"), "--format", "kohya", "--dry-run"]) == 2
+    assert not (tmp_path / "out").exists()
+    assert main(["combine", str(a), str(b), "-o", str(tmp_path / "out"), "--format", "peft", "-q"]) == 0
+
+
+def test_options_a_streamed_engine_cannot_take_are_argument_errors(tmp_path, capsys):
+    a, b = _peft(tmp_path / "a", LLM, 1), _peft(tmp_path / "b", LLM, 2)
+    assert main(["combine", str(a), str(b), "--method", "ties", "--density", "0.5", "--engine", "stream",
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "does not stream" in capsys.readouterr().err
+    with pytest.raises(LorafuseValueError, match="does not stream"):
+        lorafuse.combine([a, b], method="ties", density=0.5, engine="stream")
+
+
+def test_a_file_of_an_earlier_lorafuse_folder_output_is_lorafuses(tmp_path, capsys):
+    """cli.md: a single-file base writes OUT/model.safetensors into an existing folder, and an earlier lorafuse
+    output is replaced. The shard of an earlier folder output was called 'a file lorafuse did not write'."""
+    base = _base(tmp_path / "base", {m: s for m, s in LLM.items()})
+    lora = _peft(tmp_path / "lora", LLM, 1)
+    out = tmp_path / "out"
+    assert main(["apply", str(base), str(lora), "-o", str(out), "-q"]) == 0
+    assert main(["apply", str(base / "model.safetensors"), str(lora), "-o", str(out), "-q"]) == 0
+    assert main(["apply", str(base / "model.safetensors"), str(lora), "-o", str(out), "-q"]) == 0  # ours again
+    # a folder the user added a file to is the user's: its files are not replaced without --overwrite
+    other = tmp_path / "other"
+    assert main(["apply", str(base), str(lora), "-o", str(other), "-q"]) == 0
+    (other / "notes.txt").write_text("mine")
+    before = (other / "model.safetensors").read_bytes()
+    assert main(["apply", str(base / "model.safetensors"), str(lora), "-o", str(other)]) == 1
+    assert "OutputError" in capsys.readouterr().err and (other / "model.safetensors").read_bytes() == before
+
+
+def test_a_recipe_records_its_models_as_it_names_them(tmp_path):
+    """README: lorafuse.inputs holds each input's name as given. A recipe's models were recorded by their
+    absolute paths, so the same recipe run from a copy of its folder wrote other bytes."""
+    outs = []
+    for where in ("one", "two"):
+        folder = tmp_path / where
+        _peft(folder / "lora-a", LLM, 1)
+        _peft(folder / "lora-b", LLM, 2)
+        (folder / "merge.yml").write_text("merge_method: svd\nmodels:\n  - model: ./lora-a\n"
+                                          "    parameters: {weight: 0.6}\n  - model: ./lora-b\n"
+                                          "parameters: {rank: 2}\n")
+        assert main(["run", str(folder / "merge.yml"), "-o", str(tmp_path / f"out-{where}"), "-q"]) == 0
+        outs.append((tmp_path / f"out-{where}" / "adapter_model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    with safe_open(str(tmp_path / "out-one" / "adapter_model.safetensors"), "np") as f:
+        inputs = json.loads(f.metadata()["lorafuse.inputs"])
+    assert [i["name"] for i in inputs] == ["./lora-a", "./lora-b"]
+
+
+def test_a_file_that_is_no_recipe_is_said_to_be_none_in_one_line(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({f"key_{i}": i for i in range(30)}, indent=1))
+    assert main(["run", str(config), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not a recipe" in err and "key_0" in err and len(err.strip().splitlines()) == 1
+    many = tmp_path / "many.yml"
+    many.write_text("merge_method: svd\nmodels: [{model: a}]\n" + "".join(f"field_{i}: 1\n" for i in range(30)))
+    assert main(["run", str(many), "-o", str(tmp_path / "x")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 11 and lines[-1].endswith("and 20 more errors in this stage")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def _delta64(u) -> np.ndarray:
+    b, a = u.B.f32().astype(np.float64), u.A.f32().astype(np.float64)
+    return u.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+
+
+def test_dora_is_refused_where_the_delta_needs_the_base(tmp_path):
+    """similarity and norm treated a DoRA module as plain LoRA: a DoRA delta is m (W + sBA)/||W + sBA|| - W."""
+    rng = np.random.default_rng(3)
+    dora = _peft(tmp_path / "dora", LLM, 1, extra={"use_dora": True}, tensors={
+        f"{PREFIX}{m}.lora_magnitude_vector": rng.uniform(0.5, 2, o).astype(np.float32) for m, (o, _) in LLM.items()})
+    plain = _peft(tmp_path / "plain", LLM, 1)
+    with pytest.raises(UnsupportedError, match=r"is DoRA: its delta depends on the base weight"):
+        lorafuse.similarity([dora, plain])
+    with pytest.raises(UnsupportedError, match=r"is DoRA"):
+        lorafuse.load(dora).norm()
+    info = lorafuse.describe(dora)
+    details = info["module_details"]
+    assert [m["delta_norm"] for m in details] == [None, None] and all(m["dora"] for m in details)
+    want = np.sqrt(sum(np.sum(_delta64(u) ** 2) for u in lorafuse.load(plain).updates.values()))
+    assert lorafuse.load(plain).norm() == pytest.approx(want, rel=1e-6)
+
+
+def test_resize_keeps_no_more_directions_than_the_delta_has(tmp_path):
+    """resize(rank=40) of an r=64 adapter kept 40 columns on a 24 x 40 module, 16 of them zero."""
+    shapes = {"model.layers.0.self_attn.o_proj": (24, 40), "model.layers.0.self_attn.q_proj": (64, 64)}
+    lora = _peft(tmp_path / "big", shapes, 4, rank=64, alpha=64)
+    result = lorafuse.resize(lora, rank=40)
+    assert result.ranks == {"model.layers.0.self_attn.o_proj": 24, "model.layers.0.self_attn.q_proj": 40}
+    before = lorafuse.load(lora).updates["model.layers.0.self_attn.o_proj"]
+    after = result.adapter.updates["model.layers.0.self_attn.o_proj"]
+    np.testing.assert_allclose(_delta64(after), _delta64(before), rtol=0, atol=1e-3 * np.abs(_delta64(before)).max())
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def _gguf_delta(path: Path, tensor: str) -> np.ndarray:
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(path)
+    alpha = float(reader.get_field("adapter.lora.alpha").parts[-1][0])
+    t = {x.name: np.array(x.data, dtype=np.float64) for x in reader.tensors}
+    a, b = t[f"{tensor}.lora_a"], t[f"{tensor}.lora_b"]
+    return (alpha / a.shape[0]) * (b @ a)
+
+
+def test_gguf_ignores_fan_in_fan_out_as_peft_does_for_linear_layers(tmp_path):
+    """A Llama LoRA whose config says fan_in_fan_out: true. PEFT ignores the flag for torch Linear layers
+    (delta = s B A); the GGUF held the transpose (square layers) or swapped sizes (the others)."""
+    pytest.importorskip("gguf")
+    shapes = {"model.layers.0.self_attn.o_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H)}
+    lora = _peft(tmp_path / "lora", shapes, 5, alpha=4, extra={"fan_in_fan_out": True})
+    out = tmp_path / "x.gguf"
+    lorafuse.convert(lora, out, to="gguf", arch="qwen2")
+    with safe_open(str(lora / "adapter_model.safetensors"), "np") as f:
+        for module, tensor in (("model.layers.0.self_attn.o_proj", "blk.0.attn_output.weight"),
+                               ("model.layers.0.mlp.up_proj", "blk.0.ffn_up.weight")):
+            b = f.get_tensor(f"{PREFIX}{module}.lora_B.weight").astype(np.float64)
+            a = f.get_tensor(f"{PREFIX}{module}.lora_A.weight").astype(np.float64)
+            np.testing.assert_allclose(_gguf_delta(out, tensor), 2.0 * b @ a, rtol=1e-6, atol=1e-6)
+
+
+def test_gguf_refuses_an_adapter_whose_sizes_are_not_the_bases(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    lora = _peft(tmp_path / "lora", LLM, 5)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2 * H,
+                                  "intermediate_size": 2 * H, "num_attention_heads": 2, "num_hidden_layers": 1}))
+    out = tmp_path / "x.gguf"
+    assert main(["convert", str(lora), "--to", "gguf", "--base-config", str(config), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "ShapeMismatchError" in err and "hidden_size is 32" in err and not out.exists()
+    config.write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": H,
+                                  "intermediate_size": 2 * H, "num_attention_heads": 2, "num_hidden_layers": 1}))
+    assert main(["convert", str(lora), "--to", "gguf", "--base-config", str(config), "-o", str(out), "-q"]) == 0
+
+
+def _kohya(path: Path, up: np.ndarray, down: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> Path:
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+               f"{name}.alpha": np.array(4.0, np.float32), **(extra or {})}, str(path))
+    return path
+
+
+def test_convert_refuses_nan_factors_instead_of_copying_them(tmp_path, capsys):
+    down = np.ones((4, 320), np.float32)
+    down[0, 0] = np.nan
+    src = _kohya(tmp_path / "nan.safetensors", np.ones((320, 4), np.float32), down)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), "--to", "peft", "--family", "sd1", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "NonFiniteError" in err and "attn1_to_q" in err and not out.exists()
+
+
+def test_convert_names_the_one_reason_a_module_is_refused(tmp_path, capsys):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    src = _kohya(tmp_path / "dora.safetensors", np.ones((320, 4), np.float32), np.ones((4, 320), np.float32),
+                 {f"{name}.dora_scale": np.ones((1, 320), np.float32)})
+    assert main(["convert", str(src), "--to", "peft", "--family", "sd1", "-o", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "DoRA magnitude" in err and "a bias or a transposed" not in err
+
+
+# ----------------------------------------------------------------------------- recipes and provenance
+
+
+def _recipe(folder: Path, text: str) -> Path:
+    (folder / "r.yml").write_text(text)
+    return folder / "r.yml"
+
+
+def test_a_recipe_does_not_read_a_model_from_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`model: adapters/style`, missing beside the recipe but present in the current folder, was passed on as a
+    Hub id, and the verb read the current folder's adapter: each folder the recipe ran in merged another one."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    _peft(tmp_path / "adapters" / "style", LLM, 1)
+    recipe = _recipe(proj, "merge_method: svd\nmodels: [{model: adapters/style}]\nparameters: {rank: 2}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'adapters/style' is not in the recipe's folder" in err and not (tmp_path / "out").exists()
+    _peft(proj / "adapters" / "style", LLM, 2)  # beside the recipe: that one is read
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+
+
+def test_a_recipe_records_its_base_as_it_names_it(tmp_path):
+    """lorafuse.base_model, the card's base_model and extract's base_model_name_or_path held the absolute path
+    found from the recipe's folder: the same recipe in two folders wrote other bytes, and published the user's
+    local paths."""
+    got = []
+    for where in ("p1", "p2"):
+        folder = tmp_path / where
+        folder.mkdir()
+        _base(folder / "base", LLM)
+        _peft(folder / "a", LLM, 1)
+        out = tmp_path / f"{where}-out"
+        assert main(["run", str(_recipe(folder, "merge_method: apply\nbase_model: base\nmodels: [{model: a}]\n")),
+                     "-o", str(out), "-q"]) == 0
+        with safe_open(str(out / "model.safetensors"), "np") as f:
+            assert f.metadata()["lorafuse.base_model"] == "base"
+        got.append(((out / "model.safetensors").read_bytes(), (out / "README.md").read_text()))
+    assert got[0] == got[1] and str(tmp_path) not in got[0][1]
+    folder = tmp_path / "p1"
+    (folder / "x.yml").write_text("merge_method: extract\nbase_model: base\nmodels: [{model: fine}]\n"
+                                  "parameters: {rank: 2}\n")
+    import shutil
+
+    shutil.copytree(tmp_path / "p1-out", folder / "fine")
+    assert main(["run", str(folder / "x.yml"), "-o", str(tmp_path / "x-out"), "-q"]) == 0
+    config = json.loads((tmp_path / "x-out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "base"
+
+
+def test_the_last_output_of_a_recipe_records_every_input(tmp_path, capsys):
+    """mix = svd(a, b), then apply(base, mix): the output recorded base and mix only (mix a deleted temporary
+    folder); a changed b could not be told from it. Now mix's own record (a, b and their sha256) is kept."""
+    import hashlib
+
+    _base(tmp_path / "base", LLM)
+    _peft(tmp_path / "a", LLM, 1)
+    _peft(tmp_path / "b", LLM, 2)
+    recipe = _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: {rank: 2}"
+                               "\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
+        inputs = json.loads(f.metadata()["lorafuse.inputs"])
+    assert [i["name"] for i in inputs] == ["base", "mix"]
+    nested = inputs[1]["made_by"]
+    assert nested["operation"] == "combine" and nested["recipe"] == "stage mix"
+    for record, name in zip(nested["inputs"], ("a", "b")):
+        want = hashlib.sha256((tmp_path / name / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert record["name"] == name and record["files"]["adapter_model.safetensors"] == want
+    assert main(["info", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "input 2.1   a (adapter" in shown and "input 2.2   b (adapter" in shown
+    assert "| 2.2 | `b` | adapter |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("text, where, why", [
+    ("name: mix.safetensors\nmerge_method: svd\nmodels: [{model: a}]\nparameters: {rank: 2}\n---\nname: fin\n"
+     "merge_method: resize\nmodels: [{model: mix.safetensors}]\nparameters: {rank: 1}\n", "line 1, name",
+     "ends in .safetensors"),
+    ("name: Mix\nmerge_method: svd\nmodels: [{model: a}]\nparameters: {rank: 2}\n---\nname: mix\n"
+     "merge_method: resize\nmodels: [{model: Mix}]\nparameters: {rank: 1}\n", "line 6, name", "differ only in case"),
+    ("merge_method: apply\nbase_model: base\nmodels: [{model: a}]\nparameters: {max_shard_size: 10IB}\n",
+     "line 4, parameters.max_shard_size", "is not a size"),
+    ("merge_method: extract\nbase_model: base\nmodels: [{model: a}]\nparameters: {rank: 2, include: '(['}\n",
+     "line 4, parameters.include", "is not a regular expression"),
+])
+def test_what_a_stage_would_refuse_when_it_runs_is_refused_before_the_first(tmp_path, capsys, text, where, why):
+    _base(tmp_path / "base", LLM)
+    _peft(tmp_path / "a", LLM, 1)
+    recipe = _recipe(tmp_path, text)
+    for dry in ([], ["--dry-run"]):
+        assert main(["run", str(recipe), "-o", str(tmp_path / "out"), *dry]) == 2
+        err = capsys.readouterr().err
+        assert f"r.yml {where}" in err and why in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base", "r.yml"]
+
+
+def test_yaml_text_has_the_bound_a_recipe_file_has(tmp_path):
+    from lorafuse.errors import RecipeError
+
+    text = "merge_method: svd\nmodels: [" + ",".join(["{model: a}"] * 120_000) + "]\n"
+    with pytest.raises(RecipeError, match=r"larger than 1 Mi characters"):
+        lorafuse.run(text, tmp_path / "out")
+
+
+def test_info_names_the_file_it_was_given(tmp_path, capsys):
+    base = _base(tmp_path / "base", LLM)
+    assert main(["info", str(base / "model.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(base / "model.safetensors")
