@@ -360,3 +360,29 @@ def test_info_names_the_file_it_was_given(tmp_path, capsys):
     base = _base(tmp_path / "base", LLM)
     assert main(["info", str(base / "model.safetensors"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["path"] == str(base / "model.safetensors")
+
+
+def test_info_describes_a_gguf_lora_lorafuse_wrote(tmp_path, capsys):
+    """`lorafuse info` of a file `convert --to gguf` had just written said 'not a safetensors file'."""
+    gguf = pytest.importorskip("gguf")
+    shapes = {"model.layers.0.self_attn.o_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H),
+              "model.layers.0.mlp.down_proj": (H, 2 * H)}
+    lora = _peft(tmp_path / "lora", shapes, 5, rank=4, alpha=8)
+    out = tmp_path / "x.gguf"
+    lorafuse.convert(lora, out, to="gguf", arch="qwen2", gguf_type="f16")
+    assert main(["info", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    reader = gguf.GGUFReader(out)  # the reference: gguf's own reader, tensor by tensor
+    assert d["type"] == "gguf" and d["kind"] == "adapter" and d["architecture"] == "qwen2"
+    assert d["lora_alpha"] == 8 and d["tensors"] == len(reader.tensors) == 6 and d["ranks"] == {"4": 3}
+    want = {"blk.0.attn_output.weight": [H, H], "blk.0.ffn_up.weight": [2 * H, H], "blk.0.ffn_down.weight": [H, 2 * H]}
+    assert {m["name"]: m["shape"] for m in d["modules"]} == want
+    assert d["written_by_lorafuse"] == lorafuse.__version__
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(LoRA adapter, llama.cpp)" in text and "blk.0.ffn_up.weight" in text and "r=4" in text
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (1 << 40).to_bytes(8, "little") + bytes(8))
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "FormatError" in err and "not a GGUF file lorafuse reads" in err and len(err.strip().splitlines()) == 1

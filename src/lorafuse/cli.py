@@ -1085,6 +1085,24 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         for name, why in d.get("not_read", {}).items():
             _say(f"  {name}: not read: {why}")
         return
+    if d["type"] == "gguf":
+        what = "LoRA adapter" if d["kind"] == "adapter" and d["adapter_type"] == "lora" else str(d["kind"])
+        _say(f"gguf        {d['path']}  ({what}, llama.cpp)")
+        _say(f"  arch        {d['architecture']}")
+        if d["lora_alpha"] is not None:
+            _say(f"  lora_alpha  {d['lora_alpha']:g}")
+        _say(f"  tensors     {d['tensors']} ({', '.join(f'{k}: {v}' for k, v in d['tensor_types'].items())})")
+        if d["modules"]:
+            _say(f"  modules     {len(d['modules'])}, ranks {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")
+            shown = d["modules"] if modules else d["modules"][:10]
+            width = max(len(m["name"]) for m in shown)
+            for m in shown:
+                _say(f"    {m['name']:<{width}}  r={m['rank']:<4} shape={tuple(m['shape'])}  {'/'.join(m['types'])}")
+            if len(d["modules"]) > len(shown):
+                _say(f"    ... {len(d['modules']) - len(shown)} more (--modules lists all)")
+        if d["written_by_lorafuse"]:
+            _say(f"  made by     lorafuse {d['written_by_lorafuse']} (convert --to gguf)")
+        return
     if d["type"] == "checkpoint":
         _say(f"checkpoint  {d['path']}")
         _say(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")
@@ -1132,7 +1150,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         check_plot_output(args.spectrum, [Path(args.path)], args.overwrite)
     d = describe(args.path, args.threads)
-    if args.spectrum and d["type"] != "adapter":
+    if args.spectrum and d["type"] != "adapter":  # a GGUF LoRA too: its factors are llama.cpp's, quantized maybe
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
     if args.json:  # numbers as JSON numbers; a non-finite one (NaN has no JSON form) as null
         _say(json.dumps(json_ready(d), indent=2, allow_nan=False))

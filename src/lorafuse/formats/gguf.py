@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -790,5 +791,82 @@ def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: P
     w.add_string(MARKER_KEY, version())  # the one key the converter does not write: lorafuse's output mark
 
 
-__all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan", "GgufTensor",
-           "choose_arch", "module_arrays", "plan_gguf", "read_base_config", "write_gguf"]
+# ----------------------------------------------------------------------------- reading (lorafuse info)
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a regular file that starts as a GGUF file does."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _field(reader: Any, key: str) -> object:
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        value = f.contents()
+    except Exception:  # a field of a type gguf's reader cannot decode  # noqa: BLE001
+        return None
+    return value if isinstance(value, str | int | float | list) else None
+
+
+def describe_gguf(path: Path) -> dict[str, object]:
+    """What `lorafuse info` says of a GGUF file: its kind (general.type: 'adapter' for a LoRA), architecture,
+    LoRA alpha, tensor types, and for a LoRA each module's llama.cpp tensor, rank and shape (the base weight's,
+    rows x columns). Read by gguf's own reader (lorafuse[gguf]); a file it cannot parse is a FormatError."""
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedError(f"{path}: a GGUF file: reading it needs the gguf package (llama.cpp's gguf-py): "
+                               "pip install 'lorafuse[gguf]'") from None
+    try:  # the header's counts first: a hostile file must not make gguf's reader loop over 2^64 entries
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    version, n_tensors, n_kv = (int.from_bytes(head[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
+    if len(head) < 24 or version not in (2, 3) or n_kv > 1 << 16 or n_tensors > 1 << 24:
+        raise FormatError(f"{path}: not a GGUF file lorafuse reads (version {version}, {n_tensors} tensors, {n_kv} "
+                          "metadata keys; GGUF 2 and 3 with at most 2^24 tensors and 65536 keys)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a damaged or hostile file, whatever gguf's reader raises  # noqa: BLE001
+        raise FormatError(f"{path}: a GGUF file that gguf's reader cannot parse ({type(e).__name__}: {e})") from None
+    tensors = {t.name: t for t in reader.tensors}
+    modules = []
+    for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
+        a, b = tensors[name + ".lora_a"], tensors.get(name + ".lora_b")
+        if b is None:
+            continue
+        a_ne, b_ne = [int(x) for x in a.shape], [int(x) for x in b.shape]  # GGML order: ne[0] is the row length
+        if len(a_ne) != 2 or len(b_ne) != 2:
+            continue
+        rank = b_ne[0]
+        shape = [a_ne[1], b_ne[1]] if a_ne[0] == rank and a_ne[1] != rank else [b_ne[1], a_ne[0]]  # token_embd
+        modules.append({"name": name, "rank": rank, "shape": shape,
+                        "types": sorted({a.tensor_type.name, b.tensor_type.name})})
+    alpha = _field(reader, "adapter.lora.alpha")
+    return {
+        "type": "gguf",
+        "path": str(path),
+        "kind": _field(reader, "general.type"),
+        "adapter_type": _field(reader, "adapter.type"),
+        "architecture": _field(reader, "general.architecture"),
+        "lora_alpha": alpha if isinstance(alpha, int | float) else None,
+        "tensors": len(tensors),
+        "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in tensors.values()).items())),
+        "modules": modules,
+        "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
+        "written_by_lorafuse": _field(reader, MARKER_KEY),
+    }
+
+
+__all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_MAGIC", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan",
+           "GgufTensor", "choose_arch", "describe_gguf", "is_gguf", "module_arrays", "plan_gguf", "read_base_config",
+           "write_gguf"]

@@ -161,8 +161,13 @@ def adapter_path(path: str | os.PathLike[str]) -> Path | None:
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
     """An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file, or a folder holding one:
-    see adapter_path), a checkpoint, or a diffusers pipeline folder; a Hub id is its snapshot folder (io.hub)."""
+    see adapter_path), a checkpoint, a diffusers pipeline folder, or a GGUF file (a llama.cpp LoRA: what
+    `convert --to gguf` writes); a Hub id is its snapshot folder (io.hub)."""
     p = local_path(path, what="adapter or checkpoint")
+    from lorafuse.formats.gguf import describe_gguf, is_gguf  # only for a GGUF file: gguf's reader
+
+    if is_gguf(p):
+        return describe_gguf(p)
     if is_pipeline(p):
         return describe_pipeline(Pipeline(p))
     adapter = adapter_path(p)
