@@ -386,3 +386,95 @@ def test_info_describes_a_gguf_lora_lorafuse_wrote(tmp_path, capsys):
     assert main(["info", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "FormatError" in err and "not a GGUF file lorafuse reads" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def _gpt2(tmp_path: Path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=50)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "base")
+    return torch, transformers, model
+
+
+def test_extract_treats_position_embeddings_as_embeddings(tmp_path):
+    """GPT-2's wpe is a torch Embedding: extract stored its LoRA as a Linear's (lora_A / lora_B), which PEFT
+    ignores (the change was lost), and with Conv1D layers beside it the run failed on mixed layouts."""
+    torch, transformers, model = _gpt2(tmp_path)
+    rng = np.random.default_rng(1)
+    delta = (rng.standard_normal((16, 3)) @ rng.standard_normal((3, 32))).astype(np.float32) * 0.05
+    attn = (rng.standard_normal((32, 2)) @ rng.standard_normal((2, 96))).astype(np.float32) * 0.05
+    with torch.no_grad():
+        model.transformer.wpe.weight += torch.from_numpy(delta)
+        model.transformer.h[0].attn.c_attn.weight += torch.from_numpy(attn)  # Conv1D: stored in x out
+    model.save_pretrained(tmp_path / "ft")
+    res = lorafuse.extract(tmp_path / "base", tmp_path / "ft", tmp_path / "x", rank=4, embeddings="lora")
+    assert "transformer.wpe" in res.ranks and "transformer.h.0.attn.c_attn" in res.ranks
+    with safe_open(str(tmp_path / "x" / "adapter_model.safetensors"), "np") as f:
+        assert any(k.endswith("wpe.lora_embedding_A") for k in f.keys())
+    from peft import PeftModel
+
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    merged = PeftModel.from_pretrained(base, tmp_path / "x").merge_and_unload()
+    got = merged.transformer.wpe.weight.detach().numpy() - model.transformer.wpe.weight.detach().numpy() + delta
+    np.testing.assert_allclose(got, delta, atol=1e-5)  # rank 3 <= 4: the change exactly
+    got_attn = merged.transformer.h[0].attn.c_attn.weight.detach().numpy()
+    np.testing.assert_allclose(got_attn, model.transformer.h[0].attn.c_attn.weight.detach().numpy(), atol=1e-5)
+    skipped = lorafuse.extract(tmp_path / "base", tmp_path / "ft", rank=4)  # default: embeddings skipped, said
+    assert any("transformer.wpe.weight: embedding" in n for n in skipped.notes)
+
+
+def test_extract_full_embeddings_name_the_layers_in_modules_to_save(tmp_path):
+    torch, transformers, model = _gpt2(tmp_path)
+    with torch.no_grad():
+        model.transformer.wte.weight += 0.01
+        model.transformer.h[0].mlp.c_fc.weight += 0.01
+    model.save_pretrained(tmp_path / "ft")
+    lorafuse.extract(tmp_path / "base", tmp_path / "ft", tmp_path / "x", rank=2, embeddings="full")
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["wte"]  # PEFT wraps the layer named so; it was ["weight"]
+
+
+def test_extract_says_which_biases_and_norms_changed(tmp_path, capsys):
+    """A LoRA holds weight matrices only; changed biases and norms were dropped without a word, and a BitFit
+    fine-tune (biases alone) was called 'the same checkpoint as the base'."""
+    torch, transformers, model = _gpt2(tmp_path)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.bias += 0.1
+        model.transformer.h[0].ln_1.weight += 0.1
+    model.save_pretrained(tmp_path / "bitfit")
+    assert main(["extract", str(tmp_path / "base"), str(tmp_path / "bitfit"), "--rank", "2", "-o",
+                 str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "only tensors a LoRA cannot hold changed" in err and "attn.c_attn.bias" in err and "ln_1.weight" in err
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight += 0.01
+    model.save_pretrained(tmp_path / "ft")
+    res = lorafuse.extract(tmp_path / "base", tmp_path / "ft", rank=2)
+    changed = [n for n in res.notes if "changed, but not a weight matrix" in n]
+    assert len(changed) == 2 and any("ln_1.weight" in n for n in changed)
+    assert not any("ln_2" in n for n in res.notes)  # unchanged tensors are not listed
+
+
+def test_extract_writes_the_dtype_asked_for_also_from_a_recipe(tmp_path):
+    torch, transformers, model = _gpt2(tmp_path)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight += 0.01 * torch.randn(32, 128)
+    model.save_pretrained(tmp_path / "ft")
+    res = lorafuse.extract(tmp_path / "base", tmp_path / "ft", tmp_path / "x", rank=2, dtype="bf16")
+    wide = lorafuse.extract(tmp_path / "base", tmp_path / "ft", rank=2)
+    (name, u), = res.adapter.updates.items()
+    assert {u.A.dtype, u.B.dtype} == {"BF16"}
+    d16, d32 = _delta64(u), _delta64(wide.adapter.updates[name])
+    assert np.linalg.norm(d16 - d32) / np.linalg.norm(d32) < 1e-2  # bf16 keeps 8 bits
+    with safe_open(str(tmp_path / "x" / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    recipe = _recipe(tmp_path, "merge_method: extract\nbase_model: base\nmodels: [{model: ft}]\n"
+                               "parameters: {rank: 2}\ndtype: float16\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "r"), "-q"]) == 0
+    with safe_open(str(tmp_path / "r" / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}

@@ -650,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="power iterations of the randomized SVD (default 2)")
     e.add_argument("--oversample", type=_oversample, default=10, help="extra sketch columns (default 10)")
     e.add_argument("--seed", type=_seed, default=0, help="seed of the random sketch (default 0)")
+    e.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}",
+                   help="dtype of the written factors: fp32 (default), fp16 or bf16 (kohya's --save_precision); "
+                   "computed in float32 and rounded once, to nearest even")
     _progress_options(e)
     _dry_run_option(e, "the options, both checkpoints' headers, which weights are extracted, kept whole or left "
                     "out, the output path", "no weight is read, so ranks and bytes are upper bounds (an unchanged "
@@ -930,7 +933,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             args.base, args.finetuned, args.out, rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro,
             sv_cumulative=args.sv_cumulative, max_rank=args.max_rank, include=args.include, exclude=args.exclude,
             embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
-            threads=args.threads, overwrite=args.overwrite, device=args.device))
+            threads=args.threads, overwrite=args.overwrite, device=args.device, dtype=args.dtype))
     inputs = [Path(args.base), Path(args.finetuned)]
     # what the name means (a .safetensors name is one file, if a one-file format can name the base's modules) and
     # what it holds: first
@@ -938,7 +941,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=_progress_of(args),
-                  device=args.device)
+                  device=args.device, dtype=args.dtype)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _say(f"note: {target.note}", file=sys.stderr)
@@ -955,6 +958,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             _say(f"note: not extracted: {line}", file=sys.stderr)
         if len(res.skipped) > 10:
             _say(f"note: ... and {len(res.skipped) - 10} more", file=sys.stderr)
+    if not args.quiet and not args.json:
+        for line in res.notes:
+            _say(f"note: {line}", file=sys.stderr)
     _print_rank_report(args, rows, summary, "rel_error")
     return 0
 

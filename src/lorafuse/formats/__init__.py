@@ -62,7 +62,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if pickles:
             raise refuse_pickle(pickles[0])
         _refuse_odd_adapter_files(p)
-    raise FormatError(f"{p}: not a recognised adapter: expected {_expected()}")
+    held = ""
+    if keys:  # what the file holds instead, so that the user sees which names were not understood
+        shown = ", ".join(repr(k) for k in sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        held = f"; it holds {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}), none named as an adapter's"
+    raise FormatError(f"{p}: not a recognised adapter{held}: expected {_expected()}")
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what makes a folder a PEFT adapter

@@ -531,6 +531,7 @@ def extract(
     overwrite: bool = False,
     progress: bool | None = None,
     device: str = "cpu",
+    dtype: object = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base, per weight matrix (randomized SVD).
 
@@ -582,6 +583,9 @@ def extract(
     device : str, default 'cpu'
         Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
         CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
+    dtype : str, torch or numpy dtype, default None
+        The factors' dtype: 'fp32' (None: float32, as computed), 'fp16' or 'bf16' (kohya's --save_precision),
+        rounded once to nearest even.
 
     Returns
     -------
@@ -602,11 +606,11 @@ def extract(
             notes.append(target.note)
     res = _extract.extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                            oversample=oversample, power_iters=power_iters, seed=seed, threads=threads,
-                           progress=progress, device=device)
+                           progress=progress, device=device, dtype=dtype)
     written = save_as(res.adapter, target.format, target.path, inputs, overwrite=overwrite) if target else None
     return ExtractResult(res.adapter, res.modules, res.skipped, res.unchanged, out=written,
                          seconds=time.monotonic() - start,
-                         notes=[f"not extracted: {s}" for s in res.skipped] + notes)
+                         notes=[f"not extracted: {s}" for s in res.skipped] + res.notes + notes)
 
 
 def _path(out: object) -> StrPath:

@@ -30,19 +30,24 @@ from lorafuse._validate import (
 from lorafuse.backends import Backend, ExtractJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
-from lorafuse.io.dtypes import DTYPES
+from lorafuse.io.dtypes import DTYPES, dtype_spelling
 from lorafuse.io.hub import spec_origin
 from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_name
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.layout import check_dtype, rounded
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 
 BATCH_BYTES = 256 << 20  # input bytes (both checkpoints) mapped per call into the core
 DEFAULT_MAX_RANK = 128  # sketch size for spectrum-based rules when --max-rank is not given
-EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared", "lm_head", "embed_out")
+# Layers PEFT wraps as embeddings (torch Embedding: token and position tables), by their last name, and the output
+# heads that --embeddings also governs (lm_head, embed_out: torch Linear). A checkpoint names its tensors only.
+EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                   "embed_positions", "tok_embeddings", "token_embedding", "position_embedding", "embed_in", "shared",
+                   "lm_head", "embed_out")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class ExtractResult:
     modules: list[ExtractReport]
     skipped: list[str] = field(default_factory=list)  # changed tensors not extracted, with the reason
     unchanged: int = 0
+    notes: list[str] = field(default_factory=list)  # what else the user should know (mixed dtypes)
 
 
 def _is_embedding(module: str) -> bool:
@@ -80,6 +86,7 @@ def extract(
     threads: int = 0,
     progress: bool | None = None,
     device: str = "cpu",
+    dtype: object = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base per weight matrix.
 
@@ -92,17 +99,22 @@ def extract(
     on a terminal / never. `lorafuse.extract` takes the rule as keyword arguments (rank=,
     sv_ratio=, ...), can write the result, and documents each parameter. `device` 'cuda' forms each
     difference and takes the SVD's products on the GPU (DeviceError when this build or machine cannot).
+    `dtype` ('fp32' by default, 'fp16', 'bf16'): the factors' dtype, rounded once from float32.
     An extraction with nothing in it is refused (UnsupportedError): `include` / `exclude` that leave no
     weight matrix (before any is read), or no module that differs from the base.
     """
     progress = check_optional_bool(progress, "progress")
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
-                        oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device)
+                        oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device,
+                        dtype=dtype)
     cb, cf, work, conv1d, k_max, backend = x.base, x.finetuned, x.work, x.conv1d, x.k_max, x.backend
     oversample, power_iters, seed, threads, base_config = x.oversample, x.power_iters, x.seed, x.threads, x.config
-    result = ExtractResult(Adapter(updates={}), [], list(x.skipped))
+    result = ExtractResult(Adapter(updates={}), [], list(x.skipped), notes=list(x.notes))
     full: dict[str, Tensor] = {}
     for name, key in x.full:
+        if not _changed_others(cb, cf, [key]):  # an embedding fine-tuning left as it was: nothing to keep
+            result.unchanged += 1
+            continue
         with cf.open(cf.shard_of[key]) as f:
             full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
             f.check_unchanged()  # the copy outlives the mapping: check it was read whole
@@ -112,7 +124,8 @@ def extract(
     files: dict[tuple[int, str], SafetensorsFile] = {}
     rec = Recording("extract", [_checkpoint_input(base, cb, "base"), _checkpoint_input(finetuned, cf, "fine-tuned")],
                     {**dataclasses.asdict(rule), "include": include, "exclude": exclude, "embeddings": embeddings,
-                     "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device},
+                     "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device,
+                     **({"dtype": dtype_spelling(dtype)} if dtype is not None else {})},
                     base_model=recorded_name(os.fspath(base)))  # io.provenance: both hashed while they are read
 
     def mapped(which: int, shard: str) -> SafetensorsFile:
@@ -160,17 +173,43 @@ def extract(
         for f in files.values():
             f.close()
         bar.close()
+    changed = _changed_others(cb, cf, x.others)
+    result.skipped += [f"{key}: changed, but not a weight matrix (a bias or a norm): a LoRA cannot hold it"
+                       for key in changed]
     if not result.adapter.updates and not full:
         rec.close()
-        raise _nothing_differs(finetuned, result.unchanged)
-    result.adapter = extracted(base, base_config, result.adapter.updates, full)
+        raise _nothing_differs(finetuned, result.unchanged, changed)
+    updates = result.adapter.updates
+    if x.dtype is not None:  # rounded once from the float32 factors (B and A balanced where that keeps the delta)
+        updates = {n: rounded(u, x.dtype, threads) if isinstance(u, LoraUpdate) else u for n, u in updates.items()}
+    result.adapter = extracted(base, base_config, updates, full)
     result.adapter.provenance = rec.result()
     return result
 
 
-def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int) -> UnsupportedError:
+def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str]) -> list[str]:
+    """The tensors among `keys` (in both checkpoints, no weight matrix: biases, norms) whose bytes differ."""
+    changed = []
+    for key in keys:
+        ib, iff = cb.info(key), cf.info(key)
+        if ib.dtype != iff.dtype:
+            changed.append(key)
+            continue
+        with cb.open(cb.shard_of[key]) as fb, cf.open(cf.shard_of[key]) as ff:
+            if not np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8)):
+                changed.append(key)
+    return changed
+
+
+def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str]) -> UnsupportedError:
     """The refusal of an extract in which no module differs from the base: its adapter would target no module,
     which PEFT refuses to load (NoMatchingPeftModuleError)."""
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        return UnsupportedError(
+            f"{finetuned}: no weight matrix of the fine-tuned model differs from the base ({unchanged} compared, all "
+            f"equal); only tensors a LoRA cannot hold changed ({shown}: biases or norms, as a BitFit fine-tune "
+            "changes them): the adapter would target no module; nothing is written")
     return UnsupportedError(
         f"{finetuned}: no module of the fine-tuned model differs from the base ({unchanged} weight matrices "
         "compared, all equal): the adapter would target no module, which PEFT refuses to load; nothing is "
@@ -188,7 +227,8 @@ def extracted(base: str | os.PathLike[str], base_config: dict[str, object], upda
               full: dict[str, Tensor]) -> Adapter:
     """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config."""
     adapter = Adapter(updates=updates, full=full)
-    adapter.config = _config(Path(base), base_config, adapter, sorted({m.rsplit(".", 1)[-1] for m in full}))
+    kept = sorted({m.removesuffix(".weight").rsplit(".", 1)[-1] for m in full})  # PEFT names the layer: lm_head
+    adapter.config = _config(Path(base), base_config, adapter, kept)
     return adapter
 
 
@@ -206,6 +246,9 @@ class ExtractSetup:
     conv1d: set[str]
     full: list[tuple[str, str]]
     skipped: list[str]
+    others: list[str]  # tensors in both that are no weight matrix (biases, norms): compared, never extracted
+    notes: list[str]  # what else the user should know (weight matrices stored in two dtypes)
+    dtype: str | None  # the factors' dtype ('F16', 'BF16'; None: float32 as computed)
     k_max: int
     oversample: int
     power_iters: int
@@ -227,6 +270,7 @@ def prepare_extract(
     seed: int = 0,
     threads: int = 0,
     device: str = "cpu",
+    dtype: object = None,
 ) -> ExtractSetup:
     """Everything extract checks and decides before it reads a weight (its arguments' meaning: extract):
     the options, both checkpoints' headers and configs (quantized ones refused), which tensors are
@@ -235,6 +279,7 @@ def prepare_extract(
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
     oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
     seed, threads = check_seed(seed), check_threads(threads)
+    out_dtype = check_dtype(dtype)
     backend = backend_for_device(device)
     if not isinstance(rule, RankRule):
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
@@ -258,6 +303,8 @@ def prepare_extract(
     k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
 
     skipped: list[str] = []
+    others: list[str] = []
+    dtypes: set[tuple[str, str]] = set()  # (base, fine-tuned) dtypes of weight matrices stored differently
     work: list[tuple[str, str]] = []  # (module, key)
     conv1d: set[str] = set()  # GPT-2 style Conv1D weights, stored (in x out)
     full: list[tuple[str, str]] = []
@@ -271,8 +318,13 @@ def prepare_extract(
             continue
         module = key.removesuffix(".weight")
         is_matrix = key.endswith(".weight") and len(ib.shape) in (2, 3, 4) and DTYPES[ib.dtype].is_float
-        if not is_matrix or (inc and not inc.search(module)) or (exc and exc.search(module)):
+        if (inc and not inc.search(module)) or (exc and exc.search(module)):
             continue
+        if not is_matrix:
+            others.append(key)
+            continue
+        if ib.dtype != iff.dtype:
+            dtypes.add((ib.dtype, iff.dtype))
         if _is_embedding(module) and embeddings == "skip":
             skipped.append(f"{key}: embedding (use --embeddings lora or full)")
             continue
@@ -287,8 +339,11 @@ def prepare_extract(
             skipped.append(f"{key}: only in the fine-tuned model")
     if not work and not full:
         raise _nothing_to_extract(cb, include, exclude, embeddings, skipped)
-    return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, k_max, oversample, power_iters, seed,
-                        threads, backend)
+    notes = [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference holds the "
+             f"rounding of the base to {f} too (compare checkpoints of one dtype for a clean extraction)"
+             for b, f in sorted(dtypes)]
+    return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, others, notes, out_dtype, k_max, oversample,
+                        power_iters, seed, threads, backend)
 
 
 def _nothing_to_extract(cb: Checkpoint, include: str | None, exclude: str | None, embeddings: str,

@@ -385,6 +385,7 @@ def plan_extract(
     overwrite: bool = False,
     progress: bool | None = None,
     device: str = "cpu",
+    dtype: object = None,
 ) -> Plan:
     """What `lorafuse.extract` with these arguments would write (its checks: the rule, the output's name,
     ops.extract.prepare_extract). Every selected module is listed with its largest rank; a module whose
@@ -397,7 +398,8 @@ def plan_extract(
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite) if out is not None else None
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
-                        oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device)
+                        oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device,
+                        dtype=dtype)
     cap = x.k_max if rule.max_rank is None else min(x.k_max, rule.max_rank)
     updates: dict[str, Update] = {}
     modules: list[ModulePlan] = []
@@ -410,7 +412,8 @@ def plan_extract(
         u = _update(module, shape, np.zeros((shape[0], k), np.float32), np.zeros((k, cols), np.float32),
                     module in x.conv1d)
         try:
-            updates[module] = ModuleLayout.of(u).placeholder()
+            layout = ModuleLayout.of(u)
+            updates[module] = (layout if x.dtype is None else dataclasses.replace(layout, dtype=x.dtype)).placeholder()
         except LorafuseError:  # a layout has no entry for it (a fused expert tensor): its own zeros then
             updates[module] = u
         modules.append(ModulePlan(module, tuple(u.delta_shape), (), k, rule.from_spectrum))
@@ -421,7 +424,8 @@ def plan_extract(
         full[name] = Tensor(np.broadcast_to(np.zeros((), DTYPES[info.dtype].raw), info.shape), info.dtype)
         read += info.nbytes
     adapter = extracted(base, x.config, updates, full)
-    notes = [f"not extracted: {s}" for s in x.skipped] + ([target.note] if target is not None and target.note else [])
+    notes = [f"not extracted: {s}" for s in x.skipped] + x.notes + ([target.note] if target is not None and
+                                                                     target.note else [])
     notes.append("a module whose weights did not change is left out when extract runs: the plan counts every module "
                  "selected, so its numbers are upper bounds")
     details: dict[str, object] = {"rule": rule.describe(), "kept_whole": list(full)}
