@@ -297,9 +297,16 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
             and (weights is None or isinstance(weights, Sequence))):
         return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
+    if o.engine == "memory":  # asked for: every adapter loaded as the in-memory path loads them (LoHa too)
+        return [s.item for s in sources], ws, None, o
     if o.engine == "ray":
         ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
-    plan = many.check_sources(sources, ws, o.method)
+    plan = many.check_sources(sources, ws, o.method, structured=o.engine == "auto" and o.passes is None,
+                              progress=o.progress)
+    if plan.structured is not None:  # a LoHa / LoKr: the in-memory path takes it, when the list is short enough
+        if len(sources) > many.memory_max_adapters():
+            raise many.structured_refusal(plan.structured)
+        return [s.item for s in sources], ws, None, o
     if not plan.modules:
         raise _no_module([str(x.path) if x.path is not None else x.where for x in plan.sources])
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":

@@ -218,7 +218,7 @@ def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str
         bar.close()
     errors = sketching.finish(on_module)
     return StreamSummary("ray", n, passes, read, time.perf_counter() - start, peak_rss(), errors,
-                         shards=len(bounds), workers=len(workers))
+                         shards=len(bounds), workers=len(workers), header_seconds=plan.seconds)
 
 
 SETTLE_SECONDS = 30.0  # how long a failed pass waits for its other tasks to end
