@@ -582,3 +582,128 @@ def test_the_streamed_summary_says_how_long_the_headers_took_and_how_rough_the_e
     assert main(["combine", "--from-list", str(lst), "-o", str(tmp_path / "out"), "--rank", "2", "--passes", "2"]) == 0
     out = capsys.readouterr().out
     assert "every adapter's header checked in" in out and "from 10 random probes per module" in out
+
+
+def test_run_prints_one_json_object_with_each_stages_report(tmp_path, capsys):
+    """README: `--dry-run --json` for machines; `run` had no --json."""
+    _base(tmp_path / "base", LLM)
+    _peft(tmp_path / "a", LLM, 1)
+    _peft(tmp_path / "b", LLM, 2)
+    recipe = _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: {rank: 2}"
+                               "\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["out"] == str(tmp_path / "out") and not d["dry_run"] and [s["name"] for s in d["stages"]] == ["mix", "fin"]
+    assert d["stages"][0]["report"]["method"] == "svd" and d["stages"][1]["report"]["merged"]
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out2"), "--json", "--dry-run"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dry_run"] and d["stages"][0]["plan"]["verb"] == "combine" and d["stages"][1]["plan"] is None
+    assert not (tmp_path / "out2").exists()
+
+
+# ----------------------------------------------------------------------------- failures and limits
+
+
+def _sharded(folder: Path, scale: float) -> Path:
+    """A two-shard checkpoint of LLM's weights (with an index), every weight `scale`."""
+    folder.mkdir(parents=True)
+    names = sorted(LLM)
+    for i, m in enumerate(names):
+        shard = folder / f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({f"{m}.weight": np.full(LLM[m], scale, np.float32)}, str(shard))
+    index = {"metadata": {}, "weight_map": {f"{m}.weight": f"model-0000{i + 1}-of-00002.safetensors"
+                                            for i, m in enumerate(names)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "version": scale}))
+    return folder
+
+
+def test_a_checkpoint_swapped_while_read_is_refused_not_mixed(tmp_path, monkeypatch, capsys):
+    """A sharded base replaced by rename (as a lorafuse output is replaced) between the header pass and the
+    reads: shards opened after the swap came from the new version, and apply wrote a mix with exit 0."""
+    from lorafuse.errors import InputChangedError
+    from lorafuse.io.checkpoint import Checkpoint
+    from lorafuse.ops import apply as apply_mod
+
+    base, other = _sharded(tmp_path / "base", 1.0), _sharded(tmp_path / "other", 2.0)
+
+    def swap() -> None:
+        base.rename(tmp_path / "old")
+        other.rename(base)
+
+    ckpt = Checkpoint(base)
+    swap()
+    with pytest.raises(InputChangedError, match=r"was replaced since lorafuse read its header"):
+        ckpt.open(ckpt.shards[0])
+    with pytest.raises(InputChangedError, match=r"was replaced while lorafuse read it"):
+        ckpt.check_folder()
+    (tmp_path / "base").rename(tmp_path / "other")
+    (tmp_path / "old").rename(tmp_path / "base")
+    lora = _peft(tmp_path / "lora", LLM, 1)
+    real = apply_mod._Executor.write_shard
+    swapped: list[bool] = []
+
+    def write_shard(self, *args, **kwargs):  # the swap lands after the plan, before the first shard is read
+        if not swapped:
+            swapped.append(True)
+            swap()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(apply_mod._Executor, "write_shard", write_shard)
+    assert main(["apply", str(base), str(lora), "-o", str(tmp_path / "out")]) == 1
+    assert "InputChangedError" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    from lorafuse.ops import apply as apply_mod
+
+    def no_memory(self, count: int, size: int) -> None:
+        raise MemoryError("Unable to allocate 48.0 MiB")
+
+    monkeypatch.setattr(apply_mod._Arenas, "__init__", no_memory)
+    base, lora = _base(tmp_path / "base", LLM), _peft(tmp_path / "lora", LLM, 1)
+    assert main(["apply", str(base), str(lora), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorafuse apply: error: out of memory (Unable to allocate 48.0 MiB)")
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora"]
+
+
+@pytest.mark.parametrize("limit, threads", [("resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)", "1"),
+                                            (None, None)])
+def test_openblas_starts_no_threads_under_a_small_address_space(limit, threads):
+    """OpenBLAS raises SIGINT in the process when it cannot start a thread (ulimit -v, ulimit -u): read as Ctrl-C,
+    every command said 'interrupted'. Under such a limit it gets one thread (a user's own setting is kept)."""
+    import os
+
+    code = ("import os, resource\n" + (f"resource.setrlimit({limit})\n" if limit else "") +
+            "from lorafuse.cli import _quiet_blas\n_quiet_blas('combine')\n"
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == str(threads)
+
+
+def test_an_output_under_a_file_is_refused_before_any_stage_runs(tmp_path, capsys):
+    _peft(tmp_path / "a", LLM, 1)
+    (tmp_path / "notes.txt").write_text("mine")
+    recipe = _recipe(tmp_path, "merge_method: svd\nmodels: [{model: a}]\nparameters: {rank: 2}\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "notes.txt" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "notes.txt is a file, not a folder" in err and "stage" not in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_temporary_output_is_removed_even_when_its_folder_was_renamed(tmp_path):
+    """The output's folder renamed while the output was written: the temporary folder was removed by its old
+    path, so it stayed behind in the renamed folder, and the message named it instead of the output."""
+    from lorafuse.errors import OutputError
+    from lorafuse.io.atomic import atomic_dir
+
+    (tmp_path / "mp").mkdir()
+    with pytest.raises(OutputError, match=r"cannot write the output .*mp/merged: No such file or directory"):
+        with atomic_dir(tmp_path / "mp" / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp_path / "mp").rename(tmp_path / "mp2")
+            (tmp / "model.safetensors").write_bytes(b"x")  # the old path is gone: ENOENT
+    assert list((tmp_path / "mp2").iterdir()) == []

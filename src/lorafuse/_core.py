@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
-from lorafuse._variants import ENV, built, cpu_features, forced_variant, load
+from lorafuse._variants import ENV, FAILURES, built, cpu_features, forced_variant, load
 
 __all__ = ["cpu_features"]
 
@@ -42,7 +42,11 @@ def _choose() -> ModuleType:
                 return module
     generic = load("generic")
     if generic is None:
-        raise ImportError("lorafuse's compiled core is missing (no lorafuse._core_generic): reinstall lorafuse")
+        why = FAILURES.get("generic", "")
+        if "No module named" in why or not why:
+            raise ImportError("lorafuse's compiled core is missing (no lorafuse._core_generic): reinstall lorafuse")
+        raise ImportError(f"lorafuse's compiled core could not be loaded ({why}; out of memory or address space, "
+                          "a memory limit such as ulimit -v, or a damaged install)")
     return generic
 
 

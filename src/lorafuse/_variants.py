@@ -16,10 +16,14 @@ VARIANTS = ("native", "avx512", "avx2", "generic")  # best first
 ENV = "LORAFUSE_ISA"
 
 
+FAILURES: dict[str, str] = {}  # variant -> why it did not load (for the message when none does)
+
+
 def load(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(f"lorafuse._core_{name}")
-    except ImportError:
+    except ImportError as e:
+        FAILURES[name] = str(e)
         return None
 
 

@@ -721,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit")
     u.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     u.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    u.add_argument("--json", action="store_true", help="print one JSON object for machines: the output, and per "
+                   "stage its command line, output, seconds and its verb's own --json report (with --dry-run: "
+                   "its plan)")
 
     i = sub.add_parser("info", help="describe an adapter, a checkpoint or a pipeline",
                        description="Describe an adapter (modules, ranks, alphas, scales, dtypes, parameters,\n"
@@ -1244,11 +1247,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise LorafuseValueError("give a recipe and -o OUT (lorafuse run RECIPE.yml -o OUT), or --print-schema")
     from lorafuse.recipes.runner import run
 
+    reports: list[object] = []
     report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
-                 quiet=args.quiet, intermediate_dir=args.intermediate_dir, dispatch=dispatch)
-    if not args.quiet and not args.dry_run:
+                 quiet=args.quiet or args.json, intermediate_dir=args.intermediate_dir,
+                 dispatch=_json_dispatch(reports) if args.json else dispatch)
+    if args.json:
+        import shlex
+
+        found = iter(reports)
+        stages = [{"name": s.name, "verb": s.verb, "command": shlex.join(["lorafuse", *s.argv]) if s.argv else None,
+                   "out": None if s.out is None else str(s.out), "seconds": s.seconds,
+                   ("plan" if report.dry_run else "report"): next(found) if s.argv else None}
+                  for s in report.stages]
+        _say(json.dumps({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
+                         "seconds": report.seconds, "notes": report.notes, "stages": stages}, indent=2,
+                        allow_nan=False))
+    elif not args.quiet and not args.dry_run:
         _say(f"ran {plural(len(report.stages), 'stage')}; wrote {report.out} in {report.seconds:.2f} s")
     return 0
+
+
+def _json_dispatch(reports: list[object]) -> Callable[[Sequence[str]], int]:
+    """dispatch, each stage with --json and its printed JSON kept (in order) instead of shown."""
+    import contextlib
+    import io
+
+    def run_stage(argv: Sequence[str]) -> int:
+        words = list(argv)
+        at = words.index("--") if "--" in words else len(words)  # options before the inputs
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = dispatch([*words[:at], "--json", *words[at:]])
+        text = buf.getvalue().strip()
+        try:
+            reports.append(json.loads(text) if text else None)
+        except ValueError:
+            reports.append({"output": text})
+        return code
+
+    return run_stage
 
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -1258,17 +1295,32 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
 
 # Commands that make few BLAS calls, if any: their arithmetic is in the compiled core.
 _FEW_BLAS = frozenset({"apply", "info"})
+_FEW_PROCESSES = 512  # a process limit (ulimit -u) this low may leave OpenBLAS no room for its threads
+_SMALL_ADDRESS_SPACE = 4 << 30  # and an address-space limit (ulimit -v) this low
 
 
 def _quiet_blas(command: str) -> None:
     """Before numpy loads: OpenBLAS starts its worker threads with it, and they spin for ~0.1 s waiting for
     work (0.14 CPU-s of a 2-core `lorafuse apply` under perf). For a command that makes few BLAS calls they
     sleep at once instead (2**4 cycles, OpenBLAS's least; a call still wakes them), so that core goes to the
-    merge and the writes. A user's own setting is kept."""
+    merge and the writes. Under a small process limit (ulimit -u) OpenBLAS starts none: when it cannot start
+    one it raises SIGINT in the process, which would read as Ctrl-C. A user's own setting is kept."""
     import os
+    import resource
 
-    if command in _FEW_BLAS and "numpy" not in sys.modules:
+    if "numpy" in sys.modules:
+        return
+    if command in _FEW_BLAS:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    try:
+        nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (OSError, ValueError, AttributeError):
+        return
+    few = nproc != resource.RLIM_INFINITY and nproc <= _FEW_PROCESSES and os.geteuid() != 0  # root: no limit
+    small = space != resource.RLIM_INFINITY and space < _SMALL_ADDRESS_SPACE  # each thread's stack counts
+    if few or small:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def dispatch(argv: Sequence[str]) -> int:
@@ -1336,9 +1388,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return 143
     except (KeyboardInterrupt, ImportError) as e:
         if not _interrupted(e):
+            if isinstance(e, ImportError):  # a module that would not load (out of memory, a damaged install)
+                _say(f"lorafuse {args.command}: error: {e}; no output was written", file=sys.stderr)
+                return 1
             raise
         _say(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        why = f" ({e})" if str(e) else ""
+        _say(f"lorafuse {args.command}: error: out of memory{why}: the machine, or a limit such as ulimit -v, leaves "
+             "too little for this input; no output was written", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
         import os
 

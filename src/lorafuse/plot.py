@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +34,12 @@ def _figure(width: float, height: float) -> Figure:
         import matplotlib  # noqa: F401  (fails first when matplotlib is absent)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:
+    except ImportError as e:
+        if "matplotlib" not in str(e) or sys.modules.get("matplotlib") is not None:  # there, but failed to load
+            raise UnsupportedError(f"matplotlib could not be loaded ({e})") from None
         raise UnsupportedError("plotting needs matplotlib: pip install lorafuse[plot]") from None
+    except (MemoryError, SystemError) as e:  # out of memory while importing (SystemError: an allocation in C failed)
+        raise MemoryError(f"while loading matplotlib: {type(e).__name__}{': ' + str(e) if str(e) else ''}") from None
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -79,7 +84,10 @@ def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], ove
         "jpeg": {"pil_kwargs": {"comment": mark.encode(), "quality": 92}},
     }
     with atomic_file(path, inputs, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120, **options[fmt])
+        try:
+            fig.savefig(tmp, format=fmt, dpi=120, **options[fmt])
+        except SystemError as e:  # matplotlib loads its text and image modules here: an allocation in C failed
+            raise MemoryError(f"while drawing the plot: {type(e).__name__}: {e}") from None
     return Path(path)
 
 

@@ -440,6 +440,9 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, fo
     for a path that names no output) otherwise."""
     out = Path(out)
     check_output_path(out, inputs)
+    blocked = _not_a_folder(out.parent)  # `-o notes.txt/merged`: refused before any work, not after it
+    if blocked:
+        raise OutputError(f"cannot write the output {out}: {blocked}")
     return _judge(out, folder, overwrite)
 
 
@@ -449,15 +452,46 @@ def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
 
 
 @contextmanager
-def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], commit: bool = False) -> Iterator[None]:
-    """Run `cleanup` on any error; write errors (and any error while renaming into place) become OutputError."""
+def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], commit: bool = False,
+                      tmp: Path | None = None) -> Iterator[None]:
+    """Run `cleanup` on any error; write errors, any error while renaming into place, and any error on the
+    temporary output `tmp` itself (its folder renamed or removed meanwhile) become OutputError naming `out`."""
     try:
         yield
     except BaseException as e:
         cleanup()
-        if isinstance(e, OSError) and (commit or e.errno in _WRITE_ERRNOS):
+        inside = tmp is not None and isinstance(e, OSError) and e.filename is not None and \
+            os.fsdecode(e.filename).startswith(str(tmp))
+        if isinstance(e, OSError) and (commit or e.errno in _WRITE_ERRNOS or inside):
             raise _write_error(out, e, existed) from e
         raise
+
+
+def _open_parent(out: Path) -> int | None:
+    """A descriptor of the folder a temporary entry is made in: it is removed through it even when that folder
+    was renamed meanwhile (by path it would stay behind in the folder's new place, where no run looks)."""
+    try:
+        return os.open(out.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+def _remove_at(parent: int | None, tmp: Path) -> None:
+    """Remove the temporary entry `tmp` (a file or a folder) through `parent` where it can, else by its path."""
+    if parent is not None:
+        try:
+            if stat.S_ISDIR(os.stat(tmp.name, dir_fd=parent, follow_symlinks=False).st_mode):
+                if sys.version_info >= (3, 11):
+                    shutil.rmtree(tmp.name, dir_fd=parent)
+                    return
+            else:
+                os.unlink(tmp.name, dir_fd=parent)
+                return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass
+    remove_entry(tmp)
 
 
 def lock_entry(fd: int) -> None:
@@ -756,14 +790,16 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
         unmake_folders(made)
         raise OutputError(f"cannot open the temporary folder {tmp}: {e.strerror or e}") from e
 
+    parent = _open_parent(out)
+
     def cleanup() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_at(parent, tmp)
         unmake_folders(made)
 
     try:
         lock_entry(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
-        with _cleanup_on_error(out, existed, cleanup):
+        with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
             write_manifest(tmp, kind)
             stamp_tree(tmp)
@@ -774,6 +810,8 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
             _replace_dir(tmp, out)
     finally:
         os.close(fd)
+        if parent is not None:
+            os.close(parent)
     _announce(note)
 
 
@@ -797,15 +835,16 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         unmake_folders(made)
         raise OutputError(f"cannot create a temporary file beside the output {out}: {e.strerror or e}") from e
     tmp = Path(name)
+    parent = _open_parent(out)
 
     def cleanup() -> None:
-        tmp.unlink(missing_ok=True)
+        _remove_at(parent, tmp)
         unmake_folders(made)
 
     try:
         lock_entry(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
-        with _cleanup_on_error(out, existed, cleanup):
+        with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
         note = _commit_check(out, False, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
@@ -815,4 +854,6 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
             os.replace(tmp, out)
     finally:
         os.close(fd)
+        if parent is not None:
+            os.close(parent)
     _announce(note)

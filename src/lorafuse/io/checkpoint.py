@@ -7,9 +7,16 @@ import json
 import os
 from pathlib import Path
 
-from lorafuse.errors import FormatError
+from lorafuse.errors import FormatError, InputChangedError
 from lorafuse.io.hub import local_path
-from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, file_kind, open_regular, read_header
+from lorafuse.io.safetensors import (
+    FileIdentity,
+    SafetensorsFile,
+    TensorInfo,
+    file_kind,
+    open_regular,
+    read_header_identity,
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -187,8 +194,11 @@ class Checkpoint:
         self.headers: dict[str, dict[str, TensorInfo]] = {}
         self.metadata: dict[str, dict[str, str]] = {}
         self.shard_of: dict[str, str] = {}
+        self.identities: dict[str, FileIdentity] = {}  # each shard as its header was read (open() checks it)
+        st = os.stat(self.directory)
+        self.folder_identity = (st.st_dev, st.st_ino)
         for shard in shard_names:
-            tensors, metadata, _ = read_header(self.directory / shard)
+            tensors, metadata, _, self.identities[shard] = read_header_identity(self.directory / shard)
             self.headers[shard], self.metadata[shard] = tensors, metadata
             for name in tensors:
                 if name in self.shard_of:
@@ -257,7 +267,28 @@ class Checkpoint:
         return self.headers[self.shard_of[name]][name]
 
     def open(self, shard: str) -> SafetensorsFile:
-        return SafetensorsFile(self.directory / shard)
+        """The shard mapped, refused (InputChangedError) when the file at its path is no longer the one whose
+        header was read: a checkpoint replaced (a folder swapped in by rename, a shard re-downloaded) between
+        the header pass and the read would mix two versions in one result."""
+        f = SafetensorsFile(self.directory / shard)
+        if shard in self.identities and f.identity != self.identities[shard]:
+            f.close()
+            raise InputChangedError(f"{self.directory / shard} was replaced since lorafuse read its header (another "
+                                    "version of the checkpoint is there now): its tensors would mix two versions; "
+                                    "nothing was written")
+        return f
+
+    def check_folder(self) -> None:
+        """InputChangedError when the checkpoint's folder is no longer the folder read (swapped by rename): its
+        other files (config.json, tokenizer) would come from another version."""
+        try:
+            st = os.stat(self.directory)
+            same = (st.st_dev, st.st_ino) == self.folder_identity
+        except OSError:
+            same = False
+        if not same:
+            raise InputChangedError(f"{self.directory} was replaced while lorafuse read it (another folder is at its "
+                                    "path now): the result would mix two versions; nothing was written")
 
     def files(self) -> list[Path]:
         out = [self.directory / s for s in self.shards]

@@ -357,13 +357,21 @@ def _read_exactly(fd: int, n: int, offset: int, where: str) -> bytearray:
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Header of a safetensors file: (tensors, metadata, data start offset). Reads only the header."""
+    tensors, metadata, start, _ = read_header_identity(path)
+    return tensors, metadata, start
+
+
+def read_header_identity(path: str | os.PathLike[str]
+                         ) -> tuple[dict[str, TensorInfo], dict[str, str], int, FileIdentity]:
+    """read_header, and the identity (identity_of) of the file whose header it is: a later open of the same path
+    can tell whether it is still that file."""
     where = str(path)
     fd = open_regular(path, where)
     try:
-        tensors, metadata, start, _ = _read_header_fd(fd, where)
+        tensors, metadata, start, st = _read_header_stat(fd, where)
     finally:
         os.close(fd)
-    return tensors, metadata, start
+    return tensors, metadata, start, identity_of(st)
 
 
 # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns of a file as it was read. The change time is the kernel's
@@ -469,6 +477,7 @@ class SafetensorsFile:
         fd = open_regular(self.path, where)
         try:
             self.tensors, self.metadata, self._data_start, st = _read_header_stat(fd, where)
+            self.identity = identity_of(st)  # the file mapped, as validated
             self._size = st.st_size
             self._map: mmap.mmap | None = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ) if st.st_size else None
             if self._map is not None:

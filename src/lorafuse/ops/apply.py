@@ -886,6 +886,7 @@ def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit:
     if len(plan.shards) > 1 or (ckpt.sharded and limit is None):
         _write_index(tmp, ckpt, plan, limit is not None)
     skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
+    ckpt.check_folder()  # its config and tokenizer must come from the folder whose weights were read
     _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes, plan.config_removals)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
         plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))
