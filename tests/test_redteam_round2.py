@@ -258,6 +258,15 @@ def _recipe(folder: Path, text: str) -> Path:
     return folder / "r.yml"
 
 
+def _two_stages(tmp_path: Path) -> Path:
+    """A base, adapters a and b, and the recipe mix = svd(a, b), then fin = apply(base, mix)."""
+    _base(tmp_path / "base", LLM)
+    _peft(tmp_path / "a", LLM, 1)
+    _peft(tmp_path / "b", LLM, 2)
+    return _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: {rank: 2}"
+                             "\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+
+
 def test_a_recipe_does_not_read_a_model_from_the_current_folder(tmp_path, capsys, monkeypatch):
     """`model: adapters/style`, missing beside the recipe but present in the current folder, was passed on as a
     Hub id, and the verb read the current folder's adapter: each folder the recipe ran in merged another one."""
@@ -306,11 +315,7 @@ def test_the_last_output_of_a_recipe_records_every_input(tmp_path, capsys):
     folder); a changed b could not be told from it. Now mix's own record (a, b and their sha256) is kept."""
     import hashlib
 
-    _base(tmp_path / "base", LLM)
-    _peft(tmp_path / "a", LLM, 1)
-    _peft(tmp_path / "b", LLM, 2)
-    recipe = _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: {rank: 2}"
-                               "\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+    recipe = _two_stages(tmp_path)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
         inputs = json.loads(f.metadata()["lorafuse.inputs"])
@@ -586,11 +591,7 @@ def test_the_streamed_summary_says_how_long_the_headers_took_and_how_rough_the_e
 
 def test_run_prints_one_json_object_with_each_stages_report(tmp_path, capsys):
     """README: `--dry-run --json` for machines; `run` had no --json."""
-    _base(tmp_path / "base", LLM)
-    _peft(tmp_path / "a", LLM, 1)
-    _peft(tmp_path / "b", LLM, 2)
-    recipe = _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: {rank: 2}"
-                               "\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+    recipe = _two_stages(tmp_path)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["out"] == str(tmp_path / "out") and not d["dry_run"] and [s["name"] for s in d["stages"]] == ["mix", "fin"]
