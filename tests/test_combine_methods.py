@@ -153,7 +153,7 @@ def test_options_are_checked_from_the_registry(adapters, name: str) -> None:
     else:
         assert check_options(dataclasses.replace(base, rank=2, conv_rank=1)).rank == 2
     if name != "svd":
-        with pytest.raises(lorafuse.LorafuseValueError, match="exact applies to method 'svd'"):
+        with pytest.raises(lorafuse.LorafuseValueError, match=r"exact \(--exact\) applies to method 'svd'"):
             check_options(dataclasses.replace(base, exact=True))
     with pytest.raises(lorafuse.LorafuseValueError, match="group_bytes must be a positive integer"):
         check_options(dataclasses.replace(base, group_bytes=0))

@@ -708,3 +708,53 @@ def test_a_temporary_output_is_removed_even_when_its_folder_was_renamed(tmp_path
             (tmp_path / "mp").rename(tmp_path / "mp2")
             (tmp / "model.safetensors").write_bytes(b"x")  # the old path is gone: ENOENT
     assert list((tmp_path / "mp2").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the command line, as a new user types it
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["merge", "base", "lora", "-o", "x"], "to merge adapters into a base model: apply"),
+    (["help", "apply"], "lorafuse COMMAND --help"),
+    (["resize", "lora", "--new_rank", "2", "-o", "x"], "kohya's --new_rank is --rank here"),
+    (["resize", "lora", "--rank", "2", "--save_precision", "fp16", "-o", "x"], "kohya's --save_precision is --dtype"),
+    (["combine", "a", "b", "--method", "task_arithmetic", "-o", "x"], "mergekit's task_arithmetic on LoRAs is cat"),
+    (["combine", "--weights", "1", "2", "a", "b", "-o", "x"],
+     "--weights takes one comma-separated value: --weights 1,2"),
+    (["combine", "a", "b", "--verbose", "-o", "x"], "--verbose is an option of apply, convert, extract, resize"),
+    (["apply", "base", "lora", "--rank", "4", "-o", "x"], "--rank is an option of combine"),
+    (["apply", "base", "lora", "--dtype", "float64", "-o", "x"], "argument --dtype: unknown dtype 'float64'"),
+    ([], "give a COMMAND (the list above)"),
+])
+def test_mistakes_other_tools_teach_get_the_fix(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_names_users_bring_are_taken(tmp_path, capsys):
+    """--device gpu, --method SVD, --split b, convert --to diffusers (the file it writes is diffusers')."""
+    a, b = _peft(tmp_path / "a", LLM, 1), _peft(tmp_path / "b", LLM, 2)
+    assert main(["combine", str(a), str(b), "--method", "SVD", "--split", "b", "-o", str(tmp_path / "c"), "-q"]) == 0
+    from lorafuse.cli import build_parser
+
+    ns = build_parser().parse_args(["apply", "base", "lora", "-o", "x", "--device", "GPU"])
+    assert ns.device == "cuda"
+    ns = build_parser().parse_args(["convert", "x.safetensors", "--to", "diffusers", "-o", "y.safetensors"])
+    assert ns.to == "peft"
+
+
+def test_a_swapped_base_and_adapter_and_a_trailing_space_are_said(tmp_path, capsys):
+    base, lora = _base(tmp_path / "base", LLM), _peft(tmp_path / "lora", LLM, 1)
+    assert main(["apply", str(lora), str(base), "-o", str(tmp_path / "x")]) == 1
+    assert "the base comes first" in capsys.readouterr().err
+    assert main(["apply", str(base) + " ", str(lora), "-o", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert f"{str(base) + ' '!r}: no such file or directory (did you mean {str(base)!r}?" in err
+
+
+def test_resize_to_a_rank_no_module_exceeds_says_nothing_was_reduced(tmp_path, capsys):
+    lora = _peft(tmp_path / "lora", LLM, 1)
+    assert main(["resize", str(lora), "--rank", "8", "-o", str(tmp_path / "r")]) == 0
+    assert "nothing was reduced" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -226,8 +227,14 @@ def _say(text: object = "", file: TextIO | None = None) -> None:
     print(printable(text), file=sys.stdout if file is None else file)
 
 
+def _device(text: str) -> str:
+    """--device: cpu or cuda (gpu is taken for cuda; any case)."""
+    word = text.lower()
+    return "cuda" if word in ("gpu", "cuda:0") else word
+
+
 def _device_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    p.add_argument("--device", type=_device, choices=("cpu", "cuda"), default="cpu",
                    help="where the math runs: cpu (default) or cuda, one NVIDIA GPU (needs a lorafuse built with "
                    "CUDA: docs/building.md); files still stream through host memory")
 
@@ -393,12 +400,36 @@ def _show_plan(args: argparse.Namespace, plan: Any) -> int:
 
 
 def _method(text: str) -> str:
+    if text.lower() in _combine_methods():
+        return text.lower()
+    from lorafuse.ops.combine.registry import foreign_method
+
+    other = foreign_method(text)
+    if other is not None:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}: {other} (choose from "
+                                         f"{', '.join(_combine_methods())})")
     return _one_of(text, _combine_methods(), "unknown method")
 
 
 _FACTOR_DTYPE_HELP = ("dtype of the written factors: fp32, fp16 or bf16 (kohya's --save_precision: float, fp16, bf16; "
                       "float32, half, bfloat16 also work); computed in float32 and rounded once, to nearest even "
                       "(default: the inputs' factor dtype when they all share one, else fp32, with a note)")
+
+
+def _split(text: str) -> str:
+    return "B" if text.lower() == "b" else text.lower()
+
+
+def _convert_target(text: str) -> str:
+    """convert --to: peft (the diffusers LoRA file; `diffusers` names it too), kohya or gguf, any case."""
+    word = text.lower()
+    return "peft" if word == "diffusers" else word
+
+
+def _dtype_text(text: str) -> str:
+    """apply --dtype: checked as _factor_dtype checks it, kept as given (apply records it)."""
+    _factor_dtype(text)
+    return text
 
 
 def _factor_dtype(text: str) -> str:
@@ -411,10 +442,35 @@ def _factor_dtype(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (choose from fp32, fp16, bf16)") from None
 
 
-def _close(word: str, choices: Sequence[str]) -> str | None:
+# Other tools' options and verbs, and what lorafuse calls them: said instead of a bare "unrecognized".
+_FOREIGN_OPTIONS = {
+    "--new_rank": "kohya's --new_rank is --rank here", "--new-rank": "kohya's --new_rank is --rank here",
+    "--save_precision": "kohya's --save_precision is --dtype here (fp32, fp16, bf16; float, half, bfloat16)",
+    "--save-precision": "kohya's --save_precision is --dtype here (fp32, fp16, bf16; float, half, bfloat16)",
+    "--dynamic_method": "kohya's --dynamic_method is the option itself here: --sv-ratio R, --sv-fro F or "
+                        "--sv-cumulative C (its --dynamic_param is their value)",
+    "--dynamic_param": "kohya's --dynamic_param is the value of --sv-ratio, --sv-fro or --sv-cumulative here",
+    "--combination_type": "PEFT's combination_type is --method here",
+    "--combination-type": "PEFT's combination_type is --method here",
+    "--save_to": "kohya's --save_to is -o/--out here", "--output": "the output is -o/--out",
+    "--output_dir": "the output is -o/--out", "--output-dir": "the output is -o/--out",
+    "--dim": "the rank is --rank", "--network_dim": "kohya's --network_dim is --rank here",
+}
+_FOREIGN_VERBS = {
+    "merge": "to merge adapters into a base model: apply; to merge adapters into one adapter: combine",
+    "fuse": "to merge adapters into a base model: apply; to merge adapters into one adapter: combine",
+    "help": "for a command's options: lorafuse COMMAND --help",
+    "version": "for the version: lorafuse --version",
+    "svd": "to combine adapters by SVD: combine --method svd; to reduce an adapter's rank: resize",
+    "inspect": "to describe an adapter or checkpoint: info", "show": "to describe an adapter or checkpoint: info",
+}
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _close(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str | None:
     import difflib
 
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return found[0] if found else None
 
 
@@ -427,7 +483,13 @@ class _Version(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
-        _say(f"lorafuse {get_version()}")
+        from importlib.util import find_spec
+
+        try:  # whether the CUDA module was built (found, not loaded: --version stays instant)
+            cuda = "built (--device cuda)" if find_spec("lorafuse._cuda") is not None else "not built"
+        except (ImportError, ValueError):
+            cuda = "not built"
+        _say(f"lorafuse {get_version()} (CUDA backend: {cuda})")
         parser.exit()
 
 
@@ -457,23 +519,45 @@ class _Parser(argparse.ArgumentParser):
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             choices = re.findall(r"[\w.-]+", m.group(2))
+            hint = _FOREIGN_VERBS.get(m.group(1).lower()) if "command" in message.lower() or \
+                set(choices) >= {"apply", "combine"} else None
             near = _close(m.group(1), choices)
-            if near is not None:
+            if hint is not None:
+                message += f"; {hint}"
+            elif near is not None:
                 message += f"; did you mean {near!r}?"
         super().error(message)
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        words = sys.argv[1:] if args is None else list(args)
+        verbs = getattr(self, "verbs", {})
+        if not words and verbs:  # `lorafuse` alone: the commands, not only "COMMAND is required"
+            self.print_help(sys.stderr)
+            self.error("give a COMMAND (the list above)")
+        verb = next((w for w in words if not w.startswith("-")), "")
+        target = verbs.get(verb, self)
+        for i, w in enumerate(words):
+            name = w.split("=", 1)[0]
+            if name in _FOREIGN_OPTIONS and name not in {o for a in target._actions for o in a.option_strings}:
+                target.error(f"unrecognized argument {name}: {_FOREIGN_OPTIONS[name]}")
+            if name == "--weights" and "=" not in w and i + 2 < len(words) and _NUMBER.fullmatch(words[i + 2]) \
+                    and not os.path.lexists(words[i + 2]):
+                target.error(f"--weights takes one comma-separated value: --weights {words[i + 1]},{words[i + 2]} "
+                             f"(not {words[i + 1]} {words[i + 2]})")
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
-            verbs = getattr(self, "verbs", {})
             target = verbs.get(getattr(ns, "command", None) or "", self)
             message = "unrecognized arguments: " + " ".join(extras)
             options = [o for action in target._actions for o in action.option_strings]
             unknown = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
-            near = _close(unknown, options) if unknown else None
+            near = _close(unknown, options, 0.75) if unknown else None
+            elsewhere = sorted(v for v, p in verbs.items() if p is not target and
+                               unknown in {o for a in p._actions for o in a.option_strings}) if unknown else []
             if near is not None:
                 message += f"; did you mean {near!r}?"
+            elif elsewhere:
+                message += f" ({unknown} is an option of {', '.join(elsewhere)}, not of {ns.command})"
             target.error(message)
         return ns
 
@@ -482,6 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="lorafuse",
         description="Compose LoRA adapters over safetensors files: exact, fast, streaming.",
+        epilog="examples:\n"
+               "  lorafuse apply ./Llama-3.2-1B ./my-lora -o ./merged       merge an adapter into its base\n"
+               "  lorafuse combine ./a ./b --weights 0.5,0.5 -o ./ab        combine adapters (svd by default)\n"
+               "  lorafuse resize ./my-lora --rank 8 -o ./my-lora-r8        reduce an adapter's rank\n"
+               "  lorafuse extract ./base ./finetuned --rank 32 -o ./lora   a LoRA from a full fine-tune\n"
+               "  lorafuse convert style.safetensors --to peft -o ./out/    kohya <-> diffusers, or --to gguf\n"
+               "  lorafuse info ./my-lora                                   what an adapter or checkpoint holds\n"
+               "\n`lorafuse COMMAND --help` lists a command's options, with more examples; every command that writes a "
+               "model or an adapter takes --dry-run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action=_Version, help="show the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -502,9 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "file name inside it")
     _overwrite_option(a)
     a.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
-    a.add_argument("--dtype", metavar="{fp32,fp16,bf16}",
-                   help="output dtype of float tensors: fp32, fp16 or bf16 (default: as in the base); a quantized "
-                   "base's weights are then written dequantized in it")
+    a.add_argument("--dtype", metavar="{fp32,fp16,bf16}", type=_dtype_text,
+                   help="output dtype of float tensors: fp32, fp16 or bf16 (float32, half, bfloat16 also work; "
+                   "default: as in the base); a quantized base's weights are then written dequantized in it")
     a.add_argument("--requantize", action="store_true", default=None,
                    help="a quantized base: write its quantized format back (merged weights quantized again, the "
                    "rest copied). Default: FP8 stays FP8 unless --dtype; bitsandbytes is written dequantized (16-bit)")
@@ -556,9 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "given a name ending in / (or an existing folder) writes into it, as the first input's file "
                    "name (pytorch_lora_weights.safetensors for diffusers)")
     _overwrite_option(c)
-    c.add_argument("--format", choices=("peft", "kohya", "diffusers"),
+    c.add_argument("--format", type=str.lower, choices=("peft", "kohya", "diffusers"),
                    help="output format (default: that of the first input)")
-    c.add_argument("--weights", type=_weights, help=WEIGHTS_HELP)
+    c.add_argument("--weights", type=_weights, help=WEIGHTS_HELP[:-1] + "; the sum of the deltas, as PEFT's "
+                   "add_weighted_adapter: give 1/n each for their mean, which --from-list lines without a weight get)")
     # the registry's methods, listed as argparse lists choices; checked by combine (exit status 2, like every
     # refused option value, with the choices named)
     method = c.add_argument("--method", default="svd", type=_method, metavar="METHOD",
@@ -574,10 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--density", type=_density,
                    help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
-                   help="ties: majority sign from the sum (total) or the count (frequency) of signs")
+                   help="ties: majority sign from the sum (total, the default) or the count (frequency) of signs")
     c.add_argument("--seed", type=_seed, default=0,
                    help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
-    c.add_argument("--split", default="B", choices=("B", "sqrt"),
+    c.add_argument("--split", default="B", type=_split, choices=("B", "sqrt"),
                    help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
     c.add_argument("--exact", action="store_true",
                    help="svd: exact for every module however many adapters are stacked (default: a module whose "
@@ -622,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "work; a file format given a name ending in / (or an existing folder) writes into it, as the "
                    "input's file name (pytorch_lora_weights.safetensors for diffusers)")
     _overwrite_option(r)
-    _rank_options(r)
-    r.add_argument("--split", default="B", choices=("B", "sqrt"), help="singular values on B, or sqrt on both")
+    _rank_options(r, " (default: none; a module keeps at most its input rank)")
+    r.add_argument("--split", default="B", type=_split, choices=("B", "sqrt"),
+                   help="singular values on B (default, as PEFT and kohya), or their square roots on both")
     _progress_options(r)
     r.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     _dry_run_option(r, "the options, the adapter, the output path", "no SVD runs, so with --sv-ratio, --sv-fro or "
@@ -672,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "peft, what diffusers' load_lora_weights(folder) looks for) or the input's file name (--to "
                    "kohya; --to gguf: with .gguf)")
     _overwrite_option(v)
-    v.add_argument("--to", required=True, choices=("peft", "kohya", "gguf"),
+    v.add_argument("--to", required=True, type=_convert_target, choices=("peft", "kohya", "gguf"),
                    help="peft: diffusers / PEFT names (unet.down_blocks.0...); kohya: lora_unet_... names; gguf: "
                    "a llama.cpp GGUF LoRA adapter")
     arch = v.add_argument("--arch", type=_arch, metavar="ARCH",
@@ -910,6 +1006,9 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     result.save(target.path, target.format, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _say(f"note: {target.note}", file=sys.stderr)
+    if args.rank is not None and report and all(m.rank_in <= args.rank for m in report) and not args.quiet:
+        _say(f"note: every module's rank is {args.rank} or less already (at most {max(m.rank_in for m in report)}): "
+             "nothing was reduced; the factors are rewritten (balanced by the SVD)", file=sys.stderr)
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]

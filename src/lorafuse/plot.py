@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,8 @@ def _figure(width: float, height: float) -> Figure:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        if "matplotlib" not in str(e) or sys.modules.get("matplotlib") is not None:  # there, but failed to load
+        absent = isinstance(e, ModuleNotFoundError) or "No module named" in str(e) or "halted" in str(e)
+        if not absent:  # matplotlib is there but failed to load (a broken install, a missing shared library)
             raise UnsupportedError(f"matplotlib could not be loaded ({e})") from None
         raise UnsupportedError("plotting needs matplotlib: pip install lorafuse[plot]") from None
     except (MemoryError, SystemError) as e:  # out of memory while importing (SystemError: an allocation in C failed)

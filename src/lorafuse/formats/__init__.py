@@ -43,7 +43,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     try:
         os.stat(p)
     except FileNotFoundError:
-        raise FormatError(f"{p}: no such file or directory") from None
+        from lorafuse.io.checkpoint import no_such_path
+
+        raise FormatError(no_such_path(p)) from None
     except (OSError, ValueError) as e:  # a name too long, a folder that cannot be searched, a loop of links
         raise FormatError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if p.is_file() and is_pickle(p):

@@ -164,6 +164,17 @@ def _find_index(directory: Path) -> Path | None:
     return directory / found[0] if found else None
 
 
+def no_such_path(path: str | os.PathLike[str]) -> str:
+    """'PATH: no such file or directory', with the name quoted, and the name meant when there is one, where the
+    path starts or ends with a space (invisible in a message)."""
+    text = os.fsdecode(os.fspath(path))
+    if text == text.strip():
+        return f"{text}: no such file or directory"
+    meant = text.strip()
+    hint = f"did you mean {meant!r}? " if meant and os.path.lexists(meant) else ""
+    return f"{text!r}: no such file or directory ({hint}the name starts or ends with a space)"
+
+
 class Checkpoint:
     """Tensor names, shapes and dtypes of a checkpoint, read from headers only.
 
@@ -174,7 +185,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = local_path(path, what="checkpoint")  # a Hub id: its snapshot folder (io.hub)
         if not path.exists():
-            raise FormatError(f"{path}: no such file or directory")
+            raise FormatError(no_such_path(path))
         self.path = path  # the file or folder given (`directory` is the folder holding the shards)
         self.index_name: str | None = None
         self.index_metadata: dict[str, object] = {}

@@ -35,6 +35,7 @@ from lorafuse._validate import check_bool, check_optional_bool, check_threads, c
 from lorafuse.backends import Backend, MergeJob, backend_for_device
 from lorafuse.errors import (
     FormatError,
+    LorafuseError,
     LorafuseValueError,
     NonFiniteError,
 )
@@ -701,7 +702,7 @@ def prepare_apply(
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
     base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)
-    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+    loaded = [a if isinstance(a, Adapter) else _load_adapter(a, base_path) for a in adapters]
     if is_pipeline(base_path):
         if max_shard_size is not None:
             raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a diffusers pipeline")
@@ -721,6 +722,23 @@ def prepare_apply(
     if one_file and not single_file:
         _one_file_notes(mplan, base_path, out_path)
     return ApplySetup(mplan, out_path, one_file, inputs, limit, threads, backend, timings, replaces, loaded)
+
+
+def _load_adapter(adapter: str | os.PathLike[str], base: Path) -> Adapter:
+    """load(adapter); a model checkpoint given where an adapter goes while the base is an adapter (the two
+    swapped: `apply lora model`) is refused saying so."""
+    try:
+        return load(adapter)
+    except FormatError as e:
+        from lorafuse.formats import detect_format
+
+        try:
+            Checkpoint(adapter)
+            detect_format(base)
+        except (LorafuseError, OSError, ValueError):
+            raise e from None
+        raise FormatError(f"{e}. {adapter} is a model checkpoint and {base} an adapter: the base comes first "
+                          f"(lorafuse apply BASE ADAPTER...)") from None
 
 
 def _recording(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str] | Adapter],

@@ -208,9 +208,12 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
     for i in range(n):
         stage = _validate(recipe, i)
         if stage.merge_method not in MERGE_METHODS:
+            from lorafuse.ops.combine.registry import foreign_method
+
+            other = foreign_method(stage.merge_method)
+            hint = f" ({other})" if other else suggest(stage.merge_method, MERGE_METHODS)
             raise RecipeError(f"{recipe.where(i, ('merge_method',))}: unknown merge_method "
-                              f"{stage.merge_method!r}{suggest(stage.merge_method, MERGE_METHODS)}; choose one of "
-                              f"{', '.join(MERGE_METHODS)}")
+                              f"{stage.merge_method!r}{hint}; choose one of {', '.join(MERGE_METHODS)}")
         if stage.name is None and n > 1:
             raise RecipeError(f"{recipe.origin} line {recipe.documents[i].line}: a recipe of {n} stages names each "
                               "one (name: ...), so that later stages can read its output")

@@ -136,7 +136,8 @@ def _check_used(o: CombineOptions, method: Method) -> None:
         takers = methods_with(flag)
         names = ", ".join(repr(n) for n in takers)
         head = f"{option}: " if option == "conv_rank" else ""
-        raise LorafuseValueError(f"{head}method {o.method!r} {why}: {option} applies to "
+        flag_name = "--" + option.replace("_", "-")  # the same option on the command line
+        raise LorafuseValueError(f"{head}method {o.method!r} {why}: {option} ({flag_name}) applies to "
                                  f"{'method' if len(takers) == 1 else 'methods'} {names}")
 
 

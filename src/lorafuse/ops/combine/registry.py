@@ -116,6 +116,29 @@ def methods_with(flag: str) -> tuple[str, ...]:
     return tuple(m.name for m in REGISTRY.values() if getattr(m, flag))
 
 
+# Other tools' names for a combination (mergekit, PEFT, kohya), and what lorafuse calls it: said where such a
+# name is refused (the CLI's --method, a recipe's merge_method).
+FOREIGN_METHODS: dict[str, str] = {
+    "task_arithmetic": "mergekit's task_arithmetic on LoRAs is cat here (the exact weighted sum of the deltas), or "
+                       "svd (that sum cut to a rank)",
+    "ties_merging": "use ties_svd (TIES on the dense deltas, as mergekit's ties) or ties (PEFT's, on the factors)",
+    "dare": "use dare_linear or dare_ties (with --density)",
+    "weighted_average": "use linear (factor averaging, PEFT's linear) or svd (the exact weighted sum, cut to a rank)",
+    "average": "use linear (factor averaging, PEFT's linear) or svd (the exact weighted sum, cut to a rank)",
+    "sum": "use cat (the exact sum of the deltas)",
+    "concat": "use cat",
+    "slerp": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); SLERP merges two full models",
+    "model_stock": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); model_stock merges full models",
+    "breadcrumbs": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); breadcrumbs is not one of them",
+    "della": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); della is not one of them",
+}
+
+
+def foreign_method(name: str) -> str | None:
+    """What lorafuse offers for another tool's name of a combination (mergekit, PEFT), else None."""
+    return FOREIGN_METHODS.get(name.lower())
+
+
 def methods_help(width: int = 21) -> str:
     """The methods and their help lines, one per method, for the CLI."""
     return "\n".join(f"  {m.name:<{width}}{m.help}" for m in REGISTRY.values())
