@@ -758,3 +758,99 @@ def test_resize_to_a_rank_no_module_exceeds_says_nothing_was_reduced(tmp_path, c
     lora = _peft(tmp_path / "lora", LLM, 1)
     assert main(["resize", str(lora), "--rank", "8", "-o", str(tmp_path / "r")]) == 0
     assert "nothing was reduced" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the API in a long-lived process
+
+
+def _adapter_sha(out: Path, name: str) -> str:
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        inputs = json.loads(f.metadata()["lorafuse.inputs"])
+    (record,) = [i for i in inputs if i["role"] == "adapter"]
+    return str(record["files"][name])
+
+
+def test_a_loaded_adapter_whose_file_was_replaced_records_what_it_merged(tmp_path):
+    """An Adapter loaded, then its file replaced on disk: the merge used the bytes loaded, the record hashed
+    the new file."""
+    import hashlib
+    import os
+
+    base = _base(tmp_path / "base", LLM)
+    a = _peft(tmp_path / "a", LLM, 1)
+    other = _peft(tmp_path / "other", LLM, 2)
+    loaded_sha = hashlib.sha256((a / "adapter_model.safetensors").read_bytes()).hexdigest()
+    adapter = lorafuse.load(a)
+    os.replace(other / "adapter_model.safetensors", a / "adapter_model.safetensors")
+    lorafuse.apply(base, [adapter], out=tmp_path / "out")
+    assert _adapter_sha(tmp_path / "out", "adapter_model.safetensors") == loaded_sha
+
+
+def test_a_loaded_adapter_whose_folder_was_deleted_still_combines(tmp_path):
+    import shutil
+
+    a, b = _peft(tmp_path / "a", LLM, 1), _peft(tmp_path / "b", LLM, 2)
+    adapter = lorafuse.load(a)
+    want = {n: _delta64(u) for n, u in adapter.updates.items()}
+    shutil.rmtree(a)
+    result = lorafuse.resize(adapter, rank=2)  # read "to record its sha256" was a FormatError
+    for n, u in result.adapter.updates.items():
+        np.testing.assert_allclose(_delta64(u), want[n], rtol=1e-5, atol=1e-6)
+    lorafuse.combine([adapter, b]).save(tmp_path / "c")
+
+
+def test_a_stale_mapping_elsewhere_does_not_block_other_saves(tmp_path):
+    """One Adapter kept while its file was rewritten in place made every save of unrelated in-memory adapters fail
+    (the commit checked every mapped file of the process)."""
+    from lorafuse.model import Adapter
+
+    cached = lorafuse.load(_peft(tmp_path / "cached", LLM, 1))
+    path = tmp_path / "cached" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = b"\0\0\0\0"
+    path.write_bytes(bytes(data))  # rewritten in place: the cached adapter's mapping is stale now
+    q = f"{PREFIX}model.layers.0.self_attn.q_proj"
+    plain = Adapter.from_state_dict({f"{q}.lora_A.weight": np.ones((2, H), np.float32),
+                                     f"{q}.lora_B.weight": np.ones((H, 2), np.float32)})
+    plain.save(tmp_path / "plain")
+    (2 * plain).save(tmp_path / "twice")
+    assert cached.updates  # (kept alive to the end)
+
+
+def test_two_runs_sharing_an_intermediate_folder_refuse_the_second(tmp_path):
+    """Two lorafuse.run calls at once with one intermediate_dir read each other's stage outputs silently."""
+    import threading
+
+    from lorafuse.errors import OutputError
+    from lorafuse.recipes import runner
+
+    recipe = _two_stages(tmp_path)
+    gate, inside = threading.Event(), threading.Event()
+    real = runner._intermediate
+
+    def slow(*args, **kwargs):  # the first run holds the folder while the second starts
+        inside.set()
+        gate.wait(10)
+        return real(*args, **kwargs)
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            lorafuse.run(recipe, tmp_path / "one", intermediate_dir=tmp_path / "shared")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    runner._intermediate = slow
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        assert inside.wait(10)
+        runner._intermediate = real
+        with pytest.raises(OutputError, match="another lorafuse run is writing its stages there"):
+            lorafuse.run(recipe, tmp_path / "two", intermediate_dir=tmp_path / "shared")
+    finally:
+        runner._intermediate = real
+        gate.set()
+        t.join(30)
+    assert not errors and (tmp_path / "one" / "model.safetensors").is_file() and not (tmp_path / "two").exists()

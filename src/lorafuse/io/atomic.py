@@ -805,7 +805,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
             stamp_tree(tmp)
         note = _commit_check(out, True, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
-            raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
+            raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=True)
             _replace_dir(tmp, out)
     finally:
@@ -848,7 +848,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
             yield tmp
         note = _commit_check(out, False, overwrite, cleanup)
         with _cleanup_on_error(out, existed, cleanup, commit=True):
-            raise_if_inputs_changed(inputs or None)  # an input truncated / rewritten while read: no output
+            raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=False)
             stamp(tmp)
             os.replace(tmp, out)

@@ -441,6 +441,13 @@ def adapter_input(item: str | os.PathLike[str] | _AdapterLike, weight: float | N
         name = _text(os.fspath(name))
     if path is None:
         return InputSpec(name, role, weight, made_by=made_by)
+    if not isinstance(item, str | os.PathLike) and not os.path.lexists(path):  # a loaded adapter's file is gone
+        from lorafuse.io.safetensors import mapped_bytes
+
+        kept = tuple(f for f in PEFT_FILES if mapped_bytes(path / f) is not None)  # the bytes read, still mapped
+        if kept:
+            return InputSpec(name, role, weight, path, kept)
+        return InputSpec(name, role, weight, None if mapped_bytes(path) is None else path, made_by=made_by)
     if path.is_dir():
         return InputSpec(name, role, weight, path, tuple(f for f in PEFT_FILES if (path / f).is_file()))
     return InputSpec(name, role, weight, path)
@@ -502,6 +509,26 @@ def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
                 h.update(view[:n])
     except OSError as e:
         raise FormatError(f"{path}: cannot read it to record its sha256: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+def _read_version_sha256(path: Path) -> str | None:
+    """The sha256 of the version of `path` this process mapped and read, where the file at `path` is another one
+    now or none (an adapter loaded, then its file replaced or its folder deleted), else None."""
+    import hashlib
+
+    from lorafuse.io.safetensors import mapped_bytes
+
+    mapping = mapped_bytes(path)
+    if mapping is None:
+        return None
+    h = hashlib.sha256()
+    view = memoryview(mapping)
+    try:
+        for at in range(0, len(view), HASH_CHUNK):
+            h.update(view[at: at + HASH_CHUNK])
+    finally:
+        view.release()
     return h.hexdigest()
 
 
@@ -661,8 +688,9 @@ class Recording:
             return self._known[p]
         if not wait:
             return PLACEHOLDER
+        read = _read_version_sha256(p)  # the file read was replaced or deleted since: its own bytes count
         f = self._futures.get(p)
-        value = f.result() if f is not None else cached_sha256(p)
+        value = read if read is not None else f.result() if f is not None else cached_sha256(p)
         if not value:
             raise LorafuseValueError(f"{p}: its sha256 was not computed (the recording was stopped)")
         self._known[p] = value

@@ -392,9 +392,32 @@ class _Mapped(NamedTuple):
     address: int
     size: int
     identity: FileIdentity
+    mapping: weakref.ref[mmap.mmap]  # the mapping itself, while it lives (mapped_bytes holds it)
 
 
 _LIVE: dict[int, _Mapped] = {}  # guard slot -> its mapping, for every mapping not yet unmapped
+
+
+def mapped_bytes(path: str | os.PathLike[str]) -> mmap.mmap | None:
+    """The live mapping of the file that `path` named when it was mapped (the whole file, as validated), where
+    the file at `path` now is another one or none (replaced by rename, deleted) and the mappings of that path
+    hold one version only; else None (read the path itself). What a record of the input's sha256 must hash:
+    the bytes the operation read, not those that are there now."""
+    where = _resolved(path)
+    live = [m for m in list(_LIVE.values()) if m.path == where]
+    if not live:
+        return None
+    try:
+        now: FileIdentity | None = identity_of(os.stat(path))
+    except OSError:
+        now = None
+    if any(m.identity == now for m in live) or len({m.identity for m in live}) != 1:
+        return None
+    for m in live:
+        mapping = m.mapping()
+        if mapping is not None and not mapping.closed:
+            return mapping
+    return None
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
@@ -419,7 +442,7 @@ def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[in
     if slot < 0:
         raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
                           "checkpoints first")
-    _LIVE[slot] = _Mapped(_resolved(path), _address(m), st.st_size, identity_of(st))
+    _LIVE[slot] = _Mapped(_resolved(path), _address(m), st.st_size, identity_of(st), weakref.ref(m))
     return slot, weakref.finalize(m, _unguard, slot)
 
 
@@ -459,6 +482,13 @@ def locate(array: np.ndarray) -> tuple[Path, int, FileIdentity] | None:
         if m.address <= start and start + array.nbytes <= m.address + m.size:
             return m.path, start - m.address, m.identity
     return None
+
+
+def _file_of(array: np.ndarray) -> list[Path] | None:
+    """The mapped file `array` is a view of, as raise_if_inputs_changed's paths: that file alone is checked when a
+    write of it faulted (None, every mapped file, where the view's file is not known)."""
+    found = locate(array)
+    return None if found is None else [found[0]]
 
 
 class SafetensorsFile:
@@ -680,7 +710,7 @@ class SafetensorsWriter:
                 # kernel reports the fault to write(2) instead of raising SIGBUS).
                 if e.errno != errno.EFAULT:
                     raise
-                raise_if_inputs_changed()
+                raise_if_inputs_changed(_file_of(array))
                 raise InputChangedError(f"the data of tensor {self._specs[self._next - 1].name!r} could not be read "
                                         "from its input file: it changed or was truncated while lorafuse was reading "
                                         "it; nothing was written") from None
@@ -735,7 +765,7 @@ class SafetensorsWriter:
         except OSError as e:
             if e.errno != errno.EFAULT:  # as in append(): an input view whose file shrank under its mapping
                 raise
-            raise_if_inputs_changed()
+            raise_if_inputs_changed(_file_of(array))
             raise InputChangedError(f"the data of tensor {name!r} could not be read from its input file: it "
                                     "changed or was truncated while lorafuse was reading it; nothing was "
                                     "written") from None

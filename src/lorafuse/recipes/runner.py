@@ -339,6 +339,28 @@ def _temporary_folder(out: Path) -> tuple[Path, int]:
     return work, fd
 
 
+def _claim(work: Path) -> int | None:
+    """An open descriptor of `intermediate_dir` holding an exclusive lock for this run: two runs writing their
+    stages into one folder would read each other's outputs (the same stage names, each 'lorafuse's own')."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(work, os.O_RDONLY)
+    except OSError as e:
+        raise OutputError(f"intermediate folder {work}: cannot open it: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"intermediate folder {work}: another lorafuse run is writing its stages there now; give "
+                          "each run its own --intermediate-dir (intermediate_dir=)") from None
+    except OSError:  # a file system without locks: go on unguarded
+        pass
+    return fd
+
+
 def _make_folder(work: Path) -> list[Path]:
     """Make `intermediate_dir`; returns the folders made (removed again, if still empty, when the run fails:
     io.atomic.unmake_folders)."""
@@ -409,6 +431,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                             assert intermediate_dir is not None
                             work = Path(intermediate_dir)
                             made = _make_folder(work)
+                            lock = _claim(work)
                         else:
                             work, lock = _temporary_folder(target)
                     stage_out = _intermediate(s, text, outputs, work)
