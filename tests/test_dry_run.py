@@ -226,7 +226,10 @@ def test_apply_refusals_are_those_of_a_real_run(case, tmp_path, capsys):
     # the output is an input
     same_refusal(capsys, ["apply", case.base_dir, case.adapter_dir, "-o", case.base_dir], 1, "OutputError")
     # bad options
-    same_refusal(capsys, ["apply", case.base_dir, case.adapter_dir, "-o", out, "--dtype", "int8"], 2, "'int8'")
+    for dry in ([], ["--dry-run"]):  # an unknown dtype: argparse's refusal, before anything else
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in ["apply", case.base_dir, case.adapter_dir, "-o", out, "--dtype", "int8", *dry]])
+        assert e.value.code == 2 and "unknown dtype 'int8'" in capsys.readouterr().err
     same_refusal(capsys, ["apply", case.base_dir, case.adapter_dir, "-o", out, "--weights", "1,2"], 2,
                  "2 weights given for 1 adapter")
     same_refusal(capsys, ["apply", case.base_dir, case.adapter_dir, "-o", out, "--max-shard-size", "1KB"], 2,
