@@ -170,7 +170,7 @@ def test_a_short_write_without_an_errno_is_an_output_error(tmp_path, monkeypatch
         raise OSError("1280 requested and 432 written")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short)
-    for target, state in ((tmp_path / "new.gguf", "nothing was written"), (out, "the output is unchanged")):
+    for target, state in ((tmp_path / "new.gguf", "nothing was written"), (out, f"{out} is unchanged")):
         with pytest.raises(OutputError, match=f"cannot write the output {target}: 1280 requested and 432 written.*"
                                               f"{state}"):
             lorafuse.convert(a, target, to="gguf", base_config=cfg, overwrite=True)

@@ -756,7 +756,7 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
                         # numpy's tofile reports a short write ("N requested and M written") without an errno
                         raise OutputError(f"cannot write the output {out}: {e} (the disk is full, or a file size "
                                           "limit was reached); the temporary output was removed and "
-                                          f"{'the output is unchanged' if out.exists() else 'nothing was written'}"
+                                          f"{f'{out} is unchanged' if out.exists() else 'nothing was written'}"
                                           ) from None
             done = True
         finally:
