@@ -1404,17 +1404,16 @@ def _quiet_blas(command: str) -> None:
     sleep at once instead (2**4 cycles, OpenBLAS's least; a call still wakes them), so that core goes to the
     merge and the writes. Under a small process limit (ulimit -u) OpenBLAS starts none: when it cannot start
     one it raises SIGINT in the process, which would read as Ctrl-C. A user's own setting is kept."""
-    import os
-    import resource
-
     if "numpy" in sys.modules:
         return
     if command in _FEW_BLAS:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     try:
+        import resource  # POSIX
+
         nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
         space = resource.getrlimit(resource.RLIMIT_AS)[0]
-    except (OSError, ValueError, AttributeError):
+    except (ImportError, OSError, ValueError, AttributeError):
         return
     few = nproc != resource.RLIM_INFINITY and nproc <= _FEW_PROCESSES and os.geteuid() != 0  # root: no limit
     small = space != resource.RLIM_INFINITY and space < _SMALL_ADDRESS_SPACE  # each thread's stack counts
