@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,14 +112,6 @@ def extract(
     oversample, power_iters, seed, threads, base_config = x.oversample, x.power_iters, x.seed, x.threads, x.config
     result = ExtractResult(Adapter(updates={}), [], list(x.skipped), notes=list(x.notes))
     full: dict[str, Tensor] = {}
-    for name, key in x.full:
-        if not _changed_others(cb, cf, [key]):  # an embedding fine-tuning left as it was: nothing to keep
-            result.unchanged += 1
-            continue
-        with cf.open(cf.shard_of[key]) as f:
-            full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
-            f.check_unchanged()  # the copy outlives the mapping: check it was read whole
-
     total = sum(cb.info(k).nbytes + cf.info(k).nbytes for _, k in work)
     bar = Progress(total, "extract", progress)
     files: dict[tuple[int, str], SafetensorsFile] = {}
@@ -128,12 +121,19 @@ def extract(
                      **({"dtype": dtype_spelling(dtype)} if dtype is not None else {})},
                     base_model=recorded_name(os.fspath(base)))  # io.provenance: both hashed while they are read
 
-    def mapped(which: int, shard: str) -> SafetensorsFile:
+    def mapped(which: int, shard: str) -> SafetensorsFile:  # each shard of each checkpoint opened once
         if (which, shard) not in files:
             files[(which, shard)] = (cb if which == 0 else cf).open(shard)
         return files[(which, shard)]
 
     try:
+        for name, key in x.full:
+            if not _changed_others(cb, cf, [key], mapped):  # an embedding fine-tuning left as it was: nothing to keep
+                result.unchanged += 1
+                continue
+            f = mapped(1, cf.shard_of[key])
+            full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
+            f.check_unchanged()  # the copy outlives the mapping: check it was read whole
         start = 0
         while start < len(work):
             batch: list[tuple[str, str]] = []
@@ -165,15 +165,15 @@ def extract(
                 err = _rel_error(s, k, frob_sq, shape)
                 result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
+        changed = _changed_others(cb, cf, x.others, mapped)
         raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
     except BaseException:
         rec.close()  # the hashing stops
         raise
     finally:
-        for f in files.values():
-            f.close()
+        for opened in files.values():
+            opened.close()
         bar.close()
-    changed = _changed_others(cb, cf, x.others)
     result.skipped += [f"{key}: changed, but not a weight matrix (a bias or a norm): a LoRA cannot hold it"
                        for key in changed]
     if not result.adapter.updates and not full:
@@ -224,17 +224,22 @@ def _svds(backend: Backend, items: list[ExtractJob], ranks: list[int], oversampl
     return outs
 
 
-def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str]) -> list[str]:
-    """The tensors among `keys` (in both checkpoints, no weight matrix: biases, norms) whose bytes differ."""
+def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
+                    mapped: Callable[[int, str], SafetensorsFile]) -> list[str]:
+    """The tensors among `keys` (in both checkpoints: biases, norms, embeddings) whose bytes differ; `mapped(0 or 1,
+    shard)`: the base's or the fine-tuned model's shard, opened once for the whole extract."""
     changed = []
     for key in keys:
         ib, iff = cb.info(key), cf.info(key)
         if ib.dtype != iff.dtype:
             changed.append(key)
             continue
-        with cb.open(cb.shard_of[key]) as fb, cf.open(cf.shard_of[key]) as ff:
-            if not np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8)):
-                changed.append(key)
+        fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+        same = np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8))
+        fb.release(key)
+        ff.release(key)
+        if not same:
+            changed.append(key)
     return changed
 
 
