@@ -251,13 +251,12 @@ def rounded(update: LoraUpdate, dtype: str, threads: int = 0) -> LoraUpdate:
                                  f"not {dtype!r}")
     a32, b32 = update.A.f32(threads), update.B.f32(threads)
     a, b = update.A.to(dtype, threads), update.B.to(dtype, threads)
-    if max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads))) > _LOSS[dtype] \
-            and np.isfinite(a32).all() and np.isfinite(b32).all():
+    loss = max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads)))
+    if loss > _LOSS[dtype] and np.isfinite(a32).all() and np.isfinite(b32).all():
         k = (_largest_exponent(b32) - _largest_exponent(a32)) // 2  # max|B 2^-k| ~ max|A 2^k|
         if k:
             a2, b2 = np.ldexp(a32, k).astype(np.float32), np.ldexp(b32, -k).astype(np.float32)
             a_k, b_k = Tensor.from_array(a2).to(dtype, threads), Tensor.from_array(b2).to(dtype, threads)
-            loss = max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads)))
             if max(_relative_loss(a2, a_k.f32(threads)), _relative_loss(b2, b_k.f32(threads))) < loss:
                 a32, b32, a, b = a2, b2, a_k, b_k
     for wide, narrow in ((a32, a), (b32, b)):
