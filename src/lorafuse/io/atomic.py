@@ -379,8 +379,9 @@ def _in_own_folder(out: Path) -> bool:
         state = inspect_folder(out.parent)
     except OSError:
         return False
-    own = tuple(f".{_stem(out)}.{kind}-{os.getpid()}-" for kind in ("tmp", "old"))  # this run's own entries
-    added = [n for n in state.unlisted if not n.rstrip("/").startswith(own)]
+    entries = _entry_pattern(out)  # this run's own temporary and set-aside entries are no addition
+    added = [n for n in state.unlisted
+             if not ((m := entries.match(n.rstrip("/"))) and int(m.group(2)) == os.getpid())]
     return state.manifest == "valid" and not added and not state.changed and state.current \
         and out.name in state.entries
 
@@ -563,12 +564,18 @@ def _whole_utf8(raw: bytes) -> bool:
     return True
 
 
+def _entry_pattern(out: Path) -> re.Pattern[str]:
+    """The names of `out`'s temporary and set-aside entries, `.STEM.tmp-PID-xxxxxxxx` / `.STEM.old-PID-...`:
+    group 1 the kind, group 2 the pid of the run that made it."""
+    return re.compile(rf"\.{re.escape(_stem(out))}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}\Z")
+
+
 def remove_stale(out: Path) -> list[str]:
     """Remove what killed runs left beside `out` (returns the names removed).
 
     A `.old-` entry holds the output that a killed run had moved aside: it is put back
     when `out` is missing."""
-    pattern = re.compile(rf"\.{re.escape(_stem(out))}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}\Z")
+    pattern = _entry_pattern(out)
     removed: list[str] = []
     try:
         entries = sorted(out.parent.iterdir())
