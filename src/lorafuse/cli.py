@@ -493,6 +493,11 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string a parser takes (-h, --help, -o, --out, --rank, ...), in the order they were added."""
+    return [o for action in parser._actions for o in action.option_strings]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with suggestions: a mistyped verb, choice or option gets `did you mean ...?`, and an
     unknown option after a verb is reported with that verb's usage."""
@@ -519,8 +524,7 @@ class _Parser(argparse.ArgumentParser):
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
             choices = re.findall(r"[\w.-]+", m.group(2))
-            hint = _FOREIGN_VERBS.get(m.group(1).lower()) if "command" in message.lower() or \
-                set(choices) >= {"apply", "combine"} else None
+            hint = _FOREIGN_VERBS.get(m.group(1).lower()) if set(choices) >= {"apply", "combine"} else None
             near = _close(m.group(1), choices)
             if hint is not None:
                 message += f"; {hint}"
@@ -539,7 +543,7 @@ class _Parser(argparse.ArgumentParser):
         target = verbs.get(verb, self)
         for i, w in enumerate(words):
             name = w.split("=", 1)[0]
-            if name in _FOREIGN_OPTIONS and name not in {o for a in target._actions for o in a.option_strings}:
+            if name in _FOREIGN_OPTIONS and name not in _option_names(target):
                 target.error(f"unrecognized argument {name}: {_FOREIGN_OPTIONS[name]}")
             if name == "--weights" and "=" not in w and i + 2 < len(words) and _NUMBER.fullmatch(words[i + 2]) \
                     and not os.path.lexists(words[i + 2]):
@@ -549,11 +553,10 @@ class _Parser(argparse.ArgumentParser):
         if extras:
             target = verbs.get(getattr(ns, "command", None) or "", self)
             message = "unrecognized arguments: " + " ".join(extras)
-            options = [o for action in target._actions for o in action.option_strings]
             unknown = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
-            near = _close(unknown, options, 0.75) if unknown else None
-            elsewhere = sorted(v for v, p in verbs.items() if p is not target and
-                               unknown in {o for a in p._actions for o in a.option_strings}) if unknown else []
+            near = _close(unknown, _option_names(target), 0.75) if unknown else None
+            elsewhere = sorted(v for v, p in verbs.items() if p is not target and unknown in _option_names(p)) \
+                if unknown else []
             if near is not None:
                 message += f"; did you mean {near!r}?"
             elif elsewhere:
@@ -1498,8 +1501,6 @@ def _main(argv: Sequence[str] | None) -> int:
              "too little for this input; no output was written", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as e:  # a file the operation did not expect to fail on: said in one line, not a traceback
