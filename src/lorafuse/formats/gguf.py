@@ -71,7 +71,7 @@ from lorafuse.errors import (
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
-from lorafuse.io.manifest import MARKER_KEY, version
+from lorafuse.io.manifest import GGUF_MAGIC, MARKER_KEY, gguf_counts, version
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.model.param_lora import ParamLoraUpdate
@@ -793,14 +793,11 @@ def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: P
 
 # ----------------------------------------------------------------------------- reading (lorafuse info)
 
-GGUF_MAGIC = b"GGUF"
-
-
 def is_gguf(path: Path) -> bool:
     """Whether `path` is a regular file that starts as a GGUF file does."""
     try:
         with open(path, "rb") as f:
-            return path.is_file() and f.read(4) == GGUF_MAGIC
+            return path.is_file() and f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
     except OSError:
         return False
 
@@ -825,13 +822,14 @@ def describe_gguf(path: Path) -> dict[str, object]:
     except ImportError:
         raise UnsupportedError(f"{path}: a GGUF file: reading it needs the gguf package (llama.cpp's gguf-py): "
                                "pip install 'lorafuse[gguf]'") from None
-    try:  # the header's counts first: a hostile file must not make gguf's reader loop over 2^64 entries
-        with open(path, "rb") as f:
-            head = f.read(24)
+    try:  # the header's counts first (io.manifest.gguf_counts)
+        counts = gguf_counts(path)
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
-    version, n_tensors, n_kv = (int.from_bytes(head[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
-    if len(head) < 24 or version not in (2, 3) or n_kv > 1 << 16 or n_tensors > 1 << 24:
+    if counts is None:
+        raise FormatError(f"{path}: not a GGUF file lorafuse reads (its 24-byte header is cut short)")
+    version, n_tensors, n_kv = counts
+    if version not in (2, 3) or n_kv > 1 << 16 or n_tensors > 1 << 24:
         raise FormatError(f"{path}: not a GGUF file lorafuse reads (version {version}, {n_tensors} tensors, {n_kv} "
                           "metadata keys; GGUF 2 and 3 with at most 2^24 tensors and 65536 keys)")
     try:
@@ -867,6 +865,6 @@ def describe_gguf(path: Path) -> dict[str, object]:
     }
 
 
-__all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_MAGIC", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan",
+__all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan",
            "GgufTensor", "choose_arch", "describe_gguf", "is_gguf", "module_arrays", "plan_gguf", "read_base_config",
            "write_gguf"]

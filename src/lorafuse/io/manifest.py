@@ -323,7 +323,19 @@ def _png_marked(fd: int) -> bool:
     return False
 
 
-_GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_counts(path: Path) -> tuple[int, int, int] | None:
+    """(version, tensor count, metadata key count) of a GGUF file, from its first 24 bytes (magic, u32, u64, u64,
+    little-endian); None when it does not start with GGUF's magic or is shorter. OSError when it cannot be read.
+    What is checked before gguf's reader parses a file: a hostile count must not make it loop over 2^64 entries."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        return None
+    version, tensors, kvs = (int.from_bytes(head[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
+    return version, tensors, kvs
 
 
 def _gguf_marked(path: Path) -> bool:
@@ -333,14 +345,12 @@ def _gguf_marked(path: Path) -> bool:
         from gguf import GGUFReader
     except ImportError:
         return False
-    try:  # GGUF v2 / v3 header: magic, version (u32), tensor count (u64), key-value count (u64), little-endian
-        with open(path, "rb") as f:
-            head = f.read(24)
-        version, tensors, kvs = int.from_bytes(head[4:8], "little"), head[8:16], int.from_bytes(head[16:24], "little")
-        if len(head) < 24 or version not in (2, 3) or kvs > 4096 or int.from_bytes(tensors, "little") > 1 << 24:
-            return False  # not what lorafuse writes: no need to parse it
+    try:
+        counts = gguf_counts(path)
     except OSError:
         return False
+    if counts is None or counts[0] not in (2, 3) or counts[2] > 4096 or counts[1] > 1 << 24:
+        return False  # not what lorafuse writes: no need to parse it
     try:
         field = GGUFReader(path).get_field(MARKER_KEY)
     except Exception:  # a damaged or hostile file, whatever gguf's reader raises: not ours  # noqa: BLE001
@@ -362,7 +372,7 @@ def file_is_ours(path: Path) -> bool:
             return False
         if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
             return _png_marked(fd)
-        if os.pread(fd, len(_GGUF_MAGIC), 0) == _GGUF_MAGIC:
+        if os.pread(fd, len(GGUF_MAGIC), 0) == GGUF_MAGIC:
             return _gguf_marked(path)
         from lorafuse.errors import LorafuseError
         from lorafuse.io.safetensors import _read_header_fd
@@ -378,6 +388,5 @@ def file_is_ours(path: Path) -> bool:
         os.close(fd)
 
 
-__all__ = ["MANIFEST_NAME", "MARKER_KEY", "STAMP_XATTR", "FolderState", "file_is_ours", "inspect_folder",
-           "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_tree",
-           "write_manifest"]
+__all__ = ["GGUF_MAGIC", "MANIFEST_NAME", "MARKER_KEY", "STAMP_XATTR", "FolderState", "file_is_ours", "gguf_counts",
+           "inspect_folder", "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_tree", "write_manifest"]
