@@ -41,6 +41,11 @@ class CheckedStage:
     base: Input | None
     needs: list[str]
 
+    @property
+    def models(self) -> list[Input]:
+        """Every model the stage reads: its inputs, then its base."""
+        return [*self.inputs, *([self.base] if self.base is not None else [])]
+
 
 def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
     loc = tuple(err.get("loc", ()))

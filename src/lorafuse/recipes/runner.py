@@ -98,8 +98,7 @@ def _names(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str, Path])
     """How the stage's inputs are recorded in its output's provenance: a model by its name as the recipe gives
     it (not the path it was found at from the recipe's folder), an earlier stage's output by the stage's name:
     nothing recorded depends on where the recipe's folder or the intermediate outputs were."""
-    given = [*stage.inputs, *([stage.base] if stage.base is not None else [])]
-    names = {_place(stage, x, recipe, outputs): x.text for x in given if x.stage is None}
+    names = {_place(stage, x, recipe, outputs): x.text for x in stage.models if x.stage is None}
     return {**names, **{str(outputs[n]): n for n in stage.needs}}
 
 
@@ -164,7 +163,7 @@ def _check_places(stages: Sequence[CheckedStage], recipe: RecipeText) -> None:
     verb takes a path of that name in the current folder first, so the recipe would silently read another
     adapter from each folder it is run in."""
     for s in stages:
-        for x in [*s.inputs, *([s.base] if s.base is not None else [])]:
+        for x in s.models:
             if x.stage is not None or Path(x.text).expanduser().is_absolute():
                 continue
             place = locate(recipe.folder, x.text)
@@ -182,7 +181,7 @@ def _externals(stages: Sequence[CheckedStage], recipe: RecipeText, source: Recip
     verb resolves it in the Hugging Face cache when it runs, and checks its own output against it."""
     found: dict[str, Path] = {}
     for s in stages:
-        for x in [*s.inputs, *([s.base] if s.base is not None else [])]:
+        for x in s.models:
             if x.stage is not None:
                 continue
             place = locate(recipe.folder, x.text)

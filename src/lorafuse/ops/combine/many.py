@@ -150,11 +150,11 @@ def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
             if not math.isfinite(weight):
                 raise LorafuseValueError(f"{where}: weight {parts[1]!r} is not finite")
             name = parts[0]
-        target = Path(name).expanduser()
-        local = target if target.is_absolute() else p.parent / target
+        local = _from_list(p, name)
         if not os.path.lexists(local):
             if not is_hub_id(name):
-                relative = "" if target.is_absolute() else " (a relative path is read from the list's folder)"
+                relative = "" if Path(name).expanduser().is_absolute() else \
+                    " (a relative path is read from the list's folder)"
                 raise FormatError(f"{where}: no such file or folder {local}{relative}")
             local = _located(name, where)  # a Hub id, when no file of that name is there
         entries.append((local, weight, where))
