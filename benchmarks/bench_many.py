@@ -12,7 +12,8 @@ For each n (default 10, 100, 1000): a list file (weights 1/n), then ``--repeat``
 n >= 1000) of the combine, each in its own child process (``lorafuse combine --from-list LIST --rank 16
 --passes P -o OUT``, through combine_to, which reports the summary: adapters, passes, bytes read, time,
 peak RSS of the child), alternating with ``cat`` of the same files to /dev/null (the time to read the same
-bytes from the page cache: the I/O floor). Reported: the median wall time (and spread), time per adapter
+bytes from the page cache: the I/O floor; with ``--cold`` the page cache is emptied before every timed run,
+lorafuse's and cat's, so both read from the disk: the I/O-bound case). Reported: the median wall time (and spread), time per adapter
 (wall / n, and per adapter-pass), peak RSS, the ratio to ``cat``; and, once per n, the relative error
 ||D - D_k||_F / ||D||_F of q_proj against the float64 optimum (numpy: D summed in float64 from the stored
 factors, its exact SVD), for --passes 1, 2 and 3, with the engine's own a-posteriori estimate.
@@ -129,6 +130,16 @@ def time_cat(files: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def drop_caches() -> None:
+    """Empty the page cache (Linux, root): the next read of the adapters comes from the disk (--cold)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (Linux, as root): {e}") from None
+
+
 def run_combine(listing: Path, out: Path, passes: int, threads: int, engine: str = "stream",
                 dtype: str | None = None, ray_cpus: int = 2) -> dict[str, object]:
     t = time.perf_counter()
@@ -218,6 +229,9 @@ def main() -> int:
                     help="timed runs per n (default 5; 3 at n >= 1000 unless given)")
     ap.add_argument("--passes", type=int, default=2, help="passes of the timed runs (default 2)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cold", action="store_true",
+                    help="empty the page cache before every timed run, lorafuse's and cat's (Linux, root): the "
+                    "I/O-bound case, where the first pass and cat read from the disk")
     ap.add_argument("--no-error", action="store_true", help="skip the q_proj error against the float64 optimum")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--engine", choices=("stream", "ray"), default="stream",
@@ -250,7 +264,11 @@ def main() -> int:
         repeat = args.repeat if args.repeat is not None else (5 if n < 1000 else 3)
         runs, cats = [], []
         for _ in range(repeat):  # alternating: combine, cat, combine, cat, ...
+            if args.cold:
+                drop_caches()
             runs.append(run_combine(listing, root / f"out{n}", args.passes, args.threads))
+            if args.cold:
+                drop_caches()
             cats.append(time_cat(files))
         walls = [float(r["process_wall"]) for r in runs]  # type: ignore[arg-type]
         inner = [float(r["wall"]) for r in runs]  # type: ignore[arg-type]
@@ -261,7 +279,7 @@ def main() -> int:
             "ms_per_adapter": 1e3 * statistics.median(walls) / n,
             "ms_per_adapter_pass": 1e3 * statistics.median(inner) / (n * args.passes),
             "peak_rss_mib": max(int(r["peak_rss"]) for r in runs) / 2**20,  # type: ignore[call-overload]
-            "cat_median": statistics.median(cats), "ratio_to_cat": statistics.median(walls) / statistics.median(cats),
+            "cold": args.cold, "cat_median": statistics.median(cats), "ratio_to_cat": statistics.median(walls) / statistics.median(cats),
         }
         if not args.no_error:
             outs, reported = {}, {}

@@ -498,9 +498,32 @@ def _option_names(parser: argparse.ArgumentParser) -> list[str]:
     return [o for action in parser._actions for o in action.option_strings]
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's store, refusing an option given twice with different values (`-o a -o b`: argparse would
+    take the last and write to b alone, where the user may have meant a)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        seen: dict[str, object] = namespace.__dict__.setdefault(_SEEN, {})
+        if self.dest in seen and seen[self.dest] != values:
+            parser.error(f"{'/'.join(self.option_strings)} given twice ({seen[self.dest]} and {values}): give it "
+                         "once")
+        seen[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+
+_SEEN = "_lorafuse_given"  # the namespace attribute _StoreOnce keeps its values in (removed after parsing)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with suggestions: a mistyped verb, choice or option gets `did you mean ...?`, and an
-    unknown option after a verb is reported with that verb's usage."""
+    unknown option after a verb is reported with that verb's usage. Single-valued options given twice with
+    different values are refused (_StoreOnce)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     verbs: dict[str, argparse.ArgumentParser]
     # fills in what costs imports (the combine methods from their registry) when help or usage is shown,
@@ -550,6 +573,7 @@ class _Parser(argparse.ArgumentParser):
                 target.error(f"--weights takes one comma-separated value: --weights {words[i + 1]},{words[i + 2]} "
                              f"(not {words[i + 1]} {words[i + 2]})")
         ns, extras = self.parse_known_args(args, namespace)
+        ns.__dict__.pop(_SEEN, None)
         if extras:
             target = verbs.get(getattr(ns, "command", None) or "", self)
             message = "unrecognized arguments: " + " ".join(extras)

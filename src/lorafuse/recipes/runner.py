@@ -451,7 +451,10 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                                                                  if n in records}):
                         dispatch(argv)
                 except LorafuseError as e:
-                    raise type(e)(f"{text.origin}, stage {s.name!r} ({s.verb}): {e}") from None
+                    where = "" if last or keep or work is None or str(work) not in str(e) else (
+                        f" ({work} is the run's temporary folder beside {target}, for the outputs of the stages "
+                        "before the last; it is removed)")
+                    raise type(e)(f"{text.origin}, stage {s.name!r} ({s.verb}): {e}{where}") from None
                 wrote = None if dry_run else stage_out
                 if wrote is not None:
                     outputs[s.name] = wrote

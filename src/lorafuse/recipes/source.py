@@ -33,11 +33,20 @@ class Document:
     def line_of(self, path: Sequence[str | int]) -> int:
         """The line of `path`, or of its nearest enclosing field that has one."""
         p = tuple(path)
+        # a mapping key YAML reads as a number or a boolean (`7: 3`) is that value in a validator's path and
+        # the key's text here: paths compare by their elements' text (a list index and a mapping key never
+        # share a parent)
+        texts = {tuple(_text(x) for x in k): v for k, v in self.lines.items()}
         while p:
-            if p in self.lines:
-                return self.lines[p]
+            line = self.lines.get(p, texts.get(tuple(_text(x) for x in p)))
+            if line is not None:
+                return line
             p = p[:-1]
         return self.line
+
+
+def _text(x: object) -> str:
+    return str(x).lower() if isinstance(x, bool) else str(x)
 
 
 @dataclasses.dataclass(frozen=True)
