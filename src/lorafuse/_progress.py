@@ -42,6 +42,9 @@ class Progress:
                  unit: str = "bytes") -> None:
         self.unit = unit
         self.stream = stream or sys.stderr
+        from lorafuse._validate import check_optional_bool
+
+        enabled = check_optional_bool(enabled, "progress")  # 'no' is not a switch
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.label, self.done = max(total, 1), label, 0
         self.start = self._last = time.monotonic()

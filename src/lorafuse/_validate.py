@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 import sys
 
 from lorafuse._terminal import plural
@@ -151,6 +152,21 @@ def check_weights(weights: object, count: int) -> list[float]:
     if len(ws) != count:
         raise LorafuseValueError(f"{plural(len(ws), 'weight')} given for {plural(count, 'adapter')}")
     return ws
+
+
+def check_path(value: object, name: str) -> str:
+    """A path argument as text: a str, an os.PathLike or bytes (decoded as the file system does); anything else
+    (None, a number, a list) raises LorafuseValueError naming the argument. A number where an output path is
+    expected is usually a rank given by position: the message says so."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        text = os.fspath(value)
+        text = os.fsdecode(text) if isinstance(text, bytes) else text
+        if not text:  # Path('') is the current folder
+            raise LorafuseValueError(f"{name} must be a path, got an empty string")
+        return text
+    hint = f"; the rank rule is a keyword argument (rank={value!r})" if name == "out" and isinstance(
+        value, (int, float)) and not isinstance(value, bool) else ""
+    raise LorafuseValueError(f"{name} must be a path (str or os.PathLike), got {_show(value)}{hint}")
 
 
 def check_bool(value: object, name: str) -> bool:

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from statistics import fmean
@@ -502,8 +503,8 @@ class _StoreOnce(argparse._StoreAction):
     """argparse's store, refusing an option given twice with different values (`-o a -o b`: argparse would
     take the last and write to b alone, where the user may have meant a)."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
         seen: dict[str, object] = namespace.__dict__.setdefault(_SEEN, {})
         if self.dest in seen and seen[self.dest] != values:
             parser.error(f"{'/'.join(self.option_strings)} given twice ({seen[self.dest]} and {values}): give it "
@@ -1188,7 +1189,9 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
         check_plot_output(args.plot, [Path(a) for a in args.adapters], args.overwrite)
     loaded = [load(a) for a in args.adapters]
-    cos = similarity(loaded, args.threads)
+    with warnings.catch_warnings():  # its notes of unshared pairs are printed below, with the given names
+        warnings.filterwarnings("ignore", message=".* share no module", category=UserWarning)
+        cos = similarity(loaded, args.threads)
     labels = [str(a) for a in args.adapters]
     if args.json:
         _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist(),

@@ -26,12 +26,12 @@ import numpy as np
 from lorafuse._terminal import plural
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
-from lorafuse.formats.util import most_common
 from lorafuse.io.checkpoint import read_json, refuse_pickle
 from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
+from lorafuse.model.arithmetic import rank_fields
 from lorafuse.model.names import check_module_name
 from lorafuse.model.param_lora import ParamLoraUpdate
 
@@ -879,24 +879,16 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
     updates = list(adapter.updates.values())
     for u in updates:
         _check_peft_storable(adapter, u)
-    ranks = [float(u.rank) for u in updates]
-    alphas = [u.scale * u.rank for u in updates]
-    r = int(most_common(ranks)) if updates else int(cfg.get("r", 8))  # type: ignore[call-overload]
-    alpha = most_common(alphas) if updates else float(cfg.get("lora_alpha", r))  # type: ignore[arg-type]
     linear_layouts = {u.transposed for u in updates if u.kind == "linear"}
     if len(linear_layouts) > 1:
         raise UnsupportedError(f"{adapter.label}: linear modules mix fan_in_fan_out layouts; PEFT cannot store that")
-    cfg.update({
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "rank_pattern": {re.escape(u.name): u.rank for u in updates if u.rank != r},
-        "alpha_pattern": {re.escape(u.name): a for u, a in zip(updates, alphas) if a != alpha},
-        "use_rslora": False,
-        "use_dora": any(u.magnitude is not None for u in updates),
-        "lora_bias": any(u.bias is not None for u in updates),
-        "fan_in_fan_out": linear_layouts == {True},
-    })
+    if not updates:
+        r = int(cfg.get("r", 8))  # type: ignore[call-overload]
+        cfg.update({"r": r, "lora_alpha": cfg.get("lora_alpha", r), "rank_pattern": {}, "alpha_pattern": {},
+                    "use_rslora": False, "use_dora": False})
+    cfg.update({"peft_type": "LORA", **rank_fields(updates),
+                "lora_bias": any(u.bias is not None for u in updates),
+                "fan_in_fan_out": linear_layouts == {True}})
     for attr, flag in (("magnitude", "use_dora"), ("bias", "lora_bias")):
         having = [u.name for u in updates if getattr(u, attr) is not None]
         if having and len(having) != len(updates):

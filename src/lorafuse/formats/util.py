@@ -7,14 +7,9 @@ from pathlib import Path
 
 from lorafuse.errors import FormatError
 from lorafuse.io.safetensors import read_header
+from lorafuse.model.arithmetic import most_common
 
-
-def most_common(values: list[float]) -> float:
-    """The most frequent value; ties go to the first seen (the r / lora_alpha a config states)."""
-    counts: dict[float, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+__all__ = ["most_common", "safetensors_keys"]
 
 
 def safetensors_keys(path: str | os.PathLike[str]) -> list[str]:

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorafuse._validate import check_bool
 from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning
 from lorafuse.io.manifest import (
     MANIFEST_NAME,
@@ -401,6 +402,7 @@ def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
     """What `out` holds now, judged for an output of the kind given (a folder or a file): None when it
     may be written (missing, empty, lorafuse's own output), the note of what `overwrite` replaces, or
     an OutputError."""
+    overwrite = check_bool(overwrite, "overwrite")  # every output check comes here: 'no' is not a switch
     try:
         st = os.lstat(out)
     except (FileNotFoundError, NotADirectoryError):

@@ -107,6 +107,8 @@ def check_spec(spec: object, what: str) -> None:
     """Refuse, naming `what` ('adapter', 'base model', ...) and what is accepted, a value that is not a path
     (str, bytes or os.PathLike) or a Hub id: None, a number, an Adapter already in memory, ..."""
     if isinstance(spec, (str, bytes, os.PathLike)):
+        if not os.fspath(spec):  # Path('') is the current folder: never read it for an empty string
+            raise LorafuseValueError(f"{what}: expected a path or a Hub id, got an empty string")
         return
     if type(spec).__name__ == "Adapter":  # (io imports no model: the class is known by name)
         got = "an Adapter (an adapter in memory has no file to read here: save it first, or pass its path)"
@@ -132,7 +134,7 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     text = os.fsdecode(os.fspath(spec))
     parsed = None if os.path.lexists(text) else parse(text)
     if parsed is None:
-        return Resolved(Path(spec))
+        return Resolved(Path(text))
     repo, revision = parsed
     hub = _import_hub(spec, what)
     cache, offline = _cache_dir(), _offline(hub)

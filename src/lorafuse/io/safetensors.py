@@ -484,6 +484,21 @@ def locate(array: np.ndarray) -> tuple[Path, int, FileIdentity] | None:
     return None
 
 
+def raise_if_view_changed(array: np.ndarray) -> None:
+    """InputChangedError when `array` is a view of a mapped file that was truncated or rewritten since it was
+    mapped (a read of it saw zeros, or its size or modification time differ): call it after copying or
+    converting a view, so that what was read is known to be the file's."""
+    if array.nbytes == 0:
+        return
+    start = int(array.ctypes.data)
+    for slot, m in list(_LIVE.items()):
+        if m.address <= start < m.address + m.size:
+            problem = native.mapping_problem(slot)
+            if problem:
+                raise InputChangedError(problem)
+            return
+
+
 def _file_of(array: np.ndarray) -> list[Path] | None:
     """The mapped file `array` is a view of, as raise_if_inputs_changed's paths: that file alone is checked when a
     write of it faulted (None, every mapped file, where the view's file is not known)."""

@@ -9,6 +9,7 @@ import numpy as np
 from lorafuse.backends import get_backend
 from lorafuse.errors import DtypeError
 from lorafuse.io.dtypes import DTYPES, numpy_to_safetensors
+from lorafuse.io.safetensors import raise_if_view_changed
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,22 @@ class Tensor:
         return DTYPES[self.dtype].is_float
 
     def f32(self, threads: int = 0) -> np.ndarray:
-        """A float32 copy (or the array itself when it already is float32)."""
+        """A float32 copy (or the array itself when it already is float32). A view of a file that was truncated
+        or rewritten since it was mapped raises InputChangedError (its missing pages read as zeros)."""
         if self.dtype == "F32":
-            return np.ascontiguousarray(self.raw, dtype=np.float32)
-        if not self.is_float:
+            out = np.ascontiguousarray(self.raw, dtype=np.float32)
+        elif not self.is_float:
             raise DtypeError(f"a {self.dtype} tensor cannot be used as floating-point data")
-        return get_backend().to_float32(np.ascontiguousarray(self.raw), self.dtype, threads)
+        else:
+            out = get_backend().to_float32(np.ascontiguousarray(self.raw), self.dtype, threads)
+        raise_if_view_changed(self.raw)
+        return out
+
+    def copy(self) -> np.ndarray:
+        """The raw elements copied out of the file (see f32 for a file changed since it was mapped)."""
+        out = self.raw.copy()
+        raise_if_view_changed(self.raw)
+        return out
 
     def to(self, dtype: str, threads: int = 0) -> Tensor:
         """This tensor converted to F32/F16/BF16 (rounded to nearest even)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lorafuse._validate import check_bool, real_number
+from lorafuse._validate import check_bool, check_path, real_number
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
@@ -28,7 +28,7 @@ from lorafuse.model.state import FormatState, PeftState
 from lorafuse.model.update import Update, refuse_dora
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise == would compare numpy arrays (ambiguous truth value)
 class Adapter:
     """A set of low-rank updates plus the full tensors that travel with them."""
 
@@ -96,6 +96,7 @@ class Adapter:
         new, an empty folder / file, or an earlier lorafuse output; anything else is refused unless
         `overwrite=True`, which replaces it with an OverwriteWarning saying what was there."""
         overwrite = check_bool(overwrite, "overwrite")
+        out = check_path(out, "out")
         spec = get_format(self.format if format is None else format)
         if not self.updates and not self.full:
             where = self.label if self.path is not None or not self.derived_from else \
@@ -117,6 +118,16 @@ class Adapter:
             tensors, as `get_peft_model_state_dict` gives them.
         config : dict or peft.LoraConfig, default None
             The adapter's LoRA config (r, lora_alpha, use_rslora, rank_pattern, ...)."""
+        if not isinstance(state_dict, Mapping):
+            raise LorafuseValueError(f"state_dict must be a mapping of tensor names to arrays (a dict), got "
+                                     f"{type(state_dict).__name__}")
+        bad = next((k for k in state_dict if not isinstance(k, str)), None)
+        if bad is not None:
+            raise LorafuseValueError(f"state_dict: tensor names must be strings, got {type(bad).__name__} "
+                                     f"{bad!r}"[:200])
+        if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
+            raise LorafuseValueError(f"config must be a dict like adapter_config.json or a peft LoraConfig, got "
+                                     f"{type(config).__name__}")
         tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
         return _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
 
@@ -131,14 +142,14 @@ class Adapter:
             'numpy' (numpy arrays) or 'torch' (torch CPU tensors; needs torch installed)."""
         tensors = _tensor_format("peft").to_tensors(self)  # type: ignore[misc]
         if framework == "numpy":
-            return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.raw.copy())
+            return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.copy())
                     for k, t in tensors.items()}
         if framework == "torch":
             import torch
 
             out = {}
             for k, t in tensors.items():
-                x = torch.from_numpy(t.raw.copy())
+                x = torch.from_numpy(t.copy())
                 view = _TORCH_VIEWS.get(t.dtype)
                 out[k] = x.view(getattr(torch, view)) if view else x
             return out
@@ -237,6 +248,11 @@ def refuse_one(adapters: object, what: str) -> None:
         raise LorafuseValueError(
             f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), not one "
             f"{type(adapters).__name__}: for one adapter, give a list of one ([adapter])")
+    if isinstance(adapters, Mapping):  # iterated, a {path: weight} mapping gives its keys: the weights lost
+        raise LorafuseValueError(
+            f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), not a "
+            f"{type(adapters).__name__}: give the paths as a list and the weights apart (weights=[...]), e.g. "
+            "adapters=list(d), weights=list(d.values())")
     if not hasattr(adapters, "__iter__"):
         raise LorafuseValueError(f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), "
                                  f"got {type(adapters).__name__}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,38 @@ SVD_GROUP = 64  # modules per call into the backend: only one group's factors ex
 SVD_GROUP_ELEMENTS = 1 << 25  # and at most this many factor elements (or one module)
 # adapter_config.json fields that describe the inputs' ranks and scales, not the result's
 _RANK_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora")
+
+
+def most_common(values: list[float]) -> float:
+    """The most frequent value; ties go to the first seen (the r / lora_alpha a config states)."""
+    counts: dict[float, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def rank_fields(updates: Sequence[Update]) -> dict[str, object]:
+    """adapter_config.json's rank and scale fields that state `updates` exactly, as PEFT reads them: r and
+    lora_alpha the most common rank and alpha (= scale x rank), exact-name rank_pattern / alpha_pattern for
+    the other modules, use_rslora false, use_dora whether they carry magnitudes. Empty for no update."""
+    if not updates:
+        return {}
+    ranks = [float(u.rank) for u in updates]
+    alphas = [u.scale * u.rank for u in updates]
+    r = int(most_common(ranks))
+    alpha = most_common(alphas)
+    return {"r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "rank_pattern": {re.escape(u.name): u.rank for u in updates if u.rank != r},
+            "alpha_pattern": {re.escape(u.name): a for u, a in zip(updates, alphas) if a != alpha},
+            "use_rslora": False,
+            "use_dora": any(getattr(u, "magnitude", None) is not None for u in updates)}
+
+
+def restated_config(config: Mapping[str, object], updates: Mapping[str, Update]) -> dict[str, object]:
+    """`config` with its rank and scale fields restated from `updates` (a result's own, not its inputs')."""
+    out = {k: v for k, v in config.items() if k not in _RANK_FIELDS}
+    out.update(rank_fields(list(updates.values())))
+    return out
 
 
 def check_linear(adapters: Sequence[Adapter], what: str) -> None:
@@ -125,9 +158,9 @@ def float32_coefficient(w: float, scale: float, where: str) -> float:
 
 
 def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[Adapter]) -> Adapter:
-    """The adapter of `updates` (scale 1) computed from `adapters`: the first one's config without its
-    rank and alpha fields, targeting the modules of every input."""
-    config = {k: v for k, v in template.config.items() if k not in _RANK_FIELDS}
+    """The adapter of `updates` computed from `adapters`: the first one's config with rank and alpha fields
+    stating `updates` (rank_fields), targeting the modules of every input."""
+    config = restated_config(template.config, updates)
     targets = [a.config.get("target_modules") for a in adapters]
     if targets and all(isinstance(t, list) for t in targets):
         config["target_modules"] = sorted({m for t in targets for m in t})  # type: ignore[attr-defined]
@@ -230,7 +263,7 @@ def scaled(adapter: Adapter, c: float, what: str = "adapter arithmetic") -> Adap
     check_linear([adapter], "adapter arithmetic")
     updates: dict[str, Update] = {n: dataclasses.replace(u, scale=_checked_scale(what, n, u, u.scale * c))
                                   for n, u in adapter.updates.items()}
-    return type(adapter)(updates=updates, config=dict(adapter.config), format=adapter.format,
+    return type(adapter)(updates=updates, config=restated_config(adapter.config, updates), format=adapter.format,
                          derived_from=adapter.sources(), state=copy.deepcopy(adapter.state))
 
 

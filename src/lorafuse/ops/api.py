@@ -27,10 +27,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from lorafuse._progress import ProgressCallback
-from lorafuse.errors import AdapterNote, LorafuseValueError
+from lorafuse._validate import check_path
+from lorafuse.errors import AdapterNote
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.io.hub import local_adapter
+from lorafuse.io.hub import check_spec, local_adapter
 from lorafuse.model import Adapter
 from lorafuse.model.registry import get_format
 from lorafuse.ops import apply as _apply
@@ -497,7 +498,7 @@ def resize(
         `ranks`, `out`, `notes`, `seconds`.
     """
     start = time.monotonic()
-    out = None if out is None else _path(out)
+    out = None if out is None else check_path(out, "out")
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     a = adapter if isinstance(adapter, Adapter) else _load(adapter)
     notes: list[str] = []
@@ -594,7 +595,10 @@ def extract(
         `ranks`, `skipped`, `unchanged`, `out`, `notes`, `seconds`.
     """
     start = time.monotonic()
-    out = None if out is None else _path(out)  # first: a rank given by position lands here
+    out = None if out is None else check_path(out, "out")  # first: a rank given by position lands here
+    check_spec(base, "base model")
+    check_spec(finetuned, "fine-tuned model")
+    base, finetuned = check_path(base, "base"), check_path(finetuned, "finetuned")  # bytes as text
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     inputs = [Path(base), Path(finetuned)]
     notes: list[str] = []
@@ -613,9 +617,3 @@ def extract(
                          notes=[f"not extracted: {s}" for s in res.skipped] + res.notes + notes)
 
 
-def _path(out: object) -> StrPath:
-    """`out` when it is a path; a number there is a rank rule given by position, named as such."""
-    if isinstance(out, str | os.PathLike):
-        return out
-    hint = f"; the rank rule is a keyword argument (rank={out!r})" if isinstance(out, int | float) else ""
-    raise LorafuseValueError(f"out must be a path (str or os.PathLike), got {out!r}{hint}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse._progress import PhaseTimer, ProgressCallback, ProgressReporter, progress_callback
-from lorafuse._validate import check_bool, check_optional_bool, check_threads, check_weights
+from lorafuse._validate import check_bool, check_optional_bool, check_path, check_threads, check_weights
 from lorafuse.backends import Backend, MergeJob, backend_for_device
 from lorafuse.errors import (
     FormatError,
@@ -162,9 +162,9 @@ def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
     shown = ", ".join(f"{n} ({dtypes[n]}, largest finite {_LARGEST[dtypes[n]]})" for n in names[:5])
     narrow = any(dtypes[n] != "F32" for n in names)
     why = ("the merged values, finite in float32, overflow when rounded to the output dtype; pass --allow-nonfinite "
-           "to write them anyway, or choose a wider --dtype") if narrow else \
+           "(Python: allow_nonfinite=True) to write them anyway, or choose a wider --dtype") if narrow else \
           ("the inputs are finite but W + scale * B A overflows float32 (a huge scale or weight?); pass "
-           "--allow-nonfinite to write them anyway")
+           "--allow-nonfinite (Python: allow_nonfinite=True) to write them anyway")
     return NonFiniteError(f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: {why}")
 
 
@@ -448,7 +448,7 @@ class _Executor:
                 raise NonFiniteError(
                     f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
                     f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
-                    "pass --allow-nonfinite to write them anyway"
+                    "pass --allow-nonfinite (Python: allow_nonfinite=True) to write them anyway"
                 )
             raise _overflow_error(over, {job.name: job.out_dtype for job in bad_jobs})
         if merged32 or any(p.tensor.companion_of is not None for p in batch):
@@ -687,6 +687,7 @@ def prepare_apply(
     planned, the output's name checked (io.atomic). Raises what apply raises for them; writes nothing."""
     if out is None:
         raise LorafuseValueError("apply needs an output path")
+    out = check_path(out, "out")
     adapters = adapter_list(adapters, "apply")
     if not adapters:
         raise LorafuseValueError("apply needs at least one adapter")

@@ -9,6 +9,7 @@ regrouped per component, and each touched component gets a plan of its output sh
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ def parse_size(text: str | int) -> int:
 
     Units are case-insensitive. A count without a unit (or in B) must be a whole number; a fraction
     of a unit rounds down to whole bytes. Anything else is a LorafuseValueError."""
+    if isinstance(text, numbers.Integral) and not isinstance(text, bool):  # numpy integers too
+        text = int(text)
     if isinstance(text, bool) or not isinstance(text, (int, str)):
         raise LorafuseValueError(f"{text!r} is not a size: {_SIZE_EXAMPLES}")
     if isinstance(text, int):
@@ -331,7 +334,8 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
     if resolved.missing:
         unread = list(model.unread.values())
         if not skip_missing:
-            raise missing_error(resolved.missing, str(model.directory), unread)
+            given = model.components[""].path if model.single else model.directory  # the file or folder given
+            raise missing_error(resolved.missing, str(given), unread)
         notes += [f"skipped (no target): {m}" for m in resolved.missing] + [f"not read: {why}" for why in unread]
         if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
             notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lorafuse._terminal import plural
-from lorafuse._validate import check_optional_rank, check_threads, full_rank
+from lorafuse._validate import check_optional_rank, check_path, check_threads, full_rank
 from lorafuse.errors import (
     FormatError,
     LorafuseError,
@@ -42,9 +42,11 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
 from lorafuse.io.atomic import check_output, output_file
+from lorafuse.io.hub import check_spec
 from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.arithmetic import restated_config
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
 from lorafuse.model.update import holds_nonfinite
 
@@ -161,8 +163,9 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         updates[name] = lora
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
                                      _kept(u, lora, threads)))
-    out = Adapter(updates=updates, full=dict(adapter.full), config=dict(adapter.config), format=adapter.format,
-                  path=adapter.path, full_origin=dict(adapter.full_origin), state=copy.deepcopy(adapter.state))
+    out = Adapter(updates=updates, full=dict(adapter.full), config=restated_config(adapter.config, updates),
+                  format=adapter.format, path=adapter.path, full_origin=dict(adapter.full_origin),
+                  state=copy.deepcopy(adapter.state))
     return out, reports
 
 
@@ -540,6 +543,11 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
     """Everything convert does before it writes (its arguments' meaning: convert): the options and the
     output checked, the adapter read, LoHa / LoKr modules turned into LoRA and the names converted, in
     memory (what is written depends on the factors: fused modules share A or not). Writes nothing."""
+    out = check_path(out, "out")
+    if not isinstance(adapter, Adapter):
+        check_spec(adapter, "adapter")
+    if base_config is not None:
+        check_spec(base_config, "base_config")
     if to not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
     rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")

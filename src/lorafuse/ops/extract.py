@@ -326,6 +326,12 @@ def prepare_extract(
     if not isinstance(rule, RankRule):
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
                                  f"{type(rule).__name__}")
+    for name, value in (("include", include), ("exclude", exclude)):
+        if value is not None and not isinstance(value, str):
+            raise LorafuseValueError(f"{name} must be a regular expression (a str) searched in each weight's name, "
+                                     f"got {type(value).__name__} {value!r}"[:200]
+                                     + (f"; for several names join them: {'|'.join(map(str, value))!r}"
+                                        if isinstance(value, list | tuple) else ""))
     try:
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
@@ -368,7 +374,7 @@ def prepare_extract(
         if ib.dtype != iff.dtype:
             dtypes.add((ib.dtype, iff.dtype))
         if _is_embedding(module) and embeddings == "skip":
-            skipped.append(f"{key}: embedding (use --embeddings lora or full)")
+            skipped.append(f"{key}: embedding (use --embeddings lora or full; Python: embeddings='lora' or 'full')")
             continue
         if _is_embedding(module) and embeddings == "full":
             full.append((module + ".weight", key))

@@ -38,7 +38,7 @@ import numpy as np
 
 from lorafuse._progress import ProgressCallback, human_bytes
 from lorafuse._terminal import plural
-from lorafuse._validate import full_rank
+from lorafuse._validate import check_path, full_rank
 from lorafuse.errors import LorafuseError
 from lorafuse.io.atomic import check_output
 from lorafuse.io.dtypes import DTYPES
@@ -330,10 +330,9 @@ def plan_resize(
     ops.resize.prepare_resize). A fixed rank gives exact ranks and sizes; a rule on the singular values,
     each module's upper bound (its rank, capped by max_rank), since the SVD decides."""
     from lorafuse.formats import load
-    from lorafuse.ops.api import _path
     from lorafuse.ops.resize import prepare_resize, resized
 
-    out = None if out is None else _path(out)
+    out = None if out is None else check_path(out, "out")
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     target: AdapterOutput | None = None
@@ -391,10 +390,9 @@ def plan_extract(
     ops.extract.prepare_extract). Every selected module is listed with its largest rank; a module whose
     weights did not change is left out when run (that needs both weights read), so the plan is an upper
     bound (`exact` False)."""
-    from lorafuse.ops.api import _path
     from lorafuse.ops.extract import _update, extracted, prepare_extract
 
-    out = None if out is None else _path(out)
+    out = None if out is None else check_path(out, "out")
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite) if out is not None else None
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,

@@ -23,7 +23,7 @@ from lorafuse.formats import load
 from lorafuse.io.provenance import adapter_input, given_name, record
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LycorisUpdate, Update
-from lorafuse.model.arithmetic import check_split
+from lorafuse.model.arithmetic import check_split, restated_config
 from lorafuse.model.layout import output_dtype, rounded
 from lorafuse.ops.rank import RankRule, fro_kept
 
@@ -104,5 +104,5 @@ def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, th
 def resized(a: Adapter, updates: dict[str, Update]) -> Adapter:
     """The resized adapter: `a`'s config, state and full tensors with the new `updates` (derived from `a`'s
     files, which saving it never replaces)."""
-    return Adapter(updates=updates, full=dict(a.full), config=dict(a.config), format=a.format, path=None,
-                   full_origin=dict(a.full_origin), derived_from=a.sources(), state=copy.deepcopy(a.state))
+    return Adapter(updates=updates, full=dict(a.full), config=restated_config(a.config, updates), format=a.format,
+                   path=None, full_origin=dict(a.full_origin), derived_from=a.sources(), state=copy.deepcopy(a.state))

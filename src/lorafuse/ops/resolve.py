@@ -359,7 +359,7 @@ def missing_error(missing: list[str], label: str, unread: Sequence[str] = ()) ->
     also = "".join(f"\nnot read: {why}" for why in unread)
     return MissingModuleError(
         f"{plural(len(missing), 'adapter module')} found no target in the base {label}:\n  {lines}{also}\n"
-        "(pass --skip-missing to merge the others and report these)"
+        "(pass --skip-missing, Python: skip_missing=True, to merge the others and report these)"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import warnings
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
@@ -122,6 +123,8 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
+    for note in unshared_notes(loaded):  # a 0 that measures nothing (the CLI prints these as notes)
+        warnings.warn(note, UserWarning, stacklevel=2)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
 
 

@@ -383,8 +383,17 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     if dispatch is None:
         raise RecipeError("run needs the CLI's dispatch (call lorafuse.run, or lorafuse run on the command line)")
 
+    from lorafuse._validate import check_bool, check_path, check_threads
+    from lorafuse.backends import check_device
     from lorafuse.io.provenance import Invocation, Provenance, invoked, named_inputs, recorded_in
 
+    # checked here, not by the verbs' parsers: a bad value must be a LorafuseValueError, not argparse's exit
+    overwrite, dry_run, quiet = (check_bool(overwrite, "overwrite"), check_bool(dry_run, "dry_run"),
+                                 check_bool(quiet, "quiet"))
+    threads = check_threads(threads)
+    out = check_path(out, "out")
+    if device is not None:
+        device = None if check_device(device) == "auto" else check_device(device)
     start = time.perf_counter()
     text = load_recipe(recipe)
     stages = check(text)

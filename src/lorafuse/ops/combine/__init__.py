@@ -50,6 +50,7 @@ from lorafuse._validate import (
     check_float,
     check_optional_bool,
     check_optional_rank,
+    check_path,
     check_seed,
     check_threads,
     check_weights,
@@ -248,6 +249,9 @@ def _no_module(labels: Sequence[str]) -> UnsupportedError:
 def _spelled(options: CombineOptions) -> CombineOptions:
     """`options` with a torch / numpy dtype given as its name ('torch.float16'): the provenance records the options
     as text (check_options checks the value)."""
+    if not isinstance(options, CombineOptions):
+        raise LorafuseValueError(f"options must be a CombineOptions, got {type(options).__name__} (lorafuse.combine "
+                                 "takes the options as keyword arguments)")
     return dataclasses.replace(options, dtype=dtype_spelling(options.dtype))
 
 
@@ -398,6 +402,7 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
     adapter's; `out` may not replace an input (the rules of Adapter.save)."""
     start = time.perf_counter()
+    out = check_path(out, "out")
     options = _spelled(options)
     s = prepare_to(adapters, weights, options)
     o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
