@@ -265,3 +265,272 @@ def test_similarity_of_adapters_sharing_no_module_warns(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="share no module"):
         cos = lorafuse.similarity([str(a), str(b)])
     np.testing.assert_allclose(cos, [[1.0, 0.0], [0.0, 1.0]], rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- diffusion conversions
+
+
+def test_an_sd1_loha_on_proj_in_becomes_1x1_conv_factors_diffusers_loads(tmp_path: Path) -> None:
+    """An SD 1.x LoHa stores the 1x1-conv proj_in flattened (2-D); convert wrote 2-D LoRA factors, which
+    diffusers refused to load (size mismatch). The UNet's cross-attention size (768: SD 1.x) tells the kernel
+    back. Checked by diffusers' own load + fuse against the LoHa's float64 delta."""
+    import warnings
+
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_torch
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16, 16, 16),
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=8,
+                                in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
+                                cross_attention_dim=768, attention_head_dim=2)
+    g = torch.Generator().manual_seed(0)
+    proj = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    t: dict[str, torch.Tensor] = {}
+    for n, (o, i) in {proj: (8, 8), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (8, 768)
+                      }.items():
+        t |= {n + ".hada_w1_a": torch.randn(o, 2, generator=g), n + ".hada_w1_b": torch.randn(2, i, generator=g),
+              n + ".hada_w2_a": torch.randn(o, 2, generator=g), n + ".hada_w2_b": torch.randn(2, i, generator=g),
+              n + ".alpha": torch.tensor(2.0)}
+    save_torch(t, str(tmp_path / "loha.safetensors"))
+    out = tmp_path / "k.safetensors"
+    assert main(["convert", str(tmp_path / "loha.safetensors"), "--to", "kohya", "--rank", "4", "-o", str(out),
+                 "-q"]) == 0
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(out)).items()}
+    assert shapes[f"{proj}.lora_down.weight"] == (4, 8, 1, 1) and shapes[f"{proj}.lora_up.weight"] == (8, 4, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd, alphas = StableDiffusionPipeline.lora_state_dict(str(out))
+        unet.load_lora_adapter({k: v for k, v in sd.items() if k.startswith("unet.")}, network_alphas=alphas,
+                               prefix="unet", adapter_name="x")
+    layer = unet.down_blocks[0].attentions[0].proj_in
+    w0 = layer.base_layer.weight.detach().clone()
+    unet.fuse_lora()
+    got = (layer.weight.detach() - w0).double().reshape(8, 8).numpy()
+    d = {k: v.double().numpy() for k, v in t.items() if k.startswith(proj)}
+    want = (d[f"{proj}.hada_w1_a"] @ d[f"{proj}.hada_w1_b"]) * (d[f"{proj}.hada_w2_a"] @ d[f"{proj}.hada_w2_b"])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+# ----------------------------------------------------------------------------- hostile files and arguments
+
+
+def test_a_gguf_array_longer_than_its_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A 68-byte GGUF declaring an array of 2^62 uint8 elements made gguf's reader allocate without bound
+    (info, and the ownership check of an existing -o X.gguf)."""
+    import struct
+    import subprocess
+    import sys
+
+    key = b"x.u8"
+    bad = tmp_path / "huge.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                    + struct.pack("<I", 9) + struct.pack("<IQ", 0, 2**62) + b"\0" * 16)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "from lorafuse.cli import main; sys.exit(main(['info', sys.argv[1]]))")
+    done = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "header is damaged" in done.stderr, done.stderr[-500:]
+    from lorafuse.io.manifest import file_is_ours, gguf_bounded
+
+    assert gguf_bounded(bad) is not None and not file_is_ours(bad)
+
+
+def test_info_of_a_fifo_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "lorafuse", "info", str(fifo)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "FIFO" in done.stderr, done.stderr
+
+
+def test_a_nul_in_a_recipe_path_is_a_recipe_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.yml"
+    recipe.write_text('merge_method: linear\nmodels:\n - model: "a\\0b"\n')
+    assert main(["run", str(recipe), "-o", str(tmp_path / "o")]) == 2
+    assert "line 3, models[0].model: a path cannot hold a NUL character" in capsys.readouterr().err
+
+
+def test_release_flags_on_memory_that_is_not_a_file_mapping_are_ignored() -> None:
+    """release=True on ordinary arrays made the core MADV_DONTNEED the caller's memory: it read back zeros."""
+    from lorafuse.backends import FactorListJob, get_backend
+
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((256, 16)).astype(np.float32)
+    a = rng.standard_normal((16, 8192)).astype(np.float32)
+    a.flags.writeable = False
+    keep_a, keep_b = a.copy(), b.copy()
+    res = get_backend("cpu").factored_svd_lists([FactorListJob("m", [(b, a)], [1.0])], [4], release=[[True]])
+    np.testing.assert_array_equal(a, keep_a)
+    np.testing.assert_array_equal(b, keep_b)
+    s = np.linalg.svd(keep_b.astype(np.float64) @ keep_a, compute_uv=False)[:4]
+    np.testing.assert_allclose(res[0].s[:4], s, rtol=1e-4)
+
+
+def test_merge_output_partly_overlapping_an_input_is_refused() -> None:
+    from lorafuse.backends import LowRankStage, MergeJob, get_backend
+    from lorafuse.errors import LorafuseValueError
+
+    buf = np.random.default_rng(1).standard_normal((65, 32)).astype(np.float32)
+    w, out = buf[:64], buf[1:]
+    b, a = np.ones((64, 2), np.float32), np.full((2, 32), 0.5, np.float32)
+    with pytest.raises(LorafuseValueError, match="overlaps w"):
+        get_backend("cpu").merge_batch([MergeJob("m", w, "F32", out, "F32", [LowRankStage(b, a)])])
+    w2 = buf[:64].copy()
+    want = w2.astype(np.float64) + b.astype(np.float64) @ a
+    get_backend("cpu").merge_batch([MergeJob("m", w2, "F32", w2, "F32", [LowRankStage(b, a)])])  # in place: fine
+    np.testing.assert_allclose(w2, want, rtol=1e-6)
+
+
+def test_a_module_of_no_rows_or_columns_is_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lora_A (4, 0): resize wrote an adapter with r=0 that lorafuse and PEFT refuse to load."""
+    folder = tmp_path / "zw"
+    folder.mkdir()
+    p = f"{PREFIX}model.layers.0.self_attn.q_proj."
+    save_file({p + "lora_A.weight": np.zeros((4, 0), np.float32), p + "lora_B.weight": np.ones((64, 4), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj"]}))
+    assert main(["resize", str(folder), "--rank", "1", "-o", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "FormatError" in err and str(folder) in err and "no rows or no columns" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_numbers_beyond_float_range_and_dataless_tensors_are_lorafuse_errors(tmp_path: Path) -> None:
+    import torch
+
+    import lorafuse
+    from lorafuse import Adapter
+    from lorafuse.errors import LorafuseValueError
+
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    a = lorafuse.load(ad)
+    sd = a.state_dict("torch")
+    for call in (lambda: a * 10**400, lambda: lorafuse.combine([ad, ad], [10**400, 1]),
+                 lambda: lorafuse.resize(str(ad), sv_fro=10**400),
+                 lambda: Adapter.from_state_dict({k: v.to("meta") for k, v in sd.items()}),
+                 lambda: Adapter.from_state_dict({k: v.to_sparse() for k, v in sd.items()})):
+        with pytest.raises(LorafuseValueError):
+            call()
+
+
+# ----------------------------------------------------------------------------- what a result may overwrite
+
+
+def _tiny_llm(tmp_path: Path) -> tuple[Path, Path]:
+    shapes = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H)}
+    base = _base(tmp_path / "base", shapes)
+    rng = np.random.default_rng(5)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    save_file({f"{m}.weight": (rng.standard_normal(s) * 0.1).astype(np.float32)
+               + np.asarray(__import__("safetensors.numpy", fromlist=["load_file"]).load_file(
+                   str(base / "model.safetensors"))[f"{m}.weight"]) for m, s in shapes.items()},
+              str(ft / "model.safetensors"))
+    (ft / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return base, ft
+
+
+def test_an_extracted_adapter_never_replaces_its_checkpoints(tmp_path: Path) -> None:
+    """extract(...).adapter had no sources: saving it to the fine-tuned folder replaced that checkpoint."""
+    import lorafuse
+    from lorafuse.errors import OutputError
+
+    base, ft = _tiny_llm(tmp_path)
+    res = lorafuse.extract(str(base), str(ft), rank=2)
+    assert {p.resolve() for p in res.adapter.sources()} == {base.resolve(), ft.resolve()}
+    before = (ft / "model.safetensors").read_bytes()
+    for target in (ft, base):
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            res.adapter.save(str(target), overwrite=True)
+    assert (ft / "model.safetensors").read_bytes() == before
+
+
+def test_apply_of_an_in_memory_result_never_replaces_the_files_it_came_from(tmp_path: Path) -> None:
+    """apply(base, [combine([x, y])], out=x) replaced the adapter folder x (a lorafuse output) with a merge."""
+    import lorafuse
+    from lorafuse.errors import OutputError
+
+    x = tmp_path / "x"
+    assert main(["resize", str(_peft(tmp_path / "ad", LLM, 1)), "--rank", "1", "-o", str(x), "-q"]) == 0
+    y = _peft(tmp_path / "y", LLM, 2, rank=1, alpha=1)
+    base = _base(tmp_path / "base", LLM)
+    kept = (x / "adapter_model.safetensors").read_bytes()
+    for adapter in (lorafuse.combine([str(x), str(y)]), 0.5 * lorafuse.load(str(x))):
+        with pytest.raises(OutputError, match="would overwrite the input"):
+            lorafuse.apply(str(base), [adapter], out=str(x))
+    assert (x / "adapter_model.safetensors").read_bytes() == kept
+
+
+def _bind(src: Path, dst: Path) -> bool:
+    import subprocess
+
+    return subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode == 0
+
+
+def test_overwrite_never_deletes_through_a_mount_inside_the_output(tmp_path: Path) -> None:
+    """An input bind-mounted inside the output folder: --overwrite emptied the input (rmtree went through the
+    mount). Needs mount (root); skipped where it cannot be done."""
+    import subprocess
+
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    out = tmp_path / "out"
+    (out / "mnt").mkdir(parents=True)
+    if not _bind(ad, out / "mnt"):
+        pytest.skip("mount --bind is not allowed here (needs root)")
+    try:
+        assert main(["combine", str(ad), str(ad), "-o", str(out), "--overwrite", "-q"]) == 1
+        assert sorted(p.name for p in ad.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    finally:
+        subprocess.run(["umount", str(out / "mnt")], check=False)
+
+
+def test_an_input_named_through_a_bind_mount_of_a_folder_inside_the_output_is_refused(tmp_path: Path) -> None:
+    import subprocess
+
+    out = tmp_path / "out"
+    ad = _peft(out / "ad", LLM, 1)  # the input lives inside the output folder ...
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if not _bind(ad, alias):  # ... and is named through a bind mount elsewhere
+        pytest.skip("mount --bind is not allowed here (needs root)")
+    try:
+        assert main(["combine", str(alias), "-o", str(out), "--overwrite", "-q"]) == 1
+        assert (ad / "adapter_model.safetensors").is_file()
+    finally:
+        subprocess.run(["umount", str(alias)], check=False)
+
+
+def test_a_gguf_cut_short_by_a_file_size_limit_is_not_committed(tmp_path: Path) -> None:
+    """numpy's tofile lost ENOSPC / EFBIG: convert --to gguf reported success for a truncated file and replaced a
+    good earlier output with it."""
+    import resource
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    ad = _peft(tmp_path / "ad", {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.up_proj": (128, 64)},
+               1, rank=4, alpha=4)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 1, "vocab_size": 32}))
+    out = tmp_path / "o.gguf"
+    assert main(["convert", str(ad), "--to", "gguf", "--base-config", str(tmp_path / "config.json"), "-o",
+                 str(out), "-q"]) == 0
+    good = out.read_bytes()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, len(good) // 2))
+
+    done = subprocess.run([sys.executable, "-m", "lorafuse", "convert", str(ad), "--to", "gguf", "--base-config",
+                           str(tmp_path / "config.json"), "-o", str(out), "--overwrite"], capture_output=True,
+                          text=True, preexec_fn=limit, timeout=120)
+    assert done.returncode == 1 and "OutputError" in done.stderr, done.stderr[-400:]
+    assert out.read_bytes() == good

@@ -71,8 +71,8 @@ def check_float(value: object, name: str, lo: float, hi: float, *, lo_open: bool
         what += f" and <= {hi:g}"
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise LorafuseValueError(f"{what}, got {_show(value)}")
-    x = float(value)
-    if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
+    x = real_number(value)
+    if x is None or not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
         raise LorafuseValueError(f"{what}, got {_show(value)}")
     return x
 
@@ -121,10 +121,16 @@ def real_number(value: object) -> float | None:
     """`value` as a float when it is one real number: a Python or numpy real (not a bool), or a 0-d numpy array
     / torch tensor holding one; else None."""
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d array / tensor (a numpy scalar too)
-        value = value.item()
+        try:
+            value = value.item()
+        except (RuntimeError, TypeError, ValueError):  # a tensor without data (torch's meta device)
+            return None
     if _is_bool(value) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range (10**400): not a finite number, said by the caller
+        return -math.inf if value < 0 else math.inf
 
 
 def _weight_value(w: object) -> float:
@@ -163,6 +169,8 @@ def check_path(value: object, name: str) -> str:
         text = os.fsdecode(text) if isinstance(text, bytes) else text
         if not text:  # Path('') is the current folder
             raise LorafuseValueError(f"{name} must be a path, got an empty string")
+        if "\0" in text:
+            raise LorafuseValueError(f"{name}: a path cannot hold a NUL character, got {text!r}"[:200])
         return text
     hint = f"; the rank rule is a keyword argument (rank={value!r})" if name == "out" and isinstance(
         value, (int, float)) and not isinstance(value, bool) else ""

@@ -20,6 +20,7 @@ from lorafuse.backends.jobs import (
     TaskMergeJob,
 )
 from lorafuse.backends.native import core
+from lorafuse.backends.pages import check_no_overlap, honoured
 
 
 class CpuBackend:
@@ -35,6 +36,8 @@ class CpuBackend:
         core.convert_into(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
+        for j in jobs:
+            check_no_overlap(j)
         return list(core.merge_batch(list(jobs), threads)) if jobs else []
 
     def frobenius_sq(self, pairs: Sequence[FactorPair], threads: int = 0) -> np.ndarray:
@@ -54,7 +57,7 @@ class CpuBackend:
                            threads: int = 0, mode: str = "exact", seed: int = 0, oversample: int = 10,
                            power_iters: int = 4,
                            release: Sequence[Sequence[bool] | None] | None = None) -> list[SvdResult]:
-        extra = {} if release is None else {"release": [None if r is None else list(r) for r in release]}
+        extra = {} if release is None else {"release": honoured(jobs, release)}
         out = core.factored_svd_lists(list(jobs), list(ranks), split, threads, mode=mode, seed=seed,
                                       oversample=oversample, power_iters=power_iters, **extra)
         return [SvdResult(*r) for r in out]

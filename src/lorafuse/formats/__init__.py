@@ -96,7 +96,12 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     the user (tensors PEFT would ignore, left out) is in `Adapter.notes` and given as AdapterNote
     warnings."""
     p = local_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub)
-    adapter = get_format(detect_format(p)).load(p)
+    try:
+        adapter = get_format(detect_format(p)).load(p)
+    except FormatError as e:  # every refusal of a file names it
+        if str(p) in str(e):
+            raise
+        raise FormatError(f"{p}: {e}") from None
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
     return adapter

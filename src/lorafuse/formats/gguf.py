@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ from lorafuse.errors import (
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
-from lorafuse.io.manifest import GGUF_MAGIC, MARKER_KEY, gguf_counts, version
+from lorafuse.io.manifest import GGUF_MAGIC, MARKER_KEY, gguf_bounded, gguf_counts, version
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.model.param_lora import ParamLoraUpdate
@@ -758,6 +759,8 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
                                           "limit was reached); the temporary output was removed and "
                                           f"{f'{out} is unchanged' if out.exists() else 'nothing was written'}"
                                           ) from None
+            w.fout[0].flush()
+            expected = w.fout[0].tell()  # where the writes say the file ends
             done = True
         finally:
             try:
@@ -765,6 +768,13 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
             except OSError:
                 if done:  # else the error that stopped the writing is the one to report
                     raise
+        # numpy's tofile writes through its own FILE* and can lose a failed write (ENOSPC, EFBIG) without a word:
+        # the file must be as long as the writes claim
+        size = os.stat(tmp).st_size
+        if size != expected:
+            raise OutputError(f"cannot write the output {out}: {size} of its {expected} bytes reached the disk (the "
+                              "disk is full, or a file size limit was reached); the temporary output was removed and "
+                              f"{f'{out} is unchanged' if out.exists() else 'nothing was written'}")
     return out
 
 
@@ -794,12 +804,20 @@ def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: P
 # ----------------------------------------------------------------------------- reading (lorafuse info)
 
 def is_gguf(path: Path) -> bool:
-    """Whether `path` is a regular file that starts as a GGUF file does."""
+    """Whether `path` is a regular file that starts as a GGUF file does (a FIFO or a device is not opened: a
+    FIFO's open would wait for a writer)."""
     try:
-        with open(path, "rb") as f:
-            return path.is_file() and f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+        if not path.is_file():
+            return False
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, len(GGUF_MAGIC)) == GGUF_MAGIC
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def _field(reader: Any, key: str) -> object:
@@ -832,6 +850,12 @@ def describe_gguf(path: Path) -> dict[str, object]:
     if version not in (2, 3) or n_kv > 1 << 16 or n_tensors > 1 << 24:
         raise FormatError(f"{path}: not a GGUF file lorafuse reads (version {version}, {n_tensors} tensors, {n_kv} "
                           "metadata keys; GGUF 2 and 3 with at most 2^24 tensors and 65536 keys)")
+    try:
+        problem = gguf_bounded(path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+    if problem is not None:
+        raise FormatError(f"{path}: a GGUF file whose header is damaged: {problem}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # a damaged or hostile file, whatever gguf's reader raises  # noqa: BLE001

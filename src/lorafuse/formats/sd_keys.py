@@ -662,11 +662,31 @@ _KERNELS: tuple[tuple[re.Pattern[str], tuple[int, int]], ...] = (
 )
 
 
-def flattened_conv_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(out, in, kh, kw) for a 2-D (out, in*kh*kw) delta of a known UNet convolution, else `shape`."""
+# A transformer block's proj_in / proj_out is a 1x1 convolution in SD 1.x and a Linear in SD 2.x and SDXL:
+# the UNet's cross-attention context size tells them apart (768, CLIP ViT-L, in SD 1.x; 1024 and 2048 after).
+_PROJ = re.compile(r"[._]proj_(in|out)$")
+_CONTEXT = re.compile(r"[._]attn2[._]to_[kv]$")
+SD1_CONTEXT = 768
+
+
+def unet_context_size(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The UNet's cross-attention context size (attn2.to_k / to_v input features) among `shapes` (module ->
+    delta shape), or None when no such module is there."""
+    for name, shape in shapes.items():
+        if _UNET_NAME.match(name) and _CONTEXT.search(name) and len(shape) >= 2:
+            return int(shape[1])
+    return None
+
+
+def flattened_conv_shape(name: str, shape: tuple[int, ...], context: int | None = None) -> tuple[int, ...]:
+    """(out, in, kh, kw) for a 2-D (out, in*kh*kw) delta of a known UNet convolution, else `shape`. `context`,
+    the UNet's cross-attention context size (unet_context_size), makes proj_in / proj_out the 1x1
+    convolutions they are in SD 1.x when it is 768."""
     if len(shape) != 2 or not _UNET_NAME.match(name):
         return shape
     for pattern, (kh, kw) in _KERNELS:
         if pattern.search(name) and shape[1] % (kh * kw) == 0:
             return (shape[0], shape[1] // (kh * kw), kh, kw)
+    if context == SD1_CONTEXT and _PROJ.search(name):
+        return (shape[0], shape[1], 1, 1)
     return shape

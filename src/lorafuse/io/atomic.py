@@ -158,6 +158,33 @@ def _links_out(folder: Path) -> list[tuple[Path, Path]]:
     return found
 
 
+_HELD_WALK = 20000  # entries of an existing output folder compared with the inputs
+
+
+def _held_inside(out: Path, inputs: dict[tuple[int, int], str]) -> tuple[str, Path] | None:
+    """(input, its place inside `out`) when an existing output folder holds an input folder by identity (device,
+    inode): the input may be named through a bind mount elsewhere. Links are not followed."""
+    if not inputs or not os.path.isdir(out) or os.path.islink(out):
+        return None
+    stack, seen = [Path(out)], 0
+    while stack and seen < _HELD_WALK:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    seen += 1
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):  # a hard link to an input file: deleting it loses nothing
+                        continue
+                    name = inputs.get((st.st_dev, st.st_ino))
+                    if name is not None:
+                        return name, Path(entry.path)
+                    stack.append(Path(entry.path))
+        except OSError:
+            continue
+    return None
+
+
 def _input_places(inputs: Iterable[Path]) -> list[tuple[str, Path]]:
     """(how to name it, where it is) for every input, resolved, and for what the links inside an input
     folder lead to."""
@@ -233,6 +260,10 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) 
         why = _relation(out, target, places)
         if why:
             raise OutputError(why)
+    held = _held_inside(out, {i: p for p, src in places if (i := _identity(src)) is not None})
+    if held is not None:  # an input named through a bind mount or a hard link, whose own path is elsewhere
+        raise OutputError(f"output {out} would overwrite the input {held[0]}, which is inside it as {held[1]} "
+                          "(replacing it deletes everything in it); choose another output path")
     if out.name in ("", ".", ".."):
         raise LorafuseValueError(f"output {out}: give the output a name (a path that ends in a file or folder name)")
 
@@ -291,9 +322,43 @@ def _folder_state(out: Path) -> tuple[FolderState | None, str]:
     return state, ""
 
 
+def mounts_under(folder: Path) -> list[str]:
+    """The mount points inside `folder` (Linux: /proc/self/mountinfo; a bind mount of a folder of the same file
+    system has its device and inode, so only the mount table tells), else those with another device number."""
+    try:
+        root = os.path.realpath(folder)
+    except (OSError, ValueError):
+        return []
+    inside = root.rstrip(os.sep) + os.sep
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
+                      for line in f if line.count(" ") >= 5]
+        return sorted(p for p in points if p.startswith(inside))
+    except OSError:
+        pass
+    found = []
+    try:
+        dev = os.lstat(root).st_dev
+        for top, dirs, _ in os.walk(root):
+            for d in list(dirs):
+                p = os.path.join(top, d)
+                if os.lstat(p).st_dev != dev:
+                    found.append(p)
+                    dirs.remove(d)
+    except OSError:
+        pass
+    return found
+
+
 def _judge_folder(out: Path, overwrite: bool) -> str | None:
     """None when the existing folder `out` may be replaced silently (empty, or lorafuse's own output
     untouched); the note of what is replaced with `overwrite`; else raises OutputError."""
+    mounted = mounts_under(out)
+    if mounted:  # replacing the folder would delete what is mounted there: another file system, or an input
+        raise OutputError(f"output {out} holds a mount point ({mounted[0]}{', ...' if len(mounted) > 1 else ''}); "
+                          "lorafuse never deletes across a mount, even with --overwrite: unmount it, or give "
+                          "another path")
     state, unreadable = _folder_state(out)
     if state is None and not unreadable:  # gone meanwhile (another run is replacing it): nothing to lose
         return None
@@ -534,6 +599,8 @@ def owner_gone(path: Path, pid: int) -> bool:
 def remove_entry(path: Path) -> None:
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
+            if mounts_under(path):  # never delete through a mount (what it shows is not ours): leave it be
+                return
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)

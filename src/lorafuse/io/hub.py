@@ -107,8 +107,11 @@ def check_spec(spec: object, what: str) -> None:
     """Refuse, naming `what` ('adapter', 'base model', ...) and what is accepted, a value that is not a path
     (str, bytes or os.PathLike) or a Hub id: None, a number, an Adapter already in memory, ..."""
     if isinstance(spec, (str, bytes, os.PathLike)):
-        if not os.fspath(spec):  # Path('') is the current folder: never read it for an empty string
+        text = os.fspath(spec)
+        if not text:  # Path('') is the current folder: never read it for an empty string
             raise LorafuseValueError(f"{what}: expected a path or a Hub id, got an empty string")
+        if ("\0" if isinstance(text, str) else b"\0") in text:
+            raise LorafuseValueError(f"{what}: a path cannot hold a NUL character, got {text!r}"[:200])
         return
     if type(spec).__name__ == "Adapter":  # (io imports no model: the class is known by name)
         got = "an Adapter (an adapter in memory has no file to read here: save it first, or pass its path)"

@@ -338,6 +338,75 @@ def gguf_counts(path: Path) -> tuple[int, int, int] | None:
     return version, tensors, kvs
 
 
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+GGUF_MAX_ARRAY = 1 << 24  # elements of one metadata array (a tokenizer's vocabulary is ~10^5)
+GGUF_MAX_DIMS = 8
+
+
+def gguf_bounded(path: Path) -> str | None:
+    """Why a GGUF file's header cannot be what it claims, or None: every metadata key, value, array and tensor
+    description walked with each declared length checked against the bytes the file has, before gguf's reader
+    (which loops over whatever count a file declares, reading past the end as empty arrays: a 68-byte file
+    with an array of 2^62 elements made it allocate without bound). OSError when the file cannot be read."""
+    with open(path, "rb") as f:
+        data = f.read(64 << 20)  # the header of any real GGUF file lies in its first MiBs
+    end = len(data)
+    counts = None if len(data) < 24 or data[:4] != GGUF_MAGIC else tuple(
+        int.from_bytes(data[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
+    if counts is None:
+        return "its 24-byte header is cut short or lacks GGUF's magic"
+    _, n_tensors, n_kv = counts
+    pos = 24
+
+    def u(n: int) -> int:
+        nonlocal pos
+        if pos + n > end:
+            raise ValueError(f"it ends (or its first 64 MiB end) inside its header, at byte {pos}")
+        v = int.from_bytes(data[pos:pos + n], "little")
+        pos += n
+        return v
+
+    def skip(n: int, what: str) -> None:
+        nonlocal pos
+        if n < 0 or pos + n > end:
+            raise ValueError(f"{what} of {n} bytes at byte {pos} goes past the end of the file ({end} bytes read)")
+        pos += n
+
+    def value(kind: int, depth: int) -> None:
+        if kind in _GGUF_SCALAR:
+            skip(_GGUF_SCALAR[kind], "a value")
+        elif kind == _GGUF_STRING:
+            skip(u(8), "a string")
+        elif kind == _GGUF_ARRAY:
+            inner, count = u(4), u(8)
+            if depth > 4 or count > GGUF_MAX_ARRAY:
+                raise ValueError(f"an array of {count} elements (nesting depth {depth}) at byte {pos}")
+            if inner in _GGUF_SCALAR:
+                skip(count * _GGUF_SCALAR[inner], "an array")
+            else:
+                if count * 8 > end - pos:  # each string or array takes at least 8 bytes
+                    raise ValueError(f"an array of {count} elements at byte {pos} longer than the file")
+                for _ in range(count):
+                    value(inner, depth + 1)
+        else:
+            raise ValueError(f"an unknown value type {kind} at byte {pos}")
+
+    try:
+        for _ in range(n_kv):
+            skip(u(8), "a key")
+            value(u(4), 0)
+        for _ in range(n_tensors):
+            skip(u(8), "a tensor name")
+            dims = u(4)
+            if dims > GGUF_MAX_DIMS:
+                raise ValueError(f"a tensor of {dims} dimensions at byte {pos}")
+            skip(8 * dims + 4 + 8, "a tensor description")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _gguf_marked(path: Path) -> bool:
     """A GGUF file (convert --to gguf) is ours when gguf's reader parses it whole and it holds the marker
     key; without the `gguf` package (lorafuse[gguf]) no GGUF file is taken for ours."""
@@ -351,6 +420,11 @@ def _gguf_marked(path: Path) -> bool:
         return False
     if counts is None or counts[0] not in (2, 3) or counts[2] > 4096 or counts[1] > 1 << 24:
         return False  # not what lorafuse writes: no need to parse it
+    try:
+        if gguf_bounded(path) is not None:
+            return False
+    except OSError:
+        return False
     try:
         field = GGUFReader(path).get_field(MARKER_KEY)
     except Exception:  # a damaged or hostile file, whatever gguf's reader raises: not ours  # noqa: BLE001

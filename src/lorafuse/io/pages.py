@@ -12,29 +12,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from lorafuse.backends.pages import mapping_of as _mapping
+from lorafuse.backends.pages import releasable
+
+__all__ = ["release_pages", "releasable"]
+
 _PAGE = mmap.PAGESIZE
-
-
-def _mapping(arr: np.ndarray) -> mmap.mmap | None:
-    base: object = arr
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
 
 
 def _address(x: np.ndarray) -> int:
     return int(x.__array_interface__["data"][0])
-
-
-def releasable(arr: np.ndarray) -> bool:
-    """Whether `arr` is a read-only, C-contiguous view of an open mmap: the only memory whose pages may be
-    dropped (MADV_DONTNEED) and read again unchanged; never anonymous or writable memory, which it would zero."""
-    if not hasattr(mmap, "MADV_DONTNEED") or arr.flags.writeable or not arr.flags.c_contiguous:
-        return False
-    m = _mapping(arr)
-    return m is not None and not m.closed
 
 
 def release_pages(arrays: Iterable[np.ndarray]) -> int:

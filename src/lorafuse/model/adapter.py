@@ -285,11 +285,19 @@ def _tensor_from_any(value: Any) -> Tensor:
     if module.startswith("torch"):
         import torch
 
+        if value.is_sparse or value.layout != torch.strided or value.device.type == "meta":
+            raise LorafuseValueError(f"state dict values must be dense tensors with data, got a "
+                                     f"{value.layout} tensor on {value.device}")
         t = value.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
             return Tensor(t.view(torch.int16).numpy().view(np.uint16).copy(), "BF16")
         f8 = next((k for k, v in _TORCH_VIEWS.items() if k != "BF16" and getattr(torch, v, None) == t.dtype), None)
         if f8 is not None:  # what state_dict("torch") gives for F8 tensors: their bytes, as stored
             return Tensor(t.view(torch.uint8).numpy().copy(), f8)
-        return Tensor.from_array(t.numpy().copy())
+        try:
+            array = t.numpy()
+        except TypeError:  # a dtype numpy has no type for (float8 fnuz, complex32, ...)
+            raise LorafuseValueError(f"state dict tensors must be float32, float16, bfloat16, float8_e4m3fn or "
+                                     f"float8_e5m2, got {t.dtype}") from None
+        return Tensor.from_array(array.copy())
     raise LorafuseValueError(f"state dict values must be numpy arrays or torch tensors, got {type(value).__name__}")

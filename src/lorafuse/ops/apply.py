@@ -819,7 +819,7 @@ def _one_file_notes(mplan: ModelPlan, base: Path, out: Path) -> None:
 
 def _adapter_files(loaded: Sequence[Adapter]) -> list[Path]:
     """The adapters' files: a single-file output must not replace one of them (nor a file in an adapter folder)."""
-    paths = [a.path for a in loaded if a.path is not None]
+    paths = list(dict.fromkeys(p for a in loaded for p in a.sources()))  # an in-memory result's files too
     return paths + [f for d in paths if d.is_dir() for f in d.iterdir() if f.is_file()]
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ import numpy as np
 from lorafuse._terminal import plural
 from lorafuse._validate import check_optional_rank, check_path, check_threads, full_rank
 from lorafuse.errors import (
+    AdapterNote,
     FormatError,
     LorafuseError,
     LorafuseValueError,
@@ -126,11 +129,12 @@ def _is_kxk(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[2] * shape[3] > 1
 
 
-def _conv_shape(u: Update) -> tuple[int, ...]:
-    """The 4-D shape of a flattened LoHa / LoKr convolution of a UNet (from the layer's name), else its own."""
+def _conv_shape(u: Update, context: int | None) -> tuple[int, ...]:
+    """The 4-D shape of a flattened LoHa / LoKr convolution of a UNet (from the layer's name, and for proj_in /
+    proj_out the UNet's context size), else its own."""
     from lorafuse.formats.sd_keys import flattened_conv_shape
 
-    return flattened_conv_shape(u.name, tuple(u.delta_shape))
+    return flattened_conv_shape(u.name, tuple(u.delta_shape), context)
 
 
 def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = None,
@@ -151,11 +155,22 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                                "them to LoRA loses information: pass --rank K (and --conv-rank K for kxk "
                                "convolutions) to keep their best rank-K approximation")
     conv_k = conv_rank if conv_rank is not None else rank
+    from lorafuse.formats.sd_keys import unet_context_size
+
+    context = unet_context_size({n: tuple(u.delta_shape) for n, u in adapter.updates.items()})
+    unsure = [n for n in lycoris if context is None and re.search(r"^(lora_unet_|unet\.).*[._]proj_(in|out)$", n)
+              and len(adapter.updates[n].delta_shape) == 2]
+    if unsure:
+        warnings.warn(f"{adapter.label}: {plural(len(unsure), 'LoHa / LoKr module')} ({unsure[0]}, ...) of a "
+                      "transformer's proj_in / proj_out, stored flattened, written as Linear factors (SD 2.x, SDXL); "
+                      "in SD 1.x these layers are 1x1 convolutions, which the adapter tells only through its "
+                      "cross-attention modules (attn2.to_k, none here): for SD 1.x convert an adapter that has "
+                      "them", AdapterNote, stacklevel=2)
     updates: dict[str, Update] = dict(adapter.updates)
     reports: list[LycorisReport] = []
     for name in lycoris:
         u = adapter.updates[name]
-        shape = _conv_shape(u)
+        shape = _conv_shape(u, context)
         if shape != tuple(u.delta_shape):
             u = u.with_shape(shape)  # type: ignore[union-attr]
         k = full_rank(conv_k if _is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +182,7 @@ def extract(
     updates = result.adapter.updates
     if x.dtype is not None:  # rounded once from the float32 factors (B and A balanced where that keeps the delta)
         updates = {n: rounded(u, x.dtype, threads) if isinstance(u, LoraUpdate) else u for n, u in updates.items()}
-    result.adapter = extracted(base, base_config, updates, full)
+    result.adapter = extracted(base, base_config, updates, full, (cb, cf))
     result.adapter.provenance = rec.result()
     return result
 
@@ -266,9 +266,10 @@ def _checkpoint_input(name: str | os.PathLike[str], ckpt: Checkpoint, role: str)
 
 
 def extracted(base: str | os.PathLike[str], base_config: dict[str, object], updates: dict[str, Update],
-              full: dict[str, Tensor]) -> Adapter:
-    """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config."""
-    adapter = Adapter(updates=updates, full=full)
+              full: dict[str, Tensor], checkpoints: Sequence[Checkpoint] = ()) -> Adapter:
+    """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config;
+    derived from the checkpoints' folders (its sources: saving it never replaces them)."""
+    adapter = Adapter(updates=updates, full=full, derived_from=list(dict.fromkeys(c.directory for c in checkpoints)))
     kept = sorted({m.removesuffix(".weight").rsplit(".", 1)[-1] for m in full})  # PEFT names the layer: lm_head
     adapter.config = _config(Path(base), base_config, adapter, kept)
     return adapter

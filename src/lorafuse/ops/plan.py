@@ -421,7 +421,7 @@ def plan_extract(
         info = x.finetuned.info(key)
         full[name] = Tensor(np.broadcast_to(np.zeros((), DTYPES[info.dtype].raw), info.shape), info.dtype)
         read += info.nbytes
-    adapter = extracted(base, x.config, updates, full)
+    adapter = extracted(base, x.config, updates, full, (x.base, x.finetuned))
     notes = [f"not extracted: {s}" for s in x.skipped] + x.notes + ([target.note] if target is not None and
                                                                      target.note else [])
     notes.append("a module whose weights did not change is left out when extract runs: the plan counts every module "

@@ -57,6 +57,8 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
         return loc, f"unknown field{suggest(field, known)}; expected one of {', '.join(known)}"
     if kind == "missing":
         return loc, "missing (required)"
+    if kind == "string_pattern_mismatch" and "\\x00" in str((err.get("ctx") or {}).get("pattern", "")):
+        return loc, "a path cannot hold a NUL character"
     return loc, str(err.get("msg", "invalid"))
 
 

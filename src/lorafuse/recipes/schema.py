@@ -20,6 +20,7 @@ MERGE_METHODS = (*METHODS, *VERBS)
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
+_NO_NUL = r"^[^\x00]*$"  # a path: no NUL character (no file system takes one)
 Weight = Annotated[float, Field(allow_inf_nan=False, description="the model's weight (negative subtracts)")]
 Density = Annotated[float, Field(gt=0.0, le=1.0,
                                  description="fraction of entries kept (ties / dare / magnitude_prune)")]
@@ -40,7 +41,7 @@ class ModelEntry(BaseModel):
     `org/name@revision`), the name of an earlier stage, or, for apply, `BASE+ADAPTER`."""
 
     model_config = _STRICT
-    model: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1, pattern=_NO_NUL)]
     parameters: ModelParameters = ModelParameters()
 
 
@@ -94,8 +95,9 @@ class Stage(BaseModel):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] | None = None
     merge_method: str = Field(json_schema_extra={"enum": list(MERGE_METHODS)},
                               description="a combine method, or apply (bake into base_model), resize, extract")
-    base_model: str | None = Field(default=None, description="apply: the base checkpoint; extract: the base the "
-                                   "fine-tuned model (models[0]) is compared with")
+    base_model: Annotated[str, Field(min_length=1, pattern=_NO_NUL)] | None = Field(
+        default=None, description="apply: the base checkpoint; extract: the base the fine-tuned model (models[0]) is "
+        "compared with")
     models: Annotated[list[ModelEntry], Field(min_length=1)]
     parameters: Parameters = Parameters()
     dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] | None = Field(
