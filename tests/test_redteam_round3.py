@@ -534,3 +534,89 @@ def test_a_gguf_cut_short_by_a_file_size_limit_is_not_committed(tmp_path: Path) 
                           text=True, preexec_fn=limit, timeout=120)
     assert done.returncode == 1 and "OutputError" in done.stderr, done.stderr[-400:]
     assert out.read_bytes() == good
+
+
+def test_a_pdf_plot_on_a_full_disk_is_an_output_error(tmp_path: Path) -> None:
+    """matplotlib's PDF backend turned ENOSPC / EFBIG into an AttributeError: a raw traceback."""
+    import resource
+    import subprocess
+    import sys
+
+    ad1, ad2 = _peft(tmp_path / "a1", LLM, 1), _peft(tmp_path / "a2", LLM, 2)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    done = subprocess.run([sys.executable, "-m", "lorafuse", "similarity", str(ad1), str(ad2), "--plot",
+                           str(tmp_path / "sim.pdf")], capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert done.returncode == 1 and "OutputError" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "sim.pdf").exists()
+
+
+def test_a_signal_during_the_commit_waits_for_it_and_the_message_says_what_was_written(tmp_path: Path) -> None:
+    """SIGTERM between moving the old output aside and renaming the new one in left no output at all (without
+    renameat2's exchange), and after a commit the CLI said 'no output was written'."""
+    import os
+    import signal
+
+    from lorafuse.cli import _stopped_note
+    from lorafuse.io import atomic
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with atomic._signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []  # held while the output is put in place
+        assert got == [signal.SIGTERM]  # and handled right after
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    n = len(atomic.COMMITTED)
+    assert _stopped_note(n) == "; no output was written"
+    assert main(["resize", str(_peft(tmp_path / "ad", LLM, 1)), "--rank", "1", "-o", str(tmp_path / "o"), "-q"]) == 0
+    assert _stopped_note(n) == f" after {tmp_path / 'o'} was written"
+
+
+def test_weight_files_in_an_output_folder_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        assert main(["resize", str(_peft(tmp_path / "ad", LLM, 1)), "--rank", "1", "-o", str(tmp_path / "o"),
+                     "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "o" / "adapter_model.safetensors").stat().st_mode) == 0o664
+
+
+def test_a_read_only_previous_output_leaves_no_hidden_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod -R a-w on an earlier output: it was replaced, but its whole copy stayed behind as .out.tmp-*
+    (rmtree failed silently). Root ignores the permissions, so the refusal an ordinary user gets is played by
+    os.unlink / os.rmdir refusing in a folder without its owner's write permission."""
+    import os
+    import stat
+    import subprocess
+
+    from lorafuse.io import atomic
+
+    old = tmp_path / ".out.tmp-1-abcdefgh"
+    (old / "sub").mkdir(parents=True)
+    (old / "model.safetensors").write_bytes(b"x" * 100)
+    (old / "sub" / "f").write_bytes(b"y")
+    subprocess.run(["chmod", "-R", "a-w", str(old)], check=True)
+    real_unlink, real_rmdir = os.unlink, os.rmdir
+
+    def as_user(real):  # type: ignore[no-untyped-def]
+        def call(path, *args, dir_fd=None, **kw):  # type: ignore[no-untyped-def]
+            parent = os.path.dirname(os.path.join("/proc/self/fd", str(dir_fd), path) if dir_fd is not None
+                                     else os.fspath(path))
+            if not os.stat(parent).st_mode & stat.S_IWUSR:
+                raise PermissionError(13, "Permission denied", path)
+            return real(path, *args, dir_fd=dir_fd, **kw)
+        return call
+
+    monkeypatch.setattr(os, "unlink", as_user(real_unlink))
+    monkeypatch.setattr(os, "rmdir", as_user(real_rmdir))
+    atomic.remove_entry(old)
+    assert not old.exists()

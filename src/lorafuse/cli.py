@@ -1472,6 +1472,17 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
+def _stopped_note(before: int) -> str:
+    """What a stopped command wrote: the outputs it put in place (a signal that came while one was put in place
+    is handled once it is), else nothing."""
+    from lorafuse.io.atomic import COMMITTED
+
+    done = COMMITTED[before:]
+    if not done:
+        return "; no output was written"
+    return f" after {', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -1497,8 +1508,10 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(_negative_values(given))
     _quiet_blas(args.command)
 
+    from lorafuse.io.atomic import COMMITTED
     from lorafuse.io.provenance import command_text, invoked
 
+    committed = len(COMMITTED)  # the outputs put in place before this command
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -1512,7 +1525,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     except _Terminated:
-        _say(f"lorafuse {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        _say(f"lorafuse {args.command}: terminated (SIGTERM){_stopped_note(committed)}", file=sys.stderr)
         return 143
     except (KeyboardInterrupt, ImportError) as e:
         if not _interrupted(e):
@@ -1520,7 +1533,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 _say(f"lorafuse {args.command}: error: {e}; no output was written", file=sys.stderr)
                 return 1
             raise
-        _say(f"lorafuse {args.command}: interrupted; no output was written", file=sys.stderr)
+        _say(f"lorafuse {args.command}: interrupted{_stopped_note(committed)}", file=sys.stderr)
         return 130
     except MemoryError as e:
         why = f" ({e})" if str(e) else ""

@@ -88,6 +88,14 @@ def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], ove
             fig.savefig(tmp, format=fmt, dpi=120, **options[fmt])
         except SystemError as e:  # matplotlib loads its text and image modules here: an allocation in C failed
             raise MemoryError(f"while drawing the plot: {type(e).__name__}: {e}") from None
+        except Exception as e:  # a write that failed inside a backend can surface as another error (the PDF
+            # backend's AttributeError after ENOSPC): the OSError under it is the one io.atomic reports
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
     return Path(path)
 
 

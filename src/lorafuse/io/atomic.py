@@ -47,9 +47,11 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -519,6 +521,33 @@ def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
     return OutputError(f"cannot write the output {out}: {e.strerror or e}; the temporary output was removed and {what}")
 
 
+COMMITTED: list[Path] = []  # the outputs this process has put in place (the CLI's words when it is stopped)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held while an output is put in place (the old one moved aside, the new one renamed in):
+    their handlers run once it is, so that `out` is never left missing nor the message wrong. The main thread
+    only (where Python runs signal handlers); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    try:
+        before = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    except (ValueError, OSError):  # an embedding without signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
 @contextmanager
 def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], commit: bool = False,
                       tmp: Path | None = None) -> Iterator[None]:
@@ -596,12 +625,30 @@ def owner_gone(path: Path, pid: int) -> bool:
         os.close(fd)
 
 
+def _rmtree_own(path: Path) -> None:
+    """Remove a folder lorafuse is done with (a replaced output, a temporary one) even where its folders were
+    made read-only (chmod -R a-w on an output): a folder that refuses an unlink is made writable by its owner
+    and the unlink tried again; anything else left is left silently, as before."""
+    def again(func: Callable[..., object], p: str, _exc: object) -> None:
+        try:
+            parent = os.path.dirname(p)
+            os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+            func(p)
+        except OSError:
+            pass
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=again)
+    else:
+        shutil.rmtree(path, onerror=again)
+
+
 def remove_entry(path: Path) -> None:
     try:
         if stat.S_ISDIR(os.lstat(path).st_mode):
             if mounts_under(path):  # never delete through a mount (what it shows is not ours): leave it be
                 return
-            shutil.rmtree(path, ignore_errors=True)
+            _rmtree_own(path)
         else:
             path.unlink(missing_ok=True)
     except OSError:
@@ -880,10 +927,11 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
             write_manifest(tmp, kind)
             stamp_tree(tmp)
         note = _commit_check(out, True, overwrite, cleanup)
-        with _cleanup_on_error(out, existed, cleanup, commit=True):
+        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=True)
             _replace_dir(tmp, out)
+            COMMITTED.append(out)
     finally:
         os.close(fd)
         if parent is not None:
@@ -923,11 +971,12 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
         note = _commit_check(out, False, overwrite, cleanup)
-        with _cleanup_on_error(out, existed, cleanup, commit=True):
+        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=False)
             stamp(tmp)
             os.replace(tmp, out)
+            COMMITTED.append(out)
     finally:
         os.close(fd)
         if parent is not None:

@@ -668,7 +668,8 @@ class SafetensorsWriter:
         self._header_bytes = len(header)
         self._by_name = {s.name: s for s in specs}
         self._placed: set[str] = set()  # tensors written by write_at
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # 0o666: the umask decides, as for any new file
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             self._write_all(memoryview(header))
         except BaseException:

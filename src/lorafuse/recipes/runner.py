@@ -427,7 +427,8 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                     ran.append(StageRun(s.name, s.verb, [], None))
                     if not quiet:
                         print(f"stage {s.name!r} ({s.verb}): planned once {', '.join(map(repr, s.needs))} has run "
-                              "(it reads that output)")
+                              "(it reads that output; what its output may be named, a folder or one file, is "
+                              "checked then)")
                     continue
                 if last:
                     stage_out = target
@@ -460,7 +461,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                                                                  if n in records}):
                         dispatch(argv)
                 except LorafuseError as e:
-                    where = "" if last or keep or work is None or str(work) not in str(e) else (
+                    where = "" if keep or work is None or str(work) not in str(e) else (
                         f" ({work} is the run's temporary folder beside {target}, for the outputs of the stages "
                         "before the last; it is removed)")
                     raise type(e)(f"{text.origin}, stage {s.name!r} ({s.verb}): {e}{where}") from None
