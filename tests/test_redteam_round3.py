@@ -620,3 +620,12 @@ def test_a_read_only_previous_output_leaves_no_hidden_copy(tmp_path: Path, monke
     monkeypatch.setattr(os, "rmdir", as_user(real_rmdir))
     atomic.remove_entry(old)
     assert not old.exists()
+
+
+def test_requantize_on_a_base_that_is_not_quantized_says_so(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    base = _base(tmp_path / "base", LLM)
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    assert main(["apply", str(base), str(ad), "-o", str(tmp_path / "m"), "--requantize"]) == 0
+    shown = capsys.readouterr()
+    assert "requantize has no effect: the base is not quantized" in shown.out + shown.err

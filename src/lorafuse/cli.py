@@ -1224,7 +1224,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
             _say(f"  {name}: not read: {why}")
         return
     if d["type"] == "gguf":
-        what = "LoRA adapter" if d["kind"] == "adapter" and d["adapter_type"] == "lora" else str(d["kind"])
+        what = "LoRA adapter" if d["kind"] == "adapter" and d["adapter_type"] == "lora" else \
+            str(d["kind"] or "no general.type")
         _say(f"gguf        {d['path']}  ({what}, llama.cpp)")
         _say(f"  arch        {d['architecture']}")
         if d["lora_alpha"] is not None:

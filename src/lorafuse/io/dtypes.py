@@ -23,6 +23,10 @@ _TABLE = [
     DTypeInfo("I8", 1, np.dtype(np.int8), False),
     DTypeInfo("F8_E4M3", 1, np.dtype(np.uint8), True),
     DTypeInfo("F8_E5M2", 1, np.dtype(np.uint8), True),
+    # float8_e8m0fnu: an exponent only (2^(e - 127), 255 = NaN), what transformers saves ue8m0 FP8 block scales as.
+    # Read and written by the quantization layer only (io.quant); elsewhere it is data copied through, not a float
+    # lorafuse computes in.
+    DTypeInfo("F8_E8M0", 1, np.dtype(np.uint8), False),
     DTypeInfo("I16", 2, np.dtype("<i2"), False),
     DTypeInfo("U16", 2, np.dtype("<u2"), False),
     DTypeInfo("F16", 2, np.dtype("<f2"), True),
@@ -76,6 +80,6 @@ def parse_output_dtype(value: object) -> str:
 def numpy_to_safetensors(dtype: np.dtype) -> str:
     """The safetensors name of a numpy dtype (float32 -> 'F32')."""
     for d in _TABLE:
-        if d.raw == dtype and d.name not in ("BF16", "F8_E4M3", "F8_E5M2"):
+        if d.raw == dtype and d.name not in ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"):
             return d.name
     raise DtypeError(f"numpy dtype {dtype} has no safetensors equivalent")

@@ -27,15 +27,16 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
 
 from lorafuse.backends import get_backend
-from lorafuse.errors import UnsupportedError
+from lorafuse.errors import LorafuseError, UnsupportedError
 from lorafuse.io import quant_bnb as Q
 from lorafuse.io.checkpoint import Checkpoint, read_config
+from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -162,6 +163,12 @@ class QuantScheme(ABC):
         weight is refused). Default: no such names."""
         return False
 
+    def may_be_weight(self, key: str, shape: tuple[int, ...], dtype: str) -> bool:
+        """Whether a tensor with none of the scheme's companions beside it can only be one of its quantized
+        weights that lost them (then it is checked, and refused, instead of being copied as a plain tensor).
+        Default: float8 tensors (codes are not values in a quantized checkpoint)."""
+        return dtype in ("F8_E4M3", "F8_E5M2")
+
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
@@ -205,11 +212,69 @@ def _e4m3_exact(x: np.ndarray) -> np.ndarray:
     return code.clip(0, 0x7F).astype(np.uint8) | sign
 
 
+@functools.cache
+def _e8m0_table() -> np.ndarray:
+    """The float32 value of every float8_e8m0fnu code: 2^(e - 127) (e = 0: 2^-127, a float32 subnormal), 255 NaN."""
+    e = np.minimum(np.arange(256, dtype=np.int64), 254)  # 255 (NaN) set below: 2^128 is no float32
+    out = np.ldexp(np.ones(256, dtype=np.float64), e - 127).astype(np.float32)
+    out[255] = np.nan
+    return out
+
+
+def e8m0_to_float32(raw: np.ndarray) -> np.ndarray:
+    """float8_e8m0fnu codes (safetensors F8_E8M0, raw uint8) -> float32."""
+    return np.take(_e8m0_table(), np.ascontiguousarray(raw).view(np.uint8))
+
+
+def e8m0_from_float32(x: np.ndarray) -> np.ndarray:
+    """float32 powers of two (2^-127 .. 2^127) -> float8_e8m0fnu codes (uint8); any other positive value is
+    rounded UP to a power of two, clamped to that range; NaN, Inf, zero and negative values -> 255 (NaN)."""
+    a = np.ascontiguousarray(x, dtype=np.float32).astype(np.float64)
+    ok = np.isfinite(a) & (a > 0)
+    e = _pow2_exponent_at_least(np.where(ok, a, 1.0))
+    return np.where(ok, np.clip(e, -127, 127) + 127, 255).astype(np.uint8)
+
+
+def _pow2_exponent_at_least(a: np.ndarray) -> np.ndarray:
+    """The smallest k with 2^k >= a, for positive finite float64 a (exact: frexp, no logarithm)."""
+    m, e = np.frexp(a)  # a = m * 2^e, 0.5 <= m < 1
+    return np.where(m == 0.5, e - 1, e).astype(np.int64)
+
+
+def pow2_scales(amax: np.ndarray) -> np.ndarray:
+    """ue8m0 block scales: amax / 448 rounded UP to a power of two (so every |x| / scale <= 448 still fits e4m3,
+    as transformers' FP8 quantizer rounds ue8m0 scales: 2^ceil(log2(amax / 448)), here exact in float64),
+    within float8_e8m0fnu's 2^-127 .. 2^127; 1 for an all-zero (or non-finite) block. float32."""
+    a = np.asarray(amax, dtype=np.float64) / FP8_E4M3_MAX
+    ok = np.isfinite(a) & (a > 0)
+    e = np.clip(_pow2_exponent_at_least(np.where(ok, a, 1.0)), -127, 127)
+    return np.where(ok, np.ldexp(1.0, e), 1.0).astype(np.float32)
+
+
+def scales_to_float32(raw: np.ndarray, dtype: str, threads: int = 0) -> np.ndarray:
+    """Stored scales (raw, safetensors `dtype`: F32, BF16, F16 or F8_E8M0) as float32."""
+    if dtype == "F8_E8M0":
+        return e8m0_to_float32(raw)
+    return get_backend().to_float32(np.ascontiguousarray(raw), dtype, threads)
+
+
 def _round_scale(s: np.ndarray, dtype: str, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scales as stored (raw, in `dtype`) and their float32 values."""
+    """Scales as stored (raw, in `dtype`) and their float32 values. A positive scale that rounds to zero in a
+    narrow dtype (F16 below 2^-25) becomes the dtype's smallest positive value: a zero scale would turn the
+    block's codes into +-448 times 0, silently."""
+    s = np.ascontiguousarray(s, dtype=np.float32)
+    if dtype == "F8_E8M0":
+        raw = e8m0_from_float32(s)
+        return raw, e8m0_to_float32(raw)
     backend = get_backend()
-    raw = backend.from_float32(np.ascontiguousarray(s, dtype=np.float32), dtype, threads)
-    return raw, backend.to_float32(raw, dtype, threads)
+    raw = backend.from_float32(s, dtype, threads)
+    back = backend.to_float32(raw, dtype, threads)
+    lost = (back == 0) & (s > 0)
+    if lost.any():
+        raw = raw.copy()
+        raw.reshape(-1).view(np.uint8 if raw.itemsize == 1 else f"<u{raw.itemsize}")[lost.reshape(-1)] = 1
+        back = backend.to_float32(raw, dtype, threads)
+    return raw, back
 
 
 @dataclass(frozen=True)
@@ -220,7 +285,10 @@ class Fp8Scaled(QuantScheme):
     stores it as `weight_scale` (a block grid, (out, 1) per channel, or one value per tensor). A block
     dimension of 0 means the whole dimension (channel: (1, 0); tensor: (0, 0)). Edge blocks may be
     partial. Requantizing gives each block a fresh scale amax / 448 (1 for an all-zero block, as
-    transformers' Fp8Quantize), rounded to the scale's dtype, and codes round(clamp(x / scale))."""
+    transformers' Fp8Quantize), rounded to the scale's dtype, and codes round(clamp(x / scale)). With
+    `ue8m0` (quantization_config `scale_fmt: ue8m0`, DeepSeek-V3.1 / V4 style), or scales stored as
+    float8_e8m0fnu (F8_E8M0), the fresh scales are powers of two, amax / 448 rounded up (`pow2_scales`):
+    transformers loads ue8m0 scales as float8_e8m0fnu, which holds powers of two only."""
 
     name: str
     method: str
@@ -228,6 +296,7 @@ class Fp8Scaled(QuantScheme):
     block: tuple[int, int]
     writable: bool = True
     extra_suffixes: tuple[str, ...] = field(default=())  # other companions kept (keep-FP8) or dropped (--dtype)
+    ue8m0: bool = False  # scale_fmt ue8m0: requantized scales are powers of two
 
     def _prefix(self, weight_key: str) -> str:
         return weight_key[: -len("weight")] if weight_key.endswith("weight") else weight_key + "_"
@@ -256,8 +325,9 @@ class Fp8Scaled(QuantScheme):
         if "scale" not in companions:
             return f"no {self.companions(weight_key)['scale']} beside it"
         sdtype, sshape = companions["scale"]
-        if sdtype not in ("F32", "BF16", "F16"):
-            return f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16)"
+        if self._scale_dtype(sdtype) not in ("F32", "BF16", "F16", "F8_E8M0"):
+            return (f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16, F8_E8M0; U8 bytes of "
+                    "float8_e8m0fnu with scale_fmt ue8m0)")
         grid = self.grid(shape)
         if tuple(d for d in sshape if d != 1) != tuple(d for d in grid if d != 1):  # (3, 5); (1, 3, 5); not (15,)
             return (f"its scale has shape {list(sshape)}; a {shape[0]}x{shape[1]} weight in blocks of "
@@ -271,13 +341,18 @@ class Fp8Scaled(QuantScheme):
         bm = self.blocks(shape)[0]
         return r0 // bm, _ceil(r1, bm)
 
+    def _scale_dtype(self, stored: str) -> str:
+        """How a scale stored as `stored` is encoded: with scale_fmt ue8m0, U8 scales are the bytes of
+        float8_e8m0fnu (MXFP8 checkpoints; transformers' FP8 loader views them so)."""
+        return "F8_E8M0" if stored == "U8" and self.ue8m0 else stored
+
     def _scales(self, companions: Mapping[str, tuple[np.ndarray, str]], r0: int, r1: int, shape: tuple[int, ...],
                 threads: int) -> np.ndarray:
         raw, dtype = companions["scale"]
         grid = self.grid(shape)
         g0, g1 = self.companion_rows("scale", r0, r1, shape)
         rows = raw.reshape(grid)[g0:g1]
-        return get_backend().to_float32(np.ascontiguousarray(rows), dtype, threads)
+        return scales_to_float32(np.ascontiguousarray(rows), self._scale_dtype(dtype), threads)
 
     def dequantize(self, codes: np.ndarray, companions: Mapping[str, tuple[np.ndarray, str]], r0: int,
                    shape: tuple[int, ...], threads: int = 0) -> np.ndarray:
@@ -306,10 +381,14 @@ class Fp8Scaled(QuantScheme):
             xp = x
         blocks = xp.reshape(nr, bm, nc, bn)
         amax = np.maximum(blocks.max(axis=(1, 3)), -blocks.min(axis=(1, 3)))
-        with np.errstate(invalid="ignore", over="ignore"):
-            s = np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), np.float32(1.0)).astype(np.float32)
-        s = np.where(np.isfinite(s), s, np.float32(1.0)).astype(np.float32)  # NaN / Inf rows (--allow-nonfinite)
-        s_raw, s32 = _round_scale(s, companion_dtypes["scale"], threads)
+        sdtype = self._scale_dtype(companion_dtypes["scale"])
+        if self.ue8m0 or sdtype == "F8_E8M0":
+            s = pow2_scales(amax)  # 1 for zero / NaN / Inf blocks too
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = np.where(amax > 0, amax / np.float32(FP8_E4M3_MAX), np.float32(1.0)).astype(np.float32)
+            s = np.where(np.isfinite(s), s, np.float32(1.0)).astype(np.float32)  # NaN / Inf rows (--allow-nonfinite)
+        s_raw, s32 = _round_scale(s, sdtype, threads)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             q = blocks / s32[:, None, :, None]
         codes = e4m3_from_float32(q.reshape(nr * bm, nc * bn)[:rows, :cols])
@@ -339,6 +418,7 @@ class Bitsandbytes(QuantScheme):
     name: str
     method: str = "bitsandbytes"
     writable: bool = True
+    packed_dtype: str = "U8"  # the config's bnb_4bit_quant_storage, as a safetensors dtype
     requantize_by_default: ClassVar[bool] = False
     packed: ClassVar[bool] = True
 
@@ -350,6 +430,15 @@ class Bitsandbytes(QuantScheme):
 
     def is_companion(self, key: str) -> bool:
         return key.endswith(tuple("." + s for s in Q.BNB_COMPANION_SUFFIXES))
+
+    def may_be_weight(self, key: str, shape: tuple[int, ...], dtype: str) -> bool:
+        """Besides float8: a `weight` of integer codes (packed 4-bit U8, LLM.int8 I8), or [n, 1] of the config's
+        quant_storage type (packed 4-bit codes stored as bf16 / fp16 / fp32), without its quant state / SCB."""
+        if super().may_be_weight(key, shape, dtype):
+            return True
+        if key != "weight" and not key.endswith(".weight"):
+            return False
+        return dtype in ("U8", "I8") or (dtype == self.packed_dtype and len(shape) == 2 and shape[1] == 1)
 
     def check(self, weight_key: str, shape: tuple[int, ...], dtype: str,
               companions: Mapping[str, tuple[str, tuple[int, ...]]]) -> str | None:
@@ -388,8 +477,9 @@ class Bitsandbytes(QuantScheme):
         tensors.update({f"{weight_key}.{role}": Tensor(*read(role)) for role in _BNB4_ROLES if _has(read, role)})
         st = Q.parse_bnb4(tensors, weight_key)
         what = f"bitsandbytes 4-bit {st.quant_type}, blocks of {st.blocksize}" + (", nested" if st.nested else "")
-        return Bnb4Weight(what, "bitsandbytes", True, st.quant_type, st.blocksize, st.nested, st.dtype, st.shape,
-                          st.storage_dtype, st.nested_offset)
+        return Bnb4Weight(what, "bitsandbytes", True, self.packed_dtype, quant_type=st.quant_type,
+                          blocksize=st.blocksize, nested=st.nested, dtype=st.dtype, shape=st.shape,
+                          storage=st.storage_dtype, nested_offset=st.nested_offset)
 
     # the unbound scheme does no math: `bind` first
     def row_align(self, shape: tuple[int, ...]) -> int:
@@ -527,13 +617,25 @@ def _has(read: Callable[[str], tuple[np.ndarray, str]], role: str) -> bool:
 
 
 def _bnb_factory(qc: dict[str, object]) -> QuantScheme | str:
-    if qc.get("load_in_4bit"):
-        what = f"bitsandbytes 4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}"
-    elif qc.get("load_in_8bit"):
-        what = "bitsandbytes 8-bit (LLM.int8)"
-    else:
-        what = "bitsandbytes"
-    return Bitsandbytes(what)
+    storage = qc.get("bnb_4bit_quant_storage", "uint8")
+    packed = Q.QUANT_STORAGE[storage][0] if isinstance(storage, str) and storage in Q.QUANT_STORAGE else "U8"
+    return Bitsandbytes(_bnb_name(qc, {}), packed_dtype=packed)
+
+
+def _bnb_name(qc: Mapping[str, object], dtypes: Mapping[str, str]) -> str:
+    """What a bitsandbytes checkpoint holds, from its tensors (each 4-bit weight's quant_state names its type,
+    whatever the config says or leaves out), else from its config."""
+    four = sorted({k.rpartition("__")[2] for k in dtypes if Q.QUANT_STATE_PREFIX in k} & set(Q.QUANT_TYPES))
+    eight = any(k == "SCB" or k.endswith(".SCB") for k in dtypes)
+    parts = []
+    if four:
+        parts.append(f"bitsandbytes 4-bit {' / '.join(four)}")
+    elif qc.get("load_in_4bit"):
+        qtype = qc.get("bnb_4bit_quant_type")
+        parts.append("bitsandbytes 4-bit" + (f" {qtype}" if isinstance(qtype, str) else ""))
+    if eight or (not four and not qc.get("load_in_4bit") and qc.get("load_in_8bit")):
+        parts.append("bitsandbytes 8-bit (LLM.int8)")
+    return " and ".join(parts) or "bitsandbytes"
 
 
 # ---------------------------------------------------------------- detection
@@ -579,11 +681,18 @@ def _fp8_factory(qc: dict[str, object]) -> QuantScheme | str:
     fmt = str(qc.get("fmt", "e4m3")).lower()
     if fmt not in ("e4m3", "float8_e4m3fn"):
         return f"float8 format {fmt!r} (lorafuse reads e4m3 weights only)"
-    block = _pair(qc.get("weight_block_size"), None) if "weight_block_size" in qc else (0, 0)
+    # weight_block_size absent or null: one scale per tensor (transformers' FineGrainedFP8Config takes None so)
+    size = qc.get("weight_block_size")
+    block = _pair(size, None) if size is not None else (0, 0)
     if block is None:
-        return f"weight_block_size {qc.get('weight_block_size')!r} is not two positive integers"
+        return f"weight_block_size {size!r} is not two positive integers"
+    scale_fmt = qc.get("scale_fmt")
+    if scale_fmt not in (None, "float", "ue8m0"):
+        return f"scale_fmt {scale_fmt!r} (lorafuse reads 'float' and 'ue8m0' scales)"
     what = f"block {block[0]}x{block[1]}" if block != (0, 0) else "per tensor"
-    return Fp8Scaled(f"float8 e4m3, {what}, weight_scale_inv", "fp8", "weight_scale_inv", block)
+    ue8m0 = scale_fmt == "ue8m0"
+    return Fp8Scaled(f"float8 e4m3, {what}, weight_scale_inv" + (" (ue8m0: powers of two)" if ue8m0 else ""),
+                     "fp8", "weight_scale_inv", block, ue8m0=ue8m0)
 
 
 def _ct_factory(qc: dict[str, object]) -> QuantScheme | str:
@@ -631,7 +740,9 @@ register_method("bitsandbytes", _bnb_factory)
 
 # Companions that go with quantized weights (activation and KV-cache scales): kept with keep-FP8, dropped
 # with the quantization_config when the weights are written in 16 / 32 bits.
-_DROPPED_WITH_CONFIG = ("input_scale", "output_scale", "k_scale", "v_scale", "weight_scale_inv", "weight_scale")
+# (`activation_scale`: transformers' fp8 with activation_scheme static.)
+_DROPPED_WITH_CONFIG = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale", "weight_scale_inv",
+                        "weight_scale")
 
 
 def _method_of(config: Mapping[str, object]) -> tuple[str, dict[str, object], str] | None:
@@ -659,6 +770,8 @@ def detect(config: Mapping[str, object], dtypes: Mapping[str, str]) -> Quantizat
         made = factory(qc)
         if isinstance(made, str):
             return Quantization(method, source, None, f"{made}; " + _ADVICE.get(method, _DEFAULT_ADVICE))
+        if type(made) is Bitsandbytes:  # say what the tensors hold (the config may leave the quant type out)
+            made = replace(made, name=_bnb_name(qc, dtypes))
         return Quantization(method, source, made, dropped_suffixes=_DROPPED_WITH_CONFIG)
     return _detect_by_names(dtypes)
 
@@ -667,6 +780,41 @@ def detect_checkpoint(ckpt: Checkpoint, config: Mapping[str, object] | None = No
     """`detect` for a checkpoint: its config.json (`config` when already read) and its tensors' dtypes."""
     return detect(read_config(ckpt.directory) if config is None else config,
                   {k: ckpt.info(k).dtype for k in ckpt.keys()})
+
+
+def parameter_count(ckpt: Checkpoint, q: Quantization | None) -> int:
+    """The model's parameters in a checkpoint quantized as `q` (None: not quantized): each tensor's element count,
+    a packed bitsandbytes 4-bit weight counted by its real shape (from its quant_state), and the quantization's
+    companions (scales, absmax, quant maps and states, SCB, activation / KV-cache scales) not counted. A
+    quantization lorafuse does not read (GPTQ, ...) is counted as stored (packed integers)."""
+    keys = ckpt.keys()
+    if q is None or q.scheme is None:
+        return sum(ckpt.info(k).numel for k in keys)
+    scheme = q.scheme
+    present = set(keys)
+    companions = {c for k in keys for c in scheme.companions(k).values() if c in present}
+    companions |= {k for k in keys if scheme.is_companion(k) or k.rpartition(".")[2] in q.dropped_suffixes}
+    total = 0
+    files: dict[str, SafetensorsFile] = {}
+    try:
+        for k in keys:
+            if k in companions:
+                continue
+            states = [k + Q.QUANT_STATE_PREFIX + t for t in Q.QUANT_TYPES if k + Q.QUANT_STATE_PREFIX + t in present]
+            if len(states) == 1:
+                shard = ckpt.shard_of[states[0]]
+                if shard not in files:
+                    files[shard] = ckpt.open(shard)
+                try:
+                    total += math.prod(Q.quant_state_shape(files[shard].raw(states[0]), states[0]))
+                    continue
+                except LorafuseError:
+                    pass  # an unreadable quant state: counted as stored (apply refuses it, naming it)
+            total += ckpt.info(k).numel
+    finally:
+        for f in files.values():
+            f.close()
+    return total
 
 
 def _detect_by_names(dtypes: Mapping[str, str]) -> Quantization | None:
@@ -686,7 +834,7 @@ def _detect_by_names(dtypes: Mapping[str, str]) -> Quantization | None:
                                     "float8 weights with weight_scale but no quantization_config to say their block "
                                     "layout; put the checkpoint's config.json beside it")
             if method == "bitsandbytes":  # self-describing: the quant_state / SCB beside each weight says it all
-                return Quantization(method, source, Bitsandbytes("bitsandbytes"))
+                return Quantization(method, source, Bitsandbytes(_bnb_name({}, dtypes)))
             return Quantization(method, source, None, _ADVICE.get(method, _DEFAULT_ADVICE))
     return None
 

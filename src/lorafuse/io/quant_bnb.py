@@ -248,6 +248,17 @@ def _parse_json(raw: np.ndarray, key: str) -> dict[str, Any]:
     return obj
 
 
+def quant_state_shape(raw: Any, key: str) -> tuple[int, ...]:
+    """The real shape of a 4-bit weight from its quant_state tensor `key` (the uint8 JSON bytes) alone; FormatError
+    when it holds no list of sizes."""
+    obj = _parse_json(_array_and_dtype(raw)[0], key)
+    shape_v = obj.get("shape")
+    if (not isinstance(shape_v, list) or not shape_v
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_v)):
+        raise FormatError(f"{key}: shape {shape_v!r} is not a list of sizes")
+    return tuple(int(d) for d in shape_v)
+
+
 def _int_field(obj: Mapping[str, Any], name: str, key: str) -> int:
     v = obj.get(name)
     if isinstance(v, bool) or not isinstance(v, int):
@@ -382,10 +393,11 @@ def dequantize_bnb4(packed: Any, state: Bnb4State, rows: slice | None = None) ->
     vals = _PAIRS[state.quant_type][data[s0 // 2: (s1 + 1) // 2]].reshape(-1)  # high nibble first
     scale = state.absmax_f32(b0, b1)
     full = (s1 - s0) // bs
-    if full:
-        vals[: full * bs].reshape(full, bs)[...] *= scale[:full, None]
-    if full * bs < s1 - s0:
-        vals[full * bs: s1 - s0] *= scale[full]
+    with np.errstate(invalid="ignore", over="ignore"):  # an Inf / NaN absmax: for the caller to judge
+        if full:
+            vals[: full * bs].reshape(full, bs)[...] *= scale[:full, None]
+        if full * bs < s1 - s0:
+            vals[full * bs: s1 - s0] *= scale[full]
     return vals[e0 - s0: e1 - s0].reshape(out_shape)
 
 
@@ -596,8 +608,9 @@ def dequantize_int8(weight_int8: Any, scb: Any, name: str = "weight") -> NDArray
     if s32.size != w.shape[0]:
         raise FormatError(f"{name}: SCB has {s32.size} values for {w.shape[0]} rows")
     out = w.astype(np.float32)
-    out *= s32[:, None]
-    out *= _INT8_SCALE
+    with np.errstate(invalid="ignore", over="ignore"):  # an Inf / NaN SCB: NaN rows, for the caller to judge
+        out *= s32[:, None]
+        out *= _INT8_SCALE
     return out
 
 
@@ -648,4 +661,5 @@ __all__ = [
     "quantize_blockwise_8bit",
     "quantize_bnb4",
     "quantize_nested_absmax",
+    "quant_state_shape",
 ]

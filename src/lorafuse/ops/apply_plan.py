@@ -166,6 +166,8 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
 
     qplan = plan_quant(ckpt, config, changed, dtype, requantize, scan)
     quant_weights = qplan.weights if qplan is not None else {}
+    if qplan is None and requantize:
+        notes.append(f"{ckpt.location}: requantize has no effect: the base is not quantized")
 
     def out_tensor(key: str, shard: str, src: str) -> OutTensor:
         info = ckpt.info(src)

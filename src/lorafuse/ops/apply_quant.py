@@ -12,6 +12,7 @@ config.json loses its quantization_config.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorafuse.errors import LorafuseError, UnsupportedError
+from lorafuse.backends import get_backend
+from lorafuse.errors import LorafuseError, NonFiniteError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.quant import Quantization, QuantScheme, detect_checkpoint, refusal, relative
 from lorafuse.io.safetensors import SafetensorsFile
@@ -33,13 +35,14 @@ class QuantRef:
     """A quantized weight of the base: its scheme (bound to the weight), its companions (role -> (shard,
     key)), whether the output keeps the quantization (requantize) or is a float dtype, and the weight's real
     shape (a packed 4-bit weight is stored as [bytes, 1]) and the float dtype it was quantized from (None:
-    not recorded)."""
+    not recorded), and its name (what messages call it)."""
 
     scheme: QuantScheme
     companions: dict[str, tuple[str, str]]
     requantize: bool
     shape: tuple[int, ...] = ()
     dtype: str | None = None
+    name: str = ""
 
     @property
     def cols(self) -> int:
@@ -138,7 +141,8 @@ def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
         for key in ckpt.keys():
             info = ckpt.info(key)
             present = {role: k for role, k in scheme.companions(key).items() if k in ckpt}
-            if not present and info.dtype not in F8_DTYPES:
+            if not present and (scheme.is_companion(key) or not scheme.may_be_weight(key, tuple(info.shape),
+                                                                                       info.dtype)):
                 continue  # not a quantized weight (a norm, a bias, an unquantized lm_head, a companion itself)
             why = scheme.check(key, info.shape, info.dtype,
                                {role: (ckpt.info(k).dtype, ckpt.info(k).shape) for role, k in present.items()})
@@ -231,7 +235,7 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
                                    "leave --requantize out (or pass --dtype bf16, fp16, fp32) to write the merged "
                                    "model unquantized")
         plan.weights[key] = QuantRef(bound, {r: (ckpt.shard_of[k], k) for r, k in present.items()}, keep,
-                                     bound.logical_shape(tuple(info.shape)), bound.logical_dtype() or fallback)
+                                     bound.logical_shape(tuple(info.shape)), bound.logical_dtype() or fallback, key)
     orphans = sorted(k for k in ckpt.keys() if scheme.is_companion(k) and k not in plan.companions)
     if orphans:
         raise UnsupportedError(f"{where}: {', '.join(orphans[:4])}{' and more' if len(orphans) > 4 else ''} belong "
@@ -279,27 +283,41 @@ def dequantize_rows(ref: QuantRef, raw: np.ndarray, r0: int, r1: int,
 
 @dataclass
 class QuantError:
-    """Requantization error of one weight, accumulated over its row blocks (vs the float32 merged result)."""
+    """Requantization error of one weight, accumulated over its row blocks (vs the float32 merged result).
+    Elements whose merged or requantized value is NaN / Inf (written only with --allow-nonfinite, from non-finite
+    inputs: a finite merge that does not survive requantization is refused, see requantize_rows) have no error:
+    they are counted in `nonfinite`, and the errors are over the other elements."""
 
     max_abs: float = 0.0
     err_sq: float = 0.0
     ref_sq: float = 0.0
+    nonfinite: int = 0
 
     def add(self, merged: np.ndarray, back: np.ndarray) -> None:
-        """Rows of the float32 merge and of its requantized value (NaN / Inf left out)."""
+        """Rows of the float32 merge and of its requantized value."""
         with np.errstate(invalid="ignore", over="ignore"):
             diff = (back - merged).ravel()
         m = merged.ravel()
         if not (np.isfinite(diff).all() and np.isfinite(m).all()):
             keep = np.isfinite(diff) & np.isfinite(m)
+            self.nonfinite += int(keep.size - np.count_nonzero(keep))
             diff, m = diff[keep], m[keep]
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
             self.err_sq += _sum_sq(diff)
             self.ref_sq += _sum_sq(m)
 
+    def merge(self, other: QuantError) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.err_sq += other.err_sq
+        self.ref_sq += other.ref_sq
+        self.nonfinite += other.nonfinite
+
     def as_dict(self) -> dict[str, float]:
-        return {"max_abs_error": self.max_abs, "rel_fro_error": relative(self.err_sq, self.ref_sq)}
+        """max_abs_error, rel_fro_error (over the finite elements) and nonfinite_values (how many are NaN / Inf
+        in the merge or its requantized value)."""
+        return {"max_abs_error": self.max_abs, "rel_fro_error": relative(self.err_sq, self.ref_sq),
+                "nonfinite_values": self.nonfinite}
 
 
 def _sum_sq(x: np.ndarray) -> float:
@@ -330,6 +348,7 @@ def requantize_rows(ref: QuantRef, merged: np.ndarray, r0: int, shape: tuple[int
         codes, comps = ref.scheme.quantize(part, r0 + a, shape, companion_dtypes, 0)
         back = ref.scheme.dequantize(codes, {r: (c, companion_dtypes[r]) for r, c in comps.items()}, 0,
                                      (part.shape[0], *shape[1:]), 0)
+        _check_requantized(ref, part, back)
         err = QuantError()
         err.add(part, back)
         return codes, comps, err
@@ -340,11 +359,43 @@ def requantize_rows(ref: QuantRef, merged: np.ndarray, r0: int, shape: tuple[int
         with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="lorafuse-quant") as pool:
             results = list(pool.map(lambda ab: one(*ab), bounds))
     for _, _, e in results:
-        error.max_abs = max(error.max_abs, e.max_abs)
-        error.err_sq += e.err_sq
-        error.ref_sq += e.ref_sq
+        error.merge(e)
     if len(results) == 1:
         return results[0][0], results[0][1]
     codes = np.concatenate([c for c, _, _ in results])
     comps = {role: np.concatenate([cs[role].reshape(-1) for _, cs, _ in results]) for role in results[0][1]}
     return codes, comps
+
+
+# The largest finite value of the float dtypes a requantized weight is computed in (dequantized to) by its loader.
+_LARGEST = {"F16": 65504.0, "BF16": 3.3895313892515355e38}
+
+
+def _check_requantized(ref: QuantRef, merged: np.ndarray, back: np.ndarray) -> None:
+    """NonFiniteError naming the weight when finite merged rows do not survive requantization: their scale
+    overflows its dtype (an LLM.int8 row beyond float16, which bitsandbytes rounds the weight to before
+    quantizing; an FP8 block scale beyond F16 / BF16), or the requantized values overflow the dtype the loader
+    dequantizes them to (a bitsandbytes 4-bit quant state's float16). The quantized formats have no Inf: such a
+    row would read back as NaN or Inf, so this is refused even with --allow-nonfinite. Merged rows that are
+    already NaN / Inf (--allow-nonfinite) are written as the format can hold them, and counted (QuantError)."""
+    if not merged.size:
+        return
+    m_hi, m_lo = float(merged.max()), float(merged.min())  # NaN propagates: one pass each, no temporaries
+    if not (math.isfinite(m_hi) and math.isfinite(m_lo)):
+        return
+    b_hi, b_lo = float(back.max()), float(back.min())
+    if not (math.isfinite(b_hi) and math.isfinite(b_lo)):
+        where = "its requantized values are NaN or Inf (a scale beyond its dtype)"
+    elif ref.dtype in _LARGEST and max(b_hi, -b_lo) > _LARGEST[ref.dtype]:
+        backend = get_backend()  # beyond the largest finite value: Inf once rounded, unless just below the threshold
+        rounded = backend.to_float32(backend.from_float32(np.ascontiguousarray(back, dtype=np.float32), ref.dtype),
+                                     ref.dtype)
+        if np.isfinite(rounded).all():
+            return
+        where = f"its requantized values overflow {ref.dtype}, the dtype it is dequantized to"
+    else:
+        return
+    raise NonFiniteError(
+        f"{ref.name or 'a requantized weight'}: the merged values (largest |value| {max(m_hi, -m_lo):.6g}) do not "
+        f"fit {ref.scheme.name}: {where}; the quantized format cannot hold them (--allow-nonfinite does not apply): "
+        "write the merged model unquantized with --dtype fp32 (Python: dtype='fp32'), or scale the adapter down")

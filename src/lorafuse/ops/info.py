@@ -14,7 +14,7 @@ from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint,
 from lorafuse.io.hub import local_path
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.provenance import Provenance
-from lorafuse.io.quant import detect_checkpoint
+from lorafuse.io.quant import Quantization, detect_checkpoint, parameter_count
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.spectral import frobenius_norms
@@ -96,10 +96,10 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     }
 
 
-def describe_quantization(ckpt: Checkpoint) -> dict[str, object] | None:
+def describe_quantization(ckpt: Checkpoint, q: Quantization | None = None) -> dict[str, object] | None:
     """How the checkpoint is quantized (None: it is not): the method, the scheme lorafuse reads it with
-    (None: lorafuse refuses it, `why` says why), and where that was found."""
-    q = detect_checkpoint(ckpt)
+    (None: lorafuse refuses it, `why` says why), and where that was found (`q`: detect_checkpoint's, when read)."""
+    q = detect_checkpoint(ckpt) if q is None else q
     if q is None:
         return None
     return {"method": q.method, "scheme": q.scheme.name if q.scheme is not None else None,
@@ -108,16 +108,18 @@ def describe_quantization(ckpt: Checkpoint) -> dict[str, object] | None:
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
     infos = [t for h in ckpt.headers.values() for t in h.values()]
+    q = detect_checkpoint(ckpt)
     return {
         "type": "checkpoint",
         "path": str(ckpt.path),
         "shards": ckpt.shards,
         "sharded": ckpt.sharded,
         "tensors": len(infos),
-        "parameters": sum(t.numel for t in infos),
+        # the model's parameters: a packed 4-bit weight by its real shape, scales and quant states not counted
+        "parameters": parameter_count(ckpt, q),
         "bytes": ckpt.total_bytes(),
         "dtypes": dict(Counter(t.dtype for t in infos)),
-        "quantization": describe_quantization(ckpt),
+        "quantization": describe_quantization(ckpt, q),
         # how lorafuse made it (io.provenance), from the first shard's metadata (every shard holds it)
         "provenance": _made_by(ckpt),
     }
