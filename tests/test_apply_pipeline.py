@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import sd_fixtures as sdk
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
@@ -244,3 +245,25 @@ def test_the_diffusion_chain_finds_what_resolve_finds(unet, linear_layers, tmp_p
         ref_found, ref_missing = resolve._targets(adapter, adapter.updates, shapes, lambda k: None, None)
         assert found == ref_found and sorted(missing) == sorted(ref_missing) == ["lora_unet_not_a_layer"]
         assert len(found) == len(linear_layers)
+
+
+def test_dtype_on_a_pipeline_converts_the_merged_components_and_says_which_are_copied(
+        unet, linear_layers, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """docs/cli.md promised every float tensor converted; in a pipeline the untouched components (the VAE, whose
+    float16 overflows in SDXL) are copied as they are, and now a note names them."""
+    from lorafuse.cli import main
+
+    _, _, pipe, adapters = _inputs(tmp_path, unet, linear_layers)
+    vae = {"decoder.conv_in.weight": torch.ones(4, 4, 3, 3)}
+    (pipe / "vae").mkdir()
+    save_file(vae, str(pipe / "vae" / WEIGHTS))
+    (pipe / "vae" / "config.json").write_text('{"marker": "vae"}')
+    index = json.loads((pipe / "model_index.json").read_text())
+    (pipe / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    out = tmp_path / "out"
+    assert main(["apply", str(pipe), str(adapters[0]), "-o", str(out), "--dtype", "fp16"]) == 0
+    shown = capsys.readouterr()
+    assert "dtype F16 applies to the merged unet; vae copied as it is" in shown.out + shown.err
+    with safe_open(str(out / "unet" / WEIGHTS), "np") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float16)}
+    assert (out / "vae" / WEIGHTS).read_bytes() == (pipe / "vae" / WEIGHTS).read_bytes()

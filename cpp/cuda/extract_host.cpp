@@ -105,7 +105,7 @@ void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt,
     detail::TruncatedSvd t;
     detail::randomized_svd(op, detail::sketch_key(opt.seed, job.name), l, kk, opt.power_iters, threads, t);
     for (Index i = 0; i < l; ++i) job.S[i] = t.s[i];
-    detail::write_factors(t.L, t.R, t.s.head(kk), SvdSplit::B, {job.B, job.A, job.out, job.in, job.k});
+    detail::write_factors(t.L, t.R, t.s.head(kk), SvdSplit::B, {job.B, job.A, job.out, job.in, job.k, &job.name});
   }
 }
 

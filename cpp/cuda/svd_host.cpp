@@ -44,7 +44,7 @@ using MatD = Eigen::MatrixXd;
 using MatF = Eigen::MatrixXf;
 using VecD = Eigen::VectorXd;
 
-FactorOutput output_of(const SvdJob& job) { return {job.B2, job.A2, job.out, job.in, job.k}; }
+FactorOutput output_of(const SvdJob& job) { return {job.B2, job.A2, job.out, job.in, job.k, &job.name}; }
 
 void write_zero(const SvdJob& job) { detail::write_zero(output_of(job)); }
 
@@ -168,6 +168,10 @@ bool factored_exact_gpu(SvdJob& job, SvdSplit split, products::DeviceFactorQR& d
   // D = Q_B (R_B R_A^T) Q_A^T = (Q_B U) S (Q_A V)^T.
   const MatD core = Rb * Ra.transpose();
   const Eigen::BDCSVD<MatD> svd(core, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  if (svd.info() != Eigen::Success || !detail::all_finite(svd.singularValues().data(), svd.singularValues().size())) {
+    write_zero(job);
+    throw Error(ErrorKind::NonFinite, job.name + ": the SVD of the combined factors failed (values past float32's range?)");
+  }
   const VecD& sv = svd.singularValues();
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = sv[i];
   const Index kk = std::min<Index>(job.k, r);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <type_traits>
 
 #if defined(__AVX__)
@@ -26,8 +27,9 @@ using Eigen::Index;
 using MatF = Eigen::MatrixXf;
 using RowMatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Non-finite flags of a module, found in its first pass.
-constexpr unsigned kBadBase = 1, kBadFt = 2, kBadDiff = 4;
+// Non-finite flags of a module: found in its first pass (kBadBase, kBadFt, kBadDiff), or a
+// result that is not finite (kBadResult: its message says why).
+constexpr unsigned kBadBase = 1, kBadFt = 2, kBadDiff = 4, kBadResult = 8;
 
 using detail::bits_of;
 using detail::float_of;
@@ -514,10 +516,11 @@ class ExtractOp {
 };
 
 // One module with `threads` threads for its tile products. Returns the kBad* flags
-// (0: done). Gives up early (returning 0, outputs unspecified) when a job before it
-// in job order has been found bad, since that job's error is the one raised.
+// (0: done; kBadResult: `message` says why, the outputs are zero). Gives up early
+// (returning 0, outputs unspecified) when a job before it in job order has been found
+// bad, since that job's error is the one raised.
 unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& opt, int threads,
-                     const std::atomic<std::int64_t>& first_bad) {
+                     const std::atomic<std::int64_t>& first_bad, std::string& message) {
   const Index l = job.s_len;
   job.frob_sq = 0.0;
   if (l == 0) {  // an empty matrix
@@ -531,8 +534,21 @@ unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& 
     if (op.zero) write_zero(job);
     return op.flags;
   }
+  if (!t.finite) {  // the products overflowed float32 at every scale, or the small SVD failed
+    write_zero(job);
+    message = job.name + ": the randomized SVD of W_ft - W_base gave NaN or Inf (its float32 products overflow, "
+                         "even with the input scaled down by 2^" + std::to_string(detail::kMaxScale) + ")";
+    return kBadResult;
+  }
+  try {  // refuses factors that do not fit float32 (singular values past its range)
+    detail::write_factors(t.L, t.R, t.s.head(kk), SvdSplit::B, {job.B, job.A, job.out, job.in, job.k, &job.name});
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::NonFinite) throw;
+    write_zero(job);
+    message = e.what();
+    return kBadResult;
+  }
   for (Index i = 0; i < l; ++i) job.S[i] = t.s[i];
-  detail::write_factors(t.L, t.R, t.s.head(kk), SvdSplit::B, {job.B, job.A, job.out, job.in, job.k});
   return 0;
 }
 
@@ -603,12 +619,13 @@ void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt,
   const int outer = static_cast<int>(std::min<std::int64_t>(t, n_jobs));
   const int inner = std::max(1, t / outer);
   std::vector<unsigned> flags(jobs.size(), 0u);
+  std::vector<std::string> messages(jobs.size());  // kBadResult's
   std::atomic<std::int64_t> first_bad{n_jobs};
   parallel_for(n_jobs, outer, [&](std::int64_t i, int) {
     const std::size_t j = order[static_cast<std::size_t>(i)];
     const auto idx = static_cast<std::int64_t>(j);
     if (first_bad.load() < idx) return;
-    const unsigned f = extract_one(jobs[j], idx, opt, inner, first_bad);
+    const unsigned f = extract_one(jobs[j], idx, opt, inner, first_bad, messages[j]);
     if (f != 0) {
       flags[j] = f;
       std::int64_t cur = first_bad.load();
@@ -620,6 +637,7 @@ void extract_svd_batch(std::vector<ExtractJob>& jobs, const ExtractOptions& opt,
   if (bad < n_jobs) {
     const ExtractJob& j = jobs[static_cast<std::size_t>(bad)];
     const unsigned f = flags[static_cast<std::size_t>(bad)];
+    if (f & kBadResult) throw Error(ErrorKind::NonFinite, messages[static_cast<std::size_t>(bad)]);
     std::string what;
     if (f & (kBadBase | kBadFt)) {
       what = (f & kBadBase) && (f & kBadFt) ? "the base and the fine-tuned weight hold"

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <limits>
 
 #if defined(__linux__) || defined(__APPLE__)
 #include <sys/mman.h>
@@ -10,6 +12,8 @@
 #define LORAFUSE_HAVE_MADVISE 1
 #endif
 
+#include "finite.hpp"
+#include "lorafuse/errors.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/rng.hpp"
 #include "svd_signs.hpp"
@@ -97,6 +101,12 @@ void release_term(const FactorTerm& t, Index rows, Index cols) noexcept {
 MatF orthonormal_columns(const MatF& Y) { return PanelQR<double>(Y.cast<double>()).thin_q().cast<float>(); }
 
 void write_factors(MatD& L, MatD& R, const VecD& s, SvdSplit split, const FactorOutput& out) {
+  const std::string prefix = out.name != nullptr && !out.name->empty() ? *out.name + ": " : std::string();
+  if (!all_finite(s.data(), s.size()) || !all_finite(L.data(), L.size()) || !all_finite(R.data(), R.size())) {
+    write_zero(out);
+    throw Error(ErrorKind::NonFinite, prefix + "the SVD gave NaN or Inf (a product of the decomposition overflowed "
+                                               "float32)");
+  }
   fix_signs(L, R);
   Eigen::Map<RowMatF> B(out.B, out.rows, out.k);
   Eigen::Map<MatF> At(out.A, out.cols, out.k);  // A row-major (k x cols) is A^T column-major
@@ -108,6 +118,15 @@ void write_factors(MatD& L, MatD& R, const VecD& s, SvdSplit split, const Factor
     const double fr = split == SvdSplit::B ? 1.0 : fl;
     B.col(j) = (L.col(j) * fl).cast<float>();
     At.col(j) = (R.col(j) * fr).cast<float>();
+  }
+  // Singular values past float32's range (L and R have entries <= 1) give Inf factors: refused.
+  if (!all_finite(out.B, out.rows * out.k) || !all_finite(out.A, out.k * out.cols)) {
+    write_zero(out);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "the low-rank factors do not fit float32: the largest singular value is %.3g "
+                  "(float32 holds up to %.3g)", s.size() > 0 ? s.maxCoeff() : 0.0,
+                  static_cast<double>(std::numeric_limits<float>::max()));
+    throw Error(ErrorKind::NonFinite, prefix + buf);
   }
 }
 

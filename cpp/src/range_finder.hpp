@@ -20,13 +20,23 @@
 // orth() is a blocked Householder QR in float64 (panel_qr.hpp), the small SVD float64 too,
 // the products float32. Nothing depends on the thread count unless the operator's products
 // do (those here run on the calling thread; extract's are thread-count independent).
+//
+// Overflow: a finite operator can still overflow a float32 product (an entry near float32's
+// max times a Gaussian, or factors of 1e19 each). A product that comes out NaN or Inf is run
+// again on its input scaled by 2^-kScaleStep, 2^-2 kScaleStep, ... (products are linear, so
+// this is exact but for the underflow of negligible entries); the scale of the last product
+// is undone on S in float64. Where no scale helps, or the small SVD fails, the result is
+// marked not finite (TruncatedSvd::finite false, s NaN) and write_factors refuses it.
 #pragma once
 #include <Eigen/Core>
 #include <Eigen/SVD>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "finite.hpp"
 #include "lorafuse/svd.hpp"
 #include "panel_qr.hpp"
 
@@ -55,11 +65,13 @@ MatF orthonormal_columns(const MatF& Y);
 // the page cache on the next read; a no-op where madvise is not available.
 void release_term(const FactorTerm& t, Index rows, Index cols) noexcept;
 
-// Where a rank-k result goes: B (rows x k) and A (k x cols), row-major float32.
+// Where a rank-k result goes: B (rows x k) and A (k x cols), row-major float32. `name` (may
+// be null): the job, for the error messages of write_factors.
 struct FactorOutput {
   float* B;
   float* A;
   Index rows, cols, k;
+  const std::string* name = nullptr;
 };
 
 // B = L diag(f_left) and A = diag(f_right) R^T, padded with zero columns / rows to k, with
@@ -67,40 +79,98 @@ struct FactorOutput {
 // and R (cols x kk) hold the leading singular vectors, s their kk singular values. The sign
 // convention of svd_signs.hpp is applied first; a singular value that is not > 0 gives a
 // zero column of B and a zero row of A (so a zero matrix gives zeros).
+// Throws Error(NonFinite) naming out.name, with B and A zero, when s, L or R hold NaN or Inf
+// (a failed SVD) or when B or A would not fit float32 (singular values past float32's range).
 void write_factors(MatD& L, MatD& R, const VecD& s, SvdSplit split, const FactorOutput& out);
 void write_zero(const FactorOutput& out);
 
 // The leading kk singular triplets and all l singular values that the range finder computed.
+// finite false: no product could be kept finite or the small SVD failed; s is then NaN (l
+// values) and L, R zero, so write_factors refuses it.
 struct TruncatedSvd {
   VecD s;
   MatD L, R;
+  bool finite = true;
 };
 
+// Products that overflow are run again with their input scaled by 2^-kScaleStep per try, up
+// to 2^-kMaxScale: float32 inputs of norm ~1 keep their significant entries far above the
+// subnormal range (2^-126) at that scale.
+constexpr int kScaleStep = 32;
+constexpr int kMaxScale = 96;
+
+// res = op.apply(in) or op.apply_t(in) (`transposed`) of in scaled by 2^-e, from the scale e
+// the run has reached (never lowered: the next product of the same operator needs as much).
+// Returns 1 on a finite result, 0 when op.proceed() stopped it, -1 when no scale up to
+// kMaxScale gives a finite result.
+template <class Op>
+int scaled_product(Op& op, bool transposed, const MatF& in, MatF& res, int& e) {
+  for (;;) {
+    if (e == 0) {
+      transposed ? op.apply_t(in, res) : op.apply(in, res);
+    } else {
+      const MatF scaled = in * std::ldexp(1.0f, -e);
+      transposed ? op.apply_t(scaled, res) : op.apply(scaled, res);
+    }
+    if (!op.proceed()) return 0;
+    if (all_finite(res.data(), res.size())) return 1;
+    if (e + kScaleStep > kMaxScale) return -1;
+    e += kScaleStep;
+  }
+}
+
+// Marks `out` as a failed (not finite) result of width l, kk.
+inline void mark_not_finite(TruncatedSvd& out, Index rows, Index cols, Index l, Index kk) {
+  out.finite = false;
+  out.s = VecD::Constant(l, std::numeric_limits<double>::quiet_NaN());
+  out.L = MatD::Zero(rows, kk);
+  out.R = MatD::Zero(cols, kk);
+}
+
 // Randomized SVD of `op` with a sketch of width l (1 <= l <= min(rows, cols)); kk <= l.
-// Returns false when op.proceed() stopped it (`out` is then unspecified).
+// Returns false when op.proceed() stopped it (`out` is then unspecified). A run that could
+// not be kept finite returns true with out.finite false (see TruncatedSvd).
 template <class Op>
 bool randomized_svd(Op& op, std::uint64_t key, Index l, Index kk, std::int64_t power_iters, int threads,
                     TruncatedSvd& out) {
   const Index m = op.rows(), n = op.cols();
+  out.finite = true;
   MatF X = gaussian_sketch(key, n, l, threads);
   MatF Y(m, l);
-  op.apply(X, Y);
-  if (!op.proceed()) return false;
-  for (std::int64_t it = 0; it < power_iters; ++it) {
-    op.apply_t(orthonormal_columns(Y), X);
-    if (!op.proceed()) return false;
-    op.apply(orthonormal_columns(X), Y);
-    if (!op.proceed()) return false;
+  int e = 0;  // the products' inputs are scaled by 2^-e (only the last one's scale matters: see below)
+  int st = scaled_product(op, false, X, Y, e);
+  for (std::int64_t it = 0; it < power_iters && st > 0; ++it) {
+    st = scaled_product(op, true, orthonormal_columns(Y), X, e);
+    if (st > 0) st = scaled_product(op, false, orthonormal_columns(X), Y, e);
   }
+  if (st == 0) return false;
+  if (st < 0) {
+    mark_not_finite(out, m, n, l, kk);
+    return true;
+  }
+  // Y only fixes the range (orthonormalized); the last product Z = M^T Q sets the singular values:
+  // X = 2^-e Z, undone on S (a power of two: exact in float64).
   const PanelQR<double> qy(Y.cast<double>());
   const MatD Q = qy.thin_q();
-  op.apply_t(Q.cast<float>(), X);
-  if (!op.proceed()) return false;
+  st = scaled_product(op, true, Q.cast<float>(), X, e);
+  if (st == 0) return false;
+  if (st < 0) {
+    mark_not_finite(out, m, n, l, kk);
+    return true;
+  }
   const PanelQR<double> qz(X.cast<double>());
   const Eigen::BDCSVD<MatD> svd(MatD(qz.r().transpose()), Eigen::ComputeThinU | Eigen::ComputeThinV);
+  if (svd.info() != Eigen::Success) {
+    mark_not_finite(out, m, n, l, kk);
+    return true;
+  }
   out.s = svd.singularValues();
+  if (e != 0) out.s *= std::ldexp(1.0, e);
   out.L = Q * svd.matrixU().leftCols(kk);
   out.R = qz.apply_q(svd.matrixV().leftCols(kk));
+  if (!all_finite(out.s.data(), out.s.size()) || !all_finite(out.L.data(), out.L.size()) ||
+      !all_finite(out.R.data(), out.R.size()))
+    mark_not_finite(out, m, n, l, kk);
   return true;
 }
 

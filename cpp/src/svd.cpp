@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 
 #include "lorafuse/errors.hpp"
 #include "lorafuse/limits.hpp"
@@ -27,15 +28,30 @@ using detail::all_finite;
 using detail::FactorOutput;
 using detail::write_factors;
 
-FactorOutput output_of(const SvdJob& job) { return {job.B2, job.A2, job.out, job.in, job.k}; }
+FactorOutput output_of(const SvdJob& job) { return {job.B2, job.A2, job.out, job.in, job.k, &job.name}; }
 
 void write_zero(const SvdJob& job) { detail::write_zero(output_of(job)); }
+
+// Zero factors and singular values: the outputs of a refused job.
+void write_zero_all(const SvdJob& job) {
+  write_zero(job);
+  for (Index i = 0; i < job.s_len; ++i) job.S[i] = 0.0;
+}
+
+// A float64 SVD that did not succeed (BDCSVD's info(): its outputs are then unspecified): Error(NonFinite).
+template <class Svd>
+void check_svd_info(const Svd& svd, const SvdJob& job) {
+  if (svd.info() != Eigen::Success)
+    throw Error(ErrorKind::NonFinite, job.name + ": the float64 SVD failed (NaN or Inf in its input: a weighted "
+                                                 "product of the factors overflows float64)");
+}
 
 // Exact SVD of a float64 matrix; writes all min(rows, cols) singular values into
 // job.S (which must hold that many: s_len) or the first s_len of them, and the
 // leading min(k, rank) factors.
 void dense_exact(const MatD& D, SvdSplit split, SvdJob& job) {
   const Eigen::BDCSVD<MatD> svd(D, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  check_svd_info(svd, job);
   const VecD& sv = svd.singularValues();
   const Index nsv = sv.size();
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = i < nsv ? sv[i] : 0.0;
@@ -87,6 +103,7 @@ void factored_one(SvdJob& job, SvdSplit split) {
   // D = Q_B (R_B R_A^T) Q_A^T = (Q_B U) S (Q_A V)^T.
   const MatD core = Rb * Ra.transpose();
   const Eigen::BDCSVD<MatD> svd(core, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  check_svd_info(svd, job);
   const VecD& sv = svd.singularValues();
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = sv[i];
   const Index kk = std::min<Index>(job.k, r);
@@ -106,6 +123,10 @@ void randomized_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt
   const Index kk = std::min<Index>(job.k, l);
   detail::TruncatedSvd t;
   detail::randomized_svd(op, detail::sketch_key(opt.seed, job.name), l, kk, opt.power_iters, 1, t);
+  if (!t.finite)
+    throw Error(ErrorKind::NonFinite, job.name + ": the randomized SVD gave NaN or Inf (its float32 products "
+                                                 "overflow, even with the input scaled down by 2^" +
+                                                 std::to_string(detail::kMaxScale) + ")");
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = t.s[i];
   write_factors(t.L, t.R, t.s.head(kk), split, output_of(job));
 }
@@ -133,7 +154,10 @@ void dense_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt) {
 }
 
 // Runs fn on every job, the most expensive first (the order affects no result),
-// after a finiteness check of its inputs; reports the first bad job in job order.
+// after a finiteness check of its inputs and with a finiteness check of its outputs
+// (S, B2, A2); reports the first bad job in job order: Error(NonFinite) naming it, for
+// a NaN or Inf input or a result that is not finite (fn's own Error(NonFinite) included).
+// A bad job's outputs are zero.
 template <class Cost, class Fn>
 void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
   std::vector<std::size_t> order(jobs.size());
@@ -141,7 +165,7 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
   std::vector<double> c(jobs.size());
   for (std::size_t i = 0; i < jobs.size(); ++i) c[i] = cost(jobs[i]);
   std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return c[a] > c[b]; });
-  std::vector<unsigned char> bad(jobs.size(), 0);
+  std::vector<std::string> bad(jobs.size());  // the error message of a bad job
   parallel_for(static_cast<std::int64_t>(jobs.size()), threads, [&](std::int64_t t, int) {
     const std::size_t i = order[static_cast<std::size_t>(t)];
     SvdJob& job = jobs[i];
@@ -155,14 +179,26 @@ void run_jobs(std::vector<SvdJob>& jobs, int threads, Cost cost, Fn fn) {
       }
     }
     if (!finite) {
-      bad[i] = 1;
-      write_zero(job);
+      bad[i] = job.name + ": input holds NaN or Inf";
+      write_zero_all(job);
       return;
     }
-    fn(job);
+    try {
+      fn(job);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::NonFinite) throw;
+      bad[i] = e.what();
+      write_zero_all(job);
+      return;
+    }
+    // Every path checks its own results; this is the last line, whatever the path.
+    if (!all_finite(job.S, job.s_len) || !all_finite(job.B2, job.out * job.k) || !all_finite(job.A2, job.k * job.in)) {
+      bad[i] = job.name + ": the SVD gave NaN or Inf";
+      write_zero_all(job);
+    }
   });
   for (std::size_t i = 0; i < jobs.size(); ++i)
-    if (bad[i]) throw Error(ErrorKind::NonFinite, jobs[i].name + ": input holds NaN or Inf");
+    if (!bad[i].empty()) throw Error(ErrorKind::NonFinite, bad[i]);
 }
 
 

@@ -347,6 +347,10 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         ckpt = model.components[comp]
         plans[comp] = _plan(ckpt, part, config if config is not None else configs[comp], dtype,
                             max_shard_size, notes, tie, requantize, scans[comp])
+    untouched = [c for c in model.components if c not in plans]
+    if dtype is not None and not model.single and untouched:
+        notes.append(f"dtype {dtype} applies to the merged {', '.join(sorted(plans))}; "
+                     f"{', '.join(sorted(untouched))} copied as {'it is' if len(untouched) == 1 else 'they are'}")
     return ModelPlan(model, plans, notes)
 
 
