@@ -977,27 +977,6 @@ class _ReplayBuffer:
         return view
 
 
-READ_AHEAD = 2  # adapters: their bytes are asked of the disk this far ahead of the one being folded
-
-
-def _will_need(rp: Replay | None) -> None:
-    """Ask the kernel to start reading a later adapter's factor bytes (posix_fadvise WILLNEED): from a cold
-    disk its read then overlaps the products of the adapters before it instead of waiting after them. A hint:
-    any failure is ignored (the pread reads the bytes either way)."""
-    if rp is None or not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        fd = os.open(rp.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, rp.start, rp.length, os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _read_replay(src: Source, w: float, rp: Replay, data: np.ndarray, stacks: dict[str, _Stack],
                  backend: Backend) -> int:
     """A Replay's bytes (`data`, just read) into the chunk's stacks, as _read does for the loaded adapter."""
@@ -1017,9 +996,7 @@ def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: 
     buffer = _ReplayBuffer()
     held: list[Source] = []
     read = 0
-    for i, (src, w, adapter) in enumerate(_adapters(sources, weights, fingerprints, pass_no, replays)):
-        if replays and i + READ_AHEAD < len(replays):
-            _will_need(replays[i + READ_AHEAD])
+    for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no, replays):
         if isinstance(adapter, Replay):
             read += _read_replay(src, w, adapter, buffer.read(src, adapter, pass_no), stacks, backend)
         else:
