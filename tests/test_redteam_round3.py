@@ -629,3 +629,28 @@ def test_requantize_on_a_base_that_is_not_quantized_says_so(tmp_path: Path,
     assert main(["apply", str(base), str(ad), "-o", str(tmp_path / "m"), "--requantize"]) == 0
     shown = capsys.readouterr()
     assert "requantize has no effect: the base is not quantized" in shown.out + shown.err
+
+
+def test_a_diffusers_lora_with_alpha_tensors_is_read_as_diffusers_reads_it(tmp_path: Path) -> None:
+    """TheLastBen-style Flux LoRAs: diffusers-named factors with `<module>.alpha` scalars, which diffusers' loader
+    takes as the module's alpha (scale alpha / r). lorafuse refused the file ('not a diffusers LoRA tensor')."""
+    import lorafuse
+    from lorafuse.errors import FormatError
+
+    rng = np.random.default_rng(3)
+    mods = {"transformer.transformer_blocks.0.attn.to_q": (32, 32, 2.0), "transformer.proj_out": (16, 32, 8.0)}
+    t: dict[str, np.ndarray] = {}
+    for m, (o, i, alpha) in mods.items():
+        t[f"{m}.lora_A.weight"] = rng.standard_normal((4, i)).astype(np.float32)
+        t[f"{m}.lora_B.weight"] = rng.standard_normal((o, 4)).astype(np.float32)
+        t[f"{m}.alpha"] = np.array(alpha, dtype=np.float32)
+    f = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(t, str(f))
+    a = lorafuse.load(str(f))
+    for m, (_, _, alpha) in mods.items():
+        want = t[f"{m}.lora_B.weight"].astype(np.float64) @ t[f"{m}.lora_A.weight"] * alpha / 4
+        np.testing.assert_allclose(a.updates[m].delta(), want, rtol=1e-6)
+    del t["transformer.proj_out.lora_A.weight"], t["transformer.proj_out.lora_B.weight"]
+    save_file(t, str(f))
+    with pytest.raises(FormatError, match="alpha of a module that has no lora_A"):
+        lorafuse.load(str(f))

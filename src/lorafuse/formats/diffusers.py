@@ -184,6 +184,20 @@ def _scale(cfg: dict[str, object] | None, path: str, rank: int, where: str) -> f
     return value / math.sqrt(rank) if cfg.get("use_rslora") else value / rank
 
 
+def _scale_with(alpha: tuple[str, float] | None, cfg: dict[str, object] | None, path: str, rank: int,
+                where: str) -> float:
+    """A module's scale: alpha / r from its `.alpha` tensor where the file has one (and its config, when it also
+    has one, agrees), else _scale."""
+    if alpha is None:
+        return _scale(cfg, path, rank, where)
+    key, value = alpha
+    scale = value / rank
+    if cfg is not None and not math.isclose(_scale(cfg, path, rank, where), scale, rel_tol=1e-6):
+        raise FormatError(f"{where}: {key!r} gives alpha {value:g} (scale {scale:g}), but {ADAPTER_METADATA_KEY} "
+                          f"gives scale {_scale(cfg, path, rank, where):g}: which one holds cannot be told")
+    return scale
+
+
 def _update(where: str, module: str, p: dict[str, tuple[str, Tensor]], missing: dict[str, str],
             scale_of: object) -> LoraUpdate:
     """The update of one module from its halves (role -> (key, tensor)); `missing` names, per role, the
@@ -219,7 +233,18 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
     parts: dict[str, dict[str, tuple[str, Tensor]]] = {}
     missing: dict[str, dict[str, str]] = {}  # module -> role -> the key its absent half would have
     origin: dict[str, str] = {}
+    alphas: dict[str, tuple[str, float]] = {}  # module -> (key, alpha) of `<module>.alpha` scalars
     for key, t in tensors.items():
+        if key.endswith(".alpha") and split_name(key)[0]:
+            # network alphas beside diffusers-named factors (TheLastBen's Flux files): diffusers' loaders read
+            # them as the module's lora_alpha, scale alpha / r
+            component, rest = split_name(key)
+            module = f"{component}.{_canonical_path(component, rest.removesuffix('.alpha'))}"
+            values = t.f32().reshape(-1) if t.is_float else None
+            if values is None or values.size != 1 or not math.isfinite(float(values[0])):
+                raise FormatError(f"{p}: tensor {key!r} ({t.dtype} {t.shape}) is not one finite alpha value")
+            alphas[module] = (key, float(values[0]))
+            continue
         refused = next((what for s, what in _REFUSED.items() if key.endswith(s)), None)
         if refused:
             raise UnsupportedError(f"{p}: tensor {key!r} is {refused}, which lorafuse does not read from "
@@ -238,13 +263,17 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
         parts.setdefault(module, {})[role] = (key, t)
         missing.setdefault(module, {})["B" if role == "A" else "A"] = f"{component}.{other}"
         origin[module] = saved
+    stray = sorted(key for module, (key, _) in alphas.items() if module not in parts)
+    if stray:
+        raise FormatError(f"{p}: {stray[0]!r} is the alpha of a module that has no lora_A / lora_B in the file")
     updates: dict[str, Update] = {}
     for module, d in parts.items():
         component = split_name(module)[0]
         where = f"{p}: module {module!r}"
         cfg = configs.get(component)
         updates[module] = _update(where, module, d, missing[module],
-                                  lambda r, c=cfg, s=origin[module], w=where: _scale(c, s, r, w))
+                                  lambda r, c=cfg, s=origin[module], w=where, m=module: _scale_with(
+                                      alphas.get(m), c, s, r, w))
     record = _kohya_record(metadata, str(p))
     keys = record.get("metadata_keys") if record else None
     if isinstance(keys, list) and all(isinstance(k, str) and k in metadata for k in keys):
