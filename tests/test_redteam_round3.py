@@ -388,8 +388,9 @@ def test_merge_output_partly_overlapping_an_input_is_refused() -> None:
     np.testing.assert_allclose(w2, want, rtol=1e-6)
 
 
-def test_a_module_of_no_rows_or_columns_is_refused_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """lora_A (4, 0): resize wrote an adapter with r=0 that lorafuse and PEFT refuse to load."""
+def test_a_module_of_no_rows_or_columns_is_refused_by_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lora_A (4, 0): resize wrote an adapter with r=0 that lorafuse and PEFT refuse to load (apply still merges
+    it as nothing: test_messages.py)."""
     folder = tmp_path / "zw"
     folder.mkdir()
     p = f"{PREFIX}model.layers.0.self_attn.q_proj."
@@ -399,7 +400,7 @@ def test_a_module_of_no_rows_or_columns_is_refused_at_load(tmp_path: Path, capsy
                                                             "target_modules": ["q_proj"]}))
     assert main(["resize", str(folder), "--rank", "1", "-o", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert "FormatError" in err and str(folder) in err and "no rows or no columns" in err
+    assert "UnsupportedError" in err and str(folder) in err and "no rows or no columns" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -654,3 +655,88 @@ def test_a_diffusers_lora_with_alpha_tensors_is_read_as_diffusers_reads_it(tmp_p
     save_file(t, str(f))
     with pytest.raises(FormatError, match="alpha of a module that has no lora_A"):
         lorafuse.load(str(f))
+
+
+def test_kohya_modules_are_not_written_into_a_peft_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """combine --format peft of kohya files wrote a PEFT folder with flat kohya names that neither PEFT nor
+    lorafuse apply could use (exit 0)."""
+    rng = np.random.default_rng(0)
+    files = []
+    for seed in (1, 2):
+        n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+        f = tmp_path / f"k{seed}.safetensors"
+        save_file({f"{n}.lora_down.weight": rng.standard_normal((2, 8)).astype(np.float32),
+                   f"{n}.lora_up.weight": rng.standard_normal((8, 2)).astype(np.float32),
+                   f"{n}.alpha": np.array(2.0, np.float32)}, str(f))
+        files.append(str(f))
+    assert main(["combine", *files, "--format", "peft", "--rank", "2", "-o", str(tmp_path / "o")]) == 2
+    assert "is a kohya name, which a PEFT adapter folder cannot hold" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_kohya_rank_metadata_says_dynamic_for_mixed_ranks_and_conv_args_follow(tmp_path: Path) -> None:
+    """After a combine that leaves modules of different ranks, ss_network_dim named one of them; and a resize
+    kept ss_network_args' conv_dim / conv_alpha of the input (sd-scripts writes "Dynamic", and the new conv
+    rank)."""
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4.0",
+            "ss_network_args": json.dumps({"conv_dim": "4", "conv_alpha": "4"})}
+
+    def kohya(path: Path, mods: dict[str, tuple[int, ...]]) -> str:
+        t = {}
+        for n, shape in mods.items():
+            r = 4
+            t[f"{n}.lora_down.weight"] = rng.standard_normal((r, *shape[1:])).astype(np.float32)
+            t[f"{n}.lora_up.weight"] = rng.standard_normal((shape[0], r, *([1, 1] if len(shape) == 4 else []))
+                                                           ).astype(np.float32)
+            t[f"{n}.alpha"] = np.array(4.0, np.float32)
+        save_file(t, str(path), metadata=meta)
+        return str(path)
+
+    a = kohya(tmp_path / "a.safetensors", {q: (16, 16), k: (16, 16), conv: (16, 16, 3, 3)})
+    b = kohya(tmp_path / "b.safetensors", {q: (16, 16)})
+    out = tmp_path / "cat.safetensors"
+    assert main(["combine", a, b, "--method", "cat", "-o", str(out), "-q"]) == 0
+    got = safe_open(str(out), "np").metadata()
+    assert got["ss_network_dim"] == "Dynamic" and got["ss_network_alpha"] == "Dynamic"  # q: rank 8, k: rank 4
+    out2 = tmp_path / "r2.safetensors"
+    assert main(["resize", a, "--rank", "2", "-o", str(out2), "-q"]) == 0
+    got = safe_open(str(out2), "np").metadata()
+    assert (got["ss_network_dim"], got["ss_network_alpha"]) == ("2", "2.0")  # scale 1 kept: alpha = 2
+    assert json.loads(got["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+
+
+def test_a_config_without_tie_word_embeddings_ties_as_transformers_does(tmp_path: Path) -> None:
+    """transformers 4.x left tie_word_embeddings out of GPT-2's config.json (its default is true); lorafuse read
+    it as false and merged an embedding LoRA into the weight lm_head no longer shared: logits 37.8 off PEFT's.
+    Checked against the unmerged PEFT model's logits."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2, tie_word_embeddings=True)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    c = json.loads((base / "config.json").read_text())
+    c.pop("tie_word_embeddings", None)
+    (base / "config.json").write_text(json.dumps(c))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["wte", "c_attn"],
+                                                  fan_in_fan_out=True, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(tf.GPT2LMHeadModel(cfg).eval(), tmp_path / "lora")
+        ref.load_state_dict(peft_model.state_dict())
+        want = ref(input_ids=x).logits
+    assert main(["apply", str(base), str(tmp_path / "lora"), "-o", str(tmp_path / "m"), "-q"]) == 0
+    merged = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        got = merged(input_ids=x).logits
+    assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))

@@ -205,24 +205,76 @@ def _same_number(text: str, value: float) -> bool:
         return False
 
 
+def _is_kxk(u: Update) -> bool:
+    return len(u.delta_shape) == 4 and u.delta_shape[2] * u.delta_shape[3] > 1
+
+
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
-    """The input's metadata with ss_network_dim / ss_network_alpha (when present) set from the updates:
-    the most common rank and alpha, written as kohya's resize_lora.py writes them (str(int), str(float)).
-    A value that already says the same number, or "Dynamic" over mixed ranks / alphas, is kept."""
+    """The input's metadata with the rank keys (when present) set from the updates, as sd-scripts means
+    them: ss_network_dim / ss_network_alpha the rank and alpha of the linear and 1x1 modules, and
+    ss_network_args' conv_dim / conv_alpha those of the kxk convolutions (str(int), str(float), as
+    resize_lora.py writes them), or "Dynamic" where the modules differ (resize_lora.py's dynamic methods);
+    a value that already says the most common number is kept (a file read and written back keeps its bytes),
+    and conv_dim / conv_alpha change only with the others. use_tucker goes when no module keeps a Tucker core."""
     meta = metadata_of(adapter.state)
     updates = list(adapter.updates.values())
     if not updates:
         return meta
+    groups = [u for u in updates if not _is_kxk(u)] or updates
+    before = (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
+    _rank_keys(meta, groups, "ss_network_dim", "ss_network_alpha")
+    _lora_network_metadata(meta, updates)
+    # the ranks changed (resize, combine): conv_dim / conv_alpha follow; unchanged ones keep the file's bytes
+    _conv_args(meta, updates, before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha")))
+    return meta
+
+
+def _holds(text: str, values: list[float]) -> bool:
+    """Whether a rank key's text still says what the modules have: the value most of them (more than half)
+    have, or "Dynamic" over values that differ."""
+    if text == "Dynamic":
+        return len(set(values)) > 1
+    top = most_common(values)
+    return _same_number(text, top) and 2 * values.count(top) > len(values)
+
+
+def _rank_text(values: list[float], as_int: bool) -> tuple[str, float | None]:
+    if len(set(values)) > 1:
+        return "Dynamic", None
+    return (str(int(values[0])) if as_int else str(values[0])), values[0]
+
+
+def _rank_keys(meta: dict[str, str], updates: list[Update], dim_key: str, alpha_key: str) -> None:
     ranks = [float(u.rank) for u in updates]
     alphas = [written_alpha(u) for u in updates]  # as the F32 .alpha tensors will hold them
-    for key, values, text in (("ss_network_dim", ranks, str(int(most_common(ranks)))),
-                              ("ss_network_alpha", alphas, str(most_common(alphas)))):
+    dynamic = len(set(ranks)) > 1  # resize_lora.py's dynamic methods: "Dynamic" for both keys; else the rank and
+    for key, values, as_int in ((dim_key, ranks, True), (alpha_key, alphas, False)):  # the most common alpha
         old = meta.get(key)
-        if old is None or _same_number(old, most_common(values)) or (old == "Dynamic" and len(set(values)) > 1):
+        if old is None or _holds(old, values):  # what it said still holds (a file read and written back)
             continue
-        meta[key] = text
-    _lora_network_metadata(meta, updates)
-    return meta
+        meta[key] = "Dynamic" if dynamic else (str(int(values[0])) if as_int else str(most_common(values)))
+
+
+def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool) -> None:
+    """ss_network_args' conv_dim / conv_alpha from the kxk convolutions, and use_tucker dropped when no
+    module keeps a Tucker core (where the args are kohya's JSON object)."""
+    try:
+        args = loads_json(meta.get("ss_network_args", ""), "ss_network_args")
+    except FormatError:  # absent, or not JSON kohya wrote: left as it is
+        return
+    if not isinstance(args, dict):
+        return
+    before = dict(args)
+    convs = [u for u in updates if _is_kxk(u)]
+    for key, values, as_int in (("conv_dim", [float(u.rank) for u in convs], True),
+                                ("conv_alpha", [written_alpha(u) for u in convs], False)):
+        if ranks_changed and key in args and convs and not _holds(str(args[key]), values):
+            args[key] = _rank_text(values, as_int)[0]
+    tucker = any(isinstance(u, LoraUpdate) and isinstance(u.A, TuckerFactor) for u in updates)
+    if "use_tucker" in args and not tucker:
+        args.pop("use_tucker")
+    if args != before:
+        meta["ss_network_args"] = json.dumps(args)
 
 
 def _lora_network_metadata(meta: dict[str, str], updates: list[Update]) -> None:
@@ -385,13 +437,17 @@ _MAKES_NETWORK = ("combine", "resize", "extract")
 
 def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
     """sd-scripts' minimum network metadata (ss_network_module, ss_network_dim, ss_network_alpha) where the
-    metadata lacks it: the most common rank and alpha of the updates, as kohya_metadata writes them."""
+    metadata lacks it: the rank and (most common) alpha of the linear and 1x1 modules, or "Dynamic" where their
+    ranks differ, as kohya_metadata writes them."""
     updates = list(adapter.updates.values())
     if not updates:
         return
+    groups = [u for u in updates if not _is_kxk(u)] or updates
+    dim = _rank_text([float(u.rank) for u in groups], True)[0]
     meta.setdefault("ss_network_module", "networks.lora")
-    meta.setdefault("ss_network_dim", str(int(most_common([float(u.rank) for u in updates]))))
-    meta.setdefault("ss_network_alpha", str(most_common([written_alpha(u) for u in updates])))
+    meta.setdefault("ss_network_dim", dim)
+    meta.setdefault("ss_network_alpha", "Dynamic" if dim == "Dynamic" else
+                    str(most_common([written_alpha(u) for u in groups])))
 
 
 def kohya_plan(adapter: Adapter) -> WritePlan:

@@ -534,6 +534,10 @@ _CANNOT_MERGE = {
     "megatron_config": "LoRA on Megatron's parallel layers (sharded weights) is not read",
     "trainable_token_indices": "trainable tokens replace rows of the embedding (trainable_tokens_delta tensors), "
                                "which lorafuse does not apply",
+    "velora_config": "VeLoRA's file holds training-time tensors (lora_velora_embed) lorafuse does not read (PEFT's "
+                     "merge_and_unload merges it as a plain LoRA)",
+    "monteclora_config": "MonteCLoRA's file holds its sampler's tensors (lora_monteclora_sampler.*), which lorafuse "
+                         "does not read (PEFT's merge_and_unload merges it as a plain LoRA)",
 }
 
 
@@ -980,11 +984,20 @@ def _full_key(adapter: Adapter, name: str) -> str:
     return saved
 
 
+_KOHYA_NAMES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
+
+
 def peft_plan(adapter: Adapter) -> WritePlan:
     """What save_peft writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
     adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest;
     with the adapter's provenance (io.provenance), its `lorafuse.*` metadata keys and a model card
     (README.md: base_model from the config, library_name peft)."""
+    flat = next((n for n in adapter.updates if "." not in n and n.startswith(_KOHYA_NAMES)), None)
+    if flat is not None:  # PEFT finds modules by their dotted paths in the model: a flat kohya name finds none
+        raise UnsupportedError(f"{adapter.label}: module {flat!r} is a kohya name, which a PEFT adapter folder "
+                               "cannot hold (PEFT would find no such module in the model): write it as kohya, "
+                               "then `lorafuse convert --to peft` gives the diffusers / PEFT names that diffusers' "
+                               "load_lora_weights reads")
     cfg = peft_config_for(adapter)
     modules = {name: peft_module_tensors(adapter, name, u) for name, u in adapter.updates.items()}
     full = peft_full_tensors(adapter)

@@ -427,9 +427,14 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _unguard(slot: int) -> None:
+_SLOT_OF: dict[int, int] = {}  # id() of a live guarded mmap -> its slot (raise_if_view_changed's one lookup)
+
+
+def _unguard(slot: int, key: int) -> None:
     """A guarded mapping is gone: free its slot."""
     _LIVE.pop(slot, None)
+    if _SLOT_OF.get(key) == slot:
+        del _SLOT_OF[key]
     native.unregister_mapping(slot)
 
 
@@ -443,7 +448,8 @@ def _guard(m: mmap.mmap, path: Path, where: str, st: os.stat_result) -> tuple[in
         raise FormatError(f"{where}: cannot map: 65536 files are mapped at once already; close some adapters or "
                           "checkpoints first")
     _LIVE[slot] = _Mapped(_resolved(path), _address(m), st.st_size, identity_of(st), weakref.ref(m))
-    return slot, weakref.finalize(m, _unguard, slot)
+    _SLOT_OF[id(m)] = slot
+    return slot, weakref.finalize(m, _unguard, slot, id(m))
 
 
 def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = None) -> None:
@@ -490,13 +496,16 @@ def raise_if_view_changed(array: np.ndarray) -> None:
     converting a view, so that what was read is known to be the file's."""
     if array.nbytes == 0:
         return
-    start = int(array.ctypes.data)
-    for slot, m in list(_LIVE.items()):
-        if m.address <= start < m.address + m.size:
-            problem = native.mapping_problem(slot)
-            if problem:
-                raise InputChangedError(problem)
-            return
+    base: object = array  # the mmap the view is of, through views and memoryviews: one look-up, however many
+    while isinstance(base, np.ndarray):  # files are mapped
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    slot = _SLOT_OF.get(id(base)) if isinstance(base, mmap.mmap) else None
+    if slot is not None:
+        problem = native.mapping_problem(slot)
+        if problem:
+            raise InputChangedError(problem)
 
 
 def _file_of(array: np.ndarray) -> list[Path] | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorafuse.errors import FormatError, LorafuseValueError
+from lorafuse.errors import LorafuseValueError
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.half import Half
 from lorafuse.model.limits import f64
@@ -40,14 +40,6 @@ class LoraUpdate:
     # DoRA that normalizes the base weight's columns (LyCORIS `wd_on_out=False` on a Linear) although
     # the update is not transposed: magnitude then has one value per column of the 2-D base weight.
     magnitude_on_columns: bool = False
-
-    def __post_init__(self) -> None:
-        # a weight of no rows or columns has nothing to update: every output from it would be an adapter of
-        # rank 0 that PEFT (and lorafuse) refuse to load
-        if 0 in self.delta_shape[:2]:
-            raise FormatError(f"module {self.name!r}: its factors (A {tuple(self.A.shape)}, B "
-                                     f"{tuple(self.B.shape)}) describe a weight of shape {self.delta_shape}, with "
-                                     "no rows or no columns")
 
     @property
     def rank(self) -> int:

@@ -263,9 +263,39 @@ def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: s
 
 
 
+# transformers' default tie_word_embeddings by model_type (5.25, AutoConfig.for_model(t).tie_word_embeddings),
+# for a config.json without the key: transformers 4.x leaves it out where it equals the default (GPT-2's, Gemma's
+# are true: read as false, an embedding LoRA was merged into a weight that lm_head no longer shared)
+TIE_DEFAULTS = {
+    **dict.fromkeys(("gpt2", "gemma", "gemma2", "gemma3", "gemma3_text", "opt", "falcon", "starcoder2", "bloom"),
+                    True),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3",
+                     "gpt_neox", "stablelm", "olmo", "olmo2", "gptj"), False),
+}
+
+
+def tie_word_embeddings(config: dict[str, object]) -> bool | None:
+    """Whether the model ties lm_head to the input embedding: config.json's tie_word_embeddings, else
+    transformers' default for its model_type (TIE_DEFAULTS, or transformers itself where installed); None when
+    neither says."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return None
+    if model_type in TIE_DEFAULTS:
+        return TIE_DEFAULTS[model_type]
+    try:
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
+    except Exception:  # not installed, or a model_type it does not know  # noqa: BLE001
+        return None
+
+
 def _tie(ckpt: Checkpoint, config: dict[str, object]) -> _Tie:
     """Tied embeddings: the checkpoint may store only the input embedding, which lm_head reads."""
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = bool(tie_word_embeddings(config))
     emb_key = None
     if tied:
         found = [k for k in ckpt.keys() if k.endswith(_EMBEDDING_SUFFIXES)]

@@ -98,6 +98,10 @@ def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, th
         if u.magnitude is not None:
             raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
                                    "of the magnitude vector")
+        if 0 in tuple(u.delta_shape)[:2]:  # the result would have rank 0, which PEFT and lorafuse refuse to load
+            raise UnsupportedError(f"{a.label}: module {name!r} updates a weight of shape {tuple(u.delta_shape)}, "
+                                   "with no rows or no columns: it has no rank to reduce (apply merges it as "
+                                   "nothing)")
     return a, threads, backend, output_dtype([a], dtype, "resize")
 
 
