@@ -740,3 +740,42 @@ def test_a_config_without_tie_word_embeddings_ties_as_transformers_does(tmp_path
     with torch.no_grad():
         got = merged(input_ids=x).logits
     assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
+
+
+def test_info_of_a_tucker_locon_counts_its_stored_tensors(tmp_path: Path) -> None:
+    """info said 'F32: 1, F16: 1' and counted the contracted factor (1,408 parameters) for a file of three F16
+    tensors (528 parameters)."""
+    import lorafuse
+
+    n = "lora_unet_down_blocks_0_resnets_0_conv1"
+    rng = np.random.default_rng(0)
+    t = {f"{n}.lora_down.weight": rng.standard_normal((4, 32, 1, 1)).astype(np.float16),
+         f"{n}.lora_mid.weight": rng.standard_normal((4, 4, 3, 3)).astype(np.float16),
+         f"{n}.lora_up.weight": rng.standard_normal((64, 4, 1, 1)).astype(np.float16),
+         f"{n}.alpha": np.array(4.0, np.float16)}
+    f = tmp_path / "tucker.safetensors"
+    save_file(t, str(f))
+    d = lorafuse.describe(str(f))
+    assert d["parameters"] == sum(v.size for k, v in t.items() if not k.endswith(".alpha")) == 528
+    assert d["dtypes"] == {"F16": 3}
+
+
+@pytest.mark.parametrize(("option", "hint"), [("--ratios", "--weights"), ("--concat", "--method cat"),
+                                              ("--new_conv_rank", "--conv-rank")])
+def test_kohya_option_names_get_their_lorafuse_names(option: str, hint: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["combine", "a", "b", option, *(["1,2"] if option != "--concat" else []), "-o", "x"])
+    assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_a_resize_of_factors_holding_nan_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    from safetensors.numpy import load_file
+
+    t = load_file(str(ad / "adapter_model.safetensors"))
+    t[f"{PREFIX}model.layers.0.mlp.up_proj.lora_A.weight"][0, 0] = np.nan
+    save_file(t, str(ad / "adapter_model.safetensors"))
+    assert main(["resize", str(ad), "--rank", "1", "-o", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "NonFiniteError" in err and str(ad) in err and "up_proj" in err

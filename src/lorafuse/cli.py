@@ -456,6 +456,12 @@ _FOREIGN_OPTIONS = {
     "--save_to": "kohya's --save_to is -o/--out here", "--output": "the output is -o/--out",
     "--output_dir": "the output is -o/--out", "--output-dir": "the output is -o/--out",
     "--dim": "the rank is --rank", "--network_dim": "kohya's --network_dim is --rank here",
+    "--ratios": "kohya's --ratios is --weights here (one comma-separated value: --weights 0.8,0.5)",
+    "--concat": "kohya's --concat is --method cat here",
+    "--new_conv_rank": "kohya's --new_conv_rank is --conv-rank here (combine); resize reduces every module by "
+                       "one rule",
+    "--new-conv-rank": "kohya's --new_conv_rank is --conv-rank here (combine); resize reduces every module by "
+                       "one rule",
 }
 _FOREIGN_VERBS = {
     "merge": "to merge adapters into a base model: apply; to merge adapters into one adapter: combine",

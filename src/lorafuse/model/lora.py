@@ -90,8 +90,10 @@ class LoraUpdate:
         return self.magnitude is None and self.bias is None
 
     def stored_tensors(self) -> list[Tensor]:
-        """The tensors kept from the file: factors, DoRA magnitude, bias."""
-        return [self.A, self.B] + [t for t in (self.magnitude, self.bias) if t is not None]
+        """The tensors kept from the file: factors (a Tucker LoCon's lora_mid and lora_down, as stored, not their
+        contraction), DoRA magnitude, bias."""
+        a = [self.A.mid, self.A.down] if isinstance(self.A, TuckerFactor) else [self.A]
+        return [*a, self.B] + [t for t in (self.magnitude, self.bias) if t is not None]
 
     def structure(self) -> LowRank:
         """The unscaled 2-D delta B_c @ A_c in its structure (float64; a Tucker LoCon through its core)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from lorafuse._progress import Progress
 from lorafuse._validate import check_threads
 from lorafuse.backends import Backend, FactorJob, backend_for_device
-from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats import load
 from lorafuse.io.provenance import adapter_input, given_name, record
 from lorafuse.io.safetensors import raise_if_inputs_changed
@@ -63,6 +63,8 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
             results.update({n: r for (n, _, _), r in zip(items, backend.factored_svd(
                 items, [a.updates[n].rank for n, _, _ in items], split, threads))})
             bar.update(len(group), group[-1])
+    except NonFiniteError as e:  # the core names the module: say which adapter it is in
+        raise NonFiniteError(f"{a.label}: {e}" if a.label not in str(e) else str(e)) from None
     finally:
         bar.close()
     updates: dict[str, Update] = {}
