@@ -779,3 +779,22 @@ def test_a_resize_of_factors_holding_nan_names_the_file(tmp_path: Path, capsys: 
     assert main(["resize", str(ad), "--rank", "1", "-o", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "NonFiniteError" in err and str(ad) in err and "up_proj" in err
+
+
+def test_a_single_file_base_without_config_says_its_embedding_merge_may_be_tied(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    base = tmp_path / "m.safetensors"
+    save_file({"model.embed_tokens.weight": rng.standard_normal((32, H)).astype(np.float32),
+               "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((H, H)).astype(np.float32)}, str(base))
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    p = f"{PREFIX}model.embed_tokens."
+    save_file({p + "lora_embedding_A": rng.standard_normal((R, 32)).astype(np.float32),
+               p + "lora_embedding_B": rng.standard_normal((H, R)).astype(np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": R,
+                                                            "target_modules": ["embed_tokens"]}))
+    assert main(["apply", str(base), str(folder), "-o", str(tmp_path / "o.safetensors")]) == 0
+    shown = capsys.readouterr()
+    assert "says whether lm_head is tied to it" in shown.out + shown.err

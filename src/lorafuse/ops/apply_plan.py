@@ -363,6 +363,15 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
             shapes[LM_HEAD] = shapes[tie.emb_key]
     resolved = resolve(shapes, adapters, weights, base_key, config)
     notes: list[str] = adapter_notes(adapters)
+    if model.single and config is not None and tie_word_embeddings(config) is None \
+            and LM_HEAD not in model.components[""]:
+        touched = sorted(k for k in (*resolved.contributions, *resolved.replacements)
+                         if k.endswith(_EMBEDDING_SUFFIXES))
+        if touched:  # a model that ties lm_head to it would read the merged embedding there too
+            notes.append(f"{touched[0]} is merged as a weight of its own: no config.json (nor a model_type lorafuse "
+                         "knows) says whether lm_head is tied to it, and the checkpoint stores no lm_head.weight; "
+                         "for a model that ties them (GPT-2, Gemma, OPT, ...) give its folder with config.json, "
+                         "where lorafuse writes lm_head apart")
     if resolved.missing:
         unread = list(model.unread.values())
         if not skip_missing:
