@@ -114,7 +114,8 @@ def test_combine_writes_a_kohya_lora(tmp_path: Path) -> None:
         assert err == pytest.approx(_optimum(ref, u.rank), rel=1e-4, abs=1e-5 * np.linalg.norm(ref))
     meta = back.state.metadata  # now a plain LoRA file, and its metadata says so
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"  # type: ignore[index]
-    assert meta["ss_network_args"] == '{"conv_dim": "2"}'  # type: ignore[index]
+    # the LyCORIS algorithm gone, and conv_dim the new conv rank (as svd_merge_lora.py's --new_conv_rank writes it)
+    assert meta["ss_network_args"] == '{"conv_dim": "3"}'  # type: ignore[index]
     out = load_np(str(tmp_path / "out.safetensors"))
     assert out[CONV1 + ".lora_down.weight"].shape == (3, 32, 3, 3)
     assert out[CONV1 + ".lora_up.weight"].shape == (24, 3, 1, 1)
@@ -159,9 +160,9 @@ def test_cli_combine_kohya_files_into_a_kohya_file(tmp_path: Path, capsys: pytes
         assert u.rank == k
         err = np.linalg.norm(u.delta().reshape(ref.shape) - ref)
         assert err == pytest.approx(_optimum(ref, k), rel=1e-4, abs=1e-5 * np.linalg.norm(ref))
-    assert main(["combine", str(a), str(b), "--format", "peft", "--rank", "2", "-q", "-o", str(tmp_path / "peft")]) == 0
-    peft = lorafuse.load(tmp_path / "peft")
-    assert peft.format == "peft" and set(peft.updates) == set(mix.updates)
+    # LyCORIS's flat names (lycoris_conv) in a PEFT folder: PEFT would find no such module (red-team round 3)
+    assert main(["combine", str(a), str(b), "--format", "peft", "--rank", "2", "-q", "-o", str(tmp_path / "peft")]) == 2
+    assert "a PEFT adapter folder cannot hold" in capsys.readouterr().err and not (tmp_path / "peft").exists()
 
 
 def test_cli_apply_skip_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
