@@ -995,9 +995,9 @@ def peft_plan(adapter: Adapter) -> WritePlan:
     flat = next((n for n in adapter.updates if "." not in n and n.startswith(_KOHYA_NAMES)), None)
     if flat is not None:  # PEFT finds modules by their dotted paths in the model: a flat kohya name finds none
         raise UnsupportedError(f"{adapter.label}: module {flat!r} is a kohya name (flat, as kohya and LyCORIS "
-                               "files write them), which a PEFT adapter folder cannot hold (PEFT would find no such module in the model): write it as kohya, "
-                               "then `lorafuse convert --to peft` gives the diffusers / PEFT names that diffusers' "
-                               "load_lora_weights reads")
+                               "files write them), which a PEFT adapter folder cannot hold (PEFT would find no "
+                               "such module in the model): write it as kohya, then `lorafuse convert --to peft` "
+                               "gives the diffusers / PEFT names that diffusers' load_lora_weights reads")
     cfg = peft_config_for(adapter)
     modules = {name: peft_module_tensors(adapter, name, u) for name, u in adapter.updates.items()}
     full = peft_full_tensors(adapter)
