@@ -11,26 +11,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from lorafuse.cli import main
+from test_redteam_round2 import _base, _peft  # the same small adapters and bases
 
 H, R = 16, 2
 PREFIX = "base_model.model."
-
-
-def _peft(folder: Path, shapes: dict[str, tuple[int, int]], seed: int, rank: int = R, alpha: float = R) -> Path:
-    """A PEFT adapter folder: module -> (out, in), float32 factors from `seed`."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    data = {}
-    for module, (o, i) in shapes.items():
-        data[f"{PREFIX}{module}.lora_A.weight"] = rng.standard_normal((rank, i)).astype(np.float32)
-        data[f"{PREFIX}{module}.lora_B.weight"] = rng.standard_normal((o, rank)).astype(np.float32)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
-              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes})}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file(data, str(folder / "adapter_model.safetensors"))
-    return folder
-
-
 LLM = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H)}
 
 
@@ -104,15 +88,6 @@ def test_a_full_disk_in_an_intermediate_stage_says_what_the_temporary_folder_is(
 
 
 # ----------------------------------------------------------------------------- the Python API, as a careless caller
-
-
-def _base(folder: Path, shapes: dict[str, tuple[int, int]]) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(99)
-    save_file({f"{m}.weight": rng.standard_normal(s).astype(np.float32) for m, s in shapes.items()},
-              str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return folder
 
 
 def _users_folder(p: Path) -> Path:
