@@ -773,3 +773,54 @@ def test_a_single_file_base_without_config_says_its_embedding_merge_may_be_tied(
     assert main(["apply", str(base), str(folder), "-o", str(tmp_path / "o.safetensors")]) == 0
     shown = capsys.readouterr()
     assert "says whether lm_head is tied to it" in shown.out + shown.err
+
+
+# ----------------------------------------------------------------------------- recipes as a mergekit user writes them
+
+
+def test_recipe_requantize_false_is_passed_as_no_requantize(tmp_path: Path) -> None:
+    """`requantize: false` was dropped (False looked like the default): an FP8 base stayed FP8 where the user asked
+    for it dequantized. Now the stage runs `apply --no-requantize`, as lorafuse.apply(requantize=False) does."""
+    import lorafuse
+    from lorafuse.recipes.checks import check
+    from lorafuse.recipes.runner import argv_of, load_recipe
+
+    text = load_recipe({"merge_method": "apply", "base_model": "b", "models": [{"model": "a"}],
+                        "parameters": {"requantize": False}})
+    stage = check(text)[0]
+    assert "--no-requantize" in argv_of(stage, text, tmp_path / "o", {})
+    assert lorafuse.cli.build_parser().parse_args(["apply", "b", "a", "-o", "o", "--no-requantize"]).requantize \
+        is False
+
+
+@pytest.mark.parametrize(("params", "dtype", "field"), [({"max_shard_size": "1KB"}, None, "max_shard_size"),
+                                                       ({"requantize": True}, "bf16", "requantize")])
+def test_recipe_values_apply_refuses_are_refused_before_the_first_stage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], params: dict[str, object], dtype: str | None,
+        field: str) -> None:
+    """A shard size below the minimum, or requantize with dtype, failed only when the apply stage ran, after the
+    stages before it had done their work."""
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    base = _base(tmp_path / "base", LLM)
+    first = f"name: pooled\nmerge_method: linear\nmodels:\n  - model: {ad}\n---\n"
+    second = (f"name: merged\nmerge_method: apply\nbase_model: {base}\nmodels:\n  - model: pooled\nparameters:\n"
+              + "".join(f"  {k}: {v}\n" for k, v in params.items()) + (f"dtype: {dtype}\n" if dtype else ""))
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(first + second)
+    assert main(["run", str(recipe), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"parameters.{field}" in err and "stage 'pooled'" not in err  # refused before the first stage
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_notes_a_base_model_resize_ignores_and_refuses_gradients(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    ad = _peft(tmp_path / "ad", LLM, 1)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: resize\nbase_model: {tmp_path}\nmodels:\n  - model: {ad}\nparameters:\n"
+                      "  rank: 1\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "o")]) == 0
+    assert "base_model is not read by resize" in capsys.readouterr().out
+    recipe.write_text(f"merge_method: ties\nmodels:\n  - model: {ad}\n    parameters: {{weight: [0, 0.5, 1]}}\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "o2")]) == 2
+    assert "per-layer gradient" in capsys.readouterr().err

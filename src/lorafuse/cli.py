@@ -633,9 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", metavar="{fp32,fp16,bf16}", type=_dtype_text,
                    help="output dtype of float tensors: fp32, fp16 or bf16 (float32, half, bfloat16 also work; "
                    "default: as in the base); a quantized base's weights are then written dequantized in it")
-    a.add_argument("--requantize", action="store_true", default=None,
+    a.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None,
                    help="a quantized base: write its quantized format back (merged weights quantized again, the "
-                   "rest copied). Default: FP8 stays FP8 unless --dtype; bitsandbytes is written dequantized (16-bit)")
+                   "rest copied); --no-requantize writes it dequantized. Default: FP8 stays FP8 unless --dtype; "
+                   "bitsandbytes is written dequantized (16-bit)")
     a.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(a)
     a.add_argument("--max-shard-size", help="re-shard the output, e.g. 5GB (10^9 bytes) or 2GiB (2^30 bytes); at "

@@ -57,6 +57,9 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
         return loc, f"unknown field{suggest(field, known)}; expected one of {', '.join(known)}"
     if kind == "missing":
         return loc, "missing (required)"
+    if loc and loc[-1] in ("weight", "density") and isinstance(err.get("input"), list | dict):
+        return loc, ("a list or mapping (mergekit's per-layer gradient or filtered values) is not supported: give "
+                     "one number, the same for every layer")
     if kind == "string_pattern_mismatch" and "\\x00" in str((err.get("ctx") or {}).get("pattern", "")):
         return loc, "a path cannot hold a NUL character"
     return loc, str(err.get("msg", "invalid"))
@@ -130,14 +133,17 @@ def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
     """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage."""
     import re
 
-    from lorafuse.ops.apply_plan import parse_size
+    from lorafuse.ops.apply_plan import shard_limit
 
     p = stage.parameters
     if p.max_shard_size is not None:
         try:
-            parse_size(p.max_shard_size)
+            shard_limit(p.max_shard_size)
         except LorafuseError as e:
             raise RecipeError(f"{recipe.where(i, ('parameters', 'max_shard_size'))}: {e}") from None
+    if p.requantize and stage.dtype is not None:  # what apply refuses, told before any stage runs
+        raise RecipeError(f"{recipe.where(i, ('parameters', 'requantize'))}: requantize keeps the base's quantized "
+                          f"format, and dtype {stage.dtype} asks for it dequantized: give one of them")
     for key in ("include", "exclude"):
         pattern = getattr(p, key)
         if pattern is not None:

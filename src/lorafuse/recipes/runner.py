@@ -82,6 +82,9 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
     raise RecipeError(f"a recipe is a path, YAML text or a mapping, not {type(recipe).__name__}")
 
 
+_NEGATABLE = {"requantize"}  # switches whose False differs from leaving them out (the verb's --no-X)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -121,6 +124,9 @@ def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path, outputs: Mapping
         opts.append(f"--density={_number(stage.inputs[0].density)}")
     for name in sorted(p.model_fields_set - {"weight", "density"}):
         value = getattr(p, name)
+        if value is False and name in _NEGATABLE:  # False is not the default (None: the format's choice)
+            opts.append(f"--no-{_flag(name).removeprefix('--')}")
+            continue
         if value is None or value is False:
             continue
         opts.append(_flag(name) if value is True else
@@ -398,8 +404,13 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     text = load_recipe(recipe)
     stages = check(text)
     target = Path(out)
-    notes = [f"stage {s.name!r}: base_model is not read by combine (the adapters' own config names their base); it "
-             "is ignored" for s in stages if s.verb == "combine" and s.stage.base_model is not None]
+    notes = [f"stage {s.name!r}: base_model is not read by {s.verb} (the adapters' own config names their base); it "
+             "is ignored" for s in stages if s.verb in ("combine", "resize") and s.stage.base_model is not None]
+    notes += [f"stage {s.name!r}: merge_method linear is PEFT's (the factors summed with the weights as given); "
+              "mergekit's linear divides by the weights' sum: give weights that sum to 1 for its average"
+              for s in stages if s.stage.merge_method == "linear" and len(s.inputs) > 1
+              and all(x.weight is None or x.weight > 0 for x in s.inputs)
+              and abs(sum(1.0 if x.weight is None else x.weight for x in s.inputs) - 1.0) > 1e-9]
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
     if device is not None:
         extra += ["--device", device]
