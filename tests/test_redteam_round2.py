@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redteam_fixtures import llm_base, peft_folder
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -19,31 +20,7 @@ from lorafuse.errors import LorafuseValueError, UnsupportedError
 
 H, R = 16, 2
 PREFIX = "base_model.model."
-
-
-def _peft(folder: Path, shapes: dict[str, tuple[int, int]], seed: int, rank: int = R, alpha: float = R,
-          extra: dict[str, object] | None = None, tensors: dict[str, np.ndarray] | None = None) -> Path:
-    """A PEFT adapter folder: module -> (out, in), float32 factors from `seed`."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    data = dict(tensors or {})
-    for module, (o, i) in shapes.items():
-        data[f"{PREFIX}{module}.lora_A.weight"] = rng.standard_normal((rank, i)).astype(np.float32)
-        data[f"{PREFIX}{module}.lora_B.weight"] = rng.standard_normal((o, rank)).astype(np.float32)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
-              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes}), **(extra or {})}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    save_file(data, str(folder / "adapter_model.safetensors"))
-    return folder
-
-
-def _base(folder: Path, shapes: dict[str, tuple[int, int]]) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(99)
-    save_file({f"{m}.weight": rng.standard_normal(s).astype(np.float32) for m, s in shapes.items()},
-              str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return folder
+_peft, _base = peft_folder, llm_base
 
 
 LLM = {"model.layers.0.self_attn.q_proj": (H, H), "model.layers.0.mlp.up_proj": (2 * H, H)}

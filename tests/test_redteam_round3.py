@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from redteam_fixtures import llm_base as _base
+from redteam_fixtures import peft_folder as _peft
 from safetensors.numpy import save_file
 
 from lorafuse.cli import main
-from test_redteam_round2 import _base, _peft  # the same small adapters and bases
 
 H, R = 16, 2
 PREFIX = "base_model.model."
@@ -217,7 +218,7 @@ def test_wrong_typed_arguments_raise_lorafuse_errors(tmp_path: Path) -> None:
         lambda: a.save(None),  # type: ignore[arg-type]
         lambda: combine_to([ad], None, CombineOptions(), None),  # type: ignore[arg-type]
     ]
-    for i, call in enumerate(calls):
+    for call in calls:
         with pytest.raises(LorafuseValueError):
             call()
     assert lorafuse.load(str(ad).encode()).updates.keys() == a.updates.keys()  # a bytes path is a path
@@ -363,7 +364,8 @@ def test_merge_output_partly_overlapping_an_input_is_refused() -> None:
     np.testing.assert_allclose(w2, want, rtol=1e-6)
 
 
-def test_a_module_of_no_rows_or_columns_is_refused_by_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_module_of_no_rows_or_columns_is_refused_by_resize(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """lora_A (4, 0): resize wrote an adapter with r=0 that lorafuse and PEFT refuse to load (apply still merges
     it as nothing: test_messages.py)."""
     folder = tmp_path / "zw"
@@ -380,7 +382,6 @@ def test_a_module_of_no_rows_or_columns_is_refused_by_resize(tmp_path: Path, cap
 
 
 def test_numbers_beyond_float_range_and_dataless_tensors_are_lorafuse_errors(tmp_path: Path) -> None:
-    import torch
 
     import lorafuse
     from lorafuse import Adapter

@@ -1,0 +1,39 @@
+"""Small inputs of the red-team tests (test_redteam_round2.py, test_redteam_round3.py): a PEFT adapter folder of
+float32 factors and a Llama-named float32 base, of any module shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+R = 2
+PREFIX = "base_model.model."
+
+
+def peft_folder(folder: Path, shapes: dict[str, tuple[int, int]], seed: int, rank: int = R, alpha: float = R,
+                extra: dict[str, object] | None = None, tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A PEFT adapter folder: module -> (out, in), float32 factors from `seed`."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    data = dict(tensors or {})
+    for module, (o, i) in shapes.items():
+        data[f"{PREFIX}{module}.lora_A.weight"] = rng.standard_normal((rank, i)).astype(np.float32)
+        data[f"{PREFIX}{module}.lora_B.weight"] = rng.standard_normal((o, rank)).astype(np.float32)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in shapes}), **(extra or {})}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(data, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def llm_base(folder: Path, shapes: dict[str, tuple[int, int]]) -> Path:
+    """A base checkpoint folder: module -> weight shape, float32 from a fixed seed, config.json of a Llama."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(99)
+    save_file({f"{m}.weight": rng.standard_normal(s).astype(np.float32) for m, s in shapes.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
