@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lorafuse.errors import LorafuseValueError
+
 
 def mapping_of(arr: np.ndarray) -> mmap.mmap | None:
     """The mmap an array is a view of (through views and memoryviews), or None."""
@@ -59,8 +61,6 @@ def _same_buffer(x: np.ndarray, y: np.ndarray) -> bool:
 def check_no_overlap(job: Any) -> None:
     """A merge job's `out` may be its `w` exactly (in place) but may not otherwise share memory with `w` or
     with a stage's arrays: rows written before they are read would give wrong results. LorafuseValueError."""
-    from lorafuse.errors import LorafuseValueError
-
     out = job.out
     if not isinstance(out, np.ndarray):
         return  # the core refuses it, naming the job

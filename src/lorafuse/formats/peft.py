@@ -25,6 +25,7 @@ import numpy as np
 
 from lorafuse._terminal import plural
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.kohya import PREFIXES as KOHYA_PREFIXES
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.io.checkpoint import read_json, refuse_pickle
 from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
@@ -984,15 +985,12 @@ def _full_key(adapter: Adapter, name: str) -> str:
     return saved
 
 
-_KOHYA_NAMES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
-
-
 def peft_plan(adapter: Adapter) -> WritePlan:
     """What save_peft writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
     adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest;
     with the adapter's provenance (io.provenance), its `lorafuse.*` metadata keys and a model card
     (README.md: base_model from the config, library_name peft)."""
-    flat = next((n for n in adapter.updates if "." not in n and n.startswith(_KOHYA_NAMES)), None)
+    flat = next((n for n in adapter.updates if "." not in n and n.startswith(KOHYA_PREFIXES)), None)
     if flat is not None:  # PEFT finds modules by their dotted paths in the model: a flat kohya name finds none
         raise UnsupportedError(f"{adapter.label}: module {flat!r} is a kohya name (flat, as kohya and LyCORIS "
                                "files write them), which a PEFT adapter folder cannot hold (PEFT would find no "

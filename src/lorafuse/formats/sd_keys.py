@@ -678,6 +678,11 @@ def unet_context_size(shapes: dict[str, tuple[int, ...]]) -> int | None:
     return None
 
 
+def is_unet_proj(name: str) -> bool:
+    """Whether `name` is a UNet transformer's proj_in / proj_out (a 1x1 convolution in SD 1.x only)."""
+    return _UNET_NAME.match(name) is not None and _PROJ.search(name) is not None
+
+
 def flattened_conv_shape(name: str, shape: tuple[int, ...], context: int | None = None) -> tuple[int, ...]:
     """(out, in, kh, kw) for a 2-D (out, in*kh*kw) delta of a known UNet convolution, else `shape`. `context`,
     the UNet's cross-attention context size (unet_context_size), makes proj_in / proj_out the 1x1
@@ -687,6 +692,6 @@ def flattened_conv_shape(name: str, shape: tuple[int, ...], context: int | None 
     for pattern, (kh, kw) in _KERNELS:
         if pattern.search(name) and shape[1] % (kh * kw) == 0:
             return (shape[0], shape[1] // (kh * kw), kh, kw)
-    if context == SD1_CONTEXT and _PROJ.search(name):
+    if context == SD1_CONTEXT and is_unet_proj(name):
         return (shape[0], shape[1], 1, 1)
     return shape

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
+from lorafuse._validate import check_path
 from lorafuse.errors import FormatError, LorafuseValueError, UnsupportedError
 
 # What lorafuse reads or copies from a model or adapter repository (huggingface_hub's fnmatch patterns: `*`
@@ -103,16 +104,12 @@ def parse(spec: str | os.PathLike[str]) -> tuple[str, str | None] | None:
     return repo, rev
 
 
-def check_spec(spec: object, what: str) -> None:
-    """Refuse, naming `what` ('adapter', 'base model', ...) and what is accepted, a value that is not a path
-    (str, bytes or os.PathLike) or a Hub id: None, a number, an Adapter already in memory, ..."""
+def check_spec(spec: object, what: str) -> str:
+    """`spec` as text when it is a path (str, bytes or os.PathLike: _validate.check_path's rules, no empty string
+    nor NUL) or a Hub id; else LorafuseValueError naming `what` ('adapter', 'base model', ...) and what is
+    accepted: None, a number, an Adapter already in memory, ..."""
     if isinstance(spec, (str, bytes, os.PathLike)):
-        text = os.fspath(spec)
-        if not text:  # Path('') is the current folder: never read it for an empty string
-            raise LorafuseValueError(f"{what}: expected a path or a Hub id, got an empty string")
-        if ("\0" if isinstance(text, str) else b"\0") in text:
-            raise LorafuseValueError(f"{what}: a path cannot hold a NUL character, got {text!r}"[:200])
-        return
+        return check_path(spec, what)
     if type(spec).__name__ == "Adapter":  # (io imports no model: the class is known by name)
         got = "an Adapter (an adapter in memory has no file to read here: save it first, or pass its path)"
     else:
@@ -133,8 +130,7 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     Raises UnsupportedError when huggingface_hub is not installed, and FormatError naming the id, the
     revision and what to do when the repository or revision does not exist, is gated or private, is not
     cached while offline, or cannot be reached."""
-    check_spec(spec, what)
-    text = os.fsdecode(os.fspath(spec))
+    text = check_spec(spec, what)
     parsed = None if os.path.lexists(text) else parse(text)
     if parsed is None:
         return Resolved(Path(text))

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lorafuse.backends import native
+from lorafuse.backends.pages import mapping_of
 from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError
 from lorafuse.io.dtypes import DTYPES
 
@@ -496,12 +497,8 @@ def raise_if_view_changed(array: np.ndarray) -> None:
     converting a view, so that what was read is known to be the file's."""
     if array.nbytes == 0:
         return
-    base: object = array  # the mmap the view is of, through views and memoryviews: one look-up, however many
-    while isinstance(base, np.ndarray):  # files are mapped
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    slot = _SLOT_OF.get(id(base)) if isinstance(base, mmap.mmap) else None
+    m = mapping_of(array)  # the mmap the view is of: one look-up, however many files are mapped
+    slot = _SLOT_OF.get(id(m)) if m is not None else None
     if slot is not None:
         problem = native.mapping_problem(slot)
         if problem:

@@ -596,9 +596,7 @@ def extract(
     """
     start = time.monotonic()
     out = None if out is None else check_path(out, "out")  # first: a rank given by position lands here
-    check_spec(base, "base model")
-    check_spec(finetuned, "fine-tuned model")
-    base, finetuned = check_path(base, "base"), check_path(finetuned, "finetuned")  # bytes as text
+    base, finetuned = check_spec(base, "base model"), check_spec(finetuned, "fine-tuned model")  # bytes as text
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     inputs = [Path(base), Path(finetuned)]
     notes: list[str] = []

@@ -70,6 +70,7 @@ from lorafuse.ops.apply_plan import (
     ModelPlan,
     OutTensor,
     Plan,
+    check_requantize,
     parse_size,
     plan_apply,
     plan_model,
@@ -697,9 +698,7 @@ def prepare_apply(
     threads = check_threads(threads)
     backend = backend_for_device(device)
     out_dtype = parse_output_dtype(dtype) if dtype is not None else None
-    if requantize and out_dtype is not None:
-        raise LorafuseValueError("requantize keeps the base's quantized format, and dtype asks for a dequantized "
-                                 f"output in {dtype}: give one of them (--requantize or --dtype)")
+    check_requantize(requantize, dtype)
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
     base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)

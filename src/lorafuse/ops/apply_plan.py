@@ -109,6 +109,14 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def check_requantize(requantize: bool | None, dtype: object) -> None:
+    """requantize keeps a quantized base's format, a dtype writes it dequantized: both together are refused
+    (LorafuseValueError), by apply and, before its first stage, by a recipe."""
+    if requantize and dtype is not None:
+        raise LorafuseValueError("requantize keeps the base's quantized format, and dtype asks for a dequantized "
+                                 f"output in {dtype}: give one of them (--requantize or --dtype)")
+
+
 def shard_limit(max_shard_size: str | int) -> int:
     """--max-shard-size as bytes; absurdly small sizes (every tensor a file, the header repeated in each)
     are refused."""

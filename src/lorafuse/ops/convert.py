@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -155,11 +154,10 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                                "them to LoRA loses information: pass --rank K (and --conv-rank K for kxk "
                                "convolutions) to keep their best rank-K approximation")
     conv_k = conv_rank if conv_rank is not None else rank
-    from lorafuse.formats.sd_keys import unet_context_size
+    from lorafuse.formats.sd_keys import is_unet_proj, unet_context_size
 
     context = unet_context_size({n: tuple(u.delta_shape) for n, u in adapter.updates.items()})
-    unsure = [n for n in lycoris if context is None and re.search(r"^(lora_unet_|unet\.).*[._]proj_(in|out)$", n)
-              and len(adapter.updates[n].delta_shape) == 2]
+    unsure = [n for n in lycoris if context is None and is_unet_proj(n) and len(adapter.updates[n].delta_shape) == 2]
     if unsure:
         warnings.warn(f"{adapter.label}: {plural(len(unsure), 'LoHa / LoKr module')} ({unsure[0]}, ...) of a "
                       "transformer's proj_in / proj_out, stored flattened, written as Linear factors (SD 2.x, SDXL); "

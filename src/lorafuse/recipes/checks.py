@@ -133,7 +133,7 @@ def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
     """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage."""
     import re
 
-    from lorafuse.ops.apply_plan import shard_limit
+    from lorafuse.ops.apply_plan import check_requantize, shard_limit
 
     p = stage.parameters
     if p.max_shard_size is not None:
@@ -141,9 +141,10 @@ def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
             shard_limit(p.max_shard_size)
         except LorafuseError as e:
             raise RecipeError(f"{recipe.where(i, ('parameters', 'max_shard_size'))}: {e}") from None
-    if p.requantize and stage.dtype is not None:  # what apply refuses, told before any stage runs
-        raise RecipeError(f"{recipe.where(i, ('parameters', 'requantize'))}: requantize keeps the base's quantized "
-                          f"format, and dtype {stage.dtype} asks for it dequantized: give one of them")
+    try:  # what apply refuses, told before any stage runs
+        check_requantize(p.requantize, stage.dtype)
+    except LorafuseError as e:
+        raise RecipeError(f"{recipe.where(i, ('parameters', 'requantize'))}: {e}") from None
     for key in ("include", "exclude"):
         pattern = getattr(p, key)
         if pattern is not None:

@@ -399,7 +399,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
     threads = check_threads(threads)
     out = check_path(out, "out")
     if device is not None:
-        device = None if check_device(device) == "auto" else check_device(device)
+        device = None if (named := check_device(device)) == "auto" else named
     start = time.perf_counter()
     text = load_recipe(recipe)
     stages = check(text)
