@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -331,7 +332,11 @@ def gguf_counts(path: Path) -> tuple[int, int, int] | None:
     little-endian); None when it does not start with GGUF's magic or is shorter. OSError when it cannot be read.
     What is checked before gguf's reader parses a file: a hostile count must not make it loop over 2^64 entries."""
     with open(path, "rb") as f:
-        head = f.read(24)
+        return _gguf_head(f.read(24))
+
+
+def _gguf_head(head: bytes) -> tuple[int, int, int] | None:
+    """gguf_counts of a GGUF file's first 24 bytes."""
     if len(head) < 24 or head[:4] != GGUF_MAGIC:
         return None
     version, tensors, kvs = (int.from_bytes(head[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
@@ -348,21 +353,31 @@ def gguf_bounded(path: Path) -> str | None:
     """Why a GGUF file's header cannot be what it claims, or None: every metadata key, value, array and tensor
     description walked with each declared length checked against the bytes the file has, before gguf's reader
     (which loops over whatever count a file declares, reading past the end as empty arrays: a 68-byte file
-    with an array of 2^62 elements made it allocate without bound). OSError when the file cannot be read."""
+    with an array of 2^62 elements made it allocate without bound). The file is mapped: only the header's pages
+    are read. OSError when the file cannot be read."""
     with open(path, "rb") as f:
-        data = f.read(64 << 20)  # the header of any real GGUF file lies in its first MiBs
+        if os.fstat(f.fileno()).st_size < 24:
+            return _SHORT_HEAD
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _gguf_walk(data)
+
+
+_SHORT_HEAD = "its 24-byte header is cut short or lacks GGUF's magic"
+
+
+def _gguf_walk(data: mmap.mmap) -> str | None:
+    """gguf_bounded of a mapped file."""
     end = len(data)
-    counts = None if len(data) < 24 or data[:4] != GGUF_MAGIC else tuple(
-        int.from_bytes(data[i:j], "little") for i, j in ((4, 8), (8, 16), (16, 24)))
+    counts = _gguf_head(data[:24])
     if counts is None:
-        return "its 24-byte header is cut short or lacks GGUF's magic"
+        return _SHORT_HEAD
     _, n_tensors, n_kv = counts
     pos = 24
 
     def u(n: int) -> int:
         nonlocal pos
         if pos + n > end:
-            raise ValueError(f"it ends (or its first 64 MiB end) inside its header, at byte {pos}")
+            raise ValueError(f"it ends inside its header, at byte {pos}")
         v = int.from_bytes(data[pos:pos + n], "little")
         pos += n
         return v
@@ -370,7 +385,7 @@ def gguf_bounded(path: Path) -> str | None:
     def skip(n: int, what: str) -> None:
         nonlocal pos
         if n < 0 or pos + n > end:
-            raise ValueError(f"{what} of {n} bytes at byte {pos} goes past the end of the file ({end} bytes read)")
+            raise ValueError(f"{what} of {n} bytes at byte {pos} goes past the end of the file ({end} bytes)")
         pos += n
 
     def value(kind: int, depth: int) -> None:
