@@ -220,9 +220,8 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     updates = list(adapter.updates.values())
     if not updates:
         return meta
-    groups = [u for u in updates if not _is_kxk(u)] or updates
     before = (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
-    _rank_keys(meta, groups, "ss_network_dim", "ss_network_alpha")
+    _rank_keys(meta, _network_modules(updates))
     _lora_network_metadata(meta, updates)
     # the ranks changed (resize, combine): conv_dim / conv_alpha follow; unchanged ones keep the file's bytes
     _conv_args(meta, updates, before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha")))
@@ -238,21 +237,37 @@ def _holds(text: str, values: list[float]) -> bool:
     return _same_number(text, top) and 2 * values.count(top) > len(values)
 
 
-def _rank_text(values: list[float], as_int: bool) -> tuple[str, float | None]:
+def _dynamic_or(values: list[float], as_int: bool) -> str:
+    """The one value of `values` as kohya writes it (str(int) or str(float)), or "Dynamic" where they differ."""
     if len(set(values)) > 1:
-        return "Dynamic", None
-    return (str(int(values[0])) if as_int else str(values[0])), values[0]
+        return "Dynamic"
+    return str(int(values[0])) if as_int else str(values[0])
 
 
-def _rank_keys(meta: dict[str, str], updates: list[Update], dim_key: str, alpha_key: str) -> None:
+def _network_modules(updates: list[Update]) -> list[Update]:
+    """The modules ss_network_dim / ss_network_alpha describe: the linear and 1x1 ones (all, where every module
+    is a kxk convolution)."""
+    return [u for u in updates if not _is_kxk(u)] or updates
+
+
+def _network_texts(ranks: list[float], alphas: list[float]) -> tuple[str, str]:
+    """ss_network_dim and ss_network_alpha of modules of these ranks and alphas: the rank and the most common
+    alpha, or "Dynamic" for both where the ranks differ (resize_lora.py's dynamic methods)."""
+    if len(set(ranks)) > 1:
+        return "Dynamic", "Dynamic"
+    return str(int(ranks[0])), str(most_common(alphas))
+
+
+def _rank_keys(meta: dict[str, str], updates: list[Update]) -> None:
+    """ss_network_dim / ss_network_alpha, where present, set from `updates` unless what they say still holds (a
+    file read and written back)."""
     ranks = [float(u.rank) for u in updates]
     alphas = [written_alpha(u) for u in updates]  # as the F32 .alpha tensors will hold them
-    dynamic = len(set(ranks)) > 1  # resize_lora.py's dynamic methods: "Dynamic" for both keys; else the rank and
-    for key, values, as_int in ((dim_key, ranks, True), (alpha_key, alphas, False)):  # the most common alpha
+    for key, values, text in zip(("ss_network_dim", "ss_network_alpha"), (ranks, alphas),
+                                 _network_texts(ranks, alphas)):
         old = meta.get(key)
-        if old is None or _holds(old, values):  # what it said still holds (a file read and written back)
-            continue
-        meta[key] = "Dynamic" if dynamic else (str(int(values[0])) if as_int else str(most_common(values)))
+        if old is not None and not _holds(old, values):
+            meta[key] = text
 
 
 def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool) -> None:
@@ -269,7 +284,7 @@ def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool)
     for key, values, as_int in (("conv_dim", [float(u.rank) for u in convs], True),
                                 ("conv_alpha", [written_alpha(u) for u in convs], False)):
         if ranks_changed and key in args and convs and not _holds(str(args[key]), values):
-            args[key] = _rank_text(values, as_int)[0]
+            args[key] = _dynamic_or(values, as_int)
     tucker = any(isinstance(u, LoraUpdate) and isinstance(u.A, TuckerFactor) for u in updates)
     if "use_tucker" in args and not tucker:
         args.pop("use_tucker")
@@ -442,12 +457,11 @@ def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
     updates = list(adapter.updates.values())
     if not updates:
         return
-    groups = [u for u in updates if not _is_kxk(u)] or updates
-    dim = _rank_text([float(u.rank) for u in groups], True)[0]
+    groups = _network_modules(updates)
+    dim, alpha = _network_texts([float(u.rank) for u in groups], [written_alpha(u) for u in groups])
     meta.setdefault("ss_network_module", "networks.lora")
     meta.setdefault("ss_network_dim", dim)
-    meta.setdefault("ss_network_alpha", "Dynamic" if dim == "Dynamic" else
-                    str(most_common([written_alpha(u) for u in groups])))
+    meta.setdefault("ss_network_alpha", alpha)
 
 
 def kohya_plan(adapter: Adapter) -> WritePlan:
