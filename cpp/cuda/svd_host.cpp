@@ -170,7 +170,7 @@ bool factored_exact_gpu(SvdJob& job, SvdSplit split, products::DeviceFactorQR& d
   const Eigen::BDCSVD<MatD> svd(core, Eigen::ComputeThinU | Eigen::ComputeThinV);
   if (svd.info() != Eigen::Success || !detail::all_finite(svd.singularValues().data(), svd.singularValues().size())) {
     write_zero(job);
-    throw Error(ErrorKind::NonFinite, job.name + ": the SVD of the combined factors failed (values past float32's range?)");
+    throw detail::svd_failed(job.name);
   }
   const VecD& sv = svd.singularValues();
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = sv[i];

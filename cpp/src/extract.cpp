@@ -536,8 +536,7 @@ unsigned extract_one(ExtractJob& job, std::int64_t index, const ExtractOptions& 
   }
   if (!t.finite) {  // the products overflowed float32 at every scale, or the small SVD failed
     write_zero(job);
-    message = job.name + ": the randomized SVD of W_ft - W_base gave NaN or Inf (its float32 products overflow, "
-                         "even with the input scaled down by 2^" + std::to_string(detail::kMaxScale) + ")";
+    message = detail::randomized_not_finite(job.name, "the randomized SVD of W_ft - W_base").what();
     return kBadResult;
   }
   try {  // refuses factors that do not fit float32 (singular values past its range)

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "finite.hpp"
+#include "lorafuse/errors.hpp"
 #include "lorafuse/svd.hpp"
 #include "panel_qr.hpp"
 
@@ -117,6 +118,18 @@ int scaled_product(Op& op, bool transposed, const MatF& in, MatF& res, int& e) {
     if (e + kScaleStep > kMaxScale) return -1;
     e += kScaleStep;
   }
+}
+
+// The errors of an SVD whose result is not finite, worded once for the CPU and CUDA paths: a float64
+// SVD that did not succeed (Eigen's info()), and a randomized SVD (`what`: "the randomized SVD", or
+// what it decomposed) whose float32 products overflow at every scale (TruncatedSvd::finite false).
+inline Error svd_failed(const std::string& name) {
+  return Error(ErrorKind::NonFinite, name + ": the float64 SVD failed (NaN or Inf in its input: a weighted product "
+                                            "of the factors overflows float64)");
+}
+inline Error randomized_not_finite(const std::string& name, const std::string& what) {
+  return Error(ErrorKind::NonFinite, name + ": " + what + " gave NaN or Inf (its float32 products overflow, even with "
+                                     "the input scaled down by 2^" + std::to_string(kMaxScale) + ")");
 }
 
 // Marks `out` as a failed (not finite) result of width l, kk.

@@ -41,9 +41,7 @@ void write_zero_all(const SvdJob& job) {
 // A float64 SVD that did not succeed (BDCSVD's info(): its outputs are then unspecified): Error(NonFinite).
 template <class Svd>
 void check_svd_info(const Svd& svd, const SvdJob& job) {
-  if (svd.info() != Eigen::Success)
-    throw Error(ErrorKind::NonFinite, job.name + ": the float64 SVD failed (NaN or Inf in its input: a weighted "
-                                                 "product of the factors overflows float64)");
+  if (svd.info() != Eigen::Success) throw detail::svd_failed(job.name);
 }
 
 // Exact SVD of a float64 matrix; writes all min(rows, cols) singular values into
@@ -123,10 +121,7 @@ void randomized_one(SvdJob& job, SvdSplit split, const RandomizedSvdOptions& opt
   const Index kk = std::min<Index>(job.k, l);
   detail::TruncatedSvd t;
   detail::randomized_svd(op, detail::sketch_key(opt.seed, job.name), l, kk, opt.power_iters, 1, t);
-  if (!t.finite)
-    throw Error(ErrorKind::NonFinite, job.name + ": the randomized SVD gave NaN or Inf (its float32 products "
-                                                 "overflow, even with the input scaled down by 2^" +
-                                                 std::to_string(detail::kMaxScale) + ")");
+  if (!t.finite) throw detail::randomized_not_finite(job.name, "the randomized SVD");
   for (Index i = 0; i < job.s_len; ++i) job.S[i] = t.s[i];
   write_factors(t.L, t.R, t.s.head(kk), split, output_of(job));
 }
