@@ -364,3 +364,26 @@ def test_info_on_a_kohya_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"adapter     {path}  (kohya)" in out
     assert "lora_alpha  0.5, 1, 4, 8" in out
+
+
+def test_conv_args_follow_a_resize_that_leaves_the_linear_dim(tmp_path):
+    """A resize that changes only the kxk convolutions' rank (linear modules already at the new rank) rewrites
+    conv_dim / conv_alpha too: they used to change only along with ss_network_dim / ss_network_alpha."""
+    modules = [
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, 0, 4, 2.0),
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k", 320, 320, 0, 4, 2.0),
+        ("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3, 8, 4.0),
+    ]
+    meta_in = {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
+               "ss_network_args": json.dumps({"conv_dim": "8", "conv_alpha": "4.0", "dropout": "0.1"})}
+    src = write(tmp_path / "in.safetensors", kohya_tensors("F32", seed=3, modules=modules), meta_in)
+    out = tmp_path / "r4.safetensors"
+    assert main(["resize", str(src), "--rank", "4", "-o", str(out), "-q"]) == 0
+    back, meta = read_back(out)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    # the conv at rank 4 keeps its scale 0.5: alpha 2
+    assert float(back["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 2.0
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0", "dropout": "0.1"}
+    # read and written back unchanged: the metadata keeps its bytes
+    again = lorafuse.load(out).save(tmp_path / "again.safetensors")
+    assert read_back(again)[1]["ss_network_args"] == meta["ss_network_args"]

@@ -214,17 +214,15 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     them: ss_network_dim / ss_network_alpha the rank and alpha of the linear and 1x1 modules, and
     ss_network_args' conv_dim / conv_alpha those of the kxk convolutions (str(int), str(float), as
     resize_lora.py writes them), or "Dynamic" where the modules differ (resize_lora.py's dynamic methods);
-    a value that already says the most common number is kept (a file read and written back keeps its bytes),
-    and conv_dim / conv_alpha change only with the others. use_tucker goes when no module keeps a Tucker core."""
+    a value that already says the most common number is kept (a file read and written back keeps its bytes).
+    use_tucker goes when no module keeps a Tucker core."""
     meta = metadata_of(adapter.state)
     updates = list(adapter.updates.values())
     if not updates:
         return meta
-    before = (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
     _rank_keys(meta, _network_modules(updates))
     _lora_network_metadata(meta, updates)
-    # the ranks changed (resize, combine): conv_dim / conv_alpha follow; unchanged ones keep the file's bytes
-    _conv_args(meta, updates, before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha")))
+    _conv_args(meta, updates)
     return meta
 
 
@@ -270,9 +268,10 @@ def _rank_keys(meta: dict[str, str], updates: list[Update]) -> None:
             meta[key] = text
 
 
-def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool) -> None:
-    """ss_network_args' conv_dim / conv_alpha from the kxk convolutions, and use_tucker dropped when no
-    module keeps a Tucker core (where the args are kohya's JSON object)."""
+def _conv_args(meta: dict[str, str], updates: list[Update]) -> None:
+    """ss_network_args' conv_dim / conv_alpha from the kxk convolutions unless what they say still holds (a
+    resize of the convolutions alone changes them too), and use_tucker dropped when no module keeps a Tucker
+    core (where the args are kohya's JSON object)."""
     try:
         args = loads_json(meta.get("ss_network_args", ""), "ss_network_args")
     except FormatError:  # absent, or not JSON kohya wrote: left as it is
@@ -283,7 +282,7 @@ def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool)
     convs = [u for u in updates if _is_kxk(u)]
     for key, values, as_int in (("conv_dim", [float(u.rank) for u in convs], True),
                                 ("conv_alpha", [written_alpha(u) for u in convs], False)):
-        if ranks_changed and key in args and convs and not _holds(str(args[key]), values):
+        if key in args and convs and not _holds(str(args[key]), values):
             args[key] = _dynamic_or(values, as_int)
     tucker = any(isinstance(u, LoraUpdate) and isinstance(u.A, TuckerFactor) for u in updates)
     if "use_tucker" in args and not tucker:
