@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import lycoris
 from lycoris import LycorisNetwork, create_lycoris
 from lycoris_fixtures import (
     CONFIGS,
@@ -295,6 +296,53 @@ def test_dora_round_trips_through_kohya(tmp_path):
             np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k), err_msg=k)
 
 
+LYCORIS_ALGOS = [c for c in CONFIGS if CONFIGS[c]["algo"] != "locon"]
+
+
+@pytest.mark.parametrize("config", LYCORIS_ALGOS)
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_loha_lokr_files_are_written_back(tmp_path, config, dtype):
+    """A LoHa / LoKr file read and saved is the same file (every tensor, alpha dtypes and values included)."""
+    _, net = network(seed=21, dtype=dtype, **CONFIGS[config])  # type: ignore[arg-type]
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(CONFIGS[config]["linear_dim"]),
+            "ss_network_alpha": str(CONFIGS[config]["linear_alpha"]),
+            "ss_network_args": '{"algo": "%s"}' % CONFIGS[config]["algo"]}
+    src = save(net, tmp_path / "in.safetensors", dtype, metadata=meta)
+    out = lorafuse.load(src).save(tmp_path / "out.safetensors")
+    with safe_open(str(src), "pt") as a, safe_open(str(out), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert a.get_tensor(k).dtype == b.get_tensor(k).dtype, k
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+        assert {k: v for k, v in b.metadata().items() if k in meta} == meta
+
+
+@pytest.mark.parametrize("config", LYCORIS_ALGOS)
+@pytest.mark.parametrize("c", [0.5, -0.3, 0.0])
+def test_scaled_loha_lokr_are_saved_as_lycoris(tmp_path, config, c):
+    """c * (a LoHa / LoKr adapter) is written as LoHa / LoKr (alpha carries the scale; a LoKr of two full halves,
+    whose scale LyCORIS fixes at 1, and scale 0, which alpha cannot say, get it in their first piece), and
+    LyCORIS's own loader reads c times each delta of the original network."""
+    _, net = network(seed=22, **CONFIGS[config])  # type: ignore[arg-type]
+    adapter = lorafuse.load(save(net, tmp_path / "in.safetensors"))
+    out = (c * adapter).save(tmp_path / "scaled.safetensors")
+    back = lorafuse.load(out)
+    loras = modules(net)
+    for name, lora in loras.items():
+        assert type(back[name]) is type(adapter[name]), name
+        assert_close_f32(back[name].delta(), c * lycoris_delta(lora), abs(c) * lycoris_bound(lora), terms(lora),
+                         f"{config} {name} x {c}")
+    if config == "lokr_tucker":  # LyCORIS's loader cannot read its own Tucker LoKr files (lora_dim from w2_a)
+        return
+    torch.manual_seed(0)
+    reread, _ = lycoris.create_lycoris_from_weights(1.0, str(out), Tiny())
+    got = modules(reread)
+    assert set(got) == set(loras)
+    for name, lora in loras.items():
+        assert_close_f32(lycoris_delta(got[name]), c * lycoris_delta(lora), abs(c) * lycoris_bound(lora),
+                         terms(lora), f"LyCORIS reading {config} {name} x {c}")
+
+
 # ----------------------------------------------------------------------------- other files
 
 
@@ -309,13 +357,11 @@ def test_kohya_prefix_and_a_mixed_file(tmp_path, monkeypatch):
                      "lora_unet_point": "lora"}
     for name, lora in modules(net).items():
         assert_close_f32(adapter[name].delta(), lycoris_delta(lora), lycoris_bound(lora), terms(lora), name)
-    first = next(u for u in adapter.updates.values() if isinstance(u, LycorisUpdate))
-    with pytest.raises(UnsupportedError) as e:
-        adapter.save(tmp_path / "out.safetensors")
-    assert str(e.value) == (f"{adapter.label}: module {first.name!r} is a LyCORIS {first.algo} update; the kohya "
-                            "LoRA format stores lora_down / lora_up factors: convert it to LoRA with a rank first "
-                            "(lorafuse convert IN -o OUT --to kohya --rank K)")
-    assert not (tmp_path / "out.safetensors").exists()
+    # written back as the same mixed file
+    back = lorafuse.load(adapter.save(tmp_path / "out.safetensors"))
+    assert {n: getattr(u, "algo", "lora") for n, u in back.updates.items()} == kinds
+    for name, lora in modules(net).items():
+        assert_close_f32(back[name].delta(), lycoris_delta(lora), lycoris_bound(lora), terms(lora), name)
 
 
 def test_lycoris_dylora_reads_as_lora(tmp_path):

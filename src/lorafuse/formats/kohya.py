@@ -17,7 +17,8 @@ UnsupportedError. A file may mix LoRA, LoHa and LoKr modules.
 
 The file's `__metadata__` (`ss_*` training metadata and anything else) and, per module, the dtype of
 its `.alpha` tensor (None: the module had none) are the adapter's `KohyaState` (model.state:
-`Adapter.state`), written back as read.
+`Adapter.state`), written back as read. LoHa / LoKr modules are written as the pieces they were read as,
+with alpha = scale * r (kohya_module_tensors).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from lorafuse.formats.lycoris_keys import (
     dora_magnitude,
     loha_update,
     lokr_update,
+    scale_rank,
     unsupported_algorithm,
 )
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
@@ -96,8 +98,10 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         parts.setdefault(module, {})[part] = t
     updates: dict[str, Update] = {m: _module_update(p, m, d) for m, d in parts.items()}
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
-    return Adapter(updates=updates, format="kohya", path=p,
-                   state=KohyaState(metadata, alpha_dtypes), provenance=Provenance.from_metadata(metadata))
+    unused = {m: float(parts[m]["alpha"].f32().reshape(-1)[0]) for m, u in updates.items()
+              if isinstance(u, LycorisUpdate) and "alpha" in parts[m] and scale_rank(u.algo, u.tensors) is None}
+    return Adapter(updates=updates, format="kohya", path=p, state=KohyaState(metadata, alpha_dtypes, unused),
+                   provenance=Provenance.from_metadata(metadata))
 
 
 def _algorithm(where: str, module: str, parts: Mapping[str, Tensor]) -> str:
@@ -215,14 +219,19 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     ss_network_args' conv_dim / conv_alpha those of the kxk convolutions (str(int), str(float), as
     resize_lora.py writes them), or "Dynamic" where the modules differ (resize_lora.py's dynamic methods);
     a value that already says the most common number is kept (a file read and written back keeps its bytes).
-    use_tucker goes when no module keeps a Tucker core."""
+    conv_dim / conv_alpha change with the others, or in the output of an operation that chooses ranks (resize,
+    combine, extract). use_tucker goes when no module keeps a Tucker core."""
     meta = metadata_of(adapter.state)
     updates = list(adapter.updates.values())
     if not updates:
         return meta
+    before = (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
     _rank_keys(meta, _network_modules(updates))
     _lora_network_metadata(meta, updates)
-    _conv_args(meta, updates)
+    # conv_dim / conv_alpha follow where the ranks changed or were chosen anew (resize, combine, extract: also
+    # when only the convolutions' changed); a file read and written back keeps its bytes
+    made = adapter.provenance is not None and adapter.provenance.operation in _MAKES_NETWORK
+    _conv_args(meta, updates, made or before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha")))
     return meta
 
 
@@ -248,6 +257,11 @@ def _network_modules(updates: list[Update]) -> list[Update]:
     return [u for u in updates if not _is_kxk(u)] or updates
 
 
+def _ranked(updates: list[Update]) -> list[Update]:
+    """The modules that have a network rank (not a LoKr of two full halves)."""
+    return [u for u in updates if network_rank(u) is not None]
+
+
 def _network_texts(ranks: list[float], alphas: list[float]) -> tuple[str, str]:
     """ss_network_dim and ss_network_alpha of modules of these ranks and alphas: the rank and the most common
     alpha, or "Dynamic" for both where the ranks differ (resize_lora.py's dynamic methods)."""
@@ -259,7 +273,10 @@ def _network_texts(ranks: list[float], alphas: list[float]) -> tuple[str, str]:
 def _rank_keys(meta: dict[str, str], updates: list[Update]) -> None:
     """ss_network_dim / ss_network_alpha, where present, set from `updates` unless what they say still holds (a
     file read and written back)."""
-    ranks = [float(u.rank) for u in updates]
+    updates = _ranked(updates)
+    if not updates:
+        return
+    ranks = [float(network_rank(u) or 0) for u in updates]
     alphas = [written_alpha(u) for u in updates]  # as the F32 .alpha tensors will hold them
     for key, values, text in zip(("ss_network_dim", "ss_network_alpha"), (ranks, alphas),
                                  _network_texts(ranks, alphas)):
@@ -268,10 +285,10 @@ def _rank_keys(meta: dict[str, str], updates: list[Update]) -> None:
             meta[key] = text
 
 
-def _conv_args(meta: dict[str, str], updates: list[Update]) -> None:
-    """ss_network_args' conv_dim / conv_alpha from the kxk convolutions unless what they say still holds (a
-    resize of the convolutions alone changes them too), and use_tucker dropped when no module keeps a Tucker
-    core (where the args are kohya's JSON object)."""
+def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool) -> None:
+    """ss_network_args' conv_dim / conv_alpha from the kxk convolutions where the ranks changed, unless what they
+    say still holds, and use_tucker dropped when no module keeps a Tucker core (where the args are kohya's JSON
+    object)."""
     try:
         args = loads_json(meta.get("ss_network_args", ""), "ss_network_args")
     except FormatError:  # absent, or not JSON kohya wrote: left as it is
@@ -279,10 +296,10 @@ def _conv_args(meta: dict[str, str], updates: list[Update]) -> None:
     if not isinstance(args, dict):
         return
     before = dict(args)
-    convs = [u for u in updates if _is_kxk(u)]
-    for key, values, as_int in (("conv_dim", [float(u.rank) for u in convs], True),
+    convs = _ranked([u for u in updates if _is_kxk(u)])
+    for key, values, as_int in (("conv_dim", [float(network_rank(u) or 0) for u in convs], True),
                                 ("conv_alpha", [written_alpha(u) for u in convs], False)):
-        if key in args and convs and not _holds(str(args[key]), values):
+        if ranks_changed and key in args and convs and not _holds(str(args[key]), values):
             args[key] = _dynamic_or(values, as_int)
     tucker = any(isinstance(u, LoraUpdate) and isinstance(u.A, TuckerFactor) for u in updates)
     if "use_tucker" in args and not tucker:
@@ -326,26 +343,57 @@ def kohya_tensors(adapter: Adapter) -> dict[str, Tensor]:
 def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Tensor]:
     """One module's tensors in the file (see kohya_tensors); `adapter` gives the label and the alpha dtypes."""
     where = f"{adapter.label}: module {name!r}"
-    if not isinstance(u, LoraUpdate):
-        raise UnsupportedError(f"{where} is a LyCORIS {getattr(u, 'algo', type(u).__name__)} update; the kohya "
-                               "LoRA format stores lora_down / lora_up factors: convert it to LoRA with a rank "
-                               "first (lorafuse convert IN -o OUT --to kohya --rank K)")
+    if not name.startswith(PREFIXES) or "." in name:
+        raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
+                               "the kohya format cannot name it")
+    state = as_kohya(adapter.state)
+    recorded = state.alpha_dtypes
+    alpha_dtype = recorded[name] if name in recorded else "F32"
+    if isinstance(u, LycorisUpdate):
+        out = _lycoris_module_tensors(where, name, u, alpha_dtype, state.unused_alphas.get(name, 1.0))
+    else:
+        out = _lora_module_tensors(where, name, u, alpha_dtype)
+    if u.magnitude is not None:
+        out[name + ".dora_scale"] = _dora_scale(where, u)
+    return out
+
+
+def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str | None) -> dict[str, Tensor]:
     if u.bias is not None:
         raise UnsupportedError(f"{where} has a lora_B bias; the kohya format cannot store it")
     if u.transposed or u.kind == "embedding":
         raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
                                "lora_down (r x in) and lora_up (out x r) only")
-    if not name.startswith(PREFIXES) or "." in name:
-        raise UnsupportedError(f"{where}: not a kohya module name (lora_unet_..., lora_te_...); "
-                               "the kohya format cannot name it")
-    recorded = as_kohya(adapter.state).alpha_dtypes
-    up, scale = (u.B, u.scale) if _alpha_reads_back(u.scale, u.rank) else (_folded_up(where, u), 1.0)
+    if _alpha_reads_back(u.scale, u.rank):
+        up, scale = u.B, u.scale
+    else:
+        up, scale = _folded(where, u.B, u.scale, "lora_up"), 1.0
     out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": up}
-    alpha = _alpha_tensor(scale, u.rank, recorded[name] if name in recorded else "F32")
+    alpha = _alpha_tensor(scale, u.rank, alpha_dtype)
     if alpha is not None:
         out[name + ".alpha"] = alpha
-    if u.magnitude is not None:
-        out[name + ".dora_scale"] = _dora_scale(where, u)
+    return out
+
+
+def _lycoris_module_tensors(where: str, name: str, u: LycorisUpdate, alpha_dtype: str | None,
+                            unused_alpha: float) -> dict[str, Tensor]:
+    """A LoHa's / LoKr's pieces as they were read (hada_* / lokr_*), and `.alpha` = scale * r, r the rank LyCORIS
+    divides alpha by (formats.lycoris_keys.scale_rank). A scale alpha cannot carry (a LoKr of two full halves,
+    whose scale LyCORIS fixes at 1; a scale whose alpha would not read back) goes into the first half's first
+    piece (hada_w1_a, lokr_w1 or lokr_w1_a: the delta is linear in it), rounded once to its dtype; the alpha of
+    a LoKr of two full halves is the one read (`unused_alpha`, KohyaState.unused_alphas), which no reader uses."""
+    rank = scale_rank(u.algo, u.tensors)
+    parts = dict(u.tensors)
+    scale = u.scale
+    if rank is None or not _alpha_reads_back(scale, rank):
+        first = next(k for k in ("hada_w1_a", "lokr_w1", "lokr_w1_a") if k in parts)
+        if scale != 1.0:
+            parts[first] = _folded(where, parts[first], scale, first)
+        scale = 1.0
+    out = {f"{name}.{part}": t for part, t in parts.items()}
+    alpha = _alpha_tensor(unused_alpha, 1, alpha_dtype) if rank is None else _alpha_tensor(scale, rank, alpha_dtype)
+    if alpha is not None:
+        out[name + ".alpha"] = alpha
     return out
 
 
@@ -358,28 +406,37 @@ def _alpha_reads_back(scale: float, rank: int) -> bool:
     return value != 0 and as_read != 0 and bool(np.isfinite(as_read))
 
 
-def _folded_up(where: str, u: LoraUpdate) -> Tensor:
-    """lora_up times u's scale, in lora_up's dtype (F32 for one lorafuse does not write): for a scale whose
-    alpha would not read back (_alpha_reads_back), the scale goes into the factor and alpha is the rank.
-    Scale 0 gives a zero lora_up (kohya reads alpha 0 as alpha = rank: full strength)."""
+def _folded(where: str, t: Tensor, scale: float, what: str) -> Tensor:
+    """Factor `t` (named `what`) times `scale`, in its dtype (F32 for one lorafuse does not write): for a scale
+    whose alpha would not read back (_alpha_reads_back), the scale goes into a factor and alpha is the rank.
+    Scale 0 gives a zero factor (kohya reads alpha 0 as alpha = rank: full strength)."""
     with np.errstate(over="ignore", under="ignore"):
-        b64 = u.B.f32().astype(np.float64) * u.scale
+        b64 = t.f32().astype(np.float64) * scale
         b = b64.astype(np.float32)
     if not np.isfinite(b).all():
-        raise UnsupportedError(f"{where}: scale {u.scale:.4g} times lora_up is beyond float32's range: the kohya "
+        raise UnsupportedError(f"{where}: scale {scale:.4g} times {what} is beyond float32's range: the kohya "
                                "format cannot store this module")
-    if u.B.dtype == "F64":
+    if t.dtype == "F64":
         return Tensor.from_array(b64)
-    up = Tensor.from_array(b)
-    return up.to(u.B.dtype) if u.B.dtype in WRITABLE_FLOATS and u.B.dtype != "F32" else up
+    out = Tensor.from_array(b)
+    return out.to(t.dtype) if t.dtype in WRITABLE_FLOATS and t.dtype != "F32" else out
+
+
+def network_rank(u: Update) -> int | None:
+    """The rank kohya's metadata (ss_network_dim, conv_dim) means for a module: a LoRA's r, a LoHa's / LoKr's
+    lora_dim (the r of scale = alpha / r; None for a LoKr of two full halves, which has none)."""
+    return scale_rank(u.algo, u.tensors) if isinstance(u, LycorisUpdate) else u.rank
 
 
 def written_alpha(u: Update) -> float:
     """The alpha the file holds for `u` as float32 reads it: scale * rank, or the rank when the scale goes
-    into lora_up (_folded_up)."""
-    if not _alpha_reads_back(u.scale, u.rank):
-        return float(u.rank)
-    return float(np.float32(u.scale * u.rank))
+    into a factor (_folded; 1 for a LoKr of two full halves)."""
+    rank = network_rank(u)
+    if rank is None:
+        return 1.0
+    if not _alpha_reads_back(u.scale, rank):
+        return float(rank)
+    return float(np.float32(u.scale * rank))
 
 
 def _alpha_tensor(scale: float, rank: int, dtype: str | None) -> Tensor | None:
@@ -398,7 +455,7 @@ def _alpha_tensor(scale: float, rank: int, dtype: str | None) -> Tensor | None:
     return Tensor(np.array(value, dtype=np.float32), "F32")
 
 
-def _dora_scale(where: str, u: LoraUpdate) -> Tensor:
+def _dora_scale(where: str, u: Update) -> Tensor:
     """LyCORIS' dora_scale: (out, 1) / (out, 1, 1, 1) per output row, (1, in) per column."""
     m = u.magnitude
     assert m is not None
@@ -456,8 +513,10 @@ def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
     updates = list(adapter.updates.values())
     if not updates:
         return
-    groups = _network_modules(updates)
-    dim, alpha = _network_texts([float(u.rank) for u in groups], [written_alpha(u) for u in groups])
+    groups = _ranked(_network_modules(updates))
+    if not groups:
+        return
+    dim, alpha = _network_texts([float(network_rank(u) or 0) for u in groups], [written_alpha(u) for u in groups])
     meta.setdefault("ss_network_module", "networks.lora")
     meta.setdefault("ss_network_dim", dim)
     meta.setdefault("ss_network_alpha", alpha)

@@ -148,6 +148,18 @@ def lokr_update(where: str, name: str, parts: Mapping[str, Tensor], alpha: float
     return _check_size(where, u)
 
 
+def scale_rank(algo: str, parts: Mapping[str, Tensor]) -> int | None:
+    """The r of a LyCORIS module's scale = alpha / r, from its stored pieces (checked by loha_update /
+    lokr_update): a LoHa's rank, a LoKr's factored half's rank, None for a LoKr of two full halves (scale 1,
+    whatever alpha says)."""
+    shapes = {k: t.shape for k, t in parts.items()}
+    if algo == "loha":
+        return shapes["hada_w1_b"][0]
+    first, second = _lokr_first(shapes), _lokr_second(shapes)
+    assert not isinstance(first, str) and not isinstance(second, str)
+    return first[2] if first[2] is not None else second[3]
+
+
 def _lokr_first(s: Mapping[str, tuple[int, ...]]) -> tuple[int, int, int | None] | str:
     """(a, b, rank or None) of w1, or what is wrong."""
     if "lokr_w1" in s:

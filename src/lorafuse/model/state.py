@@ -17,10 +17,13 @@ ALPHA_DTYPES_KEY = "kohya_alpha_dtypes"  # in a diffusers file's kohya record: m
 
 @dataclass
 class KohyaState:
-    """A kohya / LyCORIS file's: its metadata, and the dtype of every module's `.alpha` (None: none)."""
+    """A kohya / LyCORIS file's: its metadata, the dtype of every module's `.alpha` (None: none), and the value
+    of an `.alpha` the module's scale does not depend on (a LoKr of two full halves: LyCORIS's scale is 1), to be
+    written back as it was."""
 
     metadata: dict[str, str] = field(default_factory=dict)
     alpha_dtypes: dict[str, str | None] = field(default_factory=dict)
+    unused_alphas: dict[str, float] = field(default_factory=dict)
 
     def record_config(self) -> dict[str, object]:
         """The JSON form kept in a diffusers file's kohya record (the metadata travels as the file's own)."""
