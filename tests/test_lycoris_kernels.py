@@ -19,8 +19,7 @@ import torch
 from lycoris.functional import loha as lycoris_loha
 from lycoris.functional import lokr as lycoris_lokr
 
-from lorafuse import DtypeError, LorafuseValueError, ShapeMismatchError
-from lorafuse import _core
+from lorafuse import DtypeError, LorafuseValueError, ShapeMismatchError, _core
 
 DTYPES = ("F32", "F16", "BF16")
 RAW = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -144,11 +143,14 @@ def with_magnitude(stage: tuple, m: np.ndarray, column_norm: bool) -> tuple:
     return (stage[0], stage[1], m, column_norm)
 
 
-def dora_reference(v: np.ndarray, err_v: np.ndarray, m: np.ndarray, column_norm: bool) -> tuple[np.ndarray, np.ndarray]:
-    """m * V / ||V|| per row (or column) in float64, and the error bound when V is known to +-err_v."""
+def dora_reference(v: np.ndarray, err_v: np.ndarray, m: np.ndarray, column_norm: bool,
+                   own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """m * V / ||N|| per row (or column) in float64, N = `own` (W + the DoRA stage's own delta, PEFT's
+    norm; V itself when None), and the error bound when V and N are known to +-err_v, +-err_n."""
     axis = 0 if column_norm else 1
-    norm = np.linalg.norm(v, axis=axis, keepdims=True)
-    err_norm = np.linalg.norm(err_v, axis=axis, keepdims=True)
+    n, err_n = (v, err_v) if own is None else own
+    norm = np.linalg.norm(n, axis=axis, keepdims=True)
+    err_norm = np.linalg.norm(err_n, axis=axis, keepdims=True)
     mm = f64(m)[None, :] if column_norm else f64(m)[:, None]
     ref = mm * v / norm
     err = np.abs(mm) / norm * (err_v + np.abs(v) * err_norm / norm) + gamma(4) * np.abs(ref)
@@ -292,14 +294,15 @@ def test_explicit_lowrank_equals_plain_tuple() -> None:
 @pytest.mark.parametrize("kind", ["hadamard", "kron"])
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_dora_after_lycoris_stage(kind: str, column_norm: bool, out_dtype: str) -> None:
-    """A kron stage, then the DoRA stage (of `kind`) renormalizes W + both deltas."""
+    """A kron stage, then the DoRA stage (of `kind`) scales W + both deltas by m / ||W + its own delta||
+    (PEFT's DoRA merge; the norm used to include the kron stage's delta)."""
     rng = np.random.default_rng([11, column_norm, DTYPES.index(out_dtype), kind == "kron"])
     base = Base(rng, "BF16")
     first = kron_stage(rng, 3, 1367, 13, 3)
     dora = hadamard_stage(rng, ROWS, COLS, 3, 4) if kind == "hadamard" else kron_stage(rng, 39, 3, 1, 1367)
     m = (rng.uniform(0.5, 2.0, COLS if column_norm else ROWS)).astype(np.float32)
     v, err_v = merged_reference(base, [first, dora])
-    ref, err = dora_reference(v, err_v, m, column_norm)
+    ref, err = dora_reference(v, err_v, m, column_norm, own=merged_reference(base, [dora]))
     out, flag = merge(base.raw, "BF16", out_dtype, [first[0], with_magnitude(dora[0], m, column_norm)])
     assert not flag
     assert_rounded_once(out, out_dtype, ref, err)

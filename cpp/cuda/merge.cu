@@ -1,5 +1,6 @@
 // merge.hpp's merge_batch on the GPU (ops.hpp): W' = round(W + stage_1 + ... + stage_n), with
-// DoRA norms in float64 after their stage, float32 accumulation and one rounding, as merge.cpp.
+// DoRA norms in float64 (each over W + that stage's own delta, PEFT's), float32 accumulation and one
+// rounding, as merge.cpp.
 //
 // Pieces. A job is cut into row blocks ("pieces") of at most `piece_elems` elements (16 Mi while the
 // device has room; fewer when free memory is short), so any weight fits whatever its size (an
@@ -7,7 +8,7 @@
 // column-normalized DoRA stages needs its column norms over all rows: it is one piece (the whole
 // matrix on the GPU, norms computed there) when that fits in half the free memory; otherwise
 // ("multi-pass", as merge.cpp does on the CPU) one pass over the row blocks per such stage sums the
-// squares of each column (float64) through that stage, the scales are formed, and a last pass
+// squares of each column (float64) of W + that stage's delta, the scales are formed, and a last pass
 // writes the output.
 //
 // Slots. Two slots (each: a stream, an event, pinned input/output staging, device buffers) take the
@@ -26,10 +27,14 @@
 //     the results match the CPU core's FMA builds bit for bit.
 //   tile: T = to_f32(W) (in place when W is F32), then per stage T += B A (cuBLAS SGEMM, beta 1),
 //     T += (B1 A1) .* (B2 A2) (two GEMMs into scratch over row chunks, then an FMA kernel), the
-//     Kronecker kernel, the DoRA scaling; then one rounding kernel (with the non-finite check).
+//     Kronecker kernel, the DoRA scaling; then one rounding kernel (with the non-finite check). A
+//     DoRA stage after the first takes its norms over W + its own delta, not over T: before the
+//     stages run, T is loaded with W and that stage alone for each such stage (own_norms), and the
+//     scales are kept for when the stage comes.
 //
 // Memory per slot (n = piece elements): pinned in = n * itemsize(W) + factors, pinned out =
-// n * itemsize(out); device: the same input bytes, T (4n, not for F32 W or the fused path), the
+// n * itemsize(out); device: the same input bytes, T (4n, not for the fused path, nor for F32 W
+// unless a DoRA stage after the first needs W again), the
 // output (n * itemsize(out), not for an F32 output on the tile path), Hadamard scratch (2 x 16 MiB),
 // column partial sums (64 x cols doubles) and 32 MiB of cuBLAS workspace. The buffers persist
 // between calls (grown as needed; the ones grown past 512 MiB by a whole-matrix job are freed at the
@@ -228,9 +233,9 @@ __device__ double block_sum(double v) {
   return v;
 }
 
-// DoRA by rows (merge.cpp apply_magnitude): row r of T (nr x cols, row-major, block r) is multiplied
-// by s = float(double(mag[r]) / ||T[r, :]||_2), the norm summed in float64 (a zero norm gives Inf or
-// NaN, as on the CPU).
+// DoRA by rows for the first stage (merge.cpp apply_magnitude, where T = W + that stage's delta): row r
+// of T (nr x cols, row-major, block r) is multiplied by s = float(double(mag[r]) / ||T[r, :]||_2), the
+// norm summed in float64 (a zero norm gives Inf or NaN, as on the CPU).
 __global__ void row_scale_kernel(float* __restrict__ T, std::int64_t cols, const float* __restrict__ mag) {
   __shared__ float scale;
   float* __restrict__ t = T + static_cast<std::int64_t>(blockIdx.x) * cols;
@@ -243,6 +248,27 @@ __global__ void row_scale_kernel(float* __restrict__ T, std::int64_t cols, const
   if (threadIdx.x == 0) scale = __double2float_rn(static_cast<double>(mag[blockIdx.x]) / sqrt(s));
   __syncthreads();
   const float f = scale;
+  for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) t[j] = __fmul_rn(t[j], f);
+}
+
+// DoRA by rows for a stage after the first (merge.cpp scale_rows over own_tile): scale[r] =
+// float(double(mag[r]) / ||N[r, :]||_2) for N (nr x cols) = W + that stage's own delta (PEFT's norm),
+// found before the stages run; row_apply_kernel multiplies row r of T by it afterwards.
+__global__ void row_norm_kernel(const float* __restrict__ N, std::int64_t cols, const float* __restrict__ mag,
+                                float* __restrict__ scale) {
+  const float* __restrict__ t = N + static_cast<std::int64_t>(blockIdx.x) * cols;
+  double s = 0.0;
+  for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const double v = t[j];
+    s += v * v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) scale[blockIdx.x] = __double2float_rn(static_cast<double>(mag[blockIdx.x]) / sqrt(s));
+}
+
+__global__ void row_apply_kernel(float* __restrict__ T, std::int64_t cols, const float* __restrict__ scale) {
+  float* __restrict__ t = T + static_cast<std::int64_t>(blockIdx.x) * cols;
+  const float f = scale[blockIdx.x];
   for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) t[j] = __fmul_rn(t[j], f);
 }
 
@@ -331,6 +357,7 @@ struct Slot {
   DeviceMemory dev_out;  // the rounded output (fused path, or tile path with a non-F32 output)
   DeviceMemory p1, p2;   // LoHa products
   DeviceMemory partial, colsq, scales;  // column norms of a whole-matrix piece
+  DeviceMemory rowscales;  // row scales of the row-normalized DoRA stages after the first (own norms)
   DeviceMemory flag;     // the non-finite flag
   DeviceMemory blas;     // cuBLAS workspace of this slot's stream
   Pending pending;
@@ -345,7 +372,7 @@ struct Workspace {
     std::size_t b = shared_colsq.bytes() + shared_scales.bytes();
     for (const Slot& s : slot)
       b += s.dev_in.bytes() + s.tile.bytes() + s.dev_out.bytes() + s.p1.bytes() + s.p2.bytes() + s.partial.bytes() +
-           s.colsq.bytes() + s.scales.bytes() + s.flag.bytes() + s.blas.bytes();
+           s.colsq.bytes() + s.scales.bytes() + s.rowscales.bytes() + s.flag.bytes() + s.blas.bytes();
     return b;
   }
   // Frees the buffers a whole-matrix job grew past kKeepBytes (the others are kept for the next call).
@@ -359,7 +386,8 @@ struct Workspace {
     for (Slot& s : slot) {
       trim_pinned(s.pin_in);
       trim_pinned(s.pin_out);
-      for (DeviceMemory* m : {&s.dev_in, &s.tile, &s.dev_out, &s.partial, &s.colsq, &s.scales}) trim_device(*m);
+      for (DeviceMemory* m : {&s.dev_in, &s.tile, &s.dev_out, &s.partial, &s.colsq, &s.scales, &s.rowscales})
+        trim_device(*m);
     }
     trim_device(shared_colsq);
     trim_device(shared_scales);
@@ -497,6 +525,12 @@ struct Plan {
   std::int64_t step = 0;     // rows per piece
   std::vector<int> col_index;  // per stage: its index among the column-normalized DoRA stages, or -1
   int ncol = 0;
+  // DoRA stages after the first take their norms over W + their own delta (PEFT), not over the tile:
+  std::vector<int> row_own;  // per stage: its index among such row-normalized stages, or -1
+  int nrow_own = 0;
+  bool col_own = false;      // a column-normalized one, normalized within a whole-matrix piece
+  // Whether a piece first computes those norms (before the stages run on the tile).
+  bool prepass() const { return nrow_own > 0 || col_own; }
 };
 
 bool fusable(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
@@ -504,18 +538,27 @@ bool fusable(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType
 Plan make_plan(const MergeJob& job, const Budget& budget) {
   Plan p;
   p.col_index.assign(job.stages.size(), -1);
-  bool plain = true;
+  p.row_own.assign(job.stages.size(), -1);
+  bool plain = true, col_after_first = false;
   std::int64_t total_rank = 0;
   for (std::size_t k = 0; k < job.stages.size(); ++k) {
     const MergeStage& st = job.stages[k];
     if (st.kind != StageKind::LowRank || st.magnitude != nullptr) plain = false;
     if (st.kind == StageKind::LowRank) total_rank += st.rank;
     if (st.magnitude != nullptr && st.column_norm) p.col_index[k] = p.ncol++;
+    if (st.magnitude != nullptr && k > 0) {
+      if (st.column_norm)
+        col_after_first = true;
+      else
+        p.row_own[k] = p.nrow_own++;
+    }
   }
   p.fused = plain && fusable(job.w_type) && fusable(job.out_type) && total_rank <= kFusedMaxRank;
   p.step = std::min(job.rows, std::max<std::int64_t>(1, budget.piece_elems / job.cols));
   if (p.ncol > 0) {
-    const std::size_t per_elem = itemsize(job.w_type) + (job.w_type == DType::F32 ? 0 : 4) +
+    // An F32 W is the tile itself, unless a prepass needs it again (then the tile is a copy).
+    const bool f32_copy = p.nrow_own > 0 || col_after_first;
+    const std::size_t per_elem = itemsize(job.w_type) + (job.w_type == DType::F32 && !f32_copy ? 0 : 4) +
                                  (job.out_type == DType::F32 ? 0 : itemsize(job.out_type));
     const double need = static_cast<double>(job.rows) * static_cast<double>(job.cols) * static_cast<double>(per_elem) +
                         static_cast<double>(job.cols) * (8.0 * (kColumnGroups + 1) + 4.0 * p.ncol);
@@ -524,6 +567,7 @@ Plan make_plan(const MergeJob& job, const Budget& budget) {
     else
       p.multipass = true;
   }
+  p.col_own = col_after_first && !p.multipass;  // multi-pass: the column-sum passes take W + own delta
   return p;
 }
 
@@ -689,57 +733,107 @@ void add_hadamard(Slot& s, BlasGuard& blas, const MergeStage& sg, const float* B
   }
 }
 
+// T += the delta of stage k (rows [r0, r0 + nr) of it).
+void add_stage(Slot& s, BlasGuard& blas, const MergeStage& sg, const Operands& o, const unsigned char* din, float* T,
+               std::int64_t r0, std::int64_t nr, std::int64_t cols, const std::string& what) {
+  const auto fac = [&](std::size_t off) { return reinterpret_cast<const float*>(din + off); };
+  switch (sg.kind) {
+    case StageKind::LowRank:
+      if (sg.rank > 0) {
+        blas.bind(s, what);
+        gemm(blas.get(), fac(o.B), fac(o.A), T, nr, cols, sg.rank, 1.0f, what + " (low-rank product)");
+      }
+      break;
+    case StageKind::Hadamard:
+      add_hadamard(s, blas, sg, fac(o.B), fac(o.A), fac(o.B2), fac(o.A2), T, nr, cols, what + " (LoHa)");
+      break;
+    case StageKind::Kron: {
+      const dim3 grid(static_cast<unsigned>(std::min<std::int64_t>(blocks_for(cols), 1024)),
+                      static_cast<unsigned>(std::min<std::int64_t>(nr, 65535)));
+      kron_add_kernel<<<grid, kThreads, 0, s.stream.get()>>>(T, nr, cols, fac(o.W1), fac(o.W2), sg.b, sg.c, sg.d,
+                                                             sg.row_offset + r0);
+      check_launch(what + " (LoKr)");
+      break;
+    }
+  }
+}
+
+// The norms of the DoRA stages after the first (plan.row_own, plan.col_own), each over W + that
+// stage's own delta (merge.cpp own_tile): T is loaded with W and takes one stage at a time; the
+// row scales go to s.rowscales, the column scales (whole-matrix piece) to s.scales.
+void own_norms(Slot& s, BlasGuard& blas, const MergeJob& job, const Plan& plan, const Layout& L,
+               const unsigned char* din, float* T, std::int64_t r0, std::int64_t nr) {
+  const cudaStream_t st = s.stream.get();
+  const std::int64_t cols = job.cols;
+  const auto fac = [&](std::size_t off) { return reinterpret_cast<const float*>(din + off); };
+  for (std::size_t k = 1; k < job.stages.size(); ++k) {
+    const MergeStage& sg = job.stages[k];
+    const bool row = plan.row_own[k] >= 0, col = plan.col_own && plan.col_index[k] >= 0;
+    if (!row && !col) continue;
+    const std::string what = job.name + ": stage " + std::to_string(k + 1) + " (DoRA norms of W + its own delta)";
+    launch_to_f32(din, job.w_type, T, nr * cols, st, what);
+    add_stage(s, blas, sg, L.ops[k], din, T, r0, nr, cols, what);
+    if (row) {
+      float* scale = static_cast<float*>(s.rowscales.get()) + plan.row_own[k] * nr;
+      row_norm_kernel<<<static_cast<unsigned>(nr), kThreads, 0, st>>>(T, cols, fac(L.ops[k].mag), scale);
+      check_launch(what);
+      continue;
+    }
+    auto* colsq = static_cast<double*>(s.colsq.get());
+    column_sums(s, T, nr, cols, colsq, false, nullptr, what);
+    col_scale_kernel<<<blocks_for(cols), kThreads, 0, st>>>(fac(L.ops[k].mag), colsq, cols,
+                                                            static_cast<float*>(s.scales.get()) +
+                                                                plan.col_index[k] * cols);
+    check_launch(what);
+  }
+}
+
 // The tile path of a piece (see the top of the file). Returns the device buffer holding the rounded
-// output (T itself for an F32 output), or nullptr for a column-sum pass (pass = the stage index).
+// output (T itself for an F32 output), or nullptr for a column-sum pass (pass = the stage index: the
+// squares of W + that stage's own delta, PEFT's norm, whatever the stages before it).
 const void* run_tile(Slot& s, BlasGuard& blas, Workspace& ws, const MergeJob& job, const Plan& plan, const Layout& L,
                      unsigned char* din, std::int64_t r0, std::int64_t nr, int pass, unsigned* flag) {
   const std::string& name = job.name;
   const cudaStream_t st = s.stream.get();
   const std::int64_t cols = job.cols, n = nr * cols;
+  const bool prepass = pass < 0 && plan.prepass();
   float* T;
-  if (job.w_type == DType::F32) {
+  if (job.w_type == DType::F32 && !prepass) {
     T = reinterpret_cast<float*>(din);  // in place: the staged rows are not needed afterwards
   } else {
     s.tile.reserve(f32_bytes(n), name + ": float32 tile");
     T = static_cast<float*>(s.tile.get());
-    launch_to_f32(din, job.w_type, T, n, st, name + ": decoding the base weight");
   }
   const auto fac = [&](std::size_t off) { return reinterpret_cast<const float*>(din + off); };
+  if (pass >= 0) {  // a column-sum pass: add this piece's squares of W + stage `pass` alone, write nothing
+    const std::string what = name + ": stage " + std::to_string(pass + 1);
+    launch_to_f32(din, job.w_type, T, n, st, name + ": decoding the base weight");
+    add_stage(s, blas, job.stages[static_cast<std::size_t>(pass)], L.ops[static_cast<std::size_t>(pass)], din, T, r0,
+              nr, cols, what);
+    column_sums(s, T, nr, cols, static_cast<double*>(ws.shared_colsq.get()), true, &ws.chain, what);
+    return nullptr;
+  }
   const bool inline_cols = plan.ncol > 0 && !plan.multipass;
   if (inline_cols) {
     s.colsq.reserve(static_cast<std::size_t>(cols) * sizeof(double), name + ": DoRA column norms");
     s.scales.reserve(f32_bytes(plan.ncol * cols), name + ": DoRA column norms");
   }
+  if (plan.nrow_own > 0) s.rowscales.reserve(f32_bytes(plan.nrow_own * nr), name + ": DoRA row norms");
+  if (prepass) own_norms(s, blas, job, plan, L, din, T, r0, nr);
+  launch_to_f32(din, job.w_type, T, n, st, name + ": decoding the base weight");
   for (std::size_t k = 0; k < job.stages.size(); ++k) {
     const MergeStage& sg = job.stages[k];
     const Operands& o = L.ops[k];
     const std::string what = name + ": stage " + std::to_string(k + 1);
-    switch (sg.kind) {
-      case StageKind::LowRank:
-        if (sg.rank > 0) {
-          blas.bind(s, what);
-          gemm(blas.get(), fac(o.B), fac(o.A), T, nr, cols, sg.rank, 1.0f, what + " (low-rank product)");
-        }
-        break;
-      case StageKind::Hadamard:
-        add_hadamard(s, blas, sg, fac(o.B), fac(o.A), fac(o.B2), fac(o.A2), T, nr, cols, what + " (LoHa)");
-        break;
-      case StageKind::Kron: {
-        const dim3 grid(static_cast<unsigned>(std::min<std::int64_t>(blocks_for(cols), 1024)),
-                        static_cast<unsigned>(std::min<std::int64_t>(nr, 65535)));
-        kron_add_kernel<<<grid, kThreads, 0, st>>>(T, nr, cols, fac(o.W1), fac(o.W2), sg.b, sg.c, sg.d,
-                                                   sg.row_offset + r0);
-        check_launch(what + " (LoKr)");
-        break;
-      }
-    }
-    if (static_cast<int>(k) == pass) {  // a column-sum pass: add this piece's squares, write nothing
-      column_sums(s, T, nr, cols, static_cast<double*>(ws.shared_colsq.get()), true, &ws.chain, what);
-      return nullptr;
-    }
+    add_stage(s, blas, sg, o, din, T, r0, nr, cols, what);
     if (sg.magnitude == nullptr) continue;
     if (!sg.column_norm) {
-      row_scale_kernel<<<static_cast<unsigned>(nr), kThreads, 0, st>>>(T, cols, fac(o.mag));
+      if (k == 0) {  // T is W + this stage's delta: its own norms
+        row_scale_kernel<<<static_cast<unsigned>(nr), kThreads, 0, st>>>(T, cols, fac(o.mag));
+      } else {
+        row_apply_kernel<<<static_cast<unsigned>(nr), kThreads, 0, st>>>(
+            T, cols, static_cast<const float*>(s.rowscales.get()) + plan.row_own[k] * nr);
+      }
       check_launch(what + " (DoRA row norms)");
       continue;
     }
@@ -749,10 +843,12 @@ const void* run_tile(Slot& s, BlasGuard& blas, Workspace& ws, const MergeJob& jo
       scale = static_cast<float*>(ws.shared_scales.get()) + ci * cols;
     } else {
       scale = static_cast<float*>(s.scales.get()) + ci * cols;
-      auto* colsq = static_cast<double*>(s.colsq.get());
-      column_sums(s, T, nr, cols, colsq, false, nullptr, what);
-      col_scale_kernel<<<blocks_for(cols), kThreads, 0, st>>>(fac(o.mag), colsq, cols, scale);
-      check_launch(what + " (DoRA column norms)");
+      if (k == 0) {  // T is W + this stage's delta: its own norms (later stages': own_norms)
+        auto* colsq = static_cast<double*>(s.colsq.get());
+        column_sums(s, T, nr, cols, colsq, false, nullptr, what);
+        col_scale_kernel<<<blocks_for(cols), kThreads, 0, st>>>(fac(o.mag), colsq, cols, scale);
+        check_launch(what + " (DoRA column norms)");
+      }
     }
     const dim3 grid(static_cast<unsigned>(std::min<std::int64_t>(blocks_for(cols), 1024)),
                     static_cast<unsigned>(std::min<std::int64_t>(nr, 65535)));
@@ -840,8 +936,8 @@ void run_piece(Pipeline& pipe, BlasGuard& blas, Workspace& ws, MergeJob& job, co
 }
 
 // A job with column-normalized DoRA stages that does not fit on the GPU at once (merge.cpp
-// column_norm_passes): per such stage, one pass over the row blocks through that stage sums the
-// squares of every column (float64, in block order), then scale = magnitude / sqrt(sum) (on the
+// column_norm_passes): per such stage, one pass over the row blocks sums the squares of every column
+// of W + that stage's own delta (float64, in block order), then scale = magnitude / sqrt(sum) (on the
 // host, into stage.column_scale, then to the GPU); a last pass writes the output.
 void run_multipass(Pipeline& pipe, BlasGuard& blas, Workspace& ws, MergeJob& job, const Plan& plan) {
   const std::string& name = job.name;

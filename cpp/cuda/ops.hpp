@@ -45,8 +45,8 @@ void from_float32(const float* x, DType dt, void* out, std::int64_t n);
 
 // merge.hpp's merge_batch on the GPU: each job's base weight is copied in (through pinned
 // buffers, two jobs in flight so copy-in, compute and copy-out overlap), converted to float32,
-// every stage added in order (DoRA norms in float64 after their stage), rounded once to out_type
-// and copied out; job.nonfinite is set as the CPU sets it.
+// every stage added in order (DoRA norms in float64, over W + that stage's own delta), rounded
+// once to out_type and copied out; job.nonfinite is set as the CPU sets it.
 void merge_batch(std::vector<MergeJob>& jobs, int threads);
 
 // lowrank.hpp's batches: ||B A||_F^2 and <B1 A1, B2 A2>_F from the factors (Gram matrices on the

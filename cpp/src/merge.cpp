@@ -20,9 +20,10 @@ std::int64_t tile_rows(std::int64_t cols) {
   return std::clamp<std::int64_t>(target, 4, 256);
 }
 
-// Per-thread buffers: the float32 tile and, for Hadamard stages, its two factor products.
+// Per-thread buffers: the float32 tile, for Hadamard stages its two factor products, and the tile
+// of W plus one DoRA stage's own delta (the norms of a DoRA stage that is not the first stage).
 struct Scratch {
-  std::vector<float> tile, p1, p2;
+  std::vector<float> tile, p1, p2, own;
 };
 
 // tile += B[r0:r0+nr] @ A.
@@ -88,46 +89,71 @@ void add_stage(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T, Scr
   }
 }
 
-// DoRA: rescale each column by column_scale, or each row to the norm magnitude[row].
-void apply_magnitude(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T) {
-  if (st.column_norm) {
-    Eigen::Map<const Eigen::RowVectorXf> scale(st.column_scale.data(), T.cols());
-    T.array().rowwise() *= scale.array();
-    return;
-  }
+// Rows [r0, r0 + nr) of the base weight as float32 into `buf`.
+Eigen::Map<RowMat> base_tile(const MergeJob& job, std::int64_t r0, std::int64_t nr, std::vector<float>& buf) {
+  const std::size_t n = static_cast<std::size_t>(nr * job.cols);
+  buf.resize(n);
+  const std::size_t at = static_cast<std::size_t>(r0 * job.cols) * itemsize(job.w_type);
+  to_f32(static_cast<const unsigned char*>(job.w) + at, job.w_type, buf.data(), n);
+  return Eigen::Map<RowMat>(buf.data(), nr, job.cols);
+}
+
+// Rows [r0, r0 + nr) of W + the delta of `st` alone, into s.own: what a DoRA stage normalizes. PEFT
+// (DoraLinearVariant.merge, and its forward) takes each DoRA adapter's norm on the base weight plus
+// that adapter's own delta, never on the other adapters merged before it.
+Eigen::Map<RowMat> own_tile(const MergeJob& job, const MergeStage& st, std::int64_t r0, std::int64_t nr, Scratch& s) {
+  Eigen::Map<RowMat> N = base_tile(job, r0, nr, s.own);
+  add_stage(st, r0, N, s);
+  return N;
+}
+
+// DoRA by rows: row i of T times magnitude[r0 + i] / ||row i of N||, N = W + the stage's own delta.
+void scale_rows(const MergeStage& st, std::int64_t r0, Eigen::Map<RowMat>& T, const Eigen::Map<RowMat>& N) {
   for (std::int64_t i = 0; i < T.rows(); ++i) {
-    const double norm = T.row(i).cast<double>().norm();
+    const double norm = N.row(i).cast<double>().norm();
     T.row(i) *= static_cast<float>(static_cast<double>(st.magnitude[r0 + i]) / norm);
   }
 }
 
-// Computes rows [r0, r0 + nr) of the job through stage `upto` (exclusive) into the tile.
-// With upto == stages.size() the tile is rounded into the output; otherwise the
-// delta of stage `upto` is added and the squares of each column are accumulated
-// into `colsq` (the first pass of a column-normalized DoRA stage).
-bool run_block(const MergeJob& job, std::int64_t r0, std::int64_t nr, std::size_t upto, Scratch& s, double* colsq) {
-  const std::int64_t cols = job.cols;
-  const std::size_t n = static_cast<std::size_t>(nr * cols);
-  s.tile.resize(n);
-  const auto* w = static_cast<const unsigned char*>(job.w) + static_cast<std::size_t>(r0 * cols) * itemsize(job.w_type);
-  to_f32(w, job.w_type, s.tile.data(), n);
-  Eigen::Map<RowMat> T(s.tile.data(), nr, cols);
-  const std::size_t last = std::min(upto + 1, job.stages.size());
-  for (std::size_t k = 0; k < last; ++k) {
-    const MergeStage& st = job.stages[k];
-    add_stage(st, r0, T, s);
-    if (k == upto) {  // first pass of a column-normalized stage: sum the squares, write nothing
-      for (std::int64_t i = 0; i < nr; ++i)
-        for (std::int64_t j = 0; j < cols; ++j) colsq[j] += static_cast<double>(T(i, j)) * T(i, j);
-      return false;
-    }
-    if (st.magnitude != nullptr) apply_magnitude(st, r0, T);
+// DoRA stage k after its delta is in the tile: each column times column_scale (found beforehand),
+// or each row to the norm magnitude[row] over W + its own delta (the tile itself for the first
+// stage, where the two are the same numbers).
+void apply_magnitude(const MergeJob& job, std::size_t k, std::int64_t r0, Eigen::Map<RowMat>& T, Scratch& s) {
+  const MergeStage& st = job.stages[k];
+  if (st.column_norm) {
+    Eigen::Map<const Eigen::RowVectorXf> scale(st.column_scale.data(), T.cols());
+    T.array().rowwise() *= scale.array();
+  } else if (k == 0) {
+    scale_rows(st, r0, T, T);
+  } else {
+    const Eigen::Map<RowMat> N = own_tile(job, st, r0, T.rows(), s);
+    scale_rows(st, r0, T, N);
   }
+}
+
+// Computes rows [r0, r0 + nr) of the job, every stage in order, and rounds them into the output.
+// Returns whether any value is not storable.
+bool run_block(const MergeJob& job, std::int64_t r0, std::int64_t nr, Scratch& s) {
+  Eigen::Map<RowMat> T = base_tile(job, r0, nr, s.tile);
+  for (std::size_t k = 0; k < job.stages.size(); ++k) {
+    add_stage(job.stages[k], r0, T, s);
+    if (job.stages[k].magnitude != nullptr) apply_magnitude(job, k, r0, T, s);
+  }
+  const std::size_t n = static_cast<std::size_t>(nr * job.cols);
   // Not finite, or finite but stored as Inf in the output type (F16 / BF16 overflow).
   const bool finite = (T.array().abs() < overflow_threshold(job.out_type)).all();
-  auto* out = static_cast<unsigned char*>(job.out) + static_cast<std::size_t>(r0 * cols) * itemsize(job.out_type);
+  auto* out = static_cast<unsigned char*>(job.out) + static_cast<std::size_t>(r0 * job.cols) * itemsize(job.out_type);
   from_f32(s.tile.data(), out, job.out_type, n);
   return !finite;
+}
+
+// The first pass of a column-normalized DoRA stage: adds the squares of each column of rows
+// [r0, r0 + nr) of W + the stage's own delta into colsq.
+void own_column_sums(const MergeJob& job, const MergeStage& st, std::int64_t r0, std::int64_t nr, Scratch& s,
+                     double* colsq) {
+  const Eigen::Map<RowMat> N = own_tile(job, st, r0, nr, s);
+  for (std::int64_t i = 0; i < nr; ++i)
+    for (std::int64_t j = 0; j < job.cols; ++j) colsq[j] += static_cast<double>(N(i, j)) * N(i, j);
 }
 
 // How many groups of row blocks the column sums are split into: a fixed number
@@ -138,8 +164,8 @@ std::int64_t column_groups(std::int64_t nblocks, std::int64_t cols) {
   return std::max<std::int64_t>(1, std::min<std::int64_t>({nblocks, 64, by_memory}));
 }
 
-// Fills column_scale = magnitude / ||column|| for every column-normalized stage of
-// the job, in stage order (a later stage's norms see the earlier stages' scaling).
+// Fills column_scale = magnitude / ||column of W + the stage's own delta|| for every
+// column-normalized stage of the job (each stage's norms independent of the other stages).
 void column_norm_passes(MergeJob& job, std::int64_t step, int threads) {
   const std::int64_t nblocks = (job.rows + step - 1) / step;
   const std::int64_t groups = column_groups(nblocks, job.cols);
@@ -152,8 +178,8 @@ void column_norm_passes(MergeJob& job, std::int64_t step, int threads) {
     parallel_for(groups, threads, [&](std::int64_t g, int tid) {
       for (std::int64_t b = g * nblocks / groups; b < (g + 1) * nblocks / groups; ++b) {
         const std::int64_t r0 = b * step;
-        run_block(job, r0, std::min(step, job.rows - r0), k, scratch[static_cast<std::size_t>(tid)],
-                  colsq[static_cast<std::size_t>(g)].data());
+        own_column_sums(job, st, r0, std::min(step, job.rows - r0), scratch[static_cast<std::size_t>(tid)],
+                        colsq[static_cast<std::size_t>(g)].data());
       }
     });
     st.column_scale.assign(cols, 0.0f);
@@ -213,8 +239,8 @@ void merge_batch(std::vector<MergeJob>& jobs, int threads) {
       nonfinite[static_cast<std::size_t>(b)] = fused_rows(fused[blk.job], blk.r0, blk.nr);
       return;
     }
-    nonfinite[static_cast<std::size_t>(b)] = run_block(jobs[blk.job], blk.r0, blk.nr, jobs[blk.job].stages.size(),
-                                                       scratch[static_cast<std::size_t>(tid)], nullptr);
+    nonfinite[static_cast<std::size_t>(b)] =
+        run_block(jobs[blk.job], blk.r0, blk.nr, scratch[static_cast<std::size_t>(tid)]);
   });
   for (std::size_t b = 0; b < blocks.size(); ++b)
     if (nonfinite[b]) jobs[blocks[b].job].nonfinite = true;

@@ -21,10 +21,12 @@ enum class StageKind { LowRank, Hadamard, Kron };
 //   Kron:     tile(i, j) += W1[(i + row_offset) / c, j / d] * W2[(i + row_offset) % c, j % d]
 //             with W1 (a x b), W2 (c x d), b * d == cols and row_offset + rows <= a * c
 //             (row_offset lets a caller merge a block of rows of a larger weight).
-// When `magnitude` is set (DoRA), the result is then rescaled so each row (or, with
-// `column_norm`, each column) has the norm magnitude[i]. Column norms need the
-// whole matrix: they are found by an extra pass over the tiles before the pass
-// that writes the output.
+// When `magnitude` is set (DoRA), the result so far is then rescaled: each row (or, with
+// `column_norm`, each column) i times magnitude[i] / ||row i of W + this stage's own delta||
+// (PEFT's DoRA merge: each adapter's norm is of the base weight plus its own delta, not of
+// the stages before it; for the first stage the two are the same). Column norms need the
+// whole matrix: they are found by an extra pass over the tiles before the pass that
+// writes the output.
 struct MergeStage {
   StageKind kind = StageKind::LowRank;
   const float* B = nullptr;  // LowRank and Hadamard: first factor pair

@@ -8,7 +8,8 @@ The semantics are those of the C++ core (cpp/src/*.cpp, the binding docstrings):
   Inf, a NaN becomes the quiet NaN of its sign, 0x7E00 / (bits >> 16) | 0x0040); F8_E4M3 is the
   'fn' variant (no Inf; S.1111.111 is NaN), F8_E5M2 the top byte of a binary16.
 - merge_batch: W (as float32) + each stage in order, in float64; a DoRA stage scales every row
-  (or column, `column_norm`) of the sum so far to its magnitude; the result is rounded to
+  (or column, `column_norm`) i of the sum so far by magnitude[i] / ||row i of W + its own delta||
+  (PEFT's DoRA merge: the norm never includes the stages before it); the result is rounded to
   float32, then to the output dtype, written into `out`. A job is flagged when a value is NaN,
   Inf or overflows the output dtype.
 - factored_svd / dense_svd: the exact truncated SVD of the float64 product (float64 matrix);
@@ -154,7 +155,8 @@ class ReferenceBackend:
             rows, cols = w.shape
             t = w32.astype(np.float64)
             for stage in stages:
-                t = t + self._stage_delta(name, tuple(stage), rows, cols, shape_str(w))
+                delta = self._stage_delta(name, tuple(stage), rows, cols, shape_str(w))
+                t = t + delta
                 magnitude, column_norm = stage[2], bool(stage[3])
                 if magnitude is None:
                     continue
@@ -162,11 +164,12 @@ class ReferenceBackend:
                 if m.shape != ((cols,) if column_norm else (rows,)):
                     raise ShapeMismatchError(f"{name}: DoRA magnitude {shape_str(magnitude)} does not fit the base "
                                              f"weight {shape_str(w)}")
+                own = w32.astype(np.float64) + delta  # the base weight and this stage's delta alone
                 with np.errstate(divide="ignore", invalid="ignore"):
                     if column_norm:
-                        t = t * (m / np.linalg.norm(t, axis=0))[None, :]
+                        t = t * (m / np.linalg.norm(own, axis=0))[None, :]
                     else:
-                        t = t * (m / np.linalg.norm(t, axis=1))[:, None]
+                        t = t * (m / np.linalg.norm(own, axis=1))[:, None]
             with np.errstate(over="ignore", invalid="ignore"):
                 t32 = t.astype(np.float32)
                 flags.append(not bool((np.abs(t32) < OVERFLOW[out_dtype]).all()))
