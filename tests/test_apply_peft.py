@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import peft_fixtures as pf
 import pytest
 import torch
 from safetensors.numpy import load_file
 
 import lorafuse
-import peft_fixtures as pf
 
 F32_EPS = float(np.finfo(np.float32).eps)
 

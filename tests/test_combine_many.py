@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, ShapeMismatchError
 from lorafuse.ops.combine import CombineOptions, combine_to, combine_with
 from lorafuse.ops.combine.many import gaussian, read_list
 

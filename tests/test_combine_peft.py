@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import peft_fixtures as pf
 import pytest
 from peft import PeftModel
 
 import lorafuse
-import peft_fixtures as pf
 
 WEIGHTS = [1.0, 0.7, -0.4]
 

@@ -284,7 +284,10 @@ def test_ray_already_running_is_used_and_left_running(mixed: tuple[list[Path], l
             calls.append("shutdown")
 
     monkeypatch.setattr(ray_engine, "require_ray", Fresh)
+    checked: list[str | None] = []
+    monkeypatch.setattr(ray_engine, "_check_reachable", checked.append)  # no cluster at head:10001 here
     combine_with(eight, None, CombineOptions(method="linear", engine="ray", ray_address="ray://head:10001"))
+    assert checked == ["ray://head:10001"]  # the address is tried before ray.init
     # quiet (no progress): Ray's own start-up lines are kept off stderr too
     assert calls == [("init", {"address": "ray://head:10001", "logging_level": logging.ERROR, "log_to_driver": False}),
                      "shutdown"]

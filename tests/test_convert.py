@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -225,8 +230,12 @@ def diffusers_conversion(pipeline, path: Path, **kwargs) -> dict[str, tuple[torc
     lora_state_dict, then its own key conversions to PEFT names. (Its loaders lose the alphas of attention
     modules and the text encoders' attention LoRAs of such files, so the scales are checked against the
     kohya alphas, with diffusers loading our file.)"""
-    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
-                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     state, _ = pipeline.lora_state_dict(str(path), **kwargs)
     out = {}

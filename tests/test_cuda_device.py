@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import peft_fixtures as pf
 import pytest
 import torch
 from safetensors.numpy import load_file
 
 import lorafuse
-import peft_fixtures as pf
 from lorafuse.backends import available_backends
 from lorafuse.backends import cuda as cuda_backend
 from lorafuse.cli import main

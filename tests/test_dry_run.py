@@ -388,7 +388,7 @@ def test_extract_plan(case, finetuned, tmp_path, capsys):
     assert {m["name"] for m in plan["modules"]} == changed
     for m in plan["modules"]:
         assert (m["rank"], tuple(m["shape"])) == (3, base[m["name"] + ".weight"][1])
-    assert any("lm_head.weight: embedding" in n for n in plan["notes"])
+    assert any("lm_head.weight: output head" in n for n in plan["notes"])
     assert plan["bytes_read"] == sum(2 * ITEMSIZE[base[k + ".weight"][0]] * int(np.prod(base[k + ".weight"][1]))
                                      for k in changed)
     assert {k + ".weight" for k in changed} <= set(ft)

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import peft_fixtures as pf
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 
 import lorafuse
-import peft_fixtures as pf
 from lorafuse.cli import main
 from lorafuse.ops.extract import extract
 from lorafuse.ops.rank import RankRule
@@ -94,8 +94,13 @@ def test_include_exclude_embeddings_and_mismatches(merged: tuple[pf.Case, Path],
     case, ft = merged
     res = extract(case.base_dir, ft, RankRule(rank=2), include=r"layers\.0\.", exclude="mlp")
     assert res.adapter.updates and all(n.startswith("model.layers.0.self_attn") for n in res.adapter.updates)
-    full = extract(case.base_dir, ft, RankRule(rank=2), include="embed", embeddings="full")
-    assert not full.adapter.updates and list(full.adapter.full) == ["model.embed_tokens.weight"]
+    # embeddings kept whole and no LoRA module: PEFT refuses such an adapter (NoMatchingPeftModuleError)
+    with pytest.raises(lorafuse.UnsupportedError, match="no LoRA module.*--embeddings lora"):
+        extract(case.base_dir, ft, RankRule(rank=2), include="embed", embeddings="full")
+    full = extract(case.base_dir, ft, RankRule(rank=2), include=r"embed|layers\.0\.self_attn\.q_proj",
+                   embeddings="full")
+    assert list(full.adapter.updates) == ["model.layers.0.self_attn.q_proj"]
+    assert list(full.adapter.full) == ["model.embed_tokens.weight"]
     ref = {}
     for f in ft.glob("*.safetensors"):
         ref.update(load_file(str(f)))

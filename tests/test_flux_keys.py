@@ -24,8 +24,15 @@ from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from lorafuse.errors import LorafuseValueError, MissingModuleError, ShapeMismatchError, UnsupportedError
-from lorafuse.formats.flux_keys import (bfl_module, is_flux_module, kohya_module, match_modules, to_diffusers,
-                                        to_kohya, to_kohya_shapes)
+from lorafuse.formats.flux_keys import (
+    bfl_module,
+    is_flux_module,
+    kohya_module,
+    match_modules,
+    to_diffusers,
+    to_kohya,
+    to_kohya_shapes,
+)
 from lorafuse.formats.targets import Target
 
 TINY = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,

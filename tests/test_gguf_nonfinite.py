@@ -21,7 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import lorafuse  # noqa: E402
 from lorafuse.cli import main  # noqa: E402
-from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, UnsupportedError  # noqa: E402
+from lorafuse.errors import LorafuseError, NonFiniteError, UnsupportedError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 

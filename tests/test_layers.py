@@ -26,7 +26,7 @@ PACKAGE = "lorafuse"
 # Highest first. A module is in the layer of the longest prefix listed for it; a module importing
 # from a higher layer breaks the contract. Modules of one layer may import each other (no cycles).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("api", ("lorafuse", "lorafuse.__main__", "lorafuse.cli")),
+    ("api", ("lorafuse", "lorafuse.__main__", "lorafuse.cli", "lorafuse._run")),
     # recipes run the CLI's verbs through a dispatch function the CLI (or lorafuse.run) hands them
     ("front", ("lorafuse.recipes",)),
     ("ops", ("lorafuse.ops", "lorafuse.plot")),

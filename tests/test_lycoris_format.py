@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import lycoris
 import numpy as np
 import pytest
 import torch
-import lycoris
 from lycoris import LycorisNetwork, create_lycoris
 from lycoris_fixtures import (
     CONFIGS,

@@ -156,7 +156,7 @@ def test_side_files_that_are_not_regular_files_are_left_out_with_a_note(tmp_path
     special = _special_side_files(base_dir)
     (tmp_path / "elsewhere.json").write_text('{"vocab": [1, 2, 3]}')
     (base_dir / "tokenizer.json").write_text('{"model": "bpe"}')
-    os.symlink(tmp_path / "elsewhere.json", base_dir / "vocab.json")  # a link out of the folder (HF cache style)
+    os.symlink(tmp_path / "elsewhere.json", base_dir / "vocab.json")  # a link out of the folder: left out
     os.symlink("tokenizer.json", base_dir / "tokenizer_link.json")
     argv = ["apply", base_dir, ad_dir, "-o", out, "--no-progress"] + (["--dtype", dtype] if dtype else [])
     code, stdout, stderr = finishes(lambda: run_cli(capsys, *argv), fifo_unblocker(base_dir / "pipe.json"))
@@ -166,10 +166,13 @@ def test_side_files_that_are_not_regular_files_are_left_out_with_a_note(tmp_path
         line = next((n for n in notes if n.startswith(f"note: {name} is ")), None)
         assert line is not None and words in line and line.endswith("not copied"), (name, notes)
         assert not os.path.lexists(out / name), name
-    # regular files reached through links are copied as files, with their content
-    for name, src in (("vocab.json", tmp_path / "elsewhere.json"), ("tokenizer_link.json", base_dir / "tokenizer.json"),
+    # regular files reached through links inside the folder are copied as files, with their content; a link out of
+    # it is not (its bytes could be anyone's: tests/test_redteam_round4_files.py, a Hugging Face snapshot's blobs too)
+    for name, src in (("tokenizer_link.json", base_dir / "tokenizer.json"),
                       ("tokenizer.json", base_dir / "tokenizer.json"), ("config.json", base_dir / "config.json")):
         assert not (out / name).is_symlink() and (out / name).read_bytes() == src.read_bytes(), name
+    assert not os.path.lexists(out / "vocab.json")
+    assert f"note: vocab.json is a symbolic link to {(tmp_path / 'elsewhere.json').resolve()}, outside" in stderr
     w = load_torch(str(out / "model.safetensors"))["layer.q.weight"]
     want = merged(base, lora, "layer.q")
     assert w.dtype == (torch.float32 if dtype is None else torch.bfloat16)
@@ -226,17 +229,41 @@ def test_extract_reads_the_architecture_through_the_json_reader(tmp_path):
     assert res.adapter.config["task_type"] is None
 
 
-def test_a_side_file_that_grows_while_copied_is_refused_not_copied_without_end(tmp_path, capsys):
-    """/proc files say they hold 0 bytes and then give more: the copy stops at the size it saw."""
+def test_a_side_file_that_grows_while_copied_is_refused_not_copied_without_end(tmp_path, capsys, monkeypatch):
+    """/proc files say they hold 0 bytes and then give more: the copy stops at the size it saw. A link to one
+    leads out of the base folder and is left out unread; a file inside it that fstat says is smaller than
+    what it gives (as a /proc file does) is refused."""
+    import lorafuse.io.sidefiles as sidefiles
+
     base_dir, ad_dir, out = tmp_path / "base", tmp_path / "ad", tmp_path / "out"
     write_base(base_dir)
     write_peft(ad_dir)
     os.symlink("/proc/self/status", base_dir / "status.txt")
     code, stdout, stderr = finishes(lambda: run_cli(capsys, "apply", base_dir, ad_dir, "-o", out, "--no-progress"),
                                     lambda: None)
+    assert code == 0, stderr
+    assert "note: status.txt is a symbolic link to /proc/" in stderr and not os.path.lexists(out / "status.txt")
+    (base_dir / "status.txt").unlink()
+    (base_dir / "status.txt").write_text("x" * 1000)
+    real_fstat = os.fstat
+
+    class Empty:  # what a /proc file's fstat says
+        def __init__(self, st: os.stat_result) -> None:
+            self._st = st
+
+        def __getattr__(self, name: str) -> object:
+            return 0 if name == "st_size" else getattr(self._st, name)
+
+    def fstat(fd: int) -> object:
+        st = real_fstat(fd)
+        return Empty(st) if st.st_size == 1000 else st
+
+    monkeypatch.setattr(sidefiles.os, "fstat", fstat)
+    code, stdout, stderr = finishes(lambda: run_cli(capsys, "apply", base_dir, ad_dir, "-o", out, "--no-progress",
+                                                    "--overwrite"), lambda: None)
     assert (code, stdout) == (1, "")
     assert f"FormatError: {base_dir / 'status.txt'}: the file grew while it was copied" in stderr, stderr
-    assert not out.exists()
+    assert not os.path.lexists(out / "status.txt")
 
 
 def test_a_side_file_that_shrinks_while_copied_is_refused(tmp_path, monkeypatch):
@@ -350,10 +377,11 @@ def _kohya_te_lora(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def test_pipeline_files_are_copied_through_links_and_special_files_left_out(tmp_path):
-    pipe, w = _pipeline(tmp_path)
+    repo = tmp_path / "models--org--pipe"  # a Hugging Face cache: snapshot files link to the repository's blobs
+    pipe, w = _pipeline(repo / "snapshots")
     lora = tmp_path / "lora.safetensors"
     down, up, scale = _kohya_te_lora(lora)
-    blob = tmp_path / "blobs" / "0123abcd"  # a Hugging Face cache: snapshot files link to blobs
+    blob = repo / "blobs" / "0123abcd"
     blob.parent.mkdir()
     blob.write_text('{"vocab": {"a": 0}}')
     (pipe / "tokenizer").mkdir()
@@ -361,7 +389,7 @@ def test_pipeline_files_are_copied_through_links_and_special_files_left_out(tmp_
     os.mkfifo(pipe / "scheduler" / "fifo")
     os.symlink("/dev/zero", pipe / "zeros")
     os.symlink("..", pipe / "scheduler" / "parent")  # a loop
-    os.symlink(tmp_path / "blobs", pipe / "outside")  # a folder outside the pipeline
+    os.symlink(repo / "blobs", pipe / "outside")  # a folder outside the pipeline
     os.symlink("missing", pipe / "tokenizer" / "merges.txt")
     report = finishes(lambda: lorafuse.apply(pipe, [lora], out=tmp_path / "out", progress=False),
                       fifo_unblocker(pipe / "scheduler" / "fifo"))

@@ -120,10 +120,10 @@ def test_weights_that_overflow_float32_are_refused_in_every_engine(tmp_path, cap
     q = "model.layers.0.self_attn.q_proj"
     a, b = _adapter(tmp_path / "a", q), _adapter(tmp_path / "b", q, 1)
     (tmp_path / "list.txt").write_text(f"{a} 1e39\n{b} 1\n")
-    for engine in (["--passes", "2"], []):  # streamed: the line; in memory: the adapter
+    for engine in (["--passes", "2"], []):  # either engine: the list's line (the header pass checks it)
         assert main(["combine", "--from-list", str(tmp_path / "list.txt"), "--rank", "2", *engine, "-o",
                      str(tmp_path / "o")]) == 2
-        assert ("list.txt line 1" if engine else f"adapter 1 ({a})") in capsys.readouterr().err
+        assert "list.txt line 1" in capsys.readouterr().err
     for method in ("cat", "svd"):  # a coefficient that fits float32 but whose products do not
         assert main(["combine", str(a), str(b), "--method", method, "--weights", "3.4e38,1", "-o",
                      str(tmp_path / "o")]) == 1

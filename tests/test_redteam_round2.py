@@ -289,15 +289,17 @@ def test_a_recipe_records_its_base_as_it_names_it(tmp_path):
 
 def test_the_last_output_of_a_recipe_records_every_input(tmp_path, capsys):
     """mix = svd(a, b), then apply(base, mix): the output recorded base and mix only (mix a deleted temporary
-    folder); a changed b could not be told from it. Now mix's own record (a, b and their sha256) is kept."""
+    folder); a changed b could not be told from it. Now mix's own record (a, b and their sha256) is kept, in
+    lorafuse.stages (each stage once), the input naming it by `stage`."""
     import hashlib
 
     recipe = _two_stages(tmp_path)
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
         inputs = json.loads(f.metadata()["lorafuse.inputs"])
-    assert [i["name"] for i in inputs] == ["base", "mix"]
-    nested = inputs[1]["made_by"]
+        stages = json.loads(f.metadata()["lorafuse.stages"])
+    assert [i["name"] for i in inputs] == ["base", "mix"] and inputs[1]["stage"] == "mix"
+    nested = stages["mix"]
     assert nested["operation"] == "combine" and nested["recipe"] == "stage mix"
     for record, name in zip(nested["inputs"], ("a", "b")):
         want = hashlib.sha256((tmp_path / name / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -418,7 +420,8 @@ def test_extract_full_embeddings_name_the_layers_in_modules_to_save(tmp_path):
     model.save_pretrained(tmp_path / "ft")
     lorafuse.extract(tmp_path / "base", tmp_path / "ft", tmp_path / "x", rank=2, embeddings="full")
     config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == ["wte"]  # PEFT wraps the layer named so; it was ["weight"]
+    # PEFT wraps the layer named so (it was ["weight"]); GPT-2's lm_head reads wte's weight: kept whole too
+    assert config["modules_to_save"] == ["lm_head", "wte"]
 
 
 def test_extract_says_which_biases_and_norms_changed(tmp_path, capsys):

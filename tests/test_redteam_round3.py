@@ -60,7 +60,7 @@ def test_a_recipe_key_yaml_reads_as_a_number_is_reported_at_its_line(tmp_path: P
                       "  - model: b\n    parameters:\n      weight: 0.5\n      7: 3\n")
     assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "r.yml line 9, models[1].parameters" in err, err
+    assert "r.yml line 9: in models[1].parameters, the key '7' is read by YAML as an integer" in err, err
 
 
 def test_a_full_disk_in_an_intermediate_stage_says_what_the_temporary_folder_is(

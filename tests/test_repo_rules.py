@@ -4,8 +4,9 @@ modules, never in another test module), and pytest turns warnings into errors.""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import peft_fixtures as pf
 import pytest
 import torch
 from peft import PeftModel
 
 import lorafuse
-import peft_fixtures as pf
 from lorafuse.cli import main
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resize import resize

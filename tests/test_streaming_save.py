@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peft_fixtures import llama_case
 from safetensors import safe_open
 from safetensors.numpy import save as save_bytes
 from safetensors.numpy import save_file
@@ -26,7 +27,6 @@ from lorafuse.io.safetensors import SafetensorsWriter, TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, DiffusersState, LoraUpdate, PeftState
 from lorafuse.model.layout import AdapterLayout, ModuleLayout
-from peft_fixtures import llama_case
 
 
 def _files(root: Path) -> dict[str, bytes]:

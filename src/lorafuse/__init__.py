@@ -7,7 +7,6 @@ document their parameters: help(lorafuse.resize). What an operation that ran ret
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from lorafuse._progress import ProgressEvent
@@ -41,12 +40,14 @@ _LAZY = {
     "similarity": "lorafuse.ops.api",
     "ApplyReport": "lorafuse.ops.apply",
     "METHODS": "lorafuse.ops.combine",
+    "run": "lorafuse._run",
 }
 # Subpackages, reached as attributes after a plain `import lorafuse` (`lorafuse.backends.get_backend`), also
 # imported only when first used.
 _SUBPACKAGES = frozenset({"backends", "formats", "io", "model", "ops", "recipes"})
 
 if TYPE_CHECKING:
+    from lorafuse._run import run
     from lorafuse.model import Adapter, LoraUpdate
     from lorafuse.ops.api import (
         AdapterReport,
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
     )
     from lorafuse.ops.apply import ApplyReport
     from lorafuse.ops.combine import METHODS
-    from lorafuse.recipes.runner import RecipeLike, RunReport
 
     __version__: str
 
@@ -90,47 +90,6 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     """The public names (__all__) and the module's own dunders; not the names this file imports for itself."""
     return sorted(set(__all__) | {n for n in globals() if n.startswith("__") and n.endswith("__")})
-
-
-def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
-        threads: int = 0, device: str | None = None, quiet: bool = True,
-        intermediate_dir: str | os.PathLike[str] | None = None) -> RunReport:
-    """Run a recipe (mergekit-style YAML; `lorafuse run`): each stage as the lorafuse command it stands for.
-
-    Every stage is checked before the first runs (errors name the recipe's line and field); stages before the
-    last write into a temporary folder beside `out` (removed at the end) or `intermediate_dir` (kept); the last
-    writes `out`. The recipe is recorded verbatim in the output's model card and metadata.
-
-    Parameters
-    ----------
-    recipe : str, os.PathLike, mapping or sequence of mappings
-        A recipe file (.yml / .yaml; relative model paths are taken from its folder), YAML text (a string
-        holding a newline), or the data itself: a mapping for one stage, a list of mappings for several.
-    out : str or os.PathLike
-        The output of the last stage (what its verb's `-o` takes).
-    overwrite : bool, default False
-        Replace an existing `out` (the verbs' --overwrite rules).
-    dry_run : bool, default False
-        Check the recipe and print each stage's plan (the verbs' --dry-run); write nothing.
-    threads : int, default 0
-        Worker threads of every stage; 0 uses every core.
-    device : str, default None
-        'cpu' or 'cuda' for the stages whose verb takes --device; None: each verb's default.
-    quiet : bool, default True
-        Print nothing on success (False: each stage's command line and summary, as the CLI prints them).
-    intermediate_dir : str or os.PathLike, default None
-        Write the stages before the last into this folder (NAME, or NAME.safetensors for one file) and keep them.
-
-    Returns
-    -------
-    RunReport
-        `out`, `stages` (name, verb, command line, output, seconds), `seconds`, `notes`, `dry_run`.
-    """
-    from lorafuse.cli import dispatch
-    from lorafuse.recipes import run as _run
-
-    return _run(recipe, out, overwrite=overwrite, dry_run=dry_run, threads=threads, device=device, quiet=quiet,
-                intermediate_dir=intermediate_dir, dispatch=dispatch)
 
 
 __all__ = [

@@ -20,7 +20,10 @@ import math
 import numbers
 import operator
 import os
+import re
 import sys
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 
 from lorafuse._terminal import plural
 from lorafuse.errors import LorafuseValueError
@@ -101,10 +104,23 @@ def check_power_iters(power_iters: object) -> int:
     return check_int(power_iters, "power_iters", 0, MAX_POWER_ITERS)
 
 
+# A dict's keys and items views are sets that keep the dict's (insertion) order: `weights=d.values()` pairs with them.
+_ORDERED_SETS: tuple[type, ...] = (type({}.keys()), type({}.items()))
+
+
+def unordered(value: object) -> bool:
+    """Whether `value` is a collection whose iteration order is not the order it was written in: a set or a
+    frozenset (any collections.abc.Set but a dict's keys / items), whose elements come in hash order (for
+    str, a different order in every process). Where one value pairs with each adapter, such an order pairs
+    them wrongly: the adapters and their weights are refused as sets (refuse_one, _weight_items)."""
+    return isinstance(value, AbstractSet) and not isinstance(value, _ORDERED_SETS)
+
+
 def _weight_items(weights: object) -> list[object]:
     """The elements of `weights`: a sequence or any other iterable (a generator: read once here), or a 1-D
     numpy array / torch tensor (its elements as Python numbers). One number, a str or a 0-d / 2-D array is
-    refused: weights are one number per adapter."""
+    refused: weights are one number per adapter. So are a mapping (iterated, it gives its keys) and a set
+    (no order: see unordered), which would give the adapters each other's weights."""
     what = "weights must be a sequence of numbers, one per adapter (a list, a tuple, a 1-D array or tensor)"
     ndim = getattr(weights, "ndim", None)
     if isinstance(ndim, int) and hasattr(weights, "tolist"):  # numpy array, torch tensor
@@ -114,6 +130,14 @@ def _weight_items(weights: object) -> list[object]:
         return list(items) if isinstance(items, list) else [items]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
         raise LorafuseValueError(f"{what}, got {_show(weights)}")
+    if isinstance(weights, Mapping):
+        raise LorafuseValueError(f"{what}, not a {type(weights).__name__} ({_show(weights)}): iterated, a mapping "
+                                 "gives its keys, not its values; give the weights as a list in the adapters' order "
+                                 "(weights=list(d.values()))")
+    if unordered(weights):
+        raise LorafuseValueError(f"{what}, not a {type(weights).__name__} ({_show(weights)}): a set has no order (its "
+                                 "elements come in hash order) and holds equal weights once, so the adapters would "
+                                 "get each other's weights; give a list in the adapters' order")
     return list(weights)
 
 
@@ -177,6 +201,17 @@ def check_path(value: object, name: str) -> str:
     raise LorafuseValueError(f"{name} must be a path (str or os.PathLike), got {_show(value)}{hint}")
 
 
+def check_text(value: object, name: str, choices: Iterable[str] = ()) -> str:
+    """A text option (split, engine, to, ...) when it is a str, else LorafuseValueError naming `choices`: the
+    caller then checks the text with its own message. Checked first because `x not in choices` fails on other
+    values with no word about the option: a numpy array compares element-wise (ambiguous truth value), a list
+    cannot be hashed, and a 0-d array of 'B' would pass and reach the core."""
+    if not isinstance(value, str):
+        what = f"one of {', '.join(map(repr, choices))} (a str)" if choices else "a str"
+        raise LorafuseValueError(f"{name} must be {what}, got {_show(value)} (a {type(value).__name__})")
+    return value
+
+
 def check_bool(value: object, name: str) -> bool:
     """`value` when it is True or False (a numpy bool too), else LorafuseValueError: a string such as 'no' is
     not a switch."""
@@ -200,3 +235,20 @@ def full_rank(k: int, shape: tuple[int, ...]) -> int:
     for d in shape[1:]:
         cols *= int(d)
     return max(1, min(k, int(shape[0]), cols))
+
+
+# A number as written on a command line or in an adapter list: decimal digits with an optional point and
+# exponent, or inf / nan (which callers refuse as not finite). Python's float() also reads `1_5` (as 15),
+# non-ASCII digits and surrounding spaces. Unambiguous: a megabyte of digits is matched in linear time.
+_DECIMAL = re.compile(r"[-+]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|inf|infinity|nan)",
+                      re.IGNORECASE)
+
+
+def decimal_number(text: str) -> float | None:
+    """`text` as a float when it is a plain decimal number (or inf / nan), else None (`1_5`, `0x10`, ` 1`)."""
+    return float(text) if _DECIMAL.fullmatch(text) else None
+
+
+def rounds_to_zero(text: str, value: float) -> bool:
+    """Whether a decimal number's text with a non-zero digit became 0.0 (`1e-400`: below float64's range)."""
+    return value == 0.0 and any(c in "123456789" for c in re.split("[eE]", text)[0])

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lorafuse._validate import unordered
 from lorafuse.backends import FactorJob, get_backend
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.atomic import atomic_file, check_output, check_output_path
-from lorafuse.io.manifest import MARKER_KEY, png_metadata
+from lorafuse.io.hub import PEFT_CONFIG
+from lorafuse.io.manifest import MARKER_KEY, PLOT, png_metadata
 from lorafuse.model import Adapter
 
 if TYPE_CHECKING:
@@ -63,12 +65,27 @@ def plot_format(path: str | os.PathLike[str]) -> str:
     return fmt
 
 
+def plot_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """What a plot is checked against: each input, and the folder of an input file that belongs to a PEFT
+    adapter folder (beside its adapter_config.json): lorafuse reads such a file as that folder
+    (Adapter.sources()), so a plot inside it is inside an input, as for every other writer, whether the
+    adapter was given as the folder or as its file."""
+    out: list[Path] = []
+    for p in map(Path, inputs):
+        out.append(p)
+        if p.is_file() and (p.parent / PEFT_CONFIG).is_file():
+            out.append(p.parent)
+    return out
+
+
 def check_plot_output(path: str | os.PathLike[str], inputs: Sequence[Path] = (), overwrite: bool = False) -> str:
-    """Everything a plot's output is checked for before the work: where it is (io.atomic.check_output_path),
-    its suffix (plot_format, returned), what it holds now (io.atomic.check_output)."""
+    """Everything a plot's output is checked for before the work: where it is (io.atomic.check_output_path,
+    against plot_inputs), its suffix (plot_format, returned), what it holds now (io.atomic.check_output).
+    The one rule of every plot, the CLI's (similarity --plot, info --spectrum) and the API's alike."""
+    inputs = plot_inputs(inputs)
     check_output_path(path, inputs)
     fmt = plot_format(path)
-    check_output(path, inputs, folder=False, overwrite=overwrite)
+    check_output(path, inputs, folder=False, overwrite=overwrite, kind=PLOT)
     return fmt
 
 
@@ -83,7 +100,7 @@ def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], ove
         "pdf": {"metadata": {"Keywords": mark, "CreationDate": None}},
         "jpeg": {"pil_kwargs": {"comment": mark.encode(), "quality": 92}},
     }
-    with atomic_file(path, inputs, overwrite=overwrite) as tmp:
+    with atomic_file(path, plot_inputs(inputs), overwrite=overwrite, kind=PLOT) as tmp:
         try:
             fig.savefig(tmp, format=fmt, dpi=120, **options[fmt])
         except SystemError as e:  # matplotlib loads its text and image modules here: an allocation in C failed
@@ -188,6 +205,9 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
     """A heat map of a cosine similarity matrix, the values written in the cells; the suffix of `path`
     chooses the format, as for plot_spectrum."""
     check_plot_output(path, inputs, overwrite)
+    if unordered(labels):  # hash order: each row would get another adapter's label
+        raise LorafuseValueError(f"labels must be a list in the matrix's row order, not a {type(labels).__name__} "
+                                 "(a set has no order)")
     m = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
     if m.shape != (n, n):
@@ -208,5 +228,5 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
     return _save(fig, path, inputs, overwrite)
 
 
-__all__ = ["PLOT_FORMATS", "check_plot_output", "module_type", "plot_format", "plot_similarity", "plot_spectrum",
-           "spectra"]
+__all__ = ["PLOT_FORMATS", "check_plot_output", "module_type", "plot_format", "plot_inputs", "plot_similarity",
+           "plot_spectrum", "spectra"]

@@ -328,11 +328,11 @@ def checkpoint_cases() -> None:
     folder("index_shard_escapes", json.dumps({"weight_map": {"w.weight": "../valid_sharded/model-00001-of-00001"
                                                                          ".safetensors"}}).encode(),
            "a shard path that leaves the folder", "FormatError",
-           r"shard '\.\./valid_sharded/model-00001-of-00001\.safetensors' is not a file in")
+           r"shard '\.\./valid_sharded/model-00001-of-00001\.safetensors' is not a file( name)? in")
     folder("index_shard_absolute", json.dumps({"weight_map": {"w.weight": "/etc/passwd"}}).encode(),
-           "an absolute shard path", "FormatError", r"shard '/etc/passwd' is not a file in")
+           "an absolute shard path", "FormatError", r"shard '/etc/passwd' is not a file( name)? in")
     folder("index_shard_nul", json.dumps({"weight_map": {"w.weight": "model\u0000.safetensors"}}).encode(),
-           "a NUL in a shard name", "FormatError", r"shard 'model\\x00\.safetensors' is not a file in")
+           "a NUL in a shard name", "FormatError", r"shard 'model\\x00\.safetensors' is not a file( name)? in")
     folder("index_tensor_not_in_shard", json.dumps({"weight_map": {
         "w.weight": "model-00001-of-00001.safetensors", "x.weight": "model-00001-of-00001.safetensors"}}).encode(),
            "the index lists a tensor its shard lacks", "FormatError",

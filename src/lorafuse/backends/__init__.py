@@ -51,16 +51,26 @@ def _make(name: str) -> Backend:
     raise LorafuseValueError(f"unknown backend {name!r}: choose one of {', '.join(NAMES)}")
 
 
+def forced_backend() -> str | None:
+    """The backend LORAFUSE_BACKEND names (None: unset, empty or 'auto'); any other value is a
+    LorafuseValueError naming the variable, as LORAFUSE_ISA's is (a misspelt name is not ignored)."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if not forced or forced == "auto":
+        return None
+    if forced not in NAMES:
+        raise LorafuseValueError(f"{ENV}: unknown backend {forced!r}: choose one of {', '.join(NAMES)} (or leave it "
+                                 "unset)")
+    return forced
+
+
 def get_backend(name: str = "auto") -> Backend:
     """The backend called `name`; 'auto' picks the best one built (LORAFUSE_BACKEND overrides)."""
     if not isinstance(name, str):
         raise LorafuseValueError(f"backend must be a name ({', '.join(NAMES)}), got {type(name).__name__}")
     name = name.strip().lower()
+    forced = forced_backend()  # checked whatever `name` is: a bad value is said, not ignored
     if name == "auto":
-        forced = os.environ.get(ENV, "").strip().lower()
-        if forced and forced != "auto":
-            return _make(forced)
-        return _make("cpu")
+        return _make(forced or "cpu")
     return _make(name)
 
 
@@ -87,7 +97,7 @@ def backend_for_device(device: str | None) -> Backend:
     'cpu' is the compiled CPU core, or the float64 reference when LORAFUSE_BACKEND=reference (a host
     backend too); 'cuda' that cannot run here raises DeviceError saying why and what to do."""
     name = check_device(device)
-    if name == "cpu" and os.environ.get(ENV, "").strip().lower() == "reference":
+    if name == "cpu" and forced_backend() == "reference":
         return _make("reference")  # the float64 reference runs on the host too: LORAFUSE_BACKEND still picks it
     return get_backend(name)
 
@@ -109,5 +119,5 @@ __all__ = [
     "FactorStage", "InnerJob",
     "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "backend_for_device",
     "check_device",
-    "get_backend",
+    "forced_backend", "get_backend",
 ]

@@ -43,7 +43,7 @@ from lorafuse.errors import DeviceError
 T = TypeVar("T")
 
 HOW = ('build lorafuse with CUDA on a machine with nvcc: pip install "lorafuse[cuda]" with LORAFUSE_CUDA=ON '
-       "(docs/building.md), or run with --device cpu")
+       "(docs/building.md), or run with --device cpu (Python: device='cpu')")
 
 # cuSOLVER needs cuBLAS, cuBLASLt, cuSPARSE and nvJitLink; loaded in this order when the module's RPATH
 # does not reach the pip packages (a wheel installed into another prefix, a build tree on sys.path).
@@ -92,7 +92,7 @@ def load_module() -> ModuleType:
     except ImportError as e:
         raise DeviceError(f"backend 'cuda': lorafuse's CUDA module is built but cannot be loaded ({e}); install "
                           'the NVIDIA libraries it needs with pip install "lorafuse[cuda]", or run with '
-                          "--device cpu") from None
+                          "--device cpu (Python: device='cpu')") from None
 
 
 def unavailable() -> str:
@@ -120,7 +120,7 @@ class CudaBackend:
         self._mod: Any = load_module()
         why = str(self._mod.unavailable_reason())
         if why:
-            raise DeviceError(f"backend 'cuda': {why}; run with --device cpu")
+            raise DeviceError(f"backend 'cuda': {why}; run with --device cpu (Python: device='cpu')")
         self.device = str(self._mod.device_description(0))
 
     def _run(self, inputs: object, fn: Callable[[], T]) -> T:

@@ -13,12 +13,15 @@ from lorafuse.errors import AdapterNote, FormatError
 
 # Imported for their registration (kohya, diffusers, peft: sniffed in that order, by priority).
 from lorafuse.formats import diffusers, kohya, peft  # noqa: F401
+from lorafuse.formats.outputs import python_output
 from lorafuse.formats.util import safetensors_keys
 from lorafuse.io.checkpoint import is_pickle, is_safetensors, refuse_pickle
 from lorafuse.io.hub import local_adapter
 from lorafuse.io.safetensors import read_header
 from lorafuse.model import Adapter
-from lorafuse.model.registry import formats, get_format, sniff
+from lorafuse.model.registry import formats, get_format, set_output_rule, sniff
+
+set_output_rule(python_output)  # what Adapter.save's `out` means: the CLI's -o rules
 
 
 def adapter_format(path: str | os.PathLike[str]) -> str | None:

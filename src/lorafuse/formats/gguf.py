@@ -55,11 +55,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
 from lorafuse._terminal import plural
+from lorafuse._validate import check_text
 from lorafuse.errors import (
     FormatError,
     LorafuseValueError,
@@ -72,9 +73,10 @@ from lorafuse.errors import (
 from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
-from lorafuse.io.manifest import GGUF_MAGIC, MARKER_KEY, gguf_bounded, gguf_counts, version
+from lorafuse.io.manifest import ADAPTER, GGUF_MAGIC, MARKER_KEY, gguf_bounded, gguf_counts, version
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import FLOAT32_MAX
+from lorafuse.model.names import full_kind, full_kinds_text
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.tucker import TuckerFactor
 
@@ -180,8 +182,8 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     p = local_path(path, what="--base-config", patterns=CONFIG_FILES)
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
-        raise FormatError(f"{p}: no config.json there (--base-config takes the base model's config.json or its "
-                          "folder)")
+        raise FormatError(f"{p}: no config.json there (--base-config, Python: base_config=, takes the base model's "
+                          "config.json or its folder)")
     raw = read_json(file, "the base model's config")
     if not isinstance(raw, dict):
         raise FormatError(f"{file}: not a JSON object")
@@ -208,19 +210,20 @@ def choose_arch(arch: str | None, base: BaseConfig | None) -> str:
     """The --arch choice: `arch` when given (checked against the config's), else the config's."""
     choices = ", ".join(ARCHS)
     if arch is not None:
-        if arch not in ARCHS:
+        if check_text(arch, "arch", ARCHS) not in ARCHS:
             raise LorafuseValueError(f"arch must be one of {choices}, got {arch!r}")
         if base is not None and base.arch is not None and ARCHS[base.arch].gguf != ARCHS[arch].gguf:
-            raise LorafuseValueError(f"--arch {arch} does not match {base.path} ({base.names}: {base.arch}); "
+            raise LorafuseValueError(f"--arch {arch} (Python: arch={arch!r}) does not match {base.path} ({base.names}: "
+                                     f"{base.arch}); "
                                      "llama.cpp refuses a LoRA whose architecture is not the model's")
         return arch
     if base is None:
         raise LorafuseValueError(f"GGUF export needs the base model's architecture: pass --arch ({choices}) or "
-                                 "--base-config BASE/config.json (an adapter's base_model_name_or_path is a hub "
-                                 "name, not read offline)")
+                                 "--base-config BASE/config.json (Python: arch= or base_config=; an adapter's "
+                                 "base_model_name_or_path is a hub name, not read offline)")
     if base.arch is None:
         raise LorafuseValueError(f"{base.path}: {base.names} is not an architecture lorafuse exports to GGUF; pass "
-                                 f"--arch ({choices}) if the model is one of those")
+                                 f"--arch ({choices}; Python: arch=) if the model is one of those")
     return base.arch
 
 
@@ -295,8 +298,8 @@ def _plain_loras(adapter: Adapter) -> dict[str, LoraUpdate]:
             continue
         kinds.setdefault(kind, []).append(name)
     reasons = {
-        "lycoris": ("LoHa / LoKr", "a GGUF LoRA holds low-rank factors only: pass --rank K to write their best "
-                                   "rank-K LoRA"),
+        "lycoris": ("LoHa / LoKr", "a GGUF LoRA holds low-rank factors only: pass --rank K (Python: rank=K) to "
+                                   "write their best rank-K LoRA"),
         "param": ("LoRA on parameters (target_parameters, MoE experts)",
                   "llama.cpp's converter has no LoRA form for expert tensors"),
         "dora": ("DoRA (lora_magnitude_vector)", "llama.cpp adds scale * B @ A @ x and has no magnitude; merge the "
@@ -347,11 +350,13 @@ def _check_sizes(adapter: Adapter, loras: Mapping[str, LoraUpdate], base: BaseCo
 
 def _full_tensors(adapter: Adapter, notes: list[str]) -> None:
     """PEFT's saved copies of a LoRA'd embedding / lm_head base weight (`X.base_layer.weight`) are left out,
-    as llama.cpp's converter leaves them out; any other full tensor (modules_to_save) is refused."""
-    copies = [k for k in adapter.full if ".base_layer." in adapter.full_origin.get(k, "")]
+    as llama.cpp's converter leaves them out; any other full tensor (modules_to_save, a bias that adapter_config
+    bias='all' / 'lora_only' saves, `X.base_layer.bias` included) is refused."""
+    copies = [k for k in adapter.full if full_kind(adapter.config, adapter.full_origin.get(k, "")) == "base copy"]
     others = [k for k in adapter.full if k not in copies]
     if others:
-        raise UnsupportedError(f"{adapter.label}: full tensors ({_listed(sorted(others))}, modules_to_save) cannot "
+        kinds = full_kinds_text(adapter.config, [adapter.full_origin.get(k, k) for k in others])
+        raise UnsupportedError(f"{adapter.label}: full tensors ({_listed(sorted(others))}, {kinds}) cannot "
                                "go into a GGUF LoRA, which holds lora_a / lora_b pairs only (llama.cpp's loader "
                                "refuses other tensors); merge the adapter into the base instead (lorafuse apply); "
                                "nothing was written")
@@ -451,7 +456,7 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
               gguf_type: str = DEFAULT_TYPE) -> GgufPlan:
     """What `write_gguf` writes for `adapter`, every refusal made here, before any factor is read."""
     gguf = gguf_module()
-    if gguf_type not in GGUF_TYPES:
+    if check_text(gguf_type, "gguf_type", GGUF_TYPES) not in GGUF_TYPES:
         raise LorafuseValueError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     base = read_base_config(base_config) if base_config is not None else None
     choice = choose_arch(arch, base)
@@ -483,7 +488,7 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
         layers = f" of {n_blocks} layers ({base.path})" if base is not None and base.n_layers is not None else ""
         raise MissingModuleError(f"{adapter.label}: {plural(len(unmapped), 'module', verb=('has', 'have'))} no "
                                  f"tensor in llama.cpp's {rule.gguf!r} architecture{layers}: {shown}{more}; nothing "
-                                 "was written (--arch names another architecture)")
+                                 "was written (--arch, Python: arch=, names another architecture)")
     seen: dict[str, str] = {}
     for n, g in mapped.items():
         if g in seen:
@@ -502,13 +507,15 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
                           "'output.weight' ('does not exist in base model')")
         if tied is None:
             notes.append(f"lm_head is written as {output!r}: llama.cpp loads it only with a base GGUF that has its "
-                         "own output tensor (tie_word_embeddings false); give --base-config to have this checked")
+                         "own output tensor (tie_word_embeddings false); give --base-config (Python: base_config=) to "
+                         "have this checked")
     embeds = [n for n, u in loras.items() if u.kind == "embedding" or mapped[n] == token_embd]
     if embeds and rule.embeddings is not None:
         raise _refuse(adapter, embeds, "an embedding LoRA", rule.embeddings)
     if embeds and base is None:
         raise LorafuseValueError(f"{adapter.label}: {_listed(embeds)}: an embedding LoRA needs --base-config "
-                                 "BASE/config.json, to know whether the base ties lm_head to the embedding: if it "
+                                 "BASE/config.json (Python: base_config=), to know whether the base ties lm_head to "
+                                 "the embedding: if it "
                                  f"does, {_TIED_EMBED}")
     if embeds and base is not None and (base.tied if base.tied is not None else rule.tied_default):
         raise _refuse(adapter, embeds, "an embedding LoRA",
@@ -544,9 +551,7 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
                                   GgufTensor(a_name, a_shape, _qtype(gguf_type, a_shape, a_name, fallback)),
                                   GgufTensor(b_name, b_shape, _qtype(gguf_type, b_shape, b_name, fallback))))
     if need_heads:
-        raise LorafuseValueError(f"{adapter.label}: {_listed(need_heads)}: llama.cpp's converter permutes the rows "
-                                 f"of q_proj / k_proj for {rule.gguf} models, which needs the head counts: pass "
-                                 "--base-config BASE/config.json (num_attention_heads, num_key_value_heads)")
+        _refuse_headless(adapter, need_heads, rule.gguf, base)
     if folded:
         notes.append(f"{plural(len(folded), 'module')} {'has' if len(folded) == 1 else 'have'} a scale other than "
                      f"alpha / r with the file's one alpha {alpha:g}"
@@ -559,6 +564,20 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
                      f"({_listed(fallback, 3)})")
     return GgufPlan(choice, rule.gguf, alpha, gguf_type, modules, folded, fallback, notes,
                     base.path if base is not None else None)
+
+
+def _refuse_headless(adapter: Adapter, modules: list[str], arch: str, base: BaseConfig | None) -> NoReturn:
+    """q_proj / k_proj modules whose rows cannot be permuted: no --base-config, or one without the head counts
+    (named, with the keys it lacks)."""
+    why = (f"{adapter.label}: {_listed(modules)}: llama.cpp's converter permutes the rows of q_proj / k_proj for "
+           f"{arch} models, which needs the head counts")
+    if base is None:
+        raise LorafuseValueError(f"{why}: pass --base-config BASE/config.json (Python: base_config=; "
+                                 "num_attention_heads, num_key_value_heads)")
+    missing = [k for k, v in (("num_attention_heads", base.n_head), ("num_key_value_heads", base.n_head_kv))
+               if v is None]
+    raise FormatError(f"{why}, and the base config {base.path} has no {' and no '.join(missing)} (nor in a "
+                      "text_config): give the base model's own config.json, which states them")
 
 
 def _is_qk(hf_name: str) -> bool:
@@ -656,7 +675,8 @@ def _balanced(a: np.ndarray, b: np.ndarray, m: GgufModule, where: str) -> tuple[
         log2_b = math.log2(mb) + f_e
         sizes = (f"|lora_a| up to {_magnitude(math.log2(ma))}, |lora_b| up to {_magnitude(log2_b)} with the module's "
                  f"scale folded in: products up to {_magnitude(math.log2(ma) + log2_b)}")
-        hint = "; --gguf-type f32 or bf16 keep float32's range" if {m.a.qtype, m.b.qtype} & {"F16", "Q8_0"} else ""
+        hint = "; --gguf-type f32 or bf16 (Python: gguf_type=) keep float32's range" \
+            if {m.a.qtype, m.b.qtype} & {"F16", "Q8_0"} else ""
         if ka[1] < f_e - jb[1]:  # no k keeps both at most their largest
             raise NonFiniteError(f"{where}: {' and '.join(misfits)} would not be finite as {types} ({sizes}, beyond "
                                  f"what two {types} factors hold even rescaled by a power of two: each at most "
@@ -728,7 +748,7 @@ def write_gguf(adapter: Adapter, plan: GgufPlan, out: str | os.PathLike[str], in
     out = Path(out)
     loras = {m.module: _linear_layout(u) if isinstance(u := adapter.updates[m.module], LoraUpdate) else u
              for m in plan.modules}
-    with atomic_file(out, inputs, overwrite=overwrite) as tmp:
+    with atomic_file(out, inputs, overwrite=overwrite, kind=ADAPTER) as tmp:
         w = gguf.GGUFWriter(tmp, plan.gguf_arch)
         done = False
         try:

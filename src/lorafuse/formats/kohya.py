@@ -96,7 +96,12 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
                               "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one")
         check_module_name(module, f"{p}: tensor {key!r}")
         parts.setdefault(module, {})[part] = t
-    updates: dict[str, Update] = {m: _module_update(p, m, d) for m, d in parts.items()}
+    read = {m: _module_update(p, m, d) for m, d in parts.items()}
+    # SD 1.x's proj_in / proj_out are 1x1 convolutions: the UNet's context size, over the whole file, says so
+    from lorafuse.formats.sd_keys import unet_context_size
+
+    context = unet_context_size({m: tuple(u.delta_shape) for m, u in read.items()})
+    updates: dict[str, Update] = {m: _with_dora(p, m, _unflattened(u, context), parts[m]) for m, u in read.items()}
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
     unused = {m: float(parts[m]["alpha"].f32().reshape(-1)[0]) for m, u in updates.items()
               if isinstance(u, LycorisUpdate) and "alpha" in parts[m] and scale_rank(u.algo, u.tensors) is None}
@@ -143,20 +148,29 @@ def _module_update(path: Path, module: str, parts: dict[str, Tensor]) -> Update:
     algo = _algorithm(where, module, parts)
     alpha = _alpha(where, parts.get("alpha"))
     if algo == "loha":
-        u: Update = loha_update(where, module, parts, alpha)
-    elif algo == "lokr":
-        u = lokr_update(where, module, parts, alpha)
-    else:
-        u = _lora_update(where, module, parts, alpha)
-    if isinstance(u, LycorisUpdate):  # a UNet convolution stored with its kernel flattened: give it back
-        from lorafuse.formats.sd_keys import flattened_conv_shape
+        return loha_update(where, module, parts, alpha)
+    if algo == "lokr":
+        return lokr_update(where, module, parts, alpha)
+    return _lora_update(where, module, parts, alpha)
 
-        shape = flattened_conv_shape(module, tuple(u.delta_shape))
-        if shape != tuple(u.delta_shape):
-            u = u.with_shape(shape)
+
+def _unflattened(u: Update, context: int | None) -> Update:
+    """A LoHa / LoKr of a UNet convolution stored with its kernel flattened, given its 4-D shape back (from the
+    layer's name; for proj_in / proj_out, the UNet's context size `context`: sd_keys.unet_context_size)."""
+    if not isinstance(u, LycorisUpdate):
+        return u
+    from lorafuse.formats.sd_keys import flattened_conv_shape
+
+    shape = flattened_conv_shape(u.name, tuple(u.delta_shape), context)
+    return u.with_shape(shape) if shape != tuple(u.delta_shape) else u
+
+
+def _with_dora(path: Path, module: str, u: Update, parts: dict[str, Tensor]) -> Update:
+    """`u` with the DoRA magnitude of the module's `dora_scale`, if it has one."""
     dora = parts.get("dora_scale")
     if dora is None:
         return u
+    where = f"{path}: module {module!r}"
     magnitude, on_columns = dora_magnitude(where, dora, tuple(u.delta_shape))
     u.magnitude, u.magnitude_on_columns = magnitude, on_columns
     return u

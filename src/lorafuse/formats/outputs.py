@@ -1,4 +1,5 @@
-"""What the name of an adapter output means (issue #18), decided before any work.
+"""What the name of an adapter output means (issue #18), decided before any work (the rules of the CLI's -o, and of
+Adapter.save through model.registry.set_output_rule).
 
 * A name ending in `.safetensors` (any case) names one file. When the output's format is a folder
   format (PEFT: adapter_config.json + adapter_model.safetensors) because the inputs are PEFT folders
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafuse.errors import LorafuseError, LorafuseValueError
+from lorafuse.errors import LorafuseError, LorafuseValueError, UnsupportedError
 from lorafuse.formats.diffusers import WEIGHT_NAME, diffusers_plan
 from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
@@ -33,6 +34,7 @@ from lorafuse.formats.streaming import WritePlan, write_adapter
 from lorafuse.io.atomic import check_output, names_file, output_file
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.dtypes import DTYPES
+from lorafuse.io.manifest import ADAPTER, PEFT_ADAPTER
 from lorafuse.model import Adapter
 from lorafuse.model.layout import ModuleLayout
 from lorafuse.model.names import Kind
@@ -57,10 +59,11 @@ class AdapterOutput:
 
 def file_name(fmt: str, adapters: Sequence[Adapter]) -> str:
     """The name of a one-file output written into a folder: diffusers' own for a diffusers LoRA file, else the
-    first input's file name (a folder input's name with .safetensors)."""
+    first input's file name (a folder input's name with .safetensors; an adapter computed from others (combine,
+    resize, arithmetic): the first file it was computed from)."""
     if fmt == "diffusers":
         return WEIGHT_NAME
-    first = next((a.path for a in adapters if a.path is not None), None)
+    first = next((p for a in adapters for p in a.sources()), None)  # a computed adapter: the first it came from
     if first is None:
         return "adapter" + ADAPTER_SUFFIX
     name = first.resolve().name if first.name in ("", ".", "..") else first.name
@@ -132,17 +135,44 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
 
 def checked_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
                    *, asked: str | None = None, overwrite: bool = False) -> AdapterOutput:
-    """adapter_output, then io.atomic.check_output on the path it names, then (`asked`) whether the format asked
-    for can name the modules (LorafuseValueError naming the input): everything a verb that writes an
-    adapter checks of its output's name before any work (a real run and a dry run alike). The result's
+    """adapter_output, then io.atomic.check_output on the path it names, then whether the format (asked for:
+    LorafuseValueError, or the first input's: UnsupportedError, as its writer would) can name the modules of
+    `adapters`, naming the input: everything a verb that writes an adapter checks of its output's name before
+    any work (a real run and a dry run alike). The result's
     `replaces` is the note of what `overwrite` will replace there (None: nothing of the user's)."""
     target = adapter_output(out, fmt, adapters, inputs, asked=asked)
-    replaces = check_output(target.path, inputs, folder=target.format in FOLDER_FORMATS, overwrite=overwrite)
-    if asked is not None:  # a format asked for that cannot name the modules: before any work, naming the input
-        why = refusal(fmt, adapters)
-        if why is not None:
-            raise LorafuseValueError(f"{asked} cannot hold these modules: {why}")
+    folder = target.format in FOLDER_FORMATS
+    replaces = check_output(target.path, inputs, folder=folder, overwrite=overwrite,
+                            kind=PEFT_ADAPTER if folder else ADAPTER)
+    why = refusal(target.format, adapters)  # before any work, naming the input whose modules it cannot name
+    if why is not None and asked is not None:
+        raise LorafuseValueError(f"{asked} cannot hold these modules: {why}")
+    if why is not None:  # the writer's own refusal (UnsupportedError), said before any work
+        raise UnsupportedError(f"the output format, {target.format} (the first adapter's; --format / format= chooses "
+                               f"another), cannot hold these modules: {why}")
     return dataclasses.replace(target, replaces=replaces)
+
+
+def python_output(out: str | os.PathLike[str], format: str | None, adapters: Sequence[Adapter],
+                  inputs: Sequence[Path] = (), *, overwrite: bool = False) -> AdapterOutput:
+    """checked_output for the Python API's writers (Adapter.save, ops.combine.combine_to), so that a name means
+    there what it means to the CLI: `format` is the format asked for (the `format=` parameter; None: the first
+    adapter's own, and a `.safetensors` name then gives a one-file format that can hold the modules, with a
+    note), `adapters` what the output holds (its modules; the first one's source names a file written into a
+    folder). A format asked for that cannot name the modules is an UnsupportedError, as its writer's refusal
+    is (the CLI's --format: a usage error). A format registered without a writer plan here
+    (model.registry.register) is written as named."""
+    from lorafuse.model.registry import get_format
+
+    fmt = get_format(adapters[0].format if format is None else format).name
+    if fmt not in _PLANS:
+        return AdapterOutput(Path(out), fmt)
+    target = adapter_output(out, fmt, adapters, inputs, asked=None if format is None else f"format={format!r}")
+    why = None if format is None else refusal(fmt, adapters)
+    if why is not None:
+        raise UnsupportedError(f"format={format!r} cannot hold these modules: {why}")
+    checked = checked_output(target.path, target.format, adapters, inputs, overwrite=overwrite)  # the place itself
+    return dataclasses.replace(checked, note=target.note)
 
 
 def extract_output(out: str | os.PathLike[str], base: str | os.PathLike[str], finetuned: str | os.PathLike[str],
@@ -195,4 +225,5 @@ def checkpoint_modules(base: str | os.PathLike[str], include: str | None = None,
 
 
 __all__ = ["ADAPTER_SUFFIX", "FOLDER_FORMATS", "ONE_FILE_FORMATS", "AdapterOutput", "adapter_output",
-           "checked_output", "checkpoint_modules", "extract_output", "file_name", "refusal", "save_as", "write_plan"]
+           "checked_output", "checkpoint_modules", "extract_output", "file_name", "python_output", "refusal", "save_as",
+           "write_plan"]

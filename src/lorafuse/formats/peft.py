@@ -32,8 +32,9 @@ from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
-from lorafuse.model.arithmetic import rank_fields
-from lorafuse.model.names import check_module_name
+from lorafuse.model.arithmetic import NARROWING_FIELDS, rank_fields
+from lorafuse.model.experts import expert_modules
+from lorafuse.model.names import check_module_name, exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import ParamLoraUpdate
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,8 +69,9 @@ def is_peft(path: str | os.PathLike[str]) -> bool:
 # the machine is): at most MAX_PATTERNS entries in one field and MAX_REGEX_PATTERNS regular
 # expressions in one config (each compiled once), at most MAX_MATCH_TESTS regular-expression tests
 # per adapter, and at most MAX_MATCH_STEPS backtracking steps by an upper estimate of each test's
-# cost. Patterns that are plain (escaped) names, which is what lorafuse writes, are looked up in a
-# dict and cost nothing. Real adapters stay orders of magnitude below every limit.
+# cost. Patterns that are plain (escaped) names, and '^' + such a name (what lorafuse writes as
+# rank_pattern / alpha_pattern keys), are looked up in a dict and cost nothing. Real adapters stay
+# orders of magnitude below every limit.
 
 MAX_PATTERN_LENGTH = 1000
 MAX_REPEATS = 2  # quantifiers that can repeat ('*', '+', '{2,5}'; not '?') in one pattern
@@ -106,6 +108,12 @@ def is_plain(pattern: str) -> bool:
 
 def plain_text(pattern: str) -> str:
     return _UNESCAPE.sub(r"\1", pattern)
+
+
+def is_exact(pattern: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key is '^' + a plain name (exact_pattern): under PEFT's
+    `(.*\\.)?(KEY)$` it matches that one module name in full, and no module it is the dotted tail of."""
+    return pattern.startswith("^") and is_plain(pattern[1:])
 
 
 @dataclass(frozen=True)
@@ -235,18 +243,21 @@ class PatternTable:
         check_pattern_count(len(patterns), field, label)
         self.values = list(patterns.values())
         self.plain: dict[str, int] = {}
+        self.exact: dict[str, int] = {}
         self.regex: list[tuple[int, Regex]] = []
         for i, key in enumerate(patterns):
             if is_plain(key):
                 self.plain.setdefault(plain_text(key), i)
+            elif is_exact(key):
+                self.exact.setdefault(plain_text(key[1:]), i)
             else:
                 self.regex.append((i, compile_pattern(key, SUFFIX, field, label)))
 
     def first(self, module: str, budget: MatchBudget) -> int | None:
         """The index of the first pattern that matches `module`, or None."""
-        best = None
+        best = self.exact.get(module)
         if self.plain:
-            hits = [self.plain.get(s) for s in dotted_suffixes(module)]
+            hits = [self.plain.get(s) for s in dotted_suffixes(module)] + [best]
             best = min((h for h in hits if h is not None), default=None)
         for i, rx in self.regex:
             if best is not None and i > best:
@@ -271,6 +282,14 @@ def dotted_suffixes(name: str) -> list[str]:
     of target_modules as `name == P or name.endswith('.' + P)`)."""
     parts = name.split(".")
     return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def target_name(module: str) -> str:
+    """A target_modules entry for `module` when the model's other module names are unknown: its last name, or the
+    shortest dotted tail that starts with a word where the last name is a number (diffusers' `to_out.0`: PEFT
+    matches an entry as a name's dotted tail, so '0' would also select containers such as down_blocks.0, which it
+    cannot wrap)."""
+    return next((t for t in reversed(dotted_suffixes(module)) if not t.split(".", 1)[0].isdigit()), module)
 
 
 def check_pattern_count(count: int, field: str, label: str) -> None:
@@ -499,6 +518,14 @@ def check_peft_type(cfg: dict[str, object], path: str) -> None:
     if peft_type == "LORA":
         return
     name = peft_type if isinstance(peft_type, str) and peft_type.isprintable() and len(peft_type) <= 40 else None
+    if name is not None and name != name.upper():  # PEFT's types are upper case; its config lookup is exact
+        spelt = name.upper()
+        wrong = (f"{path}: peft_type {_short(peft_type)} is not PEFT's spelling {spelt!r}, so PEFT cannot load this "
+                 f"config (PeftConfig.from_pretrained raises KeyError: {peft_type!r})")
+        if spelt == "LORA":
+            raise FormatError(f"{wrong}: write \"peft_type\": \"LORA\" in it")
+        raise UnsupportedError(f"{wrong}; and spelt {spelt!r} it would not be a LoRA adapter: lorafuse reads LoRA "
+                               "adapters (peft_type LORA)")
     what = f"this is {'an' if name and name[0] in 'AEIOU' else 'a'} {name} adapter" if name else \
         "this is not a LoRA adapter"
     if name in _PROMPT_LEARNING:
@@ -619,13 +646,13 @@ def _compile_all(cfg: dict[str, object], path: str) -> None:
     """Check and compile every regular expression of the config (once), within MAX_REGEX_PATTERNS."""
     patterns: list[str] = []
     for key in ("rank_pattern", "alpha_pattern"):
-        patterns += [p for p in cast("dict[str, object]", cfg.get(key) or {}) if not is_plain(p)]
+        patterns += [p for p in cast("dict[str, object]", cfg.get(key) or {}) if not (is_plain(p) or is_exact(p))]
     if len(patterns) > MAX_REGEX_PATTERNS:
         raise FormatError(f"{path}: rank_pattern and alpha_pattern hold {len(patterns)} regular expressions (at most "
-                          f"{MAX_REGEX_PATTERNS}; plain or escaped module names do not count)")
+                          f"{MAX_REGEX_PATTERNS}; plain or escaped module names, '^' + one, do not count)")
     for key in ("rank_pattern", "alpha_pattern"):
         for p in cast("dict[str, object]", cfg.get(key) or {}):
-            if not is_plain(p):
+            if not (is_plain(p) or is_exact(p)):
                 compile_pattern(p, SUFFIX, key, path)
     Targeting(cfg, path)
 
@@ -656,8 +683,8 @@ def from_tensors(tensors: dict[str, Tensor], config: Any = None) -> Adapter:
         first = next(iter(ranks.values()), 8)
         cfg: dict[str, object] = {
             "peft_type": "LORA", "r": first, "lora_alpha": first,
-            "rank_pattern": {re.escape(n): r for n, r in ranks.items()},
-            "alpha_pattern": {re.escape(n): r for n, r in ranks.items()},
+            "rank_pattern": {exact_pattern(n): r for n, r in ranks.items()},
+            "alpha_pattern": {exact_pattern(n): r for n, r in ranks.items()},
         }
     else:
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -681,7 +708,7 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
                                   for m, p in parts.items()}
     for m, t in full.items():
         if not t.is_float:
-            raise FormatError(f"{label}: modules_to_save tensor {m!r} has non-float dtype {t.dtype}")
+            raise FormatError(f"{label}: {full_tensors_text(cfg, [origin.get(m, m)])}: non-float dtype {t.dtype}")
     return Adapter(updates=updates, full=full, config=cfg, format="peft", full_origin=origin, notes=notes)
 
 
@@ -891,7 +918,8 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         r = int(cfg.get("r", 8))  # type: ignore[call-overload]
         cfg.update({"r": r, "lora_alpha": cfg.get("lora_alpha", r), "rank_pattern": {}, "alpha_pattern": {},
                     "use_rslora": False, "use_dora": False})
-    cfg.update({"peft_type": "LORA", **rank_fields(updates),
+    experts = set(expert_modules(adapter.updates))  # PEFT reads them at r and lora_alpha: those are theirs
+    cfg.update({"peft_type": "LORA", **rank_fields(updates, [u for u in updates if u.name in experts]),
                 "lora_bias": any(u.bias is not None for u in updates),
                 "fan_in_fan_out": linear_layouts == {True}})
     for attr, flag in (("magnitude", "use_dora"), ("bias", "lora_bias")):
@@ -902,7 +930,7 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
                                    f"and {len(lacking)} do "
                                    f"not ({_listed(lacking)}); PEFT's {flag} applies to every module, so it cannot "
                                    "store that")
-    cfg.setdefault("target_modules", sorted({u.name.rsplit(".", 1)[-1] for u in updates}))
+    cfg.setdefault("target_modules", sorted({target_name(u.name) for u in updates}))
     cfg.setdefault("bias", "none")
     cfg.setdefault("lora_dropout", 0.0)
     cfg.setdefault("base_model_name_or_path", None)
@@ -924,12 +952,13 @@ def _untargeted(adapter: Adapter, cfg: dict[str, object]) -> list[str]:
 def _target_every_module(adapter: Adapter, cfg: dict[str, object]) -> None:
     """Make the written config target every written module (a combined adapter starts from its first
     input's config, whose target_modules, exclude_modules or layers_to_transform may leave out the
-    modules of the others): when it does not, target the modules' names and drop the narrowing fields;
+    modules of the others): when it does not, target the modules by their full names (no other module, which
+    PEFT would give zero factors and report as missing keys) and drop the narrowing fields;
     init_lora_weights=true keeps any other module those names reach unchanged when PEFT loads it."""
     if not adapter.updates or not _untargeted(adapter, cfg):
         return
-    cfg["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in adapter.updates})
-    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+    cfg["target_modules"] = sorted(adapter.updates)
+    for key in NARROWING_FIELDS:
         cfg[key] = None
     cfg["init_lora_weights"] = True
     left = _untargeted(adapter, cfg)

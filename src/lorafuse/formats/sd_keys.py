@@ -41,11 +41,12 @@ import functools
 import importlib
 import importlib.util
 import re
-from collections.abc import Container, Iterable, Iterator, Mapping
+import warnings
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from lorafuse.errors import LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import AdapterNote, LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.targets import Target
 
 Rows = tuple[int, int] | None
@@ -371,6 +372,15 @@ def _checked(slot: str, path: str) -> _Parsed | None:
     return _Parsed(slot, path) if known else None
 
 
+def model_part(module: str) -> str | None:
+    """What a kohya or diffusers module name is a layer of: 'flux' (a Flux transformer), 'unet' (an SD 1.x/2.x
+    or SDXL UNet) or 'text' (a text encoder); None for a name that is no known layer."""
+    if _is_flux(module):
+        return "flux"
+    parsed = _parse_kohya(module) if module.startswith("lora_") else _parse_diffusers(module)
+    return None if parsed is None else "unet" if parsed.slot == "unet" else "text"
+
+
 def _parse(module: str) -> _Parsed:
     parsed = _parse_kohya(module) if module.startswith("lora_") else _parse_diffusers(module)
     if parsed is None:
@@ -646,7 +656,8 @@ def match_modules(modules: Mapping[str, tuple[int, ...]],
     return matched, unmatched
 
 
-__all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "guess_family", "match_modules", "to_diffusers", "to_kohya",
+__all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "guess_family", "match_modules", "model_part", "to_diffusers",
+           "to_kohya",
            "unet_diffusers_path", "unet_ldm_path"]
 
 
@@ -695,3 +706,31 @@ def flattened_conv_shape(name: str, shape: tuple[int, ...], context: int | None 
     if context == SD1_CONTEXT and is_unet_proj(name):
         return (shape[0], shape[1], 1, 1)
     return shape
+
+
+# LyCORIS's own wrapper (lycoris.create_lycoris) names a module 'lycoris_' + its path in any model, and stores a
+# LoHa / LoKr of a convolution without Tucker cores with its kernel flattened: exactly as one of a Linear layer.
+_GENERIC = "lycoris_"
+
+
+def kernel_unknown(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a LoHa / LoKr delta of `shape` (as read, or as flattened_conv_shape restored it) may be a
+    convolution's with a kernel that nothing tells: a 2-D delta of a generic LyCORIS module ('lycoris_...', a
+    layer of any model), which may as well be a Linear layer's."""
+    return len(shape) == 2 and name.startswith(_GENERIC)
+
+
+def note_unknown_kernels(label: str, names: Sequence[str]) -> None:
+    """The AdapterNote for LoHa / LoKr modules written as 2-D LoRA factors whose kernel is unknown (kernel_unknown):
+    right for a Linear layer, unloadable for a convolution."""
+    if not names:
+        return
+    from lorafuse._terminal import plural
+
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    warnings.warn(f"{label}: {plural(len(names), 'LoHa / LoKr module')} ({shown}) written as 2-D LoRA factors: "
+                  "LyCORIS stores a Linear layer and a convolution without Tucker cores alike (the kernel flattened "
+                  "into the columns) and a generic 'lycoris_' name does not say which layer it is, so the kernel "
+                  "size is unknown. LyCORIS loads 2-D factors onto a Linear layer only; for a convolution, apply "
+                  "the adapter to its base instead (apply takes the shape from the base weight), or combine it with "
+                  "an adapter that gives the module its 4-D shape", AdapterNote, stacklevel=3)

@@ -30,6 +30,7 @@ from types import TracebackType
 
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.atomic import atomic_dir, atomic_file
+from lorafuse.io.manifest import ADAPTER
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.safetensors import SafetensorsWriter, TensorSpec
 from lorafuse.io.tensor import Tensor
@@ -99,7 +100,7 @@ class StreamWriter:
                 self._write_side_files(plan)
                 self._path = tmp / plan.weights_name
             else:
-                self._path = self._stack.enter_context(atomic_file(out, inputs, overwrite=overwrite))
+                self._path = self._stack.enter_context(atomic_file(out, inputs, overwrite=overwrite, kind=ADAPTER))
             # entered last, left first: close() checks that every tensor was written before the commit
             self._file = self._stack.enter_context(SafetensorsWriter(self._path, plan.specs, plan.metadata))
             for key, t in plan.fixed.items():

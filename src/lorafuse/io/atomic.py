@@ -4,11 +4,14 @@ did not ask lorafuse to replace.
 What an output path may hold before a run (checked before any work, and again just before the rename):
 
 * nothing, an empty folder (a folder output) or an empty file (a file output): written;
-* an earlier lorafuse output: replaced. lorafuse recognises its outputs (see io.manifest): a folder by
-  `lorafuse_manifest.json` listing exactly what the folder holds, a .safetensors file by the
-  `lorafuse_version` key of its metadata, a PNG by a text chunk; an SVG, PDF or JPEG plot by the
-  `lorafuse_version VERSION` text that lorafuse.plot puts in its description, keywords or comment
-  (plot_is_ours, below);
+* an earlier lorafuse output of the same kind (a re-run: io.manifest.KINDS, a merged model, a diffusers
+  pipeline, an adapter or a plot): replaced. lorafuse recognises its outputs (see io.manifest): a folder by
+  `lorafuse_manifest.json` listing exactly what the folder holds (and its `kind`), a .safetensors file by the
+  `lorafuse_version` key of its metadata (a merged model when its `lorafuse.operation` is apply), a PNG by a
+  text chunk; an SVG, PDF or JPEG plot by the `lorafuse_version VERSION` text that lorafuse.plot puts in its
+  description, keywords or comment (plot_is_ours, below);
+* an earlier lorafuse output of another kind (a merged model where an adapter is written, say: a mistyped
+  -o): refused as the user's are, unless overwrite=True, which replaces it and says so;
 * anything else (a folder of the user's, a lorafuse folder the user added files to, a file lorafuse did
   not write): refused with an OutputError naming the path and what it holds, unless overwrite=True
   (CLI --overwrite), which replaces it and says so (an OverwriteWarning; the CLI prints a note).
@@ -60,11 +63,14 @@ from pathlib import Path
 from lorafuse._validate import check_bool
 from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning
 from lorafuse.io.manifest import (
+    KINDS,
     MANIFEST_NAME,
     MARKER_KEY,
+    PLOT,
     FolderState,
-    file_is_ours,
     inspect_folder,
+    own_file_kind,
+    same_kind,
     stamp,
     stamp_differs,
     stamp_tree,
@@ -353,9 +359,9 @@ def mounts_under(folder: Path) -> list[str]:
     return found
 
 
-def _judge_folder(out: Path, overwrite: bool) -> str | None:
+def _judge_folder(out: Path, overwrite: bool, kind: str | None = None) -> str | None:
     """None when the existing folder `out` may be replaced silently (empty, or lorafuse's own output
-    untouched); the note of what is replaced with `overwrite`; else raises OutputError."""
+    untouched, of the same `kind`); the note of what is replaced with `overwrite`; else raises OutputError."""
     mounted = mounts_under(out)
     if mounted:  # replacing the folder would delete what is mounted there: another file system, or an input
         raise OutputError(f"output {out} holds a mount point ({mounted[0]}{', ...' if len(mounted) > 1 else ''}); "
@@ -364,8 +370,13 @@ def _judge_folder(out: Path, overwrite: bool) -> str | None:
     state, unreadable = _folder_state(out)
     if state is None and not unreadable:  # gone meanwhile (another run is replacing it): nothing to lose
         return None
-    if state is not None and (state.empty or state.ours):
+    if state is not None and state.empty:
         return None
+    if state is not None and state.ours:
+        if same_kind(state.kind, kind):
+            return None
+        return _other_kind(out, f"an earlier lorafuse output holding {KINDS[str(state.kind)]} (its {MANIFEST_NAME} "
+                                f"says kind {state.kind!r})", str(kind), overwrite)
     if state is None:
         what = f"a folder lorafuse cannot read ({unreadable}), so it cannot tell what it holds"
         todo = "Give a new or empty folder"
@@ -438,26 +449,58 @@ def plot_is_ours(path: Path) -> bool:
         os.close(fd)
 
 
-def _in_own_folder(out: Path) -> bool:
-    """True when `out` is a file of an intact lorafuse folder output (a shard of a merged checkpoint, say:
-    shards carry no mark of their own; their folder's manifest lists them, with their sizes)."""
+def _in_own_folder(out: Path) -> FolderState | None:
+    """The intact lorafuse folder output that `out` is a file of (a shard of a merged checkpoint, say:
+    shards carry no mark of their own; their folder's manifest lists them, with their sizes), else None."""
     if out.name == MANIFEST_NAME:
-        return False
+        return None
     try:
         state = inspect_folder(out.parent)
     except OSError:
-        return False
+        return None
     entries = _entry_pattern(out)  # this run's own temporary and set-aside entries are no addition
     added = [n for n in state.unlisted
              if not ((m := entries.match(n.rstrip("/"))) and int(m.group(2)) == os.getpid())]
-    return state.manifest == "valid" and not added and not state.changed and state.current \
+    own = state.manifest == "valid" and not added and not state.changed and state.current \
         and out.name in state.entries
+    return state if own else None
 
 
-def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
+def _own_file(out: Path) -> tuple[str | None, str]:
+    """(its kind, how to say what it is) when `out` is lorafuse's own file, else (None, ''): a marked file
+    (io.manifest.own_file_kind; kind '' when it does not say), a marked plot, or a file of an intact lorafuse
+    folder output (that folder's kind)."""
+    kind = own_file_kind(out)
+    if kind is None and plot_is_ours(out):
+        kind = PLOT
+    if kind is not None:
+        return kind, f"an earlier lorafuse output, {KINDS.get(kind, 'a file')}"
+    folder = _in_own_folder(out)
+    if folder is not None:
+        return folder.kind or "", (f"a file of the earlier lorafuse output {out.parent}, "
+                                   f"{KINDS.get(folder.kind or '', 'a folder')}")
+    return None, ""
+
+
+def _other_kind(out: Path, what: str, kind: str, overwrite: bool) -> str:
+    """The note (`overwrite`) or the OutputError of an earlier lorafuse output, `what`, that an output of another
+    kind would replace: a re-run replaces its own output silently; a mistyped -o must not turn a merged model
+    into an adapter unnoticed."""
+    new = KINDS.get(kind, f"a {kind} output")
+    if overwrite:
+        return f"--overwrite replaced {out}, {what}, with {new}"
+    raise OutputError(f"output {out} is {what}, and this writes {new}: lorafuse replaces its earlier output without "
+                      f"--overwrite only with one of the same kind (a re-run); nothing was written. Give another "
+                      f"path, or {_OVERWRITE_HINT}")
+
+
+def _judge_file(out: Path, st: os.stat_result, overwrite: bool, kind: str | None = None) -> str | None:
     """As _judge_folder, for an existing regular file where a file output goes."""
-    if st.st_size == 0 or file_is_ours(out) or plot_is_ours(out) or _in_own_folder(out):
+    if st.st_size == 0:
         return None
+    old, what = _own_file(out)
+    if old is not None:
+        return None if same_kind(old, kind) else _other_kind(out, what, str(kind), overwrite)
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
             "the metadata of its .safetensors files and plots)")
     if overwrite:
@@ -465,10 +508,10 @@ def _judge_file(out: Path, st: os.stat_result, overwrite: bool) -> str | None:
     raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_OVERWRITE_HINT}")
 
 
-def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
-    """What `out` holds now, judged for an output of the kind given (a folder or a file): None when it
-    may be written (missing, empty, lorafuse's own output), the note of what `overwrite` replaces, or
-    an OutputError."""
+def _judge(out: Path, folder: bool, overwrite: bool, kind: str | None = None) -> str | None:
+    """What `out` holds now, judged for an output of the kind given (a folder or a file; `kind`, what it is:
+    io.manifest.KINDS, None when not known): None when it may be written (missing, empty, lorafuse's own
+    output of the same kind), the note of what `overwrite` replaces, or an OutputError."""
     overwrite = check_bool(overwrite, "overwrite")  # every output check comes here: 'no' is not a switch
     try:
         st = os.lstat(out)
@@ -489,7 +532,7 @@ def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
             example = out / ("out" + (out.suffix or ".safetensors"))
             raise OutputError(f"output {out} is a folder; give a file name (e.g. {example}): lorafuse "
                               "does not replace a folder with a file, even with --overwrite")
-        return _judge_folder(out, overwrite)
+        return _judge_folder(out, overwrite, kind)
     if not stat.S_ISREG(mode):
         from lorafuse.io.safetensors import file_kind
 
@@ -499,21 +542,22 @@ def _judge(out: Path, folder: bool, overwrite: bool) -> str | None:
         raise OutputError(f"output {out} exists and is not a folder (a file of {st.st_size} bytes) and this writes a "
                           "folder: give a folder path; lorafuse does not replace a file with a folder, even with "
                           "--overwrite")
-    return _judge_file(out, st, overwrite)
+    return _judge_file(out, st, overwrite, kind)
 
 
 def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, folder: bool,
-                 overwrite: bool = False) -> str | None:
+                 overwrite: bool = False, kind: str | None = None) -> str | None:
     """Everything atomic_dir (folder=True) / atomic_file (folder=False) checks before a run writes
-    `out`: call it early to refuse before any long work. Returns None when `out` may be written as it
-    is, or (overwrite=True) the note of what will be replaced; raises OutputError (LorafuseValueError
-    for a path that names no output) otherwise."""
+    `out`: call it early to refuse before any long work. `kind`: what the output is (io.manifest.KINDS;
+    an earlier lorafuse output of another kind is not replaced without `overwrite`; None: not compared).
+    Returns None when `out` may be written as it is, or (overwrite=True) the note of what will be
+    replaced; raises OutputError (LorafuseValueError for a path that names no output) otherwise."""
     out = Path(out)
     check_output_path(out, inputs)
     blocked = _not_a_folder(out.parent)  # `-o notes.txt/merged`: refused before any work, not after it
     if blocked:
         raise OutputError(f"cannot write the output {out}: {blocked}")
-    return _judge(out, folder, overwrite)
+    return _judge(out, folder, overwrite, kind)
 
 
 def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
@@ -840,11 +884,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     raise OutputError(f"cannot replace the output {out}: other processes keep replacing it")
 
 
-def _commit_check(out: Path, folder: bool, overwrite: bool, cleanup: Callable[[], None]) -> str | None:
+def _commit_check(out: Path, folder: bool, overwrite: bool, cleanup: Callable[[], None],
+                  kind: str | None = None) -> str | None:
     """The check again, just before the rename: what sits at `out` now (another run's output, or a
     folder the user made meanwhile). Returns the note to give once replaced."""
     try:
-        return _judge(out, folder, overwrite)
+        return _judge(out, folder, overwrite, kind)
     except BaseException:
         cleanup()
         raise
@@ -890,15 +935,16 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
     """Yield a temporary folder beside `out`; on success lorafuse_manifest.json (listing what the body
     wrote, `kind` saying what it is) is added and the folder replaces `out` by rename.
 
-    `out` must be new, an empty folder or an earlier lorafuse output (see check_output); other folders
-    are refused unless `overwrite`, which replaces them with an OverwriteWarning naming what was there.
+    `out` must be new, an empty folder or an earlier lorafuse output of the same `kind` (see check_output);
+    other folders are refused unless `overwrite`, which replaces them with an OverwriteWarning naming what
+    was there.
     On any error (or interruption) the temporary folder is removed and `out` keeps whatever it held
     before. Write errors (full disk, quota, size limit, read-only file system) are raised as OutputError
     naming `out`.
     """
     out = Path(out)
     inputs = list(inputs)  # used twice: here and before the commit
-    note = check_output(out, inputs, folder=True, overwrite=overwrite)
+    note = check_output(out, inputs, folder=True, overwrite=overwrite, kind=kind)
     existed = os.path.lexists(out)
     made = _prepare(out)
     try:
@@ -926,7 +972,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
             yield tmp
             write_manifest(tmp, kind)
             stamp_tree(tmp)
-        note = _commit_check(out, True, overwrite, cleanup)
+        note = _commit_check(out, True, overwrite, cleanup, kind)
         with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=True)
@@ -941,16 +987,17 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
 
 @contextmanager
 def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
-                overwrite: bool = False) -> Iterator[Path]:
+                overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary file path beside `out`; on success it replaces `out` by rename.
 
     The body writes a file lorafuse recognises later (a .safetensors file whose metadata has
     `lorafuse_version`, see io.manifest.mark_metadata, or a PNG with that text chunk) so that a later
-    run may replace it. `out` must be new, an empty file or such a file; others are refused unless
-    `overwrite` (see atomic_dir). Errors as for atomic_dir."""
+    run may replace it. `out` must be new, an empty file or such a file of the same `kind` (io.manifest.KINDS:
+    what the body writes; None: not compared); others are refused unless `overwrite` (see atomic_dir).
+    Errors as for atomic_dir."""
     out = Path(out)
     inputs = list(inputs)  # used twice: here and before the commit
-    note = check_output(out, inputs, folder=False, overwrite=overwrite)
+    note = check_output(out, inputs, folder=False, overwrite=overwrite, kind=kind)
     existed = os.path.lexists(out)
     made = _prepare(out)
     try:
@@ -970,7 +1017,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
         with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
-        note = _commit_check(out, False, overwrite, cleanup)
+        note = _commit_check(out, False, overwrite, cleanup, kind)
         with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=False)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from lorafuse.errors import FormatError, InputChangedError
-from lorafuse.io.hub import local_path
+from lorafuse.io.hub import local_path, shard_name_problem
 from lorafuse.io.safetensors import (
     FileIdentity,
     SafetensorsFile,
@@ -166,8 +166,19 @@ def _find_index(directory: Path) -> Path | None:
 
 def no_such_path(path: str | os.PathLike[str]) -> str:
     """'PATH: no such file or directory', with the name quoted, and the name meant when there is one, where the
-    path starts or ends with a space (invisible in a message)."""
+    path starts or ends with a space (invisible in a message). A symbolic link that leads nowhere is said as
+    such: a loop of links (the system's words, as a read of it says), or a link to a missing path."""
     text = os.fsdecode(os.fspath(path))
+    if os.path.islink(text):
+        try:
+            os.stat(text)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{text}: cannot read: {e.strerror} (a loop of symbolic links)"
+        try:
+            return f"{text}: no such file or directory (a symbolic link to {os.readlink(text)!r}, which does not exist)"
+        except OSError:
+            pass
     if text == text.strip():
         return f"{text}: no such file or directory"
     meant = text.strip()
@@ -235,7 +246,10 @@ class Checkpoint:
             self._weight_map = weight_map
             shards = list(dict.fromkeys(weight_map.values()))
             for s in shards:
-                if Path(s).name != s or not (directory / s).is_file():
+                why = shard_name_problem(s)
+                if why is not None:
+                    raise FormatError(f"{index}: shard {s!r} {why}")
+                if not (directory / s).is_file():
                     raise FormatError(f"{index}: shard {s!r} is not a file in {directory}")
             return shards
         for name in PREFERRED:

@@ -182,14 +182,40 @@ def _json(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+_GLOB = re.compile(r"[*?\[\]]")  # what huggingface_hub's allow_patterns (fnmatch) reads as a pattern
+
+
+_SHARD_SUFFIX = ".safetensors"
+
+
+def shard_name_problem(name: str) -> str | None:
+    """Why `name`, a shard a `*.safetensors.index.json` lists, is not one lorafuse reads, or None: a shard is a
+    FILE.safetensors in the index's own folder (what transformers and diffusers write and load; transformers
+    torch.loads any other name). An output keeps the names, so another (README.md, lorafuse_manifest.json, a
+    path) would land on a file lorafuse writes there, or outside the output."""
+    if Path(name).name != name or name in (".", ".."):
+        return "is not a file name in the index's folder (a path, '.' or '..')"
+    if not name.lower().endswith(_SHARD_SUFFIX) or len(name) == len(_SHARD_SUFFIX):
+        return f"is not a {_SHARD_SUFFIX} file name (shards are FILE{_SHARD_SUFFIX})"
+    return None
+
+
 def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
     """The weight files a transformers / diffusers model folder loads: the shards its index lists, else its one
-    weights file by name; None when the folder has neither an index nor a config.json (not such a folder)."""
+    weights file by name; None when the folder has neither an index nor a config.json (not such a folder).
+    A shard name that is not a plain FILE.safetensors (shard_name_problem), or that holds a
+    pattern character (`*` would fetch the whole repository), is a FormatError naming the index, before
+    anything more is downloaded."""
     for name in _INDEX_NAMES:
         weight_map = (_json(folder / name) or {}).get("weight_map")
         if isinstance(weight_map, dict):
-            shards = sorted({v for v in weight_map.values()
-                             if isinstance(v, str) and "/" not in v and ".." not in v and not v.startswith(".")})
+            shards = sorted({v for v in weight_map.values() if isinstance(v, str)})
+            for shard in shards:
+                why = shard_name_problem(shard) or (
+                    "holds a pattern character (* ? [ ]), which would download other files of the repository"
+                    if _GLOB.search(shard) else None)
+                if why is not None:
+                    raise FormatError(f"{folder / name}: shard {shard!r} {why}; nothing more was downloaded")
             if shards:
                 return [prefix + s for s in shards]
     if (folder / "config.json").is_file():

@@ -33,6 +33,21 @@ from lorafuse._version import get_version
 
 MANIFEST_NAME = "lorafuse_manifest.json"
 MARKER_KEY = "lorafuse_version"
+OPERATION_KEY = "lorafuse.operation"  # io.provenance's record of the command that made a .safetensors file
+
+# What an output is: a folder's manifest `kind`; a file's, told from what it holds (own_file_kind). An earlier
+# lorafuse output is replaced without --overwrite only by one that is the same thing (a re-run), never a merged
+# model by an adapter (io.atomic). Kinds of the same words are the same thing (a PEFT folder, an adapter file).
+CHECKPOINT, PIPELINE, PEFT_ADAPTER = "checkpoint", "diffusers-pipeline", "peft-adapter"  # folders
+ADAPTER, PLOT = "adapter", "plot"  # files (a merged model file is a CHECKPOINT too)
+KINDS = {CHECKPOINT: "a merged model", PIPELINE: "a merged diffusers pipeline", PEFT_ADAPTER: "an adapter",
+         ADAPTER: "an adapter", PLOT: "a plot"}
+
+
+def same_kind(old: str | None, new: str | None) -> bool:
+    """Whether an output of kind `new` may replace one of kind `old` as a re-run: the same thing, or either
+    unknown (None, '', a kind another version wrote)."""
+    return old not in KINDS or new not in KINDS or KINDS[old] == KINDS[new]
 HASH_LIMIT = 1 << 20  # files up to this size are hashed into the manifest
 _MANIFEST_MAX = 64 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -177,6 +192,7 @@ class FolderState:
     unlisted: list[str] = field(default_factory=list)  # entries the manifest does not list
     changed: list[str] = field(default_factory=list)  # listed files whose size or hash differ
     ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the folder read
+    kind: str | None = None  # what its valid manifest says it is (KINDS), None when it says nothing
     # whether `path` still named the folder read when the reading ended (checked while its descriptor was
     # open, so that its inode number cannot have been reused meanwhile by a folder another run made)
     current: bool = True
@@ -259,7 +275,8 @@ def inspect_folder(path: Path) -> FolderState:
         if manifest is None:
             return FolderState(entries, "invalid" if MANIFEST_NAME in top else "absent", ident=ident,
                                current=_still_at(path, ident))
-        state = FolderState(entries, "valid", ident=ident)
+        kind = manifest.get("kind")
+        state = FolderState(entries, "valid", ident=ident, kind=kind if isinstance(kind, str) else None)
         files: dict[str, dict[str, object]] = manifest["files"]  # type: ignore[assignment]
         folders: set[str] = set(manifest.get("folders", []))  # type: ignore[call-overload]
         for root, dirs, names, root_fd in _walk(fd):
@@ -450,32 +467,44 @@ def _gguf_marked(path: Path) -> bool:
 def file_is_ours(path: Path) -> bool:
     """True when `path` is an intact lorafuse-written .safetensors file (marker in its metadata), PNG or
     GGUF file."""
+    return own_file_kind(path) is not None
+
+
+def own_file_kind(path: Path) -> str | None:
+    """What the intact lorafuse-written file `path` is (KINDS): a PNG is a plot, a GGUF file an adapter
+    (convert --to gguf), a .safetensors file a merged model when `apply` made it (its lorafuse.operation),
+    else an adapter; '' for a .safetensors file that does not say (no lorafuse.operation: an earlier
+    version's). None when the file is not lorafuse's (file_is_ours)."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except OSError:
-        return False
+        return None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
+            return None
         if stamp_differs(fd):  # lorafuse's output once, edited in place since
-            return False
+            return None
         if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
-            return _png_marked(fd)
+            return PLOT if _png_marked(fd) else None
         if os.pread(fd, len(GGUF_MAGIC), 0) == GGUF_MAGIC:
-            return _gguf_marked(path)
+            return ADAPTER if _gguf_marked(path) else None
         from lorafuse.errors import LorafuseError
         from lorafuse.io.safetensors import _read_header_fd
 
         try:  # validates the header, and that the tensors' data fill the rest of the file exactly
             metadata = _read_header_fd(fd, str(path))[1]
         except (LorafuseError, ValueError):
-            return False
-        return isinstance(metadata.get(MARKER_KEY), str)
+            return None
+        if not isinstance(metadata.get(MARKER_KEY), str):
+            return None
+        operation = metadata.get(OPERATION_KEY)
+        return "" if not isinstance(operation, str) else CHECKPOINT if operation == "apply" else ADAPTER
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
 
 
-__all__ = ["GGUF_MAGIC", "MANIFEST_NAME", "MARKER_KEY", "STAMP_XATTR", "FolderState", "file_is_ours", "gguf_counts",
-           "inspect_folder", "mark_metadata", "png_metadata", "stamp", "stamp_differs", "stamp_tree", "write_manifest"]
+__all__ = ["ADAPTER", "CHECKPOINT", "GGUF_MAGIC", "KINDS", "MANIFEST_NAME", "MARKER_KEY", "PEFT_ADAPTER", "PIPELINE",
+           "PLOT", "STAMP_XATTR", "FolderState", "file_is_ours", "gguf_counts", "inspect_folder", "mark_metadata",
+           "own_file_kind", "png_metadata", "same_kind", "stamp", "stamp_differs", "stamp_tree", "write_manifest"]

@@ -7,7 +7,10 @@ file, or of each file read from a folder, and the Hub repository and commit it c
 was invoked: the command line (`invoked(command_text(argv, out), "command")`, which the CLI's main() sets:
 verbatim but for the output's path, written OUT), the recipe (`invoked(recipe_text, "recipe")`, which
 `lorafuse run` sets around its stages; the inner one wins), or, for a Python call with neither, an
-equivalent `lorafuse.<operation>(...)` call made from the record.
+equivalent `lorafuse.<operation>(...)` call made from the record. A recipe's stages are recorded once each:
+an input that is an earlier stage's output names that stage (`stage`), and the record's `stages` map holds
+each such stage's record by name (its own inputs naming the stages before it the same way), so the record
+grows with the recipe, however often a stage is read.
 
 Where it goes (the writers call these): `stamp(metadata, provenance)` puts `Provenance.metadata()` (the
 `lorafuse.*` keys, str -> str, lists and dicts as JSON) into a safetensors file's `__metadata__`, dropping
@@ -103,8 +106,10 @@ def named_inputs(aliases: Mapping[str, str], made: Mapping[str, Provenance] | No
     """Inside this block an input given as one of `aliases`' keys (a path, as given) is recorded under its
     value: `lorafuse run` records an earlier stage's output, which lies in a temporary folder, by the stage's
     name, so that nothing recorded depends on where the intermediate outputs were. `made`: for an input named
-    by such a name, the record of how it was made (its own inputs and their sha256), kept in its record's
-    `made_by`: the output of a recipe's last stage then names every input of the recipe, however deep."""
+    by such a name, the record of how it was made (its own inputs and their sha256): the input names the
+    stage (InputRecord.stage) and the record's `stages` map holds that record, once, with the stages it was
+    made from: the output of a recipe's last stage then names every input of the recipe, however deep, each
+    stage recorded once however many stages read it."""
     token = _ALIASES.set({**(_ALIASES.get() or {}), **aliases})
     made_token = _MADE.set({**(_MADE.get() or {}), **(made or {})})
     try:
@@ -126,32 +131,63 @@ def recorded_in(path: Path) -> Provenance | None:
         return None
 
 
-def recorded_name(name: str) -> str:
-    """How an input given as `name` is recorded (its name, its base_model, its model card): `name` itself, or
-    inside named_inputs the name it stands for (a recipe's model as the recipe names it, an intermediate output
-    by its stage's name)."""
+def recorded_name(name: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """How an input given as `name` (a path as str, bytes or os.PathLike, or a Hub id) is recorded (its name,
+    its base_model, its model card): `name` itself as text UTF-8 can hold (path_text), or inside named_inputs
+    the name it stands for (a recipe's model as the recipe names it, an intermediate output by its stage's
+    name)."""
+    text = os.fsdecode(name)
     aliases = _ALIASES.get()
-    return aliases.get(name, name) if aliases else name
+    return path_text(aliases.get(text, text) if aliases else text)
+
+
+def recorded_base(name: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str | None:
+    """The base model an output made from the base given as `name` belongs to (its `base_model`, its card's,
+    extract's base_model_name_or_path): recorded_name(name), but for a recipe's earlier stage (named_inputs)
+    that stage's own base_model (an apply stage's base), or None when its record names none: the stage's
+    output is gone once the recipe has run, so its name would name nothing."""
+    made = _MADE.get()
+    text = os.fsdecode(name)
+    if made and text in made:
+        return made[text].base_model
+    return recorded_name(name)
 
 
 OUT = "OUT"  # how a recorded command line writes its output's path
 
 
+_SHORT_FLAGS = "qh"  # the short options that take no value, which may come before -o in a group (-qo OUT)
+
+
 def command_text(argv: Sequence[str], out: str | None = None) -> str:
     """The command line `lorafuse ARGV` as recorded: verbatim (shlex.join), but for the output's path `out`
-    (the value of -o / --out, in any of argparse's spellings), written OUT: nothing written depends on where
-    it is written, so a rerun into another folder gives the same bytes."""
+    (the value of -o / --out, in any of argparse's spellings: `-o OUT`, `--out OUT`, `--out=OUT`, `-oOUT`,
+    `-o=OUT`, and in a group of short options, `-qo OUT`, `-qoOUT`; the CLI takes no abbreviated option),
+    written OUT: nothing written depends on where it is written, so a rerun into another folder gives the same
+    bytes."""
     import shlex
 
     words = list(argv)
     if out:
         for i, w in enumerate(words):
-            if w in ("-o", "--out") or (w.startswith("--o") and "--out".startswith(w)):
+            if w == "--":
+                break
+            value = _short_out(w) if not w.startswith("--") else w[len("--out="):] if w.startswith("--out=") else None
+            if w == "--out" or value == "":  # the value is the next word
                 if i + 1 < len(words) and words[i + 1] == out:
                     words[i + 1] = OUT
-            elif w == f"--out={out}" or w == f"-o{out}" or w == f"-o={out}":
+            elif value == out:
                 words[i] = w[: len(w) - len(out)] + OUT
     return shlex.join(["lorafuse", *words])
+
+
+def _short_out(word: str) -> str | None:
+    """The value of -o in a word of short options (`-o`: '', `-oX` / `-o=X`: 'X', `-qoX`: 'X'), else None."""
+    at = word.find("o")
+    if not word.startswith("-") or at < 1 or any(c not in _SHORT_FLAGS for c in word[1:at]):
+        return None
+    value = word[at + 1:]
+    return value[1:] if at == 1 and value.startswith("=") else value
 
 
 def current_invocation() -> Invocation | None:
@@ -168,6 +204,12 @@ def _text(s: str) -> str:
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def path_text(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    """A path (str, bytes or os.PathLike of either) as text that UTF-8 can hold: bytes decoded as the file
+    system does (os.fsdecode), then _text (a byte no encoding decodes, as \\xNN)."""
+    return _text(os.fsdecode(path))
+
+
 # ----------------------------------------------------------------------------- the record
 
 
@@ -175,8 +217,10 @@ def _text(s: str) -> str:
 class InputRecord:
     """One input of a run: `name` as given, `role` (base, adapter, fine-tuned, config), `weight` (None where
     the operation takes none), `sha256` of a file input, `files` ((relative name, sha256) of each file read
-    from a folder input), the Hub `repo_id` / `revision` / `commit` it came from, and `made_by`: the record of
-    an in-memory adapter (no file) made by lorafuse, or of a recipe's intermediate output (named_inputs)."""
+    from a folder input), the Hub `repo_id` / `revision` / `commit` it came from, `made_by`: the record of
+    an in-memory adapter (no file) made by lorafuse (or, in records written before lorafuse kept a stage map,
+    of a recipe's intermediate output), and `stage`: the name of the recipe stage whose output it is (its
+    record in the enclosing record's `stages`; named_inputs)."""
 
     name: str
     role: str
@@ -187,6 +231,7 @@ class InputRecord:
     revision: str | None = None
     commit: str | None = None
     made_by: Provenance | None = None
+    stage: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "role": self.role}
@@ -200,6 +245,8 @@ class InputRecord:
             d["hub"] = {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
         if self.made_by is not None:
             d["made_by"] = self.made_by.as_dict()
+        if self.stage is not None:
+            d["stage"] = self.stage
         return d
 
     @classmethod
@@ -214,7 +261,7 @@ class InputRecord:
                    _str_or_none(d.get("sha256")), tuple((str(k), str(v)) for k, v in files.items()),
                    _str_or_none(hub.get("repo_id")), _str_or_none(hub.get("revision")),
                    _str_or_none(hub.get("commit")),
-                   Provenance.from_dict(made) if isinstance(made, Mapping) else None)
+                   Provenance.from_dict(made) if isinstance(made, Mapping) else None, _str_or_none(d.get("stage")))
 
     def hashes(self) -> list[tuple[str, str]]:
         """(what, sha256) of what was read: ('', sha) for a file, (relative name, sha) for each file of a folder."""
@@ -229,7 +276,9 @@ def _str_or_none(x: object) -> str | None:
 class Provenance:
     """How an output was made (see the module docstring). `parameters`: JSON values by name, as the
     operation's Python function names them (None values left out); `base_model`: the base the output
-    belongs to when known (the Hub id or path of apply's / extract's base; None otherwise)."""
+    belongs to when known (the Hub id or path of apply's / extract's base; None otherwise); `stages`: the
+    record of each recipe stage an input (or a stage before it) names, by name (each
+    without a `stages` of its own: this map holds them all)."""
 
     operation: str
     inputs: tuple[InputRecord, ...]
@@ -238,6 +287,7 @@ class Provenance:
     method: str | None = None
     base_model: str | None = None
     version: str = field(default_factory=version)
+    stages: dict[str, Provenance] = field(default_factory=dict, hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "operation": self.operation}
@@ -245,6 +295,8 @@ class Provenance:
             d["method"] = self.method
         d["parameters"] = dict(self.parameters)
         d["inputs"] = [i.as_dict() for i in self.inputs]
+        if self.stages:
+            d["stages"] = {name: s.as_dict() for name, s in self.stages.items()}
         if self.base_model is not None:
             d["base_model"] = self.base_model
         d[self.invocation.kind] = self.invocation.text
@@ -255,20 +307,31 @@ class Provenance:
         kind = next((k for k in INVOCATION_KEYS if isinstance(d.get(k), str)), None)
         if kind is None:  # (a StopIteration here would end the generator of an enclosing record's inputs)
             raise KeyError("no invocation (command, recipe or python)")
-        params = d.get("parameters")
+        params, stages = d.get("parameters"), d.get("stages")
         return cls(str(d["operation"]), tuple(InputRecord.from_dict(i) for i in d["inputs"]),
                    Invocation(kind, d[kind]), dict(params) if isinstance(params, Mapping) else {},
-                   _str_or_none(d.get("method")), _str_or_none(d.get("base_model")), str(d["version"]))
+                   _str_or_none(d.get("method")), _str_or_none(d.get("base_model")), str(d["version"]),
+                   {str(k): cls.from_dict(v) for k, v in stages.items() if isinstance(v, Mapping)}
+                   if isinstance(stages, Mapping) else {})
 
     def metadata(self) -> dict[str, str]:
         """The `lorafuse.*` keys of a safetensors `__metadata__`: lorafuse.version, .operation, .method (when
-        there is one), .parameters and .inputs (JSON), .base_model (when known), and .command, .recipe or
-        .python (how it was invoked), in this order."""
+        there is one), .parameters and .inputs (JSON), .stages (JSON: a recipe's earlier stages, when an input
+        is one), .base_model (when known), and .command, .recipe or .python (how it was invoked), in this order.
+        A record nested too deeply for JSON (a Python chain of thousands of in-memory adapters) is a
+        LorafuseValueError."""
         meta = {PREFIX + "version": self.version, PREFIX + "operation": self.operation}
         if self.method is not None:
             meta[PREFIX + "method"] = self.method
-        meta[PREFIX + "parameters"] = _json(self.parameters)
-        meta[PREFIX + "inputs"] = _json([i.as_dict() for i in self.inputs])
+        try:
+            meta[PREFIX + "parameters"] = _json(self.parameters)
+            meta[PREFIX + "inputs"] = _json([i.as_dict() for i in self.inputs])
+            if self.stages:
+                meta[PREFIX + "stages"] = _json({name: s.as_dict() for name, s in self.stages.items()})
+        except RecursionError:
+            raise LorafuseValueError(f"the provenance of this {self.operation} output is nested too deeply to be "
+                                     "written (an input made in memory from one made in memory, thousands deep): "
+                                     "save an intermediate result to a file and read it back") from None
         if self.base_model is not None:
             meta[PREFIX + "base_model"] = self.base_model
         meta[INVOCATION_KEYS[self.invocation.kind]] = self.invocation.text
@@ -288,6 +351,8 @@ class Provenance:
             for key in ("method", "base_model", *INVOCATION_KEYS):
                 if PREFIX + key in metadata:
                     d[key] = metadata[PREFIX + key]
+            if PREFIX + "stages" in metadata:
+                d["stages"] = json.loads(metadata[PREFIX + "stages"])
             if not isinstance(d["inputs"], list) or not all(isinstance(i, Mapping) for i in d["inputs"]):
                 return None
             return cls.from_dict(d)
@@ -337,12 +402,12 @@ def _jsonable(v: object, where: str) -> Any:
             raise LorafuseValueError(f"parameter {where}: {v!r} is not a finite number")
         return float(v)
     if isinstance(v, os.PathLike):
-        return _text(os.fspath(v))
+        return path_text(v)
     if isinstance(v, list | tuple):
         return [_jsonable(x, where) for x in v]
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x, where) for k, x in v.items()}
-    if hasattr(v, "item") and callable(v.item):  # a numpy scalar
+    if hasattr(v, "item") and callable(v.item) and not isinstance(v, type):  # a numpy scalar (not its class)
         return _jsonable(v.item(), where)
     raise LorafuseValueError(f"parameter {where}: {type(v).__name__} values cannot be recorded")
 
@@ -399,7 +464,8 @@ class _AdapterLike(Protocol):
 class InputSpec:
     """An input to record before its hash is known: its name as given, role, weight, the path read (a file,
     or a folder with `files`: the relative names of the files read from it) and an in-memory adapter's
-    own record."""
+    own record; or, for a recipe's earlier stage (named_inputs), `stage` (its name) and its record in
+    `made_by` (kept in the new record's `stages`, not in the input)."""
 
     name: str
     role: str
@@ -407,6 +473,7 @@ class InputSpec:
     path: Path | None = None
     files: tuple[str, ...] = ()
     made_by: Provenance | None = None
+    stage: str | None = None
 
     def __post_init__(self) -> None:
         given = self.name
@@ -414,6 +481,7 @@ class InputSpec:
         made = _MADE.get()
         if self.made_by is None and made and given in made:
             object.__setattr__(self, "made_by", made[given])
+            object.__setattr__(self, "stage", self.name)
 
     def paths(self) -> list[Path]:
         if self.path is None:
@@ -421,27 +489,28 @@ class InputSpec:
         return [self.path / f for f in self.files] if self.files else [self.path]
 
 
-def adapter_input(item: str | os.PathLike[str] | _AdapterLike, weight: float | None = None,
-                  role: str = "adapter", name: str | os.PathLike[str] | None = None) -> InputSpec:
+def adapter_input(item: str | bytes | os.PathLike[str] | os.PathLike[bytes] | _AdapterLike,
+                  weight: float | None = None, role: str = "adapter",
+                  name: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None) -> InputSpec:
     """An adapter input: a path as given (a file, or a PEFT folder: its config and weights file) or a loaded
     Adapter (its path; an in-memory one: no file, its own record). `name`: how the user named it, when
     `item` is the Adapter loaded from that name."""
     path: Path | None
     made_by: Provenance | None = None
-    if isinstance(item, str | os.PathLike):
-        name, path = _text(os.fspath(item)), Path(item)
+    if isinstance(item, str | bytes | os.PathLike):
+        name, path = path_text(item), Path(os.fsdecode(item))
         if not os.path.lexists(path):  # a Hub id (io.hub): the adapter in its snapshot
-            path = _local_adapter(item)
+            path = _local_adapter(os.fsdecode(item))
     else:
         name, path, made_by = _text(item.label), item.path, item.provenance
         origin = hub_origin(path) if path is not None else None
         if origin is not None:  # loaded from a Hub id: named as the id, not by the cache's path
             name = origin[0] + (f"@{origin[1]}" if origin[1] else "")
-    if isinstance(name, str | os.PathLike) and os.fspath(name) != "":
-        name = _text(os.fspath(name))
+    if isinstance(name, str | bytes | os.PathLike) and os.fspath(name):
+        name = path_text(name)
     if path is None:
         return InputSpec(name, role, weight, made_by=made_by)
-    if not isinstance(item, str | os.PathLike) and not os.path.lexists(path):  # a loaded adapter's file is gone
+    if not isinstance(item, str | bytes | os.PathLike) and not os.path.lexists(path):  # a loaded adapter's file is gone
         from lorafuse.io.safetensors import mapped_bytes
 
         kept = tuple(f for f in PEFT_FILES if mapped_bytes(path / f) is not None)  # the bytes read, still mapped
@@ -461,13 +530,14 @@ def _local_adapter(spec: str | os.PathLike[str]) -> Path | None:
         return None
 
 
-def folder_input(name: str | os.PathLike[str], path: Path, role: str, files: Sequence[Path]) -> InputSpec:
+def folder_input(name: str | bytes | os.PathLike[str] | os.PathLike[bytes], path: Path, role: str,
+                 files: Sequence[Path]) -> InputSpec:
     """A checkpoint or pipeline input: `name` as given, `path` where it is (a folder, or one file; a Hub id's
     snapshot) and the files read from it (a file: itself)."""
     if path.is_file():
-        return InputSpec(_text(os.fspath(name)), role, path=path)
+        return InputSpec(path_text(name), role, path=path)
     rel = sorted(dict.fromkeys(os.path.relpath(f, path).replace(os.sep, "/") for f in files if Path(f).is_file()))
-    return InputSpec(_text(os.fspath(name)), role, path=path, files=tuple(rel))
+    return InputSpec(path_text(name), role, path=path, files=tuple(rel))
 
 
 def hub_blob_sha256(path: Path) -> str | None:
@@ -635,7 +705,9 @@ class Recording:
         bad = [i.role for i in inputs if i.role not in ROLES]
         if bad:
             raise LorafuseValueError(f"unknown input role {bad[0]!r}; one of {', '.join(ROLES)}")
-        self.operation, self.method, self.base_model = operation, method, base_model
+        # the base model's name as text UTF-8 can hold (a folder name no encoding decodes: its bytes as \\xNN)
+        self.operation, self.method = operation, method
+        self.base_model = None if base_model is None else _text(base_model)
         self.params = parameters(params, drop=("method",) if method is not None else ())
         self.specs = list(inputs)
         self._invocation = current_invocation()
@@ -701,19 +773,22 @@ class Recording:
         for i, spec in enumerate(self.specs):
             origin = self._origins[i]
             repo, revision, commit = origin if origin is not None else (None, None, None)
+            made = None if spec.stage is not None else spec.made_by  # a stage's record goes to `stages`
             if spec.path is None:
-                records.append(InputRecord(spec.name, spec.role, spec.weight, made_by=spec.made_by))
+                records.append(InputRecord(spec.name, spec.role, spec.weight, made_by=made, stage=spec.stage))
             elif spec.files:
                 files = tuple((f, self._hash(spec.path / f, wait)) for f in spec.files)
                 records.append(InputRecord(spec.name, spec.role, spec.weight, files=files, repo_id=repo,
-                                           revision=revision, commit=commit, made_by=spec.made_by))
+                                           revision=revision, commit=commit, made_by=made, stage=spec.stage))
             else:
                 records.append(InputRecord(spec.name, spec.role, spec.weight, self._hash(spec.path, wait),
-                                           repo_id=repo, revision=revision, commit=commit, made_by=spec.made_by))
+                                           repo_id=repo, revision=revision, commit=commit, made_by=made,
+                                           stage=spec.stage))
         inputs = tuple(records)
         invocation = self._invocation or Invocation("python", python_call(self.operation, inputs, self.params,
                                                                           self.method))
-        return Provenance(self.operation, inputs, invocation, dict(self.params), self.method, self.base_model)
+        return Provenance(self.operation, inputs, invocation, dict(self.params), self.method, self.base_model,
+                          stages=_stage_map(self.specs))
 
     def draft(self) -> Provenance:
         """The record now, a placeholder for each hash not computed yet (same length as the final one)."""
@@ -735,8 +810,8 @@ def record(operation: str, inputs: Sequence[InputSpec], params: Mapping[str, Any
 
 
 def given_name(item: object) -> str | None:
-    """The name an input was given by, when it is a path (a str or os.PathLike), else None."""
-    return _text(os.fspath(item)) if isinstance(item, str | os.PathLike) else None
+    """The name an input was given by, when it is a path (str, bytes or os.PathLike: path_text), else None."""
+    return path_text(item) if isinstance(item, str | bytes | os.PathLike) else None
 
 
 def rewrite_metadata(path: Path, specs: Sequence[Any], metadata: Mapping[str, str]) -> None:
@@ -791,16 +866,64 @@ _WHAT = {"apply": ("model", "merged"), "combine": ("LoRA adapter", "combined"), 
          "extract": ("LoRA adapter", "extracted"), "convert": ("LoRA adapter", "converted")}
 
 
-def flat_inputs(inputs: Sequence[InputRecord], prefix: str = "") -> list[tuple[str, InputRecord]]:
+def _stage_map(specs: Sequence[InputSpec]) -> dict[str, Provenance]:
+    """The `stages` of a record whose inputs are `specs`: the record of each stage an input is the output of,
+    after the stages that record names (its own `stages`), each once, without a `stages` of its own."""
+    import dataclasses
+
+    out: dict[str, Provenance] = {}
+    for spec in specs:
+        if spec.stage is None or spec.made_by is None:
+            continue
+        for name, made in spec.made_by.stages.items():
+            out.setdefault(name, made)
+        out.setdefault(spec.stage, dataclasses.replace(spec.made_by, stages={}))
+    return out
+
+
+def flat_inputs(inputs: Sequence[InputRecord], prefix: str = "",
+                stages: Mapping[str, Provenance] | None = None) -> list[tuple[str, InputRecord]]:
     """The inputs with their numbers ('1', '2', ...), each followed by the inputs it was made from when it is a
-    recipe's intermediate output ('2.1', '2.2', ...), however deep."""
+    recipe's intermediate output ('2.1', '2.2', ...), however deep: the stage's record in `stages` (its inputs
+    listed once, under the first input that names the stage: see listed_under), or, in a record written
+    before the stage map, the input's own `made_by`."""
     rows: list[tuple[str, InputRecord]] = []
-    for n, i in enumerate(inputs, 1):
-        label = f"{prefix}{n}"
+    expanded: set[str] = set()
+    todo: list[tuple[str, Iterator[tuple[int, InputRecord]]]] = [(prefix, iter(enumerate(inputs, 1)))]
+    while todo:  # depth first, without recursion: a chain of thousands of stages
+        at, items = todo[-1]
+        step = next(items, None)
+        if step is None:
+            todo.pop()
+            continue
+        label = f"{at}{step[0]}"
+        i = step[1]
         rows.append((label, i))
-        if i.made_by is not None and i.hashes():  # an output on disk made by an earlier stage
-            rows += flat_inputs(i.made_by.inputs, label + ".")
+        made: Provenance | None = None
+        if i.stage is not None and stages and i.stage in stages:
+            if i.stage not in expanded:
+                expanded.add(i.stage)
+                made = stages[i.stage]
+        elif i.made_by is not None and i.hashes():  # an output on disk made by an earlier stage (older records)
+            made = i.made_by
+        if made is not None:
+            todo.append((label + ".", iter(enumerate(made.inputs, 1))))
     return rows
+
+
+def listed_under(rows: Sequence[tuple[str, InputRecord]], stages: Mapping[str, Provenance]) -> dict[str, str]:
+    """For each row of flat_inputs that names a stage listed already (a stage read twice), the number of the row
+    its inputs are listed under."""
+    first: dict[str, str] = {}
+    again: dict[str, str] = {}
+    for label, i in rows:
+        if i.stage is None or i.stage not in stages:
+            continue
+        if i.stage in first:
+            again[label] = first[i.stage]
+        else:
+            first[i.stage] = label
+    return again
 
 
 def model_card(provenance: Provenance, *, base_model: str | None = None, library_name: str | None = None,
@@ -833,7 +956,8 @@ def model_card(provenance: Provenance, *, base_model: str | None = None, library
     else:
         lines += ["The Python call (`out`: the output's path):", "", _fence(p.invocation.text, "python")]
     lines += ["", "## Inputs", "", "| # | Input | Role | Weight | sha256 |", "|---|---|---|---|---|"]
-    rows = flat_inputs(p.inputs)
+    rows = flat_inputs(p.inputs, stages=p.stages)
+    again = listed_under(rows, p.stages)
     for n, i in rows[:CARD_MAX_INPUTS]:
         hashes = i.hashes()
         if hashes:
@@ -843,6 +967,7 @@ def model_card(provenance: Provenance, *, base_model: str | None = None, library
         else:
             cell = "(in memory)"
         name = _code(i.name) + (f" (Hub {_code(i.repo_id)} at {_code(i.commit or '?')})" if i.repo_id else "")
+        name += f" (stage; made from the inputs under {again[n]})" if n in again else ""
         weight = "" if i.weight is None else f"{i.weight:g}"
         lines.append(f"| {n} | {name} | {i.role} | {weight} | {cell} |")
     if len(rows) > CARD_MAX_INPUTS:
@@ -892,12 +1017,16 @@ def describe_lines(d: object) -> list[str]:
     lines = [f"  made by     {how}"]
     if p.parameters:
         lines.append("  options     " + ", ".join(f"{one(k)}={one(v)}" for k, v in shown.items()))
-    for n, i in flat_inputs(p.inputs):
+    rows = flat_inputs(p.inputs, stages=p.stages)
+    again = listed_under(rows, p.stages)
+    for n, i in rows:
         weight = "" if i.weight is None else f", weight {i.weight:g}"
         hub = f", Hub {one(i.repo_id)}@{one(str(i.commit))}" if i.repo_id else ""
         lines.append(f"  input {n:<5} {one(i.name)} ({one(i.role)}{weight}{hub})")
         for what, sha in i.hashes():
             lines.append(f"      sha256 {one(sha)}" + (f"  {one(what)}" if what else ""))
+        if n in again:
+            lines.append(f"      made from the inputs under input {again[n]} (the same stage)")
         if not i.hashes() and i.made_by is not None:
             lines.append(f"      in memory, made by lorafuse {i.made_by.operation}")
     label = {"command": "command", "recipe": "recipe", "python": "python"}[p.invocation.kind]
@@ -910,6 +1039,6 @@ def describe_lines(d: object) -> list[str]:
 __all__ = ["BASE_CARD_NAME", "CACHE_ENV", "CARD_NAME", "OPERATIONS", "OUT", "PLACEHOLDER", "PREFIX", "ROLES",
            "InputRecord", "InputSpec", "Invocation", "Provenance", "Recording", "adapter_input", "cached_sha256",
            "command_text", "current_invocation", "describe_lines", "flat_inputs", "folder_input", "given_name",
-           "hash_cache_dir",
-           "hub_blob_sha256", "hub_origin", "invoked", "is_provenance_key", "keep_base_card", "model_card",
-           "parameters", "python_call", "record", "recorded_name", "rewrite_metadata", "sha256_file", "stamp"]
+           "hash_cache_dir", "hub_blob_sha256", "hub_origin", "invoked", "is_provenance_key", "keep_base_card",
+           "listed_under", "model_card", "parameters", "path_text", "python_call", "record", "recorded_base",
+           "recorded_name", "rewrite_metadata", "sha256_file", "stamp"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from lorafuse.backends import native
 from lorafuse.backends.pages import mapping_of
-from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError
+from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, OutputError
 from lorafuse.io.dtypes import DTYPES
 
 MAX_HEADER_BYTES = 100_000_000
@@ -633,7 +633,10 @@ class TensorSpec:
 
 
 def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
-    """Header bytes (with the 8-byte length prefix, padded so data starts 8-aligned) and each tensor's offset."""
+    """Header bytes (with the 8-byte length prefix, padded so data starts 8-aligned) and each tensor's offset.
+    A header that lorafuse's reader would refuse (more than MAX_HEADER_BYTES, the bound of safetensors too,
+    MAX_HEADER_VALUES, MAX_METADATA_BYTES of metadata or MAX_TENSORS tensors) is an OutputError: a file
+    written is a file that can be read back."""
     header: dict[str, object] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -651,7 +654,29 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
         cursor += s.nbytes
     body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     body += b" " * ((8 - len(body) % 8) % 8)
+    _check_readable(body, metadata or {}, len(offsets))
     return struct.pack("<Q", len(body)) + body, offsets
+
+
+def _check_readable(body: bytes, metadata: Mapping[str, str], tensors: int) -> None:
+    """Refuse to write a header that read_header would refuse (_check_counts, _parse_header's bounds), counted
+    the way it counts them."""
+    size = _metadata_bytes(metadata)
+    values = body.count(b",") + body.count(b"{") + body.count(b"[")
+    why = (f"{len(body):,} bytes, more than the {MAX_HEADER_BYTES:,} that lorafuse and safetensors read"
+           if len(body) > MAX_HEADER_BYTES else
+           f"{size:,} bytes of metadata, more than the {MAX_METADATA_BYTES:,} that lorafuse reads"
+           if size > MAX_METADATA_BYTES else
+           f"about {values:,} JSON values, more than the {MAX_HEADER_VALUES:,} that lorafuse reads"
+           if values > MAX_HEADER_VALUES else
+           f"{tensors:,} tensors, more than the {MAX_TENSORS:,} that lorafuse reads from one file"
+           if tensors > MAX_TENSORS else None)
+    if why is None:
+        return
+    largest = max(metadata, key=lambda k: len(metadata[k]), default=None)
+    what = f" (its largest metadata entry: {_short(largest)}, {len(metadata[largest]):,} characters)" if largest else ""
+    raise OutputError(f"cannot write a safetensors file whose header holds {why}{what}: it could not be read back; "
+                      "nothing was written")
 
 
 class SafetensorsWriter:
@@ -676,10 +701,13 @@ class SafetensorsWriter:
         self._placed: set[str] = set()  # tensors written by write_at
         # 0o666: the umask decides, as for any new file
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        # A writer dropped without close() (an abandoned open_stream) closes its descriptor when it is collected;
+        # the file is left as it is (the atomic_file / atomic_dir around it remove a temporary output).
+        self._release = weakref.finalize(self, os.close, self._fd)
         try:
             self._write_all(memoryview(header))
         except BaseException:
-            os.close(self._fd)
+            self._close_fd()
             raise
 
     def __enter__(self) -> SafetensorsWriter:
@@ -688,9 +716,13 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        else:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        """Close the descriptor once (the finalizer, called here, does nothing later)."""
+        self._fd = -1
+        self._release()
 
     def _write_all(self, view: memoryview) -> None:
         view = view.cast("B")
@@ -814,8 +846,7 @@ class SafetensorsWriter:
         if self._fd < 0:  # closed already
             return
         missing = self.missing()
-        os.close(self._fd)
-        self._fd = -1
+        self._close_fd()
         if missing:
             shown = ", ".join(repr(n) for n in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
                                                                 else "")

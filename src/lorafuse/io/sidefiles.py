@@ -1,11 +1,15 @@
 """The non-weight files of a model folder (configs, tokenizers, schedulers), copied into an output.
 
-Only regular files are copied: through a symbolic link (a Hugging Face cache snapshot links every
-file to a blob outside the folder), exactly the bytes the file held when it was opened. What is
-not a regular file is left out with a note naming it: a broken link, a link loop, a FIFO (opening
-it would wait for a writer forever), a socket, a device (a link to /dev/zero would copy until the
-disk is full). A file that cannot be read, or that changes size while it is copied, is a
-FormatError naming it; a copy never reads past the size the file had when it was opened.
+Only regular files are copied, exactly the bytes the file held when it was opened. A symbolic link is
+followed only where it leads inside the model's folder, or, in a Hugging Face cache snapshot (which links
+every file to a blob outside the folder), into the `blobs/` folder of the same repository
+(outside_link): a link anywhere else (a cloned repository or an unpacked archive holding
+`generation_config.json -> ~/.aws/credentials`) would put that file's bytes into an output that users
+upload, so it is left out with a note naming it and where it leads. What is not a regular file is left
+out with a note naming it too: a broken link, a link loop, a FIFO (opening it would wait for a writer
+forever), a socket, a device (a link to /dev/zero would copy until the disk is full). A file that cannot
+be read, or that changes size while it is copied, is a FormatError naming it; a copy never reads past
+the size the file had when it was opened.
 """
 
 from __future__ import annotations
@@ -19,6 +23,37 @@ from lorafuse.io.checkpoint import broken_link
 from lorafuse.io.safetensors import file_kind, open_regular
 
 _CHUNK = 1 << 24
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """The `blobs/` folder of the Hugging Face cache repository whose snapshot holds `folder` (resolved):
+    <cache>/models--org--name/snapshots/<commit>/... ; None when `folder` is not in a snapshot."""
+    for p in (folder, *folder.parents):
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+            return p.parent.parent / "blobs"
+    return None
+
+
+def outside_link(path: Path, root: Path) -> Path | None:
+    """Where the symbolic link `path` (an entry of the model folder `root`) leads, when that is outside
+    `root` and not into the blobs of the Hugging Face cache repository `root` is a snapshot of; None for a
+    link that stays inside them, and for anything that is not a link."""
+    if not os.path.islink(path):
+        return None
+    target = Path(os.path.realpath(path))
+    real_root = Path(os.path.realpath(root))
+    if target == real_root or real_root in target.parents:
+        return None
+    blobs = _hub_blobs(real_root)
+    if blobs is not None and blobs in target.parents:
+        return None
+    return target
+
+
+def outside_note(shown: object, target: Path, root: Path) -> str:
+    """The note of a side file left out because it links outside the model's folder (outside_link)."""
+    return (f"{shown} is a symbolic link to {target}, outside {root}: not copied (lorafuse copies nothing from "
+            "outside the base folder into an output; copy the file in if it belongs there)")
 
 
 def classify(path: Path) -> tuple[str, str]:
@@ -100,14 +135,18 @@ def _copy_chunk(fd: int, out: int, count: int, offset: int, src: Path) -> int:
 
 def copy_entry(src: Path, dst: Path, notes: list[str], root: Path, ancestors: frozenset[Path] = frozenset()) -> None:
     """Copy a file or a folder tree `src` (inside the folder `root`) to `dst`. What is not a regular file
-    or a folder is left out with a note; so is a link to a folder outside `root` or to a folder that
-    contains it (a loop)."""
+    or a folder is left out with a note; so is a link to a file outside `root` (outside_link), to a folder
+    outside `root` or to a folder that contains it (a loop)."""
     shown = src.relative_to(root) if src.is_relative_to(root) else src
     kind, why = classify(src)
     if kind == "skip":
         notes.append(f"{shown} is {why}: not copied")
         return
     if kind == "file":
+        target = outside_link(src, root)
+        if target is not None:
+            notes.append(outside_note(shown, target, root))
+            return
         copy_file(src, dst)
         return
     real = src.resolve()

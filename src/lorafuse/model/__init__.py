@@ -4,6 +4,7 @@ Layer: imports lorafuse.io (tensors), lorafuse.backends (the math) and the leaf 
 lorafuse.formats or lorafuse.ops. Modules:
 
 - names       module names and kinds (check_module_name)
+- experts     one rank for the per-expert LoRAs of a MoE model transformers fuses on load
 - lora        LoraUpdate (also a Tucker LoCon, through model.tucker.TuckerFactor)
 - lycoris     LycorisUpdate and its classes LohaUpdate, LokrUpdate
 - update      the Update union and the protocol every update class follows

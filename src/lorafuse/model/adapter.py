@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from lorafuse._validate import check_bool, check_path, real_number
+from lorafuse._validate import check_bool, check_path, check_text, real_number, unordered
 from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
-from lorafuse.model.registry import FormatSpec, get_format
+from lorafuse.model.registry import FormatSpec, get_format, output_rule
 from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import FormatState, PeftState
 from lorafuse.model.update import Update, refuse_dora
@@ -89,12 +90,19 @@ class Adapter:
 
     # ---- files and in-memory state dicts --------------------------------------------------
 
-    def save(self, out: str | os.PathLike[str], format: str | None = None, overwrite: bool = False) -> Path:
+    def save(self, out: str | bytes | os.PathLike[str] | os.PathLike[bytes], format: str | None = None,
+             overwrite: bool = False) -> Path:
         """Write this adapter (atomically): 'peft' (a folder), 'kohya' (one .safetensors file) or
         'diffusers' (one .safetensors file as diffusers' save_lora_weights writes it); the default is the
-        adapter's own format. An output that would replace one of `sources()` is refused. `out` may be
-        new, an empty folder / file, or an earlier lorafuse output; anything else is refused unless
-        `overwrite=True`, which replaces it with an OverwriteWarning saying what was there."""
+        adapter's own format. `out` means what the CLI's `-o` means (formats.outputs, checked before anything is
+        written): a name ending in `.safetensors` is one file (a PEFT adapter saved without `format` is then
+        written as a diffusers or kohya file if one of them can name its modules, with a UserWarning saying
+        so, else refused; `format='peft'` with such a name is refused); a name ending in a path separator, or
+        an existing folder, given a one-file format gets the file inside it (diffusers:
+        pytorch_lora_weights.safetensors; kohya: the name of the first file the adapter comes from). An output
+        that would replace one of `sources()` is refused. `out` may be new, an empty folder / file, or an
+        earlier lorafuse output; anything else is refused unless `overwrite=True`, which replaces it with an
+        OverwriteWarning saying what was there. Returns the path written."""
         overwrite = check_bool(overwrite, "overwrite")
         out = check_path(out, "out")
         spec = get_format(self.format if format is None else format)
@@ -103,7 +111,11 @@ class Adapter:
                 f"the adapter computed from {self.derived_from[0]}"
             raise UnsupportedError(f"{where}: the adapter has no module, and an adapter that targets no module "
                                    "cannot be loaded (PEFT refuses it): nothing is written")
-        return spec.save(self, out, overwrite)
+        # the CLI's rules for output names (formats.outputs, reached through the registry: formats import the model)
+        target = output_rule()(out, None if format is None else spec.name, [self], self.sources(), overwrite=overwrite)
+        if target.note:
+            warnings.warn(target.note, UserWarning, stacklevel=2)
+        return get_format(target.format).save(self, target.path, overwrite)
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any], config: Any = None) -> Adapter:
@@ -140,6 +152,7 @@ class Adapter:
         ----------
         framework : str, default 'numpy'
             'numpy' (numpy arrays) or 'torch' (torch CPU tensors; needs torch installed)."""
+        check_text(framework, "framework", ("numpy", "torch"))
         tensors = _tensor_format("peft").to_tensors(self)  # type: ignore[misc]
         if framework == "numpy":
             return {k: (t.f32() if t.dtype == "BF16" or t.dtype.startswith("F8") else t.copy())
@@ -243,7 +256,9 @@ class Adapter:
 
 def refuse_one(adapters: object, what: str) -> None:
     """Refuse one path (or one Adapter) where `what` takes several: iterated, a path would be read character
-    by character ('/: not a recognised adapter'), an Adapter module name by module name."""
+    by character ('/: not a recognised adapter'), an Adapter module name by module name. A mapping and a set
+    are refused too: the one would give its keys, the other its elements in hash order (_validate.unordered),
+    each pairing the adapters with the wrong weights."""
     if isinstance(adapters, (str, bytes, os.PathLike, Adapter)):
         raise LorafuseValueError(
             f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), not one "
@@ -253,6 +268,12 @@ def refuse_one(adapters: object, what: str) -> None:
             f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), not a "
             f"{type(adapters).__name__}: give the paths as a list and the weights apart (weights=[...]), e.g. "
             "adapters=list(d), weights=list(d.values())")
+    if unordered(adapters):  # hash order: paths (str) in a different order in every process
+        raise LorafuseValueError(
+            f"{what}: adapters must be an ordered sequence or iterable of adapters (a list, a tuple, a generator), "
+            f"not a {type(adapters).__name__}: a set has no order (its elements come in hash order, for paths a "
+            "different one in every process), so the weights and the results would pair with the wrong adapters; "
+            "give a list")
     if not hasattr(adapters, "__iter__"):
         raise LorafuseValueError(f"{what}: adapters must be a sequence or iterable of adapters (paths or Adapters), "
                                  f"got {type(adapters).__name__}")
@@ -288,7 +309,9 @@ def _tensor_from_any(value: Any) -> Tensor:
         if value.is_sparse or value.layout != torch.strided or value.device.type == "meta":
             raise LorafuseValueError(f"state dict values must be dense tensors with data, got a "
                                      f"{value.layout} tensor on {value.device}")
-        t = value.detach().cpu().contiguous()
+        # torch's lazy negation / conjugation bits (a `.conj().imag`, a `_neg_view()`) resolved into the values: a
+        # contiguous tensor may carry them, and numpy() refuses such a tensor
+        t = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
         if t.dtype == torch.bfloat16:
             return Tensor(t.view(torch.int16).numpy().view(np.uint16).copy(), "BF16")
         f8 = next((k for k, v in _TORCH_VIEWS.items() if k != "BF16" and getattr(torch, v, None) == t.dtype), None)
@@ -296,7 +319,7 @@ def _tensor_from_any(value: Any) -> Tensor:
             return Tensor(t.view(torch.uint8).numpy().copy(), f8)
         try:
             array = t.numpy()
-        except TypeError:  # a dtype numpy has no type for (float8 fnuz, complex32, ...)
+        except (TypeError, RuntimeError):  # a dtype numpy has no type for (float8 fnuz, complex32, ...)
             raise LorafuseValueError(f"state dict tensors must be float32, float16, bfloat16, float8_e4m3fn or "
                                      f"float8_e5m2, got {t.dtype}") from None
         return Tensor.from_array(array.copy())

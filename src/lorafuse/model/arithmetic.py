@@ -13,17 +13,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lorafuse._validate import check_rank, check_threads
+from lorafuse._validate import check_rank, check_text, check_threads
 from lorafuse.backends import FactorJob, get_backend
 from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.names import exact_pattern, full_tensors_text
+from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.spectral import batches, factor_cost
 from lorafuse.model.update import Update, holds_nonfinite
 
@@ -45,19 +46,21 @@ def most_common(values: list[float]) -> float:
     return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
-def rank_fields(updates: Sequence[Update]) -> dict[str, object]:
+def rank_fields(updates: Sequence[Update], prefer: Sequence[Update] = ()) -> dict[str, object]:
     """adapter_config.json's rank and scale fields that state `updates` exactly, as PEFT reads them: r and
-    lora_alpha the most common rank and alpha (= scale x rank), exact-name rank_pattern / alpha_pattern for
-    the other modules, use_rslora false, use_dora whether they carry magnitudes. Empty for no update."""
+    lora_alpha the most common rank and alpha (= scale x rank) among `prefer` when given (modules PEFT reads at
+    r and lora_alpha alone: the experts of a MoE model it fuses, ops.expert_ranks), else among `updates`;
+    exact-name rank_pattern / alpha_pattern for the other modules, use_rslora false, use_dora whether they carry
+    magnitudes. Empty for no update."""
     if not updates:
         return {}
     ranks = [float(u.rank) for u in updates]
     alphas = [u.scale * u.rank for u in updates]
-    r = int(most_common(ranks))
-    alpha = most_common(alphas)
+    r = int(most_common([float(u.rank) for u in prefer] or ranks))
+    alpha = most_common([u.scale * u.rank for u in prefer] or alphas)
     return {"r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-            "rank_pattern": {re.escape(u.name): u.rank for u in updates if u.rank != r},
-            "alpha_pattern": {re.escape(u.name): a for u, a in zip(updates, alphas) if a != alpha},
+            "rank_pattern": {exact_pattern(u.name): u.rank for u in updates if u.rank != r},
+            "alpha_pattern": {exact_pattern(u.name): a for u, a in zip(updates, alphas) if a != alpha},
             "use_rslora": False,
             "use_dora": any(getattr(u, "magnitude", None) is not None for u in updates)}
 
@@ -70,8 +73,10 @@ def restated_config(config: Mapping[str, object], updates: Mapping[str, Update])
 
 
 def check_linear(adapters: Sequence[Adapter], what: str) -> None:
-    """DoRA and lora_bias do not add linearly, and full tensors cannot be combined: refuse them."""
+    """DoRA and lora_bias do not add linearly, and full tensors and LoRAs on parameters (PEFT target_parameters)
+    cannot be combined: refuse them."""
     for a in adapters:
+        refuse_parameter_loras(a.label, a.updates, what)
         for name, u in a.updates.items():
             if u.magnitude is not None:
                 raise UnsupportedError(
@@ -80,15 +85,14 @@ def check_linear(adapters: Sequence[Adapter], what: str) -> None:
                 )
             if u.bias is not None:
                 raise UnsupportedError(f"{a.label}: module {name!r} has a lora_B bias, which {what} cannot carry")
-        extra = [k for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
+        extra = [a.full_origin.get(k, k) for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
         if extra:
-            raise UnsupportedError(
-                f"{a.label}: modules_to_save tensors ({', '.join(sorted(extra)[:3])}) cannot be combined; "
-                "merge them with `apply`"
-            )
+            raise UnsupportedError(f"{a.label}: {full_tensors_text(a.config, extra)} cannot be combined; merge them "
+                                   "with `apply`")
 
 
 def check_split(split: str) -> None:
+    check_text(split, "split", ("B", "sqrt"))
     if split not in ("B", "sqrt"):
         raise LorafuseValueError(f"split must be 'B' (singular values on B, like PEFT) or 'sqrt', got {split!r}")
 
@@ -103,6 +107,13 @@ def _flattened_as(u: Update, shape: tuple[int, ...]) -> Update | None:
     return u.with_shape(shape)
 
 
+def laid_out(updates: Sequence[Update]) -> list[Update]:
+    """One module's updates from several adapters, a LoHa / LoKr stored with its conv kernel flattened (out,
+    in*kh*kw) laid onto the 4-D shape another of them gives the module; the others as they are."""
+    conv = next((tuple(u.delta_shape) for u in updates if len(u.delta_shape) == 4), None)
+    return [(_flattened_as(u, conv) if conv else None) or u for u in updates]
+
+
 def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[float, Update]]]:
     """Module -> the (weight, update) of every adapter that has it, checking the layouts agree. A LoHa /
     LoKr stored with its conv kernel flattened takes the 4-D shape another adapter gives the module."""
@@ -112,8 +123,7 @@ def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> di
             gathered.setdefault(name, []).append((a.label, w, u))
     out: dict[str, list[tuple[float, Update]]] = {}
     for name, items in gathered.items():
-        conv = next((tuple(u.delta_shape) for _, _, u in items if len(u.delta_shape) == 4), None)
-        terms = [(w, (_flattened_as(u, conv) if conv else None) or u) for _, w, u in items]
+        terms = list(zip([w for _, w, _ in items], laid_out([u for _, _, u in items])))
         first = terms[0][1]
         for (label, _, _), (_, u) in zip(items, terms):
             if (tuple(first.delta_shape), first.kind, first.transposed) != (tuple(u.delta_shape), u.kind,
@@ -157,17 +167,39 @@ def float32_coefficient(w: float, scale: float, where: str) -> float:
     return c
 
 
+# adapter_config.json's fields that say which modules PEFT gives LoRA layers (besides target_modules)
+NARROWING_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _given(value: object) -> object:
+    """A narrowing field's value, None for the empty values PEFT takes as not given."""
+    return None if value is None or value == [] or value == "" else value
+
+
+def combined_targets(configs: Sequence[Mapping[str, object]], names: Sequence[str]) -> dict[str, object]:
+    """target_modules, exclude_modules, layers_to_transform and layers_pattern for the result of inputs whose
+    configs are `configs`, holding the modules `names`, such that PEFT targets the modules the inputs targeted
+    (and no other, which it would fill with zero factors and report as missing keys): the inputs' fields where
+    they agree; their target_modules joined (lists united, regular expressions alternated) where only those
+    differ; else the result's modules by their full names (narrowing fields None)."""
+    targets = [c.get("target_modules") for c in configs]
+    narrowing = [{k: _given(c.get(k)) for k in NARROWING_FIELDS} for c in configs]
+    if targets and all(n == narrowing[0] for n in narrowing):
+        kept: dict[str, object] = dict(narrowing[0])
+        if all(t == targets[0] for t in targets) and targets[0] is not None:
+            return {**kept, "target_modules": targets[0]}
+        if all(isinstance(t, list) for t in targets):
+            return {**kept, "target_modules": sorted({m for t in targets for m in t})}  # type: ignore[attr-defined]
+        if all(isinstance(t, str) and t != "all-linear" for t in targets):
+            return {**kept, "target_modules": "|".join(dict.fromkeys(f"({t})" for t in targets))}
+    return {"target_modules": sorted(names), **{k: None for k in NARROWING_FIELDS if any(k in c for c in configs)}}
+
+
 def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[Adapter]) -> Adapter:
     """The adapter of `updates` computed from `adapters`: the first one's config with rank and alpha fields
-    stating `updates` (rank_fields), targeting the modules of every input."""
+    stating `updates` (rank_fields), targeting the modules of every input (combined_targets)."""
     config = restated_config(template.config, updates)
-    targets = [a.config.get("target_modules") for a in adapters]
-    if targets and all(isinstance(t, list) for t in targets):
-        config["target_modules"] = sorted({m for t in targets for m in t})  # type: ignore[attr-defined]
-    elif targets and all(isinstance(t, str) for t in targets):
-        config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in targets))
-    else:
-        config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in updates})
+    config.update(combined_targets([a.config for a in adapters], list(updates)))
     return type(template)(updates=dict(updates), config=config, format=template.format,
                           state=copy.deepcopy(template.state),
                           derived_from=list(dict.fromkeys(p for a in adapters for p in a.sources())))
@@ -198,23 +230,55 @@ def _root(name: str) -> str:
     return "_".join(name.split("_", 2)[:2])
 
 
+def _pipeline_part(root: str) -> bool:
+    """Whether a root names a component of a diffusion pipeline: kohya's lora_unet / lora_te, lora_te1, ... /
+    lora_transformer, diffusers' unet / text_encoder, text_encoder_2, ... / transformer."""
+    part = root.removeprefix("lora_")
+    if root.startswith("lora_") and part.startswith("te"):
+        return part[2:].isdigit() or part == "te"
+    return part in ("unet", "transformer") or part == "text_encoder" or (
+        part.startswith("text_encoder_") and part.removeprefix("text_encoder_").isdigit())
+
+
+def model_roots(adapter: Adapter) -> set[str]:
+    """The roots (_root) of an adapter's module names, the components of one diffusion pipeline (in a kohya or
+    diffusers file: an LLM's 'transformer.h.0...' is not one) taken as one root, per naming: a text-encoder
+    LoRA and a UNet LoRA of one model adapt one model."""
+    roots = {_root(n) for n in adapter.updates}
+    if adapter.format not in ("kohya", "diffusers"):
+        return roots
+    return {("lora_<pipeline>" if r.startswith("lora_") else "<pipeline>") if _pipeline_part(r) else r for r in roots}
+
+
+def one_model(a: Adapter, b: Adapter) -> bool:
+    """Whether two adapters name their modules from a common root (model_roots): one model's, in one naming."""
+    return not model_roots(a).isdisjoint(model_roots(b))
+
+
 def check_shared(adapters: Sequence[Adapter], what: str) -> None:
     """Refuse adapters that share no module and name their modules from different roots: adapters of
     different models, or one model named two ways (kohya's 'lora_unet_...' vs diffusers' 'unet....').
-    Disjoint modules under one root (a q_proj adapter and a v_proj adapter of one model) are fine."""
+    Disjoint modules under one root (a q_proj adapter and a v_proj adapter of one model; a text-encoder LoRA
+    and a UNet LoRA of one diffusion model) are fine."""
     nonempty = [a for a in adapters if a.updates]
     if len(nonempty) < 2 or shared_modules(nonempty):
         return
-    roots = [{_root(n) for n in a.updates} for a in nonempty]
     for i in range(1, len(nonempty)):
-        if roots[0].isdisjoint(roots[i]):
+        if not one_model(nonempty[0], nonempty[i]):
             first, second = nonempty[0], nonempty[i]
-            raise LorafuseValueError(
-                f"{what}: {first.label} and {second.label} share no module "
-                f"({module_examples(list(first.updates))} vs {module_examples(list(second.updates))}): adapters "
-                "for different models, or one model in two namings (kohya vs diffusers: `lorafuse convert` one "
-                "of them first). To put disjoint modules "
-                "together on purpose, use the method 'cat' (lorafuse combine --method cat)")
+            raise different_models(what, (first.label, list(first.updates)), (second.label, list(second.updates)))
+
+
+def different_models(what: str, first: tuple[str, Sequence[str]], second: tuple[str, Sequence[str]]
+                     ) -> LorafuseValueError:
+    """check_shared's refusal of two adapters (each: how it is named, its module names) that share no module
+    and no root (also raised by the streamed engine's header pass, ops.combine.many.check_sources)."""
+    return LorafuseValueError(
+        f"{what}: {first[0]} and {second[0]} share no module "
+        f"({module_examples(first[1])} vs {module_examples(second[1])}): adapters "
+        "for different models, or one model in two namings (kohya vs diffusers: `lorafuse convert` one "
+        "of them first). To put disjoint modules "
+        "together on purpose, use the method 'cat' (lorafuse combine --method cat)")
 
 
 def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
@@ -269,7 +333,8 @@ def scaled(adapter: Adapter, c: float, what: str = "adapter arithmetic") -> Adap
 
 def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) -> Adapter:
     """The best rank-`rank` approximation of every module's delta (exact: QR + SVD of the small core,
-    by the backend's factored SVD), in groups of modules bounded by the size of their exact
+    by the backend's factored SVD); a module whose rank is `rank` or less keeps its rank (its factors
+    rebalanced by the SVD), as in resize. In groups of modules bounded by the size of their exact
     factorizations (a LoKr's or LoHa's can be large)."""
     rank = check_rank(rank)
     threads = check_threads(threads)
@@ -281,8 +346,10 @@ def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) ->
     backend = get_backend()
     for start, stop in batches(costs, math.inf, SVD_GROUP_ELEMENTS, SVD_GROUP):
         jobs = [FactorJob(n, *stack([(1.0, adapter.updates[n])], threads)) for n in names[start:stop]]
-        # at most each module's full rank min(out, in): never an output padded to an absurd rank
-        results = backend.factored_svd(jobs, [min(rank, j.b.shape[0], j.a.shape[1]) for j in jobs], split, threads)
+        # at most each module's own (stacked) rank and full rank min(out, in), as resize: a module of lower rank
+        # is kept at its rank, never padded with zero columns
+        results = backend.factored_svd(jobs, [min(rank, j.b.shape[1], j.b.shape[0], j.a.shape[1]) for j in jobs],
+                                       split, threads)
         updates.update({j.name: adapter.updates[j.name].with_factors(r.b, r.a) for j, r in zip(jobs, results)})
     raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
     return result(adapter, updates, [adapter])
@@ -293,5 +360,5 @@ def norm(adapter: Adapter, threads: int = 0) -> float:
     return float(np.sqrt(sum(n * n for n in adapter.norms(threads).values())))
 
 
-__all__ = ["check_linear", "check_shared", "check_split", "module_examples", "norm", "result", "scaled",
-           "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]
+__all__ = ["check_linear", "check_shared", "check_split", "different_models", "module_examples", "norm", "result",
+           "scaled", "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]

@@ -39,8 +39,8 @@ _KINDS = ("linear", "conv", "embedding")
 @dataclass(frozen=True)
 class ModuleLayout:
     """What one module's update will be: a LoraUpdate of `rank` whose stored factors have `dtype`, adding to
-    a base weight of `delta_shape` (conv: (out, in, kh, kw)) with `scale`. `transposed` as in LoraUpdate
-    (PEFT embeddings, fan_in_fan_out). No DoRA magnitude and no bias: a streamed output is plain LoRA."""
+    a base weight of `delta_shape` (conv: (out, in, *kernel), Conv1d to Conv3d) with `scale`. `transposed` as in
+    LoraUpdate (PEFT embeddings, fan_in_fan_out). No DoRA magnitude and no bias: a streamed output is plain LoRA."""
 
     name: str
     kind: Kind
@@ -55,10 +55,10 @@ class ModuleLayout:
         if self.kind not in _KINDS:
             raise LorafuseValueError(f"{where}: kind must be one of {', '.join(_KINDS)}, got {self.kind!r}")
         shape = tuple(self.delta_shape)
-        if len(shape) not in (2, 4) or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
-            raise LorafuseValueError(f"{where}: delta shape {shape} is not (out, in) or (out, in, kh, kw) of positive "
-                                     "sizes")
-        if (len(shape) == 4) != (self.kind == "conv") or (self.transposed and len(shape) != 2):
+        if len(shape) < 2 or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
+            raise LorafuseValueError(f"{where}: delta shape {shape} is not (out, in) or (out, in, *kernel) of "
+                                     "positive sizes")
+        if (len(shape) > 2) != (self.kind == "conv") or (self.transposed and len(shape) != 2):
             raise LorafuseValueError(f"{where}: a {self.kind}{' transposed' if self.transposed else ''} update "
                                      f"cannot have the delta shape {shape}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int | np.integer) or self.rank < 1:

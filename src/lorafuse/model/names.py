@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from lorafuse.errors import FormatError
 
 Kind = Literal["linear", "conv", "embedding"]
 MAX_NAME_LENGTH = 1024  # real module names are under 200 characters
+
+
+def exact_pattern(name: str) -> str:
+    """A PEFT rank_pattern / alpha_pattern key that matches the module `name` alone: PEFT matches a key K as
+    re.match(rf"(.*\\.)?(K)$", module), so a bare name also matches every module it is the dotted tail of ('fc'
+    matches 'sub.fc'); '^' anchors it at the start (the form PEFT's LoraConfig documents)."""
+    return "^" + re.escape(name)
 
 
 def check_module_name(name: str, where: str, what: str = "module") -> None:
@@ -30,3 +39,41 @@ def check_module_name(name: str, where: str, what: str = "module") -> None:
     if problem is not None:
         shown = repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
         raise FormatError(f"{where}: {what} name {shown} {problem}")
+
+
+def full_kind(config: Mapping[str, object], origin: str) -> str:
+    """What a full tensor of a PEFT adapter is, by the name it was saved under (`origin`): 'bias' (a bias that
+    adapter_config bias='all' / 'lora_only' saves, modules_to_save not naming its module), 'base copy' (PEFT's copy
+    of a LoRA'd layer's base weight, `<module>.base_layer.weight`) or 'modules_to_save'."""
+    module, _, param = origin.rpartition(".")
+    owner = module.removesuffix(".base_layer")
+    listed = config.get("modules_to_save")
+    saved = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
+    if (param == "bias" and config.get("bias") in ("all", "lora_only")
+            and not any(owner == m or owner.endswith("." + m) for m in saved)):
+        return "bias"
+    return "base copy" if ".base_layer." in origin else "modules_to_save"
+
+
+def full_tensors_text(config: Mapping[str, object], origins: Sequence[str]) -> str:
+    """How messages name full tensors of a PEFT adapter (by their saved names), by kind (full_kind): "bias tensors
+    (a, b, c, ...) that adapter_config bias='all' saves", "modules_to_save tensors (d)", "PEFT's copies of base
+    layer weights (e)", joined by 'and'."""
+    kinds: dict[str, list[str]] = {}
+    for o in sorted(origins):
+        kinds.setdefault(full_kind(config, o), []).append(o)
+    parts = []
+    for kind, names in kinds.items():
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"bias tensors ({listed}) that adapter_config bias={config.get('bias')!r} saves" if kind == "bias"
+                     else f"PEFT's copies of base layer weights ({listed})" if kind == "base copy"
+                     else f"modules_to_save tensors ({listed})")
+    return " and ".join(parts)
+
+
+def full_kinds_text(config: Mapping[str, object], origins: Sequence[str]) -> str:
+    """The kinds (full_kind) of full tensors of a PEFT adapter, for a message that lists the tensors itself:
+    'modules_to_save', "biases that adapter_config bias='all' saves", "PEFT's copies of base layer weights"."""
+    words = {"modules_to_save": "modules_to_save", "base copy": "PEFT's copies of base layer weights",
+             "bias": f"biases that adapter_config bias={config.get('bias')!r} saves"}
+    return " and ".join(dict.fromkeys(words[full_kind(config, o)] for o in sorted(origins)))

@@ -12,6 +12,7 @@ operation other than apply refuses it by name instead of reading the factors as 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from lorafuse.errors import UnsupportedError
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.structure import LowRank
+from lorafuse.model.update import Update
 
 
 @dataclass
@@ -33,11 +35,16 @@ class ParamLoraUpdate(LoraUpdate):
     r: object = None
     alpha: object = None
 
-    def _refuse(self) -> UnsupportedError:
+    def refusal(self, where: str = "", what: str = "this operation") -> UnsupportedError:
+        """The refusal of `what` (an operation that reads the factors as one matrix); `where`: the adapter."""
         return UnsupportedError(
-            f"module {self.name!r} is a LoRA on a parameter of {self.module!r} (PEFT target_parameters, e.g. fused "
-            "MoE experts): its factors hold one block per expert and are not one low-rank matrix; only apply "
-            "merges it")
+            f"{where + ': ' if where else ''}module {self.name!r} is a LoRA on a parameter of {self.module!r} (PEFT "
+            "target_parameters): its factors hold one block per expert where that parameter is a fused MoE tensor, "
+            f"which only the base model tells, so {what} cannot read them as one low-rank matrix; only apply "
+            "merges it (lorafuse apply BASE ADAPTER)")
+
+    def _refuse(self) -> UnsupportedError:
+        return self.refusal()
 
     def stored_factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         raise self._refuse()
@@ -59,3 +66,11 @@ class ParamLoraUpdate(LoraUpdate):
         targeted parameter in the base)."""
         return LoraUpdate(self.name, self.A, self.B, self.scale, self.kind, self.transposed, self.magnitude, self.bias,
                           self.magnitude_on_columns)
+
+
+def refuse_parameter_loras(label: str, updates: Mapping[str, Update], what: str) -> None:
+    """Refuse `what` (UnsupportedError naming the adapter `label` and the module) where `updates` hold a LoRA on
+    a parameter (ParamLoraUpdate): checked before any work, so a dry run refuses as the run does."""
+    for u in updates.values():
+        if isinstance(u, ParamLoraUpdate):
+            raise u.refusal(label, what)

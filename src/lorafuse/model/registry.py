@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lorafuse.errors import LorafuseValueError
 from lorafuse.io.tensor import Tensor
@@ -53,6 +53,34 @@ class FormatSpec:
 
 
 _FORMATS: dict[str, FormatSpec] = {}
+
+
+class OutputTarget(Protocol):
+    """Where an adapter output goes, as the output rule decides it (formats.outputs.AdapterOutput)."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def note(self) -> str | None: ...
+
+
+# out, the format asked for (None: the adapter's own), the adapters it holds, their inputs; overwrite
+OutputRule = Callable[..., OutputTarget]
+_OUTPUT_RULE: list[OutputRule] = []
+
+
+def set_output_rule(rule: OutputRule) -> None:
+    """What an output name means (the CLI's -o rules: formats.outputs.python_output), set by lorafuse.formats
+    when it is imported, for Adapter.save."""
+    _OUTPUT_RULE[:] = [rule]
+
+
+def output_rule() -> OutputRule:
+    """The rule set_output_rule set (lorafuse.formats imported first, as for the formats themselves)."""
+    _loaded()
+    return _OUTPUT_RULE[0]
 
 
 def register(spec: FormatSpec) -> FormatSpec:

@@ -10,8 +10,8 @@ Reports: what an operation that ran returns answers one read-only protocol, `Rep
 written, None when the result stayed in memory; `notes`: what the run decided for the user; `seconds`:
 its wall time), and an operation whose result is an adapter adds `ranks` (`AdapterReport`: each output
 module's rank, in output order). `ApplyReport` (apply), `ResizeResult` (resize) and `ExtractResult`
-(extract) are Reports; the last two are AdapterReports. `CombineReport` (ops.combine.combine_to) has
-`out` and `ranks` but not yet `notes` and `seconds`; `lorafuse.combine` returns the Adapter itself.
+(extract) are Reports; the last two are AdapterReports, and so are `CombineReport` (ops.combine.combine_to)
+and `ConvertReport` (convert); `lorafuse.combine` returns the Adapter itself.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from lorafuse._progress import ProgressCallback
-from lorafuse._validate import check_path
+from lorafuse._validate import check_bool, check_path
 from lorafuse.errors import AdapterNote
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
@@ -44,7 +45,18 @@ from lorafuse.ops import similarity as _similarity
 from lorafuse.ops.outputs import checked_output, extract_output, save_as
 from lorafuse.ops.rank import RankRule
 
-StrPath = str | os.PathLike[str]  # what typeshed calls StrPath
+# A path as the API takes it (docs/api.md: "Paths are str, os.PathLike or bytes"; _validate.check_path decodes bytes).
+StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+# Weights, one per adapter: any iterable of real numbers, or a 1-D numpy array / torch tensor (_validate.check_weights).
+Weights = Iterable[float] | npt.ArrayLike
+
+
+def _given(value: object) -> Any:
+    """An argument passed on as the user gave it: the operation checks it and takes every form these signatures
+    name (a bytes path decoded by _validate.check_path, weights by check_weights, a torch / numpy dtype by
+    io.dtypes), though its own annotation states the narrower form it works with."""
+    return value
+
 
 __all__ = ["AdapterReport", "ExtractResult", "Report", "ResizeResult", "apply", "combine", "convert", "describe",
            "detect_format", "extract", "load", "resize", "similarity"]
@@ -144,7 +156,7 @@ def load(path: StrPath) -> Adapter:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
         A PEFT adapter folder, a kohya / LyCORIS `.safetensors` file or a diffusers LoRA `.safetensors` file
         (the format is detected: `detect_format`).
 
@@ -155,7 +167,7 @@ def load(path: StrPath) -> Adapter:
         `Adapter.notes` and is also given as AdapterNote warnings.
     """
     # formats.load's body, so that the warnings point at the caller's line (a wrapper would add a frame)
-    p = local_adapter(path)  # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub)
+    p = local_adapter(_given(path))  # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub)
     adapter = get_format(_detect_format(p)).load(p)
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
@@ -167,7 +179,7 @@ def detect_format(path: StrPath) -> str:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
         A file or folder.
 
     Returns
@@ -177,7 +189,7 @@ def detect_format(path: StrPath) -> str:
         `<component>.<module>.lora_A.weight` keys or diffusers' own LoRA-layer names, 'peft' for a PEFT
         adapter folder. Raises FormatError for anything else (a pickle is refused, never read).
     """
-    return _detect_format(path)
+    return _detect_format(_given(path))
 
 
 def describe(path: StrPath, threads: int = 0) -> dict[str, object]:
@@ -185,7 +197,7 @@ def describe(path: StrPath, threads: int = 0) -> dict[str, object]:
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
         An adapter (PEFT folder, kohya / LyCORIS file, diffusers LoRA file, or a folder holding one), a
         checkpoint (a folder or one `.safetensors` file) or a diffusers pipeline folder.
     threads : int, default 0
@@ -198,16 +210,17 @@ def describe(path: StrPath, threads: int = 0) -> dict[str, object]:
         modules with rank, scale, shape, dtype and exact ||delta||_F; a checkpoint's tensors, parameters,
         bytes and dtypes; a pipeline's components).
     """
-    return _info.describe(path, threads=threads)
+    return _info.describe(_given(path), threads=threads)
 
 
-def similarity(adapters: Sequence[StrPath | Adapter], threads: int = 0) -> np.ndarray:
+def similarity(adapters: Iterable[StrPath | Adapter], threads: int = 0) -> np.ndarray:
     """The exact cosine similarity matrix of the adapters' deltas (all modules together), from the factors.
 
     Parameters
     ----------
-    adapters : sequence of str, os.PathLike or Adapter
-        At least one adapter (paths are loaded).
+    adapters : iterable of str, bytes, os.PathLike or Adapter
+        At least one adapter (paths are loaded): a list, a tuple or a generator (read once); not one path, a
+        mapping or a set (no order).
     threads : int, default 0
         Worker threads; 0 uses every core.
 
@@ -216,7 +229,7 @@ def similarity(adapters: Sequence[StrPath | Adapter], threads: int = 0) -> np.nd
     numpy.ndarray
         n x n float64 matrix; 0 where an adapter's delta is zero.
     """
-    return _similarity.similarity(adapters, threads=threads)
+    return _similarity.similarity(_given(adapters), threads=threads)
 
 
 # ----------------------------------------------------------------------------- operations
@@ -224,11 +237,11 @@ def similarity(adapters: Sequence[StrPath | Adapter], threads: int = 0) -> np.nd
 
 def apply(
     base: StrPath,
-    adapters: Sequence[StrPath | Adapter],
-    weights: Sequence[float] | None = None,
+    adapters: Iterable[StrPath | Adapter],
+    weights: Weights | None = None,
     out: StrPath | None = None,
     *,
-    dtype: str | None = None,
+    dtype: object = None,
     threads: int = 0,
     max_shard_size: str | int | None = None,
     progress: ProgressCallback | bool | None = None,
@@ -242,23 +255,28 @@ def apply(
 
     Parameters
     ----------
-    base : str or os.PathLike
+    base : str, bytes or os.PathLike
         A checkpoint folder (one file, or shards with an index), one `.safetensors` file (a single-file
         SD 1.5 / SDXL / Flux checkpoint, say) or a diffusers pipeline folder (model_index.json: the touched
         components are merged, the others copied).
-    adapters : sequence of str, os.PathLike or Adapter
-        At least one adapter; diffusion adapters (kohya, LyCORIS, diffusers LoRA) find their weights
-        through the SD / SDXL / Flux / text-encoder name tables.
-    weights : sequence of float, default None
-        One finite multiplier per adapter's delta; None: 1 for each.
-    out : str or os.PathLike, default None
+    adapters : iterable of str, bytes, os.PathLike or Adapter
+        At least one adapter (a list, a tuple or a generator, read once; not one path, a mapping or a set);
+        diffusion adapters (kohya, LyCORIS, diffusers LoRA) find their weights through the SD / SDXL / Flux /
+        text-encoder name tables.
+    weights : iterable of float, or a 1-D numpy array / torch tensor, default None
+        One finite multiplier per adapter's delta, in the adapters' order (not a set nor a mapping); None: 1 for
+        each. An adapter with modules_to_save tensors (which replace base weights whole) or DoRA modules takes 1
+        only (UnsupportedError).
+    out : str, bytes or os.PathLike, default None
         The output (required; checked before any work). With a single-file base, the output file, or the
         base's file name inside `out` when it ends in a path separator or is an existing folder. With a
         checkpoint folder, a folder (config and tokenizer files copied), or one file holding every tensor
         when `out` ends in `.safetensors` (not with `max_shard_size`, nor for a pipeline). It may be new, an
-        empty folder (file) or an earlier lorafuse output; anything else is refused unless `overwrite`.
-    dtype : str, default None
-        'bf16', 'fp16' or 'fp32': the output dtype of float tensors; None keeps each tensor's own.
+        empty folder (file) or an earlier lorafuse merged model (an adapter there is another kind of output);
+        anything else is refused unless `overwrite`.
+    dtype : str, torch or numpy dtype, default None
+        'bf16', 'fp16' or 'fp32' (or an alias, torch.bfloat16, np.float16, ...): the output dtype of float
+        tensors; None keeps each tensor's own.
     threads : int, default 0
         Worker threads; 0 uses every core.
     max_shard_size : str or int, default None
@@ -272,7 +290,8 @@ def apply(
         Adapter modules that find no target weight are listed in the report's notes instead of raising
         MissingModuleError.
     overwrite : bool, default False
-        Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
+        Replace an `out` that lorafuse did not write, or its output of another kind (never an input), with an
+        OverwriteWarning.
     device : str, default 'cpu'
         Where the merge is computed: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
         CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
@@ -288,14 +307,14 @@ def apply(
         A Report: `out`, `notes`, `seconds`, and `merged` / `replaced` / `biases` (tensor names),
         `tensors`, `bytes_written`.
     """
-    return _apply.apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
-                        progress=progress, allow_nonfinite=allow_nonfinite, skip_missing=skip_missing,
-                        overwrite=overwrite, device=device, requantize=requantize)
+    return _apply.apply(_given(base), _given(adapters), _given(weights), _given(out), dtype=dtype, threads=threads,
+                        max_shard_size=max_shard_size, progress=progress, allow_nonfinite=allow_nonfinite,
+                        skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
 
 
 def combine(
     adapters: Iterable[StrPath | Adapter],
-    weights: Iterable[float] | None = None,
+    weights: Weights | None = None,
     *,
     method: str = "svd",
     rank: int | None = None,
@@ -306,7 +325,7 @@ def combine(
     threads: int = 0,
     exact: bool = False,
     conv_rank: int | None = None,
-    dtype: str | None = None,
+    dtype: object = None,
     device: str = "cpu",
     engine: str = "auto",
     passes: int | None = None,
@@ -316,11 +335,12 @@ def combine(
 
     Parameters
     ----------
-    adapters : iterable of str, os.PathLike or Adapter
-        At least one adapter; any iterable, a generator too (read once). LoHa / LoKr inputs enter through
-        an exact factorization of their delta (methods svd, cat and the *_svd ones; in-memory engine).
-    weights : iterable of float, default None
-        One finite weight per adapter; None: 1 for each.
+    adapters : iterable of str, bytes, os.PathLike or Adapter
+        At least one adapter; any ordered iterable, a generator too (read once), not a set (no order). LoHa /
+        LoKr inputs enter through an exact factorization of their delta (methods svd, cat and the *_svd ones;
+        in-memory engine).
+    weights : iterable of float, or a 1-D numpy array / torch tensor, default None
+        One finite weight per adapter, in the adapters' order (not a set nor a mapping); None: 1 for each.
     method : str, default 'svd'
         One of `lorafuse.METHODS`: 'svd' (the best rank-k approximation of sum_i w_i s_i B_i A_i), 'cat'
         (exact, ranks add up), 'linear', 'ties', 'dare_linear', 'dare_ties', 'magnitude_prune' (PEFT's
@@ -347,9 +367,10 @@ def combine(
         `randomized`).
     conv_rank : int, default None
         Output rank of kxk convolutions with k > 1 (kohya's `--new_conv_rank`); None: `rank`.
-    dtype : str, default None
-        'fp32', 'fp16' or 'bf16': the dtype of the result's factors; None: the inputs' factor dtype when
-        they all share one of F32 / F16 / BF16, else F32. The math is float32 / float64 either way.
+    dtype : str, torch or numpy dtype, default None
+        'fp32', 'fp16' or 'bf16' (or an alias, torch.bfloat16, np.float16, ...): the dtype of the result's
+        factors; None: the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32. The math
+        is float32 / float64 either way.
     device : str, default 'cpu'
         Where the math runs: 'cpu' (the compiled core) or 'cuda' (one NVIDIA GPU, with a build that has the
         CUDA backend: docs/building.md; DeviceError says why when it cannot run here).
@@ -371,9 +392,9 @@ def combine(
         The combined adapter, in memory (every module with scale 1); `save(out)` writes it.
         `lorafuse.ops.combine.combine_to` writes it while computing and returns a CombineReport.
     """
-    return _combine.combine(adapters, weights, method=method, rank=rank, density=density,
+    return _combine.combine(_given(adapters), _given(weights), method=method, rank=rank, density=density,
                             majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                            conv_rank=conv_rank, dtype=dtype, device=device, engine=engine, passes=passes,
+                            conv_rank=conv_rank, dtype=_given(dtype), device=device, engine=engine, passes=passes,
                             progress=progress)
 
 
@@ -396,9 +417,9 @@ def convert(
 
     Parameters
     ----------
-    adapter : str, os.PathLike or Adapter
+    adapter : str, bytes, os.PathLike or Adapter
         A kohya / LyCORIS `.safetensors` file or a diffusers LoRA file.
-    out : str or os.PathLike
+    out : str, bytes or os.PathLike
         The output `.safetensors` file. It may be new, empty or a file lorafuse wrote; another file is
         refused (before any work) unless `overwrite`.
     to : str, default 'peft'
@@ -415,11 +436,11 @@ def convert(
     threads : int, default 0
         Worker threads; 0 uses every core.
     overwrite : bool, default False
-        Replace an `out` that lorafuse did not write (never an input).
+        Replace an `out` that lorafuse did not write, or its output of another kind (never an input).
     arch : str, default None
         With to='gguf': the llama.cpp architecture ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2',
         'gemma3'); None takes it from `base_config`.
-    base_config : str or os.PathLike, default None
+    base_config : str, bytes or os.PathLike, default None
         With to='gguf': the base model's config.json (or its folder); Llama / Mistral q_proj / k_proj LoRAs
         and embedding LoRAs need its head counts and vocabulary.
     gguf_type : str, default None
@@ -431,8 +452,9 @@ def convert(
         `out`, `to`, `family`, `modules_in`, `modules_out`, `split` / `fused` (which modules became which)
         and `lycoris` (one row per LoHa / LoKr module turned into a LoRA).
     """
-    return _convert.convert(adapter, out, to=to, rank=rank, conv_rank=conv_rank, family=family, threads=threads,
-                            overwrite=overwrite, arch=arch, base_config=base_config, gguf_type=gguf_type)
+    return _convert.convert(_given(adapter), _given(out), to=to, rank=rank, conv_rank=conv_rank, family=family,
+                            threads=threads, overwrite=overwrite, arch=arch, base_config=_given(base_config),
+                            gguf_type=gguf_type)
 
 
 def resize(
@@ -445,7 +467,7 @@ def resize(
     max_rank: int | None = None,
     split: str = "B",
     threads: int = 0,
-    dtype: str | None = None,
+    dtype: object = None,
     out: StrPath | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
@@ -458,7 +480,7 @@ def resize(
 
     Parameters
     ----------
-    adapter : str, os.PathLike or Adapter
+    adapter : str, bytes, os.PathLike or Adapter
         The adapter (paths are loaded). DoRA modules are refused.
     rank : int, default None
         Rule: this rank for every module.
@@ -475,16 +497,17 @@ def resize(
         Where the singular values go: 'B' (on B, like PEFT) or 'sqrt' (their square roots on both factors).
     threads : int, default 0
         Worker threads; 0 uses every core.
-    dtype : str, default None
-        'fp32', 'fp16' or 'bf16': the dtype of the new factors; None: the input's factor dtype when all its
-        factors share one of F32 / F16 / BF16, else F32.
-    out : str or os.PathLike, default None
+    dtype : str, torch or numpy dtype, default None
+        'fp32', 'fp16' or 'bf16' (or an alias, torch.bfloat16, np.float16, ...): the dtype of the new factors;
+        None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32.
+    out : str, bytes or os.PathLike, default None
         Also write the result here, in the input's format, with the CLI's rules (a name ending in
         `.safetensors` is one file: a PEFT adapter is then written as a diffusers or kohya file if those can
         name its modules, else refused; a one-file format given a folder writes into it). Checked before any
         work. None: nothing is written (`result.adapter.save(path)` writes it later).
     overwrite : bool, default False
-        Replace an `out` that lorafuse did not write (never an input), with an OverwriteWarning.
+        Replace an `out` that lorafuse did not write, or its output of another kind (never an input), with an
+        OverwriteWarning.
     progress : bool or None, default None
         True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
     device : str, default 'cpu'
@@ -499,8 +522,9 @@ def resize(
     """
     start = time.monotonic()
     out = None if out is None else check_path(out, "out")
+    overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
-    a = adapter if isinstance(adapter, Adapter) else _load(adapter)
+    a = adapter if isinstance(adapter, Adapter) else _load(_given(adapter))
     notes: list[str] = []
     target = None
     if out is not None:
@@ -541,11 +565,11 @@ def extract(
 
     Parameters
     ----------
-    base : str or os.PathLike
+    base : str, bytes or os.PathLike
         The base checkpoint: a folder (one file or shards with an index) or one `.safetensors` file.
-    finetuned : str or os.PathLike
+    finetuned : str, bytes or os.PathLike
         The fine-tuned checkpoint of the same architecture.
-    out : str or os.PathLike, default None
+    out : str, bytes or os.PathLike, default None
         Also write the adapter here, with the CLI's rules: a PEFT folder, or, for a name ending in
         `.safetensors`, one diffusers or kohya file if those can name the base's modules (else refused).
         Checked before any work, and never inside the base or the fine-tuned checkpoint. None: nothing is
@@ -578,7 +602,7 @@ def extract(
     threads : int, default 0
         Worker threads; 0 uses every core.
     overwrite : bool, default False
-        Replace an `out` that lorafuse did not write (never an input).
+        Replace an `out` that lorafuse did not write, or its output of another kind (never an input).
     progress : bool or None, default None
         True draws a progress bar on stderr, None draws one when stderr is a terminal, False draws none.
     device : str, default 'cpu'
@@ -596,6 +620,7 @@ def extract(
     """
     start = time.monotonic()
     out = None if out is None else check_path(out, "out")  # first: a rank given by position lands here
+    overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
     base, finetuned = check_spec(base, "base model"), check_spec(finetuned, "fine-tuned model")  # bytes as text
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     inputs = [Path(base), Path(finetuned)]

@@ -43,8 +43,8 @@ from lorafuse.formats import load
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling, parse_output_dtype
-from lorafuse.io.hub import local_path
-from lorafuse.io.manifest import MANIFEST_NAME, mark_metadata
+from lorafuse.io.hub import check_spec, local_path
+from lorafuse.io.manifest import CHECKPOINT, MANIFEST_NAME, PIPELINE, mark_metadata
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.provenance import (
     CARD_NAME,
@@ -56,12 +56,12 @@ from lorafuse.io.provenance import (
     hub_origin,
     keep_base_card,
     model_card,
-    recorded_name,
+    recorded_base,
     rewrite_metadata,
     stamp,
 )
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
-from lorafuse.io.sidefiles import classify, copy_entry, copy_file
+from lorafuse.io.sidefiles import classify, copy_entry, copy_file, outside_link, outside_note
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.adapter import adapter_list
@@ -75,6 +75,7 @@ from lorafuse.ops.apply_plan import (
     plan_apply,
     plan_model,
     shard_limit,
+    weights_stem,
 )
 from lorafuse.ops.apply_quant import QuantError, QuantRef, dequantize_rows, piece_rows, requantize_rows
 from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages, stage_arrays
@@ -522,9 +523,10 @@ class _Executor:
         return out
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
-                     notes: list[str], config_removals: Sequence[str] = ()) -> None:
+                     notes: list[str], config_removals: Sequence[str] = (), root: Path | None = None) -> None:
     """The checkpoint folder's other files (config, tokenizer, ...): regular files only (see io.sidefiles),
-    config.json with `config_updates` applied. Sub-folders and other weights are left out with a note."""
+    config.json with `config_updates` applied. Sub-folders, other weights and links that lead outside the
+    base folder `root` (default `src_dir`; a pipeline's folder for its components) are left out with a note."""
     try:
         entries = sorted(src_dir.iterdir())
     except OSError as e:
@@ -536,8 +538,11 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
             notes.append(f"{p.name} holds other weights and was not copied")
             continue
         kind, why = classify(p)
+        target = outside_link(p, root or src_dir) if kind == "file" else None
         if kind == "skip":
             notes.append(f"{p.name} is {why}: not copied")
+        elif target is not None:  # its bytes (say ~/.aws/credentials) never go into an output
+            notes.append(outside_note(p.name, target, root or src_dir))
         elif kind == "dir":
             notes.append(f"folder {p.name}/ was not copied")
         elif p.name == "config.json" and (config_updates or config_removals):
@@ -552,14 +557,15 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
 
 def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -> None:
     """The shard index: under the input's own name (diffusers components use
-    diffusion_pytorch_model.safetensors.index.json) unless the output was re-sharded."""
+    diffusion_pytorch_model.safetensors.index.json), or, re-sharded, the name of the new shards' stem
+    (apply_plan.weights_stem: diffusers' for a diffusers component, else model.safetensors.index.json)."""
     weight_map = {t.name: shard for shard, ts in plan.shards for t in ts}
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = sum(t.nbytes for _, ts in plan.shards for t in ts)
     if "total_parameters" in meta:
         meta["total_parameters"] = sum(int(np.prod(t.shape)) for _, ts in plan.shards for t in ts)
     index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-    name = ckpt.index_name if ckpt.index_name and not resharded else "model.safetensors.index.json"
+    name = ckpt.index_name if ckpt.index_name and not resharded else f"{weights_stem(ckpt)}{INDEX_SUFFIX}"
     (dst_dir / name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
@@ -613,6 +619,7 @@ def apply(
     # read once here (generators), then checked: prepare_apply and the provenance see the same lists
     adapters = adapter_list(adapters, "apply")
     weights = None if weights is None else check_weights(weights, len(adapters))
+    base = check_spec(base, "base model")  # bytes as text: the provenance records the name as given
     allow_nonfinite = check_bool(allow_nonfinite, "allow_nonfinite")
     if not (progress is None or isinstance(progress, bool) or callable(progress)):
         raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each ProgressEvent), "
@@ -632,12 +639,12 @@ def apply(
     run.provenance = rec.draft()
     try:
         if one_file:
-            with atomic_file(out_path, inputs, overwrite=overwrite) as tmp:
+            with atomic_file(out_path, inputs, overwrite=overwrite, kind=CHECKPOINT) as tmp:
                 run.write_file(tmp)
                 with s.timings.phase("provenance (wait for the inputs' sha256)"):
                     run.stamp(rec.result())
         else:
-            kind = "checkpoint" if mplan.model.single else "diffusers-pipeline"
+            kind = CHECKPOINT if mplan.model.single else PIPELINE
             with atomic_dir(out_path, inputs, overwrite=overwrite, kind=kind) as tmp:
                 run.write_folder(tmp, limit)
                 with s.timings.phase("provenance (wait for the inputs' sha256)"):
@@ -705,14 +712,16 @@ def prepare_apply(
     loaded = [a if isinstance(a, Adapter) else _load_adapter(a, base_path) for a in adapters]
     if is_pipeline(base_path):
         if max_shard_size is not None:
-            raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a diffusers pipeline")
+            raise LorafuseValueError("--max-shard-size (Python: max_shard_size=) applies to checkpoint folders, not to "
+                                     "a diffusers pipeline")
         model = Pipeline(base_path)
     else:
         model = Pipeline.of_checkpoint(Checkpoint(base_path))
     inputs = [base_path, *model.files(), *_adapter_files(loaded)]  # the base folder too: no output inside it
     single_file = model.single and base_path.is_file()
     out_path, one_file = _output_path(out, base_path, model, single_file, limit, inputs)
-    replaces = check_output(out_path, inputs, folder=not one_file, overwrite=overwrite)
+    replaces = check_output(out_path, inputs, folder=not one_file, overwrite=overwrite,
+                            kind=CHECKPOINT if one_file or model.single else PIPELINE)
 
     timings = PhaseTimer("apply")
     with timings.phase("plan (match, resolve, stages not included)"):
@@ -754,7 +763,7 @@ def _recording(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLik
     specs = [adapter_input(a, w, name=given_name(given)) for given, a, w in zip(adapters, s.adapters, ws)]
     origin = hub_origin(base_path)
     return Recording("apply", [folder_input(base, base_path, "base", files), *specs], params,
-                     base_model=origin[0] if origin is not None else recorded_name(os.fspath(base)))
+                     base_model=origin[0] if origin is not None else recorded_base(base))
 
 
 def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, single_file: bool, limit: int | None,
@@ -763,7 +772,8 @@ def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, singl
     a name that the base cannot become."""
     if single_file:
         if limit is not None:
-            raise LorafuseValueError("--max-shard-size applies to checkpoint folders, not to a single-file base")
+            raise LorafuseValueError("--max-shard-size (Python: max_shard_size=) applies to checkpoint folders, not to "
+                                     "a single-file base")
         return output_file(out, base.name, inputs, SAFETENSORS_SUFFIX), True
     if not names_file(out, SAFETENSORS_SUFFIX):
         return Path(out), False
@@ -775,8 +785,9 @@ def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, singl
             f"give a folder name, e.g. {folder}")
     if limit is not None:
         raise LorafuseValueError(
-            f"--max-shard-size splits a checkpoint folder into shards, and the output {out} (ending in "
-            f"{SAFETENSORS_SUFFIX}) names one file: leave --max-shard-size out, or give a folder name, e.g. {folder}")
+            f"--max-shard-size splits a checkpoint folder into shards (Python: max_shard_size=), and the output {out} "
+            f"(ending in {SAFETENSORS_SUFFIX}) names one file: leave --max-shard-size out, or give a folder name, e.g. "
+            f"{folder}")
     return Path(out), True
 
 
@@ -878,7 +889,8 @@ class _Run:
     def _component(self, comp: str, folder: Path, limit: int | None) -> None:
         ex = self._executor(comp)
         try:
-            _write_folder(ex, self.mplan.model.components[comp], self.mplan.plans[comp], folder, limit)
+            _write_folder(ex, self.mplan.model.components[comp], self.mplan.plans[comp], folder, limit,
+                          self.mplan.model.directory)
         finally:
             ex.close()
         self._collect(comp, ex)
@@ -898,13 +910,16 @@ class _Run:
                 copy_entry(entry, tmp / entry.name, self.mplan.notes, model.directory)
 
 
-def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit: int | None) -> None:
+def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit: int | None,
+                  root: Path | None = None) -> None:
+    """One checkpoint's output folder: its shards, its index, its side files (`root`: the base folder that
+    side-file links may lead into; a pipeline's for its components)."""
     for shard, entries in plan.shards:
         ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
     if len(plan.shards) > 1 or (ckpt.sharded and limit is None):
         _write_index(tmp, ckpt, plan, limit is not None)
     skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
     ckpt.check_folder()  # its config and tokenizer must come from the folder whose weights were read
-    _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes, plan.config_removals)
+    _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes, plan.config_removals, root)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():
         plan.notes.append("no config.json to update: " + json.dumps(plan.config_updates))

@@ -25,9 +25,9 @@ from lorafuse.model import Adapter
 from lorafuse.ops.apply_quant import QuantRef, QuantScan, check_scan, plan_quant, scan_quant
 from lorafuse.ops.match import checkpoint_keys
 from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
+from lorafuse.ops.tied import EMBEDDING_SUFFIXES, TiedLayers, tied_layers, untie
 
 LM_HEAD = "lm_head.weight"
-_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
 @dataclass
@@ -114,7 +114,8 @@ def check_requantize(requantize: bool | None, dtype: object) -> None:
     (LorafuseValueError), by apply and, before its first stage, by a recipe."""
     if requantize and dtype is not None:
         raise LorafuseValueError("requantize keeps the base's quantized format, and dtype asks for a dequantized "
-                                 f"output in {dtype}: give one of them (--requantize or --dtype)")
+                                 f"output in {dtype}: give one of them (--requantize or --dtype; Python: "
+                                 "requantize=True or dtype=)")
 
 
 def shard_limit(max_shard_size: str | int) -> int:
@@ -140,32 +141,21 @@ def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
     return "F32" if src_dtype == "F64" else "BF16"  # a merged F64 / F8 weight
 
 
-
-
-@dataclass
-class _Tie:
-    tied: bool  # config.json says tie_word_embeddings
-    emb_key: str | None  # the input embedding's key, when there is exactly one
-    virtual_lm_head: bool  # lm_head is not stored: it reads emb_key
-
-
-
-
 def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype: str | None,
-          max_shard_size: int | None, notes: list[str], tie: _Tie | None = None,
+          max_shard_size: int | None, notes: list[str], untied: dict[str, str] | None = None,
           requantize: bool | None = None, scan: QuantScan | None = None) -> Plan:
-    """The output tensors of one checkpoint, shard by shard, given what changes in it."""
-    tied, emb_key, virtual_lm_head = (tie.tied, tie.emb_key, tie.virtual_lm_head) if tie else (False, None, False)
+    """The output tensors of one checkpoint, shard by shard, given what changes in it; `untied`: the tied layers
+    it writes apart (layer -> the stored key it copies: ops.tied.untie), with tie_word_embeddings=false."""
     contributions, bias_contributions = resolved.contributions, resolved.bias_contributions
     replacements = resolved.replacements
     config_updates: dict[str, object] = {}
 
     changed = set(contributions) | set(replacements)
-    add_lm_head = virtual_lm_head and (LM_HEAD in changed or emb_key in changed)
-    if tied and (add_lm_head or (LM_HEAD in ckpt and (LM_HEAD in changed or emb_key in changed))):
+    copies: dict[str, list[str]] = {}  # a stored key -> the tied layers written after it, as its copies
+    for layer, src in (untied or {}).items():
+        copies.setdefault(src, []).append(layer)
+    if untied is not None:
         config_updates["tie_word_embeddings"] = False
-        notes.append(f"untied lm_head from {emb_key}: only one of them changes (or each changes differently); "
-                     "config.json now has tie_word_embeddings=false")
     if dtype is not None:
         torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for k in ("torch_dtype", "dtype"):
@@ -218,8 +208,8 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
                     cinfo = ckpt.info(ckey)
                     ordered.append((shard, OutTensor(ckey, cinfo.dtype, cinfo.shape, cshard, ckey,
                                                      companion_of=(info.name, role))))
-            if add_lm_head and info.name == emb_key:
-                ordered.append((shard, out_tensor(LM_HEAD, shard, emb_key)))
+            for layer in copies.get(info.name, []):
+                ordered.append((shard, out_tensor(layer, shard, info.name)))
 
     for _, t in ordered:  # a fused expert tensor [E, out, in] is merged as an (E * out, in) matrix (ops.fused)
         t.matrix_rows = resolved.matrix_rows.get(t.name, t.matrix_rows)
@@ -240,7 +230,8 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
             size += t.nbytes
         packs = packs or [[]]  # a checkpoint of no tensors still gets its (empty) model file
         n = len(packs)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        stem = weights_stem(ckpt)  # diffusers' own names for a diffusers component: diffusers loads no other
+        names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         shards = list(zip(names, packs))
         first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
         _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
@@ -256,6 +247,18 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
                          f"{len(qplan.dropped)} companion tensors (scales, quant states) and config.json's "
                          f"{' / '.join(qplan.config_removals) or 'quantization settings'} left out")
     return plan
+
+
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+
+
+def weights_stem(ckpt: Checkpoint) -> str:
+    """The name a re-sharded output's files take (STEM.safetensors, STEM-0000i-of-0000n.safetensors and
+    STEM.safetensors.index.json, as save_pretrained(max_shard_size=) writes them): diffusers' own,
+    `diffusion_pytorch_model`, for a checkpoint whose index or weights file has it (a diffusers model folder:
+    diffusers' from_pretrained looks for no other name), else transformers' `model`."""
+    own = ckpt.index_name or (ckpt.shards[0] if ckpt.shards else "")
+    return DIFFUSERS_STEM if own.startswith(DIFFUSERS_STEM + ".") or own.startswith(DIFFUSERS_STEM + "-") else "model"
 
 
 def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
@@ -301,14 +304,22 @@ def tie_word_embeddings(config: dict[str, object]) -> bool | None:
         return None
 
 
-def _tie(ckpt: Checkpoint, config: dict[str, object]) -> _Tie:
-    """Tied embeddings: the checkpoint may store only the input embedding, which lm_head reads."""
-    tied = bool(tie_word_embeddings(config))
-    emb_key = None
-    if tied:
-        found = [k for k in ckpt.keys() if k.endswith(_EMBEDDING_SUFFIXES)]
-        emb_key = found[0] if len(found) == 1 else None
-    return _Tie(tied, emb_key, tied and LM_HEAD not in ckpt and emb_key is not None)
+def _changed_by(resolved: Resolved) -> dict[str, str]:
+    """Every base key the adapters change -> who changes it (the first adapter and module), for messages."""
+    out: dict[str, str] = {}
+    for key, cs in resolved.contributions.items():
+        out[key] = f"{cs[0].source}: module {cs[0].update.name.split('[', 1)[0]!r}"
+    for key, (_, label) in resolved.replacements.items():
+        out.setdefault(key, f"{label}: a full tensor")
+    return out
+
+
+def _untie_note(untied: dict[str, str], tied: TiedLayers) -> str:
+    pairs = {**untied, **tied.stored}
+    shown = ", ".join(f"{layer} from {src}" for layer, src in list(pairs.items())[:3])
+    return (f"untied {shown}{', ...' if len(pairs) > 3 else ''}: only one of them changes (or each changes "
+            f"differently); {'the tied layers are written as weights of their own and ' if untied else ''}"
+            "config.json now has tie_word_embeddings=false")
 
 
 @dataclass
@@ -360,21 +371,22 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         for key, shape in scan.shapes(model.components[comp]).items():
             shapes[model.tensor_name(comp, key)] = shape
     config: dict[str, object] | None = None
-    tie: _Tie | None = None
+    tied = TiedLayers()
     base_key: Callable[[str], str | None] = _no_key
     if model.single:
         ckpt = model.components[""]
         config = configs[""]
-        tie = _tie(ckpt, config)
-        base_key = checkpoint_keys(ckpt.keys(), [LM_HEAD] if tie.virtual_lm_head else [])
-        if tie.virtual_lm_head and tie.emb_key is not None:
-            shapes[LM_HEAD] = shapes[tie.emb_key]
+        tied = tied_layers(config, ckpt.keys(), checkpoint_keys(ckpt.keys(), config=config),
+                           bool(tie_word_embeddings(config)))
+        base_key = checkpoint_keys(ckpt.keys(), tied.virtual, config)  # a tied layer it does not store reads another
+        for layer, src in tied.virtual.items():
+            shapes[layer] = shapes[src]
     resolved = resolve(shapes, adapters, weights, base_key, config)
     notes: list[str] = adapter_notes(adapters)
     if model.single and config is not None and tie_word_embeddings(config) is None \
             and LM_HEAD not in model.components[""]:
         touched = sorted(k for k in (*resolved.contributions, *resolved.replacements)
-                         if k.endswith(_EMBEDDING_SUFFIXES))
+                         if k.endswith(EMBEDDING_SUFFIXES))
         if touched:  # a model that ties lm_head to it would read the merged embedding there too
             notes.append(f"{touched[0]} is merged as a weight of its own: no config.json (nor a model_type lorafuse "
                          "knows) says whether lm_head is tied to it, and the checkpoint stores no lm_head.weight; "
@@ -389,11 +401,14 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
             notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "
                          "unchanged; is the adapter for another model?")
+    untied = untie(tied, _changed_by(resolved)) if model.single else None
+    if untied is not None:
+        notes.append(_untie_note(untied, tied))
     plans = {}
     for comp, part in split_by_component(model, resolved).items():
         ckpt = model.components[comp]
         plans[comp] = _plan(ckpt, part, config if config is not None else configs[comp], dtype,
-                            max_shard_size, notes, tie, requantize, scans[comp])
+                            max_shard_size, notes, untied, requantize, scans[comp])
     untouched = [c for c in model.components if c not in plans]
     if dtype is not None and not model.single and untouched:
         notes.append(f"dtype {dtype} applies to the merged {', '.join(sorted(plans))}; "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lorafuse._terminal import plural
-from lorafuse._validate import check_optional_rank, check_path, check_threads, full_rank
+from lorafuse._validate import check_optional_rank, check_path, check_text, check_threads, full_rank
 from lorafuse.errors import (
     AdapterNote,
     FormatError,
@@ -45,6 +45,7 @@ from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
 from lorafuse.io.atomic import check_output, output_file
 from lorafuse.io.hub import check_spec
+from lorafuse.io.manifest import ADAPTER
 from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
@@ -103,9 +104,18 @@ def _sd_keys():
 
 
 def _family(adapter: Adapter, family: str | None) -> str:
+    """The family whose names the output takes: `family` as given (refused where the modules are another
+    family's layers: a UNet module for flux, a Flux transformer module for sd1 / sdxl; the names would not be
+    the family's), else the one the input recorded, else the guess from the module names."""
     if family is not None:
         if family not in FAMILIES:
             raise LorafuseValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        other = "unet" if family == "flux" else "flux"
+        name = next((n for n in adapter.updates if _sd_keys().model_part(n) == other), None)
+        if name is not None:
+            what = "an SD 1.x / SDXL UNet (Flux has none)" if other == "unet" else "a Flux transformer"
+            raise UnsupportedError(f"{adapter.label}: family {family!r} does not fit its modules: {name!r} is a layer "
+                                   f"of {what}; leave --family out (family=None) to take the family its names say")
         return family
     record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     if isinstance(record, dict) and record.get("family") in FAMILIES:
@@ -152,7 +162,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         raise UnsupportedError(f"{adapter.label}: {plural(len(lycoris), 'module', verb=('is', 'are'))} LoHa / "
                                f"LoKr ({shown}); converting "
                                "them to LoRA loses information: pass --rank K (and --conv-rank K for kxk "
-                               "convolutions) to keep their best rank-K approximation")
+                               "convolutions; Python: rank=K, conv_rank=K) to keep their best rank-K approximation")
     conv_k = conv_rank if conv_rank is not None else rank
     from lorafuse.formats.sd_keys import is_unet_proj, unet_context_size
 
@@ -176,6 +186,9 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         updates[name] = lora
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
                                      _kept(u, lora, threads)))
+    from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
+
+    note_unknown_kernels(adapter.label, [n for n in lycoris if kernel_unknown(n, tuple(updates[n].delta_shape))])
     out = Adapter(updates=updates, full=dict(adapter.full), config=restated_config(adapter.config, updates),
                   format=adapter.format, path=adapter.path, full_origin=dict(adapter.full_origin),
                   state=copy.deepcopy(adapter.state))
@@ -213,8 +226,8 @@ def _take_rows(u: LoraUpdate, rows: list[Rows], name: str) -> LoraUpdate:
 def _plain(adapter: Adapter, name: str) -> LoraUpdate:
     u = adapter.updates[name]
     if not isinstance(u, LoraUpdate):
-        raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; pass --rank to "
-                               "convert it to LoRA first")
+        raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; pass --rank K (Python: "
+                               "rank=K) to convert it to LoRA first")
     why = ("has a DoRA magnitude (dora_scale)" if u.magnitude is not None else
            "has a bias (lora_B bias)" if u.bias is not None else
            "is an embedding LoRA" if u.kind == "embedding" else
@@ -446,7 +459,7 @@ def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...
     return MissingModuleError(f"{adapter.label}: {plural(len(bad), 'module', verb=('has', 'have'))} no kohya "
                               f"name for family {family!r}: "
                               + "; ".join(why for _, why in bad[:5]) + more + "; nothing was written "
-                              "(--family names another family)")
+                              "(--family, Python: family=, names another family)")
 
 
 def _known(sd_keys: object, name: str, shape: tuple[int, ...], family: str) -> bool:
@@ -473,7 +486,8 @@ def _check_out(out: Path, to: str = "peft") -> None:
         from lorafuse.formats.gguf import SUFFIX
 
         if out.suffix.lower() != SUFFIX:
-            raise LorafuseValueError(f"output {out}: --to gguf writes one .gguf file; give a name ending in .gguf")
+            raise LorafuseValueError(f"output {out}: --to gguf (Python: to='gguf') writes one .gguf file; give a name "
+                                     "ending in .gguf")
         return
     if out.suffix.lower() != ".safetensors":  # the user's name is kept: STYLE.SAFETENSORS stays so
         raise LorafuseValueError(f"output {out}: convert writes one .safetensors file; give a name ending in "
@@ -561,19 +575,24 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
         check_spec(adapter, "adapter")
     if base_config is not None:
         check_spec(base_config, "base_config")
-    if to not in TARGETS:
+    if check_text(to, "to", TARGETS) not in TARGETS:
         raise LorafuseValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
+    for name, value, choices in (("family", family, FAMILIES), ("arch", arch, ()), ("gguf_type", gguf_type, ())):
+        if value is not None:  # an array or a list: refused before a choice is looked up with it
+            check_text(value, name, choices)
     rank, conv_rank = check_optional_rank(rank), check_optional_rank(conv_rank, "conv_rank")
     threads = check_threads(threads)
     given = [n for n, v in (("arch", arch), ("base_config", base_config), ("gguf_type", gguf_type)) if v is not None]
     if to != "gguf" and given:
-        raise LorafuseValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --to gguf only")
+        raise LorafuseValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --to gguf only "
+                                 "(Python: to='gguf')")
     if to == "gguf" and family is not None:
-        raise LorafuseValueError("family applies to diffusion LoRAs (--to peft / kohya), not to --to gguf")
+        raise LorafuseValueError("family applies to diffusion LoRAs (--to peft / kohya), not to --to gguf (Python: "
+                                 "to='gguf')")
     out = Path(out)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     # the current folder, an input: refused first
-    replaces = check_output(out, a.sources(), folder=False, overwrite=overwrite)
+    replaces = check_output(out, a.sources(), folder=False, overwrite=overwrite, kind=ADAPTER)
     _check_out(out, to)
     if to == "gguf":
         return _to_gguf(a, out, rank, conv_rank, threads, arch, base_config, gguf_type, replaces)
@@ -591,6 +610,10 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
     split: dict[str, list[str]] = {}
     fused: dict[str, list[str]] = {}
     fam: str | None = None
+    if family is not None and a.format == ("diffusers" if to == "peft" else "kohya"):
+        raise LorafuseValueError(f"family applies where the names change (kohya -> peft, diffusers -> kohya): "
+                                 f"{a.label} is a {a.format} file already, written --to {to} with its own names; "
+                                 "leave --family out")
     if to == "peft":
         if a.format == "kohya":
             fam = _family(a, family)

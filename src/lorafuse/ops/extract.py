@@ -13,42 +13,44 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lorafuse._progress import Progress
+from lorafuse._terminal import plural
 from lorafuse._validate import (
     check_optional_bool,
     check_oversample,
     check_power_iters,
     check_seed,
+    check_text,
     check_threads,
     full_rank,
 )
 from lorafuse.backends import Backend, DenseJob, ExtractJob, backend_for_device
+from lorafuse.backends.reference_math import to_float32
 from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling
 from lorafuse.io.hub import spec_origin
-from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_name
+from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_base
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.experts import one_expert_rank
 from lorafuse.model.layout import check_dtype, rounded
+from lorafuse.ops.base_layers import POSITION_TABLES, BaseLayers, base_layers, peft_targets
+from lorafuse.ops.fused import PER_EXPERT_ON_DISK, _model_types
 from lorafuse.ops.rank import RankRule
 from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 
 BATCH_BYTES = 256 << 20  # input bytes (both checkpoints) mapped per call into the core
 DEFAULT_MAX_RANK = 128  # sketch size for spectrum-based rules when --max-rank is not given
-# Layers PEFT wraps as embeddings (torch Embedding: token and position tables), by their last name, and the output
-# heads that --embeddings also governs (lm_head, embed_out: torch Linear). A checkpoint names its tensors only.
-EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
-                   "embed_positions", "tok_embeddings", "token_embedding", "position_embedding", "embed_in", "shared",
-                   "lm_head", "embed_out")
+MATRIX_NDIMS = (2, 3, 4, 5)  # a Linear (or Embedding) weight, a Conv1d, Conv2d or Conv3d kernel
 
 
 @dataclass
@@ -67,10 +69,6 @@ class ExtractResult:
     skipped: list[str] = field(default_factory=list)  # changed tensors not extracted, with the reason
     unchanged: int = 0
     notes: list[str] = field(default_factory=list)  # what else the user should know (mixed dtypes)
-
-
-def _is_embedding(module: str) -> bool:
-    return module.rsplit(".", 1)[-1] in EMBEDDING_NAMES
 
 
 def extract(
@@ -119,7 +117,7 @@ def extract(
                     {**dataclasses.asdict(rule), "include": include, "exclude": exclude, "embeddings": embeddings,
                      "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device,
                      **({"dtype": dtype_spelling(dtype)} if dtype is not None else {})},
-                    base_model=recorded_name(os.fspath(base)))  # io.provenance: both hashed while they are read
+                    base_model=recorded_base(base))  # io.provenance: both hashed while they are read
 
     def mapped(which: int, shard: str) -> SafetensorsFile:  # each shard of each checkpoint opened once
         if (which, shard) not in files:
@@ -163,7 +161,8 @@ def extract(
                 k = min(rule.choose(s, frob_sq), b.shape[1])  # b: k_max columns, or the full rank
                 shape = cb.info(key).shape
                 err = _rel_error(s, k, frob_sq, shape)
-                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d)
+                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d,
+                                                         module in x.embedding)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
         changed = _changed_others(cb, cf, x.others, mapped)
         raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
@@ -176,15 +175,77 @@ def extract(
         bar.close()
     result.skipped += [f"{key}: changed, but not a weight matrix (a bias or a norm): a LoRA cannot hold it"
                        for key in changed]
-    if not result.adapter.updates and not full:
+    if not result.adapter.updates:
         rec.close()
-        raise _nothing_differs(finetuned, result.unchanged, changed)
-    updates = result.adapter.updates
+        if full:
+            raise _only_kept_whole(finetuned, list(full))
+        raise _nothing_differs(finetuned, result.unchanged, changed, x.skipped_embeddings)
+    updates = _with_tied_heads(result, x.tied, x.layers)
+    updates, rank, zeros = one_expert_rank(updates, x.expert_parts, x.expert_shapes)
+    if rank:
+        result.notes.append(_expert_note(rank, zeros, x.config))
+        for m in result.modules:
+            if m.name in updates and updates[m.name].rank != m.rank:
+                m.rank = updates[m.name].rank  # the rank written (zero-padded; the error is the same)
+    updates = _one_linear_layout(updates)
     if x.dtype is not None:  # rounded once from the float32 factors (B and A balanced where that keeps the delta)
         updates = {n: rounded(u, x.dtype, threads) if isinstance(u, LoraUpdate) else u for n, u in updates.items()}
-    result.adapter = extracted(base, base_config, updates, full, (cb, cf))
+    result.adapter = extracted(base, base_config, updates, full, (cb, cf), x.layers.modules)
     result.adapter.provenance = rec.result()
     return result
+
+
+def _with_tied_heads(result: ExtractResult, tied: dict[str, str], layers: BaseLayers) -> dict[str, Update]:
+    """The updates with a LoRA of the same delta on each module tied to an extracted embedding: an Embedding
+    one of the same tensors, a Linear one (an output head) with lora_A = lora_embedding_B^T, lora_B =
+    lora_embedding_A^T (PEFT's embedding LoRA stores lora_embedding_A = B^T, lora_embedding_B = A^T); each
+    reported like the embedding's."""
+    updates = dict(result.adapter.updates)
+    reports = {m.name: m for m in result.modules}
+    heads = []
+    for head, emb in tied.items():
+        u = updates.get(emb)
+        if not isinstance(u, LoraUpdate):
+            continue
+        if layers.kind(head) == "embedding":
+            updates[head] = dataclasses.replace(u, name=head)
+        else:
+            a = Tensor.from_array(np.ascontiguousarray(u.B.f32().T))
+            b = Tensor.from_array(np.ascontiguousarray(u.A.f32().T))
+            updates[head] = LoraUpdate(head, a, b, u.scale, "linear", False)
+        r = reports[emb]
+        result.modules.append(ExtractReport(head, r.shape, r.rank, r.rel_error, r.singular_values))
+        heads.append(head)
+    if heads:
+        sources = ", ".join(sorted({tied[h] for h in heads}))
+        result.notes.append(
+            f"{', '.join(heads)} {'reads' if len(heads) == 1 else 'read'} the weight of {sources} (tied): each "
+            "gets a LoRA of the same factors, as PEFT's LoRA on an embedding changes its own lookup alone. PEFT's "
+            "merge_and_unload adds each of them to the one shared weight (as it does with its "
+            "ensure_weight_tying): merge with `lorafuse apply` instead, or keep them whole (--embeddings full)")
+    return updates
+
+
+def _one_linear_layout(updates: dict[str, Update]) -> dict[str, Update]:
+    """PEFT's fan_in_fan_out is one flag for the adapter; PEFT sets it per layer type (off for a torch Linear,
+    on for a transformers Conv1D). With Conv1D modules (GPT-2) the Linear ones (an output head) are written with
+    the flag on as lorafuse reads such a file: the same lora_A / lora_B tensors, marked transposed."""
+    if not any(isinstance(u, LoraUpdate) and u.kind == "linear" and u.transposed for u in updates.values()):
+        return updates
+    return {n: dataclasses.replace(u, transposed=True) if isinstance(u, LoraUpdate) and u.kind == "linear" else u
+            for n, u in updates.items()}
+
+
+def _expert_note(rank: int, zeros: int, config: dict[str, object]) -> str:
+    model_type = config.get("model_type")
+    added = f", {zeros} unchanged experts as zero factors" if zeros else ""
+    return (f"every expert (and router) of each changed MoE layer is written at rank {rank}, the largest among them "
+            f"(lower ranks zero-padded: the same deltas){added}: transformers 5 fuses the experts of a "
+            f"{model_type!r} model on load, and PEFT stacks their LoRAs, "
+            "which needs every expert at the adapter's rank" + (
+                "; PEFT 0.21 converts them for Mixtral, Qwen3-MoE, DeepSeek, ... but not for model_type 'qwen2_moe' "
+                "itself (its table lacks it), so it fails on this adapter's experts and router: merge it with "
+                "`lorafuse apply`" if model_type == "qwen2_moe" else ""))
 
 
 def _svds(backend: Backend, items: list[ExtractJob], ranks: list[int], oversample: int, power_iters: int, seed: int,
@@ -226,16 +287,17 @@ def _svds(backend: Backend, items: list[ExtractJob], ranks: list[int], oversampl
 
 def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
                     mapped: Callable[[int, str], SafetensorsFile]) -> list[str]:
-    """The tensors among `keys` (in both checkpoints: biases, norms, embeddings) whose bytes differ; `mapped(0 or 1,
-    shard)`: the base's or the fine-tuned model's shard, opened once for the whole extract."""
+    """The tensors among `keys` (in both checkpoints: biases, norms, embeddings) whose bytes differ, or whose values
+    differ where the two store them in different dtypes (a BF16 1.0 is an F32 1.0); `mapped(0 or 1, shard)`: the
+    base's or the fine-tuned model's shard, opened once for the whole extract."""
     changed = []
     for key in keys:
         ib, iff = cb.info(key), cf.info(key)
-        if ib.dtype != iff.dtype:
-            changed.append(key)
-            continue
         fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
-        same = np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8))
+        if ib.dtype == iff.dtype:
+            same = np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8))
+        else:
+            same = np.array_equal(_values(fb.raw(key), ib.dtype), _values(ff.raw(key), iff.dtype), equal_nan=True)
         fb.release(key)
         ff.release(key)
         if not same:
@@ -243,18 +305,32 @@ def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
     return changed
 
 
-def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str]) -> UnsupportedError:
+def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A tensor's values as float64 (exact for every dtype a checkpoint stores)."""
+    if dtype == "F64" or not DTYPES[dtype].is_float:
+        return raw.astype(np.float64)
+    return to_float32(raw, dtype).astype(np.float64)
+
+
+def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str],
+                     skipped: Sequence[str] = ()) -> UnsupportedError:
     """The refusal of an extract in which no module differs from the base: its adapter would target no module,
-    which PEFT refuses to load (NoMatchingPeftModuleError)."""
+    which PEFT refuses to load (NoMatchingPeftModuleError). `skipped`: the embeddings and output heads left out
+    unread (--embeddings skip), which may be what changed."""
+    hint = ""
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        hint = (f"; the embeddings and output heads were not compared ({shown}; --embeddings skip, the default): "
+                "if they changed, extract them with --embeddings lora (Python: embeddings='lora')")
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         return UnsupportedError(
             f"{finetuned}: no weight matrix of the fine-tuned model differs from the base ({unchanged} compared, all "
             f"equal); only tensors a LoRA cannot hold changed ({shown}: biases or norms, as a BitFit fine-tune "
-            "changes them): the adapter would target no module; nothing is written")
+            f"changes them){hint}: the adapter would target no module; nothing is written")
     return UnsupportedError(
         f"{finetuned}: no module of the fine-tuned model differs from the base ({unchanged} weight matrices "
-        "compared, all equal): the adapter would target no module, which PEFT refuses to load; nothing is "
+        f"compared, all equal){hint}: the adapter would target no module, which PEFT refuses to load; nothing is "
         "written (is it the same checkpoint as the base?)")
 
 
@@ -266,12 +342,14 @@ def _checkpoint_input(name: str | os.PathLike[str], ckpt: Checkpoint, role: str)
 
 
 def extracted(base: str | os.PathLike[str], base_config: dict[str, object], updates: dict[str, Update],
-              full: dict[str, Tensor], checkpoints: Sequence[Checkpoint] = ()) -> Adapter:
+              full: dict[str, Tensor], checkpoints: Sequence[Checkpoint] = (),
+              modules: Iterable[str] = ()) -> Adapter:
     """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config;
-    derived from the checkpoints' folders (its sources: saving it never replaces them)."""
+    derived from the checkpoints' folders (its sources: saving it never replaces them). `modules`: every module
+    name of the base (BaseLayers.modules), which target_modules must not select beside the updates'."""
     adapter = Adapter(updates=updates, full=full, derived_from=list(dict.fromkeys(c.directory for c in checkpoints)))
     kept = sorted({m.removesuffix(".weight").rsplit(".", 1)[-1] for m in full})  # PEFT names the layer: lm_head
-    adapter.config = _config(Path(base), base_config, adapter, kept)
+    adapter.config = _config(Path(base), base_config, adapter, kept, modules)
     return adapter
 
 
@@ -298,6 +376,13 @@ class ExtractSetup:
     seed: int
     threads: int
     backend: Backend
+    layers: BaseLayers = field(default_factory=BaseLayers)  # what the model class (or the name tables) says
+    embedding: set[str] = field(default_factory=set)  # modules extracted as PEFT embedding LoRAs
+    tied: dict[str, str] = field(default_factory=dict)  # output head -> the extracted input embedding it reads
+    # a MoE model transformers 5 fuses on load: its per-expert layer names, and the base's expert modules' shapes
+    expert_parts: frozenset[str] = frozenset()
+    expert_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skipped_embeddings: list[str] = field(default_factory=list)  # embeddings and heads not read (--embeddings skip)
 
 
 def prepare_extract(
@@ -318,7 +403,7 @@ def prepare_extract(
     """Everything extract checks and decides before it reads a weight (its arguments' meaning: extract):
     the options, both checkpoints' headers and configs (quantized ones refused), which tensors are
     extracted, kept whole or left out (and why). Reads no tensor data."""
-    if embeddings not in ("skip", "lora", "full"):
+    if check_text(embeddings, "embeddings", ("skip", "lora", "full")) not in ("skip", "lora", "full"):
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
     oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
     seed, threads = check_seed(seed), check_threads(threads)
@@ -337,7 +422,8 @@ def prepare_extract(
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
     except re.error as e:
-        raise LorafuseValueError(f"bad --include/--exclude regular expression: {e}") from None
+        raise LorafuseValueError(f"bad --include/--exclude (Python: include= / exclude=) regular expression: {e}") \
+            from None
     cb, cf = Checkpoint(base), Checkpoint(finetuned)
     base_config = read_config(cb.directory)  # before the long work
     for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
@@ -350,6 +436,9 @@ def prepare_extract(
                 "(`lorafuse apply` with --dtype bf16)")
     model = ModelInfo.from_config(base_config)
     k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
+    layers = base_layers(base_config, cb.keys(), [k.removesuffix(".weight") for k in cb.keys()
+                                                  if k.endswith(".weight") and len(cb.info(k).shape) == 2
+                                                  and _named_embedding(k.removesuffix(".weight"))])
 
     skipped: list[str] = []
     others: list[str] = []
@@ -357,6 +446,8 @@ def prepare_extract(
     work: list[tuple[str, str]] = []  # (module, key)
     conv1d: set[str] = set()  # GPT-2 style Conv1D weights, stored (in x out)
     full: list[tuple[str, str]] = []
+    embedding: set[str] = set()  # PEFT embedding LoRAs (not the output heads, which are Linear)
+    skipped_embeddings: list[str] = []
     for key in cb.keys():
         if key not in cf:
             skipped.append(f"{key}: only in the base")
@@ -366,7 +457,7 @@ def prepare_extract(
             skipped.append(f"{key}: shape {ib.shape} in the base, {iff.shape} in the fine-tuned model")
             continue
         module = key.removesuffix(".weight")
-        is_matrix = key.endswith(".weight") and len(ib.shape) in (2, 3, 4) and DTYPES[ib.dtype].is_float
+        is_matrix = key.endswith(".weight") and len(ib.shape) in MATRIX_NDIMS and DTYPES[ib.dtype].is_float
         if (inc and not inc.search(module)) or (exc and exc.search(module)):
             continue
         if not is_matrix:
@@ -374,38 +465,148 @@ def prepare_extract(
             continue
         if ib.dtype != iff.dtype:
             dtypes.add((ib.dtype, iff.dtype))
-        if _is_embedding(module) and embeddings == "skip":
-            skipped.append(f"{key}: embedding (use --embeddings lora or full; Python: embeddings='lora' or 'full')")
+        is_embedding = len(ib.shape) == 2 and layers.is_embedding(module) and not layers.is_head(module)
+        if (is_embedding or layers.is_head(module)) and embeddings == "skip":
+            what = "embedding" if is_embedding else "output head"
+            skipped.append(f"{key}: {what} (use --embeddings lora or full; Python: embeddings='lora' or 'full')")
+            skipped_embeddings.append(key)
             continue
-        if _is_embedding(module) and embeddings == "full":
+        if (is_embedding or layers.is_head(module)) and embeddings == "full":
             full.append((module + ".weight", key))
             continue
-        if len(ib.shape) == 2 and not _is_embedding(module) and _layer_type(model, module, key, Path(base)) == "conv1d":
+        grouped = _grouped(layers, module, ib.shape)
+        if grouped is not None:
+            skipped.append(f"{key}: {grouped}")
+            continue
+        if is_embedding:
+            embedding.add(module)
+        elif len(ib.shape) == 2 and _layer_type(model, module, key, Path(base)) == "conv1d":
             conv1d.add(module)
         work.append((module, key))
     for key in cf.keys():
         if key not in cb:
             skipped.append(f"{key}: only in the fine-tuned model")
     if not work and not full:
-        raise _nothing_to_extract(cb, include, exclude, embeddings, skipped)
-    notes = [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference holds the "
-             f"rounding of the base to {f} too (compare checkpoints of one dtype for a clean extraction)"
-             for b, f in sorted(dtypes)]
+        raise _nothing_to_extract(cf, cb, include, exclude, embeddings, skipped, layers)
+    if not work:  # PEFT refuses an adapter with modules_to_save alone (NoMatchingPeftModuleError)
+        raise _only_kept_whole(finetuned, [name for name, _ in full])
+    tied = _tie_heads(layers, work, full, embedding, skipped)
+    notes = [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference also holds "
+             f"the rounding to the coarser of the two ({_coarser(b, f)}), which no fine-tuning made (compare "
+             "checkpoints of one dtype for a clean extraction)" for b, f in sorted(dtypes)]
+    parts = fused_parts(base_config)
+    expert_shapes = {k.removesuffix(".weight"): cb.info(k).shape for k in cb.keys()
+                     if ".experts." in k and k.endswith(".weight") and len(cb.info(k).shape) == 2 and k in cf
+                     and cf.info(k).shape == cb.info(k).shape} if parts else {}
     return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, others, notes, out_dtype, k_max, oversample,
-                        power_iters, seed, threads, backend)
+                        power_iters, seed, threads, backend, layers, embedding, tied, parts, expert_shapes,
+                        skipped_embeddings)
 
 
-def _nothing_to_extract(cb: Checkpoint, include: str | None, exclude: str | None, embeddings: str,
-                        skipped: list[str]) -> UnsupportedError:
-    """The refusal of an extract that has no weight matrix to extract (before any is read): the include /
-    exclude patterns leave none, or the checkpoint holds none (embeddings alone, skipped or kept whole)."""
+def fused_parts(config: Mapping[str, object]) -> frozenset[str]:
+    """The per-expert layer names transformers 5 fuses for this model (config.json's model types), or none."""
+    for t in sorted(_model_types(config)):
+        if t in PER_EXPERT_ON_DISK:
+            return frozenset(p for parts in PER_EXPERT_ON_DISK[t].values() for p in parts)
+    return frozenset()
+
+
+def _named_embedding(module: str) -> bool:
+    """An input embedding by its last name (no position or relative-position table): the one an output head
+    can be tied to when no model class says which."""
+    return BaseLayers().is_embedding(module) and module.rsplit(".", 1)[-1] not in POSITION_TABLES
+
+
+def _grouped(layers: BaseLayers, module: str, shape: tuple[int, ...]) -> str | None:
+    """Why a convolution is left out, or None: a grouped one (depthwise: one input channel per group), whose
+    PEFT LoRA has another layout (a dense lora_A over every input channel, a grouped lora_B, the rank a multiple
+    of the groups) and cannot be merged by PEFT. Without the model class a kernel of one input channel per
+    output channel group cannot be told from a dense convolution of one input channel: it is left out too."""
+    if len(shape) < 3:
+        return None
+    groups = layers.group_count(module)
+    if groups > 1:
+        return (f"grouped convolution (groups={groups}): PEFT's LoRA for it has another layout (and PEFT cannot "
+                "merge it); not extracted")
+    if layers.kind(module) is None and shape[1] == 1 and shape[0] > 1:
+        return ("convolution with one input channel per output channel (shape "
+                f"{tuple(shape)}): a depthwise (grouped) one, whose PEFT LoRA has another layout, unless it has one "
+                "input channel; without config.json naming a transformers class it cannot be told, so it is not "
+                "extracted")
+    return None
+
+
+def _tie_heads(layers: BaseLayers, work: list[tuple[str, str]], full: list[tuple[str, str]], embedding: set[str],
+               skipped: list[str]) -> dict[str, str]:
+    """The modules that read an extracted embedding's weight (tied weights: the output head of GPT-2, Gemma, a
+    Llama with tie_word_embeddings): PEFT's LoRA on the embedding changes that module's own lookup alone, so
+    each of them gets a LoRA of the same factors (returned: module -> embedding), or with --embeddings full the
+    same tensor kept whole (added to `full`). A weight several layers read (T5 / BART `shared`: encoder and
+    decoder embed_tokens, the output layer) keeps its update on itself alone, as apply merges it (ops.tied), with
+    a note. A stored copy of such a module is left to the tie (transformers loads the embedding there), with
+    a note in `skipped`."""
+    tied: dict[str, str] = {}
+    kept = {name.removesuffix(".weight"): key for name, key in full}
+    readers: dict[str, list[str]] = {}
+    for head, emb in layers.ties.items():
+        readers.setdefault(emb, []).append(head)
+    for head, emb in layers.ties.items():
+        if len(readers[emb]) > 1:  # T5 / BART `shared`: the update stays on it alone (below)
+            continue
+        stored = any(m == head for m, _ in work) or head in kept
+        if emb in embedding:
+            tied[head] = emb
+            work[:] = [(m, k) for m, k in work if m != head]
+        elif emb in kept:
+            full[:] = [(n, k) for n, k in full if n != f"{head}.weight"] + [(f"{head}.weight", kept[emb])]
+        else:
+            continue
+        if stored:
+            skipped.append(f"{head}.weight: tied to {emb} (transformers loads {emb}'s weight there): {head} gets "
+                           f"{emb}'s update instead")
+    for emb, heads in readers.items():
+        if len(heads) > 1 and (emb in embedding or emb in kept):
+            skipped.append(f"{emb}.weight: read by {', '.join(heads)} as well; its update stays on {emb} alone, which "
+                           "PEFT's merge_and_unload and lorafuse apply merge into the shared weight (every reader sees "
+                           "it); PEFT's unmerged forward reads those layers' own lookups, without it")
+    return tied
+
+
+def _coarser(b: str, f: str) -> str:
+    """The coarser of two float dtypes (fewer significand bits); F16 and BF16 each round what the other keeps."""
+    bits = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+    if {b, f} == {"F16", "BF16"}:
+        return "BF16's significand, F16's range"
+    return b if bits.get(b, 0) < bits.get(f, 0) else f
+
+
+def _only_kept_whole(finetuned: str | os.PathLike[str], kept: list[str]) -> UnsupportedError:
+    """The refusal of an extract whose adapter would hold only tensors kept whole (--embeddings full): PEFT
+    refuses an adapter that puts LoRA on no module (NoMatchingPeftModuleError)."""
+    shown = ", ".join(kept[:3]) + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
+    return UnsupportedError(
+        f"{finetuned}: only embeddings or output heads would be written, kept whole ({shown}; --embeddings full, "
+        "Python: embeddings='full'), and no LoRA module: PEFT refuses to load an adapter that targets no module "
+        "(NoMatchingPeftModuleError); extract them as LoRA with --embeddings lora (Python: embeddings='lora'); "
+        "nothing is written")
+
+
+def _nothing_to_extract(cf: Checkpoint, cb: Checkpoint, include: str | None, exclude: str | None, embeddings: str,
+                        skipped: list[str], layers: BaseLayers) -> UnsupportedError:
+    """The refusal of an extract that has no weight matrix to extract (before any is read): the two checkpoints
+    share no tensor name, the include / exclude patterns leave none, or the checkpoint holds none (embeddings
+    alone, skipped or kept whole)."""
+    if not any(k in cf for k in cb.keys()):
+        return _no_shared_name(cb, cf)
     matrices = [k.removesuffix(".weight") for k in cb.keys()
-                if k.endswith(".weight") and len(cb.info(k).shape) in (2, 3, 4) and not _is_embedding(k[:-7])]
+                if k.endswith(".weight") and len(cb.info(k).shape) in MATRIX_NDIMS
+                and not layers.is_embedding(k[:-7]) and not layers.is_head(k[:-7])]
     shown = ", ".join(repr(m) for m in matrices[:3]) + (", ..." if len(matrices) > 3 else "")
-    if include or exclude:
-        given = " and ".join(f"{n}={v!r}" for n, v in (("include", include), ("exclude", exclude)) if v)
-        why = (f"no module matched {given} (regular expressions searched in module names such as {shown})"
-               if matrices else f"{cb.location} has no weight matrix")
+    if (include or exclude) and matrices:
+        why = f"{_left_none(matrices, include, exclude)}; regular expressions are searched in module names such as " \
+              f"{shown}"
+    elif include or exclude:
+        why = f"{cb.location} has no weight matrix"
     elif embeddings == "skip":
         why = f"{cb.location} has no weight matrix to extract but embeddings, and embeddings='skip'"
     else:
@@ -413,6 +614,38 @@ def _nothing_to_extract(cb: Checkpoint, include: str | None, exclude: str | None
     notes = f" ({'; '.join(skipped[:3])})" if skipped else ""
     return UnsupportedError(f"{why}{notes}: the adapter would target no module, which PEFT refuses to load; "
                             "nothing is extracted")
+
+
+def _no_shared_name(cb: Checkpoint, cf: Checkpoint) -> UnsupportedError:
+    """The two checkpoints name every tensor differently (a fine-tune saved as the bare model, without the
+    class's prefix): one example of each, and the prefix one of them lacks when that is the difference."""
+    b, f = next(iter(cb.keys()), ""), next(iter(cf.keys()), "")
+    hint = ""
+    for longer, shorter, which in ((cb, cf, "fine-tuned model's"), (cf, cb, "base's")):
+        s = next(iter(shorter.keys()), "")
+        prefix = next((k[: -len(s)] for k in longer.keys() if s and k.endswith("." + s)), None)
+        if prefix:
+            hint = (f"; the {which} names lack the prefix {prefix!r} (a model saved without its head class?): "
+                    "save both with one class")
+            break
+    return UnsupportedError(
+        f"{cb.location} and {cf.location} share no tensor name (the base has {b!r}, the fine-tuned model "
+        f"{f!r}){hint}: extract pairs the two checkpoints' tensors by name, so nothing can be extracted")
+
+
+def _left_none(matrices: list[str], include: str | None, exclude: str | None) -> str:
+    """What `include` and `exclude` did to the checkpoint's weight matrices (`matrices`, embeddings aside) when
+    they leave none: include matched none, or exclude matched every one that include (or nothing) let through."""
+    total = plural(len(matrices), "weight matrix", "weight matrices")
+    kept = [m for m in matrices if re.search(include, m)] if include else matrices
+    if not kept:
+        return f"no module matched include={include!r} (none of the {total})"
+    every = "it" if len(kept) == 1 else f"all {len(kept)}"
+    if include:
+        return (f"include={include!r} matched {len(kept)} of the {total} and exclude={exclude!r} matched {every}: "
+                "no module is left")
+    every = f"all {total}" if len(kept) > 1 else "the only weight matrix"
+    return f"exclude={exclude!r} matched {every}: no module is left"
 
 
 def _layer_type(model: ModelInfo, module: str, key: str, base: Path) -> str:
@@ -437,13 +670,14 @@ def _rel_error(s: np.ndarray, k: int, frob_sq: float, shape: tuple[int, ...]) ->
     return float(np.sqrt(max(frob_sq - kept, 0.0) / frob_sq))
 
 
-def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, conv1d: bool = False) -> LoraUpdate:
+def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, conv1d: bool = False,
+            embedding: bool = False) -> LoraUpdate:
     k = a.shape[0]
     if conv1d:
         # D (in x out) = b a; PEFT's Conv1D LoRA has delta^T = B A with B (out x k), A (k x in): B = a^T, A = b^T
         return LoraUpdate(module, Tensor.from_array(np.ascontiguousarray(b.T)),
                           Tensor.from_array(np.ascontiguousarray(a.T)), 1.0, "linear", True)
-    if _is_embedding(module) and not module.endswith(("lm_head", "embed_out")):
+    if embedding:
         # PEFT's embedding LoRA stores (B A)^T: lora_embedding_A = B^T, lora_embedding_B = A^T
         return LoraUpdate(module, Tensor.from_array(np.ascontiguousarray(b.T)),
                           Tensor.from_array(np.ascontiguousarray(a.T)), 1.0, "embedding", True)
@@ -453,7 +687,7 @@ def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, c
 
 
 def _config(base: Path, base_config: dict[str, object], adapter: Adapter,
-            modules_to_save: list[str]) -> dict[str, object]:
+            modules_to_save: list[str], modules: Iterable[str] = ()) -> dict[str, object]:
     task_type = None
     archs = base_config.get("architectures")
     if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs):
@@ -462,9 +696,10 @@ def _config(base: Path, base_config: dict[str, object], adapter: Adapter,
     return {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": recorded_name(str(base)) if origin is None else origin.repo_id,
+        "base_model_name_or_path": recorded_base(base) if origin is None else origin.repo_id,
         **({"revision": origin.commit_sha} if origin is not None else {}),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in adapter.updates}),
+        # names PEFT's suffix matching selects the extracted modules by, and no other module of the base
+        "target_modules": peft_targets(adapter.updates, modules),
         "modules_to_save": modules_to_save or None,
         "lora_dropout": 0.0,
         "bias": "none",

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
+from lorafuse._terminal import plural
 from lorafuse.formats import adapter_format, load
 from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
 from lorafuse.formats.util import most_common
@@ -16,6 +21,7 @@ from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.quant import Quantization, detect_checkpoint, parameter_count
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
+from lorafuse.model.names import full_kind
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import DiffusersState, metadata_of
@@ -39,25 +45,92 @@ def _alpha(adapter: Adapter, name: str, u: LoraUpdate) -> float:
     return u.scale * (math.sqrt(u.rank) if rslora else u.rank)
 
 
-def _kind(u: Update) -> str:
+@dataclass(frozen=True)
+class _Built:
+    """What PEFT builds for a LoRA on a parameter (a ParamWrapper): the parameter's r and scale (rank_pattern /
+    alpha_pattern match `<module>.<param>`), and the experts its factors hold (lora_A has r rows per expert)."""
+
+    param: str | None  # None: several parameters give the same r and scale
+    r: int
+    scale: float
+    experts: int
+
+
+def _kind(u: Update, built: _Built | None = None) -> str:
     if isinstance(u, ParamLoraUpdate):
-        return f"parameter LoRA on {u.module} (target_parameters: one block per expert)"
+        if built is None:
+            return (f"parameter LoRA on {u.module} (target_parameters: r and scale per parameter, known against the "
+                    "base)")
+        return (f"parameter LoRA on {built.param or u.module} (target_parameters: {plural(built.experts, 'expert')} "
+                f"of rank {built.r})")
     return u.kind if isinstance(u, LoraUpdate) else f"{u.algo} ({u.kind})"
+
+
+def _parameter_candidates(cfg: dict[str, object], module: str) -> list[tuple[str, int, float]]:
+    """Each parameter of `module` that target_parameters names (PEFT: `M.P == T` or `M.P` ends with `.T`), with
+    its r and scale from rank_pattern / alpha_pattern, as PEFT builds its ParamWrapper."""
+    from lorafuse.formats.peft import pattern_value
+
+    found: dict[str, tuple[str, int, float]] = {}
+    for t in cast("list[str]", cfg.get("target_parameters") or []):
+        name = f"{module}.{t.rpartition('.')[2]}"
+        if name != t and not name.endswith("." + t):
+            continue
+        r = pattern_value(cast("dict[str, object]", cfg.get("rank_pattern") or {}), name, cfg.get("r", 8))
+        alpha = pattern_value(cast("dict[str, object]", cfg.get("alpha_pattern") or {}), name, cfg.get("lora_alpha", 8))
+        if isinstance(r, int) and r > 0 and isinstance(alpha, int | float):
+            found[name] = (name, r, float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r))
+    return list(found.values())
+
+
+def _built_wrappers(adapter: Adapter) -> dict[str, _Built]:
+    """What PEFT builds for each LoRA on a parameter whose parameter the config alone tells. The file names the
+    module, not the parameter, and nests a module's wrappers in an order it does not record: every way of giving
+    the wrappers distinct targeted parameters where each lora_A holds a whole number of r-row blocks, the same
+    number of experts for all of them, is tried; a wrapper is resolved when all those ways give it one r and scale
+    (ops.fused matches them against the base at apply)."""
+    by_module: dict[str, list[ParamLoraUpdate]] = {}
+    for u in adapter.updates.values():
+        if isinstance(u, ParamLoraUpdate):
+            by_module.setdefault(u.module, []).append(u)
+    out: dict[str, _Built] = {}
+    for module, wrappers in by_module.items():
+        candidates = _parameter_candidates(adapter.config, module)
+        seen: dict[str, set[_Built]] = {w.name: set() for w in wrappers}
+        for chosen in itertools.permutations(candidates, len(wrappers)):
+            rows = [w.A.shape[0] for w in wrappers]
+            experts = {n // r for n, (_, r, _) in zip(rows, chosen)}
+            if any(n % r for n, (_, r, _) in zip(rows, chosen)) or len(experts) > 1:
+                continue
+            for w, n, (name, r, scale) in zip(wrappers, rows, chosen):
+                seen[w.name].add(_Built(name, r, scale, n // r))
+        for w in wrappers:
+            ways = seen[w.name]
+            if ways and len({(b.r, b.scale, b.experts) for b in ways}) == 1:
+                b = next(iter(ways))
+                out[w.name] = b if len(ways) == 1 else dataclasses.replace(b, param=None)
+    return out
 
 
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     # A LoRA on a parameter (fused MoE experts) is one low-rank block per expert, known only against the
     # base: its delta norm is not defined without it (None, as a non-finite norm is in JSON).
     # The same for a DoRA module: its delta is m (W + s B A) / ||W + s B A|| - W.
+    # A LoRA on a parameter shows the r and scale PEFT builds it with (its lora_A holds r rows per expert), or
+    # None for both where only the base tells which parameter it adapts.
     plain = {n: u for n, u in adapter.updates.items() if not isinstance(u, ParamLoraUpdate) and u.magnitude is None}
     norms = frobenius_norms(plain, threads)
+    built = _built_wrappers(adapter)
+    rank_scale = {n: ((built[n].r, built[n].scale) if n in built else (None, None))
+                  if isinstance(u, ParamLoraUpdate) else (int(u.rank), float(u.scale))
+                  for n, u in adapter.updates.items()}
     modules = []
     for name, u in adapter.updates.items():
         modules.append({
             "name": name,
-            "kind": _kind(u),
-            "rank": int(u.rank),
-            "scale": float(u.scale),
+            "kind": _kind(u, built.get(name)),
+            "rank": rank_scale[name][0],
+            "scale": rank_scale[name][1],
             "shape": [int(d) for d in u.delta_shape],
             "dtype": "/".join(dict.fromkeys(t.dtype for t in stored_tensors(u))),
             "dora": u.magnitude is not None,
@@ -70,7 +143,10 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     # alpha over its own dimension, not over the rank of its exact factorization: shown as scales only.
     # Every number is a JSON number: lora_alpha the config's (PEFT) or the most common module alpha
     # (kohya / diffusers; None for LoHa / LoKr only), lora_alphas every distinct module alpha.
-    per_module = [_number(_alpha(adapter, n, u)) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)]
+    per_module = [_number(_alpha(adapter, n, u)) for n, u in adapter.updates.items()
+                  if isinstance(u, LoraUpdate) and not isinstance(u, ParamLoraUpdate)]
+    per_module += [_number(b.scale * (math.sqrt(b.r) if adapter.config.get("use_rslora") else b.r))
+                   for b in built.values()]
     config_alpha = cfg.get("lora_alpha")
     if adapter.format == "peft" and isinstance(config_alpha, int | float) and not isinstance(config_alpha, bool):
         lora_alpha: int | float | None = _number(config_alpha)
@@ -81,8 +157,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "format": adapter.format,
         "path": str(adapter.path) if adapter.path else None,
         "modules": len(adapter.updates),
-        "ranks": dict(sorted(Counter(u.rank for u in adapter.updates.values()).items())),
-        "scales": sorted({round(float(u.scale), 8) for u in adapter.updates.values()}),
+        "ranks": dict(sorted(Counter(r for r, _ in rank_scale.values() if r is not None).items())),
+        "scales": sorted({round(s, 8) for _, s in rank_scale.values() if s is not None}),
         "lora_alpha": lora_alpha,
         "lora_alphas": sorted(set(per_module)),
         "use_rslora": bool(cfg.get("use_rslora", False)),
@@ -90,6 +166,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
         "parameters": int(adapter.num_parameters()),
         "full_tensors": sorted(adapter.full),
+        # what each is: "modules_to_save", "bias" (adapter_config bias='all' / 'lora_only'), "base copy"
+        "full_tensor_kinds": {k: full_kind(cfg, adapter.full_origin.get(k, k)) for k in sorted(adapter.full)},
         "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
         "provenance": adapter.provenance.as_dict() if adapter.provenance is not None else None,
         "module_details": modules,

@@ -4,8 +4,10 @@ Two chains, one per kind of name:
 - tensor names of LLM adapters (PEFT folders), key by key (`KeyChain`): the exact key
   (`model.layers.0.self_attn.q_proj.weight`), then Hugging Face prefixes (the checkpoint's key
   has a prefix the name lacks, or the name one the checkpoint lacks: `model.` of a
-  ...ForCausalLM adapter against a bare model), then the `lm_head` a checkpoint with tied
-  embeddings does not store. A unique match wins; several are reported as ambiguous.
+  ...ForCausalLM adapter against a bare model), then, for a layout transformers renames as it
+  loads (RENAMES, by config.json's model_type), the name spelled as the checkpoint spells it,
+  then the tied layers a checkpoint does not store (`lm_head`, BERT's `cls.predictions.decoder`:
+  ops.tied). A unique match wins; several are reported as ambiguous.
   Names that find no key may land on a row block of a fused weight (`ops.fused.FusedNames`: a
   q_proj on the first rows of a Phi-3 `qkv_proj`, by the sizes in config.json).
 - module names of diffusion adapters (kohya / LyCORIS / diffusers LoRA files), all at once
@@ -16,6 +18,7 @@ Each matcher takes what the ones before it left; the first that matches a name d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -83,6 +86,52 @@ class HfShorterKey:
         return None
 
 
+# transformers 5 loads these layouts under other names than their checkpoints hold (conversion_mapping.py renames
+# them as it loads and back as it saves, in 5.x as in the checkpoints of 4.x), and PEFT names an adapter's modules
+# as loaded: per model_type, the reverse of transformers' renamings, (in-memory pattern, on-disk replacement)
+# applied in order; the result is then looked up like any name (exact, with or without a prefix).
+_LLAVA = ((r"^model\.language_model\.", "language_model.model."),  # "llava": ^language_model -> model.language_model
+          (r"^language_model\.(?!model\.)", "language_model.model."))  # "LlavaModel": language_model.model -> ...
+_QWEN2_VL = ((r"^(?:model\.)?language_model\.", "model."),)  # "Qwen2VLForConditionalGeneration": ^model -> ...
+_QKV = {"q": "query", "k": "key", "v": "value"}
+_DINOV2 = ((r"\.attention\.(q|k|v)_proj\.", lambda m: f".attention.attention.{_QKV[m.group(1)]}."),  # "Dinov2Model"
+           (r"\.attention\.o_proj\.", ".attention.output.dense."))
+# "ViTModel" (and "BeitModel", "ViTMAEForPreTraining"): encoder.layer. -> layers. (ViT-MAE's decoder_encoder.layer.
+# -> decoder_layers.), attention.query -> q_proj, ..., intermediate.dense -> mlp.fc1, output.dense -> mlp.fc2
+_VIT = ((r"(^|[._])layers\.(\d+)\.", r"\1encoder.layer.\2."), *_DINOV2,
+        (r"\.mlp\.fc1\.", ".intermediate.dense."), (r"\.mlp\.fc2\.", ".output.dense."))
+_MIXTRAL = ((r"\.mlp\.", ".block_sparse_moe."),)  # "mixtral": .block_sparse_moe. -> .mlp.
+RENAMES: dict[str, tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...]] = {
+    **dict.fromkeys(("llava", "aria", "paligemma", "aya_vision", "got_ocr2", "gemma3", "internvl", "vipllava",
+                     "mistral3", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fuyu",
+                     "mllama"), _LLAVA),
+    **dict.fromkeys(("qwen2_vl", "qwen2_5_vl"), _QWEN2_VL),
+    **dict.fromkeys(("vit", "deit", "beit", "vit_mae", "vit_msn", "ijepa", "audio-spectrogram-transformer", "vivit"),
+                    _VIT),
+    **dict.fromkeys(("dinov2", "dinov2_with_registers"), _DINOV2),
+    **dict.fromkeys(("mixtral", "minimax", "minimax_m2"), _MIXTRAL),
+}
+RENAMED_FAMILIES = ("the llava family (Llava, Gemma 3, PaliGemma, Mistral 3, ...), Qwen2-VL / 2.5-VL, the ViT family "
+                    "(ViT, DeiT, BEiT, ViT-MAE, DINOv2, ...) and Mixtral")
+
+
+class RenamedKey:
+    """A layout transformers renames as it loads (RENAMES, by config.json's model_type): the name spelled
+    as the checkpoint spells it, then looked up by `inner` (exact, with or without a prefix)."""
+
+    name = "renamed"
+
+    def __init__(self, model_type: str, inner: KeyChain) -> None:
+        self.rules = [(re.compile(rx), repl) for rx, repl in RENAMES[model_type]]
+        self.inner = inner
+
+    def find(self, key: str) -> str | None:
+        renamed = key
+        for rx, repl in self.rules:
+            renamed = rx.sub(repl, renamed)
+        return self.inner.find(renamed) if renamed != key else None
+
+
 class VirtualKey:
     """A key the checkpoint does not store but reads from another one (a tied `lm_head.weight`)."""
 
@@ -116,10 +165,16 @@ class KeyChain:
         return self.find(key)
 
 
-def checkpoint_keys(keys: Iterable[str], virtual: Iterable[str] = ()) -> KeyChain:
-    """The chain for LLM tensor names against a checkpoint's keys (and keys it reads but does not store)."""
+def checkpoint_keys(keys: Iterable[str], virtual: Iterable[str] = (),
+                    config: Mapping[str, object] | None = None) -> KeyChain:
+    """The chain for LLM tensor names against a checkpoint's keys (and keys it reads but does not store); with
+    the base's config.json, a layout transformers renames as it loads is spelled back (RenamedKey)."""
     keys = list(keys)
-    return KeyChain([ExactKey(keys), HfPrefixedKey(keys), HfShorterKey(keys), VirtualKey(virtual)])
+    stored: list[KeyMatcher] = [ExactKey(keys), HfPrefixedKey(keys), HfShorterKey(keys)]
+    model_type = (config or {}).get("model_type")
+    renamed: list[KeyMatcher] = [RenamedKey(model_type, KeyChain(stored))] if (
+        isinstance(model_type, str) and model_type in RENAMES) else []
+    return KeyChain([*stored, *renamed, VirtualKey(virtual)])
 
 
 class BaseMatcher:

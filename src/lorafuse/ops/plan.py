@@ -38,19 +38,18 @@ import numpy as np
 
 from lorafuse._progress import ProgressCallback, human_bytes
 from lorafuse._terminal import plural
-from lorafuse._validate import check_path, full_rank
+from lorafuse._validate import check_bool, check_path, full_rank
 from lorafuse.errors import LorafuseError
 from lorafuse.io.atomic import check_output
 from lorafuse.io.dtypes import DTYPES
-from lorafuse.io.manifest import mark_metadata
+from lorafuse.io.manifest import ADAPTER, mark_metadata
 from lorafuse.io.provenance import Invocation, Provenance, is_provenance_key
 from lorafuse.io.safetensors import TensorSpec, encode_header, read_header
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.layout import ModuleLayout
-from lorafuse.model.registry import get_format
 from lorafuse.ops.combine import AnyAdapters, CombineOptions
-from lorafuse.ops.outputs import AdapterOutput, checked_output, extract_output, write_plan
+from lorafuse.ops.outputs import AdapterOutput, checked_output, extract_output, python_output, write_plan
 from lorafuse.ops.rank import RankRule
 
 __all__ = ["FilePlan", "ModulePlan", "Plan", "plan_apply", "plan_combine", "plan_convert", "plan_extract",
@@ -277,7 +276,8 @@ def plan_combine(adapters: AnyAdapters, weights: Iterable[float] | None, options
     from lorafuse.ops.combine import many, prepare_to
 
     s = prepare_to(adapters, weights, options)
-    fmt = get_format(s.template.format if format is None else format).name
+    target = python_output(out, format, [s.template], s.inputs, overwrite=overwrite)  # as combine_to names it
+    fmt, out = target.format, target.path
     modules: list[ModulePlan] = []
     if s.stream is not None:
         passes = 1 if s.options.method == "linear" else (s.options.passes or many.DEFAULT_PASSES)  # as run_stream
@@ -295,10 +295,12 @@ def plan_combine(adapters: AnyAdapters, weights: Iterable[float] | None, options
             modules.append(ModulePlan(name, lay.delta_shape, ranks, lay.rank))
     template = skeleton(s.template, s.layout)
     wp = write_plan(fmt, template)
-    replaces = check_output(out, s.inputs, folder=wp.folder_kind is not None, overwrite=overwrite)
+    replaces = check_output(out, s.inputs, folder=wp.folder_kind is not None, overwrite=overwrite,
+                            kind=wp.folder_kind or ADAPTER)
     details: dict[str, object] = {"method": s.options.method, "adapters": count, "engine": s.engine,
                                   "passes": passes if s.stream is not None else None}
-    return _adapter_plan("combine", Path(out), fmt, template, modules, read, [], replaces, True, details)
+    return _adapter_plan("combine", out, fmt, template, modules, read, [target.note] if target.note else [], replaces,
+                         True, details)
 
 
 # ----------------------------------------------------------------------------- resize
@@ -333,6 +335,7 @@ def plan_resize(
     from lorafuse.ops.resize import prepare_resize, resized
 
     out = None if out is None else check_path(out, "out")
+    overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     target: AdapterOutput | None = None
@@ -390,9 +393,11 @@ def plan_extract(
     ops.extract.prepare_extract). Every selected module is listed with its largest rank; a module whose
     weights did not change is left out when run (that needs both weights read), so the plan is an upper
     bound (`exact` False)."""
-    from lorafuse.ops.extract import _update, extracted, prepare_extract
+    from lorafuse.model.experts import expert_modules, missing_experts
+    from lorafuse.ops.extract import _one_linear_layout, _update, extracted, prepare_extract
 
     out = None if out is None else check_path(out, "out")
+    overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite) if out is not None else None
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
@@ -402,26 +407,37 @@ def plan_extract(
     updates: dict[str, Update] = {}
     modules: list[ModulePlan] = []
     read = 0
-    for module, key in x.work:
-        shape = x.base.info(key).shape
+    ranks = {m: full_rank(cap, (x.base.info(k).shape[0], int(np.prod(x.base.info(k).shape[1:], dtype=np.int64))))
+             for m, k in x.work}
+    experts = expert_modules(ranks, x.expert_parts) if x.expert_parts else []
+    common = max((ranks[m] for m in experts), default=0)  # extract writes every expert at one rank (model.experts)
+    ranks.update({m: common for m in experts})
+    ranks.update({h: ranks[e] for h, e in x.tied.items() if e in ranks})  # a tied head: its embedding's factors
+    keys = dict(x.work)
+    shapes = {m: x.base.info(k).shape for m, k in x.work}
+    shapes.update({h: shapes[e] for h, e in x.tied.items() if e in shapes})
+    shapes.update({m: x.expert_shapes[m] for m in missing_experts(experts, x.expert_parts, x.expert_shapes)})
+    for module, shape in shapes.items():
+        key = keys.get(module)
         cols = int(np.prod(shape[1:], dtype=np.int64))
-        k = full_rank(cap, (shape[0], cols))
+        k = ranks.get(module, common)
         # zeros the system maps lazily: the layout of the update extract makes, without its values
         u = _update(module, shape, np.zeros((shape[0], k), np.float32), np.zeros((k, cols), np.float32),
-                    module in x.conv1d)
+                    module in x.conv1d, module in x.embedding or (module in x.tied
+                                                                  and x.layers.kind(module) == "embedding"))
         try:
             layout = ModuleLayout.of(u)
             updates[module] = (layout if x.dtype is None else dataclasses.replace(layout, dtype=x.dtype)).placeholder()
         except LorafuseError:  # a layout has no entry for it (a fused expert tensor): its own zeros then
             updates[module] = u
         modules.append(ModulePlan(module, tuple(u.delta_shape), (), k, rule.from_spectrum))
-        read += x.base.info(key).nbytes + x.finetuned.info(key).nbytes
+        read += 0 if key is None else x.base.info(key).nbytes + x.finetuned.info(key).nbytes
     full: dict[str, Tensor] = {}
     for name, key in x.full:
         info = x.finetuned.info(key)
         full[name] = Tensor(np.broadcast_to(np.zeros((), DTYPES[info.dtype].raw), info.shape), info.dtype)
         read += info.nbytes
-    adapter = extracted(base, x.config, updates, full, (x.base, x.finetuned))
+    adapter = extracted(base, x.config, _one_linear_layout(updates), full, (x.base, x.finetuned), x.layers.modules)
     notes = [f"not extracted: {s}" for s in x.skipped] + x.notes + ([target.note] if target is not None and
                                                                      target.note else [])
     notes.append("a module whose weights did not change is left out when extract runs: the plan counts every module "

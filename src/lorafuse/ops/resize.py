@@ -20,11 +20,14 @@ from lorafuse._validate import check_threads
 from lorafuse.backends import Backend, FactorJob, backend_for_device
 from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats import load
+from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import adapter_input, given_name, record
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LycorisUpdate, Update
 from lorafuse.model.arithmetic import check_split, restated_config
+from lorafuse.model.experts import ALL_PARTS, one_expert_rank
 from lorafuse.model.layout import output_dtype, rounded
+from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -41,10 +44,11 @@ GROUP = 64  # modules per call into the core (the progress bar advances per grou
 
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
            threads: int = 0, progress: bool | None = None,
-           dtype: str | None = None, device: str = "cpu") -> tuple[Adapter, list[ModuleReport]]:
+           dtype: object = None, device: str = "cpu") -> tuple[Adapter, list[ModuleReport]]:
     """The adapter with every module's rank reduced by `rule`, and a report per module. `dtype` ('fp32',
-    'fp16', 'bf16' or an alias io.dtypes accepts, like kohya's --save_precision 'float') is the dtype of the
-    new factors; None: the input's factor dtype when all its factors share one of F32 / F16 / BF16, else F32.
+    'fp16', 'bf16' or an alias io.dtypes accepts, like kohya's --save_precision 'float', or a torch / numpy
+    dtype) is the dtype of the new factors; None: the input's factor dtype when all its factors share one of
+    F32 / F16 / BF16, else F32.
     `device` 'cuda' runs the factored SVDs on the GPU (DeviceError when this build or machine cannot)."""
     a, threads, backend, out_dtype = prepare_resize(adapter, rule, threads, dtype, device, split)
     names = list(a.updates)
@@ -77,15 +81,19 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         new.bias = u.bias
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))
+    updates, common, _ = one_expert_rank(updates, ALL_PARTS)  # the MoE experts PEFT stacks: one rank, zero-padded
+    if common:
+        report = [dataclasses.replace(m, rank_out=updates[m.name].rank) for m in report]
     raise_if_inputs_changed(a.sources())  # its file shrank or changed while read: refuse the result
     out = resized(a, updates)
     out.provenance = record("resize", [adapter_input(a, name=given_name(adapter))],  # io.provenance
-                            {**dataclasses.asdict(rule), "split": split, "dtype": dtype, "device": device})
+                            {**dataclasses.asdict(rule), "split": split, "dtype": dtype_spelling(dtype),
+                             "device": device})
     return out, report
 
 
 def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, threads: int = 0,
-                   dtype: str | None = None, device: str = "cpu",
+                   dtype: object = None, device: str = "cpu",
                    split: str = "B") -> tuple[Adapter, int, Backend, str]:
     """What resize checks and reads before any SVD (its arguments' meaning: resize): the adapter (loaded
     when a path), the checked threads, the backend, the new factors' dtype. DoRA modules are refused."""
@@ -96,6 +104,7 @@ def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, th
         raise LorafuseValueError(f"rule must be a RankRule (rank=, sv_ratio=, sv_fro= or sv_cumulative=), got "
                                  f"{type(rule).__name__}")
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
+    refuse_parameter_loras(a.label, a.updates, "resize")
     for name, u in a.updates.items():
         if u.magnitude is not None:
             raise UnsupportedError(f"{a.label}: module {name!r} is DoRA; its rank cannot be reduced independently "
@@ -104,6 +113,10 @@ def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, th
             raise UnsupportedError(f"{a.label}: module {name!r} updates a weight of shape {tuple(u.delta_shape)}, "
                                    "with no rows or no columns: it has no rank to reduce (apply merges it as "
                                    "nothing)")
+    from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
+
+    note_unknown_kernels(a.label, [n for n, u in a.updates.items()
+                                   if isinstance(u, LycorisUpdate) and kernel_unknown(n, tuple(u.delta_shape))])
     return a, threads, backend, output_dtype([a], dtype, "resize")
 
 

@@ -27,6 +27,7 @@ from lorafuse.errors import (
 from lorafuse.formats.targets import Target
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.names import full_kind
 from lorafuse.model.param_lora import ParamLoraUpdate
 
 BaseKey = Callable[[str], "str | None"]  # canonical tensor name -> the checkpoint's key (LLM adapters)
@@ -182,7 +183,9 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
     out = Resolved()
     model = ModelInfo.from_config(model_config)
     twins = _UnicodeTwins(shapes, base_key)
+    layouts = LayoutHints(shapes)
     for adapter, w in zip(adapters, weights):
+        missing_before = len(out.missing)
         params = {n: u for n, u in adapter.updates.items() if isinstance(u, ParamLoraUpdate)}
         experts = resolve_parameters(adapter, params, shapes, base_key, model_config, w) if params else None
         updates: dict[str, Update] = {n: u for n, u in adapter.updates.items() if n not in params}
@@ -191,9 +194,11 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             out.missing += experts.missing
         found, missing = _targets(adapter, updates, shapes, base_key, model_config)
         for name in missing:
-            hint = twins.hint(name, ".weight") or fused_hint(name, base_key, model_config) or _ambiguous(name, shapes)
+            hint = (twins.hint(name, ".weight") or fused_hint(name, base_key, model_config) or _ambiguous(name, shapes)
+                    or layouts.hint(name))
             out.missing.append(f"{adapter.label}: module {name!r}{hint}")
-        _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
+        if len(out.missing) == missing_before:  # else the layers it names may be those the unmatched modules adapt
+            _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
         claimed: dict[str, list[tuple[str, int, int]]] = {}
         if experts is not None:
             for pkey, entries in experts.contributions.items():
@@ -235,13 +240,21 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
         replaced_by: dict[str, str] = {}
         for name, tensor in adapter.full.items():
             key = base_key(name)
+            what = full_label(adapter, name)
             if key is None:
-                out.missing.append(f"{adapter.label}: modules_to_save tensor {name!r}{twins.hint(name, '')}")
+                out.missing.append(f"{adapter.label}: {what}{twins.hint(name, '')}")
                 continue
             if tuple(tensor.shape) != tuple(shapes[key]):
                 raise ShapeMismatchError(
-                    f"{adapter.label}: modules_to_save tensor {name!r} has shape {tensor.shape} "
-                    f"but base {key!r} has shape {shapes[key]}"
+                    f"{adapter.label}: {what} has shape {tensor.shape} but base {key!r} has shape {shapes[key]}"
+                )
+            if w != 1.0 and not is_base_copy(adapter, name):
+                raise UnsupportedError(
+                    f"{adapter.label}: {what} replaces base weight {key!r} whole, and the adapter's weight is {w:g}: "
+                    "a replacement cannot be scaled (with any weight it installs the same tensor, so a weight of 0 "
+                    "would still change the model). Give this adapter weight 1"
+                    + (", or train it with bias='none'" if full_kind(adapter.config, adapter.full_origin.get(name, ""))
+                       == "bias" else ", or save it without modules_to_save")
                 )
             if key in replaced_by:
                 raise FormatError(f"{adapter.label}: tensors {replaced_by[key]!r} and {name!r} both replace base "
@@ -252,6 +265,64 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             replaced_by[key] = name
             out.replacements[key] = (tensor, adapter.label)
     return out
+
+
+def is_base_copy(adapter: Adapter, name: str) -> bool:
+    """A full tensor PEFT saved as `<module>.base_layer.<param>`: its copy of the base layer's weight (saved with
+    the LoRA of an embedding or output layer), which PEFT loads into the base whatever the adapter's weight. A
+    trained bias saved there (adapter_config bias='all' / 'lora_only') is not one (model.names.full_kind)."""
+    return full_kind(adapter.config, adapter.full_origin.get(name, "")) == "base copy"
+
+
+def full_label(adapter: Adapter, name: str) -> str:
+    """A full tensor of the adapter, as messages name it: a bias PEFT saves for adapter_config bias='all' /
+    'lora_only', a modules_to_save tensor, or PEFT's saved base-layer copy."""
+    origin = adapter.full_origin.get(name, name)
+    if full_kind(adapter.config, origin) == "bias":
+        return f"bias tensor {origin!r} (saved for adapter_config bias={adapter.config.get('bias')!r})"
+    if is_base_copy(adapter, name):
+        return (f"tensor {adapter.full_origin[name]!r} (PEFT's copy of the base layer's weight, saved with the "
+                "layer's LoRA)")
+    return f"modules_to_save tensor {name!r}"
+
+
+class LayoutHints:
+    """Why a module may find no target although the base holds its layer: a base key ending like its name from
+    the layer index on (`language_model.model.layers.0.self_attn.q_proj` for `model.language_model.layers.0.
+    self_attn.q_proj`), or no base layer of its kind at all (`vit.layers.0.attention.q_proj` on a base spelling
+    it `vit.encoder.layer.0.attention.attention.query`): a layout transformers renames as it loads. The base's
+    keys are indexed once, on the first module that needs a hint."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self._ends: dict[str, str] | None = None  # a dotted tail of a key -> the first such key (sorted)
+        self._parts: set[str] = set()
+
+    def _index(self) -> dict[str, str]:
+        if self._ends is None:
+            self._ends = {}
+            for key in sorted(self.shapes):
+                parts = key.split(".")
+                self._parts.update(parts)
+                for i in range(1, len(parts)):
+                    self._ends.setdefault(".".join(parts[i:]), key)
+        return self._ends
+
+    def hint(self, name: str) -> str:
+        ends = self._index()
+        parts = name.split(".")
+        first_index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        for start in range(1, (first_index if first_index is not None else len(parts) - 1) + 1):
+            like = ends.get(".".join(parts[start:]) + ".weight")
+            if like is not None:
+                return f" (the base has {like!r}, which ends like it: the same layer in {ANOTHER_LAYOUT}?)"
+        if first_index is not None and parts[-1] not in self._parts:  # a layer of a numbered block
+            return f" (no base weight belongs to a layer named {parts[-1]!r}: an adapter for another model, or a " \
+                   f"base in {ANOTHER_LAYOUT}?)"
+        return ""
+
+
+ANOTHER_LAYOUT = "another layout"  # layout_hint's words, which missing_error explains once
 
 
 _EMBEDDING_LEAVES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "embed_positions",
@@ -355,8 +426,14 @@ def _ambiguous(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
 def missing_error(missing: list[str], label: str, unread: Sequence[str] = ()) -> MissingModuleError:
     """Every module that found no target, one per line (users fix their files from this list); `unread`: why
     parts of the base were not read (a pipeline component holding only a pickle), which may be where they are."""
+    from lorafuse.ops.match import RENAMED_FAMILIES
+
     lines = "\n  ".join(missing)
     also = "".join(f"\nnot read: {why}" for why in unread)
+    if any(f"in {ANOTHER_LAYOUT}?)" in m for m in missing):
+        also += (f"\n{ANOTHER_LAYOUT}: transformers 5 loads some models under other names than their checkpoints hold "
+                 "(it renames them as it loads and back as it saves), and PEFT names an adapter's modules as loaded; "
+                 f"lorafuse maps the layouts of {RENAMED_FAMILIES}, by config.json's model_type")
     return MissingModuleError(
         f"{plural(len(missing), 'adapter module')} found no target in the base {label}:\n  {lines}{also}\n"
         "(pass --skip-missing, Python: skip_missing=True, to merge the others and report these)"

@@ -23,7 +23,8 @@ from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchErr
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
 from lorafuse.model.adapter import adapter_list
-from lorafuse.model.arithmetic import module_examples, shared_modules
+from lorafuse.model.arithmetic import laid_out, module_examples, one_model, shared_modules
+from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
     CORE_BATCH_FLOPS,
@@ -90,10 +91,12 @@ def gram(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0)
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapter_list(adapters, "similarity")]
     for a in loaded:
         refuse_dora(a.label, a.updates, "its similarity to another adapter")
+        refuse_parameter_loras(a.label, a.updates, "similarity")
     batch = _Batch(len(loaded), threads)
     names = list(dict.fromkeys(name for a in loaded for name in a.updates))
     for name in names:
-        holders = [(i, a.updates[name]) for i, a in enumerate(loaded) if name in a.updates]
+        at = [i for i, a in enumerate(loaded) if name in a.updates]
+        holders = list(zip(at, laid_out([loaded[i].updates[name] for i in at])))  # a flattened conv: its 4-D shape
         _check_shapes(name, holders, loaded)
         if batch.full(*_module_cost(holders)):
             batch.flush()
@@ -123,8 +126,8 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
-    for note in unshared_notes(loaded):  # a 0 that measures nothing (the CLI prints these as notes)
-        warnings.warn(note, UserWarning, stacklevel=2)
+    for note in unshared_notes(loaded) + zero_notes(loaded, [i for i, n in enumerate(norms) if n == 0]):
+        warnings.warn(note, UserWarning, stacklevel=2)  # a 0 that measures nothing (the CLI prints these as notes)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
 
 
@@ -143,6 +146,19 @@ def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFi
                               f"its delta's norm overflows float64 (scale {u.scale:g}): the cosine is not computed")
     return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where} has a delta holding NaN or Inf "
                           "(in its factors or its scale): its similarities would be meaningless")
+
+
+ZERO_NOTE = "its delta is zero"  # in every zero_notes line (the CLI prints them with the names it was given)
+
+
+def zero_notes(adapters: Sequence[Adapter], zero: Sequence[int], labels: Sequence[str] | None = None) -> list[str]:
+    """One line per adapter of `adapters` at the indices `zero`, whose delta is zero (no module, or B @ A = 0 in
+    every one): its cosines, the diagonal's too, are undefined, and similarity shows them as 0."""
+    names = [str(x) for x in labels] if labels is not None else [a.label for a in adapters]
+    why = ["it holds no module" if not adapters[i].updates else "B @ A is 0 in every module: saved before training?"
+           for i in zero]
+    return [f"{names[i]}: {ZERO_NOTE} ({w}): its cosine with any adapter, itself included, is undefined and shown as 0"
+            for i, w in zip(zero, why)]
 
 
 def unshared_pairs(adapters: Sequence[Adapter]) -> list[tuple[int, int]]:
@@ -171,6 +187,8 @@ def unshared_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = N
             line += (f"; {names[k]} has kohya names and {names[kinds['diffusers']]} diffusers names: if they are "
                      f"for the same model, `lorafuse convert {shlex.quote(str(src))} --to peft -o "
                      f"{shlex.quote(str(out))}` gives the kohya one diffusers names to compare")
+        elif one_model(a, b):
+            line += "; they adapt different parts of one model (its text encoders, its UNet or transformer)"
         else:
             line += ("; adapters for different models, or one model named two ways (kohya and diffusers files "
                      "convert into each other with `lorafuse convert`)")

@@ -6,7 +6,8 @@ column_norm)` for the structured updates:
 - `FactorStage("hadamard", (B1, A1, B2, A2))`: adds (B1 @ A1) * (B2 @ A2), a LoHa delta;
 - `FactorStage("kron", (W1, W2[, row_offset]))`: adds rows row_offset.. of kron(W1, W2), a LoKr delta;
 every coefficient folded into the first array. A DoRA stage (magnitude set) rescales rows
-(or columns) of everything before it, so each is a stage of its own, in order.
+(or columns) of everything before it, by its magnitude over the norm of W + its own delta
+(PEFT's, whatever the stages before it), so each is a stage of its own, in order.
 
 Updates that land on rows of a weight (an expert of a fused [E, out, in] tensor, the q block of
 a fused qkv_proj, a text encoder's q on an OpenCLIP in_proj_weight) become a `RowBlock`: the

@@ -109,7 +109,8 @@ def _verb(method: str) -> str:
 
 
 def _taken(stage: Stage) -> set[str]:
-    """The parameters stage's merge_method takes."""
+    """The parameters stage's merge_method takes (a combine method: its registry flags, as combine's
+    check_options reads them)."""
     verb = _verb(stage.merge_method)
     taken = set(TAKES[verb])
     if verb == "combine":
@@ -118,19 +119,48 @@ def _taken(stage: Stage) -> set[str]:
             taken -= {"rank", "conv_rank"}
         if not m.takes_density:
             taken.discard("density")
-        if stage.merge_method != "svd":
+        if not m.takes_exact:
             taken.discard("exact")
+        if not m.takes_split:
+            taken.discard("split")
         if stage.merge_method not in STREAMABLE:
             taken -= {"passes", "engine", "ray_address"}
-        if "ties" not in stage.merge_method:
+        if not m.uses_majority_sign:
             taken.discard("majority_sign")
         if not m.uses_seed:
             taken.discard("seed")
     return taken
 
 
-def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
-    """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage."""
+_COMBINE_FIELDS = ("passes", "engine", "ray_address", "exact", "split", "seed", "majority_sign", "rank", "conv_rank",
+                   "density")  # where an error of combine's check_options is reported (the first it names)
+
+
+def _check_combine(recipe: RecipeText, i: int, stage: Stage, device: str | None) -> None:
+    """combine's own check of the stage's options (check_options: the rules between options, such as passes with
+    engine 'memory' or ray_address without engine 'ray'), before any stage runs, at the line of the parameter
+    its message names."""
+    from lorafuse.ops.combine import CombineOptions, check_options
+    from lorafuse.recipes.schema import DTYPES
+
+    p = stage.parameters
+    density = next((m.parameters.density for m in stage.models if m.parameters.density is not None), p.density)
+    given = {k: v for k, v in {"rank": p.rank, "conv_rank": p.conv_rank, "majority_sign": p.majority_sign,
+                               "seed": p.seed, "split": p.split, "exact": p.exact, "engine": p.engine,
+                               "passes": p.passes, "ray_address": p.ray_address}.items() if v is not None}
+    options = CombineOptions(method=stage.merge_method, density=density, device=device or "cpu",
+                             dtype=None if stage.dtype is None else DTYPES[stage.dtype], **given)  # type: ignore[arg-type]
+    try:
+        check_options(options)
+    except LorafuseError as e:
+        text = str(e)
+        field = next((f for f in _COMBINE_FIELDS if f in p.model_fields_set and f in text), None)
+        raise RecipeError(f"{recipe.where(i, ('parameters', field) if field else ('merge_method',))}: {e}") from None
+
+
+def _check_values(recipe: RecipeText, i: int, stage: Stage, device: str | None = None) -> None:
+    """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage
+    (`device`: the run's, which some combine options depend on)."""
     import re
 
     from lorafuse.ops.apply_plan import check_requantize, shard_limit
@@ -153,9 +183,16 @@ def _check_values(recipe: RecipeText, i: int, stage: Stage) -> None:
             except re.error as e:
                 raise RecipeError(f"{recipe.where(i, ('parameters', key))}: {pattern!r} is not a regular expression "
                                   f"({e})") from None
+    if _verb(stage.merge_method) == "combine":
+        _check_combine(recipe, i, stage, device)
 
 
-def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
+def _check_parameters(recipe: RecipeText, i: int, stage: Stage, device: str | None = None) -> None:
+    if stage.parameters.ray_address is not None:
+        raise RecipeError(f"{recipe.where(i, ('parameters', 'ray_address'))}: a recipe cannot name a Ray cluster (a "
+                          "recipe from elsewhere would send your adapters' paths to it and take back what it "
+                          "returns); engine: ray joins the cluster the environment names (RAY_ADDRESS=ADDR "
+                          "lorafuse run ...), else starts a local one")
     taken = _taken(stage)
     given = stage.parameters.model_fields_set
     for name in sorted(given - taken, key=lambda n: recipe.documents[i].line_of(("parameters", n))):
@@ -165,7 +202,6 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
         raise RecipeError(f"{recipe.where(i, ('parameters', name))}: merge_method {stage.merge_method!r} takes no "
                           f"{name} (it takes: {ok})")
     verb = _verb(stage.merge_method)
-    _check_values(recipe, i, stage)
     for j, m in enumerate(stage.models):
         p = m.parameters
         if p.density is not None and "density" not in taken:
@@ -197,6 +233,7 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage) -> None:
     if stage.format is not None and verb != "combine":
         raise RecipeError(f"{recipe.where(i, ('format',))}: format applies to combine stages (merge_method "
                           f"{stage.merge_method!r} writes the input's own format)")
+    _check_values(recipe, i, stage, device)
 
 
 def _split_plus(text: str, exists: bool) -> tuple[str, str] | None:
@@ -207,8 +244,9 @@ def _split_plus(text: str, exists: bool) -> tuple[str, str] | None:
     return (base, adapter) if base and adapter else None
 
 
-def check(recipe: RecipeText) -> list[CheckedStage]:
-    """Every stage validated and checked, in order; later stages may name earlier ones' outputs."""
+def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
+    """Every stage validated and checked, in order; later stages may name earlier ones' outputs. `device`: the
+    run's (None: the CPU), which combine's options are checked with."""
     from lorafuse.recipes.paths import exists
 
     n = len(recipe.documents)
@@ -226,8 +264,9 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
 
             other = foreign_method(stage.merge_method)
             hint = f" ({other})" if other else suggest(stage.merge_method, MERGE_METHODS)
+            given = recipe.documents[i].data.get("merge_method", stage.merge_method)  # as written (any case)
             raise RecipeError(f"{recipe.where(i, ('merge_method',))}: unknown merge_method "
-                              f"{stage.merge_method!r}{hint}; choose one of {', '.join(MERGE_METHODS)}")
+                              f"{given!r}{hint}; choose one of {', '.join(MERGE_METHODS)}")
         if stage.name is None and n > 1:
             raise RecipeError(f"{recipe.origin} line {recipe.documents[i].line}: a recipe of {n} stages names each "
                               "one (name: ...), so that later stages can read its output")
@@ -242,11 +281,15 @@ def check(recipe: RecipeText) -> list[CheckedStage]:
             raise RecipeError(f"{recipe.where(i, ('name',))}: stage names {folded[name.lower()]!r} and {name!r} "
                               "differ only in case, which some file systems do not tell apart")
         folded[name.lower()] = name
-        _check_parameters(recipe, i, stage)
+        _check_parameters(recipe, i, stage, device)
         verb = _verb(stage.merge_method)
 
         def ref(text: str, path: tuple[str | int, ...], *, j: int = i, stage: Stage = stage) -> str | None:
             if text in names:
+                if exists(recipe.folder, text):
+                    raise RecipeError(f"{recipe.where(j, path)}: {text!r} names the earlier stage {text!r} and also "
+                                      f"a path beside the recipe ({recipe.folder / text}), and which one is meant "
+                                      f"cannot be told: rename the stage, or write ./{text} to read the path")
                 return text
             if stage.name is not None and text == stage.name:
                 raise RecipeError(f"{recipe.where(j, path)}: stage {text!r} cannot read its own output")

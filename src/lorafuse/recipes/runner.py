@@ -25,13 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import LorafuseError, OutputError
+from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
 from lorafuse.recipes.checks import CheckedStage, Input, check
 from lorafuse.recipes.paths import is_hub_id, locate
 from lorafuse.recipes.schema import DTYPES
 from lorafuse.recipes.source import RecipeError, RecipeText, parse, read
 
-RecipeLike = str | os.PathLike[str] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+RecipeLike = str | bytes | os.PathLike[str] | os.PathLike[bytes] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,33 @@ class RunReport:
     dry_run: bool = False
 
 
+def _is_text(recipe: str) -> bool:
+    """Whether a string is YAML text rather than a file's name: it holds a newline, or it is one line of flow
+    YAML (`{merge_method: svd, models: [...]}`, or a list `[...]` of stages) that names no file."""
+    return "\n" in recipe or (recipe.lstrip().startswith(("{", "[")) and not os.path.lexists(recipe))
+
+
+def _given_path(recipe: object) -> Path | None:
+    """A recipe given as an os.PathLike (of str or bytes) or as bytes, as a Path (bytes decoded as the file system
+    does: _validate.check_path; empty or holding a NUL: RecipeError); None for anything else. Bytes that hold a
+    newline are not taken as a name (YAML text is a str: they are refused as data)."""
+    from lorafuse._validate import check_path
+
+    if not isinstance(recipe, os.PathLike) and not (isinstance(recipe, bytes) and b"\n" not in recipe):
+        return None
+    try:
+        return Path(check_path(recipe, "recipe"))
+    except LorafuseValueError as e:
+        raise RecipeError(str(e)) from None
+
+
 def load_recipe(recipe: RecipeLike) -> RecipeText:
-    """A recipe from a path to a YAML file, YAML text (a string holding a newline), or the data itself (a
-    mapping for one stage, a sequence of mappings for several)."""
+    """A recipe from a path to a YAML file, YAML text (a string holding a newline, or one line of flow YAML
+    starting with '{' or '[' that names no file), or the data itself (a mapping for one stage, a sequence of
+    mappings for several). A path may be bytes or an os.PathLike of bytes (_given_path)."""
+    path = _given_path(recipe)
+    if path is not None:
+        return read(path)
     if isinstance(recipe, Mapping) or (isinstance(recipe, Sequence) and not isinstance(recipe, str)):
         import yaml
 
@@ -68,16 +92,16 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
             what = type(bad if isinstance(recipe, Mapping | list | tuple) else recipe).__name__
             raise RecipeError(f"a recipe given as data is a mapping (one stage) or a list of mappings, not {what}")
         try:
-            text = yaml.safe_dump_all([dict(d) for d in docs], sort_keys=False)
+            text = yaml.safe_dump_all([dict(d) for d in docs if isinstance(d, Mapping)], sort_keys=False)  # (all are)
         except (yaml.YAMLError, RecursionError) as e:  # a Path, a numpy scalar, a list that holds itself
             held = e.args[1] if isinstance(e, yaml.YAMLError) and len(e.args) > 1 else None
             which = f"a {type(held).__name__} value" if held is not None else "a value nested too deeply"
             raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
                               "mappings of them (a path as str)") from None
         return parse(text, "<recipe>", Path.cwd())
-    if isinstance(recipe, str) and "\n" in recipe:
+    if isinstance(recipe, str) and _is_text(recipe):
         return parse(recipe, "<recipe>", Path.cwd())
-    if isinstance(recipe, (str, os.PathLike)):
+    if isinstance(recipe, str):
         return read(Path(recipe))
     raise RecipeError(f"a recipe is a path, YAML text or a mapping, not {type(recipe).__name__}")
 
@@ -156,11 +180,34 @@ def _intermediate(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str,
     return work / stage.name if folder else work / f"{stage.name}.safetensors"
 
 
+# a verb's hint "--skip-missing, Python: skip_missing=True" / "--dtype fp32 (Python: dtype='fp32')": the option
+# named as the command line and as Python name it (one hyphenated, one underscored), with its value
+_HINT = re.compile(r"--(?P<flag>[a-z][a-z0-9-]*)(?: [\w.-]+)?(?P<sep>, | \()Python: (?P<name>[a-z_]+)="
+                   r"(?P<value>True|False|'[^']*'|-?[0-9][0-9.e+-]*)(?P<end>[,)])")
+
+
+def in_recipe_terms(message: str) -> str:
+    """A verb's message with its hints for an option (`--skip-missing, Python: skip_missing=True`) said as a recipe
+    writes that option (`parameters: {skip_missing: true}`, or a stage field such as `dtype: fp32`): a stage runs
+    as its verb's command, whose messages name the command line's options."""
+    from lorafuse.recipes.schema import Parameters, Stage
+
+    def recipe_form(m: re.Match[str]) -> str:
+        name, value = m["name"], m["value"]
+        if name != m["flag"].replace("-", "_") or name not in {*Parameters.model_fields, *Stage.model_fields}:
+            return m[0]
+        text = value.lower() if value in ("True", "False") else value.strip("'")
+        said = f"{name}: {text}" if name in Stage.model_fields else f"parameters: {{{name}: {text}}}"
+        return f"`{said}` in the recipe" + ("," if m["sep"] == ", " and m["end"] == "," else "")
+
+    return _HINT.sub(recipe_form, message)
+
+
 def _recipe_file(recipe: RecipeLike) -> Path | None:
     """The recipe's file when it was given as a path (load_recipe reads it), else None."""
-    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe):
+    if isinstance(recipe, str) and not _is_text(recipe):
         return Path(recipe)
-    return None
+    return _given_path(recipe)
 
 
 def _check_places(stages: Sequence[CheckedStage], recipe: RecipeText) -> None:
@@ -200,14 +247,23 @@ def _externals(stages: Sequence[CheckedStage], recipe: RecipeText, source: Recip
     return list(found.values())
 
 
-def _check_out(out: Path, overwrite: bool, externals: Sequence[Path]) -> None:
+def _stage_kind(verb: str) -> str | None:
+    """What a stage of `verb` writes (io.manifest.KINDS): an adapter; apply's (a merged model or pipeline) is
+    its base's, which its own check tells apart (None: not compared here)."""
+    from lorafuse.io.manifest import ADAPTER
+
+    return None if verb == "apply" else ADAPTER
+
+
+def _check_out(out: Path, overwrite: bool, externals: Sequence[Path], verb: str) -> None:
     """The output's own refusals (io.atomic's rules), before the first stage runs: an existing output that
-    lorafuse did not write needs overwrite; and whatever `overwrite` says, the output may not be, hold or lie
+    lorafuse did not write, or an earlier one of another kind (a merged model where the last stage, `verb`,
+    writes an adapter), needs overwrite; and whatever `overwrite` says, the output may not be, hold or lie
     inside what any stage reads (`externals`: not only the last stage's inputs, which that stage checks again)
     nor the recipe file."""
     from lorafuse.io.atomic import check_output
 
-    check_output(out, externals, folder=out.is_dir(), overwrite=overwrite)
+    check_output(out, externals, folder=out.is_dir(), overwrite=overwrite, kind=_stage_kind(verb))
 
 
 def _format_of(x: Input, recipe: RecipeText, formats: Mapping[str, str | None]) -> str | None:
@@ -260,12 +316,12 @@ def _check_intermediate(work: Path, out: Path) -> None:
 
 
 def _check_intermediate_output(path: Path, folder: bool | None, name: str, work: Path, out: Path,
-                               externals: Sequence[Path]) -> None:
+                               externals: Sequence[Path], kind: str | None = None) -> None:
     """What a stage before the last may write in `intermediate_dir` (`path`, a folder or one file; None: not
     known yet, so only what does not depend on it is checked): never an input of the recipe, a folder holding
     one, a path inside an input folder, or the current folder (io.atomic's rules, `overwrite` or not); never
-    the output or a folder holding it; and an existing entry only when it is lorafuse's own earlier output
-    (--overwrite replaces the output only, never an intermediate one)."""
+    the output or a folder holding it; and an existing entry only when it is lorafuse's own earlier output of
+    the same `kind` (io.manifest.KINDS; --overwrite replaces the output only, never an intermediate one)."""
     from lorafuse.io.atomic import check_output, check_output_path
 
     where = f"stage {name!r} writes its output to {path} (in --intermediate-dir {work})"
@@ -281,10 +337,11 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
     if folder is None or not os.path.lexists(path):
         return
     try:
-        check_output(path, externals, folder=folder, overwrite=False)
+        check_output(path, externals, folder=folder, overwrite=False, kind=kind)
     except OutputError as e:
         what = re.split(r"[:;.]? nothing was written", str(e), maxsplit=1)[0]
-        raise OutputError(f"{where}, which exists and is not lorafuse's own earlier output: {what}. --overwrite "
+        raise OutputError(f"{where}, which exists and is not lorafuse's own earlier output of that kind: {what}. "
+                          "--overwrite "
                           f"replaces only the output (-o), never what is in the intermediate folder: move {path} "
                           "away, or choose another --intermediate-dir; nothing was written") from None
 
@@ -300,7 +357,8 @@ def _check_intermediates(stages: Sequence[CheckedStage], recipe: RecipeText, wor
         folder = planned[s.name]
         for f in [True, False] if folder is None else [folder]:
             path = work / s.name if f else work / f"{s.name}.safetensors"
-            _check_intermediate_output(path, f if folder is not None else None, s.name, work, out, externals)
+            _check_intermediate_output(path, f if folder is not None else None, s.name, work, out, externals,
+                                       _stage_kind(s.verb))
 
 
 _RUN_FOLDER = re.compile(r"\.lorafuse-run-(\d+)-[a-z0-9_]{8}\Z")
@@ -377,9 +435,9 @@ def _make_folder(work: Path) -> list[Path]:
         raise OutputError(f"intermediate folder {work}: cannot make it: {e.strerror or e}") from None
 
 
-def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = False, dry_run: bool = False,
-        threads: int = 0, device: str | None = None, quiet: bool = True,
-        intermediate_dir: str | os.PathLike[str] | None = None,
+def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, overwrite: bool = False,
+        dry_run: bool = False, threads: int = 0, device: str | None = None, quiet: bool = True,
+        intermediate_dir: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
         dispatch: Callable[[Sequence[str]], int] | None = None) -> RunReport:
     """Run a recipe (see lorafuse.recipes): every stage checked before the first runs, then each in order;
     the last writes `out`. `dry_run`: check everything, print each stage's plan (the verbs' --dry-run),
@@ -398,11 +456,14 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                                  check_bool(quiet, "quiet"))
     threads = check_threads(threads)
     out = check_path(out, "out")
+    recipe = _given_path(recipe) or recipe  # a path as a Path, once (load_recipe and _recipe_file read it)
+    if intermediate_dir is not None:  # '' would be the current folder
+        intermediate_dir = check_path(intermediate_dir, "intermediate_dir")
     if device is not None:
         device = None if (named := check_device(device)) == "auto" else named
     start = time.perf_counter()
     text = load_recipe(recipe)
-    stages = check(text)
+    stages = check(text, device)
     target = Path(out)
     notes = [f"stage {s.name!r}: base_model is not read by {s.verb} (the adapters' own config names their base); it "
              "is ignored" for s in stages if s.verb in ("combine", "resize") and s.stage.base_model is not None]
@@ -416,7 +477,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
         extra += ["--device", device]
     _check_places(stages, text)
     externals = _externals(stages, text, recipe)
-    _check_out(target, overwrite, externals)
+    _check_out(target, overwrite, externals, stages[-1].verb)
     keep = intermediate_dir is not None and len(stages) > 1
     if keep:
         assert intermediate_dir is not None
@@ -441,33 +502,35 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                               "(it reads that output; what its output may be named, a folder or one file, is "
                               "checked then)")
                     continue
-                if last:
-                    stage_out = target
-                elif dry_run:  # planned beside the output, never created
-                    stage_out = _intermediate(s, text, outputs, target.parent / f".lorafuse-run-dry-{os.getpid()}")
-                else:
-                    if work is None:
-                        if keep:
-                            assert intermediate_dir is not None
-                            work = Path(intermediate_dir)
-                            made = _make_folder(work)
-                            lock = _claim(work)
-                        else:
-                            work, lock = _temporary_folder(target)
-                    stage_out = _intermediate(s, text, outputs, work)
-                    if keep:  # checked before the first stage where it could be told; now on the place it writes
-                        _check_intermediate_output(stage_out, stage_out == work / s.name, s.name, work, target,
-                                                   externals)
-                flags = list(extra)
-                if dry_run:
-                    flags.append("--dry-run")
-                if overwrite and last:  # --overwrite replaces the output, never an intermediate one
-                    flags.append("--overwrite")
-                argv = argv_of(s, text, stage_out, outputs, flags)
-                if not quiet:
-                    print(f"stage {s.name!r}: lorafuse {' '.join(argv)}")
+                if not last and not dry_run and work is None:
+                    if keep:
+                        assert intermediate_dir is not None
+                        work = Path(intermediate_dir)
+                        made = _make_folder(work)
+                        lock = _claim(work)
+                    else:
+                        work, lock = _temporary_folder(target)
                 t0 = time.perf_counter()
-                try:
+                try:  # what goes wrong from here on names the recipe and the stage (reading its first model too)
+                    if last:
+                        stage_out = target
+                    elif dry_run:  # planned beside the output, never created
+                        stage_out = _intermediate(s, text, outputs,
+                                                  target.parent / f".lorafuse-run-dry-{os.getpid()}")
+                    else:
+                        assert work is not None
+                        stage_out = _intermediate(s, text, outputs, work)
+                        if keep:  # checked before the first stage where it could be told; now where it writes
+                            _check_intermediate_output(stage_out, stage_out == work / s.name, s.name, work, target,
+                                                       externals)
+                    flags = list(extra)
+                    if dry_run:
+                        flags.append("--dry-run")
+                    if overwrite and last:  # --overwrite replaces the output, never an intermediate one
+                        flags.append("--overwrite")
+                    argv = argv_of(s, text, stage_out, outputs, flags)
+                    if not quiet:
+                        print(f"stage {s.name!r}: lorafuse {' '.join(argv)}")
                     with named_inputs(_names(s, text, outputs), {str(outputs[n]): records[n] for n in s.needs
                                                                  if n in records}):
                         dispatch(argv)
@@ -475,12 +538,15 @@ def run(recipe: RecipeLike, out: str | os.PathLike[str], *, overwrite: bool = Fa
                     where = "" if keep or work is None or str(work) not in str(e) else (
                         f" ({work} is the run's temporary folder beside {target}, for the outputs of the stages "
                         "before the last; it is removed)")
-                    raise type(e)(f"{text.origin}, stage {s.name!r} ({s.verb}): {e}{where}") from None
+                    said = in_recipe_terms(str(e))
+                    head = f"{text.origin}, " if said.startswith(f"stage {s.name!r} ") else \
+                        f"{text.origin}, stage {s.name!r} ({s.verb}): "  # (an intermediate output's check names it)
+                    raise type(e)(f"{head}{said}{where}") from None
                 wrote = None if dry_run else stage_out
                 if wrote is not None:
                     outputs[s.name] = wrote
                     record = None if last else recorded_in(wrote)
-                    if record is not None:  # its inputs, nested in the records of the stages that read it
+                    if record is not None:  # its inputs: in the `stages` of the records of stages that read it
                         records[s.name] = dataclasses.replace(record,
                                                               invocation=Invocation("recipe", f"stage {s.name}"))
                 ran.append(StageRun(s.name, s.verb, argv, wrote, time.perf_counter() - t0))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from lorafuse._validate import MAX_SEED
+from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED
 from lorafuse.ops.combine.registry import METHODS
 
 VERBS = ("apply", "resize", "extract")  # merge_method values that are not combine methods
@@ -24,8 +24,19 @@ _NO_NUL = r"^[^\x00]*$"  # a path: no NUL character (no file system takes one)
 Weight = Annotated[float, Field(allow_inf_nan=False, description="the model's weight (negative subtracts)")]
 Density = Annotated[float, Field(gt=0.0, le=1.0,
                                  description="fraction of entries kept (ties / dare / magnitude_prune)")]
-Rank = Annotated[int, Field(ge=1, le=1 << 20)]
+Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+MAX_PASSES = 21  # the CLI's --passes bound (ops.combine.many.MAX_PASSES, not imported here: numpy)
+
+
+def _lower(value: object) -> object:
+    """A name the CLI takes in any case (--method, --format, --dtype), lower-cased; anything else as given."""
+    return value.lower() if isinstance(value, str) else value
+
+
+def _split_case(value: object) -> object:
+    """split, in any case as the CLI's --split: 'B' or 'sqrt'."""
+    return ("B" if value.lower() == "b" else value.lower()) if isinstance(value, str) else value
 
 
 class ModelParameters(BaseModel):
@@ -55,20 +66,21 @@ class Parameters(BaseModel):
     conv_rank: Rank | None = Field(default=None, description="output rank of kxk convolutions (combine)")
     majority_sign: Literal["total", "frequency"] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    split: Literal["B", "sqrt"] | None = None
+    split: Annotated[Literal["B", "sqrt"], BeforeValidator(_split_case)] | None = None
     exact: bool | None = None
-    passes: Annotated[int, Field(ge=1, le=21)] | None = None
+    passes: Annotated[int, Field(ge=1, le=MAX_PASSES)] | None = None
     engine: Literal["auto", "memory", "stream", "ray"] | None = None
-    ray_address: str | None = Field(default=None, description="engine ray: the Ray cluster to join")
-    sv_ratio: Annotated[float, Field(gt=1.0)] | None = None
+    ray_address: str | None = Field(default=None, description="refused: a recipe cannot name a Ray cluster "
+                                       "(set RAY_ADDRESS in the environment)")
+    sv_ratio: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] | None = None
     sv_fro: Fraction | None = None
     sv_cumulative: Fraction | None = None
     max_rank: Rank | None = None
     include: str | None = Field(default=None, description="extract: only modules matching this regular expression")
     exclude: str | None = Field(default=None, description="extract: skip modules matching this regular expression")
     embeddings: Literal["skip", "lora", "full"] | None = None
-    power_iters: Annotated[int, Field(ge=0, le=64)] | None = None
-    oversample: Annotated[int, Field(ge=0, le=4096)] | None = None
+    power_iters: Annotated[int, Field(ge=0, le=MAX_POWER_ITERS)] | None = None
+    oversample: Annotated[int, Field(ge=0, le=MAX_OVERSAMPLE)] | None = None
     max_shard_size: str | None = Field(default=None, description="apply: re-shard the output, e.g. 5GB")
     skip_missing: bool | None = None
     requantize: bool | None = None
@@ -93,17 +105,20 @@ class Stage(BaseModel):
 
     model_config = _STRICT
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] | None = None
-    merge_method: str = Field(json_schema_extra={"enum": list(MERGE_METHODS)},
-                              description="a combine method, or apply (bake into base_model), resize, extract")
+    merge_method: Annotated[str, BeforeValidator(_lower)] = Field(
+        json_schema_extra={"enum": list(MERGE_METHODS)},
+        description="a combine method, or apply (bake into base_model), resize, extract (any case)")
     base_model: Annotated[str, Field(min_length=1, pattern=_NO_NUL)] | None = Field(
         default=None, description="apply: the base checkpoint; extract: the base the fine-tuned model (models[0]) is "
         "compared with")
     models: Annotated[list[ModelEntry], Field(min_length=1)]
     parameters: Parameters = Parameters()
-    dtype: Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"] | None = Field(
-        default=None, description="output dtype: of the merged weights (apply) or of the adapter's factors")
-    format: Literal["peft", "kohya", "diffusers"] | None = Field(default=None, description="combine: the output format "
-                                                                  "(default: the first model's)")
+    dtype: Annotated[Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"],
+                     BeforeValidator(_lower)] | None = Field(
+        default=None, description="output dtype: of every floating-point tensor of the merged model (apply, as "
+        "apply --dtype) or of the adapter's factors (any case)")
+    format: Annotated[Literal["peft", "kohya", "diffusers"], BeforeValidator(_lower)] | None = Field(
+        default=None, description="combine: the output format (default: the first model's; any case)")
 
 
 def schema_json() -> dict[str, Any]:

@@ -82,8 +82,10 @@ def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str, w
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
             line = key.start_mark.line + 1
+            if not isinstance(key, yaml.ScalarNode) or key.tag not in (_STR_TAG, _MERGE_TAG):  # `<<: *defaults`
+                raise RecipeError(f"{origin} line {line}: {_key_text(key, path)}")
+            name = key.value
             if name in seen:
                 raise RecipeError(f"{origin} line {line}: {dotted((*path, name))} is given twice (first on line "
                                   f"{seen[name]})")
@@ -96,9 +98,27 @@ def _positions(node: Any, path: PathKey, out: dict[PathKey, int], origin: str, w
             _positions(item, (*path, i), out, origin, walked)
 
 
+_NULL_TAG = "tag:yaml.org,2002:null"
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _key_text(key: Any, path: PathKey) -> str:
+    """Why a mapping key that is not text is refused (every key of a recipe is a field's name)."""
+    import yaml
+
+    where = f"in {dotted(path)}, " if path else ""
+    if not isinstance(key, yaml.ScalarNode):
+        return f"{where}a key is a {'mapping' if isinstance(key, yaml.MappingNode) else 'list'}, not a field name"
+    kind = {_NULL_TAG: "null", "tag:yaml.org,2002:bool": "a boolean", "tag:yaml.org,2002:int": "an integer",
+            "tag:yaml.org,2002:float": "a number"}.get(key.tag, key.tag)
+    return (f"{where}the key {key.value!r} is read by YAML as {kind}, not as a field name (every key of a recipe "
+            "is a field's name: quote it if it is one)")
+
+
 def parse(text: str, origin: str, folder: Path) -> RecipeText:
-    """The YAML documents of `text` (empty documents are skipped). Raises RecipeError naming the line for
-    text that is not YAML."""
+    """The YAML documents of `text` (empty documents, which hold nothing or only comments, are skipped). Raises
+    RecipeError naming the line for text that is not YAML, or for a mapping key YAML does not read as text."""
     import yaml
 
     if len(text) > MAX_RECIPE_CHARS:  # YAML text given as a string: the bound a recipe file has
@@ -109,8 +129,8 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
         loader = yaml.SafeLoader(text)  # refuses a character YAML does not allow (NUL, a lone surrogate) here
         while loader.check_node():
             node = loader.get_node()
-            if node is None:
-                continue
+            if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
+                continue  # an empty document: a trailing '---', or a stage commented out between two
             lines: dict[PathKey, int] = {}
             _positions(node, (), lines, origin, set())
             docs.append(Document(loader.construct_document(node), node.start_mark.line + 1, lines))
@@ -154,7 +174,9 @@ def read(path: str | Path) -> RecipeText:
         raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
     if len(text) > MAX_RECIPE_CHARS:
         raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
-    return parse(text, str(p), p.resolve().parent)
+    # relative model paths: from the folder of the path as given (a link's folder, not its target's), as
+    # combine --from-list reads its list (read_list)
+    return parse(text, str(p), Path(os.path.abspath(p)).parent)
 
 
 def suggest(word: str, choices: Sequence[str]) -> str:

@@ -48,10 +48,12 @@ import numpy as np
 from lorafuse._validate import (
     check_bool,
     check_float,
+    check_int,
     check_optional_bool,
     check_optional_rank,
     check_path,
     check_seed,
+    check_text,
     check_threads,
     check_weights,
     weight_list,
@@ -74,6 +76,7 @@ from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
 from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help, methods_with
 from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_by_module
+from lorafuse.ops.outputs import python_output
 
 EXACT = tuple(n for n, m in REGISTRY.items() if m.exact)
 STRUCTURED_ABOVE = 1 << 24  # stacked exact factorizations (elements) above which LyCORIS terms go structured
@@ -93,9 +96,10 @@ def check_options(options: CombineOptions) -> CombineOptions:
         rank=check_optional_rank(options.rank, "rank"), conv_rank=check_optional_rank(options.conv_rank, "conv_rank"),
         density=None if options.density is None else check_float(options.density, "density", 0.0, 1.0,
                                                                   lo_open=True),
-        exact=check_bool(options.exact, "exact"), progress=check_optional_bool(options.progress, "progress"))
+        exact=check_bool(options.exact, "exact"), progress=check_optional_bool(options.progress, "progress"),
+        passes=None if options.passes is None else check_int(options.passes, "passes", 1, many.MAX_PASSES))
     check_split(o.split)
-    if o.majority_sign not in ("total", "frequency"):
+    if check_text(o.majority_sign, "majority_sign", ("total", "frequency")) not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}")
     if method.takes_density and o.density is None:
         raise LorafuseValueError(f"method {o.method!r} needs a density: the fraction of entries it keeps, between 0 "
@@ -223,6 +227,7 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     by_module = terms_by_module(loaded, ws)
     if not by_module:
         raise _no_module([a.label for a in loaded])
+    _note_unknown_kernels(loaded, by_module)
     if o.method != "linear":  # linear takes sqrt(w * scale) in float64; the others multiply factors in float32
         _check_coefficients(loaded, ws)
     if method.check is not None:
@@ -230,6 +235,16 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
     return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"), [float(w) for w in ws])
+
+
+def _note_unknown_kernels(loaded: Sequence[Adapter], by_module: Terms) -> None:
+    """An AdapterNote per input for its generic LoHa / LoKr modules that stay 2-D (no other input gives them a 4-D
+    shape): written as 2-D LoRA factors, a convolution's kernel unknown (formats.sd_keys.kernel_unknown)."""
+    from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
+
+    for a in {a.label: a for a in loaded}.values():  # an input given twice: one note
+        note_unknown_kernels(a.label, [n for n, u in a.updates.items() if not isinstance(u, LoraUpdate)
+                                       and kernel_unknown(n, tuple(by_module[n][0].update.delta_shape))])
 
 
 def _check_coefficients(loaded: Sequence[Adapter], ws: Sequence[float]) -> None:
@@ -356,7 +371,7 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
             _run_streamed(plan, o, put)
             streamed = many.template_of(plan, computed)
             streamed.randomized = list(computed) if o.method == "svd" else []
-            streamed.provenance = rec.result()
+            streamed.provenance = _unchanged(plan, rec.result)()
         return streamed
     p = _prepare(adapters, weights, o)
     updates: dict[str, LoraUpdate] = {}
@@ -376,9 +391,9 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
 
 @dataclasses.dataclass(frozen=True)
 class CombineReport:
-    """What combine_to wrote (the AdapterReport shape): the output, its modules' ranks (in file order), the
+    """What combine_to wrote (an AdapterReport): the output, its modules' ranks (in file order), the
     modules that took a randomized SVD, the dtype of its factors ('F32', 'F16' or 'BF16'), the wall time
-    and the notes (none yet: combine's notes are warnings)."""
+    and the notes (what the output's name decided; combine's other notes are warnings)."""
 
     out: Path
     ranks: dict[str, int]
@@ -400,24 +415,35 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
     soon as it is computed and then dropped, so memory is bounded by a group, not by the output's size.
     The output is the same file save() would write, committed atomically once every module is in it
     (an error or an input changed while read leaves `out` as it was). `format` defaults to the first
-    adapter's; `out` may not replace an input (the rules of Adapter.save)."""
+    adapter's; `out` means what the CLI's `combine -o` makes of it, checked before any module is computed
+    (ops.outputs.python_output, the rules of Adapter.save: a `.safetensors` name is one file, a folder name
+    given a one-file format gets the file inside it; what the name decided is in the report's notes), and
+    may not replace an input."""
     start = time.perf_counter()
     out = check_path(out, "out")
+    overwrite = check_bool(overwrite, "overwrite")
     options = _spelled(options)
     s = prepare_to(adapters, weights, options)
     o, layout, template, inputs = s.options, s.layout, s.template, s.inputs
+    # what the name means, as for the CLI (the template holds the output's modules and names its first input; the
+    # inputs, in memory, name the one whose modules a format cannot hold)
+    target = python_output(out, format, s.prepared.loaded if s.prepared is not None else [template], inputs,
+                           overwrite=overwrite)
+    notes = [target.note] if target.note else []
     # The header, written first, holds the inputs' sha256: as placeholders while the background threads hash
     # them (meanwhile the modules are computed); the commit waits for the hashes and writes them in place.
     if s.stream is not None:
         with _recording(s.stream.sources, s.stream.weights, options) as rec:
             template.provenance = rec.draft()
-            return _stream_to(s.stream, o, layout, template, s.dtype, out, format, overwrite, start, rec.result)
+            report = _stream_to(s.stream, o, layout, template, s.dtype, target.path, target.format, overwrite, start,
+                                rec.result)
+            return dataclasses.replace(report, notes=notes)
     p = s.prepared
     assert p is not None
     randomized: list[str] = []
     with _recording(p.loaded, p.weights, options) as rec:
         template.provenance = rec.draft()
-        with open_stream(format, out, layout, template, overwrite=overwrite, inputs=inputs,
+        with open_stream(target.format, target.path, layout, template, overwrite=overwrite, inputs=inputs,
                          final_provenance=rec.result) as w:
             for name, update, was_randomized in _outputs(p):
                 w.put(name, update)
@@ -425,7 +451,7 @@ def combine_to(adapters: AnyAdapters, weights: Iterable[float] | None,
                     randomized.append(name)
             raise_if_inputs_changed(inputs)  # before the commit: a changed input never reaches the output
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()}, randomized, p.dtype,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, notes)
 
 
 @dataclasses.dataclass
@@ -468,6 +494,19 @@ def prepare_to(adapters: AnyAdapters, weights: Iterable[float] | None, options: 
     return CombineSetup(o, layout, template, p.dtype, [s for a in p.loaded for s in a.sources()], prepared=p)
 
 
+def _unchanged(plan: many.Plan, final: Callable[[], Provenance]) -> Callable[[], Provenance]:
+    """`final` (the record, once the inputs' hashes are done), then a check that every adapter is still the
+    one the header pass read: the passes check each adapter as they read it, but the hashes run on their own
+    threads, and one that reached a file replaced after the last pass would record bytes no pass read."""
+
+    def checked() -> Provenance:
+        record = final()
+        many.raise_if_changed(plan)
+        return record
+
+    return checked
+
+
 def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, template: Adapter, dtype: str,
                out: str | os.PathLike[str], format: str | None, overwrite: bool, start: float,
                final: Callable[[], Provenance]) -> CombineReport:
@@ -475,7 +514,7 @@ def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, templa
     module is put once the passes are done, and the provenance (`final`: the inputs' sha256, hashed during
     the passes) is written at the commit."""
     with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths,
-                     final_provenance=final) as w:
+                     final_provenance=_unchanged(plan, final)) as w:
         summary = _run_streamed(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
                                                                                      o.threads)))
         raise_if_inputs_changed(plan.paths)

@@ -21,12 +21,14 @@ svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation
 - passes == 1: the single-pass sketch of Tropp, Yurtsever, Udell & Cevher (2017), "Practical sketching
   algorithms for low-rank matrix approximation": Y = D Omega (out x w) and W = Psi D (l x in, l = 2w + 1)
   in the same pass; Q = orth(Y), X = (Psi Q)^+ W by least squares, D ~ Q X, truncated to rank k.
-- Gaussian test matrices are regenerated from (seed, module name, role), never stored or shipped; every
-  product and sum is float64, so the order of the adapters changes the result by rounding only.
+- Gaussian test matrices are regenerated from (seed, module name, role), never stored or shipped; the
+  products with a chunk's stacked factors are float32 (each adapter's term to about 1e-7 of itself: more of
+  D where terms cancel), the sums float64, so the order of the adapters changes the result by rounding only.
 - Error estimate per module (a posteriori, Tropp et al.'s error sketch): pass 1 also takes P = D Phi for
   `PROBES` independent Gaussian columns; since Phi is independent of the approximation D^, the mean of
   ||(D - D^) phi_j||^2 is an unbiased estimate of ||D - D^||_F^2 and ||P||_F^2 / PROBES one of ||D||_F^2.
-  The relative error estimate sqrt of their ratio is reported per module.
+  The relative error estimate sqrt of their ratio is reported per module, D^ being the factors as written
+  (rounded to the output's dtype).
 
 linear (PEFT's factor averaging, FedIT / FedAvg style): one pass, A' = sum_i sign(c_i) sqrt|c_i| A_i and
 B' = sum_i sqrt|c_i| B_i, accumulated in float64 (equal ranks per module, as the in-memory method).
@@ -57,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from lorafuse._progress import BAR_FORMAT, human_bytes
-from lorafuse._validate import full_rank
+from lorafuse._validate import check_int, check_path, check_text, decimal_number, full_rank, rounds_to_zero
 from lorafuse.backends import Backend, ConvertJob, get_backend
 from lorafuse.errors import (
     AdapterNote,
@@ -74,8 +76,15 @@ from lorafuse.io.hub import is_hub_id, local_adapter
 from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
-from lorafuse.model.arithmetic import check_linear, float32_coefficient, result
-from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype
+from lorafuse.model.arithmetic import (
+    check_linear,
+    combined_targets,
+    different_models,
+    float32_coefficient,
+    model_roots,
+    result,
+)
+from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, rounded
 from lorafuse.model.spectral import is_stored_lora
 from lorafuse.model.update import holds_nonfinite
 from lorafuse.ops.combine.options import CombineOptions
@@ -110,8 +119,26 @@ class Source:
 
 # ---- list files ------------------------------------------------------------------------------------------
 
-_COMMENT = re.compile(r"(^|\s)#.*$")
+_COMMENT_START = re.compile(r"(?:^|(?<=\s))#")  # where a comment may start: a `#` at the start or after a space
+PATH_TEXT_MAX = 8192  # a longer text names no path (PATH_MAX is 4096): no `#` further in is looked at
 _NUMBERISH = re.compile(r"^[-+]?(?:[.\d]|inf|nan)", re.IGNORECASE)  # a weight, or a bad one said so
+# The line breaks of a list: those wc -l, sed and editors count (str.splitlines also breaks at \f, \v,
+# \x1c-\x1e, U+0085, U+2028 and U+2029, which would shift every later line's number, and split a path).
+_LINE_BREAK = re.compile(r"\r\n|\n|\r")
+SHOWN_CHARS = 200  # of a listed name or weight in a message (a line may be megabytes long)
+HUB_ID_MAX = 1024  # a longer name is no Hub id (org and name: 96 characters each; a revision: a branch, tag or sha)
+
+
+def _cut(text: object) -> str:
+    """str(text), cut to SHOWN_CHARS characters with its full length said: what messages show of a list's line."""
+    t = str(text)
+    return t if len(t) <= SHOWN_CHARS else f"{t[:SHOWN_CHARS - 3]}... ({len(t)} characters)"
+
+
+def _shown(text: object) -> str:
+    """repr(text) (a str), cut as _cut does."""
+    t = str(text)
+    return repr(t) if len(t) <= SHOWN_CHARS else repr(_cut(t))
 
 
 def _from_list(p: Path, name: str) -> Path:
@@ -120,43 +147,95 @@ def _from_list(p: Path, name: str) -> Path:
     return target if target.is_absolute() else p.parent / target
 
 
-def read_list(path: str | os.PathLike[str]) -> tuple[list[Source], list[float]]:
+def _exists(p: Path, name: str) -> bool:
+    """Whether the list `p`'s `name` is a path there (a link too; a name the system refuses is not)."""
+    try:
+        return os.path.lexists(_from_list(p, name))
+    except (OSError, ValueError):
+        return False
+
+
+def _weight(text: str, where: str) -> float:
+    """A list line's WEIGHT: a plain decimal number (_validate.decimal_number: not `1_5`), finite, and not rounded
+    to 0 from a non-zero text (1e-400): LorafuseValueError naming the line."""
+    weight = decimal_number(text)
+    if weight is None:
+        raise LorafuseValueError(f"{where}: bad weight {_shown(text)} (expected `PATH [WEIGHT]`, WEIGHT a decimal "
+                                 "number such as 0.5, -1 or 2e-3)")
+    if not math.isfinite(weight):
+        raise LorafuseValueError(f"{where}: weight {_shown(text)} is not finite")
+    if rounds_to_zero(text, weight):
+        raise LorafuseValueError(f"{where}: weight {_shown(text)} is too small for a float64: it would be 0 and "
+                                 "leave the adapter out (write 0 for that)")
+    return weight
+
+
+def _reading(p: Path, body: str, where: str, probe: bool = False) -> tuple[str, float | None, bool]:
+    """(name, weight, whether the name is a path) of a list line's text `body`: the whole text when it names a
+    path (`client 2`), else PATH WEIGHT when its last word is a number. A text that reads both ways (both paths
+    exist) is refused, naming the line. `probe`: a weight is parsed (and a bad one refused) only when its PATH
+    exists (else the weight is None)."""
+    parts = body.rsplit(maxsplit=1)
+    whole = _exists(p, body)
+    numeric = len(parts) == 2 and _NUMBERISH.match(parts[1]) is not None
+    if whole and numeric and _exists(p, parts[0]):
+        raise LorafuseValueError(
+            f"{where}: {_shown(body)} reads two ways: the adapter {_shown(body)}, or {_shown(parts[0])} with "
+            f"weight {_shown(parts[1])}; both exist: give the weight explicitly (`{body} 1` for the first) or write "
+            "the path another way")
+    if numeric and not whole:
+        exists = _exists(p, parts[0])
+        return parts[0], _weight(parts[1], where) if exists or not probe else None, exists
+    return body, None, whole
+
+
+def _line_entry(p: Path, line: str, where: str) -> tuple[str, float | None, bool] | None:
+    """A list line's (name, weight, whether the name is a path), None for a blank or comment line. `#` after a
+    space starts a comment, unless the line up to a later such `#` (or the whole line) names a path: `run #2`,
+    `run #2 0.5  # note`. A line with two such readings that both name paths is refused as ambiguous."""
+    first = _COMMENT_START.search(line)
+    body = (line[:first.start()] if first else line).strip()
+    if not body:
+        return None
+    if first is None:
+        return _reading(p, body, where)
+    cuts = [m.start() for m in _COMMENT_START.finditer(line, first.start() + 1, PATH_TEXT_MAX)] + [len(line)]
+    found = [(text, r) for text in dict.fromkeys(line[:k].strip() for k in cuts)
+             if len(text) <= PATH_TEXT_MAX and (r := _reading(p, text, where, probe=True))[2]]
+    if found and _reading(p, body, where, probe=True)[2]:
+        found.insert(0, (body, _reading(p, body, where)))
+    if len(found) > 1:
+        (_, r1), (_, r2) = found[:2]
+        raise LorafuseValueError(
+            f"{where}: {_shown(line.strip())} reads two ways: the adapter {_shown(r2[0])} (`#` part of its name), "
+            f"or {_shown(r1[0])} followed by a comment; both exist: for the second put the comment on a line of its "
+            f"own, for the first give the adapter a name without ` #`")
+    return found[0][1] if found else _reading(p, body, where)
+
+
+def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tuple[list[Source], list[float]]:
     """The adapters and weights of a list file: one adapter per line, `PATH [WEIGHT]`; `#` starts a comment
     (at the start of a line or after a space); blank lines are ignored; a relative PATH is taken from the list
     file's folder; a line without a weight gets 1/n (n: the number of adapters). A line that names a path whole
-    is that path (`client 2`); one that also reads as an existing PATH and a WEIGHT is refused as ambiguous.
-    Errors name the line."""
-    p = Path(path)
+    is that path (`client 2`, `run #2`); one that also reads as an existing PATH and a WEIGHT, or as an existing
+    PATH and a comment, is refused as ambiguous. WEIGHT is a decimal number (`1.5`, `-2e-3`; not `1_5`). Lines
+    end at \n, \r\n or \r only. Errors name the line. `path` may be str, bytes or os.PathLike
+    (_validate.check_path)."""
+    p = Path(check_path(path, "path"))
     text = _list_text(p)
     entries: list[tuple[Path, float | None, str]] = []
-    for no, line in enumerate(text.splitlines(), 1):
-        body = _COMMENT.sub("", line).strip()
-        if not body:
-            continue
+    for no, line in enumerate(_LINE_BREAK.split(text), 1):
         where = f"{p} line {no}"
-        parts = body.rsplit(maxsplit=1)
-        weight: float | None = None
-        name = body
-        whole = os.path.lexists(_from_list(p, body))  # the whole line names a path: `client 2`
-        if whole and len(parts) == 2 and _NUMBERISH.match(parts[1]) and os.path.lexists(_from_list(p, parts[0])):
-            raise LorafuseValueError(
-                f"{where}: {body!r} reads two ways: the adapter {body!r}, or {parts[0]!r} with weight {parts[1]}; "
-                f"both exist: give the weight explicitly (`{body} 1` for the first) or write the path another way")
-        if len(parts) == 2 and _NUMBERISH.match(parts[1]) and not whole:
-            try:
-                weight = float(parts[1])
-            except ValueError:
-                raise LorafuseValueError(f"{where}: bad weight {parts[1]!r} (expected `PATH [WEIGHT]`, "
-                                         "WEIGHT a number)") from None
-            if not math.isfinite(weight):
-                raise LorafuseValueError(f"{where}: weight {parts[1]!r} is not finite")
-            name = parts[0]
+        entry = _line_entry(p, line, where)
+        if entry is None:
+            continue
+        name, weight, exists = entry
         local = _from_list(p, name)
-        if not os.path.lexists(local):
-            if not is_hub_id(name):
+        if not exists:
+            if len(name) > HUB_ID_MAX or not is_hub_id(name):
                 relative = "" if Path(name).expanduser().is_absolute() else \
                     " (a relative path is read from the list's folder)"
-                raise FormatError(f"{where}: no such file or folder {local}{relative}")
+                raise FormatError(f"{where}: no such file or folder {_cut(local)}{relative}")
             local = _located(name, where)  # a Hub id, when no file of that name is there
         entries.append((local, weight, where))
     if not entries:
@@ -182,7 +261,7 @@ def _list_text(p: Path) -> str:
     except UnicodeDecodeError as e:
         raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start})") from None
     if "\0" in text:
-        line = text.count("\n", 0, text.index("\0")) + 1
+        line = len(_LINE_BREAK.split(text[:text.index("\0")]))
         raise FormatError(f"adapter list {p} line {line}: holds a NUL byte (a binary file, not a list of paths?)")
     return text
 
@@ -244,7 +323,7 @@ class Plan:
     modules: dict[str, ModuleSpec]
     dtypes: set[str]
     template: Adapter
-    targets: list[object]
+    targets: list[dict[str, object]]  # each input's config (what it targets: arithmetic.combined_targets)
     fingerprints: list[object]
     nbytes: list[int]
     replays: list[Replay | None] = dataclasses.field(default_factory=list)  # per source (the local engine's reads)
@@ -255,13 +334,16 @@ class Plan:
     def paths(self) -> list[Path]:
         return [s.item for s in self.sources if isinstance(s.item, Path)]
 
-    def output_dtype(self, dtype: str | None) -> str:
+    def factor_dtype(self, dtype: str | None) -> str:
+        """The output's factor dtype: `dtype` (checked), else the inputs' (model.layout.factors_dtype)."""
         chosen = check_dtype(dtype)
-        if chosen is not None:
-            return chosen
+        return chosen if chosen is not None else factors_dtype(sorted(self.dtypes))
+
+    def output_dtype(self, dtype: str | None) -> str:
+        """factor_dtype, with an AdapterNote when the inputs' factor dtypes differ and `dtype` is not given."""
+        out = self.factor_dtype(dtype)
         found = sorted(self.dtypes)
-        out = factors_dtype(found)
-        if found and found != [out]:
+        if check_dtype(dtype) is None and found and found != [out]:
             warnings.warn(f"combine: the inputs' factors are {' and '.join(found)}, so the result's are {out} "
                           "(--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote, stacklevel=4)
         return out
@@ -369,26 +451,36 @@ def _stored_nbytes(a: Adapter) -> int:
 def check_sources(sources: list[Source], weights: list[float], method: str, structured: bool = False,
                   progress: bool | None = False) -> Plan:
     """Open every adapter in turn (its header: no factor is read), check it and close it: a missing or bad
-    adapter, a DoRA / bias / LoHa module or a module whose layout differs from another adapter's fails here,
-    before any work, naming the list line (or position). The method's own shape rules are checked too.
+    adapter, a DoRA / bias / LoHa module, a module whose layout differs from another adapter's, a weight times a
+    scale beyond float32 (svd) or adapters of different models (arithmetic.check_shared) fail here, before any
+    work, naming the list line (or position). The method's own shape rules are checked too. Each Source of the
+    plan is what the loader read (a PEFT weights file: its folder), which the provenance and the checks between
+    passes then cover.
     `structured`: a LoHa / LoKr / Tucker module is recorded in the plan (`structured`) instead of refused, for
     a caller that may still take the in-memory path. `progress`: a bar over the headers (None: on a terminal)."""
     modules: dict[str, ModuleSpec] = {}
     dtypes: set[str] = set()
-    targets: list[object] = []
+    targets: list[dict[str, object]] = []
     fingerprints: list[object] = []
     nbytes: list[int] = []
     replays: list[Replay | None] = []
     layouts: dict[tuple[object, ...], tuple[tuple[str, float, int, int, _Span, _Span], ...]] = {}
     template: Adapter | None = None
     lycoris: str | None = None
+    read: list[Source] = []
+    models = _Models(f"combine --method {method}")
     start = time.perf_counter()
-    for src in _stepped(sources, _Bar(len(sources), progress if len(sources) > 1 else False, "headers")):
+    for src, w in zip(_stepped(sources, _Bar(len(sources), progress if len(sources) > 1 else False, "headers")),
+                      weights):
         a = _open(src)
         try:
             check_linear([a], f"combine --method {method}")
         except LorafuseError as e:
             raise _reraise(e, src.where) from None
+        if isinstance(src.item, Path) and a.path is not None and a.path != src.item:
+            src = Source(a.path, src.where)  # what the loader read: a PEFT weights file's folder, config included
+        read.append(src)
+        models.see(_named(src), a)
         for name, u in a.updates.items():
             if not (isinstance(u, LoraUpdate) and is_stored_lora(u)):
                 found = f"{src.where}: module {name!r} is a LoHa / LoKr / Tucker update"
@@ -410,12 +502,14 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
             spec.total_rank += u.rank
             spec.ranks.add(u.rank)
             spec.count += 1
+            if method != "linear":  # (linear takes sqrt|w * scale| in float64, as the in-memory path)
+                float32_coefficient(w, u.scale, f"{src.where}: module {name!r}")  # the products are float32
             if method == "linear" and len(spec.ranks) > 1:
                 raise ShapeMismatchError(f"{src.where}: module {name!r} has rank {u.rank}, but {spec.first} has "
                                          f"rank {min(spec.ranks - {u.rank})}: method 'linear' averages factors "
                                          "and needs equal ranks (use svd for mixed ranks)")
         dtypes.update(factor_dtypes(a.updates.values()))
-        targets.append(a.config.get("target_modules"))
+        targets.append(dict(a.config))
         fingerprints.append(_fingerprint(src.item) if isinstance(src.item, Path) else None)
         nbytes.append(_stored_nbytes(a))
         rp = replay_of(a) if isinstance(src.item, Path) else None
@@ -426,8 +520,40 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
             template = result(a, {}, [a])  # config and state only: no view of the file is kept
         del a
     assert template is not None
-    return Plan(sources, weights, modules, dtypes, template, targets, fingerprints, nbytes, replays, lycoris,
+    if not any(s.count > 1 for s in modules.values()):  # no module shared: adapters of one model, or refused
+        models.check()
+    return Plan(read, weights, modules, dtypes, template, targets, fingerprints, nbytes, replays, lycoris,
                 time.perf_counter() - start)
+
+
+def _named(src: Source) -> str:
+    """Where an adapter was named, with its path when that does not say it (a list's line)."""
+    path = src.path
+    return src.where if path is None or str(path) in src.where else f"{src.where} ({_cut(path)})"
+
+
+class _Models:
+    """arithmetic.check_shared for the header pass, which keeps no adapter: the first adapter with modules (its
+    list line, module names and roots) and the first one after it whose roots it does not share; check() raises
+    check_shared's refusal, naming both lines, when they exist (the caller: when no module is shared)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.first: tuple[str, list[str], set[str]] | None = None
+        self.stray: tuple[str, list[str]] | None = None
+
+    def see(self, where: str, a: Adapter) -> None:
+        if not a.updates or self.stray is not None:
+            return
+        names = list(a.updates)[:3]  # (module_examples shows two)
+        if self.first is None:
+            self.first = (where, names, model_roots(a))
+        elif self.first[2].isdisjoint(model_roots(a)):
+            self.stray = (where, names)
+
+    def check(self) -> None:
+        if self.first is not None and self.stray is not None:
+            raise different_models(self.what, self.first[:2], self.stray)
 
 
 def _stepped(sources: Sequence[Source], bar: _Bar) -> Iterator[Source]:
@@ -443,7 +569,8 @@ def _stepped(sources: Sequence[Source], bar: _Bar) -> Iterator[Source]:
 def structured_refusal(found: str) -> UnsupportedError:
     """The refusal of a LoHa / LoKr / Tucker module where the adapters stream (`found` names it)."""
     return UnsupportedError(f"{found}; combining many adapters streams plain LoRA factors only (combine them in "
-                            f"memory: at most {memory_max_adapters()} adapters, or --engine memory)")
+                            f"memory: at most {memory_max_adapters()} adapters, or --engine memory, Python: "
+                            "engine='memory')")
 
 
 def memory_max_adapters() -> int:
@@ -518,7 +645,7 @@ class _Stack:
     def __init__(self, spec: ModuleSpec, capacity: int) -> None:
         self.bt = np.empty((capacity, spec.out), dtype=np.float32)
         self.a = np.empty((capacity, spec.inn), dtype=np.float32)
-        self.coef = np.empty(capacity, dtype=np.float32)
+        self.coef = np.empty(capacity)  # float64: linear takes sqrt|c_i| of it (svd's fit float32: check_sources)
         self.filled = 0
 
     def add(self, c: float, r: int, a: tuple[np.ndarray, str], b: tuple[np.ndarray, str], b_rows: int,
@@ -611,8 +738,10 @@ class _SvdSketch:
         self.acc = arrays[0]
         self.w_acc = arrays[1] if len(arrays) > 1 else None
 
-    def finish(self, split: str) -> tuple[np.ndarray, np.ndarray, float]:
-        """(B, A) float32 of rank k in the stored orientation, and the relative error estimate."""
+    def finish(self, split: str, dtype: str, threads: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(B, A) float32 of rank k in the stored orientation, and the relative error estimate of those factors
+        as written: rounded to the output's factor dtype `dtype` (model.layout.rounded, as combine writes them:
+        a BF16 output's rounding alone is about 3e-3 of ||D||)."""
         k, w = self.k, self.w
         if self.passes == 1:
             probe_out = self.acc[:, w:]
@@ -639,14 +768,19 @@ class _SvdSketch:
             b_out, a_out = left * r, right * r[:, None]
         else:
             b_out, a_out = left * s, right
-        phi = gaussian(self.seed, self.spec.name, _PROBE, (self.spec.inn, self.probes))
-        resid = probe_out - b_out @ (a_out @ phi)
-        total = float(np.sum(probe_out * probe_out))
-        err = math.sqrt(float(np.sum(resid * resid)) / total) if total > 0 else 0.0
         if not (np.isfinite(b_out).all() and np.isfinite(a_out).all()):
             raise NonFiniteError(f"module {self.spec.name!r}: the combined factors hold a NaN or Inf (an input "
                                  "holds one, or the sum overflows)")
-        return b_out.astype(np.float32), a_out.astype(np.float32), err
+        b32, a32 = b_out.astype(np.float32), a_out.astype(np.float32)
+        layout = dataclasses.replace(self.spec.layout, rank=k, dtype=dtype, scale=1.0)
+        written = rounded(layout.placeholder().with_factors(b32, a32), dtype, threads)
+        b_w = written.B.f32(threads).reshape(b32.shape).astype(np.float64)
+        a_w = written.A.f32(threads).reshape(a32.shape).astype(np.float64)
+        phi = gaussian(self.seed, self.spec.name, _PROBE, (self.spec.inn, self.probes))
+        resid = probe_out - b_w @ (a_w @ phi)
+        total = float(np.sum(probe_out * probe_out))
+        err = math.sqrt(float(np.sum(resid * resid)) / total) if total > 0 else 0.0
+        return b32, a32, err
 
 
 def _side(pass_no: int) -> str:
@@ -668,6 +802,7 @@ class _SvdFold:
         coef: c_i per stacked rank) into this pass's sketch: one GEMM of inner size sum r_i per product
         (float32 products, accumulated in float64)."""
         with np.errstate(over="ignore", invalid="ignore"):  # fold_sources checks the sums, with a message
+            coef = coef.astype(np.float32)  # (each term's product is float32)
             if self.side == "range":
                 t = a @ self.x32
                 t *= coef[:, None]
@@ -798,11 +933,13 @@ class Sketching:
             sk.take(partial[n])
 
     def finish(self, on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> dict[str, float]:
-        """on_module(name, B, A) for every module in input order; the svd's error estimates."""
+        """on_module(name, B, A) for every module in input order; the svd's error estimates (of the factors
+        rounded to the output's dtype)."""
+        dtype = self.plan.factor_dtype(self.options.dtype)
         errors: dict[str, float] = {}
         for name in self.plan.modules:
             if self.svd:
-                b, a, err = self.svd[name].finish(self.options.split)
+                b, a, err = self.svd[name].finish(self.options.split, dtype, self.options.threads)
                 errors[name] = err
             else:
                 b, a = _LinearSum.finish(self.last[name])
@@ -818,7 +955,8 @@ class StreamSummary:
     """What a streamed combination did: the engine that ran ('stream', or 'ray': ops.combine.ray_engine),
     adapters read, passes made, bytes of factors read (all passes), wall seconds (with Ray, from when Ray is
     up), the process's peak resident memory (bytes; with Ray, the driver's), per module the estimated
-    relative Frobenius error ||D - D^|| / ||D|| (svd; empty for linear), and with Ray the shards (tasks per
+    relative Frobenius error ||D - D^|| / ||D|| of the factors as written (rounded to the output's dtype; svd;
+    empty for linear), and with Ray the shards (tasks per
     pass) and the worker processes that ran them."""
 
     engine: str
@@ -848,9 +986,10 @@ class StreamSummary:
                        f"worker{'s' if self.workers != 1 else ''}")
         if self.errors:
             worst = max(self.errors, key=lambda n: self.errors[n])
-            out.append(f"  estimated relative error ||D - D_k|| / ||D||: largest {self.errors[worst]:.2g} in "
-                       f"{worst}, median {float(np.median(list(self.errors.values()))):.2g} (from {PROBES} random "
-                       "probes per module: unbiased, one draw typically within 0.6-1.8x of the true error)")
+            out.append(f"  estimated relative error ||D - D_k|| / ||D|| (D_k: the factors as written, rounded to "
+                       f"the output dtype): largest {self.errors[worst]:.2g} in {worst}, median "
+                       f"{float(np.median(list(self.errors.values()))):.2g} (from {PROBES} random probes per module: "
+                       "unbiased, one draw typically within 0.6-1.8x of the true error)")
         return out
 
 
@@ -896,6 +1035,19 @@ def _changed(src: Source, pass_no: int) -> str:
             "adapters; nothing is written")
 
 
+def raise_if_changed(plan: Plan) -> None:
+    """After the last pass and the inputs' sha256 (io.provenance.Recording, on their own threads): every adapter
+    file (a folder: the files in it) still has the identity, size and times the header pass saw, so the hashes
+    recorded are of the bytes the passes read (a hash that read another version of a file would have found it
+    with other times, and it cannot have them back: a rename or a link sets the change time); else
+    InputChangedError naming the adapter's line, before the output is committed."""
+    for src, fingerprint in zip(plan.sources, plan.fingerprints):
+        if isinstance(src.item, Path) and _fingerprint(src.item) != fingerprint:
+            raise InputChangedError(f"{src.where}: changed while combine ran (after its passes read it, before "
+                                    "the output was committed): its recorded sha256 might not be of the bytes "
+                                    "read; nothing is written")
+
+
 def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints: Sequence[object],
               pass_no: int, replays: Sequence[Replay | None] | None = None
               ) -> Iterator[tuple[Source, float, Adapter | Replay]]:
@@ -919,8 +1071,7 @@ def _widen(src: Source, w: float, factors: Iterable[tuple[str, float, int, int, 
     jobs: list[ConvertJob] = []
     read = 0
     for name, scale, r, b_rows, a, b in factors:
-        c = float32_coefficient(w, scale, f"{src.where}: module {name!r}")  # the products are float32
-        stacks[name].add(c, r, a, b, b_rows, jobs)
+        stacks[name].add(w * scale, r, a, b, b_rows, jobs)  # (svd's in float32's range: check_sources)
         read += a[0].nbytes + b[0].nbytes
     try:
         backend.convert_into(jobs, 1)
@@ -1059,16 +1210,14 @@ def run_stream(plan: Plan, options: CombineOptions,
 def check_stream_options(options: CombineOptions) -> None:
     """The refusals of the streamed engines' options, before any work (engine 'ray' without Ray installed
     too)."""
-    if options.engine not in ENGINES:
+    if check_text(options.engine, "engine", ENGINES) not in ENGINES:
         raise LorafuseValueError(f"unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}")
     address = options.ray_address
     if address is not None and (not isinstance(address, str) or not address):
         raise LorafuseValueError(f"ray_address must be a Ray address (a non-empty string), got {address!r}")
     if address is not None and options.engine != "ray":
         raise LorafuseValueError(f"ray_address applies to engine 'ray' (the engine is {options.engine!r})")
-    p = options.passes
-    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= MAX_PASSES):
-        raise LorafuseValueError(f"passes must be an integer from 1 to {MAX_PASSES}, got {p!r}")
+    p = None if options.passes is None else check_int(options.passes, "passes", 1, MAX_PASSES)  # a numpy int too
     if options.engine in ("stream", "ray") or p is not None:
         engine = "engine 'ray'" if options.engine == "ray" else "passes, engine 'stream'"
         if options.method not in STREAMABLE:
@@ -1094,17 +1243,10 @@ def layout_of(plan: Plan, options: CombineOptions, dtype: str) -> list[ModuleLay
 
 
 def template_of(plan: Plan, updates: dict[str, LoraUpdate]) -> Adapter:
-    """The result adapter: the first input's config and state, the union of the inputs' target modules,
-    derived from every input path (save never writes over them)."""
+    """The result adapter: the first input's config and state, targeting what the inputs targeted
+    (arithmetic.combined_targets), derived from every input path (save never writes over them)."""
     combined = dataclasses.replace(plan.template, updates=dict(updates))
-    config = dict(combined.config)
-    if plan.targets and all(isinstance(t, list) for t in plan.targets):
-        config["target_modules"] = sorted({m for t in plan.targets if isinstance(t, list) for m in t})
-    elif plan.targets and all(isinstance(t, str) for t in plan.targets):
-        config["target_modules"] = "|".join(dict.fromkeys(f"({t})" for t in plan.targets))
-    else:
-        config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in plan.modules})
-    combined.config = config
+    combined.config = {**combined.config, **combined_targets(plan.targets, list(plan.modules))}
     combined.derived_from = list(dict.fromkeys(plan.paths))
     return combined
 
@@ -1117,12 +1259,13 @@ def gather(adapters: Iterable[AdapterInput] | Iterable[Source],
     sources = sources_of(adapters)
     if not sources:
         raise LorafuseValueError("combine needs at least one adapter")
-    ws = [1.0] * len(sources) if weights is None else check_weights(list(weights), len(sources))
+    ws = [1.0] * len(sources) if weights is None else check_weights(weights, len(sources))
     return sources, ws
 
 
 __all__ = ["DEFAULT_PASSES", "ENGINES", "MEMORY_MAX_ADAPTERS", "OVERSAMPLE", "PROBES", "Folding", "Operand", "Partial",
            "Plan", "STREAMABLE", "Sketching", "Source", "StreamSummary", "add_partials",
            "check_sources", "check_stream_options", "choose_engine", "chunk_size", "first_operand", "fold_sources",
-           "gather", "gaussian", "layout_of", "memory_max_adapters", "read_list", "run_stream", "sketch_width",
+           "gather", "gaussian", "layout_of", "memory_max_adapters", "raise_if_changed", "read_list", "run_stream",
+           "sketch_width",
            "sources_of", "template_of"]

@@ -131,6 +131,9 @@ def run_ray(plan: Plan, options: CombineOptions, on_module: Callable[[str, np.nd
     # temporary output, exit 143) is put back once the Ray this process started is shut down
     handlers = _signal_handlers() if started else {}
     if started:
+        _check_reachable(options.ray_address)
+        global _STARTS
+        _STARTS += 1  # from here Ray's threads run in this process, for good (ray_starts)
         try:
             quiet = options.progress is False  # the CLI's -q: Ray's own start-up lines too
             ray.init(address=options.ray_address, logging_level=logging.ERROR if quiet else logging.INFO,
@@ -146,6 +149,49 @@ def run_ray(plan: Plan, options: CombineOptions, on_module: Callable[[str, np.nd
         if started:
             ray.shutdown()
             _restore(handlers)
+
+
+_STARTS = 0
+
+
+def ray_starts() -> int:
+    """How many times run_ray started a Ray in this process (ray.init, shut down since or not). Ray's core worker
+    keeps threads of its own, which may still run as the interpreter exits: after Ctrl-C stopped a run with
+    tasks in flight, one of them crashed the process (SIGSEGV in TaskManager::RecordMetrics, Ray 2.60, about 1
+    run in 5), so the CLI leaves such a process with os._exit once its outputs are cleaned up (cli._leave)."""
+    return _STARTS
+
+
+CONNECT_SECONDS = 10.0  # how long the address of a Ray cluster may take to accept a connection
+
+
+def _check_reachable(address: str | None) -> None:
+    """A cluster address given as HOST:PORT or ray://HOST:PORT must accept a TCP connection within
+    CONNECT_SECONDS: ray.init waits minutes on an address nothing answers (and Ctrl-C takes long to act).
+    None (then RAY_ADDRESS, as Ray reads it), 'auto' and 'local' (a local Ray, or the one this machine runs) are
+    left to Ray."""
+    import os
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address in ("auto", "local"):
+        return
+    import socket
+    import urllib.parse
+
+    text = address if "://" in address else "ray://" + address
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        return  # not HOST:PORT: Ray says what is wrong with it
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_SECONDS):
+            pass
+    except OSError as e:
+        raise LorafuseError(f"engine 'ray': cannot reach Ray at {address!r}: {host}:{port} did not accept a "
+                            f"connection within {CONNECT_SECONDS:g} s ({e.strerror or e})") from None
 
 
 def _signal_handlers() -> dict[int, Any]:
@@ -248,4 +294,5 @@ def _settle(ray: Any, refs: list[Any], timeout: float = SETTLE_SECONDS) -> None:
         pass
 
 
-__all__ = ["TASK_RETRIES", "check_paths", "require_ray", "run_ray", "shard_bounds", "shard_task", "tree_sum"]
+__all__ = ["TASK_RETRIES", "check_paths", "ray_starts", "require_ray", "run_ray", "shard_bounds", "shard_task",
+           "tree_sum"]

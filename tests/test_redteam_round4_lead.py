@@ -1,0 +1,42 @@
+"""Round 4 findings the lead fixed beside the helpers' files: a trained bias PEFT saves under `base_layer`
+(adapter_config bias='lora_only' / 'all') is the adapter's own tensor, not PEFT's copy of the base, so an
+adapter weight other than 1 is refused for it as for modules_to_save (it would be installed whole)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from redteam_fixtures import PREFIX, peft_folder
+from safetensors.numpy import load_file, save_file
+
+from lorafuse.cli import main
+
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+def _base(folder: Path) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    save_file({f"{MODULE}.weight": rng.standard_normal((8, 6)).astype(np.float32),
+               f"{MODULE}.bias": rng.standard_normal(8).astype(np.float32)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_trained_bias_is_not_scaled_by_an_adapter_weight(tmp_path: Path, capsys, bias: str):
+    base = _base(tmp_path / "base")
+    trained = np.arange(8, dtype=np.float32)
+    adapter = peft_folder(tmp_path / "a", {MODULE: (8, 6)}, seed=1, extra={"bias": bias},
+                          tensors={f"{PREFIX}{MODULE}.base_layer.bias": trained})
+    assert main(["apply", str(base), str(adapter), "--weights", "0.5", "-o", str(tmp_path / "out"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "replaces base weight 'model.layers.0.self_attn.q_proj.bias' whole, and the adapter's weight is 0.5" in err
+    assert "train it with bias='none'" in err and not (tmp_path / "out").exists()
+    # weight 1: the trained bias is installed, as PEFT's merge does
+    assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "out"), "-q"]) == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert np.array_equal(merged[f"{MODULE}.bias"], trained)
