@@ -37,3 +37,12 @@ def llm_base(folder: Path, shapes: dict[str, tuple[int, int]]) -> Path:
               str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return folder
+
+
+def kohya_file(path: Path, module: str, seed: int, rank: int = 2, width: int = 8) -> Path:
+    """A kohya LoRA file of one module (width x width, float32, alpha = rank)."""
+    rng = np.random.default_rng(seed)
+    save_file({f"{module}.lora_down.weight": rng.standard_normal((rank, width)).astype(np.float32),
+               f"{module}.lora_up.weight": rng.standard_normal((width, rank)).astype(np.float32),
+               f"{module}.alpha": np.array(float(rank), np.float32)}, str(path))
+    return path

@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import numpy as np
 import pytest
+from redteam_fixtures import kohya_file
 from redteam_fixtures import llm_base as _base
 from redteam_fixtures import peft_folder as _peft
 from safetensors.numpy import load_file, save_file
@@ -50,12 +51,7 @@ def _merged(base: Path, adapter: Path, module: str) -> np.ndarray:
 
 def _kohya(path: Path) -> Path:
     """A kohya LoRA file of one module (a one-file adapter)."""
-    rng = np.random.default_rng(7)
-    m = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    save_file({f"{m}.lora_down.weight": rng.standard_normal((2, 8)).astype(np.float32),
-               f"{m}.lora_up.weight": rng.standard_normal((8, 2)).astype(np.float32),
-               f"{m}.alpha": np.array(2.0, np.float32)}, str(path))
-    return path
+    return kohya_file(path, "lora_unet_down_blocks_0_attentions_0_proj_in", seed=7)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from redteam_fixtures import PREFIX, llm_base, peft_folder
+from redteam_fixtures import PREFIX, kohya_file, llm_base, peft_folder
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -421,12 +421,7 @@ def test_print_schema_with_a_recipe_is_refused(tmp_path, capsys):
 
 
 def _kohya_sd1(path: Path) -> Path:
-    g = np.random.default_rng(0)
-    n = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{n}.lora_down.weight": g.standard_normal((2, 8)).astype(np.float32),
-               f"{n}.lora_up.weight": g.standard_normal((8, 2)).astype(np.float32),
-               f"{n}.alpha": np.array(2.0, np.float32)}, str(path))
-    return path
+    return kohya_file(path, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", seed=0)
 
 
 def test_convert_family_is_refused_where_it_would_be_ignored_or_untrue(tmp_path, capsys):
