@@ -245,25 +245,30 @@ def test_a_side_file_that_grows_while_copied_is_refused_not_copied_without_end(t
     assert "note: status.txt is a symbolic link to /proc/" in stderr and not os.path.lexists(out / "status.txt")
     (base_dir / "status.txt").unlink()
     (base_dir / "status.txt").write_text("x" * 1000)
-    real_fstat = os.fstat
-
-    class Empty:  # what a /proc file's fstat says
-        def __init__(self, st: os.stat_result) -> None:
-            self._st = st
-
-        def __getattr__(self, name: str) -> object:
-            return 0 if name == "st_size" else getattr(self._st, name)
-
-    def fstat(fd: int) -> object:
-        st = real_fstat(fd)
-        return Empty(st) if st.st_size == 1000 else st
-
-    monkeypatch.setattr(sidefiles.os, "fstat", fstat)
+    _fstat_says(monkeypatch, sidefiles, 0)  # what a /proc file's fstat says
     code, stdout, stderr = finishes(lambda: run_cli(capsys, "apply", base_dir, ad_dir, "-o", out, "--no-progress",
                                                     "--overwrite"), lambda: None)
     assert (code, stdout) == (1, "")
     assert f"FormatError: {base_dir / 'status.txt'}: the file grew while it was copied" in stderr, stderr
     assert not os.path.lexists(out / "status.txt")
+
+
+def _fstat_says(monkeypatch: pytest.MonkeyPatch, sidefiles: object, size: int) -> None:
+    """io.sidefiles' os.fstat says `size` bytes for a 1000-byte file (and the truth for others)."""
+    real_fstat = os.fstat
+
+    class Said:
+        def __init__(self, st: os.stat_result) -> None:
+            self._st = st
+
+        def __getattr__(self, name: str) -> object:
+            return size if name == "st_size" else getattr(self._st, name)
+
+    def fstat(fd: int) -> object:
+        st = real_fstat(fd)
+        return Said(st) if st.st_size == 1000 else st
+
+    monkeypatch.setattr(sidefiles.os, "fstat", fstat)  # type: ignore[attr-defined]
 
 
 def test_a_side_file_that_shrinks_while_copied_is_refused(tmp_path, monkeypatch):
@@ -273,20 +278,7 @@ def test_a_side_file_that_shrinks_while_copied_is_refused(tmp_path, monkeypatch)
     write_base(base_dir)
     write_peft(ad_dir)
     (base_dir / "tokenizer.json").write_text("x" * 1000)
-    real_fstat = os.fstat
-
-    class Grown:  # what fstat said before the file was cut to 1000 bytes
-        def __init__(self, st: os.stat_result) -> None:
-            self._st = st
-
-        def __getattr__(self, name: str) -> object:
-            return 5000 if name == "st_size" else getattr(self._st, name)
-
-    def fstat(fd: int) -> object:
-        st = real_fstat(fd)
-        return Grown(st) if st.st_size == 1000 else st
-
-    monkeypatch.setattr(sidefiles.os, "fstat", fstat)
+    _fstat_says(monkeypatch, sidefiles, 5000)  # what fstat said before the file was cut to 1000 bytes
     with pytest.raises(FormatError, match=r"tokenizer\.json: the file shrank while it was copied \(1000 of its 5000"):
         lorafuse.apply(base_dir, [ad_dir], out=out, progress=False)
     assert not out.exists()
