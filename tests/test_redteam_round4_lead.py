@@ -1,6 +1,7 @@
 """Round 4 findings the lead fixed beside the helpers' files: a trained bias PEFT saves under `base_layer`
 (adapter_config bias='lora_only' / 'all') is the adapter's own tensor, not PEFT's copy of the base, so an
-adapter weight other than 1 is refused for it as for modules_to_save (it would be installed whole)."""
+adapter weight other than 1 is refused for it as for modules_to_save (it would be installed whole); plan_apply
+of a generator of adapters counts their bytes."""
 
 from __future__ import annotations
 
@@ -40,3 +41,17 @@ def test_a_trained_bias_is_not_scaled_by_an_adapter_weight(tmp_path: Path, capsy
     assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "out"), "-q"]) == 0
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert np.array_equal(merged[f"{MODULE}.bias"], trained)
+
+
+def test_plan_apply_of_a_generator_counts_the_adapters_bytes(tmp_path: Path):
+    """plan_apply read a generator of adapters twice (prepare_apply used it up), so the adapters' bytes were not
+    counted: the plan of a generator equals the plan of the list."""
+    from lorafuse.ops.plan import plan_apply
+
+    base = _base(tmp_path / "base")
+    adapter = peft_folder(tmp_path / "a", {MODULE: (8, 6)}, seed=1)
+    listed = plan_apply(base, [adapter], out=tmp_path / "out")
+    generated = plan_apply(base, (a for a in [adapter]), out=tmp_path / "out")
+    stored = (adapter / "adapter_model.safetensors").stat().st_size
+    assert generated.bytes_read == listed.bytes_read >= stored - 1024  # the factors' bytes, less the small header
+    assert generated.size == listed.size and generated.bytes_written == listed.bytes_written

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +222,8 @@ def plan_apply(
     merged and the tensors copied. `progress` and `allow_nonfinite` act while writing only."""
     from lorafuse.ops.apply import prepare_apply
 
+    if isinstance(adapters, Iterator):  # a generator: read once here, for prepare_apply and the bytes counted below
+        adapters = list(adapters)
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
     model = s.mplan.model
