@@ -244,8 +244,8 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     _lora_network_metadata(meta, updates)
     # conv_dim / conv_alpha follow where the ranks changed or were chosen anew (resize, combine, extract: also
     # when only the convolutions' changed); a file read and written back keeps its bytes
-    made = adapter.provenance is not None and adapter.provenance.operation in _MAKES_NETWORK
-    _conv_args(meta, updates, made or before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha")))
+    changed = before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
+    _conv_args(meta, updates, changed or _makes_network(adapter))
     return meta
 
 
@@ -276,6 +276,11 @@ def _ranked(updates: list[Update]) -> list[Update]:
     return [u for u in updates if network_rank(u) is not None]
 
 
+def _ranks(updates: list[Update]) -> list[float]:
+    """The network ranks of modules that have one (_ranked), as floats."""
+    return [float(r) for u in updates if (r := network_rank(u)) is not None]
+
+
 def _network_texts(ranks: list[float], alphas: list[float]) -> tuple[str, str]:
     """ss_network_dim and ss_network_alpha of modules of these ranks and alphas: the rank and the most common
     alpha, or "Dynamic" for both where the ranks differ (resize_lora.py's dynamic methods)."""
@@ -290,7 +295,7 @@ def _rank_keys(meta: dict[str, str], updates: list[Update]) -> None:
     updates = _ranked(updates)
     if not updates:
         return
-    ranks = [float(network_rank(u) or 0) for u in updates]
+    ranks = _ranks(updates)
     alphas = [written_alpha(u) for u in updates]  # as the F32 .alpha tensors will hold them
     for key, values, text in zip(("ss_network_dim", "ss_network_alpha"), (ranks, alphas),
                                  _network_texts(ranks, alphas)):
@@ -311,7 +316,7 @@ def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool)
         return
     before = dict(args)
     convs = _ranked([u for u in updates if _is_kxk(u)])
-    for key, values, as_int in (("conv_dim", [float(network_rank(u) or 0) for u in convs], True),
+    for key, values, as_int in (("conv_dim", _ranks(convs), True),
                                 ("conv_alpha", [written_alpha(u) for u in convs], False)):
         if ranks_changed and key in args and convs and not _holds(str(args[key]), values):
             args[key] = _dynamic_or(values, as_int)
@@ -520,6 +525,11 @@ def _byte_window(chunk: bytes | memoryview, pos: int) -> bytes:
 _MAKES_NETWORK = ("combine", "resize", "extract")
 
 
+def _makes_network(adapter: Adapter) -> bool:
+    """Whether `adapter` was made by an operation that chooses ranks anew (_MAKES_NETWORK)."""
+    return adapter.provenance is not None and adapter.provenance.operation in _MAKES_NETWORK
+
+
 def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
     """sd-scripts' minimum network metadata (ss_network_module, ss_network_dim, ss_network_alpha) where the
     metadata lacks it: the rank and (most common) alpha of the linear and 1x1 modules, or "Dynamic" where their
@@ -530,7 +540,7 @@ def _minimum_network_metadata(meta: dict[str, str], adapter: Adapter) -> None:
     groups = _ranked(_network_modules(updates))
     if not groups:
         return
-    dim, alpha = _network_texts([float(network_rank(u) or 0) for u in groups], [written_alpha(u) for u in groups])
+    dim, alpha = _network_texts(_ranks(groups), [written_alpha(u) for u in groups])
     meta.setdefault("ss_network_module", "networks.lora")
     meta.setdefault("ss_network_dim", dim)
     meta.setdefault("ss_network_alpha", alpha)
@@ -544,7 +554,7 @@ def kohya_plan(adapter: Adapter) -> WritePlan:
     them, with the minimum network metadata), computed from the written data when it is complete."""
     specs = specs_of(kohya_tensors(adapter))
     meta = kohya_metadata(adapter)
-    made = adapter.provenance is not None and adapter.provenance.operation in _MAKES_NETWORK
+    made = _makes_network(adapter)
     if made:
         _minimum_network_metadata(meta, adapter)
     hashed = made or "sshs_model_hash" in meta or "sshs_legacy_hash" in meta
