@@ -153,7 +153,8 @@ class ReferenceBackend:
             if out_dtype not in WRITABLE:
                 raise DtypeError(f"{name}: cannot write output dtype {out_dtype}")
             rows, cols = w.shape
-            t = w32.astype(np.float64)
+            base = w32.astype(np.float64)
+            t = base
             for stage in stages:
                 delta = self._stage_delta(name, tuple(stage), rows, cols, shape_str(w))
                 t = t + delta
@@ -164,7 +165,7 @@ class ReferenceBackend:
                 if m.shape != ((cols,) if column_norm else (rows,)):
                     raise ShapeMismatchError(f"{name}: DoRA magnitude {shape_str(magnitude)} does not fit the base "
                                              f"weight {shape_str(w)}")
-                own = w32.astype(np.float64) + delta  # the base weight and this stage's delta alone
+                own = base + delta  # the base weight and this stage's delta alone
                 with np.errstate(divide="ignore", invalid="ignore"):
                     if column_norm:
                         t = t * (m / np.linalg.norm(own, axis=0))[None, :]
