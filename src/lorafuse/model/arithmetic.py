@@ -263,9 +263,10 @@ def check_shared(adapters: Sequence[Adapter], what: str) -> None:
     nonempty = [a for a in adapters if a.updates]
     if len(nonempty) < 2 or shared_modules(nonempty):
         return
-    for i in range(1, len(nonempty)):
-        if not one_model(nonempty[0], nonempty[i]):
-            first, second = nonempty[0], nonempty[i]
+    first = nonempty[0]
+    roots = model_roots(first)  # once, not again for every other adapter
+    for second in nonempty[1:]:
+        if roots.isdisjoint(model_roots(second)):
             raise different_models(what, (first.label, list(first.updates)), (second.label, list(second.updates)))
 
 

@@ -371,7 +371,8 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
             _run_streamed(plan, o, put)
             streamed = many.template_of(plan, computed)
             streamed.randomized = list(computed) if o.method == "svd" else []
-            streamed.provenance = _unchanged(plan, rec.result)()
+            streamed.provenance = rec.result()
+            many.raise_if_changed(plan)  # (see _unchanged)
         return streamed
     p = _prepare(adapters, weights, o)
     updates: dict[str, LoraUpdate] = {}

@@ -77,6 +77,7 @@ from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import (
+    NARROWING_FIELDS,
     check_linear,
     combined_targets,
     different_models,
@@ -100,6 +101,10 @@ MEMORY_MAX_ADAPTERS = 256  # at most this many adapters (fewer under a low open-
 STREAMABLE = ("svd", "linear")
 ENGINES = ("auto", "memory", "stream", "ray")
 MAX_PASSES = 21
+
+# what combined_targets reads of each input's config (a whole config, rank_pattern and all, per adapter would grow
+# the header pass's memory with n)
+_TARGET_FIELDS = ("target_modules", *NARROWING_FIELDS)
 
 AdapterInput = str | os.PathLike[str] | Adapter
 
@@ -202,8 +207,8 @@ def _line_entry(p: Path, line: str, where: str) -> tuple[str, float | None, bool
     cuts = [m.start() for m in _COMMENT_START.finditer(line, first.start() + 1, PATH_TEXT_MAX)] + [len(line)]
     found = [(text, r) for text in dict.fromkeys(line[:k].strip() for k in cuts)
              if len(text) <= PATH_TEXT_MAX and (r := _reading(p, text, where, probe=True))[2]]
-    if found and _reading(p, body, where, probe=True)[2]:
-        found.insert(0, (body, _reading(p, body, where)))
+    if found and (whole := _reading(p, body, where, probe=True))[2]:  # a path: its weight is read, as without probe
+        found.insert(0, (body, whole))
     if len(found) > 1:
         (_, r1), (_, r2) = found[:2]
         raise LorafuseValueError(
@@ -509,7 +514,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
                                          f"rank {min(spec.ranks - {u.rank})}: method 'linear' averages factors "
                                          "and needs equal ranks (use svd for mixed ranks)")
         dtypes.update(factor_dtypes(a.updates.values()))
-        targets.append(dict(a.config))
+        targets.append({k: a.config[k] for k in _TARGET_FIELDS if k in a.config})  # not the whole config
         fingerprints.append(_fingerprint(src.item) if isinstance(src.item, Path) else None)
         nbytes.append(_stored_nbytes(a))
         rp = replay_of(a) if isinstance(src.item, Path) else None
