@@ -376,9 +376,9 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
     if model.single:
         ckpt = model.components[""]
         config = configs[""]
-        tied = tied_layers(config, ckpt.keys(), checkpoint_keys(ckpt.keys(), config=config),
-                           bool(tie_word_embeddings(config)))
-        base_key = checkpoint_keys(ckpt.keys(), tied.virtual, config)  # a tied layer it does not store reads another
+        chain = checkpoint_keys(ckpt.keys(), config=config)
+        tied = tied_layers(config, ckpt.keys(), chain, bool(tie_word_embeddings(config)))
+        base_key = chain.with_virtual(tied.virtual)  # a tied layer it does not store reads another
         for layer, src in tied.virtual.items():
             shapes[layer] = shapes[src]
     resolved = resolve(shapes, adapters, weights, base_key, config)

@@ -161,6 +161,11 @@ class KeyChain:
                 return found
         return None
 
+    def with_virtual(self, virtual: Iterable[str]) -> KeyChain:
+        """This chain (checkpoint_keys') with its last matcher, the keys read but not stored, replaced: the stored
+        keys' indexes are not built again."""
+        return KeyChain([*self.matchers[:-1], VirtualKey(virtual)])
+
     def __call__(self, key: str) -> str | None:
         return self.find(key)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,8 +222,6 @@ def plan_apply(
     merged and the tensors copied. `progress` and `allow_nonfinite` act while writing only."""
     from lorafuse.ops.apply import prepare_apply
 
-    if isinstance(adapters, Iterator):  # a generator: read once here, for prepare_apply and the bytes counted below
-        adapters = list(adapters)
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
     model = s.mplan.model
@@ -256,9 +254,7 @@ def plan_apply(
                     replaced.append(full)
                 if t.bias_updates:
                     biases.append(full)
-    loaded = [a for a in adapters if isinstance(a, Adapter)]
-    read += _data_bytes(p for a in loaded for p in a.sources()) + _data_bytes(
-        Path(a) for a in adapters if not isinstance(a, Adapter))
+    read += _data_bytes(p for a in s.adapters for p in a.sources())  # the adapters as prepare_apply read them
     kind = "safetensors file" if s.one_file else ("checkpoint folder" if model.single else "diffusers pipeline")
     details: dict[str, object] = {"merged": merged, "replaced": replaced, "biases": biases, "copied": copied,
                                   "shards": len(files)}
