@@ -43,6 +43,7 @@ MAX_RANK: int = 2**20
 MAX_OVERSAMPLE: int = 2**20
 MAX_POWER_ITERS: int = 100
 MAX_SEED = 2**64 - 1
+MAX_PASSES: int = 21  # combine's streamed passes (--passes, passes=, a recipe's passes)
 
 
 def _show(value: object) -> str:

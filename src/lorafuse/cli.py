@@ -18,6 +18,7 @@ from lorafuse._progress import human_bytes
 from lorafuse._terminal import plural, printable
 from lorafuse._validate import (
     MAX_OVERSAMPLE,
+    MAX_PASSES,
     MAX_POWER_ITERS,
     MAX_RANK,
     MAX_SEED,
@@ -356,7 +357,7 @@ def _rank(text: str) -> int:
 
 
 def _passes(text: str) -> int:
-    return _bounded_int(text, 1, 21)
+    return _bounded_int(text, 1, MAX_PASSES)
 
 
 def _power_iters(text: str) -> int:

@@ -37,17 +37,18 @@ OPERATION_KEY = "lorafuse.operation"  # io.provenance's record of the command th
 
 # What an output is: a folder's manifest `kind`; a file's, told from what it holds (own_file_kind). An earlier
 # lorafuse output is replaced without --overwrite only by one that is the same thing (a re-run), never a merged
-# model by an adapter (io.atomic). Kinds of the same words are the same thing (a PEFT folder, an adapter file).
+# model by an adapter (io.atomic). A PEFT folder and an adapter file are the same thing (_SAME).
 CHECKPOINT, PIPELINE, PEFT_ADAPTER = "checkpoint", "diffusers-pipeline", "peft-adapter"  # folders
 ADAPTER, PLOT = "adapter", "plot"  # files (a merged model file is a CHECKPOINT too)
 KINDS = {CHECKPOINT: "a merged model", PIPELINE: "a merged diffusers pipeline", PEFT_ADAPTER: "an adapter",
          ADAPTER: "an adapter", PLOT: "a plot"}
+_SAME = {PEFT_ADAPTER: ADAPTER}  # kinds that are the same thing (a PEFT folder and an adapter file: adapters)
 
 
 def same_kind(old: str | None, new: str | None) -> bool:
     """Whether an output of kind `new` may replace one of kind `old` as a re-run: the same thing, or either
     unknown (None, '', a kind another version wrote)."""
-    return old not in KINDS or new not in KINDS or KINDS[old] == KINDS[new]
+    return old not in KINDS or new not in KINDS or _SAME.get(old, old) == _SAME.get(new, new)
 HASH_LIMIT = 1 << 20  # files up to this size are hashed into the manifest
 _MANIFEST_MAX = 64 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

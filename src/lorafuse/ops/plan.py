@@ -40,9 +40,8 @@ from lorafuse._progress import ProgressCallback, human_bytes
 from lorafuse._terminal import plural
 from lorafuse._validate import check_bool, check_path, full_rank
 from lorafuse.errors import LorafuseError
-from lorafuse.io.atomic import check_output
 from lorafuse.io.dtypes import DTYPES
-from lorafuse.io.manifest import ADAPTER, mark_metadata
+from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.provenance import Invocation, Provenance, is_provenance_key
 from lorafuse.io.safetensors import TensorSpec, encode_header, read_header
 from lorafuse.io.tensor import Tensor
@@ -292,9 +291,8 @@ def plan_combine(adapters: AnyAdapters, weights: Iterable[float] | None, options
             ranks = tuple(sorted({t.update.rank for t in s.prepared.by_module[name]}))
             modules.append(ModulePlan(name, lay.delta_shape, ranks, lay.rank))
     template = skeleton(s.template, s.layout)
-    wp = write_plan(fmt, template)
-    replaces = check_output(out, s.inputs, folder=wp.folder_kind is not None, overwrite=overwrite,
-                            kind=wp.folder_kind or ADAPTER)
+    write_plan(fmt, template)  # (a format without a writer is refused here)
+    replaces = target.replaces  # python_output checked the place (io.atomic.check_output) for this format's kind
     details: dict[str, object] = {"method": s.options.method, "adapters": count, "engine": s.engine,
                                   "passes": passes if s.stream is not None else None}
     return _adapter_plan("combine", out, fmt, template, modules, read, [target.note] if target.note else [], replaces,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from lorafuse._validate import MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_RANK, MAX_SEED
+from lorafuse._validate import MAX_OVERSAMPLE, MAX_PASSES, MAX_POWER_ITERS, MAX_RANK, MAX_SEED
 from lorafuse.ops.combine.registry import METHODS
 
 VERBS = ("apply", "resize", "extract")  # merge_method values that are not combine methods
@@ -26,7 +26,6 @@ Density = Annotated[float, Field(gt=0.0, le=1.0,
                                  description="fraction of entries kept (ties / dare / magnitude_prune)")]
 Rank = Annotated[int, Field(ge=1, le=MAX_RANK)]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
-MAX_PASSES = 21  # the CLI's --passes bound (ops.combine.many.MAX_PASSES, not imported here: numpy)
 
 
 def _lower(value: object) -> object:

@@ -59,7 +59,15 @@ from typing import Any
 import numpy as np
 
 from lorafuse._progress import BAR_FORMAT, human_bytes
-from lorafuse._validate import check_int, check_path, check_text, decimal_number, full_rank, rounds_to_zero
+from lorafuse._validate import (
+    MAX_PASSES,
+    check_int,
+    check_path,
+    check_text,
+    decimal_number,
+    full_rank,
+    rounds_to_zero,
+)
 from lorafuse.backends import Backend, ConvertJob, get_backend
 from lorafuse.errors import (
     AdapterNote,
@@ -100,7 +108,6 @@ PROBES = 10  # Gaussian columns of the error sketch
 MEMORY_MAX_ADAPTERS = 256  # at most this many adapters (fewer under a low open-file limit): the in-memory path
 STREAMABLE = ("svd", "linear")
 ENGINES = ("auto", "memory", "stream", "ray")
-MAX_PASSES = 21
 
 # what combined_targets reads of each input's config (a whole config, rank_pattern and all, per adapter would grow
 # the header pass's memory with n)
