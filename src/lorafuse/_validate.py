@@ -202,6 +202,11 @@ def check_path(value: object, name: str) -> str:
     raise LorafuseValueError(f"{name} must be a path (str or os.PathLike), got {_show(value)}{hint}")
 
 
+def split_name(text: str) -> str:
+    """A --split / split value in any case, as lorafuse spells it: 'B' or the lower-case text ('sqrt')."""
+    return "B" if text.lower() == "b" else text.lower()
+
+
 def check_text(value: object, name: str, choices: Iterable[str] = ()) -> str:
     """A text option (split, engine, to, ...) when it is a str, else LorafuseValueError naming `choices`: the
     caller then checks the text with its own message. Checked first because `x not in choices` fails on other

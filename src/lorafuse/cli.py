@@ -25,6 +25,7 @@ from lorafuse._validate import (
     MAX_THREADS,
     decimal_number,
     rounds_to_zero,
+    split_name,
 )
 from lorafuse._version import get_version
 from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
@@ -437,7 +438,7 @@ _FACTOR_DTYPE_HELP = ("dtype of the written factors: fp32, fp16 or bf16 (kohya's
 
 
 def _split(text: str) -> str:
-    return "B" if text.lower() == "b" else text.lower()
+    return split_name(text)
 
 
 def _convert_target(text: str) -> str:

@@ -372,17 +372,22 @@ def _checked(slot: str, path: str) -> _Parsed | None:
     return _Parsed(slot, path) if known else None
 
 
+def _parse_any(module: str) -> _Parsed | None:
+    """A kohya (lora_...) or diffusers module name's slot and path, None for a name that is no known layer."""
+    return _parse_kohya(module) if module.startswith("lora_") else _parse_diffusers(module)
+
+
 def model_part(module: str) -> str | None:
     """What a kohya or diffusers module name is a layer of: 'flux' (a Flux transformer), 'unet' (an SD 1.x/2.x
     or SDXL UNet) or 'text' (a text encoder); None for a name that is no known layer."""
     if _is_flux(module):
         return "flux"
-    parsed = _parse_kohya(module) if module.startswith("lora_") else _parse_diffusers(module)
+    parsed = _parse_any(module)
     return None if parsed is None else "unet" if parsed.slot == "unet" else "text"
 
 
 def _parse(module: str) -> _Parsed:
-    parsed = _parse_kohya(module) if module.startswith("lora_") else _parse_diffusers(module)
+    parsed = _parse_any(module)
     if parsed is None:
         raise UnsupportedError(f"module {module!r} is not a layer of an SD 1.x/2.x or SDXL UNet or of a "
                                "CLIP / OpenCLIP / T5 text encoder that lorafuse knows")
@@ -469,7 +474,7 @@ def guess_family(names: Iterable[str]) -> str:
     for name in names:
         if _is_flux(name):
             return "flux"
-        parsed = _parse_kohya(name) if name.startswith("lora_") else _parse_diffusers(name)
+        parsed = _parse_any(name)
         if parsed is None:
             continue
         if parsed.slot == "unet":

@@ -127,6 +127,11 @@ def open_regular(path: str | os.PathLike[str], where: str) -> int:
     return fd
 
 
+def _header_values(raw: bytes | bytearray) -> int:
+    """The JSON values a header holds, as lorafuse bounds them: counted from its commas and brackets."""
+    return raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+
+
 def _check_counts(raw: bytes | bytearray, where: str) -> None:
     """Refuse, before parsing, a header listing more tensors or JSON values than lorafuse reads."""
     tensors = raw.count(b'"data_offsets"')
@@ -134,7 +139,7 @@ def _check_counts(raw: bytes | bytearray, where: str) -> None:
         raise FormatError(f"{where}: the header lists {tensors:,} tensors (entries with data_offsets), more than the "
                           f"{MAX_TENSORS:,} lorafuse reads from one file; real checkpoint shards and adapters hold "
                           "far fewer (a corrupt or hostile file?)")
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    values = _header_values(raw)
     if values > MAX_HEADER_VALUES:
         raise FormatError(f"{where}: the header holds about {values:,} JSON values (counted from its commas and "
                           f"brackets), more than the {MAX_HEADER_VALUES:,} lorafuse reads from one header; real "
@@ -662,7 +667,7 @@ def _check_readable(body: bytes, metadata: Mapping[str, str], tensors: int) -> N
     """Refuse to write a header that read_header would refuse (_check_counts, _parse_header's bounds), counted
     the way it counts them."""
     size = _metadata_bytes(metadata)
-    values = body.count(b",") + body.count(b"{") + body.count(b"[")
+    values = _header_values(body)
     why = (f"{len(body):,} bytes, more than the {MAX_HEADER_BYTES:,} that lorafuse and safetensors read"
            if len(body) > MAX_HEADER_BYTES else
            f"{size:,} bytes of metadata, more than the {MAX_METADATA_BYTES:,} that lorafuse reads"

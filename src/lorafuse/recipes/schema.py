@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from lorafuse._validate import MAX_OVERSAMPLE, MAX_PASSES, MAX_POWER_ITERS, MAX_RANK, MAX_SEED
+from lorafuse._validate import MAX_OVERSAMPLE, MAX_PASSES, MAX_POWER_ITERS, MAX_RANK, MAX_SEED, split_name
 from lorafuse.ops.combine.registry import METHODS
 
 VERBS = ("apply", "resize", "extract")  # merge_method values that are not combine methods
@@ -35,7 +35,7 @@ def _lower(value: object) -> object:
 
 def _split_case(value: object) -> object:
     """split, in any case as the CLI's --split: 'B' or 'sqrt'."""
-    return ("B" if value.lower() == "b" else value.lower()) if isinstance(value, str) else value
+    return split_name(value) if isinstance(value, str) else value
 
 
 class ModelParameters(BaseModel):
