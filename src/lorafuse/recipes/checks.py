@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from lorafuse.errors import LorafuseError
 from lorafuse.ops.combine.many import STREAMABLE
-from lorafuse.ops.combine.registry import REGISTRY
+from lorafuse.ops.combine.registry import OPTION_FLAGS, REGISTRY
 from lorafuse.recipes.schema import MERGE_METHODS, TAKES, VERBS, Parameters, Stage
 from lorafuse.recipes.source import RecipeError, RecipeText, dotted, suggest
 
@@ -115,20 +115,9 @@ def _taken(stage: Stage) -> set[str]:
     taken = set(TAKES[verb])
     if verb == "combine":
         m = REGISTRY[stage.merge_method]
-        if not m.takes_rank:
-            taken -= {"rank", "conv_rank"}
-        if not m.takes_density:
-            taken.discard("density")
-        if not m.takes_exact:
-            taken.discard("exact")
-        if not m.takes_split:
-            taken.discard("split")
+        taken -= {option for option, flag, _ in OPTION_FLAGS if not getattr(m, flag)}
         if stage.merge_method not in STREAMABLE:
             taken -= {"passes", "engine", "ray_address"}
-        if not m.uses_majority_sign:
-            taken.discard("majority_sign")
-        if not m.uses_seed:
-            taken.discard("seed")
     return taken
 
 

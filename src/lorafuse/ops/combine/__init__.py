@@ -74,7 +74,7 @@ from lorafuse.ops.combine import many, ray_engine
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
-from lorafuse.ops.combine.registry import METHODS, REGISTRY, Method, methods_help, methods_with
+from lorafuse.ops.combine.registry import METHODS, OPTION_FLAGS, REGISTRY, Method, methods_help, methods_with
 from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_by_module
 from lorafuse.ops.outputs import python_output
 
@@ -117,16 +117,6 @@ def check_options(options: CombineOptions) -> CombineOptions:
     return dataclasses.replace(o, dtype=check_dtype(o.dtype), device=check_device(o.device))
 
 
-# What a method that does not use an option says about it: (option, Method flag, why the method has no use for it).
-_UNUSED = (
-    ("rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
-    ("conv_rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
-    ("density", "takes_density", "takes no density"),
-    ("split", "takes_split", "takes no split (it ends in no SVD whose singular values to place)"),
-    ("majority_sign", "uses_majority_sign", "takes no majority_sign (it elects no sign)"),
-    ("seed", "uses_seed", "takes no seed (nothing in it is random)"),
-    ("exact", "takes_exact", "has no exact switch"),
-)
 # The defaults, which lorafuse.combine and the CLI pass whatever the method: never refused.
 _DEFAULTS: dict[str, object] = {"rank": None, "conv_rank": None, "density": None, "split": "B",
                                 "majority_sign": "total", "seed": 0, "exact": False}
@@ -135,7 +125,7 @@ _DEFAULTS: dict[str, object] = {"rank": None, "conv_rank": None, "density": None
 def _check_used(o: CombineOptions, method: Method) -> None:
     """Refuse an option given (not at its default) that `method` does not use, naming the option and the methods
     that take it (the registry's flags): one rule for every option, instead of some refused, some ignored."""
-    for option, flag, why in _UNUSED:
+    for option, flag, why in OPTION_FLAGS:  # (registry: what a method that does not use an option says)
         if getattr(o, option) == _DEFAULTS[option] or getattr(method, flag):
             continue
         takers = methods_with(flag)

@@ -142,3 +142,16 @@ def foreign_method(name: str) -> str | None:
 def methods_help(width: int = 21) -> str:
     """The methods and their help lines, one per method, for the CLI."""
     return "\n".join(f"  {m.name:<{width}}{m.help}" for m in REGISTRY.values())
+
+
+# The options a method may not take, the flag of Method that says it takes them, and why not (for messages):
+# combine's check_options and a recipe's check (recipes.checks) read it.
+OPTION_FLAGS = (
+    ("rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
+    ("conv_rank", "takes_rank", "takes no rank (it is defined by the inputs)"),
+    ("density", "takes_density", "takes no density"),
+    ("split", "takes_split", "takes no split (it ends in no SVD whose singular values to place)"),
+    ("majority_sign", "uses_majority_sign", "takes no majority_sign (it elects no sign)"),
+    ("seed", "uses_seed", "takes no seed (nothing in it is random)"),
+    ("exact", "takes_exact", "has no exact switch"),
+)
