@@ -55,3 +55,31 @@ def test_plan_apply_of_a_generator_counts_the_adapters_bytes(tmp_path: Path):
     stored = (adapter / "adapter_model.safetensors").stat().st_size
     assert generated.bytes_read == listed.bytes_read >= stored - 1024  # the factors' bytes, less the small header
     assert generated.size == listed.size and generated.bytes_written == listed.bytes_written
+
+
+def test_info_tries_a_bounded_number_of_parameter_assignments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A module's LoRA-on-parameter wrappers are matched to target_parameters by trying every assignment
+    (k! for k nested wrappers): past info._MAX_WAYS (a crafted nesting) the wrappers are left unresolved
+    (rank and scale None, as where only the base tells), instead of iterating for hours."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    import lorafuse
+    from lorafuse.ops import info
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                         vocab_size=96, max_position_embeddings=32, head_dim=8)
+    config = LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                       "mlp.experts.down_proj"], init_lora_weights=False)
+    get_peft_model(Qwen3MoeForCausalLM(cfg), config).save_pretrained(str(tmp_path / "ad"))
+
+    def experts(d: dict) -> dict:
+        return {m["name"]: (m["rank"], m["scale"]) for m in d["module_details"] if "experts" in m["name"]}
+
+    resolved = experts(lorafuse.describe(tmp_path / "ad"))
+    assert len(resolved) == 2 and all(r == (8, 1.0) for r in resolved.values())  # PEFT's defaults: r 8, alpha 8
+    monkeypatch.setattr(info, "_MAX_WAYS", 1)  # the 2 wrappers have 2 assignments
+    assert set(experts(lorafuse.describe(tmp_path / "ad")).values()) == {(None, None)}
