@@ -133,20 +133,27 @@ def _copy_chunk(fd: int, out: int, count: int, offset: int, src: Path) -> int:
     return len(chunk)
 
 
+def entry_kind(path: Path, shown: object, root: Path) -> tuple[str, str | None]:
+    """What the entry `path` of the model folder `root` is once links are followed ('file', 'dir' or 'skip': see
+    classify), and the note (naming it `shown`) of one that is not copied: not a regular file or folder, or a
+    file that links outside `root` (outside_link); None for one to copy."""
+    kind, why = classify(path)
+    if kind == "skip":
+        return kind, f"{shown} is {why}: not copied"
+    target = outside_link(path, root) if kind == "file" else None
+    return kind, None if target is None else outside_note(shown, target, root)
+
+
 def copy_entry(src: Path, dst: Path, notes: list[str], root: Path, ancestors: frozenset[Path] = frozenset()) -> None:
     """Copy a file or a folder tree `src` (inside the folder `root`) to `dst`. What is not a regular file
     or a folder is left out with a note; so is a link to a file outside `root` (outside_link), to a folder
     outside `root` or to a folder that contains it (a loop)."""
     shown = src.relative_to(root) if src.is_relative_to(root) else src
-    kind, why = classify(src)
-    if kind == "skip":
-        notes.append(f"{shown} is {why}: not copied")
+    kind, note = entry_kind(src, shown, root)
+    if note is not None:
+        notes.append(note)
         return
     if kind == "file":
-        target = outside_link(src, root)
-        if target is not None:
-            notes.append(outside_note(shown, target, root))
-            return
         copy_file(src, dst)
         return
     real = src.resolve()

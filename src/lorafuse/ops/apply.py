@@ -61,7 +61,7 @@ from lorafuse.io.provenance import (
     stamp,
 )
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
-from lorafuse.io.sidefiles import classify, copy_entry, copy_file, outside_link, outside_note
+from lorafuse.io.sidefiles import copy_entry, copy_file, entry_kind
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.adapter import adapter_list
@@ -537,12 +537,9 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
         if is_pickle(p) or p.name.lower().endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)):
             notes.append(f"{p.name} holds other weights and was not copied")
             continue
-        kind, why = classify(p)
-        target = outside_link(p, root or src_dir) if kind == "file" else None
-        if kind == "skip":
-            notes.append(f"{p.name} is {why}: not copied")
-        elif target is not None:  # its bytes (say ~/.aws/credentials) never go into an output
-            notes.append(outside_note(p.name, target, root or src_dir))
+        kind, note = entry_kind(p, p.name, root or src_dir)
+        if note is not None:  # not a file or folder, or a link out (its bytes, say ~/.aws/credentials, stay out)
+            notes.append(note)
         elif kind == "dir":
             notes.append(f"folder {p.name}/ was not copied")
         elif p.name == "config.json" and (config_updates or config_removals):
