@@ -636,13 +636,12 @@ def apply(
     run.provenance = rec.draft()
     try:
         if one_file:
-            with atomic_file(out_path, inputs, overwrite=overwrite, kind=CHECKPOINT) as tmp:
+            with atomic_file(out_path, inputs, overwrite=overwrite, kind=s.kind) as tmp:
                 run.write_file(tmp)
                 with s.timings.phase("provenance (wait for the inputs' sha256)"):
                     run.stamp(rec.result())
         else:
-            kind = CHECKPOINT if mplan.model.single else PIPELINE
-            with atomic_dir(out_path, inputs, overwrite=overwrite, kind=kind) as tmp:
+            with atomic_dir(out_path, inputs, overwrite=overwrite, kind=s.kind) as tmp:
                 run.write_folder(tmp, limit)
                 with s.timings.phase("provenance (wait for the inputs' sha256)"):
                     run.stamp(rec.result(), tmp)
@@ -652,6 +651,11 @@ def apply(
     s.timings.report()
     return ApplyReport(out_path, run.merged, run.replaced, run.biases, mplan.total_tensors, mplan.total_bytes,
                        time.monotonic() - start, mplan.notes, run.requantized)
+
+
+def output_kind(one_file: bool, model: Pipeline) -> str:
+    """What apply writes (io.manifest's kinds): a merged checkpoint (one file, or a model's folder) or a pipeline."""
+    return CHECKPOINT if one_file or model.single else PIPELINE
 
 
 @dataclass
@@ -671,6 +675,11 @@ class ApplySetup:
     timings: PhaseTimer
     replaces: str | None = None
     adapters: list[Adapter] = field(default_factory=list)  # as loaded (their files, for the provenance)
+
+    @property
+    def kind(self) -> str:
+        """The output's kind (io.manifest): a merged checkpoint (one file or a folder) or a pipeline."""
+        return output_kind(self.one_file, self.mplan.model)
 
 
 def prepare_apply(
@@ -718,7 +727,7 @@ def prepare_apply(
     single_file = model.single and base_path.is_file()
     out_path, one_file = _output_path(out, base_path, model, single_file, limit, inputs)
     replaces = check_output(out_path, inputs, folder=not one_file, overwrite=overwrite,
-                            kind=CHECKPOINT if one_file or model.single else PIPELINE)
+                            kind=output_kind(one_file, model))
 
     timings = PhaseTimer("apply")
     with timings.phase("plan (match, resolve, stages not included)"):
