@@ -134,17 +134,20 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
 
 
 def checked_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
-                   *, asked: str | None = None, overwrite: bool = False) -> AdapterOutput:
+                   *, asked: str | None = None, overwrite: bool = False, judged: bool = False) -> AdapterOutput:
     """adapter_output, then io.atomic.check_output on the path it names, then whether the format (asked for:
     LorafuseValueError, or the first input's: UnsupportedError, as its writer would) can name the modules of
     `adapters`, naming the input: everything a verb that writes an adapter checks of its output's name before
     any work (a real run and a dry run alike). The result's
-    `replaces` is the note of what `overwrite` will replace there (None: nothing of the user's)."""
+    `replaces` is the note of what `overwrite` will replace there (None: nothing of the user's). `judged`: the
+    caller has already found that `fmt` can name the modules (python_output)."""
     target = adapter_output(out, fmt, adapters, inputs, asked=asked)
     folder = target.format in FOLDER_FORMATS
     replaces = check_output(target.path, inputs, folder=folder, overwrite=overwrite,
                             kind=PEFT_ADAPTER if folder else ADAPTER)
-    why = refusal(target.format, adapters)  # before any work, naming the input whose modules it cannot name
+    # before any work, naming the input whose modules it cannot name (a format adapter_output chose, with its
+    # note, was chosen because it can: its plan is not made again; nor is one the caller judged)
+    why = None if judged or target.note is not None else refusal(target.format, adapters)
     if why is not None and asked is not None:
         raise LorafuseValueError(f"{asked} cannot hold these modules: {why}")
     if why is not None:  # the writer's own refusal (UnsupportedError), said before any work
@@ -171,7 +174,8 @@ def python_output(out: str | os.PathLike[str], format: str | None, adapters: Seq
     why = None if format is None else refusal(fmt, adapters)
     if why is not None:
         raise UnsupportedError(f"format={format!r} cannot hold these modules: {why}")
-    checked = checked_output(target.path, target.format, adapters, inputs, overwrite=overwrite)  # the place itself
+    checked = checked_output(target.path, target.format, adapters, inputs, overwrite=overwrite,  # the place itself
+                             judged=format is not None or target.note is not None)
     return dataclasses.replace(checked, note=target.note)
 
 
