@@ -46,6 +46,7 @@ from lorafuse.io.provenance import Invocation, Provenance, is_provenance_key
 from lorafuse.io.safetensors import TensorSpec, encode_header, read_header
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model.experts import ALL_PARTS, expert_modules
 from lorafuse.model.layout import ModuleLayout
 from lorafuse.ops.combine import AnyAdapters, CombineOptions
 from lorafuse.ops.outputs import AdapterOutput, checked_output, extract_output, python_output, write_plan
@@ -342,8 +343,14 @@ def plan_resize(
     updates: dict[str, Update] = {}
     modules: list[ModulePlan] = []
     exact = not rule.from_spectrum
+    ranks = {name: full_rank(min(u.rank, cap) if cap is not None else u.rank, tuple(u.delta_shape))
+             for name, u in a.updates.items()}
+    experts = [n for n in expert_modules(a.updates, ALL_PARTS) if isinstance(a.updates[n], LoraUpdate)]
+    if experts:  # resize pads the MoE experts PEFT stacks to one rank, the largest among them (one_expert_rank)
+        common = max(ranks[n] for n in experts)
+        ranks.update(dict.fromkeys(experts, common))
     for name, u in a.updates.items():
-        k = full_rank(min(u.rank, cap) if cap is not None else u.rank, tuple(u.delta_shape))
+        k = ranks[name]
         exact = exact and isinstance(u, LoraUpdate)
         new = ModuleLayout.like(u, k, scale=u.scale, dtype=out_dtype).placeholder()
         new.bias = u.bias
