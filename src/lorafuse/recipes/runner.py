@@ -316,7 +316,7 @@ def _check_intermediate(work: Path, out: Path) -> None:
 
 
 def _check_intermediate_output(path: Path, folder: bool | None, name: str, work: Path, out: Path,
-                               externals: Sequence[Path], kind: str | None = None) -> None:
+                               externals: Sequence[Path], kind: str | None) -> None:
     """What a stage before the last may write in `intermediate_dir` (`path`, a folder or one file; None: not
     known yet, so only what does not depend on it is checked): never an input of the recipe, a folder holding
     one, a path inside an input folder, or the current folder (io.atomic's rules, `overwrite` or not); never
@@ -522,7 +522,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         stage_out = _intermediate(s, text, outputs, work)
                         if keep:  # checked before the first stage where it could be told; now where it writes
                             _check_intermediate_output(stage_out, stage_out == work / s.name, s.name, work, target,
-                                                       externals)
+                                                       externals, _stage_kind(s.verb))
                     flags = list(extra)
                     if dry_run:
                         flags.append("--dry-run")
