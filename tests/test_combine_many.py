@@ -401,7 +401,7 @@ def test_later_passes_read_the_factor_bytes_and_get_the_loaded_result(tmp_path: 
     for replays in (plan.replays, [None] * len(plan.replays)):
         out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         many.run_stream(dataclasses.replace(plan, replays=replays), options,
-                        lambda n, b, a, out=out: out.__setitem__(n, (b.copy(), a.copy())))
+                        lambda n, u, out=out: out.__setitem__(n, (u.B.f32(), u.A.f32())))
         results.append(out)
     for n in NAMES:
         for got, want in zip(results[0][n], results[1][n]):

@@ -43,8 +43,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from lorafuse._validate import (
     check_bool,
     check_float,
@@ -325,15 +323,11 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
 
 
 def _run_streamed(plan: many.Plan, o: CombineOptions,
-                  on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> many.StreamSummary:
+                  on_module: Callable[[str, LoraUpdate], None]) -> many.StreamSummary:
     """The streamed engine the options name: Ray's (engine 'ray') or the local one."""
     if o.engine == "ray":
         return ray_engine.run_ray(plan, o, on_module)
     return many.run_stream(plan, o, on_module)
-
-
-def _streamed_update(layout: ModuleLayout, b: np.ndarray, a: np.ndarray, dtype: str, threads: int) -> LoraUpdate:
-    return rounded(layout.placeholder().with_factors(b, a), dtype, threads)
 
 
 def _recording(items: Sequence[Adapter | many.Source], weights: Sequence[float], options: CombineOptions) -> Recording:
@@ -350,15 +344,10 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
     options = _spelled(options)
     adapters, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
-        dtype = plan.output_dtype(o.dtype)
-        layouts = {m.name: m for m in many.layout_of(plan, o, dtype)}
+        plan.output_dtype(o.dtype)  # its note where the inputs' dtypes differ
         computed: dict[str, LoraUpdate] = {}
-
-        def put(name: str, b: np.ndarray, a: np.ndarray) -> None:
-            computed[name] = _streamed_update(layouts[name], b, a, dtype, o.threads)
-
         with _recording(plan.sources, plan.weights, options) as rec:
-            _run_streamed(plan, o, put)
+            _run_streamed(plan, o, computed.__setitem__)
             streamed = many.template_of(plan, computed)
             streamed.randomized = list(computed) if o.method == "svd" else []
             streamed.provenance = rec.result()
@@ -506,8 +495,7 @@ def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, templa
     the passes) is written at the commit."""
     with open_stream(format, out, layout, template, overwrite=overwrite, inputs=plan.paths,
                      final_provenance=_unchanged(plan, final)) as w:
-        summary = _run_streamed(plan, o, lambda n, b, a: w.put(n, _streamed_update(layout[n], b, a, dtype,
-                                                                                     o.threads)))
+        summary = _run_streamed(plan, o, w.put)
         raise_if_inputs_changed(plan.paths)
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()},
                          list(layout) if o.method == "svd" else [], dtype, time.perf_counter() - start,

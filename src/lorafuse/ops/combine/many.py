@@ -750,10 +750,10 @@ class _SvdSketch:
         self.acc = arrays[0]
         self.w_acc = arrays[1] if len(arrays) > 1 else None
 
-    def finish(self, split: str, dtype: str, threads: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """(B, A) float32 of rank k in the stored orientation, and the relative error estimate of those factors
-        as written: rounded to the output's factor dtype `dtype` (model.layout.rounded, as combine writes them:
-        a BF16 output's rounding alone is about 3e-3 of ||D||)."""
+    def finish(self, split: str, layout: ModuleLayout, threads: int) -> tuple[LoraUpdate, float]:
+        """The module's update of rank k (`layout`: the output's, layout_of) with its factors rounded to the
+        output's dtype (model.layout.rounded), and the relative error estimate of those factors as written (a
+        BF16 output's rounding alone is about 3e-3 of ||D||)."""
         k, w = self.k, self.w
         if self.passes == 1:
             probe_out = self.acc[:, w:]
@@ -784,15 +784,14 @@ class _SvdSketch:
             raise NonFiniteError(f"module {self.spec.name!r}: the combined factors hold a NaN or Inf (an input "
                                  "holds one, or the sum overflows)")
         b32, a32 = b_out.astype(np.float32), a_out.astype(np.float32)
-        layout = dataclasses.replace(self.spec.layout, rank=k, dtype=dtype, scale=1.0)
-        written = rounded(layout.placeholder().with_factors(b32, a32), dtype, threads)
+        written = rounded(layout.placeholder().with_factors(b32, a32), layout.dtype, threads)
         b_w = written.B.f32(threads).reshape(b32.shape).astype(np.float64)
         a_w = written.A.f32(threads).reshape(a32.shape).astype(np.float64)
         phi = gaussian(self.seed, self.spec.name, _PROBE, (self.spec.inn, self.probes))
         resid = probe_out - b_w @ (a_w @ phi)
         total = float(np.sum(probe_out * probe_out))
         err = math.sqrt(float(np.sum(resid * resid)) / total) if total > 0 else 0.0
-        return b32, a32, err
+        return written, err
 
 
 def _side(pass_no: int) -> str:
@@ -944,18 +943,20 @@ class Sketching:
         for n, sk in self.svd.items():
             sk.take(partial[n])
 
-    def finish(self, on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> dict[str, float]:
-        """on_module(name, B, A) for every module in input order; the svd's error estimates (of the factors
-        rounded to the output's dtype)."""
-        dtype = self.plan.factor_dtype(self.options.dtype)
+    def finish(self, on_module: Callable[[str, LoraUpdate], None]) -> dict[str, float]:
+        """on_module(name, update) for every module in input order, its factors rounded once to the output's
+        dtype (layout_of); the svd's error estimates (of those factors as written)."""
+        threads = self.options.threads
+        layouts = layout_of(self.plan, self.options, self.plan.factor_dtype(self.options.dtype))
         errors: dict[str, float] = {}
-        for name in self.plan.modules:
+        for layout in layouts:
+            name = layout.name
             if self.svd:
-                b, a, err = self.svd[name].finish(self.options.split, dtype, self.options.threads)
-                errors[name] = err
+                update, errors[name] = self.svd[name].finish(self.options.split, layout, threads)
             else:
                 b, a = _LinearSum.finish(self.last[name])
-            on_module(name, b, a)
+                update = rounded(layout.placeholder().with_factors(b, a), layout.dtype, threads)
+            on_module(name, update)
         return errors
 
 
@@ -1193,9 +1194,10 @@ def chunk_size(plan: Plan, budget: int) -> int:
 
 
 def run_stream(plan: Plan, options: CombineOptions,
-               on_module: Callable[[str, np.ndarray, np.ndarray], None]) -> StreamSummary:
-    """The streamed combination: calls on_module(name, B, A) (float32, stored orientation, scale 1) for
-    every module in the order of the inputs, once all passes are done; returns the summary. Adapters are read
+               on_module: Callable[[str, LoraUpdate], None]) -> StreamSummary:
+    """The streamed combination: calls on_module(name, update) (the output's layout, layout_of: scale 1, its
+    factors rounded to the output's dtype) for every module in the order of the inputs, once all passes are
+    done; returns the summary. Adapters are read
     one at a time; their float32 factors wait in a chunk (at most options.group_bytes of them) and each chunk
     goes into the sketches as one product per module."""
     start = time.perf_counter()

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lorafuse.errors import LorafuseError, UnsupportedError
+from lorafuse.model import LoraUpdate
 from lorafuse.ops.combine.many import (
     Folding,
     Operand,
@@ -118,9 +119,9 @@ def _worker() -> str:
     return f"{ctx.get_node_id()}/{ctx.get_worker_id()}"
 
 
-def run_ray(plan: Plan, options: CombineOptions, on_module: Callable[[str, np.ndarray, np.ndarray], None], *,
+def run_ray(plan: Plan, options: CombineOptions, on_module: Callable[[str, LoraUpdate], None], *,
             task: ShardTask | None = None, task_options: Mapping[str, Any] | None = None) -> StreamSummary:
-    """many.run_stream on Ray: on_module(name, B, A) for every module once all passes are done; the summary.
+    """many.run_stream on Ray: on_module(name, update) for every module once all passes are done; the summary.
     Ray: the one this process has initialized (left running), else ray.init(address=options.ray_address)
     (None: a local Ray), shut down at the end. `task` replaces shard_task (a wrapper of it: tests), and
     `task_options` are Ray's options of the shard tasks (num_cpus, max_retries, ...)."""
@@ -212,7 +213,7 @@ def _restore(handlers: Mapping[int, Any]) -> None:
             signal.signal(sig, handler)
 
 
-def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str, np.ndarray, np.ndarray], None],
+def _run(ray: Any, plan: Plan, options: CombineOptions, on_module: Callable[[str, LoraUpdate], None],
          task: ShardTask, task_options: Mapping[str, Any], start: float) -> StreamSummary:
     sketching = Sketching(plan, options)
     passes, n = sketching.passes, len(plan.sources)
