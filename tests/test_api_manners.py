@@ -319,16 +319,20 @@ def test_combine_to_and_convert_report_in_the_adapter_shape(tmp_path):
     files = []
     for i in range(2):
         path = tmp_path / f"k{i}.safetensors"
-        save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": g.standard_normal((4, 8)).astype(np.float32),
-                   "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": g.standard_normal((8, 4)).astype(np.float32),
+        save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight":
+                   g.standard_normal((4, 8)).astype(np.float32),
+                   "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight":
+                   g.standard_normal((8, 4)).astype(np.float32),
                    "lora_unet_mid_block_attentions_0_proj_in.alpha": np.array(4, dtype=np.float32)}, str(path))
         files.append(path)
     report = combine_to(files, [1.0, 0.5], CombineOptions(method="cat"), tmp_path / "c.safetensors")
     assert isinstance(report, lorafuse.AdapterReport) and report.seconds > 0 and report.notes == []
-    assert report.ranks == {"lora_unet_mid_block_attentions_0_proj_in": 8} == {n: u.rank for n, u in lorafuse.load(report.out).updates.items()}
+    assert report.ranks == {"lora_unet_mid_block_attentions_0_proj_in": 8} == {
+        n: u.rank for n, u in lorafuse.load(report.out).updates.items()}
     conv = ops_convert(files[0], tmp_path / "d.safetensors", to="peft", family="sd1")
     assert isinstance(conv, lorafuse.AdapterReport) and conv.seconds > 0
-    assert conv.ranks == {n: u.rank for n, u in lorafuse.load(conv.out).updates.items()} and set(conv.ranks.values()) == {4}
+    assert conv.ranks == {n: u.rank for n, u in lorafuse.load(conv.out).updates.items()} and \
+        set(conv.ranks.values()) == {4}
 
 
 def test_report_protocols_name_the_shared_members():

@@ -162,7 +162,7 @@ def test_kohya_lora_into_a_diffusers_pipeline_folder(family: str, models, tmp_pa
         got = load_np(str(tmp_path / "merged" / comp / weights))
         base = load_np(str(tmp_path / "pipe" / comp / weights))
         mine = {m[len(comp) + 1:]: d for m, d in deltas.items() if m.startswith(comp + ".")}
-        _assert_merged(got, base, mine, lambda m: m.removeprefix("text_model.") + ".weight"
+        _assert_merged(got, base, mine, lambda m, base=base: m.removeprefix("text_model.") + ".weight"
                        if m.removeprefix("text_model.") + ".weight" in base else m + ".weight")
         assert (tmp_path / "merged" / comp / "config.json").read_text() == json.dumps({"marker": comp})
     assert len(report.merged) == len(deltas)

@@ -365,7 +365,8 @@ def test_safetensors_without_config(llama, tmp_path, good_output):
     stray = folder / "weights.safetensors"
     save_file({"encoder.weight": np.ones((4, 4), np.float32), "encoder.bias": np.zeros(4, np.float32)}, str(stray))
     for target in (stray, folder):
-        check_failure(lambda out: lorafuse.apply(llama.base_dir, [target], out=out, progress=False),
+        check_failure(lambda out, target=target: lorafuse.apply(llama.base_dir, [target], out=out,
+                                                               progress=False),
                       tmp_path / f"out_{target.name}", FormatError, target, "not a recognised adapter",
                       make_prior=good_output, watched=[folder])
 
@@ -383,7 +384,8 @@ def test_pickle_adapter(llama, tmp_path, good_output):
     state = {k: torch.from_numpy(v) for k, v in load_file(str(llama.adapter_dir / ADAPTER_FILE)).items()}
     torch.save(state, folder / "adapter_model.bin")
     for target in (folder, folder / "adapter_model.bin"):
-        check_failure(lambda out: lorafuse.apply(llama.base_dir, [target], out=out, progress=False),
+        check_failure(lambda out, target=target: lorafuse.apply(llama.base_dir, [target], out=out,
+                                                               progress=False),
                       tmp_path / f"out_{target.name}", FormatError, folder / "adapter_model.bin", "pickle",
                       make_prior=good_output, watched=[folder])
 
@@ -405,7 +407,8 @@ def test_pickle_base(llama, tmp_path, good_output):
     shutil.copy(llama.base_dir / "config.json", base / "config.json")
     torch.save({k: torch.from_numpy(v) for k, v in tensors_of(llama.base_dir).items()}, base / "pytorch_model.bin")
     for target in (base, base / "pytorch_model.bin"):
-        check_failure(lambda out: lorafuse.apply(target, [llama.adapter_dir], out=out, progress=False),
+        check_failure(lambda out, target=target: lorafuse.apply(target, [llama.adapter_dir], out=out,
+                                                               progress=False),
                       tmp_path / f"out_{target.name}", FormatError, base / "pytorch_model.bin", "pickle",
                       make_prior=good_output, watched=[base])
 

@@ -234,7 +234,8 @@ def test_dtype_bf16(case, tmp_path, capsys):
     assert merged_elems > 0
     assert exact_elems / merged_elems > 0.99, f"only {exact_elems} of {merged_elems} merged values are exact"
 
-    cfg, base_cfg = json.loads((out / "config.json").read_text()), json.loads((case.base_dir / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    base_cfg = json.loads((case.base_dir / "config.json").read_text())
     assert base_cfg["dtype"] == "float32"
     assert cfg["dtype"] == "bfloat16"
     assert {k: v for k, v in cfg.items() if k != "dtype"} == {k: v for k, v in base_cfg.items() if k != "dtype"}
@@ -454,7 +455,8 @@ def test_bad_values_exit_2(case, tmp_path, capsys, extra, adapters, expected):
         # an option the verb does not know: reported with the verb's usage, and the nearest option named
         (["--bogus"], "unrecognized arguments: --bogus", "lorafuse apply"),
         (["--wieghts", "1"], "unrecognized arguments: --wieghts 1; did you mean '--weights'?", "lorafuse apply"),
-        (["--dtype", "int8"], "argument --dtype: unknown dtype 'int8' (choose from fp32, fp16, bf16)", "lorafuse apply"),
+        (["--dtype", "int8"], "argument --dtype: unknown dtype 'int8' (choose from fp32, fp16, bf16)",
+         "lorafuse apply"),
     ],
     ids=["weights", "threads-negative", "threads-word", "no-output", "unknown-option", "misspelt-option", "dtype"],
 )
@@ -500,8 +502,8 @@ def test_version(capsys):
 
 
 def test_a_command_imports_only_what_it_runs(case: Case, tmp_path: Path) -> None:
-    """`lorafuse apply` and `lorafuse --version` never import combine, recipes, plots, the GGUF writer or the Hub client: the
-    combine methods' help is built from their registry only when combine's help or usage is shown."""
+    """`lorafuse apply` and `lorafuse --version` never import combine, recipes, plots, the GGUF writer or the Hub
+    client: the combine methods' help is built from their registry only when combine's help or usage is shown."""
     code = ("import sys\nfrom lorafuse.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith(('lorafuse.ops.combine', 'lorafuse.recipes', "

@@ -141,7 +141,9 @@ def test_options_are_checked_from_the_registry(adapters, name: str) -> None:
     base = CombineOptions(method=name, density=0.5 if m.takes_density else None)
     assert check_options(base).method == name
     if m.takes_density:
-        with pytest.raises(lorafuse.LorafuseValueError, match=f"method '{name}' needs a density: the fraction of entries it keeps, between 0 and 1 \\(e.g. --density 0.5"):
+        with pytest.raises(lorafuse.LorafuseValueError,
+                           match=f"method '{name}' needs a density: the fraction of entries it keeps, "
+                                 "between 0 and 1 \\(e.g. --density 0.5"):
             lorafuse.combine(dirs, method=name)
     else:
         with pytest.raises(lorafuse.LorafuseValueError, match=f"method '{name}' takes no density"):

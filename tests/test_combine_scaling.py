@@ -80,7 +80,7 @@ def test_randomized_factored_path_reproducible_and_thread_independent(rng):
             np.testing.assert_array_equal(x, y)
     other = _core.factored_svd(items[:1], [8], mode="randomized", seed=6)[0]
     assert not np.array_equal(other[0], one[0][0])  # another seed, another sketch: the randomized path ran
-    for (B2, A2, _), (_, B, A) in zip(one, items):  # largest entry of each left vector positive
+    for (B2, _A2, _), (_, _B, _A) in zip(one, items):  # largest entry of each left vector positive
         cols = np.abs(B2).argmax(axis=0)
         assert np.all(B2[cols, np.arange(B2.shape[1])] > 0)
 

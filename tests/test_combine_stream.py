@@ -259,10 +259,11 @@ def test_an_output_over_an_input_is_refused(tmp_path, kohya_inputs):
 
 def test_cli_combine_writes_the_streamed_file(tmp_path, kohya_inputs, capsys):
     out = tmp_path / "cli.safetensors"
-    args = ["combine", *map(str, kohya_inputs), "--weights=" + ",".join(map(str, WEIGHTS)), "--method", "svd", "--rank", "5",
-            "-o", str(out)]
+    args = ["combine", *map(str, kohya_inputs), "--weights=" + ",".join(map(str, WEIGHTS)), "--method", "svd",
+            "--rank", "5", "-o", str(out)]
     assert main(args) == 0
     assert "combined 3 adapters with svd" in capsys.readouterr().out
     with invoked(command_text(args, str(out)), "command"):  # the record names the command (issue #16)
-        want = combine_with(kohya_inputs, WEIGHTS, CombineOptions(method="svd", rank=5)).save(tmp_path / "api.safetensors")
+        want = combine_with(kohya_inputs, WEIGHTS, CombineOptions(method="svd", rank=5)).save(
+            tmp_path / "api.safetensors")
     assert out.read_bytes() == want.read_bytes()

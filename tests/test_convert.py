@@ -355,7 +355,8 @@ def test_flux_kohya_to_peft_matches_diffusers(tmp_path, flux_model):
     tensors, _ = read(out)
     for i, x in enumerate("qkv"):
         key = f"transformer.transformer_blocks.0.attn.to_{x}"
-        assert torch.equal(tensors[key + ".lora_A.weight"], sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
+        assert torch.equal(tensors[key + ".lora_A.weight"],
+                           sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"])
         assert torch.equal(tensors[key + ".lora_B.weight"],
                            sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"][i * H:(i + 1) * H])
 
@@ -490,7 +491,8 @@ def test_peft_to_kohya_of_a_file_diffusers_saved(tmp_path, sd1_models):
     unet = copy.deepcopy(sd1_models[0])
     cfg = LoraConfig(r=4, lora_alpha=2.0, init_lora_weights=False,
                      target_modules=["to_q", "to_k", "proj_in", "conv1", "time_emb_proj"],
-                     rank_pattern={"^down_blocks.0.resnets.0.conv1": 2}, alpha_pattern={"^down_blocks.0.attentions.0.proj_in": 8.0})
+                     rank_pattern={"^down_blocks.0.resnets.0.conv1": 2},
+                     alpha_pattern={"^down_blocks.0.attentions.0.proj_in": 8.0})
     unet.add_adapter(cfg)
     expected = {f"unet.{k}": v for k, v in peft_deltas(unet).items()}
     meta_cfg = {k: v for k, v in unet.peft_config["default"].to_dict().items() if k in (
@@ -511,8 +513,10 @@ def test_peft_to_kohya_of_a_file_diffusers_saved(tmp_path, sd1_models):
 
 
 def loha_tensors(g: torch.Generator, out: int, cols: int, r: int, alpha: float, name: str) -> dict[str, torch.Tensor]:
-    return {f"{name}.hada_w1_a": torch.randn(out, r, generator=g), f"{name}.hada_w1_b": torch.randn(r, cols, generator=g),
-            f"{name}.hada_w2_a": torch.randn(out, r, generator=g), f"{name}.hada_w2_b": torch.randn(r, cols, generator=g),
+    return {f"{name}.hada_w1_a": torch.randn(out, r, generator=g),
+            f"{name}.hada_w1_b": torch.randn(r, cols, generator=g),
+            f"{name}.hada_w2_a": torch.randn(out, r, generator=g),
+            f"{name}.hada_w2_b": torch.randn(r, cols, generator=g),
             f"{name}.alpha": torch.tensor(alpha)}
 
 
@@ -543,7 +547,8 @@ def test_loha_and_lokr_become_their_best_rank_k_lora(tmp_path, capsys):
     t = {**loha_tensors(g, 16, 24, 3, 2.0, attn), **loha_tensors(g, 8, 8 * 9, 3, 1.5, conv),
          f"{lokr}.lokr_w1": torch.randn(4, 2, generator=g), f"{lokr}.lokr_w2_a": torch.randn(8, 2, generator=g),
          f"{lokr}.lokr_w2_b": torch.randn(2, 6, generator=g), f"{lokr}.alpha": torch.tensor(1.0),
-         f"{plain}.lora_down.weight": torch.randn(8, 8, generator=g), f"{plain}.lora_up.weight": torch.randn(8, 8, generator=g),
+         f"{plain}.lora_down.weight": torch.randn(8, 8, generator=g),
+         f"{plain}.lora_up.weight": torch.randn(8, 8, generator=g),
          f"{plain}.alpha": torch.tensor(4.0)}
     src = tmp_path / "lyco.safetensors"
     save_file(t, str(src))
@@ -552,7 +557,8 @@ def test_loha_and_lokr_become_their_best_rank_k_lora(tmp_path, capsys):
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     k, _ = read(out)
-    for name, d, rank in ((attn, loha_delta(t, attn), 4), (conv, loha_delta(t, conv), 2), (lokr, lokr_delta(t, lokr), 4)):
+    for name, d, rank in ((attn, loha_delta(t, attn), 4), (conv, loha_delta(t, conv), 2),
+                          (lokr, lokr_delta(t, lokr), 4)):
         optimum, kept = best_rank(d, rank)
         got = kohya_delta(k, name)
         assert k[f"{name}.lora_down.weight"].shape[0] == rank
@@ -645,9 +651,11 @@ def test_diffusers_reader_refuses_what_it_cannot_read(tmp_path):
          "r=4 but the tensors have rank 2"),
         ({"unet.conv_in.lora_A.weight": a, "unet.conv_in.lora_B.weight": b,
           "unet.conv_in.lora_magnitude_vector": torch.ones(8)}, None, UnsupportedError, "DoRA"),
-        ({"unet.conv_in.lora_A.weight": a}, None, lorafuse.FormatError, "no lora_B half: 'unet.conv_in.lora_B.weight' is not in"),
+        ({"unet.conv_in.lora_A.weight": a}, None, lorafuse.FormatError,
+         "no lora_B half: 'unet.conv_in.lora_B.weight' is not in"),
         ({"unet.conv_in.lora_A.weight": a, "unet.conv_in.lora_B.weight": torch.zeros(8, 3)}, None,
-         lorafuse.ShapeMismatchError, r"lora_A.weight' \(2, 8\) and 'unet.conv_in.lora_B.weight' \(8, 3\) are not LoRA factors of one rank"),
+         lorafuse.ShapeMismatchError,
+         r"lora_A.weight' \(2, 8\) and 'unet.conv_in.lora_B.weight' \(8, 3\) are not LoRA factors of one rank"),
     ]
     for i, (tensors, meta, error, message) in enumerate(cases):
         path = tmp_path / f"bad{i}.safetensors"

@@ -74,7 +74,8 @@ def test_bf16_encode_random_values_match_torch():
     ours = _core.from_float32(x, "BF16")
     assert ours.dtype == np.uint16 and ours.shape == x.shape
     np.testing.assert_array_equal(ours, torch_bf16_bits(x))
-    np.testing.assert_array_equal(tail_only(lambda v: _core.from_float32(v, "BF16"), x[:5000]), torch_bf16_bits(x[:5000]))
+    np.testing.assert_array_equal(tail_only(lambda v: _core.from_float32(v, "BF16"), x[:5000]),
+                                  torch_bf16_bits(x[:5000]))
 
 
 def test_bf16_exact_ties_round_to_even():

@@ -66,8 +66,8 @@ def test_near_optimal_on_decaying_spectrum(rng, out, inn, k):
     D = diff64(w_base, w_ft)
     s = np.linalg.svd(D, compute_uv=False)
     B, A, S, frob_sq = extract(w_base, w_ft, k)
-    l = min(k + 10, out, inn)
-    assert B.shape == (out, k) and A.shape == (k, inn) and S.shape == (l,)
+    n_sv = min(k + 10, out, inn)
+    assert B.shape == (out, k) and A.shape == (k, inn) and S.shape == (n_sv,)
     assert B.dtype == np.float32 and A.dtype == np.float32 and S.dtype == np.float64
     assert isinstance(frob_sq, float)
     err = np.linalg.norm(D - recon(B, A))
@@ -250,7 +250,8 @@ def test_non_finite_input_names_module(rng, where, value):
     (w_base if where == "base" else w_ft)[13, 257] = value
     good_b, good_f = decaying_pair(rng, 10, 10)
     items = [("ok.0", good_b, "F32", good_f, "F32"), ("layers.7.mlp.up_proj", w_base, "F32", w_ft, "F32")]
-    with pytest.raises(NonFiniteError, match=r"layers\.7\.mlp\.up_proj.*" + ("base" if where == "base" else "fine-tuned")):
+    with pytest.raises(NonFiniteError,
+                       match=r"layers\.7\.mlp\.up_proj.*" + ("base" if where == "base" else "fine-tuned")):
         _core.extract_svd(items, [4, 4], threads=2)
 
 

@@ -359,7 +359,8 @@ def test_a_refused_output_is_left_byte_for_byte(inputs, tmp_path, layout):
         assert proc.returncode == 1 and proc.stdout == ""
         assert proc.stderr.startswith(f"lorafuse apply: error: OutputError: output {out} is ") and \
             proc.stderr.count("\n") == 1, proc.stderr
-        assert ("notes.md" in proc.stderr) if layout == "folder" else "lorafuse did not write (2000 bytes" in proc.stderr
+        assert ("notes.md" in proc.stderr) if layout == "folder" else \
+            "lorafuse did not write (2000 bytes" in proc.stderr
         assert "--overwrite" in proc.stderr
         assert tree_hashes(out) == state and out.stat().st_ino == inode and leftovers(out) == []
     assert inputs.hashes(layout) == before_inputs

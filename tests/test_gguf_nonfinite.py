@@ -287,7 +287,8 @@ def test_f32_folded_scale_beyond_float32_is_refused(tmp_path):
 
 def test_f16_product_below_its_range_is_refused(tmp_path, capsys):
     """lora_A and lora_B both ~1e-5 (products ~1e-10, below F16's normal range squared): as F16 the delta would
-    be mostly zeros. Refused (UnsupportedError: the values, not the arguments), naming the module and the tensors; F32 writes it exactly."""
+    be mostly zeros. Refused (UnsupportedError: the values, not the arguments), naming the module and the tensors;
+    F32 writes it exactly."""
     rng = np.random.default_rng(7)
     tensors = {"q_proj": factors(rng, 16, 16, 2, 1e-5, 1e-5)}
     adapter = peft(tmp_path / "a", tensors, lora_alpha=2)

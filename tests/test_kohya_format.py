@@ -355,7 +355,7 @@ def test_info_on_a_kohya_file(tmp_path, capsys):
     assert d["base_model"] == METADATA["ss_sd_model_name"]
     assert d["parameters"] == sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha"))
     details = {m["name"]: m for m in d["module_details"]}
-    for name, o, i, k, r, alpha in MODULES:
+    for name, o, i, k, _r, _alpha in MODULES:
         assert details[name]["kind"] == ("conv" if k else "linear")
         assert details[name]["shape"] == ([o, i, k, k] if k else [o, i])
         assert details[name]["delta_norm"] == pytest.approx(np.linalg.norm(reference_delta(tensors, name)),

@@ -149,7 +149,7 @@ def test_factored_matches_dense_path_and_is_thread_independent(rng):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
     ref = _core.dense_svd(dense, ranks, oversample=1000)  # exact path
-    for (B2, A2, _), (Bd, Ad, _), (_, D) in zip(one, ref, dense):
+    for (B2, A2, _), (Bd, Ad, _), (_, _D) in zip(one, ref, dense):
         scale = np.abs(B2).max()
         np.testing.assert_allclose(B2, Bd, rtol=0, atol=1e-4 * scale)
         np.testing.assert_allclose(A2, Ad, rtol=0, atol=1e-4)

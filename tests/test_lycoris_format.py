@@ -306,7 +306,7 @@ def test_loha_lokr_files_are_written_back(tmp_path, config, dtype):
     _, net = network(seed=21, dtype=dtype, **CONFIGS[config])  # type: ignore[arg-type]
     meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(CONFIGS[config]["linear_dim"]),
             "ss_network_alpha": str(CONFIGS[config]["linear_alpha"]),
-            "ss_network_args": '{"algo": "%s"}' % CONFIGS[config]["algo"]}
+            "ss_network_args": f'{{"algo": "{CONFIGS[config]["algo"]}"}}'}
     src = save(net, tmp_path / "in.safetensors", dtype, metadata=meta)
     out = lorafuse.load(src).save(tmp_path / "out.safetensors")
     with safe_open(str(src), "pt") as a, safe_open(str(out), "pt") as b:

@@ -128,7 +128,8 @@ def lowrank_stage(rng: np.random.Generator, rows: int, cols: int, r: int,
     return stage, f64(B) @ f64(A), np.abs(f64(B)) @ np.abs(f64(A)), r
 
 
-def merged_reference(base: Base, parts: Sequence[tuple[tuple, np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+def merged_reference(base: Base,
+                     parts: Sequence[tuple[tuple, np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
     """W + sum of the deltas in float64, and the float32 error bound of computing it tile by tile."""
     ref = base.exact.copy()
     magnitude = np.abs(base.exact)
@@ -376,7 +377,8 @@ def test_kron_f16_overflow_threshold(value: float, flagged: bool) -> None:
     out, flag = merge(encode(zeros, "BF16"), "BF16", "F16", [("kron", (W1, W2), None, False)])
     assert flag is flagged
     top = out[:2, :3].astype(np.float64)
-    np.testing.assert_array_equal(top, np.float16(value).astype(np.float64) if not flagged else np.copysign(np.inf, value))
+    np.testing.assert_array_equal(top, np.float16(value).astype(np.float64) if not flagged
+                                  else np.copysign(np.inf, value))
 
 
 def test_bf16_overflow_and_nan_are_flagged() -> None:

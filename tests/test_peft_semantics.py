@@ -255,7 +255,8 @@ def test_untargeted_modules_are_ignored_like_peft(llama, tmp_path, name):
     dropped = len(ALL) - len(EXPECTED[name])
     if dropped:
         note = next(n for n in report.notes if "does not target" in n)
-        assert f"ignored {dropped} module{'' if dropped == 1 else 's'} that adapter_config.json does not target, as PEFT ignores them" in note
+        assert (f"ignored {dropped} module{'' if dropped == 1 else 's'} that adapter_config.json does not target, "
+                "as PEFT ignores them") in note
         assert str(adapter) in note
     replaced = {f"model.layers.{i}.self_attn.v_proj.weight" for i in (0, 1)} if extra else set()
     assert sorted(report.merged) == sorted({f"model.{m}.weight" for m in EXPECTED[name]} - replaced)
@@ -333,7 +334,8 @@ TARGET_CONFIGS = [
     {"target_modules": ["q_proj", "v_proj"]},
     {"target_modules": ["self_attn.q_proj", "fc1", "gate_proj"], "layers_to_transform": [0, 1, 2]},
     {"target_modules": ["q_proj", "down_proj", "c_attn"], "layers_to_transform": 12},
-    {"target_modules": ["q_proj", "qkv", "gate_proj"], "layers_to_transform": [4, 1], "layers_pattern": ["blocks", "h"]},
+    {"target_modules": ["q_proj", "qkv", "gate_proj"], "layers_to_transform": [4, 1],
+     "layers_pattern": ["blocks", "h"]},
     {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": [7, 1], "layers_pattern": "experts"},
     {"target_modules": r".*(q|v)_proj"},
     {"target_modules": r"model\.layers\.\d+\.(self_attn|mlp)\..*", "exclude_modules": r".*\.1\d?\..*"},

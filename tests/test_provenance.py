@@ -29,7 +29,8 @@ from lorafuse.io.manifest import file_is_ours, inspect_folder
 from lorafuse.io.provenance import PLACEHOLDER, Provenance, Recording, invoked, model_card
 from lorafuse.ops.combine import CombineOptions, combine_to
 
-RECIPE = "merge_method: svd\nmodels:\n  - model: a\n    parameters: {weight: 0.6}\n  - model: b\nparameters: {rank: 4}\n"
+RECIPE = ("merge_method: svd\nmodels:\n  - model: a\n    parameters: {weight: 0.6}\n  - model: b\n"
+          "parameters: {rank: 4}\n")
 
 
 def sha(path: Path) -> str:
@@ -479,7 +480,8 @@ def test_combine_to_hashes_while_it_computes_and_writes_the_hashes_at_the_commit
         adapters, out = [case.adapter_dir, other], tmp_path / "out"
     else:
         (tmp_path / "in").mkdir()
-        adapters, out = [kohya_file(tmp_path / "in" / f"k{i}.safetensors", i) for i in (1, 2)], tmp_path / "out.safetensors"
+        adapters = [kohya_file(tmp_path / "in" / f"k{i}.safetensors", i) for i in (1, 2)]
+        out = tmp_path / "out.safetensors"
     combine_to(adapters, [0.6, 0.4], CombineOptions(method="svd", rank=4, engine=engine), out, fmt)
     weights = out / "adapter_model.safetensors" if fmt == "peft" else out
     meta = metadata(weights)

@@ -227,7 +227,8 @@ def test_tied_t5_shared_keeps_its_update_on_shared(tmp_path: Path) -> None:
     ids, dec = torch.randint(0, 64, (1, 8)), torch.randint(0, 64, (1, 5))
     with torch.no_grad():
         want = T5ForConditionalGeneration.from_pretrained(ft)(input_ids=ids, decoder_input_ids=dec).logits
-        merged = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base), str(out)).merge_and_unload()
+        merged = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base),
+                                           str(out)).merge_and_unload()
         got = merged(input_ids=ids, decoder_input_ids=dec).logits
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
     applied = tmp_path / "applied"

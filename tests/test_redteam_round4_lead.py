@@ -72,8 +72,9 @@ def test_info_tries_a_bounded_number_of_parameter_assignments(tmp_path: Path, mo
     cfg = Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                          vocab_size=96, max_position_embeddings=32, head_dim=8)
-    config = LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
-                                                                       "mlp.experts.down_proj"], init_lora_weights=False)
+    config = LoraConfig(target_modules=["q_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                        init_lora_weights=False)
     get_peft_model(Qwen3MoeForCausalLM(cfg), config).save_pretrained(str(tmp_path / "ad"))
 
     def experts(d: dict) -> dict:

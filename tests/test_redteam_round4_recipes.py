@@ -132,7 +132,8 @@ def test_the_last_output_of_a_two_stage_recipe_names_every_input(tmp_path):
     with their sha256) in lorafuse.stages."""
     _adapters(tmp_path)
     recipe = _recipe(tmp_path, "name: mix\nmerge_method: svd\nmodels: [{model: a}, {model: b}]\nparameters: "
-                               "{rank: 2}\n---\nname: fin\nmerge_method: apply\nbase_model: base\nmodels: [{model: mix}]\n")
+                               "{rank: 2}\n---\nname: fin\nmerge_method: apply\nbase_model: base\n"
+                               "models: [{model: mix}]\n")
     assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
     meta = _metadata(tmp_path / "out" / "model.safetensors")
     inputs = json.loads(meta["lorafuse.inputs"])
@@ -275,7 +276,8 @@ def test_a_linked_recipe_reads_relative_paths_from_the_links_folder(tmp_path):
     assert main(["run", str(tmp_path / "proj" / "m.yml"), "-o", str(out), "-q"]) == 0
     inputs = json.loads(_metadata(out / "adapter_model.safetensors")["lorafuse.inputs"])
     assert inputs[0]["name"] == "a"
-    assert inputs[0]["files"]["adapter_model.safetensors"] == _sha(tmp_path / "proj" / "a" / "adapter_model.safetensors")
+    assert inputs[0]["files"]["adapter_model.safetensors"] == _sha(
+        tmp_path / "proj" / "a" / "adapter_model.safetensors")
 
 
 # ----------------------------------------------------------------------------- 6 / 7. the command line
@@ -434,7 +436,8 @@ def test_convert_family_is_refused_where_it_would_be_ignored_or_untrue(tmp_path,
         lorafuse.convert(k, tmp_path / "p.safetensors", to="peft", family="flux")
     assert main(["convert", str(k), "--to", "kohya", "--family", "sd1", "-o", str(tmp_path / "k2.safetensors")]) == 2
     assert "k.safetensors is a kohya file already" in capsys.readouterr().err
-    assert main(["convert", str(k), "--to", "peft", "--family", "sd1", "-o", str(tmp_path / "p.safetensors"), "-q"]) == 0
+    assert main(["convert", str(k), "--to", "peft", "--family", "sd1", "-o", str(tmp_path / "p.safetensors"),
+                 "-q"]) == 0
     assert main(["convert", str(tmp_path / "p.safetensors"), "--to", "peft", "--family", "sd1",
                  "-o", str(tmp_path / "p2.safetensors"), "--dry-run"]) == 2
     assert "is a diffusers file already" in capsys.readouterr().err
@@ -510,4 +513,5 @@ def test_info_on_a_link_loop_says_so(tmp_path, capsys):
     assert f"l1: cannot read: {strerror} (a loop of symbolic links)" in capsys.readouterr().err
     (tmp_path / "d").symlink_to("nowhere")
     assert main(["info", str(tmp_path / "d")]) == 1
-    assert "d: no such file or directory (a symbolic link to 'nowhere', which does not exist)" in capsys.readouterr().err
+    assert ("d: no such file or directory (a symbolic link to 'nowhere', which does not exist)"
+            in capsys.readouterr().err)
