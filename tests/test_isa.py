@@ -30,10 +30,29 @@ rng = np.random.default_rng(7)
 out = {"isa": _core.isa}
 x = (rng.standard_normal(4099) * 3).astype(np.float32)
 x[:4] = [65520.0, -1e-8, 3.0e38, np.float32(1) / 3]
-out["bf16"] = _core.from_float32(x, "BF16").tolist()
-out["f16"] = _core.from_float32(x, "F16").tolist()
+# NaNs with payloads (quiet and signalling, both signs) where the vector loops take them and in the
+# scalar tails (4099 = 8 * 512 + 3 = 16 * 256 + 3): every path rounds a NaN by the same rule
+NAN32 = [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFBFFFFF, 0x7FC00001]
+xb = x.view(np.uint32)
+xb[4:9] = NAN32
+xb[4096:4099] = NAN32[:3]
+xb[2049] = NAN32[3]
+out["bf16"] = np.asarray(_core.from_float32(x, "BF16")).view(np.uint16).tolist()
+out["f16"] = np.asarray(_core.from_float32(x, "F16")).view(np.uint16).tolist()
 raw = np.frombuffer(rng.bytes(2 * 777), dtype=np.uint16).copy()
-out["bf16_back"] = _core.to_float32(raw, "BF16").tolist()
+out["bf16_back"] = np.asarray(_core.to_float32(raw, "BF16")).view(np.uint32).tolist()
+h = np.frombuffer(rng.bytes(2 * 777), dtype=np.uint16).copy()  # 777 = 8 * 97 + 1 = 16 * 48 + 9
+h[[0, 3, 16, 100, 776]] = [0x7C01, 0xFD55, 0x7E01, 0xFFFF, 0x7C01]  # NaNs: signalling, quiet
+out["f16_back"] = np.asarray(_core.to_float32(h, "F16")).view(np.uint32).tolist()
+out["f16_back_ref"] = h.view(np.float16).astype(np.float32).view(np.uint32).tolist()  # numpy: payload as is
+# 43 = 32 + 8 + 3: a NaN in a block of 32, in the loop of 8 that follows and in the tail
+y = np.full(43, 1.5, np.float32)
+y.view(np.uint32)[[5, 33, 38, 41, 42]] = [0xFFFFFFFF, 0x7FBFFFFF, 0xFFC00001, 0x7FFFFFFF, 0xFF800001]
+out["f16_short"] = np.asarray(_core.from_float32(y, "F16")).view(np.uint16).tolist()
+hy = np.full(43, 0x3C00, np.uint16)
+hy[[5, 33, 38, 41, 42]] = [0x7C01, 0xFC02, 0x7DFF, 0x7E01, 0xFC01]
+out["f16_short_back"] = np.asarray(_core.to_float32(hy, "F16")).view(np.uint32).tolist()
+out["f16_short_back_ref"] = hy.view(np.float16).astype(np.float32).view(np.uint32).tolist()
 b = rng.standard_normal((96, 12)).astype(np.float32)
 a = rng.standard_normal((12, 80)).astype(np.float32)
 out["fro"] = _core.factored_frobenius_sq([(b, a)], 1)[0]
@@ -51,6 +70,7 @@ out["extract_s"] = np.asarray(S3)[:6].tolist()
 import lorafuse
 from pathlib import Path
 from safetensors.numpy import save_file
+import torch
 from safetensors.torch import load_file
 tmp = Path(sys.argv[1])
 w32 = rng.standard_normal((72, 40)).astype(np.float32)
@@ -69,6 +89,16 @@ for m, w in (("q", w32), ("k", w16)):
                                         @ fa[f"base_model.model.{m}.lora_A.weight"].astype(np.float64))
     out[f"merge_{m}"] = merged[f"{m}.weight"].double().numpy().tolist()
     out[f"merge_{m}_ref"] = ref.tolist()
+# a NaN with a payload in the base, rounded to F16 by the fused merge's vector stores and its column tail
+# (40 columns: blocks of 16 or 32, then a tail of 8)
+w_nan = w32.copy()
+w_nan.view(np.uint32)[[0, 1, 5, 70], [0, 17, 39, 38]] = [0x7FFFFFFF, 0xFFBFFFFF, 0x7FFFFFFF, 0xFF800001]
+(tmp / "base_nan").mkdir()
+save_file({"q.weight": w_nan, "k.weight": w16}, str(tmp / "base_nan" / "model.safetensors"))
+lorafuse.apply(str(tmp / "base_nan"), [str(tmp / "lora")], None, str(tmp / "out_nan"), dtype="fp16",
+               progress=False, allow_nonfinite=True)
+merged = load_file(str(tmp / "out_nan" / "model.safetensors"))
+out["merge_nan_f16"] = merged["q.weight"].view(torch.int16).numpy().view(np.uint16).tolist()
 json.dump(out, sys.stdout)
 """
 
@@ -139,6 +169,17 @@ def test_every_variant_gives_the_same_results(tmp_path: Path) -> None:
         assert r["bf16"] == ref["bf16"], v
         assert r["f16"] == ref["f16"], v
         assert r["bf16_back"] == ref["bf16_back"], v
+        assert r["f16_back"] == r["f16_back_ref"], v  # decoding is exact: a signalling NaN stays one
+        assert r["f16_short_back"] == r["f16_short_back_ref"], v
+        assert [r["f16_short"][i] for i in (5, 33, 38, 41, 42)] == [0xFE00, 0x7E00, 0xFE00, 0x7E00, 0xFE00], v
+        assert all(r["f16_short"][i] == 0x3E00 for i in range(43) if i not in (5, 33, 38, 41, 42)), v
+        nan16 = [r["f16"][i] for i in (4, 5, 6, 7, 8, 2049, 4096, 4097, 4098)]
+        assert nan16 == [0x7E00, 0xFE00, 0x7E00, 0xFE00, 0x7E00, 0xFE00, 0x7E00, 0xFE00, 0x7E00], v
+        nan_bf16 = [r["bf16"][i] for i in (4, 5, 6, 7, 8, 2049, 4096, 4097, 4098)]  # the top half, quieted
+        assert nan_bf16 == [0x7FFF, 0xFFFF, 0x7FC0, 0xFFFF, 0x7FC0, 0xFFFF, 0x7FFF, 0xFFFF, 0x7FC0], v
+        got_nan = np.asarray(r["merge_nan_f16"], dtype=np.uint16)
+        assert got_nan[[0, 1, 5, 70], [0, 17, 39, 38]].tolist() == [0x7E00, 0xFE00, 0x7E00, 0xFE00], v
+        assert int(np.sum((got_nan & 0x7C00) == 0x7C00)) == 4, v  # and nothing else is NaN or Inf
         assert r["fro"] == pytest.approx(r["fro_ref"], rel=1e-9), v
         np.testing.assert_allclose(r["svd_s"][:5], r["svd_ref"], rtol=1e-6)
         np.testing.assert_allclose(r["svd_s"], ref["svd_s"], rtol=1e-9)

@@ -33,6 +33,31 @@ typedef std::uint32_t vu __attribute__((vector_size(4 * VL)));
 typedef std::int32_t vi __attribute__((vector_size(4 * VL)));
 typedef std::uint16_t vh __attribute__((vector_size(2 * VL)));
 
+#if defined(LORAFUSE_HAVE_F16C)
+// The NaN lanes of v (decoded by F16C from the halves at base + i) as f16_to_f32 decodes them: F16C
+// quiets a signalling NaN (float bit 22), the scalar rule keeps the half's own quiet bit (bit 9).
+inline vf f16_nan_bits(vf v, const void* base, std::int64_t i) {
+  vh h;
+  std::memcpy(&h, static_cast<const std::uint16_t*>(base) + i, sizeof(vh));
+  vu u;
+  std::memcpy(&u, &v, sizeof(vf));
+  const vu quiet = (__builtin_convertvector(h, vu) & 0x200u) << 13;
+  u = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? ((u & ~0x400000u) | quiet) : u;
+  std::memcpy(&v, &u, sizeof(vf));
+  return v;
+}
+
+// v with each NaN lane the quiet NaN of its sign (0x7FC00000), which F16C rounds to f32_to_f16's
+// 0x7E00 of that sign; F16C would keep the top payload bits of any other NaN.
+inline vf canonical_nan(vf v) {
+  vu u;
+  std::memcpy(&u, &v, sizeof(vf));
+  u = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? ((u & 0x80000000u) | 0x7FC00000u) : u;
+  std::memcpy(&v, &u, sizeof(vf));
+  return v;
+}
+#endif
+
 template <DType T>
 inline vf loadv(const void* base, std::int64_t i) {
   vf v;
@@ -50,10 +75,12 @@ inline vf loadv(const void* base, std::int64_t i) {
     const __m512 x = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
         static_cast<const std::uint16_t*>(base) + i)));
     std::memcpy(&v, &x, sizeof(vf));
+    v = f16_nan_bits(v, base, i);
 #elif defined(LORAFUSE_HAVE_F16C)
     const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
         static_cast<const std::uint16_t*>(base) + i)));
     std::memcpy(&v, &x, sizeof(vf));
+    v = f16_nan_bits(v, base, i);
 #else
     float tmp[VL];
     to_f32(static_cast<const std::uint16_t*>(base) + i, DType::F16, tmp, VL);
@@ -77,6 +104,9 @@ inline void storev(void* base, std::int64_t i, vf v) {
     std::memcpy(static_cast<std::uint16_t*>(base) + i, &h, sizeof(vh));
   } else {
     static_assert(T == DType::F16, "storev: F32, BF16 or F16");
+#if defined(LORAFUSE_HAVE_F16C)
+    v = canonical_nan(v);
+#endif
 #if defined(LORAFUSE_HAVE_F16C) && defined(__AVX512F__)
     __m512 x;
     std::memcpy(&x, &v, sizeof(vf));
