@@ -155,6 +155,7 @@ def test_dare_is_reproducible_and_thread_independent(trio: tuple[pf.Case, list[P
     assert any(not np.array_equal(runs[0].updates[n].delta(), other.updates[n].delta()) for n in other.updates)
 
 
+@pytest.mark.filterwarnings("ignore:.*one adapter, combined by method:lorafuse.errors.AdapterNote")  # on purpose
 def test_dare_linear_keeps_density_and_rescales(trio: tuple[pf.Case, list[Path]]) -> None:
     """One adapter: each factor entry is kept with probability `density` and divided by it."""
     _, dirs = trio

@@ -126,7 +126,10 @@ def test_format_state_is_typed_and_kept_out_of_config(tmp_path):
                "lora_unet_x.lora_up.weight": rng.standard_normal((4, 2)).astype(np.float32),
                "lora_unet_x.alpha": np.array(1.0, dtype=np.float16)}, str(path), {"ss_network_dim": "2"})
     a = lorafuse.load(path)
-    assert a.config == {} and a.state == KohyaState({"ss_network_dim": "2"}, {"lora_unet_x": "F16"})
+    # its config states the modules' ranks and scales (as a result of arithmetic does), nothing of the file
+    assert a.config == {"r": 2, "lora_alpha": 1, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
+                        "use_dora": False}
+    assert a.state == KohyaState({"ss_network_dim": "2"}, {"lora_unet_x": "F16"})
     for derived in (a + a, 0.5 * a):
         assert derived.state == a.state and derived.state is not a.state
 

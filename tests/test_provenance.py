@@ -265,7 +265,9 @@ def test_apply_folder_records_every_shard_and_keeps_the_base_card(llama, tmp_pat
     out = outs[0]
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1
-    base_files = {n: sha(case.base_dir / n) for n in [*shards, "model.safetensors.index.json", "config.json"]}
+    # the base's weights, index and config, and the side files copied into the output (README.md as BASE_README.md)
+    base_files = {n: sha(case.base_dir / n) for n in [*shards, "model.safetensors.index.json", "config.json",
+                                                      "generation_config.json", "README.md"]}
     records = [metadata(out / s) for s in shards]
     for meta in records:  # every shard holds the same record, the final hashes in place of the placeholders
         assert {k: v for k, v in meta.items() if k.startswith("lorafuse.")} == \

@@ -367,7 +367,8 @@ def test_from_state_dict_resolves_negative_and_conjugate_bits():
                                               {"r": 4, "lora_alpha": 8})
         want = 2.0 * (b.double().numpy() @ lora_a.resolve_neg().double().numpy())
         np.testing.assert_allclose(module_delta(ad, Q), want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(lorafuse.DtypeError, match="complex64"):  # a dtype refusal, not numpy()'s RuntimeError
+    # a dtype refusal, not numpy()'s RuntimeError: a LorafuseValueError, as docs/api.md says of from_state_dict
+    with pytest.raises(lorafuse.LorafuseValueError, match="complex64"):
         lorafuse.Adapter.from_state_dict({f"{PREFIX}{Q}.lora_A.weight": z.conj(), f"{PREFIX}{Q}.lora_B.weight": b})
 
 

@@ -445,7 +445,8 @@ def test_convert_family_is_refused_where_it_would_be_ignored_or_untrue(tmp_path,
 
 
 @pytest.mark.parametrize("text, said", [
-    ("merge_method: svd\nmodels: [{model: a}]\nyes: 3\n", "line 3: the key 'yes' is read by YAML as a boolean"),
+    # (`yes:` is text to YAML 1.2's core schema, which recipes are read by since round 5: an unknown field there)
+    ("merge_method: svd\nmodels: [{model: a}]\nTRUE: 3\n", "line 3: the key 'TRUE' is read by YAML as a boolean"),
     ("merge_method: svd\nmodels: [{model: a}]\nparameters: {null: 3}\n",
      "line 3: in parameters, the key 'null' is read by YAML as null"),
     ("merge_method: svd\nmodels: [{model: a}]\nparameters:\n  rank: 2\n  true: 1\n  True: 2\n",

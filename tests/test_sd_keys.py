@@ -229,7 +229,10 @@ def test_text_encoder_names(t5):
         assert to_diffusers(name, shape, family="flux") == [(f"text_encoder_2.{path}", None)]
         assert to_kohya({f"text_encoder_2.{path}": shape}, "flux") == {name: [(f"text_encoder_2.{path}", None)]}
         assert to_kohya({f"text_encoder_3.{path}": shape}, "sdxl") == {name: [(f"text_encoder_3.{path}", None)]}
-    assert guess_family(["lora_te3_encoder_block_0_layer_0_SelfAttention_q"]) == "flux"
+    # lora_te3_ is SD3's T5 (text_encoder_3) as well as Flux's (text_encoder_2): no guess; Flux's diffusers slot is
+    with pytest.raises(LorafuseValueError, match="lora_te3_ for SD3"):
+        guess_family(["lora_te3_encoder_block_0_layer_0_SelfAttention_q"])
+    assert guess_family(["text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"]) == "flux"
     assert guess_family(["lora_te_text_model_encoder_layers_0_mlp_fc1"]) == "sd1"
     assert guess_family(["lora_te2_text_model_encoder_layers_0_mlp_fc1"]) == "sdxl"
 
@@ -384,6 +387,7 @@ def test_flux_modules_are_delegated(monkeypatch, t5):
 
     fake = SimpleNamespace(
         is_flux_module=lambda name: "double_blocks" in name or name.startswith("transformer."),
+        is_flux_own_name=lambda name: "double_blocks" in name,
         to_diffusers=lambda module, shape: calls.append(("to_diffusers", module)) or split,
         to_kohya=lambda modules, family: calls.append(("to_kohya", dict(modules))) or {qkv: split},
         match_modules=match)

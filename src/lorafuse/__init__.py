@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lorafuse import _lazy
 from lorafuse._progress import ProgressEvent
 from lorafuse._version import get_version
 from lorafuse.errors import (
@@ -71,19 +72,20 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    if name == "__version__":  # pyproject.toml's version (lorafuse._version): it loads the core, so only when asked
-        value: object = get_version()
-    elif name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-    elif name in _SUBPACKAGES:
-        import importlib
-
-        value = importlib.import_module(f"lorafuse.{name}")
-    else:
+    if name != "__version__" and name not in _LAZY and name not in _SUBPACKAGES:
         raise AttributeError(f"module 'lorafuse' has no attribute {name!r}")
-    globals()[name] = value  # the next lookup finds it directly
+    # One thread at a time (lorafuse._lazy): threads making their first calls at once would import the same
+    # circular packages from different ends and get partially initialized modules.
+    with _lazy.LOCK:
+        if name in globals():  # another thread imported it while this one waited
+            return globals()[name]
+        if name == "__version__":  # pyproject.toml's version (lorafuse._version): it loads the core, so only when asked
+            value: object = get_version()
+        elif name in _LAZY:
+            value = getattr(_lazy.import_module(_LAZY[name]), name)
+        else:
+            value = _lazy.import_module(f"lorafuse.{name}")
+        globals()[name] = value  # the next lookup finds it directly
     return value
 
 

@@ -43,3 +43,16 @@ def plural(n: int, word: str, many: str | None = None, verb: tuple[str, str] | N
     '1 module has', '2 modules have'."""
     counted = f"{n:,} {word if n == 1 else (many or word + 's')}"
     return counted if verb is None else f"{counted} {verb[0] if n == 1 else verb[1]}"
+
+
+SHOWN_CHARS = 200  # of a name, key or value read from a file, in a message: real names are far shorter
+
+
+def short(value: object, limit: int = SHOWN_CHARS) -> str:
+    """How a message shows a name, key or value read from a file: its repr, cut to `limit` characters with its
+    full length said when longer (a hostile header's 50 MB tensor name is not a 50 MB message). A long str is
+    cut before its repr is made."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{repr(value[:limit])[:limit - 3]}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."

@@ -180,19 +180,28 @@ examples:
 --to peft writes the diffusers LoRA file that pipe.load_lora_weights() reads (keys
 <component>.<module>.lora_A.weight / .lora_B.weight; each module's alpha kept in the
 file's lora_adapter_metadata). --to kohya writes kohya names (lora_unet_..., lora_te1_...).
-Both are lossless: fused kohya modules (Flux img_attn_qkv, linear1) split into the
+Renaming is lossless: fused kohya modules (Flux img_attn_qkv, linear1) split into the
 diffusers modules they cover (rows of lora_up, lora_down shared) and fuse back exactly,
 and kohya -> peft -> kohya gives back the same bytes (alpha dtypes, metadata included).
+Separate diffusers LoRAs that kohya fuses (Flux to_q, to_k, to_v) become one block-diagonal
+LoRA with one alpha: where their scales differ, lora_up takes the ratios, exactly when they
+are binary fractions (lora_up F32 unless they are powers of two), else rounded to float32
+(lora_up F32).
+The family is guessed only from names one family alone has: a diffusers Flux LoRA
+(transformer.transformer_blocks...), whose names SD3, QwenImage and HunyuanVideo share,
+needs --family flux.
 
 LoHa / LoKr modules have no exact LoRA form: --rank K (and --conv-rank K for kxk
 convolutions, k > 1; default --rank) keeps their best rank-K approximation (SVD of the
-delta), reporting the fraction of each delta's Frobenius norm kept. Plain LoRA / LoCon
+delta), reporting the fraction of each delta's Frobenius norm kept; their factors are
+rounded once to the input's factor dtype, as resize's. Plain LoRA / LoCon
 modules are copied as they are: --rank does not resize them (use lorafuse resize).
 
 --to gguf writes an LLM LoRA (a PEFT adapter of a Llama, Mistral, Qwen2, Qwen3, Gemma,
-Gemma 2 or Gemma 3 model) as the GGUF LoRA adapter llama.cpp loads (llama-cli -m
-base.gguf --lora my-lora.gguf), with the tensor names, layout and metadata of
-llama.cpp's convert_lora_to_gguf.py (needs: pip install 'lorafuse[gguf]'). The
+Gemma 2 or Gemma 3 model; a kohya, LyCORIS or diffusers file is refused first) as the
+GGUF LoRA adapter llama.cpp loads (llama-cli -m base.gguf --lora my-lora.gguf), with
+the tensor names, layout and metadata of llama.cpp's convert_lora_to_gguf.py (needs:
+pip install 'lorafuse[gguf]'). The
 architecture comes from --base-config (the base model's config.json, which Llama and
 Mistral q_proj / k_proj LoRAs need for their head counts) or --arch. Per-module scales
 that one adapter.lora.alpha cannot express (rank_pattern, alpha_pattern, rsLoRA) are
@@ -652,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("base", help="base checkpoint: a folder (model.safetensors or sharded with an index), one "
                    ".safetensors file, or a diffusers pipeline folder")
     a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
-                   "diffusers LoRA files")
+                   "diffusers LoRA files (or a folder holding one)")
     a.add_argument("-o", "--out", required=True, help="output. A folder base: a checkpoint folder (config and "
                    "tokenizer files copied), or, for a name ending in .safetensors, one file holding every tensor "
                    "(the folder's other files cannot go into it: a note lists them; refused when the merge must "
@@ -688,10 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("combine", help="combine adapters into one adapter",
                        description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
-                       "for method; the svd method is exact and needs no dense matrix).",
+                       "for method; the svd method is exact and needs no dense matrix). One adapter goes through "
+                       "the method asked, with a note: PEFT takes 'linear' for one adapter, returning it "
+                       "unchanged (--method cat does that here).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="*", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
-                   "(or --from-list)")
+                   "(or a folder holding one; or --from-list)")
     c.add_argument("--from-list", metavar="LIST",
                    help="read the adapters from LIST, one per line: PATH [WEIGHT] (a line without a weight gets 1/n; "
                    "# starts a comment; blank lines are ignored; relative paths are from LIST's folder). Every "
@@ -732,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c.complete = complete_combine
     c.add_argument("--rank", type=_rank, help="output rank of the svd methods (default: the largest input rank)")
-    c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank)")
+    c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank; "
+                   "refused when no module is one)")
     c.add_argument("--density", type=_density,
                    help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
     c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
@@ -758,11 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("similarity", help="cosine similarity of adapters' deltas",
                        description="Exact cosine similarity of the adapters' deltas (all modules together),\n"
                        "computed from the factors without forming any dense matrix. Reads PEFT adapter\n"
-                       "folders, kohya / LyCORIS .safetensors files (LoRA, LoCon, LoHa, LoKr, DoRA) and\n"
-                       "diffusers LoRA .safetensors files, in any mix.",
+                       "folders, kohya / LyCORIS .safetensors files (LoRA, LoCon, LoHa, LoKr) and\n"
+                       "diffusers LoRA .safetensors files, in any mix. A DoRA module is refused: its\n"
+                       "delta depends on the base weight, which an adapter does not hold.",
                        epilog=_EPILOG_SIMILARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
-                   "diffusers LoRA .safetensors files")
+                   "diffusers LoRA .safetensors files (or a folder holding one)")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
     s.add_argument("--plot", metavar="IMAGE", help="also draw the matrix as a heat map to this file, in the "
                    "format its suffix names: .png, .svg, .pdf, .jpg or .jpeg (other suffixes are refused before "
@@ -777,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "format. Reads PEFT adapter folders, kohya / LyCORIS .safetensors files and\n"
                        "diffusers LoRA .safetensors files.",
                        epilog=_EPILOG_RESIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file")
+    r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file (or a folder "
+                   "holding one)")
     r.add_argument("-o", "--out", required=True, help="output adapter, in the input's format (a PEFT folder, or "
                    "one kohya / diffusers file). A name ending in .safetensors is one file: a PEFT input is then "
                    "written as a diffusers or kohya file if those can name its modules, else refused before any "
@@ -826,11 +840,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "LLM LoRA to GGUF for llama.cpp",
                        description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux) between kohya naming "
                        "(lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file diffusers' "
-                       "save_lora_weights writes), losslessly; LoHa / LoKr modules become LoRA with --rank. "
+                       "save_lora_weights writes), losslessly (but for a float32 rounding where parts with "
+                       "different scales fuse, see below); LoHa / LoKr modules become LoRA with --rank. "
                        "--to gguf writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp.",
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file; "
-                   "--to gguf: a PEFT adapter folder")
+    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file (or a "
+                   "folder holding one); --to gguf: a PEFT adapter folder")
     v.add_argument("-o", "--out", required=True, help="output .safetensors file (--to gguf: .gguf file); a name "
                    "ending in / (or an existing folder) writes into it: pytorch_lora_weights.safetensors (--to "
                    "peft, what diffusers' load_lora_weights(folder) looks for) or the input's file name (--to "
@@ -853,11 +868,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py; q8_0 "
                    "tensors whose rows are not a multiple of 32 are written f16, as it does)")
     v.add_argument("--rank", type=_rank, help="LoHa / LoKr modules: the rank of their LoRA approximation "
-                   "(plain LoRA modules are not resized; see lorafuse resize)")
+                   "(plain LoRA modules are not resized, see lorafuse resize: refused for an adapter without "
+                   "LoHa / LoKr modules)")
     v.add_argument("--conv-rank", type=_rank, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
-                   "(default: --rank)")
+                   "(default: --rank; refused for an adapter without them)")
     v.add_argument("--family", choices=("sd1", "sdxl", "flux"), help="model family of the names (default: "
-                   "guessed from them; sd1 covers SD 2.x too); for the conversions that rename (kohya -> peft, "
+                   "guessed from names one family alone has: a diffusers Flux LoRA, "
+                   "transformer.transformer_blocks..., whose names SD3, QwenImage, HunyuanVideo share, needs "
+                   "--family flux; sd1 covers SD 2.x too); for the conversions that rename (kohya -> peft, "
                    "diffusers -> kohya), refused where the modules are another family's (a UNet's for flux)")
     v.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     vo = v.add_mutually_exclusive_group()
@@ -872,8 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "base_model, models[].model, models[].parameters.weight / density, parameters, dtype). Each "
                        "stage runs as the matching lorafuse command would; several YAML documents (---) are named "
                        "stages run in order, a later one naming an earlier one's output by its name; the last writes "
-                       "-o. Every stage is checked before the first runs; errors name the line and field. The "
-                       "recipe is recorded verbatim in the output's model card and metadata.",
+                       "-o. Every stage is checked before the first runs; errors name the line and field. Values "
+                       "are read by YAML 1.2's core schema, as the command line reads numbers (1e-3 is a number, 010 "
+                       "is 10; 1_5, yes, on and dates are text). The recipe is recorded verbatim in the output's "
+                       "model card and metadata.",
                        epilog=_EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("recipe", nargs="?", help="the recipe file (.yml / .yaml); relative model paths are taken from its "
                    "folder (the folder of the path given: for a symbolic link, the link's, not its target's); a model "
@@ -881,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-o", "--out", help="output of the last stage (what its verb's -o takes)")
     _overwrite_option(u)
     u.add_argument("--dry-run", action="store_true", help="check the recipe and print each stage's plan (modules, "
-                   "ranks, sizes); write nothing. A stage that reads an earlier stage's output is planned when run")
+                   "ranks, sizes, where it writes: DIR/NAME with --intermediate-dir); write nothing. A stage that "
+                   "reads an earlier stage's output is planned when run")
     u.add_argument("--intermediate-dir", metavar="DIR", help="write the outputs of the stages before the last into "
                    "DIR/NAME and keep them (default: a temporary folder beside -o, removed at the end)")
     u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit "
@@ -1286,6 +1307,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
             if comp.get("quantization"):
                 q = comp["quantization"]
                 _say(f"    quantized {q['method']} ({q['scheme'] or 'not supported by lorafuse apply'})")
+            for note in comp.get("notes", []):
+                _say(f"    note: {note}")
         for name, why in d.get("not_read", {}).items():
             _say(f"  {name}: not read: {why}")
         return
@@ -1319,6 +1342,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         if q:
             how = q["scheme"] if q["supported"] else f"not supported by lorafuse apply: {q['why']}"
             _say(f"  quantized   {q['method']} ({how}; from {q['source']})")
+        for note in d.get("notes", []):
+            _say(f"  note: {note}")
         return
     _say(f"adapter     {d['path']}  ({d['format']})")
     _say(f"  modules     {d['modules']}")
@@ -1336,17 +1361,34 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         _say(f"  full tensors {'; '.join(f'({kind}): ' + ', '.join(keys) for kind, keys in kinds.items())}")
     details: list[dict[str, Any]] = d["module_details"]
     # a parameter LoRA (fused experts) has no norm without its base: listed after the others
-    shown = details if modules else sorted(
-        details, key=lambda m: -float(m["delta_norm"]) if m["delta_norm"] is not None else math.inf)[:10]
+    # a norm that is not finite (factors holding NaN / Inf) first: it needs looking at, and NaN does not sort
+    shown = details if modules else sorted(details, key=_by_norm)[:10]
     _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
     width = max((len(str(m["name"])) for m in shown), default=10)
     for m in shown:
         r, scale = ("?", "?") if m["rank"] is None else (m["rank"], format(m["scale"], "g"))  # needs the base
         _say(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={r:<4} scale={scale:<8} "
-              f"shape={tuple(m['shape'])}  ||delta||_F="
-              f"{'n/a (needs the base)' if m['delta_norm'] is None else format(m['delta_norm'], '.6g')}")
+              f"shape={tuple(m['shape'])}  ||delta||_F={_norm_text(m)}")
     if not modules and len(details) > len(shown):
         _say(f"    ... {len(details) - len(shown)} more (--modules lists all)")
+
+
+def _by_norm(m: dict[str, Any]) -> tuple[int, float]:
+    """Sort key of `info`'s module lines: norms that are not finite first, then the largest; none (a norm that
+    needs the base) last."""
+    v = m["delta_norm"]
+    if v is None:
+        return 2, 0.0
+    return (1, -float(v)) if math.isfinite(v) else (0, 0.0)
+
+
+def _norm_text(m: dict[str, Any]) -> str:
+    """A module's ||delta||_F in `info`'s lines, and what its factors hold when it is not finite."""
+    v = m["delta_norm"]
+    if v is None:
+        return "n/a (needs the base)"
+    held = m.get("nonfinite")
+    return format(v, ".6g") + (f" (its factors hold {held})" if held else "")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -9,26 +9,20 @@ import stat
 import warnings
 from pathlib import Path
 
+from lorafuse._terminal import short
 from lorafuse.errors import AdapterNote, FormatError
 
 # Imported for their registration (kohya, diffusers, peft: sniffed in that order, by priority).
 from lorafuse.formats import diffusers, kohya, peft  # noqa: F401
+from lorafuse.formats.held import adapter_format, adapter_path, located_adapter, subfolder_hint
 from lorafuse.formats.outputs import python_output
-from lorafuse.formats.util import safetensors_keys
 from lorafuse.io.checkpoint import is_pickle, is_safetensors, refuse_pickle
-from lorafuse.io.hub import local_adapter
+from lorafuse.io.hub import held_adapter_file
 from lorafuse.io.safetensors import read_header
 from lorafuse.model import Adapter
 from lorafuse.model.registry import formats, get_format, set_output_rule, sniff
 
 set_output_rule(python_output)  # what Adapter.save's `out` means: the CLI's -o rules
-
-
-def adapter_format(path: str | os.PathLike[str]) -> str | None:
-    """The name of the format of `path` ('peft', 'kohya', 'diffusers', ...) when it is an adapter, else None
-    (never raises)."""
-    p = Path(path)
-    return sniff(p, safetensors_keys(p))
 
 
 def _expected() -> str:
@@ -41,8 +35,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     `.lora_down.weight` (or LyCORIS) keys, 'diffusers' for one with `<component>.<module>.lora_A.weight`
     keys or diffusers' own LoRA-layer / attention-processor names (`.lora.down.weight`,
     `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`: formats.diffusers), 'peft' for
-    a PEFT adapter folder); raises FormatError for anything unknown. A Hub id is resolved (io.hub)."""
-    p = local_adapter(path)
+    a PEFT adapter folder); raises FormatError for anything unknown. A Hub id is resolved (io.hub), and a folder
+    holding one adapter file is that file (formats.held)."""
+    p = located_adapter(path)
     try:
         os.stat(p)
     except FileNotFoundError:
@@ -67,11 +62,33 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if pickles:
             raise refuse_pickle(pickles[0])
         _refuse_odd_adapter_files(p)
-    held = ""
-    if keys:  # what the file holds instead, so that the user sees which names were not understood
-        shown = ", ".join(repr(k) for k in sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        held = f"; it holds {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}), none named as an adapter's"
-    raise FormatError(f"{p}: not a recognised adapter{held}: expected {_expected()}")
+        sub = subfolder_hint(p)
+        if sub:
+            raise FormatError(f"{p}: not an adapter itself{sub}")
+    raise FormatError(f"{p}: not a recognised adapter{_held_text(p, keys)}: expected {_expected()}")
+
+
+def _held_text(p: Path, keys: list[str]) -> str:
+    """What a path that is not an adapter holds instead, so that the user sees which names were not understood:
+    a file's tensors, or those of the file a folder would be read as (io.hub.held_adapter_file: its
+    pytorch_lora_weights.safetensors or its one .safetensors file)."""
+    where = "it holds"
+    if p.is_dir():
+        try:
+            file = held_adapter_file(p)
+        except OSError:
+            file = None
+        if file is None or not is_safetensors(file):
+            return ""
+        try:
+            keys = list(read_header(file)[0])
+        except FormatError as e:
+            return f"; its {file.name} cannot be read ({e})"
+        where = f"its {file.name} holds"
+    if not keys:
+        return ""
+    shown = ", ".join(short(k) for k in sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"; {where} {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}), none named as an adapter's"
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what makes a folder a PEFT adapter
@@ -98,7 +115,7 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     """Load an adapter from disk; its tensors stay memory-mapped until used. What loading decided for
     the user (tensors PEFT would ignore, left out) is in `Adapter.notes` and given as AdapterNote
     warnings."""
-    p = local_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub)
+    p = located_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub); a folder holding one: it (formats.held)
     try:
         adapter = get_format(detect_format(p)).load(p)
     except FormatError as e:  # every refusal of a file names it
@@ -110,4 +127,4 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     return adapter
 
 
-__all__ = ["adapter_format", "detect_format", "load"]
+__all__ = ["adapter_format", "adapter_path", "detect_format", "load", "located_adapter"]

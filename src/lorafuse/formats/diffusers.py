@@ -41,6 +41,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from lorafuse._terminal import short
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
@@ -51,6 +52,7 @@ from lorafuse.io.provenance import Provenance, is_provenance_key, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
+from lorafuse.model.arithmetic import restated_config
 from lorafuse.model.names import check_module_name
 from lorafuse.model.state import DiffusersState, as_diffusers
 
@@ -147,7 +149,7 @@ def _component_configs(metadata: dict[str, str], where: str) -> dict[str, dict[s
     for key, value in flat.items():
         component, _, field = key.partition(".")
         if component not in COMPONENTS or not field:
-            raise FormatError(f"{where}: {ADAPTER_METADATA_KEY} entry {key!r} is not '<component>.<field>' with a "
+            raise FormatError(f"{where}: {ADAPTER_METADATA_KEY} entry {short(key)} is not '<component>.<field>' with a "
                               f"component in {', '.join(COMPONENTS)}")
         configs.setdefault(component, {})[field] = value
     for component, cfg in configs.items():
@@ -193,7 +195,7 @@ def _scale_with(alpha: tuple[str, float] | None, cfg: dict[str, object] | None, 
     key, value = alpha
     scale = value / rank
     if cfg is not None and not math.isclose(_scale(cfg, path, rank, where), scale, rel_tol=1e-6):
-        raise FormatError(f"{where}: {key!r} gives alpha {value:g} (scale {scale:g}), but {ADAPTER_METADATA_KEY} "
+        raise FormatError(f"{where}: {short(key)} gives alpha {value:g} (scale {scale:g}), but {ADAPTER_METADATA_KEY} "
                           f"gives scale {_scale(cfg, path, rank, where):g}: which one holds cannot be told")
     return scale
 
@@ -206,17 +208,17 @@ def _update(where: str, module: str, p: dict[str, tuple[str, Tensor]], missing: 
         if role not in p:
             have, t = p[present]
             raise FormatError(f"{where} has no {'lora_A' if role == 'A' else 'lora_B'} half: "
-                              f"{missing[role]!r} is not in the file (only {have!r} {t.shape})")
+                              f"{short(missing[role])} is not in the file (only {short(have)} {t.shape})")
     (a_key, a), (b_key, b) = p["A"], p["B"]
     for t, n in ((a, a_key), (b, b_key)):
         if not t.is_float:
-            raise FormatError(f"{where}: {n!r} has non-float dtype {t.dtype}")
+            raise FormatError(f"{where}: {short(n)} has non-float dtype {t.dtype}")
     rank = a.shape[0] if a.shape else 0
     ok = (len(a.shape) in (2, 4) and len(b.shape) == len(a.shape) and rank > 0 and b.shape[1] == rank
           and all(d == 1 for d in b.shape[2:]))
     if not ok:
-        raise ShapeMismatchError(f"{where}: {a_key!r} {a.shape} and {b_key!r} {b.shape} are not LoRA factors of "
-                                 "one rank (two matrices, or conv kernels of the same number of dimensions)")
+        raise ShapeMismatchError(f"{where}: {short(a_key)} {a.shape} and {short(b_key)} {b.shape} are not LoRA "
+                                 "factors of one rank (two matrices, or conv kernels of the same number of dimensions)")
     kind: Kind = "conv" if len(a.shape) == 4 else "linear"
     return LoraUpdate(module, a, b, scale_of(rank), kind)  # type: ignore[operator]
 
@@ -242,30 +244,30 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
             module = f"{component}.{_canonical_path(component, rest.removesuffix('.alpha'))}"
             values = t.f32().reshape(-1) if t.is_float else None
             if values is None or values.size != 1 or not math.isfinite(float(values[0])):
-                raise FormatError(f"{p}: tensor {key!r} ({t.dtype} {t.shape}) is not one finite alpha value")
+                raise FormatError(f"{p}: tensor {short(key)} ({t.dtype} {t.shape}) is not one finite alpha value")
             alphas[module] = (key, float(values[0]))
             continue
         refused = next((what for s, what in _REFUSED.items() if key.endswith(s)), None)
         if refused:
-            raise UnsupportedError(f"{p}: tensor {key!r} is {refused}, which lorafuse does not read from "
+            raise UnsupportedError(f"{p}: tensor {short(key)} is {refused}, which lorafuse does not read from "
                                    "diffusers LoRA files")
         component, rest = split_name(key)
         parsed = parse_key(component, rest) if component else None
         if parsed is None:
-            raise FormatError(f"{p}: tensor {key!r} is not a diffusers LoRA tensor ({_LAYOUTS}; component one of "
+            raise FormatError(f"{p}: tensor {short(key)} is not a diffusers LoRA tensor ({_LAYOUTS}; component one of "
                               f"{', '.join(COMPONENTS)})")
         saved, role, other = parsed
         module = f"{component}.{_canonical_path(component, saved)}"
-        check_module_name(module, f"{p}: tensor {key!r}")
+        check_module_name(module, f"{p}: tensor {short(key)}")
         if role in parts.get(module, {}):
             raise FormatError(f"{p}: module {module!r} has two {'lora_A' if role == 'A' else 'lora_B'} tensors "
-                              f"({parts[module][role][0]!r} and {key!r})")
+                              f"({short(parts[module][role][0])} and {short(key)})")
         parts.setdefault(module, {})[role] = (key, t)
         missing.setdefault(module, {})["B" if role == "A" else "A"] = f"{component}.{other}"
         origin[module] = saved
     stray = sorted(key for module, (key, _) in alphas.items() if module not in parts)
     if stray:
-        raise FormatError(f"{p}: {stray[0]!r} is the alpha of a module that has no lora_A / lora_B in the file")
+        raise FormatError(f"{p}: {short(stray[0])} is the alpha of a module that has no lora_A / lora_B in the file")
     updates: dict[str, Update] = {}
     for module, d in parts.items():
         component = split_name(module)[0]
@@ -281,7 +283,8 @@ def load_diffusers(path: str | os.PathLike[str]) -> Adapter:
     else:
         kept = {k: v for k, v in metadata.items() if k not in _OWN_KEYS}
     state = DiffusersState(kept, configs, record)
-    return Adapter(updates=updates, format="diffusers", path=p, state=state,
+    # config: every module's rank and scale (as load_kohya's): state_dict() with it is the adapter
+    return Adapter(updates=updates, config=restated_config({}, updates), format="diffusers", path=p, state=state,
                    provenance=Provenance.from_metadata(metadata))
 
 

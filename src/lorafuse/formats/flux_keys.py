@@ -192,9 +192,26 @@ def _parse(name: str) -> tuple[_Site, int | None] | None:
 def is_flux_module(name: str) -> bool:
     """A Flux.1 transformer module name: kohya (`lora_unet_double_blocks_0_img_attn_qkv`), BFL / ComfyUI
     (`diffusion_model.single_blocks.0.linear1`), diffusers / PEFT (`transformer.transformer_blocks.0.attn.to_q`,
-    with or without the component) or `lora_transformer_...`. SD3 shares some diffusers names
-    (`transformer.transformer_blocks.0.attn.to_q`); they read as Flux here."""
+    with or without the component) or `lora_transformer_...`. Other models share the diffusers names (see
+    `is_flux_own_name`): they read as Flux here, where checkpoint keys decide what they land on."""
     return _parse(name) is not None
+
+
+# Prefixes of Flux's own namings: kohya (sd-scripts' lora_flux) and ComfyUI spell BFL paths after them.
+_OWN_PREFIXES = (KOHYA_PREFIX, "model.diffusion_model.", "diffusion_model.")
+
+
+def is_flux_own_name(name: str) -> bool:
+    """A Flux module name in Flux's own (BFL) naming, kohya / ComfyUI / BFL block paths: what tells a Flux LoRA
+    from another model's. The diffusers names do not: every Flux diffusers path is some other diffusers
+    transformer's too (checked against all of diffusers 0.42's: `transformer_blocks.N.attn.to_q`, `.ff.net.0.proj`,
+    `.norm1.linear` in SD3, QwenImage, HunyuanVideo, AuraFlow, ...; `single_transformer_blocks.N.proj_mlp`,
+    `.norm.linear`, `x_embedder`, `time_text_embed.guidance_embedder` in HunyuanVideo, Chroma, Bria, ...), and
+    neither does a bare BFL global (`img_in`, `txt_in`: QwenImage's diffusers paths)."""
+    hit = _parse(name)
+    if hit is None or hit[1] is not None:  # not Flux's, or a diffusers path (it names one part of a BFL layer)
+        return False
+    return name.startswith(_OWN_PREFIXES) or _BFL_DOT.block.match(name) is not None
 
 
 def bfl_module(name: str) -> str | None:
@@ -449,6 +466,7 @@ __all__ = [
     "KOHYA_PREFIX",
     "bfl_module",
     "is_flux_module",
+    "is_flux_own_name",
     "kohya_module",
     "match_modules",
     "to_diffusers",

@@ -59,7 +59,7 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 
-from lorafuse._terminal import plural
+from lorafuse._terminal import plural, short
 from lorafuse._validate import check_text
 from lorafuse.errors import (
     FormatError,
@@ -74,6 +74,7 @@ from lorafuse.io.atomic import atomic_file
 from lorafuse.io.checkpoint import read_json
 from lorafuse.io.hub import CONFIG_FILES, local_path
 from lorafuse.io.manifest import ADAPTER, GGUF_MAGIC, MARKER_KEY, gguf_bounded, gguf_counts, version
+from lorafuse.io.provenance import path_text
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.model.names import full_kind, full_kinds_text
@@ -172,7 +173,7 @@ def _int(cfg: Mapping[str, object], key: str, path: Path) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise FormatError(f"{path}: {key} is {value!r}, not a positive integer")
+        raise FormatError(f"{path}: {key} is {short(value)}, not a positive integer")
     return value
 
 
@@ -197,7 +198,7 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     arch = HF_ARCHITECTURES.get(first) if isinstance(first, str) else None
     if arch is None and isinstance(model_type, str):
         arch = MODEL_TYPES.get(model_type)
-    names = f"architectures {architectures!r}, model_type {model_type!r}"
+    names = f"architectures {short(architectures)}, model_type {short(model_type)}"
     n_head = _int(cfg, "num_attention_heads", file)
     n_head_kv = _int(cfg, "num_key_value_heads", file) or n_head
     tied = cfg.get("tie_word_embeddings")
@@ -815,10 +816,25 @@ def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: P
                           f"metadata: {type(e).__name__}: {e}") from None
     if meta.name is None:
         meta.name = (folder.name if folder is not None else "") or out.stem
+    # gguf writes strings as strict UTF-8: a name gguf took from a folder or file name that is not UTF-8 (its
+    # undecodable bytes as lone surrogates) goes in with those bytes as \xNN, as lorafuse records such names
+    for f in dataclasses.fields(meta):
+        setattr(meta, f.name, _utf8(getattr(meta, f.name)))
     meta.set_gguf_meta_model(w)
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string(MARKER_KEY, version())  # the one key the converter does not write: lorafuse's output mark
+
+
+def _utf8(value: object) -> object:
+    """A metadata value with every string in it as UTF-8 can hold it (io.provenance.path_text: \\xNN)."""
+    if isinstance(value, str):
+        return path_text(value)
+    if isinstance(value, list):
+        return [_utf8(v) for v in value]
+    if isinstance(value, dict):
+        return {_utf8(k): _utf8(v) for k, v in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------------------- reading (lorafuse info)
@@ -896,7 +912,7 @@ def describe_gguf(path: Path) -> dict[str, object]:
     alpha = _field(reader, "adapter.lora.alpha")
     return {
         "type": "gguf",
-        "path": str(path),
+        "path": path_text(path),
         "kind": _field(reader, "general.type"),
         "adapter_type": _field(reader, "adapter.type"),
         "architecture": _field(reader, "general.architecture"),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafuse._terminal import short
 from lorafuse.backends import get_backend
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.lycoris_keys import (
@@ -53,6 +54,7 @@ from lorafuse.io.provenance import Provenance, stamp
 from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, LycorisUpdate, TuckerFactor, Update, register
+from lorafuse.model.arithmetic import restated_config
 from lorafuse.model.names import check_module_name
 from lorafuse.model.state import KohyaState, as_kohya, metadata_of
 
@@ -92,9 +94,9 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     for key, t in tensors.items():
         module, _, part = key.partition(".")
         if part not in KNOWN_PARTS or not module.startswith(PREFIXES):
-            raise FormatError(f"{p}: tensor {key!r} is not a kohya LoRA tensor "
+            raise FormatError(f"{p}: tensor {short(key)} is not a kohya LoRA tensor "
                               "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one")
-        check_module_name(module, f"{p}: tensor {key!r}")
+        check_module_name(module, f"{p}: tensor {short(key)}")
         parts.setdefault(module, {})[part] = t
     read = {m: _module_update(p, m, d) for m, d in parts.items()}
     # SD 1.x's proj_in / proj_out are 1x1 convolutions: the UNet's context size, over the whole file, says so
@@ -105,7 +107,10 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
     unused = {m: float(parts[m]["alpha"].f32().reshape(-1)[0]) for m, u in updates.items()
               if isinstance(u, LycorisUpdate) and "alpha" in parts[m] and scale_rank(u.algo, u.tensors) is None}
-    return Adapter(updates=updates, format="kohya", path=p, state=KohyaState(metadata, alpha_dtypes, unused),
+    # config: r, lora_alpha, rank_pattern, alpha_pattern stating every module's rank and scale, as a result of
+    # arithmetic states them: state_dict() with it is the adapter (Adapter.from_state_dict(x.state_dict(), x.config))
+    return Adapter(updates=updates, config=restated_config({}, updates), format="kohya", path=p,
+                   state=KohyaState(metadata, alpha_dtypes, unused),
                    provenance=Provenance.from_metadata(metadata))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lorafuse.errors import LorafuseError, LorafuseValueError, UnsupportedError
 from lorafuse.formats.diffusers import WEIGHT_NAME, diffusers_plan
+from lorafuse.formats.held import extract_models
 from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
 from lorafuse.formats.streaming import WritePlan, write_adapter
@@ -183,8 +184,10 @@ def extract_output(out: str | os.PathLike[str], base: str | os.PathLike[str], fi
                    include: str | None = None, exclude: str | None = None, *,
                    overwrite: bool = False) -> AdapterOutput:
     """checked_output for extract: a PEFT folder, or for a name ending in .safetensors one file if a one-file
-    format can name the base's modules (checkpoint_modules, from the headers)."""
-    modules = [checkpoint_modules(base, include, exclude)] if names_file(out) else []
+    format can name the base's modules (checkpoint_modules, from the headers). An adapter given as either model is
+    refused first (formats.held.extract_models)."""
+    base_path, _ = extract_models(base, finetuned)
+    modules = [checkpoint_modules(base_path, include, exclude)] if names_file(out) else []
     return checked_output(out, "peft", modules, [Path(base), Path(finetuned)], overwrite=overwrite)
 
 

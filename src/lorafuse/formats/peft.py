@@ -11,6 +11,7 @@ and `alpha_pattern` overriding r and alpha for the modules they match.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -23,8 +24,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from lorafuse._terminal import plural
-from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse._terminal import plural, short
+from lorafuse.errors import FormatError, LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.kohya import PREFIXES as KOHYA_PREFIXES
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.io.checkpoint import read_json, refuse_pickle
@@ -36,6 +37,7 @@ from lorafuse.model.arithmetic import NARROWING_FIELDS, rank_fields
 from lorafuse.model.experts import expert_modules
 from lorafuse.model.names import check_module_name, exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import ParamLoraUpdate
+from lorafuse.model.patterns import analyse
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,23 +75,11 @@ def is_peft(path: str | os.PathLike[str]) -> bool:
 # rank_pattern / alpha_pattern keys), are looked up in a dict and cost nothing. Real adapters stay
 # orders of magnitude below every limit.
 
-MAX_PATTERN_LENGTH = 1000
-MAX_REPEATS = 2  # quantifiers that can repeat ('*', '+', '{2,5}'; not '?') in one pattern
 MAX_PATTERNS = 200_000  # entries in one pattern field (a LoRA of a 1T-parameter MoE has ~70k modules)
 MAX_REGEX_PATTERNS = 10_000  # patterns in one config that are regular expressions, not plain names
 MAX_MATCH_TESTS = 10_000_000  # regular-expression tests of one adapter's modules (a few seconds at most)
 MAX_MATCH_STEPS = 5_000_000_000  # upper estimate of their backtracking steps (a few seconds, for hostile names)
 
-try:  # the standard library's regular-expression parser (re._parser since Python 3.11)
-    from re import _constants as _sre_c  # type: ignore[attr-defined]
-    from re import _parser as _sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _sre_c
-    import sre_parse as _sre_parse
-
-_REPEATS = {_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT, getattr(_sre_c, "POSSESSIVE_REPEAT", _sre_c.MAX_REPEAT)}
-_BACKREFS = {_sre_c.GROUPREF, _sre_c.GROUPREF_EXISTS, getattr(_sre_c, "GROUPREF_IGNORE", _sre_c.GROUPREF)}
-_ZERO_WIDTH = {_sre_c.AT, _sre_c.ASSERT, _sre_c.ASSERT_NOT}
 # A pattern that means exactly one string: no metacharacter, or one escaped by a backslash.
 _PLAIN = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^0-9A-Za-z])*")
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
@@ -137,7 +127,7 @@ def compile_pattern(pattern: str, wrapper: str, field: str, label: str) -> Regex
     if rx is not None:
         return rx
     try:
-        problem, repeats, width = _analyse(pattern)
+        problem, repeats, width = analyse(pattern)
         compiled = re.compile(wrapper.format(pattern))
     except (re.error, OverflowError, RecursionError, ValueError) as e:
         raise FormatError(f"{label}: {field} pattern {_short(pattern)} is not a regular expression ({e})") from None
@@ -148,63 +138,6 @@ def compile_pattern(pattern: str, wrapper: str, field: str, label: str) -> Regex
         _COMPILED.clear()
     rx = _COMPILED[key] = Regex(pattern, compiled, repeats, width)
     return rx
-
-
-def _pattern_problem(pattern: str) -> str | None:
-    """Why matching `pattern` could take exponential (or high polynomial) time, or None."""
-    return _analyse(pattern)[0]
-
-
-def _analyse(pattern: str) -> tuple[str | None, int, int | None]:
-    """(why matching could take exponential or high polynomial time or None, repeating quantifiers,
-    fixed width or None).
-
-    Python's `re` backtracks: a quantifier inside a quantifier ('(a+)+'), a quantified
-    alternation ('(a|a)*') or a backreference can take ages on a module name of a few dozen
-    characters, and every extra quantifier multiplies the work by the name's length. PEFT's own
-    patterns are module names or short regexes, far from these limits. What stays allowed can
-    still take a second on a 1000-character name: MatchBudget bounds the total work too."""
-    if len(pattern) > MAX_PATTERN_LENGTH:
-        return f"is {len(pattern)} characters long (at most {MAX_PATTERN_LENGTH})", 0, None
-    parsed = _sre_parse.parse(pattern)
-    repeats = 0
-    zero_width = False
-
-    def walk(items: object, in_repeat: bool) -> str | None:
-        nonlocal repeats, zero_width
-        for op, av in items:  # type: ignore[attr-defined]
-            if op in _ZERO_WIDTH:
-                zero_width = True
-            if op in _REPEATS:
-                lo, hi, sub = av
-                if in_repeat:
-                    return "has a quantifier inside a quantifier"
-                if hi > 1:
-                    repeats += 1
-                problem = walk(sub, hi > 1)
-            elif op == _sre_c.SUBPATTERN:
-                problem = walk(av[-1], in_repeat)
-            elif op == _sre_c.BRANCH and in_repeat:
-                problem = "has a quantified alternation"
-            elif op == _sre_c.BRANCH:
-                problem = next((q for alt in av[1] if (q := walk(alt, in_repeat))), None)
-            elif op in (_sre_c.ASSERT, _sre_c.ASSERT_NOT):
-                problem = walk(av[1], in_repeat)
-            elif op == getattr(_sre_c, "ATOMIC_GROUP", None):
-                problem = walk(av, in_repeat)
-            elif op in _BACKREFS:
-                problem = "has a backreference"
-            else:
-                problem = None
-            if problem:
-                return problem
-        return None
-
-    problem = walk(parsed, False)
-    if problem is None and repeats > MAX_REPEATS:
-        problem = f"has {repeats} repeating quantifiers (at most {MAX_REPEATS})"
-    lo, hi = parsed.getwidth()
-    return problem, repeats, (lo if lo == hi and not zero_width else None)
 
 
 class MatchBudget:
@@ -496,8 +429,7 @@ def _is_int(x: object) -> bool:
 
 
 def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short(value, limit)
 
 
 # PEFT methods that are not LoRA, and what their adapters are (peft.utils.PeftType).
@@ -611,9 +543,9 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
         check_pattern_count(len(value), key, path)
         for pat, v in value.items():
             if key == "rank_pattern" and not (_is_positive_int(v) or (_is_number(v) and v > 0 and v == int(v))):
-                raise FormatError(f"{path}: {key}[{pat!r}] must be a positive integer, got {_short(v)}")
+                raise FormatError(f"{path}: {key}[{short(pat)}] must be a positive integer, got {_short(v)}")
             if not _is_number(v):
-                raise FormatError(f"{path}: {key}[{pat!r}] must be a finite number, got {_short(v)}")
+                raise FormatError(f"{path}: {key}[{short(pat)}] must be a finite number, got {_short(v)}")
     for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_qalora"):
         check(key, isinstance(cfg.get(key, False), bool), "true or false")
     for key in ("target_modules", "exclude_modules"):  # PEFT: a regex string, a list of names, or null
@@ -688,8 +620,18 @@ def from_tensors(tensors: dict[str, Tensor], config: Any = None) -> Adapter:
         }
     else:
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        cfg = {k: (sorted(v) if isinstance(v, set) else getattr(v, "value", v)) for k, v in cfg.items()}
+        # a deep copy: the caller's lists (target_modules) stay theirs, a later edit of them changes no adapter
+        cfg = {k: (sorted(v) if isinstance(v, set) else _copied(k, getattr(v, "value", v))) for k, v in cfg.items()}
     return build_adapter(tensors, check_config(cfg, "<state dict config>"), "<state dict>")
+
+
+def _copied(key: object, value: object) -> object:
+    """A deep copy of a config value (LorafuseValueError naming the field for one Python cannot copy)."""
+    try:
+        return copy.deepcopy(value)
+    except Exception as e:  # a module, a lock, ...: nothing adapter_config.json can hold
+        raise LorafuseValueError(f"<state dict config>: {key!r} holds a {type(value).__name__}, which cannot be "
+                                 f"copied ({e})") from None
 
 
 def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:
@@ -724,7 +666,7 @@ def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, 
         for suffix, role in _ROLES.items():
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
-                check_module_name(module, f"{label}: tensor {key!r}")
+                check_module_name(module, f"{label}: tensor {short(key)}")
                 if (module, role) in seen:
                     raise FormatError(f"{label}: module {module!r} has two {role} tensors: "
                                       f"{seen[module, role]!r} and {key!r}")
@@ -733,7 +675,7 @@ def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, 
                 break
         else:
             if ".lora_" in name:
-                raise FormatError(f"{label}: tensor {key!r} is not a LoRA tensor lorafuse knows")
+                raise FormatError(f"{label}: tensor {short(key)} is not a LoRA tensor lorafuse knows")
             check_module_name(name, label, "tensor")
             canonical = name.replace(".base_layer.", ".")
             if canonical in full:
@@ -830,6 +772,15 @@ def _pattern_values(cfg: dict[str, object], modules: list[str], label: str) -> d
     return {m: (ranks.value(m, r, budget), alphas.value(m, alpha, budget)) for m in modules}
 
 
+def config_says(label: str, cfg: dict[str, object], r: object) -> str:
+    """Who states a module's r, for a message: adapter_config.json for a file, the config given for a state dict
+    (a label '<...>'), saying so where the r is PEFT's default (the config gives no r nor rank_pattern)."""
+    source = "the config given (<state dict config>)" if label.startswith("<") else "adapter_config.json"
+    if "r" in cfg or cfg.get("rank_pattern"):
+        return f"{source} says r={r}"
+    return f"{source} gives no r (PEFT's default: r={r})"
+
+
 def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, object], r_cfg: object,
             alpha_cfg: object, param: tuple[str, int] | None = None) -> LoraUpdate:
     where = f"{weights}: module {module!r}"
@@ -864,7 +815,7 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
         if extra is not None and not extra.is_float:
             raise FormatError(f"{where}: {n} has non-float dtype {extra.dtype}")
     if r_cfg != rank and param is None:  # a ParamWrapper's lora_A has r rows per expert (checked in ops.fused)
-        raise ShapeMismatchError(f"{where}: adapter_config.json says r={r_cfg} but the tensors have rank {rank}")
+        raise ShapeMismatchError(f"{where}: {config_says(weights, cfg, r_cfg)} but the tensors have rank {rank}")
     alpha = float(alpha_cfg)  # type: ignore[arg-type]
     if not math.isfinite(alpha):  # a config that was not checked by check_config
         raise FormatError(f"{where}: lora_alpha {alpha} is not finite")
@@ -911,9 +862,7 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
     updates = list(adapter.updates.values())
     for u in updates:
         _check_peft_storable(adapter, u)
-    linear_layouts = {u.transposed for u in updates if u.kind == "linear"}
-    if len(linear_layouts) > 1:
-        raise UnsupportedError(f"{adapter.label}: linear modules mix fan_in_fan_out layouts; PEFT cannot store that")
+    fan_in_fan_out = _fan_in_fan_out(adapter, updates)
     if not updates:
         r = int(cfg.get("r", 8))  # type: ignore[call-overload]
         cfg.update({"r": r, "lora_alpha": cfg.get("lora_alpha", r), "rank_pattern": {}, "alpha_pattern": {},
@@ -921,7 +870,7 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
     experts = set(expert_modules(adapter.updates))  # PEFT reads them at r and lora_alpha: those are theirs
     cfg.update({"peft_type": "LORA", **rank_fields(updates, [u for u in updates if u.name in experts]),
                 "lora_bias": any(u.bias is not None for u in updates),
-                "fan_in_fan_out": linear_layouts == {True}})
+                "fan_in_fan_out": fan_in_fan_out})
     for attr, flag in (("magnitude", "use_dora"), ("bias", "lora_bias")):
         having = [u.name for u in updates if getattr(u, attr) is not None]
         if having and len(having) != len(updates):
@@ -940,6 +889,23 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         cfg["init_lora_weights"] = True
     _target_every_module(adapter, cfg)
     return cfg
+
+
+def _fan_in_fan_out(adapter: Adapter, updates: Sequence[Update]) -> bool:
+    """adapter_config.json's fan_in_fan_out: true when a linear module is transposed (a GPT-2 style Conv1D, stored
+    in x out). PEFT decides the layout per layer type, whatever the flag says (tuners/lora/layer.py: it sets it
+    false for a torch Linear, bnb / hqq / Megatron layers too, and true for a Conv1D; an embedding is always
+    transposed, a convolution never), so modules of both layouts (a Conv1D c_attn LoRA and a Linear lm_head LoRA
+    of one GPT-2) are stored with it true, as their factors are. A LoRA on a parameter (target_parameters) is
+    the one layer PEFT refuses it for: that and a Conv1D module in one adapter are refused, naming both."""
+    params = [u.name for u in updates if isinstance(u, ParamLoraUpdate)]
+    transposed = [u.name for u in updates if u.kind == "linear" and u.transposed and not isinstance(u, ParamLoraUpdate)]
+    if transposed and params:
+        raise UnsupportedError(
+            f"{adapter.label}: fan_in_fan_out (GPT-2 style Conv1D) modules ({_listed(transposed)}) and LoRAs on "
+            f"parameters (target_parameters: {_listed(params)}) in one adapter: PEFT refuses fan_in_fan_out=true for "
+            "the second and needs it for the first, so it cannot store them together; save them as two adapters")
+    return bool(transposed)
 
 
 def _untargeted(adapter: Adapter, cfg: dict[str, object]) -> list[str]:

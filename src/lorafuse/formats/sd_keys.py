@@ -463,17 +463,27 @@ def _kohya_name(module: str, family: str) -> str:
 
 
 def guess_family(names: Iterable[str]) -> str:
-    """"sd1", "sdxl" or "flux" for a set of module names (kohya or diffusers): Flux if any name is a Flux
-    transformer layer; else the UNet layouts that have every UNet layer named (SDXL when both do and the
-    names are LDM ones, as kohya writes SDXL, or when the text encoders say so); else the text encoders
-    (`lora_te_` -> sd1, `lora_te1_` / `lora_te2_` / a second CLIP -> sdxl, T5 -> flux). Names that are
-    no known layer are ignored. Raises LorafuseValueError when the names fit no family or several."""
+    """"sd1", "sdxl" or "flux" for a set of module names (kohya or diffusers), from names that one family alone
+    has: Flux if any name is a Flux transformer layer in Flux's own naming (kohya / BFL / ComfyUI,
+    `flux_keys.is_flux_own_name`); else the UNet layouts that have every UNet layer named (SDXL when both do and
+    the names are LDM ones, as kohya writes SDXL, or when the text encoders say so); else the text encoders
+    (`lora_te_` -> sd1, `lora_te1_` / `lora_te2_` / a second CLIP -> sdxl, a T5 as `text_encoder_2` -> flux).
+    Names that are no known layer are ignored. Raises LorafuseValueError when the names fit no family or
+    several, and when the guess would rest on names Flux shares with other models: its diffusers names
+    (`transformer.transformer_blocks.0.attn.to_q` is SD3's, QwenImage's, HunyuanVideo's too) or a kohya T5
+    (`lora_te3_`: SD3's text_encoder_3 or Flux's text_encoder_2)."""
     layouts = set(_UNET_MAPS)
     saw_unet = saw_ldm = False
     votes: set[str] = set()
+    shared: str | None = None  # the first name that Flux shares with another model
     for name in names:
         if _is_flux(name):
-            return "flux"
+            flux = _flux()
+            assert flux is not None
+            if flux.is_flux_own_name(name):
+                return "flux"
+            shared = shared or name
+            continue
         parsed = _parse_any(name)
         if parsed is None:
             continue
@@ -481,6 +491,8 @@ def guess_family(names: Iterable[str]) -> str:
             saw_unet = True
             saw_ldm |= parsed.ldm is not None
             layouts &= {f for f, m in _UNET_MAPS.items() if _fits(m, parsed)}
+        elif parsed.slot == "te3" and name.startswith("lora_te3_"):
+            shared = shared or name
         elif (vote := _te_vote(name, parsed.slot)) is not None:
             votes.add(vote)
     candidates = layouts if saw_unet else votes
@@ -488,11 +500,28 @@ def guess_family(names: Iterable[str]) -> str:
         candidates &= {"sdxl"}  # kohya names its SDXL UNet with LDM paths, its SD1 UNet with diffusers ones
     if len(candidates) > 1 and votes:
         candidates &= votes
-    if len(candidates) != 1:
-        why = "several fit: " + ", ".join(sorted(candidates)) if candidates else "they fit none"
-        raise LorafuseValueError(f"cannot tell the model family (sd1, sdxl, flux) from the module names: {why}; "
-                                 "name it explicitly")
-    return candidates.pop()
+    if len(candidates) == 1 and (shared is None or candidates == {"flux"}):
+        return candidates.pop()
+    if shared is not None:
+        raise _shared_name_error(shared)
+    why = "several fit: " + ", ".join(sorted(candidates)) if candidates else "they fit none"
+    raise LorafuseValueError(f"cannot tell the model family (sd1, sdxl, flux) from the module names: {why}; "
+                             "name it explicitly (lorafuse knows the layers of SD 1.x/2.x, SDXL, Flux and their "
+                             "text encoders, not SD3's lora_unet_joint_blocks_..., QwenImage's, ...)")
+
+
+def _shared_name_error(name: str) -> LorafuseValueError:
+    """The refusal to guess a family from `name`, a name that Flux shares with other models."""
+    if name.startswith("lora_te3_"):
+        what = (f"{name!r} is a T5 layer, which kohya names lora_te3_ for SD3 (diffusers text_encoder_3) and for Flux "
+                "(text_encoder_2)")
+    else:
+        what = (f"{name!r} is a diffusers name that Flux shares with SD3, QwenImage, HunyuanVideo and other "
+                "diffusers transformers (transformer_blocks.N.attn.to_q, single_transformer_blocks.N.proj_mlp, "
+                "x_embedder, ...), and lorafuse knows the kohya names of Flux only (lora_unet_double_blocks_...; "
+                "not SD3's lora_unet_joint_blocks_..., nor QwenImage's)")
+    return LorafuseValueError(f"cannot tell Flux from other models by the module names: {what}; if it is a Flux "
+                              "LoRA, name the family: --family flux (Python: family='flux')")
 
 
 def _fits(m: UnetMap, parsed: _Parsed) -> bool:
@@ -502,9 +531,10 @@ def _fits(m: UnetMap, parsed: _Parsed) -> bool:
 
 
 def _te_vote(name: str, slot: str) -> str | None:
-    """The family a text-encoder name points to, if it points to one."""
+    """The family a text-encoder name points to, if it points to one (a T5: Flux's as text_encoder_2 only;
+    text_encoder_3 is SD3's, lora_te3_ SD3's or Flux's)."""
     if slot == "te3":
-        return "flux"
+        return "flux" if name.startswith("text_encoder_2.") else None
     if slot == "te2" or name.startswith("lora_te1_"):
         return "sdxl"
     return "sd1" if name.startswith("lora_te_") else None

@@ -24,7 +24,7 @@ identity (device and inode: a bind mount, another spelling on a case-insensitive
 input folder counts with what its links lead to (a Hugging Face snapshot's files are links into
 `blobs/`: an output holding that folder holds the input).
 
-What an output's name means (output_file, names_file): a name that ends in a path separator, or an
+What an output's name means (output_file, names_file): a name that ends in a path separator (or in `/.`), or an
 existing folder, names a folder to write a one-file output into (the file gets a default name there);
 the folder must itself be a place an output may be (not the current folder or one above it, not an
 input folder or a folder holding an input).
@@ -218,7 +218,10 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
            "an input folder or a folder holding an input")
     example = out / (into or "out")
     collides = any(example.resolve() == src for _, src in places) if into is not None else False
-    todo = "give the output file's full name" + ("" if collides else f", e.g. {example}")
+    if into is not None and os.path.exists(target) and not os.path.isdir(target):  # `-o input.safetensors/`
+        todo = f"give the output file's full name ({out} is a file, not a folder to write into)"
+    else:
+        todo = "give the output file's full name" + ("" if collides else f", e.g. {example}")
     if cwd is not None:
         cwd_id = _identity(cwd)
         if target == cwd or (target_id is not None and target_id == cwd_id):
@@ -272,22 +275,29 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) 
     if held is not None:  # an input named through a bind mount or a hard link, whose own path is elsewhere
         raise OutputError(f"output {out} would overwrite the input {held[0]}, which is inside it as {held[1]} "
                           "(replacing it deletes everything in it); choose another output path")
-    if out.name in ("", ".", ".."):
-        raise LorafuseValueError(f"output {out}: give the output a name (a path that ends in a file or folder name)")
+    if out.name in ("", ".", "..") or not out.name.strip():
+        raise LorafuseValueError(f"output {os.fsdecode(out)!r}: give the output a name (a path that ends in a file or "
+                                 "folder name, not in spaces)")
+
+
+def _ends_as_folder(text: str) -> bool:
+    """Whether a path's text ends as only a folder's can: in a path separator (`out/`), or in `.` or `..`
+    (`out/.`, which pathlib shortens to `out`)."""
+    return text.replace(os.altsep or os.sep, os.sep).rsplit(os.sep, 1)[-1] in ("", ".", "..")
 
 
 def names_folder(out: str | os.PathLike[str]) -> bool:
-    """Whether `out` names a folder: it ends in a path separator (`out/`), or is an existing folder (links
-    followed)."""
+    """Whether `out` names a folder: it ends in a path separator (`out/`) or in `/.` (`out/.`), or is an existing
+    folder (links followed)."""
     text = os.fsdecode(os.fspath(out))
-    return text.endswith(tuple({os.sep, os.altsep or os.sep})) or os.path.isdir(text)
+    return _ends_as_folder(text) or os.path.isdir(text)
 
 
 def names_file(out: str | os.PathLike[str], suffix: str = ".safetensors") -> bool:
     """Whether `out` names one file of the kind `suffix` says: its name ends in `suffix` (any case) and no
-    path separator follows."""
+    path separator (nor `/.`) follows."""
     text = os.fsdecode(os.fspath(out))
-    return not text.endswith(tuple({os.sep, os.altsep or os.sep})) and text.lower().endswith(suffix.lower()) \
+    return not _ends_as_folder(text) and text.lower().endswith(suffix.lower()) \
         and len(Path(text).name) > len(suffix)
 
 
@@ -566,6 +576,12 @@ def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
 
 
 COMMITTED: list[Path] = []  # the outputs this process has put in place (the CLI's words when it is stopped)
+
+
+def forget_outputs(folder: Path) -> None:
+    """Drop from COMMITTED the outputs inside `folder`, which its maker removed (a recipe's temporary folder)."""
+    inside = os.path.join(os.path.abspath(folder), "")
+    COMMITTED[:] = [p for p in COMMITTED if not os.path.join(os.path.abspath(p), "").startswith(inside)]
 
 
 @contextmanager

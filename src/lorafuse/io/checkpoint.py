@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from lorafuse._terminal import short
 from lorafuse.errors import FormatError, InputChangedError
 from lorafuse.io.hub import local_path, shard_name_problem
 from lorafuse.io.safetensors import (
@@ -15,6 +16,7 @@ from lorafuse.io.safetensors import (
     TensorInfo,
     file_kind,
     open_regular,
+    read_header,
     read_header_identity,
 )
 
@@ -151,17 +153,45 @@ def refuse_pickle(path: Path) -> FormatError:
 # The file names transformers and diffusers write; variants such as `*.fp16.safetensors` beside them
 # are other weights (left alone unless they are the only file).
 PREFERRED = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+# Each library's single-file checkpoint, and whether its loader looks for the shard index beside it first. A
+# folder can hold both: transformers' save_pretrained of a model saved sharded before removes the old shards but
+# keeps their index; its from_pretrained takes model.safetensors before model.safetensors.index.json
+# (modeling_utils._get_resolved_checkpoint_files), diffusers' the index first (ModelMixin.from_pretrained,
+# _fetch_index_file). lorafuse reads what that library loads.
+LOADERS = (("transformers", "model.safetensors", False), ("diffusers", "diffusion_pytorch_model.safetensors", True))
 
 
-def _find_index(directory: Path) -> Path | None:
-    for name in PREFERRED:
-        preferred = directory / (name + ".index.json")
-        if preferred.is_file():
-            return preferred
-    found = names_ending(directory, INDEX_SUFFIX)
-    if len(found) > 1:
-        raise FormatError(f"{directory}: several safetensors index files ({', '.join(found)})")
-    return directory / found[0] if found else None
+def _is_file(path: Path, index: Path) -> bool:
+    """Whether the shard `path`, which `index` lists, is a file; FormatError naming both when it cannot be looked
+    at (a name longer than the system takes, a folder that cannot be searched)."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise FormatError(f"{index}: shard {short(path.name)} cannot be looked at in {path.parent}: "
+                          f"{e.strerror or e}") from None
+
+
+def read_index(index: Path) -> tuple[dict[str, str], dict[str, object]]:
+    """(weight_map, metadata) of a `*.safetensors.index.json` (read_json's limits); FormatError naming it when it
+    is not an object whose weight_map maps tensor names to shard file names."""
+    data = read_json(index, "the shard index", INDEX_JSON_BYTES, INDEX_JSON_VALUES)
+    if not isinstance(data, dict):
+        raise FormatError(f"{index}: the shard index must be a JSON object")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise FormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    meta = data.get("metadata", {})
+    return weight_map, meta if isinstance(meta, dict) else {}
+
+
+def _lists_only(index: Path, shard: str) -> bool:
+    """Whether `index` is readable and lists `shard` (the single file beside it) as its only shard."""
+    try:
+        return set(read_index(index)[0].values()) == {shard}
+    except FormatError:
+        return False
 
 
 def no_such_path(path: str | os.PathLike[str]) -> str:
@@ -190,7 +220,9 @@ class Checkpoint:
     """Tensor names, shapes and dtypes of a checkpoint, read from headers only.
 
     `path` is a .safetensors file, or a folder with model.safetensors (or exactly one
-    *.safetensors) or with a *.safetensors.index.json naming its shards.
+    *.safetensors) or with a *.safetensors.index.json naming its shards. A folder holding both a library's single
+    file and its index is read as that library loads it (LOADERS: transformers' model.safetensors, diffusers'
+    index), with a note in `notes` saying so and whether the other lists the same tensors.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -200,6 +232,8 @@ class Checkpoint:
         self.path = path  # the file or folder given (`directory` is the folder holding the shards)
         self.index_name: str | None = None
         self.index_metadata: dict[str, object] = {}
+        self.notes: list[str] = []  # what the user should know of how the folder was read
+        self._unread: tuple[Path, str] | None = None  # the single file or index beside it that its loader skips
         if path.is_file():
             if is_pickle(path):
                 raise refuse_pickle(path)
@@ -224,37 +258,37 @@ class Checkpoint:
             self.headers[shard], self.metadata[shard] = tensors, metadata
             for name in tensors:
                 if name in self.shard_of:
-                    raise FormatError(f"{self.directory}: tensor {name!r} is in both {self.shard_of[name]} and {shard}")
+                    raise FormatError(f"{self.directory}: tensor {short(name)} is in both {self.shard_of[name]} and "
+                                      f"{shard}")
                 self.shard_of[name] = shard
         if self.index_name is not None:
             self._check_index()
+        if self._unread is not None:
+            self.notes.append(self._unread_note(*self._unread))
 
     def _shards_of_directory(self, directory: Path) -> list[str]:
-        index = _find_index(directory)
-        if index is not None:
-            self.index_name = index.name
-            data = read_json(index, "the shard index", INDEX_JSON_BYTES, INDEX_JSON_VALUES)
-            if not isinstance(data, dict):
-                raise FormatError(f"{index}: the shard index must be a JSON object")
-            weight_map = data.get("weight_map")
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-            ):
-                raise FormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
-            meta = data.get("metadata", {})
-            self.index_metadata = meta if isinstance(meta, dict) else {}
-            self._weight_map = weight_map
-            shards = list(dict.fromkeys(weight_map.values()))
-            for s in shards:
-                why = shard_name_problem(s)
-                if why is not None:
-                    raise FormatError(f"{index}: shard {s!r} {why}")
-                if not (directory / s).is_file():
-                    raise FormatError(f"{index}: shard {s!r} is not a file in {directory}")
-            return shards
-        for name in PREFERRED:
-            if (directory / name).is_file():
-                return [name]
+        for loader, single, index_first in LOADERS:
+            index = directory / (single + ".index.json")
+            whole, sharded = (directory / single).is_file(), index.is_file()
+            if whole and sharded and _lists_only(index, single):  # one checkpoint, read either way: its index kept
+                return self._index_shards(index)
+            if whole and sharded:  # the one its loader does not take: compared once the headers are read
+                self._unread = (directory / single if index_first else index, loader)
+            if sharded and (index_first or not whole):
+                try:
+                    return self._index_shards(index)
+                except FormatError as e:
+                    if not whole:
+                        raise
+                    raise FormatError(f"{e} ({loader} loads {index.name} before {single}, which is beside it, and so "
+                                      f"does lorafuse: remove the index if {single} holds the model)") from None
+            if whole:
+                return [single]
+        found = names_ending(directory, INDEX_SUFFIX)
+        if len(found) > 1:
+            raise FormatError(f"{directory}: several safetensors index files ({', '.join(found)})")
+        if found:
+            return self._index_shards(directory / found[0])
         found = names_ending(directory, SAFETENSORS_SUFFIX)
         if len(found) == 1:
             return found
@@ -265,12 +299,47 @@ class Checkpoint:
             raise refuse_pickle(pickles[0])
         raise FormatError(f"{directory}: no .safetensors checkpoint found")
 
+    def _index_shards(self, index: Path) -> list[str]:
+        """The shards `index` lists, each a file beside it; the index's name, weight map and metadata kept."""
+        self.index_name = index.name
+        self._weight_map, self.index_metadata = read_index(index)
+        shards = list(dict.fromkeys(self._weight_map.values()))
+        for s in shards:
+            why = shard_name_problem(s)
+            if why is not None:
+                raise FormatError(f"{index}: shard {short(s)} {why}")
+            if not _is_file(index.parent / s, index):
+                raise FormatError(f"{index}: shard {short(s)} is not a file in {index.parent}")
+        return shards
+
     def _check_index(self) -> None:
         for name, shard in self._weight_map.items():
             if self.shard_of.get(name) != shard:
                 raise FormatError(
-                    f"{self.directory / str(self.index_name)}: tensor {name!r} is listed in {shard} but is not there"
+                    f"{self.directory / str(self.index_name)}: tensor {short(name)} is listed in {shard} but is not "
+                    "there"
                 )
+
+    def _unread_note(self, unread: Path, loader: str) -> str:
+        """The note on a folder holding both a library's single file and its shard index: which one lorafuse reads
+        (the one `loader` loads) and whether the other lists the same tensors."""
+        read = self.directory / (self.index_name or self.shards[0])
+        other = "the shards it lists" if unread.name.endswith(INDEX_SUFFIX) else "its tensors"
+        head = f"{self.directory} holds both {read.name} and {unread.name}"
+        loads = f"{loader} loads {'the shards ' + read.name + ' lists' if self.sharded else read.name}"
+        try:
+            names = set(read_index(unread)[0] if unread.name.endswith(INDEX_SUFFIX) else read_header(unread)[0])
+        except FormatError as e:
+            return (f"{head}: {loads}, and so does lorafuse; {unread.name} and {other} are left alone "
+                    f"({unread.name} cannot be read: {e})")
+        ours = set(self.shard_of)
+        if names == ours:
+            agree = f"both list the same {len(ours):,} tensors"
+        else:
+            parts = [f"{len(o):,} only in {n} (e.g. {short(min(o))})"
+                     for o, n in ((ours - names, read.name), (names - ours, unread.name)) if o]
+            agree = f"they list different tensors: {'; '.join(parts)}"
+        return f"{head}: {loads}, and so does lorafuse; {unread.name} and {other} are left alone ({agree})"
 
     @property
     def sharded(self) -> bool:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
+from lorafuse._terminal import short
 from lorafuse._validate import check_path
 from lorafuse.errors import FormatError, LorafuseValueError, UnsupportedError
 
@@ -215,7 +216,7 @@ def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
                     "holds a pattern character (* ? [ ]), which would download other files of the repository"
                     if _GLOB.search(shard) else None)
                 if why is not None:
-                    raise FormatError(f"{folder / name}: shard {shard!r} {why}; nothing more was downloaded")
+                    raise FormatError(f"{folder / name}: shard {short(shard)} {why}; nothing more was downloaded")
             if shards:
                 return [prefix + s for s in shards]
     if (folder / "config.json").is_file():
@@ -278,6 +279,18 @@ def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[st
     return resolve(spec, what=what, patterns=patterns).path
 
 
+def held_adapter_file(folder: Path) -> Path | None:
+    """The one adapter file a folder without adapter_config.json holds, by its name: diffusers'
+    pytorch_lora_weights.safetensors (what save_lora_weights writes and load_lora_weights(folder) reads), else the
+    folder's only .safetensors file; None when it holds none or several. The rule for a Hub id's snapshot
+    (local_adapter) and for a local folder (formats.held, which takes the file where it is an adapter). OSError when
+    the folder cannot be listed."""
+    if (folder / DIFFUSERS_LORA).is_file():
+        return folder / DIFFUSERS_LORA
+    found = _safetensors_files(folder)
+    return folder / found[0] if len(found) == 1 else None
+
+
 def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     """The adapter a spec names, as a local path: `spec` itself when it is not a Hub id; for a Hub id the
     snapshot folder when it holds adapter_config.json (a PEFT adapter), else the one adapter file in it
@@ -290,14 +303,13 @@ def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     folder = r.path
     if (folder / PEFT_CONFIG).is_file():
         return folder
-    if (folder / DIFFUSERS_LORA).is_file():
-        return folder / DIFFUSERS_LORA
     try:
-        found = _safetensors_files(folder)
+        held = held_adapter_file(folder)
+        found = _safetensors_files(folder) if held is None else []
     except OSError as e:
         raise FormatError(f"{folder}: cannot read: {e.strerror or e}") from None
-    if len(found) == 1:
-        return folder / found[0]
+    if held is not None:
+        return held
     at = _named(r.repo_id, r.revision)
     if not found:
         raise FormatError(f"{what} {at} (commit {r.commit_sha}, {folder}): the repository holds no {PEFT_CONFIG} "
@@ -418,5 +430,5 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
         return FormatError(f"{head}: cannot download {repo} ({rev}) into {cache}: {getattr(e, 'strerror', None) or e}")
     return FormatError(f"{head}: cannot get {repo} ({rev}) from the Hub: {type(e).__name__}: {e}")
 
-__all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "hub_origin", "is_hub_id", "local_adapter",
-           "local_path", "parse", "resolve", "spec_origin"]
+__all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "held_adapter_file", "hub_origin", "is_hub_id",
+           "local_adapter", "local_path", "parse", "resolve", "spec_origin"]

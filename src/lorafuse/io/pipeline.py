@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorafuse._terminal import short
 from lorafuse.errors import FormatError
 from lorafuse.io.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, is_pickle, names_ending, read_json
 
@@ -69,7 +70,7 @@ class Pipeline:
         """The folder of component `name` (None when the pipeline has no such folder). Only the plain
         name of a folder inside the pipeline is accepted: not '', '.', '..', a path, a name with
         control characters, nor a symbolic link that leads out of the pipeline folder."""
-        where = f"{self.directory / INDEX}: component {name!r}"
+        where = f"{self.directory / INDEX}: component {short(name)}"
         if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or not name.isprintable():
             raise FormatError(f"{where} is not the plain name of a folder of the pipeline (no '.', '..', path "
                               "separators or control characters); fix model_index.json")

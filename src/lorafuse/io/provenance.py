@@ -36,13 +36,14 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from lorafuse._terminal import plural
 from lorafuse.errors import FormatError, LorafuseError, LorafuseValueError
 from lorafuse.io import hub as hub_ids
 from lorafuse.io.manifest import version
@@ -499,8 +500,8 @@ def adapter_input(item: str | bytes | os.PathLike[str] | os.PathLike[bytes] | _A
     made_by: Provenance | None = None
     if isinstance(item, str | bytes | os.PathLike):
         name, path = path_text(item), Path(os.fsdecode(item))
-        if not os.path.lexists(path):  # a Hub id (io.hub): the adapter in its snapshot
-            path = _local_adapter(os.fsdecode(item))
+        # the adapter read: a Hub id's in its snapshot (io.hub), a folder's one adapter file (formats.held)
+        path = _local_adapter(os.fsdecode(item)) or (path if os.path.lexists(path) else None)
     else:
         name, path, made_by = _text(item.label), item.path, item.provenance
         origin = hub_origin(path) if path is not None else None
@@ -522,10 +523,24 @@ def adapter_input(item: str | bytes | os.PathLike[str] | os.PathLike[bytes] | _A
     return InputSpec(name, role, weight, path)
 
 
-def _local_adapter(spec: str | os.PathLike[str]) -> Path | None:
-    """The local adapter a Hub id names (io.hub, which the adapter's loading used too), else None."""
+# How a spec names its local adapter (formats.held.located_adapter, set when lorafuse.formats is imported: formats
+# reads through io, so io does not import it; an adapter named by a path was loaded through formats before its
+# input is recorded).
+_LOCATOR: list[Callable[[str], Path]] = []
+
+
+def set_adapter_locator(locate: Callable[[str], Path]) -> None:
+    """Set how adapter_input finds the adapter a spec names (formats.held calls this once)."""
+    _LOCATOR[:] = [locate]
+
+
+def _local_adapter(spec: str) -> Path | None:
+    """The local adapter a spec names (the locator formats.held set: what the adapter's loading used too, a Hub
+    id's in its snapshot, a folder's one adapter file), else None."""
+    if not _LOCATOR:
+        return None
     try:
-        return Path(hub_ids.local_adapter(spec))
+        return _LOCATOR[0](spec)
     except (LorafuseError, OSError):
         return None
 
@@ -699,7 +714,8 @@ class Recording:
     the one current when it is made. As a context manager, leaving it stops the hashing (an error: at once)."""
 
     def __init__(self, operation: str, inputs: Sequence[InputSpec], params: Mapping[str, Any], *,
-                 method: str | None = None, base_model: str | None = None, workers: int = 1) -> None:
+                 method: str | None = None, base_model: str | None = None, workers: int = 1,
+                 hashing: bool = True) -> None:
         if operation not in OPERATIONS:
             raise LorafuseValueError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
         bad = [i.role for i in inputs if i.role not in ROLES]
@@ -727,7 +743,8 @@ class Recording:
         self._futures: dict[Path, Future[str]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._todo = list(todo)
-        if todo:
+        self._check_size()
+        if todo and hashing:
             try:
                 self._pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))),
                                                 thread_name_prefix="lorafuse-sha256")
@@ -738,6 +755,21 @@ class Recording:
                 if self._pool is not None:
                     self._pool.shutdown(wait=False)
                 self._pool = None
+
+    def _check_size(self) -> None:
+        """LorafuseValueError when the record (its hashes as placeholders of their length) would not fit the
+        metadata of a safetensors header that lorafuse reads back: refused before any input is read or hashed,
+        not once the output is written. The record names every input (nothing of it is left out)."""
+        from lorafuse.io.safetensors import metadata_problem  # (io.safetensors does not read this module)
+
+        why = metadata_problem(self._make(False).metadata())
+        if why is None:
+            return
+        more = ("; combine fewer adapters at once, or name them by shorter paths (the record holds each input's name "
+                "as given)" if self.operation == "combine" else "")
+        raise LorafuseValueError(f"the provenance record of this {self.operation} names each of its "
+                                 f"{plural(len(self.specs), 'input')} with its sha256 and weight, which would take "
+                                 f"{why} from a header: its output could not be read back{more}; nothing was written")
 
     def __enter__(self) -> Recording:
         return self

@@ -26,7 +26,7 @@ import functools
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -282,7 +282,8 @@ class Fp8Scaled(QuantScheme):
     """float8_e4m3fn codes times one float scale per (block_rows x block_cols) block of the weight:
     W[i, j] = codes[i, j] * scale[i // bm, j // bn]. DeepSeek-V3 / transformers' `fp8` store the
     multiplier as `weight_scale_inv` (F32, shape ceil(out / bm) x ceil(in / bn)); compressed-tensors
-    stores it as `weight_scale` (a block grid, (out, 1) per channel, or one value per tensor). A block
+    stores it as `weight_scale` (a block grid, (out, 1) per channel, or one value per tensor), and so does
+    AutoFP8 / vLLM's per-tensor `fp8` (`_fp8_scale_names`). A block
     dimension of 0 means the whole dimension (channel: (1, 0); tensor: (0, 0)). Edge blocks may be
     partial. Requantizing gives each block a fresh scale amax / 448 (1 for an all-zero block, as
     transformers' Fp8Quantize), rounded to the scale's dtype, and codes round(clamp(x / scale)). With
@@ -298,11 +299,11 @@ class Fp8Scaled(QuantScheme):
     extra_suffixes: tuple[str, ...] = field(default=())  # other companions kept (keep-FP8) or dropped (--dtype)
     ue8m0: bool = False  # scale_fmt ue8m0: requantized scales are powers of two
 
-    def _prefix(self, weight_key: str) -> str:
-        return weight_key[: -len("weight")] if weight_key.endswith("weight") else weight_key + "_"
-
     def companions(self, weight_key: str) -> dict[str, str]:
-        return {"scale": self._prefix(weight_key) + self.scale_suffix}
+        """The scale beside the weight: `x.weight` -> `x.weight_scale_inv` (`x.weight_scale`); a parameter that is
+        no `weight` (transformers 5's fused experts `experts.gate_up_proj`, finegrained_fp8.py) -> its name +
+        `_scale_inv` (`_scale`), as transformers names it."""
+        return {"scale": weight_key + self.scale_suffix.removeprefix("weight")}
 
     def blocks(self, shape: tuple[int, ...]) -> tuple[int, int]:
         rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
@@ -323,7 +324,7 @@ class Fp8Scaled(QuantScheme):
         if len(shape) != 2:
             return f"the weight has {len(shape)} dimensions (lorafuse reads 2-D float8 weights only)"
         if "scale" not in companions:
-            return f"no {self.companions(weight_key)['scale']} beside it"
+            return f"no {self.companions(weight_key)['scale']} beside it, so the scale of its codes is unknown"
         sdtype, sshape = companions["scale"]
         if self._scale_dtype(sdtype) not in ("F32", "BF16", "F16", "F8_E8M0"):
             return (f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16, F8_E8M0; U8 bytes of "
@@ -695,6 +696,20 @@ def _fp8_factory(qc: dict[str, object]) -> QuantScheme | str:
                      "fp8", "weight_scale_inv", block, ue8m0=ue8m0)
 
 
+def _fp8_scale_names(scheme: Fp8Scaled, dtypes: Mapping[str, str]) -> Fp8Scaled:
+    """`quant_method: fp8` without weight_block_size whose float8 weights carry a `weight_scale` and no tensor a
+    `weight_scale_inv`: AutoFP8 / vLLM's per-tensor layout (neuralmagic's `*-FP8` models: quantization_config
+    {quant_method: fp8, activation_scheme, ignored_layers}, `weight` F8_E4M3 + `weight_scale` F32 [] or [1],
+    `input_scale` with static activations), W = codes * weight_scale: the scheme of compressed-tensors' `tensor`
+    strategy, under that name. Otherwise transformers' own naming (`weight_scale_inv`)."""
+    if scheme.block != (0, 0) or any(k.endswith("_scale_inv") for k in dtypes):
+        return scheme
+    if not any(k.endswith(".weight_scale") and dtypes.get(k.removesuffix("_scale")) == "F8_E4M3" for k in dtypes):
+        return scheme
+    return replace(scheme, name=scheme.name.replace("weight_scale_inv", "weight_scale (AutoFP8 / vLLM layout)"),
+                   scale_suffix="weight_scale")
+
+
 def _ct_factory(qc: dict[str, object]) -> QuantScheme | str:
     """compressed-tensors: float-quantized 8-bit float weights with one block / channel / tensor strategy."""
     fmt = qc.get("format")
@@ -740,9 +755,10 @@ register_method("bitsandbytes", _bnb_factory)
 
 # Companions that go with quantized weights (activation and KV-cache scales): kept with keep-FP8, dropped
 # with the quantization_config when the weights are written in 16 / 32 bits.
-# (`activation_scale`: transformers' fp8 with activation_scheme static.)
-_DROPPED_WITH_CONFIG = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale", "weight_scale_inv",
-                        "weight_scale")
+# (`activation_scale`: transformers' fp8 with activation_scheme static; `kv_scale`: AutoFP8 / vLLM's older
+# KV-cache scale.) transformers 5's fused experts name theirs `<param>_activation_scale` (`quant_extras`).
+_DROPPED_WITH_CONFIG = ("input_scale", "activation_scale", "output_scale", "k_scale", "v_scale", "kv_scale",
+                        "weight_scale_inv", "weight_scale")
 
 
 def _method_of(config: Mapping[str, object]) -> tuple[str, dict[str, object], str] | None:
@@ -772,6 +788,8 @@ def detect(config: Mapping[str, object], dtypes: Mapping[str, str]) -> Quantizat
             return Quantization(method, source, None, f"{made}; " + _ADVICE.get(method, _DEFAULT_ADVICE))
         if type(made) is Bitsandbytes:  # say what the tensors hold (the config may leave the quant type out)
             made = replace(made, name=_bnb_name(qc, dtypes))
+        if method == "fp8" and isinstance(made, Fp8Scaled):
+            made = _fp8_scale_names(made, dtypes)
         return Quantization(method, source, made, dropped_suffixes=_DROPPED_WITH_CONFIG)
     return _detect_by_names(dtypes)
 
@@ -793,7 +811,7 @@ def parameter_count(ckpt: Checkpoint, q: Quantization | None) -> int:
     scheme = q.scheme
     present = set(keys)
     companions = {c for k in keys for c in scheme.companions(k).values() if c in present}
-    companions |= {k for k in keys if scheme.is_companion(k) or k.rpartition(".")[2] in q.dropped_suffixes}
+    companions |= {k for k in keys if scheme.is_companion(k)} | quant_extras(keys, q)
     total = 0
     files: dict[str, SafetensorsFile] = {}
     try:
@@ -817,8 +835,26 @@ def parameter_count(ckpt: Checkpoint, q: Quantization | None) -> int:
     return total
 
 
+def quant_extras(keys: Iterable[str], q: Quantization) -> set[str]:
+    """The tensors of a quantized checkpoint that go with its quantized weights without being one's companion
+    (activation / KV-cache scales): `<module>.<suffix>` for a suffix of q.dropped_suffixes (`x.input_scale`), or
+    `<param>_<suffix>` beside a tensor `<param>` (transformers 5's fused FP8 experts:
+    `experts.gate_up_proj_activation_scale` beside `experts.gate_up_proj`)."""
+    present = set(keys)
+    out = set()
+    for k in present:
+        last = k.rpartition(".")[2]
+        if last in q.dropped_suffixes or any(last.endswith("_" + s) and k[: -len(s) - 1] in present
+                                             for s in q.dropped_suffixes):
+            out.add(k)
+    return out
+
+
 def _detect_by_names(dtypes: Mapping[str, str]) -> Quantization | None:
+    hinted = tuple(suffix for suffix, _ in _COMPANION_HINTS)
     for key in dtypes:
+        if not key.endswith(hinted):  # one test per name (a checkpoint of 262,144 tensors: most of them)
+            continue
         for suffix, method in _COMPANION_HINTS:
             if not key.endswith(suffix):
                 continue

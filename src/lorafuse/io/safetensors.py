@@ -18,6 +18,7 @@ shorter than it was says so.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import mmap
@@ -25,6 +26,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lorafuse._terminal import short
 from lorafuse.backends import native
 from lorafuse.backends.pages import mapping_of
 from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, OutputError
@@ -76,7 +79,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise FormatError(f"duplicate key {key!r} in header")
+                raise FormatError(f"duplicate key {short(key)} in header")
             seen.add(key)
     return out
 
@@ -108,6 +111,23 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+# Python 3.13+ maps a file without keeping a duplicate of its descriptor (mmap's trackfd=False): a mapping, and so
+# a loaded adapter, then holds no descriptor. Earlier versions' mmap keeps one open per mapping, while it lives.
+# Nothing here needs it: the guard tells a changed file by its path (device, inode, size, modification time).
+_UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) and os.name == "posix" else {}
+
+
+def os_error_text(e: OSError | ValueError) -> str:
+    """What went wrong reading a file, for a message; for the limit on open files (EMFILE, ENFILE), what to do."""
+    text = str(getattr(e, "strerror", None) or e)
+    if getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE):
+        held = ("" if _UNTRACKED else
+                "; before Python 3.13 each loaded adapter keeps its file open while it lives, so pass paths instead "
+                "of loaded Adapters where an operation takes many (combine streams paths)")
+        text += f" (this process has as many files open as its limit allows: raise it, `ulimit -n`{held})"
+    return text
+
+
 def open_regular(path: str | os.PathLike[str], where: str) -> int:
     """A read-only descriptor of a regular file. A FIFO, socket or device is refused without
     blocking on it (opening a FIFO would wait for a writer forever)."""
@@ -115,7 +135,7 @@ def open_regular(path: str | os.PathLike[str], where: str) -> int:
     try:
         fd = os.open(path, flags)
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise FormatError(f"{where}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+        raise FormatError(f"{where}: cannot read: {os_error_text(e)}") from None
     try:
         mode = os.fstat(fd).st_mode
     except OSError as e:
@@ -187,9 +207,10 @@ def _parse_text(text: str, data_size: int, where: str) -> tuple[dict[str, Tensor
         raise FormatError(f"{where}: __metadata__ must map strings to strings, got {type(metadata).__name__}")
     for k, v in metadata.items():
         if not isinstance(v, str):
-            raise FormatError(f"{where}: __metadata__ must map strings to strings: {k!r} maps to {_short(v)}")
+            raise FormatError(f"{where}: __metadata__ must map strings to strings: {short(k)} maps to {_short(v)}")
         if surrogates and not (_is_unicode(k) and _is_unicode(v)):
-            raise FormatError(f"{where}: __metadata__ entry {k!r} holds a lone UTF-16 surrogate (not Unicode text)")
+            raise FormatError(f"{where}: __metadata__ entry {short(k)} holds a lone UTF-16 surrogate (not Unicode "
+                              "text)")
     size = _metadata_bytes(metadata)
     if size > MAX_METADATA_BYTES:
         largest = max(metadata, key=lambda k: len(metadata[k]))
@@ -205,13 +226,13 @@ def _parse_text(text: str, data_size: int, where: str) -> tuple[dict[str, Tensor
     for t in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
         if t.begin != cursor:
             kind = "overlaps another tensor" if t.begin < cursor else "leaves a gap before it"
-            other = f" ({last.name!r} ends at {cursor})" if last is not None else ""
-            raise FormatError(f"{where}: tensor {t.name!r} at offsets [{t.begin}, {t.end}] {kind}{other}")
+            other = f" ({short(last.name)} ends at {cursor})" if last is not None else ""
+            raise FormatError(f"{where}: tensor {short(t.name)} at offsets [{t.begin}, {t.end}] {kind}{other}")
         cursor, last = t.end, t
     if cursor > data_size:
         assert last is not None
         raise FormatError(f"{where}: tensors need {cursor} data bytes but the file holds {data_size} (truncated?): "
-                          f"tensor {last.name!r} at offsets [{last.begin}, {last.end}] is past the end")
+                          f"tensor {short(last.name)} at offsets [{last.begin}, {last.end}] is past the end")
     if cursor < data_size:
         raise FormatError(f"{where}: {data_size - cursor} trailing bytes after the last tensor "
                           f"(the tensors end at data offset {cursor}, the data is {data_size} bytes)")
@@ -227,29 +248,29 @@ def _metadata_bytes(metadata: Mapping[str, str]) -> int:
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short(value, limit)
 
 
 def _parse_entry(name: str, entry: object, where: str, surrogates: bool = True) -> TensorInfo:
     if surrogates and not _is_unicode(name):
-        raise FormatError(f"{where}: tensor name {name!r} holds a lone UTF-16 surrogate (not Unicode text)")
+        raise FormatError(f"{where}: tensor name {short(name)} holds a lone UTF-16 surrogate (not Unicode text)")
     if not isinstance(entry, dict):
-        raise FormatError(f"{where}: entry for tensor {name!r} is not an object")
+        raise FormatError(f"{where}: entry for tensor {short(name)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise FormatError(f"{where}: tensor {name!r} has unknown dtype {_short(dtype)}")
+        raise FormatError(f"{where}: tensor {short(name)} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: tensor {name!r} has invalid shape {_short(shape)}")
+        raise FormatError(f"{where}: tensor {short(name)} has invalid shape {_short(shape)}")
     if len(shape) > MAX_DIMS:
-        raise FormatError(f"{where}: tensor {name!r} has {len(shape)} dimensions (at most {MAX_DIMS} are supported)")
+        raise FormatError(f"{where}: tensor {short(name)} has {len(shape)} dimensions (at most {MAX_DIMS} are "
+                          "supported)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) and 0 <= o <= _U64_MAX for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise FormatError(f"{where}: tensor {name!r} has invalid data_offsets {_short(offsets)}")
+        raise FormatError(f"{where}: tensor {short(name)} has invalid data_offsets {_short(offsets)}")
     nbytes = DTYPES[dtype].itemsize
     # The byte size with zero dims taken as 1, at 8 bytes an element: numpy cannot hold a shape past
     # 2**63 - 1 bytes even with no elements, and the tensor may be converted to float32 / float64.
@@ -258,10 +279,10 @@ def _parse_entry(name: str, entry: object, where: str, surrogates: bool = True) 
         nbytes *= d
         extent *= max(d, 1)
         if nbytes > _U64_MAX or extent > _I64_MAX:
-            raise FormatError(f"{where}: tensor {name!r} with shape {_short(shape)} overflows 64-bit byte sizes")
+            raise FormatError(f"{where}: tensor {short(name)} with shape {_short(shape)} overflows 64-bit byte sizes")
     if nbytes != offsets[1] - offsets[0]:
         raise FormatError(
-            f"{where}: tensor {name!r} of dtype {dtype} and shape {shape} needs {nbytes} bytes "
+            f"{where}: tensor {short(name)} of dtype {dtype} and shape {shape} needs {nbytes} bytes "
             f"but its data_offsets span {offsets[1] - offsets[0]}"
         )
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
@@ -336,10 +357,35 @@ def _read_header_stat(fd: int, where: str) -> tuple[dict[str, TensorInfo], dict[
         raw = _read_exactly(fd, n, 8, where)
     except OSError as e:
         raise FormatError(f"{where}: cannot read: {e.strerror or e}") from None
+    key = _parsed_key(raw, size - 8 - n)
+    last = _last_parsed
+    if key is not None and last is not None and last[0] == key:
+        return dict(last[1]), dict(last[2]), 8 + n, st
     text = _decode_header(raw, where)
     del raw  # the header's bytes, its text and its JSON never all exist at once
     tensors, metadata = _parse_text(text, size - 8 - n, where)
+    if key is not None:
+        _keep_parsed(key, tensors, metadata)
     return tensors, metadata, 8 + n, st
+
+
+# The last large header parsed, by the digest of its bytes and the size of the data it describes: a file read
+# twice in a row (an adapter sniffed, then read as a checkpoint; `info` of a shard with 262,144 tensors) is parsed
+# once. Headers under a mebibyte parse in milliseconds and are not kept.
+_PARSED_MIN_BYTES = 1 << 20
+_last_parsed: tuple[tuple[bytes, int], dict[str, TensorInfo], dict[str, str]] | None = None
+
+
+def _parsed_key(raw: bytes | bytearray, data_size: int) -> tuple[bytes, int] | None:
+    if len(raw) < _PARSED_MIN_BYTES:
+        return None
+    return hashlib.blake2b(raw, digest_size=32).digest(), data_size
+
+
+def _keep_parsed(key: tuple[bytes, int], tensors: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
+    """Keep copies: the caller's dicts are its own to change."""
+    global _last_parsed
+    _last_parsed = (key, dict(tensors), dict(metadata))
 
 
 def _read_exactly(fd: int, n: int, offset: int, where: str) -> bytearray:
@@ -535,12 +581,13 @@ class SafetensorsFile:
             self.tensors, self.metadata, self._data_start, st = _read_header_stat(fd, where)
             self.identity = identity_of(st)  # the file mapped, as validated
             self._size = st.st_size
-            self._map: mmap.mmap | None = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ) if st.st_size else None
+            self._map: mmap.mmap | None = (mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ, **_UNTRACKED)
+                                           if st.st_size else None)
             if self._map is not None:
                 self._slot, self._unguard = _guard(self._map, self.path, where, st)
         except OSError as e:
             os.close(fd)
-            raise FormatError(f"{where}: cannot map: {e.strerror or e}") from None
+            raise FormatError(f"{where}: cannot map: {os_error_text(e)}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -581,7 +628,7 @@ class SafetensorsFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise FormatError(f"{self.path}: no tensor named {name!r}") from None
+            raise FormatError(f"{self.path}: no tensor named {short(name)}") from None
 
     def raw(self, name: str) -> np.ndarray:
         """Read-only view of a tensor's bytes as its raw numpy type (BF16 as uint16, F8 as uint8)."""
@@ -651,9 +698,9 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     cursor = 0
     for s in specs:
         if s.name in offsets or s.name == "__metadata__":
-            raise LorafuseValueError(f"duplicate or reserved tensor name {s.name!r}")
+            raise LorafuseValueError(f"duplicate or reserved tensor name {short(s.name)}")
         if s.dtype not in DTYPES:
-            raise LorafuseValueError(f"tensor {s.name!r}: unknown dtype {s.dtype!r}")
+            raise LorafuseValueError(f"tensor {short(s.name)}: unknown dtype {_short(s.dtype)}")
         offsets[s.name] = cursor
         header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [cursor, cursor + s.nbytes]}
         cursor += s.nbytes
@@ -661,6 +708,19 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     body += b" " * ((8 - len(body) % 8) % 8)
     _check_readable(body, metadata or {}, len(offsets))
     return struct.pack("<Q", len(body)) + body, offsets
+
+
+def metadata_problem(metadata: Mapping[str, str]) -> str | None:
+    """Why a header holding `metadata` could not be read back, counted as read_header counts it (its bytes of
+    metadata, the JSON values its text holds), or None; what a writer can check before any work."""
+    size = _metadata_bytes(metadata)
+    if size > MAX_METADATA_BYTES:
+        return f"{size:,} bytes of metadata, more than the {MAX_METADATA_BYTES:,} that lorafuse reads"
+    values = _header_values(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode("utf-8",
+                                                                                                   "surrogatepass"))
+    if values > MAX_HEADER_VALUES:
+        return f"about {values:,} JSON values, more than the {MAX_HEADER_VALUES:,} that lorafuse reads"
+    return None
 
 
 def _check_readable(body: bytes, metadata: Mapping[str, str], tensors: int) -> None:
@@ -743,15 +803,15 @@ class SafetensorsWriter:
     def start(self, name: str) -> None:
         """Begin the next tensor; its bytes follow through append()."""
         if self._placed:
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} written in order after tensors written by "
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} written in order after tensors written by "
                                      "write_at (a file is written one way or the other)")
         if self._remaining:
-            raise LorafuseValueError(f"{self.path}: tensor {self._specs[self._next - 1].name!r} is incomplete")
+            raise LorafuseValueError(f"{self.path}: tensor {short(self._specs[self._next - 1].name)} is incomplete")
         if self._next >= len(self._specs):
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} written after the last one")
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} written after the last one")
         spec = self._specs[self._next]
         if spec.name != name:
-            raise LorafuseValueError(f"{self.path}: expected tensor {spec.name!r}, got {name!r}")
+            raise LorafuseValueError(f"{self.path}: expected tensor {short(spec.name)}, got {short(name)}")
         self._next += 1
         self._remaining = spec.nbytes
 
@@ -770,32 +830,32 @@ class SafetensorsWriter:
                 if e.errno != errno.EFAULT:
                     raise
                 raise_if_inputs_changed(_file_of(array))
-                raise InputChangedError(f"the data of tensor {self._specs[self._next - 1].name!r} could not be read "
-                                        "from its input file: it changed or was truncated while lorafuse was reading "
-                                        "it; nothing was written") from None
+                raise InputChangedError(f"the data of tensor {short(self._specs[self._next - 1].name)} could not be "
+                                        "read from its input file: it changed or was truncated while lorafuse was "
+                                        "reading it; nothing was written") from None
         self._remaining -= array.nbytes
 
     def write(self, name: str, array: np.ndarray) -> None:
         self.start(name)
         self.append(array)
         if self._remaining:
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} needs {self._remaining} more bytes")
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} needs {self._remaining} more bytes")
 
     def copy_from(self, name: str, src: SafetensorsFile, src_name: str) -> None:
         """Copy a tensor's bytes from another file without passing them through this process."""
         self.start(name)
         info = src.info(src_name)
         if info.nbytes != self._remaining:
-            raise LorafuseValueError(f"{self.path}: {src_name!r} has {info.nbytes} bytes, {name!r} needs "
+            raise LorafuseValueError(f"{self.path}: {short(src_name)} has {info.nbytes} bytes, {short(name)} needs "
                                      f"{self._remaining}")
         offset = src.file_offset(src_name)
         try:
             copy_range(src.fileno(), offset, self._fd, info.nbytes)
         except _EndOfData as e:
             src.check_unchanged()  # names the file, with its size then and now
-            raise InputChangedError(f"{src.path} ended at byte {e.at} while lorafuse was copying tensor {src_name!r} "
-                                    f"from it (it had {src.size} bytes when opened): it changed or was truncated while "
-                                    "lorafuse was reading it; nothing was written") from None
+            raise InputChangedError(f"{src.path} ended at byte {e.at} while lorafuse was copying tensor "
+                                    f"{short(src_name)} from it (it had {src.size} bytes when opened): it changed or "
+                                    "was truncated while lorafuse was reading it; nothing was written") from None
         self._remaining = 0
 
     def write_at(self, name: str, array: np.ndarray) -> None:
@@ -803,16 +863,16 @@ class SafetensorsWriter:
         have the tensor's byte size and element size (its raw numpy type: BF16 as uint16, F8 as uint8)."""
         spec = self._by_name.get(name)
         if spec is None:
-            raise LorafuseValueError(f"{self.path}: no tensor named {name!r} in the header being written")
+            raise LorafuseValueError(f"{self.path}: no tensor named {short(name)} in the header being written")
         if name in self._placed:
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} written twice")
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} written twice")
         if self._next:
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} written by write_at after tensors written in "
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} written by write_at after tensors written in "
                                      "order (a file is written one way or the other)")
         array = np.ascontiguousarray(array)
         itemsize = DTYPES[spec.dtype].itemsize
         if array.nbytes != spec.nbytes or (array.size and array.dtype.itemsize != itemsize):
-            raise LorafuseValueError(f"{self.path}: tensor {name!r} ({spec.dtype}, shape {spec.shape}) needs "
+            raise LorafuseValueError(f"{self.path}: tensor {short(name)} ({spec.dtype}, shape {spec.shape}) needs "
                                      f"{spec.nbytes} bytes of {itemsize}-byte elements, got an array of "
                                      f"{array.dtype} with shape {array.shape} ({array.nbytes} bytes)")
         view = array.data.cast("B") if array.nbytes else memoryview(b"")
@@ -825,7 +885,7 @@ class SafetensorsWriter:
             if e.errno != errno.EFAULT:  # as in append(): an input view whose file shrank under its mapping
                 raise
             raise_if_inputs_changed(_file_of(array))
-            raise InputChangedError(f"the data of tensor {name!r} could not be read from its input file: it "
+            raise InputChangedError(f"the data of tensor {short(name)} could not be read from its input file: it "
                                     "changed or was truncated while lorafuse was reading it; nothing was "
                                     "written") from None
         self._placed.add(name)
@@ -900,7 +960,7 @@ def save_file(tensors: Mapping[str, tuple[str, np.ndarray]], path: str | os.Path
     specs = [TensorSpec(n, d, tuple(a.shape)) for n, (d, a) in tensors.items()]
     for s, (_, a) in zip(specs, tensors.values()):
         if a.dtype.itemsize != DTYPES[s.dtype].itemsize:
-            raise LorafuseValueError(f"tensor {s.name!r}: array of {a.dtype} cannot hold {s.dtype}")
+            raise LorafuseValueError(f"tensor {short(s.name)}: array of {a.dtype} cannot hold {s.dtype}")
     with SafetensorsWriter(path, specs, metadata) as w:
         for name, (_, a) in tensors.items():
             w.write(name, a)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from lorafuse.errors import FormatError
@@ -144,17 +145,35 @@ def entry_kind(path: Path, shown: object, root: Path) -> tuple[str, str | None]:
     return kind, None if target is None else outside_note(shown, target, root)
 
 
-def copy_entry(src: Path, dst: Path, notes: list[str], root: Path, ancestors: frozenset[Path] = frozenset()) -> None:
+def copy_entry(src: Path, dst: Path, notes: list[str], root: Path) -> None:
     """Copy a file or a folder tree `src` (inside the folder `root`) to `dst`. What is not a regular file
     or a folder is left out with a note; so is a link to a file outside `root` (outside_link), to a folder
     outside `root` or to a folder that contains it (a loop)."""
+    for path, kind in walk_entry(src, notes, root):
+        target = dst / path.relative_to(src)
+        if kind == "dir":
+            target.mkdir()
+        else:
+            copy_file(path, target)
+
+
+def entry_files(src: Path, root: Path) -> list[Path]:
+    """The files copy_entry copies of `src` (a file or a folder tree inside `root`), in the order it copies them
+    (what it leaves out is left out here too, without its note): what an output's record lists as copied."""
+    return [path for path, kind in walk_entry(src, [], root) if kind == "file"]
+
+
+def walk_entry(src: Path, notes: list[str], root: Path,
+               ancestors: frozenset[Path] = frozenset()) -> Iterator[tuple[Path, str]]:
+    """(path, 'file' or 'dir') of what copy_entry copies of `src`, a folder before what it holds (paths under
+    `src` as listed, links not resolved); what it leaves out is said in `notes`."""
     shown = src.relative_to(root) if src.is_relative_to(root) else src
     kind, note = entry_kind(src, shown, root)
     if note is not None:
         notes.append(note)
         return
     if kind == "file":
-        copy_file(src, dst)
+        yield src, "file"
         return
     real = src.resolve()
     real_root = root.resolve()
@@ -168,6 +187,6 @@ def copy_entry(src: Path, dst: Path, notes: list[str], root: Path, ancestors: fr
         entries = sorted(src.iterdir())
     except OSError as e:
         raise FormatError(f"{src}: cannot read: {e.strerror or e}") from None
-    dst.mkdir()
+    yield src, "dir"
     for entry in entries:
-        copy_entry(entry, dst / entry.name, notes, root, ancestors | {real})
+        yield from walk_entry(entry, notes, root, ancestors | {real})

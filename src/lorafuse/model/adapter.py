@@ -140,7 +140,7 @@ class Adapter:
         if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
             raise LorafuseValueError(f"config must be a dict like adapter_config.json or a peft LoraConfig, got "
                                      f"{type(config).__name__}")
-        tensors = {k: _tensor_from_any(v) for k, v in state_dict.items()}
+        tensors = {k: _tensor_from_any(k, v) for k, v in state_dict.items()}
         return _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
 
     def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
@@ -297,17 +297,27 @@ def _tensor_format(name: str) -> FormatSpec:
 _TORCH_VIEWS = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _tensor_from_any(value: Any) -> Tensor:
+# The numpy dtypes a state dict's arrays may hold (either byte order): safetensors' F16, F32, F64.
+_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _tensor_from_any(key: str, value: Any) -> Tensor:
+    """A tensor holding a copy of `value` (the caller's array or tensor may change later; the adapter does not);
+    LorafuseValueError naming `key` for anything but a dense float array or tensor."""
+    where = f"state_dict[{key!r}]"
     if isinstance(value, Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return Tensor.from_array(value)
+        return _from_numpy(where, value)
     module = type(value).__module__
     if module.startswith("torch"):
         import torch
 
+        if not isinstance(value, torch.Tensor):  # a torch.nn.Linear, a torch.Size: not a tensor of torch's own
+            raise LorafuseValueError(f"{where}: state dict values must be numpy arrays or torch tensors, got "
+                                     f"{module}.{type(value).__name__}")
         if value.is_sparse or value.layout != torch.strided or value.device.type == "meta":
-            raise LorafuseValueError(f"state dict values must be dense tensors with data, got a "
+            raise LorafuseValueError(f"{where}: state dict values must be dense tensors with data, got a "
                                      f"{value.layout} tensor on {value.device}")
         # torch's lazy negation / conjugation bits (a `.conj().imag`, a `_neg_view()`) resolved into the values: a
         # contiguous tensor may carry them, and numpy() refuses such a tensor
@@ -318,9 +328,20 @@ def _tensor_from_any(value: Any) -> Tensor:
         if f8 is not None:  # what state_dict("torch") gives for F8 tensors: their bytes, as stored
             return Tensor(t.view(torch.uint8).numpy().copy(), f8)
         try:
-            array = t.numpy()
+            array = t.numpy()  # shares the caller's memory: _from_numpy copies it
         except (TypeError, RuntimeError):  # a dtype numpy has no type for (float8 fnuz, complex32, ...)
-            raise LorafuseValueError(f"state dict tensors must be float32, float16, bfloat16, float8_e4m3fn or "
-                                     f"float8_e5m2, got {t.dtype}") from None
-        return Tensor.from_array(array.copy())
-    raise LorafuseValueError(f"state dict values must be numpy arrays or torch tensors, got {type(value).__name__}")
+            raise LorafuseValueError(f"{where}: state dict tensors must be float32, float16, bfloat16, float8_e4m3fn "
+                                     f"or float8_e5m2, got {t.dtype}") from None
+        return _from_numpy(where, array, f"torch.{str(t.dtype).removeprefix('torch.')}")
+    raise LorafuseValueError(f"{where}: state dict values must be numpy arrays or torch tensors, got "
+                             f"{type(value).__name__}")
+
+
+def _from_numpy(where: str, array: np.ndarray, shown: str | None = None) -> Tensor:
+    """A tensor of a copy of a float16/32/64 array in native byte order (a big-endian one converted)."""
+    native = array.dtype.newbyteorder("=")
+    if native not in _NUMPY_FLOATS:
+        raise LorafuseValueError(f"{where}: state dict tensors must be floating point (numpy float32, float16 or "
+                                 f"float64; torch also bfloat16, float8_e4m3fn, float8_e5m2), got "
+                                 f"{shown or f'numpy {array.dtype}'}")
+    return Tensor.from_array(np.array(array, dtype=native, order="C"))  # np.array copies

@@ -25,6 +25,7 @@ from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.names import exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
+from lorafuse.model.patterns import pattern_problem
 from lorafuse.model.spectral import batches, factor_cost
 from lorafuse.model.update import Update, holds_nonfinite
 
@@ -66,8 +67,9 @@ def rank_fields(updates: Sequence[Update], prefer: Sequence[Update] = ()) -> dic
 
 
 def restated_config(config: Mapping[str, object], updates: Mapping[str, Update]) -> dict[str, object]:
-    """`config` with its rank and scale fields restated from `updates` (a result's own, not its inputs')."""
-    out = {k: v for k, v in config.items() if k not in _RANK_FIELDS}
+    """`config` with its rank and scale fields restated from `updates` (a result's own, not its inputs'): a deep
+    copy, so that editing the result's config (its target_modules list) leaves the input's as it was."""
+    out = {k: copy.deepcopy(v) for k, v in config.items() if k not in _RANK_FIELDS}
     out.update(rank_fields(list(updates.values())))
     return out
 
@@ -114,13 +116,19 @@ def laid_out(updates: Sequence[Update]) -> list[Update]:
     return [(_flattened_as(u, conv) if conv else None) or u for u in updates]
 
 
+def input_label(adapter: Adapter, i: int) -> str:
+    """How a message names the i-th (from 0) of an operation's adapters: its position and its path, as the
+    streamed combine does ('adapter 2 (<in-memory adapter>)' tells two adapters in memory apart)."""
+    return f"adapter {i + 1} ({adapter.label})"
+
+
 def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[tuple[float, Update]]]:
     """Module -> the (weight, update) of every adapter that has it, checking the layouts agree. A LoHa /
     LoKr stored with its conv kernel flattened takes the 4-D shape another adapter gives the module."""
     gathered: dict[str, list[tuple[str, float, Update]]] = {}
-    for a, w in zip(adapters, weights):
+    for i, (a, w) in enumerate(zip(adapters, weights)):
         for name, u in a.updates.items():
-            gathered.setdefault(name, []).append((a.label, w, u))
+            gathered.setdefault(name, []).append((input_label(a, i), w, u))
     out: dict[str, list[tuple[float, Update]]] = {}
     for name, items in gathered.items():
         terms = list(zip([w for _, w, _ in items], laid_out([u for _, _, u in items])))
@@ -130,7 +138,7 @@ def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> di
                                                                            u.transposed):
                 raise ShapeMismatchError(
                     f"module {name!r}: {label} has a {u.kind} update of shape {tuple(u.delta_shape)}"
-                    f"{' (transposed)' if u.transposed else ''}, another adapter has a {first.kind} update "
+                    f"{' (transposed)' if u.transposed else ''}, {items[0][0]} has a {first.kind} update "
                     f"of shape {tuple(first.delta_shape)}{' (transposed)' if first.transposed else ''}"
                 )
         out[name] = terms
@@ -181,7 +189,13 @@ def combined_targets(configs: Sequence[Mapping[str, object]], names: Sequence[st
     configs are `configs`, holding the modules `names`, such that PEFT targets the modules the inputs targeted
     (and no other, which it would fill with zero factors and report as missing keys): the inputs' fields where
     they agree; their target_modules joined (lists united, regular expressions alternated) where only those
-    differ; else the result's modules by their full names (narrowing fields None)."""
+    differ (unless lorafuse would refuse to read the joined expression back: then as below); else the result's
+    modules by their full names (narrowing fields None). Copies, never the inputs' own lists: editing the
+    result's config leaves theirs as they were."""
+    return copy.deepcopy(_combined_targets(configs, names))
+
+
+def _combined_targets(configs: Sequence[Mapping[str, object]], names: Sequence[str]) -> dict[str, object]:
     targets = [c.get("target_modules") for c in configs]
     narrowing = [{k: _given(c.get(k)) for k in NARROWING_FIELDS} for c in configs]
     if targets and all(n == narrowing[0] for n in narrowing):
@@ -191,8 +205,17 @@ def combined_targets(configs: Sequence[Mapping[str, object]], names: Sequence[st
         if all(isinstance(t, list) for t in targets):
             return {**kept, "target_modules": sorted({m for t in targets for m in t})}  # type: ignore[attr-defined]
         if all(isinstance(t, str) and t != "all-linear" for t in targets):
-            return {**kept, "target_modules": "|".join(dict.fromkeys(f"({t})" for t in targets))}
+            joined = "|".join(dict.fromkeys(f"({t})" for t in targets))
+            if _readable_pattern(joined):
+                return {**kept, "target_modules": joined}
     return {"target_modules": sorted(names), **{k: None for k in NARROWING_FIELDS if any(k in c for c in configs)}}
+
+
+def _readable_pattern(pattern: str) -> bool:
+    """Whether lorafuse reads `pattern` back as a target_modules regular expression (formats.peft: bounded length
+    and backtracking, one valid expression): patterns that each pass can fail joined, with more repeating
+    quantifiers than one may hold, or a group name that two of them define."""
+    return pattern_problem(pattern) is None
 
 
 def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[Adapter]) -> Adapter:
@@ -278,8 +301,8 @@ def different_models(what: str, first: tuple[str, Sequence[str]], second: tuple[
         f"{what}: {first[0]} and {second[0]} share no module "
         f"({module_examples(first[1])} vs {module_examples(second[1])}): adapters "
         "for different models, or one model in two namings (kohya vs diffusers: `lorafuse convert` one "
-        "of them first). To put disjoint modules "
-        "together on purpose, use the method 'cat' (lorafuse combine --method cat)")
+        "of them first), or adapters of different parts of one model (its output head and its blocks, say). To put "
+        "disjoint modules together on purpose, use the method 'cat' (lorafuse combine --method cat)")
 
 
 def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:

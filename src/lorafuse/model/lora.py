@@ -70,10 +70,11 @@ class LoraUpdate:
         """The update of the same module and layout with new stored factors B (out x k), A (k x ...) and
         `scale`. What travels with the factors is kept, never dropped: the DoRA magnitude (and which
         side it normalizes) as it is, the lora_B bias rescaled so that scale * bias, what a merge adds,
-        stays the same. (Operations that cannot honour them, such as combining, refuse them first.)"""
+        stays the same. (Operations that cannot honour them, such as combining, refuse them first.) The update
+        holds copies of `b` and `a`: a later write to them does not change it."""
         k = a.shape[0]
-        a_t = Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32).reshape((k, *self.A.shape[1:])))
-        b_t = Tensor.from_array(np.ascontiguousarray(b, dtype=np.float32).reshape(
+        a_t = Tensor.from_array(np.array(a, dtype=np.float32, order="C").reshape((k, *self.A.shape[1:])))
+        b_t = Tensor.from_array(np.array(b, dtype=np.float32, order="C").reshape(
             (self.B.shape[0], k, *self.B.shape[2:])))
         bias = self.bias
         if bias is not None and scale != self.scale:

@@ -187,11 +187,12 @@ class LycorisUpdate:
 
     def with_factors(self, b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> LoraUpdate:
         """A plain LoraUpdate of this module with stored factors B (out x k) and A (k x in*kh*kw),
-        laid out as kohya stores a LoRA of this shape (conv: A (k, in, kh, kw), B (out, k, 1, 1))."""
+        laid out as kohya stores a LoRA of this shape (conv: A (k, in, kh, kw), B (out, k, 1, 1)). The update
+        holds copies of `b` and `a`: a later write to them does not change it."""
         k = a.shape[0]
-        a_t = Tensor.from_array(np.ascontiguousarray(a, dtype=np.float32).reshape((k, *self.shape[1:])))
+        a_t = Tensor.from_array(np.array(a, dtype=np.float32, order="C").reshape((k, *self.shape[1:])))
         b_shape = (self.rows, k, 1, 1) if len(self.shape) == 4 else (self.rows, k)
-        b_t = Tensor.from_array(np.ascontiguousarray(b, dtype=np.float32).reshape(b_shape))
+        b_t = Tensor.from_array(np.array(b, dtype=np.float32, order="C").reshape(b_shape))
         return LoraUpdate(self.name, a_t, b_t, scale, self.kind)
 
     def _best(self, s: Delta, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,13 @@ lorafuse.formats). A new format is one module under formats/ that calls `registe
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lorafuse._lazy import import_module
 from lorafuse.errors import LorafuseValueError
 from lorafuse.io.tensor import Tensor
 
@@ -92,9 +91,10 @@ def register(spec: FormatSpec) -> FormatSpec:
 def _loaded() -> dict[str, FormatSpec]:
     """The registry, with lorafuse's own formats in it: `import lorafuse` imports lorafuse.formats only when first
     used (lorafuse/__init__'s lazy names), so `lorafuse.Adapter.from_state_dict(...).save(...)` in a fresh process
-    would find no format. Imported here at call time (the model layer imports no format at import time)."""
-    if "lorafuse.formats" not in sys.modules:
-        importlib.import_module("lorafuse.formats")
+    would find no format. Imported here at call time (the model layer imports no format at import time), under
+    lorafuse._lazy's lock and never by looking in sys.modules: a module is there while another thread is still
+    running it, its formats not all registered yet."""
+    import_module("lorafuse.formats")
     return _FORMATS
 
 

@@ -7,19 +7,20 @@ batches bounded in work and memory, so Python runs its signal handlers between c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from lorafuse.backends import FactorPair, get_backend
-from lorafuse.errors import ShapeMismatchError
+from lorafuse.errors import LorafuseError, ShapeMismatchError
 from lorafuse.model.best import pad_terms
 from lorafuse.model.limits import MAX_CORE_RANK, check_dense, check_work, elements
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.lycoris import LycorisUpdate
 from lorafuse.model.structure import Delta, structure_inner
 from lorafuse.model.tucker import TuckerFactor
-from lorafuse.model.update import Update
+from lorafuse.model.update import Update, nonfinite_factors
 
 
 def is_stored_lora(u: Update) -> bool:
@@ -139,15 +140,51 @@ def lora_cost(u: LoraUpdate, passes: float = 2.0) -> tuple[float, int]:
 
 def frobenius_norms(updates: Mapping[str, Update], threads: int = 0) -> dict[str, float]:
     """||delta||_F of every update: stored LoRAs through the core in batches, the others through
-    their structure, one module at a time."""
-    sq: dict[str, float] = {}
+    their structure, one module at a time. A module whose factors hold NaN gets nan; one whose factors
+    hold Inf (and no NaN) what numpy float64 gives for its dense delta: inf, or nan where an Inf meets a 0
+    or an Inf of the other sign (the Gram form, inf - inf, would say nan either way)."""
+    sq: dict[str, float] = {}  # of the unscaled delta: |scale| multiplies the root (scale^2 could overflow)
     stored = [(n, u) for n, u in updates.items() if is_stored_lora(u)]
     for n, u in updates.items():
         if not is_stored_lora(u):
-            sq[n] = frobenius_sq(u)
+            sq[n] = structure(u).fro2(where_of(u))
     for i0, i1 in batches([lora_cost(u) for _, u in stored]):  # type: ignore[arg-type]
         chunk = stored[i0:i1]
         values = get_backend().frobenius_sq([FactorPair(*u.factors(threads)) for _, u in chunk], threads)
-        for (n, u), s in zip(chunk, values):
-            sq[n] = u.scale * u.scale * float(s)
-    return {n: float(np.sqrt(max(sq[n], 0.0))) for n in updates}
+        for (n, _), s in zip(chunk, values):
+            sq[n] = float(s)
+    norms = {n: abs(u.scale) * math.sqrt(max(sq[n], 0.0)) for n, u in updates.items()}
+    for n, v in norms.items():
+        if not math.isfinite(v):  # the error path only: the factors are read again
+            norms[n] = _nonfinite_norm(updates[n], v, threads)
+    return norms
+
+
+_DENSE_CHECK = 1 << 24  # elements of a LoHa / LoKr delta _nonfinite_norm forms (128 MiB of float64)
+
+
+def _nonfinite_norm(u: Update, gram: float, threads: int) -> float:
+    """The norm of a module whose Gram-form norm `gram` is not finite: nan when its factors hold NaN; when they
+    hold Inf, the norm of its dense float64 delta (a stored LoRA's row block by row block; a LoHa / LoKr's
+    whole, up to _DENSE_CHECK elements, else `gram`); `gram` when they are finite (the norm overflows)."""
+    held = nonfinite_factors(u)
+    if "NaN" in held:
+        return math.nan
+    if not held:
+        return gram
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not is_stored_lora(u):
+            if elements(u.delta_shape) > _DENSE_CHECK:
+                return gram
+            try:
+                return float(np.sqrt(np.sum(np.square(u.delta()))))
+            except LorafuseError:  # a structure too large to form
+                return gram
+        b, a = u.factors(threads)
+        a64 = a.astype(np.float64)
+        step = max(1, (1 << 22) // max(1, a64.shape[1]))
+        total = 0.0
+        for r0 in range(0, b.shape[0], step):
+            d = (b[r0 : r0 + step].astype(np.float64) @ a64) * u.scale
+            total += float(np.sum(np.square(d)))
+    return math.sqrt(total)

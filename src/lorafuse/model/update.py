@@ -78,6 +78,20 @@ def holds_nonfinite(u: Update) -> bool:
     return not all(np.isfinite(t.f32()).all() for t in u.stored_tensors())
 
 
+def nonfinite_factors(u: Update) -> str:
+    """What the tensors of the update's delta (its factors or LyCORIS pieces, not a DoRA magnitude or a bias) hold
+    besides finite numbers: 'NaN', 'Inf', 'NaN and Inf', or '' (each widened to float32; reads every one)."""
+    others = [t for t in (u.magnitude, getattr(u, "bias", None)) if t is not None]
+    nan = inf = False
+    for t in u.stored_tensors():
+        if any(t is o for o in others):
+            continue
+        x = t.f32()
+        nan = nan or bool(np.isnan(x).any())
+        inf = inf or bool(np.isinf(x).any())
+    return " and ".join(w for w, held in (("NaN", nan), ("Inf", inf)) if held)
+
+
 def refuse_dora(label: str, updates: Mapping[str, Update], what: str) -> None:
     """Refuse (UnsupportedError) a DoRA module where `what` needs the delta itself: a DoRA delta is
     m (W + s B A) / ||W + s B A|| - W, which the base weight W decides; the adapter alone does not hold it."""

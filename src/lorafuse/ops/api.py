@@ -32,7 +32,8 @@ from lorafuse._validate import check_bool, check_path
 from lorafuse.errors import AdapterNote
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.io.hub import check_spec, local_adapter
+from lorafuse.formats import located_adapter
+from lorafuse.io.hub import check_spec
 from lorafuse.model import Adapter
 from lorafuse.model.registry import get_format
 from lorafuse.ops import apply as _apply
@@ -42,6 +43,7 @@ from lorafuse.ops import extract as _extract
 from lorafuse.ops import info as _info
 from lorafuse.ops import resize as _resize
 from lorafuse.ops import similarity as _similarity
+from lorafuse.ops.extract import ExtractReport as ExtractReport  # see ExtractResult
 from lorafuse.ops.outputs import checked_output, extract_output, save_as
 from lorafuse.ops.rank import RankRule
 
@@ -138,6 +140,9 @@ class ExtractResult(_extract.ExtractResult):
         The tensors not extracted, each with the reason (`skipped`), then what the output's name decided.
     """
 
+    # @dataclass here generates an __init__ whose annotations, the inherited `modules: list[ExtractReport]`
+    # included, resolve in this module (typing.get_type_hints, inspect.signature(eval_str=True)): ExtractReport
+    # is imported above for them
     out: Path | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -158,7 +163,8 @@ def load(path: StrPath) -> Adapter:
     ----------
     path : str, bytes or os.PathLike
         A PEFT adapter folder, a kohya / LyCORIS `.safetensors` file or a diffusers LoRA `.safetensors` file
-        (the format is detected: `detect_format`).
+        (the format is detected: `detect_format`), or a folder holding one such file
+        (`pytorch_lora_weights.safetensors`, else its only `.safetensors` file), as a Hub id's repository is read.
 
     Returns
     -------
@@ -167,7 +173,9 @@ def load(path: StrPath) -> Adapter:
         `Adapter.notes` and is also given as AdapterNote warnings.
     """
     # formats.load's body, so that the warnings point at the caller's line (a wrapper would add a frame)
-    p = local_adapter(_given(path))  # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub)
+    # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub); a folder holding one adapter
+    # file: that file (formats.held)
+    p = located_adapter(_given(path))
     adapter = get_format(_detect_format(p)).load(p)
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
@@ -366,7 +374,8 @@ def combine(
         module with a large stacked rank may take a randomized SVD; those are listed in the result's
         `randomized`).
     conv_rank : int, default None
-        Output rank of kxk convolutions with k > 1 (kohya's `--new_conv_rank`); None: `rank`.
+        Output rank of kxk convolutions with k > 1 (kohya's `--new_conv_rank`); None: `rank`. Refused
+        (LorafuseValueError) when no module is one.
     dtype : str, torch or numpy dtype, default None
         'fp32', 'fp16' or 'bf16' (or an alias, torch.bfloat16, np.float16, ...): the dtype of the result's
         factors; None: the inputs' factor dtype when they all share one of F32 / F16 / BF16, else F32. The math
@@ -412,7 +421,8 @@ def convert(
     base_config: StrPath | None = None,
     gguf_type: str | None = None,
 ) -> _convert.ConvertReport:
-    """Convert a diffusion LoRA between kohya and diffusers / PEFT naming (lossless), LoHa / LoKr to LoRA,
+    """Convert a diffusion LoRA between kohya and diffusers / PEFT naming (lossless, but for a float32 rounding
+    where diffusers modules with different scales fuse into one kohya module: docs/cli.md), LoHa / LoKr to LoRA,
     and an LLM LoRA to a llama.cpp GGUF adapter.
 
     Parameters
@@ -427,12 +437,16 @@ def convert(
         'gguf': a GGUF LoRA adapter for llama.cpp (`llama-cli --lora X.gguf`), as llama.cpp's
         `convert_lora_to_gguf.py` writes it.
     rank : int, default None
-        The rank of the LoRA each LoHa / LoKr module becomes (its best rank-k approximation); required when
-        the adapter has such modules. Plain LoRA modules are kept as they are.
+        The rank of the LoRA each LoHa / LoKr module becomes (its best rank-k approximation, its factors rounded
+        once to the input's factor dtype, as resize's); required when
+        the adapter has such modules, refused (LorafuseValueError) when it has none. Plain LoRA modules are
+        kept as they are (`resize` changes their rank).
     conv_rank : int, default None
-        The same for kxk convolutions with k > 1; None: `rank`.
+        The same for kxk convolutions with k > 1; None: `rank`. Refused when no LoHa / LoKr module is one.
     family : str, default None
-        'sd1', 'sdxl' or 'flux': the model family whose names are used; None guesses it from the names.
+        'sd1', 'sdxl' or 'flux': the model family whose names are used; None guesses it from names one family
+        alone has (LorafuseValueError where there are none): a diffusers Flux LoRA
+        (`transformer.transformer_blocks...`, names SD3, QwenImage, HunyuanVideo share) needs 'flux'.
     threads : int, default 0
         Worker threads; 0 uses every core.
     overwrite : bool, default False

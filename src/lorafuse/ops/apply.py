@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from lorafuse.errors import (
     NonFiniteError,
 )
 from lorafuse.formats import load
+from lorafuse.formats.held import APPLY_TAKES, refuse_adapter
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling, parse_output_dtype
@@ -61,10 +62,11 @@ from lorafuse.io.provenance import (
     stamp,
 )
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
-from lorafuse.io.sidefiles import copy_entry, copy_file, entry_kind
+from lorafuse.io.sidefiles import copy_entry, copy_file, entry_files, entry_kind
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.adapter import adapter_list
+from lorafuse.ops.apply_nonfinite import Flagged, nonfinite_error, overflow_error
 from lorafuse.ops.apply_plan import (
     MIN_SHARD_SIZE,
     ModelPlan,
@@ -78,7 +80,7 @@ from lorafuse.ops.apply_plan import (
     weights_stem,
 )
 from lorafuse.ops.apply_quant import QuantError, QuantRef, dequantize_rows, piece_rows, requantize_rows
-from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages, stage_arrays
+from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages
 
 __all__ = ["MIN_SHARD_SIZE", "ApplyReport", "ApplySetup", "OutTensor", "Plan", "apply", "parse_size", "plan_apply",
            "prepare_apply"]
@@ -139,7 +141,6 @@ class ApplyReport:
 
 
 _INF_BITS = {"F16": 0x7C00, "BF16": 0x7F80}  # exponent bits all set: Inf or NaN
-_LARGEST = {"F16": "65504", "BF16": "3.39e38", "F32": "3.40e38"}
 
 
 def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
@@ -151,23 +152,6 @@ def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
         return False
     bits = raw.reshape(-1).view(np.uint16)
     return int(bits.view(np.int16).max()) >= inf or int(bits.max()) >= 0x8000 | inf
-
-
-def _inputs_finite(job: MergeJob, threads: int, backend: Backend) -> bool:
-    """Whether the base rows and every factor of a merge job are finite (only called for flagged jobs)."""
-    if not np.isfinite(backend.to_float32(job.w, job.w_dtype, threads)).all():
-        return False
-    return all(np.isfinite(x).all() for st in job.stages for x in stage_arrays(st))
-
-
-def _overflow_error(names: list[str], dtypes: dict[str, str]) -> NonFiniteError:
-    shown = ", ".join(f"{n} ({dtypes[n]}, largest finite {_LARGEST[dtypes[n]]})" for n in names[:5])
-    narrow = any(dtypes[n] != "F32" for n in names)
-    why = ("the merged values, finite in float32, overflow when rounded to the output dtype; pass --allow-nonfinite "
-           "(Python: allow_nonfinite=True) to write them anyway, or choose a wider --dtype") if narrow else \
-          ("the inputs are finite but W + scale * B A overflows float32 (a huge scale or weight?); pass "
-           "--allow-nonfinite (Python: allow_nonfinite=True) to write them anyway")
-    return NonFiniteError(f"Inf in the output {shown}{' and more' if len(names) > 5 else ''}: {why}")
 
 
 @dataclass
@@ -440,19 +424,12 @@ class _Executor:
                 self.merged.append(t.name)
         with self.timings.phase("compute (merge_batch, mapped reads included)", sum(j.out.nbytes for j in jobs)):
             flags = self.backend.merge_batch(jobs, self.threads) if jobs else []
-        bad_jobs = [job for job, f in zip(jobs, flags) if f]
-        if bad_jobs and not self.allow_nonfinite:
-            # The core flags results that are not finite in float32 or overflow the output dtype;
-            # a flagged job whose inputs are all finite overflowed when rounded (F16 / BF16).
-            over = sorted({job.name for job in bad_jobs if _inputs_finite(job, self.threads, self.backend)})
-            bad = sorted({job.name for job in bad_jobs} - set(over))
-            if bad:
-                raise NonFiniteError(
-                    f"NaN or Inf in the merged weights of {', '.join(bad[:5])}"
-                    f"{' and more' if len(bad) > 5 else ''} (inputs or results are not finite); "
-                    "pass --allow-nonfinite (Python: allow_nonfinite=True) to write them anyway"
-                )
-            raise _overflow_error(over, {job.name: job.out_dtype for job in bad_jobs})
+        # The core flags results that are not finite in float32 or overflow the output dtype: say why
+        # (jobs and computed pieces are in step)
+        flagged = [Flagged(job, p.tensor.updates, p.r0, p.tensor.replacement is not None)
+                   for job, p, f in zip(jobs, computed, flags) if f]
+        if flagged and not self.allow_nonfinite:
+            raise nonfinite_error(flagged, self.backend, self.threads)
         if merged32 or any(p.tensor.companion_of is not None for p in batch):
             with self.timings.phase("quantize again (quantized base)"):
                 self._requantize(batch, merged32)
@@ -518,19 +495,19 @@ class _Executor:
             acc32 = acc.astype(np.float32)
         out = self.backend.from_float32(acc32, t.dtype, self.threads)
         if not self.allow_nonfinite and (not np.isfinite(acc32).all() or _has_nonfinite(out, t.dtype)):
-            raise _overflow_error([t.name], {t.name: t.dtype})
+            raise overflow_error([t.name], {t.name: t.dtype}, narrow=bool(np.isfinite(acc32).all()))
         self.biases.append(t.name)
         return out
 
-def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
-                     notes: list[str], config_removals: Sequence[str] = (), root: Path | None = None) -> None:
-    """The checkpoint folder's other files (config, tokenizer, ...): regular files only (see io.sidefiles),
-    config.json with `config_updates` applied. Sub-folders, other weights and links that lead outside the
-    base folder `root` (default `src_dir`; a pipeline's folder for its components) are left out with a note."""
+def _side_files(src_dir: Path, skip: set[str], notes: list[str], root: Path | None = None) -> list[Path]:
+    """The checkpoint folder's other files that its output gets a copy of (config, tokenizer, ...): regular files
+    only (see io.sidefiles). Sub-folders, other weights and links that lead outside the base folder `root` (default
+    `src_dir`; a pipeline's folder for its components) are left out with a note."""
     try:
         entries = sorted(src_dir.iterdir())
     except OSError as e:
         raise FormatError(f"{src_dir}: cannot read: {e.strerror or e}") from None
+    files = []
     for p in entries:
         if p.name in skip or p.name.startswith("."):
             continue
@@ -542,7 +519,36 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
             notes.append(note)
         elif kind == "dir":
             notes.append(f"folder {p.name}/ was not copied")
-        elif p.name == "config.json" and (config_updates or config_removals):
+        else:
+            files.append(p)
+    return files
+
+
+def _skipped(ckpt: Checkpoint) -> set[str]:
+    """What of a checkpoint's folder is not copied as a side file: its weights and index (written anew) and its
+    manifest (a fresh one is written)."""
+    return {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}
+
+
+def _copied_files(model: Pipeline, plans: Mapping[str, object]) -> list[Path]:
+    """What a folder output gets a copy of from the base: each merged component's side files (_side_files), and
+    for a pipeline the other entries of its folder, folders whole (io.sidefiles.copy_entry): recorded with the
+    base's files in the output's provenance (a tokenizer or scheduler swapped changes the model too)."""
+    files = [f for comp in plans for f in _side_files(model.components[comp].directory,
+                                                       _skipped(model.components[comp]), [], model.directory)]
+    if not model.single:
+        for entry in sorted(model.directory.iterdir()):
+            if not entry.name.startswith(".") and entry.name != MANIFEST_NAME and entry.name not in plans:
+                files += entry_files(entry, model.directory)
+    return files
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
+                     notes: list[str], config_removals: Sequence[str] = (), root: Path | None = None) -> None:
+    """The checkpoint folder's other files (config, tokenizer, ...): _side_files, config.json with
+    `config_updates` applied."""
+    for p in _side_files(src_dir, skip, notes, root):
+        if p.name == "config.json" and (config_updates or config_removals):
             cfg = read_config(src_dir)
             cfg.update(config_updates)
             for key in config_removals:
@@ -716,6 +722,7 @@ def prepare_apply(
 
     base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)
     loaded = [a if isinstance(a, Adapter) else _load_adapter(a, base_path) for a in adapters]
+    refuse_adapter(base_path, "the base model", APPLY_TAKES)  # after the adapters: `apply ADAPTER MODEL` is said so
     if is_pipeline(base_path):
         if max_shard_size is not None:
             raise LorafuseValueError("--max-shard-size (Python: max_shard_size=) applies to checkpoint folders, not to "
@@ -761,10 +768,11 @@ def _recording(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLik
     """The provenance of this apply, its inputs hashed on a thread from now on: the adapters (small) first,
     then the base's files in the order the merge reads them (each read once from disk, by whichever comes
     first; the page cache serves the other). The base (listed first): every weight file, index and
-    config.json it has."""
+    config.json it has, and for a folder output every file copied into it (_copied_files)."""
     model = s.mplan.model
     base_path = s.inputs[0]  # prepare_apply's inputs start with the base (a Hub id: its snapshot)
-    files = [*model.files(), *(ck.directory / "config.json" for ck in model.components.values())]
+    files = [*model.files(), *(ck.directory / "config.json" for ck in model.components.values()),
+             *([] if s.one_file else _copied_files(model, s.mplan.plans))]
     ws = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
     specs = [adapter_input(a, w, name=given_name(given)) for given, a, w in zip(adapters, s.adapters, ws)]
     origin = hub_origin(base_path)
@@ -924,7 +932,7 @@ def _write_folder(ex: _Executor, ckpt: Checkpoint, plan: Plan, tmp: Path, limit:
         ex.write_shard(tmp / shard, entries, plan.metadata.get(shard, {}))
     if len(plan.shards) > 1 or (ckpt.sharded and limit is None):
         _write_index(tmp, ckpt, plan, limit is not None)
-    skip = {*ckpt.shards, *([ckpt.index_name] if ckpt.index_name else []), MANIFEST_NAME}  # a fresh one is written
+    skip = _skipped(ckpt)
     ckpt.check_folder()  # its config and tokenizer must come from the folder whose weights were read
     _copy_side_files(ckpt.directory, tmp, skip, plan.config_updates, plan.notes, plan.config_removals, root)
     if plan.config_updates and not (ckpt.directory / "config.json").is_file():

@@ -22,6 +22,7 @@ from lorafuse.io.pipeline import Pipeline
 from lorafuse.io.safetensors import TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
+from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.ops.apply_quant import QuantRef, QuantScan, check_scan, plan_quant, scan_quant
 from lorafuse.ops.match import checkpoint_keys
 from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
@@ -132,9 +133,11 @@ def shard_limit(max_shard_size: str | int) -> int:
 
 
 def _output_dtype(src_dtype: str, requested: str | None, changed: bool) -> str:
+    """A plain (not quantized) tensor's output dtype: --dtype converts every float tensor, plain float8 values
+    included (plan_quant first refuses a float8 tensor with unknown scale-like tensors beside it)."""
     if not DTYPES[src_dtype].is_float:
         return src_dtype
-    if requested is not None and (changed or src_dtype in WRITABLE_FLOATS or src_dtype == "F64"):
+    if requested is not None:
         return requested
     if not changed or src_dtype in WRITABLE_FLOATS:
         return src_dtype
@@ -382,7 +385,8 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         for layer, src in tied.virtual.items():
             shapes[layer] = shapes[src]
     resolved = resolve(shapes, adapters, weights, base_key, config)
-    notes: list[str] = adapter_notes(adapters)
+    _check_coefficients(resolved)
+    notes: list[str] = [n for ck in model.components.values() for n in ck.notes] + adapter_notes(adapters)
     if model.single and config is not None and tie_word_embeddings(config) is None \
             and LM_HEAD not in model.components[""]:
         touched = sorted(k for k in (*resolved.contributions, *resolved.replacements)
@@ -396,7 +400,7 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         unread = list(model.unread.values())
         if not skip_missing:
             given = model.components[""].path if model.single else model.directory  # the file or folder given
-            raise missing_error(resolved.missing, str(given), unread)
+            raise missing_error(resolved.missing, str(given), unread, resolved.components)
         notes += [f"skipped (no target): {m}" for m in resolved.missing] + [f"not read: {why}" for why in unread]
         if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
             notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "
@@ -414,6 +418,17 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         notes.append(f"dtype {dtype} applies to the merged {', '.join(sorted(plans))}; "
                      f"{', '.join(sorted(untouched))} copied as {'it is' if len(untouched) == 1 else 'they are'}")
     return ModelPlan(model, plans, notes)
+
+
+def _check_coefficients(resolved: Resolved) -> None:
+    """Each contribution's coefficient, weight x scale, scales its factors in float32 (ops.stages): refused
+    before any work where float32 cannot hold it, as combine refuses it (model.arithmetic.float32_coefficient)."""
+    for contribs in resolved.contributions.values():
+        for c in contribs:
+            if not abs(c.coef) <= FLOAT32_MAX:
+                s = c.update.scale
+                raise LorafuseValueError(f"{c.source}: module {c.update.name!r}: weight {c.coef / s:g} times its scale "
+                                         f"{s:g} is beyond float32's range: use smaller weights")
 
 
 def plan_apply(ckpt: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], dtype: str | None,

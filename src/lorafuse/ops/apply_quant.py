@@ -23,7 +23,7 @@ import numpy as np
 from lorafuse.backends import get_backend
 from lorafuse.errors import LorafuseError, NonFiniteError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint
-from lorafuse.io.quant import Quantization, QuantScheme, detect_checkpoint, refusal, relative
+from lorafuse.io.quant import Quantization, QuantScheme, detect_checkpoint, quant_extras, refusal, relative
 from lorafuse.io.safetensors import SafetensorsFile
 
 F8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -99,26 +99,33 @@ def _siblings(keys: list[str]) -> dict[str, list[str]]:
 
 
 def _unknown_siblings(key: str, siblings: dict[str, list[str]], known: tuple[str, ...]) -> list[str]:
-    prefix, _, _ = key.rpartition(".")
+    """The tensors of the key's module other than itself, its weight, its bias and `known` names."""
+    prefix, _, own = key.rpartition(".")
     return sorted(f"{prefix}.{n}" if prefix else n for n in siblings.get(prefix, [])
-                  if n not in _PLAIN_SIBLINGS and n not in known)
+                  if n != own and n not in _PLAIN_SIBLINGS and n not in known)
 
 
-def check_unscaled_f8(ckpt: Checkpoint, changed: set[str]) -> None:
-    """A checkpoint that is not quantized: a merged float8 weight is taken as values (plain float8, merged
-    as today) unless tensors beside it look like scales lorafuse does not know (then refused)."""
+def check_unscaled_f8(ckpt: Checkpoint, changed: set[str], dtype: str | None = None) -> None:
+    """A checkpoint that is not quantized: a float8 tensor that is merged, or converted (every one of them, with
+    a `dtype`), is taken as values (plain float8) unless tensors beside it look like scales lorafuse does not
+    know (a ComfyUI "scaled fp8" `scale_weight`: then refused)."""
     siblings: dict[str, list[str]] | None = None
-    for key in sorted(changed):
+    keys = set(changed) if dtype is None else set(changed) | set(ckpt.keys())
+    for key in sorted(keys):
         if key not in ckpt or ckpt.info(key).dtype not in F8_DTYPES:
             continue
         siblings = siblings if siblings is not None else _siblings(ckpt.keys())
         extra = _unknown_siblings(key, siblings, ())
         if extra:
+            merged = key in changed
             raise UnsupportedError(
                 f"{ckpt.location}: {key} is a {ckpt.info(key).dtype} weight with {', '.join(extra[:4])} beside it, "
                 "which look like quantization scales lorafuse does not know, and there is no quantization_config "
-                "in config.json to say what they mean: lorafuse will not merge into codes whose scale it does not "
-                "know; merge into the 16-bit base instead, or put the checkpoint's config.json beside it")
+                "in config.json to say what they mean: lorafuse will not "
+                f"{'merge into' if merged else f'write as {dtype} (dtype)'} codes whose scale it does not know; "
+                + ("merge into the 16-bit base instead, or put the checkpoint's config.json beside it" if merged else
+                   "leave the dtype out (the float8 tensors it does not merge are then copied as they are), or "
+                   "merge into the 16-bit base instead"))
 
 
 def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
@@ -130,6 +137,7 @@ def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
         return scan
     scheme = q.scheme
     files: dict[str, SafetensorsFile] = {}
+    siblings: dict[str, list[str]] | None = None
 
     def raw(key: str) -> tuple[np.ndarray, str]:
         shard = ckpt.shard_of[key]
@@ -146,6 +154,11 @@ def scan_quant(ckpt: Checkpoint, config: Mapping[str, object]) -> QuantScan:
                 continue  # not a quantized weight (a norm, a bias, an unquantized lm_head, a companion itself)
             why = scheme.check(key, info.shape, info.dtype,
                                {role: (ckpt.info(k).dtype, ckpt.info(k).shape) for role, k in present.items()})
+            if why is not None and not present:  # say what is beside it instead (another format's scales?)
+                siblings = siblings if siblings is not None else _siblings(ckpt.keys())
+                others = _unknown_siblings(key, siblings, ())
+                if others:
+                    why += f" (beside it: {', '.join(others[:4])}{' and more' if len(others) > 4 else ''})"
             bound = None
             if why is None:
 
@@ -178,11 +191,17 @@ def check_scan(ckpt: Checkpoint, scan: QuantScan, dtype: str | None, requantize:
     keep = dtype is None and (q.scheme.requantize_by_default if requantize is None else requantize)
     for key, found in scan.found.items():
         if found.why is not None and (not keep or q.scheme.packed):
-            info = ckpt.info(key)
-            raise UnsupportedError(
-                f"{ckpt.location}: {key} ({info.dtype} {list(info.shape)}) is quantized with {q.describe()}, but "
-                f"{found.why}: lorafuse will not read codes whose scale it does not know; merge into the 16-bit "
-                "base instead")
+            raise unreadable(ckpt, q, key, found.why)
+
+
+def unreadable(ckpt: Checkpoint, q: Quantization, key: str, why: str) -> UnsupportedError:
+    """The refusal of a quantized weight lorafuse cannot read: the file, the weight, its dtype and shape, the
+    quantization and `why` (QuantScheme.check's reason: a missing or misshapen scale, a shape lorafuse does not
+    read, ...)."""
+    info = ckpt.info(key)
+    return UnsupportedError(f"{ckpt.location}: {key} ({info.dtype} {list(info.shape)}) is quantized with "
+                            f"{q.describe()}, but {why}: lorafuse will not read these codes; merge into the 16-bit "
+                            "base instead")
 
 
 def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str], dtype: str | None,
@@ -199,7 +218,7 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
     scan = scan if scan is not None else scan_quant(ckpt, config)
     q = scan.quantization
     if q is None:
-        check_unscaled_f8(ckpt, changed)
+        check_unscaled_f8(ckpt, changed, dtype)
         return None
     if q.scheme is None:
         raise refusal(q, where)
@@ -217,14 +236,12 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
         if why is None and touched:
             extra = _unknown_siblings(key, siblings, (*known, *(k.rpartition(".")[2] for k in present.values())))
             if extra:
-                why = f"{', '.join(extra[:4])} beside it, which lorafuse does not know"
+                why = f"{', '.join(extra[:4])} beside it, which lorafuse does not know (scales its codes may need)"
         for k in present.values():
             plan.companions[k] = key
         if why is not None:
             if touched:
-                raise UnsupportedError(
-                    f"{where}: {key} ({info.dtype} {list(info.shape)}) is quantized with {q.describe()}, but {why}: "
-                    "lorafuse will not read codes whose scale it does not know; merge into the 16-bit base instead")
+                raise unreadable(ckpt, q, key, why)
             continue  # an untouched weight kept as it is, with whatever is beside it
         if not touched:
             continue
@@ -244,7 +261,7 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
                                "instead")
     if not keep:
         plan.dropped = {k for k in plan.companions}
-        plan.dropped |= {k for k in ckpt.keys() if k.rpartition(".")[2] in q.dropped_suffixes}
+        plan.dropped |= quant_extras(ckpt.keys(), q)
         plan.config_removals = [k for k in ("quantization_config", "compression_config") if k in config]
     return plan
 

@@ -6,11 +6,15 @@ and the same A. The output is a diffusers LoRA file (formats.diffusers) that rec
 family, alpha tensors and metadata, so converting it back gives the same file byte for byte.
 
 peft -> kohya: `sd_keys.to_kohya` says which diffusers modules make each kohya module. One
-module is renamed; several are fused exactly: when their A (and scale) are the same, B's rows
-are stacked and the rank stays r; otherwise B is block-diagonal and A stacked (the ranks add).
+module is renamed; several are fused: when their A (and scale) are the same, B's rows are stacked
+and the rank stays r; otherwise B is block-diagonal and A stacked (the ranks add), exact but where
+the parts' scales have ratios that are no binary fractions (`_block_diagonal`: float32 rounding).
+The family whose names are used is guessed from names one family alone has (`sd_keys.guess_family`):
+Flux's diffusers names are SD3's, QwenImage's, ... too.
 
 LoHa / LoKr modules become their best rank-k LoRA (Eckart-Young, `LycorisUpdate.to_lora`), k
-from `rank` (`conv_rank` for kxk convolutions, k > 1); plain LoRA modules are kept as they are.
+from `rank` (`conv_rank` for kxk convolutions, k > 1), its factors rounded once to the input's factor
+dtype (resize's rule); plain LoRA modules are kept as they are.
 
 -> gguf: an LLM LoRA (PEFT) as the GGUF LoRA adapter llama.cpp loads (`llama-cli --lora X.gguf`), with the
 tensor names, orientation, scale and metadata of llama.cpp's convert_lora_to_gguf.py (formats.gguf).
@@ -24,6 +28,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +55,7 @@ from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.arithmetic import restated_config
+from lorafuse.model.layout import factor_dtypes, factors_dtype, rounded
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
 from lorafuse.model.update import holds_nonfinite
 
@@ -106,7 +112,8 @@ def _sd_keys():
 def _family(adapter: Adapter, family: str | None) -> str:
     """The family whose names the output takes: `family` as given (refused where the modules are another
     family's layers: a UNet module for flux, a Flux transformer module for sd1 / sdxl; the names would not be
-    the family's), else the one the input recorded, else the guess from the module names."""
+    the family's), else the one the input recorded, else the guess from names one family alone has
+    (sd_keys.guess_family: refused for Flux's diffusers names, which SD3, QwenImage, ... share)."""
     if family is not None:
         if family not in FAMILIES:
             raise LorafuseValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -156,6 +163,8 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
     threads = check_threads(threads)
     lycoris = [n for n, u in adapter.updates.items() if not isinstance(u, LoraUpdate)]
     if not lycoris:
+        if rank is not None or conv_rank is not None:
+            raise _unused_rank(adapter, "conv_rank" if rank is None else "rank")
         return adapter, []
     if rank is None:
         shown = ", ".join(repr(n) for n in lycoris[:3]) + (", ..." if len(lycoris) > 3 else "")
@@ -174,16 +183,20 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                       "in SD 1.x these layers are 1x1 convolutions, which the adapter tells only through its "
                       "cross-attention modules (attn2.to_k, none here): for SD 1.x convert an adapter that has "
                       "them", AdapterNote, stacklevel=2)
+    shapes = {name: _conv_shape(adapter.updates[name], context) for name in lycoris}
+    if conv_rank is not None and not any(_is_kxk(shape) for shape in shapes.values()):
+        raise _unused_rank(adapter, "conv_rank", lycoris=True)
+    out_dtype = _lora_dtype(adapter)
     updates: dict[str, Update] = dict(adapter.updates)
     reports: list[LycorisReport] = []
     for name in lycoris:
         u = adapter.updates[name]
-        shape = _conv_shape(u, context)
+        shape = shapes[name]
         if shape != tuple(u.delta_shape):
             u = u.with_shape(shape)  # type: ignore[union-attr]
         k = full_rank(conv_k if _is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)
         lora = u.to_lora(k, threads)  # type: ignore[union-attr]
-        updates[name] = lora
+        updates[name] = rounded(lora, out_dtype, threads)  # computed in float32, rounded once
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
                                      _kept(u, lora, threads)))
     from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
@@ -193,6 +206,34 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                   format=adapter.format, path=adapter.path, full_origin=dict(adapter.full_origin),
                   state=copy.deepcopy(adapter.state))
     return out, reports
+
+
+def _lora_dtype(adapter: Adapter) -> str:
+    """The dtype of the LoRA factors that LoHa / LoKr modules become: the adapter's factor dtype when all its
+    factors share one of F32 / F16 / BF16, else F32, with a note (resize's rule; convert has no --dtype)."""
+    found = factor_dtypes(adapter.updates.values())
+    out = factors_dtype(found)
+    if found and found != [out]:
+        warnings.warn(f"{adapter.label}: its factors are {' and '.join(found)}, so the LoRA factors of its LoHa / "
+                      f"LoKr modules are {out} (lorafuse resize --dtype rounds factors to another dtype)",
+                      AdapterNote, stacklevel=3)
+    return out
+
+
+def _unused_rank(adapter: Adapter, option: str, lycoris: bool = False) -> LorafuseValueError:
+    """The refusal of --rank / --conv-rank (`option`) where it cannot act (as --arch off --to gguf is refused): convert
+    keeps LoRA modules as they are and gives only LoHa / LoKr modules a rank (--conv-rank: those of kxk
+    convolutions), so the option would change nothing, and the output would record it as used. `lycoris`: the
+    adapter has LoHa / LoKr modules, none of them a kxk convolution."""
+    flag = "--" + option.replace("_", "-")
+    given = f"{flag} (Python: {option}=)"
+    if lycoris:
+        return LorafuseValueError(f"{adapter.label}: {given} applies to LoHa / LoKr kxk convolutions (k > 1), and none "
+                                  "of its LoHa / LoKr modules is one (--rank sets all their ranks): leave it out")
+    which = "LoHa / LoKr kxk convolutions (k > 1)" if option == "conv_rank" else "LoHa / LoKr modules"
+    return LorafuseValueError(f"{adapter.label}: {given} applies to {which}, which convert turns into their best "
+                              "rank-K LoRA, and it has no LoHa / LoKr module: its LoRA modules are written with the "
+                              f"ranks they have; leave {flag} out (lorafuse resize changes a LoRA's rank)")
 
 
 def _kept(u: Update, lora: LoraUpdate, threads: int) -> float:
@@ -371,11 +412,16 @@ def _fuse(name: str, parts: list[tuple[LoraUpdate, Rows]], total: int | None, la
 
 
 def _block_diagonal(name: str, pieces: list[_Piece], ups: list[LoraUpdate], rows: int) -> LoraUpdate:
-    """B = blockdiag(c_i B_i) over the rows each part fills, A = [A_1; ...; A_n]: exact. Parts with one
-    scale and one dtype keep their bytes (c_i = 1); otherwise c_i = s_i / s (s the first nonzero scale)
-    is folded into B in float32."""
+    """B = blockdiag(c_i B_i) over the rows each part fills, A = [A_1; ...; A_n], c_i = s_i / s for the fused
+    module's one scale s. Parts with one scale and one dtype keep their bytes (c_i = 1). Otherwise s is a part's
+    scale that makes every c_i B_i exact (`_common_scale`): in the parts' dtype (ratios that are powers of two),
+    else in float32 (lora_up written F32); where none does (ratios like 1/3), s is the first nonzero scale and
+    c_i B_i is rounded to float32: the delta is exact to float32 rounding."""
     scale = next((u.scale for u in ups if u.scale != 0), 0.0)
     keep_bytes = all(u.scale == scale for u in ups) and len({u.B.dtype for u in ups}) == 1
+    dtype = ups[0].B.dtype
+    if not keep_bytes:
+        scale, dtype = _common_scale(ups, scale)
     col: dict[str, int] = {}
     for u in ups:
         col[u.name] = sum(v.rank for v in ups[: ups.index(u)])
@@ -388,19 +434,64 @@ def _block_diagonal(name: str, pieces: list[_Piece], ups: list[LoraUpdate], rows
             block = u.B.raw[p.src[0]:p.src[1]]
         else:
             factor = u.scale / scale if scale else 0.0
-            block = (u.B.f32()[p.src[0]:p.src[1]].astype(np.float64) * factor).astype(np.float32)
+            with np.errstate(over="ignore"):  # checked below, naming the parts
+                block = (u.B.f32()[p.src[0]:p.src[1]].astype(np.float64) * factor).astype(np.float32)
+            if not np.isfinite(block).all() and np.isfinite(u.B.f32()).all():
+                raise LorafuseValueError(
+                    f"module {name!r}: its part {u.name!r} has scale {u.scale:g} and the fused module {scale:g} (its "
+                    f"first nonzero part's): lora_B of {u.name!r} times {factor:g} is beyond float32's range, so the "
+                    "parts cannot share one scale")
         b[p.dst[0]:p.dst[1], c:c + u.rank] = block
-    b_t = Tensor(b, first.dtype) if keep_bytes else Tensor.from_array(b)
+    b_t = Tensor(b, first.dtype) if keep_bytes else Tensor.from_array(b).to(dtype)  # exact: _common_scale checked
     return LoraUpdate(name, _concat([u.A for u in ups], 0), b_t, scale, ups[0].kind)
 
 
+def _binary_ratio(s_i: float, s: float) -> float | None:
+    """s_i / s when it is a binary fraction of at most 29 significant bits (so c * B is exact in float64 for any
+    float32 B), else None."""
+    if not (np.isfinite(s_i) and np.isfinite(s)) or s == 0:
+        return None
+    q = Fraction(s_i) / Fraction(s)
+    n, d = abs(q.numerator), q.denominator
+    odd = n >> ((n & -n).bit_length() - 1) if n else 0
+    return float(q) if d & (d - 1) == 0 and odd.bit_length() <= 29 else None
+
+
+def _holds(values: np.ndarray, dtype: str) -> bool:
+    """Every float64 value is exactly a `dtype` (F32, F16, BF16) value."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        f32 = values.astype(np.float32)
+        return bool(np.array_equal(f32, values) and (
+            dtype == "F32" or np.array_equal(Tensor.from_array(f32).to(dtype).f32(), f32)))
+
+
+def _common_scale(ups: list[LoraUpdate], first: float) -> tuple[float, str]:
+    """The fused module's scale s and lora_up's dtype, for parts whose scales (or lora_up dtypes) differ: the
+    first part's scale s for which every (s_i / s) B_i is exact in the parts' one lora_up dtype (F32, F16 or BF16),
+    else the first for which they all are in float32 (F32); else `first` (F32, rounded)."""
+    target = factors_dtype(u.B.dtype for u in ups)  # their one dtype if F32 / F16 / BF16, else F32
+    exact_f32: float | None = None
+    for s in dict.fromkeys(u.scale for u in ups if u.scale != 0):
+        ratios = [c for u in ups if (c := _binary_ratio(u.scale, s)) is not None]
+        if len(ratios) != len(ups):
+            continue
+        folded = [u.B.f32().astype(np.float64) * c for u, c in zip(ups, ratios)]
+        if all(_holds(f, target) for f in folded):
+            return s, target
+        if exact_f32 is None and all(_holds(f, "F32") for f in folded):
+            exact_f32 = s
+    return (first if exact_f32 is None else exact_f32), "F32"
+
+
 def _kohya_rows(sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str) -> dict[str, int]:
-    """Rows of each kohya delta where the naming knows them (a fused layer given in part)."""
+    """Rows of each kohya delta where the naming knows them (a fused layer given in part): Flux's transformer
+    modules only (its text encoders' are renamed whole)."""
     fn = getattr(sd_keys, "to_kohya_shapes", None)
     if fn is None and family == "flux":
         from lorafuse.formats import flux_keys
 
         fn = flux_keys.to_kohya_shapes
+        shapes = {n: s for n, s in shapes.items() if sd_keys.model_part(n) == "flux"}  # type: ignore[attr-defined]
     if fn is None:
         return {}
     return {k: int(v[0]) for k, v in fn(shapes, family).items()}
@@ -634,9 +725,15 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
 def _to_gguf(a: Adapter, out: Path, rank: int | None, conv_rank: int | None, threads: int, arch: str | None,
              base_config: str | os.PathLike[str] | None, gguf_type: str | None,
              replaces: str | None) -> ConvertSetup:
-    """--to gguf: LoHa / LoKr to LoRA first (with rank), every refusal in the plan."""
+    """--to gguf: a PEFT adapter only (refused first, before --rank is asked for); LoHa / LoKr to LoRA first (with
+    rank), every other refusal in the plan."""
     from lorafuse.formats.gguf import DEFAULT_TYPE, plan_gguf
 
+    if a.format != "peft":
+        what = {"kohya": "kohya / LyCORIS file", "diffusers": "diffusers LoRA file"}.get(a.format,
+                                                                                         f"{a.format} adapter")
+        raise UnsupportedError(f"{a.label}: a {what} (a diffusion LoRA); --to gguf takes a PEFT LoRA folder "
+                               "(adapter_config.json + adapter_model.safetensors) of an LLM, for llama.cpp")
     n_in = len(a.updates)
     a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
     plan = plan_gguf(a, arch, base_config, DEFAULT_TYPE if gguf_type is None else gguf_type)

@@ -33,6 +33,7 @@ from lorafuse._validate import (
 from lorafuse.backends import Backend, DenseJob, ExtractJob, backend_for_device
 from lorafuse.backends.reference_math import to_float32
 from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
+from lorafuse.formats.held import extract_models
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling
 from lorafuse.io.hub import spec_origin
@@ -295,7 +296,7 @@ def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
         ib, iff = cb.info(key), cf.info(key)
         fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
         if ib.dtype == iff.dtype:
-            same = np.array_equal(fb.raw(key).view(np.uint8), ff.raw(key).view(np.uint8))
+            same = np.array_equal(_bytes(fb.raw(key)), _bytes(ff.raw(key)))
         else:
             same = np.array_equal(_values(fb.raw(key), ib.dtype), _values(ff.raw(key), iff.dtype), equal_nan=True)
         fb.release(key)
@@ -303,6 +304,12 @@ def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
         if not same:
             changed.append(key)
     return changed
+
+
+def _bytes(raw: np.ndarray) -> np.ndarray:
+    """A tensor's bytes, of any rank (numpy views a 0-d array, a CLIP logit_scale, as other types only after a
+    reshape to 1-d)."""
+    return raw.reshape(-1).view(np.uint8)
 
 
 def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -424,7 +431,8 @@ def prepare_extract(
     except re.error as e:
         raise LorafuseValueError(f"bad --include/--exclude (Python: include= / exclude=) regular expression: {e}") \
             from None
-    cb, cf = Checkpoint(base), Checkpoint(finetuned)
+    base_path, ft_path = extract_models(base, finetuned)  # an adapter given as either: refused saying so
+    cb, cf = Checkpoint(base_path), Checkpoint(ft_path)
     base_config = read_config(cb.directory)  # before the long work
     for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
         q = detect_checkpoint(ck, config)
@@ -491,7 +499,8 @@ def prepare_extract(
     if not work:  # PEFT refuses an adapter with modules_to_save alone (NoMatchingPeftModuleError)
         raise _only_kept_whole(finetuned, [name for name, _ in full])
     tied = _tie_heads(layers, work, full, embedding, skipped)
-    notes = [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference also holds "
+    notes = [*cb.notes, *cf.notes]  # a folder read as its loader reads it (io.checkpoint)
+    notes += [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference also holds "
              f"the rounding to the coarser of the two ({_coarser(b, f)}), which no fine-tuning made (compare "
              "checkpoints of one dtype for a clean extraction)" for b, f in sorted(dtypes)]
     parts = fused_parts(base_config)

@@ -225,11 +225,12 @@ def resolve_parameters(adapter: Adapter, params: dict[str, ParamLoraUpdate], sha
             if not found:
                 how = ("" if transposed is None else " stored [E, in, out] (is_transposed)" if transposed
                        else " stored [E, out, in]")
+                counts = "".join(_expert_count(adapter, w, p, transposed, pattern_value) for p in candidates)
                 raise ShapeMismatchError(
                     f"{adapter.label}: module {w.name!r} ({_shape_text(w)}, a LoRA on a parameter of {module!r}) "
                     f"fits none of the base's targeted parameters {_listed(candidates)}{how}: PEFT reads lora_A as "
-                    "(r * E, in) and lora_B as (out, r * E) for a parameter of E experts; the adapter was not made "
-                    "for this base")
+                    f"(r * E, in) and lora_B as (out, r * E) for a parameter of E experts{counts}; the adapter was "
+                    "not made for this base")
             raise UnsupportedError(
                 f"{adapter.label}: module {w.name!r} ({_shape_text(w)}) fits several of the base's targeted "
                 f"parameters ({_listed(candidates)}), and the checkpoint does not record the order in which PEFT "
@@ -247,9 +248,36 @@ def resolve_parameters(adapter: Adapter, params: dict[str, ParamLoraUpdate], sha
     return out
 
 
+def _config_name(adapter: Adapter) -> str:
+    """The config that states r, for a message: a file's adapter_config.json, or the config given with a state
+    dict (an adapter in memory)."""
+    return "adapter_config.json" if adapter.path is not None else "its config"
+
+
+def _expert_count(adapter: Adapter, w: ParamLoraUpdate, p: _Param, transposed: bool | None,
+                  pattern_value: Callable[[dict[str, object], str, object], object]) -> str:
+    """'' unless wrapper `w` fits parameter `p` but for its number of experts: with the r its config gives the
+    parameter, its factors' r * E rows hold another number of experts than the base parameter has (an adapter
+    made for a model with more or fewer experts); then what it holds and what the base has."""
+    cfg = adapter.config
+    r_cfg = pattern_value(cast("dict[str, object]", cfg.get("rank_pattern") or {}), p.name, cfg.get("r", 8))
+    rows, a_cols = w.A.shape
+    b_rows = w.B.shape[0]
+    if not isinstance(r_cfg, int) or isinstance(r_cfg, bool) or r_cfg <= 0 or rows % r_cfg or w.B.shape[1] != rows:
+        return ""
+    held = rows // r_cfg
+    e, dims = (1, tuple(p.shape)) if len(p.shape) == 2 else (p.shape[0], tuple(p.shape[1:]))
+    orientations = [False] if p.per_expert or len(p.shape) == 2 else [False, True] if transposed is None \
+        else [transposed]
+    if held == e or not any(dims == ((a_cols, b_rows) if t else (b_rows, a_cols)) for t in orientations):
+        return ""
+    return (f"; its factors hold r * E = {rows} rows: with r={r_cfg} ({_config_name(adapter)}) that is {held} experts, "
+            f"but base parameter {p.name!r} has {e}: the adapter was made for a model with {held} experts")
+
+
 def _as_plain(adapter: Adapter, w: ParamLoraUpdate) -> LoraUpdate:
     if w.A.shape[0] != w.r:
-        raise ShapeMismatchError(f"{adapter.label}: module {w.name!r}: adapter_config.json says r={w.r} but the "
+        raise ShapeMismatchError(f"{adapter.label}: module {w.name!r}: {_config_name(adapter)} says r={w.r} but the "
                                  f"tensors have rank {w.A.shape[0]}")
     return w.as_plain()
 
@@ -271,9 +299,13 @@ def _expert_contributions(adapter: Adapter, w: ParamLoraUpdate, f: _Fit, weight:
     alpha = float(cast(float, pattern_value(cast("dict[str, object]", cfg.get("alpha_pattern") or {}), p.name,
                                             cfg.get("lora_alpha", 8))))
     if r_cfg != f.rank:
+        counts = _expert_count(adapter, w, p, f.transposed, pattern_value)
+        if counts:
+            raise ShapeMismatchError(f"{adapter.label}: module {w.name!r} ({_shape_text(w)}) on base parameter "
+                                     f"{_listed([p])}{counts}")
         raise ShapeMismatchError(
             f"{adapter.label}: module {w.name!r} ({_shape_text(w)}) on base parameter {_listed([p])}: "
-            f"{f.experts} experts of rank {f.rank}, but adapter_config.json says r={r_cfg} for {p.name!r}")
+            f"{f.experts} experts of rank {f.rank}, but {_config_name(adapter)} says r={r_cfg} for {p.name!r}")
     scale = alpha / math.sqrt(f.rank) if cfg.get("use_rslora") else alpha / f.rank
     if len(p.shape) == 2:
         out.contributions.setdefault(p.key, []).append((Target(p.key), LoraUpdate(w.name, w.A, w.B, scale),

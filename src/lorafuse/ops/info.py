@@ -8,24 +8,25 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 from lorafuse._terminal import plural
-from lorafuse.formats import adapter_format, load
-from lorafuse.formats.diffusers import WEIGHT_NAME, split_name
+from lorafuse.errors import FormatError
+from lorafuse.formats import load
+from lorafuse.formats.diffusers import split_name
+from lorafuse.formats.held import adapter_path, subfolder_hint
 from lorafuse.formats.util import most_common
-from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, names_ending
+from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.hub import local_path
 from lorafuse.io.pipeline import Pipeline, is_pipeline
-from lorafuse.io.provenance import Provenance
+from lorafuse.io.provenance import Provenance, path_text
 from lorafuse.io.quant import Quantization, detect_checkpoint, parameter_count
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
 from lorafuse.model.names import full_kind
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import DiffusersState, metadata_of
-from lorafuse.model.update import Update
+from lorafuse.model.update import Update, nonfinite_factors
 
 LYCORIS_ONLY = "- (LoHa / LoKr only: see scales)"  # what the text output shows for an adapter without an alpha
 
@@ -141,6 +142,9 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
             "dora": u.magnitude is not None,
             "bias": u.bias is not None,
             "delta_norm": float(norms[name]) if name in norms else None,
+            # what its factors hold besides numbers ('NaN', 'Inf', 'NaN and Inf'), when its norm is not finite
+            "nonfinite": ((nonfinite_factors(u) or None) if name in norms and not math.isfinite(norms[name])
+                          else None),
         })
     cfg = adapter.config
     meta = metadata_of(adapter.state)  # kohya / diffusers: the file's metadata
@@ -160,7 +164,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     return {
         "type": "adapter",
         "format": adapter.format,
-        "path": str(adapter.path) if adapter.path else None,
+        "path": path_text(adapter.path) if adapter.path else None,
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(r for r, _ in rank_scale.values() if r is not None).items())),
         "scales": sorted({round(s, 8) for _, s in rank_scale.values() if s is not None}),
@@ -194,7 +198,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
     q = detect_checkpoint(ckpt)
     return {
         "type": "checkpoint",
-        "path": str(ckpt.path),
+        "path": path_text(ckpt.path),
         "shards": ckpt.shards,
         "sharded": ckpt.sharded,
         "tensors": len(infos),
@@ -202,9 +206,10 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, object]:
         "parameters": parameter_count(ckpt, q),
         "bytes": ckpt.total_bytes(),
         "dtypes": dict(Counter(t.dtype for t in infos)),
-        "quantization": describe_quantization(ckpt, q),
+        "quantization": describe_quantization(ckpt, q) if q is not None else None,  # (None: detected once)
         # how lorafuse made it (io.provenance), from the first shard's metadata (every shard holds it)
         "provenance": _made_by(ckpt),
+        "notes": list(ckpt.notes),  # how the folder was read (io.checkpoint: a single file beside an index)
     }
 
 
@@ -215,33 +220,10 @@ def _made_by(ckpt: Checkpoint) -> dict[str, object] | None:
 
 def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
     """A diffusers pipeline folder: each component with weights, described as a checkpoint."""
-    return {"type": "pipeline", "path": str(pipe.directory),
+    return {"type": "pipeline", "path": path_text(pipe.directory),
             "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()},
             "not_read": dict(pipe.unread),  # components whose weights lorafuse does not read, and why
             "provenance": next((m for m in map(_made_by, pipe.components.values()) if m is not None), None)}
-
-
-def adapter_path(path: str | os.PathLike[str]) -> Path | None:
-    """The adapter file or folder that `path` is or holds, else None (never raises).
-
-    `path` itself when it is an adapter (a PEFT folder, a kohya / LyCORIS file, a diffusers LoRA
-    file). A folder that is none of these but holds a diffusers LoRA file named
-    pytorch_lora_weights.safetensors (what diffusers' save_lora_weights writes and its
-    load_lora_weights(folder) reads), or no index and a single .safetensors file that is an adapter,
-    holds that adapter: it is not a checkpoint."""
-    p = Path(path)
-    if adapter_format(p) is not None:
-        return p
-    if not p.is_dir() or is_pipeline(p):
-        return None
-    try:
-        candidates = [p / WEIGHT_NAME]
-        if not names_ending(p, INDEX_SUFFIX):
-            found = names_ending(p, SAFETENSORS_SUFFIX)
-            candidates += [p / found[0]] if len(found) == 1 else []
-    except OSError:
-        return None
-    return next((c for c in candidates if c.is_file() and adapter_format(c) is not None), None)
 
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
@@ -258,7 +240,14 @@ def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object
     adapter = adapter_path(p)
     if adapter is not None:
         return describe_adapter(load(adapter), threads)
-    return describe_checkpoint(Checkpoint(p))
+    try:
+        ckpt = Checkpoint(p)
+    except FormatError as e:
+        sub = subfolder_hint(p)  # PEFT's save_pretrained of an adapter not named 'default': say where it is
+        if sub:
+            raise FormatError(f"{e}{sub}") from None
+        raise
+    return describe_checkpoint(ckpt)
 
 
 def alpha_text(d: dict[str, object]) -> str:

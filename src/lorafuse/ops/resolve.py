@@ -10,8 +10,9 @@ them `lora_unet_...` or `unet.down_blocks...` and match through the data tables 
 from __future__ import annotations
 
 import dataclasses
+import os
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,8 @@ class Resolved:
     bias_contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     replacements: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    # the pipeline components whose own names (without the component prefix) missing modules are (LayoutHints)
+    components: set[str] = field(default_factory=set)
     # base key -> rows of the matrix the merge sees (a fused [E, d1, d2] expert tensor: E * d1; ops.fused)
     matrix_rows: dict[str, int] = field(default_factory=dict)
 
@@ -197,6 +200,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             hint = (twins.hint(name, ".weight") or fused_hint(name, base_key, model_config) or _ambiguous(name, shapes)
                     or layouts.hint(name))
             out.missing.append(f"{adapter.label}: module {name!r}{hint}")
+        out.components |= layouts.components
         if len(out.missing) == missing_before:  # else the layers it names may be those the unmatched modules adapt
             _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
         claimed: dict[str, list[tuple[str, int, int]]] = {}
@@ -290,26 +294,43 @@ class LayoutHints:
     """Why a module may find no target although the base holds its layer: a base key ending like its name from
     the layer index on (`language_model.model.layers.0.self_attn.q_proj` for `model.language_model.layers.0.
     self_attn.q_proj`), or no base layer of its kind at all (`vit.layers.0.attention.q_proj` on a base spelling
-    it `vit.encoder.layer.0.attention.attention.query`): a layout transformers renames as it loads. The base's
-    keys are indexed once, on the first module that needs a hint."""
+    it `vit.encoder.layer.0.attention.attention.query`): a layout transformers renames as it loads. Only a tail
+    that one base key ends with is named (a tail that several keys share, `attentions.0.transformer_blocks.0.
+    attn1.to_q` in a UNet's down, mid and up blocks, says nothing about which). In a diffusers pipeline (keys
+    `<component>/<key>`) a module named as a component's own key is said to be that component's: the adapter of
+    that component alone (a PEFT adapter of the UNet), whose base is the component's folder (`components`
+    collects them, for missing_error). The base's keys are indexed once, on the first module that needs a
+    hint."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.shapes = shapes
-        self._ends: dict[str, str] | None = None  # a dotted tail of a key -> the first such key (sorted)
+        self._ends: dict[str, str | None] | None = None  # a dotted tail -> the one key ending so (None: several)
         self._parts: set[str] = set()
+        self._own: dict[str, list[str]] = {}  # a pipeline component's own key -> the components holding it
+        self.components: set[str] = set()  # the components whose own names unmatched modules are
 
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, str | None]:
         if self._ends is None:
             self._ends = {}
+            pipeline = bool(self.shapes) and all("/" in k.split(".", 1)[0] for k in self.shapes)
             for key in sorted(self.shapes):
-                parts = key.split(".")
+                component, _, own = key.partition("/") if pipeline else ("", "", key)
+                if pipeline:
+                    self._own.setdefault(own, []).append(component)
+                parts = own.split(".")
                 self._parts.update(parts)
                 for i in range(1, len(parts)):
-                    self._ends.setdefault(".".join(parts[i:]), key)
+                    tail = ".".join(parts[i:])
+                    self._ends[tail] = key if self._ends.get(tail, key) == key else None
         return self._ends
 
     def hint(self, name: str) -> str:
         ends = self._index()
+        components = self._own.get(name + ".weight")
+        if components:
+            self.components.update(components)
+            held = " and ".join(f"{c}/{name}.weight" for c in components)
+            return f" (the base holds {held}: {COMPONENT_ALONE}?)"
         parts = name.split(".")
         first_index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
         for start in range(1, (first_index if first_index is not None else len(parts) - 1) + 1):
@@ -322,6 +343,7 @@ class LayoutHints:
         return ""
 
 
+COMPONENT_ALONE = "an adapter of that component alone"  # LayoutHints' words, which missing_error explains once
 ANOTHER_LAYOUT = "another layout"  # layout_hint's words, which missing_error explains once
 
 
@@ -423,13 +445,20 @@ def _ambiguous(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
     return f" (ambiguous: with '.' read as '_' its name spells {len(keys)} base weights, {shown}; lorafuse won't guess)"
 
 
-def missing_error(missing: list[str], label: str, unread: Sequence[str] = ()) -> MissingModuleError:
+def missing_error(missing: list[str], label: str, unread: Sequence[str] = (),
+                  components: Iterable[str] = ()) -> MissingModuleError:
     """Every module that found no target, one per line (users fix their files from this list); `unread`: why
-    parts of the base were not read (a pipeline component holding only a pickle), which may be where they are."""
+    parts of the base were not read (a pipeline component holding only a pickle), which may be where they are;
+    `components`: the pipeline components whose own names the modules are (Resolved.components)."""
     from lorafuse.ops.match import RENAMED_FAMILIES
 
     lines = "\n  ".join(missing)
     also = "".join(f"\nnot read: {why}" for why in unread)
+    folders = [os.path.join(label, c) for c in sorted(components)]
+    if folders:
+        also += (f"\n{COMPONENT_ALONE}: the adapter names the modules of one component of the pipeline, without the "
+                 "component's prefix a pipeline's adapter has (a PEFT adapter of the UNet saved alone, say): give "
+                 f"that component's folder as the base ({' or '.join(folders)})")
     if any(f"in {ANOTHER_LAYOUT}?)" in m for m in missing):
         also += (f"\n{ANOTHER_LAYOUT}: transformers 5 loads some models under other names than their checkpoints hold "
                  "(it renames them as it loads and back as it saves), and PEFT names an adapter's modules as loaded; "

@@ -23,7 +23,7 @@ from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchErr
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
 from lorafuse.model.adapter import adapter_list
-from lorafuse.model.arithmetic import laid_out, module_examples, one_model, shared_modules
+from lorafuse.model.arithmetic import input_label, laid_out, module_examples, one_model, shared_modules
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
@@ -74,8 +74,9 @@ def _check_shapes(name: str, holders: list[tuple[int, Update]], loaded: list[Ada
     i0, first = holders[0]
     for j, v in holders[1:]:
         if (tuple(first.delta_shape), first.transposed) != (tuple(v.delta_shape), v.transposed):
-            raise ShapeMismatchError(f"module {name!r}: {loaded[i0].label} has shape {tuple(first.delta_shape)}, "
-                                     f"{loaded[j].label} has {tuple(v.delta_shape)}")
+            raise ShapeMismatchError(f"module {name!r}: {input_label(loaded[i0], i0)} has shape "
+                                     f"{tuple(first.delta_shape)}, {input_label(loaded[j], j)} has "
+                                     f"{tuple(v.delta_shape)}")
 
 
 def _module_cost(holders: list[tuple[int, Update]]) -> tuple[float, int]:
@@ -139,11 +140,15 @@ def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFi
     i = bad[0]
     norms = loaded[i].norms(threads)
     module = next((n for n, v in norms.items() if not np.isfinite(v)), None)
+    if module is None and norms and not any(holds_nonfinite(u) for u in loaded[i].updates.values()):
+        module = max(norms, key=lambda n: norms[n])  # every norm finite, their squares overflow: the largest named
     where = f"module {module!r}" if module is not None else "its modules together"
     u = loaded[i].updates.get(module) if module is not None else None
     if u is not None and not holds_nonfinite(u):
+        squared = " when squared" if module is not None and np.isfinite(norms[module]) else ""
         return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where}: its factors are finite, but "
-                              f"its delta's norm overflows float64 (scale {u.scale:g}): the cosine is not computed")
+                              f"its delta's norm overflows float64{squared} (scale {u.scale:g}): the cosine is not "
+                              "computed")
     return NonFiniteError(f"similarity: adapter {i + 1} ({loaded[i].label}): {where} has a delta holding NaN or Inf "
                           "(in its factors or its scale): its similarities would be meaningless")
 

@@ -33,7 +33,7 @@ from lorafuse.ops.resolve import Contribution
 ROW_FACTORS = {"lowrank": (0,), "hadamard": (0, 2)}  # which arrays hold one row per output row
 
 __all__ = ["ROW_FACTORS", "CoreStage", "RowBlock", "Stage", "build_stages", "on_columns", "row_pieces",
-           "slice_rows", "slice_stages", "stage_arrays"]
+           "slice_rows", "slice_stages"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,11 @@ def _stage_of(c: Contribution, threads: int) -> tuple[str, tuple[np.ndarray, ...
     its delta that land on the weight (delta_rows), as many as the rows it covers."""
     u = c.update
     arrays: tuple[np.ndarray, ...]
+    # c.coef is a float32 (apply_plan refuses larger ones); a product beyond float32 is Inf here, which the
+    # merge flags and apply's error names (an overflow of finite inputs), without numpy's warning
     if isinstance(u, LycorisUpdate):
-        kind, found = u.merge_stage(c.coef, threads)
+        with np.errstate(over="ignore"):
+            kind, found = u.merge_stage(c.coef, threads)
         arrays = tuple(found)
         if not c.mapped or kind in ROW_FACTORS:
             if c.delta_rows is not None:
@@ -78,7 +81,8 @@ def _stage_of(c: Contribution, threads: int) -> tuple[str, tuple[np.ndarray, ...
             return kind, arrays
         # a Kronecker product cut into row ranges: through its exact factorization instead
     b, a = u.factors(threads)
-    b = (b * np.float32(c.coef)).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):
+        b = (b * np.float32(c.coef)).astype(np.float32, copy=False)
     if c.delta_rows is not None:
         b = b[c.delta_rows[0] : c.delta_rows[1]]
     return "lowrank", (b, a)
@@ -138,13 +142,6 @@ def row_pieces(contribs: Sequence[Contribution], rows: int, step: int) -> list[t
     edges = sorted(cuts)
     step = max(1, step)
     return [(r, min(r + step, hi)) for lo, hi in zip(edges, edges[1:]) for r in range(lo, hi, step)]
-
-
-def stage_arrays(stage: CoreStage) -> tuple[np.ndarray, ...]:
-    """Every array a stage reads (factors and magnitude), e.g. to test them for NaN / Inf."""
-    factors = (stage.b, stage.a) if isinstance(stage, LowRankStage) else stage.factors
-    arrays = tuple(x for x in factors if isinstance(x, np.ndarray))
-    return arrays if stage.magnitude is None else (*arrays, stage.magnitude)
 
 
 def _block_rows(block: RowBlock, r0: int, r1: int) -> list[CoreStage]:

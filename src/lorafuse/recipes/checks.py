@@ -6,6 +6,7 @@ inputs apply / resize / extract need) are checked here. Every error names the fi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from lorafuse.errors import LorafuseError
 from lorafuse.ops.combine.many import STREAMABLE
 from lorafuse.ops.combine.registry import OPTION_FLAGS, REGISTRY
+from lorafuse.recipes.paths import is_hub_id
 from lorafuse.recipes.schema import MERGE_METHODS, TAKES, VERBS, Parameters, Stage
 from lorafuse.recipes.source import RecipeError, RecipeText, dotted, suggest
 
@@ -62,7 +64,20 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
                      "one number, the same for every layer")
     if kind == "string_pattern_mismatch" and "\\x00" in str((err.get("ctx") or {}).get("pattern", "")):
         return loc, "a path cannot hold a NUL character"
+    value = err.get("input")
+    if kind == "string_type" and (value is None or isinstance(value, bool | int | float)):
+        read = "null" if value is None else "a boolean" if isinstance(value, bool) else "a number"
+        shown = " (empty, ~ or null)" if value is None else f" ({str(value).lower() if read == 'a boolean' else value})"
+        return loc, f"{err.get('msg', 'invalid')}: YAML reads this value as {read}{shown}, not as text: quote it"
+    if kind in _WRITTEN and isinstance(value, str):
+        return loc, f"{err.get('msg', 'invalid')}: YAML reads {value!r} as text ({_WRITTEN[kind]})"
     return loc, str(err.get("msg", "invalid"))
+
+
+# how a recipe writes the values whose type errors say how (YAML 1.2's core schema, source.py)
+_WRITTEN = {"float_type": "a number is written 10, -0.5, 1e-3 or 2.5E+2; `1_5`, `1:30` and quoted numbers are text",
+            "int_type": "an integer is written 10, 0x1F or 0o17; `1_000` and quoted numbers are text",
+            "bool_type": "a boolean is written true or false; yes, no, on and off are text"}
 
 
 def _fields_at(parent: tuple[str | int, ...]) -> list[str]:
@@ -95,12 +110,13 @@ def _validate(recipe: RecipeText, i: int) -> Stage:
     try:
         return Stage.model_validate(doc.data)
     except ValidationError as e:
+        count = e.error_count()
         lines = []
-        for err in e.errors():
+        for err in e.errors(include_url=False)[:_SHOWN_ERRORS]:  # only those shown are formatted (each finds its line)
             loc, msg = _pydantic_message(dict(err))
             lines.append(f"{recipe.where(i, loc)}: {msg}")
-        if len(lines) > _SHOWN_ERRORS:
-            lines = [*lines[:_SHOWN_ERRORS], f"... and {len(lines) - _SHOWN_ERRORS} more errors in this stage"]
+        if count > _SHOWN_ERRORS:
+            lines.append(f"... and {count - _SHOWN_ERRORS} more errors in this stage")
         raise RecipeError(lines[0] + ("" if len(lines) == 1 else "\n" + "\n".join(lines[1:]))) from None
 
 
@@ -225,12 +241,34 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage, device: str | No
     _check_values(recipe, i, stage, device)
 
 
-def _split_plus(text: str, exists: bool) -> tuple[str, str] | None:
-    """'BASE+ADAPTER' (apply's form, as mergekit's) unless the whole text names an existing path."""
-    if exists or "+" not in text:
+def _split_plus(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: str,
+                fits: Callable[[str], bool]) -> tuple[str, str] | None:
+    """'BASE+ADAPTER' (apply's form, as mergekit's) unless the whole text names something (`fits`: an earlier
+    stage, an existing path): split at the `+` where both sides name something (a path, an earlier stage, a Hub
+    id), so that names holding `+` split right (`base+lora+v2` is `base` and `lora+v2` when those exist);
+    refused when several `+` would do; at the last `+` when none does (the verb then says which is missing)."""
+    if "+" not in text or fits(text):
         return None
-    base, _, adapter = text.rpartition("+")
-    return (base, adapter) if base and adapter else None
+    splits = [(text[:k], text[k + 1:]) for k, c in enumerate(text) if c == "+" and text[:k] and text[k + 1:]]
+    if not splits:
+        return None
+    found = [(b, a) for b, a in splits if (fits(b) or is_hub_id(b)) and (fits(a) or is_hub_id(a))]
+    if len(found) > 1:
+        shown = " and ".join(f"{b!r} + {a!r}" for b, a in found[:2]) + (" (and more)" if len(found) > 2 else "")
+        raise RecipeError(f"{recipe.where(i, path)}: {text!r} reads as BASE+ADAPTER in {len(found)} ways, {shown}, "
+                          "each naming existing models: give the base as base_model and the adapter alone "
+                          "(models: [{model: ADAPTER}])")
+    return found[0] if found else splits[-1]
+
+
+def _check_path(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: str) -> None:
+    """Refuse, naming the line and field, a model that cannot name a path (paths.path_problem): `~user/...` of no
+    such user, a file name longer than the file system takes."""
+    from lorafuse.recipes.paths import path_problem
+
+    problem = path_problem(recipe.folder, text)
+    if problem is not None:
+        raise RecipeError(f"{recipe.where(i, path)}: {problem}")
 
 
 def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
@@ -288,6 +326,15 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
                                   f"{recipe.documents[later[0]].line}); a stage reads only earlier stages' outputs")
             return None
 
+        def fits(text: str) -> bool:  # an earlier stage's name, or an existing path
+            return text in names or exists(recipe.folder, text)
+
+        def model(text: str, path: tuple[str | int, ...], w: float | None, d: float | None, *, k: int = i) -> Input:
+            x = Input(text, ref(text, path), w, d)
+            if x.stage is None:
+                _check_path(recipe, k, path, text)
+            return x
+
         inputs: list[Input] = []
         base: Input | None = None
         for j, m in enumerate(stage.models):
@@ -295,7 +342,7 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
             named = ref(m.model, where)
             w = m.parameters.weight if m.parameters.weight is not None else stage.parameters.weight
             d = m.parameters.density if m.parameters.density is not None else stage.parameters.density
-            plus = None if named is not None else _split_plus(m.model, exists(recipe.folder, m.model))
+            plus = None if named is not None else _split_plus(recipe, i, where, m.model, fits)
             if plus is not None:
                 if verb != "apply":
                     raise RecipeError(f"{recipe.where(i, where)}: {m.model!r} is BASE+ADAPTER, which only "
@@ -304,12 +351,12 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
                 if base is not None and base.text != b_text:
                     raise RecipeError(f"{recipe.where(i, where)}: base {b_text!r} differs from {base.text!r}: one "
                                       "apply stage merges into one base")
-                base = Input(b_text, ref(b_text, where), None, None)
-                inputs.append(Input(a_text, ref(a_text, where), w, d))
+                base = model(b_text, where, None, None)
+                inputs.append(model(a_text, where, w, d))
             else:
-                inputs.append(Input(m.model, named, w, d))
+                inputs.append(model(m.model, where, w, d))
         if stage.base_model is not None:
-            b = Input(stage.base_model, ref(stage.base_model, ("base_model",)), None, None)
+            b = model(stage.base_model, ("base_model",), None, None)
             if base is not None and base.text != b.text:
                 raise RecipeError(f"{recipe.where(i, ('base_model',))}: base_model {b.text!r} differs from the base "
                                   f"{base.text!r} of the models' BASE+ADAPTER form")

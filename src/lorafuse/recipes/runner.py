@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -27,9 +28,9 @@ from typing import Any
 
 from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
 from lorafuse.recipes.checks import CheckedStage, Input, check
-from lorafuse.recipes.paths import is_hub_id, locate
+from lorafuse.recipes.paths import is_absolute, is_hub_id, locate
 from lorafuse.recipes.schema import DTYPES
-from lorafuse.recipes.source import RecipeError, RecipeText, parse, read
+from lorafuse.recipes.source import RecipeError, RecipeText, dumper, parse, read
 
 RecipeLike = str | bytes | os.PathLike[str] | os.PathLike[bytes] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
@@ -91,11 +92,14 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
         if bad is not None or not isinstance(recipe, Mapping | list | tuple):  # bytes are a Sequence too
             what = type(bad if isinstance(recipe, Mapping | list | tuple) else recipe).__name__
             raise RecipeError(f"a recipe given as data is a mapping (one stage) or a list of mappings, not {what}")
-        try:
-            text = yaml.safe_dump_all([dict(d) for d in docs if isinstance(d, Mapping)], sort_keys=False)  # (all are)
-        except (yaml.YAMLError, RecursionError) as e:  # a Path, a numpy scalar, a list that holds itself
+        try:  # written as the recipe's loader reads it back: a str '1e3' quoted (YAML 1.2's core schema, source.py)
+            text = yaml.dump_all([dict(d) for d in docs if isinstance(d, Mapping)], Dumper=dumper(),  # (all are)
+                                 sort_keys=False)
+        except (yaml.YAMLError, RecursionError, ValueError) as e:  # a Path, a numpy scalar, a list that holds itself
             held = e.args[1] if isinstance(e, yaml.YAMLError) and len(e.args) > 1 else None
-            which = f"a {type(held).__name__} value" if held is not None else "a value nested too deeply"
+            which = (f"a {type(held).__name__} value" if held is not None else
+                     "an integer of more digits than Python writes" if isinstance(e, ValueError) else
+                     "a value nested too deeply")
             raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
                               "mappings of them (a path as str)") from None
         return parse(text, "<recipe>", Path.cwd())
@@ -124,9 +128,28 @@ def _place(stage: CheckedStage, x: Input, recipe: RecipeText, outputs: Mapping[s
 def _names(stage: CheckedStage, recipe: RecipeText, outputs: Mapping[str, Path]) -> dict[str, str]:
     """How the stage's inputs are recorded in its output's provenance: a model by its name as the recipe gives
     it (not the path it was found at from the recipe's folder), an earlier stage's output by the stage's name:
-    nothing recorded depends on where the recipe's folder or the intermediate outputs were."""
-    names = {_place(stage, x, recipe, outputs): x.text for x in stage.models if x.stage is None}
-    return {**names, **{str(outputs[n]): n for n in stage.needs}}
+    nothing recorded depends on where the recipe's folder or the intermediate outputs were. A model is recorded
+    under the path its verb loads it as (_loaded_as: a PEFT weights file as its folder, a folder as the adapter
+    file it holds), so each of those paths names it too."""
+    places = {_place(stage, x, recipe, outputs): x.text for x in stage.models if x.stage is None}
+    names = {loaded: text for place, text in places.items() for loaded in _loaded_as(place)}
+    return {**names, **places, **{str(outputs[n]): n for n in stage.needs}}
+
+
+def _loaded_as(place: str) -> list[str]:
+    """The paths a verb may record the model at `place` under, besides `place`: the adapter it loads
+    (formats.held.located_adapter: the adapter file a folder holds), and for a PEFT adapter's file its folder
+    (the PEFT loader names an adapter by its folder, formats.peft)."""
+    from lorafuse.formats import adapter_format, located_adapter
+
+    if not os.path.lexists(place):  # a Hub id: recorded by its id (io.provenance), never resolved here
+        return []
+    try:
+        found = located_adapter(place)
+        peft = adapter_format(found) == "peft" and found.is_file()
+    except (LorafuseError, OSError, ValueError):
+        return []
+    return [str(found), *([str(found.parent)] if peft else [])]
 
 
 def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path, outputs: Mapping[str, Path],
@@ -217,7 +240,7 @@ def _check_places(stages: Sequence[CheckedStage], recipe: RecipeText) -> None:
     adapter from each folder it is run in."""
     for s in stages:
         for x in s.models:
-            if x.stage is not None or Path(x.text).expanduser().is_absolute():
+            if x.stage is not None or is_absolute(x.text):
                 continue
             place = locate(recipe.folder, x.text)
             if place == x.text and os.path.lexists(x.text) and not os.path.lexists(recipe.folder / x.text):
@@ -514,9 +537,10 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                 try:  # what goes wrong from here on names the recipe and the stage (reading its first model too)
                     if last:
                         stage_out = target
-                    elif dry_run:  # planned beside the output, never created
-                        stage_out = _intermediate(s, text, outputs,
-                                                  target.parent / f".lorafuse-run-dry-{os.getpid()}")
+                    elif dry_run:  # planned where it would be written (never created): --intermediate-dir, else
+                        # a temporary folder beside the output
+                        stage_out = _intermediate(s, text, outputs, Path(intermediate_dir) if keep and intermediate_dir
+                                                  is not None else target.parent / f".lorafuse-run-dry-{os.getpid()}")
                     else:
                         assert work is not None
                         stage_out = _intermediate(s, text, outputs, work)
@@ -530,7 +554,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         flags.append("--overwrite")
                     argv = argv_of(s, text, stage_out, outputs, flags)
                     if not quiet:
-                        print(f"stage {s.name!r}: lorafuse {' '.join(argv)}")
+                        print(f"stage {s.name!r}: {shlex.join(['lorafuse', *argv])}")  # as a shell reads it
                     with named_inputs(_names(s, text, outputs), {str(outputs[n]): records[n] for n in s.needs
                                                                  if n in records}):
                         dispatch(argv)
@@ -554,6 +578,9 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
     finally:
         if work is not None and not keep:
             shutil.rmtree(work, ignore_errors=True)
+            from lorafuse.io.atomic import forget_outputs
+
+            forget_outputs(work)  # a stopped run's message names no stage output it removed
         if lock is not None:
             os.close(lock)
         if not done:

@@ -20,6 +20,7 @@ MERGE_METHODS = (*METHODS, *VERBS)
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
+MAX_STAGE_NAME = 255 - len(".safetensors")  # a stage writes NAME or NAME.safetensors: a file name (255 bytes)
 _NO_NUL = r"^[^\x00]*$"  # a path: no NUL character (no file system takes one)
 Weight = Annotated[float, Field(allow_inf_nan=False, description="the model's weight (negative subtracts)")]
 Density = Annotated[float, Field(gt=0.0, le=1.0,
@@ -103,7 +104,10 @@ class Stage(BaseModel):
     names an earlier one's output by it."""
 
     model_config = _STRICT
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=MAX_STAGE_NAME,
+                               pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] | None = Field(
+        default=None, description="the stage's name (a later stage reads its output by it), also the name of its "
+        f"output NAME or NAME.safetensors: at most {MAX_STAGE_NAME} characters")
     merge_method: Annotated[str, BeforeValidator(_lower)] = Field(
         json_schema_extra={"enum": list(MERGE_METHODS)},
         description="a combine method, or apply (bake into base_model), resize, extract (any case)")

@@ -3,13 +3,23 @@
 PyYAML composes each document into nodes that carry their position; the positions are collected per path
 (('models', 0, 'parameters', 'weight') -> line), then the same nodes are constructed into plain data. A key
 given twice in one mapping is refused (PyYAML would silently keep the last).
+
+Plain values are read by YAML 1.2's core schema, as the command line reads numbers, not by PyYAML's YAML 1.1
+rules: `010` is 10 (not octal 8), `1e-3` is a number, `1_5` and `1:30` are text (not 15 and 90), a date is text
+(a folder may be named `2024-02-30`), only true / false are booleans (`on`, `no` are text), and a number too small
+for a float64 (`1e-400`, which would be 0) is refused as `--weights` refuses it. A value that cannot be read
+(`!!int x`, an integer of more digits than Python reads) is refused naming its line. Merge keys (`<<: *defaults`)
+copy the fields of the mapping they name; a recipe whose merges would copy more than MAX_MERGED_FIELDS fields
+in all (each level of `<<: [*a, *a]` doubles them) is refused before it is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +30,8 @@ from lorafuse.errors import RecipeError
 PathKey = tuple[str | int, ...]
 MAX_RECIPE_CHARS = 1 << 20  # a recipe longer than this is refused (not read whole): YAML parsing costs ~1 GB and
 # ~15 s per Mi characters of hostile flow-style text; a hand-written recipe of 10,000 models is ~350 KiB
+MAX_MERGED_FIELDS = 1 << 18  # the fields merge keys (`<<`) may copy in one document, in all: as many as 1 Mi
+# characters could write out (a recipe of 10,000 models each merging 5 defaults copies 50,000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +42,18 @@ class Document:
     line: int
     lines: Mapping[PathKey, int]
 
+    @functools.cached_property
+    def _texts(self) -> dict[tuple[str, ...], int]:
+        """`lines` keyed by its paths' elements as text, built once (line_of is asked once per error)."""
+        return {tuple(_text(x) for x in k): v for k, v in self.lines.items()}
+
     def line_of(self, path: Sequence[str | int]) -> int:
         """The line of `path`, or of its nearest enclosing field that has one."""
         p = tuple(path)
         # a mapping key YAML reads as a number or a boolean (`7: 3`) is that value in a validator's path and
         # the key's text here: paths compare by their elements' text (a list index and a mapping key never
         # share a parent)
-        texts = {tuple(_text(x) for x in k): v for k, v in self.lines.items()}
+        texts = self._texts
         while p:
             line = self.lines.get(p, texts.get(tuple(_text(x) for x in p)))
             if line is not None:
@@ -116,6 +133,147 @@ def _key_text(key: Any, path: PathKey) -> str:
             "is a field's name: quote it if it is one)")
 
 
+# YAML 1.2's core schema (https://yaml.org/spec/1.2.2/#1023-core-schema): what a plain value is read as
+_CORE = {
+    "tag:yaml.org,2002:null": (r"~|null|Null|NULL|", "~nN"),
+    "tag:yaml.org,2002:bool": (r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    "tag:yaml.org,2002:int": (r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
+    "tag:yaml.org,2002:float": (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+.0123456789"),
+    _MERGE_TAG: (r"<<", "<"),
+}
+_CORE_RE = {tag: re.compile(rf"(?:{rx})\Z") for tag, (rx, _) in _CORE.items()}
+
+
+class _BadValue(Exception):
+    """A value the recipe's YAML cannot be read as (raised while constructing, with the node it is about)."""
+
+    def __init__(self, message: str, mark: Any) -> None:
+        super().__init__(message)
+        self.message, self.mark = message, mark
+
+
+def _shown(value: object) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:20] + "..." + text[-10:])
+
+
+@functools.cache
+def _loader() -> type:
+    """yaml.SafeLoader reading plain values by YAML 1.2's core schema (_CORE), and refusing a value that cannot
+    be read (a bad `!!int`, `!!float`, `!!bool`, `!!timestamp`, an integer of more digits than Python reads)
+    with its position instead of a Python error."""
+    import yaml
+
+    from lorafuse._validate import rounds_to_zero
+
+    class RecipeLoader(yaml.SafeLoader):
+        yaml_implicit_resolvers: dict[Any, Any] = {}
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, OverflowError, TypeError, KeyError, ArithmeticError) as e:
+                tag = str(node.tag).removeprefix("tag:yaml.org,2002:")
+                raise _BadValue(f"{_shown(node.value)} cannot be read as {tag} ({e})", node.start_mark) from None
+
+    def construct_int(loader: Any, node: Any) -> int:
+        text = loader.construct_scalar(node)
+        if not _CORE_RE["tag:yaml.org,2002:int"].match(text):
+            raise _BadValue(f"{_shown(text)} is not an integer (YAML's core schema: decimal digits, 0o octal or 0x "
+                            "hexadecimal)", node.start_mark)
+        digits = text.lstrip("+-")
+        try:
+            n = int(digits[2:], 8 if digits[1] == "o" else 16) if digits[1:2] in ("o", "x") else int(digits, 10)
+        except ValueError:  # more digits than Python reads (sys.get_int_max_str_digits)
+            raise _BadValue(f"{_shown(text)}: an integer of {len(digits)} digits is too large for any value of a "
+                            "recipe", node.start_mark) from None
+        return -n if text.startswith("-") else n
+
+    def construct_float(loader: Any, node: Any) -> float:
+        text = loader.construct_scalar(node)
+        if not _CORE_RE["tag:yaml.org,2002:float"].match(text) and not _CORE_RE["tag:yaml.org,2002:int"].match(text):
+            raise _BadValue(f"{_shown(text)} is not a number (YAML's core schema: 0.5, -1, 1e-3, .inf)",
+                            node.start_mark)
+        if text.lstrip("+-").startswith(("0o", "0x")):
+            return float(construct_int(loader, node))
+        if text.lstrip("+-").lower() in (".inf", ".nan"):
+            return float(text.replace(".", "", 1))
+        x = float(text)
+        if rounds_to_zero(text, x):  # as --weights: 1e-400 would be 0 (write 0 for that)
+            raise _BadValue(f"{text} is too small for a float64: it would be 0 (write 0 for that)", node.start_mark)
+        return x
+
+    def construct_bool(loader: Any, node: Any) -> bool:
+        text = loader.construct_scalar(node)
+        if not _CORE_RE["tag:yaml.org,2002:bool"].match(text):
+            raise _BadValue(f"{_shown(text)} is not a boolean (true or false)", node.start_mark)
+        return text.lower() == "true"
+
+    for tag, (_, first) in _CORE.items():
+        RecipeLoader.add_implicit_resolver(tag, _CORE_RE[tag], list(first) + ([""] if tag == _NULL_TAG else []))
+    RecipeLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    RecipeLoader.add_constructor("tag:yaml.org,2002:float", construct_float)
+    RecipeLoader.add_constructor("tag:yaml.org,2002:bool", construct_bool)
+    return RecipeLoader
+
+
+@functools.cache
+def dumper() -> type:
+    """yaml.SafeDumper that quotes a string which either the recipe's loader (YAML 1.2's core schema: `1e3`, `0x10`)
+    or YAML 1.1 (`yes`, `2024-01-01`) reads as something other than text: the text reads back the same by both."""
+    import yaml
+
+    class RecipeDumper(yaml.SafeDumper):
+        pass
+
+    for tag, (_, first) in _CORE.items():
+        RecipeDumper.add_implicit_resolver(tag, _CORE_RE[tag], list(first) + ([""] if tag == _NULL_TAG else []))
+    return RecipeDumper
+
+
+def _check_merges(root: Any, origin: str) -> None:
+    """Refuse a document whose merge keys (`<<`) would copy more than MAX_MERGED_FIELDS fields in all, before
+    PyYAML builds it: a merge copies every field of the mapping it names (that mapping's own merges included),
+    and PyYAML keeps duplicates, so `{<<: [*a, *a]}` doubles them at each level (2^n fields from n lines).
+    Counted once per node (memoised), in the order PyYAML builds them; the line is the merge that passes the
+    limit."""
+    import yaml
+
+    size: dict[int, int] = {}  # a mapping node -> the fields it has once its merges are copied in
+    seen: set[int] = set()
+    total = 0
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, yaml.CollectionNode):
+            continue
+        if not done:
+            if id(node) in seen:  # an alias, or a merge of a mapping into itself (PyYAML refuses that)
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            children = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else node.value
+            stack.extend((c, False) for c in reversed(children))
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        own = copied = 0
+        for key, value in node.value:
+            if key.tag != _MERGE_TAG:
+                own += 1
+                continue
+            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            fields = sum(size.get(id(s), 0) for s in sources if isinstance(s, yaml.MappingNode))
+            copied += fields
+            total += fields
+            if total > MAX_MERGED_FIELDS:
+                raise RecipeError(f"{origin} line {key.start_mark.line + 1}: not a recipe: its merge keys (`<<`) would "
+                                  f"copy more than {MAX_MERGED_FIELDS:,} fields (each merge copies every field of the "
+                                  "mappings it names, their own merges included)")
+        size[id(node)] = own + copied
+
+
 def parse(text: str, origin: str, folder: Path) -> RecipeText:
     """The YAML documents of `text` (empty documents, which hold nothing or only comments, are skipped). Raises
     RecipeError naming the line for text that is not YAML, or for a mapping key YAML does not read as text."""
@@ -126,14 +284,17 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
     docs: list[Document] = []
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # refuses a character YAML does not allow (NUL, a lone surrogate) here
+        loader = _loader()(text)  # refuses a character YAML does not allow (NUL, a lone surrogate) here
         while loader.check_node():
             node = loader.get_node()
             if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
                 continue  # an empty document: a trailing '---', or a stage commented out between two
             lines: dict[PathKey, int] = {}
             _positions(node, (), lines, origin, set())
+            _check_merges(node, origin)
             docs.append(Document(loader.construct_document(node), node.start_mark.line + 1, lines))
+    except _BadValue as e:
+        raise RecipeError(f"{origin} line {e.mark.line + 1}, column {e.mark.column + 1}: {e.message}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -185,4 +346,4 @@ def suggest(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-__all__ = ["Document", "RecipeError", "RecipeText", "dotted", "parse", "read", "suggest"]
+__all__ = ["Document", "RecipeError", "RecipeText", "dotted", "dumper", "parse", "read", "suggest"]

@@ -1,4 +1,5 @@
-"""combine: many adapters -> one adapter (PEFT's add_weighted_adapter, method for method).
+"""combine: many adapters -> one adapter (PEFT's add_weighted_adapter, method for method; one adapter goes
+through the method asked, with an AdapterNote: PEFT takes 'linear' for a single adapter).
 
 Notation: adapter i has stored factors B_i (out x r_i), A_i (r_i x in), scale s_i and user
 weight w_i; c_i = w_i * s_i. Modules missing from some adapters combine from the ones
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -58,7 +60,7 @@ from lorafuse._validate import (
 )
 from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
-from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
+from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import Provenance, Recording, adapter_input
@@ -156,8 +158,8 @@ def combine(
     """Combine adapters into one (see the module docstring for each method's formula).
 
     `rank` is the output rank of the svd methods (default: the largest input rank, as PEFT);
-    `conv_rank` that of kxk convolutions with k > 1 (kohya's `--new_conv_rank`; default: `rank`).
-    LoHa / LoKr inputs enter through an exact
+    `conv_rank` that of kxk convolutions with k > 1 (kohya's `--new_conv_rank`; default: `rank`; refused when no
+    module is one). LoHa / LoKr inputs enter through an exact
     factorization of their delta (Khatri-Rao / Kronecker factors), so svd gives the best rank-k
     approximation of the summed deltas; they need `rank` when no plain LoRA sets the default.
     `exact=True` keeps method svd on the exact path for every module, however many adapters
@@ -222,7 +224,25 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
         method.check(o.method, by_module)
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
-    return _Prepared(loaded, method, by_module, ctx, output_dtype(loaded, o.dtype, "combine"), [float(w) for w in ws])
+    dtype = output_dtype(loaded, o.dtype, "combine")
+    _note_one_adapter(len(loaded), loaded[0].label, method)  # once everything is checked
+    return _Prepared(loaded, method, by_module, ctx, dtype, [float(w) for w in ws])
+
+
+def _note_one_adapter(count: int, label: str, method: Method) -> None:
+    """An AdapterNote when one adapter goes through a method that changes it (all but linear and cat): PEFT's
+    add_weighted_adapter takes 'linear' for a single adapter whatever the method asked (peft/tuners/lora/model.py,
+    _check_add_weighted_adapter: `combination_type = "linear" if len(adapters) == 1 else combination_type`), and
+    gives back the adapter's delta times its weight; lorafuse runs the method asked (pruning or cutting one adapter
+    is a use of its own)."""
+    if count != 1 or method.name in ("linear", "cat"):
+        return
+    done = ("its delta pruned to --density, then cut to rank k" if method.takes_density and method.takes_rank
+            else "its factors pruned to --density" if method.takes_density
+            else "its delta as the best rank-k approximation (the same delta when k is at least its rank)")
+    warnings.warn(f"{label}: one adapter, combined by method {method.name!r} as asked: {done}; PEFT's "
+                  "add_weighted_adapter would take method 'linear' for one adapter and return it unchanged (times "
+                  "its weight): --method cat does that", AdapterNote, stacklevel=4)
 
 
 def _note_unknown_kernels(loaded: Sequence[Adapter], by_module: Terms) -> None:
@@ -305,6 +325,7 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
             and (weights is None or isinstance(weights, Sequence))):
         return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
+    _recording(sources, ws, options, hashing=False).close()  # a record too large for the output: refused now
     if o.engine == "memory":  # asked for: every adapter loaded as the in-memory path loads them (LoHa too)
         return [s.item for s in sources], ws, None, o
     if o.engine == "ray":
@@ -319,6 +340,7 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
         raise _no_module([str(x.path) if x.path is not None else x.where for x in plan.sources])
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
         return [s.item for s in sources], ws, None, o
+    _note_one_adapter(len(sources), sources[0].where, REGISTRY[o.method])  # (the in-memory path: in _prepare)
     return [], None, plan, o
 
 
@@ -330,12 +352,14 @@ def _run_streamed(plan: many.Plan, o: CombineOptions,
     return many.run_stream(plan, o, on_module)
 
 
-def _recording(items: Sequence[Adapter | many.Source], weights: Sequence[float], options: CombineOptions) -> Recording:
+def _recording(items: Sequence[Adapter | many.Source], weights: Sequence[float], options: CombineOptions,
+               hashing: bool = True) -> Recording:
     """The provenance of this combination (io.provenance), its inputs' sha256 computed on background threads
-    meanwhile: each adapter with its weight, the method, the options as given (how the run goes left out)."""
+    meanwhile (`hashing`; without it, only the record's size is checked): each adapter with its weight, the
+    method, the options as given (how the run goes left out)."""
     specs = [adapter_input(i.item if isinstance(i, many.Source) else i, float(w)) for i, w in zip(items, weights)]
     return Recording("combine", specs, dataclasses.asdict(options), method=options.method,
-                     workers=resolve_threads(options.threads))
+                     workers=resolve_threads(options.threads), hashing=hashing)
 
 
 def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions) -> Adapter:

@@ -79,8 +79,8 @@ from lorafuse.errors import (
     ShapeMismatchError,
     UnsupportedError,
 )
-from lorafuse.formats import load
-from lorafuse.io.hub import is_hub_id, local_adapter
+from lorafuse.formats import load, located_adapter
+from lorafuse.io.hub import is_hub_id
 from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
@@ -97,7 +97,7 @@ from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, fact
 from lorafuse.model.spectral import is_stored_lora
 from lorafuse.model.update import holds_nonfinite
 from lorafuse.ops.combine.options import CombineOptions
-from lorafuse.ops.combine.terms import dense_shape
+from lorafuse.ops.combine.terms import dense_shape, unused_conv_rank
 
 # Three passes (one power iteration) by default: two came within only 1.25-1.5x of the optimal error
 # on adapters whose spectrum decays smoothly past k (benchmarks/bench_many.py), three within 1.002x, as
@@ -260,6 +260,24 @@ def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tupl
 LIST_MAX_BYTES = 256 << 20  # an adapter list's size limit: a million lines of long paths fit
 
 
+LIST_IS = "an adapter list (--from-list LIST) is a text file of `PATH [WEIGHT]` lines, one adapter a line"
+
+
+def _refuse_adapter_as_list(p: Path) -> None:
+    """An adapter (or a folder holding one, formats.held), a folder or a .safetensors file given as the list:
+    say what a list is and where adapters go, rather than "cannot read: a directory" or "not UTF-8"."""
+    from lorafuse.formats.held import adapter_kind, adapter_path
+
+    held = adapter_path(p)
+    if held is not None:
+        raise FormatError(f"{p} is {adapter_kind(held, p)}, not an adapter list: {LIST_IS}; give adapters as "
+                          "arguments instead (lorafuse combine A B ... -o OUT), or list their paths in such a file")
+    if p.is_dir():
+        raise FormatError(f"{p} is a folder, not an adapter list: {LIST_IS}")
+    if p.name.lower().endswith(".safetensors"):
+        raise FormatError(f"{p} is a .safetensors file, not an adapter list: {LIST_IS}")
+
+
 def _list_text(p: Path) -> str:
     """The text of an adapter list: a regular file (a FIFO or device is refused without waiting on it) of at
     most LIST_MAX_BYTES, UTF-8, without NUL bytes."""
@@ -267,11 +285,12 @@ def _list_text(p: Path) -> str:
 
     if not os.path.lexists(p):
         raise FormatError(f"{p}: no such adapter list")
+    _refuse_adapter_as_list(p)
     raw = bytes(read_bounded(p, "the adapter list", LIST_MAX_BYTES))
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Notepad's UTF-8) is not part of the first path
     except UnicodeDecodeError as e:
-        raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start})") from None
+        raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start}): {LIST_IS}") from None
     if "\0" in text:
         line = len(_LINE_BREAK.split(text[:text.index("\0")]))
         raise FormatError(f"adapter list {p} line {line}: holds a NUL byte (a binary file, not a list of paths?)")
@@ -279,10 +298,10 @@ def _list_text(p: Path) -> str:
 
 
 def _located(spec: str | os.PathLike[str], where: str) -> Path:
-    """A path, or the adapter a Hub id names (io.hub), resolved once here so that every pass reads the same
-    commit; an error names where the adapter was named."""
+    """A path (a folder holding one adapter file: that file, formats.held), or the adapter a Hub id names (io.hub),
+    resolved once here so that every pass reads the same commit; an error names where the adapter was named."""
     try:
-        return local_adapter(spec)
+        return located_adapter(spec)
     except LorafuseError as e:
         raise _reraise(e, where) from None
 
@@ -622,11 +641,10 @@ def output_ranks(plan: Plan, rank: int | None, conv_rank: int | None = None) -> 
     module's full rank."""
     default = rank if rank is not None else max((r for s in plan.modules.values() for r in s.ranks), default=1)
     conv = conv_rank if conv_rank is not None else default
-    out = {}
-    for n, s in plan.modules.items():
-        kxk = len(s.delta_shape) == 4 and s.delta_shape[2] * s.delta_shape[3] > 1
-        out[n] = full_rank(conv if kxk else default, s.delta_shape)
-    return out
+    kxk = {n: len(s.delta_shape) == 4 and s.delta_shape[2] * s.delta_shape[3] > 1 for n, s in plan.modules.items()}
+    if conv_rank is not None and not any(kxk.values()):
+        raise unused_conv_rank()
+    return {n: full_rank(conv if kxk[n] else default, s.delta_shape) for n, s in plan.modules.items()}
 
 
 # ---- the sketches ---------------------------------------------------------------------------------------

@@ -59,9 +59,18 @@ def _is_kxk_conv(u: Update) -> bool:
     return len(shape) == 4 and shape[2] * shape[3] > 1
 
 
+def unused_conv_rank() -> LorafuseValueError:
+    """The refusal of a conv_rank that no module takes (no input module is a kxk convolution): it would change
+    nothing, and the output would record it as used (as convert refuses it; combine's engines both say this)."""
+    return LorafuseValueError("conv_rank (--conv-rank) applies to kxk convolutions (k > 1), and no module of the "
+                              "adapters is one: leave it out (rank, --rank, sets every module's rank here)")
+
+
 def output_ranks(by_module: Terms, rank: int | None, conv_rank: int | None) -> dict[str, int]:
     """Each module's output rank: `conv_rank` for kxk convolutions (k > 1), `rank` for the rest. A default
     is the largest rank among the plain LoRA inputs (PEFT's rule); `conv_rank` defaults to `rank`."""
+    if conv_rank is not None and not any(_is_kxk_conv(ts[0].update) for ts in by_module.values()):
+        raise unused_conv_rank()
     lora_ranks = [t.update.rank for ts in by_module.values() for t in ts if isinstance(t.update, LoraUpdate)]
     default = rank if rank is not None else max(lora_ranks, default=None)
     conv_default = conv_rank if conv_rank is not None else default
