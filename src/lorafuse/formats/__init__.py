@@ -37,7 +37,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`: formats.diffusers), 'peft' for
     a PEFT adapter folder); raises FormatError for anything unknown. A Hub id is resolved (io.hub), and a folder
     holding one adapter file is that file (formats.held)."""
-    p = located_adapter(path)
+    return located_format(located_adapter(path))
+
+
+def located_format(p: Path) -> str:
+    """detect_format of a path located_adapter has already located (a local path: no Hub id, no folder holding
+    the adapter file instead of being it)."""
     try:
         os.stat(p)
     except FileNotFoundError:
@@ -117,7 +122,7 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     warnings."""
     p = located_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub); a folder holding one: it (formats.held)
     try:
-        adapter = get_format(detect_format(p)).load(p)
+        adapter = get_format(located_format(p)).load(p)
     except FormatError as e:  # every refusal of a file names it
         if str(p) in str(e):
             raise
@@ -127,4 +132,4 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     return adapter
 
 
-__all__ = ["adapter_format", "adapter_path", "detect_format", "load", "located_adapter"]
+__all__ = ["adapter_format", "adapter_path", "detect_format", "load", "located_adapter", "located_format"]

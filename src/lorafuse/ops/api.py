@@ -32,7 +32,7 @@ from lorafuse._validate import check_bool, check_path
 from lorafuse.errors import AdapterNote
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.formats import located_adapter
+from lorafuse.formats import located_adapter, located_format
 from lorafuse.io.hub import check_spec
 from lorafuse.model import Adapter
 from lorafuse.model.registry import get_format
@@ -176,7 +176,7 @@ def load(path: StrPath) -> Adapter:
     # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub); a folder holding one adapter
     # file: that file (formats.held)
     p = located_adapter(_given(path))
-    adapter = get_format(_detect_format(p)).load(p)
+    adapter = get_format(located_format(p)).load(p)
     for note in adapter.notes:
         warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
     return adapter
