@@ -44,7 +44,7 @@ def most_common(values: list[float]) -> float:
     counts: dict[float, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+    return max(counts, key=counts.__getitem__)  # the first maximal key: counts keeps the order values were seen
 
 
 def rank_fields(updates: Sequence[Update], prefer: Sequence[Update] = ()) -> dict[str, object]:
