@@ -841,11 +841,12 @@ def quant_extras(keys: Iterable[str], q: Quantization) -> set[str]:
     `<param>_<suffix>` beside a tensor `<param>` (transformers 5's fused FP8 experts:
     `experts.gate_up_proj_activation_scale` beside `experts.gate_up_proj`)."""
     present = set(keys)
+    tails = tuple("_" + s for s in q.dropped_suffixes)  # one test per name; the few that end so are looked at
     out = set()
     for k in present:
         last = k.rpartition(".")[2]
-        if last in q.dropped_suffixes or any(last.endswith("_" + s) and k[: -len(s) - 1] in present
-                                             for s in q.dropped_suffixes):
+        if last in q.dropped_suffixes or (last.endswith(tails) and any(
+                last.endswith("_" + s) and k[: -len(s) - 1] in present for s in q.dropped_suffixes)):
             out.add(k)
     return out
 
