@@ -501,7 +501,8 @@ def adapter_input(item: str | bytes | os.PathLike[str] | os.PathLike[bytes] | _A
     if isinstance(item, str | bytes | os.PathLike):
         name, path = path_text(item), Path(os.fsdecode(item))
         # the adapter read: a Hub id's in its snapshot (io.hub), a folder's one adapter file (formats.held)
-        path = _local_adapter(os.fsdecode(item)) or (path if os.path.lexists(path) else None)
+        if not os.path.isfile(path):  # a file is the adapter itself (what loading read): no header read again
+            path = _local_adapter(os.fsdecode(item)) or (path if os.path.lexists(path) else None)
     else:
         name, path, made_by = _text(item.label), item.path, item.provenance
         origin = hub_origin(path) if path is not None else None
