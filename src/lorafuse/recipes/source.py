@@ -210,12 +210,17 @@ def _loader() -> type:
             raise _BadValue(f"{_shown(text)} is not a boolean (true or false)", node.start_mark)
         return text.lower() == "true"
 
-    for tag, (_, first) in _CORE.items():
-        RecipeLoader.add_implicit_resolver(tag, _CORE_RE[tag], list(first) + ([""] if tag == _NULL_TAG else []))
+    _add_core_resolvers(RecipeLoader)
     RecipeLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
     RecipeLoader.add_constructor("tag:yaml.org,2002:float", construct_float)
     RecipeLoader.add_constructor("tag:yaml.org,2002:bool", construct_bool)
     return RecipeLoader
+
+
+def _add_core_resolvers(cls: Any) -> None:
+    """YAML 1.2 core schema's implicit resolvers (_CORE) on a loader or dumper class."""
+    for tag, (_, first) in _CORE.items():
+        cls.add_implicit_resolver(tag, _CORE_RE[tag], list(first) + ([""] if tag == _NULL_TAG else []))
 
 
 @functools.cache
@@ -227,8 +232,7 @@ def dumper() -> type:
     class RecipeDumper(yaml.SafeDumper):
         pass
 
-    for tag, (_, first) in _CORE.items():
-        RecipeDumper.add_implicit_resolver(tag, _CORE_RE[tag], list(first) + ([""] if tag == _NULL_TAG else []))
+    _add_core_resolvers(RecipeDumper)
     return RecipeDumper
 
 
