@@ -55,6 +55,7 @@ from lorafuse.io.safetensors import SafetensorsFile, TensorSpec, encode_header
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, LycorisUpdate, TuckerFactor, Update, register
 from lorafuse.model.arithmetic import restated_config
+from lorafuse.model.layout import is_kxk
 from lorafuse.model.names import check_module_name
 from lorafuse.model.state import KohyaState, as_kohya, metadata_of
 
@@ -228,10 +229,6 @@ def _same_number(text: str, value: float) -> bool:
         return False
 
 
-def _is_kxk(u: Update) -> bool:
-    return len(u.delta_shape) == 4 and u.delta_shape[2] * u.delta_shape[3] > 1
-
-
 def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     """The input's metadata with the rank keys (when present) set from the updates, as sd-scripts means
     them: ss_network_dim / ss_network_alpha the rank and alpha of the linear and 1x1 modules, and
@@ -273,7 +270,7 @@ def _dynamic_or(values: list[float], as_int: bool) -> str:
 def _network_modules(updates: list[Update]) -> list[Update]:
     """The modules ss_network_dim / ss_network_alpha describe: the linear and 1x1 ones (all, where every module
     is a kxk convolution)."""
-    return [u for u in updates if not _is_kxk(u)] or updates
+    return [u for u in updates if not is_kxk(u.delta_shape)] or updates
 
 
 def _ranked(updates: list[Update]) -> list[Update]:
@@ -320,7 +317,7 @@ def _conv_args(meta: dict[str, str], updates: list[Update], ranks_changed: bool)
     if not isinstance(args, dict):
         return
     before = dict(args)
-    convs = _ranked([u for u in updates if _is_kxk(u)])
+    convs = _ranked([u for u in updates if is_kxk(u.delta_shape)])
     for key, values, as_int in (("conv_dim", _ranks(convs), True),
                                 ("conv_alpha", [written_alpha(u) for u in convs], False)):
         if ranks_changed and key in args and convs and not _holds(str(args[key]), values):

@@ -223,6 +223,11 @@ _LARGEST = {"F16": "65504", "BF16": "3.39e38"}
 _LOSS = {"F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
 
 
+def is_kxk(shape: Sequence[int]) -> bool:
+    """Whether a delta of `shape` is a kxk convolution's (k > 1): what --conv-rank / kohya's conv_dim rank."""
+    return len(shape) == 4 and shape[2] * shape[3] > 1
+
+
 def _relative_loss(before: np.ndarray, after: np.ndarray) -> float:
     """||after - before||_F / ||before||_F in float64 (inf when `after` is not finite, 0 for a zero factor)."""
     if not np.isfinite(after).all():

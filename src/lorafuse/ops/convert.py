@@ -55,7 +55,7 @@ from lorafuse.io.provenance import adapter_input, record
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.arithmetic import restated_config
-from lorafuse.model.layout import factor_dtypes, factors_dtype, rounded
+from lorafuse.model.layout import factor_dtypes, factors_dtype, is_kxk, rounded
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
 from lorafuse.model.update import holds_nonfinite
 
@@ -141,10 +141,6 @@ def _unmapped_error(adapter: Adapter, names: list[str], what: str) -> MissingMod
 # ----------------------------------------------------------------------------- LoHa / LoKr -> LoRA
 
 
-def _is_kxk(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 4 and shape[2] * shape[3] > 1
-
-
 def _conv_shape(u: Update, context: int | None) -> tuple[int, ...]:
     """The 4-D shape of a flattened LoHa / LoKr convolution of a UNet (from the layer's name, and for proj_in /
     proj_out the UNet's context size), else its own."""
@@ -184,7 +180,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                       "cross-attention modules (attn2.to_k, none here): for SD 1.x convert an adapter that has "
                       "them", AdapterNote, stacklevel=2)
     shapes = {name: _conv_shape(adapter.updates[name], context) for name in lycoris}
-    if conv_rank is not None and not any(_is_kxk(shape) for shape in shapes.values()):
+    if conv_rank is not None and not any(is_kxk(shape) for shape in shapes.values()):
         raise _unused_rank(adapter, "conv_rank", lycoris=True)
     out_dtype = _lora_dtype(adapter)
     updates: dict[str, Update] = dict(adapter.updates)
@@ -194,7 +190,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
         shape = shapes[name]
         if shape != tuple(u.delta_shape):
             u = u.with_shape(shape)  # type: ignore[union-attr]
-        k = full_rank(conv_k if _is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)
+        k = full_rank(conv_k if is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)
         lora = u.to_lora(k, threads)  # type: ignore[union-attr]
         updates[name] = rounded(lora, out_dtype, threads)  # computed in float32, rounded once
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,

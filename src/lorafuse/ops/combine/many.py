@@ -93,7 +93,7 @@ from lorafuse.model.arithmetic import (
     model_roots,
     result,
 )
-from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, rounded
+from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
 from lorafuse.model.spectral import is_stored_lora
 from lorafuse.model.update import holds_nonfinite
 from lorafuse.ops.combine.options import CombineOptions
@@ -641,7 +641,7 @@ def output_ranks(plan: Plan, rank: int | None, conv_rank: int | None = None) -> 
     module's full rank."""
     default = rank if rank is not None else max((r for s in plan.modules.values() for r in s.ranks), default=1)
     conv = conv_rank if conv_rank is not None else default
-    kxk = {n: len(s.delta_shape) == 4 and s.delta_shape[2] * s.delta_shape[3] > 1 for n, s in plan.modules.items()}
+    kxk = {n: is_kxk(s.delta_shape) for n, s in plan.modules.items()}
     if conv_rank is not None and not any(kxk.values()):
         raise unused_conv_rank()
     return {n: full_rank(conv if kxk[n] else default, s.delta_shape) for n, s in plan.modules.items()}

@@ -12,6 +12,7 @@ from lorafuse._validate import full_rank
 from lorafuse.errors import LorafuseValueError
 from lorafuse.formats import load
 from lorafuse.model import Adapter, LoraUpdate, Update, arithmetic, stored_tensors
+from lorafuse.model.layout import is_kxk
 
 
 @dataclass
@@ -54,11 +55,6 @@ def input_arrays(terms: Sequence[Term]) -> list[np.ndarray]:
                                                                                        np.ndarray)]
 
 
-def _is_kxk_conv(u: Update) -> bool:
-    shape = tuple(u.delta_shape)
-    return len(shape) == 4 and shape[2] * shape[3] > 1
-
-
 def unused_conv_rank() -> LorafuseValueError:
     """The refusal of a conv_rank that no module takes (no input module is a kxk convolution): it would change
     nothing, and the output would record it as used (as convert refuses it; combine's engines both say this)."""
@@ -69,14 +65,14 @@ def unused_conv_rank() -> LorafuseValueError:
 def output_ranks(by_module: Terms, rank: int | None, conv_rank: int | None) -> dict[str, int]:
     """Each module's output rank: `conv_rank` for kxk convolutions (k > 1), `rank` for the rest. A default
     is the largest rank among the plain LoRA inputs (PEFT's rule); `conv_rank` defaults to `rank`."""
-    if conv_rank is not None and not any(_is_kxk_conv(ts[0].update) for ts in by_module.values()):
+    if conv_rank is not None and not any(is_kxk(ts[0].update.delta_shape) for ts in by_module.values()):
         raise unused_conv_rank()
     lora_ranks = [t.update.rank for ts in by_module.values() for t in ts if isinstance(t.update, LoraUpdate)]
     default = rank if rank is not None else max(lora_ranks, default=None)
     conv_default = conv_rank if conv_rank is not None else default
     out: dict[str, int] = {}
     for n, ts in by_module.items():
-        k = conv_default if _is_kxk_conv(ts[0].update) else default
+        k = conv_default if is_kxk(ts[0].update.delta_shape) else default
         if k is None:
             raise LorafuseValueError(f"module {n!r}: LoHa / LoKr inputs have no LoRA rank to default to; "
                                      "pass rank (--rank, and --conv-rank for kxk convolutions)")
