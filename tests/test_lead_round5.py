@@ -26,3 +26,22 @@ def test_plan_resize_gives_moe_experts_the_rank_resize_writes() -> None:
     planned = {m.name: m.rank for m in plan_resize(adapter, rank=2).modules}
     assert planned == done
     assert done["model.layers.0.block_sparse_moe.experts.0.w1"] == 2  # padded, as PEFT needs one expert rank
+
+
+def test_plan_resize_pads_loha_experts_as_resize_does() -> None:
+    """A LoHa expert becomes a LoRA in resize and is padded with the others; the plan gave it its own rank."""
+    from lorafuse.model.lycoris import LycorisUpdate
+
+    rng = np.random.default_rng(1)
+
+    def loha(name: str, rank: int) -> LycorisUpdate:
+        t = {k: Tensor.from_array(rng.standard_normal(s).astype(np.float32)) for k, s in
+             (("hada_w1_a", (8, rank)), ("hada_w1_b", (rank, 6)), ("hada_w2_a", (8, rank)), ("hada_w2_b", (rank, 6)))}
+        return LycorisUpdate(name, "loha", "linear", (8, 6), 1.0, t)
+
+    owner = "model.layers.0.block_sparse_moe.experts"
+    updates = {f"{owner}.0.w1": _lora(f"{owner}.0.w1", 4, rng), f"{owner}.1.w1": loha(f"{owner}.1.w1", 1)}
+    adapter = Adapter(updates, config={"r": 4, "lora_alpha": 4, "target_modules": ["w1"]})
+    done = {m.name: m.rank_out for m in lorafuse.resize(adapter, rank=3).modules}
+    planned = {m.name: m.rank for m in plan_resize(adapter, rank=3).modules}
+    assert planned == done == {f"{owner}.0.w1": 3, f"{owner}.1.w1": 3}

@@ -345,8 +345,10 @@ def plan_resize(
     exact = not rule.from_spectrum
     ranks = {name: full_rank(min(u.rank, cap) if cap is not None else u.rank, tuple(u.delta_shape))
              for name, u in a.updates.items()}
-    experts = [n for n in expert_modules(a.updates, ALL_PARTS) if isinstance(a.updates[n], LoraUpdate)]
-    if experts:  # resize pads the MoE experts PEFT stacks to one rank, the largest among them (one_expert_rank)
+    # resize pads the MoE experts PEFT stacks to one rank, the largest among them (one_expert_rank, on its results:
+    # every module a LoRA by then, a LoHa / LoKr one too)
+    experts = expert_modules(a.updates, ALL_PARTS)
+    if experts:
         common = max(ranks[n] for n in experts)
         ranks.update(dict.fromkeys(experts, common))
     for name, u in a.updates.items():
