@@ -170,6 +170,30 @@ def _loader() -> type:
     class RecipeLoader(yaml.SafeLoader):
         yaml_implicit_resolvers: dict[Any, Any] = {}
 
+        def flatten_mapping(self, node: Any) -> None:
+            """Merge keys (`<<`) as the YAML merge-key spec says and PyYAML 6.0.3 built them: the mapping's own
+            fields win over merged ones, and of a list of mappings merged, an earlier one's over a later one's.
+            Written here so a recipe means the same under every PyYAML (6.0.4 lets a later one win)."""
+            merged: list[list[Any]] = []  # the merged mappings' fields, highest priority first
+            own: list[Any] = []
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for sub in sources:
+                        if not isinstance(sub, yaml.MappingNode):
+                            raise yaml.constructor.ConstructorError(
+                                "while constructing a mapping", node.start_mark,
+                                f"expected a mapping or list of mappings for merging, but found {sub.id}",
+                                sub.start_mark)
+                        self.flatten_mapping(sub)
+                        merged.append(list(sub.value))
+                else:
+                    if key_node.tag == "tag:yaml.org,2002:value":
+                        key_node.tag = "tag:yaml.org,2002:str"
+                    own.append((key_node, value_node))
+            if merged:  # a later field wins when the mapping is built: the lowest priority goes first
+                node.value = [pair for fields in reversed(merged) for pair in fields] + own
+
         def construct_object(self, node: Any, deep: bool = False) -> Any:
             try:
                 return super().construct_object(node, deep)
