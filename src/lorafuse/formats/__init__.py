@@ -59,6 +59,7 @@ def located_format(p: Path) -> str:
     fmt = sniff(p, keys)
     if fmt is not None:
         return fmt
+    _refuse_gguf(p)
     if p.is_dir():
         try:
             pickles = sorted(f for f in p.iterdir() if is_pickle(f))
@@ -71,6 +72,16 @@ def located_format(p: Path) -> str:
         if sub:
             raise FormatError(f"{p}: not an adapter itself{sub}")
     raise FormatError(f"{p}: not a recognised adapter{_held_text(p, keys)}: expected {_expected()}")
+
+
+def _refuse_gguf(p: Path) -> None:
+    """A GGUF file where an adapter is read (only once no format recognised it): FormatError saying so."""
+    from lorafuse.formats.gguf import is_gguf
+
+    if is_gguf(p):
+        raise FormatError(f"{p}: a GGUF file (llama.cpp; magic 'GGUF'), which lorafuse does not read as an adapter: "
+                          "it writes GGUF LoRAs (lorafuse convert ADAPTER --to gguf) and describes GGUF files "
+                          f"(lorafuse info), but reads adapters as safetensors: expected {_expected()}")
 
 
 def _held_text(p: Path, keys: list[str]) -> str:

@@ -34,6 +34,9 @@ What llama.cpp expects (convert_lora_to_gguf.py, src/llama-adapter.cpp, src/llam
   the converter's values); factors holding NaN / Inf (NonFiniteError), and products that no k brings into the
   types' range (NonFiniteError above it, LorafuseValueError below it), are refused naming the module and tensor.
 
+Left out, with a note, as the converter leaves them out: a multimodal model's vision-tower / projector modules
+(_VISION_PARTS: llama.cpp keeps those in the separate mmproj file, and applies --lora to the text model only).
+
 Refused, naming the modules: DoRA, lora_B biases, convolutions, LoRA on expert parameters
 (target_parameters), LoHa / LoKr (convert them first: --rank), modules_to_save and other full tensors
 (a GGUF LoRA holds lora_a / lora_b pairs only), names the architecture has no tensor for, lm_head where
@@ -137,6 +140,13 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 # the converter's renaming of language-model parts of multimodal adapters (convert_lora_to_gguf.py)
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.", ""))
+# the parts of a multimodal model (at the top, or under `model.`) that llama.cpp's text converter leaves out: its
+# text models skip them (convert_hf_to_gguf.py, e.g. Gemma3Model: 'skip vision tensors'), its mmproj models
+# (e.g. Gemma3VisionModel) convert them into the separate mmproj GGUF, which `--lora` never reads
+_VISION_PARTS = frozenset(("vision_tower", "vision_model", "multi_modal_projector", "multimodal_projector",
+                           "mm_projector", "visual", "audio_tower"))
+_VISION_NOTE = ("llama.cpp's text GGUF has no vision tower or multimodal projector: its converter writes them into "
+                "the separate mmproj file (--mmproj), and llama.cpp applies --lora to the text model only")
 
 
 def gguf_module() -> ModuleType:
@@ -281,10 +291,34 @@ def _refuse(adapter: Adapter, names: list[str], what: str, why: str) -> Unsuppor
                             f"({_listed(names)}): {why}; nothing was written")
 
 
-def _plain_loras(adapter: Adapter) -> dict[str, LoraUpdate]:
-    """The adapter's modules as plain LoRA, or UnsupportedError naming those llama.cpp cannot apply."""
+def _vision(name: str) -> bool:
+    """Whether a module (or full tensor) is in a multimodal model's vision tower / projector (_VISION_PARTS)."""
+    parts = name.split(".", 2)
+    return parts[0] in _VISION_PARTS or (len(parts) > 1 and parts[0] == "model" and parts[1] in _VISION_PARTS)
+
+
+def _leave_out_vision(adapter: Adapter, notes: list[str]) -> set[str]:
+    """The vision-tower / projector modules, left out with a note as llama.cpp's converter leaves them out (the
+    text model's modules are written as they are); UnsupportedError when nothing else is left."""
+    vision = sorted(n for n in adapter.updates if _vision(n))
+    if not vision:
+        return set()
+    if len(vision) == len(adapter.updates):
+        raise UnsupportedError(f"{adapter.label}: no LoRA module to write: its {plural(len(vision), 'module')} "
+                               f"({_listed(vision)}) {'is' if len(vision) == 1 else 'are'} in the vision tower / "
+                               f"multimodal projector, and {_VISION_NOTE}; nothing was written")
+    notes.append(f"left out {plural(len(vision), 'vision-tower / projector module')} ({_listed(vision)}), as "
+                 f"llama.cpp's converter does: {_VISION_NOTE}; the GGUF holds the text model's modules, whose "
+                 "deltas are the adapter's")
+    return set(vision)
+
+
+def _plain_loras(adapter: Adapter, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, LoraUpdate]:
+    """The adapter's modules but `skip` as plain LoRA, or UnsupportedError naming those llama.cpp cannot apply."""
     kinds: dict[str, list[str]] = {}
     for name, u in adapter.updates.items():
+        if name in skip:
+            continue
         if isinstance(u, ParamLoraUpdate):
             kind = "param"
         elif not isinstance(u, LoraUpdate):
@@ -311,7 +345,7 @@ def _plain_loras(adapter: Adapter) -> dict[str, LoraUpdate]:
     for kind, names in kinds.items():
         what, why = reasons[kind]
         raise _refuse(adapter, names, what, why)
-    return {n: _linear_layout(u) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)}
+    return {n: _linear_layout(u) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate) and n not in skip}
 
 
 def _linear_layout(u: LoraUpdate) -> LoraUpdate:
@@ -353,8 +387,10 @@ def _full_tensors(adapter: Adapter, notes: list[str]) -> None:
     """PEFT's saved copies of a LoRA'd embedding / lm_head base weight (`X.base_layer.weight`) are left out,
     as llama.cpp's converter leaves them out; any other full tensor (modules_to_save, a bias that adapter_config
     bias='all' / 'lora_only' saves, `X.base_layer.bias` included) is refused."""
-    copies = [k for k in adapter.full if full_kind(adapter.config, adapter.full_origin.get(k, "")) == "base copy"]
-    others = [k for k in adapter.full if k not in copies]
+    vision = [k for k in adapter.full if _vision(k)]
+    copies = [k for k in adapter.full if full_kind(adapter.config, adapter.full_origin.get(k, "")) == "base copy"
+              and k not in vision]
+    others = [k for k in adapter.full if k not in copies and k not in vision]
     if others:
         kinds = full_kinds_text(adapter.config, [adapter.full_origin.get(k, k) for k in others])
         raise UnsupportedError(f"{adapter.label}: full tensors ({_listed(sorted(others))}, {kinds}) cannot "
@@ -366,6 +402,9 @@ def _full_tensors(adapter: Adapter, notes: list[str]) -> None:
                      f"({_listed([adapter.full_origin[k] for k in copies])}), as llama.cpp's converter does: they "
                      "matter only when the vocabulary was resized, and then the GGUF base must be converted from "
                      "the resized model")
+    if vision:
+        notes.append(f"left out {plural(len(vision), 'full tensor')} of the vision tower / projector "
+                     f"({_listed(sorted(vision))}), as llama.cpp's converter does: {_VISION_NOTE}")
 
 
 def _tensor_map(gguf: ModuleType, gguf_arch: str, n_blocks: int) -> Any:
@@ -463,12 +502,10 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
     choice = choose_arch(arch, base)
     rule = ARCHS[choice]
     notes: list[str] = []
-    loras = _plain_loras(adapter)
+    loras = _plain_loras(adapter, _leave_out_vision(adapter, notes))
     if not loras:
         raise UnsupportedError(f"{adapter.label}: no LoRA module to write")
     _full_tensors(adapter, notes)
-    if base is not None:
-        _check_sizes(adapter, loras, base)
     hf = {n: _hf_name(n) for n in loras}
     heads_dropped = [n for n, h in hf.items() if h == "lm_head"]
     if heads_dropped and rule.lm_head is not None:  # the architecture has no output tensor to map it to
@@ -487,14 +524,21 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
         shown = ", ".join(f"{n!r} {tuple(loras[n].delta_shape)}" for n in unmapped[:5])
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
         layers = f" of {n_blocks} layers ({base.path})" if base is not None and base.n_layers is not None else ""
+        outside = [n for n in unmapped if not hf[n].startswith("model.layers.")]
+        hint = ("--arch, Python: arch=, names another architecture" if not outside else
+                f"{_listed(outside, 3)} {'is' if len(outside) == 1 else 'are'} outside the text model's layers: "
+                "llama.cpp applies --lora to the text model's tensors only (a multimodal model's vision tower and "
+                "projector are in its separate mmproj file); or --arch, Python: arch=, names another architecture")
         raise MissingModuleError(f"{adapter.label}: {plural(len(unmapped), 'module', verb=('has', 'have'))} no "
                                  f"tensor in llama.cpp's {rule.gguf!r} architecture{layers}: {shown}{more}; nothing "
-                                 "was written (--arch, Python: arch=, names another architecture)")
+                                 f"was written ({hint})")
     seen: dict[str, str] = {}
     for n, g in mapped.items():
         if g in seen:
             raise FormatError(f"{adapter.label}: modules {seen[g]!r} and {n!r} both are llama.cpp's {g!r}")
         seen[g] = n
+    if base is not None:  # the text model's modules only: a module without a tensor there was refused above
+        _check_sizes(adapter, loras, base)
     output = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight"
     token_embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
     heads_out = [n for n, g in mapped.items() if g == output]
@@ -554,17 +598,27 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
     if need_heads:
         _refuse_headless(adapter, need_heads, rule.gguf, base)
     if folded:
-        notes.append(f"{plural(len(folded), 'module')} {'has' if len(folded) == 1 else 'have'} a scale other than "
-                     f"alpha / r with the file's one alpha {alpha:g}"
-                     f"{'' if rechosen else ' (rank_pattern / alpha_pattern / rsLoRA)'}: their "
-                     f"scale / (alpha / r) is folded into lora_b, exactly ({_listed(list(folded))})")
+        notes.append(_folded_note(folded, alpha, rechosen))
     if fallback:
         lengths = sorted({t.shape[-1] for m in modules for t in (m.a, m.b) if t.qtype == "F16"})
+        widths = plural(lengths[0], "element") if len(lengths) == 1 else f"{', '.join(map(str, lengths))} elements"
         notes.append(f"{plural(len(fallback), 'tensor')} written F16, not Q8_0, as llama.cpp's converter does: "
-                     f"their rows ({', '.join(map(str, lengths))} elements) are not a multiple of {_Q8_BLOCK} "
-                     f"({_listed(fallback, 3)})")
+                     f"their rows ({widths}) are not a multiple of {_Q8_BLOCK} ({_listed(fallback, 3)})")
     return GgufPlan(choice, rule.gguf, alpha, gguf_type, modules, folded, fallback, notes,
                     base.path if base is not None else None)
+
+
+def _folded_note(folded: Mapping[str, float], alpha: float, rechosen: bool) -> str:
+    """The note on the modules whose scale is folded into lora_b, with the reason their scale differs."""
+    if alpha == 0:  # lora_alpha 0: llama.cpp's scale is then 1 (a module of scale 0 gets lora_b as zeros)
+        why = " 0 (llama.cpp reads it as a scale of 1)"
+    elif rechosen:
+        why = f" {alpha:g}"
+    else:
+        why = f" {alpha:g} (rank_pattern / alpha_pattern / rsLoRA)"
+    n = len(folded)
+    return (f"{plural(n, 'module')} {'has' if n == 1 else 'have'} a scale other than alpha / r with the file's one "
+            f"alpha{why}: their scale / (alpha / r) is folded into lora_b, exactly ({_listed(list(folded))})")
 
 
 def _refuse_headless(adapter: Adapter, modules: list[str], arch: str, base: BaseConfig | None) -> NoReturn:
