@@ -454,7 +454,7 @@ def test_bad_values_exit_2(case, tmp_path, capsys, extra, adapters, expected):
         ([], "the following arguments are required: -o/--out", "lorafuse apply"),
         # an option the verb does not know: reported with the verb's usage, and the nearest option named
         (["--bogus"], "unrecognized arguments: --bogus", "lorafuse apply"),
-        (["--wieghts", "1"], "unrecognized arguments: --wieghts 1; did you mean '--weights'?", "lorafuse apply"),
+        (["--wieghts", "1"], "unrecognized argument --wieghts; did you mean '--weights'?", "lorafuse apply"),
         (["--dtype", "int8"], "argument --dtype: unknown dtype 'int8' (choose from fp32, fp16, bf16)",
          "lorafuse apply"),
     ],

@@ -26,6 +26,7 @@ from lorafuse.errors import (
     OverwriteWarning,
     RecipeError,
     ShapeMismatchError,
+    UnsharedModulesError,
     UnsupportedError,
 )
 
@@ -118,6 +119,7 @@ __all__ = [
     "Report",
     "ResizeResult",
     "ShapeMismatchError",
+    "UnsharedModulesError",
     "UnsupportedError",
     "__version__",
     "apply",

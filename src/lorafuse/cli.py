@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from statistics import fmean
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
@@ -208,6 +208,8 @@ that one adapter.lora.alpha cannot express (rank_pattern, alpha_pattern, rsLoRA)
 folded into lora_b, exactly. DoRA, lora_B biases, modules_to_save, convolutions,
 modules llama.cpp has no tensor for, and lm_head / embedding LoRAs of a base whose
 output is its token embedding (Gemma, Gemma 2, tie_word_embeddings) are refused by name.
+Vision-tower / projector modules of a multimodal model are left out with a note, as
+llama.cpp's converter leaves them out (llama.cpp applies --lora to the text model only).
 """
 
 
@@ -251,6 +253,21 @@ def _say(text: object = "", file: TextIO | None = None) -> None:
     print(printable(text), file=sys.stdout if file is None else file)
 
 
+_SHOWN = "_lorafuse_notes"  # the namespace attribute keeping the notes shown on stderr (for --json's "notes")
+
+
+def _note(args: argparse.Namespace, text: object) -> None:
+    """A note on stderr (`note: ...`), kept for --json's "notes" (_json_notes)."""
+    _say(f"note: {text}", file=sys.stderr)
+    args.__dict__.setdefault(_SHOWN, []).append(str(text))
+
+
+def _json_notes(args: argparse.Namespace, *own: str) -> list[str]:
+    """--json's "notes": the command's own, then every note shown on stderr (_note: the API's warnings, the
+    CLI's notes), each once, in order."""
+    return list(dict.fromkeys([*own, *args.__dict__.get(_SHOWN, [])]))
+
+
 def _device(text: str) -> str:
     """--device: cpu or cuda (gpu is taken for cuda; any case)."""
     word = text.lower()
@@ -263,11 +280,12 @@ def _device_option(p: argparse.ArgumentParser) -> None:
                    "CUDA: docs/building.md); files still stream through host memory")
 
 
-def _progress_options(p: argparse.ArgumentParser) -> None:
-    """--progress / --no-progress, as apply has them (default: a bar when stderr is a terminal)."""
+def _progress_options(p: argparse.ArgumentParser, when: str = "") -> None:
+    """--progress / --no-progress, as apply has them (default: a bar when stderr is a terminal); `when`: the
+    verb's own limit on the bar (combine draws one only when it streams)."""
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", action="store_true", help="draw a progress bar even when stderr is not a terminal "
-                     "(never with -q or --json)")
+                     f"(never with -q or --json{when})")
     bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: one when stderr is a "
                      "terminal)")
 
@@ -301,9 +319,10 @@ def _rule(args: argparse.Namespace) -> RankRule:
                     max_rank=args.max_rank)
 
 
-def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str) -> None:
+def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str,
+                       notes: Sequence[str] = ()) -> None:
     if args.json:
-        _say(json.dumps({"summary": summary, "modules": rows}, indent=2))
+        _say(json.dumps({"summary": summary, "modules": rows, "notes": _json_notes(args, *notes)}, indent=2))
         return
     if args.quiet:
         return
@@ -422,7 +441,8 @@ def _dry_run_option(p: argparse.ArgumentParser, checks: str, extra: str = "") ->
 def _show_plan(args: argparse.Namespace, plan: Any) -> int:
     """--dry-run: the plan (ops.plan.Plan) on stdout, as JSON with --json; nothing with -q."""
     if getattr(args, "json", False):
-        _say(json.dumps(plan.as_json(), indent=2, allow_nan=False))
+        shown = plan.as_json()
+        _say(json.dumps({**shown, "notes": _json_notes(args, *shown.get("notes", []))}, indent=2, allow_nan=False))
     elif not args.quiet:
         for line in plan.lines():
             _say(line)
@@ -448,6 +468,15 @@ _FACTOR_DTYPE_HELP = ("dtype of the written factors: fp32, fp16 or bf16 (kohya's
 
 def _split(text: str) -> str:
     return split_name(text)
+
+
+def _out(text: str) -> str:
+    """An output path (-o, --plot, --spectrum, --intermediate-dir): `-`, which other tools read as stdout, is
+    refused (lorafuse writes files and folders, never to stdout)."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-' (stdout): lorafuse writes files and folders, not to stdout; give a "
+                                         "path (./- for one named '-')")
+    return text
 
 
 def _convert_target(text: str) -> str:
@@ -510,6 +539,20 @@ def _close(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str | None
     return found[0] if found else None
 
 
+def _misspelt(name: str, known: Sequence[str], parsers: Iterable[argparse.ArgumentParser]) -> str | None:
+    """The option `name` (a word of the command line, not one of `known`) looks like a misspelling of: a close
+    long option (`--ouput`: '--out'), or for a capital short option (`-V`) the one long option of its letter.
+    None for a name that is an option of another verb (said by parse_args with that verb named)."""
+    if name in known or any(name in _option_names(p) for p in parsers):
+        return None
+    if re.fullmatch(r"--[A-Za-z][\w-]*", name):
+        return _close(name, [o for o in known if o.startswith("--")], 0.75)
+    if re.fullmatch(r"-[A-Z]", name):
+        letter = [o for o in known if o.startswith("--" + name[1].lower())]
+        return letter[0] if len(letter) == 1 else None
+    return None
+
+
 class _Version(argparse.Action):
     """--version, reading the version (from the compiled core, which loads numpy) only when asked."""
 
@@ -534,17 +577,39 @@ def _option_names(parser: argparse.ArgumentParser) -> list[str]:
     return [o for action in parser._actions for o in action.option_strings]
 
 
+def _meaning(action: argparse.Action, value: object) -> object:
+    """What an option's parsed value means, for comparing two of them: apply's --dtype keeps the spelling given
+    (fp16, half), which names one dtype."""
+    return _factor_dtype(value) if action.type is _dtype_text and isinstance(value, str) else value
+
+
+def _once(parser: argparse.ArgumentParser, action: argparse.Action, namespace: argparse.Namespace, value: object,
+          shown: str) -> None:
+    """Refuse a single-valued option given twice with different values (`-o a -o b`: argparse would take the
+    last and write to b alone, where the user may have meant a); record `value` (shown as `shown`) otherwise."""
+    seen: dict[str, tuple[object, str]] = namespace.__dict__.setdefault(_SEEN, {})
+    if action.dest in seen and _meaning(action, seen[action.dest][0]) != _meaning(action, value):
+        parser.error(f"{'/'.join(action.option_strings)} given twice ({seen[action.dest][1]} and {shown}): give it "
+                     "once")
+    seen[action.dest] = (value, shown)
+
+
 class _StoreOnce(argparse._StoreAction):
-    """argparse's store, refusing an option given twice with different values (`-o a -o b`: argparse would
-    take the last and write to b alone, where the user may have meant a)."""
+    """argparse's store, refusing an option given twice with different values (_once)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
-        seen: dict[str, object] = namespace.__dict__.setdefault(_SEEN, {})
-        if self.dest in seen and seen[self.dest] != values:
-            parser.error(f"{'/'.join(self.option_strings)} given twice ({seen[self.dest]} and {values}): give it "
-                         "once")
-        seen[self.dest] = values
+        _once(parser, self, namespace, values, str(values))
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _BooleanOnce(argparse.BooleanOptionalAction):
+    """--x / --no-x (argparse's BooleanOptionalAction), refusing both given (_once: the last would win)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        if option_string is not None and option_string in self.option_strings:
+            _once(parser, self, namespace, not option_string.startswith("--no-"), option_string)
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -615,6 +680,9 @@ class _Parser(argparse.ArgumentParser):
             if whole and name != "--":  # said before argparse's "required" errors, which would come first
                 target.error(f"unrecognized argument {name}: options are spelled in full (did you mean "
                              f"{' or '.join(map(repr, whole))}?)")
+            near = _misspelt(name, known, verbs.values())
+            if near is not None:  # so is a misspelling (`--ouput`, `lorafuse -V`): not "-o/--out is required"
+                target.error(f"unrecognized argument {name}; did you mean {near!r}?")
             if name == "--weights" and "=" not in w and i + 2 < len(words) and _NUMBER.fullmatch(words[i + 2]) \
                     and not os.path.lexists(words[i + 2]):
                 target.error(f"--weights takes one comma-separated value: --weights {words[i + 1]},{words[i + 2]} "
@@ -662,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ".safetensors file, or a diffusers pipeline folder")
     a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
                    "diffusers LoRA files (or a folder holding one)")
-    a.add_argument("-o", "--out", required=True, help="output. A folder base: a checkpoint folder (config and "
+    a.add_argument("-o", "--out", type=_out, required=True,
+                   help="output. A folder base: a checkpoint folder (config and "
                    "tokenizer files copied), or, for a name ending in .safetensors, one file holding every tensor "
                    "(the folder's other files cannot go into it: a note lists them; refused when the merge must "
                    "change config.json, i.e. an untied lm_head, with --max-shard-size, and for a diffusers pipeline). "
@@ -674,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", metavar="{fp32,fp16,bf16}", type=_dtype_text,
                    help="output dtype of float tensors: fp32, fp16 or bf16 (float32, half, bfloat16 also work; "
                    "default: as in the base); a quantized base's weights are then written dequantized in it")
-    a.add_argument("--requantize", action=argparse.BooleanOptionalAction, default=None,
+    a.add_argument("--requantize", action=_BooleanOnce, default=None,
                    help="a quantized base: write its quantized format back (merged weights quantized again, the "
                    "rest copied); --no-requantize writes it dequantized. Default: FP8 stays FP8 unless --dtype; "
                    "bitsandbytes is written dequantized (16-bit)")
@@ -721,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "near-optimal), 2 (range, then projection: 2/3 of the time, up to 1.5x the optimal error), 1 (a "
                    "single-pass sketch, Tropp et al. 2017, for adapters read only once), more (power iterations); "
                    "selects --engine stream")
-    c.add_argument("-o", "--out", required=True,
+    c.add_argument("-o", "--out", type=_out, required=True,
                    help="output: a PEFT folder, or a .safetensors file (kohya, diffusers). A name ending in "
                    ".safetensors is one file: PEFT inputs without --format are then written as a diffusers or "
                    "kohya file if those can name their modules, else refused before any work; a one-file format "
@@ -759,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}", help=_FACTOR_DTYPE_HELP)
     c.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     _device_option(c)
-    _progress_options(c)
+    _progress_options(c, "; combine draws one only when it streams the adapters: --engine stream or ray, or auto "
+                      "choosing stream; none with the memory engine")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     c.add_argument("--json", action="store_true", help="print the report as JSON: out, method, adapters, modules "
                    "with their ranks, randomized, dtype, seconds, engine, notes and the streamed engine's summary "
@@ -777,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
                    "diffusers LoRA .safetensors files (or a folder holding one)")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
-    s.add_argument("--plot", metavar="IMAGE", help="also draw the matrix as a heat map to this file, in the "
+    s.add_argument("--plot", metavar="IMAGE", type=_out, help="also draw the matrix as a heat map to this file, in the "
                    "format its suffix names: .png, .svg, .pdf, .jpg or .jpeg (other suffixes are refused before "
                    "any work; needs matplotlib: pip install lorafuse[plot])")
     _overwrite_option(s, "the --plot file")
@@ -792,7 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_RESIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file (or a folder "
                    "holding one)")
-    r.add_argument("-o", "--out", required=True, help="output adapter, in the input's format (a PEFT folder, or "
+    r.add_argument("-o", "--out", type=_out, required=True,
+                   help="output adapter, in the input's format (a PEFT folder, or "
                    "one kohya / diffusers file). A name ending in .safetensors is one file: a PEFT input is then "
                    "written as a diffusers or kohya file if those can name its modules, else refused before any "
                    "work; a file format given a name ending in / (or an existing folder) writes into it, as the "
@@ -813,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("base", help="base checkpoint (folder or .safetensors file)")
     e.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
-    e.add_argument("-o", "--out", required=True, help="output adapter folder (PEFT). A name ending in "
+    e.add_argument("-o", "--out", type=_out, required=True, help="output adapter folder (PEFT). A name ending in "
                    ".safetensors is one file: written as a diffusers or kohya file if those can name the base's "
                    "modules, else refused before any work (checkpoint weight names, e.g. "
                    "model.layers.0.self_attn.q_proj, are neither)")
@@ -846,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file (or a "
                    "folder holding one); --to gguf: a PEFT adapter folder")
-    v.add_argument("-o", "--out", required=True, help="output .safetensors file (--to gguf: .gguf file); a name "
+    v.add_argument("-o", "--out", type=_out, required=True,
+                   help="output .safetensors file (--to gguf: .gguf file); a name "
                    "ending in / (or an existing folder) writes into it: pytorch_lora_weights.safetensors (--to "
                    "peft, what diffusers' load_lora_weights(folder) looks for) or the input's file name (--to "
                    "kohya; --to gguf: with .gguf)")
@@ -898,12 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("recipe", nargs="?", help="the recipe file (.yml / .yaml); relative model paths are taken from its "
                    "folder (the folder of the path given: for a symbolic link, the link's, not its target's); a model "
                    "may also be a Hub id, org/name or org/name@revision")
-    u.add_argument("-o", "--out", help="output of the last stage (what its verb's -o takes)")
+    u.add_argument("-o", "--out", type=_out, help="output of the last stage (what its verb's -o takes)")
     _overwrite_option(u)
     u.add_argument("--dry-run", action="store_true", help="check the recipe and print each stage's plan (modules, "
                    "ranks, sizes, where it writes: DIR/NAME with --intermediate-dir); write nothing. A stage that "
                    "reads an earlier stage's output is planned when run")
-    u.add_argument("--intermediate-dir", metavar="DIR", help="write the outputs of the stages before the last into "
+    u.add_argument("--intermediate-dir", metavar="DIR", type=_out,
+                   help="write the outputs of the stages before the last into "
                    "DIR/NAME and keep them (default: a temporary folder beside -o, removed at the end)")
     u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit "
                    "(given alone: with a recipe or -o it is refused)")
@@ -925,7 +998,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder holding one), a checkpoint (.safetensors file or folder) or a diffusers pipeline folder")
     i.add_argument("--json", action="store_true", help="print JSON for machines")
     i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
-    i.add_argument("--spectrum", metavar="IMAGE", help="adapters: also plot the singular values of every module's "
+    i.add_argument("--spectrum", metavar="IMAGE", type=_out,
+                   help="adapters: also plot the singular values of every module's "
                    "delta, per module type, to this file, in the format its suffix names: .png, .svg, .pdf, .jpg "
                    "or .jpeg (other suffixes are refused before any work; needs matplotlib: pip install "
                    "lorafuse[plot])")
@@ -957,7 +1031,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             bar.close()
     if not args.quiet:
         for note in report.notes:
-            _say(f"note: {note}", file=sys.stderr)
+            _note(args, note)
     if not args.quiet and not args.json:
         _say(f"merged {plural(len(report.merged), 'weight')}"
               + (f", replaced {len(report.replaced)}" if report.replaced else "")
@@ -968,7 +1042,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if args.json:
         _say(json.dumps({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
                          "biases": report.biases, "tensors": report.tensors, "bytes": report.bytes_written,
-                         "seconds": report.seconds, "notes": report.notes, "requantized": report.requantized},
+                         "seconds": report.seconds, "notes": _json_notes(args, *report.notes),
+                         "requantized": report.requantized},
                         indent=2, allow_nan=False))
     return 0
 
@@ -1048,7 +1123,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     report = combine_to(items, weights, options, target.path, target.format,  # type: ignore[arg-type]
                         overwrite=args.overwrite)
     if target.note and not args.quiet:
-        _say(f"note: {target.note}", file=sys.stderr)
+        _note(args, target.note)
     if args.json:
         _say(json.dumps(_combine_json(args, report, count, time.monotonic() - start, target.note), indent=2,
                         allow_nan=False))
@@ -1091,7 +1166,7 @@ def _combine_json(args: argparse.Namespace, report: Any, count: int, seconds: fl
     return {"out": str(report.out), "method": args.method, "adapters": count,
             "modules": [{"name": n, "rank": r} for n, r in report.ranks.items()], "randomized": report.randomized,
             "dtype": report.dtype, "seconds": seconds, "engine": report.engine, "summary": summary,
-            "notes": [*report.notes, *([note] if note else [])]}
+            "notes": _json_notes(args, *report.notes, *([note] if note else []))}
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
@@ -1118,10 +1193,10 @@ def _cmd_resize(args: argparse.Namespace) -> int:
                             device=args.device)
     result.save(target.path, target.format, overwrite=args.overwrite)
     if target.note and not args.quiet:
-        _say(f"note: {target.note}", file=sys.stderr)
+        _note(args, target.note)
     if args.rank is not None and report and all(m.rank_in <= args.rank for m in report) and not args.quiet:
-        _say(f"note: every module's rank is {args.rank} or less already (at most {max(m.rank_in for m in report)}): "
-             "nothing was reduced; the factors are rewritten (balanced by the SVD)", file=sys.stderr)
+        _note(args, f"every module's rank is {args.rank} or less already (at most {max(m.rank_in for m in report)}): "
+              "nothing was reduced; the factors are rewritten (balanced by the SVD)")
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
     kept = [m.fro_kept for m in report]
     ranks = [m.rank_out for m in report]
@@ -1159,7 +1234,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                   device=args.device, dtype=args.dtype)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note and not args.quiet:
-        _say(f"note: {target.note}", file=sys.stderr)
+        _note(args, target.note)
     rows = [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "rel_error": m.rel_error,
              "singular_values": m.singular_values} for m in res.modules]
     errs = [m.rel_error for m in res.modules]
@@ -1176,7 +1251,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if not args.quiet and not args.json:
         for line in res.notes:
             _say(f"note: {line}", file=sys.stderr)
-    _print_rank_report(args, rows, summary, "rel_error")
+    _print_rank_report(args, rows, summary, "rel_error", [*(f"not extracted: {line}" for line in res.skipped),
+                                                          *res.notes])
     return 0
 
 
@@ -1207,15 +1283,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
             for m in rep.lycoris]
     kept = [m.fro_kept for m in rep.lycoris]
-    summary = (f"converted {rep.modules_in} modules of {args.adapter} to {args.to}"
-               + (f" ({rep.family} names)" if rep.family else "") + f": {rep.modules_out} modules"
+    summary = (f"converted {plural(rep.modules_in, 'module')} of {args.adapter} to {args.to}"
+               + (f" ({rep.family} names)" if rep.family else "") + f": {plural(rep.modules_out, 'module')}"
                + (f", {len(rep.split)} split" if rep.split else "") + (f", {len(rep.fused)} fused" if rep.fused else "")
                + (f"; {len(kept)} LoHa / LoKr modules to LoRA, Frobenius norm kept min {min(kept):.4f} / mean "
                   f"{fmean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
     if args.json:
         _say(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
-                          "modules": rows}, indent=2))
+                          "modules": rows, "notes": _json_notes(args)}, indent=2))
     elif not args.quiet:
         if args.verbose:
             width = max((len(m.name) for m in rep.lycoris), default=6)
@@ -1242,8 +1318,8 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
                   threads=args.threads, overwrite=args.overwrite, arch=args.arch, base_config=args.base_config,
                   gguf_type=args.gguf_type)
     ranks = sorted(set(rep.ranks.values()))
-    summary = (f"converted {rep.modules_in} modules of {args.adapter} to a {rep.gguf_type} GGUF LoRA for llama.cpp "
-               f"({rep.arch}): {plural(rep.modules_out, 'module')}, rank {'/'.join(map(str, ranks))}, alpha "
+    summary = (f"converted {plural(rep.modules_in, 'module')} of {args.adapter} to a {rep.gguf_type} GGUF LoRA for "
+               f"llama.cpp ({rep.arch}): {plural(rep.modules_out, 'module')}, rank {'/'.join(map(str, ranks))}, alpha "
                f"{rep.alpha:g}" + (f", {len(rep.folded)} with the scale folded into lora_b" if rep.folded else "")
                + (f"; {len(rep.lycoris)} LoHa / LoKr modules to LoRA" if rep.lycoris else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
@@ -1252,7 +1328,7 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
                 for m in rep.lycoris]
         _say(json.dumps({"summary": summary, "out": str(rep.out), "arch": rep.arch, "gguf_type": rep.gguf_type,
                          "alpha": rep.alpha, "ranks": rep.ranks, "folded": rep.folded, "fallback_f16": rep.fallback,
-                         "notes": rep.notes, "modules": rows}, indent=2))
+                         "notes": _json_notes(args, *rep.notes), "modules": rows}, indent=2))
     elif not args.quiet:
         for note in rep.notes:
             _say(f"note: {note}", file=sys.stderr)
@@ -1279,17 +1355,19 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=f".*: {ZERO_NOTE} ", category=UserWarning)
         cos = similarity(loaded, args.threads)
     labels = [str(a) for a in args.adapters]
+    zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
+    notes = unshared_notes(loaded, labels) + zero_notes(loaded, zero, labels)  # a 0 that measures nothing: said
     if args.json:
         _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist(),
-                         "share_no_module": [list(pair) for pair in unshared_pairs(loaded)]}, indent=2))
+                         "share_no_module": [list(pair) for pair in unshared_pairs(loaded)],
+                         "notes": _json_notes(args, *notes)}, indent=2))
     else:
         width = max(len(x) for x in labels)
         _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
         for i, (label, row) in enumerate(zip(labels, cos)):
             _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
-    zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
-    for note in unshared_notes(loaded, labels) + zero_notes(loaded, zero, labels):  # a 0 that measures nothing: say
-        _say(f"note: {note}", file=sys.stderr)  # so (stderr: --json stays JSON)
+    for note in notes:
+        _say(f"note: {note}", file=sys.stderr)  # (stderr: --json stays JSON)
     if args.plot:
         from lorafuse.plot import plot_similarity
 
@@ -1404,7 +1482,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.spectrum and d["type"] != "adapter":  # a GGUF LoRA too: its factors are llama.cpp's, quantized maybe
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
     if args.json:  # numbers as JSON numbers; a non-finite one (NaN has no JSON form) as null
-        _say(json.dumps(json_ready(d), indent=2, allow_nan=False))
+        listed = d.get("notes")  # a checkpoint's (on stdout in the text form)
+        own = [str(n) for n in listed] if isinstance(listed, list) else []
+        shown: dict[str, Any] = {**json_ready(d), "notes": _json_notes(args, *own)}  # type: ignore[dict-item]
+        _say(json.dumps(shown, indent=2, allow_nan=False))
     else:
         _print_info({**d, "lora_alpha": alpha_text(d)} if d["type"] == "adapter" else d, args.modules)
         from lorafuse.io.provenance import describe_lines
@@ -1425,7 +1506,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _notes(args: argparse.Namespace) -> Iterator[None]:
     """The API's warnings as notes on stderr: --overwrite names each replaced output that lorafuse did not
     write (OverwriteWarning, even with -q); what loading an adapter decided (AdapterNote: tensors PEFT
-    ignores, ...) unless -q (apply lists those in its report). Other warnings go where they went."""
+    ignores, ...) unless -q (apply lists those in its report), kept for --json's "notes" too. Other warnings go
+    where they went."""
     import warnings
 
     from lorafuse.errors import AdapterNote, OverwriteWarning
@@ -1438,7 +1520,7 @@ def _notes(args: argparse.Namespace) -> Iterator[None]:
 
         def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
             if issubclass(category, (OverwriteWarning, AdapterNote)):
-                _say(f"note: {message}", file=sys.stderr)
+                _note(args, message)
             else:
                 shown(message, category, *rest, **kw)
 
@@ -1506,7 +1588,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    ("plan" if report.dry_run else "report"): next(found) if s.argv else None}
                   for s in report.stages]
         _say(json.dumps({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
-                         "seconds": report.seconds, "notes": report.notes, "stages": stages}, indent=2,
+                         "seconds": report.seconds, "notes": _json_notes(args, *report.notes), "stages": stages},
+                        indent=2,
                         allow_nan=False))
     elif not args.quiet and not args.dry_run:
         _say(f"ran {plural(len(report.stages), 'stage')}; wrote {report.out} in {report.seconds:.2f} s")
@@ -1574,6 +1657,13 @@ def dispatch(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(_negative_values(list(argv)))
     with _notes(args):
         return _commands()[args.command](args)
+
+
+def _input_error(e: LorafuseValueError) -> bool:
+    """Whether a LorafuseValueError is also one of the input errors (a LorafuseError class that is no
+    LorafuseValueError: UnsharedModulesError is a MissingModuleError): exit status 1, as for those, not 2."""
+    return any(issubclass(c, LorafuseError) and not issubclass(c, LorafuseValueError) and c is not LorafuseError
+               for c in type(e).__mro__)
 
 
 def _interrupted(e: BaseException) -> bool:
@@ -1665,8 +1755,11 @@ def _main(argv: Sequence[str] | None) -> int:
         with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"):
             return _commands()[args.command](args)
     except LorafuseValueError as e:
-        _say(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if not _input_error(e):
+            _say(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except LorafuseError as e:
         _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -27,6 +27,12 @@ class MissingModuleError(LorafuseError):
     """An adapter module has no matching weight in the base checkpoint."""
 
 
+class UnsharedModulesError(MissingModuleError, LorafuseValueError):
+    """Adapters to be combined share no module and name their modules from different roots: adapters of
+    different models, or one model in two namings. Also a LorafuseValueError (what it was before it had a class
+    of its own); the CLI exits 1 for it, as for the other input errors."""
+
+
 class DtypeError(LorafuseError):
     """An element type that cannot be read or written here."""
 
@@ -69,6 +75,7 @@ __all__ = [
     "FormatError",
     "ShapeMismatchError",
     "MissingModuleError",
+    "UnsharedModulesError",
     "DtypeError",
     "NonFiniteError",
     "DeviceError",

@@ -20,7 +20,14 @@ import numpy as np
 
 from lorafuse._validate import check_rank, check_text, check_threads
 from lorafuse.backends import FactorJob, get_backend
-from lorafuse.errors import LorafuseError, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import (
+    LorafuseError,
+    LorafuseValueError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsharedModulesError,
+    UnsupportedError,
+)
 from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.names import exact_pattern, full_tensors_text
@@ -294,10 +301,10 @@ def check_shared(adapters: Sequence[Adapter], what: str) -> None:
 
 
 def different_models(what: str, first: tuple[str, Sequence[str]], second: tuple[str, Sequence[str]]
-                     ) -> LorafuseValueError:
+                     ) -> UnsharedModulesError:
     """check_shared's refusal of two adapters (each: how it is named, its module names) that share no module
     and no root (also raised by the streamed engine's header pass, ops.combine.many.check_sources)."""
-    return LorafuseValueError(
+    return UnsharedModulesError(
         f"{what}: {first[0]} and {second[0]} share no module "
         f"({module_examples(first[1])} vs {module_examples(second[1])}): adapters "
         "for different models, or one model in two namings (kohya vs diffusers: `lorafuse convert` one "

@@ -830,8 +830,9 @@ def _one_file_notes(mplan: ModelPlan, base: Path, out: Path) -> None:
     changed = {k: v for k, v in plan.config_updates.items() if k in ("torch_dtype", "dtype")}
     if left:
         shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
-        mplan.notes.append(f"{out} is one .safetensors file, which holds tensors only: {shown} of {base} are not in "
-                           f"it (a loader needs config.json and the tokenizer files beside the weights; give a "
+        mplan.notes.append(f"{out} is one .safetensors file, which holds tensors only: {shown} of {base} "
+                           f"{'is' if len(left) == 1 else 'are'} not in it (a loader needs config.json and the "
+                           f"tokenizer files beside the weights; give a "
                            f"folder name, e.g. {folder}, to get them copied)")
     if changed:
         config = read_config(ckpt.directory)

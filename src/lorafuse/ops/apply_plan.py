@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from lorafuse._terminal import plural
 from lorafuse.errors import DtypeError, LorafuseValueError
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS
@@ -245,9 +246,9 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         plan.requantized = requantized
         if not qplan.requantize and (qplan.config_removals or qplan.dropped):
             written = dtype or " / ".join(sorted({r.dtype or "BF16" for r in qplan.weights.values()})) or "BF16"
-            notes.append(f"{ckpt.directory}: {len(qplan.weights)} weights quantized with "
+            notes.append(f"{ckpt.directory}: {plural(len(qplan.weights), 'weight')} quantized with "
                          f"{qplan.quantization.describe()} written dequantized as {written}; "
-                         f"{len(qplan.dropped)} companion tensors (scales, quant states) and config.json's "
+                         f"{plural(len(qplan.dropped), 'companion tensor')} (scales, quant states) and config.json's "
                          f"{' / '.join(qplan.config_removals) or 'quantization settings'} left out")
     return plan
 
