@@ -371,10 +371,8 @@ def _recipe(tmp_path: Path) -> Path:
     return recipe
 
 
-def test_a_run_stopped_in_its_last_stage_names_no_removed_intermediate_output(tmp_path, capsys, monkeypatch):
-    """Ctrl-C during the apply stage said 'interrupted after .lorafuse-run-.../pooled was written': that output
-    lay in the run's temporary folder, already removed."""
-    recipe = _recipe(tmp_path)
+def _stop_in_apply(monkeypatch) -> None:
+    """The run's apply stage gets Ctrl-C as it starts."""
     real = cli._commands
 
     def commands():
@@ -389,6 +387,13 @@ def test_a_run_stopped_in_its_last_stage_names_no_removed_intermediate_output(tm
         return cmds
 
     monkeypatch.setattr(cli, "_commands", commands)
+
+
+def test_a_run_stopped_in_its_last_stage_names_no_removed_intermediate_output(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the apply stage said 'interrupted after .lorafuse-run-.../pooled was written': that output
+    lay in the run's temporary folder, already removed."""
+    recipe = _recipe(tmp_path)
+    _stop_in_apply(monkeypatch)
     monkeypatch.chdir(tmp_path)
     code, _, err = _run(capsys, "run", recipe, "-o", tmp_path / "out", "-q")
     assert code == 130
@@ -398,20 +403,7 @@ def test_a_run_stopped_in_its_last_stage_names_no_removed_intermediate_output(tm
 
 def test_a_run_stopped_with_kept_intermediates_names_them(tmp_path, capsys, monkeypatch):
     recipe = _recipe(tmp_path)
-    real = cli._commands
-
-    def commands():
-        cmds = dict(real())
-        apply = cmds["apply"]
-
-        def stopped(args):
-            os.kill(os.getpid(), signal.SIGINT)
-            return apply(args)
-
-        cmds["apply"] = stopped
-        return cmds
-
-    monkeypatch.setattr(cli, "_commands", commands)
+    _stop_in_apply(monkeypatch)
     code, _, err = _run(capsys, "run", recipe, "-o", tmp_path / "out", "-q", "--intermediate-dir", tmp_path / "mid")
     assert code == 130
     assert f"interrupted after {tmp_path / 'mid' / 'pooled'} was written" in err, err
