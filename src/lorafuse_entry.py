@@ -14,8 +14,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError)."""
+def interrupted(e: BaseException) -> bool:
+    """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError); also
+    lorafuse.cli's test, once the package runs."""
     seen: set[int] = set()
     x: BaseException | None = e
     while x is not None and id(x) not in seen:
@@ -31,7 +32,7 @@ def main() -> int:
     try:
         from lorafuse.cli import main as cli_main
     except (KeyboardInterrupt, ImportError) as e:
-        if not _interrupted(e):
+        if not interrupted(e):
             raise
         sys.stderr.write("lorafuse: interrupted; no output was written\n")
         return 143 if isinstance(e, _Terminated) else 130

@@ -29,6 +29,7 @@ from lorafuse._validate import (
 )
 from lorafuse._version import get_version
 from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
+from lorafuse_entry import interrupted  # the console script's test of a Ctrl-C, beside the package
 
 if TYPE_CHECKING:
     from lorafuse.ops.rank import RankRule
@@ -1666,19 +1667,6 @@ def _input_error(e: LorafuseValueError) -> bool:
                for c in type(e).__mro__)
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether `e` is, or was raised while handling, a Ctrl-C (an import that Ctrl-C stopped halfway raises
-    ImportError)."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        if isinstance(x, KeyboardInterrupt):
-            return True
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return False
-
-
 def _stopped_note(before: int) -> str:
     """What a stopped command wrote: the outputs it put in place (a signal that came while one was put in place
     is handled once it is), else nothing."""
@@ -1715,7 +1703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except (KeyboardInterrupt, ImportError) as e:  # before the command started (reading the command line)
-        if not _interrupted(e):
+        if not interrupted(e):
             raise
         _say("lorafuse: interrupted; no output was written", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
@@ -1767,7 +1755,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"lorafuse {args.command}: terminated (SIGTERM){_stopped_note(committed)}", file=sys.stderr)
         return _leave(143, rays)
     except (KeyboardInterrupt, ImportError) as e:
-        if not _interrupted(e):
+        if not interrupted(e):
             if isinstance(e, ImportError):  # a module that would not load (out of memory, a damaged install)
                 _say(f"lorafuse {args.command}: error: {e}; no output was written", file=sys.stderr)
                 return 1
