@@ -126,7 +126,7 @@ def test_console_script_handles_ctrl_c_during_imports(made: Path) -> None:
     module, func = target.split("#")[0].strip().split(":")
     assert "." not in module  # outside the package: importing `lorafuse` happens inside its handler
     stub = f"import sys; from {module} import {func}; sys.exit({func}())"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = dict(os.environ)  # the installed module (the wheel's, or a development install's src/)
     warm = subprocess.run([sys.executable, "-c", stub, "info", str(made / "a1")], env=env, capture_output=True)
     assert warm.returncode == 0, warm.stderr
     handled = 0
