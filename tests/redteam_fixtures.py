@@ -46,3 +46,16 @@ def kohya_file(path: Path, module: str, seed: int, rank: int = 2, width: int = 8
                f"{module}.lora_up.weight": rng.standard_normal((width, rank)).astype(np.float32),
                f"{module}.alpha": np.array(float(rank), np.float32)}, str(path))
     return path
+
+
+def read_torch(path: Path) -> dict:
+    """Every tensor of a .safetensors file, or of a folder's .safetensors files, as torch tensors (safetensors'
+    own reader: float8 too)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out: dict = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out

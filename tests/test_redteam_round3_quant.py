@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 F = pytest.importorskip("bitsandbytes.functional")
 
-from safetensors import safe_open  # noqa: E402
+from redteam_fixtures import read_torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import lorafuse  # noqa: E402
@@ -53,13 +53,7 @@ def _no_torch_compile():
         yield
 
 
-def read(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+read = read_torch
 
 
 def dtypes_in_file(path: Path) -> dict[str, str]:

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from redteam_fixtures import PREFIX, peft_folder
-from safetensors import safe_open
+from redteam_fixtures import PREFIX, peft_folder, read_torch
 from safetensors.torch import save_file
 
 import lorafuse
@@ -38,13 +37,7 @@ UP, DOWN, GATE, Q = ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj
 RANK = 2  # peft_folder's default rank and alpha
 
 
-def read(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
+read = read_torch
 
 
 def delta64(adapter: Path, module: str) -> torch.Tensor:
