@@ -20,8 +20,9 @@ from safetensors.numpy import load_file, save_file
 
 import lorafuse
 from lorafuse import FormatError, OutputError
-from lorafuse.cli import _interrupted, main
+from lorafuse.cli import main
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
+from lorafuse_entry import interrupted
 
 H, R = 8, 2
 Q = "model.layers.0.self_attn.q_proj"
@@ -293,8 +294,8 @@ def test_ctrl_c_before_the_command_starts_is_said_in_one_line(monkeypatch, capsy
         except KeyboardInterrupt:
             raise ImportError("partially initialized module") from None
     except ImportError as e:
-        assert _interrupted(e)
-    assert not _interrupted(ImportError("no module named x"))
+        assert interrupted(e)
+    assert not interrupted(ImportError("no module named x"))
 
 
 def test_an_output_edited_in_place_is_the_users(tmp_path):
