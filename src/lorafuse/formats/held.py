@@ -70,13 +70,18 @@ def peft_subfolders(folder: Path) -> list[Path]:
         return []
 
 
+def _shown(subs: list[Path]) -> str:
+    """The first four sub-folders, and how many more."""
+    return ", ".join(str(s) for s in subs[:4]) + (f" and {len(subs) - 4} more" if len(subs) > 4 else "")
+
+
 def subfolder_hint(folder: Path) -> str:
     """'; it holds a PEFT adapter in a sub-folder (...)' when `folder` is one whose adapters are in sub-folders,
     else ''."""
     subs = peft_subfolders(folder)
     if not subs:
         return ""
-    shown = ", ".join(str(s) for s in subs[:4]) + (f" and {len(subs) - 4} more" if len(subs) > 4 else "")
+    shown = _shown(subs)
     one = len(subs) == 1
     return (f"; it holds {'a PEFT adapter in a sub-folder' if one else f'{len(subs)} PEFT adapters in sub-folders'} "
             f"({shown}: PEFT's save_pretrained writes an adapter not named 'default' in a sub-folder named after it): "
@@ -134,7 +139,7 @@ def refuse_adapter(path: Path, what: str, instead: str) -> None:
         return
     subs = [] if own else peft_subfolders(path)
     if subs:
-        shown = ", ".join(str(s) for s in subs[:4]) + (f" and {len(subs) - 4} more" if len(subs) > 4 else "")
+        shown = _shown(subs)
         raise FormatError(f"{named}: {what} holds no model checkpoint, only PEFT adapters in sub-folders ({shown}): "
                           f"{instead}")
 
