@@ -614,9 +614,45 @@ def test_a_sharded_model_fetches_its_index_shards_not_other_copies(env, monkeypa
       "flux1-dev.safetensors": b"single"},
      {"transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
       "transformer/diffusion_pytorch_model-00002-of-00002.safetensors"}),
+    # transformers' layout after a re-save of a model saved sharded before: model.safetensors beside the old
+    # index (and shards); transformers loads model.safetensors, so only it is fetched
+    ({"config.json": b"{}", "model.safetensors": b"m",
+      "model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors",
+                                                                 "y": "model-00002-of-00002.safetensors"}}).encode(),
+      "model-00001-of-00002.safetensors": b"1", "model-00002-of-00002.safetensors": b"2"},
+     {"model.safetensors"}),
+    # the same in a pipeline: the transformers component takes its single file, the diffusers one its index
+    ({"model_index.json": _pipeline_index(text_encoder=["transformers", "T5EncoderModel"],
+                                          transformer=["diffusers", "FluxTransformer2DModel"]),
+      "text_encoder/config.json": b"{}", "text_encoder/model.safetensors": b"t",
+      "text_encoder/model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-1.safetensors"}}).encode(),
+      "text_encoder/model-1.safetensors": b"t1",
+      "transformer/config.json": b"{}", "transformer/diffusion_pytorch_model.safetensors": b"stale",
+      "transformer/diffusion_pytorch_model.safetensors.index.json": json.dumps(
+          {"weight_map": {"x": "diffusion_pytorch_model-1.safetensors"}}).encode(),
+      "transformer/diffusion_pytorch_model-1.safetensors": b"d1"},
+     {"text_encoder/model.safetensors", "transformer/diffusion_pytorch_model-1.safetensors"}),
 ])
 def test_the_weights_fetched_are_the_ones_read(env, monkeypatch, tmp_path, layout, want):
     fetched = _remote(monkeypatch, tmp_path, layout)
     hub.local_path("org/repo", what="input")
     assert _weights(fetched) == want
 
+
+
+def test_a_hub_folder_with_a_stale_index_is_read_as_transformers_reads_it(env, monkeypatch, tmp_path):
+    """The files fetched are the ones the checkpoint reader takes: model.safetensors, not the index's shards, with
+    the reader's note that the index beside it was left alone."""
+    from safetensors.numpy import save as st_save
+
+    index = {"weight_map": {"w": "model-00001-of-00001.safetensors"}}
+    files = {"config.json": b"{}", "model.safetensors.index.json": json.dumps(index).encode(),
+             "model.safetensors": st_save({"w": np.ones((2, 2), np.float32)}),
+             "model-00001-of-00001.safetensors": st_save({"w": np.zeros((2, 2), np.float32)})}
+    fetched = _remote(monkeypatch, tmp_path, files)
+    from lorafuse.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint("org/repo")
+    assert _weights(fetched) == {"model.safetensors"}
+    assert ckpt.shards == ["model.safetensors"]
+    assert any("model.safetensors.index.json" in n for n in ckpt.notes)

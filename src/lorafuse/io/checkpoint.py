@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, InputChangedError
-from lorafuse.io.hub import local_path, shard_name_problem
+from lorafuse.io.hub import LOADERS, local_path, shard_name_problem
 from lorafuse.io.safetensors import (
     FileIdentity,
     SafetensorsFile,
@@ -153,12 +153,6 @@ def refuse_pickle(path: Path) -> FormatError:
 # The file names transformers and diffusers write; variants such as `*.fp16.safetensors` beside them
 # are other weights (left alone unless they are the only file).
 PREFERRED = ("model.safetensors", "diffusion_pytorch_model.safetensors")
-# Each library's single-file checkpoint, and whether its loader looks for the shard index beside it first. A
-# folder can hold both: transformers' save_pretrained of a model saved sharded before removes the old shards but
-# keeps their index; its from_pretrained takes model.safetensors before model.safetensors.index.json
-# (modeling_utils._get_resolved_checkpoint_files), diffusers' the index first (ModelMixin.from_pretrained,
-# _fetch_index_file). lorafuse reads what that library loads.
-LOADERS = (("transformers", "model.safetensors", False), ("diffusers", "diffusion_pytorch_model.safetensors", True))
 
 
 def _is_file(path: Path, index: Path) -> bool:

@@ -171,8 +171,14 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     return resolved
 
 
-_INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
-_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+# Each library's single-file checkpoint, and whether its loader looks for the shard index beside it first. A
+# folder can hold both: transformers' save_pretrained of a model saved sharded before removes the old shards but
+# keeps their index; its from_pretrained takes model.safetensors before model.safetensors.index.json
+# (modeling_utils._get_resolved_checkpoint_files), diffusers' the index first (ModelMixin.from_pretrained,
+# _fetch_index_file). lorafuse reads (io.checkpoint) and fetches (weights_wanted) what that library loads.
+LOADERS = (("transformers", "model.safetensors", False), ("diffusers", "diffusion_pytorch_model.safetensors", True))
+_INDEX_NAMES = tuple(single + ".index.json" for _, single, _ in LOADERS)
+_WEIGHT_NAMES = tuple(single for _, single, _ in LOADERS)
 
 
 def _json(path: Path) -> dict[str, object] | None:
@@ -201,27 +207,48 @@ def shard_name_problem(name: str) -> str | None:
     return None
 
 
+def _index_shards(folder: Path, name: str, prefix: str) -> list[str] | None:
+    """The shards the index `name` in `folder` lists, as download patterns; None when it is absent, not JSON or
+    lists none. A shard name that is not a plain FILE.safetensors (shard_name_problem), or that holds a pattern
+    character (`*` would fetch the whole repository), is a FormatError naming the index, before anything more
+    is downloaded."""
+    weight_map = (_json(folder / name) or {}).get("weight_map")
+    if not isinstance(weight_map, dict):
+        return None
+    shards = sorted({v for v in weight_map.values() if isinstance(v, str)})
+    for shard in shards:
+        why = shard_name_problem(shard) or (
+            "holds a pattern character (* ? [ ]), which would download other files of the repository"
+            if _GLOB.search(shard) else None)
+        if why is not None:
+            raise FormatError(f"{folder / name}: shard {short(shard)} {why}; nothing more was downloaded")
+    return [prefix + s for s in shards] or None
+
+
 def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
-    """The weight files a transformers / diffusers model folder loads: the shards its index lists, else its one
-    weights file by name; None when the folder has neither an index nor a config.json (not such a folder).
-    A shard name that is not a plain FILE.safetensors (shard_name_problem), or that holds a
-    pattern character (`*` would fetch the whole repository), is a FormatError naming the index, before
-    anything more is downloaded."""
-    for name in _INDEX_NAMES:
-        weight_map = (_json(folder / name) or {}).get("weight_map")
-        if isinstance(weight_map, dict):
-            shards = sorted({v for v in weight_map.values() if isinstance(v, str)})
-            for shard in shards:
-                why = shard_name_problem(shard) or (
-                    "holds a pattern character (* ? [ ]), which would download other files of the repository"
-                    if _GLOB.search(shard) else None)
-                if why is not None:
-                    raise FormatError(f"{folder / name}: shard {short(shard)} {why}; nothing more was downloaded")
-            if shards:
-                return [prefix + s for s in shards]
+    """The weight files a transformers / diffusers model folder loads, as its library loads them (LOADERS): the
+    shards its index lists, else its one weights file by name; None when the folder has neither an index nor a
+    config.json (not such a folder). Where the library takes its single file before its index (transformers'
+    model.safetensors), that file is asked for first: `weights_missing` asks for the index's shards only when
+    the repository has no such file, so a repository holding both (a stale index beside a re-saved model) is
+    read as transformers reads it, and its shards are not fetched."""
+    for _, single, index_first in LOADERS:
+        shards = _index_shards(folder, single + ".index.json", prefix)
+        if shards is not None:
+            return shards if index_first else [prefix + single]
     if (folder / "config.json").is_file():
         return [prefix + n for n in _WEIGHT_NAMES]
     return None
+
+
+def _shards_instead(folder: Path, prefix: str) -> list[str]:
+    """The index's shards, where `_folder_weights` asked for a single file first and the repository has none."""
+    for _, single, index_first in LOADERS:
+        if not index_first and not (folder / single).is_file():
+            shards = _index_shards(folder, single + ".index.json", prefix)
+            if shards is not None:
+                return shards
+    return []
 
 
 def _pipeline_components(folder: Path) -> list[str]:
@@ -258,7 +285,8 @@ def _safetensors_files(folder: Path) -> list[str]:
 
 
 def weights_missing(folder: Path) -> list[str]:
-    """What weights_wanted's names did not find, as patterns fetched whole: a pipeline's components that have a
+    """What weights_wanted's names did not find, as patterns fetched whole: the index's shards of a folder whose
+    single file (asked for first, LOADERS) is not in the repository; a pipeline's components that have a
     config.json and no weights file (a repository of variants only, diffusion_pytorch_model.fp16.safetensors),
     or, outside a pipeline, every .safetensors file when no top-level one came (weights named otherwise)."""
     def has_weights(d: Path) -> bool:
@@ -269,9 +297,13 @@ def weights_missing(folder: Path) -> list[str]:
 
     components = _pipeline_components(folder)
     if components:
-        return [f"{c}/{WEIGHTS}" for c in components if (folder / c / "config.json").is_file()
-                and not has_weights(folder / c)]
-    return [] if has_weights(folder) else [WEIGHTS]
+        missing: list[str] = []
+        for c in components:
+            shards = _shards_instead(folder / c, c + "/")
+            missing += shards or ([f"{c}/{WEIGHTS}"] if (folder / c / "config.json").is_file()
+                                  and not has_weights(folder / c) else [])
+        return missing
+    return _shards_instead(folder, "") or ([] if has_weights(folder) else [WEIGHTS])
 
 
 def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Path:
