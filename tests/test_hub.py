@@ -632,6 +632,17 @@ def test_a_sharded_model_fetches_its_index_shards_not_other_copies(env, monkeypa
           {"weight_map": {"x": "diffusion_pytorch_model-1.safetensors"}}).encode(),
       "transformer/diffusion_pytorch_model-1.safetensors": b"d1"},
      {"text_encoder/model.safetensors", "transformer/diffusion_pytorch_model-1.safetensors"}),
+    # a config.json naming its weights file (transformers_weights): that file, which transformers loads
+    ({"config.json": json.dumps({"transformers_weights": "consolidated.safetensors"}).encode(),
+      "model.safetensors": b"m", "consolidated.safetensors": b"c",
+      "model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-1.safetensors"}}).encode(),
+      "model-1.safetensors": b"1"},
+     {"consolidated.safetensors"}),
+    # ... or the shards of the index it names
+    ({"config.json": json.dumps({"transformers_weights": "w.safetensors.index.json"}).encode(),
+      "w.safetensors.index.json": json.dumps({"weight_map": {"x": "w-1.safetensors", "y": "w-2.safetensors"}}).encode(),
+      "w-1.safetensors": b"1", "w-2.safetensors": b"2", "model.safetensors": b"m"},
+     {"w-1.safetensors", "w-2.safetensors"}),
 ])
 def test_the_weights_fetched_are_the_ones_read(env, monkeypatch, tmp_path, layout, want):
     fetched = _remote(monkeypatch, tmp_path, layout)

@@ -188,6 +188,34 @@ def _lists_only(index: Path, shard: str) -> bool:
         return False
 
 
+TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json: the weights file from_pretrained loads (transformers 5)
+
+
+def explicit_weights(directory: Path) -> str | None:
+    """The file a transformers config.json names in `transformers_weights`, which transformers' from_pretrained loads
+    before any other (a FILE.safetensors or FILE.safetensors.index.json in the folder); None when the config names
+    none. One lorafuse cannot read as transformers would (not a string, a path, not safetensors, not there) is a
+    FormatError naming the config: merging another file would give a model whose loader reads the unmerged one."""
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    value = read_config(directory).get(TRANSFORMERS_WEIGHTS)
+    if value is None:
+        return None
+    where = f"{config}: {TRANSFORMERS_WEIGHTS} {short(value)}"
+    if not isinstance(value, str):
+        raise FormatError(f"{where} is not a file name (a string)")
+    if Path(value).name != value or value in (".", ".."):
+        raise FormatError(f"{where} is a path; lorafuse reads the weights file it names only from the folder itself")
+    if not value.lower().endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)) or value.lower() in (SAFETENSORS_SUFFIX,
+                                                                                            INDEX_SUFFIX):
+        raise FormatError(f"{where} is not a FILE{SAFETENSORS_SUFFIX} or FILE{INDEX_SUFFIX} (lorafuse reads "
+                          "safetensors only)")
+    if not _is_file(directory / value, config):
+        raise FormatError(f"{where} is not a file in {directory} (transformers would not load this folder either)")
+    return value
+
+
 def no_such_path(path: str | os.PathLike[str]) -> str:
     """'PATH: no such file or directory', with the name quoted, and the name meant when there is one, where the
     path starts or ends with a space (invisible in a message). A symbolic link that leads nowhere is said as
@@ -261,6 +289,11 @@ class Checkpoint:
             self.notes.append(self._unread_note(*self._unread))
 
     def _shards_of_directory(self, directory: Path) -> list[str]:
+        named = explicit_weights(directory)
+        if named is not None:  # config.json's transformers_weights: the file transformers loads, whatever is beside it
+            self.notes.append(f"{directory}: read {named}, which config.json's transformers_weights names (the file "
+                              "transformers loads from this folder)")
+            return self._index_shards(directory / named) if named.lower().endswith(INDEX_SUFFIX) else [named]
         for loader, single, index_first in LOADERS:
             index = directory / (single + ".index.json")
             whole, sharded = (directory / single).is_file(), index.is_file()
@@ -291,6 +324,13 @@ class Checkpoint:
         pickles = sorted(p for p in directory.iterdir() if is_pickle(p))
         if pickles:
             raise refuse_pickle(pickles[0])
+        gguf = names_ending(directory, ".gguf")
+        if gguf:
+            raise FormatError(f"{directory}: no .safetensors checkpoint found, only {', '.join(gguf[:3])}"
+                              f"{' and more' if len(gguf) > 3 else ''}: a GGUF model (llama.cpp), which lorafuse does "
+                              "not read or merge into; merge into the safetensors model the GGUF was converted from "
+                              "(then convert the result with llama.cpp's convert_hf_to_gguf.py), or convert the "
+                              "adapter for llama.cpp's --lora with `lorafuse convert ADAPTER --to gguf`")
         raise FormatError(f"{directory}: no .safetensors checkpoint found")
 
     def _index_shards(self, index: Path) -> list[str]:

@@ -225,13 +225,27 @@ def _index_shards(folder: Path, name: str, prefix: str) -> list[str] | None:
     return [prefix + s for s in shards] or None
 
 
+def _named_weights(folder: Path) -> str | None:
+    """The weights file a transformers config.json names in `transformers_weights` (what from_pretrained loads
+    first), when it is a plain file name; the reader (io.checkpoint.explicit_weights) refuses any other."""
+    named = (_json(folder / "config.json") or {}).get("transformers_weights")
+    return named if isinstance(named, str) and Path(named).name == named and not _GLOB.search(named) else None
+
+
 def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
     """The weight files a transformers / diffusers model folder loads, as its library loads them (LOADERS): the
     shards its index lists, else its one weights file by name; None when the folder has neither an index nor a
     config.json (not such a folder). Where the library takes its single file before its index (transformers'
     model.safetensors), that file is asked for first: `weights_missing` asks for the index's shards only when
     the repository has no such file, so a repository holding both (a stale index beside a re-saved model) is
-    read as transformers reads it, and its shards are not fetched."""
+    read as transformers reads it, and its shards are not fetched. A config.json naming its weights file
+    (transformers_weights) gets that file, or the shards of the index it names."""
+    named = _named_weights(folder)
+    if named is not None:
+        if named.lower().endswith(".safetensors.index.json"):
+            return _index_shards(folder, named, prefix) or [prefix + WEIGHTS]
+        if named.lower().endswith(_SHARD_SUFFIX):
+            return [prefix + named]
     for _, single, index_first in LOADERS:
         shards = _index_shards(folder, single + ".index.json", prefix)
         if shards is not None:
@@ -243,6 +257,8 @@ def _folder_weights(folder: Path, prefix: str) -> list[str] | None:
 
 def _shards_instead(folder: Path, prefix: str) -> list[str]:
     """The index's shards, where `_folder_weights` asked for a single file first and the repository has none."""
+    if _named_weights(folder) is not None:
+        return []
     for _, single, index_first in LOADERS:
         if not index_first and not (folder / single).is_file():
             shards = _index_shards(folder, single + ".index.json", prefix)
