@@ -63,6 +63,9 @@ _COMPANION_HINTS: tuple[tuple[str, str], ...] = (
     (".qzeros", "gptq/awq"),
     (".g_idx", "gptq"),
     (".weight_scales", "eetq"),
+    # GPT-OSS's MXFP4 experts (transformers' Mxfp4Config): 4-bit codes in `_blocks`, e8m0 scales in `_scales`
+    (".gate_up_proj_blocks", "mxfp4"),
+    (".down_proj_blocks", "mxfp4"),
 )
 
 # What to do about the methods lorafuse refuses.
@@ -258,6 +261,18 @@ def scales_to_float32(raw: np.ndarray, dtype: str, threads: int = 0) -> np.ndarr
     return get_backend().to_float32(np.ascontiguousarray(raw), dtype, threads)
 
 
+def _scale_fits(sshape: tuple[int, ...], grid: tuple[int, int]) -> bool:
+    """Whether a scale tensor of shape `sshape` holds the (block rows, block cols) `grid` of scales: the grid itself
+    after leading 1s ((3, 5); (1, 3, 5); a channel's (64, 1)), or, for a grid of one row or one column of blocks, those
+    scales as a 0-D / 1-D tensor ((64,); (); (1,)); not (15,) for (3, 5), nor a grid transposed ((1, 2) for (2, 1):
+    transformers' loader refuses it, a size mismatch)."""
+    while len(sshape) > 2 and sshape[0] == 1:
+        sshape = sshape[1:]
+    if len(sshape) == 2:
+        return sshape == grid
+    return len(sshape) < 2 and math.prod(sshape) == math.prod(grid) and min(grid) == 1
+
+
 def _round_scale(s: np.ndarray, dtype: str, threads: int) -> tuple[np.ndarray, np.ndarray]:
     """Scales as stored (raw, in `dtype`) and their float32 values. A positive scale that rounds to zero in a
     narrow dtype (F16 below 2^-25) becomes the dtype's smallest positive value: a zero scale would turn the
@@ -330,7 +345,7 @@ class Fp8Scaled(QuantScheme):
             return (f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16, F8_E8M0; U8 bytes of "
                     "float8_e8m0fnu with scale_fmt ue8m0)")
         grid = self.grid(shape)
-        if tuple(d for d in sshape if d != 1) != tuple(d for d in grid if d != 1):  # (3, 5); (1, 3, 5); not (15,)
+        if not _scale_fits(tuple(sshape), grid):
             return (f"its scale has shape {list(sshape)}; a {shape[0]}x{shape[1]} weight in blocks of "
                     f"{self.blocks(shape)[0]}x{self.blocks(shape)[1]} needs {list(grid)}")
         return None
@@ -480,7 +495,8 @@ class Bitsandbytes(QuantScheme):
         what = f"bitsandbytes 4-bit {st.quant_type}, blocks of {st.blocksize}" + (", nested" if st.nested else "")
         return Bnb4Weight(what, "bitsandbytes", True, self.packed_dtype, quant_type=st.quant_type,
                           blocksize=st.blocksize, nested=st.nested, dtype=st.dtype, shape=st.shape,
-                          storage=st.storage_dtype, nested_offset=st.nested_offset)
+                          storage=st.storage_dtype, nested_offset=st.nested_offset,
+                          nested_blocksize=st.nested_blocksize)
 
     # the unbound scheme does no math: `bind` first
     def row_align(self, shape: tuple[int, ...]) -> int:
@@ -505,7 +521,7 @@ class Bnb4Weight(Bitsandbytes):
     through io.quant_bnb.dequantize_bnb4 (the blocks run along the flattened weight: any rows); requantizing
     takes row blocks that start at a block boundary (bnb4_row_align) and gives each block a fresh absmax, in
     bitsandbytes' own quantize_4bit arithmetic; nested absmax is quantized once every block's is known
-    (`finish`), with the base's nested offset and map, so its quant_state is written back unchanged."""
+    (`finish`), with the base's nested offset, map and block size, so its quant_state is written back unchanged."""
 
     quant_type: str = "nf4"
     blocksize: int = 64
@@ -514,6 +530,7 @@ class Bnb4Weight(Bitsandbytes):
     shape: tuple[int, ...] = ()
     storage: str = "uint8"
     nested_offset: float = 0.0
+    nested_blocksize: int = Q.NESTED_BLOCKSIZE  # the quant state's (bitsandbytes writes 256)
 
     def logical_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return self.shape
@@ -537,6 +554,8 @@ class Bnb4Weight(Bitsandbytes):
     def read_rows(self, raw: np.ndarray, companions: Mapping[str, tuple[np.ndarray, str]], r0: int, r1: int,
                   shape: tuple[int, ...], threads: int = 0) -> np.ndarray:
         st = self._state("weight", raw, companions)
+        if tuple(shape) != st.shape and math.prod(shape) == st.numel:  # rows of a view: an [E, out, in] weight as
+            st = replace(st, shape=tuple(shape))  # the merge's (E * out, in) matrix (the blocks run flat: any view)
         return Q.dequantize_bnb4(raw.reshape(-1).view(np.uint8), st, slice(r0, r1)).reshape(r1 - r0, -1)
 
     def dequantize(self, codes: np.ndarray, companions: Mapping[str, tuple[np.ndarray, str]], r0: int,
@@ -566,7 +585,8 @@ class Bnb4Weight(Bitsandbytes):
             return out
         raw, dt = companions["nested_quant_map"]
         nmap = get_backend().to_float32(np.ascontiguousarray(raw).reshape(-1), dt, 0)
-        codes, nabs, _ = Q.quantize_nested_absmax(absmax, offset=self.nested_offset, code=nmap)
+        codes, nabs, _ = Q.quantize_nested_absmax(absmax, offset=self.nested_offset, code=nmap,
+                                                  blocksize=self.nested_blocksize)
         out["absmax"], out["nested_absmax"] = codes, nabs
         return out
 

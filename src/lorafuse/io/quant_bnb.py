@@ -622,7 +622,11 @@ def check_int8_format(tensors: Mapping[str, Any], weight_name: str) -> None:
         raise FormatError(f"{prefix}SCB is missing: the bitsandbytes 8-bit weight {weight_name} needs it")
     key = prefix + "weight_format"
     if key in tensors:
-        v = np.asarray(_array_and_dtype(tensors[key])[0]).reshape(-1)
+        raw, dt = _array_and_dtype(tensors[key])
+        v = np.asarray(raw).reshape(-1)
+        if dt not in ("uint8", "int8", "uint16", "int16", "int32", "int64"):  # bitsandbytes writes a uint8 scalar
+            raise FormatError(f"{key}: a {dt} tensor of shape {list(np.shape(raw))}; bitsandbytes writes the 8-bit "
+                              "weight's layout as one integer (0: row-major)")
         if v.size != 1 or int(v[0]) != 0:
             raise FormatError(f"{key}: {v.tolist()}; bitsandbytes reads row-major (0) 8-bit weights only")
 

@@ -9,10 +9,11 @@ regrouped per component, and each touched component gets a plan of its output sh
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from lorafuse._terminal import plural
@@ -217,6 +218,9 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
 
     for _, t in ordered:  # a fused expert tensor [E, out, in] is merged as an (E * out, in) matrix (ops.fused)
         t.matrix_rows = resolved.matrix_rows.get(t.name, t.matrix_rows)
+        if t.quant is not None and len(t.quant.shape) > 2 and t.matrix_rows != t.quant.shape[0]:
+            # its quantized rows are read and written in that view too (a 3-D bitsandbytes weight: flat blocks)
+            t.quant = replace(t.quant, shape=(t.rows, math.prod(t.quant.shape) // max(1, t.rows)))
     if max_shard_size is None:
         groups: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
         for shard, t in ordered:

@@ -227,6 +227,9 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
     plan = QuantPlan(q, requantize=keep)
     siblings = _siblings(ckpt.keys())
     known = tuple(q.dropped_suffixes)
+    # the quantized weights and their companions are known: several parameters of one module (fused experts
+    # `experts.gate_up_proj`, `experts.down_proj`) are each other's siblings
+    claimed = set(scan.found) | {k for f in scan.found.values() for k in f.present.values()}
     fallback = _config_dtype(config)
     for key, found in scan.found.items():
         info = ckpt.info(key)
@@ -234,7 +237,7 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
         touched = key in changed or not keep
         why = found.why
         if why is None and touched:
-            extra = _unknown_siblings(key, siblings, (*known, *(k.rpartition(".")[2] for k in present.values())))
+            extra = [k for k in _unknown_siblings(key, siblings, known) if k not in claimed]
             if extra:
                 why = f"{', '.join(extra[:4])} beside it, which lorafuse does not know (scales its codes may need)"
         for k in present.values():
