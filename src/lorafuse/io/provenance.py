@@ -120,14 +120,20 @@ def named_inputs(aliases: Mapping[str, str], made: Mapping[str, Provenance] | No
         _ALIASES.reset(token)
 
 
-def recorded_in(path: Path) -> Provenance | None:
+def recorded_in(path: Path, invocation: Invocation | None = None) -> Provenance | None:
     """The record a lorafuse output holds (the metadata of its file, or of the first .safetensors file of its
-    folder, in name order), or None."""
+    folder, in name order; in a pipeline folder, of its components' files), or None. `invocation`: only a
+    record of that invocation (a pipeline's untouched components are copied as they are, with whatever record
+    their files carry: only those lorafuse wrote in this run tell how it was made)."""
     from lorafuse.io.safetensors import read_header
 
     try:
-        file = path if path.is_file() else next(iter(sorted(path.glob("*.safetensors"))), None)
-        return Provenance.from_metadata(read_header(file)[1]) if file is not None else None
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.glob("*/*.safetensors"))
+        for file in files:
+            record = Provenance.from_metadata(read_header(file)[1])
+            if record is not None and (invocation is None or record.invocation == invocation):
+                return record
+        return None
     except (LorafuseError, OSError, ValueError):
         return None
 
@@ -519,7 +525,7 @@ def adapter_input(item: str | bytes | os.PathLike[str] | os.PathLike[bytes] | _A
         if kept:
             return InputSpec(name, role, weight, path, kept)
         return InputSpec(name, role, weight, None if mapped_bytes(path) is None else path, made_by=made_by)
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path: False for a name the system refuses (too long), which the reader then says
         return InputSpec(name, role, weight, path, tuple(f for f in PEFT_FILES if (path / f).is_file()))
     return InputSpec(name, role, weight, path)
 

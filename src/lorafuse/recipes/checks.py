@@ -62,6 +62,13 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
     if loc and loc[-1] in ("weight", "density") and isinstance(err.get("input"), list | dict):
         return loc, ("a list or mapping (mergekit's per-layer gradient or filtered values) is not supported: give "
                      "one number, the same for every layer")
+    if kind == "model_type":  # pydantic names its class (ModelEntry): say what the recipe writes there
+        value = err.get("input")
+        got = ("null" if value is None else "a list" if isinstance(value, list) else
+               f"the text {_short(value)}" if isinstance(value, str) else f"the value {_short(value)}")
+        model = len(loc) == 2 and loc[0] == "models" and isinstance(value, str)
+        hint = f" (a model is written `{{model: {value}}}`)" if model else ""
+        return loc, f"expected a mapping of the fields {', '.join(_fields_at(loc))}, got {got}{hint}"
     if kind == "string_pattern_mismatch" and "\\x00" in str((err.get("ctx") or {}).get("pattern", "")):
         return loc, "a path cannot hold a NUL character"
     value = err.get("input")
@@ -72,6 +79,11 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
     if kind in _WRITTEN and isinstance(value, str):
         return loc, f"{err.get('msg', 'invalid')}: YAML reads {value!r} as text ({_WRITTEN[kind]})"
     return loc, str(err.get("msg", "invalid"))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:30] + "..." + text[-6:]
 
 
 # how a recipe writes the values whose type errors say how (YAML 1.2's core schema, source.py)

@@ -270,23 +270,37 @@ def _externals(stages: Sequence[CheckedStage], recipe: RecipeText, source: Recip
     return list(found.values())
 
 
-def _stage_kind(verb: str) -> str | None:
-    """What a stage of `verb` writes (io.manifest.KINDS): an adapter; apply's (a merged model or pipeline) is
-    its base's, which its own check tells apart (None: not compared here)."""
-    from lorafuse.io.manifest import ADAPTER
+def _stage_kinds(stages: Sequence[CheckedStage], recipe: RecipeText) -> dict[str, str | None]:
+    """What each stage writes (io.manifest.KINDS), by name: an adapter; apply's is what its base is, as apply's
+    own check tells (output_kind: a merged pipeline for a pipeline folder, else a merged model), for a base that
+    is an earlier apply stage's output what that stage writes; None where that cannot be told before the stages
+    run (a Hub id, a missing base, an adapter stage as the base: the stage refuses it when it runs)."""
+    from lorafuse.io.manifest import ADAPTER, CHECKPOINT, PIPELINE
+    from lorafuse.io.pipeline import is_pipeline
 
-    return None if verb == "apply" else ADAPTER
+    kinds: dict[str, str | None] = {}
+    for s in stages:
+        if s.verb != "apply":
+            kinds[s.name] = ADAPTER
+        elif s.base is not None and s.base.stage is not None:
+            kinds[s.name] = kinds[s.base.stage] if kinds[s.base.stage] != ADAPTER else None
+        else:
+            assert s.base is not None
+            place = locate(recipe.folder, s.base.text)
+            kinds[s.name] = None if not os.path.lexists(place) else PIPELINE if is_pipeline(place) else CHECKPOINT
+    return kinds
 
 
-def _check_out(out: Path, overwrite: bool, externals: Sequence[Path], verb: str) -> None:
+def _check_out(out: Path, overwrite: bool, externals: Sequence[Path], kind: str | None) -> None:
     """The output's own refusals (io.atomic's rules), before the first stage runs: an existing output that
-    lorafuse did not write, or an earlier one of another kind (a merged model where the last stage, `verb`,
-    writes an adapter), needs overwrite; and whatever `overwrite` says, the output may not be, hold or lie
+    lorafuse did not write, or an earlier one of another kind (a merged model where the last stage writes an
+    adapter), needs overwrite; and whatever `overwrite` says, the output may not be, hold or lie
     inside what any stage reads (`externals`: not only the last stage's inputs, which that stage checks again)
-    nor the recipe file."""
+    nor the recipe file. `kind`: what the last stage writes (_stage_kinds)."""
     from lorafuse.io.atomic import check_output
 
-    check_output(out, externals, folder=out.is_dir(), overwrite=overwrite, kind=_stage_kind(verb))
+    # os.path.isdir: False for a name the system refuses (too long), which check_output then says
+    check_output(out, externals, folder=os.path.isdir(out), overwrite=overwrite, kind=kind)
 
 
 def _format_of(x: Input, recipe: RecipeText, formats: Mapping[str, str | None]) -> str | None:
@@ -370,7 +384,7 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
 
 
 def _check_intermediates(stages: Sequence[CheckedStage], recipe: RecipeText, work: Path, out: Path,
-                         externals: Sequence[Path]) -> None:
+                         externals: Sequence[Path], kinds: Mapping[str, str | None]) -> None:
     """Every stage before the last, where it will write in `intermediate_dir`, checked before anything runs
     (both of the places a stage may write, a folder NAME and a file NAME.safetensors, when it cannot be told
     yet which: the stage is checked again, on the place it writes, just before it runs)."""
@@ -381,7 +395,7 @@ def _check_intermediates(stages: Sequence[CheckedStage], recipe: RecipeText, wor
         for f in [True, False] if folder is None else [folder]:
             path = work / s.name if f else work / f"{s.name}.safetensors"
             _check_intermediate_output(path, f if folder is not None else None, s.name, work, out, externals,
-                                       _stage_kind(s.verb))
+                                       kinds[s.name])
 
 
 _RUN_FOLDER = re.compile(r"\.lorafuse-run-(\d+)-[a-z0-9_]{8}\Z")
@@ -472,7 +486,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
 
     from lorafuse._validate import check_bool, check_path, check_threads
     from lorafuse.backends import check_device
-    from lorafuse.io.provenance import Invocation, Provenance, invoked, named_inputs, recorded_in
+    from lorafuse.io.provenance import Invocation, Provenance, current_invocation, invoked, named_inputs, recorded_in
 
     # checked here, not by the verbs' parsers: a bad value must be a LorafuseValueError, not argparse's exit
     overwrite, dry_run, quiet = (check_bool(overwrite, "overwrite"), check_bool(dry_run, "dry_run"),
@@ -500,11 +514,12 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
         extra += ["--device", device]
     _check_places(stages, text)
     externals = _externals(stages, text, recipe)
-    _check_out(target, overwrite, externals, stages[-1].verb)
+    kinds = _stage_kinds(stages, text)
+    _check_out(target, overwrite, externals, kinds[stages[-1].name])
     keep = intermediate_dir is not None and len(stages) > 1
     if keep:
         assert intermediate_dir is not None
-        _check_intermediates(stages, text, Path(intermediate_dir), target, externals)
+        _check_intermediates(stages, text, Path(intermediate_dir), target, externals, kinds)
     if not dry_run and os.path.isdir(target.parent):
         _remove_dead_runs(target.parent)
     ran: list[StageRun] = []
@@ -546,7 +561,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         stage_out = _intermediate(s, text, outputs, work)
                         if keep:  # checked before the first stage where it could be told; now where it writes
                             _check_intermediate_output(stage_out, stage_out == work / s.name, s.name, work, target,
-                                                       externals, _stage_kind(s.verb))
+                                                       externals, kinds[s.name])
                     flags = list(extra)
                     if dry_run:
                         flags.append("--dry-run")
@@ -569,7 +584,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                 wrote = None if dry_run else stage_out
                 if wrote is not None:
                     outputs[s.name] = wrote
-                    record = None if last else recorded_in(wrote)
+                    record = None if last else recorded_in(wrote, current_invocation())
                     if record is not None:  # its inputs: in the `stages` of the records of stages that read it
                         records[s.name] = dataclasses.replace(record,
                                                               invocation=Invocation("recipe", f"stage {s.name}"))

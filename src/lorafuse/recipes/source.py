@@ -10,7 +10,9 @@ rules: `010` is 10 (not octal 8), `1e-3` is a number, `1_5` and `1:30` are text 
 for a float64 (`1e-400`, which would be 0) is refused as `--weights` refuses it. A value that cannot be read
 (`!!int x`, an integer of more digits than Python reads) is refused naming its line. Merge keys (`<<: *defaults`)
 copy the fields of the mapping they name; a recipe whose merges would copy more than MAX_MERGED_FIELDS fields
-in all (each level of `<<: [*a, *a]` doubles them) is refused before it is built.
+in all (each level of `<<: [*a, *a]` doubles them) is refused before it is built. JSON is YAML: a document that is
+a list of mappings is a list of stages (JSON has one document), tabs between a JSON text's tokens are spaces, and
+the surrogate pairs of `\\u` escapes are joined (a lone one is refused).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ _CORE = {
     _MERGE_TAG: (r"<<", "<"),
 }
 _CORE_RE = {tag: re.compile(rf"(?:{rx})\Z") for tag, (rx, _) in _CORE.items()}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _BadValue(Exception):
@@ -234,7 +237,22 @@ def _loader() -> type:
             raise _BadValue(f"{_shown(text)} is not a boolean (true or false)", node.start_mark)
         return text.lower() == "true"
 
+    def construct_str(loader: Any, node: Any) -> str:
+        """Text, with the UTF-16 surrogate pairs of its escapes joined (JSON's `"\\ud83d\\ude00"`, json.dumps's
+        output for a character beyond U+FFFF, is one character; PyYAML reads each escape alone); a lone
+        surrogate, which is no character, refused."""
+        text = str(loader.construct_scalar(node))
+        if not _SURROGATE.search(text):
+            return text
+        joined = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        lone = _SURROGATE.search(joined)
+        if lone is not None:
+            raise _BadValue(f"{_shown(joined)} holds a lone surrogate "
+                            f"(\\u{ord(lone.group()):04x}), which is not a character", node.start_mark)
+        return joined
+
     _add_core_resolvers(RecipeLoader)
+    RecipeLoader.add_constructor("tag:yaml.org,2002:str", construct_str)
     RecipeLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
     RecipeLoader.add_constructor("tag:yaml.org,2002:float", construct_float)
     RecipeLoader.add_constructor("tag:yaml.org,2002:bool", construct_bool)
@@ -302,6 +320,22 @@ def _check_merges(root: Any, origin: str) -> None:
         size[id(node)] = own + copied
 
 
+def _json_tabs(text: str) -> str:
+    """A JSON recipe's text with its tabs read as spaces: JSON is YAML, but PyYAML takes no tab between the
+    tokens of a flow collection (`json.dumps(..., indent="\\t")`). Only text that JSON reads whole, whose tabs
+    are then all between tokens (JSON's strings hold none), so lines and columns stay those of the file."""
+    body = text.removeprefix("\ufeff")  # a byte order mark (Windows' editors write one), which YAML skips
+    if "\t" not in body or body.lstrip()[:1] not in ("{", "["):
+        return text
+    import json
+
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return text
+    return text.replace("\t", " ")
+
+
 def parse(text: str, origin: str, folder: Path) -> RecipeText:
     """The YAML documents of `text` (empty documents, which hold nothing or only comments, are skipped). Raises
     RecipeError naming the line for text that is not YAML, or for a mapping key YAML does not read as text."""
@@ -312,15 +346,19 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
     docs: list[Document] = []
     loader = None
     try:
-        loader = _loader()(text)  # refuses a character YAML does not allow (NUL, a lone surrogate) here
+        loader = _loader()(_json_tabs(text))  # refuses a character YAML does not allow (NUL, a lone surrogate) here
         while loader.check_node():
             node = loader.get_node()
             if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
                 continue  # an empty document: a trailing '---', or a stage commented out between two
-            lines: dict[PathKey, int] = {}
-            _positions(node, (), lines, origin, set())
             _check_merges(node, origin)
-            docs.append(Document(loader.construct_document(node), node.start_mark.line + 1, lines))
+            # a list of stages (JSON has one document: `[{...}, {...}]`, as lorafuse.run takes a list): each a stage
+            many = isinstance(node, yaml.SequenceNode) and node.value and all(
+                isinstance(x, yaml.MappingNode) for x in node.value)
+            for part in node.value if many else [node]:
+                lines: dict[PathKey, int] = {}
+                _positions(part, (), lines, origin, set())
+                docs.append(Document(loader.construct_document(part), part.start_mark.line + 1, lines))
     except _BadValue as e:
         raise RecipeError(f"{origin} line {e.mark.line + 1}, column {e.mark.column + 1}: {e.message}") from None
     except yaml.MarkedYAMLError as e:
