@@ -51,24 +51,25 @@ class _Layer:
     bfl: str  # path inside the block (or the model, for global layers), dotted
     split: Split
     diffusers: tuple[str, ...]  # the diffusers layers it is made of, in row order
+    widths: tuple[int, int] | None = None  # (out, in) in units of the hidden size, where Flux.1's MLP sets them
 
 
 # One row per trainable Linear of a BFL DoubleStreamBlock / SingleStreamBlock / the model outside blocks.
 _DOUBLE: tuple[_Layer, ...] = (
     _Layer("img_attn.qkv", "thirds", ("attn.to_q", "attn.to_k", "attn.to_v")),
     _Layer("img_attn.proj", "whole", ("attn.to_out.0",)),
-    _Layer("img_mlp.0", "whole", ("ff.net.0.proj",)),
-    _Layer("img_mlp.2", "whole", ("ff.net.2",)),
+    _Layer("img_mlp.0", "whole", ("ff.net.0.proj",), (4, 1)),
+    _Layer("img_mlp.2", "whole", ("ff.net.2",), (1, 4)),
     _Layer("img_mod.lin", "whole", ("norm1.linear",)),
     _Layer("txt_attn.qkv", "thirds", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
     _Layer("txt_attn.proj", "whole", ("attn.to_add_out",)),
-    _Layer("txt_mlp.0", "whole", ("ff_context.net.0.proj",)),
-    _Layer("txt_mlp.2", "whole", ("ff_context.net.2",)),
+    _Layer("txt_mlp.0", "whole", ("ff_context.net.0.proj",), (4, 1)),
+    _Layer("txt_mlp.2", "whole", ("ff_context.net.2",), (1, 4)),
     _Layer("txt_mod.lin", "whole", ("norm1_context.linear",)),
 )
 _SINGLE: tuple[_Layer, ...] = (
-    _Layer("linear1", "qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-    _Layer("linear2", "whole", ("proj_out",)),
+    _Layer("linear1", "qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (7, 1)),
+    _Layer("linear2", "whole", ("proj_out",), (1, 5)),
     _Layer("modulation.lin", "whole", ("norm.linear",)),
 )
 _GLOBAL: tuple[_Layer, ...] = (
@@ -100,6 +101,7 @@ class _Site:
     bfl: str
     split: Split
     diffusers: tuple[str, ...]
+    widths: tuple[int, int] | None = None
 
     @property
     def kohya(self) -> str:
@@ -161,10 +163,10 @@ _LAYOUTS: tuple[tuple[str, bool], ...] = (
 
 def _site(layer: _Layer, block: tuple[str, str, str] | None) -> _Site:
     if block is None:
-        return _Site(layer.bfl, layer.split, layer.diffusers)
+        return _Site(layer.bfl, layer.split, layer.diffusers, layer.widths)
     bfl_list, dif_list, index = block
     return _Site(f"{bfl_list}.{index}.{layer.bfl}", layer.split,
-                 tuple(f"{dif_list}.{index}.{d}" for d in layer.diffusers))
+                 tuple(f"{dif_list}.{index}.{d}" for d in layer.diffusers), layer.widths)
 
 
 def _lookup(path: str, vocab: _Vocab) -> tuple[_Site, int | None] | None:
@@ -273,6 +275,23 @@ def _rows_or_none(rows: Rows, total: int) -> Rows | None:
     return None if rows == (0, total) else rows
 
 
+def _check_flux1_widths(module: str, site: _Site, out: int, fan_in: int) -> None:
+    """Refuse an MLP-bearing layer whose delta is not Flux.1's width: Flux.2 (and its Klein models) name these
+    layers alike in kohya / BFL files, but their SwiGLU MLP (ratio 3) gives other widths and other diffusers
+    layers (`attn.to_qkv_mlp_proj`, `attn.to_out`, `ff.linear_in`, `ff.linear_out`), which Flux.1's names would miss."""
+    if site.widths is None:
+        return
+    w_out, w_in = site.widths
+    if out * w_in == fan_in * w_out:
+        return
+    hidden = fan_in // w_in
+    raise ShapeMismatchError(
+        f"module {module!r} has shape ({out}, {fan_in}) where Flux.1's {site.bfl} has ({w_out * hidden}, "
+        f"{w_in * hidden}) ({w_out} x, {w_in} x the hidden size): it is another model's layer under Flux's names "
+        "(a Flux.2 LoRA: its SwiGLU MLP has other widths and diffusers layers, attn.to_qkv_mlp_proj, ff.linear_in, "
+        "...), whose diffusers names lorafuse does not know; nothing was written")
+
+
 def _diffusers_name(path: str) -> str:
     return f"{DIFFUSERS_COMPONENT}.{path}"
 
@@ -299,6 +318,7 @@ def to_diffusers(module: str, shape: Shape) -> list[tuple[str, Rows | None]]:
         _as_2d(shape, f"module {module!r}")
         return [(_diffusers_name(site.diffusers[part]), None)]
     out, fan_in = _as_2d(shape, f"module {module!r}")
+    _check_flux1_widths(module, site, out, fan_in)
     segments = _segments(site, out, fan_in, f"module {module!r}")
     return [(_diffusers_name(site.diffusers[p]), _rows_or_none(rows, out)) for p, rows in segments]
 

@@ -12,7 +12,8 @@ Two chains, one per kind of name:
   q_proj on the first rows of a Phi-3 `qkv_proj`, by the sizes in config.json).
 - module names of diffusion adapters (kohya / LyCORIS / diffusers LoRA files), all at once
   (`ModuleChain`): the Flux tables, the SD / SDXL / text-encoder tables, then LyCORIS's generic
-  `lycoris_<path with _>` spelling of any model's layers.
+  diffusers names of any other pipeline component (`transformer.<path>` -> `transformer/<path>.weight`), then
+  LyCORIS's generic `lycoris_<path with _>` spelling of any model's layers.
 Each matcher takes what the ones before it left; the first that matches a name decides it.
 """
 
@@ -240,6 +241,9 @@ class SdTables:
 
 
 GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
+# Where a checkpoint keeps the denoiser kohya names `lora_unet_`: a pipeline folder's transformer (a UNet's names are
+# the SD tables'), a single file's LDM / ComfyUI prefix (SD3's joint_blocks, HunyuanVideo's, Wan's, ...)
+DENOISER_PREFIXES = ("transformer/", "model.diffusion_model.", "diffusion_model.")
 
 
 def underscore_candidates(name: str, shapes: Shapes) -> list[str]:
@@ -249,13 +253,26 @@ def underscore_candidates(name: str, shapes: Shapes) -> list[str]:
     if prefix is None:
         return []
     want = name[len(prefix):]
-    return sorted(k for k in shapes if k.endswith(".weight") and k[: -len(".weight")].replace(".", "_") == want)
+    return sorted(k for k in shapes if want in _spellings(k))
+
+
+def _spellings(key: str) -> tuple[str, ...]:
+    """How kohya / LyCORIS names spell a weight key's module: its path with '_' for '.', and the path inside the
+    denoiser (DENOISER_PREFIXES)."""
+    if not key.endswith(".weight"):
+        return ()
+    path = key[: -len(".weight")]
+    prefix = next((p for p in DENOISER_PREFIXES if path.startswith(p)), None)
+    inner = () if prefix is None else (path[len(prefix):].replace(".", "_"),)
+    return (path.replace(".", "_"), *inner)
 
 
 class UnderscoreNames:
     """kohya-style names on a model the tables do not know (LyCORIS names any torch model's layers
-    `lycoris_<path with _>`): the module is the weight whose dotted path, with '_' for '.', is its name
-    without the prefix. A name two keys spell alike stays unmatched."""
+    `lycoris_<path with _>`, musubi-tuner a QwenImage transformer's `lora_unet_<path with _>`, sd-scripts SD3's
+    `lora_unet_joint_blocks_...`): the module is the weight whose dotted path, with '_' for '.', is its name without
+    the prefix, the path taken inside the denoiser where the checkpoint has one (`transformer/` of a pipeline
+    folder, `model.diffusion_model.` of a single file). A name two keys spell alike stays unmatched."""
 
     name = "underscore"
 
@@ -264,14 +281,37 @@ class UnderscoreNames:
             return {}, []
         spelled: dict[str, list[str]] = {}
         for key in shapes:
-            if key.endswith(".weight"):
-                spelled.setdefault(key[: -len(".weight")].replace(".", "_"), []).append(key)
+            for spelling in _spellings(key):
+                spelled.setdefault(spelling, []).append(key)
         found: Found = {}
         for name in modules:
             prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
             keys = spelled.get(name[len(prefix):], []) if prefix else []
             if len(keys) == 1:
                 found[name] = [Target(keys[0])]
+        return found, [m for m in modules if m not in found]
+
+
+class ComponentNames:
+    """diffusers LoRA names of any pipeline component the tables do not know (Wan's `transformer.blocks.0.attn1.to_q`,
+    LTX-Video's, QwenImage's, ...: diffusers' own module paths): the weight `<component>/<path>.weight` of a
+    pipeline folder, or, for the transformer, `<path>.weight` of a checkpoint of that one model (no component
+    folders), exactly as named. (Another component's name is never read as a one-model file's: two text encoders
+    spell their layers alike.)"""
+
+    name = "component"
+
+    def match(self, modules: Shapes, shapes: Shapes) -> tuple[Found, list[str]]:
+        one_model = not any("/" in k for k in shapes)
+        found: Found = {}
+        for name in modules:
+            component, dot, path = name.partition(".")
+            if not dot or not component or not path:
+                continue
+            bare = f"{path}.weight" if one_model and f"{component}/" == DENOISER_PREFIXES[0] else ""
+            key = next((k for k in (f"{component}/{path}.weight", bare) if k in shapes), None)
+            if key is not None:
+                found[name] = [Target(key)]
         return found, [m for m in modules if m not in found]
 
 
@@ -322,7 +362,7 @@ def module_chain(adapter_format: str, base_key: Callable[[str], str | None],
     """The chain for an adapter of this format: diffusion names through the tables, LLM names by key,
     then onto the row blocks of a fused qkv_proj / gate_up_proj that config.json describes (ops.fused)."""
     if adapter_format in DIFFUSION_FORMATS:
-        return ModuleChain([FluxTables(), SdTables(), UnderscoreNames()])
+        return ModuleChain([FluxTables(), SdTables(), ComponentNames(), UnderscoreNames()])
     from lorafuse.ops.fused import FusedNames
 
     return ModuleChain([KeyNames(base_key), FusedNames(base_key, config)])
