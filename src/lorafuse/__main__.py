@@ -1,5 +1,5 @@
 import sys
 
-from lorafuse.cli import main
+from lorafuse_entry import main  # the console script's own entry: `python -m lorafuse` is `lorafuse`
 
 sys.exit(main())

@@ -32,6 +32,39 @@ def clock(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
+class Display:
+    """The stream a progress bar draws on (stderr unless given): a write or flush that fails (stderr closed, a full
+    disk, a reader that left) stops the drawing instead of failing the run or leaving tqdm's lock taken; a bar is
+    no part of the result. None (Python's stderr when file descriptor 2 was closed) draws nothing."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream, self.broken = stream, stream is None
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and bool(self.stream.isatty())  # type: ignore[union-attr]
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, fileno, ... as tqdm asks them
+        return getattr(self.stream, name)
+
+
 # What a tqdm bar shows (TqdmBar): percentage, bar, counts, then the time it has taken, the time it
 # still needs (ETA, from the rate so far), the rate and the tensor being written.
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}]"
@@ -41,7 +74,7 @@ class Progress:
     def __init__(self, total: int, label: str, enabled: bool | None = None, stream: TextIO | None = None,
                  unit: str = "bytes") -> None:
         self.unit = unit
-        self.stream = stream or sys.stderr
+        self.stream = Display(stream or sys.stderr)
         from lorafuse._validate import check_optional_bool
 
         enabled = check_optional_bool(enabled, "progress")  # 'no' is not a switch
@@ -133,7 +166,7 @@ class TqdmBar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=event.total_bytes, desc=self.label, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=self.stream if self.stream is not None else sys.stderr, dynamic_ncols=True,
+                             file=Display(self.stream if self.stream is not None else sys.stderr), dynamic_ncols=True,
                              mininterval=0.1, leave=True, bar_format=BAR_FORMAT)
         self._bar.set_postfix_str(printable(event.name, keep_newlines=False)[:40], refresh=False)
         self._bar.update(event.nbytes)
@@ -152,7 +185,7 @@ def progress_callback(progress: ProgressCallback | bool | None, label: str,
         return progress, lambda: None
     out = stream or sys.stderr
     if progress is None:
-        progress = bool(getattr(out, "isatty", lambda: False)())
+        progress = Display(out).isatty()  # False for a closed or missing stderr (pythonw, a daemon), not an error
     if not progress:
         return None, lambda: None
     bar = TqdmBar(label, out)

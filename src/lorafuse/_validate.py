@@ -69,13 +69,11 @@ def check_int(value: object, name: str, lo: int, hi: int, note: str = "") -> int
 
 
 def check_float(value: object, name: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    """`value` as a finite float in [lo, hi] (or (lo, hi] with lo_open), else LorafuseValueError."""
+    """`value` as a finite float in [lo, hi] (or (lo, hi] with lo_open), else LorafuseValueError (a bool, a str)."""
     what = f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}"
     if hi < math.inf:
         what += f" and <= {hi:g}"
-    if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise LorafuseValueError(f"{what}, got {_show(value)}")
-    x = real_number(value)
+    x = real_number(value)  # a Python or numpy real, or a 0-d array / tensor of one (as integers take them)
     if x is None or not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
         raise LorafuseValueError(f"{what}, got {_show(value)}")
     return x

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -195,7 +197,8 @@ needs --family flux.
 LoHa / LoKr modules have no exact LoRA form: --rank K (and --conv-rank K for kxk
 convolutions, k > 1; default --rank) keeps their best rank-K approximation (SVD of the
 delta), reporting the fraction of each delta's Frobenius norm kept; their factors are
-rounded once to the input's factor dtype, as resize's. Plain LoRA / LoCon
+rounded once to the input's factor dtype, as resize's (a LoRA that dtype cannot hold is
+refused: lorafuse resize --rank K --dtype fp32 writes it as float32 first). Plain LoRA / LoCon
 modules are copied as they are: --rank does not resize them (use lorafuse resize).
 
 --to gguf writes an LLM LoRA (a PEFT adapter of a Llama, Mistral, Qwen2, Qwen3, Gemma,
@@ -250,8 +253,15 @@ def _combine_epilog() -> str:
 
 
 def _say(text: object = "", file: TextIO | None = None) -> None:
-    """print() for everything the CLI shows: names from files reach the terminal escaped (see _terminal)."""
-    print(printable(text), file=sys.stdout if file is None else file)
+    """print() for everything the CLI shows: names from files reach the terminal escaped (see _terminal). A
+    stdout that cannot be written (a full disk) is named in the error (`stdout: No space left on device`)."""
+    stream = sys.stdout if file is None else file
+    try:
+        print(printable(text), file=stream)
+    except OSError as e:
+        if e.filename is None and stream is sys.stdout:
+            e.filename = "stdout"
+        raise
 
 
 _SHOWN = "_lorafuse_notes"  # the namespace attribute keeping the notes shown on stderr (for --json's "notes")
@@ -681,6 +691,13 @@ class _Parser(argparse.ArgumentParser):
             if whole and name != "--":  # said before argparse's "required" errors, which would come first
                 target.error(f"unrecognized argument {name}: options are spelled in full (did you mean "
                              f"{' or '.join(map(repr, whole))}?)")
+            if name.startswith("-") and name not in known and not _NUMBER.fullmatch(w) and os.path.lexists(w):
+                target.error(f"unrecognized argument {w}: a word that starts with '-' is read as an option, and {w} "
+                             f"names a file or folder: write ./{w}, or put it after -- (lorafuse {verb or 'COMMAND'} "
+                             f"... -- {w})")  # not argparse's "the following arguments are required"
+            if target is not self and i > words.index(verb) and name not in known and name in _option_names(self):
+                target.error(f"unrecognized argument {name}: an option of lorafuse itself, before any command "
+                             f"(lorafuse {name})")
             near = _misspelt(name, known, verbs.values())
             if near is not None:  # so is a misspelling (`--ouput`, `lorafuse -V`): not "-o/--out is required"
                 target.error(f"unrecognized argument {name}; did you mean {near!r}?")
@@ -1520,6 +1537,8 @@ def _notes(args: argparse.Namespace) -> Iterator[None]:
         shown = warnings.showwarning
 
         def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+            if issubclass(category, AdapterNote) and str(message) in args.__dict__.get(_SHOWN, ()):
+                return  # an adapter loaded again (combine's header pass, then its engine): its notes said once
             if issubclass(category, (OverwriteWarning, AdapterNote)):
                 _note(args, message)
             else:
@@ -1530,11 +1549,33 @@ def _notes(args: argparse.Namespace) -> Iterator[None]:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that temporary outputs are removed on the way out."""
+    """SIGTERM (or SIGHUP: the terminal closed, an ssh session dropped), raised in the main thread so that temporary
+    outputs are removed on the way out."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.status = 128 + self.signum
+        self.name = signal.Signals(signum).name
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
+
+
+# Signals that end a command as SIGTERM does. SIGHUP only where it would kill the process (not under nohup,
+# which ignores it): a closed terminal otherwise left a temporary output of the model's size behind.
+_ENDING = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _catch_ending() -> dict[int, object]:
+    """Install _on_sigterm for _ENDING (SIGHUP where its handler is the default); returns what it replaced."""
+    previous: dict[int, object] = {}
+    for s in _ENDING:
+        if s != signal.SIGTERM and signal.getsignal(s) is not signal.SIG_DFL:
+            continue
+        previous[s] = signal.signal(s, _on_sigterm)
+    return previous
 
 
 WEIGHTS_HELP = "comma-separated weight per adapter, negative ones subtract (default 1 each; e.g. --weights 1,-0.5)"
@@ -1699,18 +1740,77 @@ def _leave(status: int, rays: int) -> int:
     os._exit(status)
 
 
+def _standard_streams() -> None:
+    """stdin, stdout or stderr closed by the caller (`2>&-`): /dev/null in its place, so that no file lorafuse
+    opens takes its number (a write meant for stderr would land in an output) and what the CLI prints, a progress
+    bar included, goes nowhere instead of failing the run (Python leaves sys.stderr None then). On a stdout or
+    stderr that is not UTF-8, what it cannot encode is printed escaped (\\xfc)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (lives as long as the process)
+    for stream in (sys.stdout, sys.stderr):  # an ASCII or Latin-1 terminal (PYTHONIOENCODING, LC_ALL=C without
+        encoding = str(getattr(stream, "encoding", None) or "utf-8")  # UTF-8 mode): a path it cannot show is
+        if codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):  # escaped, not a traceback
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _standard_streams()
     try:
-        return _main(argv)
+        return _flushed(argv)
     except (KeyboardInterrupt, ImportError) as e:  # before the command started (reading the command line)
         if not interrupted(e):
             raise
         _say("lorafuse: interrupted; no output was written", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        return e.status if isinstance(e, _Terminated) else 130
+    except BrokenPipeError:  # `lorafuse --version | ...` whose reader left, or one that left before the flush
+        return _reader_left()
+    except OSError as e:  # --help / --version / what a command printed, to a stdout on a full disk
+        _drop_stdout()
+        _say(f"lorafuse: error: {e.filename or 'stdout'}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+def _flushed(argv: Sequence[str] | None) -> int:
+    """_main, then stdout flushed, also after argparse's exit (--help, --version): a stdout that cannot take what
+    was printed fails here, said by main, not at the interpreter's exit ("Exception ignored", exit status 120)."""
+    try:
+        status = _main(argv)
+    except SystemExit:
+        sys.stdout.flush()
+        raise
+    sys.stdout.flush()
+    return status
+
+
+def _reader_left() -> int:
+    """The reader of stdout left (`lorafuse info ... | head`): stop quietly like other tools, exit status 141."""
+    _drop_stdout()
+    return 141
+
+
+def _drop_stdout() -> None:
+    """After stdout failed: /dev/null in its place, so that what is still buffered, flushed again at the
+    interpreter's exit, does not fail again ("Exception ignored", exit status 120)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stdout with no descriptor (an in-memory stream, one already closed)
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    import signal
     import threading
 
     from lorafuse._variants import forced_variant
@@ -1736,9 +1836,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
     committed = len(COMMITTED)  # the outputs put in place before this command
     rays = _ray_starts()
-    previous = None
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = _catch_ending()
     try:  # every output records the command line, verbatim but for the output's path (io.provenance)
         with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"):
             return _commands()[args.command](args)
@@ -1751,9 +1851,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except LorafuseError as e:
         _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    except _Terminated:
-        _say(f"lorafuse {args.command}: terminated (SIGTERM){_stopped_note(committed)}", file=sys.stderr)
-        return _leave(143, rays)
+    except _Terminated as e:
+        _say(f"lorafuse {args.command}: terminated ({e.name}){_stopped_note(committed)}", file=sys.stderr)
+        return _leave(e.status, rays)
     except (KeyboardInterrupt, ImportError) as e:
         if not interrupted(e):
             if isinstance(e, ImportError):  # a module that would not load (out of memory, a damaged install)
@@ -1768,15 +1868,16 @@ def _main(argv: Sequence[str] | None) -> int:
              "too little for this input; no output was written", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return _reader_left()
     except OSError as e:  # a file the operation did not expect to fail on: said in one line, not a traceback
+        if e.filename == "stdout":  # _say: said once, not again when main flushes stdout
+            _drop_stdout()
         where = f"{e.filename}: " if e.filename is not None else ""
         _say(f"lorafuse {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":  # pragma: no cover

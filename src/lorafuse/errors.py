@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import warnings
+from types import FrameType
+
 
 class LorafuseError(Exception):
     """Base class of every error lorafuse raises on purpose."""
@@ -66,6 +72,21 @@ class AdapterNote(UserWarning):
 class InputChangedError(LorafuseError):
     """An input file changed, was truncated or could not be read while lorafuse was reading it
     (a re-download in place, say): what was read cannot be trusted, and nothing is written."""
+
+
+# lorafuse's own files, and contextlib's (where a `with` block of lorafuse's ends: atomic outputs, streams)
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.abspath(contextlib.__file__))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn attributed to the user's line: the first frame outside lorafuse, however deep in lorafuse
+    the warning is given (the shown file and line, and `warnings.filterwarnings(module=...)`, name the caller's
+    code, as `lorafuse.load`'s AdapterNote does)."""
+    frame: FrameType | None = sys._getframe(1)  # warn's caller: stacklevel 2
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN_FILES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
 __all__ = [

@@ -83,7 +83,8 @@ def check_device(device: str | None) -> str:
     if device is None:
         return "auto"
     if not isinstance(device, str):
-        raise LorafuseValueError(f"device must be 'cpu' or 'cuda', got {type(device).__name__}")
+        shown = repr(device)[:60]  # a torch.device('cuda') reads device(type='cuda'): say what was given, and the form
+        raise LorafuseValueError(f"device must be 'cpu' or 'cuda' (a str), got {shown} (a {type(device).__name__})")
     name = device.strip().lower()
     if name in ("cuda:0", "gpu"):
         name = "cuda"

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import stat
-import warnings
 from pathlib import Path
 
 from lorafuse._terminal import short
-from lorafuse.errors import AdapterNote, FormatError
+from lorafuse.errors import AdapterNote, FormatError, warn
 
 # Imported for their registration (kohya, diffusers, peft: sniffed in that order, by priority).
 from lorafuse.formats import diffusers, kohya, peft  # noqa: F401
@@ -104,7 +103,12 @@ def _held_text(p: Path, keys: list[str]) -> str:
     if not keys:
         return ""
     shown = ", ".join(short(k) for k in sorted(keys)[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-    return f"; {where} {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}), none named as an adapter's"
+    lora_key = diffusers.unprefixed_lora_key(keys)
+    what = (diffusers.unprefixed_why(lora_key) if lora_key
+            else "a PEFT adapter's tensors, without the adapter_config.json that PEFT reads beside them (give the "
+                 "folder holding both)" if any(k.startswith(peft.PREFIX) and ".lora_" in k for k in keys)
+            else "none named as an adapter's")
+    return f"; {where} {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({shown}), {what}"
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what makes a folder a PEFT adapter
@@ -131,6 +135,16 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     """Load an adapter from disk; its tensors stay memory-mapped until used. What loading decided for
     the user (tensors PEFT would ignore, left out) is in `Adapter.notes` and given as AdapterNote
     warnings."""
+    adapter = read(path)
+    for note in adapter.notes:
+        warn(f"{adapter.label}: {note}", AdapterNote)
+    return adapter
+
+
+def read(path: str | os.PathLike[str]) -> Adapter:
+    """`load` without the AdapterNote warnings (the notes stay in `Adapter.notes`): for a reader that opens an
+    adapter again after saying them once. Never by silencing warnings around `load`: warnings.catch_warnings
+    changes the filters of the whole process, so another thread's warnings (the user's) would be lost."""
     p = located_adapter(path)  # a Hub id: the adapter in its snapshot (io.hub); a folder holding one: it (formats.held)
     try:
         adapter = get_format(located_format(p)).load(p)
@@ -138,9 +152,7 @@ def load(path: str | os.PathLike[str]) -> Adapter:
         if str(p) in str(e):
             raise
         raise FormatError(f"{p}: {e}") from None
-    for note in adapter.notes:
-        warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
     return adapter
 
 
-__all__ = ["adapter_format", "adapter_path", "detect_format", "load", "located_adapter", "located_format"]
+__all__ = ["adapter_format", "adapter_path", "detect_format", "load", "located_adapter", "located_format", "read"]

@@ -28,7 +28,8 @@ PEFT's matching rule. A file without it loads in diffusers with alpha = r (scale
 The writer stores exact-name patterns (`^down_blocks\\.0\\...`) wherever a module's rank or
 alpha differs from the component's most common one, and an alpha that divides back to
 the module's scale exactly. Other metadata (kohya's `ss_*` / `modelspec.*`) is kept as
-is, and `lorafuse_kohya` (JSON) records what converting back to a kohya file needs.
+is, but for hashes of the input's weights (formats.kohya.own_hashes), and `lorafuse_kohya` (JSON) records
+what converting back to a kohya file needs.
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ from pathlib import Path
 
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
+from lorafuse.formats.kohya import STALE_HASH_KEYS, kohya_metadata, own_hashes
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
-from lorafuse.formats.util import most_common, safetensors_keys
+from lorafuse.formats.util import ORIGINAL_PREFIXES, ORIGINAL_WHY, most_common, safetensors_keys
 from lorafuse.io.checkpoint import loads_json
-from lorafuse.io.manifest import mark_metadata
-from lorafuse.io.provenance import Provenance, is_provenance_key, stamp
+from lorafuse.io.provenance import Provenance, is_provenance_key
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
@@ -105,6 +106,26 @@ def has_diffusers_keys(keys: Iterable[str]) -> bool:
         if component and parse_key(component, rest) is not None:
             return True
     return False
+
+
+def unprefixed_lora_key(keys: Iterable[str]) -> str | None:
+    """The first name that is a LoRA factor without a component prefix (`down_blocks.0....lora_A.weight`: one
+    model's LoRA, as diffusers' `ModelMixin.save_lora_adapter` writes it, whose component the file does not
+    tell); None when there is none."""
+    return next((k for k in keys if not split_name(k)[0] and not k.startswith(_PEFT_PREFIX)
+                 and parse_key("", k) is not None), None)
+
+
+_PEFT_PREFIX = "base_model.model."  # a PEFT adapter's own tensors (its adapter_config.json is what is missing)
+UNPREFIXED_WHY = ("LoRA factors without a component prefix: one model's LoRA, as diffusers' save_lora_adapter writes "
+                  "it, which lorafuse does not read, as the file does not say which component "
+                  f"({', '.join(COMPONENTS)}) it belongs to; save the pipeline's LoRA with save_lora_weights "
+                  "(names unet.<module>..., transformer.<module>...) instead")
+
+
+def unprefixed_why(key: str) -> str:
+    """Why a file whose LoRA factor `key` has no component prefix (`unprefixed_lora_key`) is not read."""
+    return ORIGINAL_WHY if key.startswith(ORIGINAL_PREFIXES) else UNPREFIXED_WHY
 
 
 def parse_key(component: str, rest: str) -> tuple[str, str, str] | None:
@@ -394,9 +415,13 @@ def diffusers_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str
 
 def diffusers_metadata(adapter: Adapter) -> dict[str, str]:
     """`__metadata__`: the adapter's own metadata (kohya's ss_* ...), then diffusers' `format` and
-    `lora_adapter_metadata`, then the kohya record when the adapter has one."""
+    `lora_adapter_metadata`, then the kohya record when the adapter has one. kohya's network keys (ss_network_module /
+    _dim / _alpha / _args) are set from the modules written, as a kohya file's are (formats.kohya.kohya_metadata):
+    a LyCORIS file converted to LoRA no longer says LoHa / LoKr, nor its old ranks."""
     state = as_diffusers(adapter.state)
-    meta = {k: v for k, v in state.metadata.items() if k not in _OWN_KEYS and not is_provenance_key(k)}
+    kept = kohya_metadata(adapter) if any(k.startswith("ss_network") for k in state.metadata) else state.metadata
+    meta = {k: v for k, v in kept.items()
+            if k not in _OWN_KEYS and not is_provenance_key(k) and k not in STALE_HASH_KEYS}
     flat = {f"{c}.{k}": v for c, cfg in component_configs(adapter).items() for k, v in cfg.items()}
     meta["format"] = "pt"
     meta[ADAPTER_METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
@@ -419,11 +444,12 @@ def save_diffusers(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequen
 def diffusers_plan(adapter: Adapter) -> WritePlan:
     """What save_diffusers writes for `adapter` (its updates may be a layout's placeholders:
     formats.streaming): the header in safetensors' order, the metadata with lorafuse's mark and the
-    adapter's provenance (io.provenance: `lorafuse.*` keys)."""
+    adapter's provenance (io.provenance: `lorafuse.*` keys); sd-scripts' hashes that a kohya file carried
+    computed for this file's data (an input's modelspec.hash_sha256 dropped: formats.kohya.own_hashes)."""
     specs = specs_of(diffusers_tensors(adapter))
-    meta = mark_metadata(stamp(diffusers_metadata(adapter), adapter.provenance))
+    meta, finish = own_hashes(specs, diffusers_metadata(adapter), adapter)
     return WritePlan(adapter.label, list(adapter.updates), specs, meta,
-                     functools.partial(diffusers_module_tensors, adapter))
+                     functools.partial(diffusers_module_tensors, adapter), finish=finish)
 
 
 def _sniff(path: Path, keys: list[str]) -> bool:

@@ -191,8 +191,8 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     """The base model's config.json (a file, or a folder holding one), read as llama.cpp's converter reads
     it: a text_config (multimodal models) overrides the top level. A Hub id: its config.json (io.hub)."""
     p = local_path(path, what="--base-config", patterns=CONFIG_FILES)
-    file = p / "config.json" if p.is_dir() else p
-    if not file.is_file():
+    file = p / "config.json" if os.path.isdir(p) else p  # os.path: False for a name the system refuses (too long)
+    if not os.path.isfile(file):
         raise FormatError(f"{p}: no config.json there (--base-config, Python: base_config=, takes the base model's "
                           "config.json or its folder)")
     raw = read_json(file, "the base model's config")

@@ -46,7 +46,7 @@ from lorafuse.formats.lycoris_keys import (
     unsupported_algorithm,
 )
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
-from lorafuse.formats.util import most_common, safetensors_keys
+from lorafuse.formats.util import ORIGINAL_PREFIXES, ORIGINAL_WHY, most_common, safetensors_keys
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.dtypes import WRITABLE_FLOATS
 from lorafuse.io.manifest import mark_metadata
@@ -95,8 +95,9 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     for key, t in tensors.items():
         module, _, part = key.partition(".")
         if part not in KNOWN_PARTS or not module.startswith(PREFIXES):
+            why = f": {ORIGINAL_WHY}" if key.startswith(ORIGINAL_PREFIXES) else ""
             raise FormatError(f"{p}: tensor {short(key)} is not a kohya LoRA tensor "
-                              "(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one")
+                              f"(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one{why}")
         check_module_name(module, f"{p}: tensor {short(key)}")
         parts.setdefault(module, {})[part] = t
     read = {m: _module_update(p, m, d) for m, d in parts.items()}
@@ -149,9 +150,32 @@ def _alpha(where: str, alpha: Tensor | None) -> float | None:
     return None if value == 0.0 else value
 
 
+# The rank of the factors of a 1-D / 3-D convolution (LyCORIS adapts Conv1d and Conv3d layers too), no 2-D one's,
+# in the parts LyCORIS gives the kernel.
+_OTHER_CONVOLUTIONS = {3: "1-D", 5: "3-D"}
+_KERNEL_PARTS = (*LORA_PARTS, "hada_t1", "hada_t2", "lokr_w2", "lokr_t2", "dora_scale")
+
+
+def _other_convolution(where: str, parts: Mapping[str, Tensor]) -> None:
+    """Refuse the factors of a 1-D or 3-D convolution by name (LoCon lora_down (r, in, k), a Tucker core
+    (r, r, kd, kh, kw), a LoKr lokr_w2 (c, d, k), ...), before the shape checks of the 2-D ones call them misfits."""
+    odd = [(n.removesuffix(".weight"), t.shape) for n, t in parts.items()
+           if n in _KERNEL_PARTS and len(t.shape) in _OTHER_CONVOLUTIONS]
+    if not odd:
+        return
+    items = [f"{n} {s}" for n, s in odd]
+    listing = items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+    lora = "LoRA " if all(n.startswith("lora_") for n, _ in odd) else ""
+    what = f"are not {lora}factors" if len(odd) > 1 else f"is not a {lora}factor"
+    raise ShapeMismatchError(f"{where}: {listing} {what} of a Linear layer or "
+                             f"a 2-D convolution but a {_OTHER_CONVOLUTIONS[len(odd[0][1])]} convolution's (LyCORIS "
+                             "adapts Conv1d and Conv3d layers too), which lorafuse does not read")
+
+
 def _module_update(path: Path, module: str, parts: dict[str, Tensor]) -> Update:
     where = f"{path}: module {module!r}"
     algo = _algorithm(where, module, parts)
+    _other_convolution(where, parts)
     alpha = _alpha(where, parts.get("alpha"))
     if algo == "loha":
         return loha_update(where, module, parts, alpha)
@@ -559,6 +583,21 @@ def kohya_plan(adapter: Adapter) -> WritePlan:
     made = _makes_network(adapter)
     if made:
         _minimum_network_metadata(meta, adapter)
+    meta, finish = own_hashes(specs, meta, adapter, made)
+    return WritePlan(adapter.label, list(adapter.updates), specs, meta,
+                     functools.partial(kohya_module_tensors, adapter), finish=finish)
+
+
+STALE_HASH_KEYS = ("modelspec.hash_sha256",)  # an input's claim of its own weights' sha256, not recomputed
+
+
+def own_hashes(specs: Sequence[TensorSpec], metadata: Mapping[str, str], adapter: Adapter, made: bool = False
+               ) -> tuple[dict[str, str], Callable[[Callable[[], Iterator[memoryview]]], dict[str, str]] | None]:
+    """The metadata of a file written with tensors `specs` (lorafuse's mark and the adapter's provenance added)
+    with no hash that describes another file: sd-scripts' sshs_model_hash / sshs_legacy_hash, when the metadata
+    has them or `made`, as same-length placeholders that the returned `finish` replaces by the written data's
+    (formats.streaming.WritePlan), and an input's modelspec.hash_sha256 (the input's weights') dropped."""
+    meta = {k: v for k, v in metadata.items() if k not in STALE_HASH_KEYS}
     hashed = made or "sshs_model_hash" in meta or "sshs_legacy_hash" in meta
     if hashed:
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _HASH_PLACEHOLDERS
@@ -569,8 +608,7 @@ def kohya_plan(adapter: Adapter) -> WritePlan:
         final["sshs_model_hash"], final["sshs_legacy_hash"] = kohya_hashes(specs, meta, data())
         return final
 
-    return WritePlan(adapter.label, list(adapter.updates), specs, meta,
-                     functools.partial(kohya_module_tensors, adapter), finish=with_hashes if hashed else None)
+    return meta, with_hashes if hashed else None
 
 
 def save_kohya(adapter: Adapter, out: str | os.PathLike[str], inputs: Sequence[Path] = (),

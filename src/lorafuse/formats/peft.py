@@ -11,7 +11,7 @@ and `alpha_pattern` overriding r and alpha for the modules they match.
 
 from __future__ import annotations
 
-import copy
+import enum
 import functools
 import json
 import math
@@ -620,18 +620,41 @@ def from_tensors(tensors: dict[str, Tensor], config: Any = None) -> Adapter:
         }
     else:
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        # a deep copy: the caller's lists (target_modules) stay theirs, a later edit of them changes no adapter
-        cfg = {k: (sorted(v) if isinstance(v, set) else _copied(k, getattr(v, "value", v))) for k, v in cfg.items()}
+        # a copy as adapter_config.json holds it: the caller's lists (target_modules) stay theirs, a later edit of
+        # them changes no adapter, and `save` can write every field
+        cfg = {_config_key(k): _copied(k, v) for k, v in cfg.items()}
     return build_adapter(tensors, check_config(cfg, "<state dict config>"), "<state dict>")
 
 
-def _copied(key: object, value: object) -> object:
-    """A deep copy of a config value (LorafuseValueError naming the field for one Python cannot copy)."""
+def _config_key(key: object) -> str:
+    if not isinstance(key, str):  # adapter_config.json's field names are text
+        raise LorafuseValueError(f"<state dict config>: field names must be strings, got a {type(key).__name__}")
+    return key
+
+
+def _json_form(value: object) -> object:
+    """What adapter_config.json holds for a config value JSON has no form of: a set sorted (a LoraConfig's
+    target_modules), a numpy scalar its Python number, a path its text, an enum (PeftType, TaskType) its value."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fsdecode(os.fspath(value))
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"a {type(value).__name__} is not a JSON value")
+
+
+def _copied(key: str, value: object) -> object:
+    """A config value as adapter_config.json holds it (a deep copy: tuples become lists, numpy scalars numbers,
+    _json_form); LorafuseValueError naming the field for one JSON cannot hold (bytes, an object, a cycle), which
+    `save` could not write."""
     try:
-        return copy.deepcopy(value)
-    except Exception as e:  # a module, a lock, ...: nothing adapter_config.json can hold
-        raise LorafuseValueError(f"<state dict config>: {key!r} holds a {type(value).__name__}, which cannot be "
-                                 f"copied ({e})") from None
+        return json.loads(json.dumps(value, default=_json_form))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise LorafuseValueError(f"<state dict config>: {key!r} holds a {type(value).__name__} that "
+                                 f"adapter_config.json cannot hold ({str(e)[:120]})") from None
 
 
 def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:
@@ -643,6 +666,7 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
     notes: list[str] = []
     parts = _targeted(parts, cfg, label, notes)
     _check_extras(parts, cfg, label, notes)
+    full, origin = _wrapper_copies(full, origin, cfg, notes)
     full, origin = _loadable_full(full, origin, set(parts), notes)
     scales = _pattern_values(cfg, list(parts), label)
     parameters = cast("list[str]", cfg.get("target_parameters") or [])
@@ -675,7 +699,11 @@ def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, 
                 break
         else:
             if ".lora_" in name:
-                raise FormatError(f"{label}: tensor {short(key)} is not a LoRA tensor lorafuse knows")
+                named = re.search(r"\.lora_(?:A|B|embedding_[AB]|magnitude_vector)\.([^.]+)(?:\.weight)?$", name)
+                hint = (f": it holds the adapter's name ({named.group(1)!r}), as a PeftModel's own state_dict() names "
+                        "its tensors; peft.get_peft_model_state_dict(model) gives them as PEFT saves them, without it"
+                        if named else "")
+                raise FormatError(f"{label}: tensor {short(key)} is not a LoRA tensor lorafuse knows{hint}")
             check_module_name(name, label, "tensor")
             canonical = name.replace(".base_layer.", ".")
             if canonical in full:
@@ -732,6 +760,31 @@ def _check_extras(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], l
                 f"{'has' if len(lacking) == 1 else 'have'} no {tensor}: "
                 f"{_listed(lacking)}. PEFT would use the value it creates when it builds the layer ({init}), "
                 "not a trained one: the file is incomplete; save the adapter again with PEFT")
+
+
+_WRAPPER_PARTS = (".modules_to_save.", ".original_module.")  # PEFT's ModulesToSaveWrapper's submodules
+
+
+def _wrapper_copies(full: dict[str, Tensor], origin: dict[str, str], cfg: dict[str, object],
+                    notes: list[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop `X.modules_to_save.<p>` / `X.original_module.<p>` of a module X that modules_to_save names (PEFT's rule:
+    X ends with an entry): bias='all' / 'lora_only' saves the wrapper's biases under these names too, beside the
+    module's own `X.bias`. PEFT loads the copy it uses from `X.<p>` and ignores the first (the second goes to the
+    original module, which merge_and_unload drops), so neither replaces a base tensor."""
+    listed = cfg.get("modules_to_save")
+    saved = [m for m in listed if isinstance(m, str)] if isinstance(listed, list) else []
+    dropped: list[str] = []
+    for canonical, name in list(origin.items()):
+        part = next((w for w in _WRAPPER_PARTS if w in name), None)
+        if part is not None and any(name.partition(part)[0].endswith(m) for m in saved):
+            del full[canonical], origin[canonical]
+            dropped.append(name)
+    if dropped:
+        notes.append(f"ignored {plural(len(dropped), 'tensor')} of modules_to_save wrappers' own submodules "
+                     "('.modules_to_save.', '.original_module.', saved for adapter_config "
+                     f"bias={cfg.get('bias')!r}), as PEFT does: the module's own tensors replace it: "
+                     f"{_listed(dropped)}")
+    return full, origin
 
 
 def _loadable_full(full: dict[str, Tensor], origin: dict[str, str], lora: set[str],

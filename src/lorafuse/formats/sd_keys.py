@@ -41,12 +41,11 @@ import functools
 import importlib
 import importlib.util
 import re
-import warnings
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from lorafuse.errors import AdapterNote, LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import AdapterNote, LorafuseValueError, ShapeMismatchError, UnsupportedError, warn
 from lorafuse.formats.targets import Target
 
 Rows = tuple[int, int] | None
@@ -763,9 +762,9 @@ def note_unknown_kernels(label: str, names: Sequence[str]) -> None:
     from lorafuse._terminal import plural
 
     shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-    warnings.warn(f"{label}: {plural(len(names), 'LoHa / LoKr module')} ({shown}) written as 2-D LoRA factors: "
-                  "LyCORIS stores a Linear layer and a convolution without Tucker cores alike (the kernel flattened "
-                  "into the columns) and a generic 'lycoris_' name does not say which layer it is, so the kernel "
-                  "size is unknown. LyCORIS loads 2-D factors onto a Linear layer only; for a convolution, apply "
-                  "the adapter to its base instead (apply takes the shape from the base weight), or combine it with "
-                  "an adapter that gives the module its 4-D shape", AdapterNote, stacklevel=3)
+    warn(f"{label}: {plural(len(names), 'LoHa / LoKr module')} ({shown}) written as 2-D LoRA factors: "
+         "LyCORIS stores a Linear layer and a convolution without Tucker cores alike (the kernel flattened "
+         "into the columns) and a generic 'lycoris_' name does not say which layer it is, so the kernel "
+         "size is unknown. LyCORIS loads 2-D factors onto a Linear layer only; for a convolution, apply "
+         "the adapter to its base instead (apply takes the shape from the base weight), or combine it with "
+         "an adapter that gives the module its 4-D shape", AdapterNote)

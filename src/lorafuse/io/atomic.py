@@ -55,13 +55,12 @@ import stat
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lorafuse._validate import check_bool
-from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning
+from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning, warn
 from lorafuse.io.manifest import (
     KINDS,
     MANIFEST_NAME,
@@ -340,6 +339,27 @@ def _folder_state(out: Path) -> tuple[FolderState | None, str]:
     return state, ""
 
 
+def _mount_table() -> list[str] | None:
+    """The mount points of this process (Linux: /proc/self/mountinfo), or None where there is no such table."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
+                    for line in f if line.count(" ") >= 5]
+    except OSError:
+        return None
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether `path` itself (links followed) is a mount point: another file system, or a bind mount of a folder or
+    a file (`docker run -v host:/out`), which a rename can neither replace nor move (EBUSY)."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return False
+    points = _mount_table()
+    return real in points if points is not None else os.path.ismount(real)
+
+
 def mounts_under(folder: Path) -> list[str]:
     """The mount points inside `folder` (Linux: /proc/self/mountinfo; a bind mount of a folder of the same file
     system has its device and inode, so only the mount table tells), else those with another device number."""
@@ -348,13 +368,9 @@ def mounts_under(folder: Path) -> list[str]:
     except (OSError, ValueError):
         return []
     inside = root.rstrip(os.sep) + os.sep
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[4])
-                      for line in f if line.count(" ") >= 5]
+    points = _mount_table()
+    if points is not None:
         return sorted(p for p in points if p.startswith(inside))
-    except OSError:
-        pass
     found = []
     try:
         dev = os.lstat(root).st_dev
@@ -537,6 +553,12 @@ def _judge(out: Path, folder: bool, overwrite: bool, kind: str | None = None) ->
             target = "?"
         raise OutputError(f"output {out} is a symbolic link (to {target}); lorafuse does not replace links, even "
                           "with --overwrite: give the path it points to, or remove the link")
+    if (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) and is_mount_point(out):
+        inside = f"a new {'folder' if folder else 'file'} inside it, e.g. {out / 'out'}" if stat.S_ISDIR(mode) \
+            else "another path"
+        raise OutputError(f"output {out} is a mount point (another file system, or a bind mount such as docker's -v "
+                          "makes); lorafuse writes an output beside its path and renames it into place, which cannot "
+                          f"replace a mount point, even with --overwrite: give {inside}")
     if stat.S_ISDIR(mode):
         if not folder:
             example = out / ("out" + (out.suffix or ".safetensors"))
@@ -567,7 +589,29 @@ def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, fo
     blocked = _not_a_folder(out.parent)  # `-o notes.txt/merged`: refused before any work, not after it
     if blocked:
         raise OutputError(f"cannot write the output {out}: {blocked}")
-    return _judge(out, folder, overwrite, kind)
+    note = _judge(out, folder, overwrite, kind)
+    unwritable = _unwritable(out, folder)  # a read-only folder or disk: before the work (and in a dry run) too
+    if unwritable:
+        raise OutputError(unwritable)
+    return note
+
+
+def _unwritable(out: Path, folder: bool) -> str | None:
+    """Why the temporary output beside `out` (or the folders above it) cannot be made, where the system says so
+    before any work (access(2): a read-only file system, a folder the user may not write in), else None; the
+    words are those of the failure it foresees (_prepare, atomic_dir / atomic_file)."""
+    here = next((p for p in (out.parent, *out.parent.parents) if os.path.isdir(p)), None)
+    effective = os.access in os.supports_effective_ids
+    if here is None or os.access(here, os.W_OK | os.X_OK, effective_ids=effective):
+        return None
+    try:
+        read_only = bool(os.statvfs(here).f_flag & getattr(os, "ST_RDONLY", 1))
+    except (OSError, AttributeError):
+        read_only = False
+    why = os.strerror(errno.EROFS if read_only else errno.EACCES)
+    if here != out.parent:
+        return f"cannot create the folder {out.parent} for the output {out}: {why} ({here} cannot be written)"
+    return f"cannot create a temporary {'folder' if folder else 'file'} beside the output {out}: {why}"
 
 
 def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
@@ -586,14 +630,19 @@ def forget_outputs(folder: Path) -> None:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM held while an output is put in place (the old one moved aside, the new one renamed in):
-    their handlers run once it is, so that `out` is never left missing nor the message wrong. The main thread
-    only (where Python runs signal handlers); elsewhere nothing changes."""
+    """SIGINT, SIGTERM and SIGHUP (unless ignored: nohup) held while an output is put in place (the old one moved
+    aside, the new one renamed in): their handlers run once it is, so that `out` is never left missing nor the
+    message wrong. The main thread only (where Python runs signal handlers); elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    hup = getattr(signal, "SIGHUP", None)
+    held = (signal.SIGINT, signal.SIGTERM) + \
+        ((hup,) if hup is not None and signal.getsignal(hup) not in (signal.SIG_IGN, None) else ())
+    # a handler installed outside Python (an embedding application's) reads as None, and None cannot be put back
+    # (TypeError after the commit, with this module's handler left in place): such a signal is left alone
+    held = tuple(s for s in held if signal.getsignal(s) is not None)
     try:
         before = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     except (ValueError, OSError):  # an embedding without signal handling
@@ -935,14 +984,24 @@ def _copy_mode(src: Path, dst: Path) -> None:
         if same_kind and (stat.S_ISREG(old.st_mode) or stat.S_ISDIR(old.st_mode)):
             # what others may do is kept; the owner keeps read and write (and search): a later run replaces it
             folder = stat.S_ISDIR(old.st_mode)
+            if old.st_gid != new.st_gid:  # and the group they do it as (a team's shared folder); before the
+                _keep_group(dst, old.st_gid)  # chmod: a chown clears the set-group-ID bit
             os.chmod(dst, (stat.S_IMODE(old.st_mode) & (0o3777 if folder else 0o777)) | (0o700 if folder else 0o600))
     except OSError:
         pass
 
 
+def _keep_group(path: Path, gid: int) -> None:
+    """Give `path` the group `gid`, where the user may (a group they are in; root): else it keeps its own."""
+    try:
+        os.chown(path, -1, gid, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        pass
+
+
 def _announce(note: str | None) -> None:
     if note:
-        warnings.warn(note, OverwriteWarning, stacklevel=4)
+        warn(note, OverwriteWarning)  # at the user's line, however deep the output was written
 
 
 @contextmanager

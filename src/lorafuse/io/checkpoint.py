@@ -249,7 +249,11 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = local_path(path, what="checkpoint")  # a Hub id: its snapshot folder (io.hub)
-        if not path.exists():
+        try:
+            found = path.exists()
+        except OSError as e:  # a name too long for the system, a folder that cannot be searched: said, not raised
+            raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
+        if not found:
             raise FormatError(no_such_path(path))
         self.path = path  # the file or folder given (`directory` is the folder holding the shards)
         self.index_name: str | None = None

@@ -123,7 +123,9 @@ def os_error_text(e: OSError | ValueError) -> str:
     if getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE):
         held = ("" if _UNTRACKED else
                 "; before Python 3.13 each loaded adapter keeps its file open while it lives, so pass paths instead "
-                "of loaded Adapters where an operation takes many (combine streams paths)")
+                "of loaded Adapters where an operation takes many (combine streams paths, a few open at a time, "
+                "with methods svd and linear on the cpu, --engine auto or stream; its other methods hold every "
+                "adapter open at once)")
         text += f" (this process has as many files open as its limit allows: raise it, `ulimit -n`{held})"
     return text
 

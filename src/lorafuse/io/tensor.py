@@ -35,6 +35,12 @@ class Tensor:
     def __post_init__(self) -> None:
         object.__setattr__(self, "raw", read_only(self.raw))
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled or deep-copied: the elements read out of the file (copy()), so that a file truncated or
+        rewritten since it was mapped raises InputChangedError, never travels as the zeros or new bytes its
+        pages now read as (the copy no longer knows the file to check)."""
+        return {"raw": self.copy(), "dtype": self.dtype}
+
     def __setstate__(self, state: dict[str, object]) -> None:
         """Unpickled or deep-copied (pickle gives writable arrays): read-only again."""
         self.__dict__.update({k: read_only(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, ShapeMismatchError, UnsupportedError, warn
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS, parse_output_dtype
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.lora import LoraUpdate
@@ -212,8 +211,8 @@ def output_dtype(adapters: Sequence[Adapter], dtype: object, what: str) -> str:
     if found and found != [out]:
         shown = "; ".join(f"{label}: {'/'.join(ds)}" for label, ds in per_input[:4] if ds)
         more = "; ..." if len(per_input) > 4 else ""
-        warnings.warn(f"{what}: the inputs' factors are {' and '.join(found)} ({shown}{more}), so the result's "
-                      f"are {out} (--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote, stacklevel=3)
+        warn(f"{what}: the inputs' factors are {' and '.join(found)} ({shown}{more}), so the result's "
+             f"are {out} (--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote)
     return out
 
 
@@ -221,6 +220,10 @@ _LARGEST = {"F16": "65504", "BF16": "3.39e38"}
 # Twice the unit roundoff of each writable dtype: a factor whose rounding costs more (relative Frobenius error)
 # has lost values to the dtype's subnormal range.
 _LOSS = {"F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
+_SMALLEST = {"F32": "1.4e-45", "F16": "6e-08", "BF16": "9.2e-41"}
+# A factor that loses more than this (relative Frobenius error), even balanced, has lost its values to the dtype's
+# subnormal range or to zero: the delta written would not be the module's (refused, never written).
+_UNDERFLOW = 2.0 ** -4
 
 
 def is_kxk(shape: Sequence[int]) -> bool:
@@ -242,13 +245,20 @@ def _largest_exponent(x: np.ndarray) -> int:
     return math.frexp(m)[1] if m > 0 else 0
 
 
-def rounded(update: LoraUpdate, dtype: str, threads: int = 0) -> LoraUpdate:
+FP32_ADVICE = "write the factors as float32 (--dtype fp32, dtype='fp32')"
+
+
+def rounded(update: LoraUpdate, dtype: str, threads: int = 0, refuse_underflow: bool = False,
+            advice: str = FP32_ADVICE) -> LoraUpdate:
     """`update` with its factors rounded once, to nearest even, to `dtype` (F32, F16 or BF16); the update
     itself when they already are. B A is what counts, not how it is split: where rounding either factor would
     lose it (F16 factors of 1e-5 fall into the subnormals, 1e5 beyond the largest finite value), B is
     multiplied by 2^-k and A by 2^k (exact), k balancing their largest values, and rounded again. A finite
     value that is still beyond the dtype's largest finite value is refused with NonFiniteError naming the
-    module: the float32 factors had it."""
+    module: the float32 factors had it. `refuse_underflow`: factors of a delta known to be nonzero (extract,
+    resize; not a sum that may cancel to float32's rounding noise) that lose most of their norm below the dtype's
+    smallest value are refused too (UnsupportedError naming the module), never written as zeros. `advice`: what
+    both refusals tell the user to do (the caller's own option; by default --dtype fp32)."""
     if update.A.dtype == dtype and update.B.dtype == dtype:
         return update
     if dtype not in WRITABLE_FLOATS:
@@ -268,8 +278,15 @@ def rounded(update: LoraUpdate, dtype: str, threads: int = 0) -> LoraUpdate:
         if not np.isfinite(narrow.f32(threads)).all() and np.isfinite(wide).all():
             raise NonFiniteError(f"module {update.name!r}: a factor value ({float(np.abs(wide).max()):.4g}) is "
                                  f"beyond the largest finite {dtype} ({_LARGEST.get(dtype, '?')}), even balanced "
-                                 "between B and A by a power of two; write the factors as float32 "
-                                 "(--dtype fp32, dtype='fp32')")
+                                 f"between B and A by a power of two; {advice}")
+    for label, wide, narrow in (("A", a32, a), ("B", b32, b)) if refuse_underflow and loss > _UNDERFLOW else ():
+        lost = _relative_loss(wide, narrow.f32(threads))
+        if lost > _UNDERFLOW and np.isfinite(wide).all():
+            raise UnsupportedError(f"module {update.name!r}: its factor {label} {tuple(wide.shape)} (largest value "
+                                   f"{float(np.abs(wide).max()):.4g}) rounded to {dtype} loses {min(lost, 1.0):.0%} "
+                                   f"of its norm to values below the smallest {dtype} ({_SMALLEST.get(dtype, '?')}), "
+                                   "even balanced between B and A by a power of two: the delta written would not be "
+                                   f"the module's; {advice}")
     return dataclasses.replace(update, A=a, B=b)
 
 

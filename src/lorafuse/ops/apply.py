@@ -624,9 +624,12 @@ def apply(
     weights = None if weights is None else check_weights(weights, len(adapters))
     base = check_spec(base, "base model")  # bytes as text: the provenance records the name as given
     allow_nonfinite = check_bool(allow_nonfinite, "allow_nonfinite")
-    if not (progress is None or isinstance(progress, bool) or callable(progress)):
-        raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each ProgressEvent), "
-                                 f"got {progress!r}")
+    if not callable(progress):  # a numpy bool too, as every other switch (check_optional_bool)
+        try:
+            progress = check_optional_bool(progress, "progress")
+        except LorafuseValueError:
+            raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each "
+                                     f"ProgressEvent), got {progress!r}") from None
     dtype = dtype_spelling(dtype)  # a torch / numpy dtype as its name: the provenance records it as text
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)

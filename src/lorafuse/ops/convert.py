@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -45,6 +44,7 @@ from lorafuse.errors import (
     NonFiniteError,
     ShapeMismatchError,
     UnsupportedError,
+    warn,
 )
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
@@ -174,11 +174,11 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
     context = unet_context_size({n: tuple(u.delta_shape) for n, u in adapter.updates.items()})
     unsure = [n for n in lycoris if context is None and is_unet_proj(n) and len(adapter.updates[n].delta_shape) == 2]
     if unsure:
-        warnings.warn(f"{adapter.label}: {plural(len(unsure), 'LoHa / LoKr module')} ({unsure[0]}, ...) of a "
-                      "transformer's proj_in / proj_out, stored flattened, written as Linear factors (SD 2.x, SDXL); "
-                      "in SD 1.x these layers are 1x1 convolutions, which the adapter tells only through its "
-                      "cross-attention modules (attn2.to_k, none here): for SD 1.x convert an adapter that has "
-                      "them", AdapterNote, stacklevel=2)
+        warn(f"{adapter.label}: {plural(len(unsure), 'LoHa / LoKr module')} ({unsure[0]}, ...) of a "
+             "transformer's proj_in / proj_out, stored flattened, written as Linear factors (SD 2.x, SDXL); "
+             "in SD 1.x these layers are 1x1 convolutions, which the adapter tells only through its "
+             "cross-attention modules (attn2.to_k, none here): for SD 1.x convert an adapter that has "
+             "them", AdapterNote)
     shapes = {name: _conv_shape(adapter.updates[name], context) for name in lycoris}
     if conv_rank is not None and not any(is_kxk(shape) for shape in shapes.values()):
         raise _unused_rank(adapter, "conv_rank", lycoris=True)
@@ -192,7 +192,10 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
             u = u.with_shape(shape)  # type: ignore[union-attr]
         k = full_rank(conv_k if is_kxk(shape) else rank, shape)  # at most min(out, in * kh * kw)
         lora = u.to_lora(k, threads)  # type: ignore[union-attr]
-        updates[name] = rounded(lora, out_dtype, threads)  # computed in float32, rounded once
+        try:  # computed in float32, rounded once; a delta the input's dtype cannot hold is refused, never zeroed
+            updates[name] = rounded(lora, out_dtype, threads, refuse_underflow=True, advice=_FP32_ADVICE)
+        except (NonFiniteError, UnsupportedError) as e:
+            raise type(e)(f"{adapter.label}: {e}") from None
         reports.append(LycorisReport(name, str(getattr(u, "algo", type(u).__name__)), shape, lora.rank,
                                      _kept(u, lora, threads)))
     from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
@@ -204,15 +207,20 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
     return out, reports
 
 
+_FP32_ADVICE = ("convert writes the LoRA of a LoHa / LoKr module in the input's factor dtype and has no --dtype: "
+                "first make the adapter a float32 LoRA with lorafuse resize --rank K --dtype fp32 (Python: "
+                "lorafuse.resize(..., rank=K, dtype='fp32')), then convert that")
+
+
 def _lora_dtype(adapter: Adapter) -> str:
     """The dtype of the LoRA factors that LoHa / LoKr modules become: the adapter's factor dtype when all its
     factors share one of F32 / F16 / BF16, else F32, with a note (resize's rule; convert has no --dtype)."""
     found = factor_dtypes(adapter.updates.values())
     out = factors_dtype(found)
     if found and found != [out]:
-        warnings.warn(f"{adapter.label}: its factors are {' and '.join(found)}, so the LoRA factors of its LoHa / "
-                      f"LoKr modules are {out} (lorafuse resize --dtype rounds factors to another dtype)",
-                      AdapterNote, stacklevel=3)
+        warn(f"{adapter.label}: its factors are {' and '.join(found)}, so the LoRA factors of its LoHa / "
+             f"LoKr modules are {out} (lorafuse resize --dtype rounds factors to another dtype)",
+             AdapterNote)
     return out
 
 

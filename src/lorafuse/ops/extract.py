@@ -52,6 +52,9 @@ from lorafuse.ops.resolve import CONV1D_LAYERS, ModelInfo
 BATCH_BYTES = 256 << 20  # input bytes (both checkpoints) mapped per call into the core
 DEFAULT_MAX_RANK = 128  # sketch size for spectrum-based rules when --max-rank is not given
 MATRIX_NDIMS = (2, 3, 4, 5)  # a Linear (or Embedding) weight, a Conv1d, Conv2d or Conv3d kernel
+# A relative error below this, estimated from the float32 singular values (whose rounding leaves ~3e-4 in
+# sqrt(||D||^2 - sum S^2)), is computed again from D itself (_residual): a near-exact module, and rare.
+DIRECT_ERROR_BELOW = 1e-2
 
 
 @dataclass
@@ -151,17 +154,19 @@ def extract(
             # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
             outs = _svds(backend, items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
                          power_iters, seed, threads)
-            for (module, key), (b, a, s, frob_sq) in zip(batch, outs):
+            for (module, key), it, (b, a, s, frob_sq) in zip(batch, items, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+                k = min(rule.choose(s, frob_sq), b.shape[1]) if frob_sq else 0  # b: k_max columns, or the full rank
+                shape = cb.info(key).shape
+                err = _rel_error(s, k, frob_sq, shape) if frob_sq else 0.0
+                if err < DIRECT_ERROR_BELOW and 0 < k < min(b.shape[0], a.shape[1]):
+                    err = _residual(backend, it, b[:, :k], a[:k], frob_sq, threads)
                 fb.release(key)
                 ff.release(key)
                 bar.update(cb.info(key).nbytes + cf.info(key).nbytes, module)
                 if frob_sq == 0:
                     result.unchanged += 1
                     continue
-                k = min(rule.choose(s, frob_sq), b.shape[1])  # b: k_max columns, or the full rank
-                shape = cb.info(key).shape
-                err = _rel_error(s, k, frob_sq, shape)
                 result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d,
                                                          module in x.embedding)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
@@ -190,7 +195,12 @@ def extract(
                 m.rank = updates[m.name].rank  # the rank written (zero-padded; the error is the same)
     updates = _one_linear_layout(updates)
     if x.dtype is not None:  # rounded once from the float32 factors (B and A balanced where that keeps the delta)
-        updates = {n: rounded(u, x.dtype, threads) if isinstance(u, LoraUpdate) else u for n, u in updates.items()}
+        try:
+            updates = {n: rounded(u, x.dtype, threads, refuse_underflow=True) if isinstance(u, LoraUpdate) else u
+                       for n, u in updates.items()}
+        except (NonFiniteError, UnsupportedError) as e:  # a factor the dtype cannot hold: nothing is written
+            rec.close()  # the hashing stops
+            raise type(e)(f"{finetuned}: {e}") from None
     result.adapter = extracted(base, base_config, updates, full, (cb, cf), x.layers.modules)
     result.adapter.provenance = rec.result()
     return result
@@ -677,6 +687,20 @@ def _rel_error(s: np.ndarray, k: int, frob_sq: float, shape: tuple[int, ...]) ->
         return 0.0
     kept = float(np.sum(np.square(s[:k], dtype=np.float64)))
     return float(np.sqrt(max(frob_sq - kept, 0.0) / frob_sq))
+
+
+def _residual(backend: Backend, it: ExtractJob, b: np.ndarray, a: np.ndarray, frob_sq: float, threads: int) -> float:
+    """||D - B A||_F / ||D||_F from D itself, in float64, 16 MiB of rows at a time: where the error is small
+    (DIRECT_ERROR_BELOW) the estimate from the float32 singular values is their rounding, not the error."""
+    rows = max(1, (16 << 20) // (8 * max(1, a.shape[1])))
+    a64 = a.astype(np.float64)
+    total = 0.0
+    for i in range(0, it.w_base.shape[0], rows):
+        base = backend.to_float32(np.ascontiguousarray(it.w_base[i:i + rows]), it.base_dtype, threads)
+        ft = backend.to_float32(np.ascontiguousarray(it.w_ft[i:i + rows]), it.ft_dtype, threads)
+        r = ft.astype(np.float64) - base - b[i:i + rows].astype(np.float64) @ a64
+        total += float(np.einsum("ij,ij->", r, r))
+    return float(np.sqrt(total / frob_sq))
 
 
 def _update(module: str, shape: tuple[int, ...], b: np.ndarray, a: np.ndarray, conv1d: bool = False,

@@ -13,7 +13,7 @@ from typing import cast
 from lorafuse._terminal import plural
 from lorafuse.errors import FormatError
 from lorafuse.formats import load
-from lorafuse.formats.diffusers import split_name
+from lorafuse.formats.diffusers import split_name, unprefixed_lora_key, unprefixed_why
 from lorafuse.formats.held import adapter_path, subfolder_hint
 from lorafuse.formats.util import most_common
 from lorafuse.io.checkpoint import Checkpoint
@@ -247,7 +247,12 @@ def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object
         if sub:
             raise FormatError(f"{e}{sub}") from None
         raise
-    return describe_checkpoint(ckpt)
+    described = describe_checkpoint(ckpt)
+    lora_key = unprefixed_lora_key(k for h in ckpt.headers.values() for k in h)
+    if lora_key:  # not a model: say why not an adapter
+        cast("list[str]", described["notes"]).append(f"not read as an adapter: its tensors are "
+                                                     f"{unprefixed_why(lora_key)}")
+    return described
 
 
 def alpha_text(d: dict[str, object]) -> str:

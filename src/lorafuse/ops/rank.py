@@ -18,6 +18,9 @@ from lorafuse._validate import check_float, check_rank
 from lorafuse.errors import LorafuseValueError
 
 _EPS = 1e-12  # fractions computed in float64 that should reach exactly f still count
+# extract's fraction of ||D||_F: float32 singular values against the float64 ||D||^2 fall short of it by float32's
+# rounding (~1e-7 of ||D||^2) even where the kept values are the whole delta: within this of f still counts
+_EPS_F32 = 2.0**-20
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class RankRule:
         elif self.sv_fro is not None:
             total = float(np.sum(s**2)) if total_sq is None else float(total_sq)
             frac = np.sqrt(np.cumsum(s**2) / total) if total > 0 else np.ones(len(s))
-            hit = np.nonzero(frac >= self.sv_fro - _EPS)[0]
+            hit = np.nonzero(frac >= self.sv_fro - (_EPS if total_sq is None else _EPS_F32))[0]
             k = int(hit[0]) + 1 if len(hit) else len(s)
         else:
             assert self.sv_cumulative is not None

@@ -77,7 +77,10 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         b2, a2, s = results[n]
         u = a.updates[n]
         k = min(rule.choose(s), u.rank, b2.shape[1], b2.shape[0], a2.shape[1])  # no more than the delta's rank
-        new = rounded(u.with_factors(b2[:, :k], a2[:k], scale=u.scale), out_dtype, threads)
+        try:
+            new = rounded(u.with_factors(b2[:, :k], a2[:k], scale=u.scale), out_dtype, threads, refuse_underflow=True)
+        except (NonFiniteError, UnsupportedError) as e:  # a factor the dtype cannot hold: say which adapter
+            raise type(e)(f"{a.label}: {e}") from None
         new.bias = u.bias
         updates[n] = new
         report.append(ModuleReport(n, u.rank, k, fro_kept(s, k)))

@@ -307,6 +307,7 @@ class LayoutHints:
         self._ends: dict[str, str | None] | None = None  # a dotted tail -> the one key ending so (None: several)
         self._parts: set[str] = set()
         self._own: dict[str, list[str]] = {}  # a pipeline component's own key -> the components holding it
+        self._spelled: dict[str, list[str]] = {}  # LyCORIS's spelling of an own weight ('.' as '_') -> its keys
         self.components: set[str] = set()  # the components whose own names unmatched modules are
 
     def _index(self) -> dict[str, str | None]:
@@ -317,6 +318,8 @@ class LayoutHints:
                 component, _, own = key.partition("/") if pipeline else ("", "", key)
                 if pipeline:
                     self._own.setdefault(own, []).append(component)
+                    if own.endswith(".weight"):
+                        self._spelled.setdefault(own[: -len(".weight")].replace(".", "_"), []).append(key)
                 parts = own.split(".")
                 self._parts.update(parts)
                 for i in range(1, len(parts)):
@@ -331,6 +334,10 @@ class LayoutHints:
             self.components.update(components)
             held = " and ".join(f"{c}/{name}.weight" for c in components)
             return f" (the base holds {held}: {COMPONENT_ALONE}?)"
+        spelled = self._spelled.get(name[len("lycoris_"):], []) if name.startswith("lycoris_") else []
+        if spelled:  # LyCORIS's create_lycoris(pipe.unet) names a component's layers 'lycoris_<own path>'
+            self.components.update(k.partition("/")[0] for k in spelled)
+            return f" (the base holds {' and '.join(spelled)}: {COMPONENT_ALONE}?)"
         parts = name.split(".")
         first_index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
         for start in range(1, (first_index if first_index is not None else len(parts) - 1) + 1):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import warnings
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafuse.backends import InnerJob, get_backend
-from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchError
+from lorafuse.errors import LorafuseValueError, NonFiniteError, ShapeMismatchError, warn
 from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
 from lorafuse.model.adapter import adapter_list
@@ -128,7 +127,7 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
     for note in unshared_notes(loaded) + zero_notes(loaded, [i for i, n in enumerate(norms) if n == 0]):
-        warnings.warn(note, UserWarning, stacklevel=2)  # a 0 that measures nothing (the CLI prints these as notes)
+        warn(note, UserWarning)  # a 0 that measures nothing (the CLI prints these as notes)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
 
 

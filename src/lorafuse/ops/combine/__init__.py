@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -60,7 +59,7 @@ from lorafuse._validate import (
 )
 from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
-from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, UnsupportedError
+from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, UnsupportedError, warn
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import Provenance, Recording, adapter_input
@@ -193,16 +192,19 @@ class _Prepared:
     ctx: Context
     dtype: str  # of the output's factors
     weights: list[float] = dataclasses.field(default_factory=list)  # one per adapter (the provenance's)
+    wheres: list[str] = dataclasses.field(default_factory=list)  # one per adapter: where it was named (messages)
 
 
-def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None,
+def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter | many.Source], weights: Sequence[float] | None,
              o: CombineOptions) -> _Prepared:
-    """Everything checked and laid out before any module is computed (`o`: options check_options returned)."""
+    """Everything checked and laid out before any module is computed (`o`: options check_options returned;
+    a Source's `where`, a list file's line, names its adapter in the messages of the work)."""
     method = REGISTRY[o.method]
     if not adapters:
         raise LorafuseValueError("combine needs at least one adapter")
     backend = backend_for_device(o.device)  # before any work: a device that cannot run says so first
-    loaded = as_adapters(adapters)
+    loaded = as_adapters([a.item if isinstance(a, many.Source) else a for a in adapters])
+    wheres = [_where(i, a, given) for i, (a, given) in enumerate(zip(loaded, adapters), 1)]
     ws = [1.0] * len(loaded) if weights is None else check_weights(weights, len(loaded))
     if not method.accepts_lycoris:
         lycoris = [(a.label, n) for a in loaded for n, u in a.updates.items() if not isinstance(u, LoraUpdate)]
@@ -219,14 +221,22 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequ
         raise _no_module([a.label for a in loaded])
     _note_unknown_kernels(loaded, by_module)
     if o.method != "linear":  # linear takes sqrt(w * scale) in float64; the others multiply factors in float32
-        _check_coefficients(loaded, ws)
+        _check_coefficients(loaded, ws, wheres)
     if method.check is not None:
         method.check(o.method, by_module)
     ctx = Context(o, backend, output_ranks(by_module, o.rank, o.conv_rank) if method.takes_rank else {},
                   structured_above=STRUCTURED_ABOVE)
     dtype = output_dtype(loaded, o.dtype, "combine")
     _note_one_adapter(len(loaded), loaded[0].label, method)  # once everything is checked
-    return _Prepared(loaded, method, by_module, ctx, dtype, [float(w) for w in ws])
+    return _Prepared(loaded, method, by_module, ctx, dtype, [float(w) for w in ws], wheres)
+
+
+def _where(i: int, a: Adapter, given: object) -> str:
+    """How messages name the i-th adapter: `adapter i (label)`, or its Source's where (a list file's line) with
+    its label."""
+    if not isinstance(given, many.Source):
+        return f"adapter {i} ({a.label})"
+    return given.where if a.label in given.where else f"{given.where} ({a.label})"
 
 
 def _note_one_adapter(count: int, label: str, method: Method) -> None:
@@ -240,9 +250,9 @@ def _note_one_adapter(count: int, label: str, method: Method) -> None:
     done = ("its delta pruned to --density, then cut to rank k" if method.takes_density and method.takes_rank
             else "its factors pruned to --density" if method.takes_density
             else "its delta as the best rank-k approximation (the same delta when k is at least its rank)")
-    warnings.warn(f"{label}: one adapter, combined by method {method.name!r} as asked: {done}; PEFT's "
-                  "add_weighted_adapter would take method 'linear' for one adapter and return it unchanged (times "
-                  "its weight): --method cat does that", AdapterNote, stacklevel=4)
+    warn(f"{label}: one adapter, combined by method {method.name!r} as asked: {done}; PEFT's "
+         "add_weighted_adapter would take method 'linear' for one adapter and return it unchanged (times "
+         "its weight): --method cat does that", AdapterNote)
 
 
 def _note_unknown_kernels(loaded: Sequence[Adapter], by_module: Terms) -> None:
@@ -255,11 +265,11 @@ def _note_unknown_kernels(loaded: Sequence[Adapter], by_module: Terms) -> None:
                                        and kernel_unknown(n, tuple(by_module[n][0].update.delta_shape))])
 
 
-def _check_coefficients(loaded: Sequence[Adapter], ws: Sequence[float]) -> None:
+def _check_coefficients(loaded: Sequence[Adapter], ws: Sequence[float], wheres: Sequence[str]) -> None:
     """Each term's coefficient w_i * s_i must be a float32 (the factors are scaled by it in float32)."""
-    for i, (a, w) in enumerate(zip(loaded, ws), 1):
+    for a, w, where in zip(loaded, ws, wheres):
         for name, u in a.updates.items():
-            float32_coefficient(float(w), u.scale, f"adapter {i} ({a.label}): module {name!r}")
+            float32_coefficient(float(w), u.scale, f"{where}: module {name!r}")
 
 
 def _no_module(labels: Sequence[str]) -> UnsupportedError:
@@ -295,27 +305,32 @@ def _outputs(p: _Prepared) -> Iterator[Output]:
 def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
     """The core's NonFiniteError names the module; say which input holds the NaN or Inf, or that none does (the
     weights or scales overflow float32). Only on the error path: every input's factors are looked at."""
-    for i, a in enumerate(p.loaded, 1):
+    for a, where in zip(p.loaded, p.wheres):
         for name, u in a.updates.items():
             if holds_nonfinite(u):
-                return NonFiniteError(f"{e}: adapter {i} ({a.label}), module {name!r}, holds NaN or Inf in its "
-                                      "factors")
-    return NonFiniteError(f"{e}: every input is finite, so the weighted sum overflows float32 (weights "
-                          f"{', '.join(f'{w:g}' for w in p.weights)}): use smaller weights")
+                return NonFiniteError(f"{e}: {where}, module {name!r}, holds NaN or Inf in its factors")
+    summed = f"every input is finite, so the weighted sum overflows float32 (weights " \
+        f"{', '.join(f'{w:g}' for w in p.weights)})"
+    for a, where, w in zip(p.loaded, p.wheres, p.weights):
+        for name, u in a.updates.items():
+            if own := many.own_overflow(u, w):
+                return NonFiniteError(f"{e}: {'' if w == 1 else summed + ': '}{where}, module {name!r}: {own}")
+    return NonFiniteError(f"{e}: {summed}: use smaller weights")
 
 
 AnyAdapters = Iterable[str | os.PathLike[str] | Adapter] | Iterable[many.Source]
 
 
 def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: CombineOptions
-           ) -> tuple[Sequence[str | os.PathLike[str] | Adapter], Sequence[float] | None, many.Plan | None,
-                      CombineOptions]:
+           ) -> tuple[Sequence[str | os.PathLike[str] | Adapter | many.Source], Sequence[float] | None,
+                      many.Plan | None, CombineOptions]:
     """The inputs for the in-memory path (and None), or the header pass's Plan for the streamed engine, with
     the checked options. A short sequence of adapters with no streaming option goes the in-memory path
     untouched, and so does a sequence of Adapters already loaded, however long: they are open already, and
     the in-memory path drops each group's mapped input pages once it is done (streaming them would keep every
     page they touch resident)."""
     refuse_one(adapters, "combine")
+    many.refuse_list_pair(adapters)
     if weights is not None:  # checked (and a generator read) once here; their count once the adapters are known
         weights = weight_list(weights)
     o = check_options(options)
@@ -326,8 +341,10 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
         return adapters, weights, None, o  # (no Source among them)
     sources, ws = many.gather(adapters, weights)
     _recording(sources, ws, options, hashing=False).close()  # a record too large for the output: refused now
-    if o.engine == "memory":  # asked for: every adapter loaded as the in-memory path loads them (LoHa too)
-        return [s.item for s in sources], ws, None, o
+    if o.engine == "memory":  # asked for: every adapter loaded as the in-memory path loads them (LoHa too), once
+        # the header pass has checked them as for the other engines (a bad adapter named by its list line)
+        many.check_sources(sources, ws, o.method, structured=True, progress=o.progress)
+        return sources, ws, None, o
     if o.engine == "ray":
         ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
     plan = many.check_sources(sources, ws, o.method, structured=o.engine == "auto" and o.passes is None,
@@ -335,11 +352,11 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     if plan.structured is not None:  # a LoHa / LoKr: the in-memory path takes it, when the list is short enough
         if len(sources) > many.memory_max_adapters():
             raise many.structured_refusal(plan.structured)
-        return [s.item for s in sources], ws, None, o
+        return sources, ws, None, o
     if not plan.modules:
         raise _no_module([str(x.path) if x.path is not None else x.where for x in plan.sources])
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
-        return [s.item for s in sources], ws, None, o
+        return sources, ws, None, o
     _note_one_adapter(len(sources), sources[0].where, REGISTRY[o.method])  # (the in-memory path: in _prepare)
     return [], None, plan, o
 
@@ -366,18 +383,18 @@ def combine_with(adapters: AnyAdapters, weights: Iterable[float] | None, options
     """combine() with its options as one CombineOptions. The result's `provenance` records the inputs (their
     sha256), the method and the options (io.provenance); its save() writes them."""
     options = _spelled(options)
-    adapters, weights, plan, o = _route(adapters, weights, options)
+    items, weights, plan, o = _route(adapters, weights, options)
     if plan is not None:
         plan.output_dtype(o.dtype)  # its note where the inputs' dtypes differ
         computed: dict[str, LoraUpdate] = {}
         with _recording(plan.sources, plan.weights, options) as rec:
             _run_streamed(plan, o, computed.__setitem__)
             streamed = many.template_of(plan, computed)
-            streamed.randomized = list(computed) if o.method == "svd" else []
+            streamed.randomized = many.randomized_modules(plan, o)
             streamed.provenance = rec.result()
             many.raise_if_changed(plan)  # (see _unchanged)
         return streamed
-    p = _prepare(adapters, weights, o)
+    p = _prepare(items, weights, o)
     updates: dict[str, LoraUpdate] = {}
     randomized: list[str] = []
     with _recording(p.loaded, p.weights, options) as rec:
@@ -485,12 +502,12 @@ def prepare_to(adapters: AnyAdapters, weights: Iterable[float] | None, options: 
     """Everything combine_to does before it opens the output (its arguments' meaning: combine_to): the
     options checked, the adapters read (headers; the in-memory engine maps them), the engine chosen, every
     rule of the method checked and each module's output rank decided. Writes nothing."""
-    adapters, weights, plan, o = _route(adapters, weights, _spelled(options))
+    items, weights, plan, o = _route(adapters, weights, _spelled(options))
     if plan is not None:
         dtype = plan.output_dtype(o.dtype)
         layout = AdapterLayout(many.layout_of(plan, o, dtype))
         return CombineSetup(o, layout, many.template_of(plan, layout.placeholders()), dtype, plan.paths, stream=plan)
-    p = _prepare(adapters, weights, o)
+    p = _prepare(items, weights, o)
     layout = AdapterLayout(dataclasses.replace(ModuleLayout.like(ts[0].update, p.method.rank_of(n, ts, p.ctx),
                                                                  dtype=p.dtype), name=n)
                            for n, ts in p.by_module.items())
@@ -522,5 +539,5 @@ def _stream_to(plan: many.Plan, o: CombineOptions, layout: AdapterLayout, templa
         summary = _run_streamed(plan, o, w.put)
         raise_if_inputs_changed(plan.paths)
     return CombineReport(w.out, {n: m.rank for n, m in layout.items()},
-                         list(layout) if o.method == "svd" else [], dtype, time.perf_counter() - start,
+                         many.randomized_modules(plan, o), dtype, time.perf_counter() - start,
                          engine=summary.engine, summary=summary)

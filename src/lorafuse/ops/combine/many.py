@@ -51,14 +51,13 @@ import re
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lorafuse._progress import BAR_FORMAT, human_bytes
+from lorafuse._progress import BAR_FORMAT, Display, human_bytes
 from lorafuse._validate import (
     MAX_PASSES,
     check_int,
@@ -78,13 +77,15 @@ from lorafuse.errors import (
     NonFiniteError,
     ShapeMismatchError,
     UnsupportedError,
+    warn,
 )
-from lorafuse.formats import load, located_adapter
+from lorafuse.formats import load, located_adapter, read
 from lorafuse.io.hub import is_hub_id
 from lorafuse.io.safetensors import FileIdentity, identity_of, locate, raise_if_inputs_changed
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import (
+    FLOAT32_MAX,
     NARROWING_FIELDS,
     check_linear,
     combined_targets,
@@ -94,8 +95,8 @@ from lorafuse.model.arithmetic import (
     result,
 )
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
-from lorafuse.model.spectral import is_stored_lora
-from lorafuse.model.update import holds_nonfinite
+from lorafuse.model.spectral import frobenius_sq, is_stored_lora
+from lorafuse.model.update import Update, holds_nonfinite
 from lorafuse.ops.combine.options import CombineOptions
 from lorafuse.ops.combine.terms import dense_shape, unused_conv_rank
 
@@ -165,6 +166,22 @@ def _exists(p: Path, name: str) -> bool:
         return os.path.lexists(_from_list(p, name))
     except (OSError, ValueError):
         return False
+
+
+def _missing_hint(p: Path, name: str, weight: float | None) -> str:
+    """A hint for a list's missing `name` (its `weight`: None when the name is the whole line): one that names an
+    existing path once its shell quoting is taken off (`"my lora"`, `'my lora'`, `my\\ lora`: a list takes each
+    path as it is written), or a whole line whose first words name a path and whose last word is no weight
+    (`lora +-1`)."""
+    plain = name[1:-1] if len(name) > 1 and name[0] == name[-1] and name[0] in "\"'" else name.replace("\\ ", " ")
+    if plain != name and plain.strip() and _exists(p, plain):
+        return (f"; {_shown(plain)} exists: a list takes a path as written, without quotes or backslashes, spaces "
+                "and all")
+    parts = name.rsplit(maxsplit=1)
+    if weight is None and len(parts) == 2 and _exists(p, parts[0]):
+        return (f"; {_shown(parts[0])} exists, but {_shown(parts[1])} after it is no weight (a decimal number such "
+                "as 0.5, -1 or 2e-3)")
+    return ""
 
 
 def _weight(text: str, where: str) -> float:
@@ -247,7 +264,8 @@ def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tupl
             if len(name) > HUB_ID_MAX or not is_hub_id(name):
                 relative = "" if Path(name).expanduser().is_absolute() else \
                     " (a relative path is read from the list's folder)"
-                raise FormatError(f"{where}: no such file or folder {_cut(local)}{relative}")
+                raise FormatError(f"{where}: no such file or folder {_cut(local)}{relative}"
+                                  f"{_missing_hint(p, name, weight)}")
             local = _located(name, where)  # a Hub id, when no file of that name is there
         entries.append((local, weight, where))
     if not entries:
@@ -306,6 +324,15 @@ def _located(spec: str | os.PathLike[str], where: str) -> Path:
         raise _reraise(e, where) from None
 
 
+def refuse_list_pair(adapters: object) -> None:
+    """read_list's (sources, weights) pair given as the adapters: LorafuseValueError saying to unpack it (its
+    items, two lists, would be refused as "expected a path" without a word about why)."""
+    if (isinstance(adapters, tuple) and len(adapters) == 2 and isinstance(adapters[0], list) and adapters[0]
+            and all(isinstance(s, Source) for s in adapters[0])):
+        raise LorafuseValueError("combine: adapters is read_list's pair (sources, weights): unpack it, "
+                                 "lorafuse.combine(*read_list(path)), or pass sources, weights=weights")
+
+
 def sources_of(adapters: Iterable[AdapterInput] | Iterable[Source]) -> list[Source]:
     """Any iterable of paths, Adapters or Sources (a generator too) as Sources, numbered from 1."""
     refuse_one(adapters, "combine")
@@ -315,9 +342,10 @@ def sources_of(adapters: Iterable[AdapterInput] | Iterable[Source]) -> list[Sour
             out.append(a)
         elif isinstance(a, Adapter):
             out.append(Source(a, f"adapter {i} ({a.label})"))
-        elif isinstance(a, (str, os.PathLike)):
-            where = f"adapter {i} ({os.fspath(a)})"
-            out.append(Source(_located(a, where), where))
+        elif isinstance(a, (str, bytes, os.PathLike)):  # bytes too, as every path argument (_validate.check_path)
+            text = os.fsdecode(a)
+            where = f"adapter {i} ({_cut(text)})"
+            out.append(Source(_located(text, where), where))
         else:
             raise LorafuseValueError(f"adapter {i}: expected a path or an Adapter, got {type(a).__name__}")
     return out
@@ -375,8 +403,8 @@ class Plan:
         out = self.factor_dtype(dtype)
         found = sorted(self.dtypes)
         if check_dtype(dtype) is None and found and found != [out]:
-            warnings.warn(f"combine: the inputs' factors are {' and '.join(found)}, so the result's are {out} "
-                          "(--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote, stacklevel=4)
+            warn(f"combine: the inputs' factors are {' and '.join(found)}, so the result's are {out} "
+                 "(--dtype, dtype=, chooses fp32, fp16 or bf16)", AdapterNote)
         return out
 
 
@@ -464,11 +492,7 @@ def _open(src: Source, quiet: bool = False) -> Adapter:
     if isinstance(src.item, Adapter):
         return src.item
     try:
-        if quiet:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", AdapterNote)
-                return load(src.item)
-        return load(src.item)
+        return read(src.item) if quiet else load(src.item)  # read: the notes said once, by the first pass
     except LorafuseError as e:
         raise _reraise(e, src.where) from None
     except OSError as e:
@@ -1048,7 +1072,7 @@ class _Bar:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="adapter", file=sys.stderr, dynamic_ncols=True,
+            self.bar = tqdm(total=total, desc=desc, unit="adapter", file=Display(sys.stderr), dynamic_ncols=True,
                             mininterval=0.2, leave=True, bar_format=BAR_FORMAT)
 
     def step(self, note: str, count: int = 1) -> None:
@@ -1169,14 +1193,14 @@ def _read_replay(src: Source, w: float, rp: Replay, data: np.ndarray, stacks: di
 def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: Sequence[float],
             fingerprints: Sequence[object], pass_no: int, chunk: int,
             replays: Sequence[Replay | None] | None = None
-            ) -> Iterator[tuple[dict[str, _Stack], int, int, list[Source]]]:
+            ) -> Iterator[tuple[dict[str, _Stack], int, int, list[tuple[Source, float]]]]:
     """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read, their
-    sources). The stacks are allocated once per pass and refilled (a chunk's stacks are used before the next is
-    read)."""
+    sources and weights). The stacks are allocated once per pass and refilled (a chunk's stacks are used before
+    the next is read)."""
     stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in modules.items()}
     backend = get_backend()
     buffer = _ReplayBuffer()
-    held: list[Source] = []
+    held: list[tuple[Source, float]] = []
     read = 0
     for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no, replays):
         if isinstance(adapter, Replay):
@@ -1184,7 +1208,7 @@ def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: 
         else:
             read += _read(src, w, adapter, stacks, backend)
         del adapter  # its mapping and descriptor go with it
-        held.append(src)
+        held.append((src, w))
         if len(held) >= chunk:
             yield stacks, len(held), read, held
             for st in stacks.values():
@@ -1194,15 +1218,35 @@ def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: 
         yield stacks, len(held), read, held
 
 
-def _non_finite(name: str, held: Sequence[Source]) -> NonFiniteError:
+def _non_finite(name: str, held: Sequence[tuple[Source, float]]) -> NonFiniteError:
     """The error of a chunk whose sum for module `name` is not finite: the adapter of the chunk whose factors hold
-    NaN or Inf (each opened again: the error path only), or, when none does, the sum's overflow."""
-    for src in held:
-        u = _open(src, quiet=True).updates.get(name)
+    NaN or Inf (each opened again: the error path only), or whose own weighted delta is beyond float32, or, when
+    none is, the sum's overflow."""
+    updates = [(src, w, _open(src, quiet=True).updates.get(name)) for src, w in held]
+    for src, _, u in updates:
         if u is not None and holds_nonfinite(u):
             return NonFiniteError(f"{src.where}: module {name!r} holds NaN or Inf in its factors")
-    return NonFiniteError(f"module {name!r}: the weighted sum of {held[0].where} .. {held[-1].where} overflows "
-                          "float32 (every input is finite): use smaller weights")
+    summed = f"module {name!r}: the weighted sum of {held[0][0].where} .. {held[-1][0].where} overflows float32 " \
+        "(every input is finite"
+    for src, w, u in updates:
+        if u is not None and (own := own_overflow(u, w)):
+            return NonFiniteError(f"{src.where}: module {name!r}: {own}" if w == 1 else
+                                  f"{summed}): {src.where}: {own}")
+    return NonFiniteError(f"{summed}, and so is each one's weighted delta): use smaller weights")
+
+
+def own_overflow(u: Update, weight: float) -> str:
+    """Why one finite input's own delta, times its `weight`, cannot be combined in float32 (its Frobenius norm,
+    float64 from the structure, beyond float32's largest value), or '' when it fits. The error path only."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = abs(weight) * math.sqrt(max(frobenius_sq(u), 0.0))
+    if not norm > FLOAT32_MAX:
+        return ""
+    if weight != 1:
+        return (f"its own delta times its weight {weight:g} has Frobenius norm {norm:.3g}, beyond float32's largest "
+                f"value ({FLOAT32_MAX:.3g}), in which combine computes: give it a smaller weight")
+    return (f"its own delta has Frobenius norm {norm:.3g}, beyond float32's largest value ({FLOAT32_MAX:.3g}), in "
+            "which combine computes, whatever the other inputs: give it a smaller weight, or leave it out")
 
 
 def chunk_size(plan: Plan, budget: int) -> int:
@@ -1274,6 +1318,15 @@ def layout_of(plan: Plan, options: CombineOptions, dtype: str) -> list[ModuleLay
     return out
 
 
+def randomized_modules(plan: Plan, options: CombineOptions) -> list[str]:
+    """The modules whose streamed svd is randomized: those sketched by k + OVERSAMPLE columns; one sketched whole
+    (sketch_width: min(out, in) columns) is the best rank-k approximation, as the exact path's. [] for linear."""
+    if options.method != "svd":
+        return []
+    ranks = output_ranks(plan, options.rank, options.conv_rank)
+    return [n for n, s in plan.modules.items() if sketch_width(ranks[n], s.out, s.inn) < min(s.out, s.inn)]
+
+
 def template_of(plan: Plan, updates: dict[str, LoraUpdate]) -> Adapter:
     """The result adapter: the first input's config and state, targeting what the inputs targeted
     (arithmetic.combined_targets), derived from every input path (save never writes over them)."""
@@ -1298,6 +1351,7 @@ def gather(adapters: Iterable[AdapterInput] | Iterable[Source],
 __all__ = ["DEFAULT_PASSES", "ENGINES", "MEMORY_MAX_ADAPTERS", "OVERSAMPLE", "PROBES", "Folding", "Operand", "Partial",
            "Plan", "STREAMABLE", "Sketching", "Source", "StreamSummary", "add_partials",
            "check_sources", "check_stream_options", "choose_engine", "chunk_size", "first_operand", "fold_sources",
-           "gather", "gaussian", "layout_of", "memory_max_adapters", "raise_if_changed", "read_list", "run_stream",
+           "gather", "gaussian", "layout_of", "memory_max_adapters", "own_overflow", "raise_if_changed", "read_list",
+           "run_stream",
            "sketch_width",
-           "sources_of", "template_of"]
+           "sources_of", "template_of", "randomized_modules", "refuse_list_pair"]
