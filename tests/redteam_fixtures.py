@@ -3,7 +3,10 @@ float32 factors and a Llama-named float32 base, of any module shapes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +62,52 @@ def read_torch(path: Path) -> dict:
         with safe_open(str(f), "pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})
     return out
+
+
+RECIPE_SHAPES = {"model.layers.0.self_attn.q_proj": (48, 32)}
+
+
+def recipe_tree(folder: Path) -> Path:
+    """base/ (a Llama-named checkpoint of RECIPE_SHAPES), a/ and b/ (PEFT adapters on it), in `folder`."""
+    llm_base(folder / "base", RECIPE_SHAPES)
+    peft_folder(folder / "a", RECIPE_SHAPES, 1)
+    peft_folder(folder / "b", RECIPE_SHAPES, 2)
+    return folder
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lorafuse ARGV` run in this process (lorafuse.cli.main)."""
+    from lorafuse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def peft_deltas(folder: Path) -> dict[str, np.ndarray]:
+    """(lora_alpha / r) B @ A per module of a PEFT folder, in float64, from its files."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    scale = cfg["lora_alpha"] / cfg["r"]
+    return {k.removeprefix(PREFIX).removesuffix(".lora_A.weight"):
+            scale * (t[k.replace("lora_A", "lora_B")].astype(np.float64) @ t[k].astype(np.float64))
+            for k in t if k.endswith(".lora_A.weight")}
+
+
+def namespace_prefix(probe: str) -> list[str] | None:
+    """A command prefix under which the shell command `probe` (a mount) succeeds: a private mount namespace, as
+    root or as an unprivileged user mapped to root; None where neither can be made."""
+    for prefix in (["unshare", "--mount", "--propagation", "private"],
+                   ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
+        try:
+            if subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None

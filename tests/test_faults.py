@@ -56,6 +56,7 @@ from fault_tools import (
 )
 from peft import PeftModel
 from peft_fixtures import Case, llama_case
+from redteam_fixtures import namespace_prefix
 from safetensors import safe_open
 
 import lorafuse
@@ -518,15 +519,7 @@ def test_file_size_limit_through_the_cli(inputs, tmp_path, layout):
 def _can_mount_tmpfs(where: Path) -> list[str] | None:
     """The command prefix that runs a command where a tmpfs can be mounted at `where`, if any."""
     where.mkdir(exist_ok=True)
-    probe = f"mount -t tmpfs -o size=1m tmpfs {where} && touch {where}/x"
-    for prefix in (["unshare", "--mount", "--propagation", "private"],
-                   ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
-        try:
-            if subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0:
-                return prefix
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return None
+    return namespace_prefix(f"mount -t tmpfs -o size=1m tmpfs {where} && touch {where}/x")
 
 
 _NO_SPACE_SCRIPT = """

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from redteam_fixtures import peft_folder
+from redteam_fixtures import peft_deltas, peft_folder
 from safetensors.numpy import save_file
 
 import lorafuse
@@ -47,18 +47,6 @@ PREFIX = "base_model.model."
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 LLM = {Q: (12, 10), V: (12, 10)}
 KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def peft_deltas(folder: Path) -> dict[str, np.ndarray]:
-    """(lora_alpha / r) B @ A per module of a PEFT folder, in float64, from its files."""
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    t = load_file(str(folder / "adapter_model.safetensors"))
-    scale = cfg["lora_alpha"] / cfg["r"]
-    return {k.removeprefix(PREFIX).removesuffix(".lora_A.weight"):
-            scale * (t[k.replace("lora_A", "lora_B")].astype(np.float64) @ t[k].astype(np.float64))
-            for k in t if k.endswith(".lora_A.weight")}
 
 
 def deltas(adapter: Adapter) -> dict[str, np.ndarray]:

@@ -28,42 +28,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from redteam_fixtures import kohya_file, llm_base, peft_folder
+from redteam_fixtures import RECIPE_SHAPES, kohya_file, llm_base, recipe_tree
+from redteam_fixtures import run_cli as _cli
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lorafuse
-from lorafuse.cli import main
 from lorafuse.errors import RecipeError
 from lorafuse.recipes import source
 from lorafuse.recipes.checks import check
 from lorafuse.recipes.runner import load_recipe
 
-SHAPES = {"model.layers.0.self_attn.q_proj": (48, 32)}
+SHAPES = RECIPE_SHAPES
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """base/ (a Llama-named checkpoint), a/ and b/ (PEFT adapters on it)."""
-    llm_base(tmp_path / "base", SHAPES)
-    peft_folder(tmp_path / "a", SHAPES, 1)
-    peft_folder(tmp_path / "b", SHAPES, 2)
-    return tmp_path
+    return recipe_tree(tmp_path)
 
 
 def _write(folder: Path, text: str, name: str = "r.yml") -> Path:
     (folder / name).write_text(text)
     return folder / name
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _inputs(path: Path) -> list[dict[str, object]]:

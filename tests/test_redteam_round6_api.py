@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from redteam_fixtures import peft_deltas as reference_deltas
 from redteam_fixtures import peft_folder
 
 import lorafuse
@@ -43,18 +44,6 @@ from lorafuse import Adapter, InputChangedError, LorafuseValueError
 PREFIX = "base_model.model."
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 LLM = {Q: (12, 10), V: (12, 10)}
-
-
-def reference_deltas(folder: Path) -> dict[str, np.ndarray]:
-    """(lora_alpha / r) B @ A per module of a PEFT folder, in float64, from its files."""
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    t = load_file(str(folder / "adapter_model.safetensors"))
-    scale = cfg["lora_alpha"] / cfg["r"]
-    return {k.removeprefix(PREFIX).removesuffix(".lora_A.weight"):
-            scale * (t[k.replace("lora_A", "lora_B")].astype(np.float64) @ t[k].astype(np.float64))
-            for k in t if k.endswith(".lora_A.weight")}
 
 
 @pytest.fixture()

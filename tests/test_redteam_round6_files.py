@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from redteam_fixtures import kohya_file, peft_folder
+from redteam_fixtures import kohya_file, namespace_prefix, peft_folder
 
 from lorafuse.io import atomic
 
@@ -42,15 +42,7 @@ def _mount_prefix(probe_dir: Path) -> list[str] | None:
     probe_dir.mkdir()
     (probe_dir / "a").mkdir()
     (probe_dir / "b").mkdir()
-    probe = f"mount --bind {probe_dir / 'a'} {probe_dir / 'b'}"
-    for prefix in (["unshare", "--mount", "--propagation", "private"],
-                   ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private"]):
-        try:
-            if subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0:
-                return prefix
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return None
+    return namespace_prefix(f"mount --bind {probe_dir / 'a'} {probe_dir / 'b'}")
 
 
 def _in_namespace(prefix: list[str], mount: str, cwd: Path, cmds: list[list[str]]) -> list[list]:

@@ -8,15 +8,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from redteam_fixtures import llm_base, peft_folder
+from redteam_fixtures import RECIPE_SHAPES, recipe_tree
+from redteam_fixtures import run_cli as _cli
 from safetensors.numpy import load_file, save_file
 
 import lorafuse
@@ -24,31 +23,17 @@ from lorafuse.cli import main
 from lorafuse.errors import OutputError
 from lorafuse.io.provenance import Provenance, flat_inputs, recorded_in
 
-SHAPES = {"model.layers.0.self_attn.q_proj": (48, 32)}
+SHAPES = RECIPE_SHAPES
 
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """base/ (a Llama-named checkpoint), a/ and b/ (PEFT adapters on it)."""
-    llm_base(tmp_path / "base", SHAPES)
-    peft_folder(tmp_path / "a", SHAPES, 1)
-    peft_folder(tmp_path / "b", SHAPES, 2)
-    return tmp_path
+    return recipe_tree(tmp_path)
 
 
 def _write(folder: Path, text: str, name: str = "r.yml") -> Path:
     (folder / name).write_text(text)
     return folder / name
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
