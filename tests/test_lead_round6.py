@@ -103,3 +103,35 @@ def test_a_named_index_is_read_with_its_shards(tmp_path: Path) -> None:
     ckpt = Checkpoint(base)
     assert ckpt.shards == ["part-1.safetensors", "part-2.safetensors"]
     assert ckpt.index_name == "weights.safetensors.index.json"
+
+
+
+def test_the_cli_leaves_a_signal_handler_set_outside_python_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """An embedding application's own C handler (getsignal: None) could not be put back by Python: the CLI leaves
+    that signal alone instead of failing (TypeError) after the command; the others it sets and puts back."""
+    import signal
+
+    from redteam_fixtures import peft_folder
+
+    from lorafuse import cli
+
+    peft_folder(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (8, 6)}, 1)
+    real_getsignal, real_signal = signal.getsignal, signal.signal
+    hup_before = real_getsignal(signal.SIGHUP)
+    set_calls: list[int] = []
+
+    def getsignal(s: int) -> object:
+        return None if s == signal.SIGTERM else real_getsignal(s)
+
+    def set_signal(s: int, h: object) -> object:
+        set_calls.append(s)
+        return real_signal(s, h)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signal, "getsignal", getsignal)
+    monkeypatch.setattr(signal, "signal", set_signal)
+    assert cli.main(["info", str(tmp_path / "a")]) == 0
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+    assert signal.SIGTERM not in set_calls
+    if hup_before is signal.SIG_DFL:  # caught during the command, then put back
+        assert set_calls.count(signal.SIGHUP) == 2 and real_getsignal(signal.SIGHUP) is signal.SIG_DFL

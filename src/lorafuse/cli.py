@@ -1569,10 +1569,13 @@ _ENDING = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if 
 
 
 def _catch_ending() -> dict[int, object]:
-    """Install _on_sigterm for _ENDING (SIGHUP where its handler is the default); returns what it replaced."""
+    """Install _on_sigterm for _ENDING (SIGHUP where its handler is the default); returns what it replaced. A signal
+    whose handler was set outside Python (an embedding application's: getsignal says None) is left alone, as
+    io.atomic's held signals are: Python could not put that handler back."""
     previous: dict[int, object] = {}
     for s in _ENDING:
-        if s != signal.SIGTERM and signal.getsignal(s) is not signal.SIG_DFL:
+        now = signal.getsignal(s)
+        if now is None or (s != signal.SIGTERM and now is not signal.SIG_DFL):
             continue
         previous[s] = signal.signal(s, _on_sigterm)
     return previous
