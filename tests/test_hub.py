@@ -638,6 +638,10 @@ def test_a_sharded_model_fetches_its_index_shards_not_other_copies(env, monkeypa
       "model.safetensors.index.json": json.dumps({"weight_map": {"x": "model-1.safetensors"}}).encode(),
       "model-1.safetensors": b"1"},
      {"consolidated.safetensors"}),
+    # ... and nothing else where the repository lacks it (the reader refuses the folder)
+    ({"config.json": json.dumps({"transformers_weights": "nope.safetensors"}).encode(),
+      "model.safetensors": b"m", "consolidated.safetensors": b"c"},
+     set()),
     # ... or the shards of the index it names
     ({"config.json": json.dumps({"transformers_weights": "w.safetensors.index.json"}).encode(),
       "w.safetensors.index.json": json.dumps({"weight_map": {"x": "w-1.safetensors", "y": "w-2.safetensors"}}).encode(),

@@ -32,7 +32,7 @@ from lorafuse.formats.held import extract_models
 from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
 from lorafuse.formats.streaming import WritePlan, write_adapter
-from lorafuse.io.atomic import check_output, names_file, output_file
+from lorafuse.io.atomic import check_output, check_output_path, names_file, output_file
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.manifest import ADAPTER, PEFT_ADAPTER
@@ -98,9 +98,18 @@ def refusal(fmt: str, adapters: Sequence[Adapter]) -> str | None:
     return None
 
 
-def _folder_suggestion(out: str | os.PathLike[str]) -> str:
+def _folder_suggestion(out: str | os.PathLike[str], inputs: Sequence[Path] = ()) -> str:
+    """`out` without its .safetensors, as a folder name to suggest; beside the input folder that would hold it
+    (a folder inside an input is refused: the suggestion must not be)."""
     p = Path(out)
-    return str(p.with_name(p.name[: -len(ADAPTER_SUFFIX)]))
+    folder = p.with_name(p.name[: -len(ADAPTER_SUFFIX)])
+    for i in inputs:
+        try:
+            check_output_path(folder, [i])
+        except LorafuseError:
+            if Path(i).is_dir():
+                return str(Path(i).parent / f"{Path(i).name}-{folder.name}")
+    return str(folder)
 
 
 def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Adapter], inputs: Sequence[Path] = (),
@@ -117,7 +126,7 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
         if asked is not None:
             raise LorafuseValueError(
                 f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but {asked} writes {what}: give a "
-                f"folder name (e.g. {_folder_suggestion(out)}), or a one-file format "
+                f"folder name (e.g. {_folder_suggestion(out, inputs)}), or a one-file format "
                 f"({', '.join(ONE_FILE_FORMATS)}) for one file")
         reasons = []
         for candidate in ONE_FILE_FORMATS:
@@ -130,7 +139,7 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
         raise LorafuseValueError(
             f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but a {fmt} adapter is {what}, and no "
             f"one-file format can hold these modules ({'; '.join(reasons)}): give a folder name, e.g. "
-            f"{_folder_suggestion(out)}")
+            f"{_folder_suggestion(out, inputs)}")
     return AdapterOutput(output_file(out, file_name(fmt, adapters), inputs, ADAPTER_SUFFIX), fmt)
 
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -651,10 +651,29 @@ def _copied(key: str, value: object) -> object:
     _json_form); LorafuseValueError naming the field for one JSON cannot hold (bytes, an object, a cycle), which
     `save` could not write."""
     try:
-        return json.loads(json.dumps(value, default=_json_form))
+        text = json.dumps(value, default=_json_form)
     except (TypeError, ValueError, RecursionError) as e:
         raise LorafuseValueError(f"<state dict config>: {key!r} holds a {type(value).__name__} that "
                                  f"adapter_config.json cannot hold ({str(e)[:120]})") from None
+    odd = _non_text_keys(value)
+    if odd:  # json.dumps would write 1 as "1": rank_pattern {1: 4} is no pattern PEFT reads
+        raise LorafuseValueError(f"<state dict config>: {key!r} holds a mapping with the key {odd[0]!r}, a "
+                                 f"{type(odd[0]).__name__}; adapter_config.json's keys are strings (module names or "
+                                 "patterns)")
+    return json.loads(text)
+
+
+def _non_text_keys(value: object) -> list[object]:
+    """The mapping keys in `value` (nested in mappings and sequences; json.dumps has ruled out cycles) that are not
+    strings, the first of each mapping."""
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)][:1]
+        children: Iterable[object] = value.values()
+    elif isinstance(value, (list, tuple)):
+        bad, children = [], value
+    else:
+        return []
+    return bad + [k for c in children for k in _non_text_keys(c)]
 
 
 def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str) -> Adapter:

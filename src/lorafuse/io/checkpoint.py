@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, InputChangedError
-from lorafuse.io.hub import LOADERS, local_path, shard_name_problem
+from lorafuse.io.hub import LOADERS, TRANSFORMERS_WEIGHTS, local_path, shard_name_problem
 from lorafuse.io.safetensors import (
     FileIdentity,
     SafetensorsFile,
@@ -186,9 +186,6 @@ def _lists_only(index: Path, shard: str) -> bool:
         return set(read_index(index)[0].values()) == {shard}
     except FormatError:
         return False
-
-
-TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json: the weights file from_pretrained loads (transformers 5)
 
 
 def explicit_weights(directory: Path) -> str | None:

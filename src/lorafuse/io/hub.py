@@ -225,10 +225,13 @@ def _index_shards(folder: Path, name: str, prefix: str) -> list[str] | None:
     return [prefix + s for s in shards] or None
 
 
+TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json: the weights file from_pretrained loads (transformers 5)
+
+
 def _named_weights(folder: Path) -> str | None:
     """The weights file a transformers config.json names in `transformers_weights` (what from_pretrained loads
     first), when it is a plain file name; the reader (io.checkpoint.explicit_weights) refuses any other."""
-    named = (_json(folder / "config.json") or {}).get("transformers_weights")
+    named = (_json(folder / "config.json") or {}).get(TRANSFORMERS_WEIGHTS)
     return named if isinstance(named, str) and Path(named).name == named and not _GLOB.search(named) else None
 
 
@@ -304,10 +307,12 @@ def weights_missing(folder: Path) -> list[str]:
     """What weights_wanted's names did not find, as patterns fetched whole: the index's shards of a folder whose
     single file (asked for first, LOADERS) is not in the repository; a pipeline's components that have a
     config.json and no weights file (a repository of variants only, diffusion_pytorch_model.fp16.safetensors),
-    or, outside a pipeline, every .safetensors file when no top-level one came (weights named otherwise)."""
+    or, outside a pipeline, every .safetensors file when no top-level one came (weights named otherwise). Nothing
+    for a folder whose config.json names its weights file (transformers_weights): that file is the one read, and
+    where the repository lacks it the reader refuses the folder; fetching the others would be for nothing."""
     def has_weights(d: Path) -> bool:
         try:
-            return bool(_safetensors_files(d))
+            return _named_weights(d) is not None or bool(_safetensors_files(d))
         except OSError:
             return False
 

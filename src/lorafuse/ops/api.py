@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,10 @@ import numpy.typing as npt
 
 from lorafuse._progress import ProgressCallback
 from lorafuse._validate import check_bool, check_path
-from lorafuse.errors import AdapterNote
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.formats import located_adapter, located_format
 from lorafuse.io.hub import check_spec
 from lorafuse.model import Adapter
-from lorafuse.model.registry import get_format
 from lorafuse.ops import apply as _apply
 from lorafuse.ops import combine as _combine
 from lorafuse.ops import convert as _convert
@@ -172,14 +168,9 @@ def load(path: StrPath) -> Adapter:
         The adapter. What loading decided for the user (tensors PEFT would ignore, left out) is in
         `Adapter.notes` and is also given as AdapterNote warnings.
     """
-    # formats.load's body, so that the warnings point at the caller's line (a wrapper would add a frame)
     # a Hub id (`org/name`, `org/name@revision`): the adapter in its snapshot (io.hub); a folder holding one adapter
-    # file: that file (formats.held)
-    p = located_adapter(_given(path))
-    adapter = get_format(located_format(p)).load(p)
-    for note in adapter.notes:
-        warnings.warn(f"{adapter.label}: {note}", AdapterNote, stacklevel=2)
-    return adapter
+    # file: that file (formats.held). Its notes are warnings at the caller's line (errors.warn).
+    return _load(_given(path))
 
 
 def detect_format(path: StrPath) -> str:

@@ -246,25 +246,30 @@ GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
 DENOISER_PREFIXES = ("transformer/", "model.diffusion_model.", "diffusion_model.")
 
 
+# The prefixes that name the denoiser's own layers (kohya's UNet / DiT names, LyCORIS's names of the model it wraps):
+# only these reach a path inside DENOISER_PREFIXES (a text encoder's `lora_te_` never does).
+DENOISER_NAMES = ("lycoris_", "lora_unet_")
+
+
 def underscore_candidates(name: str, shapes: Shapes) -> list[str]:
     """The weights a kohya/LyCORIS-style `name` spells once '.' is read as '_' (UnderscoreNames matches only a
     name with exactly one; two or more: an ambiguity a message should name)."""
     prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
     if prefix is None:
         return []
-    want = name[len(prefix):]
-    return sorted(k for k in shapes if want in _spellings(k))
+    want, inner = name[len(prefix):], prefix in DENOISER_NAMES
+    return sorted(k for k in shapes if want in _spellings(k, inner))
 
 
-def _spellings(key: str) -> tuple[str, ...]:
-    """How kohya / LyCORIS names spell a weight key's module: its path with '_' for '.', and the path inside the
-    denoiser (DENOISER_PREFIXES)."""
+def _spellings(key: str, inner: bool = True) -> tuple[str, ...]:
+    """How kohya / LyCORIS names spell a weight key's module: its path with '_' for '.', and (`inner`) the path
+    inside the denoiser (DENOISER_PREFIXES)."""
     if not key.endswith(".weight"):
         return ()
     path = key[: -len(".weight")]
-    prefix = next((p for p in DENOISER_PREFIXES if path.startswith(p)), None)
-    inner = () if prefix is None else (path[len(prefix):].replace(".", "_"),)
-    return (path.replace(".", "_"), *inner)
+    prefix = next((p for p in DENOISER_PREFIXES if path.startswith(p)), None) if inner else None
+    within = () if prefix is None else (path[len(prefix):].replace(".", "_"),)
+    return (path.replace(".", "_"), *within)
 
 
 class UnderscoreNames:
@@ -272,21 +277,23 @@ class UnderscoreNames:
     `lycoris_<path with _>`, musubi-tuner a QwenImage transformer's `lora_unet_<path with _>`, sd-scripts SD3's
     `lora_unet_joint_blocks_...`): the module is the weight whose dotted path, with '_' for '.', is its name without
     the prefix, the path taken inside the denoiser where the checkpoint has one (`transformer/` of a pipeline
-    folder, `model.diffusion_model.` of a single file). A name two keys spell alike stays unmatched."""
+    folder, `model.diffusion_model.` of a single file) for the denoiser's names (DENOISER_NAMES). A name two keys
+    spell alike stays unmatched."""
 
     name = "underscore"
 
     def match(self, modules: Shapes, shapes: Shapes) -> tuple[Found, list[str]]:
         if not modules:
             return {}, []
-        spelled: dict[str, list[str]] = {}
-        for key in shapes:
-            for spelling in _spellings(key):
-                spelled.setdefault(spelling, []).append(key)
+        spelled: dict[bool, dict[str, list[str]]] = {True: {}, False: {}}
+        for inner, table in spelled.items():
+            for key in shapes:
+                for spelling in _spellings(key, inner):
+                    table.setdefault(spelling, []).append(key)
         found: Found = {}
         for name in modules:
             prefix = next((p for p in GENERIC_PREFIXES if name.startswith(p)), None)
-            keys = spelled.get(name[len(prefix):], []) if prefix else []
+            keys = spelled[prefix in DENOISER_NAMES].get(name[len(prefix):], []) if prefix else []
             if len(keys) == 1:
                 found[name] = [Target(keys[0])]
         return found, [m for m in modules if m not in found]
