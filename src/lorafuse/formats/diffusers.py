@@ -179,9 +179,12 @@ def _component_configs(metadata: dict[str, str], where: str) -> dict[str, dict[s
             if field not in cfg:
                 raise FormatError(f"{label}: {field!r} is missing (diffusers' LoraConfig needs it for the scale)")
         check_config(cfg, label)
-        if cfg.get("fan_in_fan_out") or cfg.get("use_dora") or cfg.get("lora_bias"):
-            raise UnsupportedError(f"{label}: fan_in_fan_out, DoRA and lora_bias are not supported in diffusers "
-                                   "LoRA files")
+        unread = [what for key, what in (("use_dora", "use_dora (DoRA)"), ("lora_bias", "lora_bias (lora_B biases)"),
+                                         ("fan_in_fan_out", "fan_in_fan_out")) if cfg.get(key)]
+        if unread:
+            raise UnsupportedError(f"{label}: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} set, which "
+                                   "lorafuse does not read from diffusers LoRA files (it reads plain LoRA: "
+                                   "lora_A / lora_B)")
     return configs
 
 

@@ -599,6 +599,11 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
         _refuse_headless(adapter, need_heads, rule.gguf, base)
     if folded:
         notes.append(_folded_note(folded, alpha, rechosen))
+    card = gguf.GGUFWriter(os.devnull, rule.gguf)  # the model card refused before anything is written
+    try:
+        _model_card(gguf, card, adapter, "adapter", 0, check=True)
+    finally:
+        card.close()
     if fallback:
         lengths = sorted({t.shape[-1] for m in modules for t in (m.a, m.b) if t.qtype == "F16"})
         widths = plural(lengths[0], "element") if len(lengths) == 1 else f"{', '.join(map(str, lengths))} elements"
@@ -860,24 +865,36 @@ def _metadata(gguf: ModuleType, w: Any, adapter: Adapter, plan: GgufPlan, out: P
     ignores it)."""
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    folder = adapter.path if adapter.path is not None and adapter.path.is_dir() else \
-        (adapter.path.parent if adapter.path is not None else None)
-    total = w.get_total_parameter_count()[0]
-    try:
-        meta = gguf.Metadata.load(None, folder, None, total)
-    except Exception as e:  # a model card gguf cannot parse: the converter would stop; say what failed
-        raise FormatError(f"{folder}: gguf could not read the adapter's model card (README.md) for the GGUF "
-                          f"metadata: {type(e).__name__}: {e}") from None
-    if meta.name is None:
-        meta.name = (folder.name if folder is not None else "") or out.stem
-    # gguf writes strings as strict UTF-8: a name gguf took from a folder or file name that is not UTF-8 (its
-    # undecodable bytes as lone surrogates) goes in with those bytes as \xNN, as lorafuse records such names
-    for f in dataclasses.fields(meta):
-        setattr(meta, f.name, _utf8(getattr(meta, f.name)))
-    meta.set_gguf_meta_model(w)
+    _model_card(gguf, w, adapter, out.stem, w.get_total_parameter_count()[0])
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string(MARKER_KEY, version())  # the one key the converter does not write: lorafuse's output mark
+
+
+def _model_card(gguf: ModuleType, w: Any, adapter: Adapter, stem: str, total: int, check: bool = False) -> None:
+    """What gguf's Metadata finds in the adapter folder (its README model card, its name), added to the writer `w`
+    (`check`, plan_gguf: `w` writes to os.devnull, and its keys are written there, to refuse the card before
+    anything is written); FormatError naming the card where gguf cannot read it or write it (a front matter value
+    of another type than gguf expects: the converter would stop there too)."""
+    folder = adapter.path if adapter.path is not None and adapter.path.is_dir() else \
+        (adapter.path.parent if adapter.path is not None else None)
+    try:
+        meta = gguf.Metadata.load(None, folder, None, total)
+        if meta.name is None:
+            meta.name = (folder.name if folder is not None else "") or stem
+        # gguf writes strings as strict UTF-8: a name gguf took from a folder or file name that is not UTF-8 (its
+        # undecodable bytes as lone surrogates) goes in with those bytes as \xNN, as lorafuse records such names
+        for f in dataclasses.fields(meta):
+            setattr(meta, f.name, _utf8(getattr(meta, f.name)))
+        meta.set_gguf_meta_model(w)
+        if check:
+            w.write_header_to_file(os.devnull)
+            w.write_kv_data_to_file()
+    except Exception as e:  # a model card gguf cannot parse or write: the converter would stop; say what failed
+        card = folder / "README.md" if folder is not None else "the adapter's model card"
+        raise FormatError(f"{card}: gguf could not read the adapter's model card for the GGUF metadata: "
+                          f"{type(e).__name__}: {' '.join(str(e).split())}; fix or remove its YAML front matter; "
+                          "nothing was written") from None
 
 
 def _utf8(value: object) -> object:
@@ -970,12 +987,12 @@ def describe_gguf(path: Path) -> dict[str, object]:
         "kind": _field(reader, "general.type"),
         "adapter_type": _field(reader, "adapter.type"),
         "architecture": _field(reader, "general.architecture"),
-        "lora_alpha": alpha if isinstance(alpha, int | float) else None,
+        "lora_alpha": alpha if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,
         "tensors": len(tensors),
         "tensor_types": dict(sorted(Counter(t.tensor_type.name for t in tensors.values()).items())),
         "modules": modules,
         "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
-        "written_by_lorafuse": _field(reader, MARKER_KEY),
+        "written_by_lorafuse": made if isinstance(made := _field(reader, MARKER_KEY), str) else None,  # a version
     }
 
 

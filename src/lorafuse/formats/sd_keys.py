@@ -523,6 +523,19 @@ def _shared_name_error(name: str) -> LorafuseValueError:
                               "LoRA, name the family: --family flux (Python: family='flux')")
 
 
+def unet_misfit(names: Iterable[str], family: str) -> str | None:
+    """The first UNet module name (kohya or diffusers) that is no layer of `family`'s UNet ("sd1", "sdxl"), or
+    None (names that are no known layer, Flux's and the text encoders' are not looked at)."""
+    m = _UNET_MAPS[family]
+    for name in names:
+        if _is_flux(name):
+            continue
+        parsed = _parse_any(name)
+        if parsed is not None and parsed.slot == "unet" and not _fits(m, parsed):
+            return name
+    return None
+
+
 def _fits(m: UnetMap, parsed: _Parsed) -> bool:
     if parsed.ldm is not None:
         return m.diffusers(parsed.ldm, strict=True) == parsed.path

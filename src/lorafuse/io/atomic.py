@@ -215,12 +215,11 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
     target_above = _above(target)
     why = ("a folder named as the output of a one-file command may not be the current folder or one above it, "
            "an input folder or a folder holding an input")
-    example = out / (into or "out")
-    collides = any(example.resolve() == src for _, src in places) if into is not None else False
+    example = _example(out, into, places) if into is not None else None
     if into is not None and os.path.exists(target) and not os.path.isdir(target):  # `-o input.safetensors/`
         todo = f"give the output file's full name ({out} is a file, not a folder to write into)"
     else:
-        todo = "give the output file's full name" + ("" if collides else f", e.g. {example}")
+        todo = "give the output file's full name" + ("" if example is None else f", e.g. {example}")
     if cwd is not None:
         cwd_id = _identity(cwd)
         if target == cwd or (target_id is not None and target_id == cwd_id):
@@ -250,6 +249,17 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
             return (f"output {out} is inside the input folder {p}; writing there would change an input: choose a "
                     "path outside it")
     return None
+
+
+def _example(out: Path, into: str, places: list[tuple[str, Path]]) -> Path | None:
+    """The output file to suggest for a refused `-o FOLDER/`: FOLDER/into, unless that is refused itself (an
+    input, or inside an input folder: `-o ADAPTER/` of the adapter folder itself), then None."""
+    candidate = out / into
+    try:
+        refused = _relation(candidate, candidate.resolve(), places)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return None if refused else candidate
 
 
 def _located(out: Path) -> list[Path]:

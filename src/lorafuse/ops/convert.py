@@ -123,6 +123,12 @@ def _family(adapter: Adapter, family: str | None) -> str:
             what = "an SD 1.x / SDXL UNet (Flux has none)" if other == "unet" else "a Flux transformer"
             raise UnsupportedError(f"{adapter.label}: family {family!r} does not fit its modules: {name!r} is a layer "
                                    f"of {what}; leave --family out (family=None) to take the family its names say")
+        misfit = _sd_keys().unet_misfit(adapter.updates, family) if family != "flux" else None
+        if misfit is not None:
+            unet = "SD 1.x/2.x" if family == "sd1" else "SDXL"
+            raise UnsupportedError(f"{adapter.label}: family {family!r} does not fit its modules: {misfit!r} is not a "
+                                   f"layer of the {unet} UNet; leave --family out (family=None) to take the family "
+                                   "its names say")
         return family
     record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     if isinstance(record, dict) and record.get("family") in FAMILIES:
