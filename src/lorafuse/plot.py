@@ -9,6 +9,7 @@ a PNG text chunk, the SVG description, the PDF keywords, a JPEG comment.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -18,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lorafuse._terminal import printable
 from lorafuse._validate import unordered
 from lorafuse.backends import FactorJob, get_backend
-from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.io.atomic import atomic_file, check_output, check_output_path
 from lorafuse.io.hub import PEFT_CONFIG
 from lorafuse.io.manifest import MARKER_KEY, PLOT, png_metadata
+from lorafuse.io.provenance import path_text
 from lorafuse.model import Adapter
 
 if TYPE_CHECKING:
@@ -144,11 +147,15 @@ def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
     for i0, i1 in batches([lora_cost(u, 12.0) for _, u in stored]):  # type: ignore[arg-type]
         chunk = stored[i0:i1]
         items = []
-        for name, u in chunk:
-            b, a = u.factors(threads)
-            items.append(FactorJob(name, np.ascontiguousarray(b * np.float32(u.scale)), a))
-        result = get_backend().factored_svd(items, [u.rank for _, u in chunk], "B", threads)
-        out.update({name: np.asarray(s, dtype=np.float64) for (name, _, _), (_, _, s) in zip(items, result)})
+        for name, u in chunk:  # the scale applied to the singular values in float64: a float32 B * scale overflows
+            b, a = u.factors(threads)  # where the delta does not (a scale of 1e300 and a finite ||delta||_F)
+            items.append(FactorJob(name, np.ascontiguousarray(b), a))
+        try:
+            result = get_backend().factored_svd(items, [u.rank for _, u in chunk], "B", threads)
+        except NonFiniteError as e:  # the core names the module: the adapter named too
+            raise NonFiniteError(f"{adapter.label}: module {e}: its singular values cannot be plotted") from None
+        out.update({name: np.asarray(s, dtype=np.float64) * abs(float(u.scale))
+                    for (name, _, _), (_, _, s), (_, u) in zip(items, result, chunk)})
     for name, u in adapter.updates.items():
         if name not in out:
             out[name] = spectrum(u)
@@ -165,8 +172,10 @@ def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int =
         raise LorafuseValueError(f"{adapter.label}: no modules to plot")
     check_plot_output(path, adapter.sources(), overwrite)
     groups: dict[str, list[np.ndarray]] = {}
-    for name, s in spectra(adapter, threads).items():
-        groups.setdefault(module_type(name), []).append(s)
+    found = spectra(adapter, threads)
+    unit = _unit(list(found.values()))
+    for name, s in found.items():
+        groups.setdefault(module_type(name), []).append(s / unit)
     fig = _figure(9.0, 5.5)
     ax = fig.add_subplot()
     for (kind, rows), color in zip(sorted(groups.items()), _palette(len(groups))):
@@ -184,12 +193,44 @@ def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int =
             ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
     ax.set_yscale("log")
     ax.set_xlabel("index")
-    ax.set_ylabel("singular value of scale * B @ A")
+    ax.set_ylabel("singular value of scale * B @ A" + (f" (unit {unit:.0e})" if unit != 1.0 else ""))
     name = adapter.path.name if adapter.path is not None else "in-memory adapter"
-    ax.set_title(title or f"{name}: singular values per module type (mean, band = min..max)")
+    ax.set_title(_drawable(title or f"{name}: singular values per module type (mean, band = min..max)"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", ncol=1 if len(groups) <= 12 else 2, loc="upper right")
     return _save(fig, path, adapter.sources(), overwrite)
+
+
+def _unit(values: list[np.ndarray]) -> float:
+    """The power of ten the spectra are drawn in: 1, or the largest value's where it is beyond 1e100 either way
+    (a scale of 1e280): matplotlib's log axis overflows float64 near its limits (its margins, its ticks)."""
+    finite = np.concatenate([s[np.isfinite(s) & (s > 0)] for s in values] + [np.zeros(0)])
+    top = float(finite.max()) if finite.size else 1.0
+    return 1.0 if 1e-100 <= top <= 1e100 else 10.0 ** math.floor(math.log10(top))
+
+
+def _drawable(text: object) -> str:
+    """Text matplotlib's fonts can draw (a lone surrogate makes them raise): an undecodable byte of a file name as
+    \\xNN, as `info` shows it (io.provenance.path_text), other non-printable characters escaped."""
+    try:
+        text = path_text(str(text))
+    except UnicodeError:  # a surrogate no file name decodes to: printable escapes it
+        pass
+    return printable(text)
+
+
+MAX_LABEL = 36  # characters of an adapter's label in a heat map (beyond: its middle elided)
+
+
+def _short_labels(labels: list[str]) -> list[str]:
+    """The labels of a heat map's rows: without the folder they all start with (absolute paths: the figure
+    left no room for the matrix, and the names were cut off), a long one's middle elided (both its ends
+    kept: the run folder and the file name that tell adapters apart)."""
+    prefix = os.path.commonprefix(labels)
+    cut = max(prefix.rfind("/"), prefix.rfind(os.sep)) + 1
+    half = (MAX_LABEL - 3) // 2
+    return [x if len(x) <= MAX_LABEL else f"{x[:half]}...{x[len(x) - (MAX_LABEL - 3 - half):]}"
+            for x in (label[cut:] or label for label in labels)]
 
 
 def _palette(n: int) -> list[tuple[float, float, float, float]]:
@@ -197,6 +238,10 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+MAX_HEAT_MAP_INCHES = 30.0  # a heat map's height at most (3600 pixels at 120 dpi), whatever the adapters
+MAX_HEAT_MAP_VALUES = 40  # adapters at most whose cosines are written in the cells (beyond: colours alone)
 
 
 def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequence[str],
@@ -212,18 +257,19 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
     n = len(labels)
     if m.shape != (n, n):
         raise LorafuseValueError(f"a similarity matrix of shape {m.shape} does not fit {n} labels")
-    size = 3.0 + 0.7 * n
+    size = min(3.0 + 0.7 * n, MAX_HEAT_MAP_INCHES)  # bounded: n adapters, not n^2 pixels and n^2 texts
     fig = _figure(size + 1.2, size)
     ax = fig.add_subplot()
     image = ax.imshow(m, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
     font = max(4.0, min(10.0, 110.0 / max(n, 1)))
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=font,
-                    color="white" if abs(m[i, j]) > 0.6 else "black")
-    ax.set_xticks(range(n), labels=list(labels), rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), labels=list(labels))
-    ax.set_title(title)
+    for i, j in [(i, j) for i in range(n) for j in range(n)] if n <= MAX_HEAT_MAP_VALUES else []:
+        ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=font,
+                color="white" if abs(m[i, j]) > 0.6 else "black")
+    ticks = max(2.0, min(10.0, 0.8 * 72 * size / max(n, 1)))  # a label's height fits its row
+    shown = _short_labels([_drawable(x) for x in labels])
+    ax.set_xticks(range(n), labels=shown, rotation=45, ha="right", rotation_mode="anchor", fontsize=ticks)
+    ax.set_yticks(range(n), labels=shown, fontsize=ticks)
+    ax.set_title(_drawable(title))
     fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
     return _save(fig, path, inputs, overwrite)
 

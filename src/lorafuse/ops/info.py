@@ -31,10 +31,19 @@ from lorafuse.model.update import Update, nonfinite_factors
 LYCORIS_ONLY = "- (LoHa / LoKr only: see scales)"  # what the text output shows for an adapter without an alpha
 
 
+def _rounded(x: float, decimals: int) -> float:
+    """`x` rounded to `decimals` decimals, or to `decimals` significant digits where that keeps more: a small
+    alpha or scale (1e-9) is not shown as 0."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, max(decimals, decimals - math.floor(math.log10(abs(x)))))
+
+
 def _number(x: float) -> int | float:
-    """A JSON number: an integral value as an int (16, not 16.0), others rounded to 6 decimals."""
-    x = round(float(x), 6)
-    return int(x) if x.is_integer() else x
+    """A JSON number: an integral value as an int (16, not 16.0) where a double holds it exactly (|x| < 2^53:
+    not 1e300 as 301 digits), others rounded to 6 decimals (6 significant digits when smaller)."""
+    x = _rounded(float(x), 6)
+    return int(x) if x.is_integer() and abs(x) < 2**53 else x
 
 
 def _alpha(adapter: Adapter, name: str, u: LoraUpdate) -> float:
@@ -167,12 +176,14 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "path": path_text(adapter.path) if adapter.path else None,
         "modules": len(adapter.updates),
         "ranks": dict(sorted(Counter(r for r, _ in rank_scale.values() if r is not None).items())),
-        "scales": sorted({round(s, 8) for _, s in rank_scale.values() if s is not None}),
+        "scales": sorted({_rounded(s, 8) for _, s in rank_scale.values() if s is not None}),
         "lora_alpha": lora_alpha,
         "lora_alphas": sorted(set(per_module)),
         "use_rslora": bool(cfg.get("use_rslora", False)),
         "dora": any(u.magnitude is not None for u in adapter.updates.values()),
-        "dtypes": dict(Counter(t.dtype for u in adapter.updates.values() for t in stored_tensors(u))),
+        # every tensor the parameters count: the modules' factors, and the full tensors (modules_to_save, ...)
+        "dtypes": dict(Counter([t.dtype for u in adapter.updates.values() for t in stored_tensors(u)] +
+                               [t.dtype for t in adapter.full.values()])),
         "parameters": int(adapter.num_parameters()),
         "full_tensors": sorted(adapter.full),
         # what each is: "modules_to_save", "bias" (adapter_config bias='all' / 'lora_only'), "base copy"
