@@ -135,3 +135,122 @@ def test_the_cli_leaves_a_signal_handler_set_outside_python_alone(tmp_path: Path
     assert signal.SIGTERM not in set_calls
     if hup_before is signal.SIG_DFL:  # caught during the command, then put back
         assert set_calls.count(signal.SIGHUP) == 2 and real_getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_the_folder_suggested_for_a_one_file_name_is_one_lorafuse_writes(tmp_path: Path) -> None:
+    """`resize ad -o ad/adapter_model.safetensors` (a PEFT adapter no one-file format holds) suggests a folder name;
+    the suggestion is not inside the input (which is refused), and resize writes it."""
+    import re
+
+    from redteam_fixtures import peft_folder, run_cli
+
+    ad = peft_folder(tmp_path / "ad", {"model.layers.0.self_attn.q_proj": (8, 6)}, 1)
+    code, _, err = run_cli(["resize", str(ad), "--rank", "1", "-o", str(ad / "adapter_model.safetensors")])
+    assert code == 2
+    suggested = re.search(r"give a folder name, e\.g\. (\S+)$", err.strip())
+    assert suggested is not None, err
+    folder = Path(suggested.group(1))
+    assert ad not in folder.parents and folder != ad
+    code, _, err = run_cli(["resize", str(ad), "--rank", "1", "-o", str(folder)])
+    assert code == 0, err
+    assert (folder / "adapter_config.json").is_file()
+
+
+def test_a_terminal_that_hangs_up_ends_the_command_with_129(tmp_path: Path) -> None:
+    """A real hang-up: the terminal closes while a command runs, SIGHUP comes, and the line lorafuse says on its way
+    out cannot be written (EIO): the command still ends as documented, exit status 129, not in an OSError."""
+    import os
+    import pty
+    import sys
+    import time
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: a command that takes a while, on the terminal's side
+        status = 99
+        try:
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the terminal, not pytest's capture)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            from lorafuse import cli
+
+            def slow(args: object) -> int:
+                time.sleep(10)
+                return 0
+
+            cli._commands = lambda: {"info": slow}  # type: ignore[attr-defined]
+            status = cli.main(["info", str(tmp_path)])
+        except BaseException as e:  # noqa: BLE001 (reported through the status)
+            (tmp_path / "raised").write_text(repr(e))
+        finally:
+            os._exit(status)
+    time.sleep(3)  # the child has imported lorafuse and is sleeping in the command
+    os.close(master)  # the terminal goes away: the kernel hangs up the session
+    _, status = os.waitpid(pid, 0)
+    assert not (tmp_path / "raised").exists(), (tmp_path / "raised").read_text()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 129, status
+
+
+def test_a_python_caller_without_stdout_can_run_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sys.stdout = None` (a caller that silences output so; pythonw): the CLI runs, printing nothing, as before."""
+    import sys
+
+    from redteam_fixtures import peft_folder
+
+    from lorafuse import cli
+
+    ad = peft_folder(tmp_path / "a", {"model.layers.0.self_attn.q_proj": (8, 6)}, 1)
+    monkeypatch.setattr(sys, "stdout", None)
+    assert cli.main(["info", str(ad)]) == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+
+
+def test_a_text_encoder_name_never_reaches_a_denoiser_weight() -> None:
+    """The underscore matcher reads a path inside a single file's `model.diffusion_model.` only for the denoiser's
+    names (lora_unet_, lycoris_): `lora_te_blocks_0_attn_q` is no name of `model.diffusion_model.blocks.0.attn.q`."""
+    from lorafuse.ops.match import UnderscoreNames
+
+    shapes = {"model.diffusion_model.blocks.0.attn.q.weight": (4, 4), "text_encoders.t5.blocks.0.attn.q.weight": (4, 4)}
+    found, left = UnderscoreNames().match({"lora_te_blocks_0_attn_q": (4, 4), "lora_unet_blocks_0_attn_q": (4, 4)},
+                                          shapes)
+    assert left == ["lora_te_blocks_0_attn_q"]
+    assert [t.key for t in found["lora_unet_blocks_0_attn_q"]] == ["model.diffusion_model.blocks.0.attn.q.weight"]
+
+
+@pytest.mark.parametrize("config", [{"r": 2, "lora_alpha": 2, "rank_pattern": {1: 4}},
+                                    {"r": 2, "lora_alpha": 2, "alpha_pattern": {None: 4}},
+                                    {"r": 2, "lora_alpha": 2, "layers_to_transform": [{2.5: 1}]}])
+def test_a_state_dict_config_with_keys_that_are_not_text_is_refused(config: dict) -> None:
+    """json.dumps would turn a key 1 into "1" silently: a rank_pattern no PEFT writes, refused naming it."""
+    from lorafuse.errors import LorafuseValueError
+
+    rng = np.random.default_rng(0)
+    sd = {"base_model.model.q.lora_A.weight": rng.standard_normal((2, 4)).astype(np.float32),
+          "base_model.model.q.lora_B.weight": rng.standard_normal((3, 2)).astype(np.float32)}
+    with pytest.raises(LorafuseValueError, match="keys are strings"):
+        lorafuse.Adapter.from_state_dict(sd, config)
+    assert list(lorafuse.Adapter.from_state_dict(sd, {"r": 2, "lora_alpha": 4, "rank_pattern": {"q": 2}})) == ["q"]
+
+
+@pytest.mark.parametrize("verb", ["apply", "resize", "convert"])
+def test_json_output_names_an_undecodable_path_as_text_strict_readers_take(tmp_path: Path, verb: str) -> None:
+    """A --json output holds no lone surrogate (json.dumps writes the file name's byte 0xff as \\udcff, which strict
+    JSON readers refuse): the byte is written as \\xff, as info shows it."""
+    import os
+
+    from redteam_fixtures import kohya_file, llm_base, peft_folder, run_cli
+
+    shapes = {"model.layers.0.self_attn.q_proj": (8, 6)}
+    base = llm_base(tmp_path / "base", shapes)
+    ad = peft_folder(tmp_path / "ad", shapes, 1)
+    kohya = kohya_file(tmp_path / "k.safetensors", "lora_unet_down_blocks_0_attentions_0_proj_in", 2)
+    out = tmp_path / os.fsdecode(b"out\xff")
+    argv = {"apply": ["apply", str(base), str(ad)], "resize": ["resize", str(ad), "--rank", "1"],
+            "convert": ["convert", str(kohya), "--to", "peft"]}[verb]
+    if verb == "convert":  # one diffusers LoRA file
+        out = out.with_name(out.name + ".safetensors")
+    code, stdout, err = run_cli([*argv, "-o", str(out), "--json"])
+    assert code == 0, err
+    assert "\\udc" not in stdout
+    assert "out\\\\xff" in stdout  # the JSON text of the name's \\xff
+    json.loads(stdout)

@@ -254,14 +254,37 @@ def _combine_epilog() -> str:
 
 def _say(text: object = "", file: TextIO | None = None) -> None:
     """print() for everything the CLI shows: names from files reach the terminal escaped (see _terminal). A
-    stdout that cannot be written (a full disk) is named in the error (`stdout: No space left on device`)."""
+    stdout that cannot be written (a full disk) is named in the error (`stdout: No space left on device`). What
+    goes to stderr (notes, errors, the line said on a signal) is said where it can be: a terminal that hung up
+    (EIO), a full disk or a closed stream never turns a finished command, or the exit status it has, into another
+    failure."""
     stream = sys.stdout if file is None else file
     try:
         print(printable(text), file=stream)
-    except OSError as e:
-        if e.filename is None and stream is sys.stdout:
+    except (OSError, ValueError) as e:
+        if stream is not sys.stdout:
+            return
+        if isinstance(e, OSError) and e.filename is None:
             e.filename = "stdout"
         raise
+
+
+def _json_text(obj: object, **kw: Any) -> str:
+    """json.dumps of what a --json output holds, every string (keys too) as text UTF-8 can hold (io.provenance's
+    path_text: a file name's undecodable byte as \\xNN, as info shows it): a lone surrogate, which json.dumps
+    writes as \\udcff, is refused by strict JSON readers."""
+    from lorafuse.io.provenance import path_text
+
+    def utf8(x: object) -> object:
+        if isinstance(x, str):
+            return path_text(x)
+        if isinstance(x, dict):
+            return {utf8(k): utf8(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [utf8(v) for v in x]
+        return x
+
+    return json.dumps(utf8(obj), **kw)
 
 
 _SHOWN = "_lorafuse_notes"  # the namespace attribute keeping the notes shown on stderr (for --json's "notes")
@@ -333,7 +356,7 @@ def _rule(args: argparse.Namespace) -> RankRule:
 def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str,
                        notes: Sequence[str] = ()) -> None:
     if args.json:
-        _say(json.dumps({"summary": summary, "modules": rows, "notes": _json_notes(args, *notes)}, indent=2))
+        _say(_json_text({"summary": summary, "modules": rows, "notes": _json_notes(args, *notes)}, indent=2))
         return
     if args.quiet:
         return
@@ -453,7 +476,7 @@ def _show_plan(args: argparse.Namespace, plan: Any) -> int:
     """--dry-run: the plan (ops.plan.Plan) on stdout, as JSON with --json; nothing with -q."""
     if getattr(args, "json", False):
         shown = plan.as_json()
-        _say(json.dumps({**shown, "notes": _json_notes(args, *shown.get("notes", []))}, indent=2, allow_nan=False))
+        _say(_json_text({**shown, "notes": _json_notes(args, *shown.get("notes", []))}, indent=2, allow_nan=False))
     elif not args.quiet:
         for line in plan.lines():
             _say(line)
@@ -1058,7 +1081,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               f"in {report.seconds:.2f} s")
         _say_requantized(report.requantized, args.verbose)
     if args.json:
-        _say(json.dumps({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
+        _say(_json_text({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
                          "biases": report.biases, "tensors": report.tensors, "bytes": report.bytes_written,
                          "seconds": report.seconds, "notes": _json_notes(args, *report.notes),
                          "requantized": report.requantized},
@@ -1143,7 +1166,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     if target.note and not args.quiet:
         _note(args, target.note)
     if args.json:
-        _say(json.dumps(_combine_json(args, report, count, time.monotonic() - start, target.note), indent=2,
+        _say(_json_text(_combine_json(args, report, count, time.monotonic() - start, target.note), indent=2,
                         allow_nan=False))
     elif not args.quiet:
         ranks = sorted(set(report.ranks.values()))
@@ -1308,7 +1331,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                   f"{fmean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
     if args.json:
-        _say(json.dumps({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
+        _say(_json_text({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
                           "modules": rows, "notes": _json_notes(args)}, indent=2))
     elif not args.quiet:
         if args.verbose:
@@ -1344,7 +1367,7 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
     if args.json:
         rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
                 for m in rep.lycoris]
-        _say(json.dumps({"summary": summary, "out": str(rep.out), "arch": rep.arch, "gguf_type": rep.gguf_type,
+        _say(_json_text({"summary": summary, "out": str(rep.out), "arch": rep.arch, "gguf_type": rep.gguf_type,
                          "alpha": rep.alpha, "ranks": rep.ranks, "folded": rep.folded, "fallback_f16": rep.fallback,
                          "notes": _json_notes(args, *rep.notes), "modules": rows}, indent=2))
     elif not args.quiet:
@@ -1361,6 +1384,7 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorafuse.formats import load
+    from lorafuse.io.provenance import path_text
     from lorafuse.ops.similarity import ZERO_NOTE, similarity, unshared_notes, unshared_pairs, zero_notes
 
     if args.plot:  # before the work: a refused plot path (or image format) costs nothing
@@ -1376,13 +1400,14 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
     notes = unshared_notes(loaded, labels) + zero_notes(loaded, zero, labels)  # a 0 that measures nothing: said
     if args.json:
-        _say(json.dumps({"adapters": args.adapters, "cosine": cos.round(8).tolist(),
+        _say(_json_text({"adapters": [path_text(a) for a in args.adapters], "cosine": cos.round(8).tolist(),
                          "share_no_module": [list(pair) for pair in unshared_pairs(loaded)],
                          "notes": _json_notes(args, *notes)}, indent=2))
     else:
-        width = max(len(x) for x in labels)
-        _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(labels))))
-        for i, (label, row) in enumerate(zip(labels, cos)):
+        shown = [printable(path_text(x)) for x in labels]  # as info shows them (\xNN): the columns line up
+        width = max(len(x) for x in shown)
+        _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(shown))))
+        for i, (label, row) in enumerate(zip(shown, cos)):
             _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
     for note in notes:
         _say(f"note: {note}", file=sys.stderr)  # (stderr: --json stays JSON)
@@ -1419,9 +1444,10 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         if d["modules"]:
             _say(f"  modules     {len(d['modules'])}, ranks {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")
             shown = d["modules"] if modules else d["modules"][:10]
-            width = max(len(m["name"]) for m in shown)
+            width = max(len(printable(m["name"])) for m in shown)  # as printed: escaped
             for m in shown:
-                _say(f"    {m['name']:<{width}}  r={m['rank']:<4} shape={tuple(m['shape'])}  {'/'.join(m['types'])}")
+                _say(f"    {printable(m['name']):<{width}}  r={m['rank']:<4} shape={tuple(m['shape'])}  "
+                     f"{'/'.join(m['types'])}")
             if len(d["modules"]) > len(shown):
                 _say(f"    ... {len(d['modules']) - len(shown)} more (--modules lists all)")
         if d["written_by_lorafuse"]:
@@ -1460,10 +1486,10 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
     # a norm that is not finite (factors holding NaN / Inf) first: it needs looking at, and NaN does not sort
     shown = details if modules else sorted(details, key=_by_norm)[:10]
     _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
-    width = max((len(str(m["name"])) for m in shown), default=10)
+    width = max((len(printable(m["name"])) for m in shown), default=10)  # as printed: escaped
     for m in shown:
         r, scale = ("?", "?") if m["rank"] is None else (m["rank"], format(m["scale"], "g"))  # needs the base
-        _say(f"    {str(m['name']):<{width}}  {m['kind']:<9} r={r:<4} scale={scale:<8} "
+        _say(f"    {printable(m['name']):<{width}}  {m['kind']:<9} r={r:<4} scale={scale:<8} "
               f"shape={tuple(m['shape'])}  ||delta||_F={_norm_text(m)}")
     if not modules and len(details) > len(shown):
         _say(f"    ... {len(details) - len(shown)} more (--modules lists all)")
@@ -1503,7 +1529,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         listed = d.get("notes")  # a checkpoint's (on stdout in the text form)
         own = [str(n) for n in listed] if isinstance(listed, list) else []
         shown: dict[str, Any] = {**json_ready(d), "notes": _json_notes(args, *own)}  # type: ignore[dict-item]
-        _say(json.dumps(shown, indent=2, allow_nan=False))
+        _say(_json_text(shown, indent=2, allow_nan=False))
     else:
         _print_info({**d, "lora_alpha": alpha_text(d)} if d["type"] == "adapter" else d, args.modules)
         from lorafuse.io.provenance import describe_lines
@@ -1614,7 +1640,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                      + (repr(args.recipe) if args.recipe is not None else "a recipe"))
         from lorafuse.recipes.schema import schema_json
 
-        _say(json.dumps(schema_json(), indent=2))
+        _say(_json_text(schema_json(), indent=2))
         return 0
     if args.recipe is None or args.out is None:
         raise LorafuseValueError("give a recipe and -o OUT (lorafuse run RECIPE.yml -o OUT), or --print-schema")
@@ -1632,7 +1658,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    "out": None if s.out is None else str(s.out), "seconds": s.seconds,
                    ("plan" if report.dry_run else "report"): next(found) if s.argv else None}
                   for s in report.stages]
-        _say(json.dumps({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
+        _say(_json_text({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
                          "seconds": report.seconds, "notes": _json_notes(args, *report.notes), "stages": stages},
                         indent=2,
                         allow_nan=False))
@@ -1787,10 +1813,15 @@ def _flushed(argv: Sequence[str] | None) -> int:
     try:
         status = _main(argv)
     except SystemExit:
-        sys.stdout.flush()
+        _flush_stdout()
         raise
-    sys.stdout.flush()
+    _flush_stdout()
     return status
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None:  # a Python caller's sys.stdout = None: print() writes nothing there either
+        sys.stdout.flush()
 
 
 def _reader_left() -> int:

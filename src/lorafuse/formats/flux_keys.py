@@ -36,6 +36,7 @@ from typing import Literal
 
 from lorafuse.errors import LorafuseValueError, MissingModuleError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.targets import Target
+from lorafuse.formats.util import ORIGINAL_PREFIXES
 
 Rows = tuple[int, int]
 Shape = tuple[int, ...]
@@ -200,7 +201,7 @@ def is_flux_module(name: str) -> bool:
 
 
 # Prefixes of Flux's own namings: kohya (sd-scripts' lora_flux) and ComfyUI spell BFL paths after them.
-_OWN_PREFIXES = (KOHYA_PREFIX, "model.diffusion_model.", "diffusion_model.")
+_OWN_PREFIXES = (KOHYA_PREFIX, *ORIGINAL_PREFIXES)
 
 
 def is_flux_own_name(name: str) -> bool:

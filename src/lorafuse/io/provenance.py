@@ -203,12 +203,17 @@ def current_invocation() -> Invocation | None:
 
 
 def _text(s: str) -> str:
-    """`s` as text that UTF-8 can hold: a lone surrogate (an undecodable byte of a file name) as \\xNN."""
+    """`s` as text that UTF-8 can hold: a lone surrogate (an undecodable byte of a file name) as \\xNN, any other
+    (a JSON escape \\ud800 in a file's text) as \\ud800."""
     try:
         s.encode("utf-8")
         return s
     except UnicodeEncodeError:
+        pass
+    try:
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def path_text(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:

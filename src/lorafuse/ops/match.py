@@ -25,6 +25,7 @@ from typing import Protocol
 
 from lorafuse.errors import MissingModuleError
 from lorafuse.formats.targets import Target
+from lorafuse.formats.util import ORIGINAL_PREFIXES
 
 Shapes = Mapping[str, tuple[int, ...]]
 Found = dict[str, list[Target]]
@@ -243,7 +244,7 @@ class SdTables:
 GENERIC_PREFIXES = ("lycoris_", "lora_unet_", "lora_te_", "lora_")
 # Where a checkpoint keeps the denoiser kohya names `lora_unet_`: a pipeline folder's transformer (a UNet's names are
 # the SD tables'), a single file's LDM / ComfyUI prefix (SD3's joint_blocks, HunyuanVideo's, Wan's, ...)
-DENOISER_PREFIXES = ("transformer/", "model.diffusion_model.", "diffusion_model.")
+DENOISER_PREFIXES = ("transformer/", *ORIGINAL_PREFIXES)
 
 
 # The prefixes that name the denoiser's own layers (kohya's UNet / DiT names, LyCORIS's names of the model it wraps):
