@@ -5,22 +5,35 @@ what importing `lorafuse` raises; it imports nothing itself. Python callers use 
 import signal
 import sys
 
+# The signals the console script has seen (SIGINT, SIGTERM), in order. An import that a Ctrl-C stops inside an
+# extension module can lose the KeyboardInterrupt: numpy's C core, interrupted while it imports `datetime`, raises
+# "ImportError: PyCapsule_Import could not import module datetime" with no KeyboardInterrupt in its chain.
+SEEN: list[int] = []
+
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM during the imports."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    SEEN.append(signum)
     raise _Terminated()
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    """Python's own Ctrl-C (a KeyboardInterrupt), remembered in SEEN."""
+    SEEN.append(signum)
+    raise KeyboardInterrupt
+
+
 def interrupted(e: BaseException) -> bool:
-    """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError); also
-    lorafuse.cli's test, once the package runs."""
+    """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError), or is
+    an ImportError after the console script saw SIGINT or SIGTERM (SEEN: an extension module's import that lost
+    the KeyboardInterrupt); also lorafuse.cli's test, once the package runs."""
     seen: set[int] = set()
     x: BaseException | None = e
     while x is not None and id(x) not in seen:
-        if isinstance(x, KeyboardInterrupt):
+        if isinstance(x, KeyboardInterrupt) or (isinstance(x, ImportError) and SEEN):
             return True
         seen.add(id(x))
         x = x.__cause__ or x.__context__
@@ -28,17 +41,25 @@ def interrupted(e: BaseException) -> bool:
 
 
 def main() -> int:
+    SEEN.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not when the caller ignores Ctrl-C
+    if own_int:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
-        from lorafuse.cli import main as cli_main
-    except (KeyboardInterrupt, ImportError) as e:
-        if not interrupted(e):
-            raise
-        sys.stderr.write("lorafuse: interrupted; no output was written\n")
-        return 143 if isinstance(e, _Terminated) else 130
+        try:
+            from lorafuse.cli import main as cli_main
+        except (KeyboardInterrupt, ImportError) as e:
+            if not interrupted(e):
+                raise
+            sys.stderr.write("lorafuse: interrupted; no output was written\n")
+            return 143 if isinstance(e, _Terminated) or SEEN[-1:] == [signal.SIGTERM] else 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return cli_main()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    return cli_main()
+        if own_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

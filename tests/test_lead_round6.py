@@ -254,3 +254,45 @@ def test_json_output_names_an_undecodable_path_as_text_strict_readers_take(tmp_p
     assert "\\udc" not in stdout
     assert "out\\\\xff" in stdout  # the JSON text of the name's \\xff
     json.loads(stdout)
+
+
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
+def test_a_ctrl_c_that_an_extension_module_turns_into_an_import_error_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: int, status: int) -> None:
+    """numpy's C core stopped by a Ctrl-C while it imports `datetime` raises "ImportError: PyCapsule_Import could
+    not import module datetime" with no KeyboardInterrupt in its chain (seen in a CI run): the console script, which
+    saw the signal, still says one line and exits 130 (143 for SIGTERM), not a traceback."""
+    import builtins
+    import signal
+
+    import lorafuse_entry
+
+    real = builtins.__import__
+
+    def stopped(name: str, *args: object, **kw: object) -> object:
+        if name == "lorafuse.cli":
+            lorafuse_entry.SEEN.append(signum)  # what the script's handler records when the signal comes
+            raise ImportError("PyCapsule_Import could not import module \"datetime\"")
+        return real(name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", stopped)
+    assert lorafuse_entry.main() == status
+    assert capsys.readouterr().err == "lorafuse: interrupted; no output was written\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_an_import_error_without_a_signal_is_not_called_an_interruption(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    import lorafuse_entry
+
+    real = builtins.__import__
+
+    def broken(name: str, *args: object, **kw: object) -> object:
+        if name == "lorafuse.cli":
+            raise ImportError("a damaged install")
+        return real(name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ImportError, match="a damaged install"):
+        lorafuse_entry.main()
