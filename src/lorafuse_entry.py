@@ -2,8 +2,7 @@
 status 130 (143), as it is once lorafuse.cli.main runs. This module is outside the package so that it can catch
 what importing `lorafuse` raises; it imports nothing itself. Python callers use lorafuse.cli.main."""
 
-import signal
-import sys
+import sys  # built in and loaded before this module: a Ctrl-C cannot land in it (signal is imported in main)
 
 # The signals the console script has seen (SIGINT, SIGTERM), in order. An import that a Ctrl-C stops inside an
 # extension module can lose the KeyboardInterrupt: numpy's C core, interrupted while it imports `datetime`, raises
@@ -42,6 +41,11 @@ def interrupted(e: BaseException) -> bool:
 
 def main() -> int:
     SEEN.clear()
+    try:
+        import signal  # here, not at the top: a Ctrl-C while it loads (an enum's conversion) is caught too
+    except KeyboardInterrupt:
+        sys.stderr.write("lorafuse: interrupted; no output was written\n")
+        return 130
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not when the caller ignores Ctrl-C
     if own_int:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,24 @@ def namespace_prefix(probe: str) -> list[str] | None:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return None
+
+
+def write_recipe(folder: Path, text: str, name: str = "r.yml") -> Path:
+    """`text` written to folder/name (a recipe file)."""
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def stop_import(monkeypatch: object, module: str, raised: BaseException | Callable[[], BaseException]) -> None:
+    """Make `import module` raise `raised` (or what the callable returns, called at the import), as a Ctrl-C or a
+    damaged install would while lorafuse's console script imports it (pytest's monkeypatch puts it back)."""
+    import builtins
+
+    real = builtins.__import__
+
+    def stopped(name: str, *args: object, **kw: object) -> object:
+        if name == module:
+            raise raised() if callable(raised) and not isinstance(raised, BaseException) else raised
+        return real(name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", stopped)  # type: ignore[attr-defined]

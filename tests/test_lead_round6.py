@@ -262,37 +262,27 @@ def test_a_ctrl_c_that_an_extension_module_turns_into_an_import_error_is_one_lin
     """numpy's C core stopped by a Ctrl-C while it imports `datetime` raises "ImportError: PyCapsule_Import could
     not import module datetime" with no KeyboardInterrupt in its chain (seen in a CI run): the console script, which
     saw the signal, still says one line and exits 130 (143 for SIGTERM), not a traceback."""
-    import builtins
     import signal
+
+    from redteam_fixtures import stop_import
 
     import lorafuse_entry
 
-    real = builtins.__import__
+    def lost() -> BaseException:
+        lorafuse_entry.SEEN.append(signum)  # what the script's handler records when the signal comes
+        return ImportError("PyCapsule_Import could not import module \"datetime\"")
 
-    def stopped(name: str, *args: object, **kw: object) -> object:
-        if name == "lorafuse.cli":
-            lorafuse_entry.SEEN.append(signum)  # what the script's handler records when the signal comes
-            raise ImportError("PyCapsule_Import could not import module \"datetime\"")
-        return real(name, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", stopped)
+    stop_import(monkeypatch, "lorafuse.cli", lost)
     assert lorafuse_entry.main() == status
     assert capsys.readouterr().err == "lorafuse: interrupted; no output was written\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_an_import_error_without_a_signal_is_not_called_an_interruption(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
+    from redteam_fixtures import stop_import
 
     import lorafuse_entry
 
-    real = builtins.__import__
-
-    def broken(name: str, *args: object, **kw: object) -> object:
-        if name == "lorafuse.cli":
-            raise ImportError("a damaged install")
-        return real(name, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", broken)
+    stop_import(monkeypatch, "lorafuse.cli", ImportError("a damaged install"))
     with pytest.raises(ImportError, match="a damaged install"):
         lorafuse_entry.main()

@@ -150,18 +150,11 @@ def test_console_script_handles_ctrl_c_during_imports(made: Path) -> None:
 
 def test_entry_module_catches_interrupted_import(monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import builtins
+    from redteam_fixtures import stop_import
 
     import lorafuse_entry
 
-    real = builtins.__import__
-
-    def stopped(name: str, *args: object, **kw: object) -> object:
-        if name == "lorafuse.cli":
-            raise KeyboardInterrupt
-        return real(name, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", stopped)
+    stop_import(monkeypatch, "lorafuse.cli", KeyboardInterrupt)
     assert lorafuse_entry.main() == 130
     assert capsys.readouterr().err == "lorafuse: interrupted; no output was written\n"
 

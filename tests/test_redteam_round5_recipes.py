@@ -30,6 +30,7 @@ import pytest
 import yaml
 from redteam_fixtures import RECIPE_SHAPES, kohya_file, llm_base, recipe_tree
 from redteam_fixtures import run_cli as _cli
+from redteam_fixtures import write_recipe as _write
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -45,11 +46,6 @@ SHAPES = RECIPE_SHAPES
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return recipe_tree(tmp_path)
-
-
-def _write(folder: Path, text: str, name: str = "r.yml") -> Path:
-    (folder / name).write_text(text)
-    return folder / name
 
 
 def _inputs(path: Path) -> list[dict[str, object]]:

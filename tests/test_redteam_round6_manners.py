@@ -183,17 +183,11 @@ def test_python_m_lorafuse_is_the_console_script(monkeypatch: pytest.MonkeyPatch
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """`python -m lorafuse` ran lorafuse.cli.main directly: Ctrl-C while it imported the CLI was a traceback, where
     the `lorafuse` script (lorafuse_entry) says one line and exits 130."""
-    import builtins
     import runpy
 
-    real = builtins.__import__
+    from redteam_fixtures import stop_import
 
-    def stopped(name: str, *args: object, **kw: object) -> object:
-        if name == "lorafuse.cli":
-            raise KeyboardInterrupt
-        return real(name, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(builtins, "__import__", stopped)
+    stop_import(monkeypatch, "lorafuse.cli", KeyboardInterrupt)
     monkeypatch.setattr(sys, "argv", ["lorafuse", "--version"])
     try:
         with pytest.raises(SystemExit) as e:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from redteam_fixtures import RECIPE_SHAPES, recipe_tree
 from redteam_fixtures import run_cli as _cli
+from redteam_fixtures import write_recipe as _write
 from safetensors.numpy import load_file, save_file
 
 import lorafuse
@@ -29,11 +30,6 @@ SHAPES = RECIPE_SHAPES
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return recipe_tree(tmp_path)
-
-
-def _write(folder: Path, text: str, name: str = "r.yml") -> Path:
-    (folder / name).write_text(text)
-    return folder / name
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
