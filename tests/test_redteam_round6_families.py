@@ -130,31 +130,35 @@ def test_a_flux2_kohya_attention_lora_converts_to_names_flux2_loads(tmp_path: Pa
     _close(_merged(folder, src, tmp_path / "merged"), want)
 
 
-def test_a_flux2_kohya_lora_applies_whole_onto_a_flux2_bfl_file(tmp_path: Path) -> None:
-    """A BFL-layout Flux.2 file has the kohya names' own layers (linear1 fused, img_mlp.0 SwiGLU-wide): every module
-    lands whole, W + alpha / r * up @ down, which the Flux.1 width check must leave alone."""
-    rng = np.random.default_rng(0)
-    modules = {**FLUX2_ATTN, **FLUX2_MLP}
-    base = {}
-    for m, shape in modules.items():
-        path = re.sub(r"^(double|single)_blocks_(\d+)_", r"\1_blocks.\2.", m)
-        path = re.sub(r"_(attn|mlp)_(qkv|proj|\d)$", r"_\1.\2", path)
-        base[path + ".weight"] = rng.standard_normal(shape).astype(np.float32)
-    base["final_layer.linear.weight"] = rng.standard_normal((4, H)).astype(np.float32)
-    ckpt = tmp_path / "flux2.safetensors"
+def _lands_whole(tmp_path: Path, base: dict[str, np.ndarray], keys: dict[str, str],
+                 modules: dict[str, tuple[int, int]], seed: int, alpha: float) -> dict[str, np.ndarray]:
+    """`base` saved as one file, a kohya LoRA of `modules` applied to it in float32: each module's weight
+    (`keys[module]`) is W + alpha / r * up @ down; the merged file's tensors returned."""
     from safetensors.numpy import save_file as save_np
 
+    ckpt = tmp_path / "base.safetensors"
     save_np(base, str(ckpt))
-    lora = _kohya(modules, seed=3, alpha=3.0)
+    lora = _kohya(modules, seed=seed, alpha=alpha)
     src = tmp_path / "lora.safetensors"
     save_file(lora, str(src))
     out = tmp_path / "merged.safetensors"
     lorafuse.apply(ckpt, [src], out=out, dtype="fp32")
     got = load_np(str(out))
-    for m in modules:
-        path = re.sub(r"^(double|single)_blocks_(\d+)_", r"\1_blocks.\2.", m)
-        key = re.sub(r"_(attn|mlp)_(qkv|proj|\d)$", r"_\1.\2", path) + ".weight"
+    for m, key in keys.items():
         np.testing.assert_allclose(got[key], base[key] + _delta(lora, m), rtol=1e-5, atol=1e-5, err_msg=key)
+    return got
+
+
+def test_a_flux2_kohya_lora_applies_whole_onto_a_flux2_bfl_file(tmp_path: Path) -> None:
+    """A BFL-layout Flux.2 file has the kohya names' own layers (linear1 fused, img_mlp.0 SwiGLU-wide): every module
+    lands whole, W + alpha / r * up @ down, which the Flux.1 width check must leave alone."""
+    rng = np.random.default_rng(0)
+    modules = {**FLUX2_ATTN, **FLUX2_MLP}
+    keys = {m: re.sub(r"_(attn|mlp)_(qkv|proj|\d)$", r"_\1.\2",
+                      re.sub(r"^(double|single)_blocks_(\d+)_", r"\1_blocks.\2.", m)) + ".weight" for m in modules}
+    base = {keys[m]: rng.standard_normal(shape).astype(np.float32) for m, shape in modules.items()}
+    base["final_layer.linear.weight"] = rng.standard_normal((4, H)).astype(np.float32)
+    got = _lands_whole(tmp_path, base, keys, modules, seed=3, alpha=3.0)
     np.testing.assert_array_equal(got["final_layer.linear.weight"], base["final_layer.linear.weight"])
 
 
@@ -367,8 +371,6 @@ def test_an_sd3_kohya_lora_applies_onto_an_sd3_single_file(tmp_path: Path, prefi
     """sd-scripts names an SD3 / SD3.5 LoRA `lora_unet_` + the single file's MMDiT path with '_'
     (`lora_unet_joint_blocks_0_x_block_attn_qkv`); the single file (and ComfyUI's) keeps it under
     `model.diffusion_model.`. Refused before ("found no target"); now each module lands whole on its weight."""
-    from safetensors.numpy import save_file as save_np
-
     rng = np.random.default_rng(0)
     modules = {"joint_blocks_0_x_block_attn_qkv": (3 * H, H), "joint_blocks_0_context_block_mlp_fc1": (4 * H, H),
                "joint_blocks_0_x_block_adaLN_modulation_1": (6 * H, H)}
@@ -377,17 +379,7 @@ def test_an_sd3_kohya_lora_applies_onto_an_sd3_single_file(tmp_path: Path, prefi
              "joint_blocks_0_x_block_adaLN_modulation_1": "joint_blocks.0.x_block.adaLN_modulation.1"}
     base = {f"{prefix}{paths[m]}.weight": rng.standard_normal(s).astype(np.float32) for m, s in modules.items()}
     base[f"{prefix}x_embedder.proj.weight"] = rng.standard_normal((H, 4, 2, 2)).astype(np.float32)
-    ckpt = tmp_path / "sd3.safetensors"
-    save_np(base, str(ckpt))
-    lora = _kohya(modules, seed=2, alpha=1.0)
-    src = tmp_path / "lora.safetensors"
-    save_file(lora, str(src))
-    out = tmp_path / "merged.safetensors"
-    lorafuse.apply(ckpt, [src], out=out, dtype="fp32")
-    got = load_np(str(out))
-    for m in modules:
-        key = f"{prefix}{paths[m]}.weight"
-        np.testing.assert_allclose(got[key], base[key] + _delta(lora, m), rtol=1e-5, atol=1e-5, err_msg=key)
+    _lands_whole(tmp_path, base, {m: f"{prefix}{paths[m]}.weight" for m in modules}, modules, seed=2, alpha=1.0)
 
 
 def test_a_lycoris_flux2_lokr_applies_onto_the_flux2_pipeline_folder(tmp_path: Path) -> None:
