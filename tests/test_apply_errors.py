@@ -386,7 +386,7 @@ def test_pickle_adapter(llama, tmp_path, good_output):
     for target in (folder, folder / "adapter_model.bin"):
         check_failure(lambda out, target=target: lorafuse.apply(llama.base_dir, [target], out=out,
                                                                progress=False),
-                      tmp_path / f"out_{target.name}", FormatError, folder / "adapter_model.bin", "pickle",
+                      tmp_path / f"out_{target.stem}", FormatError, folder / "adapter_model.bin", "pickle",
                       make_prior=good_output, watched=[folder])
 
 
@@ -409,7 +409,7 @@ def test_pickle_base(llama, tmp_path, good_output):
     for target in (base, base / "pytorch_model.bin"):
         check_failure(lambda out, target=target: lorafuse.apply(target, [llama.adapter_dir], out=out,
                                                                progress=False),
-                      tmp_path / f"out_{target.name}", FormatError, base / "pytorch_model.bin", "pickle",
+                      tmp_path / f"out_{target.stem}", FormatError, base / "pytorch_model.bin", "pickle",
                       make_prior=good_output, watched=[base])
 
 

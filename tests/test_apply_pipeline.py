@@ -205,8 +205,9 @@ def test_key_chain_order() -> None:
 
 
 def test_module_chain_order() -> None:
-    assert module_chain("kohya", lambda k: None).names == ["flux", "sd", "component", "underscore"]
-    assert module_chain("diffusers", lambda k: None).names == ["flux", "sd", "component", "underscore"]
+    chain = ["flux", "sd", "component", "underscore", "original", "original-weights"]  # original: ops.match
+    assert module_chain("kohya", lambda k: None).names == chain
+    assert module_chain("diffusers", lambda k: None).names == chain
     assert module_chain("peft", lambda k: None).names == ["keys", "fused"]  # fused: q/k/v into qkv_proj, experts
 
     seen: list[tuple[str, list[str]]] = []

@@ -360,7 +360,8 @@ def test_hostile_files_run_in_bounded_memory_and_time(hostile, tmp_path, name, c
             w = lorafuse.load(path)[M]
             ref = np.prod([np.linalg.norm(w.tensors[k].f32().astype(np.float64)) for k in ("lokr_w1", "lokr_w2")])
             assert m["delta_norm"] == pytest.approx(ref, rel=1e-12)
-            assert m["shape"] == [16384, 16384] and m["rank"] == 16384
+            assert m["shape"] == [16384, 16384] and m["rank"] is None  # (round 7: LyCORIS's dim; a LoKr of two
+            # full halves has none)
     if command == "similarity":
         assert "1.0000   1.0000" in res["out"]
 

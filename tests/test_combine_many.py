@@ -337,12 +337,14 @@ def test_file_descriptors_stay_bounded(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     result = lorafuse.load(tmp_path / "out")
     assert sorted(result.updates) == sorted(NAMES)
-    # the same in memory, for contrast: it needs a descriptor per adapter
+    # the same in memory: once the mappings hold half the limit, a small adapter file is read into memory instead
+    # of keeping a descriptor (io.safetensors), so it runs too, with the same modules
     script_memory = script.replace('"--rank", "4"', '"--rank", "4", "--engine", "memory"').replace(
         str(tmp_path / "out"), str(tmp_path / "out_memory"))
     done = subprocess.run([sys.executable, "-c", script_memory], capture_output=True, text=True, timeout=600,
                           env=env)
-    assert done.returncode != 0
+    assert done.returncode == 0, done.stderr
+    assert sorted(lorafuse.load(tmp_path / "out_memory").updates) == sorted(NAMES)
 
 
 def test_an_adapter_rewritten_between_passes_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

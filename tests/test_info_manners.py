@@ -146,7 +146,10 @@ def test_info_on_a_file_that_is_not_safetensors_says_so(tmp_path, capsys, name):
     else:
         assert main(["info", str(path)]) == 1
         err = capsys.readouterr().err
-        assert f"{path}: not a safetensors file: it looks like {kind}" in err, err
+        if name == "config.json":  # a model's config given for the model: info names the folder to give
+            assert f"{path}: a JSON file, not a checkpoint: give the model's folder ({tmp_path})" in err, err
+        else:
+            assert f"{path}: not a safetensors file: it looks like {kind}" in err, err
     with pytest.raises(FormatError, match=re.escape(f"{path}: not a safetensors file: it looks like {kind}")):
         read_header(path)
 

@@ -484,7 +484,8 @@ def test_adapter_save_follows_the_rules(fmt, inp, tmp_path):
     assert f"output {user} is a {'folder' if folder else 'file'} lorafuse did not write" in str(info.value)
     assert "overwrite=True" in str(info.value)
     assert snapshot(user) == before
-    with pytest.warns(OverwriteWarning, match=f"--overwrite replaced {user}, a (folder|file) lorafuse did not write"):
+    with pytest.warns(OverwriteWarning, match=f"overwrite=True replaced {user}, a (folder|file) lorafuse did not "
+                                              "write"):  # (round 7: the API's keyword, not the CLI's flag)
         adapter.save(user, overwrite=True)
     assert_lorafuse_output(user, folder)
 

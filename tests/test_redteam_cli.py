@@ -165,8 +165,8 @@ def test_similarity_says_why_a_norm_is_not_finite(tmp_path):
     huge = _adapter(tmp_path / "huge", q)
     config = json.loads((huge / "adapter_config.json").read_text())
     (huge / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e299}))
-    with pytest.raises(NonFiniteError, match=r"its factors are finite, but its delta's norm overflows float64"):
-        lorafuse.similarity([huge, huge])
+    # (round 7: a norm that overflows float64 only when squared is computed scaled: the cosine is measured)
+    np.testing.assert_allclose(lorafuse.similarity([huge, huge]), np.ones((2, 2)), rtol=1e-12)
     with pytest.raises(NonFiniteError, match=r"has a delta holding NaN or Inf"):
         lorafuse.similarity([_nan_adapter(tmp_path, q), huge])
 

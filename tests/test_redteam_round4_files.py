@@ -152,7 +152,7 @@ def test_the_python_api_refuses_another_kind_and_warns_with_overwrite(fx, tmp_pa
     with pytest.raises(OutputError, match="holding a merged model .* and this writes an adapter"):
         lorafuse.combine([ad, ad], rank=2).save(out)
     assert _tree(out) == before
-    with pytest.warns(OverwriteWarning, match=f"--overwrite replaced {out}, an earlier lorafuse output holding a "
+    with pytest.warns(OverwriteWarning, match=f"overwrite=True replaced {out}, an earlier lorafuse output holding a "
                                               "merged model"):
         lorafuse.resize(ad, 1, out=out, overwrite=True)
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()

@@ -400,11 +400,9 @@ def test_loaded_adapters_and_the_open_file_limit(two: tuple[Path, Path]) -> None
     res = subprocess.run([sys.executable, "-c", _FDS, str(two[0])], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     line = res.stdout.strip().splitlines()[-1]
-    if sys.version_info >= (3, 13):  # mmap(trackfd=False): a loaded adapter holds no descriptor
-        assert line == "loaded 300", line
-    else:  # one descriptor each (CPython's mmap keeps a duplicate): the limit is reached, and the error says so
-        assert line.startswith("refused ") and "Too many open files" in line, line
-        assert "raise it, `ulimit -n`" in line and "pass paths instead of loaded Adapters" in line, line
+    # 3.13+: mmap(trackfd=False) holds no descriptor; before, once the mappings hold half the limit, a small
+    # file is read into anonymous memory (io.safetensors): either way every adapter loads
+    assert line == "loaded 300", line
 
 
 def test_a_loaded_adapter_still_notices_its_file_rewritten(two: tuple[Path, Path]) -> None:

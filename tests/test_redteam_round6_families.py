@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import lorafuse
 from lorafuse.cli import main
-from lorafuse.errors import FormatError, MissingModuleError, ShapeMismatchError
+from lorafuse.errors import MissingModuleError, ShapeMismatchError
 
 H = 16  # the tiny transformers' hidden size
 R = 4
@@ -226,20 +226,15 @@ def test_a_musubi_hunyuanvideo_attention_lora_applies_as_diffusers_loads_it(tmp_
     _close({k: v.numpy() for k, v in m.state_dict().items()}, want)
 
 
-def test_a_full_musubi_hunyuanvideo_lora_is_refused_on_diffusers_and_applied_on_its_original_file(
+def test_a_full_musubi_hunyuanvideo_lora_is_refused_by_convert_and_applied_on_its_original_file(
         tmp_path: Path) -> None:
-    """Its MLP / modulation layers have no Flux name (img_mlp_fc1, img_mod_linear, modulation_linear): refused onto
-    a diffusers HunyuanVideo folder and by convert, naming them, nothing written, never a silent drop; onto the
-    original single-file layout (double_blocks.0.img_attn_qkv.weight, img_mlp.fc1.weight, ...) every module lands
-    whole."""
-    folder = _pipeline(tmp_path, _hunyuan(), "HunyuanVideoPipeline")
+    """Its MLP / modulation layers have no Flux name (img_mlp_fc1, img_mod_linear, modulation_linear): refused by
+    convert, naming them, nothing written, never a silent drop; onto the original single-file layout
+    (double_blocks.0.img_attn_qkv.weight, img_mlp.fc1.weight, ...) every module lands whole. (Onto a diffusers
+    HunyuanVideo folder they merge since round 7: tests/test_redteam_round7_comfy.py, against diffusers.)"""
     lora = _kohya({**HV_ATTN, **HV_OTHER}, seed=5)
     src = tmp_path / "musubi.safetensors"
     save_file(lora, str(src))
-    out = tmp_path / "merged"
-    with pytest.raises(MissingModuleError, match="img_mlp_fc1"):
-        lorafuse.apply(folder, [src], out=out)
-    assert not out.exists()
     peft = tmp_path / "peft.safetensors"
     with pytest.raises(MissingModuleError, match="modulation_linear"):
         lorafuse.convert(src, peft, to="peft")
@@ -262,27 +257,27 @@ def test_a_full_musubi_hunyuanvideo_lora_is_refused_on_diffusers_and_applied_on_
 # -------------------------------------------------------------------------------------- ComfyUI layout
 
 
-@pytest.mark.parametrize("key", ["diffusion_model.double_blocks.0.img_attn.qkv",  # Flux (ComfyUI, ai-toolkit)
-                                 "diffusion_model.blocks.0.self_attn.q",  # Wan (musubi-tuner's --target other)
-                                 "diffusion_model.double_blocks.0.img_attn_qkv"])  # HunyuanVideo
-def test_a_comfyui_layout_lora_is_refused_with_its_own_reason(tmp_path: Path, key: str,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """`diffusion_model.<path>.lora_A.weight` files were refused as "LoRA factors without a component prefix ...
-    as diffusers' save_lora_adapter writes it; save with save_lora_weights instead": false for a ComfyUI /
-    ai-toolkit / musubi file (it has a prefix, diffusers never wrote it). The reason now names the layout."""
+@pytest.mark.parametrize(("key", "module"), [
+    ("diffusion_model.double_blocks.0.img_attn.qkv", "lora_unet_double_blocks_0_img_attn_qkv"),  # Flux (ComfyUI)
+    ("diffusion_model.blocks.0.self_attn.q", "lora_unet_blocks_0_self_attn_q"),  # Wan (musubi-tuner)
+    ("diffusion_model.double_blocks.0.img_attn_qkv", "lora_unet_double_blocks_0_img_attn_qkv")])  # HunyuanVideo
+def test_a_comfyui_layout_lora_reads_as_the_kohya_module_in_both_spellings(tmp_path: Path, key: str,
+                                                                            module: str) -> None:
+    """`diffusion_model.<path>.lora_A.weight` files (ComfyUI, ai-toolkit, musubi) were refused; round 7 reads
+    them as diffusers does: the kohya module `lora_unet_<path with _>`, the same from the lora_down / lora_up /
+    alpha spelling (tests/test_redteam_round7_comfy.py checks the merges against diffusers)."""
+    down, up = torch.randn(R, H), torch.randn(3 * H, R)
     src = tmp_path / "comfy.safetensors"
-    save_file({f"{key}.lora_A.weight": torch.randn(R, H), f"{key}.lora_B.weight": torch.randn(3 * H, R)}, str(src))
-    with pytest.raises(FormatError, match=r"diffusion_model\. prefix") as e:
-        lorafuse.load(src)
-    assert "save_lora_adapter" not in str(e.value)
-    assert main(["info", str(src)]) == 0
-    shown = capsys.readouterr().out
-    assert "diffusion_model. prefix" in shown and "save_lora_adapter" not in shown
-    down = tmp_path / "comfy_down.safetensors"  # ComfyUI's lora_down / lora_up / alpha spelling: read as kohya
-    save_file({f"{key}.lora_down.weight": torch.randn(R, H), f"{key}.lora_up.weight": torch.randn(3 * H, R),
-               f"{key}.alpha": torch.tensor(2.0)}, str(down))
-    with pytest.raises(FormatError, match=r"not a kohya LoRA tensor.*diffusion_model\. prefix"):
-        lorafuse.load(down)
+    save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(src))
+    spelled = tmp_path / "comfy_down.safetensors"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(float(R))},
+              str(spelled))
+    want = (up.double() @ down.double()).numpy()
+    for path in (src, spelled):
+        a = lorafuse.load(path)
+        assert a.format == "kohya" and list(a.updates) == [module]
+        np.testing.assert_allclose(np.asarray(a.updates[module].delta(), dtype=np.float64), want, rtol=1e-5,
+                                   atol=1e-5, err_msg=str(path))
 
 
 # ------------------------------------------------------------------- diffusers LoRAs of other transformers

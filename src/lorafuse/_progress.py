@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from lorafuse._terminal import printable
+from lorafuse.errors import from_caller
 
 
 def human_bytes(n: float) -> str:
@@ -177,12 +178,24 @@ class TqdmBar:
             self._bar = None
 
 
+def _theirs(callback: ProgressCallback) -> ProgressCallback:
+    """The caller's callback, what it raises marked as theirs (errors.from_caller): passed on unchanged."""
+    def call(event: ProgressEvent) -> None:
+        try:
+            callback(event)
+        except BaseException as e:
+            from_caller(e)
+            raise
+
+    return call
+
+
 def progress_callback(progress: ProgressCallback | bool | None, label: str,
                       stream: TextIO | None = None) -> tuple[ProgressCallback | None, Callable[[], None]]:
     """The callback for an API `progress` argument and what ends it: a callable is used as it is;
     True draws a bar, None draws one when stderr is a terminal, False reports nothing."""
     if callable(progress):
-        return progress, lambda: None
+        return _theirs(progress), lambda: None
     out = stream or sys.stderr
     if progress is None:
         progress = Display(out).isatty()  # False for a closed or missing stderr (pythonw, a daemon), not an error

@@ -234,8 +234,9 @@ def _one_of(text: str, choices: tuple[str, ...], what: str) -> str:
 
 
 def _arch(text: str) -> str:
-    """--arch, checked against the GGUF writer's table."""
-    return _one_of(text, _gguf_archs(), "invalid choice:")
+    """--arch, any case, checked against the GGUF writer's table."""
+    word = text.lower()
+    return word if word in _gguf_archs() else _one_of(text, _gguf_archs(), "invalid choice:")
 
 
 def _combine_methods() -> tuple[str, ...]:
@@ -455,8 +456,8 @@ _OVERWRITE_HELP = (
     "nothing is written. New paths, empty folders and lorafuse's own outputs of the same kind, i.e. a re-run "
     "(a folder holding lorafuse_manifest.json and nothing else, a file with lorafuse_version metadata) need no "
     "flag. Never "
-    "replaced, even with it: the current folder or one above it, an input, a folder holding an input, a path "
-    "inside an input folder, a symbolic link")
+    "replaced, even with it: the current folder or one above it, your home folder or one above it, an input, a "
+    "folder holding an input, a path inside an input folder, a symbolic link")
 
 
 def _overwrite_option(p: argparse.ArgumentParser, what: str = "the output (-o)") -> None:
@@ -510,7 +511,13 @@ def _out(text: str) -> str:
     if text == "-":
         raise argparse.ArgumentTypeError("'-' (stdout): lorafuse writes files and folders, not to stdout; give a "
                                          "path (./- for one named '-')")
-    return text
+    return _path(text)
+
+
+def _path(text: str) -> str:
+    """A path argument with a leading `~` or `~user` expanded, as a shell does where it can (a quoted `'~/x'`, or
+    `--out=~/x`, which bash leaves as typed), and as list lines and recipe models are: never a folder named `~`."""
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 def _convert_target(text: str) -> str:
@@ -554,6 +561,16 @@ _FOREIGN_OPTIONS = {
                        "one rule",
     "--new-conv-rank": "kohya's --new_conv_rank is --conv-rank here (combine); resize reduces every module by "
                        "one rule",
+    "--sd_model": "kohya's --sd_model is the first argument here (lorafuse apply BASE ADAPTER...)",
+    "--sd-model": "kohya's --sd_model is the first argument here (lorafuse apply BASE ADAPTER...)",
+    "--models": "kohya's --models are the arguments here (lorafuse apply BASE ADAPTER..., lorafuse combine "
+                "ADAPTER...), their --ratios --weights",
+    "--model": "kohya's --model is an argument here, not an option (lorafuse resize ADAPTER ..., lorafuse info "
+               "PATH)",
+    "--precision": "kohya's --precision has no counterpart here: lorafuse computes in float32 (sums in float64) "
+                   "and rounds once; --dtype sets the output's",
+    "--torch_dtype": "transformers' torch_dtype is --dtype here (fp32, fp16, bf16)",
+    "--torch-dtype": "transformers' torch_dtype is --dtype here (fp32, fp16, bf16)",
 }
 _FOREIGN_VERBS = {
     "merge": "to merge adapters into a base model: apply; to merge adapters into one adapter: combine",
@@ -698,6 +715,11 @@ class _Parser(argparse.ArgumentParser):
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         words = sys.argv[1:] if args is None else list(args)
         verbs = getattr(self, "verbs", {})
+        if verbs and words[:1] == ["--"]:  # `lorafuse -- info x`: the end of lorafuse's own options
+            words = words[1:]
+            if words and words[0].startswith("-"):  # (argparse would name the '--', not what follows it)
+                self.error(f"argument COMMAND: invalid choice: {words[0]!r} after -- (choose from "
+                           f"{', '.join(map(repr, verbs))})")
         if not words and verbs:  # `lorafuse` alone: the commands, not only "COMMAND is required"
             self.print_help(sys.stderr)
             self.error("give a COMMAND (the list above)")
@@ -728,7 +750,7 @@ class _Parser(argparse.ArgumentParser):
                     and not os.path.lexists(words[i + 2]):
                 target.error(f"--weights takes one comma-separated value: --weights {words[i + 1]},{words[i + 2]} "
                              f"(not {words[i + 1]} {words[i + 2]})")
-        ns, extras = self.parse_known_args(args, namespace)
+        ns, extras = self.parse_known_args(words, namespace)
         ns.__dict__.pop(_SEEN, None)
         if extras:
             target = verbs.get(getattr(ns, "command", None) or "", self)
@@ -767,10 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="merge adapters into base weights", description="Merge LoRA adapters into a "
                        "base checkpoint and write a new checkpoint.", epilog=_EPILOG_APPLY,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("base", help="base checkpoint: a folder (model.safetensors or sharded with an index), one "
+    a.add_argument("base", type=_path,
+                   help="base checkpoint: a folder (model.safetensors or sharded with an index), one "
                    ".safetensors file, or a diffusers pipeline folder")
-    a.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
-                   "diffusers LoRA files (or a folder holding one)")
+    a.add_argument("adapters", nargs="+", type=_path, help="adapters: PEFT folders, kohya / LyCORIS .safetensors "
+                   "files, diffusers LoRA files (or a folder holding one)")
     a.add_argument("-o", "--out", type=_out, required=True,
                    help="output. A folder base: a checkpoint folder (config and "
                    "tokenizer files copied), or, for a name ending in .safetensors, one file holding every tensor "
@@ -811,13 +834,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "the method asked, with a note: PEFT takes 'linear' for one adapter, returning it "
                        "unchanged (--method cat does that here).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("adapters", nargs="*", help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
+    c.add_argument("adapters", nargs="*", type=_path,
+                   help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
                    "(or a folder holding one; or --from-list)")
-    c.add_argument("--from-list", metavar="LIST",
+    c.add_argument("--from-list", metavar="LIST", type=_path,
                    help="read the adapters from LIST, one per line: PATH [WEIGHT] (a line without a weight gets 1/n; "
                    "# starts a comment; blank lines are ignored; relative paths are from LIST's folder). Every "
                    "adapter is checked before any work; errors name the line")
-    c.add_argument("--engine", choices=("auto", "memory", "stream", "ray"), default="auto",
+    c.add_argument("--engine", type=str.lower, choices=("auto", "memory", "stream", "ray"),
+                   default="auto",
                    help="memory: every adapter mapped at once; stream: each adapter opened, read once per pass and "
                    "closed, memory independent of their number (svd, linear); ray: the streamed passes as Ray tasks "
                    "over shards of adapters, partial sketches summed in a fixed tree (pip install 'lorafuse[ray]'; "
@@ -857,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "refused when no module is one)")
     c.add_argument("--density", type=_density,
                    help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
-    c.add_argument("--majority-sign", default="total", choices=("total", "frequency"),
+    c.add_argument("--majority-sign", default="total", type=str.lower, choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total, the default) or the count (frequency) of signs")
     c.add_argument("--seed", type=_seed, default=0,
                    help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
@@ -885,7 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "diffusers LoRA .safetensors files, in any mix. A DoRA module is refused: its\n"
                        "delta depends on the base weight, which an adapter does not hold.",
                        epilog=_EPILOG_SIMILARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("adapters", nargs="+", help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
+    s.add_argument("adapters", nargs="+", type=_path,
+                   help="adapters: PEFT folders, kohya / LyCORIS .safetensors files, "
                    "diffusers LoRA .safetensors files (or a folder holding one)")
     s.add_argument("--json", action="store_true", help="print JSON for machines")
     s.add_argument("--plot", metavar="IMAGE", type=_out, help="also draw the matrix as a heat map to this file, in the "
@@ -901,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "format. Reads PEFT adapter folders, kohya / LyCORIS .safetensors files and\n"
                        "diffusers LoRA .safetensors files.",
                        epilog=_EPILOG_RESIZE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("adapter", help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file (or a folder "
+    r.add_argument("adapter", type=_path,
+                   help="adapter: PEFT folder, kohya / LyCORIS file or diffusers LoRA file (or a folder "
                    "holding one)")
     r.add_argument("-o", "--out", type=_out, required=True,
                    help="output adapter, in the input's format (a PEFT folder, or "
@@ -923,8 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "randomized SVD of each weight difference, streamed from both memory-mapped\n"
                        "checkpoints.",
                        epilog=_EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("base", help="base checkpoint (folder or .safetensors file)")
-    e.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
+    e.add_argument("base", type=_path, help="base checkpoint (folder or .safetensors file)")
+    e.add_argument("finetuned", type=_path, help="fine-tuned checkpoint of the same architecture")
     e.add_argument("-o", "--out", type=_out, required=True, help="output adapter folder (PEFT). A name ending in "
                    ".safetensors is one file: written as a diffusers or kohya file if those can name the base's "
                    "modules, else refused before any work (checkpoint weight names, e.g. "
@@ -933,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rank_options(e, " (default with --sv-*: 128, the randomized SVD's sketch size; with --rank: that rank)")
     e.add_argument("--include", help="only modules whose name matches this regular expression")
     e.add_argument("--exclude", help="skip modules whose name matches this regular expression")
-    e.add_argument("--embeddings", default="skip", choices=("skip", "lora", "full"),
+    e.add_argument("--embeddings", default="skip", type=str.lower, choices=("skip", "lora", "full"),
                    help="embeddings and output heads (lm_head): skip (default), extract as LoRA, or keep whole "
                         "(modules_to_save); a layer tied to an extracted embedding (lm_head) gets the same")
     e.add_argument("--power-iters", type=_power_iters, default=2,
@@ -956,7 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "different scales fuse, see below); LoHa / LoKr modules become LoRA with --rank. "
                        "--to gguf writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp.",
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("adapter", help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file (or a "
+    v.add_argument("adapter", type=_path,
+                   help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file (or a "
                    "folder holding one); --to gguf: a PEFT adapter folder")
     v.add_argument("-o", "--out", type=_out, required=True,
                    help="output .safetensors file (--to gguf: .gguf file); a name "
@@ -974,10 +1002,11 @@ def build_parser() -> argparse.ArgumentParser:
         arch.metavar = "{" + ",".join(_gguf_archs()) + "}"
 
     v.complete = complete_convert
-    v.add_argument("--base-config", metavar="CONFIG", help="--to gguf: the base model's config.json (or its "
+    v.add_argument("--base-config", metavar="CONFIG", type=_path,
+                   help="--to gguf: the base model's config.json (or its "
                    "folder): the architecture, the head counts Llama / Mistral q_proj and k_proj LoRAs need, "
                    "tie_word_embeddings")
-    v.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"),
+    v.add_argument("--gguf-type", type=str.lower, choices=("f32", "f16", "bf16", "q8_0"),
                    help="--to gguf: tensor type (default f32, as llama.cpp's convert_lora_to_gguf.py; q8_0 "
                    "tensors whose rows are not a multiple of 32 are written f16, as it does)")
     v.add_argument("--rank", type=_rank, help="LoHa / LoKr modules: the rank of their LoRA approximation "
@@ -985,7 +1014,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "LoHa / LoKr modules)")
     v.add_argument("--conv-rank", type=_rank, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
                    "(default: --rank; refused for an adapter without them)")
-    v.add_argument("--family", choices=("sd1", "sdxl", "flux"), help="model family of the names (default: "
+    v.add_argument("--family", type=str.lower, choices=("sd1", "sdxl", "flux"),
+                   help="model family of the names (default: "
                    "guessed from names one family alone has: a diffusers Flux LoRA, "
                    "transformer.transformer_blocks..., whose names SD3, QwenImage, HunyuanVideo share, needs "
                    "--family flux; sd1 covers SD 2.x too); for the conversions that rename (kohya -> peft, "
@@ -1008,7 +1038,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "is 10; 1_5, yes, on and dates are text). The recipe is recorded verbatim in the output's "
                        "model card and metadata.",
                        epilog=_EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    u.add_argument("recipe", nargs="?", help="the recipe file (.yml / .yaml); relative model paths are taken from its "
+    u.add_argument("recipe", nargs="?", type=_path,
+                   help="the recipe file (.yml / .yaml); relative model paths are taken from its "
                    "folder (the folder of the path given: for a symbolic link, the link's, not its target's); a model "
                    "may also be a Hub id, org/name or org/name@revision")
     u.add_argument("-o", "--out", type=_out, help="output of the last stage (what its verb's -o takes)")
@@ -1035,7 +1066,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a safetensors checkpoint (one file, a folder, sharded with an index), or a\n"
                        "diffusers pipeline folder (model_index.json), per component.",
                        epilog=_EPILOG_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("path", help="an adapter (PEFT folder, kohya / LyCORIS or diffusers LoRA .safetensors file, or a "
+    i.add_argument("path", type=_path,
+                   help="an adapter (PEFT folder, kohya / LyCORIS or diffusers LoRA .safetensors file, or a "
                    "folder holding one), a checkpoint (.safetensors file or folder) or a diffusers pipeline folder")
     i.add_argument("--json", action="store_true", help="print JSON for machines")
     i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
@@ -1488,7 +1520,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
     _say("  module" + ("s" if modules else "s with the largest ||delta||_F") + ":")
     width = max((len(printable(m["name"])) for m in shown), default=10)  # as printed: escaped
     for m in shown:
-        r, scale = ("?", "?") if m["rank"] is None else (m["rank"], format(m["scale"], "g"))  # needs the base
+        r, scale = ("?", "?") if m["scale"] is None else (  # a LoRA on a parameter: needs the base
+            "full" if m["rank"] is None else m["rank"], format(m["scale"], "g"))  # (a LoKr of two full halves)
         _say(f"    {printable(m['name']):<{width}}  {m['kind']:<9} r={r:<4} scale={scale:<8} "
               f"shape={tuple(m['shape'])}  ||delta||_F={_norm_text(m)}")
     if not modules and len(details) > len(shown):
@@ -1617,7 +1650,8 @@ def _negative_values(argv: Sequence[str]) -> list[str]:
     """`--weights -0.5,1` as `--weights=-0.5,1`: argparse takes a value that starts with '-' and holds a
     comma for an option, so a list of numbers after a list option is joined to it (up to a `--`)."""
     out: list[str] = []
-    i = 0
+    i = int(list(argv[:1]) == ["--"])  # `lorafuse -- combine ...`: that one ends lorafuse's own options (parse_args)
+    out += argv[:i]
     while i < len(argv):
         token = argv[i]
         if token == "--":
@@ -1748,6 +1782,12 @@ def _stopped_note(before: int) -> str:
     return f" after {', '.join(map(str, done))} {'was' if len(done) == 1 else 'were'} written"
 
 
+def _failed_note(before: int) -> str:
+    """What a command that failed wrote before it failed (a recipe's kept intermediate outputs), as _stopped_note."""
+    done = _stopped_note(before)
+    return done if done.startswith(";") else f";{done.removeprefix(' after')} before it failed"
+
+
 def _ray_starts() -> int:
     """How many Rays this process started (ray_engine.ray_starts; 0 when that module was never imported)."""
     ray_engine = sys.modules.get("lorafuse.ops.combine.ray_engine")
@@ -1790,15 +1830,28 @@ def _standard_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _last_line(e: BaseException) -> str:
+    """The last line of an error's text: numpy's ImportError is a page of advice that ends in the cause."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_streams()
     try:
         return _flushed(argv)
     except (KeyboardInterrupt, ImportError) as e:  # before the command started (reading the command line)
         if not interrupted(e):
+            if isinstance(e, ImportError):  # numpy under ulimit -v ("failed to map segment"), a damaged install
+                _say(f"lorafuse: error: {_last_line(e)}; no output was written", file=sys.stderr)
+                return 1
             raise
         _say("lorafuse: interrupted; no output was written", file=sys.stderr)
         return e.status if isinstance(e, _Terminated) else 130
+    except MemoryError:  # numpy's import under ulimit -v, before the command started
+        _say("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as ulimit -v, leaves "
+             "too little; no output was written", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `lorafuse --version | ...` whose reader left, or one that left before the flush
         return _reader_left()
     except OSError as e:  # --help / --version / what a command printed, to a stdout on a full disk
@@ -1837,7 +1890,10 @@ def _drop_stdout() -> None:
         fd = sys.stdout.fileno()
     except (OSError, ValueError):  # a stdout with no descriptor (an in-memory stream, one already closed)
         return
-    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no descriptor left (ulimit -n): stdout stays as it is
+        return
     try:
         os.dup2(null, fd)
     finally:
@@ -1865,7 +1921,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"lorafuse: error: {e}", file=sys.stderr)
         return 2
 
-    from lorafuse.io.atomic import COMMITTED
+    from lorafuse.io.atomic import COMMITTED, overwrite_named
     from lorafuse.io.provenance import command_text, invoked
 
     committed = len(COMMITTED)  # the outputs put in place before this command
@@ -1874,7 +1930,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = _catch_ending()
     try:  # every output records the command line, verbatim but for the output's path (io.provenance)
-        with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"):
+        with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"), \
+                overwrite_named("--overwrite"):
             return _commands()[args.command](args)
     except LorafuseValueError as e:
         if not _input_error(e):
@@ -1891,7 +1948,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (KeyboardInterrupt, ImportError) as e:
         if not interrupted(e):
             if isinstance(e, ImportError):  # a module that would not load (out of memory, a damaged install)
-                _say(f"lorafuse {args.command}: error: {e}; no output was written", file=sys.stderr)
+                _say(f"lorafuse {args.command}: error: {_last_line(e)}{_failed_note(committed)}", file=sys.stderr)
                 return 1
             raise
         _say(f"lorafuse {args.command}: interrupted{_stopped_note(committed)}", file=sys.stderr)
@@ -1899,7 +1956,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except MemoryError as e:
         why = f" ({e})" if str(e) else ""
         _say(f"lorafuse {args.command}: error: out of memory{why}: the machine, or a limit such as ulimit -v, leaves "
-             "too little for this input; no output was written", file=sys.stderr)
+             f"too little for this input{_failed_note(committed)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `lorafuse info ... | head`: the reader left; stop quietly like other tools
         return _reader_left()

@@ -89,6 +89,21 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level if frame is not None else 2)
 
 
+_CALLER_MARK = "_lorafuse_from_caller"
+
+
+def from_caller(e: BaseException) -> BaseException:
+    """Mark `e` as raised by the caller's own code (a progress callback): it is passed on as it is, never taken
+    for lorafuse's (an OSError of the callback's is not a write error of the output). Returns `e`."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(e, _CALLER_MARK, True)
+    return e
+
+
+def is_from_caller(e: BaseException) -> bool:
+    return bool(getattr(e, _CALLER_MARK, False))
+
+
 __all__ = [
     "LorafuseError",
     "LorafuseValueError",

@@ -179,8 +179,9 @@ def _component_configs(metadata: dict[str, str], where: str) -> dict[str, dict[s
             if field not in cfg:
                 raise FormatError(f"{label}: {field!r} is missing (diffusers' LoraConfig needs it for the scale)")
         check_config(cfg, label)
-        unread = [what for key, what in (("use_dora", "use_dora (DoRA)"), ("lora_bias", "lora_bias (lora_B biases)"),
-                                         ("fan_in_fan_out", "fan_in_fan_out")) if cfg.get(key)]
+        # (fan_in_fan_out is read as PEFT does on the torch Linear layers of diffusers' models: ignored)
+        unread = [what for key, what in (("use_dora", "use_dora (DoRA)"), ("lora_bias", "lora_bias (lora_B biases)"))
+                  if cfg.get(key)]
         if unread:
             raise UnsupportedError(f"{label}: {' and '.join(unread)} {'is' if len(unread) == 1 else 'are'} set, which "
                                    "lorafuse does not read from diffusers LoRA files (it reads plain LoRA: "
@@ -410,7 +411,7 @@ def diffusers_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str
     if not u.is_plain():
         raise UnsupportedError(f"{where} has a DoRA magnitude or a bias; lorafuse writes plain LoRA "
                                "diffusers files only")
-    if u.transposed or u.kind == "embedding":
+    if u.laid_as(False).transposed or u.kind == "embedding":  # (fan_in_fan_out alone: the same factors)
         raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; diffusers LoRA files store "
                                "lora_A (r x in) and lora_B (out x r) only")
     return {name + ".lora_A.weight": u.A, name + ".lora_B.weight": u.B}

@@ -53,8 +53,13 @@ class _Layer:
     split: Split
     diffusers: tuple[str, ...]  # the diffusers layers it is made of, in row order
     widths: tuple[int, int] | None = None  # (out, in) in units of the hidden size, where Flux.1's MLP sets them
+    alias: bool = False  # HunyuanVideo's original name of the same diffusers layer: read, never written
 
 
+# HunyuanVideo (`HunyuanVideoTransformer3DModel`) is Flux.1's transformer under other words for some layers
+# (diffusers' `_convert_hunyuan_video_lora_to_diffusers`): `img_mlp.fc1`, `img_mod.linear`, `modulation.linear`,
+# `time_in.mlp.0`, ... are the `alias` rows below (musubi-tuner's `lora_unet_double_blocks_0_img_mlp_fc1`, ComfyUI's
+# `diffusion_model.double_blocks.0.img_mlp.fc1`); its `img_attn_qkv` / `img_attn_proj` spell Flux's own kohya names.
 # One row per trainable Linear of a BFL DoubleStreamBlock / SingleStreamBlock / the model outside blocks.
 _DOUBLE: tuple[_Layer, ...] = (
     _Layer("img_attn.qkv", "thirds", ("attn.to_q", "attn.to_k", "attn.to_v")),
@@ -67,11 +72,18 @@ _DOUBLE: tuple[_Layer, ...] = (
     _Layer("txt_mlp.0", "whole", ("ff_context.net.0.proj",), (4, 1)),
     _Layer("txt_mlp.2", "whole", ("ff_context.net.2",), (1, 4)),
     _Layer("txt_mod.lin", "whole", ("norm1_context.linear",)),
+    _Layer("img_mlp.fc1", "whole", ("ff.net.0.proj",), (4, 1), alias=True),
+    _Layer("img_mlp.fc2", "whole", ("ff.net.2",), (1, 4), alias=True),
+    _Layer("img_mod.linear", "whole", ("norm1.linear",), alias=True),
+    _Layer("txt_mlp.fc1", "whole", ("ff_context.net.0.proj",), (4, 1), alias=True),
+    _Layer("txt_mlp.fc2", "whole", ("ff_context.net.2",), (1, 4), alias=True),
+    _Layer("txt_mod.linear", "whole", ("norm1_context.linear",), alias=True),
 )
 _SINGLE: tuple[_Layer, ...] = (
     _Layer("linear1", "qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (7, 1)),
     _Layer("linear2", "whole", ("proj_out",), (1, 5)),
     _Layer("modulation.lin", "whole", ("norm.linear",)),
+    _Layer("modulation.linear", "whole", ("norm.linear",), alias=True),
 )
 _GLOBAL: tuple[_Layer, ...] = (
     _Layer("img_in", "whole", ("x_embedder",)),
@@ -84,6 +96,10 @@ _GLOBAL: tuple[_Layer, ...] = (
     _Layer("guidance_in.out_layer", "whole", ("time_text_embed.guidance_embedder.linear_2",)),
     _Layer("final_layer.linear", "whole", ("proj_out",)),
     _Layer("final_layer.adaLN_modulation.1", "swap_halves", ("norm_out.linear",)),
+    _Layer("time_in.mlp.0", "whole", ("time_text_embed.timestep_embedder.linear_1",), alias=True),
+    _Layer("time_in.mlp.2", "whole", ("time_text_embed.timestep_embedder.linear_2",), alias=True),
+    _Layer("guidance_in.mlp.0", "whole", ("time_text_embed.guidance_embedder.linear_1",), alias=True),
+    _Layer("guidance_in.mlp.2", "whole", ("time_text_embed.guidance_embedder.linear_2",), alias=True),
 )
 # (BFL block list, diffusers block list, layers of one block)
 _BLOCKS: tuple[tuple[str, str, tuple[_Layer, ...]], ...] = (
@@ -103,6 +119,7 @@ class _Site:
     split: Split
     diffusers: tuple[str, ...]
     widths: tuple[int, int] | None = None
+    alias: bool = False
 
     @property
     def kohya(self) -> str:
@@ -121,6 +138,8 @@ class _Vocab:
 def _entries(layers: tuple[_Layer, ...], sep: str, diffusers: bool) -> dict[str, tuple[_Layer, int | None]]:
     out: dict[str, tuple[_Layer, int | None]] = {}
     for layer in layers:
+        if diffusers and layer.alias:  # a diffusers name reads as Flux's own layer
+            continue
         names = [(d, p) for p, d in enumerate(layer.diffusers)] if diffusers else [(layer.bfl, None)]
         for path, piece in names:
             spelled = path.replace(".", sep)
@@ -164,10 +183,10 @@ _LAYOUTS: tuple[tuple[str, bool], ...] = (
 
 def _site(layer: _Layer, block: tuple[str, str, str] | None) -> _Site:
     if block is None:
-        return _Site(layer.bfl, layer.split, layer.diffusers, layer.widths)
+        return _Site(layer.bfl, layer.split, layer.diffusers, layer.widths, layer.alias)
     bfl_list, dif_list, index = block
     return _Site(f"{bfl_list}.{index}.{layer.bfl}", layer.split,
-                 tuple(f"{dif_list}.{index}.{d}" for d in layer.diffusers), layer.widths)
+                 tuple(f"{dif_list}.{index}.{d}" for d in layer.diffusers), layer.widths, layer.alias)
 
 
 def _lookup(path: str, vocab: _Vocab) -> tuple[_Site, int | None] | None:
@@ -315,6 +334,9 @@ def to_diffusers(module: str, shape: Shape) -> list[tuple[str, Rows | None]]:
     name gives itself. Raises UnsupportedError for a non-Flux name, ShapeMismatchError for a shape that
     cannot be split as the layer is."""
     site, part = _parse_or_raise(module)
+    if site.alias:
+        raise UnsupportedError(f"module {module!r} is HunyuanVideo's {site.bfl}, merged by apply; its diffusers names "
+                               "are Flux.1's, which name it back as Flux's layer, so it is not converted")
     if part is not None:
         _as_2d(shape, f"module {module!r}")
         return [(_diffusers_name(site.diffusers[part]), None)]

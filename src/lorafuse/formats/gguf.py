@@ -176,6 +176,7 @@ class BaseConfig:
     hidden: int | None = None  # hidden_size
     intermediate: int | None = None  # intermediate_size
     vocab: int | None = None  # vocab_size
+    model_type: str | None = None  # config.json's model_type, as stated
 
 
 def _int(cfg: Mapping[str, object], key: str, path: Path) -> int | None:
@@ -214,7 +215,21 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     tied = cfg.get("tie_word_embeddings")
     return BaseConfig(file, arch, names, n_head, n_head_kv, _int(cfg, "num_hidden_layers", file),
                       tied if isinstance(tied, bool) else None, _int(cfg, "hidden_size", file),
-                      _int(cfg, "intermediate_size", file), _int(cfg, "vocab_size", file))
+                      _int(cfg, "intermediate_size", file), _int(cfg, "vocab_size", file),
+                      model_type if isinstance(model_type, str) else None)
+
+
+def _llama_cpp_arch(model_type: str | None) -> str | None:
+    """The llama.cpp architecture a config's model_type names, where it names one (`qwen3_moe` -> `qwen3moe`,
+    `phi3`), else None: a LoRA for it must carry that general.architecture."""
+    if model_type is None or model_type == "mistral3":  # Mistral Small 3.x text models were converted as 'llama'
+        return None
+    try:
+        names = set(gguf_module().MODEL_ARCH_NAMES.values())
+    except (UnsupportedError, AttributeError):
+        return None
+    return next((n for n in (model_type, model_type.replace("_", ""), model_type.replace("_", "-")) if n in names),
+                None)
 
 
 def choose_arch(arch: str | None, base: BaseConfig | None) -> str:
@@ -226,6 +241,11 @@ def choose_arch(arch: str | None, base: BaseConfig | None) -> str:
         if base is not None and base.arch is not None and ARCHS[base.arch].gguf != ARCHS[arch].gguf:
             raise LorafuseValueError(f"--arch {arch} (Python: arch={arch!r}) does not match {base.path} ({base.names}: "
                                      f"{base.arch}); "
+                                     "llama.cpp refuses a LoRA whose architecture is not the model's")
+        other = _llama_cpp_arch(base.model_type) if base is not None and base.arch is None else None
+        if base is not None and other is not None and other != ARCHS[arch].gguf:
+            raise LorafuseValueError(f"--arch {arch} (Python: arch={arch!r}) does not match {base.path} ({base.names}: "
+                                     f"llama.cpp's {other!r} architecture, which lorafuse does not export to GGUF); "
                                      "llama.cpp refuses a LoRA whose architecture is not the model's")
         return arch
     if base is None:

@@ -102,7 +102,24 @@ def extract_models(base: str | os.PathLike[str], finetuned: str | os.PathLike[st
     paths = local_path(base, what="checkpoint"), local_path(finetuned, what="checkpoint")
     for p, what in zip(paths, ("the base model", "the fine-tuned model")):
         refuse_adapter(p, what, EXTRACT_TAKES)
+        if is_pipeline(p):
+            raise _pipeline_refusal(p, what)
     return paths
+
+
+def _pipeline_refusal(path: Path, what: str) -> FormatError:
+    """The refusal of a diffusers pipeline folder given to extract: its weights are in its components' folders, and
+    extract compares one model with its fine-tune (named: the components that hold weights)."""
+    try:
+        held = sorted(d.name for d in path.iterdir() if d.is_dir() and names_ending(d, SAFETENSORS_SUFFIX))
+    except OSError:
+        held = []
+    shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+    example = held[0] if held else "unet"
+    return FormatError(f"{path}: {what} is a diffusers pipeline folder (model_index.json), whose weights are in its "
+                       f"components' folders ({shown or 'none holds .safetensors weights'}): extract compares one "
+                       f"model with its fine-tune; give the same component folder of each (e.g. {path / example} "
+                       f"and the other model's {example} folder)")
 
 
 def adapter_kind(held: Path, given: Path | None = None) -> str:

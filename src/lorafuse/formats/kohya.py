@@ -83,7 +83,50 @@ def _is_signature(key: str) -> bool:
     if key.endswith((".lora_down.weight", ".lora_up.weight")):
         return True
     module, _, part = key.partition(".")
-    return module.startswith(PREFIXES) and part in _SIGNATURE_PARTS
+    if module.startswith(PREFIXES) and part in _SIGNATURE_PARTS:
+        return True
+    original = original_key(key)  # a checkpoint's own `diffusion_model.<path>.weight` is no adapter's
+    return original is not None and original[1] in _ORIGINAL_SIGNATURE
+
+
+# ComfyUI's layout (ai-toolkit, musubi-tuner, ComfyUI's own saves): `diffusion_model.<original module path>.<part>`,
+# the parts as PEFT names them (lora_A / lora_B) or as kohya does. Read as kohya names: the module is `lora_unet_` +
+# the path with '_' for '.', as diffusers' loaders (Flux's `_convert_kohya_flux_lora_to_diffusers`, musubi-tuner's
+# Wan converter) and sd-scripts read the same modules; the part as kohya spells it.
+ORIGINAL_PARTS: dict[str, str] = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                                  **{p: p for p in KNOWN_PARTS}}
+_ORIGINAL_SUFFIXES = sorted(ORIGINAL_PARTS, key=len, reverse=True)  # the longest first: 'lora_A.weight' < 'weight'
+KOHYA_DENOISER = "lora_unet_"
+# What makes a file of that layout an adapter: LoRA / LoHa / LoKr factors (a module's `weight`, `b1.weight`, ... may be
+# a checkpoint's own tensor under the same prefix).
+_ORIGINAL_SIGNATURE = frozenset(("lora_down.weight", "lora_up.weight", *LOHA_PARTS, *LOKR_PARTS))
+
+
+_COMFY_TEXT_ENCODERS = "text_encoders."
+_COMFY_TEXT_WHY = ("ComfyUI's text-encoder LoRA layout (text_encoders.<clip_l|clip_g|t5xxl>.transformer.<path>), which "
+                   "lorafuse does not read (it reads ComfyUI's diffusion_model. layout, and kohya's lora_te1_ / "
+                   "lora_te2_ / lora_te3_ text-encoder names)")
+
+
+def original_key(key: str) -> tuple[str, str] | None:
+    """(kohya module name, kohya part) of a ComfyUI-layout key (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A
+    .weight` -> `lora_unet_double_blocks_0_img_attn_qkv`, `lora_down.weight`); None for any other key."""
+    prefix = next((p for p in sorted(ORIGINAL_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = key[len(prefix):]
+    part = next((s for s in _ORIGINAL_SUFFIXES if rest.endswith("." + s) and len(rest) > len(s) + 1), None)
+    if part is None:
+        return None
+    return KOHYA_DENOISER + rest[: -len(part) - 1].replace(".", "_"), ORIGINAL_PARTS[part]
+
+
+def _kohya_key(key: str) -> tuple[str, str] | None:
+    """(module, part) of a kohya / LyCORIS key, or of a ComfyUI-layout one read as kohya; None for anything else."""
+    module, _, part = key.partition(".")
+    if part in KNOWN_PARTS and module.startswith(PREFIXES):
+        return module, part
+    return original_key(key)
 
 
 def load_kohya(path: str | os.PathLike[str]) -> Adapter:
@@ -92,13 +135,20 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
         metadata = dict(f.metadata)
     parts: dict[str, dict[str, Tensor]] = {}
+    named: dict[tuple[str, str], str] = {}  # (module, part) -> the key it was read from
     for key, t in tensors.items():
-        module, _, part = key.partition(".")
-        if part not in KNOWN_PARTS or not module.startswith(PREFIXES):
-            why = f": {ORIGINAL_WHY}" if key.startswith(ORIGINAL_PREFIXES) else ""
+        hit = _kohya_key(key)
+        if hit is None:
+            why = f": {ORIGINAL_WHY}" if key.startswith(ORIGINAL_PREFIXES) else (
+                f": {_COMFY_TEXT_WHY}" if key.startswith(_COMFY_TEXT_ENCODERS) else "")
             raise FormatError(f"{p}: tensor {short(key)} is not a kohya LoRA tensor "
                               f"(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one{why}")
+        module, part = hit
         check_module_name(module, f"{p}: tensor {short(key)}")
+        if (module, part) in named:
+            raise FormatError(f"{p}: tensors {short(named[module, part])} and {short(key)} are both the {part} of "
+                              f"module {module!r}")
+        named[module, part] = key
         parts.setdefault(module, {})[part] = t
     read = {m: _module_update(p, m, d) for m, d in parts.items()}
     # SD 1.x's proj_in / proj_out are 1x1 convolutions: the UNet's context size, over the whole file, says so
@@ -107,12 +157,14 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     context = unet_context_size({m: tuple(u.delta_shape) for m, u in read.items()})
     updates: dict[str, Update] = {m: _with_dora(p, m, _unflattened(u, context), parts[m]) for m, u in read.items()}
     alpha_dtypes = {m: (d["alpha"].dtype if "alpha" in d else None) for m, d in parts.items()}
+    forms = {m: (tuple(d["alpha"].shape), _alpha_number(d["alpha"])) for m, d in parts.items() if "alpha" in d}
+    forms = {m: f for m, f in forms.items() if f[0] != () or f[1] == 0}  # as written back (_kept_alpha)
     unused = {m: float(parts[m]["alpha"].f32().reshape(-1)[0]) for m, u in updates.items()
               if isinstance(u, LycorisUpdate) and "alpha" in parts[m] and scale_rank(u.algo, u.tensors) is None}
     # config: r, lora_alpha, rank_pattern, alpha_pattern stating every module's rank and scale, as a result of
     # arithmetic states them: state_dict() with it is the adapter (Adapter.from_state_dict(x.state_dict(), x.config))
     return Adapter(updates=updates, config=restated_config({}, updates), format="kohya", path=p,
-                   state=KohyaState(metadata, alpha_dtypes, unused),
+                   state=KohyaState(metadata, alpha_dtypes, unused, forms),
                    provenance=Provenance.from_metadata(metadata))
 
 
@@ -143,11 +195,16 @@ def _alpha(where: str, alpha: Tensor | None) -> float | None:
         raise FormatError(f"{where}: alpha must be a scalar, got shape {alpha.shape}")
     if alpha.dtype == "BOOL":
         raise FormatError(f"{where}: alpha has dtype BOOL")
-    exact = alpha.dtype in ("F64", "F32", "F16") or not alpha.is_float  # numpy holds these as numbers
-    value = float((alpha.raw if exact else alpha.f32()).reshape(-1)[0])
+    value = _alpha_number(alpha)
     if not np.isfinite(value):
         raise FormatError(f"{where}: alpha is {value}")
     return None if value == 0.0 else value
+
+
+def _alpha_number(alpha: Tensor) -> float:
+    """An `.alpha` tensor's one value, exactly (the dtypes numpy holds as numbers read as they are)."""
+    exact = alpha.dtype in ("F64", "F32", "F16") or not alpha.is_float
+    return float((alpha.raw if exact else alpha.f32()).reshape(-1)[0])
 
 
 # The rank of the factors of a 1-D / 3-D convolution (LyCORIS adapts Conv1d and Conv3d layers too), no 2-D one's,
@@ -394,19 +451,21 @@ def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Te
     state = as_kohya(adapter.state)
     recorded = state.alpha_dtypes
     alpha_dtype = recorded[name] if name in recorded else "F32"
+    form = state.alpha_forms.get(name)
     if isinstance(u, LycorisUpdate):
-        out = _lycoris_module_tensors(where, name, u, alpha_dtype, state.unused_alphas.get(name, 1.0))
+        out = _lycoris_module_tensors(where, name, u, alpha_dtype, state.unused_alphas.get(name, 1.0), form)
     else:
-        out = _lora_module_tensors(where, name, u, alpha_dtype)
+        out = _lora_module_tensors(where, name, u, alpha_dtype, form)
     if u.magnitude is not None:
         out[name + ".dora_scale"] = _dora_scale(where, u)
     return out
 
 
-def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str | None) -> dict[str, Tensor]:
+def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str | None,
+                         form: AlphaForm | None = None) -> dict[str, Tensor]:
     if u.bias is not None:
         raise UnsupportedError(f"{where} has a lora_B bias; the kohya format cannot store it")
-    if u.transposed or u.kind == "embedding":
+    if u.laid_as(False).transposed or u.kind == "embedding":  # (fan_in_fan_out alone: the same factors)
         raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
                                "lora_down (r x in) and lora_up (out x r) only")
     if _alpha_reads_back(u.scale, u.rank):
@@ -414,14 +473,15 @@ def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str 
     else:
         up, scale = _folded(where, u.B, u.scale, "lora_up"), 1.0
     out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": up}
-    alpha = _alpha_tensor(scale, u.rank, alpha_dtype)
+    alpha = _kept_alpha(form, scale, u.rank, alpha_dtype)
+    alpha = _alpha_tensor(scale, u.rank, alpha_dtype) if alpha is None else alpha
     if alpha is not None:
         out[name + ".alpha"] = alpha
     return out
 
 
 def _lycoris_module_tensors(where: str, name: str, u: LycorisUpdate, alpha_dtype: str | None,
-                            unused_alpha: float) -> dict[str, Tensor]:
+                            unused_alpha: float, form: AlphaForm | None = None) -> dict[str, Tensor]:
     """A LoHa's / LoKr's pieces as they were read (hada_* / lokr_*), and `.alpha` = scale * r, r the rank LyCORIS
     divides alpha by (formats.lycoris_keys.scale_rank). A scale alpha cannot carry (a LoKr of two full halves,
     whose scale LyCORIS fixes at 1; a scale whose alpha would not read back) goes into the first half's first
@@ -436,7 +496,9 @@ def _lycoris_module_tensors(where: str, name: str, u: LycorisUpdate, alpha_dtype
             parts[first] = _folded(where, parts[first], scale, first)
         scale = 1.0
     out = {f"{name}.{part}": t for part, t in parts.items()}
-    alpha = _alpha_tensor(unused_alpha, 1, alpha_dtype) if rank is None else _alpha_tensor(scale, rank, alpha_dtype)
+    alpha = _kept_alpha(form, scale, rank, alpha_dtype)
+    if alpha is None:
+        alpha = _alpha_tensor(unused_alpha, 1, alpha_dtype) if rank is None else _alpha_tensor(scale, rank, alpha_dtype)
     if alpha is not None:
         out[name + ".alpha"] = alpha
     return out
@@ -482,6 +544,22 @@ def written_alpha(u: Update) -> float:
     if not _alpha_reads_back(u.scale, rank):
         return float(rank)
     return float(np.float32(u.scale * rank))
+
+
+AlphaForm = tuple[tuple[int, ...], float]  # an `.alpha`'s shape and value as read (KohyaState.alpha_forms)
+
+
+def _kept_alpha(form: AlphaForm | None, scale: float, rank: int | None, dtype: str | None) -> Tensor | None:
+    """The `.alpha` as it was read when stored as 0 or not as a scalar (KohyaState.alpha_forms), where it still
+    reads as the module's `scale` over `rank` (0: alpha = rank; rank None: a LoKr of two full halves, whose alpha
+    no reader uses), so that a file goes through lorafuse unchanged; None: write it anew (_alpha_tensor)."""
+    if form is None or dtype not in ("F64", "F32", "F16", "BF16"):
+        return None
+    shape, value = form
+    if rank is not None and (1.0 if value == 0 else value / rank) != scale:
+        return None
+    t = _alpha_tensor(value, 1, dtype)
+    return None if t is None or t.dtype != dtype else Tensor(t.raw.reshape(shape), dtype)
 
 
 def _alpha_tensor(scale: float, rank: int, dtype: str | None) -> Tensor | None:

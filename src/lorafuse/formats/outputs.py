@@ -33,7 +33,7 @@ from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
 from lorafuse.formats.streaming import WritePlan, write_adapter
 from lorafuse.io.atomic import check_output, check_output_path, names_file, output_file
-from lorafuse.io.checkpoint import Checkpoint
+from lorafuse.io.checkpoint import Checkpoint, foreign_output
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.manifest import ADAPTER, PEFT_ADAPTER
 from lorafuse.model import Adapter
@@ -119,6 +119,8 @@ def adapter_output(out: str | os.PathLike[str], fmt: str, adapters: Sequence[Ada
     None when it is the default. `adapters`: what the output will hold (its module names and kinds).
     Raises LorafuseValueError for a name the format cannot have, OutputError for a folder named to write
     into that may not be written into."""
+    if (why := foreign_output(out, folder=fmt in FOLDER_FORMATS)) is not None:
+        raise LorafuseValueError(why)
     if fmt in FOLDER_FORMATS:
         if not names_file(out, ADAPTER_SUFFIX):
             return AdapterOutput(Path(out), fmt)

@@ -12,11 +12,10 @@ from lorafuse.model.arithmetic import most_common
 __all__ = ["ORIGINAL_PREFIXES", "ORIGINAL_WHY", "most_common", "safetensors_keys"]
 
 ORIGINAL_PREFIXES = ("diffusion_model.", "model.diffusion_model.")  # ComfyUI's: the original model's own paths
-ORIGINAL_WHY = ("LoRA factors named after the original (non-diffusers) model with ComfyUI's diffusion_model. prefix, "
-                "as ComfyUI, ai-toolkit and musubi-tuner write LoRAs of Flux, Flux.2, Wan, HunyuanVideo, LTX-Video, "
-                "Qwen-Image, ...; lorafuse does not read that layout (it reads kohya lora_unet_... files and diffusers "
-                "files named transformer.<module>...: diffusers' load_lora_weights converts this one to its names, "
-                "and save_lora_weights writes those)")
+ORIGINAL_WHY = ("named in ComfyUI's layout (diffusion_model. + the original model's module path, as ComfyUI, "
+                "ai-toolkit and musubi-tuner write LoRAs of Flux, Wan, HunyuanVideo, ...) but not as a LoRA factor "
+                "(lora_A.weight / lora_B.weight, lora_down.weight / lora_up.weight, alpha) nor a LyCORIS one; lorafuse "
+                "reads those factors of that layout as kohya names (lora_unet_<path with _>), nothing else of it")
 
 
 def safetensors_keys(path: str | os.PathLike[str]) -> list[str]:

@@ -43,6 +43,7 @@ a power loss or a kernel crash.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import errno
 import hashlib
@@ -60,7 +61,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lorafuse._validate import check_bool
-from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning, warn
+from lorafuse.errors import LorafuseValueError, OutputError, OverwriteWarning, is_from_caller, warn
 from lorafuse.io.manifest import (
     KINDS,
     MANIFEST_NAME,
@@ -75,7 +76,7 @@ from lorafuse.io.manifest import (
     stamp_tree,
     write_manifest,
 )
-from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.io.safetensors import os_error_text, raise_if_inputs_changed
 
 try:
     import fcntl
@@ -93,7 +94,31 @@ def _umask() -> int:
     return mask
 
 
-_OVERWRITE_HINT = "pass --overwrite (Python: overwrite=True) to replace it"
+# How messages name the switch that replaces an output: the Python API's keyword, the CLI's flag inside
+# overwrite_named("--overwrite") (cli.main)
+_OVERWRITE_WORDS: contextvars.ContextVar[str] = contextvars.ContextVar("lorafuse_overwrite_words",
+                                                                     default="overwrite=True")
+
+
+@contextmanager
+def overwrite_named(words: str) -> Iterator[None]:
+    """Inside this block messages name the switch that replaces an output `words` (the CLI's '--overwrite');
+    elsewhere the Python API's overwrite=True."""
+    token = _OVERWRITE_WORDS.set(words)
+    try:
+        yield
+    finally:
+        _OVERWRITE_WORDS.reset(token)
+
+
+def overwrite_words() -> str:
+    """'overwrite=True', or what overwrite_named says (the CLI: '--overwrite')."""
+    return _OVERWRITE_WORDS.get()
+
+
+def _overwrite_hint() -> str:
+    words = overwrite_words()
+    return f"pass {words}{' (Python: overwrite=True)' if words != 'overwrite=True' else ''} to replace it"
 
 
 def _location(out: Path) -> Path:
@@ -204,6 +229,15 @@ def _input_places(inputs: Iterable[Path]) -> list[tuple[str, Path]]:
     return places
 
 
+def _home() -> Path | None:
+    """The home folder (links resolved), or None where it cannot be told."""
+    try:
+        home = os.path.expanduser("~")
+        return Path(home).resolve() if home != "~" and os.path.isdir(home) else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str | None = None) -> str | None:
     """Why writing `target` (the output `out`, located) would destroy or change the current folder or an
     input, or None. `places`: _input_places of the inputs. `into`: `out` is a folder named to write the
@@ -232,6 +266,11 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
                 return f"output {named} holds the current folder {cwd}; {why}: {todo}"
             return (f"output {named} holds the current folder {cwd}; replacing it would delete that folder "
                     "and everything beside it: give a new folder name")
+    home = _home()
+    if into is None and home is not None and (target == home or target in home.parents):
+        return (f"output {named} {'is' if target == home else 'holds'} your home folder {home}; lorafuse replaces an "
+                "output as a whole, which would delete everything in it, --overwrite or not: give a new folder "
+                "name, e.g. ~/merged")
     for p, src in places:
         src_id = _folder_identity(src)
         if target == src or (target_same is not None and target_same == _identity(src)):
@@ -275,6 +314,11 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) 
     links are resolved (an output that is a link is checked where it points too), folders are also
     compared by identity, and the links inside an input folder count as inputs where they lead."""
     out = Path(out)
+    first = out.parts[0] if out.parts else ""
+    if first.startswith("~") and os.path.expanduser(first) != first and not os.path.lexists(first):
+        raise LorafuseValueError(f"output {os.fsdecode(out)!r}: a leading ~ is read as a home folder by a shell, not "
+                                 f"in Python, so this would create a folder named {first!r} here: give the path in "
+                                 f"full ({os.path.expanduser(os.fsdecode(out))!r})")
     places = _input_places(inputs)
     for target in _located(out):
         why = _relation(out, target, places)
@@ -401,7 +445,7 @@ def _judge_folder(out: Path, overwrite: bool, kind: str | None = None) -> str | 
     mounted = mounts_under(out)
     if mounted:  # replacing the folder would delete what is mounted there: another file system, or an input
         raise OutputError(f"output {out} holds a mount point ({mounted[0]}{', ...' if len(mounted) > 1 else ''}); "
-                          "lorafuse never deletes across a mount, even with --overwrite: unmount it, or give "
+                          f"lorafuse never deletes across a mount, even with {overwrite_words()}: unmount it, or give "
                           "another path")
     state, unreadable = _folder_state(out)
     if state is None and not unreadable:  # gone meanwhile (another run is replacing it): nothing to lose
@@ -427,9 +471,9 @@ def _judge_folder(out: Path, overwrite: bool, kind: str | None = None) -> str | 
         what = f"a folder lorafuse did not write ({why}) holding {_listing(state.entries)}"
         todo = "Give a new or empty folder"
     if overwrite:
-        return f"--overwrite replaced {out}, {what}; everything that was in it is gone"
+        return f"{overwrite_words()} replaced {out}, {what}; everything that was in it is gone"
     raise OutputError(f"output {out} is {what}; lorafuse replaces an output folder as a whole, so it would delete "
-                      f"them: nothing was written. {todo}, or {_OVERWRITE_HINT} with everything in it")
+                      f"them: nothing was written. {todo}, or {_overwrite_hint()} with everything in it")
 
 
 _PLOT_MARK = re.compile(rb"%s [0-9A-Za-z.+_-]{1,64}" % MARKER_KEY.encode())
@@ -524,10 +568,10 @@ def _other_kind(out: Path, what: str, kind: str, overwrite: bool) -> str:
     into an adapter unnoticed."""
     new = KINDS.get(kind, f"a {kind} output")
     if overwrite:
-        return f"--overwrite replaced {out}, {what}, with {new}"
+        return f"{overwrite_words()} replaced {out}, {what}, with {new}"
     raise OutputError(f"output {out} is {what}, and this writes {new}: lorafuse replaces its earlier output without "
-                      f"--overwrite only with one of the same kind (a re-run); nothing was written. Give another "
-                      f"path, or {_OVERWRITE_HINT}")
+                      f"{overwrite_words()} only with one of the same kind (a re-run); nothing was written. Give "
+                      f"another path, or {_overwrite_hint()}")
 
 
 def _judge_file(out: Path, st: os.stat_result, overwrite: bool, kind: str | None = None) -> str | None:
@@ -540,8 +584,8 @@ def _judge_file(out: Path, st: os.stat_result, overwrite: bool, kind: str | None
     what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
             "the metadata of its .safetensors files and plots)")
     if overwrite:
-        return f"--overwrite replaced {out}, {what}"
-    raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_OVERWRITE_HINT}")
+        return f"{overwrite_words()} replaced {out}, {what}"
+    raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_overwrite_hint()}")
 
 
 def _judge(out: Path, folder: bool, overwrite: bool, kind: str | None = None) -> str | None:
@@ -562,28 +606,28 @@ def _judge(out: Path, folder: bool, overwrite: bool, kind: str | None = None) ->
         except OSError:
             target = "?"
         raise OutputError(f"output {out} is a symbolic link (to {target}); lorafuse does not replace links, even "
-                          "with --overwrite: give the path it points to, or remove the link")
+                          f"with {overwrite_words()}: give the path it points to, or remove the link")
     if (stat.S_ISDIR(mode) or stat.S_ISREG(mode)) and is_mount_point(out):
         inside = f"a new {'folder' if folder else 'file'} inside it, e.g. {out / 'out'}" if stat.S_ISDIR(mode) \
             else "another path"
         raise OutputError(f"output {out} is a mount point (another file system, or a bind mount such as docker's -v "
                           "makes); lorafuse writes an output beside its path and renames it into place, which cannot "
-                          f"replace a mount point, even with --overwrite: give {inside}")
+                          f"replace a mount point, even with {overwrite_words()}: give {inside}")
     if stat.S_ISDIR(mode):
         if not folder:
             example = out / ("out" + (out.suffix or ".safetensors"))
             raise OutputError(f"output {out} is a folder; give a file name (e.g. {example}): lorafuse "
-                              "does not replace a folder with a file, even with --overwrite")
+                              f"does not replace a folder with a file, even with {overwrite_words()}")
         return _judge_folder(out, overwrite, kind)
     if not stat.S_ISREG(mode):
         from lorafuse.io.safetensors import file_kind
 
         raise OutputError(f"output {out} is {file_kind(mode)}; lorafuse writes regular files and folders and never "
-                          "replaces anything else, even with --overwrite: give another path")
+                          f"replaces anything else, even with {overwrite_words()}: give another path")
     if folder:
         raise OutputError(f"output {out} exists and is not a folder (a file of {st.st_size} bytes) and this writes a "
                           "folder: give a folder path; lorafuse does not replace a file with a folder, even with "
-                          "--overwrite")
+                          f"{overwrite_words()}")
     return _judge_file(out, st, overwrite, kind)
 
 
@@ -624,9 +668,11 @@ def _unwritable(out: Path, folder: bool) -> str | None:
     return f"cannot create a temporary {'folder' if folder else 'file'} beside the output {out}: {why}"
 
 
-def _write_error(out: Path, e: OSError, existed: bool) -> OutputError:
+def _write_error(out: Path, e: OSError, existed: bool, tmp: Path | None = None) -> OutputError:
     what = f"{out} is unchanged" if existed else "nothing was written"
-    return OutputError(f"cannot write the output {out}: {e.strerror or e}; the temporary output was removed and {what}")
+    removed = "the temporary output was removed" if tmp is None or not os.path.lexists(tmp) else \
+        f"the temporary output {tmp} could not be removed (the next run writing {out} removes it)"
+    return OutputError(f"cannot write the output {out}: {os_error_text(e)}; {removed} and {what}")
 
 
 COMMITTED: list[Path] = []  # the outputs this process has put in place (the CLI's words when it is stopped)
@@ -678,9 +724,21 @@ def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], com
         cleanup()
         inside = tmp is not None and isinstance(e, OSError) and e.filename is not None and \
             os.fsdecode(e.filename).startswith(str(tmp))
-        if isinstance(e, OSError) and (commit or e.errno in _WRITE_ERRNOS or inside):
-            raise _write_error(out, e, existed) from e
+        if isinstance(e, OSError) and not is_from_caller(e) and (commit or e.errno in _WRITE_ERRNOS or inside):
+            raise _write_error(out, e, existed, tmp) from e
         raise
+
+
+def _finish_folder(tmp: Path, kind: str) -> None:
+    """The manifest and the stamps of a finished temporary folder. Their errors are errors writing the output, also
+    those that name no file inside it (EMFILE while os.fwalk walks it names '.' or nothing)."""
+    try:
+        write_manifest(tmp, kind)
+        stamp_tree(tmp)
+    except OSError as e:
+        if e.filename is not None and os.fsdecode(e.filename).startswith(str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(tmp)) from e
 
 
 def _open_parent(out: Path) -> int | None:
@@ -749,6 +807,8 @@ def _rmtree_own(path: Path) -> None:
     made read-only (chmod -R a-w on an output): a folder that refuses an unlink is made writable by its owner
     and the unlink tried again; anything else left is left silently, as before."""
     def again(func: Callable[..., object], p: str, _exc: object) -> None:
+        if func not in (os.unlink, os.rmdir, os.remove):  # os.open, os.scandir, os.lstat (EMFILE, say): no unlink
+            return  # to try again (called with the path alone they raise TypeError): left, as before
         try:
             parent = os.path.dirname(p)
             os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
@@ -1055,10 +1115,9 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
         with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
-            write_manifest(tmp, kind)
-            stamp_tree(tmp)
+            _finish_folder(tmp, kind)
         note = _commit_check(out, True, overwrite, cleanup, kind)
-        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
+        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True, tmp=tmp):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=True)
             _replace_dir(tmp, out)
@@ -1103,7 +1162,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         with _cleanup_on_error(out, existed, cleanup, tmp=tmp):
             yield tmp
         note = _commit_check(out, False, overwrite, cleanup, kind)
-        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True):
+        with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True, tmp=tmp):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=False)
             stamp(tmp)

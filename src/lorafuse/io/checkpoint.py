@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 from lorafuse._terminal import short
@@ -142,6 +143,41 @@ def read_config(directory: Path, name: str = "config.json") -> dict[str, object]
     return cfg
 
 
+# model files lorafuse reads no tensors from and never writes: an output named so would be safetensors under a name
+# that says otherwise (a loader of that format would then fail on it, or unpickle it)
+FOREIGN_SUFFIXES = {**{s: "pickle" for s in PICKLE_SUFFIXES}, ".gguf": "GGUF", ".onnx": "ONNX", ".h5": "HDF5",
+                    ".msgpack": "Flax"}
+
+
+def foreign_output(out: str | os.PathLike[str], folder: bool) -> str | None:
+    """Why the output name `out` (not an existing folder, nor a name ending in a separator) cannot be what lorafuse
+    writes there, safetensors (`folder`: a folder of them may be written too): it ends in another format's suffix
+    (`merged.gguf`, `lora.bin`); else None."""
+    text = os.fsdecode(os.fspath(out))
+    stem, suffix = os.path.splitext(text)
+    if suffix.lower() not in FOREIGN_SUFFIXES or os.path.basename(stem) in ("", ".") or os.path.isdir(text):
+        return None
+    names = f"a folder name or one ending in {SAFETENSORS_SUFFIX}, e.g. {stem} or " if folder else \
+        f"a name ending in {SAFETENSORS_SUFFIX}, e.g. "
+    hint = ("; llama.cpp's convert_hf_to_gguf.py makes a GGUF model of a merged folder, and lorafuse convert --to "
+            "gguf writes a GGUF LoRA" if suffix.lower() == ".gguf" else "")
+    return (f"output {text} ends in {suffix}, a {FOREIGN_SUFFIXES[suffix.lower()]} file's name, but lorafuse writes "
+            f"safetensors there: give {names}{stem}{SAFETENSORS_SUFFIX}{hint}")
+
+
+def one_shard(path: Path) -> str | None:
+    """Why the file `path` is not a whole model: one shard of several (`model-00001-of-00004.safetensors`, with an
+    index beside it), whose merge would write a model of that shard's tensors alone; else None."""
+    m = re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.safetensors", path.name, re.IGNORECASE)
+    if m is None or int(m[3]) < 2 or not path.is_file():
+        return None
+    index = next(iter(sorted(path.parent.glob("*.safetensors.index.json"))), None)
+    if index is None:
+        return None
+    return (f"{path}: one shard of {int(m[3])} of a checkpoint ({index.name} beside it lists them): the model is the "
+            f"folder, give {path.parent} (one shard alone would be merged into a model of its tensors only)")
+
+
 def refuse_pickle(path: Path) -> FormatError:
     return FormatError(
         f"{path}: pickle checkpoints are not read by lorafuse: loading them can run arbitrary code. "
@@ -228,6 +264,14 @@ def no_such_path(path: str | os.PathLike[str]) -> str:
             return f"{text}: no such file or directory (a symbolic link to {os.readlink(text)!r}, which does not exist)"
         except OSError:
             pass
+    weighted = re.fullmatch(r"(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", text)
+    if weighted and os.path.lexists(weighted[1]):  # A1111's <lora:name:0.8>, other tools' PATH:WEIGHT
+        return (f"{text}: no such file or directory ({weighted[1]} is: give its weight apart, --weights "
+                f"{weighted[2]}; in a recipe parameters: {{weight: {weighted[2]}}}; Python: weights=[{weighted[2]}])")
+    if text.startswith("~") and (home := os.path.expanduser(text)) != text:
+        hint = f"did you mean {home!r}? " if os.path.lexists(home) else ""
+        return f"{text}: no such file or directory ({hint}a leading ~ is read as a home folder by a shell, not in " \
+               "Python)"
     if text == text.strip():
         return f"{text}: no such file or directory"
     meant = text.strip()
@@ -260,6 +304,9 @@ class Checkpoint:
         if path.is_file():
             if is_pickle(path):
                 raise refuse_pickle(path)
+            if path.suffix.lower() == ".json":  # config.json, model.safetensors.index.json: its folder was meant
+                raise FormatError(f"{path}: a JSON file, not a checkpoint: give the model's folder ({path.parent}) or "
+                                  "its .safetensors file")
             self.directory, shard_names = path.parent, [path.name]
         elif not path.is_dir():
             raise FormatError(f"{path}: it is {file_kind(path.stat().st_mode)}, not a checkpoint file or folder")

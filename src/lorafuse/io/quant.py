@@ -345,10 +345,19 @@ class Fp8Scaled(QuantScheme):
             return (f"its scale is {sdtype}, not a float type lorafuse reads (F32, BF16, F16, F8_E8M0; U8 bytes of "
                     "float8_e8m0fnu with scale_fmt ue8m0)")
         grid = self.grid(shape)
-        if not _scale_fits(tuple(sshape), grid):
+        if not _scale_fits(tuple(sshape), grid) and math.prod(sshape) != 1:  # one value: per tensor (`bind`)
             return (f"its scale has shape {list(sshape)}; a {shape[0]}x{shape[1]} weight in blocks of "
                     f"{self.blocks(shape)[0]}x{self.blocks(shape)[1]} needs {list(grid)}")
         return None
+
+    def bind(self, weight_key: str, shape: tuple[int, ...], dtype: str,
+             read: Callable[[str], tuple[np.ndarray, str]]) -> QuantScheme:
+        """A weight whose scale holds one value where the config's blocks need a grid of them (an FP8 embedding or
+        lm_head with a per-tensor scale inside a block-FP8 checkpoint) is scaled per tensor: transformers' FP8
+        dequantize derives the block from the scale's grid, and one scale is one block."""
+        if self.grid(shape) == (1, 1) or read("scale")[0].size != 1:
+            return self
+        return replace(self, name=f"{self.name}; this weight: one scale per tensor", block=(0, 0))
 
     def row_align(self, shape: tuple[int, ...]) -> int:
         return self.blocks(shape)[0]

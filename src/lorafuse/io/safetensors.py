@@ -115,6 +115,12 @@ def file_kind(mode: int) -> str:
 # a loaded adapter, then holds no descriptor. Earlier versions' mmap keeps one open per mapping, while it lives.
 # Nothing here needs it: the guard tells a changed file by its path (device, inode, size, modification time).
 _UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) and os.name == "posix" else {}
+# Where mmap would keep a descriptor, a file up to this size is read into anonymous memory instead once this
+# process's mappings hold half the descriptors its limit allows (_copy_instead): thousands of small adapters can
+# be loaded at once under the usual limit of 1024 open files, while the first ones stay mapped (their pages can
+# leave the resident set: release_pages).
+_COPY_LIMIT = 16 << 20
+_COPIED_MAX = 0 if _UNTRACKED else _COPY_LIMIT
 
 
 def os_error_text(e: OSError | ValueError) -> str:
@@ -122,7 +128,8 @@ def os_error_text(e: OSError | ValueError) -> str:
     text = str(getattr(e, "strerror", None) or e)
     if getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE):
         held = ("" if _UNTRACKED else
-                "; before Python 3.13 each loaded adapter keeps its file open while it lives, so pass paths instead "
+                "; before Python 3.13 each loaded adapter keeps its file open while it lives (once half the limit is "
+                f"used, only those of more than {_COPY_LIMIT >> 20} MiB), so pass paths instead "
                 "of loaded Adapters where an operation takes many (combine streams paths, a few open at a time, "
                 "with methods svd and linear on the cpu, --engine auto or stream; its other methods hold every "
                 "adapter open at once)")
@@ -565,6 +572,32 @@ def _file_of(array: np.ndarray) -> list[Path] | None:
     return None if found is None else [found[0]]
 
 
+def _copy_instead() -> bool:
+    """Whether a small file is read into memory rather than mapped (see _COPY_LIMIT): this process's mappings
+    hold half the descriptors its limit on open files (RLIMIT_NOFILE) allows."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return False
+    return soft != resource.RLIM_INFINITY and len(_LIVE) >= soft // 2
+
+
+def _copy_of(fd: int, size: int) -> mmap.mmap:
+    """The file's `size` bytes read into an anonymous mapping, which holds no descriptor (see _COPIED_MAX)."""
+    m = mmap.mmap(-1, size)
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, min(size - done, 1 << 20), done)
+        if not chunk:
+            m.close()
+            raise OSError(errno.EIO, "the file shrank while it was read")
+        m[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    return m
+
+
 class SafetensorsFile:
     """A validated safetensors file, memory-mapped; tensors are zero-copy numpy views.
 
@@ -583,8 +616,9 @@ class SafetensorsFile:
             self.tensors, self.metadata, self._data_start, st = _read_header_stat(fd, where)
             self.identity = identity_of(st)  # the file mapped, as validated
             self._size = st.st_size
-            self._map: mmap.mmap | None = (mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ, **_UNTRACKED)
-                                           if st.st_size else None)
+            self._copied = 0 < st.st_size <= _COPIED_MAX and _copy_instead()
+            self._map: mmap.mmap | None = (None if not st.st_size else _copy_of(fd, st.st_size) if self._copied
+                                           else mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ, **_UNTRACKED))
             if self._map is not None:
                 self._slot, self._unguard = _guard(self._map, self.path, where, st)
         except OSError as e:
@@ -640,6 +674,7 @@ class SafetensorsFile:
             return np.zeros(t.shape, dtype=dt.raw)
         arr = np.frombuffer(self._map, dtype=dt.raw, count=t.numel, offset=self._data_start + t.begin)
         arr = arr.reshape(t.shape)
+        arr.flags.writeable = False  # (a file read into memory, _copy_of, is a writable mapping)
         if not arr.flags.aligned:  # a writer that did not align its data: copy once
             arr = arr.copy()
         return arr
@@ -658,8 +693,8 @@ class SafetensorsFile:
 
     def release(self, name: str | None = None, begin: int = 0, end: int | None = None) -> None:
         """Drop mapped pages (all, or bytes [begin, end) of one tensor) from the resident set."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
+        if self._map is None or self._copied or not hasattr(mmap, "MADV_DONTNEED"):
+            return  # (dropped pages of a file read into memory, _copy_of, would read back as zeros)
         if name is None:
             start, stop = 0, len(self._map)
         else:

@@ -120,7 +120,19 @@ def laid_out(updates: Sequence[Update]) -> list[Update]:
     """One module's updates from several adapters, a LoHa / LoKr stored with its conv kernel flattened (out,
     in*kh*kw) laid onto the 4-D shape another of them gives the module; the others as they are."""
     conv = next((tuple(u.delta_shape) for u in updates if len(u.delta_shape) == 4), None)
-    return [(_flattened_as(u, conv) if conv else None) or u for u in updates]
+    return _one_orientation([(_flattened_as(u, conv) if conv else None) or u for u in updates])
+
+
+def _one_orientation(updates: list[Update]) -> list[Update]:
+    """Linear LoRAs of one module marked transposed in some adapters and not in others (PEFT's fan_in_fan_out,
+    which PEFT itself ignores for a torch Linear and forces for a Conv1D) in one layout: that of the first
+    update whose mark means something (a DoRA's, a LoHa's / LoKr's), else the first's (LoraUpdate.laid_as)."""
+    linear = [u for u in updates if u.kind == "linear"]
+    if len({u.transposed for u in linear}) < 2:
+        return updates
+    fixed = [u.transposed for u in linear if not isinstance(u, LoraUpdate) or u.magnitude is not None]
+    target = fixed[0] if fixed else linear[0].transposed
+    return [u.laid_as(target) if isinstance(u, LoraUpdate) else u for u in updates]
 
 
 def input_label(adapter: Adapter, i: int) -> str:
@@ -318,6 +330,7 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
     adapters = [a for _, a in terms]
     check_linear(adapters, "adapter arithmetic")
     check_shared(adapters, "adapter arithmetic")
+    check_float32_scales("adapter arithmetic", adapters)
     updates = {}
     for name, ts in terms_by_module(adapters, [w for w, _ in terms]).items():
         with np.errstate(over="ignore", invalid="ignore"):  # checked below, naming the module
@@ -326,6 +339,18 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
             raise _not_finite(name, ts, adapters)
         updates[name] = ts[0][1].with_factors(b, a)
     return result(adapters[0], updates, adapters)
+
+
+def check_float32_scales(what: str, adapters: Sequence[Adapter]) -> None:
+    """Refuse, naming the adapter and the module, a scale float32 cannot hold: a sum and a rank truncation scale
+    the factors by it in float32 (their result has scale 1). Scaling down first and back up after works."""
+    for a in adapters:
+        for name, u in a.updates.items():
+            if not abs(u.scale) <= FLOAT32_MAX:
+                raise LorafuseValueError(
+                    f"{what}: {a.label}: module {name!r}: its scale {u.scale:.4g} is beyond float32's range "
+                    f"({FLOAT32_MAX:.4g}), in which the factors are computed: scale the adapters down first and "
+                    "the result back up after ((a * c + b * c) / c, (a * c).to_rank(k) / c)")
 
 
 def _not_finite(name: str, terms: Sequence[tuple[float, Update]], adapters: Sequence[Adapter]) -> LorafuseError:
@@ -371,6 +396,7 @@ def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) ->
     threads = check_threads(threads)
     check_split(split)
     check_linear([adapter], "rank truncation")
+    check_float32_scales("rank truncation", [adapter])
     names = list(adapter.updates)
     updates: dict[str, LoraUpdate] = {}
     costs = [(0.0, factor_cost(adapter.updates[n])[1]) for n in names]
@@ -387,8 +413,10 @@ def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) ->
 
 
 def norm(adapter: Adapter, threads: int = 0) -> float:
-    """Exact Frobenius norm of all deltas together, from the factors."""
-    return float(np.sqrt(sum(n * n for n in adapter.norms(threads).values())))
+    """Exact Frobenius norm of all deltas together, from the factors (math.hypot: no square overflows where the
+    norm is finite; NaN where a module's is)."""
+    values = list(adapter.norms(threads).values())
+    return math.nan if any(math.isnan(v) for v in values) else math.hypot(*values)
 
 
 __all__ = ["check_linear", "check_shared", "check_split", "different_models", "module_examples", "norm", "result",

@@ -7,6 +7,7 @@ to 2-D, is (rows x cols). A Tucker LoCon is a LoraUpdate whose A is a TuckerFact
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,13 +55,15 @@ class LoraUpdate:
 
     def stored_factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(B, A) as float32, unscaled, in the format's own orientation, flattened to 2-D:
-        B (out x r) and A (r x in, or r x in*kh*kw for conv)."""
+        B (out x r) and A (r x in, or r x in*kh*kw for conv). `threads`: worker threads of the conversion of
+        16-bit or float8 factors to float32 (0: all cores)."""
         a = self.A.f32(threads).reshape(self.rank, -1)
         b = self.B.f32(threads).reshape(self.B.shape[0], self.rank)
         return b, a
 
     def factors(self, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(B_c, A_c) as C-contiguous float32, unscaled, in the base weight's 2-D layout."""
+        """(B_c, A_c) as C-contiguous float32, unscaled, in the base weight's 2-D layout (`threads`: as
+        stored_factors)."""
         b, a = self.stored_factors(threads)
         if self.transposed:
             return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
@@ -85,6 +88,15 @@ class LoraUpdate:
             bias = Tensor.from_array(rescaled.astype(np.float32))
         return LoraUpdate(self.name, a_t, b_t, scale, self.kind, self.transposed, self.magnitude, bias,
                           self.magnitude_on_columns)
+
+    def laid_as(self, transposed: bool) -> LoraUpdate:
+        """The same update marked `transposed` or not where only the mark changes: a linear LoRA without a DoRA
+        magnitude is the layer's (out x in) update B @ A however its base weight is stored, and PEFT decides
+        that by the layer's type, whatever fan_in_fan_out says (it resets the flag for a torch Linear, forces it
+        for a transformers Conv1D, with a warning). Any other update (an embedding, a DoRA) as it is."""
+        if self.transposed == transposed or self.kind != "linear" or self.magnitude is not None:
+            return self
+        return dataclasses.replace(self, transposed=transposed)
 
     def is_plain(self) -> bool:
         """A pure low-rank delta: no DoRA magnitude, no bias (those do not add linearly)."""

@@ -9,25 +9,31 @@ metadata (`lorafuse_kohya`: {"family", "config": {"kohya_alpha_dtypes": ...}}); 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ALPHA_DTYPES_KEY = "kohya_alpha_dtypes"  # in a diffusers file's kohya record: module -> dtype of its .alpha
+ALPHA_FORMS_KEY = "kohya_alpha_forms"  # and module -> [shape, value] of an .alpha stored as 0 or not as a scalar
 
 
 @dataclass
 class KohyaState:
     """A kohya / LyCORIS file's: its metadata, the dtype of every module's `.alpha` (None: none), and the value
     of an `.alpha` the module's scale does not depend on (a LoKr of two full halves: LyCORIS's scale is 1), to be
-    written back as it was."""
+    written back as it was; `alpha_forms`: the shape and value of an `.alpha` stored as 0 (alpha = r) or with a
+    shape other than a scalar's ([1], as some trainers save it), written back as it was while it still means the
+    module's scale (kohya's sd-scripts and LyCORIS read any of these)."""
 
     metadata: dict[str, str] = field(default_factory=dict)
     alpha_dtypes: dict[str, str | None] = field(default_factory=dict)
     unused_alphas: dict[str, float] = field(default_factory=dict)
+    alpha_forms: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)
 
     def record_config(self) -> dict[str, object]:
         """The JSON form kept in a diffusers file's kohya record (the metadata travels as the file's own)."""
-        return {ALPHA_DTYPES_KEY: dict(self.alpha_dtypes)}
+        forms = {ALPHA_FORMS_KEY: {m: [list(shape), v] for m, (shape, v) in self.alpha_forms.items()}}
+        return {ALPHA_DTYPES_KEY: dict(self.alpha_dtypes), **(forms if self.alpha_forms else {})}
 
     @classmethod
     def from_record_config(cls, config: object, metadata: Mapping[str, str]) -> KohyaState:
@@ -35,7 +41,16 @@ class KohyaState:
         only refines how `.alpha` tensors are written)."""
         raw = config.get(ALPHA_DTYPES_KEY) if isinstance(config, Mapping) else None
         dtypes = {str(k): (None if v is None else str(v)) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
-        return cls(dict(metadata), dtypes)
+        raw = config.get(ALPHA_FORMS_KEY) if isinstance(config, Mapping) else None
+        forms = {str(k): (tuple(v[0]), float(v[1])) for k, v in raw.items() if _alpha_form(v)} \
+            if isinstance(raw, Mapping) else {}
+        return cls(dict(metadata), dtypes, alpha_forms=forms)
+
+
+def _alpha_form(v: object) -> bool:
+    """Whether a kohya record's [shape, value] is one: a shape of ones (at most 8), a finite number."""
+    return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], list) and len(v[0]) <= 8 and
+            all(d == 1 and type(d) is int for d in v[0]) and type(v[1]) in (int, float) and math.isfinite(v[1]))
 
 
 @dataclass

@@ -42,7 +42,15 @@ from lorafuse.errors import (
 from lorafuse.formats import load
 from lorafuse.formats.held import APPLY_TAKES, refuse_adapter
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
-from lorafuse.io.checkpoint import INDEX_SUFFIX, SAFETENSORS_SUFFIX, Checkpoint, is_pickle, read_config
+from lorafuse.io.checkpoint import (
+    INDEX_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    Checkpoint,
+    foreign_output,
+    is_pickle,
+    one_shard,
+    read_config,
+)
 from lorafuse.io.dtypes import DTYPES, dtype_spelling, parse_output_dtype
 from lorafuse.io.hub import check_spec, local_path
 from lorafuse.io.manifest import CHECKPOINT, MANIFEST_NAME, PIPELINE, mark_metadata
@@ -167,13 +175,18 @@ class _Piece:
 
 class _Arenas:
     """Output buffers reused from batch to batch: fresh allocations of this size would be
-    mapped and faulted in page by page each time. One arena per batch in flight."""
+    mapped and faulted in page by page each time. One arena per batch in flight, made when first
+    needed (a component whose tensors are all copied makes none)."""
 
     def __init__(self, count: int, size: int) -> None:
-        self._free = [np.empty(size, dtype=np.uint8) for _ in range(count)]
+        self._free: list[np.ndarray] = []
+        self._unmade = count
         self.size = size
 
     def take(self) -> np.ndarray:
+        if not self._free and self._unmade:
+            self._unmade -= 1
+            return np.empty(self.size, dtype=np.uint8)
         return self._free.pop()
 
     def give(self, arena: np.ndarray) -> None:
@@ -228,6 +241,19 @@ class _Writer:
             self._pool.shutdown(wait=True)
 
 
+def _arena_bytes(ckpt: Checkpoint) -> int:
+    """An arena's size: a batch's bytes and a row block (BATCH_BYTES + CHUNK_BYTES), or, for a smaller model,
+    its tensors' bytes as the widest output holds them (no batch computes more; a piece that does not fit is
+    allocated apart, _flush), with the 16-byte alignment of each (so a small
+    model reserves no address space it does not use: `ulimit -v` counts what is reserved)."""
+    total = 0
+    for spec in (ckpt.info(k) for k in ckpt.keys()):
+        total += 8 * spec.nbytes + 16  # (x 8: an output may be wider than its input: 4-bit codes -> float32)
+        if total >= BATCH_BYTES + CHUNK_BYTES:
+            return BATCH_BYTES + CHUNK_BYTES
+    return max(total, 16)
+
+
 class _Executor:
     def __init__(self, ckpt: Checkpoint, threads: int, progress: ProgressReporter, allow_nonfinite: bool,
                  timings: PhaseTimer, backend: Backend, label: Callable[[str], str] = str) -> None:
@@ -235,7 +261,7 @@ class _Executor:
         self.backend = backend
         self.timings, self.label = timings, label  # label: a tensor's name in progress events
         self.files: dict[str, SafetensorsFile] = {}
-        self.arenas = _Arenas(WRITE_DEPTH + 1, BATCH_BYTES + CHUNK_BYTES)
+        self.arenas = _Arenas(WRITE_DEPTH + 1, _arena_bytes(ckpt))
         self.merged: list[str] = []
         self.replaced: list[str] = []
         self.biases: list[str] = []
@@ -726,6 +752,8 @@ def prepare_apply(
     base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)
     loaded = [a if isinstance(a, Adapter) else _load_adapter(a, base_path) for a in adapters]
     refuse_adapter(base_path, "the base model", APPLY_TAKES)  # after the adapters: `apply ADAPTER MODEL` is said so
+    if (why := one_shard(base_path)) is not None:
+        raise FormatError(why)
     if is_pipeline(base_path):
         if max_shard_size is not None:
             raise LorafuseValueError("--max-shard-size (Python: max_shard_size=) applies to checkpoint folders, not to "
@@ -787,6 +815,8 @@ def _output_path(out: str | os.PathLike[str], base: Path, model: Pipeline, singl
                  inputs: Sequence[Path]) -> tuple[Path, bool]:
     """Where the output goes and whether it is one file (see apply's docstring), refusing before any work
     a name that the base cannot become."""
+    if (why := foreign_output(out, folder=not single_file)) is not None:
+        raise LorafuseValueError(why)
     if single_file:
         if limit is not None:
             raise LorafuseValueError("--max-shard-size (Python: max_shard_size=) applies to checkpoint folders, not to "

@@ -18,6 +18,7 @@ from decimal import Decimal
 
 from lorafuse._terminal import plural
 from lorafuse.errors import DtypeError, LorafuseValueError
+from lorafuse.formats.kohya import STALE_HASH_KEYS
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS
 from lorafuse.io.pipeline import Pipeline
@@ -25,7 +26,15 @@ from lorafuse.io.safetensors import TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.arithmetic import FLOAT32_MAX
-from lorafuse.ops.apply_quant import QuantRef, QuantScan, check_scan, plan_quant, scan_quant
+from lorafuse.ops.apply_quant import (
+    QuantRef,
+    QuantScan,
+    check_scan,
+    check_unscaled_f8,
+    copy_ref,
+    plan_quant,
+    scan_quant,
+)
 from lorafuse.ops.match import checkpoint_keys
 from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
 from lorafuse.ops.tied import EMBEDDING_SUFFIXES, TiedLayers, tied_layers, untie
@@ -161,14 +170,21 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         copies.setdefault(src, []).append(layer)
     if untied is not None:
         config_updates["tie_word_embeddings"] = False
+        config_updates.update(_untied_text_configs(config))
     if dtype is not None:
         torch_name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
         for k in ("torch_dtype", "dtype"):
             if k in config:
                 config_updates[k] = torch_name
+        config_updates.update(_nested_dtypes(config, config_updates, torch_name))
 
+    scan = scan if scan is not None else scan_quant(ckpt, config)
     qplan = plan_quant(ckpt, config, changed, dtype, requantize, scan)
     quant_weights = qplan.weights if qplan is not None else {}
+    # a tied layer written apart from a quantized weight is that weight dequantized, not its codes as values
+    copy_refs = {src: ref for src in copies if (ref := copy_ref(ckpt, config, scan, src, dtype)) is not None}
+    if qplan is None and copies:
+        check_unscaled_f8(ckpt, set(copies))
     if qplan is None and requantize:
         notes.append(f"{ckpt.location}: requantize has no effect: the base is not quantized")
 
@@ -185,6 +201,12 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
             return OutTensor(key, out_dtype, out_shape, shard, src, contributions.get(key, []),
                              bias_contributions.get(key, []), repl[0] if repl else None, quant=ref,
                              matrix_rows=ref.shape[0] if ref.shape else 1)
+        cref = copy_refs.get(src) if src != key else None
+        if cref is not None:
+            repl = replacements.get(key)
+            return OutTensor(key, cref.dtype or "BF16", cref.shape, shard, src, contributions.get(key, []),
+                             bias_contributions.get(key, []), repl[0] if repl else None, quant=cref,
+                             matrix_rows=cref.shape[0] if cref.shape else 1)
         if ch and not DTYPES[info.dtype].is_float:  # refused here, so that --dry-run refuses it too
             by = sorted({c.source for c in contributions.get(key, []) + bias_contributions.get(key, [])})
             raise DtypeError(f"{ckpt.directory / shard}: {key} is {info.dtype} {list(info.shape)}, and "
@@ -226,7 +248,7 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         for shard, t in ordered:
             groups[shard].append(t)
         shards = list(groups.items())
-        metadata = dict(ckpt.metadata)
+        metadata = {s: shard_metadata(m) for s, m in ckpt.metadata.items()}
     else:
         packs: list[list[OutTensor]] = []
         size = 0
@@ -243,7 +265,7 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         shards = list(zip(names, packs))
         first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
         _check_metadata_fits(first_meta, max_shard_size, f"{ckpt.directory / ckpt.shards[0]}" if ckpt.shards else "")
-        metadata = {name: dict(first_meta) for name in names}
+        metadata = {name: shard_metadata(first_meta) for name in names}
     plan = Plan(shards, metadata, config_updates, notes)
     if qplan is not None:
         plan.config_removals = qplan.config_removals
@@ -267,6 +289,20 @@ def weights_stem(ckpt: Checkpoint) -> str:
     diffusers' from_pretrained looks for no other name), else transformers' `model`."""
     own = ckpt.index_name or (ckpt.shards[0] if ckpt.shards else "")
     return DIFFUSERS_STEM if own.startswith(DIFFUSERS_STEM + ".") or own.startswith(DIFFUSERS_STEM + "-") else "model"
+
+
+# hashes of the base's own weights (ModelSpec's, sd-scripts'), which a merged file's weights no longer have
+BASE_HASH_KEYS = (*STALE_HASH_KEYS, "sshs_model_hash", "sshs_legacy_hash")
+
+
+def shard_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A merged shard's metadata: the base's without the hashes of its weights (BASE_HASH_KEYS: a UI that reads
+    them would take the merge for the base), with safetensors' `format: pt` first where it names no format. The
+    output gets lorafuse's `lorafuse.*` keys, and transformers 4's load_state_dict refuses a file whose metadata is
+    not None and names no format (pt, tf, flax, mlx): a base saved by `save_file(tensors, path)`, without
+    metadata, would otherwise merge into a model that transformers cannot load."""
+    kept = {k: v for k, v in metadata.items() if k not in BASE_HASH_KEYS}
+    return kept if "format" in kept else {"format": "pt", **kept}
 
 
 def _check_metadata_fits(metadata: dict[str, str], max_shard_size: int, where: str) -> None:
@@ -293,10 +329,48 @@ TIE_DEFAULTS = {
 }
 
 
+# where a composite model's config.json nests the text decoder's config (transformers' get_text_config(decoder=True))
+TEXT_CONFIGS = ("text_config", "decoder", "generator")
+
+
+def _text_configs_tying(config: dict[str, object]) -> list[str]:
+    """The nested text decoder configs (TEXT_CONFIGS) whose tie_word_embeddings is true."""
+    return [k for k in TEXT_CONFIGS
+            if isinstance(sub := config.get(k), dict) and sub.get("tie_word_embeddings") is True]
+
+
+def _nested_dtypes(config: dict[str, object], updates: dict[str, object], torch_name: str) -> dict[str, object]:
+    """config.json's nested model configs (text_config, vision_config, ...: a dict with a model_type, or a
+    `*_config` key other than quantization_config) that name a dtype, with it set to `torch_name` (on top of
+    what `updates` already changes in them): a composite model written in --dtype says so in every part, as
+    transformers' save_pretrained writes it, not the base's old dtype in its text / vision configs."""
+    out: dict[str, object] = {}
+    for k, v in config.items():
+        if not isinstance(v, dict) or k == "quantization_config" or not ("model_type" in v or k.endswith("_config")):
+            continue
+        named = [d for d in ("torch_dtype", "dtype") if d in v]
+        if named:
+            sub = updates.get(k, v)
+            assert isinstance(sub, dict)
+            out[k] = {**sub, **dict.fromkeys(named, torch_name)}
+    return out
+
+
+def _untied_text_configs(config: dict[str, object]) -> dict[str, object]:
+    """config.json's nested text configs that tie, with tie_word_embeddings false (a model written untied):
+    transformers 4 ties a composite model's output layer by its text config's flag (get_text_config), transformers
+    5 carries a llava-family text config's true up to the model's, and vLLM builds the language model from it."""
+    return {k: {**config[k], "tie_word_embeddings": False}  # type: ignore[dict-item]
+            for k in _text_configs_tying(config)}
+
+
 def tie_word_embeddings(config: dict[str, object]) -> bool | None:
     """Whether the model ties lm_head to the input embedding: config.json's tie_word_embeddings, else
     transformers' default for its model_type (TIE_DEFAULTS, or transformers itself where installed); None when
-    neither says."""
+    neither says. A nested text config that ties (TEXT_CONFIGS: transformers 4 reads its flag, 5 carries a
+    llava-family one's true up to the model's) makes it true whatever the model's own flag says."""
+    if _text_configs_tying(config):
+        return True
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
     model_type = config.get("model_type")

@@ -269,6 +269,23 @@ def plan_quant(ckpt: Checkpoint, config: Mapping[str, object], changed: set[str]
     return plan
 
 
+def copy_ref(ckpt: Checkpoint, config: Mapping[str, object], scan: QuantScan, key: str,
+             dtype: str | None) -> QuantRef | None:
+    """How a quantized weight `key` is read where it is written under another name too (an lm_head untied from a
+    quantized input embedding): dequantized, in `dtype`, the dtype it was quantized from or the config's, as a
+    layer of its own that the quantization does not cover (transformers' quantizers leave the output layer
+    unquantized). None when `key` is no quantized weight; refused, naming it, when its codes cannot be read."""
+    found = scan.found.get(key)
+    q = scan.quantization
+    if found is None or q is None:
+        return None
+    if found.bound is None:
+        raise unreadable(ckpt, q, key, found.why or "its companions cannot be read")
+    shape = found.bound.logical_shape(tuple(ckpt.info(key).shape))
+    return QuantRef(found.bound, {r: (ckpt.shard_of[k], k) for r, k in found.present.items()}, False, shape,
+                    dtype or found.bound.logical_dtype() or _config_dtype(config) or "BF16", key)
+
+
 def _config_dtype(config: Mapping[str, object]) -> str | None:
     """The model's float dtype from config.json (torch_dtype / dtype), as a safetensors name."""
     for k in ("torch_dtype", "dtype"):

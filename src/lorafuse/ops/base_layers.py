@@ -38,7 +38,8 @@ class BaseLayers:
     """The base's layers as extract needs them (base_layers). `kinds` and `groups` are empty, and `modules`
     holds the checkpoint's module names alone, when no model class was built."""
 
-    kinds: Mapping[str, str] = field(default_factory=dict)  # module -> 'embedding', 'linear', 'conv', 'other'
+    # module -> 'embedding', 'linear', 'conv', 'conv_transpose', 'other'
+    kinds: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, int] = field(default_factory=dict)  # convolutions with groups > 1
     heads: frozenset[str] = HEAD_NAMES  # output heads: last names, and the class's output embedding
     # a module that reads an embedding's weight (tied: lm_head; T5's encoder.embed_tokens) -> that embedding
@@ -184,6 +185,8 @@ def _layers_of(model: object, torch: object, name: str) -> BaseLayers:
             kinds[module_name] = "embedding"
         elif isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
             kinds[module_name] = "linear"
+        elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+            kinds[module_name] = "conv_transpose"  # PEFT's LoRA has no layer for it
         elif isinstance(module, nn.modules.conv._ConvNd):
             kinds[module_name] = "conv"
             if int(module.groups) > 1:

@@ -48,7 +48,7 @@ from lorafuse.errors import (
 )
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import save_diffusers, split_name
-from lorafuse.io.atomic import check_output, output_file
+from lorafuse.io.atomic import check_output, check_output_path, output_file
 from lorafuse.io.hub import check_spec
 from lorafuse.io.manifest import ADAPTER
 from lorafuse.io.provenance import adapter_input, record
@@ -276,6 +276,8 @@ def _take_rows(u: LoraUpdate, rows: list[Rows], name: str) -> LoraUpdate:
 
 def _plain(adapter: Adapter, name: str) -> LoraUpdate:
     u = adapter.updates[name]
+    if isinstance(u, LoraUpdate):  # PEFT's fan_in_fan_out: the same factors on a torch Linear (PEFT ignores it)
+        u = u.laid_as(False)
     if not isinstance(u, LoraUpdate):
         raise UnsupportedError(f"{adapter.label}: module {name!r} is a LoHa / LoKr update; pass --rank K (Python: "
                                "rank=K) to convert it to LoRA first")
@@ -692,9 +694,9 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
                                  "to='gguf')")
     out = Path(out)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
-    # the current folder, an input: refused first
+    check_output_path(out, a.sources())  # the current folder, an input: refused first
+    _check_out(out, to)  # then a name convert cannot write, before what is there is judged (no --overwrite advice)
     replaces = check_output(out, a.sources(), folder=False, overwrite=overwrite, kind=ADAPTER)
-    _check_out(out, to)
     if to == "gguf":
         return _to_gguf(a, out, rank, conv_rank, threads, arch, base_config, gguf_type, replaces)
     if a.format not in ("kohya", "diffusers"):

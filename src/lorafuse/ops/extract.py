@@ -39,7 +39,7 @@ from lorafuse.io.dtypes import DTYPES, dtype_spelling
 from lorafuse.io.hub import spec_origin
 from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_base
 from lorafuse.io.quant import detect_checkpoint
-from lorafuse.io.safetensors import SafetensorsFile, raise_if_inputs_changed
+from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.experts import one_expert_rank
@@ -153,8 +153,11 @@ def extract(
                 items.append(ExtractJob(module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
             # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
-            outs = _svds(backend, items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
-                         power_iters, seed, threads)
+            try:
+                outs = _svds(backend, items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
+                             power_iters, seed, threads)
+            except NonFiniteError as e:  # the core names the module: say which checkpoints, and its shape
+                raise _nonfinite(e, base, finetuned, {m: cb.info(k).shape for m, k in batch}) from None
             for (module, key), it, (b, a, s, frob_sq) in zip(batch, items, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
                 k = min(rule.choose(s, frob_sq), b.shape[1]) if frob_sq else 0  # b: k_max columns, or the full rank
@@ -180,13 +183,14 @@ def extract(
         for opened in files.values():
             opened.close()
         bar.close()
-    result.skipped += [f"{key}: changed, but not a weight matrix (a bias or a norm): a LoRA cannot hold it"
+    result.skipped += [f"{key}: changed, but {_not_a_matrix(cb.info(key), cf.info(key))}: a LoRA cannot hold it"
                        for key in changed]
     if not result.adapter.updates:
         rec.close()
         if full:
             raise _only_kept_whole(finetuned, list(full))
-        raise _nothing_differs(finetuned, result.unchanged, changed, x.skipped_embeddings)
+        raise _nothing_differs(finetuned, result.unchanged, changed, x.skipped_embeddings,
+                               all(_not_a_matrix(cb.info(k), cf.info(k)) == BIAS_OR_NORM for k in changed))
     updates = _with_tied_heads(result, x.tied, x.layers)
     updates, rank, zeros = one_expert_rank(updates, x.expert_parts, x.expert_shapes)
     if rank:
@@ -205,6 +209,15 @@ def extract(
     result.adapter = extracted(base, base_config, updates, full, (cb, cf), x.layers.modules)
     result.adapter.provenance = rec.result()
     return result
+
+
+def _nonfinite(e: NonFiniteError, base: str | os.PathLike[str], finetuned: str | os.PathLike[str],
+               shapes: Mapping[str, tuple[int, ...]]) -> NonFiniteError:
+    """A NonFiniteError of the SVDs (`module: what`), naming the two checkpoints and the module's weight shape."""
+    text = str(e)
+    shape = next((s for m, s in shapes.items() if text.startswith(f"{m}:")), None)
+    return NonFiniteError(f"{finetuned} (fine-tuned) against {base} (base): {text}"
+                          + (f" (weight of shape {tuple(shape)})" if shape is not None else ""))
 
 
 def _with_tied_heads(result: ExtractResult, tied: dict[str, str], layers: BaseLayers) -> dict[str, Update]:
@@ -330,11 +343,32 @@ def _values(raw: np.ndarray, dtype: str) -> np.ndarray:
     return to_float32(raw, dtype).astype(np.float64)
 
 
+BIAS_OR_NORM = "not a weight matrix (a bias or a norm)"
+_OTHER_TENSORS = ("biases, norms, integer tensors or parameters of no Linear, Embedding or convolution layer, such as "
+                  "fused MoE experts")
+
+
+def _not_a_matrix(ib: TensorInfo, iff: TensorInfo) -> str:
+    """Why a tensor in both checkpoints (`ib`, `iff`: its base and fine-tuned headers) is not extracted: integers in
+    either (quantized codes, a buffer), a parameter of 2 or more dimensions that is no layer's `.weight` (the fused
+    MoE experts of transformers 5: gate_up_proj), else a bias or a norm."""
+    if not (DTYPES[ib.dtype].is_float and DTYPES[iff.dtype].is_float):
+        stored = (f"stored {ib.dtype} in both" if ib.dtype == iff.dtype else
+                  f"stored {ib.dtype} in the base and {iff.dtype} in the fine-tuned model")
+        return f"{stored}, not floating point in both (quantized codes or an integer buffer, whose difference is no " \
+               "weight update)"
+    if len(ib.shape) >= 2:
+        return (f"a {len(ib.shape)}-D tensor of shape {tuple(ib.shape)} that is no Linear, Embedding or convolution "
+                "layer's .weight (such as the fused MoE experts' gate_up_proj / down_proj, which PEFT adapts with "
+                "target_parameters)")
+    return BIAS_OR_NORM
+
+
 def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str],
-                     skipped: Sequence[str] = ()) -> UnsupportedError:
+                     skipped: Sequence[str] = (), bitfit: bool = True) -> UnsupportedError:
     """The refusal of an extract in which no module differs from the base: its adapter would target no module,
     which PEFT refuses to load (NoMatchingPeftModuleError). `skipped`: the embeddings and output heads left out
-    unread (--embeddings skip), which may be what changed."""
+    unread (--embeddings skip), which may be what changed; `bitfit`: every changed tensor is a bias or a norm."""
     hint = ""
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
@@ -344,8 +378,9 @@ def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         return UnsupportedError(
             f"{finetuned}: no weight matrix of the fine-tuned model differs from the base ({unchanged} compared, all "
-            f"equal); only tensors a LoRA cannot hold changed ({shown}: biases or norms, as a BitFit fine-tune "
-            f"changes them){hint}: the adapter would target no module; nothing is written")
+            f"equal); only tensors a LoRA cannot hold changed ({shown}: "
+            f"{'biases or norms, as a BitFit fine-tune changes them' if bitfit else _OTHER_TENSORS}){hint}: the "
+            "adapter would target no module; nothing is written")
     return UnsupportedError(
         f"{finetuned}: no module of the fine-tuned model differs from the base ({unchanged} weight matrices "
         f"compared, all equal){hint}: the adapter would target no module, which PEFT refuses to load; nothing is "
@@ -448,11 +483,13 @@ def prepare_extract(
     for ck, config, what in ((cb, base_config, "base"), (cf, read_config(cf.directory), "fine-tuned model")):
         q = detect_checkpoint(ck, config)
         if q is not None:  # codes are not weights: their difference means nothing
+            dequantize = ("" if q.scheme is None else ", or write it dequantized first: `lorafuse apply CHECKPOINT "
+                          "ADAPTER --weights 0 --dtype bf16 -o OUT` (apply needs an adapter: any adapter of that "
+                          "model changes nothing at weight 0)")
             raise UnsupportedError(
                 f"{ck.location}: the {what} is quantized "
                 f"with {q.describe()}; extract reads 16- and 32-bit checkpoints only: extract from the unquantized "
-                "checkpoints (the 16-bit base and fine-tune), or for a float8 checkpoint write it in bf16 first "
-                "(`lorafuse apply` with --dtype bf16)")
+                f"checkpoints (the 16-bit base and fine-tune){dequantize}")
     model = ModelInfo.from_config(base_config)
     k_max = rule.rank if rule.rank is not None else (rule.max_rank or DEFAULT_MAX_RANK)
     layers = base_layers(base_config, cb.keys(), [k.removesuffix(".weight") for k in cb.keys()
@@ -476,7 +513,10 @@ def prepare_extract(
             skipped.append(f"{key}: shape {ib.shape} in the base, {iff.shape} in the fine-tuned model")
             continue
         module = key.removesuffix(".weight")
-        is_matrix = key.endswith(".weight") and len(ib.shape) in MATRIX_NDIMS and DTYPES[ib.dtype].is_float
+        # a weight matrix of floats in both (integer codes are no weights) with rows and columns (an empty one holds
+        # nothing to extract: compared as the others are)
+        is_matrix = (key.endswith(".weight") and len(ib.shape) in MATRIX_NDIMS and 0 not in ib.shape
+                     and DTYPES[ib.dtype].is_float and DTYPES[iff.dtype].is_float)
         if (inc and not inc.search(module)) or (exc and exc.search(module)):
             continue
         if not is_matrix:
@@ -493,7 +533,7 @@ def prepare_extract(
         if (is_embedding or layers.is_head(module)) and embeddings == "full":
             full.append((module + ".weight", key))
             continue
-        grouped = _grouped(layers, module, ib.shape)
+        grouped = _not_wrapped(layers, module) or _grouped(layers, module, ib.shape)
         if grouped is not None:
             skipped.append(f"{key}: {grouped}")
             continue
@@ -535,6 +575,16 @@ def _named_embedding(module: str) -> bool:
     """An input embedding by its last name (no position or relative-position table): the one an output head
     can be tied to when no model class says which."""
     return BaseLayers().is_embedding(module) and module.rsplit(".", 1)[-1] not in POSITION_TABLES
+
+
+def _not_wrapped(layers: BaseLayers, module: str) -> str | None:
+    """Why a layer the model class names is left out when PEFT's LoRA has no layer for its type (PEFT refuses to
+    load an adapter that targets one: `Target module ConvTranspose1d(...) is not supported`), or None. (A module of
+    a custom class, kind 'other', is kept: the MoE routers of transformers 5, whose LoRA PEFT converts.)"""
+    if layers.kind(module) == "conv_transpose":
+        return ("transposed convolution (ConvTranspose), for which PEFT's LoRA has no layer (PEFT refuses to load an "
+                "adapter that targets one); not extracted")
+    return None
 
 
 def _grouped(layers: BaseLayers, module: str, shape: tuple[int, ...]) -> str | None:
@@ -693,9 +743,10 @@ def _rel_error(s: np.ndarray, k: int, frob_sq: float, shape: tuple[int, ...]) ->
 def _residual(backend: Backend, it: ExtractJob, b: np.ndarray, a: np.ndarray, frob_sq: float, threads: int) -> float:
     """||D - B A||_F / ||D||_F from D itself, 16 MiB of rows at a time: where the error is small (DIRECT_ERROR_BELOW)
     the estimate from the float32 singular values is their rounding, not the error. B A in float32 (one BLAS
-    product), D - B A in float32, its squares summed per row in float32 and over rows in float64 (a sum of squares
-    cancels nothing): accurate to about float32's rounding of ||D|| (1e-7), where the estimate's cancellation left
-    about 1e-4, at the cost of one more pass over the weights."""
+    product), D - B A in float32, its squares summed in float64 (a sum of squares cancels nothing; float32 squares
+    would underflow to 0 below ~1e-19 and overflow to Inf above ~1.8e19, a delta of 1e-20 or 1e30): accurate to
+    about float32's rounding of ||D|| (1e-7), where the estimate's cancellation left about 1e-4, at the cost of one
+    more pass over the weights."""
     rows = max(1, (16 << 20) // (4 * max(1, a.shape[1])))
     a32 = np.ascontiguousarray(a, dtype=np.float32)
     total = 0.0
@@ -703,7 +754,8 @@ def _residual(backend: Backend, it: ExtractJob, b: np.ndarray, a: np.ndarray, fr
         r = backend.to_float32(np.ascontiguousarray(it.w_ft[i:i + rows]), it.ft_dtype, threads)
         r -= backend.to_float32(np.ascontiguousarray(it.w_base[i:i + rows]), it.base_dtype, threads)
         r -= np.ascontiguousarray(b[i:i + rows], dtype=np.float32) @ a32
-        total += float(np.einsum("ij,ij->i", r, r).sum(dtype=np.float64))  # squares: no cancellation left
+        r64 = r.astype(np.float64)
+        total += float(np.einsum("ij,ij->", r64, r64))  # squares: no cancellation left, float64's range
     return float(np.sqrt(total / frob_sq))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 from collections import Counter
@@ -15,13 +16,16 @@ from lorafuse.errors import FormatError
 from lorafuse.formats import load
 from lorafuse.formats.diffusers import split_name, unprefixed_lora_key, unprefixed_why
 from lorafuse.formats.held import adapter_path, subfolder_hint
+from lorafuse.formats.lycoris_keys import scale_rank
+from lorafuse.formats.peft import PREFIX as PEFT_PREFIX
 from lorafuse.formats.util import most_common
 from lorafuse.io.checkpoint import Checkpoint
 from lorafuse.io.hub import local_path
 from lorafuse.io.pipeline import Pipeline, is_pipeline
-from lorafuse.io.provenance import Provenance, path_text
+from lorafuse.io.provenance import CARD_NAME, Provenance, path_text
 from lorafuse.io.quant import Quantization, detect_checkpoint, parameter_count
 from lorafuse.model import Adapter, LoraUpdate, stored_tensors
+from lorafuse.model.lycoris import LycorisUpdate
 from lorafuse.model.names import full_kind
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.spectral import frobenius_norms
@@ -127,6 +131,12 @@ def _built_wrappers(adapter: Adapter) -> dict[str, _Built]:
     return out
 
 
+def _rank(u: Update) -> int | None:
+    """A module's rank as its format means it: a LoRA's r; a LoHa's / LoKr's dim (LyCORIS's lora_dim, the r of
+    scale = alpha / r), not the rank of its exact factorization; None for a LoKr of two full halves."""
+    return scale_rank(u.algo, u.tensors) if isinstance(u, LycorisUpdate) else int(u.rank)
+
+
 def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     # A LoRA on a parameter (fused MoE experts) is one low-rank block per expert, known only against the
     # base: its delta norm is not defined without it (None, as a non-finite norm is in JSON).
@@ -137,7 +147,7 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
     norms = frobenius_norms(plain, threads)
     built = _built_wrappers(adapter)
     rank_scale = {n: ((built[n].r, built[n].scale) if n in built else (None, None))
-                  if isinstance(u, ParamLoraUpdate) else (int(u.rank), float(u.scale))
+                  if isinstance(u, ParamLoraUpdate) else (_rank(u), float(u.scale))
                   for n, u in adapter.updates.items()}
     modules = []
     for name, u in adapter.updates.items():
@@ -234,7 +244,30 @@ def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
     return {"type": "pipeline", "path": path_text(pipe.directory),
             "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()},
             "not_read": dict(pipe.unread),  # components whose weights lorafuse does not read, and why
-            "provenance": next((m for m in map(_made_by, pipe.components.values()) if m is not None), None)}
+            "provenance": _pipeline_record(pipe)}
+
+
+def _pipeline_record(pipe: Pipeline) -> dict[str, object] | None:
+    """How lorafuse made the pipeline: its components' record when they hold one; where they hold several (apply
+    rewrites the components it changes and copies the others, which keep the record of an earlier run), the
+    one whose every input sha256 the pipeline's model card (README.md, written by the last run) lists; None
+    when no one record is that (each component's own is under `components`)."""
+    made = [Provenance.from_metadata(ck.metadata.get(ck.shards[0])) if ck.shards else None
+            for ck in pipe.components.values()]
+    records = list({json.dumps(m.as_dict(), sort_keys=True): m for m in made if m is not None}.values())
+    if len(records) <= 1:
+        return records[0].as_dict() if records else None
+    try:
+        with open(pipe.directory / CARD_NAME, "rb") as f:
+            card = f.read(_CARD_MAX).decode("utf-8", "replace")
+    except OSError:
+        return None
+    last = [m for m in records if all(sha in card for i in m.inputs for _, sha in i.hashes()) and
+            m.invocation.text in card]
+    return last[0].as_dict() if len(last) == 1 else None
+
+
+_CARD_MAX = 4 << 20  # a model card read this far (lorafuse's lists at most CARD_MAX_INPUTS inputs)
 
 
 def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object]:
@@ -259,10 +292,15 @@ def describe(path: str | os.PathLike[str], threads: int = 0) -> dict[str, object
             raise FormatError(f"{e}{sub}") from None
         raise
     described = describe_checkpoint(ckpt)
-    lora_key = unprefixed_lora_key(k for h in ckpt.headers.values() for k in h)
+    keys = [k for h in ckpt.headers.values() for k in h]
+    lora_key = unprefixed_lora_key(keys)
     if lora_key:  # not a model: say why not an adapter
         cast("list[str]", described["notes"]).append(f"not read as an adapter: its tensors are "
                                                      f"{unprefixed_why(lora_key)}")
+    elif any(k.startswith(PEFT_PREFIX) and ".lora_" in k for k in keys):  # a PEFT folder that lost its config
+        cast("list[str]", described["notes"]).append("not read as an adapter: its tensors are a PEFT adapter's, "
+                                                     "without the adapter_config.json that PEFT reads beside them "
+                                                     "(put it back beside them)")
     return described
 
 

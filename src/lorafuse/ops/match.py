@@ -13,7 +13,9 @@ Two chains, one per kind of name:
 - module names of diffusion adapters (kohya / LyCORIS / diffusers LoRA files), all at once
   (`ModuleChain`): the Flux tables, the SD / SDXL / text-encoder tables, then LyCORIS's generic
   diffusers names of any other pipeline component (`transformer.<path>` -> `transformer/<path>.weight`), then
-  LyCORIS's generic `lycoris_<path with _>` spelling of any model's layers.
+  LyCORIS's generic `lycoris_<path with _>` spelling of any model's layers, then an original model's names onto its
+  diffusers transformer where the paths differ (Wan, Flux.2: formats.dit_keys), and their diffusers names onto the
+  original layout.
 Each matcher takes what the ones before it left; the first that matches a name decides it.
 """
 
@@ -300,6 +302,55 @@ class UnderscoreNames:
         return found, [m for m in modules if m not in found]
 
 
+class OriginalNames:
+    """kohya-style names of an original model's layers (musubi-tuner's Wan `lora_unet_blocks_0_self_attn_q`, a
+    ComfyUI-layout file read as such) onto a diffusers transformer whose paths differ (formats.dit_keys: a family's
+    table, used where the checkpoint has the family's signature weight): `transformer/<path>.weight` of a pipeline
+    folder, or `<path>.weight` of a file of that one model."""
+
+    name = "original"
+
+    def match(self, modules: Shapes, shapes: Shapes) -> tuple[Found, list[str]]:
+        from lorafuse.formats.dit_keys import families_of
+
+        prefix = DENOISER_PREFIXES[0] if any(k.startswith(DENOISER_PREFIXES[0]) for k in shapes) else ""
+        inside = {k[len(prefix):] for k in shapes if k.startswith(prefix)} if prefix else set(shapes)
+        families = families_of(inside)
+        found: Found = {}
+        for name in modules if families else ():
+            own = next((p for p in DENOISER_NAMES if name.startswith(p)), None)
+            paths = [f.diffusers_path(name[len(own):]) for f in families] if own else []
+            key = next((f"{prefix}{p}.weight" for p in paths if p is not None and f"{p}.weight" in inside), None)
+            if key is not None:
+                found[name] = [Target(key)]
+        return found, [m for m in modules if m not in found]
+
+
+class OriginalWeights:
+    """diffusers LoRA names of a transformer whose original paths differ (`transformer.blocks.0.attn1.to_q` of Wan)
+    onto the original layout (a single file, bare or under ComfyUI's `model.diffusion_model.` / `diffusion_model.`),
+    through formats.dit_keys, where the checkpoint has the family's original signature weight."""
+
+    name = "original-weights"
+
+    def match(self, modules: Shapes, shapes: Shapes) -> tuple[Found, list[str]]:
+        from lorafuse.formats.dit_keys import families_of
+
+        component = DENOISER_PREFIXES[0].rstrip("/") + "."
+        found: Found = {}
+        for prefix in ("", *ORIGINAL_PREFIXES):
+            inside = {k[len(prefix):] for k in shapes if k.startswith(prefix)}
+            families = families_of(inside, original=True)
+            for name in modules if families else ():
+                if name in found or not name.startswith(component):
+                    continue
+                paths = [f.original_path(name[len(component):]) for f in families]
+                key = next((f"{prefix}{p}.weight" for p in paths if p is not None and f"{p}.weight" in inside), None)
+                if key is not None:
+                    found[name] = [Target(key)]
+        return found, [m for m in modules if m not in found]
+
+
 class ComponentNames:
     """diffusers LoRA names of any pipeline component the tables do not know (Wan's `transformer.blocks.0.attn1.to_q`,
     LTX-Video's, QwenImage's, ...: diffusers' own module paths): the weight `<component>/<path>.weight` of a
@@ -370,7 +421,8 @@ def module_chain(adapter_format: str, base_key: Callable[[str], str | None],
     """The chain for an adapter of this format: diffusion names through the tables, LLM names by key,
     then onto the row blocks of a fused qkv_proj / gate_up_proj that config.json describes (ops.fused)."""
     if adapter_format in DIFFUSION_FORMATS:
-        return ModuleChain([FluxTables(), SdTables(), ComponentNames(), UnderscoreNames()])
+        return ModuleChain([FluxTables(), SdTables(), ComponentNames(), UnderscoreNames(), OriginalNames(),
+                            OriginalWeights()])
     from lorafuse.ops.fused import FusedNames
 
     return ModuleChain([KeyNames(base_key), FusedNames(base_key, config)])

@@ -40,6 +40,7 @@ from lorafuse._progress import ProgressCallback, human_bytes
 from lorafuse._terminal import plural
 from lorafuse._validate import check_bool, check_path, full_rank
 from lorafuse.errors import LorafuseError
+from lorafuse.io.atomic import overwrite_words
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.manifest import mark_metadata
 from lorafuse.io.provenance import Invocation, Provenance, is_provenance_key
@@ -150,9 +151,9 @@ class Plan:
             out.append(f"    ... and {len(self.modules) - SHOWN} more" + (f" (in all {summary})" if summary else "")
                        + " (--json lists all)")
         if self.replaces:  # io.atomic's note, said of a run that has not happened
-            what = self.replaces.removeprefix("--overwrite replaced ").removesuffix(
-                "; everything that was in it is gone")
-            out.append(f"  would replace: {what} (with --overwrite, a run replaces it whole)")
+            words = overwrite_words()
+            what = self.replaces.removeprefix(f"{words} replaced ").removesuffix("; everything that was in it is gone")
+            out.append(f"  would replace: {what} (with {words}, a run replaces it whole)")
         out += [f"  note: {n}" for n in self.notes]
         return out
 

@@ -86,6 +86,7 @@ def _check_fit(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[in
 # convolution. From grepping transformers 5 for Conv1D(: gpt2, openai, imagegpt, decision_transformer, clvp.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
 CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+DIFFUSERS_MODEL = "diffusers"  # ModelInfo's model_type of a diffusers model (its config.json names none)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class ModelInfo:
                     nested.add(value["model_type"])
                 todo += [(v, depth + 1) for v in value.values()]
         top = config.get("model_type")
+        if not isinstance(top, str) and isinstance(config.get("_diffusers_version"), str):
+            top = DIFFUSERS_MODEL  # a diffusers model's config.json: torch Linear layers, never a Conv1D
         return cls(top if isinstance(top, str) else None, frozenset(nested))
 
     def layer_type(self, module: str) -> str | None:

@@ -9,6 +9,8 @@ between them; LoHa, LoKr and Tucker modules go through their structure (model.sp
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import shlex
 from collections.abc import Iterable, Sequence
@@ -120,7 +122,7 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     loaded = [a if isinstance(a, Adapter) else load(a) for a in adapter_list(adapters, "similarity")]
     if len(loaded) < 1:
         raise LorafuseValueError("similarity needs at least one adapter")
-    g = gram(loaded, threads)
+    g = gram([_scaled(a) for a in loaded], threads)  # each by a power of two: the cosines are the same
     if not np.isfinite(g).all():
         raise _non_finite(loaded, g, threads)
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
@@ -129,6 +131,17 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     for note in unshared_notes(loaded) + zero_notes(loaded, [i for i, n in enumerate(norms) if n == 0]):
         warn(note, UserWarning)  # a 0 that measures nothing (the CLI prints these as notes)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
+
+
+def _scaled(a: Adapter) -> Adapter:
+    """`a` with every module's scale divided by one power of two, that of its largest scale: the same cosines,
+    and a squared norm that float64 holds where the scales alone would overflow it (alpha 1e200) or underflow."""
+    scales = [abs(u.scale) for u in a.updates.values() if math.isfinite(u.scale) and u.scale != 0]
+    if not scales:
+        return a
+    c = 2.0 ** math.frexp(max(scales))[1]
+    return dataclasses.replace(a, updates={n: dataclasses.replace(u, scale=u.scale / c)
+                                           for n, u in a.updates.items()})
 
 
 def _non_finite(loaded: Sequence[Adapter], g: np.ndarray, threads: int) -> NonFiniteError:

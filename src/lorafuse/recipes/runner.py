@@ -359,7 +359,7 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
     one, a path inside an input folder, or the current folder (io.atomic's rules, `overwrite` or not); never
     the output or a folder holding it; and an existing entry only when it is lorafuse's own earlier output of
     the same `kind` (io.manifest.KINDS; --overwrite replaces the output only, never an intermediate one)."""
-    from lorafuse.io.atomic import check_output, check_output_path
+    from lorafuse.io.atomic import check_output, check_output_path, overwrite_words
 
     where = f"stage {name!r} writes its output to {path} (in --intermediate-dir {work})"
     try:
@@ -378,7 +378,7 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
     except OutputError as e:
         what = re.split(r"[:;.]? nothing was written", str(e), maxsplit=1)[0]
         raise OutputError(f"{where}, which exists and is not lorafuse's own earlier output of that kind: {what}. "
-                          "--overwrite "
+                          f"{overwrite_words()} "
                           f"replaces only the output (-o), never what is in the intermediate folder: move {path} "
                           "away, or choose another --intermediate-dir; nothing was written") from None
 

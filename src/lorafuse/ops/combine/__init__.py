@@ -69,9 +69,10 @@ from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, float32_coefficient, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
 from lorafuse.model.update import holds_nonfinite
-from lorafuse.ops.combine import many, ray_engine
+from lorafuse.ops.combine import many, ray_engine, taskmerge
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
+from lorafuse.ops.combine.identity import Identities
 from lorafuse.ops.combine.options import GROUP_BYTES, CombineOptions
 from lorafuse.ops.combine.registry import METHODS, OPTION_FLAGS, REGISTRY, Method, methods_help, methods_with
 from lorafuse.ops.combine.terms import Terms, as_adapters, output_ranks, terms_by_module
@@ -228,6 +229,10 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter | many.Source],
                   structured_above=STRUCTURED_ABOVE)
     dtype = output_dtype(loaded, o.dtype, "combine")
     _note_one_adapter(len(loaded), loaded[0].label, method)  # once everything is checked
+    identities = Identities()
+    for a in loaded:
+        identities.see(a.config, a.label)
+    identities.note()
     return _Prepared(loaded, method, by_module, ctx, dtype, [float(w) for w in ws], wheres)
 
 
@@ -309,6 +314,11 @@ def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
         for name, u in a.updates.items():
             if holds_nonfinite(u):
                 return NonFiniteError(f"{e}: {where}, module {name!r}, holds NaN or Inf in its factors")
+    if p.method.run is taskmerge.run_dense_svd:  # each dense delta is formed before its weight applies
+        for a, where in zip(p.loaded, p.wheres):
+            for name, u in a.updates.items():
+                if own := taskmerge.dense_overflow(u, p.method.name):
+                    return NonFiniteError(f"{e}: {where}, module {name!r}: {own}")
     summed = f"every input is finite, so the weighted sum overflows float32 (weights " \
         f"{', '.join(f'{w:g}' for w in p.weights)})"
     for a, where, w in zip(p.loaded, p.wheres, p.weights):
@@ -358,6 +368,7 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     if many.choose_engine(plan, o, backend_for_device(o.device)) == "memory":
         return sources, ws, None, o
     _note_one_adapter(len(sources), sources[0].where, REGISTRY[o.method])  # (the in-memory path: in _prepare)
+    plan.identities.note()
     return [], None, plan, o
 
 

@@ -97,6 +97,7 @@ from lorafuse.model.arithmetic import (
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
 from lorafuse.model.spectral import frobenius_sq, is_stored_lora
 from lorafuse.model.update import Update, holds_nonfinite
+from lorafuse.ops.combine.identity import Identities
 from lorafuse.ops.combine.options import CombineOptions
 from lorafuse.ops.combine.terms import dense_shape, unused_conv_rank
 
@@ -388,6 +389,7 @@ class Plan:
     replays: list[Replay | None] = dataclasses.field(default_factory=list)  # per source (the local engine's reads)
     structured: str | None = None  # the first LoHa / LoKr / Tucker module met, said: only the in-memory path takes it
     seconds: float = 0.0  # the header pass's wall time (every adapter opened and checked, before any work)
+    identities: Identities = dataclasses.field(default_factory=Identities)  # the models the inputs name
 
     @property
     def paths(self) -> list[Path]:
@@ -524,6 +526,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
     lycoris: str | None = None
     read: list[Source] = []
     models = _Models(f"combine --method {method}")
+    identities = Identities()
     start = time.perf_counter()
     for src, w in zip(_stepped(sources, _Bar(len(sources), progress if len(sources) > 1 else False, "headers")),
                       weights):
@@ -536,6 +539,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
             src = Source(a.path, src.where)  # what the loader read: a PEFT weights file's folder, config included
         read.append(src)
         models.see(_named(src), a)
+        identities.see(a.config, src.where)
         for name, u in a.updates.items():
             if not (isinstance(u, LoraUpdate) and is_stored_lora(u)):
                 found = f"{src.where}: module {name!r} is a LoHa / LoKr / Tucker update"
@@ -545,6 +549,8 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
                 continue
             out, inn = dense_shape(u)
             spec = modules.get(name)
+            if spec is not None and spec.kind == "linear":
+                u = u.laid_as(spec.transposed)  # PEFT's fan_in_fan_out, which PEFT ignores for a torch Linear
             if spec is None:
                 spec = modules[name] = ModuleSpec(name, ModuleLayout.like(u, 1), out, inn, u.kind,
                                                   tuple(u.delta_shape), u.transposed, src.where)
@@ -578,7 +584,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
     if not any(s.count > 1 for s in modules.values()):  # no module shared: adapters of one model, or refused
         models.check()
     return Plan(read, weights, modules, dtypes, template, targets, fingerprints, nbytes, replays, lycoris,
-                time.perf_counter() - start)
+                time.perf_counter() - start, identities)
 
 
 def _named(src: Source) -> str:

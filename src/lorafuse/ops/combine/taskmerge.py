@@ -9,7 +9,10 @@ import numpy as np
 
 from lorafuse.backends import DenseJob, TaskMergeJob
 from lorafuse.errors import ShapeMismatchError
+from lorafuse.model import Update
+from lorafuse.model.arithmetic import FLOAT32_MAX
 from lorafuse.model.limits import check_dense
+from lorafuse.model.spectral import frobenius_sq
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.terms import Term, Terms, dense_shape
 
@@ -80,6 +83,28 @@ def check_dense_terms(method: str, by_module: Terms) -> None:
                         (shape[0], int(np.prod(shape[1:], dtype=np.int64))))
 
 
+def dense_delta(u: Update, threads: int = 0) -> np.ndarray:
+    """s B A in float32, as the *_svd methods form it before weighting it (an overflow gives Inf, which
+    task_merge refuses, naming the module)."""
+    b, a = u.stored_factors(threads)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray((b * np.float32(u.scale)) @ a)
+
+
+def dense_overflow(u: Update, method: str) -> str:
+    """Why a *_svd method cannot form one finite input's dense delta s B A in float32 (dense_delta holds Inf or
+    NaN), or '' when it can. The deltas are formed before they are weighted (as PEFT forms them), so no weight
+    helps. The error path only."""
+    if np.isfinite(dense_delta(u)).all():
+        return ""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = math.sqrt(max(frobenius_sq(u), 0.0))
+    return (f"method {method!r} forms its dense delta s B A (scale {u.scale:g}, Frobenius norm {norm:.3g}) in "
+            f"float32 (largest value {FLOAT32_MAX:.3g}) before weighting it, as PEFT does, and it overflows there: a "
+            "smaller weight does not help; use svd or cat (they weight the factors first), or scale the adapter "
+            "down first (lorafuse.load(path) * c, saved)")
+
+
 def dense_bytes(name: str, terms: list[Term], ctx: Context) -> int:
     out, inn = dense_shape(terms[0].update)
     return 4 * out * inn * (len(terms) + 1)
@@ -94,8 +119,7 @@ def run_dense_svd(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Out
     for n, ts in group:
         deltas = []
         for t in ts:
-            b, a = t.update.stored_factors(o.threads)
-            deltas.append(np.ascontiguousarray((b * np.float32(t.update.scale)) @ a))
+            deltas.append(dense_delta(t.update, o.threads))
         items.append(TaskMergeJob(n, deltas))
         ws.append([t.weight for t in ts])
     merged = be.task_merge(items, ws, prune, dens, rescale, merge, o.majority_sign, o.seed, o.threads)
