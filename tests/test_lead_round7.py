@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from redteam_fixtures import llm_base, peft_deltas, peft_folder
+from redteam_fixtures import llm_base, peft_deltas, peft_folder, run_cli
 from safetensors.numpy import load_file
 
 import lorafuse
@@ -115,3 +115,111 @@ def test_apply_of_a_small_model_reserves_no_large_buffers(tmp_path: Path) -> Non
     got = load_file(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert float(res.stdout.strip()) == pytest.approx(float(np.abs(got).sum()), rel=1e-6)
+
+
+# HunyuanVideo's original module paths -> (out, in): a ComfyUI-layout LoRA of a few of its layers
+_HV = {"double_blocks.0.img_attn_qkv": (48, 16), "double_blocks.0.img_mlp.fc1": (64, 16),
+       "single_blocks.0.linear2": (16, 80)}
+
+
+@pytest.mark.parametrize("spelling", [("lora_A", "lora_B"), ("lora_down", "lora_up")])
+def test_a_comfyui_layout_lora_is_written_back_in_its_layout(tmp_path: Path, spelling: tuple[str, str]) -> None:
+    """A `diffusion_model.<path>` LoRA (ComfyUI, ai-toolkit) is read as kohya modules; resize and save wrote it
+    back under kohya names (`lora_unet_double_blocks_0_img_attn_qkv`), which diffusers' HunyuanVideo loader does
+    not read. It is written in the layout it was read in, factor spelling included, and diffusers reads the
+    result as it read the input (the same products B @ A)."""
+    import torch
+    from diffusers import HunyuanVideoPipeline
+
+    rng = np.random.default_rng(0)
+    down, up = spelling
+    tensors = {}
+    for m, (o, i) in _HV.items():
+        tensors[f"diffusion_model.{m}.{down}.weight"] = rng.standard_normal((2, i)).astype(np.float32)
+        tensors[f"diffusion_model.{m}.{up}.weight"] = rng.standard_normal((o, 2)).astype(np.float32)
+        if down == "lora_down":
+            tensors[f"diffusion_model.{m}.alpha"] = np.array(2.0, np.float32)
+    from safetensors.numpy import save_file
+
+    src = tmp_path / "hv.safetensors"
+    save_file(tensors, str(src))
+    for name in ("resized.safetensors", "saved.safetensors"):
+        out = tmp_path / name
+        if name.startswith("resized"):
+            lorafuse.resize(src, rank=2, out=out)
+        else:
+            lorafuse.load(src).save(out)
+        assert set(load_file(str(out))) == set(tensors), name
+
+        def products(path: Path) -> dict[str, np.ndarray]:
+            if down == "lora_down":  # (diffusers' HunyuanVideo converter fails on `.alpha` keys: lorafuse's reading)
+                a = lorafuse.load(path)
+                return {m: np.asarray(u.delta(), np.float64) for m, u in a.updates.items()}
+            state = HunyuanVideoPipeline.lora_state_dict(str(path))
+            return {k: (state[k.replace(".lora_A.", ".lora_B.")].to(torch.float64)
+                        @ state[k].to(torch.float64)).numpy() for k in state if ".lora_A." in k}
+
+        want, got = products(src), products(out)
+        assert set(got) == set(want) and len(want) >= 3, name
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"{name}: {k}")
+
+
+def test_the_dot_slash_escape_writes_a_folder_named_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leading `~` of an output is expanded (CLI) or refused (Python); `./~/m`, the way to name a folder `~`
+    (as `./-` names one `-`), was refused too: Path('./~/m') drops the `./`. It is written where it says."""
+    base = llm_base(tmp_path / "base", SHAPES)
+    adapter = peft_folder(tmp_path / "a", SHAPES, seed=5)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["apply", "base", "a", "-o", "./~/m", "-q"])
+    assert code == 0, err
+    got = load_file(str(tmp_path / "~" / "m" / "model.safetensors"))
+    w = load_file(str(base / "model.safetensors"))
+    for m, d in peft_deltas(adapter).items():
+        np.testing.assert_allclose(got[m + ".weight"], w[m + ".weight"] + d, rtol=1e-5, atol=1e-5)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # (where no folder `~` is: there the name is taken as meant)
+    with pytest.raises(lorafuse.LorafuseError, match=r"for a folder of that name \(\./~/\.\.\. on the command line"):
+        lorafuse.apply(base, [adapter], out="~/x")
+
+
+def test_an_output_given_with_tilde_is_recorded_as_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out=~/merged` (bash leaves it as typed; the CLI expands it) was recorded verbatim in the output's
+    `lorafuse.command`, where every other spelling of the output is recorded as OUT (a rerun into another folder
+    gives the same bytes)."""
+    from safetensors import safe_open
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    base = llm_base(tmp_path / "base", SHAPES)
+    adapter = peft_folder(tmp_path / "a", SHAPES, seed=6)
+    for argv in (["--out=~/merged"], ["-o", "~/merged2"]):
+        code, _, err = run_cli(["apply", str(base), str(adapter), *argv, "-q"])
+        assert code == 0, err
+        name = "merged" if argv[0].startswith("--out=") else "merged2"
+        with safe_open(str(home / name / "model.safetensors"), "np") as f:
+            command = (f.metadata() or {})["lorafuse.command"]
+        assert "~" not in command and ("--out=OUT" in command or "-o OUT" in command), command
+
+
+def test_a_shard_beside_another_models_index_is_not_taken_for_its_shard(tmp_path: Path) -> None:
+    """A `*-00001-of-00002.safetensors` file is refused as one shard of a checkpoint when an index beside it lists
+    it; an index of another model in the same folder (a downloads folder) does not make it one: it is read."""
+    folder = tmp_path / "downloads"
+    base = llm_base(tmp_path / "src", SHAPES)
+    folder.mkdir()
+    shard = folder / "model-00001-of-00002.safetensors"
+    (base / "model.safetensors").rename(shard)
+    (folder / "other.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x.weight": "other-00001-of-00002.safetensors"}}))
+    adapter = peft_folder(tmp_path / "a", SHAPES, seed=7)
+    out = tmp_path / "merged.safetensors"
+    lorafuse.apply(shard, [adapter], out=out)
+    got, w = load_file(str(out)), load_file(str(shard))
+    for m, d in peft_deltas(adapter).items():
+        np.testing.assert_allclose(got[m + ".weight"], w[m + ".weight"] + d, rtol=1e-5, atol=1e-5)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {m + ".weight": shard.name for m in SHAPES}}))
+    with pytest.raises(lorafuse.LorafuseError, match="one shard of 2"):
+        lorafuse.apply(shard, [adapter], out=tmp_path / "again.safetensors")

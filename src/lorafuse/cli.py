@@ -517,7 +517,11 @@ def _out(text: str) -> str:
 def _path(text: str) -> str:
     """A path argument with a leading `~` or `~user` expanded, as a shell does where it can (a quoted `'~/x'`, or
     `--out=~/x`, which bash leaves as typed), and as list lines and recipe models are: never a folder named `~`."""
-    return os.path.expanduser(text) if text.startswith("~") else text
+    if text.startswith("~"):
+        return os.path.expanduser(text)
+    if os.path.normpath(text).startswith("~"):  # `./~/x`, the escape for a folder named `~` here: made absolute,
+        return os.path.abspath(text)  # as a path that Path() shortens to `~/x` would be refused (io.atomic)
+    return text
 
 
 def _convert_target(text: str) -> str:

@@ -111,22 +111,52 @@ _COMFY_TEXT_WHY = ("ComfyUI's text-encoder LoRA layout (text_encoders.<clip_l|cl
 def original_key(key: str) -> tuple[str, str] | None:
     """(kohya module name, kohya part) of a ComfyUI-layout key (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A
     .weight` -> `lora_unet_double_blocks_0_img_attn_qkv`, `lora_down.weight`); None for any other key."""
+    split = _original_split(key)
+    if split is None:
+        return None
+    stem, part = split
+    prefix = next(p for p in sorted(ORIGINAL_PREFIXES, key=len, reverse=True) if stem.startswith(p))
+    return KOHYA_DENOISER + stem[len(prefix):].replace(".", "_"), ORIGINAL_PARTS[part]
+
+
+def _original_split(key: str) -> tuple[str, str] | None:
+    """(stem, part as written) of a ComfyUI-layout key: (`diffusion_model.double_blocks.0.img_attn.qkv`,
+    `lora_A.weight`); None for any other key."""
     prefix = next((p for p in sorted(ORIGINAL_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
     if prefix is None:
         return None
     rest = key[len(prefix):]
     part = next((s for s in _ORIGINAL_SUFFIXES if rest.endswith("." + s) and len(rest) > len(s) + 1), None)
-    if part is None:
-        return None
-    return KOHYA_DENOISER + rest[: -len(part) - 1].replace(".", "_"), ORIGINAL_PARTS[part]
+    return None if part is None else (key[: -len(part) - 1], part)
+
+
+_PEFT_SPELLING = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+
+
+def _in_layout(tensors: dict[str, Tensor], name: str, layout: tuple[str, bool] | None) -> dict[str, Tensor]:
+    """A module's tensors under the keys of the layout it was read in (KohyaState.layouts): a ComfyUI-layout file
+    goes through resize, combine or arithmetic in its own layout, which its readers (ComfyUI, diffusers' family
+    converters) know, not as kohya names some of them do not."""
+    if layout is None:
+        return tensors
+    stem, peft = layout
+    out: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        part = key[len(name) + 1:]
+        out[f"{stem}.{_PEFT_SPELLING.get(part, part) if peft else part}"] = t
+    return out
 
 
 def _kohya_key(key: str) -> tuple[str, str] | None:
     """(module, part) of a kohya / LyCORIS key, or of a ComfyUI-layout one read as kohya; None for anything else."""
     module, _, part = key.partition(".")
-    if part in KNOWN_PARTS and module.startswith(PREFIXES):
-        return module, part
-    return original_key(key)
+    return (module, part) if _native(key) else original_key(key)
+
+
+def _native(key: str) -> bool:
+    """Whether `key` is a kohya / LyCORIS key as kohya names them (`lora_<module>.<part>`)."""
+    module, _, part = key.partition(".")
+    return part in KNOWN_PARTS and module.startswith(PREFIXES)
 
 
 def load_kohya(path: str | os.PathLike[str]) -> Adapter:
@@ -136,6 +166,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         metadata = dict(f.metadata)
     parts: dict[str, dict[str, Tensor]] = {}
     named: dict[tuple[str, str], str] = {}  # (module, part) -> the key it was read from
+    layouts: dict[str, tuple[str, bool]] = {}  # a ComfyUI-layout module -> (its key stem, lora_A / lora_B spelling)
     for key, t in tensors.items():
         hit = _kohya_key(key)
         if hit is None:
@@ -145,6 +176,9 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
                               f"(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one{why}")
         module, part = hit
         check_module_name(module, f"{p}: tensor {short(key)}")
+        split = None if _native(key) else _original_split(key)
+        if split is not None:
+            layouts.setdefault(module, (split[0], split[1] in _PEFT_SPELLING.values()))
         if (module, part) in named:
             raise FormatError(f"{p}: tensors {short(named[module, part])} and {short(key)} are both the {part} of "
                               f"module {module!r}")
@@ -164,7 +198,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     # config: r, lora_alpha, rank_pattern, alpha_pattern stating every module's rank and scale, as a result of
     # arithmetic states them: state_dict() with it is the adapter (Adapter.from_state_dict(x.state_dict(), x.config))
     return Adapter(updates=updates, config=restated_config({}, updates), format="kohya", path=p,
-                   state=KohyaState(metadata, alpha_dtypes, unused, forms),
+                   state=KohyaState(metadata, alpha_dtypes, unused, forms, layouts),
                    provenance=Provenance.from_metadata(metadata))
 
 
@@ -458,7 +492,7 @@ def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Te
         out = _lora_module_tensors(where, name, u, alpha_dtype, form)
     if u.magnitude is not None:
         out[name + ".dora_scale"] = _dora_scale(where, u)
-    return out
+    return _in_layout(out, name, state.layouts.get(name))
 
 
 def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str | None,

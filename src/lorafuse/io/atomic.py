@@ -313,12 +313,14 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) 
     inside an input folder: replacing it would destroy or change them, `overwrite` or not. Symbolic
     links are resolved (an output that is a link is checked where it points too), folders are also
     compared by identity, and the links inside an input folder count as inputs where they lead."""
+    text = os.fsdecode(os.fspath(out))
     out = Path(out)
-    first = out.parts[0] if out.parts else ""
+    first = text.split(os.sep, 1)[0]
     if first.startswith("~") and os.path.expanduser(first) != first and not os.path.lexists(first):
-        raise LorafuseValueError(f"output {os.fsdecode(out)!r}: a leading ~ is read as a home folder by a shell, not "
-                                 f"in Python, so this would create a folder named {first!r} here: give the path in "
-                                 f"full ({os.path.expanduser(os.fsdecode(out))!r})")
+        raise LorafuseValueError(f"output {text!r}: a leading ~ is read as a home folder by a shell, not in Python, "
+                                 f"so this would create a folder named {first!r} here: give the path in full "
+                                 f"({os.path.expanduser(text)!r}), or {os.path.abspath(text)!r} for a folder of that "
+                                 "name (./~/... on the command line)")
     places = _input_places(inputs)
     for target in _located(out):
         why = _relation(out, target, places)

@@ -171,11 +171,21 @@ def one_shard(path: Path) -> str | None:
     m = re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.safetensors", path.name, re.IGNORECASE)
     if m is None or int(m[3]) < 2 or not path.is_file():
         return None
-    index = next(iter(sorted(path.parent.glob("*.safetensors.index.json"))), None)
-    if index is None:
+    index = next((i for i in sorted(path.parent.glob("*.safetensors.index.json")) if _lists(i, path.name)), None)
+    if index is None:  # (an index of another model in the same folder does not make this file a shard of it)
         return None
     return (f"{path}: one shard of {int(m[3])} of a checkpoint ({index.name} beside it lists them): the model is the "
             f"folder, give {path.parent} (one shard alone would be merged into a model of its tensors only)")
+
+
+def _lists(index: Path, name: str) -> bool:
+    """Whether the shard index `index` names the file `name` in its weight_map (unreadable: no)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    return isinstance(weight_map, dict) and name in weight_map.values()
 
 
 def refuse_pickle(path: Path) -> FormatError:

@@ -181,11 +181,17 @@ def command_text(argv: Sequence[str], out: str | None = None) -> str:
                 break
             value = _short_out(w) if not w.startswith("--") else w[len("--out="):] if w.startswith("--out=") else None
             if w == "--out" or value == "":  # the value is the next word
-                if i + 1 < len(words) and words[i + 1] == out:
+                if i + 1 < len(words) and _names_out(words[i + 1], out):
                     words[i + 1] = OUT
-            elif value == out:
-                words[i] = w[: len(w) - len(out)] + OUT
+            elif value is not None and _names_out(value, out):
+                words[i] = w[: len(w) - len(value)] + OUT
     return shlex.join(["lorafuse", *words])
+
+
+def _names_out(word: str, out: str) -> bool:
+    """Whether the word given for -o is the output `out`: as typed, or as the CLI reads it (a leading `~` expanded,
+    `./~/x` made absolute)."""
+    return word == out or os.path.expanduser(word) == out or os.path.abspath(word) == out  # (cli._path)
 
 
 def _short_out(word: str) -> str | None:

@@ -29,6 +29,9 @@ class KohyaState:
     alpha_dtypes: dict[str, str | None] = field(default_factory=dict)
     unused_alphas: dict[str, float] = field(default_factory=dict)
     alpha_forms: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)
+    # a ComfyUI-layout file's modules (formats.kohya.original_key): module -> (the key stem it was read under,
+    # `diffusion_model.<path>`, and whether its factors were spelled lora_A / lora_B): written back so
+    layouts: dict[str, tuple[str, bool]] = field(default_factory=dict)
 
     def record_config(self) -> dict[str, object]:
         """The JSON form kept in a diffusers file's kohya record (the metadata travels as the file's own)."""
