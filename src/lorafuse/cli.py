@@ -1505,7 +1505,10 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         return
     _say(f"adapter     {d['path']}  ({d['format']})")
     _say(f"  modules     {d['modules']}")
-    _say(f"  ranks       {', '.join(f'r={k}: {v}' for k, v in d['ranks'].items())}")
+    # a LoKr of two full halves has no rank (r=full in the module list): counted too, so the line is never empty
+    full = sum(1 for m in d["module_details"] if m["rank"] is None and m["scale"] is not None)
+    ranks = [f"r={k}: {v}" for k, v in d["ranks"].items()] + ([f"r=full: {full}"] if full else [])
+    _say(f"  ranks       {', '.join(ranks)}")
     _say(f"  lora_alpha  {d['lora_alpha']}{'  (rslora)' if d['use_rslora'] else ''}")
     _say(f"  scales      {', '.join(f'{s:g}' for s in d['scales'])}")
     _say(f"  dtypes      {', '.join(f'{k}: {v}' for k, v in d['dtypes'].items())}")

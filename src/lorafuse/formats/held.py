@@ -99,7 +99,8 @@ _KINDS = {"peft": "a PEFT adapter", "kohya": "a kohya / LyCORIS file", "diffuser
 def extract_models(base: str | os.PathLike[str], finetuned: str | os.PathLike[str]) -> tuple[Path, Path]:
     """The two model checkpoints extract reads, as local paths (a Hub id: its snapshot folder, io.hub), an adapter
     given as either refused saying so (refuse_adapter)."""
-    paths = local_path(base, what="checkpoint"), local_path(finetuned, what="checkpoint")
+    paths = (local_path(base, what="checkpoint", adapter=False),
+             local_path(finetuned, what="checkpoint", adapter=False))
     for p, what in zip(paths, ("the base model", "the fine-tuned model")):
         refuse_adapter(p, what, EXTRACT_TAKES)
         if is_pipeline(p):

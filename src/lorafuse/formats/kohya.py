@@ -198,8 +198,14 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
     # config: r, lora_alpha, rank_pattern, alpha_pattern stating every module's rank and scale, as a result of
     # arithmetic states them: state_dict() with it is the adapter (Adapter.from_state_dict(x.state_dict(), x.config))
     return Adapter(updates=updates, config=restated_config({}, updates), format="kohya", path=p,
-                   state=KohyaState(metadata, alpha_dtypes, unused, forms, layouts),
+                   state=KohyaState(metadata, alpha_dtypes, unused, forms, layouts, _conv_dora(updates, parts)),
                    provenance=Provenance.from_metadata(metadata))
+
+
+def _conv_dora(updates: Mapping[str, Update], parts: Mapping[str, Mapping[str, Tensor]]) -> frozenset[str]:
+    """The modules whose dora_scale is stored (out, 1, 1, 1), a convolution's, while their delta reads 2-D."""
+    return frozenset(m for m, u in updates.items() if "dora_scale" in parts[m] and len(u.delta_shape) == 2
+                     and len(parts[m]["dora_scale"].shape) == 4 and not u.magnitude_on_columns)
 
 
 def _algorithm(where: str, module: str, parts: Mapping[str, Tensor]) -> str:
@@ -491,7 +497,7 @@ def kohya_module_tensors(adapter: Adapter, name: str, u: Update) -> dict[str, Te
     else:
         out = _lora_module_tensors(where, name, u, alpha_dtype, form)
     if u.magnitude is not None:
-        out[name + ".dora_scale"] = _dora_scale(where, u)
+        out[name + ".dora_scale"] = _dora_scale(where, u, name in state.conv_dora)
     return _in_layout(out, name, state.layouts.get(name))
 
 
@@ -612,8 +618,9 @@ def _alpha_tensor(scale: float, rank: int, dtype: str | None) -> Tensor | None:
     return Tensor(np.array(value, dtype=np.float32), "F32")
 
 
-def _dora_scale(where: str, u: Update) -> Tensor:
-    """LyCORIS' dora_scale: (out, 1) / (out, 1, 1, 1) per output row, (1, in) per column."""
+def _dora_scale(where: str, u: Update, conv: bool = False) -> Tensor:
+    """LyCORIS' dora_scale: (out, 1) / (out, 1, 1, 1) per output row (a convolution's: `u` is one, or `conv`
+    says the file stored it so), (1, in) per column."""
     m = u.magnitude
     assert m is not None
     rows, cols = u.delta_shape[0], int(np.prod(u.delta_shape[1:], dtype=np.int64))
@@ -626,7 +633,7 @@ def _dora_scale(where: str, u: Update) -> Tensor:
             raise UnsupportedError(f"{where}: per-column DoRA of a convolution has no dora_scale layout")
         shape: tuple[int, ...] = (1, count)
     else:
-        shape = (count, 1, 1, 1) if u.kind == "conv" else (count, 1)
+        shape = (count, 1, 1, 1) if u.kind == "conv" or conv else (count, 1)
     return Tensor(np.ascontiguousarray(m.raw).reshape(shape), m.dtype)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, InputChangedError
-from lorafuse.io.hub import LOADERS, TRANSFORMERS_WEIGHTS, local_path, shard_name_problem
+from lorafuse.io.hub import LOADERS, TRANSFORMERS_WEIGHTS, local_path, path_hint, shard_name_problem
 from lorafuse.io.safetensors import (
     FileIdentity,
     SafetensorsFile,
@@ -283,7 +283,8 @@ def no_such_path(path: str | os.PathLike[str]) -> str:
         return f"{text}: no such file or directory ({hint}a leading ~ is read as a home folder by a shell, not in " \
                "Python)"
     if text == text.strip():
-        return f"{text}: no such file or directory"
+        on_hub = path_hint(text)  # a file inside a Hub repository, a dataset, a URL
+        return f"{text}: no such file or directory" + (f" ({on_hub})" if on_hub else "")
     meant = text.strip()
     hint = f"did you mean {meant!r}? " if meant and os.path.lexists(meant) else ""
     return f"{text!r}: no such file or directory ({hint}the name starts or ends with a space)"
@@ -299,7 +300,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        path = local_path(path, what="checkpoint")  # a Hub id: its snapshot folder (io.hub)
+        path = local_path(path, what="checkpoint", adapter=False)  # a Hub id: its snapshot folder (io.hub)
         try:
             found = path.exists()
         except OSError as e:  # a name too long for the system, a folder that cannot be searched: said, not raised

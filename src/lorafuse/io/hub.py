@@ -20,6 +20,8 @@ anything inside it), which repository, revision and commit it came from (for pro
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import json
 import os
 import re
@@ -50,6 +52,7 @@ HUB_FILES: tuple[str, ...] = (
 )
 CONFIG_FILES: tuple[str, ...] = ("config.json",)
 PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 INSTALL = "pip install 'lorafuse[hub]'"
 LOGIN = "log in with `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) or set HF_TOKEN"
@@ -105,6 +108,32 @@ def parse(spec: str | os.PathLike[str]) -> tuple[str, str | None] | None:
     return repo, rev
 
 
+_URL = re.compile(r"(?:hf:/+|(?:https?:/+)?(?:www\.)?huggingface\.co/)")  # (a Path keeps one / of //)
+
+
+def path_hint(text: str) -> str | None:
+    """For a missing path that names something on the Hub in a form lorafuse does not read as an id: a file or
+    folder inside a repository (`org/name/file.safetensors`, PEFT's `subfolder=`), a dataset or a space, a URL;
+    what to give instead. None for anything else, and where the path's first folder exists here (a local path)."""
+    url = _URL.match(text)
+    bare = text[url.end():] if url else text
+    parts = bare.split("/")
+    if parts[0] in ("datasets", "spaces") and len(parts) >= 3 and parse("/".join(parts[1:3])) is not None:
+        return f"Hub ids name model repositories; a {parts[0][:-1]} repository is not read"
+    if len(parts) < 3 or os.path.isdir(parts[0]) or (found := parse("/".join(parts[:2]))) is None:
+        return None if url is None or parse(bare) is None else f"give the Hub id as {bare}, without {text[:url.end()]}"
+    repo, rev = found
+    if len(parts) >= 5 and parts[2] in ("blob", "resolve", "tree"):  # a page's address: .../blob/REVISION/FILE
+        rev, parts = parts[3], parts[:2] + parts[4:]
+    inside = "/".join(parts[2:])
+    file = inside.lower().endswith(".safetensors")
+    fetch = (f"hf download {repo} {inside}" if file else f"hf download {repo} --include '{inside}/*'") + (
+        f" --revision {rev}" if rev else "")
+    return (f"if {inside} is in the Hub repository {repo}: lorafuse reads a repository by its id, not a file or folder "
+            f"inside it; fetch it with `{fetch}` and give " + ("the path that prints" if file else
+                                                                f"the folder that prints followed by /{inside}"))
+
+
 def check_spec(spec: object, what: str) -> str:
     """`spec` as text when it is a path (str, bytes or os.PathLike: _validate.check_path's rules, no empty string
     nor NUL) or a Hub id; else LorafuseValueError naming `what` ('adapter', 'base model', ...) and what is
@@ -123,10 +152,13 @@ def is_hub_id(spec: str | os.PathLike[str]) -> bool:
     return parse(spec) is not None
 
 
-def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Resolved:
+def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES,
+            adapter: bool | None = None) -> Resolved:
     """`spec` as a local path: itself when it exists on disk or is not shaped like a Hub id, else the
     snapshot folder of the Hub model repository it names, downloaded (only `patterns`) or found in the
-    cache. `what` names the input in messages ('base model', 'adapter').
+    cache. `what` names the input in messages ('base model', 'adapter'); `adapter` says which weights of a
+    repository holding both a PEFT adapter and a model are read (weights_wanted): True the adapter's, False the
+    model's, None (either may be read) both.
 
     Raises UnsupportedError when huggingface_hub is not installed, and FormatError naming the id, the
     revision and what to do when the repository or revision does not exist, is gated or private, is not
@@ -154,11 +186,13 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
         # Two steps, so that a repository's other copies of its weights are not fetched: the small files first,
         # then the weights those name (weights_wanted), then any component that got none (variants only).
         path = download([p for p in patterns if p != WEIGHTS])
-        wanted = weights_wanted(path)
+        wanted = weights_wanted(path, adapter)
         path = download(wanted)
         missing = weights_missing(path) if wanted != [WEIGHTS] else []
         if missing:
             path = download(missing)
+        if offline:  # huggingface_hub returns a cached snapshot as it is when it has no listing of the commit
+            _check_cached(path, wanted, f"{what} {text}", _named(repo, revision), cache or hub.constants.HF_HUB_CACHE)
     else:
         path = download(patterns)
     # the cache's layout: <cache>/models--org--name/snapshots/<commit sha>
@@ -277,16 +311,28 @@ def _pipeline_components(folder: Path) -> list[str]:
                   and v[0] is not None and "/" not in k and ".." not in k and (folder / k).is_dir())
 
 
-def weights_wanted(folder: Path) -> list[str]:
+def weights_wanted(folder: Path, adapter: bool | None = None) -> list[str]:
     """Which .safetensors files of a snapshot (its small files fetched: the configs and shard indexes) lorafuse
     reads, as download patterns. A diffusers pipeline (model_index.json): each component's weights (its shard
     index's files, else its diffusion_pytorch_model / model.safetensors), not the fp16 / other variants beside
     them nor the single-file checkpoints at the top; a transformers model (config.json): its index's shards or
     model.safetensors, not other copies (consolidated.safetensors); a PEFT adapter: adapter_model.safetensors;
     anything else (a kohya / LyCORIS / diffusers LoRA file, a single-file checkpoint): every .safetensors file,
-    as before."""
+    as before. A repository holding a PEFT adapter beside a model (config.json or model_index.json): the adapter's
+    file when `adapter` is True, the model's weights when False (what a checkpoint reader of the folder reads),
+    both when None."""
     if (folder / PEFT_CONFIG).is_file():
-        return ["adapter_model.safetensors"]
+        model = [] if adapter or not _is_model(folder) else _model_weights(folder)
+        return model if adapter is False and model else [PEFT_WEIGHTS, *model]
+    return _model_weights(folder)
+
+
+def _is_model(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("config.json", "model_index.json"))
+
+
+def _model_weights(folder: Path) -> list[str]:
+    """weights_wanted for a folder without adapter_config.json."""
     components = _pipeline_components(folder)
     if components:
         wanted: list[str] = []
@@ -327,9 +373,34 @@ def weights_missing(folder: Path) -> list[str]:
     return _shards_instead(folder, "") or ([] if has_weights(folder) else [WEIGHTS])
 
 
-def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES) -> Path:
+def _check_cached(folder: Path, wanted: Sequence[str], head: str, named: str, cache: str) -> None:
+    """FormatError when a snapshot found in the cache offline lacks the weights lorafuse reads from it (an
+    interrupted download, a download of other files only): said with the id and the commit, not later as a
+    folder of the cache without them."""
+    try:
+        have = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        need = ([PEFT_WEIGHTS] if PEFT_WEIGHTS in wanted else []) + weights_missing(folder)
+    except OSError:
+        return  # the reader says what it cannot read
+    absent = [p for p in dict.fromkeys(need) if not fnmatch.filter(have, p)]
+    if PEFT_WEIGHTS in absent and WEIGHTS in absent:  # the adapter's file is the one named
+        absent.remove(WEIGHTS)
+    if PEFT_WEIGHTS not in wanted and (folder / PEFT_CONFIG).is_file() and not any(fnmatch.filter(have, p)
+                                                                                   for p in wanted):
+        absent.append(" or ".join(wanted))  # a model beside an adapter: the model's weights, not the adapter's
+    if absent:
+        files = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        files = files.replace(WEIGHTS, "any .safetensors file")
+        raise FormatError(f"{head}: the Hugging Face cache {cache} holds {named} (commit {folder.name}) without "
+                          f"{files}, and HF_HUB_OFFLINE is set, so the Hub was not asked for them: unset "
+                          "HF_HUB_OFFLINE to download them, or point HF_HOME or HF_HUB_CACHE at a cache that holds "
+                          "them")
+
+
+def local_path(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] = HUB_FILES,
+               adapter: bool | None = None) -> Path:
     """`resolve(spec).path`: the checkpoint (or pipeline, or any input) folder a Hub id names, else `spec`."""
-    return resolve(spec, what=what, patterns=patterns).path
+    return resolve(spec, what=what, patterns=patterns, adapter=adapter).path
 
 
 def held_adapter_file(folder: Path) -> Path | None:
@@ -350,7 +421,7 @@ def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     (pytorch_lora_weights.safetensors, diffusers' name, or the only .safetensors file: a kohya / LyCORIS /
     diffusers LoRA repository). FormatError when the repository holds no .safetensors file, or several and
     no adapter_config.json (the id cannot say which)."""
-    r = resolve(spec, what=what)
+    r = resolve(spec, what=what, adapter=True)
     if r.repo_id is None:
         return r.path
     folder = r.path
@@ -442,6 +513,34 @@ def _named(repo: str, revision: str | None) -> str:
     return repo if revision is None else f"{repo}@{revision}"
 
 
+def _causes(e: BaseException) -> set[str]:
+    """The class names of the errors that led to `e` (its __cause__ / __context__ chain, `e` left out)."""
+    names: set[str] = set()
+    seen: set[int] = set()
+    cause = e.__cause__ or e.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        names.add(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return names
+
+
+def _path_hint(spec: str) -> str:
+    """For an id that was not found whose first part is a local folder (`loras/my-lora` typed for `loras/my_lora`):
+    that it may be a misspelled path, with the closest name in that folder; else ''."""
+    folder, name = os.path.split(spec)
+    try:
+        if not os.path.isdir(folder):
+            return ""
+        with os.scandir(folder) as entries:
+            names = [entry.name for _, entry in zip(range(10_000), entries)]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    meant = f": did you mean {os.path.join(folder, close[0])}?" if close else ""
+    return f" (a local folder {folder}{os.sep} exists{meant})"
+
+
 def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, cache: str,
            offline: bool) -> FormatError | None:
     """A FormatError for what snapshot_download raised; None for anything that is neither an OSError nor from
@@ -459,7 +558,7 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
                            f"https://huggingface.co/{repo}, then {LOGIN}")
     if "RepositoryNotFoundError" in kinds:
         return FormatError(f"{missing}: the Hub has no model repository {repo} (or it is private: {LOGIN}); if you "
-                           "meant a local path, check its spelling")
+                           f"meant a local path, check its spelling{_path_hint(spec)}")
     if "RevisionNotFoundError" in kinds:
         return FormatError(f"{head}: the Hub repository {repo} has no {rev} (give a branch, a tag or a commit sha)")
     if "DisabledRepoError" in kinds:
@@ -471,11 +570,16 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
     if "LocalEntryNotFoundError" in kinds and offline:
         return FormatError(f"{missing}: {repo} ({rev}) is not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE "
                            "is set: unset HF_HUB_OFFLINE to download it, or point HF_HOME or HF_HUB_CACHE at the cache "
-                           "that holds it")
+                           f"that holds it{_path_hint(spec)}")
+    if "LocalEntryNotFoundError" in kinds and "OfflineModeIsEnabled" in _causes(e):
+        return FormatError(f"{missing}: {repo} ({rev}) is not in the Hugging Face cache {cache}, and huggingface_hub, "
+                           "imported in this process while HF_HUB_OFFLINE was set, stays offline whatever "
+                           "HF_HUB_OFFLINE says now: run again in a new process without HF_HUB_OFFLINE"
+                           + _path_hint(spec))
     if "LocalEntryNotFoundError" in kinds:
         return FormatError(f"{missing}: the Hub cannot be reached and {repo} ({rev}) is not in the Hugging Face cache "
                            f"{cache}: check the connection (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 with HF_HOME or "
-                           "HF_HUB_CACHE naming a cache that holds it")
+                           f"HF_HUB_CACHE naming a cache that holds it{_path_hint(spec)}")
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
         return FormatError(f"{head}: the Hub refused access to {repo} (HTTP {status}): {LOGIN}")
@@ -484,4 +588,4 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
     return FormatError(f"{head}: cannot get {repo} ({rev}) from the Hub: {type(e).__name__}: {e}")
 
 __all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "held_adapter_file", "hub_origin", "is_hub_id",
-           "local_adapter", "local_path", "parse", "resolve", "spec_origin"]
+           "local_adapter", "local_path", "parse", "path_hint", "resolve", "spec_origin"]

@@ -32,6 +32,9 @@ class KohyaState:
     # a ComfyUI-layout file's modules (formats.kohya.original_key): module -> (the key stem it was read under,
     # `diffusion_model.<path>`, and whether its factors were spelled lora_A / lora_B): written back so
     layouts: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    # modules whose `dora_scale` was stored (out, 1, 1, 1), a convolution's, where the delta reads 2-D (a LoHa / LoKr
+    # of a generic 'lycoris_' layer stores its kernel flattened): written back so, as LyCORIS loads it
+    conv_dora: frozenset[str] = frozenset()
 
     def record_config(self) -> dict[str, object]:
         """The JSON form kept in a diffusers file's kohya record (the metadata travels as the file's own)."""

@@ -749,7 +749,7 @@ def prepare_apply(
     check_requantize(requantize, dtype)
     limit = shard_limit(max_shard_size) if max_shard_size is not None else None
 
-    base_path = local_path(base, what="base model")  # a Hub id: its snapshot folder (io.hub)
+    base_path = local_path(base, what="base model", adapter=False)  # a Hub id: its snapshot folder (io.hub)
     loaded = [a if isinstance(a, Adapter) else _load_adapter(a, base_path) for a in adapters]
     refuse_adapter(base_path, "the base model", APPLY_TAKES)  # after the adapters: `apply ADAPTER MODEL` is said so
     if (why := one_shard(base_path)) is not None:

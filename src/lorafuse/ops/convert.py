@@ -136,6 +136,21 @@ def _family(adapter: Adapter, family: str | None) -> str:
     return str(_sd_keys().guess_family(list(adapter.updates)))
 
 
+def _refuse_lycoris_names(adapter: Adapter) -> None:
+    """Refuse a file named by LyCORIS's own wrapper (create_lycoris: 'lycoris_' + a layer's path in any model, its
+    dots turned into '_'): no family's kohya names, so no diffusers name follows from them."""
+    generic = [n for n in adapter.updates if n.startswith("lycoris_")]
+    if not generic:
+        return
+    which = (f"modules {generic[0]!r} and {len(generic) - 1} more carry" if len(generic) > 1
+             else f"module {generic[0]!r} carries")
+    raise UnsupportedError(f"{adapter.label}: {which} the names LyCORIS's own wrapper "
+                           "gives a layer of any model (create_lycoris: 'lycoris_' + its path, dots turned into '_'), "
+                           "not kohya's lora_unet_ / lora_te_ names of an SD / SDXL / Flux layer, so no diffusers "
+                           "name follows from them; convert --to peft reads kohya names (apply merges this file into "
+                           "its base)")
+
+
 def _unmapped_error(adapter: Adapter, names: list[str], what: str) -> MissingModuleError:
     shown = ", ".join(f"{n!r} {tuple(adapter.updates[n].delta_shape)}" for n in names[:5])
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
@@ -707,6 +722,8 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
     for name, u in a.updates.items():  # a faithful copy of a NaN would be a broken adapter written as new
         if holds_nonfinite(u):
             raise NonFiniteError(f"{a.label}: module {name!r} holds NaN or Inf in its factors; nothing was written")
+    if to == "peft" and a.format == "kohya":
+        _refuse_lycoris_names(a)  # before its LoHa / LoKr modules are factorized
     n_in = len(a.updates)
     a, reports = lycoris_to_lora(a, rank, conv_rank, threads)
     inputs = [a.path] if a.path is not None else []

@@ -56,6 +56,9 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
         parent = loc[:-1]
         field = str(loc[-1])
         known = _fields_at(parent)
+        why = _MERGEKIT_FIELDS.get((len(parent) > 0 and parent[-1] == "parameters", field))
+        if why is not None:
+            return loc, f"mergekit's field {field} is not supported: {why}"
         return loc, f"unknown field{suggest(field, known)}; expected one of {', '.join(known)}"
     if kind == "missing":
         return loc, "missing (required)"
@@ -79,6 +82,25 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
     if kind in _WRITTEN and isinstance(value, str):
         return loc, f"{err.get('msg', 'invalid')}: YAML reads {value!r} as text ({_WRITTEN[kind]})"
     return loc, str(err.get("msg", "invalid"))
+
+
+# mergekit's fields that lorafuse does not take, keyed by (inside a `parameters` mapping, name), and why: a
+# mergekit user is told what lorafuse does instead of only "unknown field"
+_MERGEKIT_FIELDS = {
+    (False, "slices"): "a stage merges every layer of its models (no layer_range)",
+    (False, "layer_range"): "a stage merges every layer of its models (no slices or layer ranges)",
+    (False, "tokenizer_source"): "lorafuse merges adapters and writes no tokenizer (apply copies the base's own "
+                                 "tokenizer files)",
+    (False, "tokenizer"): "lorafuse merges adapters and writes no tokenizer (apply copies the base's own "
+                          "tokenizer files)",
+    (False, "chat_template"): "lorafuse writes no tokenizer or chat template (apply copies the base's own files)",
+    (False, "out_dtype"): "the output dtype is the stage's dtype",
+    (True, "normalize"): "weights are used as given (PEFT's rule): write weights that sum to 1 to normalize them",
+    (True, "int8_mask"): "it only saves mergekit's memory; lorafuse has nothing to set",
+    (True, "rescale"): "dare_linear and dare_ties always rescale the kept entries by 1/density, as PEFT's",
+    (True, "filter_wise"): "a stage merges whole modules",
+    (True, "t"): "slerp is not a lorafuse method (it takes a weight per model)",
+}
 
 
 def _short(value: object) -> str:
@@ -253,6 +275,39 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage, device: str | No
     _check_values(recipe, i, stage, device)
 
 
+def _same(recipe: RecipeText, a: str, b: str) -> bool:
+    """Whether two models of a recipe are one: the same text, or two spellings of one existing path (`base`,
+    `./base`)."""
+    import os
+
+    from lorafuse.recipes.paths import locate
+
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(locate(recipe.folder, a), locate(recipe.folder, b))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_base_listed(recipe: RecipeText, i: int, stage: Stage) -> None:
+    """Refuse base_model listed again among the models (mergekit's way: its base is one of `models`, often with no
+    parameters): apply would merge the base into itself as an adapter, and combine reads adapters only and not
+    base_model, so the stage would fail late, or for ties on a density the base was never meant to have."""
+    verb = _verb(stage.merge_method)
+    if stage.base_model is None or verb not in ("combine", "apply"):
+        return
+    j = next((j for j, m in enumerate(stage.models) if _same(recipe, m.model, stage.base_model)), None)
+    if j is None:
+        return
+    what = ("apply merges the models into base_model, so list only the adapters under models" if verb == "apply"
+            else "combine reads only the adapters under models, and not base_model: remove the base from models")
+    given = stage.models[j].model
+    named = "" if given == stage.base_model else f" ({stage.base_model!r})"
+    raise RecipeError(f"{recipe.where(i, ('models', j, 'model'))}: {given!r} is the base_model{named}, also listed "
+                      f"among the models (mergekit lists its base there); {what}")
+
+
 def _split_plus(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: str,
                 fits: Callable[[str], bool]) -> tuple[str, str] | None:
     """'BASE+ADAPTER' (apply's form, as mergekit's) unless the whole text names something (`fits`: an earlier
@@ -320,6 +375,7 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
             raise RecipeError(f"{recipe.where(i, ('name',))}: stage names {folded[name.lower()]!r} and {name!r} "
                               "differ only in case, which some file systems do not tell apart")
         folded[name.lower()] = name
+        _check_base_listed(recipe, i, stage)
         _check_parameters(recipe, i, stage, device)
         verb = _verb(stage.merge_method)
 

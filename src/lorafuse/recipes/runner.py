@@ -111,6 +111,7 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
 
 
 _NEGATABLE = {"requantize"}  # switches whose False differs from leaving them out (the verb's --no-X)
+_PEFT_NAMED = ("ties", "dare_ties", "dare_linear")  # PEFT's, on the factors; mergekit's of these names: NAME_svd
 
 
 def _flag(name: str) -> str:
@@ -509,6 +510,13 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
               for s in stages if s.stage.merge_method == "linear" and len(s.inputs) > 1
               and all(x.weight is None or x.weight > 0 for x in s.inputs)
               and abs(sum(1.0 if x.weight is None else x.weight for x in s.inputs) - 1.0) > 1e-9]
+    notes += [f"stage {s.name!r}: merge_method {s.stage.merge_method} is PEFT's (on each LoRA factor); mergekit's "
+              f"{s.stage.merge_method} works on the full deltas, as {s.stage.merge_method}_svd does here (then cut "
+              "to a rank)"
+              for s in stages if s.stage.merge_method in _PEFT_NAMED and len(s.inputs) > 1]
+    if intermediate_dir is not None and len(stages) == 1:
+        notes.append(f"--intermediate-dir {os.fsdecode(intermediate_dir)} is not used: a recipe of one stage writes "
+                     "only the output")
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
     if device is not None:
         extra += ["--device", device]
