@@ -45,6 +45,7 @@ from pathlib import Path
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.kohya import STALE_HASH_KEYS, kohya_metadata, own_hashes
+from lorafuse.formats.peft import PREFIX as PEFT_PREFIX
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.formats.util import ORIGINAL_PREFIXES, ORIGINAL_WHY, most_common, safetensors_keys
@@ -112,11 +113,10 @@ def unprefixed_lora_key(keys: Iterable[str]) -> str | None:
     """The first name that is a LoRA factor without a component prefix (`down_blocks.0....lora_A.weight`: one
     model's LoRA, as diffusers' `ModelMixin.save_lora_adapter` writes it, whose component the file does not
     tell); None when there is none."""
-    return next((k for k in keys if not split_name(k)[0] and not k.startswith(_PEFT_PREFIX)
+    return next((k for k in keys if not split_name(k)[0] and not k.startswith(PEFT_PREFIX)
                  and parse_key("", k) is not None), None)
 
 
-_PEFT_PREFIX = "base_model.model."  # a PEFT adapter's own tensors (its adapter_config.json is what is missing)
 UNPREFIXED_WHY = ("LoRA factors without a component prefix: one model's LoRA, as diffusers' save_lora_adapter writes "
                   "it, which lorafuse does not read, as the file does not say which component "
                   f"({', '.join(COMPONENTS)}) it belongs to; save the pipeline's LoRA with save_lora_weights "

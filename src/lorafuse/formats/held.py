@@ -17,12 +17,10 @@ from pathlib import Path
 from lorafuse.errors import FormatError
 from lorafuse.formats.util import safetensors_keys
 from lorafuse.io.checkpoint import SAFETENSORS_SUFFIX, names_ending
-from lorafuse.io.hub import PEFT_CONFIG, held_adapter_file, hub_origin, local_adapter, local_path
+from lorafuse.io.hub import PEFT_CONFIG, PEFT_WEIGHTS, held_adapter_file, hub_origin, local_adapter, local_path
 from lorafuse.io.pipeline import is_pipeline
 from lorafuse.io.provenance import set_adapter_locator
 from lorafuse.model.registry import sniff
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_format(path: str | os.PathLike[str]) -> str | None:

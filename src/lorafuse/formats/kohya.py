@@ -114,20 +114,22 @@ def original_key(key: str) -> tuple[str, str] | None:
     split = _original_split(key)
     if split is None:
         return None
-    stem, part = split
-    prefix = next(p for p in sorted(ORIGINAL_PREFIXES, key=len, reverse=True) if stem.startswith(p))
-    return KOHYA_DENOISER + stem[len(prefix):].replace(".", "_"), ORIGINAL_PARTS[part]
+    _, path, part = split
+    return KOHYA_DENOISER + path.replace(".", "_"), ORIGINAL_PARTS[part]
 
 
-def _original_split(key: str) -> tuple[str, str] | None:
-    """(stem, part as written) of a ComfyUI-layout key: (`diffusion_model.double_blocks.0.img_attn.qkv`,
-    `lora_A.weight`); None for any other key."""
-    prefix = next((p for p in sorted(ORIGINAL_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
+_ORIGINAL_PREFIXES_LONGEST = sorted(ORIGINAL_PREFIXES, key=len, reverse=True)  # `model.diffusion_model.` first
+
+
+def _original_split(key: str) -> tuple[str, str, str] | None:
+    """(prefix, module path, part as written) of a ComfyUI-layout key: (`diffusion_model.`,
+    `double_blocks.0.img_attn.qkv`, `lora_A.weight`); None for any other key."""
+    prefix = next((p for p in _ORIGINAL_PREFIXES_LONGEST if key.startswith(p)), None)
     if prefix is None:
         return None
     rest = key[len(prefix):]
     part = next((s for s in _ORIGINAL_SUFFIXES if rest.endswith("." + s) and len(rest) > len(s) + 1), None)
-    return None if part is None else (key[: -len(part) - 1], part)
+    return None if part is None else (prefix, rest[: -len(part) - 1], part)
 
 
 _PEFT_SPELLING = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
@@ -178,7 +180,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         check_module_name(module, f"{p}: tensor {short(key)}")
         split = None if _native(key) else _original_split(key)
         if split is not None:
-            layouts.setdefault(module, (split[0], split[1] in _PEFT_SPELLING.values()))
+            layouts.setdefault(module, (split[0] + split[1], split[2] in _PEFT_SPELLING.values()))
         if (module, part) in named:
             raise FormatError(f"{p}: tensors {short(named[module, part])} and {short(key)} are both the {part} of "
                               f"module {module!r}")

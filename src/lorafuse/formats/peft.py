@@ -29,6 +29,7 @@ from lorafuse.errors import FormatError, LorafuseValueError, ShapeMismatchError,
 from lorafuse.formats.kohya import PREFIXES as KOHYA_PREFIXES
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.io.checkpoint import read_json, refuse_pickle
+from lorafuse.io.hub import PEFT_WEIGHTS
 from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
 from lorafuse.io.safetensors import SafetensorsFile
 from lorafuse.io.tensor import Tensor
@@ -40,7 +41,7 @@ from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.patterns import analyse
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = PEFT_WEIGHTS  # (io.hub: what a Hub fetch of an adapter downloads)
 PREFIX = "base_model.model."
 
 # Suffix of a saved key -> the role of the tensor in its module.
