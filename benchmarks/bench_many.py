@@ -16,7 +16,8 @@ bytes from the page cache: the I/O floor; with ``--cold`` the page cache is empt
 lorafuse's and cat's, so both read from the disk: the I/O-bound case). Reported: the median wall time (and spread), time per adapter
 (wall / n, and per adapter-pass), peak RSS, the ratio to ``cat``; and, once per n, the relative error
 ||D - D_k||_F / ||D||_F of q_proj against the float64 optimum (numpy: D summed in float64 from the stored
-factors, its exact SVD), for --passes 1, 2 and 3, with the engine's own a-posteriori estimate.
+factors, its exact SVD), for --passes 1, 2 and 3 and for --passes 2 --oversample 120 (ERROR_RUNS), with the engine's own
+a-posteriori estimate.
 
 Run: ``python benchmarks/bench_many.py`` (n = 10, 100, 1000), ``--n 10 100`` for fewer, ``--n 10000`` for
 the issue's largest case (12 GB of adapters in --dir, and its float64 optimum takes a while).
@@ -52,12 +53,15 @@ MODULES = {  # name -> (out, in)
 }
 PREFIX = "base_model.model.model.layers.0."
 RANK, SHARED, DECAY, NOISE = 16, 32, 0.85, 0.5
+# the q_proj error runs: label -> (passes, oversample; None: the default, 10)
+ERROR_RUNS = {"1 pass": (1, None), "2 passes": (2, None), "3 passes": (3, None), "2 passes, oversample 120": (2, 120)}
 
 CHILD = r"""
 import json, sys, time
 from lorafuse.ops.combine import CombineOptions, combine_to
 from lorafuse.ops.combine.many import read_list
 engine, dtype = sys.argv[6], (None if sys.argv[7] == "-" else sys.argv[7])
+oversample = None if sys.argv[9] == "-" else int(sys.argv[9])
 init = 0.0
 if engine == "ray":  # a local Ray of argv[8] CPUs, started (and timed) before the combination
     import ray
@@ -66,8 +70,9 @@ if engine == "ray":  # a local Ray of argv[8] CPUs, started (and timed) before t
     init = time.perf_counter() - t
 sources, weights = read_list(sys.argv[1])
 t = time.perf_counter()
+wide = {} if oversample is None else {"oversample": oversample}  # (a lorafuse without the option runs the rest)
 report = combine_to(sources, weights, CombineOptions(rank=int(sys.argv[3]), passes=int(sys.argv[4]),
-                    engine=engine, threads=int(sys.argv[5]), dtype=dtype), sys.argv[2], overwrite=True)
+                    engine=engine, threads=int(sys.argv[5]), dtype=dtype, **wide), sys.argv[2], overwrite=True)
 s = report.summary
 print(json.dumps({"wall": time.perf_counter() - t, "passes": s.passes, "adapters": s.adapters,
                   "bytes_read": s.bytes_read, "peak_rss": s.peak_rss, "errors": s.errors, "init": init,
@@ -141,10 +146,11 @@ def drop_caches() -> None:
 
 
 def run_combine(listing: Path, out: Path, passes: int, threads: int, engine: str = "stream",
-                dtype: str | None = None, ray_cpus: int = 2) -> dict[str, object]:
+                dtype: str | None = None, ray_cpus: int = 2, oversample: int | None = None) -> dict[str, object]:
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, str(listing), str(out), str(RANK), str(passes),
-                           str(threads), engine, dtype or "-", str(ray_cpus)], capture_output=True, text=True,
+                           str(threads), engine, dtype or "-", str(ray_cpus),
+                           "-" if oversample is None else str(oversample)], capture_output=True, text=True,
                           check=False)
     wall = time.perf_counter() - t
     if done.returncode != 0:
@@ -154,8 +160,9 @@ def run_combine(listing: Path, out: Path, passes: int, threads: int, engine: str
     return result
 
 
-def q_proj_errors(paths: list[Path], outs: dict[int, Path], reported: dict[int, float]) -> dict[int, tuple[float, ...]]:
-    """Per passes: (relative error, ratio to the optimum, the engine's estimate) for q_proj."""
+def q_proj_errors(paths: list[Path], outs: dict[str, Path], reported: dict[str, float]) -> dict[str, tuple[float, ...]]:
+    """Per run (ERROR_RUNS' labels): (relative error, ratio to the optimum, the engine's estimate) for q_proj;
+    '0': the optimum itself."""
     import lorafuse
 
     name = "model.layers.0.self_attn.q_proj"
@@ -168,7 +175,7 @@ def q_proj_errors(paths: list[Path], outs: dict[int, Path], reported: dict[int, 
     s = np.linalg.svd(d, compute_uv=False)
     norm = float(np.linalg.norm(d))
     opt = float(np.sqrt(np.sum(s[RANK:] ** 2))) / norm
-    out: dict[int, tuple[float, ...]] = {0: (opt, 1.0, float("nan"))}
+    out: dict[str, tuple[float, ...]] = {"0": (opt, 1.0, float("nan"))}
     for passes, o in outs.items():
         got = lorafuse.load(o).updates[name].delta()
         err = float(np.linalg.norm(d - got)) / norm
@@ -283,12 +290,12 @@ def main() -> int:
         }
         if not args.no_error:
             outs, reported = {}, {}
-            for passes in (1, 2, 3):
-                o = root / f"err{n}_{passes}"
-                r = run_combine(listing, o, passes, args.threads)
-                outs[passes] = o
-                reported[passes] = float(r["errors"]["model.layers.0.self_attn.q_proj"])  # type: ignore[index]
-            row["q_proj"] = {str(k): v for k, v in q_proj_errors(paths, outs, reported).items()}
+            for label, (passes, over) in ERROR_RUNS.items():
+                o = root / f"err{n}_{label}"
+                r = run_combine(listing, o, passes, args.threads, oversample=over)
+                outs[label] = o
+                reported[label] = float(r["errors"]["model.layers.0.self_attn.q_proj"])  # type: ignore[index]
+            row["q_proj"] = q_proj_errors(paths, outs, reported)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
@@ -304,8 +311,8 @@ def main() -> int:
         for r in rows:
             e = r["q_proj"]  # type: ignore[index]
             cells = [f"optimum {e['0'][0]:.4f}"] + [  # type: ignore[index]
-                f"{p} pass{'es' if p != '1' else ''} {e[p][0]:.4f} ({e[p][1]:.3f}x; est. {e[p][2]:.4f})"  # type: ignore[index]
-                for p in ("1", "2", "3")]
+                f"{label} {e[label][0]:.4f} ({e[label][1]:.3f}x; est. {e[label][2]:.4f})"  # type: ignore[index]
+                for label in ERROR_RUNS]
             print(f"  n = {r['n']}: " + ", ".join(cells))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

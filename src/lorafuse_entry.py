@@ -52,6 +52,7 @@ def main() -> int:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
         try:
+            from lorafuse.cli import arm_stop_watch
             from lorafuse.cli import main as cli_main
         except (KeyboardInterrupt, ImportError) as e:
             if not interrupted(e):
@@ -60,6 +61,7 @@ def main() -> int:
             return 143 if isinstance(e, _Terminated) or SEEN[-1:] == [signal.SIGTERM] else 130
         finally:
             signal.signal(signal.SIGTERM, previous)
+        arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
         return cli_main()
     finally:
         if own_int:

@@ -152,8 +152,9 @@ def record_free(name: str, data: bytes) -> bytes:
     """A file of an output without what records how the run was invoked (issue #16: the command line or the
     Python call differ between runs that write the same weights): a .safetensors file's header without its
     `lorafuse.*` metadata (the rest of the header and the data as they are), lorafuse's model card (README.md)
-    as a fixed mark, the manifest without the card's entry and the .safetensors files' sizes (their headers'
-    lengths follow the record's). Other files as they are."""
+    as a fixed mark, the manifest without the card's entry and the .safetensors files' sizes and sampled hashes
+    (their headers' lengths follow the record's, and a big file's sampled hash takes in its header). Other files
+    as they are."""
     base = name.rsplit("/", 1)[-1]
     try:
         if base.endswith(".safetensors"):
@@ -166,7 +167,8 @@ def record_free(name: str, data: bytes) -> bytes:
             return RECORD_FREE_MARK
         if base == "lorafuse_manifest.json":
             manifest = json.loads(data)
-            files = {k: ({f: v for f, v in rec.items() if f != "size"} if k.endswith(".safetensors") else rec)
+            files = {k: ({f: v for f, v in rec.items() if f not in ("size", "sample_sha256")}  # (the header's in it)
+                         if k.endswith(".safetensors") else rec)
                      for k, rec in manifest["files"].items() if k != "README.md"}
             return json.dumps({**manifest, "files": files}, sort_keys=True).encode()
     except (ValueError, struct.error, AttributeError, KeyError, TypeError):  # not lorafuse's: as it is

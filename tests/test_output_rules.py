@@ -21,6 +21,7 @@ transformers with the manifest beside them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ import lorafuse
 from lorafuse import LorafuseValueError, OutputError, OverwriteWarning
 from lorafuse.cli import main
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output
+from lorafuse.io.manifest import STAMP_XATTR, stamp
 from lorafuse.plot import plot_similarity, plot_spectrum
 
 MANIFEST = "lorafuse_manifest.json"
@@ -631,12 +633,27 @@ def test_links_fifos_and_devices_are_never_replaced(tmp_path):
         check_output(tmp_path / "x" / "..", folder=True)
 
 
+def _keeps_xattrs(path: Path) -> bool:
+    """Whether the file system of `path` keeps user extended attributes (where the stamp decides)."""
+    try:
+        os.getxattr(path, STAMP_XATTR)
+    except OSError as e:
+        return e.errno == errno.ENODATA
+    return True
+
+
 def test_single_file_marks_are_read_strictly(tmp_path):
     """A .safetensors file is lorafuse's when its header is valid, the data fills the file and the metadata
-    has the mark; a PNG when a tEXt chunk says so (written here by PIL, an independent writer)."""
+    has the mark; a PNG when a tEXt chunk says so (written here by PIL, an independent writer). Each also needs
+    the stamp lorafuse puts on what it writes (io.manifest.stamp, put here by hand) where the file system keeps
+    extended attributes: without it, a marked file is a copy or a download, maybe the user's only one."""
     marked = {MARK: lorafuse.__version__}
     ok = tmp_path / "ok.safetensors"
     save_file({"w": np.ones(3, np.float32)}, str(ok), metadata=marked)
+    if _keeps_xattrs(ok):
+        with pytest.raises(OutputError, match="a file lorafuse did not write as it is now .*not as lorafuse left it"):
+            check_output(ok, folder=False)
+    stamp(ok)
     check_output(ok, folder=False)
     for name, meta, tail in (("nomark", {"a": "b"}, b""), ("trailing", marked, b"\0" * 8)):
         bad = tmp_path / f"{name}.safetensors"
@@ -648,6 +665,7 @@ def test_single_file_marks_are_read_strictly(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text(MARK, "9.9")
     Image.new("RGB", (2, 2)).save(tmp_path / "ours.png", pnginfo=info)
+    stamp(tmp_path / "ours.png")
     check_output(tmp_path / "ours.png", folder=False)
     Image.new("RGB", (2, 2)).save(tmp_path / "theirs.png")
     with pytest.raises(OutputError, match="is a file lorafuse did not write"):

@@ -106,7 +106,8 @@ def test_combine_peft_records_inputs_and_writes_a_card_peft_loads(llama, tmp_pat
     card = (out / "README.md").read_text(encoding="utf-8")
     fm = front_matter(card)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert fm["base_model"] == config["base_model_name_or_path"] == str(case.base_dir)
+    # a local base: PEFT's base_model_name_or_path, not the card's base_model (the Hub takes a model id only)
+    assert "base_model" not in fm and config["base_model_name_or_path"] == str(case.base_dir)
     assert fm["library_name"] == "peft" and fm["tags"] == ["lorafuse", "lora", "merge", "combine"]
     assert call in card
     for digest in (*peft_files(case.adapter_dir).values(), *peft_files(other).values()):
@@ -249,7 +250,7 @@ def test_extract_records_both_checkpoints(llama, tmp_path):
                              [*shards, "model.safetensors.index.json", "config.json"]}
     assert ft["files"] == {n: sha(tuned / n) for n in [*shards, "model.safetensors.index.json", "config.json"]}
     assert meta["lorafuse.base_model"] == str(case.base_dir)
-    assert front_matter((res.out / "README.md").read_text())["base_model"] == str(case.base_dir)
+    assert "base_model" not in front_matter((res.out / "README.md").read_text())  # a local base: no model id
     PeftModel.from_pretrained(case.model_cls.from_pretrained(str(case.base_dir)), str(res.out))
 
 
@@ -282,8 +283,7 @@ def test_apply_folder_records_every_shard_and_keeps_the_base_card(llama, tmp_pat
                                                              "skip_missing": False, "device": "cpu"}
     card = (out / "README.md").read_text()
     fm = front_matter(card)
-    assert fm == {"base_model": str(case.base_dir), "library_name": "transformers",
-                  "tags": ["lorafuse", "lora", "merge", "apply"]}
+    assert fm == {"library_name": "transformers", "tags": ["lorafuse", "lora", "merge", "apply"]}  # a local base
     assert (out / "BASE_README.md").read_bytes() == (case.base_dir / "README.md").read_bytes()
     assert "[BASE_README.md](BASE_README.md)" in card
     assert inspect_folder(out).ours  # the manifest lists the card and the kept base card
@@ -362,8 +362,8 @@ def test_card_front_matter_parses_whatever_the_names(base):
     p = Provenance("apply", (prov.InputRecord("x|y`z", "base", sha256="2" * 64),),
                    prov.Invocation("command", "lorafuse apply 'x|y`z' a -o o  # ```"), {}, None)
     card = model_card(p, base_model=base, library_name="transformers")
-    assert front_matter(card) == {"base_model": base, "library_name": "transformers",
-                                  "tags": ["lorafuse", "lora", "merge", "apply"]}
+    hub = {"base_model": base} if base == "org/model" else {}  # a name that is no Hub id is no base_model
+    assert front_matter(card) == {**hub, "library_name": "transformers", "tags": ["lorafuse", "lora", "merge", "apply"]}
     assert "````sh\nlorafuse apply 'x|y`z' a -o o  # ```\n````" in card
     assert "| 1 | ``x\\|y`z`` | base |  | `" + "2" * 64 + "` |" in card
 

@@ -301,7 +301,7 @@ def test_ctrl_c_before_the_command_starts_is_said_in_one_line(monkeypatch, capsy
 def test_an_output_edited_in_place_is_the_users(tmp_path):
     """Every output file is stamped with its size and modification time (an extended attribute, not its bytes):
     a same-size edit in place of a file too big to hash, or of a marked .safetensors file, makes it the user's;
-    an untouched output, or one with no stamp (copied), is replaced silently as before."""
+    an untouched output is replaced silently; one with no stamp (copied, downloaded) is the user's too."""
     from lorafuse.io.manifest import STAMP_XATTR
 
     folder, one = tmp_path / "out", tmp_path / "one.safetensors"
@@ -328,8 +328,11 @@ def test_an_output_edited_in_place_is_the_users(tmp_path):
     with pytest.raises(OutputError, match="is a file lorafuse did not write"):
         check_output(one, folder=False)
     for path in (folder / "big.bin", one):
-        os.removexattr(path, STAMP_XATTR)  # no stamp (a copy): the mark and the manifest decide, as before
-    assert check_output(folder, folder=True) is None and check_output(one, folder=False) is None
+        os.removexattr(path, STAMP_XATTR)  # no stamp where the file system keeps them: a copy, maybe the only one
+    with pytest.raises(OutputError, match="files changed since lorafuse wrote them: big.bin"):
+        check_output(folder, folder=True)
+    with pytest.raises(OutputError, match="is a file lorafuse did not write as it is now"):
+        check_output(one, folder=False)
 
 
 def test_a_peft_folder_whose_files_are_not_files_says_which(tmp_path):

@@ -695,7 +695,7 @@ def test_a_temporary_output_is_removed_even_when_its_folder_was_renamed(tmp_path
 
 @pytest.mark.parametrize("argv, says", [
     (["merge", "base", "lora", "-o", "x"], "to merge adapters into a base model: apply"),
-    (["help", "apply"], "lorafuse COMMAND --help"),
+    (["help", "aply"], "help: no command 'aply'; did you mean 'apply'?"),  # (`help apply` is apply --help)
     (["resize", "lora", "--new_rank", "2", "-o", "x"], "kohya's --new_rank is --rank here"),
     (["resize", "lora", "--rank", "2", "--save_precision", "fp16", "-o", "x"], "kohya's --save_precision is --dtype"),
     (["combine", "a", "b", "--method", "task_arithmetic", "-o", "x"], "mergekit's task_arithmetic on LoRAs is cat"),

@@ -10,6 +10,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -192,7 +194,9 @@ are binary fractions (lora_up F32 unless they are powers of two), else rounded t
 (lora_up F32).
 The family is guessed only from names one family alone has: a diffusers Flux LoRA
 (transformer.transformer_blocks...), whose names SD3, QwenImage and HunyuanVideo share,
-needs --family flux.
+needs --family flux. Flux.2 LoRAs use Flux.1's kohya words: their MLP widths and
+Flux.2's own layers tell them apart (--family flux2); where nothing does and a module
+takes another diffusers name in each (time_in, guidance_in), the family must be given.
 
 LoHa / LoKr modules have no exact LoRA form: --rank K (and --conv-rank K for kxk
 convolutions, k > 1; default --rank) keeps their best rank-K approximation (SVD of the
@@ -575,6 +579,16 @@ _FOREIGN_OPTIONS = {
                    "and rounds once; --dtype sets the output's",
     "--torch_dtype": "transformers' torch_dtype is --dtype here (fp32, fp16, bf16)",
     "--torch-dtype": "transformers' torch_dtype is --dtype here (fp32, fp16, bf16)",
+    **dict.fromkeys(("--revision",), "a Hub id's revision is part of the id here: org/name@REVISION (a branch, a "
+                    "tag or a commit sha)"),
+    **dict.fromkeys(("--token", "--hf-token", "--hf_token", "--use_auth_token", "--use-auth-token"),
+                    "lorafuse takes no token on its command line (a command line is seen by other users' `ps` and "
+                    "kept in shell histories): set HF_TOKEN, or log in with `hf auth login`"),
+    **dict.fromkeys(("--cache-dir", "--cache_dir"), "the Hugging Face cache is the one HF_HUB_CACHE or HF_HOME names"),
+    **dict.fromkeys(("--local-files-only", "--local_files_only", "--offline"),
+                    "set HF_HUB_OFFLINE=1 to read Hub ids from the Hugging Face cache only"),
+    **dict.fromkeys(("--subfolder",), "give a folder inside a Hub repository as a path: `hf download ORG/NAME "
+                    "--include 'FOLDER/*'`, then the folder that prints followed by /FOLDER"),
 }
 _FOREIGN_VERBS = {
     "merge": "to merge adapters into a base model: apply; to merge adapters into one adapter: combine",
@@ -715,6 +729,33 @@ class _Parser(argparse.ArgumentParser):
                 message += f"; did you mean {near!r}?"
         super().error(message)
 
+    def _help(self, words: Sequence[str]) -> NoReturn:
+        """`lorafuse help`: the commands; `lorafuse help COMMAND`: what `lorafuse COMMAND --help` prints (exit 0);
+        anything else is a usage error naming the command meant."""
+        verbs = getattr(self, "verbs", {})
+        words = [w for w in words if w not in ("-h", "--help")]  # `lorafuse help --help`: help is what it asks
+        if len(words) > 1:
+            self.error(f"help takes one COMMAND, got {' '.join(words)}: lorafuse help COMMAND")
+        if words and words[0] not in verbs:
+            near = _close(words[0], list(verbs))
+            self.error(f"help: no command {words[0]!r}" + (f"; did you mean {near!r}?" if near is not None else
+                                                           f" (choose from {', '.join(verbs)})"))
+        (verbs[words[0]] if words else self).print_help()
+        self.exit()
+
+    def _before_verb(self, name: str, verb: str | None) -> None:
+        """Refuse an option of a command given before it (`lorafuse --threads 2 info x`), saying where it goes:
+        argparse took its value for the command (invalid choice: '2'), or named the option as a misspelling of
+        itself (`lorafuse --json info x`: did you mean '--json'?)."""
+        verbs: dict[str, argparse.ArgumentParser] = getattr(self, "verbs", {})
+        owners = [v for v, q in verbs.items() if name in _option_names(q)]
+        if name in _option_names(self) or not owners:
+            return
+        if verb in owners:
+            self.error(f"{name} is an option of {verb}: give it after the command (lorafuse {verb} ... {name})")
+        self.error(f"{name} is an option of {', '.join(owners)}, not of {verb or 'lorafuse itself'}: give it after "
+                   f"the command (lorafuse {owners[0]} ... {name})")
+
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         words = sys.argv[1:] if args is None else list(args)
@@ -724,9 +765,13 @@ class _Parser(argparse.ArgumentParser):
             if words and words[0].startswith("-"):  # (argparse would name the '--', not what follows it)
                 self.error(f"argument COMMAND: invalid choice: {words[0]!r} after -- (choose from "
                            f"{', '.join(map(repr, verbs))})")
+        if verbs and words[:1] == ["help"]:  # `lorafuse help [COMMAND]`, as git and pip read it: COMMAND --help
+            self._help(words[1:])
         if not words and verbs:  # `lorafuse` alone: the commands, not only "COMMAND is required"
             self.print_help(sys.stderr)
             self.error("give a COMMAND (the list above)")
+        if verbs and words[0].startswith("-"):  # a command's option before the command (`lorafuse -q apply ...`)
+            self._before_verb(words[0].split("=", 1)[0], next((w for w in words if w in verbs), None))
         verb = next((w for w in words if not w.startswith("-")), "")
         target = verbs.get(verb, self)
         known = _option_names(target)
@@ -782,8 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  lorafuse extract ./base ./finetuned --rank 32 -o ./lora   a LoRA from a full fine-tune\n"
                "  lorafuse convert style.safetensors --to peft -o ./out/    kohya <-> diffusers, or --to gguf\n"
                "  lorafuse info ./my-lora                                   what an adapter or checkpoint holds\n"
-               "\n`lorafuse COMMAND --help` lists a command's options, with more examples; every command that writes a "
-               "model or an adapter takes --dry-run.",
+               "\n`lorafuse COMMAND --help` (or `lorafuse help COMMAND`) lists a command's options, with more "
+               "examples; every command that writes a model or an adapter takes --dry-run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action=_Version, help="show the version and exit")
@@ -860,6 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "near-optimal), 2 (range, then projection: 2/3 of the time, up to 1.5x the optimal error), 1 (a "
                    "single-pass sketch, Tropp et al. 2017, for adapters read only once), more (power iterations); "
                    "selects --engine stream")
+    c.add_argument("--oversample", type=_oversample, metavar="P",
+                   help="streamed svd: sketch columns beyond --rank (default 10). Without a power iteration the "
+                   "sketch's width is what bounds the error: on benchmarks/bench_many.py's adapters --passes 2 "
+                   "--oversample 120 came within 1.02x of the optimum, where 10 gave 1.43x (docs/cli.md); each "
+                   "pass's products grow with it. Selects --engine stream")
     c.add_argument("-o", "--out", type=_out, required=True,
                    help="output: a PEFT folder, or a .safetensors file (kohya, diffusers). A name ending in "
                    ".safetensors is one file: PEFT inputs without --format are then written as a diffusers or "
@@ -981,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming, or an "
                        "LLM LoRA to GGUF for llama.cpp",
-                       description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux) between kohya naming "
+                       description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux.1 / .2, Wan) between kohya naming "
                        "(lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file diffusers' "
                        "save_lora_weights writes), losslessly (but for a float32 rounding where parts with "
                        "different scales fuse, see below); LoHa / LoKr modules become LoRA with --rank. "
@@ -1018,12 +1068,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "LoHa / LoKr modules)")
     v.add_argument("--conv-rank", type=_rank, help="LoHa / LoKr kxk convolutions (k > 1): their rank "
                    "(default: --rank; refused for an adapter without them)")
-    v.add_argument("--family", type=str.lower, choices=("sd1", "sdxl", "flux"),
+    v.add_argument("--family", type=str.lower, choices=("sd1", "sdxl", "flux", "flux2", "wan"),
                    help="model family of the names (default: "
                    "guessed from names one family alone has: a diffusers Flux LoRA, "
                    "transformer.transformer_blocks..., whose names SD3, QwenImage, HunyuanVideo share, needs "
-                   "--family flux; sd1 covers SD 2.x too); for the conversions that rename (kohya -> peft, "
-                   "diffusers -> kohya), refused where the modules are another family's (a UNet's for flux)")
+                   "--family flux; flux is Flux.1, flux2 Flux.2, told apart by the layers and MLP widths one of "
+                   "them alone has; wan: Wan 2.1 / 2.2, only when given; sd1 covers SD 2.x too); for the "
+                   "conversions that rename (kohya -> peft, diffusers -> kohya), refused where the modules are "
+                   "another family's (a UNet's for flux)")
     v.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
     vo = v.add_mutually_exclusive_group()
     vo.add_argument("--verbose", action="store_true", help="one line per LoHa / LoKr module converted")
@@ -1057,6 +1109,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit "
                    "(given alone: with a recipe or -o it is refused)")
     u.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: all cores)")
+    u.add_argument("--device", type=_device, choices=("cpu", "cuda"), help="where every stage's math runs, as its "
+                   "verb's --device: cpu (the default) or cuda, one NVIDIA GPU (needs a lorafuse built with CUDA: "
+                   "docs/building.md)")
     u.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     u.add_argument("--json", action="store_true", help="print one JSON object for machines: the output, and per "
                    "stage its command line, output, seconds and its verb's own --json report (with --dry-run: "
@@ -1149,7 +1204,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
                              majority_sign=args.majority_sign, seed=args.seed, split=args.split,
                              threads=args.threads, exact=args.exact, dtype=args.dtype, device=args.device,
                              engine=args.engine, passes=args.passes, progress=_progress_of(args),
-                             ray_address=args.ray_address)
+                             ray_address=args.ray_address, oversample=args.oversample)
     if args.from_list is not None:
         from pathlib import Path
 
@@ -1271,7 +1326,8 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     result.save(target.path, target.format, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _note(args, target.note)
-    if args.rank is not None and report and all(m.rank_in <= args.rank for m in report) and not args.quiet:
+    if (args.rank is not None and report and all(m.rank_out >= m.rank_in <= args.rank for m in report)
+            and not args.quiet):  # (a --max-rank below the ranks reduces them even so)
         _note(args, f"every module's rank is {args.rank} or less already (at most {max(m.rank_in for m in report)}): "
               "nothing was reduced; the factors are rewritten (balanced by the SVD)")
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
@@ -1423,6 +1479,9 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     from lorafuse.io.provenance import path_text
     from lorafuse.ops.similarity import ZERO_NOTE, similarity, unshared_notes, unshared_pairs, zero_notes
 
+    if args.overwrite and not args.plot:  # what it replaces is the plot: said, not ignored
+        raise LorafuseValueError("--overwrite replaces the --plot file, and no --plot was given: similarity writes "
+                                 "nothing else; leave --overwrite out, or add --plot IMAGE")
     if args.plot:  # before the work: a refused plot path (or image format) costs nothing
         from lorafuse.plot import check_plot_output
 
@@ -1556,6 +1615,9 @@ def _norm_text(m: dict[str, Any]) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from lorafuse.ops.info import adapter_path, alpha_text, describe, json_ready
 
+    if args.overwrite and not args.spectrum:  # what it replaces is the plot: said, not ignored
+        raise LorafuseValueError("--overwrite replaces the --spectrum file, and no --spectrum was given: info writes "
+                                 "nothing else; leave --overwrite out, or add --spectrum IMAGE")
     if args.spectrum:  # before the work: a refused plot path (or image format) costs nothing
         from pathlib import Path
 
@@ -1626,7 +1688,56 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    _watch_stop(128 + int(signum), signal.Signals(signum).name)
     raise _Terminated(signum)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _watch_stop(130, "Ctrl-C (SIGINT)")
+    raise KeyboardInterrupt
+
+
+STOP_GRACE_ENV = "LORAFUSE_STOP_GRACE"  # seconds a stopped command has to unwind (default 20)
+_WATCHING: list[bool] = []
+_ARMED: list[bool] = []  # the process is the lorafuse command (lorafuse_entry): it may end itself (_watch_stop)
+
+
+def arm_stop_watch() -> None:
+    """Let a stop end this process if it hangs (_watch_stop): called by the console script and `python -m lorafuse`,
+    never by main() itself, so that a program (or a test) calling main() is not ended from under it."""
+    _ARMED.append(True)
+
+
+def _stop_grace() -> float:
+    try:
+        grace = float(os.environ.get(STOP_GRACE_ENV, "20"))
+    except ValueError:
+        return 20.0
+    return grace if math.isfinite(grace) and grace > 0 else 20.0
+
+
+def _watch_stop(status: int, name: str) -> None:
+    """Once per process: a daemon thread that ends the process if it still runs STOP_GRACE seconds after a stop
+    (SIGTERM, SIGHUP, Ctrl-C), having removed the temporary outputs (io.atomic.emergency_cleanup). Python raises a
+    stop in the main thread between two bytecodes; one that lands inside a lock's acquire-release pair (those of
+    concurrent.futures' futures: CPython gh-74174) leaves the lock held, and the worker threads then wait for it
+    forever while the main thread waits for them (seen: a SIGTERM during apply's writes, all threads idle)."""
+    if _WATCHING or not _ARMED:
+        return
+    _WATCHING.append(True)
+    atomic = sys.modules.get("lorafuse.io.atomic")  # not imported: no temporary output exists
+    cleanup = getattr(atomic, "emergency_cleanup", None)
+    grace = _stop_grace()
+
+    def watch() -> None:
+        time.sleep(grace)
+        if cleanup is not None:
+            cleanup()
+        os.write(2, f"lorafuse: stopped by {name}, and its threads did not finish within {grace:g} s: ended at "
+                    "once; the temporary output was removed and nothing was written\n".encode())
+        os._exit(status)
+
+    threading.Thread(target=watch, name="lorafuse-stop-watch", daemon=True).start()
 
 
 # Signals that end a command as SIGTERM does. SIGHUP only where it would kill the process (not under nohup,
@@ -1644,6 +1755,8 @@ def _catch_ending() -> dict[int, object]:
         if now is None or (s != signal.SIGTERM and now is not signal.SIG_DFL):
             continue
         previous[s] = signal.signal(s, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's: KeyboardInterrupt, and the watch
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
     return previous
 
 
@@ -1679,6 +1792,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise LorafuseValueError("--print-schema prints the recipe schema and runs nothing: give it alone "
                                      "(lorafuse run --print-schema), or leave it out to run "
                                      + (repr(args.recipe) if args.recipe is not None else "a recipe"))
+        unused = [o for o, on in (("--overwrite", args.overwrite), ("--dry-run", args.dry_run),
+                                  ("--intermediate-dir", args.intermediate_dir is not None),
+                                  ("--threads", args.threads != 0), ("--device", args.device is not None),
+                                  ("-q", args.quiet)) if on]
+        if unused:  # options of a run, which --print-schema is not: refused, not ignored (--json: it is JSON)
+            raise LorafuseValueError(f"--print-schema prints the recipe schema and runs nothing: {', '.join(unused)} "
+                                     "would do nothing; give --print-schema alone (lorafuse run --print-schema)")
         from lorafuse.recipes.schema import schema_json
 
         _say(_json_text(schema_json(), indent=2))
@@ -1687,17 +1807,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise LorafuseValueError("give a recipe and -o OUT (lorafuse run RECIPE.yml -o OUT), or --print-schema")
     from lorafuse.recipes.runner import run
 
-    reports: list[object] = []
+    reports: dict[tuple[str, ...], object] = {}
     report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
-                 quiet=args.quiet or args.json, intermediate_dir=args.intermediate_dir,
+                 device=args.device, quiet=args.quiet or args.json, intermediate_dir=args.intermediate_dir,
                  dispatch=_json_dispatch(reports) if args.json else dispatch)
     if args.json:
         import shlex
 
-        found = iter(reports)
         stages = [{"name": s.name, "verb": s.verb, "command": shlex.join(["lorafuse", *s.argv]) if s.argv else None,
                    "out": None if s.out is None else str(s.out), "seconds": s.seconds,
-                   ("plan" if report.dry_run else "report"): next(found) if s.argv else None}
+                   ("plan" if report.dry_run else "report"): reports.get(tuple(s.argv)) if s.argv else None}
                   for s in report.stages]
         _say(_json_text({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
                          "seconds": report.seconds, "notes": _json_notes(args, *report.notes), "stages": stages},
@@ -1708,8 +1827,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_dispatch(reports: list[object]) -> Callable[[Sequence[str]], int]:
-    """dispatch, each stage with --json and its printed JSON kept (in order) instead of shown."""
+def _json_dispatch(reports: dict[tuple[str, ...], object]) -> Callable[[Sequence[str]], int]:
+    """dispatch, each stage with --json and its printed JSON kept by its command line instead of shown (the run's
+    checks of the last stage, its dry run, are not a stage's report)."""
     import contextlib
     import io
 
@@ -1721,9 +1841,9 @@ def _json_dispatch(reports: list[object]) -> Callable[[Sequence[str]], int]:
             code = dispatch([*words[:at], "--json", *words[at:]])
         text = buf.getvalue().strip()
         try:
-            reports.append(json.loads(text) if text else None)
+            reports[tuple(argv)] = json.loads(text) if text else None
         except ValueError:
-            reports.append({"output": text})
+            reports[tuple(argv)] = {"output": text}
         return code
 
     return run_stage

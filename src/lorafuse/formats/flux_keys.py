@@ -248,6 +248,13 @@ def kohya_module(name: str) -> str | None:
     return None if hit is None else hit[0].kohya
 
 
+def is_alias(name: str) -> bool:
+    """A HunyuanVideo word for a Flux layer (`img_mlp.fc1`, `modulation.linear`, `time_in.mlp.0`): read, never
+    written, and no layer of Flux.1 or Flux.2 under that name."""
+    hit = _parse(name)
+    return hit is not None and hit[0].alias
+
+
 # ---------------------------------------------------------------------------------------------- rows
 
 
@@ -308,8 +315,8 @@ def _check_flux1_widths(module: str, site: _Site, out: int, fan_in: int) -> None
     raise ShapeMismatchError(
         f"module {module!r} has shape ({out}, {fan_in}) where Flux.1's {site.bfl} has ({w_out * hidden}, "
         f"{w_in * hidden}) ({w_out} x, {w_in} x the hidden size): it is another model's layer under Flux's names "
-        "(a Flux.2 LoRA: its SwiGLU MLP has other widths and diffusers layers, attn.to_qkv_mlp_proj, ff.linear_in, "
-        "...), whose diffusers names lorafuse does not know; nothing was written")
+        "(Flux.2's SwiGLU MLP, ratio 3, has other widths and diffusers layers, attn.to_qkv_mlp_proj, ff.linear_in, "
+        "...: convert --family flux2 names a Flux.2 LoRA's); nothing was written")
 
 
 def _diffusers_name(path: str) -> str:
@@ -508,6 +515,7 @@ __all__ = [
     "FLUX_MLP_RATIO",
     "KOHYA_PREFIX",
     "bfl_module",
+    "is_alias",
     "is_flux_module",
     "is_flux_own_name",
     "kohya_module",

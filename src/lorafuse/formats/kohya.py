@@ -321,6 +321,10 @@ def _lora_update(where: str, module: str, p: dict[str, Tensor], alpha: float | N
         up = Tensor(up.raw.reshape(*up.shape, 1, 1), up.dtype)
     ok = (len(down.shape) in (2, 4) and len(up.shape) == len(down.shape) and rank > 0
           and up.shape[1] == rank and all(d == 1 for d in up.shape[2:]))
+    if not ok and len(up.shape) == len(down.shape) == 4 and up.shape[1] == rank > 0:
+        raise ShapeMismatchError(f"{where}: lora_down {down.shape} and lora_up {up.shape} are not LoRA factors: "
+                                 f"lora_up has a {up.shape[2]}x{up.shape[3]} kernel, but a LoCon lora_up is a 1x1 "
+                                 "convolution (out, r, 1, 1) (the kernel is lora_down's, or lora_mid's with Tucker)")
     if not ok:
         raise ShapeMismatchError(f"{where}: lora_down {down.shape} and lora_up {up.shape} are not LoRA factors "
                                  "of one rank")

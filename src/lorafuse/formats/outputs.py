@@ -199,7 +199,24 @@ def extract_output(out: str | os.PathLike[str], base: str | os.PathLike[str], fi
     refused first (formats.held.extract_models)."""
     base_path, _ = extract_models(base, finetuned)
     modules = [checkpoint_modules(base_path, include, exclude)] if names_file(out) else []
+    if modules and (prefix := _single_file_prefix(modules[0])) is not None:
+        raise LorafuseValueError(
+            f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but {base} is a single-file Stable "
+            f"Diffusion checkpoint (its weights are named {prefix}*): extract names its modules as the checkpoint "
+            "does, and lorafuse does not write those as kohya's lora_unet_ / lora_te_ or diffusers' unet. / "
+            "text_encoder. names, so no "
+            f"one-file format can hold them: give a folder name (e.g. {_folder_suggestion(out)}) for a PEFT "
+            "adapter, which `lorafuse apply` merges into this checkpoint")
     return checked_output(out, "peft", modules, [Path(base), Path(finetuned)], overwrite=overwrite)
+
+
+# The roots of an LDM / SGM single-file Stable Diffusion checkpoint (SD 1.x / 2.x, SDXL), as sd_keys reads them
+_SINGLE_FILE_ROOTS = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.")
+
+
+def _single_file_prefix(modules: Adapter) -> str | None:
+    """The single-file Stable Diffusion root (_SINGLE_FILE_ROOTS) the modules of `modules` are under, else None."""
+    return next((r for r in _SINGLE_FILE_ROOTS if any(n.startswith(r) for n in modules.updates)), None)
 
 
 def write_plan(fmt: str, adapter: Adapter) -> WritePlan:

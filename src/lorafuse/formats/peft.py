@@ -11,6 +11,7 @@ and `alpha_pattern` overriding r and alpha for the modules they match.
 
 from __future__ import annotations
 
+import copy
 import enum
 import functools
 import json
@@ -549,6 +550,12 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
                 raise FormatError(f"{path}: {key}[{short(pat)}] must be a finite number, got {_short(v)}")
     for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "use_qalora"):
         check(key, isinstance(cfg.get(key, False), bool), "true or false")
+    # PEFT loads 'none', 'all' and 'lora_only' alone (any other value: NotImplementedError, null: AttributeError)
+    check("bias", isinstance(bias := cfg.get("bias", "none"), str) and bias in ("none", "all", "lora_only"),
+          "'none', 'all' or 'lora_only' (PEFT cannot load an adapter with another: NotImplementedError)")
+    drop = cfg.get("lora_dropout", 0.0)  # PEFT: nn.Dropout(p) where p > 0 (TypeError: a non-number, ValueError: past 1)
+    check("lora_dropout", isinstance(drop, (int, float)) and not drop > 1,
+          "a number up to 1 (PEFT cannot load an adapter with another: nn.Dropout raises)")
     for key in ("target_modules", "exclude_modules"):  # PEFT: a regex string, a list of names, or null
         value = cfg.get(key)
         check(key, value is None or isinstance(value, str) or (
@@ -683,6 +690,7 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
     without use_dora, a lora_B bias without lora_bias, replacements of weights that are not in the
     model) are dropped and listed in `Adapter.notes`."""
     parts, full, origin = _group(tensors, label)
+    _refuse_multihead_attention(parts, label)
     notes: list[str] = []
     parts = _targeted(parts, cfg, label, notes)
     _check_extras(parts, cfg, label, notes)
@@ -732,6 +740,25 @@ def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, 
             full[canonical] = tensor
             origin[canonical] = name
     return parts, full, origin
+
+
+_ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}
+
+
+def _refuse_multihead_attention(parts: dict[str, dict[str, Tensor]], label: str) -> None:
+    """PEFT's LoRA on a torch.nn.MultiheadAttention (lora.MultiheadAttention) saves the factors of its
+    in_proj_weight under the layer's name and those of its out_proj under `<layer>.base_layer.out_proj`: its update
+    is on in_proj_weight (a parameter, not `<layer>.weight`) and on out_proj, which lorafuse does not merge.
+    Refused by name (else the out_proj part would read as a module the config does not target)."""
+    suffix = BASE_LAYER + ".out_proj"
+    for module in parts:
+        layer = module[: -len(suffix)]
+        if module.endswith(suffix) and layer in parts:
+            shapes = ", ".join(f"{_ROLE_NAMES.get(role, role)} {tuple(t.shape)}" for role, t in parts[layer].items())
+            raise UnsupportedError(
+                f"{label}: module {layer!r} ({shapes}) with {module!r} is PEFT's LoRA on a torch.nn."
+                "MultiheadAttention (its in_proj_weight and its out_proj), which lorafuse does not merge; merge it "
+                "with PEFT's merge_and_unload()")
 
 
 def _targeted(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], label: str,
@@ -941,7 +968,7 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         cfg.update({"r": r, "lora_alpha": cfg.get("lora_alpha", r), "rank_pattern": {}, "alpha_pattern": {},
                     "use_rslora": False, "use_dora": False})
     experts = set(expert_modules(adapter.updates))  # PEFT reads them at r and lora_alpha: those are theirs
-    cfg.update({"peft_type": "LORA", **rank_fields(updates, [u for u in updates if u.name in experts]),
+    cfg.update({"peft_type": "LORA", **_rank_fields(adapter, updates, experts),
                 "lora_bias": any(u.bias is not None for u in updates),
                 "fan_in_fan_out": fan_in_fan_out})
     for attr, flag in (("magnitude", "use_dora"), ("bias", "lora_bias")):
@@ -962,6 +989,17 @@ def peft_config_for(adapter: Adapter) -> dict[str, object]:
         cfg["init_lora_weights"] = True
     _target_every_module(adapter, cfg)
     return cfg
+
+
+def _rank_fields(adapter: Adapter, updates: Sequence[Update], experts: set[str]) -> dict[str, object]:
+    """r, lora_alpha, rank_pattern, alpha_pattern and use_rslora that state `updates` as PEFT reads them. A LoRA
+    on a parameter (target_parameters) has its r per expert and its patterns matched against the parameter's
+    name, which only the base tells: no operation makes one (they refuse it), so an adapter holding one is
+    as it was read, and its own config's fields state every module of it."""
+    if any(isinstance(u, ParamLoraUpdate) for u in updates):
+        return {k: copy.deepcopy(adapter.config[k]) for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                                                                 "use_rslora") if k in adapter.config}
+    return rank_fields(updates, [u for u in updates if u.name in experts])
 
 
 def _fan_in_fan_out(adapter: Adapter, updates: Sequence[Update]) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from lorafuse.errors import LorafuseValueError, UnsupportedError
+from lorafuse.errors import FormatError, LorafuseValueError, UnsupportedError
 from lorafuse.io.atomic import atomic_dir, atomic_file
 from lorafuse.io.manifest import ADAPTER
 from lorafuse.io.provenance import Provenance
@@ -36,6 +36,7 @@ from lorafuse.io.safetensors import SafetensorsWriter, TensorSpec
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, Update
 from lorafuse.model.layout import AdapterLayout, ModuleLayout
+from lorafuse.model.names import check_module_name
 from lorafuse.model.registry import get_format
 
 _CHUNK = 16 << 20  # bytes read at a time when a plan's finish hashes the written data
@@ -63,6 +64,20 @@ class WritePlan:
     weights_name: str = ""
     side_files: Mapping[str, str] = field(default_factory=dict)
     finish: Callable[[Callable[[], Iterator[memoryview]]], dict[str, str]] | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse, before anything is computed or written, a module or tensor name that lorafuse's own readers
+        refuse (model.names.check_module_name: empty, with a path separator, an empty dotted component or a
+        control character; such as a checkpoint's tensor '.weight' or 'a..b.weight' that extract would turn into
+        a module): the output could not be read back."""
+        try:
+            for name in self.modules:
+                check_module_name(name, self.label)
+            for key in self.fixed:
+                check_module_name(key, self.label, "tensor")
+        except FormatError as e:
+            raise UnsupportedError(f"{e}: lorafuse does not write it, as no reader (lorafuse's, PEFT's, diffusers') "
+                                   "would read the output back; leave it out (extract: --exclude)") from None
 
 
 def specs_of(tensors: Mapping[str, Tensor]) -> list[TensorSpec]:

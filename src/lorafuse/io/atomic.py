@@ -67,6 +67,7 @@ from lorafuse.io.manifest import (
     MANIFEST_NAME,
     MARKER_KEY,
     PLOT,
+    STAMP_XATTR,
     FolderState,
     inspect_folder,
     own_file_kind,
@@ -464,7 +465,9 @@ def _judge_folder(out: Path, overwrite: bool, kind: str | None = None) -> str | 
         todo = "Give a new or empty folder"
     elif state.manifest == "valid":
         parts = ([f"entries lorafuse did not write: {_listing(state.unlisted)}"] if state.unlisted else []) + \
-                ([f"files changed since lorafuse wrote them: {_listing(state.changed)}"] if state.changed else [])
+                ([f"files changed since lorafuse wrote them: {_listing(state.changed)} (edited, or copied or "
+                  f"downloaded here: not as lorafuse left them, by their checksum or their {STAMP_XATTR} stamp)"]
+                 if state.changed else [])
         what = f"an earlier lorafuse output that now holds {'; and '.join(parts)}"
         todo = (f"Move {_listing(state.unlisted)} out of it, give another path" if state.unlisted
                 else "Give another path")
@@ -583,8 +586,13 @@ def _judge_file(out: Path, st: os.stat_result, overwrite: bool, kind: str | None
     old, what = _own_file(out)
     if old is not None:
         return None if same_kind(old, kind) else _other_kind(out, what, str(kind), overwrite)
-    what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
-            "the metadata of its .safetensors files and plots)")
+    if own_file_kind(out, stamped=False) is not None:
+        what = (f"a file lorafuse did not write as it is now ({st.st_size} bytes: a lorafuse output, but not as "
+                f"lorafuse left it: copied, downloaded or edited since, without the {STAMP_XATTR} stamp lorafuse puts "
+                "on every file it writes or no longer matching it), so it may be the only copy you have")
+    else:
+        what = (f"a file lorafuse did not write ({st.st_size} bytes, without the '{MARKER_KEY}' mark lorafuse puts in "
+                "the metadata of its .safetensors files and plots)")
     if overwrite:
         return f"{overwrite_words()} replaced {out}, {what}"
     raise OutputError(f"output {out} is {what}; nothing was written. Give another path, or {_overwrite_hint()}")
@@ -678,6 +686,18 @@ def _write_error(out: Path, e: OSError, existed: bool, tmp: Path | None = None) 
 
 
 COMMITTED: list[Path] = []  # the outputs this process has put in place (the CLI's words when it is stopped)
+_LIVE: list[Callable[[], None]] = []  # the cleanups of the temporary outputs being written now (emergency_cleanup)
+
+
+def emergency_cleanup() -> None:
+    """Remove every temporary output still being written (their cleanups, newest first; errors ignored), for a
+    process that must end at once: called from another thread (the CLI's stop watchdog) while the main thread
+    is stuck, so it takes no lock of the writers'."""
+    for cleanup in reversed(list(_LIVE)):
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001 (best effort: the process ends next)
+            pass
 
 
 def forget_outputs(folder: Path) -> None:
@@ -1112,6 +1132,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
         _remove_at(parent, tmp)
         unmake_folders(made)
 
+    _LIVE.append(cleanup)
     try:
         lock_entry(fd)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output is an ordinary folder
@@ -1125,6 +1146,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
             _replace_dir(tmp, out)
             COMMITTED.append(out)
     finally:
+        _LIVE.remove(cleanup)
         os.close(fd)
         if parent is not None:
             os.close(parent)
@@ -1158,6 +1180,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         _remove_at(parent, tmp)
         unmake_folders(made)
 
+    _LIVE.append(cleanup)
     try:
         lock_entry(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
@@ -1171,6 +1194,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
             os.replace(tmp, out)
             COMMITTED.append(out)
     finally:
+        _LIVE.remove(cleanup)
         os.close(fd)
         if parent is not None:
             os.close(parent)

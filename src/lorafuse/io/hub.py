@@ -147,6 +147,20 @@ def check_spec(spec: object, what: str) -> str:
     raise LorafuseValueError(f"{what}: expected a path (str or os.PathLike) or a Hub id ('org/name'), got {got}")
 
 
+_LEGACY = re.compile(_PART)  # a repository id without a namespace (`gpt2`, `bert-base-uncased`)
+
+
+def repo_of(name: str) -> str | None:
+    """The Hub model repository id `name` names by its shape: `org/name` of `org/name[@revision]`, or a legacy
+    one-part id (`gpt2`) as it is; None for any other text (a path: absolute, `./x`, `~/x`, more parts). The text
+    only: whether a local path of that name exists is the caller's question."""
+    parsed = parse(name)
+    if parsed is not None:
+        return parsed[0]
+    plain = _LEGACY.fullmatch(name) is not None and ".." not in name and "--" not in name
+    return name if plain and not name.lower().endswith((".safetensors", ".git")) else None
+
+
 def is_hub_id(spec: str | os.PathLike[str]) -> bool:
     """Whether `spec` has the shape of a Hub id (`org/name`, `org/name@revision`); the text only, see parse."""
     return parse(spec) is not None
@@ -166,16 +180,19 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     text = check_spec(spec, what)
     parsed = None if os.path.lexists(text) else parse(text)
     if parsed is None:
+        with _lock:  # a path now: spec_origin must not say where an earlier Hub resolution of this text led
+            _spec_origins.pop(text, None)
         return Resolved(Path(text))
     repo, revision = parsed
     hub = _import_hub(spec, what)
     cache, offline = _cache_dir(), _offline(hub)
+    token = None if offline else _token(hub)
 
     def download(allow: Sequence[str]) -> Path:
         try:
             return Path(hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
                                               local_files_only=offline, allow_patterns=list(allow),
-                                              endpoint=os.environ.get("HF_ENDPOINT") or None))
+                                              endpoint=os.environ.get("HF_ENDPOINT") or None, token=token))
         except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on
             error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
             if error is None:
@@ -198,10 +215,12 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     # the cache's layout: <cache>/models--org--name/snapshots/<commit sha>
     resolved = Resolved(path, repo, revision, path.name if _SHA.fullmatch(path.name) else None)
     origin = resolved.origin
-    if origin is not None:
-        with _lock:
+    with _lock:
+        if origin is not None:
             _origins[os.path.abspath(path)] = origin
             _spec_origins[text] = origin
+        else:
+            _spec_origins.pop(text, None)
     return resolved
 
 
@@ -492,17 +511,51 @@ def _cache_dir() -> str | None:
     env = os.environ
     named = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not named:
-        home = env.get("HF_HOME") or (os.path.join(env["XDG_CACHE_HOME"], "huggingface")
-                                      if env.get("XDG_CACHE_HOME") else None)
+        home = _named_home()
         named = os.path.join(home, "hub") if home else None
     return os.path.expandvars(os.path.expanduser(named)) if named else None
+
+
+def _named_home() -> str | None:
+    """HF_HOME as the environment names it now (or XDG_CACHE_HOME/huggingface); None when it names neither."""
+    env = os.environ
+    return env.get("HF_HOME") or (os.path.join(env["XDG_CACHE_HOME"], "huggingface")
+                                  if env.get("XDG_CACHE_HOME") else None)
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _token(hub: ModuleType) -> str | bool | None:
+    """The token to hand snapshot_download: None (huggingface_hub's own choice) where the environment now names
+    the token file huggingface_hub read the path of at its import, or names a token it reads at each call
+    (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, HF_OIDC_RESOURCE); else, for a token file named since (HF_TOKEN_PATH, or
+    the `token` file of HF_HOME / XDG_CACHE_HOME/huggingface), the token in it, or False (no token: not the one
+    of the old home) when it holds none or cannot be read. False too when HF_HUB_DISABLE_IMPLICIT_TOKEN is set now.
+    The token is passed on only, never written or shown."""
+    env = os.environ
+    if env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or env.get("HF_OIDC_RESOURCE") or \
+            getattr(hub.constants, "_staging_mode", False):  # (staging: a home of its own, which it knows)
+        return None
+    if (env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN") or "").strip().upper() in _TRUE:
+        return False
+    home = _named_home() or os.path.join("~", ".cache", "huggingface")
+    path = os.path.expandvars(os.path.expanduser(env.get("HF_TOKEN_PATH") or os.path.join(home, "token")))
+    if os.path.abspath(path) == os.path.abspath(str(getattr(hub.constants, "HF_TOKEN_PATH", ""))):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read(1 << 16).replace("\r", "").replace("\n", "").strip()
+    except (OSError, ValueError):
+        return False
+    return token or False
 
 
 def _offline(hub: ModuleType) -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says now, else as huggingface_hub read it."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
     if value:
-        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+        return value.strip().upper() in _TRUE
     return bool(getattr(hub.constants, "HF_HUB_OFFLINE", False))
 
 
@@ -541,6 +594,43 @@ def _path_hint(spec: str) -> str:
     return f" (a local folder {folder}{os.sep} exists{meant})"
 
 
+_SHORT_SHA = re.compile(r"[0-9a-f]{4,39}")
+
+
+def _cached_commit(cache: str, repo: str, revision: str | None) -> str | None:
+    """The one commit of `repo` in the cache whose sha starts with `revision`, when that is a short sha; else None."""
+    if revision is None or not _SHORT_SHA.fullmatch(revision):
+        return None
+    try:
+        with os.scandir(os.path.join(cache, "models--" + repo.replace("/", "--"), "snapshots")) as entries:
+            found = [e.name for e in entries if e.name.startswith(revision) and _SHA.fullmatch(e.name)]
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def _cached_revisions(cache: str, repo: str, asked: str) -> str:
+    """The revisions of `repo` but `asked` the cache holds a snapshot of, for a message: its branches and tags
+    (refs/...) and the commits no ref names (at most 5 of each); '' when it holds none."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    try:
+        with os.scandir(os.path.join(root, "snapshots")) as entries:
+            commits = sorted(e.name for e in entries if _SHA.fullmatch(e.name))
+        refs: dict[str, str] = {}
+        for folder, _, files in os.walk(os.path.join(root, "refs")):
+            for name in files:
+                ref = os.path.relpath(os.path.join(folder, name), os.path.join(root, "refs")).replace(os.sep, "/")
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    refs[ref] = f.read(100).strip()
+    except (OSError, ValueError):
+        return ""
+    named = sorted(r for r, c in refs.items() if c in commits and r != asked)
+    bare = [c for c in commits if c not in refs.values()]
+    listed = [*named[:5], *bare[:5]]
+    more = len(named) + len(bare) - len(listed)
+    return ", ".join(listed) + (f" and {more} more" if more > 0 else "")
+
+
 def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, cache: str,
            offline: bool) -> FormatError | None:
     """A FormatError for what snapshot_download raised; None for anything that is neither an OSError nor from
@@ -566,11 +656,19 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
     if "IncompleteSnapshotError" in kinds:
         return FormatError(f"{head}: the cached snapshot of {repo} ({rev}) in {cache} misses files lorafuse reads, and "
                            f"the Hub {'is not asked (HF_HUB_OFFLINE is set)' if offline else 'cannot be reached'}: "
-                           f"download it again online{' (unset HF_HUB_OFFLINE)' if offline else ''}. ({e})")
+                           f"download it again online{' (unset HF_HUB_OFFLINE)' if offline else ''}. ({_said(e)})")
+    full = _cached_commit(cache, repo, revision) if offline else None
+    if "LocalEntryNotFoundError" in kinds and full is not None:
+        return FormatError(f"{head}: the Hugging Face cache {cache} has no branch or tag {revision} of {repo}, and "
+                           "huggingface_hub does not resolve a short commit sha offline (HF_HUB_OFFLINE is set); the "
+                           f"cache holds commit {full}: give {repo}@{full}")
     if "LocalEntryNotFoundError" in kinds and offline:
+        held = _cached_revisions(cache, repo, revision or "main")
+        others = (f" (the cache holds {repo} at {held}: give one as {repo}@REVISION, or unset HF_HUB_OFFLINE)"
+                  if held else "")
         return FormatError(f"{missing}: {repo} ({rev}) is not in the Hugging Face cache {cache}, and HF_HUB_OFFLINE "
                            "is set: unset HF_HUB_OFFLINE to download it, or point HF_HOME or HF_HUB_CACHE at the cache "
-                           f"that holds it{_path_hint(spec)}")
+                           f"that holds it{others}{_path_hint(spec)}")
     if "LocalEntryNotFoundError" in kinds and "OfflineModeIsEnabled" in _causes(e):
         return FormatError(f"{missing}: {repo} ({rev}) is not in the Hugging Face cache {cache}, and huggingface_hub, "
                            "imported in this process while HF_HUB_OFFLINE was set, stays offline whatever "
@@ -584,8 +682,24 @@ def _error(e: Exception, spec: str, what: str, repo: str, revision: str | None, 
     if status in (401, 403):
         return FormatError(f"{head}: the Hub refused access to {repo} (HTTP {status}): {LOGIN}")
     if not ours:  # an OSError of the download itself: a full disk, a cache folder that cannot be written
-        return FormatError(f"{head}: cannot download {repo} ({rev}) into {cache}: {getattr(e, 'strerror', None) or e}")
-    return FormatError(f"{head}: cannot get {repo} ({rev}) from the Hub: {type(e).__name__}: {e}")
+        return FormatError(f"{head}: cannot download {repo} ({rev}) into {cache}: "
+                           f"{_said(getattr(e, 'strerror', None) or e)}")
+    return FormatError(f"{head}: cannot get {repo} ({rev}) from the Hub: {type(e).__name__}: {_said(e)}")
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"<>]*@")  # user:password@ of a URL
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # a Hub token's shape (hf_ and 34 letters and digits)
+
+
+def redact(text: str) -> str:
+    """`text` without secrets: a URL's `user:password@` (HF_ENDPOINT, a proxy or a Ray address may carry one) as
+    `***@`, anything shaped like a Hub token (hf_ and 30 or more letters and digits) as hf_***."""
+    return _HF_TOKEN.sub("hf_***", _USERINFO.sub(r"\g<scheme>***@", text))
+
+
+def _said(e: object) -> str:
+    """What huggingface_hub or its HTTP client said, on one line and without secrets (redact)."""
+    return redact(" ".join(str(e).split()))
 
 __all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "held_adapter_file", "hub_origin", "is_hub_id",
-           "local_adapter", "local_path", "parse", "path_hint", "resolve", "spec_origin"]
+           "local_adapter", "local_path", "parse", "path_hint", "redact", "repo_of", "resolve", "spec_origin"]

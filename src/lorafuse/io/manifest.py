@@ -2,7 +2,8 @@
 
 * A folder output holds `lorafuse_manifest.json`: who wrote it (lorafuse, its version), what it is
   (`kind`) and every file and folder written, each file with its size (and the sha256 of files up to
-  1 MiB: configs, tokenizer files, small adapters). The folder is lorafuse's as long as it holds
+  1 MiB: configs, tokenizer files, small adapters; of a bigger one, the sha256 of its first MiB and of 64
+  blocks spread over the rest). The folder is lorafuse's as long as it holds
   nothing more and nothing changed: an entry the manifest does not list (notes the user put there),
   or a listed file whose size or hash differs, makes it the user's again. Files that are gone are no
   loss. Loaders (PEFT, transformers, diffusers, lorafuse) ignore the extra file.
@@ -12,14 +13,16 @@
 * Every file of an output is stamped, outside its bytes, with its size and modification time (an
   extended attribute, `user.lorafuse.written`, where the file system keeps them): a file edited in place
   since (a tool that keeps lorafuse's metadata, a same-size change to a file too big to hash) no longer
-  matches its stamp and is the user's. A file without a stamp (a copy, a file system without extended
-  attributes) is judged by the mark or the manifest alone.
+  matches its stamp and is the user's; so is a file without a stamp where the file system keeps them (a
+  copy, a download, another tool's rewrite: maybe the user's only copy). Where the file system keeps no
+  extended attributes, the mark or the manifest alone decides.
 
 Everything here is deterministic (no dates, no process ids): the same run writes the same bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -50,6 +53,7 @@ def same_kind(old: str | None, new: str | None) -> bool:
     unknown (None, '', a kind another version wrote)."""
     return old not in KINDS or new not in KINDS or _SAME.get(old, old) == _SAME.get(new, new)
 HASH_LIMIT = 1 << 20  # files up to this size are hashed into the manifest
+_SAMPLES, _SAMPLE_BYTES = 64, 4096  # blocks of a bigger file hashed into the manifest (_sample_at)
 _MANIFEST_MAX = 64 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -79,13 +83,21 @@ def stamp(path: Path) -> None:
         pass
 
 
+_NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP})  # the file system keeps no (user) extended attributes
+
+
 def stamp_differs(fd: int) -> bool:
-    """Whether the open file was changed since lorafuse stamped it (False when it holds no stamp)."""
+    """Whether the open file is not as lorafuse left it: its stamp differs (edited in place since), or it has
+    none where its file system keeps them (lorafuse stamps every file it writes: one without a stamp there is a
+    copy, a download or another tool's rewrite, which may be the only one the user has). False where the stamp
+    matches, or where the file system keeps no extended attributes (the mark or the manifest alone decides)."""
     try:
         value = os.getxattr(fd, STAMP_XATTR)
         st = os.fstat(fd)
-    except (OSError, AttributeError):
+    except AttributeError:  # no xattrs on this system
         return False
+    except OSError as e:
+        return e.errno not in _NO_XATTRS  # ENODATA: kept, but not set; another error: it cannot be told
     return value != f"{st.st_size}:{st.st_mtime_ns}".encode("ascii")
 
 
@@ -123,12 +135,29 @@ def _sha256_at(dir_fd: int, name: str) -> str:
         os.close(fd)
 
 
+def _sample_at(dir_fd: int, name: str, size: int) -> str:
+    """sha256 of a file too big to hash whole, from its first HASH_LIMIT bytes (a safetensors header and
+    metadata) and _SAMPLES blocks spread evenly over the rest: another model of the same size put in its place
+    without lorafuse's stamp (copied, rsync'ed, downloaded, saved and renamed) differs there."""
+    fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)
+    try:
+        h = hashlib.sha256(os.pread(fd, HASH_LIMIT, 0))
+        step = max(1, (size - HASH_LIMIT) // _SAMPLES)
+        for i in range(_SAMPLES):
+            h.update(os.pread(fd, _SAMPLE_BYTES, HASH_LIMIT + i * step))
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
 def _record(dir_fd: int, name: str, st: os.stat_result) -> dict[str, object]:
     """What the manifest says of one non-folder entry."""
     if stat.S_ISREG(st.st_mode):
         rec: dict[str, object] = {"size": st.st_size}
         if st.st_size <= HASH_LIMIT:
             rec["sha256"] = _sha256_at(dir_fd, name)
+        else:
+            rec["sample_sha256"] = _sample_at(dir_fd, name, st.st_size)
         return rec
     if stat.S_ISLNK(st.st_mode):
         return {"link": os.readlink(name, dir_fd=dir_fd)}
@@ -248,11 +277,14 @@ def _differs(dir_fd: int, name: str, rec: Mapping[str, object]) -> bool:
             return not stat.S_ISLNK(st.st_mode) or os.readlink(name, dir_fd=dir_fd) != rec["link"]
         if "special" in rec:
             return stat.S_IFMT(st.st_mode) != rec["special"]
-        if not stat.S_ISREG(st.st_mode) or st.st_size != rec["size"]:
+        size = rec.get("size")  # a record without an integer size (a damaged manifest) matches nothing
+        if not stat.S_ISREG(st.st_mode) or type(size) is not int or st.st_size != size:
             return True
-        if "sha256" in rec:
-            return _sha256_at(dir_fd, name) != rec["sha256"]
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)  # too big to hash: its stamp
+        if "sha256" in rec and _sha256_at(dir_fd, name) != rec["sha256"]:
+            return True
+        if "sample_sha256" in rec and _sample_at(dir_fd, name, st.st_size) != rec["sample_sha256"]:
+            return True
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _NONBLOCK, dir_fd=dir_fd)  # its stamp: edited or copied since
         try:
             return stamp_differs(fd)
         finally:
@@ -471,11 +503,12 @@ def file_is_ours(path: Path) -> bool:
     return own_file_kind(path) is not None
 
 
-def own_file_kind(path: Path) -> str | None:
+def own_file_kind(path: Path, stamped: bool = True) -> str | None:
     """What the intact lorafuse-written file `path` is (KINDS): a PNG is a plot, a GGUF file an adapter
     (convert --to gguf), a .safetensors file a merged model when `apply` made it (its lorafuse.operation),
     else an adapter; '' for a .safetensors file that does not say (no lorafuse.operation: an earlier
-    version's). None when the file is not lorafuse's (file_is_ours)."""
+    version's). None when the file is not lorafuse's (file_is_ours), also when it is not as lorafuse left it
+    (stamp_differs: edited in place, copied, downloaded) unless `stamped` is False (the mark alone)."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except OSError:
@@ -483,7 +516,7 @@ def own_file_kind(path: Path) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        if stamp_differs(fd):  # lorafuse's output once, edited in place since
+        if stamped and stamp_differs(fd):  # lorafuse's output once, edited in place or copied since
             return None
         if os.pread(fd, len(_PNG_SIGNATURE), 0) == _PNG_SIGNATURE:
             return PLOT if _png_marked(fd) else None

@@ -84,12 +84,13 @@ _CURRENT: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar("lo
 def invoked(text: str, kind: InvocationKind) -> Iterator[None]:
     """Record `text` as how the outputs written inside this block were invoked: `kind` 'command' (the command
     line, e.g. shlex.join(['lorafuse', *argv])) or 'recipe' (a recipe's text, verbatim). Nested blocks: the
-    inner one wins. A context variable: each thread (and asyncio task) has its own."""
+    inner one wins. A context variable: each thread (and asyncio task) has its own. Verbatim but for secrets
+    (io.hub.redact): a URL's `user:password@` and a Hub token are never written into an output."""
     if kind not in ("command", "recipe"):
         raise LorafuseValueError(f"invoked: kind must be 'command' or 'recipe', got {kind!r}")
     if not isinstance(text, str):
         raise LorafuseValueError(f"invoked: text must be a str, got {type(text).__name__}")
-    token = _CURRENT.set(Invocation(kind, _text(text)))
+    token = _CURRENT.set(Invocation(kind, _text(hub_ids.redact(text))))  # verbatim but for secrets
     try:
         yield
     finally:
@@ -976,17 +977,30 @@ def listed_under(rows: Sequence[tuple[str, InputRecord]], stages: Mapping[str, P
     return again
 
 
+def card_base_model(base: str) -> str | None:
+    """The `base_model` of a model card's front matter for a base named `base`: the Hub repository id it names
+    (`org/name`; `org/name@revision` as `org/name`, the revision being in the provenance record), or None where
+    it is a local path (absolute, `./x`, more parts, or naming something on disk here). The Hub refuses a card
+    whose base_model is not a model id (uploading the output fails), and a path would publish where the base
+    lay on the author's disk: transformers leaves a local base out of its cards the same way. The card's text and
+    the metadata keep the name as given; PEFT's adapter_config.json keeps base_model_name_or_path."""
+    if os.path.lexists(base):
+        return None
+    return hub_ids.repo_of(base)
+
+
 def model_card(provenance: Provenance, *, base_model: str | None = None, library_name: str | None = None,
                base_card: str | None = None) -> str:
-    """README.md of a folder output: YAML front matter (`base_model` when known, `library_name` when given,
-    `tags` lorafuse, lora, merge and the operation), how it was made (the recipe or command verbatim, or the
-    equivalent Python call), the inputs with their sha256 and weights, and the parameters. `base_card`:
-    the name of the base's own card kept beside it (apply), linked."""
+    """README.md of a folder output: YAML front matter (`base_model` when known and a Hub id: card_base_model;
+    `library_name` when given, `tags` lorafuse, lora, merge and the operation), how it was made (the recipe or
+    command verbatim, or the equivalent Python call), the inputs with their sha256 and weights, and the
+    parameters. `base_card`: the name of the base's own card kept beside it (apply), linked."""
     p = provenance
     base = base_model if base_model is not None else p.base_model
     front = ["---"]
-    if base:
-        front.append(f"base_model: {_yaml_str(base)}")
+    hub_base = card_base_model(base) if base else None
+    if hub_base:
+        front.append(f"base_model: {_yaml_str(hub_base)}")
     if library_name:
         front.append(f"library_name: {_yaml_str(library_name)}")
     front += ["tags:"] + [f"- {t}" for t in dict.fromkeys(("lorafuse", "lora", "merge", p.operation))] + ["---"]
@@ -1088,6 +1102,7 @@ def describe_lines(d: object) -> list[str]:
 
 __all__ = ["BASE_CARD_NAME", "CACHE_ENV", "CARD_NAME", "OPERATIONS", "OUT", "PLACEHOLDER", "PREFIX", "ROLES",
            "InputRecord", "InputSpec", "Invocation", "Provenance", "Recording", "adapter_input", "cached_sha256",
+           "card_base_model",
            "command_text", "current_invocation", "describe_lines", "flat_inputs", "folder_input", "given_name",
            "hash_cache_dir", "hub_blob_sha256", "hub_origin", "invoked", "is_provenance_key", "keep_base_card",
            "listed_under", "model_card", "parameters", "path_text", "python_call", "record", "recorded_base",

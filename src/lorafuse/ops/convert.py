@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from lorafuse.formats.gguf import GgufPlan
 
 TARGETS = ("peft", "kohya", "gguf")
-FAMILIES = ("sd1", "sdxl", "flux")
+FAMILIES = ("sd1", "sdxl", "flux", "flux2", "wan")
 Rows = tuple[int, int] | None
 
 
@@ -109,14 +110,83 @@ def _sd_keys():
     return sd_keys
 
 
+def _naming(family: str) -> ModuleType:
+    """The module that names the family's modules: formats.flux2_names for Flux.2, formats.wan_names for Wan, else
+    formats.sd_keys."""
+    if family == "flux2":
+        from lorafuse.formats import flux2_names
+
+        return flux2_names
+    if family == "wan":
+        from lorafuse.formats import wan_names
+
+        return wan_names
+    return _sd_keys()
+
+
+def _evidence(adapter: Adapter) -> dict[str, str | None]:
+    """What each module says of Flux.1 or Flux.2 (formats.flux2_names: 'flux', 'flux2', 'either', 'differs')."""
+    from lorafuse.formats import flux2_names
+
+    if adapter.format == "kohya":
+        return {n: flux2_names.kohya_evidence(n, tuple(u.delta_shape)) for n, u in adapter.updates.items()}
+    return {n: flux2_names.diffusers_evidence(n) for n in adapter.updates}
+
+
+def _first(evidence: dict[str, str | None], *kinds: str | None) -> str | None:
+    return next((n for n, e in evidence.items() if e in kinds), None)
+
+
+def _shape_of(adapter: Adapter, name: str) -> str:
+    return f"{name!r} {tuple(adapter.updates[name].delta_shape)}"
+
+
+def _flux_generation(adapter: Adapter, family: str | None) -> str | None:
+    """Flux.1 ('flux') or Flux.2 ('flux2') where the modules are Flux-worded (None where they are not): `family` as
+    given, refused where a module is the other family's alone; else from the layers (or MLP widths) one of them
+    alone has; refused where none does and a module takes another diffusers name in each (`time_in.in_layer`: Flux.1's
+    `time_text_embed...`, Flux.2's `time_guidance_embed...`), naming it and --family."""
+    evidence = _evidence(adapter)
+    one, two = _first(evidence, "flux"), _first(evidence, "flux2")
+    if family in ("flux", "flux2"):
+        other, alone, given = (two, "Flux.2", "Flux.1") if family == "flux" else (one, "Flux.1", "Flux.2")
+        if other is not None:
+            fit = "flux2" if family == "flux" else "flux"
+            raise UnsupportedError(f"{adapter.label}: family {family!r} does not fit its modules: "
+                                   f"{_shape_of(adapter, other)} is no layer (or width) of {given}, a layer of "
+                                   f"{alone} alone; --family {fit} (Python: family={fit!r}) names it")
+        return family
+    if family is not None or (one is None and two is None and _first(evidence, "differs") is None):
+        return None
+    if one is not None and two is not None:
+        raise UnsupportedError(f"{adapter.label}: its modules are of two models: {_shape_of(adapter, one)} is a layer "
+                               f"(or width) of Flux.1 alone, {_shape_of(adapter, two)} of Flux.2 alone; nothing "
+                               "was written")
+    if one is not None or two is not None:
+        return "flux" if two is None else "flux2"
+    differs = _first(evidence, "differs")
+    assert differs is not None
+    raise LorafuseValueError(f"{adapter.label}: cannot tell Flux.1 from Flux.2 by its modules: {differs!r} is a layer "
+                             "of both under other diffusers names (Flux.1: time_text_embed..., Flux.2: "
+                             "time_guidance_embed...) and no module is a layer one of them alone has; name the family: "
+                             "--family flux or --family flux2 (Python: family='flux' / 'flux2')")
+
+
 def _family(adapter: Adapter, family: str | None) -> str:
     """The family whose names the output takes: `family` as given (refused where the modules are another
-    family's layers: a UNet module for flux, a Flux transformer module for sd1 / sdxl; the names would not be
-    the family's), else the one the input recorded, else the guess from names one family alone has
-    (sd_keys.guess_family: refused for Flux's diffusers names, which SD3, QwenImage, ... share)."""
+    family's layers: a UNet module for flux, a Flux transformer module for sd1 / sdxl, a Flux.2 one for flux; the
+    names would not be the family's), else the one the input recorded, else the guess from names one family alone
+    has (sd_keys.guess_family: refused for Flux's diffusers names, which SD3, QwenImage, ... share), Flux.1 and
+    Flux.2 told apart by `_flux_generation`."""
     if family is not None:
         if family not in FAMILIES:
             raise LorafuseValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        if family == "flux2":
+            return _flux2_family(adapter)
+        if family == "wan":
+            return _wan_family(adapter)
+        if family == "flux":
+            _flux_generation(adapter, family)
         other = "unet" if family == "flux" else "flux"
         name = next((n for n in adapter.updates if _sd_keys().model_part(n) == other), None)
         if name is not None:
@@ -133,7 +203,60 @@ def _family(adapter: Adapter, family: str | None) -> str:
     record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     if isinstance(record, dict) and record.get("family") in FAMILIES:
         return str(record["family"])
-    return str(_sd_keys().guess_family(list(adapter.updates)))
+    if adapter.format == "kohya":
+        generation = _flux_generation(adapter, None)
+        if generation == "flux2":
+            return _flux2_family(adapter)
+    try:
+        guessed = str(_sd_keys().guess_family(list(adapter.updates)))
+    except LorafuseValueError as e:
+        raise LorafuseValueError(f"{adapter.label}: {e}{_family_hint(adapter)}") from None
+    if guessed == "flux" and adapter.format == "kohya":
+        _flux_generation(adapter, None)  # refused where Flux.1 and Flux.2 would name a module apart
+    return guessed
+
+
+def _family_hint(adapter: Adapter) -> str:
+    """What to add to a failed guess where a module is a layer of Flux.2 or Wan, whose names convert takes only when
+    told (Flux.2's diffusers names, Wan's names: other models share them)."""
+    from lorafuse.formats import wan_names
+
+    own = _first(_evidence(adapter), "flux2")
+    if own is not None:
+        return (f"; {own!r} is a diffusers layer of Flux.2: if it is a Flux.2 LoRA, name the family: --family flux2 "
+                "(Python: family='flux2')")
+    wan = next((n for n in adapter.updates if wan_names.diffusers_path(n) is not None), None)
+    if wan is not None:
+        return (f"; {wan!r} is a layer of Wan 2.1 / 2.2 (as musubi-tuner, ComfyUI or diffusers name it), whose names "
+                "other models share: if it is a Wan LoRA, name the family: --family wan (Python: family='wan')")
+    return ""
+
+
+def _wan_family(adapter: Adapter) -> str:
+    """'wan', refused where a module is no layer of Wan's tables (formats.dit_keys.WAN)."""
+    from lorafuse.formats import wan_names
+
+    misfit = next((n for n in adapter.updates if wan_names.diffusers_path(n) is None), None)
+    if misfit is not None:
+        raise UnsupportedError(f"{adapter.label}: family 'wan' does not fit its modules: "
+                               f"{_shape_of(adapter, misfit)} is no layer of the Wan 2.1 / 2.2 transformer that "
+                               "lorafuse names (blocks.N.self_attn.q, cross_attn.k_img, ffn.0, head.head, ...: "
+                               "formats.dit_keys.WAN); leave --family out "
+                               "(family=None) to take the family its names say")
+    return "wan"
+
+
+def _flux2_family(adapter: Adapter) -> str:
+    """'flux2', refused where a module is no layer of Flux.2 (a UNet's, a text encoder's, Flux.1's alone)."""
+    _flux_generation(adapter, "flux2")
+    evidence = _evidence(adapter)
+    misfit = _first(evidence, None)
+    if misfit is not None:
+        raise UnsupportedError(f"{adapter.label}: family 'flux2' does not fit its modules: "
+                               f"{_shape_of(adapter, misfit)} is no layer of the Flux.2 transformer that lorafuse "
+                               "names (its text encoder's neither); leave --family out (family=None) to take the "
+                               "family its names say")
+    return "flux2"
 
 
 def _refuse_lycoris_names(adapter: Adapter) -> None:
@@ -309,8 +432,8 @@ def _plain(adapter: Adapter, name: str) -> LoraUpdate:
 def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter, dict[str, list[str]]]:
     """A kohya adapter renamed to diffusers module names (fused modules split); the kohya config
     (metadata, alphas) is kept under config['kohya'] so `peft_to_kohya` can rebuild the file."""
-    sd_keys = _sd_keys()
     fam = _family(adapter, family)
+    sd_keys = _naming(fam)
     updates: dict[str, Update] = {}
     source: dict[str, str] = {}
     split: dict[str, list[str]] = {}
@@ -321,6 +444,8 @@ def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
             targets = sd_keys.to_diffusers(name, tuple(u.delta_shape), family=fam)
         except UnsupportedError:
             targets = []
+        except ShapeMismatchError as e:  # a fused layer's rows that do not split as the layer does: name the file
+            raise ShapeMismatchError(f"{adapter.label}: {e}") from None
         if not targets:
             unmapped.append(name)
             continue
@@ -526,8 +651,8 @@ def _kohya_rows(sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str
 
 def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter, dict[str, list[str]]]:
     """A diffusers-named adapter as kohya modules (`sd_keys.to_kohya`), fused where kohya fuses."""
-    sd_keys = _sd_keys()
     fam = _family(adapter, family)
+    sd_keys = _naming(fam)
     plain = {n: _plain(adapter, n) for n in adapter.updates}
     unnamed = [n for n in plain if not split_name(n)[0]]
     if unnamed:
@@ -539,9 +664,11 @@ def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
         raise _unmapped_error(adapter, unknown, f"kohya ({fam})")
     try:
         mapping = sd_keys.to_kohya(shapes, fam)
+        totals = _kohya_rows(sd_keys, shapes, fam)
     except UnsupportedError as e:
         raise _unnamed(adapter, sd_keys, shapes, fam, e) from None
-    totals = _kohya_rows(sd_keys, shapes, fam)
+    except ShapeMismatchError as e:  # parts of one fused layer that do not fit together: name the file
+        raise ShapeMismatchError(f"{adapter.label}: {e}") from None
     used: dict[str, str] = {}
     updates: dict[str, Update] = {}
     fused: dict[str, list[str]] = {}
@@ -634,8 +761,8 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
     .safetensors file): `to='peft'` writes a diffusers LoRA file (what `save_lora_weights` writes and
     `load_lora_weights` reads), `to='kohya'` a kohya LoRA file. LoHa / LoKr modules need `rank`
     (`conv_rank` for kxk convolutions) and become their best rank-k LoRA; LoRA modules are kept.
-    `family` ('sd1', 'sdxl', 'flux') overrides the guess from the module names. `out` may be new, empty or
-    a file lorafuse wrote; another file is refused (before any work) unless `overwrite`.
+    `family` ('sd1', 'sdxl', 'flux', 'flux2', 'wan') overrides the guess from the module names. `out` may be new,
+    empty or a file lorafuse wrote; another file is refused (before any work) unless `overwrite`.
 
     `to='gguf'` writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp (one .gguf file, see
     formats.gguf): `arch` ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3'; default from

@@ -32,7 +32,7 @@ from lorafuse._validate import (
 )
 from lorafuse.backends import Backend, DenseJob, ExtractJob, backend_for_device
 from lorafuse.backends.reference_math import to_float32
-from lorafuse.errors import LorafuseValueError, NonFiniteError, UnsupportedError
+from lorafuse.errors import FormatError, LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats.held import extract_models
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling
@@ -44,6 +44,7 @@ from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.experts import one_expert_rank
 from lorafuse.model.layout import check_dtype, rounded
+from lorafuse.model.names import check_module_name
 from lorafuse.ops.base_layers import POSITION_TABLES, BaseLayers, base_layers, peft_targets
 from lorafuse.ops.fused import PER_EXPERT_ON_DISK, _model_types
 from lorafuse.ops.rank import RankRule
@@ -138,6 +139,7 @@ def extract(
             full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
             f.check_unchanged()  # the copy outlives the mapping: check it was read whole
         start = 0
+        rounded_only = 0  # modules whose fine-tuned weight is the base's rounded to the fine-tuned dtype
         while start < len(work):
             batch: list[tuple[str, str]] = []
             size = 0
@@ -147,8 +149,17 @@ def extract(
                 size += cb.info(key).nbytes + cf.info(key).nbytes
                 start += 1
             items = []
-            for module, key in batch:
+            for module, key in list(batch):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+                if _only_rounded(backend, fb.raw(key), cb.info(key).dtype, ff.raw(key), cf.info(key).dtype, threads):
+                    # the fine-tuned weight is the base's rounded to its dtype: no fine-tuning changed it
+                    fb.release(key)
+                    ff.release(key)
+                    bar.update(cb.info(key).nbytes + cf.info(key).nbytes, module)
+                    batch.remove((module, key))
+                    result.unchanged += 1
+                    rounded_only += 1
+                    continue
                 shape = cb.info(key).shape
                 items.append(ExtractJob(module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
@@ -176,6 +187,10 @@ def extract(
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
         changed = _changed_others(cb, cf, x.others, mapped)
         raise_if_inputs_changed(cb.files() + cf.files())  # a checkpoint truncated or rewritten while read
+        if rounded_only:
+            counted = plural(rounded_only, "fine-tuned weight matrix", "fine-tuned weight matrices", ("is", "are"))
+            result.notes.append(f"{counted} the base's rounded to the fine-tuned model's dtype, no more: counted "
+                                "unchanged (no LoRA of rounding noise)")
     except BaseException:
         rec.close()  # the hashing stops
         raise
@@ -190,7 +205,8 @@ def extract(
         if full:
             raise _only_kept_whole(finetuned, list(full))
         raise _nothing_differs(finetuned, result.unchanged, changed, x.skipped_embeddings,
-                               all(_not_a_matrix(cb.info(k), cf.info(k)) == BIAS_OR_NORM for k in changed))
+                               all(_not_a_matrix(cb.info(k), cf.info(k)) == BIAS_OR_NORM for k in changed),
+                               rounded_only)
     updates = _with_tied_heads(result, x.tied, x.layers)
     updates, rank, zeros = one_expert_rank(updates, x.expert_parts, x.expert_shapes)
     if rank:
@@ -330,6 +346,21 @@ def _changed_others(cb: Checkpoint, cf: Checkpoint, keys: list[str],
     return changed
 
 
+def _only_rounded(backend: Backend, base: np.ndarray, base_dtype: str, ft: np.ndarray, ft_dtype: str,
+                  threads: int) -> bool:
+    """Whether a float32 base weight rounded to the fine-tuned weight's F16 / BF16 (nearest even) is that weight,
+    bit for bit: a layer the fine-tuning left as it was, stored at a lower precision (an F16 fine-tune of an
+    F32 base: kohya's extract_lora_from_models.py skips such a text encoder by its --min_diff). The first row
+    is compared first (a trained layer differs there); NaN / Inf are left to the SVD, which refuses them."""
+    if base_dtype != "F32" or ft_dtype not in ("F16", "BF16"):
+        return False
+    values, ft = base.reshape(base.shape[0], -1).view(np.float32), ft.reshape(ft.shape[0], -1)
+    for rows in (slice(0, 1), slice(None)):
+        if not np.array_equal(_bytes(backend.from_float32(values[rows], ft_dtype, threads)), _bytes(ft[rows])):
+            return False
+    return bool(np.isfinite(values).all())
+
+
 def _bytes(raw: np.ndarray) -> np.ndarray:
     """A tensor's bytes, of any rank (numpy views a 0-d array, a CLIP logit_scale, as other types only after a
     reshape to 1-d)."""
@@ -365,14 +396,16 @@ def _not_a_matrix(ib: TensorInfo, iff: TensorInfo) -> str:
 
 
 def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str],
-                     skipped: Sequence[str] = (), bitfit: bool = True) -> UnsupportedError:
+                     skipped: Sequence[str] = (), bitfit: bool = True, rounded: int = 0) -> UnsupportedError:
     """The refusal of an extract in which no module differs from the base: its adapter would target no module,
     which PEFT refuses to load (NoMatchingPeftModuleError). `skipped`: the embeddings and output heads left out
-    unread (--embeddings skip), which may be what changed; `bitfit`: every changed tensor is a bias or a norm."""
-    hint = ""
+    unread (--embeddings skip), which may be what changed; `bitfit`: every changed tensor is a bias or a norm;
+    `rounded`: how many of the equal ones are the base rounded to the fine-tuned dtype (_only_rounded)."""
+    hint = "" if not rounded else (f"; {rounded} of them equal to the base rounded to the fine-tuned model's dtype, "
+                                   "which no fine-tuning made")
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        hint = (f"; the embeddings and output heads were not compared ({shown}; --embeddings skip, the default): "
+        hint += (f"; the embeddings and output heads were not compared ({shown}; --embeddings skip, the default): "
                 "if they changed, extract them with --embeddings lora (Python: embeddings='lora')")
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
@@ -530,6 +563,7 @@ def prepare_extract(
             skipped.append(f"{key}: {what} (use --embeddings lora or full; Python: embeddings='lora' or 'full')")
             skipped_embeddings.append(key)
             continue
+        _check_writable(module, key, cb)
         if (is_embedding or layers.is_head(module)) and embeddings == "full":
             full.append((module + ".weight", key))
             continue
@@ -561,6 +595,16 @@ def prepare_extract(
     return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, others, notes, out_dtype, k_max, oversample,
                         power_iters, seed, threads, backend, layers, embedding, tied, parts, expert_shapes,
                         skipped_embeddings)
+
+
+def _check_writable(module: str, key: str, cb: Checkpoint) -> None:
+    """Refuse, before any work, a weight whose module name no adapter reader takes back (check_module_name: a
+    checkpoint's tensor '.weight', 'a..b.weight', 'x/y.weight' or one holding a control character), naming it."""
+    try:
+        check_module_name(module, f"{cb.location}: tensor {key!r}")
+    except FormatError as e:
+        raise UnsupportedError(f"{e}: extract cannot write a LoRA for it, as no reader (lorafuse's, PEFT's) would "
+                               "read it back; leave it out with --exclude (Python: exclude=)") from None
 
 
 def fused_parts(config: Mapping[str, object]) -> frozenset[str]:

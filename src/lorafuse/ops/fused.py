@@ -56,6 +56,11 @@ Shapes = Mapping[str, tuple[int, ...]]
 # parameters are [E, in, out] and PEFT does not swap in / out for them (model_type of the config, or
 # of a sub-config).
 EXPERTS_TRANSPOSED = frozenset({"gpt_oss", "aria", "aria_text", "ergo", "openai_privacy_filter"})
+# model types whose checkpoints hold the fused experts either way: [E, out, in] as transformers 5 saves them, or
+# [E, in, out] as the Hub's originals store them, transposed when transformers loads them (conversion_mapping.py:
+# Transpose(1, 2, check_dims=True) on 'mlp.experts.gate_up_proj' / 'down_proj'); each tensor is taken in the
+# orientation its shape fits (a square one fits both and is refused).
+EXPERTS_EITHER_WAY = frozenset({"qwen3_vl_moe"})
 
 
 @dataclass
@@ -198,7 +203,8 @@ def resolve_parameters(adapter: Adapter, params: dict[str, ParamLoraUpdate], sha
     cfg = adapter.config
     parameters = cast("list[str]", cfg.get("target_parameters") or [])
     types = _model_types(config)
-    transposed: bool | None = bool(types & EXPERTS_TRANSPOSED) if types else None
+    transposed: bool | None = True if types & EXPERTS_TRANSPOSED else None if (
+        not types or types & EXPERTS_EITHER_WAY) else False
     by_module: dict[str, list[ParamLoraUpdate]] = {}
     for u in params.values():
         by_module.setdefault(u.module, []).append(u)
@@ -210,7 +216,13 @@ def resolve_parameters(adapter: Adapter, params: dict[str, ParamLoraUpdate], sha
             raise ShapeMismatchError(f"{adapter.label}: module {wrappers[0].name!r}: {e}") from None
         if not candidates:
             if len(wrappers) == 1 and wrappers[0].depth == 0 and base_key(module + ".weight") is not None:
-                out.plain[wrappers[0].name] = _as_plain(adapter, wrappers[0])
+                why = _module_untargeted(adapter, module)
+                if why is None:
+                    out.plain[wrappers[0].name] = _as_plain(adapter, wrappers[0])
+                else:
+                    out.missing.append(f"{adapter.label}: module {module!r}: target_parameters {parameters} names no "
+                                       f"parameter of it in the base, and it is {why}: PEFT builds no LoRA layer for "
+                                       "it and ignores its tensors")
                 continue
             looked = ", ".join(repr(f"{module}.{t.rpartition('.')[2]}") for t in parameters)
             for w in wrappers:
@@ -234,8 +246,9 @@ def resolve_parameters(adapter: Adapter, params: dict[str, ParamLoraUpdate], sha
             raise UnsupportedError(
                 f"{adapter.label}: module {w.name!r} ({_shape_text(w)}) fits several of the base's targeted "
                 f"parameters ({_listed(candidates)}), and the checkpoint does not record the order in which PEFT "
-                "wrapped them (or, without a model_type in config.json, whether they are stored [E, in, out] or "
-                "[E, out, in]): lorafuse cannot tell which one it adapts")
+                "wrapped them (or whether they are stored [E, in, out] or [E, out, in]: config.json names no "
+                "model_type, or one whose checkpoints hold them either way): lorafuse cannot tell which one it "
+                "adapts")
         taken: dict[str, str] = {}
         for w in wrappers:
             f = fits[w.name][0]
@@ -273,6 +286,18 @@ def _expert_count(adapter: Adapter, w: ParamLoraUpdate, p: _Param, transposed: b
         return ""
     return (f"; its factors hold r * E = {rows} rows: with r={r_cfg} ({_config_name(adapter)}) that is {held} experts, "
             f"but base parameter {p.name!r} has {e}: the adapter was made for a model with {held} experts")
+
+
+def _module_untargeted(adapter: Adapter, module: str) -> str | None:
+    """Why PEFT puts no plain LoRA layer on `module` (its target_modules rules, target_parameters aside: an entry
+    without its module, 'down_proj', names a parameter of any module), or None when it does."""
+    from lorafuse.formats.peft import MatchBudget, Targeting
+
+    cfg = adapter.config
+    if cfg.get("target_modules") is None:
+        return "not in target_modules (null: PEFT then adapts only the parameters target_parameters names)"
+    targeting = Targeting({**cfg, "target_parameters": None}, adapter.label)
+    return targeting.why_not(module, "linear", MatchBudget(adapter.label, targeting.regexes, 1))
 
 
 def _as_plain(adapter: Adapter, w: ParamLoraUpdate) -> LoraUpdate:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ def _check_fit(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[in
 # convolution. From grepping transformers 5 for Conv1D(: gpt2, openai, imagegpt, decision_transformer, clvp.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
 CONV1D_LAYERS = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+# open_clip's (and OpenAI CLIP's) residual blocks, whose mlp.c_fc / mlp.c_proj are torch Linear layers: no
+# transformers Conv1D model names its layers `resblocks`
+OPENCLIP_BLOCK = re.compile(r"(^|\.)transformer\.resblocks\.\d+\.")
 DIFFUSERS_MODEL = "diffusers"  # ModelInfo's model_type of a diffusers model (its config.json names none)
 
 
@@ -115,6 +119,8 @@ class ModelInfo:
 
     def layer_type(self, module: str) -> str | None:
         """'linear' or 'conv1d' for a PEFT lora_A / lora_B module, or None when config.json cannot tell."""
+        if OPENCLIP_BLOCK.search(module):  # OpenCLIP's text tower (SD 2.x / SDXL single files): torch Linear
+            return "linear"
         if self.model_type is None:
             return None
         if module.rsplit(".", 1)[-1] not in CONV1D_LAYERS:
@@ -205,7 +211,8 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             out.missing.append(f"{adapter.label}: module {name!r}{hint}")
         out.components |= layouts.components
         if len(out.missing) == missing_before:  # else the layers it names may be those the unmatched modules adapt
-            _refuse_random_targets(adapter, shapes, {t.key for ts in found.values() for t in ts})
+            landed = {t.key for ts in found.values() for t in ts}
+            _refuse_random_targets(adapter, shapes, landed | set(experts.contributions if experts is not None else ()))
         claimed: dict[str, list[tuple[str, int, int]]] = {}
         if experts is not None:
             for pkey, entries in experts.contributions.items():
@@ -372,7 +379,9 @@ def _refuse_random_targets(adapter: Adapter, shapes: Mapping[str, tuple[int, ...
 
     if adapter.config.get("target_modules") is None:
         return  # every module of the file is taken (see formats.peft): the file names the targets
-    targeting = Targeting(adapter.config, adapter.label)
+    # Layers targeted by target_modules only: a LoRA on a parameter (target_parameters) lands on the base tensor it
+    # names (in `landed`), and an entry without its module ('down_proj') would otherwise name every layer.
+    targeting = Targeting({**adapter.config, "target_parameters": None}, adapter.label)
     candidates = [k for k, shape in shapes.items() if k.endswith(".weight") and len(shape) >= 2 and k not in landed]
     budget = MatchBudget(adapter.label, targeting.regexes, len(candidates))
     random: list[str] = []

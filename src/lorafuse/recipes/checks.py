@@ -79,6 +79,14 @@ def _pydantic_message(err: dict[str, Any]) -> tuple[tuple[str | int, ...], str]:
         read = "null" if value is None else "a boolean" if isinstance(value, bool) else "a number"
         shown = " (empty, ~ or null)" if value is None else f" ({str(value).lower() if read == 'a boolean' else value})"
         return loc, f"{err.get('msg', 'invalid')}: YAML reads this value as {read}{shown}, not as text: quote it"
+    if kind == "list_type" and loc == ("models",):  # `models:` left empty, or one model not written as a list
+        got = "null (empty)" if value is None else "a mapping" if isinstance(value, dict) else f"{_short(value)}"
+        return loc, f"expected a list of models (`- model: PATH`, or `[{{model: PATH}}]`), got {got}"
+    if kind == "int_type" and isinstance(value, float) and not isinstance(value, bool):
+        return loc, (f"{err.get('msg', 'invalid')}: YAML reads this value as the number {value!r}, not an integer "
+                     f"(an integer is written without a point or exponent: {int(value)})"
+                     if value.is_integer() and abs(value) < 2**63 else
+                     f"{err.get('msg', 'invalid')}: got the number {value!r}")
     if kind in _WRITTEN and isinstance(value, str):
         return loc, f"{err.get('msg', 'invalid')}: YAML reads {value!r} as text ({_WRITTEN[kind]})"
     return loc, str(err.get("msg", "invalid"))
@@ -95,11 +103,14 @@ _MERGEKIT_FIELDS = {
                           "tokenizer files)",
     (False, "chat_template"): "lorafuse writes no tokenizer or chat template (apply copies the base's own files)",
     (False, "out_dtype"): "the output dtype is the stage's dtype",
-    (True, "normalize"): "weights are used as given (PEFT's rule): write weights that sum to 1 to normalize them",
+    (True, "normalize"): "weights are used as given (PEFT's rule): write weights that sum to 1 to normalize them "
+                         "(mergekit's normalized linear is cat, or svd cut to a rank, here)",
     (True, "int8_mask"): "it only saves mergekit's memory; lorafuse has nothing to set",
     (True, "rescale"): "dare_linear and dare_ties always rescale the kept entries by 1/density, as PEFT's",
     (True, "filter_wise"): "a stage merges whole modules",
     (True, "t"): "slerp is not a lorafuse method (it takes a weight per model)",
+    (True, "lambda"): "it scales the merged delta: multiply every model's weight by it instead",
+    (False, "modules"): "a stage merges every module of its models (no per-module definitions)",
 }
 
 
@@ -168,11 +179,13 @@ def _taken(stage: Stage) -> set[str]:
         taken -= {option for option, flag, _ in OPTION_FLAGS if not getattr(m, flag)}
         if stage.merge_method not in STREAMABLE:
             taken -= {"passes", "engine", "ray_address"}
+        if stage.merge_method != "svd":
+            taken -= {"oversample"}  # the streamed svd's sketch
     return taken
 
 
-_COMBINE_FIELDS = ("passes", "engine", "ray_address", "exact", "split", "seed", "majority_sign", "rank", "conv_rank",
-                   "density")  # where an error of combine's check_options is reported (the first it names)
+_COMBINE_FIELDS = ("passes", "oversample", "engine", "ray_address", "exact", "split", "seed", "majority_sign", "rank",
+                   "conv_rank", "density")  # where an error of combine's check_options is reported (the first it names)
 
 
 def _check_combine(recipe: RecipeText, i: int, stage: Stage, device: str | None) -> None:
@@ -186,7 +199,8 @@ def _check_combine(recipe: RecipeText, i: int, stage: Stage, device: str | None)
     density = next((m.parameters.density for m in stage.models if m.parameters.density is not None), p.density)
     given = {k: v for k, v in {"rank": p.rank, "conv_rank": p.conv_rank, "majority_sign": p.majority_sign,
                                "seed": p.seed, "split": p.split, "exact": p.exact, "engine": p.engine,
-                               "passes": p.passes, "ray_address": p.ray_address}.items() if v is not None}
+                               "passes": p.passes, "ray_address": p.ray_address,
+                               "oversample": p.oversample}.items() if v is not None}
     options = CombineOptions(method=stage.merge_method, density=density, device=device or "cpu",
                              dtype=None if stage.dtype is None else DTYPES[stage.dtype], **given)  # type: ignore[arg-type]
     try:
@@ -328,6 +342,19 @@ def _split_plus(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: s
     return found[0] if found else splits[-1]
 
 
+def _check_base_plus(recipe: RecipeText, i: int, text: str, verb: str, fits: Callable[[str], bool]) -> None:
+    """Refuse base_model written as mergekit's BASE+LORA (the base with a LoRA merged in), where both sides name
+    something: lorafuse's base_model is one checkpoint, and the verb would look for a folder named `base+lora`."""
+    plus = _split_plus(recipe, i, ("base_model",), text, fits)
+    if plus is None or not all(fits(x) or is_hub_id(x) for x in plus):
+        return
+    b, a = plus
+    how = (f"give base_model: {b} and list {a!r} among the models (apply merges them all)" if verb == "apply" else
+           f"merge {a!r} into {b!r} in an earlier apply stage and give that stage's name as base_model")
+    raise RecipeError(f"{recipe.where(i, ('base_model',))}: {text!r} is mergekit's BASE+LORA form ({b!r} with the "
+                      f"LoRA {a!r} merged in); lorafuse's base_model is one checkpoint: {how}")
+
+
 def _check_path(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: str) -> None:
     """Refuse, naming the line and field, a model that cannot name a path (paths.path_problem): `~user/...` of no
     such user, a file name longer than the file system takes."""
@@ -423,6 +450,8 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
                 inputs.append(model(a_text, where, w, d))
             else:
                 inputs.append(model(m.model, where, w, d))
+        if stage.base_model is not None and verb in ("apply", "extract"):
+            _check_base_plus(recipe, i, stage.base_model, verb, fits)
         if stage.base_model is not None:
             b = model(stage.base_model, ("base_model",), None, None)
             if base is not None and base.text != b.text:

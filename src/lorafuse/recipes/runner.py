@@ -103,6 +103,8 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
             raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
                               "mappings of them (a path as str)") from None
         return parse(text, "<recipe>", Path.cwd())
+    if isinstance(recipe, str) and not recipe:  # Path('') would read the current folder
+        raise RecipeError("recipe must be a path or YAML text, got an empty string")
     if isinstance(recipe, str) and _is_text(recipe):
         return parse(recipe, "<recipe>", Path.cwd())
     if isinstance(recipe, str):
@@ -153,7 +155,7 @@ def _loaded_as(place: str) -> list[str]:
     return [str(found), *([str(found.parent)] if peft else [])]
 
 
-def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path, outputs: Mapping[str, Path],
+def argv_of(stage: CheckedStage, recipe: RecipeText, out: Path | str, outputs: Mapping[str, Path],
             extra: Sequence[str] = ()) -> list[str]:
     """The command line that runs `stage` writing `out` (`outputs`: earlier stages' outputs by name). Every
     option is one word (`--name=value`) and the inputs come after `--`, so that no text of the recipe (a model
@@ -302,6 +304,48 @@ def _check_out(out: Path, overwrite: bool, externals: Sequence[Path], kind: str 
 
     # os.path.isdir: False for a name the system refuses (too long), which check_output then says
     check_output(out, externals, folder=os.path.isdir(out), overwrite=overwrite, kind=kind)
+
+
+def _overwrite_would_do(refusal: OutputError, stage: CheckedStage, recipe: RecipeText, out: Path,
+                        externals: Sequence[Path], kind: str | None, extra: Sequence[str],
+                        dispatch: Callable[[Sequence[str]], int]) -> None:
+    """Before `refusal` (an existing `out` that --overwrite would replace) is raised with its advice to pass
+    --overwrite: whether the last `stage` can write the name `out` at all. Its verb checks the name before
+    the output (a PEFT adapter named x.safetensors), so its own dry run with --overwrite says, and its refusal
+    is raised instead. A stage that reads an earlier stage's output cannot be planned yet: for a one-file name
+    the advice then says that the name is checked when the stage starts."""
+    from lorafuse.io.atomic import names_file
+
+    try:
+        _check_out(out, True, externals, kind)
+    except OutputError:
+        return  # refused whatever --overwrite says (an input): its message offers no --overwrite
+    if stage.needs:
+        if names_file(out):
+            raise OutputError(f"{refusal}; whether stage {stage.name!r} ({stage.verb}) can write one file of that "
+                              f"name is checked when it starts, after {', '.join(map(repr, stage.needs))} ran (a PEFT "
+                              "adapter is a folder): a folder name is always taken") from None
+        return
+    _last_stage_takes(stage, recipe, str(out), [*extra, "--overwrite"], dispatch)
+
+
+def _written_into(folder: Path) -> Path:
+    """The file a one-file verb last put in `folder` (io.atomic.COMMITTED: `-o dir/` gets dir/NAME), else `folder`."""
+    from lorafuse.io.atomic import COMMITTED
+
+    inside = [p for p in COMMITTED if os.path.dirname(os.path.abspath(p)) == os.path.abspath(folder)]
+    return Path(inside[-1]) if inside else folder
+
+
+def _last_stage_takes(stage: CheckedStage, recipe: RecipeText, out: str, flags: Sequence[str],
+                      dispatch: Callable[[Sequence[str]], int]) -> None:
+    """The last `stage`, which reads no earlier stage's output, checked by its own dry run writing `out` (with
+    `flags`): its verb's refusal of the output's name or place, raised naming the stage, before anything runs."""
+    try:
+        dispatch(argv_of(stage, recipe, out, {}, [*(f for f in flags if f != "-q"), "-q", "--dry-run"]))
+    except LorafuseError as e:
+        said = in_recipe_terms(str(e))
+        raise type(e)(f"{recipe.origin}, stage {stage.name!r} ({stage.verb}): {said}") from None
 
 
 def _format_of(x: Input, recipe: RecipeText, formats: Mapping[str, str | None]) -> str | None:
@@ -487,6 +531,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
 
     from lorafuse._validate import check_bool, check_path, check_threads
     from lorafuse.backends import check_device
+    from lorafuse.io.atomic import check_output_path, names_folder
+    from lorafuse.io.checkpoint import foreign_output
     from lorafuse.io.provenance import Invocation, Provenance, current_invocation, invoked, named_inputs, recorded_in
 
     # checked here, not by the verbs' parsers: a bad value must be a LorafuseValueError, not argparse's exit
@@ -505,11 +551,11 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
     target = Path(out)
     notes = [f"stage {s.name!r}: base_model is not read by {s.verb} (the adapters' own config names their base); it "
              "is ignored" for s in stages if s.verb in ("combine", "resize") and s.stage.base_model is not None]
-    notes += [f"stage {s.name!r}: merge_method linear is PEFT's (the factors summed with the weights as given); "
-              "mergekit's linear divides by the weights' sum: give weights that sum to 1 for its average"
-              for s in stages if s.stage.merge_method == "linear" and len(s.inputs) > 1
-              and all(x.weight is None or x.weight > 0 for x in s.inputs)
-              and abs(sum(1.0 if x.weight is None else x.weight for x in s.inputs) - 1.0) > 1e-9]
+    notes += [f"stage {s.name!r}: merge_method linear is PEFT's: the A and the B factors are summed separately (each "
+              "with the square root of its model's weight), which is not the weighted sum of the deltas (B_i A_j "
+              "of different models enter too); mergekit's linear is that weighted sum divided by the weights' sum, "
+              "as cat (exact) or svd (cut to a rank) give it here with weights that sum to 1"
+              for s in stages if s.stage.merge_method == "linear" and len(s.inputs) > 1]
     notes += [f"stage {s.name!r}: merge_method {s.stage.merge_method} is PEFT's (on each LoRA factor); mergekit's "
               f"{s.stage.merge_method} works on the full deltas, as {s.stage.merge_method}_svd does here (then cut "
               "to a rank)"
@@ -523,7 +569,22 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
     _check_places(stages, text)
     externals = _externals(stages, text, recipe)
     kinds = _stage_kinds(stages, text)
-    _check_out(target, overwrite, externals, kinds[stages[-1].name])
+    one_file = _planned_folders(stages, text)[stages[-1].name] is False
+    if (why := foreign_output(out, folder=not one_file)) is not None:  # (-o x.bin): every verb of a recipe refuses
+        raise LorafuseValueError(f"{text.origin}, stage {stages[-1].name!r} ({stages[-1].verb}): {why}")
+    if one_file and names_folder(out):
+        # one file written into the folder -o names (`-o dir/`, an existing folder), as its verb does: the
+        # file in it is checked by the verb, now by its dry run, or, reading an earlier stage, when it starts
+        check_output_path(target, externals)
+        if not stages[-1].needs:
+            _last_stage_takes(stages[-1], text, out, [*extra, *(["--overwrite"] if overwrite else [])], dispatch)
+    else:
+        try:
+            _check_out(target, overwrite, externals, kinds[stages[-1].name])
+        except OutputError as e:
+            if not overwrite:  # its advice is to pass --overwrite: said only where that would do
+                _overwrite_would_do(e, stages[-1], text, target, externals, kinds[stages[-1].name], extra, dispatch)
+            raise
     keep = intermediate_dir is not None and len(stages) > 1
     if keep:
         assert intermediate_dir is not None
@@ -575,7 +636,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         flags.append("--dry-run")
                     if overwrite and last:  # --overwrite replaces the output, never an intermediate one
                         flags.append("--overwrite")
-                    argv = argv_of(s, text, stage_out, outputs, flags)
+                    argv = argv_of(s, text, out if last else stage_out, outputs, flags)  # (-o as given: `dir/`)
                     if not quiet:
                         print(f"stage {s.name!r}: {shlex.join(['lorafuse', *argv])}")  # as a shell reads it
                     with named_inputs(_names(s, text, outputs), {str(outputs[n]): records[n] for n in s.needs
@@ -590,6 +651,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         f"{text.origin}, stage {s.name!r} ({s.verb}): "  # (an intermediate output's check names it)
                     raise type(e)(f"{head}{said}{where}") from None
                 wrote = None if dry_run else stage_out
+                if wrote is not None and last and one_file and names_folder(out):
+                    wrote = _written_into(wrote)  # the file its verb put in the folder -o names
                 if wrote is not None:
                     outputs[s.name] = wrote
                     record = None if last else recorded_in(wrote, current_invocation())

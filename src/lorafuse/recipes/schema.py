@@ -34,6 +34,16 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+def _no_parameters(value: object) -> object:
+    """`parameters:` left empty (YAML null) as no parameters, as mergekit reads it (its fields are Optional)."""
+    return {} if value is None else value
+
+
+def _nullable(schema: dict[str, Any]) -> None:
+    """The JSON schema of a `parameters` field: its mapping, or null (_no_parameters)."""
+    schema["anyOf"] = [{"$ref": schema.pop("$ref")}, {"type": "null"}]
+
+
 def _split_case(value: object) -> object:
     """split, in any case as the CLI's --split: 'B' or 'sqrt'."""
     return split_name(value) if isinstance(value, str) else value
@@ -53,7 +63,8 @@ class ModelEntry(BaseModel):
 
     model_config = _STRICT
     model: Annotated[str, Field(min_length=1, pattern=_NO_NUL)]
-    parameters: ModelParameters = ModelParameters()
+    parameters: Annotated[ModelParameters, BeforeValidator(_no_parameters),
+                          Field(json_schema_extra=_nullable)] = ModelParameters()
 
 
 class Parameters(BaseModel):
@@ -89,7 +100,7 @@ class Parameters(BaseModel):
 
 _RANK_RULES = {"rank", "sv_ratio", "sv_fro", "sv_cumulative", "max_rank"}
 _COMBINE = {"weight", "rank", "conv_rank", "seed", "split", "exact", "passes", "engine", "ray_address", "majority_sign",
-            "density"}
+            "density", "oversample"}
 # What each merge_method takes (beyond models' weights); combine methods are narrowed by REGISTRY in checks.py
 TAKES: dict[str, set[str]] = {
     "combine": _COMBINE,
@@ -115,7 +126,8 @@ class Stage(BaseModel):
         default=None, description="apply: the base checkpoint; extract: the base the fine-tuned model (models[0]) is "
         "compared with")
     models: Annotated[list[ModelEntry], Field(min_length=1)]
-    parameters: Parameters = Parameters()
+    parameters: Annotated[Parameters, BeforeValidator(_no_parameters), Field(json_schema_extra=_nullable)] = \
+        Parameters()
     dtype: Annotated[Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"],
                      BeforeValidator(_lower)] | None = Field(
         default=None, description="output dtype: of every floating-point tensor of the merged model (apply, as "

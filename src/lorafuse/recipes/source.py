@@ -12,11 +12,14 @@ for a float64 (`1e-400`, which would be 0) is refused as `--weights` refuses it.
 copy the fields of the mapping they name; a recipe whose merges would copy more than MAX_MERGED_FIELDS fields
 in all (each level of `<<: [*a, *a]` doubles them) is refused before it is built. JSON is YAML: a document that is
 a list of mappings is a list of stages (JSON has one document), tabs between a JSON text's tokens are spaces, and
-the surrogate pairs of `\\u` escapes are joined (a lone one is refused).
+the surrogate pairs of `\\u` escapes are joined (a lone one is refused). A recipe file is read in the encoding YAML
+tells from its first bytes (UTF-8, UTF-16, UTF-32: _decode); bytes that are no character of it are refused at their
+line and column.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import functools
@@ -179,6 +182,8 @@ def _loader() -> type:
             Written here so a recipe means the same under every PyYAML (6.0.4 lets a later one win)."""
             merged: list[list[Any]] = []  # the merged mappings' fields, highest priority first
             own: list[Any] = []
+            merging: set[int] = self.__dict__.setdefault("_merging", set())  # the mappings being flattened now
+            merging.add(id(node))
             for key_node, value_node in node.value:
                 if key_node.tag == _MERGE_TAG:
                     sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
@@ -188,12 +193,17 @@ def _loader() -> type:
                                 "while constructing a mapping", node.start_mark,
                                 f"expected a mapping or list of mappings for merging, but found {sub.id}",
                                 sub.start_mark)
+                        if id(sub) in merging:  # `&a {<<: *a}`: it would copy itself into itself without end
+                            raise yaml.constructor.ConstructorError(
+                                "while constructing a mapping", node.start_mark, "a merge (`<<`) names a mapping "
+                                "that holds this merge: a mapping cannot merge itself", key_node.start_mark)
                         self.flatten_mapping(sub)
                         merged.append(list(sub.value))
                 else:
                     if key_node.tag == "tag:yaml.org,2002:value":
                         key_node.tag = "tag:yaml.org,2002:str"
                     own.append((key_node, value_node))
+            merging.discard(id(node))
             if merged:  # a later field wins when the mapping is built: the lowest priority goes first
                 node.value = [pair for fields in reversed(merged) for pair in fields] + own
 
@@ -343,6 +353,8 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
 
     if len(text) > MAX_RECIPE_CHARS:  # YAML text given as a string: the bound a recipe file has
         raise RecipeError(f"{origin}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
+    if "\r" in text:  # recorded with \n line ends, as a file's text (YAML reads \r\n and \r as line breaks too)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     docs: list[Document] = []
     loader = None
     try:
@@ -377,6 +389,43 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
     return RecipeText(text, origin, folder, docs)
 
 
+_MAX_RECIPE_BYTES = 4 * MAX_RECIPE_CHARS + 4  # MAX_RECIPE_CHARS characters of 4 bytes each, and a BOM
+# YAML's encodings (https://yaml.org/spec/1.2.2/#52-character-encodings): a byte order mark names one, else the
+# NUL bytes an ASCII first character has in UTF-16 or UTF-32 do; (BOM or first bytes, codec, name)
+_ENCODINGS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+              (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+              (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))
+_UNMARKED = ((re.compile(rb"\x00\x00\x00[^\x00]", re.S), "utf-32-be", "UTF-32 (big-endian, no BOM)"),
+             (re.compile(rb"[^\x00]\x00\x00\x00", re.S), "utf-32-le", "UTF-32 (little-endian, no BOM)"),
+             (re.compile(rb"\x00[^\x00]", re.S), "utf-16-be", "UTF-16 (big-endian, no BOM)"),
+             (re.compile(rb"[^\x00]\x00", re.S), "utf-16-le", "UTF-16 (little-endian, no BOM)"))
+
+
+def _decode(raw: bytes, origin: str) -> str:
+    """A recipe file's bytes as text, in the encoding YAML tells from its first bytes (UTF-8, or UTF-16 / UTF-32
+    as Windows editors and PowerShell save text); bytes that are not text of that encoding (a file saved as
+    Latin-1) are refused naming the line and column, not with the codec's words."""
+    codec, name = next(((c, n) for bom, c, n in _ENCODINGS if raw.startswith(bom)), ("utf-8", "UTF-8"))
+    marked = codec != "utf-8"
+    if not marked:
+        codec, name = next(((c, n) for rx, c, n in _UNMARKED if rx.match(raw)), (codec, name))
+    try:  # line ends as text mode reads them (\r\n and \r are \n): the recipe is recorded with \n line ends; a
+        # BOM starting a later line is dropped, as YAML lets each document of a stream start with one (files saved
+        # with a BOM, joined into one recipe) and PyYAML reads it as part of a key
+        return raw.decode(codec).replace("\r\n", "\n").replace("\r", "\n").replace("\n\ufeff", "\n")
+    except UnicodeDecodeError as e:
+        if not marked and b"\0" in raw[:4096]:  # a .safetensors, .gguf or .bin file given as the recipe
+            raise RecipeError(f"{origin}: a binary file (it holds NUL bytes and is no UTF-8, UTF-16 or UTF-32 text), "
+                              "not a recipe (a YAML text file: merge_method, models, ...)") from None
+        before = raw[:e.start].decode(codec, "replace")
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        bad = raw[e.start:e.end][:4]
+        guess = ": saved as Latin-1 or Windows-1252?" if name == "UTF-8" else ""
+        raise RecipeError(f"{origin} line {line}, column {column}: not {name} text (byte{'s' * (len(bad) > 1)} "
+                          f"{bad.hex(' ')} {'are' if len(bad) > 1 else 'is'} no {name} character{guess}); a recipe "
+                          "is UTF-8 text (or UTF-16 / UTF-32 with a byte order mark): save it as UTF-8") from None
+
+
 def read(path: str | Path) -> RecipeText:
     p = Path(path)
     try:  # not blocking: a FIFO is refused below instead of waited on for a writer
@@ -388,7 +437,10 @@ def read(path: str | Path) -> RecipeText:
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
         raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
     try:
-        with os.fdopen(fd, encoding="utf-8") as f:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # (os.fdopen refuses a folder with "Is a directory")
+            os.close(fd)
+            raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)")
+        with os.fdopen(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if stat.S_ISDIR(mode):
                 raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)")
@@ -396,9 +448,12 @@ def read(path: str | Path) -> RecipeText:
                 from lorafuse.io.safetensors import file_kind
 
                 raise RecipeError(f"{p}: is {file_kind(mode)}, not a recipe file (a .yml file)")
-            text = f.read(MAX_RECIPE_CHARS + 1)  # bounded: a huge file given by mistake
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
+            raw = f.read(_MAX_RECIPE_BYTES + 1)  # bounded: a huge file given by mistake
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe: {e.strerror or e}") from None
+    if len(raw) > _MAX_RECIPE_BYTES:  # more characters than MAX_RECIPE_CHARS in any encoding
+        raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
+    text = _decode(raw, str(p))
     if len(text) > MAX_RECIPE_CHARS:
         raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
     # relative model paths: from the folder of the path as given (a link's folder, not its target's), as

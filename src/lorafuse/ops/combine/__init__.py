@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from lorafuse._validate import (
+    MAX_OVERSAMPLE,
     check_bool,
     check_float,
     check_int,
@@ -97,7 +98,9 @@ def check_options(options: CombineOptions) -> CombineOptions:
         density=None if options.density is None else check_float(options.density, "density", 0.0, 1.0,
                                                                   lo_open=True),
         exact=check_bool(options.exact, "exact"), progress=check_optional_bool(options.progress, "progress"),
-        passes=None if options.passes is None else check_int(options.passes, "passes", 1, many.MAX_PASSES))
+        passes=None if options.passes is None else check_int(options.passes, "passes", 1, many.MAX_PASSES),
+        oversample=None if options.oversample is None else check_int(options.oversample, "oversample", 0,
+                                                                     MAX_OVERSAMPLE))
     check_split(o.split)
     if check_text(o.majority_sign, "majority_sign", ("total", "frequency")) not in ("total", "frequency"):
         raise LorafuseValueError(f"majority_sign must be 'total' or 'frequency', got {o.majority_sign!r}")
@@ -112,6 +115,11 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"passes={o.passes} applies to the streamed engine (engine 'stream', or 'auto', "
                                  "which passes selects), not to engine 'memory', which reads every adapter once: "
                                  "leave passes out or choose engine 'stream'")
+    if o.oversample is not None and (o.engine == "memory" or o.method != "svd"):
+        raise LorafuseValueError(f"oversample={o.oversample} sets the streamed svd's sketch width (method 'svd', "
+                                 "engine 'stream', 'ray', or 'auto', which oversample selects), not "
+                                 f"{'engine memory' if o.method == 'svd' else f'method {o.method!r}'}: leave "
+                                 "oversample out" + (" or choose engine 'stream'" if o.method == "svd" else ""))
     if o.engine == "ray":
         ray_engine.require_ray()  # before any work: without ray, say how to install it
     return dataclasses.replace(o, dtype=check_dtype(o.dtype), device=check_device(o.device))
@@ -154,6 +162,7 @@ def combine(
     engine: str = "auto",
     passes: int | None = None,
     progress: bool | None = False,
+    oversample: int | None = None,
 ) -> Adapter:
     """Combine adapters into one (see the module docstring for each method's formula).
 
@@ -177,11 +186,13 @@ def combine(
     1-D array or tensor. Many adapters (or `passes`, or
     engine='stream') take the streamed engine of ops.combine.many: each adapter is read once per pass and
     memory does not grow with their number; `passes` (default 3: one power iteration; 2: range and projection;
-    1: single-pass sketch) applies to svd; `progress` draws a bar over the adapters read.
+    1: single-pass sketch) applies to svd, as `oversample` (the sketch's columns beyond the rank, default 10:
+    more brings 2 passes closer to the optimum); `progress` draws a bar over the adapters read.
     """
     options = CombineOptions(method=method, rank=rank, conv_rank=conv_rank, density=density,
                              majority_sign=majority_sign, seed=seed, split=split, threads=threads, exact=exact,
-                             dtype=dtype, device=device, engine=engine, passes=passes, progress=progress)
+                             dtype=dtype, device=device, engine=engine, passes=passes, progress=progress,
+                             oversample=oversample)
     return combine_with(adapters, weights, options)
 
 
@@ -344,7 +355,7 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     if weights is not None:  # checked (and a generator read) once here; their count once the adapters are known
         weights = weight_list(weights)
     o = check_options(options)
-    if (o.engine == "auto" and o.passes is None and isinstance(adapters, Sequence)
+    if (o.engine == "auto" and not many.stream_asked(o) and isinstance(adapters, Sequence)
             and (len(adapters) <= many.memory_max_adapters() or all(isinstance(a, Adapter) for a in adapters))
             and not any(isinstance(a, many.Source) for a in adapters)
             and (weights is None or isinstance(weights, Sequence))):
@@ -357,7 +368,7 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
         return sources, ws, None, o
     if o.engine == "ray":
         ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
-    plan = many.check_sources(sources, ws, o.method, structured=o.engine == "auto" and o.passes is None,
+    plan = many.check_sources(sources, ws, o.method, structured=o.engine == "auto" and not many.stream_asked(o),
                               progress=o.progress)
     if plan.structured is not None:  # a LoHa / LoKr: the in-memory path takes it, when the list is short enough
         if len(sources) > many.memory_max_adapters():

@@ -42,6 +42,7 @@ partial accumulators, then the driver does what this engine does with them (Sket
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -52,6 +53,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,7 @@ from lorafuse._validate import (
     rounds_to_zero,
 )
 from lorafuse.backends import Backend, ConvertJob, get_backend
+from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import (
     AdapterNote,
     FormatError,
@@ -653,7 +656,7 @@ def choose_engine(plan: Plan, options: CombineOptions, backend: Backend) -> str:
         return options.engine
     if options.method not in STREAMABLE or options.device == "cuda" or options.exact:
         return "memory"
-    if options.passes is not None:
+    if stream_asked(options):
         return "stream"
     if len(plan.sources) > memory_max_adapters():
         return "stream"
@@ -663,6 +666,12 @@ def choose_engine(plan: Plan, options: CombineOptions, backend: Backend) -> str:
     exact = all(backend.factored_svd_is_exact(s.out, s.inn, s.total_rank, ranks[n], "auto")
                 for n, s in plan.modules.items())
     return "memory" if exact else "stream"
+
+
+def stream_asked(options: CombineOptions) -> bool:
+    """Whether the options set what only the streamed engines use (passes, oversample): they select it under
+    engine 'auto'."""
+    return options.passes is not None or options.oversample is not None
 
 
 def output_ranks(plan: Plan, rank: int | None, conv_rank: int | None = None) -> dict[str, int]:
@@ -730,13 +739,13 @@ class _Stack:
 Operand = tuple[np.ndarray, np.ndarray | None]  # one module's operand of a pass: X (float32), Psi (float32)
 
 
-def sketch_width(k: int, out: int, inn: int) -> int:
-    """A module's sketch width: k + OVERSAMPLE columns, or its whole range, min(out, in), when that is at most
+def sketch_width(k: int, out: int, inn: int, oversample: int = OVERSAMPLE) -> int:
+    """A module's sketch width: k + oversample columns, or its whole range, min(out, in), when that is at most
     twice as many. A rank that is a large share of the module's size is where k + 10 columns fall short
     (1.06-1.11x the optimum with 3 passes at k = 60 of 128, 1.6-2x with 2); the whole range makes the result
     exact, and costs at most about twice the output's own factors."""
     full = min(out, inn)
-    return full if 2 * (k + OVERSAMPLE) >= full else k + OVERSAMPLE
+    return full if 2 * (k + oversample) >= full else k + oversample
 
 
 def first_operand(spec: ModuleSpec, w: int, seed: int, single_pass: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -756,9 +765,9 @@ class _SvdSketch:
     """One module's sketches across the passes (see the module docstring): the driver's side, which sets up
     each pass's operand and takes in the pass's summed accumulators (_SvdFold does the folding)."""
 
-    def __init__(self, spec: ModuleSpec, k: int, passes: int, seed: int) -> None:
+    def __init__(self, spec: ModuleSpec, k: int, passes: int, seed: int, oversample: int = OVERSAMPLE) -> None:
         self.spec, self.k, self.passes, self.seed = spec, k, passes, seed
-        self.w = sketch_width(k, spec.out, spec.inn)
+        self.w = sketch_width(k, spec.out, spec.inn, oversample)
         self.probes = PROBES
         self.pass_no = 0
         self.probe_out: np.ndarray | None = None  # D Phi (out x PROBES)
@@ -930,12 +939,13 @@ class Folding:
 def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None, sources: Sequence[Source],
                  weights: Sequence[float], fingerprints: Sequence[object],
                  on_chunk: Callable[[int], None] | None = None,
-                 replays: Sequence[Replay | None] | None = None) -> tuple[Partial, int]:
+                 replays: Sequence[Replay | None] | None = None, workers: int = 1) -> tuple[Partial, int]:
     """Fold `sources` (each opened, read once and closed) into fresh accumulators of pass `pass_no` given the
     pass's operands (svd; None in pass 1: its test matrices are regenerated from the seed here). Returns the
     accumulators and the bytes of factors read; on_chunk(adapters) is called after each chunk. The one fold
     of the local engine (all adapters) and of a Ray task (a shard). `replays` (per source, the local engine's):
-    read those adapters' factor bytes directly (Replay) instead of loading them again."""
+    read those adapters' factor bytes directly (Replay) instead of loading them again. `workers` > 1: a chunk's
+    modules are folded in that many threads at once, each product on one BLAS thread (_module_threads)."""
     folds: dict[str, _SvdFold] | dict[str, _LinearSum]
     if job.method == "linear":
         folds = {n: _LinearSum(s) for n, s in job.modules.items()}
@@ -949,18 +959,52 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
                 operands[n] = (x.astype(np.float32), _f32(psi))
         folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
     read = 0
-    for stacks, count, nbytes, held in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
-                                               replays):
-        for name, stack in stacks.items():
-            if stack.filled:
-                folds[name].absorb(*stack.view())
-                if not all(np.isfinite(x).all() for x in folds[name].arrays()):  # small: the sketch, not the data
-                    raise _non_finite(name, held)
-        del stacks
-        read += nbytes
-        if on_chunk is not None:
-            on_chunk(count)
+    with _module_threads(min(workers, len(job.modules))) as pool:
+        for stacks, count, nbytes, held in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
+                                                   replays):
+            _fold_chunk(folds, stacks, held, pool)
+            del stacks
+            read += nbytes
+            if on_chunk is not None:
+                on_chunk(count)
     return {n: f.arrays() for n, f in folds.items()}, read
+
+
+@contextlib.contextmanager
+def _module_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of `workers` threads folding one module each (None: the caller's thread), with BLAS held to one
+    thread while it lasts. A chunk's products are small (inner size sum r_i, a few dozen columns):
+    OpenBLAS's own threads meet at a barrier in every one of them, which costs more than the product as soon
+    as another process wants the cores (2 cores, load 7: 15 ms per adapter against 1.9 with one module per
+    thread; benchmarks/bench_many.py)."""
+    with _one_blas_thread():
+        if workers <= 1:
+            yield None
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="lorafuse-fold") as pool:
+            yield pool
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """numpy's BLAS held to one thread while the context lasts (threadpoolctl; restored after)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _fold_chunk(folds: dict[str, _SvdFold] | dict[str, _LinearSum], stacks: dict[str, _Stack],
+                held: list[tuple[Source, float]], pool: ThreadPoolExecutor | None) -> None:
+    """A chunk's stacks into their modules' accumulators (each module by one thread: its sums keep their
+    order), then each sum checked finite; the first module in order whose sum is not, named."""
+    def fold(name: str) -> bool:
+        folds[name].absorb(*stacks[name].view())
+        return all(np.isfinite(x).all() for x in folds[name].arrays())  # small: the sketch, not the data
+
+    names = [n for n, s in stacks.items() if s.filled]
+    finite = map(fold, names) if pool is None else pool.map(fold, names)
+    for name, ok in zip(names, list(finite)):
+        if not ok:
+            raise _non_finite(name, held)
 
 
 class Sketching:
@@ -974,15 +1018,18 @@ class Sketching:
         ranks = output_ranks(plan, options.rank, options.conv_rank)
         self.svd: dict[str, _SvdSketch] = {}
         if method == "svd":
-            self.svd = {n: _SvdSketch(s, ranks[n], self.passes, options.seed) for n, s in plan.modules.items()}
+            over = OVERSAMPLE if options.oversample is None else options.oversample
+            self.svd = {n: _SvdSketch(s, ranks[n], self.passes, options.seed, over) for n, s in plan.modules.items()}
         self.job = Folding(plan.modules, method, options.seed, self.passes, {n: sk.w for n, sk in self.svd.items()},
                            chunk_size(plan, options.group_bytes // 4))  # the chunk and its stacks
         self.last: Partial = {}
 
     def start(self, pass_no: int) -> dict[str, Operand] | None:
-        """Set up pass `pass_no`: every module's operand (None for linear)."""
-        for sk in self.svd.values():
-            sk.start(pass_no)
+        """Set up pass `pass_no`: every module's operand (None for linear). The QR of each sketch on one BLAS
+        thread, as the folds (_module_threads): they are as small."""
+        with _one_blas_thread():
+            for sk in self.svd.values():
+                sk.start(pass_no)
         return {n: sk.operand() for n, sk in self.svd.items()} if self.svd else None
 
     def take(self, partial: Partial) -> None:
@@ -1000,7 +1047,8 @@ class Sketching:
         for layout in layouts:
             name = layout.name
             if self.svd:
-                update, errors[name] = self.svd[name].finish(self.options.split, layout, threads)
+                with _one_blas_thread():  # small QR and SVD, as in start()
+                    update, errors[name] = self.svd[name].finish(self.options.split, layout, threads)
             else:
                 b, a = _LinearSum.finish(self.last[name])
                 update = rounded(layout.placeholder().with_factors(b, a), layout.dtype, threads)
@@ -1119,6 +1167,7 @@ def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints:
             raise InputChangedError(_changed(src, pass_no))
         rp = replays[i] if replays else None
         yield src, w, (rp if rp is not None else _open(src, quiet=True))
+
 
 
 Factor = tuple[np.ndarray, str]  # a factor's raw elements and their safetensors dtype
@@ -1276,10 +1325,10 @@ def run_stream(plan: Plan, options: CombineOptions,
     try:
         for p in range(1, passes + 1):
             operands = sketching.start(p)
-            # (a reader thread one chunk ahead measured no faster on 2 cores: the BLAS threads take both)
+            # (a reader thread one chunk ahead measured no faster on 2 cores: the fold's threads take both)
             partial, nbytes = fold_sources(sketching.job, p, operands, plan.sources, plan.weights,
                                            plan.fingerprints, functools.partial(bar.step, f"pass {p}/{passes}"),
-                                           plan.replays)
+                                           plan.replays, resolve_threads(options.threads))
             read += nbytes
             sketching.take(partial)
     finally:

@@ -25,7 +25,10 @@ class CombineOptions:
     same passes as Ray tasks over shards of adapters, ops.combine.ray_engine); `ray_address`: the Ray
     cluster of engine 'ray' (None: the Ray this process has initialized, else a local one); `passes`: the
     streamed svd's passes over the adapters (None: 3, one power iteration; 2: range and projection; 1: a
-    single-pass sketch; given, it selects the streamed engine under 'auto'); `progress`: a bar over adapters
+    single-pass sketch; given, it selects the streamed engine under 'auto'); `oversample`: the streamed svd's
+    sketch columns beyond the rank (None: 10; a module whose whole range is at most twice k + oversample takes
+    it, exactly), which bounds how close 2 passes come to the optimum (docs/cli.md; given, it selects the
+    streamed engine under 'auto', as `passes`); `progress`: a bar over adapters
     read (None: when stderr is a terminal). An option the method does not use, given at other than its default,
     is refused by check_options naming the methods that take it (the registry's Method flags)."""
 
@@ -44,4 +47,5 @@ class CombineOptions:
     engine: str = "auto"
     passes: int | None = None
     progress: bool | None = False
+    oversample: int | None = None
     ray_address: str | None = None
