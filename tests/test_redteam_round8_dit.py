@@ -96,22 +96,27 @@ def _dotted(spelled: str, family: object) -> str:
     return table[spelled]
 
 
-def _fused(state: dict[str, torch.Tensor] | Path) -> dict[str, np.ndarray]:
-    """The tiny Flux.2 transformer's weights after diffusers' Flux2 loader reads `state` (a file: with its metadata,
-    as load_lora_weights reads it) and fuses it (float64)."""
-    from diffusers import Flux2Pipeline
-
-    m = _flux2().double()
+def _loaded_and_fused(pipeline: type, m: torch.nn.Module,
+                      state: dict[str, torch.Tensor] | Path) -> dict[str, np.ndarray]:
+    """The tiny transformer `m` (float64) after `pipeline`'s LoRA loader reads `state` (a file: with its metadata,
+    as load_lora_weights reads it) and fuses it."""
     metadata = None
     if isinstance(state, Path):
-        sd, metadata = Flux2Pipeline.lora_state_dict(str(state), return_lora_metadata=True)
+        sd, metadata = pipeline.lora_state_dict(str(state), return_lora_metadata=True)  # type: ignore[attr-defined]
     else:
-        sd = Flux2Pipeline.lora_state_dict(state)
-    sd = {k: v.double() for k, v in sd.items()}
-    Flux2Pipeline.load_lora_into_transformer(sd, transformer=m, metadata=metadata)
-    m.fuse_lora()
-    m.unload_lora()
+        sd = pipeline.lora_state_dict(state)  # type: ignore[attr-defined]
+    pipeline.load_lora_into_transformer({k: v.double() for k, v in sd.items()},  # type: ignore[attr-defined]
+                                        transformer=m, metadata=metadata)
+    m.fuse_lora()  # type: ignore[operator]
+    m.unload_lora()  # type: ignore[operator]
     return {k: v.numpy() for k, v in m.state_dict().items()}
+
+
+def _fused(state: dict[str, torch.Tensor] | Path) -> dict[str, np.ndarray]:
+    """The tiny Flux.2 transformer's weights after diffusers' Flux2 loader reads `state` and fuses it (float64)."""
+    from diffusers import Flux2Pipeline
+
+    return _loaded_and_fused(Flux2Pipeline, _flux2().double(), state)
 
 
 def _changed(got: dict[str, np.ndarray]) -> set[str]:
@@ -287,16 +292,7 @@ def _wan_fused(state: dict[str, torch.Tensor] | Path) -> dict[str, np.ndarray]:
     """The tiny Wan transformer after diffusers' Wan loader reads `state` (a file: with its metadata) and fuses it."""
     from diffusers import WanPipeline
 
-    m = _wan().double()
-    metadata = None
-    if isinstance(state, Path):
-        sd, metadata = WanPipeline.lora_state_dict(str(state), return_lora_metadata=True)
-    else:
-        sd = WanPipeline.lora_state_dict(state)
-    WanPipeline.load_lora_into_transformer({k: v.double() for k, v in sd.items()}, transformer=m, metadata=metadata)
-    m.fuse_lora()
-    m.unload_lora()
-    return {k: v.numpy() for k, v in m.state_dict().items()}
+    return _loaded_and_fused(WanPipeline, _wan().double(), state)
 
 
 def test_wan_musubi_lora_converts_with_family_wan_as_diffusers_reads_it(tmp_path: Path,
