@@ -34,7 +34,7 @@ from lorafuse.model.names import exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.patterns import pattern_problem
 from lorafuse.model.spectral import batches, factor_cost
-from lorafuse.model.update import Update, holds_nonfinite
+from lorafuse.model.update import Update, holds_nonfinite, nonfinite_words
 
 if TYPE_CHECKING:  # the class of the adapters: new ones are made with type(template)(...)
     from lorafuse.model.adapter import Adapter
@@ -359,7 +359,7 @@ def _not_finite(name: str, terms: Sequence[tuple[float, Update]], adapters: Sequ
     for a in adapters:
         u = a.updates.get(name)
         if u is not None and holds_nonfinite(u):
-            return NonFiniteError(f"adapter arithmetic: {a.label}: module {name!r} holds NaN or Inf in its factors")
+            return NonFiniteError(f"adapter arithmetic: {a.label}: module {name!r} {nonfinite_words(u)}")
     scales = ", ".join(f"{w * u.scale:.4g}" for w, u in terms)
     return LorafuseValueError(f"adapter arithmetic: module {name!r}: the factors times their weighted scales "
                               f"({scales}) overflow float32 (largest {FLOAT32_MAX:.4g})")

@@ -78,6 +78,23 @@ def holds_nonfinite(u: Update) -> bool:
     return not all(np.isfinite(t.f32()).all() for t in u.stored_tensors())
 
 
+def nonfinite_words(u: Update) -> str:
+    """What a module whose stored tensors are not finite in float32 holds (holds_nonfinite: for error messages):
+    'holds NaN or Inf in its factors', or, for a file's F64 values that are finite but beyond float32's range,
+    'holds 1e+300 in its F64 factors, beyond float32's range (3.4e+38): lorafuse computes in float32'."""
+    biggest = 0.0
+    for t in u.stored_tensors():
+        if t.dtype == "F64":
+            x = np.asarray(t.raw, dtype=np.float64)
+            if not np.isfinite(x).all():
+                return "holds NaN or Inf in its factors"
+            biggest = max(biggest, float(np.abs(x).max(initial=0.0)))
+    if biggest > float(np.finfo(np.float32).max):
+        return (f"holds {biggest:.4g} in its F64 factors, beyond float32's range ({np.finfo(np.float32).max:.2g}): "
+                "lorafuse computes in float32 (scale that module down)")
+    return "holds NaN or Inf in its factors"
+
+
 def nonfinite_factors(u: Update) -> str:
     """What the tensors of the update's delta (its factors or LyCORIS pieces, not a DoRA magnitude or a bias) hold
     besides finite numbers: 'NaN', 'Inf', 'NaN and Inf', or '' (each widened to float32; reads every one)."""

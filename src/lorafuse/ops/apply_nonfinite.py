@@ -23,7 +23,7 @@ import numpy as np
 from lorafuse.backends import Backend, MergeJob
 from lorafuse.backends.reference import ReferenceBackend
 from lorafuse.errors import NonFiniteError
-from lorafuse.model.update import nonfinite_factors
+from lorafuse.model.update import nonfinite_factors, nonfinite_words
 from lorafuse.ops.resolve import Contribution
 from lorafuse.ops.stages import CoreStage
 
@@ -69,7 +69,9 @@ def _input_cause(f: Flagged, w32: np.ndarray) -> str | None:
     for c in f.contribs:
         held = nonfinite_factors(c.update)
         if held:
-            return f"{c.source}: module {c.update.name!r} holds {held} in its factors"
+            words = nonfinite_words(c.update)  # an F64 file's finite values beyond float32 read as Inf
+            said = words if "beyond float32" in words else f"holds {held} in its factors"
+            return f"{c.source}: module {c.update.name!r} {said}"
         m = c.update.magnitude
         if m is not None and not np.isfinite(m.f32()).all():
             return f"{c.source}: module {c.update.name!r} holds NaN or Inf in its DoRA magnitude"

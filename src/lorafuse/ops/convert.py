@@ -58,7 +58,7 @@ from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.arithmetic import restated_config
 from lorafuse.model.layout import factor_dtypes, factors_dtype, is_kxk, rounded
 from lorafuse.model.state import DiffusersState, KohyaState, as_kohya, metadata_of
-from lorafuse.model.update import holds_nonfinite
+from lorafuse.model.update import holds_nonfinite, nonfinite_words
 
 if TYPE_CHECKING:
     from lorafuse.formats.gguf import GgufPlan
@@ -848,7 +848,7 @@ def prepare_convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.Pat
         raise UnsupportedError(f"{a.label}: full tensors ({', '.join(sorted(a.full)[:3])}) cannot be converted")
     for name, u in a.updates.items():  # a faithful copy of a NaN would be a broken adapter written as new
         if holds_nonfinite(u):
-            raise NonFiniteError(f"{a.label}: module {name!r} holds NaN or Inf in its factors; nothing was written")
+            raise NonFiniteError(f"{a.label}: module {name!r} {nonfinite_words(u)}; nothing was written")
     if to == "peft" and a.format == "kohya":
         _refuse_lycoris_names(a)  # before its LoHa / LoKr modules are factorized
     n_in = len(a.updates)

@@ -69,7 +69,7 @@ from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import check_linear, check_shared, check_split, float32_coefficient, result
 from lorafuse.model.layout import AdapterLayout, ModuleLayout, check_dtype, output_dtype, rounded
-from lorafuse.model.update import holds_nonfinite
+from lorafuse.model.update import holds_nonfinite, nonfinite_words
 from lorafuse.ops.combine import many, ray_engine, taskmerge
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.groups import stream
@@ -324,7 +324,7 @@ def _named_input(p: _Prepared, e: NonFiniteError) -> NonFiniteError:
     for a, where in zip(p.loaded, p.wheres):
         for name, u in a.updates.items():
             if holds_nonfinite(u):
-                return NonFiniteError(f"{e}: {where}, module {name!r}, holds NaN or Inf in its factors")
+                return NonFiniteError(f"{e}: {where}, module {name!r}, {nonfinite_words(u)}")
     if p.method.run is taskmerge.run_dense_svd:  # each dense delta is formed before its weight applies
         for a, where in zip(p.loaded, p.wheres):
             for name, u in a.updates.items():

@@ -99,7 +99,7 @@ from lorafuse.model.arithmetic import (
 )
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
 from lorafuse.model.spectral import frobenius_sq, is_stored_lora
-from lorafuse.model.update import Update, holds_nonfinite
+from lorafuse.model.update import Update, holds_nonfinite, nonfinite_words
 from lorafuse.ops.combine.identity import Identities
 from lorafuse.ops.combine.options import CombineOptions
 from lorafuse.ops.combine.terms import dense_shape, unused_conv_rank
@@ -1280,7 +1280,7 @@ def _non_finite(name: str, held: Sequence[tuple[Source, float]]) -> NonFiniteErr
     updates = [(src, w, _open(src, quiet=True).updates.get(name)) for src, w in held]
     for src, _, u in updates:
         if u is not None and holds_nonfinite(u):
-            return NonFiniteError(f"{src.where}: module {name!r} holds NaN or Inf in its factors")
+            return NonFiniteError(f"{src.where}: module {name!r} {nonfinite_words(u)}")
     summed = f"module {name!r}: the weighted sum of {held[0][0].where} .. {held[-1][0].where} overflows float32 " \
         "(every input is finite"
     for src, w, u in updates:
