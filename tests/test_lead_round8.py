@@ -317,3 +317,30 @@ def test_f64_factors_beyond_float32_are_refused_saying_so(tmp_path, capsys, verb
     assert main([*argv, "-o", str(tmp_path / "o")]) == 1
     assert "holds 1e+300 in its F64 factors, beyond float32's range" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_index_naming_its_shards_with_a_leading_dot_slash_is_read(tmp_path):
+    """transformers joins a weight_map value to the folder, so './model-00001-of-00002.safetensors' is the shard
+    beside the index: apply reads it (the same merge as the plain names), and the output's index names the file."""
+    import shutil
+
+    import torch
+    from fault_tools import llama_specs, write_checkpoint, write_peft_adapter
+    from safetensors.torch import load_file
+
+    specs = llama_specs(layers=1, hidden=16, inter=32, vocab=32)
+    plain, dotted, ad = tmp_path / "plain", tmp_path / "dotted", tmp_path / "ad"
+    write_checkpoint(plain, specs, shards=2)
+    write_peft_adapter(ad, specs, ["q_proj"])
+    shutil.copytree(plain, dotted)
+    index = dotted / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {k: "./" + v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    assert main(["apply", str(plain), str(ad), "-o", str(tmp_path / "o1"), "-q"]) == 0
+    assert main(["apply", str(dotted), str(ad), "-o", str(tmp_path / "o2"), "-q"]) == 0
+    written = json.loads((tmp_path / "o2" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(v.startswith("./") for v in written.values())
+    one = {k: v for f in sorted((tmp_path / "o1").glob("*.safetensors")) for k, v in load_file(f).items()}
+    two = {k: v for f in sorted((tmp_path / "o2").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -223,7 +223,15 @@ def read_index(index: Path) -> tuple[dict[str, str], dict[str, object]]:
     ):
         raise FormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
     meta = data.get("metadata", {})
-    return weight_map, meta if isinstance(meta, dict) else {}
+    return {k: _beside(v) for k, v in weight_map.items()}, meta if isinstance(meta, dict) else {}
+
+
+def _beside(shard: str) -> str:
+    """A shard name as the file beside the index: './model-00001.safetensors' (which transformers reads, joining it
+    to the folder) is 'model-00001.safetensors'; any other path stays as it is, for shard_name_problem to refuse."""
+    while shard.startswith("./"):
+        shard = shard[2:]
+    return shard
 
 
 def _lists_only(index: Path, shard: str) -> bool:
