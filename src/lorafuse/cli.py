@@ -1193,8 +1193,6 @@ def _say_requantized(errors: dict[str, dict[str, float]], verbose: bool) -> None
 
 
 def _cmd_combine(args: argparse.Namespace) -> int:
-    import time
-
     from lorafuse.formats import load
     from lorafuse.ops.combine import CombineOptions, combine_to
     from lorafuse.ops.outputs import checked_output
@@ -1302,7 +1300,6 @@ def _combine_json(args: argparse.Namespace, report: Any, count: int, seconds: fl
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
     from lorafuse.formats import load
@@ -1342,7 +1339,6 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
     from lorafuse.ops.extract import extract
@@ -1390,8 +1386,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import time
-
     from lorafuse.formats import load
     from lorafuse.ops.convert import convert
     from lorafuse.ops.outputs import adapter_output
@@ -1436,7 +1430,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
     """convert --to gguf: the summary (and notes: folded scales, F16 fallbacks, left-out tensors)."""
-    import time
 
     from lorafuse.ops.convert import convert, output_path
 
@@ -2028,7 +2021,6 @@ def _drop_stdout() -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    import threading
 
     from lorafuse._variants import forced_variant
 

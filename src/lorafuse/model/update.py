@@ -78,21 +78,28 @@ def holds_nonfinite(u: Update) -> bool:
     return not all(np.isfinite(t.f32()).all() for t in u.stored_tensors())
 
 
-def nonfinite_words(u: Update) -> str:
-    """What a module whose stored tensors are not finite in float32 holds (holds_nonfinite: for error messages):
-    'holds NaN or Inf in its factors', or, for a file's F64 values that are finite but beyond float32's range,
-    'holds 1e+300 in its F64 factors, beyond float32's range (3.4e+38): lorafuse computes in float32'."""
+def beyond_float32(u: Update) -> str | None:
+    """For a module whose F64 tensors are all finite but hold a value float32 cannot (it widens to Inf): the
+    words 'holds 1e+300 in its F64 factors, beyond float32's range (3.4e+38): lorafuse computes in float32
+    ...'; else None (no F64 tensor, a NaN or Inf stored as such, or every value in range). For error messages."""
     biggest = 0.0
     for t in u.stored_tensors():
         if t.dtype == "F64":
             x = np.asarray(t.raw, dtype=np.float64)
             if not np.isfinite(x).all():
-                return "holds NaN or Inf in its factors"
+                return None
             biggest = max(biggest, float(np.abs(x).max(initial=0.0)))
-    if biggest > float(np.finfo(np.float32).max):
-        return (f"holds {biggest:.4g} in its F64 factors, beyond float32's range ({np.finfo(np.float32).max:.2g}): "
-                "lorafuse computes in float32 (scale that module down)")
-    return "holds NaN or Inf in its factors"
+    limit = float(np.finfo(np.float32).max)
+    if biggest <= limit:
+        return None
+    return (f"holds {biggest:.4g} in its F64 factors, beyond float32's range ({limit:.2g}): lorafuse computes in "
+            "float32 (scale that module down)")
+
+
+def nonfinite_words(u: Update) -> str:
+    """What a module whose stored tensors are not finite in float32 holds (holds_nonfinite), for error messages:
+    beyond_float32's words, else 'holds NaN or Inf in its factors'."""
+    return beyond_float32(u) or "holds NaN or Inf in its factors"
 
 
 def nonfinite_factors(u: Update) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from lorafuse.backends import Backend, MergeJob
 from lorafuse.backends.reference import ReferenceBackend
 from lorafuse.errors import NonFiniteError
-from lorafuse.model.update import nonfinite_factors, nonfinite_words
+from lorafuse.model.update import beyond_float32, nonfinite_factors
 from lorafuse.ops.resolve import Contribution
 from lorafuse.ops.stages import CoreStage
 
@@ -69,8 +69,7 @@ def _input_cause(f: Flagged, w32: np.ndarray) -> str | None:
     for c in f.contribs:
         held = nonfinite_factors(c.update)
         if held:
-            words = nonfinite_words(c.update)  # an F64 file's finite values beyond float32 read as Inf
-            said = words if "beyond float32" in words else f"holds {held} in its factors"
+            said = beyond_float32(c.update) or f"holds {held} in its factors"  # (an F64 file's, widened to Inf)
             return f"{c.source}: module {c.update.name!r} {said}"
         m = c.update.magnitude
         if m is not None and not np.isfinite(m.f32()).all():

@@ -28,7 +28,7 @@ from lorafuse.model.arithmetic import check_split, restated_config
 from lorafuse.model.experts import ALL_PARTS, one_expert_rank
 from lorafuse.model.layout import output_dtype, rounded
 from lorafuse.model.param_lora import refuse_parameter_loras
-from lorafuse.model.update import nonfinite_words
+from lorafuse.model.update import beyond_float32
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -70,8 +70,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
             bar.update(len(group), group[-1])
     except NonFiniteError as e:  # the core names the module: say which adapter it is in, and an F64 file's reason
         said = f"{a.label}: {e}" if a.label not in str(e) else str(e)
-        words = (f"module {n!r} {w}" for n, u in a.updates.items() if "beyond float32" in (w := nonfinite_words(u)))
-        beyond = next(words, None)
+        beyond = next((f"module {n!r} {w}" for n, u in a.updates.items() if (w := beyond_float32(u))), None)
         raise NonFiniteError(said if beyond is None else f"{said}: {beyond}") from None
     finally:
         bar.close()

@@ -975,8 +975,8 @@ def _module_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
     """A pool of `workers` threads folding one module each (None: the caller's thread), with BLAS held to one
     thread while it lasts. A chunk's products are small (inner size sum r_i, a few dozen columns):
     OpenBLAS's own threads meet at a barrier in every one of them, which costs more than the product as soon
-    as another process wants the cores (2 cores, load 7: 15 ms per adapter against 1.9 with one module per
-    thread; benchmarks/bench_many.py)."""
+    as another process wants a core (`benchmarks/bench_many.py --n 100` beside one busy process, 2 cores: 2.93 ms
+    per adapter and pass against 5.61 ms with OpenBLAS's threads; on a quiet machine 0.87-0.94x)."""
     with _one_blas_thread():
         if workers <= 1:
             yield None
@@ -1044,15 +1044,15 @@ class Sketching:
         threads = self.options.threads
         layouts = layout_of(self.plan, self.options, self.plan.factor_dtype(self.options.dtype))
         errors: dict[str, float] = {}
-        for layout in layouts:
-            name = layout.name
-            if self.svd:
-                with _one_blas_thread():  # small QR and SVD, as in start()
+        with _one_blas_thread():  # small QR and SVD, as in start()
+            for layout in layouts:
+                name = layout.name
+                if self.svd:
                     update, errors[name] = self.svd[name].finish(self.options.split, layout, threads)
-            else:
-                b, a = _LinearSum.finish(self.last[name])
-                update = rounded(layout.placeholder().with_factors(b, a), layout.dtype, threads)
-            on_module(name, update)
+                else:
+                    b, a = _LinearSum.finish(self.last[name])
+                    update = rounded(layout.placeholder().with_factors(b, a), layout.dtype, threads)
+                on_module(name, update)
         return errors
 
 
@@ -1167,7 +1167,6 @@ def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints:
             raise InputChangedError(_changed(src, pass_no))
         rp = replays[i] if replays else None
         yield src, w, (rp if rp is not None else _open(src, quiet=True))
-
 
 
 Factor = tuple[np.ndarray, str]  # a factor's raw elements and their safetensors dtype
