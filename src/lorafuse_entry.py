@@ -4,68 +4,74 @@ what importing `lorafuse` raises; it imports nothing itself. Python callers use 
 
 import sys  # built in and loaded before this module: a Ctrl-C cannot land in it (signal is imported in main)
 
-# The signals the console script has seen (SIGINT, SIGTERM), in order. An import that a Ctrl-C stops inside an
-# extension module can lose the KeyboardInterrupt: numpy's C core, interrupted while it imports `datetime`, raises
-# "ImportError: PyCapsule_Import could not import module datetime" with no KeyboardInterrupt in its chain.
-SEEN: list[int] = []
+try:  # a Ctrl-C while this module itself loads (the console script imports it first): one line, status 130
+    # The signals the console script has seen (SIGINT, SIGTERM), in order. An import that a Ctrl-C stops inside an
+    # extension module can lose the KeyboardInterrupt: numpy's C core, interrupted while it imports `datetime`, raises
+    # "ImportError: PyCapsule_Import could not import module datetime" with no KeyboardInterrupt in its chain.
+    SEEN: list[int] = []
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM during the imports."""
+    class _Terminated(KeyboardInterrupt):
+        """SIGTERM during the imports."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    SEEN.append(signum)
-    raise _Terminated()
+    def _on_sigterm(signum: int, frame: object) -> None:
+        SEEN.append(signum)
+        raise _Terminated()
 
 
-def _on_sigint(signum: int, frame: object) -> None:
-    """Python's own Ctrl-C (a KeyboardInterrupt), remembered in SEEN."""
-    SEEN.append(signum)
-    raise KeyboardInterrupt
+    def _on_sigint(signum: int, frame: object) -> None:
+        """Python's own Ctrl-C (a KeyboardInterrupt), remembered in SEEN."""
+        SEEN.append(signum)
+        raise KeyboardInterrupt
 
 
-def interrupted(e: BaseException) -> bool:
-    """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError), or is
-    an ImportError after the console script saw SIGINT or SIGTERM (SEEN: an extension module's import that lost
-    the KeyboardInterrupt); also lorafuse.cli's test, once the package runs."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        if isinstance(x, KeyboardInterrupt) or (isinstance(x, ImportError) and SEEN):
-            return True
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return False
+    def interrupted(e: BaseException) -> bool:
+        """Whether `e` is, or was raised while handling, a Ctrl-C (an import stopped halfway raises ImportError), or is
+        an ImportError after the console script saw SIGINT or SIGTERM (SEEN: an extension module's import that lost
+        the KeyboardInterrupt); also lorafuse.cli's test, once the package runs."""
+        seen: set[int] = set()
+        x: BaseException | None = e
+        while x is not None and id(x) not in seen:
+            if isinstance(x, KeyboardInterrupt) or (isinstance(x, ImportError) and SEEN):
+                return True
+            seen.add(id(x))
+            x = x.__cause__ or x.__context__
+        return False
 
 
-def main() -> int:
-    SEEN.clear()
-    try:
-        import signal  # here, not at the top: a Ctrl-C while it loads (an enum's conversion) is caught too
-    except KeyboardInterrupt:
-        sys.stderr.write("lorafuse: interrupted; no output was written\n")
-        return 130
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not when the caller ignores Ctrl-C
-    if own_int:
-        signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        try:
-            from lorafuse.cli import arm_stop_watch
-            from lorafuse.cli import main as cli_main
+    def main() -> int:
+        SEEN.clear()
+        own_int = False
+        try:  # a Ctrl-C anywhere before lorafuse.cli.main runs, setting up the handlers too: one line, status 130
+            import signal  # here, not at the top: a Ctrl-C while it loads (an enum's conversion) is caught too
+
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            try:
+                own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where Ctrl-C is ignored
+                if own_int:
+                    signal.signal(signal.SIGINT, _on_sigint)
+                from lorafuse.cli import arm_stop_watch
+                from lorafuse.cli import main as cli_main
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         except (KeyboardInterrupt, ImportError) as e:
+            if own_int:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             if not interrupted(e):
                 raise
             sys.stderr.write("lorafuse: interrupted; no output was written\n")
-            return 143 if isinstance(e, _Terminated) or SEEN[-1:] == [signal.SIGTERM] else 130
+            terminated = isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM)
+            return 143 if terminated else 130
+        try:
+            arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
+            return cli_main()
         finally:
-            signal.signal(signal.SIGTERM, previous)
-        arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
-        return cli_main()
-    finally:
-        if own_int:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if own_int:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+except KeyboardInterrupt:
+    sys.stderr.write("lorafuse: interrupted; no output was written\n")
+    raise SystemExit(130) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

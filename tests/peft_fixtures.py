@@ -399,3 +399,16 @@ def peft_weighted_deltas(
             if hasattr(module, "get_delta_weight") and "combined" in getattr(module, "scaling", {}):
                 out[module_name] = module.get_delta_weight("combined").double().numpy()
     return out
+
+
+def peft_folder_delta(folder: Path, module: str) -> np.ndarray:
+    """(lora_alpha / r) B A of one module of a PEFT folder lorafuse wrote, float64 (its rank_pattern /
+    alpha_pattern read as their exact-name keys)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    a = t[f"base_model.model.{module}.lora_A.weight"].double().numpy()
+    b = t[f"base_model.model.{module}.lora_B.weight"].double().numpy()
+    key = "^" + module.replace(".", "\\.")
+    r = cfg.get("rank_pattern", {}).get(key, cfg["r"])
+    alpha = cfg.get("alpha_pattern", {}).get(key, cfg["lora_alpha"])
+    return alpha / r * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))

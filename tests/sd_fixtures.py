@@ -146,3 +146,11 @@ def _reference(family: str, tensors: dict[str, torch.Tensor], components, opencl
     return ref
 
 
+def tiny_flux2() -> torch.nn.Module:
+    """A Flux.2 transformer of one double and one single block, hidden 16 (seed 0), in eval mode."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                   timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2)).eval()

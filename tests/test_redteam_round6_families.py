@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
+from sd_fixtures import tiny_flux2
 
 import lorafuse
 from lorafuse.cli import main
@@ -77,15 +78,6 @@ def _close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------------- Flux.2
 
 
-def _flux2():  # type: ignore[no-untyped-def]
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                   timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2)).eval()
-
-
 # Flux.2's kohya (sd-scripts / musubi-tuner) modules with its widths: SwiGLU MLP of ratio 3
 FLUX2_ATTN = {"double_blocks_0_img_attn_qkv": (3 * H, H), "double_blocks_0_img_attn_proj": (H, H),
               "double_blocks_0_txt_attn_qkv": (3 * H, H), "double_blocks_0_txt_attn_proj": (H, H)}
@@ -119,7 +111,7 @@ def test_a_flux2_kohya_attention_lora_converts_to_names_flux2_loads(tmp_path: Pa
     the Flux.2 pipeline folder matches it too."""
     from diffusers import Flux2Pipeline, Flux2Transformer2DModel
 
-    folder = _pipeline(tmp_path, _flux2(), "Flux2Pipeline")
+    folder = _pipeline(tmp_path, tiny_flux2(), "Flux2Pipeline")
     lora = _kohya(FLUX2_ATTN, alpha=4.0)
     src = tmp_path / "attn.safetensors"
     save_file(lora, str(src))
@@ -383,7 +375,7 @@ def test_a_lycoris_flux2_lokr_applies_onto_the_flux2_pipeline_folder(tmp_path: P
     """LyCORIS wraps the diffusers Flux2 transformer and names `lycoris_transformer_blocks_0_attn_to_q` (diffusers'
     Flux2 loader reads it, `_convert_lycoris_flux2_lokr_to_diffusers`): onto the pipeline folder it was refused;
     now each LoKr lands on `transformer/<path>`, W + kron(w1, w2) (both halves full: scale 1)."""
-    folder = _pipeline(tmp_path, _flux2(), "Flux2Pipeline")
+    folder = _pipeline(tmp_path, tiny_flux2(), "Flux2Pipeline")
     g = torch.Generator().manual_seed(0)
     modules = {"transformer_blocks_0_attn_to_q": ("transformer_blocks.0.attn.to_q", 4),
                "single_transformer_blocks_0_attn_to_qkv_mlp_proj": ("single_transformer_blocks.0.attn.to_qkv_mlp_proj",

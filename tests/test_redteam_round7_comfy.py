@@ -436,14 +436,15 @@ def test_flux_comfyui_layout_lands_whole_on_a_bfl_checkpoint(tmp_path, prefix):
 
 
 def test_comfyui_text_encoder_keys_refused_with_their_layout_named(tmp_path):
-    """A ComfyUI file whose denoiser part is read but which also holds `text_encoders.clip_l.transformer...` factors
-    is refused, the reason naming that layout (not a bare "not a kohya LoRA tensor")."""
+    """A ComfyUI file whose denoiser part is read but which also holds `text_encoders.qwen25_7b.transformer...` factors
+    (a text encoder lorafuse does not name; clip_l / clip_g / t5xxl are read since round 9) is refused, the reason
+    naming that layout (not a bare "not a kohya LoRA tensor")."""
     f = tmp_path / "with_te.safetensors"
     save_file({"diffusion_model.img_in.lora_A.weight": torch.ones(2, 4),
                "diffusion_model.img_in.lora_B.weight": torch.ones(16, 2),
-               "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
+               "text_encoders.qwen25_7b.transformer.model.layers.0.self_attn.q_proj.lora_A.weight":
                    torch.ones(2, 8),
-               "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight":
+               "text_encoders.qwen25_7b.transformer.model.layers.0.self_attn.q_proj.lora_B.weight":
                    torch.ones(8, 2)}, str(f))
     code, _, err = run_cli(["info", str(f)])
     assert code != 0 and "Traceback" not in err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peft_fixtures import peft_folder_delta
 from redteam_fixtures import run_cli
 from safetensors.numpy import load_file, save_file
 
@@ -39,19 +40,6 @@ def _best_error(d: np.ndarray, k: int) -> float:
     """numpy float64: ||D - D_k||_F / ||D||_F of the best rank-k approximation."""
     s = np.linalg.svd(d.reshape(d.shape[0], -1).astype(np.float64), compute_uv=False)
     return float(np.sqrt(np.sum(s[k:] ** 2) / np.sum(s**2)))
-
-
-def _delta(folder: Path, module: str) -> np.ndarray:
-    """(lora_alpha / r) B A of one module of an extracted PEFT folder, float64 (rank_pattern / alpha_pattern
-    read as their exact-name keys)."""
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    t = load_file(str(folder / "adapter_model.safetensors"))
-    a = t[f"base_model.model.{module}.lora_A.weight"].astype(np.float64)
-    b = t[f"base_model.model.{module}.lora_B.weight"].astype(np.float64)
-    key = "^" + module.replace(".", "\\.")
-    r = cfg.get("rank_pattern", {}).get(key, cfg["r"])
-    alpha = cfg.get("alpha_pattern", {}).get(key, cfg["lora_alpha"])
-    return alpha / r * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
 
 
 # ----------------------------------------------------------------------------- 1. a diffusers pipeline folder
@@ -93,7 +81,7 @@ def test_extract_of_a_pipeline_folder_says_to_give_a_component(tmp_path: Path) -
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     d = (load_file(str(ft / "unet/diffusion_pytorch_model.safetensors"))[key + ".weight"].astype(np.float64)
          - load_file(str(base / "unet/diffusion_pytorch_model.safetensors"))[key + ".weight"])
-    np.testing.assert_allclose(_delta(out, key), d, atol=1e-5 * np.abs(d).max())
+    np.testing.assert_allclose(peft_folder_delta(out, key), d, atol=1e-5 * np.abs(d).max())
 
 
 # ----------------------------------------------------------------------------- 2. weight matrices not of floats
@@ -123,7 +111,7 @@ def test_an_integer_weight_matrix_is_left_out_saying_why(tmp_path: Path, base_dt
     assert names[np.dtype(base_dtype).name] in line and names[np.dtype(ft_dtype).name] in line, err
     assert "a bias or a norm" not in line, line
     assert {k.split(".lora_")[0] for k in load_file(str(out / "adapter_model.safetensors"))} == {"base_model.model.m.q"}
-    np.testing.assert_allclose(_delta(out, "m.q"), dq, atol=1e-5 * np.abs(dq).max())
+    np.testing.assert_allclose(peft_folder_delta(out, "m.q"), dq, atol=1e-5 * np.abs(dq).max())
 
 
 # ----------------------------------------------------------------------------- 3. fused 3-D expert parameters
@@ -167,7 +155,7 @@ def test_a_weight_of_no_rows_or_columns_is_no_traceback(tmp_path: Path, shape: t
     out = tmp_path / "out"
     code, _, err = run_cli(["extract", str(base), str(ft), "--rank", "2", "-o", str(out)])
     assert code == 0 and "Traceback" not in err, err
-    np.testing.assert_allclose(_delta(out, "m.q"), dq, atol=1e-5 * np.abs(dq).max())
+    np.testing.assert_allclose(peft_folder_delta(out, "m.q"), dq, atol=1e-5 * np.abs(dq).max())
     assert {k.split(".lora_")[0] for k in load_file(str(out / "adapter_model.safetensors"))} == {"base_model.model.m.q"}
 
 
@@ -211,7 +199,7 @@ def test_extract_of_ldm_single_files_is_exact(tmp_path: Path) -> None:
     assert code == 0, err
     for key in shapes:
         d = ft[key].astype(np.float64) - base[key]
-        np.testing.assert_allclose(_delta(out, key.removesuffix(".weight")), d.reshape(d.shape[0], -1),
+        np.testing.assert_allclose(peft_folder_delta(out, key.removesuffix(".weight")), d.reshape(d.shape[0], -1),
                                    atol=1e-5 * np.abs(d).max(), err_msg=key)
 
 

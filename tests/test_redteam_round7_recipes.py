@@ -96,8 +96,8 @@ def test_peft_named_methods_say_how_mergekits_differ(tree: Path, method: str) ->
                           "parameters: {density: 0.5, weight: 0.5}\n")
     report = lorafuse.run(recipe, tree / "out", dry_run=True)
     assert any(f"mergekit's {method} works on the full deltas" in n and f"{method}_svd" in n for n in report.notes)
-    code, out, _ = _cli(["run", str(recipe), "-o", str(tree / "out"), "--dry-run"])
-    assert code == 0 and f"note: stage 'stage': merge_method {method} is PEFT's" in out
+    code, out, err = _cli(["run", str(recipe), "-o", str(tree / "out"), "--dry-run"])  # notes: on stderr (round 9)
+    assert code == 0 and f"note: stage 'stage': merge_method {method} is PEFT's" in err and "note:" not in out
     svd = _write(tree, "merge_method: svd\nmodels: [{model: a}, {model: b}]\n", "s.yml")
     assert not any("mergekit's" in n for n in lorafuse.run(svd, tree / "o2", dry_run=True).notes)
 
@@ -107,8 +107,8 @@ def test_peft_named_methods_say_how_mergekits_differ(tree: Path, method: str) ->
 
 def test_intermediate_dir_of_a_one_stage_recipe_is_noted_not_ignored(tree: Path) -> None:
     recipe = _write(tree, "merge_method: cat\nmodels: [{model: a}, {model: b}]\n")
-    code, out, _ = _cli(["run", str(recipe), "-o", str(tree / "out"), "--intermediate-dir", str(tree / "work")])
-    assert code == 0 and "note: --intermediate-dir" in out and "one stage" in out, out
+    code, out, err = _cli(["run", str(recipe), "-o", str(tree / "out"), "--intermediate-dir", str(tree / "work")])
+    assert code == 0 and "note: --intermediate-dir" in err and "one stage" in err, err  # on stderr (round 9)
     assert not (tree / "work").exists()
     # the output is the exact sum of the two deltas (cat)
     got, a, b = peft_deltas(tree / "out"), peft_deltas(tree / "a"), peft_deltas(tree / "b")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from sd_fixtures import tiny_flux2
 
 import lorafuse
 from lorafuse.cli import main
@@ -26,15 +27,6 @@ from lorafuse.errors import LorafuseError
 H = 16
 R = 4
 ALPHA = 2.0
-
-
-def _flux2() -> torch.nn.Module:
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(0)
-    return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                   timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2)).eval()
 
 
 # Flux.2's modules under kohya's words (musubi-tuner / sd-scripts), with its shapes: SwiGLU MLP of ratio 3
@@ -116,11 +108,11 @@ def _fused(state: dict[str, torch.Tensor] | Path) -> dict[str, np.ndarray]:
     """The tiny Flux.2 transformer's weights after diffusers' Flux2 loader reads `state` and fuses it (float64)."""
     from diffusers import Flux2Pipeline
 
-    return _loaded_and_fused(Flux2Pipeline, _flux2().double(), state)
+    return _loaded_and_fused(Flux2Pipeline, tiny_flux2().double(), state)
 
 
 def _changed(got: dict[str, np.ndarray]) -> set[str]:
-    base = {k: v.double().numpy() for k, v in _flux2().state_dict().items()}
+    base = {k: v.double().numpy() for k, v in tiny_flux2().state_dict().items()}
     return {k for k, v in got.items() if not np.allclose(v, base[k], rtol=0, atol=1e-9)}
 
 
@@ -136,7 +128,7 @@ def _names(path: Path) -> set[str]:
 
 
 def _flux2_layers() -> dict[str, tuple[int, ...]]:
-    return {k[: -len(".weight")]: tuple(v.shape) for k, v in _flux2().state_dict().items() if k.endswith(".weight")}
+    return {k[: -len(".weight")]: tuple(v.shape) for k, v in tiny_flux2().state_dict().items() if k.endswith(".weight")}
 
 
 # ------------------------------------------------------------------------------- the lead: Flux.2 attention + time_in

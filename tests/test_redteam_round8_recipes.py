@@ -100,7 +100,7 @@ def test_a_recipe_that_is_not_utf8_is_refused_at_its_line_naming_the_encoding(tr
     recipe.write_bytes(raw)
     before = _listing(tree)
     code, out, err = _cli(["run", str(recipe), "-o", str(tree / "out")])
-    assert code == 2, (out, err)
+    assert code == 1, (out, err)
     assert err.count("\n") == 1 and "Traceback" not in err and "codec" not in err and "position" not in err, err
     assert f"r.yml line {line}, column {column}: not UTF-8 text" in err and "save it as UTF-8" in err, err
     assert _listing(tree) == before
@@ -112,12 +112,12 @@ def test_a_utf16_recipe_cut_in_the_middle_of_a_character_names_its_line(tree: Pa
     recipe = tree / "r.yml"
     recipe.write_bytes((codecs.BOM_UTF16_LE + "merge_method: cat\nmodels: [{model: a}]\n".encode("utf-16-le"))[:-1])
     code, out, err = _cli(["run", str(recipe), "-o", str(tree / "out")])
-    assert code == 2 and "r.yml line 2, column 21: not UTF-16 text" in err and "codec" not in err, err
+    assert code == 1 and "r.yml line 2, column 21: not UTF-16 text" in err and "codec" not in err, err
 
 
 def test_an_adapter_file_given_as_the_recipe_is_said_to_be_binary(tree: Path) -> None:
     code, out, err = _cli(["run", str(tree / "a" / "adapter_model.safetensors"), "-o", str(tree / "out")])
-    assert code == 2 and "adapter_model.safetensors: a binary file" in err and "not a recipe" in err, err
+    assert code == 1 and "adapter_model.safetensors: a binary file" in err and "not a recipe" in err, err
     assert "codec" not in err and err.count("\n") == 1 and not (tree / "out").exists()
 
 

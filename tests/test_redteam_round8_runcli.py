@@ -217,7 +217,7 @@ def test_an_empty_recipe_path_is_not_the_current_folder(tree: Path):
 
 def test_a_folder_given_as_the_recipe_is_said_to_be_a_folder(tree: Path):
     code, _, err = run_cli(["run", "a", "-o", "o"])
-    assert code == 2 and "a: is a folder, not a recipe file" in err, err
+    assert code == 1 and "a: is a folder, not a recipe file" in err, err
 
 
 # ----------------------------------------------------------------------------- refused before the first stage runs

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft_fixtures import peft_folder_delta
 from redteam_fixtures import run_cli
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch
@@ -24,18 +25,6 @@ def _one_line(err: str, verb: str) -> str:
     err = err.strip()
     assert err.startswith(f"lorafuse {verb}: error: ") and "\n" not in err and "Traceback" not in err, err
     return err
-
-
-def _peft_delta(folder: Path, module: str) -> np.ndarray:
-    """(lora_alpha / r) B A of one module of a PEFT folder, float64 (exact-name rank / alpha patterns read)."""
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    t = load_file(str(folder / "adapter_model.safetensors"))
-    a = t[f"base_model.model.{module}.lora_A.weight"].astype(np.float64)
-    b = t[f"base_model.model.{module}.lora_B.weight"].astype(np.float64)
-    key = "^" + module.replace(".", "\\.")
-    r = cfg.get("rank_pattern", {}).get(key, cfg["r"])
-    alpha = cfg.get("alpha_pattern", {}).get(key, cfg["lora_alpha"])
-    return alpha / r * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
 
 
 # ----------------------------------------------------------------------------- 1. OpenCLIP text towers of single files
@@ -77,7 +66,7 @@ def test_extract_from_an_sdxl_or_sd2_single_file_reads_openclip_mlps_as_linear(t
     code, _, err = run_cli(["extract", str(base), str(ft), "--rank", "16", "-o", str(out), "-q"])
     assert code == 0, err
     for key, d in deltas.items():
-        np.testing.assert_allclose(_peft_delta(out, key.removesuffix(".weight")), d, atol=1e-5 * np.abs(d).max(),
+        np.testing.assert_allclose(peft_folder_delta(out, key.removesuffix(".weight")), d, atol=1e-5 * np.abs(d).max(),
                                    err_msg=key)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is False, cfg
@@ -186,7 +175,7 @@ def test_an_untouched_layer_of_a_half_precision_fine_tune_is_unchanged(tmp_path:
     assert not any("q_proj" in n for n in names), sorted(names)
     assert "1 unchanged" in said and "rounded" in err, (said, err)
     d = (ft_values[unet] - base[unet]).reshape(16, 16)
-    np.testing.assert_allclose(_peft_delta(out, unet.removesuffix(".weight")), d, atol=1e-5 * np.abs(d).max())
+    np.testing.assert_allclose(peft_folder_delta(out, unet.removesuffix(".weight")), d, atol=1e-5 * np.abs(d).max())
 
 
 def test_a_layer_changed_below_the_half_precision_step_is_still_extracted(tmp_path: Path) -> None:
@@ -204,7 +193,7 @@ def test_a_layer_changed_below_the_half_precision_step_is_still_extracted(tmp_pa
                             "--rank", "8", "-o", str(out), "-q"])
     assert code == 0, err
     d = ft.astype(np.float64) - base
-    np.testing.assert_allclose(_peft_delta(out, key.removesuffix(".weight")), d, atol=1e-4 * np.abs(d).max())
+    np.testing.assert_allclose(peft_folder_delta(out, key.removesuffix(".weight")), d, atol=1e-4 * np.abs(d).max())
 
 
 def test_nan_in_a_rounded_copy_is_still_refused(tmp_path: Path) -> None:

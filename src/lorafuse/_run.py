@@ -35,7 +35,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
     device : str, default None
         'cpu' or 'cuda' for the stages whose verb takes --device; None: each verb's default.
     quiet : bool, default True
-        Print nothing on success (False: each stage's command line and summary, as the CLI prints them).
+        Print nothing on success (False: each stage's command line and summary on stdout, the notes on stderr, as
+        the CLI prints them).
     intermediate_dir : str, bytes or os.PathLike, default None
         Write the stages before the last into this folder (NAME, or NAME.safetensors for one file) and keep them
         (a path as `out`: an empty one, which would be the current folder, is refused).

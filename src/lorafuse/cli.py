@@ -221,6 +221,14 @@ llama.cpp's converter leaves them out (llama.cpp applies --lora to the text mode
 """
 
 
+def _paragraph(text: str) -> str:
+    """A command's one-paragraph description, wrapped as the others are written (their help keeps its lines as
+    written: RawDescriptionHelpFormatter), so that no line of --help runs hundreds of characters wide."""
+    import textwrap
+
+    return textwrap.fill(text, 92, break_long_words=False, break_on_hyphens=False)
+
+
 def _gguf_archs() -> tuple[str, ...]:
     from lorafuse.formats.gguf import ARCHS
 
@@ -272,6 +280,16 @@ def _say(text: object = "", file: TextIO | None = None) -> None:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = "stdout"
         raise
+
+
+def _say_error(text: str, given: Sequence[str] = ()) -> None:
+    """An error on stderr, every control character escaped but the line breaks of its own lines (a list of the
+    modules that found no target, a recipe stage's errors: each line escaped where it was made). A line break
+    inside a name the user gave (`given`: a path holding a newline) is escaped where the message shows it, so
+    that no part of a name can pass for a line of its own."""
+    for arg in sorted({a for a in given if "\n" in a or "\r" in a}, key=len, reverse=True):
+        text = text.replace(arg, printable(arg, keep_newlines=False))
+    _say(printable(text), file=sys.stderr)
 
 
 def _json_text(obj: object, **kw: Any) -> str:
@@ -348,7 +366,7 @@ def _rank_options(p: argparse.ArgumentParser, max_rank_default: str = "") -> Non
     out = p.add_mutually_exclusive_group()
     out.add_argument("--verbose", action="store_true", help="one line per module")
     out.add_argument("--json", action="store_true", help="print the per-module report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
 
 
 def _rule(args: argparse.Namespace) -> RankRule:
@@ -375,22 +393,29 @@ def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], sum
 # Numeric options are checked while parsing: argparse reports "argument --rank: must be ..." naming the
 # option, the value and the allowed range (the API checks the same ranges: lorafuse._validate).
 
+def _given(text: str, quoted: bool = True) -> str:
+    """An option's value as its error shows it: repr'd (or as typed), cut to 200 characters with its length said
+    (a value of 5,000 digits is not a 5,000-character message)."""
+    shown = repr(text) if quoted else text
+    return shown if len(shown) <= 200 else f"{shown[:190]}... ({len(text):,} characters)"
+
+
 def _weights(text: str) -> list[float]:
     fields = text.split(",")
     if any(not f.strip() for f in fields):  # "1,,2" or "0.5,": a weight left out would shift the others
         raise argparse.ArgumentTypeError(f"weights must be comma-separated numbers, one per adapter, with none left "
-                                         f"empty, got {text!r}")
+                                         f"empty, got {_given(text)}")
     parsed = [decimal_number(x.strip()) for x in fields]  # plain decimals: not `1_5`, which float() reads as 15
     ws = [w for w in parsed if w is not None]
     if len(ws) < len(fields):
         raise argparse.ArgumentTypeError(f"weights must be comma-separated decimal numbers (0.5, -1, 2e-3), got "
-                                         f"{text!r}")
+                                         f"{_given(text)}")
     if not all(math.isfinite(w) for w in ws):
-        raise argparse.ArgumentTypeError(f"weights must be comma-separated finite numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"weights must be comma-separated finite numbers, got {_given(text)}")
     small = [f.strip() for f, w in zip(fields, ws) if rounds_to_zero(f.strip(), w)]
     if small:
-        raise argparse.ArgumentTypeError(f"weight {small[0]} is too small for a float64: it would be 0 (write 0 for "
-                                         "that)")
+        raise argparse.ArgumentTypeError(f"weight {_given(small[0], False)} is too small for a float64: it would be 0 "
+                                         "(write 0 for that)")
     return ws
 
 
@@ -398,9 +423,9 @@ def _bounded_int(text: str, lo: int, hi: int, note: str = "") -> int:
     try:
         n = int(text.strip(), 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {_given(text)}") from None
     if not lo <= n <= hi:
-        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {_given(text, False)}")
     return n
 
 
@@ -408,9 +433,9 @@ def _bounded_float(text: str, lo: float, hi: float, lo_open: bool = False) -> fl
     allowed = f"a number {'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
     x = decimal_number(text.strip())  # a plain decimal: not `1_5`, which float() reads as 15
     if x is None:
-        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {_given(text)}")
     if not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
-        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {_given(text, False)}")
     return x
 
 
@@ -449,9 +474,17 @@ def _sv_ratio(text: str) -> float:
 
 
 def _fraction(text: str) -> float:
-    """--sv-fro, --sv-cumulative: (0, 1]."""
+    """--sv-fro, --sv-cumulative, --clamp-quantile: (0, 1]."""
     return _bounded_float(text, 0.0, 1.0, lo_open=True)
 
+
+def _min_diff(text: str) -> float:
+    """extract --min-diff: >= 0."""
+    return _bounded_float(text, 0.0, math.inf)
+
+
+_QUIET_HELP = ("print nothing on success: no summary on stdout, no notes on stderr (--json still prints its JSON, "
+               "with the notes in it; errors are still said)")
 
 _OVERWRITE_HELP = (
     "replace {what} even when lorafuse did not write it (a folder or file of yours, or a lorafuse output you "
@@ -563,6 +596,10 @@ _FOREIGN_OPTIONS = {
     "--save_to": "kohya's --save_to is -o/--out here", "--output": "the output is -o/--out",
     "--output_dir": "the output is -o/--out", "--output-dir": "the output is -o/--out",
     "--dim": "the rank is --rank", "--network_dim": "kohya's --network_dim is --rank here",
+    "--clamp_quantile": "kohya's --clamp_quantile is --clamp-quantile here (extract)",
+    "--min_diff": "kohya's --min_diff is --min-diff here (extract)",
+    "--conv_dim": "kohya's --conv_dim is --conv-rank here (extract, combine)",
+    "--conv-dim": "kohya's --conv_dim is --conv-rank here (extract, combine)",
     "--ratios": "kohya's --ratios is --weights here (one comma-separated value: --weights 0.8,0.5)",
     "--concat": "kohya's --concat is --method cat here",
     "--new_conv_rank": "kohya's --new_conv_rank is --conv-rank here (combine); resize reduces every module by "
@@ -827,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  lorafuse extract ./base ./finetuned --rank 32 -o ./lora   a LoRA from a full fine-tune\n"
                "  lorafuse convert style.safetensors --to peft -o ./out/    kohya <-> diffusers, or --to gguf\n"
                "  lorafuse info ./my-lora                                   what an adapter or checkpoint holds\n"
-               "\n`lorafuse COMMAND --help` (or `lorafuse help COMMAND`) lists a command's options, with more "
+               "\n`lorafuse COMMAND --help` (or `lorafuse help COMMAND`) lists a command's options, with more\n"
                "examples; every command that writes a model or an adapter takes --dry-run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -869,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-missing", action="store_true",
                    help="merge the modules that find a target and list the others (default: refuse)")
     _progress_options(a)
-    a.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    a.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     shown = a.add_mutually_exclusive_group()
     shown.add_argument("--verbose", action="store_true", help="one line per weight quantized again (quantized bases)")
     shown.add_argument("--json", action="store_true", help="print the report as JSON (with the requantization error "
@@ -878,10 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "matches it, the output path", "the weights merged, the tensors copied, the shards; ")
 
     c = sub.add_parser("combine", help="combine adapters into one adapter",
-                       description="Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, method "
-                       "for method; the svd method is exact and needs no dense matrix). One adapter goes through "
-                       "the method asked, with a note: PEFT takes 'linear' for one adapter, returning it "
-                       "unchanged (--method cat does that here).",
+                       description=_paragraph("Combine LoRA adapters into one adapter (PEFT's add_weighted_adapter, "
+                       "method for method; the svd method is exact and needs no dense matrix). One adapter goes "
+                       "through the method asked, with a note: PEFT takes 'linear' for one adapter, returning it "
+                       "unchanged (--method cat does that here)."),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("adapters", nargs="*", type=_path,
                    help="adapters: PEFT folders, kohya / LyCORIS files, diffusers LoRA files "
@@ -935,13 +972,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--conv-rank", type=_rank, help="output rank of kxk convolutions, k > 1 (default: --rank; "
                    "refused when no module is one)")
     c.add_argument("--density", type=_density,
-                   help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]")
+                   help="fraction of values kept by ties / dare / magnitude_prune, in (0, 1]; no default: those "
+                   "methods need it (0.2 to 0.5 is usual), the others refuse it")
     c.add_argument("--majority-sign", default="total", type=str.lower, choices=("total", "frequency"),
                    help="ties: majority sign from the sum (total, the default) or the count (frequency) of signs")
     c.add_argument("--seed", type=_seed, default=0,
                    help="seed of DARE's random masks and of randomized SVD sketches (default 0)")
     c.add_argument("--split", default="B", type=_split, choices=("B", "sqrt"),
-                   help="where svd puts the singular values: on B like PEFT, or sqrt on both factors")
+                   help="where the svd methods put the singular values: on B like PEFT (default B), or their square "
+                   "roots on both factors (sqrt)")
     c.add_argument("--exact", action="store_true",
                    help="svd: exact for every module however many adapters are stacked (default: a module whose "
                    "stacked rank makes the exact SVD 1.5x dearer than a randomized one takes the randomized one)")
@@ -950,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(c)
     _progress_options(c, "; combine draws one only when it streams the adapters: --engine stream or ray, or auto "
                       "choosing stream; none with the memory engine")
-    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     c.add_argument("--json", action="store_true", help="print the report as JSON: out, method, adapters, modules "
                    "with their ranks, randomized, dtype, seconds, engine, notes and the streamed engine's summary "
                    "(passes, bytes read, peak memory, each module's estimated error; null in memory)")
@@ -1024,6 +1063,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", type=_factor_dtype, metavar="{fp32,fp16,bf16}",
                    help="dtype of the written factors: fp32 (default), fp16 or bf16 (kohya's --save_precision); "
                    "computed in float32 and rounded once, to nearest even")
+    e.add_argument("--conv-rank", type=_rank, help="kohya's --conv_dim: the rank of kxk convolutions (a kernel "
+                   "dimension above 1), whatever the rule of the others (capped by --max-rank); default: the rule "
+                   "(kohya without --conv_dim leaves them out: --exclude does that here)")
+    e.add_argument("--clamp-quantile", type=_fraction, metavar="Q",
+                   help="kohya's --clamp_quantile (0 < Q <= 1; kohya's default 0.99): clamp each module's factors "
+                   "B = U S and A = V^T to [-h, h], h the Q-quantile of their entries; the reported error is then "
+                   "the clamped factors' (default: no clamp, the optimal factors)")
+    e.add_argument("--min-diff", type=_min_diff, metavar="F",
+                   help="kohya's --min_diff (>= 0): a module whose largest |W_ft - W_base| is at most F counts as "
+                   "unchanged, no LoRA (kohya applies it to the text encoder as a whole, lorafuse to each module; "
+                   "default: only equal weights)")
     _progress_options(e)
     _dry_run_option(e, "the options, both checkpoints' headers, which weights are extracted, kept whole or left "
                     "out, the output path", "no weight is read, so ranks and bytes are upper bounds (an unchanged "
@@ -1031,11 +1081,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("convert", help="convert a diffusion LoRA between kohya and diffusers/PEFT naming, or an "
                        "LLM LoRA to GGUF for llama.cpp",
-                       description="Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux.1 / .2, Wan) between kohya naming "
-                       "(lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file diffusers' "
-                       "save_lora_weights writes), losslessly (but for a float32 rounding where parts with "
+                       description=_paragraph("Convert a diffusion LoRA (SD 1.x/2.x, SDXL, Flux.1 / .2, Wan) between "
+                       "kohya naming (lora_unet_..., one .safetensors file) and diffusers / PEFT naming (the file "
+                       "diffusers' save_lora_weights writes), losslessly (but for a float32 rounding where parts with "
                        "different scales fuse, see below); LoHa / LoKr modules become LoRA with --rank. "
-                       "--to gguf writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp.",
+                       "--to gguf writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp."),
                        epilog=_EPILOG_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("adapter", type=_path,
                    help="kohya / LyCORIS .safetensors file, or diffusers LoRA .safetensors file (or a "
@@ -1080,19 +1130,19 @@ def build_parser() -> argparse.ArgumentParser:
     vo = v.add_mutually_exclusive_group()
     vo.add_argument("--verbose", action="store_true", help="one line per LoHa / LoKr module converted")
     vo.add_argument("--json", action="store_true", help="print the report as JSON")
-    v.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    v.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     _dry_run_option(v, "the options, the adapter, the names, the output path", "the modules split or fused "
                     "(LoHa / LoKr modules are converted in memory: what is written depends on their values); ")
 
     u = sub.add_parser("run", help="run a recipe (YAML): combine, apply, resize, extract in named stages",
-                       description="Run a recipe: a YAML file whose fields follow mergekit's (merge_method, "
+                       description=_paragraph("Run a recipe: a YAML file whose fields follow mergekit's (merge_method, "
                        "base_model, models[].model, models[].parameters.weight / density, parameters, dtype). Each "
                        "stage runs as the matching lorafuse command would; several YAML documents (---) are named "
                        "stages run in order, a later one naming an earlier one's output by its name; the last writes "
                        "-o. Every stage is checked before the first runs; errors name the line and field. Values "
                        "are read by YAML 1.2's core schema, as the command line reads numbers (1e-3 is a number, 010 "
                        "is 10; 1_5, yes, on and dates are text). The recipe is recorded verbatim in the output's "
-                       "model card and metadata.",
+                       "model card and metadata."),
                        epilog=_EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     u.add_argument("recipe", nargs="?", type=_path,
                    help="the recipe file (.yml / .yaml); relative model paths are taken from its "
@@ -1112,7 +1162,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", type=_device, choices=("cpu", "cuda"), help="where every stage's math runs, as its "
                    "verb's --device: cpu (the default) or cuda, one NVIDIA GPU (needs a lorafuse built with CUDA: "
                    "docs/building.md)")
-    u.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _progress_options(u, "; each stage draws its own: apply, combine (streamed), resize, extract")
+    u.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     u.add_argument("--json", action="store_true", help="print one JSON object for machines: the output, and per "
                    "stage its command line, output, seconds and its verb's own --json report (with --dry-run: "
                    "its plan)")
@@ -1128,8 +1179,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", type=_path,
                    help="an adapter (PEFT folder, kohya / LyCORIS or diffusers LoRA .safetensors file, or a "
                    "folder holding one), a checkpoint (.safetensors file or folder) or a diffusers pipeline folder")
-    i.add_argument("--json", action="store_true", help="print JSON for machines")
-    i.add_argument("--modules", action="store_true", help="list every module (default: a summary)")
+    shown = i.add_mutually_exclusive_group()  # --json lists every module already: --modules would do nothing
+    shown.add_argument("--json", action="store_true", help="print JSON for machines (every module)")
+    shown.add_argument("--modules", action="store_true", help="list every module of an adapter or a GGUF file "
+                       "(default: the 10 with the largest ||delta||_F)")
     i.add_argument("--spectrum", metavar="IMAGE", type=_out,
                    help="adapters: also plot the singular values of every module's "
                    "delta, per module type, to this file, in the format its suffix names: .png, .svg, .pdf, .jpg "
@@ -1171,6 +1224,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
               + f"; wrote {plural(report.tensors, 'tensor')} ({human_bytes(report.bytes_written)}) to {report.out} "
               f"in {report.seconds:.2f} s")
         _say_requantized(report.requantized, args.verbose)
+        if args.verbose and not report.requantized:  # said, not silently ignored
+            _note(args, "--verbose lists the weights of a quantized base that are quantized again (--requantize, or "
+                  "FP8), and this merge quantized none: it printed nothing more")
     if args.json:
         _say(_json_text({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
                          "biases": report.biases, "tensors": report.tensors, "bytes": report.bytes_written,
@@ -1352,7 +1408,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             args.base, args.finetuned, args.out, rank=args.rank, sv_ratio=args.sv_ratio, sv_fro=args.sv_fro,
             sv_cumulative=args.sv_cumulative, max_rank=args.max_rank, include=args.include, exclude=args.exclude,
             embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
-            threads=args.threads, overwrite=args.overwrite, device=args.device, dtype=args.dtype))
+            threads=args.threads, overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+            clamp_quantile=args.clamp_quantile, min_diff=args.min_diff, conv_rank=args.conv_rank))
     inputs = [Path(args.base), Path(args.finetuned)]
     # what the name means (a .safetensors name is one file, if a one-file format can name the base's modules) and
     # what it holds: first
@@ -1360,7 +1417,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     res = extract(args.base, args.finetuned, _rule(args), include=args.include, exclude=args.exclude,
                   embeddings=args.embeddings, oversample=args.oversample, power_iters=args.power_iters,
                   seed=args.seed, threads=args.threads, progress=_progress_of(args),
-                  device=args.device, dtype=args.dtype)
+                  device=args.device, dtype=args.dtype, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
+                  conv_rank=args.conv_rank)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note and not args.quiet:
         _note(args, target.note)
@@ -1368,7 +1426,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
              "singular_values": m.singular_values} for m in res.modules]
     errs = [m.rel_error for m in res.modules]
     ranks = [m.rank for m in res.modules]
-    summary = (f"extracted {plural(len(res.modules), 'module')} ({_rule(args).describe()}): ranks "
+    rule = _rule(args).describe() + (f", conv-rank {args.conv_rank}" if args.conv_rank is not None else "")
+    summary = (f"extracted {plural(len(res.modules), 'module')} ({rule}): ranks "
                f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
                f"{fmean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
                f"{len(res.adapter.full)} kept whole; wrote {target.path} in {time.monotonic() - start:.2f} s")
@@ -1424,8 +1483,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             width = max((len(m.name) for m in rep.lycoris), default=6)
             for m in rep.lycoris:
                 _say(f"{m.name:<{width}}  {m.algo:<4}  rank {m.rank:>4}  fro_kept {m.fro_kept:.6f}")
+            _verbose_unused(args, rep.lycoris)
         _say(summary)
     return 0
+
+
+def _verbose_unused(args: argparse.Namespace, converted: Sequence[object]) -> None:
+    """convert --verbose with no LoHa / LoKr module to list: said, not silently ignored."""
+    if not converted:
+        _note(args, f"--verbose lists the LoHa / LoKr modules converted to LoRA, and {args.adapter} has none: it "
+              "printed nothing more")
 
 
 def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
@@ -1461,6 +1528,7 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
         if args.verbose:
             for m in rep.lycoris:
                 _say(f"{m.name}  {m.algo}  rank {m.rank}  fro_kept {m.fro_kept:.6f}")
+            _verbose_unused(args, rep.lycoris)
         _say(summary)
     return 0
 
@@ -1620,6 +1688,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     d = describe(args.path, args.threads)
     if args.spectrum and d["type"] != "adapter":  # a GGUF LoRA too: its factors are llama.cpp's, quantized maybe
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
+    if args.modules and d["type"] not in ("adapter", "gguf"):  # said, not ignored: its description lists none
+        raise LorafuseValueError(f"--modules lists an adapter's modules; {args.path} is a {d['type']}, described "
+                                 "in full without it: leave --modules out")
     if args.json:  # numbers as JSON numbers; a non-finite one (NaN has no JSON form) as null
         listed = d.get("notes")  # a checkpoint's (on stdout in the text form)
         own = [str(n) for n in listed] if isinstance(listed, list) else []
@@ -1788,6 +1859,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         unused = [o for o, on in (("--overwrite", args.overwrite), ("--dry-run", args.dry_run),
                                   ("--intermediate-dir", args.intermediate_dir is not None),
                                   ("--threads", args.threads != 0), ("--device", args.device is not None),
+                                  ("--progress", args.progress), ("--no-progress", args.no_progress),
                                   ("-q", args.quiet)) if on]
         if unused:  # options of a run, which --print-schema is not: refused, not ignored (--json: it is JSON)
             raise LorafuseValueError(f"--print-schema prints the recipe schema and runs nothing: {', '.join(unused)} "
@@ -1801,9 +1873,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from lorafuse.recipes.runner import run
 
     reports: dict[tuple[str, ...], object] = {}
+    # --progress / --no-progress as given, to every stage: each draws its bar by its own rules (none with -q, --json)
+    progress = True if args.progress else False if args.no_progress else None
     report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
                  device=args.device, quiet=args.quiet or args.json, intermediate_dir=args.intermediate_dir,
-                 dispatch=_json_dispatch(reports) if args.json else dispatch)
+                 dispatch=_json_dispatch(reports) if args.json else dispatch, progress=progress)
     if args.json:
         import shlex
 
@@ -1876,10 +1950,22 @@ def _quiet_blas(command: str) -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def _parsed(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line parsed, with the options that contradict each other refused (exit status 2) naming both,
+    rather than one silently winning: -q (print nothing) with --verbose (print each module)."""
+    parser = build_parser()
+    args = parser.parse_args(_negative_values(list(argv)))
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        verb: argparse.ArgumentParser = parser.verbs[args.command]  # type: ignore[attr-defined]
+        verb.error("argument --verbose: not allowed with argument -q/--quiet (-q prints nothing, --verbose a line "
+                   "per module): give one of them")
+    return args
+
+
 def dispatch(argv: Sequence[str]) -> int:
     """Run one verb's command line as main() does, but let its LorafuseError propagate (lorafuse run's stages:
     the recipe names the stage in the message). The command line must parse: a recipe's stage is checked first."""
-    args = build_parser().parse_args(_negative_values(list(argv)))
+    args = _parsed(argv)
     with _notes(args):
         return _commands()[args.command](args)
 
@@ -2030,7 +2116,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _say(f"lorafuse: error: {e}", file=sys.stderr)
         return 2
     given = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(_negative_values(given))
+    args = _parsed(given)
     _quiet_blas(args.command)
     from lorafuse.backends import forced_backend  # (loads numpy: after _quiet_blas)
 
@@ -2054,12 +2140,12 @@ def _main(argv: Sequence[str] | None) -> int:
             return _commands()[args.command](args)
     except LorafuseValueError as e:
         if not _input_error(e):
-            _say(f"lorafuse {args.command}: error: {e}", file=sys.stderr)
+            _say_error(f"lorafuse {args.command}: error: {e}", given)
             return 2
-        _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        _say_error(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", given)
         return 1
     except LorafuseError as e:
-        _say(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        _say_error(f"lorafuse {args.command}: error: {type(e).__name__}: {e}", given)
         return 1
     except _Terminated as e:
         _say(f"lorafuse {args.command}: terminated ({e.name}){_stopped_note(committed)}", file=sys.stderr)
@@ -2083,7 +2169,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if e.filename == "stdout":  # _say: said once, not again when main flushes stdout
             _drop_stdout()
         where = f"{e.filename}: " if e.filename is not None else ""
-        _say(f"lorafuse {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        _say_error(f"lorafuse {args.command}: error: {where}{e.strerror or e}", given)
         return 1
     finally:
         for s, h in previous.items():

@@ -25,6 +25,12 @@ class FormatError(LorafuseError):
     """A file is malformed or in a format lorafuse does not read."""
 
 
+class RecipeFileError(RecipeError, FormatError):
+    """A recipe file that cannot be read as one (missing, a folder, unreadable, binary, not text): an input file's
+    error, as a missing adapter or --from-list file is (the CLI exits 1 for it, not 2 as for a recipe's bad field);
+    also a RecipeError."""
+
+
 class ShapeMismatchError(LorafuseError):
     """Tensors whose shapes do not fit together (adapter vs base, factors, ...)."""
 
@@ -108,6 +114,7 @@ __all__ = [
     "LorafuseError",
     "LorafuseValueError",
     "RecipeError",
+    "RecipeFileError",
     "FormatError",
     "ShapeMismatchError",
     "MissingModuleError",

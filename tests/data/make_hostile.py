@@ -196,7 +196,7 @@ def safetensors_cases() -> None:
             r"header is not valid JSON \(maximum recursion depth", "nesting deep enough to exhaust recursion")
     st_case("header_json_huge_int",
             st_bytes(b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,1]}}', b"\0"),
-            "FormatError", r"header is not valid JSON \(Exceeds the limit", "an integer of 5000 digits")
+            "FormatError", r"header is not valid JSON \(a number of 5000 digits", "an integer of 5000 digits")
     st_case("metadata_int_value", st_bytes({"__metadata__": {"k": 1}, **one}, b"\0" * 4), "FormatError",
             r"__metadata__ must map strings to strings: 'k' maps to 1", "non-string metadata value")
     st_case("metadata_null_value", st_bytes({"__metadata__": {"k": None}, **one}, b"\0" * 4), "FormatError",
@@ -320,7 +320,8 @@ def checkpoint_cases() -> None:
     folder("index_deep", b"[" * 5000, "index nested deeply", "FormatError",
            r"cannot read the shard index: not valid JSON \(maximum recursion depth")
     folder("index_huge_int", b'{"metadata": {"total_size": ' + b"1" * 5000 + b'}, "weight_map": {}}',
-           "an integer of 5000 digits", "FormatError", r"cannot read the shard index: not valid JSON \(Exceeds")
+           "an integer of 5000 digits", "FormatError",
+           r"cannot read the shard index: not valid JSON \(a number of 5000")
     folder("index_weight_map_list", json.dumps({"weight_map": ["w.weight"]}).encode(), "weight_map is a list",
            "FormatError", r"'weight_map' must map tensor names to shard file names")
     folder("index_weight_map_int_values", json.dumps({"weight_map": {"w.weight": 1}}).encode(),
@@ -371,7 +372,7 @@ def peft_cases() -> None:
     peft_folder("config_deep", b'{"r": 2, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", lora(), cfg_err,
                 r"cannot read the adapter config: not valid JSON \(maximum recursion depth", "config nested deeply")
     peft_folder("config_huge_int", b'{"r": 2, "lora_alpha": ' + b"7" * 5000 + b"}", lora(), cfg_err,
-                r"cannot read the adapter config: not valid JSON \(Exceeds the limit", "lora_alpha of 5000 digits")
+                r"cannot read the adapter config: not valid JSON \(a number of 5000", "lora_alpha of 5000 digits")
     peft_folder("config_r_string", config(r="2"), lora(), cfg_err, r"'r' must be a positive integer, got '2'",
                 "r as a string")
     peft_folder("config_r_negative", config(r=-2), lora(), cfg_err, r"'r' must be a positive integer, got -2",

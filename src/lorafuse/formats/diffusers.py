@@ -48,7 +48,14 @@ from lorafuse.formats.kohya import STALE_HASH_KEYS, kohya_metadata, own_hashes
 from lorafuse.formats.peft import PREFIX as PEFT_PREFIX
 from lorafuse.formats.peft import check_config, pattern_value
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
-from lorafuse.formats.util import ORIGINAL_PREFIXES, ORIGINAL_WHY, most_common, safetensors_keys
+from lorafuse.formats.util import (
+    COMFY_TEXT_ENCODERS,
+    COMFY_TEXT_WHY,
+    ORIGINAL_PREFIXES,
+    ORIGINAL_WHY,
+    most_common,
+    safetensors_keys,
+)
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.provenance import Provenance, is_provenance_key
 from lorafuse.io.safetensors import SafetensorsFile
@@ -125,6 +132,8 @@ UNPREFIXED_WHY = ("LoRA factors without a component prefix: one model's LoRA, as
 
 def unprefixed_why(key: str) -> str:
     """Why a file whose LoRA factor `key` has no component prefix (`unprefixed_lora_key`) is not read."""
+    if key.startswith(COMFY_TEXT_ENCODERS):
+        return COMFY_TEXT_WHY
     return ORIGINAL_WHY if key.startswith(ORIGINAL_PREFIXES) else UNPREFIXED_WHY
 
 

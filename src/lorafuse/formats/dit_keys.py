@@ -11,6 +11,8 @@ these models (`transformer.blocks.0.attn1.to_q`) land on an original / ComfyUI c
   `_convert_musubi_wan_lora_to_diffusers`): `blocks.{i}.self_attn.q` -> `blocks.{i}.attn1.to_q`, ...
 * Flux.2 (`Flux2Transformer2DModel`; `_convert_non_diffusers_flux2_lora_to_diffusers`): the layers that Flux.1's
   diffusers names (formats.flux_keys) miss, `double_blocks.{i}.img_mlp.0` -> `transformer_blocks.{i}.ff.linear_in`, ...
+* Lumina 2 (`Lumina2Transformer2DModel`; `_convert_non_diffusers_lumina2_lora_to_diffusers`): `layers.{i}.attention
+  .out` -> `layers.{i}.attn.to_out.0`, ..., and its fused `attention.qkv` onto `to_q` | `to_k` | `to_v` (apply only).
 
 A family's table is used only on a checkpoint that has the family's signature weight (a layer no other diffusers
 transformer names so), and a name is looked up whole in the table, never split on `_`.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 
@@ -33,6 +35,9 @@ class Family:
     original_signature: str  # a weight path only this family's original (single-file / ComfyUI) checkpoint has
     blocks: Mapping[str, tuple[str, Mapping[str, str]]]  # original block list -> (diffusers list, path in a block)
     outside: Mapping[str, str]  # original path of a layer outside the blocks -> diffusers path
+    # fused layer in a block (original path) -> the diffusers layers it is made of, in row order, each with the rows of
+    # the checkpoint's weight of it (Lumina 2's `attention.qkv`: q | k | v of grouped-query attention, no equal thirds)
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @cached_property
     def _block(self) -> re.Pattern[str]:
@@ -56,6 +61,37 @@ class Family:
             form = self._in_block_us.get((m.group(1), m.group(3)))
             return None if form is None else form.format(m.group(2))
         return self._outside_us.get(spelled)
+
+    @cached_property
+    def _fused_us(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        return {(b.replace(".", "_"), k.replace(".", "_")): tuple(f"{dif}.{{}}.{v}" for v in parts)
+                for b, (dif, _) in self.blocks.items() for k, parts in self.fused.items()}
+
+    def fused_parts(self, spelled: str) -> tuple[str, ...]:
+        """The diffusers paths, in row order, of a fused layer spelled as kohya names spell the original path
+        (`layers_0_attention_qkv` -> `layers.0.attn.to_q`, `.to_k`, `.to_v`); () for any other name."""
+        m = self._block.match(spelled)
+        forms = None if m is None else self._fused_us.get((m.group(1), m.group(3)))
+        return () if forms is None or m is None else tuple(f.format(m.group(2)) for f in forms)
+
+    @cached_property
+    def _dif_us(self) -> tuple[re.Pattern[str], dict[tuple[str, str], str], dict[str, str]]:
+        lists = "|".join(re.escape(dif.replace(".", "_")) for dif, _ in self.blocks.values())
+        in_block = {(dif.replace(".", "_"), v.replace(".", "_")): f"{dif}.{{}}.{v}"
+                    for dif, table in self.blocks.values() for v in table.values()}
+        return (re.compile(rf"^({lists})_(0|[1-9][0-9]*)_(.+)$"), in_block,
+                {v.replace(".", "_"): v for v in self.outside.values()})
+
+    def spelled_diffusers_path(self, spelled: str) -> str | None:
+        """The diffusers path of a layer spelled as kohya names spell a diffusers path (ai-toolkit's Wan files hold
+        `diffusion_model.blocks.0.attn1.to_q`, read as `lora_unet_blocks_0_attn1_to_q` -> `blocks.0.attn1.to_q`);
+        None for a name the table does not have."""
+        block, in_block, outside = self._dif_us
+        m = block.match(spelled)
+        if m is not None:
+            form = in_block.get((m.group(1), m.group(3)))
+            return None if form is None else form.format(m.group(2))
+        return outside.get(spelled)
 
     @cached_property
     def _dif_block(self) -> re.Pattern[str]:
@@ -119,7 +155,24 @@ FLUX2 = Family(
              "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
              "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear"},
 )
-FAMILIES: tuple[Family, ...] = (WAN, FLUX2)
+# Lumina 2 (`Lumina2Transformer2DModel`; `_convert_non_diffusers_lumina2_lora_to_diffusers`, and the single-file
+# `convert_lumina2_to_diffusers` for the layers outside the blocks): `layers.{i}.attention.qkv` -> `attn.to_q` |
+# `to_k` | `to_v` (grouped-query attention: the rows of each diffusers weight), `feed_forward.w1` -> `linear_1`, ...
+_LUMINA2_BLOCK = {"attention.out": "attn.to_out.0", "feed_forward.w1": "feed_forward.linear_1",
+                  "feed_forward.w2": "feed_forward.linear_2", "feed_forward.w3": "feed_forward.linear_3",
+                  "adaLN_modulation.1": "norm1.linear"}
+LUMINA2 = Family(
+    name="Lumina 2",
+    signature="time_caption_embed.caption_embedder.1.weight",
+    original_signature="cap_embedder.1.weight",
+    blocks={b: (b, _LUMINA2_BLOCK) for b in ("layers", "noise_refiner", "context_refiner")},
+    outside={"t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+             "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+             "cap_embedder.1": "time_caption_embed.caption_embedder.1",
+             "final_layer.adaLN_modulation.1": "norm_out.linear_1", "final_layer.linear": "norm_out.linear_2"},
+    fused={"attention.qkv": ("attn.to_q", "attn.to_k", "attn.to_v")},
+)
+FAMILIES: tuple[Family, ...] = (WAN, FLUX2, LUMINA2)
 
 
 def families_of(paths: Mapping[str, object] | set[str], original: bool = False) -> list[Family]:
@@ -128,4 +181,4 @@ def families_of(paths: Mapping[str, object] | set[str], original: bool = False) 
     return [f for f in FAMILIES if (f.original_signature if original else f.signature) in paths]
 
 
-__all__ = ["FAMILIES", "FLUX2", "WAN", "Family", "families_of"]
+__all__ = ["FAMILIES", "FLUX2", "LUMINA2", "WAN", "Family", "families_of"]

@@ -100,11 +100,31 @@ _GLOBAL: tuple[_Layer, ...] = (
     _Layer("time_in.mlp.2", "whole", ("time_text_embed.timestep_embedder.linear_2",), alias=True),
     _Layer("guidance_in.mlp.0", "whole", ("time_text_embed.guidance_embedder.linear_1",), alias=True),
     _Layer("guidance_in.mlp.2", "whole", ("time_text_embed.guidance_embedder.linear_2",), alias=True),
+    _Layer("txt_in.input_embedder", "whole", ("context_embedder.proj_in",), alias=True),
+    _Layer("txt_in.t_embedder.mlp.0", "whole", ("context_embedder.time_text_embed.timestep_embedder.linear_1",),
+           alias=True),
+    _Layer("txt_in.t_embedder.mlp.2", "whole", ("context_embedder.time_text_embed.timestep_embedder.linear_2",),
+           alias=True),
+    _Layer("txt_in.c_embedder.linear_1", "whole", ("context_embedder.time_text_embed.text_embedder.linear_1",),
+           alias=True),
+    _Layer("txt_in.c_embedder.linear_2", "whole", ("context_embedder.time_text_embed.text_embedder.linear_2",),
+           alias=True),
+)
+# HunyuanVideo's token refiner (its `txt_in`, diffusers' `context_embedder`), one row per Linear of a refiner block:
+# `remap_txt_in_` of `_convert_hunyuan_video_lora_to_diffusers` (q | k | v thirds of the rows, as its double blocks';
+# `adaLN_modulation.1` is (gate_msa | gate_mlp) in both, no halves swapped).
+_REFINER: tuple[_Layer, ...] = (
+    _Layer("self_attn_qkv", "thirds", ("attn.to_q", "attn.to_k", "attn.to_v"), alias=True),
+    _Layer("self_attn_proj", "whole", ("attn.to_out.0",), alias=True),
+    _Layer("mlp.fc1", "whole", ("ff.net.0.proj",), alias=True),
+    _Layer("mlp.fc2", "whole", ("ff.net.2",), alias=True),
+    _Layer("adaLN_modulation.1", "whole", ("norm_out.linear",), alias=True),
 )
 # (BFL block list, diffusers block list, layers of one block)
 _BLOCKS: tuple[tuple[str, str, tuple[_Layer, ...]], ...] = (
     ("double_blocks", "transformer_blocks", _DOUBLE),
     ("single_blocks", "single_transformer_blocks", _SINGLE),
+    ("txt_in.individual_token_refiner.blocks", "context_embedder.token_refiner.refiner_blocks", _REFINER),
 )
 
 KOHYA_PREFIX = "lora_unet_"
@@ -150,8 +170,8 @@ def _entries(layers: tuple[_Layer, ...], sep: str, diffusers: bool) -> dict[str,
 
 
 def _vocab(sep: str, diffusers: bool) -> _Vocab:
-    lists = [d if diffusers else b for b, d, _ in _BLOCKS]
-    block = re.compile(rf"^({'|'.join(lists)}){re.escape(sep)}(0|[1-9][0-9]*){re.escape(sep)}(.+)$")
+    lists = [(d if diffusers else b).replace(".", sep) for b, d, _ in _BLOCKS]
+    block = re.compile(rf"^({'|'.join(map(re.escape, lists))}){re.escape(sep)}(0|[1-9][0-9]*){re.escape(sep)}(.+)$")
     in_block = {(lst, rest): hit for lst, (_, _, layers) in zip(lists, _BLOCKS)
                 for rest, hit in _entries(layers, sep, diffusers).items()}
     return _Vocab(block, in_block, _entries(_GLOBAL, sep, diffusers))
@@ -159,7 +179,7 @@ def _vocab(sep: str, diffusers: bool) -> _Vocab:
 
 _BFL_DOT, _BFL_US = _vocab(".", False), _vocab("_", False)
 _DIF_DOT, _DIF_US = _vocab(".", True), _vocab("_", True)
-_BLOCK_LISTS = {lst: (b, d) for b, d, _ in _BLOCKS for lst in (b, d)}
+_BLOCK_LISTS = {lst.replace(".", sep): (b, d) for b, d, _ in _BLOCKS for lst in (b, d) for sep in (".", "_")}
 # Module-name spellings: (prefix, vocabulary). The first that parses wins.
 _FORMS: tuple[tuple[str, _Vocab], ...] = (
     (KOHYA_PREFIX, _BFL_US),
@@ -342,8 +362,10 @@ def to_diffusers(module: str, shape: Shape) -> list[tuple[str, Rows | None]]:
     cannot be split as the layer is."""
     site, part = _parse_or_raise(module)
     if site.alias:
-        raise UnsupportedError(f"module {module!r} is HunyuanVideo's {site.bfl}, merged by apply; its diffusers names "
-                               "are Flux.1's, which name it back as Flux's layer, so it is not converted")
+        raise UnsupportedError(f"module {module!r} is HunyuanVideo's {site.bfl} (diffusers' "
+                               f"{', '.join(site.diffusers)}), which apply merges; convert names Flux.1's layers, and "
+                               "Flux.1's kohya names would name its diffusers names back as Flux's layers (or as "
+                               "none), so it is not converted")
     if part is not None:
         _as_2d(shape, f"module {module!r}")
         return [(_diffusers_name(site.diffusers[part]), None)]

@@ -193,7 +193,7 @@ def read_base_config(path: str | os.PathLike[str]) -> BaseConfig:
     it: a text_config (multimodal models) overrides the top level. A Hub id: its config.json (io.hub)."""
     p = local_path(path, what="--base-config", patterns=CONFIG_FILES)
     file = p / "config.json" if os.path.isdir(p) else p  # os.path: False for a name the system refuses (too long)
-    if not os.path.isfile(file):
+    if not os.path.lexists(file):  # one that is there but no regular file (a FIFO, a folder) is said so by read_json
         raise FormatError(f"{p}: no config.json there (--base-config, Python: base_config=, takes the base model's "
                           "config.json or its folder)")
     raw = read_json(file, "the base model's config")

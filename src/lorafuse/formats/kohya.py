@@ -46,7 +46,14 @@ from lorafuse.formats.lycoris_keys import (
     unsupported_algorithm,
 )
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
-from lorafuse.formats.util import ORIGINAL_PREFIXES, ORIGINAL_WHY, most_common, safetensors_keys
+from lorafuse.formats.util import (
+    COMFY_TEXT_ENCODERS,
+    COMFY_TEXT_WHY,
+    ORIGINAL_PREFIXES,
+    ORIGINAL_WHY,
+    most_common,
+    safetensors_keys,
+)
 from lorafuse.io.checkpoint import loads_json
 from lorafuse.io.dtypes import WRITABLE_FLOATS
 from lorafuse.io.manifest import mark_metadata
@@ -102,23 +109,28 @@ KOHYA_DENOISER = "lora_unet_"
 _ORIGINAL_SIGNATURE = frozenset(("lora_down.weight", "lora_up.weight", *LOHA_PARTS, *LOKR_PARTS))
 
 
-_COMFY_TEXT_ENCODERS = "text_encoders."
-_COMFY_TEXT_WHY = ("ComfyUI's text-encoder LoRA layout (text_encoders.<clip_l|clip_g|t5xxl>.transformer.<path>), which "
-                   "lorafuse does not read (it reads ComfyUI's diffusion_model. layout, and kohya's lora_te1_ / "
-                   "lora_te2_ / lora_te3_ text-encoder names)")
+# ComfyUI's text encoders, as ComfyUI saves and loads their LoRAs (`text_encoders.clip_l.transformer.text_model.encoder
+# .layers.0.self_attn.q_proj.lora_up.weight`): read as kohya's names of the same paths, as sd-scripts spells them
+# (lora_te1_ CLIP-L, lora_te2_ CLIP-G, lora_te3_ T5-XXL) and diffusers' Flux loader reads `clip_l` (as `lora_te_`).
+_COMFY_TEXT_PREFIXES = {"text_encoders.clip_l.transformer.": "lora_te1_",
+                        "text_encoders.clip_g.transformer.": "lora_te2_",
+                        "text_encoders.t5xxl.transformer.": "lora_te3_"}
+# ComfyUI's layout prefix -> the kohya prefix of the module names it is read under
+_LAYOUT_PREFIXES: dict[str, str] = {**{p: KOHYA_DENOISER for p in ORIGINAL_PREFIXES}, **_COMFY_TEXT_PREFIXES}
 
 
 def original_key(key: str) -> tuple[str, str] | None:
     """(kohya module name, kohya part) of a ComfyUI-layout key (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A
-    .weight` -> `lora_unet_double_blocks_0_img_attn_qkv`, `lora_down.weight`); None for any other key."""
+    .weight` -> `lora_unet_double_blocks_0_img_attn_qkv`, `lora_down.weight`; `text_encoders.clip_l.transformer.<path>`
+    -> `lora_te1_<path>`); None for any other key."""
     split = _original_split(key)
     if split is None:
         return None
-    _, path, part = split
-    return KOHYA_DENOISER + path.replace(".", "_"), ORIGINAL_PARTS[part]
+    prefix, path, part = split
+    return _LAYOUT_PREFIXES[prefix] + path.replace(".", "_"), ORIGINAL_PARTS[part]
 
 
-_ORIGINAL_PREFIXES_LONGEST = sorted(ORIGINAL_PREFIXES, key=len, reverse=True)  # `model.diffusion_model.` first
+_ORIGINAL_PREFIXES_LONGEST = sorted(_LAYOUT_PREFIXES, key=len, reverse=True)  # `model.diffusion_model.` first
 
 
 def _original_split(key: str) -> tuple[str, str, str] | None:
@@ -173,7 +185,7 @@ def load_kohya(path: str | os.PathLike[str]) -> Adapter:
         hit = _kohya_key(key)
         if hit is None:
             why = f": {ORIGINAL_WHY}" if key.startswith(ORIGINAL_PREFIXES) else (
-                f": {_COMFY_TEXT_WHY}" if key.startswith(_COMFY_TEXT_ENCODERS) else "")
+                f": {COMFY_TEXT_WHY}" if key.startswith(COMFY_TEXT_ENCODERS) else "")
             raise FormatError(f"{p}: tensor {short(key)} is not a kohya LoRA tensor "
                               f"(lora_<module>.lora_down.weight / .lora_up.weight / .alpha) nor a LyCORIS one{why}")
         module, part = hit

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from lorafuse.io.manifest import ADAPTER, PEFT_ADAPTER
 from lorafuse.model import Adapter
 from lorafuse.model.layout import ModuleLayout
 from lorafuse.model.names import Kind
+from lorafuse.model.patterns import NameFilter
 from lorafuse.model.update import Update
 
 ADAPTER_SUFFIX = ".safetensors"
@@ -240,19 +240,15 @@ def checkpoint_modules(base: str | os.PathLike[str], include: str | None = None,
     """The modules an extract from `base` may write, as plain LoRA placeholders (names from the weight keys,
     `include` / `exclude` applied as extract applies them): what adapter_output needs to judge a name
     before extracting. Reads the checkpoint's headers only."""
-    def search(pattern: str | None, name: str) -> bool | None:
-        try:
-            return None if not pattern else re.search(pattern, name) is not None
-        except re.error:  # extract reports the bad expression
-            return None
-
+    inc = NameFilter(include, "--include (Python: include=) regular expression") if include else None
+    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude else None
     ckpt = Checkpoint(base)
     updates: dict[str, Update] = {}
     for key in ckpt.keys():
         info = ckpt.info(key)
         module = key.removesuffix(".weight")
         if not key.endswith(".weight") or len(info.shape) not in (2, 4) or not DTYPES[info.dtype].is_float \
-                or 0 in info.shape or search(include, module) is False or search(exclude, module):
+                or 0 in info.shape or (inc and not inc.search(module)) or (exc and exc.search(module)):
             continue
         kind: Kind = "conv" if len(info.shape) == 4 else "linear"
         updates[module] = ModuleLayout(module, kind, tuple(info.shape), 1).placeholder()

@@ -116,6 +116,7 @@ class Regex:
     compiled: re.Pattern[str]
     repeats: int  # quantifiers that can repeat: the estimated cost grows with the name's length to this power
     width: int | None  # the fixed number of characters the pattern matches (None: it varies or it asserts)
+    paths: int = 1  # ways one attempt may go (alternations, optional parts): the estimated cost is multiplied by it
 
 
 _COMPILED: dict[tuple[str, str], Regex] = {}
@@ -129,7 +130,7 @@ def compile_pattern(pattern: str, wrapper: str, field: str, label: str) -> Regex
     if rx is not None:
         return rx
     try:
-        problem, repeats, width = analyse(pattern)
+        problem, repeats, width, paths = analyse(pattern)
         compiled = re.compile(wrapper.format(pattern))
     except (re.error, OverflowError, RecursionError, ValueError) as e:
         raise FormatError(f"{label}: {field} pattern {_short(pattern)} is not a regular expression ({e})") from None
@@ -138,7 +139,7 @@ def compile_pattern(pattern: str, wrapper: str, field: str, label: str) -> Regex
                           "to match; write it more simply")
     if len(_COMPILED) >= 4 * MAX_REGEX_PATTERNS:
         _COMPILED.clear()
-    rx = _COMPILED[key] = Regex(pattern, compiled, repeats, width)
+    rx = _COMPILED[key] = Regex(pattern, compiled, repeats, width, paths)
     return rx
 
 
@@ -156,7 +157,7 @@ class MatchBudget:
         repeating quantifier may try every length."""
         n = len(name) - start + 1
         self.tests += 1
-        self.steps += n if rx.width is not None else (name.count(".", start) + 1) * n ** rx.repeats
+        self.steps += rx.paths * (n if rx.width is not None else (name.count(".", start) + 1) * n ** rx.repeats)
         if self.tests > MAX_MATCH_TESTS or self.steps > MAX_MATCH_STEPS:
             what = (f"{self.tests} tests (at most {MAX_MATCH_TESTS})" if self.tests > MAX_MATCH_TESTS
                     else f"about {self.steps:.3g} backtracking steps (at most {MAX_MATCH_STEPS:.3g})")
@@ -697,6 +698,7 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
     full, origin = _wrapper_copies(full, origin, cfg, notes)
     full, origin = _loadable_full(full, origin, set(parts), notes)
     scales = _pattern_values(cfg, list(parts), label)
+    _note_order_dependence(cfg, list(parts), notes)
     parameters = cast("list[str]", cfg.get("target_parameters") or [])
     updates: dict[str, Update] = {m: _update(label, m, p, cfg, *scales[m], param_module(m, parameters))
                                   for m, p in parts.items()}
@@ -747,18 +749,29 @@ _ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "emb_A": "lora_embedding_A", "emb_B
 
 def _refuse_multihead_attention(parts: dict[str, dict[str, Tensor]], label: str) -> None:
     """PEFT's LoRA on a torch.nn.MultiheadAttention (lora.MultiheadAttention) saves the factors of its
-    in_proj_weight under the layer's name and those of its out_proj under `<layer>.base_layer.out_proj`: its update
-    is on in_proj_weight (a parameter, not `<layer>.weight`) and on out_proj, which lorafuse does not merge.
-    Refused by name (else the out_proj part would read as a module the config does not target)."""
+    in_proj_weight under the layer's name and those of its out_proj under `<layer>.base_layer.out_proj` (no
+    other PEFT layer wraps a child LoRA under `.base_layer.`). Refused by name, with the out_proj part alone too
+    (else it would read as a module the config does not target, which PEFT does not ignore): PEFT's merge (and
+    its forward, which merges and unmerges) adds the out_proj delta twice up to peft 0.21 (W + 2 dW, fixed in
+    huggingface/peft#3774 as W + dW), so the model such a file stands for depends on the PEFT version."""
     suffix = BASE_LAYER + ".out_proj"
+
+    def shapes(module: str) -> str:
+        return ", ".join(f"{_ROLE_NAMES.get(role, role)} {tuple(t.shape)}" for role, t in parts[module].items())
+
     for module in parts:
+        if not module.endswith(suffix):
+            continue
         layer = module[: -len(suffix)]
-        if module.endswith(suffix) and layer in parts:
-            shapes = ", ".join(f"{_ROLE_NAMES.get(role, role)} {tuple(t.shape)}" for role, t in parts[layer].items())
-            raise UnsupportedError(
-                f"{label}: module {layer!r} ({shapes}) with {module!r} is PEFT's LoRA on a torch.nn."
-                "MultiheadAttention (its in_proj_weight and its out_proj), which lorafuse does not merge; merge it "
-                "with PEFT's merge_and_unload()")
+        what = (f"module {layer!r} ({shapes(layer)}) with {module!r} is" if layer in parts else
+                f"module {module!r} ({shapes(module)}) is the out_proj part (its in_proj_weight part {layer!r} is "
+                "not in the file) of")
+        raise UnsupportedError(
+            f"{label}: {what} PEFT's LoRA on a torch.nn.MultiheadAttention (its in_proj_weight and its out_proj), "
+            "which lorafuse does not merge: PEFT up to 0.21 adds the out_proj delta twice (W + 2*scale*B@A, in its "
+            "merge and in the forward it trained with; huggingface/peft#3774 makes it W + scale*B@A), so the model "
+            "the file stands for depends on the PEFT version; merge it with the merge_and_unload() of the PEFT "
+            "that trained it")
 
 
 def _targeted(parts: dict[str, dict[str, Tensor]], cfg: dict[str, object], label: str,
@@ -872,6 +885,34 @@ def _pattern_values(cfg: dict[str, object], modules: list[str], label: str) -> d
     return {m: (ranks.value(m, r, budget), alphas.value(m, alpha, budget)) for m in modules}
 
 
+def _note_order_dependence(cfg: dict[str, object], modules: list[str], notes: list[str]) -> None:
+    """A note where two plain (or '^'-anchored) alpha_pattern / rank_pattern keys with different values match one
+    module: PEFT takes the first in dict order, the file's (as lorafuse does), but its save_pretrained writes the
+    keys sorted, so the model was trained with the first key in the user's order, which may be the other one."""
+    for field in ("alpha_pattern", "rank_pattern"):
+        patterns = cast("dict[str, object]", cfg.get(field) or {})
+        # a key whose only pattern characters are '.' matches its literal text (and maybe more: not looked for)
+        literal = {k: re.sub(r"(?<!\\)\.", r"\\.", k) for k in patterns}
+        keys = {plain_text(t): k for k, t in literal.items() if is_plain(t)}
+        exact = {plain_text(t[1:]): k for k, t in literal.items() if is_exact(t)}
+        if len(keys) + len(exact) < 2:
+            continue
+        order = {k: i for i, k in enumerate(patterns)}
+        clashes: list[tuple[str, list[str]]] = []
+        for m in modules:
+            hits = [keys[t] for t in dotted_suffixes(m) if t in keys] + ([exact[m]] if m in exact else [])
+            if len({json.dumps(patterns[k]) for k in hits}) > 1:
+                clashes.append((m, sorted(set(hits), key=order.__getitem__)))
+        if clashes:
+            m, hits = clashes[0]
+            said = ", ".join(f"{short(k)} ({_short(patterns[k])})" for k in hits)
+            more = f", and {plural(len(clashes) - 1, 'more module')}" if len(clashes) > 1 else ""
+            notes.append(f"{field}: {plural(len(clashes), 'module')} matched by keys of different values ({short(m)} "
+                         f"by {said}{more}): PEFT takes the first key in adapter_config.json, as lorafuse does, but "
+                         "PEFT's save_pretrained writes the keys sorted, so if the training code listed them in "
+                         f"another order the adapter was trained with another {field.split('_')[0]} there")
+
+
 def config_says(label: str, cfg: dict[str, object], r: object) -> str:
     """Who states a module's r, for a message: adapter_config.json for a file, the config given for a state dict
     (a label '<...>'), saying so where the r is PEFT's default (the config gives no r nor rank_pattern)."""
@@ -908,6 +949,7 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
     if rank == 0:
         raise ShapeMismatchError(f"{where}: {names[0]} {a.shape} has rank 0 (a zero-rank adapter)")
     if b.shape[1] != rank or any(d != 1 for d in b.shape[2:]):
+        _refuse_grouped_conv(where, kind, a, b)
         raise ShapeMismatchError(f"{where}: {names[0]} {a.shape} and {names[1]} {b.shape} are not LoRA factors of "
                                  "one rank")
     for role, n in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
@@ -940,6 +982,17 @@ def _update(weights: str, module: str, p: dict[str, Tensor], cfg: dict[str, obje
         raise ShapeMismatchError(f"{where}: lora_B.bias {update.bias.shape} does not match {b.shape[0]} outputs")
     return update
 
+
+def _refuse_grouped_conv(where: str, kind: str, a: Tensor, b: Tensor) -> None:
+    """PEFT's LoRA on a convolution with groups > 1 makes lora_B a grouped 1x1 convolution (r / groups input
+    channels): B(A(x)) is then no kernel of the base's grouped layout, and PEFT refuses to merge it."""
+    rank, inner = a.shape[0], b.shape[1]
+    if kind == "conv" and 0 < inner < rank and rank % inner == 0 and all(d == 1 for d in b.shape[2:]):
+        raise UnsupportedError(
+            f"{where}: lora_A.weight {a.shape} and lora_B.weight {b.shape} are PEFT's LoRA on a convolution with "
+            f"groups={rank // inner} (its lora_B is grouped too), whose update is no kernel of the base's grouped "
+            "layout, so it cannot be merged into the weights (PEFT's merge_and_unload refuses it too: 'Merging is "
+            "not supported for _ConvNd layers with groups > 1')")
 
 
 def _check_peft_storable(adapter: Adapter, u: object) -> LoraUpdate:

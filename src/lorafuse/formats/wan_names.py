@@ -24,8 +24,9 @@ COMPONENT = "transformer"
 def diffusers_path(name: str) -> str | None:
     """The Wan diffusers path of a kohya module (`lora_unet_blocks_0_self_attn_q` -> `blocks.0.attn1.to_q`), or of
     a diffusers one Wan has (`transformer.blocks.0.attn1.to_q`); None for a name that is no layer of Wan's tables."""
-    if name.startswith(KOHYA_PREFIX):
-        return WAN.diffusers_path(name[len(KOHYA_PREFIX):])
+    if name.startswith(KOHYA_PREFIX):  # musubi-tuner's / ComfyUI's original paths, or ai-toolkit's diffusers ones
+        spelled = name[len(KOHYA_PREFIX):]
+        return WAN.diffusers_path(spelled) or WAN.spelled_diffusers_path(spelled)
     if name.startswith(COMPONENT + ".") and WAN.original_path(name[len(COMPONENT) + 1:]) is not None:
         return name[len(COMPONENT) + 1:]
     return None

@@ -141,27 +141,55 @@ _LINK_WALK_ENTRIES = 20_000  # entries of an input folder looked at for links th
 _LINK_WALK_DEPTH = 4  # folder levels below an input folder (a pipeline's component folders are one)
 
 
+_LOOKS = threading.local()  # .seen: path -> its os.stat (or None), while one check of an output lasts (_looking)
+
+
+@contextmanager
+def _looking() -> Iterator[None]:
+    """Each path's os.stat taken once while the context lasts (this thread): the thousands of inputs of one
+    combine share their folders above, which every input's relation to the output looks at."""
+    outer = getattr(_LOOKS, "seen", None)
+    _LOOKS.seen = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _LOOKS.seen = outer
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    seen: dict[Path, os.stat_result | None] | None = getattr(_LOOKS, "seen", None)
+    if seen is not None and path in seen:
+        return seen[path]
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except (OSError, ValueError):
+        st = None
+    if seen is not None:
+        seen[path] = st
+    return st
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of what `path` leads to, or None when it cannot be looked at."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return st.st_dev, st.st_ino
+    st = _stat(path)
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def _folder_identity(path: Path) -> tuple[int, int] | None:
     """_identity of a folder; None for anything else."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+    st = _stat(path)
+    return (st.st_dev, st.st_ino) if st is not None and stat.S_ISDIR(st.st_mode) else None
 
 
 def _above(path: Path) -> set[tuple[int, int]]:
     """The identities of the existing folders above `path` (not `path` itself)."""
     return {i for i in map(_identity, path.parents) if i is not None}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies below `folder` (`folder in path.parents`, both absolute and normalized), by text."""
+    top, text = str(folder), str(path)
+    return text != top and text.startswith(top if top.endswith(os.sep) else top + os.sep)
 
 
 def _links_out(folder: Path) -> list[tuple[Path, Path]]:
@@ -262,7 +290,7 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
                 return f"output {named} is the current folder; {why}: {todo}"
             return (f"output {named} is the current folder; lorafuse replaces an output as a whole, which would "
                     "delete the folder you are in and everything in it: give a new folder name, e.g. ./merged")
-        if target in cwd.parents or (target_id is not None and target_id in _above(cwd)):
+        if _inside(cwd, target) or (target_id is not None and target_id in _above(cwd)):
             if into is not None:
                 return f"output {named} holds the current folder {cwd}; {why}: {todo}"
             return (f"output {named} holds the current folder {cwd}; replacing it would delete that folder "
@@ -278,12 +306,12 @@ def _relation(out: Path, target: Path, places: list[tuple[str, Path]], into: str
             if into is not None:
                 return f"output {out} is the input {p}; {why}: {todo}"
             return f"output {out} would overwrite the input {p}; choose another output path"
-        if target in src.parents or (target_id is not None and target_id in _above(src)):
+        if _inside(src, target) or (target_id is not None and target_id in _above(src)):
             if into is not None:
                 return f"output {out} holds the input {p}, which is inside it; {why}: {todo}"
             return (f"output {out} would overwrite the input {p}, which is inside it (replacing {out} deletes "
                     "everything in it); choose another output path")
-        if src_id is not None and (src in target.parents or src_id in target_above):
+        if src_id is not None and (_inside(target, src) or src_id in target_above):
             if into is not None:
                 return f"output {out} is inside the input folder {p}; {why}: {todo}"
             return (f"output {out} is inside the input folder {p}; writing there would change an input: choose a "
@@ -322,12 +350,13 @@ def check_output_path(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) 
                                  f"so this would create a folder named {first!r} here: give the path in full "
                                  f"({os.path.expanduser(text)!r}), or {os.path.abspath(text)!r} for a folder of that "
                                  "name (./~/... on the command line)")
-    places = _input_places(inputs)
-    for target in _located(out):
-        why = _relation(out, target, places)
-        if why:
-            raise OutputError(why)
-    held = _held_inside(out, {i: p for p, src in places if (i := _identity(src)) is not None})
+    with _looking():
+        places = _input_places(inputs)
+        for target in _located(out):
+            why = _relation(out, target, places)
+            if why:
+                raise OutputError(why)
+        held = _held_inside(out, {i: p for p, src in places if (i := _identity(src)) is not None})
     if held is not None:  # an input named through a bind mount or a hard link, whose own path is elsewhere
         raise OutputError(f"output {out} would overwrite the input {held[0]}, which is inside it as {held[1]} "
                           "(replacing it deletes everything in it); choose another output path")
@@ -366,11 +395,12 @@ def output_file(out: str | os.PathLike[str], name: str, inputs: Iterable[Path] =
     if names_file(out, suffix) or not names_folder(out):
         return Path(out)
     folder = Path(out)
-    places = _input_places(inputs)
-    for target in _located(folder):
-        why = _relation(folder, target, places, into=name)
-        if why:
-            raise OutputError(why)
+    with _looking():
+        places = _input_places(inputs)
+        for target in _located(folder):
+            why = _relation(folder, target, places, into=name)
+            if why:
+                raise OutputError(why)
     return folder / name
 
 

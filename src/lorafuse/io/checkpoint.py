@@ -11,11 +11,13 @@ from pathlib import Path
 from lorafuse._terminal import short
 from lorafuse.errors import FormatError, InputChangedError
 from lorafuse.io.hub import LOADERS, TRANSFORMERS_WEIGHTS, local_path, path_hint, shard_name_problem
+from lorafuse.io.manifest import GGUF_MAGIC
 from lorafuse.io.safetensors import (
     FileIdentity,
     SafetensorsFile,
     TensorInfo,
     file_kind,
+    json_error,
     open_regular,
     read_header,
     read_header_identity,
@@ -49,7 +51,7 @@ def loads_json(text: str, where: str, values: int = MAX_JSON_VALUES) -> object:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
-        raise FormatError(f"{where} is not valid JSON ({e})") from None
+        raise FormatError(f"{where} is not valid JSON ({json_error(e)})") from None
 
 
 def read_bounded(path: Path, what: str, limit: int) -> bytearray:
@@ -93,7 +95,7 @@ def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES, values: int = 
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: cannot read {what}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
-        raise FormatError(f"{path}: cannot read {what}: not valid JSON ({e})") from None
+        raise FormatError(f"{path}: cannot read {what}: not valid JSON ({json_error(e)})") from None
 
 
 def is_pickle(path: Path) -> bool:
@@ -179,13 +181,29 @@ def one_shard(path: Path) -> str | None:
 
 
 def _lists(index: Path, name: str) -> bool:
-    """Whether the shard index `index` names the file `name` in its weight_map (unreadable: no)."""
+    """Whether the shard index `index` names the file `name` in its weight_map (unreadable: no; a FIFO, a device,
+    a huge or deeply nested file is not read through: read_json)."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(index, "the shard index", INDEX_JSON_BYTES, INDEX_JSON_VALUES)
+    except FormatError:
         return False
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     return isinstance(weight_map, dict) and name in weight_map.values()
+
+
+# why a GGUF file is no base (a file given, or a folder holding only .gguf files)
+GGUF_BASE = ("a GGUF model (llama.cpp), which lorafuse does not read or merge into; merge into the safetensors model "
+             "the GGUF was converted from (then convert the result with llama.cpp's convert_hf_to_gguf.py), or convert "
+             "the adapter for llama.cpp's --lora with `lorafuse convert ADAPTER --to gguf`")
+
+
+def _starts_gguf(path: Path) -> bool:
+    """Whether the regular file `path` starts with GGUF's magic (unreadable: no, the reader says why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def refuse_pickle(path: Path) -> FormatError:
@@ -323,6 +341,8 @@ class Checkpoint:
         if path.is_file():
             if is_pickle(path):
                 raise refuse_pickle(path)
+            if _starts_gguf(path):
+                raise FormatError(f"{path}: {GGUF_BASE}")
             if path.suffix.lower() == ".json":  # config.json, model.safetensors.index.json: its folder was meant
                 raise FormatError(f"{path}: a JSON file, not a checkpoint: give the model's folder ({path.parent}) or "
                                   "its .safetensors file")
@@ -394,10 +414,7 @@ class Checkpoint:
         gguf = names_ending(directory, ".gguf")
         if gguf:
             raise FormatError(f"{directory}: no .safetensors checkpoint found, only {', '.join(gguf[:3])}"
-                              f"{' and more' if len(gguf) > 3 else ''}: a GGUF model (llama.cpp), which lorafuse does "
-                              "not read or merge into; merge into the safetensors model the GGUF was converted from "
-                              "(then convert the result with llama.cpp's convert_hf_to_gguf.py), or convert the "
-                              "adapter for llama.cpp's --lora with `lorafuse convert ADAPTER --to gguf`")
+                              f"{' and more' if len(gguf) > 3 else ''}: {GGUF_BASE}")
         raise FormatError(f"{directory}: no .safetensors checkpoint found")
 
     def _index_shards(self, index: Path) -> list[str]:

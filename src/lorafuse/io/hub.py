@@ -234,10 +234,17 @@ _INDEX_NAMES = tuple(single + ".index.json" for _, single, _ in LOADERS)
 _WEIGHT_NAMES = tuple(single for _, single, _ in LOADERS)
 
 
+_JSON_BYTES = 64 << 20  # a config or shard index read here (io.checkpoint reads them again, with its own limits)
+
+
 def _json(path: Path) -> dict[str, object] | None:
+    """The JSON object of a repository's config or index; None when it is absent, not a regular file (a FIFO is
+    not waited on), over _JSON_BYTES, not JSON or nested too deeply."""
     try:
+        if not path.is_file() or path.stat().st_size > _JSON_BYTES:
+            return None
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -578,6 +578,8 @@ def hub_blob_sha256(path: Path) -> str | None:
     """The sha256 of a file of a Hugging Face cache snapshot from its blob's name (LFS files are stored as
     blobs/<sha256>), or None: not such a file (small files are stored under their git sha1, 40 digits)."""
     try:
+        if path.name not in ("", ".", "..") and not _HEX64.fullmatch(path.name) and not os.path.islink(path):
+            return None  # its resolved name is its own (no link to follow last), and not a blob's (1000s of inputs)
         real = Path(os.path.realpath(path))
     except (OSError, ValueError):
         return None

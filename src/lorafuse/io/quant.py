@@ -406,6 +406,9 @@ class Fp8Scaled(QuantScheme):
             xp = x
         blocks = xp.reshape(nr, bm, nc, bn)
         amax = np.maximum(blocks.max(axis=(1, 3)), -blocks.min(axis=(1, 3)))
+        if not np.isfinite(amax).all():  # NaN / Inf values (--allow-nonfinite): the scale of the block's finite ones
+            with np.errstate(invalid="ignore"):
+                amax = np.where(np.isfinite(blocks), np.abs(blocks), np.float32(0)).max(axis=(1, 3))
         sdtype = self._scale_dtype(companion_dtypes["scale"])
         if self.ue8m0 or sdtype == "F8_E8M0":
             s = pow2_scales(amax)  # 1 for zero / NaN / Inf blocks too
@@ -579,7 +582,7 @@ class Bnb4Weight(Bitsandbytes):
     def quantize(self, x: np.ndarray, r0: int, shape: tuple[int, ...],
                  companion_dtypes: Mapping[str, str], threads: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         packed, absmax = Q.quantize_4bit_blocks(x, self.quant_type, self.blocksize)
-        return packed, {"absmax": absmax}
+        return packed, {"absmax": _as_stored(absmax, companion_dtypes.get("absmax", "F32"))}
 
     def code_bytes(self, r0: int, r1: int, shape: tuple[int, ...], itemsize: int) -> int:
         cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
@@ -589,15 +592,33 @@ class Bnb4Weight(Bitsandbytes):
                shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         absmax = np.concatenate([a.reshape(-1) for a in parts["absmax"]]).astype(np.float32)
         out = {role: raw for role, (raw, _) in companions.items()}  # maps and quant_state: written back as read
-        if not self.nested:
-            out["absmax"] = absmax
+        if not self.nested:  # in the base's absmax dtype (bitsandbytes writes F32; F16 / BF16, F64 are read too)
+            out["absmax"] = _raw_in(absmax, companions["absmax"][1])
             return out
         raw, dt = companions["nested_quant_map"]
         nmap = get_backend().to_float32(np.ascontiguousarray(raw).reshape(-1), dt, 0)
         codes, nabs, _ = Q.quantize_nested_absmax(absmax, offset=self.nested_offset, code=nmap,
                                                   blocksize=self.nested_blocksize)
-        out["absmax"], out["nested_absmax"] = codes, nabs
+        out["absmax"], out["nested_absmax"] = codes, _raw_in(nabs, companions["nested_absmax"][1])
         return out
+
+
+def _as_stored(absmax: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 absmax rounded to the dtype the base stores it in (F16 / BF16: the scales the written weight's codes
+    are read with, so the reported error is that of the output); float32 otherwise (F32, F64, nested U8 codes)."""
+    if dtype not in ("F16", "BF16"):
+        return absmax
+    backend = get_backend()
+    with np.errstate(over="ignore"):
+        return backend.to_float32(backend.from_float32(np.ascontiguousarray(absmax, dtype=np.float32), dtype, 0),
+                                  dtype, 0)
+
+
+def _raw_in(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 scales as the raw bytes of the float `dtype` their base tensor is stored in (F32, F16, BF16, F64)."""
+    if dtype in ("F16", "BF16"):
+        return get_backend().from_float32(np.ascontiguousarray(x, dtype=np.float32), dtype, 0)
+    return x.astype(np.float64) if dtype == "F64" else x
 
 
 @dataclass(frozen=True)

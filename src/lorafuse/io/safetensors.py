@@ -192,11 +192,19 @@ def _decode_header(raw: bytes | bytearray, where: str) -> str:
 # A lone UTF-16 surrogate can only come from a JSON escape \uD800-\uDFFF (the text is valid UTF-8): a header
 # without such an escape needs no per-string check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONG_INT = re.compile(r"integer string conversion: value has (\d+) digits")
 
 
 def parse_header(raw: bytes | bytearray, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a header (the N JSON bytes) against a data buffer of `data_size` bytes."""
     return _parse_text(_decode_header(raw, where), data_size, where)
+
+
+def json_error(e: BaseException) -> str:
+    """What json.loads' error says, in a user's words: Python's own words for an integer of thousands of digits
+    tell the user to call a Python function."""
+    digits = _LONG_INT.search(str(e))
+    return f"a number of {digits[1]} digits, more than any real one" if digits else str(e)
 
 
 def _parse_text(text: str, data_size: int, where: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -206,7 +214,7 @@ def _parse_text(text: str, data_size: int, where: str) -> tuple[dict[str, Tensor
     except FormatError as e:
         raise FormatError(f"{where}: header is not valid JSON ({e})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, integers of thousands of digits, deep nesting
-        raise FormatError(f"{where}: header is not valid JSON ({e})") from None
+        raise FormatError(f"{where}: header is not valid JSON ({json_error(e)})") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
@@ -464,6 +472,8 @@ def mapped_bytes(path: str | os.PathLike[str]) -> mmap.mmap | None:
     the file at `path` now is another one or none (replaced by rename, deleted) and the mappings of that path
     hold one version only; else None (read the path itself). What a record of the input's sha256 must hash:
     the bytes the operation read, not those that are there now."""
+    if not _LIVE:  # nothing mapped (every adapter of a streamed combine is closed): no path to resolve
+        return None
     where = _resolved(path)
     live = [m for m in list(_LIVE.values()) if m.path == where]
     if not live:
@@ -519,6 +529,8 @@ def raise_if_inputs_changed(paths: Iterable[str | os.PathLike[str]] | None = Non
     faulted (and saw zeros), or its size or modification time differs from when it was opened.
 
     Called before an output is committed (io.atomic) so that such data never reaches an output."""
+    if not _LIVE:
+        return
     roots = None if paths is None else {_resolved(p) for p in paths}
     for slot, (path, *_) in list(_LIVE.items()):
         if roots is not None and path not in roots and roots.isdisjoint(path.parents):

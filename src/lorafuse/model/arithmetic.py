@@ -297,19 +297,59 @@ def one_model(a: Adapter, b: Adapter) -> bool:
     return not model_roots(a).isdisjoint(model_roots(b))
 
 
-def check_shared(adapters: Sequence[Adapter], what: str) -> None:
+class RootGroups:
+    """Adapters grouped by the roots of their module names (model_roots): adapters that share a root (a shared
+    module shares its root) are of one model, and so are two that each share one with a third. check() refuses
+    adapters that fall into two groups or more (adapters of different models, or one model in two namings),
+    naming the first adapter and the first one outside its group: one stray adapter among many of one model too,
+    which sharing modules among the others does not excuse. Memory grows with the roots seen, not the adapters:
+    each root keeps the first adapter that had it (how it is named, three of its module names)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._parent: dict[str, str] = {}  # union-find over roots
+        self._seen: dict[str, tuple[str, list[str]]] = {}  # root -> the first adapter that had it, in order
+
+    def _top(self, root: str) -> str:
+        while self._parent[root] != root:
+            self._parent[root] = self._parent[self._parent[root]]
+            root = self._parent[root]
+        return root
+
+    def see(self, where: str, adapter: Adapter) -> None:
+        roots = sorted(model_roots(adapter))
+        if not roots:
+            return
+        names: list[str] | None = None
+        for r in roots:
+            if r not in self._parent:
+                names = names if names is not None else list(adapter.updates)[:3]  # (module_examples shows two)
+                self._parent[r] = r
+                self._seen[r] = (where, names)
+        top = self._top(roots[0])
+        for r in roots[1:]:
+            self._parent[self._top(r)] = top
+
+    def check(self) -> None:
+        if not self._seen:
+            return
+        first = next(iter(self._seen))
+        top = self._top(first)
+        for r, stray in self._seen.items():
+            if self._top(r) != top:
+                raise different_models(self.what, self._seen[first], stray)
+
+
+def check_shared(adapters: Sequence[Adapter], what: str, wheres: Sequence[str] | None = None) -> None:
     """Refuse adapters that share no module and name their modules from different roots: adapters of
-    different models, or one model named two ways (kohya's 'lora_unet_...' vs diffusers' 'unet....').
-    Disjoint modules under one root (a q_proj adapter and a v_proj adapter of one model; a text-encoder LoRA
-    and a UNet LoRA of one diffusion model) are fine."""
-    nonempty = [a for a in adapters if a.updates]
-    if len(nonempty) < 2 or shared_modules(nonempty):
-        return
-    first = nonempty[0]
-    roots = model_roots(first)  # once, not again for every other adapter
-    for second in nonempty[1:]:
-        if roots.isdisjoint(model_roots(second)):
-            raise different_models(what, (first.label, list(first.updates)), (second.label, list(second.updates)))
+    different models, or one model named two ways (kohya's 'lora_unet_...' vs diffusers' 'unet....'), also as
+    one stray adapter among many (RootGroups). Disjoint modules under one root (a q_proj adapter and a v_proj
+    adapter of one model; a text-encoder LoRA and a UNet LoRA of one diffusion model) are fine. `wheres`: how
+    the message names each adapter (a list file's line), else its label."""
+    groups = RootGroups(what)
+    for i, a in enumerate(adapters):
+        groups.see(a.label if wheres is None else wheres[i], a)
+    groups.check()
 
 
 def different_models(what: str, first: tuple[str, Sequence[str]], second: tuple[str, Sequence[str]]
@@ -419,5 +459,5 @@ def norm(adapter: Adapter, threads: int = 0) -> float:
     return math.nan if any(math.isnan(v) for v in values) else math.hypot(*values)
 
 
-__all__ = ["check_linear", "check_shared", "check_split", "different_models", "module_examples", "norm", "result",
-           "scaled", "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]
+__all__ = ["RootGroups", "check_linear", "check_shared", "check_split", "different_models", "module_examples", "norm",
+           "result", "scaled", "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]

@@ -38,10 +38,12 @@ class ParamLoraUpdate(LoraUpdate):
     def refusal(self, where: str = "", what: str = "this operation") -> UnsupportedError:
         """The refusal of `what` (an operation that reads the factors as one matrix); `where`: the adapter."""
         return UnsupportedError(
-            f"{where + ': ' if where else ''}module {self.name!r} is a LoRA on a parameter of {self.module!r} (PEFT "
-            "target_parameters): its factors hold one block per expert where that parameter is a fused MoE tensor, "
-            f"which only the base model tells, so {what} cannot read them as one low-rank matrix; only apply "
-            "merges it (lorafuse apply BASE ADAPTER)")
+            f"{where + ': ' if where else ''}module {self.name!r} is a LoRA on a parameter of {self.module!r} "
+            f"(PEFT target_parameters) with lora_A {tuple(self.A.shape)} and lora_B {tuple(self.B.shape)}: which "
+            "parameter it adapts, how many expert blocks its factors hold (one for a 2-D weight such as a router's, "
+            "one per expert for a fused MoE tensor) and its scale (rank_pattern / alpha_pattern match the "
+            f"parameter's name) are known only against the base model, so {what} cannot read them as one low-rank "
+            "matrix; only apply merges it (lorafuse apply BASE ADAPTER)")
 
     def _refuse(self) -> UnsupportedError:
         return self.refusal()

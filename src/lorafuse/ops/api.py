@@ -569,6 +569,9 @@ def extract(
     progress: bool | None = None,
     device: str = "cpu",
     dtype: object = None,
+    clamp_quantile: float | None = None,
+    min_diff: float | None = None,
+    conv_rank: int | None = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base, per weight matrix (randomized SVD).
 
@@ -623,6 +626,18 @@ def extract(
     dtype : str, torch or numpy dtype, default None
         The factors' dtype: 'fp32' (None: float32, as computed), 'fp16' or 'bf16' (kohya's --save_precision),
         rounded once to nearest even.
+    clamp_quantile : float, default None
+        kohya's --clamp_quantile (0 < Q <= 1; kohya's default 0.99): each module's factors B = U S and A = V^T
+        are clamped to [-h, h], h the Q-quantile of their entries together (signed, linear interpolation as
+        torch.quantile), and the reported error is the clamped factors'. None: no clamp (the optimal factors).
+    min_diff : float, default None
+        kohya's --min_diff (>= 0): a module whose largest |W_ft - W_base| is at most this counts as unchanged
+        (no LoRA; a note counts them). kohya applies it to the text encoder as a whole; lorafuse to each
+        module. None: only equal weights are unchanged.
+    conv_rank : int, default None
+        kohya's --conv_dim: the rank of kxk convolutions (a kernel dimension above 1), whatever the rule of the
+        other modules (capped by `max_rank` and the module's full rank). None: the rule, as every module (kohya
+        without --conv_dim leaves kxk convolutions out; use `exclude` for that).
 
     Returns
     -------
@@ -645,7 +660,8 @@ def extract(
             notes.append(target.note)
     res = _extract.extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                            oversample=oversample, power_iters=power_iters, seed=seed, threads=threads,
-                           progress=progress, device=device, dtype=dtype)
+                           progress=progress, device=device, dtype=dtype, clamp_quantile=clamp_quantile,
+                           min_diff=min_diff, conv_rank=conv_rank)
     written = save_as(res.adapter, target.format, target.path, inputs, overwrite=overwrite) if target else None
     return ExtractResult(res.adapter, res.modules, res.skipped, res.unchanged, out=written,
                          seconds=time.monotonic() - start,

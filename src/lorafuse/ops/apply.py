@@ -162,6 +162,11 @@ def _has_nonfinite(raw: np.ndarray | None, dtype: str) -> bool:
     return int(bits.view(np.int16).max()) >= inf or int(bits.max()) >= 0x8000 | inf
 
 
+def _companions_of(quant: QuantRef | None) -> tuple[str, ...]:
+    """A quantized weight's companions as messages name them, 'key (shard)'; () for a plain weight."""
+    return () if quant is None else tuple(f"{key} ({shard})" for shard, key in quant.companions.values())
+
+
 @dataclass
 class _Piece:
     """Rows [r0, r1) of an output tensor: the unit of computing, writing and page release."""
@@ -452,8 +457,8 @@ class _Executor:
             flags = self.backend.merge_batch(jobs, self.threads) if jobs else []
         # The core flags results that are not finite in float32 or overflow the output dtype: say why
         # (jobs and computed pieces are in step)
-        flagged = [Flagged(job, p.tensor.updates, p.r0, p.tensor.replacement is not None)
-                   for job, p, f in zip(jobs, computed, flags) if f]
+        flagged = [Flagged(job, p.tensor.updates, p.r0, p.tensor.replacement is not None,
+                           _companions_of(p.tensor.quant)) for job, p, f in zip(jobs, computed, flags) if f]
         if flagged and not self.allow_nonfinite:
             raise nonfinite_error(flagged, self.backend, self.threads)
         if merged32 or any(p.tensor.companion_of is not None for p in batch):

@@ -43,6 +43,8 @@ class Flagged:
     contribs: Sequence[Contribution]  # the output tensor's contributions (OutTensor.updates)
     r0: int  # the job's first row in its tensor
     replaced: bool  # the job starts from a full tensor of an adapter (modules_to_save), not the base weight
+    # a quantized base weight: its companions (scales, absmax, ...), each 'key (shard)', that it is dequantized with
+    companions: tuple[str, ...] = ()
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -64,8 +66,12 @@ def _held(x: np.ndarray) -> str:
 def _input_cause(f: Flagged, w32: np.ndarray) -> str | None:
     """Which input of the job holds NaN or Inf, or None."""
     if not np.isfinite(w32).all():
-        return ("the adapter's full tensor that replaces it (modules_to_save) holds NaN or Inf" if f.replaced
-                else "its base weight holds NaN or Inf")
+        if f.replaced:
+            return "the adapter's full tensor that replaces it (modules_to_save) holds NaN or Inf"
+        if f.companions:  # a quantized weight: its codes, or the scales they are multiplied by
+            return (f"its base weight, dequantized from its codes and {', '.join(f.companions)}, holds NaN or Inf "
+                    "(a NaN code, or a scale / absmax that is NaN, Inf or too large)")
+        return "its base weight holds NaN or Inf"
     for c in f.contribs:
         held = nonfinite_factors(c.update)
         if held:

@@ -274,11 +274,11 @@ def _refuse_lycoris_names(adapter: Adapter) -> None:
                            "its base)")
 
 
-def _unmapped_error(adapter: Adapter, names: list[str], what: str) -> MissingModuleError:
+def _unmapped_error(adapter: Adapter, names: list[str], what: str, why: str | None = None) -> MissingModuleError:
     shown = ", ".join(f"{n!r} {tuple(adapter.updates[n].delta_shape)}" for n in names[:5])
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
     return MissingModuleError(f"{adapter.label}: {plural(len(names), 'module', verb=('has', 'have'))} no {what} "
-                              f"name: {shown}{more}; "
+                              f"name: {shown}{more}; {'' if why is None else why + '; '}"
                               "nothing was written")
 
 
@@ -438,12 +438,14 @@ def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
     source: dict[str, str] = {}
     split: dict[str, list[str]] = {}
     unmapped: list[str] = []
+    why: list[str] = []  # the first unmapped module's reason
     for name in adapter.updates:
         u = _plain(adapter, name)
         try:
             targets = sd_keys.to_diffusers(name, tuple(u.delta_shape), family=fam)
-        except UnsupportedError:
+        except UnsupportedError as e:
             targets = []
+            why = why or [str(e)]
         except ShapeMismatchError as e:  # a fused layer's rows that do not split as the layer does: name the file
             raise ShapeMismatchError(f"{adapter.label}: {e}") from None
         if not targets:
@@ -462,7 +464,7 @@ def kohya_to_peft(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
         if len(rows_of) > 1 or targets[0][1] is not None:
             split[name] = list(parts)
     if unmapped:
-        raise _unmapped_error(adapter, unmapped, "diffusers")
+        raise _unmapped_error(adapter, unmapped, "diffusers", why[0] if why else None)
     record: dict[str, object] = {"family": fam, "config": as_kohya(adapter.state).record_config()}
     state = DiffusersState(metadata_of(adapter.state), kohya=record)
     return Adapter(updates=updates, format="diffusers", state=state), split

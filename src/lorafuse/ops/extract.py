@@ -11,8 +11,8 @@ batch are dropped once it is done. The error of each module is exact:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,9 @@ import numpy as np
 from lorafuse._progress import Progress
 from lorafuse._terminal import plural
 from lorafuse._validate import (
+    check_float,
     check_optional_bool,
+    check_optional_rank,
     check_oversample,
     check_power_iters,
     check_seed,
@@ -45,6 +47,7 @@ from lorafuse.model import Adapter, LoraUpdate, Update
 from lorafuse.model.experts import one_expert_rank
 from lorafuse.model.layout import check_dtype, rounded
 from lorafuse.model.names import check_module_name
+from lorafuse.model.patterns import NameFilter
 from lorafuse.ops.base_layers import POSITION_TABLES, BaseLayers, base_layers, peft_targets
 from lorafuse.ops.fused import PER_EXPERT_ON_DISK, _model_types
 from lorafuse.ops.rank import RankRule
@@ -92,6 +95,9 @@ def extract(
     progress: bool | None = None,
     device: str = "cpu",
     dtype: object = None,
+    clamp_quantile: float | None = None,
+    min_diff: float | None = None,
+    conv_rank: int | None = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter approximating finetuned - base per weight matrix.
 
@@ -105,13 +111,18 @@ def extract(
     sv_ratio=, ...), can write the result, and documents each parameter. `device` 'cuda' forms each
     difference and takes the SVD's products on the GPU (DeviceError when this build or machine cannot).
     `dtype` ('fp32' by default, 'fp16', 'bf16'): the factors' dtype, rounded once from float32.
+    `clamp_quantile` Q in (0, 1] (kohya's --clamp_quantile; None: no clamp): each module's factors, B = U S and
+    A = V^T, clamped to [-h, h], h the Q-quantile (linear interpolation, as torch.quantile) of their entries
+    together. `min_diff` F >= 0 (kohya's --min_diff; None: only equal weights are unchanged): a module whose
+    largest |W_ft - W_base| (float32) is at most F counts as unchanged (no LoRA). `conv_rank` (kohya's --conv_dim):
+    the rank of kxk convolutions (a kernel dimension > 1), whatever `rule` (capped by its max_rank); None: `rule`.
     An extraction with nothing in it is refused (UnsupportedError): `include` / `exclude` that leave no
     weight matrix (before any is read), or no module that differs from the base.
     """
     progress = check_optional_bool(progress, "progress")
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                         oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device,
-                        dtype=dtype)
+                        dtype=dtype, clamp_quantile=clamp_quantile, min_diff=min_diff, conv_rank=conv_rank)
     cb, cf, work, conv1d, k_max, backend = x.base, x.finetuned, x.work, x.conv1d, x.k_max, x.backend
     oversample, power_iters, seed, threads, base_config = x.oversample, x.power_iters, x.seed, x.threads, x.config
     result = ExtractResult(Adapter(updates={}), [], list(x.skipped), notes=list(x.notes))
@@ -122,7 +133,10 @@ def extract(
     rec = Recording("extract", [_checkpoint_input(base, cb, "base"), _checkpoint_input(finetuned, cf, "fine-tuned")],
                     {**dataclasses.asdict(rule), "include": include, "exclude": exclude, "embeddings": embeddings,
                      "oversample": oversample, "power_iters": power_iters, "seed": seed, "device": device,
-                     **({"dtype": dtype_spelling(dtype)} if dtype is not None else {})},
+                     **({"dtype": dtype_spelling(dtype)} if dtype is not None else {}),
+                     **({"clamp_quantile": x.clamp_quantile} if x.clamp_quantile is not None else {}),
+                     **({"min_diff": x.min_diff} if x.min_diff is not None else {}),
+                     **({"conv_rank": x.conv_rank} if x.conv_rank is not None else {})},
                     base_model=recorded_base(base))  # io.provenance: both hashed while they are read
 
     def mapped(which: int, shard: str) -> SafetensorsFile:  # each shard of each checkpoint opened once
@@ -131,15 +145,23 @@ def extract(
         return files[(which, shard)]
 
     try:
+        rounded_only = 0  # modules whose fine-tuned weight is the base's rounded to the fine-tuned dtype
+        below_min_diff = 0  # modules whose largest |W_ft - W_base| is at most min_diff (kohya's --min_diff)
         for name, key in x.full:
             if not _changed_others(cb, cf, [key], mapped):  # an embedding fine-tuning left as it was: nothing to keep
                 result.unchanged += 1
                 continue
-            f = mapped(1, cf.shard_of[key])
+            fb, f = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
+            if x.min_diff is not None and _max_abs_diff(backend, fb.raw(key), cb.info(key).dtype, f.raw(key),
+                                                        cf.info(key).dtype, x.min_diff, threads) <= x.min_diff:
+                fb.release(key)
+                f.release(key)
+                result.unchanged += 1  # within min_diff: as for a LoRA module, no change
+                below_min_diff += 1
+                continue
             full[name] = Tensor(f.raw(key).copy(), cf.info(key).dtype)
             f.check_unchanged()  # the copy outlives the mapping: check it was read whole
         start = 0
-        rounded_only = 0  # modules whose fine-tuned weight is the base's rounded to the fine-tuned dtype
         while start < len(work):
             batch: list[tuple[str, str]] = []
             size = 0
@@ -151,38 +173,53 @@ def extract(
             items = []
             for module, key in list(batch):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
-                if _only_rounded(backend, fb.raw(key), cb.info(key).dtype, ff.raw(key), cf.info(key).dtype, threads):
-                    # the fine-tuned weight is the base's rounded to its dtype: no fine-tuning changed it
+                # the fine-tuned weight is the base's rounded to its dtype (no fine-tuning changed it), or within
+                # min_diff of the base everywhere
+                same = _only_rounded(backend, fb.raw(key), cb.info(key).dtype, ff.raw(key), cf.info(key).dtype,
+                                     threads)
+                small = not same and x.min_diff is not None and _max_abs_diff(
+                    backend, fb.raw(key), cb.info(key).dtype, ff.raw(key), cf.info(key).dtype, x.min_diff,
+                    threads) <= x.min_diff
+                if same or small:
                     fb.release(key)
                     ff.release(key)
                     bar.update(cb.info(key).nbytes + cf.info(key).nbytes, module)
                     batch.remove((module, key))
                     result.unchanged += 1
-                    rounded_only += 1
+                    rounded_only += same
+                    below_min_diff += small
                     continue
                 shape = cb.info(key).shape
                 items.append(ExtractJob(module, fb.raw(key).reshape(shape[0], -1), cb.info(key).dtype,
                               ff.raw(key).reshape(shape[0], -1), cf.info(key).dtype))
             # each module's rank at most its full rank min(out, in): no factors padded to an absurd rank
             try:
-                outs = _svds(backend, items, [full_rank(k_max, it.w_base.shape) for it in items], oversample,
-                             power_iters, seed, threads)
+                ranks = [full_rank(module_rank(k_max, x.conv_rank, cb.info(k).shape), it.w_base.shape)
+                         for (_, k), it in zip(batch, items)]
+                outs = _svds(backend, items, ranks, oversample, power_iters, seed, threads)
             except NonFiniteError as e:  # the core names the module: say which checkpoints, and its shape
                 raise _nonfinite(e, base, finetuned, {m: cb.info(k).shape for m, k in batch}) from None
             for (module, key), it, (b, a, s, frob_sq) in zip(batch, items, outs):
                 fb, ff = mapped(0, cb.shard_of[key]), mapped(1, cf.shard_of[key])
-                k = min(rule.choose(s, frob_sq), b.shape[1]) if frob_sq else 0  # b: k_max columns, or the full rank
                 shape = cb.info(key).shape
+                chosen = rule if x.conv_rank is None or not kxk(shape) else RankRule(rank=x.conv_rank,
+                                                                                       max_rank=rule.max_rank)
+                k = min(chosen.choose(s, frob_sq), b.shape[1]) if frob_sq else 0  # b: k_max columns, or the full rank
                 err = _rel_error(s, k, frob_sq, shape) if frob_sq else 0.0
-                if err < DIRECT_ERROR_BELOW and 0 < k < min(b.shape[0], a.shape[1]):
-                    err = _residual(backend, it, b[:, :k], a[:k], frob_sq, threads)
+                bk, ak = b[:, :k], a[:k]
+                if x.clamp_quantile is not None and k:  # kohya's clamp: the error is the clamped factors' own
+                    bk, ak = _clamped(bk, ak, x.clamp_quantile, f"{finetuned}: module {module} (weight of shape "
+                                      f"{tuple(shape)}, rank {k})")
+                    err = _residual(backend, it, bk, ak, frob_sq, threads)
+                elif err < DIRECT_ERROR_BELOW and 0 < k < min(b.shape[0], a.shape[1]):
+                    err = _residual(backend, it, bk, ak, frob_sq, threads)
                 fb.release(key)
                 ff.release(key)
                 bar.update(cb.info(key).nbytes + cf.info(key).nbytes, module)
                 if frob_sq == 0:
                     result.unchanged += 1
                     continue
-                result.adapter.updates[module] = _update(module, shape, b[:, :k], a[:k], module in conv1d,
+                result.adapter.updates[module] = _update(module, shape, bk, ak, module in conv1d,
                                                          module in x.embedding)
                 result.modules.append(ExtractReport(module, shape, k, err, len(s)))
         changed = _changed_others(cb, cf, x.others, mapped)
@@ -191,6 +228,10 @@ def extract(
             counted = plural(rounded_only, "fine-tuned weight matrix", "fine-tuned weight matrices", ("is", "are"))
             result.notes.append(f"{counted} the base's rounded to the fine-tuned model's dtype, no more: counted "
                                 "unchanged (no LoRA of rounding noise)")
+        if below_min_diff:
+            counted = plural(below_min_diff, "fine-tuned weight matrix differs", "fine-tuned weight matrices differ")
+            result.notes.append(f"{counted} from the base by at most min_diff={x.min_diff:g} (largest |W_ft - W_base|; "
+                                "--min-diff): counted unchanged, no LoRA")
     except BaseException:
         rec.close()  # the hashing stops
         raise
@@ -206,7 +247,7 @@ def extract(
             raise _only_kept_whole(finetuned, list(full))
         raise _nothing_differs(finetuned, result.unchanged, changed, x.skipped_embeddings,
                                all(_not_a_matrix(cb.info(k), cf.info(k)) == BIAS_OR_NORM for k in changed),
-                               rounded_only)
+                               rounded_only, below_min_diff, x.min_diff)
     updates = _with_tied_heads(result, x.tied, x.layers)
     updates, rank, zeros = one_expert_rank(updates, x.expert_parts, x.expert_shapes)
     if rank:
@@ -361,6 +402,37 @@ def _only_rounded(backend: Backend, base: np.ndarray, base_dtype: str, ft: np.nd
     return bool(np.isfinite(values).all())
 
 
+def _max_abs_diff(backend: Backend, base: np.ndarray, base_dtype: str, ft: np.ndarray, ft_dtype: str, bound: float,
+                  threads: int) -> float:
+    """The largest |W_ft - W_base| (both as float32, the difference in float32, as the SVD sees it), 16 MiB of rows at
+    a time; it stops at the first block above `bound` (returning that block's largest), so a changed module costs
+    little. NaN when a difference is NaN (NaN or Inf in a weight: left to the SVD, which refuses them)."""
+    base, ft = base.reshape(base.shape[0], -1), ft.reshape(ft.shape[0], -1)
+    rows = max(1, (16 << 20) // (4 * max(1, base.shape[1])))
+    largest = 0.0
+    for i in range(0, base.shape[0], rows):
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = backend.to_float32(np.ascontiguousarray(ft[i:i + rows]), ft_dtype, threads)
+            d -= backend.to_float32(np.ascontiguousarray(base[i:i + rows]), base_dtype, threads)
+            block = float(np.max(np.abs(d)))
+        if not block <= bound:  # above it, or NaN
+            return block
+        largest = max(largest, block)
+    return largest
+
+
+def _clamped(b: np.ndarray, a: np.ndarray, quantile: float, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """kohya's --clamp_quantile: B = U S and A = V^T clamped to [-h, h], h the `quantile` of their entries together
+    (signed, linear interpolation: torch.quantile's and numpy's default). An h <= 0 (nearly every entry at or below
+    zero) would set every entry to h, a wrong delta: refused, naming `where`."""
+    h = float(np.quantile(np.concatenate([b.reshape(-1), a.reshape(-1)]).astype(np.float64), quantile))
+    if not h > 0:
+        raise UnsupportedError(f"{where}: the {quantile:g}-quantile of its factors' entries is {h:.6g}, not positive, "
+                               "so clamping them to [-h, h] (--clamp-quantile, kohya's --clamp_quantile) would set "
+                               "every entry to it, a wrong delta; use a higher quantile, or no clamp")
+    return np.clip(b, -h, h).astype(np.float32), np.clip(a, -h, h).astype(np.float32)
+
+
 def _bytes(raw: np.ndarray) -> np.ndarray:
     """A tensor's bytes, of any rank (numpy views a 0-d array, a CLIP logit_scale, as other types only after a
     reshape to 1-d)."""
@@ -396,28 +468,34 @@ def _not_a_matrix(ib: TensorInfo, iff: TensorInfo) -> str:
 
 
 def _nothing_differs(finetuned: str | os.PathLike[str], unchanged: int, changed: list[str],
-                     skipped: Sequence[str] = (), bitfit: bool = True, rounded: int = 0) -> UnsupportedError:
+                     skipped: Sequence[str] = (), bitfit: bool = True, rounded: int = 0, below: int = 0,
+                     min_diff: float | None = None) -> UnsupportedError:
     """The refusal of an extract in which no module differs from the base: its adapter would target no module,
     which PEFT refuses to load (NoMatchingPeftModuleError). `skipped`: the embeddings and output heads left out
     unread (--embeddings skip), which may be what changed; `bitfit`: every changed tensor is a bias or a norm;
-    `rounded`: how many of the equal ones are the base rounded to the fine-tuned dtype (_only_rounded)."""
+    `rounded`: how many of the equal ones are the base rounded to the fine-tuned dtype (_only_rounded); `below`:
+    how many differ by at most `min_diff` (counted unchanged)."""
     hint = "" if not rounded else (f"; {rounded} of them equal to the base rounded to the fine-tuned model's dtype, "
                                    "which no fine-tuning made")
+    if below:
+        hint += (f"; {below} of them differ by at most min_diff={min_diff:g} (largest |W_ft - W_base|), counted "
+                 "unchanged: lower --min-diff (Python: min_diff=) to extract them")
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         hint += (f"; the embeddings and output heads were not compared ({shown}; --embeddings skip, the default): "
                 "if they changed, extract them with --embeddings lora (Python: embeddings='lora')")
+    equal = "all equal" if not below else f"all equal or within min_diff={min_diff:g}"
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         return UnsupportedError(
-            f"{finetuned}: no weight matrix of the fine-tuned model differs from the base ({unchanged} compared, all "
-            f"equal); only tensors a LoRA cannot hold changed ({shown}: "
+            f"{finetuned}: no weight matrix of the fine-tuned model differs from the base ({unchanged} compared, "
+            f"{equal}); only tensors a LoRA cannot hold changed ({shown}: "
             f"{'biases or norms, as a BitFit fine-tune changes them' if bitfit else _OTHER_TENSORS}){hint}: the "
             "adapter would target no module; nothing is written")
     return UnsupportedError(
         f"{finetuned}: no module of the fine-tuned model differs from the base ({unchanged} weight matrices "
-        f"compared, all equal){hint}: the adapter would target no module, which PEFT refuses to load; nothing is "
-        "written (is it the same checkpoint as the base?)")
+        f"compared, {equal}){hint}: the adapter would target no module, which PEFT refuses to load; nothing is "
+        "written" + (" (is it the same checkpoint as the base?)" if not below else ""))
 
 
 def _checkpoint_input(name: str | os.PathLike[str], ckpt: Checkpoint, role: str) -> InputSpec:
@@ -469,6 +547,9 @@ class ExtractSetup:
     expert_parts: frozenset[str] = frozenset()
     expert_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     skipped_embeddings: list[str] = field(default_factory=list)  # embeddings and heads not read (--embeddings skip)
+    clamp_quantile: float | None = None  # kohya's --clamp_quantile (_clamped), or None: no clamp
+    min_diff: float | None = None  # kohya's --min_diff: a module within it of the base is unchanged, or None
+    conv_rank: int | None = None  # kohya's --conv_dim: the rank of kxk convolutions (kxk), or None: the rule's
 
 
 def prepare_extract(
@@ -485,12 +566,19 @@ def prepare_extract(
     threads: int = 0,
     device: str = "cpu",
     dtype: object = None,
+    clamp_quantile: float | None = None,
+    min_diff: float | None = None,
+    conv_rank: int | None = None,
 ) -> ExtractSetup:
     """Everything extract checks and decides before it reads a weight (its arguments' meaning: extract):
     the options, both checkpoints' headers and configs (quantized ones refused), which tensors are
     extracted, kept whole or left out (and why). Reads no tensor data."""
     if check_text(embeddings, "embeddings", ("skip", "lora", "full")) not in ("skip", "lora", "full"):
         raise LorafuseValueError(f"embeddings must be skip, lora or full, got {embeddings!r}")
+    quantile = None if clamp_quantile is None else check_float(clamp_quantile, "clamp_quantile", 0.0, 1.0,
+                                                                 lo_open=True)
+    least = None if min_diff is None else check_float(min_diff, "min_diff", 0.0, math.inf)
+    conv_rank = check_optional_rank(conv_rank, "conv_rank")
     oversample, power_iters = check_oversample(oversample), check_power_iters(power_iters)
     seed, threads = check_seed(seed), check_threads(threads)
     out_dtype = check_dtype(dtype)
@@ -504,12 +592,8 @@ def prepare_extract(
                                      f"got {type(value).__name__} {value!r}"[:200]
                                      + (f"; for several names join them: {'|'.join(map(str, value))!r}"
                                         if isinstance(value, list | tuple) else ""))
-    try:
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
-    except re.error as e:
-        raise LorafuseValueError(f"bad --include/--exclude (Python: include= / exclude=) regular expression: {e}") \
-            from None
+    inc = NameFilter(include, "--include (Python: include=) regular expression") if include else None
+    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude else None
     base_path, ft_path = extract_models(base, finetuned)  # an adapter given as either: refused saying so
     cb, cf = Checkpoint(base_path), Checkpoint(ft_path)
     base_config = read_config(cb.directory)  # before the long work
@@ -580,7 +664,7 @@ def prepare_extract(
         if key not in cb:
             skipped.append(f"{key}: only in the fine-tuned model")
     if not work and not full:
-        raise _nothing_to_extract(cf, cb, include, exclude, embeddings, skipped, layers)
+        raise _nothing_to_extract(cf, cb, inc, exc, embeddings, skipped, layers)
     if not work:  # PEFT refuses an adapter with modules_to_save alone (NoMatchingPeftModuleError)
         raise _only_kept_whole(finetuned, [name for name, _ in full])
     tied = _tie_heads(layers, work, full, embedding, skipped)
@@ -588,13 +672,27 @@ def prepare_extract(
     notes += [f"weight matrices stored {b} in the base and {f} in the fine-tuned model: each difference also holds "
              f"the rounding to the coarser of the two ({_coarser(b, f)}), which no fine-tuning made (compare "
              "checkpoints of one dtype for a clean extraction)" for b, f in sorted(dtypes)]
+    if conv_rank is not None and not any(kxk(cb.info(k).shape) for _, k in work):
+        notes.append(f"conv_rank {conv_rank} (--conv-rank) changed nothing: no kxk convolution (a kernel dimension "
+                     "above 1) is among the modules extracted")
     parts = fused_parts(base_config)
     expert_shapes = {k.removesuffix(".weight"): cb.info(k).shape for k in cb.keys()
                      if ".experts." in k and k.endswith(".weight") and len(cb.info(k).shape) == 2 and k in cf
                      and cf.info(k).shape == cb.info(k).shape} if parts else {}
     return ExtractSetup(cb, cf, base_config, work, conv1d, full, skipped, others, notes, out_dtype, k_max, oversample,
                         power_iters, seed, threads, backend, layers, embedding, tied, parts, expert_shapes,
-                        skipped_embeddings)
+                        skipped_embeddings, quantile, least, conv_rank)
+
+
+def kxk(shape: tuple[int, ...]) -> bool:
+    """A kxk convolution's kernel (kohya's conv2d_3x3, which --conv_dim sets): a kernel dimension above 1."""
+    return len(shape) > 2 and any(int(d) > 1 for d in shape[2:])
+
+
+def module_rank(k_max: int, conv_rank: int | None, shape: tuple[int, ...]) -> int:
+    """The sketch size (or fixed rank) of a module of this weight shape: `conv_rank` for a kxk convolution when
+    given, else `k_max` (both capped by the caller at the module's full rank)."""
+    return conv_rank if conv_rank is not None and kxk(shape) else k_max
 
 
 def _check_writable(module: str, key: str, cb: Checkpoint) -> None:
@@ -705,8 +803,8 @@ def _only_kept_whole(finetuned: str | os.PathLike[str], kept: list[str]) -> Unsu
         "nothing is written")
 
 
-def _nothing_to_extract(cf: Checkpoint, cb: Checkpoint, include: str | None, exclude: str | None, embeddings: str,
-                        skipped: list[str], layers: BaseLayers) -> UnsupportedError:
+def _nothing_to_extract(cf: Checkpoint, cb: Checkpoint, inc: NameFilter | None, exc: NameFilter | None,
+                        embeddings: str, skipped: list[str], layers: BaseLayers) -> UnsupportedError:
     """The refusal of an extract that has no weight matrix to extract (before any is read): the two checkpoints
     share no tensor name, the include / exclude patterns leave none, or the checkpoint holds none (embeddings
     alone, skipped or kept whole)."""
@@ -716,10 +814,10 @@ def _nothing_to_extract(cf: Checkpoint, cb: Checkpoint, include: str | None, exc
                 if k.endswith(".weight") and len(cb.info(k).shape) in MATRIX_NDIMS
                 and not layers.is_embedding(k[:-7]) and not layers.is_head(k[:-7])]
     shown = ", ".join(repr(m) for m in matrices[:3]) + (", ..." if len(matrices) > 3 else "")
-    if (include or exclude) and matrices:
-        why = f"{_left_none(matrices, include, exclude)}; regular expressions are searched in module names such as " \
+    if (inc or exc) and matrices:
+        why = f"{_left_none(matrices, inc, exc)}; regular expressions are searched in module names such as " \
               f"{shown}"
-    elif include or exclude:
+    elif inc or exc:
         why = f"{cb.location} has no weight matrix"
     elif embeddings == "skip":
         why = f"{cb.location} has no weight matrix to extract but embeddings, and embeddings='skip'"
@@ -747,11 +845,12 @@ def _no_shared_name(cb: Checkpoint, cf: Checkpoint) -> UnsupportedError:
         f"{f!r}){hint}: extract pairs the two checkpoints' tensors by name, so nothing can be extracted")
 
 
-def _left_none(matrices: list[str], include: str | None, exclude: str | None) -> str:
+def _left_none(matrices: list[str], inc: NameFilter | None, exc: NameFilter | None) -> str:
     """What `include` and `exclude` did to the checkpoint's weight matrices (`matrices`, embeddings aside) when
     they leave none: include matched none, or exclude matched every one that include (or nothing) let through."""
     total = plural(len(matrices), "weight matrix", "weight matrices")
-    kept = [m for m in matrices if re.search(include, m)] if include else matrices
+    include, exclude = (None if f is None else f.pattern for f in (inc, exc))
+    kept = [m for m in matrices if inc.search(m)] if inc else matrices
     if not kept:
         return f"no module matched include={include!r} (none of the {total})"
     every = "it" if len(kept) == 1 else f"all {len(kept)}"

@@ -143,6 +143,7 @@ def _per_expert(name: str, module: str, parts: tuple[str, ...], base_key: BaseKe
         for e in range(MAX_EXPERTS):
             keys = [base_key(f"{owner}.{e}.{part}.weight") for part in parts]
             if any(k is None for k in keys):
+                _check_expert_gap(owner, e, parts, keys, base_key)
                 break
             found = [tuple(shapes[k]) for k in keys if k is not None]
             if any(len(s) != 2 for s in found):
@@ -156,6 +157,19 @@ def _per_expert(name: str, module: str, parts: tuple[str, ...], base_key: BaseKe
         if experts and rows is not None and cols is not None:
             return _Param(name, experts[0][0][0], (len(experts), sum(rows), cols), tuple(experts))
     return None
+
+
+def _check_expert_gap(owner: str, e: int, parts: tuple[str, ...], keys: list[str | None], base_key: BaseKey) -> None:
+    """ShapeMismatchError when the per-expert weights of `owner` stop at expert `e` but the checkpoint goes on: some
+    of expert e's weights are there, or a later expert's (up to 8 on): a checkpoint with a hole in it, whose experts
+    counted so far would be taken for the model's."""
+    later = next((f"{owner}.{n}.{parts[0]}.weight" for n in range(e + 1, e + 9)
+                  if base_key(f"{owner}.{n}.{parts[0]}.weight") is not None), None)
+    held = [f"{owner}.{e}.{part}.weight" for part, k in zip(parts, keys) if k is not None]
+    if held or later is not None:
+        missing = ", ".join(repr(f"{owner}.{e}.{part}.weight") for part, k in zip(parts, keys) if k is None)
+        raise ShapeMismatchError(f"the base lacks {missing} but has {held[0] if held else later!r}: a checkpoint "
+                                 "with experts missing (a damaged or partly copied file?)")
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from lorafuse.errors import MissingModuleError
+from lorafuse.errors import MissingModuleError, ShapeMismatchError
 from lorafuse.formats.targets import Target
 from lorafuse.formats.util import ORIGINAL_PREFIXES
+
+if TYPE_CHECKING:
+    from lorafuse.formats.dit_keys import Family
 
 Shapes = Mapping[str, tuple[int, ...]]
 Found = dict[str, list[Target]]
@@ -323,7 +326,24 @@ class OriginalNames:
             key = next((f"{prefix}{p}.weight" for p in paths if p is not None and f"{p}.weight" in inside), None)
             if key is not None:
                 found[name] = [Target(key)]
+            elif own:
+                fused = [f.fused_parts(name[len(own):]) for f in families]
+                parts = next((ps for ps in fused if ps and all(f"{p}.weight" in inside for p in ps)), ())
+                if parts:
+                    found[name] = _fused_targets(name, modules[name], [f"{prefix}{p}.weight" for p in parts], shapes)
         return found, [m for m in modules if m not in found]
+
+
+def _fused_targets(name: str, shape: tuple[int, ...], keys: list[str], shapes: Shapes) -> list[Target]:
+    """A fused layer's delta onto the separate weights it is made of, its rows in order, each weight taking as many
+    rows as it has (Lumina 2's `attention.qkv` onto `to_q`, `to_k`, `to_v` of grouped-query attention)."""
+    rows = [int(shapes[k][0]) for k in keys]
+    if len(shape) != 2 or sum(rows) != shape[0] or any(tuple(shapes[k][1:]) != tuple(shape[1:]) for k in keys):
+        listing = ", ".join(f"{k!r} {tuple(shapes[k])}" for k in keys)
+        raise ShapeMismatchError(f"module {name!r} with delta shape {tuple(shape)} does not fit the weights it is made "
+                                 f"of, whose rows it stacks: {listing}")
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    return [Target(k, None, (a, a + n)) for k, a, n in zip(keys, starts, rows)]
 
 
 class OriginalWeights:
@@ -342,13 +362,25 @@ class OriginalWeights:
             inside = {k[len(prefix):] for k in shapes if k.startswith(prefix)}
             families = families_of(inside, original=True)
             for name in modules if families else ():
-                if name in found or not name.startswith(component):
+                path = _diffusers_path(name, component, families)
+                if name in found or path is None:
                     continue
-                paths = [f.original_path(name[len(component):]) for f in families]
+                paths = [f.original_path(path) for f in families]
                 key = next((f"{prefix}{p}.weight" for p in paths if p is not None and f"{p}.weight" in inside), None)
                 if key is not None:
                     found[name] = [Target(key)]
         return found, [m for m in modules if m not in found]
+
+
+def _diffusers_path(name: str, component: str, families: list[Family]) -> str | None:
+    """The diffusers path a module names: `transformer.<path>`, or a kohya-spelled one of a family's tables
+    (ai-toolkit's Wan `diffusion_model.blocks.0.attn1.to_q`, read as `lora_unet_blocks_0_attn1_to_q`); None for any
+    other name."""
+    if name.startswith(component):
+        return name[len(component):]
+    own = next((p for p in DENOISER_NAMES if name.startswith(p)), None)
+    paths = [f.spelled_diffusers_path(name[len(own):]) for f in families] if own else []
+    return next((p for p in paths if p is not None), None)
 
 
 class ComponentNames:

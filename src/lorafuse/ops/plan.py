@@ -394,13 +394,16 @@ def plan_extract(
     progress: bool | None = None,
     device: str = "cpu",
     dtype: object = None,
+    clamp_quantile: float | None = None,
+    min_diff: float | None = None,
+    conv_rank: int | None = None,
 ) -> Plan:
     """What `lorafuse.extract` with these arguments would write (its checks: the rule, the output's name,
     ops.extract.prepare_extract). Every selected module is listed with its largest rank; a module whose
     weights did not change is left out when run (that needs both weights read), so the plan is an upper
     bound (`exact` False)."""
     from lorafuse.model.experts import expert_modules, missing_experts
-    from lorafuse.ops.extract import _one_linear_layout, _update, extracted, prepare_extract
+    from lorafuse.ops.extract import _one_linear_layout, _update, extracted, module_rank, prepare_extract
 
     out = None if out is None else check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
@@ -408,12 +411,17 @@ def plan_extract(
     target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite) if out is not None else None
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,
                         oversample=oversample, power_iters=power_iters, seed=seed, threads=threads, device=device,
-                        dtype=dtype)
-    cap = x.k_max if rule.max_rank is None else min(x.k_max, rule.max_rank)
+                        dtype=dtype, clamp_quantile=clamp_quantile, min_diff=min_diff, conv_rank=conv_rank)
+
+    def cap(shape: tuple[int, ...]) -> int:  # a kxk convolution's rank is conv_rank when given (module_rank)
+        k = module_rank(x.k_max, x.conv_rank, shape)
+        return k if rule.max_rank is None else min(k, rule.max_rank)
+
     updates: dict[str, Update] = {}
     modules: list[ModulePlan] = []
     read = 0
-    ranks = {m: full_rank(cap, (x.base.info(k).shape[0], int(np.prod(x.base.info(k).shape[1:], dtype=np.int64))))
+    ranks = {m: full_rank(cap(x.base.info(k).shape), (x.base.info(k).shape[0],
+                                                      int(np.prod(x.base.info(k).shape[1:], dtype=np.int64))))
              for m, k in x.work}
     experts = expert_modules(ranks, x.expert_parts) if x.expert_parts else []
     common = max((ranks[m] for m in experts), default=0)  # extract writes every expert at one rank (model.experts)
@@ -448,7 +456,8 @@ def plan_extract(
                                                                      target.note else [])
     notes.append("a module whose weights did not change is left out when extract runs: the plan counts every module "
                  "selected, so its numbers are upper bounds")
-    details: dict[str, object] = {"rule": rule.describe(), "kept_whole": list(full)}
+    details: dict[str, object] = {"rule": rule.describe() + (f", conv-rank {x.conv_rank}" if x.conv_rank else ""),
+                                  "kept_whole": list(full)}
     if target is None:
         return _adapter_plan("extract", None, "peft", adapter, modules, read, notes, None, False, details)
     return _adapter_plan("extract", target.path, target.format, adapter, modules, read, notes, target.replaces,

@@ -78,8 +78,23 @@ def _check_fit(adapter: Adapter, name: str, u: Update, key: str, shape: tuple[in
         where = "" if whole else f" (update rows {lo}:{hi} onto base rows {blo}:{bhi})"
         raise ShapeMismatchError(
             f"{adapter.label}: module {name!r}: the update has shape {tuple(u.delta_shape)} but base weight "
-            f"{key!r} has shape {tuple(shape)}{where}"
+            f"{key!r} has shape {tuple(shape)}{where}{vocab_hint(name, u.delta_shape, shape) if whole else ''}"
         )
+
+
+# the last name component of transformers' token embedding layers (input and output), whose rows are the vocabulary
+VOCAB_LAYERS = frozenset({"embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings", "tok_embeddings"})
+
+
+def vocab_hint(name: str, shape: Sequence[int], base: Sequence[int]) -> str:
+    """Why a token embedding's update (or replacement) has more or fewer rows than the base's: the adapter was
+    trained on the model with its vocabulary resized (resize_token_embeddings), and PEFT saves such layers whole."""
+    layer = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    if layer not in VOCAB_LAYERS or len(shape) != 2 or len(base) != 2 or shape[1] != base[1] or shape[0] == base[0]:
+        return ""
+    return (f" (a vocabulary of {shape[0]} tokens where the base has {base[0]}: the adapter was trained on the model "
+            "with its token embeddings resized, resize_token_embeddings(); apply it to that resized model, saved with "
+            "save_pretrained)")
 
 
 # transformers models whose layers of these names are `transformers.pytorch_utils.Conv1D` (weight stored
@@ -243,14 +258,14 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
                         f"{adapter.label}: module {name!r} lands on part of a fused weight ({t.key!r}); a DoRA "
                         "magnitude or a bias cannot be applied to part of a weight"
                     )
-                out.contributions.setdefault(t.key, []).append(c)
                 if isinstance(u, LoraUpdate) and u.bias is not None:
                     bkey = t.key[: -len("weight")] + "bias"
-                    if bkey not in shapes:
+                    if bkey not in shapes:  # skipped whole (skip_missing): not its weight's part alone
                         out.missing.append(f"{adapter.label}: module {name!r} has a lora_B bias but the base has "
                                            f"no {bkey!r}")
                         continue
                     out.bias_contributions.setdefault(bkey, []).append(c)
+                out.contributions.setdefault(t.key, []).append(c)
         replaced_by: dict[str, str] = {}
         for name, tensor in adapter.full.items():
             key = base_key(name)
@@ -261,6 +276,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             if tuple(tensor.shape) != tuple(shapes[key]):
                 raise ShapeMismatchError(
                     f"{adapter.label}: {what} has shape {tensor.shape} but base {key!r} has shape {shapes[key]}"
+                    f"{vocab_hint(key, tensor.shape, shapes[key])}"
                 )
             if w != 1.0 and not is_base_copy(adapter, name):
                 raise UnsupportedError(
@@ -318,6 +334,7 @@ class LayoutHints:
         self._parts: set[str] = set()
         self._own: dict[str, list[str]] = {}  # a pipeline component's own key -> the components holding it
         self._spelled: dict[str, list[str]] = {}  # LyCORIS's spelling of an own weight ('.' as '_') -> its keys
+        self._stacked: dict[str, list[str]] = {}  # a dotted tail of the module of 3-D tensors (stacked experts) -> keys
         self.components: set[str] = set()  # the components whose own names unmatched modules are
 
     def _index(self) -> dict[str, str | None]:
@@ -332,6 +349,9 @@ class LayoutHints:
                         self._spelled.setdefault(own[: -len(".weight")].replace(".", "_"), []).append(key)
                 parts = own.split(".")
                 self._parts.update(parts)
+                if len(self.shapes[key]) == 3 and len(parts) > 1:  # `mlp.experts.gate_up_proj` [E, ...]
+                    for i in range(len(parts) - 1):
+                        self._stacked.setdefault(".".join(parts[i:-1]), []).append(key)
                 for i in range(1, len(parts)):
                     tail = ".".join(parts[i:])
                     self._ends[tail] = key if self._ends.get(tail, key) == key else None
@@ -354,10 +374,30 @@ class LayoutHints:
             like = ends.get(".".join(parts[start:]) + ".weight")
             if like is not None:
                 return f" (the base has {like!r}, which ends like it: the same layer in {ANOTHER_LAYOUT}?)"
+        stacked = self._stacked_hint(parts)
+        if stacked:
+            return stacked
         if first_index is not None and parts[-1] not in self._parts:  # a layer of a numbered block
             return f" (no base weight belongs to a layer named {parts[-1]!r}: an adapter for another model, or a " \
                    f"base in {ANOTHER_LAYOUT}?)"
         return ""
+
+    def _stacked_hint(self, parts: list[str]) -> str:
+        """The hint for one expert's own layer (`mlp.experts.3.gate_proj`) where the base stacks that layer's experts
+        in 3-D tensors (`mlp.experts.gate_up_proj` [E, ...]): '' when it does not."""
+        if len(parts) < 3 or not parts[-2].isdigit():
+            return ""
+        owner = parts[:-2]
+        # tails that keep the layer's index (`layers.5.mlp.experts`): another layer's stacked experts say nothing
+        last = max((i for i, p in enumerate(owner) if p.isdigit()), default=len(owner) - 1)
+        keys = next((k for i in range(last + 1) if (k := self._stacked.get(".".join(owner[i:]))) is not None), None)
+        if not keys:
+            return ""
+        held = ", ".join(f"{k!r} {list(self.shapes[k])}" for k in keys[:3]) + (" and more" if len(keys) > 3 else "")
+        return (f" (the base stacks the experts of {'.'.join(owner)!r} in 3-D tensors, {held}: expert "
+                f"{parts[-2]}'s own {parts[-1]!r} has no weight there; lorafuse merges "
+                "a LoRA on one expert's layer into checkpoints that store one weight per expert, and PEFT's "
+                "target_parameters LoRAs into stacked tensors)")
 
 
 COMPONENT_ALONE = "an adapter of that component alone"  # LayoutHints' words, which missing_error explains once

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from lorafuse._terminal import printable
 from lorafuse.errors import LorafuseError
 from lorafuse.ops.combine.many import STREAMABLE
 from lorafuse.ops.combine.registry import OPTION_FLAGS, REGISTRY
@@ -162,7 +163,7 @@ def _validate(recipe: RecipeText, i: int) -> Stage:
             lines.append(f"{recipe.where(i, loc)}: {msg}")
         if count > _SHOWN_ERRORS:
             lines.append(f"... and {count - _SHOWN_ERRORS} more errors in this stage")
-        raise RecipeError(lines[0] + ("" if len(lines) == 1 else "\n" + "\n".join(lines[1:]))) from None
+        raise RecipeError("\n".join(printable(line, keep_newlines=False) for line in lines)) from None
 
 
 def _verb(method: str) -> str:
@@ -214,8 +215,7 @@ def _check_combine(recipe: RecipeText, i: int, stage: Stage, device: str | None)
 def _check_values(recipe: RecipeText, i: int, stage: Stage, device: str | None = None) -> None:
     """The values a verb checks only when it runs, checked here: a recipe is refused before its first stage
     (`device`: the run's, which some combine options depend on)."""
-    import re
-
+    from lorafuse.model.patterns import NameFilter
     from lorafuse.ops.apply_plan import check_requantize, shard_limit
 
     p = stage.parameters
@@ -232,10 +232,9 @@ def _check_values(recipe: RecipeText, i: int, stage: Stage, device: str | None =
         pattern = getattr(p, key)
         if pattern is not None:
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise RecipeError(f"{recipe.where(i, ('parameters', key))}: {pattern!r} is not a regular expression "
-                                  f"({e})") from None
+                NameFilter(pattern, "pattern")
+            except LorafuseError as e:
+                raise RecipeError(f"{recipe.where(i, ('parameters', key))}: {e}") from None
     if _verb(stage.merge_method) == "combine":
         _check_combine(recipe, i, stage, device)
 

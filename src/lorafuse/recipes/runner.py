@@ -20,12 +20,14 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lorafuse._terminal import printable
 from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
 from lorafuse.recipes.checks import CheckedStage, Input, check
 from lorafuse.recipes.paths import is_absolute, is_hub_id, locate
@@ -517,15 +519,29 @@ def _make_folder(work: Path) -> list[Path]:
         raise OutputError(f"intermediate folder {work}: cannot make it: {e.strerror or e}") from None
 
 
+def _show(line: str) -> None:
+    """A line of the run's own output on stdout (a stage's command line), its controls escaped as every line the CLI
+    shows is; a stdout that cannot take it is named in the error (`stdout: No space left on device`), as the CLI
+    names it."""
+    try:
+        print(printable(line))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = "stdout"
+        raise
+
+
 def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, overwrite: bool = False,
         dry_run: bool = False, threads: int = 0, device: str | None = None, quiet: bool = True,
         intermediate_dir: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
-        dispatch: Callable[[Sequence[str]], int] | None = None) -> RunReport:
+        dispatch: Callable[[Sequence[str]], int] | None = None, progress: bool | None = None) -> RunReport:
     """Run a recipe (see lorafuse.recipes): every stage checked before the first runs, then each in order;
     the last writes `out`. `dry_run`: check everything, print each stage's plan (the verbs' --dry-run),
-    write nothing. `quiet`: print nothing on success (the CLI passes False). `dispatch` runs one verb's
-    command line, raising its LorafuseError (lorafuse.cli.dispatch: the CLI and lorafuse.run pass it; this
-    layer does not import the CLI)."""
+    write nothing. `quiet`: print nothing on success (the CLI passes False): each stage's command line and the
+    verbs' output on stdout, the notes on stderr. `dispatch` runs one verb's command line, raising its
+    LorafuseError (lorafuse.cli.dispatch: the CLI and lorafuse.run pass it; this layer does not import the CLI).
+    `progress`: the stages' --progress (True) or --no-progress (False); None, their default (a bar when stderr
+    is a terminal)."""
     if dispatch is None:
         raise RecipeError("run needs the CLI's dispatch (call lorafuse.run, or lorafuse run on the command line)")
 
@@ -564,6 +580,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
         notes.append(f"--intermediate-dir {os.fsdecode(intermediate_dir)} is not used: a recipe of one stage writes "
                      "only the output")
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
+    if progress is not None:
+        extra.append("--progress" if check_bool(progress, "progress") else "--no-progress")
     if device is not None:
         extra += ["--device", device]
     _check_places(stages, text)
@@ -605,9 +623,9 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                 if dry_run and s.needs:
                     ran.append(StageRun(s.name, s.verb, [], None))
                     if not quiet:
-                        print(f"stage {s.name!r} ({s.verb}): planned once {', '.join(map(repr, s.needs))} has run "
-                              "(it reads that output; what its output may be named, a folder or one file, is "
-                              "checked then)")
+                        _show(f"stage {s.name!r} ({s.verb}): planned once {', '.join(map(repr, s.needs))} has run "
+                              "(it reads that output; what its output may be named, a folder or one file, is checked "
+                              "then)")
                     continue
                 if not last and not dry_run and work is None:
                     if keep:
@@ -638,7 +656,7 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         flags.append("--overwrite")
                     argv = argv_of(s, text, out if last else stage_out, outputs, flags)  # (-o as given: `dir/`)
                     if not quiet:
-                        print(f"stage {s.name!r}: {shlex.join(['lorafuse', *argv])}")  # as a shell reads it
+                        _show(f"stage {s.name!r}: {shlex.join(['lorafuse', *argv])}")  # as a shell reads it
                     with named_inputs(_names(s, text, outputs), {str(outputs[n]): records[n] for n in s.needs
                                                                  if n in records}):
                         dispatch(argv)
@@ -673,9 +691,12 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
             from lorafuse.io.atomic import unmake_folders
 
             unmake_folders(made)
-    if not quiet:
+    if not quiet:  # notes on stderr, as every verb's: stdout holds what a user pipes (the plan, the summaries)
         for note in notes:
-            print(f"note: {note}")
+            try:  # a stderr that cannot take it (a terminal that hung up) fails no finished run
+                print(printable(f"note: {note}"), file=sys.stderr)
+            except (OSError, ValueError):
+                break
     final = ran[-1].out if ran and not dry_run else None
     return RunReport(final, ran, time.perf_counter() - start, notes, dry_run)
 

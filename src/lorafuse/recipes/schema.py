@@ -74,7 +74,7 @@ class Parameters(BaseModel):
     weight: Weight | None = Field(default=None, description="default weight of models that give none (default 1)")
     density: Density | None = None
     rank: Rank | None = Field(default=None, description="output rank (combine svd methods, resize, extract)")
-    conv_rank: Rank | None = Field(default=None, description="output rank of kxk convolutions (combine)")
+    conv_rank: Rank | None = Field(default=None, description="output rank of kxk convolutions (combine, extract)")
     majority_sign: Literal["total", "frequency"] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     split: Annotated[Literal["B", "sqrt"], BeforeValidator(_split_case)] | None = None
@@ -92,6 +92,9 @@ class Parameters(BaseModel):
     embeddings: Literal["skip", "lora", "full"] | None = None
     power_iters: Annotated[int, Field(ge=0, le=MAX_POWER_ITERS)] | None = None
     oversample: Annotated[int, Field(ge=0, le=MAX_OVERSAMPLE)] | None = None
+    clamp_quantile: Fraction | None = Field(default=None, description="extract: kohya's --clamp_quantile")
+    min_diff: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = Field(
+        default=None, description="extract: kohya's --min_diff, per module")
     max_shard_size: str | None = Field(default=None, description="apply: re-shard the output, e.g. 5GB")
     skip_missing: bool | None = None
     requantize: bool | None = None
@@ -106,7 +109,8 @@ TAKES: dict[str, set[str]] = {
     "combine": _COMBINE,
     "apply": {"weight", "max_shard_size", "skip_missing", "requantize", "allow_nonfinite"},
     "resize": _RANK_RULES | {"split"},
-    "extract": _RANK_RULES | {"include", "exclude", "embeddings", "power_iters", "oversample", "seed"},
+    "extract": _RANK_RULES | {"include", "exclude", "embeddings", "power_iters", "oversample", "seed", "conv_rank",
+                              "clamp_quantile", "min_diff"},
 }
 
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorafuse.errors import RecipeError
+from lorafuse.errors import RecipeError, RecipeFileError
 
 PathKey = tuple[str | int, ...]
 MAX_RECIPE_CHARS = 1 << 20  # a recipe longer than this is refused (not read whole): YAML parsing costs ~1 GB and
@@ -415,15 +415,16 @@ def _decode(raw: bytes, origin: str) -> str:
         return raw.decode(codec).replace("\r\n", "\n").replace("\r", "\n").replace("\n\ufeff", "\n")
     except UnicodeDecodeError as e:
         if not marked and b"\0" in raw[:4096]:  # a .safetensors, .gguf or .bin file given as the recipe
-            raise RecipeError(f"{origin}: a binary file (it holds NUL bytes and is no UTF-8, UTF-16 or UTF-32 text), "
-                              "not a recipe (a YAML text file: merge_method, models, ...)") from None
+            raise RecipeFileError(f"{origin}: a binary file (it holds NUL bytes and is no UTF-8, UTF-16 or UTF-32 "
+                                  "text), not a recipe (a YAML text file: merge_method, models, ...)") from None
         before = raw[:e.start].decode(codec, "replace")
         line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
         bad = raw[e.start:e.end][:4]
         guess = ": saved as Latin-1 or Windows-1252?" if name == "UTF-8" else ""
-        raise RecipeError(f"{origin} line {line}, column {column}: not {name} text (byte{'s' * (len(bad) > 1)} "
-                          f"{bad.hex(' ')} {'are' if len(bad) > 1 else 'is'} no {name} character{guess}); a recipe "
-                          "is UTF-8 text (or UTF-16 / UTF-32 with a byte order mark): save it as UTF-8") from None
+        raise RecipeFileError(f"{origin} line {line}, column {column}: not {name} text (byte{'s' * (len(bad) > 1)} "
+                              f"{bad.hex(' ')} {'are' if len(bad) > 1 else 'is'} no {name} character{guess}); a "
+                              "recipe is UTF-8 text (or UTF-16 / UTF-32 with a byte order mark): save it as UTF-8"
+                              ) from None
 
 
 def read(path: str | Path) -> RecipeText:
@@ -431,31 +432,31 @@ def read(path: str | Path) -> RecipeText:
     try:  # not blocking: a FIFO is refused below instead of waited on for a writer
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise RecipeError(f"{p}: no such recipe file") from None
+        raise RecipeFileError(f"{p}: no such recipe file") from None
     except IsADirectoryError:
-        raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)") from None
+        raise RecipeFileError(f"{p}: is a folder, not a recipe file (a .yml file)") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-        raise RecipeError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
+        raise RecipeFileError(f"{p}: cannot read the recipe: {getattr(e, 'strerror', None) or e}") from None
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):  # (os.fdopen refuses a folder with "Is a directory")
             os.close(fd)
-            raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)")
+            raise RecipeFileError(f"{p}: is a folder, not a recipe file (a .yml file)")
         with os.fdopen(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if stat.S_ISDIR(mode):
-                raise RecipeError(f"{p}: is a folder, not a recipe file (a .yml file)")
+                raise RecipeFileError(f"{p}: is a folder, not a recipe file (a .yml file)")
             if not stat.S_ISREG(mode):
                 from lorafuse.io.safetensors import file_kind
 
-                raise RecipeError(f"{p}: is {file_kind(mode)}, not a recipe file (a .yml file)")
+                raise RecipeFileError(f"{p}: is {file_kind(mode)}, not a recipe file (a .yml file)")
             raw = f.read(_MAX_RECIPE_BYTES + 1)  # bounded: a huge file given by mistake
     except OSError as e:
-        raise RecipeError(f"{p}: cannot read the recipe: {e.strerror or e}") from None
+        raise RecipeFileError(f"{p}: cannot read the recipe: {e.strerror or e}") from None
     if len(raw) > _MAX_RECIPE_BYTES:  # more characters than MAX_RECIPE_CHARS in any encoding
-        raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
+        raise RecipeFileError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
     text = _decode(raw, str(p))
     if len(text) > MAX_RECIPE_CHARS:
-        raise RecipeError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
+        raise RecipeFileError(f"{p}: larger than {MAX_RECIPE_CHARS >> 20} Mi characters: not a recipe")
     # relative model paths: from the folder of the path as given (a link's folder, not its target's), as
     # combine --from-list reads its list (read_list)
     return parse(text, str(p), Path(os.path.abspath(p)).parent)

@@ -60,7 +60,14 @@ from lorafuse._validate import (
 )
 from lorafuse.backends import backend_for_device, check_device
 from lorafuse.backends.native import resolve_threads
-from lorafuse.errors import AdapterNote, LorafuseValueError, NonFiniteError, UnsupportedError, warn
+from lorafuse.errors import (
+    AdapterNote,
+    LorafuseValueError,
+    NonFiniteError,
+    UnsharedModulesError,
+    UnsupportedError,
+    warn,
+)
 from lorafuse.formats.streaming import open_stream
 from lorafuse.io.dtypes import dtype_spelling
 from lorafuse.io.provenance import Provenance, Recording, adapter_input
@@ -227,7 +234,7 @@ def _prepare(adapters: Sequence[str | os.PathLike[str] | Adapter | many.Source],
                                    "or a *_svd method)")
     check_linear(loaded, f"combine --method {o.method}")
     if o.method != "cat":  # cat keeps disjoint modules side by side on purpose
-        check_shared(loaded, f"combine --method {o.method}")
+        check_shared(loaded, f"combine --method {o.method}", wheres)
     by_module = terms_by_module(loaded, ws)
     if not by_module:
         raise _no_module([a.label for a in loaded])
@@ -364,12 +371,13 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     _recording(sources, ws, options, hashing=False).close()  # a record too large for the output: refused now
     if o.engine == "memory":  # asked for: every adapter loaded as the in-memory path loads them (LoHa too), once
         # the header pass has checked them as for the other engines (a bad adapter named by its list line)
-        many.check_sources(sources, ws, o.method, structured=True, progress=o.progress)
+        _header_pass(sources, ws, o, structured=True)
         return sources, ws, None, o
     if o.engine == "ray":
         ray_engine.check_paths(sources)  # before the header pass: Ray tasks open adapters by path
-    plan = many.check_sources(sources, ws, o.method, structured=o.engine == "auto" and not many.stream_asked(o),
-                              progress=o.progress)
+    plan = _header_pass(sources, ws, o, structured=o.engine == "auto" and not many.stream_asked(o))
+    if plan is None:  # cat of adapters that share nothing: the in-memory path, which checks them all again
+        return sources, ws, None, o
     if plan.structured is not None:  # a LoHa / LoKr: the in-memory path takes it, when the list is short enough
         if len(sources) > many.memory_max_adapters():
             raise many.structured_refusal(plan.structured)
@@ -381,6 +389,18 @@ def _route(adapters: AnyAdapters, weights: Iterable[float] | None, options: Comb
     _note_one_adapter(len(sources), sources[0].where, REGISTRY[o.method])  # (the in-memory path: in _prepare)
     plan.identities.note()
     return [], None, plan, o
+
+
+def _header_pass(sources: list[many.Source], ws: list[float], o: CombineOptions, structured: bool) -> many.Plan | None:
+    """many.check_sources (every adapter checked before any work), or None for method 'cat' of adapters that share
+    no module and no root: cat puts disjoint modules side by side on purpose (as _prepare and the CLI let it),
+    and never streams."""
+    try:
+        return many.check_sources(sources, ws, o.method, structured=structured, progress=o.progress)
+    except UnsharedModulesError:
+        if o.method != "cat":
+            raise
+        return None
 
 
 def _run_streamed(plan: many.Plan, o: CombineOptions,

@@ -10,8 +10,9 @@ Reading: the header pass loads each adapter (any format) and records where its f
 local engine read those bytes with one pread into a reused buffer instead of loading the adapter again, and
 check the file is the one the header pass read (device, inode, size, modification and change times)
 before and after.
-One backend call per adapter widens its factors into the chunk's float32 stacks (convert_into: B_i lands
-transposed, as B_i^T rows).
+Adapters are read in chunks; each module's factors of a chunk are widened into its float32 stacks by one
+backend call (convert_into: B_i lands transposed, as B_i^T rows) and folded at once, by one thread per module,
+while the next chunk is read (_Folding).
 
 svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation of svd.py):
 - passes >= 2: a randomized SVD whose products go through each adapter's factors. Pass 1 takes the range,
@@ -53,7 +54,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,10 @@ from lorafuse.model.adapter import refuse_one
 from lorafuse.model.arithmetic import (
     FLOAT32_MAX,
     NARROWING_FIELDS,
+    RootGroups,
     check_linear,
     combined_targets,
-    different_models,
     float32_coefficient,
-    model_roots,
     result,
 )
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
@@ -142,6 +142,7 @@ _NUMBERISH = re.compile(r"^[-+]?(?:[.\d]|inf|nan)", re.IGNORECASE)  # a weight, 
 # The line breaks of a list: those wc -l, sed and editors count (str.splitlines also breaks at \f, \v,
 # \x1c-\x1e, U+0085, U+2028 and U+2029, which would shift every later line's number, and split a path).
 _LINE_BREAK = re.compile(r"\r\n|\n|\r")
+_CONTENT_LINE = re.compile(r"^.*\S.*$", re.MULTILINE)  # a line holding more than blanks (breaks made \n first)
 SHOWN_CHARS = 200  # of a listed name or weight in a message (a line may be megabytes long)
 HUB_ID_MAX = 1024  # a longer name is no Hub id (org and name: 96 characters each; a revision: a branch, tag or sha)
 
@@ -246,6 +247,23 @@ def _line_entry(p: Path, line: str, where: str) -> tuple[str, float | None, bool
     return found[0][1] if found else _reading(p, body, where)
 
 
+def _breaks(text: str, start: int, stop: int) -> int:
+    """The line breaks (_LINE_BREAK: \r\n counts once) in text[start:stop]."""
+    return text.count("\n", start, stop) + text.count("\r", start, stop) - text.count("\r\n", start, stop)
+
+
+def _content_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of a list that holds more than blanks, lines ending at \r\n, \n or \r
+    (_LINE_BREAK), found by one regular expression over the text: not a Python list and loop over every line
+    (a list of 64 Mi newlines took 87 s and 630 MB that way)."""
+    flat = text.replace("\r\n", "\n").replace("\r", "\n")  # one \n per break: the lines and their numbers kept
+    no, at = 1, 0
+    for m in _CONTENT_LINE.finditer(flat):
+        no += flat.count("\n", at, m.start())
+        at = m.start()
+        yield no, m.group()
+
+
 def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tuple[list[Source], list[float]]:
     """The adapters and weights of a list file: one adapter per line, `PATH [WEIGHT]`; `#` starts a comment
     (at the start of a line or after a space); blank lines are ignored; a relative PATH is taken from the list
@@ -257,7 +275,7 @@ def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tupl
     p = Path(check_path(path, "path"))
     text = _list_text(p)
     entries: list[tuple[Path, float | None, str]] = []
-    for no, line in enumerate(_LINE_BREAK.split(text), 1):
+    for no, line in _content_lines(text):
         where = f"{p} line {no}"
         entry = _line_entry(p, line, where)
         if entry is None:
@@ -270,6 +288,10 @@ def read_list(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> tupl
                     " (a relative path is read from the list's folder)"
                 raise FormatError(f"{where}: no such file or folder {_cut(local)}{relative}"
                                   f"{_missing_hint(p, name, weight)}")
+            if os.path.lexists(name):  # the Hub id would resolve to that path of the current folder
+                raise FormatError(f"{where}: no such file or folder {_cut(local)} (a relative path is read from the "
+                                  f"list's folder); {_shown(name)} exists in the current folder, which a list's paths "
+                                  "are not read from: give its absolute path, or its path relative to the list")
             local = _located(name, where)  # a Hub id, when no file of that name is there
         entries.append((local, weight, where))
     if not entries:
@@ -314,7 +336,7 @@ def _list_text(p: Path) -> str:
     except UnicodeDecodeError as e:
         raise FormatError(f"adapter list {p}: not UTF-8 text (byte {e.start}): {LIST_IS}") from None
     if "\0" in text:
-        line = len(_LINE_BREAK.split(text[:text.index("\0")]))
+        line = 1 + _breaks(text, 0, text.index("\0"))
         raise FormatError(f"adapter list {p} line {line}: holds a NUL byte (a binary file, not a list of paths?)")
     return text
 
@@ -528,7 +550,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
     template: Adapter | None = None
     lycoris: str | None = None
     read: list[Source] = []
-    models = _Models(f"combine --method {method}")
+    models = RootGroups(f"combine --method {method}")
     identities = Identities()
     start = time.perf_counter()
     for src, w in zip(_stepped(sources, _Bar(len(sources), progress if len(sources) > 1 else False, "headers")),
@@ -584,8 +606,7 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
             template = result(a, {}, [a])  # config and state only: no view of the file is kept
         del a
     assert template is not None
-    if not any(s.count > 1 for s in modules.values()):  # no module shared: adapters of one model, or refused
-        models.check()
+    models.check()  # adapters of one model (sharing roots, directly or through others), or refused
     return Plan(read, weights, modules, dtypes, template, targets, fingerprints, nbytes, replays, lycoris,
                 time.perf_counter() - start, identities)
 
@@ -594,30 +615,6 @@ def _named(src: Source) -> str:
     """Where an adapter was named, with its path when that does not say it (a list's line)."""
     path = src.path
     return src.where if path is None or str(path) in src.where else f"{src.where} ({_cut(path)})"
-
-
-class _Models:
-    """arithmetic.check_shared for the header pass, which keeps no adapter: the first adapter with modules (its
-    list line, module names and roots) and the first one after it whose roots it does not share; check() raises
-    check_shared's refusal, naming both lines, when they exist (the caller: when no module is shared)."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.first: tuple[str, list[str], set[str]] | None = None
-        self.stray: tuple[str, list[str]] | None = None
-
-    def see(self, where: str, a: Adapter) -> None:
-        if not a.updates or self.stray is not None:
-            return
-        names = list(a.updates)[:3]  # (module_examples shows two)
-        if self.first is None:
-            self.first = (where, names, model_roots(a))
-        elif self.first[2].isdisjoint(model_roots(a)):
-            self.stray = (where, names)
-
-    def check(self) -> None:
-        if self.first is not None and self.stray is not None:
-            raise different_models(self.what, self.first[:2], self.stray)
 
 
 def _stepped(sources: Sequence[Source], bar: _Bar) -> Iterator[Source]:
@@ -945,7 +942,8 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
     accumulators and the bytes of factors read; on_chunk(adapters) is called after each chunk. The one fold
     of the local engine (all adapters) and of a Ray task (a shard). `replays` (per source, the local engine's):
     read those adapters' factor bytes directly (Replay) instead of loading them again. `workers` > 1: a chunk's
-    modules are folded in that many threads at once, each product on one BLAS thread (_module_threads)."""
+    modules are widened and folded in that many threads at once, each product on one BLAS thread
+    (_module_threads), while this thread reads the next chunk."""
     folds: dict[str, _SvdFold] | dict[str, _LinearSum]
     if job.method == "linear":
         folds = {n: _LinearSum(s) for n, s in job.modules.items()}
@@ -958,22 +956,28 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
                 x, psi = first_operand(s, job.widths[n], job.seed, job.passes == 1)
                 operands[n] = (x.astype(np.float32), _f32(psi))
         folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
+    stacks = {n: _Stack(s, job.chunk * max(s.ranks)) for n, s in job.modules.items()}
+    backend = get_backend()
     read = 0
     with _module_threads(min(workers, len(job.modules))) as pool:
-        for stacks, count, nbytes, held in _chunks(job.modules, sources, weights, fingerprints, pass_no, job.chunk,
-                                                   replays):
-            _fold_chunk(folds, stacks, held, pool)
-            del stacks
-            read += nbytes
-            if on_chunk is not None:
-                on_chunk(count)
+        pending: _Folding | None = None
+        try:
+            for held, nbytes in _chunks(sources, weights, fingerprints, pass_no, job.chunk, replays):
+                if pending is not None:  # the previous chunk, folded while this one was read
+                    read += pending.wait(on_chunk)
+                pending = _Folding(folds, stacks, held, nbytes, backend, pool)
+            if pending is not None:
+                read += pending.wait(on_chunk)
+        finally:
+            if pending is not None:
+                pending.drain()  # an error: no thread may still read a chunk's buffers
     return {n: f.arrays() for n, f in folds.items()}, read
 
 
 @contextlib.contextmanager
 def _module_threads(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """A pool of `workers` threads folding one module each (None: the caller's thread), with BLAS held to one
-    thread while it lasts. A chunk's products are small (inner size sum r_i, a few dozen columns):
+    """A pool of `workers` threads widening and folding one module each (None: the caller's thread), with BLAS
+    held to one thread while it lasts. A chunk's products are small (inner size sum r_i, a few dozen columns):
     OpenBLAS's own threads meet at a barrier in every one of them, which costs more than the product as soon
     as another process wants a core (`benchmarks/bench_many.py --n 100` beside one busy process, 2 cores: 2.93 ms
     per adapter and pass against 5.61 ms with OpenBLAS's threads; on a quiet machine 0.87-0.94x)."""
@@ -992,19 +996,80 @@ def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _fold_chunk(folds: dict[str, _SvdFold] | dict[str, _LinearSum], stacks: dict[str, _Stack],
-                held: list[tuple[Source, float]], pool: ThreadPoolExecutor | None) -> None:
-    """A chunk's stacks into their modules' accumulators (each module by one thread: its sums keep their
-    order), then each sum checked finite; the first module in order whose sum is not, named."""
-    def fold(name: str) -> bool:
-        folds[name].absorb(*stacks[name].view())
-        return all(np.isfinite(x).all() for x in folds[name].arrays())  # small: the sketch, not the data
+class _Folding:
+    """One chunk being folded: each module's factors of the chunk widened into its stack (float32) and folded
+    into its accumulators by one task (in the pool's threads, or at once in this thread without a pool), so a
+    module's stack is still in the cache when its products read it and the caller reads the next chunk
+    meanwhile. A module's sums keep their order: its chunks are folded one after the other."""
 
-    names = [n for n, s in stacks.items() if s.filled]
-    finite = map(fold, names) if pool is None else pool.map(fold, names)
-    for name, ok in zip(names, list(finite)):
-        if not ok:
-            raise _non_finite(name, held)
+    def __init__(self, folds: dict[str, _SvdFold] | dict[str, _LinearSum], stacks: dict[str, _Stack],
+                 held: list[_Held], nbytes: int, backend: Backend, pool: ThreadPoolExecutor | None) -> None:
+        self.held, self.nbytes, self.count = held, nbytes, len(held)
+        self.names = [n for n in folds if any(n in h.factors for h in held)]
+
+        def fold(name: str) -> bool:
+            return _fold_module(folds[name], stacks[name], name, held, backend)
+
+        self.results: list[Future[bool]] | list[bool] = (
+            [fold(n) for n in self.names] if pool is None else [pool.submit(fold, n) for n in self.names])
+
+    def wait(self, on_chunk: Callable[[int], None] | None) -> int:
+        """Wait for the chunk's modules (the first failed one's error, in module order), check each loaded
+        adapter's files held still while they were read, and let go of the chunk; the bytes of factors read."""
+        for name, r in zip(self.names, self.results):
+            ok = r.result() if isinstance(r, Future) else r
+            if not ok:
+                raise _non_finite(name, [(h.src, h.w) for h in self.held])
+        for h in self.held:
+            if h.adapter is not None and isinstance(h.src.item, Path):
+                try:
+                    raise_if_inputs_changed(h.adapter.sources())
+                except LorafuseError as e:
+                    raise _reraise(e, h.src.where) from None
+        self.held = []
+        if on_chunk is not None:
+            on_chunk(self.count)
+        return self.nbytes
+
+    def drain(self) -> None:
+        """Wait for whatever of the chunk still runs (its errors dropped: another error is on its way)."""
+        for r in self.results:
+            if isinstance(r, Future):
+                with contextlib.suppress(BaseException):
+                    r.result()
+
+
+def _fold_module(fold: _SvdFold | _LinearSum, stack: _Stack, name: str, held: list[_Held],
+                 backend: Backend) -> bool:
+    """Module `name`'s factors of a chunk's adapters widened into its stack by one backend call, then folded into
+    its accumulators; whether the sums are still finite (small: the sketch, not the data)."""
+    stack.filled = 0
+    jobs: list[ConvertJob] = []
+    starts: list[tuple[_Held, int]] = []  # each adapter's first job (the error path only)
+    for h in held:
+        e = h.factors.get(name)
+        if e is not None:
+            starts.append((h, len(jobs)))
+            stack.add(e[0], e[1], e[3], e[4], e[2], jobs)  # (svd's c_i in float32's range: check_sources)
+    try:
+        backend.convert_into(jobs, 1)
+    except LorafuseError as e:
+        raise _widen_error(jobs, starts, backend, e) from None
+    fold.absorb(*stack.view())
+    return all(np.isfinite(x).all() for x in fold.arrays())
+
+
+def _widen_error(jobs: list[ConvertJob], starts: list[tuple[_Held, int]], backend: Backend,
+                 error: LorafuseError) -> LorafuseError:
+    """The error of a failed widening, prefixed by where the adapter whose factors failed was named (each
+    adapter's jobs widened again alone to tell; the first when none fails alone)."""
+    bounds = [i for _, i in starts[1:]] + [len(jobs)]
+    for (h, lo), hi in zip(starts, bounds):
+        try:
+            backend.convert_into(jobs[lo:hi], 1)
+        except LorafuseError as e:
+            return _reraise(e, h.src.where)
+    return _reraise(error, starts[0][0].src.where)
 
 
 class Sketching:
@@ -1172,35 +1237,32 @@ def _adapters(sources: Sequence[Source], weights: Sequence[float], fingerprints:
 Factor = tuple[np.ndarray, str]  # a factor's raw elements and their safetensors dtype
 
 
-def _widen(src: Source, w: float, factors: Iterable[tuple[str, float, int, int, Factor, Factor]],
-           stacks: dict[str, _Stack], backend: Backend) -> int:
-    """One adapter's factors (module, scale, rank, rows of B, A, B) converted into the chunk's stacks by one
-    backend call (copies: nothing keeps its file mapped); the bytes of factors read. The call runs in this
-    thread: one adapter's factors are too little work to split (2 threads measured slower here)."""
-    jobs: list[ConvertJob] = []
-    read = 0
-    for name, scale, r, b_rows, a, b in factors:
-        stacks[name].add(w * scale, r, a, b, b_rows, jobs)  # (svd's in float32's range: check_sources)
-        read += a[0].nbytes + b[0].nbytes
-    try:
-        backend.convert_into(jobs, 1)
-    except LorafuseError as e:
-        raise _reraise(e, src.where) from None
-    return read
+Entry = tuple[float, int, int, Factor, Factor]  # c_i = w_i s_i, rank, rows of B, A, B
 
 
-def _read(src: Source, w: float, adapter: Adapter, stacks: dict[str, _Stack], backend: Backend) -> int:
-    """A loaded adapter's factors into the chunk's stacks (_widen), then a check that its files held still."""
+@dataclasses.dataclass
+class _Held:
+    """One adapter of a chunk, read: its factors' raw elements per module (views of its Replay's bytes, or of the
+    mapping of its loaded `adapter`, held until the chunk is folded and then checked to have held still)."""
+
+    src: Source
+    w: float
+    factors: dict[str, Entry]
+    adapter: Adapter | None
+
+
+def _held(src: Source, w: float, adapter: Adapter) -> _Held:
+    """A loaded adapter's factors (views of its mapping), as a Replay's are read."""
     updates = [(n, u) for n, u in adapter.updates.items() if isinstance(u, LoraUpdate)]
     assert len(updates) == len(adapter.updates)  # check_sources refused every other kind
-    read = _widen(src, w, ((n, u.scale, u.rank, u.B.shape[0], (u.A.raw, u.A.dtype), (u.B.raw, u.B.dtype))
-                           for n, u in updates), stacks, backend)
-    if isinstance(src.item, Path):
-        try:
-            raise_if_inputs_changed(adapter.sources())
-        except LorafuseError as e:
-            raise _reraise(e, src.where) from None
-    return read
+    return _Held(src, w, {n: (w * u.scale, u.rank, u.B.shape[0], (u.A.raw, u.A.dtype), (u.B.raw, u.B.dtype))
+                          for n, u in updates}, adapter)
+
+
+def _held_replay(src: Source, w: float, rp: Replay, data: np.ndarray) -> _Held:
+    """A Replay's factors, views of `data` (its bytes, just read)."""
+    factors = {n: (w * scale, r, rows, a.view(data), b.view(data)) for n, scale, r, rows, a, b in rp.modules}
+    return _Held(src, w, factors, None)
 
 
 class _ReplayBuffer:
@@ -1237,39 +1299,27 @@ class _ReplayBuffer:
         return view
 
 
-def _read_replay(src: Source, w: float, rp: Replay, data: np.ndarray, stacks: dict[str, _Stack],
-                 backend: Backend) -> int:
-    """A Replay's bytes (`data`, just read) into the chunk's stacks, as _read does for the loaded adapter."""
-    return _widen(src, w, ((n, scale, r, rows, a.view(data), b.view(data)) for n, scale, r, rows, a, b in rp.modules),
-                  stacks, backend)
-
-
-def _chunks(modules: dict[str, ModuleSpec], sources: Sequence[Source], weights: Sequence[float],
-            fingerprints: Sequence[object], pass_no: int, chunk: int,
-            replays: Sequence[Replay | None] | None = None
-            ) -> Iterator[tuple[dict[str, _Stack], int, int, list[tuple[Source, float]]]]:
-    """The adapters of a pass read in chunks of `chunk`: (module -> its stack, adapters in it, bytes read, their
-    sources and weights). The stacks are allocated once per pass and refilled (a chunk's stacks are used before
-    the next is read)."""
-    stacks = {n: _Stack(s, chunk * max(s.ranks)) for n, s in modules.items()}
-    backend = get_backend()
-    buffer = _ReplayBuffer()
-    held: list[tuple[Source, float]] = []
-    read = 0
+def _chunks(sources: Sequence[Source], weights: Sequence[float], fingerprints: Sequence[object], pass_no: int,
+            chunk: int, replays: Sequence[Replay | None] | None = None) -> Iterator[tuple[list[_Held], int]]:
+    """The adapters of a pass read in chunks of `chunk`: (the adapters read, the bytes of their factors). Replays
+    are read into two sets of `chunk` reused buffers, one set per chunk in turn: the caller folds a chunk while
+    the next is read, and has let go of it before the one after (which reuses its buffers) is read."""
+    buffers = [[_ReplayBuffer() for _ in range(chunk)] for _ in range(2)]
+    held: list[_Held] = []
+    read, turn = 0, 0
     for src, w, adapter in _adapters(sources, weights, fingerprints, pass_no, replays):
         if isinstance(adapter, Replay):
-            read += _read_replay(src, w, adapter, buffer.read(src, adapter, pass_no), stacks, backend)
+            h = _held_replay(src, w, adapter, buffers[turn][len(held)].read(src, adapter, pass_no))
         else:
-            read += _read(src, w, adapter, stacks, backend)
-        del adapter  # its mapping and descriptor go with it
-        held.append((src, w))
+            h = _held(src, w, adapter)
+        del adapter  # a loaded adapter: its mapping and descriptor go with its _Held
+        read += sum(e[3][0].nbytes + e[4][0].nbytes for e in h.factors.values())
+        held.append(h)
         if len(held) >= chunk:
-            yield stacks, len(held), read, held
-            for st in stacks.values():
-                st.filled = 0
-            held, read = [], 0
+            yield held, read
+            held, read, turn = [], 0, 1 - turn
     if held:
-        yield stacks, len(held), read, held
+        yield held, read
 
 
 def _non_finite(name: str, held: Sequence[tuple[Source, float]]) -> NonFiniteError:
@@ -1324,7 +1374,6 @@ def run_stream(plan: Plan, options: CombineOptions,
     try:
         for p in range(1, passes + 1):
             operands = sketching.start(p)
-            # (a reader thread one chunk ahead measured no faster on 2 cores: the fold's threads take both)
             partial, nbytes = fold_sources(sketching.job, p, operands, plan.sources, plan.weights,
                                            plan.fingerprints, functools.partial(bar.step, f"pass {p}/{passes}"),
                                            plan.replays, resolve_threads(options.threads))
@@ -1373,12 +1422,14 @@ def layout_of(plan: Plan, options: CombineOptions, dtype: str) -> list[ModuleLay
 
 
 def randomized_modules(plan: Plan, options: CombineOptions) -> list[str]:
-    """The modules whose streamed svd is randomized: those sketched by k + OVERSAMPLE columns; one sketched whole
-    (sketch_width: min(out, in) columns) is the best rank-k approximation, as the exact path's. [] for linear."""
+    """The modules whose streamed svd is randomized: those sketched by k + oversample columns (options.oversample,
+    else OVERSAMPLE, as Sketching's); one sketched whole (sketch_width: min(out, in) columns) is the best rank-k
+    approximation, as the exact path's. [] for linear."""
     if options.method != "svd":
         return []
     ranks = output_ranks(plan, options.rank, options.conv_rank)
-    return [n for n, s in plan.modules.items() if sketch_width(ranks[n], s.out, s.inn) < min(s.out, s.inn)]
+    over = OVERSAMPLE if options.oversample is None else options.oversample
+    return [n for n, s in plan.modules.items() if sketch_width(ranks[n], s.out, s.inn, over) < min(s.out, s.inn)]
 
 
 def template_of(plan: Plan, updates: dict[str, LoraUpdate]) -> Adapter:
