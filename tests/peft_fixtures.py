@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +413,27 @@ def peft_folder_delta(folder: Path, module: str) -> np.ndarray:
     r = cfg.get("rank_pattern", {}).get(key, cfg["r"])
     alpha = cfg.get("alpha_pattern", {}).get(key, cfg["lora_alpha"])
     return alpha / r * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))
+
+
+def peft_saved_adapter(tmp: Path, load: Callable[[], nn.Module], config: LoraConfig, name: str = "adapter") -> Path:
+    """A real PEFT adapter of the model `load()` makes, its factors random and non-zero (seed 1), saved by PEFT."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load(), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_A." in n or ".lora_B." in n:
+                p.copy_(torch.randn(p.shape) * 0.2)
+    out = tmp / name
+    model.save_pretrained(str(out))
+    return out
+
+
+def peft_merged_state(load: Callable[[], nn.Module], adapter: Path,
+                      dtype: torch.dtype = torch.float64) -> dict[str, np.ndarray]:
+    """The state dict of PeftModel.from_pretrained(load(), adapter).merge_and_unload(), as numpy arrays of `dtype`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
+    return {k: v.detach().to(dtype).numpy().copy() for k, v in merged.state_dict().items()}

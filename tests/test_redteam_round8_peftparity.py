@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig
+from peft_fixtures import peft_merged_state, peft_saved_adapter
 from safetensors.torch import load_file
 
 import lorafuse
@@ -34,28 +34,6 @@ def _qwen3_moe(tmp: Path) -> tuple[Path, Any]:
     base = tmp / "base"
     Qwen3MoeForCausalLM(cfg).save_pretrained(str(base))
     return base, lambda: Qwen3MoeForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-
-
-def _peft_adapter(tmp: Path, load: Any, config: LoraConfig, name: str = "adapter") -> Path:
-    """A real PEFT adapter with random non-zero factors, saved by PEFT."""
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(load(), config)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_A." in n or ".lora_B." in n:
-                p.copy_(torch.randn(p.shape) * 0.2)
-    out = tmp / name
-    model.save_pretrained(str(out))
-    return out
-
-
-def _peft_merged(load: Any, adapter: Path) -> dict[str, np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
-    return {k: v.detach().float().numpy().copy() for k, v in merged.state_dict().items()}
 
 
 _EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -98,9 +76,9 @@ def test_router_lora_that_peft_stores_as_a_parameter_merges_like_peft(tmp_path: 
     a ParamWrapper and writes target_modules=[], target_parameters=['gate.weight']. With init_lora_weights=false
     lorafuse refused the file, saying the router layers had 'no tensors in the file' (they have)."""
     base, load = _qwen3_moe(tmp_path)
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["gate"], r=2, init_lora_weights=False))
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["gate"], r=2, init_lora_weights=False))
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"] == ["gate.weight"]
-    ref = _peft_merged(load, adapter)
+    ref = peft_merged_state(load, adapter, torch.float32)
     got = _lorafuse_merged(base, adapter, tmp_path / "out")
     _assert_same(got, ref, ("mlp.gate.weight",))
     assert not np.allclose(got["model.layers.0.mlp.gate.weight"],
@@ -114,8 +92,8 @@ def test_target_parameters_named_without_their_module_do_not_claim_every_layer(t
     base, load = _qwen3_moe(tmp_path)
     config = LoraConfig(target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"], r=2,
                         init_lora_weights=False)
-    adapter = _peft_adapter(tmp_path, load, config)
-    ref = _peft_merged(load, adapter)
+    adapter = peft_saved_adapter(tmp_path, load, config)
+    ref = peft_merged_state(load, adapter, torch.float32)
     got = _lorafuse_merged(base, adapter, tmp_path / "out")
     _assert_same(got, ref, ("experts.down_proj", "experts.gate_up_proj", "q_proj"))
 
@@ -130,10 +108,10 @@ def test_a_saved_target_parameters_adapter_loads_in_peft_as_it_was(tmp_path: Pat
                                  use_rslora=True) if patterns else {}
     config = LoraConfig(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                         r=2, lora_alpha=4, **extra)
-    adapter = _peft_adapter(tmp_path, load, config)
+    adapter = peft_saved_adapter(tmp_path, load, config)
     lorafuse.load(str(adapter)).save(str(tmp_path / "resaved"))
-    ref = _peft_merged(load, adapter)
-    again = _peft_merged(load, tmp_path / "resaved")
+    ref = peft_merged_state(load, adapter, torch.float32)
+    again = peft_merged_state(load, tmp_path / "resaved", torch.float32)
     assert set(again) == set(ref)
     for key, value in again.items():
         np.testing.assert_allclose(value, ref[key], rtol=0, atol=1e-6, err_msg=key)
@@ -170,8 +148,8 @@ def test_qwen3_vl_moe_experts_stored_as_the_hub_stores_them_merge_like_peft(tmp_
 
     config = LoraConfig(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
                         r=2, init_lora_weights=False)
-    adapter = _peft_adapter(tmp_path, load, config)
-    ref = _peft_merged(load, adapter)
+    adapter = peft_saved_adapter(tmp_path, load, config)
+    ref = peft_merged_state(load, adapter, torch.float32)
     lorafuse.apply(str(hub), [str(adapter)], out=str(tmp_path / "out"), progress=False)
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
@@ -190,12 +168,12 @@ def test_a_module_only_a_bare_target_parameters_entry_could_name_is_not_merged(t
     was narrowed to q_proj): PEFT ignores them. Now refused, saying why (skip_missing merges the rest, as PEFT)."""
     base, load = _qwen3_moe(tmp_path)
     config = LoraConfig(target_modules=["q_proj", "v_proj"], target_parameters=["down_proj"], r=2)
-    adapter = _peft_adapter(tmp_path, load, config)
+    adapter = peft_saved_adapter(tmp_path, load, config)
     cfg_path = adapter / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["target_modules"] = ["q_proj"]
     cfg_path.write_text(json.dumps(cfg))
-    ref = _peft_merged(load, adapter)
+    ref = peft_merged_state(load, adapter, torch.float32)
     with pytest.raises(lorafuse.MissingModuleError, match=r"v_proj'.*not in target_modules.*ignores its tensors"):
         lorafuse.apply(str(base), [str(adapter)], out=str(tmp_path / "refused"), progress=False)
     assert not (tmp_path / "refused").exists()
@@ -231,8 +209,8 @@ def test_a_lora_on_multihead_attention_is_refused_saying_what_it_is(tmp_path: Pa
         model.load_state_dict(load_file(str(base / "model.safetensors")))
         return model
 
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2))
-    ref = _peft_merged(load, adapter)
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2))
+    ref = peft_merged_state(load, adapter, torch.float32)
     assert not np.allclose(ref["attn.out_proj.weight"], load().attn.out_proj.weight.detach().numpy())
     for call in (lambda: lorafuse.load(str(adapter)),
                  lambda: lorafuse.apply(str(base), [str(adapter)], out=str(tmp_path / "out"), progress=False,

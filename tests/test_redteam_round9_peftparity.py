@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft_fixtures import peft_merged_state, peft_saved_adapter
 from safetensors.torch import load_file, save_file
 
 import lorafuse
@@ -41,28 +42,6 @@ def _attention_base(tmp: Path) -> tuple[Path, Any]:
     return base, load
 
 
-def _peft_adapter(tmp: Path, load: Any, config: LoraConfig, name: str = "adapter") -> Path:
-    """A real PEFT adapter with random non-zero factors, saved by PEFT."""
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(load(), config)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_A." in n or ".lora_B." in n:
-                p.copy_(torch.randn(p.shape) * 0.2)
-    out = tmp / name
-    model.save_pretrained(str(out))
-    return out
-
-
-def _peft_merged(load: Any, adapter: Path) -> dict[str, np.ndarray]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
-    return {k: v.detach().double().numpy().copy() for k, v in merged.state_dict().items()}
-
-
 # ------------------------------------------------------------------------------ torch.nn.MultiheadAttention
 
 
@@ -73,8 +52,8 @@ def test_multihead_attention_refusal_gives_the_reason_peft_merges_out_proj_twice
     out_proj delta twice, W + 2*scale*B@A (huggingface/peft#3774 makes it W + scale*B@A), so the same file stands
     for two models. Checked here against PEFT itself, and the refusal now says so."""
     base, load = _attention_base(tmp_path)
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2, lora_alpha=3))
-    ref = _peft_merged(load, adapter)
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2, lora_alpha=3))
+    ref = peft_merged_state(load, adapter)
     factors = {k: v.double().numpy() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
     w = {k: v.double().numpy() for k, v in load_file(str(base / "model.safetensors")).items()}
     pre = "base_model.model.attn."
@@ -101,11 +80,11 @@ def test_the_out_proj_part_of_a_multihead_attention_lora_alone_is_refused_not_ca
     them'. PEFT does not ignore it: it loads it into the out_proj LoRA of the targeted 'attn' and merges it
     (twice), so the merged model differs from PEFT's. Refused now, naming the missing in_proj part."""
     base, load = _attention_base(tmp_path)
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["attn", "fc"], r=2))
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn", "fc"], r=2))
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     save_file({k: v for k, v in tensors.items() if ".attn.lora_" not in k}, str(adapter / "adapter_model.safetensors"))
     before = load().attn.out_proj.weight.detach().double().numpy()
-    assert not np.allclose(_peft_merged(load, adapter)["attn.out_proj.weight"], before)  # PEFT merges it
+    assert not np.allclose(peft_merged_state(load, adapter)["attn.out_proj.weight"], before)  # PEFT merges it
     assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert ("module 'attn.base_layer.out_proj' (lora_A (2, 8), lora_B (8, 2)) is the out_proj part (its "
@@ -134,8 +113,8 @@ def test_combining_router_loras_says_what_is_unknown_without_the_base(tmp_path: 
     def load() -> torch.nn.Module:
         return Qwen3MoeForCausalLM.from_pretrained(str(base), dtype=torch.float32)
 
-    a = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["gate", "q_proj"], r=2), "a")
-    b = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["gate", "q_proj"], r=2, lora_alpha=4), "b")
+    a = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["gate", "q_proj"], r=2), "a")
+    b = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["gate", "q_proj"], r=2, lora_alpha=4), "b")
     capsys.readouterr()
     for method in ("svd", "linear"):
         assert main(["combine", str(a), str(b), "--method", method, "-o", str(tmp_path / "out")]) == 1
@@ -174,7 +153,7 @@ def test_a_lora_on_a_grouped_convolution_is_refused_saying_what_it_is(tmp_path: 
         model.load_state_dict(load_file(str(base / "model.safetensors")))
         return model
 
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["conv", "fc"], r=2, use_dora=use_dora))
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["conv", "fc"], r=2, use_dora=use_dora))
     with pytest.raises(NotImplementedError, match="groups > 1"):
         PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
     for argv in (["apply", str(base), str(adapter), "-o", str(tmp_path / "out")], ["info", str(adapter)],
@@ -208,7 +187,7 @@ def test_an_adapter_trained_on_a_resized_vocabulary_says_so_and_merges_into_the_
     model.save_pretrained(str(resized))
     config = (LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], r=2)
               if variant == "modules_to_save" else LoraConfig(target_modules=["q_proj", "embed_tokens"], r=2))
-    adapter = _peft_adapter(tmp_path, lambda: model, config)
+    adapter = peft_saved_adapter(tmp_path, lambda: model, config)
     capsys.readouterr()
     assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
@@ -220,7 +199,7 @@ def test_an_adapter_trained_on_a_resized_vocabulary_says_so_and_merges_into_the_
     def load() -> torch.nn.Module:
         return LlamaForCausalLM.from_pretrained(str(resized))
 
-    ref = _peft_merged(load, adapter)
+    ref = peft_merged_state(load, adapter)
     lorafuse.apply(str(resized), [str(adapter)], out=str(tmp_path / "out"), progress=False)
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(got) == set(ref)
@@ -258,12 +237,12 @@ def test_alpha_pattern_keys_whose_order_decides_a_scale_are_noted(tmp_path: Path
     torch.manual_seed(1)
     trained = get_peft_model(load(), config)
     assert trained.base_model.model.layers[1]["q"].scaling["default"] == 1.0  # 'q' first: alpha 2
-    adapter = _peft_adapter(tmp_path, load, config)
+    adapter = peft_saved_adapter(tmp_path, load, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reloaded = PeftModel.from_pretrained(load(), str(adapter))
     assert reloaded.base_model.model.layers[1]["q"].scaling["default"] == 5.5  # sorted: 'layers.1.q' first
-    ref = _peft_merged(load, adapter)
+    ref = peft_merged_state(load, adapter)
     capsys.readouterr()
     assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
@@ -303,7 +282,7 @@ def test_a_lora_bias_module_skipped_for_a_missing_base_bias_is_skipped_whole(
         model.load_state_dict(load_file(str(base / "model.safetensors")))
         return model
 
-    adapter = _peft_adapter(tmp_path, load, LoraConfig(target_modules=["nb", "fc"], r=2, lora_bias=True))
+    adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["nb", "fc"], r=2, lora_bias=True))
     with pytest.raises(RuntimeError, match="the base layer has no bias"):
         PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
     assert main(["apply", str(base), str(adapter), "-o", str(tmp_path / "refused")]) == 1
