@@ -200,3 +200,21 @@ def test_ctrl_c_at_any_moment_of_the_console_scripts_start_is_one_line(tmp_path:
             ours += 1
             assert p.returncode == 130 and text.strip().endswith("interrupted; no output was written"), text
     assert ours > 0  # some landed while lorafuse ran
+
+
+def test_a_fold_thread_that_cannot_start_folds_in_the_callers_thread(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no thread can be started (a process or thread limit: ThreadPoolExecutor.submit raises RuntimeError),
+    each module is folded in the caller's thread: the same result, bit for bit, not a traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = _adapters(tmp_path / "ad", 6)
+    want = lorafuse.combine(paths, rank=3, passes=2, threads=2)
+
+    def refuse(self: ThreadPoolExecutor, *a: object, **k: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", refuse)
+    got = lorafuse.combine(paths, rank=3, passes=2, threads=2)
+    for name, u in want.updates.items():
+        np.testing.assert_array_equal(got.updates[name].delta(), u.delta())

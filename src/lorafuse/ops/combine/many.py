@@ -1010,8 +1010,15 @@ class _Folding:
         def fold(name: str) -> bool:
             return _fold_module(folds[name], stacks[name], name, held, backend)
 
-        self.results: list[Future[bool]] | list[bool] = (
-            [fold(n) for n in self.names] if pool is None else [pool.submit(fold, n) for n in self.names])
+        def start(name: str) -> Future[bool] | bool:
+            if pool is not None:
+                try:
+                    return pool.submit(fold, name)
+                except RuntimeError:  # no thread can be started (a process or thread limit): folded here
+                    pass
+            return fold(name)
+
+        self.results = [start(n) for n in self.names]
 
     def wait(self, on_chunk: Callable[[int], None] | None) -> int:
         """Wait for the chunk's modules (the first failed one's error, in module order), check each loaded
