@@ -218,3 +218,45 @@ def test_a_fold_thread_that_cannot_start_folds_in_the_callers_thread(tmp_path: P
     got = lorafuse.combine(paths, rank=3, passes=2, threads=2)
     for name, u in want.updates.items():
         np.testing.assert_array_equal(got.updates[name].delta(), u.delta())
+
+
+def test_fp8_requantization_without_threads_writes_the_same_bytes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP8 base's merged rows are requantized in row pieces on threads; where no thread can be started
+    (ThreadPoolExecutor.submit raises RuntimeError: a process or thread limit) the pieces are requantized one by
+    one in this thread: the same bytes, not a traceback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    rows, cols, block = 1024, 640, 128
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    scale = w.reshape(rows // block, block, cols // block, block).abs().amax(dim=(1, 3)) / 448.0
+    codes = (w / scale.repeat_interleave(block, 0).repeat_interleave(block, 1)).clamp(-448, 448)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_torch({"model.layers.0.mlp.up_proj.weight": codes.to(torch.float8_e4m3fn),
+                "model.layers.0.mlp.up_proj.weight_scale_inv": scale}, str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16",
+                                                  "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                          "activation_scheme": "dynamic",
+                                                                          "weight_block_size": [block, block]}}))
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight":
+               np.random.default_rng(1).standard_normal((4, cols)).astype(np.float32) * 0.1,
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight":
+               np.random.default_rng(2).standard_normal((rows, 4)).astype(np.float32) * 0.1},
+              str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                        "target_modules": ["up_proj"]}))
+    lorafuse.apply(base, [ad], out=tmp_path / "threads", progress=False, threads=2)
+
+    def refuse(self: ThreadPoolExecutor, *a: object, **k: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", refuse)
+    lorafuse.apply(base, [ad], out=tmp_path / "alone", progress=False, threads=2)
+    assert (tmp_path / "alone/model.safetensors").read_bytes() == (tmp_path / "threads/model.safetensors").read_bytes()

@@ -390,11 +390,16 @@ def requantize_rows(ref: QuantRef, merged: np.ndarray, r0: int, shape: tuple[int
         err.add(part, back)
         return codes, comps, err
 
-    if len(bounds) == 1:
-        results = [one(*bounds[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="lorafuse-quant") as pool:
-            results = list(pool.map(lambda ab: one(*ab), bounds))
+    results = None
+    if len(bounds) > 1:
+        try:
+            with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="lorafuse-quant") as pool:
+                results = list(pool.map(lambda ab: one(*ab), bounds))
+        except RuntimeError as why:  # no thread can be started (a process or thread limit): the pieces one by one
+            if "thread" not in str(why):
+                raise
+    if results is None:
+        results = [one(*ab) for ab in bounds]
     for _, _, e in results:
         error.merge(e)
     if len(results) == 1:
