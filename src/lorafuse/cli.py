@@ -1801,7 +1801,10 @@ def _watch_stop(status: int, name: str) -> None:
                     "once; the temporary output was removed and nothing was written\n".encode())
         os._exit(status)
 
-    threading.Thread(target=watch, name="lorafuse-stop-watch", daemon=True).start()
+    try:
+        threading.Thread(target=watch, name="lorafuse-stop-watch", daemon=True).start()
+    except RuntimeError:  # no thread can be started (a thread limit): the stop goes on without its watchdog
+        pass
 
 
 # Signals that end a command as SIGTERM does. SIGHUP only where it would kill the process (not under nohup,
