@@ -167,7 +167,9 @@ def test_paths_never_ask_huggingface_hub(env, local, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no)
     for spec in ("./org/lora", "org/lora.safetensors", "org/lora/sub", str(local.lora)):
         r = hub.resolve(spec, what="adapter")
-        assert r == hub.Resolved(Path(spec)) and r.origin is None and hub.spec_origin(spec) is None
+        # (the path itself: `./org/lora`, missing, absolute, so that no reader takes what Path leaves for the id)
+        assert r.path.absolute() == Path(spec).absolute() and r.repo_id is None
+        assert r.origin is None and hub.spec_origin(spec) is None
     with pytest.raises(FormatError, match=r"org/lora\.safetensors: no such file or directory"):
         lorafuse.load("org/lora.safetensors")
 

@@ -260,3 +260,17 @@ def test_fp8_requantization_without_threads_writes_the_same_bytes(tmp_path: Path
     monkeypatch.setattr(ThreadPoolExecutor, "submit", refuse)
     lorafuse.apply(base, [ad], out=tmp_path / "alone", progress=False, threads=2)
     assert (tmp_path / "alone/model.safetensors").read_bytes() == (tmp_path / "threads/model.safetensors").read_bytes()
+
+
+def test_a_streamed_error_shows_the_adapters_path_once(tmp_path: Path) -> None:
+    """A bad adapter file named by its path: 'adapter 2 (PATH): why', not 'adapter 2 (PATH): PATH: why'."""
+    from lorafuse.errors import FormatError
+
+    good = tmp_path / "good.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": np.ones((2, 4), np.float32),
+               "lora_unet_x.lora_up.weight": np.ones((4, 2), np.float32)}, str(good))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(FormatError) as e:
+        lorafuse.combine([good, bad], rank=2, engine="stream")
+    assert str(e.value).startswith(f"adapter 2 ({bad}): ") and str(e.value).count(str(bad)) == 1, e.value

@@ -1608,6 +1608,8 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
                 _say(f"    ... {len(d['modules']) - len(shown)} more (--modules lists all)")
         if d["written_by_lorafuse"]:
             _say(f"  made by     lorafuse {d['written_by_lorafuse']} (convert --to gguf)")
+        for note in d.get("notes", []):
+            _say(f"  note: {note}")
         return
     if d["type"] == "checkpoint":
         _say(f"checkpoint  {d['path']}")
@@ -2047,6 +2049,9 @@ def _last_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _standard_streams()
+    # SIGTERM / SIGHUP caught from the start, not only once the command runs: while the command line is read and
+    # numpy loads (a tenth of a second or more) they killed the process without a word (exit -15)
+    previous = _catch_ending() if threading.current_thread() is threading.main_thread() else {}
     try:
         return _flushed(argv)
     except (KeyboardInterrupt, ImportError) as e:  # before the command started (reading the command line)
@@ -2067,6 +2072,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _drop_stdout()
         _say(f"lorafuse: error: {e.filename or 'stdout'}: {e.strerror or e}", file=sys.stderr)
         return 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
 
 
 def _flushed(argv: Sequence[str] | None) -> int:

@@ -130,10 +130,18 @@ UNPREFIXED_WHY = ("LoRA factors without a component prefix: one model's LoRA, as
                   "(names unet.<module>..., transformer.<module>...) instead")
 
 
+PROCESSOR_WHY = ("attention-processor LoRA factors without a component prefix (<attention>.processor.to_q_lora.down."
+                 "weight, ...), as diffusers 0.14 and older saved a UNet's LoRA (save_attn_procs): diffusers now loads "
+                 "none of it (load_lora_weights looks for 'unet.' keys) and lorafuse does not read it either; these "
+                 "are the UNet's layers: with every key prefixed 'unet.' both read the file")
+
+
 def unprefixed_why(key: str) -> str:
     """Why a file whose LoRA factor `key` has no component prefix (`unprefixed_lora_key`) is not read."""
     if key.startswith(COMFY_TEXT_ENCODERS):
         return COMFY_TEXT_WHY
+    if _PROCESSOR + "." in key and key.endswith(tuple(s for s, _ in _PROCESSOR_HALVES)):
+        return PROCESSOR_WHY
     return ORIGINAL_WHY if key.startswith(ORIGINAL_PREFIXES) else UNPREFIXED_WHY
 
 

@@ -80,6 +80,7 @@ from lorafuse.io.manifest import ADAPTER, GGUF_MAGIC, MARKER_KEY, gguf_bounded, 
 from lorafuse.io.provenance import path_text
 from lorafuse.model import Adapter, LoraUpdate
 from lorafuse.model.arithmetic import FLOAT32_MAX
+from lorafuse.model.experts import expert_modules
 from lorafuse.model.names import full_kind, full_kinds_text
 from lorafuse.model.param_lora import ParamLoraUpdate
 from lorafuse.model.tucker import TuckerFactor
@@ -131,13 +132,18 @@ ARCHS: dict[str, ArchRule] = {
     "gemma2": ArchRule("gemma2", False, True, lm_head=_GEMMA_LM_HEAD, embeddings="Gemma 2's GGUF always ties the "
                        "output to the token embedding: " + _TIED_EMBED),
     "gemma3": ArchRule("gemma3", False, True, embeddings=_GEMMA3_EMBED),
+    # Phi-3 / Phi-4 (Phi3MiniModel): qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up, unpermuted
+    "phi3": ArchRule("phi3", False, False),
 }
 # config.json's architectures[0] (the converter's registry) and model_type -> an --arch choice
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+# (llama.cpp converts Mixtral as a llama model: its LlamaModel registers MixtralForCausalLM, q / k permuted)
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mistral",
+                    "Qwen2ForCausalLM": "qwen2",
                     "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-                    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-               "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+                    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
+                    "Phi3ForCausalLM": "phi3"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "mixtral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
 # the converter's renaming of language-model parts of multimodal adapters (convert_lora_to_gguf.py)
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.", ""))
 # the parts of a multimodal model (at the top, or under `model.`) that llama.cpp's text converter leaves out: its
@@ -380,6 +386,7 @@ _SIZES: dict[str, tuple[str | None, str | None]] = {
     "q_proj": (None, "hidden"), "k_proj": (None, "hidden"), "v_proj": (None, "hidden"), "o_proj": ("hidden", None),
     "gate_proj": ("intermediate", "hidden"), "up_proj": ("intermediate", "hidden"),
     "down_proj": ("hidden", "intermediate"), "embed_tokens": ("vocab", "hidden"), "lm_head": ("vocab", "hidden"),
+    "qkv_proj": (None, "hidden"), "gate_up_proj": (None, "hidden"),  # Phi-3's fused layers
 }
 _SIZE_KEYS = {"hidden": "hidden_size", "intermediate": "intermediate_size", "vocab": "vocab_size"}
 
@@ -540,6 +547,12 @@ def plan_gguf(adapter: Adapter, arch: str | None = None, base_config: str | os.P
             unmapped.append(n)
         else:
             mapped[n] = gname
+    experts = expert_modules(unmapped)  # per-expert Linear layers (Mixtral's experts.<e>.w1, Qwen-MoE's ...)
+    if experts:
+        raise _refuse(adapter, experts, "LoRA on MoE experts (per-expert layers)",
+                      "llama.cpp stores a layer's experts stacked in one tensor (ffn_gate_exps, ffn_up_exps, "
+                      "ffn_down_exps), and lorafuse does not write stacked expert LoRAs; merge the adapter into the "
+                      "base instead (lorafuse apply), or train the LoRA on the attention layers")
     if unmapped:
         shown = ", ".join(f"{n!r} {tuple(loras[n].delta_shape)}" for n in unmapped[:5])
         more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
@@ -988,18 +1001,7 @@ def describe_gguf(path: Path) -> dict[str, object]:
     except Exception as e:  # a damaged or hostile file, whatever gguf's reader raises  # noqa: BLE001
         raise FormatError(f"{path}: a GGUF file that gguf's reader cannot parse ({type(e).__name__}: {e})") from None
     tensors = {t.name: t for t in reader.tensors}
-    modules = []
-    for name in sorted(n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")):
-        a, b = tensors[name + ".lora_a"], tensors.get(name + ".lora_b")
-        if b is None:
-            continue
-        a_ne, b_ne = [int(x) for x in a.shape], [int(x) for x in b.shape]  # GGML order: ne[0] is the row length
-        if len(a_ne) != 2 or len(b_ne) != 2:
-            continue
-        rank = b_ne[0]
-        shape = [a_ne[1], b_ne[1]] if a_ne[0] == rank and a_ne[1] != rank else [b_ne[1], a_ne[0]]  # token_embd
-        modules.append({"name": name, "rank": rank, "shape": shape,
-                        "types": sorted({a.tensor_type.name, b.tensor_type.name})})
+    modules, notes = _gguf_modules(tensors)
     alpha = _field(reader, "adapter.lora.alpha")
     return {
         "type": "gguf",
@@ -1013,7 +1015,43 @@ def describe_gguf(path: Path) -> dict[str, object]:
         "modules": modules,
         "ranks": dict(sorted(Counter(m["rank"] for m in modules).items())),
         "written_by_lorafuse": made if isinstance(made := _field(reader, MARKER_KEY), str) else None,  # a version
+        "notes": notes,
     }
+
+
+def _gguf_modules(tensors: Mapping[str, Any]) -> tuple[list[dict[str, object]], list[str]]:
+    """The LoRA pairs of a GGUF file (describe_gguf's "modules": name, rank, the base tensor's numpy-order shape,
+    types; a stacked experts tensor (`ffn_gate_exps`, 3-D) as [experts, rows, columns]), and notes naming the
+    tensors llama.cpp's loader would refuse: a half without the other, or halves whose shapes do not pair."""
+    modules: list[dict[str, object]] = []
+    odd: list[str] = []
+    halves = {n[: -len(".lora_a")] for n in tensors if n.endswith(".lora_a")}
+    halves |= {n[: -len(".lora_b")] for n in tensors if n.endswith(".lora_b")}
+    lone = sorted(n for n in halves if n + ".lora_a" not in tensors or n + ".lora_b" not in tensors)
+    for name in sorted(halves - set(lone)):
+        a, b = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
+        a_ne, b_ne = [int(x) for x in a.shape], [int(x) for x in b.shape]  # GGML order: ne[0] is the row length
+        rank = b_ne[0] if b_ne else 0
+        if len(a_ne) == len(b_ne) == 2 and a_ne[1] == rank:  # lora_a r x in, lora_b out x r
+            shape = [b_ne[1], a_ne[0]]
+        elif len(a_ne) == len(b_ne) == 2 and a_ne[0] == rank:  # token_embd: lora_a vocab x r, lora_b dim x r
+            shape = [a_ne[1], b_ne[1]]
+        elif len(a_ne) == len(b_ne) == 3 and a_ne[1] == rank and a_ne[2] == b_ne[2]:  # experts stacked
+            shape = [a_ne[2], b_ne[1], a_ne[0]]
+        else:
+            odd.append(f"{name!r} (lora_a {tuple(reversed(a_ne))}, lora_b {tuple(reversed(b_ne))})")
+            continue
+        modules.append({"name": name, "rank": rank, "shape": shape,
+                        "types": sorted({a.tensor_type.name, b.tensor_type.name})})
+    notes: list[str] = []
+    if lone:
+        notes.append(f"{plural(len(lone), 'LoRA tensor')} without {'its' if len(lone) == 1 else 'their'} other half "
+                     f"(.lora_a / .lora_b): {_listed(lone)}; llama.cpp refuses the file")
+    if odd:
+        notes.append(f"{plural(len(odd), 'LoRA pair')} whose lora_a and lora_b shapes (numpy order) do not pair "
+                     f"as llama.cpp needs (lora_a r x in, lora_b out x r): {', '.join(odd[:5])}"
+                     f"{f' and {len(odd) - 5} more' if len(odd) > 5 else ''}; llama.cpp refuses the file")
+    return modules, notes
 
 
 __all__ = ["ARCHS", "DEFAULT_TYPE", "GGUF_TYPES", "SUFFIX", "BaseConfig", "GgufModule", "GgufPlan",

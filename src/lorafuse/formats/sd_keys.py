@@ -504,9 +504,11 @@ def guess_family(names: Iterable[str]) -> str:
     if shared is not None:
         raise _shared_name_error(shared)
     why = "several fit: " + ", ".join(sorted(candidates)) if candidates else "they fit none"
+    options = " or ".join(f"--family {f}" for f in sorted(candidates))
+    advice = f"name it: {options} (Python: family=...)" if candidates else "name it with --family if it is one of them"
     raise LorafuseValueError(f"cannot tell the model family (sd1, sdxl, flux) from the module names: {why}; "
-                             "name it explicitly (lorafuse knows the layers of SD 1.x/2.x, SDXL, Flux and their "
-                             "text encoders, not SD3's lora_unet_joint_blocks_..., QwenImage's, ...)")
+                             f"{advice} (lorafuse knows the layers of SD 1.x/2.x, SDXL, Flux and their text "
+                             "encoders, not SD3's lora_unet_joint_blocks_..., QwenImage's, ...)")
 
 
 def _shared_name_error(name: str) -> LorafuseValueError:
@@ -703,9 +705,27 @@ def match_modules(modules: Mapping[str, tuple[int, ...]],
     return matched, unmatched
 
 
+def unmatched_hint(module: str, keys: Mapping[str, tuple[int, ...]]) -> str:
+    """Why module (kohya or diffusers name) found no target among `keys` where the base has the layer in a form
+    lorafuse does not merge into, else '': an OpenCLIP `text_projection` of a single file (x @ P, stored
+    transposed to the Linear layer that transformers / diffusers name)."""
+    if not module.endswith("text_projection"):
+        return ""
+    parsed = _parse_any(module)
+    if parsed is None or parsed.path != "text_projection":
+        return ""
+    key = next((p + "text_projection" for p in _PREFIX_ORDER
+                if _KEY_PREFIXES[p].get("openclip") == parsed.slot and p + "text_projection" in keys), None)
+    if key is None:
+        return ""
+    return (f" (the base holds it as {key!r} {tuple(keys[key])}, open_clip's projection, stored transposed to the "
+            "Linear layer the module names (x @ P): lorafuse does not merge into it; a diffusers pipeline folder "
+            f"({_component(parsed.slot, None)}/text_projection.weight) takes this LoRA)")
+
+
 __all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "guess_family", "match_modules", "model_part", "to_diffusers",
            "to_kohya",
-           "unet_diffusers_path", "unet_ldm_path"]
+           "unet_diffusers_path", "unet_ldm_path", "unmatched_hint"]
 
 
 # Kernel sizes of the UNet convolutions of SD 1.x/2.x and SDXL, by the end of the module name (diffusers

@@ -56,6 +56,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -765,6 +766,14 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def remove_held(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` (the removal of a stopped run's temporary output) with SIGINT, SIGTERM and SIGHUP held: a second
+    Ctrl-C or a SIGTERM after a Ctrl-C would otherwise stop the removal halfway and leave a model-sized temporary
+    entry behind; they act once it is done."""
+    with _signals_held():
+        cleanup()
+
+
 @contextmanager
 def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], commit: bool = False,
                       tmp: Path | None = None) -> Iterator[None]:
@@ -773,7 +782,7 @@ def _cleanup_on_error(out: Path, existed: bool, cleanup: Callable[[], None], com
     try:
         yield
     except BaseException as e:
-        cleanup()
+        remove_held(cleanup)
         inside = tmp is not None and isinstance(e, OSError) and e.filename is not None and \
             os.fsdecode(e.filename).startswith(str(tmp))
         if isinstance(e, OSError) and not is_from_caller(e) and (commit or e.errno in _WRITE_ERRNOS or inside):
@@ -830,17 +839,35 @@ def lock_entry(fd: int) -> None:
             pass
 
 
-def owner_gone(path: Path, pid: int) -> bool:
-    """True when the run that made `path` has ended: its pid is not alive and nobody holds the lock."""
-    if fcntl is None or pid == os.getpid():
-        return False
+_STARTED_NS = time.time_ns()  # this process had made no temporary entry before this module was imported
+
+
+def _before_this_process(path: Path) -> bool:
+    """Whether `path` was last changed before this process could have made it: the entry of an earlier process
+    that had this process's pid (every run of a container gets the same pid: 1, or 7 under an init)."""
     try:
-        os.kill(pid, 0)
-        return False  # alive (or the pid was reused): leave it
-    except ProcessLookupError:
-        pass
-    except (OSError, OverflowError):
+        st = os.lstat(path)
+    except OSError:
         return False
+    return max(st.st_mtime_ns, st.st_ctime_ns) < _STARTED_NS
+
+
+def owner_gone(path: Path, pid: int) -> bool:
+    """True when the run that made `path` has ended: its pid is not alive (or is this process's, which began after
+    `path` last changed) and nobody holds the lock."""
+    if fcntl is None:
+        return False
+    if pid == os.getpid():
+        if not _before_this_process(path):
+            return False  # this process's own (a run going on in another thread)
+    else:
+        try:
+            os.kill(pid, 0)
+            return False  # alive (or the pid was reused): leave it
+        except ProcessLookupError:
+            pass
+        except (OSError, OverflowError):
+            return False
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
@@ -1078,7 +1105,7 @@ def _commit_check(out: Path, folder: bool, overwrite: bool, cleanup: Callable[[]
     try:
         return _judge(out, folder, overwrite, kind)
     except BaseException:
-        cleanup()
+        remove_held(cleanup)
         raise
 
 

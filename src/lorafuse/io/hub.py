@@ -182,7 +182,10 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     if parsed is None:
         with _lock:  # a path now: spec_origin must not say where an earlier Hub resolution of this text led
             _spec_origins.pop(text, None)
-        return Resolved(Path(text))
+        path = Path(text)
+        if not os.path.lexists(text) and parse(str(path)) is not None:  # `./org/name`: Path drops the `./`, and
+            path = Path(os.path.abspath(text))  # what reads it next must not take it for the Hub id `org/name`
+        return Resolved(path)
     repo, revision = parsed
     hub = _import_hub(spec, what)
     cache, offline = _cache_dir(), _offline(hub)

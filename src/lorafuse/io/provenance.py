@@ -1039,8 +1039,10 @@ def model_card(provenance: Provenance, *, base_model: str | None = None, library
     if len(rows) > CARD_MAX_INPUTS:
         lines += ["", f"... and {len(rows) - CARD_MAX_INPUTS} more: all {len(rows)} inputs, with their sha256, "
                   "are in the metadata (`lorafuse info --json`)."]
-    if len(rows) > len(p.inputs):
-        lines += ["", "Inputs numbered 2.1, 2.2, ... are those input 2 was made from (an earlier stage of the recipe)."]
+    if len(rows) > len(p.inputs):  # named by the first input made by an earlier stage (1.1 under a resize's input 1)
+        made = next(n for n, _ in rows if "." in n).rsplit(".", 1)[0]
+        lines += ["", f"Inputs numbered {made}.1, {made}.2, ... are those input {made} was made from (an earlier stage "
+                  "of the recipe), and so on at every level."]
     if p.parameters:
         lines += ["", "## Parameters", "", "| Parameter | Value |", "|---|---|"]
         lines += [f"| {k} | {_code(_json(v))} |" for k, v in sorted(p.parameters.items())]

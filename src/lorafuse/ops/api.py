@@ -124,7 +124,8 @@ class ResizeResult:
 class ExtractResult(_extract.ExtractResult):
     """What `lorafuse.extract` returns (an AdapterReport): an ops.extract.ExtractResult (`adapter`, `modules`:
     one row per module with `name`, `shape`, `rank`, `rel_error` = ||D - B A||_F / ||D||_F and
-    `singular_values`; `skipped`; `unchanged`) that also says where it was written and how long it took.
+    `singular_values`, how many were computed to choose the rank; `skipped`; `unchanged`) that also says where it
+    was written and how long it took.
 
     Attributes
     ----------
@@ -425,10 +426,10 @@ def convert(
     Parameters
     ----------
     adapter : str, bytes, os.PathLike or Adapter
-        A kohya / LyCORIS `.safetensors` file or a diffusers LoRA file.
+        A kohya / LyCORIS `.safetensors` file or a diffusers LoRA file; with to='gguf', a PEFT adapter folder.
     out : str, bytes or os.PathLike
-        The output `.safetensors` file. It may be new, empty or a file lorafuse wrote; another file is
-        refused (before any work) unless `overwrite`.
+        The output `.safetensors` file (`.gguf` with to='gguf'). It may be new, empty or a file lorafuse
+        wrote; another file is refused (before any work) unless `overwrite`.
     to : str, default 'peft'
         'peft': a diffusers LoRA file (what diffusers' `save_lora_weights` writes); 'kohya': a kohya file;
         'gguf': a GGUF LoRA adapter for llama.cpp (`llama-cli --lora X.gguf`), as llama.cpp's
@@ -451,7 +452,7 @@ def convert(
         Replace an `out` that lorafuse did not write, or its output of another kind (never an input).
     arch : str, default None
         With to='gguf': the llama.cpp architecture ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2',
-        'gemma3'); None takes it from `base_config`.
+        'gemma3', 'phi3'); None takes it from `base_config`.
     base_config : str, bytes or os.PathLike, default None
         With to='gguf': the base model's config.json (or its folder); Llama / Mistral q_proj / k_proj LoRAs
         and embedding LoRAs need its head counts and vocabulary.
@@ -600,7 +601,7 @@ def extract(
         Rule: the smallest k with sum_{i<=k} S_i / sum S >= sv_cumulative (0..1], over the computed values.
     max_rank : int, default None
         Upper bound on every module's rank; for the spectrum rules also how many singular values are
-        computed (None: 128).
+        computed (None: 128; a note names the modules whose sv_ratio / sv_fro would keep more).
     include : str, default None
         A regular expression searched in module names: only matching modules are extracted.
     exclude : str, default None
@@ -642,8 +643,8 @@ def extract(
     Returns
     -------
     ExtractResult
-        An AdapterReport: `adapter`, `modules` (`name`, `shape`, `rank`, `rel_error`, `singular_values`),
-        `ranks`, `skipped`, `unchanged`, `out`, `notes`, `seconds`.
+        An AdapterReport: `adapter`, `modules` (`name`, `shape`, `rank`, `rel_error`, `singular_values`: how
+        many were computed), `ranks`, `skipped`, `unchanged`, `out`, `notes`, `seconds`.
     """
     start = time.monotonic()
     out = None if out is None else check_path(out, "out")  # first: a rank given by position lands here

@@ -326,6 +326,7 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
     shapes = {name: _conv_shape(adapter.updates[name], context) for name in lycoris}
     if conv_rank is not None and not any(is_kxk(shape) for shape in shapes.values()):
         raise _unused_rank(adapter, "conv_rank", lycoris=True)
+    _refuse_cut_dora(adapter, {n: (full_rank(conv_k if is_kxk(s) else rank, s), is_kxk(s)) for n, s in shapes.items()})
     out_dtype = _lora_dtype(adapter)
     updates: dict[str, Update] = dict(adapter.updates)
     reports: list[LycorisReport] = []
@@ -349,6 +350,21 @@ def lycoris_to_lora(adapter: Adapter, rank: int | None, conv_rank: int | None = 
                   format=adapter.format, path=adapter.path, full_origin=dict(adapter.full_origin),
                   state=copy.deepcopy(adapter.state))
     return out, reports
+
+
+def _refuse_cut_dora(adapter: Adapter, ranks: dict[str, tuple[int, bool]]) -> None:
+    """Refuse a DoRA LoHa / LoKr module whose rank-k LoRA would not be exact (k below the rank of its delta): its
+    magnitude was trained for the whole delta, so a cut delta is no approximation of the merged weight (as resize
+    refuses DoRA). A k that keeps the delta exactly is fine. `ranks`: module -> (k, whether a kxk convolution)."""
+    for name, (k, kxk) in ranks.items():
+        u = adapter.updates[name]
+        if u.magnitude is not None and k < u.rank:
+            flag = "--conv-rank" if kxk else "--rank"
+            raise UnsupportedError(
+                f"{adapter.label}: module {name!r} is DoRA (dora_scale) on a {getattr(u, 'algo', 'LyCORIS')} "
+                f"update of shape {tuple(u.delta_shape)} and rank {u.rank}; its rank cannot be reduced to {k} "
+                f"independently of the magnitude vector (as resize refuses): pass {flag} {u.rank} or more "
+                f"(Python: {flag[2:].replace('-', '_')}=) for its exact LoRA, or merge it into the base with `apply`")
 
 
 _FP32_ADVICE = ("convert writes the LoRA of a LoHa / LoKr module in the input's factor dtype and has no --dtype: "
@@ -767,7 +783,7 @@ def convert(adapter: str | os.PathLike[str] | Adapter, out: str | os.PathLike[st
     empty or a file lorafuse wrote; another file is refused (before any work) unless `overwrite`.
 
     `to='gguf'` writes an LLM LoRA (PEFT) as a GGUF LoRA adapter for llama.cpp (one .gguf file, see
-    formats.gguf): `arch` ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3'; default from
+    formats.gguf): `arch` ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'gemma3', 'phi3'; default from
     `base_config`, the base model's config.json or its folder, which Llama / Mistral q_proj / k_proj LoRAs
     need for their head counts) and `gguf_type` ('f32', the default as in llama.cpp's converter, 'f16',
     'bf16', 'q8_0')."""

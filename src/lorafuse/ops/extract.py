@@ -147,6 +147,7 @@ def extract(
     try:
         rounded_only = 0  # modules whose fine-tuned weight is the base's rounded to the fine-tuned dtype
         below_min_diff = 0  # modules whose largest |W_ft - W_base| is at most min_diff (kohya's --min_diff)
+        short: list[str] = []  # modules whose spectrum rule wanted more than the default sketch's values
         for name, key in x.full:
             if not _changed_others(cb, cf, [key], mapped):  # an embedding fine-tuning left as it was: nothing to keep
                 result.unchanged += 1
@@ -205,6 +206,9 @@ def extract(
                 chosen = rule if x.conv_rank is None or not kxk(shape) else RankRule(rank=x.conv_rank,
                                                                                        max_rank=rule.max_rank)
                 k = min(chosen.choose(s, frob_sq), b.shape[1]) if frob_sq else 0  # b: k_max columns, or the full rank
+                if (chosen is rule and rule.max_rank is None and k == DEFAULT_MAX_RANK < min(b.shape[0], a.shape[1])
+                        and rule.wants_more(s, frob_sq)):
+                    short.append(module)
                 err = _rel_error(s, k, frob_sq, shape) if frob_sq else 0.0
                 bk, ak = b[:, :k], a[:k]
                 if x.clamp_quantile is not None and k:  # kohya's clamp: the error is the clamped factors' own
@@ -232,6 +236,8 @@ def extract(
             counted = plural(below_min_diff, "fine-tuned weight matrix differs", "fine-tuned weight matrices differ")
             result.notes.append(f"{counted} from the base by at most min_diff={x.min_diff:g} (largest |W_ft - W_base|; "
                                 "--min-diff): counted unchanged, no LoRA")
+        if short:
+            result.notes.append(_short_note(rule, short))
     except BaseException:
         rec.close()  # the hashing stops
         raise
@@ -266,6 +272,14 @@ def extract(
     result.adapter = extracted(base, base_config, updates, full, (cb, cf), x.layers.modules)
     result.adapter.provenance = rec.result()
     return result
+
+
+def _short_note(rule: RankRule, modules: list[str]) -> str:
+    """The note for modules whose sv_ratio / sv_fro rule was cut short by the default --max-rank."""
+    counted = plural(len(modules), "module", "modules", ("keeps", "keep"))
+    names = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
+    return (f"{counted} {DEFAULT_MAX_RANK} singular values, the default --max-rank (Python: max_rank), short of "
+            f"{rule.describe()} ({names}): give --max-rank higher to keep more")
 
 
 def _nonfinite(e: NonFiniteError, base: str | os.PathLike[str], finetuned: str | os.PathLike[str],

@@ -93,6 +93,18 @@ class RankRule:
             k = min(k, self.max_rank)
         return max(1, k)
 
+    def wants_more(self, s: np.ndarray, total_sq: float) -> bool:
+        """Whether sv_ratio or sv_fro is still unmet by all of `s`, the leading singular values of a larger
+        spectrum whose ||D||_F^2 is `total_sq` (extract's sketch): the rule would keep more than were computed."""
+        s = np.asarray(s, dtype=np.float64)
+        if len(s) == 0 or s[0] <= 0 or total_sq <= 0:
+            return False
+        if self.sv_ratio is not None:
+            return bool(s[-1] > s[0] / self.sv_ratio)
+        if self.sv_fro is not None:
+            return bool(np.sqrt(np.sum(s**2) / total_sq) < self.sv_fro - _EPS_F32)
+        return False
+
 
 def fro_kept(s: np.ndarray, k: int, total_sq: float | None = None) -> float:
     """Fraction of the Frobenius norm kept by the leading k singular values."""

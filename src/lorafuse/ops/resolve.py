@@ -205,6 +205,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
     (it tells a PEFT module's layer type: Linear or Conv1D). Modules that found no target are listed
     in `missing` (the caller refuses them with `missing_error`, or skips them). Two modules of one
     adapter that land on the same rows of a base weight are refused (the same module saved twice)."""
+    from lorafuse.formats.sd_keys import unmatched_hint
     from lorafuse.ops.fused import fused_hint, resolve_parameters
 
     out = Resolved()
@@ -222,7 +223,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
         found, missing = _targets(adapter, updates, shapes, base_key, model_config)
         for name in missing:
             hint = (twins.hint(name, ".weight") or fused_hint(name, base_key, model_config) or _ambiguous(name, shapes)
-                    or layouts.hint(name))
+                    or unmatched_hint(name, shapes) or layouts.hint(name))
             out.missing.append(f"{adapter.label}: module {name!r}{hint}")
         out.components |= layouts.components
         if len(out.missing) == missing_before:  # else the layers it names may be those the unmatched modules adapt

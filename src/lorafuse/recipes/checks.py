@@ -111,6 +111,12 @@ _MERGEKIT_FIELDS = {
     (True, "filter_wise"): "a stage merges whole modules",
     (True, "t"): "slerp is not a lorafuse method (it takes a weight per model)",
     (True, "lambda"): "it scales the merged delta: multiply every model's weight by it instead",
+    (True, "epsilon"): "it is della's, which is not a lorafuse method (dare_ties or dare_linear prune with one "
+                       "density)",
+    (True, "gamma"): "it is breadcrumbs', which is not a lorafuse method (magnitude_prune or ties prune by "
+                     "magnitude)",
+    (True, "select_topk"): "it is sce's, which is not a lorafuse method (ties or magnitude_prune keep the largest "
+                           "entries, with density)",
     (False, "modules"): "a stage merges every module of its models (no per-module definitions)",
 }
 
@@ -364,6 +370,16 @@ def _check_path(recipe: RecipeText, i: int, path: tuple[str | int, ...], text: s
         raise RecipeError(f"{recipe.where(i, path)}: {problem}")
 
 
+# lorafuse's commands that are no stage of a recipe, and what a recipe does instead
+_COMMANDS = {
+    "convert": "convert is not a recipe stage: run `lorafuse convert` on the recipe's output; a combine stage's "
+               "format: (peft, kohya, diffusers) writes its output in that format",
+    "combine": "a combine stage is named by its method: svd, cat, linear, ties, ...",
+    "similarity": "similarity writes no model, so it is not a recipe stage: run `lorafuse similarity`",
+    "info": "info writes no model, so it is not a recipe stage: run `lorafuse info`",
+}
+
+
 def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
     """Every stage validated and checked, in order; later stages may name earlier ones' outputs. `device`: the
     run's (None: the CPU), which combine's options are checked with."""
@@ -382,7 +398,7 @@ def check(recipe: RecipeText, device: str | None = None) -> list[CheckedStage]:
         if stage.merge_method not in MERGE_METHODS:
             from lorafuse.ops.combine.registry import foreign_method
 
-            other = foreign_method(stage.merge_method)
+            other = _COMMANDS.get(stage.merge_method) or foreign_method(stage.merge_method)
             hint = f" ({other})" if other else suggest(stage.merge_method, MERGE_METHODS)
             given = recipe.documents[i].data.get("merge_method", stage.merge_method)  # as written (any case)
             raise RecipeError(f"{recipe.where(i, ('merge_method',))}: unknown merge_method "

@@ -16,6 +16,7 @@ in every output's provenance.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -97,13 +98,13 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
         try:  # written as the recipe's loader reads it back: a str '1e3' quoted (YAML 1.2's core schema, source.py)
             text = yaml.dump_all([dict(d) for d in docs if isinstance(d, Mapping)], Dumper=dumper(),  # (all are)
                                  sort_keys=False)
-        except (yaml.YAMLError, RecursionError, ValueError) as e:  # a Path, a numpy scalar, a list that holds itself
+        except (yaml.YAMLError, RecursionError, ValueError) as e:  # a Path, np.float32, a list that holds itself
             held = e.args[1] if isinstance(e, yaml.YAMLError) and len(e.args) > 1 else None
             which = (f"a {type(held).__name__} value" if held is not None else
                      "an integer of more digits than Python writes" if isinstance(e, ValueError) else
                      "a value nested too deeply")
             raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
-                              "mappings of them (a path as str)") from None
+                              "mappings of them (a path as str, a numpy number as float(x) or int(x))") from None
         return parse(text, "<recipe>", Path.cwd())
     if isinstance(recipe, str) and not recipe:  # Path('') would read the current folder
         raise RecipeError("recipe must be a path or YAML text, got an empty string")
@@ -123,7 +124,10 @@ def _flag(name: str) -> str:
 
 
 def _number(x: float) -> str:
-    return repr(float(x)) if not float(x).is_integer() else str(int(x)) if abs(x) < 2**53 else repr(float(x))
+    """A number as the command line's word: an integer without its point; -0.0 keeps its sign (a weight of -0.0
+    gives -0.0 entries, as `--weights=-0.0` does)."""
+    f = float(x)
+    return str(int(f)) if f.is_integer() and abs(f) < 2**53 and (f or math.copysign(1.0, f) > 0) else repr(f)
 
 
 def _place(stage: CheckedStage, x: Input, recipe: RecipeText, outputs: Mapping[str, Path]) -> str:
@@ -486,6 +490,21 @@ def _temporary_folder(out: Path) -> tuple[Path, int]:
     return work, fd
 
 
+def _output_folder(out: Path) -> list[Path]:
+    """Make the missing folders above `out` (its verb would make them for the last stage) so that the stages
+    before the last write beside it, as the dry run plans and the docs say, not in the system's temporary folder
+    (a tmpfs, in memory, on many systems); returns those made, for unmake_folders."""
+    from lorafuse.io.atomic import make_folders
+
+    if os.path.lexists(out.parent):
+        return []
+    try:
+        return make_folders(out.parent)
+    except OSError as e:
+        raise OutputError(f"cannot create a temporary folder beside the output {out} (its folder {out.parent} cannot "
+                          f"be made: {e.strerror or e}); nothing was written") from None
+
+
 def _claim(work: Path) -> int | None:
     """An open descriptor of `intermediate_dir` holding an exclusive lock for this run: two runs writing their
     stages into one folder would read each other's outputs (the same stage names, each 'lorafuse's own')."""
@@ -633,7 +652,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                         work = Path(intermediate_dir)
                         made = _make_folder(work)
                         lock = _claim(work)
-                    else:
+                    else:  # beside -o, where the dry run plans it: its folder made (and unmade if the run fails)
+                        made = _output_folder(target)
                         work, lock = _temporary_folder(target)
                 t0 = time.perf_counter()
                 try:  # what goes wrong from here on names the recipe and the stage (reading its first model too)
@@ -680,17 +700,18 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
                 ran.append(StageRun(s.name, s.verb, argv, wrote, time.perf_counter() - t0))
         done = True
     finally:
-        if work is not None and not keep:
-            shutil.rmtree(work, ignore_errors=True)
-            from lorafuse.io.atomic import forget_outputs
+        from lorafuse.io.atomic import forget_outputs, remove_held, unmake_folders
 
-            forget_outputs(work)  # a stopped run's message names no stage output it removed
-        if lock is not None:
-            os.close(lock)
-        if not done:
-            from lorafuse.io.atomic import unmake_folders
+        def end() -> None:
+            if work is not None and not keep:
+                shutil.rmtree(work, ignore_errors=True)
+                forget_outputs(work)  # a stopped run's message names no stage output it removed
+            if lock is not None:
+                os.close(lock)
+            if not done:
+                unmake_folders(made)
 
-            unmake_folders(made)
+        remove_held(end)  # a Ctrl-C meanwhile acts once the stages' folder is gone, not halfway through
     if not quiet:  # notes on stderr, as every verb's: stdout holds what a user pipes (the plan, the summaries)
         for note in notes:
             try:  # a stderr that cannot take it (a terminal that hung up) fails no finished run

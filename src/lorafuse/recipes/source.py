@@ -285,6 +285,14 @@ def dumper() -> type:
         pass
 
     _add_core_resolvers(RecipeDumper)
+    # a subclass of int, float or str (np.float64, an IntEnum, np.str_) is the plain value it stands for: the
+    # message for what cannot be written asks for int, float or str, which these are
+    def plain(d: yaml.SafeDumper, x: Any) -> Any:
+        return d.represent_data(bool(x) if isinstance(x, bool) else int(x) if isinstance(x, int) else
+                                float(x) if isinstance(x, float) else str(x))
+
+    for kind in (int, float, str):
+        RecipeDumper.add_multi_representer(kind, plain)
     return RecipeDumper
 
 
@@ -376,7 +384,8 @@ def parse(text: str, origin: str, folder: Path) -> RecipeText:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(f"{origin}{at}: not valid YAML: {e.problem or e.context}") from None
+        tab = " (YAML indents and separates with spaces: replace the tab)" if "'\\t'" in str(e.problem) else ""
+        raise RecipeError(f"{origin}{at}: not valid YAML: {e.problem or e.context}{tab}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{origin}: not valid YAML: {e}") from None
     except RecursionError:

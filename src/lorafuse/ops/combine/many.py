@@ -508,11 +508,16 @@ def _fingerprint(path: Path) -> object:
 
 
 def _reraise(e: LorafuseError, where: str) -> LorafuseError:
-    """The same error class, its message prefixed by where the adapter was named."""
+    """The same error class, its message prefixed by where the adapter was named; a message that starts with the
+    path `where` already shows (`adapter 2 (x)` and `x: ...`) says it once."""
+    text = str(e)
+    shown = where[where.find(" (") + 2:-1] if where.endswith(")") and " (" in where else None
+    if shown and text.startswith(f"{shown}: "):
+        text = text[len(shown) + 2:]
     try:
-        return type(e)(f"{where}: {e}")
+        return type(e)(f"{where}: {text}")
     except TypeError:  # pragma: no cover - every LorafuseError takes one message
-        return LorafuseValueError(f"{where}: {e}")
+        return LorafuseValueError(f"{where}: {text}")
 
 
 def _open(src: Source, quiet: bool = False) -> Adapter:

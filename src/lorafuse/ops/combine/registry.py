@@ -131,6 +131,11 @@ FOREIGN_METHODS: dict[str, str] = {
     "model_stock": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); model_stock merges full models",
     "breadcrumbs": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); breadcrumbs is not one of them",
     "della": "lorafuse combines LoRA deltas (svd, cat, linear, ties, dare); della is not one of them",
+    # mergekit's other methods: each told as such, not suggested as a near name (della_linear is not dare_linear)
+    **{name: f"mergekit's {name} is not a lorafuse method: lorafuse combines LoRA deltas (svd, cat, linear, ties, "
+                 "dare; ties_svd, dare_ties_svd and dare_linear_svd as mergekit's ties and dare on the full deltas)"
+       for name in ("breadcrumbs_ties", "della_linear", "sce", "passthrough", "nuslerp", "multislerp", "karcher",
+                    "arcee_fusion", "nearswap")},
 }
 
 
