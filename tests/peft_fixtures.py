@@ -437,3 +437,28 @@ def peft_merged_state(load: Callable[[], nn.Module], adapter: Path,
         warnings.simplefilter("ignore")
         merged = PeftModel.from_pretrained(load(), str(adapter)).merge_and_unload()
     return {k: v.detach().to(dtype).numpy().copy() for k, v in merged.state_dict().items()}
+
+
+class TinyAttention(nn.Module):
+    """A torch.nn.MultiheadAttention (embed 8, 2 heads) and a Linear, for PEFT's LoRA on MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.fc = nn.Linear(8, 4)
+
+
+def tiny_attention_base(tmp: Path) -> tuple[Path, Callable[[], TinyAttention]]:
+    """A TinyAttention (seed 0) saved as tmp/base (model.safetensors, an empty config.json), and a loader of it."""
+    torch.manual_seed(0)
+    base = tmp / "base"
+    base.mkdir()
+    save_file(TinyAttention().state_dict(), str(base / "model.safetensors"))
+    (base / "config.json").write_text("{}")
+
+    def load() -> TinyAttention:
+        model = TinyAttention()
+        model.load_state_dict(load_file(str(base / "model.safetensors")))
+        return model
+
+    return base, load

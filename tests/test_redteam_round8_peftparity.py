@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
-from peft_fixtures import peft_merged_state, peft_saved_adapter
+from peft_fixtures import peft_merged_state, peft_saved_adapter, tiny_attention_base
 from safetensors.torch import load_file
 
 import lorafuse
@@ -185,30 +185,11 @@ def test_a_module_only_a_bare_target_parameters_entry_could_name_is_not_merged(t
 # ------------------------------------------------------------------------------ torch.nn.MultiheadAttention
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(8, 2)
-        self.fc = torch.nn.Linear(8, 4)
-
-
 def test_a_lora_on_multihead_attention_is_refused_saying_what_it_is(tmp_path: Path) -> None:
     """PEFT's LoRA on a torch.nn.MultiheadAttention saves 'attn' (in_proj_weight's factors) and
     'attn.base_layer.out_proj'. lorafuse refused 'attn' with no reason and claimed PEFT ignores the out_proj part
     ('ignored 1 module that adapter_config.json does not target, as PEFT ignores them'): PEFT merges both."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    base.mkdir()
-    save_file(_Attention().state_dict(), str(base / "model.safetensors"))
-    (base / "config.json").write_text("{}")
-
-    def load() -> _Attention:
-        model = _Attention()
-        model.load_state_dict(load_file(str(base / "model.safetensors")))
-        return model
-
+    base, load = tiny_attention_base(tmp_path)
     adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2))
     ref = peft_merged_state(load, adapter, torch.float32)
     assert not np.allclose(ref["attn.out_proj.weight"], load().attn.out_proj.weight.detach().numpy())

@@ -5,41 +5,18 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft_fixtures import peft_merged_state, peft_saved_adapter
+from peft_fixtures import peft_merged_state, peft_saved_adapter, tiny_attention_base
 from safetensors.torch import load_file, save_file
 
 import lorafuse
 from lorafuse.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning", "ignore::FutureWarning")
-
-
-class _Attention(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(8, 2)
-        self.fc = torch.nn.Linear(8, 4)
-
-
-def _attention_base(tmp: Path) -> tuple[Path, Any]:
-    torch.manual_seed(0)
-    base = tmp / "base"
-    base.mkdir()
-    save_file(_Attention().state_dict(), str(base / "model.safetensors"))
-    (base / "config.json").write_text("{}")
-
-    def load() -> _Attention:
-        model = _Attention()
-        model.load_state_dict(load_file(str(base / "model.safetensors")))
-        return model
-
-    return base, load
 
 
 # ------------------------------------------------------------------------------ torch.nn.MultiheadAttention
@@ -51,7 +28,7 @@ def test_multihead_attention_refusal_gives_the_reason_peft_merges_out_proj_twice
     reason it is not merged: the installed PEFT's merge_and_unload (and the forward it trains with) adds the
     out_proj delta twice, W + 2*scale*B@A (huggingface/peft#3774 makes it W + scale*B@A), so the same file stands
     for two models. Checked here against PEFT itself, and the refusal now says so."""
-    base, load = _attention_base(tmp_path)
+    base, load = tiny_attention_base(tmp_path)
     adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn"], r=2, lora_alpha=3))
     ref = peft_merged_state(load, adapter)
     factors = {k: v.double().numpy() for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
@@ -79,7 +56,7 @@ def test_the_out_proj_part_of_a_multihead_attention_lora_alone_is_refused_not_ca
     merged the rest, noting it 'ignored 1 module that adapter_config.json does not target, as PEFT ignores
     them'. PEFT does not ignore it: it loads it into the out_proj LoRA of the targeted 'attn' and merges it
     (twice), so the merged model differs from PEFT's. Refused now, naming the missing in_proj part."""
-    base, load = _attention_base(tmp_path)
+    base, load = tiny_attention_base(tmp_path)
     adapter = peft_saved_adapter(tmp_path, load, LoraConfig(target_modules=["attn", "fc"], r=2))
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     save_file({k: v for k, v in tensors.items() if ".attn.lora_" not in k}, str(adapter / "adapter_model.safetensors"))
