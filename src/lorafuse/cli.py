@@ -1549,8 +1549,8 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
         check_plot_output(args.plot, [Path(a) for a in args.adapters], args.overwrite)
     loaded = [load(a) for a in args.adapters]
     with warnings.catch_warnings():  # its notes of unshared pairs are printed below, with the given names
-        warnings.filterwarnings("ignore", message=".* share no module", category=UserWarning)
-        warnings.filterwarnings("ignore", message=f".*: {ZERO_NOTE} ", category=UserWarning)
+        warnings.filterwarnings("ignore", message="(?s).* share no module", category=UserWarning)  # (?s): a path's \n
+        warnings.filterwarnings("ignore", message=f"(?s).*: {ZERO_NOTE} ", category=UserWarning)
         cos = similarity(loaded, args.threads)
     labels = [str(a) for a in args.adapters]
     zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
@@ -1560,13 +1560,13 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
                          "share_no_module": [list(pair) for pair in unshared_pairs(loaded)],
                          "notes": _json_notes(args, *notes)}, indent=2))
     else:
-        shown = [printable(path_text(x)) for x in labels]  # as info shows them (\xNN): the columns line up
+        shown = [_one_line(path_text(x)) for x in labels]  # as info shows them (\xNN, \n): the columns line up
         width = max(len(x) for x in shown)
         _say(" " * width + "  " + " ".join(f"{i:>8d}" for i in range(len(shown))))
         for i, (label, row) in enumerate(zip(shown, cos)):
             _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
     for note in notes:
-        _say(f"note: {note}", file=sys.stderr)  # (stderr: --json stays JSON)
+        _say(f"note: {_one_line(note)}", file=sys.stderr)  # (stderr: --json stays JSON)
     if args.plot:
         from lorafuse.plot import plot_similarity
 
@@ -1575,9 +1575,15 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: object) -> str:
+    """`text` as one line of the output: a line break in it (a file named `a\\nnote: ...`) escaped, so that
+    no part of a name passes for a line, a row or a note of its own."""
+    return printable(text, keep_newlines=False)
+
+
 def _print_info(d: dict[str, Any], modules: bool) -> None:
     if d["type"] == "pipeline":
-        _say(f"pipeline    {d['path']}")
+        _say(f"pipeline    {_one_line(d['path'])}")
         for name, comp in d["components"].items():
             _say(f"  {name}: {comp['tensors']} tensors, {comp['parameters']:,} parameters, "
                   f"{human_bytes(comp['bytes'])}, {', '.join(f'{k}: {v}' for k, v in comp['dtypes'].items())}")
@@ -1592,7 +1598,7 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
     if d["type"] == "gguf":
         what = "LoRA adapter" if d["kind"] == "adapter" and d["adapter_type"] == "lora" else \
             str(d["kind"] or "no general.type")
-        _say(f"gguf        {d['path']}  ({what}, llama.cpp)")
+        _say(f"gguf        {_one_line(d['path'])}  ({what}, llama.cpp)")
         _say(f"  arch        {d['architecture']}")
         if d["lora_alpha"] is not None:
             _say(f"  lora_alpha  {d['lora_alpha']:g}")
@@ -1612,7 +1618,7 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
             _say(f"  note: {note}")
         return
     if d["type"] == "checkpoint":
-        _say(f"checkpoint  {d['path']}")
+        _say(f"checkpoint  {_one_line(d['path'])}")
         _say(f"  shards      {len(d['shards'])}{' (indexed)' if d['sharded'] else ''}")
         _say(f"  tensors     {d['tensors']}")
         _say(f"  parameters  {d['parameters']:,}")
@@ -1625,7 +1631,7 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
         for note in d.get("notes", []):
             _say(f"  note: {note}")
         return
-    _say(f"adapter     {d['path']}  ({d['format']})")
+    _say(f"adapter     {_one_line(d['path'])}  ({d['format']})")
     _say(f"  modules     {d['modules']}")
     # a LoKr of two full halves has no rank (r=full in the module list): counted too, so the line is never empty
     full = sum(1 for m in d["module_details"] if m["rank"] is None and m["scale"] is not None)
@@ -1690,6 +1696,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     d = describe(args.path, args.threads)
     if args.spectrum and d["type"] != "adapter":  # a GGUF LoRA too: its factors are llama.cpp's, quantized maybe
         raise LorafuseValueError(f"--spectrum needs an adapter; {args.path} is a {d['type']}")
+    plotted = None
+    if args.spectrum:  # a DoRA or parameter LoRA refused before the description is printed, as a bad path is
+        from lorafuse.formats import load
+        from lorafuse.plot import refuse_unplottable
+
+        plotted = load(adapter_path(args.path) or args.path)
+        refuse_unplottable(plotted)
     if args.modules and d["type"] not in ("adapter", "gguf"):  # said, not ignored: its description lists none
         raise LorafuseValueError(f"--modules lists an adapter's modules; {args.path} is a {d['type']}, described "
                                  "in full without it: leave --modules out")
@@ -1704,12 +1717,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         for line in describe_lines(d.get("provenance")):  # how lorafuse made it, when it did
             _say(line)
-    if args.spectrum:
-        from lorafuse.formats import load
+    if args.spectrum and plotted is not None:
         from lorafuse.plot import plot_spectrum
 
-        out = plot_spectrum(load(adapter_path(args.path) or args.path), args.spectrum, args.threads,
-                            overwrite=args.overwrite)
+        out = plot_spectrum(plotted, args.spectrum, args.threads, overwrite=args.overwrite)
         _say(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

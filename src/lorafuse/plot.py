@@ -142,6 +142,7 @@ def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
     MAX_CORE_RANK largest values, a LoKr's being the largest products of its halves')."""
     from lorafuse.model.spectral import batches, is_stored_lora, lora_cost, spectrum
 
+    refuse_unplottable(adapter)
     out: dict[str, np.ndarray] = {}
     stored = [(n, u) for n, u in adapter.updates.items() if is_stored_lora(u)]
     for i0, i1 in batches([lora_cost(u, 12.0) for _, u in stored]):  # type: ignore[arg-type]
@@ -162,6 +163,17 @@ def spectra(adapter: Adapter, threads: int = 0) -> dict[str, np.ndarray]:
     return {name: out[name] for name in adapter.updates}
 
 
+def refuse_unplottable(adapter: Adapter) -> None:
+    """Refuse (UnsupportedError naming the adapter and the module) the singular values of an adapter holding a
+    DoRA module or a LoRA on a parameter: their delta is known only against the base (info shows its norm as
+    n/a), and the singular values of scale * B @ A would be drawn as though they were the delta's."""
+    from lorafuse.model.param_lora import refuse_parameter_loras
+    from lorafuse.model.update import refuse_dora
+
+    refuse_dora(adapter.label, adapter.updates, "the plot of its delta's singular values")
+    refuse_parameter_loras(adapter.label, adapter.updates, "the singular value plot")
+
+
 def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int = 0,
                   title: str | None = None, overwrite: bool = False) -> Path:
     """A plot of the singular values of each module's delta: per module type the mean spectrum (a line)
@@ -171,6 +183,7 @@ def plot_spectrum(adapter: Adapter, path: str | os.PathLike[str], threads: int =
     if not adapter.updates:
         raise LorafuseValueError(f"{adapter.label}: no modules to plot")
     check_plot_output(path, adapter.sources(), overwrite)
+    refuse_unplottable(adapter)
     groups: dict[str, list[np.ndarray]] = {}
     found = spectra(adapter, threads)
     unit = _unit(list(found.values()))
@@ -275,4 +288,4 @@ def plot_similarity(matrix: np.ndarray | Sequence[Sequence[float]], labels: Sequ
 
 
 __all__ = ["PLOT_FORMATS", "check_plot_output", "module_type", "plot_format", "plot_inputs", "plot_similarity",
-           "plot_spectrum", "spectra"]
+           "plot_spectrum", "refuse_unplottable", "spectra"]

@@ -123,8 +123,10 @@ def path_hint(text: str) -> str | None:
     if len(parts) < 3 or os.path.isdir(parts[0]) or (found := parse("/".join(parts[:2]))) is None:
         return None if url is None or parse(bare) is None else f"give the Hub id as {bare}, without {text[:url.end()]}"
     repo, rev = found
-    if len(parts) >= 5 and parts[2] in ("blob", "resolve", "tree"):  # a page's address: .../blob/REVISION/FILE
+    if len(parts) >= 4 and parts[2] in ("blob", "resolve", "tree"):  # a page's address: .../blob/REVISION/FILE
         rev, parts = parts[3], parts[:2] + parts[4:]
+        if len(parts) == 2 or parts[2:] == [""]:  # the repository at a revision (.../tree/v1): the id names it
+            return f"give the Hub id as {repo}@{rev}" if rev else None
     inside = "/".join(parts[2:])
     file = inside.lower().endswith(".safetensors")
     fetch = (f"hf download {repo} {inside}" if file else f"hf download {repo} --include '{inside}/*'") + (
@@ -191,11 +193,12 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     cache, offline = _cache_dir(), _offline(hub)
     token = None if offline else _token(hub)
 
-    def download(allow: Sequence[str]) -> Path:
+    def download(allow: Sequence[str], ignore: Sequence[str] = ()) -> Path:
+        skip = {"ignore_patterns": list(ignore)} if ignore else {}  # (passed only when some: stand-ins in tests)
         try:
             return Path(hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
                                               local_files_only=offline, allow_patterns=list(allow),
-                                              endpoint=os.environ.get("HF_ENDPOINT") or None, token=token))
+                                              endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, **skip))
         except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on
             error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
             if error is None:
@@ -207,7 +210,13 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
         # then the weights those name (weights_wanted), then any component that got none (variants only).
         path = download([p for p in patterns if p != WEIGHTS])
         wanted = weights_wanted(path, adapter)
-        path = download(wanted)
+        # an adapter id of a repository holding its PEFT adapters in sub-folders only: not every adapter's weights
+        # (local_adapter refuses it, naming them); a file at its top (a kohya file beside them) is still fetched
+        nested = sub_adapters(path) if adapter and not (path / PEFT_CONFIG).is_file() else []
+        if adapter and wanted == [WEIGHTS]:  # diffusers' adapter file, when there, is the one read (held_adapter_file)
+            path = download([DIFFUSERS_LORA])
+        if not (adapter and wanted == [WEIGHTS] and (path / DIFFUSERS_LORA).is_file()):
+            path = download(wanted, [f"{s}/*" for s in nested])
         missing = weights_missing(path) if wanted != [WEIGHTS] else []
         if missing:
             path = download(missing)
@@ -444,6 +453,17 @@ def held_adapter_file(folder: Path) -> Path | None:
     return folder / found[0] if len(found) == 1 else None
 
 
+def sub_adapters(folder: Path) -> list[str]:
+    """The sub-folders of `folder` (relative, `/`-separated, sorted) that hold a PEFT adapter (adapter_config.json):
+    what PEFT's save_pretrained of adapters not named 'default' writes, one folder per adapter; [] when it cannot
+    be listed."""
+    try:
+        return sorted(p.parent.relative_to(folder).as_posix() for p in folder.glob(f"*/**/{PEFT_CONFIG}")
+                      if p.is_file())
+    except (OSError, ValueError):
+        return []
+
+
 def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     """The adapter a spec names, as a local path: `spec` itself when it is not a Hub id; for a Hub id the
     snapshot folder when it holds adapter_config.json (a PEFT adapter), else the one adapter file in it
@@ -464,6 +484,15 @@ def local_adapter(spec: str | os.PathLike[str], what: str = "adapter") -> Path:
     if held is not None:
         return held
     at = _named(r.repo_id, r.revision)
+    nested = sub_adapters(folder) if not found else []
+    if nested:
+        listed = ", ".join(nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+        rev = f" --revision {r.revision}" if r.revision else ""
+        raise FormatError(f"{what} {at} (commit {r.commit_sha}): not an adapter itself; the repository holds "
+                          f"{len(nested)} PEFT adapter{'s' if len(nested) > 1 else ''} in sub-folders ({listed}), and "
+                          f"lorafuse reads a repository by its id, not a folder inside it: fetch one with "
+                          f"`hf download {r.repo_id} --include '{nested[0]}/*'{rev}` and give the folder that prints "
+                          f"followed by /{nested[0]}")
     if not found:
         raise FormatError(f"{what} {at} (commit {r.commit_sha}, {folder}): the repository holds no {PEFT_CONFIG} "
                           "and no .safetensors file at its top level, so no adapter lorafuse reads (pickle .bin "
@@ -712,4 +741,5 @@ def _said(e: object) -> str:
     return redact(" ".join(str(e).split()))
 
 __all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "held_adapter_file", "hub_origin", "is_hub_id",
-           "local_adapter", "local_path", "parse", "path_hint", "redact", "repo_of", "resolve", "spec_origin"]
+           "local_adapter", "local_path", "parse", "path_hint", "redact", "repo_of", "resolve", "spec_origin",
+           "sub_adapters"]

@@ -23,6 +23,8 @@ from lorafuse.errors import LorafuseValueError, UnsupportedError
 from lorafuse.io.provenance import Provenance
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.arithmetic import norm, scaled, truncate, weighted_cat
+from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.lycoris import LycorisUpdate
 from lorafuse.model.registry import FormatSpec, get_format, output_rule
 from lorafuse.model.spectral import frobenius_norms
 from lorafuse.model.state import FormatState, PeftState
@@ -52,6 +54,23 @@ class Adapter:
     # How this adapter was made (io.provenance: the operation, its inputs' sha256, ...): written into its
     # files' metadata and a folder's model card. Each operation sets its own; None for arithmetic results.
     provenance: Provenance | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # A field the caller assigns (`adapter.config = None`, `adapter.updates = [...]`) is checked here, so that
+        # every later operation reads what it expects or the assignment is refused naming the field.
+        expected = _FIELD_TYPES.get(name)
+        if name == "path" and isinstance(value, (str, bytes, os.PathLike)) and not isinstance(value, Path):
+            value = Path(check_path(value, "Adapter.path"))
+        elif expected is not None and not isinstance(value, expected[0]):
+            raise LorafuseValueError(f"Adapter.{name} must be {expected[1]}, got {type(value).__name__} "
+                                     f"({value!r:.80})")
+        if name == "updates":
+            bad = next(((k, u) for k, u in value.items()  # type: ignore[attr-defined]
+                        if not isinstance(k, str) or not isinstance(u, (LoraUpdate, LycorisUpdate))), None)
+            if bad is not None:
+                raise LorafuseValueError(f"Adapter.updates must map module names (str) to updates (LoraUpdate, "
+                                         f"LoHa / LoKr updates), got {bad[0]!r}: {type(bad[1]).__name__}")
+        object.__setattr__(self, name, value)
 
     def sources(self) -> list[Path]:
         """The files this adapter's tensors come from: its own path and those it was derived from."""
@@ -252,6 +271,20 @@ class Adapter:
         return norm(self, threads)
 
 
+
+
+# The fields a caller may assign, with what they must hold (Adapter.__setattr__).
+_FIELD_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "updates": (dict, "a dict of module names to updates"),
+    "full": (dict, "a dict of tensor names to full tensors"),
+    "config": (dict, "a dict (adapter_config.json's fields)"),
+    "format": (str, "a format name (str)"),
+    "path": ((Path, type(None)), "a path or None"),
+    "full_origin": (dict, "a dict"),
+    "randomized": (list, "a list of module names"),
+    "derived_from": (list, "a list of paths"),
+    "notes": (list, "a list of str"),
+}
 
 
 def refuse_one(adapters: object, what: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorafuse.errors import LorafuseValueError
+from lorafuse.errors import LorafuseValueError, ShapeMismatchError
 from lorafuse.io.tensor import Tensor
 from lorafuse.model.half import Half
 from lorafuse.model.limits import f64
@@ -75,10 +75,10 @@ class LoraUpdate:
         side it normalizes) as it is, the lora_B bias rescaled so that scale * bias, what a merge adds,
         stays the same. (Operations that cannot honour them, such as combining, refuse them first.) The update
         holds copies of `b` and `a`: a later write to them does not change it."""
-        k = a.shape[0]
-        a_t = Tensor.from_array(np.array(a, dtype=np.float32, order="C").reshape((k, *self.A.shape[1:])))
-        b_t = Tensor.from_array(np.array(b, dtype=np.float32, order="C").reshape(
-            (self.B.shape[0], k, *self.B.shape[2:])))
+        b32, a32 = new_factors(self.name, b, a, self.A.shape[1:], self.B.shape[0], self.B.shape[2:])
+        k = a32.shape[0]
+        a_t = Tensor.from_array(a32.reshape((k, *self.A.shape[1:])))
+        b_t = Tensor.from_array(b32.reshape((self.B.shape[0], k, *self.B.shape[2:])))
         bias = self.bias
         if bias is not None and scale != self.scale:
             if scale == 0 or not np.isfinite(scale):
@@ -120,3 +120,27 @@ class LoraUpdate:
         """The dense delta in float64 (for small modules, reports and tests)."""
         b, a = self.factors()
         return (self.scale * (b.astype(np.float64) @ a.astype(np.float64))).reshape(self.delta_shape)
+
+
+def new_factors(name: str, b: object, a: object, a_tail: tuple[int, ...], rows: int,
+                b_tail: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """New factors B, A given to `with_factors`, as C-contiguous float32 copies: real floating arrays (or torch
+    tensors) whose shapes are B (rows x k [x b_tail]) and A (k x a_tail, or k x prod(a_tail)) for one k >= 1;
+    anything else is refused naming the module and the shapes, never reshaped or cast into another update."""
+    arrays = []
+    for side, x in (("B", b), ("A", a)):
+        arr = np.asarray(x) if hasattr(x, "__array__") else None
+        if arr is None or arr.dtype.kind != "f":
+            got = f"{type(x).__name__}" if arr is None else f"a {arr.dtype} array"
+            raise LorafuseValueError(f"module {name!r}: the new factor {side} must be a real floating numpy array "
+                                     f"or tensor, got {got}")
+        arrays.append(arr)
+    b_arr, a_arr = arrays
+    k = a_arr.shape[0] if a_arr.ndim >= 1 else 0
+    fits = (k >= 1 and a_arr.shape[1:] in (tuple(a_tail), (int(np.prod(a_tail)),))
+            and b_arr.shape in ((rows, k), (rows, k, *b_tail)))
+    if not fits:
+        raise ShapeMismatchError(f"module {name!r}: new factors B {tuple(b_arr.shape)} and A {tuple(a_arr.shape)} "
+                                 f"do not fit the module: B must be ({rows}, k) and A (k, {int(np.prod(a_tail))}) "
+                                 "for one rank k >= 1")
+    return (np.array(b_arr, dtype=np.float32, order="C"), np.array(a_arr, dtype=np.float32, order="C"))

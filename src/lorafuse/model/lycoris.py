@@ -37,7 +37,7 @@ from lorafuse.model import limits
 from lorafuse.model.best import hadamard_best, kron_best, pad_terms
 from lorafuse.model.half import Half, factored_half, tucker_half
 from lorafuse.model.limits import MAX_CORE_RANK, check_dense, f64, steps
-from lorafuse.model.lora import LoraUpdate
+from lorafuse.model.lora import LoraUpdate, new_factors
 from lorafuse.model.names import Kind
 from lorafuse.model.structure import Delta, Hadamard, Kronecker, dense64, dense_blocks
 
@@ -189,10 +189,12 @@ class LycorisUpdate:
         """A plain LoraUpdate of this module with stored factors B (out x k) and A (k x in*kh*kw),
         laid out as kohya stores a LoRA of this shape (conv: A (k, in, kh, kw), B (out, k, 1, 1)). The update
         holds copies of `b` and `a`: a later write to them does not change it."""
-        k = a.shape[0]
-        a_t = Tensor.from_array(np.array(a, dtype=np.float32, order="C").reshape((k, *self.shape[1:])))
+        b_tail = (1, 1) if len(self.shape) == 4 else ()
+        b32, a32 = new_factors(self.name, b, a, tuple(self.shape[1:]), self.rows, b_tail)
+        k = a32.shape[0]
+        a_t = Tensor.from_array(a32.reshape((k, *self.shape[1:])))
         b_shape = (self.rows, k, 1, 1) if len(self.shape) == 4 else (self.rows, k)
-        b_t = Tensor.from_array(np.array(b, dtype=np.float32, order="C").reshape(b_shape))
+        b_t = Tensor.from_array(b32.reshape(b_shape))
         return LoraUpdate(self.name, a_t, b_t, scale, self.kind)
 
     def _best(self, s: Delta, k: int) -> tuple[np.ndarray, np.ndarray]:

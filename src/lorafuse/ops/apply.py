@@ -70,7 +70,7 @@ from lorafuse.io.provenance import (
     stamp,
 )
 from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
-from lorafuse.io.sidefiles import copy_entry, copy_file, entry_files, entry_kind
+from lorafuse.io.sidefiles import copy_entry, copy_file, entry_files, entry_kind, walk_entry
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.adapter import adapter_list
@@ -530,10 +530,16 @@ class _Executor:
         self.biases.append(t.name)
         return out
 
+# Sub-folders of a checkpoint that are tokenizer files: transformers' save_pretrained writes the named chat
+# templates (tool_use, rag, ...) as additional_chat_templates/NAME.jinja and its tokenizer loads them from there.
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
+
+
 def _side_files(src_dir: Path, skip: set[str], notes: list[str], root: Path | None = None) -> list[Path]:
     """The checkpoint folder's other files that its output gets a copy of (config, tokenizer, ...): regular files
-    only (see io.sidefiles). Sub-folders, other weights and links that lead outside the base folder `root` (default
-    `src_dir`; a pipeline's folder for its components) are left out with a note."""
+    only (see io.sidefiles), and the .jinja files of TOKENIZER_FOLDERS. Other sub-folders, other weights and links
+    that lead outside the base folder `root` (default `src_dir`; a pipeline's folder for its components) are left
+    out with a note."""
     try:
         entries = sorted(src_dir.iterdir())
     except OSError as e:
@@ -548,6 +554,8 @@ def _side_files(src_dir: Path, skip: set[str], notes: list[str], root: Path | No
         kind, note = entry_kind(p, p.name, root or src_dir)
         if note is not None:  # not a file or folder, or a link out (its bytes, say ~/.aws/credentials, stay out)
             notes.append(note)
+        elif kind == "dir" and p.name in TOKENIZER_FOLDERS:  # transformers' tokenizer reads *.jinja from it
+            files += [f for f, k in walk_entry(p, notes, root or src_dir) if k == "file" and f.suffix == ".jinja"]
         elif kind == "dir":
             notes.append(f"folder {p.name}/ was not copied")
         else:
@@ -586,7 +594,9 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
                 cfg.pop(key, None)
             (dst_dir / p.name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         else:
-            copy_file(p, dst_dir / p.name)
+            target = dst_dir / p.relative_to(src_dir)  # a file of TOKENIZER_FOLDERS keeps its folder
+            target.parent.mkdir(exist_ok=True)
+            copy_file(p, target)
 
 
 def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -> None:
@@ -779,7 +789,22 @@ def prepare_apply(
                            skip_missing, requantize)
     if one_file and not single_file:
         _one_file_notes(mplan, base_path, out_path)
+    _base_names_note(loaded, base_path, mplan.notes)
     return ApplySetup(mplan, out_path, one_file, inputs, limit, threads, backend, timings, replaces, loaded)
+
+
+def _base_names_note(loaded: Sequence[Adapter], base: Path, notes: list[str]) -> None:
+    """A note when the adapters' configs name different base models (base_model_name_or_path), as combine
+    says it (ops.combine.identity): each is merged into `base` as asked, but one was likely trained for
+    another model. Adapters that name none (kohya, diffusers files) are not compared."""
+    named = [(a.config.get("base_model_name_or_path"), a.path if a.path is not None else f"adapter {i + 1}")
+             for i, a in enumerate(loaded)]
+    named = [(n, where) for n, where in named if isinstance(n, str) and n]
+    other = next(((n, where) for n, where in named[1:] if n != named[0][0]), None)
+    if other is not None:
+        notes.append(f"the adapters name different base models (base_model_name_or_path): {named[0][1]} names "
+                     f"{named[0][0]!r}, {other[1]} names {other[0]!r}; each is merged into {base} as asked: check "
+                     "that every adapter was trained for it")
 
 
 def _load_adapter(adapter: str | os.PathLike[str], base: Path) -> Adapter:
@@ -790,9 +815,9 @@ def _load_adapter(adapter: str | os.PathLike[str], base: Path) -> Adapter:
     except FormatError as e:
         from lorafuse.formats import detect_format
 
-        try:
+        try:  # the base first: it is local (a Hub base is in its snapshot), and an adapter's Hub id read as a
+            detect_format(base)  # checkpoint downloads its repository's weights (every .safetensors file)
             Checkpoint(adapter)
-            detect_format(base)
         except (LorafuseError, OSError, ValueError):
             raise e from None
         raise FormatError(f"{e}. {adapter} is a model checkpoint and {base} an adapter: the base comes first "

@@ -172,10 +172,22 @@ def zero_notes(adapters: Sequence[Adapter], zero: Sequence[int], labels: Sequenc
     """One line per adapter of `adapters` at the indices `zero`, whose delta is zero (no module, or B @ A = 0 in
     every one): its cosines, the diagonal's too, are undefined, and similarity shows them as 0."""
     names = [str(x) for x in labels] if labels is not None else [a.label for a in adapters]
-    why = ["it holds no module" if not adapters[i].updates else "B @ A is 0 in every module: saved before training?"
-           for i in zero]
+    why = [_zero_why(adapters[i]) for i in zero]
     return [f"{names[i]}: {ZERO_NOTE} ({w}): its cosine with any adapter, itself included, is undefined and shown as 0"
             for i, w in zip(zero, why)]
+
+
+def _zero_why(adapter: Adapter) -> str:
+    """Why a zero delta is zero: no module, every module's scale 0 (lora_alpha 0), B @ A 0 in every module, or
+    each module's scale or B @ A."""
+    if not adapter.updates:
+        return "it holds no module"
+    scaled = [u.scale != 0 for u in adapter.updates.values()]
+    if not any(scaled):
+        return "every module's scale is 0: an alpha of 0?"
+    if all(scaled):
+        return "B @ A is 0 in every module: saved before training?"
+    return "each module's scale or its B @ A is 0"
 
 
 def unshared_pairs(adapters: Sequence[Adapter]) -> list[tuple[int, int]]:
