@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 
 def cache_repo(home: Path, repo: str, files: dict[str, bytes], commit: str, refs: tuple[str, ...] = ("main",),
                tree: dict[str, int] | None = None) -> Path:
@@ -34,3 +36,14 @@ def cache_repo(home: Path, repo: str, files: dict[str, bytes], commit: str, refs
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def offline_hub(monkeypatch: pytest.MonkeyPatch, home: Path, work: Path) -> None:
+    """HF_HOME = `home`, offline, no other Hub variable set; the current folder `work` (made here, empty: no local
+    org/... shadows an id)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work.mkdir()
+    monkeypatch.chdir(work)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import numpy as np
 import pytest
-from hub_fixtures import cache_repo, folder_files
+from hub_fixtures import cache_repo, folder_files, offline_hub
 from peft_fixtures import Case, another_adapter, llama_case
 from safetensors.numpy import load_file, save_file
 
@@ -93,13 +93,8 @@ def home(local: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture
 def env(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """HF_HOME = the test's cache, offline; the current folder an empty one (no local org/...). The cache."""
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
+    offline_hub(monkeypatch, home, work)
     return home / "hub"
 
 

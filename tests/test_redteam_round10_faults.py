@@ -96,9 +96,9 @@ def _adapter(folder: Path, seed: int) -> Path:
     return folder
 
 
-def test_a_stop_while_a_recipe_removes_its_stage_folder_still_removes_it(tmp_path, monkeypatch):
-    """A two-stage recipe's first stage's folder (`.lorafuse-run-PID-...`) is removed even when a Ctrl-C lands during
-    that removal (after the last stage's output was put in place: the interruption still comes, after it)."""
+def _two_stage_recipe(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe of two stages (linear of two adapters, then a resize of it) in tmp_path/in, and an empty output
+    folder tmp_path/o."""
     root = tmp_path / "in"
     root.mkdir()
     _adapter(root / "a", 1)
@@ -108,6 +108,13 @@ def test_a_stop_while_a_recipe_removes_its_stage_folder_still_removes_it(tmp_pat
                       "name: r1\nmerge_method: resize\nmodels:\n  - model: ab\nparameters: {rank: 1}\n")
     outdir = tmp_path / "o"
     outdir.mkdir()
+    return recipe, outdir
+
+
+def test_a_stop_while_a_recipe_removes_its_stage_folder_still_removes_it(tmp_path, monkeypatch):
+    """A two-stage recipe's first stage's folder (`.lorafuse-run-PID-...`) is removed even when a Ctrl-C lands during
+    that removal (after the last stage's output was put in place: the interruption still comes, after it)."""
+    recipe, outdir = _two_stage_recipe(tmp_path)
     _second_signal_during(monkeypatch, shutil, "rmtree", signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         lorafuse.run(recipe, outdir / "out")
@@ -162,15 +169,7 @@ def test_an_output_a_killed_run_with_this_process_pid_moved_aside_is_put_back(tm
 
 
 def test_a_killed_recipes_stage_folder_with_this_process_pid_is_removed(tmp_path, started_now):
-    root = tmp_path / "in"
-    root.mkdir()
-    _adapter(root / "a", 1)
-    _adapter(root / "b", 2)
-    recipe = root / "r.yml"
-    recipe.write_text("name: ab\nmerge_method: linear\nmodels:\n  - model: a\n  - model: b\n---\n"
-                      "name: r1\nmerge_method: resize\nmodels:\n  - model: ab\nparameters: {rank: 1}\n")
-    outdir = tmp_path / "o"
-    outdir.mkdir()
+    recipe, outdir = _two_stage_recipe(tmp_path)
     stale = _stale(outdir / f".lorafuse-run-{os.getpid()}-abcd1234", True)
     started_now()
     lorafuse.run(recipe, outdir / "out")

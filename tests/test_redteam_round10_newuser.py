@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_fixtures import cache_repo, folder_files
+from hub_fixtures import cache_repo, folder_files, offline_hub
 from redteam_fixtures import llm_base, peft_folder, run_cli
 from safetensors.numpy import load_file, save_file
 
@@ -78,13 +78,8 @@ def hub_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     llm_base(tmp_path / "model", SHAPES)
     home = tmp_path / "hf"
     cache_repo(home, "org/model", folder_files(tmp_path / "model"), "c" * 40)
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
+    offline_hub(monkeypatch, home, work)
     return peft_folder(work / "lora", SHAPES, 3)
 
 
