@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("lorafuse.backends", "lorafuse._version")),
     # _variants chooses the core's variant without loading it (the `import lorafuse` check); _core loads it
     ("leaf", ("lorafuse.errors", "lorafuse._core", "lorafuse._variants", "lorafuse._validate", "lorafuse._terminal",
-              "lorafuse._progress", "lorafuse._lazy")),
+              "lorafuse._progress", "lorafuse._lazy", "lorafuse._threads")),
 ]
 CORE_IMPORTERS = ("lorafuse.backends", "lorafuse._core", "lorafuse._variants")  # who may import the compiled core
 

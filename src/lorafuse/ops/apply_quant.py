@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lorafuse._threads import outcome, started
 from lorafuse.backends import get_backend
 from lorafuse.errors import LorafuseError, NonFiniteError, UnsupportedError
 from lorafuse.io.checkpoint import Checkpoint
@@ -390,16 +391,11 @@ def requantize_rows(ref: QuantRef, merged: np.ndarray, r0: int, shape: tuple[int
         err.add(part, back)
         return codes, comps, err
 
-    results = None
-    if len(bounds) > 1:
-        try:
-            with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="lorafuse-quant") as pool:
-                results = list(pool.map(lambda ab: one(*ab), bounds))
-        except RuntimeError as why:  # no thread can be started (a process or thread limit): the pieces one by one
-            if "thread" not in str(why):
-                raise
-    if results is None:
-        results = [one(*ab) for ab in bounds]
+    if len(bounds) == 1:
+        results = [one(*bounds[0])]
+    else:  # (a piece whose thread cannot start, a process or thread limit, is done here: _threads.started)
+        with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="lorafuse-quant") as pool:
+            results = [outcome(r) for r in [started(pool, one, a, b) for a, b in bounds]]
     for _, _, e in results:
         error.merge(e)
     if len(results) == 1:

@@ -54,13 +54,14 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lorafuse._progress import BAR_FORMAT, Display, human_bytes
+from lorafuse._threads import outcome, started
 from lorafuse._validate import (
     MAX_PASSES,
     check_int,
@@ -139,9 +140,8 @@ class Source:
 _COMMENT_START = re.compile(r"(?:^|(?<=\s))#")  # where a comment may start: a `#` at the start or after a space
 PATH_TEXT_MAX = 8192  # a longer text names no path (PATH_MAX is 4096): no `#` further in is looked at
 _NUMBERISH = re.compile(r"^[-+]?(?:[.\d]|inf|nan)", re.IGNORECASE)  # a weight, or a bad one said so
-# The line breaks of a list: those wc -l, sed and editors count (str.splitlines also breaks at \f, \v,
-# \x1c-\x1e, U+0085, U+2028 and U+2029, which would shift every later line's number, and split a path).
-_LINE_BREAK = re.compile(r"\r\n|\n|\r")
+# A list's line breaks are those wc -l, sed and editors count, \r\n, \n and \r (str.splitlines also breaks at \f,
+# \v, \x1c-\x1e, U+0085, U+2028 and U+2029, which would shift every later line's number, and split a path).
 _CONTENT_LINE = re.compile(r"^.*\S.*$", re.MULTILINE)  # a line holding more than blanks (breaks made \n first)
 SHOWN_CHARS = 200  # of a listed name or weight in a message (a line may be megabytes long)
 HUB_ID_MAX = 1024  # a longer name is no Hub id (org and name: 96 characters each; a revision: a branch, tag or sha)
@@ -248,14 +248,14 @@ def _line_entry(p: Path, line: str, where: str) -> tuple[str, float | None, bool
 
 
 def _breaks(text: str, start: int, stop: int) -> int:
-    """The line breaks (_LINE_BREAK: \r\n counts once) in text[start:stop]."""
+    """The line breaks (\r\n, \n, \r: \r\n counts once) in text[start:stop]."""
     return text.count("\n", start, stop) + text.count("\r", start, stop) - text.count("\r\n", start, stop)
 
 
 def _content_lines(text: str) -> Iterator[tuple[int, str]]:
-    """(number, text) of each line of a list that holds more than blanks, lines ending at \r\n, \n or \r
-    (_LINE_BREAK), found by one regular expression over the text: not a Python list and loop over every line
-    (a list of 64 Mi newlines took 87 s and 630 MB that way)."""
+    """(number, text) of each line of a list that holds more than blanks, lines ending at \r\n, \n or \r, found by
+    one regular expression over the text: not a Python list and loop over every line (a list of 64 Mi newlines
+    took 87 s and 630 MB that way)."""
     flat = text.replace("\r\n", "\n").replace("\r", "\n")  # one \n per break: the lines and their numbers kept
     no, at = 1, 0
     for m in _CONTENT_LINE.finditer(flat):
@@ -741,6 +741,11 @@ class _Stack:
 Operand = tuple[np.ndarray, np.ndarray | None]  # one module's operand of a pass: X (float32), Psi (float32)
 
 
+def oversample_of(options: CombineOptions) -> int:
+    """The sketch's oversampling the options ask for (--oversample), else OVERSAMPLE."""
+    return OVERSAMPLE if options.oversample is None else options.oversample
+
+
 def sketch_width(k: int, out: int, inn: int, oversample: int = OVERSAMPLE) -> int:
     """A module's sketch width: k + oversample columns, or its whole range, min(out, in), when that is at most
     twice as many. A rank that is a large share of the module's size is where k + 10 columns fall short
@@ -1003,7 +1008,8 @@ def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
 
 class _Folding:
     """One chunk being folded: each module's factors of the chunk widened into its stack (float32) and folded
-    into its accumulators by one task (in the pool's threads, or at once in this thread without a pool), so a
+    into its accumulators by one task (in the pool's threads, or at once in this thread without a pool or where
+    no thread can be started: _threads.started), so a
     module's stack is still in the cache when its products read it and the caller reads the next chunk
     meanwhile. A module's sums keep their order: its chunks are folded one after the other."""
 
@@ -1012,25 +1018,13 @@ class _Folding:
         self.held, self.nbytes, self.count = held, nbytes, len(held)
         self.names = [n for n in folds if any(n in h.factors for h in held)]
 
-        def fold(name: str) -> bool:
-            return _fold_module(folds[name], stacks[name], name, held, backend)
-
-        def start(name: str) -> Future[bool] | bool:
-            if pool is not None:
-                try:
-                    return pool.submit(fold, name)
-                except RuntimeError:  # no thread can be started (a process or thread limit): folded here
-                    pass
-            return fold(name)
-
-        self.results = [start(n) for n in self.names]
+        self.results = [started(pool, _fold_module, folds[n], stacks[n], n, held, backend) for n in self.names]
 
     def wait(self, on_chunk: Callable[[int], None] | None) -> int:
         """Wait for the chunk's modules (the first failed one's error, in module order), check each loaded
         adapter's files held still while they were read, and let go of the chunk; the bytes of factors read."""
         for name, r in zip(self.names, self.results):
-            ok = r.result() if isinstance(r, Future) else r
-            if not ok:
+            if not outcome(r):
                 raise _non_finite(name, [(h.src, h.w) for h in self.held])
         for h in self.held:
             if h.adapter is not None and isinstance(h.src.item, Path):
@@ -1046,9 +1040,8 @@ class _Folding:
     def drain(self) -> None:
         """Wait for whatever of the chunk still runs (its errors dropped: another error is on its way)."""
         for r in self.results:
-            if isinstance(r, Future):
-                with contextlib.suppress(BaseException):
-                    r.result()
+            with contextlib.suppress(BaseException):
+                outcome(r)
 
 
 def _fold_module(fold: _SvdFold | _LinearSum, stack: _Stack, name: str, held: list[_Held],
@@ -1059,10 +1052,10 @@ def _fold_module(fold: _SvdFold | _LinearSum, stack: _Stack, name: str, held: li
     jobs: list[ConvertJob] = []
     starts: list[tuple[_Held, int]] = []  # each adapter's first job (the error path only)
     for h in held:
-        e = h.factors.get(name)
-        if e is not None:
+        if name in h.factors:
+            c, r, b_rows, a, b = h.factors[name]
             starts.append((h, len(jobs)))
-            stack.add(e[0], e[1], e[3], e[4], e[2], jobs)  # (svd's c_i in float32's range: check_sources)
+            stack.add(c, r, a, b, b_rows, jobs)  # (svd's c_i in float32's range: check_sources)
     try:
         backend.convert_into(jobs, 1)
     except LorafuseError as e:
@@ -1095,7 +1088,7 @@ class Sketching:
         ranks = output_ranks(plan, options.rank, options.conv_rank)
         self.svd: dict[str, _SvdSketch] = {}
         if method == "svd":
-            over = OVERSAMPLE if options.oversample is None else options.oversample
+            over = oversample_of(options)
             self.svd = {n: _SvdSketch(s, ranks[n], self.passes, options.seed, over) for n, s in plan.modules.items()}
         self.job = Folding(plan.modules, method, options.seed, self.passes, {n: sk.w for n, sk in self.svd.items()},
                            chunk_size(plan, options.group_bytes // 4))  # the chunk and its stacks
@@ -1434,13 +1427,13 @@ def layout_of(plan: Plan, options: CombineOptions, dtype: str) -> list[ModuleLay
 
 
 def randomized_modules(plan: Plan, options: CombineOptions) -> list[str]:
-    """The modules whose streamed svd is randomized: those sketched by k + oversample columns (options.oversample,
-    else OVERSAMPLE, as Sketching's); one sketched whole (sketch_width: min(out, in) columns) is the best rank-k
+    """The modules whose streamed svd is randomized: those sketched by k + oversample columns (oversample_of, as
+    Sketching's); one sketched whole (sketch_width: min(out, in) columns) is the best rank-k
     approximation, as the exact path's. [] for linear."""
     if options.method != "svd":
         return []
     ranks = output_ranks(plan, options.rank, options.conv_rank)
-    over = OVERSAMPLE if options.oversample is None else options.oversample
+    over = oversample_of(options)
     return [n for n, s in plan.modules.items() if sketch_width(ranks[n], s.out, s.inn, over) < min(s.out, s.inn)]
 
 
