@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -13,6 +15,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_open_clip_checkpoint,
 )
+from safetensors.torch import save_file as save_torch_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from lorafuse.formats.sd_keys import (
@@ -154,3 +157,29 @@ def tiny_flux2() -> torch.nn.Module:
     return Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                    timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2)).eval()
+
+
+def kohya_unet_lora(modules: Mapping[str, tuple[int, int]], seed: int = 1, alpha: float = 2.0,
+                    rank: int = 4) -> dict[str, torch.Tensor]:
+    """A kohya LoRA's tensors (`lora_unet_<module>.lora_down / lora_up / alpha`) for modules -> (out, in), factors
+    from torch.randn of a generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for m, (o, i) in modules.items():
+        out[f"lora_unet_{m}.lora_down.weight"] = torch.randn(rank, i, generator=g)
+        out[f"lora_unet_{m}.lora_up.weight"] = torch.randn(o, rank, generator=g)
+        out[f"lora_unet_{m}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def lora_file(path: Path, factors: Mapping[str, tuple[np.ndarray, ...]], prefix: str,
+              names: tuple[str, str] = ("lora_A.weight", "lora_B.weight"), alpha: float | None = None) -> Path:
+    """A LoRA file of `factors` (module -> (A, B)) under `prefix` + module + names (and `.alpha` where given)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for m, (a, b) in factors.items():
+        tensors[f"{prefix}{m}.{names[0]}"] = torch.from_numpy(a)
+        tensors[f"{prefix}{m}.{names[1]}"] = torch.from_numpy(b)
+        if alpha is not None:
+            tensors[f"{prefix}{m}.alpha"] = torch.tensor(alpha)
+    save_torch_file(tensors, str(path))
+    return path

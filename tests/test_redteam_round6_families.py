@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
-from sd_fixtures import tiny_flux2
+from sd_fixtures import kohya_unet_lora, tiny_flux2
 
 import lorafuse
 from lorafuse.cli import main
@@ -27,16 +27,6 @@ from lorafuse.errors import LorafuseError, MissingModuleError
 
 H = 16  # the tiny transformers' hidden size
 R = 4
-
-
-def _kohya(modules: dict[str, tuple[int, int]], seed: int = 1, alpha: float = 2.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for m, (o, i) in modules.items():
-        out[f"lora_unet_{m}.lora_down.weight"] = torch.randn(R, i, generator=g)
-        out[f"lora_unet_{m}.lora_up.weight"] = torch.randn(o, R, generator=g)
-        out[f"lora_unet_{m}.alpha"] = torch.tensor(alpha)
-    return out
 
 
 def _delta(lora: dict[str, torch.Tensor], module: str) -> np.ndarray:
@@ -95,7 +85,7 @@ def test_a_flux2_kohya_mlp_layer_is_not_converted_under_flux1_names(tmp_path: Pa
     (--family flux), naming Flux.2 (round 8: without --family the widths tell Flux.2, whose names convert writes:
     tests/test_redteam_round8_dit.py)."""
     src = tmp_path / "flux2.safetensors"
-    save_file(_kohya({**FLUX2_ATTN, module: FLUX2_MLP[module]}), str(src))
+    save_file(kohya_unet_lora({**FLUX2_ATTN, module: FLUX2_MLP[module]}), str(src))
     out = tmp_path / "peft.safetensors"
     with pytest.raises(LorafuseError, match=rf"lora_unet_{module}.*Flux\.1.*Flux\.2"):
         lorafuse.convert(src, out, to="peft", family="flux")
@@ -112,7 +102,7 @@ def test_a_flux2_kohya_attention_lora_converts_to_names_flux2_loads(tmp_path: Pa
     from diffusers import Flux2Pipeline, Flux2Transformer2DModel
 
     folder = _pipeline(tmp_path, tiny_flux2(), "Flux2Pipeline")
-    lora = _kohya(FLUX2_ATTN, alpha=4.0)
+    lora = kohya_unet_lora(FLUX2_ATTN, alpha=4.0)
     src = tmp_path / "attn.safetensors"
     save_file(lora, str(src))
     want = _fused(Flux2Transformer2DModel, folder, lora, Flux2Pipeline)
@@ -132,7 +122,7 @@ def _lands_whole(tmp_path: Path, base: dict[str, np.ndarray], keys: dict[str, st
 
     ckpt = tmp_path / "base.safetensors"
     save_np(base, str(ckpt))
-    lora = _kohya(modules, seed=seed, alpha=alpha)
+    lora = kohya_unet_lora(modules, seed=seed, alpha=alpha)
     src = tmp_path / "lora.safetensors"
     save_file(lora, str(src))
     out = tmp_path / "merged.safetensors"
@@ -193,7 +183,7 @@ def test_a_musubi_hunyuanvideo_attention_lora_applies_as_diffusers_loads_it(tmp_
     from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
     folder = _pipeline(tmp_path, _hunyuan(), "HunyuanVideoPipeline")
-    lora = _kohya(HV_ATTN)
+    lora = kohya_unet_lora(HV_ATTN)
     src = tmp_path / "musubi.safetensors"
     save_file(lora, str(src))
     double = {}
@@ -226,7 +216,7 @@ def test_a_full_musubi_hunyuanvideo_lora_is_refused_by_convert_and_applied_on_it
     convert, naming them, nothing written, never a silent drop; onto the original single-file layout
     (double_blocks.0.img_attn_qkv.weight, img_mlp.fc1.weight, ...) every module lands whole. (Onto a diffusers
     HunyuanVideo folder they merge since round 7: tests/test_redteam_round7_comfy.py, against diffusers.)"""
-    lora = _kohya({**HV_ATTN, **HV_OTHER}, seed=5)
+    lora = kohya_unet_lora({**HV_ATTN, **HV_OTHER}, seed=5)
     src = tmp_path / "musubi.safetensors"
     save_file(lora, str(src))
     peft = tmp_path / "peft.safetensors"
@@ -346,7 +336,7 @@ def test_a_musubi_qwenimage_kohya_lora_applies_onto_its_pipeline_folder(tmp_path
     folder = _pipeline(tmp_path, model_cls(**kw).eval(), pipeline_name)
     m = model_cls.from_pretrained(str(folder / "transformer"))
     shapes = {n: tuple(x.weight.shape) for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)}
-    lora = _kohya({n.replace(".", "_"): s for n, s in shapes.items()}, seed=7, alpha=1.0)
+    lora = kohya_unet_lora({n.replace(".", "_"): s for n, s in shapes.items()}, seed=7, alpha=1.0)
     src = tmp_path / "musubi.safetensors"
     save_file(lora, str(src))
     want = _fused(model_cls, folder, lora, pipeline)

@@ -18,6 +18,7 @@ from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_
 from redteam_fixtures import run_cli
 from safetensors.numpy import load_file as np_load
 from safetensors.torch import save_file
+from sd_fixtures import lora_file
 
 import lorafuse
 from lorafuse.errors import LorafuseError
@@ -45,15 +46,7 @@ def _factors(shapes: Mapping[str, tuple[int, int]], seed: int, rank: int = 2) ->
 
 def _comfy_file(path: Path, factors: Mapping[str, tuple[np.ndarray, ...]], names: tuple[str, str],
                 alpha: float | None = None, prefix: str = "diffusion_model.") -> Path:
-    a_name, b_name = names
-    tensors = {}
-    for m, (a, b) in factors.items():
-        tensors[f"{prefix}{m}.{a_name}"] = torch.from_numpy(a)
-        tensors[f"{prefix}{m}.{b_name}"] = torch.from_numpy(b)
-        if alpha is not None:
-            tensors[f"{prefix}{m}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return path
+    return lora_file(path, factors, prefix, names, alpha)  # ComfyUI's prefix by default
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sd_fixtures import tiny_flux2
+from sd_fixtures import kohya_unet_lora, tiny_flux2
 
 import lorafuse
 from lorafuse.cli import main
@@ -42,23 +42,13 @@ MODULATION = {"single_stream_modulation_lin": (3 * H, H), "double_stream_modulat
 EMBED = {"img_in": (H, 4), "txt_in": (H, 12), "final_layer_linear": (4, H)}
 
 
-def _kohya(modules: dict[str, tuple[int, int]], seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for m, (o, i) in modules.items():
-        out[f"lora_unet_{m}.lora_down.weight"] = torch.randn(R, i, generator=g)
-        out[f"lora_unet_{m}.lora_up.weight"] = torch.randn(o, R, generator=g)
-        out[f"lora_unet_{m}.alpha"] = torch.tensor(ALPHA)
-    return out
-
-
 def _comfy(modules: dict[str, tuple[int, int]], seed: int = 1) -> dict[str, torch.Tensor]:
     """The same modules in ComfyUI / ai-toolkit's layout (`diffusion_model.<path>.lora_A.weight`, alpha baked into A,
     as ai-toolkit writes them: no alpha key)."""
     from lorafuse.formats.dit_keys import FLUX2
 
     out: dict[str, torch.Tensor] = {}
-    for k, v in _kohya(modules, seed).items():
+    for k, v in kohya_unet_lora(modules, seed, ALPHA, R).items():
         if k.endswith(".alpha"):
             continue
         module, part = k[len("lora_unet_"):].split(".", 1)
@@ -142,7 +132,7 @@ def test_flux2_attention_and_time_in_is_not_written_under_flux1_names(tmp_path: 
     written under Flux.1's names, which diffusers' Flux2 model does not have. Now refused, naming the module and
     --family; nothing written."""
     src = tmp_path / "flux2.safetensors"
-    save_file(_kohya({**ATTN, **extra}), str(src))
+    save_file(kohya_unet_lora({**ATTN, **extra}), str(src))
     out = tmp_path / "peft.safetensors"
     with pytest.raises(LorafuseError, match=r"in_layer.*--family flux2"):
         lorafuse.convert(src, out, to="peft")
@@ -156,7 +146,7 @@ def test_flux2_attention_and_time_in_is_not_written_under_flux1_names(tmp_path: 
 def test_flux2_family_names_time_in_as_diffusers_flux2_loader(tmp_path: Path, extra: dict) -> None:
     """--family flux2 writes Flux.2's diffusers names: diffusers' Flux2 loader fuses the converted file into exactly
     what its own kohya Flux.2 converter gives from the original (time_guidance_embed changed, every module landing)."""
-    lora = _kohya({**ATTN, **extra})
+    lora = kohya_unet_lora({**ATTN, **extra})
     src = tmp_path / "flux2.safetensors"
     save_file(lora, str(src))
     out = tmp_path / "peft.safetensors"
@@ -178,7 +168,7 @@ def test_flux2_mlp_widths_tell_flux2_and_every_layer_lands_in_diffusers_flux2(tm
     Flux.2 without --family, and the converted file fuses into diffusers' Flux2 model as diffusers' own kohya Flux.2
     converter reads the original. Round 6 refused every MLP-bearing module."""
     modules = {**ATTN, **MLP, **TIME, **EMBED}
-    lora = _kohya(modules)
+    lora = kohya_unet_lora(modules)
     src = tmp_path / "flux2.safetensors"
     save_file(lora, str(src))
     out = tmp_path / "peft.safetensors"
@@ -206,7 +196,7 @@ def test_flux2_comfyui_file_with_modulation_converts_as_diffusers_loader_reads_i
 
 def test_flux2_peft_back_to_kohya_is_the_same_file(tmp_path: Path) -> None:
     """kohya -> peft -> kohya of a Flux.2 file gives back the same tensors (the family recorded in the peft file)."""
-    lora = _kohya({**ATTN, **MLP, **MODULATION, **TIME})
+    lora = kohya_unet_lora({**ATTN, **MLP, **MODULATION, **TIME})
     src = tmp_path / "flux2.safetensors"
     save_file(lora, str(src))
     peft, back = tmp_path / "peft.safetensors", tmp_path / "back.safetensors"
@@ -222,7 +212,7 @@ def test_a_diffusers_flux2_lora_takes_flux2_kohya_names_not_flux1s(tmp_path: Pat
     """A diffusers Flux.2 LoRA (ff.linear_in, to_qkv_mlp_proj, time_guidance_embed) --to kohya: --family flux2 writes
     the kohya names diffusers' kohya Flux.2 converter reads back to the same model; --family flux (Flux.1) is refused
     naming Flux.2; without --family the error names --family flux2."""
-    lora = _kohya({**ATTN, **MLP, **TIME})
+    lora = kohya_unet_lora({**ATTN, **MLP, **TIME})
     src = tmp_path / "flux2.safetensors"
     save_file(lora, str(src))
     peft = tmp_path / "peft.safetensors"
@@ -246,12 +236,12 @@ def test_flux1_and_flux2_layers_in_one_file_are_refused(tmp_path: Path) -> None:
     """Flux.1's per-block modulation (img_mod.lin) beside Flux.2's shared one: a file of two models; and --family
     flux2 on a Flux.1 file (its img_mod.lin is no Flux.2 layer) is refused, not written under Flux.2's names."""
     src = tmp_path / "mixed.safetensors"
-    save_file(_kohya({**ATTN, "double_blocks_0_img_mod_lin": (6 * H, H), **MODULATION}), str(src))
+    save_file(kohya_unet_lora({**ATTN, "double_blocks_0_img_mod_lin": (6 * H, H), **MODULATION}), str(src))
     out = tmp_path / "peft.safetensors"
     with pytest.raises(LorafuseError, match=r"img_mod_lin.*Flux\.1.*stream_modulation.*Flux\.2"):
         lorafuse.convert(src, out, to="peft")
     flux1 = tmp_path / "flux1.safetensors"
-    save_file(_kohya({**ATTN, **TIME, "double_blocks_0_img_mod_lin": (6 * H, H)}), str(flux1))
+    save_file(kohya_unet_lora({**ATTN, **TIME, "double_blocks_0_img_mod_lin": (6 * H, H)}), str(flux1))
     with pytest.raises(LorafuseError, match=r"family 'flux2' does not fit.*img_mod_lin"):
         lorafuse.convert(flux1, out, to="peft", family="flux2")
     assert not out.exists()
@@ -292,7 +282,7 @@ def test_wan_musubi_lora_converts_with_family_wan_as_diffusers_reads_it(tmp_path
     """musubi-tuner's Wan LoRA (`lora_unet_blocks_0_self_attn_q`): convert had no Wan family (refused, its error naming
     no file and no way on). Now --family wan writes diffusers' Wan names: the file fuses into diffusers' Wan model as
     its own musubi converter reads the original; without --family the error names the file and --family wan."""
-    lora = _kohya(WAN_BLOCKS)
+    lora = kohya_unet_lora(WAN_BLOCKS)
     src = tmp_path / "wan.safetensors"
     save_file(lora, str(src))
     out = tmp_path / "peft.safetensors"
@@ -322,7 +312,7 @@ def test_wan_layers_outside_the_blocks_convert_and_a_flux_file_is_no_wan(tmp_pat
     lorafuse.convert(src, out, to="peft", family="wan")
     _close(_wan_fused(out), _wan_fused(state))
     flux = tmp_path / "flux.safetensors"
-    save_file(_kohya(ATTN), str(flux))
+    save_file(kohya_unet_lora(ATTN), str(flux))
     with pytest.raises(LorafuseError, match=r"family 'wan' does not fit.*double_blocks_0"):
         lorafuse.convert(flux, tmp_path / "x.safetensors", to="peft", family="wan")
     assert not (tmp_path / "x.safetensors").exists()

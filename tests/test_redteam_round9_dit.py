@@ -25,6 +25,7 @@ from redteam_fixtures import run_cli
 from safetensors import safe_open
 from safetensors.numpy import load_file as np_load
 from safetensors.torch import load_file, save_file
+from sd_fixtures import lora_file
 
 import lorafuse
 from lorafuse.errors import LorafuseError
@@ -36,18 +37,6 @@ def _factors(shapes: Mapping[str, tuple[int, ...]], seed: int, rank: int = R) ->
     rng = np.random.default_rng(seed)
     return {m: (rng.standard_normal((rank, s[1])).astype(np.float32),
                 rng.standard_normal((s[0], rank)).astype(np.float32)) for m, s in shapes.items()}
-
-
-def _lora_file(path: Path, factors: Mapping[str, tuple[np.ndarray, ...]], prefix: str,
-               names: tuple[str, str] = ("lora_A.weight", "lora_B.weight"), alpha: float | None = None) -> Path:
-    tensors: dict[str, torch.Tensor] = {}
-    for m, (a, b) in factors.items():
-        tensors[f"{prefix}{m}.{names[0]}"] = torch.from_numpy(a)
-        tensors[f"{prefix}{m}.{names[1]}"] = torch.from_numpy(b)
-        if alpha is not None:
-            tensors[f"{prefix}{m}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return path
 
 
 def _peft_deltas(path: Path) -> dict[str, np.ndarray]:
@@ -108,7 +97,7 @@ def test_wan_aitoolkit_diffusers_paths_convert_to_the_file_diffusers_loads(tmp_p
 
     shapes = _wan_linears()
     factors = _factors(shapes, 1)
-    lora = _lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.", names, alpha)
+    lora = lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.", names, alpha)
     with pytest.raises(ValueError):  # diffusers reads no ai-toolkit Wan file: lorafuse's output is what it reads
         WanPipeline.lora_state_dict(str(lora))
     out = tmp_path / "pytorch_lora_weights.safetensors"
@@ -146,7 +135,7 @@ def test_wan_aitoolkit_file_converted_back_is_musubi_tuners_file(tmp_path: Path)
 
     shapes = {k: s for k, s in _wan_linears().items() if k.startswith("blocks.")}
     factors = _factors(shapes, 2)
-    lora = _lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.")
+    lora = lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.")
     peft = tmp_path / "peft.safetensors"
     kohya = tmp_path / "kohya.safetensors"
     assert run_cli(["convert", str(lora), "--to", "peft", "--family", "wan", "-o", str(peft)])[0] == 0
@@ -179,7 +168,7 @@ def test_wan_aitoolkit_diffusers_paths_apply_onto_an_original_wan_checkpoint(tmp
     as_diffusers = convert_wan_transformer_to_diffusers({k: v.double() for k, v in original.items()})
     shapes = {k.removesuffix(".weight"): tuple(v.shape) for k, v in as_diffusers.items()}
     factors = _factors(shapes, 4)
-    lora = _lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.")
+    lora = lora_file(tmp_path / "aitk_wan.safetensors", factors, "diffusion_model.")
     out = tmp_path / "merged.safetensors"
     lorafuse.apply(base, [lora], out=out, dtype="fp32")
     merged = {k: torch.from_numpy(v.astype(np.float64)) for k, v in np_load(str(out)).items()}
@@ -233,7 +222,7 @@ def test_hunyuan_video_token_refiner_applies_onto_diffusers(tmp_path: Path, hv_b
     base, weights = hv_base
     factors = _factors(HV_REFINER, 5, rank=3)
     if layout == "comfyui":
-        lora = _lora_file(tmp_path / "hv.safetensors", factors, "diffusion_model.")
+        lora = lora_file(tmp_path / "hv.safetensors", factors, "diffusion_model.")
     else:
         lora = tmp_path / "hv.safetensors"
         tensors: dict[str, torch.Tensor] = {}
@@ -280,7 +269,7 @@ def test_hunyuan_video_token_refiner_convert_is_refused_naming_it(tmp_path: Path
     diffusers names would name them back as Flux's layers), naming the module and what merges it; nothing is
     written."""
     factors = _factors({"txt_in.individual_token_refiner.blocks.0.self_attn_qkv": (48, 16)}, 6)
-    lora = _lora_file(tmp_path / "hv.safetensors", factors, "diffusion_model.")
+    lora = lora_file(tmp_path / "hv.safetensors", factors, "diffusion_model.")
     out = tmp_path / "out.safetensors"
     code, _, err = run_cli(["convert", str(lora), "--to", "peft", "--family", "flux", "-o", str(out)])
     assert code != 0 and "Traceback" not in err
@@ -303,7 +292,7 @@ def _comfy_te_file(path: Path, parts: Mapping[str, Mapping[str, tuple[int, int]]
                    alpha: float | None = None) -> tuple[Path, dict[str, tuple[np.ndarray, ...]]]:
     """A ComfyUI LoRA file: prefix (`diffusion_model.`, `text_encoders.clip_l.transformer.`) -> its modules."""
     factors = _factors({f"{p}{m}": s for p, mods in parts.items() for m, s in mods.items()}, seed)
-    return _lora_file(path, factors, "", names, alpha), factors
+    return lora_file(path, factors, "", names, alpha), factors
 
 
 def _diffusers_flux_deltas(path: Path) -> dict[str, np.ndarray]:
@@ -437,7 +426,7 @@ def test_an_unread_comfyui_text_encoder_is_named_as_that_layout(tmp_path: Path) 
     """A ComfyUI LoRA of a text encoder lorafuse has no names for (`text_encoders.qwen25_7b.transformer...`, as
     ComfyUI saves HunyuanVideo 1.5's / QwenImage's) is refused naming ComfyUI's text-encoder layout, not as a
     component-less diffusers save_lora_adapter file, which it is not."""
-    lora = _lora_file(tmp_path / "qwen_te.safetensors",
+    lora = lora_file(tmp_path / "qwen_te.safetensors",
                       _factors({"text_encoders.qwen25_7b.transformer.model.layers.0.self_attn.q_proj": (8, 8)}, 13),
                       "")
     code, _, err = run_cli(["convert", str(lora), "--to", "peft", "-o", str(tmp_path / "o.safetensors")])
@@ -479,7 +468,7 @@ def test_lumina2_lora_applies_onto_a_diffusers_lumina2_transformer(tmp_path: Pat
     base = tmp_path / "lumina2_transformer.safetensors"
     save_file({k: torch.from_numpy(v) for k, v in weights.items()}, str(base))
     if layout == "comfyui":
-        lora = _lora_file(tmp_path / "lumina.safetensors", factors, "diffusion_model.")
+        lora = lora_file(tmp_path / "lumina.safetensors", factors, "diffusion_model.")
     else:
         lora = tmp_path / "lumina.safetensors"
         save_file({f"lora_unet_{m.replace('.', '_')}.{p}": t for m, (a, b) in factors.items()
@@ -504,7 +493,7 @@ def test_lumina2_qkv_that_does_not_stack_to_the_weights_is_refused_naming_them(t
                "layers.0.attn.to_v.weight": (16, 8), "time_caption_embed.caption_embedder.1.weight": (8, 4)}
     base = tmp_path / "lumina2.safetensors"
     save_file({k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in weights.items()}, str(base))
-    lora = _lora_file(tmp_path / "lumina.safetensors", _factors({"layers.0.attention.qkv": (96, 8)}, 17),
+    lora = lora_file(tmp_path / "lumina.safetensors", _factors({"layers.0.attention.qkv": (96, 8)}, 17),
                       "diffusion_model.")
     out = tmp_path / "merged.safetensors"
     code, _, err = run_cli(["apply", str(base), str(lora), "-o", str(out)])
@@ -530,7 +519,7 @@ def test_lumina2_layers_outside_the_blocks_land_where_the_single_file_converter_
     base = tmp_path / "lumina2_transformer.safetensors"
     save_file({k: torch.from_numpy(v) for k, v in weights.items()}, str(base))
     factors = _factors(shapes, 19)
-    lora = _lora_file(tmp_path / "lumina.safetensors", factors, "diffusion_model.")
+    lora = lora_file(tmp_path / "lumina.safetensors", factors, "diffusion_model.")
     out = tmp_path / "merged.safetensors"
     lorafuse.apply(base, [lora], out=out)
     f64 = {k: v.astype(np.float64) for k, v in weights.items()}
