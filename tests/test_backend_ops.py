@@ -38,6 +38,8 @@ from lorafuse.backends import (
     InnerJob,
     LowRankStage,
     MergeJob,
+    SketchJob,
+    SketchTerm,
     TaskMergeJob,
     available_backends,
     get_backend,
@@ -72,6 +74,7 @@ TOL: dict[tuple[str, str], float] = {
     ("extract_s", "F8_E4M3"): 1e-5,     # 3 mantissa bits: D is mostly rounding noise, a flat spectrum
     ("extract_s", "F8_E5M2"): 1e-3,     # 2 mantissa bits: flatter still
     ("extract_frob", "any"): 1e-12,     # ||D||_F^2, relative, squared
+    ("sketch_fold", "any"): 1e-11,      # float32 products and sums over a job's terms vs float64
 }
 # ||D - B A||_F <= EY_FACTOR * the optimum (plus 1e-6 ||D||_F for float32 rounding), randomized paths.
 EY_FACTOR = {"decaying": 1.001, "flat": 1.02}
@@ -328,6 +331,104 @@ def test_convert_into_checks_every_job_first(backend):
         with pytest.raises(error, match=match):
             be.convert_into([ConvertJob(raw, "BF16", good, True), bad], 1)
         assert (good == -1.0).all()  # the good job before the bad one was not run either
+
+
+# ---------------------------------------------------------------- sketch_fold
+
+# (out, in, ranks of the job's terms, w): ragged edges (rows, columns and ranks that are no multiple of
+# a vector), a rank past four vectors (r = 70), sketches wider than a register block (w = 50, 150), and a
+# job whose rows and columns span more than one of the kernels' chunks of the accumulator (1100 x 1900).
+SKETCH_SHAPES = {
+    "tiny": (5, 3, (1,), 1),
+    "ragged": (37, 53, (5, 16, 20), 7),
+    "tinyllama": (256, 2048, (16, 16), 36),
+    "wide": (96, 80, (8, 70), 50),
+    "oversampled": (64, 48, (16,), 150),
+    "chunks": (1100, 1900, (4, 12), 9),
+}
+
+
+def sketch_data(rng: np.random.Generator, out: int, in_: int, ranks: tuple[int, ...], w: int, dtypes: tuple[str, ...]):
+    """Terms (raw A, raw B of the given dtypes, coef), the float64 factors they decode to, and operands."""
+    terms, decoded = [], []
+    for i, r in enumerate(ranks):
+        a_dt, b_dt = dtypes[i % len(dtypes)], dtypes[(i + 1) % len(dtypes)]
+        a = encode(rng.standard_normal((r, in_)) * 0.5, a_dt)
+        b = encode(rng.standard_normal((out, r)) * 0.5, b_dt)
+        c = float(rng.uniform(-2, 2))
+        terms.append(SketchTerm(a, a_dt, b, b_dt, c))
+        decoded.append((REF.to_float32(a, a_dt).astype(np.float64), REF.to_float32(b, b_dt).astype(np.float64),
+                        float(np.float32(c))))
+    x_range = rng.standard_normal((in_, w)).astype(np.float32)
+    x_corange = rng.standard_normal((out, w)).astype(np.float32)
+    return terms, decoded, x_range, x_corange
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+@pytest.mark.parametrize("shape", list(SKETCH_SHAPES))
+@pytest.mark.parametrize("dtypes", [("BF16",), ("F16",), ("F32",), ("F64",), ("F8_E4M3",), ("BF16", "F32", "F16")])
+def test_sketch_fold(backend, shape, dtypes):
+    """acc += sum_i c_i B_i (A_i X) and sum_i c_i A_i^T (B_i^T X) from the factors as stored, against numpy
+    float64 on the decoded factors, added to what acc held."""
+    be = get_backend(backend)
+    out, in_, ranks, w = SKETCH_SHAPES[shape]
+    rng = np.random.default_rng(zlib.crc32(f"{shape}{dtypes}".encode()))
+    terms, decoded, xr, xc = sketch_data(rng, out, in_, ranks, w, dtypes)
+    start_r, start_c = rng.standard_normal((out, w)), rng.standard_normal((in_, w))
+    acc_r, acc_c = start_r.copy(), start_c.copy()
+    be.sketch_fold([SketchJob(terms, "range", xr, acc_r), SketchJob(terms, "corange", xc, acc_c)], 2)
+    want_r = sum(c * (b @ (a @ xr.astype(np.float64))) for a, b, c in decoded)
+    want_c = sum(c * (a.T @ (b.T @ xc.astype(np.float64))) for a, b, c in decoded)
+    assert nmse(acc_r - start_r, want_r) < TOL[("sketch_fold", "any")]
+    assert nmse(acc_c - start_c, want_c) < TOL[("sketch_fold", "any")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sketch_fold_is_the_same_for_any_thread_count(backend):
+    """One job per thread: a job's sums keep their order, so the bits do not depend on the threads."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(11)
+    terms, _, xr, xc = sketch_data(rng, 300, 200, (16, 8, 16), 26, ("BF16",))
+    results = []
+    for threads in (1, 2, 3):
+        jobs = [SketchJob(terms, side, x, np.zeros((300 if side == "range" else 200, 26)))
+                for side, x in (("range", xr), ("corange", xc), ("range", xr))]
+        be.sketch_fold(jobs, threads)
+        results.append([j.acc for j in jobs])
+    for got in results[1:]:
+        for x, y in zip(got, results[0]):
+            assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_sketch_fold_checks_every_job_first(backend):
+    """A job the backend refuses leaves every job untouched, with the error naming the job, the term and the
+    shapes."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(5)
+    terms, _, xr, _ = sketch_data(rng, 12, 10, (4,), 3, ("BF16",))
+    good = np.zeros((12, 3))
+    a, b = terms[0].a, terms[0].b
+    for bad, error, match in [
+        (SketchJob([SketchTerm(a, "BF16", b[:11], "BF16", 1.0)], "range", xr, np.zeros((12, 3))),
+         ShapeMismatchError, r"term 0.*\(11, 4\)"),
+        (SketchJob(terms, "range", xr, np.zeros((12, 3), np.float32)), lorafuse.DtypeError, "float64"),
+        (SketchJob(terms, "range", xr.astype(np.float64), np.zeros((12, 3))), lorafuse.DtypeError, "float32"),
+        (SketchJob(terms, "range", xr, np.zeros((12, 4))), ShapeMismatchError, "columns"),
+        (SketchJob(terms, "corange", xr, np.zeros((12, 3))), ShapeMismatchError, "do not fit"),
+        (SketchJob(terms, "sideways", xr, np.zeros((12, 3))), LorafuseValueError, "side"),
+        (SketchJob([SketchTerm(a, "F32", b, "BF16", 1.0)], "range", xr, np.zeros((12, 3))), lorafuse.DtypeError,
+         "item size"),
+        (SketchJob([SketchTerm(a, "BF16", b, "BF16", 1e39)], "range", xr, np.zeros((12, 3))), LorafuseValueError,
+         "coefficient"),
+    ]:
+        with pytest.raises(error, match=match):
+            be.sketch_fold([SketchJob(terms, "range", xr, good), bad], 1)
+        assert (good == 0).all()
+    frozen = np.zeros((12, 3))
+    frozen.flags.writeable = False
+    with pytest.raises(LorafuseValueError, match="writable"):
+        be.sketch_fold([SketchJob(terms, "range", xr, frozen)], 1)
 
 
 # ---------------------------------------------------------------- merge_batch

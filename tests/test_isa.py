@@ -65,6 +65,18 @@ out["svd_s"] = np.asarray(S).tolist()
 w = rng.standard_normal((96, 80)).astype(np.float32)
 B3, A3, S3, fro = _core.extract_svd([("e", np.zeros_like(w), "F32", w, "F32")], [6], 10, 2, 3, 1)[0]
 out["extract_s"] = np.asarray(S3)[:6].tolist()
+# the streamed combine's products from BF16 factors (ranks 5 and 16, 53 columns: vector tails everywhere)
+sa = [(rng.standard_normal((r, 53)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for r in (5, 16)]
+sb = [(rng.standard_normal((37, r)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for r in (5, 16)]
+sx, sy = rng.standard_normal((53, 7)).astype(np.float32), rng.standard_normal((37, 7)).astype(np.float32)
+sterms = [(a, "BF16", b, "BF16", c) for a, b, c in zip(sa, sb, (0.5, -1.25))]
+acc_r, acc_c = np.zeros((37, 7)), np.zeros((53, 7))
+_core.sketch_fold([(sterms, "range", sx, acc_r), (sterms, "corange", sy, acc_c)], 1)
+f64 = [((a.astype(np.uint32) << 16).view(np.float32).astype(np.float64),
+        (b.astype(np.uint32) << 16).view(np.float32).astype(np.float64), c) for a, b, c in zip(sa, sb, (0.5, -1.25))]
+out["sketch"] = acc_r.ravel().tolist() + acc_c.ravel().tolist()
+out["sketch_ref"] = (sum(c * (b @ (a @ sx)) for a, b, c in f64).ravel().tolist()
+                     + sum(c * (a.T @ (b.T @ sy)) for a, b, c in f64).ravel().tolist())
 
 # the fused merge: a PEFT adapter into an F32 and a BF16 weight, through lorafuse.apply
 import lorafuse
@@ -185,6 +197,8 @@ def test_every_variant_gives_the_same_results(tmp_path: Path) -> None:
         np.testing.assert_allclose(r["svd_s"], ref["svd_s"], rtol=1e-9)
         np.testing.assert_allclose(r["svd_delta"], ref["svd_delta"], rtol=0, atol=1e-4)
         np.testing.assert_allclose(r["extract_s"], ref["extract_s"], rtol=1e-4)
+        sk, sk_ref = np.asarray(r["sketch"]), np.asarray(r["sketch_ref"])  # float32 sums of ~50 products
+        assert np.max(np.abs(sk - sk_ref)) <= 1e-5 * np.max(np.abs(sk_ref)), v
         for m in ("q", "k"):  # rounded once from float32: within one bf16 ulp (2^-7 relative) of float64
             got, want = np.asarray(r[f"merge_{m}"]), np.asarray(r[f"merge_{m}_ref"])
             assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-6), v

@@ -24,6 +24,7 @@
 #include "lorafuse/lowrank.hpp"
 #include "lorafuse/mapguard.hpp"
 #include "lorafuse/merge.hpp"
+#include "lorafuse/sketch.hpp"
 #include "lorafuse/parallel.hpp"
 #include "lorafuse/svd.hpp"
 #include "lorafuse/taskmerge.hpp"
@@ -135,6 +136,44 @@ void convert_into(const py::handle& jobs_in, const py::object& threads_in) {
   run_guarded<CpuKernels>(keep_alive, [&] { lorafuse::widen_batch(jobs, threads); });
 }
 
+// jobs: list of (terms, side, x, acc): terms a list of (a, a_dtype, b, b_dtype, coef) (raw factors of
+// safetensors dtypes: A r x in, B out x r), side "range" or "corange", x the float32 operand, acc the
+// float64 accumulator (see sketch.hpp).
+void sketch_fold(const py::handle& jobs_in, const py::object& threads_in) {
+  const int threads = require_threads(threads_in);
+  auto items = require_sequence(jobs_in, "sketch_fold: jobs");
+  std::vector<lorafuse::SketchJob> jobs;
+  std::vector<py::object> keep_alive;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string what = "sketch_fold: job " + std::to_string(i);
+    auto t = require_sequence(items[i], what);
+    if (t.size() != 4) fail(ErrorKind::Value, what + " must be (terms, side, x, acc)");
+    lorafuse::SketchJob job;
+    job.what = what;
+    auto terms = require_sequence(t[0], what + ": terms");
+    for (std::size_t k = 0; k < terms.size(); ++k) {
+      const std::string tw = what + ": term " + std::to_string(k);
+      auto tt = require_sequence(terms[k], tw);
+      if (tt.size() != 5) fail(ErrorKind::Value, tw + " must be (a, a_dtype, b, b_dtype, coef)");
+      lorafuse::SketchTerm term;
+      term.what = "term " + std::to_string(k);
+      term.a = array_view(tt[0], tw + ": A", keep_alive);
+      term.a_type = lorafuse::dtype_from_name(require_str(tt[1], tw + ": A's dtype"));
+      term.b = array_view(tt[2], tw + ": B", keep_alive);
+      term.b_type = lorafuse::dtype_from_name(require_str(tt[3], tw + ": B's dtype"));
+      term.coef = require_float(tt[4], tw + ": coef");
+      job.terms.push_back(std::move(term));
+    }
+    const std::string side = require_str(t[1], what + ": side");
+    if (side != "range" && side != "corange") fail(ErrorKind::Value, what + ": side must be 'range' or 'corange', got '" + side + "'");
+    job.corange = side == "corange";
+    job.x = f32_view(t[2], what + ": the operand", keep_alive);
+    job.acc = array_view(t[3], what + ": the accumulator", keep_alive);
+    jobs.push_back(std::move(job));
+  }
+  run_guarded<CpuKernels>(keep_alive, [&] { lorafuse::sketch_fold_batch(jobs, threads); });
+}
+
 // A memory-mapped file to guard (see mapguard.hpp): `buffer` is the mmap object; `label`
 // names the file in messages (UTF-8 bytes), `path` is its absolute path (file system bytes),
 // and (dev, ino, file_size, mtime_ns) its os.stat when it was validated.
@@ -224,6 +263,10 @@ PYBIND11_MODULE(LORAFUSE_MODULE_NAME, m) {
   m.def("convert_into", &convert_into, py::arg("jobs"), py::arg("threads") = 0,
         "For each (raw, dtype, out, transpose): the 2-D raw buffer of safetensors dtype `dtype` widened to float32 "
         "into `out` (its shape, or transposed); every job is checked before any is converted.");
+  m.def("sketch_fold", &sketch_fold, py::arg("jobs"), py::arg("threads") = 0,
+        "For each (terms, side, x, acc), terms (a, a_dtype, b, b_dtype, coef) of raw factors (A r x in, B out x r): "
+        "acc += sum c B (A x) ('range') or sum c A^T (B^T x) ('corange'), float32 products summed in float32, "
+        "added to the float64 acc; every job is checked before any is run.");
   m.def("task_merge", &task_merge, py::arg("items"), py::arg("weights"), py::arg("prune") = "none",
         py::arg("density") = 1.0, py::arg("rescale") = false, py::arg("merge") = "sum", py::arg("majority") = "total",
         py::arg("seed") = 0, py::arg("threads") = 0,

@@ -42,6 +42,10 @@ def to_float32(raw: _Raw, dtype: str, threads: int = 0) -> _F32:
 def convert_into(jobs: Sequence[tuple[_Raw, str, _F32, bool]], threads: int = 0) -> None:
     """Each (raw, dtype, out, transpose): the 2-D raw buffer widened to float32 into `out` (transposed)."""
 
+def sketch_fold(jobs: Sequence[tuple[Sequence[tuple[_Raw, str, _Raw, str, float]], str, _F32, np.ndarray]],
+                threads: int = 0) -> None:
+    """Each (terms, side, x, acc): acc += sum c B (A x) ('range') or sum c A^T (B^T x) ('corange')."""
+
 def from_float32(x: _F32, dtype: str, threads: int = 0) -> np.ndarray:
     """float32 rounded to F32 / F16 / BF16 (nearest even): float32, float16 or uint16 (BF16)."""
 

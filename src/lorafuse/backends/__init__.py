@@ -24,6 +24,8 @@ from lorafuse.backends.jobs import (
     InnerJob,
     LowRankStage,
     MergeJob,
+    SketchJob,
+    SketchTerm,
     Stage,
     SvdResult,
     TaskMergeJob,
@@ -118,7 +120,8 @@ def available_backends() -> list[str]:
 __all__ = [
     "Backend", "ConvertJob", "DenseJob", "ExtractJob", "ExtractResult", "FactorJob", "FactorListJob", "FactorPair",
     "FactorStage", "InnerJob",
-    "LowRankStage", "MergeJob", "Stage", "SvdResult", "TaskMergeJob", "available_backends", "backend_for_device",
+    "LowRankStage", "MergeJob", "SketchJob", "SketchTerm", "Stage", "SvdResult", "TaskMergeJob", "available_backends",
+    "backend_for_device",
     "check_device",
     "forced_backend", "get_backend",
 ]

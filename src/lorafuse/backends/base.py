@@ -17,6 +17,7 @@ from lorafuse.backends.jobs import (
     FactorPair,
     InnerJob,
     MergeJob,
+    SketchJob,
     SvdResult,
     TaskMergeJob,
 )
@@ -40,6 +41,13 @@ class Backend(Protocol):
     def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
         """Each job's raw 2-D tensor as float32 into its `out` (transposed with `transpose`); every job is checked
         before any is converted."""
+        ...
+
+    def sketch_fold(self, jobs: Sequence[SketchJob], threads: int = 0) -> None:
+        """Each job's acc += sum_i c_i B_i (A_i x) ('range') or sum_i c_i A_i^T (B_i^T x) ('corange'), from the
+        terms' factors as stored: each term's products in float32 (c_i rounded to float32, applied to the inner
+        product), the job's sum over its terms in float32, added to acc once; every job is checked before any
+        is run."""
         ...
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:

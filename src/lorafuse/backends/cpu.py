@@ -16,6 +16,7 @@ from lorafuse.backends.jobs import (
     FactorPair,
     InnerJob,
     MergeJob,
+    SketchJob,
     SvdResult,
     TaskMergeJob,
 )
@@ -34,6 +35,9 @@ class CpuBackend:
 
     def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
         core.convert_into(list(jobs), threads)
+
+    def sketch_fold(self, jobs: Sequence[SketchJob], threads: int = 0) -> None:
+        core.sketch_fold(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
         for j in jobs:

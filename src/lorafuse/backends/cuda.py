@@ -35,6 +35,7 @@ from lorafuse.backends.jobs import (
     FactorPair,
     InnerJob,
     MergeJob,
+    SketchJob,
     SvdResult,
     TaskMergeJob,
 )
@@ -146,6 +147,10 @@ class CudaBackend:
     def convert_into(self, jobs: Sequence[ConvertJob], threads: int = 0) -> None:
         # Host arrays into host arrays (the streamed combine's factor stacks): the CPU core's conversion.
         native.core.convert_into(list(jobs), threads)
+
+    def sketch_fold(self, jobs: Sequence[SketchJob], threads: int = 0) -> None:
+        # Host arrays into host arrays (the streamed combine's chunk of factors, read from files): the CPU core's.
+        native.core.sketch_fold(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
         if not jobs:

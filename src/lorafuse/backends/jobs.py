@@ -131,3 +131,25 @@ class ExtractResult(NamedTuple):
     a: np.ndarray
     s: np.ndarray
     frob_sq: float
+
+
+class SketchTerm(NamedTuple):
+    """One adapter's term c B A of a module, for sketch_fold: its factors as stored (raw elements of safetensors
+    dtypes, BF16 as uint16, F8 as uint8; C-contiguous): A (r x in), B (out x r)."""
+
+    a: np.ndarray
+    a_dtype: str
+    b: np.ndarray
+    b_dtype: str
+    coef: float
+
+
+class SketchJob(NamedTuple):
+    """One module's sketch accumulators folded over a chunk of adapters, for sketch_fold. side 'range': x (in x w,
+    float32), acc (out x w, float64) += sum_i c_i B_i (A_i x); side 'corange': x (out x w), acc (in x w) +=
+    sum_i c_i A_i^T (B_i^T x)."""
+
+    terms: Sequence[SketchTerm]
+    side: str
+    x: np.ndarray
+    acc: np.ndarray

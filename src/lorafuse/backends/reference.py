@@ -47,6 +47,7 @@ from lorafuse.backends.jobs import (
     FactorPair,
     InnerJob,
     MergeJob,
+    SketchJob,
     SvdResult,
     TaskMergeJob,
 )
@@ -135,6 +136,16 @@ class ReferenceBackend:
                                          f"the base weight {wshape}")
             return full[offset : offset + rows]
         raise LorafuseValueError(f"{name}: unknown stage kind '{kind}' (expected 'lowrank', 'hadamard' or 'kron')")
+
+    def sketch_fold(self, jobs: Sequence[SketchJob], threads: int = 0) -> None:
+        checked = [_sketch_checked(i, job) for i, job in enumerate(jobs)]
+        for job, terms in checked:
+            x = job.x.astype(np.float64)
+            for a, b, c in terms:
+                if job.side == "range":
+                    job.acc[...] += b @ (c * (a @ x))
+                else:
+                    job.acc[...] += a.T @ (c * (b.T @ x))
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
         flags = []
@@ -360,3 +371,35 @@ class ReferenceBackend:
                 zero = truncated(d, k, ll, "B", zero_null=True)
             results.append(ExtractResult(zero.b, zero.a, zero.s, frob_sq))
         return results
+
+
+def _sketch_checked(i: int, job: SketchJob) -> tuple[SketchJob, list[tuple[np.ndarray, np.ndarray, float]]]:
+    """A sketch_fold job after the cpu backend's checks, with its terms' factors in float64 (coefficients
+    rounded to float32, as there)."""
+    what = f"sketch_fold: job {i}"
+    terms, side, x, acc = job
+    if side not in ("range", "corange"):
+        raise LorafuseValueError(f"{what}: side must be 'range' or 'corange', got {side!r}")
+    f32(x, f"{what}: the operand")
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64:
+        raise DtypeError(f"{what}: the accumulator must be a float64 numpy array")
+    if not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise LorafuseValueError(f"{what}: the accumulator must be C-contiguous and writable")
+    if x.ndim != 2 or acc.ndim != 2 or acc.shape[1] != x.shape[1]:
+        raise ShapeMismatchError(f"{what}: the accumulator {shape_str(acc)} and the operand {shape_str(x)} must be "
+                                 "2-D with as many columns")
+    inn, out = (acc.shape[0], x.shape[0]) if side == "corange" else (x.shape[0], acc.shape[0])
+    out_terms = []
+    for k, (a_raw, a_dtype, b_raw, b_dtype, coef) in enumerate(terms):
+        tw = f"{what}: term {k}"
+        a = raw_f32(a_raw, a_dtype, f"{tw}: A").astype(np.float64)
+        b = raw_f32(b_raw, b_dtype, f"{tw}: B").astype(np.float64)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[1] != inn or b.shape[0] != out:
+            raise ShapeMismatchError(f"{tw}: A {shape_str(a)} and B {shape_str(b)} do not fit the operand "
+                                     f"{shape_str(x)} and the accumulator {shape_str(acc)}")
+        with np.errstate(over="ignore"):
+            c = float(np.float32(coef))
+        if not np.isfinite(c):
+            raise LorafuseValueError(f"{tw}: the coefficient must be finite in float32, got {coef}")
+        out_terms.append((a, b, c))
+    return job, out_terms

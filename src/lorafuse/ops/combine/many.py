@@ -10,9 +10,10 @@ Reading: the header pass loads each adapter (any format) and records where its f
 local engine read those bytes with one pread into a reused buffer instead of loading the adapter again, and
 check the file is the one the header pass read (device, inode, size, modification and change times)
 before and after.
-Adapters are read in chunks; each module's factors of a chunk are widened into its float32 stacks by one
-backend call (convert_into: B_i lands transposed, as B_i^T rows) and folded at once, by one thread per module,
-while the next chunk is read (_Folding).
+Adapters are read in chunks; each module's sketch is folded over a chunk by one thread per module while the
+next chunk is read (_Folding): svd's range and corange products by one backend call on the factors as stored
+(sketch_fold: no float32 copy of them is made), linear's sums and the single-pass sketch's second product
+from float32 stacks the factors are widened into (convert_into: B_i lands transposed, as B_i^T rows).
 
 svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation of svd.py):
 - passes >= 2: a randomized SVD whose products go through each adapter's factors. Pass 1 takes the range,
@@ -23,8 +24,9 @@ svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation
   algorithms for low-rank matrix approximation": Y = D Omega (out x w) and W = Psi D (l x in, l = 2w + 1)
   in the same pass; Q = orth(Y), X = (Psi Q)^+ W by least squares, D ~ Q X, truncated to rank k.
 - Gaussian test matrices are regenerated from (seed, module name, role), never stored or shipped; the
-  products with a chunk's stacked factors are float32 (each adapter's term to about 1e-7 of itself: more of
-  D where terms cancel), the sums float64, so the order of the adapters changes the result by rounding only.
+  products with a chunk's factors are float32 (each adapter's term to about 1e-7 of itself: more of D where
+  terms cancel), summed over the chunk in float32 and over the chunks in float64, so the order of the
+  adapters changes the result by rounding only.
 - Error estimate per module (a posteriori, Tropp et al.'s error sketch): pass 1 also takes P = D Phi for
   `PROBES` independent Gaussian columns; since Phi is independent of the approximation D^, the mean of
   ||(D - D^) phi_j||^2 is an unbiased estimate of ||D - D^||_F^2 and ||P||_F^2 / PROBES one of ||D||_F^2.
@@ -71,7 +73,7 @@ from lorafuse._validate import (
     full_rank,
     rounds_to_zero,
 )
-from lorafuse.backends import Backend, ConvertJob, get_backend
+from lorafuse.backends import Backend, ConvertJob, SketchJob, SketchTerm, get_backend
 from lorafuse.backends.native import resolve_threads
 from lorafuse.errors import (
     AdapterNote,
@@ -966,7 +968,8 @@ def fold_sources(job: Folding, pass_no: int, operands: dict[str, Operand] | None
                 x, psi = first_operand(s, job.widths[n], job.seed, job.passes == 1)
                 operands[n] = (x.astype(np.float32), _f32(psi))
         folds = {n: _SvdFold(s, _side(pass_no), *operands[n]) for n, s in job.modules.items()}
-    stacks = {n: _Stack(s, job.chunk * max(s.ranks)) for n, s in job.modules.items()}
+    stacks = {n: None if _folds_stored(folds[n]) else _Stack(s, job.chunk * max(s.ranks))
+              for n, s in job.modules.items()}
     backend = get_backend()
     read = 0
     with _module_threads(min(workers, len(job.modules))) as pool:
@@ -1013,7 +1016,7 @@ class _Folding:
     module's stack is still in the cache when its products read it and the caller reads the next chunk
     meanwhile. A module's sums keep their order: its chunks are folded one after the other."""
 
-    def __init__(self, folds: dict[str, _SvdFold] | dict[str, _LinearSum], stacks: dict[str, _Stack],
+    def __init__(self, folds: dict[str, _SvdFold] | dict[str, _LinearSum], stacks: dict[str, _Stack | None],
                  held: list[_Held], nbytes: int, backend: Backend, pool: ThreadPoolExecutor | None) -> None:
         self.held, self.nbytes, self.count = held, nbytes, len(held)
         self.names = [n for n in folds if any(n in h.factors for h in held)]
@@ -1044,24 +1047,53 @@ class _Folding:
                 outcome(r)
 
 
-def _fold_module(fold: _SvdFold | _LinearSum, stack: _Stack, name: str, held: list[_Held],
+def _folds_stored(fold: _SvdFold | _LinearSum) -> bool:
+    """Whether the fold reads the factors as stored (sketch_fold): svd's range and corange passes. linear's sums
+    and the single-pass sketch's Psi B_i take float32 stacks (_Stack)."""
+    return isinstance(fold, _SvdFold) and fold.psi32 is None
+
+
+def _fold_module(fold: _SvdFold | _LinearSum, stack: _Stack | None, name: str, held: list[_Held],
                  backend: Backend) -> bool:
-    """Module `name`'s factors of a chunk's adapters widened into its stack by one backend call, then folded into
-    its accumulators; whether the sums are still finite (small: the sketch, not the data)."""
+    """Module `name`'s factors of a chunk's adapters folded into its accumulators: by one sketch_fold call on the
+    factors as stored, or widened into its stack by one backend call and folded from there; whether the sums are
+    still finite (small: the sketch, not the data)."""
+    entries = [(h, h.factors[name]) for h in held if name in h.factors]
+    if stack is None:
+        assert isinstance(fold, _SvdFold)
+        terms = [SketchTerm(np.ascontiguousarray(a[0].reshape(r, -1)), a[1],
+                            np.ascontiguousarray(b[0].reshape(b_rows, r)), b[1], c)
+                 for _, (c, r, b_rows, a, b) in entries]  # (svd's c_i in float32's range: check_sources)
+        try:
+            backend.sketch_fold([SketchJob(terms, fold.side, fold.x32, fold.acc)], 1)
+        except LorafuseError as e:
+            raise _sketch_error(fold, terms, [h for h, _ in entries], backend, e) from None
+        return bool(np.isfinite(fold.acc).all())
     stack.filled = 0
     jobs: list[ConvertJob] = []
     starts: list[tuple[_Held, int]] = []  # each adapter's first job (the error path only)
-    for h in held:
-        if name in h.factors:
-            c, r, b_rows, a, b = h.factors[name]
-            starts.append((h, len(jobs)))
-            stack.add(c, r, a, b, b_rows, jobs)  # (svd's c_i in float32's range: check_sources)
+    for h, (c, r, b_rows, a, b) in entries:
+        starts.append((h, len(jobs)))
+        stack.add(c, r, a, b, b_rows, jobs)  # (svd's c_i in float32's range: check_sources)
     try:
         backend.convert_into(jobs, 1)
     except LorafuseError as e:
         raise _widen_error(jobs, starts, backend, e) from None
     fold.absorb(*stack.view())
     return all(np.isfinite(x).all() for x in fold.arrays())
+
+
+def _sketch_error(fold: _SvdFold, terms: list[SketchTerm], held: list[_Held], backend: Backend,
+                  error: LorafuseError) -> LorafuseError:
+    """The error of a refused sketch_fold (every term is checked before any is folded: the accumulators are
+    untouched), prefixed by where the adapter whose factors were refused was named (each term tried alone into
+    a scratch accumulator to tell; the first adapter when none fails alone)."""
+    for term, h in zip(terms, held):
+        try:
+            backend.sketch_fold([SketchJob([term], fold.side, fold.x32, np.zeros_like(fold.acc))], 1)
+        except LorafuseError as e:
+            return _reraise(e, h.src.where)
+    return _reraise(error, held[0].src.where)
 
 
 def _widen_error(jobs: list[ConvertJob], starts: list[tuple[_Held, int]], backend: Backend,
