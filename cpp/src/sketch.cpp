@@ -28,10 +28,6 @@
 #define LORAFUSE_SKETCH_F16C 1
 #endif
 
-// The generic build's 8-lane vectors are wider than its SSE registers: GCC warns that returning one
-// changes the ABI. Every such function here is internal to this file.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace lorafuse {
 namespace {
 
@@ -44,6 +40,9 @@ constexpr int NACC = 24;  // accumulator vectors of a register block (of 32 regi
 constexpr int VL = 8;
 constexpr int NACC = 12;  // (of 16)
 #endif
+
+// Loops over a register block's vectors, unrolled whole (GCC keeps their accumulators in registers only then).
+#define LF_UNROLL _Pragma("GCC unroll 32")
 
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef std::uint32_t vu __attribute__((vector_size(4 * VL)));
@@ -140,28 +139,28 @@ template <DType T>
 void range_t(const void* a, Index r, Index in, const float* xt, Index w, float c, float* t, Index wp) {
   for (Index j0 = 0; j0 < r; j0 += JB) {
     Index ar[JB];  // a tail block repeats the last row (its sums are not stored)
-    for (int jj = 0; jj < JB; ++jj) ar[jj] = std::min<Index>(j0 + jj, r - 1) * in;
+    LF_UNROLL for (int jj = 0; jj < JB; ++jj) ar[jj] = std::min<Index>(j0 + jj, r - 1) * in;
     for (Index q0 = 0; q0 < w; q0 += QB) {
       const float* xr[QB];
-      for (int qq = 0; qq < QB; ++qq) xr[qq] = xt + std::min<Index>(q0 + qq, w - 1) * in;
+      LF_UNROLL for (int qq = 0; qq < QB; ++qq) xr[qq] = xt + std::min<Index>(q0 + qq, w - 1) * in;
       vf acc[JB][QB];
-      for (int jj = 0; jj < JB; ++jj)
-        for (int qq = 0; qq < QB; ++qq) acc[jj][qq] = vf{};
+      LF_UNROLL for (int jj = 0; jj < JB; ++jj)
+        LF_UNROLL for (int qq = 0; qq < QB; ++qq) acc[jj][qq] = vf{};
       Index p = 0;
       for (; p + VL <= in; p += VL) {
         vf av[JB];
-        for (int jj = 0; jj < JB; ++jj) av[jj] = load<T>(a, ar[jj] + p);
-        for (int qq = 0; qq < QB; ++qq) {
+        LF_UNROLL for (int jj = 0; jj < JB; ++jj) av[jj] = load<T>(a, ar[jj] + p);
+        LF_UNROLL for (int qq = 0; qq < QB; ++qq) {
           const vf xv = load<DType::F32>(xr[qq], p);
-          for (int jj = 0; jj < JB; ++jj) acc[jj][qq] += av[jj] * xv;
+          LF_UNROLL for (int jj = 0; jj < JB; ++jj) acc[jj][qq] += av[jj] * xv;
         }
       }
       if (p < in) {
         vf av[JB];
-        for (int jj = 0; jj < JB; ++jj) av[jj] = load_part<T>(a, ar[jj] + p, in - p);
-        for (int qq = 0; qq < QB; ++qq) {
+        LF_UNROLL for (int jj = 0; jj < JB; ++jj) av[jj] = load_part<T>(a, ar[jj] + p, in - p);
+        LF_UNROLL for (int qq = 0; qq < QB; ++qq) {
           const vf xv = load_part<DType::F32>(xr[qq], p, in - p);
-          for (int jj = 0; jj < JB; ++jj) acc[jj][qq] += av[jj] * xv;
+          LF_UNROLL for (int jj = 0; jj < JB; ++jj) acc[jj][qq] += av[jj] * xv;
         }
       }
       for (int jj = 0; jj < JB && j0 + jj < r; ++jj)
@@ -181,19 +180,19 @@ constexpr Index kChunkFloats = 16384;
 template <int MR, int QV>
 void range_c_block(const float* bs, Index rows, Index r, const float* t, Index wp, Index q0, float* cbuf) {
   vf cc[MR][QV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < QV; ++v)
+  LF_UNROLL for (int m = 0; m < MR; ++m)
+    LF_UNROLL for (int v = 0; v < QV; ++v)
       cc[m][v] = m < rows ? load<DType::F32>(cbuf, m * wp + q0 + v * VL) : vf{};
   for (Index j = 0; j < r; ++j) {
     vf tv[QV];
-    for (int v = 0; v < QV; ++v) tv[v] = load<DType::F32>(t, j * wp + q0 + v * VL);
-    for (int m = 0; m < MR; ++m) {
+    LF_UNROLL for (int v = 0; v < QV; ++v) tv[v] = load<DType::F32>(t, j * wp + q0 + v * VL);
+    LF_UNROLL for (int m = 0; m < MR; ++m) {
       const vf bb = vf{} + bs[(m < rows ? m : 0) * r + j];
-      for (int v = 0; v < QV; ++v) cc[m][v] += bb * tv[v];
+      LF_UNROLL for (int v = 0; v < QV; ++v) cc[m][v] += bb * tv[v];
     }
   }
   for (int m = 0; m < MR && m < rows; ++m)
-    for (int v = 0; v < QV; ++v) std::memcpy(cbuf + m * wp + q0 + v * VL, &cc[m][v], sizeof(vf));
+    LF_UNROLL for (int v = 0; v < QV; ++v) std::memcpy(cbuf + m * wp + q0 + v * VL, &cc[m][v], sizeof(vf));
 }
 
 // acc (out x w) += sum_i B_i T_i, in chunks of rows.
@@ -233,30 +232,27 @@ void range_c(const std::vector<Term>& terms, const std::vector<const float*>& ts
 // ---- corange: T = c B^T X (B's rows against X's values) ----------------------------------------------
 
 // t rows [j0, j0 + RV VL) of r, columns [q0, q0 + G) of w: c * B^T X, B (out x r, type T), X (out x w).
-template <DType T, int RV, int G>
+template <DType T, int RV, int G, bool FULL>
 void corange_t_block(const void* b, Index out, Index r, Index j0, const float* x, Index w, Index q0, float c, float* t,
                      Index wp) {
   vf acc[G][RV];
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < RV; ++v) acc[g][v] = vf{};
+  LF_UNROLL for (int g = 0; g < G; ++g)
+    LF_UNROLL for (int v = 0; v < RV; ++v) acc[g][v] = vf{};
   Index n[RV];  // elements of each vector (a partial last one)
-  for (int v = 0; v < RV; ++v) n[v] = std::min<Index>(VL, r - j0 - v * VL);
-  const bool full = n[RV - 1] == VL;
+  LF_UNROLL for (int v = 0; v < RV; ++v) n[v] = std::min<Index>(VL, r - j0 - v * VL);
   for (Index o = 0; o < out; ++o) {
     vf bv[RV];
-    if (full) {
-      for (int v = 0; v < RV; ++v) bv[v] = load<T>(b, o * r + j0 + v * VL);
-    } else {
-      for (int v = 0; v < RV; ++v) bv[v] = load_n<T>(b, o * r + j0 + v * VL, n[v]);
+    LF_UNROLL for (int v = 0; v < RV; ++v) {
+      bv[v] = FULL ? load<T>(b, o * r + j0 + v * VL) : load_n<T>(b, o * r + j0 + v * VL, n[v]);
     }
     const float* xr = x + o * w + q0;
-    for (int g = 0; g < G; ++g) {
+    LF_UNROLL for (int g = 0; g < G; ++g) {
       const vf xx = vf{} + xr[g];
-      for (int v = 0; v < RV; ++v) acc[g][v] += xx * bv[v];
+      LF_UNROLL for (int v = 0; v < RV; ++v) acc[g][v] += xx * bv[v];
     }
   }
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < RV; ++v)
+  LF_UNROLL for (int g = 0; g < G; ++g)
+    LF_UNROLL for (int v = 0; v < RV; ++v)
       for (Index l = 0; l < n[v]; ++l) t[(j0 + v * VL + l) * wp + q0 + g] = c * acc[g][v][l];
 }
 
@@ -270,7 +266,12 @@ void corange_t(const void* b, Index out, Index r, const float* x, Index w, float
       for (Index k = 0, q0 = 0; k < count; ++k, q0 += g) {
         const int gk = static_cast<int>(std::min<Index>(g, w - q0));
         with_count<1, NACC / RV>(gk, [&](auto gc) {
-          corange_t_block<T, RV, decltype(gc)::value>(b, out, r, j0, x, w, q0, c, t, wp);
+          constexpr int G = decltype(gc)::value;
+          if (j0 + RV * VL <= r) {
+            corange_t_block<T, RV, G, true>(b, out, r, j0, x, w, q0, c, t, wp);
+          } else {
+            corange_t_block<T, RV, G, false>(b, out, r, j0, x, w, q0, c, t, wp);
+          }
         });
       }
     });
@@ -285,13 +286,13 @@ template <DType T, int G, bool FULL>
 void corange_c_block(const void* a, Index r, Index in, Index p, Index np, const float* t, Index wp, Index q0,
                      float* cbuf, Index pc, Index c0) {
   vf cc[G];
-  for (int g = 0; g < G; ++g) cc[g] = load<DType::F32>(cbuf, (q0 + g) * pc + c0);
+  LF_UNROLL for (int g = 0; g < G; ++g) cc[g] = load<DType::F32>(cbuf, (q0 + g) * pc + c0);
   for (Index j = 0; j < r; ++j) {
     const vf av = FULL ? load<T>(a, j * in + p) : load_part<T>(a, j * in + p, np);
     const float* tr = t + j * wp + q0;
-    for (int g = 0; g < G; ++g) cc[g] += tr[g] * av;
+    LF_UNROLL for (int g = 0; g < G; ++g) cc[g] += tr[g] * av;
   }
-  for (int g = 0; g < G; ++g) std::memcpy(cbuf + (q0 + g) * pc + c0, &cc[g], sizeof(vf));
+  LF_UNROLL for (int g = 0; g < G; ++g) std::memcpy(cbuf + (q0 + g) * pc + c0, &cc[g], sizeof(vf));
 }
 
 // acc (in x w) += sum_i A_i^T T_i, in chunks of columns of `in` (every A of type T).
