@@ -53,7 +53,7 @@ DoRA adapters rescale each output row to the learned magnitude (over the norm of
 the base weight plus their own delta, as PEFT does after other adapters). Non-weight files
 (config.json, tokenizer files, ...) are copied. The output appears only when
 complete. The output may be a new path, an empty folder or an earlier lorafuse output
-of the same kind (a folder holding lorafuse_manifest.json and nothing else); any other
+of the same kind (a folder holding lorafuse_manifest.json and only the files it lists); any other
 folder or file, or a lorafuse output of another kind (an adapter), is refused
 (--overwrite replaces it, naming what it held); the current folder, an input, a
 folder holding an input or a path inside an input folder are always refused.
@@ -377,9 +377,12 @@ def _rule(args: argparse.Namespace) -> RankRule:
 
 
 def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str,
-                       notes: Sequence[str] = ()) -> None:
+                       notes: Sequence[str] = (), out: object = None) -> None:
+    """resize / extract's report; --json: with `out`, the path written (`-o DIR/` names a file inside it), as
+    combine's and convert's --json say it."""
     if args.json:
-        _say(_json_text({"summary": summary, "modules": rows, "notes": _json_notes(args, *notes)}, indent=2))
+        _say(_json_text({"summary": summary, "out": None if out is None else str(out), "modules": rows,
+                         "notes": _json_notes(args, *notes)}, indent=2))
         return
     if args.quiet:
         return
@@ -419,11 +422,18 @@ def _weights(text: str) -> list[float]:
     return ws
 
 
+_INTEGER = re.compile(r"[-+]?[0-9]+")  # an integer option's value, as typed (ASCII digits)
+
+
 def _bounded_int(text: str, lo: int, hi: int, note: str = "") -> int:
+    # plain decimal digits, as the numbers of a recipe and of --weights: not `1_6`, which int() reads as 16, nor
+    # non-ASCII digits
     try:
-        n = int(text.strip(), 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {_given(text)}") from None
+        n = int(text.strip(), 10) if _INTEGER.fullmatch(text.strip()) else None
+    except ValueError:  # more digits than int() reads (4,300)
+        n = hi + 1
+    if n is None:
+        raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {_given(text)}")
     if not lo <= n <= hi:
         raise argparse.ArgumentTypeError(f"must be an integer from {lo}{note} to {hi}, got {_given(text, False)}")
     return n
@@ -491,7 +501,8 @@ _OVERWRITE_HELP = (
     "added files to or changed) or when it is a lorafuse output of another kind (a merged model where an "
     "adapter is written, ...); stderr names what was replaced. Without it such an output is refused and "
     "nothing is written. New paths, empty folders and lorafuse's own outputs of the same kind, i.e. a re-run "
-    "(a folder holding lorafuse_manifest.json and nothing else, a file with lorafuse_version metadata) need no "
+    "(a folder holding lorafuse_manifest.json and only the files it lists, a file with lorafuse_version "
+    "metadata) need no "
     "flag. Never "
     "replaced, even with it: the current folder or one above it, your home folder or one above it, an input, a "
     "folder holding an input, a path inside an input folder, a symbolic link")
@@ -511,12 +522,13 @@ def _dry_run_option(p: argparse.ArgumentParser, checks: str, extra: str = "") ->
 
 
 def _show_plan(args: argparse.Namespace, plan: Any) -> int:
-    """--dry-run: the plan (ops.plan.Plan) on stdout, as JSON with --json; nothing with -q."""
+    """--dry-run: the plan (ops.plan.Plan) on stdout: as text (every module with --verbose), as JSON with --json;
+    nothing with -q."""
     if getattr(args, "json", False):
         shown = plan.as_json()
         _say(_json_text({**shown, "notes": _json_notes(args, *shown.get("notes", []))}, indent=2, allow_nan=False))
     elif not args.quiet:
-        for line in plan.lines():
+        for line in plan.lines(every=getattr(args, "verbose", False)):  # --verbose: one line per module, all
             _say(line)
     return 0
 
@@ -548,7 +560,14 @@ def _out(text: str) -> str:
     if text == "-":
         raise argparse.ArgumentTypeError("'-' (stdout): lorafuse writes files and folders, not to stdout; give a "
                                          "path (./- for one named '-')")
+    if not text:  # not the current folder (Path('')), nor an option left out (`--plot ''` would draw nothing)
+        raise argparse.ArgumentTypeError("an empty path: give a file or folder name")
     return _path(text)
+
+
+def _intermediate_dir(text: str) -> str:
+    """run --intermediate-dir: as _out, but an empty one is refused by lorafuse.run, naming intermediate_dir."""
+    return _out(text) if text else text
 
 
 def _path(text: str) -> str:
@@ -1153,7 +1172,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--dry-run", action="store_true", help="check the recipe and print each stage's plan (modules, "
                    "ranks, sizes, where it writes: DIR/NAME with --intermediate-dir); write nothing. A stage that "
                    "reads an earlier stage's output is planned when run")
-    u.add_argument("--intermediate-dir", metavar="DIR", type=_out,
+    u.add_argument("--intermediate-dir", metavar="DIR", type=_intermediate_dir,
                    help="write the outputs of the stages before the last into "
                    "DIR/NAME and keep them (default: a temporary folder beside -o, removed at the end)")
     u.add_argument("--print-schema", action="store_true", help="print the JSON schema of a recipe stage and exit "
@@ -1310,6 +1329,10 @@ def _cmd_combine(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
     if target.note and not args.quiet:
         _note(args, target.note)
+    if (args.seed != 0 and not args.method.startswith("dare") and report.engine == "memory" and not report.randomized
+            and not args.quiet):  # the seed of the randomized SVDs, and none ran: said, not silently ignored
+        _note(args, f"--seed {args.seed} changed nothing: every module took the exact SVD, which draws no random "
+              "sketch (a module takes a randomized one where it is cheaper, or under --engine stream)")
     if args.json:
         _say(_json_text(_combine_json(args, report, count, time.monotonic() - start, target.note), indent=2,
                         allow_nan=False))
@@ -1390,7 +1413,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
                f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {fmean(ranks) if ranks else 0:.1f}), "
                f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {fmean(kept) if kept else 1:.4f}; "
                f"wrote {target.path} in {time.monotonic() - start:.2f} s")
-    _print_rank_report(args, rows, summary, "fro_kept")
+    _print_rank_report(args, rows, summary, "fro_kept", out=target.path)
     return 0
 
 
@@ -1440,7 +1463,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         for line in res.notes:
             _say(f"note: {line}", file=sys.stderr)
     _print_rank_report(args, rows, summary, "rel_error", [*(f"not extracted: {line}" for line in res.skipped),
-                                                          *res.notes])
+                                                          *res.notes], out=target.path)
     return 0
 
 
@@ -1476,8 +1499,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                   f"{fmean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
     if args.json:
-        _say(_json_text({"summary": summary, "family": rep.family, "split": rep.split, "fused": rep.fused,
-                          "modules": rows, "notes": _json_notes(args)}, indent=2))
+        _say(_json_text({"summary": summary, "out": str(rep.out), "family": rep.family, "split": rep.split,
+                         "fused": rep.fused, "modules": rows, "notes": _json_notes(args)}, indent=2))
     elif not args.quiet:
         if args.verbose:
             width = max((len(m.name) for m in rep.lycoris), default=6)
@@ -1505,8 +1528,8 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
         from lorafuse.ops.plan import plan_convert
 
         return _show_plan(args, plan_convert(adapter, out, to="gguf", rank=args.rank, conv_rank=args.conv_rank,
-                                             threads=args.threads, overwrite=args.overwrite, arch=args.arch,
-                                             base_config=args.base_config, gguf_type=args.gguf_type))
+                                             family=args.family, threads=args.threads, overwrite=args.overwrite,
+                                             arch=args.arch, base_config=args.base_config, gguf_type=args.gguf_type))
     rep = convert(adapter, out, to="gguf", rank=args.rank, conv_rank=args.conv_rank, family=args.family,
                   threads=args.threads, overwrite=args.overwrite, arch=args.arch, base_config=args.base_config,
                   gguf_type=args.gguf_type)
@@ -1843,12 +1866,17 @@ def _catch_ending() -> dict[int, object]:
 WEIGHTS_HELP = "comma-separated weight per adapter, negative ones subtract (default 1 each; e.g. --weights 1,-0.5)"
 # a value that starts like a negative number (or -inf, -nan: refused by _weights with the reason), not an option
 _NEGATIVE_LIST = re.compile(r"-(?:\d|\.\d|inf|nan).*", re.IGNORECASE | re.DOTALL)
-_LIST_OPTIONS = ("--weights",)  # options whose value is a comma-separated list of numbers
+# options whose value is a number, or a comma-separated list of numbers (--weights): a value such as -1e-3 or -5GB
+# is theirs, refused by their own check with the allowed range ("expected one argument" said it was missing)
+_LIST_OPTIONS = ("--weights", "--rank", "--conv-rank", "--max-rank", "--density", "--seed", "--threads", "--passes",
+                 "--oversample", "--power-iters", "--sv-ratio", "--sv-fro", "--sv-cumulative", "--clamp-quantile",
+                 "--min-diff", "--max-shard-size")
 
 
 def _negative_values(argv: Sequence[str]) -> list[str]:
     """`--weights -0.5,1` as `--weights=-0.5,1`: argparse takes a value that starts with '-' and holds a
-    comma for an option, so a list of numbers after a list option is joined to it (up to a `--`)."""
+    comma (or, for any option, one that is not a plain negative number: -1e-3, -inf, -5GB) for an option, so a
+    value like a negative number after a numeric option is joined to it (up to a `--`)."""
     out: list[str] = []
     i = int(list(argv[:1]) == ["--"])  # `lorafuse -- combine ...`: that one ends lorafuse's own options (parse_args)
     out += argv[:i]
@@ -2143,9 +2171,16 @@ def _main(argv: Sequence[str] | None) -> int:
     from lorafuse.backends import forced_backend  # (loads numpy: after _quiet_blas)
 
     try:  # a bad LORAFUSE_BACKEND too, before any work: not ignored where a command names its device
-        forced_backend()
+        forced = forced_backend()
     except LorafuseValueError as e:
         _say(f"lorafuse: error: {e}", file=sys.stderr)
+        return 2
+    schema_only = getattr(args, "print_schema", False)  # (run --print-schema runs nothing)
+    if forced == "cuda" and "device" in vars(args) and args.device != "cuda" and not schema_only:
+        # the verb's math would run on the CPU, unsaid
+        _say(f"lorafuse {args.command}: error: LORAFUSE_BACKEND=cuda names the GPU, but lorafuse {args.command} "
+             "computes where --device says: the CPU unless --device cuda (there LORAFUSE_BACKEND picks cpu or "
+             "reference): give --device cuda, or unset LORAFUSE_BACKEND", file=sys.stderr)
         return 2
 
     from lorafuse.io.atomic import COMMITTED, overwrite_named

@@ -91,8 +91,15 @@ def _held_text(p: Path, keys: list[str]) -> str:
     if p.is_dir():
         try:
             file = held_adapter_file(p)
+            several = [] if file is not None else sorted(f.name for f in p.iterdir() if is_safetensors(f)
+                                                         and not f.name.startswith(".") and f.is_file())
         except OSError:
-            file = None
+            file, several = None, []
+        adapters = [n for n in several[:16] if adapter_format(p / n) is not None] if len(several) > 1 else []
+        if adapters:  # as a Hub repository of several (io.hub): the folder does not say which to read
+            shown = ", ".join(several[:4]) + (f" and {len(several) - 4} more" if len(several) > 4 else "")
+            return (f"; it holds {len(several)} .safetensors files ({shown}) and no adapter_config.json, so it does "
+                    f"not say which is the adapter: give the file's path (e.g. {p / adapters[0]})")
         if file is None or not is_safetensors(file):
             return ""
         try:

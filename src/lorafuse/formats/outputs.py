@@ -240,8 +240,8 @@ def checkpoint_modules(base: str | os.PathLike[str], include: str | None = None,
     """The modules an extract from `base` may write, as plain LoRA placeholders (names from the weight keys,
     `include` / `exclude` applied as extract applies them): what adapter_output needs to judge a name
     before extracting. Reads the checkpoint's headers only."""
-    inc = NameFilter(include, "--include (Python: include=) regular expression") if include else None
-    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude else None
+    inc = NameFilter(include, "--include (Python: include=) regular expression") if include is not None else None
+    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude is not None else None
     ckpt = Checkpoint(base)
     updates: dict[str, Update] = {}
     for key in ckpt.keys():

@@ -17,24 +17,27 @@ def pad_terms(b: np.ndarray, a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
             np.ascontiguousarray(np.vstack([a, np.zeros((extra, a.shape[1]), np.float32)])))
 
 
-def kron_best(s: Kronecker, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def kron_best(s: Kronecker, k: int, where: str, split: str = "B") -> tuple[np.ndarray, np.ndarray]:
     """The best rank-k approximation of kron(H1, H2) (unscaled): the k largest products of the halves'
-    singular triplets, B = sigma1 sigma2 kron(u1, u2), A = kron(v1, v2)^T."""
+    singular triplets, B = sigma1 sigma2 kron(u1, u2), A = kron(v1, v2)^T (split 'sqrt': the square roots of
+    sigma1 sigma2 on both, in float64 before the one rounding to float32)."""
     check_dense(where, "the rank-k LoRA of this LoKr", (k, s.m + s.n))
     u1, s1, v1 = s.h1.svd(k, where)
     u2, s2, v2 = s.h2.svd(k, where)
     i, j = top_pairs(s1, s2, k)
     t = len(i)
-    b = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(s.m, t) * (s1[i] * s2[j])
-    a = (v1[i][:, :, None] * v2[j][:, None, :]).reshape(t, s.n)
+    w = s1[i] * s2[j]
+    on_a = np.sqrt(w) if split == "sqrt" else np.ones_like(w)
+    b = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(s.m, t) * (w / np.where(on_a > 0, on_a, 1.0))
+    a = (v1[i][:, :, None] * v2[j][:, None, :]).reshape(t, s.n) * on_a[:, None]
     return b.astype(np.float32), a.astype(np.float32)
 
 
-def hadamard_best(s: Hadamard, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+def hadamard_best(s: Hadamard, k: int, where: str, split: str = "B") -> tuple[np.ndarray, np.ndarray]:
     """The best rank-k approximation of a LoHa (unscaled) through the Gram matrices of its Khatri-Rao
     factors P (m x K), Q (K x n): P = U_P S_P V_P^T and Q^T = U_Q S_Q V_Q^T from the eigenvectors of
     P^T P and Q Q^T, the SVD X S Y^T of the K x K core S_P V_P^T V_Q S_Q, then B = P V_P S_P^-1 X_k S_k
-    and A = Y_k^T S_Q^-1 V_Q^T Q, built tile by tile (never P or Q whole)."""
+    and A = Y_k^T S_Q^-1 V_Q^T Q, built tile by tile (never P or Q whole); split 'sqrt': S_k^1/2 on both."""
     check_core(where, "the rank-k LoRA of this LoHa", s.terms)
     check_work(where, "the rank-k LoRA of this LoHa", s._gram_cost() + 10.0 * s.terms ** 3)
     check_dense(where, "the rank-k LoRA of this LoHa", (k, s.m + s.n))
@@ -48,8 +51,9 @@ def hadamard_best(s: Hadamard, k: int, where: str) -> tuple[np.ndarray, np.ndarr
     vq, sq = roots(s.gram_q())
     x, sv, yt = np.linalg.svd((sp[:, None] * (vp.T @ vq)) * sq[None, :], full_matrices=False)
     k = min(k, len(sv))
-    mb = (vp / sp) @ (x[:, :k] * sv[:k])  # (K x k)
-    ma = (yt[:k] / sq) @ vq.T  # (k x K)
+    on_a = np.sqrt(sv[:k]) if split == "sqrt" else np.ones(k)
+    mb = (vp / sp) @ (x[:, :k] * (sv[:k] / np.where(on_a > 0, on_a, 1.0)))  # (K x k)
+    ma = on_a[:, None] * ((yt[:k] / sq) @ vq.T)  # (k x K)
     b = np.empty((s.m, k), dtype=np.float32)
     p1, p2 = s.h1.b, s.h2.b
     assert p1 is not None and p2 is not None

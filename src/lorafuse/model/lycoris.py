@@ -197,8 +197,8 @@ class LycorisUpdate:
         b_t = Tensor.from_array(b32.reshape(b_shape))
         return LoraUpdate(self.name, a_t, b_t, scale, self.kind)
 
-    def _best(self, s: Delta, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best rank-k factors of the unscaled delta through the structure."""
+    def _best(self, s: Delta, k: int, split: str = "B") -> tuple[np.ndarray, np.ndarray]:
+        """The best rank-k factors of the unscaled delta through the structure (split: as best_factors)."""
         raise NotImplementedError
 
     def _core_svd_first(self, s: Delta) -> bool:
@@ -242,12 +242,7 @@ class LycorisUpdate:
         s = self.structure()
         values = self._values(s)
         k = max(1, min(int(choose(values)), self.rank))
-        b, a = pad_terms(*self._best(s, k), k)
-        if split == "sqrt":
-            root = np.sqrt(np.linalg.norm(b.astype(np.float64), axis=0))  # B = U S: its column norms are S
-            with np.errstate(divide="ignore", invalid="ignore"):
-                b = np.where(root > 0, b / root, 0.0).astype(np.float32)
-            a = (a * root[:, None]).astype(np.float32)
+        b, a = pad_terms(*self._best(s, k, split), k)  # the split made in float64, before the rounding to float32
         return b, a, values
 
     def with_shape(self, shape: tuple[int, ...]) -> LycorisUpdate:
@@ -318,9 +313,9 @@ class LohaUpdate(LycorisUpdate):
         assert isinstance(s, Hadamard)
         return self._factor_shape()[0] <= limits.SMALL_FACTORS or s.terms > MAX_CORE_RANK
 
-    def _best(self, s: Delta, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _best(self, s: Delta, k: int, split: str = "B") -> tuple[np.ndarray, np.ndarray]:
         assert isinstance(s, Hadamard)
-        return hadamard_best(s, k, self.label)
+        return hadamard_best(s, k, self.label, split)
 
     def prefers_structure(self) -> bool:
         """A LoHa whose exact factorization is large (and whose Gram core is small enough)."""
@@ -372,9 +367,9 @@ class LokrUpdate(LycorisUpdate):
         check_dense(self.label, "the second LoKr half (w2) as a dense matrix", (h2.m, h2.n))
         return "kron", (h1.dense32(float(coef)), h2.dense32())
 
-    def _best(self, s: Delta, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _best(self, s: Delta, k: int, split: str = "B") -> tuple[np.ndarray, np.ndarray]:
         assert isinstance(s, Kronecker)
-        return kron_best(s, k, self.label)
+        return kron_best(s, k, self.label, split)
 
     def prefers_structure(self) -> bool:
         """Always: the SVDs of its halves are exact and cheap."""

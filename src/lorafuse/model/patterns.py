@@ -112,10 +112,15 @@ MAX_FILTER_LENGTH = 1 << 20  # characters of one NameFilter's pattern
 class NameFilter:
     """A user's regular expression searched in names (extract's include / exclude): refused up front where
     `analyse` finds it could take exponential time, and its estimated work over all names bounded by
-    MAX_SEARCH_STEPS (a hostile checkpoint's long names), LorafuseValueError naming `where` either way."""
+    MAX_SEARCH_STEPS (a hostile checkpoint's long names), LorafuseValueError naming `where` either way. An empty
+    pattern, which every name matches (an --exclude '' would leave nothing, an --include '' select all), is
+    refused: it is an option given with its value left out, not a filter."""
 
     def __init__(self, pattern: str, where: str) -> None:
         self.pattern, self.where = pattern, where
+        if pattern == "":
+            raise LorafuseValueError(f"{where} is empty, and an empty pattern matches every name: leave the option "
+                                     "out, or give a pattern such as 'q_proj|v_proj'")
         shown = repr(pattern) if len(pattern) <= 200 else f"{pattern[:197]!r}... ({len(pattern)} characters)"
         self.shown = shown
         try:

@@ -613,6 +613,18 @@ def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -
     (dst_dir / name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def check_progress(progress: ProgressCallback | bool | None) -> ProgressCallback | bool | None:
+    """apply's `progress`: a callable, or True, False or None (a numpy bool too, as every other switch:
+    check_optional_bool); anything else (`'no'`, 1) is a LorafuseValueError (plan_apply checks it alike)."""
+    if callable(progress):
+        return progress
+    try:
+        return check_optional_bool(progress, "progress")
+    except LorafuseValueError:
+        raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each "
+                                 f"ProgressEvent), got {progress!r}") from None
+
+
 def apply(
     base: str | os.PathLike[str],
     adapters: Iterable[str | os.PathLike[str] | Adapter],
@@ -665,12 +677,7 @@ def apply(
     weights = None if weights is None else check_weights(weights, len(adapters))
     base = check_spec(base, "base model")  # bytes as text: the provenance records the name as given
     allow_nonfinite = check_bool(allow_nonfinite, "allow_nonfinite")
-    if not callable(progress):  # a numpy bool too, as every other switch (check_optional_bool)
-        try:
-            progress = check_optional_bool(progress, "progress")
-        except LorafuseValueError:
-            raise LorafuseValueError(f"progress must be True, False, None or a callable (it gets each "
-                                     f"ProgressEvent), got {progress!r}") from None
+    progress = check_progress(progress)
     dtype = dtype_spelling(dtype)  # a torch / numpy dtype as its name: the provenance records it as text
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
@@ -941,7 +948,9 @@ class _Run:
             rewrite_metadata(path, specs, stamp(metadata, made))
         if folder is not None:
             kept = keep_base_card(folder)
-            library = ("diffusers" if not self.mplan.model.single else
+            # a diffusers model folder (a pipeline's unet/ or transformer/ given alone) is diffusers' too
+            diffusers_model = any(f.name.startswith("diffusion_pytorch_model") for f in folder.iterdir())
+            library = ("diffusers" if not self.mplan.model.single or diffusers_model else
                        "transformers" if (folder / "config.json").is_file() else None)
             (folder / CARD_NAME).write_text(model_card(made, library_name=library, base_card=kept), encoding="utf-8")
 

@@ -185,8 +185,9 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
     copy_refs = {src: ref for src in copies if (ref := copy_ref(ckpt, config, scan, src, dtype)) is not None}
     if qplan is None and copies:
         check_unscaled_f8(ckpt, set(copies))
-    if qplan is None and requantize:
-        notes.append(f"{ckpt.location}: requantize has no effect: the base is not quantized")
+    if qplan is None and requantize is not None:  # --no-requantize too: said, as --requantize is
+        what = "requantize" if requantize else "requantize=False (--no-requantize)"
+        notes.append(f"{ckpt.location}: {what} has no effect: the base is not quantized")
 
     def out_tensor(key: str, shard: str, src: str) -> OutTensor:
         info = ckpt.info(src)

@@ -738,7 +738,15 @@ def _kohya_state(adapter: Adapter) -> KohyaState:
     metadata the adapter carries."""
     record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     config = record.get("config") if isinstance(record, dict) else None
-    return KohyaState.from_record_config(config, metadata_of(adapter.state))
+    state = KohyaState.from_record_config(config, metadata_of(adapter.state))
+    if isinstance(record, dict) and record.get("family") == "sd1":  # SD 1.x's lora_te1_ comes back as lora_te_
+        te = {k: "lora_te_" + k.removeprefix("lora_te1_") for k in state.alpha_dtypes if k.startswith("lora_te1_")}
+        state.alpha_dtypes.update({new: state.alpha_dtypes[old] for old, new in te.items()
+                                   if new not in state.alpha_dtypes})
+        forms = {k: "lora_te_" + k.removeprefix("lora_te1_") for k in state.alpha_forms if k.startswith("lora_te1_")}
+        state.alpha_forms.update({new: state.alpha_forms[old] for old, new in forms.items()
+                                  if new not in state.alpha_forms})
+    return state
 
 
 # ----------------------------------------------------------------------------- the operation

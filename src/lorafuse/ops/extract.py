@@ -606,8 +606,8 @@ def prepare_extract(
                                      f"got {type(value).__name__} {value!r}"[:200]
                                      + (f"; for several names join them: {'|'.join(map(str, value))!r}"
                                         if isinstance(value, list | tuple) else ""))
-    inc = NameFilter(include, "--include (Python: include=) regular expression") if include else None
-    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude else None
+    inc = NameFilter(include, "--include (Python: include=) regular expression") if include is not None else None
+    exc = NameFilter(exclude, "--exclude (Python: exclude=) regular expression") if exclude is not None else None
     base_path, ft_path = extract_models(base, finetuned)  # an adapter given as either: refused saying so
     cb, cf = Checkpoint(base_path), Checkpoint(ft_path)
     base_config = read_config(cb.directory)  # before the long work
@@ -635,6 +635,7 @@ def prepare_extract(
     full: list[tuple[str, str]] = []
     embedding: set[str] = set()  # PEFT embedding LoRAs (not the output heads, which are Linear)
     skipped_embeddings: list[str] = []
+    heads = 0  # embeddings and output heads among the weight matrices selected (what `embeddings` decides on)
     for key in cb.keys():
         if key not in cf:
             skipped.append(f"{key}: only in the base")
@@ -656,6 +657,7 @@ def prepare_extract(
         if ib.dtype != iff.dtype:
             dtypes.add((ib.dtype, iff.dtype))
         is_embedding = len(ib.shape) == 2 and layers.is_embedding(module) and not layers.is_head(module)
+        heads += is_embedding or layers.is_head(module)
         if (is_embedding or layers.is_head(module)) and embeddings == "skip":
             what = "embedding" if is_embedding else "output head"
             skipped.append(f"{key}: {what} (use --embeddings lora or full; Python: embeddings='lora' or 'full')")
@@ -689,6 +691,9 @@ def prepare_extract(
     if conv_rank is not None and not any(kxk(cb.info(k).shape) for _, k in work):
         notes.append(f"conv_rank {conv_rank} (--conv-rank) changed nothing: no kxk convolution (a kernel dimension "
                      "above 1) is among the modules extracted")
+    if embeddings != "skip" and not heads:  # said, not silently ignored
+        notes.append(f"embeddings={embeddings!r} (--embeddings) changed nothing: no embedding or output head is among "
+                     "the weight matrices extracted")
     parts = fused_parts(base_config)
     expert_shapes = {k.removesuffix(".weight"): cb.info(k).shape for k in cb.keys()
                      if ".experts." in k and k.endswith(".weight") and len(cb.info(k).shape) == 2 and k in cf

@@ -200,6 +200,8 @@ def describe_adapter(adapter: Adapter, threads: int = 0) -> dict[str, object]:
         "full_tensor_kinds": {k: full_kind(cfg, adapter.full_origin.get(k, k)) for k in sorted(adapter.full)},
         "base_model": cfg.get("base_model_name_or_path") or meta.get("ss_sd_model_name"),
         "provenance": adapter.provenance.as_dict() if adapter.provenance is not None else None,
+        # what reading it left out or decided, as load's AdapterNote warnings say it (info --json lists these)
+        "notes": [f"{adapter.label}: {n}" for n in adapter.notes],
         "module_details": modules,
     }
 
@@ -244,7 +246,7 @@ def describe_pipeline(pipe: Pipeline) -> dict[str, object]:
     return {"type": "pipeline", "path": path_text(pipe.directory),
             "components": {name: describe_checkpoint(ck) for name, ck in pipe.components.items()},
             "not_read": dict(pipe.unread),  # components whose weights lorafuse does not read, and why
-            "provenance": _pipeline_record(pipe)}
+            "provenance": _pipeline_record(pipe), "notes": []}  # info --json adds the notes shown
 
 
 def _pipeline_record(pipe: Pipeline) -> dict[str, object] | None:

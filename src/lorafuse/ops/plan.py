@@ -38,7 +38,7 @@ import numpy as np
 
 from lorafuse._progress import ProgressCallback, human_bytes
 from lorafuse._terminal import plural
-from lorafuse._validate import check_bool, check_path, full_rank
+from lorafuse._validate import check_bool, check_optional_bool, check_path, full_rank
 from lorafuse.errors import LorafuseError
 from lorafuse.io.atomic import overwrite_words
 from lorafuse.io.dtypes import DTYPES
@@ -120,12 +120,23 @@ class Plan:
         return {"dry_run": True, "verb": self.verb, "out": None if self.out is None else str(self.out),
                 "format": self.format, "tensors": self.tensors, "dtypes": dict(self.dtypes), "size": self.size,
                 "bytes_written": self.bytes_written, "bytes_read": self.bytes_read, "exact": self.exact,
-                "replaces": self.replaces, "files": [{"name": f.name, "tensors": f.tensors, "bytes": f.bytes}
+                "replaces": self.would_replace(), "files": [{"name": f.name, "tensors": f.tensors,
+                                                             "bytes": f.bytes}
                                                      for f in self.files],
                 "modules": [m.as_json() for m in self.modules], "notes": list(self.notes), **self.details}
 
-    def lines(self) -> list[str]:
-        """The plan as text, one line each (the CLI's --dry-run output)."""
+    def would_replace(self) -> str | None:
+        """What --overwrite would replace at the output (`replaces`, io.atomic's note of a run that replaced it,
+        said of a run that has not happened): the path and what it holds; None when nothing of the user's."""
+        if not self.replaces:
+            return None
+        return self.replaces.removeprefix(f"{overwrite_words()} replaced ").removesuffix(
+            "; everything that was in it is gone")
+
+    def lines(self, every: bool = False) -> list[str]:
+        """The plan as text, one line each (the CLI's --dry-run output): SHOWN modules and files, or with
+        `every` (--verbose, one line per module) all of them."""
+        shown = max(len(self.modules), len(self.files)) if every else SHOWN
         bound = "" if self.exact else "at most "
         where = "keep the result in memory" if self.out is None else f"write {self.out}"
         out = [f"dry run: {self.verb} would {where} ({self.format}); nothing was written"]
@@ -135,25 +146,24 @@ class Plan:
         out.append(f"  reads     {self.bytes_read:,} bytes ({human_bytes(self.bytes_read)}) of tensor data")
         out.append(f"  writes    {bound}{self.bytes_written:,} bytes ({human_bytes(self.bytes_written)})")
         if len(self.files) > 1:
-            out += [f"    {f.name}: {plural(f.tensors, 'tensor')}, {f.bytes:,} bytes" for f in self.files[:SHOWN]]
-            if len(self.files) > SHOWN:
-                out.append(f"    ... and {len(self.files) - SHOWN} more files")
+            out += [f"    {f.name}: {plural(f.tensors, 'tensor')}, {f.bytes:,} bytes" for f in self.files[:shown]]
+            if len(self.files) > shown:
+                out.append(f"    ... and {len(self.files) - shown} more files")
         out += [f"  {key:<9} {_text(value)}" for key, value in self.details.items() if _shown(value)]
         out.append(f"  modules   {len(self.modules)}" + (":" if self.modules else ""))
-        width = max((len(m.name) for m in self.modules[:SHOWN]), default=0)
-        for m in self.modules[:SHOWN]:
+        width = max((len(m.name) for m in self.modules[:shown]), default=0)
+        for m in self.modules[:shown]:
             rank = "merged" if m.rank is None else f"{'<= ' if m.at_most else ''}{m.rank}"
             ranks = "/".join(map(str, m.ranks_in)) + " -> " if m.ranks_in else ""
             out.append(f"    {m.name:<{width}}  rank {ranks}{rank}  {tuple(m.shape)}")
-        if len(self.modules) > SHOWN:
+        if len(self.modules) > shown:
             ranks_out = Counter(m.rank for m in self.modules if m.rank is not None)
             summary = ", ".join(f"rank {k}: {v}" for k, v in sorted(ranks_out.items()))
-            out.append(f"    ... and {len(self.modules) - SHOWN} more" + (f" (in all {summary})" if summary else "")
+            out.append(f"    ... and {len(self.modules) - shown} more" + (f" (in all {summary})" if summary else "")
                        + " (--json lists all)")
-        if self.replaces:  # io.atomic's note, said of a run that has not happened
-            words = overwrite_words()
-            what = self.replaces.removeprefix(f"{words} replaced ").removesuffix("; everything that was in it is gone")
-            out.append(f"  would replace: {what} (with {words}, a run replaces it whole)")
+        what = self.would_replace()
+        if what:
+            out.append(f"  would replace: {what} (with {overwrite_words()}, a run replaces it whole)")
         out += [f"  note: {n}" for n in self.notes]
         return out
 
@@ -220,9 +230,12 @@ def plan_apply(
 ) -> Plan:
     """What `apply` with these arguments would write: every check and match of apply (ops.apply.prepare_apply:
     a module without a target fails as it would), then the output's shards, tensors and bytes, the weights
-    merged and the tensors copied. `progress` and `allow_nonfinite` act while writing only."""
-    from lorafuse.ops.apply import prepare_apply
+    merged and the tensors copied. `progress` and `allow_nonfinite` act while writing only, and are checked as
+    apply checks them."""
+    from lorafuse.ops.apply import check_progress, prepare_apply
 
+    check_bool(allow_nonfinite, "allow_nonfinite")
+    check_progress(progress)
     s = prepare_apply(base, adapters, weights, out, dtype=dtype, threads=threads, max_shard_size=max_shard_size,
                       skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
     model = s.mplan.model
@@ -334,6 +347,7 @@ def plan_resize(
 
     out = None if out is None else check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
+    check_optional_bool(progress, "progress")  # drawn while resizing only, checked as resize checks it
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     a = adapter if isinstance(adapter, Adapter) else load(adapter)
     target: AdapterOutput | None = None
@@ -407,6 +421,7 @@ def plan_extract(
 
     out = None if out is None else check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
+    check_optional_bool(progress, "progress")  # drawn while extracting only, checked as extract checks it
     rule = RankRule(rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, max_rank=max_rank)
     target = extract_output(out, base, finetuned, include, exclude, overwrite=overwrite) if out is not None else None
     x = prepare_extract(base, finetuned, rule, include=include, exclude=exclude, embeddings=embeddings,

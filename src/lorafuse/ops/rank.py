@@ -64,7 +64,7 @@ class RankRule:
     def describe(self) -> str:
         for n in ("rank", "sv_ratio", "sv_fro", "sv_cumulative"):
             if getattr(self, n) is not None:
-                cap = f", max_rank {self.max_rank}" if self.max_rank else ""
+                cap = f", max-rank {self.max_rank}" if self.max_rank else ""  # as the rule: the CLI's spelling
                 return f"{n.replace('_', '-')} {getattr(self, n)}{cap}"
         return "?"  # pragma: no cover
 

@@ -15,6 +15,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from lorafuse._progress import Progress
 from lorafuse._validate import check_threads
 from lorafuse.backends import Backend, FactorJob, backend_for_device
@@ -27,8 +29,9 @@ from lorafuse.model import Adapter, LycorisUpdate, Update
 from lorafuse.model.arithmetic import check_split, restated_config
 from lorafuse.model.experts import ALL_PARTS, one_expert_rank
 from lorafuse.model.layout import output_dtype, rounded
+from lorafuse.model.limits import check_dense
 from lorafuse.model.param_lora import refuse_parameter_loras
-from lorafuse.model.update import beyond_float32
+from lorafuse.model.update import beyond_float32, nonfinite_factors
 from lorafuse.ops.rank import RankRule, fro_kept
 
 
@@ -41,6 +44,7 @@ class ModuleReport:
 
 
 GROUP = 64  # modules per call into the core (the progress bar advances per group)
+_ALGOS = {"loha": "LoHa", "lokr": "LoKr"}
 
 
 def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str = "B",
@@ -52,6 +56,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
     F32 / F16 / BF16, else F32.
     `device` 'cuda' runs the factored SVDs on the GPU (DeviceError when this build or machine cannot)."""
     a, threads, backend, out_dtype = prepare_resize(adapter, rule, threads, dtype, device, split)
+    _refuse_nonfinite_biases(a)
     names = list(a.updates)
     results: dict[str, tuple] = {}
     bar = Progress(len(names), "resize", progress, unit="modules")
@@ -63,8 +68,8 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
             structured = [n for n in group if isinstance(a.updates[n], LycorisUpdate)
                           and a.updates[n].prefers_structure()]  # type: ignore[union-attr]
             for n in structured:
-                results[n] = a.updates[n].best_factors(rule.choose, split, threads)  # type: ignore[union-attr]
-            items = [FactorJob(n, *a.updates[n].stored_factors(threads)) for n in group if n not in results]
+                results[n] = _structured_factors(a.updates[n], n, rule, split, threads)  # type: ignore[arg-type]
+            items = [FactorJob(n, *_exact_factors(a.updates[n], n, threads)) for n in group if n not in results]
             results.update({n: r for (n, _, _), r in zip(items, backend.factored_svd(
                 items, [a.updates[n].rank for n, _, _ in items], split, threads))})
             bar.update(len(group), group[-1])
@@ -80,6 +85,7 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
         b2, a2, s = results[n]
         u = a.updates[n]
         k = min(rule.choose(s), u.rank, b2.shape[1], b2.shape[0], a2.shape[1])  # no more than the delta's rank
+        _refuse_underflow(a.label, n, b2[:, :k], a2[:k], s[:k], split)
         try:
             new = rounded(u.with_factors(b2[:, :k], a2[:k], scale=u.scale), out_dtype, threads, refuse_underflow=True)
         except (NonFiniteError, UnsupportedError) as e:  # a factor the dtype cannot hold: say which adapter
@@ -96,6 +102,69 @@ def resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, split: str
                             {**dataclasses.asdict(rule), "split": split, "dtype": dtype_spelling(dtype),
                              "device": device})
     return out, report
+
+
+def _refuse_nonfinite_biases(a: Adapter) -> None:
+    """NonFiniteError naming the module whose lora_B bias holds NaN or Inf: resize keeps a bias as it is, so it
+    would be written into the output (the core refuses such factors)."""
+    for name, u in a.updates.items():
+        bias = getattr(u, "bias", None)
+        if bias is None:
+            continue
+        x = bias.f32()
+        if not np.isfinite(x).all():
+            held = " and ".join(w for w, bad in (("NaN", np.isnan(x).any()), ("Inf", np.isinf(x).any())) if bad)
+            raise NonFiniteError(f"{a.label}: module {name!r}: its lora_B bias {tuple(x.shape)} holds {held}")
+
+
+def _structured_factors(u: LycorisUpdate, name: str, rule: RankRule, split: str,
+                        threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A LoHa's / LoKr's best factors through its structure (LycorisUpdate.best_factors), refused as the core refuses
+    a LoRA's (NonFiniteError naming the module): pieces that hold NaN or Inf, or factors past float32's range."""
+    held = nonfinite_factors(u)
+    if held:
+        raise NonFiniteError(f"{name}: input holds {held}")
+    with np.errstate(over="ignore", invalid="ignore"):  # the float64 factors rounded to float32: checked below
+        b, a, s = u.best_factors(rule.choose, split, threads)
+    if not (np.isfinite(b).all() and np.isfinite(a).all()):
+        raise NonFiniteError(f"{name}: the low-rank factors do not fit float32: the largest singular value is "
+                             f"{float(s[0]):.3g} (float32 holds up to {float(np.finfo(np.float32).max):.3g})")
+    return b, a, s
+
+
+def _exact_factors(u: Update, name: str, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The module's exact factorization for the core's SVD; a LoHa / LoKr whose finite pieces give one past float32's
+    range (their products overflow) is refused naming the module, not said to hold NaN or Inf."""
+    if not isinstance(u, LycorisUpdate):
+        return u.stored_factors(threads)
+    with np.errstate(over="ignore", invalid="ignore"):
+        b, a = u.stored_factors(threads)
+    if not (np.isfinite(b).all() and np.isfinite(a).all()) and not nonfinite_factors(u):
+        algo = _ALGOS.get(u.algo, u.algo)
+        raise NonFiniteError(f"{name}: its {algo} pieces are finite but their exact factorization "
+                             f"({tuple(b.shape)} x {tuple(a.shape)}) overflows float32 (values past "
+                             f"{float(np.finfo(np.float32).max):.3g}): scale the module down")
+    return b, a
+
+
+def _refuse_underflow(label: str, name: str, b: np.ndarray, a: np.ndarray, s: np.ndarray, split: str) -> None:
+    """Refuse (UnsupportedError naming the module) new float32 factors whose kept singular values fell below
+    float32's range (a delta of singular values under ~1e-38 with them on B): the factors would write a delta of
+    zeros, or a fraction of the module's. Each kept direction j holds ||B_j|| ||A_j|| = S_j."""
+    n = min(len(s), b.shape[1], a.shape[0])
+    kept = np.asarray(s[:n], dtype=np.float64)
+    total = float(np.sqrt(np.sum(kept**2)))
+    if not n or not total > 0 or kept[-1] > 2.0**-100:  # (all of float32's normal range: nothing to lose)
+        return
+    held = np.linalg.norm(b[:, :n].astype(np.float64), axis=0) * np.linalg.norm(a[:n].astype(np.float64), axis=1)
+    lost = float(np.sqrt(np.sum((kept - held) ** 2))) / total
+    if lost <= 2.0**-4:
+        return
+    how = ("even as their square roots on both factors" if split == "sqrt" else
+           "with them on B (--split sqrt, split='sqrt', puts their square roots on both factors)")
+    raise UnsupportedError(f"{label}: module {name!r}: its kept singular values ({float(kept[0]):.3g} .. "
+                           f"{float(kept[-1]):.3g}) are below float32's range {how}: the factors (B {tuple(b.shape)}, "
+                           f"A {tuple(a.shape)}) would lose {min(lost, 1.0):.0%} of the delta")
 
 
 def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, threads: int = 0,
@@ -119,11 +188,22 @@ def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, th
             raise UnsupportedError(f"{a.label}: module {name!r} updates a weight of shape {tuple(u.delta_shape)}, "
                                    "with no rows or no columns: it has no rank to reduce (apply merges it as "
                                    "nothing)")
+    if rule.rank is not None:  # a fixed rank: the size of a structured LoHa's / LoKr's rank-k LoRA is known now
+        _check_structured_sizes(a, min(rule.rank, rule.max_rank or rule.rank))
     from lorafuse.formats.sd_keys import kernel_unknown, note_unknown_kernels
 
     note_unknown_kernels(a.label, [n for n, u in a.updates.items()
                                    if isinstance(u, LycorisUpdate) and kernel_unknown(n, tuple(u.delta_shape))])
     return a, threads, backend, output_dtype([a], dtype, "resize")
+
+
+def _check_structured_sizes(a: Adapter, rank: int) -> None:
+    """Refuse, as the run's best_factors would (model.limits.check_dense), a LoHa / LoKr taken through its structure
+    whose rank-`rank` LoRA is past the one-module limit: before any work, so that --dry-run refuses it too."""
+    for u in a.updates.values():
+        if isinstance(u, LycorisUpdate) and u.prefers_structure():
+            check_dense(u.label, f"the rank-k LoRA of this {_ALGOS.get(u.algo, u.algo)}",
+                        (max(1, min(rank, u.rank)), u.rows + u.cols))
 
 
 def resized(a: Adapter, updates: dict[str, Update]) -> Adapter:

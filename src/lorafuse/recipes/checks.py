@@ -256,7 +256,7 @@ def _check_parameters(recipe: RecipeText, i: int, stage: Stage, device: str | No
     for name in sorted(given - taken, key=lambda n: recipe.documents[i].line_of(("parameters", n))):
         if getattr(stage.parameters, name) is None:
             continue
-        ok = ", ".join(sorted(taken)) or "none"
+        ok = ", ".join(sorted(taken - {"ray_address"})) or "none"  # refused above: no recipe takes it
         raise RecipeError(f"{recipe.where(i, ('parameters', name))}: merge_method {stage.merge_method!r} takes no "
                           f"{name} (it takes: {ok})")
     verb = _verb(stage.merge_method)

@@ -403,6 +403,14 @@ def _check_intermediate(work: Path, out: Path) -> None:
         raise OutputError(f"intermediate folder {work} exists and is not a folder: choose a folder")
 
 
+def _option_words() -> tuple[str, str]:
+    """How messages name the intermediate folder and the output: `--intermediate-dir` and `-o` on the command
+    line, `intermediate_dir` and `out` in Python (io.atomic.overwrite_words tells which is running)."""
+    from lorafuse.io.atomic import overwrite_words
+
+    return ("intermediate_dir", "out") if overwrite_words() == "overwrite=True" else ("--intermediate-dir", "-o")
+
+
 def _check_intermediate_output(path: Path, folder: bool | None, name: str, work: Path, out: Path,
                                externals: Sequence[Path], kind: str | None) -> None:
     """What a stage before the last may write in `intermediate_dir` (`path`, a folder or one file; None: not
@@ -412,16 +420,17 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
     the same `kind` (io.manifest.KINDS; --overwrite replaces the output only, never an intermediate one)."""
     from lorafuse.io.atomic import check_output, check_output_path, overwrite_words
 
-    where = f"stage {name!r} writes its output to {path} (in --intermediate-dir {work})"
+    option, output = _option_words()
+    where = f"stage {name!r} writes its output to {path} (in {option} {work})"
     try:
         check_output_path(path, externals)
     except OutputError as e:
-        raise OutputError(f"{where}, which is refused: {e}; nothing was written: choose another --intermediate-dir "
+        raise OutputError(f"{where}, which is refused: {e}; nothing was written: choose another {option} "
                           "(or another name for the stage)") from None
     p, o = os.path.realpath(path), os.path.realpath(out)
     if o == p or o.startswith(p.rstrip(os.sep) + os.sep):
         raise OutputError(f"{where}, which is the output {out} or holds it (the stage would replace it before the "
-                          "last stage writes it): choose another output or another --intermediate-dir")
+                          f"last stage writes it): choose another output or another {option}")
     if folder is None or not os.path.lexists(path):
         return
     try:
@@ -430,8 +439,8 @@ def _check_intermediate_output(path: Path, folder: bool | None, name: str, work:
         what = re.split(r"[:;.]? nothing was written", str(e), maxsplit=1)[0]
         raise OutputError(f"{where}, which exists and is not lorafuse's own earlier output of that kind: {what}. "
                           f"{overwrite_words()} "
-                          f"replaces only the output (-o), never what is in the intermediate folder: move {path} "
-                          "away, or choose another --intermediate-dir; nothing was written") from None
+                          f"replaces only the output ({output}), never what is in the intermediate folder: move "
+                          f"{path} away, or choose another {option}; nothing was written") from None
 
 
 def _check_intermediates(stages: Sequence[CheckedStage], recipe: RecipeText, work: Path, out: Path,
@@ -596,8 +605,8 @@ def run(recipe: RecipeLike, out: str | bytes | os.PathLike[str] | os.PathLike[by
               "to a rank)"
               for s in stages if s.stage.merge_method in _PEFT_NAMED and len(s.inputs) > 1]
     if intermediate_dir is not None and len(stages) == 1:
-        notes.append(f"--intermediate-dir {os.fsdecode(intermediate_dir)} is not used: a recipe of one stage writes "
-                     "only the output")
+        notes.append(f"{_option_words()[0]} {os.fsdecode(intermediate_dir)} is not used: a recipe of one stage "
+                     "writes only the output")
     extra = (["--threads", str(threads)] if threads else []) + (["-q"] if quiet else [])
     if progress is not None:
         extra.append("--progress" if check_bool(progress, "progress") else "--no-progress")

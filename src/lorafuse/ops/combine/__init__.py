@@ -115,6 +115,10 @@ def check_options(options: CombineOptions) -> CombineOptions:
         raise LorafuseValueError(f"method {o.method!r} needs a density: the fraction of entries it keeps, between 0 "
                                  "and 1 (e.g. --density 0.5 on the command line, density=0.5 in Python)")
     _check_used(o, method)
+    if o.exact and o.seed != _DEFAULTS["seed"]:  # (exact is svd's alone: _check_used)
+        raise LorafuseValueError(f"seed={o.seed} (--seed) seeds the randomized SVD's sketches, and exact (--exact) "
+                                 "takes the exact SVD for every module, which draws no sketch: leave seed out, or "
+                                 "exact, for a randomized SVD where it is cheaper")
     if isinstance(o.group_bytes, bool) or not isinstance(o.group_bytes, int) or o.group_bytes < 1:
         raise LorafuseValueError(f"group_bytes must be a positive integer, got {o.group_bytes!r}")
     many.check_stream_options(o)
