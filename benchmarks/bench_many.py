@@ -13,11 +13,12 @@ n >= 1000) of the combine, each in its own child process (``lorafuse combine --f
 --passes P -o OUT``, through combine_to, which reports the summary: adapters, passes, bytes read, time,
 peak RSS of the child), alternating with ``cat`` of the same files to /dev/null (the time to read the same
 bytes from the page cache: the I/O floor; with ``--cold`` the page cache is emptied before every timed run,
-lorafuse's and cat's, so both read from the disk: the I/O-bound case). Reported: the median wall time (and spread), time per adapter
-(wall / n, and per adapter-pass), peak RSS, the ratio to ``cat``; and, once per n, the relative error
-||D - D_k||_F / ||D||_F of q_proj against the float64 optimum (numpy: D summed in float64 from the stored
-factors, its exact SVD), for --passes 1, 2 and 3 and for --passes 2 --oversample 120 (ERROR_RUNS), with the engine's own
-a-posteriori estimate.
+lorafuse's and cat's, so both read from the disk; with ``--read-mbps M`` both also run in a cgroup whose reads
+from that disk are limited to M MB/s, a slower disk than this machine's: the I/O-bound case). Reported: the
+median wall time (and spread), time per adapter (wall / n, and per adapter-pass), peak RSS, the ratio to
+``cat``; and, once per n, the relative error ||D - D_k||_F / ||D||_F of q_proj against the float64 optimum
+(numpy: D summed in float64 from the stored factors, its exact SVD), for --passes 1, 2 and 3 and for
+--passes 2 --oversample 120 (ERROR_RUNS), with the engine's own a-posteriori estimate.
 
 Run: ``python benchmarks/bench_many.py`` (n = 10, 100, 1000), ``--n 10 100`` for fewer, ``--n 10000`` for
 the issue's largest case (12 GB of adapters in --dir, and its float64 optimum takes a while).
@@ -128,10 +129,47 @@ def files_of(paths: list[Path]) -> list[str]:
     return [str(p / f) for p in paths for f in ("adapter_config.json", "adapter_model.safetensors")]
 
 
+# --read-mbps: the cgroup whose members' reads from the adapters' disk are limited (None: no limit)
+_SLOW: Path | None = None
+
+
+def _join_slow() -> None:
+    """In a child before exec (--read-mbps): join the read-limited cgroup."""
+    if _SLOW is not None:
+        (_SLOW / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def limit_reads(folder: Path, mbps: float) -> Path:
+    """A cgroup (Linux, root; cgroup v1 blkio or v2 io) whose members read the disk holding `folder` at most
+    `mbps` MB/s: a slower disk than this machine's, on which reading, not computing, is what takes the time."""
+    st = os.stat(folder)
+    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if (dev / "partition").exists():  # the throttle is set on the whole disk
+        dev = dev.resolve().parent
+    majmin = (dev / "dev").read_text().strip()
+    rate = int(mbps * 1e6)
+    v1 = Path("/sys/fs/cgroup/blkio")
+    try:
+        if v1.is_dir():
+            group = v1 / "lorafuse-bench-slow"
+            group.mkdir(exist_ok=True)
+            (group / "blkio.throttle.read_bps_device").write_text(f"{majmin} {rate}\n")
+        else:
+            root = Path("/sys/fs/cgroup")
+            (root / "cgroup.subtree_control").write_text("+io\n")
+            group = root / "lorafuse-bench-slow"
+            group.mkdir(exist_ok=True)
+            (group / "io.max").write_text(f"{majmin} rbps={rate}\n")
+    except OSError as e:
+        raise SystemExit(f"--read-mbps needs a cgroup with a read limit (Linux, as root): {e}") from None
+    return group
+
+
 def time_cat(files: list[str]) -> float:
     """Seconds to read the files with cat (xargs batches them), output to /dev/null."""
     t = time.perf_counter()
-    subprocess.run(["xargs", "-0", "cat"], input="\0".join(files).encode(), stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["xargs", "-0", "cat"], input="\0".join(files).encode(), stdout=subprocess.DEVNULL, check=True,
+                   preexec_fn=_join_slow)
     return time.perf_counter() - t
 
 
@@ -151,7 +189,7 @@ def run_combine(listing: Path, out: Path, passes: int, threads: int, engine: str
     done = subprocess.run([sys.executable, "-c", CHILD, str(listing), str(out), str(RANK), str(passes),
                            str(threads), engine, dtype or "-", str(ray_cpus),
                            "-" if oversample is None else str(oversample)], capture_output=True, text=True,
-                          check=False)
+                          check=False, preexec_fn=_join_slow)
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise SystemExit(f"combine failed:\n{done.stderr}")
@@ -239,6 +277,10 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true",
                     help="empty the page cache before every timed run, lorafuse's and cat's (Linux, root): the "
                     "I/O-bound case, where the first pass and cat read from the disk")
+    ap.add_argument("--read-mbps", type=float, default=None,
+                    help="run lorafuse and cat in a cgroup whose reads from the adapters' disk are limited to this "
+                    "many MB/s (Linux, root; implies --cold): a slower disk (a SATA SSD ~500, network storage "
+                    "~100-300), where reading is what takes the time: the I/O-bound case of issue #15")
     ap.add_argument("--no-error", action="store_true", help="skip the q_proj error against the float64 optimum")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--engine", choices=("stream", "ray"), default="stream",
@@ -249,6 +291,10 @@ def main() -> int:
         args.n = [1000] if args.engine == "ray" else [10, 100, 1000]
     root = Path(args.dir)
     paths_all = make_adapters(root / "adapters", max(args.n))
+    if args.read_mbps is not None:
+        global _SLOW
+        _SLOW = limit_reads(root / "adapters", args.read_mbps)
+        args.cold = True
     if args.engine == "ray":
         compared = [compare_ray(args, root, paths_all, n) for n in sorted(args.n)]
         print(f"\n{'n':>6} {'passes':>6} {'local s':>8} {'ray s':>8} {'ray / local':>11} {'of minima':>9} "
@@ -286,7 +332,8 @@ def main() -> int:
             "ms_per_adapter": 1e3 * statistics.median(walls) / n,
             "ms_per_adapter_pass": 1e3 * statistics.median(inner) / (n * args.passes),
             "peak_rss_mib": max(int(r["peak_rss"]) for r in runs) / 2**20,  # type: ignore[call-overload]
-            "cold": args.cold, "cat_median": statistics.median(cats), "ratio_to_cat": statistics.median(walls) / statistics.median(cats),
+            "cold": args.cold, "read_mbps": args.read_mbps, "cat_median": statistics.median(cats),
+            "ratio_to_cat": statistics.median(walls) / statistics.median(cats),
         }
         if not args.no_error:
             outs, reported = {}, {}

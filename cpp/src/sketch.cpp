@@ -137,12 +137,14 @@ constexpr int JB = 2, QB = 5;  // 10 accumulators
 // t (r x wp, row j's first w entries) = c * A X, from A (r x in, type T) and xt = X^T (w x in).
 template <DType T>
 void range_t(const void* a, Index r, Index in, const float* xt, Index w, float c, float* t, Index wp) {
-  for (Index j0 = 0; j0 < r; j0 += JB) {
-    Index ar[JB];  // a tail block repeats the last row (its sums are not stored)
-    LF_UNROLL for (int jj = 0; jj < JB; ++jj) ar[jj] = std::min<Index>(j0 + jj, r - 1) * in;
-    for (Index q0 = 0; q0 < w; q0 += QB) {
-      const float* xr[QB];
-      LF_UNROLL for (int qq = 0; qq < QB; ++qq) xr[qq] = xt + std::min<Index>(q0 + qq, w - 1) * in;
+  // X's columns outside, A's rows inside: a block of X^T's rows (QB x in) is read from memory once and then
+  // from the cache for every block of A's rows (A, r x in, is the smaller; a wide X^T overflows the L2 cache)
+  for (Index q0 = 0; q0 < w; q0 += QB) {
+    const float* xr[QB];  // a tail block repeats the last column (its sums are not stored)
+    LF_UNROLL for (int qq = 0; qq < QB; ++qq) xr[qq] = xt + std::min<Index>(q0 + qq, w - 1) * in;
+    for (Index j0 = 0; j0 < r; j0 += JB) {
+      Index ar[JB];  // likewise the last row
+      LF_UNROLL for (int jj = 0; jj < JB; ++jj) ar[jj] = std::min<Index>(j0 + jj, r - 1) * in;
       vf acc[JB][QB];
       LF_UNROLL for (int jj = 0; jj < JB; ++jj)
         LF_UNROLL for (int qq = 0; qq < QB; ++qq) acc[jj][qq] = vf{};
