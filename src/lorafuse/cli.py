@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import math
 import os
@@ -295,27 +296,32 @@ def _say_error(text: str, given: Sequence[str] = ()) -> None:
 def _json_text(obj: object, **kw: Any) -> str:
     """json.dumps of what a --json output holds, every string (keys too) as text UTF-8 can hold (io.provenance's
     path_text: a file name's undecodable byte as \\xNN, as info shows it): a lone surrogate, which json.dumps
-    writes as \\udcff, is refused by strict JSON readers."""
+    writes as \\udcff, is refused by strict JSON readers. A number that is not finite is null, as info's norms are:
+    NaN and Infinity are no JSON (`python -m json.tool`, jq and JSON.parse refuse them)."""
     from lorafuse.io.provenance import path_text
 
     def utf8(x: object) -> object:
         if isinstance(x, str):
             return path_text(x)
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
         if isinstance(x, dict):
             return {utf8(k): utf8(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [utf8(v) for v in x]
         return x
 
-    return json.dumps(utf8(obj), **kw)
+    return json.dumps(utf8(obj), **{"allow_nan": False, **kw})
 
 
 _SHOWN = "_lorafuse_notes"  # the namespace attribute keeping the notes shown on stderr (for --json's "notes")
 
 
-def _note(args: argparse.Namespace, text: object) -> None:
-    """A note on stderr (`note: ...`), kept for --json's "notes" (_json_notes)."""
-    _say(f"note: {text}", file=sys.stderr)
+def _note(args: argparse.Namespace, text: object, always: bool = False) -> None:
+    """A note on stderr (`note: ...`) unless -q (`always`: said even then, as what --overwrite replaced), kept for
+    --json's "notes" either way (_json_notes): `-q --json` prints the JSON with every note in it, and nothing else."""
+    if always or not getattr(args, "quiet", False):
+        _say(f"note: {text}", file=sys.stderr)
     args.__dict__.setdefault(_SHOWN, []).append(str(text))
 
 
@@ -377,12 +383,12 @@ def _rule(args: argparse.Namespace) -> RankRule:
 
 
 def _print_rank_report(args: argparse.Namespace, rows: list[dict[str, Any]], summary: str, metric: str,
-                       notes: Sequence[str] = (), out: object = None) -> None:
+                       notes: Sequence[str] = (), out: object = None, seconds: float | None = None) -> None:
     """resize / extract's report; --json: with `out`, the path written (`-o DIR/` names a file inside it), as
-    combine's and convert's --json say it."""
+    combine's and convert's --json say it, and the `seconds` it took, as every verb's --json says them."""
     if args.json:
         _say(_json_text({"summary": summary, "out": None if out is None else str(out), "modules": rows,
-                         "notes": _json_notes(args, *notes)}, indent=2))
+                         "seconds": seconds, "notes": _json_notes(args, *notes)}, indent=2))
         return
     if args.quiet:
         return
@@ -1233,21 +1239,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if not args.quiet:
-        for note in report.notes:
-            _note(args, note)
+    for note in report.notes:  # (-q: kept for --json, not said)
+        _note(args, note)
+    summary = (f"merged {plural(len(report.merged), 'weight')}"
+               + (f", replaced {len(report.replaced)}" if report.replaced else "")
+               + (f", updated {plural(len(report.biases), 'bias', 'biases')}" if report.biases else "")
+               + f"; wrote {plural(report.tensors, 'tensor')} ({human_bytes(report.bytes_written)}) to {report.out} "
+               f"in {report.seconds:.2f} s")
     if not args.quiet and not args.json:
-        _say(f"merged {plural(len(report.merged), 'weight')}"
-              + (f", replaced {len(report.replaced)}" if report.replaced else "")
-              + (f", updated {plural(len(report.biases), 'bias', 'biases')}" if report.biases else "")
-              + f"; wrote {plural(report.tensors, 'tensor')} ({human_bytes(report.bytes_written)}) to {report.out} "
-              f"in {report.seconds:.2f} s")
+        _say(summary)
         _say_requantized(report.requantized, args.verbose)
         if args.verbose and not report.requantized:  # said, not silently ignored
             _note(args, "--verbose lists the weights of a quantized base that are quantized again (--requantize, or "
                   "FP8), and this merge quantized none: it printed nothing more")
     if args.json:
-        _say(_json_text({"out": str(report.out), "merged": report.merged, "replaced": report.replaced,
+        _say(_json_text({"summary": summary, "out": str(report.out), "merged": report.merged,
+                         "replaced": report.replaced,
                          "biases": report.biases, "tensors": report.tensors, "bytes": report.bytes_written,
                          "seconds": report.seconds, "notes": _json_notes(args, *report.notes),
                          "requantized": report.requantized},
@@ -1327,10 +1334,10 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     # streamed: each group of modules is written as it is computed (never over an input)
     report = combine_to(items, weights, options, target.path, target.format,  # type: ignore[arg-type]
                         overwrite=args.overwrite)
-    if target.note and not args.quiet:
+    if target.note:  # (-q: kept for --json, not said: _note)
         _note(args, target.note)
-    if (args.seed != 0 and not args.method.startswith("dare") and report.engine == "memory" and not report.randomized
-            and not args.quiet):  # the seed of the randomized SVDs, and none ran: said, not silently ignored
+    if (args.seed != 0 and not args.method.startswith("dare") and report.engine == "memory"
+            and not report.randomized):  # the seed of the randomized SVDs, and none ran: said, not silently ignored
         _note(args, f"--seed {args.seed} changed nothing: every module took the exact SVD, which draws no random "
               "sketch (a module takes a randomized one where it is cheaper, or under --engine stream)")
     if args.json:
@@ -1400,10 +1407,10 @@ def _cmd_resize(args: argparse.Namespace) -> int:
                             progress=_progress_of(args), dtype=args.dtype,
                             device=args.device)
     result.save(target.path, target.format, overwrite=args.overwrite)
-    if target.note and not args.quiet:
+    if target.note:  # (-q: kept for --json, not said: _note)
         _note(args, target.note)
-    if (args.rank is not None and report and all(m.rank_out >= m.rank_in <= args.rank for m in report)
-            and not args.quiet):  # (a --max-rank below the ranks reduces them even so)
+    if (args.rank is not None and report and all(m.rank_out >= m.rank_in <= args.rank
+                                                 for m in report)):  # (a --max-rank below the ranks reduces them)
         _note(args, f"every module's rank is {args.rank} or less already (at most {max(m.rank_in for m in report)}): "
               "nothing was reduced; the factors are rewritten (balanced by the SVD)")
     rows = [{"name": m.name, "rank_in": m.rank_in, "rank": m.rank_out, "fro_kept": m.fro_kept} for m in report]
@@ -1413,7 +1420,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
                f"{min(ranks, default=0)}..{max(ranks, default=0)} (mean {fmean(ranks) if ranks else 0:.1f}), "
                f"Frobenius norm kept min {min(kept, default=1):.4f} / mean {fmean(kept) if kept else 1:.4f}; "
                f"wrote {target.path} in {time.monotonic() - start:.2f} s")
-    _print_rank_report(args, rows, summary, "fro_kept", out=target.path)
+    _print_rank_report(args, rows, summary, "fro_kept", out=target.path, seconds=time.monotonic() - start)
     return 0
 
 
@@ -1443,7 +1450,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                   device=args.device, dtype=args.dtype, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
                   conv_rank=args.conv_rank)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
-    if target.note and not args.quiet:
+    if target.note:  # (-q: kept for --json, not said: _note)
         _note(args, target.note)
     rows = [{"name": m.name, "shape": list(m.shape), "rank": m.rank, "rel_error": m.rel_error,
              "singular_values": m.singular_values} for m in res.modules]
@@ -1454,16 +1461,17 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                f"{min(ranks, default=0)}..{max(ranks, default=0)}, relative error mean "
                f"{fmean(errs) if errs else 0:.4f} / max {max(errs, default=0):.4f}; {res.unchanged} unchanged; "
                f"{len(res.adapter.full)} kept whole; wrote {target.path} in {time.monotonic() - start:.2f} s")
-    if res.skipped and not args.quiet and not args.json:
+    if res.skipped and not args.quiet:  # on stderr with --json too, as every verb's notes (the JSON lists all)
         for line in res.skipped[:10]:
             _say(f"note: not extracted: {line}", file=sys.stderr)
         if len(res.skipped) > 10:
             _say(f"note: ... and {len(res.skipped) - 10} more", file=sys.stderr)
-    if not args.quiet and not args.json:
+    if not args.quiet:
         for line in res.notes:
             _say(f"note: {line}", file=sys.stderr)
     _print_rank_report(args, rows, summary, "rel_error", [*(f"not extracted: {line}" for line in res.skipped),
-                                                          *res.notes], out=target.path)
+                                                          *res.notes], out=target.path,
+                       seconds=time.monotonic() - start)
     return 0
 
 
@@ -1498,9 +1506,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                + (f"; {len(kept)} LoHa / LoKr modules to LoRA, Frobenius norm kept min {min(kept):.4f} / mean "
                   f"{fmean(kept):.4f}" if kept else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
+    for note in rep.notes:  # on stderr unless -q, --json too; kept for --json's notes either way
+        _note(args, note)
     if args.json:
         _say(_json_text({"summary": summary, "out": str(rep.out), "family": rep.family, "split": rep.split,
-                         "fused": rep.fused, "modules": rows, "notes": _json_notes(args)}, indent=2))
+                         "fused": rep.fused, "modules": rows, "seconds": time.monotonic() - start,
+                         "notes": _json_notes(args)}, indent=2, allow_nan=False))
     elif not args.quiet:
         if args.verbose:
             width = max((len(m.name) for m in rep.lycoris), default=6)
@@ -1539,15 +1550,16 @@ def _convert_gguf(args: argparse.Namespace, adapter: Any, start: float) -> int:
                f"{rep.alpha:g}" + (f", {len(rep.folded)} with the scale folded into lora_b" if rep.folded else "")
                + (f"; {len(rep.lycoris)} LoHa / LoKr modules to LoRA" if rep.lycoris else "")
                + f"; wrote {rep.out} in {time.monotonic() - start:.2f} s")
+    for note in rep.notes:  # on stderr unless -q, --json too; kept for --json's notes either way
+        _note(args, note)
     if args.json:
         rows = [{"name": m.name, "algo": m.algo, "shape": list(m.shape), "rank": m.rank, "fro_kept": m.fro_kept}
                 for m in rep.lycoris]
         _say(_json_text({"summary": summary, "out": str(rep.out), "arch": rep.arch, "gguf_type": rep.gguf_type,
                          "alpha": rep.alpha, "ranks": rep.ranks, "folded": rep.folded, "fallback_f16": rep.fallback,
-                         "notes": _json_notes(args, *rep.notes), "modules": rows}, indent=2))
+                         "seconds": time.monotonic() - start, "notes": _json_notes(args), "modules": rows},
+                        indent=2, allow_nan=False))
     elif not args.quiet:
-        for note in rep.notes:
-            _say(f"note: {note}", file=sys.stderr)
         if args.verbose:
             for m in rep.lycoris:
                 _say(f"{m.name}  {m.algo}  rank {m.rank}  fro_kept {m.fro_kept:.6f}")
@@ -1578,6 +1590,11 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     labels = [str(a) for a in args.adapters]
     zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
     notes = unshared_notes(loaded, labels) + zero_notes(loaded, zero, labels)  # a 0 that measures nothing: said
+    drawn = None
+    if args.plot:  # before the matrix is printed: a plot that fails (a full disk) leaves no report of a success
+        from lorafuse.plot import plot_similarity
+
+        drawn = plot_similarity(cos, labels, args.plot, [Path(a) for a in args.adapters], overwrite=args.overwrite)
     if args.json:
         _say(_json_text({"adapters": [path_text(a) for a in args.adapters], "cosine": cos.round(8).tolist(),
                          "share_no_module": [list(pair) for pair in unshared_pairs(loaded)],
@@ -1590,11 +1607,8 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
             _say(f"{label:<{width}}  " + " ".join(f"{v:8.4f}" for v in row) + f"   [{i}]")
     for note in notes:
         _say(f"note: {_one_line(note)}", file=sys.stderr)  # (stderr: --json stays JSON)
-    if args.plot:
-        from lorafuse.plot import plot_similarity
-
-        out = plot_similarity(cos, labels, args.plot, [Path(a) for a in args.adapters], overwrite=args.overwrite)
-        _say(f"wrote the heat map to {out}", file=sys.stderr if args.json else sys.stdout)
+    if drawn is not None:
+        _say(f"wrote the heat map to {drawn}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -1729,6 +1743,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.modules and d["type"] not in ("adapter", "gguf"):  # said, not ignored: its description lists none
         raise LorafuseValueError(f"--modules lists an adapter's modules; {args.path} is a {d['type']}, described "
                                  "in full without it: leave --modules out")
+    drawn = None
+    if args.spectrum and plotted is not None:  # before the description: a plot that fails leaves no report
+        from lorafuse.plot import plot_spectrum
+
+        drawn = plot_spectrum(plotted, args.spectrum, args.threads, overwrite=args.overwrite)
     if args.json:  # numbers as JSON numbers; a non-finite one (NaN has no JSON form) as null
         listed = d.get("notes")  # a checkpoint's (on stdout in the text form)
         own = [str(n) for n in listed] if isinstance(listed, list) else []
@@ -1740,11 +1759,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         for line in describe_lines(d.get("provenance")):  # how lorafuse made it, when it did
             _say(line)
-    if args.spectrum and plotted is not None:
-        from lorafuse.plot import plot_spectrum
-
-        out = plot_spectrum(plotted, args.spectrum, args.threads, overwrite=args.overwrite)
-        _say(f"wrote the singular value plot to {out}", file=sys.stderr if args.json else sys.stdout)
+    if drawn is not None:
+        _say(f"wrote the singular value plot to {drawn}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -1752,13 +1768,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _notes(args: argparse.Namespace) -> Iterator[None]:
     """The API's warnings as notes on stderr: --overwrite names each replaced output that lorafuse did not
     write (OverwriteWarning, even with -q); what loading an adapter decided (AdapterNote: tensors PEFT
-    ignores, ...) unless -q (apply lists those in its report), kept for --json's "notes" too. Other warnings go
-    where they went."""
+    ignores, ...) unless -q (apply lists those in its report), kept for --json's "notes" too, with -q as well.
+    Other warnings go where they went."""
     import warnings
 
     from lorafuse.errors import AdapterNote, OverwriteWarning
 
-    adapter_notes = not getattr(args, "quiet", False) and args.command != "apply"
+    adapter_notes = args.command != "apply"  # (-q: kept for --json, not said: _note)
     with warnings.catch_warnings():
         warnings.simplefilter("always", OverwriteWarning)
         warnings.simplefilter("always" if adapter_notes else "ignore", AdapterNote)
@@ -1768,7 +1784,7 @@ def _notes(args: argparse.Namespace) -> Iterator[None]:
             if issubclass(category, AdapterNote) and str(message) in args.__dict__.get(_SHOWN, ()):
                 return  # an adapter loaded again (combine's header pass, then its engine): its notes said once
             if issubclass(category, (OverwriteWarning, AdapterNote)):
-                _note(args, message)
+                _note(args, message, always=issubclass(category, OverwriteWarning))
             else:
                 shown(message, category, *rest, **kw)
 
@@ -1919,9 +1935,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     reports: dict[tuple[str, ...], object] = {}
     # --progress / --no-progress as given, to every stage: each draws its bar by its own rules (none with -q, --json)
     progress = True if args.progress else False if args.no_progress else None
-    report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
-                 device=args.device, quiet=args.quiet or args.json, intermediate_dir=args.intermediate_dir,
-                 dispatch=_json_dispatch(reports) if args.json else dispatch, progress=progress)
+    # --json: the run as without it (its stages' notes on stderr, unless -q), but for stdout, which holds the JSON
+    # alone: the stage command lines the run prints there are dropped, each stage's --json report kept
+    shown = _dropped_stdout() if args.json else contextlib.nullcontext()
+    with shown:
+        report = run(args.recipe, args.out, overwrite=args.overwrite, dry_run=args.dry_run, threads=args.threads,
+                     device=args.device, quiet=args.quiet, intermediate_dir=args.intermediate_dir,
+                     dispatch=_json_dispatch(reports) if args.json else dispatch, progress=progress)
     if args.json:
         import shlex
 
@@ -1929,13 +1949,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    "out": None if s.out is None else str(s.out), "seconds": s.seconds,
                    ("plan" if report.dry_run else "report"): reports.get(tuple(s.argv)) if s.argv else None}
                   for s in report.stages]
+        said = [str(n) for s in stages for n in _stage_notes(s.get("plan" if report.dry_run else "report"))]
         _say(_json_text({"out": None if report.out is None else str(report.out), "dry_run": report.dry_run,
-                         "seconds": report.seconds, "notes": _json_notes(args, *report.notes), "stages": stages},
-                        indent=2,
-                        allow_nan=False))
+                         "seconds": report.seconds, "notes": _json_notes(args, *report.notes, *said),
+                         "stages": stages}, indent=2))
     elif not args.quiet and not args.dry_run:
         _say(f"ran {plural(len(report.stages), 'stage')}; wrote {report.out} in {report.seconds:.2f} s")
     return 0
+
+
+@contextmanager
+def _dropped_stdout() -> Iterator[None]:
+    """What is printed on stdout meanwhile is dropped (run --json: the lines a run prints there, not JSON)."""
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _stage_notes(shown: object) -> list[object]:
+    """The notes of a stage's --json report or plan (run --json's own "notes" hold every stage's, as the stages said
+    them on stderr)."""
+    notes = shown.get("notes") if isinstance(shown, dict) else None
+    return notes if isinstance(notes, list) else []
 
 
 def _json_dispatch(reports: dict[tuple[str, ...], object]) -> Callable[[Sequence[str]], int]:

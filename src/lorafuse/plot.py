@@ -89,7 +89,21 @@ def check_plot_output(path: str | os.PathLike[str], inputs: Sequence[Path] = (),
     check_output_path(path, inputs)
     fmt = plot_format(path)
     check_output(path, inputs, folder=False, overwrite=overwrite, kind=PLOT)
+    _check_matplotlib()
     return fmt
+
+
+def _check_matplotlib() -> None:
+    """An absent matplotlib said before the work (finding it imports nothing), not once the matrix or the
+    description it would plot was computed and printed."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # None in sys.modules, a module without a spec
+        found = False
+    if not found:
+        raise UnsupportedError("plotting needs matplotlib: pip install lorafuse[plot]")
 
 
 def _save(fig: Figure, path: str | os.PathLike[str], inputs: Sequence[Path], overwrite: bool) -> Path:

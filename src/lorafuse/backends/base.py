@@ -25,7 +25,7 @@ from lorafuse.backends.jobs import (
 
 class Backend(Protocol):
     """A place the math runs: 'cpu' (the compiled C++ core), 'reference' (numpy float64, the
-    test oracle), later 'cuda'. `threads` 0 means all hardware threads; backends that do not
+    test oracle), 'cuda' (lorafuse._cuda, one GPU). `threads` 0 means all hardware threads; backends that do not
     use host threads ignore it."""
 
     name: str

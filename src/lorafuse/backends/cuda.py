@@ -39,12 +39,14 @@ from lorafuse.backends.jobs import (
     SvdResult,
     TaskMergeJob,
 )
+from lorafuse.backends.pages import check_no_overlap
 from lorafuse.errors import DeviceError
 
 T = TypeVar("T")
 
-HOW = ('build lorafuse with CUDA on a machine with nvcc: pip install "lorafuse[cuda]" with LORAFUSE_CUDA=ON '
-       "(docs/building.md), or run with --device cpu (Python: device='cpu')")
+RUN_ON_CPU = "run with --device cpu (Python: device='cpu')"
+BUILD = ('build lorafuse with CUDA on a machine with nvcc: pip install "lorafuse[cuda]" with LORAFUSE_CUDA=ON '
+         "(docs/building.md)")
 
 # cuSOLVER needs cuBLAS, cuBLASLt, cuSPARSE and nvJitLink; loaded in this order when the module's RPATH
 # does not reach the pip packages (a wheel installed into another prefix, a build tree on sys.path).
@@ -78,31 +80,36 @@ def _preload_nvidia() -> None:
                 break
 
 
-def load_module() -> ModuleType:
-    """lorafuse._cuda, or DeviceError saying why it cannot be loaded and what to do."""
+def load_module(instead: str = RUN_ON_CPU) -> ModuleType:
+    """lorafuse._cuda, or DeviceError saying why it cannot be loaded and what to do (`instead`: the way to run
+    without it, as the caller reached the GPU: by --device, or by LORAFUSE_BACKEND)."""
+    not_built = DeviceError("backend 'cuda': this build of lorafuse has no CUDA backend (it was built without "
+                            f"nvcc or without cuBLAS / cuSOLVER); {BUILD}, or {instead}")
     try:
         return importlib.import_module("lorafuse._cuda")
+    except ModuleNotFoundError as e:
+        if e.name == "lorafuse._cuda":  # not built: NVIDIA's libraries (~200 MiB mapped) would load for nothing
+            raise not_built from None
     except ImportError:
         pass
     _preload_nvidia()
     try:
         return importlib.import_module("lorafuse._cuda")
     except ModuleNotFoundError:
-        raise DeviceError("backend 'cuda': this build of lorafuse has no CUDA backend (it was built without "
-                          f"nvcc or without cuBLAS / cuSOLVER); {HOW}") from None
+        raise not_built from None
     except ImportError as e:
         raise DeviceError(f"backend 'cuda': lorafuse's CUDA module is built but cannot be loaded ({e}); install "
-                          'the NVIDIA libraries it needs with pip install "lorafuse[cuda]", or run with '
-                          "--device cpu (Python: device='cpu')") from None
+                          f'the NVIDIA libraries it needs with pip install "lorafuse[cuda]", or {instead}') from None
 
 
-def unavailable() -> str:
-    """'' when the CUDA backend can run here, else why not."""
+def unavailable(instead: str = RUN_ON_CPU) -> str:
+    """'' when the CUDA backend can run here, else why not and what to do: the message of the DeviceError
+    that get_backend('cuda') raises."""
     try:
-        mod = load_module()
+        CudaBackend(instead)
     except DeviceError as e:
         return str(e)
-    return str(mod.unavailable_reason())
+    return ""
 
 
 def _arrays(obj: object) -> Iterator[np.ndarray]:
@@ -117,11 +124,11 @@ def _arrays(obj: object) -> Iterator[np.ndarray]:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self) -> None:
-        self._mod: Any = load_module()
+    def __init__(self, instead: str = RUN_ON_CPU) -> None:
+        self._mod: Any = load_module(instead)
         why = str(self._mod.unavailable_reason())
         if why:
-            raise DeviceError(f"backend 'cuda': {why}; run with --device cpu (Python: device='cpu')")
+            raise DeviceError(f"backend 'cuda': {why}; {instead}")
         self.device = str(self._mod.device_description(0))
 
     def _run(self, inputs: object, fn: Callable[[], T]) -> T:
@@ -153,6 +160,8 @@ class CudaBackend:
         native.core.sketch_fold(list(jobs), threads)
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
+        for j in jobs:  # as the 'cpu' backend: each piece's output is written back while the next is read
+            check_no_overlap(j)
         if not jobs:
             return []
         return list(self._run(jobs, lambda: self._mod.merge_batch(list(jobs), threads)))

@@ -61,16 +61,28 @@ def _same_buffer(x: np.ndarray, y: np.ndarray) -> bool:
 def check_no_overlap(job: Any) -> None:
     """A merge job's `out` may be its `w` exactly (in place) but may not otherwise share memory with `w` or
     with a stage's arrays: rows written before they are read would give wrong results. LorafuseValueError."""
-    out = job.out
-    if not isinstance(out, np.ndarray):
+    if not isinstance(job, tuple) or len(job) != 6:
         return  # the core refuses it, naming the job
-    others = [("w", job.w)] if isinstance(job.w, np.ndarray) and not _same_buffer(out, job.w) else []
-    for i, stage in enumerate(getattr(job, "stages", ()) or ()):
-        for field in getattr(stage, "_fields", ()):
-            value = getattr(stage, field)
-            if isinstance(value, np.ndarray):
-                others.append((f"stage {i + 1}'s {field}", value))
+    name, w, _, out, _, stages = job  # a MergeJob or a plain tuple of its fields, as the core takes
+    if not isinstance(out, np.ndarray):
+        return
+    others = [("w", w)] if isinstance(w, np.ndarray) and not _same_buffer(out, w) else []
+    for i, stage in enumerate(stages if isinstance(stages, (list, tuple)) else ()):
+        fields = getattr(stage, "_fields", None) or [f"field {k + 1}" for k in range(len(stage))] \
+            if isinstance(stage, tuple) else []
+        for field, value in zip(fields, stage):
+            for arr in _arrays(value):  # a FactorStage's factors are a tuple of arrays
+                others.append((f"stage {i + 1}'s {field}", arr))
     for what, arr in others:
         if np.may_share_memory(out, arr):
-            raise LorafuseValueError(f"merge job {job.name!r}: out overlaps {what} (out may be w itself, in place, "
+            raise LorafuseValueError(f"merge job {name!r}: out overlaps {what} (out may be w itself, in place, "
                                      "but no other input)")
+
+
+def _arrays(value: object) -> list[np.ndarray]:
+    """The numpy arrays in `value`: itself, or inside a tuple / list (one level deeper per nesting)."""
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _arrays(v)]
+    return []

@@ -51,6 +51,7 @@ from lorafuse.backends.jobs import (
     SvdResult,
     TaskMergeJob,
 )
+from lorafuse.backends.pages import check_no_overlap
 from lorafuse.backends.reference_math import (
     ITEMSIZE,
     OVERFLOW,
@@ -148,6 +149,8 @@ class ReferenceBackend:
                     job.acc[...] += a.T @ (c * (b.T @ x))
 
     def merge_batch(self, jobs: Sequence[MergeJob], threads: int = 0) -> list[bool]:
+        for job in jobs:  # refused as the 'cpu' backend refuses it
+            check_no_overlap(job)
         flags = []
         for job in jobs:
             name, w, w_dtype, out, out_dtype, stages = job

@@ -26,7 +26,10 @@ svd (D = sum_i c_i B_i A_i, c_i = w_i s_i, per module, in the stored orientation
 - Gaussian test matrices are regenerated from (seed, module name, role), never stored or shipped; the
   products with a chunk's factors are float32 (each adapter's term to about 1e-7 of itself: more of D where
   terms cancel), summed over the chunk in float32 and over the chunks in float64, so the order of the
-  adapters changes the result by rounding only.
+  adapters changes the result by rounding only. A module whose pass-1 sketch is below TINY (products of tiny
+  factors, which float32 flushes to zero or keeps a few bits of) is folded again with its operands times a power
+  of two (Sketching._rescued, after one more read of its factors' largest entries), the same in every later pass,
+  and its sums divided by it; one whose terms no such scale brings into float32's range is refused.
 - Error estimate per module (a posteriori, Tropp et al.'s error sketch): pass 1 also takes P = D Phi for
   `PROBES` independent Gaussian columns; since Phi is independent of the approximation D^, the mean of
   ||(D - D^) phi_j||^2 is an unbiased estimate of ||D - D^||_F^2 and ||P||_F^2 / PROBES one of ||D||_F^2.
@@ -113,6 +116,11 @@ from lorafuse.ops.combine.terms import dense_shape, unused_conv_rank
 DEFAULT_PASSES = 3
 OVERSAMPLE = 10  # sketch width w = k + OVERSAMPLE, as the core's randomized SVD (sketch_width: or min(out, in))
 PROBES = 10  # Gaussian columns of the error sketch
+# A module whose pass-1 sketch is below TINY may have lost its precision to float32's underflow in the products
+# (its factors' products below 2^-126: float32 keeps a few bits of them, or none): Sketching._rescued folds it
+# again with the operand times up to 2^SCALE_MAX_EXP (Gaussian entries x 2^120 stay below float32's 2^128).
+TINY = 2.0 ** -90
+SCALE_MAX_EXP = 120
 MEMORY_MAX_ADAPTERS = 256  # at most this many adapters (fewer under a low open-file limit): the in-memory path
 STREAMABLE = ("svd", "linear")
 ENGINES = ("auto", "memory", "stream", "ray")
@@ -620,8 +628,13 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
 
 def _named(src: Source) -> str:
     """Where an adapter was named, with its path when that does not say it (a list's line)."""
+    return src.where + _file_of(src)
+
+
+def _file_of(src: Source) -> str:
+    """' (PATH)' where src.where does not show the adapter's path (a list's line names only the line), else ''."""
     path = src.path
-    return src.where if path is None or str(path) in src.where else f"{src.where} ({_cut(path)})"
+    return "" if path is None or str(path) in src.where else f" ({_cut(path)})"
 
 
 def _stepped(sources: Sequence[Source], bar: _Bar) -> Iterator[Source]:
@@ -1092,8 +1105,8 @@ def _sketch_error(fold: _SvdFold, terms: list[SketchTerm], held: list[_Held], ba
         try:
             backend.sketch_fold([SketchJob([term], fold.side, fold.x32, np.zeros_like(fold.acc))], 1)
         except LorafuseError as e:
-            return _reraise(e, h.src.where)
-    return _reraise(error, held[0].src.where)
+            return _reraise(e, _named(h.src))
+    return _reraise(error, _named(held[0].src))
 
 
 def _widen_error(jobs: list[ConvertJob], starts: list[tuple[_Held, int]], backend: Backend,
@@ -1105,8 +1118,8 @@ def _widen_error(jobs: list[ConvertJob], starts: list[tuple[_Held, int]], backen
         try:
             backend.convert_into(jobs[lo:hi], 1)
         except LorafuseError as e:
-            return _reraise(e, h.src.where)
-    return _reraise(error, starts[0][0].src.where)
+            return _reraise(e, _named(h.src))
+    return _reraise(error, _named(starts[0][0].src))
 
 
 class Sketching:
@@ -1125,20 +1138,59 @@ class Sketching:
         self.job = Folding(plan.modules, method, options.seed, self.passes, {n: sk.w for n, sk in self.svd.items()},
                            chunk_size(plan, options.group_bytes // 4))  # the chunk and its stacks
         self.last: Partial = {}
+        self.pass_no = 0
+        self.scales: dict[str, float] = {}  # a power of two per module whose terms are tiny (_rescued)
 
     def start(self, pass_no: int) -> dict[str, Operand] | None:
-        """Set up pass `pass_no`: every module's operand (None for linear). The QR of each sketch on one BLAS
-        thread, as the folds (_module_threads): they are as small."""
+        """Set up pass `pass_no`: every module's operand (None for linear), times its scale. The QR of each
+        sketch on one BLAS thread, as the folds (_module_threads): they are as small."""
+        self.pass_no = pass_no
         with _one_blas_thread():
             for sk in self.svd.values():
                 sk.start(pass_no)
-        return {n: sk.operand() for n, sk in self.svd.items()} if self.svd else None
+        return {n: self._scaled(n, sk.operand()) for n, sk in self.svd.items()} if self.svd else None
+
+    def _scaled(self, name: str, operand: Operand) -> Operand:
+        s = self.scales.get(name, 1.0)
+        x, psi = operand
+        return operand if s == 1.0 else (x * np.float32(s), None if psi is None else psi * np.float32(s))
 
     def take(self, partial: Partial) -> None:
-        """The pass's accumulators, summed over every adapter."""
+        """The pass's accumulators, summed over every adapter (divided by the module's scale; pass 1's of a module
+        whose products lost their precision to float32's underflow folded again, scaled: _rescued)."""
+        if self.pass_no == 1 and self.svd:
+            partial = self._rescued(partial)
         self.last = partial
         for n, sk in self.svd.items():
-            sk.take(partial[n])
+            s = self.scales.get(n, 1.0)
+            sk.take(partial[n] if s == 1.0 else [x / s for x in partial[n]])
+
+    def _rescued(self, partial: Partial) -> Partial:
+        """Pass 1's accumulators, those of modules whose sketch is below TINY (products of tiny factors: float32
+        flushed them to zero or kept a few bits) folded again here with the operand times a power of two that
+        brings the largest term's entries to about 2^-20 (its scale, kept for the later passes); the factors'
+        largest entries are read for these modules only (term_sizes: one more read of the adapters). A module
+        whose terms are too small for any such scale is refused."""
+        tiny = {n for n, arrays in partial.items() if not max(float(np.abs(x).max(initial=0.0)) for x in arrays)
+                >= TINY}
+        if not tiny:
+            return partial
+        for n, size in term_sizes(self.plan, tiny, self.job.chunk).items():
+            e = -20 - math.ceil(math.log2(size)) if size > 0 else 0  # (0: every term is zero, and so is the sum)
+            if e > SCALE_MAX_EXP:
+                raise LorafuseValueError(
+                    f"module {n!r}: its terms c_i B_i A_i are at most {size:.3g} in size (weight x scale x the "
+                    "factors' largest entries), too small for the float32 products of the streamed engine (below "
+                    f"2^-{SCALE_MAX_EXP + 20} even scaled): give the adapters larger weights")
+            if e > 0:
+                self.scales[n] = 2.0 ** e
+        if not self.scales:
+            return partial
+        job = dataclasses.replace(self.job, modules={n: self.plan.modules[n] for n in self.scales})
+        operands = {n: self._scaled(n, self.svd[n].operand()) for n in self.scales}
+        again, _ = fold_sources(job, 1, operands, self.plan.sources, self.plan.weights, self.plan.fingerprints,
+                                replays=self.plan.replays, workers=resolve_threads(self.options.threads))
+        return {**partial, **again}
 
     def finish(self, on_module: Callable[[str, LoraUpdate], None]) -> dict[str, float]:
         """on_module(name, update) for every module in input order, its factors rounded once to the output's
@@ -1242,8 +1294,8 @@ class _Bar:
 
 
 def _changed(src: Source, pass_no: int) -> str:
-    return (f"{src.where}: changed since combine started (pass {pass_no}): the passes would read different "
-            "adapters; nothing is written")
+    return (f"{src.where}: changed since combine started (pass {pass_no}){_file_of(src)}: the passes would read "
+            "different adapters; nothing is written")
 
 
 def raise_if_changed(plan: Plan) -> None:
@@ -1254,8 +1306,8 @@ def raise_if_changed(plan: Plan) -> None:
     InputChangedError naming the adapter's line, before the output is committed."""
     for src, fingerprint in zip(plan.sources, plan.fingerprints):
         if isinstance(src.item, Path) and _fingerprint(src.item) != fingerprint:
-            raise InputChangedError(f"{src.where}: changed while combine ran (after its passes read it, before "
-                                    "the output was committed): its recorded sha256 might not be of the bytes "
+            raise InputChangedError(f"{src.where}: changed while combine ran{_file_of(src)} (after its passes read it, "
+                                    "before the output was committed): its recorded sha256 might not be of the bytes "
                                     "read; nothing is written")
 
 
@@ -1366,13 +1418,13 @@ def _non_finite(name: str, held: Sequence[tuple[Source, float]]) -> NonFiniteErr
     updates = [(src, w, _open(src, quiet=True).updates.get(name)) for src, w in held]
     for src, _, u in updates:
         if u is not None and holds_nonfinite(u):
-            return NonFiniteError(f"{src.where}: module {name!r} {nonfinite_words(u)}")
+            return NonFiniteError(f"{src.where}: module {name!r} {nonfinite_words(u)}{_file_of(src)}")
     summed = f"module {name!r}: the weighted sum of {held[0][0].where} .. {held[-1][0].where} overflows float32 " \
         "(every input is finite"
     for src, w, u in updates:
         if u is not None and (own := own_overflow(u, w)):
-            return NonFiniteError(f"{src.where}: module {name!r}: {own}" if w == 1 else
-                                  f"{summed}): {src.where}: {own}")
+            return NonFiniteError(f"{src.where}: module {name!r}: {own}{_file_of(src)}" if w == 1 else
+                                  f"{summed}): {_named(src)}: {own}")
     return NonFiniteError(f"{summed}, and so is each one's weighted delta): use smaller weights")
 
 
@@ -1388,6 +1440,25 @@ def own_overflow(u: Update, weight: float) -> str:
                 f"value ({FLOAT32_MAX:.3g}), in which combine computes: give it a smaller weight")
     return (f"its own delta has Frobenius norm {norm:.3g}, beyond float32's largest value ({FLOAT32_MAX:.3g}), in "
             "which combine computes, whatever the other inputs: give it a smaller weight, or leave it out")
+
+
+def term_sizes(plan: Plan, names: set[str], chunk: int) -> dict[str, float]:
+    """The largest |c_i| max|A_i| max|B_i| over the adapters (factors as float32, as the folds read them) of each
+    module of `names`: the size of its largest term's entries, from one more read of the adapters (the rescue
+    of modules whose sketches underflowed only: Sketching._rescued)."""
+    backend = get_backend()
+    sizes = dict.fromkeys(names, 0.0)
+    for held, _ in _chunks(plan.sources, plan.weights, plan.fingerprints, 1, chunk, plan.replays):
+        for h in held:
+            for n in names & h.factors.keys():
+                c, _, _, a, b = h.factors[n]
+                sizes[n] = max(sizes[n], abs(c) * _largest(a, backend) * _largest(b, backend))
+    return sizes
+
+
+def _largest(f: Factor, backend: Backend) -> float:
+    """A factor's largest entry's magnitude, of its float32 values (float64)."""
+    return float(np.abs(backend.to_float32(np.ascontiguousarray(f[0]), f[1])).max(initial=0.0))
 
 
 def chunk_size(plan: Plan, budget: int) -> int:
@@ -1434,8 +1505,10 @@ def check_stream_options(options: CombineOptions) -> None:
     if address is not None and options.engine != "ray":
         raise LorafuseValueError(f"ray_address applies to engine 'ray' (the engine is {options.engine!r})")
     p = None if options.passes is None else check_int(options.passes, "passes", 1, MAX_PASSES)  # a numpy int too
-    if options.engine in ("stream", "ray") or p is not None:
-        engine = "engine 'ray'" if options.engine == "ray" else "passes, engine 'stream'"
+    if options.engine in ("stream", "ray") or p is not None or options.oversample is not None:
+        # (oversample, as passes, selects the streamed engine under 'auto': never silently dropped by exact or cuda)
+        engine = "engine 'ray'" if options.engine == "ray" else \
+            "passes, engine 'stream'" if options.oversample is None else "oversample, engine 'stream'"
         if options.method not in STREAMABLE:
             raise LorafuseValueError(f"method {options.method!r} does not stream ({engine}): the "
                                    f"streamed engine runs {' and '.join(STREAMABLE)}")
