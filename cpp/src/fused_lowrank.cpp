@@ -9,29 +9,25 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__F16C__) && defined(__AVX__)
-#include <immintrin.h>
-#define LORAFUSE_HAVE_F16C 1
-#endif
+#include "simd.hpp"
 
 namespace lorafuse {
 namespace {
 
+using simd::VL;
+using simd::vf;
+using simd::vh;
+using simd::vi;
+using simd::vu;
+
 #if defined(__AVX512F__)
 // 32 vector registers: 8 rows x 2 vectors of accumulators, two of A, the broadcasts.
-constexpr int VL = 16;
 constexpr int MR = 8;
 #else
 // 16 vector registers: 4 rows x 2 vectors of accumulators.
-constexpr int VL = 8;
 constexpr int MR = 4;
 #endif
 constexpr int NR = 2 * VL;  // columns per register block (two vectors)
-
-typedef float vf __attribute__((vector_size(4 * VL)));
-typedef std::uint32_t vu __attribute__((vector_size(4 * VL)));
-typedef std::int32_t vi __attribute__((vector_size(4 * VL)));
-typedef std::uint16_t vh __attribute__((vector_size(2 * VL)));
 
 #if defined(LORAFUSE_HAVE_F16C)
 // The NaN lanes of v (decoded by F16C from the halves at base + i) as f16_to_f32 decodes them: F16C
@@ -60,33 +56,10 @@ inline vf canonical_nan(vf v) {
 
 template <DType T>
 inline vf loadv(const void* base, std::int64_t i) {
-  vf v;
-  if constexpr (T == DType::F32) {
-    std::memcpy(&v, static_cast<const float*>(base) + i, sizeof(vf));
-  } else if constexpr (T == DType::BF16) {
-    vh h;
-    std::memcpy(&h, static_cast<const std::uint16_t*>(base) + i, sizeof(vh));
-    const vu u = __builtin_convertvector(h, vu) << 16;
-    std::memcpy(&v, &u, sizeof(vf));
-  } else {
-    static_assert(T == DType::F16, "loadv: F32, BF16 or F16");
-#if defined(LORAFUSE_HAVE_F16C) && defined(__AVX512F__)
-    // the masked forms: GCC 12 warns about the unmasked ones' undefined pass-through
-    const __m512 x = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-        static_cast<const std::uint16_t*>(base) + i)));
-    std::memcpy(&v, &x, sizeof(vf));
-    v = f16_nan_bits(v, base, i);
-#elif defined(LORAFUSE_HAVE_F16C)
-    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
-        static_cast<const std::uint16_t*>(base) + i)));
-    std::memcpy(&v, &x, sizeof(vf));
-    v = f16_nan_bits(v, base, i);
-#else
-    float tmp[VL];
-    to_f32(static_cast<const std::uint16_t*>(base) + i, DType::F16, tmp, VL);
-    std::memcpy(&v, tmp, sizeof(vf));
+  vf v = simd::widen<T>(base, i);
+#if defined(LORAFUSE_HAVE_F16C)
+  if constexpr (T == DType::F16) v = f16_nan_bits(v, base, i);
 #endif
-  }
   return v;
 }
 

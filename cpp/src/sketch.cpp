@@ -23,61 +23,33 @@
 #include "lorafuse/errors.hpp"
 #include "lorafuse/parallel.hpp"
 
-#if defined(__F16C__) && defined(__AVX__)
-#include <immintrin.h>
-#define LORAFUSE_SKETCH_F16C 1
-#endif
+#include "simd.hpp"
 
 namespace lorafuse {
 namespace {
 
 using Index = std::int64_t;
+using simd::VL;
+using simd::vf;
 
 #if defined(__AVX512F__)
-constexpr int VL = 16;
 constexpr int NACC = 24;  // accumulator vectors of a register block (of 32 registers)
 #else
-constexpr int VL = 8;
 constexpr int NACC = 12;  // (of 16)
 #endif
 
 // Loops over a register block's vectors, unrolled whole (GCC keeps their accumulators in registers only then).
 #define LF_UNROLL _Pragma("GCC unroll 32")
 
-typedef float vf __attribute__((vector_size(4 * VL)));
-typedef std::uint32_t vu __attribute__((vector_size(4 * VL)));
-typedef std::uint16_t vh __attribute__((vector_size(2 * VL)));
-
 template <DType T>
 constexpr Index elem_size() {
   return T == DType::F32 ? 4 : 2;
 }
 
-// VL elements of type T at element i of base, as float32.
+// VL elements of type T at element i of base, as float32 (a NaN's payload is not kept: it is a NaN in the sums).
 template <DType T>
 inline vf load(const void* base, Index i) {
-  vf v;
-  if constexpr (T == DType::F32) {
-    std::memcpy(&v, static_cast<const float*>(base) + i, sizeof(vf));
-  } else if constexpr (T == DType::BF16) {
-    vh h;
-    std::memcpy(&h, static_cast<const std::uint16_t*>(base) + i, sizeof(vh));
-    const vu u = __builtin_convertvector(h, vu) << 16;
-    std::memcpy(&v, &u, sizeof(vf));
-  } else {
-    static_assert(T == DType::F16, "load: F32, BF16 or F16");
-    const auto* p = static_cast<const std::uint16_t*>(base) + i;
-#if defined(LORAFUSE_SKETCH_F16C) && defined(__AVX512F__)
-    const __m512 x = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    std::memcpy(&v, &x, sizeof(vf));
-#elif defined(LORAFUSE_SKETCH_F16C)
-    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    std::memcpy(&v, &x, sizeof(vf));
-#else
-    for (int l = 0; l < VL; ++l) v[l] = f16_to_f32(p[l]);
-#endif
-  }
-  return v;
+  return simd::widen<T>(base, i);
 }
 
 // The n elements at element i (n < VL; none when n <= 0), zeros after them.
