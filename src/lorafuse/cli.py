@@ -353,6 +353,12 @@ def _progress_options(p: argparse.ArgumentParser, when: str = "") -> None:
                      "terminal)")
 
 
+def _bars_drawn(args: argparse.Namespace) -> bool:
+    """Whether the command may draw progress bars (a Hub download's too, io.hub.quiet_downloads): not with -q,
+    --json or --no-progress, whichever of them the verb has."""
+    return not any(getattr(args, name, False) for name in ("quiet", "json", "no_progress"))
+
+
 def _progress_of(args: argparse.Namespace) -> bool | None:
     """True (draw), False (never: --no-progress, -q, --json) or None (when stderr is a terminal)."""
     if getattr(args, "quiet", False) or getattr(args, "json", False) or args.no_progress:
@@ -1573,7 +1579,15 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
 
     from lorafuse.formats import load
     from lorafuse.io.provenance import path_text
-    from lorafuse.ops.similarity import ZERO_NOTE, similarity, unshared_notes, unshared_pairs, zero_notes
+    from lorafuse.ops.similarity import (
+        LEFT_OUT_NOTE,
+        ZERO_NOTE,
+        left_out_notes,
+        similarity,
+        unshared_notes,
+        unshared_pairs,
+        zero_notes,
+    )
 
     if args.overwrite and not args.plot:  # what it replaces is the plot: said, not ignored
         raise LorafuseValueError("--overwrite replaces the --plot file, and no --plot was given: similarity writes "
@@ -1586,10 +1600,12 @@ def _cmd_similarity(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # its notes of unshared pairs are printed below, with the given names
         warnings.filterwarnings("ignore", message="(?s).* share no module", category=UserWarning)  # (?s): a path's \n
         warnings.filterwarnings("ignore", message=f"(?s).*: {ZERO_NOTE} ", category=UserWarning)
+        warnings.filterwarnings("ignore", message=f"(?s).* {LEFT_OUT_NOTE} ", category=UserWarning)
         cos = similarity(loaded, args.threads)
     labels = [str(a) for a in args.adapters]
     zero = [i for i in range(len(loaded)) if cos[i, i] == 0]  # a zero delta: a diagonal of 0, not 1
     notes = unshared_notes(loaded, labels) + zero_notes(loaded, zero, labels)  # a 0 that measures nothing: said
+    notes += left_out_notes(loaded, labels)  # full tensors (modules_to_save) that the cosines leave out: said
     drawn = None
     if args.plot:  # before the matrix is printed: a plot that fails (a full disk) leaves no report of a success
         from lorafuse.plot import plot_similarity
@@ -1680,6 +1696,10 @@ def _print_info(d: dict[str, Any], modules: bool) -> None:
     _say(f"  parameters  {d['parameters']:,}")
     if d["dora"]:
         _say("  DoRA        yes")
+    biased = sum(1 for m in d["module_details"] if m.get("bias"))
+    if biased:  # PEFT lora_bias: a merge changes these modules' biases too (their norms below are the weights')
+        _say(f"  lora_bias   {biased} module{'s' if biased != 1 else ''} with a lora_B bias (a merge adds scale x "
+             "bias to the base bias; ||delta||_F is the weight's)")
     if d["full_tensors"]:
         kinds: dict[str, list[str]] = {}
         for key, kind in d["full_tensor_kinds"].items():
@@ -2220,6 +2240,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
 
     from lorafuse.io.atomic import COMMITTED, overwrite_named
+    from lorafuse.io.hub import quiet_downloads
     from lorafuse.io.provenance import command_text, invoked
 
     committed = len(COMMITTED)  # the outputs put in place before this command
@@ -2229,7 +2250,7 @@ def _main(argv: Sequence[str] | None) -> int:
         previous = _catch_ending()
     try:  # every output records the command line, verbatim but for the output's path (io.provenance)
         with _notes(args), invoked(command_text(given, getattr(args, "out", None)), "command"), \
-                overwrite_named("--overwrite"):
+                overwrite_named("--overwrite"), quiet_downloads(not _bars_drawn(args)):
             return _commands()[args.command](args)
     except LorafuseValueError as e:
         if not _input_error(e):

@@ -524,7 +524,19 @@ def _refuse_unmergeable(cfg: dict[str, object], path: str) -> None:
     for key, why in _CANNOT_MERGE.items():
         value = cfg.get(key)
         if value is not None and value is not False and value != [] and value != {}:
-            raise UnsupportedError(f"{path}: {key}={_short(value)}: {why}; lorafuse cannot merge this adapter")
+            raise UnsupportedError(f"{path}: {key}={_short(value)}: {why}{_token_modules(key, value)}; lorafuse "
+                                   "cannot merge this adapter")
+
+
+def _token_modules(key: str, value: object) -> str:
+    """For trainable_token_indices, the modules whose rows it replaces: a dict's keys (module name suffixes), a
+    list's the input embedding PEFT finds (get_input_embeddings()); '' for other fields."""
+    if key != "trainable_token_indices":
+        return ""
+    if isinstance(value, dict):
+        more = ", ...)" if len(value) > 3 else ")"
+        return " (in module " + ", ".join(_short(k, 60) for k in list(value)[:3]) + more
+    return " (in the model's input embedding, which PEFT finds by get_input_embeddings(): embed_tokens, wte, ...)"
 
 
 def check_config(cfg: object, path: str) -> dict[str, object]:

@@ -26,7 +26,8 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -91,6 +92,48 @@ class Resolved:
 _origins: dict[str, HubOrigin] = {}  # absolute snapshot folder -> where it came from (this process)
 _spec_origins: dict[str, HubOrigin] = {}  # spec text -> where its last resolution led
 _lock = threading.Lock()
+_quiet = 0  # how many quiet_downloads blocks are open (the CLI's -q / --json / --no-progress), under _bars_lock
+_bars_lock = threading.Lock()
+_downloads, _turned_off = 0, False  # quiet downloads under way; whether the first turned huggingface_hub's bars off
+
+
+@contextmanager
+def quiet_downloads(quiet: bool = True) -> Iterator[None]:
+    """Inside this block (when `quiet`) a download draws no huggingface_hub progress bar on stderr: the CLI's -q,
+    --json and --no-progress promise no bar, and huggingface_hub draws its own unless told not to (_bars_off)."""
+    global _quiet
+    with _bars_lock:
+        _quiet += int(quiet)
+    try:
+        yield
+    finally:
+        with _bars_lock:
+            _quiet -= int(quiet)
+
+
+@contextmanager
+def _bars_off(hub: ModuleType) -> Iterator[None]:
+    """huggingface_hub's progress bars off for one download inside quiet_downloads, and back on after it when they
+    were on before (HF_HUB_DISABLE_PROGRESS_BARS, or the caller's own disable_progress_bars, is left as it is)."""
+    global _downloads, _turned_off
+    utils = getattr(hub, "utils", None)
+    if not _quiet or utils is None or not hasattr(utils, "disable_progress_bars"):
+        yield
+        return
+    with _bars_lock:  # downloads at once (threads): the bars are turned off by the first, back on by the last
+        if not _downloads:
+            _turned_off = not utils.are_progress_bars_disabled()
+            if _turned_off:
+                utils.disable_progress_bars()
+        _downloads += 1
+    try:
+        yield
+    finally:
+        with _bars_lock:
+            _downloads -= 1
+            if not _downloads and _turned_off:
+                utils.enable_progress_bars()
+                _turned_off = False
 
 
 def parse(spec: str | os.PathLike[str]) -> tuple[str, str | None] | None:
@@ -196,9 +239,11 @@ def resolve(spec: str | os.PathLike[str], *, what: str, patterns: Sequence[str] 
     def download(allow: Sequence[str], ignore: Sequence[str] = ()) -> Path:
         skip = {"ignore_patterns": list(ignore)} if ignore else {}  # (passed only when some: stand-ins in tests)
         try:
-            return Path(hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
-                                              local_files_only=offline, allow_patterns=list(allow),
-                                              endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, **skip))
+            with _bars_off(hub):
+                return Path(hub.snapshot_download(repo, repo_type="model", revision=revision, cache_dir=cache,
+                                                  local_files_only=offline, allow_patterns=list(allow),
+                                                  endpoint=os.environ.get("HF_ENDPOINT") or None, token=token,
+                                                  **skip))
         except Exception as e:  # only huggingface_hub's and its HTTP client's become ours; others (bugs) go on
             error = _error(e, text, what, repo, revision, cache or hub.constants.HF_HUB_CACHE, offline)
             if error is None:
@@ -741,5 +786,5 @@ def _said(e: object) -> str:
     return redact(" ".join(str(e).split()))
 
 __all__ = ["CONFIG_FILES", "HUB_FILES", "HubOrigin", "Resolved", "held_adapter_file", "hub_origin", "is_hub_id",
-           "local_adapter", "local_path", "parse", "path_hint", "redact", "repo_of", "resolve", "spec_origin",
-           "sub_adapters"]
+           "local_adapter", "local_path", "parse", "path_hint", "quiet_downloads", "redact", "repo_of", "resolve",
+           "spec_origin", "sub_adapters"]

@@ -29,6 +29,7 @@ from lorafuse.errors import (
     UnsupportedError,
 )
 from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.model.layout import refuse_lost_directions
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.names import exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
@@ -164,8 +165,12 @@ def terms_by_module(adapters: Sequence[Adapter], weights: Sequence[float]) -> di
     return out
 
 
+COEFFICIENT_EXP = 40  # stack: a coefficient below 2^-40 is split between both sides
+
+
 def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B") -> tuple[np.ndarray, np.ndarray]:
-    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A'), c_i = w_i * s_i. Filled
+    """[c_i B_i] and [A_i] (coef_on='B'), or [B_i] and [c_i A_i] (coef_on='A'), c_i = w_i * s_i (a c_i below
+    2^-COEFFICIENT_EXP split between both sides by a power of two, so that float32 holds it). Filled
     in place one term at a time: besides the result, only one term's factors exist at a time."""
     b, a = terms[0][1].stored_factors(threads)
     widths = [b.shape[1]] + [u.rank for _, u in terms[1:]]
@@ -175,13 +180,25 @@ def stack(terms: Sequence[tuple[float, Update]], threads: int, coef_on: str = "B
     for i, (w, u) in enumerate(terms):
         if i:
             b, a = u.stored_factors(threads)
-        c = np.float32(float32_coefficient(w, u.scale, f"input {i + 1}"))
+        c, other = _split_coefficient(float32_coefficient(w, u.scale, f"input {i + 1}"))
+        cb, ca = (c, other) if coef_on == "B" else (other, c)
         with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a message
-            out_b[:, at:at + b.shape[1]] = b * c if coef_on == "B" else b
-            out_a[at:at + a.shape[0]] = a * c if coef_on == "A" else a
+            out_b[:, at:at + b.shape[1]] = b * np.float32(cb) if cb != 1.0 else b
+            out_a[at:at + a.shape[0]] = a * np.float32(ca) if ca != 1.0 else a
         at += b.shape[1]
         del b, a
     return out_b, out_a
+
+
+def _split_coefficient(c: float) -> tuple[float, float]:
+    """(c, 1), or for a c below 2^-COEFFICIENT_EXP (a weight of 1e-50, which float32 holds as 0, or whose
+    products with the factors would underflow) (c / 2^e, 2^e) with 2^e about its square root: the coefficient on
+    the stack's side and on the other side, whose product is c. A huge c stays on one side: factors it takes past
+    float32 are refused (a delta past float32's range is no model's), as before."""
+    if c == 0 or math.frexp(c)[1] >= -COEFFICIENT_EXP:
+        return c, 1.0
+    e = math.frexp(c)[1] // 2
+    return math.ldexp(c, -e), math.ldexp(1.0, e)
 
 
 def float32_coefficient(w: float, scale: float, where: str) -> float:
@@ -447,6 +464,8 @@ def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) ->
         # is kept at its rank, never padded with zero columns
         results = backend.factored_svd(jobs, [min(rank, j.b.shape[1], j.b.shape[0], j.a.shape[1]) for j in jobs],
                                        split, threads)
+        for j, r in zip(jobs, results):
+            refuse_lost_directions(f"{adapter.label}: module {j.name!r}", r.b, r.a, r.s, split)
         updates.update({j.name: adapter.updates[j.name].with_factors(r.b, r.a) for j, r in zip(jobs, results)})
     raise_if_inputs_changed(adapter.sources())  # its file shrank or changed while read: refuse the result
     return result(adapter, updates, [adapter])

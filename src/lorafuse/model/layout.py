@@ -248,6 +248,29 @@ def _largest_exponent(x: np.ndarray) -> int:
 FP32_ADVICE = "write the factors as float32 (--dtype fp32, dtype='fp32')"
 
 
+def _balanced_per_rank(a32: np.ndarray, b32: np.ndarray, a: Tensor, b: Tensor, dtype: str,
+                       threads: int) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor]:
+    """(A, B) float32 and rounded to `dtype`, balanced per rank direction where one power of two for all of them
+    still loses (the rank directions of a concatenation, B_j 1e15 and A_j 1e-15 beside B_i and A_i of 1): row j of
+    A times 2^k_j and column j of B times 2^-k_j (exact), each balancing that direction's largest values."""
+    loss = max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads)))
+    r = a32.shape[0]
+    if loss <= _LOSS[dtype] or a32.size == 0 or b32.ndim < 2 or b32.shape[1] != r or b32.size == 0:
+        return a32, b32, a, b
+    with np.errstate(divide="ignore"):
+        ea = np.frexp(np.abs(a32.reshape(r, -1)).max(axis=1))[1]
+        eb = np.frexp(np.abs(np.moveaxis(b32, 1, 0).reshape(r, -1)).max(axis=1))[1]
+    k = (eb.astype(np.int64) - ea.astype(np.int64)) // 2
+    if not k.any():
+        return a32, b32, a, b
+    a2 = np.ldexp(a32, k.reshape((r,) + (1,) * (a32.ndim - 1))).astype(np.float32)
+    b2 = np.ldexp(b32, -k.reshape((1, r) + (1,) * (b32.ndim - 2))).astype(np.float32)
+    a_k, b_k = Tensor.from_array(a2).to(dtype, threads), Tensor.from_array(b2).to(dtype, threads)
+    if max(_relative_loss(a2, a_k.f32(threads)), _relative_loss(b2, b_k.f32(threads))) < loss:
+        return a2, b2, a_k, b_k
+    return a32, b32, a, b
+
+
 def rounded(update: LoraUpdate, dtype: str, threads: int = 0, refuse_underflow: bool = False,
             advice: str = FP32_ADVICE) -> LoraUpdate:
     """`update` with its factors rounded once, to nearest even, to `dtype` (F32, F16 or BF16); the update
@@ -274,6 +297,7 @@ def rounded(update: LoraUpdate, dtype: str, threads: int = 0, refuse_underflow: 
             a_k, b_k = Tensor.from_array(a2).to(dtype, threads), Tensor.from_array(b2).to(dtype, threads)
             if max(_relative_loss(a2, a_k.f32(threads)), _relative_loss(b2, b_k.f32(threads))) < loss:
                 a32, b32, a, b = a2, b2, a_k, b_k
+        a32, b32, a, b = _balanced_per_rank(a32, b32, a, b, dtype, threads)
     for wide, narrow in ((a32, a), (b32, b)):
         if not np.isfinite(narrow.f32(threads)).all() and np.isfinite(wide).all():
             raise NonFiniteError(f"module {update.name!r}: a factor value ({float(np.abs(wide).max()):.4g}) is "
@@ -288,6 +312,26 @@ def rounded(update: LoraUpdate, dtype: str, threads: int = 0, refuse_underflow: 
                                    "even balanced between B and A by a power of two: the delta written would not be "
                                    f"the module's; {advice}")
     return dataclasses.replace(update, A=a, B=b)
+
+
+def refuse_lost_directions(where: str, b: np.ndarray, a: np.ndarray, s: np.ndarray, split: str) -> None:
+    """Refuse (UnsupportedError naming `where`, the module) new float32 factors of an SVD whose kept singular
+    values `s` fell below float32's range (values under ~1e-38 with them on B): they would write a delta of zeros
+    or a fraction of the module's. Each kept direction j holds ||B_j|| ||A_j|| = s_j."""
+    n = min(len(s), b.shape[1], a.shape[0])
+    kept = np.asarray(s[:n], dtype=np.float64)
+    total = float(np.sqrt(np.sum(kept**2)))
+    if not n or not total > 0 or kept[-1] > 2.0**-100:  # (all of float32's normal range: nothing to lose)
+        return
+    held = np.linalg.norm(b[:, :n].astype(np.float64), axis=0) * np.linalg.norm(a[:n].astype(np.float64), axis=1)
+    lost = float(np.sqrt(np.sum((kept - held) ** 2))) / total
+    if lost <= 2.0**-4:
+        return
+    how = ("even as their square roots on both factors" if split == "sqrt" else
+           "with them on B (--split sqrt, split='sqrt', puts their square roots on both factors)")
+    raise UnsupportedError(f"{where}: its kept singular values ({float(kept[0]):.3g} .. {float(kept[-1]):.3g}) are "
+                           f"below float32's range {how}: the factors (B {tuple(b.shape)}, A {tuple(a.shape)}) would "
+                           f"lose {min(lost, 1.0):.0%} of the delta")
 
 
 class AdapterWriter(Protocol):

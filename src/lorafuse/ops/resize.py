@@ -28,7 +28,7 @@ from lorafuse.io.safetensors import raise_if_inputs_changed
 from lorafuse.model import Adapter, LycorisUpdate, Update
 from lorafuse.model.arithmetic import check_split, restated_config
 from lorafuse.model.experts import ALL_PARTS, one_expert_rank
-from lorafuse.model.layout import output_dtype, rounded
+from lorafuse.model.layout import output_dtype, refuse_lost_directions, rounded
 from lorafuse.model.limits import check_dense
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.update import beyond_float32, nonfinite_factors
@@ -148,23 +148,9 @@ def _exact_factors(u: Update, name: str, threads: int) -> tuple[np.ndarray, np.n
 
 
 def _refuse_underflow(label: str, name: str, b: np.ndarray, a: np.ndarray, s: np.ndarray, split: str) -> None:
-    """Refuse (UnsupportedError naming the module) new float32 factors whose kept singular values fell below
-    float32's range (a delta of singular values under ~1e-38 with them on B): the factors would write a delta of
-    zeros, or a fraction of the module's. Each kept direction j holds ||B_j|| ||A_j|| = S_j."""
-    n = min(len(s), b.shape[1], a.shape[0])
-    kept = np.asarray(s[:n], dtype=np.float64)
-    total = float(np.sqrt(np.sum(kept**2)))
-    if not n or not total > 0 or kept[-1] > 2.0**-100:  # (all of float32's normal range: nothing to lose)
-        return
-    held = np.linalg.norm(b[:, :n].astype(np.float64), axis=0) * np.linalg.norm(a[:n].astype(np.float64), axis=1)
-    lost = float(np.sqrt(np.sum((kept - held) ** 2))) / total
-    if lost <= 2.0**-4:
-        return
-    how = ("even as their square roots on both factors" if split == "sqrt" else
-           "with them on B (--split sqrt, split='sqrt', puts their square roots on both factors)")
-    raise UnsupportedError(f"{label}: module {name!r}: its kept singular values ({float(kept[0]):.3g} .. "
-                           f"{float(kept[-1]):.3g}) are below float32's range {how}: the factors (B {tuple(b.shape)}, "
-                           f"A {tuple(a.shape)}) would lose {min(lost, 1.0):.0%} of the delta")
+    """Refuse new float32 factors whose kept singular values fell below float32's range (model.layout's
+    refuse_lost_directions, naming the adapter and the module)."""
+    refuse_lost_directions(f"{label}: module {name!r}", b, a, s, split)
 
 
 def prepare_resize(adapter: str | os.PathLike[str] | Adapter, rule: RankRule, threads: int = 0,

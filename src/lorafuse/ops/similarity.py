@@ -25,6 +25,7 @@ from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
 from lorafuse.model.adapter import adapter_list
 from lorafuse.model.arithmetic import input_label, laid_out, module_examples, one_model, shared_modules
+from lorafuse.model.names import full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
@@ -110,9 +111,36 @@ def gram(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0)
                     batch.add((*factors[i], *factors[j]), i, j, u.scale * v.scale)
                 else:
                     batch.g[i, j] += frobenius_sq(u) if i == j else inner(u, v)
+                batch.g[i, j] += _bias_inner(u, v)
     batch.flush()
     g = batch.g
     return np.triu(g) + np.triu(g, 1).T
+
+
+def _bias_inner(u: Update, v: Update) -> float:
+    """<s_u b_u, s_v b_v> of two updates' lora_B biases (PEFT's merge adds scale * bias to the base bias), in
+    float64; 0 where either has none."""
+    bu, bv = getattr(u, "bias", None), getattr(v, "bias", None)
+    if bu is None or bv is None:
+        return 0.0
+    return u.scale * v.scale * float(np.dot(bu.f32().astype(np.float64).ravel(), bv.f32().astype(np.float64).ravel()))
+
+
+LEFT_OUT_NOTE = "left out of the similarity"  # in every left_out_notes line
+
+
+def left_out_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = None) -> list[str]:
+    """One line per adapter holding full tensors that replace base tensors whole (PEFT modules_to_save, the
+    base biases bias='all' saves): what they change needs the base, so similarity leaves them out. PEFT's
+    copies of base layer weights change nothing and are not named."""
+    names = [str(x) for x in labels] if labels is not None else [a.label for a in adapters]
+    notes = []
+    for name, a in zip(names, adapters):
+        extra = [a.full_origin.get(k, k) for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
+        if extra:
+            notes.append(f"{name}: {full_tensors_text(a.config, extra)} replace base tensors whole; what they change "
+                         f"needs the base, so they are {LEFT_OUT_NOTE} (its LoRA modules alone are compared)")
+    return notes
 
 
 def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: int = 0) -> np.ndarray:
@@ -128,7 +156,8 @@ def similarity(adapters: Iterable[str | os.PathLike[str] | Adapter], threads: in
     norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = g / np.outer(norms, norms)
-    for note in unshared_notes(loaded) + zero_notes(loaded, [i for i, n in enumerate(norms) if n == 0]):
+    for note in (unshared_notes(loaded) + zero_notes(loaded, [i for i, n in enumerate(norms) if n == 0])
+                 + left_out_notes(loaded)):
         warn(note, UserWarning)  # a 0 that measures nothing (the CLI prints these as notes)
     return np.where(np.outer(norms, norms) > 0, cos, 0.0)
 

@@ -80,6 +80,22 @@ def _given_path(recipe: object) -> Path | None:
         raise RecipeError(str(e)) from None
 
 
+def _plain(value: object) -> object:
+    """A recipe's data with what users naturally pass as YAML's own types: a path (os.PathLike) as its str, a numpy
+    number or array as the Python number or list it holds (np.float32(0.5) is 0.5, np.int64(3) is 3)."""
+    import numpy as np
+
+    if isinstance(value, os.PathLike):
+        return os.fsdecode(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, tuple) else _plain(k): _plain(v) for k, v in value.items()}  # a key stays hashable
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def load_recipe(recipe: RecipeLike) -> RecipeText:
     """A recipe from a path to a YAML file, YAML text (a string holding a newline, or one line of flow YAML
     starting with '{' or '[' that names no file), or the data itself (a mapping for one stage, a sequence of
@@ -96,15 +112,15 @@ def load_recipe(recipe: RecipeLike) -> RecipeText:
             what = type(bad if isinstance(recipe, Mapping | list | tuple) else recipe).__name__
             raise RecipeError(f"a recipe given as data is a mapping (one stage) or a list of mappings, not {what}")
         try:  # written as the recipe's loader reads it back: a str '1e3' quoted (YAML 1.2's core schema, source.py)
-            text = yaml.dump_all([dict(d) for d in docs if isinstance(d, Mapping)], Dumper=dumper(),  # (all are)
+            text = yaml.dump_all([_plain(d) for d in docs if isinstance(d, Mapping)], Dumper=dumper(),  # (all are)
                                  sort_keys=False)
-        except (yaml.YAMLError, RecursionError, ValueError) as e:  # a Path, np.float32, a list that holds itself
+        except (yaml.YAMLError, RecursionError, ValueError) as e:  # a set, a complex, a list that holds itself
             held = e.args[1] if isinstance(e, yaml.YAMLError) and len(e.args) > 1 else None
             which = (f"a {type(held).__name__} value" if held is not None else
                      "an integer of more digits than Python writes" if isinstance(e, ValueError) else
                      "a value nested too deeply")
             raise RecipeError(f"<recipe>: {which} cannot be a recipe's: give str, int, float, bool, lists and "
-                              "mappings of them (a path as str, a numpy number as float(x) or int(x))") from None
+                              "mappings of them (a path and a numpy number are taken too)") from None
         return parse(text, "<recipe>", Path.cwd())
     if isinstance(recipe, str) and not recipe:  # Path('') would read the current folder
         raise RecipeError("recipe must be a path or YAML text, got an empty string")

@@ -471,8 +471,24 @@ def read(path: str | Path) -> RecipeText:
     return parse(text, str(p), Path(os.path.abspath(p)).parent)
 
 
+# Other tools' names of a recipe's fields (as the CLI's _FOREIGN_OPTIONS names their options): kohya sd-scripts',
+# PEFT's, transformers' and mergekit's word -> (the tool, the field here).
+_FOREIGN_FIELDS = {
+    **dict.fromkeys(("new_rank", "network_dim", "dim"), ("kohya's", "rank")), "r": ("PEFT's", "rank"),
+    **dict.fromkeys(("new_conv_rank", "conv_dim"), ("kohya's", "conv_rank")),
+    "save_precision": ("kohya's", "dtype"), "torch_dtype": ("transformers'", "dtype"),
+    "out_dtype": ("mergekit's", "dtype"), "combination_type": ("PEFT's", "merge_method"),
+    **dict.fromkeys(("ratio", "ratios"), ("kohya's", "weight")),
+    "majority_sign_method": ("PEFT's", "majority_sign"),
+}
+
+
 def suggest(word: str, choices: Sequence[str]) -> str:
-    """' (did you mean 'weight'?)' for a near miss, else ''."""
+    """' (did you mean 'weight'?)' for a near miss, else ''; for another tool's name of one of `choices`
+    (_FOREIGN_FIELDS) that name: " (kohya's new_rank is 'rank' here)"."""
+    tool, field = _FOREIGN_FIELDS.get(word.lower().replace("-", "_"), ("", ""))
+    if field in choices:
+        return f" ({tool} {word} is {field!r} here)"
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

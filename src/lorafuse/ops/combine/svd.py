@@ -23,9 +23,12 @@ Per module one of four routes, all giving the result of the core's factored SVD 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lorafuse.backends import DenseJob, FactorJob, FactorListJob
+from lorafuse.errors import NonFiniteError, UnsupportedError
 from lorafuse.io.pages import releasable, release_pages
 from lorafuse.model import LoraUpdate
 from lorafuse.model.spectral import factor_cost, is_stored_lora, structured_svd
@@ -33,6 +36,10 @@ from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.terms import Term, dense_shape, input_arrays, stack
 
 OVERSAMPLE = 10  # the core's default oversampling of factored_svd and dense_svd
+# A module whose terms' factors or products (c_i B_i A_i) reach beyond 2^+-SAFE_EXP is folded with every term's
+# factors brought to about 1 by powers of two (exact), its weights times 2^-e, and the result times 2^e: the core's
+# float32 products (Gram matrices, QR) of factors of 1e-25 would underflow to zeros, of 1e25 overflow.
+SAFE_EXP = 40
 
 
 def _keep(ctx: Context) -> int:
@@ -85,7 +92,75 @@ def working_bytes(name: str, terms: list[Term], ctx: Context) -> int:
     return 2 * 4 * _stacked_elements(terms)
 
 
+def _exponent(x: np.ndarray) -> int:
+    m = float(np.max(np.abs(x))) if x.size else 0.0
+    return math.frexp(m)[1] if m > 0 and math.isfinite(m) else 0
+
+
+def _rescaled(terms: list[Term], threads: int, release: bool) -> tuple[list[Term], int]:
+    """(terms, e): plain LoRA terms whose factors or products are beyond 2^+-SAFE_EXP, as terms of factors near 1
+    (each scaled by a power of two, exact) and weights times 2^-e, whose sum times 2^e is the module's; else the
+    terms as they are and e = 0."""
+    if not all(isinstance(t.update, LoraUpdate) and t.update.bias is None and t.update.magnitude is None
+               for t in terms):
+        return terms, 0
+    exps = []
+    for t in terms:  # one term's float32 factors at a time (a 16-bit input's are a converted copy)
+        b, a = t.update.stored_factors(threads)
+        exps.append((_exponent(b), _exponent(a)))
+        del b, a
+        if release:  # a mapped file's pages leave the resident set again (memory flat in the number of adapters)
+            release_pages(input_arrays([t]))
+    products = [eb + ea + math.frexp(t.coef)[1] for t, (eb, ea) in zip(terms, exps) if t.coef != 0]
+    if not products or (all(abs(x) <= SAFE_EXP for e in exps for x in e) and abs(max(products)) <= SAFE_EXP):
+        return terms, 0
+    e = max(products)
+    scaled = []
+    for t, (eb, ea) in zip(terms, exps):
+        b, a = t.update.stored_factors(threads)
+        scaled.append(Term(math.ldexp(t.coef, eb + ea - e), t.update.with_factors(np.ldexp(b, -eb), np.ldexp(a, -ea))))
+    return scaled, e
+
+
+def _unscaled(name: str, b: np.ndarray, a: np.ndarray, e: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The factors of a module folded by _rescaled times 2^e (on B, or half on each with split 'sqrt'); refused,
+    naming the module, where float32 cannot hold them (their delta would be written as zeros, a part of it, or
+    Inf)."""
+    eb = e if split == "B" else e // 2
+    wide = (np.ldexp(b.astype(np.float64), eb), np.ldexp(a.astype(np.float64), e - eb))
+    with np.errstate(over="ignore"):
+        narrow = tuple(x.astype(np.float32) for x in wide)
+    for w, n in zip(wide, narrow):
+        norm = float(np.linalg.norm(w))
+        lost = float(np.linalg.norm(n.astype(np.float64) - w)) / norm if norm > 0 else 0.0
+        if not np.isfinite(n).all():  # (the core's words where its factors overflow)
+            top = float(np.max(np.linalg.norm(wide[0], axis=0) * np.linalg.norm(wide[1], axis=1)))
+            raise NonFiniteError(f"{name}: the low-rank factors do not fit float32: the largest singular value is "
+                                 f"{top:.3g} (float32 holds up to {float(np.finfo(np.float32).max):.3g})")
+        if lost > 2.0**-4:
+            how = (" even as square roots on both factors" if split == "sqrt" else
+                   " with them on B (--split sqrt, split='sqrt', puts their square roots on both factors)")
+            raise UnsupportedError(f"module {name!r}: the combined delta's singular values are below float32's "
+                                   f"range{how}: the factors (B {tuple(b.shape)}, A {tuple(a.shape)}) would lose "
+                                   f"{min(lost, 1.0):.0%} of the delta")
+    return narrow[0], narrow[1]
+
+
 def run(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
+    scales: dict[str, int] = {}
+    rescued: list[tuple[str, list[Term]]] = []
+    for name, terms in group:
+        terms, scales[name] = _rescaled(terms, ctx.options.threads, ctx.release)
+        rescued.append((name, terms))
+    outs = _run(rescued, ctx)
+    for i, (name, update, rnd) in enumerate(outs):
+        if scales[name] and isinstance(update, LoraUpdate):
+            b, a = _unscaled(name, *update.stored_factors(ctx.options.threads), scales[name], ctx.options.split)
+            outs[i] = (name, update.with_factors(b, a, scale=update.scale), rnd)
+    return outs
+
+
+def _run(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Output]:
     opts, be = ctx.options, ctx.backend
     done: dict[str, Output] = {}
     stacked: list[tuple[str, list[Term]]] = []

@@ -8,9 +8,10 @@ import math
 import numpy as np
 
 from lorafuse.backends import DenseJob, TaskMergeJob
-from lorafuse.errors import ShapeMismatchError
+from lorafuse.errors import ShapeMismatchError, UnsupportedError
 from lorafuse.model import Update
 from lorafuse.model.arithmetic import FLOAT32_MAX
+from lorafuse.model.layout import refuse_lost_directions
 from lorafuse.model.limits import check_dense
 from lorafuse.model.spectral import frobenius_sq
 from lorafuse.ops.combine.context import Context, Output
@@ -118,8 +119,10 @@ def run_dense_svd(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Out
     items, ws = [], []
     for n, ts in group:
         deltas = []
-        for t in ts:
+        for i, t in enumerate(ts):
             deltas.append(dense_delta(t.update, o.threads))
+            _refuse_underflow(n, i, t.update, deltas[-1], o.method)
+        _refuse_tiny_weights(n, [t.weight for t in ts], deltas, o.method)
         items.append(TaskMergeJob(n, deltas))
         ws.append([t.weight for t in ts])
     merged = be.task_merge(items, ws, prune, dens, rescale, merge, o.majority_sign, o.seed, o.threads)
@@ -127,6 +130,36 @@ def run_dense_svd(group: list[tuple[str, list[Term]]], ctx: Context) -> list[Out
     ranks = [ctx.ranks[n] for n, _ in group]
     results = be.dense_svd([DenseJob(n, d) for (n, _), d in zip(group, merged)], ranks, o.split, o.seed,
                            oversample=DENSE_OVERSAMPLE, threads=o.threads)
+    for (n, _), res in zip(group, results):
+        refuse_lost_directions(f"module {n!r}", res.b, res.a, res.s, o.split)
     return [(n, ts[0].update.with_factors(res.b, res.a),
              not be.dense_svd_is_exact(d.shape[0], d.shape[1], k, DENSE_OVERSAMPLE))
             for (n, ts), d, k, res in zip(group, merged, ranks, results)]
+
+
+def _refuse_tiny_weights(name: str, weights: list[float], deltas: list[np.ndarray], method: str) -> None:
+    """Refuse (UnsupportedError naming the module) weights that bring every weighted dense delta below 2^-100,
+    where float32 keeps few bits of the values, or none (weights of 1e-50): the method would merge zeros."""
+    tops = [abs(w) * float(max(d.max(), -d.min())) if d.size else 0.0 for w, d in zip(weights, deltas)]
+    if not tops or not all(math.isfinite(x) for x in tops) or max(tops) == 0 or max(tops) >= 2.0**-100:
+        return  # (NaN and Inf are task_merge's to refuse, naming the module)
+    raise UnsupportedError(f"module {name!r}: method {method!r} weights the float32 dense deltas s B A "
+                           f"{tuple(deltas[0].shape)} before merging them, as PEFT does, and weights "
+                           f"{', '.join(f'{w:g}' for w in weights)} bring their values to at most {max(tops):.3g}, "
+                           "below float32's range: use svd or cat (they weight the factors), or larger weights")
+
+
+def _refuse_underflow(name: str, i: int, u: Update, delta: np.ndarray, method: str) -> None:
+    """Refuse (UnsupportedError naming the module) an input whose float32 dense delta s B A lost most of its norm
+    below float32's smallest values (factors of 1e-25: their products are 1e-50): the method would merge zeros."""
+    exact = math.sqrt(max(frobenius_sq(u), 0.0))
+    if not 0 < exact < 2.0**-60:  # (a larger delta keeps its values in float32's normal range)
+        return
+    held = float(np.linalg.norm(delta.astype(np.float64)))
+    if held >= (1.0 - 2.0**-4) * exact:
+        return
+    raise UnsupportedError(f"adapter {i + 1}, module {name!r}: method {method!r} forms its dense delta s B A "
+                           f"{tuple(delta.shape)} (scale {u.scale:g}, Frobenius norm {exact:.3g}) in float32 before "
+                           f"weighting it, as PEFT does, and {1.0 - held / exact:.0%} of it falls below float32's "
+                           "smallest value (1.4e-45) there: use svd or cat (they weight the factors first), or scale "
+                           "the adapter up first (lorafuse.load(path) * c, saved)")
