@@ -240,7 +240,9 @@ def _relative_loss(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.linalg.norm(after.astype(np.float64) - x)) / norm if norm > 0 else 0.0
 
 
-def _largest_exponent(x: np.ndarray) -> int:
+def largest_exponent(x: np.ndarray) -> int:
+    """The binary exponent of x's largest magnitude (frexp's: 2^(e-1) <= m < 2^e); 0 for an empty or zero x, or
+    one holding NaN or Inf."""
     m = float(np.max(np.abs(x))) if x.size else 0.0
     return math.frexp(m)[1] if m > 0 else 0
 
@@ -291,7 +293,7 @@ def rounded(update: LoraUpdate, dtype: str, threads: int = 0, refuse_underflow: 
     a, b = update.A.to(dtype, threads), update.B.to(dtype, threads)
     loss = max(_relative_loss(a32, a.f32(threads)), _relative_loss(b32, b.f32(threads)))
     if loss > _LOSS[dtype] and np.isfinite(a32).all() and np.isfinite(b32).all():
-        k = (_largest_exponent(b32) - _largest_exponent(a32)) // 2  # max|B 2^-k| ~ max|A 2^k|
+        k = (largest_exponent(b32) - largest_exponent(a32)) // 2  # max|B 2^-k| ~ max|A 2^k|
         if k:
             a2, b2 = np.ldexp(a32, k).astype(np.float32), np.ldexp(b32, -k).astype(np.float32)
             a_k, b_k = Tensor.from_array(a2).to(dtype, threads), Tensor.from_array(b2).to(dtype, threads)

@@ -31,6 +31,7 @@ from lorafuse.backends import DenseJob, FactorJob, FactorListJob
 from lorafuse.errors import NonFiniteError, UnsupportedError
 from lorafuse.io.pages import releasable, release_pages
 from lorafuse.model import LoraUpdate
+from lorafuse.model.layout import largest_exponent
 from lorafuse.model.spectral import factor_cost, is_stored_lora, structured_svd
 from lorafuse.ops.combine.context import Context, Output
 from lorafuse.ops.combine.terms import Term, dense_shape, input_arrays, stack
@@ -92,11 +93,6 @@ def working_bytes(name: str, terms: list[Term], ctx: Context) -> int:
     return 2 * 4 * _stacked_elements(terms)
 
 
-def _exponent(x: np.ndarray) -> int:
-    m = float(np.max(np.abs(x))) if x.size else 0.0
-    return math.frexp(m)[1] if m > 0 and math.isfinite(m) else 0
-
-
 def _rescaled(terms: list[Term], threads: int, release: bool) -> tuple[list[Term], int]:
     """(terms, e): plain LoRA terms whose factors or products are beyond 2^+-SAFE_EXP, as terms of factors near 1
     (each scaled by a power of two, exact) and weights times 2^-e, whose sum times 2^e is the module's; else the
@@ -107,7 +103,7 @@ def _rescaled(terms: list[Term], threads: int, release: bool) -> tuple[list[Term
     exps = []
     for t in terms:  # one term's float32 factors at a time (a 16-bit input's are a converted copy)
         b, a = t.update.stored_factors(threads)
-        exps.append((_exponent(b), _exponent(a)))
+        exps.append((largest_exponent(b), largest_exponent(a)))
         del b, a
         if release:  # a mapped file's pages leave the resident set again (memory flat in the number of adapters)
             release_pages(input_arrays([t]))
