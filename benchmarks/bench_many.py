@@ -36,6 +36,7 @@ layer's modules (issue #15: within 1e-3).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import statistics
@@ -162,7 +163,16 @@ def limit_reads(folder: Path, mbps: float) -> Path:
             (group / "io.max").write_text(f"{majmin} rbps={rate}\n")
     except OSError as e:
         raise SystemExit(f"--read-mbps needs a cgroup with a read limit (Linux, as root): {e}") from None
+    atexit.register(_remove_group, group)
     return group
+
+
+def _remove_group(group: Path) -> None:
+    """At the script's exit: the read-limited cgroup removed (its members, the timed children, have ended)."""
+    try:
+        group.rmdir()
+    except OSError as e:
+        print(f"note: could not remove the cgroup {group}: {e}; remove it with rmdir", file=sys.stderr)
 
 
 def time_cat(files: list[str]) -> float:
