@@ -501,7 +501,6 @@ UNMERGEABLE = {
     "layer_replication": ([[0, 2], [1, 2]], r"layer_replication=\[\[0, 2\], \[1, 2\]\]: PEFT stacks repeated"),
     "use_qalora": (True, r"use_qalora=True: QALoRA"),
     "alora_invocation_tokens": ([1, 2], r"alora_invocation_tokens=\[1, 2\]: Activated LoRA"),
-    "trainable_token_indices": ([3, 4], r"trainable_token_indices=\[3, 4\]: trainable tokens"),
     "kasa_config": ({"x": 1}, r"kasa_config=.*KaSA"),
     "arrow_config": ({"x": 1}, r"arrow_config=.*Arrow"),
     "use_bdlora": ({"nblocks": 2}, r"use_bdlora=.*BD-LoRA"),

@@ -118,12 +118,13 @@ def test_info_text_says_the_adapter_has_lora_b_biases(bias_case: pf.Case, capsys
     assert line is not None and "4 modules" in line, out
 
 
-@pytest.mark.parametrize("indices, where", [({"embed_tokens": [3, 5]}, "in module 'embed_tokens'"),
-                                            ([3, 5], "in the model's input embedding")])
+@pytest.mark.parametrize("indices, where", [({"embed_tokens": [3, 5]}, "model.embed_tokens.token_adapter"),
+                                            ([3, 5], "model.embed_tokens.token_adapter")])
 def test_trainable_tokens_refusal_names_the_embedding_module(bias_case: pf.Case, tmp_path: Path, indices: object,
                                                             where: str) -> None:
-    # A real PEFT adapter with trainable tokens (rows of embed_tokens replaced): every command refuses it, and the
-    # one-line reason now says which module's rows it replaces.
+    # A real PEFT adapter with trainable tokens (rows of embed_tokens replaced): apply merges them (round 15:
+    # tests/test_redteam_round15_peftmerge.py); combining refuses them, and the one-line reason says which module's
+    # rows they replace.
     from peft import LoraConfig
 
     def load() -> torch.nn.Module:
@@ -135,6 +136,5 @@ def test_trainable_tokens_refusal_names_the_embedding_module(bias_case: pf.Case,
     assert any(k.endswith("token_adapter.trainable_tokens_delta")
                for k in load_file(str(adapter / "adapter_model.safetensors")))
     with pytest.raises(lorafuse.UnsupportedError, match="trainable_token_indices") as err:
-        lorafuse.resize(adapter, 1, out=tmp_path / "out")
+        lorafuse.combine([adapter, adapter], method="cat")
     assert where in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from lorafuse.io.checkpoint import is_pickle, is_safetensors, refuse_pickle
 from lorafuse.io.hub import held_adapter_file
 from lorafuse.io.safetensors import read_header
 from lorafuse.model import Adapter
+from lorafuse.model.f64 import narrowable_updates
 from lorafuse.model.registry import formats, get_format, set_output_rule, sniff
 
 set_output_rule(python_output)  # what Adapter.save's `out` means: the CLI's -o rules
@@ -159,6 +160,7 @@ def read(path: str | os.PathLike[str]) -> Adapter:
         if str(p) in str(e):
             raise
         raise FormatError(f"{p}: {e}") from None
+    narrowable_updates(adapter.updates)  # F64 factors beyond float32's range: balanced (model.f64)
     return adapter
 
 

@@ -386,8 +386,14 @@ def kohya_metadata(adapter: Adapter) -> dict[str, str]:
     # conv_dim / conv_alpha follow where the ranks changed or were chosen anew (resize, combine, extract: also
     # when only the convolutions' changed); a file read and written back keeps its bytes
     changed = before != (meta.get("ss_network_dim"), meta.get("ss_network_alpha"))
-    _conv_args(meta, updates, changed or _makes_network(adapter))
+    _conv_args(meta, updates, changed or _makes_network(adapter) or _computed(adapter))
     return meta
+
+
+def _computed(adapter: Adapter) -> bool:
+    """Whether `adapter` was computed in memory from other adapters (arithmetic: a + b, c * a, to_rank), whose
+    ranks are its own, not those its inputs' metadata states."""
+    return adapter.path is None and bool(adapter.derived_from)
 
 
 def _holds(text: str, values: list[float]) -> bool:
@@ -526,10 +532,10 @@ def _lora_module_tensors(where: str, name: str, u: LoraUpdate, alpha_dtype: str 
     if u.laid_as(False).transposed or u.kind == "embedding":  # (fan_in_fan_out alone: the same factors)
         raise UnsupportedError(f"{where} is a transposed ({u.kind}) update; the kohya format stores "
                                "lora_down (r x in) and lora_up (out x r) only")
-    if _alpha_reads_back(u.scale, u.rank):
-        up, scale = u.B, u.scale
-    else:
+    if not _alpha_reads_back(u.scale, u.rank):
         up, scale = _folded(where, u.B, u.scale, "lora_up"), 1.0
+    else:  # a negative scale's sign goes into lora_up (exactly): alpha stays positive (_signed)
+        up, scale = _signed(u.B, u.scale), abs(u.scale)
     out: dict[str, Tensor] = {name + ".lora_down.weight": u.A, name + ".lora_up.weight": up}
     alpha = _kept_alpha(form, scale, u.rank, alpha_dtype)
     alpha = _alpha_tensor(scale, u.rank, alpha_dtype) if alpha is None else alpha
@@ -548,11 +554,13 @@ def _lycoris_module_tensors(where: str, name: str, u: LycorisUpdate, alpha_dtype
     rank = scale_rank(u.algo, u.tensors)
     parts = dict(u.tensors)
     scale = u.scale
+    first = next(k for k in ("hada_w1_a", "lokr_w1", "lokr_w1_a") if k in parts)
     if rank is None or not _alpha_reads_back(scale, rank):
-        first = next(k for k in ("hada_w1_a", "lokr_w1", "lokr_w1_a") if k in parts)
         if scale != 1.0:
             parts[first] = _folded(where, parts[first], scale, first)
         scale = 1.0
+    else:  # a negative scale's sign goes into the first piece (exactly): alpha stays positive (_signed)
+        parts[first], scale = _signed(parts[first], scale), abs(scale)
     out = {f"{name}.{part}": t for part, t in parts.items()}
     alpha = _kept_alpha(form, scale, rank, alpha_dtype)
     if alpha is None:
@@ -569,6 +577,19 @@ def _alpha_reads_back(scale: float, rank: int) -> bool:
     with np.errstate(over="ignore", under="ignore"):
         as_read = np.float32(value)
     return value != 0 and as_read != 0 and bool(np.isfinite(as_read))
+
+
+def _signed(t: Tensor, scale: float) -> Tensor:
+    """Factor `t` with the sign of `scale`: -t, exactly and in its own dtype (the sign bit flipped), for a
+    negative scale, so that `.alpha` = |scale| * rank is positive. diffusers' kohya converters (Flux, Wan, Qwen,
+    ...) split alpha / rank between the factors by doubling one half until it passes the other, which never ends
+    for a negative alpha; sd-scripts and ComfyUI read the file the same either way."""
+    if scale >= 0:
+        return t
+    raw = t.copy()
+    if raw.dtype.kind == "f":
+        return Tensor(-raw, t.dtype)
+    return Tensor(raw ^ raw.dtype.type(1 << (8 * raw.itemsize - 1)), t.dtype)  # BF16 / F8 travel as uint
 
 
 def _folded(where: str, t: Tensor, scale: float, what: str) -> Tensor:
@@ -601,7 +622,7 @@ def written_alpha(u: Update) -> float:
         return 1.0
     if not _alpha_reads_back(u.scale, rank):
         return float(rank)
-    return float(np.float32(u.scale * rank))
+    return float(np.float32(abs(u.scale) * rank))  # a negative scale's sign goes into a factor (_signed)
 
 
 AlphaForm = tuple[tuple[int, ...], float]  # an `.alpha`'s shape and value as read (KohyaState.alpha_forms)

@@ -495,13 +495,11 @@ _CANNOT_MERGE = {
     "arrow_config": "Arrow routes every token between several LoRA experts: there is no single update to merge",
     "use_bdlora": "BD-LoRA stores block-diagonal factors",
     "megatron_config": "LoRA on Megatron's parallel layers (sharded weights) is not read",
-    "trainable_token_indices": "trainable tokens replace rows of the embedding (trainable_tokens_delta tensors), "
-                               "which lorafuse does not apply",
-    "velora_config": "VeLoRA's file holds training-time tensors (lora_velora_embed) lorafuse does not read (PEFT's "
-                     "merge_and_unload merges it as a plain LoRA)",
-    "monteclora_config": "MonteCLoRA's file holds its sampler's tensors (lora_monteclora_sampler.*), which lorafuse "
-                         "does not read (PEFT's merge_and_unload merges it as a plain LoRA)",
 }
+# Config fields of LoRA variants that PEFT merges as plain LoRAs (merge_and_unload: W + s B A), whose files also hold
+# training-time tensors under these name parts: read as plain LoRAs, those tensors left out (Adapter.notes).
+_PLAIN_MERGE = {"velora_config": (".lora_velora_embed", "VeLoRA's compressed-activation state"),
+                "monteclora_config": (".lora_monteclora_sampler.", "MonteCLoRA's Monte Carlo sampler")}
 
 
 def _refuse_unmergeable(cfg: dict[str, object], path: str) -> None:
@@ -524,19 +522,7 @@ def _refuse_unmergeable(cfg: dict[str, object], path: str) -> None:
     for key, why in _CANNOT_MERGE.items():
         value = cfg.get(key)
         if value is not None and value is not False and value != [] and value != {}:
-            raise UnsupportedError(f"{path}: {key}={_short(value)}: {why}{_token_modules(key, value)}; lorafuse "
-                                   "cannot merge this adapter")
-
-
-def _token_modules(key: str, value: object) -> str:
-    """For trainable_token_indices, the modules whose rows it replaces: a dict's keys (module name suffixes), a
-    list's the input embedding PEFT finds (get_input_embeddings()); '' for other fields."""
-    if key != "trainable_token_indices":
-        return ""
-    if isinstance(value, dict):
-        more = ", ...)" if len(value) > 3 else ")"
-        return " (in module " + ", ".join(_short(k, 60) for k in list(value)[:3]) + more
-    return " (in the model's input embedding, which PEFT finds by get_input_embeddings(): embed_tokens, wte, ...)"
+            raise UnsupportedError(f"{path}: {key}={_short(value)}: {why}; lorafuse cannot merge this adapter")
 
 
 def check_config(cfg: object, path: str) -> dict[str, object]:
@@ -582,6 +568,10 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
     value = cfg.get("layers_pattern")
     check("layers_pattern", value is None or isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(v, str) for v in value)), "a string, a list of strings or null")
+    value = cfg.get("trainable_token_indices")  # PEFT: a list of token ids (the input embedding's), or per module
+    check("trainable_token_indices", value is None or _token_ids(value) or (isinstance(value, dict) and all(
+        isinstance(k, str) and _token_ids(v) for k, v in value.items())),
+          "a list of distinct token ids (integers from 0), an object mapping module names to such lists, or null")
     value = cfg.get("target_parameters")
     check("target_parameters", value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
           "a list of strings or null")
@@ -593,6 +583,11 @@ def check_config(cfg: object, path: str) -> dict[str, object]:
     _refuse_unmergeable(cfg, path)
     _compile_all(cfg, path)
     return cfg
+
+
+def _token_ids(value: object) -> bool:
+    """A trainable_token_indices list: distinct integers from 0 (a repeated id makes PEFT's row copy ambiguous)."""
+    return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value)
 
 
 def _compile_all(cfg: dict[str, object], path: str) -> None:
@@ -702,9 +697,10 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
     PEFT reads them: tensors PEFT would ignore (modules the config does not target, a DoRA magnitude
     without use_dora, a lora_B bias without lora_bias, replacements of weights that are not in the
     model) are dropped and listed in `Adapter.notes`."""
+    notes: list[str] = []
+    tensors = _without_training_state(tensors, cfg, notes)
     parts, full, origin = _group(tensors, label)
     _refuse_multihead_attention(parts, label)
-    notes: list[str] = []
     parts = _targeted(parts, cfg, label, notes)
     _check_extras(parts, cfg, label, notes)
     full, origin = _wrapper_copies(full, origin, cfg, notes)
@@ -718,6 +714,22 @@ def build_adapter(tensors: dict[str, Tensor], cfg: dict[str, object], label: str
         if not t.is_float:
             raise FormatError(f"{label}: {full_tensors_text(cfg, [origin.get(m, m)])}: non-float dtype {t.dtype}")
     return Adapter(updates=updates, full=full, config=cfg, format="peft", full_origin=origin, notes=notes)
+
+
+def _without_training_state(tensors: dict[str, Tensor], cfg: dict[str, object],
+                             notes: list[str]) -> dict[str, Tensor]:
+    """The tensors without those of _PLAIN_MERGE's variants that the config enables (their sampler or activation
+    state, which PEFT's merge does not use), said in `notes`."""
+    for key, (part, what) in _PLAIN_MERGE.items():
+        value = cfg.get(key)
+        if value is None or value is False or value == {}:
+            continue
+        dropped = [k for k in tensors if part in k]
+        tensors = {k: t for k, t in tensors.items() if part not in k}
+        notes.append(f"{key}: merged as a plain LoRA (W + scale * B @ A), as PEFT's merge_and_unload merges it; "
+                     f"{plural(len(dropped), 'tensor')} of {what} left out (training-time state the merge does not "
+                     f"use){': ' + _listed(dropped, 3) if dropped else ''}")
+    return tensors
 
 
 def _group(tensors: dict[str, Tensor], label: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor],
@@ -1156,6 +1168,31 @@ def _full_key(adapter: Adapter, name: str) -> str:
     return saved
 
 
+# diffusers' pipeline components (formats.diffusers.COMPONENTS, which imports this module): the first word of a
+# diffusers LoRA's module names (`unet.down_blocks.0...`), which no module of the component's own model has
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+
+
+def refuse_pipeline_names(adapter: Adapter) -> None:
+    """An adapter read from a diffusers or kohya file names its modules by the pipeline's paths (`unet.down_blocks.0
+    ...attn1.to_q`, `text_encoder.text_model...`); a PEFT adapter folder targets the modules of one model, by its
+    own paths (`down_blocks.0...`), and PEFT (PeftModel.from_pretrained(unet, folder): NoMatchingPeftModuleError)
+    and diffusers (unet.load_lora_adapter: nothing loaded) find none of them: refused, saying what to write. A
+    PEFT adapter's own names (a model whose attribute is called `unet`) are written as read."""
+    if adapter.format == "peft":
+        return
+    named = next((n for n in adapter.updates if n.split(".", 1)[0] in PIPELINE_COMPONENTS), None)
+    if named is None:
+        return
+    parts = sorted({n.split(".", 1)[0] for n in adapter.updates if n.split(".", 1)[0] in PIPELINE_COMPONENTS})
+    raise UnsupportedError(
+        f"{adapter.label}: module {named!r} is named by its diffusers pipeline path ({', '.join(parts)}), which a "
+        "PEFT adapter folder cannot hold: PEFT loads a folder into one model by that model's own module paths and "
+        "would find no such module (PeftModel.from_pretrained: no target module found; diffusers' "
+        "load_lora_adapter loads nothing): write it as diffusers (--format diffusers, format='diffusers': the file "
+        "diffusers' load_lora_weights reads) or kohya")
+
+
 def peft_plan(adapter: Adapter) -> WritePlan:
     """What save_peft writes for `adapter` (its updates may be a layout's placeholders: formats.streaming):
     adapter_config.json and the header of adapter_model.safetensors, in a folder with lorafuse's manifest;
@@ -1167,6 +1204,7 @@ def peft_plan(adapter: Adapter) -> WritePlan:
                                "files write them), which a PEFT adapter folder cannot hold (PEFT would find no "
                                "such module in the model): write it as kohya, then `lorafuse convert --to peft` "
                                "gives the diffusers / PEFT names that diffusers' load_lora_weights reads")
+    refuse_pipeline_names(adapter)
     cfg = peft_config_for(adapter)
     modules = {name: peft_module_tensors(adapter, name, u) for name, u in adapter.updates.items()}
     full = peft_full_tensors(adapter)

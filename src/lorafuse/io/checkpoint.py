@@ -108,9 +108,38 @@ def is_safetensors(path: Path) -> bool:
     return path.name.lower().endswith(SAFETENSORS_SUFFIX)
 
 
+# weight files of other formats and frameworks that Hugging Face repositories hold beside the safetensors ones
+# (gpt2's tf_model.h5, flax_model.msgpack, rust_model.ot, 64-8bits.tflite, model.onnx; a .gguf; TensorFlow's
+# model.ckpt.index / .data-00000-of-00001): a merged folder holding a copy of one would give its loader the model
+# unmerged
+OTHER_WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, INDEX_SUFFIX, ".gguf", ".ggml", ".onnx", ".onnx_data",
+                         ".onnx.data", ".h5", ".keras", ".msgpack", ".ot", ".tflite", ".mlmodel", ".pdparams")
+# a TensorFlow checkpoint's files; the shard index of any of these, a variant's too (pytorch_model.bin.index.json,
+# model.safetensors.index.fp16.json, tf_model.h5.index.json), which lists shards the output does not hold
+_OTHER_WEIGHT_NAMES = re.compile(r".+\.ckpt\.(?:index|meta|data-\d+-of-\d+)|.+\.(?:safetensors|bin|pt|pth|h5|msgpack)"
+                                 r"\.index(?:\.[^.]+)?\.json", re.IGNORECASE)
+
+
+def is_weights_file(path: Path) -> bool:
+    """Whether `path` is named as a file of model weights (safetensors, a pickle, another format's:
+    OTHER_WEIGHT_SUFFIXES; a TensorFlow checkpoint; any of their shard indexes), in any case: a model folder's file
+    never copied beside merged weights."""
+    return path.name.lower().endswith(OTHER_WEIGHT_SUFFIXES) or _OTHER_WEIGHT_NAMES.fullmatch(path.name) is not None
+
+
 def names_ending(directory: Path, suffix: str) -> list[str]:
     """The sorted names of the folder's entries that end with `suffix` in any case, hidden ones left out."""
     return sorted(p.name for p in directory.iterdir() if p.name.lower().endswith(suffix) and not p.name.startswith("."))
+
+
+_VARIANT_INDEX = re.compile(r".+\.safetensors\.index\.[^./]+\.json", re.IGNORECASE)
+
+
+def variant_indexes(directory: Path) -> list[str]:
+    """The sorted names of the folder's variant shard indexes, as transformers and diffusers name them
+    (`model.safetensors.index.fp16.json`, `diffusion_pytorch_model.safetensors.index.bf16.json`), hidden ones left
+    out."""
+    return [n for n in names_ending(directory, ".json") if _VARIANT_INDEX.fullmatch(n)]
 
 
 def broken_link(path: Path) -> str | None:
@@ -173,7 +202,8 @@ def one_shard(path: Path) -> str | None:
     m = re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.safetensors", path.name, re.IGNORECASE)
     if m is None or int(m[3]) < 2 or not path.is_file():
         return None
-    index = next((i for i in sorted(path.parent.glob("*.safetensors.index.json")) if _lists(i, path.name)), None)
+    indexes = [path.parent / n for n in names_ending(path.parent, INDEX_SUFFIX) + variant_indexes(path.parent)]
+    index = next((i for i in indexes if _lists(i, path.name)), None)
     if index is None:  # (an index of another model in the same folder does not make this file a shard of it)
         return None
     return (f"{path}: one shard of {int(m[3])} of a checkpoint ({index.name} beside it lists them): the model is the "
@@ -403,6 +433,14 @@ class Checkpoint:
             raise FormatError(f"{directory}: several safetensors index files ({', '.join(found)})")
         if found:
             return self._index_shards(directory / found[0])
+        found = variant_indexes(directory)
+        if len(found) > 1:
+            raise FormatError(f"{directory}: several variants' safetensors index files ({', '.join(found)}) and no "
+                              f"model{INDEX_SUFFIX}: keep one variant's index and shards in the folder")
+        if found:  # save_pretrained(variant="fp16", max_shard_size=...): model.safetensors.index.fp16.json
+            self.notes.append(f"{directory}: read {found[0]}, a variant's shard index (from_pretrained loads it with "
+                              "variant=...); the output keeps its names")
+            return self._index_shards(directory / found[0])
         found = names_ending(directory, SAFETENSORS_SUFFIX)
         if len(found) == 1:
             return found
@@ -422,6 +460,11 @@ class Checkpoint:
         self.index_name = index.name
         self._weight_map, self.index_metadata = read_index(index)
         shards = list(dict.fromkeys(self._weight_map.values()))
+        if not shards:  # a model of no weights: its output would hold none, while the folder's shards hold them
+            others = names_ending(index.parent, SAFETENSORS_SUFFIX)
+            beside = f" ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''} beside it)" if others else ""
+            raise FormatError(f"{index}: the shard index's weight_map lists no tensor, so it names no shard{beside}: "
+                              "an empty or truncated index? Save the model again, or remove the index")
         for s in shards:
             why = shard_name_problem(s)
             if why is not None:
@@ -433,9 +476,11 @@ class Checkpoint:
     def _check_index(self) -> None:
         for name, shard in self._weight_map.items():
             if self.shard_of.get(name) != shard:
+                where = self.shard_of.get(name)
                 raise FormatError(
                     f"{self.directory / str(self.index_name)}: tensor {short(name)} is listed in {shard} but is not "
-                    "there"
+                    f"there ({f'it is in {where}' if where else 'no shard the index lists holds it'}: fix the index's "
+                    "weight_map, or save the model again)"
                 )
 
     def _unread_note(self, unread: Path, loader: str) -> str:

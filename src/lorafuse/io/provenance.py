@@ -874,11 +874,12 @@ def rewrite_metadata(path: Path, specs: Sequence[Any], metadata: Mapping[str, st
 
     from lorafuse.io.safetensors import encode_header
 
-    header, _ = encode_header(specs, metadata)
     fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
         head = os.pread(fd, 8, 0)
-        if len(head) != 8 or 8 + struct.unpack("<Q", head)[0] != len(header):
+        written = 8 + struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        header, _ = encode_header(specs, metadata, written)  # padded as the header written (encode_header)
+        if written != len(header):
             raise LorafuseValueError(f"{path}: the final metadata makes a header of {len(header)} bytes, not the "
                                      "length already written")
         if os.pwrite(fd, header, 0) != len(header):

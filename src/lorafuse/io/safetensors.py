@@ -733,9 +733,17 @@ class TensorSpec:
         return n
 
 
-def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+PAGE_ALIGN = 4096  # encode_header's data_start: the page size within which copied tensors keep their place
+
+
+def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None,
+                  data_start: int | None = None) -> tuple[bytes, dict[str, int]]:
     """Header bytes (with the 8-byte length prefix, padded so data starts 8-aligned) and each tensor's offset.
-    A header that lorafuse's reader would refuse (more than MAX_HEADER_BYTES, the bound of safetensors too,
+    `data_start` (a multiple of 8): the header is padded with spaces, as the format allows, to the shortest length
+    congruent to it modulo 4096 (PAGE_ALIGN), so that tensors copied from a file whose data starts there sit at
+    the same place within their pages: the kernel then copies them page by page (`copy_file_range` of unaligned
+    ranges runs at ~60% of the speed). Rewriting a header in place passes the length already written. A
+    header that lorafuse's reader would refuse (more than MAX_HEADER_BYTES, the bound of safetensors too,
     MAX_HEADER_VALUES, MAX_METADATA_BYTES of metadata or MAX_TENSORS tensors) is an OutputError: a file
     written is a file that can be read back."""
     header: dict[str, object] = {}
@@ -754,7 +762,12 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
         header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [cursor, cursor + s.nbytes]}
         cursor += s.nbytes
     body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    body += b" " * ((8 - len(body) % 8) % 8)
+    pad = (8 - len(body) % 8) % 8
+    if data_start is not None and data_start % 8 == 0:
+        aligned = (data_start - 8 - len(body)) % PAGE_ALIGN
+        if len(body) + aligned <= MAX_HEADER_BYTES:
+            pad = aligned
+    body += b" " * pad
     _check_readable(body, metadata or {}, len(offsets))
     return struct.pack("<Q", len(body)) + body, offsets
 
@@ -804,12 +817,12 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], specs: list[TensorSpec],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, data_start: int | None = None):
         self.path = Path(path)
         self._specs = specs
         self._next = 0
         self._remaining = 0
-        header, self._offsets = encode_header(specs, metadata)
+        header, self._offsets = encode_header(specs, metadata, data_start)  # data_start: see encode_header
         self._header_bytes = len(header)
         self._by_name = {s.name: s for s in specs}
         self._placed: set[str] = set()  # tensors written by write_at
@@ -949,7 +962,7 @@ class SafetensorsWriter:
         """Replace the header's metadata with `metadata`, whose header has the same length (values that
         are only known at the end, such as hashes of the data, written first as placeholders of the
         same length)."""
-        header, _ = encode_header(self._specs, metadata)
+        header, _ = encode_header(self._specs, metadata, self._header_bytes)
         if len(header) != self._header_bytes:
             raise LorafuseValueError(f"{self.path}: the new metadata makes a header of {len(header)} bytes, not "
                                      f"the {self._header_bytes} already written")

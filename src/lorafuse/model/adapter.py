@@ -160,7 +160,11 @@ class Adapter:
             raise LorafuseValueError(f"config must be a dict like adapter_config.json or a peft LoraConfig, got "
                                      f"{type(config).__name__}")
         tensors = {k: _tensor_from_any(k, v) for k, v in state_dict.items()}
-        return _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
+        adapter: Adapter = _tensor_format("peft").from_tensors(tensors, config)  # type: ignore[misc]
+        from lorafuse.model.f64 import narrowable_updates  # (here: model.f64 imports the model package)
+
+        narrowable_updates(adapter.updates)  # F64 factors beyond float32's range: balanced (model.f64)
+        return adapter
 
     def state_dict(self, framework: str = "numpy") -> dict[str, Any]:
         """PEFT-named tensors: float arrays for numpy (BF16 and F8 widened to float32: numpy has no such

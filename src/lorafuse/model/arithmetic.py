@@ -29,12 +29,14 @@ from lorafuse.errors import (
     UnsupportedError,
 )
 from lorafuse.io.safetensors import raise_if_inputs_changed
+from lorafuse.io.tensor import Tensor
 from lorafuse.model.layout import refuse_lost_directions
 from lorafuse.model.lora import LoraUpdate
 from lorafuse.model.names import exact_pattern, full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.patterns import pattern_problem
 from lorafuse.model.spectral import batches, factor_cost
+from lorafuse.model.state import FormatState, KohyaState
 from lorafuse.model.update import Update, holds_nonfinite, nonfinite_words
 
 if TYPE_CHECKING:  # the class of the adapters: new ones are made with type(template)(...)
@@ -82,9 +84,10 @@ def restated_config(config: Mapping[str, object], updates: Mapping[str, Update])
     return out
 
 
-def check_linear(adapters: Sequence[Adapter], what: str) -> None:
-    """DoRA and lora_bias do not add linearly, and full tensors and LoRAs on parameters (PEFT target_parameters)
-    cannot be combined: refuse them."""
+def check_linear(adapters: Sequence[Adapter], what: str, biases: bool = False) -> None:
+    """DoRA does not add linearly, and full tensors and LoRAs on parameters (PEFT target_parameters) cannot be
+    combined: refuse them; lora_B biases too unless `biases` (exact arithmetic carries them: a merge adds
+    scale * bias, which is linear in the update)."""
     for a in adapters:
         refuse_parameter_loras(a.label, a.updates, what)
         for name, u in a.updates.items():
@@ -93,8 +96,11 @@ def check_linear(adapters: Sequence[Adapter], what: str) -> None:
                     f"{a.label}: module {name!r} is DoRA; {what} is defined for plain LoRA only "
                     "(a DoRA update is not a sum of low-rank deltas). Merge it into the base with `apply` instead."
                 )
-            if u.bias is not None:
-                raise UnsupportedError(f"{a.label}: module {name!r} has a lora_B bias, which {what} cannot carry")
+            if u.bias is not None and not biases:
+                raise UnsupportedError(
+                    f"{a.label}: module {name!r} has a lora_B bias, which {what} cannot carry (it writes the "
+                    "deltas' factors only, and a method that mixes them has no rule for the bias a merge adds beside "
+                    "them); Python's exact adapter arithmetic carries it (c * a, a + b, a - b, a.to_rank(k))")
         extra = [a.full_origin.get(k, k) for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
         if extra:
             raise UnsupportedError(f"{a.label}: {full_tensors_text(a.config, extra)} cannot be combined; merge them "
@@ -260,8 +266,42 @@ def result(template: Adapter, updates: Mapping[str, Update], adapters: Sequence[
     config = restated_config(template.config, updates)
     config.update(combined_targets([a.config for a in adapters], list(updates)))
     return type(template)(updates=dict(updates), config=config, format=template.format,
-                          state=copy.deepcopy(template.state),
+                          state=joined_state(template, adapters, list(updates)),
                           derived_from=list(dict.fromkeys(p for a in adapters for p in a.sources())))
+
+
+def joined_state(template: Adapter, adapters: Sequence[Adapter], names: Sequence[str]) -> FormatState:
+    """The format state of a result holding modules `names` of `adapters`: the template's (a copy), and for a kohya
+    result what the other kohya inputs kept of the modules the template lacks (join_state), in one layout
+    (one_layout)."""
+    state = copy.deepcopy(template.state)
+    if len(adapters) < 2:
+        return state
+    for other in adapters:
+        if other is not template:
+            join_state(state, other.state)
+    return one_layout(state, names)
+
+
+def join_state(state: FormatState, other: FormatState) -> None:
+    """Add to a kohya result's `state` what another kohya input kept of the modules `state` lacks (each `.alpha`'s
+    dtype and form, the ComfyUI key layout it was read in), so that each module is written as its input held it."""
+    if not isinstance(state, KohyaState) or not isinstance(other, KohyaState):
+        return
+    for mine, theirs in ((state.alpha_dtypes, other.alpha_dtypes), (state.unused_alphas, other.unused_alphas),
+                         (state.alpha_forms, other.alpha_forms), (state.layouts, other.layouts)):
+        for module, value in theirs.items():
+            mine.setdefault(module, copy.deepcopy(value))  # type: ignore[arg-type]
+    state.conv_dora = state.conv_dora | other.conv_dora
+
+
+def one_layout(state: FormatState, names: Sequence[str]) -> FormatState:
+    """`state` for a file of modules `names` in one key layout: where its ComfyUI layouts name some of the modules
+    but not all (a ComfyUI-layout input plus a kohya-named one), none is kept and every module gets its kohya name
+    (diffusers' family converters refuse a file that mixes `diffusion_model.<path>` and `lora_unet_` keys)."""
+    if isinstance(state, KohyaState) and state.layouts and not all(n in state.layouts for n in names):
+        state.layouts = {}
+    return state
 
 
 def shared_modules(adapters: Sequence[Adapter]) -> set[str]:
@@ -385,7 +425,7 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
     """sum_i w_i * adapter_i, exactly: factors concatenated, scale 1. Adapters of different models are
     refused (check_shared)."""
     adapters = [a for _, a in terms]
-    check_linear(adapters, "adapter arithmetic")
+    check_linear(adapters, "adapter arithmetic", biases=True)
     check_shared(adapters, "adapter arithmetic")
     check_float32_scales("adapter arithmetic", adapters)
     updates = {}
@@ -394,8 +434,26 @@ def weighted_cat(terms: Sequence[tuple[float, Adapter]]) -> Adapter:
             b, a = stack(ts, 0, coef_on="A")
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             raise _not_finite(name, ts, adapters)
-        updates[name] = ts[0][1].with_factors(b, a)
+        updates[name] = _with_bias_sum(ts[0][1].with_factors(b, a), ts)
     return result(adapters[0], updates, adapters)
+
+
+def _with_bias_sum(u: Update, terms: Sequence[tuple[float, Update]]) -> Update:
+    """`u` (scale 1) with the lora_B bias sum_i w_i s_i bias_i of the terms that have one (PEFT lora_bias: a
+    merge adds scale * bias to the base bias, linearly), in float64 rounded once to float32; `u` as it is when
+    no term has a bias."""
+    biased = [(w * t.scale, t.bias) for w, t in terms if isinstance(t, LoraUpdate) and t.bias is not None]
+    if not biased or not isinstance(u, LoraUpdate):  # (a LoHa / LoKr has no bias)
+        return u
+    acc = np.zeros(biased[0][1].shape, dtype=np.float64)
+    for c, bias in biased:
+        acc += c * bias.f32().astype(np.float64)
+    with np.errstate(over="ignore"):
+        acc32 = acc.astype(np.float32)
+    if not np.isfinite(acc32).all():
+        raise LorafuseValueError(f"module {u.name!r}: the weighted sum of its lora_B biases is not finite in "
+                                 f"float32 (largest {FLOAT32_MAX:.4g})")
+    return dataclasses.replace(u, bias=Tensor.from_array(acc32))
 
 
 def check_float32_scales(what: str, adapters: Sequence[Adapter]) -> None:
@@ -437,7 +495,7 @@ def scaled(adapter: Adapter, c: float, what: str = "adapter arithmetic") -> Adap
     c, or a scale float32 cannot hold, is refused (LorafuseValueError naming `what`, the operation)."""
     if not math.isfinite(c):
         raise LorafuseValueError(f"{what}: the factor {c} is not a finite number")
-    check_linear([adapter], "adapter arithmetic")
+    check_linear([adapter], "adapter arithmetic", biases=True)  # a lora_B bias is added times the scale: exact
     updates: dict[str, Update] = {n: dataclasses.replace(u, scale=_checked_scale(what, n, u, u.scale * c))
                                   for n, u in adapter.updates.items()}
     return type(adapter)(updates=updates, config=restated_config(adapter.config, updates), format=adapter.format,
@@ -452,7 +510,7 @@ def truncate(adapter: Adapter, rank: int, split: str = "B", threads: int = 0) ->
     rank = check_rank(rank)
     threads = check_threads(threads)
     check_split(split)
-    check_linear([adapter], "rank truncation")
+    check_linear([adapter], "rank truncation", biases=True)  # a lora_B bias is kept, as resize keeps it
     check_float32_scales("rank truncation", [adapter])
     names = list(adapter.updates)
     updates: dict[str, LoraUpdate] = {}
@@ -478,5 +536,6 @@ def norm(adapter: Adapter, threads: int = 0) -> float:
     return math.nan if any(math.isnan(v) for v in values) else math.hypot(*values)
 
 
-__all__ = ["RootGroups", "check_linear", "check_shared", "check_split", "different_models", "module_examples", "norm",
-           "result", "scaled", "shared_modules", "stack", "terms_by_module", "truncate", "weighted_cat"]
+__all__ = ["RootGroups", "check_linear", "check_shared", "check_split", "different_models", "join_state",
+           "module_examples", "norm", "one_layout", "result", "scaled", "shared_modules", "stack", "terms_by_module",
+           "truncate", "weighted_cat"]

@@ -41,10 +41,17 @@ def check_module_name(name: str, where: str, what: str = "module") -> None:
         raise FormatError(f"{where}: {what} name {shown} {problem}")
 
 
+# what PEFT saves for trainable_token_indices: the new rows of module X, as `X.token_adapter.trainable_tokens_delta`
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
 def full_kind(config: Mapping[str, object], origin: str) -> str:
     """What a full tensor of a PEFT adapter is, by the name it was saved under (`origin`): 'bias' (a bias that
     adapter_config bias='all' / 'lora_only' saves, modules_to_save not naming its module), 'base copy' (PEFT's copy
-    of a LoRA'd layer's base weight, `<module>.base_layer.weight`) or 'modules_to_save'."""
+    of a LoRA'd layer's base weight, `<module>.base_layer.weight`), 'trainable tokens' (the rows
+    trainable_token_indices replaces, TOKENS_SUFFIX) or 'modules_to_save'."""
+    if origin.endswith(TOKENS_SUFFIX):
+        return "trainable tokens"
     module, _, param = origin.rpartition(".")
     owner = module.removesuffix(".base_layer")
     listed = config.get("modules_to_save")
@@ -67,6 +74,8 @@ def full_tensors_text(config: Mapping[str, object], origins: Sequence[str]) -> s
         listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         parts.append(f"bias tensors ({listed}) that adapter_config bias={config.get('bias')!r} saves" if kind == "bias"
                      else f"PEFT's copies of base layer weights ({listed})" if kind == "base copy"
+                     else f"trainable token rows ({listed}, which replace rows of an embedding: "
+                          "trainable_token_indices)" if kind == "trainable tokens"
                      else f"modules_to_save tensors ({listed})")
     return " and ".join(parts)
 
@@ -75,5 +84,6 @@ def full_kinds_text(config: Mapping[str, object], origins: Sequence[str]) -> str
     """The kinds (full_kind) of full tensors of a PEFT adapter, for a message that lists the tensors itself:
     'modules_to_save', "biases that adapter_config bias='all' saves", "PEFT's copies of base layer weights"."""
     words = {"modules_to_save": "modules_to_save", "base copy": "PEFT's copies of base layer weights",
+             "trainable tokens": "trainable token rows (trainable_token_indices)",
              "bias": f"biases that adapter_config bias={config.get('bias')!r} saves"}
     return " and ".join(dict.fromkeys(words[full_kind(config, o)] for o in sorted(origins)))

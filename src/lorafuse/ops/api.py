@@ -16,12 +16,13 @@ and `ConvertReport` (convert); `lorafuse.combine` returns the Adapter itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +31,7 @@ from lorafuse._progress import ProgressCallback
 from lorafuse._validate import check_bool, check_path
 from lorafuse.formats import detect_format as _detect_format
 from lorafuse.formats import load as _load
-from lorafuse.io.hub import check_spec
+from lorafuse.io.hub import check_spec, quiet_downloads
 from lorafuse.model import Adapter
 from lorafuse.ops import apply as _apply
 from lorafuse.ops import combine as _combine
@@ -47,6 +48,27 @@ from lorafuse.ops.rank import RankRule
 StrPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 # Weights, one per adapter: any iterable of real numbers, or a 1-D numpy array / torch tensor (_validate.check_weights).
 Weights = Iterable[float] | npt.ArrayLike
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _hub_bars(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`fn` with its `progress=False` also silencing huggingface_hub's own download bars (io.hub.quiet_downloads,
+    as the CLI's -q / --json / --no-progress do): False draws no bar of any kind."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with quiet_downloads(kwargs.get("progress", _default_progress(fn)) is False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _default_progress(fn: Callable[..., object]) -> object:
+    defaults = fn.__kwdefaults__ or {}
+    return defaults.get("progress")
 
 
 def _given(value: object) -> Any:
@@ -235,6 +257,7 @@ def similarity(adapters: Iterable[StrPath | Adapter], threads: int = 0) -> np.nd
 # ----------------------------------------------------------------------------- operations
 
 
+@_hub_bars
 def apply(
     base: StrPath,
     adapters: Iterable[StrPath | Adapter],
@@ -312,6 +335,7 @@ def apply(
                         skip_missing=skip_missing, overwrite=overwrite, device=device, requantize=requantize)
 
 
+@_hub_bars
 def combine(
     adapters: Iterable[StrPath | Adapter],
     weights: Weights | None = None,
@@ -470,6 +494,7 @@ def convert(
                             gguf_type=gguf_type)
 
 
+@_hub_bars
 def resize(
     adapter: StrPath | Adapter,
     rank: int | None = None,
@@ -549,6 +574,7 @@ def resize(
     return ResizeResult(result, rows, written, time.monotonic() - start, notes)
 
 
+@_hub_bars
 def extract(
     base: StrPath,
     finetuned: StrPath,

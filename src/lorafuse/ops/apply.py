@@ -47,12 +47,12 @@ from lorafuse.io.checkpoint import (
     SAFETENSORS_SUFFIX,
     Checkpoint,
     foreign_output,
-    is_pickle,
+    is_weights_file,
     one_shard,
     read_config,
 )
 from lorafuse.io.dtypes import DTYPES, dtype_spelling, parse_output_dtype
-from lorafuse.io.hub import check_spec, local_path
+from lorafuse.io.hub import PEFT_CONFIG, check_spec, local_path
 from lorafuse.io.manifest import CHECKPOINT, MANIFEST_NAME, PIPELINE, mark_metadata
 from lorafuse.io.pipeline import Pipeline, is_pipeline
 from lorafuse.io.provenance import (
@@ -69,7 +69,7 @@ from lorafuse.io.provenance import (
     rewrite_metadata,
     stamp,
 )
-from lorafuse.io.safetensors import SafetensorsFile, SafetensorsWriter, TensorSpec
+from lorafuse.io.safetensors import PAGE_ALIGN, SafetensorsFile, SafetensorsWriter, TensorSpec
 from lorafuse.io.sidefiles import copy_entry, copy_file, entry_files, entry_kind, walk_entry
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
@@ -81,6 +81,7 @@ from lorafuse.ops.apply_plan import (
     OutTensor,
     Plan,
     check_requantize,
+    drop_named_weights,
     parse_size,
     plan_apply,
     plan_model,
@@ -306,12 +307,26 @@ class _Executor:
         step = max(1, CHUNK_BYTES * rows // t.nbytes)  # pieces also end where a row block does (ops.stages)
         return [_Piece(t, r0, r1, rows) for r0, r1 in row_pieces(t.updates, rows, step)]
 
+    def _copies_aligned(self, entries: list[OutTensor]) -> int | None:
+        """Where the output's data should start (modulo a page, SafetensorsWriter's data_start) for the most
+        bytes of the tensors copied unchanged to sit at the same place within their pages as in their input:
+        the kernel copies those page by page. None where nothing is copied."""
+        moved: dict[int, int] = {}  # input offset - output offset within the data (mod a page): bytes copied
+        at = 0
+        for t in entries:
+            src = self.file(t.src_shard)
+            if t.nbytes and t.is_copy(src.info(t.src_name).dtype):
+                shift = (src.file_offset(t.src_name) - at) % PAGE_ALIGN
+                moved[shift] = moved.get(shift, 0) + t.nbytes
+            at += t.nbytes
+        return max(moved, key=lambda k: moved[k]) if moved else None
+
     def write_shard(self, path: Path, entries: list[OutTensor], metadata: dict[str, str]) -> None:
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in entries]
         if self.provenance is not None:  # its hashes may be placeholders: _Run.stamp rewrites the header
             self.headers.append((path, specs, metadata))
             metadata = stamp(metadata, self.provenance)
-        with SafetensorsWriter(path, specs, metadata) as out:
+        with SafetensorsWriter(path, specs, metadata, self._copies_aligned(entries)) as out:
             _preallocate(path, os.stat(path).st_size + sum(s.nbytes for s in specs))  # the header is written
             writer = _Writer()
             try:
@@ -431,6 +446,8 @@ class _Executor:
             else:
                 w, w_dtype = src.raw(t.src_name), src.info(t.src_name).dtype
                 w2 = w.reshape(p.rows, -1)[p.r0 : p.r1]
+            if t.token_rows:  # trainable tokens: rows replaced in the weight's dtype, before any delta adds
+                w2 = self._token_rows(t, w2, w_dtype, p.r0, p.r1)
             raw_dtype = DTYPES[t.dtype].raw
             q = t.quant if t.quant is not None and t.quant.requantize else None  # the piece: stored codes
             codes = q is not None
@@ -458,7 +475,8 @@ class _Executor:
         # The core flags results that are not finite in float32 or overflow the output dtype: say why
         # (jobs and computed pieces are in step)
         flagged = [Flagged(job, p.tensor.updates, p.r0, p.tensor.replacement is not None,
-                           _companions_of(p.tensor.quant)) for job, p, f in zip(jobs, computed, flags) if f]
+                           _companions_of(p.tensor.quant), p.tensor.token_rows)
+                   for job, p, f in zip(jobs, computed, flags) if f]
         if flagged and not self.allow_nonfinite:
             raise nonfinite_error(flagged, self.backend, self.threads)
         if merged32 or any(p.tensor.companion_of is not None for p in batch):
@@ -470,6 +488,24 @@ class _Executor:
                 row_bytes = src.info(p.tensor.src_name).nbytes // p.rows
                 src.release(p.tensor.src_name, p.r0 * row_bytes, p.r1 * row_bytes)
         return batch
+
+    def _token_rows(self, t: OutTensor, w2: np.ndarray, w_dtype: str, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 of the weight (`w2`, raw `w_dtype`) with the rows adapters replace (PEFT trainable tokens) in
+        that range: their values cast to `w_dtype` (round to nearest even, as torch's .to() in PEFT's merge)."""
+        out = np.array(w2, copy=True)
+        for rows in t.token_rows:
+            hit = (rows.indices >= r0) & (rows.indices < r1)
+            if not hit.any():
+                continue
+            if w_dtype == "F64":
+                values = rows.values.raw.astype(np.float64) if rows.values.dtype == "F64" else \
+                    rows.values.f32().astype(np.float64)
+            else:
+                values = self.backend.from_float32(np.ascontiguousarray(rows.values.f32()), w_dtype, self.threads)
+            out[rows.indices[hit] - r0] = values.reshape(len(rows.indices), -1)[hit]
+        if t.replacement is None and r0 == 0:  # replaced in part: counted with the tensors adapters replace
+            self.replaced.append(t.name)
+        return out
 
     def _raw_of(self, shard: str, key: str) -> tuple[np.ndarray, str]:
         f = self.file(shard)
@@ -548,8 +584,13 @@ def _side_files(src_dir: Path, skip: set[str], notes: list[str], root: Path | No
     for p in entries:
         if p.name in skip or p.name.startswith("."):
             continue
-        if is_pickle(p) or p.name.lower().endswith((SAFETENSORS_SUFFIX, INDEX_SUFFIX)):
+        if is_weights_file(p):  # another copy of the model, unmerged (tf_model.h5, a .gguf, a pickle)
             notes.append(f"{p.name} holds other weights and was not copied")
+            continue
+        if p.name == PEFT_CONFIG:  # transformers would load its base_model_name_or_path and adapter, not the merge
+            notes.append(f"{p.name}, a PEFT adapter's config beside the model, was not copied: with it in the output, "
+                         "transformers' from_pretrained would load that adapter's base model and adapter (here absent) "
+                         "instead of the merged weights")
             continue
         kind, note = entry_kind(p, p.name, root or src_dir)
         if note is not None:  # not a file or folder, or a link out (its bytes, say ~/.aws/credentials, stay out)
@@ -577,9 +618,17 @@ def _copied_files(model: Pipeline, plans: Mapping[str, object]) -> list[Path]:
                                                        _skipped(model.components[comp]), [], model.directory)]
     if not model.single:
         for entry in sorted(model.directory.iterdir()):
-            if not entry.name.startswith(".") and entry.name != MANIFEST_NAME and entry.name not in plans:
+            if not entry.name.startswith(".") and entry.name != MANIFEST_NAME and entry.name not in plans \
+                    and not _top_weights(entry):
                 files += entry_files(entry, model.directory)
     return files
+
+
+def _top_weights(entry: Path) -> bool:
+    """Whether the entry of a pipeline's folder (not a component) is a weights file: the single-file checkpoint
+    beside the components (sd_xl_base_1.0.safetensors, flux1-dev.safetensors), a LoRA, an ONNX or GGUF copy. It
+    holds the model unmerged under a name single-file loaders (ComfyUI, from_single_file) read: not copied."""
+    return is_weights_file(entry) and not entry.is_dir()
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_updates: dict[str, object],
@@ -796,6 +845,8 @@ def prepare_apply(
                            skip_missing, requantize)
     if one_file and not single_file:
         _one_file_notes(mplan, base_path, out_path)
+    elif limit is not None and model.single:  # re-sharded into a folder under save_pretrained's names
+        drop_named_weights(mplan.plans[""], model.components[""])
     _base_names_note(loaded, base_path, mplan.notes)
     return ApplySetup(mplan, out_path, one_file, inputs, limit, threads, backend, timings, replaces, loaded)
 
@@ -993,6 +1044,9 @@ class _Run:
             if entry.name in self.mplan.plans:
                 (tmp / entry.name).mkdir()
                 self._component(entry.name, tmp / entry.name, None)
+            elif _top_weights(entry):
+                self.mplan.notes.append(f"{entry.name} holds other weights (a single-file copy of the model, not "
+                                        "merged: the pipeline's components are) and was not copied")
             else:  # files through links (a Hugging Face cache), folders whole; no FIFO, device or loop
                 copy_entry(entry, tmp / entry.name, self.mplan.notes, model.directory)
 

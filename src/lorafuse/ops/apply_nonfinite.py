@@ -24,7 +24,7 @@ from lorafuse.backends import Backend, MergeJob
 from lorafuse.backends.reference import ReferenceBackend
 from lorafuse.errors import NonFiniteError
 from lorafuse.model.update import beyond_float32, nonfinite_factors
-from lorafuse.ops.resolve import Contribution
+from lorafuse.ops.resolve import Contribution, TokenRows
 from lorafuse.ops.stages import CoreStage
 
 __all__ = ["Flagged", "nonfinite_error", "overflow_error"]
@@ -45,6 +45,8 @@ class Flagged:
     replaced: bool  # the job starts from a full tensor of an adapter (modules_to_save), not the base weight
     # a quantized base weight: its companions (scales, absmax, ...), each 'key (shard)', that it is dequantized with
     companions: tuple[str, ...] = ()
+    # the rows adapters replace in the tensor (PEFT trainable tokens: OutTensor.token_rows), for the job's rows
+    token_rows: Sequence[TokenRows] = ()
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -66,6 +68,11 @@ def _held(x: np.ndarray) -> str:
 def _input_cause(f: Flagged, w32: np.ndarray) -> str | None:
     """Which input of the job holds NaN or Inf, or None."""
     if not np.isfinite(w32).all():
+        rows = f.r0 + np.flatnonzero(~np.isfinite(w32.reshape(len(w32), -1)).all(axis=1))
+        for t in f.token_rows:  # rows whose values are not finite, or not in the weight's dtype (PEFT casts them)
+            if np.isin(rows, t.indices).all():
+                return (f"{t.source}: its trainable token rows (trainable_token_indices) hold NaN or Inf, or values "
+                        f"beyond the weight's dtype {f.job.w_dtype}, in {_indices(rows, 'row')}")
         if f.replaced:
             return "the adapter's full tensor that replaces it (modules_to_save) holds NaN or Inf"
         if f.companions:  # a quantized weight: its codes, or the scales they are multiplied by

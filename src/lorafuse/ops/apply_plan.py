@@ -12,15 +12,16 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
-from lorafuse._terminal import plural
-from lorafuse.errors import DtypeError, LorafuseValueError
+from lorafuse._terminal import plural, short
+from lorafuse.errors import DtypeError, LorafuseValueError, UnsupportedError
 from lorafuse.formats.kohya import STALE_HASH_KEYS
-from lorafuse.io.checkpoint import Checkpoint, read_config
+from lorafuse.io.checkpoint import INDEX_SUFFIX, Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, WRITABLE_FLOATS
+from lorafuse.io.hub import TRANSFORMERS_WEIGHTS
 from lorafuse.io.pipeline import Pipeline
 from lorafuse.io.safetensors import TensorSpec
 from lorafuse.io.tensor import Tensor
@@ -36,7 +37,7 @@ from lorafuse.ops.apply_quant import (
     scan_quant,
 )
 from lorafuse.ops.match import checkpoint_keys
-from lorafuse.ops.resolve import Contribution, Resolved, adapter_notes, missing_error, resolve
+from lorafuse.ops.resolve import Contribution, Resolved, TokenRows, adapter_notes, missing_error, resolve
 from lorafuse.ops.tied import EMBEDDING_SUFFIXES, TiedLayers, tied_layers, untie
 
 LM_HEAD = "lm_head.weight"
@@ -52,6 +53,8 @@ class OutTensor:
     updates: list[Contribution] = field(default_factory=list)
     bias_updates: list[Contribution] = field(default_factory=list)
     replacement: Tensor | None = None
+    # Rows the adapters replace (PEFT trainable tokens), on the base (or its replacement) before any delta adds.
+    token_rows: list[TokenRows] = field(default_factory=list)
     # The merge sees the weight as a (rows, -1) matrix: rows = shape[0] (a Linear's out, a conv's out
     # channels) unless a resolver says otherwise (a fused [E, out, in] expert tensor: E * out rows).
     matrix_rows: int | None = None
@@ -72,7 +75,7 @@ class OutTensor:
 
     def is_copy(self, src_dtype: str) -> bool:
         return (not self.updates and not self.bias_updates and self.replacement is None and self.dtype == src_dtype
-                and self.quant is None and self.companion_of is None)
+                and self.quant is None and self.companion_of is None and not self.token_rows)
 
 
 @dataclass
@@ -164,7 +167,7 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
     replacements = resolved.replacements
     config_updates: dict[str, object] = {}
 
-    changed = set(contributions) | set(replacements)
+    changed = set(contributions) | set(replacements) | set(resolved.rows)
     copies: dict[str, list[str]] = {}  # a stored key -> the tied layers written after it, as its copies
     for layer, src in (untied or {}).items():
         copies.setdefault(src, []).append(layer)
@@ -193,6 +196,10 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         info = ckpt.info(src)
         ch = key in changed or key in bias_contributions
         ref = quant_weights.get(src)
+        if (ref is not None or copy_refs.get(src) is not None) and resolved.rows.get(key):
+            raise UnsupportedError(f"{ckpt.directory / shard}: {key} is quantized, and {resolved.rows[key][0].source} "
+                                   "replaces rows of it (trainable_token_indices): lorafuse replaces rows of "
+                                   "floating-point weights only (PEFT writes them in the weight's dtype)")
         if ref is not None and src == key:
             repl = replacements.get(key)
             # requantized: the stored codes' dtype and shape; else the real shape in --dtype, or the dtype it
@@ -217,8 +224,12 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         if ch and out_dtype != info.dtype and info.dtype not in WRITABLE_FLOATS and dtype is None:
             notes.append(f"{key}: merged {info.dtype} weight written as {out_dtype}")
         repl = replacements.get(key)
+        if resolved.rows.get(key) and info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise DtypeError(f"{ckpt.directory / shard}: {key} is {info.dtype} {list(info.shape)}, and "
+                             f"{resolved.rows[key][0].source} replaces rows of it (trainable_token_indices): lorafuse "
+                             "replaces rows of F32, F16, BF16 and F64 weights only")
         return OutTensor(key, out_dtype, info.shape, shard, src, contributions.get(key, []),
-                         bias_contributions.get(key, []), repl[0] if repl else None)
+                         bias_contributions.get(key, []), repl[0] if repl else None, list(resolved.rows.get(key, [])))
 
     ordered: list[tuple[str, OutTensor]] = []
     moved = {k for k, w in qplan.companions.items() if w in quant_weights} if qplan is not None else set()
@@ -278,6 +289,22 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
                          f"{plural(len(qplan.dropped), 'companion tensor')} (scales, quant states) and config.json's "
                          f"{' / '.join(qplan.config_removals) or 'quantization settings'} left out")
     return plan
+
+
+def drop_named_weights(plan: Plan, ckpt: Checkpoint) -> None:
+    """A checkpoint folder re-sharded into a folder (save_pretrained's names, `weights_stem`): a config.json whose
+    transformers_weights names the input's weights file (consolidated.safetensors), which the output does not hold,
+    would make transformers look for it there and fail. The output's config.json leaves the key out, as
+    save_pretrained leaves it out (transformers then loads the output's own files), and a note says so."""
+    named = read_config(ckpt.directory).get(TRANSFORMERS_WEIGHTS)
+    if named is None or not plan.shards:
+        return
+    plan.config_removals = [*plan.config_removals, TRANSFORMERS_WEIGHTS]
+    first = plan.shards[0][0]
+    loaded = first if len(plan.shards) == 1 else f"{weights_stem(ckpt)}{INDEX_SUFFIX}"
+    plan.notes.append(f"{ckpt.directory / 'config.json'}: its {TRANSFORMERS_WEIGHTS} ({short(named)}) is left out of "
+                      f"the re-sharded output's config.json, as save_pretrained leaves it out: transformers loads the "
+                      f"output's {loaded} without it")
 
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
@@ -387,14 +414,40 @@ def tie_word_embeddings(config: dict[str, object]) -> bool | None:
         return None
 
 
-def _changed_by(resolved: Resolved) -> dict[str, str]:
-    """Every base key the adapters change -> who changes it (the first adapter and module), for messages."""
+def _changed_by(resolved: Resolved, tied_rows: Collection[str] = ()) -> dict[str, str]:
+    """Every base key the adapters change -> who changes it (the first adapter and module), for messages; the keys
+    of `tied_rows` (_tie_token_rows) count only where something else changes them."""
     out: dict[str, str] = {}
     for key, cs in resolved.contributions.items():
         out[key] = f"{cs[0].source}: module {cs[0].update.name.split('[', 1)[0]!r}"
     for key, (_, label) in resolved.replacements.items():
         out.setdefault(key, f"{label}: a full tensor")
+    for key, rows in resolved.rows.items():
+        if key not in tied_rows:
+            out.setdefault(key, f"{rows[0].source}: trainable token rows")
     return out
+
+
+def _tie_token_rows(resolved: Resolved, tied: TiedLayers) -> set[str]:
+    """PEFT ties the output layer's trainable tokens to the input embedding's (TrainableTokensWrapper with
+    tied_adapter) where the model ties the two: rows an adapter replaces in a tied embedding are replaced in each
+    layer that reads it too (a stored copy gets them; a layer stored nowhere reads them), unless that adapter gives
+    the layer rows of its own (different ids: PEFT then does not tie them). Returns the embeddings whose rows
+    change with all their readers alike, and those readers: these rows need no untying."""
+    readers: dict[str, list[str]] = {}
+    for layer, src in {**tied.virtual, **tied.stored}.items():
+        readers.setdefault(src, []).append(layer)
+    alike: set[str] = set()
+    for src, layers in readers.items():
+        rows = resolved.rows.get(src, [])
+        if not rows:
+            continue
+        own = {r.source for layer in layers for r in resolved.rows.get(layer, [])}
+        for layer in layers:
+            resolved.rows.setdefault(layer, []).extend(r for r in rows if r.source not in own)
+        if not own:
+            alike.update([src, *layers])
+    return alike
 
 
 def _untie_note(untied: dict[str, str], tied: TiedLayers) -> str:
@@ -427,7 +480,7 @@ def split_by_component(model: Pipeline, resolved: Resolved) -> dict[str, Resolve
     if model.single:
         return {"": resolved}
     parts: dict[str, Resolved] = {}
-    for attr in ("contributions", "bias_contributions", "replacements", "matrix_rows"):
+    for attr in ("contributions", "bias_contributions", "replacements", "rows", "matrix_rows"):
         for key, value in getattr(resolved, attr).items():
             comp, bare = model.split(key)
             getattr(parts.setdefault(comp, Resolved()), attr)[bare] = value
@@ -485,7 +538,8 @@ def plan_model(model: Pipeline, adapters: Sequence[Adapter], weights: Sequence[f
         if not (resolved.contributions or resolved.bias_contributions or resolved.replacements):
             notes.append("no adapter module found a target (--skip-missing skipped them all): the output is the base "
                          "unchanged; is the adapter for another model?")
-    untied = untie(tied, _changed_by(resolved)) if model.single else None
+    tied_rows = _tie_token_rows(resolved, tied) if model.single else set()
+    untied = untie(tied, _changed_by(resolved, tied_rows)) if model.single else None
     if untied is not None:
         notes.append(_untie_note(untied, tied))
     plans = {}

@@ -264,7 +264,7 @@ def plan_apply(
                     merged.append(full)
                     modules.append(ModulePlan(full, t.shape, tuple(sorted({c.update.rank for c in t.updates})),
                                               None))
-                if t.replacement is not None:
+                if t.replacement is not None or t.token_rows:  # whole, or rows of it (trainable tokens)
                     replaced.append(full)
                 if t.bias_updates:
                     biases.append(full)

@@ -48,11 +48,22 @@ class Contribution:
         return self.base_rows is not None or self.delta_rows is not None
 
 
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of a base weight that an adapter replaces (PEFT trainable_token_indices): row indices[i] becomes
+    values[i], cast to the weight's dtype, as PEFT's TrainableTokensLayer.merge (index_copy) does."""
+
+    indices: np.ndarray  # int64, distinct
+    values: Tensor  # (len(indices), columns)
+    source: str  # adapter label, for messages
+
+
 @dataclass
 class Resolved:
     contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     bias_contributions: dict[str, list[Contribution]] = field(default_factory=dict)
     replacements: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
+    rows: dict[str, list[TokenRows]] = field(default_factory=dict)  # base key -> the rows adapters replace, in order
     missing: list[str] = field(default_factory=list)
     # the pipeline components whose own names (without the component prefix) missing modules are (LayoutHints)
     components: set[str] = field(default_factory=set)
@@ -269,6 +280,9 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
                 out.contributions.setdefault(t.key, []).append(c)
         replaced_by: dict[str, str] = {}
         for name, tensor in adapter.full.items():
+            if full_kind(adapter.config, adapter.full_origin.get(name, name)) == "trainable tokens":
+                _token_rows(out, adapter, name, tensor, w, shapes, base_key)
+                continue
             key = base_key(name)
             what = full_label(adapter, name)
             if key is None:
@@ -296,6 +310,76 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             replaced_by[key] = name
             out.replacements[key] = (tensor, adapter.label)
     return out
+
+
+def _token_indices(adapter: Adapter, module: str) -> list[int] | None:
+    """The token ids adapter_config's trainable_token_indices gives `module`: a list is the input embedding's (the
+    module PEFT saved the rows under); an object's entry whose key `module` ends with (PEFT's _set_trainable rule);
+    None when none names it."""
+    value = adapter.config.get("trainable_token_indices")
+    if isinstance(value, list):  # PEFT wraps one module for it (a tied output layer shares that module's rows)
+        from lorafuse.model.names import TOKENS_SUFFIX
+
+        saved = sorted(o[: -len(TOKENS_SUFFIX)] for o in adapter.full_origin.values() if o.endswith(TOKENS_SUFFIX))
+        if len(saved) > 1:
+            raise UnsupportedError(f"{adapter.label}: trainable_token_indices is a list, which names one module (the "
+                                   f"model's input embedding), but the file holds token rows of {len(saved)} modules "
+                                   f"({', '.join(saved[:3])}): which of them PEFT loads is unknown")
+        return value
+    if not isinstance(value, dict):
+        return None
+    found = [v for k, v in value.items() if module.endswith(k)]
+    if len(found) > 1 and any(f != found[0] for f in found[1:]):
+        named = [k for k in value if module.endswith(k)]
+        raise UnsupportedError(f"{adapter.label}: trainable_token_indices entries {named} all name module "
+                               f"{module!r} with different token ids: which rows it replaces is ambiguous")
+    return found[0] if found else None
+
+
+def _token_rows(out: Resolved, adapter: Adapter, name: str, tensor: Tensor, w: float,
+                shapes: Mapping[str, tuple[int, ...]], base_key: BaseKey) -> None:
+    """PEFT trainable tokens (`<module>.token_adapter.trainable_tokens_delta`): the rows they replace in the module's
+    weight, checked against it (ids within its rows, one row of values per id, its width), into `out.rows`."""
+    from lorafuse.model.names import TOKENS_SUFFIX
+
+    origin = adapter.full_origin.get(name, name)
+    module = origin[: -len(TOKENS_SUFFIX)]
+    what = f"trainable token rows {origin!r} {tuple(tensor.shape)}"
+    ids = _token_indices(adapter, module)
+    if ids is None:
+        raise UnsupportedError(f"{adapter.label}: {what}: the adapter's config (adapter_config.json) has no "
+                               f"trainable_token_indices entry that module {module!r} ends with, so PEFT would not "
+                               "load them and which rows they replace is unknown")
+    if module in adapter.updates:
+        raise UnsupportedError(f"{adapter.label}: module {module!r} has both a LoRA and {what}: PEFT cannot load "
+                               "that adapter (trainable_token_indices cannot be applied to a LoRA layer)")
+    key = base_key(module + ".weight")
+    if key is None:
+        out.missing.append(f"{adapter.label}: {what} (the base has no weight {module + '.weight'!r})")
+        return
+    shape = tuple(int(d) for d in shapes[key])
+    if len(shape) != 2 or tuple(tensor.shape) != (len(ids), shape[1]):
+        raise ShapeMismatchError(f"{adapter.label}: {what} for {len(ids)} token ids (trainable_token_indices) does "
+                                 f"not fit base weight {key!r} {shape}: it needs ({len(ids)}, {shape[-1]})")
+    if ids and max(ids) >= shape[0]:
+        hint = vocab_hint(key, (max(ids) + 1, shape[1]), shape)
+        raise ShapeMismatchError(f"{adapter.label}: {what}: trainable_token_indices holds token id {max(ids)}, "
+                                 f"beyond base weight {key!r} {shape} ({shape[0]} rows){hint}")
+    if not tensor.is_float:
+        raise FormatError(f"{adapter.label}: {what}: non-float dtype {tensor.dtype}")
+    if w != 1.0:
+        raise UnsupportedError(f"{adapter.label}: {what} replace rows of base weight {key!r}, and the adapter's "
+                               f"weight is {w:g}: replaced rows cannot be scaled (with any weight they install the "
+                               "same values, so a weight of 0 would still change the model). Give this adapter "
+                               "weight 1")
+    indices = np.asarray(ids, dtype=np.int64)
+    for other in out.rows.get(key, []):
+        shared = np.intersect1d(other.indices, indices)
+        if shared.size:
+            raise UnsupportedError(f"{adapter.label}: {what} and {other.source} both replace rows "
+                                   f"{shared[:5].tolist()} of {key!r}: PEFT merges disjoint token ids only (which "
+                                   "adapter's row wins is undefined)")
+    out.rows.setdefault(key, []).append(TokenRows(indices, tensor, adapter.label))
 
 
 def is_base_copy(adapter: Adapter, name: str) -> bool:

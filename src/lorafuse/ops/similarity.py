@@ -25,7 +25,7 @@ from lorafuse.formats import load
 from lorafuse.model import Adapter, Update
 from lorafuse.model.adapter import adapter_list
 from lorafuse.model.arithmetic import input_label, laid_out, module_examples, one_model, shared_modules
-from lorafuse.model.names import full_tensors_text
+from lorafuse.model.names import TOKENS_SUFFIX, full_tensors_text
 from lorafuse.model.param_lora import refuse_parameter_loras
 from lorafuse.model.spectral import (
     CORE_BATCH_ELEMENTS,
@@ -138,7 +138,9 @@ def left_out_notes(adapters: Sequence[Adapter], labels: Sequence[str] | None = N
     for name, a in zip(names, adapters):
         extra = [a.full_origin.get(k, k) for k in a.full if not a.full_origin.get(k, k).endswith(".base_layer.weight")]
         if extra:
-            notes.append(f"{name}: {full_tensors_text(a.config, extra)} replace base tensors whole; what they change "
+            how = "replace base tensors (or rows of them) whole" if any(
+                o.endswith(TOKENS_SUFFIX) for o in extra) else "replace base tensors whole"
+            notes.append(f"{name}: {full_tensors_text(a.config, extra)} {how}; what they change "
                          f"needs the base, so they are {LEFT_OUT_NOTE} (its LoRA modules alone are compared)")
     return notes
 

@@ -8,6 +8,7 @@ refused, so a misspelled field fails instead of being ignored. `schema_json()` i
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -30,8 +31,9 @@ Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 def _lower(value: object) -> object:
-    """A name the CLI takes in any case (--method, --format, --dtype), lower-cased; anything else as given."""
-    return value.lower() if isinstance(value, str) else value
+    """A name the CLI takes in any case (--method, --format, --dtype, --engine, ...), lower-cased; anything else as
+    given. ASCII only, as the CLI's --method: str.lower would read the Kelvin sign of '\u212ainear' as 'linear'."""
+    return value.lower() if isinstance(value, str) and value.isascii() else value
 
 
 def _no_parameters(value: object) -> object:
@@ -46,7 +48,7 @@ def _nullable(schema: dict[str, Any]) -> None:
 
 def _split_case(value: object) -> object:
     """split, in any case as the CLI's --split: 'B' or 'sqrt'."""
-    return split_name(value) if isinstance(value, str) else value
+    return split_name(value) if isinstance(value, str) and value.isascii() else value
 
 
 class ModelParameters(BaseModel):
@@ -75,12 +77,12 @@ class Parameters(BaseModel):
     density: Density | None = None
     rank: Rank | None = Field(default=None, description="output rank (combine svd methods, resize, extract)")
     conv_rank: Rank | None = Field(default=None, description="output rank of kxk convolutions (combine, extract)")
-    majority_sign: Literal["total", "frequency"] | None = None
+    majority_sign: Annotated[Literal["total", "frequency"], BeforeValidator(_lower)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     split: Annotated[Literal["B", "sqrt"], BeforeValidator(_split_case)] | None = None
     exact: bool | None = None
     passes: Annotated[int, Field(ge=1, le=MAX_PASSES)] | None = None
-    engine: Literal["auto", "memory", "stream", "ray"] | None = None
+    engine: Annotated[Literal["auto", "memory", "stream", "ray"], BeforeValidator(_lower)] | None = None
     ray_address: str | None = Field(default=None, description="refused: a recipe cannot name a Ray cluster "
                                        "(set RAY_ADDRESS in the environment)")
     sv_ratio: Annotated[float, Field(ge=1.0, allow_inf_nan=False)] | None = None
@@ -89,7 +91,7 @@ class Parameters(BaseModel):
     max_rank: Rank | None = None
     include: str | None = Field(default=None, description="extract: only modules matching this regular expression")
     exclude: str | None = Field(default=None, description="extract: skip modules matching this regular expression")
-    embeddings: Literal["skip", "lora", "full"] | None = None
+    embeddings: Annotated[Literal["skip", "lora", "full"], BeforeValidator(_lower)] | None = None
     power_iters: Annotated[int, Field(ge=0, le=MAX_POWER_ITERS)] | None = None
     oversample: Annotated[int, Field(ge=0, le=MAX_OVERSAMPLE)] | None = None
     clamp_quantile: Fraction | None = Field(default=None, description="extract: kohya's --clamp_quantile")
@@ -140,9 +142,35 @@ class Stage(BaseModel):
         default=None, description="combine: the output format (default: the first model's; any case)")
 
 
+# the fields the loader takes in any (ASCII) case (_lower, _split_case): their schema says so (_any_case)
+_ANY_CASE = {"Stage": ("merge_method", "dtype", "format"),
+             "Parameters": ("split", "engine", "majority_sign", "embeddings")}
+
+
+def _case_free(values: list[str]) -> str:
+    """A JSON-schema (ECMA 262) pattern matching each of `values` in any ASCII case: `[sS][vV][dD]`."""
+    def word(v: str) -> str:
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isascii() and c.isalpha() else re.escape(c) for c in v)
+    return "^(?:" + "|".join(word(v) for v in values) + ")$"
+
+
+def _any_case(field: dict[str, Any]) -> None:
+    """A field's string enum (itself, or one branch of its anyOf) as the loader reads it: the values as written
+    (an editor offers them), or any of them in another case."""
+    for node in [field, *field.get("anyOf", [])]:
+        if "enum" in node:
+            values = node.pop("enum")
+            node["type"] = "string"
+            node["anyOf"] = [{"enum": values}, {"pattern": _case_free(values)}]
+
+
 def schema_json() -> dict[str, Any]:
     """The JSON schema of one stage (a recipe is one or more of them, as YAML documents)."""
     schema = Stage.model_json_schema()
+    for model, names in _ANY_CASE.items():
+        props = schema["properties"] if model == "Stage" else schema["$defs"][model]["properties"]
+        for name in names:
+            _any_case(props[name])
     schema["title"] = "lorafuse recipe stage"
     schema["description"] = ("One YAML document of a lorafuse recipe (`lorafuse run RECIPE.yml -o OUT`). A recipe "
                              "with several documents runs them in order as named stages; the last writes OUT.")

@@ -49,6 +49,7 @@ partial accumulators, then the driver does what this engine does with them (Sket
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -101,6 +102,8 @@ from lorafuse.model.arithmetic import (
     check_linear,
     combined_targets,
     float32_coefficient,
+    join_state,
+    one_layout,
     result,
 )
 from lorafuse.model.layout import ModuleLayout, check_dtype, factor_dtypes, factors_dtype, is_kxk, rounded
@@ -619,6 +622,8 @@ def check_sources(sources: list[Source], weights: list[float], method: str, stru
         replays.append(rp)
         if template is None:
             template = result(a, {}, [a])  # config and state only: no view of the file is kept
+        else:  # what it kept of its modules' keys and alphas (a few entries a module: not its tensors)
+            join_state(template.state, a.state)
         del a
     assert template is not None
     models.check()  # adapters of one model (sharing roots, directly or through others), or refused
@@ -1546,6 +1551,7 @@ def template_of(plan: Plan, updates: dict[str, LoraUpdate]) -> Adapter:
     """The result adapter: the first input's config and state, targeting what the inputs targeted
     (arithmetic.combined_targets), derived from every input path (save never writes over them)."""
     combined = dataclasses.replace(plan.template, updates=dict(updates))
+    combined.state = one_layout(copy.deepcopy(combined.state), list(plan.modules))
     combined.config = {**combined.config, **combined_targets(plan.targets, list(plan.modules))}
     combined.derived_from = list(dict.fromkeys(plan.paths))
     return combined
