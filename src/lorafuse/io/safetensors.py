@@ -734,6 +734,12 @@ class TensorSpec:
 
 
 PAGE_ALIGN = 4096  # encode_header's data_start: the page size within which copied tensors keep their place
+# Bytes per write() / pwrite() call. One call of a whole 32 MiB batch lets the kernel fill the page cache with
+# its largest folios (ext4 has large folios since Linux 6.16), and on a VM whose host takes freed memory back
+# those allocations were the slow part of writing: 2.1 GB in 32 MiB calls took 0.5-5.0 s (median ~2.7 s) where
+# the same bytes in 256 KiB calls took 0.49-0.52 s, as fast as `cp` (a one-off check, 6 alternating runs each;
+# docs/performance.md). ~8,000 calls for 2 GB cost a few milliseconds.
+WRITE_PIECE = 256 << 10
 
 
 def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None,
@@ -854,7 +860,7 @@ class SafetensorsWriter:
     def _write_all(self, view: memoryview) -> None:
         view = view.cast("B")
         while len(view):
-            n = os.write(self._fd, view[: 1 << 30])
+            n = os.write(self._fd, view[:WRITE_PIECE])
             view = view[n:]
 
     @property
@@ -941,7 +947,7 @@ class SafetensorsWriter:
         at = self._header_bytes + self._offsets[name]
         try:
             while len(view):
-                n = os.pwrite(self._fd, view[: 1 << 30], at)
+                n = os.pwrite(self._fd, view[:WRITE_PIECE], at)
                 view, at = view[n:], at + n
         except OSError as e:
             if e.errno != errno.EFAULT:  # as in append(): an input view whose file shrank under its mapping
