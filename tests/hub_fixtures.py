@@ -47,3 +47,30 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch, home: Path, work: Path) -> None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work.mkdir()
     monkeypatch.chdir(work)
+
+
+def bar_recording_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, src: Path) -> list[bool]:
+    """`src` as org/ad in an offline cache, and snapshot_download drawing a huggingface_hub bar as a real download
+    does: the list records whether bars were off during each download (bars enabled to start with, whatever a
+    CI's HF_HUB_DISABLE_PROGRESS_BARS says)."""
+    import importlib
+
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars, tqdm
+
+    cache_repo(tmp_path / "home", "org/ad", folder_files(src), "c" * 40)
+    offline_hub(monkeypatch, tmp_path / "home", tmp_path / "work")
+    real = huggingface_hub.snapshot_download
+    seen: list[bool] = []
+
+    def drawing(*args: object, **kwargs: object) -> str:
+        seen.append(are_progress_bars_disabled())
+        for _ in tqdm(range(3), desc="Fetching files"):
+            pass
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", drawing)
+    bars = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (the package's `tqdm` is its class)
+    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
+    enable_progress_bars()
+    return seen

@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_fixtures import cache_repo, folder_files, offline_hub
+from hub_fixtures import bar_recording_hub
 from recipe_fixtures import MODULES, make_adapter
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -101,26 +100,8 @@ def test_recipe_near_miss_still_suggested(tmp_path: Path):
 def hub_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """org/ad in an offline cache, and snapshot_download drawing a huggingface_hub bar as a real download does:
     the list records whether bars were off during each download."""
-    import huggingface_hub
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars, tqdm
-
     src = make_adapter(tmp_path, "src", 4, 4.0, 0)
-    cache_repo(tmp_path / "home", "org/ad", folder_files(src), "c" * 40)
-    offline_hub(monkeypatch, tmp_path / "home", tmp_path / "work")
-    real = huggingface_hub.snapshot_download
-    seen: list[bool] = []
-
-    def drawing(*args: object, **kwargs: object) -> str:
-        seen.append(are_progress_bars_disabled())
-        for _ in tqdm(range(3), desc="Fetching files"):
-            pass
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", drawing)
-    bars = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (the package's `tqdm` is its class)
-    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # a CI's HF_HUB_DISABLE_PROGRESS_BARS=1
-    enable_progress_bars()
-    return seen
+    return bar_recording_hub(monkeypatch, tmp_path, src)
 
 
 @pytest.mark.parametrize("flag", ["-q", "--json"])

@@ -17,14 +17,13 @@ References: huggingface_hub's own progress-bar switch, the `jsonschema` package,
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_fixtures import cache_repo, folder_files, offline_hub
+from hub_fixtures import bar_recording_hub
 from redteam_fixtures import peft_deltas, peft_folder, run_cli
 
 import lorafuse
@@ -40,26 +39,8 @@ SHAPES = {MODULE: (48, 32)}
 def hub_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """org/ad in an offline cache, and snapshot_download drawing a huggingface_hub bar as a real download does:
     the list records whether bars were off during each download."""
-    import huggingface_hub
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars, tqdm
-
     src = peft_folder(tmp_path / "src", SHAPES, 3)
-    cache_repo(tmp_path / "home", "org/ad", folder_files(src), "c" * 40)
-    offline_hub(monkeypatch, tmp_path / "home", tmp_path / "work")
-    real = huggingface_hub.snapshot_download
-    seen: list[bool] = []
-
-    def drawing(*args: object, **kwargs: object) -> str:
-        seen.append(are_progress_bars_disabled())
-        for _ in tqdm(range(3), desc="Fetching files"):
-            pass
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", drawing)
-    bars = importlib.import_module("huggingface_hub.utils.tqdm")
-    monkeypatch.setattr(bars, "HF_HUB_DISABLE_PROGRESS_BARS", None)
-    enable_progress_bars()
-    return seen
+    return bar_recording_hub(monkeypatch, tmp_path, src)
 
 
 def test_api_combine_default_progress_false_draws_no_hub_bar(hub_adapter: list[bool],
