@@ -74,20 +74,21 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
     def run() -> int:
         """The console script's entry: `main`, then the process ends at once where nothing is left to do, skipping
         the interpreter's teardown (freeing every module and object, joining numpy's OpenBLAS threads: 20-30 ms
-        after every command, a tenth of a small `apply`). Only when main returned normally, stdout and stderr
-        flushed, and no other thread runs; atexit handlers still run. Otherwise main's status goes back to the
-        script's sys.exit as before. Python callers (and tests) use `main`, which always returns."""
+        after every command, a tenth of a small `apply`). Only when main returned normally and no other thread runs;
+        atexit handlers run first, then stdout and stderr are flushed (what a handler prints is kept). Otherwise
+        main's status goes back to the script's sys.exit as before. Python callers (and tests) use `main`, which
+        always returns."""
         status = main()
         try:
             import threading  # loaded by lorafuse.cli already
 
             if threading.active_count() == 1:
-                sys.stdout.flush()
-                sys.stderr.flush()
                 import atexit
                 import os
 
-                atexit._run_exitfuncs()
+                atexit._run_exitfuncs()  # first: what a handler prints (buffered on a pipe) is flushed below
+                sys.stdout.flush()
+                sys.stderr.flush()
                 os._exit(status)
         except (OSError, ValueError, KeyboardInterrupt):  # a stream that failed or was closed (the interpreter's
             pass  # exit says so, as before), or a Ctrl-C after the command finished: its status stands

@@ -785,6 +785,23 @@ class _Parser(argparse.ArgumentParser):
         self._complete_now()
         return super().format_help()
 
+    def _print_message(self, message: str, file: Any = None) -> None:  # (typeshed: IO[str] | None)
+        """argparse's, but a stdout that cannot take --help / --version (a full disk written through at once:
+        python -u, PYTHONUNBUFFERED) fails the command as a failed final flush does (main: `stdout: No space left
+        on device`, status 1); argparse drops the error, which exited 0 with nothing shown. stderr: as argparse."""
+        stream = file or sys.stderr
+        if stream is not sys.stdout or not message:
+            super()._print_message(message, stream)
+            return
+        try:
+            stream.write(message)
+        except OSError as e:
+            if e.filename is None:
+                e.filename = "stdout"
+            raise
+        except (AttributeError, ValueError):  # a Python caller's sys.stdout None or closed: nothing shown, as argparse
+            pass
+
     def error(self, message: str) -> NoReturn:
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:

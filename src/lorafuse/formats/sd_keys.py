@@ -404,13 +404,23 @@ def to_diffusers(module: str, shape: tuple[int, ...], *, family: str | None = No
     its delta it takes (always all rows here; Flux's fused modules give several entries).
 
     T5 (`lora_te3_`) goes to `text_encoder_3` (SD3) unless `family` is "flux" (`text_encoder_2`).
-    Raises UnsupportedError for a name that is not a known layer."""
+    Raises UnsupportedError for a name that is not a known layer, or a text encoder `family` has not (to_kohya's
+    rule: a second CLIP, `lora_te2_`, is SDXL's; SD 1.x has no T5)."""
     if _is_flux(module):
         flux = _flux()
         assert flux is not None
         return list(flux.to_diffusers(module, shape))
     parsed = _parse(module)
+    _check_text_encoder(module, parsed.slot, family)
     return [(f"{_component(parsed.slot, family)}.{parsed.path}", None)]
+
+
+def _check_text_encoder(module: str, slot: str, family: str | None) -> None:
+    """Refuse a text-encoder module of a slot `family`'s pipeline has not (None: any family)."""
+    if family is not None and ((slot == "te2" and family != "sdxl") or (slot == "te3" and family == "sd1")):
+        what = "a second CLIP text encoder (SDXL's CLIP-G)" if slot == "te2" else "a T5 text encoder"
+        raise UnsupportedError(f"module {module!r} is a layer of {what}, and family {family!r} has no such text "
+                               "encoder: its pipeline would load it nowhere")
 
 
 def to_kohya(modules: Mapping[str, tuple[int, ...]], family: str) -> dict[str, Conversion]:

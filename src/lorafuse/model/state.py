@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 ALPHA_DTYPES_KEY = "kohya_alpha_dtypes"  # in a diffusers file's kohya record: module -> dtype of its .alpha
 ALPHA_FORMS_KEY = "kohya_alpha_forms"  # and module -> [shape, value] of an .alpha stored as 0 or not as a scalar
+LAYOUTS_KEY = "kohya_layouts"  # and a ComfyUI-layout module -> [its key stem, whether spelled lora_A / lora_B]
 
 
 @dataclass
@@ -39,7 +40,9 @@ class KohyaState:
     def record_config(self) -> dict[str, object]:
         """The JSON form kept in a diffusers file's kohya record (the metadata travels as the file's own)."""
         forms = {ALPHA_FORMS_KEY: {m: [list(shape), v] for m, (shape, v) in self.alpha_forms.items()}}
-        return {ALPHA_DTYPES_KEY: dict(self.alpha_dtypes), **(forms if self.alpha_forms else {})}
+        layouts = {LAYOUTS_KEY: {m: [stem, peft] for m, (stem, peft) in self.layouts.items()}}
+        return {ALPHA_DTYPES_KEY: dict(self.alpha_dtypes), **(forms if self.alpha_forms else {}),
+                **(layouts if self.layouts else {})}
 
     @classmethod
     def from_record_config(cls, config: object, metadata: Mapping[str, str]) -> KohyaState:
@@ -50,7 +53,10 @@ class KohyaState:
         raw = config.get(ALPHA_FORMS_KEY) if isinstance(config, Mapping) else None
         forms = {str(k): (tuple(v[0]), float(v[1])) for k, v in raw.items() if _alpha_form(v)} \
             if isinstance(raw, Mapping) else {}
-        return cls(dict(metadata), dtypes, alpha_forms=forms)
+        raw = config.get(LAYOUTS_KEY) if isinstance(config, Mapping) else None
+        layouts = {str(k): (v[0], v[1]) for k, v in raw.items() if isinstance(v, list) and len(v) == 2
+                   and isinstance(v[0], str) and isinstance(v[1], bool)} if isinstance(raw, Mapping) else {}
+        return cls(dict(metadata), dtypes, alpha_forms=forms, layouts=layouts)
 
 
 def _alpha_form(v: object) -> bool:

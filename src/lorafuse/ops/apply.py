@@ -43,7 +43,6 @@ from lorafuse.formats import load
 from lorafuse.formats.held import APPLY_TAKES, refuse_adapter
 from lorafuse.io.atomic import atomic_dir, atomic_file, check_output, names_file, output_file
 from lorafuse.io.checkpoint import (
-    INDEX_SUFFIX,
     SAFETENSORS_SUFFIX,
     Checkpoint,
     foreign_output,
@@ -85,8 +84,8 @@ from lorafuse.ops.apply_plan import (
     parse_size,
     plan_apply,
     plan_model,
+    resharded_index_name,
     shard_limit,
-    weights_stem,
 )
 from lorafuse.ops.apply_quant import QuantError, QuantRef, dequantize_rows, piece_rows, requantize_rows
 from lorafuse.ops.stages import Stage, build_stages, on_columns, row_pieces, slice_stages
@@ -651,14 +650,15 @@ def _copy_side_files(src_dir: Path, dst_dir: Path, skip: set[str], config_update
 def _write_index(dst_dir: Path, ckpt: Checkpoint, plan: Plan, resharded: bool) -> None:
     """The shard index: under the input's own name (diffusers components use
     diffusion_pytorch_model.safetensors.index.json), or, re-sharded, the name of the new shards' stem
-    (apply_plan.weights_stem: diffusers' for a diffusers component, else model.safetensors.index.json)."""
+    (apply_plan.resharded_index_name: diffusers' for a diffusers component, else model.safetensors.index.json, with
+    the input's variant)."""
     weight_map = {t.name: shard for shard, ts in plan.shards for t in ts}
     meta = dict(ckpt.index_metadata)
     meta["total_size"] = sum(t.nbytes for _, ts in plan.shards for t in ts)
     if "total_parameters" in meta:
         meta["total_parameters"] = sum(int(np.prod(t.shape)) for _, ts in plan.shards for t in ts)
     index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-    name = ckpt.index_name if ckpt.index_name and not resharded else f"{weights_stem(ckpt)}{INDEX_SUFFIX}"
+    name = ckpt.index_name if ckpt.index_name and not resharded else resharded_index_name(ckpt)
     (dst_dir / name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 

@@ -273,6 +273,7 @@ def _plan(ckpt: Checkpoint, resolved: Resolved, config: dict[str, object], dtype
         packs = packs or [[]]  # a checkpoint of no tensors still gets its (empty) model file
         n = len(packs)
         stem = weights_stem(ckpt)  # diffusers' own names for a diffusers component: diffusers loads no other
+        stem += f".{weights_variant(ckpt)}" if weights_variant(ckpt) else ""  # model.fp16-00001-of-00002...
         names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         shards = list(zip(names, packs))
         first_meta = ckpt.metadata[ckpt.shards[0]] if ckpt.shards else {}
@@ -301,7 +302,7 @@ def drop_named_weights(plan: Plan, ckpt: Checkpoint) -> None:
         return
     plan.config_removals = [*plan.config_removals, TRANSFORMERS_WEIGHTS]
     first = plan.shards[0][0]
-    loaded = first if len(plan.shards) == 1 else f"{weights_stem(ckpt)}{INDEX_SUFFIX}"
+    loaded = first if len(plan.shards) == 1 else resharded_index_name(ckpt)
     plan.notes.append(f"{ckpt.directory / 'config.json'}: its {TRANSFORMERS_WEIGHTS} ({short(named)}) is left out of "
                       f"the re-sharded output's config.json, as save_pretrained leaves it out: transformers loads the "
                       f"output's {loaded} without it")
@@ -317,6 +318,25 @@ def weights_stem(ckpt: Checkpoint) -> str:
     diffusers' from_pretrained looks for no other name), else transformers' `model`."""
     own = ckpt.index_name or (ckpt.shards[0] if ckpt.shards else "")
     return DIFFUSERS_STEM if own.startswith(DIFFUSERS_STEM + ".") or own.startswith(DIFFUSERS_STEM + "-") else "model"
+
+
+def weights_variant(ckpt: Checkpoint) -> str:
+    """The variant in the names of a checkpoint saved as one (save_pretrained(variant="fp16"): its index
+    model.safetensors.index.fp16.json, or its one file model.fp16.safetensors; diffusers' alike), '' for others: a
+    re-sharded output keeps it in its names (model.fp16-00001-of-00002.safetensors), which from_pretrained(...,
+    variant="fp16") looks for."""
+    own = ckpt.index_name or (ckpt.shards[0] if len(ckpt.shards) == 1 else "")
+    stem = re.escape(weights_stem(ckpt))
+    m = re.fullmatch(rf"{stem}\.safetensors\.index\.([^./]+)\.json|{stem}\.([^.\-/]+)\.safetensors", own, re.IGNORECASE)
+    return "" if m is None else str(m[1] or m[2])
+
+
+def resharded_index_name(ckpt: Checkpoint) -> str:
+    """The shard index of a re-sharded output: save_pretrained's name (model.safetensors.index.json, diffusers'
+    for a diffusers component), with the input's variant (weights_variant: model.safetensors.index.fp16.json)."""
+    variant = weights_variant(ckpt)
+    return f"{weights_stem(ckpt)}{INDEX_SUFFIX}" if not variant else \
+        f"{weights_stem(ckpt)}.safetensors.index.{variant}.json"
 
 
 # hashes of the base's own weights (ModelSpec's, sd-scripts'), which a merged file's weights no longer have

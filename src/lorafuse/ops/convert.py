@@ -677,9 +677,9 @@ def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
         raise _unmapped_error(adapter, unnamed, "component prefix (unet., text_encoder., transformer. ...) and so "
                               "no kohya")
     shapes = {n: tuple(u.delta_shape) for n, u in plain.items()}
-    unknown = [n for n, shape in shapes.items() if not _known(sd_keys, n, shape, fam)]
+    unknown = {n: why for n, shape in shapes.items() if (why := _unknown(sd_keys, n, shape, fam)) is not None}
     if unknown:
-        raise _unmapped_error(adapter, unknown, f"kohya ({fam})")
+        raise _unmapped_error(adapter, list(unknown), f"kohya ({fam})", next(iter(unknown.values())) or None)
     try:
         mapping = sd_keys.to_kohya(shapes, fam)
         totals = _kohya_rows(sd_keys, shapes, fam)
@@ -704,7 +704,35 @@ def peft_to_kohya(adapter: Adapter, family: str | None = None) -> tuple[Adapter,
     unmapped = [n for n in plain if n not in used]
     if unmapped:
         raise _unmapped_error(adapter, unmapped, "kohya")
-    return Adapter(updates=updates, format="kohya", state=_kohya_state(adapter)), fused
+    _check_read_back(adapter, sd_keys, {k: tuple(u.delta_shape) for k, u in updates.items()}, mapping, fam)
+    return Adapter(updates=updates, format="kohya", state=_kohya_state(adapter, list(updates))), fused
+
+
+def _check_read_back(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...]],
+                     mapping: dict[str, list[tuple[str, Rows]]], family: str) -> None:
+    """Refuse a kohya module that the kohya names of `family` would not name back as the diffusers modules it was
+    made of (a fused layer whose parts have other widths than the family's: Flux.1's linear1 from a proj_mlp other
+    than 4 x hidden), so that convert never writes a file that its own reader, and kohya's, take for another layer
+    or refuse. `shapes`: each kohya module's delta shape; `mapping`: its diffusers parts."""
+    for kname, parts in mapping.items():
+        made = list(dict.fromkeys(d for d, _ in parts))
+        what = (f"{adapter.label}: {', '.join(f'{d!r} {_shape(adapter, d)}' for d in made)} "
+                f"{'make' if len(made) > 1 else 'makes'} the kohya ({family}) module {kname!r} of shape "
+                f"{shapes[kname]}")
+        try:
+            back = {n for n, _ in sd_keys.to_diffusers(kname, shapes[kname], family=family)}  # type: ignore[attr-defined]
+        except (UnsupportedError, ShapeMismatchError) as e:
+            them = "them" if len(made) > 1 else "it"
+            raise ShapeMismatchError(f"{what}, which kohya's names do not read back as {them}: "
+                                     f"{str(e).removesuffix('; nothing was written')}; nothing was written") from None
+        lost = [d for d in made if d not in back]
+        if lost:
+            raise ShapeMismatchError(f"{what}, which reads back as {sorted(back)}, not as {lost[0]!r}; nothing was "
+                                     "written")
+
+
+def _shape(adapter: Adapter, name: str) -> tuple[int, ...]:
+    return tuple(adapter.updates[name].delta_shape)
 
 
 def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...]], family: str,
@@ -725,20 +753,27 @@ def _unnamed(adapter: Adapter, sd_keys: object, shapes: dict[str, tuple[int, ...
                               "(--family, Python: family=, names another family)")
 
 
-def _known(sd_keys: object, name: str, shape: tuple[int, ...], family: str) -> bool:
-    """A diffusers name the naming knows (a layer of the family's models)."""
+def _unknown(sd_keys: object, name: str, shape: tuple[int, ...], family: str) -> str | None:
+    """None for a diffusers name the naming knows (a layer of the family's models), else why not ('' where the
+    naming gives no reason)."""
     try:
-        return bool(sd_keys.to_diffusers(name, shape, family=family))  # type: ignore[attr-defined]
-    except UnsupportedError:
-        return False
+        return None if sd_keys.to_diffusers(name, shape, family=family) else ""  # type: ignore[attr-defined]
+    except UnsupportedError as e:
+        return str(e)
 
 
-def _kohya_state(adapter: Adapter) -> KohyaState:
-    """The kohya reader's state back (alpha dtypes) when the adapter came from a kohya file, with the
-    metadata the adapter carries."""
+def _kohya_state(adapter: Adapter, modules: list[str]) -> KohyaState:
+    """The kohya reader's state back (alpha dtypes, a ComfyUI-layout file's keys) when the adapter came from a
+    kohya file, with the metadata the adapter carries. The keys come back where the record names one for every
+    module written (`modules`), each a key of that module (the file keeps one key layout, as arithmetic does)."""
+    from lorafuse.formats.kohya import original_key
+
     record = adapter.state.kohya if isinstance(adapter.state, DiffusersState) else None
     config = record.get("config") if isinstance(record, dict) else None
     state = KohyaState.from_record_config(config, metadata_of(adapter.state))
+    if not all(m in state.layouts and original_key(f"{state.layouts[m][0]}.lora_down.weight") ==
+               (m, "lora_down.weight") for m in modules):
+        state.layouts = {}
     if isinstance(record, dict) and record.get("family") == "sd1":  # SD 1.x's lora_te1_ comes back as lora_te_
         te = {k: "lora_te_" + k.removeprefix("lora_te1_") for k in state.alpha_dtypes if k.startswith("lora_te1_")}
         state.alpha_dtypes.update({new: state.alpha_dtypes[old] for old, new in te.items()

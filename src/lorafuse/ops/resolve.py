@@ -220,6 +220,7 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
     from lorafuse.ops.fused import fused_hint, resolve_parameters
 
     out = Resolved()
+    copies: set[str] = set()  # base keys replaced by PEFT's saved base-layer copy (is_base_copy)
     model = ModelInfo.from_config(model_config)
     twins = _UnicodeTwins(shapes, base_key)
     layouts = LayoutHints(shapes)
@@ -258,6 +259,12 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
             if u.magnitude is not None and w != 1.0:
                 raise UnsupportedError(
                     f"{adapter.label}: module {name!r} is DoRA; a weight other than 1 has no defined meaning for it"
+                )
+            if u.magnitude is not None and getattr(u, "bias", None) is not None:  # PEFT's LoraConfig refuses the pair
+                raise UnsupportedError(
+                    f"{adapter.label}: module {name!r} is DoRA and has a lora_B bias: PEFT does not support lora_bias "
+                    "with DoRA (it cannot load this adapter), so whether the bias merges scaled by the magnitude over "
+                    "the norm or not is not defined"
                 )
             for t in targets:
                 shape = shapes[t.key]
@@ -306,9 +313,19 @@ def resolve(shapes: Mapping[str, tuple[int, ...]], adapters: Sequence[Adapter], 
                                   f"weight {key!r} (the same tensor saved twice, e.g. with and without a 'model.' "
                                   "prefix); remove one of them")
             if key in out.replacements:
-                raise UnsupportedError(f"{key!r} is replaced by both {out.replacements[key][1]} and {adapter.label}")
+                first = out.replacements[key][0]
+                both_copies = key in copies and is_base_copy(adapter, name)
+                if both_copies and same_tensor(first, tensor):
+                    continue  # two adapters' copies of one base layer (PEFT saves one with each embedding LoRA)
+                how = f" ({first.dtype} and {tensor.dtype})" if first.dtype != tensor.dtype else ""
+                raise UnsupportedError(
+                    f"{key!r} is replaced by both {out.replacements[key][1]} and {adapter.label}"
+                    + (f": their copies of the base layer's weight differ{how} (trained on different bases?), and "
+                       "PEFT would install the last one under every adapter" if both_copies else ""))
             replaced_by[key] = name
             out.replacements[key] = (tensor, adapter.label)
+            if is_base_copy(adapter, name):
+                copies.add(key)
     return out
 
 
@@ -380,6 +397,16 @@ def _token_rows(out: Resolved, adapter: Adapter, name: str, tensor: Tensor, w: f
                                    f"{shared[:5].tolist()} of {key!r}: PEFT merges disjoint token ids only (which "
                                    "adapter's row wins is undefined)")
     out.rows.setdefault(key, []).append(TokenRows(indices, tensor, adapter.label))
+
+
+def same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same dtype, shape and elements (bit for bit), compared in slices of 16 MiB so
+    that a vocabulary-sized embedding needs no second copy in memory."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    x, y = a.raw.reshape(-1).view(np.uint8), b.raw.reshape(-1).view(np.uint8)
+    step = 1 << 24
+    return all(np.array_equal(x[i:i + step], y[i:i + step]) for i in range(0, x.size, step))
 
 
 def is_base_copy(adapter: Adapter, name: str) -> bool:
