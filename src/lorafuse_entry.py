@@ -15,13 +15,32 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
         """SIGTERM during the imports."""
 
 
+    def _ignores_exceptions(frame: object) -> bool:
+        """Whether `frame` runs where Python prints an exception and drops it ("Exception ignored in ...", with a
+        traceback): importlib's module-lock weakref callback, a __del__. A signal that lands there is sent again,
+        to be raised once that code is done."""
+        code = getattr(frame, "f_code", None)
+        return code is not None and (code.co_name == "__del__" or (code.co_name == "cb" and
+                                                                      "importlib" in code.co_filename))
+
+
+    def _again(signum: int) -> None:
+        import signal
+
+        signal.raise_signal(signum)
+
+
     def _on_sigterm(signum: int, frame: object) -> None:
+        if _ignores_exceptions(frame):
+            return _again(signum)
         SEEN.append(signum)
         raise _Terminated()
 
 
     def _on_sigint(signum: int, frame: object) -> None:
         """Python's own Ctrl-C (a KeyboardInterrupt), remembered in SEEN."""
+        if _ignores_exceptions(frame):
+            return _again(signum)
         SEEN.append(signum)
         raise KeyboardInterrupt
 
@@ -63,6 +82,14 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
             sys.stderr.write("lorafuse: interrupted; no output was written\n")
             terminated = isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM)
             return 143 if terminated else 130
+        except (MemoryError, SystemError) as e:  # under ulimit -v, compiling a module can fail as a SystemError
+            if isinstance(e, SystemError) and "without setting an exception" not in str(e):  # ("returned NULL
+                raise  # without setting an exception": a MemoryError CPython lost); other SystemErrors are bugs
+            if own_int:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.stderr.write("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as "
+                             "ulimit -v, leaves too little; no output was written\n")
+            return 1
         try:
             arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
             return cli_main()

@@ -240,9 +240,11 @@ def test_stale_temporary_entries_are_removed_only_when_their_run_is_gone(tmp_pat
             (tmp_path / name / "model.safetensors").write_bytes(b"partial")
         else:
             (tmp_path / name).write_bytes(b"partial")
+        atomic.mark_entry(tmp_path / name)  # as a run marks its temporary entries
     # A dead pid whose entry is still locked (a live run in another pid namespace) is kept too.
     locked = tmp_path / f".merged.tmp-{dead_pid}-locked00"
     locked.write_bytes(b"partial")
+    atomic.mark_entry(locked)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import fcntl, os, sys, time
         fd = os.open({str(locked)!r}, os.O_RDONLY)
@@ -268,6 +270,7 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
     aside = tmp_path / f".merged.old-{int(dead.stdout)}-0123abcd"
     aside.mkdir()
     (aside / "model.safetensors").write_bytes(b"previous")
+    atomic.mark_entry(aside)  # as the run marks what it moves aside
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="boom"):
         with atomic.atomic_dir(out):

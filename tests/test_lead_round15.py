@@ -251,3 +251,57 @@ def test_writer_writes_in_pieces_of_at_most_write_piece_and_survives_short_write
         got = load_file(str(tmp_path / f"{name}.safetensors"))
         np.testing.assert_array_equal(got["big"], big)
         np.testing.assert_array_equal(got["small"], small)
+
+
+def test_compiles_lost_memory_error_while_lorafuse_loads_is_one_line(tmp_path: Path) -> None:
+    """Under ulimit -v, compiling one of lorafuse's modules can fail as "SystemError: <built-in function compile>
+    returned NULL without setting an exception" (a MemoryError CPython lost): one line and status 1, not a
+    traceback. Simulated by a finder that fails so for lorafuse.cli."""
+    code = ("import sys\n"
+            "class Lost:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'lorafuse.cli':\n"
+            "            raise SystemError('<built-in function compile> returned NULL without setting an exception')\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Lost())\n"
+            "from lorafuse_entry import run\nsys.exit(run())\n")
+    p = _script(code, "--version")
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0
+    assert "out of memory while loading lorafuse" in p.stderr
+    other = code.replace("returned NULL without setting an exception", "some other internal error")
+    p = _script(other, "--version")
+    assert p.returncode != 0 and "some other internal error" in p.stderr  # a bug stays visible
+
+
+def test_a_ctrl_c_landing_where_python_ignores_exceptions_is_sent_again() -> None:
+    """A SIGINT whose handler runs inside importlib's module-lock callback (or a __del__) would be printed as
+    "Exception ignored ... KeyboardInterrupt" with a traceback and lost: the console script's handler sends it
+    again instead, to land once that code is done."""
+    import signal
+    import types
+
+    import lorafuse_entry
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    try:
+        cb = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="cb",
+                                                                co_filename="<frozen importlib._bootstrap>"))
+        before = list(lorafuse_entry.SEEN)
+        assert lorafuse_entry._on_sigint(signal.SIGINT, cb) is None  # no KeyboardInterrupt raised there
+        assert lorafuse_entry.SEEN == before
+        for _ in range(1000):  # the re-sent signal reaches the (recording) handler at the next check
+            if got:
+                break
+        assert got == [signal.SIGINT]
+        plain = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="main", co_filename="x.py"))
+        try:
+            lorafuse_entry._on_sigint(signal.SIGINT, plain)
+            raise AssertionError("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            lorafuse_entry.SEEN[:] = before
+    finally:
+        signal.signal(signal.SIGINT, previous)

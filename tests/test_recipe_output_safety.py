@@ -34,6 +34,7 @@ from safetensors.numpy import save_file
 import lorafuse
 from lorafuse.cli import dispatch, main
 from lorafuse.errors import LorafuseError, OutputError
+from lorafuse.io import atomic
 from lorafuse.recipes.runner import run as run_with
 
 try:
@@ -301,6 +302,7 @@ def test_a_killed_runs_folder_is_removed_by_the_next_run(root: Path):
     gone = root / f".lorafuse-run-{dead_pid()}-abcd1234"
     (gone / "mix").mkdir(parents=True)
     (gone / "mix" / "adapter_model.safetensors").write_bytes(b"x" * 64)
+    atomic.mark_entry(gone)  # as a run marks its temporary folder
     live = root / f".lorafuse-run-{os.getpid()}-live0000"  # this process: alive
     live.mkdir()
     (root / ".lorafuse-run-mine").mkdir()  # not a run's name: the user's

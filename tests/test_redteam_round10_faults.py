@@ -135,6 +135,7 @@ def _stale(entry: Path, folder: bool) -> Path:
         (entry / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 4096)
     else:
         entry.write_bytes(b"\0" * 4096)
+    atomic.mark_entry(entry)  # as a run marks its temporary and set-aside entries
     return entry
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from lorafuse_entry import main  # the console script's own entry: `python -m lorafuse` is `lorafuse`
+from lorafuse_entry import run  # the console script's own entry: `python -m lorafuse` is `lorafuse`
 
-sys.exit(main())
+sys.exit(run())

@@ -1095,8 +1095,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("finetuned", type=_path, help="fine-tuned checkpoint of the same architecture")
     e.add_argument("-o", "--out", type=_out, required=True, help="output adapter folder (PEFT). A name ending in "
                    ".safetensors is one file: written as a diffusers or kohya file if those can name the base's "
-                   "modules, else refused before any work (checkpoint weight names, e.g. "
-                   "model.layers.0.self_attn.q_proj, are neither)")
+                   "modules (single-file Stable Diffusion checkpoints: a kohya file, lora_unet_ / lora_te*_), else "
+                   "refused before any work (checkpoint weight names, e.g. model.layers.0.self_attn.q_proj, are "
+                   "neither)")
     _overwrite_option(e)
     _rank_options(e, " (default with --sv-*: 128, the randomized SVD's sketch size; with --rank: that rank)")
     e.add_argument("--include", help="only modules whose name matches this regular expression")
@@ -1450,7 +1451,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lorafuse.ops.extract import extract
+    from lorafuse.ops.extract import extract, kohya_named
     from lorafuse.ops.outputs import extract_output, save_as
 
     start = time.monotonic()
@@ -1472,6 +1473,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                   seed=args.seed, threads=args.threads, progress=_progress_of(args),
                   device=args.device, dtype=args.dtype, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
                   conv_rank=args.conv_rank)
+    if target.format == "kohya":  # a kohya file from single-file SD checkpoints: kohya's names
+        res = kohya_named(res, args.base, args.finetuned)
     save_as(res.adapter, target.format, target.path, inputs, overwrite=args.overwrite)
     if target.note:  # (-q: kept for --json, not said: _note)
         _note(args, target.note)
@@ -2174,7 +2177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _say("lorafuse: interrupted; no output was written", file=sys.stderr)
         return e.status if isinstance(e, _Terminated) else 130
-    except MemoryError:  # numpy's import under ulimit -v, before the command started
+    except (MemoryError, SystemError) as e:  # numpy's import under ulimit -v, before the command started
+        if isinstance(e, SystemError) and "without setting an exception" not in str(e):  # (compile's lost
+            raise  # MemoryError: "returned NULL without setting an exception"); other SystemErrors are bugs
         _say("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as ulimit -v, leaves "
              "too little; no output was written", file=sys.stderr)
         return 1

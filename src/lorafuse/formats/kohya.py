@@ -595,7 +595,9 @@ def _signed(t: Tensor, scale: float) -> Tensor:
 def _folded(where: str, t: Tensor, scale: float, what: str) -> Tensor:
     """Factor `t` (named `what`) times `scale`, in its dtype (F32 for one lorafuse does not write): for a scale
     whose alpha would not read back (_alpha_reads_back), the scale goes into a factor and alpha is the rank.
-    Scale 0 gives a zero factor (kohya reads alpha 0 as alpha = rank: full strength)."""
+    Scale 0 gives a zero factor (kohya reads alpha 0 as alpha = rank: full strength). A product that its dtype
+    cannot hold (beyond its largest value, or lost below its smallest: `1e-50 * a`) is refused, naming the
+    module, never written as Inf or zeros."""
     with np.errstate(over="ignore", under="ignore"):
         b64 = t.f32().astype(np.float64) * scale
         b = b64.astype(np.float32)
@@ -605,7 +607,28 @@ def _folded(where: str, t: Tensor, scale: float, what: str) -> Tensor:
     if t.dtype == "F64":
         return Tensor.from_array(b64)
     out = Tensor.from_array(b)
-    return out.to(t.dtype) if t.dtype in WRITABLE_FLOATS and t.dtype != "F32" else out
+    out = out.to(t.dtype) if t.dtype in WRITABLE_FLOATS and t.dtype != "F32" else out
+    _refuse_lost_fold(where, b64, out, scale, what)
+    return out
+
+
+def _refuse_lost_fold(where: str, want: np.ndarray, out: Tensor, scale: float, what: str) -> None:
+    """Refuse (UnsupportedError naming the module) a folded factor `out` that does not hold `want` (its float64
+    product): Inf beyond its dtype's largest value, or most of its norm lost below the dtype's smallest one
+    (kohya reads `.alpha` as float32, so that a scale alpha cannot hold goes into the factor whole)."""
+    total = float(np.linalg.norm(want))
+    if scale == 0 or not total > 0:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        held = out.f32().astype(np.float64)
+        lost = float(np.linalg.norm(held - want)) / total
+    if np.isfinite(held).all() and lost <= 2.0**-4:
+        return
+    why = (f"beyond the largest {out.dtype} value" if not np.isfinite(held).all()
+           else f"below the smallest {out.dtype} value ({min(lost, 1.0):.0%} of its norm lost)")
+    raise UnsupportedError(f"{where}: scale {scale:.4g}, which its .alpha cannot hold as float32 (as kohya reads "
+                           f"it), goes into {what}, and the product is {why}: the kohya format cannot store this "
+                           "module (write it as a PEFT or diffusers adapter, whose config holds any scale)")
 
 
 def network_rank(u: Update) -> int | None:

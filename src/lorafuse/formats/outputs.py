@@ -30,9 +30,10 @@ from lorafuse.formats.diffusers import WEIGHT_NAME, diffusers_plan
 from lorafuse.formats.held import extract_models
 from lorafuse.formats.kohya import kohya_plan
 from lorafuse.formats.peft import peft_plan
+from lorafuse.formats.sd_keys import unet_folder_family
 from lorafuse.formats.streaming import WritePlan, write_adapter
 from lorafuse.io.atomic import check_output, check_output_path, names_file, output_file
-from lorafuse.io.checkpoint import Checkpoint, foreign_output
+from lorafuse.io.checkpoint import Checkpoint, foreign_output, read_config
 from lorafuse.io.dtypes import DTYPES
 from lorafuse.io.manifest import ADAPTER, PEFT_ADAPTER
 from lorafuse.model import Adapter
@@ -199,14 +200,19 @@ def extract_output(out: str | os.PathLike[str], base: str | os.PathLike[str], fi
     refused first (formats.held.extract_models)."""
     base_path, _ = extract_models(base, finetuned)
     modules = [checkpoint_modules(base_path, include, exclude)] if names_file(out) else []
-    if modules and (prefix := _single_file_prefix(modules[0])) is not None:
-        raise LorafuseValueError(
-            f"output {out} ends in {ADAPTER_SUFFIX}, which names one file, but {base} is a single-file Stable "
-            f"Diffusion checkpoint (its weights are named {prefix}*): extract names its modules as the checkpoint "
-            "does, and lorafuse does not write those as kohya's lora_unet_ / lora_te_ or diffusers' unet. / "
-            "text_encoder. names, so no "
-            f"one-file format can hold them: give a folder name (e.g. {_folder_suggestion(out)}) for a PEFT "
-            "adapter, which `lorafuse apply` merges into this checkpoint")
+    if modules and (prefix := _single_file_prefix(modules[0])) is not None:  # ops.extract.kohya_named names them
+        target = checked_output(out, "kohya", modules, [Path(base), Path(finetuned)], overwrite=overwrite,
+                                judged=True)
+        return dataclasses.replace(target, note=f"{out} ends in {ADAPTER_SUFFIX}: written as one kohya LoRA file "
+                                   f"(lora_unet_ / lora_te*_ names, as sd-scripts' extract_lora_from_models.py; "
+                                   f"{base} is a single-file Stable Diffusion checkpoint, its weights named "
+                                   f"{prefix}*), not as a PEFT adapter (give a folder name for that)")
+    if modules and Path(base_path).is_dir() and unet_folder_family(read_config(Path(base_path))) is not None:
+        target = checked_output(out, "kohya", modules, [Path(base), Path(finetuned)], overwrite=overwrite,
+                                judged=True)
+        return dataclasses.replace(target, note=f"{out} ends in {ADAPTER_SUFFIX}: written as one kohya LoRA file "
+                                   f"(lora_unet_ names, as sd-scripts' extract_lora_from_models.py; {base} is a "
+                                   "diffusers UNet folder), not as a PEFT adapter (give a folder name for that)")
     return checked_output(out, "peft", modules, [Path(base), Path(finetuned)], overwrite=overwrite)
 
 

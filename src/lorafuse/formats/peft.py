@@ -26,7 +26,7 @@ from typing import Any, cast
 import numpy as np
 
 from lorafuse._terminal import plural, short
-from lorafuse.errors import FormatError, LorafuseValueError, ShapeMismatchError, UnsupportedError
+from lorafuse.errors import FormatError, InputChangedError, LorafuseValueError, ShapeMismatchError, UnsupportedError
 from lorafuse.formats.kohya import PREFIXES as KOHYA_PREFIXES
 from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_adapter
 from lorafuse.io.checkpoint import read_json, refuse_pickle
@@ -605,8 +605,29 @@ def _compile_all(cfg: dict[str, object], path: str) -> None:
     Targeting(cfg, path)
 
 
+def _version(path: Path) -> tuple[int, int, int, int] | None:
+    """Which version of a file is at `path` (device, inode, size, modification time), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_same_config(folder: Path, before: tuple[int, int, int, int] | None) -> None:
+    """InputChangedError when adapter_config.json is another file (or another version of it) than the one read: the
+    folder was replaced (another run writing it, a re-download) between reading the config and the weights, whose
+    scale (lora_alpha / r) would then come from another adapter's config."""
+    if _version(folder / CONFIG_NAME) != before:
+        raise InputChangedError(f"{folder}: {CONFIG_NAME} was replaced while the adapter was read (another version of "
+                                "the adapter is there now: another run writing it, or a download?): its config and "
+                                f"{WEIGHTS_NAME} would come from two versions; nothing was written. Read it again once "
+                                "it is written")
+
+
 def load_peft(path: str | os.PathLike[str]) -> Adapter:
     folder = _folder(Path(path))
+    before = _version(folder / CONFIG_NAME)
     cfg = _read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file() and not weights.exists():  # anything else there (a FIFO, a folder) is refused below
@@ -614,6 +635,7 @@ def load_peft(path: str | os.PathLike[str]) -> Adapter:
             raise refuse_pickle(folder / "adapter_model.bin")
         raise FormatError(f"{folder}: {WEIGHTS_NAME} not found")
     with SafetensorsFile(weights) as f:  # views handed out keep the mapping alive
+        _check_same_config(folder, before)  # the weights opened are those of the folder whose config was read
         tensors = {key: Tensor(f.raw(key), f.info(key).dtype) for key in f.keys()}
         made_by = Provenance.from_metadata(f.metadata)
     adapter = build_adapter(tensors, cfg, str(weights))

@@ -715,6 +715,63 @@ def match_modules(modules: Mapping[str, tuple[int, ...]],
     return matched, unmatched
 
 
+def unet_folder_family(config: Mapping[str, object]) -> str | None:
+    """"sdxl" or "sd1" (SD 1.x / 2.x) for a diffusers UNet component folder's config.json (UNet2DConditionModel;
+    SDXL's has the text_time added embedding), else None."""
+    if config.get("_class_name") != "UNet2DConditionModel":
+        return None
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd1"
+
+
+def checkpoint_kohya_names(keys: Mapping[str, tuple[int, ...]], sdxl: bool | None = None) -> dict[str, str]:
+    """Checkpoint module (a weight key less `.weight`) -> its kohya name, for the UNet and text-encoder layers of
+    a single-file SD 1.x / 2.x or SDXL checkpoint (`keys`: every tensor name -> shape), as sd-scripts'
+    extract_lora_from_models.py names them: `lora_unet_` + the diffusers path (SD 1.x / 2.x UNet) or the LDM path
+    (SDXL), `lora_te_` (the one text encoder of SD 1.x / 2.x) or `lora_te1_` / `lora_te2_` (SDXL's CLIP-L /
+    OpenCLIP-G; the refiner's OpenCLIP-G alone is `lora_te2_`) + transformers' CLIP path. A name is given only
+    where match_modules leads it back to that key, whole, and in a text encoder only to the layers kohya's
+    networks.lora adapts (CLIPAttention's q/k/v/out_proj, CLIPMLP's fc1/fc2: diffusers' kohya reader names no
+    other): the VAE, OpenCLIP's fused in_proj, text_projection and the embeddings have none. `sdxl`: whether the
+    UNet is SDXL's (a UNet component folder's, by unet_folder_family; None: SGM keys, conditioner.*, say it)."""
+    sdxl = any(k.startswith("conditioner.embedders.") for k in keys) if sdxl is None else sdxl
+    index = _KeyIndex(keys)
+    unet: dict[tuple[str, str], list[str]] = {}  # (prefix, ldm|diffusers) -> UNet paths
+    candidates: dict[str, str] = {}
+    for key in keys:
+        found = _classify_key(key) if key.endswith(".weight") else None
+        if found is None:
+            continue
+        prefix, kind, slot, path = found
+        if slot == "unet":
+            unet.setdefault((prefix, kind), []).append(path)
+            continue
+        te = "lora_te_" if slot == "te1" and not sdxl else f"lora_{slot}_"
+        clip = _clip_path(path) if kind == "clip" else _openclip_clip_path(path)
+        if clip is not None and slot in ("te1", "te2") and _KOHYA_TE_LAYER.fullmatch(clip):
+            candidates[key[: -len(".weight")]] = te + clip.replace(".", "_")
+    m = _UNET_MAPS["sdxl" if sdxl else "sd1"]  # the SDXL refiner's UNet too: its own LDM paths
+    for (prefix, kind), paths in unet.items():
+        ldm = kind == "ldm"
+        for path in paths:
+            named = (path if ldm else m.ldm(path)) if sdxl else (m.diffusers(path) if ldm else path)
+            if named is not None:
+                candidates[prefix + path] = "lora_unet_" + named.replace(".", "_")
+    return {module: name for module, name in candidates.items()
+            if [(h.key, h.rows) for h in index.lookup(name) or []] == [(module + ".weight", None)]}
+
+
+_KOHYA_TE_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+
+
+def _openclip_clip_path(path: str) -> str | None:
+    """transformers' CLIP path of an OpenCLIP layer (`transformer.resblocks.N.mlp.c_fc` -> `text_model.encoder.
+    layers.N.mlp.fc1`), None for one it has no unfused layer of."""
+    m = _OPENCLIP_LAYERS.fullmatch(path)
+    if m is None or m.group(2) not in _OPENCLIP_LAYER:
+        return None
+    return f"text_model.encoder.layers.{m.group(1)}.{_OPENCLIP_LAYER[m.group(2)]}"
+
+
 def unmatched_hint(module: str, keys: Mapping[str, tuple[int, ...]]) -> str:
     """Why module (kohya or diffusers name) found no target among `keys` where the base has the layer in a form
     lorafuse does not merge into, else '': an OpenCLIP `text_projection` of a single file (x @ P, stored
@@ -733,7 +790,8 @@ def unmatched_hint(module: str, keys: Mapping[str, tuple[int, ...]]) -> str:
             f"({_component(parsed.slot, None)}/text_projection.weight) takes this LoRA)")
 
 
-__all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "guess_family", "match_modules", "model_part", "to_diffusers",
+__all__ = ["UNET_LAYOUTS", "UnetLayout", "UnetMap", "checkpoint_kohya_names", "guess_family", "match_modules",
+           "model_part", "to_diffusers", "unet_folder_family",
            "to_kohya",
            "unet_diffusers_path", "unet_ldm_path", "unmatched_hint"]
 

@@ -35,7 +35,10 @@ rename(2), a folder with an atomic exchange of the two names where the system ha
 one (Linux renameat2 RENAME_EXCHANGE), so that NAME holds the previous output or
 the new one at every instant, and concurrent runs into the same NAME end with one
 run's whole output. A run killed outright leaves its temporary entry behind; the
-next run writing NAME removes the entries of runs that are gone.
+next run writing NAME removes the entries of runs that are gone: those marked as
+lorafuse's (TEMP_XATTR, an extended attribute) or empty, never a user's file or folder
+that only has such a name (where the file system keeps no extended attributes, the
+name decides).
 
 No fsync: this guards against interrupted processes and failed writes, not against
 a power loss or a kernel crash.
@@ -90,9 +93,23 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT"
 _RETRIES = 100  # renames retried while other runs replace the same output
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's umask, read without changing it where the system says it (Linux 4.7+: /proc/self/status):
+    setting it to 0 for a moment, as os.umask must to read it, would give every file that the caller's other
+    threads (or this process's other runs) create meanwhile the mode 0o666 / 0o777, writable by everyone."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere: at least lorafuse's own threads never see the 0
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 
@@ -713,7 +730,16 @@ def _write_error(out: Path, e: OSError, existed: bool, tmp: Path | None = None) 
     what = f"{out} is unchanged" if existed else "nothing was written"
     removed = "the temporary output was removed" if tmp is None or not os.path.lexists(tmp) else \
         f"the temporary output {tmp} could not be removed (the next run writing {out} removes it)"
-    return OutputError(f"cannot write the output {out}: {os_error_text(e)}; {removed} and {what}")
+    return OutputError(f"cannot write the output {out}: {os_error_text(e)}{_gone_meanwhile(out, e, tmp)}; {removed} "
+                       f"and {what}")
+
+
+def _gone_meanwhile(out: Path, e: OSError, tmp: Path | None) -> str:
+    """What a 'No such file or directory' while writing `out` means when the folder it is written in was removed or
+    renamed by another process while the run went on: said, else ''."""
+    if e.errno != errno.ENOENT or tmp is None or os.path.isdir(out.parent):
+        return ""
+    return f" (its folder {out.parent} was removed or renamed while the run went on)"
 
 
 COMMITTED: list[Path] = []  # the outputs this process has put in place (the CLI's words when it is stopped)
@@ -830,13 +856,63 @@ def _remove_at(parent: int | None, tmp: Path) -> None:
 
 
 def lock_entry(fd: int) -> None:
-    """Mark a temporary entry as owned by a live run (released by the kernel when the process dies). With
-    owner_gone and remove_entry, also the rules of other writers' temporary entries (recipes.runner's)."""
+    """Mark a temporary entry as owned by a live run (released by the kernel when the process dies), and as
+    lorafuse's (mark_entry). With owner_gone and remove_entry, also the rules of other writers' temporary entries
+    (recipes.runner's)."""
+    mark_entry(fd)
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             pass
+
+
+TEMP_XATTR = "user.lorafuse.temporary"  # on the temporary and set-aside entries a run makes (mark_entry)
+
+
+def mark_entry(entry: int | Path) -> None:
+    """Put TEMP_XATTR on a temporary or set-aside entry (an open descriptor, or a path: a link is not followed) where
+    the file system keeps extended attributes: a leftover is removed only when it carries it or is empty
+    (owner_gone), never a user's file or folder that happens to have such a name."""
+    try:
+        if isinstance(entry, int):
+            os.setxattr(entry, TEMP_XATTR, b"1")
+        else:
+            os.setxattr(entry, TEMP_XATTR, b"1", follow_symlinks=False)
+    except (OSError, AttributeError):  # no xattrs here (or on this system)
+        pass
+
+
+def unmark_entry(entry: int | Path) -> None:
+    """Take TEMP_XATTR off an entry that becomes the output (or is the previous output, put back)."""
+    try:
+        if isinstance(entry, int):
+            os.removexattr(entry, TEMP_XATTR)
+        else:
+            os.removexattr(entry, TEMP_XATTR, follow_symlinks=False)
+    except (OSError, AttributeError):
+        pass
+
+
+def _marked_or_empty(fd: int) -> bool:
+    """Whether the leftover entry open as `fd` is lorafuse's to remove: it carries TEMP_XATTR, it is empty (a run
+    killed before it marked it: nothing is lost), or its file system keeps no extended attributes (there its
+    name and its dead owner decide, as before lorafuse marked its entries)."""
+    try:
+        os.getxattr(fd, TEMP_XATTR)
+        return True
+    except AttributeError:  # no xattrs on this system
+        return True
+    except OSError as e:
+        if e.errno != getattr(errno, "ENODATA", None):
+            return e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return not os.listdir(fd)
+        return stat.S_ISREG(st.st_mode) and st.st_size == 0
+    except OSError:
+        return False
 
 
 _STARTED_NS = time.time_ns()  # this process had made no temporary entry before this module was imported
@@ -854,7 +930,7 @@ def _before_this_process(path: Path) -> bool:
 
 def owner_gone(path: Path, pid: int) -> bool:
     """True when the run that made `path` has ended: its pid is not alive (or is this process's, which began after
-    `path` last changed) and nobody holds the lock."""
+    `path` last changed) and nobody holds the lock; and `path` is lorafuse's (_marked_or_empty)."""
     if fcntl is None:
         return False
     if pid == os.getpid():
@@ -873,10 +949,12 @@ def owner_gone(path: Path, pid: int) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True  # another pid namespace's live run would hold it
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another pid namespace's live run would hold it
     except OSError:
+        os.close(fd)
         return False
+    try:
+        return _marked_or_empty(fd)  # a user's file named like a leftover is not one
     finally:
         os.close(fd)
 
@@ -962,6 +1040,7 @@ def remove_stale(out: Path) -> list[str]:
         if m.group(1) == "old" and not os.path.lexists(out):
             try:
                 os.rename(entry, out)
+                unmark_entry(out)
                 continue
             except OSError:
                 pass
@@ -1071,7 +1150,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
                 raise
         try:
             if _exchange(tmp, out):
-                remove_entry(tmp)  # the previous output, now at tmp
+                mark_entry(tmp)  # the previous output, now at tmp: a leftover of lorafuse's until removed
+                remove_entry(tmp)
                 return
         except FileNotFoundError:  # another run moved `out` meanwhile
             continue
@@ -1081,6 +1161,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
             os.rename(out, old)
         except FileNotFoundError:  # another run moved it meanwhile
             continue
+        mark_entry(old)  # a leftover of lorafuse's, should this run be killed now (remove_stale puts it back)
         try:
             os.rename(tmp, out)
         except OSError as e:
@@ -1089,6 +1170,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
                 continue
             try:
                 os.rename(old, out)  # put the previous output back
+                unmark_entry(out)
             except OSError:
                 if os.path.lexists(out):  # another run's output is there now
                     remove_entry(old)
@@ -1200,6 +1282,7 @@ def atomic_dir(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *, over
         with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True, tmp=tmp):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=True)
+            unmark_entry(fd)  # the output now, not a temporary entry
             _replace_dir(tmp, out)
             COMMITTED.append(out)
     finally:
@@ -1247,6 +1330,7 @@ def atomic_file(out: str | os.PathLike[str], inputs: Iterable[Path] = (), *,
         with _signals_held(), _cleanup_on_error(out, existed, cleanup, commit=True, tmp=tmp):
             raise_if_inputs_changed(inputs)  # an input truncated / rewritten while read: no output (its own)
             _keep_modes(out, tmp, folder=False)
+            unmark_entry(fd)  # the output now, not a temporary entry
             stamp(tmp)
             os.replace(tmp, out)
             COMMITTED.append(out)

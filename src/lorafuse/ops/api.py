@@ -689,6 +689,8 @@ def extract(
                            oversample=oversample, power_iters=power_iters, seed=seed, threads=threads,
                            progress=progress, device=device, dtype=dtype, clamp_quantile=clamp_quantile,
                            min_diff=min_diff, conv_rank=conv_rank)
+    if target is not None and target.format == "kohya":  # a kohya file from single-file SD checkpoints
+        res = _extract.kohya_named(res, base, finetuned)
     written = save_as(res.adapter, target.format, target.path, inputs, overwrite=overwrite) if target else None
     return ExtractResult(res.adapter, res.modules, res.skipped, res.unchanged, out=written,
                          seconds=time.monotonic() - start,

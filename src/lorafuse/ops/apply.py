@@ -73,7 +73,7 @@ from lorafuse.io.sidefiles import copy_entry, copy_file, entry_files, entry_kind
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter
 from lorafuse.model.adapter import adapter_list
-from lorafuse.ops.apply_nonfinite import Flagged, nonfinite_error, overflow_error
+from lorafuse.ops.apply_nonfinite import ALLOW, Flagged, kept_as_read, nonfinite_error, overflow_error
 from lorafuse.ops.apply_plan import (
     MIN_SHARD_SIZE,
     ModelPlan,
@@ -476,6 +476,7 @@ class _Executor:
         flagged = [Flagged(job, p.tensor.updates, p.r0, p.tensor.replacement is not None,
                            _companions_of(p.tensor.quant), p.tensor.token_rows)
                    for job, p, f in zip(jobs, computed, flags) if f]
+        flagged = [f for f in flagged if not kept_as_read(f, self.backend, self.threads)]
         if flagged and not self.allow_nonfinite:
             raise nonfinite_error(flagged, self.backend, self.threads)
         if merged32 or any(p.tensor.companion_of is not None for p in batch):
@@ -556,7 +557,8 @@ class _Executor:
             assert c.update.bias is not None
             acc += c.coef * c.update.bias.f32().astype(np.float64)
         if not np.isfinite(acc).all() and not self.allow_nonfinite:
-            raise NonFiniteError(f"NaN or Inf in the merged bias {t.name}")
+            raise NonFiniteError(f"NaN or Inf in the merged bias {t.name} {list(t.shape)}: {_bias_cause(base, t)}; "
+                                 f"{ALLOW}")
         with np.errstate(over="ignore"):
             acc32 = acc.astype(np.float32)
         out = self.backend.from_float32(acc32, t.dtype, self.threads)
@@ -564,6 +566,19 @@ class _Executor:
             raise overflow_error([t.name], {t.name: t.dtype}, narrow=bool(np.isfinite(acc32).all()))
         self.biases.append(t.name)
         return out
+
+def _bias_cause(base: Tensor, t: OutTensor) -> str:
+    """Why a merged bias (in float64) is not finite: the base's (or its replacement's) bias, or an adapter's
+    lora_B.bias, holds NaN or Inf; else the weighted sum overflows."""
+    if not np.isfinite(base.f32()).all():
+        return ("the adapter's full tensor that replaces it (modules_to_save)" if t.replacement is not None
+                else "its base bias") + " holds NaN or Inf"
+    for c in t.bias_updates:
+        assert c.update.bias is not None
+        if not np.isfinite(c.update.bias.f32()).all():
+            return f"{c.source}: module {c.update.name!r} holds NaN or Inf in its lora_B.bias"
+    return "the inputs are finite, but the base bias plus weight * scale * lora_B.bias overflows"
+
 
 # Sub-folders of a checkpoint that are tokenizer files: transformers' save_pretrained writes the named chat
 # templates (tool_use, rag, ...) as additional_chat_templates/NAME.jinja and its tokenizer loads them from there.

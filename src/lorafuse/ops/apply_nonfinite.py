@@ -27,7 +27,7 @@ from lorafuse.model.update import beyond_float32, nonfinite_factors
 from lorafuse.ops.resolve import Contribution, TokenRows
 from lorafuse.ops.stages import CoreStage
 
-__all__ = ["Flagged", "nonfinite_error", "overflow_error"]
+__all__ = ["ALLOW", "Flagged", "kept_as_read", "nonfinite_error", "overflow_error"]
 
 LARGEST = {"F16": "65504", "BF16": "3.39e38", "F32": "3.40e38"}
 ALLOW = "pass --allow-nonfinite (Python: allow_nonfinite=True) to write them anyway"
@@ -65,8 +65,35 @@ def _held(x: np.ndarray) -> str:
     return " and ".join(w for w, held in (("NaN", nan), ("Inf", inf)) if held) or "Inf"
 
 
-def _input_cause(f: Flagged, w32: np.ndarray) -> str | None:
-    """Which input of the job holds NaN or Inf, or None."""
+def _wide(job: MergeJob, backend: Backend, threads: int) -> np.ndarray:
+    """The job's input weight as read: float64 for an F64 one (whose finite values may lie beyond float32),
+    else float32."""
+    if job.w_dtype == "F64":
+        return np.asarray(job.w).view(np.float64)
+    return backend.to_float32(job.w, job.w_dtype, threads)
+
+
+def kept_as_read(f: Flagged, backend: Backend, threads: int) -> bool:
+    """Whether a flagged job only converts a weight to the output dtype (--dtype: no delta, no rows replaced, not
+    quantized) and its NaN / Inf are exactly the ones the weight holds as read (an attention mask's -inf, say):
+    such a tensor is written as torch's .to(dtype) writes it, as a weight not converted is copied with them;
+    a finite value that overflows the output dtype is still refused."""
+    job = f.job
+    if job.stages or f.replaced or f.companions or f.token_rows or job.out_dtype not in LARGEST:
+        return False
+    out = backend.to_float32(job.out, job.out_dtype, threads)
+    bad = ~np.isfinite(out)
+    w = _wide(job, backend, threads)
+    return bool(np.array_equal(bad, ~np.isfinite(w)) and np.array_equal(out[bad], w[bad], equal_nan=True))
+
+
+def _input_cause(f: Flagged, w32: np.ndarray, wide: np.ndarray | None = None) -> str | None:
+    """Which input of the job holds NaN or Inf, or None (`wide`: the F64 weight as read, whose finite values
+    beyond float32's range are said to be so)."""
+    if wide is not None and np.isfinite(wide).all() and not np.isfinite(w32).all():
+        return (f"its base weight (F64) holds finite values beyond float32's range (largest finite "
+                f"{LARGEST['F32']}; {float(np.abs(wide).max()):.4g} here), and lorafuse computes and writes at most "
+                "float32")
     if not np.isfinite(w32).all():
         rows = f.r0 + np.flatnonzero(~np.isfinite(w32.reshape(len(w32), -1)).all(axis=1))
         for t in f.token_rows:  # rows whose values are not finite, or not in the weight's dtype (PEFT casts them)
@@ -121,7 +148,7 @@ def _cause(f: Flagged, backend: Backend, threads: int) -> tuple[int, str, str]:
     """(cause, what it is for this job, what its result holds: 'NaN', 'Inf' or 'NaN and Inf')."""
     job = f.job
     w32 = backend.to_float32(job.w, job.w_dtype, threads)
-    found = _input_cause(f, w32)
+    found = _input_cause(f, w32, _wide(job, backend, threads) if job.w_dtype == "F64" else None)
     if found is not None:
         return INPUT, found, ""
     if job.out_dtype == "F32":
@@ -165,7 +192,9 @@ def nonfinite_error(flagged: Sequence[Flagged], backend: Backend, threads: int) 
     detail, names, helds = causes[cause]
     held = " and ".join(h for h in ("NaN", "Inf") if h in helds)
     if cause == INPUT:
-        return NonFiniteError(f"NaN or Inf in the merged weights of {_shown(names)}: {detail}; {ALLOW}")
+        merged = any(f.job.stages for f in flagged if f.job.name in names)
+        what = "the merged weights of" if merged else "the output (converted to the output dtype, not merged)"
+        return NonFiniteError(f"NaN or Inf in {what} {_shown(names)}: {detail}; {ALLOW}")
     if cause == DORA:
         return NonFiniteError(f"{held} in the output {_shown(names)}: {detail}; {ALLOW}")
     return overflow_error(names, {f.job.name: f.job.out_dtype for f in flagged}, cause == NARROW, held)

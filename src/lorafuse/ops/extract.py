@@ -11,6 +11,7 @@ batch are dropped once it is done. The error of each module is exact:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +37,7 @@ from lorafuse.backends import Backend, DenseJob, ExtractJob, backend_for_device
 from lorafuse.backends.reference_math import to_float32
 from lorafuse.errors import FormatError, LorafuseValueError, NonFiniteError, UnsupportedError
 from lorafuse.formats.held import extract_models
+from lorafuse.formats.sd_keys import checkpoint_kohya_names, unet_folder_family
 from lorafuse.io.checkpoint import Checkpoint, read_config
 from lorafuse.io.dtypes import DTYPES, dtype_spelling
 from lorafuse.io.hub import spec_origin
@@ -43,7 +45,7 @@ from lorafuse.io.provenance import InputSpec, Recording, folder_input, recorded_
 from lorafuse.io.quant import detect_checkpoint
 from lorafuse.io.safetensors import SafetensorsFile, TensorInfo, raise_if_inputs_changed
 from lorafuse.io.tensor import Tensor
-from lorafuse.model import Adapter, LoraUpdate, Update
+from lorafuse.model import Adapter, KohyaState, LoraUpdate, Update
 from lorafuse.model.experts import one_expert_rank
 from lorafuse.model.layout import check_dtype, rounded
 from lorafuse.model.names import check_module_name
@@ -272,6 +274,61 @@ def extract(
     result.adapter = extracted(base, base_config, updates, full, (cb, cf), x.layers.modules)
     result.adapter.provenance = rec.result()
     return result
+
+
+def kohya_named(res: ExtractResult, base: str | os.PathLike[str], finetuned: str | os.PathLike[str]) -> ExtractResult:
+    """`res` (an extract from two single-file SD checkpoints) with its modules under kohya's names
+    (sd_keys.checkpoint_kohya_names: what sd-scripts' extract_lora_from_models.py writes), for a kohya file. A
+    module kohya's format has no name for (the VAE, an embedding, ...) and a tensor kept whole are left out with a
+    note, as kohya's extract writes the UNet's and text encoders' layers alone; an extract left with none is
+    refused, before anything is written."""
+    adapter, names, left = kohya_adapter(res.adapter, base, finetuned)
+    modules = [dataclasses.replace(r, name=names[r.name]) for r in res.modules if r.name in names]
+    return dataclasses.replace(res, adapter=adapter, modules=modules, skipped=res.skipped + left)
+
+
+def kohya_adapter(adapter: Adapter, base: str | os.PathLike[str], finetuned: str | os.PathLike[str]
+                  ) -> tuple[Adapter, dict[str, str], list[str]]:
+    """kohya_named's work on the adapter alone (a dry run's placeholders too): the adapter under kohya's names,
+    each kept module's old name -> its kohya name, and the notes of those left out."""
+    base_path = extract_models(base, finetuned)[0]
+    ckpt = Checkpoint(base_path)
+    keys = ckpt.keys()
+    config = read_config(Path(base_path)) if Path(base_path).is_dir() else {}
+    family = unet_folder_family(config)  # a diffusers UNet folder's, else None: a single file's keys say it
+    names = checkpoint_kohya_names({k: tuple(ckpt.info(k).shape) for k in keys},
+                                   None if family is None else family == "sdxl")
+    kept = {m: u for m, u in adapter.updates.items() if m in names and u.kind != "embedding"}
+    why = "kohya's format has no name for it (kohya's extract writes the UNet's and text encoders' layers alone)"
+    left = [f"{m}: {why}" for m in adapter.updates if m not in kept]
+    left += [f"{k}: kept whole, which a kohya file cannot hold" for k in adapter.full]
+    if not kept:
+        raise UnsupportedError(f"extract from {base} and {finetuned} found no change that a kohya file can hold "
+                               f"({'; '.join(left[:3])}): give a folder name for a PEFT adapter")
+    updates = {names[m]: dataclasses.replace(u, name=names[m]) for m, u in kept.items()}
+    convs = any(len(u.delta_shape) > 2 and max(u.delta_shape[2:]) > 1 for u in updates.values())
+    renamed = dataclasses.replace(adapter, updates=updates, full={}, full_origin={}, config={}, format="kohya",
+                                  state=KohyaState(_kohya_sd_metadata(keys, convs, family, config)))
+    return renamed, {m: names[m] for m in kept}, left
+
+
+def _kohya_sd_metadata(keys: list[str], convs: bool, family: str | None = None,
+                       config: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The metadata sd-scripts' extract_lora_from_models.py writes beside its network keys (the kohya writer sets
+    ss_network_dim / ss_network_alpha and, with kxk convolutions, ss_network_args' conv_dim / conv_alpha from the
+    modules): ss_v2 and ss_base_model_version, which UIs read to tell SD 1.x, 2.x and SDXL LoRAs apart (the SDXL
+    refiner, which sd-scripts does not train, gets no version). `family`: a diffusers UNet folder's
+    (sd_keys.unet_folder_family; SD 2.x's UNet: cross_attention_dim 1024, in its `config`)."""
+    v2 = any(k.startswith("cond_stage_model.model.") for k in keys) or (
+        family == "sd1" and (config or {}).get("cross_attention_dim") == 1024)
+    sdxl = any(k.startswith("conditioner.embedders.1.") for k in keys) or family == "sdxl"
+    refiner = not sdxl and any(k.startswith("conditioner.embedders.") for k in keys)
+    meta = {"ss_network_module": "networks.lora", "ss_v2": str(v2)}
+    if not refiner:
+        meta["ss_base_model_version"] = "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1"
+    if convs:  # placeholders the writer replaces by the convolutions' own (formats.kohya._conv_args)
+        meta["ss_network_args"] = json.dumps({"conv_dim": "0", "conv_alpha": "0.0"})
+    return meta
 
 
 def _short_note(rule: RankRule, modules: list[str]) -> str:
@@ -523,9 +580,10 @@ def extracted(base: str | os.PathLike[str], base_config: dict[str, object], upda
               full: dict[str, Tensor], checkpoints: Sequence[Checkpoint] = (),
               modules: Iterable[str] = ()) -> Adapter:
     """The extracted PEFT adapter: its updates, the embeddings kept whole (modules_to_save) and its config;
-    derived from the checkpoints' folders (its sources: saving it never replaces them). `modules`: every module
+    derived from the checkpoints as given, a folder or one file (its sources: saving it never replaces them; a
+    single file's folder is no input, so the adapter may be saved beside it). `modules`: every module
     name of the base (BaseLayers.modules), which target_modules must not select beside the updates'."""
-    adapter = Adapter(updates=updates, full=full, derived_from=list(dict.fromkeys(c.directory for c in checkpoints)))
+    adapter = Adapter(updates=updates, full=full, derived_from=list(dict.fromkeys(c.path for c in checkpoints)))
     kept = sorted({m.removesuffix(".weight").rsplit(".", 1)[-1] for m in full})  # PEFT names the layer: lm_head
     adapter.config = _config(Path(base), base_config, adapter, kept, modules)
     return adapter

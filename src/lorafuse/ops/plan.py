@@ -417,7 +417,7 @@ def plan_extract(
     weights did not change is left out when run (that needs both weights read), so the plan is an upper
     bound (`exact` False)."""
     from lorafuse.model.experts import expert_modules, missing_experts
-    from lorafuse.ops.extract import _one_linear_layout, _update, extracted, module_rank, prepare_extract
+    from lorafuse.ops.extract import _one_linear_layout, _update, extracted, kohya_adapter, module_rank, prepare_extract
 
     out = None if out is None else check_path(out, "out")
     overwrite = check_bool(overwrite, "overwrite")  # a switch, whether or not there is an output to replace
@@ -467,8 +467,13 @@ def plan_extract(
         full[name] = Tensor(np.broadcast_to(np.zeros((), DTYPES[info.dtype].raw), info.shape), info.dtype)
         read += info.nbytes
     adapter = extracted(base, x.config, _one_linear_layout(updates), full, (x.base, x.finetuned), x.layers.modules)
-    notes = [f"not extracted: {s}" for s in x.skipped] + x.notes + ([target.note] if target is not None and
-                                                                     target.note else [])
+    skipped = list(x.skipped)
+    if target is not None and target.format == "kohya":  # a kohya file from single-file SD checkpoints (extract's)
+        adapter, names, left = kohya_adapter(adapter, base, finetuned)
+        modules = [dataclasses.replace(m, name=names[m.name]) for m in modules if m.name in names]
+        skipped, full = skipped + left, {}
+    notes = [f"not extracted: {s}" for s in skipped] + x.notes + ([target.note] if target is not None and
+                                                                  target.note else [])
     notes.append("a module whose weights did not change is left out when extract runs: the plan counts every module "
                  "selected, so its numbers are upper bounds")
     details: dict[str, object] = {"rule": rule.describe() + (f", conv-rank {x.conv_rank}" if x.conv_rank else ""),
