@@ -19,18 +19,18 @@ from safetensors.numpy import load_file, save_file
 RUN = "from lorafuse_entry import run\nsys.exit(run())\n"
 
 
-def _adapter(tmp: Path) -> Path:
-    """A rank-2 PEFT adapter folder on two q_proj weights (12 x 10, float32)."""
+def _adapter(tmp: Path, out: int = 12, inn: int = 10, alpha: int = 3) -> Path:
+    """A rank-2 PEFT adapter folder on two q_proj weights (out x inn, float32)."""
     rng = np.random.default_rng(3)
     ad = tmp / "ad"
     ad.mkdir()
     factors = {}
     for i in range(2):
         stem = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        factors[f"{stem}.lora_A.weight"] = rng.standard_normal((2, 10)).astype(np.float32)
-        factors[f"{stem}.lora_B.weight"] = rng.standard_normal((12, 2)).astype(np.float32)
+        factors[f"{stem}.lora_A.weight"] = rng.standard_normal((2, inn)).astype(np.float32)
+        factors[f"{stem}.lora_B.weight"] = rng.standard_normal((out, 2)).astype(np.float32)
     save_file(factors, str(ad / "adapter_model.safetensors"))
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 3,
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": alpha,
                                                         "target_modules": ["q_proj"]}))
     return ad
 
@@ -131,17 +131,7 @@ def test_a_variant_folder_resharded_keeps_the_variant_and_loads_with_it(tmp_path
                       num_key_value_heads=4, vocab_size=64)
     base = tmp_path / "base"
     LlamaForCausalLM(cfg).save_pretrained(base, variant="fp16", max_shard_size="20KB")
-    rng = np.random.default_rng(3)
-    ad = tmp_path / "ad"
-    ad.mkdir()
-    factors = {}
-    for i in range(2):
-        stem = f"base_model.model.model.layers.{i}.self_attn.q_proj"
-        factors[f"{stem}.lora_A.weight"] = rng.standard_normal((2, 32)).astype(np.float32)
-        factors[f"{stem}.lora_B.weight"] = rng.standard_normal((32, 2)).astype(np.float32)
-    save_file(factors, str(ad / "adapter_model.safetensors"))
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
-                                                        "target_modules": ["q_proj"]}))
+    ad = _adapter(tmp_path, out=32, inn=32, alpha=2)
     lorafuse.apply(base, [ad], out=tmp_path / "kept")  # the input's shards and names
     want = {k: v for f in sorted((tmp_path / "kept").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     for size, shards in (("64KiB", 2), ("1GB", 1)):

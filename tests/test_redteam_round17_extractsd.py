@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from redteam_fixtures import run_cli
 from safetensors import safe_open
@@ -46,12 +46,16 @@ def _fused_unet(family: str, lora: Path, base: Path) -> tuple[dict[str, torch.Te
     unet = _unet(family)
     ub = convert_ldm_unet_checkpoint(load_file(str(base)), dict(unet.config))
     unet.load_state_dict(ub)
+    return ub, _fused(unet, family, lora)
+
+
+def _fused(unet: UNet2DConditionModel, family: str, lora: Path) -> dict[str, torch.Tensor]:
+    """`unet`'s weights with `lora` loaded by diffusers' kohya reader and fused."""
     cls = StableDiffusionPipeline if family == "sd1" else StableDiffusionXLPipeline
     sd, alphas = cls.lora_state_dict(str(lora), unet_config=unet.config)
     unet.load_lora_adapter(sd, prefix="unet", network_alphas=alphas)
     unet.fuse_lora()
-    got = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if "lora_" not in k}
-    return ub, got
+    return {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if "lora_" not in k}
 
 
 def _check_unet(family: str, tmp_path: Path, rank: int, conv: int | None = None) -> None:
@@ -201,11 +205,7 @@ def test_extract_diffusers_unet_folders_to_kohya(tmp_path: Path) -> None:
         loaded = _unet(family)
         before = _randomized(_unet(family), 1).state_dict()
         loaded.load_state_dict(before)
-        cls = StableDiffusionPipeline if family == "sd1" else StableDiffusionXLPipeline
-        sd, alphas = cls.lora_state_dict(str(out), unet_config=loaded.config)
-        loaded.load_lora_adapter(sd, prefix="unet", network_alphas=alphas)
-        loaded.fuse_lora()
-        got = {k.replace(".base_layer.", "."): v for k, v in loaded.state_dict().items() if "lora_" not in k}
+        got = _fused(loaded, family, out)
         matrices = [k for k, v in tuned.items() if k.endswith(".weight") and v.ndim >= 2]
         assert len(matrices) > 100
         for k in matrices:
