@@ -93,6 +93,13 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
         try:
             arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
             return cli_main()
+        except KeyboardInterrupt as e:  # a Ctrl-C in cli.main before its own handlers and words took over (it says
+            from lorafuse.io.atomic import COMMITTED  # its own otherwise); loaded with lorafuse.cli
+
+            sys.stderr.write("lorafuse: interrupted\n" if COMMITTED else
+                             "lorafuse: interrupted; no output was written\n")
+            terminated = isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM)
+            return 143 if terminated else 130
         finally:
             if own_int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -305,3 +305,17 @@ def test_a_ctrl_c_landing_where_python_ignores_exceptions_is_sent_again() -> Non
             lorafuse_entry.SEEN[:] = before
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_in_cli_main_before_its_own_handlers_is_one_line(tmp_path: Path) -> None:
+    """A SIGINT landing in lorafuse.cli.main before its own handlers and words take over (while it checks the
+    standard streams) escaped the console script as a traceback (CI hit it once): one line, status 130."""
+    _, ad, _ = _model(tmp_path)
+    code = ("import sys\nimport lorafuse.cli as c\n"
+            "def ctrl_c():\n    raise KeyboardInterrupt\n"
+            "c._standard_streams = ctrl_c\n"
+            "from lorafuse_entry import run\nsys.exit(run())\n")
+    p = _script(code, "info", ad)
+    assert p.returncode == 130, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip() == "lorafuse: interrupted; no output was written"
