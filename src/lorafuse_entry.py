@@ -59,6 +59,25 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
         return False
 
 
+    OUT_OF_MEMORY = ("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as "
+                     "ulimit -v, leaves too little; no output was written")
+
+
+    def out_of_memory(e: BaseException) -> bool:
+        """Whether `e`, raised while lorafuse loads, is running out of memory: a MemoryError, or under ulimit -v
+        compile's lost one ("SystemError: <built-in function compile> returned NULL without setting an exception");
+        other SystemErrors are bugs, shown as they are. Also lorafuse.cli's test, for what it loads later."""
+        return isinstance(e, MemoryError) or (isinstance(e, SystemError) and
+                                              "without setting an exception" in str(e))
+
+
+    def _stopped_status(e: BaseException) -> int:
+        """The exit status of a stop: 143 for SIGTERM (the last signal seen), else 130 (Ctrl-C)."""
+        import signal
+
+        return 143 if isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM) else 130
+
+
     def main() -> int:
         SEEN.clear()
         own_int = False
@@ -80,15 +99,13 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
             if not interrupted(e):
                 raise
             sys.stderr.write("lorafuse: interrupted; no output was written\n")
-            terminated = isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM)
-            return 143 if terminated else 130
+            return _stopped_status(e)
         except (MemoryError, SystemError) as e:  # under ulimit -v, compiling a module can fail as a SystemError
-            if isinstance(e, SystemError) and "without setting an exception" not in str(e):  # ("returned NULL
-                raise  # without setting an exception": a MemoryError CPython lost); other SystemErrors are bugs
+            if not out_of_memory(e):
+                raise
             if own_int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-            sys.stderr.write("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as "
-                             "ulimit -v, leaves too little; no output was written\n")
+            sys.stderr.write(OUT_OF_MEMORY + "\n")
             return 1
         try:
             arm_stop_watch()  # this process is the command: a stop that hangs may end it (cli._watch_stop)
@@ -98,8 +115,7 @@ try:  # a Ctrl-C while this module itself loads (the console script imports it f
 
             sys.stderr.write("lorafuse: interrupted\n" if COMMITTED else
                              "lorafuse: interrupted; no output was written\n")
-            terminated = isinstance(e, _Terminated) or (bool(SEEN) and SEEN[-1] == signal.SIGTERM)
-            return 143 if terminated else 130
+            return _stopped_status(e)
         finally:
             if own_int:
                 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -34,7 +34,7 @@ from lorafuse._validate import (
 )
 from lorafuse._version import get_version
 from lorafuse.errors import LorafuseError, LorafuseValueError, OutputError
-from lorafuse_entry import interrupted  # the console script's test of a Ctrl-C, beside the package
+from lorafuse_entry import OUT_OF_MEMORY, interrupted, out_of_memory  # the console script's tests, beside the package
 
 if TYPE_CHECKING:
     from lorafuse.ops.rank import RankRule
@@ -2178,10 +2178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("lorafuse: interrupted; no output was written", file=sys.stderr)
         return e.status if isinstance(e, _Terminated) else 130
     except (MemoryError, SystemError) as e:  # numpy's import under ulimit -v, before the command started
-        if isinstance(e, SystemError) and "without setting an exception" not in str(e):  # (compile's lost
-            raise  # MemoryError: "returned NULL without setting an exception"); other SystemErrors are bugs
-        _say("lorafuse: error: out of memory while loading lorafuse: the machine, or a limit such as ulimit -v, leaves "
-             "too little; no output was written", file=sys.stderr)
+        if not out_of_memory(e):
+            raise
+        _say(OUT_OF_MEMORY, file=sys.stderr)
         return 1
     except BrokenPipeError:  # `lorafuse --version | ...` whose reader left, or one that left before the flush
         return _reader_left()

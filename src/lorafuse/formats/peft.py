@@ -32,7 +32,7 @@ from lorafuse.formats.streaming import WritePlan, specs_of, stream_with, write_a
 from lorafuse.io.checkpoint import read_json, refuse_pickle
 from lorafuse.io.hub import PEFT_WEIGHTS
 from lorafuse.io.provenance import CARD_NAME, Provenance, model_card, stamp
-from lorafuse.io.safetensors import SafetensorsFile
+from lorafuse.io.safetensors import FileIdentity, SafetensorsFile, identity_of
 from lorafuse.io.tensor import Tensor
 from lorafuse.model import Adapter, FormatSpec, Kind, LoraUpdate, Update, register
 from lorafuse.model.arithmetic import NARROWING_FIELDS, rank_fields
@@ -605,16 +605,15 @@ def _compile_all(cfg: dict[str, object], path: str) -> None:
     Targeting(cfg, path)
 
 
-def _version(path: Path) -> tuple[int, int, int, int] | None:
-    """Which version of a file is at `path` (device, inode, size, modification time), or None."""
+def _version(path: Path) -> FileIdentity | None:
+    """Which version of a file is at `path` (io.safetensors.identity_of), or None."""
     try:
-        st = os.stat(path)
+        return identity_of(os.stat(path))
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _check_same_config(folder: Path, before: tuple[int, int, int, int] | None) -> None:
+def _check_same_config(folder: Path, before: FileIdentity | None) -> None:
     """InputChangedError when adapter_config.json is another file (or another version of it) than the one read: the
     folder was replaced (another run writing it, a re-download) between reading the config and the weights, whose
     scale (lora_alpha / r) would then come from another adapter's config."""

@@ -567,6 +567,7 @@ class _Executor:
         self.biases.append(t.name)
         return out
 
+
 def _bias_cause(base: Tensor, t: OutTensor) -> str:
     """Why a merged bias (in float64) is not finite: the base's (or its replacement's) bias, or an adapter's
     lora_B.bias, holds NaN or Inf; else the weighted sum overflows."""
